@@ -1,0 +1,144 @@
+"""Model weights as safetensors plus a JSON model card. Loading never unpickles.
+
+A model file ``NAME.safetensors`` sits beside ``NAME.json`` (the card): architecture config,
+training data and command, pruning method and ratio, fine-tuning mode, metrics, parent hash.
+Pruned models keep the base architecture's module tree with fewer channels; ``load_model``
+rebuilds the layers to the shapes stored in the weights, so no code object is ever stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .unrolled import UnrolledNet
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+class ModelError(ValueError):
+    """A model file or card that cannot be used; the message names the file."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
+    """Write weights (safetensors) and card (JSON) atomically; returns the card with its hash."""
+    path = Path(path).with_suffix(".safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    card = dict(card)
+    card["architecture"] = model.config
+    card["weights_file"] = path.name
+    card["sha256"] = file_sha256(path)
+    card["parameters"] = int(sum(p.numel() for p in model.parameters()))
+    _atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
+    return card
+
+
+def _shrink_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replace conv / BN layers by ones whose channel counts match ``state`` (pruned models)."""
+    for name, mod in list(model.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if key not in state:
+            continue
+        w = state[key]
+        new: nn.Module | None = None
+        if isinstance(mod, nn.ConvTranspose2d) and tuple(mod.weight.shape) != tuple(w.shape):
+            new = nn.ConvTranspose2d(
+                w.shape[0], w.shape[1], mod.kernel_size, mod.stride, mod.padding,
+                bias=mod.bias is not None,
+            )
+        elif isinstance(mod, nn.Conv2d) and tuple(mod.weight.shape) != tuple(w.shape):
+            new = nn.Conv2d(
+                w.shape[1], w.shape[0], mod.kernel_size, mod.stride, mod.padding,
+                bias=mod.bias is not None,
+            )
+        elif isinstance(mod, nn.BatchNorm2d) and mod.num_features != w.shape[0]:
+            new = nn.BatchNorm2d(w.shape[0])
+        if new is not None:
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+
+
+def load_card(path: Path | str) -> dict:
+    path = Path(path).with_suffix(".json")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ModelError(f"{path}: model card not found") from e
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: model card is not valid JSON ({e})") from e
+
+
+def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet, dict]:
+    """Load ``path`` (.safetensors, card beside it) into an eval-mode model and its card."""
+    path = Path(path).with_suffix(".safetensors")
+    if not path.is_file():
+        raise ModelError(f"{path}: model weights not found")
+    card = load_card(path)
+    if verify_hash and card.get("sha256") and card["sha256"] != file_sha256(path):
+        raise ModelError(f"{path}: weights do not match the sha256 in the model card")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise ModelError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        model = UnrolledNet(**card["architecture"])
+    except (KeyError, TypeError) as e:
+        raise ModelError(f"{path}: card has no usable 'architecture' ({e})") from e
+    _shrink_to_state(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model.eval()
+    return model, card
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A shipped model name (``unrolled-base``) or a path to a .safetensors file."""
+    p = Path(name_or_path)
+    if p.suffix == ".safetensors" or p.exists():
+        return p.with_suffix(".safetensors")
+    for d in (Path(os.environ.get("RECON_PLUGIN_MODELS", "")), WEIGHTS_DIR):
+        if str(d) and (d / f"{name_or_path}.safetensors").is_file():
+            return d / f"{name_or_path}.safetensors"
+    shipped = sorted(x.stem for x in WEIGHTS_DIR.glob("*.safetensors"))
+    raise ModelError(f"model {name_or_path!r} not found; shipped models: {shipped}")

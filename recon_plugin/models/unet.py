@@ -1,0 +1,94 @@
+"""CNN priors for the unrolled network: a small 2D U-Net and a residual CNN.
+
+Both map a complex image given as 2 real channels ``(batch, 2, H, W)`` to the same shape. They
+are plain ``nn.Module`` s built from Conv2d / BatchNorm2d / ReLU so that dependency-graph pruning
+(torch-pruning) and graph pruning (LEAN) can shrink them into smaller dense networks: nothing
+hard-codes a channel count outside the layers themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def conv_block(cin: int, cout: int, batchnorm: bool) -> nn.Sequential:
+    """Two 3x3 convolutions, each followed by (BatchNorm) and ReLU."""
+    layers: list[nn.Module] = []
+    for a, b in ((cin, cout), (cout, cout)):
+        layers.append(nn.Conv2d(a, b, 3, padding=1, bias=not batchnorm))
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(b))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    """U-Net with ``num_pools`` 2x2 max-pool levels and transpose-conv upsampling.
+
+    Channels double per level from ``chans``. Input H and W are padded to a multiple of
+    ``2**num_pools`` internally and cropped back, so any matrix size works.
+    """
+
+    def __init__(
+        self, in_chans: int = 2, out_chans: int = 2, chans: int = 16, num_pools: int = 2,
+        batchnorm: bool = True,
+    ):
+        super().__init__()
+        self.num_pools = num_pools
+        self.down = nn.ModuleList()
+        c = chans
+        self.down.append(conv_block(in_chans, c, batchnorm))
+        for _ in range(num_pools - 1):
+            self.down.append(conv_block(c, 2 * c, batchnorm))
+            c *= 2
+        self.bottleneck = conv_block(c, 2 * c, batchnorm)
+        self.up_conv = nn.ModuleList()
+        self.up = nn.ModuleList()
+        c *= 2
+        for _ in range(num_pools):
+            self.up_conv.append(nn.ConvTranspose2d(c, c // 2, 2, stride=2))
+            self.up.append(conv_block(c, c // 2, batchnorm))
+            c //= 2
+        self.out = nn.Conv2d(c, out_chans, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = 2**self.num_pools
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = self.bottleneck(F.max_pool2d(x, 2))
+        for up_conv, block in zip(self.up_conv, self.up):
+            x = up_conv(x)
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        x = self.out(x)
+        return x[..., :h, :w]
+
+
+class ResCNN(nn.Module):
+    """Plain residual CNN: ``depth`` 3x3 conv layers of ``chans`` channels (BN + ReLU)."""
+
+    def __init__(
+        self, in_chans: int = 2, out_chans: int = 2, chans: int = 32, depth: int = 5,
+        batchnorm: bool = True,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_chans
+        for _ in range(depth - 1):
+            layers.append(nn.Conv2d(c, chans, 3, padding=1, bias=not batchnorm))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(chans))
+            layers.append(nn.ReLU(inplace=True))
+            c = chans
+        layers.append(nn.Conv2d(c, out_chans, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

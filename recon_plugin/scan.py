@@ -1,0 +1,258 @@
+"""The in-memory contract between raw-data readers and everything downstream.
+
+Readers (``recon_plugin.io``) produce a :class:`RawScan`; preprocessing, coil estimation, the
+reconstructor, DICOM writing and the stream server only ever see these objects, never HDF5 or the
+wire.
+
+Conventions
+-----------
+* k-space is centred (DC at index ``n // 2``) and the FFT is orthonormal.
+* Per-slice k-space has shape ``(coils, ky, kx)``: ``ky`` is the phase-encode axis (image rows),
+  ``kx`` the readout axis (image columns), complex64, readout oversampling already removed.
+* Images have shape ``(ky, kx)`` = ``(rows, columns)``: row index runs along the phase-encode
+  direction cosine, column index along the readout direction cosine.
+* Patient coordinates are LPS millimetres (as ISMRMRD and DICOM). ``Geometry.position`` is the
+  centre of the slice (the ISMRMRD convention), not DICOM's first-pixel centre.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class RawDataError(ValueError):
+    """Raw input that cannot be read or is inconsistent; the message names file and problem."""
+
+
+@dataclass
+class Geometry:
+    """Slice placement in LPS patient coordinates (mm).
+
+    position:  (3,) centre of the slice.
+    read_dir:  (3,) unit vector along image columns increasing (readout).
+    phase_dir: (3,) unit vector along image rows increasing (phase encode).
+    slice_dir: (3,) unit vector normal to the slice.
+    """
+
+    position: np.ndarray
+    read_dir: np.ndarray
+    phase_dir: np.ndarray
+    slice_dir: np.ndarray
+    defaulted: bool = False  # True when the header had no usable geometry
+
+    @staticmethod
+    def default(position: np.ndarray | None = None) -> Geometry:
+        """Axial geometry (read = L, phase = P) used when a header carries zeros."""
+        return Geometry(
+            position=np.zeros(3) if position is None else np.asarray(position, float),
+            read_dir=np.array([1.0, 0.0, 0.0]),
+            phase_dir=np.array([0.0, 1.0, 0.0]),
+            slice_dir=np.array([0.0, 0.0, 1.0]),
+            defaulted=True,
+        )
+
+    @staticmethod
+    def from_vectors(position, read_dir, phase_dir, slice_dir) -> Geometry:
+        """Build from header vectors; all-zero or non-orthonormal vectors give the default."""
+        r, p, s = (np.asarray(v, dtype=np.float64) for v in (read_dir, phase_dir, slice_dir))
+        pos = np.asarray(position, dtype=np.float64)
+        nr, np_ = np.linalg.norm(r), np.linalg.norm(p)
+        if nr < 1e-6 or np_ < 1e-6 or abs(float(r @ p)) > 1e-3 * nr * np_:
+            return Geometry.default(pos)
+        r, p = r / nr, p / np_
+        if np.linalg.norm(s) < 1e-6:
+            s = np.cross(r, p)
+        s = s / np.linalg.norm(s)
+        return Geometry(pos, r, p, s)
+
+
+@dataclass
+class SequenceInfo:
+    """Sequence timing and system facts (ms, degrees, tesla); None when the header lacks them."""
+
+    tr_ms: float | None = None
+    te_ms: float | None = None
+    ti_ms: float | None = None
+    flip_deg: float | None = None
+    echo_train_length: int | None = None
+    field_strength_t: float | None = None
+    sequence_type: str | None = None
+    manufacturer: str | None = None
+    model_name: str | None = None
+    institution: str | None = None
+    station_name: str | None = None
+
+
+@dataclass
+class Identity:
+    """Patient / study / series identity from the header (strings may be empty)."""
+
+    patient_name: str = ""
+    patient_id: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    patient_weight_kg: float | None = None
+    study_instance_uid: str = ""
+    study_id: str = ""
+    accession_number: str = ""
+    study_description: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    referring_physician: str = ""
+    series_description: str = ""
+    series_instance_uid_prefix: str = ""
+    measurement_id: str = ""
+    frame_of_reference_uid: str = ""
+    patient_position: str = "HFS"
+
+
+@dataclass
+class ScanHeader:
+    """Header facts the pipeline needs.
+
+    Matrices are ``(x, y, z)`` = (readout, phase, slice) as in ISMRMRD; FOVs in mm. The encoded
+    matrix here is the one after readout-oversampling removal.
+    """
+
+    encoded_matrix: tuple[int, int, int]
+    encoded_fov_mm: tuple[float, float, float]
+    recon_matrix: tuple[int, int, int]
+    recon_fov_mm: tuple[float, float, float]
+    num_coils: int
+    protocol_name: str = ""
+    contrast_name: str = ""
+    acceleration: float | None = None
+    calibration_lines: int | None = None
+    slice_thickness_mm: float | None = None
+    slice_spacing_mm: float | None = None
+    sequence: SequenceInfo = field(default_factory=SequenceInfo)
+    identity: Identity = field(default_factory=Identity)
+    xml: str = ""
+
+    @property
+    def pixel_spacing_mm(self) -> tuple[float, float]:
+        """(row spacing, column spacing) = (phase, readout) in mm, DICOM's order."""
+        return (
+            self.recon_fov_mm[1] / self.recon_matrix[1],
+            self.recon_fov_mm[0] / self.recon_matrix[0],
+        )
+
+
+@dataclass
+class SliceData:
+    """One 2D slice of one contrast/repetition.
+
+    kspace:  (coils, ky, kx) complex64, centred, zeros where not sampled.
+    mask:    (ky, kx) float32 in {0, 1}; 1 where a sample was acquired.
+    acs:     (start, stop) ky rows of the fully sampled calibration region, or None.
+    calib:   optional separate calibration k-space (coils, ky_c, kx) complex64 (its own grid
+             centred like ``kspace``), used when the calibration was a separate acquisition.
+    target:  optional (ky_recon, kx_recon) float32 reference magnitude (simulation / fastMRI RSS).
+    """
+
+    kspace: np.ndarray
+    mask: np.ndarray
+    geometry: Geometry
+    acs: tuple[int, int] | None = None
+    calib: np.ndarray | None = None
+    target: np.ndarray | None = None
+    slice_index: int = 0
+    contrast: int = 0
+    repetition: int = 0
+    phase: int = 0
+    average_count: int = 1
+    acquisition_time_stamp: int | None = None
+
+    @property
+    def num_coils(self) -> int:
+        return int(self.kspace.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.kspace.shape[1]), int(self.kspace.shape[2])
+
+    def validate(self, source: str = "") -> None:
+        """Raise RawDataError for inconsistent shapes or non-finite samples."""
+        where = f"{source}: slice {self.slice_index}" if source else f"slice {self.slice_index}"
+        if self.kspace.ndim != 3:
+            raise RawDataError(f"{where}: k-space must be (coils, ky, kx), got {self.kspace.shape}")
+        if self.mask.shape != self.kspace.shape[1:]:
+            raise RawDataError(
+                f"{where}: mask shape {self.mask.shape} does not match k-space "
+                f"{self.kspace.shape[1:]}"
+            )
+        if not np.isfinite(self.kspace).all():
+            raise RawDataError(f"{where}: k-space contains NaN or Inf samples")
+        if not self.mask.any():
+            raise RawDataError(f"{where}: no k-space samples were acquired")
+
+
+@dataclass
+class RawScan:
+    """A whole raw scan: header, slices in acquisition-independent order, optional noise.
+
+    noise: (coils, samples) complex64 from noise-adjust acquisitions, or None.
+    """
+
+    header: ScanHeader
+    slices: list[SliceData]
+    noise: np.ndarray | None = None
+    source: str = ""
+    noise_dwell_time_us: float | None = None
+    acq_dwell_time_us: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.slices:
+            raise RawDataError(f"{self.source or 'scan'}: no imaging data found")
+        for s in self.slices:
+            s.validate(self.source)
+
+
+@dataclass
+class ReconImage:
+    """One reconstructed 2D image and where it came from.
+
+    pixels:   (rows, cols) float32 magnitude, rows along ``geometry.phase_dir``, columns along
+              ``geometry.read_dir``; size = the header's recon matrix (y, x).
+    geometry: the slice placement (``position`` = slice centre, ISMRMRD convention).
+    """
+
+    pixels: np.ndarray
+    geometry: Geometry
+    slice_index: int = 0
+    contrast: int = 0
+    repetition: int = 0
+    phase: int = 0
+    method: str = ""  # e.g. "unrolled", "cg-sense", "zero-filled"
+    notes: list[str] = field(default_factory=list)  # fallbacks used, warnings
+
+
+@dataclass
+class Provenance:
+    """What made a series: shown in DICOM (DerivationDescription, ImageComments, private block)."""
+
+    model_name: str = ""
+    model_version: str = ""
+    model_hash: str = ""  # sha256 of the weights file, hex
+    pruning_method: str = "none"
+    pruning_ratio: float = 0.0
+    finetune: str = ""
+    protocol: str = ""
+    method: str = "unrolled"
+    software_version: str = ""
+    deep_learning: bool = True
+
+
+@dataclass
+class ReconSeries:
+    """The images of one output series (one contrast of one scan) plus header and provenance."""
+
+    images: list[ReconImage]
+    header: ScanHeader
+    provenance: Provenance
+    series_number: int = 1
+    series_description: str = ""
+    timings_s: dict = field(default_factory=dict)

@@ -1,0 +1,144 @@
+"""Simulated training / validation / test batches.
+
+Every batch is drawn from the anatomy slabs of one split only (see
+:data:`recon_plugin.anatomy.SPLITS`): training slices never touch validation or test anatomy.
+Training varies contrast, orientation (axial with in-plane rotation; sagittal and coronal planes
+from a copy of the anatomy with every non-training slab blanked), elastic deformation, matrix,
+FOV, coil count, acceleration (4x / 8x, equispaced or random fastMRI masks) and noise.
+Validation and test slices are axial, deterministic from their seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..anatomy import CONTRASTS, Anatomy, load_anatomy, split_slabs
+from ..physics import cartesian_mask, fft2c, ifft2c
+from ..sim import (
+    ORIENTATIONS, add_noise, anatomy_centre_lps, coil_maps, noise_covariance, simulate_slice,
+)
+
+# fastMRI defaults: centre fraction per acceleration
+CENTER_FRACTION = {4: 0.08, 8: 0.04}
+
+
+@dataclass
+class Batch:
+    """kspace (B, C, ky, kx) complex64 undersampled; mask (B, ky, kx); maps (B, C, ky, kx);
+    target (B, ky, kx) float32 magnitude; acceleration of the batch."""
+
+    kspace: torch.Tensor
+    mask: torch.Tensor
+    maps: torch.Tensor
+    target: torch.Tensor
+    acceleration: int
+
+    def to(self, device) -> Batch:
+        return replace(self, kspace=self.kspace.to(device), mask=self.mask.to(device),
+                       maps=self.maps.to(device), target=self.target.to(device))
+
+
+@lru_cache(maxsize=2)
+def training_anatomy(base_name: str = "") -> Anatomy:
+    """The anatomy with every voxel outside the training slabs set to zero."""
+    a = load_anatomy()
+    keep = np.zeros(a.shape[2], bool)
+    for lo, hi in split_slabs(a, "train"):
+        keep[lo:hi] = True
+    blank = lambda v: np.where(keep[None, None, :], v, 0).astype(np.float32)  # noqa: E731
+    return Anatomy(blank(a.gm), blank(a.wm), blank(a.csf), blank(a.other), a.affine, a.name)
+
+
+def _rotate(read, phase, angle):
+    c, s = np.cos(angle), np.sin(angle)
+    return c * read + s * phase, -s * read + c * phase
+
+
+def support_mask(target: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Dilated object support (ky, kx) as ESPIRiT's crop would leave it."""
+    from scipy import ndimage
+
+    m = target > 0.05 * target.max()
+    m = ndimage.binary_closing(m, iterations=3)
+    m = ndimage.binary_fill_holes(m)
+    return ndimage.binary_dilation(m, iterations=int(rng.integers(2, 8)) if rng else 4)
+
+
+def make_batch(
+    split: str,
+    rng: np.random.Generator,
+    batch_size: int = 4,
+    acceleration: int | None = None,
+    matrix: tuple[int, int] | None = None,
+    num_coils: int | None = None,
+    contrast: str | None = None,
+    snr: float | None = None,
+) -> Batch:
+    """Draw one batch of the given split (arguments left None are randomised)."""
+    train = split == "train"
+    anatomy = training_anatomy() if train else load_anatomy()
+    slabs = split_slabs(anatomy, split)
+    acc = acceleration or int(rng.choice([4, 8]))
+    if matrix is None:
+        matrix = (int(rng.choice([144, 160, 176, 192, 208])), int(rng.choice([128, 144, 160, 176])))
+    ny, nx = matrix
+    nc = num_coils or int(rng.choice([8, 12, 16, 24]))
+    maps_all, ksp_all, mask_all, tgt_all = [], [], [], []
+    for _ in range(batch_size):
+        con = contrast or str(rng.choice(list(CONTRASTS)))
+        orient = str(rng.choice(["axial"] * 4 + ["coronal", "sagittal"])) if train else "axial"
+        lo, hi = slabs[int(rng.integers(len(slabs)))] if orient == "axial" else (40, 140)
+        z = rng.uniform(lo, hi - 1)
+        centre = anatomy_centre_lps(anatomy, z)
+        read, phase = ORIENTATIONS[orient]
+        if train:
+            read, phase = _rotate(read, phase, rng.uniform(-np.pi / 9, np.pi / 9))
+            if rng.uniform() < 0.5:
+                read = -read  # mirror: left/right flipped readout
+            centre = centre + rng.normal(0, 5, 3) * np.array([1, 1, 0])
+        fov = rng.uniform(190, 250) if train else 220.0
+        spacing = (fov / ny, fov / ny)
+        maps = coil_maps(nc, matrix, rng)
+        cov = noise_covariance(nc, rng)
+        s = simulate_slice(
+            anatomy, con, centre, read, phase, matrix, spacing, maps, 0.0, cov, rng,
+            elastic_mm=rng.uniform(0, 4) if train else 0.0, vary=train,
+        )
+        obj = s.target[s.target > 0.1 * s.target.max()]
+        level = snr or rng.uniform(8, 40)
+        ksp = add_noise(s.kspace, float(obj.mean() / level) if obj.size else 0.01, cov, rng)
+        if not train or rng.uniform() < 0.5:
+            maps = maps * support_mask(s.target, rng if train else None)
+        kind = "equispaced" if (not train or rng.uniform() < 0.5) else "random"
+        m1, _ = cartesian_mask(ny, acc, CENTER_FRACTION[acc], kind, rng)
+        mask = np.broadcast_to(m1[:, None], matrix).astype(np.float32)
+        maps_all.append(maps)
+        ksp_all.append(ksp * mask[None])
+        mask_all.append(mask)
+        tgt_all.append(s.target)
+    return Batch(
+        torch.from_numpy(np.stack(ksp_all).astype(np.complex64)),
+        torch.from_numpy(np.stack(mask_all)),
+        torch.from_numpy(np.stack(maps_all).astype(np.complex64)),
+        torch.from_numpy(np.stack(tgt_all).astype(np.float32)),
+        acc,
+    )
+
+
+def fixed_set(split: str, n_batches: int, seed: int, acceleration: int | None = None,
+              batch_size: int = 4, **kw) -> list[Batch]:
+    """A deterministic list of batches (validation / test)."""
+    rng = np.random.default_rng(seed)
+    return [make_batch(split, rng, batch_size, acceleration, **kw) for _ in range(n_batches)]
+
+
+def zero_filled(batch: Batch) -> torch.Tensor:
+    """RSS of the zero-filled coil images (B, ky, kx)."""
+    return ifft2c(batch.kspace).abs().pow(2).sum(1).sqrt()
+
+
+__all__ = ["Batch", "make_batch", "fixed_set", "zero_filled", "fft2c", "CENTER_FRACTION"]

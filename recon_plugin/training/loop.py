@@ -1,0 +1,138 @@
+"""A resumable training loop shared by ``train``, ``prune --finetune`` and ``adapt``.
+
+The loop knows nothing about losses or data: ``loss_fn(model, step_rng) -> loss`` draws its own
+batch. Checkpoints (``ckpt.pt``, tensors and plain Python values only, loaded with
+``weights_only=True``) are written atomically every ``ckpt_every`` steps; a run restarted with
+the same ``run_dir`` continues where it stopped. Per-step randomness derives from
+``seed + step`` so a resumed run draws the same batches it would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def _plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if losses:
+        k = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps, losses, alpha=0.3, label="train loss")
+        ax.plot(steps[k - 1 :], smooth, label=f"train loss ({k}-step mean)")
+    val = [(h["step"], h["val"]) for h in history if "val" in h]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "o-", color="C3", label="validation")
+        ax2.set_ylabel("validation metric")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, np.random.Generator], torch.Tensor],
+    run_dir: Path,
+    steps: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    ckpt_every: int = 50,
+    validate: Callable[[torch.nn.Module], float] | None = None,
+    val_every: int = 200,
+    time_budget_s: float | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Optimise ``model`` for ``steps`` Adam steps (cosine LR); returns the history.
+
+    ``validate(model) -> float`` (higher is better) runs every ``val_every`` steps; the best
+    model's state is kept in ``best.pt``. Stops early, after checkpointing, when
+    ``time_budget_s`` is exhausted.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    ckpt = run_dir / "ckpt.pt"
+    history: list[dict] = []
+    start = 0
+    best = -float("inf")
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = int(state["step"])
+        history = json.loads(state["history"])
+        best = float(state.get("best", best))
+        log.info("resumed %s at step %d", run_dir, start)
+
+    def save(step: int) -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "step": step, "history": json.dumps(history), "best": best},
+            tmp,
+        )
+        os.replace(tmp, ckpt)
+        _plot_losses(history, run_dir / "loss_curve.png")
+
+    t0 = time.monotonic()
+    model.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
+               desc="train", dynamic_ncols=True)
+    step = start
+    for step in bar:
+        rng = np.random.default_rng(seed * 1_000_003 + step)
+        loss = loss_fn(model, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append({"step": step + 1, "loss": float(loss), "lr": sched.get_last_lr()[0],
+                        "t": time.monotonic() - t0})
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        if (step + 1) % 10 == 0:
+            log.info("step %d loss %.5f", step + 1, float(loss))
+        if validate is not None and ((step + 1) % val_every == 0 or step + 1 == steps):
+            model.eval()
+            score = float(validate(model))
+            model.train()
+            history.append({"step": step + 1, "val": score})
+            log.info("step %d validation %.4f", step + 1, score)
+            if score > best:
+                best = score
+                torch.save({"model": model.state_dict(), "step": step + 1, "val": score},
+                           run_dir / "best.pt")
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            save(step + 1)
+        if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+            save(step + 1)
+            log.info("time budget reached at step %d", step + 1)
+            break
+    model.eval()
+    return history

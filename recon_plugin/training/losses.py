@@ -1,0 +1,82 @@
+"""Training losses: supervised, teacher, self-supervised (SSDU split, measurement consistency
+plus equivariance). Each returns a scalar tensor; images are complex (B, ky, kx)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..metrics import ssim_loss
+from ..physics import SenseOperator
+
+
+def image_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM + normalised L1 between |pred| and a magnitude target (B, ky, kx)."""
+    mag = pred.abs()
+    dr = target.flatten(1).amax(1).clamp_min(1e-12)
+    l1 = ((mag - target).abs().flatten(1).mean(1) / dr).mean()
+    return ssim_loss(mag, target, dr) + l1
+
+
+def teacher_loss(pred: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Distillation: the unpruned model's output (complex, detached) as target."""
+    return image_loss(pred, teacher.detach().abs())
+
+
+def kspace_loss(pred_k: torch.Tensor, ref_k: torch.Tensor) -> torch.Tensor:
+    """Normalised L1 + L2 in k-space (SSDU): ||a-b||2/||b||2 + ||a-b||1/||b||1."""
+    d = (pred_k - ref_k).flatten(1)
+    r = ref_k.flatten(1)
+    l2 = d.norm(dim=1) / r.norm(dim=1).clamp_min(1e-12)
+    l1 = d.abs().sum(1) / r.abs().sum(1).clamp_min(1e-12)
+    return (l2 + l1).mean()
+
+
+def ssdu_split(
+    mask: torch.Tensor, rho: float, acs: tuple[int, int] | None, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split acquired phase-encode lines (mask (B, ky, kx), lines along kx) into disjoint
+    data-consistency and loss masks. Loss lines are drawn with variable density (Gaussian in
+    ky, favouring the centre); ACS rows always stay in the data-consistency set."""
+    b, ny, nx = mask.shape
+    dc = mask.clone()
+    loss = torch.zeros_like(mask)
+    ky = np.arange(ny)
+    w = np.exp(-0.5 * ((ky - ny / 2) / (ny / 4)) ** 2)
+    for i in range(b):
+        lines = np.flatnonzero(mask[i, :, nx // 2].cpu().numpy() > 0)
+        if acs is not None:
+            lines = lines[(lines < acs[0]) | (lines >= acs[1])]
+        n = int(round(rho * len(lines)))
+        if n == 0:
+            continue
+        p = w[lines] / w[lines].sum()
+        pick = rng.choice(lines, size=n, replace=False, p=p)
+        dc[i, pick, :] = 0
+        loss[i, pick, :] = mask[i, pick, :]
+    return dc, loss
+
+
+def measurement_consistency(pred: torch.Tensor, kspace: torch.Tensor, op: SenseOperator):
+    """||A f(y) - y|| normalised (k-space L1 + L2)."""
+    return kspace_loss(op.forward(pred), kspace)
+
+
+def random_transform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Rotate by k*90 degrees and optionally flip the last axis (B, ky, kx); square or not."""
+    x = torch.rot90(x, k, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def equivariance_loss(model, pred: torch.Tensor, op: SenseOperator, rng: np.random.Generator):
+    """EI: T f(y) should be reconstructed from A T f(y) (rotations by 180 deg / flips keep the
+    matrix shape; 90 deg used for square matrices)."""
+    ny, nx = pred.shape[-2:]
+    k = int(rng.integers(0, 4)) if ny == nx else int(rng.choice([0, 2]))
+    flip = bool(rng.integers(0, 2))
+    if k == 0 and not flip:
+        flip = True
+    x_t = random_transform(pred, k, flip).detach()
+    y_t = op.forward(x_t)
+    rec = model(y_t, op)
+    return (rec - x_t).abs().mean() / x_t.abs().mean().clamp_min(1e-12)

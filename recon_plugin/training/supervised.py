@@ -1,0 +1,83 @@
+"""Supervised training of the base unrolled network on simulated data (``recon-plugin train``)."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..metrics import psnr
+from ..models.checkpoint import save_model
+from ..models.unrolled import UnrolledNet
+from ..physics import SenseOperator
+from .data import Batch, fixed_set, make_batch
+from .loop import train_loop
+from .losses import image_loss
+
+log = logging.getLogger(__name__)
+
+
+def run_model(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Complex output (B, ky, kx) of an unrolled model on a batch."""
+    return model(batch.kspace, SenseOperator(batch.maps, batch.mask))
+
+
+def mean_psnr(model: torch.nn.Module, batches: list[Batch]) -> float:
+    """Mean per-slice PSNR (data_range = slice max) over fixed batches."""
+    vals = []
+    with torch.inference_mode():
+        for b in batches:
+            out = run_model(model, b).abs().numpy()
+            vals += [psnr(t, o) for t, o in zip(b.target.numpy(), out)]
+    return float(np.mean(vals))
+
+
+def train_base(
+    run_dir: Path,
+    steps: int = 1500,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    seed: int = 0,
+    model_kwargs: dict | None = None,
+    export_to: Path | None = None,
+    time_budget_s: float | None = None,
+    val_batches: int = 4,
+) -> dict | None:
+    """Train, keep the best validation model, and export it (safetensors + card) if asked."""
+    model = UnrolledNet(**(model_kwargs or {}))
+    val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12)
+
+    def loss_fn(m, rng):
+        b = make_batch("train", rng, batch_size)
+        return image_loss(run_model(m, b), b.target)
+
+    history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=lambda m: mean_psnr(m, val),
+                         val_every=100, time_budget_s=time_budget_s)
+    if export_to is None:
+        return None
+    best = Path(run_dir) / "best.pt"
+    if best.is_file():
+        model.load_state_dict(torch.load(best, weights_only=True)["model"])
+    done = max((h["step"] for h in history), default=0)
+    card = {
+        "name": Path(export_to).stem,
+        "version": "1.0",
+        "description": "Unrolled gradient-step network with U-Net priors on the coil-combined image",
+        "training": {
+            "data": "simulated multi-coil k-space from the MNI152 2009a template, train slabs "
+                    "z in [10,88) and [136,150) voxels; validation z in [94,106); test [112,130)",
+            "accelerations": [4, 8], "masks": "fastMRI equispaced/random, cf 0.08 (4x) / 0.04 (8x)",
+            "contrasts": ["T1", "T2", "PD", "FLAIR"], "coils": [8, 12, 16, 24],
+            "steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "command": " ".join(shlex.quote(a) for a in sys.argv),
+        },
+        "pruning": {"method": "none", "ratio": 0.0},
+        "finetune": "supervised",
+        "metrics": {"val_psnr_db": mean_psnr(model, val)},
+        "parent_sha256": None,
+    }
+    return save_model(model, export_to, card)
