@@ -1,0 +1,612 @@
+"""Reconstructed images + raw header -> one MR Image Storage series (pydicom 3).
+
+Pixel data
+----------
+16-bit unsigned MONOCHROME2. The whole series shares one scale: ``stored = round(pixel * k)``
+with ``k = max_value / max(series)``. The inverse factor ``1/k`` (reconstructed magnitude per
+stored unit) is recorded in a Real World Value Mapping item and in the private block; no
+Modality LUT (RescaleSlope) is written because the classic MR IOD has none and viewers would
+window inconsistently. One WindowCenter / WindowWidth (stored units) is computed for the whole
+series from its 99.5th percentile unless the caller passes one.
+
+Geometry
+--------
+``Geometry.position`` is the slice centre (ISMRMRD); DICOM's ImagePositionPatient is the centre of
+the first transmitted pixel. With the centred-FFT convention pixel ``(row, col)`` lies at
+``position + (col - ncols//2)*dx*read_dir + (row - nrows//2)*dy*phase_dir``, so
+``IPP = position - (ncols//2)*dx*read_dir - (nrows//2)*dy*phase_dir``,
+``IOP = read_dir + phase_dir`` and ``PixelSpacing = [dy, dx]`` (row spacing, column spacing).
+InstanceNumber follows ``(repetition, phase, position along n)`` with
+``n = read_dir x phase_dir`` (the normal a viewer computes from IOP); SliceLocation is the
+position along ``n``.
+
+Missing geometry (``Geometry.defaulted``) is written as an axial stack (read = L, phase = P,
+normal = H... i.e. +z in LPS). When every slice of such a series also has the same position, the
+slices are spread along +z by the slice spacing (or thickness, or 1 mm), centred on the header
+position, so the files still validate and stack. A warning is logged and ImageComments says so.
+
+Identity and UIDs
+-----------------
+StudyInstanceUID and FrameOfReferenceUID come from the header when they are valid UIDs; otherwise
+they are derived deterministically from the header identity (so two series of one scan share a
+study and a frame of reference). SeriesInstanceUID and every SOPInstanceUID are new for every call:
+a new reconstruction never reuses UIDs.
+
+Files
+-----
+Names are built only from numbers and UIDs (``S0001_I0001_<SOPInstanceUID>.dcm``); header text
+never reaches a path. Each file is written to a temporary name in ``out_dir`` and renamed with
+``os.replace`` only after every file of the series has been written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from .scan import Geometry, ReconImage, ReconSeries, ScanHeader
+
+log = logging.getLogger(__name__)
+
+PRIVATE_CREATOR = "RECON_PLUGIN 1.0"
+PRIVATE_GROUP = 0x0071
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; override via ``uid_root``
+IMPLEMENTATION_VERSION = "RECON_PLUGIN_01"  # SH: at most 16 characters
+
+_PATIENT_POSITIONS = {
+    "HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS",
+    "LFP", "LFS", "RFP", "RFS", "AFDR", "AFDL", "PFDR", "PFDL",
+}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+class DicomWriteError(RuntimeError):
+    """The series cannot be written (empty series, mismatched image sizes, I/O failure)."""
+
+
+@dataclass
+class DicomOptions:
+    """Writer knobs (a protocol's ``dicom:`` section maps onto these)."""
+
+    max_value: int = 4095  # stored value of the series maximum (<= 65535)
+    window: tuple[float, float] | None = None  # (center, width) in stored units; None = auto
+    private_block: bool = True
+    body_part: str | None = None  # BodyPartExamined, e.g. "BRAIN"; None = unknown
+    laterality: str | None = None  # "L" / "R" for paired body parts
+    uid_root: str = DEFAULT_UID_ROOT
+    institution: str | None = None  # overrides the header's institution when set
+    fsync: bool = True
+
+
+# --------------------------------------------------------------------------- value sanitising
+
+
+def _text(value: object, max_len: int) -> str:
+    """Header text -> a single DICOM string value (no backslash/control chars, length-capped)."""
+    s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
+    return s[:max_len].rstrip()
+
+
+def _cs(value: object, max_len: int = 16) -> str:
+    """Code String: upper case letters, digits, space and underscore."""
+    s = re.sub(r"[^A-Z0-9 _]", "_", _text(value, 64).upper())
+    return s[:max_len].strip()
+
+
+def _pn(value: object) -> str:
+    """Person Name: keep ``^``/``=`` component separators, cap every component at 64 chars."""
+    s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
+    groups = s.split("=")[:3]
+    return "=".join("^".join(c.strip()[:64] for c in g.split("^")[:5]) for g in groups)
+
+
+def _da(value: object) -> str:
+    """ISMRMRD xs:date ``YYYY-MM-DD`` or ``YYYYMMDD`` -> DICOM DA, else empty."""
+    digits = re.sub(r"[^0-9]", "", str(value or ""))
+    if len(digits) != 8:
+        return ""
+    try:
+        _dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        return ""
+    return digits
+
+
+def _tm(value: object) -> str:
+    """ISMRMRD xs:time ``HH:MM:SS[.ffffff]`` -> DICOM TM, else empty."""
+    m = re.fullmatch(r"(\d\d):?(\d\d)(?::?(\d\d)(\.\d{1,6})?)?", str(value or "").strip())
+    if not m:
+        return ""
+    hh, mm, ss, frac = m.group(1), m.group(2), m.group(3) or "00", m.group(4) or ""
+    if int(hh) > 23 or int(mm) > 59 or int(ss) > 60:
+        return ""
+    return hh + mm + ss + frac
+
+
+def _ds(x: float) -> str:
+    """A float as a Decimal String of at most 16 characters."""
+    return format_number_as_ds(float(x) + 0.0)  # + 0.0 turns -0.0 into 0.0
+
+
+def _valid_uid(value: str) -> str | None:
+    value = (value or "").strip()
+    return value if value and UID(value).is_valid else None
+
+
+def _short_hash(h: str, n: int = 8) -> str:
+    return re.sub(r"[^0-9a-fA-F]", "", h or "")[:n].lower()
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def image_plane(
+    geometry: Geometry, shape: tuple[int, int], pixel_spacing: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ImagePositionPatient, ImageOrientationPatient) for a ``(rows, cols)`` image.
+
+    ``pixel_spacing`` is DICOM's ``(row spacing, column spacing)`` = (phase, readout) mm.
+    """
+    nrows, ncols = shape
+    dy, dx = pixel_spacing
+    read = np.asarray(geometry.read_dir, float)
+    phase = np.asarray(geometry.phase_dir, float)
+    centre = np.asarray(geometry.position, float)
+    ipp = centre - (ncols // 2) * dx * read - (nrows // 2) * dy * phase
+    return ipp, np.concatenate([read, phase])
+
+
+def pixel_to_patient(
+    geometry: Geometry, shape: tuple[int, int], pixel_spacing: tuple[float, float]
+) -> np.ndarray:
+    """4x4 affine mapping ``(col, row, 0, 1)`` to LPS mm from the contract's geometry."""
+    ipp, iop = image_plane(geometry, shape, pixel_spacing)
+    aff = np.eye(4)
+    aff[:3, 0] = iop[:3] * pixel_spacing[1]
+    aff[:3, 1] = iop[3:] * pixel_spacing[0]
+    aff[:3, 2] = np.cross(iop[:3], iop[3:])
+    aff[:3, 3] = ipp
+    return aff
+
+
+def dataset_affine(ds: Dataset) -> np.ndarray:
+    """4x4 affine mapping ``(col, row, 0, 1)`` to LPS mm from a written dataset's image plane."""
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    dy, dx = (float(v) for v in ds.PixelSpacing)
+    aff = np.eye(4)
+    aff[:3, 0] = iop[:3] * dx
+    aff[:3, 1] = iop[3:] * dy
+    aff[:3, 2] = np.cross(iop[:3], iop[3:])
+    aff[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    return aff
+
+
+def _effective_geometries(series: ReconSeries) -> tuple[list[Geometry], bool]:
+    """Per-image geometry; defaulted stacks with coincident positions are spread along +z."""
+    geoms = [im.geometry for im in series.images]
+    defaulted = any(g.defaulted for g in geoms)
+    if not defaulted:
+        return geoms, False
+    slices = sorted({im.slice_index for im in series.images})
+    positions = {tuple(np.round(np.asarray(g.position, float), 6)) for g in geoms}
+    if len(slices) > 1 and len(positions) == 1:
+        h = series.header
+        step = h.slice_spacing_mm or h.slice_thickness_mm or 1.0
+        centre = np.asarray(geoms[0].position, float)
+        rank = {s: i for i, s in enumerate(slices)}
+        mid = (len(slices) - 1) / 2.0
+        geoms = [
+            Geometry.default(centre + np.array([0.0, 0.0, (rank[im.slice_index] - mid) * step]))
+            for im in series.images
+        ]
+    else:
+        geoms = [
+            g if not g.defaulted else Geometry.default(np.asarray(g.position, float))
+            for g in geoms
+        ]
+    return geoms, True
+
+
+# --------------------------------------------------------------------------- series facts
+
+
+def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
+    """(ScanningSequence, SequenceVariant, MRAcquisitionType) from the header's sequence name.
+
+    Unknown or missing sequence names give ``RM`` (research mode); an inversion time adds ``IR``.
+    """
+    raw = header.sequence.sequence_type or ""
+    words = {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", raw)}
+    flat = raw.lower()
+    kinds: list[str] = []
+    if words & {"se", "tse", "fse", "haste", "space"} or "spin" in flat or "flair" in flat:
+        kinds.append("SE")
+    if words & {"gre", "flash", "fisp", "spgr", "trufi", "bssfp", "mprage"} or "gradient" in flat:
+        kinds.append("GR")
+    if "epi" in flat or "echoplanar" in flat:
+        kinds.append("EP")
+    if (header.sequence.ti_ms or 0) > 0 or "flair" in flat or "inversion" in flat:
+        kinds.append("IR")
+    if not kinds or kinds == ["IR"]:
+        kinds.insert(0, "RM")
+    etl = header.sequence.echo_train_length or 1
+    segmented = bool(words & {"tse", "fse", "turbo", "haste"}) or etl > 1
+    variant = ["SK"] if segmented else ["NONE"]
+    acq = "3D" if header.encoded_matrix[2] > 1 else "2D"
+    return kinds, variant, acq
+
+
+def _scale_and_window(
+    images: Sequence[ReconImage], opts: DicomOptions
+) -> tuple[float, tuple[float, float]]:
+    """Stored units per pixel unit (k) and the series window (center, width) in stored units."""
+    if not 1 <= opts.max_value <= 65535:
+        raise DicomWriteError(f"dicom max_value must be in 1..65535, got {opts.max_value}")
+    peak = max(float(np.nanmax(np.abs(im.pixels))) if im.pixels.size else 0.0 for im in images)
+    k = opts.max_value / peak if peak > 0 and np.isfinite(peak) else 1.0
+    if opts.window is not None:
+        return k, (float(opts.window[0]), max(float(opts.window[1]), 1.0))
+    sample = np.concatenate([np.abs(im.pixels[::2, ::2]).ravel() for im in images]) * k
+    sample = sample[np.isfinite(sample)]
+    high = float(np.percentile(sample, 99.5)) if sample.size else float(opts.max_value)
+    high = max(high, 1.0)
+    return k, (round(high / 2.0, 1), round(high, 1))
+
+
+def _identity_uids(header: ScanHeader, root: str) -> tuple[str, str]:
+    """(StudyInstanceUID, FrameOfReferenceUID): header values or deterministic derivations."""
+    ident = header.identity
+    seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
+            ident.study_id, ident.accession_number, ident.measurement_id]
+    study = _valid_uid(ident.study_instance_uid)
+    if study is None:
+        study = str(generate_uid(root, entropy_srcs=["study", *seed]))
+        log.info("header has no valid StudyInstanceUID; derived %s", study)
+    frame = _valid_uid(ident.frame_of_reference_uid)
+    if frame is None:
+        frame = str(generate_uid(root, entropy_srcs=["frame", study, ident.measurement_id]))
+    return study, frame
+
+
+def series_description(series: ReconSeries) -> str:
+    """SeriesDescription (LO, <= 64 chars): base text + DL marker, model, version, hash, pruning."""
+    p = series.provenance
+    base = series.series_description or series.header.identity.series_description
+    base = base or series.header.protocol_name or "recon"
+    tag = "DL" if p.deep_learning else p.method or "recon"
+    parts = [tag, p.model_name or p.method]
+    if p.model_version:
+        parts.append(f"v{p.model_version}")
+    if p.model_hash:
+        parts.append(_short_hash(p.model_hash))
+    if p.pruning_method and p.pruning_method != "none":
+        parts.append(f"{p.pruning_method}{p.pruning_ratio:g}")
+    suffix = " ".join(x for x in parts if x)
+    room = 64 - len(suffix) - 3
+    base = _text(base, max(room, 8))
+    return _text(f"{base} [{suffix}]", 64)
+
+
+def provenance_text(series: ReconSeries) -> str:
+    """One line naming everything that made the images (DerivationDescription, <= 1024 chars)."""
+    p = series.provenance
+    words = [
+        f"{'Deep-learning' if p.deep_learning else 'Non-DL'} reconstruction from raw k-space",
+        f"method={p.method}",
+        f"model={p.model_name or '-'}",
+        f"version={p.model_version or '-'}",
+        f"sha256={p.model_hash or '-'}",
+        f"pruning={p.pruning_method or 'none'}",
+        f"pruning_ratio={p.pruning_ratio:g}",
+        f"finetune={p.finetune or '-'}",
+        f"protocol={p.protocol or '-'}",
+        f"software=recon_plugin {p.software_version or '-'}",
+    ]
+    return _text("; ".join(words), 1024)
+
+
+def _image_type(series: ReconSeries) -> list[str]:
+    p = series.provenance
+    if p.deep_learning:
+        return ["DERIVED", "PRIMARY", "M", "DL_RECON"]
+    return ["DERIVED", "PRIMARY", "M", _cs(p.method or "RECON")]
+
+
+def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]:
+    """Indices of images sorted by (repetition, phase, position along read x phase)."""
+    normal = np.cross(np.asarray(geoms[0].read_dir, float), np.asarray(geoms[0].phase_dir, float))
+
+    def key(i: int) -> tuple:
+        im = images[i]
+        along = round(float(np.asarray(geoms[i].position, float) @ normal), 4)
+        return (im.repetition, im.phase, along, im.slice_index)
+
+    return sorted(range(len(images)), key=key)
+
+
+def _slice_spacing(header: ScanHeader, geoms: Sequence[Geometry]) -> float | None:
+    if header.slice_spacing_mm and header.slice_spacing_mm > 0:
+        return float(header.slice_spacing_mm)
+    normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
+    along = np.unique(np.round([float(np.asarray(g.position) @ normal) for g in geoms], 4))
+    if along.size > 1:
+        return float(np.median(np.diff(along)))
+    return None
+
+
+# --------------------------------------------------------------------------- dataset building
+
+
+def _base_dataset(series: ReconSeries, opts: DicomOptions, uids: dict[str, str]) -> Dataset:
+    """Attributes shared by every instance of the series."""
+    h = series.header
+    ident, seq, prov = h.identity, h.sequence, series.provenance
+    now = _dt.datetime.now()
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = MRImageStorage
+    ds.ImageType = _image_type(series)
+    # Patient (Type 2 attributes always present, possibly empty)
+    ds.PatientName = _pn(ident.patient_name)
+    ds.PatientID = _text(ident.patient_id, 64)
+    ds.PatientBirthDate = _da(ident.patient_birth_date)
+    sex = _cs(ident.patient_sex)[:1]
+    ds.PatientSex = sex if sex in ("M", "F", "O") else ""
+    if ident.patient_weight_kg and ident.patient_weight_kg > 0:
+        ds.PatientWeight = _ds(ident.patient_weight_kg)
+    # General study
+    ds.StudyInstanceUID = uids["study"]
+    ds.StudyDate = _da(ident.study_date)
+    ds.StudyTime = _tm(ident.study_time)
+    ds.ReferringPhysicianName = _pn(ident.referring_physician)
+    ds.StudyID = _text(ident.study_id, 16)
+    ds.AccessionNumber = _text(ident.accession_number, 16)
+    if ident.study_description:
+        ds.StudyDescription = _text(ident.study_description, 64)
+    # General series
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = uids["series"]
+    ds.SeriesNumber = int(series.series_number)
+    ds.SeriesDescription = series_description(series)
+    ds.SeriesDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = now.strftime("%H%M%S")
+    ds.ProtocolName = _text(h.protocol_name or prov.protocol, 64)
+    if opts.body_part:
+        ds.BodyPartExamined = _cs(opts.body_part)
+        if opts.laterality:
+            ds.Laterality = _cs(opts.laterality)[:1]
+    else:
+        ds.Laterality = _cs(opts.laterality)[:1] if opts.laterality else ""  # Type 2C: unknown
+    pos = _cs(ident.patient_position)
+    ds.PatientPosition = pos if pos in _PATIENT_POSITIONS else "HFS"
+    # Frame of reference
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.PositionReferenceIndicator = ""
+    # Equipment
+    ds.Manufacturer = _text(seq.manufacturer, 64)
+    inst = opts.institution if opts.institution is not None else seq.institution
+    if inst:
+        ds.InstitutionName = _text(inst, 64)
+    if seq.station_name:
+        ds.StationName = _text(seq.station_name, 16)
+    if seq.model_name:
+        ds.ManufacturerModelName = _text(seq.model_name, 64)
+    ds.SoftwareVersions = _text(f"recon_plugin {prov.software_version or ''}".strip(), 64)
+    # General image / provenance
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.DerivationDescription = provenance_text(series)
+    ds.BurnedInAnnotation = "NO"
+    # MR image
+    kinds, variant, acq = _scanning_sequence(h)
+    ds.ScanningSequence = kinds
+    ds.SequenceVariant = variant
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = acq
+    ds.RepetitionTime = _ds(seq.tr_ms) if seq.tr_ms is not None else ""
+    ds.EchoTime = _ds(seq.te_ms) if seq.te_ms is not None else ""
+    ds.EchoTrainLength = int(seq.echo_train_length) if seq.echo_train_length else ""
+    if "IR" in kinds:
+        ds.InversionTime = _ds(seq.ti_ms) if seq.ti_ms is not None else ""
+    if seq.flip_deg is not None:
+        ds.FlipAngle = _ds(seq.flip_deg)
+    if seq.field_strength_t:
+        ds.MagneticFieldStrength = _ds(seq.field_strength_t)
+    if seq.sequence_type:
+        ds.SequenceName = _text(seq.sequence_type, 16)
+    ds.ImagedNucleus = "1H"
+    ds.PercentPhaseFieldOfView = _ds(100.0 * h.recon_fov_mm[1] / h.recon_fov_mm[0]) if (
+        h.recon_fov_mm[0] > 0) else ""
+    # Image pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    return ds
+
+
+def _add_private(ds: Dataset, series: ReconSeries, slope: float) -> None:
+    p = series.provenance
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", _text(p.model_name, 64))
+    block.add_new(0x02, "LO", _text(p.model_version, 64))
+    block.add_new(0x03, "LO", _text(p.model_hash, 64))
+    block.add_new(0x04, "LO", _text(p.pruning_method, 64))
+    block.add_new(0x05, "DS", _ds(p.pruning_ratio))
+    block.add_new(0x06, "LO", _text(p.protocol, 64))
+    block.add_new(0x07, "LO", _text(p.method, 64))
+    block.add_new(0x08, "LO", _text(p.finetune, 64))
+    block.add_new(0x09, "LO", _text(p.software_version, 64))
+    block.add_new(0x0A, "CS", "YES" if p.deep_learning else "NO")
+    block.add_new(0x0B, "DS", _ds(slope))
+
+
+def _rwvm(slope: float) -> Dataset:
+    """Real World Value Mapping item: stored value * slope = reconstructed magnitude (a.u.)."""
+    unit = Dataset()
+    unit.CodeValue = "1"
+    unit.CodingSchemeDesignator = "UCUM"
+    unit.CodeMeaning = "no units"
+    item = Dataset()
+    item.RealWorldValueFirstValueMapped = 0
+    item.RealWorldValueLastValueMapped = 65535
+    item.RealWorldValueSlope = float(slope)
+    item.RealWorldValueIntercept = 0.0
+    item.LUTExplanation = "reconstructed magnitude, arbitrary units"
+    item.LUTLabel = "RECON_MAGNITUDE"
+    item.MeasurementUnitsCodeSequence = [unit]
+    return item
+
+
+def _atomic_write(ds: Dataset, final: Path, fsync: bool) -> Path:
+    """Write ``ds`` to a temporary file beside ``final``; return the temporary path."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def write_series(
+    series: ReconSeries,
+    out_dir: Path | str,
+    options: DicomOptions | None = None,
+    **overrides: object,
+) -> list[Path]:
+    """Write ``series`` as MR Image Storage files into ``out_dir``; return the final paths.
+
+    ``options`` (or keyword overrides of its fields, e.g. ``max_value=65535``) tune the writer.
+    Paths are returned in InstanceNumber order. Nothing is left behind on failure.
+    """
+    opts = options or DicomOptions()
+    if overrides:
+        opts = DicomOptions(**{**opts.__dict__, **overrides})
+    images = list(series.images)
+    if not images:
+        raise DicomWriteError("series has no images")
+    shapes = {tuple(im.pixels.shape) for im in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise DicomWriteError(f"all images must be 2D and the same size, got {sorted(shapes)}")
+    rows, cols = next(iter(shapes))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    root = opts.uid_root if opts.uid_root.endswith(".") else opts.uid_root + "."
+
+    h = series.header
+    spacing = h.pixel_spacing_mm
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        log.warning("header pixel spacing %s unusable; writing 1 mm", spacing)
+        spacing = (1.0, 1.0)
+    geoms, defaulted = _effective_geometries(series)
+    if defaulted:
+        log.warning("series %d: header has no usable geometry; writing the default axial "
+                    "orientation (read=L, phase=P)", series.series_number)
+    study, frame = _identity_uids(h, root)
+    uids = {"study": study, "frame": frame, "series": str(generate_uid(root))}
+    k, (wc, ww) = _scale_and_window(images, opts)
+    base = _base_dataset(series, opts, uids)
+    thickness = h.slice_thickness_mm or (h.encoded_fov_mm[2] if h.encoded_matrix[2] <= 1 else None)
+    between = _slice_spacing(h, geoms)
+    normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
+    comments = provenance_text(series)
+    if defaulted:
+        comments += "; GEOMETRY DEFAULTED: header had no position/orientation (axial assumed)"
+
+    written: list[tuple[Path, Path]] = []
+    try:
+        for instance, i in enumerate(_order(images, geoms), start=1):
+            im, g = images[i], geoms[i]
+            ds = Dataset()
+            ds.update(base)
+            sop = generate_uid(root)
+            ds.SOPInstanceUID = sop
+            ds.InstanceNumber = instance
+            ds.AcquisitionNumber = int(im.repetition) + 1
+            ds.EchoNumbers = int(im.contrast) + 1
+            ds.TemporalPositionIdentifier = int(im.phase) + 1
+            ipp, iop = image_plane(g, (rows, cols), spacing)
+            ds.ImagePositionPatient = [_ds(v) for v in ipp]
+            ds.ImageOrientationPatient = [_ds(v) for v in np.round(iop, 8)]
+            ds.PixelSpacing = [_ds(spacing[0]), _ds(spacing[1])]
+            ds.SliceThickness = _ds(thickness) if thickness and thickness > 0 else ""
+            if between and between > 0:
+                ds.SpacingBetweenSlices = _ds(between)
+            ds.SliceLocation = _ds(float(np.asarray(g.position, float) @ normal))
+            notes = "; ".join(_text(n, 200) for n in im.notes if n)
+            ds.ImageComments = _text(comments + (f"; notes: {notes}" if notes else ""), 10240)
+            stored = np.clip(np.rint(np.nan_to_num(np.abs(im.pixels)) * k), 0, 65535)
+            stored = stored.astype(np.uint16)
+            ds.Rows, ds.Columns = rows, cols
+            ds.SmallestImagePixelValue = int(stored.min())
+            ds.LargestImagePixelValue = int(stored.max())
+            ds.WindowCenter = _ds(wc)
+            ds.WindowWidth = _ds(ww)
+            ds.RealWorldValueMappingSequence = [_rwvm(1.0 / k)]
+            if opts.private_block:
+                _add_private(ds, series, 1.0 / k)
+            ds.PixelData = stored.tobytes()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = MRImageStorage
+            meta.MediaStorageSOPInstanceUID = sop
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+            meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+            ds.file_meta = meta
+            name = f"S{int(series.series_number):04d}_I{instance:04d}_{sop}.dcm"
+            final = out / name
+            if final.resolve().parent != out.resolve():  # names are UIDs/numbers; belt and braces
+                raise DicomWriteError(f"refusing to write outside {out}: {name}")
+            written.append((_atomic_write(ds, final, opts.fsync), final))
+        for tmp, final in written:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %d MR images of series %d (%s) to %s", len(written), series.series_number,
+             uids["series"], out)
+    return [final for _, final in written]
+
+
+# --------------------------------------------------------------------------- reading helpers
+
+
+def read_series(paths: Iterable[Path | str]) -> list[Dataset]:
+    """Read DICOM files and return them sorted by InstanceNumber."""
+    dss = [pydicom.dcmread(p) for p in paths]
+    return sorted(dss, key=lambda d: int(d.InstanceNumber))
+
+
+def read_series_affine(paths: Iterable[Path | str]) -> tuple[np.ndarray, list[Dataset]]:
+    """Volume affine ``(col, row, slice, 1) -> LPS mm`` of a single-stack series.
+
+    Slices are ordered by InstanceNumber; the third column is the step between consecutive
+    ImagePositionPatient values (or the unit normal for a single slice).
+    """
+    dss = read_series(paths)
+    aff = dataset_affine(dss[0])
+    if len(dss) > 1:
+        first = np.asarray([float(v) for v in dss[0].ImagePositionPatient])
+        last = np.asarray([float(v) for v in dss[-1].ImagePositionPatient])
+        aff[:3, 2] = (last - first) / (len(dss) - 1)
+    return aff, dss
