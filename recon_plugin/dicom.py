@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from .scan import Geometry, ReconImage, ReconSeries, ScanHeader
@@ -140,9 +140,13 @@ def _ds(x: float) -> str:
     return format_number_as_ds(float(x) + 0.0)  # + 0.0 turns -0.0 into 0.0
 
 
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
 def _valid_uid(value: str) -> str | None:
-    value = (value or "").strip()
-    return value if value and UID(value).is_valid else None
+    """``value`` if it is a syntactically valid UID (PS3.5 9.1), else None."""
+    value = (value or "").strip().rstrip("\x00")
+    return value if len(value) <= 64 and _UID_RE.fullmatch(value) else None
 
 
 def _short_hash(h: str, n: int = 8) -> str:

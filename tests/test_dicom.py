@@ -1,0 +1,371 @@
+"""DICOM writer: dciodvfy-clean output, geometry round trip, UIDs, provenance, safe file names."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from recon_plugin import dicom
+from recon_plugin.scan import (
+    Geometry,
+    Identity,
+    Provenance,
+    ReconImage,
+    ReconSeries,
+    ScanHeader,
+    SequenceInfo,
+)
+
+DCIODVFY = shutil.which("dciodvfy")
+needs_dciodvfy = pytest.mark.skipif(
+    DCIODVFY is None, reason="dciodvfy not installed (Debian package dicom3tools)"
+)
+FILE_NAME = re.compile(r"^S\d{4}_I\d{4}_[0-9.]+\.dcm$")
+
+
+@pytest.fixture(autouse=True)
+def _strict_pydicom(monkeypatch):
+    """Any value pydicom would only warn about is an error in these tests."""
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE)
+
+
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    """Rotation matrix from three angles (degrees) about x, y, z."""
+    a, b, c = np.deg2rad([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_series(
+    *,
+    rows: int = 24,
+    cols: int = 32,
+    nslices: int = 3,
+    rot: np.ndarray | None = None,
+    centre=(0.0, 0.0, 0.0),
+    spacing: float = 6.0,
+    fov=(220.0, 180.0),
+    flip_slice_dir: bool = False,
+    zero_geometry: bool = False,
+    identity: Identity | None = None,
+    sequence: SequenceInfo | None = None,
+    order=None,
+    seed: int = 0,
+) -> ReconSeries:
+    """Synthetic series: random pixels, slices stacked along the slice normal."""
+    rng = np.random.default_rng(seed)
+    rot = np.eye(3) if rot is None else rot
+    read, phase = rot[:, 0], rot[:, 1]
+    normal = np.cross(read, phase)
+    slice_dir = -normal if flip_slice_dir else normal
+    header = ScanHeader(
+        encoded_matrix=(cols, rows, 1),
+        encoded_fov_mm=(fov[0], fov[1], 5.0),
+        recon_matrix=(cols, rows, 1),
+        recon_fov_mm=(fov[0], fov[1], 5.0),
+        num_coils=4,
+        protocol_name="t2_tse_tra",
+        contrast_name="T2",
+        acceleration=4.0,
+        slice_thickness_mm=5.0,
+        slice_spacing_mm=spacing,
+        sequence=sequence
+        or SequenceInfo(
+            tr_ms=4000.0, te_ms=95.0, flip_deg=150.0, echo_train_length=16,
+            field_strength_t=3.0, sequence_type="TurboSpinEcho", manufacturer="SIMULATED",
+            model_name="Phantom", institution="Test Hospital", station_name="SIM1",
+        ),
+        identity=identity
+        or Identity(
+            patient_name="Doe^Jane", patient_id="PID001", patient_birth_date="1970-05-06",
+            patient_sex="F", patient_weight_kg=70.0, study_date="2024-03-04",
+            study_time="10:11:12", study_id="42", accession_number="ACC42",
+            study_description="MRI brain", referring_physician="Who^Doctor",
+        ),
+    )
+    images = []
+    for k in range(nslices):
+        pos = np.asarray(centre, float) + (k - (nslices - 1) / 2) * spacing * normal
+        if zero_geometry:
+            geo = Geometry.from_vectors(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3))
+        else:
+            geo = Geometry.from_vectors(pos, read, phase, slice_dir)
+        px = rng.random((rows, cols)).astype(np.float32) * (k + 1)
+        images.append(ReconImage(pixels=px, geometry=geo, slice_index=k, method="unrolled"))
+    if order is not None:
+        images = [images[i] for i in order]
+    prov = Provenance(
+        model_name="unrolled-spade-0.5", model_version="1.2.0", model_hash="ab12" * 16,
+        pruning_method="spade", pruning_ratio=0.5, protocol="brain_t2_axial_4x",
+        software_version="0.1.0",
+    )
+    return ReconSeries(images, header, prov, series_number=1001, series_description="T2 AX")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's 'Error' lines for one file (it reports on stderr)."""
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    return [line for line in out.splitlines() if line.lstrip().startswith("Error")]
+
+
+def expected_point(geo: Geometry, shape, spacing, row: float, col: float) -> np.ndarray:
+    """The contract's pixel position (centred-FFT convention), computed independently."""
+    nrows, ncols = shape
+    dy, dx = spacing
+    return (np.asarray(geo.position) + (col - ncols // 2) * dx * np.asarray(geo.read_dir)
+            + (row - nrows // 2) * dy * np.asarray(geo.phase_dir))
+
+
+def dicom_point(ds: pydicom.Dataset, row: float, col: float) -> np.ndarray:
+    """Pixel position from the written IPP / IOP / PixelSpacing (PS3.3 C.7.6.2.1.1)."""
+    ipp = np.array(ds.ImagePositionPatient, float)
+    iop = np.array(ds.ImageOrientationPatient, float)
+    dy, dx = (float(v) for v in ds.PixelSpacing)
+    return ipp + col * dx * iop[:3] + row * dy * iop[3:]
+
+
+# --------------------------------------------------------------------------- validity
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("kind", ["full", "empty_header", "flair", "gre_no_timing"])
+def test_dciodvfy_reports_zero_errors(tmp_path, kind):
+    if kind == "full":
+        series = make_series(rot=rotation(10, -15, 20))
+    elif kind == "empty_header":
+        series = make_series(identity=Identity(), sequence=SequenceInfo(), zero_geometry=True)
+        series.header.slice_thickness_mm = None
+        series.header.slice_spacing_mm = None
+        series.header.protocol_name = ""
+        series.provenance = Provenance()
+    elif kind == "flair":
+        series = make_series(sequence=SequenceInfo(tr_ms=9000, te_ms=120, ti_ms=2500,
+                                                   sequence_type="FLAIR_TSE"))
+    else:
+        series = make_series(nslices=1, sequence=SequenceInfo(sequence_type="GRE"))
+        series.provenance.deep_learning = False
+        series.provenance.method = "cg-sense"
+    paths = dicom.write_series(series, tmp_path / "out", body_part="BRAIN")
+    assert paths
+    for p in paths:
+        assert dciodvfy_errors(p) == [], p.name
+
+
+@needs_dciodvfy
+def test_dciodvfy_clean_without_body_part(tmp_path):
+    paths = dicom.write_series(make_series(nslices=1), tmp_path)
+    assert dciodvfy_errors(paths[0]) == []
+
+
+def test_pixel_format_and_series_scaling(tmp_path):
+    series = make_series(nslices=3)
+    paths = dicom.write_series(series, tmp_path, max_value=4095)
+    dss = dicom.read_series(paths)
+    peak = max(float(im.pixels.max()) for im in series.images)
+    windows = {(str(d.WindowCenter), str(d.WindowWidth)) for d in dss}
+    assert len(windows) == 1
+    by_slice = {im.slice_index: im for im in series.images}
+    for d in dss:
+        assert d.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert (d.BitsAllocated, d.PixelRepresentation, d.SamplesPerPixel) == (16, 0, 1)
+        assert d.PhotometricInterpretation == "MONOCHROME2"
+        assert d.pixel_array.dtype == np.uint16
+        slope = float(d.RealWorldValueMappingSequence[0].RealWorldValueSlope)
+        assert slope == pytest.approx(peak / 4095)
+        src = by_slice[int(d.InstanceNumber) - 1].pixels
+        np.testing.assert_allclose(d.pixel_array * slope, src, atol=slope)
+    assert max(int(d.pixel_array.max()) for d in dss) == 4095
+
+
+def test_identity_timing_and_provenance(tmp_path):
+    series = make_series(nslices=1)
+    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    assert str(ds.PatientName) == "Doe^Jane" and ds.PatientID == "PID001"
+    assert (ds.PatientBirthDate, ds.StudyDate, ds.StudyTime) == ("19700506", "20240304", "101112")
+    assert float(ds.RepetitionTime) == 4000 and float(ds.EchoTime) == 95
+    assert float(ds.FlipAngle) == 150 and int(ds.EchoTrainLength) == 16
+    assert float(ds.MagneticFieldStrength) == 3.0
+    assert "SE" in ds.ScanningSequence and ds.Modality == "MR"
+    assert list(ds.ImageType)[:2] == ["DERIVED", "PRIMARY"] and "DL_RECON" in ds.ImageType
+    assert "unrolled-spade-0.5" in ds.SeriesDescription and "ab12ab12" in ds.SeriesDescription
+    assert len(ds.SeriesDescription) <= 64
+    for text in (ds.DerivationDescription, ds.ImageComments):
+        assert "ab12" * 16 in text and "spade" in text and "brain_t2_axial_4x" in text
+    block = ds.private_block(dicom.PRIVATE_GROUP, dicom.PRIVATE_CREATOR)
+    assert block[0x01].value == "unrolled-spade-0.5" and block[0x03].value == "ab12" * 16
+    assert float(block[0x05].value) == 0.5
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+               "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+               "SeriesNumber", "PositionReferenceIndicator", "Manufacturer", "InstanceNumber",
+               "SliceThickness", "ScanOptions", "MRAcquisitionType", "EchoTrainLength"):
+        assert kw in ds, kw
+
+
+def test_empty_identity_keeps_type2_attributes(tmp_path):
+    series = make_series(nslices=1, identity=Identity(), sequence=SequenceInfo())
+    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+               "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+               "EchoTime", "RepetitionTime", "EchoTrainLength", "Manufacturer"):
+        assert kw in ds and ds[kw].value in ("", None), kw
+
+
+# --------------------------------------------------------------------------- geometry
+
+GEOMETRIES = {
+    "axial": (np.eye(3), (0.0, 0.0, 0.0)),
+    "sagittal": (np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float).T, (3.0, -2.0, 10.0)),
+    "coronal": (np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], float).T, (0.0, 12.0, -30.0)),
+    "double_oblique_table_offset": (rotation(17, -23, 31), (12.5, -40.0, -310.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+@pytest.mark.parametrize("flip", [False, True], ids=["slice_dir+", "slice_dir-"])
+def test_geometry_round_trip(tmp_path, name, flip):
+    rot, centre = GEOMETRIES[name]
+    rows, cols = 23, 32  # odd row count exercises the n//2 centre convention
+    series = make_series(rows=rows, cols=cols, nslices=4, rot=rot, centre=centre, spacing=5.5,
+                         fov=(224.0, 161.0), flip_slice_dir=flip, order=[2, 0, 3, 1])
+    spacing = series.header.pixel_spacing_mm
+    paths = dicom.write_series(series, tmp_path)
+    dss = dicom.read_series(paths)
+    by_slice = {im.slice_index: im for im in series.images}
+    normal = np.cross(rot[:, 0], rot[:, 1])
+    for ds in dss:
+        # stacking order: InstanceNumber k <-> k-th position along read x phase
+        geo = by_slice[int(ds.InstanceNumber) - 1].geometry
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx(list(spacing))
+        for row, col in [(0, 0), (rows - 1, 0), (0, cols - 1), (rows // 2, cols // 2), (7, 19)]:
+            np.testing.assert_allclose(dicom_point(ds, row, col),
+                                       expected_point(geo, (rows, cols), spacing, row, col),
+                                       atol=0.01)
+        assert float(ds.SliceLocation) == pytest.approx(float(geo.position @ normal), abs=0.01)
+        assert float(ds.SpacingBetweenSlices) == pytest.approx(5.5)
+        assert float(ds.SliceThickness) == pytest.approx(5.0)
+    along = [float(np.array(d.ImagePositionPatient, float) @ normal) for d in dss]
+    assert np.all(np.diff(along) > 0)
+    assert np.diff(along) == pytest.approx([5.5] * 3, abs=0.01)
+    # volume affine (col, row, slice) -> LPS from the files equals the header's
+    aff, _ = dicom.read_series_affine(paths)
+    first = by_slice[0].geometry
+    expected = np.eye(4)
+    expected[:3, 0] = rot[:, 0] * spacing[1]
+    expected[:3, 1] = rot[:, 1] * spacing[0]
+    expected[:3, 2] = normal * 5.5
+    expected[:3, 3] = expected_point(first, (rows, cols), spacing, 0, 0)
+    np.testing.assert_allclose(aff, expected, atol=0.01)
+
+
+def test_geometry_independent_nibabel(tmp_path):
+    """Second route: nibabel's DICOM wrapper affine maps (row, col, 0) to LPS."""
+    dicomwrappers = pytest.importorskip("nibabel.nicom.dicomwrappers")
+    rot, centre = GEOMETRIES["double_oblique_table_offset"]
+    series = make_series(rows=21, cols=30, nslices=3, rot=rot, centre=centre, fov=(210.0, 147.0))
+    spacing = series.header.pixel_spacing_mm
+    paths = dicom.write_series(series, tmp_path)
+    by_slice = {im.slice_index: im for im in series.images}
+    slice_positions = []
+    for p in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = dicomwrappers.wrapper_from_file(str(p))
+            aff = w.affine
+        ds = pydicom.dcmread(p)
+        geo = by_slice[int(ds.InstanceNumber) - 1].geometry
+        for row, col in [(0, 0), (20, 29), (5, 11)]:
+            np.testing.assert_allclose((aff @ [row, col, 0, 1])[:3],
+                                       expected_point(geo, (21, 30), spacing, row, col), atol=0.01)
+        slice_positions.append((int(ds.InstanceNumber), float(w.slice_indicator)))
+    # nibabel's normal is phase x read (its row-first array order), ours read x phase: the
+    # instance order must be strictly monotonic along either, one slice spacing apart
+    steps = np.diff([pos for _, pos in sorted(slice_positions)])
+    assert np.abs(steps) == pytest.approx([6.0] * (len(paths) - 1), abs=0.01)
+    assert len(set(np.sign(steps))) == 1
+
+
+def test_zero_geometry_defaults_with_warning(tmp_path, caplog):
+    series = make_series(nslices=3, zero_geometry=True, spacing=4.0)
+    with caplog.at_level(logging.WARNING, logger="recon_plugin.dicom"):
+        dss = dicom.read_series(dicom.write_series(series, tmp_path))
+    assert any("geometry" in r.getMessage() for r in caplog.records)
+    assert [float(v) for v in dss[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    z = [float(d.ImagePositionPatient[2]) for d in dss]
+    assert z == pytest.approx([-4.0, 0.0, 4.0])
+    assert all("GEOMETRY DEFAULTED" in d.ImageComments for d in dss)
+
+
+# --------------------------------------------------------------------------- UIDs and files
+
+
+def test_new_uids_every_reconstruction(tmp_path):
+    series = make_series(nslices=3)
+    a = dicom.read_series(dicom.write_series(series, tmp_path / "a"))
+    b = dicom.read_series(dicom.write_series(series, tmp_path / "b"))
+    sops_a = {d.SOPInstanceUID for d in a}
+    sops_b = {d.SOPInstanceUID for d in b}
+    assert len(sops_a) == 3 and not sops_a & sops_b
+    assert len({d.SeriesInstanceUID for d in a}) == 1
+    assert a[0].SeriesInstanceUID != b[0].SeriesInstanceUID
+    # study and frame of reference are derived from the header: stable across reconstructions
+    assert a[0].StudyInstanceUID == b[0].StudyInstanceUID
+    assert a[0].FrameOfReferenceUID == b[0].FrameOfReferenceUID
+    for d in a:
+        assert d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID
+        assert pydicom.uid.UID(d.SOPInstanceUID).is_valid
+
+
+def test_header_study_uid_is_used_invalid_one_replaced(tmp_path):
+    series = make_series(nslices=1)
+    series.header.identity.study_instance_uid = "1.2.3.4.5"
+    assert dicom.read_series(dicom.write_series(series, tmp_path / "a"))[0].StudyInstanceUID \
+        == "1.2.3.4.5"
+    series.header.identity.study_instance_uid = "../not a uid"
+    uid = dicom.read_series(dicom.write_series(series, tmp_path / "b"))[0].StudyInstanceUID
+    assert pydicom.uid.UID(uid).is_valid
+
+
+def test_header_text_cannot_steer_paths(tmp_path):
+    evil = "../../etc/passwd\\x\x00/" + "A" * 300
+    ident = Identity(patient_name="../../etc", patient_id=evil, study_id="../..",
+                     series_description="/tmp/evil", measurement_id="../../m",
+                     accession_number="..\\..", study_instance_uid="../../etc")
+    series = make_series(nslices=2, identity=ident)
+    series.series_description = "../../../escape"
+    series.header.protocol_name = "../proto"
+    series.provenance.model_name = "../model"
+    out = tmp_path / "deep" / "out"
+    paths = dicom.write_series(series, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)
+    assert all(FILE_NAME.match(p.name) and p.parent == out for p in paths)
+    everything = sorted(q.relative_to(tmp_path).as_posix() for q in tmp_path.rglob("*"))
+    assert everything == ["deep", "deep/out"] + [f"deep/out/{p.name}" for p in sorted(paths)]
+    ds = pydicom.dcmread(paths[0])
+    assert str(ds.PatientName) == "../../etc" and len(ds.PatientID) <= 64
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    real = dicom._atomic_write
+    calls = {"n": 0}
+
+    def flaky(ds, final, fsync):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(ds, final, fsync)
+
+    monkeypatch.setattr(dicom, "_atomic_write", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        dicom.write_series(make_series(nslices=3), tmp_path)
+    assert list(tmp_path.iterdir()) == []
