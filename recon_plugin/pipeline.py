@@ -1,0 +1,219 @@
+"""The one reconstructor every entry point calls (batch recon, stream server, adaptation, bench).
+
+``Reconstructor.reconstruct(scan, settings)`` turns a :class:`~recon_plugin.scan.RawScan` into
+one :class:`~recon_plugin.scan.ReconSeries` per contrast; ``reconstruct_slice`` is the per-slice
+step the streaming server calls as soon as a slice is complete, so a slice streamed over MRD and
+the same slice read from a file give the same pixels.
+
+Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
+maps, then the protocol's method (the unrolled network, or a classical one), magnitude, crop to
+the recon matrix. Stage timings (seconds) are recorded per series.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, classical
+from .coils import CoilMapError, EspiritParams, estimate_maps
+from .models.checkpoint import load_model, resolve_model
+from .physics import SenseOperator, center_crop, fft2c, ifft2c
+from .scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
+
+log = logging.getLogger(__name__)
+
+METHODS = ("unrolled",) + classical.METHODS
+
+
+@dataclass
+class ReconSettings:
+    """Everything the protocol decides for reconstruction (see ``protocol.py``)."""
+
+    method: str = "unrolled"
+    model: str = "unrolled-base"
+    espirit: EspiritParams = field(default_factory=EspiritParams)
+    coil_compression: int | None = None
+    lamda: float | None = None  # classical regularisation; None = tuned default
+    fallback: str = "zero-filled"  # used when sensitivities cannot be estimated
+    adaptive: dict | None = None  # difficulty-adaptive variant policy
+    protocol_name: str = "default"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.fallback not in ("zero-filled", "error"):
+            raise ValueError("fallback must be 'zero-filled' or 'error'")
+
+
+class Reconstructor:
+    """Holds loaded models (loaded once, shared by all callers) and reconstructs slices.
+
+    device: "cpu" or "cuda"; threads: torch intra-op threads (None = torch default).
+    """
+
+    def __init__(self, device: str = "cpu", threads: int | None = None):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but no CUDA device is available")
+        self.device = torch.device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        self._models: dict[str, tuple[torch.nn.Module, dict]] = {}
+
+    def model(self, name: str) -> tuple[torch.nn.Module, dict]:
+        """Load (once) a shipped model name or a .safetensors path."""
+        if name not in self._models:
+            path = resolve_model(name)
+            model, card = load_model(path)
+            self._models[name] = (model.to(self.device), card)
+            log.info("loaded model %s (%s, sha256 %s)", name, path, card.get("sha256", "")[:12])
+        return self._models[name]
+
+    def provenance(self, settings: ReconSettings) -> Provenance:
+        if settings.method != "unrolled":
+            return Provenance(protocol=settings.protocol_name, method=settings.method,
+                              software_version=__version__, deep_learning=False)
+        _, card = self.model(settings.model)
+        pr = card.get("pruning", {})
+        return Provenance(
+            model_name=card.get("name", settings.model), model_version=card.get("version", ""),
+            model_hash=card.get("sha256", ""), pruning_method=pr.get("method", "none"),
+            pruning_ratio=float(pr.get("ratio", 0.0)), finetune=card.get("finetune", ""),
+            protocol=settings.protocol_name, method="unrolled", software_version=__version__,
+        )
+
+    # ----------------------------------------------------------------- per slice
+    def reconstruct_slice(
+        self, sl: SliceData, header: ScanHeader, settings: ReconSettings,
+        whitener: np.ndarray | None = None, timings: dict | None = None,
+    ) -> ReconImage:
+        """One slice -> magnitude image of the recon matrix (rows = phase, cols = readout)."""
+        t = timings if timings is not None else defaultdict(float)
+        sl.validate()
+        t0 = time.perf_counter()
+        ksp, calib = sl.kspace, sl.calib
+        if whitener is not None:
+            ksp = np.einsum("ij,jyx->iyx", whitener, ksp).astype(np.complex64)
+            if calib is not None:
+                calib = np.einsum("ij,jyx->iyx", whitener, calib).astype(np.complex64)
+        if settings.coil_compression and settings.coil_compression < ksp.shape[0]:
+            ksp, calib = compress_coils(ksp, calib, sl.acs, settings.coil_compression)
+        mask = sl.mask.astype(np.float32)
+        ksp = ksp * mask[None]
+        t["preprocess"] += time.perf_counter() - t0
+        notes: list[str] = []
+        method = settings.method
+        maps = None
+        if method != "zero-filled":
+            t0 = time.perf_counter()
+            try:
+                maps = estimate_maps(ksp, sl.acs, settings.espirit, calib)
+            except CoilMapError as e:
+                if settings.fallback == "error":
+                    raise
+                log.warning("slice %d: %s; falling back to zero-filled RSS", sl.slice_index, e)
+                notes.append(f"FALLBACK zero-filled: {e}")
+                method = "zero-filled"
+            t["sensitivities"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if method == "unrolled":
+            name = settings.model
+            if settings.adaptive:
+                name = self._choose_variant(ksp, mask, sl, settings)
+            img = self._network(name, ksp, maps, mask)
+            t["network"] += time.perf_counter() - t0
+        else:
+            img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
+            t["classical"] += time.perf_counter() - t0
+        pixels = to_recon_matrix(np.abs(img).astype(np.float32), header, notes)
+        return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
+                          sl.phase, method, notes)
+
+    def _network(self, name, ksp, maps, mask) -> np.ndarray:
+        model, _ = self.model(name)
+        dev = self.device
+        with torch.inference_mode():
+            k = torch.from_numpy(ksp)[None].to(dev)
+            op = SenseOperator(torch.from_numpy(maps)[None].to(dev),
+                               torch.from_numpy(mask)[None].to(dev))
+            return model(k, op)[0].cpu().numpy()
+
+    def _choose_variant(self, ksp, mask, sl: SliceData, settings: ReconSettings) -> str:
+        from .pruning.adaptive import choose_variant, slice_features
+
+        return choose_variant(slice_features(ksp, mask, sl.acs), settings.adaptive)
+
+    # ----------------------------------------------------------------- whole scan
+    def reconstruct(self, scan: RawScan, settings: ReconSettings) -> list[ReconSeries]:
+        """All slices of a scan; one series per contrast, images ordered by slice/repetition."""
+        scan.validate()
+        timings: dict[str, float] = defaultdict(float)
+        whitener = whitening_matrix(scan)
+        groups: dict[int, list[ReconImage]] = defaultdict(list)
+        for sl in scan.slices:
+            groups[sl.contrast].append(
+                self.reconstruct_slice(sl, scan.header, settings, whitener, timings))
+        prov = self.provenance(settings)
+        out = []
+        for i, (contrast, images) in enumerate(sorted(groups.items())):
+            images.sort(key=lambda im: (im.repetition, im.phase, im.slice_index))
+            out.append(ReconSeries(images, scan.header, prov, series_number=i + 1,
+                                   timings_s=dict(timings)))
+        return out
+
+
+def whitening_matrix(scan: RawScan) -> np.ndarray | None:
+    """Noise prewhitening matrix (coils, coils) from the scan's noise samples, or None."""
+    if scan.noise is None or scan.noise.size == 0:
+        return None
+    from .preprocess import noise_prewhitening_matrix
+
+    return noise_prewhitening_matrix(scan.noise)
+
+
+def compress_coils(ksp, calib, acs, n_virtual):
+    """SVD coil compression of slice k-space (and its calibration block) to n_virtual coils."""
+    from .preprocess import coil_compression_matrix
+
+    m = coil_compression_matrix(ksp if calib is None else calib, acs if calib is None else None,
+                                n_virtual)
+    ksp = np.einsum("vc,cyx->vyx", m, ksp).astype(np.complex64)
+    if calib is not None:
+        calib = np.einsum("vc,cyx->vyx", m, calib).astype(np.complex64)
+    return ksp, calib
+
+
+def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
+    """Crop (ky, kx) to the recon matrix (y, x); a recon matrix larger than the encoded one is
+    reached by k-space zero-padding (sinc interpolation), which ``notes`` records."""
+    ry, rx = header.recon_matrix[1], header.recon_matrix[0]
+    ny, nx = img.shape
+    if ry <= ny and rx <= nx:
+        return center_crop(img, (ry, rx))
+    if ry > 4 * ny or rx > 4 * nx:
+        raise RawDataError(f"recon matrix {rx}x{ry} is more than 4x the encoded {nx}x{ny}")
+    notes.append(f"recon matrix {rx}x{ry} > encoded {nx}x{ny}: k-space zero-padded")
+    k = center_crop(fft2c(img.astype(np.complex64)), (max(ry, ny), max(rx, nx)))
+    scale = np.sqrt(k.shape[0] * k.shape[1] / (ny * nx))
+    return center_crop(np.abs(ifft2c(k)) * scale, (ry, rx)).astype(np.float32)
+
+
+def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Write every series in the requested formats ("dicom", "h5"); returns written paths."""
+    from .dicom import write_series
+
+    paths: list[Path] = []
+    for s in series:
+        if "dicom" in formats:
+            paths += write_series(s, out_dir)
+    if "h5" in formats:
+        from .io.writers import write_reconstruction_h5
+
+        paths.append(write_reconstruction_h5(series, out_dir))
+    return paths
