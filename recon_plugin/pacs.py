@@ -1,0 +1,357 @@
+"""DICOM delivery: C-STORE through pynetdicom with a durable on-disk retry queue.
+
+Targets are written ``AET@host:port`` (IPv6 hosts in brackets: ``PACS@[::1]:104``).
+
+Queue layout (one folder per queued batch; a batch is visible only once complete)::
+
+    queue_dir/
+      .lock                        flock held by a running drain
+      <created_ns>-<rand>/         one queued batch
+        manifest.json              {"target", "calling_aet", "files", "attempts", "last_error", ...}
+        00001.dcm ...              copies of the files to send
+      dead/                        batches that exceeded ``max_attempts`` (kept, never deleted)
+
+Every write is a temporary file or folder followed by ``os.replace``, so a crash leaves either
+the old or the new state, never a half-written manifest or a half-copied batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALLING_AET = "RECON_PLUGIN"
+MANIFEST = "manifest.json"
+_WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # stored, with coercion / elements discarded
+_AET_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII without backslash
+
+
+class PacsTargetError(ValueError):
+    """A target string is not ``AET@host:port``; the message says what is wrong."""
+
+
+class PacsError(RuntimeError):
+    """The remote AE could not be reached or refused the association."""
+
+
+@dataclass(frozen=True)
+class PacsTarget:
+    aet: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.aet}@{host}:{self.port}"
+
+
+def _check_aet(aet: str, what: str) -> str:
+    if not _AET_RE.fullmatch(aet) or not aet.strip():
+        raise PacsTargetError(
+            f"{what} {aet!r} must be 1-16 printable ASCII characters without backslash")
+    return aet
+
+
+def parse_target(text: str) -> PacsTarget:
+    """Parse ``AET@host:port``; raise :class:`PacsTargetError` with a precise message."""
+    if not isinstance(text, str):
+        raise PacsTargetError(f"PACS target must be a string 'AET@host:port', got {text!r}")
+    s = text.strip()
+    if "@" not in s:
+        raise PacsTargetError(f"PACS target {text!r}: missing '@' (expected AET@host:port, "
+                              "e.g. ORTHANC@127.0.0.1:4242)")
+    aet, _, hostport = s.rpartition("@")
+    _check_aet(aet, f"PACS target {text!r}: called AE title")
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s/@]+):(\d+)", hostport)
+    if not m:
+        raise PacsTargetError(f"PACS target {text!r}: expected host:port after '@' "
+                              f"(IPv6 as [addr]:port), got {hostport!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise PacsTargetError(f"PACS target {text!r}: port {port} not in 1..65535")
+    return PacsTarget(aet, host, port)
+
+
+@dataclass
+class SendResult:
+    """Outcome of one :func:`send_files` call."""
+
+    sent: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)  # path -> reason
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def send_files(
+    paths: Iterable[Path | str],
+    target: str | PacsTarget,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    *,
+    timeout: float = 30.0,
+) -> SendResult:
+    """C-STORE ``paths`` to ``target`` over one association.
+
+    A file counts as sent when the SCP answers status 0x0000 (or a storage warning 0xB000 /
+    0xB006 / 0xB007, logged). Unreadable files and failure statuses are reported per file in
+    ``SendResult.failed``. Raises :class:`PacsError` when no association can be established.
+    """
+    from pydicom import dcmread
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    tgt = target if isinstance(target, PacsTarget) else parse_target(target)
+    _check_aet(calling_aet, "calling AE title")
+    result = SendResult()
+    files: list[tuple[Path, str]] = []
+    contexts: dict[str, list[str]] = {}
+    for p in map(Path, paths):
+        try:
+            meta = read_file_meta_info(p)
+            sop, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a per-file failure
+            result.failed[p] = f"unreadable DICOM file: {exc}"
+            continue
+        files.append((p, sop))
+        syntaxes = contexts.setdefault(sop, [])
+        for t in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if t not in syntaxes:
+                syntaxes.append(t)
+    if not files:
+        return result
+    if len(contexts) > 128:
+        raise PacsError(f"{len(contexts)} SOP classes exceed one association's 128 contexts")
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for sop, syntaxes in contexts.items():
+        ae.add_requested_context(sop, syntaxes)
+    assoc = ae.associate(tgt.host, tgt.port, ae_title=tgt.aet)
+    if not assoc.is_established:
+        why = ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted
+               else "could not connect")
+        raise PacsError(f"association with {tgt} {why}")
+    try:
+        for p, _sop in files:
+            if not assoc.is_established:
+                result.failed[p] = "association lost"
+                continue
+            try:
+                ds = dcmread(p)
+                status = assoc.send_c_store(ds)
+            except Exception as exc:  # noqa: BLE001 - report and continue with the next file
+                result.failed[p] = f"C-STORE failed: {exc}"
+                continue
+            code = getattr(status, "Status", None)
+            if code == 0x0000:
+                result.sent.append(p)
+            elif code in _WARNING_STATUSES:
+                log.warning("%s stored %s with warning status 0x%04X", tgt, p.name, code)
+                result.sent.append(p)
+            elif code is None:
+                result.failed[p] = "no C-STORE response (timeout or abort)"
+            else:
+                result.failed[p] = f"C-STORE status 0x{code:04X}"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    log.info("sent %d/%d files to %s", len(result.sent), len(result.sent) + len(result.failed),
+             tgt)
+    return result
+
+
+# --------------------------------------------------------------------------- durable queue
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (3.10)
+
+
+def enqueue(
+    paths: Iterable[Path | str],
+    target: str | PacsTarget,
+    queue_dir: Path | str,
+    calling_aet: str = DEFAULT_CALLING_AET,
+) -> Path:
+    """Copy ``paths`` into a new queue batch for ``target``; return the batch folder."""
+    tgt = target if isinstance(target, PacsTarget) else parse_target(target)
+    _check_aet(calling_aet, "calling AE title")
+    qdir = Path(queue_dir)
+    qdir.mkdir(parents=True, exist_ok=True)
+    item_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=qdir))
+    try:
+        names, origin = [], []
+        for i, p in enumerate(map(Path, paths), start=1):
+            name = f"{i:05d}.dcm"
+            with open(p, "rb") as src, open(tmp / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            names.append(name)
+            origin.append(str(p))
+        manifest = {
+            "version": 1, "id": item_id, "target": str(tgt), "calling_aet": calling_aet,
+            "files": names, "origin": origin, "created": _now(), "attempts": 0,
+            "last_attempt": None, "last_error": None,
+        }
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        final = qdir / item_id
+        os.replace(tmp, final)
+        _fsync_dir(qdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("queued %d files for %s in %s", len(names), tgt, final)
+    return final
+
+
+def queued_items(queue_dir: Path | str) -> list[dict]:
+    """Manifests of queued batches, oldest first (each with an added ``path`` key)."""
+    qdir = Path(queue_dir)
+    if not qdir.is_dir():
+        return []
+    items = []
+    for d in sorted(p for p in qdir.iterdir() if p.is_dir() and p.name[0].isdigit()):
+        try:
+            m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.error("queue item %s has an unreadable manifest: %s", d, exc)
+            continue
+        m["path"] = str(d)
+        items.append(m)
+    return items
+
+
+@contextlib.contextmanager
+def _queue_lock(qdir: Path) -> Iterator[bool]:
+    qdir.mkdir(parents=True, exist_ok=True)
+    with open(qdir / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def drain(
+    queue_dir: Path | str,
+    *,
+    timeout: float = 30.0,
+    max_attempts: int | None = None,
+) -> tuple[int, int]:
+    """Try to send every queued batch; return ``(files sent, files still failing)``.
+
+    Sent files leave the queue; a batch folder disappears when all its files are delivered.
+    A target that refuses the association is not retried again within this call. Batches that
+    reach ``max_attempts`` failed attempts move to ``queue_dir/dead``. If another process is
+    draining the same queue, returns ``(0, 0)`` at once.
+    """
+    qdir = Path(queue_dir)
+    sent_total = failed_total = 0
+    with _queue_lock(qdir) as locked:
+        if not locked:
+            log.info("queue %s is being drained by another process", qdir)
+            return 0, 0
+        down: dict[str, str] = {}
+        for item in queued_items(qdir):
+            d = Path(item.pop("path"))
+            files = [d / n for n in item.get("files", [])]
+            target = item.get("target", "")
+            try:
+                if target in down:
+                    raise PacsError(down[target])
+                res = send_files(files, target, item.get("calling_aet", DEFAULT_CALLING_AET),
+                                 timeout=timeout)
+                error = "; ".join(f"{p.name}: {r}" for p, r in res.failed.items()) or None
+            except (PacsError, PacsTargetError, OSError) as exc:
+                down[target] = str(exc)
+                res, error = SendResult(failed={p: str(exc) for p in files}), str(exc)
+            for p in res.sent:
+                p.unlink(missing_ok=True)
+            sent_total += len(res.sent)
+            failed_total += len(res.failed)
+            remaining = [p.name for p in files if p in res.failed]
+            if not remaining:
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            item.update(files=remaining, attempts=int(item.get("attempts", 0)) + 1,
+                        last_attempt=_now(), last_error=error)
+            _write_json_atomic(d / MANIFEST, item)
+            if max_attempts is not None and item["attempts"] >= max_attempts:
+                dead = qdir / "dead"
+                dead.mkdir(exist_ok=True)
+                os.replace(d, dead / d.name)
+                log.error("queue item %s gave up after %d attempts: %s", d.name,
+                          item["attempts"], error)
+    if sent_total or failed_total:
+        log.info("drained %s: %d sent, %d still queued", qdir, sent_total, failed_total)
+    return sent_total, failed_total
+
+
+def send_or_enqueue(
+    paths: Iterable[Path | str],
+    target: str | PacsTarget,
+    queue_dir: Path | str,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    *,
+    timeout: float = 30.0,
+) -> tuple[int, int]:
+    """Send now; whatever does not arrive is queued. Returns ``(sent, queued)`` file counts."""
+    tgt = target if isinstance(target, PacsTarget) else parse_target(target)
+    files = [Path(p) for p in paths]
+    try:
+        res = send_files(files, tgt, calling_aet, timeout=timeout)
+        pending = list(res.failed)
+        for p, why in res.failed.items():
+            log.warning("%s not stored on %s (%s); queued", p.name, tgt, why)
+    except PacsError as exc:
+        log.warning("%s; queueing %d files in %s", exc, len(files), queue_dir)
+        res, pending = SendResult(), files
+    if pending:
+        enqueue(pending, tgt, queue_dir, calling_aet)
+    return len(res.sent), len(pending)
