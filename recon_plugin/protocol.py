@@ -13,8 +13,9 @@ A protocol file (``protocols/<name>.yaml``) looks like::
       field_strength: [1.4, 3.1]         # tesla, inclusive range
       priority: 0                        # higher wins among matches
       catch_all: false                   # true: matches anything, used when nothing else does
-    model: {variant: unrolled-base, method: unrolled, params: {}}
-    espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: false}
+    model: {variant: unrolled-base, method: unrolled, lamda: null, fallback: zero-filled,
+            params: {}}                  # method: unrolled | cg-sense | l1-wavelet | zero-filled
+    espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: false, grid: 64}
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
@@ -118,7 +119,9 @@ class MatchRules:
 class ModelSpec:
     variant: str = "unrolled-base"
     method: str = "unrolled"
-    params: dict[str, Any] = field(default_factory=dict)
+    lamda: float | None = None  # classical regularisation; None = the method's tuned default
+    fallback: str = "zero-filled"  # when coil maps cannot be estimated: zero-filled | error
+    params: dict[str, Any] = field(default_factory=dict)  # free-form, for the reconstructor
 
 
 @dataclass
@@ -127,7 +130,8 @@ class EspiritSpec:
     kernel_width: int = 6
     thresh: float = 0.02
     crop: float = 0.95
-    fast: bool = False
+    fast: bool = False  # True: the fast rectangular-calibration path; False: SigPy reference
+    grid: int = 64  # coarse eigen-decomposition grid of the fast path
 
 
 @dataclass
@@ -173,9 +177,32 @@ class Protocol:
     source: Path | None = None
     chain: list[Path] = field(default_factory=list)  # files merged, base first
 
+    def series_number(self, index: int = 0) -> int:
+        """SeriesNumber of the ``index``-th output series: ``number_base + index + 1``."""
+        return self.series.number_base + int(index) + 1
+
     def dicom_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``dicom.write_series`` (unset options left to its defaults)."""
         return {k: v for k, v in asdict(self.dicom).items() if v is not None}
+
+    def recon_settings(self):
+        """The :class:`recon_plugin.pipeline.ReconSettings` this protocol asks for."""
+        from .coils import EspiritParams
+        from .pipeline import ReconSettings
+
+        e = self.espirit
+        return ReconSettings(
+            method=self.model.method,
+            model=self.model.variant,
+            espirit=EspiritParams(calib_width=e.calib_width, kernel_width=e.kernel_width,
+                                  thresh=e.thresh, crop=e.crop, grid=e.grid,
+                                  method="fast" if e.fast else "sigpy"),
+            coil_compression=self.coil_compression,
+            lamda=self.model.lamda,
+            fallback=self.model.fallback,
+            adaptive=self.adaptive,
+            protocol_name=self.name,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (e.g. for logging or a run manifest)."""
@@ -299,6 +326,8 @@ SCHEMA: dict[str, Any] = {
     "model": {
         "variant": (_str(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")), False),
         "method": (_str(choices=METHODS), False),
+        "lamda": (_num(0.0, lo_open=True), True),
+        "fallback": (_str(choices=("zero-filled", "error")), False),
         "params": (_mapping, False),
     },
     "espirit": {
@@ -307,6 +336,7 @@ SCHEMA: dict[str, Any] = {
         "thresh": (_num(0.0, 1.0, lo_open=True), False),
         "crop": (_num(0.0, 1.0), False),
         "fast": (_bool, False),
+        "grid": (_num(8, 512, integer=True), False),
     },
     "coil_compression": (_num(1, 1024, integer=True), True),
     "partial_fourier": (_str(choices=PARTIAL_FOURIER), False),
@@ -371,6 +401,11 @@ def validate(data: Any, source: str = "<protocol>") -> dict:
         for key in REQUIRED:
             if key not in data:
                 errors.append(f"{key}: required key missing")
+        esp = {**asdict(EspiritSpec()), **clean.get("espirit", {})}
+        if None not in (esp["kernel_width"], esp["calib_width"]) and \
+                esp["kernel_width"] >= esp["calib_width"]:
+            errors.append(f"espirit.kernel_width: {esp['kernel_width']} must be smaller than "
+                          f"espirit.calib_width ({esp['calib_width']})")
         rules = clean.get("match", {})
         given = [k for k in ("protocol_name", "contrast", "sequence_type", "acceleration",
                              "field_strength") if rules.get(k) is not None]
@@ -480,6 +515,10 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
             raise ProtocolError(f"{path}: extends: file {base_ref!r} not found")
     else:
         base_path = _find(base_ref, dirs, exclude=chain)
+        looped = _find(base_ref, dirs)
+        if base_path is None and looped is not None:
+            cycle = " -> ".join(p.stem for p in [*chain, looped])
+            raise ProtocolError(f"{path}: extends: cycle {cycle}")
         if base_path is None:
             raise ProtocolError(f"{path}: extends: no protocol named {base_ref!r} in "
                                 f"{', '.join(map(str, dirs)) or 'the search path'}")

@@ -1,0 +1,261 @@
+"""Protocol YAML: shipped files, schema errors that name file and key, matching, site overlays."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from recon_plugin import protocol as P
+from recon_plugin.scan import ScanHeader, SequenceInfo
+
+SHIPPED = {"brain_t2_axial_4x", "brain_flair_8x", "stroke_fast", "default"}
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(P.ENV_VAR, raising=False)
+
+
+def header(name: str = "", accel: float | None = 4.0, contrast: str = "",
+           field: float | None = 3.0) -> ScanHeader:
+    return ScanHeader(
+        encoded_matrix=(64, 64, 1), encoded_fov_mm=(220, 220, 5), recon_matrix=(64, 64, 1),
+        recon_fov_mm=(220, 220, 5), num_coils=8, protocol_name=name, contrast_name=contrast,
+        acceleration=accel, sequence=SequenceInfo(field_strength_t=field),
+    )
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+MINIMAL = """\
+name: {name}
+model: {{variant: unrolled-base, method: unrolled}}
+"""
+
+
+# --------------------------------------------------------------------------- shipped files
+
+
+def test_shipped_protocols_load_and_validate():
+    names = set(P.list_protocols())
+    assert SHIPPED <= names
+    protos = {p.name: p for p in P.load_all()}
+    assert protos["default"].match.catch_all
+    assert protos["stroke_fast"].espirit.fast and protos["stroke_fast"].model.variant \
+        == "unrolled-spade-0.5"
+    assert protos["brain_flair_8x"].partial_fourier == "homodyne"
+    for p in protos.values():
+        assert p.source is not None and p.source.name == f"{p.name}.yaml"
+        assert p.model.method in P.METHODS
+
+
+def test_protocol_dirs_include_checkout_and_install_locations(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv(P.ENV_VAR, str(tmp_path))
+    dirs = P.protocol_dirs()
+    assert dirs[0] == tmp_path.resolve()
+    assert Path(__file__).resolve().parents[1] / "protocols" in dirs
+    share = Path(sys.prefix) / "share" / "recon-plugin" / "protocols"
+    assert share.is_dir() == (share.resolve() in dirs)
+
+
+# --------------------------------------------------------------------------- schema errors
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("espirt: {calib_width: 24}\n", "espirt: unknown key (did you mean 'espirit'?)"),
+        ("espirit: {thresh: abc}\n", "espirit.thresh: expected a number"),
+        ("espirit: {thresh: 1.5}\n", "espirit.thresh: 1.5 out of range"),
+        ("espirit: {calib_width: 6, kernel_width: 6}\n", "espirit.kernel_width: 6 must be"),
+        ("espirit: {fast: 'yes'}\n", "espirit.fast: expected true or false"),
+        ("coil_compression: 0\n", "coil_compression: 0 out of range"),
+        ("partial_fourier: half\n", "partial_fourier: 'half' is not one of zero-fill, homodyne"),
+        ("match: {protocol_name: 't2(['}\n", "match.protocol_name: invalid regular expression"),
+        ("match: {acceleration: [5, 3]}\n", "match.acceleration: need 0 <= min <= max"),
+        ("match: {catch_all: true, contrast: t2}\n", "match.catch_all: cannot be combined"),
+        ("pacs: {targets: ['PACS-host:104']}\n", "pacs.targets[0]: PACS target"),
+        ("pacs: {calling_aet: 'THIS_AE_TITLE_IS_TOO_LONG'}\n", "pacs.calling_aet"),
+        ("dicom: {max_value: 70000}\n", "dicom.max_value: 70000 out of range"),
+        ("dicom: {uid_root: 'abc'}\n", "dicom.uid_root: expected a UID root"),
+        ("series: null\n", "series: section must be a mapping"),
+        ("adaptive: [1, 2]\n", "adaptive: expected a mapping"),
+    ],
+)
+def test_schema_errors_name_file_and_key(tmp_path, body, expected):
+    path = write(tmp_path, "bad", MINIMAL.format(name="bad") + body)
+    with pytest.raises(P.ProtocolError) as err:
+        P.load_protocol(path)
+    msg = str(err.value)
+    assert str(path) in msg and expected in msg, msg
+
+
+def test_model_method_choice_and_required_keys(tmp_path):
+    path = write(tmp_path, "m", "name: m\nmodel: {method: magic}\n")
+    with pytest.raises(P.ProtocolError, match=r"model\.method: 'magic' is not one of"):
+        P.load_protocol(path)
+    path = write(tmp_path, "r", "name: r\ndescription: no model\n")
+    with pytest.raises(P.ProtocolError, match="model: required key missing"):
+        P.load_protocol(path)
+
+
+def test_all_errors_reported_together(tmp_path):
+    path = write(tmp_path, "many", MINIMAL.format(name="many")
+                 + "espirit: {thresh: x, crop: 2}\ncoil_compresion: 4\n")
+    with pytest.raises(P.ProtocolError) as err:
+        P.load_protocol(path)
+    msg = str(err.value)
+    for part in ("espirit.thresh", "espirit.crop", "coil_compresion: unknown key"):
+        assert part in msg
+
+
+def test_yaml_syntax_and_duplicate_keys(tmp_path):
+    path = write(tmp_path, "syntax", "name: syntax\nmodel: [unclosed\n")
+    with pytest.raises(P.ProtocolError, match=r"syntax\.yaml: YAML error: line \d+"):
+        P.load_protocol(path)
+    path = write(tmp_path, "dup", MINIMAL.format(name="dup") + "coil_compression: 4\n"
+                 "coil_compression: 8\n")
+    with pytest.raises(P.ProtocolError, match="duplicate key 'coil_compression'"):
+        P.load_protocol(path)
+
+
+def test_name_must_equal_file_name(tmp_path):
+    path = write(tmp_path, "file_name", MINIMAL.format(name="other_name"))
+    with pytest.raises(P.ProtocolError, match="name: 'other_name' must equal the file name"):
+        P.load_protocol(path)
+
+
+def test_unknown_protocol_name_lists_known():
+    with pytest.raises(P.ProtocolError, match="not found.*known: .*brain_t2_axial_4x"):
+        P.load_protocol("no_such_protocol")
+
+
+# --------------------------------------------------------------------------- matching
+
+
+@pytest.mark.parametrize(
+    ("name", "accel", "expected"),
+    [
+        ("AXT2", 4.0, "brain_t2_axial_4x"),
+        ("t2_tse_tra", 3.5, "brain_t2_axial_4x"),
+        ("T2 AX", 4.0, "brain_t2_axial_4x"),
+        ("t2_flair_tra", 8.0, "brain_flair_8x"),
+        ("AXFLAIR", 8.0, "brain_flair_8x"),
+        ("stroke_t2_tra", 4.0, "stroke_fast"),  # priority beats the T2 protocol
+        ("AXT2", 8.0, "default"),  # acceleration out of the T2 range
+        ("knee_pd_cor", 4.0, "default"),
+        ("AXT2", None, "default"),  # no acceleration in the header: range rules fail
+    ],
+)
+def test_match_shipped(name, accel, expected):
+    assert P.match_protocol(header(name, accel), P.load_all()).name == expected
+
+
+def test_no_match_without_catch_all_lists_candidates():
+    protos = [p for p in P.load_all() if p.name != "default"]
+    with pytest.raises(P.ProtocolMatchError) as err:
+        P.match_protocol(header("knee_pd_cor", 4.0), protos)
+    msg = str(err.value)
+    assert "knee_pd_cor" in msg
+    for p in protos:
+        assert f"{p.name}: protocol_name 'knee_pd_cor' does not match" in msg
+
+
+def test_match_rules_contrast_field_and_specificity(tmp_path):
+    write(tmp_path, "generic", MINIMAL.format(name="generic") + "match: {protocol_name: t1}\n")
+    write(tmp_path, "t1_3t", MINIMAL.format(name="t1_3t")
+          + "match: {protocol_name: t1, contrast: '^t1', field_strength: [2.5, 3.5]}\n")
+    write(tmp_path, "name_only", MINIMAL.format(name="name_only"))
+    protos = [P.load_protocol(tmp_path / f"{n}.yaml") for n in ("generic", "t1_3t", "name_only")]
+    assert P.match_protocol(header("t1_se", contrast="T1w", field=3.0), protos).name == "t1_3t"
+    assert P.match_protocol(header("t1_se", contrast="T1w", field=1.5), protos).name == "generic"
+    with pytest.raises(P.ProtocolMatchError, match="name_only: no match rules"):
+        P.match_protocol(header("pd"), protos)
+
+
+def test_select_protocol_explicit_override():
+    p = P.select_protocol(header("AXT2", 4.0), "stroke_fast")
+    assert p.name == "stroke_fast"
+    assert P.select_protocol(header("AXT2", 4.0)).name == "brain_t2_axial_4x"
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def test_site_overlay_shadows_and_extends_base(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    write(site, "brain_t2_axial_4x", """\
+        name: brain_t2_axial_4x
+        extends: brain_t2_axial_4x
+        description: site-adapted T2
+        model: {variant: unrolled-base-site-a1}
+        espirit: {thresh: 0.01}
+        coil_compression: null
+        adaptive: {policy: difficulty, variants: [unrolled-spade-0.5, unrolled-base]}
+        """)
+    monkeypatch.setenv(P.ENV_VAR, str(site))
+    p = P.load_protocol("brain_t2_axial_4x")
+    assert p.source == (site / "brain_t2_axial_4x.yaml").resolve()
+    assert [c.parent for c in p.chain] == [Path(__file__).resolve().parents[1] / "protocols",
+                                           site.resolve()]
+    assert p.model.variant == "unrolled-base-site-a1" and p.model.method == "unrolled"
+    assert p.espirit.thresh == 0.01 and p.espirit.calib_width == 24  # merged, not replaced
+    assert p.coil_compression is None
+    assert p.match.protocol_name and p.match.acceleration == (3.0, 5.0)  # inherited rules
+    assert p.adaptive["policy"] == "difficulty"
+    assert p.dicom.body_part == "BRAIN"
+    assert list_names_once(P.list_protocols())
+
+
+def list_names_once(names: list[str]) -> bool:
+    return len(names) == len(set(names))
+
+
+def test_overlay_by_relative_path_and_validation_of_merge(tmp_path):
+    base = write(tmp_path / "base", "base_proto", MINIMAL.format(name="base_proto")
+                 + "espirit: {calib_width: 12}\n")
+    assert base.is_file()
+    over = write(tmp_path / "site", "over", """\
+        name: over
+        extends: ../base/base_proto.yaml
+        espirit: {kernel_width: 14}
+        """)
+    with pytest.raises(P.ProtocolError, match=r"(?s)over\.yaml.*espirit\.kernel_width: 14 must be"):
+        P.load_protocol(over)
+    write(tmp_path / "site", "over", "name: over\nextends: ../base/base_proto.yaml\n"
+          "series: {description: SITE}\n")
+    p = P.load_protocol(over)
+    assert p.series.description == "SITE" and p.espirit.calib_width == 12
+    assert p.series_number(1) == p.series.number_base + 2
+
+
+def test_overlay_cycle_and_missing_base(tmp_path):
+    write(tmp_path, "a", "name: a\nextends: b\nmodel: {method: unrolled}\n")
+    write(tmp_path, "b", "name: b\nextends: a\n")
+    with pytest.raises(P.ProtocolError, match="extends: cycle a -> b -> a"):
+        P.load_protocol("a", search_path=[tmp_path])
+    write(tmp_path, "c", "name: c\nextends: nowhere\n")
+    with pytest.raises(P.ProtocolError, match=r"c\.yaml: extends: no protocol named 'nowhere'"):
+        P.load_protocol("c", search_path=[tmp_path])
+
+
+def test_dicom_kwargs_and_recon_settings():
+    p = P.load_protocol("stroke_fast")
+    kw = p.dicom_kwargs()
+    assert kw["body_part"] == "BRAIN" and "uid_root" not in kw
+    from recon_plugin.dicom import DicomOptions
+
+    DicomOptions(**kw)  # the field names line up
+    pytest.importorskip("torch")
+    s = p.recon_settings()
+    assert s.model == "unrolled-spade-0.5" and s.espirit.method == "fast"
+    assert s.coil_compression == 6 and s.protocol_name == "stroke_fast"
