@@ -161,7 +161,7 @@ class Reconstructor:
                 self.reconstruct_slice(sl, scan.header, settings, whitener, timings))
         prov = self.provenance(settings)
         out = []
-        for i, (contrast, images) in enumerate(sorted(groups.items())):
+        for i, (_contrast, images) in enumerate(sorted(groups.items())):
             images.sort(key=lambda im: (im.repetition, im.phase, im.slice_index))
             out.append(ReconSeries(images, scan.header, prov, series_number=i + 1,
                                    timings_s=dict(timings)))
@@ -204,16 +204,45 @@ def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np
     return center_crop(np.abs(ifft2c(k)) * scale, (ry, rx)).astype(np.float32)
 
 
-def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
+def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...],
+                  dicom_options: dict | None = None) -> list[Path]:
     """Write every series in the requested formats ("dicom", "h5"); returns written paths."""
-    from .dicom import write_series
-
+    unknown = set(formats) - {"dicom", "h5"}
+    if unknown:
+        raise ValueError(f"unknown output format(s) {sorted(unknown)}; use dicom and/or h5")
     paths: list[Path] = []
-    for s in series:
-        if "dicom" in formats:
-            paths += write_series(s, out_dir)
-    if "h5" in formats:
-        from .io.writers import write_reconstruction_h5
+    if "dicom" in formats:
+        from .dicom import write_series
 
-        paths.append(write_reconstruction_h5(series, out_dir))
+        for s in series:
+            paths += write_series(s, Path(out_dir) / f"series_{s.series_number:04d}",
+                                  **(dicom_options or {}))
+    if "h5" in formats:
+        paths += [write_reconstruction_h5(s, Path(out_dir)) for s in series]
     return paths
+
+
+def write_reconstruction_h5(series: ReconSeries, out_dir: Path) -> Path:
+    """fastMRI-style ``reconstruction`` (slices, rows, cols) float32 file, written atomically."""
+    import os
+    import tempfile
+
+    import h5py
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"series_{series.series_number:04d}.h5"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp.", suffix=".h5")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("reconstruction", data=np.stack([im.pixels for im in series.images]))
+            f.attrs["protocol"] = series.provenance.protocol
+            f.attrs["method"] = series.provenance.method
+            f.attrs["model"] = series.provenance.model_name
+            f.attrs["model_sha256"] = series.provenance.model_hash
+            f.attrs["ismrmrd_header"] = series.header.xml
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final

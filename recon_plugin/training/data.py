@@ -19,7 +19,12 @@ import torch
 from ..anatomy import CONTRASTS, Anatomy, load_anatomy, split_slabs
 from ..physics import cartesian_mask, fft2c, ifft2c
 from ..sim import (
-    ORIENTATIONS, add_noise, anatomy_centre_lps, coil_maps, noise_covariance, simulate_slice,
+    ORIENTATIONS,
+    add_noise,
+    anatomy_centre_lps,
+    coil_maps,
+    noise_covariance,
+    simulate_slice,
 )
 
 # fastMRI defaults: centre fraction per acceleration

@@ -1,0 +1,194 @@
+"""Benchmarks (scripts, not tests): quality and speed tables written to ``docs/``.
+
+Quality: held-out test slab of the anatomy (never seen in training or validation), 4x and 8x
+fastMRI equispaced masks, ESPIRiT (fast path) maps from the ACS lines for every method; the
+classical methods' regularisation is tuned on the validation slab first. Metrics per volume
+(data_range = volume max), averaged over volumes; times per slice measured in the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .classical import cg_sense, l1_wavelet, zero_filled
+from .coils import EspiritParams, estimate_maps
+from .metrics import all_metrics
+from .physics import acs_bounds, cartesian_mask
+
+log = logging.getLogger(__name__)
+
+CENTER_FRACTION = {4: 0.08, 8: 0.04}
+CONTRASTS = ("T1", "T2", "PD", "FLAIR")
+
+
+@dataclass
+class BenchSlice:
+    kspace: np.ndarray  # (coils, ky, kx) undersampled
+    mask: np.ndarray  # (ky, kx)
+    acs: tuple[int, int]
+    target: np.ndarray  # (ky, kx)
+    maps: np.ndarray | None = None
+
+
+def make_volumes(split: str, acc: int, n_slices: int, seed: int, coils: int = 12,
+                 matrix=(192, 160)) -> list[list[BenchSlice]]:
+    """One volume per contrast of ``split``: undersampled slices with ESPIRiT maps."""
+    from .sim import simulate_volume
+
+    vols = []
+    for i, contrast in enumerate(CONTRASTS):
+        vol = simulate_volume(split, contrast, n_slices, coils, matrix, snr=30.0, seed=seed + i)
+        rng = np.random.default_rng(seed + 100 + i)
+        out = []
+        for s in vol.slices:
+            m1, _ = cartesian_mask(matrix[0], acc, CENTER_FRACTION[acc], "equispaced", rng)
+            acs = acs_bounds(matrix[0], int(round(matrix[0] * CENTER_FRACTION[acc])))
+            mask = np.broadcast_to(m1[:, None], matrix).astype(np.float32)
+            ksp = (s.kspace * mask[None]).astype(np.complex64)
+            out.append(BenchSlice(ksp, mask, acs, s.target, estimate_maps(ksp, acs, EspiritParams())))
+        vols.append(out)
+    return vols
+
+
+def _network(model):
+    import torch
+
+    from .physics import SenseOperator
+
+    def run(s: BenchSlice) -> np.ndarray:
+        with torch.inference_mode():
+            op = SenseOperator(torch.from_numpy(s.maps)[None], torch.from_numpy(s.mask)[None])
+            return model(torch.from_numpy(s.kspace)[None], op)[0].abs().numpy()
+
+    return run
+
+
+def _evaluate(vols, fn) -> tuple[dict, float, list]:
+    per_vol, times, images = [], [], []
+    for vol in vols:
+        preds = []
+        for s in vol:
+            t0 = time.perf_counter()
+            preds.append(np.abs(fn(s)))
+            times.append(time.perf_counter() - t0)
+        gt = np.stack([s.target for s in vol])
+        pred = np.stack(preds)
+        per_vol.append(all_metrics(gt, pred))
+        images.append(pred)
+    mean = {k: float(np.mean([m[k] for m in per_vol])) for k in per_vol[0]}
+    return mean, float(np.median(times)), images
+
+
+def tune_lambda(method, vols, grid) -> float:
+    """The lambda of ``grid`` with the best mean PSNR on validation volumes."""
+    fn = cg_sense if method == "cg-sense" else l1_wavelet
+    best = max(grid, key=lambda lam: _evaluate(
+        vols, lambda s: fn(s.kspace, s.maps, s.mask, lam))[0]["psnr"])
+    log.info("%s: tuned lambda %g", method, best)
+    return best
+
+
+def quality(docs: Path, quick: bool = False, model_name: str = "unrolled-base") -> dict:
+    """Write the quality table + example PNG to ``docs``; returns the results."""
+    from .models.checkpoint import load_model, resolve_model
+
+    model, card = load_model(resolve_model(model_name))
+    n = 2 if quick else 4
+    results: dict = {}
+    examples = {}
+    for acc in (4, 8):
+        val = make_volumes("val", acc, 2, seed=500)
+        lam_cg = tune_lambda("cg-sense", val, [0.001, 0.01, 0.05])
+        lam_l1 = tune_lambda("l1-wavelet", val, [0.0005, 0.002, 0.008])
+        test = make_volumes("test", acc, n, seed=900)
+        methods = {
+            "zero-filled": lambda s: zero_filled(s.kspace),
+            f"CG-SENSE (lambda {lam_cg:g})": lambda s, lam=lam_cg: cg_sense(s.kspace, s.maps, s.mask, lam),
+            f"L1-wavelet (lambda {lam_l1:g})": (
+                lambda s, lam=lam_l1: l1_wavelet(s.kspace, s.maps, s.mask, lam)),
+            f"unrolled ({card.get('name', model_name)})": _network(model),
+        }
+        results[acc] = {}
+        imgs = {}
+        for name, fn in methods.items():
+            m, t, im = _evaluate(test, fn)
+            results[acc][name] = {**m, "seconds_per_slice": t}
+            imgs[name] = im[1][n // 2]  # T2 volume, middle slice
+            log.info("%dx %s: %s", acc, name, results[acc][name])
+        imgs["ground truth"] = test[1][n // 2].target
+        examples[acc] = imgs
+    docs.mkdir(parents=True, exist_ok=True)
+    _write_quality_md(docs / "BENCHMARKS.md", results, card, n, quick)
+    _plot_examples(docs / "quality_examples.png", examples)
+    return results
+
+
+def _write_quality_md(path: Path, results: dict, card: dict, n: int, quick: bool) -> None:
+    lines = [
+        "## Reconstruction quality (`recon-plugin bench quality`)",
+        "",
+        f"Held-out test slab (axial z in [112,130) of the template), {len(CONTRASTS)} volumes "
+        f"(T1, T2, PD, FLAIR) x {n} slices, 12 coils, 192x160, SNR 30, equispaced fastMRI masks "
+        "(4x: 8% centre, 8x: 4% centre), ESPIRiT (fast path) maps from the ACS for every method. "
+        "CG-SENSE / L1-wavelet lambda tuned on the validation slab. Metrics per volume with "
+        "data_range = volume max, averaged. Time: median seconds per slice of the method alone "
+        f"(maps excluded), this machine, same run. Model sha256 {card.get('sha256', '')[:12]}."
+        + (" QUICK RUN." if quick else ""),
+        "",
+        "| accel | method | PSNR (dB) | SSIM | NMSE | s / slice |",
+        "|---|---|---|---|---|---|",
+    ]
+    for acc, rows in results.items():
+        for name, r in rows.items():
+            lines.append(f"| {acc}x | {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                         f"{r['nmse']:.4f} | {r['seconds_per_slice']:.3f} |")
+    lines += ["", "Example slices: `docs/quality_examples.png`.", ""]
+    _replace_section(path, "## Reconstruction quality", "\n".join(lines))
+
+
+def _replace_section(path: Path, heading: str, text: str) -> None:
+    """Replace (or append) the section starting at ``heading`` in a markdown file."""
+    old = path.read_text() if path.is_file() else "# Benchmarks\n\nNumbers measured on this " \
+        "project's 2-core CPU machine; each section says the command that reproduces it.\n\n"
+    if heading in old:
+        start = old.index(heading)
+        nxt = old.find("\n## ", start + 1)
+        old = old[:start] + (old[nxt + 1 :] if nxt >= 0 else "")
+    path.write_text(old.rstrip() + "\n\n" + text.strip() + "\n")
+
+
+def _plot_examples(path: Path, examples: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accs = list(examples)
+    names = ["ground truth"] + [k for k in examples[accs[0]] if k != "ground truth"]
+    fig, ax = plt.subplots(2 * len(accs), len(names), figsize=(2.6 * len(names), 5.4 * len(accs)))
+    for i, acc in enumerate(accs):
+        gt = examples[acc]["ground truth"]
+        vmax = gt.max()
+        for j, name in enumerate(names):
+            img = examples[acc][name]
+            ax[2 * i, j].imshow(img, cmap="gray", vmin=0, vmax=vmax)
+            ax[2 * i, j].set_title(f"{acc}x {name}"[:28], fontsize=7)
+            ax[2 * i + 1, j].imshow(np.abs(img - gt), cmap="magma", vmin=0, vmax=0.2 * vmax)
+            ax[2 * i + 1, j].set_title("|error| (x5)", fontsize=7)
+    for a in ax.ravel():
+        a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def speed(docs: Path, quick: bool = False) -> dict:
+    """Per-stage timing table (see ``recon_plugin.speedbench``)."""
+    from .speedbench import run_speed
+
+    return run_speed(docs, quick)

@@ -1,0 +1,220 @@
+"""Command line: ``recon-plugin recon | simulate | demo | train | prune | bench | send | serve | adapt``.
+
+Exit status: 0 success; 1 at least one input failed (the others were still processed);
+2 usage or configuration error (bad arguments, unknown protocol, unreadable model).
+Heavy modules are imported inside each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("recon_plugin")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    f = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = set(f) - {"dicom", "h5"}
+    if bad or not f:
+        raise argparse.ArgumentTypeError(f"--format takes dicom and/or h5, got {text!r}")
+    return f
+
+
+def _matrix(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.lower().split("x"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"matrix must look like 192x160, got {text!r}") from e
+    return a, b
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_simulate(a) -> int:
+    from .io.writers import write_fastmri, write_ismrmrd
+    from .sim import simulate_volume
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(a.count):
+        vol = simulate_volume(a.split, a.contrast, a.slices, a.coils, a.matrix,
+                              orientation=a.orientation, snr=a.snr, seed=a.seed + i)
+        stem = f"sim_{a.split}_{a.contrast.lower()}_{a.orientation}_{a.acceleration:g}x_{a.seed + i}"
+        if a.format in ("fastmri", "both"):
+            written.append(write_fastmri(vol, out / f"{stem}_fastmri.h5",
+                                         acceleration=a.acceleration, seed=a.seed + i))
+        if a.format in ("ismrmrd", "both"):
+            written.append(write_ismrmrd(vol, out / f"{stem}_ismrmrd.h5",
+                                         acceleration=a.acceleration, seed=a.seed + i))
+    for w in written:
+        log.info("wrote %s", w)
+    print("\n".join(str(w) for w in written))
+    return EXIT_OK
+
+
+def _report(results) -> int:
+    ok = [r for r in results if r.ok]
+    bad = [r for r in results if not r.ok]
+    for r in results:
+        status = "skipped (done)" if r.skipped else ("ok" if r.ok else "FAILED")
+        extra = f"{len(r.outputs)} files, {r.seconds:.1f} s, protocol {r.protocol}" if r.ok else r.error
+        print(f"{status:15s} {r.input}: {extra}")
+    print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed")
+    return EXIT_OK if not bad else EXIT_FAILED
+
+
+def cmd_recon(a) -> int:
+    from .batch import run_batch
+
+    overrides = {"method": a.method, "model": a.model}
+    results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
+                        overrides, progress=not a.quiet)
+    code = _report(results)
+    if a.send:
+        code = max(code, _send_outputs(results, a.send, Path(a.out)))
+    return code
+
+
+def _send_outputs(results, target: str, out: Path) -> int:
+    from .pacs import send_or_enqueue
+
+    files = [Path(p) for r in results if r.ok and not r.skipped for p in r.outputs
+             if p.endswith(".dcm")]
+    res = send_or_enqueue(files, target, queue_dir=out / ".pacs-queue")
+    print(f"PACS {target}: {res}")
+    return EXIT_OK
+
+
+def cmd_send(a) -> int:
+    from .pacs import drain
+
+    sent, failed = drain(Path(a.queue))
+    print(f"sent {sent}, still queued {failed}")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
+def cmd_demo(a) -> int:
+    from .batch import run_batch
+    from .io.writers import write_ismrmrd
+    from .sim import simulate_volume
+
+    out = Path(a.out)
+    raw_dir = out / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    vol = simulate_volume("test", "T2", num_slices=a.slices, num_coils=12, matrix=(192, 160),
+                          snr=30.0, seed=a.seed)
+    raw = write_ismrmrd(vol, raw_dir / "demo_t2_axial_4x.h5", acceleration=4, seed=a.seed)
+    print(f"simulated raw scan: {raw}")
+    results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
+                        progress=not a.quiet)
+    return _report(results)
+
+
+def cmd_train(a) -> int:
+    from .training.supervised import train_base
+
+    model_kwargs = dict(num_cascades=a.cascades, chans=a.chans)
+    card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,
+                      Path(a.export) if a.export else None, a.time_budget)
+    if card:
+        print(f"exported {a.export}.safetensors (sha256 {card['sha256'][:12]}), "
+              f"val PSNR {card['metrics']['val_psnr_db']:.2f} dB")
+    return EXIT_OK
+
+
+def cmd_bench(a) -> int:
+    from . import bench
+
+    fn = {"quality": bench.quality, "speed": bench.speed}[a.what]
+    fn(Path(a.docs), quick=a.quick)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recon-plugin", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("recon", help="reconstruct raw files/folders to DICOM (and .h5)")
+    s.add_argument("inputs", nargs="+", help="fastMRI or ISMRMRD .h5 files, or folders of them")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
+    s.add_argument("--format", type=_formats, default=("dicom",), help="dicom,h5 (default dicom)")
+    s.add_argument("--method", choices=["unrolled", "zero-filled", "cg-sense", "l1-wavelet"],
+                   help="override the protocol's method")
+    s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
+    s.add_argument("--send", metavar="AET@host:port", help="C-STORE the DICOM to a PACS")
+    s.set_defaults(fn=cmd_recon)
+
+    s = sub.add_parser("simulate", help="simulate multi-coil raw files from brain anatomy")
+    s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=["fastmri", "ismrmrd", "both"], default="both")
+    s.add_argument("--split", choices=["train", "val", "test"], default="test")
+    s.add_argument("--contrast", choices=["T1", "T2", "PD", "FLAIR"], default="T2")
+    s.add_argument("--orientation", choices=["axial", "coronal", "sagittal"], default="axial")
+    s.add_argument("--slices", type=int, default=4)
+    s.add_argument("--coils", type=int, default=12)
+    s.add_argument("--matrix", type=_matrix, default=(192, 160), help="phase x readout")
+    s.add_argument("--acceleration", type=float, default=4.0)
+    s.add_argument("--snr", type=float, default=30.0)
+    s.add_argument("--count", type=int, default=1, help="number of files (seeds seed..)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_simulate)
+
+    s = sub.add_parser("demo", help="simulate a small scan and reconstruct it to DICOM")
+    s.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "recon-plugin-demo"))
+    s.add_argument("--slices", type=int, default=4)
+    s.add_argument("--protocol", default=None)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("train", help="train the base unrolled network on simulated data")
+    s.add_argument("--run-dir", required=True, help="checkpoints, log and loss curve (resumes)")
+    s.add_argument("--steps", type=int, default=3000)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--cascades", type=int, default=6)
+    s.add_argument("--chans", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--time-budget", type=float, default=None, help="seconds, then checkpoint")
+    s.add_argument("--export", help="write the best model here (path without suffix)")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
+    s.add_argument("what", choices=["quality", "speed"])
+    s.add_argument("--docs", default="docs")
+    s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("send", help="drain the durable PACS queue")
+    s.add_argument("--queue", required=True, help="queue folder (OUT/.pacs-queue)")
+    s.set_defaults(fn=cmd_send)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.fn(a)
+    except (ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
