@@ -145,9 +145,12 @@ def send_files(
         ae.add_requested_context(sop, syntaxes)
     assoc = ae.associate(tgt.host, tgt.port, ae_title=tgt.aet)
     if not assoc.is_established:
-        why = ("rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted
-               else "could not connect")
-        raise PacsError(f"association with {tgt} {why}")
+        if assoc.is_rejected:
+            why = (f"rejected by the remote AE (check the called AE title {tgt.aet!r} and "
+                   f"that the PACS accepts calling AE {calling_aet!r})")
+        else:
+            why = "could not be established (no DICOM service answering, or it aborted)"
+        raise PacsError(f"association with {tgt}: {why}")
     try:
         for p, _sop in files:
             if not assoc.is_established:

@@ -1,0 +1,257 @@
+"""PACS delivery against a real Orthanc on loopback, and the durable retry queue."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recon_plugin import dicom, pacs
+from recon_plugin.scan import Geometry, Identity, Provenance, ReconImage, ReconSeries, ScanHeader
+
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
+CALLING = "RECON_TEST"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OrthancServer:
+    """An Orthanc process with its own config and storage under ``root``."""
+
+    def __init__(self, root: Path, dicom_port: int | None = None):
+        self.root = root
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = free_port()
+        self.aet = "ORTHANC_TEST"
+        root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "recon-plugin-test",
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomCheckModalityHost": True,
+            "DicomModalities": {
+                "recon": {"AET": CALLING, "Host": "127.0.0.1", "Port": 104, "AllowStore": True,
+                          "AllowEcho": True, "AllowFind": False, "AllowMove": False},
+            },
+            "Plugins": [],
+            "HttpThreadsCount": 2,
+            "DicomThreadsCount": 1,
+            "ConcurrentJobs": 1,
+            "SaveJobs": False,
+        }
+        self.config = root / "orthanc.json"
+        self.config.write_text(json.dumps(config))
+        self.log = open(root / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.get("/system")
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log = (root / "orthanc.log").read_text(errors="replace")[-2000:]
+                    pytest.fail(f"Orthanc did not start:\n{log}")
+                time.sleep(0.1)
+
+    @property
+    def target(self) -> str:
+        return f"{self.aet}@127.0.0.1:{self.dicom_port}"
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def sop_uids(self) -> set[str]:
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in self.get("/instances?expand")}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if ORTHANC is None:
+        pytest.skip("Orthanc not installed (Debian package orthanc)")
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+def write_series(out: Path, nslices: int = 3, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    h = ScanHeader((32, 24, 1), (220.0, 165.0, 5.0), (32, 24, 1), (220.0, 165.0, 5.0), 4,
+                   protocol_name="t2_tse_tra", slice_thickness_mm=5.0, slice_spacing_mm=5.0,
+                   identity=Identity(patient_name="Test^Pacs", patient_id=f"P{seed}"))
+    images = [ReconImage(rng.random((24, 32)).astype(np.float32),
+                         Geometry.from_vectors([0, 0, 5.0 * k], [1, 0, 0], [0, 1, 0], [0, 0, 1]),
+                         slice_index=k) for k in range(nslices)]
+    series = ReconSeries(images, h, Provenance(model_name="m", protocol="p"), series_number=7)
+    return dicom.write_series(series, out, fsync=False)
+
+
+def uids(paths) -> set[str]:
+    import pydicom
+
+    return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
+
+
+# --------------------------------------------------------------------------- target parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ORTHANC@127.0.0.1:4242", pacs.PacsTarget("ORTHANC", "127.0.0.1", 4242)),
+        (" PACS@pacs.example.org:104 ", pacs.PacsTarget("PACS", "pacs.example.org", 104)),
+        ("MY AE@[::1]:11112", pacs.PacsTarget("MY AE", "::1", 11112)),
+    ],
+)
+def test_parse_target(text, expected):
+    t = pacs.parse_target(text)
+    assert t == expected
+    assert pacs.parse_target(str(t)) == t
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("127.0.0.1:4242", "missing '@'"),
+        ("PACS@host", "expected host:port"),
+        ("PACS@host:abc", "expected host:port"),
+        ("PACS@host:0", "port 0 not in 1..65535"),
+        ("PACS@host:70000", "port 70000 not in 1..65535"),
+        ("@host:104", "called AE title"),
+        ("AN_AE_TITLE_THAT_IS_LONG@host:104", "1-16 printable ASCII"),
+        ("BAD\\AE@host:104", "without backslash"),
+    ],
+)
+def test_parse_target_errors(text, message):
+    with pytest.raises(pacs.PacsTargetError, match="PACS target") as err:
+        pacs.parse_target(text)
+    assert message in str(err.value)
+
+
+# --------------------------------------------------------------------------- C-STORE
+
+
+def test_c_store_series_arrives_in_orthanc(orthanc, tmp_path):
+    paths = write_series(tmp_path / "dcm", nslices=3, seed=1)
+    before = len(orthanc.get("/instances"))
+    res = pacs.send_files(paths, orthanc.target, CALLING, timeout=10)
+    assert res.ok and sorted(res.sent) == sorted(paths)
+    assert len(orthanc.get("/instances")) == before + 3
+    assert uids(paths) <= orthanc.sop_uids()
+    series = orthanc.get("/series?expand")
+    assert any(s["MainDicomTags"].get("SeriesNumber") == "7" for s in series)
+
+
+def test_unreadable_file_fails_alone(orthanc, tmp_path):
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=2)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    res = pacs.send_files([junk, *paths], orthanc.target, CALLING, timeout=10)
+    assert res.sent == paths and list(res.failed) == [junk]
+    assert "unreadable" in res.failed[junk]
+
+
+def test_rejected_association_is_a_clear_error(orthanc, tmp_path):
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=3)
+    wrong = f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}"
+    with pytest.raises(pacs.PacsError, match="rejected by the remote AE"):
+        pacs.send_files(paths, wrong, CALLING, timeout=10)
+
+
+# --------------------------------------------------------------------------- durable queue
+
+
+def test_pacs_down_then_up_loses_nothing(tmp_path):
+    if ORTHANC is None:
+        pytest.skip("Orthanc not installed (Debian package orthanc)")
+    port = free_port()  # nothing listens here yet: the PACS is "down"
+    target = f"ORTHANC_TEST@127.0.0.1:{port}"
+    queue = tmp_path / "queue"
+    paths = write_series(tmp_path / "dcm", nslices=3, seed=4)
+    sent, queued = pacs.send_or_enqueue(paths, target, queue, CALLING, timeout=5)
+    assert (sent, queued) == (0, 3)
+    for p in paths:  # the queue holds copies: the output folder may be cleaned up
+        p.unlink()
+    items = pacs.queued_items(queue)
+    assert len(items) == 1 and items[0]["target"] == target and len(items[0]["files"]) == 3
+    assert pacs.drain(queue, timeout=5) == (0, 3)  # still down: kept, attempt counted
+    item = pacs.queued_items(queue)[0]
+    assert item["attempts"] == 1 and "could not be established" in item["last_error"]
+
+    server = OrthancServer(tmp_path / "orthanc", dicom_port=port)
+    try:
+        assert pacs.drain(queue, timeout=10) == (3, 0)
+        assert len(server.get("/instances")) == 3
+        assert pacs.queued_items(queue) == []
+        assert [p.name for p in queue.iterdir()] == [".lock"]
+        assert pacs.drain(queue, timeout=10) == (0, 0)  # nothing left, nothing re-sent
+    finally:
+        server.stop()
+
+
+def test_enqueue_is_atomic_and_manifest_complete(tmp_path):
+    paths = write_series(tmp_path / "dcm", nslices=2, seed=5)
+    item = pacs.enqueue(paths, "PACS@127.0.0.1:104", tmp_path / "q", CALLING)
+    manifest = json.loads((item / "manifest.json").read_text())
+    assert manifest["files"] == ["00001.dcm", "00002.dcm"]
+    assert manifest["origin"] == [str(p) for p in paths]
+    assert manifest["calling_aet"] == CALLING and manifest["attempts"] == 0
+    assert (item / "00001.dcm").read_bytes() == paths[0].read_bytes()
+    assert not [p for p in (tmp_path / "q").iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(pacs.PacsTargetError):
+        pacs.enqueue(paths, "not-a-target", tmp_path / "q")
+    assert len(pacs.queued_items(tmp_path / "q")) == 1
+
+
+def test_rejected_items_go_dead_after_max_attempts(orthanc, tmp_path):
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=6)
+    queue = tmp_path / "q"
+    pacs.enqueue(paths, f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}", queue, CALLING)
+    assert pacs.drain(queue, timeout=5, max_attempts=2) == (0, 1)
+    assert len(pacs.queued_items(queue)) == 1
+    assert pacs.drain(queue, timeout=5, max_attempts=2) == (0, 1)
+    assert pacs.queued_items(queue) == []
+    dead = list((queue / "dead").iterdir())
+    assert len(dead) == 1
+    assert json.loads((dead[0] / "manifest.json").read_text())["attempts"] == 2
+
+
+def test_concurrent_drain_is_skipped(tmp_path):
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=7)
+    queue = tmp_path / "q"
+    pacs.enqueue(paths, f"PACS@127.0.0.1:{free_port()}", queue, CALLING)
+    with pacs._queue_lock(queue) as locked:
+        assert locked
+        assert pacs.drain(queue, timeout=2) == (0, 0)
+    assert len(pacs.queued_items(queue)) == 1
