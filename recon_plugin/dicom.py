@@ -41,6 +41,7 @@ never reaches a path. Each file is written to a temporary name in ``out_dir`` an
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import os
@@ -258,8 +259,13 @@ def _scale_and_window(
     """Stored units per pixel unit (k) and the series window (center, width) in stored units."""
     if not 1 <= opts.max_value <= 65535:
         raise DicomWriteError(f"dicom max_value must be in 1..65535, got {opts.max_value}")
-    peak = max(float(np.nanmax(np.abs(im.pixels))) if im.pixels.size else 0.0 for im in images)
-    k = opts.max_value / peak if peak > 0 and np.isfinite(peak) else 1.0
+    peak = 0.0
+    for im in images:
+        mag = np.abs(im.pixels)
+        mag = mag[np.isfinite(mag)]
+        if mag.size:
+            peak = max(peak, float(mag.max()))
+    k = opts.max_value / peak if peak > 0 else 1.0
     if opts.window is not None:
         return k, (float(opts.window[0]), max(float(opts.window[1]), 1.0))
     sample = np.concatenate([np.abs(im.pixels[::2, ::2]).ravel() for im in images]) * k
@@ -309,6 +315,7 @@ def provenance_text(series: ReconSeries) -> str:
     words = [
         f"{'Deep-learning' if p.deep_learning else 'Non-DL'} reconstruction from raw k-space",
         f"method={p.method}",
+        f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
         f"model={p.model_name or '-'}",
         f"version={p.model_version or '-'}",
         f"sha256={p.model_hash or '-'}",
@@ -318,7 +325,7 @@ def provenance_text(series: ReconSeries) -> str:
         f"protocol={p.protocol or '-'}",
         f"software=recon_plugin {p.software_version or '-'}",
     ]
-    return _text("; ".join(words), 1024)
+    return _text("; ".join(w for w in words if w), 1024)
 
 
 def _image_type(series: ReconSeries) -> list[str]:
@@ -529,7 +536,7 @@ def write_series(
     uids = {"study": study, "frame": frame, "series": str(generate_uid(root))}
     k, (wc, ww) = _scale_and_window(images, opts)
     base = _base_dataset(series, opts, uids)
-    thickness = h.slice_thickness_mm or (h.encoded_fov_mm[2] if h.encoded_matrix[2] <= 1 else None)
+    thickness = h.slice_thickness_mm or h.encoded_fov_mm[2] / max(h.encoded_matrix[2], 1)
     between = _slice_spacing(h, geoms)
     normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
     comments = provenance_text(series)
@@ -540,8 +547,7 @@ def write_series(
     try:
         for instance, i in enumerate(_order(images, geoms), start=1):
             im, g = images[i], geoms[i]
-            ds = Dataset()
-            ds.update(base)
+            ds = copy.deepcopy(base)
             sop = generate_uid(root)
             ds.SOPInstanceUID = sop
             ds.InstanceNumber = instance

@@ -283,8 +283,15 @@ def _mapping(v, where, errors):
 
 
 def _window(v, where, errors):
-    r = _range(0.0)(v, where, errors) if v is not None else None
-    return r
+    """[center, width] in stored units; width > 0."""
+    if (not isinstance(v, list) or len(v) != 2
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
+        errors.append(f"{where}: expected [center, width] numbers, got {v!r}")
+        return None
+    if v[1] <= 0:
+        errors.append(f"{where}: width must be > 0, got {v[1]!r}")
+        return None
+    return (float(v[0]), float(v[1]))
 
 
 def _targets(v, where, errors):

@@ -212,6 +212,21 @@ def test_identity_timing_and_provenance(tmp_path):
         assert kw in ds, kw
 
 
+@pytest.mark.parametrize(("given", "written"), [("FFP", "FFP"), ("hfs", "HFS"), ("XYZ", "HFS")])
+def test_patient_position(tmp_path, given, written):
+    series = make_series(nslices=1)
+    series.header.identity.patient_position = given
+    assert dicom.read_series(dicom.write_series(series, tmp_path))[0].PatientPosition == written
+
+
+def test_explicit_window_and_max_value(tmp_path):
+    series = make_series(nslices=2)
+    dss = dicom.read_series(dicom.write_series(series, tmp_path, max_value=65535,
+                                               window=(30000.0, 50000.0)))
+    assert max(int(d.pixel_array.max()) for d in dss) == 65535
+    assert {(float(d.WindowCenter), float(d.WindowWidth)) for d in dss} == {(30000.0, 50000.0)}
+
+
 def test_empty_identity_keeps_type2_attributes(tmp_path):
     series = make_series(nslices=1, identity=Identity(), sequence=SequenceInfo())
     ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]

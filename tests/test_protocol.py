@@ -87,6 +87,7 @@ def test_protocol_dirs_include_checkout_and_install_locations(tmp_path, monkeypa
         ("pacs: {calling_aet: 'THIS_AE_TITLE_IS_TOO_LONG'}\n", "pacs.calling_aet"),
         ("dicom: {max_value: 70000}\n", "dicom.max_value: 70000 out of range"),
         ("dicom: {uid_root: 'abc'}\n", "dicom.uid_root: expected a UID root"),
+        ("dicom: {window: [2000, 0]}\n", "dicom.window: width must be > 0"),
         ("series: null\n", "series: section must be a mapping"),
         ("adaptive: [1, 2]\n", "adaptive: expected a mapping"),
     ],
