@@ -1,0 +1,431 @@
+"""LEAN graph pruning (longest chains of convolutions) of the CNN priors of an UnrolledNet.
+
+After Schoonhoven et al., "LEAN: graph-based pruning for convolutional neural networks by
+extracting longest chains". Each CNN becomes a DAG whose nodes are channels (the CNN's input
+channels, and the output channels of every conv / transpose conv) and whose edges are the
+single-channel convolutions ``kernel[o, i]``, weighted by their operator norm (the max modulus
+of the FFT of the kernel zero-padded to a mock image the size the layer sees; strided and
+transposed convs via their polyphase components) times the following BatchNorm's
+``|gamma| / sqrt(var + eps)``. ``torch.cat`` skips are wired in: input channel ``j`` of a decoder
+conv is an edge from either the up-sampled channel ``j`` or the skip channel ``j - n_up``
+(read from torch-pruning's traced ``DependencyGraph``, so the wiring follows the real forward).
+
+The highest-product input-to-output path (longest path in log weights, a max-plus dynamic
+programme over the layers in execution order) is extracted, its edges removed, and this is
+repeated until the kept hidden channels reach ``(1 - ratio)`` of the total. Channels no kept edge
+touches are then removed physically with ``DependencyGraph.get_pruning_group`` so every coupled
+layer (BN, next conv, concat consumer) stays consistent and the result is a smaller dense net.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn import functional as F
+
+from ..models.unrolled import UnrolledNet
+from .spade import CONV_TYPES, count_channels, output_layer
+
+log = logging.getLogger(__name__)
+
+INPUT = "<input>"  # name of the pseudo-layer holding the CNN's input channels
+
+
+# --------------------------------------------------------------------------- operator norms
+def operator_norm_fft(
+    kernel_2d: torch.Tensor, image_hw: tuple[int, int], stride: int = 1
+) -> torch.Tensor:
+    """Operator (spectral) norm of single-channel convolutions on an ``image_hw`` mock image.
+
+    kernel_2d: (..., kh, kw), any leading batch dims; returns (...) float64. Circular boundary:
+    for stride 1 the norm is ``max |FFT(kernel zero-padded to image_hw)|``. For stride s the
+    kernel splits into s*s polyphase components k_r[q] = k[s q + r], each acting on one
+    polyphase component of the image on the (H/s, W/s) grid, so the norm is
+    ``max_w sqrt(sum_r |K_r(w)|^2)``. A transpose conv with stride s is the adjoint of the
+    strided conv with the same kernel and has the same norm: pass its *output* size as
+    ``image_hw`` (= stride x its input size). H and W must be multiples of ``stride``.
+    """
+    s = int(stride)
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if h % s or w % s:
+        raise ValueError(f"image size {image_hw} is not a multiple of the stride {s}")
+    k = kernel_2d.detach().to(torch.float64)
+    kh, kw = k.shape[-2:]
+    ph, pw = -(-kh // s) * s, -(-kw // s) * s
+    if (ph // s) > h // s or (pw // s) > w // s:
+        raise ValueError(f"kernel {kh}x{kw} too large for image {image_hw} at stride {s}")
+    k = F.pad(k, (0, pw - kw, 0, ph - kh))
+    lead = k.shape[:-2]
+    n = len(lead)
+    # (..., ph/s, s, pw/s, s) -> (..., s, s, ph/s, pw/s): polyphase components
+    poly = k.reshape(*lead, ph // s, s, pw // s, s).permute(
+        *range(n), n + 1, n + 3, n, n + 2)
+    spec = torch.fft.rfft2(poly, s=(h // s, w // s))  # real kernel: half spectrum suffices
+    power = spec.real**2 + spec.imag**2
+    return power.sum(dim=(n, n + 1)).amax(dim=(-2, -1)).sqrt()
+
+
+def _circular_conv(x: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:
+    """Strided circular cross-correlation (1, 1, H, W) -> (1, 1, H/s, W/s)."""
+    kh, kw = k.shape
+    xp = F.pad(x, (0, kw - 1, 0, kh - 1), mode="circular")
+    return F.conv2d(xp, k[None, None], stride=stride)
+
+
+def _circular_conv_transpose(x: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:
+    """Circular transpose conv (1, 1, h, w) -> (1, 1, s h, s w): the tail is folded back."""
+    s = stride
+    h, w = x.shape[-2:]
+    y = F.conv_transpose2d(x, k[None, None], stride=s)
+    out = y[..., : s * h, : s * w].clone()
+    th, tw = y.shape[-2] - s * h, y.shape[-1] - s * w
+    if th > 0:
+        out[..., :th, :] += y[..., s * h :, : s * w]
+    if tw > 0:
+        out[..., :, :tw] += y[..., : s * h, s * w :]
+    if th > 0 and tw > 0:
+        out[..., :th, :tw] += y[..., s * h :, s * w :]
+    return out
+
+
+def operator_norm_power(
+    kernel_2d: torch.Tensor, image_hw: tuple[int, int], stride: int = 1,
+    transpose: bool = False, iters: int = 500, seed: int = 0,
+) -> float:
+    """Brute-force reference for :func:`operator_norm_fft`: power iteration on A^T A.
+
+    A is the explicit circular convolution of one (kh, kw) kernel, run with ``conv2d``
+    (``transpose=False``, input ``image_hw``) or ``conv_transpose2d`` (``transpose=True``,
+    output ``image_hw``); A^T is obtained by autograd (the backward of the same convolution).
+    """
+    k = kernel_2d.detach().to(torch.float64)
+    s = int(stride)
+    h, w = image_hw
+    if transpose:
+        shape = (1, 1, h // s, w // s)
+
+        def op(x: torch.Tensor) -> torch.Tensor:
+            return _circular_conv_transpose(x, k, s)
+    else:
+        shape = (1, 1, h, w)
+
+        def op(x: torch.Tensor) -> torch.Tensor:
+            return _circular_conv(x, k, s)
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64, generator=g)
+    for _ in range(iters):
+        x = (x / x.norm()).requires_grad_(True)
+        y = op(x)
+        (x,) = torch.autograd.grad(y, x, grad_outputs=y)  # A^T A x
+    x = x.detach() / x.norm()
+    return float(op(x).norm())
+
+
+def _layer_norms(conv: nn.Module, in_hw: tuple[int, int], chunk: int = 1 << 21) -> np.ndarray:
+    """Operator norms of all single-channel kernels of a conv, as an (in, out) array."""
+    wgt = conv.weight.detach()
+    s = conv.stride[0]
+    if conv.stride[0] != conv.stride[1] or conv.groups != 1:
+        raise NotImplementedError(f"LEAN needs square strides and groups=1, got {conv}")
+    if isinstance(conv, nn.ConvTranspose2d):
+        hw = (in_hw[0] * s, in_hw[1] * s)  # weight is (in, out, kh, kw) already
+    else:
+        hw = (in_hw[0] - in_hw[0] % s, in_hw[1] - in_hw[1] % s)
+        wgt = wgt.transpose(0, 1)  # (in, out, kh, kw)
+    hw = (max(hw[0], wgt.shape[-2] * s), max(hw[1], wgt.shape[-1] * s))
+    rows = max(1, chunk // max(1, wgt.shape[1] * hw[0] * hw[1]))
+    parts = [operator_norm_fft(wgt[i : i + rows], hw, s) for i in range(0, wgt.shape[0], rows)]
+    return torch.cat(parts).numpy()
+
+
+# --------------------------------------------------------------------------- channel graph
+@dataclass
+class Layer:
+    """One conv of the channel graph. ``sources`` are the (layer name, channels) segments whose
+    concatenation is this layer's input (``INPUT`` = the CNN input); ``logw`` is (in, out)."""
+
+    name: str
+    module: nn.Module
+    sources: list[tuple[str, int]]
+    in_hw: tuple[int, int]
+    bn: nn.BatchNorm2d | None
+    logw: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    sink: bool = False
+
+
+@dataclass
+class ChannelGraph:
+    """Layers in execution (topological) order plus the CNN's input channel count."""
+
+    layers: list[Layer]
+    in_chans: int
+    dg: tp.DependencyGraph
+
+    def layer(self, name: str) -> Layer:
+        return next(la for la in self.layers if la.name == name)
+
+
+def _resolve(node, names: dict[nn.Module, str], in_chans: int) -> list[tuple[str, int]]:
+    """Walk back from a DependencyGraph node to the producing convs, through 1-input
+    element-wise ops (BN, ReLU, pooling, padding, slicing) and concatenations."""
+    mod = node.module
+    if isinstance(mod, CONV_TYPES):
+        return [(names[mod], int(mod.out_channels))]
+    if node.type == tp.ops.OPTYPE.CONCAT:
+        return [seg for inp in node.inputs for seg in _resolve(inp, names, in_chans)]
+    if not node.inputs:
+        return [(INPUT, in_chans)]
+    if len(node.inputs) == 1:
+        return _resolve(node.inputs[0], names, in_chans)
+    raise NotImplementedError(f"LEAN: unsupported multi-input operation {node.name}")
+
+
+def _following_bn(node) -> nn.BatchNorm2d | None:
+    """The BatchNorm fed (through element-wise ops) by a conv node, if any."""
+    seen, stack = set(), list(node.outputs)
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, nn.BatchNorm2d):
+            return n.module
+        if isinstance(n.module, CONV_TYPES) or n.type == tp.ops.OPTYPE.CONCAT:
+            continue
+        stack.extend(n.outputs)
+    return None
+
+
+def build_channel_graph(
+    cnn: nn.Module, example_hw: tuple[int, int] = (64, 64)
+) -> ChannelGraph:
+    """Trace one real CNN on a (1, C, H, W) mock image and weight its channel graph."""
+    convs = {m: n for n, m in cnn.named_modules() if isinstance(m, CONV_TYPES)}
+    first = next(iter(convs))
+    in_chans = int(first.in_channels)
+    order: list[nn.Module] = []
+    in_hw: dict[nn.Module, tuple[int, int]] = {}
+
+    def hook(mod, inp, out):
+        order.append(mod)
+        in_hw[mod] = tuple(inp[0].shape[-2:])
+
+    was_training = cnn.training
+    cnn.eval()
+    handles = [m.register_forward_hook(hook) for m in convs]
+    p = next(cnn.parameters())
+    example = torch.randn(1, in_chans, *example_hw, dtype=p.dtype, device=p.device)
+    try:
+        dg = tp.DependencyGraph().build_dependency(cnn, example, verbose=False)
+    finally:
+        for h in handles:
+            h.remove()
+        cnn.train(was_training)
+    seen: list[nn.Module] = []
+    for m in order:  # tracing may run the forward more than once
+        if m not in seen:
+            seen.append(m)
+    layers: list[Layer] = []
+    consumed: set[str] = set()
+    for m in seen:
+        node = dg.module2node[m]
+        srcs = _resolve(node.inputs[0], convs, in_chans) if node.inputs else [(INPUT, in_chans)]
+        if sum(c for _, c in srcs) != m.in_channels:
+            raise NotImplementedError(
+                f"LEAN: input wiring of {convs[m]} ({srcs}) does not match its "
+                f"{m.in_channels} input channels")
+        consumed.update(n for n, _ in srcs)
+        bn = _following_bn(node)
+        norms = _layer_norms(m, in_hw[m])  # (in, out)
+        scale = np.ones(m.out_channels)
+        if bn is not None:
+            gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones(
+                bn.num_features)
+            var = bn.running_var if bn.running_var is not None else torch.ones(bn.num_features)
+            scale = (gamma / torch.sqrt(var + bn.eps)).numpy()
+        with np.errstate(divide="ignore"):
+            logw = np.log(norms * scale[None, :].astype(np.float64))
+        layers.append(Layer(convs[m], m, srcs, in_hw[m], bn, logw))
+    for la in layers:
+        la.sink = la.name not in consumed
+    return ChannelGraph(layers, in_chans, dg)
+
+
+# --------------------------------------------------------------------------- longest paths
+def _forward_dp(g: ChannelGraph, logw: dict[str, np.ndarray]):
+    """best[name][o] = max log-product of a path from the input to channel o; arg = argmax."""
+    best: dict[str, np.ndarray] = {INPUT: np.zeros(g.in_chans)}
+    arg: dict[str, np.ndarray] = {}
+    for la in g.layers:
+        v = np.concatenate([best[n] for n, _ in la.sources])
+        tot = v[:, None] + logw[la.name]
+        idx = tot.argmax(axis=0)
+        arg[la.name] = idx
+        best[la.name] = tot[idx, np.arange(tot.shape[1])]
+    return best, arg
+
+
+def _backward_dp(g: ChannelGraph, logw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """to_sink[name][c] = max log-product of a path from channel c to any output channel."""
+    to_sink: dict[str, np.ndarray] = {}
+    for la in g.layers:
+        to_sink[la.name] = np.zeros(la.module.out_channels) if la.sink else np.full(
+            la.module.out_channels, -np.inf)
+    to_sink[INPUT] = np.full(g.in_chans, -np.inf)
+    for la in reversed(g.layers):
+        through = (logw[la.name] + to_sink[la.name][None, :]).max(axis=1)  # (in,)
+        off = 0
+        for n, c in la.sources:
+            to_sink[n] = np.maximum(to_sink[n], through[off : off + c])
+            off += c
+    return to_sink
+
+
+def _extract_path(g: ChannelGraph, logw: dict[str, np.ndarray]):
+    """Highest-product input-to-output path: (log value, [(layer, in_idx, out_idx), ...])."""
+    best, arg = _forward_dp(g, logw)
+    sinks = [la for la in g.layers if la.sink]
+    val, la, o = max(((float(best[s.name].max()), s, int(best[s.name].argmax())) for s in sinks),
+                     key=lambda t: t[0])
+    if not math.isfinite(val):
+        return val, []
+    edges = []
+    while True:
+        i = int(arg[la.name][o])
+        edges.append((la.name, i, o))
+        off = 0
+        for n, c in la.sources:
+            if i < off + c:
+                src, o = n, i - off
+                break
+            off += c
+        if src == INPUT:
+            break
+        la = g.layer(src)
+    return val, edges
+
+
+def _layer_normalised(g: ChannelGraph) -> dict[str, np.ndarray]:
+    """Log weights with each layer's median edge subtracted (every layer's typical edge = 1)."""
+    out = {}
+    for la in g.layers:
+        fin = la.logw[np.isfinite(la.logw)]
+        out[la.name] = la.logw - (float(np.median(fin)) if fin.size else 0.0)
+    return out
+
+
+def lean_select(
+    g: ChannelGraph, ratio: float, max_paths: int = 20000, min_channels: int = 1,
+    layer_norm: bool = False,
+) -> dict[str, np.ndarray]:
+    """Boolean keep-masks of the hidden layers' output channels, ``(1 - ratio)`` budget.
+
+    Paths are extracted (and their edges removed) until the budget is met; if ``max_paths`` is
+    reached first, the remaining budget is filled by the best path value through each channel.
+    Every layer keeps at least ``min_channels`` channels so the dense network stays connected.
+    With plain operator norms, paths through skips (fewer edges) win when typical norms are
+    below 1; ``layer_norm=True`` divides each layer's norms by their median to remove that bias
+    towards short paths (not in the paper; an option to compare).
+    """
+    hidden = [la for la in g.layers if not la.sink]
+    total = sum(la.module.out_channels for la in hidden)
+    budget = max(len(hidden) * min_channels, int(math.ceil((1.0 - ratio) * total)))
+    keep = {la.name: np.zeros(la.module.out_channels, bool) for la in hidden}
+    base = _layer_normalised(g) if layer_norm else {la.name: la.logw for la in g.layers}
+    logw = {n: w.copy() for n, w in base.items()}
+    n_kept, n_paths = 0, 0
+    while n_kept < budget and n_paths < max_paths:
+        val, edges = _extract_path(g, logw)
+        if not edges:
+            break
+        n_paths += 1
+        for name, i, o in edges:
+            logw[name][i, o] = -np.inf
+            if name in keep and not keep[name][o]:
+                keep[name][o] = True
+                n_kept += 1
+    # fill-up (path budget exhausted) and per-layer minimum, by best path through the channel
+    fwd, _ = _forward_dp(g, base)
+    bwd = _backward_dp(g, base)
+    score = {n: fwd[n] + bwd[n] for n in keep}
+    for name, mask in keep.items():
+        need = min_channels - int(mask.sum())
+        if need > 0:
+            order = np.argsort(-np.where(mask, -np.inf, score[name]), kind="stable")
+            mask[order[:need]] = True
+            n_kept += need
+    if n_kept < budget:
+        cand = [(score[n][c], n, c) for n, m in keep.items() for c in np.flatnonzero(~m)]
+        for _, n, c in sorted(cand, key=lambda t: -t[0])[: budget - n_kept]:
+            keep[n][c] = True
+            n_kept += 1
+    log.info("LEAN: %d paths, %d/%d hidden channels kept (budget %d)", n_paths, n_kept, total,
+             budget)
+    return keep
+
+
+def apply_keep(g: ChannelGraph, keep: dict[str, np.ndarray]) -> None:
+    """Physically remove the channels not in ``keep`` through the dependency graph."""
+    for la in g.layers:
+        if la.name not in keep:
+            continue
+        idxs = [int(i) for i in np.flatnonzero(~keep[la.name])]
+        if not idxs:
+            continue
+        fn = g.dg.get_pruner_of_module(la.module).prune_out_channels
+        group = g.dg.get_pruning_group(la.module, fn, idxs)
+        for dep, _ in group:
+            tgt = dep.target.module
+            if tgt is not la.module and isinstance(tgt, CONV_TYPES) and \
+                    g.dg.is_out_channel_pruning_fn(dep.handler):
+                raise NotImplementedError(
+                    f"LEAN: output channels of {la.name} are coupled to another layer's outputs")
+        if not g.dg.check_pruning_group(group):
+            raise RuntimeError(f"LEAN: refusing to remove every channel of {la.name}")
+        group.prune()
+
+
+def lean_prune(
+    model: UnrolledNet,
+    ratio: float,
+    example_hw: tuple[int, int] = (64, 64),
+    max_paths: int = 20000,
+    layer_norm: bool = False,
+    inplace: bool = False,
+) -> UnrolledNet:
+    """LEAN-prune every CNN prior to ``(1 - ratio)`` of its hidden channels; dense result.
+
+    ``example_hw`` is the mock image: each layer's operator norms are taken at the size that
+    layer sees when the CNN runs on it. ``layer_norm``: see :func:`lean_select`. Returns a
+    copy (or ``model`` with ``inplace=True``) in eval mode.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
+    m = model if inplace else copy.deepcopy(model)
+    before = count_channels(m)
+    if ratio > 0:
+        for cnn in m.cnn_modules():
+            g = build_channel_graph(cnn, example_hw)
+            if not any(la.module is output_layer(cnn) and la.sink for la in g.layers):
+                raise NotImplementedError("LEAN: the last conv of the CNN is not its output")
+            keep = lean_select(g, ratio, max_paths, layer_norm=layer_norm)
+            was_training = cnn.training
+            cnn.eval()
+            apply_keep(g, keep)
+            cnn.train(was_training)
+    log.info("LEAN ratio %.2f: %d -> %d hidden channels", ratio, before, count_channels(m))
+    return m.eval()
+
+
+__all__ = [
+    "operator_norm_fft", "operator_norm_power", "build_channel_graph", "lean_select",
+    "apply_keep", "lean_prune", "ChannelGraph", "Layer",
+]
