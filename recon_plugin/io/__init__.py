@@ -1,0 +1,94 @@
+"""Raw-data readers and writers: every file format becomes a :class:`~recon_plugin.scan.RawScan`.
+
+``read_raw(path)`` detects the layout: an HDF5 file with ``kspace`` is a fastMRI file, one with
+``<group>/data`` + ``<group>/xml`` an ISMRMRD file. Any failure (missing file, not HDF5,
+truncated, missing k-space or header, inconsistent shapes, NaNs, unknown layout) raises
+:class:`~recon_plugin.scan.RawDataError` whose message starts with the file name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import h5py
+
+from ..scan import RawDataError, RawScan
+from .fastmri import read_fastmri
+from .ismrmrd_file import read_ismrmrd
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RawDataError", "detect_format", "iter_raw", "read_fastmri", "read_ismrmrd",
+           "read_raw"]
+
+
+def detect_format(path: str | Path) -> tuple[str, str | None]:
+    """('fastmri', None) or ('ismrmrd', group name); RawDataError when neither."""
+    where = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise RawDataError(f"{where}: file not found")
+    if not p.is_file():
+        raise RawDataError(f"{where}: not a regular file")
+    if p.stat().st_size == 0:
+        raise RawDataError(f"{where}: file is empty")
+    try:
+        if not h5py.is_hdf5(str(p)):
+            raise RawDataError(f"{where}: not an HDF5 file (fastMRI or ISMRMRD expected)")
+        f = h5py.File(str(p), "r")
+    except RawDataError:
+        raise
+    except OSError as err:
+        raise RawDataError(f"{where}: HDF5 file cannot be opened (truncated?): {err}") from err
+    try:
+        keys = list(f.keys())
+        if "kspace" in f:
+            return "fastmri", None
+        if "ismrmrd_header" in f:
+            raise RawDataError(f"{where}: fastMRI file without a 'kspace' dataset")
+        groups = [k for k in keys if isinstance(f.get(k), h5py.Group)]
+        for name in ["dataset"] + [g for g in groups if g != "dataset"]:
+            g = f.get(name)
+            if isinstance(g, h5py.Group) and ("data" in g or "xml" in g):
+                if "xml" not in g:
+                    raise RawDataError(f"{where}: ISMRMRD group '{name}' has no 'xml' header")
+                if "data" not in g:
+                    raise RawDataError(f"{where}: ISMRMRD group '{name}' has no acquisitions "
+                                       "('data')")
+                return "ismrmrd", name
+        raise RawDataError(
+            f"{where}: unknown HDF5 layout (top-level entries: {keys}); expected fastMRI "
+            "'kspace' + 'ismrmrd_header' or ISMRMRD '<group>/xml' + '<group>/data'"
+        )
+    finally:
+        f.close()
+
+
+def read_raw(path: str | Path, **kwargs) -> RawScan:
+    """Read any supported raw file into a validated :class:`RawScan` (format auto-detected).
+
+    ``kwargs`` go to the ISMRMRD reader (``dataset``, ``noise_path``). Every failure is a
+    RawDataError naming the file and the problem.
+    """
+    kind, group = detect_format(path)
+    try:
+        if kind == "fastmri":
+            return read_fastmri(path)
+        kwargs.setdefault("dataset", group)
+        return read_ismrmrd(path, **kwargs)
+    except RawDataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a reader bug must still name the file
+        raise RawDataError(f"{path}: unexpected {type(err).__name__} while reading: {err}") from err
+
+
+def iter_raw(paths: Iterable[str | Path]) -> Iterator[tuple[Path, RawScan | RawDataError]]:
+    """Read many files, yielding (path, scan) or (path, error) so a batch goes on."""
+    for p in paths:
+        try:
+            yield Path(p), read_raw(p)
+        except RawDataError as err:
+            log.error("%s", err)
+            yield Path(p), err

@@ -346,6 +346,7 @@ def build_header_xml(
     num_slices: int = 1,
     readout_oversampling: int = 2,
     phase_padding: int = 0,
+    e1_limits: tuple[int, int, int] | None = None,
     acceleration: int = 1,
     calibration_mode: str | None = None,
     calib_lines: int | None = None,
@@ -364,18 +365,18 @@ def build_header_xml(
     matrix: (ky, kx) image matrix; fov_mm: (readout, phase). The encoded space is the readout-
     oversampled grid (x * ``readout_oversampling``, FOV likewise); ``phase_padding`` lines on each
     side of ky are declared as not acquired (encodingLimits, fastMRI style). ``sequence`` takes
-    the keys ``tr_ms, te_ms, ti_ms, flip_deg`` (SimVolume.sequence).
+    the keys ``tr_ms, te_ms, ti_ms, flip_deg`` (SimVolume.sequence). ``e1_limits`` =
+    (minimum, maximum, center) overrides the phase-encode limits (e.g. partial Fourier).
     """
     ny, nx = matrix
     osf = max(int(readout_oversampling), 1)
     seq = sequence or {}
     ident = identity or Identity()
     lim = xsd.limitType
+    e1 = e1_limits or (0, ny - 2 * phase_padding - 1, ny // 2 - phase_padding)
     limits = xsd.encodingLimitsType(
         kspace_encoding_step_0=lim(minimum=0, maximum=nx * osf - 1, center=nx * osf // 2),
-        kspace_encoding_step_1=lim(
-            minimum=0, maximum=ny - 2 * phase_padding - 1, center=ny // 2 - phase_padding
-        ),
+        kspace_encoding_step_1=lim(minimum=e1[0], maximum=e1[1], center=e1[2]),
         kspace_encoding_step_2=lim(minimum=0, maximum=0, center=0),
         slice=lim(minimum=0, maximum=num_slices - 1, center=0),
         contrast=lim(minimum=0, maximum=num_contrasts - 1, center=0),

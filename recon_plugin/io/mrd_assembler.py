@@ -137,6 +137,7 @@ class MrdAssembler:
             )
         self.emit_early = emit_early
         self.coils: int | None = None
+        self._img_channels: list[int] | None = None
         self.noise: list[np.ndarray] = []
         self.noise_dwell_us: float | None = None
         self.acq_dwell_us: float | None = None
@@ -303,6 +304,7 @@ class MrdAssembler:
         if self.coils is None:
             self.coils = int(acq.active_channels)
             self.acq_dwell_us = float(acq.sample_time_us) or None
+            self._img_channels = _channels(acq)
         elif acq.active_channels != self.coils:
             raise RawDataError(
                 f"{self.source}: acquisition {acq.scan_counter} has {acq.active_channels} "
@@ -323,7 +325,6 @@ class MrdAssembler:
             buf = self._buffers[key] = _Buffer.new(self.coils, enc.ny, enc.nx)
             buf.geometry = self._geometry(acq, key[0])
             buf.timestamp = int(acq.acquisition_time_stamp)
-            buf.channels = _channels(acq)
         line, ro = self._line(acq, enc)
         buf.kspace[:, row, :] += line
         buf.count[row] += 1
@@ -397,7 +398,7 @@ class MrdAssembler:
                 s = k.shape[2] // 2 - nx // 2
                 k = k[:, :, s : s + nx]
         if self.coils is not None and k.shape[0] != self.coils:
-            img_ch = next((b.channels for b in self._buffers.values() if b.channels), None)
+            img_ch = self._img_channels
             if buf.channels and img_ch and set(img_ch) <= set(buf.channels):
                 k = k[[buf.channels.index(c) for c in img_ch]]
             else:

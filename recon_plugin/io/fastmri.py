@@ -1,0 +1,238 @@
+"""fastMRI HDF5 files -> :class:`RawScan`.
+
+Layout of the public multi-coil brain / knee files (single-coil files have no coil axis):
+
+* ``kspace`` (slices, coils, readout, phase) complex64, readout 2x oversampled (e.g. 640),
+  phase columns outside ``encodingLimits.kspace_encoding_step_1`` zero-padded;
+* ``ismrmrd_header``: the ISMRMRD XML (bytes);
+* ``mask`` (phase,) in test / challenge files (undersampled k-space);
+* ``reconstruction_rss`` (slices, 320, 320) target in train / val files (rows = readout);
+* attrs ``acquisition``, ``max``, ``norm``, ``patient_id``, optional ``acceleration``,
+  ``num_low_frequency``.
+
+The reader transposes to the project's ``(coils, ky, kx)`` (and the target to ``(ky, kx)``),
+crops the readout in the image domain to the recon matrix x (which removes the oversampling),
+keeps the full phase grid (its image is cropped to the recon matrix y downstream), masks the
+zero-padded columns, and infers the mask from the non-zero columns when there is no ``mask``.
+When the header disagrees with the data (slice count, matrix, coil count) a warning is recorded
+and the data's shape wins.
+
+Geometry: fastMRI headers carry none, so slices get :meth:`Geometry.default` stacked along z by
+the slice thickness, with a warning. Files written by :func:`recon_plugin.io.writers.write_fastmri`
+carry an extra dataset ``recon_plugin_geometry`` (slices, 4, 3) float64 = (position, read_dir,
+phase_dir, slice_dir) per slice in LPS mm, which is used when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..physics import acs_bounds
+from ..preprocess import crop_readout
+from ..scan import Geometry, RawDataError, RawScan, SliceData
+from .header import encoding_info, parse_header, parse_xml
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_NAME = "recon_plugin_geometry"
+
+
+def _attr(f: h5py.File, name: str):
+    v = f.attrs.get(name)
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
+def _centre_run(cols: np.ndarray) -> tuple[int, int] | None:
+    c = cols.size // 2
+    if not cols[c]:
+        return None
+    lo, hi = c, c + 1
+    while lo > 0 and cols[lo - 1]:
+        lo -= 1
+    while hi < cols.size and cols[hi]:
+        hi += 1
+    return lo, hi
+
+
+def _acs(mask: np.ndarray, num_low: int | None) -> tuple[int, int] | None:
+    """ACS rows: the ``num_low_frequency`` centre block if sampled, else the centre run."""
+    if num_low:
+        lo, hi = acs_bounds(mask.size, int(num_low))
+        if lo >= 0 and hi <= mask.size and mask[lo:hi].all():
+            return lo, hi
+    run = _centre_run(mask)
+    return run if run is not None and run[1] - run[0] >= 4 else None
+
+
+def _geometries(f: h5py.File, n: int, spacing: float, warnings: list[str], where: str):
+    if GEOMETRY_NAME in f:
+        g = np.asarray(f[GEOMETRY_NAME], dtype=np.float64)
+        if g.shape == (n, 4, 3):
+            return [Geometry.from_vectors(*g[i]) for i in range(n)]
+        warnings.append(f"{where}: {GEOMETRY_NAME} has shape {g.shape}, expected ({n}, 4, 3)")
+    msg = f"{where}: fastMRI header carries no slice geometry; default axial geometry used"
+    log.warning(msg)
+    warnings.append(msg)
+    return [Geometry.default(np.array([0.0, 0.0, i * spacing])) for i in range(n)]
+
+
+def read_fastmri(path: str | Path) -> RawScan:
+    """Read a fastMRI-layout HDF5 file into a validated :class:`RawScan` (see module doc).
+
+    Per slice: kspace (coils, ky = phase, kx = recon x) complex64, mask (ky, kx) from ``mask``
+    or the non-zero columns (zero-padded columns excluded), ACS from ``num_low_frequency`` or
+    the contiguous centre run, target = transposed ``reconstruction_rss`` (ky_recon, kx_recon).
+    """
+    where = str(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise RawDataError(f"{where}: not a readable HDF5 file (truncated?): {err}") from err
+    try:
+        return _read(f, where)
+    except RawDataError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise RawDataError(f"{where}: cannot read fastMRI data: {err}") from err
+    finally:
+        f.close()
+
+
+def _read(f: h5py.File, where: str) -> RawScan:
+    if "kspace" not in f:
+        raise RawDataError(f"{where}: dataset 'kspace' is missing")
+    if "ismrmrd_header" not in f:
+        raise RawDataError(f"{where}: dataset 'ismrmrd_header' is missing")
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        msg = f"{where}: {msg}"
+        log.warning(msg)
+        warnings.append(msg)
+
+    ds = f["kspace"]
+    if not isinstance(ds, h5py.Dataset):
+        raise RawDataError(f"{where}: 'kspace' is not a dataset")
+    single_coil = ds.ndim == 3
+    if ds.ndim not in (3, 4):
+        raise RawDataError(
+            f"{where}: 'kspace' has shape {ds.shape}; expected (slices, coils, readout, phase)"
+        )
+    if ds.dtype.kind != "c" and not (ds.dtype.names and set(ds.dtype.names) >= {"r", "i"}):
+        raise RawDataError(f"{where}: 'kspace' has dtype {ds.dtype}, expected complex")
+    shape = (ds.shape[0], 1, *ds.shape[1:]) if single_coil else ds.shape
+    nsl, ncoil, nro, npe = shape
+    if min(shape) < 1:
+        raise RawDataError(f"{where}: 'kspace' is empty (shape {ds.shape})")
+
+    xml = f["ismrmrd_header"][()]
+    header = parse_header(xml, where, warnings)
+    enc = encoding_info(parse_xml(xml, where), 0, where)
+
+    # header vs data: warn, the data's shape wins
+    if enc.enc_matrix[0] != nro or enc.enc_matrix[1] != npe:
+        swapped = (enc.enc_matrix[0], enc.enc_matrix[1]) == (npe, nro)
+        warn(
+            f"header encoded matrix (x={enc.enc_matrix[0]}, y={enc.enc_matrix[1]}) disagrees with "
+            f"kspace (readout={nro}, phase={npe})"
+            + ("; axes look swapped" if swapped else "")
+            + "; the data's shape wins"
+        )
+    hdr_slices = enc.limit_max("slice") + 1
+    if enc.limit_max("slice") > 0 and hdr_slices != nsl:
+        warn(f"header declares {hdr_slices} slices, kspace has {nsl}; the data's shape wins")
+    if header.num_coils and header.num_coils != ncoil:
+        warn(f"header receiverChannels={header.num_coils}, kspace has {ncoil} coils; "
+             "the data's shape wins")
+
+    # phase window inside the encoding limits (fastMRI's padding_left / padding_right)
+    window = np.ones(npe, bool)
+    if npe == enc.enc_matrix[1]:
+        left = npe // 2 - enc.e1_center
+        right = left + enc.e1_max + 1
+        if 0 <= left < right <= npe:
+            window[:] = False
+            window[left:right] = True
+    rx = header.recon_matrix[0]
+    nx = rx if rx <= nro else nro
+
+    file_mask = None
+    if "mask" in f:
+        m = np.asarray(f["mask"]).reshape(-1)
+        if m.size != npe:
+            raise RawDataError(f"{where}: 'mask' has {m.size} entries, kspace phase axis {npe}")
+        file_mask = (m != 0) & window
+    num_low = _attr(f, "num_low_frequency")
+    acceleration = _attr(f, "acceleration")
+
+    target = None
+    for name in ("reconstruction_rss", "reconstruction_esc"):
+        if name in f:
+            t = f[name]
+            if t.ndim == 3 and t.shape[0] == nsl:
+                target = t
+                break
+            warn(f"'{name}' has shape {t.shape}, kspace has {nsl} slices; target ignored")
+
+    thickness = header.slice_thickness_mm or 1.0
+    geoms = _geometries(f, nsl, header.slice_spacing_mm or thickness, warnings, where)
+    slices: list[SliceData] = []
+    for i in range(nsl):
+        try:
+            k = np.asarray(ds[i])
+        except (OSError, ValueError) as err:
+            raise RawDataError(
+                f"{where}: kspace slice {i} cannot be read (truncated?): {err}"
+            ) from err
+        if k.dtype.names:
+            k = k["r"] + 1j * k["i"]
+        k = k[None] if single_coil else k
+        if not np.isfinite(k).all():
+            raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
+        k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)  # (c, ky, kx)
+        cols = file_mask if file_mask is not None else (np.abs(k).sum(axis=(0, 2)) > 0) & window
+        k = crop_readout(k, nx, axis=-1) * cols[None, :, None]
+        mask = np.repeat(cols[:, None], nx, axis=1).astype(np.float32)
+        tgt = None
+        if target is not None:
+            tgt = np.ascontiguousarray(np.asarray(target[i], np.float32).T)
+        slices.append(SliceData(
+            kspace=k.astype(np.complex64), mask=mask, geometry=geoms[i],
+            acs=_acs(cols, num_low), target=tgt, slice_index=i,
+        ))
+
+    first = slices[0]
+    sampled = int(first.mask[:, 0].sum())
+    if acceleration is None and sampled and sampled < int(window.sum()):
+        acceleration = round(float(window.sum()) / sampled, 2)
+    px = enc.enc_fov[0] / enc.enc_matrix[0]
+    py = enc.enc_fov[1] / enc.enc_matrix[1]
+    acq = _attr(f, "acquisition") or ""
+    ident = header.identity
+    if not ident.patient_id and _attr(f, "patient_id"):
+        ident = dataclasses.replace(ident, patient_id=str(_attr(f, "patient_id")))
+    header = dataclasses.replace(
+        header,
+        encoded_matrix=(nx, npe, 1),
+        encoded_fov_mm=(nx * px, npe * py, enc.enc_fov[2]),
+        num_coils=ncoil,
+        contrast_name=header.contrast_name or str(acq),
+        protocol_name=header.protocol_name or str(acq),
+        acceleration=float(acceleration) if acceleration is not None else header.acceleration,
+        calibration_lines=(
+            int(num_low) if num_low else (first.acs[1] - first.acs[0] if first.acs else None)
+        ),
+        identity=ident,
+    )
+    scan = RawScan(header=header, slices=slices, source=where, warnings=warnings)
+    scan.validate()
+    return scan

@@ -1,0 +1,308 @@
+"""Write simulated scans as fastMRI-layout and ISMRMRD HDF5 files.
+
+Both writers take a :class:`~recon_plugin.sim.SimVolume` (fully sampled k-space ``(coils, ky,
+kx)`` per slice, LPS geometry, noise scan, noiseless target) and produce files laid out like the
+real thing, so the readers are exercised exactly as with scanner / public data:
+
+* :func:`write_fastmri`: ``kspace`` (slices, coils, readout, phase) with 2x readout
+  oversampling, optional zero-padded phase columns, ``ismrmrd_header``, ``reconstruction_rss``
+  (slices, kx, ky: rows = readout as in fastMRI), attrs; undersampled like a test file (with
+  ``mask``) or fully sampled (no mask). Geometry goes to ``recon_plugin_geometry``.
+* :func:`write_ismrmrd`: a noise scan, one acquisition per line with LPS geometry, first/last-in-
+  slice and calibration flags; options reproduce what real scanners send (partial Fourier,
+  asymmetric echo, reversed lines, discard samples, averages, repetitions with interleaved
+  sampling, extra contrasts, navigator / phase-correction junk, a separate calibration scan, both
+  readout-oversampling conventions). The target is stored in ``dataset/recon_plugin_target``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import ismrmrd.xsd as xsd
+import numpy as np
+
+from ..preprocess import crop_readout
+from ..sim import SimVolume
+from .fastmri import GEOMETRY_NAME
+from .header import header_xml_from_sim
+from .ismrmrd_file import TARGET_NAME
+
+_ACQ_NAMES = {"T1": "AXT1", "T2": "AXT2", "PD": "AXPD", "FLAIR": "AXFLAIR"}
+_DWELL_US = 5.0
+
+
+def phase_pattern(
+    ny: int,
+    acceleration: float,
+    calib_lines: int,
+    kind: str = "equispaced",
+    rng: np.random.Generator | None = None,
+    offset: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pattern, acs) boolean (ny,) rows: undersampling pattern and centred ACS block.
+
+    ``equispaced``: every R-th row from ``offset`` (random when None); ``random``: uniform rows
+    with the fastMRI expected count. The acquired rows are ``pattern | acs``.
+    """
+    rng = rng or np.random.default_rng()
+    acs = np.zeros(ny, bool)
+    if calib_lines > 0:
+        lo = ny // 2 - calib_lines // 2
+        acs[max(lo, 0) : lo + calib_lines] = True
+    r = max(float(acceleration), 1.0)
+    pattern = np.zeros(ny, bool)
+    if kind == "equispaced":
+        step = max(int(round(r)), 1)
+        off = int(rng.integers(0, step)) if offset is None else int(offset) % step
+        pattern[off::step] = True
+    elif kind == "random":
+        prob = (ny / r - calib_lines) / max(ny - calib_lines, 1)
+        pattern = rng.uniform(size=ny) < prob
+    else:
+        raise ValueError(f"unknown mask kind {kind!r} (use 'equispaced' or 'random')")
+    return pattern, acs
+
+
+def _geometry_array(vol: SimVolume) -> np.ndarray:
+    return np.stack([
+        np.stack([s.position, s.read_dir, s.phase_dir, s.slice_dir]).astype(np.float64)
+        for s in vol.slices
+    ])
+
+
+def write_fastmri(
+    vol: SimVolume,
+    path: str | Path,
+    acceleration: float = 4.0,
+    center_fraction: float = 0.08,
+    mask_kind: str = "equispaced",
+    oversample_readout: bool = True,
+    seed: int = 0,
+    undersample: bool = True,
+    phase_padding: int = 0,
+    store_geometry: bool = True,
+) -> Path:
+    """Write ``vol`` as a fastMRI multi-coil file (see module doc); returns the path.
+
+    undersample=True gives a test-file layout: k-space zeroed outside the mask, ``mask`` (ky,)
+    dataset, attrs ``acceleration`` / ``num_low_frequency``; False a fully sampled train file.
+    ``phase_padding`` rows on each side of ky are zeroed and declared outside the encoding
+    limits, as fastMRI's zero-padded columns.
+    """
+    path = Path(path)
+    ny, nx = vol.matrix
+    rng = np.random.default_rng(seed)
+    window = np.zeros(ny, bool)
+    window[phase_padding : ny - phase_padding] = True
+    num_low = None
+    if undersample:
+        num_low = int(round(ny * center_fraction))
+        pattern, acs = phase_pattern(ny, acceleration, num_low, mask_kind, rng)
+        rows = (pattern | acs) & window
+    else:
+        rows = window
+    osf = 2 if oversample_readout else 1
+    kspace = np.empty((len(vol.slices), vol.num_coils, nx * osf, ny), np.complex64)
+    for i, s in enumerate(vol.slices):
+        k = crop_readout(s.kspace, nx * osf, axis=-1) * rows[None, :, None]
+        kspace[i] = np.swapaxes(k, -1, -2)
+    target = np.stack([np.ascontiguousarray(s.target.T) for s in vol.slices]).astype(np.float32)
+    xml = header_xml_from_sim(vol, readout_oversampling=osf, phase_padding=phase_padding)
+    pid = hashlib.sha1(f"sim-{vol.contrast}-{seed}".encode()).hexdigest()[:12]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=kspace)
+        f.create_dataset("ismrmrd_header", data=np.bytes_(xml.encode()))
+        f.create_dataset("reconstruction_rss", data=target)
+        if undersample:
+            f.create_dataset("mask", data=rows)
+            f.attrs["acceleration"] = float(acceleration)
+            f.attrs["num_low_frequency"] = int(num_low or 0)
+        if store_geometry:
+            f.create_dataset(GEOMETRY_NAME, data=_geometry_array(vol))
+        f.attrs["acquisition"] = _ACQ_NAMES.get(vol.contrast, vol.contrast)
+        f.attrs["max"] = float(target.max())
+        f.attrs["norm"] = float(np.linalg.norm(target))
+        f.attrs["patient_id"] = pid
+    return path
+
+
+def _acq(data: np.ndarray, *, flags: Sequence[int] = (), **fields) -> ismrmrd.Acquisition:
+    acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64))
+    acq.version = 1
+    acq.sample_time_us = _DWELL_US
+    for ch in range(data.shape[0]):
+        acq.setChannelActive(ch)
+    idx = fields.pop("idx", {})
+    for k, v in fields.items():
+        setattr(acq, k, v)
+    for k, v in idx.items():
+        setattr(acq.idx, k, int(v))
+    for fl in flags:
+        acq.set_flag(fl)
+    return acq
+
+
+def _calib_encoding_xml(xml: str, nx_c: int, ny_c: int, osf: int) -> str:
+    """Append a second (lower-resolution, same-FOV) encoding space for a separate reference."""
+    hdr = xsd.CreateFromDocument(xml)
+    enc = copy.deepcopy(hdr.encoding[0])
+    ny = enc.encodedSpace.matrixSize.y
+    enc.encodedSpace.matrixSize.x = nx_c * osf
+    enc.reconSpace.matrixSize.x = nx_c
+    for sp in (enc.encodedSpace, enc.reconSpace):
+        sp.matrixSize.y = ny
+    enc.encodingLimits.kspace_encoding_step_1 = xsd.limitType(
+        minimum=ny // 2 - ny_c // 2, maximum=ny // 2 - ny_c // 2 + ny_c - 1, center=ny // 2
+    )
+    enc.encodingLimits.kspace_encoding_step_0 = None
+    hdr.encoding[0].parallelImaging.calibrationMode = xsd.calibrationModeType.SEPARATE
+    hdr.encoding.append(enc)
+    return xsd.ToXML(hdr)
+
+
+def write_ismrmrd(
+    vol: SimVolume | Sequence[SimVolume],
+    path: str | Path,
+    acceleration: float = 1.0,
+    calib_lines: int = 24,
+    oversample_readout: bool = True,
+    noise_scan: bool = True,
+    *,
+    mask_kind: str = "equispaced",
+    seed: int = 0,
+    os_convention: str = "header",
+    partial_fourier: float = 1.0,
+    asymmetric_echo: float = 1.0,
+    reverse_odd_lines: bool = False,
+    discard: tuple[int, int] = (0, 0),
+    num_averages: int = 1,
+    num_repetitions: int = 1,
+    interleave_repetitions: bool = False,
+    skipped_acquisitions: bool = False,
+    separate_calibration: bool = False,
+    calib_extra_coils: int = 0,
+    dataset: str = "dataset",
+) -> Path:
+    """Write ``vol`` (or one SimVolume per contrast / echo) as an ISMRMRD HDF5 file.
+
+    acceleration / calib_lines: phase undersampling with a centred ACS block (flags
+    PARALLEL_CALIBRATION(_AND_IMAGING)); with ``separate_calibration`` the ACS block is instead
+    a separate reference scan in encoding space 1 (half readout resolution, same FOV, optionally
+    ``calib_extra_coils`` more channels). os_convention: 'header' (encoded x = 2 nx, FOV 2x) or
+    'acquisition' (header on the base grid, acquisitions with 2 nx samples). partial_fourier /
+    asymmetric_echo: acquired fraction of ky rows (the late ones) / readout samples (late ones).
+    reverse_odd_lines: every other line stored time-reversed with ACQ_IS_REVERSE. discard:
+    (pre, post) junk samples. skipped_acquisitions: add navigator, phase-correction,
+    RT-feedback and surface-coil junk that a reader must skip.
+    """
+    vols = [vol] if isinstance(vol, SimVolume) else list(vol)
+    base = vols[0]
+    path = Path(path)
+    ny, nx = base.matrix
+    coils = base.num_coils
+    rng = np.random.default_rng(seed)
+    osf = 2 if oversample_readout else 1
+    nfull = nx * osf
+    r = max(float(acceleration), 1.0)
+    calib = int(calib_lines or 0) if r > 1 else 0
+    pattern, acs = phase_pattern(ny, r, calib, mask_kind, rng, offset=0 if r > 1 else None)
+    n_pf = int(round(ny * partial_fourier))
+    first_row = ny - n_pf
+    ns = int(round(nfull * asymmetric_echo))
+    centre = nfull // 2 - (nfull - ns)
+    xml = header_xml_from_sim(
+        base, readout_oversampling=osf if os_convention == "header" else 1,
+        acceleration=int(round(r)), calib_lines=calib or None, num_averages=num_averages,
+        num_repetitions=num_repetitions, num_contrasts=len(vols),
+        calibration_mode=("separate" if separate_calibration else "embedded") if r > 1 else None,
+        e1_limits=(first_row, ny - 1, ny // 2),
+    )
+    if separate_calibration and calib:
+        xml = _calib_encoding_xml(xml, nx // 2, calib, osf if os_convention == "header" else 1)
+    sigma = float(np.std(base.noise)) if base.noise is not None else 0.0
+    acqs: list[ismrmrd.Acquisition] = []
+    counter = 0
+
+    def geo(s) -> dict:
+        return dict(position=tuple(s.position), read_dir=tuple(s.read_dir),
+                    phase_dir=tuple(s.phase_dir), slice_dir=tuple(s.slice_dir))
+
+    def add(data, **kw):
+        nonlocal counter
+        acqs.append(_acq(data, scan_counter=counter, acquisition_time_stamp=counter, **kw))
+        counter += 1
+
+    if noise_scan and base.noise is not None:
+        add(base.noise, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
+    # oversampled k-space per contrast and slice: (coils, ny, nfull)
+    kos = [[crop_readout(s.kspace, nfull, axis=-1) for s in v.slices] for v in vols]
+    if separate_calibration and calib:
+        extra = max(int(calib_extra_coils), 0)
+        rows_c = np.flatnonzero(acs)
+        for si, s in enumerate(base.slices):
+            q = nfull // 4  # central half of the readout k-space: half resolution, same FOV
+            low = kos[0][si][:, :, q : q + nfull // 2]
+            for row in rows_c:
+                data = low[:, row]
+                if extra:
+                    data = np.concatenate([data, rng.normal(size=(extra, data.shape[1])) + 0j])
+                add(data, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION], encoding_space_ref=1,
+                    center_sample=data.shape[1] // 2,
+                    idx=dict(kspace_encode_step_1=row, slice=si), **geo(s))
+    for rep in range(num_repetitions):
+        if interleave_repetitions and r > 1:
+            pattern, _ = phase_pattern(ny, r, 0, "equispaced", rng, offset=rep)
+        imaging = pattern | (acs if not separate_calibration else False)
+        rows = [y for y in range(first_row, ny) if imaging[y]]
+        for avg in range(num_averages):
+            for si, s in enumerate(base.slices):
+                for li, row in enumerate(rows):
+                    for ci in range(len(vols)):
+                        line = kos[ci][si][:, row, nfull - ns :]
+                        if num_averages > 1 and sigma > 0:
+                            line = line + (sigma / np.sqrt(2)) * (
+                                rng.normal(size=line.shape) + 1j * rng.normal(size=line.shape))
+                        flags = []
+                        if li == 0:
+                            flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
+                        if li == len(rows) - 1:
+                            flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
+                        if acs[row] and not separate_calibration:
+                            flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
+                                         if pattern[row] else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+                        if reverse_odd_lines and li % 2:
+                            line = line[:, ::-1]
+                            flags.append(ismrmrd.ACQ_IS_REVERSE)
+                        pre, post = discard
+                        if pre or post:
+                            junk = 1e3 * np.ones((coils, 1), np.complex64)
+                            line = np.concatenate([np.repeat(junk, pre, 1), line,
+                                                   np.repeat(junk, post, 1)], axis=1)
+                        add(line, flags=flags, center_sample=centre + pre, discard_pre=pre,
+                            discard_post=post,
+                            idx=dict(kspace_encode_step_1=row, slice=si, contrast=ci,
+                                     repetition=rep, average=avg), **geo(s))
+                if skipped_acquisitions:
+                    junk = 1e4 * np.ones((coils, nfull), np.complex64)
+                    for fl in (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA,
+                               ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
+                               ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA):
+                        add(junk, flags=[fl], center_sample=nfull // 2,
+                            idx=dict(kspace_encode_step_1=ny // 2, slice=si, repetition=rep),
+                            **geo(s))
+    acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+    if path.exists():
+        path.unlink()
+    with ismrmrd.File(str(path), "w") as f:
+        cont = f[dataset]
+        cont.header = xsd.CreateFromDocument(xml)
+        cont.acquisitions = acqs
+        target = np.stack([s.target for s in base.slices]).astype(np.float32)
+        cont._contents.create_dataset(TARGET_NAME, data=target)
+    return path
