@@ -21,16 +21,17 @@ InstanceNumber follows ``(repetition, phase, position along n)`` with
 position along ``n``.
 
 Missing geometry (``Geometry.defaulted``) is written as an axial stack (read = L, phase = P,
-normal = H... i.e. +z in LPS). When every slice of such a series also has the same position, the
+normal = +z in LPS, i.e. towards the head). When every slice of such a series also has the same position, the
 slices are spread along +z by the slice spacing (or thickness, or 1 mm), centred on the header
 position, so the files still validate and stack. A warning is logged and ImageComments says so.
 
 Identity and UIDs
 -----------------
 StudyInstanceUID and FrameOfReferenceUID come from the header when they are valid UIDs; otherwise
-they are derived deterministically from the header identity (so two series of one scan share a
-study and a frame of reference). SeriesInstanceUID and every SOPInstanceUID are new for every call:
-a new reconstruction never reuses UIDs.
+they are derived deterministically from an identifying header (so two series of one scan share a
+study and a frame of reference), and are random for anonymous headers (see :func:`scan_uids`).
+SeriesInstanceUID and every SOPInstanceUID are new for every call: a new reconstruction never
+reuses UIDs.
 
 Files
 -----
@@ -275,15 +276,27 @@ def _scale_and_window(
     return k, (round(high / 2.0, 1), round(high, 1))
 
 
-def _identity_uids(header: ScanHeader, root: str) -> tuple[str, str]:
-    """(StudyInstanceUID, FrameOfReferenceUID): header values or deterministic derivations."""
+def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str, str]:
+    """(StudyInstanceUID, FrameOfReferenceUID) for a scan.
+
+    Header values are used when they are valid UIDs. Otherwise they are derived
+    deterministically from the header identity when it identifies the scan (a measurement ID, or
+    a patient ID with a study date or accession number), so the series of one scan share a study
+    and a frame of reference. Anonymous headers get random UIDs: two unrelated anonymous scans
+    must never merge into one study. Callers writing several series of one anonymous scan call
+    this once and pass the result to every :func:`write_series`.
+    """
+    root = uid_root if uid_root.endswith(".") else uid_root + "."
     ident = header.identity
+    identified = bool(ident.measurement_id.strip() or (
+        ident.patient_id.strip() and (ident.study_date.strip() or ident.accession_number.strip())))
     seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
             ident.study_id, ident.accession_number, ident.measurement_id]
     study = _valid_uid(ident.study_instance_uid)
     if study is None:
-        study = str(generate_uid(root, entropy_srcs=["study", *seed]))
-        log.info("header has no valid StudyInstanceUID; derived %s", study)
+        study = str(generate_uid(root, entropy_srcs=["study", *seed] if identified else None))
+        log.info("header has no valid StudyInstanceUID; %s %s",
+                 "derived" if identified else "anonymous header, random", study)
     frame = _valid_uid(ident.frame_of_reference_uid)
     if frame is None:
         frame = str(generate_uid(root, entropy_srcs=["frame", study, ident.measurement_id]))
@@ -502,12 +515,16 @@ def write_series(
     series: ReconSeries,
     out_dir: Path | str,
     options: DicomOptions | None = None,
+    *,
+    study_uid: str | None = None,
+    frame_uid: str | None = None,
     **overrides: object,
 ) -> list[Path]:
     """Write ``series`` as MR Image Storage files into ``out_dir``; return the final paths.
 
     ``options`` (or keyword overrides of its fields, e.g. ``max_value=65535``) tune the writer.
-    Paths are returned in InstanceNumber order. Nothing is left behind on failure.
+    ``study_uid`` / ``frame_uid`` override :func:`scan_uids` (share them between the series of
+    one scan). Paths are returned in InstanceNumber order. Nothing is left behind on failure.
     """
     opts = options or DicomOptions()
     if overrides:
@@ -532,7 +549,8 @@ def write_series(
     if defaulted:
         log.warning("series %d: header has no usable geometry; writing the default axial "
                     "orientation (read=L, phase=P)", series.series_number)
-    study, frame = _identity_uids(h, root)
+    study, frame = scan_uids(h, root)
+    study, frame = _valid_uid(study_uid or "") or study, _valid_uid(frame_uid or "") or frame
     uids = {"study": study, "frame": frame, "series": str(generate_uid(root))}
     k, (wc, ww) = _scale_and_window(images, opts)
     base = _base_dataset(series, opts, uids)

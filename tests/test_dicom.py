@@ -341,6 +341,17 @@ def test_new_uids_every_reconstruction(tmp_path):
         assert pydicom.uid.UID(d.SOPInstanceUID).is_valid
 
 
+def test_anonymous_scans_never_share_a_study(tmp_path):
+    anon = make_series(nslices=1, identity=Identity())
+    a = dicom.read_series(dicom.write_series(anon, tmp_path / "a"))[0]
+    b = dicom.read_series(dicom.write_series(anon, tmp_path / "b"))[0]
+    assert a.StudyInstanceUID != b.StudyInstanceUID
+    study, frame = dicom.scan_uids(anon.header)  # once per scan, shared by its series
+    c = dicom.read_series(dicom.write_series(anon, tmp_path / "c", study_uid=study,
+                                             frame_uid=frame))[0]
+    assert (c.StudyInstanceUID, c.FrameOfReferenceUID) == (study, frame)
+
+
 def test_header_study_uid_is_used_invalid_one_replaced(tmp_path):
     series = make_series(nslices=1)
     series.header.identity.study_instance_uid = "1.2.3.4.5"
