@@ -21,9 +21,10 @@ InstanceNumber follows ``(repetition, phase, position along n)`` with
 position along ``n``.
 
 Missing geometry (``Geometry.defaulted``) is written as an axial stack (read = L, phase = P,
-normal = +z in LPS, i.e. towards the head). When every slice of such a series also has the same position, the
-slices are spread along +z by the slice spacing (or thickness, or 1 mm), centred on the header
-position, so the files still validate and stack. A warning is logged and ImageComments says so.
+normal = +z in LPS, i.e. towards the head). When every slice of such a series also has the same
+position, the slices are spread along +z by the slice spacing (or thickness, or 1 mm), centred on
+the header position, so the files still validate and stack. A warning is logged and
+ImageComments says so.
 
 Identity and UIDs
 -----------------
