@@ -1,0 +1,280 @@
+"""ISMRMRD reader: files from Debian's ismrmrd tool, writer round trips, real-scanner cases."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import h5py
+import ismrmrd
+import numpy as np
+import pytest
+
+from recon_plugin.io import read_raw
+from recon_plugin.io.ismrmrd_file import read_ismrmrd
+from recon_plugin.io.mrd_assembler import MrdAssembler
+from recon_plugin.io.writers import write_ismrmrd
+from recon_plugin.physics import center_crop, fft2c, ifft2c, rss
+from recon_plugin.sim import simulate_volume
+
+TOOL = "ismrmrd_generate_cartesian_shepp_logan"
+needs_tool = pytest.mark.skipif(
+    shutil.which(TOOL) is None, reason=f"{TOOL} (Debian package ismrmrd-tools) is not installed"
+)
+
+
+def _tool(tmp_path, name, *args) -> str:
+    out = tmp_path / name
+    subprocess.run([TOOL, "-o", str(out), *map(str, args)], check=True, capture_output=True)
+    return str(out)
+
+
+def _cplx(a: np.ndarray) -> np.ndarray:
+    return a["real"] + 1j * a["imag"] if a.dtype.names else a
+
+
+def _tool_truth(path):
+    """The tool's own coil images (cropped to the recon FOV), phantom and coil maps."""
+    with h5py.File(path, "r") as f:
+        coil = _cplx(f["dataset/coil_images"][()])[0]  # (coils, y, 2x) oversampled
+        phantom = _cplx(f["dataset/phantom"][()])[0]
+        csm = _cplx(f["dataset/csm"][()])[0]
+    nx = coil.shape[-1] // 2
+    return coil[..., nx // 2 : nx // 2 + nx], phantom, csm
+
+
+def _corr(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+# ----------------------------------------------------------------------- the Debian tool
+@needs_tool
+def test_shepp_logan_fully_sampled_matches_tool_images(tmp_path):
+    path = _tool(tmp_path, "sl.h5", "-m", 64, "-c", 4, "-a", 1, "-n", 0, "-C")
+    scan = read_raw(path)
+    assert len(scan.slices) == 1
+    sl = scan.slices[0]
+    assert sl.kspace.shape == (4, 64, 64) and sl.kspace.dtype == np.complex64
+    assert sl.mask.all() and sl.acs == (0, 64)
+    h = scan.header
+    assert h.encoded_matrix == (64, 64, 1) and h.recon_matrix == (64, 64, 1)
+    assert h.encoded_fov_mm[0] == pytest.approx(300.0)  # 600 mm oversampled FOV halved
+    assert h.num_coils == 4
+    assert scan.noise is not None and scan.noise.shape == (4, 128)
+    assert sl.geometry.defaulted and any("geometry" in w for w in scan.warnings)
+    coil, phantom, csm = _tool_truth(path)
+    img = ifft2c(sl.kspace)
+    assert np.abs(img - coil).max() < 1e-5 * np.abs(coil).max()
+    zf = rss(img)
+    truth = np.abs(phantom) * rss(csm)
+    assert np.abs(zf - truth).max() < 1e-5 * truth.max()
+
+
+@needs_tool
+def test_shepp_logan_noisy_zero_filled_matches_phantom(tmp_path):
+    path = _tool(tmp_path, "sl.h5", "-m", 64, "-c", 8, "-C")  # default noise level
+    scan = read_raw(path)
+    _, phantom, csm = _tool_truth(path)
+    zf = rss(ifft2c(scan.slices[0].kspace))
+    assert _corr(zf, np.abs(phantom) * rss(csm)) > 0.97
+    assert scan.noise.shape == (8, 128)
+
+
+@needs_tool
+def test_shepp_logan_accelerated_with_calibration(tmp_path):
+    path = _tool(tmp_path, "sl.h5", "-m", 64, "-c", 4, "-a", 2, "-w", 16, "-n", 0)
+    scan = read_raw(path)
+    assert scan.header.acceleration == 2.0
+    assert [s.repetition for s in scan.slices] == [0, 1]  # interleaved undersampling
+    union = np.zeros_like(scan.slices[0].kspace)
+    count = np.zeros(scan.slices[0].mask.shape)
+    for s in scan.slices:
+        rows = s.mask[:, 0] > 0
+        assert s.acs == (24, 40)  # calibration width 16, centred
+        assert rows[24:40].all()
+        outside = np.r_[0:24, 40:64]
+        assert rows[outside].sum() == 24  # every other line outside the ACS
+        union += s.kspace
+        count += s.mask
+    assert (count > 0).all()
+    coil, _, _ = _tool_truth(path)
+    img = ifft2c(union / count[None])
+    assert np.abs(img - coil).max() < 1e-5 * np.abs(coil).max()
+
+
+@needs_tool
+def test_shepp_logan_interleaved_without_acs_gets_calibration(tmp_path):
+    path = _tool(tmp_path, "sl.h5", "-m", 32, "-c", 4, "-a", 2, "-n", 0)
+    scan = read_raw(path)
+    assert len(scan.slices) == 2
+    coil, _, _ = _tool_truth(path)
+    for s in scan.slices:
+        assert s.acs is None
+        assert s.calib is not None and s.calib.shape == (4, 32, 32)
+        assert np.abs(s.calib - fft2c(coil)).max() < 1e-4 * np.abs(s.calib).max()
+
+
+# ------------------------------------------------------------------------ writer round trips
+@pytest.fixture(scope="module")
+def vol():
+    return simulate_volume(
+        num_slices=3, num_coils=4, matrix=(40, 32), fov_mm=(200.0, 250.0), snr=1e6, seed=3
+    )
+
+
+def _sampled_error(scan, vol) -> float:
+    """Max error of the read k-space vs the simulated one on the sampled positions."""
+    err = 0.0
+    for s in scan.slices:
+        truth = vol.slices[s.slice_index].kspace
+        m = s.mask[None] > 0
+        err = max(err, float(np.abs(s.kspace - truth)[np.broadcast_to(m, truth.shape)].max()))
+        assert not s.kspace[~np.broadcast_to(m, truth.shape)].any()
+    return err / float(np.abs(vol.slices[0].kspace).max())
+
+
+def test_roundtrip_fully_sampled_target_and_geometry(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "a.h5")
+    scan = read_ismrmrd(path)
+    assert _sampled_error(scan, vol) < 1e-5
+    assert scan.noise.shape == (4, 256)
+    for s, ref in zip(scan.slices, vol.slices):
+        img = center_crop(rss(ifft2c(s.kspace)), s.target.shape)
+        assert np.linalg.norm(img - s.target) < 1e-3 * np.linalg.norm(s.target)
+        assert not s.geometry.defaulted
+        np.testing.assert_allclose(s.geometry.position, ref.position, atol=1e-4)
+        np.testing.assert_allclose(s.geometry.read_dir, ref.read_dir, atol=1e-6)
+        np.testing.assert_allclose(s.geometry.phase_dir, ref.phase_dir, atol=1e-6)
+    h = scan.header
+    assert h.protocol_name == "sim_T2" and h.contrast_name == "T2"
+    assert h.sequence.tr_ms == pytest.approx(vol.sequence["tr_ms"])
+    assert h.sequence.te_ms == pytest.approx(vol.sequence["te_ms"])
+    assert h.slice_spacing_mm == pytest.approx(
+        np.linalg.norm(vol.slices[1].position - vol.slices[0].position), rel=1e-4
+    )
+
+
+def test_roundtrip_undersampled_embedded_calibration(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "a.h5", acceleration=3, calib_lines=10)
+    scan = read_ismrmrd(path)
+    assert _sampled_error(scan, vol) < 1e-5
+    s = scan.slices[0]
+    assert s.acs == (15, 25)
+    rows = s.mask[:, 0] > 0
+    assert rows[15:25].all() and rows.sum() < 40
+    assert scan.header.acceleration == 3.0 and scan.header.calibration_lines == 10
+
+
+def test_sagittal_geometry(tmp_path):
+    v = simulate_volume(num_slices=2, num_coils=2, matrix=(24, 20), orientation="sagittal",
+                        snr=1e6, seed=1)
+    scan = read_ismrmrd(write_ismrmrd(v, tmp_path / "s.h5"))
+    for s, ref in zip(scan.slices, v.slices):
+        np.testing.assert_allclose(s.geometry.read_dir, ref.read_dir, atol=1e-6)
+        np.testing.assert_allclose(s.geometry.phase_dir, ref.phase_dir, atol=1e-6)
+        np.testing.assert_allclose(s.geometry.position, ref.position, atol=1e-4)
+
+
+# ------------------------------------------------------------------ real-scanner cases (#9)
+def test_partial_fourier(tmp_path, vol):
+    scan = read_ismrmrd(write_ismrmrd(vol, tmp_path / "pf.h5", partial_fourier=0.75))
+    s = scan.slices[0]
+    rows = s.mask[:, 0] > 0
+    assert not rows[:10].any() and rows[10:].all()  # early 25% of ky never acquired
+    assert s.acs == (10, 40)
+    assert _sampled_error(scan, vol) < 1e-5
+
+
+def test_asymmetric_echo(tmp_path, vol):
+    scan = read_ismrmrd(write_ismrmrd(vol, tmp_path / "ae.h5", asymmetric_echo=0.7))
+    s = scan.slices[0]
+    cols = s.mask[0] > 0
+    assert not cols[:9].any() and cols[10:].all()  # early readout samples missing
+    assert _sampled_error(scan, vol) < 0.02  # oversampling removal of a truncated echo
+
+
+def test_reversed_lines_and_discard(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "rev.h5", reverse_odd_lines=True, discard=(3, 2))
+    with ismrmrd.File(str(path), "r") as f:
+        acqs = list(f["dataset"].acquisitions)
+    assert any(a.is_flag_set(ismrmrd.ACQ_IS_REVERSE) for a in acqs)
+    assert _sampled_error(read_ismrmrd(path), vol) < 1e-5
+
+
+def test_oversampling_in_acquisitions_only(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "os.h5", os_convention="acquisition")
+    scan = read_ismrmrd(path)
+    assert scan.header.encoded_matrix == (32, 40, 1)
+    assert scan.slices[0].kspace.shape == (4, 40, 32)
+    assert _sampled_error(scan, vol) < 1e-5
+
+
+def test_averages_are_averaged(tmp_path, vol):
+    scan = read_ismrmrd(write_ismrmrd(vol, tmp_path / "av.h5", num_averages=3))
+    assert len(scan.slices) == 3
+    assert all(s.average_count == 3 for s in scan.slices)
+    assert _sampled_error(scan, vol) < 1e-4
+
+
+def test_contrasts_and_repetitions_ordering(tmp_path, vol):
+    v1 = simulate_volume(num_slices=3, num_coils=4, matrix=(40, 32), fov_mm=(200.0, 250.0),
+                         contrast="T1", snr=1e6, seed=3)
+    path = write_ismrmrd([vol, v1], tmp_path / "mc.h5", num_repetitions=2)
+    scan = read_ismrmrd(path)
+    keys = [(s.contrast, s.repetition, s.slice_index) for s in scan.slices]
+    assert keys == sorted(keys) and len(keys) == 2 * 2 * 3
+    for s in scan.slices:
+        truth = (vol, v1)[s.contrast].slices[s.slice_index].kspace
+        assert np.abs(s.kspace - truth).max() < 1e-5 * np.abs(truth).max()
+
+
+def test_skipped_acquisitions_are_never_placed(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "nav.h5", skipped_acquisitions=True)
+    scan = read_ismrmrd(path)
+    assert len(scan.slices) == 3
+    assert _sampled_error(scan, vol) < 1e-5  # the junk lines carry 1e4
+
+
+def test_separate_calibration_other_matrix_and_coils(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "ref.h5", acceleration=2, calib_lines=12,
+                         separate_calibration=True, calib_extra_coils=2)
+    scan = read_ismrmrd(path)
+    for s in scan.slices:
+        assert s.acs is None and (s.mask[:, 0] > 0).sum() == 20
+        assert s.calib is not None and s.calib.shape == (4, 12, 32)
+        truth = vol.slices[s.slice_index].kspace[:, 14:26, 8:24]  # half readout resolution
+        got = s.calib[:, :, 8:24]
+        # oversampling removal of a truncated (low-resolution) readout rings at its edges
+        assert np.linalg.norm(got - truth) < 0.03 * np.linalg.norm(truth)
+        centre = np.abs(got - truth)[:, :, 4:12].max()
+        assert centre < 0.01 * np.abs(truth).max()
+        assert not s.calib[:, :, :7].any()
+
+
+def test_noise_absent_and_dependent_measurement(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "nonoise.h5", noise_scan=False)
+    assert read_ismrmrd(path).noise is None
+    noise_file = write_ismrmrd(vol, tmp_path / "noise.h5")  # any file with a noise scan
+    scan = read_ismrmrd(path, noise_path=noise_file)
+    assert scan.noise is not None and scan.noise.shape == (4, 256)
+    np.testing.assert_allclose(scan.noise, vol.noise, atol=1e-6)
+
+
+def test_streaming_emits_slices_as_they_complete(tmp_path, vol):
+    path = write_ismrmrd(vol, tmp_path / "st.h5", acceleration=2, calib_lines=8,
+                         num_averages=2)
+    with ismrmrd.File(str(path), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)
+    asm = MrdAssembler(xml, source="stream")
+    emitted = []
+    for i, acq in enumerate(acqs):
+        for s in asm.add(acq):
+            emitted.append((i, s))
+    assert asm.finish() == []
+    assert [s.slice_index for _, s in emitted] == [0, 1, 2]
+    assert emitted[0][0] < len(acqs) - 1  # the first slice came out before the end
+    ref = read_ismrmrd(path)
+    for (_, s), r in zip(emitted, ref.slices):
+        np.testing.assert_array_equal(s.kspace, r.kspace)
+        assert s.acs == r.acs
