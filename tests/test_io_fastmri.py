@@ -1,0 +1,237 @@
+"""fastMRI reader: a fixture built with h5py exactly as the public files are, and round trips."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from recon_plugin.io import read_raw
+from recon_plugin.io.fastmri import read_fastmri
+from recon_plugin.io.ismrmrd_file import read_ismrmrd
+from recon_plugin.io.writers import write_fastmri, write_ismrmrd
+from recon_plugin.physics import center_crop, fft2c, ifft2c, rss
+from recon_plugin.sim import simulate_volume
+
+# A knee-like header in the style of the public multi-coil files (sizes shrunk 10x):
+# encoded 64 (2x oversampled readout) x 40 phase, recon 32 x 32, phase limits leave 3 zero-padded
+# columns on each side (padding_left = 40 // 2 - center = 3, padding_right = 3 + 33 + 1 = 37).
+HEADER = """<?xml version="1.0" encoding="utf-8"?>
+<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"
+ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+ xmlns:xs="http://www.w3.org/2001/XMLSchema"
+ xsi:schemaLocation="http://www.ismrm.org/ISMRMRD ismrmrd.xsd">
+  <studyInformation><studyTime>10:26:38</studyTime></studyInformation>
+  <measurementInformation>
+    <measurementID>45_1234_5678</measurementID>
+    <patientPosition>FFS</patientPosition>
+    <protocolName>CORPD_FBK</protocolName>
+    <frameOfReferenceUID>1.3.12.2.1107.5.2.19.45</frameOfReferenceUID>
+  </measurementInformation>
+  <acquisitionSystemInformation>
+    <systemVendor>SIEMENS</systemVendor>
+    <systemModel>Skyra</systemModel>
+    <systemFieldStrength_T>2.89362</systemFieldStrength_T>
+    <relativeReceiverNoiseBandwidth>0.793</relativeReceiverNoiseBandwidth>
+    <receiverChannels>{coils}</receiverChannels>
+    <coilLabel><coilNumber>1</coilNumber><coilName>Knee_1</coilName></coilLabel>
+    <institutionName>NYU</institutionName>
+  </acquisitionSystemInformation>
+  <experimentalConditions><H1resonanceFrequency_Hz>123251815</H1resonanceFrequency_Hz>
+  </experimentalConditions>
+  <encoding>
+    <encodedSpace>
+      <matrixSize><x>64</x><y>{enc_y}</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>280</x><y>175</y><z>4.5</z></fieldOfView_mm>
+    </encodedSpace>
+    <reconSpace>
+      <matrixSize><x>32</x><y>32</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>140</x><y>140</y><z>3</z></fieldOfView_mm>
+    </reconSpace>
+    <encodingLimits>
+      <kspace_encoding_step_1><minimum>0</minimum><maximum>33</maximum><center>17</center>
+      </kspace_encoding_step_1>
+      <kspace_encoding_step_2><minimum>0</minimum><maximum>0</maximum><center>0</center>
+      </kspace_encoding_step_2>
+      <average><minimum>0</minimum><maximum>0</maximum><center>0</center></average>
+      <slice><minimum>0</minimum><maximum>{max_slice}</maximum><center>0</center></slice>
+      <contrast><minimum>0</minimum><maximum>0</maximum><center>0</center></contrast>
+      <phase><minimum>0</minimum><maximum>0</maximum><center>0</center></phase>
+      <repetition><minimum>0</minimum><maximum>0</maximum><center>0</center></repetition>
+      <set><minimum>0</minimum><maximum>0</maximum><center>0</center></set>
+      <segment><minimum>0</minimum><maximum>0</maximum><center>0</center></segment>
+    </encodingLimits>
+    <trajectory>cartesian</trajectory>
+    <parallelImaging>
+      <accelerationFactor><kspace_encoding_step_1>1</kspace_encoding_step_1>
+      <kspace_encoding_step_2>1</kspace_encoding_step_2></accelerationFactor>
+      <calibrationMode>other</calibrationMode>
+    </parallelImaging>
+  </encoding>
+  <sequenceParameters>
+    <TR>2750</TR><TE>27</TE><TI>100</TI><flipAngle_deg>160</flipAngle_deg>
+    <sequence_type>TurboSpinEcho</sequence_type><echo_spacing>13.4</echo_spacing>
+  </sequenceParameters>
+  <userParameters>
+    <userParameterLong><name>EmbeddedRefLinesE1</name><value>0</value></userParameterLong>
+    <userParameterDouble><name>MaxwellCoefficient_0</name><value>0</value></userParameterDouble>
+  </userParameters>
+</ismrmrdHeader>
+"""
+
+NS, NC, NRO, NPE = 2, 4, 64, 40
+WINDOW = slice(3, 37)
+
+
+def _phantom_and_maps() -> tuple[np.ndarray, np.ndarray]:
+    """Analytic ellipse phantom (readout, phase) inside the central readout half, coil maps."""
+    ro, pe = np.meshgrid(np.linspace(-1, 1, NRO) * 2, np.linspace(-1, 1, NPE), indexing="ij")
+    img = np.zeros((NRO, NPE))
+    for a, b, x0, y0, val in [(0.7, 0.9, 0, 0, 1.0), (0.6, 0.8, 0, 0, -0.6),
+                              (0.15, 0.25, 0.25, 0.1, 0.5), (0.12, 0.2, -0.3, -0.2, 0.3)]:
+        img[((ro - x0) / a) ** 2 + ((pe - y0) / b) ** 2 <= 1] += val
+    maps = np.stack([np.exp(-((ro - cx) ** 2 + (pe - cy) ** 2)) * np.exp(1j * (c + ro))
+                     for c, (cx, cy) in enumerate([(-1, -1), (1, -1), (-1, 1), (1, 1)])])
+    return img, maps / rss(maps)
+
+
+def _make_file(path, *, test_file=False, enc_y=NPE, max_slice=NS - 1, single_coil=False):
+    """A fastMRI-layout file written with h5py directly, as the public files are."""
+    img, maps = _phantom_and_maps()
+    kspace = np.empty((NS, NC, NRO, NPE), np.complex64)
+    for s in range(NS):
+        kspace[s] = fft2c(maps * img[None] * (1 + 0.1 * s))  # (coils, readout, phase)
+    kspace[..., : WINDOW.start] = 0  # zero-padded phase columns outside the encoding limits
+    kspace[..., WINDOW.stop :] = 0
+    # fastMRI's target: ifft2 over (readout, phase), crop to 320x320 (here 32x32), RSS
+    target = rss(center_crop(ifft2c(kspace), (32, 32)), axis=1).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f.attrs["acquisition"] = "CORPD_FBK"
+        f.attrs["patient_id"] = "a1b2c3d4e5"
+        xml = HEADER.format(coils=NC, enc_y=enc_y, max_slice=max_slice).encode()
+        f.create_dataset("ismrmrd_header", data=xml)
+        if test_file:
+            mask = np.zeros(NPE, bool)
+            mask[WINDOW.start :: 4] = True
+            mask[16:24] = True
+            kspace = kspace * mask
+            f.create_dataset("mask", data=mask)
+            f.attrs["acceleration"] = 4
+            f.attrs["num_low_frequency"] = 8
+        else:
+            f.create_dataset("reconstruction_rss", data=target)
+            f.attrs["max"] = float(target.max())
+            f.attrs["norm"] = float(np.linalg.norm(target))
+        f.create_dataset("kspace", data=kspace[:, 0] if single_coil else kspace)
+    return path, img, maps, target
+
+
+def test_public_layout_train_file(tmp_path):
+    path, img, maps, target = _make_file(tmp_path / "file1000001.h5")
+    scan = read_raw(path)
+    assert len(scan.slices) == NS and scan.header.num_coils == NC
+    h = scan.header
+    assert h.recon_matrix == (32, 32, 1) and h.encoded_matrix == (32, 40, 1)
+    assert h.pixel_spacing_mm == pytest.approx((4.375, 4.375))
+    assert h.contrast_name == "CORPD_FBK" and h.protocol_name == "CORPD_FBK"
+    assert h.sequence.tr_ms == 2750 and h.sequence.manufacturer == "SIEMENS"
+    assert h.identity.patient_id == "a1b2c3d4e5" and h.identity.patient_position == "FFS"
+    assert any("geometry" in w for w in scan.warnings)
+    for i, s in enumerate(scan.slices):
+        assert s.kspace.shape == (NC, NPE, 32)  # (coils, ky = phase, kx = readout / 2)
+        rows = s.mask[:, 0] > 0
+        assert not rows[: WINDOW.start].any() and not rows[WINDOW.stop :].any()
+        assert rows[WINDOW].all()
+        assert s.target.shape == (32, 32)
+        np.testing.assert_allclose(s.target, target[i].T, rtol=1e-6)
+        zf = center_crop(rss(ifft2c(s.kspace)), (32, 32))
+        assert np.abs(zf - s.target).max() < 1e-5 * s.target.max()
+        assert s.geometry.defaulted
+    # the zero-filled image is the known phantom (transposed: rows = phase)
+    zf = center_crop(rss(ifft2c(scan.slices[0].kspace)), (32, 32))
+    truth = center_crop((np.abs(img) * rss(maps)).T, (32, 32))
+    assert np.corrcoef(zf.ravel(), truth.ravel())[0, 1] > 0.98
+
+
+def test_public_layout_test_file_with_mask(tmp_path):
+    path, *_ = _make_file(tmp_path / "file_test.h5", test_file=True)
+    scan = read_fastmri(path)
+    s = scan.slices[0]
+    rows = s.mask[:, 0] > 0
+    expected = np.zeros(NPE, bool)
+    expected[3::4] = True
+    expected[16:24] = True
+    expected[WINDOW.stop :] = False
+    np.testing.assert_array_equal(rows, expected)
+    assert s.acs == (16, 24)
+    assert s.target is None
+    assert scan.header.acceleration == 4.0 and scan.header.calibration_lines == 8
+    assert not s.kspace[:, ~rows].any()
+
+
+def test_header_disagreeing_with_data_warns_and_data_wins(tmp_path):
+    path, *_ = _make_file(tmp_path / "bad_hdr.h5", enc_y=48, max_slice=9)
+    scan = read_fastmri(path)
+    assert len(scan.slices) == NS
+    assert scan.slices[0].kspace.shape == (NC, NPE, 32)
+    text = " ".join(scan.warnings)
+    assert "10 slices" in text and "data's shape wins" in text
+    assert "y=48" in text
+
+
+def test_single_coil_layout(tmp_path):
+    path, *_ = _make_file(tmp_path / "sc.h5", single_coil=True)
+    scan = read_fastmri(path)
+    assert scan.slices[0].kspace.shape == (1, NPE, 32)
+
+
+# ------------------------------------------------------------------------ writer round trips
+@pytest.fixture(scope="module")
+def vol():
+    return simulate_volume(
+        num_slices=3, num_coils=4, matrix=(40, 32), fov_mm=(200.0, 250.0), snr=1e6, seed=5
+    )
+
+
+def test_roundtrip_fully_sampled(tmp_path, vol):
+    path = write_fastmri(vol, tmp_path / "full.h5", undersample=False)
+    with h5py.File(path, "r") as f:  # the public layout
+        assert f["kspace"].shape == (3, 4, 64, 40)
+        assert f["reconstruction_rss"].shape == (3, 32, 40)
+        assert "mask" not in f and set(f.attrs) >= {"acquisition", "max", "norm", "patient_id"}
+    scan = read_raw(path)
+    assert not any("geometry" in w for w in scan.warnings)
+    for s, ref in zip(scan.slices, vol.slices):
+        assert np.abs(s.kspace - ref.kspace).max() < 1e-5 * np.abs(ref.kspace).max()
+        img = center_crop(rss(ifft2c(s.kspace)), s.target.shape)
+        assert np.linalg.norm(img - ref.target) < 1e-3 * np.linalg.norm(ref.target)
+        np.testing.assert_allclose(s.geometry.position, ref.position)
+        np.testing.assert_allclose(s.geometry.phase_dir, ref.phase_dir)
+
+
+def test_roundtrip_undersampled_test_layout(tmp_path, vol):
+    path = write_fastmri(vol, tmp_path / "r4.h5", acceleration=4, center_fraction=0.2,
+                         mask_kind="random", seed=2, phase_padding=2)
+    scan = read_fastmri(path)
+    with h5py.File(path, "r") as f:
+        mask = np.asarray(f["mask"])
+    for s, ref in zip(scan.slices, vol.slices):
+        rows = s.mask[:, 0] > 0
+        np.testing.assert_array_equal(rows, mask)
+        assert not rows[:2].any() and not rows[-2:].any()
+        assert s.acs == (16, 24)
+        truth = ref.kspace * rows[None, :, None]
+        assert np.abs(s.kspace - truth).max() < 1e-5 * np.abs(ref.kspace).max()
+
+
+def test_same_kspace_as_ismrmrd_and_fastmri_gives_identical_pixels(tmp_path, vol):
+    a = read_raw(write_fastmri(vol, tmp_path / "f.h5", undersample=False))
+    b = read_raw(write_ismrmrd(vol, tmp_path / "i.h5"))
+    for sa, sb in zip(a.slices, b.slices):
+        ia, ib = rss(ifft2c(sa.kspace)), rss(ifft2c(sb.kspace))
+        assert np.abs(ia - ib).max() < 1e-5 * ia.max()
+        np.testing.assert_allclose(sa.geometry.position, sb.geometry.position, atol=1e-4)
+    assert a.header.recon_matrix == b.header.recon_matrix
+    assert a.header.pixel_spacing_mm == pytest.approx(b.header.pixel_spacing_mm)
+    b2 = read_ismrmrd(tmp_path / "i.h5")
+    assert len(b2.slices) == len(a.slices)
