@@ -1,0 +1,215 @@
+"""Bad input: one clear RawDataError naming the file and the problem, and a batch goes on."""
+
+from __future__ import annotations
+
+import h5py
+import ismrmrd
+import numpy as np
+import pytest
+
+from recon_plugin.io import iter_raw, read_raw
+from recon_plugin.io.header import parse_header
+from recon_plugin.io.writers import write_fastmri, write_ismrmrd
+from recon_plugin.scan import RawDataError
+from recon_plugin.sim import simulate_volume
+
+
+@pytest.fixture(scope="module")
+def vol():
+    return simulate_volume(num_slices=2, num_coils=2, matrix=(16, 12), fov_mm=(200.0, 240.0),
+                           seed=7)
+
+
+@pytest.fixture
+def fastmri_file(tmp_path, vol):
+    return write_fastmri(vol, tmp_path / "good_fastmri.h5", undersample=False)
+
+
+@pytest.fixture
+def ismrmrd_file(tmp_path, vol):
+    return write_ismrmrd(vol, tmp_path / "good_ismrmrd.h5")
+
+
+def _fails(path, *words):
+    with pytest.raises(RawDataError) as info:
+        read_raw(path)
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    for w in words:
+        assert w.lower() in msg.lower(), msg
+    return msg
+
+
+def _replace(f: h5py.File, name: str, data) -> None:
+    del f[name]
+    f.create_dataset(name, data=data)
+
+
+def _set_xml(path, xml: str) -> None:
+    with h5py.File(path, "a") as f:
+        del f["dataset/xml"]
+        d = f["dataset"].create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+        d[0] = xml.encode()
+
+
+def test_missing_empty_and_not_hdf5(tmp_path):
+    _fails(tmp_path / "nope.h5", "not found")
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    _fails(empty, "empty")
+    text = tmp_path / "notes.h5"
+    text.write_text("this is not a raw data file\n" * 20)
+    _fails(text, "not an hdf5")
+
+
+def test_truncated_files(fastmri_file, ismrmrd_file):
+    for path in (fastmri_file, ismrmrd_file):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        _fails(path, "truncated")
+
+
+def test_fastmri_missing_kspace_or_header(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        del f["kspace"]
+    _fails(fastmri_file, "kspace")
+
+
+def test_fastmri_missing_header(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        del f["ismrmrd_header"]
+    _fails(fastmri_file, "ismrmrd_header", "missing")
+
+
+def test_fastmri_inconsistent_shapes(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        k = f["kspace"][()]
+        _replace(f, "kspace", k[0, 0])  # 2D
+    _fails(fastmri_file, "shape")
+
+
+def test_fastmri_real_kspace(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        _replace(f, "kspace", np.abs(f["kspace"][()]).astype(np.float32))
+    _fails(fastmri_file, "complex")
+
+
+def test_fastmri_mask_length(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        f.create_dataset("mask", data=np.ones(5, bool))
+    _fails(fastmri_file, "mask")
+
+
+def test_fastmri_nan(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        k = f["kspace"][()]
+        k[1, 0, 3, 4] = np.nan
+        f["kspace"][...] = k
+    _fails(fastmri_file, "nan", "slice 1")
+
+
+def test_fastmri_bad_header_xml(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        _replace(f, "ismrmrd_header", np.bytes_(b"<ismrmrdHeader><encoding><oops"))
+    _fails(fastmri_file, "header")
+
+
+def test_unknown_layout(tmp_path):
+    path = tmp_path / "weird.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=np.zeros((2, 4, 4)))
+        f.create_group("stuff")
+    _fails(path, "unknown", "images")
+
+
+def test_ismrmrd_without_header_or_data(ismrmrd_file):
+    with h5py.File(ismrmrd_file, "a") as f:
+        del f["dataset/xml"]
+    _fails(ismrmrd_file, "xml")
+
+
+def test_ismrmrd_without_acquisitions(ismrmrd_file):
+    with h5py.File(ismrmrd_file, "a") as f:
+        del f["dataset/data"]
+    _fails(ismrmrd_file, "acquisitions")
+
+
+def test_ismrmrd_only_noise(tmp_path, vol):
+    path = tmp_path / "noise_only.h5"
+    with ismrmrd.File(str(ismrmrd_path := write_ismrmrd(vol, tmp_path / "x.h5")), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)[:1]
+    assert acqs[0].is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and ismrmrd_path.exists()
+    with ismrmrd.File(str(path), "w") as f:
+        f["dataset"].header = ismrmrd.xsd.CreateFromDocument(xml)
+        f["dataset"].acquisitions = acqs
+    _fails(path, "no imaging data")
+
+
+def test_ismrmrd_nan_sample(ismrmrd_file):
+    with h5py.File(ismrmrd_file, "a") as f:
+        d = f["dataset/data"]
+        row = d[5]
+        row["data"][0] = np.nan
+        d[5] = row
+    _fails(ismrmrd_file, "nan")
+
+
+def test_ismrmrd_header_missing_encoded_space(ismrmrd_file):
+    with h5py.File(ismrmrd_file, "r") as f:
+        xml = f["dataset/xml"][0].decode()
+    start, stop = xml.index("<encodedSpace>"), xml.index("</encodedSpace>")
+    _set_xml(ismrmrd_file, xml[:start] + xml[stop + len("</encodedSpace>") :])
+    _fails(ismrmrd_file, "encoding[0].encodedSpace")
+
+
+def test_ismrmrd_non_cartesian_and_3d(ismrmrd_file):
+    with h5py.File(ismrmrd_file, "r") as f:
+        xml = f["dataset/xml"][0].decode()
+    _set_xml(ismrmrd_file, xml.replace("<trajectory>cartesian", "<trajectory>radial"))
+    _fails(ismrmrd_file, "radial")
+    z = xml.index("<z>1</z>")
+    _set_xml(ismrmrd_file, xml[:z] + "<z>8</z>" + xml[z + 8 :])
+    _fails(ismrmrd_file, "3D")
+
+
+def test_ismrmrd_coil_count_changes(tmp_path, ismrmrd_file):
+    with ismrmrd.File(str(ismrmrd_file), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)
+    bad = acqs[6]
+    acqs[6] = ismrmrd.Acquisition.from_array(np.zeros((3, bad.number_of_samples), np.complex64),
+                                             idx=bad.idx, center_sample=bad.center_sample)
+    path = tmp_path / "coils.h5"
+    with ismrmrd.File(str(path), "w") as f:
+        f["dataset"].header = ismrmrd.xsd.CreateFromDocument(xml)
+        f["dataset"].acquisitions = acqs
+    _fails(path, "coils")
+
+
+def test_header_missing_optional_fields_does_not_crash():
+    xml = """<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>
+      <encodedSpace><matrixSize><x>64</x><y>32</y><z>1</z></matrixSize>
+        <fieldOfView_mm><x>200</x><y>100</y><z>5</z></fieldOfView_mm></encodedSpace>
+      <reconSpace><matrixSize><x>64</x><y>32</y><z>1</z></matrixSize>
+        <fieldOfView_mm><x>200</x><y>100</y><z>5</z></fieldOfView_mm></reconSpace>
+      <encodingLimits/><trajectory>cartesian</trajectory><vendorThing>1</vendorThing>
+    </encoding></ismrmrdHeader>"""
+    warnings: list[str] = []
+    h = parse_header(xml, "minimal.h5", warnings)
+    assert h.encoded_matrix == (64, 32, 1) and h.num_coils == 0
+    assert h.sequence.tr_ms is None and h.identity.patient_name == ""
+    assert h.acceleration is None and h.protocol_name == ""
+    assert warnings and "minimal.h5" in warnings[0]
+    with pytest.raises(RawDataError, match="reconSpace"):
+        parse_header(xml.replace("reconSpace", "reconSpaceX"), "minimal.h5")
+    with pytest.raises(RawDataError, match="matrixSize.x"):
+        parse_header(xml.replace("<x>64</x>", "<x>abc</x>", 1), "minimal.h5")
+
+
+def test_batch_goes_on(tmp_path, fastmri_file, ismrmrd_file):
+    junk = tmp_path / "junk.h5"
+    junk.write_text("garbage")
+    results = list(iter_raw([fastmri_file, junk, ismrmrd_file]))
+    assert [type(r).__name__ for _, r in results] == ["RawScan", "RawDataError", "RawScan"]
+    assert str(junk) in str(results[1][1])
