@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .pipeline import ReconSettings, Reconstructor, write_outputs
+from .pipeline import Reconstructor, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,26 @@ class FileResult:
     protocol: str = ""
     seconds: float = 0.0
     skipped: bool = False
+    queued: int = 0  # DICOM files left in the PACS queue
+
+
+def deliver(written: list[Path], protocol, send: str | None, out_dir: Path) -> int:
+    """C-STORE the DICOM files to ``send`` and the protocol's PACS targets; what cannot be sent
+    now goes to the durable queue (``protocol.pacs.queue_dir`` or ``OUT/.pacs-queue``).
+    Returns the number of files queued."""
+    targets = list(protocol.pacs.targets) + ([send] if send else [])
+    files = [p for p in written if Path(p).suffix == ".dcm"]
+    if not targets or not files:
+        return 0
+    from .pacs import send_or_enqueue
+
+    qdir = Path(protocol.pacs.queue_dir) if protocol.pacs.queue_dir else out_dir / ".pacs-queue"
+    queued = 0
+    for t in targets:
+        sent, q = send_or_enqueue(files, t, qdir, protocol.pacs.calling_aet)
+        log.info("PACS %s: %d sent, %d queued in %s", t, sent, q, qdir)
+        queued += q
+    return queued
 
 
 def gather_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -71,23 +91,6 @@ def _save_state(out_dir: Path, state: dict) -> None:
     os.replace(tmp, out_dir / STATE_FILE)
 
 
-def settings_for(protocol) -> ReconSettings:
-    """ReconSettings from a :class:`recon_plugin.protocol.Protocol`."""
-    from .coils import EspiritParams
-
-    e = protocol.espirit
-    return ReconSettings(
-        method=protocol.model.method,
-        model=protocol.model.variant,
-        espirit=EspiritParams(e.calib_width, e.kernel_width, e.thresh, e.crop,
-                              "fast" if e.fast else "sigpy"),
-        coil_compression=protocol.coil_compression,
-        lamda=protocol.model.params.get("lamda"),
-        adaptive=protocol.adaptive,
-        protocol_name=protocol.name,
-    )
-
-
 def recon_file(
     path: Path, out_dir: Path, recon: Reconstructor, protocol_name: str | None = None,
     formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
@@ -100,7 +103,7 @@ def recon_file(
     for w in scan.warnings:
         log.warning("%s: %s", path, w)
     protocol = select_protocol(scan.header, protocol_name)
-    settings = settings_for(protocol)
+    settings = protocol.recon_settings()
     for k, v in (overrides or {}).items():
         if v is not None:
             setattr(settings, k, v)
@@ -120,7 +123,7 @@ def _safe_stem(path: Path) -> str:
 def run_batch(
     inputs: list[str | Path], out_dir: Path, protocol: str | None = None,
     formats: tuple[str, ...] = ("dicom",), resume: bool = False, device: str = "cpu",
-    overrides: dict | None = None, progress: bool = True,
+    overrides: dict | None = None, progress: bool = True, send: str | None = None,
 ) -> list[FileResult]:
     """Reconstruct every input; never raises for a single bad file (see FileResult.error)."""
     out_dir = Path(out_dir)
@@ -145,6 +148,7 @@ def run_batch(
             continue
         r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
                        seconds=time.perf_counter() - t0)
+        r.queued = deliver(written, proto, send, out_dir)
         results.append(r)
         state[key] = {"fingerprint": _fingerprint(path), "outputs": r.outputs}
         _save_state(out_dir, state)

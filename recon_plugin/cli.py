@@ -74,21 +74,14 @@ def cmd_recon(a) -> int:
 
     overrides = {"method": a.method, "model": a.model}
     results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
-                        overrides, progress=not a.quiet)
+                        overrides, progress=not a.quiet, send=a.send)
     code = _report(results)
-    if a.send:
-        code = max(code, _send_outputs(results, a.send, Path(a.out)))
+    queued = sum(r.queued for r in results)
+    if queued:
+        print(f"{queued} DICOM files could not be delivered and wait in the PACS queue; "
+              "run `recon-plugin send --queue QUEUE_DIR` later")
+        code = max(code, EXIT_FAILED)
     return code
-
-
-def _send_outputs(results, target: str, out: Path) -> int:
-    from .pacs import send_or_enqueue
-
-    files = [Path(p) for r in results if r.ok and not r.skipped for p in r.outputs
-             if p.endswith(".dcm")]
-    res = send_or_enqueue(files, target, queue_dir=out / ".pacs-queue")
-    print(f"PACS {target}: {res}")
-    return EXIT_OK
 
 
 def cmd_send(a) -> int:

@@ -178,15 +178,13 @@ def whitening_matrix(scan: RawScan) -> np.ndarray | None:
 
 
 def compress_coils(ksp, calib, acs, n_virtual):
-    """SVD coil compression of slice k-space (and its calibration block) to n_virtual coils."""
-    from .preprocess import coil_compression_matrix
+    """SVD coil compression of slice k-space (and its calibration block) to n_virtual coils,
+    fitted on the separate calibration data when present, else on the ACS rows."""
+    from .preprocess import _calibration_samples, apply_coil_matrix, coil_compression_matrix
 
-    m = coil_compression_matrix(ksp if calib is None else calib, acs if calib is None else None,
-                                n_virtual)
-    ksp = np.einsum("vc,cyx->vyx", m, ksp).astype(np.complex64)
-    if calib is not None:
-        calib = np.einsum("vc,cyx->vyx", m, calib).astype(np.complex64)
-    return ksp, calib
+    fit = calib.reshape(calib.shape[0], -1) if calib is not None else _calibration_samples(ksp, acs)
+    m = coil_compression_matrix(fit, n_virtual)
+    return apply_coil_matrix(m, ksp), (apply_coil_matrix(m, calib) if calib is not None else None)
 
 
 def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
@@ -211,12 +209,13 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
     if unknown:
         raise ValueError(f"unknown output format(s) {sorted(unknown)}; use dicom and/or h5")
     paths: list[Path] = []
-    if "dicom" in formats:
-        from .dicom import write_series
+    if "dicom" in formats and series:
+        from .dicom import scan_uids, write_series
 
+        study, frame = scan_uids(series[0].header)  # one study / frame for all series of a scan
         for s in series:
             paths += write_series(s, Path(out_dir) / f"series_{s.series_number:04d}",
-                                  **(dicom_options or {}))
+                                  study_uid=study, frame_uid=frame, **(dicom_options or {}))
     if "h5" in formats:
         paths += [write_reconstruction_h5(s, Path(out_dir)) for s in series]
     return paths

@@ -66,6 +66,7 @@ class SimVolume:
     noise_cov: np.ndarray
     noise: np.ndarray
     sequence: dict = field(default_factory=dict)
+    protocol_name: str = ""
 
     @property
     def matrix(self) -> tuple[int, int]:
@@ -276,4 +277,11 @@ def simulate_volume(
     noise = add_noise(np.zeros((num_coils, 256), np.complex64), noise_sigma, cov, rng)
     p = CONTRASTS[contrast]
     seq = dict(tr_ms=p["tr"], te_ms=p["te"], ti_ms=p["ti"], flip_deg=p["flip"])
-    return SimVolume(slices, contrast, fov_mm, slice_thickness_mm, cov, noise, seq)
+    return SimVolume(slices, contrast, fov_mm, slice_thickness_mm, cov, noise, seq,
+                     scanner_protocol_name(contrast, orientation))
+
+
+def scanner_protocol_name(contrast: str, orientation: str) -> str:
+    """Scanner-style protocol name, e.g. ``t2_tse_tra``, ``t2_flair_sag``, ``t1_se_cor``."""
+    seq = {"T1": "t1_se", "T2": "t2_tse", "PD": "pd_tse", "FLAIR": "t2_flair"}[contrast]
+    return f"{seq}_{ {'axial': 'tra', 'coronal': 'cor', 'sagittal': 'sag'}[orientation]}"

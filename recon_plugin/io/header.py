@@ -483,7 +483,7 @@ def header_xml_from_sim(
     kwargs.setdefault("slice_spacing_mm", spacing)
     kwargs.setdefault("sequence", vol.sequence)
     kwargs.setdefault("contrast_name", vol.contrast)
-    kwargs.setdefault("protocol_name", f"sim_{vol.contrast}")
+    kwargs.setdefault("protocol_name", vol.protocol_name or f"sim_{vol.contrast}")
     return build_header_xml(
         tuple(vol.matrix), tuple(vol.fov_mm), float(vol.slice_thickness_mm), vol.num_coils,
         readout_oversampling=readout_oversampling, **kwargs,

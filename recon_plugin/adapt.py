@@ -1,0 +1,227 @@
+"""Site adaptation without ground truth (``recon-plugin adapt``).
+
+A site's own undersampled raw files (fastMRI or ISMRMRD; no targets are read) fine-tune the
+protocol's model self-supervised:
+
+* ``ssdu``: the acquired lines of each slice are split (ratio ``rho``, variable density, ACS kept
+  in the data-consistency set, re-drawn every step) into an input set and a loss set; the
+  network sees the input set and is scored on the loss set in k-space (normalised L1 + L2).
+* ``mc-ei``: measurement consistency ``||A f(y) - y||`` plus equivariance to rotations / flips.
+* ``+teacher`` on either: the base model's output as an anchor against drift.
+
+Safety: files are split into adaptation and held-out files (by file; held-out lines are also
+held out within them). The adapted model is promoted only if its measurement-domain error on the
+held-out data beats the base model's; otherwise nothing is written outside the run folder.
+A promoted model is a new versioned file (safetensors + card: parent hash, raw file hashes,
+mode, losses) plus a protocol overlay (``extends: BASE``) in ``SITE_DIR/protocols``. The shipped
+model is never overwritten.
+
+Runs unchanged under ``torchrun --nproc-per-node N`` (DistributedDataParallel; gloo on CPU,
+nccl on GPU): each rank draws its own slices, gradients are averaged, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .coils import EspiritParams, estimate_maps
+from .models.checkpoint import file_sha256, resolve_model, save_model
+from .physics import SenseOperator
+from .training.loop import train_loop
+from .training.losses import (
+    equivariance_loss,
+    kspace_loss,
+    measurement_consistency,
+    ssdu_split,
+    teacher_loss,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = ("ssdu", "mc-ei", "ssdu+teacher", "mc-ei+teacher")
+
+
+@dataclass
+class SiteSlice:
+    """One prepared slice: undersampled k-space (C, ky, kx), mask (ky, kx), ESPIRiT maps, ACS."""
+
+    kspace: torch.Tensor
+    mask: torch.Tensor
+    maps: torch.Tensor
+    acs: tuple[int, int] | None
+    source: str
+
+
+def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]:
+    """Read raw files (no targets), prewhiten, estimate maps; slices without ACS are skipped."""
+    from .coils import CoilMapError
+    from .io import read_raw
+    from .pipeline import whitening_matrix
+
+    out = []
+    for p in paths:
+        scan = read_raw(p)
+        w = whitening_matrix(scan)
+        for sl in scan.slices:
+            k = sl.kspace if w is None else np.einsum("ij,jyx->iyx", w, sl.kspace)
+            k = (k * sl.mask[None]).astype(np.complex64)
+            try:
+                maps = estimate_maps(k, sl.acs, espirit, sl.calib)
+            except CoilMapError as e:
+                log.warning("%s slice %d skipped: %s", p, sl.slice_index, e)
+                continue
+            out.append(SiteSlice(torch.from_numpy(k), torch.from_numpy(sl.mask.astype(np.float32)),
+                                 torch.from_numpy(maps), sl.acs, str(p)))
+    return out
+
+
+def heldout_error(model, slices: list[SiteSlice], rho: float = 0.4, seed: int = 7) -> float:
+    """Measurement-domain validation without ground truth: the model sees a fixed subset of the
+    acquired lines; the normalised k-space error on the held-out lines is averaged."""
+    rng = np.random.default_rng(seed)
+    errs = []
+    with torch.inference_mode():
+        for s in slices:
+            dc, loss_m = ssdu_split(s.mask[None], rho, s.acs, rng)
+            op = SenseOperator(s.maps[None], dc)
+            pred = model(s.kspace[None] * dc[:, None], op)
+            pk = SenseOperator(s.maps[None], loss_m).forward(pred)
+            errs.append(float(kspace_loss(pk, s.kspace[None] * loss_m[:, None])))
+    return float(np.mean(errs))
+
+
+def _freeze_bn(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+
+
+def _dist_info() -> tuple[int, int]:
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), ws)
+
+
+def adapt(
+    raw: list[Path], base_protocol: str, site_dir: Path, mode: str = "ssdu", steps: int = 200,
+    lr: float = 2e-4, rho: float = 0.4, seed: int = 0, device: str = "cpu",
+    teacher_weight: float = 0.2, heldout_fraction: float = 0.25, name: str | None = None,
+    time_budget_s: float | None = None,
+) -> dict:
+    """Run an adaptation; returns a report dict (``promoted``, errors, output paths)."""
+    from .models.checkpoint import load_model
+    from .protocol import load_protocol
+
+    if mode not in MODES:
+        raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
+    rank, world = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    protocol = load_protocol(base_protocol)
+    settings = protocol.recon_settings()
+    base_path = resolve_model(settings.model)
+    model, card = load_model(base_path)
+    teacher = None
+    if "teacher" in mode:
+        teacher, _ = load_model(base_path)
+    raw = sorted(Path(p) for p in raw)
+    n_hold = max(1, int(round(len(raw) * heldout_fraction))) if len(raw) > 1 else 0
+    train_files, hold_files = raw[n_hold:], raw[:n_hold]
+    train = prepare_slices(train_files, settings.espirit)
+    hold = prepare_slices(hold_files, settings.espirit) if hold_files else train[-max(1, len(train) // 4):]
+    if not hold_files:
+        train = train[: len(train) - len(hold)] or train
+    if not train:
+        raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
+    base_err = heldout_error(model, hold)
+    log.info("base model held-out measurement error %.5f on %d slices", base_err, len(hold))
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+
+    def loss_fn(m, rng):
+        _freeze_bn(model)
+        rr = np.random.default_rng(rng.integers(1 << 31) + rank)
+        s = train[int(rr.integers(len(train)))]
+        y, mask, maps = s.kspace[None], s.mask[None], s.maps[None]
+        if mode.startswith("ssdu"):
+            dc, lm = ssdu_split(mask, rho, s.acs, rr)
+            pred = m(y * dc[:, None], SenseOperator(maps, dc))
+            loss = kspace_loss(SenseOperator(maps, lm).forward(pred), y * lm[:, None])
+        else:
+            op = SenseOperator(maps, mask)
+            pred = m(y, op)
+            loss = measurement_consistency(pred, y, op) + equivariance_loss(m, pred, op, rr)
+        if teacher is not None:
+            with torch.no_grad():
+                t = teacher(y, SenseOperator(maps, mask))
+            full = pred if not mode.startswith("ssdu") else m(y, SenseOperator(maps, mask))
+            loss = loss + teacher_weight * teacher_loss(full, t)
+        return loss
+
+    run_dir = Path(site_dir) / "runs" / (name or f"{protocol.name}-{mode}")
+    history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
+                         steps, lr, seed, ckpt_every=max(10, steps // 10),
+                         time_budget_s=None if world > 1 else time_budget_s, progress=rank == 0)
+    model.eval()
+    param_hash = hashlib.sha256(
+        b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    report = {"rank": rank, "world_size": world, "param_sha256": param_hash,
+              "base_heldout_error": base_err, "steps": len(history)}
+    if world > 1:
+        (Path(site_dir) / "runs").mkdir(parents=True, exist_ok=True)
+        (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
+    if rank != 0:
+        return report
+    new_err = heldout_error(model, hold)
+    report["adapted_heldout_error"] = new_err
+    report["promoted"] = bool(new_err < base_err)
+    if not report["promoted"]:
+        log.warning("adaptation did not beat the base model on held-out data (%.5f >= %.5f); "
+                    "nothing promoted", new_err, base_err)
+        return report
+    version = name or f"{card.get('name', 'model')}-site-{mode}"
+    new_card = {
+        "name": version, "version": "site-1", "parent_sha256": card.get("sha256"),
+        "parent_name": card.get("name"), "pruning": card.get("pruning", {}),
+        "finetune": f"self-supervised ({mode})",
+        "adaptation": {"mode": mode, "steps": len(history), "lr": lr, "rho": rho,
+                       "raw_files": {str(p): file_sha256(p) for p in raw},
+                       "heldout_files": [str(p) for p in hold_files],
+                       "heldout_error_base": base_err, "heldout_error_adapted": new_err,
+                       "final_losses": [h["loss"] for h in history if "loss" in h][-10:]},
+    }
+    models_dir = Path(site_dir) / "models"
+    saved = save_model(model, models_dir / version, new_card)
+    overlay = write_overlay(Path(site_dir), protocol.name, version,
+                            (models_dir / f"{version}.safetensors").resolve())
+    report.update(model=str(models_dir / f"{version}.safetensors"), sha256=saved["sha256"],
+                  overlay=str(overlay))
+    (Path(site_dir) / "adapt_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def write_overlay(site_dir: Path, base: str, name: str, model_path: Path) -> Path:
+    """``SITE_DIR/protocols/<base>-site.yaml``: extends the base protocol, swaps the model."""
+    import yaml
+
+    d = site_dir / "protocols"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{base}-site.yaml"
+    text = yaml.safe_dump({
+        "name": f"{base}-site",
+        "extends": base,
+        "description": f"{base} with the site-adapted model {name}",
+        "model": {"variant": str(model_path)},
+    }, sort_keys=False)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
