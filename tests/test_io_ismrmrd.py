@@ -146,7 +146,7 @@ def test_roundtrip_fully_sampled_target_and_geometry(tmp_path, vol):
         np.testing.assert_allclose(s.geometry.read_dir, ref.read_dir, atol=1e-6)
         np.testing.assert_allclose(s.geometry.phase_dir, ref.phase_dir, atol=1e-6)
     h = scan.header
-    assert h.protocol_name == "sim_T2" and h.contrast_name == "T2"
+    assert h.protocol_name == (vol.protocol_name or "sim_T2") and h.contrast_name == "T2"
     assert h.sequence.tr_ms == pytest.approx(vol.sequence["tr_ms"])
     assert h.sequence.te_ms == pytest.approx(vol.sequence["te_ms"])
     assert h.slice_spacing_mm == pytest.approx(
