@@ -1,0 +1,266 @@
+"""Fine-tuning of pruned unrolled networks and export of the resulting variants.
+
+Modes (combine with ``+``, e.g. ``"teacher+self"``; the terms are summed, optionally weighted):
+
+* ``supervised``: ``image_loss(|f(y)|, ground truth)``.
+* ``teacher``:    ``teacher_loss(f(y), teacher(y))`` (the unpruned model's output as target).
+* ``self``:       no ground truth: measurement consistency ``||A f(y) - y||`` (normalised
+  k-space L1 + L2) plus ``ei_weight`` x the equivariance loss under random flips / rotations.
+* ``ssdu``:       no ground truth: the measured lines are split into a data-consistency set
+  (network input) and a loss set; the k-space loss is taken on the held-out lines only.
+
+Data come from the simulator (:func:`recon_plugin.training.data.make_batch`, train split) unless
+a ``batch_fn(rng) -> Batch`` is given. Training runs through the shared resumable
+:func:`recon_plugin.training.loop.train_loop`; use a fresh ``run_dir`` per variant (a checkpoint
+of another architecture cannot be resumed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.checkpoint import save_model
+from ..models.unrolled import UnrolledNet
+from ..physics import SenseOperator, acs_bounds
+from ..training.data import CENTER_FRACTION, Batch, fixed_set, make_batch
+from ..training.loop import train_loop
+from ..training.losses import (
+    equivariance_loss,
+    image_loss,
+    kspace_loss,
+    measurement_consistency,
+    ssdu_split,
+    teacher_loss,
+)
+from ..training.supervised import mean_psnr
+from .spade import count_channels, count_flops, count_params
+
+log = logging.getLogger(__name__)
+
+MODES = ("supervised", "teacher", "self", "ssdu")
+
+
+def parse_mode(mode: str) -> tuple[str, ...]:
+    """``"teacher+self"`` -> ``("teacher", "self")``; raises ValueError on unknown terms."""
+    terms = tuple(t.strip().lower() for t in str(mode).split("+") if t.strip())
+    bad = [t for t in terms if t not in MODES]
+    if not terms or bad:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}: use one or more of {MODES} "
+                         "joined by '+', e.g. 'teacher+self'")
+    if len(set(terms)) != len(terms):
+        raise ValueError(f"fine-tuning mode {mode!r} repeats a term")
+    return terms
+
+
+def batch_acs(batch: Batch) -> tuple[int, int] | None:
+    """Rows [start, stop) of the batch's fully sampled centre (as make_batch draws it)."""
+    ny = batch.mask.shape[-2]
+    cf = CENTER_FRACTION.get(int(batch.acceleration))
+    if cf is None:
+        return None
+    n = int(round(ny * cf))
+    return acs_bounds(ny, n) if n > 0 else None
+
+
+def make_loss_fn(
+    mode: str,
+    teacher: nn.Module | None = None,
+    batch_fn: Callable[[np.random.Generator], Batch] | None = None,
+    batch_size: int = 4,
+    matrix: tuple[int, int] | None = None,
+    num_coils: int | None = None,
+    ssdu_rho: float = 0.4,
+    ei_weight: float = 1.0,
+    weights: dict[str, float] | None = None,
+) -> Callable[[nn.Module, np.random.Generator], torch.Tensor]:
+    """``loss_fn(model, rng) -> scalar`` for :func:`train_loop`, drawing its own batch.
+
+    Batches are ``kspace (B, C, ky, kx)``; predictions complex ``(B, ky, kx)``. ``weights``
+    maps mode terms to multipliers (default 1).
+    """
+    terms = parse_mode(mode)
+    if "teacher" in terms and teacher is None:
+        raise ValueError("fine-tuning mode 'teacher' needs the unpruned teacher model")
+    if not 0.0 < ssdu_rho < 1.0:
+        raise ValueError(f"ssdu_rho must be in (0, 1), got {ssdu_rho}")
+    w = {t: 1.0 for t in terms} | dict(weights or {})
+    if teacher is not None:
+        teacher.eval()
+
+    def draw(rng: np.random.Generator) -> Batch:
+        if batch_fn is not None:
+            return batch_fn(rng)
+        return make_batch("train", rng, batch_size, matrix=matrix, num_coils=num_coils)
+
+    def loss_fn(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
+        b = draw(rng)
+        op = SenseOperator(b.maps, b.mask)
+        total = torch.zeros((), dtype=torch.float32)
+        pred = model(b.kspace, op) if set(terms) - {"ssdu"} else None
+        if "supervised" in terms:
+            total = total + w["supervised"] * image_loss(pred, b.target)
+        if "teacher" in terms:
+            with torch.no_grad():
+                ref = teacher(b.kspace, op)
+            total = total + w["teacher"] * teacher_loss(pred, ref)
+        if "self" in terms:
+            mc = measurement_consistency(pred, b.kspace, op)
+            ei = equivariance_loss(model, pred, op, rng)
+            total = total + w["self"] * (mc + ei_weight * ei)
+        if "ssdu" in terms:
+            dc, lm = ssdu_split(b.mask, ssdu_rho, batch_acs(b), rng)
+            out = model(b.kspace * dc.unsqueeze(1), op.with_mask(dc))
+            loss_op = op.with_mask(lm)
+            total = total + w["ssdu"] * kspace_loss(loss_op.forward(out), b.kspace * lm.unsqueeze(1))
+        return total
+
+    return loss_fn
+
+
+def finetune(
+    pruned: UnrolledNet,
+    mode: str,
+    teacher: nn.Module | None = None,
+    run_dir: Path | str = "runs/finetune",
+    steps: int = 300,
+    batch_size: int = 4,
+    lr: float = 5e-4,
+    seed: int = 0,
+    matrix: tuple[int, int] | None = None,
+    num_coils: int | None = None,
+    batch_fn: Callable[[np.random.Generator], Batch] | None = None,
+    val_batches: int = 0,
+    time_budget_s: float | None = None,
+    progress: bool = False,
+    **loss_kw,
+) -> UnrolledNet:
+    """Fine-tune ``pruned`` in place with the given mode(s); returns it in eval mode.
+
+    With ``val_batches`` > 0 the model is validated by PSNR on that many fixed simulated
+    validation batches (ground truth: use for simulation studies only) and the best state is
+    restored at the end. ``loss_kw`` goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``,
+    ``weights``). The loss history is written to ``run_dir/history.json``.
+    """
+    loss_fn = make_loss_fn(mode, teacher, batch_fn, batch_size, matrix, num_coils, **loss_kw)
+    validate = None
+    if val_batches > 0:
+        val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160),
+                        num_coils=12)
+        validate = lambda m: mean_psnr(m, val)  # noqa: E731
+    run_dir = Path(run_dir)
+    t0 = time.monotonic()
+    history = train_loop(pruned, loss_fn, run_dir, steps, lr, seed, validate=validate,
+                         val_every=max(1, steps // 5), time_budget_s=time_budget_s,
+                         progress=progress)
+    best = run_dir / "best.pt"
+    if validate is not None and best.is_file():
+        pruned.load_state_dict(torch.load(best, weights_only=True)["model"])
+    (run_dir / "history.json").write_text(json.dumps(history))
+    losses = [h["loss"] for h in history if "loss" in h]
+    if losses:
+        log.info("fine-tune %s: %d steps in %.1f s, loss %.4f -> %.4f", mode, len(losses),
+                 time.monotonic() - t0, losses[0], losses[-1])
+    return pruned.eval()
+
+
+def _random_input(hw: tuple[int, int], coils: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, coils, *hw)
+    ksp = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    maps = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    maps = maps / maps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    mask = torch.zeros(1, *hw)
+    mask[:, ::4] = 1
+    return ksp * mask.unsqueeze(1), SenseOperator(maps, mask)
+
+
+def measure_latency(
+    models: dict[str, nn.Module], hw: tuple[int, int] = (256, 256), coils: int = 16,
+    repeats: int = 5, warmup: int = 1,
+) -> dict[str, float]:
+    """Median CPU seconds per slice ``(coils, H, W)`` for each model, timed side by side.
+
+    Repeats are interleaved across the models so that background load affects them alike.
+    """
+    ksp, op = _random_input(hw, coils)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m.eval()
+            for _ in range(warmup):
+                m(ksp, op)
+        for _ in range(repeats):
+            for name, m in models.items():
+                t = time.perf_counter()
+                m(ksp, op)
+                times[name].append(time.perf_counter() - t)
+    return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
+def export_variant(
+    model: UnrolledNet,
+    parent_card: dict,
+    method: str,
+    ratio: float,
+    mode: str,
+    path: Path | str,
+    metrics: dict | None = None,
+    parent: UnrolledNet | None = None,
+    latency_hw: tuple[int, int] = (256, 256),
+    latency_coils: int = 16,
+    training: dict | None = None,
+) -> dict:
+    """Write a pruned variant (``path``.safetensors + .json card via ``save_model``).
+
+    The card records the parent's sha256 and name, the pruning method / ratio / channels, the
+    fine-tuning mode, parameters, FLOPs at 320x320 x 16 coils, the measured CPU latency at
+    ``latency_hw`` x ``latency_coils`` (side by side with ``parent`` when given) and
+    ``metrics`` (e.g. PSNR / SSIM). Returns the card as written.
+    """
+    parse_mode(mode)
+    models = {"variant": model} if parent is None else {"variant": model, "parent": parent}
+    lat = measure_latency(models, latency_hw, latency_coils)
+    latency = {"hw": list(latency_hw), "coils": latency_coils, "threads": torch.get_num_threads(),
+               "seconds_per_slice": lat["variant"]}
+    if parent is not None:
+        latency["parent_seconds_per_slice"] = lat["parent"]
+        latency["speedup"] = lat["parent"] / max(lat["variant"], 1e-12)
+    card = {
+        "name": Path(path).stem,
+        "version": "1.0",
+        "description": f"{parent_card.get('name', 'unrolled')} pruned by {method} "
+                       f"(ratio {ratio}), fine-tuned: {mode}",
+        "training": dict(training or {}) | {
+            "command": " ".join(shlex.quote(a) for a in sys.argv), "host_cpus": os.cpu_count()},
+        "pruning": {"method": method, "ratio": float(ratio), "hidden_channels": count_channels(model),
+                    "parent_hidden_channels": count_channels(parent) if parent else None},
+        "finetune": mode,
+        "flops": count_flops(model),
+        "latency": latency,
+        "metrics": dict(metrics or {}),
+        "parent_sha256": parent_card.get("sha256"),
+        "parent_name": parent_card.get("name"),
+        "params": count_params(model),
+    }
+    out = save_model(model, path, card)
+    log.info("exported %s: %d params, %.2f GFLOP, %.3f s/slice", out["name"], out["params"],
+             card["flops"]["total_flops"] / 1e9, lat["variant"])
+    return out
+
+
+__all__ = [
+    "MODES", "parse_mode", "make_loss_fn", "finetune", "measure_latency", "export_variant",
+    "batch_acs",
+]
