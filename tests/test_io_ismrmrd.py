@@ -15,6 +15,7 @@ from recon_plugin.io.ismrmrd_file import read_ismrmrd
 from recon_plugin.io.mrd_assembler import MrdAssembler
 from recon_plugin.io.writers import write_ismrmrd
 from recon_plugin.physics import center_crop, fft2c, ifft2c, rss
+from recon_plugin.scan import Identity
 from recon_plugin.sim import simulate_volume
 
 TOOL = "ismrmrd_generate_cartesian_shepp_logan"
@@ -278,3 +279,23 @@ def test_streaming_emits_slices_as_they_complete(tmp_path, vol):
     for (_, s), r in zip(emitted, ref.slices):
         np.testing.assert_array_equal(s.kspace, r.kspace)
         assert s.acs == r.acs
+
+
+def test_header_identity_round_trip(tmp_path, vol):
+    ident = Identity(patient_name="Doe^Jane", patient_id="P123", patient_birth_date="19800102",
+                     patient_sex="F", patient_weight_kg=61.5, study_instance_uid="1.2.3.4",
+                     study_id="S1", study_date="20240131", study_time="101112",
+                     series_description="ax t2", frame_of_reference_uid="1.2.3.5",
+                     measurement_id="M1", patient_position="FFS")
+    path = write_ismrmrd(vol, tmp_path / "id.h5",
+                         header_kwargs=dict(identity=ident, protocol_name="t2_tse_tra"))
+    h = read_ismrmrd(path).header
+    got = h.identity
+    for name in ("patient_name", "patient_id", "patient_birth_date", "patient_sex",
+                 "study_instance_uid", "study_id", "study_date", "study_time",
+                 "series_description", "frame_of_reference_uid", "measurement_id",
+                 "patient_position"):
+        assert getattr(got, name) == getattr(ident, name), name
+    assert got.patient_weight_kg == pytest.approx(61.5)
+    assert h.protocol_name == "t2_tse_tra"
+    assert h.pixel_spacing_mm == pytest.approx((250.0 / 40, 200.0 / 32))

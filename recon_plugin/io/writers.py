@@ -87,13 +87,15 @@ def write_fastmri(
     undersample: bool = True,
     phase_padding: int = 0,
     store_geometry: bool = True,
+    header_kwargs: dict | None = None,
 ) -> Path:
     """Write ``vol`` as a fastMRI multi-coil file (see module doc); returns the path.
 
     undersample=True gives a test-file layout: k-space zeroed outside the mask, ``mask`` (ky,)
     dataset, attrs ``acceleration`` / ``num_low_frequency``; False a fully sampled train file.
     ``phase_padding`` rows on each side of ky are zeroed and declared outside the encoding
-    limits, as fastMRI's zero-padded columns.
+    limits, as fastMRI's zero-padded columns. ``header_kwargs`` go to
+    :func:`~recon_plugin.io.header.build_header_xml` (identity, protocol_name, ...).
     """
     path = Path(path)
     ny, nx = vol.matrix
@@ -113,7 +115,8 @@ def write_fastmri(
         k = crop_readout(s.kspace, nx * osf, axis=-1) * rows[None, :, None]
         kspace[i] = np.swapaxes(k, -1, -2)
     target = np.stack([np.ascontiguousarray(s.target.T) for s in vol.slices]).astype(np.float32)
-    xml = header_xml_from_sim(vol, readout_oversampling=osf, phase_padding=phase_padding)
+    xml = header_xml_from_sim(vol, readout_oversampling=osf, phase_padding=phase_padding,
+                              **(header_kwargs or {}))
     pid = hashlib.sha1(f"sim-{vol.contrast}-{seed}".encode()).hexdigest()[:12]
     with h5py.File(path, "w") as f:
         f.create_dataset("kspace", data=kspace)
@@ -188,6 +191,7 @@ def write_ismrmrd(
     separate_calibration: bool = False,
     calib_extra_coils: int = 0,
     dataset: str = "dataset",
+    header_kwargs: dict | None = None,
 ) -> Path:
     """Write ``vol`` (or one SimVolume per contrast / echo) as an ISMRMRD HDF5 file.
 
@@ -199,7 +203,8 @@ def write_ismrmrd(
     asymmetric_echo: acquired fraction of ky rows (the late ones) / readout samples (late ones).
     reverse_odd_lines: every other line stored time-reversed with ACQ_IS_REVERSE. discard:
     (pre, post) junk samples. skipped_acquisitions: add navigator, phase-correction,
-    RT-feedback and surface-coil junk that a reader must skip.
+    RT-feedback and surface-coil junk that a reader must skip. ``header_kwargs`` go to
+    :func:`~recon_plugin.io.header.build_header_xml` (identity, protocol_name, ...).
     """
     vols = [vol] if isinstance(vol, SimVolume) else list(vol)
     base = vols[0]
@@ -221,7 +226,7 @@ def write_ismrmrd(
         acceleration=int(round(r)), calib_lines=calib or None, num_averages=num_averages,
         num_repetitions=num_repetitions, num_contrasts=len(vols),
         calibration_mode=("separate" if separate_calibration else "embedded") if r > 1 else None,
-        e1_limits=(first_row, ny - 1, ny // 2),
+        e1_limits=(first_row, ny - 1, ny // 2), **(header_kwargs or {}),
     )
     if separate_calibration and calib:
         xml = _calib_encoding_xml(xml, nx // 2, calib, osf if os_convention == "header" else 1)
