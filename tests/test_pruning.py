@@ -1,0 +1,354 @@
+"""Pruning (SPADE, LEAN), fine-tuning modes, variant export and adaptive selection.
+
+Tiny problems only: UnrolledNet(num_cascades=2, chans=8), matrices around 48x40, a few coils,
+one CPU thread (the machine is shared with training jobs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recon_plugin.models.checkpoint import load_model, save_model
+from recon_plugin.models.unrolled import UnrolledNet
+from recon_plugin.physics import SenseOperator
+from recon_plugin.pruning.adaptive import (
+    PolicyError,
+    choose_variant,
+    estimate_difficulty,
+    slice_features,
+    validate_policy,
+)
+from recon_plugin.pruning.finetune import export_variant, finetune, make_loss_fn, parse_mode
+from recon_plugin.pruning.lean import (
+    apply_keep,
+    build_channel_graph,
+    lean_prune,
+    lean_select,
+    operator_norm_fft,
+    operator_norm_power,
+)
+from recon_plugin.pruning.spade import (
+    channel_profile,
+    count_channels,
+    count_flops,
+    output_layer,
+    spade_prune,
+)
+from recon_plugin.training.data import Batch, make_batch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Distinct BN parameters / statistics (as after training) so channels are identifiable."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = 0.2 + 1.8 * torch.rand(n, generator=g)
+            m.bias.data = 0.1 * torch.randn(n, generator=g)
+            m.running_mean = 0.1 * torch.randn(n, generator=g)
+            m.running_var = 0.5 + torch.rand(n, generator=g)
+        elif isinstance(m, nn.ConvTranspose2d):
+            m.bias.data = torch.randn(m.out_channels, generator=g)
+    return model
+
+
+@pytest.fixture(scope="module")
+def base() -> UnrolledNet:
+    torch.manual_seed(0)
+    return _randomise_bn(UnrolledNet(num_cascades=2, chans=8)).eval()
+
+
+def _inputs(hw, coils, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, coils, *hw)
+    k = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    maps = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    maps = maps / maps.abs().pow(2).sum(1, keepdim=True).sqrt()
+    mask = torch.zeros(1, *hw)
+    mask[:, ::3] = 1
+    return k * mask.unsqueeze(1), SenseOperator(maps, mask)
+
+
+def _runs_anywhere(model: UnrolledNet) -> None:
+    with torch.no_grad():
+        for hw, coils in (((48, 40), 4), ((37, 58), 3)):
+            k, op = _inputs(hw, coils)
+            out = model(k, op)
+            assert out.shape == (1, *hw) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------ SPADE
+def test_spade_one_shot_smaller_dense_and_runs(base):
+    before = count_channels(base)
+    pruned = spade_prune(base, 0.5)
+    assert count_channels(base) == before  # the input model is not modified
+    assert count_channels(pruned) == before // 2
+    for cnn in pruned.cnn_modules():
+        assert output_layer(cnn).out_channels == 2
+    f0, f1 = count_flops(base, (64, 64), 4), count_flops(pruned, (64, 64), 4)
+    assert f1["cnn_macs"] < 0.35 * f0["cnn_macs"] and f1["fft_flops"] == f0["fft_flops"]
+    assert f1["params"] < f0["params"]
+    _runs_anywhere(pruned)
+
+
+def _kept(orig: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Indices of the original channels whose (unique) parameter values survived."""
+    idx = [int(torch.nonzero(orig == v)[0]) for v in new]
+    assert idx == sorted(idx)
+    return torch.tensor(idx)
+
+
+def _masked_copy(model: UnrolledNet, pruned: UnrolledNet) -> UnrolledNet:
+    """``model`` with the channels that ``pruned`` lost silenced (BN gamma = beta = 0,
+    transpose-conv weights and bias = 0): it must compute exactly what ``pruned`` computes."""
+    ref = copy.deepcopy(model)
+    new = dict(pruned.named_modules())
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            drop = torch.ones(m.num_features, dtype=torch.bool)
+            drop[_kept(m.weight.data, new[name].weight.data)] = False
+            m.weight.data[drop] = 0
+            m.bias.data[drop] = 0
+        elif isinstance(m, nn.ConvTranspose2d):
+            drop = torch.ones(m.out_channels, dtype=torch.bool)
+            drop[_kept(m.bias.data, new[name].bias.data)] = False
+            m.weight.data[:, drop] = 0
+            m.bias.data[drop] = 0
+    return ref
+
+
+def _same_output(a: UnrolledNet, b: UnrolledNet) -> None:
+    k, op = _inputs((40, 36), 3, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(a(k, op), b(k, op), rtol=1e-4, atol=1e-4)
+
+
+def test_spade_removes_channels_consistently(base):
+    """Pruning (incl. the concat skips) equals silencing the removed channels."""
+    pruned = spade_prune(base, 0.5)
+    _same_output(pruned, _masked_copy(base, pruned))
+
+
+def test_spade_iterative(base):
+    calls = []
+    pruned = spade_prune(base, 0.5, iterative_steps=3,
+                         between_steps=lambda m, s: calls.append(count_channels(m)))
+    assert len(calls) == 2 and calls[0] > calls[1] > count_channels(pruned)
+    assert count_channels(pruned) == count_channels(spade_prune(base, 0.5))
+    _runs_anywhere(pruned)
+
+
+def test_spade_rescnn_and_bad_ratio():
+    torch.manual_seed(1)
+    m = UnrolledNet(num_cascades=2, chans=8, prior="rescnn", shared_weights=True).eval()
+    p = spade_prune(m, 0.25)
+    assert count_channels(p) == count_channels(m) * 3 // 4
+    _runs_anywhere(p)
+    with pytest.raises(ValueError, match="ratio"):
+        spade_prune(m, 1.0)
+
+
+def test_pruned_roundtrip_save_load(base, tmp_path):
+    pruned = spade_prune(base, 0.5)
+    save_model(pruned, tmp_path / "v.safetensors", {"name": "v"})
+    loaded, card = load_model(tmp_path / "v.safetensors")
+    assert channel_profile(loaded) == channel_profile(pruned)
+    _same_output(loaded, pruned)
+    _runs_anywhere(loaded)
+
+
+def test_export_variant_card(base, tmp_path):
+    parent = save_model(base, tmp_path / "base.safetensors", {"name": "unrolled-tiny"})
+    pruned = lean_prune(base, 0.5)
+    card = export_variant(pruned, parent, "lean", 0.5, "teacher+self", tmp_path / "var",
+                          metrics={"psnr_4x": 30.0}, parent=base, latency_hw=(32, 32),
+                          latency_coils=2)
+    saved = json.loads((tmp_path / "var.json").read_text())
+    assert saved == card
+    assert card["parent_sha256"] == parent["sha256"] and card["parent_name"] == "unrolled-tiny"
+    assert card["pruning"] == {"method": "lean", "ratio": 0.5,
+                               "hidden_channels": count_channels(pruned),
+                               "parent_hidden_channels": count_channels(base)}
+    assert card["finetune"] == "teacher+self" and card["metrics"]["psnr_4x"] == 30.0
+    assert card["parameters"] == card["params"] < parent["parameters"]
+    assert card["flops"]["total_flops"] > 0 and card["latency"]["seconds_per_slice"] > 0
+    assert "speedup" in card["latency"]
+    loaded, _ = load_model(tmp_path / "var.safetensors")
+    _same_output(loaded, pruned)
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+@pytest.fixture(scope="module")
+def tiny_batch() -> Batch:
+    return make_batch("train", np.random.default_rng(3), 2, matrix=(48, 40), num_coils=4)
+
+
+def _loss(model, loss_fn) -> float:
+    m = copy.deepcopy(model).train()  # batch statistics, as in training; no side effects
+    with torch.no_grad():
+        return float(np.mean([float(loss_fn(m, np.random.default_rng(s))) for s in range(3)]))
+
+
+@pytest.mark.parametrize("mode", ["supervised", "teacher", "self", "ssdu", "teacher+self"])
+def test_finetune_lowers_loss(base, tiny_batch, mode, tmp_path):
+    pruned = spade_prune(base, 0.5)
+    loss_fn = make_loss_fn(mode, teacher=base, batch_fn=lambda rng: tiny_batch)
+    before = _loss(pruned, loss_fn)
+    out = finetune(pruned, mode, teacher=base, run_dir=tmp_path, steps=25, lr=3e-3,
+                   batch_fn=lambda rng: tiny_batch)
+    assert out is pruned and not out.training
+    after = _loss(out, loss_fn)
+    assert after < 0.85 * before, (mode, before, after)
+    assert (tmp_path / "history.json").is_file()
+
+
+def test_parse_mode():
+    assert parse_mode("Teacher + self") == ("teacher", "self")
+    for bad in ("", "student", "self+self"):
+        with pytest.raises(ValueError, match="mode"):
+            parse_mode(bad)
+    with pytest.raises(ValueError, match="teacher"):
+        make_loss_fn("teacher")
+
+
+# ------------------------------------------------------------------------------------- LEAN
+@pytest.mark.parametrize("stride,transpose,ksize", [(1, False, 3), (2, False, 3),
+                                                    (2, True, 2), (2, True, 4)])
+def test_operator_norm_fft_matches_power_iteration(stride, transpose, ksize):
+    g = torch.Generator().manual_seed(stride * 10 + ksize)
+    k = torch.randn(ksize, ksize, generator=g)
+    fft = float(operator_norm_fft(k, (16, 16), stride))
+    power = operator_norm_power(k, (16, 16), stride, transpose=transpose, iters=300)
+    assert abs(fft - power) <= 1e-3 * power
+
+
+def test_operator_norm_fft_batched():
+    w = torch.randn(3, 2, 3, 3)
+    norms = operator_norm_fft(w, (12, 12))
+    assert norms.shape == (3, 2)
+    assert abs(float(norms[1, 0]) - operator_norm_power(w[1, 0], (12, 12))) < 1e-3 * norms[1, 0]
+    with pytest.raises(ValueError, match="multiple"):
+        operator_norm_fft(w, (13, 12), stride=2)
+
+
+def test_lean_channel_graph_wiring(base):
+    g = build_channel_graph(base.cnn_modules()[0], (32, 32))
+    names = [la.name for la in g.layers]
+    assert names[0] == "down.0.0" and names[-1] == "out" and g.layer("out").sink
+    assert [la.name for la in g.layers if la.sink] == ["out"]
+    assert g.layer("up.0.0").sources == [("up_conv.0", 16), ("down.1.3", 16)]
+    assert g.layer("up.1.0").sources == [("up_conv.1", 8), ("down.0.3", 8)]
+    assert g.layer("bottleneck.0").in_hw == (8, 8)
+    assert g.layer("up_conv.0").bn is None and g.layer("down.0.0").bn is not None
+    assert g.layer("up.0.0").logw.shape == (32, 16)
+
+
+def test_lean_prefers_strong_chain():
+    """A chain of large kernels through channel 3 of every layer is what LEAN keeps first."""
+    torch.manual_seed(2)
+    m = UnrolledNet(num_cascades=1, chans=8, prior="rescnn")
+    cnn = m.cnn_modules()[0]
+    convs = [mod for mod in cnn.modules() if isinstance(mod, nn.Conv2d)]
+    with torch.no_grad():
+        convs[0].weight[3] *= 50
+        for c in convs[1:]:
+            c.weight[:, 3] *= 50
+    g = build_channel_graph(cnn.eval(), (16, 16))
+    keep = lean_select(g, ratio=0.9)
+    for name, mask in keep.items():
+        assert mask[3], name
+
+
+def test_lean_prune_dense_runs_and_roundtrips(base, tmp_path):
+    total = count_channels(base)
+    for layer_norm in (False, True):
+        pruned = lean_prune(base, 0.5, example_hw=(32, 32), layer_norm=layer_norm)
+        n = count_channels(pruned)
+        assert total // 2 <= n < total * 0.6
+        assert all(v >= 1 for v in channel_profile(pruned).values())
+        _runs_anywhere(pruned)
+    save_model(pruned, tmp_path / "lean", {"name": "lean"})
+    loaded, _ = load_model(tmp_path / "lean")
+    _same_output(loaded, pruned)
+
+
+def test_lean_apply_keep_equals_silenced_channels(base):
+    """Physical removal through the dependency graph (incl. concat) == silenced channels."""
+    m = copy.deepcopy(base)
+    rng = np.random.default_rng(0)
+    for cnn in m.cnn_modules():
+        g = build_channel_graph(cnn, (32, 32))
+        keep = {la.name: rng.uniform(size=la.module.out_channels) < 0.5
+                for la in g.layers if not la.sink}
+        for mask in keep.values():
+            mask[0] = True
+        apply_keep(g, keep)
+    _same_output(m, _masked_copy(base, m))
+
+
+# --------------------------------------------------------------------------------- adaptive
+POLICY = {"variants": [{"model": "unrolled-spade-0.5", "max_difficulty": 0.4},
+                       {"model": "unrolled-base"}]}
+
+
+def test_adaptive_easy_and_hard_choose_different_variants():
+    easy = make_batch("val", np.random.default_rng(1), 1, acceleration=4, snr=40,
+                      matrix=(96, 80), num_coils=8)
+    hard = make_batch("val", np.random.default_rng(1), 1, acceleration=8, snr=5,
+                      matrix=(96, 80), num_coils=8)
+    fe = estimate_difficulty(easy.kspace[0], easy.mask[0])
+    fh = estimate_difficulty(hard.kspace[0])  # mask inferred from the zero rows
+    assert fe["difficulty"] < 0.4 < fh["difficulty"]
+    assert fh["acceleration"] > fe["acceleration"] and fh["snr"] < fe["snr"]
+    assert choose_variant(fe, POLICY) == "unrolled-spade-0.5"
+    assert choose_variant(fh, POLICY) == "unrolled-base"
+    assert choose_variant({"difficulty": 0.1}, POLICY) == "unrolled-spade-0.5"
+
+
+def test_adaptive_noise_scan():
+    rng = np.random.default_rng(0)
+    k = np.zeros((4, 32, 32), np.complex64)
+    k[:, ::2] = 0.3 * (rng.normal(size=(4, 16, 32)) + 1j * rng.normal(size=(4, 16, 32)))
+    noise = 0.3 * (rng.normal(size=(4, 5000)) + 1j * rng.normal(size=(4, 5000)))
+    f = slice_features(k, noise=noise)
+    assert f["noise_sigma"] == pytest.approx(0.3 * np.sqrt(2), rel=0.03)
+    assert f["acceleration"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("policy,match", [
+    ({}, "non-empty 'variants'"),
+    ({"variants": []}, "non-empty 'variants'"),
+    ({"variants": [{"max_difficulty": 0.3}]}, "'model'"),
+    ({"variants": [{"model": "a"}, {"model": "b"}]}, "needs 'max_difficulty'"),
+    ({"variants": [{"model": "a", "max_difficulty": 0.5},
+                   {"model": "b", "max_difficulty": 0.3}, {"model": "c"}]}, "greater"),
+    ({"variants": [{"model": "a", "max_difficulty": 1.5}, {"model": "b"}]}, r"\[0, 1\]"),
+    ({"variants": [{"model": "a", "threshold": 0.5}, {"model": "b"}]}, "unknown keys"),
+    ({"variants": [{"model": "b"}], "weight": {}}, "unknown keys"),
+    ({"variants": [{"model": "b"}], "weights": {"snr": 1}}, "unknown keys"),
+])
+def test_policy_validation_errors(policy, match):
+    with pytest.raises(PolicyError, match=match):
+        validate_policy(policy)
+
+
+def test_policy_weights_change_choice():
+    f = {"acceleration": 3.0, "snr": 5.0, "acs_energy_fraction": 0.95}
+    pol = {"variants": POLICY["variants"], "weights": {"acceleration": 1, "noise": 0, "acs": 0}}
+    assert choose_variant(f, pol) == "unrolled-spade-0.5"
+    pol["weights"] = {"acceleration": 0, "noise": 1, "acs": 0}
+    assert choose_variant(f, pol) == "unrolled-base"
