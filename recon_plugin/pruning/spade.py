@@ -149,7 +149,8 @@ def spade_prune(
 
     ``iterative_steps`` > 1 removes the channels in that many equal stages (linear schedule),
     re-scoring the survivors each time; ``between_steps(model, step)`` (e.g. a short
-    fine-tune) runs after every stage but the last. Returns a dense smaller copy (or ``model``
+    fine-tune, with a fresh ``run_dir`` per stage since the shapes change) runs after every
+    stage but the last. Returns a dense smaller copy (or ``model``
     itself with ``inplace=True``) in eval mode. ``example_hw`` is the mock image used for tracing.
     """
     if not 0.0 <= ratio < 1.0:
