@@ -129,6 +129,15 @@ def cmd_bench(a) -> int:
     return EXIT_OK
 
 
+def cmd_serve(a) -> int:
+    from .server import serve
+
+    serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
+          dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
+          max_connections=a.max_connections, image_dtype=a.image_dtype)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recon-plugin", description=__doc__.splitlines()[0])
@@ -193,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("send", help="drain the durable PACS queue")
     s.add_argument("--queue", required=True, help="queue folder (OUT/.pacs-queue)")
     s.set_defaults(fn=cmd_send)
+
+    s = sub.add_parser("serve", help="MRD streaming server: acquisitions in, images back")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=9002, help="TCP port (0 = any free port)")
+    s.add_argument("--protocol", help="protocol when the client names none (default: match)")
+    s.add_argument("--protocol-dir", action="append", default=[],
+                   help="extra protocol folder searched first (repeatable)")
+    s.add_argument("--dicom-out", help="also write every finished scan as DICOM here")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--idle-timeout", type=float, default=300.0, help="seconds (default 300)")
+    s.add_argument("--max-connections", type=int, default=8)
+    s.add_argument("--image-dtype", choices=["float", "uint16"], default="float",
+                   help="float32 magnitudes (as offline recon) or uint16 scaled per scan")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 
