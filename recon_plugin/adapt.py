@@ -200,7 +200,7 @@ def adapt(
     }
     models_dir = Path(site_dir) / "models"
     saved = save_model(model, models_dir / version, new_card)
-    overlay = write_overlay(Path(site_dir), protocol.name, version,
+    overlay = write_overlay(Path(site_dir), protocol, version,
                             (models_dir / f"{version}.safetensors").resolve())
     report.update(model=str(models_dir / f"{version}.safetensors"), sha256=saved["sha256"],
                   overlay=str(overlay))
@@ -208,16 +208,25 @@ def adapt(
     return report
 
 
-def write_overlay(site_dir: Path, base: str, name: str, model_path: Path) -> Path:
-    """``SITE_DIR/protocols/<base>-site.yaml``: extends the base protocol, swaps the model."""
+def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path:
+    """``SITE_DIR/protocols/<base>-site.yaml``: extends the base protocol (by name when the
+    name resolves to the same file, else by path), swaps the model."""
     import yaml
 
+    from .protocol import ProtocolError, load_protocol
+
+    base = protocol.name
+    try:
+        same = load_protocol(base).source == protocol.source
+    except (ProtocolError, LookupError, FileNotFoundError):
+        same = False
+    extends = base if same or protocol.source is None else str(Path(protocol.source).resolve())
     d = site_dir / "protocols"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{base}-site.yaml"
     text = yaml.safe_dump({
         "name": f"{base}-site",
-        "extends": base,
+        "extends": extends,
         "description": f"{base} with the site-adapted model {name}",
         "model": {"variant": str(model_path)},
     }, sort_keys=False)

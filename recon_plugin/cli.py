@@ -121,6 +121,24 @@ def cmd_train(a) -> int:
     return EXIT_OK
 
 
+def cmd_adapt(a) -> int:
+    from .adapt import adapt
+
+    rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
+                seed=a.seed, device=a.device, name=a.name, time_budget_s=a.time_budget)
+    if rep.get("rank", 0) != 0:
+        return EXIT_OK
+    print(f"held-out measurement error: base {rep['base_heldout_error']:.5f}, adapted "
+          f"{rep['adapted_heldout_error']:.5f}")
+    if not rep["promoted"]:
+        print("adapted model NOT promoted (it did not beat the base model); nothing changed")
+        return EXIT_FAILED
+    print(f"new model {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol "
+          f"{rep['overlay']}: use it with `recon --protocol {rep['overlay']}` or add "
+          f"{Path(rep['overlay']).parent} to RECON_PLUGIN_PROTOCOLS and use its name")
+    return EXIT_OK
+
+
 def cmd_bench(a) -> int:
     from . import bench
 
@@ -192,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, default=None, help="seconds, then checkpoint")
     s.add_argument("--export", help="write the best model here (path without suffix)")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
+    s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD)")
+    s.add_argument("--protocol", required=True, help="base protocol (name or YAML)")
+    s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")
+    s.add_argument("--mode", default="ssdu", choices=["ssdu", "mc-ei", "ssdu+teacher",
+                                                       "mc-ei+teacher"])
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--name", help="name of the adapted model (default derived)")
+    s.add_argument("--time-budget", type=float, default=None, help="seconds (single process)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_adapt)
 
     s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
     s.add_argument("what", choices=["quality", "speed"])

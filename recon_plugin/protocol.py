@@ -185,6 +185,14 @@ class Protocol:
         """Keyword arguments for ``dicom.write_series`` (unset options left to its defaults)."""
         return {k: v for k, v in asdict(self.dicom).items() if v is not None}
 
+    def model_ref(self) -> str:
+        """The model variant: a shipped name, or a .safetensors path made absolute relative to
+        the protocol file that named it."""
+        v = self.model.variant
+        if v.endswith(".safetensors") and not Path(v).is_absolute() and self.source is not None:
+            return str((Path(self.source).parent / v).resolve())
+        return v
+
     def recon_settings(self):
         """The :class:`recon_plugin.pipeline.ReconSettings` this protocol asks for."""
         from .coils import EspiritParams
@@ -193,7 +201,7 @@ class Protocol:
         e = self.espirit
         return ReconSettings(
             method=self.model.method,
-            model=self.model.variant,
+            model=self.model_ref(),
             espirit=EspiritParams(calib_width=e.calib_width, kernel_width=e.kernel_width,
                                   thresh=e.thresh, crop=e.crop, grid=e.grid,
                                   method="fast" if e.fast else "sigpy"),
@@ -331,7 +339,8 @@ SCHEMA: dict[str, Any] = {
         "catch_all": (_bool, False),
     },
     "model": {
-        "variant": (_str(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")), False),
+        # a shipped model name, or a path to a .safetensors file (relative: to the YAML file)
+        "variant": (_str(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*|[^\0]*\.safetensors")), False),
         "method": (_str(choices=METHODS), False),
         "lamda": (_num(0.0, lo_open=True), True),
         "fallback": (_str(choices=("zero-filled", "error")), False),

@@ -113,11 +113,11 @@ def train_loop(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        history.append({"step": step + 1, "loss": float(loss), "lr": sched.get_last_lr()[0],
+        history.append({"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
                         "t": time.monotonic() - t0})
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if (step + 1) % 10 == 0:
-            log.info("step %d loss %.5f", step + 1, float(loss))
+            log.info("step %d loss %.5f", step + 1, history[-1]["loss"])
         if validate is not None and ((step + 1) % val_every == 0 or step + 1 == steps):
             model.eval()
             score = float(validate(model))

@@ -1,0 +1,87 @@
+"""Site adaptation: held-out error goes down, the gate refuses a bad run, the overlay is used,
+and two DDP processes train one synchronised model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recon_plugin.adapt import adapt
+from recon_plugin.io.writers import write_ismrmrd
+from recon_plugin.models.checkpoint import save_model
+from recon_plugin.models.unrolled import UnrolledNet
+from recon_plugin.protocol import load_protocol
+from recon_plugin.sim import simulate_volume
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    d = tmp_path_factory.mktemp("site")
+    base = UnrolledNet(num_cascades=2, chans=8)
+    save_model(base, d / "base", {"name": "tiny-base", "version": "0",
+                                  "pruning": {"method": "none", "ratio": 0.0}})
+    proto = {
+        "name": "tiny_base", "description": "test base protocol",
+        "match": {"protocol_name": "flair"},
+        "model": {"variant": str(d / "base.safetensors"), "method": "unrolled"},
+        "espirit": {"calib_width": 20, "kernel_width": 5, "fast": True, "grid": 48},
+    }
+    (d / "tiny_base.yaml").write_text(yaml.safe_dump(proto))
+    raws = []
+    for i in range(3):  # a site shift: FLAIR, another coil count, lower SNR
+        vol = simulate_volume("train", "FLAIR", num_slices=2, num_coils=6, matrix=(64, 56),
+                              snr=15.0, seed=40 + i)
+        raws.append(write_ismrmrd(vol, d / f"site_{i}.h5", acceleration=4, calib_lines=20,
+                                  seed=i))
+    return d, raws
+
+
+def test_adaptation_lowers_heldout_error_and_overlay_is_used(site, tmp_path):
+    d, raws = site
+    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=60, lr=1e-2)
+    assert rep["promoted"], rep
+    assert rep["adapted_heldout_error"] < 0.97 * rep["base_heldout_error"]
+    card = json.loads(Path(rep["model"]).with_suffix(".json").read_text())
+    assert card["parent_sha256"] and len(card["adaptation"]["raw_files"]) == 3
+    overlay = load_protocol(rep["overlay"])
+    assert overlay.recon_settings().model == str(Path(rep["model"]).resolve())
+    assert overlay.espirit.grid == 48  # inherited from the base protocol
+    from recon_plugin.batch import run_batch
+
+    res = run_batch([raws[0]], tmp_path / "out", rep["overlay"], progress=False)
+    assert res[0].ok, res[0].error
+    import pydicom
+
+    ds = pydicom.dcmread(res[0].outputs[0])
+    assert rep["sha256"] in str(ds.DerivationDescription) + str(ds.ImageComments)
+
+
+def test_gate_refuses_a_worse_model(site, tmp_path):
+    d, raws = site
+    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="mc-ei", steps=6, lr=5.0)
+    assert not rep["promoted"]
+    assert not rep["adapted_heldout_error"] < rep["base_heldout_error"]  # NaN counts as worse
+    assert not (tmp_path / "models").exists() and not (tmp_path / "protocols").exists()
+
+
+def test_two_process_ddp(site, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not found beside the Python interpreter")
+    d, raws = site
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "recon_plugin.cli", "-q",
+           "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"), "--out",
+           str(tmp_path), "--steps", "4", "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode in (0, 1), r.stderr[-2000:]
+    h0 = (tmp_path / "runs" / "params_rank0.txt").read_text()
+    h1 = (tmp_path / "runs" / "params_rank1.txt").read_text()
+    assert h0 == h1
+    ckpt = tmp_path / "runs"
+    assert any(ckpt.rglob("ckpt.pt"))
