@@ -84,6 +84,11 @@ def _evaluate(vols, fn) -> tuple[dict, float, list]:
     return mean, float(np.median(times)), images
 
 
+def evaluate_model(model, vols) -> tuple[dict, float, list]:
+    """(mean metrics, median s/slice, images) of an unrolled model on prepared volumes."""
+    return _evaluate(vols, _network(model))
+
+
 def tune_lambda(method, vols, grid) -> float:
     """The lambda of ``grid`` with the best mean PSNR on validation volumes."""
     fn = cg_sense if method == "cg-sense" else l1_wavelet

@@ -139,11 +139,28 @@ def cmd_adapt(a) -> int:
     return EXIT_OK
 
 
+def cmd_prune(a) -> int:
+    from .pruning.run import make_variant
+
+    ft = None if a.finetune == "none" else a.finetune
+    card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
+                        a.steps, a.lr, a.batch_size, a.seed, a.time_budget)
+    lat = card["latency"]
+    print(f"wrote {a.export}.safetensors: {card['parameters']} params, "
+          f"{lat.get('speedup', float('nan')):.2f}x faster than the parent at 320x320x16; "
+          f"validation {card['metrics']}")
+    return EXIT_OK
+
+
 def cmd_bench(a) -> int:
     from . import bench
 
-    fn = {"quality": bench.quality, "speed": bench.speed}[a.what]
-    fn(Path(a.docs), quick=a.quick)
+    if a.what == "pruning":
+        from .pruning.run import pruning_table
+
+        pruning_table(Path(a.docs), Path(a.variants))
+    else:
+        {"quality": bench.quality, "speed": bench.speed}[a.what](Path(a.docs), quick=a.quick)
     return EXIT_OK
 
 
@@ -152,7 +169,8 @@ def cmd_serve(a) -> int:
 
     serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
           dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
-          max_connections=a.max_connections, image_dtype=a.image_dtype)
+          max_connections=a.max_connections, image_dtype=a.image_dtype,
+          warmup=not a.no_warmup)
     return EXIT_OK
 
 
@@ -225,8 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_adapt)
 
+    s = sub.add_parser("prune", help="prune a model (SPADE or LEAN), fine-tune, export a variant")
+    s.add_argument("--model", default="unrolled-base", help="parent model name or path")
+    s.add_argument("--method", choices=["spade", "lean"], required=True)
+    s.add_argument("--ratio", type=float, required=True, help="channel sparsity in (0, 1)")
+    s.add_argument("--finetune", default="teacher",
+                   help="supervised | teacher | self | ssdu | combinations with + | none")
+    s.add_argument("--steps", type=int, default=150)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--time-budget", type=float, default=None, help="seconds")
+    s.add_argument("--run-dir", required=True, help="checkpoints and log (resumes)")
+    s.add_argument("--export", required=True, help="variant path without suffix")
+    s.set_defaults(fn=cmd_prune)
+
     s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
-    s.add_argument("what", choices=["quality", "speed"])
+    s.add_argument("what", choices=["quality", "speed", "pruning"])
+    s.add_argument("--variants", default=str(Path(__file__).parent / "weights"),
+                   help="folder of variant models (bench pruning)")
     s.add_argument("--docs", default="docs")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     s.set_defaults(fn=cmd_bench)
@@ -247,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections", type=int, default=8)
     s.add_argument("--image-dtype", choices=["float", "uint16"], default="float",
                    help="float32 magnitudes (as offline recon) or uint16 scaled per scan")
+    s.add_argument("--no-warmup", action="store_true",
+                   help="skip the synthetic warm-up slice (first scan then pays model load/JIT)")
     s.set_defaults(fn=cmd_serve)
     return p
 

@@ -1,0 +1,142 @@
+"""``recon-plugin prune`` and the pruning benchmark: prune a parent model, fine-tune, export.
+
+A variant is written as safetensors + model card (parent hash, method, ratio, fine-tuning mode,
+params, FLOPs, latency measured side by side with the parent, quality on the validation slab).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..models.checkpoint import load_model, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def prune_model(model, method: str, ratio: float, iterative_steps: int = 1):
+    """A pruned copy of ``model`` (``spade`` or ``lean``)."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"--ratio must be in (0, 1), got {ratio}")
+    if method == "spade":
+        from .spade import spade_prune
+
+        return spade_prune(model, ratio, iterative_steps=iterative_steps)
+    if method == "lean":
+        from .lean import lean_prune
+
+        return lean_prune(model, ratio, layer_norm=True)
+    raise ValueError(f"unknown pruning method {method!r} (use spade or lean)")
+
+
+def val_quality(model, n_slices: int = 2) -> dict:
+    """PSNR / SSIM at 4x and 8x on the validation slab (ESPIRiT maps, as in the benchmark)."""
+    from ..bench import evaluate_model, make_volumes
+
+    out = {}
+    for acc in (4, 8):
+        vols = make_volumes("val", acc, n_slices, seed=500)
+        m, _, _ = evaluate_model(model, vols)
+        out[f"val_psnr_{acc}x"], out[f"val_ssim_{acc}x"] = m["psnr"], m["ssim"]
+    return out
+
+
+def make_variant(
+    parent: str, method: str, ratio: float, finetune_mode: str | None, run_dir: Path,
+    export: Path, steps: int = 150, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
+    time_budget_s: float | None = None,
+) -> dict:
+    """Prune ``parent`` (name or path), fine-tune (``None``: no fine-tuning), export; card."""
+    from .finetune import export_variant, finetune
+
+    base, card = load_model(resolve_model(parent))
+    pruned = prune_model(base, method, ratio)
+    if finetune_mode:
+        teacher = base if "teacher" in finetune_mode else None
+        finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr, seed,
+                 time_budget_s=time_budget_s, progress=True)
+    metrics = val_quality(pruned)
+    training = {"finetune_steps": steps if finetune_mode else 0, "lr": lr,
+                "batch_size": batch_size, "data": "simulated train slabs (see anatomy.SPLITS)"}
+    return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
+                          metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
+                          training=training)
+
+
+def pruning_table(docs: Path, variant_dir: Path, parent: str = "unrolled-base",
+                  n_slices: int = 4) -> list[dict]:
+    """Benchmark every variant card in ``variant_dir`` against the parent, side by side.
+
+    Writes the table and a speed-quality Pareto plot to ``docs``.
+    """
+    from ..bench import _replace_section, evaluate_model, make_volumes
+    from .finetune import measure_latency
+    from .spade import count_flops, count_params
+
+    base, card = load_model(resolve_model(parent))
+    variants = {"unpruned": (base, card)}
+    for p in sorted(Path(variant_dir).glob("*.safetensors")):
+        m, c = load_model(p)
+        if c.get("parent_sha256") == card.get("sha256"):
+            variants[p.stem] = (m, c)
+    lat = measure_latency({k: v[0] for k, v in variants.items()}, (320, 320), 16, repeats=5)
+    vols = {acc: make_volumes("test", acc, n_slices, seed=900) for acc in (4, 8)}
+    rows = []
+    for name, (m, c) in variants.items():
+        q = {acc: evaluate_model(m, vols[acc])[0] for acc in (4, 8)}
+        pr = c.get("pruning", {})
+        rows.append({
+            "name": name, "method": pr.get("method", "none"), "ratio": pr.get("ratio", 0.0),
+            "finetune": c.get("finetune", ""), "params": count_params(m),
+            "gflops": count_flops(m)["total_flops"] / 1e9, "latency_s": lat[name],
+            "speedup": lat["unpruned"] / lat[name],
+            **{f"psnr_{a}x": q[a]["psnr"] for a in q}, **{f"ssim_{a}x": q[a]["ssim"] for a in q},
+        })
+    ref = rows[0]
+    lines = [
+        "## Pruned variants (`recon-plugin bench pruning`)",
+        "",
+        "Network only, 320x320 slice, 16 coils, median of 5 interleaved runs on this machine "
+        "(all models timed side by side in one run). Quality on the held-out test slab "
+        f"({n_slices} slices x 4 contrasts, ESPIRiT maps), per volume, averaged. FLOPs: CNN "
+        "convolutions + FFT estimate at 320x320x16. dPSNR / dSSIM relative to the unpruned model.",
+        "",
+        "| variant | method | ratio | fine-tune | params | GFLOPs | s/slice | speed-up | "
+        "PSNR 4x | dPSNR 4x | SSIM 4x | dSSIM 4x | PSNR 8x | dPSNR 8x | SSIM 8x | dSSIM 8x |",
+        "|" + "---|" * 16,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['ratio']:g} | {r['finetune']} | {r['params']} | "
+            f"{r['gflops']:.1f} | {r['latency_s']:.3f} | {r['speedup']:.2f}x | "
+            f"{r['psnr_4x']:.2f} | {r['psnr_4x'] - ref['psnr_4x']:+.2f} | {r['ssim_4x']:.4f} | "
+            f"{r['ssim_4x'] - ref['ssim_4x']:+.4f} | {r['psnr_8x']:.2f} | "
+            f"{r['psnr_8x'] - ref['psnr_8x']:+.2f} | {r['ssim_8x']:.4f} | "
+            f"{r['ssim_8x'] - ref['ssim_8x']:+.4f} |")
+    lines += ["", "Pareto plot: `docs/pruning_pareto.png`.", ""]
+    docs.mkdir(parents=True, exist_ok=True)
+    _replace_section(docs / "BENCHMARKS.md", "## Pruned variants", "\n".join(lines))
+    (docs / "pruning_results.json").write_text(json.dumps(rows, indent=1))
+    _pareto(docs / "pruning_pareto.png", rows)
+    return rows
+
+
+def _pareto(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, acc in zip(axes, (4, 8)):
+        for r in rows:
+            ax.scatter(r["latency_s"], r[f"psnr_{acc}x"], marker="o" if r["method"] != "lean" else "s")
+            ax.annotate(r["name"].replace("unrolled-", ""), (r["latency_s"], r[f"psnr_{acc}x"]),
+                        fontsize=6)
+        ax.set_xlabel("network s / slice (320x320, 16 coils)")
+        ax.set_ylabel(f"PSNR {acc}x (dB)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
