@@ -773,7 +773,9 @@ class ReconServer:
         if busy:
             log.warning("%s: refused, %d connections active", peer, self.max_connections)
             conn.settimeout(2.0)
-            _Reply(conn).error(f"server busy ({self.max_connections} connections active)")
+            reply = _Reply(conn)
+            reply.error(f"server busy ({self.max_connections} connections active)")
+            reply.close()
             _close(conn)
             return
         t.start()
@@ -790,6 +792,8 @@ class ReconServer:
         result: StreamResult | None = None
         try:
             result = self._session(inbox, reply)
+            if result is not None:
+                self.results.append(result)
             reply.close()
             log.info("%s: done", who)
         except ClientGone as e:
@@ -810,7 +814,6 @@ class ReconServer:
             _close(conn)
             reader.join(2.0)
         if result is not None:
-            self.results.append(result)
             self.engine.deliver(result)
 
     def _session(self, inbox: _Inbox, reply: _Reply) -> StreamResult | None:

@@ -1,0 +1,411 @@
+"""MRD streaming server, FIRE and Gadgetron modules against the offline recon of the same file.
+
+The client side is written against ``ismrmrd.serialization`` only (ProtocolSerializer /
+ProtocolDeserializer), as a scanner-side MRD client would be. Protocols are written into a
+temporary folder (``extends: default``) with fast ESPIRiT so every scan takes about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import numpy as np
+import pytest
+from ismrmrd.serialization import (
+    ConfigFile,
+    ISMRMRDMessageID,
+    ProtocolDeserializer,
+    ProtocolSerializer,
+)
+
+from recon_plugin import server as srv
+from recon_plugin.batch import recon_file
+from recon_plugin.io.writers import write_ismrmrd
+from recon_plugin.pipeline import Reconstructor
+from recon_plugin.sim import simulate_volume
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOLS = {
+    "stream_cg": "model: {method: cg-sense}\nespirit: {calib_width: 16, kernel_width: 5, "
+                 "fast: true}\nseries: {description: STREAM CG, number_base: 7000}\n",
+    "stream_zf": "model: {method: zero-filled}\nseries: {description: STREAM ZF, "
+                 "number_base: 8000}\n",
+}
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Simulated raw file (2 slices, 8 coils, 64x64, R=4), its header / acquisitions, protocols."""
+    root = tmp_path_factory.mktemp("stream")
+    vol = simulate_volume("test", "T2", num_slices=2, num_coils=8, matrix=(64, 64),
+                          fov_mm=(200.0, 200.0), snr=40.0, seed=5)
+    raw = write_ismrmrd(vol, root / "scan.h5", acceleration=4, seed=5)
+    pdir = root / "protocols"
+    pdir.mkdir()
+    for name, body in PROTOCOLS.items():
+        (pdir / f"{name}.yaml").write_text(f"name: {name}\nextends: default\n{body}")
+    with ismrmrd.File(str(raw), "r") as f:
+        header, acqs = f["dataset"].header, f["dataset"].acquisitions[:]
+    return {"raw": raw, "pdir": pdir, "header": header, "acqs": acqs, "root": root}
+
+
+@pytest.fixture(scope="module")
+def offline(data):
+    """Offline pixels per protocol: `recon` (batch recon_file, .h5 output) of the same file."""
+    recon = Reconstructor()
+    out = {}
+    for name in PROTOCOLS:
+        written, _ = recon_file(data["raw"], data["root"] / f"offline_{name}", recon,
+                                str(data["pdir"] / f"{name}.yaml"), formats=("h5",))
+        with h5py.File(written[0], "r") as f:
+            out[name] = np.asarray(f["reconstruction"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(data):
+    eng = srv.StreamEngine(protocol_dirs=[data["pdir"]])
+    eng.warmup("stream_cg")
+    return eng
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """A running server on a free loopback port (module-wide)."""
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=20.0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    yield s
+    s.request_stop()
+    t.join(30)
+    assert not t.is_alive()
+
+
+# ------------------------------------------------------------------------------ client
+def stream(address, data, config="stream_cg", text=None, acqs=None, drop_after=None):
+    """Send config, header, optional TEXT, acquisitions, CLOSE; return (images, texts).
+
+    drop_after: close the socket abruptly after that many acquisitions (returns nothing)."""
+    acqs = data["acqs"] if acqs is None else acqs
+    sock = socket.create_connection(address, timeout=60)
+    wfile, rfile = sock.makefile("wb"), sock.makefile("rb")
+
+    def send():
+        out = ProtocolSerializer(wfile)
+        out.serialize(ConfigFile(config))
+        out.serialize(data["header"])
+        if text is not None:
+            out.serialize(text)
+        for i, acq in enumerate(acqs):
+            if drop_after is not None and i == drop_after:
+                wfile.flush()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # reset: the scanner side vanished
+                return
+            out.serialize(acq)
+        out.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    images, texts = [], []
+    if drop_after is None:
+        for obj in ProtocolDeserializer(rfile).deserialize():
+            (images if isinstance(obj, ismrmrd.Image) else texts).append(obj)
+    sender.join(60)
+    wfile.close()
+    rfile.close()
+    sock.close()
+    return images, texts
+
+
+def raw_exchange(address, payload: bytes, half_close: bool = True):
+    """Send raw bytes; return what comes back parsed with ProtocolDeserializer (texts, closed)."""
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        texts, closed = [], False
+        try:
+            for obj in ProtocolDeserializer(sock.makefile("rb")).deserialize():
+                texts.append(obj)
+            closed = True
+        except EOFError:
+            pass
+        return texts, closed
+
+
+def preamble(data, config="stream_zf") -> bytes:
+    """CONFIG_FILE + HEADER bytes as a client writes them."""
+    import io
+
+    buf = io.BytesIO()
+    out = ProtocolSerializer(buf)
+    out.serialize(ConfigFile(config))
+    out.serialize(data["header"])
+    return buf.getvalue()
+
+
+def check_images(images, reference, series_base, acqs):
+    assert len(images) == reference.shape[0]
+    for img in sorted(images, key=lambda im: im.slice):
+        assert img.data_type == ismrmrd.DATATYPE_FLOAT
+        assert tuple(img.matrix_size) == (64, 64, 1)
+        np.testing.assert_array_equal(img.data[0, 0], reference[img.slice])
+        first = next(a for a in acqs if a.idx.slice == img.slice
+                     and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+        np.testing.assert_allclose(img.position[:], first.position[:], atol=1e-5)
+        for name in ("read_dir", "phase_dir", "slice_dir"):
+            np.testing.assert_allclose(getattr(img, name)[:], getattr(first, name)[:], atol=1e-6)
+        np.testing.assert_allclose(img.field_of_view[:2], (200.0, 200.0))
+        assert img.image_series_index == series_base + 1
+        assert img.image_index == img.slice + 1
+        assert img.image_type == ismrmrd.IMTYPE_MAGNITUDE
+
+
+# ------------------------------------------------------------------------------ tests
+def test_stream_equals_offline_recon(server, data, offline):
+    images, texts = stream(server.address, data, "stream_cg")
+    assert not texts
+    check_images(images, offline["stream_cg"], 7000, data["acqs"])
+    meta = ismrmrd.Meta.deserialize(images[0].attribute_string)
+    assert meta["DataRole"] == "Image"
+    assert meta["ImageProcessingHistory"] == ["RECON_PLUGIN", "CGSENSE"]
+    assert float(meta["WindowWidth"]) > 0 and float(meta["WindowCenter"]) > 0
+    assert meta["SeriesDescription"].startswith("STREAM CG")
+    assert meta["RECON_PLUGIN_Protocol"] == "stream_cg"
+    assert meta["DeepLearningReconstruction"] == "NO"
+    result = server.results[-1]
+    assert result.complete and len(result.latencies_s) == 2
+    print("stream latency per slice (s):", [round(x, 3) for x in result.latencies_s],
+          "reconstruction (s):", [round(x, 3) for x in result.recon_s])
+
+
+def test_json_text_and_uint16(server, data, offline):
+    """TEXT JSON parameters (python-ismrmrd-server form) pick protocol and image type."""
+    text = '{"parameters": {"protocol": "stream_zf", "image_dtype": "uint16"}}'
+    images, _ = stream(server.address, data, "auto", text=text)
+    assert len(images) == 2
+    ref = offline["stream_zf"]
+    for img in images:
+        assert img.data_type == ismrmrd.DATATYPE_USHORT
+        scale = float(ismrmrd.Meta.deserialize(img.attribute_string)["RECON_PLUGIN_Scale"])
+        expect = np.clip(np.rint(ref[img.slice] * scale), 0, 4095)
+        np.testing.assert_allclose(img.data[0, 0], expect, atol=1)
+
+
+def test_malformed_streams_then_next_client_is_served(server, data, offline):
+    acq_bytes = bytearray(data["acqs"][5].to_bytes())
+    acq_msg = struct.pack("<H", ISMRMRDMessageID.ACQUISITION) + bytes(acq_bytes)
+    cases = {
+        "garbage": b"\x37\x13 this is not MRD at all" * 8,
+        "unknown id": struct.pack("<H", 4242) + b"\0" * 16,
+        "truncated": preamble(data) + acq_msg[: len(acq_msg) // 2],
+        "oversize text": struct.pack("<HI", ISMRMRDMessageID.CONFIG_TEXT, 0xFFFFFFF0),
+        "oversize header": preamble(data)[:1026] + struct.pack("<HI", ISMRMRDMessageID.HEADER,
+                                                               1 << 31),
+        "path as protocol": bytes(struct.pack("<H", ISMRMRDMessageID.CONFIG_FILE))
+        + b"../../etc/evil.yaml".ljust(1024, b"\0"),
+    }
+    huge = ismrmrd.AcquisitionHeader.from_buffer_copy(bytes(acq_bytes[:340]))
+    huge.number_of_samples, huge.active_channels = 60000, 1000  # 480 MB claimed
+    cases["oversize acquisition"] = preamble(data) + struct.pack(
+        "<H", ISMRMRDMessageID.ACQUISITION) + bytes(huge)
+    for name, payload in cases.items():
+        texts, closed = raw_exchange(server.address, payload)
+        assert closed, name
+        assert len(texts) == 1 and texts[0].startswith("ERROR"), (name, texts)
+    assert "truncated" in raw_exchange(server.address, cases["truncated"])[0][0]
+    # a client that drops mid-scan (after slice 0 and part of slice 1)
+    stream(server.address, data, "stream_zf", drop_after=len(data["acqs"]) * 3 // 4)
+    stream(server.address, data, "stream_zf", drop_after=3)
+    # a client that connects and vanishes
+    socket.create_connection(server.address).close()
+    images, texts = stream(server.address, data, "stream_zf")
+    assert not texts
+    check_images(images, offline["stream_zf"], 8000, data["acqs"])
+
+
+def test_two_clients_at_once(server, data, offline):
+    results = {}
+
+    def run(name):
+        results[name] = stream(server.address, data, name)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("stream_cg", "stream_zf")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for name, base in (("stream_cg", 7000), ("stream_zf", 8000)):
+        images, texts = results[name]
+        assert not texts
+        check_images(images, offline[name], base, data["acqs"])
+
+
+def test_idle_timeout_and_busy(data, engine):
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=0.5, max_connections=1)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(s.address, timeout=10) as idle:
+            time.sleep(0.2)  # let the server register the first connection
+            texts, closed = raw_exchange(s.address, b"", half_close=False)
+            assert closed and "busy" in texts[0]
+            t0 = time.monotonic()
+            got = list(ProtocolDeserializer(idle.makefile("rb")).deserialize())
+            assert "idle timeout" in got[0] and time.monotonic() - t0 < 5
+    finally:
+        s.request_stop()
+        t.join(10)
+
+
+def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
+    sys.path.insert(0, str(REPO / "gadgets"))
+    try:
+        import fire_module
+    finally:
+        sys.path.remove(str(REPO / "gadgets"))
+    monkeypatch.setitem(srv._SHARED, "engine", engine)
+
+    class FakeConnection:  # the parts of python-ismrmrd-server's Connection a module uses
+        def __init__(self, items):
+            self.items, self.images, self.texts, self.closed = items, [], [], 0
+
+        def __iter__(self):
+            yield from self.items
+            yield None
+
+        def send_image(self, images):
+            self.images += images if isinstance(images, list) else [images]
+
+        def send_text(self, text):
+            self.texts.append(text)
+
+        def send_close(self):
+            self.closed += 1
+
+    conn = FakeConnection(list(data["acqs"]))
+    config = {"parameters": {"config": "fire_module", "protocol": "stream_zf"}}
+    fire_module.process(conn, config, data["header"])
+    assert conn.closed == 1 and not conn.texts
+    check_images(conn.images, offline["stream_zf"], 8000, data["acqs"])
+    bad = FakeConnection(list(data["acqs"]))
+    fire_module.process(bad, {"parameters": {"protocol": "no_such_protocol"}}, data["header"])
+    assert bad.closed == 1 and not bad.images and bad.texts[0].startswith("ERROR")
+
+
+def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatch):
+    sys.path.insert(0, str(REPO / "gadgets"))
+    try:
+        import recon_plugin_gadget
+    finally:
+        sys.path.remove(str(REPO / "gadgets"))
+    monkeypatch.setitem(srv._SHARED, "engine", engine)
+    waveform = ismrmrd.Waveform.from_array(np.zeros((1, 4), np.uint32))
+
+    class FakeConnection:  # gadgetron.external.Connection: header, config, filter, iter, send
+        def __init__(self):
+            self.header = data["header"]
+            self.config = ET.fromstring('<configuration><property name="protocol" '
+                                        'value="stream_cg"/></configuration>')
+            self.filters, self.sent = [], []
+
+        def filter(self, predicate):
+            self.filters.append(lambda o: isinstance(o, predicate))
+
+        def __iter__(self):
+            for item in [waveform, *data["acqs"]]:
+                if all(f(item) for f in self.filters):
+                    yield item
+                else:
+                    self.send(item)  # passed through to the next node
+
+        def send(self, item):
+            self.sent.append(item)
+
+    conn = FakeConnection()
+    recon_plugin_gadget.recon_plugin(conn)
+    assert conn.sent[0] is waveform
+    check_images(conn.sent[1:], offline["stream_cg"], 7000, data["acqs"])
+    cfg = ET.parse(REPO / "gadgets" / "recon_plugin.xml").getroot()
+    execute = cfg.find("stream/external/execute")
+    assert execute.get("name") == "recon_plugin_gadget" and execute.get("target") == "recon_plugin"
+    opts = recon_plugin_gadget.options_from_config(cfg.find("stream/external/configuration"))
+    assert opts.protocol is None and opts.image_dtype == "float"
+
+
+def test_options_parsing():
+    o = srv.StreamOptions()
+    o.update(srv.parse_config_text('<configuration><property name="protocol" value="brain"/>'
+                                   '<method>cg-sense</method></configuration>'))
+    assert (o.protocol, o.method) == ("brain", "cg-sense")
+    o.set_config("auto")
+    assert o.protocol == "brain"
+    for bad in ("../x", "/etc/passwd", "a.yaml", "x y"):
+        with pytest.raises(ValueError):
+            srv.StreamOptions().set_config(bad)
+    with pytest.raises(ValueError):
+        srv.StreamOptions().update({"method": "magic"})
+
+
+def test_sigterm_finishes_slice_in_flight(data):
+    """`recon-plugin serve` in a subprocess: SIGTERM while slice 0 reconstructs -> its image,
+    a WARNING and CLOSE reach the client, the process exits 0."""
+    slow = data["pdir"] / "stream_slow.yaml"
+    slow.write_text("name: stream_slow\nextends: default\nmodel: {method: cg-sense}\n"
+                    "espirit: {fast: false, calib_width: 12, kernel_width: 4}\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recon_plugin.cli", "serve", "--port", "0", "--protocol",
+         str(slow), "--no-warmup"], stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+
+    def wait_for(pattern, timeout=120):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if pattern in line:
+                return line
+        raise AssertionError(f"{pattern!r} not seen:\n{''.join(lines)}")
+
+    try:
+        port = int(wait_for("listening on").rsplit(":", 1)[1])
+        first_slice = [a for a in data["acqs"] if a.idx.slice == 0]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        out = ProtocolSerializer(sock.makefile("wb"))
+        out.serialize(ConfigFile("auto"))
+        out.serialize(data["header"])
+        for acq in first_slice:
+            out.serialize(acq)
+        out._stream.flush()
+        wait_for("complete: reconstructing")
+        proc.send_signal(signal.SIGTERM)
+        got = list(ProtocolDeserializer(sock.makefile("rb")).deserialize())
+        sock.close()
+        assert isinstance(got[0], ismrmrd.Image) and got[0].slice == 0
+        assert len(got) == 2 and got[1].startswith("WARNING")
+        assert proc.wait(60) == 0
+        lines += proc.stderr.readlines()
+        signal_at = next(i for i, x in enumerate(lines) if "signal 15" in x)
+        sent_at = next(i for i, x in enumerate(lines) if "image sent" in x)
+        assert signal_at < sent_at, "".join(lines)  # the signal came while slice 0 was in flight
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
