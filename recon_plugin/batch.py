@@ -35,6 +35,7 @@ class FileResult:
     seconds: float = 0.0
     skipped: bool = False
     queued: int = 0  # DICOM files left in the PACS queue
+    timings: dict = field(default_factory=dict)  # seconds per stage (see recon_file)
 
 
 def deliver(written: list[Path], protocol, send: str | None, out_dir: Path) -> int:
@@ -94,12 +95,20 @@ def _save_state(out_dir: Path, state: dict) -> None:
 def recon_file(
     path: Path, out_dir: Path, recon: Reconstructor, protocol_name: str | None = None,
     formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
+    timings: dict | None = None,
 ) -> tuple[list[Path], object]:
-    """Read, match protocol, reconstruct, write one file; returns (written paths, protocol)."""
+    """Read, match protocol, reconstruct, write one file; returns (written paths, protocol).
+
+    ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
+    network / classical, output, and ``slices``.
+    """
     from .io import read_raw
     from .protocol import select_protocol
 
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
     scan = read_raw(path)
+    t["read"] = time.perf_counter() - t0
     for w in scan.warnings:
         log.warning("%s: %s", path, w)
     protocol = select_protocol(scan.header, protocol_name)
@@ -109,10 +118,16 @@ def recon_file(
             setattr(settings, k, v)
     series = recon.reconstruct(scan, settings)
     for s in series:
-        s.series_number = protocol.series.number_base + s.series_number
+        s.series_number = protocol.series_number(s.series_number - 1)
         s.series_description = protocol.series.description
+    if series:
+        t.update(series[0].timings_s)
+    t["slices"] = len(scan.slices)
+    t0 = time.perf_counter()
     sub = out_dir / _safe_stem(path)
-    return write_outputs(series, sub, formats, protocol.dicom_kwargs()), protocol
+    written = write_outputs(series, sub, formats, protocol.dicom_kwargs())
+    t["output"] = time.perf_counter() - t0
+    return written, protocol
 
 
 def _safe_stem(path: Path) -> str:
@@ -120,36 +135,78 @@ def _safe_stem(path: Path) -> str:
     return stem.lstrip(".") or "scan"
 
 
+_WORKER: dict = {}
+
+
+def _worker_init(device: str, threads: int) -> None:
+    _WORKER["recon"] = Reconstructor(device, threads)
+
+
+def _process(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
+             recon: Reconstructor | None = None) -> tuple[FileResult, list[Path], object]:
+    """One input -> FileResult (never raises for a bad input)."""
+    recon = recon or _WORKER["recon"]
+    t0 = time.perf_counter()
+    timings: dict = {}
+    try:
+        written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings)
+    except Exception as e:  # isolate: report and go on with the next file
+        log.error("%s: %s", path, e)
+        log.debug("traceback", exc_info=True)
+        return FileResult(str(path), False, error=f"{type(e).__name__}: {e}"), [], None
+    r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
+                   seconds=time.perf_counter() - t0, timings=timings)
+    return r, written, proto
+
+
 def run_batch(
     inputs: list[str | Path], out_dir: Path, protocol: str | None = None,
     formats: tuple[str, ...] = ("dicom",), resume: bool = False, device: str = "cpu",
     overrides: dict | None = None, progress: bool = True, send: str | None = None,
+    workers: int = 1,
 ) -> list[FileResult]:
-    """Reconstruct every input; never raises for a single bad file (see FileResult.error)."""
+    """Reconstruct every input; never raises for a single bad file (see FileResult.error).
+
+    ``workers`` > 1 reconstructs files in that many processes (each with
+    ``cpu_count // workers`` torch threads and its own loaded models).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = gather_inputs(inputs)
     state = _load_state(out_dir)
-    recon = Reconstructor(device)
     results: list[FileResult] = []
-    for path in tqdm(files, desc="recon", disable=not progress, dynamic_ncols=True):
+    todo = []
+    for path in files:
         key = str(path.resolve())
         if resume and state.get(key, {}).get("fingerprint") == _fingerprint(path):
             results.append(FileResult(str(path), True, state[key].get("outputs", []),
                                       skipped=True))
-            continue
-        t0 = time.perf_counter()
-        try:
-            written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides)
-        except Exception as e:  # isolate: report and go on with the next file
-            log.error("%s: %s", path, e)
-            log.debug("traceback", exc_info=True)
-            results.append(FileResult(str(path), False, error=f"{type(e).__name__}: {e}"))
-            continue
-        r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
-                       seconds=time.perf_counter() - t0)
-        r.queued = deliver(written, proto, send, out_dir)
+        else:
+            todo.append(path)
+    bar = tqdm(total=len(todo), desc="recon", disable=not progress, dynamic_ncols=True)
+
+    def finish(path, r, written, proto):
+        bar.update(1)
+        if r.ok:
+            r.queued = deliver(written, proto, send, out_dir)
+            state[str(path.resolve())] = {"fingerprint": _fingerprint(path), "outputs": r.outputs}
+            _save_state(out_dir, state)
         results.append(r)
-        state[key] = {"fingerprint": _fingerprint(path), "outputs": r.outputs}
-        _save_state(out_dir, state)
-    return results
+
+    if workers <= 1 or len(todo) <= 1:
+        recon = Reconstructor(device)
+        for path in todo:
+            finish(path, *_process(path, out_dir, protocol, formats, overrides, recon))
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                 initializer=_worker_init, initargs=(device, threads)) as ex:
+            futs = {ex.submit(_process, p, out_dir, protocol, formats, overrides): p for p in todo}
+            for f in futs:
+                finish(futs[f], *f.result())
+    bar.close()
+    order = {str(p): i for i, p in enumerate(files)}
+    return sorted(results, key=lambda r: order.get(r.input, 0))

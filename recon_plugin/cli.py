@@ -74,7 +74,7 @@ def cmd_recon(a) -> int:
 
     overrides = {"method": a.method, "model": a.model}
     results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
-                        overrides, progress=not a.quiet, send=a.send)
+                        overrides, progress=not a.quiet, send=a.send, workers=a.workers)
     code = _report(results)
     queued = sum(r.queued for r in results)
     if queued:
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
+    s.add_argument("--workers", type=int, default=1, help="files reconstructed in parallel")
     s.add_argument("--send", metavar="AET@host:port", help="C-STORE the DICOM to a PACS")
     s.set_defaults(fn=cmd_recon)
 

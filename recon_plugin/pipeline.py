@@ -156,15 +156,18 @@ class Reconstructor:
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
         groups: dict[int, list[ReconImage]] = defaultdict(list)
+        slice_seconds = []
         for sl in scan.slices:
+            t0 = time.perf_counter()
             groups[sl.contrast].append(
                 self.reconstruct_slice(sl, scan.header, settings, whitener, timings))
+            slice_seconds.append(time.perf_counter() - t0)
         prov = self.provenance(settings)
         out = []
         for i, (_contrast, images) in enumerate(sorted(groups.items())):
             images.sort(key=lambda im: (im.repetition, im.phase, im.slice_index))
             out.append(ReconSeries(images, scan.header, prov, series_number=i + 1,
-                                   timings_s=dict(timings)))
+                                   timings_s={**timings, "slice_seconds": slice_seconds}))
         return out
 
 
