@@ -88,9 +88,12 @@ def write_fastmri(
     phase_padding: int = 0,
     store_geometry: bool = True,
     header_kwargs: dict | None = None,
+    mask_offset: int | None = None,
 ) -> Path:
     """Write ``vol`` as a fastMRI multi-coil file (see module doc); returns the path.
 
+    ``mask_offset`` fixes the first sampled row of an equispaced mask (random when None;
+    :func:`write_ismrmrd` uses 0), e.g. to write the same samples in both formats.
     undersample=True gives a test-file layout: k-space zeroed outside the mask, ``mask`` (ky,)
     dataset, attrs ``acceleration`` / ``num_low_frequency``; False a fully sampled train file.
     ``phase_padding`` rows on each side of ky are zeroed and declared outside the encoding
@@ -105,7 +108,7 @@ def write_fastmri(
     num_low = None
     if undersample:
         num_low = int(round(ny * center_fraction))
-        pattern, acs = phase_pattern(ny, acceleration, num_low, mask_kind, rng)
+        pattern, acs = phase_pattern(ny, acceleration, num_low, mask_kind, rng, mask_offset)
         rows = (pattern | acs) & window
     else:
         rows = window

@@ -1,0 +1,93 @@
+"""The one reconstructor: same pixels from ISMRMRD and fastMRI files, bad input handled."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from recon_plugin.coils import CoilMapError
+from recon_plugin.io import read_raw
+from recon_plugin.io.writers import write_fastmri, write_ismrmrd
+from recon_plugin.metrics import psnr
+from recon_plugin.pipeline import Reconstructor, ReconSettings
+from recon_plugin.scan import RawDataError
+from recon_plugin.sim import simulate_volume
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw")
+    vol = simulate_volume("test", "T2", num_slices=2, num_coils=6, matrix=(80, 64),
+                          fov_mm=(200.0, 250.0), snr=40.0, seed=2)
+    ism = write_ismrmrd(vol, d / "a_ismrmrd.h5", acceleration=4, calib_lines=24, seed=1,
+                        noise_scan=False)
+    fm = write_fastmri(vol, d / "a_fastmri.h5", acceleration=4, center_fraction=24 / 80, seed=1,
+                       mask_offset=0)
+    return vol, ism, fm
+
+
+@pytest.mark.parametrize("method", ["zero-filled", "cg-sense"])
+def test_ismrmrd_and_fastmri_give_identical_pixels(files, method):
+    vol, ism, fm = files
+    recon = Reconstructor()
+    s = ReconSettings(method=method)
+    a = recon.reconstruct(read_raw(ism), s)[0]
+    b = recon.reconstruct(read_raw(fm), s)[0]
+    assert [im.pixels.shape for im in a.images] == [(80, 64)] * 2
+    for x, y in zip(a.images, b.images):
+        np.testing.assert_allclose(x.pixels, y.pixels, rtol=1e-4, atol=1e-4 * x.pixels.max())
+        np.testing.assert_allclose(x.geometry.position, y.geometry.position, atol=1e-3)
+
+
+def test_unrolled_network_beats_cg_sense_on_a_file(files):
+    vol, ism, _ = files
+    scan = read_raw(ism)
+    recon = Reconstructor()
+    net = recon.reconstruct(scan, ReconSettings(method="unrolled"))[0]
+    zf = recon.reconstruct(scan, ReconSettings(method="zero-filled"))[0]
+    assert net.provenance.deep_learning and net.provenance.model_hash
+    for im_n, im_z, sl in zip(net.images, zf.images, vol.slices):
+        t = sl.target
+        assert psnr(t, im_n.pixels) > psnr(t, im_z.pixels) + 2.0
+
+
+def test_no_acs_falls_back_and_says_so(files):
+    _, ism, _ = files
+    scan = read_raw(ism)
+    scan.slices = [dataclasses.replace(sl, acs=None, calib=None) for sl in scan.slices]
+    series = Reconstructor().reconstruct(scan, ReconSettings(method="cg-sense"))[0]
+    assert all(im.method == "zero-filled" for im in series.images)
+    assert all(any("FALLBACK" in n for n in im.notes) for im in series.images)
+    with pytest.raises(CoilMapError, match="no fully sampled calibration"):
+        Reconstructor().reconstruct(scan, ReconSettings(method="cg-sense", fallback="error"))
+
+
+def test_nan_and_zero_coil_are_clear_errors(files):
+    _, ism, _ = files
+    scan = read_raw(ism)
+    k = scan.slices[0].kspace.copy()
+    k[0, 5, 5] = np.nan
+    bad = dataclasses.replace(scan, slices=[dataclasses.replace(scan.slices[0], kspace=k)])
+    with pytest.raises(RawDataError, match="NaN"):
+        Reconstructor().reconstruct(bad, ReconSettings(method="zero-filled"))
+    k = scan.slices[0].kspace.copy()
+    k[2] = 0
+    bad = dataclasses.replace(scan, slices=[dataclasses.replace(scan.slices[0], kspace=k)])
+    with pytest.raises(CoilMapError, match=r"coil\(s\) \[2\]"):
+        Reconstructor().reconstruct(bad, ReconSettings(method="cg-sense", fallback="error"))
+
+
+def test_recon_matrix_larger_than_encoded_is_interpolated_with_a_note(files):
+    _, ism, _ = files
+    scan = read_raw(ism)
+    h = scan.header
+    scan.header = dataclasses.replace(h, recon_matrix=(96, 100, h.recon_matrix[2]))
+    series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))[0]
+    im = series.images[0]
+    assert im.pixels.shape == (100, 96)
+    assert any("zero-padded" in n for n in im.notes)
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        ReconSettings(method="magic")
