@@ -151,7 +151,7 @@ def _process(path: Path, out_dir: Path, protocol: str | None, formats, overrides
     try:
         written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings)
     except Exception as e:  # isolate: report and go on with the next file
-        log.error("%s: %s", path, e)
+        log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)
         return FileResult(str(path), False, error=f"{type(e).__name__}: {e}"), [], None
     r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
@@ -170,9 +170,13 @@ def run_batch(
     ``workers`` > 1 reconstructs files in that many processes (each with
     ``cpu_count // workers`` torch threads and its own loaded models).
     """
+    files = gather_inputs(inputs)
+    if protocol:
+        from .protocol import load_protocol
+
+        load_protocol(protocol)  # a bad explicit protocol is a configuration error: fail early
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = gather_inputs(inputs)
     state = _load_state(out_dir)
     results: list[FileResult] = []
     todo = []
