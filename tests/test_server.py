@@ -32,6 +32,7 @@ from ismrmrd.serialization import (
 from recon_plugin import server as srv
 from recon_plugin.batch import recon_file
 from recon_plugin.io.writers import write_ismrmrd
+from recon_plugin.pacs import queued_items
 from recon_plugin.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
 
@@ -235,6 +236,10 @@ def test_malformed_streams_then_next_client_is_served(server, data, offline):
     images, texts = stream(server.address, data, "stream_zf")
     assert not texts
     check_images(images, offline["stream_zf"], 8000, data["acqs"])
+    t0 = time.monotonic()  # every session's threads are gone (resources freed)
+    while any(t.name.startswith("mrd-") for t in threading.enumerate()):
+        assert time.monotonic() - t0 < 10, [t.name for t in threading.enumerate()]
+        time.sleep(0.05)
 
 
 def test_two_clients_at_once(server, data, offline):
@@ -252,6 +257,52 @@ def test_two_clients_at_once(server, data, offline):
         images, texts = results[name]
         assert not texts
         check_images(images, offline[name], base, data["acqs"])
+
+
+def test_interleaved_repetitions_equal_offline(data, engine):
+    """Repetitions interleaving their undersampling without ACS: slices wait for the scan end
+    and get the same union calibration as the file reader gives them."""
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(32, 32),
+                          fov_mm=(200.0, 200.0), snr=40.0, seed=6)
+    raw = write_ismrmrd(vol, data["root"] / "interleaved.h5", acceleration=2, calib_lines=0,
+                        num_repetitions=2, interleave_repetitions=True, seed=6)
+    (data["pdir"] / "stream_il.yaml").write_text(
+        "name: stream_il\nextends: stream_cg.yaml\nespirit: {fast: false, calib_width: 12, "
+        "kernel_width: 4}\n")
+    written, _ = recon_file(raw, data["root"] / "offline_il", engine.recon,
+                            str(data["pdir"] / "stream_il.yaml"), formats=("h5",))
+    with h5py.File(written[0], "r") as f:
+        ref = np.asarray(f["reconstruction"])  # ordered by repetition
+    with ismrmrd.File(str(raw), "r") as f:
+        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
+    sent: list[ismrmrd.Image] = []
+    result = engine.run(iter(acqs), xml, sent.append, srv.StreamOptions(protocol="stream_il"))
+    assert result.complete and len(sent) == 2 and not result.notices
+    for img in sent:
+        np.testing.assert_array_equal(img.data[0, 0], ref[img.repetition])
+        assert img.image_index == 1 + img.repetition
+
+
+def test_dicom_and_pacs_delivery(data, engine, tmp_path):
+    """--dicom-out writes the streamed scan as DICOM; protocol PACS targets get it (queued
+    here: nothing listens on the target port)."""
+    import pydicom
+
+    queue = tmp_path / "queue"
+    (data["pdir"] / "stream_pacs.yaml").write_text(
+        f"name: stream_pacs\nextends: stream_zf\npacs: {{targets: [\"NOBODY@127.0.0.1:9\"], "
+        f"queue_dir: '{queue}'}}\n")
+    eng = srv.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]], dicom_out=tmp_path / "dcm")
+    sent: list[ismrmrd.Image] = []
+    result = eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
+                     srv.StreamOptions(protocol="stream_pacs"))
+    files = eng.deliver(result)
+    assert len(files) == 2 and len(sent) == 2
+    ds = [pydicom.dcmread(f) for f in files]
+    assert {int(d.SeriesNumber) for d in ds} == {8001}
+    assert all(str(d.SeriesDescription).startswith("STREAM ZF") for d in ds)
+    items = queued_items(queue)
+    assert len(items) == 1 and len(items[0]["files"]) == 2
 
 
 def test_idle_timeout_and_busy(data, engine):
