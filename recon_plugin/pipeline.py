@@ -24,6 +24,7 @@ import torch
 from . import __version__, classical
 from .coils import CoilMapError, EspiritParams, estimate_maps
 from .models.checkpoint import load_model, resolve_model
+from .partial_fourier import homodyne, is_partial_fourier
 from .physics import SenseOperator, center_crop, fft2c, ifft2c
 from .scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
 
@@ -44,12 +45,15 @@ class ReconSettings:
     fallback: str = "zero-filled"  # used when sensitivities cannot be estimated
     adaptive: dict | None = None  # difficulty-adaptive variant policy
     protocol_name: str = "default"
+    partial_fourier: str = "zero-fill"  # or "homodyne"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.fallback not in ("zero-filled", "error"):
             raise ValueError("fallback must be 'zero-filled' or 'error'")
+        if self.partial_fourier not in ("zero-fill", "homodyne"):
+            raise ValueError("partial_fourier must be 'zero-fill' or 'homodyne'")
 
 
 class Reconstructor:
@@ -131,7 +135,13 @@ class Reconstructor:
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
-        pixels = to_recon_matrix(np.abs(img).astype(np.float32), header, notes)
+        mag = np.abs(img).astype(np.float32)
+        rows = mask.any(axis=1)
+        if settings.partial_fourier == "homodyne" and is_partial_fourier(rows) \
+                and np.iscomplexobj(img):
+            mag = homodyne(img, rows)
+            notes.append("homodyne partial Fourier")
+        pixels = to_recon_matrix(mag, header, notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes)
 

@@ -210,6 +210,7 @@ class Protocol:
             fallback=self.model.fallback,
             adaptive=self.adaptive,
             protocol_name=self.name,
+            partial_fourier=self.partial_fourier,
         )
 
     def to_dict(self) -> dict[str, Any]:
