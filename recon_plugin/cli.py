@@ -167,10 +167,14 @@ def cmd_bench(a) -> int:
 def cmd_serve(a) -> int:
     from .server import serve
 
-    serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
-          dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
-          max_connections=a.max_connections, image_dtype=a.image_dtype,
-          warmup=not a.no_warmup)
+    try:
+        serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
+              dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
+              max_connections=a.max_connections, image_dtype=a.image_dtype,
+              warmup=not a.no_warmup)
+    except OSError as e:  # e.g. the port is taken
+        log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
+        return EXIT_USAGE
     return EXIT_OK
 
 

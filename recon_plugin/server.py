@@ -125,8 +125,11 @@ class StreamOptions:
     image_dtype: str = "float"
 
     def set_config(self, name: str) -> None:
-        """A CONFIG_FILE / ``config`` value: a protocol name, or one of AUTO_CONFIGS."""
+        """A CONFIG_FILE / ``config`` value: a protocol name, or one of AUTO_CONFIGS (a
+        Gadgetron client's ``*.xml`` stream name counts by its stem)."""
         name = name.strip()
+        if name.lower().endswith(".xml"):
+            name = name[:-4]
         if name.lower() not in AUTO_CONFIGS:
             self.protocol = _checked_name(name, "protocol")
 
@@ -826,7 +829,7 @@ class ReconServer:
         elif msg.id == MSG.CONFIG_TEXT:
             options.update(parse_config_text(msg.payload))
         elif msg.id == MSG.HEADER:
-            header = msg.payload  # tolerated: no config message, match the header
+            header = _checked_header(msg.payload)  # tolerated: no config message, match it
         elif msg.id == MSG.CLOSE:
             return None  # e.g. a dependency query: nothing to do
         else:
@@ -838,7 +841,7 @@ class ReconServer:
             elif msg.id == MSG.WAVEFORM:
                 continue
             elif msg.id == MSG.HEADER and header is None:
-                header = msg.payload
+                header = _checked_header(msg.payload)
             elif msg.id == MSG.CLOSE:
                 if header is None:
                     return None
@@ -871,6 +874,13 @@ class ReconServer:
 
         return self.engine.run(acquisitions(), header, reply.image, options,
                                clock=lambda: last[0], notify=reply.text)
+
+
+def _checked_header(xml: str) -> str:
+    """The header as received, after checking now (not at the first acquisition) that the
+    assembler accepts it: a bad header is answered while the client still listens."""
+    MrdAssembler(xml, source="stream header")
+    return xml
 
 
 class _Reply:

@@ -9,7 +9,7 @@ from recon_plugin.coils import CoilMapError
 from recon_plugin.io import read_raw
 from recon_plugin.io.writers import write_fastmri, write_ismrmrd
 from recon_plugin.metrics import psnr
-from recon_plugin.pipeline import Reconstructor, ReconSettings
+from recon_plugin.pipeline import ReconSettings, Reconstructor
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
 

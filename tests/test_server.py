@@ -216,6 +216,8 @@ def test_malformed_streams_then_next_client_is_served(server, data, offline):
         "oversize text": struct.pack("<HI", ISMRMRDMessageID.CONFIG_TEXT, 0xFFFFFFF0),
         "oversize header": preamble(data)[:1026] + struct.pack("<HI", ISMRMRDMessageID.HEADER,
                                                                1 << 31),
+        "bad header": preamble(data)[:1026] + struct.pack("<HI", ISMRMRDMessageID.HEADER, 9)
+        + b"<not xml>",
         "path as protocol": bytes(struct.pack("<H", ISMRMRDMessageID.CONFIG_FILE))
         + b"../../etc/evil.yaml".ljust(1024, b"\0"),
     }
@@ -403,6 +405,7 @@ def test_options_parsing():
                                    '<method>cg-sense</method></configuration>'))
     assert (o.protocol, o.method) == ("brain", "cg-sense")
     o.set_config("auto")
+    o.set_config("recon_plugin.xml")  # a Gadgetron client's stream name
     assert o.protocol == "brain"
     for bad in ("../x", "/etc/passwd", "a.yaml", "x y"):
         with pytest.raises(ValueError):
