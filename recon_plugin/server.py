@@ -354,32 +354,38 @@ class StreamEngine:
         return self.dicom_out is not None or bool(protocol.pacs.targets)
 
     def deliver(self, result: StreamResult) -> list[Path]:
-        """Write a finished scan as DICOM (protocol options) and send it to the protocol's PACS
-        targets (queued when unreachable). Never raises: the images already went back."""
+        """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and send it to
+        the protocol's PACS targets; what does not arrive is queued durably (protocol
+        ``pacs.queue_dir``, else ``dicom_out/.pacs-queue``, else ``~/.recon-plugin/pacs-queue``;
+        drain with ``recon-plugin send``). Never raises: the scanner already has its images."""
         p = result.protocol
         if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
             return []
         from .pacs import send_or_enqueue
         from .pipeline import write_outputs
 
-        root = self.dicom_out or Path(tempfile.gettempdir()) / "recon-plugin-stream"
-        sub = root / f"{time.strftime('%Y%m%d-%H%M%S')}_{p.name}_{uuid.uuid4().hex[:8]}"
-        try:
-            paths = write_outputs(_series(result), sub, ("dicom",), p.dicom_kwargs())
-        except Exception:  # noqa: BLE001 - the scanner already has its images
-            log.exception("stream: writing DICOM to %s failed", sub)
-            return []
-        result.dicom_files = paths
-        log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
-        for target in p.pacs.targets:
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{p.name}_{uuid.uuid4().hex[:8]}"
+        with tempfile.TemporaryDirectory(prefix="recon-plugin-stream-") as tmp:
+            sub = (self.dicom_out or Path(tmp)) / stem
             try:
-                queue = Path(p.pacs.queue_dir) if p.pacs.queue_dir else root / ".pacs-queue"
-                sent, queued = send_or_enqueue(paths, target, queue_dir=queue,
-                                               calling_aet=p.pacs.calling_aet)
-                log.info("stream: PACS %s: %d sent, %d queued", target, sent, queued)
-            except Exception:  # noqa: BLE001
-                log.exception("stream: PACS delivery to %s failed", target)
-        return paths
+                paths = write_outputs(_series(result), sub, ("dicom",), p.dicom_kwargs())
+            except Exception:  # noqa: BLE001 - the scanner already has its images
+                log.exception("stream: writing DICOM to %s failed", sub)
+                return []
+            log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
+            queue = Path(p.pacs.queue_dir) if p.pacs.queue_dir else (
+                self.dicom_out / ".pacs-queue" if self.dicom_out
+                else Path.home() / ".recon-plugin" / "pacs-queue")
+            for target in p.pacs.targets:
+                try:
+                    sent, queued = send_or_enqueue(paths, target, queue_dir=queue,
+                                                   calling_aet=p.pacs.calling_aet)
+                    log.info("stream: PACS %s: %d sent, %d queued in %s", target, sent, queued,
+                             queue)
+                except Exception:  # noqa: BLE001
+                    log.exception("stream: PACS delivery to %s failed", target)
+        result.dicom_files = paths if self.dicom_out else []
+        return result.dicom_files
 
 
 def _series(result: StreamResult) -> list[ReconSeries]:
