@@ -39,6 +39,11 @@ CONTRASTS = {
     "FLAIR": dict(tr=9000.0, te=120.0, ti=2500.0, flip=90.0),
 }
 
+# Contrasts the shipped model never saw in training (site-shift benchmark of ``adapt``).
+SHIFT_CONTRASTS = {
+    "STIR": dict(tr=5000.0, te=50.0, ti=180.0, flip=90.0),
+}
+
 # Non-overlapping axial slabs (voxel z ranges) of the template: the data split.
 SPLITS = {
     "train": ((10, 88), (136, 150)),
@@ -64,9 +69,10 @@ class Anatomy:
 
     def signal(self, contrast: str, tissue_scale: dict | None = None) -> dict[str, float]:
         """Steady-state signal weight per tissue for a named contrast (spin echo / IR model)."""
-        if contrast not in CONTRASTS:
-            raise ValueError(f"unknown contrast {contrast!r}; choose from {sorted(CONTRASTS)}")
-        p = CONTRASTS[contrast]
+        table = {**CONTRASTS, **SHIFT_CONTRASTS}
+        if contrast not in table:
+            raise ValueError(f"unknown contrast {contrast!r}; choose from {sorted(table)}")
+        p = table[contrast]
         out = {}
         for t, (pd, t1, t2) in TISSUES.items():
             if tissue_scale and t in tissue_scale:

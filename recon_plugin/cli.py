@@ -159,6 +159,11 @@ def cmd_bench(a) -> int:
         from .pruning.run import pruning_table
 
         pruning_table(Path(a.docs), Path(a.variants))
+    elif a.what == "adapt":
+        from .adapt_bench import run
+
+        out = run(Path(a.docs))
+        print(f"fraction of the supervised gap recovered: {out['recovered']:.2f}")
     else:
         {"quality": bench.quality, "speed": bench.speed}[a.what](Path(a.docs), quick=a.quick)
     return EXIT_OK
@@ -264,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
-    s.add_argument("what", choices=["quality", "speed", "pruning"])
+    s.add_argument("what", choices=["quality", "speed", "pruning", "adapt"])
     s.add_argument("--variants", default=str(Path(__file__).parent / "weights"),
                    help="folder of variant models (bench pruning)")
     s.add_argument("--docs", default="docs")

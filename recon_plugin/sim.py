@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import CONTRASTS, Anatomy, load_anatomy, split_slabs
+from .anatomy import CONTRASTS, SHIFT_CONTRASTS, Anatomy, load_anatomy, split_slabs
 from .physics import fft2c, rss
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -239,12 +239,16 @@ def simulate_volume(
     seed: int = 0,
     anatomy: Anatomy | None = None,
     elastic_mm: float = 0.0,
+    offset_mm: float = 0.0,
+    coil_radius: float = 1.3,
 ) -> SimVolume:
     """A multi-slice scan within the axial slabs of ``split``.
 
     matrix: (ky, kx) = (phase, readout); fov_mm: (readout, phase).
     snr: mean object magnitude over noise std in the image. Slices are spaced by the slab height
-    divided by ``num_slices`` (at least ``slice_thickness_mm``) and centred in the slab.
+    divided by ``num_slices`` (at least ``slice_thickness_mm``) and centred in the slab, shifted
+    by ``offset_mm`` along the normal. ``coil_radius``: ring radius of the coil array relative to
+    the half-FOV (smaller = closer coils, stronger shading).
     """
     anatomy = anatomy or load_anatomy()
     if orientation not in ORIENTATIONS:
@@ -255,10 +259,10 @@ def simulate_volume(
     normal = np.cross(read, phase)
     ny, nx = matrix
     spacing = (fov_mm[1] / ny, fov_mm[0] / nx)
-    maps = coil_maps(num_coils, matrix, rng)
+    maps = coil_maps(num_coils, matrix, rng, coil_radius)
     cov = noise_covariance(num_coils, rng)
     gap = max(slice_thickness_mm, (hi - lo) / max(num_slices, 1))
-    centre = anatomy_centre_lps(anatomy, (lo + hi - 1) / 2)
+    centre = anatomy_centre_lps(anatomy, (lo + hi - 1) / 2) + offset_mm * normal
     offsets = (np.arange(num_slices) - (num_slices - 1) / 2) * gap
     # only axial stacks stay inside one slab; other orientations stack around the slab centre
     slices = []
@@ -275,7 +279,7 @@ def simulate_volume(
         s.kspace = add_noise(s.kspace, noise_sigma, cov, rng)
         slices.append(s)
     noise = add_noise(np.zeros((num_coils, 256), np.complex64), noise_sigma, cov, rng)
-    p = CONTRASTS[contrast]
+    p = {**CONTRASTS, **SHIFT_CONTRASTS}[contrast]
     seq = dict(tr_ms=p["tr"], te_ms=p["te"], ti_ms=p["ti"], flip_deg=p["flip"])
     return SimVolume(slices, contrast, fov_mm, slice_thickness_mm, cov, noise, seq,
                      scanner_protocol_name(contrast, orientation))
@@ -283,5 +287,6 @@ def simulate_volume(
 
 def scanner_protocol_name(contrast: str, orientation: str) -> str:
     """Scanner-style protocol name, e.g. ``t2_tse_tra``, ``t2_flair_sag``, ``t1_se_cor``."""
-    seq = {"T1": "t1_se", "T2": "t2_tse", "PD": "pd_tse", "FLAIR": "t2_flair"}[contrast]
+    seq = {"T1": "t1_se", "T2": "t2_tse", "PD": "pd_tse", "FLAIR": "t2_flair",
+           "STIR": "t2_stir"}[contrast]
     return f"{seq}_{ {'axial': 'tra', 'coronal': 'cor', 'sagittal': 'sag'}[orientation]}"
