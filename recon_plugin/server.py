@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -343,6 +344,7 @@ class StreamEngine:
             mask[20:44] = 1
             sl = SliceData(ksp * mask[None], mask, Geometry.default(), acs=(20, 44))
             t0 = time.perf_counter()
+            importlib.import_module(".dicom", __package__)  # image meta texts come from there
             with self.lock:
                 self.recon.provenance(settings)
                 self.recon.reconstruct_slice(sl, hdr, settings)
