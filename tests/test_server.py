@@ -193,6 +193,60 @@ def test_stream_equals_offline_recon(server, data, offline):
           "reconstruction (s):", [round(x, 3) for x in result.recon_s])
 
 
+WEIGHTS = REPO / "recon_plugin" / "weights" / "unrolled-base.safetensors"
+
+
+@pytest.fixture()
+def tiny_model(tmp_path, monkeypatch):
+    """A small untrained unrolled network as model ``stream-tiny`` (RECON_PLUGIN_MODELS)."""
+    import torch
+
+    from recon_plugin.models.checkpoint import save_model
+    from recon_plugin.models.unrolled import UnrolledNet
+
+    torch.manual_seed(0)
+    card = save_model(UnrolledNet(num_cascades=2, chans=4), tmp_path / "stream-tiny.safetensors",
+                      {"name": "stream-tiny", "version": "0.0.1",
+                       "pruning": {"method": "spade", "ratio": 0.5}})
+    monkeypatch.setenv("RECON_PLUGIN_MODELS", str(tmp_path))
+    return card
+
+
+@pytest.mark.parametrize("variant", ["stream-tiny", "unrolled-base"])
+def test_stream_deep_learning_protocol(server, engine, data, tiny_model, monkeypatch, variant):
+    """Deep-learning protocol: same pixels as offline, DL labels in the meta, model loaded once
+    for the offline recon and two streams (the shipped model only once it exists)."""
+    if variant == "unrolled-base" and not WEIGHTS.exists():
+        pytest.skip("shipped model not trained yet")
+    import recon_plugin.pipeline as pipeline
+
+    loads = []
+    real_load = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    engine.recon._models.pop(variant, None)
+    name = f"stream_dl_{variant.replace('-', '_')}"
+    (data["pdir"] / f"{name}.yaml").write_text(
+        f"name: {name}\nextends: stream_cg.yaml\nmodel: {{method: unrolled, variant: {variant}}}\n")
+    written, _ = recon_file(data["raw"], data["root"] / f"offline_{name}", engine.recon,
+                            str(data["pdir"] / f"{name}.yaml"), formats=("h5",))
+    with h5py.File(written[0], "r") as f:
+        ref = np.asarray(f["reconstruction"])
+    for _ in range(2):
+        images, texts = stream(server.address, data, name)
+        assert not texts
+        check_images(images, ref, 7000, data["acqs"])
+    assert len(loads) == 1
+    meta = ismrmrd.Meta.deserialize(images[0].attribute_string)
+    card = engine.recon.model(variant)[1]
+    assert meta["ImageProcessingHistory"] == ["RECON_PLUGIN", "DEEPLEARNING"]
+    assert meta["DeepLearningReconstruction"] == "YES"
+    assert meta["SequenceDescriptionAdditional"] == "DL"
+    assert meta["RECON_PLUGIN_ModelSHA256"] == card["sha256"]
+    pr = card.get("pruning", {})
+    assert meta["RECON_PLUGIN_Pruning"] == f"{pr.get('method', 'none')}:{pr.get('ratio', 0):g}"
+    assert "DL" in meta["SeriesDescription"]
+
+
 def test_json_text_and_uint16(server, data, offline):
     """TEXT JSON parameters (python-ismrmrd-server form) pick protocol and image type."""
     text = '{"parameters": {"protocol": "stream_zf", "image_dtype": "uint16"}}'
