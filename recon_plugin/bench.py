@@ -36,13 +36,13 @@ class BenchSlice:
 
 
 def make_volumes(split: str, acc: int, n_slices: int, seed: int, coils: int = 12,
-                 matrix=(192, 160)) -> list[list[BenchSlice]]:
+                 matrix=(192, 160), snr: float = 30.0) -> list[list[BenchSlice]]:
     """One volume per contrast of ``split``: undersampled slices with ESPIRiT maps."""
     from .sim import simulate_volume
 
     vols = []
     for i, contrast in enumerate(CONTRASTS):
-        vol = simulate_volume(split, contrast, n_slices, coils, matrix, snr=30.0, seed=seed + i)
+        vol = simulate_volume(split, contrast, n_slices, coils, matrix, snr=snr, seed=seed + i)
         rng = np.random.default_rng(seed + 100 + i)
         out = []
         for s in vol.slices:

@@ -159,6 +159,14 @@ def cmd_bench(a) -> int:
         from .pruning.run import pruning_table
 
         pruning_table(Path(a.docs), Path(a.variants))
+    elif a.what == "adaptive":
+        from .protocol import load_protocol
+        from .pruning.run import adaptive_table
+
+        policy = load_protocol(a.protocol).adaptive
+        if not policy:
+            raise ValueError(f"protocol {a.protocol} has no adaptive policy")
+        adaptive_table(Path(a.docs), policy)
     elif a.what == "adapt":
         from .adapt_bench import run
 
@@ -269,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
-    s.add_argument("what", choices=["quality", "speed", "pruning", "adapt"])
+    s.add_argument("what", choices=["quality", "speed", "pruning", "adaptive", "adapt"])
+    s.add_argument("--protocol", default="brain_adaptive",
+                   help="protocol whose adaptive policy is benchmarked (bench adaptive)")
     s.add_argument("--variants", default=str(Path(__file__).parent / "weights"),
                    help="folder of variant models (bench pruning)")
     s.add_argument("--docs", default="docs")

@@ -157,7 +157,7 @@ class Reconstructor:
     def _choose_variant(self, ksp, mask, sl: SliceData, settings: ReconSettings) -> str:
         from .pruning.adaptive import choose_variant, slice_features
 
-        return choose_variant(slice_features(ksp, mask, sl.acs), settings.adaptive)
+        return choose_variant(slice_features(ksp, mask), settings.adaptive)
 
     # ----------------------------------------------------------------- whole scan
     def reconstruct(self, scan: RawScan, settings: ReconSettings) -> list[ReconSeries]:
