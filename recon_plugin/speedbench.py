@@ -111,8 +111,9 @@ def _stream_latency(d: Path, protocol: str) -> dict:
 
     from .io.writers import write_ismrmrd
     from .mrd_client import stream_file
-    from .server import ReconServer, StreamEngine
+    from .server import ReconServer
     from .sim import simulate_volume
+    from .stream import StreamEngine
 
     vol = simulate_volume("test", "T2", 4, 16, (320, 320), fov_mm=(220.0, 220.0), seed=5)
     raw = write_ismrmrd(vol, d / "stream.h5", acceleration=4, calib_lines=26)

@@ -30,6 +30,7 @@ from ismrmrd.serialization import (
 )
 
 from recon_plugin import server as srv
+from recon_plugin import stream as eng_mod
 from recon_plugin.batch import recon_file
 from recon_plugin.io.writers import write_ismrmrd
 from recon_plugin.pacs import queued_items
@@ -77,7 +78,7 @@ def offline(data):
 
 @pytest.fixture(scope="module")
 def engine(data):
-    eng = srv.StreamEngine(protocol_dirs=[data["pdir"]])
+    eng = eng_mod.StreamEngine(protocol_dirs=[data["pdir"]])
     eng.warmup("stream_cg")
     return eng
 
@@ -332,7 +333,7 @@ def test_interleaved_repetitions_equal_offline(data, engine):
     with ismrmrd.File(str(raw), "r") as f:
         xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
     sent: list[ismrmrd.Image] = []
-    result = engine.run(iter(acqs), xml, sent.append, srv.StreamOptions(protocol="stream_il"))
+    result = engine.run(iter(acqs), xml, sent.append, eng_mod.StreamOptions(protocol="stream_il"))
     assert result.complete and len(sent) == 2 and not result.notices
     for img in sent:
         np.testing.assert_array_equal(img.data[0, 0], ref[img.repetition])
@@ -348,10 +349,10 @@ def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     (data["pdir"] / "stream_pacs.yaml").write_text(
         f"name: stream_pacs\nextends: stream_zf\npacs: {{targets: [\"NOBODY@127.0.0.1:9\"], "
         f"queue_dir: '{queue}'}}\n")
-    eng = srv.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]], dicom_out=tmp_path / "dcm")
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]], dicom_out=tmp_path / "dcm")
     sent: list[ismrmrd.Image] = []
     result = eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
-                     srv.StreamOptions(protocol="stream_pacs"))
+                     eng_mod.StreamOptions(protocol="stream_pacs"))
     files = eng.deliver(result)
     assert len(files) == 2 and len(sent) == 2
     ds = [pydicom.dcmread(f) for f in files]
@@ -384,7 +385,7 @@ def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
         import fire_module
     finally:
         sys.path.remove(str(REPO / "gadgets"))
-    monkeypatch.setitem(srv._SHARED, "engine", engine)
+    monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
 
     class FakeConnection:  # the parts of python-ismrmrd-server's Connection a module uses
         def __init__(self, items):
@@ -419,7 +420,7 @@ def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatc
         import recon_plugin_gadget
     finally:
         sys.path.remove(str(REPO / "gadgets"))
-    monkeypatch.setitem(srv._SHARED, "engine", engine)
+    monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
     waveform = ismrmrd.Waveform.from_array(np.zeros((1, 4), np.uint32))
 
     class FakeConnection:  # gadgetron.external.Connection: header, config, filter, iter, send
@@ -454,8 +455,8 @@ def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatc
 
 
 def test_options_parsing():
-    o = srv.StreamOptions()
-    o.update(srv.parse_config_text('<configuration><property name="protocol" value="brain"/>'
+    o = eng_mod.StreamOptions()
+    o.update(eng_mod.parse_config_text('<configuration><property name="protocol" value="brain"/>'
                                    '<method>cg-sense</method></configuration>'))
     assert (o.protocol, o.method) == ("brain", "cg-sense")
     o.set_config("auto")
@@ -463,9 +464,9 @@ def test_options_parsing():
     assert o.protocol == "brain"
     for bad in ("../x", "/etc/passwd", "a.yaml", "x y"):
         with pytest.raises(ValueError):
-            srv.StreamOptions().set_config(bad)
+            eng_mod.StreamOptions().set_config(bad)
     with pytest.raises(ValueError):
-        srv.StreamOptions().update({"method": "magic"})
+        eng_mod.StreamOptions().update({"method": "magic"})
 
 
 def test_sigterm_finishes_slice_in_flight(data):

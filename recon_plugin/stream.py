@@ -1,0 +1,551 @@
+"""Streaming reconstruction engine: acquisitions in, one image per slice out, as soon as each
+slice is complete.
+
+:class:`StreamEngine` is the one path from an acquisition iterator to ``ismrmrd.Image``s
+(:meth:`StreamEngine.images` / :meth:`StreamEngine.run`); the TCP server
+(:mod:`recon_plugin.server`), the Gadgetron module and the python-ismrmrd-server module in
+``gadgets/`` all call it. It feeds the shared
+:class:`~recon_plugin.io.mrd_assembler.MrdAssembler` and, for every completed slice, the shared
+:class:`~recon_plugin.pipeline.Reconstructor` (one per process, models loaded once, calls
+serialised by a lock) with the settings :func:`recon_plugin.protocol.select_protocol` picks, as
+``recon-plugin recon`` does: a streamed slice and the same slice read from a file give the same
+pixels.
+
+Images carry float32 magnitudes (``DATATYPE_FLOAT``) equal to the offline reconstruction; with
+``image_dtype="uint16"`` they are scaled by one factor per scan, fixed on the first slice
+(protocol ``dicom.max_value`` at twice its 99.9th percentile, clipped; the factor is in the meta
+as ``RECON_PLUGIN_Scale``). Geometry comes from the acquisitions; meta holds DataRole,
+ImageProcessingHistory, WindowCenter/Width, SeriesDescription, SequenceDescriptionAdditional and
+the model / pruning / protocol labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ismrmrd
+import numpy as np
+
+from .io.mrd_assembler import SKIP_FLAGS, MrdAssembler, add_interleaved_calibration
+from .physics import fft2c
+from .pipeline import METHODS, Reconstructor, whitening_matrix
+from .protocol import Protocol, select_protocol
+from .scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData
+
+log = logging.getLogger(__name__)
+
+AUTO_CONFIGS = frozenset({"", "auto", "recon_plugin", "recon-plugin", "fire_module",
+                          "recon_plugin_gadget"})
+IMAGE_DTYPES = ("float", "uint16")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*(\.[A-Za-z0-9_+-]+)*")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps checked before anything is read or allocated (bytes unless stated)."""
+
+    max_text_bytes: int = 4 << 20  # CONFIG_TEXT, HEADER, TEXT
+    max_message_bytes: int = 64 << 20  # one acquisition / waveform payload
+    max_channels: int = 1024
+    max_samples: int = 1 << 16
+    max_trajectory_dims: int = 8
+    max_queued_bytes: int = 512 << 20  # read ahead of the reconstruction, per connection
+    max_matrix_pixels: int = 1 << 22  # encoded nx * ny of the header
+    max_open_slice_bytes: int = 4 << 30  # k-space buffers of slices still being filled
+
+
+# ------------------------------------------------------------------------------- errors
+class StreamError(Exception):
+    """A session ends; the message goes back to the client as ``ERROR`` text when possible."""
+
+
+class ProtocolViolation(StreamError):
+    """Malformed, unknown, oversized, truncated or out-of-order message."""
+
+
+class ClientGone(StreamError):
+    """The client closed or reset the connection."""
+
+
+class IdleTimeout(StreamError):
+    """Nothing arrived (or could be sent) within the idle timeout."""
+
+
+class ServerStopping(StreamError):
+    """The server is shutting down (SIGTERM); the slice in flight was finished."""
+
+
+# ------------------------------------------------------------------------------ options
+@dataclass
+class StreamOptions:
+    """Per-scan choices from the config message, TEXT JSON, FIRE config or Gadgetron XML."""
+
+    protocol: str | None = None  # protocol name (or a path, from trusted callers only)
+    method: str | None = None  # override of the protocol's method
+    model: str | None = None  # override of the protocol's model (a name)
+    image_dtype: str = "float"
+
+    def set_config(self, name: str) -> None:
+        """A CONFIG_FILE / ``config`` value: a protocol name, or one of AUTO_CONFIGS (a
+        Gadgetron client's ``*.xml`` stream name counts by its stem)."""
+        name = name.strip()
+        if name.lower().endswith(".xml"):
+            name = name[:-4]
+        if name.lower() not in AUTO_CONFIGS:
+            self.protocol = _checked_name(name, "protocol")
+
+    def update(self, params: Mapping[str, Any]) -> None:
+        """Apply JSON-like parameters (top level or under ``parameters``); unknown keys ignored."""
+        flat = dict(params)
+        if isinstance(flat.get("parameters"), Mapping):
+            flat.update(flat.pop("parameters"))
+        for key in ("config", "customconfig"):
+            if isinstance(flat.get(key), str) and flat[key].strip():
+                self.set_config(flat[key])
+        if flat.get("protocol"):
+            self.protocol = _checked_name(str(flat["protocol"]), "protocol")
+        if flat.get("method"):
+            if flat["method"] not in METHODS:
+                raise ValueError(f"method {flat['method']!r} is not one of {', '.join(METHODS)}")
+            self.method = str(flat["method"])
+        if flat.get("model"):
+            self.model = _checked_name(str(flat["model"]), "model")
+        if flat.get("image_dtype"):
+            if flat["image_dtype"] not in IMAGE_DTYPES:
+                raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}")
+            self.image_dtype = str(flat["image_dtype"])
+        ignored = set(flat) - {"config", "customconfig", "protocol", "method", "model",
+                               "image_dtype"}
+        if ignored:
+            log.debug("ignoring stream parameters %s", sorted(ignored))
+
+
+def _checked_name(value: str, what: str) -> str:
+    """Names from the wire must be plain names: no paths, no ``.yaml`` (server files)."""
+    if not _NAME.fullmatch(value) or value.lower().endswith((".yaml", ".yml", ".safetensors")):
+        raise ValueError(f"{what} {value[:80]!r} is not a plain name")
+    return value
+
+
+def parse_config_text(text: str) -> dict[str, Any]:
+    """CONFIG_TEXT / TEXT -> parameters: JSON object, XML ``<property name= value=>`` or a name."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"parameters are not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError("JSON parameters must be an object")
+        return data
+    if text.startswith("<"):
+        return xml_params(text)
+    return {"config": text} if text else {}
+
+
+def xml_params(config: str | bytes | ET.Element | None) -> dict[str, str]:
+    """``<property name="k" value="v"/>`` elements (or ``<k>v</k>`` children) of an XML config."""
+    if config is None:
+        return {}
+    try:
+        root = config if isinstance(config, ET.Element) else ET.fromstring(config)
+    except ET.ParseError as e:
+        raise ValueError(f"configuration XML cannot be parsed: {e}") from e
+    out: dict[str, str] = {}
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag == "property" and el.get("name"):
+            out[el.get("name", "")] = el.get("value", el.text or "").strip()
+        elif el is not root and len(el) == 0 and (el.text or "").strip():
+            out.setdefault(tag, el.text.strip())
+    return out
+
+
+# ------------------------------------------------------------------------------- engine
+@dataclass
+class StreamImage:
+    """One reconstructed slice ready to send; ``t_last`` = arrival of its last acquisition."""
+
+    image: ismrmrd.Image
+    recon: ReconImage
+    t_last: float
+    recon_s: float
+
+
+@dataclass
+class StreamResult:
+    """What one scan produced (latencies in seconds, per image in send order)."""
+
+    protocol: Protocol | None = None
+    header: ScanHeader | None = None
+    provenance: Any = None
+    images: list[ReconImage] = field(default_factory=list)  # kept only when delivering DICOM
+    latencies_s: list[float] = field(default_factory=list)
+    recon_s: list[float] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    dicom_files: list[Path] = field(default_factory=list)
+    sent: int = 0
+    complete: bool = False
+
+
+class StreamEngine:
+    """Acquisitions -> images with one shared Reconstructor (thread-safe, model loaded once).
+
+    protocol: default protocol name or path when the client names none (else header matching);
+    protocol_dirs: extra protocol folders searched first; dicom_out: also write every finished
+    scan as DICOM there (protocols with ``pacs.targets`` send it, through a temporary folder when
+    dicom_out is None).
+    """
+
+    def __init__(self, recon: Reconstructor | None = None, *, device: str = "cpu",
+                 protocol: str | Path | None = None,
+                 protocol_dirs: Iterable[str | Path] | None = None,
+                 dicom_out: str | Path | None = None, limits: Limits | None = None):
+        self.recon = recon or Reconstructor(device)
+        self.lock = threading.Lock()
+        self.default_protocol = str(protocol) if protocol else None
+        self.protocol_dirs = [Path(p) for p in protocol_dirs or []]
+        self.dicom_out = Path(dicom_out) if dicom_out else None
+        self.limits = limits or Limits()
+
+    def select(self, header: ScanHeader, options: StreamOptions) -> tuple[Protocol, Any]:
+        """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides."""
+        protocol = select_protocol(header, options.protocol or self.default_protocol,
+                                   self.protocol_dirs or None)
+        settings = protocol.recon_settings()
+        for key, value in (("method", options.method), ("model", options.model)):
+            if value is not None:
+                setattr(settings, key, value)
+        return protocol, settings
+
+    def images(self, acquisitions: Iterable[ismrmrd.Acquisition], header_xml: str | bytes,
+               options: StreamOptions | None = None, clock: Callable[[], float] | None = None,
+               result: StreamResult | None = None) -> Iterator[StreamImage | str]:
+        """Yield a :class:`StreamImage` per slice as soon as it completes (``str`` notices for
+        slices that failed). ``clock()`` gives the arrival time (``time.perf_counter``) of the
+        latest acquisition; default: now."""
+        options = options or StreamOptions()
+        clock = clock or time.perf_counter
+        result = result if result is not None else StreamResult()
+        asm = MrdAssembler(header_xml, source="stream", emit_early=True)
+        nx, ny = asm.enc.nx, asm.enc.ny
+        if nx * ny > self.limits.max_matrix_pixels:
+            raise ProtocolViolation(f"encoded matrix {nx}x{ny} exceeds the server limit")
+        protocol, settings = self.select(asm.header, options)
+        with self.lock:
+            prov = self.recon.provenance(settings)
+        result.protocol, result.provenance = protocol, prov
+        log.info("stream: protocol %s, method %s%s", protocol.name, settings.method,
+                 f", model {prov.model_name}" if prov.deep_learning else "")
+        scan = _ScanState(self, asm, protocol, settings, prov, options, result)
+        open_keys: set[tuple[int, int, int, int]] = set()
+        for acq in acquisitions:
+            key = scan.track(acq)
+            if key is not None and key not in open_keys:
+                open_keys.add(key)
+                per_slice = 8 * nx * ny * max(int(acq.active_channels), 1)
+                if len(open_keys) * per_slice > self.limits.max_open_slice_bytes:
+                    raise ProtocolViolation(f"{len(open_keys)} slices open at once exceed the "
+                                            "server's buffer limit")
+            done = asm.add(acq)
+            if done:
+                t = clock()
+                for sl in done:
+                    open_keys.discard((sl.slice_index, sl.contrast, sl.phase, sl.repetition))
+                    yield from scan.emit(sl, t)
+        t = clock()
+        for sl in asm.finish():
+            yield from scan.emit(sl, t)
+        yield from scan.flush_deferred(t)
+        result.header = scan.header or asm.header
+        result.complete = True
+
+    def run(self, acquisitions: Iterable[ismrmrd.Acquisition], header_xml: str | bytes,
+            send: Callable[[ismrmrd.Image], Any], options: StreamOptions | None = None,
+            clock: Callable[[], float] | None = None,
+            notify: Callable[[str], Any] | None = None) -> StreamResult:
+        """Stream, sending each image with ``send`` (notices with ``notify``), logging per-slice
+        stream latency (last acquisition -> image sent). Returns the :class:`StreamResult`."""
+        result = StreamResult()
+        for item in self.images(acquisitions, header_xml, options, clock, result):
+            if isinstance(item, str):
+                result.notices.append(item)
+                if notify is not None:
+                    notify(item)
+                continue
+            send(item.image)
+            latency = time.perf_counter() - item.t_last
+            result.sent += 1
+            result.latencies_s.append(latency)
+            result.recon_s.append(item.recon_s)
+            r = item.recon
+            log.info("slice %d (contrast %d, repetition %d): image sent %.3f s after its last "
+                     "acquisition (reconstruction %.3f s)", r.slice_index, r.contrast,
+                     r.repetition, latency, item.recon_s)
+        if result.latencies_s:
+            log.info("stream done: %d images, latency median %.3f s, max %.3f s", result.sent,
+                     float(np.median(result.latencies_s)), max(result.latencies_s))
+        return result
+
+    def warmup(self, protocol: str | None = None) -> None:
+        """Load the default protocol's model and run one synthetic slice (JIT, caches), so the
+        first real slice is not slower than the rest. Failures are logged, never raised."""
+        try:
+            name = protocol or self.default_protocol or "default"
+            hdr = ScanHeader((64, 64, 1), (200.0, 200.0, 5.0), (64, 64, 1), (200.0, 200.0, 5.0), 8)
+            settings = select_protocol(hdr, name, self.protocol_dirs or None).recon_settings()
+            yy, xx = np.mgrid[-32:32, -32:32]
+            coils = np.exp(-((yy[None] - 20 * np.cos(np.arange(8)[:, None, None])) ** 2
+                             + (xx[None] - 20 * np.sin(np.arange(8)[:, None, None])) ** 2) / 800)
+            obj = (np.abs(yy) < 20) * (np.abs(xx) < 16) * (1.0 + 0.3 * np.cos(xx / 3.0))
+            ksp = np.asarray(fft2c(coils * obj[None]), np.complex64)
+            mask = np.zeros((64, 64), np.float32)
+            mask[::4] = 1
+            mask[20:44] = 1
+            sl = SliceData(ksp * mask[None], mask, Geometry.default(), acs=(20, 44))
+            t0 = time.perf_counter()
+            importlib.import_module(".dicom", __package__)  # image meta texts come from there
+            with self.lock:
+                self.recon.provenance(settings)
+                self.recon.reconstruct_slice(sl, hdr, settings)
+            log.info("warm-up (%s, %s): %.2f s", name, settings.method, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - warm-up is best effort
+            log.warning("warm-up failed: %s: %s", type(e).__name__, e)
+
+    def wants_delivery(self, protocol: Protocol) -> bool:
+        return self.dicom_out is not None or bool(protocol.pacs.targets)
+
+    def deliver(self, result: StreamResult) -> list[Path]:
+        """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and send it to
+        the protocol's PACS targets; what does not arrive is queued durably (protocol
+        ``pacs.queue_dir``, else ``dicom_out/.pacs-queue``, else ``~/.recon-plugin/pacs-queue``;
+        drain with ``recon-plugin send``). Never raises: the scanner already has its images."""
+        p = result.protocol
+        if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
+            return []
+        from .pacs import send_or_enqueue
+        from .pipeline import write_outputs
+
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{p.name}_{uuid.uuid4().hex[:8]}"
+        with tempfile.TemporaryDirectory(prefix="recon-plugin-stream-") as tmp:
+            sub = (self.dicom_out or Path(tmp)) / stem
+            try:
+                paths = write_outputs(_series(result), sub, ("dicom",), p.dicom_kwargs())
+            except Exception:  # noqa: BLE001 - the scanner already has its images
+                log.exception("stream: writing DICOM to %s failed", sub)
+                return []
+            log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
+            queue = Path(p.pacs.queue_dir) if p.pacs.queue_dir else (
+                self.dicom_out / ".pacs-queue" if self.dicom_out
+                else Path.home() / ".recon-plugin" / "pacs-queue")
+            for target in p.pacs.targets:
+                try:
+                    sent, queued = send_or_enqueue(paths, target, queue_dir=queue,
+                                                   calling_aet=p.pacs.calling_aet)
+                    log.info("stream: PACS %s: %d sent, %d queued in %s", target, sent, queued,
+                             queue)
+                except Exception:  # noqa: BLE001
+                    log.exception("stream: PACS delivery to %s failed", target)
+        result.dicom_files = paths if self.dicom_out else []
+        return result.dicom_files
+
+
+def _series(result: StreamResult) -> list[ReconSeries]:
+    """The scan's images as one ReconSeries per contrast, numbered as batch recon does."""
+    p = result.protocol
+    groups: dict[int, list[ReconImage]] = defaultdict(list)
+    for im in result.images:
+        groups[im.contrast].append(im)
+    out = []
+    for i, (_c, ims) in enumerate(sorted(groups.items())):
+        ims.sort(key=lambda im: (im.repetition, im.phase, im.slice_index))
+        out.append(ReconSeries(ims, result.header, result.provenance,
+                               series_number=p.series_number(i),
+                               series_description=p.series.description))
+    return out
+
+
+class _ScanState:
+    """Per-scan bookkeeping of :meth:`StreamEngine.images`."""
+
+    def __init__(self, engine: StreamEngine, asm: MrdAssembler, protocol: Protocol, settings,
+                 prov, options: StreamOptions, result: StreamResult):
+        self.engine, self.asm, self.protocol, self.settings = engine, asm, protocol, settings
+        self.prov, self.options, self.result = prov, options, result
+        self.keep = engine.wants_delivery(protocol)
+        self.refs: dict[tuple[int, int, int, int], ismrmrd.AcquisitionHeader] = {}
+        self.header: ScanHeader | None = None
+        self.whitener: np.ndarray | None = None
+        self.timings: dict[str, float] = defaultdict(float)
+        self.deferred: list[tuple[SliceData, float]] = []
+        self.scale: float | None = None
+        self.noise_used = 0
+        enc = asm.enc
+        self.n_slices = enc.limit_max("slice") + 1
+        self.n_phases = enc.limit_max("phase") + 1
+        self.interleaved = enc.limit_max("repetition") > 0
+
+    def track(self, acq: ismrmrd.Acquisition) -> tuple[int, int, int, int] | None:
+        """Remember the first imaging line of each slice (image header source); its key."""
+        if int(acq.encoding_space_ref) != 0 or acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) \
+                or any(acq.is_flag_set(f) for f in SKIP_FLAGS):
+            return None
+        i = acq.idx
+        key = (int(i.slice), int(i.contrast), int(i.phase), int(i.repetition))
+        if key not in self.refs:
+            self.refs[key] = ismrmrd.AcquisitionHeader.from_buffer_copy(acq.getHead())
+        return key
+
+    def _prepare(self) -> None:
+        if self.header is None:  # noise precedes imaging: whiten as the file path does
+            scan = self.asm.build_scan([])
+            self.header, self.whitener = scan.header, whitening_matrix(scan)
+            self.noise_used = len(self.asm.noise)
+        elif len(self.asm.noise) > self.noise_used >= 0:
+            log.warning("stream: noise acquisitions after the first slice are not used")
+            self.noise_used = -1
+
+    def emit(self, sl: SliceData, t_last: float) -> Iterator[StreamImage | str]:
+        if sl.acs is None and sl.calib is None and self.interleaved:
+            self.deferred.append((sl, t_last))  # calibration from the repetitions' union
+            return
+        self._prepare()
+        key = (sl.slice_index, sl.contrast, sl.phase, sl.repetition)
+        ref = self.refs.pop(key, None)
+        log.info("slice %d (contrast %d, repetition %d) complete: reconstructing",
+                 sl.slice_index, sl.contrast, sl.repetition)
+        try:
+            with self.engine.lock:
+                t0 = time.perf_counter()
+                im = self.engine.recon.reconstruct_slice(sl, self.header, self.settings,
+                                                         self.whitener, self.timings)
+                dt = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
+            log.exception("stream: slice %d failed", sl.slice_index)
+            yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
+                  f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
+            return
+        if self.keep:
+            self.result.images.append(im)
+        yield StreamImage(self.mrd_image(im, ref), im, t_last, dt)
+
+    def flush_deferred(self, t_last: float) -> Iterator[StreamImage | str]:
+        if not self.deferred:
+            return
+        slices = [s for s, _ in self.deferred]
+        add_interleaved_calibration(slices)
+        self.interleaved, deferred, self.deferred = False, self.deferred, []
+        for sl, _t in deferred:
+            yield from self.emit(sl, t_last)
+
+    def mrd_image(self, im: ReconImage, ref: ismrmrd.AcquisitionHeader | None) -> ismrmrd.Image:
+        """ISMRMRD image of one slice: geometry, indices, data and meta."""
+        h = self.header
+        pixels = np.ascontiguousarray(im.pixels, dtype=np.float32)
+        meta: dict[str, Any] = {}
+        high = float(np.percentile(pixels, 99.5)) if pixels.size else 1.0
+        if self.options.image_dtype == "uint16":
+            top = float(self.protocol.dicom.max_value)
+            if self.scale is None:
+                p999 = float(np.percentile(pixels, 99.9)) if pixels.size else 0.0
+                self.scale = top / (2.0 * p999) if p999 > 0 else 1.0
+            scaled = pixels * self.scale
+            if (scaled > top).any():
+                log.warning("slice %d: %d pixels clipped at %g", im.slice_index,
+                            int((scaled > top).sum()), top)
+            pixels = np.clip(np.rint(scaled), 0, top).astype(np.uint16)
+            high *= self.scale
+            meta["RECON_PLUGIN_Scale"] = f"{self.scale:.9g}"
+        thickness = h.slice_thickness_mm or h.recon_fov_mm[2]
+        n_rep = im.repetition * self.n_phases + im.phase
+        img = ismrmrd.Image.from_array(
+            pixels, acquisition=ref if ref is not None else ismrmrd.Acquisition(),
+            image_type=ismrmrd.IMTYPE_MAGNITUDE,
+            image_index=1 + im.slice_index + self.n_slices * n_rep,
+            image_series_index=self.protocol.series_number(im.contrast),
+            slice=im.slice_index, contrast=im.contrast, phase=im.phase,
+            repetition=im.repetition)
+        g = im.geometry
+        img.position = tuple(float(v) for v in g.position)
+        img.read_dir = tuple(float(v) for v in g.read_dir)
+        img.phase_dir = tuple(float(v) for v in g.phase_dir)
+        img.slice_dir = tuple(float(v) for v in g.slice_dir)
+        img.field_of_view = (float(h.recon_fov_mm[0]), float(h.recon_fov_mm[1]), float(thickness))
+        img.attribute_string = self.meta(im, max(high, 1e-12), meta).serialize()
+        return img
+
+    def meta(self, im: ReconImage, high: float, extra: dict[str, Any]) -> ismrmrd.Meta:
+        from .dicom import provenance_text, series_description
+
+        dl = im.method == "unrolled"
+        prov = dataclasses.replace(self.prov, method=im.method, deep_learning=dl)
+        one = ReconSeries([im], self.header, prov,
+                          series_number=self.protocol.series_number(im.contrast),
+                          series_description=self.protocol.series.description)
+        comments = "; ".join([provenance_text(one), *im.notes])
+        meta = ismrmrd.Meta({
+            "DataRole": "Image",
+            "ImageProcessingHistory": ["RECON_PLUGIN", "DEEPLEARNING" if dl
+                                       else im.method.upper().replace("-", "")],
+            "WindowCenter": f"{high / 2:.6g}",
+            "WindowWidth": f"{high:.6g}",
+            "SeriesDescription": series_description(one),
+            "SequenceDescriptionAdditional": "DL" if dl else "RECON",
+            "ImageComments": comments[:1024],
+            "Keep_image_geometry": 1,
+            "ImageRowDir": [f"{v:.9f}" for v in im.geometry.read_dir],
+            "ImageColumnDir": [f"{v:.9f}" for v in im.geometry.phase_dir],
+            "DeepLearningReconstruction": "YES" if dl else "NO",
+            "RECON_PLUGIN_Method": im.method,
+            "RECON_PLUGIN_Protocol": self.protocol.name,
+            "RECON_PLUGIN_Model": prov.model_name if dl else "",
+            "RECON_PLUGIN_ModelVersion": prov.model_version if dl else "",
+            "RECON_PLUGIN_ModelSHA256": prov.model_hash if dl else "",
+            "RECON_PLUGIN_Pruning": f"{prov.pruning_method}:{prov.pruning_ratio:g}" if dl
+            else "none",
+            "RECON_PLUGIN_Software": prov.software_version,
+        })
+        meta.update(extra)
+        return ismrmrd.Meta({k: v for k, v in meta.items() if v not in ("", None)})
+
+
+_SHARED: dict[str, StreamEngine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(**kwargs: Any) -> StreamEngine:
+    """The process-wide engine of the in-process modules (gadgets/); created on first use with
+    ``kwargs`` (``device`` defaults to ``$RECON_PLUGIN_DEVICE``, ``dicom_out`` to
+    ``$RECON_PLUGIN_DICOM_OUT``), later calls return the same engine."""
+    with _SHARED_LOCK:
+        if "engine" not in _SHARED:
+            kwargs.setdefault("device", os.environ.get("RECON_PLUGIN_DEVICE", "cpu"))
+            kwargs.setdefault("dicom_out", os.environ.get("RECON_PLUGIN_DICOM_OUT") or None)
+            _SHARED["engine"] = StreamEngine(**kwargs)
+        return _SHARED["engine"]
+
+
+def header_text(metadata: Any) -> str:
+    """XML header text from an ``ismrmrdHeader`` object, bytes or str."""
+    if isinstance(metadata, bytes):
+        return metadata.decode("utf-8").split("\x00", 1)[0]
+    if isinstance(metadata, str):
+        return metadata
+    if hasattr(metadata, "toXML"):
+        return metadata.toXML()
+    raise ValueError(f"cannot use {type(metadata).__name__} as an ISMRMRD header")
