@@ -130,6 +130,8 @@ class Reconstructor:
             name = settings.model
             if settings.adaptive:
                 name = self._choose_variant(ksp, mask, sl, settings)
+                _, card = self.model(name)
+                notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             img = self._network(name, ksp, maps, mask)
             t["network"] += time.perf_counter() - t0
         else:

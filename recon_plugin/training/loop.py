@@ -88,6 +88,13 @@ def train_loop(
         start = int(state["step"])
         history = json.loads(state["history"])
         best = float(state.get("best", best))
+        old = opt.param_groups[0].get("initial_lr", lr)
+        if abs(old - lr) > 1e-12:  # resumed with another learning rate: rescale the schedule
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            for g in opt.param_groups:
+                g["initial_lr"] = lr
+                g["lr"] = lr * sched.lr_lambdas[0](start)
+            log.info("learning rate changed on resume: %g -> %g", old, lr)
         log.info("resumed %s at step %d", run_dir, start)
 
     def save(step: int) -> None:
