@@ -362,12 +362,14 @@ def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]
 
 
 def _slice_spacing(header: ScanHeader, geoms: Sequence[Geometry]) -> float | None:
-    if header.slice_spacing_mm and header.slice_spacing_mm > 0:
-        return float(header.slice_spacing_mm)
+    """Centre-to-centre distance along the normal measured from the slice positions (what a
+    viewer checks against ImagePositionPatient); the header's value for a single slice."""
     normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
     along = np.unique(np.round([float(np.asarray(g.position) @ normal) for g in geoms], 4))
     if along.size > 1:
         return float(np.median(np.diff(along)))
+    if header.slice_spacing_mm and header.slice_spacing_mm > 0:
+        return float(header.slice_spacing_mm)
     return None
 
 
