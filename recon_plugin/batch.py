@@ -95,7 +95,7 @@ def _save_state(out_dir: Path, state: dict) -> None:
 def recon_file(
     path: Path, out_dir: Path, recon: Reconstructor, protocol_name: str | None = None,
     formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
-    timings: dict | None = None,
+    timings: dict | None = None, protocol_dirs: list[Path] | None = None,
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file; returns (written paths, protocol).
 
@@ -111,7 +111,7 @@ def recon_file(
     t["read"] = time.perf_counter() - t0
     for w in scan.warnings:
         log.warning("%s: %s", path, w)
-    protocol = select_protocol(scan.header, protocol_name)
+    protocol = select_protocol(scan.header, protocol_name, protocol_dirs)
     settings = protocol.recon_settings()
     for k, v in (overrides or {}).items():
         if v is not None:
@@ -143,13 +143,15 @@ def _worker_init(device: str, threads: int) -> None:
 
 
 def _process(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
-             recon: Reconstructor | None = None) -> tuple[FileResult, list[Path], object]:
+             protocol_dirs=None, recon: Reconstructor | None = None,
+             ) -> tuple[FileResult, list[Path], object]:
     """One input -> FileResult (never raises for a bad input)."""
     recon = recon or _WORKER["recon"]
     t0 = time.perf_counter()
     timings: dict = {}
     try:
-        written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings)
+        written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
+                                    protocol_dirs)
     except Exception as e:  # isolate: report and go on with the next file
         log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)
@@ -163,7 +165,7 @@ def run_batch(
     inputs: list[str | Path], out_dir: Path, protocol: str | None = None,
     formats: tuple[str, ...] = ("dicom",), resume: bool = False, device: str = "cpu",
     overrides: dict | None = None, progress: bool = True, send: str | None = None,
-    workers: int = 1,
+    workers: int = 1, protocol_dirs: list[Path] | None = None,
 ) -> list[FileResult]:
     """Reconstruct every input; never raises for a single bad file (see FileResult.error).
 
@@ -174,7 +176,7 @@ def run_batch(
     if protocol:
         from .protocol import load_protocol
 
-        load_protocol(protocol)  # a bad explicit protocol is a configuration error: fail early
+        load_protocol(protocol, protocol_dirs)  # a bad explicit protocol is a configuration error: fail early
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(out_dir)
@@ -200,7 +202,8 @@ def run_batch(
     if workers <= 1 or len(todo) <= 1:
         recon = Reconstructor(device)
         for path in todo:
-            finish(path, *_process(path, out_dir, protocol, formats, overrides, recon))
+            finish(path, *_process(path, out_dir, protocol, formats, overrides, protocol_dirs,
+                                   recon))
     else:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
@@ -208,7 +211,8 @@ def run_batch(
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                  initializer=_worker_init, initargs=(device, threads)) as ex:
-            futs = {ex.submit(_process, p, out_dir, protocol, formats, overrides): p for p in todo}
+            futs = {ex.submit(_process, p, out_dir, protocol, formats, overrides, protocol_dirs): p
+                    for p in todo}
             for f in futs:
                 finish(futs[f], *f.result())
     bar.close()

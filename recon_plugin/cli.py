@@ -74,7 +74,8 @@ def cmd_recon(a) -> int:
 
     overrides = {"method": a.method, "model": a.model}
     results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
-                        overrides, progress=not a.quiet, send=a.send, workers=a.workers)
+                        overrides, progress=not a.quiet, send=a.send, workers=a.workers,
+                        protocol_dirs=a.protocol_dir)
     code = _report(results)
     queued = sum(r.queued for r in results)
     if queued:
@@ -133,9 +134,10 @@ def cmd_adapt(a) -> int:
     if not rep["promoted"]:
         print("adapted model NOT promoted (it did not beat the base model); nothing changed")
         return EXIT_FAILED
-    print(f"new model {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol "
-          f"{rep['overlay']}: use it with `recon --protocol {rep['overlay']}` or add "
-          f"{Path(rep['overlay']).parent} to RECON_PLUGIN_PROTOCOLS and use its name")
+    ov = Path(rep["overlay"])
+    print(f"new model {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol {ov}: use "
+          f"`recon-plugin recon ... --protocol-dir {ov.parent} --protocol {ov.stem}` (or "
+          f"`--protocol {ov}`); the base protocol is unchanged")
     return EXIT_OK
 
 
@@ -209,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
     s.add_argument("--workers", type=int, default=1, help="files reconstructed in parallel")
+    s.add_argument("--protocol-dir", action="append", default=None, type=Path,
+                   help="extra protocol folder searched first (e.g. SITE/protocols); repeatable")
     s.add_argument("--send", metavar="AET@host:port", help="C-STORE the DICOM to a PACS")
     s.set_defaults(fn=cmd_recon)
 

@@ -55,6 +55,9 @@ def test_adaptation_lowers_heldout_error_and_overlay_is_used(site, tmp_path):
 
     res = run_batch([raws[0]], tmp_path / "out", rep["overlay"], progress=False)
     assert res[0].ok, res[0].error
+    by_name = run_batch([raws[0]], tmp_path / "out2", "tiny_base-site", progress=False,
+                        protocol_dirs=[tmp_path / "protocols"])
+    assert by_name[0].ok and by_name[0].protocol == "tiny_base-site", by_name[0].error
     import pydicom
 
     ds = pydicom.dcmread(res[0].outputs[0])
