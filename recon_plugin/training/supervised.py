@@ -36,6 +36,32 @@ def mean_psnr(model: torch.nn.Module, batches: list[Batch]) -> float:
     return float(np.mean(vals))
 
 
+def recalibrate_bn(model: torch.nn.Module, n_batches: int = 8, seed: int = 4242,
+                   batch_size: int = 4) -> None:
+    """Replace BatchNorm running statistics by their average over ``n_batches`` training batches.
+
+    The running averages (momentum 0.1) follow the last few very different batches (contrast,
+    coils, acceleration, SNR vary per batch) and make eval-mode outputs swing; a cumulative
+    average over fresh batches gives the population statistics inference should use.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not bns:
+        return
+    was_training = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for _ in range(n_batches):
+            run_model(model, make_batch("train", rng, batch_size))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+
+
 def train_base(
     run_dir: Path,
     steps: int = 1500,
@@ -55,13 +81,19 @@ def train_base(
         b = make_batch("train", rng, batch_size)
         return image_loss(run_model(m, b), b.target)
 
-    history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=lambda m: mean_psnr(m, val),
+    def validate(m):
+        recalibrate_bn(m, 8)
+        return mean_psnr(m, val)
+
+    history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=validate,
                          val_every=100, time_budget_s=time_budget_s)
     if export_to is None:
         return None
     best = Path(run_dir) / "best.pt"
     if best.is_file():
         model.load_state_dict(torch.load(best, weights_only=True)["model"])
+    recalibrate_bn(model, 40, seed=777)
+    model.eval()
     done = max((h["step"] for h in history), default=0)
     card = {
         "name": Path(export_to).stem,
