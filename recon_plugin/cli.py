@@ -160,7 +160,7 @@ def cmd_bench(a) -> int:
     if a.what == "pruning":
         from .pruning.run import pruning_table
 
-        pruning_table(Path(a.docs), Path(a.variants))
+        pruning_table(Path(a.docs), a.variants or [Path(__file__).parent / "weights"])
     elif a.what == "adaptive":
         from .protocol import load_protocol
         from .pruning.run import adaptive_table
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["quality", "speed", "pruning", "adaptive", "adapt"])
     s.add_argument("--protocol", default="brain_adaptive",
                    help="protocol whose adaptive policy is benchmarked (bench adaptive)")
-    s.add_argument("--variants", default=str(Path(__file__).parent / "weights"),
-                   help="folder of variant models (bench pruning)")
+    s.add_argument("--variants", action="append", type=Path, default=None,
+                   help="folder(s) of variant models (bench pruning; default: shipped weights)")
     s.add_argument("--docs", default="docs")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     s.set_defaults(fn=cmd_bench)

@@ -64,9 +64,10 @@ def make_variant(
                           training=training)
 
 
-def pruning_table(docs: Path, variant_dir: Path, parent: str = "unrolled-base",
+def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-base",
                   n_slices: int = 4) -> list[dict]:
-    """Benchmark every variant card in ``variant_dir`` against the parent, side by side.
+    """Benchmark every variant (child of ``parent``) in ``variant_dirs`` against the parent,
+    side by side.
 
     Writes the table and a speed-quality Pareto plot to ``docs``.
     """
@@ -76,7 +77,7 @@ def pruning_table(docs: Path, variant_dir: Path, parent: str = "unrolled-base",
 
     base, card = load_model(resolve_model(parent))
     variants = {"unpruned": (base, card)}
-    for p in sorted(Path(variant_dir).glob("*.safetensors")):
+    for p in sorted(q for d in variant_dirs for q in Path(d).glob("*.safetensors")):
         m, c = load_model(p)
         if c.get("parent_sha256") == card.get("sha256"):
             variants[p.stem] = (m, c)
