@@ -62,6 +62,32 @@ def recalibrate_bn(model: torch.nn.Module, n_batches: int = 8, seed: int = 4242,
     model.train(was_training)
 
 
+def select_final(model: torch.nn.Module, run_dir: Path, val: list[Batch]) -> dict:
+    """Load into ``model`` the best of {best.pt, ckpt.pt} x {running BN statistics,
+    recalibrated} by validation PSNR; returns what was chosen."""
+    results = []
+    for name in ("best.pt", "ckpt.pt"):
+        f = run_dir / name
+        if not f.is_file():
+            continue
+        st = torch.load(f, weights_only=True)
+        for recal in (False, True):
+            model.load_state_dict(st["model"])
+            if recal:
+                recalibrate_bn(model, 40, seed=777)
+            model.eval()
+            results.append((mean_psnr(model, val), name, recal, int(st.get("step", 0)),
+                            {k: v.clone() for k, v in model.state_dict().items()}))
+    score, name, recal, step, state = max(results, key=lambda r: r[0])
+    model.load_state_dict(state)
+    model.eval()
+    log.info("final model: %s (step %d), BN recalibrated %s, val PSNR %.2f dB", name, step,
+             recal, score)
+    return {"checkpoint": name, "step": step, "bn_recalibrated": recal, "val_psnr_db": score,
+            "candidates": [{"checkpoint": r[1], "bn_recalibrated": r[2], "step": r[3],
+                            "val_psnr_db": r[0]} for r in results]}
+
+
 def train_base(
     run_dir: Path,
     steps: int = 1500,
@@ -89,12 +115,18 @@ def train_base(
                          val_every=100, time_budget_s=time_budget_s)
     if export_to is None:
         return None
-    best = Path(run_dir) / "best.pt"
-    if best.is_file():
-        model.load_state_dict(torch.load(best, weights_only=True)["model"])
-    recalibrate_bn(model, 40, seed=777)
-    model.eval()
     done = max((h["step"] for h in history), default=0)
+    info = {"steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "command": " ".join(shlex.quote(a) for a in sys.argv)}
+    return export_base(Path(run_dir), Path(export_to), model_kwargs, info, val)
+
+
+def export_base(run_dir: Path, export_to: Path, model_kwargs: dict | None = None,
+                training: dict | None = None, val: list[Batch] | None = None) -> dict:
+    """Pick the final model of a training run (:func:`select_final`) and write it with its card."""
+    model = UnrolledNet(**(model_kwargs or {}))
+    val = val or fixed_set("val", 4, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12)
+    choice = select_final(model, run_dir, val)
     card = {
         "name": Path(export_to).stem,
         "version": "1.0",
@@ -104,12 +136,12 @@ def train_base(
                     "z in [10,88) and [136,150) voxels; validation z in [94,106); test [112,130)",
             "accelerations": [4, 8], "masks": "fastMRI equispaced/random, cf 0.08 (4x) / 0.04 (8x)",
             "contrasts": ["T1", "T2", "PD", "FLAIR"], "coils": [8, 12, 16, 24],
-            "steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            **(training or {}),
         },
         "pruning": {"method": "none", "ratio": 0.0},
         "finetune": "supervised",
-        "metrics": {"val_psnr_db": mean_psnr(model, val)},
+        "metrics": {"val_psnr_db": choice["val_psnr_db"]},
+        "selection": choice,
         "parent_sha256": None,
     }
     return save_model(model, export_to, card)
