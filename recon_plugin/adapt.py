@@ -35,7 +35,7 @@ import torch
 from .coils import EspiritParams, estimate_maps
 from .models.checkpoint import file_sha256, resolve_model, save_model
 from .physics import SenseOperator
-from .training.loop import train_loop
+from .training.loop import freeze_batchnorm, train_loop
 from .training.losses import (
     equivariance_loss,
     kspace_loss,
@@ -98,12 +98,6 @@ def heldout_error(model, slices: list[SiteSlice], rho: float = 0.4, seed: int = 
     return float(np.mean(errs))
 
 
-def _freeze_bn(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
-
-
 def _dist_info() -> tuple[int, int]:
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     return (int(os.environ.get("RANK", "0")), ws)
@@ -147,7 +141,7 @@ def adapt(
         net = torch.nn.parallel.DistributedDataParallel(model)
 
     def loss_fn(m, rng):
-        _freeze_bn(model)
+        freeze_batchnorm(model)
         rr = np.random.default_rng(rng.integers(1 << 31) + rank)
         s = train[int(rr.integers(len(train)))]
         y, mask, maps = s.kspace[None], s.mask[None], s.maps[None]

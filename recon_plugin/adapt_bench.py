@@ -66,12 +66,12 @@ def _eval_volumes(n_slices: int):
 
 def _supervised(base_path: Path, files: list[Path], steps: int, lr: float, run_dir: Path):
     """Upper reference: fine-tune on the site files WITH their targets (image loss)."""
-    from .adapt import _freeze_bn, prepare_slices
+    from .adapt import prepare_slices
     from .coils import EspiritParams
     from .io import read_raw
     from .models.checkpoint import load_model
     from .physics import SenseOperator
-    from .training.loop import train_loop
+    from .training.loop import freeze_batchnorm, train_loop
     from .training.losses import image_loss
 
     model, _ = load_model(base_path)
@@ -81,7 +81,7 @@ def _supervised(base_path: Path, files: list[Path], steps: int, lr: float, run_d
         raise RuntimeError("site files must carry targets for the supervised reference")
 
     def loss_fn(m, rng):
-        _freeze_bn(m)
+        freeze_batchnorm(m)
         i = int(rng.integers(len(slices)))
         s = slices[i]
         pred = m(s.kspace[None], SenseOperator(s.maps[None], s.mask[None]))

@@ -24,6 +24,14 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Put every BatchNorm in eval mode: fixed running statistics, no batch dependence (the
+    affine parameters still train). Call inside the loss function (train_loop sets train())."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+
+
 def _plot_losses(history: list[dict], path: Path) -> None:
     import matplotlib
 

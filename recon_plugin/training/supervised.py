@@ -15,7 +15,7 @@ from ..models.checkpoint import save_model
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator
 from .data import Batch, fixed_set, make_batch
-from .loop import train_loop
+from .loop import freeze_batchnorm, train_loop
 from .losses import image_loss
 
 log = logging.getLogger(__name__)
@@ -98,17 +98,25 @@ def train_base(
     export_to: Path | None = None,
     time_budget_s: float | None = None,
     val_batches: int = 4,
+    freeze_bn: bool = False,
 ) -> dict | None:
-    """Train, keep the best validation model, and export it (safetensors + card) if asked."""
+    """Train, keep the best validation model, and export it (safetensors + card) if asked.
+
+    ``freeze_bn``: BatchNorm layers use fixed running statistics (recalibrated once at the
+    start), so training and inference compute the same function (used for the final phase).
+    """
     model = UnrolledNet(**(model_kwargs or {}))
     val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12)
 
     def loss_fn(m, rng):
+        if freeze_bn:
+            freeze_batchnorm(m)
         b = make_batch("train", rng, batch_size)
         return image_loss(run_model(m, b), b.target)
 
     def validate(m):
-        recalibrate_bn(m, 8)
+        if not freeze_bn:
+            recalibrate_bn(m, 8)
         return mean_psnr(m, val)
 
     history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=validate,
