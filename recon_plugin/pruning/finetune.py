@@ -35,7 +35,7 @@ from ..models.checkpoint import save_model
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, fixed_set, make_batch
-from ..training.loop import train_loop
+from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import (
     equivariance_loss,
     image_loss,
@@ -105,6 +105,7 @@ def make_loss_fn(
         return make_batch("train", rng, batch_size, matrix=matrix, num_coils=num_coils)
 
     def loss_fn(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
+        freeze_batchnorm(model)  # fixed statistics: fine-tuning computes the inference function
         b = draw(rng)
         op = SenseOperator(b.maps, b.mask)
         total = torch.zeros((), dtype=torch.float32)
