@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .fileio import write_text_atomic
 from .pipeline import Reconstructor, write_outputs
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,7 @@ def _load_state(out_dir: Path) -> dict:
 
 
 def _save_state(out_dir: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".state.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, out_dir / STATE_FILE)
+    write_text_atomic(out_dir / STATE_FILE, json.dumps(state, indent=1))
 
 
 def recon_file(

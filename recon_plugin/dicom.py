@@ -59,6 +59,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from .fileio import make_readable
 from .scan import Geometry, ReconImage, ReconSeries, ScanHeader
 
 log = logging.getLogger(__name__)
@@ -508,6 +509,7 @@ def _atomic_write(ds: Dataset, final: Path, fsync: bool) -> Path:
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
+        make_readable(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

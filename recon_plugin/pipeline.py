@@ -238,25 +238,16 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
 
 def write_reconstruction_h5(series: ReconSeries, out_dir: Path) -> Path:
     """fastMRI-style ``reconstruction`` (slices, rows, cols) float32 file, written atomically."""
-    import os
-    import tempfile
-
     import h5py
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .fileio import atomic_path
+
     final = out_dir / f"series_{series.series_number:04d}.h5"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp.", suffix=".h5")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("reconstruction", data=np.stack([im.pixels for im in series.images]))
-            f.attrs["protocol"] = series.provenance.protocol
-            f.attrs["method"] = series.provenance.method
-            f.attrs["model"] = series.provenance.model_name
-            f.attrs["model_sha256"] = series.provenance.model_hash
-            f.attrs["ismrmrd_header"] = series.header.xml
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(final, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("reconstruction", data=np.stack([im.pixels for im in series.images]))
+        f.attrs["protocol"] = series.provenance.protocol
+        f.attrs["method"] = series.provenance.method
+        f.attrs["model"] = series.provenance.model_name
+        f.attrs["model_sha256"] = series.provenance.model_hash
+        f.attrs["ismrmrd_header"] = series.header.xml
     return final

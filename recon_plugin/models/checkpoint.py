@@ -12,13 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fileio import atomic_path, write_text_atomic
 from .unrolled import UnrolledNet
 
 log = logging.getLogger(__name__)
@@ -38,37 +38,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     """Write weights (safetensors) and card (JSON) atomically; returns the card with its hash."""
     path = Path(path).with_suffix(".safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     card = dict(card)
     card["architecture"] = model.config
     card["weights_file"] = path.name
     card["sha256"] = file_sha256(path)
     card["parameters"] = int(sum(p.numel() for p in model.parameters()))
-    _atomic_write_bytes(path.with_suffix(".json"), json.dumps(card, indent=2).encode())
+    write_text_atomic(path.with_suffix(".json"), json.dumps(card, indent=2))
     return card
 
 

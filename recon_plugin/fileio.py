@@ -1,0 +1,57 @@
+"""Atomic file output shared by every writer: a temporary file in the destination folder,
+made readable like a normal file (``0666 & ~umask``; ``mkstemp`` alone gives ``0600``, which a
+PACS forwarder or viewer running as another user cannot read), then renamed into place. A
+crash or error leaves the old file (or nothing), never a partial one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def make_readable(path: Path | str) -> None:
+    """Give a temporary file the permissions a newly created file would have."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@contextmanager
+def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success it replaces ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        make_readable(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(final: Path | str, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
+    """``write(fh)`` into a temporary file, optionally fsync, then rename over ``final``."""
+    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+
+
+def write_text_atomic(final: Path | str, text: str, fsync: bool = False) -> None:
+    write_atomic(final, lambda fh: fh.write(text.encode("utf-8")), fsync)
