@@ -38,9 +38,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_path(path: Path | str) -> Path:
+    """``NAME.safetensors`` for ``NAME`` or ``NAME.safetensors`` (names may contain dots:
+    ``unrolled-spade-0.5``)."""
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+
 def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     """Write weights (safetensors) and card (JSON) atomically; returns the card with its hash."""
-    path = Path(path).with_suffix(".safetensors")
+    path = weights_path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -79,7 +86,7 @@ def _shrink_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_card(path: Path | str) -> dict:
-    path = Path(path).with_suffix(".json")
+    path = weights_path(path).with_suffix(".json")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
@@ -90,7 +97,7 @@ def load_card(path: Path | str) -> dict:
 
 def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet, dict]:
     """Load ``path`` (.safetensors, card beside it) into an eval-mode model and its card."""
-    path = Path(path).with_suffix(".safetensors")
+    path = weights_path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model weights not found")
     card = load_card(path)
@@ -117,7 +124,7 @@ def resolve_model(name_or_path: str) -> Path:
     """A shipped model name (``unrolled-base``) or a path to a .safetensors file."""
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or p.exists():
-        return p.with_suffix(".safetensors")
+        return weights_path(p)
     for d in (Path(os.environ.get("RECON_PLUGIN_MODELS", "")), WEIGHTS_DIR):
         if str(d) and (d / f"{name_or_path}.safetensors").is_file():
             return d / f"{name_or_path}.safetensors"

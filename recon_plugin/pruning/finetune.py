@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.checkpoint import save_model
+from ..models.checkpoint import save_model, weights_path
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, fixed_set, make_batch
@@ -239,7 +239,7 @@ def export_variant(
         latency["parent_seconds_per_slice"] = lat["parent"]
         latency["speedup"] = lat["parent"] / max(lat["variant"], 1e-12)
     card = {
-        "name": Path(path).stem,
+        "name": weights_path(path).name.removesuffix(".safetensors"),
         "version": "1.0",
         "description": f"{parent_card.get('name', 'unrolled')} pruned by {method} "
                        f"(ratio {ratio}), fine-tuned: {mode}",
