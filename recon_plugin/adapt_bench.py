@@ -122,7 +122,8 @@ def run(docs: Path, steps: int = 120, lr: float = 2e-4, n_files: int = 6,
     s = res["supervised on site (reference)"]["psnr"]
     recovered = (a - b) / (s - b) if s > b else float("nan")
     lines = [
-        f"## Site adaptation ({mode}) without ground truth (`recon-plugin bench adapt --mode {mode}`)",
+        f"## Site adaptation ({mode}, {steps} steps) without ground truth "
+        f"(`recon-plugin bench adapt --mode {mode} --steps {steps}`)",
         "",
         f"Site shift: {SITE['contrast']}-like contrast (not a training contrast), "
         f"{SITE['num_coils']} coils on a closer ring, SNR {SITE['snr']:g}, 4x, 16 ACS lines. "
@@ -148,5 +149,6 @@ def run(docs: Path, steps: int = 120, lr: float = 2e-4, n_files: int = 6,
         "",
     ]
     docs.mkdir(parents=True, exist_ok=True)
-    _replace_section(docs / "BENCHMARKS.md", f"## Site adaptation ({mode})", "\n".join(lines))
+    _replace_section(docs / "BENCHMARKS.md", f"## Site adaptation ({mode}, {steps} steps)",
+                     "\n".join(lines))
     return {"results": res, "recovered": recovered, "report": rep}

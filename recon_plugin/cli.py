@@ -172,7 +172,7 @@ def cmd_bench(a) -> int:
     elif a.what == "adapt":
         from .adapt_bench import run
 
-        out = run(Path(a.docs), mode=a.mode)
+        out = run(Path(a.docs), steps=a.steps, mode=a.mode)
         print(f"fraction of the supervised gap recovered: {out['recovered']:.2f}")
     else:
         {"quality": bench.quality, "speed": bench.speed}[a.what](Path(a.docs), quick=a.quick)
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", default="brain_adaptive",
                    help="protocol whose adaptive policy is benchmarked (bench adaptive)")
     s.add_argument("--mode", default="ssdu", help="adaptation mode (bench adapt)")
+    s.add_argument("--steps", type=int, default=120, help="adaptation steps (bench adapt)")
     s.add_argument("--variants", action="append", type=Path, default=None,
                    help="folder(s) of variant models (bench pruning; default: shipped weights)")
     s.add_argument("--docs", default="docs")
