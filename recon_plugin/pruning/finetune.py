@@ -230,7 +230,8 @@ def export_variant(
     ``latency_hw`` x ``latency_coils`` (side by side with ``parent`` when given) and
     ``metrics`` (e.g. PSNR / SSIM). Returns the card as written.
     """
-    parse_mode(mode)
+    if mode != "none":  # "none": pruned without fine-tuning
+        parse_mode(mode)
     models = {"variant": model} if parent is None else {"variant": model, "parent": parent}
     lat = measure_latency(models, latency_hw, latency_coils)
     latency = {"hw": list(latency_hw), "coils": latency_coils, "threads": torch.get_num_threads(),
