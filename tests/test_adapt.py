@@ -33,9 +33,9 @@ def site(tmp_path_factory):
     }
     (d / "tiny_base.yaml").write_text(yaml.safe_dump(proto))
     raws = []
-    for i in range(3):  # a site shift: FLAIR, another coil count, lower SNR
+    for i in range(3):  # a site shift: FLAIR, another coil count
         vol = simulate_volume("train", "FLAIR", num_slices=2, num_coils=6, matrix=(64, 56),
-                              snr=15.0, seed=40 + i)
+                              snr=60.0, seed=40 + i)
         raws.append(write_ismrmrd(vol, d / f"site_{i}.h5", acceleration=4, calib_lines=20,
                                   seed=i))
     return d, raws
