@@ -185,7 +185,8 @@ def test_unreadable_file_fails_alone(orthanc, tmp_path):
 def test_rejected_association_is_a_clear_error(orthanc, tmp_path):
     paths = write_series(tmp_path / "dcm", nslices=1, seed=3)
     wrong = f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}"
-    with pytest.raises(pacs.PacsError, match="rejected by the remote AE"):
+    # Orthanc rejects the unknown called AE; on a heavily loaded machine it may abort instead
+    with pytest.raises(pacs.PacsError, match="rejected by the remote AE|could not be established"):
         pacs.send_files(paths, wrong, CALLING, timeout=10)
 
 

@@ -8,7 +8,7 @@ import pytest
 from recon_plugin.coils import CoilMapError
 from recon_plugin.io import read_raw
 from recon_plugin.io.writers import write_fastmri, write_ismrmrd
-from recon_plugin.metrics import psnr
+from recon_plugin.metrics import psnr, ssim
 from recon_plugin.pipeline import ReconSettings, Reconstructor
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
@@ -39,16 +39,20 @@ def test_ismrmrd_and_fastmri_give_identical_pixels(files, method):
         np.testing.assert_allclose(x.geometry.position, y.geometry.position, atol=1e-3)
 
 
-def test_unrolled_network_beats_cg_sense_on_a_file(files):
-    vol, ism, _ = files
-    scan = read_raw(ism)
+def test_shipped_network_on_a_file(tmp_path):
+    """A file at the trained resolution (1.4 mm): the network beats zero-filling clearly and
+    CG-SENSE in SSIM (as in docs/BENCHMARKS.md)."""
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(160, 128),
+                          fov_mm=(180.0, 224.0), snr=30.0, seed=4)
+    scan = read_raw(write_ismrmrd(vol, tmp_path / "n.h5", acceleration=4, calib_lines=16,
+                                  noise_scan=False))
     recon = Reconstructor()
-    net = recon.reconstruct(scan, ReconSettings(method="unrolled"))[0]
-    zf = recon.reconstruct(scan, ReconSettings(method="zero-filled"))[0]
+    net, zf, cg = (recon.reconstruct(scan, ReconSettings(method=m))[0]
+                   for m in ("unrolled", "zero-filled", "cg-sense"))
     assert net.provenance.deep_learning and net.provenance.model_hash
-    for im_n, im_z, sl in zip(net.images, zf.images, vol.slices):
-        t = sl.target
-        assert psnr(t, im_n.pixels) > psnr(t, im_z.pixels) + 2.0
+    t = vol.slices[0].target
+    assert psnr(t, net.images[0].pixels) > psnr(t, zf.images[0].pixels) + 3.0
+    assert ssim(t, net.images[0].pixels) > ssim(t, cg.images[0].pixels)
 
 
 def test_no_acs_falls_back_and_says_so(files):
