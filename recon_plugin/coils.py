@@ -191,7 +191,7 @@ def estimate_maps(
         n = min(acs[1] - acs[0], p.calib_width)
         kw = min(p.kernel_width, max(3, n - 4))
         if kw < p.kernel_width:  # few ACS lines (e.g. 8x): a smaller kernel stays well-posed
-            log.info("ESPIRiT: %d ACS lines, kernel width %d -> %d", n, p.kernel_width, kw)
+            log.debug("ESPIRiT: %d ACS lines, kernel width %d -> %d", n, p.kernel_width, kw)
             p = replace(p, kernel_width=kw)
     fn = espirit_fast if p.method == "fast" else espirit_sigpy
     return fn(kspace, acs, p)
