@@ -49,7 +49,7 @@ def test_shipped_protocols_load_and_validate():
     protos = {p.name: p for p in P.load_all()}
     assert protos["default"].match.catch_all
     assert protos["stroke_fast"].espirit.fast and protos["stroke_fast"].model.variant \
-        == "unrolled-spade-0.5"
+        == "unrolled-lean-0.5"
     assert protos["brain_flair_8x"].partial_fourier == "homodyne"
     for p in protos.values():
         assert p.source is not None and p.source.name == f"{p.name}.yaml"
@@ -258,5 +258,14 @@ def test_dicom_kwargs_and_recon_settings():
     DicomOptions(**kw)  # the field names line up
     pytest.importorskip("torch")
     s = p.recon_settings()
-    assert s.model == "unrolled-spade-0.5" and s.espirit.method == "fast"
+    assert s.model == "unrolled-lean-0.5" and s.espirit.method == "fast"
     assert s.coil_compression == 6 and s.protocol_name == "stroke_fast"
+
+
+def test_every_shipped_protocol_names_a_shipped_model():
+    from recon_plugin.models.checkpoint import resolve_model
+
+    for p in P.load_all():
+        resolve_model(p.model.variant)  # raises if the weights are not in the package
+        for v in (p.adaptive or {}).get("variants", []):
+            resolve_model(v["model"])
