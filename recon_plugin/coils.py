@@ -41,7 +41,7 @@ class EspiritParams:
     thresh: float = 0.02
     crop: float = 0.95
     method: str = "fast"  # "fast" | "sigpy"
-    grid: int = 96  # coarse eigen-decomposition grid of the fast path
+    grid: int = 128  # coarse eigen-decomposition grid of the fast path
 
     def __post_init__(self):
         if self.method not in ("fast", "sigpy"):

@@ -15,7 +15,7 @@ A protocol file (``protocols/<name>.yaml``) looks like::
       catch_all: false                   # true: matches anything, used when nothing else does
     model: {variant: unrolled-base, method: unrolled, lamda: null, fallback: zero-filled,
             params: {}}                  # method: unrolled | cg-sense | l1-wavelet | zero-filled
-    espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: true, grid: 96}
+    espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: true, grid: 128}
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
@@ -131,7 +131,7 @@ class EspiritSpec:
     thresh: float = 0.02
     crop: float = 0.95
     fast: bool = True  # True: the fast rectangular-calibration path; False: SigPy reference
-    grid: int = 96  # coarse eigen-decomposition grid of the fast path
+    grid: int = 128  # coarse eigen-decomposition grid of the fast path
 
 
 @dataclass
