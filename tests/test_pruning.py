@@ -16,7 +16,6 @@ from torch import nn
 
 from recon_plugin.models.checkpoint import load_model, save_model
 from recon_plugin.models.unrolled import UnrolledNet
-from recon_plugin.physics import SenseOperator
 from recon_plugin.pruning.adaptive import (
     PolicyError,
     choose_variant,
@@ -24,7 +23,7 @@ from recon_plugin.pruning.adaptive import (
     slice_features,
     validate_policy,
 )
-from recon_plugin.pruning.finetune import export_variant, finetune, make_loss_fn, parse_mode
+from recon_plugin.pruning.finetune import export_variant, finetune, make_loss_fn, parse_mode, random_input
 from recon_plugin.pruning.lean import (
     apply_keep,
     build_channel_graph,
@@ -74,14 +73,7 @@ def base() -> UnrolledNet:
 
 
 def _inputs(hw, coils, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, coils, *hw)
-    k = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-    maps = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-    maps = maps / maps.abs().pow(2).sum(1, keepdim=True).sqrt()
-    mask = torch.zeros(1, *hw)
-    mask[:, ::3] = 1
-    return k * mask.unsqueeze(1), SenseOperator(maps, mask)
+    return random_input(hw, coils, seed, every=3)
 
 
 def _runs_anywhere(model: UnrolledNet) -> None:

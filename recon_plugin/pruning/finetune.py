@@ -176,14 +176,16 @@ def finetune(
     return pruned.eval()
 
 
-def _random_input(hw: tuple[int, int], coils: int, seed: int = 0):
+def random_input(hw: tuple[int, int], coils: int, seed: int = 0, every: int = 4):
+    """Random k-space (1, coils, *hw) sampled on every ``every``-th row and its SENSE operator
+    (random maps with RSS 1): an input for timing or shape checks."""
     g = torch.Generator().manual_seed(seed)
     shape = (1, coils, *hw)
     ksp = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
     maps = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
     maps = maps / maps.abs().pow(2).sum(1, keepdim=True).sqrt()
     mask = torch.zeros(1, *hw)
-    mask[:, ::4] = 1
+    mask[:, ::every] = 1
     return ksp * mask.unsqueeze(1), SenseOperator(maps, mask)
 
 
@@ -195,7 +197,7 @@ def measure_latency(
 
     Repeats are interleaved across the models so that background load affects them alike.
     """
-    ksp, op = _random_input(hw, coils)
+    ksp, op = random_input(hw, coils)
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():
