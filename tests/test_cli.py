@@ -70,4 +70,7 @@ def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys):
     import pydicom
 
     ds = pydicom.dcmread(files[0])
-    assert "unrolled-base" in ds.SeriesDescription and ds.Modality == "MR"
+    from recon_plugin.protocol import load_protocol
+
+    model = load_protocol("brain_t2_axial_4x").model.variant  # the protocol a T2 4x scan matches
+    assert f"DL {model}" in ds.SeriesDescription and ds.Modality == "MR"
