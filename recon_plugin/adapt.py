@@ -65,13 +65,14 @@ def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]
     from .coils import CoilMapError
     from .io import read_raw
     from .pipeline import whitening_matrix
+    from .preprocess import apply_coil_matrix
 
     out = []
     for p in paths:
         scan = read_raw(p)
         w = whitening_matrix(scan)
         for sl in scan.slices:
-            k = sl.kspace if w is None else np.einsum("ij,jyx->iyx", w, sl.kspace)
+            k = sl.kspace if w is None else apply_coil_matrix(w, sl.kspace)
             k = (k * sl.mask[None]).astype(np.complex64)
             try:
                 maps = estimate_maps(k, sl.acs, espirit, sl.calib)

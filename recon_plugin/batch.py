@@ -109,10 +109,7 @@ def recon_file(
     for w in scan.warnings:
         log.warning("%s: %s", path, w)
     protocol = select_protocol(scan.header, protocol_name, protocol_dirs)
-    settings = protocol.recon_settings()
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            setattr(settings, k, v)
+    settings = protocol.recon_settings().override(**(overrides or {}))
     series = recon.reconstruct(scan, settings)
     for s in series:
         s.series_number = protocol.series_number(s.series_number - 1)

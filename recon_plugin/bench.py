@@ -19,10 +19,10 @@ from .classical import cg_sense, l1_wavelet, zero_filled
 from .coils import EspiritParams, estimate_maps
 from .metrics import all_metrics
 from .physics import acs_bounds, cartesian_mask
+from .training.data import CENTER_FRACTION
 
 log = logging.getLogger(__name__)
 
-CENTER_FRACTION = {4: 0.08, 8: 0.04}
 CONTRASTS = ("T1", "T2", "PD", "FLAIR")
 
 

@@ -29,26 +29,25 @@ def _scale(kspace: np.ndarray, maps: np.ndarray) -> float:
     return float(np.percentile(np.abs(x), 99)) or 1.0
 
 
+def _sigpy_app(app: str, method: str, kspace, maps, mask, lamda, max_iter) -> np.ndarray:
+    """Run ``sigpy.mri.app.<app>`` on intensity-normalised data and undo the scaling."""
+    from sigpy.mri import app as apps
+
+    lam = DEFAULT_LAMBDA[method] if lamda is None else lamda
+    s = _scale(kspace, maps)
+    x = getattr(apps, app)(kspace / s, maps, lamda=lam, weights=mask, max_iter=max_iter,
+                           show_pbar=False).run()
+    return (np.asarray(x) * s).astype(np.complex64)
+
+
 def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30) -> np.ndarray:
     """Tikhonov-regularised SENSE by conjugate gradients (SigPy ``SenseRecon``)."""
-    from sigpy.mri.app import SenseRecon
-
-    lam = DEFAULT_LAMBDA["cg-sense"] if lamda is None else lamda
-    s = _scale(kspace, maps)
-    x = SenseRecon(kspace / s, maps, lamda=lam, weights=mask, max_iter=max_iter,
-                   show_pbar=False).run()
-    return (np.asarray(x) * s).astype(np.complex64)
+    return _sigpy_app("SenseRecon", "cg-sense", kspace, maps, mask, lamda, max_iter)
 
 
 def l1_wavelet(kspace, maps, mask, lamda: float | None = None, max_iter: int = 60) -> np.ndarray:
     """L1-wavelet compressed sensing (SigPy ``L1WaveletRecon``)."""
-    from sigpy.mri.app import L1WaveletRecon
-
-    lam = DEFAULT_LAMBDA["l1-wavelet"] if lamda is None else lamda
-    s = _scale(kspace, maps)
-    x = L1WaveletRecon(kspace / s, maps, lamda=lam, weights=mask, max_iter=max_iter,
-                       show_pbar=False).run()
-    return (np.asarray(x) * s).astype(np.complex64)
+    return _sigpy_app("L1WaveletRecon", "l1-wavelet", kspace, maps, mask, lamda, max_iter)
 
 
 def reconstruct(method: str, kspace, maps, mask, lamda: float | None = None) -> np.ndarray:

@@ -12,6 +12,7 @@ the recon matrix. Stage timings (seconds) are recorded per series.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -26,6 +27,7 @@ from .coils import CoilMapError, EspiritParams, estimate_maps
 from .models.checkpoint import load_model, resolve_model
 from .partial_fourier import homodyne, is_partial_fourier
 from .physics import SenseOperator, center_crop, fft2c, ifft2c
+from .preprocess import apply_coil_matrix
 from .scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ class ReconSettings:
             raise ValueError("fallback must be 'zero-filled' or 'error'")
         if self.partial_fourier not in ("zero-fill", "homodyne"):
             raise ValueError("partial_fourier must be 'zero-fill' or 'homodyne'")
+
+    def override(self, **values) -> ReconSettings:
+        """These settings with the given fields replaced; ``None`` values keep the protocol's
+        (e.g. ``override(method=args.method)`` for a command-line override). Validated again."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
 class Reconstructor:
@@ -103,9 +110,9 @@ class Reconstructor:
         t0 = time.perf_counter()
         ksp, calib = sl.kspace, sl.calib
         if whitener is not None:
-            ksp = np.einsum("ij,jyx->iyx", whitener, ksp).astype(np.complex64)
+            ksp = apply_coil_matrix(whitener, ksp)
             if calib is not None:
-                calib = np.einsum("ij,jyx->iyx", whitener, calib).astype(np.complex64)
+                calib = apply_coil_matrix(whitener, calib)
         if settings.coil_compression and settings.coil_compression < ksp.shape[0]:
             ksp, calib = compress_coils(ksp, calib, sl.acs, settings.coil_compression)
         mask = sl.mask.astype(np.float32)
@@ -195,9 +202,9 @@ def whitening_matrix(scan: RawScan) -> np.ndarray | None:
 def compress_coils(ksp, calib, acs, n_virtual):
     """SVD coil compression of slice k-space (and its calibration block) to n_virtual coils,
     fitted on the separate calibration data when present, else on the ACS rows."""
-    from .preprocess import _calibration_samples, apply_coil_matrix, coil_compression_matrix
+    from .preprocess import calibration_samples, coil_compression_matrix
 
-    fit = calib.reshape(calib.shape[0], -1) if calib is not None else _calibration_samples(ksp, acs)
+    fit = calib.reshape(calib.shape[0], -1) if calib is not None else calibration_samples(ksp, acs)
     m = coil_compression_matrix(fit, n_virtual)
     return apply_coil_matrix(m, ksp), (apply_coil_matrix(m, calib) if calib is not None else None)
 

@@ -160,7 +160,7 @@ def coil_compression_matrix(calib: np.ndarray, n_virtual: int) -> np.ndarray:
     return u[:, :n_virtual].conj().T.astype(np.complex64)
 
 
-def _calibration_samples(kspace: np.ndarray, acs: tuple[int, int] | None) -> np.ndarray:
+def calibration_samples(kspace: np.ndarray, acs: tuple[int, int] | None) -> np.ndarray:
     """(coils, samples) used to fit the compression: ACS rows, else all non-zero samples."""
     if acs is not None and acs[1] > acs[0]:
         return kspace[:, acs[0] : acs[1], :].reshape(kspace.shape[0], -1)
@@ -181,7 +181,7 @@ def coil_compress(
     Unsampled (zero) positions stay zero.
     """
     if matrix is None:
-        matrix = coil_compression_matrix(_calibration_samples(kspace, acs), n_virtual)
+        matrix = coil_compression_matrix(calibration_samples(kspace, acs), n_virtual)
     return apply_coil_matrix(matrix, kspace)
 
 
@@ -195,7 +195,7 @@ def compress_scan(scan: RawScan, n_virtual: int) -> RawScan:
         return scan
     samples = [
         s.calib.reshape(s.num_coils, -1) if s.calib is not None and s.calib.shape[0] == s.num_coils
-        else _calibration_samples(s.kspace, s.acs)
+        else calibration_samples(s.kspace, s.acs)
         for s in scan.slices
     ]
     matrix = coil_compression_matrix(np.concatenate(samples, axis=1), n_virtual)

@@ -227,10 +227,7 @@ class StreamEngine:
         """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides."""
         protocol = select_protocol(header, options.protocol or self.default_protocol,
                                    self.protocol_dirs or None)
-        settings = protocol.recon_settings()
-        for key, value in (("method", options.method), ("model", options.model)):
-            if value is not None:
-                setattr(settings, key, value)
+        settings = protocol.recon_settings().override(method=options.method, model=options.model)
         return protocol, settings
 
     def images(self, acquisitions: Iterable[ismrmrd.Acquisition], header_xml: str | bytes,
