@@ -64,8 +64,7 @@ def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]
     """Read raw files (no targets), prewhiten, estimate maps; slices without ACS are skipped."""
     from .coils import CoilMapError
     from .io import read_raw
-    from .pipeline import whitening_matrix
-    from .preprocess import apply_coil_matrix
+    from .preprocess import apply_coil_matrix, whitening_matrix
 
     out = []
     for p in paths:

@@ -27,7 +27,7 @@ from .coils import CoilMapError, EspiritParams, estimate_maps
 from .models.checkpoint import load_model, resolve_model
 from .partial_fourier import homodyne, is_partial_fourier
 from .physics import SenseOperator, center_crop, fft2c, ifft2c
-from .preprocess import apply_coil_matrix
+from .preprocess import apply_coil_matrix, whitening_matrix
 from .scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class Reconstructor:
         ksp, calib = sl.kspace, sl.calib
         if whitener is not None:
             ksp = apply_coil_matrix(whitener, ksp)
-            if calib is not None:
+            if calib is not None and calib.shape[0] == whitener.shape[0]:
                 calib = apply_coil_matrix(whitener, calib)
         if settings.coil_compression and settings.coil_compression < ksp.shape[0]:
             ksp, calib = compress_coils(ksp, calib, sl.acs, settings.coil_compression)
@@ -188,15 +188,6 @@ class Reconstructor:
             out.append(ReconSeries(images, scan.header, prov, series_number=i + 1,
                                    timings_s={**timings, "slice_seconds": slice_seconds}))
         return out
-
-
-def whitening_matrix(scan: RawScan) -> np.ndarray | None:
-    """Noise prewhitening matrix (coils, coils) from the scan's noise samples, or None."""
-    if scan.noise is None or scan.noise.size == 0:
-        return None
-    from .preprocess import noise_prewhitening_matrix
-
-    return noise_prewhitening_matrix(scan.noise)
 
 
 def compress_coils(ksp, calib, acs, n_virtual):

@@ -18,7 +18,6 @@ import logging
 
 import numpy as np
 
-from .physics import center_crop, ifft2c, rss
 from .scan import RawDataError, RawScan
 
 log = logging.getLogger(__name__)
@@ -121,6 +120,15 @@ def apply_coil_matrix(matrix: np.ndarray, data: np.ndarray) -> np.ndarray:
     return (matrix @ flat).reshape((matrix.shape[0],) + data.shape[1:]).astype(np.complex64)
 
 
+def whitening_matrix(scan: RawScan) -> np.ndarray | None:
+    """Prewhitening matrix (coils, coils) for the imaging data of ``scan``: from its noise
+    samples, scaled by the noise / imaging dwell-time ratio; None without a noise scan."""
+    if scan.noise is None or scan.noise.size == 0:
+        return None
+    scale = noise_dwell_scale(scan.noise_dwell_time_us, scan.acq_dwell_time_us)
+    return noise_prewhitening_matrix(scan.noise, scale)
+
+
 def prewhiten(scan: RawScan) -> RawScan:
     """Return a copy of ``scan`` with k-space, calibration and noise prewhitened.
 
@@ -132,7 +140,7 @@ def prewhiten(scan: RawScan) -> RawScan:
         return scan
     ncoil = scan.noise.shape[0]
     scale = noise_dwell_scale(scan.noise_dwell_time_us, scan.acq_dwell_time_us)
-    w = noise_prewhitening_matrix(scan.noise, scale)
+    w = whitening_matrix(scan)
     slices = []
     for s in scan.slices:
         if s.num_coils != ncoil:
@@ -209,24 +217,3 @@ def compress_scan(scan: RawScan, n_virtual: int) -> RawScan:
         )
     noise = apply_coil_matrix(matrix, scan.noise) if scan.noise is not None else None
     return dataclasses.replace(scan, slices=slices, noise=noise)
-
-
-def normalization_scale(
-    kspace: np.ndarray,
-    crop: tuple[int, int] | None = None,
-    percentile: float = 99.0,
-) -> float:
-    """Intensity scale shared by the network input and the inverse scaling of its output.
-
-    kspace: (coils, ky, kx) or (..., coils, ky, kx), zeros where not sampled. Returns the
-    ``percentile`` of the zero-filled RSS magnitude (cropped to ``crop`` = (rows, cols) when
-    given). The network sees ``kspace / scale`` and its image is multiplied back by ``scale``.
-    Returns 1.0 for all-zero data.
-    """
-    img = rss(ifft2c(np.asarray(kspace)), axis=-3)
-    if crop is not None:
-        img = center_crop(img, crop)
-    val = float(np.percentile(img, percentile)) if img.size else 0.0
-    if not np.isfinite(val) or val <= 0:
-        val = float(img.max()) if img.size else 0.0
-    return val if np.isfinite(val) and val > 0 else 1.0

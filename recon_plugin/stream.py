@@ -43,7 +43,8 @@ import numpy as np
 
 from .io.mrd_assembler import SKIP_FLAGS, MrdAssembler, add_interleaved_calibration
 from .physics import fft2c
-from .pipeline import METHODS, Reconstructor, whitening_matrix
+from .pipeline import METHODS, Reconstructor
+from .preprocess import whitening_matrix
 from .protocol import Protocol, select_protocol
 from .scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData
 

@@ -14,7 +14,6 @@ from recon_plugin.preprocess import (
     noise_covariance,
     noise_dwell_scale,
     noise_prewhitening_matrix,
-    normalization_scale,
     prewhiten,
     remove_readout_oversampling,
 )
@@ -122,14 +121,14 @@ def test_compress_scan_uses_one_matrix():
     assert compress_scan(scan, 8) is scan
 
 
-def test_normalization_scale():
-    rng = np.random.default_rng(5)
-    k = (rng.normal(size=(4, 20, 16)) + 1j * rng.normal(size=(4, 20, 16))).astype(np.complex64)
-    s = normalization_scale(k)
-    assert s == pytest.approx(np.percentile(rss(ifft2c(k)), 99.0), rel=1e-5)
-    assert normalization_scale(3 * k) == pytest.approx(3 * s, rel=1e-5)
-    assert normalization_scale(k, crop=(10, 8)) > 0
-    assert normalization_scale(np.zeros_like(k)) == 1.0
-    # the network contract: scale -> network -> inverse scale recovers the original intensity
-    img = rss(ifft2c(k / s)) * s
-    np.testing.assert_allclose(img, rss(ifft2c(k)), rtol=1e-4)
+def test_whitening_matrix_of_a_scan_uses_the_dwell_time_ratio():
+    from recon_plugin.preprocess import whitening_matrix
+    from recon_plugin.scan import RawScan, ScanHeader
+
+    rng = np.random.default_rng(7)
+    noise = (rng.normal(size=(4, 500)) + 1j * rng.normal(size=(4, 500))).astype(np.complex64)
+    hdr = ScanHeader((8, 8, 1), (1.0, 1.0, 1.0), (8, 8, 1), (1.0, 1.0, 1.0), 4)
+    scan = RawScan(hdr, [], noise=noise, noise_dwell_time_us=5.0, acq_dwell_time_us=2.5)
+    np.testing.assert_allclose(whitening_matrix(scan), noise_prewhitening_matrix(noise, 2.0),
+                               rtol=1e-5)
+    assert whitening_matrix(RawScan(hdr, [])) is None
