@@ -10,8 +10,9 @@ protocol's model self-supervised:
 * ``+teacher`` on either: the base model's output as an anchor against drift.
 
 Safety: files are split into adaptation and held-out files (by file; held-out lines are also
-held out within them). The adapted model is promoted only if its measurement-domain error on the
-held-out data beats the base model's; otherwise nothing is written outside the run folder.
+held out within them). The adapted model is promoted only if its squared measurement-domain error
+on the held-out lines of the held-out data (:func:`heldout_error`) beats the base model's;
+otherwise nothing is written outside the run folder.
 A promoted model is a new versioned file (safetensors + card: parent hash, raw file hashes,
 mode, losses) plus a protocol overlay (``extends: BASE``) in ``SITE_DIR/protocols``. The shipped
 model is never overwritten.
@@ -84,18 +85,26 @@ def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]
 
 
 def heldout_error(model, slices: list[SiteSlice], rho: float = 0.4, seed: int = 7) -> float:
-    """Measurement-domain validation without ground truth: the model sees a fixed subset of the
-    acquired lines; the normalised k-space error on the held-out lines is averaged."""
+    """Measurement-domain validation without ground truth.
+
+    The model sees a fixed subset of each slice's acquired lines and predicts the held-out
+    ones; returns ``sum ||A_held f(y_in) - y_held||^2 / sum ||y_held||^2`` over all slices.
+    The held-out noise is independent of the prediction, so in expectation this squared error
+    is the true error on those lines plus a constant noise energy: differences between two
+    models are unbiased, which a (non-squared) L1/L2 norm at low SNR would compress to nothing.
+    """
     rng = np.random.default_rng(seed)
-    errs = []
+    err = ref = 0.0
     with torch.inference_mode():
         for s in slices:
             dc, loss_m = ssdu_split(s.mask[None], rho, s.acs, rng)
             op = SenseOperator(s.maps[None], dc)
             pred = model(s.kspace[None] * dc[:, None], op)
             pk = SenseOperator(s.maps[None], loss_m).forward(pred)
-            errs.append(float(kspace_loss(pk, s.kspace[None] * loss_m[:, None])))
-    return float(np.mean(errs))
+            y = s.kspace[None] * loss_m[:, None]
+            err += float((pk - y).abs().pow(2).sum())
+            ref += float(y.abs().pow(2).sum())
+    return err / max(ref, 1e-30)
 
 
 def _dist_info() -> tuple[int, int]:

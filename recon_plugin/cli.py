@@ -111,11 +111,14 @@ def cmd_demo(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from .models.checkpoint import resolve_model
     from .training.supervised import train_base
 
-    model_kwargs = dict(num_cascades=a.cascades, chans=a.chans)
+    model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, dc=a.dc, cg_iters=a.cg_iters)
     card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,
-                      Path(a.export) if a.export else None, a.time_budget)
+                      Path(a.export) if a.export else None, a.time_budget,
+                      freeze_bn=a.freeze_bn, espirit=a.espirit,
+                      init_from=resolve_model(a.init) if a.init else None)
     if card:
         print(f"exported {a.export}.safetensors (sha256 {card['sha256'][:12]}), "
               f"val PSNR {card['metrics']['val_psnr_db']:.2f} dB")
@@ -246,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--cascades", type=int, default=6)
     s.add_argument("--chans", type=int, default=16)
+    s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
+                   help="data consistency: gradient step, or CG proximal step (MoDL)")
+    s.add_argument("--cg-iters", type=int, default=6, help="CG iterations per prox step")
+    s.add_argument("--espirit", type=float, default=0.75,
+                   help="fraction of training slices with ESPIRiT maps from their own ACS")
+    s.add_argument("--freeze-bn", action="store_true",
+                   help="BatchNorm statistics recalibrated once, then fixed")
+    s.add_argument("--init", help="initialise the CNN priors from this model (name or file)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--time-budget", type=float, default=None, help="seconds, then checkpoint")
     s.add_argument("--export", help="write the best model here (path without suffix)")

@@ -1,15 +1,24 @@
 """Model-based unrolled network on the coil-combined image.
 
-Each cascade takes a gradient step on the data-consistency term ``||A x - y||^2`` (A = the SENSE
-operator passed in, built from coil maps and the sampling mask) with a learned step size, then
-adds the output of a CNN prior. Because the CNNs see only the coil-combined complex image, one
-model serves any coil count and any matrix size.
+Each cascade combines a CNN prior with data consistency for ``||A x - y||^2`` (A = the SENSE
+operator passed in, built from coil maps and the sampling mask). Two data-consistency kinds:
+
+- ``"gradient"``: a gradient step with a learned step size, then the residual CNN
+  (variational-network style);
+- ``"prox"``: the residual CNN gives ``z``, then ``x = argmin ||A x - y||^2 + mu ||x - z||^2``
+  solved by ``cg_iters`` conjugate-gradient iterations with a learned ``mu > 0`` per cascade
+  (MoDL style), so every output ends in an exact data-consistency solve.
+
+Because the CNNs see only the coil-combined complex image, one model serves any coil count and
+any matrix size.
 
 The network normalises its input by a robust intensity scale of ``A^H y`` and undoes it on the
 output, so it is equivariant to the global scaling of the raw data.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -38,8 +47,33 @@ class ComplexCNN(nn.Module):
         return torch.view_as_complex(out)
 
 
+def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
+             iters: int) -> torch.Tensor:
+    """Solve ``(normal + mu I) x = rhs`` per batch item by conjugate gradients from ``x0``.
+
+    rhs, x0: complex (batch, ky, kx); mu: scalar tensor > 0; ``normal`` is Hermitian PSD.
+    Differentiable (unrolled), so gradients flow into ``mu``, ``rhs`` and ``x0``.
+    """
+    def dot(a, b):
+        return (a.conj() * b).real.flatten(1).sum(1).view(-1, 1, 1)
+
+    x = x0
+    r = rhs - (normal(x) + mu * x)
+    p = r
+    rs = dot(r, r)
+    for _ in range(iters):
+        ap = normal(p) + mu * p
+        alpha = rs / dot(p, ap).clamp_min(1e-20)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = dot(r, r)
+        p = r + (rs_new / rs.clamp_min(1e-20)) * p
+        rs = rs_new
+    return x
+
+
 class UnrolledNet(nn.Module):
-    """``num_cascades`` x (gradient data-consistency step + residual CNN prior).
+    """``num_cascades`` x (data consistency + residual CNN prior); see the module docstring.
 
     forward(kspace, op) with kspace (batch, coils, ky, kx) complex64 (zeros where not sampled)
     and ``op`` a :class:`~recon_plugin.physics.SenseOperator`; returns the complex image
@@ -54,11 +88,15 @@ class UnrolledNet(nn.Module):
         batchnorm: bool = True,
         prior: str = "unet",
         shared_weights: bool = False,
+        dc: str = "gradient",
+        cg_iters: int = 6,
     ):
         super().__init__()
+        if dc not in ("gradient", "prox"):
+            raise ValueError(f"unknown data consistency {dc!r} (use 'gradient' or 'prox')")
         self.config = dict(
             num_cascades=num_cascades, chans=chans, num_pools=num_pools, batchnorm=batchnorm,
-            prior=prior, shared_weights=shared_weights,
+            prior=prior, shared_weights=shared_weights, dc=dc, cg_iters=cg_iters,
         )
 
         def make() -> nn.Module:
@@ -71,7 +109,11 @@ class UnrolledNet(nn.Module):
         n = 1 if shared_weights else num_cascades
         self.priors = nn.ModuleList([make() for _ in range(n)])
         self.num_cascades = num_cascades
-        self.step = nn.Parameter(torch.full((num_cascades,), 1.0))
+        self.dc = dc
+        self.cg_iters = cg_iters
+        # gradient: step sizes; prox: log(mu) per cascade
+        init = 1.0 if dc == "gradient" else math.log(0.1)
+        self.step = nn.Parameter(torch.full((num_cascades,), init))
 
     def forward(self, kspace: torch.Tensor, op: SenseOperator) -> torch.Tensor:
         x0 = op.adjoint(kspace)
@@ -79,8 +121,14 @@ class UnrolledNet(nn.Module):
         aty = x0 / scale
         x = aty
         for k in range(self.num_cascades):
-            x = x - self.step[k] * (op.normal(x) - aty)
-            x = x + self.priors[k % len(self.priors)](x)
+            prior = self.priors[k % len(self.priors)]
+            if self.dc == "gradient":
+                x = x - self.step[k] * (op.normal(x) - aty)
+                x = x + prior(x)
+            else:
+                z = x + prior(x)
+                mu = self.step[k].exp()
+                x = cg_solve(op.normal, aty + mu * z, z, mu, self.cg_iters)
         return x * scale
 
     def cnn_modules(self) -> list[nn.Module]:

@@ -82,8 +82,15 @@ def make_batch(
     num_coils: int | None = None,
     contrast: str | None = None,
     snr: float | None = None,
+    espirit: float = 0.0,
 ) -> Batch:
-    """Draw one batch of the given split (arguments left None are randomised)."""
+    """Draw one batch of the given split (arguments left None are randomised).
+
+    ``espirit``: probability that a slice's maps are estimated by ESPIRiT from its own
+    undersampled, noisy ACS (as at inference) rather than the simulation's true maps.
+    """
+    from ..coils import CoilMapError, EspiritParams, estimate_maps
+
     train = split == "train"
     anatomy = training_anatomy() if train else load_anatomy()
     slabs = split_slabs(anatomy, split)
@@ -116,11 +123,19 @@ def make_batch(
         obj = s.target[s.target > 0.1 * s.target.max()]
         level = snr or rng.uniform(8, 40)
         ksp = add_noise(s.kspace, float(obj.mean() / level) if obj.size else 0.01, cov, rng)
-        if not train or rng.uniform() < 0.5:
-            maps = maps * support_mask(s.target, rng if train else None)
         kind = "equispaced" if (not train or rng.uniform() < 0.5) else "random"
-        m1, _ = cartesian_mask(ny, acc, CENTER_FRACTION[acc], kind, rng)
+        m1, acs = cartesian_mask(ny, acc, CENTER_FRACTION[acc], kind, rng)
         mask = np.broadcast_to(m1[:, None], matrix).astype(np.float32)
+        est = None
+        if espirit > 0 and rng.uniform() < espirit:
+            try:
+                est = estimate_maps((ksp * mask[None]).astype(np.complex64), acs, EspiritParams())
+            except CoilMapError:  # too few ACS lines for this matrix: keep the true maps
+                est = None
+        if est is not None:
+            maps = est
+        elif not train or rng.uniform() < 0.5:
+            maps = maps * support_mask(s.target, rng if train else None)
         maps_all.append(maps)
         ksp_all.append(ksp * mask[None])
         mask_all.append(mask)

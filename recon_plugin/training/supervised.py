@@ -36,8 +36,24 @@ def mean_psnr(model: torch.nn.Module, batches: list[Batch]) -> float:
     return float(np.mean(vals))
 
 
+def init_priors(model: UnrolledNet, path: Path) -> None:
+    """Copy the CNN priors (weights and BatchNorm statistics) of a saved model into ``model``;
+    the data-consistency parameters are copied only when both use the same kind."""
+    from ..models.checkpoint import load_model
+
+    src, _ = load_model(path)
+    state = src.state_dict()
+    if src.config.get("dc", "gradient") != model.config.get("dc", "gradient"):
+        state = {k: v for k, v in state.items() if k.startswith("priors.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith("priors.") for k in missing):
+        raise ValueError(f"{path}: its architecture does not match the model being trained "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    log.info("initialised priors from %s", path)
+
+
 def recalibrate_bn(model: torch.nn.Module, n_batches: int = 8, seed: int = 4242,
-                   batch_size: int = 4) -> None:
+                   batch_size: int = 4, espirit: float = 0.0) -> None:
     """Replace BatchNorm running statistics by their average over ``n_batches`` training batches.
 
     The running averages (momentum 0.1) follow the last few very different batches (contrast,
@@ -56,13 +72,14 @@ def recalibrate_bn(model: torch.nn.Module, n_batches: int = 8, seed: int = 4242,
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for _ in range(n_batches):
-            run_model(model, make_batch("train", rng, batch_size))
+            run_model(model, make_batch("train", rng, batch_size, espirit=espirit))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.train(was_training)
 
 
-def select_final(model: torch.nn.Module, run_dir: Path, val: list[Batch]) -> dict:
+def select_final(model: torch.nn.Module, run_dir: Path, val: list[Batch],
+                 espirit: float = 0.0) -> dict:
     """Load into ``model`` the best of {best.pt, ckpt.pt} x {running BN statistics,
     recalibrated} by validation PSNR; returns what was chosen."""
     results = []
@@ -74,7 +91,7 @@ def select_final(model: torch.nn.Module, run_dir: Path, val: list[Batch]) -> dic
         for recal in (False, True):
             model.load_state_dict(st["model"])
             if recal:
-                recalibrate_bn(model, 40, seed=777)
+                recalibrate_bn(model, 40, seed=777, espirit=espirit)
             model.eval()
             results.append((mean_psnr(model, val), name, recal, int(st.get("step", 0)),
                             {k: v.clone() for k, v in model.state_dict().items()}))
@@ -99,24 +116,36 @@ def train_base(
     time_budget_s: float | None = None,
     val_batches: int = 4,
     freeze_bn: bool = False,
+    espirit: float = 0.0,
+    init_from: Path | None = None,
 ) -> dict | None:
     """Train, keep the best validation model, and export it (safetensors + card) if asked.
 
     ``freeze_bn``: BatchNorm layers use fixed running statistics (recalibrated once at the
-    start), so training and inference compute the same function (used for the final phase).
+    start), so training and inference compute the same function. ``espirit``: fraction of
+    training slices whose maps are ESPIRiT estimates from their own ACS (validation then uses
+    ESPIRiT maps too), as at inference. ``init_from``: a model file whose CNN priors (and
+    BatchNorm statistics) initialise this one; a fresh run only, a resumed run ignores it.
     """
     model = UnrolledNet(**(model_kwargs or {}))
-    val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12)
+    if init_from is not None and not (Path(run_dir) / "ckpt.pt").is_file():
+        init_priors(model, Path(init_from))
+        if freeze_bn:
+            recalibrate_bn(model, 40, seed=777, espirit=espirit)
+    elif freeze_bn and not (Path(run_dir) / "ckpt.pt").is_file():
+        recalibrate_bn(model, 40, seed=777, espirit=espirit)
+    val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12,
+                    espirit=1.0 if espirit > 0 else 0.0)
 
     def loss_fn(m, rng):
         if freeze_bn:
             freeze_batchnorm(m)
-        b = make_batch("train", rng, batch_size)
+        b = make_batch("train", rng, batch_size, espirit=espirit)
         return image_loss(run_model(m, b), b.target)
 
     def validate(m):
         if not freeze_bn:
-            recalibrate_bn(m, 8)
+            recalibrate_bn(m, 8, espirit=espirit)
         return mean_psnr(m, val)
 
     history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=validate,
@@ -125,20 +154,27 @@ def train_base(
         return None
     done = max((h["step"] for h in history), default=0)
     info = {"steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "maps": f"ESPIRiT from each slice's own ACS for a fraction {espirit:g} of the "
+                    "training slices, true (simulated) maps otherwise",
+            "init_from": str(init_from) if init_from else None, "batchnorm_frozen": freeze_bn,
             "command": " ".join(shlex.quote(a) for a in sys.argv)}
-    return export_base(Path(run_dir), Path(export_to), model_kwargs, info, val)
+    return export_base(Path(run_dir), Path(export_to), model_kwargs, info, val, espirit)
 
 
 def export_base(run_dir: Path, export_to: Path, model_kwargs: dict | None = None,
-                training: dict | None = None, val: list[Batch] | None = None) -> dict:
+                training: dict | None = None, val: list[Batch] | None = None,
+                espirit: float = 0.0) -> dict:
     """Pick the final model of a training run (:func:`select_final`) and write it with its card."""
     model = UnrolledNet(**(model_kwargs or {}))
-    val = val or fixed_set("val", 4, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12)
-    choice = select_final(model, run_dir, val)
+    val = val or fixed_set("val", 4, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12,
+                           espirit=1.0 if espirit > 0 else 0.0)
+    choice = select_final(model, run_dir, val, espirit)
+    dc = "CG proximal (MoDL-style)" if model.config["dc"] == "prox" else "gradient-step"
     card = {
         "name": Path(export_to).stem,
         "version": "1.0",
-        "description": "Unrolled gradient-step network with U-Net priors on the coil-combined image",
+        "description": f"Unrolled network ({dc} data consistency) with U-Net priors on the "
+                       "coil-combined image",
         "training": {
             "data": "simulated multi-coil k-space from the MNI152 2009a template, train slabs "
                     "z in [10,88) and [136,150) voxels; validation z in [94,106); test [112,130)",
