@@ -125,13 +125,12 @@ def train_base(
     start), so training and inference compute the same function. ``espirit``: fraction of
     training slices whose maps are ESPIRiT estimates from their own ACS (validation then uses
     ESPIRiT maps too), as at inference. ``init_from``: a model file whose CNN priors (and
-    BatchNorm statistics) initialise this one; a fresh run only, a resumed run ignores it.
+    BatchNorm statistics, kept as they are) initialise this one; a fresh run only, a resumed
+    run ignores it.
     """
     model = UnrolledNet(**(model_kwargs or {}))
     if init_from is not None and not (Path(run_dir) / "ckpt.pt").is_file():
-        init_priors(model, Path(init_from))
-        if freeze_bn:
-            recalibrate_bn(model, 40, seed=777, espirit=espirit)
+        init_priors(model, Path(init_from))  # keeps the statistics its weights were tuned to
     elif freeze_bn and not (Path(run_dir) / "ckpt.pt").is_file():
         recalibrate_bn(model, 40, seed=777, espirit=espirit)
     val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12,
