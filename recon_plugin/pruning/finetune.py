@@ -84,11 +84,13 @@ def make_loss_fn(
     ssdu_rho: float = 0.4,
     ei_weight: float = 1.0,
     weights: dict[str, float] | None = None,
+    espirit: float = 0.0,
 ) -> Callable[[nn.Module, np.random.Generator], torch.Tensor]:
     """``loss_fn(model, rng) -> scalar`` for :func:`train_loop`, drawing its own batch.
 
     Batches are ``kspace (B, C, ky, kx)``; predictions complex ``(B, ky, kx)``. ``weights``
-    maps mode terms to multipliers (default 1).
+    maps mode terms to multipliers (default 1). ``espirit``: fraction of simulated slices with
+    ESPIRiT maps (see :func:`~recon_plugin.training.data.make_batch`).
     """
     terms = parse_mode(mode)
     if "teacher" in terms and teacher is None:
@@ -102,7 +104,8 @@ def make_loss_fn(
     def draw(rng: np.random.Generator) -> Batch:
         if batch_fn is not None:
             return batch_fn(rng)
-        return make_batch("train", rng, batch_size, matrix=matrix, num_coils=num_coils)
+        return make_batch("train", rng, batch_size, matrix=matrix, num_coils=num_coils,
+                          espirit=espirit)
 
     def loss_fn(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
         freeze_batchnorm(model)  # fixed statistics: fine-tuning computes the inference function
