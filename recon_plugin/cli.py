@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
                    help="data consistency: gradient step, or CG proximal step (MoDL)")
     s.add_argument("--cg-iters", type=int, default=6, help="CG iterations per prox step")
-    s.add_argument("--espirit", type=float, default=0.75,
+    s.add_argument("--espirit", type=float, default=0.8,
                    help="fraction of training slices with ESPIRiT maps from their own ACS")
     s.add_argument("--freeze-bn", action="store_true",
                    help="BatchNorm statistics recalibrated once, then fixed")

@@ -142,8 +142,10 @@ class SenseOperator:
         self.mask = mask.to(maps.real.dtype)
         # Cartesian line sampling (the mask is constant along kx): the readout FFT cancels in
         # A^H A, so ``normal`` needs 1D FFTs along ky only (same result, half the FFT work).
+        # the mask is centred in ky: keep it in FFT order instead of shifting the data
         rows = self.mask[..., :1]
-        self._rows = rows.unsqueeze(-3) if bool((self.mask == rows).all()) else None
+        self._rows = (torch.fft.ifftshift(rows.unsqueeze(-3), dim=-2)
+                      if bool((self.mask == rows).all()) else None)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return sense_forward(image, self.maps, self.mask)
@@ -157,8 +159,7 @@ class SenseOperator:
             return self.adjoint(self.forward(image))
         coil = torch.fft.ifftshift(self.maps * image.unsqueeze(-3), dim=-2)
         k = torch.fft.fft(coil, dim=-2, norm="ortho")
-        # the mask is centred in ky: shift it instead of the data (two shifts saved)
-        k = k * torch.fft.ifftshift(self._rows, dim=-2)
+        k = k * self._rows
         coil = torch.fft.fftshift(torch.fft.ifft(k, dim=-2, norm="ortho"), dim=-2)
         return (self.maps.conj() * coil).sum(dim=-3)
 

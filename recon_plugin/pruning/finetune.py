@@ -34,7 +34,7 @@ from torch import nn
 from ..models.checkpoint import save_model, weights_path
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator, acs_bounds
-from ..training.data import CENTER_FRACTION, Batch, fixed_set, make_batch
+from ..training.data import CENTER_FRACTION, Batch, make_batch, validation_set
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import (
     equivariance_loss,
@@ -160,8 +160,7 @@ def finetune(
     loss_fn = make_loss_fn(mode, teacher, batch_fn, batch_size, matrix, num_coils, **loss_kw)
     validate = None
     if val_batches > 0:
-        val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160),
-                        num_coils=12)
+        val = validation_set(val_batches)
         validate = lambda m: mean_psnr(m, val)  # noqa: E731
     run_dir = Path(run_dir)
     t0 = time.monotonic()

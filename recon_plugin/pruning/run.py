@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ..models.checkpoint import load_model, resolve_model
+from ..training.data import ESPIRIT_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ def make_variant(
     if finetune_mode:
         teacher = base if "teacher" in finetune_mode else None
         finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr, seed,
-                 time_budget_s=time_budget_s, progress=True, espirit=0.8)
+                 time_budget_s=time_budget_s, progress=True, espirit=ESPIRIT_FRACTION)
     metrics = val_quality(pruned)
     training = {"finetune_steps": steps if finetune_mode else 0, "lr": lr,
                 "batch_size": batch_size, "data": "simulated train slabs (see anatomy.SPLITS), "
-                "ESPIRiT maps for 80% of the slices"}
+                f"ESPIRiT maps for {ESPIRIT_FRACTION:.0%} of the slices"}
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
                           training=training)

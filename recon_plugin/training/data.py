@@ -29,6 +29,8 @@ from ..sim import (
 
 # fastMRI defaults: centre fraction per acceleration
 CENTER_FRACTION = {4: 0.08, 8: 0.04}
+# share of training slices whose maps ESPIRiT estimates from their own ACS (shipped models)
+ESPIRIT_FRACTION = 0.8
 
 
 @dataclass
@@ -131,7 +133,7 @@ def make_batch(
             try:
                 est = estimate_maps((ksp * mask[None]).astype(np.complex64), acs, EspiritParams())
             except CoilMapError:  # too few ACS lines for this matrix: keep the true maps
-                est = None
+                pass
         if est is not None:
             maps = est
         elif not train or rng.uniform() < 0.5:
@@ -156,9 +158,17 @@ def fixed_set(split: str, n_batches: int, seed: int, acceleration: int | None = 
     return [make_batch(split, rng, batch_size, acceleration, **kw) for _ in range(n_batches)]
 
 
+def validation_set(n_batches: int = 4, espirit: bool = False) -> list[Batch]:
+    """The fixed validation batches used to select models: 4 slices each from the validation
+    slab, 192x160, 12 coils, random 4x/8x and SNR; ESPIRiT or true maps."""
+    return fixed_set("val", n_batches, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12,
+                     espirit=1.0 if espirit else 0.0)
+
+
 def zero_filled(batch: Batch) -> torch.Tensor:
     """RSS of the zero-filled coil images (B, ky, kx)."""
     return ifft2c(batch.kspace).abs().pow(2).sum(1).sqrt()
 
 
-__all__ = ["Batch", "make_batch", "fixed_set", "zero_filled", "fft2c", "CENTER_FRACTION"]
+__all__ = ["Batch", "make_batch", "fixed_set", "validation_set", "zero_filled", "fft2c",
+           "CENTER_FRACTION", "ESPIRIT_FRACTION"]

@@ -14,7 +14,7 @@ from ..metrics import psnr
 from ..models.checkpoint import save_model
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator
-from .data import Batch, fixed_set, make_batch
+from .data import Batch, make_batch, validation_set
 from .loop import freeze_batchnorm, train_loop
 from .losses import image_loss
 
@@ -133,8 +133,7 @@ def train_base(
         init_priors(model, Path(init_from))  # keeps the statistics its weights were tuned to
     elif freeze_bn and not (Path(run_dir) / "ckpt.pt").is_file():
         recalibrate_bn(model, 40, seed=777, espirit=espirit)
-    val = fixed_set("val", val_batches, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12,
-                    espirit=1.0 if espirit > 0 else 0.0)
+    val = validation_set(val_batches, espirit=espirit > 0)
 
     def loss_fn(m, rng):
         if freeze_bn:
@@ -165,8 +164,7 @@ def export_base(run_dir: Path, export_to: Path, model_kwargs: dict | None = None
                 espirit: float = 0.0) -> dict:
     """Pick the final model of a training run (:func:`select_final`) and write it with its card."""
     model = UnrolledNet(**(model_kwargs or {}))
-    val = val or fixed_set("val", 4, seed=1234, batch_size=4, matrix=(192, 160), num_coils=12,
-                           espirit=1.0 if espirit > 0 else 0.0)
+    val = val or validation_set(espirit=espirit > 0)
     choice = select_final(model, run_dir, val, espirit)
     dc = "CG proximal (MoDL-style)" if model.config["dc"] == "prox" else "gradient-step"
     card = {
