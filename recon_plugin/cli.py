@@ -149,7 +149,8 @@ def cmd_prune(a) -> int:
 
     ft = None if a.finetune == "none" else a.finetune
     card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
-                        a.steps, a.lr, a.batch_size, a.seed, a.time_budget)
+                        a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
+                        pool=a.pool, pool_size=a.pool_size)
     lat = card["latency"]
     print(f"wrote {a.export}.safetensors: {card['parameters']} params, "
           f"{lat.get('speedup', float('nan')):.2f}x faster than the parent at 320x320x16; "
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--time-budget", type=float, default=None, help="seconds")
+    s.add_argument("--pool", type=Path, default=None,
+                   help="file of cached training batches (drawn on first use, then replayed; "
+                        "share it between variants)")
+    s.add_argument("--pool-size", type=int, default=300, help="batches in --pool")
     s.add_argument("--run-dir", required=True, help="checkpoints and log (resumes)")
     s.add_argument("--export", required=True, help="variant path without suffix")
     s.set_defaults(fn=cmd_prune)

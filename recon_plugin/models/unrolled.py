@@ -115,11 +115,15 @@ class UnrolledNet(nn.Module):
         init = 1.0 if dc == "gradient" else math.log(0.1)
         self.step = nn.Parameter(torch.full((num_cascades,), init))
 
-    def forward(self, kspace: torch.Tensor, op: SenseOperator) -> torch.Tensor:
+    def forward(self, kspace: torch.Tensor, op: SenseOperator,
+                return_cascades: bool = False) -> torch.Tensor | tuple[torch.Tensor, list]:
+        """Image (batch, ky, kx); with ``return_cascades`` also the list of every cascade's
+        output (at the network's internal, normalised intensity scale), for distillation."""
         x0 = op.adjoint(kspace)
         scale = intensity_scale(x0).detach()
         aty = x0 / scale
         x = aty
+        cascades = []
         for k in range(self.num_cascades):
             prior = self.priors[k % len(self.priors)]
             if self.dc == "gradient":
@@ -129,7 +133,8 @@ class UnrolledNet(nn.Module):
                 z = x + prior(x)
                 mu = self.step[k].exp()
                 x = cg_solve(op.normal, aty + mu * z, z, mu, self.cg_iters)
-        return x * scale
+            cascades.append(x)
+        return (x * scale, cascades) if return_cascades else x * scale
 
     def cnn_modules(self) -> list[nn.Module]:
         """The real-valued CNNs (the prunable parts), one per distinct prior."""

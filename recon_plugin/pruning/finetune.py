@@ -3,7 +3,10 @@
 Modes (combine with ``+``, e.g. ``"teacher+self"``; the terms are summed, optionally weighted):
 
 * ``supervised``: ``image_loss(|f(y)|, ground truth)``.
-* ``teacher``:    ``teacher_loss(f(y), teacher(y))`` (the unpruned model's output as target).
+* ``teacher``:    ``teacher_loss(f(y), teacher(y))`` (the unpruned model's output as target)
+  plus ``cascade_weight`` x the per-cascade distillation loss (every cascade's intermediate
+  image of the pruned model against the teacher's: pruning keeps the cascade structure, so
+  each cascade gets its own target and recovers far faster than from the end image alone).
 * ``self``:       no ground truth: measurement consistency ``||A f(y) - y||`` (normalised
   k-space L1 + L2) plus ``ei_weight`` x the equivariance loss under random flips / rotations.
 * ``ssdu``:       no ground truth: the measured lines are split into a data-consistency set
@@ -37,6 +40,7 @@ from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, make_batch, validation_set
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import (
+    cascade_loss,
     equivariance_loss,
     image_loss,
     kspace_loss,
@@ -85,12 +89,14 @@ def make_loss_fn(
     ei_weight: float = 1.0,
     weights: dict[str, float] | None = None,
     espirit: float = 0.0,
+    cascade_weight: float = 1.0,
 ) -> Callable[[nn.Module, np.random.Generator], torch.Tensor]:
     """``loss_fn(model, rng) -> scalar`` for :func:`train_loop`, drawing its own batch.
 
     Batches are ``kspace (B, C, ky, kx)``; predictions complex ``(B, ky, kx)``. ``weights``
     maps mode terms to multipliers (default 1). ``espirit``: fraction of simulated slices with
-    ESPIRiT maps (see :func:`~recon_plugin.training.data.make_batch`).
+    ESPIRiT maps (see :func:`~recon_plugin.training.data.make_batch`); ``cascade_weight``:
+    weight of the per-cascade teacher term (0: end image only).
     """
     terms = parse_mode(mode)
     if "teacher" in terms and teacher is None:
@@ -112,13 +118,21 @@ def make_loss_fn(
         b = draw(rng)
         op = SenseOperator(b.maps, b.mask)
         total = torch.zeros((), dtype=torch.float32)
-        pred = model(b.kspace, op) if set(terms) - {"ssdu"} else None
+        distil = "teacher" in terms and cascade_weight > 0
+        pred, casc = None, None
+        if distil:
+            pred, casc = model(b.kspace, op, return_cascades=True)
+        elif set(terms) - {"ssdu"}:
+            pred = model(b.kspace, op)
         if "supervised" in terms:
             total = total + w["supervised"] * image_loss(pred, b.target)
         if "teacher" in terms:
             with torch.no_grad():
-                ref = teacher(b.kspace, op)
-            total = total + w["teacher"] * teacher_loss(pred, ref)
+                ref, ref_casc = teacher(b.kspace, op, return_cascades=True)
+            term = teacher_loss(pred, ref)
+            if distil:
+                term = term + cascade_weight * cascade_loss(casc, ref_casc)
+            total = total + w["teacher"] * term
         if "self" in terms:
             mc = measurement_consistency(pred, b.kspace, op)
             ei = equivariance_loss(model, pred, op, rng)

@@ -46,21 +46,37 @@ def val_quality(model, n_slices: int = 2) -> dict:
 def make_variant(
     parent: str, method: str, ratio: float, finetune_mode: str | None, run_dir: Path,
     export: Path, steps: int = 150, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
-    time_budget_s: float | None = None,
+    time_budget_s: float | None = None, pool: Path | None = None, pool_size: int = 300,
+    val_batches: int = 4,
 ) -> dict:
-    """Prune ``parent`` (name or path), fine-tune (``None``: no fine-tuning), export; card."""
+    """Prune ``parent`` (name or path), fine-tune (``None``: no fine-tuning), export; card.
+
+    ``pool``: file of a :class:`~recon_plugin.training.data.BatchPool` of ``pool_size``
+    training batches (drawn and saved on first use, shared by every variant); ``None`` draws
+    a fresh batch every step. With ``val_batches`` > 0 the best state on that many validation
+    batches is kept.
+    """
+    from ..training.data import BatchPool
     from .finetune import export_variant, finetune
 
     base, card = load_model(resolve_model(parent))
     pruned = prune_model(base, method, ratio)
+    data = "fresh batch per step"
     if finetune_mode:
         teacher = base if "teacher" in finetune_mode else None
+        batch_fn = None
+        if pool is not None:
+            bp = BatchPool.build(pool_size, seed=seed, path=pool, batch_size=batch_size,
+                                 espirit=ESPIRIT_FRACTION)
+            batch_fn, data = bp.sample, f"pool of {len(bp)} batches (phase / mirror augmented)"
         finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr, seed,
-                 time_budget_s=time_budget_s, progress=True, espirit=ESPIRIT_FRACTION)
+                 batch_fn=batch_fn, val_batches=val_batches, time_budget_s=time_budget_s,
+                 progress=True, espirit=ESPIRIT_FRACTION)
     metrics = val_quality(pruned)
     training = {"finetune_steps": steps if finetune_mode else 0, "lr": lr,
                 "batch_size": batch_size, "data": "simulated train slabs (see anatomy.SPLITS), "
-                f"ESPIRiT maps for {ESPIRIT_FRACTION:.0%} of the slices"}
+                f"ESPIRiT maps for {ESPIRIT_FRACTION:.0%} of the slices, {data}",
+                "selection": f"best of {val_batches} validation batches" if val_batches else "last"}
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
                           training=training)

@@ -23,6 +23,18 @@ def teacher_loss(pred: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return image_loss(pred, teacher.detach().abs())
 
 
+def cascade_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Per-cascade distillation: mean over cascades of ``||s_k - t_k||_1 / ||t_k||_1`` between
+    the complex intermediate images (B, ky, kx) of two unrolled networks with as many cascades.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"cascade distillation needs as many cascades in the student "
+                         f"({len(student)}) as in the teacher ({len(teacher)})")
+    terms = [(s - t.detach()).abs().flatten(1).sum(1) / t.detach().abs().flatten(1).sum(1)
+             .clamp_min(1e-12) for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
 def kspace_loss(pred_k: torch.Tensor, ref_k: torch.Tensor) -> torch.Tensor:
     """Normalised L1 + L2 in k-space (SSDU): ||a-b||2/||b||2 + ||a-b||1/||b||1."""
     d = (pred_k - ref_k).flatten(1)
