@@ -259,5 +259,5 @@ def zero_filled(batch: Batch) -> torch.Tensor:
     return ifft2c(batch.kspace).abs().pow(2).sum(1).sqrt()
 
 
-__all__ = ["Batch", "BatchPool", "flip_readout", "make_batch", "fixed_set", "validation_set", "zero_filled", "fft2c",
-           "CENTER_FRACTION", "ESPIRIT_FRACTION"]
+__all__ = ["Batch", "BatchPool", "flip_readout", "make_batch", "fixed_set", "validation_set",
+           "zero_filled", "fft2c", "CENTER_FRACTION", "ESPIRIT_FRACTION"]
