@@ -62,6 +62,7 @@ def make_variant(
     base, card = load_model(resolve_model(parent))
     pruned = prune_model(base, method, ratio)
     data = "fresh batch per step"
+    done, selected = 0, None
     if finetune_mode:
         teacher = base if "teacher" in finetune_mode else None
         batch_fn = None
@@ -72,14 +73,25 @@ def make_variant(
         finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr, seed,
                  batch_fn=batch_fn, val_batches=val_batches, time_budget_s=time_budget_s,
                  progress=True, espirit=ESPIRIT_FRACTION)
+        done, selected = _steps_done(Path(run_dir))
     metrics = val_quality(pruned)
-    training = {"finetune_steps": steps if finetune_mode else 0, "lr": lr,
+    training = {"finetune_steps": done, "finetune_steps_requested": steps if finetune_mode else 0,
+                "selected_step": selected, "lr": lr,
                 "batch_size": batch_size, "data": "simulated train slabs (see anatomy.SPLITS), "
                 f"ESPIRiT maps for {ESPIRIT_FRACTION:.0%} of the slices, {data}",
                 "selection": f"best of {val_batches} validation batches" if val_batches else "last"}
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
                           training=training)
+
+
+def _steps_done(run_dir: Path) -> tuple[int, int | None]:
+    """(steps trained, step of the best validation score or None) from ``history.json``
+    (a time budget may stop a run before its requested steps)."""
+    hist = json.loads((run_dir / "history.json").read_text())
+    done = max((h["step"] for h in hist if "loss" in h), default=0)
+    vals = [h for h in hist if "val" in h]
+    return int(done), (int(max(vals, key=lambda h: h["val"])["step"]) if vals else None)
 
 
 def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-base",
