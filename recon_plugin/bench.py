@@ -100,9 +100,9 @@ def tune_lambda(method, vols, grid) -> float:
 
 def quality(docs: Path, quick: bool = False, model_name: str = "unrolled-base") -> dict:
     """Write the quality table + example PNG to ``docs``; returns the results."""
-    from .models.checkpoint import load_model, resolve_model
+    from .models.checkpoint import load_inference_model, resolve_model
 
-    model, card = load_model(resolve_model(model_name))
+    model, card = load_inference_model(resolve_model(model_name))
     n = 2 if quick else 4
     results: dict = {}
     examples = {}

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__, classical
 from .coils import CoilMapError, EspiritParams, estimate_maps
-from .models.checkpoint import load_model, resolve_model
+from .models.checkpoint import load_inference_model, resolve_model
 from .partial_fourier import homodyne, is_partial_fourier
 from .physics import SenseOperator, center_crop, fft2c, ifft2c
 from .preprocess import apply_coil_matrix, whitening_matrix
@@ -81,7 +81,7 @@ class Reconstructor:
         """Load (once) a shipped model name or a .safetensors path."""
         if name not in self._models:
             path = resolve_model(name)
-            model, card = load_model(path)
+            model, card = load_inference_model(path)
             self._models[name] = (model.to(self.device), card)
             log.info("loaded model %s (%s, sha256 %s)", name, path, card.get("sha256", "")[:12])
         return self._models[name]

@@ -60,10 +60,10 @@ def _espirit_rows(quick: bool) -> list[dict]:
 
 
 def _network_rows() -> list[dict]:
-    from .models.checkpoint import WEIGHTS_DIR, load_model
+    from .models.checkpoint import WEIGHTS_DIR, load_inference_model
     from .pruning.finetune import measure_latency
 
-    models = {p.stem: load_model(p)[0] for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+    models = {p.stem: load_inference_model(p)[0] for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
     lat = measure_latency(models, (320, 320), 16, repeats=5)
     base = lat.get("unrolled-base")
     return [{"model": k, "seconds": v, "speedup": (base / v) if base else None}

@@ -111,3 +111,28 @@ def test_shipped_model_beats_zero_filled():
         for t, o, z in zip(b.target.numpy(), out, zf):
             assert psnr(t, o) > psnr(t, z) + 3.0
     assert np.isfinite(out).all()
+
+
+def test_folded_batchnorm_same_function_and_not_saveable(tmp_path):
+    from torch import nn
+
+    from recon_plugin.models.inference import fold_batchnorm
+    from recon_plugin.pruning.finetune import random_input
+
+    torch.manual_seed(0)
+    net = UnrolledNet(num_cascades=2, chans=4).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():  # trained-like statistics, so that folding has something to do
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean = torch.randn(m.num_features, generator=g)
+            m.running_var = 0.2 + torch.rand(m.num_features, generator=g)
+            m.weight.data = 0.5 + torch.rand(m.num_features, generator=g)
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # original untouched
+    k, op = random_input((40, 36), 3)
+    with torch.no_grad():
+        ref, out = net(k, op), folded(k, op)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(ModelError, match="folded"):
+        save_model(folded, tmp_path / "x", {"name": "x"})

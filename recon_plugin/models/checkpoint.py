@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..fileio import atomic_path, write_text_atomic
+from .inference import fold_batchnorm, is_inference_only
 from .unrolled import UnrolledNet
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ def weights_path(path: Path | str) -> Path:
 
 def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     """Write weights (safetensors) and card (JSON) atomically; returns the card with its hash."""
+    if is_inference_only(model):
+        raise ModelError(f"{path}: this model has BatchNorm folded for inference and cannot be "
+                         "saved; save the model as loaded or trained")
     path = weights_path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -118,6 +122,13 @@ def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet,
                          f"unexpected {unexpected[:3]})")
     model.eval()
     return model, card
+
+
+def load_inference_model(path: Path | str) -> tuple[nn.Module, dict]:
+    """:func:`load_model` with BatchNorm folded (:func:`~.inference.fold_batchnorm`): the form
+    every reconstruction and every timing uses."""
+    model, card = load_model(path)
+    return fold_batchnorm(model), card
 
 
 def resolve_model(name_or_path: str) -> Path:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import save_model, weights_path
+from ..models.inference import fold_batchnorm, is_inference_only
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, make_batch, validation_set
@@ -211,13 +212,14 @@ def measure_latency(
 ) -> dict[str, float]:
     """Median CPU seconds per slice ``(coils, H, W)`` for each model, timed side by side.
 
+    Every model is timed in its inference form (BatchNorm folded, as the pipeline runs it).
     Repeats are interleaved across the models so that background load affects them alike.
     """
     ksp, op = random_input(hw, coils)
     times: dict[str, list[float]] = {k: [] for k in models}
+    models = {k: m if is_inference_only(m) else fold_batchnorm(m) for k, m in models.items()}
     with torch.inference_mode():
         for m in models.values():
-            m.eval()
             for _ in range(warmup):
                 m(ksp, op)
         for _ in range(repeats):

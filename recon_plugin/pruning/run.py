@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..models.checkpoint import load_model, resolve_model
+from ..models.checkpoint import load_inference_model, load_model, resolve_model
 from ..training.data import ESPIRIT_FRACTION
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def adaptive_table(docs: Path, policy: dict, n_slices: int = 4) -> dict:
 
     pol = validate_policy(policy)
     names = [v["model"] for v in pol["variants"]]
-    models = {n: load_model(resolve_model(n))[0] for n in names}
+    models = {n: load_inference_model(resolve_model(n))[0] for n in names}
     vols = (make_volumes("test", 4, n_slices, seed=910, snr=40.0)[:2]
             + make_volumes("test", 8, n_slices, seed=920, snr=8.0)[:2])
 
