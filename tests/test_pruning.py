@@ -347,3 +347,26 @@ def test_policy_weights_change_choice():
     assert choose_variant(f, pol) == "unrolled-spade-0.5"
     pol["weights"] = {"acceleration": 0, "noise": 1, "acs": 0}
     assert choose_variant(f, pol) == "unrolled-base"
+
+
+def test_target_summary_checks_the_targets_on_the_rows():
+    from recon_plugin.pruning.run import target_summary
+
+    def row(name, method, ratio, ft, speedup, p4, s4, p8, s8, gflops):
+        return {"name": name, "method": method, "ratio": ratio, "finetune": ft,
+                "speedup": speedup, "psnr_4x": p4, "ssim_4x": s4, "psnr_8x": p8,
+                "ssim_8x": s8, "gflops": gflops}
+
+    rows = [row("unpruned", "none", 0, "supervised", 1.0, 32.0, 0.95, 29.0, 0.91, 30),
+            row("a", "spade", 0.5, "teacher", 1.7, 31.8, 0.948, 28.9, 0.907, 9),
+            row("b", "spade", 0.75, "teacher", 2.3, 31.0, 0.94, 28.0, 0.90, 4),
+            row("c", "spade", 0.5, "self", 1.7, 31.0, 0.90, 28.8, 0.88, 9),
+            row("d", "spade", 0.5, "supervised", 1.7, 31.9, 0.95, 28.9, 0.91, 9),
+            row("e", "lean", 0.65, "teacher", 1.5, 31.5, 0.94, 28.6, 0.90, 9.5)]
+    text = "\n".join(target_summary(rows))
+    assert "**a**, 1.70x (target 2x: not met)" in text  # b is faster but loses 1 dB
+    assert "Fastest teacher variant: b, 2.30x" in text
+    assert "+0.90 / +0.10 dB below" in text and "not met" in text
+    assert "LEAN e" in text and "SPADE a" in text and "-0.30 / -0.30 dB" in text
+    rows[1]["speedup"] = 2.1
+    assert "(target 2x: met)" in "\n".join(target_summary(rows))

@@ -110,7 +110,7 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
     for p in sorted(q for d in variant_dirs for q in Path(d).glob("*.safetensors")):
         m, c = load_model(p)
         if c.get("parent_sha256") == card.get("sha256"):
-            variants[p.stem] = (m, c)
+            variants[p.stem if p.stem not in variants else f"{p.stem} ({p.parent.name})"] = (m, c)
     models = {k: v[0] for k, v in variants.items()}
     lat = measure_latency(models, (320, 320), 16, repeats=5)
     lat8 = measure_latency(models, (320, 320), 8, repeats=5)
@@ -122,6 +122,7 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
         rows.append({
             "name": name, "method": pr.get("method", "none"), "ratio": pr.get("ratio", 0.0),
             "finetune": c.get("finetune", ""), "params": count_params(m),
+            "steps": c.get("training", {}).get("finetune_steps"),
             "gflops": count_flops(m)["total_flops"] / 1e9, "latency_s": lat[name],
             "speedup": lat["unpruned"] / lat[name], "latency8_s": lat8[name],
             "speedup8": lat8["unpruned"] / lat8[name],
@@ -137,26 +138,74 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
         f"({n_slices} slices x 4 contrasts, ESPIRiT maps), per volume, averaged. FLOPs: CNN "
         "convolutions + FFT estimate at 320x320x16. dPSNR / dSSIM relative to the unpruned model.",
         "",
-        "| variant | method | ratio | fine-tune | params | GFLOPs | s/slice | speed-up | "
+        "| variant | method | ratio | fine-tune | steps | params | GFLOPs | s/slice | speed-up | "
         "speed-up 8 coils | "
         "PSNR 4x | dPSNR 4x | SSIM 4x | dSSIM 4x | PSNR 8x | dPSNR 8x | SSIM 8x | dSSIM 8x |",
-        "|" + "---|" * 17,
+        "|" + "---|" * 18,
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['method']} | {r['ratio']:g} | {r['finetune']} | {r['params']} | "
+            f"| {r['name']} | {r['method']} | {r['ratio']:g} | {r['finetune']} | "
+            f"{r['steps'] if r['steps'] is not None else ''} | {r['params']} | "
             f"{r['gflops']:.1f} | {r['latency_s']:.3f} | {r['speedup']:.2f}x | "
             f"{r['speedup8']:.2f}x | "
             f"{r['psnr_4x']:.2f} | {r['psnr_4x'] - ref['psnr_4x']:+.2f} | {r['ssim_4x']:.4f} | "
             f"{r['ssim_4x'] - ref['ssim_4x']:+.4f} | {r['psnr_8x']:.2f} | "
             f"{r['psnr_8x'] - ref['psnr_8x']:+.2f} | {r['ssim_8x']:.4f} | "
             f"{r['ssim_8x'] - ref['ssim_8x']:+.4f} |")
-    lines += ["", "Pareto plot: `docs/pruning_pareto.png`.", ""]
+    lines += ["", *target_summary(rows), "", "Pareto plot: `docs/pruning_pareto.png`.", ""]
     docs.mkdir(parents=True, exist_ok=True)
     _replace_section(docs / "BENCHMARKS.md", "## Pruned variants", "\n".join(lines))
     (docs / "pruning_results.json").write_text(json.dumps(rows, indent=1))
     _pareto(docs / "pruning_pareto.png", rows)
     return rows
+
+
+def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 0.005) -> list[str]:
+    """The issue's targets checked on the table rows (first row: the unpruned model), as
+    Markdown bullets: fastest teacher variant within the quality bound at 4x and 8x,
+    self-supervised against supervised at the same method and ratio, LEAN against SPADE at the
+    nearest FLOPs."""
+    ref, out = rows[0], []
+
+    def loss(r, a):
+        return ref[f"psnr_{a}x"] - r[f"psnr_{a}x"], ref[f"ssim_{a}x"] - r[f"ssim_{a}x"]
+
+    ok = [r for r in rows[1:] if r["finetune"] == "teacher"
+          and all(loss(r, a)[0] <= max_dpsnr and loss(r, a)[1] <= max_dssim for a in (4, 8))]
+    best = max(ok, key=lambda r: r["speedup"], default=None)
+    fast = max((r for r in rows[1:] if r["finetune"] == "teacher"), key=lambda r: r["speedup"],
+               default=None)
+    if best is not None:
+        out.append(f"- Fastest teacher-fine-tuned variant within {max_dpsnr} dB PSNR and "
+                   f"{max_dssim} SSIM of the unpruned model at 4x and 8x: **{best['name']}**, "
+                   f"{best['speedup']:.2f}x (target 2x: {'met' if best['speedup'] >= 2 else 'not met'}).")
+    else:
+        out.append(f"- No teacher-fine-tuned variant stays within {max_dpsnr} dB PSNR and "
+                   f"{max_dssim} SSIM of the unpruned model at both 4x and 8x: target not met.")
+    if fast is not None:
+        d4, s4 = loss(fast, 4)
+        d8, s8 = loss(fast, 8)
+        out.append(f"- Fastest teacher variant: {fast['name']}, {fast['speedup']:.2f}x, loses "
+                   f"{d4:.2f} / {d8:.2f} dB PSNR and {s4:.4f} / {s8:.4f} SSIM at 4x / 8x.")
+    for sv in (r for r in rows[1:] if r["finetune"] == "self"):
+        sup = [r for r in rows[1:] if r["finetune"] == "supervised"
+               and r["method"] == sv["method"] and r["ratio"] == sv["ratio"]]
+        for r in sup:
+            gaps = [r[f"psnr_{a}x"] - sv[f"psnr_{a}x"] for a in (4, 8)]
+            met = "met" if max(gaps) <= 0.5 else "not met"
+            out.append(f"- Self-supervised {sv['name']} against supervised {r['name']} "
+                       f"({sv['method']} {sv['ratio']:g}): {gaps[0]:+.2f} / {gaps[1]:+.2f} dB "
+                       f"below at 4x / 8x (target within 0.5 dB: {met}).")
+    for ln in (r for r in rows[1:] if r["method"] == "lean" and r["finetune"] == "teacher"):
+        sp = [r for r in rows[1:] if r["method"] == "spade" and r["finetune"] == "teacher"]
+        if sp:
+            r = min(sp, key=lambda r: abs(r["gflops"] - ln["gflops"]))
+            out.append(f"- LEAN {ln['name']} ({ln['gflops']:.1f} GFLOPs, {ln['speedup']:.2f}x) "
+                       f"against SPADE {r['name']} ({r['gflops']:.1f} GFLOPs, {r['speedup']:.2f}x):"
+                       f" {ln['psnr_4x'] - r['psnr_4x']:+.2f} / {ln['psnr_8x'] - r['psnr_8x']:+.2f}"
+                       " dB PSNR at 4x / 8x (LEAN minus SPADE).")
+    return out
 
 
 def _pareto(path: Path, rows: list[dict]) -> None:
