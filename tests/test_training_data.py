@@ -75,3 +75,28 @@ def test_return_cascades_and_cascade_loss():
     assert float(cascade_loss(casc2, casc)) > 0.01
     with pytest.raises(ValueError, match="as many cascades"):
         cascade_loss(casc2[:2], casc)
+
+
+def test_time_budget_stop_validates_the_last_state_and_resumes(tmp_path):
+    from recon_plugin.training.loop import train_loop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    seen = []
+
+    def loss_fn(m, rng):
+        return ((m(x) - y) ** 2).mean()
+
+    def validate(m):
+        seen.append(float(loss_fn(m, None)))
+        return -seen[-1]
+
+    hist = train_loop(model, loss_fn, tmp_path, steps=100, lr=1e-2, validate=validate,
+                      val_every=50, time_budget_s=0.0, progress=False)
+    assert [h["step"] for h in hist if "loss" in h] == [1]  # stopped after one step ...
+    assert [h["step"] for h in hist if "val" in h] == [1]  # ... and that state was validated
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "ckpt.pt").is_file()
+    hist = train_loop(model, loss_fn, tmp_path, steps=3, lr=1e-2, validate=validate,
+                      val_every=50, progress=False)  # resumes at step 1
+    assert [h["step"] for h in hist if "loss" in h] == [1, 2, 3]

@@ -133,7 +133,9 @@ def train_loop(
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if (step + 1) % 10 == 0:
             log.info("step %d loss %.5f", step + 1, history[-1]["loss"])
-        if validate is not None and ((step + 1) % val_every == 0 or step + 1 == steps):
+        out_of_time = time_budget_s is not None and time.monotonic() - t0 > time_budget_s
+        if validate is not None and ((step + 1) % val_every == 0 or step + 1 == steps
+                                     or out_of_time):  # the last state always competes
             model.eval()
             score = float(validate(model))
             model.train()
@@ -145,7 +147,7 @@ def train_loop(
                            run_dir / "best.pt")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
             save(step + 1)
-        if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+        if out_of_time:
             save(step + 1)
             log.info("time budget reached at step %d", step + 1)
             break
