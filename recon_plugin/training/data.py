@@ -248,7 +248,8 @@ def _save_pool(path: Path, meta: dict, batches: list[Batch]) -> None:
 
 def _load_pool(path: Path) -> tuple[dict, list[Batch]]:
     try:
-        state = torch.load(path, weights_only=True)
+        # memory-mapped: a pool is GBs, and processes fine-tuning side by side share its pages
+        state = torch.load(path, weights_only=True, mmap=True)
         return json.loads(state["meta"]), [Batch(**d) for d in state["batches"]]
     except Exception as e:  # truncated or foreign file
         raise ValueError(f"{path}: not a readable batch pool ({e}); delete it to redraw") from e
