@@ -222,8 +222,9 @@ def test_stream_deep_learning_protocol(server, engine, data, tiny_model, monkeyp
     import recon_plugin.pipeline as pipeline
 
     loads = []
-    real_load = pipeline.load_model
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = pipeline.load_inference_model
+    monkeypatch.setattr(pipeline, "load_inference_model",
+                        lambda *a, **k: loads.append(a) or real_load(*a, **k))
     engine.recon._models.pop(variant, None)
     name = f"stream_dl_{variant.replace('-', '_')}"
     (data["pdir"] / f"{name}.yaml").write_text(

@@ -134,7 +134,10 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
         "",
         "Network only, 320x320 slice, 16 coils (and 8 virtual coils, as the protocols compress "
         "to), median of 5 interleaved runs on this machine "
-        "(all models timed side by side in one run). Quality on the held-out test slab "
+        "(all models timed side by side in one run, each with BatchNorm folded into its "
+        "convolutions as the pipeline runs it). Fine-tuning: `steps` Adam steps as each "
+        "card records (its `training` entry holds the command, data and the validation-selected "
+        "step). Quality on the held-out test slab "
         f"({n_slices} slices x 4 contrasts, ESPIRiT maps), per volume, averaged. FLOPs: CNN "
         "convolutions + FFT estimate at 320x320x16. dPSNR / dSSIM relative to the unpruned model.",
         "",
