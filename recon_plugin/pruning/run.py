@@ -198,7 +198,7 @@ def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 
             gaps = [r[f"psnr_{a}x"] - sv[f"psnr_{a}x"] for a in (4, 8)]
             met = "met" if max(gaps) <= 0.5 else "not met"
             out.append(f"- Self-supervised {sv['name']} against supervised {r['name']} "
-                       f"({sv['method']} {sv['ratio']:g}): {gaps[0]:+.2f} / {gaps[1]:+.2f} dB "
+                       f"({sv['method']} {sv['ratio']:g}): {gaps[0]:.2f} / {gaps[1]:.2f} dB "
                        f"below at 4x / 8x (target within 0.5 dB: {met}).")
     for ln in (r for r in rows[1:] if r["method"] == "lean" and r["finetune"] == "teacher"):
         sp = [r for r in rows[1:] if r["method"] == "spade" and r["finetune"] == "teacher"]
