@@ -133,7 +133,8 @@ class UnrolledNet(nn.Module):
                 z = x + prior(x)
                 mu = self.step[k].exp()
                 x = cg_solve(op.normal, aty + mu * z, z, mu, self.cg_iters)
-            cascades.append(x)
+            if return_cascades:
+                cascades.append(x)
         return (x * scale, cascades) if return_cascades else x * scale
 
     def cnn_modules(self) -> list[nn.Module]:
