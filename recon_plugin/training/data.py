@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..anatomy import CONTRASTS, Anatomy, load_anatomy, split_slabs
+from ..fileio import atomic_path
 from ..physics import cartesian_mask, fft2c, ifft2c
 from ..sim import (
     ORIENTATIONS,
@@ -205,25 +205,29 @@ class BatchPool:
               split: str = "train", **make_batch_kw) -> BatchPool:
         """Draw ``n_batches`` with :func:`make_batch` (batch ``i`` from seed ``seed``, ``i``).
 
-        With ``path`` the pool is saved there (every 20 batches, atomically, so an interrupted
-        build resumes) and a complete pool with the same recipe is loaded instead of drawn.
+        With ``path`` the pool is saved there atomically, so that an interrupted build resumes,
+        and a pool with the same recipe is loaded (and grown if short) instead of drawn. The
+        whole file is rewritten at each save, so saves come after 20 batches or a quarter of
+        the pool, whichever is more (total I/O a few times the final size, not quadratic).
         """
-        meta = json.loads(json.dumps({"n_batches": int(n_batches), "seed": int(seed),
-                                      "split": split, "make_batch": make_batch_kw}))
+        meta = json.loads(json.dumps({"seed": int(seed), "split": split,
+                                      "make_batch": make_batch_kw}))
         batches: list[Batch] = []
         path = Path(path) if path is not None else None
         if path is not None and path.is_file():
             saved_meta, batches = _load_pool(path)
-            if {k: v for k, v in saved_meta.items() if k != "n_batches"} != \
-                    {k: v for k, v in meta.items() if k != "n_batches"}:
+            if saved_meta != meta:
                 raise ValueError(f"{path}: batch pool was drawn with {saved_meta}, not {meta}; "
                                  "use another --pool file")
             batches = batches[:n_batches]
+        saved = len(batches)
         for i in range(len(batches), n_batches):
             rng = np.random.default_rng([seed, i])
             batches.append(make_batch(split, rng, **make_batch_kw))
-            if path is not None and ((i + 1) % 20 == 0 or i + 1 == n_batches):
+            if path is not None and (len(batches) - saved >= max(20, len(batches) // 4)
+                                     or i + 1 == n_batches):
                 _save_pool(path, meta, batches)
+                saved = len(batches)
                 log.info("batch pool %s: %d / %d batches", path, i + 1, n_batches)
         return cls(batches, meta)
 
@@ -238,12 +242,10 @@ class BatchPool:
 
 
 def _save_pool(path: Path, meta: dict, batches: list[Batch]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"meta": json.dumps(meta), "batches": [
-        {"kspace": b.kspace, "mask": b.mask, "maps": b.maps, "target": b.target,
-         "acceleration": int(b.acceleration)} for b in batches]}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"meta": json.dumps(meta), "batches": [
+            {"kspace": b.kspace, "mask": b.mask, "maps": b.maps, "target": b.target,
+             "acceleration": int(b.acceleration)} for b in batches]}, tmp)
 
 
 def _load_pool(path: Path) -> tuple[dict, list[Batch]]:
