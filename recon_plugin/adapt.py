@@ -11,11 +11,11 @@ protocol's model self-supervised:
 
 Safety: files are split into adaptation and held-out files (by file; held-out lines are also
 held out within them). The adapted model is promoted only if its squared measurement-domain error
-on the held-out lines of the held-out data (:func:`heldout_error`) beats the base model's;
-otherwise nothing is written outside the run folder.
-A promoted model is a new versioned file (safetensors + card: parent hash, raw file hashes,
-mode, losses) plus a protocol overlay (``extends: BASE``) in ``SITE_DIR/protocols``. The shipped
-model is never overwritten.
+on the held-out lines of the held-out data
+(:func:`~recon_plugin.training.losses.heldout_error`) beats the base model's; otherwise
+nothing is written outside the run folder. A promoted model is a new versioned file
+(safetensors + card: parent hash, raw file hashes, mode, losses) plus a protocol overlay
+(``extends: BASE``) in ``SITE_DIR/protocols``. The shipped model is never overwritten.
 
 Runs unchanged under ``torchrun --nproc-per-node N`` (DistributedDataParallel; gloo on CPU,
 nccl on GPU): each rank draws its own slices, gradients are averaged, rank 0 writes.
@@ -39,6 +39,7 @@ from .physics import SenseOperator
 from .training.loop import freeze_batchnorm, train_loop
 from .training.losses import (
     equivariance_loss,
+    heldout_error,
     kspace_loss,
     measurement_consistency,
     ssdu_split,
@@ -82,29 +83,6 @@ def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]
             out.append(SiteSlice(torch.from_numpy(k), torch.from_numpy(sl.mask.astype(np.float32)),
                                  torch.from_numpy(maps), sl.acs, str(p)))
     return out
-
-
-def heldout_error(model, slices: list[SiteSlice], rho: float = 0.4, seed: int = 7) -> float:
-    """Measurement-domain validation without ground truth.
-
-    The model sees a fixed subset of each slice's acquired lines and predicts the held-out
-    ones; returns ``sum ||A_held f(y_in) - y_held||^2 / sum ||y_held||^2`` over all slices.
-    The held-out noise is independent of the prediction, so in expectation this squared error
-    is the true error on those lines plus a constant noise energy: differences between two
-    models are unbiased, which a (non-squared) L1/L2 norm at low SNR would compress to nothing.
-    """
-    rng = np.random.default_rng(seed)
-    err = ref = 0.0
-    with torch.inference_mode():
-        for s in slices:
-            dc, loss_m = ssdu_split(s.mask[None], rho, s.acs, rng)
-            op = SenseOperator(s.maps[None], dc)
-            pred = model(s.kspace[None] * dc[:, None], op)
-            pk = SenseOperator(s.maps[None], loss_m).forward(pred)
-            y = s.kspace[None] * loss_m[:, None]
-            err += float((pk - y).abs().pow(2).sum())
-            ref += float(y.abs().pow(2).sum())
-    return err / max(ref, 1e-30)
 
 
 def _dist_info() -> tuple[int, int]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from recon_plugin.models.checkpoint import load_model, save_model
 from recon_plugin.models.unrolled import UnrolledNet
+from recon_plugin.pruning import finetune as finetune_mod
 from recon_plugin.pruning.adaptive import (
     PolicyError,
     choose_variant,
@@ -23,7 +24,14 @@ from recon_plugin.pruning.adaptive import (
     slice_features,
     validate_policy,
 )
-from recon_plugin.pruning.finetune import export_variant, finetune, make_loss_fn, parse_mode, random_input
+from recon_plugin.pruning.finetune import (
+    export_variant,
+    finetune,
+    make_loss_fn,
+    make_validator,
+    parse_mode,
+    random_input,
+)
 from recon_plugin.pruning.lean import (
     apply_keep,
     build_channel_graph,
@@ -209,6 +217,24 @@ def test_finetune_lowers_loss(base, tiny_batch, mode, tmp_path):
     after = _loss(out, loss_fn)
     assert after < 0.92 * before, (mode, before, after)  # same batch and seeds: real learning
     assert (tmp_path / "history.json").is_file()
+
+
+def test_validator_uses_only_what_the_mode_trains_with(base, tiny_batch, monkeypatch):
+    """Selection scores: the teacher scores itself best; modes without ground truth never
+    read the target (NaN targets leave their score finite) and the supervised one does."""
+    import dataclasses
+
+    blind = dataclasses.replace(tiny_batch, target=torch.full_like(tiny_batch.target, float("nan")))
+    monkeypatch.setattr(finetune_mod, "validation_set", lambda n, espirit=False: [blind] * n)
+    pruned = spade_prune(base, 0.5).eval()
+    teacher = make_validator("teacher", base, 2)
+    assert teacher(base) == pytest.approx(0.0, abs=1e-5) and teacher(pruned) < -1e-3
+    for mode in ("self", "ssdu"):
+        score = make_validator(mode, None, 2)(pruned)
+        assert np.isfinite(score) and score < 0
+    assert np.isnan(make_validator("supervised", None, 2)(pruned))
+    with pytest.raises(ValueError, match="teacher"):
+        make_validator("teacher", None, 2)
 
 
 def test_parse_mode():

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -43,13 +44,13 @@ from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import (
     cascade_loss,
     equivariance_loss,
+    heldout_error,
     image_loss,
     kspace_loss,
     measurement_consistency,
     ssdu_split,
     teacher_loss,
 )
-from ..training.supervised import mean_psnr
 from .spade import count_channels, count_flops, count_params
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,40 @@ def make_loss_fn(
     return loss_fn
 
 
+def make_validator(
+    mode: str, teacher: nn.Module | None, n_batches: int = 4,
+) -> Callable[[nn.Module], float]:
+    """``validate(model) -> score`` (higher is better) for selecting a fine-tuned state.
+
+    The score uses no more information than the mode trains with, on the validation slab with
+    ESPIRiT maps (as at inference): ``-image_loss`` against the ground truth when the mode has
+    ``supervised``, else against the teacher's output when it has ``teacher`` (SSIM + L1, so
+    a state is not chosen for PSNR at the cost of SSIM), else the negative held-out-line
+    measurement error (:func:`~recon_plugin.training.losses.heldout_error`): no ground truth.
+    """
+    terms = parse_mode(mode)
+    val = validation_set(n_batches, espirit=True)
+    if "supervised" not in terms and "teacher" not in terms:
+        slices = [SimpleNamespace(kspace=b.kspace[i], mask=b.mask[i], maps=b.maps[i],
+                                  acs=batch_acs(b)) for b in val for i in range(len(b.kspace))]
+        return lambda m: -heldout_error(m, slices)
+    if "supervised" in terms:
+        targets = [b.target for b in val]
+    else:
+        if teacher is None:
+            raise ValueError("validating a 'teacher' fine-tune needs the teacher model")
+        with torch.inference_mode():
+            targets = [teacher.eval()(b.kspace, SenseOperator(b.maps, b.mask)).abs() for b in val]
+
+    def validate(model: nn.Module) -> float:
+        with torch.inference_mode():
+            return -float(np.mean([
+                float(image_loss(model(b.kspace, SenseOperator(b.maps, b.mask)), t))
+                for b, t in zip(val, targets)]))
+
+    return validate
+
+
 def finetune(
     pruned: UnrolledNet,
     mode: str,
@@ -167,16 +202,13 @@ def finetune(
 ) -> UnrolledNet:
     """Fine-tune ``pruned`` in place with the given mode(s); returns it in eval mode.
 
-    With ``val_batches`` > 0 the model is validated by PSNR on that many fixed simulated
-    validation batches (ground truth: use for simulation studies only) and the best state is
-    restored at the end. ``loss_kw`` goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``,
+    With ``val_batches`` > 0 the model is validated on that many fixed simulated validation
+    batches by :func:`make_validator` (no more information than the mode trains with) and the
+    best state is restored at the end. ``loss_kw`` goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``,
     ``weights``). The loss history is written to ``run_dir/history.json``.
     """
     loss_fn = make_loss_fn(mode, teacher, batch_fn, batch_size, matrix, num_coils, **loss_kw)
-    validate = None
-    if val_batches > 0:
-        val = validation_set(val_batches)
-        validate = lambda m: mean_psnr(m, val)  # noqa: E731
+    validate = make_validator(mode, teacher, val_batches) if val_batches > 0 else None
     run_dir = Path(run_dir)
     t0 = time.monotonic()
     history = train_loop(pruned, loss_fn, run_dir, steps, lr, seed, validate=validate,
@@ -283,6 +315,6 @@ def export_variant(
 
 
 __all__ = [
-    "MODES", "parse_mode", "make_loss_fn", "finetune", "measure_latency", "export_variant",
+    "MODES", "parse_mode", "make_loss_fn", "make_validator", "finetune", "measure_latency", "export_variant",
     "batch_acs",
 ]

@@ -99,3 +99,29 @@ def equivariance_loss(model, pred: torch.Tensor, op: SenseOperator, rng: np.rand
     y_t = op.forward(x_t)
     rec = model(y_t, op) * support
     return (rec - x_t).abs().mean() / x_t.abs().mean().clamp_min(1e-12)
+
+
+def heldout_error(model, slices, rho: float = 0.4, seed: int = 7) -> float:
+    """Measurement-domain validation without ground truth.
+
+    ``slices``: items with ``kspace`` (C, ky, kx) undersampled, ``mask`` (ky, kx), ``maps``
+    (C, ky, kx) and ``acs`` (rows [start, stop) or None), e.g. :class:`recon_plugin.adapt.SiteSlice`.
+
+    The model sees a fixed subset of each slice's acquired lines and predicts the held-out
+    ones; returns ``sum ||A_held f(y_in) - y_held||^2 / sum ||y_held||^2`` over all slices.
+    The held-out noise is independent of the prediction, so in expectation this squared error
+    is the true error on those lines plus a constant noise energy: differences between two
+    models are unbiased, which a (non-squared) L1/L2 norm at low SNR would compress to nothing.
+    """
+    rng = np.random.default_rng(seed)
+    err = ref = 0.0
+    with torch.inference_mode():
+        for s in slices:
+            dc, loss_m = ssdu_split(s.mask[None], rho, s.acs, rng)
+            op = SenseOperator(s.maps[None], dc)
+            pred = model(s.kspace[None] * dc[:, None], op)
+            pk = SenseOperator(s.maps[None], loss_m).forward(pred)
+            y = s.kspace[None] * loss_m[:, None]
+            err += float((pk - y).abs().pow(2).sum())
+            ref += float(y.abs().pow(2).sum())
+    return err / max(ref, 1e-30)
