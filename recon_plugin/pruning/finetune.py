@@ -149,6 +149,21 @@ def make_loss_fn(
     return loss_fn
 
 
+VALIDATION_TARGETS = {
+    "ground truth": "the ground truth (SSIM+L1)",
+    "teacher": "the unpruned model's output (SSIM+L1)",
+    "held-out lines": "held-out acquired lines (measurement error, no ground truth)",
+}
+
+
+def validation_target(mode: str) -> str:
+    """What a fine-tune in ``mode`` is validated against (a key of ``VALIDATION_TARGETS``)."""
+    terms = parse_mode(mode)
+    if "supervised" in terms:
+        return "ground truth"
+    return "teacher" if "teacher" in terms else "held-out lines"
+
+
 def make_validator(
     mode: str, teacher: nn.Module | None, n_batches: int = 4,
 ) -> Callable[[nn.Module], float]:
@@ -160,13 +175,13 @@ def make_validator(
     a state is not chosen for PSNR at the cost of SSIM), else the negative held-out-line
     measurement error (:func:`~recon_plugin.training.losses.heldout_error`): no ground truth.
     """
-    terms = parse_mode(mode)
+    target = validation_target(mode)
     val = validation_set(n_batches, espirit=True)
-    if "supervised" not in terms and "teacher" not in terms:
+    if target == "held-out lines":
         slices = [SimpleNamespace(kspace=b.kspace[i], mask=b.mask[i], maps=b.maps[i],
                                   acs=batch_acs(b)) for b in val for i in range(len(b.kspace))]
         return lambda m: -heldout_error(m, slices)
-    if "supervised" in terms:
+    if target == "ground truth":
         targets = [b.target for b in val]
     else:
         if teacher is None:
@@ -315,6 +330,7 @@ def export_variant(
 
 
 __all__ = [
-    "MODES", "parse_mode", "make_loss_fn", "make_validator", "finetune", "measure_latency", "export_variant",
+    "MODES", "VALIDATION_TARGETS", "parse_mode", "make_loss_fn", "validation_target",
+    "make_validator", "finetune", "measure_latency", "export_variant",
     "batch_acs",
 ]

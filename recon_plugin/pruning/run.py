@@ -57,7 +57,7 @@ def make_variant(
     batches is kept.
     """
     from ..training.data import BatchPool
-    from .finetune import export_variant, finetune
+    from .finetune import VALIDATION_TARGETS, export_variant, finetune, validation_target
 
     base, card = load_model(resolve_model(parent))
     pruned = prune_model(base, method, ratio)
@@ -79,7 +79,10 @@ def make_variant(
                 "selected_step": selected, "lr": lr,
                 "batch_size": batch_size, "data": "simulated train slabs (see anatomy.SPLITS), "
                 f"ESPIRiT maps for {ESPIRIT_FRACTION:.0%} of the slices, {data}",
-                "selection": f"best of {val_batches} validation batches" if val_batches else "last"}
+                "selection": (f"best of every {max(1, steps // 5)} steps on {val_batches} validation "
+                              "batches (ESPIRiT maps) against "
+                              + VALIDATION_TARGETS[validation_target(finetune_mode)]
+                              if finetune_mode and val_batches else "last state")}
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
                           training=training)
