@@ -392,7 +392,10 @@ def test_target_summary_checks_the_targets_on_the_rows():
     text = "\n".join(target_summary(rows))
     assert "**a**, 1.70x (target 2x: not met)" in text  # b is faster but loses 1 dB
     assert "Fastest teacher variant: b, 2.30x" in text
+    assert "Least lossy" not in text  # b is also the only one at >= 2x
     assert "0.90 / 0.10 dB below" in text and "not met" in text
     assert "LEAN e" in text and "SPADE a" in text and "-0.30 / -0.30 dB" in text
-    rows[1]["speedup"] = 2.1
-    assert "(target 2x: met)" in "\n".join(target_summary(rows))
+    rows[1]["speedup8"] = 2.1  # 2x at the protocols' 8 virtual coils counts
+    text = "\n".join(target_summary(rows))
+    assert "**a**, 1.70x (2.10x at 8 coils) (target 2x: met)" in text
+    assert "Least lossy teacher variant at >= 2x: a, 1.70x (2.10x at 8 coils), loses 0.20" in text
