@@ -178,7 +178,10 @@ class _Inbox:
                     self._bytes -= n
                     self._cv.notify_all()
                     if isinstance(item, StreamError):
-                        raise item
+                        try:
+                            raise item
+                        finally:  # no frame <-> traceback cycle keeping the session alive
+                            del item
                     return item
                 self._cv.wait(0.25)
 
@@ -252,7 +255,11 @@ class ReconServer:
                     if self._stop.is_set():
                         break
                     raise
-                self._start(conn, peer)
+                try:
+                    self._start(conn, peer)
+                except BaseException:
+                    _close(conn)
+                    raise
         finally:
             self._sock.close()
             deadline = time.monotonic() + join_timeout
@@ -272,9 +279,11 @@ class ReconServer:
             log.warning("%s: refused, %d connections active", peer, self.max_connections)
             conn.settimeout(2.0)
             reply = _Reply(conn)
-            reply.error(f"server busy ({self.max_connections} connections active)")
-            reply.close()
-            _close(conn)
+            try:
+                reply.error(f"server busy ({self.max_connections} connections active)")
+                reply.close()
+            finally:
+                _close(conn, reply, linger_s=1.0)  # short: this blocks the accept loop
             return
         t.start()
 
@@ -309,7 +318,7 @@ class ReconServer:
             reply.close()
         finally:
             inbox.close()
-            _close(conn)
+            _close(conn, reply)
             reader.join(2.0)
         if result is not None:
             self.engine.deliver(result)
@@ -379,7 +388,12 @@ def _checked_header(xml: str) -> str:
 
 
 class _Reply:
-    """Writes images / text / CLOSE through ``ismrmrd.serialization.ProtocolSerializer``."""
+    """Writes images / text / CLOSE through ``ismrmrd.serialization.ProtocolSerializer``.
+
+    Owns a ``conn.makefile("wb")``: :meth:`release` (or :func:`_close`) must close it, since
+    ``conn.close()`` leaves the descriptor open while a makefile() of the socket is open (and
+    ``ProtocolSerializer.close()`` only writes CLOSE, it does not close a stream it was given).
+    """
 
     def __init__(self, conn: socket.socket):
         self._file = conn.makefile("wb")
@@ -387,6 +401,8 @@ class _Reply:
         self.closed = False
 
     def _send(self, obj: Any) -> None:
+        if self.closed:
+            raise ClientGone("reply already closed")
         try:
             self._out.serialize(obj)
             self._file.flush()
@@ -409,21 +425,53 @@ class _Reply:
         self.text(f"ERROR {text}")
 
     def close(self) -> None:
+        """Send CLOSE (best effort), then release the socket file."""
         if self.closed:
             return
+        try:
+            self._out.close()  # writes CLOSE and flushes
+        except (OSError, ValueError):
+            pass
+        self.release()
+
+    def release(self) -> None:
+        """Close the socket file without sending anything more (idempotent)."""
         self.closed = True
         try:
-            self._out.close()
-        except (OSError, ValueError):
+            self._file.close()
+        except (OSError, ValueError):  # flushing to a client that is gone
             pass
 
 
-def _close(conn: socket.socket) -> None:
+def _close(conn: socket.socket, reply: _Reply | None = None, linger_s: float = 2.0) -> None:
+    """Lingering close: send what is buffered, half-close, drain, then close the socket file
+    and the socket (the descriptor is only released once both are closed).
+
+    After the FIN the client reads the reply to its end; what it still sends is read and
+    dropped (for at most ``linger_s``, until it closes its side), since closing a socket with
+    unread input makes the kernel reset the connection, and a reset can destroy the ERROR text
+    and CLOSE before the client has read them.
+    """
     try:
-        conn.shutdown(socket.SHUT_RDWR)
+        conn.settimeout(linger_s)  # bounds a flush to, and the drain of, a stuck client
+        if reply is not None:
+            reply.release()
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + linger_s
+        while (left := deadline - time.monotonic()) > 0:
+            conn.settimeout(left)
+            if not conn.recv(65536):
+                break
     except OSError:
         pass
-    conn.close()
+    finally:
+        if reply is not None:
+            reply.release()
+        try:
+            conn.shutdown(socket.SHUT_RDWR)  # wakes a reader thread still blocked in recv
+        except OSError:
+            pass
+        conn.close()
 
 
 def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = None,

@@ -7,6 +7,7 @@ temporary folder (``extends: default``) with fast ESPIRiT so every scan takes ab
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -99,36 +100,53 @@ def server(engine):
 def stream(address, data, config="stream_cg", text=None, acqs=None, drop_after=None):
     """Send config, header, optional TEXT, acquisitions, CLOSE; return (images, texts).
 
-    drop_after: close the socket abruptly after that many acquisitions (returns nothing)."""
+    drop_after: close the socket abruptly after that many acquisitions (returns nothing).
+
+    The socket and both makefile() objects are closed on every path: ``sock.close()`` alone
+    leaves the descriptor open while a makefile() of it is open (ResourceWarning at GC)."""
     acqs = data["acqs"] if acqs is None else acqs
-    sock = socket.create_connection(address, timeout=60)
-    wfile, rfile = sock.makefile("wb"), sock.makefile("rb")
+    images, texts, errors = [], [], []
+    with (socket.create_connection(address, timeout=60) as sock,
+          sock.makefile("wb") as wfile, sock.makefile("rb") as rfile):
 
-    def send():
-        out = ProtocolSerializer(wfile)
-        out.serialize(ConfigFile(config))
-        out.serialize(data["header"])
-        if text is not None:
-            out.serialize(text)
-        for i, acq in enumerate(acqs):
-            if drop_after is not None and i == drop_after:
-                wfile.flush()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()  # reset: the scanner side vanished
-                return
-            out.serialize(acq)
-        out.close()
+        def send():
+            try:
+                out = ProtocolSerializer(wfile)
+                out.serialize(ConfigFile(config))
+                out.serialize(data["header"])
+                if text is not None:
+                    out.serialize(text)
+                for i, acq in enumerate(acqs):
+                    if drop_after is not None and i == drop_after:
+                        wfile.flush()
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                        # reset: the scanner side vanished (the RST goes out once the socket
+                        # and both its files are closed)
+                        wfile.close()
+                        rfile.close()
+                        sock.close()
+                        return
+                    out.serialize(acq)
+                out.close()
+            except Exception as e:  # noqa: BLE001 - reported by the caller
+                errors.append(e)
 
-    sender = threading.Thread(target=send)
-    sender.start()
-    images, texts = [], []
-    if drop_after is None:
-        for obj in ProtocolDeserializer(rfile).deserialize():
-            (images if isinstance(obj, ismrmrd.Image) else texts).append(obj)
-    sender.join(60)
-    wfile.close()
-    rfile.close()
-    sock.close()
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            if drop_after is None:
+                for obj in ProtocolDeserializer(rfile).deserialize():
+                    (images if isinstance(obj, ismrmrd.Image) else texts).append(obj)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # unblock the sender
+            raise
+        finally:
+            sender.join(60)
+    assert not sender.is_alive(), "client sender thread hung"
+    if errors and not texts:  # a server that answered ERROR may have stopped reading
+        raise errors[0]
     return images, texts
 
 
@@ -139,12 +157,13 @@ def raw_exchange(address, payload: bytes, half_close: bool = True):
         if half_close:
             sock.shutdown(socket.SHUT_WR)
         texts, closed = [], False
-        try:
-            for obj in ProtocolDeserializer(sock.makefile("rb")).deserialize():
-                texts.append(obj)
-            closed = True
-        except EOFError:
-            pass
+        with sock.makefile("rb") as rfile:
+            try:
+                for obj in ProtocolDeserializer(rfile).deserialize():
+                    texts.append(obj)
+                closed = True
+            except EOFError:
+                pass
         return texts, closed
 
 
@@ -373,7 +392,8 @@ def test_idle_timeout_and_busy(data, engine):
             texts, closed = raw_exchange(s.address, b"", half_close=False)
             assert closed and "busy" in texts[0]
             t0 = time.monotonic()
-            got = list(ProtocolDeserializer(idle.makefile("rb")).deserialize())
+            with idle.makefile("rb") as rfile:
+                got = list(ProtocolDeserializer(rfile).deserialize())
             assert "idle timeout" in got[0] and time.monotonic() - t0 < 5
     finally:
         s.request_stop()
@@ -496,17 +516,19 @@ def test_sigterm_finishes_slice_in_flight(data):
     try:
         port = int(wait_for("listening on").rsplit(":", 1)[1])
         first_slice = [a for a in data["acqs"] if a.idx.slice == 0]
-        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        out = ProtocolSerializer(sock.makefile("wb"))
-        out.serialize(ConfigFile("auto"))
-        out.serialize(data["header"])
-        for acq in first_slice:
-            out.serialize(acq)
-        out._stream.flush()
-        wait_for("complete: reconstructing")
-        proc.send_signal(signal.SIGTERM)
-        got = list(ProtocolDeserializer(sock.makefile("rb")).deserialize())
-        sock.close()
+        # generous timeout: after SIGTERM the server first finishes slice 0 (slow ESPIRiT on a
+        # shared CPU)
+        with (socket.create_connection(("127.0.0.1", port), timeout=300) as sock,
+              sock.makefile("wb") as wfile, sock.makefile("rb") as rfile):
+            out = ProtocolSerializer(wfile)
+            out.serialize(ConfigFile("auto"))
+            out.serialize(data["header"])
+            for acq in first_slice:
+                out.serialize(acq)
+            wfile.flush()
+            wait_for("complete: reconstructing")
+            proc.send_signal(signal.SIGTERM)
+            got = list(ProtocolDeserializer(rfile).deserialize())
         assert isinstance(got[0], ismrmrd.Image) and got[0].slice == 0
         assert len(got) == 2 and got[1].startswith("WARNING")
         assert proc.wait(60) == 0
