@@ -388,12 +388,15 @@ def test_target_summary_checks_the_targets_on_the_rows():
             row("b", "spade", 0.75, "teacher", 2.3, 31.0, 0.94, 28.0, 0.90, 4),
             row("c", "spade", 0.5, "self", 1.7, 31.0, 0.90, 28.8, 0.88, 9),
             row("d", "spade", 0.5, "supervised", 1.7, 31.9, 0.95, 28.9, 0.91, 9),
-            row("e", "lean", 0.65, "teacher", 1.5, 31.5, 0.94, 28.6, 0.90, 9.5)]
+            row("e", "lean", 0.65, "teacher", 1.5, 31.5, 0.94, 28.6, 0.90, 9.5),
+            row("f", "spade", 0.5, "ssdu", 1.7, 31.6, 0.93, 28.7, 0.89, 9)]
     text = "\n".join(target_summary(rows))
     assert "**a**, 1.70x (target 2x: not met)" in text  # b is faster but loses 1 dB
     assert "Fastest teacher variant: b, 2.30x" in text
     assert "Least lossy" not in text  # b is also the only one at >= 2x
     assert "0.90 / 0.10 dB below" in text and "not met" in text
+    assert "Self-supervised f against supervised d (spade 0.5): 0.30 / 0.20 dB below at 4x / 8x " \
+           "(target within 0.5 dB: met)" in text
     assert "LEAN e" in text and "SPADE a" in text and "-0.30 / -0.30 dB" in text
     rows[1]["speedup8"] = 2.1  # 2x at the protocols' 8 virtual coils counts
     text = "\n".join(target_summary(rows))

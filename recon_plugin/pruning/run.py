@@ -208,7 +208,7 @@ def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 
     if closest is not None and closest is not fast:
         out.append(f"- Least lossy teacher variant at >= 2x: {closest['name']}, {speed(closest)}, "
                    f"loses {losses(closest)}.")
-    for sv in (r for r in rows[1:] if r["finetune"] == "self"):
+    for sv in (r for r in rows[1:] if _ground_truth_free(r["finetune"])):
         sup = [r for r in rows[1:] if r["finetune"] == "supervised"
                and r["method"] == sv["method"] and r["ratio"] == sv["ratio"]]
         for r in sup:
@@ -226,6 +226,16 @@ def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 
                        f" {ln['psnr_4x'] - r['psnr_4x']:+.2f} / {ln['psnr_8x'] - r['psnr_8x']:+.2f}"
                        " dB PSNR at 4x / 8x (LEAN minus SPADE).")
     return out
+
+
+def _ground_truth_free(mode: str) -> bool:
+    """A self-supervised fine-tuning mode: neither ground truth nor a teacher (self, ssdu)."""
+    from .finetune import validation_target
+
+    try:
+        return validation_target(mode) == "held-out lines"
+    except ValueError:  # "none" (not fine-tuned) or a card from elsewhere
+        return False
 
 
 def _pareto(path: Path, rows: list[dict]) -> None:
