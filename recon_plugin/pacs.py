@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -101,6 +102,17 @@ class SendResult:
         return not self.failed
 
 
+def _check_reachable(tgt: PacsTarget, timeout: float) -> None:
+    """Raise :class:`PacsError` naming the address when nothing accepts TCP connections there
+    (clearer than a failed association, and pynetdicom 3.0.4 leaks its socket on that path)."""
+    try:
+        with socket.create_connection((tgt.host, tgt.port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise PacsError(f"association with {tgt}: could not be established (nothing accepts "
+                        f"connections at {tgt.host}:{tgt.port}: {exc})") from exc
+
+
 def send_files(
     paths: Iterable[Path | str],
     target: str | PacsTarget,
@@ -145,6 +157,7 @@ def send_files(
     ae.connection_timeout = timeout
     for sop, syntaxes in contexts.items():
         ae.add_requested_context(sop, syntaxes)
+    _check_reachable(tgt, timeout)
     assoc = ae.associate(tgt.host, tgt.port, ae_title=tgt.aet)
     if not assoc.is_established:
         if assoc.is_rejected:

@@ -190,6 +190,13 @@ def test_rejected_association_is_a_clear_error(orthanc, tmp_path):
         pacs.send_files(paths, wrong, CALLING, timeout=10)
 
 
+def test_nothing_listening_names_the_address(tmp_path):
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=5)
+    port = free_port()
+    with pytest.raises(pacs.PacsError, match=f"nothing accepts connections at 127.0.0.1:{port}"):
+        pacs.send_files(paths, f"NOBODY@127.0.0.1:{port}", CALLING, timeout=5)
+
+
 # --------------------------------------------------------------------------- durable queue
 
 
