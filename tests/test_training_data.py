@@ -89,7 +89,7 @@ def test_time_budget_stop_validates_the_last_state_and_resumes(tmp_path):
         return ((m(x) - y) ** 2).mean()
 
     def validate(m):
-        seen.append(float(loss_fn(m, None)))
+        seen.append(float(loss_fn(m, None).detach()))
         return -seen[-1]
 
     hist = train_loop(model, loss_fn, tmp_path, steps=100, lr=1e-2, validate=validate,
