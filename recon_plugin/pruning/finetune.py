@@ -156,6 +156,11 @@ VALIDATION_TARGETS = {
 }
 
 
+def validation_interval(steps: int) -> int:
+    """Steps between two validations of a ``steps``-step fine-tune (five in all)."""
+    return max(1, steps // 5)
+
+
 def validation_target(mode: str) -> str:
     """What a fine-tune in ``mode`` is validated against (a key of ``VALIDATION_TARGETS``)."""
     terms = parse_mode(mode)
@@ -181,19 +186,19 @@ def make_validator(
         slices = [SimpleNamespace(kspace=b.kspace[i], mask=b.mask[i], maps=b.maps[i],
                                   acs=batch_acs(b)) for b in val for i in range(len(b.kspace))]
         return lambda m: -heldout_error(m, slices)
+    ops = [SenseOperator(b.maps, b.mask) for b in val]
     if target == "ground truth":
         targets = [b.target for b in val]
     else:
         if teacher is None:
             raise ValueError("validating a 'teacher' fine-tune needs the teacher model")
         with torch.inference_mode():
-            targets = [teacher.eval()(b.kspace, SenseOperator(b.maps, b.mask)).abs() for b in val]
+            targets = [teacher.eval()(b.kspace, op).abs() for b, op in zip(val, ops)]
 
     def validate(model: nn.Module) -> float:
         with torch.inference_mode():
-            return -float(np.mean([
-                float(image_loss(model(b.kspace, SenseOperator(b.maps, b.mask)), t))
-                for b, t in zip(val, targets)]))
+            return -float(np.mean([float(image_loss(model(b.kspace, op), t))
+                                   for b, op, t in zip(val, ops, targets)]))
 
     return validate
 
@@ -218,16 +223,17 @@ def finetune(
     """Fine-tune ``pruned`` in place with the given mode(s); returns it in eval mode.
 
     With ``val_batches`` > 0 the model is validated on that many fixed simulated validation
-    batches by :func:`make_validator` (no more information than the mode trains with) and the
-    best state is restored at the end. ``loss_kw`` goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``,
-    ``weights``). The loss history is written to ``run_dir/history.json``.
+    batches by :func:`make_validator` (no more information than the mode trains with) every
+    :func:`validation_interval` steps and the best state is restored at the end. ``loss_kw``
+    goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``, ``weights``). The loss history
+    is written to ``run_dir/history.json``.
     """
     loss_fn = make_loss_fn(mode, teacher, batch_fn, batch_size, matrix, num_coils, **loss_kw)
     validate = make_validator(mode, teacher, val_batches) if val_batches > 0 else None
     run_dir = Path(run_dir)
     t0 = time.monotonic()
     history = train_loop(pruned, loss_fn, run_dir, steps, lr, seed, validate=validate,
-                         val_every=max(1, steps // 5), time_budget_s=time_budget_s,
+                         val_every=validation_interval(steps), time_budget_s=time_budget_s,
                          progress=progress)
     best = run_dir / "best.pt"
     if validate is not None and best.is_file():
@@ -331,6 +337,6 @@ def export_variant(
 
 __all__ = [
     "MODES", "VALIDATION_TARGETS", "parse_mode", "make_loss_fn", "validation_target",
-    "make_validator", "finetune", "measure_latency", "export_variant",
+    "validation_interval", "make_validator", "finetune", "measure_latency", "export_variant",
     "batch_acs",
 ]

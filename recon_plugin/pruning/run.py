@@ -57,7 +57,13 @@ def make_variant(
     batches is kept.
     """
     from ..training.data import BatchPool
-    from .finetune import VALIDATION_TARGETS, export_variant, finetune, validation_target
+    from .finetune import (
+        VALIDATION_TARGETS,
+        export_variant,
+        finetune,
+        validation_interval,
+        validation_target,
+    )
 
     base, card = load_model(resolve_model(parent))
     pruned = prune_model(base, method, ratio)
@@ -79,7 +85,7 @@ def make_variant(
                 "selected_step": selected, "lr": lr,
                 "batch_size": batch_size, "data": "simulated train slabs (see anatomy.SPLITS), "
                 f"ESPIRiT maps for {ESPIRIT_FRACTION:.0%} of the slices, {data}",
-                "selection": (f"best of every {max(1, steps // 5)} steps on {val_batches} validation "
+                "selection": (f"best of every {validation_interval(steps)} steps on {val_batches} validation "
                               "batches (ESPIRiT maps) against "
                               + VALIDATION_TARGETS[validation_target(finetune_mode)]
                               if finetune_mode and val_batches else "last state")}
