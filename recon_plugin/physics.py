@@ -142,10 +142,17 @@ class SenseOperator:
         self.mask = mask.to(maps.real.dtype)
         # Cartesian line sampling (the mask is constant along kx): the readout FFT cancels in
         # A^H A, so ``normal`` needs 1D FFTs along ky only (same result, half the FFT work).
-        # the mask is centred in ky: keep it in FFT order instead of shifting the data
+        # ``normal`` works on (kx, ky)-transposed arrays in FFT order along ky: the maps and
+        # the mask rows are shifted and transposed once here, so that per call only the
+        # one-coil image is shifted and transposed, and the 1D FFTs run along the contiguous
+        # axis (about 3x faster on CPU than along a strided one).
         rows = self.mask[..., :1]
-        self._rows = (torch.fft.ifftshift(rows.unsqueeze(-3), dim=-2)
-                      if bool((self.mask == rows).all()) else None)
+        self._rows = None
+        if bool((self.mask == rows).all()):
+            self._rows = torch.fft.ifftshift(rows, dim=-2).transpose(-1, -2).unsqueeze(-3)
+            maps_t = torch.fft.ifftshift(maps, dim=-2).transpose(-1, -2).contiguous()
+            self._maps_t = maps_t  # (batch, coils, kx, ky)
+            self._maps_t_conj = maps_t.conj().resolve_conj()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return sense_forward(image, self.maps, self.mask)
@@ -157,11 +164,11 @@ class SenseOperator:
         """A^H A x, (batch, ky, kx) -> (batch, ky, kx)."""
         if self._rows is None:
             return self.adjoint(self.forward(image))
-        coil = torch.fft.ifftshift(self.maps * image.unsqueeze(-3), dim=-2)
-        k = torch.fft.fft(coil, dim=-2, norm="ortho")
-        k = k * self._rows
-        coil = torch.fft.fftshift(torch.fft.ifft(k, dim=-2, norm="ortho"), dim=-2)
-        return (self.maps.conj() * coil).sum(dim=-3)
+        image_t = torch.fft.ifftshift(image, dim=-2).transpose(-1, -2).contiguous()
+        k = torch.fft.fft(self._maps_t * image_t.unsqueeze(-3), dim=-1, norm="ortho")
+        coil = torch.fft.ifft(k.mul_(self._rows), dim=-1, norm="ortho")
+        combined = (self._maps_t_conj * coil).sum(dim=-3).transpose(-1, -2)
+        return torch.fft.fftshift(combined, dim=-2).contiguous()
 
     def with_mask(self, mask: torch.Tensor) -> SenseOperator:
         """The same maps with another sampling mask (e.g. an SSDU subset)."""

@@ -113,7 +113,7 @@ def test_shipped_model_beats_zero_filled():
     assert np.isfinite(out).all()
 
 
-def test_folded_batchnorm_same_function_and_not_saveable(tmp_path):
+def test_folded_batchnorm_channels_last_same_function_and_not_saveable(tmp_path):
     from torch import nn
 
     from recon_plugin.models.inference import fold_batchnorm
@@ -130,6 +130,9 @@ def test_folded_batchnorm_same_function_and_not_saveable(tmp_path):
     folded = fold_batchnorm(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # original untouched
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not net.priors[0].channels_last
     k, op = random_input((40, 36), 3)
     with torch.no_grad():
         ref, out = net(k, op), folded(k, op)

@@ -4,8 +4,9 @@ In eval mode a BatchNorm after a convolution is an affine map per channel, so it
 that convolution's weights and bias (``w' = w g / sqrt(v + eps)``, ``b' = (b - m) g /
 sqrt(v + eps) + beta``). The folded network computes the same function (to float rounding)
 with one memory pass fewer per layer; that pass is a larger share of the time of a pruned,
-thin network, so folding is part of getting real CPU speed from pruning. Every model is
-folded the same way before it reconstructs or is timed. A folded model is for inference
+thin network, so folding is part of getting real CPU speed from pruning. The folded CNNs also
+run channels-last (NHWC), which oneDNN convolves faster on CPU. Every model is folded the same
+way before it reconstructs or is timed. A folded model is for inference
 only: it cannot be trained, pruned or saved (save the unfolded one).
 """
 
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .unrolled import ComplexCNN
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every ``Conv2d -> BatchNorm2d`` pair (adjacent in an
-    ``nn.Sequential``) replaced by one convolution and an ``nn.Identity``."""
+    ``nn.Sequential``) replaced by one convolution and an ``nn.Identity``, its complex CNNs
+    switched to channels-last."""
     folded = copy.deepcopy(model).eval()
     for seq in folded.modules():
         if not isinstance(seq, nn.Sequential):
@@ -30,6 +35,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
+    for module in folded.modules():
+        if isinstance(module, ComplexCNN):
+            module.channels_last = True
+            module.cnn.to(memory_format=torch.channels_last)
     folded.inference_only = True
     for p in folded.parameters():
         p.requires_grad_(False)
