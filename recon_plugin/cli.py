@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=["spade", "lean"], required=True)
     s.add_argument("--ratio", type=float, required=True, help="channel sparsity in (0, 1)")
     s.add_argument("--finetune", default="teacher",
-                   help="supervised | teacher | self | ssdu | combinations with + | none")
+                   help="supervised | teacher | self | ssdu | rei | combinations with + | none")
     s.add_argument("--steps", type=int, default=150)
     s.add_argument("--lr", type=float, default=5e-4)
     s.add_argument("--batch-size", type=int, default=4)

@@ -205,7 +205,7 @@ def _loss(model, loss_fn) -> float:
         return float(np.mean([float(loss_fn(m, np.random.default_rng(s))) for s in range(3)]))
 
 
-@pytest.mark.parametrize("mode", ["supervised", "teacher", "self", "ssdu", "teacher+self"])
+@pytest.mark.parametrize("mode", ["supervised", "teacher", "self", "ssdu", "rei", "teacher+self"])
 def test_finetune_lowers_loss(base, tiny_batch, mode, tmp_path):
     pruned = spade_prune(base, 0.5)
     loss_fn = make_loss_fn(mode, teacher=base, batch_fn=lambda rng: tiny_batch)
@@ -229,7 +229,7 @@ def test_validator_uses_only_what_the_mode_trains_with(base, tiny_batch, monkeyp
     pruned = spade_prune(base, 0.5).eval()
     teacher = make_validator("teacher", base, 2)
     assert teacher(base) == pytest.approx(0.0, abs=1e-5) and teacher(pruned) < -1e-3
-    for mode in ("self", "ssdu"):
+    for mode in ("self", "ssdu", "rei"):
         score = make_validator(mode, None, 2)(pruned)
         assert np.isfinite(score) and score < 0
     assert np.isnan(make_validator("supervised", None, 2)(pruned))

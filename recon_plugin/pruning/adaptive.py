@@ -7,8 +7,8 @@ millisecond-per-coil from data the reconstruction already has:
 * ``acs_energy_fraction``: k-space energy inside the fully sampled centre / all acquired energy
   (high = smooth, low-frequency image, little aliasing energy left to resolve);
 * ``noise_sigma``: per-sample complex noise std, from a noise scan ``(coils, samples)`` when
-  given, otherwise from the outermost acquired k-space (median |k|^2 / ln 2, robust to the
-  little signal there);
+  given, otherwise from the outermost acquired k-space
+  (:func:`recon_plugin.physics.noise_variance`, averaged over coils);
 * ``snr``: mean magnitude of the object in the coil-combined low-resolution (ACS only) image
   over ``noise_sigma``, the same definition the simulator's ``snr`` uses.
 
@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 import torch
+
+from ..physics import noise_variance
 
 DEFAULT_WEIGHTS = {"acceleration": 0.5, "noise": 0.35, "acs": 0.15}
 # normalisation ranges: effective acceleration, SNR (linear, log-interpolated)
@@ -92,13 +94,9 @@ def slice_features(kspace, mask=None, noise=None) -> dict[str, float]:
         nz = _np(noise).reshape(coils, -1)
         sigma = float(np.sqrt(np.mean(np.abs(nz) ** 2)))
     else:
-        # outermost acquired lines (outer ~quarter of ky) x outermost eighth of kx on each side
-        ky_out = np.flatnonzero(lines & (np.abs(np.arange(ny) - ny // 2) >= ny // 4))
-        if ky_out.size == 0:
-            ky_out = np.flatnonzero(lines)
-        edge = max(1, nx // 8)
-        outer = np.concatenate([power[:, ky_out, :edge].ravel(), power[:, ky_out, -edge:].ravel()])
-        sigma = float(np.sqrt(np.median(outer) / math.log(2)))
+        rows = torch.from_numpy(np.broadcast_to(lines[:, None], (ny, nx)).astype(np.float32))
+        var = noise_variance(torch.from_numpy(k.astype(np.complex64))[None], rows[None])
+        sigma = float(var.mean().sqrt())
     # object level from the coil-combined ACS-only image (orthonormal centred FFT)
     low = np.zeros_like(k)
     low[:, lo:hi] = k[:, lo:hi]

@@ -11,6 +11,10 @@ Modes (combine with ``+``, e.g. ``"teacher+self"``; the terms are summed, option
   k-space L1 + L2) plus ``ei_weight`` x the equivariance loss under random flips / rotations.
 * ``ssdu``:       no ground truth: the measured lines are split into a data-consistency set
   (network input) and a loss set; the k-space loss is taken on the held-out lines only.
+* ``rei``:        no ground truth, noise-aware ``self``: the consistency term is the
+  Monte-Carlo SURE estimate of the error against the noise-free measurements
+  (:func:`~recon_plugin.training.losses.sure_consistency`, noise level estimated from the
+  k-space itself) plus the same equivariance loss (robust equivariant imaging).
 
 Data come from the simulator (:func:`recon_plugin.training.data.make_batch`, train split) unless
 a ``batch_fn(rng) -> Batch`` is given. Training runs through the shared resumable
@@ -49,13 +53,14 @@ from ..training.losses import (
     kspace_loss,
     measurement_consistency,
     ssdu_split,
+    sure_consistency,
     teacher_loss,
 )
 from .spade import count_channels, count_flops, count_params
 
 log = logging.getLogger(__name__)
 
-MODES = ("supervised", "teacher", "self", "ssdu")
+MODES = ("supervised", "teacher", "self", "ssdu", "rei")
 
 
 def parse_mode(mode: str) -> tuple[str, ...]:
@@ -139,6 +144,10 @@ def make_loss_fn(
             mc = measurement_consistency(pred, b.kspace, op)
             ei = equivariance_loss(model, pred, op, rng)
             total = total + w["self"] * (mc + ei_weight * ei)
+        if "rei" in terms:
+            mc = sure_consistency(model, pred, b.kspace, op, rng)
+            ei = equivariance_loss(model, pred, op, rng)
+            total = total + w["rei"] * (mc + ei_weight * ei)
         if "ssdu" in terms:
             dc, lm = ssdu_split(b.mask, ssdu_rho, batch_acs(b), rng)
             out = model(b.kspace * dc.unsqueeze(1), op.with_mask(dc))

@@ -1,5 +1,6 @@
 """Training losses: supervised, teacher, self-supervised (SSDU split, measurement consistency
-plus equivariance). Each returns a scalar tensor; images are complex (B, ky, kx)."""
+plus equivariance, noise-aware SURE consistency). Each returns a scalar tensor; images are
+complex (B, ky, kx), k-space (B, coils, ky, kx) with lines along kx."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 
 from ..metrics import ssim_loss
-from ..physics import SenseOperator
+from ..physics import SenseOperator, noise_variance
 
 
 def image_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,43 @@ def ssdu_split(
 def measurement_consistency(pred: torch.Tensor, kspace: torch.Tensor, op: SenseOperator):
     """||A f(y) - y|| normalised (k-space L1 + L2)."""
     return kspace_loss(op.forward(pred), kspace)
+
+
+def sure_risk(model, pred: torch.Tensor, kspace: torch.Tensor, op: SenseOperator,
+              noise_var: torch.Tensor, generator: torch.Generator,
+              eps: float = 0.05) -> torch.Tensor:
+    """Monte-Carlo SURE of ``||A f(y) - A x||^2`` per batch item (B,): the error of the
+    predicted measurements against the noise-free ones, without knowing them.
+
+    ``risk = ||A f(y) - y||^2 - N sigma^2 + 2 Re<b, A f(y + eps b) - A f(y)> / eps`` with
+    ``b`` drawn like the noise (per-coil variance ``noise_var`` (B, C), on the acquired
+    samples only) and N the number of acquired samples; the last term estimates the network's
+    divergence, which is what stops it from reproducing the noise (plain consistency rewards
+    it). Coil-to-coil noise correlation is ignored (exact for prewhitened data). ``eps`` is in
+    units of the noise standard deviation.
+    """
+    mask = op.mask.unsqueeze(1)  # (B, 1, ky, kx)
+    std = noise_var.sqrt()[..., None, None] * mask
+    shape = kspace.shape
+    b = torch.complex(torch.randn(shape, generator=generator),
+                      torch.randn(shape, generator=generator)).to(kspace.device) * std / np.sqrt(2)
+    g0 = op.forward(pred)
+    g1 = op.forward(model(kspace + eps * b, op))
+    resid = (g0 - kspace).abs().pow(2).sum((1, 2, 3))
+    noise = noise_var.sum(1) * op.mask.sum((-2, -1))
+    div = (b.conj() * (g1 - g0)).real.sum((1, 2, 3)) / eps
+    return resid - noise + 2 * div
+
+
+def sure_consistency(model, pred: torch.Tensor, kspace: torch.Tensor, op: SenseOperator,
+                     rng: np.random.Generator, eps: float = 0.05) -> torch.Tensor:
+    """Noise-aware measurement consistency (the REI loss of Chen, Tachella and Davies 2022):
+    ``sqrt(SURE / ||y||^2)`` averaged over the batch, a relative L2 error against the
+    noise-free measurements (the square root puts it on the scale of :func:`kspace_loss`)."""
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    risk = sure_risk(model, pred, kspace, op, noise_variance(kspace, op.mask), g, eps)
+    rel = risk / kspace.abs().pow(2).sum((1, 2, 3)).clamp_min(1e-30)
+    return rel.clamp_min(1e-8).sqrt().mean()
 
 
 def random_transform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
