@@ -219,6 +219,30 @@ def test_finetune_lowers_loss(base, tiny_batch, mode, tmp_path):
     assert (tmp_path / "history.json").is_file()
 
 
+class _PhaseRotatedLast(nn.Module):
+    """The teacher with its last cascade's output rotated in phase (same magnitude)."""
+
+    def __init__(self, net: nn.Module, phase: float):
+        super().__init__()
+        self.net, self.rot = net, complex(np.exp(1j * phase))
+
+    def forward(self, k, op, return_cascades=False):
+        x, casc = self.net(k, op, return_cascades=True)
+        casc = casc[:-1] + [casc[-1] * self.rot]
+        return (x * self.rot, casc) if return_cascades else x * self.rot
+
+
+def test_teacher_loss_ignores_the_phase_of_the_last_cascade(base, tiny_batch):
+    """The last cascade is distilled in magnitude only; an earlier cascade's phase counts."""
+    loss_fn = make_loss_fn("teacher", teacher=base, batch_fn=lambda rng: tiny_batch)
+    same = _PhaseRotatedLast(copy.deepcopy(base), 1.0)
+    assert float(loss_fn(same, np.random.default_rng(0)).detach()) < 1e-4
+    shifted = copy.deepcopy(base)
+    with torch.no_grad():  # changes cascade 1 (and so the end image): the loss sees it
+        shifted.step[0] += 0.5
+    assert float(loss_fn(shifted, np.random.default_rng(0)).detach()) > 1e-3
+
+
 def test_validator_uses_only_what_the_mode_trains_with(base, tiny_batch, monkeypatch):
     """Selection scores: the teacher scores itself best; modes without ground truth never
     read the target (NaN targets leave their score finite) and the supervised one does."""
