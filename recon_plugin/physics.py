@@ -168,6 +168,7 @@ class SenseOperator:
             )
         self.maps = maps
         self.mask = mask.to(maps.real.dtype)
+        self._support: torch.Tensor | None = None
         # Cartesian line sampling (the mask is constant along kx): the readout FFT cancels in
         # A^H A, so ``normal`` needs 1D FFTs along ky only (same result, half the FFT work).
         # ``normal`` works on (kx, ky)-transposed arrays in FFT order along ky: the maps and
@@ -181,6 +182,14 @@ class SenseOperator:
             maps_t = torch.fft.ifftshift(maps, dim=-2).transpose(-1, -2).contiguous()
             self._maps_t = maps_t  # (batch, coils, kx, ky)
             self._maps_t_conj = maps_t.conj().resolve_conj()
+
+    @property
+    def support(self) -> torch.Tensor:
+        """(batch, ky, kx) 1 where any coil map is non-zero, else 0: the only pixels the data
+        constrain (ESPIRiT crops its maps to the object; outside, ``A`` cannot see the image)."""
+        if self._support is None:
+            self._support = (self.maps.abs().pow(2).sum(-3) > 1e-6).to(self.maps.real.dtype)
+        return self._support
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return sense_forward(image, self.maps, self.mask)

@@ -27,7 +27,7 @@ def test_training_step_lowers_loss(dc):
     model.eval()
     with torch.no_grad():
         after = float(image_loss(run_model(model, batch), batch.target))
-    assert after < 0.8 * before
+    assert after < 0.85 * before, (before, after)  # outputs are zero outside the maps from the start
 
 
 def test_cg_solve_matches_direct_solve():
@@ -139,3 +139,22 @@ def test_folded_batchnorm_channels_last_same_function_and_not_saveable(tmp_path)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     with pytest.raises(ModelError, match="folded"):
         save_model(folded, tmp_path / "x", {"name": "x"})
+
+
+def test_output_is_zero_outside_the_coil_map_support():
+    """Pixels where every coil map is zero are not seen by the data: the output is 0 there,
+    and unchanged (up to rounding) inside."""
+    from recon_plugin.physics import SenseOperator
+    from recon_plugin.pruning.finetune import random_input
+
+    torch.manual_seed(0)
+    net = UnrolledNet(num_cascades=2, chans=4).eval()
+    k, op = random_input((32, 28), 3)
+    maps = op.maps.clone()
+    maps[..., :6, :] = 0  # cropped rows, as ESPIRiT's crop leaves them
+    cropped = SenseOperator(maps, op.mask)
+    with torch.no_grad():
+        out = net(k, cropped)
+    assert float(out[..., :6, :].abs().max()) == 0.0
+    assert float(out[..., 6:, :].abs().min()) > 0.0
+    torch.testing.assert_close(cropped.support[0, 6:], torch.ones(26, 28))

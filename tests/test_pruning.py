@@ -210,7 +210,8 @@ def test_finetune_lowers_loss(base, tiny_batch, mode, tmp_path):
     pruned = spade_prune(base, 0.5)
     loss_fn = make_loss_fn(mode, teacher=base, batch_fn=lambda rng: tiny_batch)
     before = _loss(pruned, loss_fn)
-    steps = 80 if mode == "ssdu" else 25  # held-out-line prediction learns more slowly
+    # held-out-line prediction, and SSIM against the truth from an untrained base, learn slowly
+    steps = {"ssdu": 80, "supervised": 60}.get(mode, 25)
     out = finetune(pruned, mode, teacher=base, run_dir=tmp_path, steps=steps, lr=3e-3,
                    batch_fn=lambda rng: tiny_batch)
     assert out is pruned and not out.training

@@ -14,6 +14,12 @@ any matrix size.
 
 The network normalises its input by a robust intensity scale of ``A^H y`` and undoes it on the
 output, so it is equivariant to the global scaling of the raw data.
+
+The output is zero outside the support of the coil maps (``op.support``): there the data say
+nothing about the image (``A`` does not see it), as in a SENSE reconstruction with cropped
+ESPIRiT maps. Without this, a network fine-tuned without ground truth leaves whatever its
+CNNs produce there (measured: background 1.4-2.8 % of the maximum after self-supervised
+fine-tuning; 0.14 % for the supervised base).
 """
 
 from __future__ import annotations
@@ -85,7 +91,8 @@ class UnrolledNet(nn.Module):
 
     forward(kspace, op) with kspace (batch, coils, ky, kx) complex64 (zeros where not sampled)
     and ``op`` a :class:`~recon_plugin.physics.SenseOperator`; returns the complex image
-    (batch, ky, kx) in the frame of the coil maps, at the input's intensity scale.
+    (batch, ky, kx) in the frame of the coil maps, at the input's intensity scale, zero
+    outside the maps' support.
     """
 
     def __init__(
@@ -143,7 +150,8 @@ class UnrolledNet(nn.Module):
                 x = cg_solve(op.normal, aty + mu * z, z, mu, self.cg_iters)
             if return_cascades:
                 cascades.append(x)
-        return (x * scale, cascades) if return_cascades else x * scale
+        x = x * (scale * op.support)
+        return (x, cascades) if return_cascades else x
 
     def cnn_modules(self) -> list[nn.Module]:
         """The real-valued CNNs (the prunable parts), one per distinct prior."""

@@ -132,7 +132,7 @@ def equivariance_loss(model, pred: torch.Tensor, op: SenseOperator, rng: np.rand
     flip = bool(rng.integers(0, 2))
     if k == 0 and not flip:
         flip = True
-    support = (op.maps.abs().pow(2).sum(1) > 1e-6).to(pred.real.dtype)  # (B, ky, kx)
+    support = op.support  # (B, ky, kx)
     x_t = random_transform(pred, k, flip).detach() * support
     y_t = op.forward(x_t)
     rec = model(y_t, op) * support
