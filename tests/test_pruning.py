@@ -419,11 +419,11 @@ def test_target_summary_checks_the_targets_on_the_rows():
     assert "**a**, 1.70x (target 2x: not met)" in text  # b is faster but loses 1 dB
     assert "Fastest teacher variant: b, 2.30x" in text
     assert "Least lossy" not in text  # b is also the only one at >= 2x
-    assert "0.90 / 0.10 dB below" in text and "not met" in text
-    assert "Self-supervised f against supervised d (spade 0.5): 0.30 / 0.20 dB below at 4x / 8x " \
-           "(target within 0.5 dB: met)" in text
+    assert "PSNR -0.90 / -0.10 dB" in text and "not met" in text
+    assert "Self-supervised f against supervised d (spade 0.5): PSNR -0.30 / -0.20 dB at 4x / 8x " \
+           "(target at most 0.5 dB below: met)" in text
     assert "LEAN e" in text and "SPADE a" in text and "-0.30 / -0.30 dB" in text
     rows[1]["speedup8"] = 2.1  # 2x at the protocols' 8 virtual coils counts
     text = "\n".join(target_summary(rows))
     assert "**a**, 1.70x (2.10x at 8 coils) (target 2x: met)" in text
-    assert "Least lossy teacher variant at >= 2x: a, 1.70x (2.10x at 8 coils), loses 0.20" in text
+    assert "Least lossy teacher variant at >= 2x: a, 1.70x (2.10x at 8 coils), PSNR -0.20" in text

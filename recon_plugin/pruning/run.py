@@ -191,9 +191,9 @@ def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 
     def fast_enough(r):  # 2x at 16 coils or at the protocols' 8 virtual coils
         return max(r["speedup"], r.get("speedup8") or 0.0) >= 2
 
-    def losses(r):
+    def losses(r):  # signed changes against the unpruned model
         (d4, s4), (d8, s8) = loss(r, 4), loss(r, 8)
-        return f"{d4:.2f} / {d8:.2f} dB PSNR and {s4:.4f} / {s8:.4f} SSIM at 4x / 8x"
+        return f"PSNR {-d4:+.2f} / {-d8:+.2f} dB and SSIM {-s4:+.4f} / {-s8:+.4f} at 4x / 8x"
 
     teachers = [r for r in rows[1:] if r["finetune"] == "teacher"]
     ok = [r for r in teachers
@@ -208,12 +208,12 @@ def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 
                    f"{max_dssim} SSIM of the unpruned model at both 4x and 8x: target not met.")
     fast = max(teachers, key=lambda r: r["speedup"], default=None)
     if fast is not None:
-        out.append(f"- Fastest teacher variant: {fast['name']}, {speed(fast)}, loses {losses(fast)}.")
+        out.append(f"- Fastest teacher variant: {fast['name']}, {speed(fast)}, {losses(fast)}.")
     quick = [r for r in teachers if fast_enough(r)]
     closest = min(quick, key=lambda r: max(loss(r, 4)[0], loss(r, 8)[0]), default=None)
     if closest is not None and closest is not fast:
         out.append(f"- Least lossy teacher variant at >= 2x: {closest['name']}, {speed(closest)}, "
-                   f"loses {losses(closest)}.")
+                   f"{losses(closest)}.")
     for sv in (r for r in rows[1:] if _ground_truth_free(r["finetune"])):
         sup = [r for r in rows[1:] if r["finetune"] == "supervised"
                and r["method"] == sv["method"] and r["ratio"] == sv["ratio"]]
@@ -221,8 +221,8 @@ def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 
             gaps = [r[f"psnr_{a}x"] - sv[f"psnr_{a}x"] for a in (4, 8)]
             met = "met" if max(gaps) <= 0.5 else "not met"
             out.append(f"- Self-supervised {sv['name']} against supervised {r['name']} "
-                       f"({sv['method']} {sv['ratio']:g}): {gaps[0]:.2f} / {gaps[1]:.2f} dB "
-                       f"below at 4x / 8x (target within 0.5 dB: {met}).")
+                       f"({sv['method']} {sv['ratio']:g}): PSNR {-gaps[0]:+.2f} / {-gaps[1]:+.2f}"
+                       f" dB at 4x / 8x (target at most 0.5 dB below: {met}).")
     for ln in (r for r in rows[1:] if r["method"] == "lean" and r["finetune"] == "teacher"):
         sp = [r for r in rows[1:] if r["method"] == "spade" and r["finetune"] == "teacher"]
         if sp:
