@@ -171,17 +171,16 @@ class SenseOperator:
         self._support: torch.Tensor | None = None
         # Cartesian line sampling (the mask is constant along kx): the readout FFT cancels in
         # A^H A, so ``normal`` needs 1D FFTs along ky only (same result, half the FFT work).
-        # ``normal`` works on (kx, ky)-transposed arrays in FFT order along ky: the maps and
-        # the mask rows are shifted and transposed once here, so that per call only the
-        # one-coil image is shifted and transposed, and the 1D FFTs run along the contiguous
-        # axis (about 3x faster on CPU than along a strided one).
+        # ``normal`` works on (kx, ky)-transposed arrays in FFT order along ky: the maps are
+        # shifted and transposed once, on the first call (an operator used only for
+        # ``forward`` / ``adjoint``, e.g. an SSDU loss mask, never pays for it), so that per
+        # call only the one-coil image is shifted and transposed, and the 1D FFTs run along
+        # the contiguous axis (about 3x faster on CPU than along a strided one).
         rows = self.mask[..., :1]
         self._rows = None
         if bool((self.mask == rows).all()):
             self._rows = torch.fft.ifftshift(rows, dim=-2).transpose(-1, -2).unsqueeze(-3)
-            maps_t = torch.fft.ifftshift(maps, dim=-2).transpose(-1, -2).contiguous()
-            self._maps_t = maps_t  # (batch, coils, kx, ky)
-            self._maps_t_conj = maps_t.conj().resolve_conj()
+        self._maps_t: tuple[torch.Tensor, torch.Tensor] | None = None  # (maps, conj maps)
 
     @property
     def support(self) -> torch.Tensor:
@@ -201,12 +200,19 @@ class SenseOperator:
         """A^H A x, (batch, ky, kx) -> (batch, ky, kx)."""
         if self._rows is None:
             return self.adjoint(self.forward(image))
+        if self._maps_t is None:
+            maps_t = torch.fft.ifftshift(self.maps, dim=-2).transpose(-1, -2).contiguous()
+            self._maps_t = (maps_t, maps_t.conj().resolve_conj())  # (batch, coils, kx, ky)
+        maps_t, maps_t_conj = self._maps_t
         image_t = torch.fft.ifftshift(image, dim=-2).transpose(-1, -2).contiguous()
-        k = torch.fft.fft(self._maps_t * image_t.unsqueeze(-3), dim=-1, norm="ortho")
+        k = torch.fft.fft(maps_t * image_t.unsqueeze(-3), dim=-1, norm="ortho")
         coil = torch.fft.ifft(k.mul_(self._rows), dim=-1, norm="ortho")
-        combined = (self._maps_t_conj * coil).sum(dim=-3).transpose(-1, -2)
+        combined = (maps_t_conj * coil).sum(dim=-3).transpose(-1, -2)
         return torch.fft.fftshift(combined, dim=-2).contiguous()
 
     def with_mask(self, mask: torch.Tensor) -> SenseOperator:
-        """The same maps with another sampling mask (e.g. an SSDU subset)."""
-        return SenseOperator(self.maps, mask)
+        """The same maps with another sampling mask (e.g. an SSDU subset); what depends on
+        the maps alone (support, transposed maps) is shared, not recomputed."""
+        op = SenseOperator(self.maps, mask)
+        op._support, op._maps_t = self._support, self._maps_t
+        return op

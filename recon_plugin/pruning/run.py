@@ -235,7 +235,7 @@ def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 
 
 
 def _ground_truth_free(mode: str) -> bool:
-    """A self-supervised fine-tuning mode: neither ground truth nor a teacher (self, ssdu)."""
+    """A self-supervised fine-tuning mode: neither ground truth nor a teacher (self, ssdu, rei)."""
     from .finetune import validation_target
 
     try:
