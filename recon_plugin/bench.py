@@ -68,18 +68,26 @@ def _network(model):
     return run
 
 
-def _evaluate(vols, fn) -> tuple[dict, float, list]:
-    per_vol, times, images = [], [], []
+def _predict(vols, fn) -> tuple[list[np.ndarray], list[float]]:
+    """Magnitude images per volume, (slices, ky, kx), and the seconds each slice took."""
+    images, times = [], []
     for vol in vols:
         preds = []
         for s in vol:
             t0 = time.perf_counter()
             preds.append(np.abs(fn(s)))
             times.append(time.perf_counter() - t0)
-        gt = np.stack([s.target for s in vol])
-        pred = np.stack(preds)
-        per_vol.append(all_metrics(gt, pred))
-        images.append(pred)
+        images.append(np.stack(preds))
+    return images, times
+
+
+def _per_volume(vols, images) -> list[dict]:
+    return [all_metrics(np.stack([s.target for s in vol]), im) for vol, im in zip(vols, images)]
+
+
+def _evaluate(vols, fn) -> tuple[dict, float, list]:
+    images, times = _predict(vols, fn)
+    per_vol = _per_volume(vols, images)
     mean = {k: float(np.mean([m[k] for m in per_vol])) for k in per_vol[0]}
     return mean, float(np.median(times)), images
 
@@ -87,6 +95,12 @@ def _evaluate(vols, fn) -> tuple[dict, float, list]:
 def evaluate_model(model, vols) -> tuple[dict, float, list]:
     """(mean metrics, median s/slice, images) of an unrolled model on prepared volumes."""
     return _evaluate(vols, _network(model))
+
+
+def volume_metrics(model, vols) -> list[dict]:
+    """Metrics of an unrolled model per volume (one per contrast), in the order of ``vols``."""
+    images, _ = _predict(vols, _network(model))
+    return _per_volume(vols, images)
 
 
 def tune_lambda(method, vols, grid) -> float:

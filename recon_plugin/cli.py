@@ -165,6 +165,14 @@ def cmd_bench(a) -> int:
         from .pruning.run import pruning_table
 
         pruning_table(Path(a.docs), a.variants or [Path(__file__).parent / "weights"])
+    elif a.what == "select":
+        from .pruning.selection import selection_table
+
+        if not a.variants:
+            raise ValueError("bench select needs --variants (variant files or folders to rank)")
+        for i, r in enumerate(selection_table(Path(a.docs), a.variants)):
+            print(f"{i + 1}. {r['name']}: worst-contrast dPSNR {r['worst_dpsnr']:+.2f} dB, "
+                  f"mean dSSIM {r['mean_dssim']:+.4f}")
     elif a.what == "adaptive":
         from .protocol import load_protocol
         from .pruning.run import adaptive_table
@@ -297,13 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
-    s.add_argument("what", choices=["quality", "speed", "pruning", "adaptive", "adapt"])
+    s.add_argument("what", choices=["quality", "speed", "pruning", "select", "adaptive", "adapt"])
     s.add_argument("--protocol", default="brain_adaptive",
                    help="protocol whose adaptive policy is benchmarked (bench adaptive)")
     s.add_argument("--mode", default="ssdu", help="adaptation mode (bench adapt)")
     s.add_argument("--steps", type=int, default=120, help="adaptation steps (bench adapt)")
     s.add_argument("--variants", action="append", type=Path, default=None,
-                   help="folder(s) of variant models (bench pruning; default: shipped weights)")
+                   help="folder(s) of variant models (bench pruning; default: shipped weights); "
+                   "variant files or folders to rank on validation (bench select)")
     s.add_argument("--docs", default="docs")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     s.set_defaults(fn=cmd_bench)

@@ -427,3 +427,31 @@ def test_target_summary_checks_the_targets_on_the_rows():
     text = "\n".join(target_summary(rows))
     assert "**a**, 1.70x (2.10x at 8 coils) (target 2x: met)" in text
     assert "Least lossy teacher variant at >= 2x: a, 1.70x (2.10x at 8 coils), PSNR -0.20" in text
+
+
+def test_selection_ranks_by_worst_contrast_not_mean():
+    from recon_plugin.pruning.selection import per_contrast_changes, rank
+
+    def vols(psnrs, ssim=0.9):
+        return [{"psnr": p, "ssim": ssim} for p in psnrs]
+
+    ref = {4: vols([30, 30, 30, 30]), 8: vols([27, 27, 27, 27])}
+    # "spiky" has the best mean but loses 3 dB on one contrast; "even" loses 0.5 everywhere
+    cands = {"spiky": {4: vols([32, 32, 32, 27]), 8: vols([29, 29, 29, 24])},
+             "even": {4: vols([29.5] * 4, 0.89), 8: vols([26.5] * 4, 0.89)},
+             "even-better-ssim": {4: vols([29.5] * 4, 0.895), 8: vols([26.5] * 4, 0.895)}}
+    rows = rank(cands, ref)
+    assert [r["name"] for r in rows] == ["even-better-ssim", "even", "spiky"]
+    assert rows[0]["worst_dpsnr"] == -0.5 and rows[2]["worst_dpsnr"] == -3.0
+    assert abs(rows[0]["mean_dssim"] + 0.005) < 1e-9
+    assert rows[2]["psnr"][4] == 30.75
+    with pytest.raises(ValueError, match="3 volumes against 4"):
+        per_contrast_changes({4: vols([30, 30, 30])}, ref)
+
+
+def test_bench_select_without_variants_names_the_problem(tmp_path):
+    from recon_plugin.pruning.selection import selection_table
+
+    with pytest.raises(ValueError, match="no variant"):
+        selection_table(tmp_path / "docs", [tmp_path])
+    assert not (tmp_path / "docs").exists()

@@ -1,0 +1,108 @@
+"""``recon-plugin bench select``: choose a variant to ship on the validation slab only.
+
+Several fine-tuning runs of one method and ratio (different step counts, losses, resumed states)
+swap places from contrast to contrast, so a mean over a few validation batches picks noise. The
+criterion is fixed before comparing: for each candidate, the PSNR change against the parent of
+its *worst* contrast on the whole validation slab, averaged over 4x and 8x; ties broken by the
+mean SSIM change. The test slab is never touched here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..models.checkpoint import load_model, resolve_model
+
+log = logging.getLogger(__name__)
+
+ACCELERATIONS = (4, 8)
+
+
+def per_contrast_changes(cand: dict, ref: dict) -> dict:
+    """Signed per-contrast changes of ``cand`` against ``ref``.
+
+    Both map acceleration -> list of per-volume metric dicts (``psnr``, ``ssim``), one per
+    contrast in the same order. Returns ``{acc: {"dpsnr": [...], "dssim": [...]}}`` (dB, SSIM).
+    """
+    out = {}
+    for acc, vols in cand.items():
+        if len(vols) != len(ref[acc]):
+            raise ValueError(f"{acc}x: {len(vols)} volumes against {len(ref[acc])} for the parent")
+        out[acc] = {f"d{k}": [c[k] - r[k] for c, r in zip(vols, ref[acc])] for k in ("psnr", "ssim")}
+    return out
+
+
+def selection_score(changes: dict) -> tuple[float, float]:
+    """(worst-contrast PSNR change averaged over accelerations, mean SSIM change); higher is
+    better, compared as a tuple."""
+    worst = float(np.mean([min(d["dpsnr"]) for d in changes.values()]))
+    dssim = float(np.mean([np.mean(d["dssim"]) for d in changes.values()]))
+    return worst, dssim
+
+
+def rank(candidates: dict[str, dict], ref: dict) -> list[dict]:
+    """Rows for every candidate (name -> per-acceleration per-volume metrics), best first."""
+    rows = []
+    for name, metrics in candidates.items():
+        ch = per_contrast_changes(metrics, ref)
+        worst, dssim = selection_score(ch)
+        rows.append({"name": name, "worst_dpsnr": worst, "mean_dssim": dssim, "changes": ch,
+                     "psnr": {a: float(np.mean([v["psnr"] for v in m])) for a, m in metrics.items()}})
+    return sorted(rows, key=lambda r: (r["worst_dpsnr"], r["mean_dssim"]), reverse=True)
+
+
+def _volume_metrics(model, vols_by_acc: dict) -> dict:
+    from ..bench import volume_metrics
+
+    return {acc: volume_metrics(model, vols) for acc, vols in vols_by_acc.items()}
+
+
+def selection_table(docs: Path, paths: list[Path], parent: str = "unrolled-base",
+                    n_slices: int = 12, seed: int = 600) -> list[dict]:
+    """Rank variant files (or folders of them) of ``parent`` on the validation slab.
+
+    Writes a section of ``docs/BENCHMARKS.md`` and ``docs/selection_results.json``; returns
+    the ranked rows. ``n_slices`` = 12 is the whole validation slab (``anatomy.SPLITS``).
+    """
+    from ..bench import CONTRASTS, _replace_section, make_volumes
+
+    files = sorted({q for p in map(Path, paths)
+                    for q in (p.glob("*.safetensors") if p.is_dir() else [p])})
+    if not files:
+        raise ValueError(f"no variant (*.safetensors) found in {', '.join(map(str, paths))}")
+    base, card = load_model(resolve_model(parent))
+    vols = {acc: make_volumes("val", acc, n_slices, seed=seed) for acc in ACCELERATIONS}
+    ref = _volume_metrics(base, vols)
+    cands = {}
+    for f in files:
+        m, c = load_model(f)
+        if c.get("parent_sha256") != card.get("sha256"):
+            raise ValueError(f"{f} is not a variant of {parent} (parent hash differs)")
+        cands[str(f)] = _volume_metrics(m, vols)
+        log.info("%s evaluated", f)
+    rows = rank(cands, ref)
+    lines = [
+        "## Variant selection on validation (`recon-plugin bench select`)",
+        "",
+        f"Validation slab only ({n_slices} slices x {len(CONTRASTS)} contrasts, seed {seed}, "
+        "ESPIRiT maps); the test slab is not used. Criterion, fixed before comparing: PSNR "
+        "change against the unpruned parent of the worst contrast, averaged over 4x and 8x "
+        "(ties: mean SSIM change). Best first.",
+        "",
+        "| candidate | worst-contrast dPSNR (mean 4x, 8x) | mean dSSIM | "
+        + " | ".join(f"dPSNR {acc}x ({', '.join(CONTRASTS)})" for acc in ACCELERATIONS) + " |",
+        "|" + "---|" * (3 + len(ACCELERATIONS)),
+    ]
+    for r in rows:
+        per = [", ".join(f"{x:+.2f}" for x in r["changes"][acc]["dpsnr"]) for acc in ACCELERATIONS]
+        lines.append(f"| {r['name']} | {r['worst_dpsnr']:+.2f} | {r['mean_dssim']:+.4f} | "
+                     + " | ".join(per) + " |")
+    docs.mkdir(parents=True, exist_ok=True)
+    _replace_section(docs / "BENCHMARKS.md", "## Variant selection on validation",
+                     "\n".join(lines + [""]))
+    (docs / "selection_results.json").write_text(json.dumps(rows, indent=1))
+    return rows
