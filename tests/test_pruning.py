@@ -365,6 +365,17 @@ def test_adaptive_easy_and_hard_choose_different_variants():
     assert choose_variant({"difficulty": 0.1}, POLICY) == "unrolled-spade-0.5"
 
 
+@pytest.mark.parametrize("acc", [4, 8])
+def test_adaptive_snr_feature_tracks_the_simulated_snr(acc):
+    # the ACS-only level is computed on the ACS block's coarse grid; it must stay on the
+    # simulator's scale at 4x (~15 ACS lines) and 8x (~8 lines) alike
+    for snr in (8, 40):
+        b = make_batch("val", np.random.default_rng(3), 3, acceleration=acc, snr=snr,
+                       matrix=(192, 160), num_coils=8)
+        ratios = [slice_features(b.kspace[i], b.mask[i])["snr"] / snr for i in range(3)]
+        assert all(0.7 < r < 1.1 for r in ratios), (snr, ratios)
+
+
 def test_adaptive_noise_scan():
     rng = np.random.default_rng(0)
     k = np.zeros((4, 32, 32), np.complex64)
