@@ -146,14 +146,12 @@ def make_loss_fn(
                 # student the T2 magnitude (-3 dB against the base)
                 term = term + cascade_weight * cascade_loss(casc[:-1], ref_casc[:-1])
             total = total + w["teacher"] * term
-        if "self" in terms:
-            mc = measurement_consistency(pred, b.kspace, op)
-            ei = equivariance_loss(model, pred, op, rng)
-            total = total + w["self"] * (mc + ei_weight * ei)
-        if "rei" in terms:
-            mc = sure_consistency(model, pred, b.kspace, op, rng)
-            ei = equivariance_loss(model, pred, op, rng)
-            total = total + w["rei"] * (mc + ei_weight * ei)
+        consistency = {"self": lambda: measurement_consistency(pred, b.kspace, op),
+                       "rei": lambda: sure_consistency(model, pred, b.kspace, op, rng)}
+        for t in ("self", "rei"):  # measurement consistency (plain or SURE) + equivariance
+            if t in terms:
+                mc = consistency[t]()
+                total = total + w[t] * (mc + ei_weight * equivariance_loss(model, pred, op, rng))
         if "ssdu" in terms:
             dc, lm = ssdu_split(b.mask, ssdu_rho, batch_acs(b), rng)
             out = model(b.kspace * dc.unsqueeze(1), op.with_mask(dc))
