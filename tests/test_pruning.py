@@ -455,7 +455,7 @@ def test_selection_ranks_by_worst_contrast_not_mean():
     assert [r["name"] for r in rows] == ["even-better-ssim", "even", "spiky"]
     assert rows[0]["worst_dpsnr"] == -0.5 and rows[2]["worst_dpsnr"] == -3.0
     assert abs(rows[0]["mean_dssim"] + 0.005) < 1e-9
-    assert rows[2]["psnr"][4] == 30.75
+    assert rows[2]["psnr"][4] == 30.75 and rows[2]["worst"] == {4: -3.0, 8: -3.0}
     with pytest.raises(ValueError, match="3 volumes against 4"):
         per_contrast_changes({4: vols([30, 30, 30])}, ref)
 
