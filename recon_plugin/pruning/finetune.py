@@ -34,7 +34,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -196,8 +195,10 @@ def make_validator(
     target = validation_target(mode)
     val = validation_set(n_batches, espirit=True)
     if target == "held-out lines":
-        slices = [SimpleNamespace(kspace=b.kspace[i], mask=b.mask[i], maps=b.maps[i],
-                                  acs=batch_acs(b)) for b in val for i in range(len(b.kspace))]
+        from ..adapt import SiteSlice
+
+        slices = [SiteSlice(b.kspace[i], b.mask[i], b.maps[i], batch_acs(b), f"validation {j}.{i}")
+                  for j, b in enumerate(val) for i in range(len(b.kspace))]
         return lambda m: -heldout_error(m, slices)
     ops = [SenseOperator(b.maps, b.mask) for b in val]
     if target == "ground truth":
