@@ -465,4 +465,6 @@ def test_bench_select_without_variants_names_the_problem(tmp_path):
 
     with pytest.raises(ValueError, match="no variant"):
         selection_table(tmp_path / "docs", [tmp_path])
+    with pytest.raises(ValueError, match="not found: .*nope"):
+        selection_table(tmp_path / "docs", [tmp_path / "nope"])
     assert not (tmp_path / "docs").exists()

@@ -71,6 +71,9 @@ def selection_table(docs: Path, paths: list[Path], parent: str = "unrolled-base"
     """
     from ..bench import CONTRASTS, _replace_section, make_volumes
 
+    missing = [str(p) for p in map(Path, paths) if not p.exists()]
+    if missing:
+        raise ValueError(f"candidate variant path(s) not found: {', '.join(missing)}")
     files = sorted({q for p in map(Path, paths)
                     for q in (p.glob("*.safetensors") if p.is_dir() else [p])})
     if not files:
