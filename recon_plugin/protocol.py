@@ -22,7 +22,7 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     dicom: {max_value: 4095, window: null, private_block: true, uid_root: null,
             body_part: BRAIN, laterality: null, institution: null}
     pacs: {targets: ["PACS@10.0.0.5:104"], calling_aet: RECON_PLUGIN, queue_dir: null}
-    adaptive: null                       # free-form mapping, validated by the adaptation code
+    adaptive: null                       # per-slice variant policy (pruning/adaptive.py)
 
 A protocol without ``match`` rules is never chosen automatically (only by name). ``extends``
 deep-merges the file over its base: mappings merge key by key, anything else (lists, scalars,
@@ -291,6 +291,17 @@ def _mapping(v, where, errors):
     return copy.deepcopy(v)
 
 
+def _adaptive(v, where, errors):
+    """The per-slice variant policy (rules in :func:`recon_plugin.pruning.adaptive.validate_policy`)."""
+    from .pruning.adaptive import PolicyError, validate_policy
+
+    try:
+        return validate_policy(v)
+    except PolicyError as e:
+        errors.append(f"{where}: {e}")
+        return {}
+
+
 def _window(v, where, errors):
     """[center, width] in stored units; width > 0."""
     if (not isinstance(v, list) or len(v) != 2
@@ -375,7 +386,7 @@ SCHEMA: dict[str, Any] = {
         "calling_aet": (_str(_AET_RE), False),
         "queue_dir": (_str(), True),
     },
-    "adaptive": (_mapping, True),
+    "adaptive": (_adaptive, True),
 }
 REQUIRED = ("name", "model")
 

@@ -89,7 +89,11 @@ def test_protocol_dirs_include_checkout_and_install_locations(tmp_path, monkeypa
         ("dicom: {uid_root: 'abc'}\n", "dicom.uid_root: expected a UID root"),
         ("dicom: {window: [2000, 0]}\n", "dicom.window: width must be > 0"),
         ("series: null\n", "series: section must be a mapping"),
-        ("adaptive: [1, 2]\n", "adaptive: expected a mapping"),
+        ("adaptive: [1, 2]\n", "adaptive: adaptive policy must be a mapping"),
+        ("adaptive: {variants: [unrolled-lean-0.8, unrolled-base]}\n",
+         "adaptive: adaptive policy variants[0] must be a mapping"),
+        ("adaptive: {variants: [{model: a, max_difficulty: 0.5}, {model: b, max_difficulty: 0.2}]}\n",
+         "must be greater than the previous"),
     ],
 )
 def test_schema_errors_name_file_and_key(tmp_path, body, expected):
@@ -201,7 +205,7 @@ def test_site_overlay_shadows_and_extends_base(tmp_path, monkeypatch):
         model: {variant: unrolled-base-site-a1}
         espirit: {thresh: 0.01}
         coil_compression: null
-        adaptive: {policy: difficulty, variants: [unrolled-spade-0.5, unrolled-base]}
+        adaptive: {variants: [{model: unrolled-spade-0.5, max_difficulty: 0.3}, {model: unrolled-base}]}
         """)
     monkeypatch.setenv(P.ENV_VAR, str(site))
     p = P.load_protocol("brain_t2_axial_4x")
@@ -212,7 +216,7 @@ def test_site_overlay_shadows_and_extends_base(tmp_path, monkeypatch):
     assert p.espirit.thresh == 0.01 and p.espirit.calib_width == 24  # merged, not replaced
     assert p.coil_compression is None
     assert p.match.protocol_name and p.match.acceleration == (3.0, 5.0)  # inherited rules
-    assert p.adaptive["policy"] == "difficulty"
+    assert p.adaptive["variants"][0] == {"model": "unrolled-spade-0.5", "max_difficulty": 0.3}
     assert p.dicom.body_part == "BRAIN"
     assert list_names_once(P.list_protocols())
 

@@ -29,9 +29,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-
-from ..physics import noise_variance
 
 DEFAULT_WEIGHTS = {"acceleration": 0.5, "noise": 0.35, "acs": 0.15}
 # normalisation ranges: effective acceleration, SNR (linear, log-interpolated)
@@ -44,7 +41,7 @@ class PolicyError(ValueError):
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def sampled_lines(kspace: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -94,6 +91,10 @@ def slice_features(kspace, mask=None, noise=None) -> dict[str, float]:
         nz = _np(noise).reshape(coils, -1)
         sigma = float(np.sqrt(np.mean(np.abs(nz) ** 2)))
     else:
+        import torch
+
+        from ..physics import noise_variance
+
         rows = torch.from_numpy(np.broadcast_to(lines[:, None], (ny, nx)).astype(np.float32))
         var = noise_variance(torch.from_numpy(np.asarray(k, np.complex64))[None], rows[None])
         sigma = float(var.mean().sqrt())
