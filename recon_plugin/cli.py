@@ -173,6 +173,17 @@ def cmd_bench(a) -> int:
         for i, r in enumerate(selection_table(Path(a.docs), a.variants)):
             print(f"{i + 1}. {r['name']}: worst-contrast dPSNR {r['worst_dpsnr']:+.2f} dB, "
                   f"mean dSSIM {r['mean_dssim']:+.4f}")
+    elif a.what == "calibrate":
+        import yaml
+
+        from .protocol import load_protocol
+        from .pruning.calibration import calibrate
+
+        policy = load_protocol(a.protocol).adaptive
+        if not policy:
+            raise ValueError(f"protocol {a.protocol} has no adaptive policy")
+        fitted = calibrate(Path(a.docs), policy, a.floor_db)["policy"]
+        print(yaml.safe_dump({"adaptive": fitted}, sort_keys=False), end="")
     elif a.what == "adaptive":
         from .protocol import load_protocol
         from .pruning.run import adaptive_table
@@ -305,9 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
-    s.add_argument("what", choices=["quality", "speed", "pruning", "select", "adaptive", "adapt"])
+    s.add_argument("what", choices=["quality", "speed", "pruning", "select", "calibrate", "adaptive",
+                                     "adapt"])
     s.add_argument("--protocol", default="brain_adaptive",
-                   help="protocol whose adaptive policy is benchmarked (bench adaptive)")
+                   help="protocol whose adaptive policy is benchmarked or calibrated "
+                   "(bench adaptive / calibrate)")
+    s.add_argument("--floor-db", type=float, default=None,
+                   help="quality floor: PSNR the lighter variants may lose against the "
+                   "heaviest (bench calibrate; default: the policy's quality_floor_db)")
     s.add_argument("--mode", default="ssdu", help="adaptation mode (bench adapt)")
     s.add_argument("--steps", type=int, default=120, help="adaptation steps (bench adapt)")
     s.add_argument("--variants", action="append", type=Path, default=None,

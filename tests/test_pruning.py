@@ -468,3 +468,36 @@ def test_bench_select_without_variants_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="not found: .*nope"):
         selection_table(tmp_path / "docs", [tmp_path / "nope"])
     assert not (tmp_path / "docs").exists()
+
+
+def test_calibration_threshold_stops_before_the_first_failing_cell():
+    from recon_plugin.pruning.calibration import calibrated_variants, fit_threshold
+
+    def cell(d, loss):
+        return {"difficulty": list(d), "loss_db": [loss] * len(d)}
+
+    cells = [cell([0.30, 0.34], 0.2), cell([0.08, 0.12], 0.1), cell([0.55, 0.60], 1.5),
+             cell([0.40, 0.45], 0.4)]
+    assert fit_threshold(cells, 0.3) == pytest.approx((0.34 + 0.40) / 2)  # 0.4 dB cell fails
+    assert fit_threshold(cells, 0.5) == pytest.approx((0.45 + 0.55) / 2)
+    assert fit_threshold(cells, 2.0) == 1.0
+    assert fit_threshold(cells, 0.05) == 0.0
+    # overlapping difficulties: every slice of the failing cell goes to the heavier variant
+    over = [cell([0.10, 0.42], 0.1), cell([0.38, 0.50], 0.9)]
+    assert fit_threshold(over, 0.3) == pytest.approx(0.379)
+    pol = {"variants": [{"model": "a", "max_difficulty": 0.1}, {"model": "b", "max_difficulty": 0.2},
+                        {"model": "c"}]}
+    fitted = calibrated_variants(pol, [0.4, 0.3])  # the heavier one would come out lower
+    assert fitted == [{"model": "a", "max_difficulty": 0.4}, {"model": "b", "max_difficulty": 0.401},
+                      {"model": "c"}]
+    validate_policy({"variants": fitted})
+
+
+def test_calibrate_needs_a_floor(tmp_path):
+    from recon_plugin.pruning.calibration import calibrate
+
+    with pytest.raises(ValueError, match="quality floor"):
+        calibrate(tmp_path, POLICY)
+    with pytest.raises(PolicyError, match="quality_floor_db must be a number > 0"):
+        validate_policy({**POLICY, "quality_floor_db": -1})
+    assert validate_policy({**POLICY, "quality_floor_db": 0.5})["quality_floor_db"] == 0.5

@@ -17,6 +17,7 @@ and 1 - ACS fraction). A policy from the protocol YAML lists variants from light
 with a ``max_difficulty`` each (the last is the fallback)::
 
     adaptive:
+      quality_floor_db: 0.5   # optional: what `recon-plugin bench calibrate` fits the thresholds to
       weights: {acceleration: 0.5, noise: 0.35, acs: 0.15}     # optional
       variants:
         - {model: unrolled-spade-0.75, max_difficulty: 0.25}
@@ -161,14 +162,15 @@ def validate_policy(policy) -> dict:
     Rules: ``variants`` is a non-empty list, lightest first; every entry has a non-empty string
     ``model``; every entry but the last has ``max_difficulty`` in [0, 1], strictly increasing;
     the last is the fallback for everything harder (its ``max_difficulty``, if any, must be
-    >= the previous one's). Unknown keys are errors (typos would silently change behaviour).
+    greater than the previous one's). Optional ``quality_floor_db`` > 0 and ``weights``.
+    Unknown keys are errors (typos would silently change behaviour).
     """
     if not isinstance(policy, dict):
         raise PolicyError(f"adaptive policy must be a mapping, got {type(policy).__name__}")
-    unknown = set(policy) - {"variants", "weights"}
+    unknown = set(policy) - {"variants", "weights", "quality_floor_db"}
     if unknown:
         raise PolicyError(f"adaptive policy has unknown keys {sorted(unknown)}; "
-                          "allowed: ['variants', 'weights']")
+                          "allowed: ['quality_floor_db', 'variants', 'weights']")
     variants = policy.get("variants")
     if not isinstance(variants, list) or not variants:
         raise PolicyError("adaptive policy needs a non-empty 'variants' list (lightest first)")
@@ -199,6 +201,12 @@ def validate_policy(policy) -> dict:
             prev = float(thr)
         out.append({"model": model.strip(), "max_difficulty": None if thr is None else float(thr)})
     res: dict = {"variants": out}
+    if "quality_floor_db" in policy:
+        f = policy["quality_floor_db"]
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0:
+            raise PolicyError(f"adaptive quality_floor_db must be a number > 0 (dB of PSNR the "
+                              f"lighter variants may lose against the heaviest), got {f!r}")
+        res["quality_floor_db"] = float(f)
     if "weights" in policy:
         res["weights"] = _check_weights(policy["weights"])
     return res
