@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import CONTRASTS, SHIFT_CONTRASTS, Anatomy, load_anatomy, split_slabs
+from .anatomy import (
+    CONTRASTS,
+    SHIFT_CONTRASTS,
+    Anatomy,
+    foreign_split,
+    load_anatomy,
+    split_slabs,
+)
 from .physics import fft2c, rss
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -264,7 +271,10 @@ def simulate_volume(
     gap = max(slice_thickness_mm, (hi - lo) / max(num_slices, 1))
     centre = anatomy_centre_lps(anatomy, (lo + hi - 1) / 2) + offset_mm * normal
     offsets = (np.arange(num_slices) - (num_slices - 1) / 2) * gap
-    # only axial stacks stay inside one slab; other orientations stack around the slab centre
+    if orientation == "axial":  # an axial stack must not image another split's anatomy
+        _check_axial_stack(anatomy, split, centre, normal, offsets, slice_thickness_mm)
+    # other orientations stack around the slab centre (their planes cross every slab; the
+    # training data blank the other splits instead, see training/data.py)
     slices = []
     noise_sigma = None
     for off in offsets:
@@ -283,6 +293,27 @@ def simulate_volume(
     seq = dict(tr_ms=p["tr"], te_ms=p["te"], ti_ms=p["ti"], flip_deg=p["flip"])
     return SimVolume(slices, contrast, fov_mm, slice_thickness_mm, cov, noise, seq,
                      scanner_protocol_name(contrast, orientation))
+
+
+def _check_axial_stack(anatomy: Anatomy, split: str, centre: np.ndarray, normal: np.ndarray,
+                       offsets: np.ndarray, thickness_mm: float) -> None:
+    """Raise ValueError if any slice of an axial stack (centre + offsets * normal, mm, LPS)
+    with its thickness overlaps the slab of a split other than ``split``."""
+    inv = np.linalg.inv(anatomy.affine)
+    vz = float(np.linalg.norm(anatomy.affine[:3, 2]))  # mm per voxel along z
+    for off in offsets:
+        ras = LPS_FROM_RAS @ (centre + off * normal)  # the diagonal flip is its own inverse
+        z = float((inv @ np.r_[ras, 1.0])[2])
+        half = thickness_mm / 2 / vz
+        other = foreign_split(anatomy, split, z - half, z + half)
+        if other is not None:
+            lo, hi = max(split_slabs(anatomy, split), key=lambda r: r[1] - r[0])
+            cap = int((hi - lo) * vz // thickness_mm)
+            raise ValueError(
+                f"{len(offsets)} axial slices of {thickness_mm:g} mm do not fit in the {split} "
+                f"slab ({(hi - lo) * vz:g} mm): the slice at voxel z {z:.1f} overlaps the "
+                f"{other} slab. Use at most {cap} slices of this thickness (or thinner slices) "
+                "so that no image contains anatomy of another split.")
 
 
 def scanner_protocol_name(contrast: str, orientation: str) -> str:

@@ -98,8 +98,9 @@ def _make_volume_file(d: Path, seed: int, n_slices: int) -> Path:
     from .io.writers import write_fastmri
     from .sim import simulate_volume
 
+    # 1 mm slices: a 16-slice stack of 3 mm would reach into the validation slab
     vol = simulate_volume("test", "T2", n_slices, 16, (320, 320), fov_mm=(220.0, 220.0),
-                          snr=30.0, seed=seed)
+                          snr=30.0, seed=seed, slice_thickness_mm=1.0)
     return write_fastmri(vol, d / f"brain_{seed}.h5", acceleration=4, center_fraction=0.08,
                          oversample_readout=True, seed=seed)
 

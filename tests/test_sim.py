@@ -1,6 +1,6 @@
 """Simulation: splits never overlap, contrasts differ, noise as asked, runs without ../shared."""
-
 import numpy as np
+import pytest
 
 from recon_plugin.anatomy import SPLITS, load_anatomy, phantom_anatomy, split_slabs
 from recon_plugin.physics import ifft2c, rss
@@ -38,3 +38,18 @@ def test_builtin_phantom_without_shared_data():
     a = phantom_anatomy()
     v = simulate_volume("test", "T2", 2, 4, (48, 48), seed=0, anatomy=a)
     assert v.slices[0].target.max() > 0 and a.name == "builtin_phantom"
+
+
+def test_axial_stack_never_reaches_another_split():
+    from recon_plugin.sim import LPS_FROM_RAS
+
+    a = load_anatomy()
+    inv = np.linalg.inv(a.affine)
+    (lo, hi), = split_slabs(a, "val")
+    v = simulate_volume("val", "T2", 4, 2, (24, 20), seed=0, anatomy=a)
+    zs = [(inv @ np.r_[LPS_FROM_RAS @ s.position, 1.0])[2] for s in v.slices]
+    assert all(lo - 0.5 <= z - 1.5 and z + 1.5 <= hi - 0.5 for z in zs), zs
+    with pytest.raises(ValueError, match=r"12 axial slices of 3 mm do not fit in the val slab.*"
+                                         r"overlaps the (train|test) slab.*at most \d+ slices"):
+        simulate_volume("val", "T2", 12, 2, (24, 20), seed=0, anatomy=a)
+    simulate_volume("val", "T2", 12, 2, (24, 20), seed=0, anatomy=a, slice_thickness_mm=1.0)

@@ -63,11 +63,13 @@ def _volume_metrics(model, vols_by_acc: dict) -> dict:
 
 
 def selection_table(docs: Path, paths: list[Path], parent: str = "unrolled-base",
-                    n_slices: int = 12, seed: int = 600) -> list[dict]:
+                    n_slices: int = 4, seed: int = 600) -> list[dict]:
     """Rank variant files (or folders of them) of ``parent`` on the validation slab.
 
     Writes a section of ``docs/BENCHMARKS.md`` and ``docs/selection_results.json``; returns
-    the ranked rows. ``n_slices`` = 12 is the whole validation slab (``anatomy.SPLITS``).
+    the ranked rows. ``n_slices`` = 4 slices of 3 mm span the whole 12 mm validation slab
+    (``anatomy.SPLITS``); more would reach into the training and test slabs, which
+    :func:`~recon_plugin.sim.simulate_volume` refuses.
     """
     from ..bench import CONTRASTS, _replace_section, make_volumes
 
