@@ -207,7 +207,7 @@ class SenseOperator:
         image_t = torch.fft.ifftshift(image, dim=-2).transpose(-1, -2).contiguous()
         k = torch.fft.fft(maps_t * image_t.unsqueeze(-3), dim=-1, norm="ortho")
         coil = torch.fft.ifft(k.mul_(self._rows), dim=-1, norm="ortho")
-        combined = (maps_t_conj * coil).sum(dim=-3).transpose(-1, -2)
+        combined = coil.mul_(maps_t_conj).sum(dim=-3).transpose(-1, -2)
         return torch.fft.fftshift(combined, dim=-2).contiguous()
 
     def with_mask(self, mask: torch.Tensor) -> SenseOperator:

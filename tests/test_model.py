@@ -158,3 +158,12 @@ def test_output_is_zero_outside_the_coil_map_support():
     assert float(out[..., :6, :].abs().max()) == 0.0
     assert float(out[..., 6:, :].abs().min()) > 0.0
     torch.testing.assert_close(cropped.support[0, 6:], torch.ones(26, 28))
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 48), (1, 7, 5), (3, 1, 1)])
+def test_intensity_scale_is_the_99th_percentile(shape):
+    from recon_plugin.models.unrolled import intensity_scale
+
+    x = torch.randn(*shape, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    ref = torch.quantile(x.abs().flatten(1), 0.99, dim=1).view(-1, 1, 1)
+    torch.testing.assert_close(intensity_scale(x), ref, rtol=1e-5, atol=1e-7)
