@@ -162,12 +162,16 @@ def split_of_z(z: float, shape_z: int, template: bool = True) -> str | None:
     return None
 
 
+def _ranges(anatomy: Anatomy) -> dict:
+    """Every split's axial slabs for this anatomy (template or built-in phantom)."""
+    return SPLITS if anatomy.name.startswith("mni") else _phantom_splits(anatomy.shape[2])
+
+
 def foreign_split(anatomy: Anatomy, split: str, z_lo: float, z_hi: float) -> str | None:
     """The first split other than ``split`` whose slab overlaps the axial voxel interval
     [z_lo, z_hi] (continuous voxel z: voxel ``k`` covers [k - 0.5, k + 0.5]); None if none."""
     split_slabs(anatomy, split)  # validates the name
-    ranges = SPLITS if anatomy.name.startswith("mni") else _phantom_splits(anatomy.shape[2])
-    for name, slabs in ranges.items():
+    for name, slabs in _ranges(anatomy).items():
         if name != split and any(z_lo < hi - 0.5 and z_hi > lo - 0.5 for lo, hi in slabs):
             return name
     return None
@@ -175,7 +179,7 @@ def foreign_split(anatomy: Anatomy, split: str, z_lo: float, z_hi: float) -> str
 
 def split_slabs(anatomy: Anatomy, split: str) -> tuple[tuple[int, int], ...]:
     """Axial voxel z ranges [lo, hi) of ``split`` for this anatomy."""
-    ranges = SPLITS if anatomy.name.startswith("mni") else _phantom_splits(anatomy.shape[2])
+    ranges = _ranges(anatomy)
     if split not in ranges:
         raise ValueError(f"unknown split {split!r}; choose from {sorted(ranges)}")
     return ranges[split]

@@ -272,7 +272,8 @@ def simulate_volume(
     centre = anatomy_centre_lps(anatomy, (lo + hi - 1) / 2) + offset_mm * normal
     offsets = (np.arange(num_slices) - (num_slices - 1) / 2) * gap
     if orientation == "axial":  # an axial stack must not image another split's anatomy
-        _check_axial_stack(anatomy, split, centre, normal, offsets, slice_thickness_mm)
+        _check_axial_stack(anatomy, split, (lo, hi), centre, normal, offsets,
+                           slice_thickness_mm)
     # other orientations stack around the slab centre (their planes cross every slab; the
     # training data blank the other splits instead, see training/data.py)
     slices = []
@@ -295,25 +296,26 @@ def simulate_volume(
                      scanner_protocol_name(contrast, orientation))
 
 
-def _check_axial_stack(anatomy: Anatomy, split: str, centre: np.ndarray, normal: np.ndarray,
-                       offsets: np.ndarray, thickness_mm: float) -> None:
+def _check_axial_stack(anatomy: Anatomy, split: str, slab: tuple[int, int], centre: np.ndarray,
+                       normal: np.ndarray, offsets: np.ndarray, thickness_mm: float) -> None:
     """Raise ValueError if any slice of an axial stack (centre + offsets * normal, mm, LPS)
-    with its thickness overlaps the slab of a split other than ``split``."""
+    with its thickness overlaps the slab of a split other than ``split``; ``slab``: the
+    stack's own slab [lo, hi) in voxels, for the message."""
     inv = np.linalg.inv(anatomy.affine)
     vz = float(np.linalg.norm(anatomy.affine[:3, 2]))  # mm per voxel along z
+    half = thickness_mm / 2 / vz
     for off in offsets:
         ras = LPS_FROM_RAS @ (centre + off * normal)  # the diagonal flip is its own inverse
         z = float((inv @ np.r_[ras, 1.0])[2])
-        half = thickness_mm / 2 / vz
         other = foreign_split(anatomy, split, z - half, z + half)
         if other is not None:
-            lo, hi = max(split_slabs(anatomy, split), key=lambda r: r[1] - r[0])
-            cap = int((hi - lo) * vz // thickness_mm)
+            height = (slab[1] - slab[0]) * vz
             raise ValueError(
                 f"{len(offsets)} axial slices of {thickness_mm:g} mm do not fit in the {split} "
-                f"slab ({(hi - lo) * vz:g} mm): the slice at voxel z {z:.1f} overlaps the "
-                f"{other} slab. Use at most {cap} slices of this thickness (or thinner slices) "
-                "so that no image contains anatomy of another split.")
+                f"slab ({height:g} mm): the slice at voxel z {z:.1f} overlaps the "
+                f"{other} slab. Use at most {int(height // thickness_mm)} slices of this "
+                "thickness (or thinner slices) so that no image contains anatomy of another "
+                "split.")
 
 
 def scanner_protocol_name(contrast: str, orientation: str) -> str:

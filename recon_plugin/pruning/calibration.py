@@ -26,15 +26,18 @@ log = logging.getLogger(__name__)
 CELLS = tuple((acc, snr) for acc in (4, 8) for snr in (8.0, 12.0, 20.0, 30.0, 40.0))
 
 
+def _median_difficulty(cell: dict) -> float:
+    return float(np.median(cell["difficulty"]))
+
+
 def fit_threshold(cells: list[dict], floor_db: float) -> float:
     """Threshold in [0, 1] for one variant from ``cells``: each ``{"difficulty": [...],
     "loss_db": [...]}`` per slice (loss = PSNR of the heaviest variant minus this one's).
 
     0.0 when the easiest cell already fails, 1.0 when every cell passes.
     """
-    order = sorted(cells, key=lambda c: float(np.median(c["difficulty"])))
     last_pass = None
-    for c in order:
+    for c in sorted(cells, key=_median_difficulty):
         if float(np.mean(c["loss_db"])) > floor_db:
             if last_pass is None:
                 return 0.0
@@ -104,10 +107,9 @@ def calibrate(docs: Path, policy: dict, floor_db: float | None = None, n_slices:
         "| cell | difficulty | " + " | ".join(f"{n} mean loss (dB)" for n in names[:-1]) + " |",
         "|" + "---|" * (1 + len(names)),
     ]
-    for r in sorted(rows, key=lambda r: float(np.median(r["difficulty"]))):
-        losses = " | ".join(
-            f"{np.mean(r['loss_db'][n]):+.2f} ({'pass' if np.mean(r['loss_db'][n]) <= floor else 'fail'})"
-            for n in names[:-1])
+    for r in sorted(rows, key=_median_difficulty):
+        means = [float(np.mean(r["loss_db"][n])) for n in names[:-1]]
+        losses = " | ".join(f"{m:+.2f} ({'pass' if m <= floor else 'fail'})" for m in means)
         lines.append(f"| {r['acceleration']}x, SNR {r['snr']:g} | {min(r['difficulty']):.2f}-"
                      f"{max(r['difficulty']):.2f} | {losses} |")
     lines += ["", "Fitted: " + ", ".join(f"`{v['model']}` max_difficulty {v['max_difficulty']}"

@@ -36,22 +36,16 @@ def per_contrast_changes(cand: dict, ref: dict) -> dict:
     return out
 
 
-def selection_score(changes: dict) -> tuple[float, float]:
-    """(worst-contrast PSNR change averaged over accelerations, mean SSIM change); higher is
-    better, compared as a tuple."""
-    worst = float(np.mean([min(d["dpsnr"]) for d in changes.values()]))
-    dssim = float(np.mean([np.mean(d["dssim"]) for d in changes.values()]))
-    return worst, dssim
-
-
 def rank(candidates: dict[str, dict], ref: dict) -> list[dict]:
-    """Rows for every candidate (name -> per-acceleration per-volume metrics), best first."""
+    """Rows for every candidate (name -> per-acceleration per-volume metrics), best first:
+    by the worst-contrast PSNR change averaged over accelerations, then the mean SSIM change."""
     rows = []
     for name, metrics in candidates.items():
         ch = per_contrast_changes(metrics, ref)
-        worst, dssim = selection_score(ch)
-        rows.append({"name": name, "worst_dpsnr": worst, "mean_dssim": dssim, "changes": ch,
-                     "worst": {a: min(d["dpsnr"]) for a, d in ch.items()},
+        worst = {a: min(d["dpsnr"]) for a, d in ch.items()}
+        rows.append({"name": name, "worst_dpsnr": float(np.mean(list(worst.values()))),
+                     "mean_dssim": float(np.mean([np.mean(d["dssim"]) for d in ch.values()])),
+                     "changes": ch, "worst": worst,
                      "psnr": {a: float(np.mean([v["psnr"] for v in m])) for a, m in metrics.items()}})
     return sorted(rows, key=lambda r: (r["worst_dpsnr"], r["mean_dssim"]), reverse=True)
 
