@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .runtime import tune_allocator
+
 log = logging.getLogger("recon_plugin")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    tune_allocator()
     try:
         return a.fn(a)
     except (ValueError, LookupError, FileNotFoundError, RuntimeError) as e:

@@ -169,50 +169,97 @@ class SenseOperator:
         self.maps = maps
         self.mask = mask.to(maps.real.dtype)
         self._support: torch.Tensor | None = None
+        # For even ky and kx the centring shifts of fft2c / ifft2c are a checkerboard D =
+        # (-1)^(y + x) on both sides, fft2c(v) = s D fft2(D v) with s = (-1)^((ny + nx) / 2).
+        # D commutes with the maps, so ``forward`` / ``adjoint`` apply it to the one-coil image
+        # and fold s D into the mask (made on first use): plain FFTs, no rolls of the coil
+        # stack (the adjoint at 320x320 x 16 coils: 6.4 -> 4 ms).
+        self._mask_mod: tuple[torch.Tensor, torch.Tensor] | None = None  # (D, s D M)
+        self._rss2: torch.Tensor | None = None  # (batch, ky, kx) sum over coils of |maps|^2
         # Cartesian line sampling (the mask is constant along kx): the readout FFT cancels in
         # A^H A, so ``normal`` needs 1D FFTs along ky only (same result, half the FFT work).
-        # ``normal`` works on (kx, ky)-transposed arrays in FFT order along ky: the maps are
-        # shifted and transposed once, on the first call (an operator used only for
-        # ``forward`` / ``adjoint``, e.g. an SSDU loss mask, never pays for it), so that per
-        # call only the one-coil image is shifted and transposed, and the 1D FFTs run along
-        # the contiguous axis (about 3x faster on CPU than along a strided one).
+        # Along ky, ifft2c(M fft2c(.)) = ifft(M' fft(.)) with M' the mask in FFT order: the
+        # centring shifts are rolls, and rolls commute with the circulant ifft M' fft. Each
+        # image column (one x) is then independent, and columns where every coil map is zero
+        # give zero, so ``normal`` transforms only the columns of the maps' support (70-73 % of
+        # a 320x320 brain slice with cropped ESPIRiT maps), on (x, ky)-transposed arrays so the
+        # 1D FFTs run along the contiguous axis (about 3x faster on CPU than along a strided
+        # one). The transposed maps are made once, on the first call (an operator used only
+        # for ``forward`` / ``adjoint``, e.g. an SSDU loss mask, never pays for it).
         rows = self.mask[..., :1]
         self._rows = None
         if bool((self.mask == rows).all()):
             self._rows = torch.fft.ifftshift(rows, dim=-2).transpose(-1, -2).unsqueeze(-3)
-        self._maps_t: tuple[torch.Tensor, torch.Tensor] | None = None  # (maps, conj maps)
+        # (support columns or None for all, their maps, conj maps); maps (batch, coils, x, ky)
+        self._maps_t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _maps_energy(self) -> torch.Tensor:
+        if self._rss2 is None:
+            self._rss2 = (self.maps.real.square() + self.maps.imag.square()).sum(-3)  # no sqrt
+        return self._rss2
 
     @property
     def support(self) -> torch.Tensor:
         """(batch, ky, kx) 1 where any coil map is non-zero, else 0: the only pixels the data
         constrain (ESPIRiT crops its maps to the object; outside, ``A`` cannot see the image)."""
         if self._support is None:
-            self._support = (self.maps.abs().pow(2).sum(-3) > 1e-6).to(self.maps.real.dtype)
+            self._support = (self._maps_energy() > 1e-6).to(self.maps.real.dtype)
         return self._support
 
+    def _modulation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(D, s D M) for even matrix sizes, else None (see ``__init__``)."""
+        ny, nx = self.maps.shape[-2:]
+        if ny % 2 or nx % 2:
+            return None
+        if self._mask_mod is None:
+            dev = self.maps.device
+            d = (torch.arange(ny, device=dev)[:, None] + torch.arange(nx, device=dev)) % 2
+            d = 1 - 2 * d.to(self.mask.dtype)  # (-1)^(y + x), (ky, kx)
+            sign = -1.0 if (ny // 2 + nx // 2) % 2 else 1.0
+            self._mask_mod = (d, self.mask * (d * sign))
+        return self._mask_mod
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return sense_forward(image, self.maps, self.mask)
+        """A x: image (batch, ky, kx) -> k-space (batch, coils, ky, kx)."""
+        mod = self._modulation()
+        if mod is None:
+            return sense_forward(image, self.maps, self.mask)
+        d, mask = mod
+        coil = self.maps * (image * d).unsqueeze(-3)
+        return torch.fft.fft2(coil, norm="ortho").mul_(mask.unsqueeze(-3))
 
     def adjoint(self, kspace: torch.Tensor) -> torch.Tensor:
-        return sense_adjoint(kspace, self.maps, self.mask)
+        """A^H y: k-space (batch, coils, ky, kx) -> coil-combined image (batch, ky, kx)."""
+        mod = self._modulation()
+        if mod is None:
+            return sense_adjoint(kspace, self.maps, self.mask)
+        d, mask = mod
+        coil = torch.fft.ifft2(mask.unsqueeze(-3) * kspace, norm="ortho")
+        return coil.mul_(self.maps.conj()).sum(dim=-3).mul_(d)
 
     def normal(self, image: torch.Tensor) -> torch.Tensor:
         """A^H A x, (batch, ky, kx) -> (batch, ky, kx)."""
         if self._rows is None:
             return self.adjoint(self.forward(image))
         if self._maps_t is None:
-            maps_t = torch.fft.ifftshift(self.maps, dim=-2).transpose(-1, -2).contiguous()
-            self._maps_t = (maps_t, maps_t.conj().resolve_conj())  # (batch, coils, kx, ky)
-        maps_t, maps_t_conj = self._maps_t
-        image_t = torch.fft.ifftshift(image, dim=-2).transpose(-1, -2).contiguous()
-        k = torch.fft.fft(maps_t * image_t.unsqueeze(-3), dim=-1, norm="ortho")
+            cols = torch.nonzero(self._maps_energy().sum((0, 1)) > 0).flatten()
+            if cols.numel() == self.maps.shape[-1]:
+                cols = None  # full support: no gather / scatter
+            maps_t = self.maps if cols is None else self.maps.index_select(-1, cols)
+            maps_t = maps_t.transpose(-1, -2).contiguous()
+            self._maps_t = (cols, maps_t, maps_t.conj().resolve_conj())
+        cols, maps_t, maps_t_conj = self._maps_t
+        image_t = (image if cols is None else image.index_select(-1, cols)).transpose(-1, -2)
+        k = torch.fft.fft(maps_t * image_t.contiguous().unsqueeze(-3), dim=-1, norm="ortho")
         coil = torch.fft.ifft(k.mul_(self._rows), dim=-1, norm="ortho")
-        combined = coil.mul_(maps_t_conj).sum(dim=-3).transpose(-1, -2)
-        return torch.fft.fftshift(combined, dim=-2).contiguous()
+        combined = coil.mul_(maps_t_conj).sum(dim=-3).transpose(-1, -2)  # (batch, ky, columns)
+        if cols is None:
+            return combined.contiguous()
+        return image.new_zeros(image.shape).index_copy(-1, cols, combined)
 
     def with_mask(self, mask: torch.Tensor) -> SenseOperator:
         """The same maps with another sampling mask (e.g. an SSDU subset); what depends on
         the maps alone (support, transposed maps) is shared, not recomputed."""
         op = SenseOperator(self.maps, mask)
-        op._support, op._maps_t = self._support, self._maps_t
+        op._support, op._maps_t, op._rss2 = self._support, self._maps_t, self._rss2
         return op

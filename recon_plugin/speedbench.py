@@ -73,7 +73,9 @@ def _network_rows() -> list[dict]:
 def _e2e_child(raw: str, out: str, protocol: str, workers: int) -> None:
     """Run in a subprocess: recon one or more files, print a JSON line with timings + RSS."""
     from .batch import run_batch
+    from .runtime import tune_allocator
 
+    tune_allocator()  # as the CLI does
     files = raw.split(os.pathsep)
     t0 = time.perf_counter()
     res = run_batch(files, Path(out), protocol, progress=False, workers=workers)

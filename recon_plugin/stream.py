@@ -46,6 +46,7 @@ from .physics import fft2c
 from .pipeline import METHODS, Reconstructor
 from .preprocess import whitening_matrix
 from .protocol import Protocol, select_protocol
+from .runtime import tune_allocator
 from .scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData
 
 log = logging.getLogger(__name__)
@@ -534,6 +535,7 @@ def shared_engine(**kwargs: Any) -> StreamEngine:
         if "engine" not in _SHARED:
             kwargs.setdefault("device", os.environ.get("RECON_PLUGIN_DEVICE", "cpu"))
             kwargs.setdefault("dicom_out", os.environ.get("RECON_PLUGIN_DICOM_OUT") or None)
+            tune_allocator()  # this process hosts the recon: see recon_plugin.runtime
             _SHARED["engine"] = StreamEngine(**kwargs)
         return _SHARED["engine"]
 

@@ -36,12 +36,14 @@ from .unet import ResCNN, UNet
 def intensity_scale(image: torch.Tensor) -> torch.Tensor:
     """Per-slice robust scale of a complex image (batch, ky, kx): 99th percentile magnitude."""
     mag = image.abs().flatten(1)
-    # torch.quantile's linear interpolation from two selections (no full sort: 6 ms of a
-    # 0.1 s inference at 320x320)
-    pos = 0.99 * (mag.shape[1] - 1)
+    # torch.quantile's linear interpolation between the values of ascending rank lo and lo + 1,
+    # both among the top n - lo (no full sort: 6 ms of a 0.1 s inference at 320x320)
+    n = mag.shape[1]
+    pos = 0.99 * (n - 1)
     lo = int(pos)
-    a = mag.kthvalue(lo + 1, dim=1).values
-    b = mag.kthvalue(min(lo + 2, mag.shape[1]), dim=1).values
+    top = mag.topk(n - lo, dim=1).values  # descending: rank lo is last, lo + 1 next to last
+    a = top[:, -1]
+    b = top[:, max(n - lo - 2, 0)]
     q = a + (b - a) * (pos - lo)
     return torch.clamp(q, min=1e-12).view(-1, 1, 1)
 

@@ -279,8 +279,10 @@ def measure_latency(
 ) -> dict[str, float]:
     """Median CPU seconds per slice ``(coils, H, W)`` for each model, timed side by side.
 
-    Every model is timed in its inference form (BatchNorm folded, as the pipeline runs it).
-    Repeats are interleaved across the models so that background load affects them alike.
+    Every model is timed in its inference form (BatchNorm folded, as the pipeline runs it),
+    with a new SENSE operator per call, as the pipeline makes one per slice (its caches are
+    part of the per-slice cost). Repeats are interleaved across the models so that background
+    load affects them alike.
     """
     ksp, op = random_input(hw, coils)
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -288,11 +290,11 @@ def measure_latency(
     with torch.inference_mode():
         for m in models.values():
             for _ in range(warmup):
-                m(ksp, op)
+                m(ksp, SenseOperator(op.maps, op.mask))
         for _ in range(repeats):
             for name, m in models.items():
                 t = time.perf_counter()
-                m(ksp, op)
+                m(ksp, SenseOperator(op.maps, op.mask))
                 times[name].append(time.perf_counter() - t)
     return {k: float(statistics.median(v)) for k, v in times.items()}
 

@@ -175,7 +175,8 @@ class ChannelGraph:
 
 def _resolve(node, names: dict[nn.Module, str], in_chans: int) -> list[tuple[str, int]]:
     """Walk back from a DependencyGraph node to the producing convs, through 1-input
-    element-wise ops (BN, ReLU, pooling, padding, slicing) and concatenations."""
+    element-wise ops (BN, ReLU, pooling, padding, slicing), element-wise ops whose inputs all
+    carry the same channels, and concatenations."""
     mod = node.module
     if isinstance(mod, CONV_TYPES):
         return [(names[mod], int(mod.out_channels))]
@@ -185,6 +186,10 @@ def _resolve(node, names: dict[nn.Module, str], in_chans: int) -> list[tuple[str
         return [(INPUT, in_chans)]
     if len(node.inputs) == 1:
         return _resolve(node.inputs[0], names, in_chans)
+    # a multi-input element-wise op on phases of one tensor (e.g. max_pool2x2's maximum)
+    segments = [_resolve(inp, names, in_chans) for inp in node.inputs]
+    if all(seg == segments[0] for seg in segments[1:]):
+        return segments[0]
     raise NotImplementedError(f"LEAN: unsupported multi-input operation {node.name}")
 
 
