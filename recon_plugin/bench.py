@@ -178,14 +178,17 @@ def _write_quality_md(path: Path, results: dict, card: dict, n: int, quick: bool
 
 
 def _replace_section(path: Path, heading: str, text: str) -> None:
-    """Replace (or append) the section starting at ``heading`` in a markdown file."""
+    """Replace, where it stands, the section starting at ``heading`` in a markdown file (or
+    append it)."""
     old = path.read_text() if path.is_file() else "# Benchmarks\n\nNumbers measured on this " \
         "project's 2-core CPU machine; each section says the command that reproduces it.\n\n"
-    if heading in old:
-        start = old.index(heading)
-        nxt = old.find("\n## ", start + 1)
-        old = old[:start] + (old[nxt + 1 :] if nxt >= 0 else "")
-    path.write_text(old.rstrip() + "\n\n" + text.strip() + "\n")
+    if heading not in old:
+        path.write_text(old.rstrip() + "\n\n" + text.strip() + "\n")
+        return
+    start = old.index(heading)
+    nxt = old.find("\n## ", start + 1)
+    rest = "\n\n" + old[nxt + 1:].strip() + "\n" if nxt >= 0 else "\n"
+    path.write_text(old[:start] + text.strip() + rest)
 
 
 def _plot_examples(path: Path, examples: dict) -> None:

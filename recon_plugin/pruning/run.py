@@ -177,8 +177,9 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
 def target_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 0.005) -> list[str]:
     """The issue's targets checked on the table rows (first row: the unpruned model), as
     Markdown bullets: fastest teacher variant within the quality bound at 4x and 8x (speed-up
-    at 16 coils, and at 8 coils where a row has ``speedup8``), the least lossy teacher variant at >= 2x, self-supervised against
-    supervised at the same method and ratio, LEAN against SPADE at the nearest FLOPs."""
+    at 16 coils, and at 8 coils where a row has ``speedup8``), the least lossy teacher variant
+    at >= 2x, self-supervised against supervised at the same method and ratio, LEAN against
+    SPADE at the nearest FLOPs."""
     ref, out = rows[0], []
 
     def loss(r, a):
