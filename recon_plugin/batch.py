@@ -133,6 +133,10 @@ _WORKER: dict = {}
 
 
 def _worker_init(device: str, threads: int) -> None:
+    """Entry point of a spawned worker process: tune its allocator as the CLI does."""
+    from .runtime import tune_allocator
+
+    tune_allocator()
     _WORKER["recon"] = Reconstructor(device, threads)
 
 
