@@ -66,17 +66,17 @@ def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]
     """Read raw files (no targets), prewhiten, estimate maps; slices without ACS are skipped."""
     from .coils import CoilMapError
     from .io import read_raw
-    from .preprocess import apply_coil_matrix, whitening_matrix
+    from .preprocess import whiten_and_compress, whitening_matrix
 
     out = []
     for p in paths:
         scan = read_raw(p)
         w = whitening_matrix(scan)
         for sl in scan.slices:
-            k = sl.kspace if w is None else apply_coil_matrix(w, sl.kspace)
+            k, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, w)
             k = (k * sl.mask[None]).astype(np.complex64)
             try:
-                maps = estimate_maps(k, sl.acs, espirit, sl.calib)
+                maps = estimate_maps(k, sl.acs, espirit, calib)
             except CoilMapError as e:
                 log.warning("%s slice %d skipped: %s", p, sl.slice_index, e)
                 continue

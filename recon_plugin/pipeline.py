@@ -27,7 +27,7 @@ from .coils import CoilMapError, EspiritParams, estimate_maps
 from .models.checkpoint import load_inference_model, resolve_model
 from .partial_fourier import homodyne, is_partial_fourier
 from .physics import SenseOperator, center_crop, fft2c, ifft2c
-from .preprocess import apply_coil_matrix, whitening_matrix
+from .preprocess import whiten_and_compress, whitening_matrix
 from .scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,8 @@ class Reconstructor:
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = time.perf_counter()
-        ksp, calib = sl.kspace, sl.calib
-        if whitener is not None:
-            ksp = apply_coil_matrix(whitener, ksp)
-            if calib is not None and calib.shape[0] == whitener.shape[0]:
-                calib = apply_coil_matrix(whitener, calib)
-        if settings.coil_compression and settings.coil_compression < ksp.shape[0]:
-            ksp, calib = compress_coils(ksp, calib, sl.acs, settings.coil_compression)
+        ksp, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, whitener,
+                                         settings.coil_compression)
         mask = sl.mask.astype(np.float32)
         ksp = ksp * mask[None]
         t["preprocess"] += time.perf_counter() - t0
@@ -188,16 +183,6 @@ class Reconstructor:
             out.append(ReconSeries(images, scan.header, prov, series_number=i + 1,
                                    timings_s={**timings, "slice_seconds": slice_seconds}))
         return out
-
-
-def compress_coils(ksp, calib, acs, n_virtual):
-    """SVD coil compression of slice k-space (and its calibration block) to n_virtual coils,
-    fitted on the separate calibration data when present, else on the ACS rows."""
-    from .preprocess import calibration_samples, coil_compression_matrix
-
-    fit = calib.reshape(calib.shape[0], -1) if calib is not None else calibration_samples(ksp, acs)
-    m = coil_compression_matrix(fit, n_virtual)
-    return apply_coil_matrix(m, ksp), (apply_coil_matrix(m, calib) if calib is not None else None)
 
 
 def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:

@@ -1,11 +1,11 @@
 """Raw-data preprocessing shared by every entry point.
 
-* noise prewhitening from noise-adjust scans (``noise_prewhitening_matrix``, ``prewhiten``);
-* readout-oversampling removal / readout crop in the image domain
-  (``remove_readout_oversampling``, ``crop_readout``);
-* SVD coil compression to N virtual coils (``coil_compression_matrix``, ``coil_compress``,
-  ``compress_scan``);
-* the intensity scale the network and its inverse agree on (``normalization_scale``).
+* noise prewhitening from noise-adjust scans (``noise_prewhitening_matrix``,
+  ``whitening_matrix``);
+* readout-oversampling removal / readout crop in the image domain (``crop_readout``);
+* SVD coil compression to N virtual coils (``coil_compression_matrix``);
+* ``whiten_and_compress``: both, on one slice, as batch recon, the stream server and site
+  adaptation run them.
 
 Axis convention: multi-coil k-space is ``(coils, ky, kx)``, centred, orthonormal FFT; noise is
 ``(coils, samples)``.
@@ -13,14 +13,9 @@ Axis convention: multi-coil k-space is ``(coils, ky, kx)``, centred, orthonormal
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-
 import numpy as np
 
 from .scan import RawDataError, RawScan
-
-log = logging.getLogger(__name__)
 
 
 def fft1c(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -59,22 +54,6 @@ def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
         return kspace.astype(np.complex64, copy=False)
     img = ifft1c(kspace, axis)
     return fft1c(_crop_or_pad(img, n_out, axis), axis).astype(np.complex64)
-
-
-def remove_readout_oversampling(
-    kspace: np.ndarray, axis: int = -1, factor: int = 2
-) -> np.ndarray:
-    """Remove ``factor``-fold readout oversampling: (..., n, ...) -> (..., n // factor, ...).
-
-    The FOV along ``axis`` is cropped to its central 1/factor in the image domain; with the
-    orthonormal FFT white noise keeps its per-sample variance.
-    """
-    n = kspace.shape[axis]
-    if factor <= 1:
-        return kspace.astype(np.complex64, copy=False)
-    if n % factor:
-        raise ValueError(f"readout length {n} is not a multiple of the oversampling {factor}")
-    return crop_readout(kspace, n // factor, axis)
 
 
 def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) -> float:
@@ -129,34 +108,6 @@ def whitening_matrix(scan: RawScan) -> np.ndarray | None:
     return noise_prewhitening_matrix(scan.noise, scale)
 
 
-def prewhiten(scan: RawScan) -> RawScan:
-    """Return a copy of ``scan`` with k-space, calibration and noise prewhitened.
-
-    Uses ``scan.noise`` (coils, samples) and the noise / imaging dwell times. A scan without
-    noise is returned unchanged (logged). Sampling masks are unaffected (W mixes coils only).
-    """
-    if scan.noise is None or scan.noise.size == 0:
-        log.info("%s: no noise scan, prewhitening skipped", scan.source or "scan")
-        return scan
-    ncoil = scan.noise.shape[0]
-    scale = noise_dwell_scale(scan.noise_dwell_time_us, scan.acq_dwell_time_us)
-    w = whitening_matrix(scan)
-    slices = []
-    for s in scan.slices:
-        if s.num_coils != ncoil:
-            raise RawDataError(
-                f"{scan.source or 'scan'}: noise scan has {ncoil} coils but slice "
-                f"{s.slice_index} has {s.num_coils}"
-            )
-        calib = s.calib
-        if calib is not None and calib.shape[0] == ncoil:
-            calib = apply_coil_matrix(w, calib)
-        slices.append(dataclasses.replace(s, kspace=apply_coil_matrix(w, s.kspace), calib=calib))
-    # the whitened noise scan is white at the noise-scan bandwidth: rescale to imaging bandwidth
-    noise = apply_coil_matrix(w, scan.noise) * np.float32(np.sqrt(scale))
-    return dataclasses.replace(scan, slices=slices, noise=noise)
-
-
 def coil_compression_matrix(calib: np.ndarray, n_virtual: int) -> np.ndarray:
     """SVD coil compression matrix (n_virtual, coils) from calibration data (coils, ...).
 
@@ -176,44 +127,35 @@ def calibration_samples(kspace: np.ndarray, acs: tuple[int, int] | None) -> np.n
     return kspace[:, nz]
 
 
-def coil_compress(
+def whiten_and_compress(
     kspace: np.ndarray,
-    n_virtual: int,
-    acs: tuple[int, int] | None = None,
-    matrix: np.ndarray | None = None,
-) -> np.ndarray:
-    """SVD-compress k-space (coils, ky, kx) -> (n_virtual, ky, kx).
+    calib: np.ndarray | None,
+    acs: tuple[int, int] | None,
+    whitener: np.ndarray | None = None,
+    n_virtual: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Prewhiten and SVD-compress one slice: k-space (coils, ky, kx) and its separate
+    calibration block (coils, ...) or None -> the same at ``n_virtual`` coils, complex64.
 
-    The compression matrix is fitted on the ACS rows ``acs`` = (start, stop) when given, else on
-    all acquired samples; pass ``matrix`` (n_virtual, coils) to reuse one across slices.
-    Unsampled (zero) positions stay zero.
+    ``whitener`` (coils, coils) from :func:`whitening_matrix` (None: data already white). The
+    compression is fitted on the (whitened) calibration block when present, else on the ACS
+    rows ``acs`` = (start, stop), else on every acquired sample; unsampled (zero) positions
+    stay zero. ``n_virtual`` None or >= coils: no compression. Raises RawDataError when the
+    whitener's coil count is not the data's.
     """
-    if matrix is None:
-        matrix = coil_compression_matrix(calibration_samples(kspace, acs), n_virtual)
-    return apply_coil_matrix(matrix, kspace)
-
-
-def compress_scan(scan: RawScan, n_virtual: int) -> RawScan:
-    """Compress every slice of a scan with one matrix fitted on all slices' calibration data.
-
-    One matrix keeps the virtual coils consistent across slices. Run after ``prewhiten``.
-    Separate calibration data with the same coil count and the noise are compressed too.
-    """
-    if not scan.slices or n_virtual >= scan.slices[0].num_coils:
-        return scan
-    samples = [
-        s.calib.reshape(s.num_coils, -1) if s.calib is not None and s.calib.shape[0] == s.num_coils
-        else calibration_samples(s.kspace, s.acs)
-        for s in scan.slices
-    ]
-    matrix = coil_compression_matrix(np.concatenate(samples, axis=1), n_virtual)
-    slices = []
-    for s in scan.slices:
-        calib = s.calib
-        if calib is not None and calib.shape[0] == s.num_coils:
-            calib = apply_coil_matrix(matrix, calib)
-        slices.append(
-            dataclasses.replace(s, kspace=apply_coil_matrix(matrix, s.kspace), calib=calib)
-        )
-    noise = apply_coil_matrix(matrix, scan.noise) if scan.noise is not None else None
-    return dataclasses.replace(scan, slices=slices, noise=noise)
+    ncoil = kspace.shape[0]
+    if whitener is not None:
+        if whitener.shape[1] != ncoil:
+            raise RawDataError(f"the noise scan has {whitener.shape[1]} coils but the imaging "
+                               f"data has {ncoil}: they are not from the same coil setup")
+        kspace = apply_coil_matrix(whitener, kspace)
+        if calib is not None and calib.shape[0] == ncoil:
+            calib = apply_coil_matrix(whitener, calib)
+    if n_virtual and n_virtual < ncoil:
+        fit = (calib.reshape(ncoil, -1) if calib is not None and calib.shape[0] == ncoil
+               else calibration_samples(kspace, acs))
+        m = coil_compression_matrix(fit, n_virtual)
+        kspace = apply_coil_matrix(m, kspace)
+        calib = apply_coil_matrix(m, calib) if calib is not None and calib.shape[0] == ncoil \
+            else calib
+    return kspace.astype(np.complex64, copy=False), calib

@@ -213,3 +213,23 @@ def test_batch_goes_on(tmp_path, fastmri_file, ismrmrd_file):
     results = list(iter_raw([fastmri_file, junk, ismrmrd_file]))
     assert [type(r).__name__ for _, r in results] == ["RawScan", "RawDataError", "RawScan"]
     assert str(junk) in str(results[1][1])
+
+
+def test_noise_scan_from_another_coil_setup_fails_that_file_clearly(tmp_path, ismrmrd_file):
+    from recon_plugin.batch import run_batch
+
+    with ismrmrd.File(str(ismrmrd_file), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)
+    noise = acqs[0]
+    assert noise.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    acqs[0] = ismrmrd.Acquisition.from_array(np.ones((3, noise.number_of_samples), np.complex64),
+                                             idx=noise.idx, center_sample=noise.center_sample)
+    acqs[0].set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    path = tmp_path / "noise3.h5"
+    with ismrmrd.File(str(path), "w") as f:
+        f["dataset"].header = ismrmrd.xsd.CreateFromDocument(xml)
+        f["dataset"].acquisitions = acqs
+    (res,) = run_batch([path], tmp_path / "out", None, progress=False)
+    assert not res.ok and "noise scan has 3 coils but the imaging data has 2" in res.error
+    assert not list((tmp_path / "out").rglob("*.dcm"))

@@ -7,17 +7,15 @@ import pytest
 
 from recon_plugin.physics import fft2c, ifft2c, rss
 from recon_plugin.preprocess import (
-    coil_compress,
     coil_compression_matrix,
-    compress_scan,
     crop_readout,
     noise_covariance,
     noise_dwell_scale,
     noise_prewhitening_matrix,
-    prewhiten,
-    remove_readout_oversampling,
+    whiten_and_compress,
+    whitening_matrix,
 )
-from recon_plugin.scan import Geometry, RawScan, ScanHeader, SliceData
+from recon_plugin.scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData
 
 
 def _noise(cov: np.ndarray, n: int, rng) -> np.ndarray:
@@ -44,14 +42,12 @@ def test_readout_oversampling_removal_roundtrip():
     img = np.zeros((3, 16, 64), np.complex64)
     img[:, :, 16:48] = rng.normal(size=(3, 16, 32)) + 1j * rng.normal(size=(3, 16, 32))
     k_os = fft2c(img)  # object inside the central half of the 2x readout FOV
-    k = remove_readout_oversampling(k_os, axis=-1)
+    k = crop_readout(k_os, 32, axis=-1)
     assert k.shape == (3, 16, 32) and k.dtype == np.complex64
     np.testing.assert_allclose(ifft2c(k), img[:, :, 16:48], atol=1e-5)
     np.testing.assert_allclose(crop_readout(k, 64, axis=-1), k_os, atol=1e-5)
-    with pytest.raises(ValueError):
-        remove_readout_oversampling(np.zeros((2, 4, 33), np.complex64))
     # other axis: (coils, readout, phase) as in fastMRI files
-    k2 = remove_readout_oversampling(np.swapaxes(k_os, -1, -2), axis=-2)
+    k2 = crop_readout(np.swapaxes(k_os, -1, -2), 32, axis=-2)
     np.testing.assert_allclose(np.swapaxes(k2, -1, -2), k, atol=1e-5)
 
 
@@ -65,7 +61,7 @@ def test_prewhitening_matrix_makes_noise_covariance_identity():
     np.testing.assert_allclose(w @ cov @ w.conj().T, np.eye(6), atol=0.05)
 
 
-def test_prewhiten_scan_with_bandwidth_scale():
+def test_whitening_with_bandwidth_scale_whitens_data_and_calibration():
     rng = np.random.default_rng(2)
     cov = _cov(4, rng)
     noise_scan = _noise(cov, 20000, rng)
@@ -74,17 +70,18 @@ def test_prewhiten_scan_with_bandwidth_scale():
     data_noise = _noise(2 * cov, 32 * 32, rng).reshape(4, 32, 32)
     scan = _scan(data_noise, noise_scan)
     scan.noise_dwell_time_us, scan.acq_dwell_time_us = 10.0, 5.0
-    out = prewhiten(scan)
-    got = noise_covariance(out.slices[0].kspace.reshape(4, -1))
-    np.testing.assert_allclose(got, np.eye(4), atol=0.15)
-    np.testing.assert_allclose(noise_covariance(out.noise), np.eye(4), atol=1e-4)
-    assert out.slices[0].mask is scan.slices[0].mask
+    calib = _noise(2 * cov, 24 * 32, rng).reshape(4, 24, 32)
+    k, c = whiten_and_compress(data_noise, calib, None, whitening_matrix(scan))
+    np.testing.assert_allclose(noise_covariance(k.reshape(4, -1)), np.eye(4), atol=0.15)
+    np.testing.assert_allclose(noise_covariance(c.reshape(4, -1)), np.eye(4), atol=0.15)
+    assert whitening_matrix(_scan(data_noise, None)) is None
 
 
-def test_prewhiten_without_noise_is_identity():
-    k = np.ones((2, 8, 8), np.complex64)
-    scan = _scan(k, None)
-    assert prewhiten(scan) is scan
+def test_whitener_of_another_coil_setup_is_refused():
+    rng = np.random.default_rng(5)
+    w = noise_prewhitening_matrix(_noise(np.eye(6), 1000, rng))
+    with pytest.raises(RawDataError, match="noise scan has 6 coils but the imaging data has 4"):
+        whiten_and_compress(np.ones((4, 8, 8), np.complex64), None, None, w)
 
 
 def test_coil_compression_keeps_energy():
@@ -94,10 +91,10 @@ def test_coil_compression_keeps_energy():
     k = np.einsum("cv,vyx->cyx", mix, virt).astype(np.complex64)  # rank-3 8-coil data
     k += 1e-3 * (rng.normal(size=k.shape) + 1j * rng.normal(size=k.shape))
     energy = np.linalg.norm(k) ** 2
-    k3 = coil_compress(k, 3, acs=(8, 16))
+    k3, _ = whiten_and_compress(k, None, (8, 16), n_virtual=3)
     assert k3.shape == (3, 24, 24)
     assert np.linalg.norm(k3) ** 2 > 0.999 * energy
-    k8 = coil_compress(k, 8)
+    k8, _ = whiten_and_compress(k, None, None, n_virtual=8)
     assert np.linalg.norm(k8) ** 2 == pytest.approx(energy, rel=1e-5)
     # the RSS image is preserved by a unitary (full) compression
     np.testing.assert_allclose(rss(ifft2c(k8)), rss(ifft2c(k)), rtol=1e-3, atol=1e-4)
@@ -106,19 +103,11 @@ def test_coil_compression_keeps_energy():
     # unsampled (zero) positions stay zero
     km = k.copy()
     km[:, ::2] = 0
-    assert not coil_compress(km, 3)[:, ::2].any()
-
-
-def test_compress_scan_uses_one_matrix():
-    rng = np.random.default_rng(4)
-    k = (rng.normal(size=(6, 16, 16)) + 1j * rng.normal(size=(6, 16, 16))).astype(np.complex64)
-    scan = _scan(k, _noise(np.eye(6), 100, rng))
-    scan.slices.append(SliceData(k * 2, scan.slices[0].mask, Geometry.default(), slice_index=1))
-    out = compress_scan(scan, 2)
-    assert out.slices[0].kspace.shape == (2, 16, 16) and out.noise.shape == (2, 100)
-    np.testing.assert_allclose(out.slices[1].kspace, 2 * out.slices[0].kspace, rtol=1e-4,
-                               atol=1e-5)
-    assert compress_scan(scan, 8) is scan
+    assert not whiten_and_compress(km, None, None, n_virtual=3)[0][:, ::2].any()
+    # a separate calibration block is what the compression is fitted on, and is compressed too
+    kc, calib = whiten_and_compress(k, k[:, 8:16], None, n_virtual=3)
+    np.testing.assert_allclose(kc, np.einsum("vc,cyx->vyx", a, k), atol=1e-4)
+    assert calib.shape == (3, 8, 24)
 
 
 def test_whitening_matrix_of_a_scan_uses_the_dwell_time_ratio():
