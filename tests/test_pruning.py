@@ -501,3 +501,19 @@ def test_calibrate_needs_a_floor(tmp_path):
     with pytest.raises(PolicyError, match="quality_floor_db must be a number > 0"):
         validate_policy({**POLICY, "quality_floor_db": -1})
     assert validate_policy({**POLICY, "quality_floor_db": 0.5})["quality_floor_db"] == 0.5
+
+
+def test_latency_is_timed_on_the_given_slice_for_every_model():
+    """``measure_latency`` times each model on the given (k-space, maps, mask) slice, and a
+    model that does more work takes longer (side by side, median of interleaved repeats)."""
+    from recon_plugin.pruning.finetune import measure_latency, random_input
+
+    ksp, op = random_input((64, 48), 4)
+    maps = op.maps.clone()
+    maps[..., :12] = 0  # cropped maps, as ESPIRiT's
+    small = UnrolledNet(num_cascades=1, chans=4).eval()
+    large = UnrolledNet(num_cascades=6, chans=16).eval()
+    lat = measure_latency({"small": small, "large": large}, repeats=5,
+                          sample=(ksp, maps, op.mask))
+    assert set(lat) == {"small", "large"} and all(v > 0 for v in lat.values())
+    assert lat["large"] > 2 * lat["small"]

@@ -276,15 +276,21 @@ def random_input(hw: tuple[int, int], coils: int, seed: int = 0, every: int = 4)
 def measure_latency(
     models: dict[str, nn.Module], hw: tuple[int, int] = (256, 256), coils: int = 16,
     repeats: int = 5, warmup: int = 1,
+    sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Median CPU seconds per slice ``(coils, H, W)`` for each model, timed side by side.
 
-    Every model is timed in its inference form (BatchNorm folded, as the pipeline runs it),
-    with a new SENSE operator per call, as the pipeline makes one per slice (its caches are
-    part of the per-slice cost). Repeats are interleaved across the models so that background
-    load affects them alike.
+    The input is :func:`random_input` (random maps: full support, the operator's worst case)
+    unless ``sample`` = (k-space (1, coils, H, W), maps (1, coils, H, W), mask (1, H, W)) gives
+    a real slice. Every model is timed in its inference form (BatchNorm folded, as the
+    pipeline runs it), with a new SENSE operator per call, as the pipeline makes one per slice
+    (its caches are part of the per-slice cost). Repeats are interleaved across the models so
+    that background load affects them alike.
     """
-    ksp, op = random_input(hw, coils)
+    if sample is None:
+        ksp, op = random_input(hw, coils)
+    else:
+        ksp, op = sample[0], SenseOperator(sample[1], sample[2])
     times: dict[str, list[float]] = {k: [] for k in models}
     models = {k: m if is_inference_only(m) else fold_batchnorm(m) for k, m in models.items()}
     with torch.inference_mode():
