@@ -487,10 +487,13 @@ def test_calibration_threshold_stops_before_the_first_failing_cell():
     assert fit_threshold(over, 0.3) == pytest.approx(0.379)
     pol = {"variants": [{"model": "a", "max_difficulty": 0.1}, {"model": "b", "max_difficulty": 0.2},
                         {"model": "c"}]}
-    fitted = calibrated_variants(pol, [0.4, 0.3])  # the heavier one would come out lower
-    assert fitted == [{"model": "a", "max_difficulty": 0.4}, {"model": "b", "max_difficulty": 0.401},
-                      {"model": "c"}]
+    fitted = calibrated_variants(pol, [0.4, 0.3])  # b would take no slice that a does not
+    assert fitted == [{"model": "a", "max_difficulty": 0.4}, {"model": "c"}]
     validate_policy({"variants": fitted})
+    assert calibrated_variants(pol, [0.0, 0.3]) == [{"model": "b", "max_difficulty": 0.3},
+                                                    {"model": "c"}]
+    assert calibrated_variants(pol, [0.0, 0.0]) == [{"model": "c"}]  # everything to the heaviest
+    validate_policy({"variants": calibrated_variants(pol, [0.0, 0.0])})
 
 
 def test_calibrate_needs_a_floor(tmp_path):

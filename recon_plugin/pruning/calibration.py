@@ -49,11 +49,17 @@ def fit_threshold(cells: list[dict], floor_db: float) -> float:
 
 
 def calibrated_variants(policy: dict, thresholds: list[float]) -> list[dict]:
-    """The policy's variants with fitted thresholds (lightest first), made strictly increasing
-    as :func:`validate_policy` requires (a heavier variant never gets a lower threshold)."""
-    out, prev = [], -1.0
+    """The policy's variants with fitted thresholds (lightest first), without the lighter
+    variants that no slice would reach: a fitted 0.0 (its easiest cell already fails) or a
+    threshold not above a lighter variant's (which takes every slice it would cover). The
+    result is strictly increasing, as :func:`validate_policy` requires; the heaviest variant
+    always stays."""
+    out, prev = [], 0.0
     for v, t in zip(policy["variants"][:-1], thresholds):
-        t = round(max(t, prev + 1e-3), 3)
+        t = round(t, 3)
+        if t <= prev:
+            log.info("%s: never chosen at this floor (threshold %.3f), left out", v["model"], t)
+            continue
         out.append({"model": v["model"], "max_difficulty": t})
         prev = t
     out.append({"model": policy["variants"][-1]["model"]})
@@ -112,8 +118,10 @@ def calibrate(docs: Path, policy: dict, floor_db: float | None = None, n_slices:
         losses = " | ".join(f"{m:+.2f} ({'pass' if m <= floor else 'fail'})" for m in means)
         lines.append(f"| {r['acceleration']}x, SNR {r['snr']:g} | {min(r['difficulty']):.2f}-"
                      f"{max(r['difficulty']):.2f} | {losses} |")
-    lines += ["", "Fitted: " + ", ".join(f"`{v['model']}` max_difficulty {v['max_difficulty']}"
-                                         for v in fitted["variants"][:-1]) + ".", ""]
+    kept = {v["model"]: v.get("max_difficulty") for v in fitted["variants"][:-1]}
+    lines += ["", "Fitted: " + ", ".join(
+        f"`{n}` max_difficulty {kept[n]}" if n in kept else f"`{n}` never chosen (left out)"
+        for n in names[:-1]) + f"; `{names[-1]}` for the rest.", ""]
     docs.mkdir(parents=True, exist_ok=True)
     _replace_section(docs / "BENCHMARKS.md", "## Adaptive threshold calibration", "\n".join(lines))
     return {"policy": fitted, "cells": rows}
