@@ -36,12 +36,15 @@ class BenchSlice:
 
 
 def make_volumes(split: str, acc: int, n_slices: int, seed: int, coils: int = 12,
-                 matrix=(192, 160), snr: float = 30.0) -> list[list[BenchSlice]]:
-    """One volume per contrast of ``split``: undersampled slices with ESPIRiT maps."""
+                 matrix=(192, 160), snr: float = 30.0,
+                 contrasts: tuple[str, ...] = CONTRASTS) -> list[list[BenchSlice]]:
+    """One volume per contrast of ``split``: undersampled slices with ESPIRiT maps. A contrast's
+    volume depends on its place in :data:`CONTRASTS`, not on which others are asked for."""
     from .sim import simulate_volume
 
     vols = []
-    for i, contrast in enumerate(CONTRASTS):
+    for contrast in contrasts:
+        i = CONTRASTS.index(contrast)
         vol = simulate_volume(split, contrast, n_slices, coils, matrix, snr=snr, seed=seed + i)
         rng = np.random.default_rng(seed + 100 + i)
         out = []

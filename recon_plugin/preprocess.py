@@ -144,18 +144,18 @@ def whiten_and_compress(
     whitener's coil count is not the data's.
     """
     ncoil = kspace.shape[0]
+    same_coils = calib is not None and calib.shape[0] == ncoil  # else calib is left as it is
     if whitener is not None:
         if whitener.shape[1] != ncoil:
             raise RawDataError(f"the noise scan has {whitener.shape[1]} coils but the imaging "
                                f"data has {ncoil}: they are not from the same coil setup")
         kspace = apply_coil_matrix(whitener, kspace)
-        if calib is not None and calib.shape[0] == ncoil:
+        if same_coils:
             calib = apply_coil_matrix(whitener, calib)
     if n_virtual and n_virtual < ncoil:
-        fit = (calib.reshape(ncoil, -1) if calib is not None and calib.shape[0] == ncoil
-               else calibration_samples(kspace, acs))
+        fit = calib.reshape(ncoil, -1) if same_coils else calibration_samples(kspace, acs)
         m = coil_compression_matrix(fit, n_virtual)
         kspace = apply_coil_matrix(m, kspace)
-        calib = apply_coil_matrix(m, calib) if calib is not None and calib.shape[0] == ncoil \
-            else calib
+        if same_coils:
+            calib = apply_coil_matrix(m, calib)
     return kspace.astype(np.complex64, copy=False), calib
