@@ -5,10 +5,10 @@ Install recon_plugin into the server's environment, put this file on its ``PYTHO
 it next to the server's modules) and select it with the config name ``fire_module``. The
 protocol comes from the JSON config (``{"parameters": {"protocol": "brain_t2_axial_4x"}}``, also
 ``method``, ``model``, ``image_dtype``), otherwise from header matching. Acquisitions go through
-:meth:`recon_plugin.stream.StreamEngine.run` -- the same code as ``recon-plugin serve`` -- and one
+:meth:`recon_plugin.stream.engine.StreamEngine.run` -- the same code as ``recon-plugin serve`` -- and one
 image per slice is sent back with ``connection.send_image`` as soon as the slice is complete;
 the connection is closed with ``connection.send_close``. The model is loaded once per process
-(:func:`recon_plugin.stream.shared_engine`; ``$RECON_PLUGIN_DEVICE``, ``$RECON_PLUGIN_DICOM_OUT``).
+(:func:`recon_plugin.stream.engine.shared_engine`; ``$RECON_PLUGIN_DEVICE``, ``$RECON_PLUGIN_DICOM_OUT``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import ismrmrd
 
-from recon_plugin.stream import StreamOptions, header_text, shared_engine
+from recon_plugin.stream.engine import StreamOptions, header_text, shared_engine
 
 log = logging.getLogger("recon_plugin.fire")
 

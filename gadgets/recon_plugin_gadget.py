@@ -7,7 +7,7 @@ into its interpreter). Passive mode (debugging): ``python recon_plugin_gadget.py
 and a ``<connect port="18000"/>`` node.
 
 The node consumes acquisitions (anything else passes through to the next node), reconstructs
-each slice with :meth:`recon_plugin.stream.StreamEngine.run` -- the same code as ``recon-plugin
+each slice with :meth:`recon_plugin.stream.engine.StreamEngine.run` -- the same code as ``recon-plugin
 serve`` -- and sends one ``ismrmrd.Image`` per slice back as soon as the slice is complete.
 Options come from the node's ``<configuration>``: ``<property name="protocol" value="..."/>``
 (also ``method``, ``model``, ``image_dtype``; "auto" or none = match the header).
@@ -19,7 +19,7 @@ import argparse
 import logging
 from typing import Any
 
-from recon_plugin.stream import StreamOptions, header_text, shared_engine, xml_params
+from recon_plugin.stream.engine import StreamOptions, header_text, shared_engine, xml_params
 
 log = logging.getLogger("recon_plugin.gadgetron")
 

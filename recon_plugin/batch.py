@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .fileio import write_text_atomic
-from .pipeline import Reconstructor, write_outputs
+from .output.atomic import write_text_atomic
+from .recon.pipeline import Reconstructor, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def deliver(written: list[Path], protocol, send: str | None, out_dir: Path) -> i
     files = [p for p in written if Path(p).suffix == ".dcm"]
     if not targets or not files:
         return 0
-    from .pacs import send_or_enqueue
+    from .output.pacs import send_or_enqueue
 
     qdir = Path(protocol.pacs.queue_dir) if protocol.pacs.queue_dir else out_dir / ".pacs-queue"
     queued = 0
@@ -99,8 +99,8 @@ def recon_file(
     ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
     network / classical, output, and ``slices``.
     """
+    from .config.protocol import select_protocol
     from .io import read_raw
-    from .protocol import select_protocol
 
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def run_batch(
     """
     files = gather_inputs(inputs)
     if protocol:
-        from .protocol import load_protocol
+        from .config.protocol import load_protocol
 
         load_protocol(protocol, protocol_dirs)  # a bad explicit protocol is a configuration error: fail early
     out_dir = Path(out_dir)

@@ -38,8 +38,8 @@ def _matrix(text: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_simulate(a) -> int:
-    from .io.writers import write_fastmri, write_ismrmrd
     from .sim import simulate_volume
+    from .sim.writers import write_fastmri, write_ismrmrd
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def cmd_recon(a) -> int:
 
 
 def cmd_send(a) -> int:
-    from .pacs import drain
+    from .output.pacs import drain
 
     sent, failed = drain(Path(a.queue))
     print(f"sent {sent}, still queued {failed}")
@@ -97,8 +97,8 @@ def cmd_send(a) -> int:
 
 def cmd_demo(a) -> int:
     from .batch import run_batch
-    from .io.writers import write_ismrmrd
     from .sim import simulate_volume
+    from .sim.writers import write_ismrmrd
 
     out = Path(a.out)
     raw_dir = out / "raw"
@@ -128,7 +128,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_adapt(a) -> int:
-    from .adapt import adapt
+    from .adaptation.site import adapt
 
     rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
                 seed=a.seed, device=a.device, name=a.name, time_budget_s=a.time_budget)
@@ -161,51 +161,23 @@ def cmd_prune(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from . import bench
+    """Hand the arguments to ``benchmarks/`` (a source checkout's folder beside the package; not
+    installed with it), imported only here and by name, so the package never depends on it."""
+    import importlib
 
-    if a.what == "pruning":
-        from .pruning.run import pruning_table
-
-        pruning_table(Path(a.docs), a.variants or [Path(__file__).parent / "weights"])
-    elif a.what == "select":
-        from .pruning.selection import selection_table
-
-        if not a.variants:
-            raise ValueError("bench select needs --variants (variant files or folders to rank)")
-        for i, r in enumerate(selection_table(Path(a.docs), a.variants)):
-            print(f"{i + 1}. {r['name']}: worst-contrast dPSNR {r['worst_dpsnr']:+.2f} dB, "
-                  f"mean dSSIM {r['mean_dssim']:+.4f}")
-    elif a.what == "calibrate":
-        import yaml
-
-        from .protocol import load_protocol
-        from .pruning.calibration import calibrate
-
-        policy = load_protocol(a.protocol).adaptive
-        if not policy:
-            raise ValueError(f"protocol {a.protocol} has no adaptive policy")
-        fitted = calibrate(Path(a.docs), policy, a.floor_db)["policy"]
-        print(yaml.safe_dump({"adaptive": fitted}, sort_keys=False), end="")
-    elif a.what == "adaptive":
-        from .protocol import load_protocol
-        from .pruning.run import adaptive_table
-
-        policy = load_protocol(a.protocol).adaptive
-        if not policy:
-            raise ValueError(f"protocol {a.protocol} has no adaptive policy")
-        adaptive_table(Path(a.docs), policy)
-    elif a.what == "adapt":
-        from .adapt_bench import run
-
-        out = run(Path(a.docs), steps=a.steps, mode=a.mode)
-        print(f"fraction of the supervised gap recovered: {out['recovered']:.2f}")
-    else:
-        {"quality": bench.quality, "speed": bench.speed}[a.what](Path(a.docs), quick=a.quick)
-    return EXIT_OK
+    root = Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "cli.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        bench_cli = importlib.import_module("benchmarks.cli")
+    except ModuleNotFoundError as e:
+        raise RuntimeError("the benchmarks are not installed with the package: run "
+                           "`recon-plugin bench` from a source checkout") from e
+    return bench_cli.run(bench_cli.build_parser("recon-plugin bench").parse_args(a.bench_args))
 
 
 def cmd_serve(a) -> int:
-    from .server import serve
+    from .stream.server import serve
 
     try:
         serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
@@ -317,23 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", required=True, help="variant path without suffix")
     s.set_defaults(fn=cmd_prune)
 
-    s = sub.add_parser("bench", help="benchmarks: write tables/plots to docs/")
-    s.add_argument("what", choices=["quality", "speed", "pruning", "select", "calibrate", "adaptive",
-                                     "adapt"])
-    s.add_argument("--protocol", default="brain_adaptive",
-                   help="protocol whose adaptive policy is benchmarked or calibrated "
-                   "(bench adaptive / calibrate)")
-    s.add_argument("--floor-db", type=float, default=None,
-                   help="quality floor: PSNR the lighter variants may lose against the "
-                   "heaviest (bench calibrate; default: the policy's quality_floor_db)")
-    s.add_argument("--mode", default="ssdu", help="adaptation mode (bench adapt)")
-    s.add_argument("--steps", type=int, default=120, help="adaptation steps (bench adapt)")
-    s.add_argument("--variants", action="append", type=Path, default=None,
-                   help="folder(s) of variant models (bench pruning; default: shipped weights); "
-                   "variant files or folders to rank on validation (bench select)")
-    s.add_argument("--docs", default="docs")
-    s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
-    s.set_defaults(fn=cmd_bench)
+    s = sub.add_parser("bench", add_help=False,
+                       help="benchmarks: write tables/plots to docs/ (source checkout; "
+                       "`recon-plugin bench --help`)")
+    s.set_defaults(fn=cmd_bench)  # its arguments are parsed by benchmarks/cli.py
 
     s = sub.add_parser("send", help="drain the durable PACS queue")
     s.add_argument("--queue", required=True, help="queue folder (OUT/.pacs-queue)")
@@ -359,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, rest = parser.parse_known_args(argv)
+    if a.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    a.bench_args = rest
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()

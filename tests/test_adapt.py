@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from recon_plugin.adapt import adapt
-from recon_plugin.io.writers import write_ismrmrd
+from recon_plugin.adaptation.site import adapt
+from recon_plugin.config.protocol import load_protocol
 from recon_plugin.models.checkpoint import save_model
 from recon_plugin.models.unrolled import UnrolledNet
-from recon_plugin.protocol import load_protocol
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_ismrmrd
 
 
 @pytest.fixture(scope="module")

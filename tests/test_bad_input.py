@@ -9,9 +9,9 @@ import pytest
 
 from recon_plugin.io import iter_raw, read_raw
 from recon_plugin.io.header import parse_header
-from recon_plugin.io.writers import write_fastmri, write_ismrmrd
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_fastmri, write_ismrmrd
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import h5py
 import pytest
 
 from recon_plugin.cli import main
-from recon_plugin.io.writers import write_ismrmrd
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_ismrmrd
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys):
     import pydicom
 
     ds = pydicom.dcmread(files[0])
-    from recon_plugin.protocol import load_protocol
+    from recon_plugin.config.protocol import load_protocol
 
     model = load_protocol("brain_t2_axial_4x").model.variant  # the protocol a T2 4x scan matches
     assert f"DL {model}" in ds.SeriesDescription and ds.Modality == "MR"

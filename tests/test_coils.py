@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from recon_plugin.coils import CoilMapError, EspiritParams, estimate_maps
 from recon_plugin.physics import ifft2c
+from recon_plugin.recon.coils import CoilMapError, EspiritParams, estimate_maps
 
 
 def test_maps_reproduce_coil_images(small_volume):

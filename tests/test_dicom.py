@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from recon_plugin import dicom
+from recon_plugin.output import dicom
 from recon_plugin.scan import (
     Geometry,
     Identity,
@@ -312,7 +312,7 @@ def test_geometry_independent_nibabel(tmp_path):
 
 def test_zero_geometry_defaults_with_warning(tmp_path, caplog):
     series = make_series(nslices=3, zero_geometry=True, spacing=4.0)
-    with caplog.at_level(logging.WARNING, logger="recon_plugin.dicom"):
+    with caplog.at_level(logging.WARNING, logger="recon_plugin.output.dicom"):
         dss = dicom.read_series(dicom.write_series(series, tmp_path))
     assert any("geometry" in r.getMessage() for r in caplog.records)
     assert [float(v) for v in dss[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]

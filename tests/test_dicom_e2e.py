@@ -8,9 +8,9 @@ import pydicom
 import pytest
 
 from recon_plugin.batch import recon_file
-from recon_plugin.io.writers import write_fastmri, write_ismrmrd
-from recon_plugin.pipeline import Reconstructor
+from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_fastmri, write_ismrmrd
 
 DCIODVFY = shutil.which("dciodvfy")
 TOOL = "ismrmrd_generate_cartesian_shepp_logan"

@@ -7,10 +7,10 @@ import pydicom
 import pytest
 
 from recon_plugin.batch import recon_file
-from recon_plugin.io.writers import write_ismrmrd
-from recon_plugin.pipeline import Reconstructor
+from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.scan import Identity
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_ismrmrd
 
 
 def rotation(ax, ay, az):

@@ -9,9 +9,9 @@ import pytest
 from recon_plugin.io import read_raw
 from recon_plugin.io.fastmri import read_fastmri
 from recon_plugin.io.ismrmrd_file import read_ismrmrd
-from recon_plugin.io.writers import write_fastmri, write_ismrmrd
 from recon_plugin.physics import center_crop, fft2c, ifft2c, rss
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_fastmri, write_ismrmrd
 
 # A knee-like header in the style of the public multi-coil files (sizes shrunk 10x):
 # encoded 64 (2x oversampled readout) x 40 phase, recon 32 x 32, phase limits leave 3 zero-padded

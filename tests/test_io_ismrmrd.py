@@ -13,10 +13,10 @@ import pytest
 from recon_plugin.io import read_raw
 from recon_plugin.io.ismrmrd_file import read_ismrmrd
 from recon_plugin.io.mrd_assembler import MrdAssembler
-from recon_plugin.io.writers import write_ismrmrd
 from recon_plugin.physics import center_crop, fft2c, ifft2c, rss
 from recon_plugin.scan import Identity
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_ismrmrd
 
 TOOL = "ismrmrd_generate_cartesian_shepp_logan"
 needs_tool = pytest.mark.skipif(

@@ -25,15 +25,15 @@ def test_identity_and_ordering():
 
 
 def test_benchmark_section_is_replaced_where_it_stands(tmp_path):
-    from recon_plugin.bench import _replace_section
+    from benchmarks.docs import replace_section
 
     doc = tmp_path / "B.md"
-    _replace_section(doc, "## A", "## A\n\nfirst")
-    _replace_section(doc, "## B", "## B\n\nsecond")
-    _replace_section(doc, "## A", "## A\n\nnew")
+    replace_section(doc, "## A", "## A\n\nfirst")
+    replace_section(doc, "## B", "## B\n\nsecond")
+    replace_section(doc, "## A", "## A\n\nnew")
     text = doc.read_text()
     assert text.index("## A") < text.index("## B")
     assert "new" in text and "first" not in text and text.count("## A") == 1
-    _replace_section(doc, "## B", "## B\n\nlast")
+    replace_section(doc, "## B", "## B\n\nlast")
     assert text.split("## B")[0] == doc.read_text().split("## B")[0]
     assert doc.read_text().endswith("last\n")

@@ -117,7 +117,7 @@ def test_folded_batchnorm_channels_last_same_function_and_not_saveable(tmp_path)
     from torch import nn
 
     from recon_plugin.models.inference import fold_batchnorm
-    from recon_plugin.pruning.finetune import random_input
+    from recon_plugin.models.latency import random_input
 
     torch.manual_seed(0)
     net = UnrolledNet(num_cascades=2, chans=4).eval()
@@ -144,8 +144,8 @@ def test_folded_batchnorm_channels_last_same_function_and_not_saveable(tmp_path)
 def test_output_is_zero_outside_the_coil_map_support():
     """Pixels where every coil map is zero are not seen by the data: the output is 0 there,
     and unchanged (up to rounding) inside."""
+    from recon_plugin.models.latency import random_input
     from recon_plugin.physics import SenseOperator
-    from recon_plugin.pruning.finetune import random_input
 
     torch.manual_seed(0)
     net = UnrolledNet(num_cascades=2, chans=4).eval()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_plugin import dicom, pacs
+from recon_plugin.output import dicom, pacs
 from recon_plugin.scan import Geometry, Identity, Provenance, ReconImage, ReconSeries, ScanHeader
 
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 
 from recon_plugin.io import read_raw
-from recon_plugin.io.writers import write_ismrmrd
 from recon_plugin.metrics import psnr
-from recon_plugin.partial_fourier import homodyne, is_partial_fourier
 from recon_plugin.physics import ifft2c
-from recon_plugin.pipeline import ReconSettings, Reconstructor
+from recon_plugin.recon.partial_fourier import homodyne, is_partial_fourier
+from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+from recon_plugin.sim.writers import write_ismrmrd
 
 
 def test_detection():

@@ -5,13 +5,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from recon_plugin.coils import CoilMapError
 from recon_plugin.io import read_raw
-from recon_plugin.io.writers import write_fastmri, write_ismrmrd
 from recon_plugin.metrics import psnr, ssim
-from recon_plugin.pipeline import ReconSettings, Reconstructor
+from recon_plugin.recon.coils import CoilMapError
+from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_fastmri, write_ismrmrd
 
 
 @pytest.fixture(scope="module")

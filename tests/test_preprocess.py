@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recon_plugin.physics import fft2c, ifft2c, rss
-from recon_plugin.preprocess import (
+from recon_plugin.physics import crop_readout, fft2c, ifft2c, rss
+from recon_plugin.recon.preprocess import (
     coil_compression_matrix,
-    crop_readout,
     noise_covariance,
     noise_dwell_scale,
     noise_prewhitening_matrix,
@@ -111,7 +110,7 @@ def test_coil_compression_keeps_energy():
 
 
 def test_whitening_matrix_of_a_scan_uses_the_dwell_time_ratio():
-    from recon_plugin.preprocess import whitening_matrix
+    from recon_plugin.recon.preprocess import whitening_matrix
     from recon_plugin.scan import RawScan, ScanHeader
 
     rng = np.random.default_rng(7)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recon_plugin import protocol as P
+from recon_plugin.config import protocol as P
 from recon_plugin.scan import ScanHeader, SequenceInfo
 
 SHIPPED = {"brain_t2_axial_4x", "brain_flair_8x", "stroke_fast", "default"}
@@ -257,7 +257,7 @@ def test_dicom_kwargs_and_recon_settings():
     p = P.load_protocol("stroke_fast")
     kw = p.dicom_kwargs()
     assert kw["body_part"] == "BRAIN" and "uid_root" not in kw
-    from recon_plugin.dicom import DicomOptions
+    from recon_plugin.output.dicom import DicomOptions
 
     DicomOptions(**kw)  # the field names line up
     pytest.importorskip("torch")

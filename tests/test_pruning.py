@@ -15,22 +15,15 @@ import torch
 from torch import nn
 
 from recon_plugin.models.checkpoint import load_model, save_model
+from recon_plugin.models.latency import random_input
 from recon_plugin.models.unrolled import UnrolledNet
 from recon_plugin.pruning import finetune as finetune_mod
-from recon_plugin.pruning.adaptive import (
-    PolicyError,
-    choose_variant,
-    estimate_difficulty,
-    slice_features,
-    validate_policy,
-)
 from recon_plugin.pruning.finetune import (
     export_variant,
     finetune,
     make_loss_fn,
     make_validator,
     parse_mode,
-    random_input,
 )
 from recon_plugin.pruning.lean import (
     apply_keep,
@@ -46,6 +39,13 @@ from recon_plugin.pruning.spade import (
     count_flops,
     output_layer,
     spade_prune,
+)
+from recon_plugin.recon.policy import (
+    PolicyError,
+    choose_variant,
+    estimate_difficulty,
+    slice_features,
+    validate_policy,
 )
 from recon_plugin.training.data import Batch, make_batch
 from recon_plugin.training.loop import freeze_batchnorm
@@ -412,7 +412,7 @@ def test_policy_weights_change_choice():
 
 
 def test_target_summary_checks_the_targets_on_the_rows():
-    from recon_plugin.pruning.run import target_summary
+    from benchmarks.pruning import target_summary
 
     def row(name, method, ratio, ft, speedup, p4, s4, p8, s8, gflops):
         return {"name": name, "method": method, "ratio": ratio, "finetune": ft,
@@ -441,7 +441,7 @@ def test_target_summary_checks_the_targets_on_the_rows():
 
 
 def test_selection_ranks_by_worst_contrast_not_mean():
-    from recon_plugin.pruning.selection import per_contrast_changes, rank
+    from benchmarks.selection import per_contrast_changes, rank
 
     def vols(psnrs, ssim=0.9):
         return [{"psnr": p, "ssim": ssim} for p in psnrs]
@@ -461,7 +461,7 @@ def test_selection_ranks_by_worst_contrast_not_mean():
 
 
 def test_bench_select_without_variants_names_the_problem(tmp_path):
-    from recon_plugin.pruning.selection import selection_table
+    from benchmarks.selection import selection_table
 
     with pytest.raises(ValueError, match="no variant"):
         selection_table(tmp_path / "docs", [tmp_path])
@@ -471,7 +471,7 @@ def test_bench_select_without_variants_names_the_problem(tmp_path):
 
 
 def test_calibration_threshold_stops_before_the_first_failing_cell():
-    from recon_plugin.pruning.calibration import calibrated_variants, fit_threshold
+    from benchmarks.calibration import calibrated_variants, fit_threshold
 
     def cell(d, loss):
         return {"difficulty": list(d), "loss_db": [loss] * len(d)}
@@ -497,7 +497,7 @@ def test_calibration_threshold_stops_before_the_first_failing_cell():
 
 
 def test_calibrate_needs_a_floor(tmp_path):
-    from recon_plugin.pruning.calibration import calibrate
+    from benchmarks.calibration import calibrate
 
     with pytest.raises(ValueError, match="quality floor"):
         calibrate(tmp_path, POLICY)
@@ -509,7 +509,7 @@ def test_calibrate_needs_a_floor(tmp_path):
 def test_latency_is_timed_on_the_given_slice_for_every_model():
     """``measure_latency`` times each model on the given (k-space, maps, mask) slice, and a
     model that does more work takes longer (side by side, median of interleaved repeats)."""
-    from recon_plugin.pruning.finetune import measure_latency, random_input
+    from recon_plugin.models.latency import measure_latency, random_input
 
     ksp, op = random_input((64, 48), 4)
     maps = op.maps.clone()

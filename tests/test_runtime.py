@@ -8,7 +8,7 @@ from recon_plugin.runtime import tune_allocator
 
 _PROBE = """
 import resource, sys, torch
-from recon_plugin.pruning.finetune import random_input
+from recon_plugin.models.latency import random_input
 from recon_plugin.runtime import tune_allocator
 if not tune_allocator():
     print("untuned"); sys.exit(0)

@@ -30,13 +30,13 @@ from ismrmrd.serialization import (
     ProtocolSerializer,
 )
 
-from recon_plugin import server as srv
-from recon_plugin import stream as eng_mod
 from recon_plugin.batch import recon_file
-from recon_plugin.io.writers import write_ismrmrd
-from recon_plugin.pacs import queued_items
-from recon_plugin.pipeline import Reconstructor
+from recon_plugin.output.pacs import queued_items
+from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_ismrmrd
+from recon_plugin.stream import engine as eng_mod
+from recon_plugin.stream import server as srv
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = {
@@ -238,7 +238,7 @@ def test_stream_deep_learning_protocol(server, engine, data, tiny_model, monkeyp
     for the offline recon and two streams (the shipped model only once it exists)."""
     if variant == "unrolled-base" and not WEIGHTS.exists():
         pytest.skip("shipped model not trained yet")
-    import recon_plugin.pipeline as pipeline
+    import recon_plugin.recon.pipeline as pipeline
 
     loads = []
     real_load = pipeline.load_inference_model

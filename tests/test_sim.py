@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from recon_plugin.anatomy import SPLITS, load_anatomy, phantom_anatomy, split_slabs
 from recon_plugin.physics import ifft2c, rss
 from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.anatomy import SPLITS, load_anatomy, phantom_anatomy, split_slabs
 from recon_plugin.training.data import training_anatomy
 
 

@@ -1,4 +1,4 @@
-"""Raw-data readers and writers: every file format becomes a :class:`~recon_plugin.scan.RawScan`.
+"""Raw-data readers: every file format becomes a :class:`~recon_plugin.scan.RawScan`.
 
 ``read_raw(path)`` detects the layout: an HDF5 file with ``kspace`` is a fastMRI file, one with
 ``<group>/data`` + ``<group>/xml`` an ISMRMRD file. Any failure (missing file, not HDF5,

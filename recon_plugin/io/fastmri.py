@@ -18,7 +18,7 @@ When the header disagrees with the data (slice count, matrix, coil count) a warn
 and the data's shape wins.
 
 Geometry: fastMRI headers carry none, so slices get :meth:`Geometry.default` stacked along z by
-the slice thickness, with a warning. Files written by :func:`recon_plugin.io.writers.write_fastmri`
+the slice thickness, with a warning. Files written by :func:`recon_plugin.sim.writers.write_fastmri`
 carry an extra dataset ``recon_plugin_geometry`` (slices, 4, 3) float64 = (position, read_dir,
 phase_dir, slice_dir) per slice in LPS mm, which is used when present.
 """
@@ -32,8 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..physics import acs_bounds
-from ..preprocess import crop_readout
+from ..physics import acs_bounds, crop_readout
 from ..scan import Geometry, RawDataError, RawScan, SliceData
 from .header import encoding_info, parse_header, parse_xml
 

@@ -1,4 +1,4 @@
-"""ISMRMRD XML header -> :class:`ScanHeader`, and a minimal header builder for the writers.
+"""ISMRMRD XML header -> :class:`ScanHeader` (the simulator builds headers in ``sim/header.py``).
 
 Parsing goes through ``ismrmrd.xsd.CreateFromDocument``; when the document does not validate
 (unknown vendor elements, missing required-by-schema elements such as ``experimentalConditions``)
@@ -18,18 +18,14 @@ import dataclasses
 import logging
 import warnings as _warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ismrmrd.xsd as xsd
 import numpy as np
 from xsdata.formats.dataclass.parsers import XmlParser
 from xsdata.formats.dataclass.parsers.config import ParserConfig
-from xsdata.models.datatype import XmlDate, XmlTime
 
 from ..scan import Identity, RawDataError, ScanHeader, SequenceInfo
-
-if TYPE_CHECKING:
-    from ..sim import SimVolume
 
 log = logging.getLogger(__name__)
 
@@ -337,178 +333,9 @@ def parse_header(
     )
 
 
-def build_header_xml(
-    matrix: tuple[int, int],
-    fov_mm: tuple[float, float],
-    slice_thickness_mm: float,
-    num_coils: int,
-    *,
-    num_slices: int = 1,
-    readout_oversampling: int = 2,
-    phase_padding: int = 0,
-    e1_limits: tuple[int, int, int] | None = None,
-    acceleration: int = 1,
-    calibration_mode: str | None = None,
-    calib_lines: int | None = None,
-    num_repetitions: int = 1,
-    num_contrasts: int = 1,
-    num_averages: int = 1,
-    slice_spacing_mm: float | None = None,
-    sequence: dict | None = None,
-    protocol_name: str = "",
-    contrast_name: str = "",
-    identity: Identity | None = None,
-    field_strength_t: float = 3.0,
-) -> str:
-    """A minimal valid ISMRMRD XML header for a 2D Cartesian multi-slice scan.
-
-    matrix: (ky, kx) image matrix; fov_mm: (readout, phase). The encoded space is the readout-
-    oversampled grid (x * ``readout_oversampling``, FOV likewise); ``phase_padding`` lines on each
-    side of ky are declared as not acquired (encodingLimits, fastMRI style). ``sequence`` takes
-    the keys ``tr_ms, te_ms, ti_ms, flip_deg`` (SimVolume.sequence). ``e1_limits`` =
-    (minimum, maximum, center) overrides the phase-encode limits (e.g. partial Fourier).
-    """
-    ny, nx = matrix
-    osf = max(int(readout_oversampling), 1)
-    seq = sequence or {}
-    ident = identity or Identity()
-    lim = xsd.limitType
-    e1 = e1_limits or (0, ny - 2 * phase_padding - 1, ny // 2 - phase_padding)
-    limits = xsd.encodingLimitsType(
-        kspace_encoding_step_0=lim(minimum=0, maximum=nx * osf - 1, center=nx * osf // 2),
-        kspace_encoding_step_1=lim(minimum=e1[0], maximum=e1[1], center=e1[2]),
-        kspace_encoding_step_2=lim(minimum=0, maximum=0, center=0),
-        slice=lim(minimum=0, maximum=num_slices - 1, center=0),
-        contrast=lim(minimum=0, maximum=num_contrasts - 1, center=0),
-        repetition=lim(minimum=0, maximum=num_repetitions - 1, center=0),
-        average=lim(minimum=0, maximum=num_averages - 1, center=0),
-        phase=lim(minimum=0, maximum=0, center=0),
-        set=lim(minimum=0, maximum=0, center=0),
-        segment=lim(minimum=0, maximum=0, center=0),
-    )
-
-    def space(mx: int, fx: float) -> xsd.encodingSpaceType:
-        return xsd.encodingSpaceType(
-            matrixSize=xsd.matrixSizeType(x=mx, y=ny, z=1),
-            fieldOfView_mm=xsd.fieldOfViewMm(x=fx, y=float(fov_mm[1]), z=slice_thickness_mm),
-        )
-
-    pi = xsd.parallelImagingType(
-        accelerationFactor=xsd.accelerationFactorType(
-            kspace_encoding_step_1=int(acceleration), kspace_encoding_step_2=1
-        ),
-        calibrationMode=xsd.calibrationModeType(calibration_mode) if calibration_mode else None,
-    )
-    enc = xsd.encodingType(
-        encodedSpace=space(nx * osf, float(fov_mm[0]) * osf),
-        reconSpace=space(nx, float(fov_mm[0])),
-        encodingLimits=limits,
-        trajectory=xsd.trajectoryType.CARTESIAN,
-        parallelImaging=pi,
-        echoTrainLength=1,
-    )
-    params = xsd.userParametersType()
-    if calib_lines:
-        params.userParameterLong.append(
-            xsd.userParameterLongType(name="calibration_lines", value=int(calib_lines))
-        )
-    if slice_spacing_mm:
-        params.userParameterDouble.append(
-            xsd.userParameterDoubleType(name="slice_spacing_mm", value=float(slice_spacing_mm))
-        )
-    if contrast_name:
-        params.userParameterString.append(
-            xsd.userParameterStringType(name="contrast", value=contrast_name)
-        )
-
-    def seqlist(key: str) -> list[float]:
-        v = seq.get(key)
-        return [float(v)] if v is not None else []
-
-    hdr = xsd.ismrmrdHeader(
-        version=2,
-        subjectInformation=xsd.subjectInformationType(
-            patientName=ident.patient_name or None,
-            patientID=ident.patient_id or None,
-            patientBirthdate=_xml_date(ident.patient_birth_date),
-            patientGender=ident.patient_sex or None,
-            patientWeight_kg=ident.patient_weight_kg,
-        ),
-        studyInformation=xsd.studyInformationType(
-            studyDate=_xml_date(ident.study_date),
-            studyTime=_xml_time(ident.study_time),
-            studyID=ident.study_id or None,
-            studyDescription=ident.study_description or None,
-            studyInstanceUID=ident.study_instance_uid or None,
-        ),
-        measurementInformation=xsd.measurementInformationType(
-            measurementID=ident.measurement_id or None,
-            patientPosition=xsd.patientPositionType(ident.patient_position or "HFS"),
-            protocolName=protocol_name or None,
-            seriesDescription=ident.series_description or None,
-            frameOfReferenceUID=ident.frame_of_reference_uid or None,
-        ),
-        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
-            systemVendor="recon_plugin simulator",
-            systemModel="sim",
-            systemFieldStrength_T=float(field_strength_t),
-            receiverChannels=int(num_coils),
-            institutionName="recon_plugin",
-        ),
-        experimentalConditions=xsd.experimentalConditionsType(
-            H1resonanceFrequency_Hz=int(round(42.577478e6 * field_strength_t))
-        ),
-        encoding=[enc],
-        sequenceParameters=xsd.sequenceParametersType(
-            TR=seqlist("tr_ms"), TE=seqlist("te_ms"), TI=seqlist("ti_ms"),
-            flipAngle_deg=seqlist("flip_deg"), sequence_type="TurboSpinEcho",
-        ),
-        userParameters=params,
-    )
-    return xsd.ToXML(hdr)
-
-
-def header_xml_from_sim(
-    vol: SimVolume, *, readout_oversampling: int = 2, **kwargs: Any
-) -> str:
-    """:func:`build_header_xml` for a :class:`~recon_plugin.sim.SimVolume`.
-
-    Slice spacing is taken from the distance between the first two slice centres; ``kwargs``
-    are passed on (acceleration, calib_lines, protocol_name, identity, ...).
-    """
-    spacing = None
-    if len(vol.slices) > 1:
-        spacing = float(np.linalg.norm(vol.slices[1].position - vol.slices[0].position))
-    kwargs.setdefault("num_slices", len(vol.slices))
-    kwargs.setdefault("slice_spacing_mm", spacing)
-    kwargs.setdefault("sequence", vol.sequence)
-    kwargs.setdefault("contrast_name", vol.contrast)
-    kwargs.setdefault("protocol_name", vol.protocol_name or f"sim_{vol.contrast}")
-    return build_header_xml(
-        tuple(vol.matrix), tuple(vol.fov_mm), float(vol.slice_thickness_mm), vol.num_coils,
-        readout_oversampling=readout_oversampling, **kwargs,
-    )
-
-
-def _xml_date(s: str) -> XmlDate | None:
-    s = (s or "").replace("-", "")
-    if len(s) != 8 or not s.isdigit():
-        return None
-    return XmlDate(int(s[:4]), int(s[4:6]), int(s[6:8]))
-
-
-def _xml_time(s: str) -> XmlTime | None:
-    s = (s or "").replace(":", "").split(".")[0]
-    if len(s) < 6 or not s[:6].isdigit():
-        return None
-    return XmlTime(int(s[:2]), int(s[2:4]), int(s[4:6]))
-
-
 __all__ = [
     "EncodingInfo",
-    "build_header_xml",
     "encoding_info",
-    "header_xml_from_sim",
     "parse_header",
     "parse_xml",
 ]

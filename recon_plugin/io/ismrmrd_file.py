@@ -5,7 +5,7 @@ Layout: ``/<dataset>/xml`` (header) and ``/<dataset>/data`` (acquisitions), as w
 ``ismrmrd_generate_cartesian_shepp_logan``. Optional extras understood here:
 
 * ``/<dataset>/recon_plugin_target`` (slices, ky, kx) float32: reference magnitude written by
-  :func:`recon_plugin.io.writers.write_ismrmrd`, attached as ``SliceData.target`` (recon size);
+  :func:`recon_plugin.sim.writers.write_ismrmrd`, attached as ``SliceData.target`` (recon size);
 * a noise scan in a dependent measurement: pass its file as ``noise_path``.
 """
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import ismrmrd
 import numpy as np
 
-from ..preprocess import crop_readout
+from ..physics import crop_readout
 from ..scan import Geometry, RawDataError, RawScan, SliceData
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 

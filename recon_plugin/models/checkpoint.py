@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..fileio import atomic_path, write_text_atomic
+from ..output.atomic import atomic_path, write_text_atomic
 from .inference import fold_batchnorm, is_inference_only
 from .unrolled import UnrolledNet
 

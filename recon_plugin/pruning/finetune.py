@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import save_model, weights_path
-from ..models.inference import fold_batchnorm, is_inference_only
+from ..models.latency import measure_latency
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, make_batch, validation_set
@@ -56,6 +55,7 @@ from ..training.losses import (
     sure_consistency,
     teacher_loss,
 )
+from ..training.slices import SiteSlice
 from .spade import count_channels, count_flops, count_params
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,6 @@ def make_validator(
     target = validation_target(mode)
     val = validation_set(n_batches, espirit=True)
     if target == "held-out lines":
-        from ..adapt import SiteSlice
-
         slices = [SiteSlice(b.kspace[i], b.mask[i], b.maps[i], batch_acs(b), f"validation {j}.{i}")
                   for j, b in enumerate(val) for i in range(len(b.kspace))]
         return lambda m: -heldout_error(m, slices)
@@ -260,51 +258,6 @@ def finetune(
     return pruned.eval()
 
 
-def random_input(hw: tuple[int, int], coils: int, seed: int = 0, every: int = 4):
-    """Random k-space (1, coils, *hw) sampled on every ``every``-th row and its SENSE operator
-    (random maps with RSS 1): an input for timing or shape checks."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, coils, *hw)
-    ksp = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-    maps = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-    maps = maps / maps.abs().pow(2).sum(1, keepdim=True).sqrt()
-    mask = torch.zeros(1, *hw)
-    mask[:, ::every] = 1
-    return ksp * mask.unsqueeze(1), SenseOperator(maps, mask)
-
-
-def measure_latency(
-    models: dict[str, nn.Module], hw: tuple[int, int] = (256, 256), coils: int = 16,
-    repeats: int = 5, warmup: int = 1,
-    sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Median CPU seconds per slice ``(coils, H, W)`` for each model, timed side by side.
-
-    The input is :func:`random_input` (random maps: full support, the operator's worst case)
-    unless ``sample`` = (k-space (1, coils, H, W), maps (1, coils, H, W), mask (1, H, W)) gives
-    a real slice. Every model is timed in its inference form (BatchNorm folded, as the
-    pipeline runs it), with a new SENSE operator per call, as the pipeline makes one per slice
-    (its caches are part of the per-slice cost). Repeats are interleaved across the models so
-    that background load affects them alike.
-    """
-    if sample is None:
-        ksp, op = random_input(hw, coils)
-    else:
-        ksp, op = sample[0], SenseOperator(sample[1], sample[2])
-    times: dict[str, list[float]] = {k: [] for k in models}
-    models = {k: m if is_inference_only(m) else fold_batchnorm(m) for k, m in models.items()}
-    with torch.inference_mode():
-        for m in models.values():
-            for _ in range(warmup):
-                m(ksp, SenseOperator(op.maps, op.mask))
-        for _ in range(repeats):
-            for name, m in models.items():
-                t = time.perf_counter()
-                m(ksp, SenseOperator(op.maps, op.mask))
-                times[name].append(time.perf_counter() - t)
-    return {k: float(statistics.median(v)) for k, v in times.items()}
-
-
 def export_variant(
     model: UnrolledNet,
     parent_card: dict,
@@ -359,6 +312,6 @@ def export_variant(
 
 __all__ = [
     "MODES", "VALIDATION_TARGETS", "parse_mode", "make_loss_fn", "validation_target",
-    "validation_interval", "make_validator", "finetune", "measure_latency", "export_variant",
+    "validation_interval", "make_validator", "finetune", "export_variant",
     "batch_acs",
 ]

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..anatomy import CONTRASTS, Anatomy, load_anatomy, split_slabs
-from ..fileio import atomic_path
+from ..output.atomic import atomic_path
 from ..physics import cartesian_mask, fft2c, ifft2c
 from ..sim import (
     ORIENTATIONS,
@@ -30,6 +29,7 @@ from ..sim import (
     noise_covariance,
     simulate_slice,
 )
+from ..sim.anatomy import CONTRASTS, Anatomy, load_anatomy, split_slabs
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def make_batch(
     ``espirit``: probability that a slice's maps are estimated by ESPIRiT from its own
     undersampled, noisy ACS (as at inference) rather than the simulation's true maps.
     """
-    from ..coils import CoilMapError, EspiritParams, estimate_maps
+    from ..recon.coils import CoilMapError, EspiritParams, estimate_maps
 
     train = split == "train"
     anatomy = training_anatomy() if train else load_anatomy()

@@ -143,7 +143,8 @@ def heldout_error(model, slices, rho: float = 0.4, seed: int = 7) -> float:
     """Measurement-domain validation without ground truth.
 
     ``slices``: items with ``kspace`` (C, ky, kx) undersampled, ``mask`` (ky, kx), ``maps``
-    (C, ky, kx) and ``acs`` (rows [start, stop) or None), e.g. :class:`recon_plugin.adapt.SiteSlice`.
+    (C, ky, kx) and ``acs`` (rows [start, stop) or None), e.g.
+    :class:`recon_plugin.training.slices.SiteSlice`.
 
     The model sees a fixed subset of each slice's acquired lines and predicts the held-out
     ones; returns ``sum ||A_held f(y_in) - y_held||^2 / sum ||y_held||^2`` over all slices.

@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from .scan import ScanHeader
+from ..scan import ScanHeader
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class SeriesSpec:
 
 @dataclass
 class DicomSpec:
-    """Same field names as ``recon_plugin.dicom.DicomOptions`` (see ``Protocol.dicom_kwargs``)."""
+    """Same field names as ``recon_plugin.output.dicom.DicomOptions`` (see ``Protocol.dicom_kwargs``)."""
 
     max_value: int = 4095
     window: tuple[float, float] | None = None
@@ -194,9 +194,9 @@ class Protocol:
         return v
 
     def recon_settings(self):
-        """The :class:`recon_plugin.pipeline.ReconSettings` this protocol asks for."""
-        from .coils import EspiritParams
-        from .pipeline import ReconSettings
+        """The :class:`recon_plugin.recon.pipeline.ReconSettings` this protocol asks for."""
+        from ..recon.coils import EspiritParams
+        from ..recon.pipeline import ReconSettings
 
         e = self.espirit
         return ReconSettings(
@@ -292,8 +292,8 @@ def _mapping(v, where, errors):
 
 
 def _adaptive(v, where, errors):
-    """The per-slice variant policy (rules in :func:`recon_plugin.pruning.adaptive.validate_policy`)."""
-    from .pruning.adaptive import PolicyError, validate_policy
+    """The per-slice variant policy (rules in :func:`recon_plugin.recon.policy.validate_policy`)."""
+    from ..recon.policy import PolicyError, validate_policy
 
     try:
         return validate_policy(v)
@@ -315,7 +315,7 @@ def _window(v, where, errors):
 
 
 def _targets(v, where, errors):
-    from .pacs import PacsTargetError, parse_target
+    from ..output.pacs import PacsTargetError, parse_target
 
     if not isinstance(v, list):
         errors.append(f"{where}: expected a list of 'AET@host:port' strings, got {v!r}")
@@ -468,7 +468,7 @@ _UniqueKeyLoader.add_constructor(
 
 def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
     """Folders searched for protocols, in priority order (existing ones only)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package folder
     candidates: list[Path] = [Path(p) for p in (extra or [])]
     env = os.environ.get(ENV_VAR, "")
     candidates += [Path(p) for p in env.split(os.pathsep) if p]

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fileio import write_text_atomic
+from .atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

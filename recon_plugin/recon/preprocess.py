@@ -2,7 +2,6 @@
 
 * noise prewhitening from noise-adjust scans (``noise_prewhitening_matrix``,
   ``whitening_matrix``);
-* readout-oversampling removal / readout crop in the image domain (``crop_readout``);
 * SVD coil compression to N virtual coils (``coil_compression_matrix``);
 * ``whiten_and_compress``: both, on one slice, as batch recon, the stream server and site
   adaptation run them.
@@ -15,45 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scan import RawDataError, RawScan
-
-
-def fft1c(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Centred orthonormal 1D FFT along ``axis`` (image -> k-space)."""
-    x = np.fft.ifftshift(x, axes=axis)
-    return np.fft.fftshift(np.fft.fft(x, axis=axis, norm="ortho"), axes=axis)
-
-
-def ifft1c(k: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Centred orthonormal 1D inverse FFT along ``axis`` (k-space -> image)."""
-    k = np.fft.ifftshift(k, axes=axis)
-    return np.fft.fftshift(np.fft.ifft(k, axis=axis, norm="ortho"), axes=axis)
-
-
-def _crop_or_pad(x: np.ndarray, n: int, axis: int) -> np.ndarray:
-    cur = x.shape[axis]
-    if cur == n:
-        return x
-    if cur > n:
-        start = cur // 2 - n // 2
-        return np.take(x, np.arange(start, start + n), axis=axis)
-    pad = [(0, 0)] * x.ndim
-    before = n // 2 - cur // 2
-    pad[axis] = (before, n - cur - before)
-    return np.pad(x, pad)
-
-
-def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
-    """Crop (or zero-pad) the readout FOV in the image domain to ``n_out`` samples.
-
-    kspace: (..., n, ...) centred along ``axis`` -> (..., n_out, ...) complex64. Pixel size is
-    kept: cropping from 2N to N removes 2x readout oversampling. The centre sample (index
-    ``n // 2``) stays the k-space centre.
-    """
-    if kspace.shape[axis] == n_out:
-        return kspace.astype(np.complex64, copy=False)
-    img = ifft1c(kspace, axis)
-    return fft1c(_crop_or_pad(img, n_out, axis), axis).astype(np.complex64)
+from ..scan import RawDataError, RawScan
 
 
 def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) -> float:

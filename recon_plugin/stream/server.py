@@ -1,6 +1,6 @@
 """MRD v1 streaming: acquisitions in, one image per slice back while the scan is still running.
 
-The TCP server in front of :class:`recon_plugin.stream.StreamEngine` (which the Gadgetron
+The TCP server in front of :class:`recon_plugin.stream.engine.StreamEngine` (which the Gadgetron
 and python-ismrmrd-server modules in ``gadgets/`` call directly).
 
 Wire protocol (little-endian, message id ``uint16`` first; ids from ``ismrmrd.serialization``):
@@ -40,8 +40,8 @@ import ismrmrd
 from ismrmrd.serialization import ISMRMRDMessageID as MSG
 from ismrmrd.serialization import ProtocolSerializer
 
-from .io.mrd_assembler import MrdAssembler
-from .stream import (
+from ..io.mrd_assembler import MrdAssembler
+from .engine import (
     IMAGE_DTYPES,
     ClientGone,
     IdleTimeout,

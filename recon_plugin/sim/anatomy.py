@@ -92,7 +92,7 @@ def find_template() -> Path | None:
     if env:
         p = Path(env)
         return p if p.is_file() else None
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     for base in (Path.cwd(), Path.cwd().parent, repo, repo.parent):
         p = base / "shared" / "data" / _MNI_NAME
         if p.is_file():

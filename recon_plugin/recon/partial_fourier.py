@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .physics import fft2c, ifft2c
+from ..physics import fft2c, ifft2c
 
 MIN_ASYMMETRY = 0.08  # fraction of ky rows missing at one edge that counts as partial Fourier
 

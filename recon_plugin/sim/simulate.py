@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from ..physics import fft2c, rss
 from .anatomy import (
     CONTRASTS,
     SHIFT_CONTRASTS,
@@ -26,7 +27,6 @@ from .anatomy import (
     load_anatomy,
     split_slabs,
 )
-from .physics import fft2c, rss
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 

@@ -27,17 +27,16 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .coils import EspiritParams, estimate_maps
-from .models.checkpoint import file_sha256, resolve_model, save_model
-from .physics import SenseOperator
-from .training.loop import freeze_batchnorm, train_loop
-from .training.losses import (
+from ..models.checkpoint import file_sha256, resolve_model, save_model
+from ..physics import SenseOperator
+from ..recon.coils import EspiritParams, estimate_maps
+from ..training.loop import freeze_batchnorm, train_loop
+from ..training.losses import (
     equivariance_loss,
     heldout_error,
     kspace_loss,
@@ -45,28 +44,18 @@ from .training.losses import (
     ssdu_split,
     teacher_loss,
 )
+from ..training.slices import SiteSlice
 
 log = logging.getLogger(__name__)
 
 MODES = ("ssdu", "mc-ei", "ssdu+teacher", "mc-ei+teacher")
 
 
-@dataclass
-class SiteSlice:
-    """One prepared slice: undersampled k-space (C, ky, kx), mask (ky, kx), ESPIRiT maps, ACS."""
-
-    kspace: torch.Tensor
-    mask: torch.Tensor
-    maps: torch.Tensor
-    acs: tuple[int, int] | None
-    source: str
-
-
 def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]:
     """Read raw files (no targets), prewhiten, estimate maps; slices without ACS are skipped."""
-    from .coils import CoilMapError
-    from .io import read_raw
-    from .preprocess import whiten_and_compress, whitening_matrix
+    from ..io import read_raw
+    from ..recon.coils import CoilMapError
+    from ..recon.preprocess import whiten_and_compress, whitening_matrix
 
     out = []
     for p in paths:
@@ -97,8 +86,8 @@ def adapt(
     time_budget_s: float | None = None,
 ) -> dict:
     """Run an adaptation; returns a report dict (``promoted``, errors, output paths)."""
-    from .models.checkpoint import load_model
-    from .protocol import load_protocol
+    from ..config.protocol import load_protocol
+    from ..models.checkpoint import load_model
 
     if mode not in MODES:
         raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
@@ -194,7 +183,7 @@ def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path
     name resolves to the same file, else by path), swaps the model."""
     import yaml
 
-    from .protocol import ProtocolError, load_protocol
+    from ..config.protocol import ProtocolError, load_protocol
 
     base = protocol.name
     try:

@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def _espirit_rows(quick: bool) -> list[dict]:
+    from recon_plugin.physics import ifft2c
+    from recon_plugin.recon.coils import EspiritParams, espirit_fast, espirit_sigpy
+    from recon_plugin.sim import simulate_volume
+
     from . import bart_ref
-    from .coils import EspiritParams, espirit_fast, espirit_sigpy
-    from .physics import ifft2c
-    from .sim import simulate_volume
 
     rows = []
     cases = [(8, 256)] if quick else [(8, 256), (16, 320)]
@@ -60,8 +61,8 @@ def _espirit_rows(quick: bool) -> list[dict]:
 
 
 def _network_rows() -> list[dict]:
-    from .models.checkpoint import WEIGHTS_DIR, load_inference_model
-    from .pruning.finetune import measure_latency
+    from recon_plugin.models.checkpoint import WEIGHTS_DIR, load_inference_model
+    from recon_plugin.models.latency import measure_latency
 
     models = {p.stem: load_inference_model(p)[0] for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
     lat = measure_latency(models, (320, 320), 16, repeats=5)
@@ -72,8 +73,8 @@ def _network_rows() -> list[dict]:
 
 def _e2e_child(raw: str, out: str, protocol: str, workers: int) -> None:
     """Run in a subprocess: recon one or more files, print a JSON line with timings + RSS."""
-    from .batch import run_batch
-    from .runtime import tune_allocator
+    from recon_plugin.batch import run_batch
+    from recon_plugin.runtime import tune_allocator
 
     tune_allocator()  # as the CLI does
     files = raw.split(os.pathsep)
@@ -89,16 +90,23 @@ def _e2e_child(raw: str, out: str, protocol: str, workers: int) -> None:
 
 def _run_child(raw: list[Path], out: Path, protocol: str, workers: int) -> dict:
     code = ("import sys, logging; logging.basicConfig(level=logging.WARNING); "
-            "from recon_plugin.speedbench import _e2e_child; _e2e_child(*sys.argv[1:4], "
+            "from benchmarks.speed import _e2e_child; _e2e_child(*sys.argv[1:4], "
             "int(sys.argv[4]))")
     r = subprocess.run([sys.executable, "-c", code, os.pathsep.join(map(str, raw)), str(out),
-                        protocol, str(workers)], capture_output=True, text=True, check=True)
+                        protocol, str(workers)], capture_output=True, text=True, check=True, env=_child_env())
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _child_env() -> dict:
+    """The environment with this repository first on PYTHONPATH (``benchmarks`` is not installed)."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def _make_volume_file(d: Path, seed: int, n_slices: int) -> Path:
-    from .io.writers import write_fastmri
-    from .sim import simulate_volume
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_fastmri
 
     # 1 mm slices: a 16-slice stack of 3 mm would reach into the validation slab
     vol = simulate_volume("test", "T2", n_slices, 16, (320, 320), fov_mm=(220.0, 220.0),
@@ -112,11 +120,11 @@ def _stream_latency(d: Path, protocol: str) -> dict:
     in-process server; latency = last acquisition of a slice -> its image sent."""
     import threading
 
-    from .io.writers import write_ismrmrd
-    from .mrd_client import stream_file
-    from .server import ReconServer
-    from .sim import simulate_volume
-    from .stream import StreamEngine
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+    from recon_plugin.stream.client import stream_file
+    from recon_plugin.stream.engine import StreamEngine
+    from recon_plugin.stream.server import ReconServer
 
     vol = simulate_volume("test", "T2", 4, 16, (320, 320), fov_mm=(220.0, 220.0), seed=5)
     raw = write_ismrmrd(vol, d / "stream.h5", acceleration=4, calib_lines=26)
@@ -138,7 +146,7 @@ def _stream_latency(d: Path, protocol: str) -> dict:
 
 def run_speed(docs: Path, quick: bool = False, protocol: str = "brain_t2_axial_4x") -> dict:
     """Measure everything above and write the section of ``docs/BENCHMARKS.md``."""
-    from .bench import _replace_section
+    from .docs import replace_section
 
     n_slices = 4 if quick else 16
     esp = _espirit_rows(quick)
@@ -207,6 +215,6 @@ def run_speed(docs: Path, quick: bool = False, protocol: str = "brain_t2_axial_4
         "",
     ]
     docs.mkdir(parents=True, exist_ok=True)
-    _replace_section(docs / "BENCHMARKS.md", "## Speed", "\n".join(lines))
+    replace_section(docs / "BENCHMARKS.md", "## Speed", "\n".join(lines))
     (docs / "speed_results.json").write_text(json.dumps(result, indent=1, default=str))
     return result

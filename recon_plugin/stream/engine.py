@@ -3,11 +3,11 @@ slice is complete.
 
 :class:`StreamEngine` is the one path from an acquisition iterator to ``ismrmrd.Image``s
 (:meth:`StreamEngine.images` / :meth:`StreamEngine.run`); the TCP server
-(:mod:`recon_plugin.server`), the Gadgetron module and the python-ismrmrd-server module in
+(:mod:`recon_plugin.stream.server`), the Gadgetron module and the python-ismrmrd-server module in
 ``gadgets/`` all call it. It feeds the shared
 :class:`~recon_plugin.io.mrd_assembler.MrdAssembler` and, for every completed slice, the shared
-:class:`~recon_plugin.pipeline.Reconstructor` (one per process, models loaded once, calls
-serialised by a lock) with the settings :func:`recon_plugin.protocol.select_protocol` picks, as
+:class:`~recon_plugin.recon.pipeline.Reconstructor` (one per process, models loaded once, calls
+serialised by a lock) with the settings :func:`recon_plugin.config.protocol.select_protocol` picks, as
 ``recon-plugin recon`` does: a streamed slice and the same slice read from a file give the same
 pixels.
 
@@ -41,13 +41,13 @@ from typing import Any
 import ismrmrd
 import numpy as np
 
-from .io.mrd_assembler import SKIP_FLAGS, MrdAssembler, add_interleaved_calibration
-from .physics import fft2c
-from .pipeline import METHODS, Reconstructor
-from .preprocess import whitening_matrix
-from .protocol import Protocol, select_protocol
-from .runtime import tune_allocator
-from .scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData
+from ..config.protocol import Protocol, select_protocol
+from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler, add_interleaved_calibration
+from ..physics import fft2c
+from ..recon.pipeline import METHODS, Reconstructor
+from ..recon.preprocess import whitening_matrix
+from ..runtime import tune_allocator
+from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +337,8 @@ class StreamEngine:
         p = result.protocol
         if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
             return []
-        from .pacs import send_or_enqueue
-        from .pipeline import write_outputs
+        from ..output.pacs import send_or_enqueue
+        from ..recon.pipeline import write_outputs
 
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{p.name}_{uuid.uuid4().hex[:8]}"
         with tempfile.TemporaryDirectory(prefix="recon-plugin-stream-") as tmp:
@@ -489,7 +489,7 @@ class _ScanState:
         return img
 
     def meta(self, im: ReconImage, high: float, extra: dict[str, Any]) -> ismrmrd.Meta:
-        from .dicom import provenance_text, series_description
+        from ..output.dicom import provenance_text, series_description
 
         dl = im.method == "unrolled"
         prov = dataclasses.replace(self.prov, method=im.method, deep_learning=dl)

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.checkpoint import load_model, resolve_model
+from recon_plugin.models.checkpoint import load_model, resolve_model
+from recon_plugin.training.evaluation import CONTRASTS, make_volumes, volume_metrics
+
+from .docs import replace_section
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ def rank(candidates: dict[str, dict], ref: dict) -> list[dict]:
 
 
 def _volume_metrics(model, vols_by_acc: dict) -> dict:
-    from ..bench import volume_metrics
-
     return {acc: volume_metrics(model, vols) for acc, vols in vols_by_acc.items()}
 
 
@@ -65,8 +66,6 @@ def selection_table(docs: Path, paths: list[Path], parent: str = "unrolled-base"
     (``anatomy.SPLITS``); more would reach into the training and test slabs, which
     :func:`~recon_plugin.sim.simulate_volume` refuses.
     """
-    from ..bench import CONTRASTS, _replace_section, make_volumes
-
     missing = [str(p) for p in map(Path, paths) if not p.exists()]
     if missing:
         raise ValueError(f"candidate variant path(s) not found: {', '.join(missing)}")
@@ -103,7 +102,7 @@ def selection_table(docs: Path, paths: list[Path], parent: str = "unrolled-base"
         lines.append(f"| {r['name']} | {r['worst_dpsnr']:+.2f} | {worst} | {r['mean_dssim']:+.4f} | "
                      + " | ".join(per) + " |")
     docs.mkdir(parents=True, exist_ok=True)
-    _replace_section(docs / "BENCHMARKS.md", "## Variant selection on validation",
+    replace_section(docs / "BENCHMARKS.md", "## Variant selection on validation",
                      "\n".join(lines + [""]))
     (docs / "selection_results.json").write_text(json.dumps(rows, indent=1))
     return rows

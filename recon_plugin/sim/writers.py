@@ -1,6 +1,6 @@
 """Write simulated scans as fastMRI-layout and ISMRMRD HDF5 files.
 
-Both writers take a :class:`~recon_plugin.sim.SimVolume` (fully sampled k-space ``(coils, ky,
+Both writers take a :class:`~recon_plugin.sim.simulate.SimVolume` (fully sampled k-space ``(coils, ky,
 kx)`` per slice, LPS geometry, noise scan, noiseless target) and produce files laid out like the
 real thing, so the readers are exercised exactly as with scanner / public data:
 
@@ -27,11 +27,11 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 
-from ..preprocess import crop_readout
-from ..sim import SimVolume
-from .fastmri import GEOMETRY_NAME
+from ..io.fastmri import GEOMETRY_NAME
+from ..io.ismrmrd_file import TARGET_NAME
+from ..physics import crop_readout
 from .header import header_xml_from_sim
-from .ismrmrd_file import TARGET_NAME
+from .simulate import SimVolume
 
 _ACQ_NAMES = {"T1": "AXT1", "T2": "AXT2", "PD": "AXPD", "FLAIR": "AXFLAIR"}
 _DWELL_US = 5.0
@@ -98,7 +98,7 @@ def write_fastmri(
     dataset, attrs ``acceleration`` / ``num_low_frequency``; False a fully sampled train file.
     ``phase_padding`` rows on each side of ky are zeroed and declared outside the encoding
     limits, as fastMRI's zero-padded columns. ``header_kwargs`` go to
-    :func:`~recon_plugin.io.header.build_header_xml` (identity, protocol_name, ...).
+    :func:`~recon_plugin.sim.header.build_header_xml` (identity, protocol_name, ...).
     """
     path = Path(path)
     ny, nx = vol.matrix
@@ -207,7 +207,7 @@ def write_ismrmrd(
     reverse_odd_lines: every other line stored time-reversed with ACQ_IS_REVERSE. discard:
     (pre, post) junk samples. skipped_acquisitions: add navigator, phase-correction,
     RT-feedback and surface-coil junk that a reader must skip. ``header_kwargs`` go to
-    :func:`~recon_plugin.io.header.build_header_xml` (identity, protocol_name, ...).
+    :func:`~recon_plugin.sim.header.build_header_xml` (identity, protocol_name, ...).
     """
     vols = [vol] if isinstance(vol, SimVolume) else list(vol)
     base = vols[0]

@@ -1,6 +1,6 @@
-"""Benchmarks (scripts, not tests): quality and speed tables written to ``docs/``.
+"""``recon-plugin bench quality``: the reconstruction-quality table written to ``docs/``.
 
-Quality: held-out test slab of the anatomy (never seen in training or validation), 4x and 8x
+Held-out test slab of the anatomy (never seen in training or validation), 4x and 8x
 fastMRI equispaced masks, ESPIRiT (fast path) maps from the ACS lines for every method; the
 classical methods' regularisation is tuned on the validation slab first. Metrics per volume
 (data_range = volume max), averaged over volumes; times per slice measured in the same run.
@@ -9,107 +9,22 @@ classical methods' regularisation is tuned on the validation slab first. Metrics
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .classical import cg_sense, l1_wavelet, zero_filled
-from .coils import EspiritParams, estimate_maps
-from .metrics import all_metrics
-from .physics import acs_bounds, cartesian_mask
-from .training.data import CENTER_FRACTION
+from recon_plugin.recon.classical import cg_sense, l1_wavelet, zero_filled
+from recon_plugin.training.evaluation import CONTRASTS, evaluate, make_volumes, network_fn
+
+from .docs import replace_section
 
 log = logging.getLogger(__name__)
-
-CONTRASTS = ("T1", "T2", "PD", "FLAIR")
-
-
-@dataclass
-class BenchSlice:
-    kspace: np.ndarray  # (coils, ky, kx) undersampled
-    mask: np.ndarray  # (ky, kx)
-    acs: tuple[int, int]
-    target: np.ndarray  # (ky, kx)
-    maps: np.ndarray | None = None
-
-
-def make_volumes(split: str, acc: int, n_slices: int, seed: int, coils: int = 12,
-                 matrix=(192, 160), snr: float = 30.0,
-                 contrasts: tuple[str, ...] = CONTRASTS) -> list[list[BenchSlice]]:
-    """One volume per contrast of ``split``: undersampled slices with ESPIRiT maps. A contrast's
-    volume depends on its place in :data:`CONTRASTS`, not on which others are asked for."""
-    from .sim import simulate_volume
-
-    vols = []
-    for contrast in contrasts:
-        i = CONTRASTS.index(contrast)
-        vol = simulate_volume(split, contrast, n_slices, coils, matrix, snr=snr, seed=seed + i)
-        rng = np.random.default_rng(seed + 100 + i)
-        out = []
-        for s in vol.slices:
-            m1, _ = cartesian_mask(matrix[0], acc, CENTER_FRACTION[acc], "equispaced", rng)
-            acs = acs_bounds(matrix[0], int(round(matrix[0] * CENTER_FRACTION[acc])))
-            mask = np.broadcast_to(m1[:, None], matrix).astype(np.float32)
-            ksp = (s.kspace * mask[None]).astype(np.complex64)
-            out.append(BenchSlice(ksp, mask, acs, s.target, estimate_maps(ksp, acs, EspiritParams())))
-        vols.append(out)
-    return vols
-
-
-def _network(model):
-    import torch
-
-    from .physics import SenseOperator
-
-    def run(s: BenchSlice) -> np.ndarray:
-        with torch.inference_mode():
-            op = SenseOperator(torch.from_numpy(s.maps)[None], torch.from_numpy(s.mask)[None])
-            return model(torch.from_numpy(s.kspace)[None], op)[0].abs().numpy()
-
-    return run
-
-
-def _predict(vols, fn) -> tuple[list[np.ndarray], list[float]]:
-    """Magnitude images per volume, (slices, ky, kx), and the seconds each slice took."""
-    images, times = [], []
-    for vol in vols:
-        preds = []
-        for s in vol:
-            t0 = time.perf_counter()
-            preds.append(np.abs(fn(s)))
-            times.append(time.perf_counter() - t0)
-        images.append(np.stack(preds))
-    return images, times
-
-
-def _per_volume(vols, images) -> list[dict]:
-    return [all_metrics(np.stack([s.target for s in vol]), im) for vol, im in zip(vols, images)]
-
-
-def _evaluate(vols, fn) -> tuple[dict, float, list]:
-    images, times = _predict(vols, fn)
-    per_vol = _per_volume(vols, images)
-    mean = {k: float(np.mean([m[k] for m in per_vol])) for k in per_vol[0]}
-    return mean, float(np.median(times)), images
-
-
-def evaluate_model(model, vols) -> tuple[dict, float, list]:
-    """(mean metrics, median s/slice, images) of an unrolled model on prepared volumes."""
-    return _evaluate(vols, _network(model))
-
-
-def volume_metrics(model, vols) -> list[dict]:
-    """Metrics of an unrolled model per volume (one per contrast), in the order of ``vols``."""
-    images, _ = _predict(vols, _network(model))
-    return _per_volume(vols, images)
 
 
 def tune_lambda(method, vols, grid) -> float:
     """The lambda of ``grid`` with the best mean PSNR on validation volumes."""
     fn = cg_sense if method == "cg-sense" else l1_wavelet
-    best = max(grid, key=lambda lam: _evaluate(
+    best = max(grid, key=lambda lam: evaluate(
         vols, lambda s: fn(s.kspace, s.maps, s.mask, lam))[0]["psnr"])
     log.info("%s: tuned lambda %g", method, best)
     return best
@@ -117,7 +32,7 @@ def tune_lambda(method, vols, grid) -> float:
 
 def quality(docs: Path, quick: bool = False, model_name: str = "unrolled-base") -> dict:
     """Write the quality table + example PNG to ``docs``; returns the results."""
-    from .models.checkpoint import load_inference_model, resolve_model
+    from recon_plugin.models.checkpoint import load_inference_model, resolve_model
 
     model, card = load_inference_model(resolve_model(model_name))
     n = 2 if quick else 4
@@ -134,12 +49,12 @@ def quality(docs: Path, quick: bool = False, model_name: str = "unrolled-base") 
                          f"lambda {lam_cg:g}"),
             "L1-wavelet": (lambda s, lam=lam_l1: l1_wavelet(s.kspace, s.maps, s.mask, lam),
                            f"lambda {lam_l1:g}"),
-            card.get("name", model_name): (_network(model), "unrolled network"),
+            card.get("name", model_name): (network_fn(model), "unrolled network"),
         }
         results[acc] = {}
         imgs = {}
         for name, (fn, note) in methods.items():
-            m, t, im = _evaluate(test, fn)
+            m, t, im = evaluate(test, fn)
             results[acc][name] = {**m, "seconds_per_slice": t, "note": note}
             imgs[name] = im[1][n // 2]  # T2 volume, middle slice
             log.info("%dx %s: %s", acc, name, results[acc][name])
@@ -177,21 +92,7 @@ def _write_quality_md(path: Path, results: dict, card: dict, n: int, quick: bool
                      f"**{net['psnr'] - best_c['psnr']:+.2f}** | "
                      f"**{net['ssim'] - max(r['ssim'] for r in classical):+.4f}** | | |")
     lines += ["", "Example slices: `docs/quality_examples.png`.", ""]
-    _replace_section(path, "## Reconstruction quality", "\n".join(lines))
-
-
-def _replace_section(path: Path, heading: str, text: str) -> None:
-    """Replace, where it stands, the section starting at ``heading`` in a markdown file (or
-    append it)."""
-    old = path.read_text() if path.is_file() else "# Benchmarks\n\nNumbers measured on this " \
-        "project's 2-core CPU machine; each section says the command that reproduces it.\n\n"
-    if heading not in old:
-        path.write_text(old.rstrip() + "\n\n" + text.strip() + "\n")
-        return
-    start = old.index(heading)
-    nxt = old.find("\n## ", start + 1)
-    rest = "\n\n" + old[nxt + 1:].strip() + "\n" if nxt >= 0 else "\n"
-    path.write_text(old[:start] + text.strip() + rest)
+    replace_section(path, "## Reconstruction quality", "\n".join(lines))
 
 
 def _plot_examples(path: Path, examples: dict) -> None:
@@ -219,8 +120,3 @@ def _plot_examples(path: Path, examples: dict) -> None:
     plt.close(fig)
 
 
-def speed(docs: Path, quick: bool = False) -> dict:
-    """Per-stage timing table (see ``recon_plugin.speedbench``)."""
-    from .speedbench import run_speed
-
-    return run_speed(docs, quick)

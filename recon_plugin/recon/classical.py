@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .physics import ifft2c, rss
+from ..physics import ifft2c, rss
 
 METHODS = ("zero-filled", "cg-sense", "l1-wavelet")
 

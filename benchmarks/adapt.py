@@ -27,8 +27,8 @@ SITE = dict(contrast="STIR", num_coils=32, snr=10.0, coil_radius=1.1, matrix=(19
 
 
 def _site_files(d: Path, n_files: int) -> list[Path]:
-    from .io.writers import write_ismrmrd
-    from .sim import simulate_volume
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
 
     files = []
     for i in range(n_files):
@@ -41,10 +41,10 @@ def _site_files(d: Path, n_files: int) -> list[Path]:
 
 
 def _eval_volumes(n_slices: int):
-    from .bench import BenchSlice
-    from .coils import EspiritParams, estimate_maps
-    from .physics import acs_bounds, cartesian_mask
-    from .sim import simulate_volume
+    from recon_plugin.physics import acs_bounds, cartesian_mask
+    from recon_plugin.recon.coils import EspiritParams, estimate_maps
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.training.evaluation import EvalSlice
 
     vols = []
     for seed in (880, 881):
@@ -59,20 +59,20 @@ def _eval_volumes(n_slices: int):
             mask = np.broadcast_to(m1[:, None], SITE["matrix"]).astype(np.float32)
             acs = acs_bounds(ny, 16)
             k = (s.kspace * mask[None]).astype(np.complex64)
-            out.append(BenchSlice(k, mask, acs, s.target, estimate_maps(k, acs, EspiritParams())))
+            out.append(EvalSlice(k, mask, acs, s.target, estimate_maps(k, acs, EspiritParams())))
         vols.append(out)
     return vols
 
 
 def _supervised(base_path: Path, files: list[Path], steps: int, lr: float, run_dir: Path):
     """Upper reference: fine-tune on the site files WITH their targets (image loss)."""
-    from .adapt import prepare_slices
-    from .coils import EspiritParams
-    from .io import read_raw
-    from .models.checkpoint import load_model
-    from .physics import SenseOperator
-    from .training.loop import freeze_batchnorm, train_loop
-    from .training.losses import image_loss
+    from recon_plugin.adaptation.site import prepare_slices
+    from recon_plugin.io import read_raw
+    from recon_plugin.models.checkpoint import load_model
+    from recon_plugin.physics import SenseOperator
+    from recon_plugin.recon.coils import EspiritParams
+    from recon_plugin.training.loop import freeze_batchnorm, train_loop
+    from recon_plugin.training.losses import image_loss
 
     model, _ = load_model(base_path)
     slices = prepare_slices(files, EspiritParams())
@@ -94,10 +94,12 @@ def _supervised(base_path: Path, files: list[Path], steps: int, lr: float, run_d
 def run(docs: Path, steps: int = 120, lr: float = 2e-4, n_files: int = 6,
         protocol: str = "brain_t2_axial_4x", mode: str = "ssdu") -> dict:
     """Run the benchmark, write its section of docs/BENCHMARKS.md and a plot."""
-    from .adapt import adapt
-    from .bench import _replace_section, evaluate_model
-    from .models.checkpoint import load_model, resolve_model
-    from .protocol import load_protocol
+    from recon_plugin.adaptation.site import adapt
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.models.checkpoint import load_model, resolve_model
+    from recon_plugin.training.evaluation import evaluate_model
+
+    from .docs import replace_section
 
     base_path = resolve_model(load_protocol(protocol).recon_settings().model)
     with tempfile.TemporaryDirectory() as td:
@@ -149,6 +151,6 @@ def run(docs: Path, steps: int = 120, lr: float = 2e-4, n_files: int = 6,
         "",
     ]
     docs.mkdir(parents=True, exist_ok=True)
-    _replace_section(docs / "BENCHMARKS.md", f"## Site adaptation ({mode}, {steps} steps)",
+    replace_section(docs / "BENCHMARKS.md", f"## Site adaptation ({mode}, {steps} steps)",
                      "\n".join(lines))
     return {"results": res, "recovered": recovered, "report": rep}

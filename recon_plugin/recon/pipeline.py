@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, classical
+from .. import __version__
+from ..models.checkpoint import load_inference_model, resolve_model
+from ..physics import SenseOperator, center_crop, fft2c, ifft2c
+from ..scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
+from . import classical
 from .coils import CoilMapError, EspiritParams, estimate_maps
-from .models.checkpoint import load_inference_model, resolve_model
 from .partial_fourier import homodyne, is_partial_fourier
-from .physics import SenseOperator, center_crop, fft2c, ifft2c
 from .preprocess import whiten_and_compress, whitening_matrix
-from .scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Reconstructor:
             return model(k, op)[0].cpu().numpy()
 
     def _choose_variant(self, ksp, mask, sl: SliceData, settings: ReconSettings) -> str:
-        from .pruning.adaptive import choose_variant, slice_features
+        from .policy import choose_variant, slice_features
 
         return choose_variant(slice_features(ksp, mask), settings.adaptive)
 
@@ -208,7 +209,7 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
         raise ValueError(f"unknown output format(s) {sorted(unknown)}; use dicom and/or h5")
     paths: list[Path] = []
     if "dicom" in formats and series:
-        from .dicom import scan_uids, write_series
+        from ..output.dicom import scan_uids, write_series
 
         study, frame = scan_uids(series[0].header)  # one study / frame for all series of a scan
         for s in series:
@@ -223,7 +224,7 @@ def write_reconstruction_h5(series: ReconSeries, out_dir: Path) -> Path:
     """fastMRI-style ``reconstruction`` (slices, rows, cols) float32 file, written atomically."""
     import h5py
 
-    from .fileio import atomic_path
+    from ..output.atomic import atomic_path
 
     final = out_dir / f"series_{series.series_number:04d}.h5"
     with atomic_path(final, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metrics import psnr
-from ..models.checkpoint import load_inference_model, resolve_model
-from .adaptive import difficulty_score, slice_features, validate_policy
+from recon_plugin.metrics import psnr
+from recon_plugin.models.checkpoint import load_inference_model, resolve_model
+from recon_plugin.recon.policy import difficulty_score, slice_features, validate_policy
+from recon_plugin.training.evaluation import make_volumes, network_fn
+
+from .docs import replace_section
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +77,6 @@ def calibrate(docs: Path, policy: dict, floor_db: float | None = None, n_slices:
     ``floor_db`` defaults to the policy's ``quality_floor_db``. Cells: :data:`CELLS`, 4
     contrasts x ``n_slices`` validation slices each, 12 coils, 192x160, ESPIRiT maps.
     """
-    from ..bench import _network, _replace_section, make_volumes
-
     pol = validate_policy(policy)
     floor = pol.get("quality_floor_db") if floor_db is None else float(floor_db)
     if floor is None or not floor > 0:
@@ -84,7 +85,7 @@ def calibrate(docs: Path, policy: dict, floor_db: float | None = None, n_slices:
     if len(pol["variants"]) < 2:
         raise ValueError("an adaptive policy with one variant has no threshold to calibrate")
     names = [v["model"] for v in pol["variants"]]
-    runs = {n: _network(load_inference_model(resolve_model(n))[0]) for n in names}
+    runs = {n: network_fn(load_inference_model(resolve_model(n))[0]) for n in names}
     rows = []
     for i, (acc, snr) in enumerate(CELLS):
         diff, psnrs = [], {n: [] for n in names}
@@ -123,5 +124,5 @@ def calibrate(docs: Path, policy: dict, floor_db: float | None = None, n_slices:
         f"`{n}` max_difficulty {kept[n]}" if n in kept else f"`{n}` never chosen (left out)"
         for n in names[:-1]) + f"; `{names[-1]}` for the rest.", ""]
     docs.mkdir(parents=True, exist_ok=True)
-    _replace_section(docs / "BENCHMARKS.md", "## Adaptive threshold calibration", "\n".join(lines))
+    replace_section(docs / "BENCHMARKS.md", "## Adaptive threshold calibration", "\n".join(lines))
     return {"policy": fitted, "cells": rows}

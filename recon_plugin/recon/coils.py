@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .physics import ifft2c
+from ..physics import ifft2c
 
 log = logging.getLogger(__name__)
 

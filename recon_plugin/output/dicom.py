@@ -59,8 +59,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from .fileio import make_readable
-from .scan import Geometry, ReconImage, ReconSeries, ScanHeader
+from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader
+from .atomic import make_readable
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,91 @@
+"""``recon-plugin bench WHAT`` / ``python -m benchmarks WHAT``: run one benchmark."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+WHAT = ("quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt")
+
+
+def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
+    s = argparse.ArgumentParser(prog=prog, description="benchmarks: write tables/plots to docs/")
+    s.add_argument("what", choices=WHAT)
+    s.add_argument("--protocol", default="brain_adaptive",
+                   help="protocol whose adaptive policy is benchmarked or calibrated "
+                   "(bench adaptive / calibrate)")
+    s.add_argument("--floor-db", type=float, default=None,
+                   help="quality floor: PSNR the lighter variants may lose against the "
+                   "heaviest (bench calibrate; default: the policy's quality_floor_db)")
+    s.add_argument("--mode", default="ssdu", help="adaptation mode (bench adapt)")
+    s.add_argument("--steps", type=int, default=120, help="adaptation steps (bench adapt)")
+    s.add_argument("--variants", action="append", type=Path, default=None,
+                   help="folder(s) of variant models (bench pruning; default: shipped weights); "
+                   "variant files or folders to rank on validation (bench select)")
+    s.add_argument("--docs", default="docs")
+    s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
+    return s
+
+
+def run(a: argparse.Namespace) -> int:
+    docs = Path(a.docs)
+    if a.what == "quality":
+        from .quality import quality
+
+        quality(docs, quick=a.quick)
+    elif a.what == "speed":
+        from .speed import run_speed
+
+        run_speed(docs, a.quick)
+    elif a.what == "pruning":
+        from recon_plugin.models.checkpoint import WEIGHTS_DIR
+
+        from .pruning import pruning_table
+
+        pruning_table(docs, a.variants or [WEIGHTS_DIR])
+    elif a.what == "select":
+        from .selection import selection_table
+
+        if not a.variants:
+            raise ValueError("bench select needs --variants (variant files or folders to rank)")
+        for i, r in enumerate(selection_table(docs, a.variants)):
+            print(f"{i + 1}. {r['name']}: worst-contrast dPSNR {r['worst_dpsnr']:+.2f} dB, "
+                  f"mean dSSIM {r['mean_dssim']:+.4f}")
+    elif a.what == "calibrate":
+        import yaml
+
+        from .calibration import calibrate
+
+        fitted = calibrate(docs, _policy(a.protocol), a.floor_db)["policy"]
+        print(yaml.safe_dump({"adaptive": fitted}, sort_keys=False), end="")
+    elif a.what == "adaptive":
+        from .pruning import adaptive_table
+
+        adaptive_table(docs, _policy(a.protocol))
+    elif a.what == "adapt":
+        from .adapt import run as run_adapt
+
+        out = run_adapt(docs, steps=a.steps, mode=a.mode)
+        print(f"fraction of the supervised gap recovered: {out['recovered']:.2f}")
+    return 0
+
+
+def _policy(protocol: str) -> dict:
+    from recon_plugin.config.protocol import load_protocol
+
+    policy = load_protocol(protocol).adaptive
+    if not policy:
+        raise ValueError(f"protocol {protocol} has no adaptive policy")
+    return policy
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
+    import logging
+
+    from recon_plugin.runtime import tune_allocator
+
+    a = build_parser(prog).parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tune_allocator()
+    return run(a)

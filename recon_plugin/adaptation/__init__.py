@@ -1,0 +1,1 @@
+"""Self-supervised site adaptation (``recon-plugin adapt``): gate, versioned model, overlay."""

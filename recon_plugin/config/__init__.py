@@ -1,0 +1,1 @@
+"""Configuration: protocol YAML files (schema, ``extends`` and site overlays, header matching)."""

@@ -1,0 +1,3 @@
+"""Streaming: the engine that turns MRD acquisitions into images per slice (``engine``; also
+behind the Gadgetron and python-ismrmrd-server modules in ``gadgets/``), the MRD v1 TCP server
+(``server``) and a minimal client (``client``)."""

@@ -1,0 +1,18 @@
+"""One prepared slice of raw data, as site adaptation and self-supervised validation use it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SiteSlice:
+    """One prepared slice: undersampled k-space (C, ky, kx), mask (ky, kx), ESPIRiT maps, ACS."""
+
+    kspace: torch.Tensor
+    mask: torch.Tensor
+    maps: torch.Tensor
+    acs: tuple[int, int] | None
+    source: str
