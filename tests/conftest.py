@@ -3,6 +3,20 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``needs_shared`` skip, saying why, when the MNI template is absent (a clone
+    without ``../shared``, or ``RECON_PLUGIN_ANATOMY`` naming a missing file)."""
+    from recon_plugin.sim.anatomy import ANATOMY_ENV, find_template
+
+    if find_template() is not None:
+        return
+    skip = pytest.mark.skip(reason="needs the MNI template (../shared/data/mni152_2009a_sym.npz "
+                            f"or ${ANATOMY_ENV}); the built-in phantom is used without it")
+    for item in items:
+        if "needs_shared" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -22,18 +22,3 @@ def test_identity_and_ordering():
     assert ssim(gt, gt) == pytest.approx(1.0)
     a, b = gt + rng.normal(0, 0.01, gt.shape), gt + rng.normal(0, 0.1, gt.shape)
     assert psnr(gt, a) > psnr(gt, b) and ssim(gt, a) > ssim(gt, b) and nmse(gt, a) < nmse(gt, b)
-
-
-def test_benchmark_section_is_replaced_where_it_stands(tmp_path):
-    from benchmarks.docs import replace_section
-
-    doc = tmp_path / "B.md"
-    replace_section(doc, "## A", "## A\n\nfirst")
-    replace_section(doc, "## B", "## B\n\nsecond")
-    replace_section(doc, "## A", "## A\n\nnew")
-    text = doc.read_text()
-    assert text.index("## A") < text.index("## B")
-    assert "new" in text and "first" not in text and text.count("## A") == 1
-    replace_section(doc, "## B", "## B\n\nlast")
-    assert text.split("## B")[0] == doc.read_text().split("## B")[0]
-    assert doc.read_text().endswith("last\n")

@@ -40,6 +40,7 @@ def test_builtin_phantom_without_shared_data():
     assert v.slices[0].target.max() > 0 and a.name == "builtin_phantom"
 
 
+@pytest.mark.needs_shared  # the phantom's split slabs are not the template's
 def test_axial_stack_never_reaches_another_split():
     from recon_plugin.sim import LPS_FROM_RAS
 

@@ -44,6 +44,7 @@ def site(tmp_path_factory):
     return d, raws
 
 
+@pytest.mark.slow
 def test_adaptation_lowers_heldout_error_and_overlay_is_used(site, tmp_path):
     d, raws = site
     rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=60, lr=1e-2)
@@ -75,6 +76,7 @@ def test_gate_refuses_a_worse_model(site, tmp_path):
     assert not (tmp_path / "models").exists() and not (tmp_path / "protocols").exists()
 
 
+@pytest.mark.slow
 def test_two_process_ddp(site, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     if not Path(torchrun).exists():

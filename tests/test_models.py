@@ -167,3 +167,18 @@ def test_intensity_scale_is_the_99th_percentile(shape):
     x = torch.randn(*shape, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
     ref = torch.quantile(x.abs().flatten(1), 0.99, dim=1).view(-1, 1, 1)
     torch.testing.assert_close(intensity_scale(x), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_latency_is_timed_on_the_given_slice_for_every_model():
+    """``measure_latency`` times each model on the given (k-space, maps, mask) slice (how the
+    times compare is measured by ``python -m benchmarks.checks``, not asserted here)."""
+    from recon_plugin.models.latency import measure_latency, random_input
+
+    ksp, op = random_input((64, 48), 4)
+    maps = op.maps.clone()
+    maps[..., :12] = 0  # cropped maps, as ESPIRiT's
+    small = UnrolledNet(num_cascades=1, chans=4).eval()
+    large = UnrolledNet(num_cascades=6, chans=16).eval()
+    lat = measure_latency({"small": small, "large": large}, repeats=5,
+                          sample=(ksp, maps, op.mask))
+    assert set(lat) == {"small", "large"} and all(v > 0 for v in lat.values())

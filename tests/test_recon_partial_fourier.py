@@ -29,6 +29,7 @@ def test_homodyne_beats_zero_filling(small_volume):
         homodyne(x, np.arange(ny) >= ny // 2 + 1)
 
 
+@pytest.mark.slow
 def test_protocol_homodyne_in_the_pipeline(small_volume, tmp_path):
     f = write_ismrmrd(small_volume, tmp_path / "pf.h5", acceleration=1, calib_lines=24,
                       partial_fourier=0.75, noise_scan=False)

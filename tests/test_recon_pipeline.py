@@ -26,7 +26,7 @@ def files(tmp_path_factory):
     return vol, ism, fm
 
 
-@pytest.mark.parametrize("method", ["zero-filled", "cg-sense"])
+@pytest.mark.parametrize("method", ["zero-filled", pytest.param("cg-sense", marks=pytest.mark.slow)])
 def test_ismrmrd_and_fastmri_give_identical_pixels(files, method):
     vol, ism, fm = files
     recon = Reconstructor()
@@ -39,6 +39,8 @@ def test_ismrmrd_and_fastmri_give_identical_pixels(files, method):
         np.testing.assert_allclose(x.geometry.position, y.geometry.position, atol=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.needs_shared  # the network beats zero-filled on brain anatomy, not on the phantom
 def test_shipped_network_on_a_file(tmp_path):
     """A file at the trained resolution (1.4 mm): the network beats zero-filling clearly and
     CG-SENSE in SSIM (as in docs/BENCHMARKS.md)."""

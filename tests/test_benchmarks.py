@@ -1,0 +1,123 @@
+"""Benchmark code that is not a measurement: tables, ranking, calibration fit, doc sections.
+
+``benchmarks/`` is not installed; it is importable from the checkout (pytest ``pythonpath``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from recon_plugin.recon.policy import PolicyError, validate_policy
+
+POLICY = {"variants": [{"model": "unrolled-spade-0.5", "max_difficulty": 0.4},
+                       {"model": "unrolled-base"}]}
+
+
+def test_target_summary_checks_the_targets_on_the_rows():
+    from benchmarks.pruning import target_summary
+
+    def row(name, method, ratio, ft, speedup, p4, s4, p8, s8, gflops):
+        return {"name": name, "method": method, "ratio": ratio, "finetune": ft,
+                "speedup": speedup, "psnr_4x": p4, "ssim_4x": s4, "psnr_8x": p8,
+                "ssim_8x": s8, "gflops": gflops}
+
+    rows = [row("unpruned", "none", 0, "supervised", 1.0, 32.0, 0.95, 29.0, 0.91, 30),
+            row("a", "spade", 0.5, "teacher", 1.7, 31.8, 0.948, 28.9, 0.907, 9),
+            row("b", "spade", 0.75, "teacher", 2.3, 31.0, 0.94, 28.0, 0.90, 4),
+            row("c", "spade", 0.5, "self", 1.7, 31.0, 0.90, 28.8, 0.88, 9),
+            row("d", "spade", 0.5, "supervised", 1.7, 31.9, 0.95, 28.9, 0.91, 9),
+            row("e", "lean", 0.65, "teacher", 1.5, 31.5, 0.94, 28.6, 0.90, 9.5),
+            row("f", "spade", 0.5, "ssdu", 1.7, 31.6, 0.93, 28.7, 0.89, 9)]
+    text = "\n".join(target_summary(rows))
+    assert "**a**, 1.70x (target 2x: not met)" in text  # b is faster but loses 1 dB
+    assert "Fastest teacher variant: b, 2.30x" in text
+    assert "Least lossy" not in text  # b is also the only one at >= 2x
+    assert "PSNR -0.90 / -0.10 dB" in text and "not met" in text
+    assert "Self-supervised f against supervised d (spade 0.5): PSNR -0.30 / -0.20 dB at 4x / 8x " \
+           "(target at most 0.5 dB below: met)" in text
+    assert "LEAN e" in text and "SPADE a" in text and "-0.30 / -0.30 dB" in text
+    rows[1]["speedup8"] = 2.1  # 2x at the protocols' 8 virtual coils counts
+    text = "\n".join(target_summary(rows))
+    assert "**a**, 1.70x (2.10x at 8 coils) (target 2x: met)" in text
+    assert "Least lossy teacher variant at >= 2x: a, 1.70x (2.10x at 8 coils), PSNR -0.20" in text
+
+
+def test_selection_ranks_by_worst_contrast_not_mean():
+    from benchmarks.selection import per_contrast_changes, rank
+
+    def vols(psnrs, ssim=0.9):
+        return [{"psnr": p, "ssim": ssim} for p in psnrs]
+
+    ref = {4: vols([30, 30, 30, 30]), 8: vols([27, 27, 27, 27])}
+    # "spiky" has the best mean but loses 3 dB on one contrast; "even" loses 0.5 everywhere
+    cands = {"spiky": {4: vols([32, 32, 32, 27]), 8: vols([29, 29, 29, 24])},
+             "even": {4: vols([29.5] * 4, 0.89), 8: vols([26.5] * 4, 0.89)},
+             "even-better-ssim": {4: vols([29.5] * 4, 0.895), 8: vols([26.5] * 4, 0.895)}}
+    rows = rank(cands, ref)
+    assert [r["name"] for r in rows] == ["even-better-ssim", "even", "spiky"]
+    assert rows[0]["worst_dpsnr"] == -0.5 and rows[2]["worst_dpsnr"] == -3.0
+    assert abs(rows[0]["mean_dssim"] + 0.005) < 1e-9
+    assert rows[2]["psnr"][4] == 30.75 and rows[2]["worst"] == {4: -3.0, 8: -3.0}
+    with pytest.raises(ValueError, match="3 volumes against 4"):
+        per_contrast_changes({4: vols([30, 30, 30])}, ref)
+
+
+def test_bench_select_without_variants_names_the_problem(tmp_path):
+    from benchmarks.selection import selection_table
+
+    with pytest.raises(ValueError, match="no variant"):
+        selection_table(tmp_path / "docs", [tmp_path])
+    with pytest.raises(ValueError, match="not found: .*nope"):
+        selection_table(tmp_path / "docs", [tmp_path / "nope"])
+    assert not (tmp_path / "docs").exists()
+
+
+def test_calibration_threshold_stops_before_the_first_failing_cell():
+    from benchmarks.calibration import calibrated_variants, fit_threshold
+
+    def cell(d, loss):
+        return {"difficulty": list(d), "loss_db": [loss] * len(d)}
+
+    cells = [cell([0.30, 0.34], 0.2), cell([0.08, 0.12], 0.1), cell([0.55, 0.60], 1.5),
+             cell([0.40, 0.45], 0.4)]
+    assert fit_threshold(cells, 0.3) == pytest.approx((0.34 + 0.40) / 2)  # 0.4 dB cell fails
+    assert fit_threshold(cells, 0.5) == pytest.approx((0.45 + 0.55) / 2)
+    assert fit_threshold(cells, 2.0) == 1.0
+    assert fit_threshold(cells, 0.05) == 0.0
+    # overlapping difficulties: every slice of the failing cell goes to the heavier variant
+    over = [cell([0.10, 0.42], 0.1), cell([0.38, 0.50], 0.9)]
+    assert fit_threshold(over, 0.3) == pytest.approx(0.379)
+    pol = {"variants": [{"model": "a", "max_difficulty": 0.1}, {"model": "b", "max_difficulty": 0.2},
+                        {"model": "c"}]}
+    fitted = calibrated_variants(pol, [0.4, 0.3])  # b would take no slice that a does not
+    assert fitted == [{"model": "a", "max_difficulty": 0.4}, {"model": "c"}]
+    validate_policy({"variants": fitted})
+    assert calibrated_variants(pol, [0.0, 0.3]) == [{"model": "b", "max_difficulty": 0.3},
+                                                    {"model": "c"}]
+    assert calibrated_variants(pol, [0.0, 0.0]) == [{"model": "c"}]  # everything to the heaviest
+    validate_policy({"variants": calibrated_variants(pol, [0.0, 0.0])})
+
+
+def test_calibrate_needs_a_floor(tmp_path):
+    from benchmarks.calibration import calibrate
+
+    with pytest.raises(ValueError, match="quality floor"):
+        calibrate(tmp_path, POLICY)
+    with pytest.raises(PolicyError, match="quality_floor_db must be a number > 0"):
+        validate_policy({**POLICY, "quality_floor_db": -1})
+    assert validate_policy({**POLICY, "quality_floor_db": 0.5})["quality_floor_db"] == 0.5
+
+
+def test_benchmark_section_is_replaced_where_it_stands(tmp_path):
+    from benchmarks.docs import replace_section
+
+    doc = tmp_path / "B.md"
+    replace_section(doc, "## A", "## A\n\nfirst")
+    replace_section(doc, "## B", "## B\n\nsecond")
+    replace_section(doc, "## A", "## A\n\nnew")
+    text = doc.read_text()
+    assert text.index("## A") < text.index("## B")
+    assert "new" in text and "first" not in text and text.count("## A") == 1
+    replace_section(doc, "## B", "## B\n\nlast")
+    assert text.split("## B")[0] == doc.read_text().split("## B")[0]
+    assert doc.read_text().endswith("last\n")
