@@ -13,7 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .output import FORMATS
+from .recon import METHODS
 from .runtime import tune_allocator
+from .sim.anatomy import CONTRASTS
 
 log = logging.getLogger("recon_plugin")
 
@@ -22,9 +25,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _formats(text: str) -> tuple[str, ...]:
     f = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = set(f) - {"dicom", "h5"}
+    bad = set(f) - set(FORMATS)
     if bad or not f:
-        raise argparse.ArgumentTypeError(f"--format takes dicom and/or h5, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--format takes {' and/or '.join(FORMATS)}, got {text!r}")
     return f
 
 
@@ -202,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
     s.add_argument("--format", type=_formats, default=("dicom",), help="dicom,h5 (default dicom)")
-    s.add_argument("--method", choices=["unrolled", "zero-filled", "cg-sense", "l1-wavelet"],
+    s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -217,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--format", choices=["fastmri", "ismrmrd", "both"], default="both")
     s.add_argument("--split", choices=["train", "val", "test"], default="test")
-    s.add_argument("--contrast", choices=["T1", "T2", "PD", "FLAIR"], default="T2")
+    s.add_argument("--contrast", choices=list(CONTRASTS), default="T2")
     s.add_argument("--orientation", choices=["axial", "coronal", "sagittal"], default="axial")
     s.add_argument("--slices", type=int, default=4)
     s.add_argument("--coils", type=int, default=12)

@@ -103,7 +103,7 @@ def test_calibrate_needs_a_floor(tmp_path):
 
     with pytest.raises(ValueError, match="quality floor"):
         calibrate(tmp_path, POLICY)
-    with pytest.raises(PolicyError, match="quality_floor_db must be a number > 0"):
+    with pytest.raises(PolicyError, match="quality_floor_db: Input should be greater than 0"):
         validate_policy({**POLICY, "quality_floor_db": -1})
     assert validate_policy({**POLICY, "quality_floor_db": 0.5})["quality_floor_db"] == 0.5
 

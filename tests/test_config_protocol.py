@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -74,24 +75,28 @@ def test_protocol_dirs_include_checkout_and_install_locations(tmp_path, monkeypa
     ("body", "expected"),
     [
         ("espirt: {calib_width: 24}\n", "espirt: unknown key (did you mean 'espirit'?)"),
-        ("espirit: {thresh: abc}\n", "espirit.thresh: expected a number"),
-        ("espirit: {thresh: 1.5}\n", "espirit.thresh: 1.5 out of range"),
-        ("espirit: {calib_width: 6, kernel_width: 6}\n", "espirit.kernel_width: 6 must be"),
-        ("espirit: {fast: 'yes'}\n", "espirit.fast: expected true or false"),
-        ("coil_compression: 0\n", "coil_compression: 0 out of range"),
-        ("partial_fourier: half\n", "partial_fourier: 'half' is not one of zero-fill, homodyne"),
+        ("espirit: {thresh: abc}\n", "espirit.thresh: Input should be a valid number, got 'abc'"),
+        ("espirit: {thresh: 1.5}\n", "espirit.thresh: Input should be less than or equal to 1, got 1.5"),
+        ("espirit: {calib_width: 6, kernel_width: 6}\n",
+         "espirit: kernel_width 6 must be smaller than calib_width (6)"),
+        ("espirit: {fast: 'yes'}\n", "espirit.fast: Input should be a valid boolean, got 'yes'"),
+        ("coil_compression: 0\n", "coil_compression: Input should be greater than or equal to 1, got 0"),
+        ("partial_fourier: half\n", "partial_fourier: Input should be 'zero-fill' or 'homodyne', got 'half'"),
         ("match: {protocol_name: 't2(['}\n", "match.protocol_name: invalid regular expression"),
         ("match: {acceleration: [5, 3]}\n", "match.acceleration: need 0 <= min <= max"),
-        ("match: {catch_all: true, contrast: t2}\n", "match.catch_all: cannot be combined"),
-        ("pacs: {targets: ['PACS-host:104']}\n", "pacs.targets[0]: PACS target"),
+        ("match: {catch_all: true, contrast: t2}\n",
+         "match: catch_all cannot be combined with rules (contrast)"),
+        ("pacs: {targets: ['PACS-host:104']}\n",
+         "pacs.targets: [0] PACS target 'PACS-host:104': missing '@'"),
         ("pacs: {calling_aet: 'THIS_AE_TITLE_IS_TOO_LONG'}\n", "pacs.calling_aet"),
-        ("dicom: {max_value: 70000}\n", "dicom.max_value: 70000 out of range"),
-        ("dicom: {uid_root: 'abc'}\n", "dicom.uid_root: expected a UID root"),
+        ("dicom: {max_value: 70000}\n",
+         "dicom.max_value: Input should be less than or equal to 65535, got 70000"),
+        ("dicom: {uid_root: 'abc'}\n", "dicom.uid_root: String should match pattern"),
         ("dicom: {window: [2000, 0]}\n", "dicom.window: width must be > 0"),
-        ("series: null\n", "series: section must be a mapping"),
-        ("adaptive: [1, 2]\n", "adaptive: adaptive policy must be a mapping"),
+        ("series: null\n", "series: Input should be a mapping, got None"),
+        ("adaptive: [1, 2]\n", "adaptive: Input should be a mapping, got [1, 2]"),
         ("adaptive: {variants: [unrolled-lean-0.8, unrolled-base]}\n",
-         "adaptive: adaptive policy variants[0] must be a mapping"),
+         "adaptive.variants[0]: Input should be a mapping, got 'unrolled-lean-0.8'"),
         ("adaptive: {variants: [{model: a, max_difficulty: 0.5}, {model: b, max_difficulty: 0.2}]}\n",
          "must be greater than the previous"),
     ],
@@ -106,10 +111,10 @@ def test_schema_errors_name_file_and_key(tmp_path, body, expected):
 
 def test_model_method_choice_and_required_keys(tmp_path):
     path = write(tmp_path, "m", "name: m\nmodel: {method: magic}\n")
-    with pytest.raises(P.ProtocolError, match=r"model\.method: 'magic' is not one of"):
+    with pytest.raises(P.ProtocolError, match=r"model\.method: Input should be 'unrolled', .* got 'magic'"):
         P.load_protocol(path)
     path = write(tmp_path, "r", "name: r\ndescription: no model\n")
-    with pytest.raises(P.ProtocolError, match="model: required key missing"):
+    with pytest.raises(P.ProtocolError, match="model: Field required"):
         P.load_protocol(path)
 
 
@@ -234,7 +239,7 @@ def test_overlay_by_relative_path_and_validation_of_merge(tmp_path):
         extends: ../base/base_proto.yaml
         espirit: {kernel_width: 14}
         """)
-    with pytest.raises(P.ProtocolError, match=r"(?s)over\.yaml.*espirit\.kernel_width: 14 must be"):
+    with pytest.raises(P.ProtocolError, match=r"(?s)over\.yaml.*espirit: kernel_width 14 must be"):
         P.load_protocol(over)
     write(tmp_path / "site", "over", "name: over\nextends: ../base/base_proto.yaml\n"
           "series: {description: SITE}\n")
@@ -273,3 +278,25 @@ def test_every_shipped_protocol_names_a_shipped_model():
         resolve_model(p.model.variant)  # raises if the weights are not in the package
         for v in (p.adaptive or {}).get("variants", []):
             resolve_model(v["model"])
+
+
+def test_choices_are_defined_once():
+    from recon_plugin.cli import build_parser
+    from recon_plugin.recon import CLASSICAL_METHODS, METHODS, classical
+
+    assert P.METHODS is METHODS and classical.METHODS == CLASSICAL_METHODS
+    recon = build_parser()._subparsers._group_actions[0].choices["recon"]
+    method = next(a for a in recon._actions if a.dest == "method")
+    assert tuple(method.choices) == METHODS
+
+
+def test_unknown_keys_are_refused_everywhere(tmp_path):
+    """``extra="forbid"`` on every section, the dicom options and the adaptive policy."""
+    for body, where in [("model: {params: {}}\n", "model.params: unknown key"),
+                        ("model: {}\ndicom: {bodypart: BRAIN}\n",
+                         "dicom.bodypart: unknown key (did you mean 'body_part'?)"),
+                        ("model: {}\nadaptive: {variants: [{model: a}], weight: {}}\n",
+                         "adaptive.weight: unknown key")]:
+        path = write(tmp_path, "x", "name: x\n" + body)
+        with pytest.raises(P.ProtocolError, match=re.escape(where)):
+            P.load_protocol(path)

@@ -54,16 +54,18 @@ def test_adaptive_noise_scan():
 
 
 @pytest.mark.parametrize("policy,match", [
-    ({}, "non-empty 'variants'"),
-    ({"variants": []}, "non-empty 'variants'"),
-    ({"variants": [{"max_difficulty": 0.3}]}, "'model'"),
+    ({}, "variants: Field required"),
+    ({"variants": []}, "variants: List should have at least 1 item"),
+    ({"variants": [{"max_difficulty": 0.3}]}, r"variants\[0\]\.model: Field required"),
     ({"variants": [{"model": "a"}, {"model": "b"}]}, "needs 'max_difficulty'"),
     ({"variants": [{"model": "a", "max_difficulty": 0.5},
                    {"model": "b", "max_difficulty": 0.3}, {"model": "c"}]}, "greater"),
-    ({"variants": [{"model": "a", "max_difficulty": 1.5}, {"model": "b"}]}, r"\[0, 1\]"),
-    ({"variants": [{"model": "a", "threshold": 0.5}, {"model": "b"}]}, "unknown keys"),
-    ({"variants": [{"model": "b"}], "weight": {}}, "unknown keys"),
-    ({"variants": [{"model": "b"}], "weights": {"snr": 1}}, "unknown keys"),
+    ({"variants": [{"model": "a", "max_difficulty": 1.5}, {"model": "b"}]},
+     "less than or equal to 1, got 1.5"),
+    ({"variants": [{"model": "a", "threshold": 0.5}, {"model": "b"}]},
+     r"variants\[0\]\.threshold: unknown key"),
+    ({"variants": [{"model": "b"}], "weight": {}}, "weight: unknown key"),
+    ({"variants": [{"model": "b"}], "weights": {"snr": 1}}, r"weights\.snr: unknown key"),
 ])
 def test_policy_validation_errors(policy, match):
     with pytest.raises(PolicyError, match=match):

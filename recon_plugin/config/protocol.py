@@ -1,5 +1,8 @@
 """Clinical protocols: YAML files that decide every reconstruction knob, and header matching.
 
+The schema (every key, type, range and choice) is :mod:`recon_plugin.config.schema`; this
+module loads files (``extends`` chains, site overlays) and matches headers.
+
 A protocol file (``protocols/<name>.yaml``) looks like::
 
     name: brain_t2_axial_4x              # must equal the file name without .yaml
@@ -13,8 +16,8 @@ A protocol file (``protocols/<name>.yaml``) looks like::
       field_strength: [1.4, 3.1]         # tesla, inclusive range
       priority: 0                        # higher wins among matches
       catch_all: false                   # true: matches anything, used when nothing else does
-    model: {variant: unrolled-base, method: unrolled, lamda: null, fallback: zero-filled,
-            params: {}}                  # method: unrolled | cg-sense | l1-wavelet | zero-filled
+    model: {variant: unrolled-base, method: unrolled, lamda: null, fallback: zero-filled}
+                                         # method: unrolled | cg-sense | l1-wavelet | zero-filled
     espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: true, grid: 128}
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
@@ -22,7 +25,7 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     dicom: {max_value: 4095, window: null, private_block: true, uid_root: null,
             body_part: BRAIN, laterality: null, institution: null}
     pacs: {targets: ["PACS@10.0.0.5:104"], calling_aet: RECON_PLUGIN, queue_dir: null}
-    adaptive: null                       # per-slice variant policy (pruning/adaptive.py)
+    adaptive: null                       # per-slice variant policy (recon/policy.py)
 
 A protocol without ``match`` rules is never chosen automatically (only by name). ``extends``
 deep-merges the file over its base: mappings merge key by key, anything else (lists, scalars,
@@ -37,28 +40,26 @@ repository checkout's ``protocols/``, ``recon_plugin/protocols/`` inside the pac
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import os
-import re
 import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..output.dicom import DicomOptions
+from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
 from ..scan import ScanHeader
+from . import schema
+from .schema import EspiritSpec, MatchRules, ModelSpec, PacsSpec, ProtocolSpec, SeriesSpec
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "RECON_PLUGIN_PROTOCOLS"
-METHODS = ("unrolled", "cg-sense", "l1-wavelet", "zero-filled")
-PARTIAL_FOURIER = ("zero-fill", "homodyne")
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-_AET_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 
 
 class ProtocolError(ValueError):
@@ -69,95 +70,7 @@ class ProtocolMatchError(LookupError):
     """No protocol matches a header; the message lists every candidate and why it failed."""
 
 
-# --------------------------------------------------------------------------- dataclasses
-
-
-@dataclass
-class MatchRules:
-    protocol_name: str | None = None
-    contrast: str | None = None
-    sequence_type: str | None = None
-    acceleration: tuple[float, float] | None = None
-    field_strength: tuple[float, float] | None = None
-    priority: int = 0
-    catch_all: bool = False
-
-    @property
-    def rule_count(self) -> int:
-        keys = ("protocol_name", "contrast", "sequence_type", "acceleration", "field_strength")
-        return sum(getattr(self, k) is not None for k in keys)
-
-    def check(self, header: ScanHeader) -> str | None:
-        """None when ``header`` satisfies every rule, else the first reason it does not."""
-        texts = {
-            "protocol_name": header.protocol_name,
-            "contrast": header.contrast_name,
-            "sequence_type": header.sequence.sequence_type,
-        }
-        for key, value in texts.items():
-            pattern = getattr(self, key)
-            if pattern is not None and not re.search(pattern, value or "", re.IGNORECASE):
-                return f"{key} {value!r} does not match /{pattern}/"
-        ranges = {
-            "acceleration": header.acceleration,
-            "field_strength": header.sequence.field_strength_t,
-        }
-        for key, value in ranges.items():
-            bounds = getattr(self, key)
-            if bounds is None:
-                continue
-            if value is None:
-                return f"header has no {key} (rule wants {bounds[0]:g}..{bounds[1]:g})"
-            if not bounds[0] <= value <= bounds[1]:
-                return f"{key} {value:g} outside {bounds[0]:g}..{bounds[1]:g}"
-        if not self.catch_all and self.rule_count == 0:
-            return "no match rules (selectable by name only)"
-        return None
-
-
-@dataclass
-class ModelSpec:
-    variant: str = "unrolled-base"
-    method: str = "unrolled"
-    lamda: float | None = None  # classical regularisation; None = the method's tuned default
-    fallback: str = "zero-filled"  # when coil maps cannot be estimated: zero-filled | error
-    params: dict[str, Any] = field(default_factory=dict)  # free-form, for the reconstructor
-
-
-@dataclass
-class EspiritSpec:
-    calib_width: int = 24
-    kernel_width: int = 6
-    thresh: float = 0.02
-    crop: float = 0.95
-    fast: bool = True  # True: the fast rectangular-calibration path; False: SigPy reference
-    grid: int = 128  # coarse eigen-decomposition grid of the fast path
-
-
-@dataclass
-class SeriesSpec:
-    description: str = ""
-    number_base: int = 1000
-
-
-@dataclass
-class DicomSpec:
-    """Same field names as ``recon_plugin.output.dicom.DicomOptions`` (see ``Protocol.dicom_kwargs``)."""
-
-    max_value: int = 4095
-    window: tuple[float, float] | None = None
-    private_block: bool = True
-    uid_root: str | None = None
-    body_part: str | None = None
-    laterality: str | None = None
-    institution: str | None = None
-
-
-@dataclass
-class PacsSpec:
-    targets: list[str] = field(default_factory=list)
-    calling_aet: str = "RECON_PLUGIN"
-    queue_dir: str | None = None
+# --------------------------------------------------------------------------- protocol
 
 
 @dataclass
@@ -170,9 +83,9 @@ class Protocol:
     coil_compression: int | None = None
     partial_fourier: str = "zero-fill"
     series: SeriesSpec = field(default_factory=SeriesSpec)
-    dicom: DicomSpec = field(default_factory=DicomSpec)
+    dicom: DicomOptions = field(default_factory=DicomOptions)
     pacs: PacsSpec = field(default_factory=PacsSpec)
-    adaptive: dict[str, Any] | None = None
+    adaptive: dict[str, Any] | None = None  # the normalised policy (recon.policy.validate_policy)
     extends: str | None = None
     source: Path | None = None
     chain: list[Path] = field(default_factory=list)  # files merged, base first
@@ -182,8 +95,8 @@ class Protocol:
         return self.series.number_base + int(index) + 1
 
     def dicom_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``dicom.write_series`` (unset options left to its defaults)."""
-        return {k: v for k, v in asdict(self.dicom).items() if v is not None}
+        """Keyword arguments for ``dicom.write_series``: the options the protocol sets."""
+        return {k: v for k, v in self.dicom.model_dump(exclude_unset=True).items() if v is not None}
 
     def model_ref(self) -> str:
         """The model variant: a shipped name, or a .safetensors path made absolute relative to
@@ -213,235 +126,13 @@ class Protocol:
             partial_fourier=self.partial_fourier,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain mapping (e.g. for logging or a run manifest)."""
-        d = asdict(self)
-        d["source"] = str(self.source) if self.source else None
-        d["chain"] = [str(p) for p in self.chain]
-        return d
 
-
-# --------------------------------------------------------------------------- schema
-
-_Check = Any  # (value, where, errors) -> converted value
-
-
-def _num(lo: float | None = None, hi: float | None = None, integer: bool = False,
-         lo_open: bool = False):
-    def check(v, where, errors):
-        ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok_type:
-            errors.append(f"{where}: expected {'an integer' if integer else 'a number'}, "
-                          f"got {v!r}")
-            return None
-        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-            lo_s = "" if lo is None else (f"> {lo:g}" if lo_open else f">= {lo:g}")
-            hi_s = "" if hi is None else f"<= {hi:g}"
-            limits = " and ".join(s for s in (lo_s, hi_s) if s)
-            errors.append(f"{where}: {v!r} out of range ({limits})")
-            return None
-        return int(v) if integer else float(v)
-    return check
-
-
-def _str(pattern: re.Pattern | None = None, choices: Sequence[str] | None = None,
-         max_len: int | None = None, regex: bool = False):
-    def check(v, where, errors):
-        if not isinstance(v, str):
-            errors.append(f"{where}: expected a string, got {v!r}")
-            return None
-        if choices is not None and v not in choices:
-            errors.append(f"{where}: {v!r} is not one of {', '.join(choices)}")
-        elif pattern is not None and not pattern.fullmatch(v):
-            errors.append(f"{where}: {v!r} has an invalid format")
-        elif max_len is not None and len(v) > max_len:
-            errors.append(f"{where}: longer than {max_len} characters")
-        elif regex:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                errors.append(f"{where}: invalid regular expression {v!r}: {exc}")
-        return v
-    return check
-
-
-def _bool(v, where, errors):
-    if not isinstance(v, bool):
-        errors.append(f"{where}: expected true or false, got {v!r}")
-    return v
-
-
-def _range(lo: float = 0.0):
-    def check(v, where, errors):
-        if (not isinstance(v, list) or len(v) != 2
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
-            errors.append(f"{where}: expected [min, max] numbers, got {v!r}")
-            return None
-        if not lo <= v[0] <= v[1]:
-            errors.append(f"{where}: need {lo:g} <= min <= max, got {v!r}")
-            return None
-        return (float(v[0]), float(v[1]))
-    return check
-
-
-def _mapping(v, where, errors):
-    if not isinstance(v, dict):
-        errors.append(f"{where}: expected a mapping, got {v!r}")
-        return {}
-    return copy.deepcopy(v)
-
-
-def _adaptive(v, where, errors):
-    """The per-slice variant policy (rules in :func:`recon_plugin.recon.policy.validate_policy`)."""
-    from ..recon.policy import PolicyError, validate_policy
-
-    try:
-        return validate_policy(v)
-    except PolicyError as e:
-        errors.append(f"{where}: {e}")
-        return {}
-
-
-def _window(v, where, errors):
-    """[center, width] in stored units; width > 0."""
-    if (not isinstance(v, list) or len(v) != 2
-            or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
-        errors.append(f"{where}: expected [center, width] numbers, got {v!r}")
-        return None
-    if v[1] <= 0:
-        errors.append(f"{where}: width must be > 0, got {v[1]!r}")
-        return None
-    return (float(v[0]), float(v[1]))
-
-
-def _targets(v, where, errors):
-    from ..output.pacs import PacsTargetError, parse_target
-
-    if not isinstance(v, list):
-        errors.append(f"{where}: expected a list of 'AET@host:port' strings, got {v!r}")
-        return []
-    for i, t in enumerate(v):
-        try:
-            parse_target(t)
-        except PacsTargetError as exc:
-            errors.append(f"{where}[{i}]: {exc}")
-    return list(v)
-
-
-def _uid_root(v, where, errors):
-    if not isinstance(v, str) or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?", v) \
-            or len(v) > 40:
-        errors.append(f"{where}: expected a UID root like '1.2.826.0.1.3680043.10.1234.' "
-                      f"(digits and dots, <= 40 chars), got {v!r}")
-    return v
-
-
-# key -> (check, nullable); a section is a nested dict of the same shape
-SCHEMA: dict[str, Any] = {
-    "name": (_str(_NAME_RE), False),
-    "description": (_str(), False),
-    "extends": (_str(), True),
-    "match": {
-        "protocol_name": (_str(regex=True), True),
-        "contrast": (_str(regex=True), True),
-        "sequence_type": (_str(regex=True), True),
-        "acceleration": (_range(0.0), True),
-        "field_strength": (_range(0.0), True),
-        "priority": (_num(integer=True), False),
-        "catch_all": (_bool, False),
-    },
-    "model": {
-        # a shipped model name, or a path to a .safetensors file (relative: to the YAML file)
-        "variant": (_str(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*|[^\0]*\.safetensors")), False),
-        "method": (_str(choices=METHODS), False),
-        "lamda": (_num(0.0, lo_open=True), True),
-        "fallback": (_str(choices=("zero-filled", "error")), False),
-        "params": (_mapping, False),
-    },
-    "espirit": {
-        "calib_width": (_num(4, 256, integer=True), False),
-        "kernel_width": (_num(2, 16, integer=True), False),
-        "thresh": (_num(0.0, 1.0, lo_open=True), False),
-        "crop": (_num(0.0, 1.0), False),
-        "fast": (_bool, False),
-        "grid": (_num(8, 512, integer=True), False),
-    },
-    "coil_compression": (_num(1, 1024, integer=True), True),
-    "partial_fourier": (_str(choices=PARTIAL_FOURIER), False),
-    "series": {
-        "description": (_str(max_len=48), False),
-        "number_base": (_num(0, 2**31 - 1001, integer=True), False),
-    },
-    "dicom": {
-        "max_value": (_num(255, 65535, integer=True), False),
-        "window": (_window, True),
-        "private_block": (_bool, False),
-        "uid_root": (_uid_root, True),
-        "body_part": (_str(re.compile(r"[A-Za-z0-9 _]{1,16}")), True),
-        "laterality": (_str(choices=("L", "R")), True),
-        "institution": (_str(max_len=64), True),
-    },
-    "pacs": {
-        "targets": (_targets, False),
-        "calling_aet": (_str(_AET_RE), False),
-        "queue_dir": (_str(), True),
-    },
-    "adaptive": (_adaptive, True),
-}
-REQUIRED = ("name", "model")
-
-
-def _validate(data: Any, schema: dict, where: str, errors: list[str]) -> dict:
-    """Check ``data`` against ``schema``; append ``where.key: problem`` lines to ``errors``."""
-    if not isinstance(data, dict):
-        errors.append(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in schema:
-            hint = difflib.get_close_matches(str(key), list(schema), n=1)
-            errors.append(f"{path}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint
-                                                     else f"; allowed: {', '.join(schema)}"))
-            continue
-        spec = schema[key]
-        if isinstance(spec, dict):
-            if value is None:
-                errors.append(f"{path}: section must be a mapping, got null")
-                continue
-            out[key] = _validate(value, spec, path, errors)
-            continue
-        check, nullable = spec
-        if value is None:
-            if not nullable:
-                errors.append(f"{path}: must not be null")
-            out[key] = None
-            continue
-        out[key] = check(value, path, errors)
-    return out
-
-
-def validate(data: Any, source: str = "<protocol>") -> dict:
-    """Validate a merged protocol mapping; raise ProtocolError naming file and keys."""
-    errors: list[str] = []
-    clean = _validate(data, SCHEMA, "", errors)
-    if isinstance(data, dict):
-        for key in REQUIRED:
-            if key not in data:
-                errors.append(f"{key}: required key missing")
-        esp = {**asdict(EspiritSpec()), **clean.get("espirit", {})}
-        if None not in (esp["kernel_width"], esp["calib_width"]) and \
-                esp["kernel_width"] >= esp["calib_width"]:
-            errors.append(f"espirit.kernel_width: {esp['kernel_width']} must be smaller than "
-                          f"espirit.calib_width ({esp['calib_width']})")
-        rules = clean.get("match", {})
-        given = [k for k in ("protocol_name", "contrast", "sequence_type", "acceleration",
-                             "field_strength") if rules.get(k) is not None]
-        if rules.get("catch_all") and given:
-            errors.append(f"match.catch_all: cannot be combined with rules ({', '.join(given)})")
-    if errors:
+def validate(data: Any, source: str = "<protocol>") -> ProtocolSpec:
+    """Validate a merged protocol mapping; raise ProtocolError naming file and every key."""
+    spec, errors = schema.validate(data)
+    if spec is None:
         raise ProtocolError(f"{source}: invalid protocol:\n  " + "\n  ".join(errors))
-    return clean
+    return spec
 
 
 # --------------------------------------------------------------------------- loading
@@ -555,23 +246,13 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
     return deep_merge(base, data)
 
 
-def _build(clean: dict, source: Path | None, chain: list[Path]) -> Protocol:
-    sec = {k: v for k, v in clean.items() if not isinstance(SCHEMA.get(k), dict)}
+def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protocol:
     return Protocol(
-        name=sec["name"],
-        description=sec.get("description", ""),
-        match=MatchRules(**clean.get("match", {})),
-        model=ModelSpec(**clean.get("model", {})),
-        espirit=EspiritSpec(**clean.get("espirit", {})),
-        coil_compression=sec.get("coil_compression"),
-        partial_fourier=sec.get("partial_fourier", "zero-fill"),
-        series=SeriesSpec(**clean.get("series", {})),
-        dicom=DicomSpec(**clean.get("dicom", {})),
-        pacs=PacsSpec(**clean.get("pacs", {})),
-        adaptive=sec.get("adaptive"),
-        extends=sec.get("extends"),
-        source=source,
-        chain=list(reversed(chain)),
+        name=spec.name, description=spec.description, match=spec.match, model=spec.model,
+        espirit=spec.espirit, coil_compression=spec.coil_compression,
+        partial_fourier=spec.partial_fourier, series=spec.series, dicom=spec.dicom,
+        pacs=spec.pacs, adaptive=spec.adaptive.as_dict() if spec.adaptive else None,
+        extends=spec.extends, source=source, chain=list(reversed(chain)),
     )
 
 
@@ -594,11 +275,11 @@ def load_protocol(name_or_path: str | Path, search_path: Iterable[Path | str] | 
         path = found
     chain: list[Path] = []
     merged = _resolve_raw(path, dirs, chain)
-    clean = validate(merged, str(path))
-    if clean["name"] != path.stem:
-        raise ProtocolError(f"{path}: name: {clean['name']!r} must equal the file name "
+    spec = validate(merged, str(path))
+    if spec.name != path.stem:
+        raise ProtocolError(f"{path}: name: {spec.name!r} must equal the file name "
                             f"{path.stem!r}")
-    return _build(clean, path, chain)
+    return _build(spec, path, chain)
 
 
 def list_protocols(search_path: Iterable[Path | str] | None = None) -> list[str]:

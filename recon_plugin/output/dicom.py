@@ -50,11 +50,12 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pydicom
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
@@ -80,18 +81,31 @@ class DicomWriteError(RuntimeError):
     """The series cannot be written (empty series, mismatched image sizes, I/O failure)."""
 
 
-@dataclass
-class DicomOptions:
-    """Writer knobs (a protocol's ``dicom:`` section maps onto these)."""
+_UID_ROOT_RE = r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?"
 
-    max_value: int = 4095  # stored value of the series maximum (<= 65535)
+
+class DicomOptions(BaseModel):
+    """Writer knobs; a protocol's ``dicom:`` section is validated as this model (unknown keys
+    and out-of-range values are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_value: Annotated[StrictInt, Field(ge=255, le=65535)] = 4095  # stored value of the max
     window: tuple[float, float] | None = None  # (center, width) in stored units; None = auto
-    private_block: bool = True
-    body_part: str | None = None  # BodyPartExamined, e.g. "BRAIN"; None = unknown
-    laterality: str | None = None  # "L" / "R" for paired body parts
-    uid_root: str = DEFAULT_UID_ROOT
-    institution: str | None = None  # overrides the header's institution when set
-    fsync: bool = True
+    private_block: StrictBool = True
+    body_part: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9 _]{1,16}$")] | None = None
+    laterality: Literal["L", "R"] | None = None  # for paired body parts
+    uid_root: Annotated[StrictStr, Field(pattern=f"^{_UID_ROOT_RE}$", max_length=40)] = \
+        DEFAULT_UID_ROOT
+    institution: Annotated[StrictStr, Field(max_length=64)] | None = None  # overrides the header's
+    fsync: StrictBool = True
+
+    @field_validator("window")
+    @classmethod
+    def _positive_width(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[1] <= 0:
+            raise ValueError(f"width must be > 0, got {v[1]!r}")
+        return v
 
 
 # --------------------------------------------------------------------------- value sanitising
@@ -174,19 +188,6 @@ def image_plane(
     centre = np.asarray(geometry.position, float)
     ipp = centre - (ncols // 2) * dx * read - (nrows // 2) * dy * phase
     return ipp, np.concatenate([read, phase])
-
-
-def pixel_to_patient(
-    geometry: Geometry, shape: tuple[int, int], pixel_spacing: tuple[float, float]
-) -> np.ndarray:
-    """4x4 affine mapping ``(col, row, 0, 1)`` to LPS mm from the contract's geometry."""
-    ipp, iop = image_plane(geometry, shape, pixel_spacing)
-    aff = np.eye(4)
-    aff[:3, 0] = iop[:3] * pixel_spacing[1]
-    aff[:3, 1] = iop[3:] * pixel_spacing[0]
-    aff[:3, 2] = np.cross(iop[:3], iop[3:])
-    aff[:3, 3] = ipp
-    return aff
 
 
 def dataset_affine(ds: Dataset) -> np.ndarray:
@@ -533,7 +534,7 @@ def write_series(
     """
     opts = options or DicomOptions()
     if overrides:
-        opts = DicomOptions(**{**opts.__dict__, **overrides})
+        opts = DicomOptions(**{**opts.model_dump(), **overrides})
     images = list(series.images)
     if not images:
         raise DicomWriteError("series has no images")

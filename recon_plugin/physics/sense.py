@@ -27,11 +27,6 @@ def sense_adjoint(kspace, maps, mask):
     return (maps.conj() * ifft2c(mask[..., None, :, :] * kspace)).sum(axis=-3)
 
 
-def sense_normal(image, maps, mask):
-    """A^H A x for image (..., ky, kx)."""
-    return sense_adjoint(sense_forward(image, maps, mask), maps, mask)
-
-
 class SenseOperator:
     """SENSE encoding A = M F S for a batch of slices (torch, complex64).
 

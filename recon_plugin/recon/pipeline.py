@@ -24,16 +24,16 @@ import torch
 
 from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
+from ..output import FORMATS
 from ..physics import SenseOperator, center_crop, fft2c, ifft2c
 from ..scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
-from . import classical
+from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical
 from .coils import CoilMapError, EspiritParams, estimate_maps
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
 
 log = logging.getLogger(__name__)
 
-METHODS = ("unrolled",) + classical.METHODS
 
 
 @dataclass
@@ -53,10 +53,11 @@ class ReconSettings:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
-        if self.fallback not in ("zero-filled", "error"):
-            raise ValueError("fallback must be 'zero-filled' or 'error'")
-        if self.partial_fourier not in ("zero-fill", "homodyne"):
-            raise ValueError("partial_fourier must be 'zero-fill' or 'homodyne'")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.partial_fourier not in PARTIAL_FOURIER:
+            raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
+                             f"got {self.partial_fourier!r}")
 
     def override(self, **values) -> ReconSettings:
         """These settings with the given fields replaced; ``None`` values keep the protocol's
@@ -204,7 +205,7 @@ def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np
 def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...],
                   dicom_options: dict | None = None) -> list[Path]:
     """Write every series in the requested formats ("dicom", "h5"); returns written paths."""
-    unknown = set(formats) - {"dicom", "h5"}
+    unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown output format(s) {sorted(unknown)}; use dicom and/or h5")
     paths: list[Path] = []

@@ -28,13 +28,19 @@ with a ``max_difficulty`` each (the last is the fallback)::
 from __future__ import annotations
 
 import math
+import re
+from typing import Annotated
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
 DEFAULT_WEIGHTS = {"acceleration": 0.5, "noise": 0.35, "acs": 0.15}
 # normalisation ranges: effective acceleration, SNR (linear, log-interpolated)
 ACC_RANGE = (2.0, 10.0)
 SNR_RANGE = (5.0, 40.0)
+
+
+_Weight = Annotated[float, Field(strict=True, ge=0.0)]
 
 
 class PolicyError(ValueError):
@@ -140,76 +146,98 @@ def estimate_difficulty(kspace, mask=None, noise=None, weights: dict | None = No
     return f
 
 
+class Weights(BaseModel):
+    """Weights of the normalised features in the difficulty (missing ones: DEFAULT_WEIGHTS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    acceleration: _Weight = DEFAULT_WEIGHTS["acceleration"]
+    noise: _Weight = DEFAULT_WEIGHTS["noise"]
+    acs: _Weight = DEFAULT_WEIGHTS["acs"]
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> Weights:
+        if self.acceleration + self.noise + self.acs <= 0:
+            raise ValueError("adaptive weights must not all be zero")
+        return self
+
+
+class Variant(BaseModel):
+    """One variant of a policy: a model and the hardest slice it takes (the last: no limit)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    model: Annotated[StrictStr, Field(min_length=1)]
+    max_difficulty: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] | None = None
+
+
+class AdaptivePolicy(BaseModel):
+    """A protocol's ``adaptive`` section: variants lightest first, each with ``max_difficulty``
+    (strictly increasing; only the last, the fallback for everything harder, may omit it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variants: Annotated[list[Variant], Field(min_length=1)]
+    weights: Weights | None = None
+    quality_floor_db: Annotated[float, Field(strict=True, gt=0.0)] | None = None
+
+    @model_validator(mode="after")
+    def _thresholds_increase(self) -> AdaptivePolicy:
+        prev = -math.inf
+        for i, v in enumerate(self.variants):
+            if v.max_difficulty is None:
+                if i < len(self.variants) - 1:
+                    raise ValueError(f"variants[{i}] ({v.model}) needs 'max_difficulty'; only the "
+                                     "last (heaviest) variant may omit it")
+                continue
+            if v.max_difficulty <= prev:
+                raise ValueError(f"variants[{i}] ({v.model}): max_difficulty {v.max_difficulty} must"
+                                 f" be greater than the previous variant's {prev} (lightest first)")
+            prev = v.max_difficulty
+        return self
+
+    def as_dict(self) -> dict:
+        """The normalised mapping :func:`choose_variant` reads (unset optional keys left out,
+        ``weights`` completed with the defaults)."""
+        return self.model_dump(exclude_none=True) | {
+            "variants": [v.model_dump() for v in self.variants]}
+
+
+def validation_messages(err: ValidationError, prefix: str = "") -> list[str]:
+    """One ``location: problem`` line per error of a pydantic validation."""
+    out = []
+    for e in err.errors():
+        loc = prefix
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = re.sub(r"a valid dictionary or instance of \w+", "a mapping",
+                     e["msg"].removeprefix("Value error, "))
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] not in ("missing", "value_error") and isinstance(
+                e.get("input"), (str, int, float, bool, list, type(None))):
+            msg += f", got {e['input']!r}"
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return out
+
+
 def _check_weights(weights) -> dict[str, float]:
-    if not isinstance(weights, dict):
-        raise PolicyError(f"adaptive 'weights' must be a mapping, got {type(weights).__name__}")
-    bad = set(weights) - set(DEFAULT_WEIGHTS)
-    if bad:
-        raise PolicyError(f"adaptive 'weights' has unknown keys {sorted(bad)}; "
-                          f"allowed: {sorted(DEFAULT_WEIGHTS)}")
-    w = dict(DEFAULT_WEIGHTS) | dict(weights)
-    for k, v in w.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise PolicyError(f"adaptive weight {k!r} must be a number >= 0, got {v!r}")
-    if sum(w.values()) <= 0:
-        raise PolicyError("adaptive weights must not all be zero")
-    return {k: float(v) for k, v in w.items()}
+    try:
+        return Weights.model_validate(weights).model_dump()
+    except ValidationError as e:
+        raise PolicyError("adaptive weights: " + "; ".join(validation_messages(e))) from None
 
 
 def validate_policy(policy) -> dict:
-    """Check a policy mapping; returns it normalised or raises :class:`PolicyError`.
-
-    Rules: ``variants`` is a non-empty list, lightest first; every entry has a non-empty string
-    ``model``; every entry but the last has ``max_difficulty`` in [0, 1], strictly increasing;
-    the last is the fallback for everything harder (its ``max_difficulty``, if any, must be
-    greater than the previous one's). Optional ``quality_floor_db`` > 0 and ``weights``.
-    Unknown keys are errors (typos would silently change behaviour).
-    """
-    if not isinstance(policy, dict):
-        raise PolicyError(f"adaptive policy must be a mapping, got {type(policy).__name__}")
-    unknown = set(policy) - {"variants", "weights", "quality_floor_db"}
-    if unknown:
-        raise PolicyError(f"adaptive policy has unknown keys {sorted(unknown)}; "
-                          "allowed: ['quality_floor_db', 'variants', 'weights']")
-    variants = policy.get("variants")
-    if not isinstance(variants, list) or not variants:
-        raise PolicyError("adaptive policy needs a non-empty 'variants' list (lightest first)")
-    out, prev = [], -math.inf
-    for i, v in enumerate(variants):
-        where = f"adaptive policy variants[{i}]"
-        if not isinstance(v, dict):
-            raise PolicyError(f"{where} must be a mapping with 'model' (and 'max_difficulty')")
-        extra = set(v) - {"model", "max_difficulty"}
-        if extra:
-            raise PolicyError(f"{where} has unknown keys {sorted(extra)}; "
-                              "allowed: ['model', 'max_difficulty']")
-        model = v.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise PolicyError(f"{where} needs a non-empty string 'model'")
-        last = i == len(variants) - 1
-        thr = v.get("max_difficulty")
-        if thr is None and not last:
-            raise PolicyError(f"{where} ({model}) needs 'max_difficulty'; only the last "
-                              "(heaviest) variant may omit it")
-        if thr is not None:
-            if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1:
-                raise PolicyError(f"{where} ({model}): max_difficulty must be a number in "
-                                  f"[0, 1], got {thr!r}")
-            if thr <= prev:
-                raise PolicyError(f"{where} ({model}): max_difficulty {thr} must be greater "
-                                  f"than the previous variant's {prev} (list lightest first)")
-            prev = float(thr)
-        out.append({"model": model.strip(), "max_difficulty": None if thr is None else float(thr)})
-    res: dict = {"variants": out}
-    if "quality_floor_db" in policy:
-        f = policy["quality_floor_db"]
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0:
-            raise PolicyError(f"adaptive quality_floor_db must be a number > 0 (dB of PSNR the "
-                              f"lighter variants may lose against the heaviest), got {f!r}")
-        res["quality_floor_db"] = float(f)
-    if "weights" in policy:
-        res["weights"] = _check_weights(policy["weights"])
-    return res
+    """Check a policy mapping against :class:`AdaptivePolicy`; returns it normalised (see
+    :meth:`AdaptivePolicy.as_dict`) or raises :class:`PolicyError` naming every problem.
+    Unknown keys are errors (typos would silently change behaviour)."""
+    if isinstance(policy, AdaptivePolicy):
+        return policy.as_dict()
+    try:
+        return AdaptivePolicy.model_validate(policy).as_dict()
+    except ValidationError as e:
+        raise PolicyError("adaptive policy: " + "; ".join(validation_messages(e))) from None
 
 
 def choose_variant(features: dict, policy: dict) -> str:
@@ -234,6 +262,6 @@ def choose_variant(features: dict, policy: dict) -> str:
 
 
 __all__ = [
-    "PolicyError", "slice_features", "difficulty_score", "estimate_difficulty",
+    "AdaptivePolicy", "PolicyError", "slice_features", "difficulty_score", "estimate_difficulty",
     "validate_policy", "choose_variant", "DEFAULT_WEIGHTS",
 ]

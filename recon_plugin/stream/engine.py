@@ -44,7 +44,8 @@ import numpy as np
 from ..config.protocol import Protocol, select_protocol
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler, add_interleaved_calibration
 from ..physics import fft2c
-from ..recon.pipeline import METHODS, Reconstructor
+from ..recon import METHODS
+from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..runtime import tune_allocator
 from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData

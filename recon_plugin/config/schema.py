@@ -1,0 +1,198 @@
+"""The protocol schema: one pydantic model per YAML section, unknown keys forbidden.
+
+Scalars are strict (``fast: 'yes'`` or ``calib_width: '24'`` are errors, not conversions). The
+``dicom`` section is :class:`~recon_plugin.output.dicom.DicomOptions` itself and ``adaptive``
+is :class:`~recon_plugin.recon.policy.AdaptivePolicy` (recon reads policies at inference and sits
+below config); the method, fallback and partial-Fourier choices come from
+:mod:`recon_plugin.recon`. :func:`validate` turns every problem into one ``key: problem`` line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..output.dicom import DicomOptions
+from ..output.pacs import PacsTargetError, parse_target
+from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER
+from ..recon.policy import AdaptivePolicy, validation_messages
+from ..scan import ScanHeader
+
+_Float = Annotated[float, Field(strict=True)]
+_Range = tuple[_Float, _Float]  # [min, max], inclusive
+_TEXT_RULES = ("protocol_name", "contrast", "sequence_type")
+_RANGE_RULES = ("acceleration", "field_strength")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MatchRules(_Section):
+    """Header matching: every rule given must hold; without rules a protocol is chosen by name
+    only, unless ``catch_all``."""
+
+    protocol_name: StrictStr | None = None  # regex, re.search, case-insensitive
+    contrast: StrictStr | None = None  # regex on ScanHeader.contrast_name
+    sequence_type: StrictStr | None = None  # regex on ScanHeader.sequence.sequence_type
+    acceleration: _Range | None = None
+    field_strength: _Range | None = None  # tesla
+    priority: StrictInt = 0  # higher wins among matches
+    catch_all: StrictBool = False  # matches anything, used when nothing else does
+
+    @field_validator(*_TEXT_RULES)
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
+        return v
+
+    @field_validator(*_RANGE_RULES)
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] <= v[1]:
+            raise ValueError(f"need 0 <= min <= max, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _catch_all_alone(self) -> MatchRules:
+        given = [k for k in (*_TEXT_RULES, *_RANGE_RULES) if getattr(self, k) is not None]
+        if self.catch_all and given:
+            raise ValueError(f"catch_all cannot be combined with rules ({', '.join(given)})")
+        return self
+
+    @property
+    def rule_count(self) -> int:
+        return sum(getattr(self, k) is not None for k in (*_TEXT_RULES, *_RANGE_RULES))
+
+    def check(self, header: ScanHeader) -> str | None:
+        """None when ``header`` satisfies every rule, else the first reason it does not."""
+        texts = {"protocol_name": header.protocol_name, "contrast": header.contrast_name,
+                 "sequence_type": header.sequence.sequence_type}
+        for key, value in texts.items():
+            pattern = getattr(self, key)
+            if pattern is not None and not re.search(pattern, value or "", re.IGNORECASE):
+                return f"{key} {value!r} does not match /{pattern}/"
+        ranges = {"acceleration": header.acceleration,
+                  "field_strength": header.sequence.field_strength_t}
+        for key, value in ranges.items():
+            bounds = getattr(self, key)
+            if bounds is None:
+                continue
+            if value is None:
+                return f"header has no {key} (rule wants {bounds[0]:g}..{bounds[1]:g})"
+            if not bounds[0] <= value <= bounds[1]:
+                return f"{key} {value:g} outside {bounds[0]:g}..{bounds[1]:g}"
+        if not self.catch_all and self.rule_count == 0:
+            return "no match rules (selectable by name only)"
+        return None
+
+
+class ModelSpec(_Section):
+    # a shipped model name, or a path to a .safetensors file (relative: to the YAML file)
+    variant: Annotated[StrictStr, Field(
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9_.+-]*|[^\x00]*\.safetensors)$")] = "unrolled-base"
+    method: Literal[METHODS] = "unrolled"  # type: ignore[valid-type]
+    lamda: Annotated[float, Field(strict=True, gt=0.0)] | None = None  # None: tuned default
+    fallback: Literal[FALLBACKS] = "zero-filled"  # type: ignore[valid-type]
+
+
+class EspiritSpec(_Section):
+    calib_width: Annotated[StrictInt, Field(ge=4, le=256)] = 24
+    kernel_width: Annotated[StrictInt, Field(ge=2, le=16)] = 6
+    thresh: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 0.02
+    crop: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.95
+    fast: StrictBool = True  # True: the fast rectangular-calibration path; False: SigPy
+    grid: Annotated[StrictInt, Field(ge=8, le=512)] = 128  # coarse grid of the fast path
+
+    @model_validator(mode="after")
+    def _kernel_fits(self) -> EspiritSpec:
+        if self.kernel_width >= self.calib_width:
+            raise ValueError(f"kernel_width {self.kernel_width} must be smaller than "
+                             f"calib_width ({self.calib_width})")
+        return self
+
+
+class SeriesSpec(_Section):
+    description: Annotated[StrictStr, Field(max_length=48)] = ""
+    number_base: Annotated[StrictInt, Field(ge=0, le=2**31 - 1001)] = 1000
+
+
+class PacsSpec(_Section):
+    targets: list[StrictStr] = Field(default_factory=list)  # "AET@host:port"
+    calling_aet: Annotated[StrictStr, Field(pattern=r"^[\x20-\x5b\x5d-\x7e]{1,16}$")] = \
+        "RECON_PLUGIN"
+    queue_dir: StrictStr | None = None
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        problems = []
+        for i, t in enumerate(v):
+            try:
+                parse_target(t)
+            except PacsTargetError as exc:
+                problems.append(f"[{i}] {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return list(v)
+
+
+class ProtocolSpec(_Section):
+    """A protocol file after its ``extends`` chain is merged."""
+
+    name: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+    description: StrictStr = ""
+    extends: StrictStr | None = None
+    match: MatchRules = Field(default_factory=MatchRules)
+    model: ModelSpec  # required, even when every key keeps its default
+    espirit: EspiritSpec = Field(default_factory=EspiritSpec)
+    coil_compression: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    partial_fourier: Literal[PARTIAL_FOURIER] = "zero-fill"  # type: ignore[valid-type]
+    series: SeriesSpec = Field(default_factory=SeriesSpec)
+    dicom: DicomOptions = Field(default_factory=DicomOptions)
+    pacs: PacsSpec = Field(default_factory=PacsSpec)
+    adaptive: AdaptivePolicy | None = None
+
+
+def _hint(loc: tuple, key: str) -> str:
+    """``did you mean`` for an unknown key at ``loc`` (a top-level key or a section's)."""
+    model: Any = ProtocolSpec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(model.model_fields)}"
+
+
+def validate(data: Any) -> tuple[ProtocolSpec | None, list[str]]:
+    """(the validated protocol or None, one ``key: problem`` line per problem)."""
+    try:
+        return ProtocolSpec.model_validate(data), []
+    except ValidationError as err:
+        lines = validation_messages(err)
+        out = []
+        for e, line in zip(err.errors(), lines):
+            if e["type"] == "extra_forbidden":
+                line += _hint(e["loc"][:-1], str(e["loc"][-1]))
+            out.append(line)
+        return None, out
