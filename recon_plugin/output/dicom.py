@@ -47,7 +47,6 @@ import copy
 import datetime as _dt
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -58,23 +57,30 @@ import pydicom
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pydicom.valuerep import format_number_as_ds
 
-from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader
+from ..scan import ReconImage, ReconSeries
 from .atomic import make_readable
+from .dicom_geometry import _effective_geometries, _order, _slice_spacing, dataset_affine, image_plane
+from .dicom_series import (
+    DEFAULT_UID_ROOT,
+    _image_type,
+    _scanning_sequence,
+    provenance_text,
+    scan_uids,
+    series_description,
+)
+from .dicom_values import _cs, _da, _ds, _pn, _text, _tm, _valid_uid
 
 log = logging.getLogger(__name__)
 
 PRIVATE_CREATOR = "RECON_PLUGIN 1.0"
 PRIVATE_GROUP = 0x0071
-DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; override via ``uid_root``
 IMPLEMENTATION_VERSION = "RECON_PLUGIN_01"  # SH: at most 16 characters
 
 _PATIENT_POSITIONS = {
     "HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS",
     "LFP", "LFS", "RFP", "RFS", "AFDR", "AFDL", "PFDR", "PFDL",
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 class DicomWriteError(RuntimeError):
@@ -108,153 +114,7 @@ class DicomOptions(BaseModel):
         return v
 
 
-# --------------------------------------------------------------------------- value sanitising
-
-
-def _text(value: object, max_len: int) -> str:
-    """Header text -> a single DICOM string value (no backslash/control chars, length-capped)."""
-    s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
-    return s[:max_len].rstrip()
-
-
-def _cs(value: object, max_len: int = 16) -> str:
-    """Code String: upper case letters, digits, space and underscore."""
-    s = re.sub(r"[^A-Z0-9 _]", "_", _text(value, 64).upper())
-    return s[:max_len].strip()
-
-
-def _pn(value: object) -> str:
-    """Person Name: keep ``^``/``=`` component separators, cap every component at 64 chars."""
-    s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
-    groups = s.split("=")[:3]
-    return "=".join("^".join(c.strip()[:64] for c in g.split("^")[:5]) for g in groups)
-
-
-def _da(value: object) -> str:
-    """ISMRMRD xs:date ``YYYY-MM-DD`` or ``YYYYMMDD`` -> DICOM DA, else empty."""
-    digits = re.sub(r"[^0-9]", "", str(value or ""))
-    if len(digits) != 8:
-        return ""
-    try:
-        _dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
-    except ValueError:
-        return ""
-    return digits
-
-
-def _tm(value: object) -> str:
-    """ISMRMRD xs:time ``HH:MM:SS[.ffffff]`` -> DICOM TM, else empty."""
-    m = re.fullmatch(r"(\d\d):?(\d\d)(?::?(\d\d)(\.\d{1,6})?)?", str(value or "").strip())
-    if not m:
-        return ""
-    hh, mm, ss, frac = m.group(1), m.group(2), m.group(3) or "00", m.group(4) or ""
-    if int(hh) > 23 or int(mm) > 59 or int(ss) > 60:
-        return ""
-    return hh + mm + ss + frac
-
-
-def _ds(x: float) -> str:
-    """A float as a Decimal String of at most 16 characters."""
-    return format_number_as_ds(float(x) + 0.0)  # + 0.0 turns -0.0 into 0.0
-
-
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-
-
-def _valid_uid(value: str) -> str | None:
-    """``value`` if it is a syntactically valid UID (PS3.5 9.1), else None."""
-    value = (value or "").strip().rstrip("\x00")
-    return value if len(value) <= 64 and _UID_RE.fullmatch(value) else None
-
-
-def _short_hash(h: str, n: int = 8) -> str:
-    return re.sub(r"[^0-9a-fA-F]", "", h or "")[:n].lower()
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def image_plane(
-    geometry: Geometry, shape: tuple[int, int], pixel_spacing: tuple[float, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(ImagePositionPatient, ImageOrientationPatient) for a ``(rows, cols)`` image.
-
-    ``pixel_spacing`` is DICOM's ``(row spacing, column spacing)`` = (phase, readout) mm.
-    """
-    nrows, ncols = shape
-    dy, dx = pixel_spacing
-    read = np.asarray(geometry.read_dir, float)
-    phase = np.asarray(geometry.phase_dir, float)
-    centre = np.asarray(geometry.position, float)
-    ipp = centre - (ncols // 2) * dx * read - (nrows // 2) * dy * phase
-    return ipp, np.concatenate([read, phase])
-
-
-def dataset_affine(ds: Dataset) -> np.ndarray:
-    """4x4 affine mapping ``(col, row, 0, 1)`` to LPS mm from a written dataset's image plane."""
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    dy, dx = (float(v) for v in ds.PixelSpacing)
-    aff = np.eye(4)
-    aff[:3, 0] = iop[:3] * dx
-    aff[:3, 1] = iop[3:] * dy
-    aff[:3, 2] = np.cross(iop[:3], iop[3:])
-    aff[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
-    return aff
-
-
-def _effective_geometries(series: ReconSeries) -> tuple[list[Geometry], bool]:
-    """Per-image geometry; defaulted stacks with coincident positions are spread along +z."""
-    geoms = [im.geometry for im in series.images]
-    defaulted = any(g.defaulted for g in geoms)
-    if not defaulted:
-        return geoms, False
-    slices = sorted({im.slice_index for im in series.images})
-    positions = {tuple(np.round(np.asarray(g.position, float), 6)) for g in geoms}
-    if len(slices) > 1 and len(positions) == 1:
-        h = series.header
-        step = h.slice_spacing_mm or h.slice_thickness_mm or 1.0
-        centre = np.asarray(geoms[0].position, float)
-        rank = {s: i for i, s in enumerate(slices)}
-        mid = (len(slices) - 1) / 2.0
-        geoms = [
-            Geometry.default(centre + np.array([0.0, 0.0, (rank[im.slice_index] - mid) * step]))
-            for im in series.images
-        ]
-    else:
-        geoms = [
-            g if not g.defaulted else Geometry.default(np.asarray(g.position, float))
-            for g in geoms
-        ]
-    return geoms, True
-
-
-# --------------------------------------------------------------------------- series facts
-
-
-def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
-    """(ScanningSequence, SequenceVariant, MRAcquisitionType) from the header's sequence name.
-
-    Unknown or missing sequence names give ``RM`` (research mode); an inversion time adds ``IR``.
-    """
-    raw = header.sequence.sequence_type or ""
-    words = {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", raw)}
-    flat = raw.lower()
-    kinds: list[str] = []
-    if words & {"se", "tse", "fse", "haste", "space"} or "spin" in flat or "flair" in flat:
-        kinds.append("SE")
-    if words & {"gre", "flash", "fisp", "spgr", "trufi", "bssfp", "mprage"} or "gradient" in flat:
-        kinds.append("GR")
-    if "epi" in flat or "echoplanar" in flat:
-        kinds.append("EP")
-    if (header.sequence.ti_ms or 0) > 0 or "flair" in flat or "inversion" in flat:
-        kinds.append("IR")
-    if not kinds or kinds == ["IR"]:
-        kinds.insert(0, "RM")
-    etl = header.sequence.echo_train_length or 1
-    segmented = bool(words & {"tse", "fse", "turbo", "haste"}) or etl > 1
-    variant = ["SK"] if segmented else ["NONE"]
-    acq = "3D" if header.encoded_matrix[2] > 1 else "2D"
-    return kinds, variant, acq
+# --------------------------------------------------------------------------- pixel scaling
 
 
 def _scale_and_window(
@@ -277,102 +137,6 @@ def _scale_and_window(
     high = float(np.percentile(sample, 99.5)) if sample.size else float(opts.max_value)
     high = max(high, 1.0)
     return k, (round(high / 2.0, 1), round(high, 1))
-
-
-def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str, str]:
-    """(StudyInstanceUID, FrameOfReferenceUID) for a scan.
-
-    Header values are used when they are valid UIDs. Otherwise they are derived
-    deterministically from the header identity when it identifies the scan (a measurement ID, or
-    a patient ID with a study date or accession number), so the series of one scan share a study
-    and a frame of reference. Anonymous headers get random UIDs: two unrelated anonymous scans
-    must never merge into one study. Callers writing several series of one anonymous scan call
-    this once and pass the result to every :func:`write_series`.
-    """
-    root = uid_root if uid_root.endswith(".") else uid_root + "."
-    ident = header.identity
-    identified = bool(ident.measurement_id.strip() or (
-        ident.patient_id.strip() and (ident.study_date.strip() or ident.accession_number.strip())))
-    seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
-            ident.study_id, ident.accession_number, ident.measurement_id]
-    study = _valid_uid(ident.study_instance_uid)
-    if study is None:
-        study = str(generate_uid(root, entropy_srcs=["study", *seed] if identified else None))
-        log.info("header has no valid StudyInstanceUID; %s %s",
-                 "derived" if identified else "anonymous header, random", study)
-    frame = _valid_uid(ident.frame_of_reference_uid)
-    if frame is None:
-        frame = str(generate_uid(root, entropy_srcs=["frame", study, ident.measurement_id]))
-    return study, frame
-
-
-def series_description(series: ReconSeries) -> str:
-    """SeriesDescription (LO, <= 64 chars): base text + DL marker, model, version, hash, pruning."""
-    p = series.provenance
-    base = series.series_description or series.header.identity.series_description
-    base = base or series.header.protocol_name or "recon"
-    tag = "DL" if p.deep_learning else p.method or "recon"
-    parts = [tag, p.model_name or p.method]
-    if p.model_version:
-        parts.append(f"v{p.model_version}")
-    if p.model_hash:
-        parts.append(_short_hash(p.model_hash))
-    if p.pruning_method and p.pruning_method != "none":
-        parts.append(f"{p.pruning_method}{p.pruning_ratio:g}")
-    suffix = " ".join(x for x in parts if x)
-    room = 64 - len(suffix) - 3
-    base = _text(base, max(room, 8))
-    return _text(f"{base} [{suffix}]", 64)
-
-
-def provenance_text(series: ReconSeries) -> str:
-    """One line naming everything that made the images (DerivationDescription, <= 1024 chars)."""
-    p = series.provenance
-    words = [
-        f"{'Deep-learning' if p.deep_learning else 'Non-DL'} reconstruction from raw k-space",
-        f"method={p.method}",
-        f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
-        f"model={p.model_name or '-'}",
-        f"version={p.model_version or '-'}",
-        f"sha256={p.model_hash or '-'}",
-        f"pruning={p.pruning_method or 'none'}",
-        f"pruning_ratio={p.pruning_ratio:g}",
-        f"finetune={p.finetune or '-'}",
-        f"protocol={p.protocol or '-'}",
-        f"software=recon_plugin {p.software_version or '-'}",
-    ]
-    return _text("; ".join(w for w in words if w), 1024)
-
-
-def _image_type(series: ReconSeries) -> list[str]:
-    p = series.provenance
-    if p.deep_learning:
-        return ["DERIVED", "PRIMARY", "M", "DL_RECON"]
-    return ["DERIVED", "PRIMARY", "M", _cs(p.method or "RECON")]
-
-
-def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]:
-    """Indices of images sorted by (repetition, phase, position along read x phase)."""
-    normal = np.cross(np.asarray(geoms[0].read_dir, float), np.asarray(geoms[0].phase_dir, float))
-
-    def key(i: int) -> tuple:
-        im = images[i]
-        along = round(float(np.asarray(geoms[i].position, float) @ normal), 4)
-        return (im.repetition, im.phase, along, im.slice_index)
-
-    return sorted(range(len(images)), key=key)
-
-
-def _slice_spacing(header: ScanHeader, geoms: Sequence[Geometry]) -> float | None:
-    """Centre-to-centre distance along the normal measured from the slice positions (what a
-    viewer checks against ImagePositionPatient); the header's value for a single slice."""
-    normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
-    along = np.unique(np.round([float(np.asarray(g.position) @ normal) for g in geoms], 4))
-    if along.size > 1:
-        return float(np.median(np.diff(along)))
-    if header.slice_spacing_mm and header.slice_spacing_mm > 0:
-        return float(header.slice_spacing_mm)
-    return None
 
 
 # --------------------------------------------------------------------------- dataset building

@@ -490,7 +490,7 @@ class _ScanState:
         return img
 
     def meta(self, im: ReconImage, high: float, extra: dict[str, Any]) -> ismrmrd.Meta:
-        from ..output.dicom import provenance_text, series_description
+        from ..output.dicom_series import provenance_text, series_description
 
         dl = im.method == "unrolled"
         prov = dataclasses.replace(self.prov, method=im.method, deep_learning=dl)

@@ -1,0 +1,93 @@
+"""Slice geometry -> DICOM image plane: IPP / IOP, affines, stacking order and spacing.
+
+``Geometry.position`` is the slice centre; ImagePositionPatient is the centre of the first
+pixel: ``IPP = position - (ncols//2)*dx*read_dir - (nrows//2)*dy*phase_dir`` (see the writer's
+module docstring in ``dicom.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader
+
+
+def image_plane(
+    geometry: Geometry, shape: tuple[int, int], pixel_spacing: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ImagePositionPatient, ImageOrientationPatient) for a ``(rows, cols)`` image.
+
+    ``pixel_spacing`` is DICOM's ``(row spacing, column spacing)`` = (phase, readout) mm.
+    """
+    nrows, ncols = shape
+    dy, dx = pixel_spacing
+    read = np.asarray(geometry.read_dir, float)
+    phase = np.asarray(geometry.phase_dir, float)
+    centre = np.asarray(geometry.position, float)
+    ipp = centre - (ncols // 2) * dx * read - (nrows // 2) * dy * phase
+    return ipp, np.concatenate([read, phase])
+
+
+def dataset_affine(ds: Dataset) -> np.ndarray:
+    """4x4 affine mapping ``(col, row, 0, 1)`` to LPS mm from a written dataset's image plane."""
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    dy, dx = (float(v) for v in ds.PixelSpacing)
+    aff = np.eye(4)
+    aff[:3, 0] = iop[:3] * dx
+    aff[:3, 1] = iop[3:] * dy
+    aff[:3, 2] = np.cross(iop[:3], iop[3:])
+    aff[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    return aff
+
+
+def _effective_geometries(series: ReconSeries) -> tuple[list[Geometry], bool]:
+    """Per-image geometry; defaulted stacks with coincident positions are spread along +z."""
+    geoms = [im.geometry for im in series.images]
+    defaulted = any(g.defaulted for g in geoms)
+    if not defaulted:
+        return geoms, False
+    slices = sorted({im.slice_index for im in series.images})
+    positions = {tuple(np.round(np.asarray(g.position, float), 6)) for g in geoms}
+    if len(slices) > 1 and len(positions) == 1:
+        h = series.header
+        step = h.slice_spacing_mm or h.slice_thickness_mm or 1.0
+        centre = np.asarray(geoms[0].position, float)
+        rank = {s: i for i, s in enumerate(slices)}
+        mid = (len(slices) - 1) / 2.0
+        geoms = [
+            Geometry.default(centre + np.array([0.0, 0.0, (rank[im.slice_index] - mid) * step]))
+            for im in series.images
+        ]
+    else:
+        geoms = [
+            g if not g.defaulted else Geometry.default(np.asarray(g.position, float))
+            for g in geoms
+        ]
+    return geoms, True
+
+
+def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]:
+    """Indices of images sorted by (repetition, phase, position along read x phase)."""
+    normal = np.cross(np.asarray(geoms[0].read_dir, float), np.asarray(geoms[0].phase_dir, float))
+
+    def key(i: int) -> tuple:
+        im = images[i]
+        along = round(float(np.asarray(geoms[i].position, float) @ normal), 4)
+        return (im.repetition, im.phase, along, im.slice_index)
+
+    return sorted(range(len(images)), key=key)
+
+
+def _slice_spacing(header: ScanHeader, geoms: Sequence[Geometry]) -> float | None:
+    """Centre-to-centre distance along the normal measured from the slice positions (what a
+    viewer checks against ImagePositionPatient); the header's value for a single slice."""
+    normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
+    along = np.unique(np.round([float(np.asarray(g.position) @ normal) for g in geoms], 4))
+    if along.size > 1:
+        return float(np.median(np.diff(along)))
+    if header.slice_spacing_mm and header.slice_spacing_mm > 0:
+        return float(header.slice_spacing_mm)
+    return None

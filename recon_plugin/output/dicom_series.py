@@ -1,0 +1,114 @@
+"""Per-series DICOM facts: study / frame UIDs, series description, provenance text, image
+type and scanning sequence (what every writer and the stream's MRD images share)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from pydicom.uid import generate_uid
+
+from ..scan import ReconSeries, ScanHeader
+from .dicom_values import _cs, _short_hash, _text, _valid_uid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; override via ``uid_root``
+
+
+def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
+    """(ScanningSequence, SequenceVariant, MRAcquisitionType) from the header's sequence name.
+
+    Unknown or missing sequence names give ``RM`` (research mode); an inversion time adds ``IR``.
+    """
+    raw = header.sequence.sequence_type or ""
+    words = {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", raw)}
+    flat = raw.lower()
+    kinds: list[str] = []
+    if words & {"se", "tse", "fse", "haste", "space"} or "spin" in flat or "flair" in flat:
+        kinds.append("SE")
+    if words & {"gre", "flash", "fisp", "spgr", "trufi", "bssfp", "mprage"} or "gradient" in flat:
+        kinds.append("GR")
+    if "epi" in flat or "echoplanar" in flat:
+        kinds.append("EP")
+    if (header.sequence.ti_ms or 0) > 0 or "flair" in flat or "inversion" in flat:
+        kinds.append("IR")
+    if not kinds or kinds == ["IR"]:
+        kinds.insert(0, "RM")
+    etl = header.sequence.echo_train_length or 1
+    segmented = bool(words & {"tse", "fse", "turbo", "haste"}) or etl > 1
+    variant = ["SK"] if segmented else ["NONE"]
+    acq = "3D" if header.encoded_matrix[2] > 1 else "2D"
+    return kinds, variant, acq
+
+
+def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str, str]:
+    """(StudyInstanceUID, FrameOfReferenceUID) for a scan.
+
+    Header values are used when they are valid UIDs. Otherwise they are derived
+    deterministically from the header identity when it identifies the scan (a measurement ID, or
+    a patient ID with a study date or accession number), so the series of one scan share a study
+    and a frame of reference. Anonymous headers get random UIDs: two unrelated anonymous scans
+    must never merge into one study. Callers writing several series of one anonymous scan call
+    this once and pass the result to every :func:`write_series`.
+    """
+    root = uid_root if uid_root.endswith(".") else uid_root + "."
+    ident = header.identity
+    identified = bool(ident.measurement_id.strip() or (
+        ident.patient_id.strip() and (ident.study_date.strip() or ident.accession_number.strip())))
+    seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
+            ident.study_id, ident.accession_number, ident.measurement_id]
+    study = _valid_uid(ident.study_instance_uid)
+    if study is None:
+        study = str(generate_uid(root, entropy_srcs=["study", *seed] if identified else None))
+        log.info("header has no valid StudyInstanceUID; %s %s",
+                 "derived" if identified else "anonymous header, random", study)
+    frame = _valid_uid(ident.frame_of_reference_uid)
+    if frame is None:
+        frame = str(generate_uid(root, entropy_srcs=["frame", study, ident.measurement_id]))
+    return study, frame
+
+
+def series_description(series: ReconSeries) -> str:
+    """SeriesDescription (LO, <= 64 chars): base text + DL marker, model, version, hash, pruning."""
+    p = series.provenance
+    base = series.series_description or series.header.identity.series_description
+    base = base or series.header.protocol_name or "recon"
+    tag = "DL" if p.deep_learning else p.method or "recon"
+    parts = [tag, p.model_name or p.method]
+    if p.model_version:
+        parts.append(f"v{p.model_version}")
+    if p.model_hash:
+        parts.append(_short_hash(p.model_hash))
+    if p.pruning_method and p.pruning_method != "none":
+        parts.append(f"{p.pruning_method}{p.pruning_ratio:g}")
+    suffix = " ".join(x for x in parts if x)
+    room = 64 - len(suffix) - 3
+    base = _text(base, max(room, 8))
+    return _text(f"{base} [{suffix}]", 64)
+
+
+def provenance_text(series: ReconSeries) -> str:
+    """One line naming everything that made the images (DerivationDescription, <= 1024 chars)."""
+    p = series.provenance
+    words = [
+        f"{'Deep-learning' if p.deep_learning else 'Non-DL'} reconstruction from raw k-space",
+        f"method={p.method}",
+        f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
+        f"model={p.model_name or '-'}",
+        f"version={p.model_version or '-'}",
+        f"sha256={p.model_hash or '-'}",
+        f"pruning={p.pruning_method or 'none'}",
+        f"pruning_ratio={p.pruning_ratio:g}",
+        f"finetune={p.finetune or '-'}",
+        f"protocol={p.protocol or '-'}",
+        f"software=recon_plugin {p.software_version or '-'}",
+    ]
+    return _text("; ".join(w for w in words if w), 1024)
+
+
+def _image_type(series: ReconSeries) -> list[str]:
+    p = series.provenance
+    if p.deep_learning:
+        return ["DERIVED", "PRIMARY", "M", "DL_RECON"]
+    return ["DERIVED", "PRIMARY", "M", _cs(p.method or "RECON")]
