@@ -20,7 +20,8 @@ from typing import Any
 
 import ismrmrd
 
-from recon_plugin.stream.engine import StreamOptions, header_text, shared_engine
+from recon_plugin.stream.engine import header_text, shared_engine
+from recon_plugin.stream.options import StreamOptions
 
 log = logging.getLogger("recon_plugin.fire")
 

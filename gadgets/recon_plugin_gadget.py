@@ -19,7 +19,8 @@ import argparse
 import logging
 from typing import Any
 
-from recon_plugin.stream.engine import StreamOptions, header_text, shared_engine, xml_params
+from recon_plugin.stream.engine import header_text, shared_engine
+from recon_plugin.stream.options import StreamOptions, xml_params
 
 log = logging.getLogger("recon_plugin.gadgetron")
 

@@ -36,6 +36,7 @@ from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
 from recon_plugin.stream import engine as eng_mod
+from recon_plugin.stream import options as stream_options
 from recon_plugin.stream import server as srv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,7 +355,7 @@ def test_interleaved_repetitions_equal_offline(data, engine):
     with ismrmrd.File(str(raw), "r") as f:
         xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
     sent: list[ismrmrd.Image] = []
-    result = engine.run(iter(acqs), xml, sent.append, eng_mod.StreamOptions(protocol="stream_il"))
+    result = engine.run(iter(acqs), xml, sent.append, stream_options.StreamOptions(protocol="stream_il"))
     assert result.complete and len(sent) == 2 and not result.notices
     for img in sent:
         np.testing.assert_array_equal(img.data[0, 0], ref[img.repetition])
@@ -373,7 +374,7 @@ def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]], dicom_out=tmp_path / "dcm")
     sent: list[ismrmrd.Image] = []
     result = eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
-                     eng_mod.StreamOptions(protocol="stream_pacs"))
+                     stream_options.StreamOptions(protocol="stream_pacs"))
     files = eng.deliver(result)
     assert len(files) == 2 and len(sent) == 2
     ds = [pydicom.dcmread(f) for f in files]
@@ -486,8 +487,8 @@ def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatc
 
 
 def test_options_parsing():
-    o = eng_mod.StreamOptions()
-    o.update(eng_mod.parse_config_text('<configuration><property name="protocol" value="brain"/>'
+    o = stream_options.StreamOptions()
+    o.update(stream_options.parse_config_text('<configuration><property name="protocol" value="brain"/>'
                                    '<method>cg-sense</method></configuration>'))
     assert (o.protocol, o.method) == ("brain", "cg-sense")
     o.set_config("auto")
@@ -495,9 +496,9 @@ def test_options_parsing():
     assert o.protocol == "brain"
     for bad in ("../x", "/etc/passwd", "a.yaml", "x y"):
         with pytest.raises(ValueError):
-            eng_mod.StreamOptions().set_config(bad)
+            stream_options.StreamOptions().set_config(bad)
     with pytest.raises(ValueError):
-        eng_mod.StreamOptions().update({"method": "magic"})
+        stream_options.StreamOptions().update({"method": "magic"})
 
 
 @pytest.mark.slow

@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,140 +41,17 @@ import numpy as np
 from ..config.protocol import Protocol, select_protocol
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler, add_interleaved_calibration
 from ..physics import fft2c
-from ..recon import METHODS
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..runtime import tune_allocator
 from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData
+from .options import (
+    Limits,
+    ProtocolViolation,
+    StreamOptions,
+)
 
 log = logging.getLogger(__name__)
-
-AUTO_CONFIGS = frozenset({"", "auto", "recon_plugin", "recon-plugin", "fire_module",
-                          "recon_plugin_gadget"})
-IMAGE_DTYPES = ("float", "uint16")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*(\.[A-Za-z0-9_+-]+)*")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps checked before anything is read or allocated (bytes unless stated)."""
-
-    max_text_bytes: int = 4 << 20  # CONFIG_TEXT, HEADER, TEXT
-    max_message_bytes: int = 64 << 20  # one acquisition / waveform payload
-    max_channels: int = 1024
-    max_samples: int = 1 << 16
-    max_trajectory_dims: int = 8
-    max_queued_bytes: int = 512 << 20  # read ahead of the reconstruction, per connection
-    max_matrix_pixels: int = 1 << 22  # encoded nx * ny of the header
-    max_open_slice_bytes: int = 4 << 30  # k-space buffers of slices still being filled
-
-
-# ------------------------------------------------------------------------------- errors
-class StreamError(Exception):
-    """A session ends; the message goes back to the client as ``ERROR`` text when possible."""
-
-
-class ProtocolViolation(StreamError):
-    """Malformed, unknown, oversized, truncated or out-of-order message."""
-
-
-class ClientGone(StreamError):
-    """The client closed or reset the connection."""
-
-
-class IdleTimeout(StreamError):
-    """Nothing arrived (or could be sent) within the idle timeout."""
-
-
-class ServerStopping(StreamError):
-    """The server is shutting down (SIGTERM); the slice in flight was finished."""
-
-
-# ------------------------------------------------------------------------------ options
-@dataclass
-class StreamOptions:
-    """Per-scan choices from the config message, TEXT JSON, FIRE config or Gadgetron XML."""
-
-    protocol: str | None = None  # protocol name (or a path, from trusted callers only)
-    method: str | None = None  # override of the protocol's method
-    model: str | None = None  # override of the protocol's model (a name)
-    image_dtype: str = "float"
-
-    def set_config(self, name: str) -> None:
-        """A CONFIG_FILE / ``config`` value: a protocol name, or one of AUTO_CONFIGS (a
-        Gadgetron client's ``*.xml`` stream name counts by its stem)."""
-        name = name.strip()
-        if name.lower().endswith(".xml"):
-            name = name[:-4]
-        if name.lower() not in AUTO_CONFIGS:
-            self.protocol = _checked_name(name, "protocol")
-
-    def update(self, params: Mapping[str, Any]) -> None:
-        """Apply JSON-like parameters (top level or under ``parameters``); unknown keys ignored."""
-        flat = dict(params)
-        if isinstance(flat.get("parameters"), Mapping):
-            flat.update(flat.pop("parameters"))
-        for key in ("config", "customconfig"):
-            if isinstance(flat.get(key), str) and flat[key].strip():
-                self.set_config(flat[key])
-        if flat.get("protocol"):
-            self.protocol = _checked_name(str(flat["protocol"]), "protocol")
-        if flat.get("method"):
-            if flat["method"] not in METHODS:
-                raise ValueError(f"method {flat['method']!r} is not one of {', '.join(METHODS)}")
-            self.method = str(flat["method"])
-        if flat.get("model"):
-            self.model = _checked_name(str(flat["model"]), "model")
-        if flat.get("image_dtype"):
-            if flat["image_dtype"] not in IMAGE_DTYPES:
-                raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}")
-            self.image_dtype = str(flat["image_dtype"])
-        ignored = set(flat) - {"config", "customconfig", "protocol", "method", "model",
-                               "image_dtype"}
-        if ignored:
-            log.debug("ignoring stream parameters %s", sorted(ignored))
-
-
-def _checked_name(value: str, what: str) -> str:
-    """Names from the wire must be plain names: no paths, no ``.yaml`` (server files)."""
-    if not _NAME.fullmatch(value) or value.lower().endswith((".yaml", ".yml", ".safetensors")):
-        raise ValueError(f"{what} {value[:80]!r} is not a plain name")
-    return value
-
-
-def parse_config_text(text: str) -> dict[str, Any]:
-    """CONFIG_TEXT / TEXT -> parameters: JSON object, XML ``<property name= value=>`` or a name."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"parameters are not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError("JSON parameters must be an object")
-        return data
-    if text.startswith("<"):
-        return xml_params(text)
-    return {"config": text} if text else {}
-
-
-def xml_params(config: str | bytes | ET.Element | None) -> dict[str, str]:
-    """``<property name="k" value="v"/>`` elements (or ``<k>v</k>`` children) of an XML config."""
-    if config is None:
-        return {}
-    try:
-        root = config if isinstance(config, ET.Element) else ET.fromstring(config)
-    except ET.ParseError as e:
-        raise ValueError(f"configuration XML cannot be parsed: {e}") from e
-    out: dict[str, str] = {}
-    for el in root.iter():
-        tag = el.tag.rsplit("}", 1)[-1]
-        if tag == "property" and el.get("name"):
-            out[el.get("name", "")] = el.get("value", el.text or "").strip()
-        elif el is not root and len(el) == 0 and (el.text or "").strip():
-            out.setdefault(tag, el.text.strip())
-    return out
-
 
 # ------------------------------------------------------------------------------- engine
 @dataclass

@@ -1,0 +1,172 @@
+"""MRD v1 wire protocol, reading side: length-checked messages from a socket, and the
+bounded inbox a reader thread fills for a session."""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import ismrmrd
+from ismrmrd.serialization import ISMRMRDMessageID as MSG
+
+from .options import (
+    ClientGone,
+    IdleTimeout,
+    Limits,
+    ProtocolViolation,
+    ServerStopping,
+    StreamError,
+)
+
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+_CONFIG_FILE_SIZE = 1024
+_ACQ_HEAD = ctypes.sizeof(ismrmrd.AcquisitionHeader)
+_WAVE_HEAD = ctypes.sizeof(ismrmrd.WaveformHeader)
+
+
+@dataclass
+class Message:
+    id: int
+    payload: Any
+    nbytes: int
+    t: float  # arrival (time.perf_counter) of the message's last byte
+
+
+class MrdReader:
+    """Reads MRD messages from a socket, checking every length before reading the payload."""
+
+    def __init__(self, sock: socket.socket, limits: Limits):
+        self.sock, self.limits = sock, limits
+
+    def _exact(self, n: int, boundary: bool = False) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:], n - got)
+            except TimeoutError as e:
+                raise IdleTimeout("idle timeout: no data from the client") from e
+            except OSError as e:
+                raise ClientGone(f"connection lost: {e}") from e
+            if k == 0:
+                if boundary and got == 0:
+                    raise ClientGone("client closed the connection without CLOSE")
+                raise ProtocolViolation(f"truncated message: connection closed after {got} of "
+                                        f"{n} bytes")
+            got += k
+        return bytes(buf)
+
+    def _text(self, what: str) -> str:
+        (n,) = _U32.unpack(self._exact(4))
+        if n > self.limits.max_text_bytes:
+            raise ProtocolViolation(f"{what} of {n} bytes exceeds the limit of "
+                                    f"{self.limits.max_text_bytes}")
+        return _decode(self._exact(n), what)
+
+    def read(self) -> Message:
+        (mid,) = _U16.unpack(self._exact(2, boundary=True))
+        lim = self.limits
+        if mid == MSG.CONFIG_FILE:
+            payload: Any = _decode(self._exact(_CONFIG_FILE_SIZE), "config file name")
+            n = _CONFIG_FILE_SIZE
+        elif mid in (MSG.CONFIG_TEXT, MSG.HEADER, MSG.TEXT):
+            payload = self._text(MSG(mid).name.lower())
+            n = len(payload)
+        elif mid == MSG.CLOSE:
+            payload, n = None, 0
+        elif mid == MSG.ACQUISITION:
+            head = self._exact(_ACQ_HEAD)
+            h = ismrmrd.AcquisitionHeader.from_buffer_copy(head)
+            ns, ch, td = int(h.number_of_samples), int(h.active_channels), \
+                int(h.trajectory_dimensions)
+            if ns > lim.max_samples or ch > lim.max_channels or td > lim.max_trajectory_dims:
+                raise ProtocolViolation(f"acquisition with {ns} samples, {ch} channels, {td} "
+                                        "trajectory dimensions exceeds the server limits")
+            n = ns * td * 4 + ns * ch * 8
+            if n > lim.max_message_bytes:
+                raise ProtocolViolation(f"acquisition of {n} bytes exceeds the limit")
+            payload = ismrmrd.Acquisition.from_bytes(head + self._exact(n))
+        elif mid == MSG.WAVEFORM:
+            h = ismrmrd.WaveformHeader.from_buffer_copy(self._exact(_WAVE_HEAD))
+            n = int(h.number_of_samples) * int(h.channels) * 4
+            if n > lim.max_message_bytes:
+                raise ProtocolViolation(f"waveform of {n} bytes exceeds the limit")
+            self._exact(n)
+            payload = None
+        elif mid in (MSG.IMAGE, MSG.NDARRAY):
+            raise ProtocolViolation(f"{MSG(mid).name} input is not supported (raw "
+                                    "acquisitions only)")
+        else:
+            raise ProtocolViolation(f"unknown message id {mid}")
+        return Message(int(mid), payload, n, time.perf_counter())
+
+
+def _decode(raw: bytes, what: str) -> str:
+    try:
+        return raw.split(b"\x00", 1)[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolViolation(f"{what} is not UTF-8 text") from e
+
+
+class _Inbox:
+    """Messages read ahead by the reader thread, bounded in bytes (back-pressure on the client)."""
+
+    def __init__(self, max_bytes: int, stop: threading.Event):
+        self._items: deque[tuple[Message | StreamError, int]] = deque()
+        self._bytes, self._max, self._stop = 0, max_bytes, stop
+        self._cv = threading.Condition()
+        self.closed = False
+
+    def put(self, item: Message | StreamError, nbytes: int) -> bool:
+        with self._cv:
+            while self._items and self._bytes + nbytes > self._max and not self.closed:
+                self._cv.wait(0.25)
+            if self.closed:
+                return False
+            self._items.append((item, nbytes))
+            self._bytes += nbytes
+            self._cv.notify_all()
+            return True
+
+    def get(self) -> Message:
+        with self._cv:
+            while True:
+                if self._stop.is_set():
+                    raise ServerStopping("server shutting down; the scan was not finished")
+                if self._items:
+                    item, n = self._items.popleft()
+                    self._bytes -= n
+                    self._cv.notify_all()
+                    if isinstance(item, StreamError):
+                        try:
+                            raise item
+                        finally:  # no frame <-> traceback cycle keeping the session alive
+                            del item
+                    return item
+                self._cv.wait(0.25)
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._items.clear()
+            self._cv.notify_all()
+
+
+def _read_loop(reader: MrdReader, inbox: _Inbox) -> None:
+    while True:
+        try:
+            msg = reader.read()
+        except StreamError as e:
+            inbox.put(e, 0)
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. a header the ismrmrd library rejects
+            inbox.put(ProtocolViolation(f"unreadable message: {type(e).__name__}: {e}"), 0)
+            return
+        if not inbox.put(msg, msg.nbytes) or msg.id == MSG.CLOSE:
+            return
