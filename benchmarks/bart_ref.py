@@ -52,3 +52,18 @@ def ecalib(kspace: np.ndarray, calib_size: int = 24, kernel: int = 6, thresh: fl
         dt = time.perf_counter() - t0
         s = read_cfl(Path(d) / "s").reshape(k.shape[0], k.shape[1], c)
     return np.transpose(s, (2, 1, 0)).astype(np.complex64), dt
+
+
+def pics(kspace: np.ndarray, maps: np.ndarray, lamda: float, iters: int = 60) -> np.ndarray:
+    """``bart pics -l1 -r lamda`` (L1-wavelet regularised SENSE; BART scales the data itself)
+    on k-space (coils, ky, kx) zero where not sampled, maps (coils, ky, kx); image (ky, kx)."""
+    if not available():
+        raise RuntimeError("bart is not installed (Debian package 'bart')")
+    with tempfile.TemporaryDirectory() as d:
+        write_cfl(Path(d) / "k", np.transpose(kspace, (2, 1, 0))[:, :, None, :])
+        write_cfl(Path(d) / "s", np.transpose(maps, (2, 1, 0))[:, :, None, :])
+        cmd = ["bart", "pics", "-d0", "-l1", "-r", str(lamda), "-i", str(iters),
+               str(Path(d) / "k"), str(Path(d) / "s"), str(Path(d) / "x")]
+        subprocess.run(cmd, check=True, capture_output=True)
+        x = read_cfl(Path(d) / "x")
+    return np.transpose(x.reshape(x.shape[0], x.shape[1]), (1, 0)).astype(np.complex64)

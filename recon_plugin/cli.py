@@ -120,13 +120,24 @@ def cmd_train(a) -> int:
     from .training.supervised import train_base
 
     model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, dc=a.dc, cg_iters=a.cg_iters)
+    if a.noise_aware:
+        model_kwargs["noise_aware"] = True
     card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,
                       Path(a.export) if a.export else None, a.time_budget,
                       freeze_bn=a.freeze_bn, espirit=a.espirit,
-                      init_from=resolve_model(a.init) if a.init else None)
+                      init_from=resolve_model(a.init) if a.init else None,
+                      pool_dir=Path(a.pool_dir) if a.pool_dir else None)
     if card:
         print(f"exported {a.export}.safetensors (sha256 {card['sha256'][:12]}), "
               f"val PSNR {card['metrics']['val_psnr_db']:.2f} dB")
+    return EXIT_OK
+
+
+def cmd_train_pool(a) -> int:
+    from .training.transfer import fill_pool
+
+    n = fill_pool(Path(a.pool_dir), a.batches, a.seed, a.batch_size)
+    print(f"{a.pool_dir}: drew {n} batches ({a.batches} in the pool)")
     return EXIT_OK
 
 
@@ -249,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
                    help="data consistency: gradient step, or CG proximal step (MoDL)")
     s.add_argument("--cg-iters", type=int, default=6, help="CG iterations per prox step")
+    s.add_argument("--noise-aware", action="store_true",
+                   help="prox weights scale with the noise variance estimated from the data, and "
+                        "the cascades start from a CG-SENSE solve")
+    s.add_argument("--pool-dir", help="train on transfer batches replayed from this directory "
+                   "(filled by `recon-plugin train-pool`)")
     s.add_argument("--espirit", type=float, default=0.8,
                    help="fraction of training slices with ESPIRiT maps from their own ACS")
     s.add_argument("--freeze-bn", action="store_true",
@@ -258,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, default=None, help="seconds, then checkpoint")
     s.add_argument("--export", help="write the best model here (path without suffix)")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("train-pool", help="draw transfer training batches into a directory "
+                       "(resumable; a trainer may read it while it grows)")
+    s.add_argument("pool_dir")
+    s.add_argument("--batches", type=int, default=1500)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.set_defaults(fn=cmd_train_pool)
 
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
     s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD)")

@@ -48,6 +48,20 @@ def intensity_scale(image: torch.Tensor) -> torch.Tensor:
     return torch.clamp(q, min=1e-12).view(-1, 1, 1)
 
 
+def normalised_noise_variance(kspace: torch.Tensor, mask: torch.Tensor,
+                              scale: torch.Tensor) -> torch.Tensor:
+    """Noise variance per k-space sample (batch, 1, 1), mean over coils, in the network's
+    normalised units (divided by ``scale**2``), estimated from the data alone
+    (:func:`~recon_plugin.physics.noise_variance`); 1e-3 where it cannot be estimated."""
+    from ..physics import noise_variance
+
+    try:
+        var = noise_variance(kspace.detach(), mask).mean(1).view(-1, 1, 1)
+    except ValueError:
+        var = torch.full((kspace.shape[0], 1, 1), 1e-3, device=kspace.device) * scale.square()
+    return (var / scale.square()).to(kspace.real.dtype)
+
+
 class ComplexCNN(nn.Module):
     """Wraps a real 2-channel CNN so that it maps complex (batch, ky, kx) to complex.
 
@@ -113,6 +127,7 @@ class UnrolledNet(nn.Module):
         shared_weights: bool = False,
         dc: str = "gradient",
         cg_iters: int = 6,
+        noise_aware: bool = False,
     ):
         super().__init__()
         if dc not in ("gradient", "prox"):
@@ -121,6 +136,10 @@ class UnrolledNet(nn.Module):
             num_cascades=num_cascades, chans=chans, num_pools=num_pools, batchnorm=batchnorm,
             prior=prior, shared_weights=shared_weights, dc=dc, cg_iters=cg_iters,
         )
+        if noise_aware:
+            if dc != "prox":
+                raise ValueError("noise_aware needs dc='prox'")
+            self.config["noise_aware"] = True
 
         def make() -> nn.Module:
             if prior == "unet":
@@ -136,7 +155,16 @@ class UnrolledNet(nn.Module):
         self.cg_iters = cg_iters
         # gradient: step sizes; prox: log(mu) per cascade
         init = 1.0 if dc == "gradient" else math.log(0.1)
-        self.step = nn.Parameter(torch.full((num_cascades,), init))
+        self.noise_aware = noise_aware
+        if noise_aware:
+            # mu_k = exp(step_k) * sigma^2 (+ the floor exp(mu_floor)): the prior weight of a
+            # MAP estimate with noise variance sigma^2 (normalised units) and a prior of
+            # error ~ exp(-step_k / 2); index num_cascades is the CG-SENSE initialisation
+            init = math.log(400.0)
+            self.step = nn.Parameter(torch.full((num_cascades + 1,), init))
+            self.mu_floor = nn.Parameter(torch.tensor(math.log(1e-4)))
+        else:
+            self.step = nn.Parameter(torch.full((num_cascades,), init))
 
     def forward(self, kspace: torch.Tensor, op: SenseOperator,
                 return_cascades: bool = False) -> torch.Tensor | tuple[torch.Tensor, list]:
@@ -147,6 +175,10 @@ class UnrolledNet(nn.Module):
         aty = x0 / scale
         x = aty
         cascades = []
+        if self.noise_aware:
+            s2 = normalised_noise_variance(kspace, op.mask, scale)
+            mu0 = self.step[-1].exp() * s2 + self.mu_floor.exp()
+            x = cg_solve(op.normal, aty, torch.zeros_like(aty), mu0, self.cg_iters)
         for k in range(self.num_cascades):
             prior = self.priors[k % len(self.priors)]
             if self.dc == "gradient":
@@ -154,7 +186,10 @@ class UnrolledNet(nn.Module):
                 x = x + prior(x)
             else:
                 z = x + prior(x)
-                mu = self.step[k].exp()
+                if self.noise_aware:
+                    mu = self.step[k].exp() * s2 + self.mu_floor.exp()
+                else:
+                    mu = self.step[k].exp()
                 x = cg_solve(op.normal, aty + mu * z, z, mu, self.cg_iters)
             if return_cascades:
                 cascades.append(x)

@@ -118,6 +118,7 @@ def train_base(
     freeze_bn: bool = False,
     espirit: float = 0.0,
     init_from: Path | None = None,
+    pool_dir: Path | None = None,
 ) -> dict | None:
     """Train, keep the best validation model, and export it (safetensors + card) if asked.
 
@@ -133,12 +134,19 @@ def train_base(
         init_priors(model, Path(init_from))  # keeps the statistics its weights were tuned to
     elif freeze_bn and not (Path(run_dir) / "ckpt.pt").is_file():
         recalibrate_bn(model, 40, seed=777, espirit=espirit)
-    val = validation_set(val_batches, espirit=espirit > 0)
+    pool = None
+    if pool_dir is not None:
+        from .transfer import PoolDir, transfer_validation_set
+
+        pool = PoolDir(pool_dir, min_batches=8)
+        val = transfer_validation_set(val_batches)
+    else:
+        val = validation_set(val_batches, espirit=espirit > 0)
 
     def loss_fn(m, rng):
         if freeze_bn:
             freeze_batchnorm(m)
-        b = make_batch("train", rng, batch_size, espirit=espirit)
+        b = pool.sample(rng) if pool else make_batch("train", rng, batch_size, espirit=espirit)
         return image_loss(run_model(m, b), b.target)
 
     def validate(m):
@@ -155,6 +163,13 @@ def train_base(
             "maps": f"ESPIRiT from each slice's own ACS for a fraction {espirit:g} of the "
                     "training slices, true (simulated) maps otherwise",
             "init_from": str(init_from) if init_from else None, "batchnorm_frozen": freeze_bn,
+            **({"data": "transfer batches (recon_plugin/training/transfer.py): template "
+                        "training slabs with added texture / vessels / sharp structures and "
+                        "natural or procedural images, simulated on a 2x finer grid, ring / "
+                        "Gaussian / surface-pair coils of 4-32 elements, SNR 4-400, smooth to "
+                        "rapid phase, 15 % partial Fourier; ESPIRiT maps for 80 %",
+                "pool_dir": str(pool_dir), "validation": "transfer_validation_set: validation "
+                        "slab and validation-only natural images"} if pool_dir else {}),
             "command": " ".join(shlex.quote(a) for a in sys.argv)}
     return export_base(Path(run_dir), Path(export_to), model_kwargs, info, val, espirit)
 
