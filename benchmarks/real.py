@@ -17,10 +17,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from recon_plugin import classical
-from recon_plugin.coils import EspiritParams, estimate_maps
 from recon_plugin.metrics import nmse, psnr, ssim
 from recon_plugin.physics import cartesian_mask, ifft2c, rss
+from recon_plugin.recon import classical
+from recon_plugin.recon.coils import EspiritParams, estimate_maps
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,14 @@ def network_fn(model):
 
 
 def bart_fn(lamda: float):
-    from recon_plugin import bart_ref
+    from benchmarks import bart_ref
 
     return lambda c: bart_ref.pics(c.kspace, c.maps, lamda)
 
 
 def guarded_fn(model, fraction: float = 0.1):
     """The network with the per-slice guard, CG-SENSE where the guard rejects it."""
-    from recon_plugin import guard
+    from recon_plugin.recon import guard
 
     net = network_fn(model)
 
@@ -169,7 +169,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
     ``docs/BENCHMARKS.md``, examples in ``docs/real_examples.png``, numbers in
     ``docs/real_results.json``. ``models``: name -> weights; ``default_model`` also runs with
     the per-slice guard (as the default protocol does)."""
-    from recon_plugin import bart_ref
+    from benchmarks import bart_ref
     from recon_plugin.models.checkpoint import load_inference_model
 
     files = real_cases(real_dir)

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..anatomy import CONTRASTS, load_anatomy, split_slabs
 from ..physics import cartesian_mask, center_crop, fft2c, ifft2c, rss
-from ..sim import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
+from ..sim.anatomy import CONTRASTS, load_anatomy, split_slabs
+from ..sim.simulate import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
 from .data import CENTER_FRACTION, Batch, _rotate, training_anatomy
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def make_transfer_slice(rng: np.random.Generator, matrix: tuple[int, int], num_c
                         split: str = "train"):
     """One training slice: (undersampled k-space (C, ky, kx), mask (ky, kx), maps (C, ky, kx),
     target (ky, kx) RSS of the full data)."""
-    from ..coils import CoilMapError, EspiritParams, estimate_maps
+    from ..recon.coils import CoilMapError, EspiritParams, estimate_maps
     from .data import support_mask
 
     ny, nx = matrix
@@ -308,7 +308,7 @@ def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: i
     """Draw training batches ``i`` = 0..n-1 (rng seeded by ``(seed, i)``) into ``pool_dir``, one
     file each, written atomically; batches already there are kept, so an interrupted fill
     resumes. Returns how many were drawn. A trainer may read the pool while it grows."""
-    from ..fileio import atomic_path
+    from ..output.atomic import atomic_path
 
     pool_dir = Path(pool_dir)
     pool_dir.mkdir(parents=True, exist_ok=True)

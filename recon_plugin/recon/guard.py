@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .physics import fft2c
+from ..physics import fft2c
 
 Recon = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
