@@ -19,6 +19,9 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     model: {variant: unrolled-base, method: unrolled, lamda: null, fallback: zero-filled}
                                          # method: unrolled | cg-sense | l1-wavelet | zero-filled
     espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: true, grid: 128}
+    guard: {enabled: true, heldout_fraction: 0.1, margin: 0.0}
+                                         # network slices that predict held-out acquired lines
+                                         # worse than CG-SENSE are reconstructed by CG-SENSE
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
@@ -55,7 +58,7 @@ from ..output.dicom import DicomOptions
 from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
 from ..scan import ScanHeader
 from . import schema
-from .schema import EspiritSpec, MatchRules, ModelSpec, PacsSpec, ProtocolSpec, SeriesSpec
+from .schema import EspiritSpec, GuardSpec, MatchRules, ModelSpec, PacsSpec, ProtocolSpec, SeriesSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class Protocol:
     match: MatchRules = field(default_factory=MatchRules)
     model: ModelSpec = field(default_factory=ModelSpec)
     espirit: EspiritSpec = field(default_factory=EspiritSpec)
+    guard: GuardSpec = field(default_factory=GuardSpec)
     coil_compression: int | None = None
     partial_fourier: str = "zero-fill"
     series: SeriesSpec = field(default_factory=SeriesSpec)
@@ -124,6 +128,9 @@ class Protocol:
             adaptive=self.adaptive,
             protocol_name=self.name,
             partial_fourier=self.partial_fourier,
+            guard=self.guard.enabled,
+            guard_fraction=self.guard.heldout_fraction,
+            guard_margin=self.guard.margin,
         )
 
 
@@ -249,7 +256,7 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
 def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protocol:
     return Protocol(
         name=spec.name, description=spec.description, match=spec.match, model=spec.model,
-        espirit=spec.espirit, coil_compression=spec.coil_compression,
+        espirit=spec.espirit, guard=spec.guard, coil_compression=spec.coil_compression,
         partial_fourier=spec.partial_fourier, series=spec.series, dicom=spec.dicom,
         pacs=spec.pacs, adaptive=spec.adaptive.as_dict() if spec.adaptive else None,
         extends=spec.extends, source=source, chain=list(reversed(chain)),

@@ -113,6 +113,15 @@ class ModelSpec(_Section):
     fallback: Literal[FALLBACKS] = "zero-filled"  # type: ignore[valid-type]
 
 
+class GuardSpec(_Section):
+    """The per-slice guard (``recon/guard.py``): a network slice whose prediction of held-out
+    acquired lines is worse than CG-SENSE's is reconstructed by CG-SENSE instead."""
+
+    enabled: StrictBool = True
+    heldout_fraction: Annotated[float, Field(strict=True, gt=0.0, le=0.5)] = 0.1
+    margin: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.0
+
+
 class EspiritSpec(_Section):
     calib_width: Annotated[StrictInt, Field(ge=4, le=256)] = 24
     kernel_width: Annotated[StrictInt, Field(ge=2, le=16)] = 6
@@ -163,6 +172,7 @@ class ProtocolSpec(_Section):
     match: MatchRules = Field(default_factory=MatchRules)
     model: ModelSpec  # required, even when every key keeps its default
     espirit: EspiritSpec = Field(default_factory=EspiritSpec)
+    guard: GuardSpec = Field(default_factory=GuardSpec)
     coil_compression: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
     partial_fourier: Literal[PARTIAL_FOURIER] = "zero-fill"  # type: ignore[valid-type]
     series: SeriesSpec = Field(default_factory=SeriesSpec)

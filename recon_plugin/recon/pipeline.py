@@ -27,8 +27,9 @@ from ..models.checkpoint import load_inference_model, resolve_model
 from ..output import FORMATS
 from ..physics import SenseOperator, center_crop, fft2c, ifft2c
 from ..scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
-from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical
+from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
 from .coils import CoilMapError, EspiritParams, estimate_maps
+from .guard import GuardResult
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
 
@@ -49,6 +50,9 @@ class ReconSettings:
     adaptive: dict | None = None  # difficulty-adaptive variant policy
     protocol_name: str = "default"
     partial_fourier: str = "zero-fill"  # or "homodyne"
+    guard: bool = True  # per-slice held-out-line check of the network against CG-SENSE
+    guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
+    guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -136,8 +140,19 @@ class Reconstructor:
                 name = self._choose_variant(ksp, mask, sl, settings)
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
-            img = self._network(name, ksp, maps, mask)
-            t["network"] += time.perf_counter() - t0
+            res = self._guard(name, ksp, maps, mask, sl, settings, t) if settings.guard else None
+            t0 = time.perf_counter()
+            if res is not None and not res.network_ok:
+                log.warning("slice %d: %s", sl.slice_index, res.describe())
+                notes.append(f"GUARD: {res.describe()}")
+                method = "cg-sense"
+                img = classical.cg_sense(ksp, maps, mask)
+                t["classical"] += time.perf_counter() - t0
+            else:
+                if res is not None:
+                    log.info("slice %d: %s", sl.slice_index, res.describe())
+                img = self._network(name, ksp, maps, mask)
+                t["network"] += time.perf_counter() - t0
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
@@ -159,6 +174,20 @@ class Reconstructor:
             op = SenseOperator(torch.from_numpy(maps)[None].to(dev),
                                torch.from_numpy(mask)[None].to(dev))
             return model(k, op)[0].cpu().numpy()
+
+    def _guard(self, name, ksp, maps, mask, sl: SliceData, settings: ReconSettings,
+               t: dict) -> GuardResult | None:
+        """The per-slice held-out-line check (``recon/guard.py``); counts go to ``t``."""
+        t0 = time.perf_counter()
+        res = guard.check(ksp, maps, mask, sl.acs,
+                          lambda k, s, m: self._network(name, k, s, m),
+                          lambda k, s, m: classical.cg_sense(k, s, m),
+                          settings.guard_fraction, settings.guard_margin, seed=sl.slice_index)
+        t["guard"] += time.perf_counter() - t0
+        if res is not None:
+            t["guard_checked"] += 1
+            t["guard_rejected"] += 0 if res.network_ok else 1
+        return res
 
     def _choose_variant(self, ksp, mask, sl: SliceData, settings: ReconSettings) -> str:
         from .policy import choose_variant, slice_features
@@ -204,10 +233,13 @@ def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np
 
 def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...],
                   dicom_options: dict | None = None) -> list[Path]:
-    """Write every series in the requested formats ("dicom", "h5"); returns written paths."""
+    """Write every series in the requested formats (``output.FORMATS``); returns written paths.
+
+    ``fastmri`` writes one fastMRI reconstruction file named like the input (the output folder's
+    name) for the whole scan (:mod:`recon_plugin.output.fastmri_file`)."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
-        raise ValueError(f"unknown output format(s) {sorted(unknown)}; use dicom and/or h5")
+        raise ValueError(f"unknown output format(s) {sorted(unknown)}; use {', '.join(FORMATS)}")
     paths: list[Path] = []
     if "dicom" in formats and series:
         from ..output.dicom import scan_uids, write_series
@@ -218,6 +250,10 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
                                   study_uid=study, frame_uid=frame, **(dicom_options or {}))
     if "h5" in formats:
         paths += [write_reconstruction_h5(s, Path(out_dir)) for s in series]
+    if "fastmri" in formats:
+        from ..output.fastmri_file import write_fastmri_files
+
+        paths += write_fastmri_files(series, Path(out_dir))
     return paths
 
 

@@ -1,0 +1,102 @@
+"""The per-slice guard: held-out lines, its error, and the decision it drives in the pipeline."""
+
+import numpy as np
+import pytest
+
+from recon_plugin.physics import cartesian_mask, fft2c, ifft2c
+from recon_plugin.recon import classical, guard
+from recon_plugin.training.transfer import make_transfer_slice
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A procedural 8-coil 96x96 slice at 4x with true maps: (kspace, maps, mask, acs, truth)."""
+    rng = np.random.default_rng(3)
+    ksp, mask, maps, target = make_transfer_slice(rng, (96, 96), 8, 4, 60.0, False, 0.0)
+    acs = (48 - 4, 48 + 4)  # 8 % of 96 lines, centred
+    assert mask[acs[0]:acs[1], 0].all()
+    return ksp, maps, mask, acs, target
+
+
+def test_heldout_lines_are_acquired_and_outside_acs():
+    m1, acs = cartesian_mask(128, 4, 0.08, "equispaced", np.random.default_rng(0))
+    mask = np.broadcast_to(m1[:, None], (128, 64))
+    lines = guard.heldout_lines(mask, acs, 0.1, seed=1)
+    acquired = np.flatnonzero(m1)
+    outer = acquired[(acquired < acs[0]) | (acquired >= acs[1])]
+    assert set(lines) <= set(outer)
+    assert len(lines) == max(2, round(0.1 * outer.size))
+    assert len(set(lines)) == len(lines)
+    # nothing to hold out: only the ACS block is acquired
+    only_acs = np.zeros((128, 64), np.float32)
+    only_acs[acs[0]:acs[1]] = 1
+    assert guard.heldout_lines(only_acs, acs).size == 0
+
+
+def test_heldout_error_is_small_for_the_truth(case):
+    ksp, maps, mask, acs, _ = case
+    full_img = (maps.conj() * ifft2c(fft2c(ifft2c(ksp)))).sum(0)  # any image
+    lines = guard.heldout_lines(mask, acs, 0.2)
+    # the image that produced the data (up to noise) predicts the held-out lines far better
+    # than a blurred copy of it
+    truth = classical.cg_sense(ksp, maps, mask, lamda=1e-4, max_iter=60)
+    blurred = ifft2c(fft2c(truth) * np.hanning(96)[:, None] ** 4)
+    assert guard.heldout_error(truth, maps, ksp, lines) < 0.5 * guard.heldout_error(
+        blurred, maps, ksp, lines)
+    assert np.isfinite(guard.heldout_error(full_img, maps, ksp, lines))
+
+
+def test_check_rejects_a_bad_network_and_keeps_a_good_one(case):
+    ksp, maps, mask, acs, _ = case
+
+    def cg(k, s, m):
+        return classical.cg_sense(k, s, m)
+
+    def aliased(k, s, m):  # zero-filled SENSE combination: aliasing left in
+        return (s.conj() * ifft2c(k)).sum(0) * 4
+
+    def better(k, s, m):  # an oracle that saw the held-out lines too
+        return classical.cg_sense(ksp, s, mask)
+
+    bad = guard.check(ksp, maps, mask, acs, aliased, cg)
+    assert bad is not None and not bad.network_ok and bad.ratio > 1
+    assert "REJECTED" in bad.describe()
+    same = guard.check(ksp, maps, mask, acs, cg, cg)
+    assert same is not None and same.network_ok and same.ratio == pytest.approx(1.0)
+    good = guard.check(ksp, maps, mask, acs, better, cg)
+    assert good is not None and good.network_ok and good.seconds > 0
+
+
+def test_pipeline_falls_back_per_slice(monkeypatch):
+    """A network that returns aliased images is replaced by CG-SENSE on every slice, and the
+    image says so; with the guard off the network's image is kept."""
+    from recon_plugin.io import read_raw
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.sim.simulate import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(96, 80), snr=40.0,
+                          seed=2)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        raw = write_ismrmrd(vol, Path(d) / "s.h5", acceleration=4, seed=0)
+        scan = read_raw(raw)
+    rec = Reconstructor()
+
+    def aliased(self, name, k, s, m):
+        return (s.conj() * ifft2c(k)).sum(0) * 4
+
+    monkeypatch.setattr(Reconstructor, "_network", aliased)
+    sl = scan.slices[0]
+    t: dict = {}
+    from collections import defaultdict
+
+    t = defaultdict(float)
+    im = rec.reconstruct_slice(sl, scan.header, ReconSettings(method="unrolled"), timings=t)
+    assert im.method == "cg-sense"
+    assert any(n.startswith("GUARD:") and "REJECTED" in n for n in im.notes)
+    assert t["guard_rejected"] == 1 and t["guard_checked"] == 1
+    off = rec.reconstruct_slice(sl, scan.header, ReconSettings(method="unrolled", guard=False))
+    assert off.method == "unrolled" and not any(n.startswith("GUARD") for n in off.notes)
