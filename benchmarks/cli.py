@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-WHAT = ("quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt")
+WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt")
 
 
 def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
@@ -22,6 +22,9 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
     s.add_argument("--variants", action="append", type=Path, default=None,
                    help="folder(s) of variant models (bench pruning; default: shipped weights); "
                    "variant files or folders to rank on validation (bench select)")
+    s.add_argument("--real-dir", type=Path, default=None,
+                   help="real raw data (bench real; default $RECON_PLUGIN_REAL_DATA or "
+                   "../shared/data/real)")
     s.add_argument("--docs", default="docs")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     return s
@@ -29,7 +32,20 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> int:
     docs = Path(a.docs)
-    if a.what == "quality":
+    if a.what == "real":
+        from recon_plugin.config.protocol import load_protocol
+        from recon_plugin.models.checkpoint import WEIGHTS_DIR, resolve_model
+
+        from .real import bench_real, find_real_dir
+
+        real = a.real_dir or find_real_dir()
+        if real is None:
+            raise FileNotFoundError("no real data: pass --real-dir or set RECON_PLUGIN_REAL_DATA")
+        default = load_protocol("default").model.variant
+        models = {p.stem: p for p in sorted(Path(WEIGHTS_DIR).glob("*.safetensors"))}
+        models.setdefault(default, resolve_model(default))
+        bench_real(docs, real, models, default)
+    elif a.what == "quality":
         from .quality import quality
 
         quality(docs, quick=a.quick)

@@ -25,6 +25,22 @@ from recon_plugin.recon.coils import EspiritParams, estimate_maps
 log = logging.getLogger(__name__)
 
 CENTER_FRACTION = {4: 0.08, 8: 0.04}
+REAL_ENV = "RECON_PLUGIN_REAL_DATA"
+
+
+def find_real_dir() -> Path | None:
+    """``$RECON_PLUGIN_REAL_DATA``, else ``shared/data/real`` beside the checkout or the cwd."""
+    import os
+
+    env = os.environ.get(REAL_ENV)
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    repo = Path(__file__).resolve().parents[1]
+    for base in (repo.parent, Path.cwd().parent, Path.cwd()):
+        p = base / "shared" / "data" / "real"
+        if p.is_dir():
+            return p
+    return None
 
 
 @dataclass
