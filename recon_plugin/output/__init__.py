@@ -1,4 +1,7 @@
-"""Outputs: the atomic file writer every writer uses (``atomic``), DICOM series (``dicom``)
-and PACS delivery with a durable queue (``pacs``)."""
+"""Outputs: the atomic file writer every writer uses (``atomic``), DICOM series (``dicom``),
+PACS delivery with a durable queue (``pacs``), fastMRI reconstruction files (``fastmri_file``)
+and ISMRMRD image files (``mrd_file``)."""
 
-FORMATS = ("dicom", "h5")  # output formats of `recon-plugin recon --format`
+# output formats of `recon-plugin recon --format`: DICOM, the project's h5 (series_NNNN.h5),
+# fastMRI's reconstruction file (<input>.h5, rows = readout, as reconstruction_rss)
+FORMATS = ("dicom", "h5", "fastmri")

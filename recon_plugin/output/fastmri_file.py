@@ -1,0 +1,70 @@
+"""fastMRI reconstruction files (``--format fastmri``): what fastMRI's own evaluation reads.
+
+One HDF5 file per input, named like the input (``<stem>.h5`` in the scan's output folder; a scan
+with several contrasts gets ``<stem>_series_NNNN.h5`` for every series after the first), holding
+
+* ``reconstruction`` (slices, rows, cols) float32 in the orientation and crop of fastMRI's
+  ``reconstruction_rss``: rows along the readout, columns along the phase encode, the recon
+  matrix (x, y) -- the project's images (rows = phase, cols = readout) transposed;
+* attributes ``acquisition`` (e.g. ``AXT2``), ``max`` and ``norm`` (of this volume, as fastMRI
+  computes them for its targets), ``patient_id``, ``acceleration`` and ``num_low_frequency``
+  when known, and the provenance (``protocol``, ``method``, ``model``, ``model_sha256``) plus the
+  ISMRMRD header.
+
+``fastmri.evaluate`` (``python -m fastmri.evaluate --target-path RAW/ --predictions-path OUT/
+--challenge multicoil``) pairs files by name and scores ``reconstruction`` against the raw
+file's ``reconstruction_rss``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..scan import ReconSeries
+from .atomic import atomic_path
+
+
+def fastmri_volume(series: ReconSeries) -> np.ndarray:
+    """(slices, readout, phase) float32: the series' images transposed to fastMRI's layout."""
+    return np.ascontiguousarray(
+        np.stack([np.asarray(im.pixels, np.float32).T for im in series.images]))
+
+
+def fastmri_name(stem: str, index: int, series: ReconSeries) -> str:
+    return f"{stem}.h5" if index == 0 else f"{stem}_series_{series.series_number:04d}.h5"
+
+
+def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
+    """Write one series as a fastMRI reconstruction file at ``final`` (atomically)."""
+    vol = fastmri_volume(series)
+    h = series.header
+    with atomic_path(final, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("reconstruction", data=vol)
+        f.attrs["acquisition"] = h.contrast_name or h.protocol_name or ""
+        f.attrs["max"] = float(vol.max())
+        f.attrs["norm"] = float(np.linalg.norm(vol))
+        f.attrs["patient_id"] = h.identity.patient_id or ""
+        if h.acceleration:
+            f.attrs["acceleration"] = float(h.acceleration)
+        if h.calibration_lines:
+            f.attrs["num_low_frequency"] = int(h.calibration_lines)
+        p = series.provenance
+        f.attrs["protocol"] = p.protocol
+        f.attrs["method"] = p.method
+        f.attrs["model"] = p.model_name
+        f.attrs["model_sha256"] = p.model_hash
+        f.attrs["layout"] = "reconstruction (slices, readout, phase), as fastMRI reconstruction_rss"
+        f.create_dataset("ismrmrd_header", data=h.xml or "")
+    return Path(final)
+
+
+def write_fastmri_files(series: list[ReconSeries], out_dir: Path, stem: str | None = None
+                        ) -> list[Path]:
+    """Every series of one scan; ``stem`` defaults to the output folder's name (the input's)."""
+    out_dir = Path(out_dir)
+    stem = stem or out_dir.name or "reconstruction"
+    return [write_fastmri_file(s, out_dir / fastmri_name(stem, i, s))
+            for i, s in enumerate(series)]
