@@ -82,10 +82,10 @@ def test_fastmri_evaluate_scores_our_output(tmp_path, name, every, method):
     if method:
         args += ["--method", method]
     assert main(args) == 0
-    stem = Path(name).stem
-    pred = out / stem / name  # one file per input, named like the input, in the scan's folder
+    (folder,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    pred = folder / name  # one file per input, named like the input
     assert pred.is_file()
-    assert sorted(p.name for p in (out / stem).glob("*.h5")) == [name]
+    assert sorted(p.name for p in folder.glob("*.h5")) == [name]
     with h5py.File(REAL / name) as f, h5py.File(pred) as g:
         target = f["reconstruction_rss"][()]
         recon = g["reconstruction"][()]

@@ -3,5 +3,6 @@ PACS delivery with a durable queue (``pacs``), fastMRI reconstruction files (``f
 and ISMRMRD image files (``mrd_file``)."""
 
 # output formats of `recon-plugin recon --format`: DICOM, the project's h5 (series_NNNN.h5),
-# fastMRI's reconstruction file (<input>.h5, rows = readout, as reconstruction_rss)
-FORMATS = ("dicom", "h5", "fastmri")
+# fastMRI's reconstruction file (<input>.h5, rows = readout, as reconstruction_rss), ISMRMRD
+# images as Gadgetron writes them (<input>_mrd.h5)
+FORMATS = ("dicom", "h5", "fastmri", "mrd")

@@ -18,6 +18,7 @@ file's ``reconstruction_rss``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import h5py
@@ -61,10 +62,18 @@ def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
     return Path(final)
 
 
+def input_stem(out_dir: Path | str) -> str:
+    """The input's stem from its output folder: a batch names it ``<stem>-<8 hex digits>``."""
+    name = Path(out_dir).name
+    m = re.fullmatch(r"(.+)-[0-9a-f]{8}", name)
+    return (m.group(1) if m else name) or "reconstruction"
+
+
 def write_fastmri_files(series: list[ReconSeries], out_dir: Path, stem: str | None = None
                         ) -> list[Path]:
-    """Every series of one scan; ``stem`` defaults to the output folder's name (the input's)."""
+    """Every series of one scan; ``stem`` (the input file's stem) defaults to
+    :func:`input_stem` of the output folder."""
     out_dir = Path(out_dir)
-    stem = stem or out_dir.name or "reconstruction"
+    stem = stem or input_stem(out_dir)
     return [write_fastmri_file(s, out_dir / fastmri_name(stem, i, s))
             for i, s in enumerate(series)]

@@ -236,7 +236,8 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
     """Write every series in the requested formats (``output.FORMATS``); returns written paths.
 
     ``fastmri`` writes one fastMRI reconstruction file named like the input (the output folder's
-    name) for the whole scan (:mod:`recon_plugin.output.fastmri_file`)."""
+    name) for the whole scan (:mod:`recon_plugin.output.fastmri_file`); ``mrd`` one ISMRMRD image
+    file ``<stem>_mrd.h5`` of all series (:mod:`recon_plugin.output.mrd_file`)."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown output format(s) {sorted(unknown)}; use {', '.join(FORMATS)}")
@@ -254,6 +255,10 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
         from ..output.fastmri_file import write_fastmri_files
 
         paths += write_fastmri_files(series, Path(out_dir))
+    if "mrd" in formats and series:
+        from ..output.mrd_file import write_mrd_file
+
+        paths.append(write_mrd_file(series, Path(out_dir)))
     return paths
 
 
