@@ -1,7 +1,9 @@
 """Command line: ``recon-plugin recon | simulate | demo | train | prune | bench | send | serve | adapt``.
 
 Exit status: 0 success; 1 at least one input failed (the others were still processed);
-2 usage or configuration error (bad arguments, unknown protocol, unreadable model).
+2 usage or configuration error (bad arguments, unknown protocol, unreadable model), reported
+in one line before anything is reconstructed; 128 + signal number when SIGTERM / SIGINT stopped
+a batch (the state is saved: run again with ``--resume``).
 Heavy modules are imported inside each command.
 """
 
@@ -29,6 +31,36 @@ def _formats(text: str) -> tuple[str, ...]:
     if bad or not f:
         raise argparse.ArgumentTypeError(f"--format takes {' and/or '.join(FORMATS)}, got {text!r}")
     return f
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from e
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from e
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return v
+
+
+def _target(text: str) -> str:
+    from .output.pacs import PacsTargetError, parse_target
+
+    try:
+        parse_target(text)
+    except PacsTargetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
 
 
 def _matrix(text: str) -> tuple[int, int]:
@@ -74,13 +106,23 @@ def _report(results) -> int:
     return EXIT_OK if not bad else EXIT_FAILED
 
 
+def _interrupted(e) -> int:
+    done = sum(r.ok for r in e.results)
+    print(f"{e}: {done} inputs finished before; the file in flight was abandoned. Run the same "
+          "command with --resume to finish.")
+    return 128 + int(e.signum)
+
+
 def cmd_recon(a) -> int:
-    from .batch import run_batch
+    from .batch import BatchInterrupted, run_batch
 
     overrides = {"method": a.method, "model": a.model}
-    results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
-                        overrides, progress=not a.quiet, send=a.send, workers=a.workers,
-                        protocol_dirs=a.protocol_dir)
+    try:
+        results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
+                            overrides, progress=not a.quiet, send=a.send, workers=a.workers,
+                            protocol_dirs=a.protocol_dir, max_memory_gb=a.max_memory_gb)
+    except BatchInterrupted as e:
+        return _interrupted(e)
     code = _report(results)
     queued = sum(r.queued for r in results)
     if queued:
@@ -93,25 +135,33 @@ def cmd_recon(a) -> int:
 def cmd_send(a) -> int:
     from .output.pacs import drain
 
-    sent, failed = drain(Path(a.queue))
+    q = Path(a.queue)
+    if not q.is_dir():
+        raise UsageError(f"--queue {q}: no such queue folder (recon writes OUT/.pacs-queue)")
+    sent, failed = drain(q)
     print(f"sent {sent}, still queued {failed}")
     return EXIT_OK if not failed else EXIT_FAILED
 
 
 def cmd_demo(a) -> int:
-    from .batch import run_batch
+    from .batch import BatchInterrupted, BatchUsageError, run_batch
     from .sim import simulate_volume
     from .sim.writers import write_ismrmrd
 
     out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise BatchUsageError(f"--out {out} is a file, not a folder")
     raw_dir = out / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     vol = simulate_volume("test", "T2", num_slices=a.slices, num_coils=12, matrix=(192, 160),
                           snr=30.0, seed=a.seed)
     raw = write_ismrmrd(vol, raw_dir / "demo_t2_axial_4x.h5", acceleration=4, seed=a.seed)
     print(f"simulated raw scan: {raw}")
-    results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
-                        progress=not a.quiet)
+    try:
+        results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
+                            progress=not a.quiet)
+    except BatchInterrupted as e:
+        return _interrupted(e)
     return _report(results)
 
 
@@ -205,11 +255,37 @@ def cmd_serve(a) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+class UsageError(ValueError):
+    """Bad arguments found after parsing (exit 2, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr (``recon-plugin recon: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _global_flags(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress bars, warnings only")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recon-plugin", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="recon-plugin", description=__doc__.splitlines()[0])
+    _global_flags(p, False)
+    flags = argparse.ArgumentParser(add_help=False)  # -q / -v also after the subcommand
+    _global_flags(flags, argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kw):
+        if name not in ("train", "train-pool", "bench"):  # those three keep their own parsing
+            kw.setdefault("parents", [flags])
+        return _add_parser(name, **kw)
+
+    sub.add_parser = add_parser
 
     s = sub.add_parser("recon", help="reconstruct raw files/folders to DICOM (and .h5)")
     s.add_argument("inputs", nargs="+", help="fastMRI or ISMRMRD .h5 files, or folders of them")
@@ -221,10 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
-    s.add_argument("--workers", type=int, default=1, help="files reconstructed in parallel")
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="files reconstructed in parallel (>= 1)")
+    s.add_argument("--max-memory-gb", type=_positive_float, default=None,
+                   help="refuse a raw file whose declared k-space exceeds this many GB "
+                        "(default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first (e.g. SITE/protocols); repeatable")
-    s.add_argument("--send", metavar="AET@host:port", help="C-STORE the DICOM to a PACS")
+    s.add_argument("--send", metavar="AET@host:port", type=_target,
+                   help="C-STORE the DICOM to a PACS")
     s.set_defaults(fn=cmd_recon)
 
     s = sub.add_parser("simulate", help="simulate multi-coil raw files from brain anatomy")

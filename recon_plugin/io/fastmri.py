@@ -34,6 +34,7 @@ import numpy as np
 
 from ..physics import acs_bounds, crop_readout
 from ..scan import Geometry, RawDataError, RawScan, SliceData
+from .budget import check_budget
 from .header import encoding_info, parse_header, parse_xml
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,14 @@ def _geometries(f: h5py.File, n: int, spacing: float, warnings: list[str], where
     return [Geometry.default(np.array([0.0, 0.0, i * spacing])) for i in range(n)]
 
 
-def read_fastmri(path: str | Path) -> RawScan:
+def read_fastmri(path: str | Path, max_bytes: int | None = None) -> RawScan:
     """Read a fastMRI-layout HDF5 file into a validated :class:`RawScan` (see module doc).
 
     Per slice: kspace (coils, ky = phase, kx = recon x) complex64, mask (ky, kx) from ``mask``
     or the non-zero columns (zero-padded columns excluded), ACS from ``num_low_frequency`` or
     the contiguous centre run, target = transposed ``reconstruction_rss`` (ky_recon, kx_recon).
+    The declared k-space (slices x coils x readout x phase) is checked against ``max_bytes``
+    (None: :func:`~recon_plugin.io.budget.default_max_bytes`) before any slice is read.
     """
     where = str(path)
     try:
@@ -97,7 +100,7 @@ def read_fastmri(path: str | Path) -> RawScan:
     except OSError as err:
         raise RawDataError(f"{where}: not a readable HDF5 file (truncated?): {err}") from err
     try:
-        return _read(f, where)
+        return _read(f, where, max_bytes)
     except RawDataError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as err:
@@ -106,7 +109,7 @@ def read_fastmri(path: str | Path) -> RawScan:
         f.close()
 
 
-def _read(f: h5py.File, where: str) -> RawScan:
+def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     if "kspace" not in f:
         raise RawDataError(f"{where}: dataset 'kspace' is missing")
     if "ismrmrd_header" not in f:
@@ -132,6 +135,8 @@ def _read(f: h5py.File, where: str) -> RawScan:
     nsl, ncoil, nro, npe = shape
     if min(shape) < 1:
         raise RawDataError(f"{where}: 'kspace' is empty (shape {ds.shape})")
+    check_budget(where, f"'kspace' of {nsl} slices x {ncoil} coils x {nro} x {npe}",
+                 nsl * ncoil * nro * npe * 8, max_bytes)
 
     xml = f["ismrmrd_header"][()]
     header = parse_header(xml, where, warnings)

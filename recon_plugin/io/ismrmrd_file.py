@@ -20,6 +20,7 @@ import numpy as np
 
 from ..physics import center_crop
 from ..scan import RawDataError, RawScan, SliceData
+from .budget import default_max_bytes
 from .mrd_assembler import MrdAssembler, add_interleaved_calibration
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def read_ismrmrd(
     path: str | Path,
     dataset: str = "dataset",
     noise_path: str | Path | None = None,
+    max_bytes: int | None = None,
 ) -> RawScan:
     """Read an ISMRMRD HDF5 file into a validated :class:`RawScan`.
 
@@ -93,6 +95,8 @@ def read_ismrmrd(
     noise-measurement acquisitions or, when given, from ``noise_path`` (dependent measurement).
     Repetitions interleaving their undersampling without ACS get a calibration block from their
     union (:func:`add_interleaved_calibration`). Any problem raises RawDataError naming the file.
+    The k-space the header declares, and every slice buffer, is checked against ``max_bytes``
+    (None: :func:`~recon_plugin.io.budget.default_max_bytes`) before it is allocated.
     """
     where = str(path)
     try:
@@ -111,7 +115,8 @@ def read_ismrmrd(
             xml = container._contents["xml"][0]
         except (OSError, ValueError, IndexError) as err:
             raise RawDataError(f"{where}: ISMRMRD header cannot be read: {err}") from err
-        asm = MrdAssembler(xml, source=where, emit_early=False)
+        asm = MrdAssembler(xml, source=where, emit_early=False,
+                           max_bytes=default_max_bytes() if max_bytes is None else max_bytes)
         if not container.has_acquisitions():
             raise RawDataError(f"{where}: no acquisitions (dataset '{dataset}/data' missing)")
         slices = list(asm.process(_iter_acquisitions(container, where)))

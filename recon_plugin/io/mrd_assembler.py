@@ -42,6 +42,7 @@ import numpy as np
 
 from ..physics import crop_readout
 from ..scan import Geometry, RawDataError, RawScan, SliceData
+from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,14 @@ class MrdAssembler:
 
     header_xml: the ISMRMRD XML header (str/bytes). emit_early: return slices from :meth:`add`
     when flagged complete (streaming); with False everything is returned by :meth:`finish`
-    (robust against missing or early flags in files).
+    (robust against missing or early flags in files). max_bytes: memory budget of the k-space
+    buffers (None: unchecked, the stream has its own limits); the size the header declares
+    (slices x contrasts x phases x repetitions x sets x coils x matrix) is checked at once, and
+    every new slice buffer against the running total.
     """
 
-    def __init__(self, header_xml: str | bytes, source: str = "", emit_early: bool = True):
+    def __init__(self, header_xml: str | bytes, source: str = "", emit_early: bool = True,
+                 max_bytes: int | None = None):
         self.source = source or "stream"
         self.warnings: list[str] = []
         self.header = parse_header(header_xml, self.source, self.warnings)
@@ -136,6 +141,16 @@ class MrdAssembler:
                 "is not supported (2D multi-slice only)"
             )
         self.emit_early = emit_early
+        self.max_bytes = max_bytes
+        self._allocated = 0
+        if max_bytes is not None:
+            counts = [self.enc.limit_max(k) + 1
+                      for k in ("slice", "contrast", "phase", "repetition", "set")]
+            n = int(np.prod(counts, dtype=np.int64))
+            coils = max(int(self.header.num_coils or 1), 1)
+            ny, nx = self.enc.ny, self.enc.nx
+            check_budget(self.source, f"the header's {n} slice buffers of {coils} coils x "
+                         f"{nx} x {ny}", n * coils * ny * nx * 8, max_bytes)
         self.coils: int | None = None
         self._img_channels: list[int] | None = None
         self.noise: list[np.ndarray] = []
@@ -288,6 +303,15 @@ class MrdAssembler:
         )
 
     # ---------------------------------------------------------------------------- internals
+    def _reserve(self, coils: int, enc: EncodingInfo) -> None:
+        """Count a new slice buffer against ``max_bytes`` before allocating it."""
+        if self.max_bytes is None:
+            return
+        self._allocated += coils * enc.ny * enc.nx * 8
+        check_budget(self.source, f"slice buffer {len(self._buffers) + len(self._calib) + 1} "
+                     f"({coils} coils x {enc.nx} x {enc.ny}, with the ones before)",
+                     self._allocated, self.max_bytes)
+
     def _add_noise(self, acq: ismrmrd.Acquisition) -> None:
         data = np.asarray(acq.data, np.complex64)
         if self.noise and self.noise[0].shape[0] != data.shape[0]:
@@ -322,6 +346,7 @@ class MrdAssembler:
             return []
         buf = self._buffers.get(key)
         if buf is None:
+            self._reserve(self.coils, enc)
             buf = self._buffers[key] = _Buffer.new(self.coils, enc.ny, enc.nx)
             buf.geometry = self._geometry(acq, key[0])
             buf.timestamp = int(acq.acquisition_time_stamp)
@@ -352,6 +377,7 @@ class MrdAssembler:
         sl = int(acq.idx.slice)
         entry = self._calib.get(sl)
         if entry is None:
+            self._reserve(int(acq.active_channels), enc)
             buf = _Buffer.new(int(acq.active_channels), enc.ny, enc.nx)
             buf.channels = _channels(acq)
             self._calib[sl] = entry = (buf, enc)

@@ -38,7 +38,8 @@ Files
 -----
 Names are built only from numbers and UIDs (``S0001_I0001_<SOPInstanceUID>.dcm``); header text
 never reaches a path. Each file is written to a temporary name in ``out_dir`` and renamed with
-``os.replace`` only after every file of the series has been written.
+``os.replace`` only after every file of the series has been written; temporary names end in
+``.part``, never ``.dcm``, so a folder scanner never takes a partial file.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .dicom_series import (
     DEFAULT_UID_ROOT,
     _image_type,
     _scanning_sequence,
+    image_provenance_text,
     provenance_text,
     scan_uids,
     series_description,
@@ -267,7 +269,7 @@ def _rwvm(slope: float) -> Dataset:
 
 def _atomic_write(ds: Dataset, final: Path, fsync: bool) -> Path:
     """Write ``ds`` to a temporary file beside ``final``; return the temporary path."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=final.parent)  # never *.dcm
     try:
         with os.fdopen(fd, "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
@@ -350,6 +352,7 @@ def write_series(
             if between and between > 0:
                 ds.SpacingBetweenSlices = _ds(between)
             ds.SliceLocation = _ds(float(np.asarray(g.position, float) @ normal))
+            ds.DerivationDescription = image_provenance_text(series, im)  # what made this one
             notes = "; ".join(_text(n, 200) for n in im.notes if n)
             ds.ImageComments = _text(comments + (f"; notes: {notes}" if notes else ""), 10240)
             stored = np.clip(np.rint(np.nan_to_num(np.abs(im.pixels)) * k), 0, 65535)

@@ -69,46 +69,116 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
     return study, frame
 
 
+DL_METHOD = "unrolled"  # ReconImage.method of an image the network made
+
+
+def method_counts(series: ReconSeries) -> tuple[int, int, str]:
+    """(images made by the network, images in the series, the classical method of the others:
+    the most frequent one, or the provenance's method when every image is the network's)."""
+    methods = [im.method or series.provenance.method or "recon" for im in series.images]
+    dl = sum(m == DL_METHOD for m in methods)
+    others = [m for m in methods if m != DL_METHOD]
+    if others:
+        classical = max(sorted(set(others)), key=others.count)
+    else:
+        p = series.provenance
+        classical = p.method if p.method != DL_METHOD else "recon"
+    return dl, len(methods), classical
+
+
+def method_tag(series: ReconSeries) -> str:
+    """``DL`` when the network made every image; the classical method's name (``CG-SENSE``)
+    when it made none; ``HYBRID k/n METHOD`` (k images made classically) when mixed."""
+    dl, n, classical = method_counts(series)
+    if n and dl == n:
+        return "DL"
+    if dl == 0:
+        return classical.upper()
+    return f"HYBRID {n - dl}/{n} {classical.upper()}"
+
+
+_DL_WORD = re.compile(r"(?<![\w-])DL(?![\w-])", re.IGNORECASE)
+
+
+def _without_dl(text: str) -> str:
+    """``text`` without its standalone word DL (``T2 AX DL`` -> ``T2 AX``)."""
+    return " ".join(_DL_WORD.sub(" ", text).split())
+
+
 def series_description(series: ReconSeries) -> str:
-    """SeriesDescription (LO, <= 64 chars): base text + DL marker, model, version, hash, pruning."""
+    """SeriesDescription (LO, <= 64 chars): base text + method tag (:func:`method_tag`), and the
+    model, version, hash and pruning when the network made any image. The base text loses its
+    word ``DL`` unless the tag is DL."""
     p = series.provenance
     base = series.series_description or series.header.identity.series_description
     base = base or series.header.protocol_name or "recon"
-    tag = "DL" if p.deep_learning else p.method or "recon"
-    parts = [tag, p.model_name or p.method]
-    if p.model_version:
-        parts.append(f"v{p.model_version}")
-    if p.model_hash:
-        parts.append(_short_hash(p.model_hash))
-    if p.pruning_method and p.pruning_method != "none":
-        parts.append(f"{p.pruning_method}{p.pruning_ratio:g}")
+    tag = method_tag(series)
+    dl, _, _ = method_counts(series)
+    if tag != "DL":
+        base = _without_dl(base) or "recon"
+    parts = [tag]
+    if dl:
+        parts.append(p.model_name or p.method)
+        if p.model_version:
+            parts.append(f"v{p.model_version}")
+        if p.model_hash:
+            parts.append(_short_hash(p.model_hash))
+        if p.pruning_method and p.pruning_method != "none":
+            parts.append(f"{p.pruning_method}{p.pruning_ratio:g}")
     suffix = " ".join(x for x in parts if x)
     room = 64 - len(suffix) - 3
     base = _text(base, max(room, 8))
     return _text(f"{base} [{suffix}]", 64)
 
 
-def provenance_text(series: ReconSeries) -> str:
-    """One line naming everything that made the images (DerivationDescription, <= 1024 chars)."""
-    p = series.provenance
-    words = [
-        f"{'Deep-learning' if p.deep_learning else 'Non-DL'} reconstruction from raw k-space",
-        f"method={p.method}",
-        f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
+def _model_words(p) -> list[str]:
+    return [
         f"model={p.model_name or '-'}",
         f"version={p.model_version or '-'}",
         f"sha256={p.model_hash or '-'}",
         f"pruning={p.pruning_method or 'none'}",
         f"pruning_ratio={p.pruning_ratio:g}",
         f"finetune={p.finetune or '-'}",
+    ]
+
+
+def provenance_text(series: ReconSeries) -> str:
+    """One line naming everything that made the images (DerivationDescription, <= 1024 chars).
+
+    Deep-learning only when the network made every image; ``Hybrid`` says how many images a
+    classical method made; a series without network images names no model."""
+    p = series.provenance
+    dl, n, classical = method_counts(series)
+    if n and dl == n:
+        head, method = "Deep-learning reconstruction from raw k-space", f"method={DL_METHOD}"
+    elif dl:
+        head = (f"Hybrid reconstruction from raw k-space: {n - dl} of {n} images by {classical}, "
+                "the others by the deep-learning network")
+        method = f"method={DL_METHOD}+{classical}"
+    else:
+        head, method = "Non-DL reconstruction from raw k-space", f"method={classical}"
+    words = [
+        head, method,
+        f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
+        *(_model_words(p) if dl else []),
         f"protocol={p.protocol or '-'}",
         f"software=recon_plugin {p.software_version or '-'}",
     ]
     return _text("; ".join(w for w in words if w), 1024)
 
 
+def image_provenance_text(series: ReconSeries, image) -> str:
+    """DerivationDescription of one image: what made *that* image (the network and its model,
+    or the classical method)."""
+    one = ReconSeries([image], series.header, series.provenance, series.series_number,
+                      series.series_description)
+    return provenance_text(one)
+
+
 def _image_type(series: ReconSeries) -> list[str]:
-    p = series.provenance
-    if p.deep_learning:
+    dl, n, classical = method_counts(series)
+    if n and dl == n:
         return ["DERIVED", "PRIMARY", "M", "DL_RECON"]
-    return ["DERIVED", "PRIMARY", "M", _cs(p.method or "RECON")]
+    if dl:
+        return ["DERIVED", "PRIMARY", "M", "HYBRID_RECON"]
+    return ["DERIVED", "PRIMARY", "M", _cs(classical or "RECON")]

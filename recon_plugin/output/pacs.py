@@ -12,7 +12,10 @@ Queue layout (one folder per queued batch; a batch is visible only once complete
       dead/                        batches that exceeded ``max_attempts`` (kept, never deleted)
 
 Every write is a temporary file or folder followed by ``os.replace``, so a crash leaves either
-the old or the new state, never a half-written manifest or a half-copied batch.
+the old or the new state, never a half-written manifest or a half-copied batch. A batch being
+copied is ``.tmp-<pid>-*/`` with ``*.part`` files (renamed to ``*.dcm`` once all are complete);
+one whose process is gone is removed by the next :func:`enqueue` or :func:`drain`.
+A re-sent file keeps its SOP Instance UID, so a PACS that already holds it overwrites it.
 """
 
 from __future__ import annotations
@@ -227,18 +230,21 @@ def enqueue(
     _check_aet(calling_aet, "calling AE title")
     qdir = Path(queue_dir)
     qdir.mkdir(parents=True, exist_ok=True)
+    clean_stale(qdir)
     item_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=qdir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=qdir))
     try:
         names, origin = [], []
         for i, p in enumerate(map(Path, paths), start=1):
             name = f"{i:05d}.dcm"
-            with open(p, "rb") as src, open(tmp / name, "wb") as dst:
+            with open(p, "rb") as src, open(tmp / f"{name}.part", "wb") as dst:
                 shutil.copyfileobj(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
             names.append(name)
             origin.append(str(p))
+        for name in names:  # every copy complete: only now *.dcm
+            os.replace(tmp / f"{name}.part", tmp / name)
         manifest = {
             "version": 1, "id": item_id, "target": str(tgt), "calling_aet": calling_aet,
             "files": names, "origin": origin, "created": _now(), "attempts": 0,
@@ -253,6 +259,30 @@ def enqueue(
         raise
     log.info("queued %d files for %s in %s", len(names), tgt, final)
     return final
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(queue_dir: Path | str) -> int:
+    """Remove ``.tmp-<pid>-*`` batches whose process is gone (a copy a crash interrupted)."""
+    n = 0
+    qdir = Path(queue_dir)
+    if not qdir.is_dir():
+        return 0
+    for d in qdir.iterdir():
+        m = re.fullmatch(r"\.tmp-(\d+)-.*", d.name)
+        if m and d.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
 
 
 def queued_items(queue_dir: Path | str) -> list[dict]:
@@ -298,10 +328,15 @@ def drain(
     Sent files leave the queue; a batch folder disappears when all its files are delivered.
     A target that refuses the association is not retried again within this call. Batches that
     reach ``max_attempts`` failed attempts move to ``queue_dir/dead``. If another process is
-    draining the same queue, returns ``(0, 0)`` at once.
+    draining the same queue, returns ``(0, 0)`` at once. A missing ``queue_dir`` is an empty
+    queue (it is not created).
     """
     qdir = Path(queue_dir)
     sent_total = failed_total = 0
+    if not qdir.is_dir():
+        log.info("queue %s does not exist: nothing to send", qdir)
+        return 0, 0
+    clean_stale(qdir)
     with _queue_lock(qdir) as locked:
         if not locked:
             log.info("queue %s is being drained by another process", qdir)

@@ -1,0 +1,46 @@
+"""Memory budget of the file readers: the k-space a header or dataset *declares* is checked
+before anything is allocated, so a tiny file declaring 100000 slices or an 8192 matrix fails at
+once with a :class:`~recon_plugin.scan.RawDataError` naming the file and the size.
+
+The limit is ``max_bytes`` of each reader; ``None`` means :func:`default_max_bytes`:
+``$RECON_PLUGIN_MAX_MEMORY_GB`` (the global setting) or 8 GB (sane for a 24 GB machine running
+two batch workers next to the scanner software). ``recon-plugin recon --max-memory-gb`` sets it
+per run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..scan import RawDataError
+
+ENV_VAR = "RECON_PLUGIN_MAX_MEMORY_GB"
+DEFAULT_MAX_MEMORY_GB = 8.0
+
+
+def gb_to_bytes(gb: float) -> int:
+    return int(float(gb) * (1 << 30))
+
+
+def default_max_bytes() -> int:
+    """``$RECON_PLUGIN_MAX_MEMORY_GB`` or 8 GB, in bytes."""
+    text = os.environ.get(ENV_VAR, "").strip()
+    if text:
+        try:
+            gb = float(text)
+        except ValueError as err:
+            raise ValueError(f"${ENV_VAR}={text!r} is not a number of GB") from err
+        if not gb > 0:
+            raise ValueError(f"${ENV_VAR}={text!r} must be > 0")
+        return gb_to_bytes(gb)
+    return gb_to_bytes(DEFAULT_MAX_MEMORY_GB)
+
+
+def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None) -> None:
+    """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit."""
+    limit = default_max_bytes() if max_bytes is None else int(max_bytes)
+    if nbytes > limit:
+        raise RawDataError(
+            f"{where}: {what} needs {nbytes / (1 << 30):.1f} GB of k-space, more than the "
+            f"memory limit of {limit / (1 << 30):.1f} GB (--max-memory-gb or ${ENV_VAR}); "
+            "refused before reading")
