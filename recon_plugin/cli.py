@@ -176,7 +176,7 @@ def cmd_train(a) -> int:
                       Path(a.export) if a.export else None, a.time_budget,
                       freeze_bn=a.freeze_bn, espirit=a.espirit,
                       init_from=resolve_model(a.init) if a.init else None,
-                      pool_dir=Path(a.pool_dir) if a.pool_dir else None)
+                      pool_dir=Path(a.pool_dir) if a.pool_dir else None, stop_at=a.stop_at)
     if card:
         print(f"exported {a.export}.safetensors (sha256 {card['sha256'][:12]}), "
               f"val PSNR {card['metrics']['val_psnr_db']:.2f} dB")
@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise-aware", action="store_true",
                    help="prox weights scale with the noise variance estimated from the data, and "
                         "the cascades start from a CG-SENSE solve")
+    s.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this many steps (the cosine schedule stays that of --steps)")
     s.add_argument("--pool-dir", help="train on transfer batches replayed from this directory "
                    "(filled by `recon-plugin train-pool`)")
     s.add_argument("--espirit", type=float, default=0.8,

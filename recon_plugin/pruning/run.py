@@ -52,8 +52,9 @@ def make_variant(
 ) -> dict:
     """Prune ``parent`` (name or path), fine-tune (``None``: no fine-tuning), export; card.
 
-    ``pool``: file of a :class:`~recon_plugin.training.data.BatchPool` of ``pool_size``
-    training batches (drawn and saved on first use, shared by every variant); ``None`` draws
+    ``pool``: a directory of transfer batches (``recon-plugin train-pool``), or a file of a
+    :class:`~recon_plugin.training.data.BatchPool` of ``pool_size`` training batches (drawn
+    and saved on first use, shared by every variant); ``None`` draws
     a fresh batch every step. With ``val_batches`` > 0 the best state on that many validation
     batches is kept.
     """
@@ -73,7 +74,14 @@ def make_variant(
     if finetune_mode:
         teacher = base if "teacher" in finetune_mode else None
         batch_fn = None
-        if pool is not None:
+        if pool is not None and Path(pool).is_dir():  # transfer batches (train-pool)
+            from ..training.transfer import PoolDir
+
+            pd = PoolDir(pool)
+            batch_fn = pd.sample
+            data = (f"transfer batch pool {pool} ({len(pd)} batches, phase / mirror "
+                    "augmented; training/transfer.py)")
+        elif pool is not None:
             bp = BatchPool.build(pool_size, seed=seed, path=pool, batch_size=batch_size,
                                  espirit=ESPIRIT_FRACTION)
             batch_fn, data = bp.sample, f"pool of {len(bp)} batches (phase / mirror augmented)"

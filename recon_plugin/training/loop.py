@@ -71,12 +71,14 @@ def train_loop(
     val_every: int = 200,
     time_budget_s: float | None = None,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> list[dict]:
     """Optimise ``model`` for ``steps`` Adam steps (cosine LR); returns the history.
 
     ``validate(model) -> float`` (higher is better) runs every ``val_every`` steps; the best
     model's state is kept in ``best.pt``. Stops early, after checkpointing, when
-    ``time_budget_s`` is exhausted.
+    ``time_budget_s`` is exhausted, or after ``stop_at`` steps (the schedule stays that of
+    ``steps``: a run stopped at a step is reproduced exactly).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +123,8 @@ def train_loop(
                desc="train", dynamic_ncols=True)
     step = start
     for step in bar:
+        if stop_at is not None and step >= stop_at:
+            break
         rng = np.random.default_rng(seed * 1_000_003 + step)
         loss = loss_fn(model, rng)
         opt.zero_grad(set_to_none=True)

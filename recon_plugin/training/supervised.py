@@ -119,6 +119,7 @@ def train_base(
     espirit: float = 0.0,
     init_from: Path | None = None,
     pool_dir: Path | None = None,
+    stop_at: int | None = None,
 ) -> dict | None:
     """Train, keep the best validation model, and export it (safetensors + card) if asked.
 
@@ -155,11 +156,11 @@ def train_base(
         return mean_psnr(m, val)
 
     history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=validate,
-                         val_every=100, time_budget_s=time_budget_s)
+                         val_every=100, time_budget_s=time_budget_s, stop_at=stop_at)
     if export_to is None:
         return None
     done = max((h["step"] for h in history), default=0)
-    info = {"steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
+    info = {"steps": done, "schedule_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "maps": f"ESPIRiT from each slice's own ACS for a fraction {espirit:g} of the "
                     "training slices, true (simulated) maps otherwise",
             "init_from": str(init_from) if init_from else None, "batchnorm_frozen": freeze_bn,

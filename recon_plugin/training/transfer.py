@@ -339,6 +339,9 @@ class PoolDir:
                                         "fill it first (recipes/base.sh)")
             time.sleep(5)
 
+    def __len__(self) -> int:
+        return len(self._files())
+
     def _files(self) -> list[Path]:
         return sorted(self.pool_dir.glob("batch-*.pt"))
 
