@@ -1,7 +1,8 @@
 """Raw-data readers: every file format becomes a :class:`~recon_plugin.scan.RawScan`.
 
 ``read_raw(path)`` detects the layout: an HDF5 file with ``kspace`` is a fastMRI file, one with
-``<group>/data`` + ``<group>/xml`` an ISMRMRD file. Any failure (missing file, not HDF5,
+``<group>/data`` + ``<group>/xml`` an ISMRMRD file, a ``.dat`` file Siemens twix (VB, VD/VE;
+:mod:`recon_plugin.io.twix`). Any failure (missing file, not HDF5,
 truncated, missing k-space or header, inconsistent shapes, NaNs, unknown layout) raises
 :class:`~recon_plugin.scan.RawDataError` whose message starts with the file name.
 """
@@ -17,15 +18,16 @@ import h5py
 from ..scan import RawDataError, RawScan
 from .fastmri import read_fastmri
 from .ismrmrd_file import read_ismrmrd
+from .twix import looks_like_twix, read_twix
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RawDataError", "detect_format", "iter_raw", "read_fastmri", "read_ismrmrd",
-           "read_raw"]
+           "read_raw", "read_twix"]
 
 
 def detect_format(path: str | Path) -> tuple[str, str | None]:
-    """('fastmri', None) or ('ismrmrd', group name); RawDataError when neither."""
+    """('fastmri', None), ('ismrmrd', group name) or ('twix', None); RawDataError when none."""
     where = str(path)
     p = Path(path)
     if not p.exists():
@@ -34,6 +36,8 @@ def detect_format(path: str | Path) -> tuple[str, str | None]:
         raise RawDataError(f"{where}: not a regular file")
     if p.stat().st_size == 0:
         raise RawDataError(f"{where}: file is empty")
+    if looks_like_twix(p) and not h5py.is_hdf5(str(p)):
+        return "twix", None
     try:
         if not h5py.is_hdf5(str(p)):
             raise RawDataError(f"{where}: not an HDF5 file (fastMRI or ISMRMRD expected)")
@@ -76,6 +80,8 @@ def read_raw(path: str | Path, **kwargs) -> RawScan:
     try:
         if kind == "fastmri":
             return read_fastmri(path)
+        if kind == "twix":
+            return read_twix(path)
         kwargs.setdefault("dataset", group)
         return read_ismrmrd(path, **kwargs)
     except RawDataError:
