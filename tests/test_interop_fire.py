@@ -1,0 +1,144 @@
+"""The real FIRE server (issue 21, item 4): the python-ismrmrd-server snapshot of ``../shared/peers``
+runs its own ``main.py`` with ``gadgets/fire_module.py`` on its path; its own ``client.py`` streams a
+raw ISMRMRD file; the images must equal the offline recon (``recon-plugin recon --format h5``).
+The same client against ``recon-plugin serve``.
+
+These are the commands of the README section "FIRE (python-ismrmrd-server)".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import numpy as np
+import pytest
+
+from recon_plugin.cli import main
+from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_ismrmrd
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PEER = SHARED / "peers" / "python-ismrmrd-server"
+
+pytestmark = [
+    pytest.mark.needs_shared,
+    pytest.mark.slow,
+    pytest.mark.skipif(not (PEER / "main.py").is_file(),
+                       reason=f"needs the python-ismrmrd-server snapshot in {PEER} (../shared absent)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: "
+                                 f"{proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"server did not listen on {port} within {timeout} s")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "gadgets"), str(REPO),
+                                         env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("RECON_PLUGIN_DICOM_OUT", None)
+    return env
+
+
+def _client(raw: Path, port: int, out: Path) -> list[np.ndarray]:
+    """The snapshot's own client.py: stream ``raw``, store the images in ``out``; returns the
+    images' pixels ordered by slice."""
+    r = subprocess.run([sys.executable, str(PEER / "client.py"), "-a", "127.0.0.1", "-p",
+                        str(port), "-c", "fire_module", "-o", str(out), "-G", "dataset", str(raw)],
+                       cwd=PEER, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ds = ismrmrd.Dataset(str(out), "dataset", create_if_needed=False)
+    try:
+        groups = [g for g in ds.list() if g.startswith("image_")]
+        assert groups, f"no images returned: {r.stdout}{r.stderr}"
+        images = [ds.read_image(g, i) for g in groups for i in range(ds.number_of_images(g))]
+    finally:
+        ds.close()
+    images.sort(key=lambda im: im.getHead().slice)
+    return [np.asarray(im.data, np.float32)[0, 0] for im in images]
+
+
+@pytest.fixture(scope="module")
+def raw_and_offline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fire")
+    vol = simulate_volume("test", "T2", num_slices=2, num_coils=4, matrix=(96, 80),
+                          fov_mm=(200.0, 240.0), snr=40.0, seed=11)
+    raw = tmp / "fire_t2.h5"
+    write_ismrmrd(vol, raw, acceleration=4)
+    out = tmp / "offline"
+    assert main(["-q", "recon", str(raw), "--out", str(out), "--format", "h5"]) == 0
+    (h5,) = out.glob("*/series_*.h5")
+    with h5py.File(h5) as f:
+        offline = f["reconstruction"][()]
+    return raw, offline
+
+
+def _assert_equal_to_offline(images: list[np.ndarray], offline: np.ndarray, who: str) -> None:
+    assert len(images) == offline.shape[0]
+    worst = 0.0
+    for img, ref in zip(images, offline):
+        assert img.shape == ref.shape
+        worst = max(worst, float(np.abs(img - ref).max() / ref.max()))
+    print(f"{who}: max |image - offline| / max = {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_peer_fire_server_with_our_module_equals_offline(raw_and_offline, tmp_path):
+    raw, offline = raw_and_offline
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "main.py", "-p", str(port), "-H", "127.0.0.1",
+                               "-d", "fire_module"], cwd=PEER, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_port(port, server)
+        images = _client(raw, port, tmp_path / "fire_images.h5")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    _assert_equal_to_offline(images, offline, "python-ismrmrd-server + fire_module")
+
+
+def test_peer_client_against_recon_plugin_serve_equals_offline(raw_and_offline, tmp_path):
+    raw, offline = raw_and_offline
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "recon_plugin.cli", "serve", "--port",
+                               str(port), "--no-warmup"], cwd=REPO, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_port(port, server)
+        images = _client(raw, port, tmp_path / "serve_images.h5")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    _assert_equal_to_offline(images, offline, "recon-plugin serve")
