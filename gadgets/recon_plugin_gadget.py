@@ -39,7 +39,13 @@ def recon_plugin(connection: Any) -> None:
     """Gadgetron entry point: ``connection`` is ``gadgetron.external.Connection``."""
     import ismrmrd
 
-    raw = getattr(getattr(connection, "raw", None), "header", None)
+    # gadgetron.external.Connection keeps the header as sent in ``raw_bytes.header`` (its
+    # ``header`` is the parsed ismrmrd.xsd object); older wrappers called it ``raw``
+    raw = None
+    for name in ("raw_bytes", "raw"):
+        raw = getattr(getattr(connection, name, None), "header", None)
+        if raw is not None:
+            break
     header = header_text(raw if raw is not None else connection.header)
     options = options_from_config(getattr(connection, "config", None))
     connection.filter(ismrmrd.Acquisition)  # waveforms etc. go on to the next node unchanged
