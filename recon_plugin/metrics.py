@@ -66,3 +66,13 @@ def ssim_loss(x: torch.Tensor, y: torch.Tensor, data_range: torch.Tensor, win: i
     c1, c2 = (0.01 * dr) ** 2, (0.03 * dr) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     return 1 - s.mean()
+
+
+def kspace_loss(pred_k: torch.Tensor, ref_k: torch.Tensor) -> torch.Tensor:
+    """Normalised L1 + L2 in k-space, the SSDU loss: ``||a-b||2/||b||2 + ||a-b||1/||b||1`` per
+    batch item of (B, ...) tensors, averaged over the batch."""
+    d = (pred_k - ref_k).flatten(1)
+    r = ref_k.flatten(1)
+    l2 = d.norm(dim=1) / r.norm(dim=1).clamp_min(1e-12)
+    l1 = d.abs().sum(1) / r.abs().sum(1).clamp_min(1e-12)
+    return (l2 + l1).mean()

@@ -22,6 +22,9 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     guard: {enabled: true, heldout_fraction: 0.1, margin: 0.0}
                                          # network slices that predict held-out acquired lines
                                          # worse than CG-SENSE are reconstructed by CG-SENSE
+    refine: {mode: none, time_budget_s: 20, max_steps: 200}
+                                         # scan: fine-tune a copy of the network per slice on its
+                                         # own lines (recon/refine.py), kept where it helps
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
@@ -58,7 +61,16 @@ from ..output.dicom import DicomOptions
 from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
 from ..scan import ScanHeader
 from . import schema
-from .schema import EspiritSpec, GuardSpec, MatchRules, ModelSpec, PacsSpec, ProtocolSpec, SeriesSpec
+from .schema import (
+    EspiritSpec,
+    GuardSpec,
+    MatchRules,
+    ModelSpec,
+    PacsSpec,
+    ProtocolSpec,
+    RefineSpec,
+    SeriesSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +96,7 @@ class Protocol:
     model: ModelSpec = field(default_factory=ModelSpec)
     espirit: EspiritSpec = field(default_factory=EspiritSpec)
     guard: GuardSpec = field(default_factory=GuardSpec)
+    refine: RefineSpec = field(default_factory=RefineSpec)
     coil_compression: int | None = None
     partial_fourier: str = "zero-fill"
     series: SeriesSpec = field(default_factory=SeriesSpec)
@@ -131,6 +144,9 @@ class Protocol:
             guard=self.guard.enabled,
             guard_fraction=self.guard.heldout_fraction,
             guard_margin=self.guard.margin,
+            refine=self.refine.mode,
+            refine_budget_s=self.refine.time_budget_s,
+            refine_max_steps=self.refine.max_steps,
         )
 
 
@@ -256,7 +272,7 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
 def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protocol:
     return Protocol(
         name=spec.name, description=spec.description, match=spec.match, model=spec.model,
-        espirit=spec.espirit, guard=spec.guard, coil_compression=spec.coil_compression,
+        espirit=spec.espirit, guard=spec.guard, refine=spec.refine, coil_compression=spec.coil_compression,
         partial_fourier=spec.partial_fourier, series=spec.series, dicom=spec.dicom,
         pacs=spec.pacs, adaptive=spec.adaptive.as_dict() if spec.adaptive else None,
         extends=spec.extends, source=source, chain=list(reversed(chain)),

@@ -122,6 +122,15 @@ class GuardSpec(_Section):
     margin: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.0
 
 
+class RefineSpec(_Section):
+    """Scan-specific refinement (``recon/refine.py``): fine-tune a copy of the network on each
+    slice's own lines (SSDU), kept only where held-out lines improve."""
+
+    mode: Literal["none", "scan"] = "none"
+    time_budget_s: Annotated[float, Field(strict=True, gt=0.0, le=3600.0)] = 20.0
+    max_steps: Annotated[StrictInt, Field(ge=1, le=100000)] = 200
+
+
 class EspiritSpec(_Section):
     calib_width: Annotated[StrictInt, Field(ge=4, le=256)] = 24
     kernel_width: Annotated[StrictInt, Field(ge=2, le=16)] = 6
@@ -173,6 +182,7 @@ class ProtocolSpec(_Section):
     model: ModelSpec  # required, even when every key keeps its default
     espirit: EspiritSpec = Field(default_factory=EspiritSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
+    refine: RefineSpec = Field(default_factory=RefineSpec)
     coil_compression: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
     partial_fourier: Literal[PARTIAL_FOURIER] = "zero-fill"  # type: ignore[valid-type]
     series: SeriesSpec = Field(default_factory=SeriesSpec)

@@ -70,3 +70,27 @@ def noise_variance(kspace: torch.Tensor, mask: torch.Tensor, band: float = 0.125
             raise ValueError("noise_variance: no acquired samples at the ends of the readout")
         out.append(k[:, :, cols][:, use].abs().pow(2).median(dim=1).values / np.log(2.0))
     return torch.stack(out)
+
+def ssdu_split(
+    mask: torch.Tensor, rho: float, acs: tuple[int, int] | None, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split acquired phase-encode lines (mask (B, ky, kx), lines along kx) into disjoint
+    data-consistency and loss masks. Loss lines are drawn with variable density (Gaussian in
+    ky, favouring the centre); ACS rows always stay in the data-consistency set."""
+    b, ny, nx = mask.shape
+    dc = mask.clone()
+    loss = torch.zeros_like(mask)
+    ky = np.arange(ny)
+    w = np.exp(-0.5 * ((ky - ny / 2) / (ny / 4)) ** 2)
+    for i in range(b):
+        lines = np.flatnonzero(mask[i, :, nx // 2].cpu().numpy() > 0)
+        if acs is not None:
+            lines = lines[(lines < acs[0]) | (lines >= acs[1])]
+        n = int(round(rho * len(lines)))
+        if n == 0:
+            continue
+        p = w[lines] / w[lines].sum()
+        pick = rng.choice(lines, size=n, replace=False, p=p)
+        dc[i, pick, :] = 0
+        loss[i, pick, :] = mask[i, pick, :]
+    return dc, loss

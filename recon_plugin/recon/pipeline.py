@@ -53,12 +53,17 @@ class ReconSettings:
     guard: bool = True  # per-slice held-out-line check of the network against CG-SENSE
     guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
     guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
+    refine: str = "none"  # "scan": per-slice self-supervised refinement (recon/refine.py)
+    refine_budget_s: float = 20.0  # wall-clock seconds per slice
+    refine_max_steps: int = 200
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.refine not in ("none", "scan"):
+            raise ValueError(f"refine must be 'none' or 'scan', got {self.refine!r}")
         if self.partial_fourier not in PARTIAL_FOURIER:
             raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
                              f"got {self.partial_fourier!r}")
@@ -140,7 +145,10 @@ class Reconstructor:
                 name = self._choose_variant(ksp, mask, sl, settings)
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
-            res = self._guard(name, ksp, maps, mask, sl, settings, t) if settings.guard else None
+            net = self._refine(name, ksp, maps, mask, sl, settings, notes, t) \
+                if settings.refine == "scan" else None
+            res = self._guard(name, ksp, maps, mask, sl, settings, t, net) \
+                if settings.guard else None
             t0 = time.perf_counter()
             if res is not None and not res.network_ok:
                 log.warning("slice %d: %s", sl.slice_index, res.describe())
@@ -151,7 +159,7 @@ class Reconstructor:
             else:
                 if res is not None:
                     log.info("slice %d: %s", sl.slice_index, res.describe())
-                img = self._network(name, ksp, maps, mask)
+                img = self._network(name, ksp, maps, mask, net)
                 t["network"] += time.perf_counter() - t0
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
@@ -166,8 +174,9 @@ class Reconstructor:
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes)
 
-    def _network(self, name, ksp, maps, mask) -> np.ndarray:
-        model, _ = self.model(name)
+    def _network(self, name, ksp, maps, mask, model=None) -> np.ndarray:
+        """The network ``name`` (or the given refined copy of it) on one slice."""
+        model = model if model is not None else self.model(name)[0]
         dev = self.device
         with torch.inference_mode():
             k = torch.from_numpy(ksp)[None].to(dev)
@@ -175,12 +184,29 @@ class Reconstructor:
                                torch.from_numpy(mask)[None].to(dev))
             return model(k, op)[0].cpu().numpy()
 
+    def _refine(self, name, ksp, maps, mask, sl: SliceData, settings: ReconSettings,
+                notes: list[str], t: dict):
+        """A copy of the network refined on this slice (``recon/refine.py``) or None."""
+        from .refine import refine_slice
+
+        net, res = refine_slice(self.model(name)[0], ksp, maps, mask, sl.acs,
+                                settings.refine_budget_s, settings.refine_max_steps,
+                                heldout_fraction=settings.guard_fraction, seed=sl.slice_index,
+                                device=self.device)
+        if res is not None:
+            log.info("slice %d: %s", sl.slice_index, res.describe())
+            notes.append(res.describe())
+            t["refine"] += res.seconds
+            t["refine_kept"] += 1 if res.kept else 0
+        return net
+
     def _guard(self, name, ksp, maps, mask, sl: SliceData, settings: ReconSettings,
-               t: dict) -> GuardResult | None:
-        """The per-slice held-out-line check (``recon/guard.py``); counts go to ``t``."""
+               t: dict, net=None) -> GuardResult | None:
+        """The per-slice held-out-line check (``recon/guard.py``) of the network (or its
+        refined copy ``net``); counts go to ``t``."""
         t0 = time.perf_counter()
         res = guard.check(ksp, maps, mask, sl.acs,
-                          lambda k, s, m: self._network(name, k, s, m),
+                          lambda k, s, m: self._network(name, k, s, m, net),
                           lambda k, s, m: classical.cg_sense(k, s, m),
                           settings.guard_fraction, settings.guard_margin, seed=sl.slice_index)
         t["guard"] += time.perf_counter() - t0

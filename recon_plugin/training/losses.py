@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..metrics import ssim_loss
+from ..metrics import kspace_loss, ssim_loss  # noqa: F401 - kspace_loss re-exported
 from ..physics import SenseOperator, noise_variance
+from ..physics.masks import ssdu_split  # noqa: F401 - re-exported for the loss composers
 
 
 def image_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -36,38 +37,8 @@ def cascade_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> to
     return torch.stack(terms).mean()
 
 
-def kspace_loss(pred_k: torch.Tensor, ref_k: torch.Tensor) -> torch.Tensor:
-    """Normalised L1 + L2 in k-space (SSDU): ||a-b||2/||b||2 + ||a-b||1/||b||1."""
-    d = (pred_k - ref_k).flatten(1)
-    r = ref_k.flatten(1)
-    l2 = d.norm(dim=1) / r.norm(dim=1).clamp_min(1e-12)
-    l1 = d.abs().sum(1) / r.abs().sum(1).clamp_min(1e-12)
-    return (l2 + l1).mean()
 
 
-def ssdu_split(
-    mask: torch.Tensor, rho: float, acs: tuple[int, int] | None, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split acquired phase-encode lines (mask (B, ky, kx), lines along kx) into disjoint
-    data-consistency and loss masks. Loss lines are drawn with variable density (Gaussian in
-    ky, favouring the centre); ACS rows always stay in the data-consistency set."""
-    b, ny, nx = mask.shape
-    dc = mask.clone()
-    loss = torch.zeros_like(mask)
-    ky = np.arange(ny)
-    w = np.exp(-0.5 * ((ky - ny / 2) / (ny / 4)) ** 2)
-    for i in range(b):
-        lines = np.flatnonzero(mask[i, :, nx // 2].cpu().numpy() > 0)
-        if acs is not None:
-            lines = lines[(lines < acs[0]) | (lines >= acs[1])]
-        n = int(round(rho * len(lines)))
-        if n == 0:
-            continue
-        p = w[lines] / w[lines].sum()
-        pick = rng.choice(lines, size=n, replace=False, p=p)
-        dc[i, pick, :] = 0
-        loss[i, pick, :] = mask[i, pick, :]
-    return dc, loss
 
 
 def measurement_consistency(pred: torch.Tensor, kspace: torch.Tensor, op: SenseOperator):

@@ -1,0 +1,110 @@
+"""Scan-specific refinement: fine-tune a copy of the network on one slice's own k-space.
+
+Zero-shot self-supervised learning (ZS-SSL, Yaman et al., ICLR 2022), no ground truth: a few
+acquired lines are held out for validation (the same lines the guard holds out,
+:func:`recon_plugin.recon.guard.heldout_lines`); the rest are split at every step into
+data-consistency and loss lines (SSDU), and the copy learns to predict its loss lines from
+its data-consistency lines. The held-out lines stop training early and decide: the refined
+network is kept only where it predicts them better than the unrefined one, otherwise the
+slice keeps the unrefined network. A wall-clock budget bounds the cost per slice.
+
+Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
+(ky, kx) with lines along kx.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..metrics import kspace_loss
+from ..physics import SenseOperator
+from ..physics.masks import ssdu_split
+from .guard import heldout_error, heldout_lines
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Held-out k-space error before / after, whether the refined copy is kept, and its cost."""
+
+    kept: bool
+    error_before: float
+    error_after: float
+    steps: int
+    seconds: float
+
+    def describe(self) -> str:
+        verdict = "kept" if self.kept else "not kept (no held-out improvement), unrefined network"
+        return (f"scan-specific refinement {verdict}: held-out k-space error "
+                f"{self.error_before:.4g} -> {self.error_after:.4g}, {self.steps} steps, "
+                f"{self.seconds:.1f} s")
+
+
+def _apply(model: nn.Module, ksp: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor):
+    return model(ksp * mask, SenseOperator(maps, mask))
+
+
+def refine_slice(
+    model: nn.Module, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
+    acs: tuple[int, int] | None, time_budget_s: float = 20.0, max_steps: int = 200,
+    lr: float = 3e-4, rho: float = 0.4, heldout_fraction: float = 0.1, check_every: int = 5,
+    patience: int = 3, seed: int = 0, device: str | torch.device = "cpu",
+) -> tuple[nn.Module | None, RefineResult | None]:
+    """(the refined copy or None, what happened); (None, None) when too few lines can be held
+    out. ``model`` is not changed. Training stops at ``max_steps``, at the time budget, or after
+    ``patience`` checks without a better held-out error; the best checked state is returned."""
+    t0 = time.perf_counter()
+    lines = heldout_lines(mask, acs, heldout_fraction, seed=seed)
+    if lines.size == 0:
+        return None, None
+    train_mask = mask.copy()
+    train_mask[lines, :] = 0
+    k = torch.from_numpy(kspace)[None].to(device)
+    s = torch.from_numpy(maps)[None].to(device)
+    m_train = torch.from_numpy(train_mask)[None].to(device)
+
+    def val_error(net: nn.Module) -> float:
+        with torch.no_grad():
+            img = _apply(net, k, s, m_train)[0].cpu().numpy()
+        return heldout_error(img, maps, kspace, lines)
+
+    net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
+    for p in net.parameters():
+        p.requires_grad_(True)
+    before = val_error(net)
+    best, best_state, since, steps = before, None, 0, 0
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    while steps < max_steps and time.perf_counter() - t0 < time_budget_s:
+        dc, loss_mask = ssdu_split(m_train, rho, acs, rng)
+        pred = _apply(net, k, s, dc)
+        loss = kspace_loss(SenseOperator(s, loss_mask).forward(pred), k * loss_mask.unsqueeze(1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        if steps % check_every == 0:
+            err = val_error(net)
+            if err < best:
+                best, since = err, 0
+                best_state = {n: v.detach().clone() for n, v in net.state_dict().items()}
+            else:
+                since += 1
+                if since >= patience:
+                    break
+    kept = best_state is not None and best < before
+    if kept:
+        net.load_state_dict(best_state)
+        for p in net.parameters():
+            p.requires_grad_(False)
+    result = RefineResult(kept, before, best, steps, time.perf_counter() - t0)
+    log.debug("%s", result.describe())
+    return (net if kept else None), result
