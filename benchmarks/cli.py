@@ -25,6 +25,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
     s.add_argument("--real-dir", type=Path, default=None,
                    help="real raw data (bench real; default $RECON_PLUGIN_REAL_DATA or "
                    "../shared/data/real)")
+    s.add_argument("--refine-budget", type=float, default=20.0,
+                   help="bench real: seconds per slice of scan-specific refinement (0: skip)")
     s.add_argument("--docs", default="docs")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     return s
@@ -44,7 +46,7 @@ def run(a: argparse.Namespace) -> int:
         default = load_protocol("default").model.variant
         models = {p.stem: p for p in sorted(Path(WEIGHTS_DIR).glob("*.safetensors"))}
         models.setdefault(default, resolve_model(default))
-        bench_real(docs, real, models, default)
+        bench_real(docs, real, models, default, refine_budget_s=a.refine_budget or None)
     elif a.what == "quality":
         from .quality import quality
 

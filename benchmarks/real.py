@@ -127,26 +127,35 @@ def bart_fn(lamda: float):
     return lambda c: bart_ref.pics(c.kspace, c.maps, lamda)
 
 
-def guarded_fn(model, fraction: float = 0.1):
-    """The network with the per-slice guard, CG-SENSE where the guard rejects it."""
+def guarded_fn(model, fraction: float = 0.1, refine_budget_s: float | None = None):
+    """The network with the per-slice guard, CG-SENSE where the guard rejects it, as the
+    pipeline runs it; with ``refine_budget_s`` the network is first refined on the slice's own
+    lines (``recon/refine.py``)."""
     from recon_plugin.recon import guard
-
-    net = network_fn(model)
-
-    def netk(k, s, m):
-        return net(RealCase("", k, m, (0, 0), None, s))
-
-    def cg(k, s, m):
-        return classical.reconstruct("cg-sense", k, s, m)
+    from recon_plugin.recon.refine import refine_slice
 
     def run(c: RealCase) -> np.ndarray:
+        net = model
+        if refine_budget_s is not None:
+            refined, res = refine_slice(model, c.kspace, c.maps, c.mask, c.acs, refine_budget_s,
+                                        heldout_fraction=fraction)
+            run.refinements.append(res)
+            net = refined if refined is not None else model
+        fn = network_fn(net)
+
+        def netk(k, s, m):
+            return fn(RealCase("", k, m, (0, 0), None, s))
+
+        def cg(k, s, m):
+            return classical.reconstruct("cg-sense", k, s, m)
+
         res = guard.check(c.kspace, c.maps, c.mask, c.acs, netk, cg, fraction)
         run.decisions.append(res)
         if res is None or res.network_ok:
-            return net(c)
+            return fn(c)
         return cg(c.kspace, c.maps, c.mask)
 
-    run.decisions = []
+    run.decisions, run.refinements = [], []
     return run
 
 
@@ -180,7 +189,8 @@ def real_cases(real_dir: Path, accs=(4, 8)) -> dict[str, list[RealCase]]:
     return out
 
 
-def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_model: str) -> dict:
+def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_model: str,
+               refine_budget_s: float | None = 20.0) -> dict:
     """Score every method on every fully sampled real file; write the table first in
     ``docs/BENCHMARKS.md``, examples in ``docs/real_examples.png``, numbers in
     ``docs/real_results.json``. ``models``: name -> weights; ``default_model`` also runs with
@@ -193,7 +203,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
         raise FileNotFoundError(f"{real_dir}: no fully sampled real file (reconstruction_rss)")
     cls = ["cg-sense", "l1-wavelet"] + (["bart-pics"] if bart_ref.available() else [])
     nets = {name: load_inference_model(p) for name, p in models.items()}
-    rows, examples, guard_log = [], {}, []
+    rows, examples, guard_log, refine_log = [], {}, [], []
     for stem, cases in files.items():
         other = [s for s in files if s != stem]
         tuned = {m: tune(m, [c for s in other for c in files[s]]) for m in cls} if other else {}
@@ -213,6 +223,10 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
             g = guarded_fn(nets[default_model][0])
             methods.append((f"{default_model} + guard", "default protocol: network, CG-SENSE "
                             "where the held-out-line guard rejects it", g))
+            if refine_budget_s:
+                gr = guarded_fn(nets[default_model][0], refine_budget_s=refine_budget_s)
+                methods.append((f"{default_model} + refine + guard", "scan-specific refinement "
+                                f"(budget {refine_budget_s:g} s / slice), then the guard", gr))
             for method, setting, fn in methods:
                 img, dt = run_method(c, fn)
                 r = scaled_metrics(c.target, img)
@@ -224,10 +238,15 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                 guard_log.append({"case": c.name, "network_ok": None if d is None else d.network_ok,
                                   "ratio": None if d is None else d.ratio,
                                   "seconds": None if d is None else d.seconds})
-            examples.setdefault(c.name, {})
+            if refine_budget_s:
+                for d in gr.refinements:
+                    refine_log.append({"case": c.name, "kept": None if d is None else d.kept,
+                                       "steps": None if d is None else d.steps,
+                                       "seconds": None if d is None else d.seconds})
             if c.name in examples:
                 examples[c.name]["target (fully sampled RSS)"] = (c.target, None)
-    result = {"rows": rows, "guard": guard_log, "models": {n: c["sha256"] for n, (_, c) in nets.items()}}
+    result = {"rows": rows, "guard": guard_log, "refine": refine_log,
+              "models": {n: c["sha256"] for n, (_, c) in nets.items()}}
     (docs / "real_results.json").write_text(json.dumps(result, indent=1))
     _plot(docs / "real_examples.png", examples)
     _write_md(docs / "BENCHMARKS.md", result, default_model)
@@ -300,6 +319,11 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
         lines += ["", f"Guard: network kept on {sum(d['network_ok'] for d in gl)} of {len(gl)} "
                   f"slices; its cost {np.median([d['seconds'] for d in gl]):.2f} s per slice "
                   "(median: one network and one CG-SENSE run without the held-out lines)."]
+    rl = [d for d in result.get("refine", []) if d["kept"] is not None]
+    if rl:
+        lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in rl)} of "
+                  f"{len(rl)} slices, {np.median([d['steps'] for d in rl]):.0f} steps and "
+                  f"{np.median([d['seconds'] for d in rl]):.1f} s per slice (median)."]
     lines += ["", "Examples: `docs/real_examples.png`.", ""]
     replace_section(path, SECTION, "\n".join(lines), first=True)
 
