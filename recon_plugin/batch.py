@@ -356,6 +356,8 @@ def _die_with_parent(parent_pid: int) -> None:
     except (OSError, AttributeError):
         log.debug("prctl unavailable; workers may outlive a killed batch")
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.write(2, f"batch worker {os.getpid()}: parent {parent_pid} is gone (parent now "
+                    f"{os.getppid()}); exiting\n".encode())
         os._exit(1)
 
 
@@ -405,7 +407,7 @@ def _check_out_dir(out_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise BatchUsageError(f"--out {out_dir} is not a writable folder: "
+        raise BatchUsageError(f"--out {out_dir} cannot be created or written: "
                               f"{e.strerror or e}") from e
 
 
@@ -567,7 +569,9 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
 
 
 def _run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device, workers,
-              max_bytes, finish, results) -> None:
+              max_bytes, finish, results, retries: int = 1) -> None:
+    """Files in ``workers`` spawned processes. A worker that dies (e.g. killed by the OOM
+    killer) breaks the pool: the files not finished get one more pool, then fail."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
@@ -575,6 +579,7 @@ def _run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device
     threads = max(1, (os.cpu_count() or 1) // workers)
     ex = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(device, threads, os.getpid(), max_bytes))
+    broken: list[tuple[Path, str]] = []
     try:
         futs = {ex.submit(_process, p, out_dir, protocol, formats, overrides, protocol_dirs): p
                 for p in todo}
@@ -585,9 +590,7 @@ def _run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device
                 try:
                     outcome = f.result()
                 except BrokenProcessPool as e:
-                    p = futs[f]
-                    results.append(FileResult(str(p), False,
-                                              error=f"worker process died: {e}"))
+                    broken.append((futs[f], str(e)))
                     continue
                 finish(futs[f], *outcome)
     except BaseException:
@@ -595,6 +598,15 @@ def _run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device
         clean_stale(out_dir)  # the killed workers' staging
         raise
     ex.shutdown(wait=True)
+    if broken and retries > 0:
+        log.warning("a batch worker died; retrying %d unfinished files in a new pool",
+                    len(broken))
+        clean_stale(out_dir)
+        _run_pool([p for p, _ in broken], out_dir, protocol, formats, overrides, protocol_dirs,
+                  device, workers, max_bytes, finish, results, retries - 1)
+    elif broken:
+        results += [FileResult(str(p), False, error=f"worker process died: {e}")
+                    for p, e in broken]
 
 
 def _kill_pool(ex) -> None:

@@ -1,0 +1,92 @@
+"""Run ``recon-plugin`` with a fault point (used by tests/test_batch_faults.py).
+
+``FAULT_STAGE`` names where the process pauses (it writes its pid to ``FAULT_MARKER`` and sleeps,
+so the test can SIGKILL / SIGTERM it there):
+
+* ``compute``: inside the reconstruction of the first file;
+* ``between_dcm``: after the first DICOM file of a series was written (in staging);
+* ``state``: half-way through writing the state file (its temporary file);
+* ``publish``: right after a scan's folder was published, before the state records it;
+* ``deliver``: after the first C-STORE of a delivery.
+
+The patches are at module level so spawned batch workers (which import this file as
+``__mp_main__``) carry them too.
+"""
+
+import os
+import sys
+import time
+
+STAGE = os.environ.get("FAULT_STAGE", "")
+MARKER = os.environ.get("FAULT_MARKER", "")
+
+
+def pause():
+    with open(MARKER, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(120)
+
+
+if STAGE == "compute":
+    from recon_plugin.recon import pipeline
+
+    _orig = pipeline.Reconstructor.reconstruct
+
+    def reconstruct(self, *a, **k):
+        out = _orig(self, *a, **k)
+        pause()
+        return out
+
+    pipeline.Reconstructor.reconstruct = reconstruct
+elif STAGE == "between_dcm":
+    from recon_plugin.output import dicom
+
+    _orig_write = dicom._atomic_write
+    _n = [0]
+
+    def _atomic_write(*a, **k):
+        _n[0] += 1
+        if _n[0] == 2:
+            pause()
+        return _orig_write(*a, **k)
+
+    dicom._atomic_write = _atomic_write
+elif STAGE == "state":
+    from recon_plugin import batch
+    from recon_plugin.output.atomic import atomic_path
+
+    def write_text_atomic(final, text, fsync=False):
+        with atomic_path(final) as tmp, open(tmp, "w") as fh:
+            fh.write(text[: len(text) // 2])
+            fh.flush()
+            pause()
+            fh.write(text[len(text) // 2:])
+
+    batch.write_text_atomic = write_text_atomic
+elif STAGE == "publish":
+    from recon_plugin import batch
+
+    _orig_publish = batch.publish
+
+    def publish(staged, final):
+        _orig_publish(staged, final)
+        pause()
+
+    batch.publish = publish
+elif STAGE == "deliver":
+    from recon_plugin.output import pacs
+
+    _orig_send = pacs.send_files
+
+    def send_files(paths, *a, **k):
+        paths = list(paths)
+        _orig_send(paths[:1], *a, **k)
+        pause()
+        return _orig_send(paths, *a, **k)
+
+    pacs.send_files = send_files
+
+if __name__ == "__main__":
+    from recon_plugin.cli import main
+
+    sys.exit(main(sys.argv[1:]))
