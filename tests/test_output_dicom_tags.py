@@ -1,0 +1,66 @@
+"""The word DL only on series the network made: SeriesDescription, DerivationDescription (per
+series and per image), ImageType and ImageComments follow each image's ``method``."""
+
+import pydicom
+import pytest
+
+from recon_plugin.output.dicom import write_series
+from recon_plugin.output.dicom_series import method_tag, provenance_text, series_description
+from tests.test_output_dicom import make_series
+
+
+def with_methods(methods, description="T2 AX DL"):
+    s = make_series(nslices=len(methods))
+    for im, m in zip(s.images, methods):
+        im.method = m
+        if m != "unrolled":
+            im.notes = [f"GUARD: {m} chosen on held-out lines"]
+    s.series_description = description
+    return s
+
+
+@pytest.mark.parametrize("methods,tag", [
+    (["unrolled"] * 4, "DL"),
+    (["cg-sense"] * 4, "CG-SENSE"),
+    (["unrolled", "cg-sense", "unrolled", "unrolled"], "HYBRID 1/4 CG-SENSE"),
+    (["zero-filled", "cg-sense", "cg-sense", "unrolled"], "HYBRID 3/4 CG-SENSE"),
+])
+def test_tag_follows_the_images(methods, tag):
+    s = with_methods(methods)
+    assert method_tag(s) == tag
+    desc = series_description(s)
+    assert len(desc) <= 64 and f"[{tag}" in desc
+    words = desc.split("[")[0].split()
+    assert ("DL" in words) == (tag == "DL")  # the protocol's "T2 AX DL" loses DL otherwise
+    text = provenance_text(s)
+    assert text.startswith("Deep-learning") == (tag == "DL")
+    if tag == "CG-SENSE":
+        assert "model=" not in text and "unrolled" not in desc
+
+
+def test_written_files_say_what_made_each_image(tmp_path):
+    s = with_methods(["unrolled", "cg-sense", "unrolled"])
+    files = write_series(s, tmp_path / "series")
+    dss = sorted((pydicom.dcmread(f) for f in files), key=lambda d: int(d.InstanceNumber))
+    assert all(d.SeriesDescription.startswith("T2 AX [HYBRID 1/3 CG-SENSE") for d in dss)
+    assert all("DL_RECON" not in d.ImageType and "HYBRID_RECON" in d.ImageType for d in dss)
+    by_method = {}
+    for d, im in zip(dss, sorted(s.images, key=lambda im: im.slice_index)):
+        by_method.setdefault(im.method, []).append(d)
+    # per image: DerivationDescription names what made it; ImageComments carries the notes
+    for d in by_method["cg-sense"]:
+        assert d.DerivationDescription.startswith("Non-DL") and "method=cg-sense" in \
+            d.DerivationDescription
+        assert "GUARD" in d.ImageComments
+    for d in by_method["unrolled"]:
+        assert d.DerivationDescription.startswith("Deep-learning")
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_classical_series_never_says_dl(tmp_path):
+    s = with_methods(["cg-sense"] * 2)
+    s.provenance.deep_learning = False
+    s.provenance.method = "cg-sense"
+    d = pydicom.dcmread(write_series(s, tmp_path / "s")[0])
+    assert "DL" not in d.SeriesDescription.split() and "DL" not in d.SeriesDescription
+    assert list(d.ImageType)[-1] == "CG_SENSE"
