@@ -287,3 +287,33 @@ def test_a_second_batch_on_the_same_out_refuses(raws, tmp_path):
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         assert main(["-q", "recon", str(raws), "--out", str(out)]) == 2
     assert not list(out.rglob("*.dcm"))
+
+
+@pytest.mark.slow
+def test_delivery_killed_and_resumed_orthanc_holds_each_series_once(raws, tmp_path):
+    from tests.test_output_pacs import CALLING, ORTHANC, OrthancServer
+
+    if ORTHANC is None:
+        pytest.skip("Orthanc not installed (Debian package orthanc)")
+    server = OrthancServer(tmp_path / "orthanc")
+    try:
+        proto = tmp_path / "pacs_test.yaml"
+        proto.write_text(f"name: pacs_test\nextends: default\npacs: {{calling_aet: {CALLING}}}\n")
+        out, marker = tmp_path / "out", tmp_path / "marker"
+        args = ["recon", raws, "--out", out, "--method", "zero-filled", "--protocol", proto,
+                "--send", server.target]
+        proc = start(args, "deliver", marker)
+        wait_marker(proc, marker)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert len(server.get("/instances")) == 1  # killed after the first C-STORE
+        assert main(["-q", *map(str, args), "--resume"]) == 0
+        check_out(out, inputs_of(raws))
+        local = {pydicom.dcmread(f).SOPInstanceUID for f in out.rglob("*.dcm")}
+        assert server.sop_uids() == local  # the re-sent instance overwrote, nothing added
+        assert len(server.get("/series")) == 3
+        state = json.loads((out / ".recon-state.json").read_text())
+        assert not any("delivery" in e for e in state.values())
+        assert not (out / ".pacs-queue").exists() or not any((out / ".pacs-queue").iterdir())
+    finally:
+        server.stop()
