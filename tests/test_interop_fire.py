@@ -46,8 +46,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: "
-                                 f"{proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(f"server exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -65,12 +64,12 @@ def _env() -> dict:
     return env
 
 
-def _client(raw: Path, port: int, out: Path) -> list[np.ndarray]:
+def _client(raw: Path, port: int, out: Path, cwd: Path = PEER) -> list[np.ndarray]:
     """The snapshot's own client.py: stream ``raw``, store the images in ``out``; returns the
-    images' pixels ordered by slice."""
+    images' pixels ordered by slice. The client sends ``<cwd>/fire_module.json`` when present."""
     r = subprocess.run([sys.executable, str(PEER / "client.py"), "-a", "127.0.0.1", "-p",
                         str(port), "-c", "fire_module", "-o", str(out), "-G", "dataset", str(raw)],
-                       cwd=PEER, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     ds = ismrmrd.Dataset(str(out), "dataset", create_if_needed=False)
     try:
@@ -108,22 +107,50 @@ def _assert_equal_to_offline(images: list[np.ndarray], offline: np.ndarray, who:
     assert worst < 1e-4
 
 
+def _peer_server(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "main.py", "-p", str(port), "-H", "127.0.0.1",
+                             "-d", "fire_module"], cwd=PEER, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def test_peer_fire_server_with_our_module_equals_offline(raw_and_offline, tmp_path):
     raw, offline = raw_and_offline
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "main.py", "-p", str(port), "-H", "127.0.0.1",
-                               "-d", "fire_module"], cwd=PEER, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = _peer_server(port)
     try:
         _wait_port(port, server)
         images = _client(raw, port, tmp_path / "fire_images.h5")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
     _assert_equal_to_offline(images, offline, "python-ismrmrd-server + fire_module")
+
+
+def test_peer_fire_json_config_chooses_the_method(raw_and_offline, tmp_path):
+    """The README's FIRE recipe: fire_module.json beside the client overrides the protocol."""
+    raw, _ = raw_and_offline
+    out = tmp_path / "offline_zf"
+    assert main(["-q", "recon", str(raw), "--out", str(out), "--format", "h5",
+                 "--method", "zero-filled"]) == 0
+    (h5,) = out.glob("*/series_*.h5")
+    with h5py.File(h5) as f:
+        offline = f["reconstruction"][()]
+    (tmp_path / "fire_module.json").write_text('{"parameters": {"method": "zero-filled"}}')
+    port = _free_port()
+    server = _peer_server(port)
+    try:
+        _wait_port(port, server)
+        images = _client(raw, port, tmp_path / "fire_zf.h5", cwd=tmp_path)
+    finally:
+        _stop(server)
+    _assert_equal_to_offline(images, offline, "python-ismrmrd-server + fire_module.json")
 
 
 def test_peer_client_against_recon_plugin_serve_equals_offline(raw_and_offline, tmp_path):
@@ -131,14 +158,10 @@ def test_peer_client_against_recon_plugin_serve_equals_offline(raw_and_offline, 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "recon_plugin.cli", "serve", "--port",
                                str(port), "--no-warmup"], cwd=REPO, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port, server)
         images = _client(raw, port, tmp_path / "serve_images.h5")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
     _assert_equal_to_offline(images, offline, "recon-plugin serve")
