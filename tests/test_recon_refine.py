@@ -40,3 +40,20 @@ def test_refinement_respects_its_budget_and_keeps_nothing_without_gain():
     assert "not kept" in res.describe()
     _, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=0.5, max_steps=10_000)
     assert res is not None and res.seconds < 5.0 and res.steps < 10_000
+
+
+def test_prior_weight_is_chosen_by_held_out_lines():
+    """An untrained noise-aware network's CNN output is noise: the held-out lines choose the
+    smallest weight of that prior, and the refined copy predicts them better."""
+    from recon_plugin.recon.refine import PRIOR_WEIGHT_GRID
+
+    torch.manual_seed(1)
+    model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="prox", cg_iters=3,
+                        noise_aware=True).eval()
+    with torch.no_grad():
+        model.step.add_(4.0)  # a strong prior: x e^4 the initial weight
+    ksp, maps, mask, acs = _slice()
+    net, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=1, lr=0.0)
+    assert res is not None and res.kept and net is not None
+    assert res.prior_weight == min(PRIOR_WEIGHT_GRID)
+    assert res.error_after < res.error_before

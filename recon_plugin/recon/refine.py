@@ -4,9 +4,12 @@ Zero-shot self-supervised learning (ZS-SSL, Yaman et al., ICLR 2022), no ground 
 acquired lines are held out for validation (the same lines the guard holds out,
 :func:`recon_plugin.recon.guard.heldout_lines`); the rest are split at every step into
 data-consistency and loss lines (SSDU), and the copy learns to predict its loss lines from
-its data-consistency lines. The held-out lines stop training early and decide: the refined
-network is kept only where it predicts them better than the unrefined one, otherwise the
-slice keeps the unrefined network. A wall-clock budget bounds the cost per slice.
+its data-consistency lines. Before that, for a noise-aware network, the strength of its prior
+(the weight of the CNN's image in every data-consistency solve) is chosen per scan from a
+grid by the held-out lines (a per-scan cross-validation of the regularisation, a few forward
+passes). The held-out lines stop training early and decide: the refined network is kept only
+where it predicts them better than the unrefined one, otherwise the slice keeps the
+unrefined network. A wall-clock budget bounds the cost per slice.
 
 Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
 (ky, kx) with lines along kx.
@@ -31,6 +34,10 @@ from .guard import heldout_error, heldout_lines
 log = logging.getLogger(__name__)
 
 
+# multiples of the trained prior weight tried per scan
+PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
+
+
 @dataclass(frozen=True)
 class RefineResult:
     """Held-out k-space error before / after, whether the refined copy is kept, and its cost."""
@@ -40,12 +47,13 @@ class RefineResult:
     error_after: float
     steps: int
     seconds: float
+    prior_weight: float = 1.0  # chosen multiple of the trained prior weight
 
     def describe(self) -> str:
         verdict = "kept" if self.kept else "not kept (no held-out improvement), unrefined network"
         return (f"scan-specific refinement {verdict}: held-out k-space error "
-                f"{self.error_before:.4g} -> {self.error_after:.4g}, {self.steps} steps, "
-                f"{self.seconds:.1f} s")
+                f"{self.error_before:.4g} -> {self.error_after:.4g}, prior weight x"
+                f"{self.prior_weight:g}, {self.steps} steps, {self.seconds:.1f} s")
 
 
 def _apply(model: nn.Module, ksp: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor):
@@ -57,6 +65,7 @@ def refine_slice(
     acs: tuple[int, int] | None, time_budget_s: float = 20.0, max_steps: int = 200,
     lr: float = 3e-4, rho: float = 0.4, heldout_fraction: float = 0.1, check_every: int = 5,
     patience: int = 3, seed: int = 0, device: str | torch.device = "cpu",
+    scalar_lr_factor: float = 100.0,
 ) -> tuple[nn.Module | None, RefineResult | None]:
     """(the refined copy or None, what happened); (None, None) when too few lines can be held
     out. ``model`` is not changed. Training stops at ``max_steps``, at the time budget, or after
@@ -77,11 +86,29 @@ def refine_slice(
         return heldout_error(img, maps, kspace, lines)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
+    before = val_error(net)
+    best, best_state, since, steps, weight = before, None, 0, 0, 1.0
+    if getattr(net, "noise_aware", False):
+        trained = net.step.detach().clone()
+        for f in PRIOR_WEIGHT_GRID:
+            if f == 1.0:
+                continue
+            with torch.no_grad():
+                net.step.copy_(trained + float(np.log(f)))
+            err = val_error(net)
+            if err < best:
+                best, weight = err, f
+                best_state = {n: v.detach().clone() for n, v in net.state_dict().items()}
+        with torch.no_grad():
+            net.step.copy_(trained + float(np.log(weight)))
     for p in net.parameters():
         p.requires_grad_(True)
-    before = val_error(net)
-    best, best_state, since, steps = before, None, 0, 0
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    # the scalar data-consistency weights (regularisation strength) adapt fast, per scan; the
+    # CNN weights slowly
+    scalars = [p for p in net.parameters() if p.ndim <= 1 and p.numel() <= 64]
+    others = [p for p in net.parameters() if not any(p is q for q in scalars)]
+    opt = torch.optim.Adam([{"params": others, "lr": lr},
+                            {"params": scalars, "lr": lr * scalar_lr_factor}])
     rng = np.random.default_rng(seed)
     while steps < max_steps and time.perf_counter() - t0 < time_budget_s:
         dc, loss_mask = ssdu_split(m_train, rho, acs, rng)
@@ -105,6 +132,6 @@ def refine_slice(
         net.load_state_dict(best_state)
         for p in net.parameters():
             p.requires_grad_(False)
-    result = RefineResult(kept, before, best, steps, time.perf_counter() - t0)
+    result = RefineResult(kept, before, best, steps, time.perf_counter() - t0, weight)
     log.debug("%s", result.describe())
     return (net if kept else None), result
