@@ -250,14 +250,17 @@ def publish(staged: Path, final: Path) -> None:
 
 # ----------------------------------------------------------------------------- one file
 def _read(path: Path, max_bytes: int | None):
-    from .io import detect_format, read_fastmri, read_ismrmrd
+    """Any supported raw file; the HDF5 readers check ``max_bytes`` before allocating."""
+    from .io import detect_format, read_fastmri, read_ismrmrd, read_raw
     from .scan import RawDataError
 
     kind, group = detect_format(path)
     try:
         if kind == "fastmri":
             return read_fastmri(path, max_bytes=max_bytes)
-        return read_ismrmrd(path, dataset=group, max_bytes=max_bytes)
+        if kind == "ismrmrd":
+            return read_ismrmrd(path, dataset=group, max_bytes=max_bytes)
+        return read_raw(path)  # other formats (e.g. twix): their reader
     except RawDataError:
         raise
     except Exception as err:  # noqa: BLE001 - a reader bug must still name the file
