@@ -101,6 +101,11 @@ def _report(results) -> int:
     for r in results:
         status = "skipped (done)" if r.skipped else ("ok" if r.ok else "FAILED")
         extra = f"{len(r.outputs)} files, {r.seconds:.1f} s, protocol {r.protocol}" if r.ok else r.error
+        if r.ok and r.timings.get("guard_checked"):
+            extra += (f", guard: {int(r.timings.get('guard_rejected', 0))} of "
+                      f"{int(r.timings['guard_checked'])} slices CG-SENSE")
+        if r.ok and r.timings.get("refine_kept") is not None and "refine" in r.timings:
+            extra += f", refinement kept on {int(r.timings['refine_kept'])} slices"
         print(f"{status:15s} {r.input}: {extra}")
     print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed")
     return EXIT_OK if not bad else EXIT_FAILED
@@ -116,7 +121,8 @@ def _interrupted(e) -> int:
 def cmd_recon(a) -> int:
     from .batch import BatchInterrupted, run_batch
 
-    overrides = {"method": a.method, "model": a.model}
+    overrides = {"method": a.method, "model": a.model, "refine": a.refine,
+                 "refine_budget_s": a.refine_budget, "guard": False if a.no_guard else None}
     try:
         results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
                             overrides, progress=not a.quiet, send=a.send, workers=a.workers,
@@ -292,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
     s.add_argument("--format", type=_formats, default=("dicom",), help="dicom,h5 (default dicom)")
+    s.add_argument("--refine", choices=["none", "scan"], default=None,
+                   help="scan: fine-tune a copy of the network on each slice's own lines, kept "
+                   "where held-out lines improve (default: the protocol's refine.mode)")
+    s.add_argument("--refine-budget", type=float, default=None,
+                   help="seconds of refinement per slice (default: the protocol's, 20)")
+    s.add_argument("--no-guard", action="store_true",
+                   help="skip the per-slice held-out-line check of the network against CG-SENSE")
     s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
