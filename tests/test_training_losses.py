@@ -78,3 +78,21 @@ def test_noise_variance_from_kspace():
     np.testing.assert_allclose(est[0].numpy(), var, rtol=0.15)
     with pytest.raises(ValueError, match="readout"):
         noise_variance(torch.zeros(1, 2, 8, 8, dtype=torch.complex64), torch.zeros(1, 8, 8))
+
+
+def test_gate_needs_an_improvement_beyond_the_noise():
+    import numpy as np
+
+    from recon_plugin.training.losses import significant_improvement
+
+    rng = np.random.default_rng(0)
+    base = 1.0 + 0.01 * rng.standard_normal(24)
+    # a consistent small gain on every split: significant
+    assert significant_improvement(base, base - 0.002)["better"]
+    # the same mean gain buried in split-to-split noise (a low-SNR site): not significant
+    noisy = base - 0.002 + 0.05 * rng.standard_normal(24)
+    g = significant_improvement(base, noisy)
+    assert not g["better"] and g["standard_error"] > 0.005
+    # worse, or NaN: never
+    assert not significant_improvement(base, base + 0.01)["better"]
+    assert not significant_improvement(base, np.full(24, np.nan))["better"]

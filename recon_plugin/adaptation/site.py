@@ -12,7 +12,10 @@ protocol's model self-supervised:
 Safety: files are split into adaptation and held-out files (by file; held-out lines are also
 held out within them). The adapted model is promoted only if its squared measurement-domain error
 on the held-out lines of the held-out data
-(:func:`~recon_plugin.training.losses.heldout_error`) beats the base model's; otherwise
+(:func:`~recon_plugin.training.losses.heldout_errors`, three splits per slice) beats the base
+model's by more than two standard errors of the paired differences
+(:func:`~recon_plugin.training.losses.significant_improvement`): at low SNR the noise
+energy dominates every held-out error, and a change within it is not an improvement; otherwise
 nothing is written outside the run folder. A promoted model is a new versioned file
 (safetensors + card: parent hash, raw file hashes, mode, losses) plus a protocol overlay
 (``extends: BASE``) in ``SITE_DIR/protocols``. The shipped model is never overwritten.
@@ -38,9 +41,10 @@ from ..recon.coils import EspiritParams, estimate_maps
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import (
     equivariance_loss,
-    heldout_error,
+    heldout_errors,
     kspace_loss,
     measurement_consistency,
+    significant_improvement,
     ssdu_split,
     teacher_loss,
 )
@@ -110,7 +114,8 @@ def adapt(
         train = train[: len(train) - len(hold)] or train
     if not train:
         raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
-    base_err = heldout_error(model, hold)
+    base_errs = heldout_errors(model, hold)
+    base_err = float(base_errs.mean())
     log.info("base model held-out measurement error %.5f on %d slices", base_err, len(hold))
     net = model
     if world > 1:
@@ -150,12 +155,17 @@ def adapt(
         (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
     if rank != 0:
         return report
-    new_err = heldout_error(model, hold)
+    new_errs = heldout_errors(model, hold)
+    new_err = float(new_errs.mean())
+    gate = significant_improvement(base_errs, new_errs)
     report["adapted_heldout_error"] = new_err
-    report["promoted"] = bool(new_err < base_err)
+    report["gate"] = gate
+    report["promoted"] = gate["better"]
     if not report["promoted"]:
-        log.warning("adaptation did not beat the base model on held-out data (%.5f >= %.5f); "
-                    "nothing promoted", new_err, base_err)
+        log.warning("adaptation did not beat the base model on held-out data by more than %g "
+                    "standard errors (improvement %.5g, standard error %.5g, %d held-out "
+                    "splits); nothing promoted", gate["z"], gate["mean_improvement"],
+                    gate["standard_error"], gate["n"])
         return report
     version = name or f"{card.get('name', 'model')}-site-{mode}"
     new_card = {
@@ -166,6 +176,7 @@ def adapt(
                        "raw_files": {str(p): file_sha256(p) for p in raw},
                        "heldout_files": [str(p) for p in hold_files],
                        "heldout_error_base": base_err, "heldout_error_adapted": new_err,
+                       "gate": gate,
                        "final_losses": [h["loss"] for h in history if "loss" in h][-10:]},
     }
     models_dir = Path(site_dir) / "models"

@@ -110,28 +110,52 @@ def equivariance_loss(model, pred: torch.Tensor, op: SenseOperator, rng: np.rand
     return (rec - x_t).abs().mean() / x_t.abs().mean().clamp_min(1e-12)
 
 
-def heldout_error(model, slices, rho: float = 0.4, seed: int = 7) -> float:
-    """Measurement-domain validation without ground truth.
+def heldout_errors(model, slices, rho: float = 0.4, seeds: tuple[int, ...] = (7, 8, 9)
+                   ) -> np.ndarray:
+    """Measurement-domain validation without ground truth, one value per slice and split.
 
     ``slices``: items with ``kspace`` (C, ky, kx) undersampled, ``mask`` (ky, kx), ``maps``
     (C, ky, kx) and ``acs`` (rows [start, stop) or None), e.g.
     :class:`recon_plugin.training.slices.SiteSlice`.
 
-    The model sees a fixed subset of each slice's acquired lines and predicts the held-out
-    ones; returns ``sum ||A_held f(y_in) - y_held||^2 / sum ||y_held||^2`` over all slices.
-    The held-out noise is independent of the prediction, so in expectation this squared error
-    is the true error on those lines plus a constant noise energy: differences between two
-    models are unbiased, which a (non-squared) L1/L2 norm at low SNR would compress to nothing.
+    For each seed, the model sees a fixed subset of each slice's acquired lines and predicts
+    the held-out ones (variable density, favouring low frequencies); returns
+    ``||A_held f(y_in) - y_held||^2 / ||y_held||^2`` per (seed, slice), shape
+    (len(seeds) * len(slices),), the same splits for every model. The held-out noise is
+    independent of the prediction, so in expectation this squared error is the true error on
+    those lines plus a constant noise energy: differences between two models are unbiased.
     """
-    rng = np.random.default_rng(seed)
-    err = ref = 0.0
+    out = []
     with torch.inference_mode():
-        for s in slices:
-            dc, loss_m = ssdu_split(s.mask[None], rho, s.acs, rng)
-            op = SenseOperator(s.maps[None], dc)
-            pred = model(s.kspace[None] * dc[:, None], op)
-            pk = SenseOperator(s.maps[None], loss_m).forward(pred)
-            y = s.kspace[None] * loss_m[:, None]
-            err += float((pk - y).abs().pow(2).sum())
-            ref += float(y.abs().pow(2).sum())
-    return err / max(ref, 1e-30)
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            for s in slices:
+                dc, loss_m = ssdu_split(s.mask[None], rho, s.acs, rng)
+                op = SenseOperator(s.maps[None], dc)
+                pred = model(s.kspace[None] * dc[:, None], op)
+                pk = SenseOperator(s.maps[None], loss_m).forward(pred)
+                y = s.kspace[None] * loss_m[:, None]
+                out.append(float((pk - y).abs().pow(2).sum()) / max(float(y.abs().pow(2).sum()),
+                                                                    1e-30))
+    return np.asarray(out)
+
+
+def heldout_error(model, slices, rho: float = 0.4, seed: int = 7) -> float:
+    """Mean of :func:`heldout_errors` over the slices for one split."""
+    return float(np.mean(heldout_errors(model, slices, rho, (seed,))))
+
+
+def significant_improvement(base: np.ndarray, new: np.ndarray, z: float = 2.0) -> dict:
+    """Paired test of held-out errors (same slices and splits): the new model is better only
+    if the mean improvement exceeds ``z`` standard errors of the paired differences, so that
+    at low SNR, where the noise energy dominates every held-out error, a change within the
+    noise is never called an improvement. NaN errors count as worse."""
+    d = np.asarray(base, float) - np.asarray(new, float)
+    n = d.size
+    if n == 0 or not np.all(np.isfinite(d)):
+        return {"better": False, "mean_improvement": float("nan"), "standard_error": float("nan"),
+                "n": int(n), "z": z}
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    mean = float(d.mean())
+    return {"better": bool(mean > 0 and mean > z * se), "mean_improvement": mean,
+            "standard_error": se, "n": int(n), "z": z}
