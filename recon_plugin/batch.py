@@ -24,6 +24,8 @@ there; a scan published but not yet delivered is delivered from its published fi
 SOP / Series Instance UIDs, so a PACS that already holds some overwrites them).
 
 Workers (``workers`` > 1) are spawned processes that die with the batch (``PR_SET_PDEATHSIG``).
+``cluster`` (``tcp://HOST:PORT`` or ``local:N``) runs the same per-file function as Dask tasks
+(:mod:`recon_plugin.cluster`); results come back here, where the state is written as locally.
 SIGTERM / SIGINT abandon the file in flight (its staging is removed), write the state and raise
 :class:`BatchInterrupted`; publishing and state writes finish first.
 """
@@ -244,11 +246,36 @@ def publish(staged: Path, final: Path) -> None:
                 staged = old
             shutil.rmtree(staged, ignore_errors=True)
         else:
-            os.rename(staged, final)
+            try:
+                os.rename(staged, final)
+            except OSError as e:  # the same scan published meanwhile (a task run twice)
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _exchange(staged, final):
+                    raise
+                shutil.rmtree(staged, ignore_errors=True)
         _fsync_dir(final.parent)
 
 
 # ----------------------------------------------------------------------------- one file
+class ProtocolCache:
+    """Protocols loaded once per process (a cluster worker): the explicit ``--protocol``, or
+    every protocol on the search path for header matching."""
+
+    def __init__(self, name: str | None = None, protocol_dirs: list[Path] | None = None):
+        self.name, self.protocol_dirs = name, protocol_dirs
+        self._loaded = None
+
+    def select(self, header):
+        from .config.protocol import load_all, load_protocol, match_protocol
+
+        if self.name:
+            if self._loaded is None:
+                self._loaded = load_protocol(self.name, self.protocol_dirs)
+            return self._loaded
+        if self._loaded is None:
+            self._loaded = load_all(self.protocol_dirs)
+        return match_protocol(header, self._loaded)
+
+
 def _read(path: Path, max_bytes: int | None):
     """Any supported raw file; the HDF5 readers check ``max_bytes`` before allocating."""
     from .io import detect_format, read_fastmri, read_ismrmrd, read_raw
@@ -271,13 +298,14 @@ def recon_file(
     path: Path, out_dir: Path, recon: Reconstructor, protocol_name: str | None = None,
     formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
     timings: dict | None = None, protocol_dirs: list[Path] | None = None,
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, protocols: ProtocolCache | None = None,
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
     then published in one rename); returns (published paths, protocol).
 
     ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
     network / classical, output, and ``slices``. ``max_bytes``: memory budget of the reader.
+    ``protocols``: protocols already loaded (else loaded for this file).
     """
     from .config.protocol import select_protocol
 
@@ -288,7 +316,8 @@ def recon_file(
     t["read"] = time.perf_counter() - t0
     for w in scan.warnings:
         log.warning("%s: %s", path, w)
-    protocol = select_protocol(scan.header, protocol_name, protocol_dirs)
+    protocol = (protocols.select(scan.header) if protocols is not None
+                else select_protocol(scan.header, protocol_name, protocol_dirs))
     settings = protocol.recon_settings().override(**(overrides or {}))
     series = recon.reconstruct(scan, settings)
     del scan
@@ -381,7 +410,8 @@ def _worker_init(device: str, threads: int, parent_pid: int | None = None,
 
 def _process(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
              protocol_dirs=None, recon: Reconstructor | None = None,
-             max_bytes: int | None = None) -> tuple[FileResult, list[Path], object]:
+             max_bytes: int | None = None, protocols: ProtocolCache | None = None,
+             ) -> tuple[FileResult, list[Path], object]:
     """One input -> FileResult (never raises for a bad input)."""
     recon = recon or _WORKER["recon"]
     if max_bytes is None:
@@ -390,7 +420,7 @@ def _process(path: Path, out_dir: Path, protocol: str | None, formats, overrides
     timings: dict = {}
     try:
         written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
-                                    protocol_dirs, max_bytes)
+                                    protocol_dirs, max_bytes, protocols)
     except Exception as e:  # isolate: report and go on with the next file
         log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)
@@ -432,14 +462,21 @@ def preflight(
     inputs: list[str | Path], out_dir: Path, protocol: str | None = None,
     overrides: dict | None = None, send: str | None = None, workers: int = 1,
     protocol_dirs: list[Path] | None = None, max_memory_gb: float | None = None,
-    recon: Reconstructor | None = None,
+    recon: Reconstructor | None = None, cluster: str | None = None,
 ) -> list[Path]:
-    """Every check that needs no reconstruction, in order: inputs exist and are not empty,
-    ``workers`` >= 1, the memory limit, ``send`` parses, the protocol loads, the model loads
-    (into ``recon`` when given), ``out_dir`` is a writable folder. Raises BatchUsageError (or
+    """Every check that needs no reconstruction, in order: ``workers`` >= 1, ``cluster`` parses,
+    the memory limit, inputs exist and are not empty, ``send`` parses, the protocol loads, the
+    model loads (into ``recon`` when given), ``out_dir`` is a writable folder. Raises BatchUsageError (or
     the protocol's / model's own error); returns the input files."""
     if workers < 1:
         raise BatchUsageError(f"--workers must be >= 1, got {workers}")
+    if cluster is not None:
+        if workers > 1:
+            raise BatchUsageError("--workers and --cluster exclude each other (local:N is N "
+                                  "workers on this machine)")
+        from .cluster import parse_address
+
+        parse_address(cluster)
     if max_memory_gb is not None and not max_memory_gb > 0:
         raise BatchUsageError(f"--max-memory-gb must be > 0, got {max_memory_gb}")
     files = gather_inputs(inputs)
@@ -476,32 +513,39 @@ def run_batch(
     formats: tuple[str, ...] = ("dicom",), resume: bool = False, device: str = "cpu",
     overrides: dict | None = None, progress: bool = True, send: str | None = None,
     workers: int = 1, protocol_dirs: list[Path] | None = None,
-    max_memory_gb: float | None = None,
+    max_memory_gb: float | None = None, cluster: str | None = None,
 ) -> list[FileResult]:
     """Reconstruct every input; never raises for a single bad file (see FileResult.error).
 
     Raises BatchUsageError (or a protocol / model error) before reconstructing anything when the
     batch cannot run, and BatchInterrupted (with the results so far) on SIGTERM / SIGINT.
     ``workers`` > 1 reconstructs files in that many processes (each with
-    ``cpu_count // workers`` torch threads and its own loaded models).
+    ``cpu_count // workers`` torch threads and its own loaded models). ``cluster``
+    (``tcp://HOST:PORT`` or ``local:N``) runs the files as Dask tasks instead; a scheduler that
+    cannot be reached raises BatchUsageError before anything is reconstructed.
     """
     global _SIGNALS
 
     from .io.budget import gb_to_bytes
 
     out_dir = Path(out_dir)
-    recon = Reconstructor(device) if workers <= 1 else None
+    recon = Reconstructor(device) if workers <= 1 and not cluster else None
     files = preflight(inputs, out_dir, protocol, overrides, send, workers, protocol_dirs,
-                      max_memory_gb, recon)
+                      max_memory_gb, recon, cluster)
     max_bytes = gb_to_bytes(max_memory_gb) if max_memory_gb else None
     results: list[FileResult] = []
     signals = _Signals()
-    with _batch_lock(out_dir):
+    with _batch_lock(out_dir), contextlib.ExitStack() as stack:
         _SIGNALS = signals
         signals.install()
         try:
+            session = None
+            if cluster:
+                from .cluster import connect
+
+                session = stack.enter_context(connect(cluster))
             _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
-                        send, workers, protocol_dirs, max_bytes, recon, results)
+                        send, workers, protocol_dirs, max_bytes, recon, results, session)
         except (BatchInterrupted, KeyboardInterrupt) as e:
             signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
             log.warning("interrupted by %s: the file in flight was abandoned; the state is in "
@@ -520,7 +564,7 @@ def _ordered(results: list[FileResult], files: list[Path]) -> list[FileResult]:
 
 
 def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress, send,
-                workers, protocol_dirs, max_bytes, recon, results) -> None:
+                workers, protocol_dirs, max_bytes, recon, results, session=None) -> None:
     clean_stale(out_dir)
     state = _load_state(out_dir)
     todo = []
@@ -559,7 +603,13 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         results.append(r)
 
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if session is not None:
+            from .cluster import run_cluster
+
+            run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
+                        device, max_bytes, finish, results, bar if progress else None,
+                        progress=progress)
+        elif workers <= 1 or len(todo) <= 1:
             recon = recon or Reconstructor(device)
             for path in todo:
                 finish(path, *_process(path, out_dir, protocol, formats, overrides,

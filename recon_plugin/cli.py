@@ -53,6 +53,18 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _cluster(text: str) -> str:
+    """``--cluster``: ``tcp://HOST:PORT`` or ``local:N`` (checked here; imports no dask)."""
+    import re
+
+    m = re.fullmatch(r"local:(\d+)", text)
+    if m and int(m.group(1)) >= 1 or re.fullmatch(
+            r"(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (a running dask scheduler) or "
+                                     f"local:N with N >= 1, got {text!r}")
+
+
 def _target(text: str) -> str:
     from .output.pacs import PacsTargetError, parse_target
 
@@ -126,7 +138,8 @@ def cmd_recon(a) -> int:
     try:
         results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
                             overrides, progress=not a.quiet, send=a.send, workers=a.workers,
-                            protocol_dirs=a.protocol_dir, max_memory_gb=a.max_memory_gb)
+                            protocol_dirs=a.protocol_dir, max_memory_gb=a.max_memory_gb,
+                            cluster=a.cluster)
     except BatchInterrupted as e:
         return _interrupted(e)
     code = _report(results)
@@ -312,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
     s.add_argument("--workers", type=_positive_int, default=1,
                    help="files reconstructed in parallel (>= 1)")
+    s.add_argument("--cluster", type=_cluster, default=None, metavar="ADDRESS",
+                   help="reconstruct on Dask: tcp://HOST:PORT (a running dask scheduler whose "
+                   "workers share the file system) or local:N (N worker processes here)")
     s.add_argument("--max-memory-gb", type=_positive_float, default=None,
                    help="refuse a raw file whose declared k-space exceeds this many GB "
                         "(default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")

@@ -1,0 +1,248 @@
+"""Batch recon on Dask distributed (``recon-plugin recon ... --cluster ADDRESS``).
+
+``ADDRESS`` is ``tcp://HOST:PORT`` (a running ``dask scheduler``; its workers must see the
+inputs and ``--out`` at the same paths, i.e. a shared file system) or ``local:N`` (a
+``LocalCluster`` of N single-threaded worker processes on this machine, closed with the batch;
+Dask's worker processes exit when their parent dies).
+
+This module is only the transport: one Dask task per input file runs :func:`batch._process`
+(the very function of a local batch: staging, one-rename publication), and its result comes back
+to the batch process, which alone writes the resume state and delivers to a PACS, exactly as
+for local workers. A task that runs twice (its worker died after publishing, Dask reran it
+elsewhere) replaces the scan's folder with an identical one: one series. A :class:`ReconPlugin`
+(a Dask ``WorkerPlugin``) loads the Reconstructor and the protocols once per worker process.
+
+Dask is imported here only inside functions, and this module only when ``--cluster`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributed import WorkerPlugin
+
+from .batch import BatchUsageError, FileResult, ProtocolCache, _process, clean_stale, output_name
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = float(os.environ.get("RECON_PLUGIN_CLUSTER_TIMEOUT", "5"))
+_ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def parse_address(text: str) -> tuple[str, int | str]:
+    """``local:N`` -> ("local", N); ``tcp://HOST:PORT`` (or ``tls://``) -> ("remote", text).
+    Anything else raises BatchUsageError (one line)."""
+    text = (text or "").strip()
+    if text.startswith("local:"):
+        n = text[len("local:"):]
+        if not n.isdigit() or int(n) < 1:
+            raise BatchUsageError(f"--cluster {text!r}: local:N needs a worker count N >= 1")
+        return "local", int(n)
+    m = _ADDRESS.match(text)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise BatchUsageError(f"--cluster {text!r}: expected tcp://HOST:PORT (a running dask "
+                              "scheduler) or local:N (N worker processes on this machine)")
+    return "remote", text
+
+
+# ----------------------------------------------------------------------------- worker side
+class ReconPlugin(WorkerPlugin):
+    """Dask WorkerPlugin: on each worker (also one that joins or restarts later) load the
+    Reconstructor and the protocols once; every task of the batch on that worker uses them.
+
+    Torch threads per worker: ``threads`` if given, else the worker's share of its host's cores
+    (cores * worker threads / all worker threads the scheduler knows on that host)."""
+
+    def __init__(self, device: str, threads: int | None, max_bytes: int | None,
+                 protocol: str | None, protocol_dirs: list[Path] | None,
+                 slots_by_host: dict[str, int] | None = None):
+        self.device, self.threads, self.max_bytes = device, threads, max_bytes
+        self.protocol, self.protocol_dirs = protocol, protocol_dirs
+        self.slots_by_host = slots_by_host or {}
+        key = repr((device, threads, max_bytes, protocol, protocol_dirs, os.getpid(), time.time()))
+        self.name = "recon-plugin-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        self.recon = None
+        self.protocols = None
+
+    def setup(self, worker=None):
+        from .recon.pipeline import Reconstructor
+        from .runtime import tune_allocator
+
+        tune_allocator()
+        threads = self.threads
+        if not threads and worker is not None:
+            host = _host(worker.address)
+            slots = self.slots_by_host.get(host)
+            if slots:
+                threads = max(1, (os.cpu_count() or 1) * worker.state.nthreads // slots)
+        self.recon = Reconstructor(self.device, threads)
+        self.protocols = ProtocolCache(self.protocol, self.protocol_dirs)
+        log.info("worker %s: recon-plugin ready (%s, %s torch threads)",
+                 getattr(worker, "address", "?"), self.device, threads or "default")
+
+    def teardown(self, worker=None):
+        self.recon = self.protocols = None
+
+
+def _host(address: str) -> str:
+    return address.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
+def run_file(path: Path, out_dir: Path, protocol, formats, overrides, protocol_dirs,
+             plugin: str):
+    """The Dask task: one input -> (FileResult, published paths, protocol), with the worker's
+    loaded Reconstructor and protocols (see :class:`ReconPlugin`)."""
+    from distributed import get_worker
+
+    p = get_worker().plugins[plugin]
+    return _process(Path(path), Path(out_dir), protocol, formats, overrides, protocol_dirs,
+                    p.recon, p.max_bytes, protocols=p.protocols)
+
+
+# ----------------------------------------------------------------------------- batch side
+@dataclass
+class Session:
+    client: object
+    cluster: object | None  # the LocalCluster we started (closed with the session)
+    address: str
+
+    @property
+    def local(self) -> bool:
+        return self.cluster is not None
+
+    @property
+    def dashboard(self) -> str | None:
+        with contextlib.suppress(Exception):
+            info = self.client.scheduler_info()
+            if "dashboard" in info.get("services", {}):
+                return self.client.dashboard_link
+        return None
+
+    def worker_count(self) -> int:
+        return len(self.client.scheduler_info().get("workers", {}))
+
+
+@contextlib.contextmanager
+def connect(address: str, timeout: float = CONNECT_TIMEOUT_S):
+    """A :class:`Session` on ``address`` (see :func:`parse_address`); a scheduler that cannot be
+    reached within ``timeout`` seconds raises BatchUsageError (one line)."""
+    kind, arg = parse_address(address)
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its own connection retries and warnings: one line is ours
+    try:
+        from distributed import Client, LocalCluster
+
+        cluster = None
+        try:
+            if kind == "local":
+                cluster = LocalCluster(n_workers=arg, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0", silence_logs=logging.ERROR)
+                client = Client(cluster, timeout=f"{timeout}s")
+            else:
+                client = Client(arg, timeout=f"{timeout}s")
+        except Exception as e:  # noqa: BLE001 - refused, unknown host, timed out: one line
+            if cluster is not None:
+                cluster.close()
+            raise BatchUsageError(f"--cluster {address}: cannot reach a dask scheduler "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    finally:
+        quiet.setLevel(level)
+    session = Session(client, cluster, address)
+    if not log.isEnabledFor(logging.DEBUG):  # Dask's INFO chatter (-v shows it)
+        quiet.setLevel(logging.WARNING)
+    try:
+        yield session
+    finally:
+        with contextlib.suppress(Exception):
+            client.close(timeout=10)
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=10)
+        quiet.setLevel(level)
+
+
+def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, formats, overrides,
+                protocol_dirs, device: str, max_bytes: int | None, finish, results: list,
+                bar=None, retries: int = 1, progress: bool = True) -> None:
+    """One task per file on the session's workers; ``finish(path, result, written, protocol)``
+    (the local batch's: state, delivery) runs here, in the batch process, as each file ends.
+    A worker that dies mid-file: the scheduler reruns the file on another worker (up to
+    ``distributed.scheduler.allowed-failures`` deaths, then the file fails as
+    ``worker process died``); a task that raised is retried ``retries`` times."""
+    from distributed import wait
+    from distributed.client import FIRST_COMPLETED
+
+    client = session.client
+    url = session.dashboard
+    if url and progress:
+        print(f"dask dashboard: {url}", file=sys.stderr, flush=True)
+    elif url:
+        log.info("dask dashboard: %s", url)
+    info = client.scheduler_info().get("workers", {})
+    slots: dict[str, int] = {}
+    for w in info.values():
+        h = _host(w.get("host") or w.get("address", ""))
+        slots[h] = slots.get(h, 0) + int(w.get("nthreads", 1))
+    threads = max(1, (os.cpu_count() or 1) // len(info)) if session.local and info else None
+    if not info:
+        log.warning("cluster %s has no workers yet; the files wait for one", session.address)
+    plugin = ReconPlugin(device, threads, max_bytes, protocol, protocol_dirs, slots)
+    client.register_plugin(plugin, name=plugin.name)
+    log.info("cluster %s: %d workers, %d files", session.address, len(info), len(todo))
+    out_dir = Path(out_dir).resolve()
+    futs = {}
+    for p in todo:
+        key = f"recon-{output_name(p)}-{plugin.name[-12:]}"
+        f = client.submit(run_file, str(Path(p).resolve()), str(out_dir), protocol, formats,
+                          overrides, protocol_dirs, plugin.name, key=key, pure=False,
+                          retries=retries)
+        futs[f] = p
+    pending = set(futs)
+    failed = 0
+    try:
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            except TimeoutError:
+                done = set()
+            for f in done:
+                path = futs[f]
+                try:
+                    outcome = f.result()
+                except Exception as e:  # noqa: BLE001 - KilledWorker or a task error: the file fails
+                    why = (f"worker process died: {e}" if type(e).__name__ == "KilledWorker"
+                           else f"{type(e).__name__}: {e}")
+                    log.error("%s: %s", path, why)
+                    outcome = (FileResult(str(path), False, error=why), [], None)
+                failed += not outcome[0].ok
+                finish(path, *outcome)
+            if bar is not None:
+                bar.set_postfix(failed=failed, running=_running(client, pending), refresh=True)
+    except BaseException:
+        client.cancel(list(pending), force=True)
+        if session.local:  # our workers: stop them now, then their staging can go
+            with contextlib.suppress(Exception):
+                session.cluster.close(timeout=10)
+            clean_stale(out_dir)
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(plugin.name)
+    clean_stale(out_dir)  # staging a dead worker left (every task of this batch is finished)
+
+
+def _running(client, pending) -> int:
+    """Files of this batch a worker is processing now (asks the scheduler)."""
+    keys = {f.key for f in pending}
+    with contextlib.suppress(Exception):
+        return sum(k in keys for ks in client.processing().values() for k in ks)
+    return 0
