@@ -88,9 +88,6 @@ def test_twix_reconstructs_to_dicom_and_matches_twixtools_rss(tmp_path):
     _check_outputs(folder)
 
 
-@pytest.mark.xfail(reason="batch._read (batch.py, another engineer's file) dispatches only "
-                   "fastMRI / ISMRMRD; it must call read_twix for detect_format 'twix'",
-                   strict=False)
 def test_twix_through_recon_plugin_recon_cli(tmp_path):
     out = tmp_path / "out"
     assert main(["-q", "recon", str(DAT), "--out", str(out), "--method", "zero-filled",
