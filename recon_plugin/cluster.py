@@ -131,10 +131,11 @@ class Session:
 
 
 @contextlib.contextmanager
-def connect(address: str, timeout: float = CONNECT_TIMEOUT_S):
+def connect(address: str, timeout: float | None = None):
     """A :class:`Session` on ``address`` (see :func:`parse_address`); a scheduler that cannot be
     reached within ``timeout`` seconds raises BatchUsageError (one line)."""
     kind, arg = parse_address(address)
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its own connection retries and warnings: one line is ours

@@ -1,0 +1,41 @@
+"""``dask worker --preload`` module of tests/test_batch_cluster.py and benchmarks/cluster.py.
+
+With ``CLUSTER_MARKER`` set, a worker appends ``<pid> <stage> <input>`` to that file when it
+starts reconstructing a file (stage ``compute``) and right after it published one (stage
+``publish``), then sleeps ``CLUSTER_SLEEP_S`` seconds (default 0) there, so a test can kill it
+mid-file. Without ``CLUSTER_MARKER`` it changes nothing.
+"""
+
+import os
+import time
+
+MARKER = os.environ.get("CLUSTER_MARKER", "")
+SLEEP_S = float(os.environ.get("CLUSTER_SLEEP_S", "0"))
+
+
+def _note(stage: str, what) -> None:
+    with open(MARKER, "a") as f:
+        f.write(f"{os.getpid()} {stage} {what}\n")
+    time.sleep(SLEEP_S)
+
+
+if MARKER:
+    from recon_plugin import batch
+
+if MARKER and not getattr(batch, "_cluster_preload", False):  # Dask may import this twice
+    batch._cluster_preload = True
+    _recon_file, _publish = batch.recon_file, batch.publish
+
+    def recon_file(path, *a, **k):
+        _note("compute", path)
+        return _recon_file(path, *a, **k)
+
+    def publish(staged, final):
+        _publish(staged, final)
+        _note("publish", final)
+
+    batch.recon_file, batch.publish = recon_file, publish
+
+
+def dask_setup(worker):  # the preload hook Dask calls; the patches above are the point
+    pass

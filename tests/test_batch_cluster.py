@@ -1,0 +1,225 @@
+"""Batch recon on Dask distributed (``recon --cluster``): an external scheduler and two workers
+as separate processes on loopback, one worker killed mid-file (and one killed right after it
+published: the rerun task leaves one series), and ``local:2``; outputs, state, summary and exit
+code as a local batch, pixels identical."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from recon_plugin.batch import output_name
+from recon_plugin.cli import main
+from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_fastmri, write_ismrmrd
+
+pytest.importorskip("distributed")
+
+ROOT = Path(__file__).resolve().parents[1]
+PRELOAD = Path(__file__).with_name("cluster_preload.py")
+NFILES, NSLICES = 6, 2
+
+
+@pytest.fixture(scope="module")
+def raws(tmp_path_factory):
+    d = tmp_path_factory.mktemp("craws")
+    for i in range(NFILES):
+        vol = simulate_volume("test", "PD", num_slices=NSLICES, num_coils=4, matrix=(64, 48),
+                              snr=40.0, seed=i)
+        if i % 2:
+            write_fastmri(vol, d / f"scan{i}.h5", acceleration=4, center_fraction=0.3)
+        else:
+            write_ismrmrd(vol, d / f"scan{i}.h5", acceleration=4, calib_lines=20, seed=i)
+    return d
+
+
+@pytest.fixture(scope="module")
+def local_pixels(raws, tmp_path_factory):
+    """The reference: the same batch reconstructed locally (``--workers 1``)."""
+    out = tmp_path_factory.mktemp("clocal")
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled"]) == 0
+    return pixels(out, inputs(raws))
+
+
+def inputs(raws: Path) -> list[Path]:
+    return sorted(raws.glob("*.h5"))
+
+
+def pixels(out: Path, files: list[Path]) -> dict[str, list[np.ndarray]]:
+    px = {}
+    for p in files:
+        dss = sorted((pydicom.dcmread(f) for f in (out / output_name(p)).rglob("*.dcm")),
+                     key=lambda d: int(d.InstanceNumber))
+        px[p.name] = [d.pixel_array for d in dss]
+    return px
+
+
+def check_once(out: Path, files: list[Path]) -> None:
+    """Every input's folder exactly once, one series of NSLICES images; nothing staged; the
+    state names every input."""
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == sorted(output_name(p) for p in files)
+    assert not [p for p in out.rglob("*") if ".staging-" in str(p) or p.suffix == ".part"]
+    for p in files:
+        series = [d for d in (out / output_name(p)).iterdir() if d.is_dir()]
+        assert len(series) == 1, series
+        dcm = sorted(series[0].glob("*.dcm"))
+        assert len(dcm) == NSLICES
+        assert len({pydicom.dcmread(f).SeriesInstanceUID for f in dcm}) == 1
+    state = json.loads((out / ".recon-state.json").read_text())
+    assert sorted(state) == sorted(str(p.resolve()) for p in files)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """``dask scheduler`` and ``dask worker`` processes on loopback, each in its own session
+    (killing one's process group kills its nanny and its worker process)."""
+
+    def __init__(self, tmp: Path, env_extra: dict):
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env_extra)
+        self.tmp = tmp
+        self.procs = []
+        self.scheduler = self._start(["scheduler", "--host", "127.0.0.1", "--port",
+                                      str(self.port), "--dashboard-address", ":0"], "scheduler")
+        self.workers = [self.add_worker(i) for i in range(2)]
+        self.wait_for(2)
+
+    def _start(self, args, name):
+        log = open(self.tmp / f"{name}.log", "w")
+        p = subprocess.Popen([sys.executable, "-m", "dask", *args], env=self.env, cwd=ROOT,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def add_worker(self, i):
+        return self._start(["worker", self.address, "--nthreads", "1", "--nworkers", "1",
+                            "--host", "127.0.0.1", "--dashboard-address", ":0",
+                            "--local-directory", str(self.tmp / f"w{i}"),
+                            "--preload", str(PRELOAD)], f"worker{i}")
+
+    def wait_for(self, n, timeout=60):
+        from distributed import Client
+
+        with Client(self.address, timeout="30s") as c:
+            c.wait_for_workers(n, timeout=timeout)
+
+    def kill_group_of(self, pid: int) -> None:
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+    def close(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def marks(marker: Path) -> list[tuple[int, str, str]]:
+    if not marker.exists():
+        return []
+    return [(int(a), b, c) for a, b, c in (ln.split(" ", 2) for ln in
+                                          marker.read_text().splitlines() if ln.count(" ") >= 2)]
+
+
+@pytest.mark.parametrize("stage", ["compute", "publish"])
+def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, stage, capsys):
+    """A worker SIGKILLed mid-file (``compute``) or after publishing, before its result got back
+    (``publish``): the file is rerun on the other worker; every scan once, pixels as local."""
+    marker = tmp_path / "marker"
+    cl = Cluster(tmp_path, {"CLUSTER_MARKER": str(marker), "CLUSTER_SLEEP_S": "0.7"})
+    killed: list[int] = []
+
+    def killer():
+        t0 = time.time()
+        while time.time() - t0 < 60:
+            hit = [pid for pid, s, _ in marks(marker) if s == stage]
+            if hit:
+                killed.append(hit[0])
+                cl.kill_group_of(hit[0])
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=killer, daemon=True)
+    out = tmp_path / "out"
+    try:
+        th.start()
+        code = main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled",
+                     "--cluster", cl.address])
+        th.join(5)
+    finally:
+        cl.close()
+    text = capsys.readouterr().out
+    assert killed, "no worker was killed"
+    assert code == 0, text
+    assert f"{NFILES} of {NFILES} inputs reconstructed, 0 failed" in text
+    files = inputs(raws)
+    check_once(out, files)
+    victim_files = {w for pid, s, w in marks(marker) if pid == killed[0] and s == "compute"}
+    rerun = {w for pid, s, w in marks(marker) if pid != killed[0] and s == "compute"}
+    assert victim_files & rerun, "the killed worker's file was not rerun on the other worker"
+    got = pixels(out, files)
+    for name, ref in local_pixels.items():
+        assert len(got[name]) == len(ref)
+        for a, b in zip(got[name], ref):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_local_cluster(raws, local_pixels, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["recon", str(raws), "--out", str(out), "--method", "zero-filled", "--cluster",
+            "local:2"]
+    assert main(["-q", *args]) == 0
+    assert f"{NFILES} of {NFILES} inputs reconstructed, 0 failed" in capsys.readouterr().out
+    files = inputs(raws)
+    check_once(out, files)
+    got = pixels(out, files)
+    for name, ref in local_pixels.items():
+        for a, b in zip(got[name], ref):
+            np.testing.assert_array_equal(a, b)
+    assert main(["-q", *args, "--resume"]) == 0  # resume state as locally
+    assert capsys.readouterr().out.count("skipped (done)") == NFILES
+
+
+def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, monkeypatch):
+    from recon_plugin import cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1.0)
+    out = tmp_path / "o"
+    for addr in ("foo", "local:0", "tcp://host-without-port"):
+        with pytest.raises(SystemExit) as e:  # argparse: one line on stderr
+            main(["-q", "recon", str(raws), "--out", str(out), "--cluster", addr])
+        assert e.value.code == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--cluster" in err, err
+    caplog.clear()
+    port = free_port()  # nothing listens there
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster",
+                 f"tcp://127.0.0.1:{port}"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and len(errors[0].splitlines()) == 1, errors
+    assert f"--cluster tcp://127.0.0.1:{port}: cannot reach a dask scheduler" in errors[0]
+    assert not [p for p in out.glob("*") if not p.name.startswith(".")]
+    caplog.clear()
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster", "local:2",
+                 "--workers", "2"]) == 2
+    assert any("exclude" in r.getMessage() for r in caplog.records)
