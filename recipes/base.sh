@@ -4,7 +4,8 @@
 #   stage 0: the CNN priors start from the previous base model (gradient data consistency,
 #            template-only training; its card says how it was made), taken from git history;
 #   stage 1: draw POOL transfer batches (recon_plugin/training/transfer.py) into the pool;
-#   stage 2: train the noise-aware MoDL network on them (cosine schedule over STEPS).
+#   stage 2: train the noise-aware MoDL network on them (cosine schedule over STEPS = 1500,
+#            stopped at STOP_AT = 1200 steps, where the shipped run stopped for time).
 # The shipped run drew its pool while training (the pool stopped at 224 batches at step ~200
 # to free the CPU); this recipe draws the same 224 batches first, then trains.
 set -euo pipefail
@@ -24,6 +25,6 @@ OMP_NUM_THREADS=${THREADS:-1} recon-plugin train-pool "$RUN/pool" --batches "$PO
     >>"$RUN/pool.log" 2>&1
 OMP_NUM_THREADS=${THREADS:-1} recon-plugin -v train --run-dir "$RUN/train" --pool-dir "$RUN/pool" \
     --dc prox --noise-aware --cg-iters 4 --freeze-bn --init "$INIT.safetensors" \
-    --steps "$STEPS" --lr "${LR:-5e-4}" ${STOP_AT:+--stop-at "$STOP_AT"} \
+    --steps "$STEPS" --lr "${LR:-5e-4}" --stop-at "${STOP_AT:-1200}" \
     --export "$RUN/unrolled-base" >>"$RUN/train.log" 2>&1
 cp "$RUN/unrolled-base.safetensors" "$RUN/unrolled-base.json" recon_plugin/weights/
