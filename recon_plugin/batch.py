@@ -50,7 +50,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .output.atomic import write_text_atomic
+from .output.atomic import fsync_dir, write_text_atomic
 from .recon.pipeline import Reconstructor, write_outputs
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,8 @@ def _load_state(out_dir: Path) -> dict:
 def _save_state(out_dir: Path, state: dict) -> None:
     with _critical():
         write_text_atomic(out_dir / STATE_FILE, json.dumps(state, indent=1), fsync=True)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
 
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def clean_stale(out_dir: Path) -> list[Path]:
@@ -252,7 +244,7 @@ def publish(staged: Path, final: Path) -> None:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _exchange(staged, final):
                     raise
                 shutil.rmtree(staged, ignore_errors=True)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
 
 # ----------------------------------------------------------------------------- one file

@@ -55,3 +55,17 @@ def write_atomic(final: Path | str, write: Callable[[BinaryIO], None], fsync: bo
 
 def write_text_atomic(final: Path | str, text: str, fsync: bool = False) -> None:
     write_atomic(final, lambda fh: fh.write(text.encode("utf-8")), fsync)
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Flush a directory entry (after a rename into it); best effort where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_text_atomic
+from .atomic import fsync_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +203,8 @@ def send_files(
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True), fsync=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _now() -> str:
@@ -253,7 +245,7 @@ def enqueue(
         _write_json_atomic(tmp / MANIFEST, manifest)
         final = qdir / item_id
         os.replace(tmp, final)
-        _fsync_dir(qdir)
+        fsync_dir(qdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
