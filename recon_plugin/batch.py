@@ -55,7 +55,7 @@ from .recon.pipeline import Reconstructor, write_outputs
 
 log = logging.getLogger(__name__)
 
-RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
+RAW_SUFFIXES = (".h5", ".hdf5", ".mrd", ".dat")  # .dat: Siemens twix
 STATE_FILE = ".recon-state.json"
 LOCK_FILE = ".recon.lock"
 STAGING_PREFIX = ".staging-"

@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", help="fastMRI or ISMRMRD .h5 files, or folders of them")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
-    s.add_argument("--format", type=_formats, default=("dicom",), help="dicom,h5 (default dicom)")
+    s.add_argument("--format", type=_formats, default=("dicom",),
+                   help=f"comma-separated, of {', '.join(FORMATS)} (default dicom)")
     s.add_argument("--refine", choices=["none", "scan"], default=None,
                    help="scan: fine-tune a copy of the network on each slice's own lines, kept "
                    "where held-out lines improve (default: the protocol's refine.mode)")
