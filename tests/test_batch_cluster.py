@@ -185,19 +185,58 @@ def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, st
 
 
 def test_local_cluster(raws, local_pixels, tmp_path, capsys):
+    """local:2, with a broken input among them: the summary and exit 1 as locally; resume."""
     out = tmp_path / "out"
-    args = ["recon", str(raws), "--out", str(out), "--method", "zero-filled", "--cluster",
-            "local:2"]
-    assert main(["-q", *args]) == 0
-    assert f"{NFILES} of {NFILES} inputs reconstructed, 0 failed" in capsys.readouterr().out
+    junk = tmp_path / "junk" / "broken.h5"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not hdf5")
+    args = ["recon", str(raws), str(junk), "--out", str(out), "--method", "zero-filled",
+            "--cluster", "local:2"]
+    assert main(["-q", *args]) == 1
+    text = capsys.readouterr().out
+    assert f"{NFILES} of {NFILES + 1} inputs reconstructed, 1 failed" in text
+    assert f"FAILED          {junk}: RawDataError" in text
     files = inputs(raws)
     check_once(out, files)
     got = pixels(out, files)
     for name, ref in local_pixels.items():
         for a, b in zip(got[name], ref):
             np.testing.assert_array_equal(a, b)
-    assert main(["-q", *args, "--resume"]) == 0  # resume state as locally
+    assert main(["-q", *args, "--resume"]) == 1  # resume state as locally
     assert capsys.readouterr().out.count("skipped (done)") == NFILES
+
+
+def test_local_cluster_workers_die_with_the_batch(raws, tmp_path):
+    """SIGKILL of the batch process: its LocalCluster's worker processes exit too."""
+    marker = tmp_path / "marker"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               CLUSTER_MARKER=str(marker), CLUSTER_SLEEP_S="60",
+               DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps([str(PRELOAD)]))
+    proc = subprocess.Popen([sys.executable, "-m", "recon_plugin.cli", "-q", "recon", str(raws),
+                             "--out", str(tmp_path / "out"), "--method", "zero-filled",
+                             "--cluster", "local:2"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while len({pid for pid, _, _ in marks(marker)}) < 2 and time.time() - t0 < 60:
+            time.sleep(0.1)
+        workers = {pid for pid, _, _ in marks(marker)}
+        assert len(workers) == 2, "the workers did not start a file"
+    finally:
+        proc.kill()
+        proc.wait()
+    t0 = time.time()
+    while any(_alive(p) for p in workers) and time.time() - t0 < 20:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, monkeypatch):
