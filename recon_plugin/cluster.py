@@ -199,7 +199,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
     plugin = ReconPlugin(device, threads, max_bytes, protocol, protocol_dirs, slots)
     client.register_plugin(plugin, name=plugin.name)
     log.info("cluster %s: %d workers, %d files", session.address, len(info), len(todo))
-    out_dir = Path(out_dir).resolve()
+    given, out_dir = Path(out_dir), Path(out_dir).resolve()  # workers may have another cwd
     futs = {}
     for p in todo:
         key = f"recon-{output_name(p)}-{plugin.name[-12:]}"
@@ -224,8 +224,13 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                            else f"{type(e).__name__}: {e}")
                     log.error("%s: %s", path, why)
                     outcome = (FileResult(str(path), False, error=why), [], None)
-                failed += not outcome[0].ok
-                finish(path, *outcome)
+                r, written, proto = outcome
+                r.input = str(path)  # paths as given, as in a local batch's summary and state
+                if r.ok:
+                    written = [given / Path(w).relative_to(out_dir) for w in written]
+                    r.outputs = [str(w) for w in written]
+                failed += not r.ok
+                finish(path, r, written, proto)
             if bar is not None:
                 bar.set_postfix(failed=failed, running=_running(client, pending), refresh=True)
     except BaseException:
