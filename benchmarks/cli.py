@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt")
+WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
+        "cluster")
 
 
 def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
@@ -85,6 +86,10 @@ def run(a: argparse.Namespace) -> int:
 
         out = run_adapt(docs, steps=a.steps, mode=a.mode)
         print(f"fraction of the supervised gap recovered: {out['recovered']:.2f}")
+    elif a.what == "cluster":
+        from .cluster import run_cluster_bench
+
+        run_cluster_bench(docs, quick=a.quick)
     return 0
 
 
