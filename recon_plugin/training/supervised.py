@@ -159,6 +159,8 @@ def train_base(
                          val_every=100, time_budget_s=time_budget_s, stop_at=stop_at)
     if export_to is None:
         return None
+    from .transfer import TRANSFER_COILS
+
     done = max((h["step"] for h in history), default=0)
     info = {"steps": done, "schedule_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "maps": f"ESPIRiT from each slice's own ACS for a fraction {espirit:g} of the "
@@ -169,6 +171,9 @@ def train_base(
                         "natural or procedural images, simulated on a 2x finer grid, ring / "
                         "Gaussian / surface-pair coils of 4-32 elements, SNR 4-400, smooth to "
                         "rapid phase, 15 % partial Fourier; ESPIRiT maps for 80 %",
+                "coils": list(TRANSFER_COILS), "matrices": "128-192 x 128-192",
+                "contrasts": "template T1/T2/PD/FLAIR-like, natural images, random shapes",
+                "masks": "fastMRI equispaced (60 %) / random, cf 0.08 (4x) / 0.04 (8x)",
                 "pool_dir": str(pool_dir), "validation": "transfer_validation_set: validation "
                         "slab and validation-only natural images"} if pool_dir else {}),
             "command": " ".join(shlex.quote(a) for a in sys.argv)}

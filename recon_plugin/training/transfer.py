@@ -47,6 +47,10 @@ NATURAL_IMAGES = {
 }
 
 
+# coil counts drawn per training batch (8 and 12 twice as often)
+TRANSFER_COILS = (4, 6, 8, 8, 12, 12, 16, 24, 32)
+
+
 def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(y, x) coordinates in [-1, 1] along y; x scaled by the aspect ratio."""
     ny, nx = shape
@@ -284,7 +288,7 @@ def make_transfer_batch(rng: np.random.Generator, batch_size: int = 4, espirit: 
     acceleration (randomised per batch)."""
     acc = acceleration or int(rng.choice([4, 8]))
     matrix = (int(rng.choice([128, 144, 160, 176, 192])), int(rng.choice([128, 144, 160, 176, 192])))
-    nc = int(rng.choice([4, 6, 8, 8, 12, 12, 16, 24, 32]))
+    nc = int(rng.choice(TRANSFER_COILS))
     out = [make_transfer_slice(rng, matrix, nc, acc, float(np.exp(rng.uniform(np.log(4), np.log(400)))),
                                rng.uniform() < espirit, split=split) for _ in range(batch_size)]
     k, m, s, t = (np.stack(a) for a in zip(*out))
