@@ -52,8 +52,12 @@ def test_written_files_say_what_made_each_image(tmp_path):
         assert d.DerivationDescription.startswith("Non-DL") and "method=cg-sense" in \
             d.DerivationDescription
         assert "GUARD" in d.ImageComments
+        block = d.private_block(0x0071, "RECON_PLUGIN 1.0")
+        assert block[0x0A].value == "NO" and block[0x07].value == "cg-sense"
     for d in by_method["unrolled"]:
         assert d.DerivationDescription.startswith("Deep-learning")
+        block = d.private_block(0x0071, "RECON_PLUGIN 1.0")
+        assert block[0x0A].value == "YES" and block[0x07].value == "unrolled"
     assert not list(tmp_path.rglob("*.part"))
 
 

@@ -64,6 +64,7 @@ from .atomic import make_readable
 from .dicom_geometry import _effective_geometries, _order, _slice_spacing, dataset_affine, image_plane
 from .dicom_series import (
     DEFAULT_UID_ROOT,
+    DL_METHOD,
     _image_type,
     _scanning_sequence,
     image_provenance_text,
@@ -234,7 +235,9 @@ def _base_dataset(series: ReconSeries, opts: DicomOptions, uids: dict[str, str])
     return ds
 
 
-def _add_private(ds: Dataset, series: ReconSeries, slope: float) -> None:
+def _add_private(ds: Dataset, series: ReconSeries, slope: float, method: str) -> None:
+    """The private provenance block; ``method``: what made this image (a slice the guard sent
+    to CG-SENSE says so, and NO deep learning)."""
     p = series.provenance
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(0x01, "LO", _text(p.model_name, 64))
@@ -243,10 +246,10 @@ def _add_private(ds: Dataset, series: ReconSeries, slope: float) -> None:
     block.add_new(0x04, "LO", _text(p.pruning_method, 64))
     block.add_new(0x05, "DS", _ds(p.pruning_ratio))
     block.add_new(0x06, "LO", _text(p.protocol, 64))
-    block.add_new(0x07, "LO", _text(p.method, 64))
+    block.add_new(0x07, "LO", _text(method or p.method, 64))
     block.add_new(0x08, "LO", _text(p.finetune, 64))
     block.add_new(0x09, "LO", _text(p.software_version, 64))
-    block.add_new(0x0A, "CS", "YES" if p.deep_learning else "NO")
+    block.add_new(0x0A, "CS", "YES" if (method or p.method) == DL_METHOD else "NO")
     block.add_new(0x0B, "DS", _ds(slope))
 
 
@@ -364,7 +367,7 @@ def write_series(
             ds.WindowWidth = _ds(ww)
             ds.RealWorldValueMappingSequence = [_rwvm(1.0 / k)]
             if opts.private_block:
-                _add_private(ds, series, 1.0 / k)
+                _add_private(ds, series, 1.0 / k, im.method)
             ds.PixelData = stored.tobytes()
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = MRImageStorage
