@@ -70,12 +70,12 @@ def _supervised(base_path: Path, files: list[Path], steps: int, lr: float, run_d
     from recon_plugin.io import read_raw
     from recon_plugin.models.checkpoint import load_model
     from recon_plugin.physics import SenseOperator
-    from recon_plugin.recon.coils import EspiritParams
+    from recon_plugin.recon.pipeline import ReconSettings
     from recon_plugin.training.loop import freeze_batchnorm, train_loop
     from recon_plugin.training.losses import image_loss
 
     model, _ = load_model(base_path)
-    slices = prepare_slices(files, EspiritParams())
+    slices = prepare_slices(files, ReconSettings())
     targets = [sl.target for f in files for sl in read_raw(f).slices]
     if len(targets) != len(slices) or any(t is None for t in targets):
         raise RuntimeError("site files must carry targets for the supervised reference")

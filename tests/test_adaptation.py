@@ -95,3 +95,16 @@ def test_two_process_ddp(site, tmp_path):
     assert h0 == h1
     ckpt = tmp_path / "runs"
     assert any(ckpt.rglob("ckpt.pt"))
+
+
+def test_adaptation_prepares_slices_as_the_reconstruction_does(site):
+    """The protocol's coil compression reaches adaptation (it used to train on raw coils)."""
+    from recon_plugin.adaptation.site import prepare_slices
+    from recon_plugin.recon.pipeline import ReconSettings
+
+    d, raws = site
+    full = prepare_slices(raws[:1], ReconSettings())
+    compressed = prepare_slices(raws[:1], ReconSettings(coil_compression=3))
+    assert full and len(full) == len(compressed)
+    assert compressed[0].kspace.shape[0] == 3 < full[0].kspace.shape[0]
+    assert compressed[0].maps.shape == compressed[0].kspace.shape

@@ -37,7 +37,6 @@ import torch
 
 from ..models.checkpoint import file_sha256, resolve_model, save_model
 from ..physics import SenseOperator
-from ..recon.coils import EspiritParams, estimate_maps
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import (
     equivariance_loss,
@@ -55,25 +54,26 @@ log = logging.getLogger(__name__)
 MODES = ("ssdu", "mc-ei", "ssdu+teacher", "mc-ei+teacher")
 
 
-def prepare_slices(paths: list[Path], espirit: EspiritParams) -> list[SiteSlice]:
-    """Read raw files (no targets), prewhiten, estimate maps; slices without ACS are skipped."""
+def prepare_slices(paths: list[Path], settings) -> list[SiteSlice]:
+    """Read raw files (no targets) and prepare every slice exactly as the reconstruction does
+    (:func:`recon_plugin.recon.pipeline.prepare_slice` with the protocol's ``ReconSettings``:
+    prewhitening, coil compression, ESPIRiT); slices without usable ACS are skipped."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
-    from ..recon.preprocess import whiten_and_compress, whitening_matrix
+    from ..recon.pipeline import prepare_slice
+    from ..recon.preprocess import whitening_matrix
 
     out = []
     for p in paths:
         scan = read_raw(p)
         w = whitening_matrix(scan)
         for sl in scan.slices:
-            k, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, w)
-            k = (k * sl.mask[None]).astype(np.complex64)
             try:
-                maps = estimate_maps(k, sl.acs, espirit, calib)
+                k, mask, maps = prepare_slice(sl, settings, w)
             except CoilMapError as e:
                 log.warning("%s slice %d skipped: %s", p, sl.slice_index, e)
                 continue
-            out.append(SiteSlice(torch.from_numpy(k), torch.from_numpy(sl.mask.astype(np.float32)),
+            out.append(SiteSlice(torch.from_numpy(k), torch.from_numpy(mask),
                                  torch.from_numpy(maps), sl.acs, str(p)))
     return out
 
@@ -108,8 +108,8 @@ def adapt(
     raw = sorted(Path(p) for p in raw)
     n_hold = max(1, int(round(len(raw) * heldout_fraction))) if len(raw) > 1 else 0
     train_files, hold_files = raw[n_hold:], raw[:n_hold]
-    train = prepare_slices(train_files, settings.espirit)
-    hold = prepare_slices(hold_files, settings.espirit) if hold_files else train[-max(1, len(train) // 4):]
+    train = prepare_slices(train_files, settings)
+    hold = prepare_slices(hold_files, settings) if hold_files else train[-max(1, len(train) // 4):]
     if not hold_files:
         train = train[: len(train) - len(hold)] or train
     if not train:

@@ -74,6 +74,25 @@ class ReconSettings:
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
+def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One slice as every consumer of raw data sees it (reconstruction, site adaptation):
+    prewhitened, coil-compressed as the protocol says, zero where not sampled. Returns
+    (k-space (coils, ky, kx) complex64, mask (ky, kx) float32, calibration block or None)."""
+    ksp, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, whitener,
+                                     settings.coil_compression)
+    mask = sl.mask.astype(np.float32)
+    return (ksp * mask[None]).astype(np.complex64, copy=False), mask, calib
+
+
+def prepare_slice(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`prepare_kspace` plus the protocol's ESPIRiT maps: (k-space, mask, maps).
+    Raises CoilMapError when the slice has no usable calibration."""
+    ksp, mask, calib = prepare_kspace(sl, settings, whitener)
+    return ksp, mask, estimate_maps(ksp, sl.acs, settings.espirit, calib)
+
+
 class Reconstructor:
     """Holds loaded models (loaded once, shared by all callers) and reconstructs slices.
 
@@ -119,10 +138,7 @@ class Reconstructor:
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = time.perf_counter()
-        ksp, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, whitener,
-                                         settings.coil_compression)
-        mask = sl.mask.astype(np.float32)
-        ksp = ksp * mask[None]
+        ksp, mask, calib = prepare_kspace(sl, settings, whitener)
         t["preprocess"] += time.perf_counter() - t0
         notes: list[str] = []
         method = settings.method
