@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..physics import ifft2c, rss
-
-METHODS = ("zero-filled", "cg-sense", "l1-wavelet")
+from . import CLASSICAL_METHODS as METHODS  # the one definition of the names dispatched here
 
 # Regularisation tuned on the validation split (``recon-plugin bench tune``), relative to the
 # 99th-percentile magnitude of the zero-filled SENSE image.
