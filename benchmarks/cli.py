@@ -26,6 +26,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
     s.add_argument("--real-dir", type=Path, default=None,
                    help="real raw data (bench real; default $RECON_PLUGIN_REAL_DATA or "
                    "../shared/data/real)")
+    s.add_argument("--speed-protocol", default="default",
+                   help="protocol of bench speed's end-to-end and stream runs (default: default)")
     s.add_argument("--refine-budget", type=float, default=20.0,
                    help="bench real: seconds per slice of scan-specific refinement (0: skip)")
     s.add_argument("--docs", default="docs")
@@ -55,7 +57,7 @@ def run(a: argparse.Namespace) -> int:
     elif a.what == "speed":
         from .speed import run_speed
 
-        run_speed(docs, a.quick)
+        run_speed(docs, a.quick, protocol=a.speed_protocol)
     elif a.what == "pruning":
         from recon_plugin.models.checkpoint import WEIGHTS_DIR
 

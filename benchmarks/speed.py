@@ -166,7 +166,7 @@ def run_speed(docs: Path, quick: bool = False, protocol: str = "brain_t2_axial_4
     result = {"espirit": esp, "network": net, "e2e": single, "throughput": thr, "stream": stream,
               "median_s_per_slice": float(np.median(per_slice))}
     lines = [
-        "## Speed (`recon-plugin bench speed`)",
+        f"## Speed (`recon-plugin bench speed --speed-protocol {protocol}`)",
         "",
         f"Measured on this machine ({os.cpu_count()} CPUs, torch threads default), one run.",
         "",
@@ -187,7 +187,7 @@ def run_speed(docs: Path, quick: bool = False, protocol: str = "brain_t2_axial_4
     for r in net:
         sp = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(f"| {r['model']} | {r['seconds']:.3f} | {sp} |")
-    stages = ["read", "preprocess", "sensitivities", "network", "classical", "output"]
+    stages = ["read", "preprocess", "sensitivities", "guard", "network", "classical", "output"]
     lines += [
         "", f"### End to end: {n}-slice 16-coil fastMRI-brain-size file (640x320 oversampled "
         f"readout -> 320x320), 4x, protocol `{protocol}`", "",
