@@ -300,3 +300,11 @@ def test_unknown_keys_are_refused_everywhere(tmp_path):
         path = write(tmp_path, "x", "name: x\n" + body)
         with pytest.raises(P.ProtocolError, match=re.escape(where)):
             P.load_protocol(path)
+
+
+def test_unmatched_scans_get_the_guarded_network():
+    """The catch-all protocol reconstructs with the network, checked per slice by the guard."""
+    from recon_plugin.config.protocol import load_protocol
+
+    s = load_protocol("default").recon_settings()
+    assert s.method == "unrolled" and s.guard and s.guard_fraction > 0 and s.refine == "none"
