@@ -100,3 +100,15 @@ def test_pipeline_falls_back_per_slice(monkeypatch):
     assert t["guard_rejected"] == 1 and t["guard_checked"] == 1
     off = rec.reconstruct_slice(sl, scan.header, ReconSettings(method="unrolled", guard=False))
     assert off.method == "unrolled" and not any(n.startswith("GUARD") for n in off.notes)
+
+
+def test_cg_sense_solves_sigpys_problem(case):
+    """The project's CG-SENSE (torch SENSE operator) against SigPy's SenseRecon, same problem."""
+    from sigpy.mri import app
+
+    ksp, maps, mask, _, _ = case
+    s = classical._scale(ksp, maps)
+    ref = app.SenseRecon(ksp / s, maps, lamda=0.01, weights=mask, max_iter=30,
+                         show_pbar=False).run() * s
+    got = classical.cg_sense(ksp, maps, mask, lamda=0.01, max_iter=30)
+    assert np.linalg.norm(got - ref) < 1e-4 * np.linalg.norm(ref)

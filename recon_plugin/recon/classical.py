@@ -40,8 +40,24 @@ def _sigpy_app(app: str, method: str, kspace, maps, mask, lamda, max_iter) -> np
 
 
 def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30) -> np.ndarray:
-    """Tikhonov-regularised SENSE by conjugate gradients (SigPy ``SenseRecon``)."""
-    return _sigpy_app("SenseRecon", "cg-sense", kspace, maps, mask, lamda, max_iter)
+    """Tikhonov-regularised SENSE by conjugate gradients: ``(A^H A + lamda I) x = A^H y`` on
+    data scaled by the 99th percentile of ``|A^H y|``, ``max_iter`` iterations from zero: the
+    problem SigPy's ``SenseRecon`` solves (tested against it), with the project's SENSE
+    operator (several times faster on CPU: the guard runs it on every slice)."""
+    import torch
+
+    from ..models.unrolled import cg_solve
+    from ..physics import SenseOperator
+
+    lam = DEFAULT_LAMBDA["cg-sense"] if lamda is None else lamda
+    s = _scale(kspace, maps)
+    with torch.inference_mode():
+        k = torch.from_numpy(np.ascontiguousarray(kspace / s, np.complex64))[None]
+        op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None],
+                           torch.from_numpy(np.asarray(mask, np.float32))[None])
+        aty = op.adjoint(k)
+        x = cg_solve(op.normal, aty, torch.zeros_like(aty), torch.tensor(float(lam)), max_iter)
+    return (x[0].numpy() * s).astype(np.complex64)
 
 
 def l1_wavelet(kspace, maps, mask, lamda: float | None = None, max_iter: int = 60) -> np.ndarray:
