@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,13 @@ import h5py
 import numpy as np
 
 from recon_plugin.metrics import nmse, psnr, ssim
-from recon_plugin.physics import cartesian_mask, ifft2c, rss
+from recon_plugin.physics import cartesian_mask, fft2c, ifft2c, rss
 from recon_plugin.recon import classical
 from recon_plugin.recon.coils import EspiritParams, estimate_maps
+from recon_plugin.training.data import CENTER_FRACTION
 
 log = logging.getLogger(__name__)
 
-CENTER_FRACTION = {4: 0.08, 8: 0.04}
 REAL_ENV = "RECON_PLUGIN_REAL_DATA"
 
 
@@ -67,10 +68,7 @@ def load_full(path: Path) -> list[tuple[str, np.ndarray]]:
         if oversampled:  # remove 2x readout oversampling: crop the image along the readout
             img = ifft2c(ks)
             n = img.shape[1] // 2
-            img = img[:, n // 2 : n // 2 + n]
-            from recon_plugin.physics import fft2c
-
-            ks = fft2c(img).astype(np.complex64)
+            ks = fft2c(img[:, n // 2 : n // 2 + n]).astype(np.complex64)
         out.append((f"{path.stem}[{s}] mask along phase", np.ascontiguousarray(ks.transpose(0, 2, 1))))
         if both:
             out.append((f"{path.stem}[{s}] mask along readout", np.ascontiguousarray(ks)))
@@ -127,35 +125,23 @@ def bart_fn(lamda: float):
     return lambda c: bart_ref.pics(c.kspace, c.maps, lamda)
 
 
-def guarded_fn(model, fraction: float = 0.1, refine_budget_s: float | None = None):
-    """The network with the per-slice guard, CG-SENSE where the guard rejects it, as the
-    pipeline runs it; with ``refine_budget_s`` the network is first refined on the slice's own
-    lines (``recon/refine.py``)."""
-    from recon_plugin.recon import guard
-    from recon_plugin.recon.refine import refine_slice
+def guarded_fn(name: str, refine_budget_s: float | None = None):
+    """Shipped model ``name`` exactly as a protocol runs it (``Reconstructor.network_slice``):
+    the per-slice guard, CG-SENSE where it rejects the network, and with ``refine_budget_s``
+    the scan-specific refinement first. ``run.log`` collects each slice's timings/counts."""
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+
+    rec = Reconstructor()
+    settings = ReconSettings(model=name, guard=True, refine="scan" if refine_budget_s else "none",
+                             refine_budget_s=refine_budget_s or 20.0)
 
     def run(c: RealCase) -> np.ndarray:
-        net = model
-        if refine_budget_s is not None:
-            refined, res = refine_slice(model, c.kspace, c.maps, c.mask, c.acs, refine_budget_s,
-                                        heldout_fraction=fraction)
-            run.refinements.append(res)
-            net = refined if refined is not None else model
-        fn = network_fn(net)
+        t: dict = defaultdict(float)
+        img, _ = rec.network_slice(name, c.kspace, c.maps, c.mask, c.acs, settings, timings=t)
+        run.log.append(dict(t))
+        return img
 
-        def netk(k, s, m):
-            return fn(RealCase("", k, m, (0, 0), None, s))
-
-        def cg(k, s, m):
-            return classical.reconstruct("cg-sense", k, s, m)
-
-        res = guard.check(c.kspace, c.maps, c.mask, c.acs, netk, cg, fraction)
-        run.decisions.append(res)
-        if res is None or res.network_ok:
-            return fn(c)
-        return cg(c.kspace, c.maps, c.mask)
-
-    run.decisions, run.refinements = [], []
+    run.log = []
     return run
 
 
@@ -220,11 +206,11 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
             for name, (net, card) in nets.items():
                 methods.append((name, f"network alone, sha256 {card['sha256'][:12]}",
                                 network_fn(net)))
-            g = guarded_fn(nets[default_model][0])
+            g = guarded_fn(default_model)
             methods.append((f"{default_model} + guard", "default protocol: network, CG-SENSE "
                             "where the held-out-line guard rejects it", g))
             if refine_budget_s:
-                gr = guarded_fn(nets[default_model][0], refine_budget_s=refine_budget_s)
+                gr = guarded_fn(default_model, refine_budget_s=refine_budget_s)
                 methods.append((f"{default_model} + refine + guard", "scan-specific refinement "
                                 f"(budget {refine_budget_s:g} s / slice), then the guard", gr))
             for method, setting, fn in methods:
@@ -234,15 +220,14 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                              **r, "seconds": dt})
                 if "8ch" in stem and "phase" in c.name:
                     examples.setdefault(c.name, {})[f"{method}\n{setting[:24]}"] = (img, r)
-            for d in g.decisions:
-                guard_log.append({"case": c.name, "network_ok": None if d is None else d.network_ok,
-                                  "ratio": None if d is None else d.ratio,
-                                  "seconds": None if d is None else d.seconds})
-            if refine_budget_s:
-                for d in gr.refinements:
-                    refine_log.append({"case": c.name, "kept": None if d is None else d.kept,
-                                       "steps": None if d is None else d.steps,
-                                       "seconds": None if d is None else d.seconds})
+            for t in g.log:
+                if t.get("guard_checked"):
+                    guard_log.append({"case": c.name, "network_ok": not t.get("guard_rejected"),
+                                      "seconds": t["guard"]})
+            for t in (gr.log if refine_budget_s else []):
+                if "refine" in t:
+                    refine_log.append({"case": c.name, "kept": bool(t.get("refine_kept")),
+                                       "seconds": t["refine"]})
             if c.name in examples:
                 examples[c.name]["target (fully sampled RSS)"] = (c.target, None)
     result = {"rows": rows, "guard": guard_log, "refine": refine_log,
@@ -314,16 +299,16 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
         lines.append(f"| {case} | {g['psnr']:.2f} / {g['ssim']:.4f} | {c['psnr']:.2f} / "
                      f"{c['ssim']:.4f} ({c['method']}) | {g['psnr'] - c['psnr']:+.2f} dB / "
                      f"{g['ssim'] - c['ssim']:+.4f} |")
-    gl = [d for d in result["guard"] if d["network_ok"] is not None]
+    gl = result["guard"]
     if gl:
         lines += ["", f"Guard: network kept on {sum(d['network_ok'] for d in gl)} of {len(gl)} "
                   f"slices; its cost {np.median([d['seconds'] for d in gl]):.2f} s per slice "
                   "(median: one network and one CG-SENSE run without the held-out lines)."]
-    rl = [d for d in result.get("refine", []) if d["kept"] is not None]
+    rl = result.get("refine", [])
     if rl:
         lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in rl)} of "
-                  f"{len(rl)} slices, {np.median([d['steps'] for d in rl]):.0f} steps and "
-                  f"{np.median([d['seconds'] for d in rl]):.1f} s per slice (median)."]
+                  f"{len(rl)} slices, {np.median([d['seconds'] for d in rl]):.1f} s per slice "
+                  "(median)."]
     lines += ["", "Examples: `docs/real_examples.png`.", ""]
     replace_section(path, SECTION, "\n".join(lines), first=True)
 

@@ -29,7 +29,6 @@ from ..physics import SenseOperator, center_crop, fft2c, ifft2c
 from ..scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
 from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
 from .coils import CoilMapError, EspiritParams, estimate_maps
-from .guard import GuardResult
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
 
@@ -161,22 +160,8 @@ class Reconstructor:
                 name = self._choose_variant(ksp, mask, sl, settings)
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
-            net = self._refine(name, ksp, maps, mask, sl, settings, notes, t) \
-                if settings.refine == "scan" else None
-            res = self._guard(name, ksp, maps, mask, sl, settings, t, net) \
-                if settings.guard else None
-            t0 = time.perf_counter()
-            if res is not None and not res.network_ok:
-                log.warning("slice %d: %s", sl.slice_index, res.describe())
-                notes.append(f"GUARD: {res.describe()}")
-                method = "cg-sense"
-                img = classical.cg_sense(ksp, maps, mask)
-                t["classical"] += time.perf_counter() - t0
-            else:
-                if res is not None:
-                    log.info("slice %d: %s", sl.slice_index, res.describe())
-                img = self._network(name, ksp, maps, mask, net)
-                t["network"] += time.perf_counter() - t0
+            img, method = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
+                                             sl.slice_index, notes, t)
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
@@ -200,36 +185,59 @@ class Reconstructor:
                                torch.from_numpy(mask)[None].to(dev))
             return model(k, op)[0].cpu().numpy()
 
-    def _refine(self, name, ksp, maps, mask, sl: SliceData, settings: ReconSettings,
+    def network_slice(self, name: str, ksp: np.ndarray, maps: np.ndarray, mask: np.ndarray,
+                      acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
+                      notes: list[str] | None = None, timings: dict | None = None,
+                      ) -> tuple[np.ndarray, str]:
+        """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
+        sampled, maps, mask (ky, kx)) with the protocol's scan-specific refinement and guard:
+        (complex image (ky, kx), the method that made it, ``unrolled`` or ``cg-sense``).
+        ``notes`` receives what refinement and guard decided; ``timings`` their seconds and
+        counts (guard_checked, guard_rejected, refine_kept)."""
+        notes = notes if notes is not None else []
+        t = timings if timings is not None else defaultdict(float)
+        net = None
+        if settings.refine == "scan":
+            net = self._refine(name, ksp, maps, mask, acs, settings, seed, notes, t)
+        res = None
+        if settings.guard:
+            t0 = time.perf_counter()
+            res = guard.check(ksp, maps, mask, acs,
+                              lambda k, s, m: self._network(name, k, s, m, net),
+                              lambda k, s, m: classical.cg_sense(k, s, m),
+                              settings.guard_fraction, settings.guard_margin, seed=seed)
+            t["guard"] += time.perf_counter() - t0
+            if res is not None:
+                t["guard_checked"] += 1
+                t["guard_rejected"] += 0 if res.network_ok else 1
+        t0 = time.perf_counter()
+        if res is not None and not res.network_ok:
+            log.warning("slice %d: %s", seed, res.describe())
+            notes.append(f"GUARD: {res.describe()}")
+            img = classical.cg_sense(ksp, maps, mask)
+            t["classical"] += time.perf_counter() - t0
+            return img, "cg-sense"
+        if res is not None:
+            log.info("slice %d: %s", seed, res.describe())
+        img = self._network(name, ksp, maps, mask, net)
+        t["network"] += time.perf_counter() - t0
+        return img, "unrolled"
+
+    def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                 notes: list[str], t: dict):
         """A copy of the network refined on this slice (``recon/refine.py``) or None."""
         from .refine import refine_slice
 
-        net, res = refine_slice(self.model(name)[0], ksp, maps, mask, sl.acs,
+        net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
                                 settings.refine_budget_s, settings.refine_max_steps,
-                                heldout_fraction=settings.guard_fraction, seed=sl.slice_index,
+                                heldout_fraction=settings.guard_fraction, seed=seed,
                                 device=self.device)
         if res is not None:
-            log.info("slice %d: %s", sl.slice_index, res.describe())
+            log.info("slice %d: %s", seed, res.describe())
             notes.append(res.describe())
             t["refine"] += res.seconds
             t["refine_kept"] += 1 if res.kept else 0
         return net
-
-    def _guard(self, name, ksp, maps, mask, sl: SliceData, settings: ReconSettings,
-               t: dict, net=None) -> GuardResult | None:
-        """The per-slice held-out-line check (``recon/guard.py``) of the network (or its
-        refined copy ``net``); counts go to ``t``."""
-        t0 = time.perf_counter()
-        res = guard.check(ksp, maps, mask, sl.acs,
-                          lambda k, s, m: self._network(name, k, s, m, net),
-                          lambda k, s, m: classical.cg_sense(k, s, m),
-                          settings.guard_fraction, settings.guard_margin, seed=sl.slice_index)
-        t["guard"] += time.perf_counter() - t0
-        if res is not None:
-            t["guard_checked"] += 1
-            t["guard_rejected"] += 0 if res.network_ok else 1
-        return res
 
     def _choose_variant(self, ksp, mask, sl: SliceData, settings: ReconSettings) -> str:
         from .policy import choose_variant, slice_features
