@@ -58,7 +58,8 @@ def normalised_noise_variance(kspace: torch.Tensor, mask: torch.Tensor,
     try:
         var = noise_variance(kspace.detach(), mask).mean(1).view(-1, 1, 1)
     except ValueError:
-        var = torch.full((kspace.shape[0], 1, 1), 1e-3, device=kspace.device) * scale.square()
+        return torch.full((kspace.shape[0], 1, 1), 1e-3, device=kspace.device,
+                          dtype=kspace.real.dtype)
     return (var / scale.square()).to(kspace.real.dtype)
 
 

@@ -33,7 +33,7 @@ from scipy import ndimage
 from ..physics import cartesian_mask, center_crop, fft2c, ifft2c, rss
 from ..sim.anatomy import CONTRASTS, load_anatomy, split_slabs
 from ..sim.simulate import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
-from .data import CENTER_FRACTION, Batch, _rotate, training_anatomy
+from .data import CENTER_FRACTION, Batch, _rotate, support_mask, training_anatomy
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,6 @@ def make_transfer_slice(rng: np.random.Generator, matrix: tuple[int, int], num_c
     """One training slice: (undersampled k-space (C, ky, kx), mask (ky, kx), maps (C, ky, kx),
     target (ky, kx) RSS of the full data)."""
     from ..recon.coils import CoilMapError, EspiritParams, estimate_maps
-    from .data import support_mask
 
     ny, nx = matrix
     fine = (2 * ny, 2 * nx)
