@@ -58,13 +58,15 @@ def test_check_rejects_a_bad_network_and_keeps_a_good_one(case):
     def better(k, s, m):  # an oracle that saw the held-out lines too
         return classical.cg_sense(ksp, s, mask)
 
-    bad = guard.check(ksp, maps, mask, acs, aliased, cg)
+    lines = guard.heldout_lines(mask, acs, 0.1)
+    bad = guard.check(ksp, maps, mask, lines, aliased, cg)
     assert bad is not None and not bad.network_ok and bad.ratio > 1
     assert "REJECTED" in bad.describe()
-    same = guard.check(ksp, maps, mask, acs, cg, cg)
+    same = guard.check(ksp, maps, mask, lines, cg, cg)
     assert same is not None and same.network_ok and same.ratio == pytest.approx(1.0)
-    good = guard.check(ksp, maps, mask, acs, better, cg)
+    good = guard.check(ksp, maps, mask, lines, better, cg)
     assert good is not None and good.network_ok and good.seconds > 0
+    assert guard.check(ksp, maps, mask, lines[:0], aliased, cg) is None  # nothing held out
 
 
 def test_pipeline_falls_back_per_slice(monkeypatch):
@@ -112,3 +114,33 @@ def test_cg_sense_solves_sigpys_problem(case):
                          show_pbar=False).run() * s
     got = classical.cg_sense(ksp, maps, mask, lamda=0.01, max_iter=30)
     assert np.linalg.norm(got - ref) < 1e-4 * np.linalg.norm(ref)
+
+
+def test_refinement_never_sees_the_guards_lines(monkeypatch):
+    """With ``--refine scan`` and the guard on, the refinement gets the slice without the
+    guard's held-out lines (to train and to stop early), so the guard judges the refined
+    network on lines it did not fit."""
+    from collections import defaultdict
+
+    from recon_plugin.recon import refine
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+
+    rng = np.random.default_rng(5)
+    ksp, mask, maps, _ = make_transfer_slice(rng, (96, 96), 8, 4, 60.0, False, 0.0)
+    acs = (44, 52)
+    seen = {}
+
+    def spy(model, k, s, m, a, *args, **kw):
+        seen["mask"], seen["kspace"] = m.copy(), k.copy()
+        return None, None
+
+    monkeypatch.setattr(refine, "refine_slice", spy)
+    settings = ReconSettings(method="unrolled", refine="scan")
+    rec = Reconstructor()
+    rec.network_slice("unrolled-base", ksp, maps, mask, acs, settings, seed=3,
+                      timings=defaultdict(float))
+    lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=3)
+    assert lines.size > 0 and mask[lines].all()
+    assert not seen["mask"][lines].any() and not seen["kspace"][:, lines].any()
+    others = np.setdiff1d(np.flatnonzero(mask.any(axis=1)), lines)
+    assert seen["mask"][others].all()  # everything else is still there

@@ -69,18 +69,24 @@ def heldout_error(image: np.ndarray, maps: np.ndarray, kspace: np.ndarray,
     return float(np.sum(np.abs(coil_k[:, lines, :] - kspace[:, lines, :]) ** 2))
 
 
-def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, acs: tuple[int, int] | None,
-          network: Recon, classical: Recon, fraction: float = 0.1, margin: float = 0.0,
-          seed: int = 0) -> GuardResult | None:
-    """Run the guard on one slice; None when too few lines can be held out (the network is
-    then used unchecked). ``margin``: the network is kept while its error is at most
-    ``(1 + margin)`` times the classical one."""
+def without_lines(mask: np.ndarray, lines: np.ndarray | None) -> np.ndarray:
+    """``mask`` (ky, kx) with the ky rows ``lines`` set to not acquired (a copy)."""
+    keep = mask.copy()
+    if lines is not None:
+        keep[lines, :] = 0
+    return keep
+
+
+def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, lines: np.ndarray,
+          network: Recon, classical: Recon, margin: float = 0.0) -> GuardResult | None:
+    """Run the guard on one slice with the held-out ky rows ``lines`` (see
+    :func:`heldout_lines`); None when there are none (the network is then used unchecked).
+    ``margin``: the network is kept while its error is at most ``(1 + margin)`` times the
+    classical one."""
     t0 = time.perf_counter()
-    lines = heldout_lines(mask, acs, fraction, seed=seed)
     if lines.size == 0:
         return None
-    keep = mask.copy()
-    keep[lines, :] = 0
+    keep = without_lines(mask, lines)
     ksp = kspace * keep[None]
     e_net = heldout_error(network(ksp, maps, keep), maps, kspace, lines)
     e_cls = heldout_error(classical(ksp, maps, keep), maps, kspace, lines)

@@ -197,15 +197,20 @@ class Reconstructor:
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
         net = None
+        lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=seed) \
+            if settings.guard else None
         if settings.refine == "scan":
-            net = self._refine(name, ksp, maps, mask, acs, settings, seed, notes, t)
+            # the refinement never sees the guard's lines (neither to train nor to stop early),
+            # so the guard judges the refined network on data it did not fit
+            keep = guard.without_lines(mask, lines)
+            net = self._refine(name, ksp * keep[None], maps, keep, acs, settings, seed, notes, t)
         res = None
         if settings.guard:
             t0 = time.perf_counter()
-            res = guard.check(ksp, maps, mask, acs,
+            res = guard.check(ksp, maps, mask, lines,
                               lambda k, s, m: self._network(name, k, s, m, net),
                               lambda k, s, m: classical.cg_sense(k, s, m),
-                              settings.guard_fraction, settings.guard_margin, seed=seed)
+                              settings.guard_margin)
             t["guard"] += time.perf_counter() - t0
             if res is not None:
                 t["guard_checked"] += 1

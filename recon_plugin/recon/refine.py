@@ -1,8 +1,9 @@
 """Scan-specific refinement: fine-tune a copy of the network on one slice's own k-space.
 
 Zero-shot self-supervised learning (ZS-SSL, Yaman et al., ICLR 2022), no ground truth: a few
-acquired lines are held out for validation (the same lines the guard holds out,
-:func:`recon_plugin.recon.guard.heldout_lines`); the rest are split at every step into
+acquired lines are held out for validation (drawn as the guard draws its lines,
+:func:`recon_plugin.recon.guard.heldout_lines`; the pipeline removes the guard's own lines
+before refining, so the two sets are disjoint); the rest are split at every step into
 data-consistency and loss lines (SSDU), and the copy learns to predict its loss lines from
 its data-consistency lines. Before that, for a noise-aware network, the strength of its prior
 (the weight of the CNN's image in every data-consistency solve) is chosen per scan from a
