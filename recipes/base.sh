@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/base-transfer}
 STEPS=${STEPS:-1500}
 POOL=${POOL:-224}
-POOL3=${POOL3:-160}
-STEPS3=${STEPS3:-600}
+POOL3=${POOL3:-120}
+STEPS3=${STEPS3:-400}
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$RUN"
 STAGE2="$RUN/stage2/unrolled-base"
