@@ -74,3 +74,23 @@ def test_noise_aware_network_is_data_consistent_at_high_snr_and_scale_equivarian
     # the sampled data are reproduced (noise-free input): the prior weight vanishes with the
     # noise, so the CG solves end close to the data; a gradient-step network does not
     assert res["noise-aware"] < 0.05 < res["gradient"]
+
+
+def test_pool_dir_replays_its_batches_and_sees_the_pool_grow(tmp_path):
+    import shutil
+
+    from recon_plugin.training.transfer import PoolDir, fill_pool
+
+    assert fill_pool(tmp_path, 1, seed=3, batch_size=1) == 1
+    assert fill_pool(tmp_path, 1, seed=3, batch_size=1) == 0  # kept: an interrupted fill resumes
+    pool = PoolDir(tmp_path, wait_s=0)
+    (first,) = sorted(tmp_path.glob("batch-*.pt"))
+    b = pool.sample(np.random.default_rng(0))
+    saved = torch.load(first, weights_only=True)
+    assert b.kspace.shape == saved["kspace"].shape
+    # a random global phase (and maybe a readout mirror): same magnitudes, other values
+    assert torch.allclose(b.kspace.abs().sum(), saved["kspace"].abs().sum(), rtol=1e-4)
+    shutil.copy(first, tmp_path / first.name.replace("0", "9"))
+    assert len(pool) == 1  # listed again only after RESCAN_S
+    pool.RESCAN_S = 0.0
+    assert len(pool) == 2

@@ -333,20 +333,29 @@ class PoolDir:
     """Training batches replayed from a :func:`fill_pool` directory (which may still grow),
     each with a random global phase and a random readout mirror."""
 
+    RESCAN_S = 60.0
+
     def __init__(self, pool_dir: Path | str, min_batches: int = 1, wait_s: float = 600.0):
         self.pool_dir = Path(pool_dir)
+        self._listed: tuple[float, list[Path]] | None = None
         deadline = time.monotonic() + wait_s
         while len(self._files()) < min_batches:
             if time.monotonic() > deadline:
                 raise FileNotFoundError(f"{self.pool_dir}: fewer than {min_batches} batches; "
                                         "fill it first (recipes/base.sh)")
+            self._listed = None
             time.sleep(5)
 
     def __len__(self) -> int:
         return len(self._files())
 
     def _files(self) -> list[Path]:
-        return sorted(self.pool_dir.glob("batch-*.pt"))
+        """The pool's batch files, listed again at most every ``RESCAN_S`` seconds (the pool
+        may still be growing; listing it on every step is wasted work)."""
+        now = time.monotonic()
+        if self._listed is None or now - self._listed[0] > self.RESCAN_S:
+            self._listed = (now, sorted(self.pool_dir.glob("batch-*.pt")))
+        return self._listed[1]
 
     def sample(self, rng: np.random.Generator) -> Batch:
         from .data import flip_readout
