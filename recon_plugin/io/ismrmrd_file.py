@@ -21,7 +21,8 @@ import numpy as np
 from ..physics import center_crop
 from ..scan import RawDataError, RawScan, SliceData
 from .budget import default_max_bytes
-from .mrd_assembler import MrdAssembler, add_interleaved_calibration
+from .mrd_assembler import MrdAssembler
+from .mrd_calibration import add_interleaved_calibration
 
 log = logging.getLogger(__name__)
 

@@ -4,18 +4,10 @@
 :class:`SliceData` as soon as it is complete (``ACQ_LAST_IN_SLICE``, after the last average and,
 for the last contrast, its sibling echoes), plus :meth:`MrdAssembler.finish` to flush the rest.
 
-Placement rules (Cartesian 2D):
+Lines are placed by :mod:`recon_plugin.io.mrd_lines` (k-space row, readout, oversampling);
+calibration without ACS rows of its own comes from :mod:`recon_plugin.io.mrd_calibration`.
+Routing rules:
 
-* k-space row = ``idx.kspace_encode_step_1 - limits.center + ny // 2`` (partial Fourier and
-  asymmetric encoding limits land centred; rows never acquired have mask 0);
-* readout: ``discard_pre`` / ``discard_post`` samples are dropped, ``center_sample`` (counted
-  before discarding, 0 = symmetric) is put at the centre of the full readout, so asymmetric echoes
-  are zero-filled and masked; ``ACQ_IS_REVERSE`` lines are flipped (sample order reversed, then
-  ``center_sample`` applies to the flipped line);
-* readout oversampling is removed whichever convention is used: the header's encoded FOV is a
-  multiple of the recon FOV (encoded x halved), or the header describes the base grid while the
-  acquisitions carry more samples (then the full readout is the smallest multiple of the encoded
-  x that holds the echo);
 * averages (``idx.average``) are averaged per line; slice, contrast, phase, repetition and set
   give separate slices;
 * noise (``ACQ_IS_NOISE_MEASUREMENT``) is collected as ``(coils, samples)``;
@@ -35,15 +27,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import ismrmrd
 import numpy as np
 
-from ..physics import crop_readout
 from ..scan import Geometry, RawDataError, RawScan, SliceData
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
+from .mrd_calibration import separate_calibration
+from .mrd_lines import LineBuffer, centre_run, channel_ids, kspace_row, place_readout
 
 log = logging.getLogger(__name__)
 
@@ -59,57 +51,6 @@ SKIP_FLAGS = {
 }
 
 Key = tuple[int, int, int, int, int]  # (slice, contrast, phase, repetition, set)
-
-
-def _channels(acq: ismrmrd.Acquisition) -> list[int] | None:
-    """Active channel ids from ``channel_mask`` (None when the mask is unset/inconsistent)."""
-    ids = [
-        w * 64 + b
-        for w, word in enumerate(acq.channel_mask)
-        for b in range(64)
-        if int(word) >> b & 1
-    ]
-    return ids if len(ids) == acq.active_channels else None
-
-
-@dataclass
-class _Buffer:
-    """Accumulates lines of one slice on a (coils, ny, nx) grid."""
-
-    kspace: np.ndarray  # (coils, ny, nx) complex64 running sum
-    mask: np.ndarray  # (ny, nx) float32
-    count: np.ndarray  # (ny,) number of lines summed per row
-    geometry: Geometry | None = None
-    timestamp: int | None = None
-    channels: list[int] | None = None
-    calib_rows: set[int] = field(default_factory=set)
-    averages: set[int] = field(default_factory=set)
-
-    @classmethod
-    def new(cls, coils: int, ny: int, nx: int) -> _Buffer:
-        return cls(
-            np.zeros((coils, ny, nx), np.complex64),
-            np.zeros((ny, nx), np.float32),
-            np.zeros(ny, np.int32),
-        )
-
-    def average(self) -> tuple[np.ndarray, np.ndarray]:
-        """(kspace averaged per row and zeroed where unsampled, mask)."""
-        k = self.kspace / np.maximum(self.count, 1)[None, :, None]
-        return (k * self.mask[None]).astype(np.complex64), self.mask.copy()
-
-
-def _centre_run(rows: np.ndarray, centre: int) -> tuple[int, int] | None:
-    """[start, stop) of the run of True in ``rows`` containing ``centre``."""
-    if centre >= rows.size or not rows[centre]:
-        return None
-    lo = centre
-    while lo > 0 and rows[lo - 1]:
-        lo -= 1
-    hi = centre + 1
-    while hi < rows.size and rows[hi]:
-        hi += 1
-    return lo, hi
 
 
 class MrdAssembler:
@@ -156,8 +97,8 @@ class MrdAssembler:
         self.noise: list[np.ndarray] = []
         self.noise_dwell_us: float | None = None
         self.acq_dwell_us: float | None = None
-        self._buffers: dict[Key, _Buffer] = {}
-        self._calib: dict[int, tuple[_Buffer, EncodingInfo]] = {}
+        self._buffers: dict[Key, LineBuffer] = {}
+        self._calib: dict[int, tuple[LineBuffer, EncodingInfo]] = {}
         self._skipped: dict[str, int] = {}
         self._warned: set[str] = set()
         self._readout_note = False
@@ -181,42 +122,16 @@ class MrdAssembler:
     def _line(
         self, acq: ismrmrd.Acquisition, enc: EncodingInfo
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One readout -> (line (coils, nx) complex64, readout mask (nx,) bool)."""
-        data = np.asarray(acq.data)
-        ns = data.shape[1]
-        pre, post = int(acq.discard_pre), int(acq.discard_post)
-        if pre + post >= ns:
-            raise RawDataError(
-                f"{self.source}: acquisition {acq.scan_counter} discards {pre}+{post} of "
-                f"{ns} samples"
-            )
-        data = data[:, pre : ns - post]
-        n = data.shape[1]
-        centre = int(acq.center_sample) - pre if acq.center_sample > 0 else n // 2
-        centre = min(max(centre, 0), n)
-        if acq.is_flag_set(ismrmrd.ACQ_IS_REVERSE):
-            data = data[:, ::-1]
-        nx = enc.nx
-        n_hdr = enc.enc_matrix[0]
-        k = 1
-        while k * n_hdr // 2 < max(centre, n - centre):
-            k += 1
+        """One readout placed on the grid of ``enc`` (:func:`place_readout`); the first implied
+        readout oversampling is logged."""
+        line, ro_mask, k = place_readout(acq, enc, self.source)
         if k > 1 and not self._readout_note:
             self._readout_note = True
             log.info(
                 "%s: acquisitions carry %d samples for an encoded x of %d: treating as %dx "
-                "readout oversampling", self.source, n, n_hdr, k,
+                "readout oversampling", self.source,
+                acq.number_of_samples - acq.discard_pre - acq.discard_post, enc.enc_matrix[0], k,
             )
-        nfull = k * n_hdr
-        full = np.zeros((data.shape[0], nfull), np.complex64)
-        off = nfull // 2 - centre
-        full[:, off : off + n] = data
-        line = crop_readout(full, nx, axis=-1)
-        f = nfull // nx
-        j = np.arange(nx)
-        src = nfull // 2 + (j - nx // 2) * f
-        ro_mask = (src >= off) & (src < off + n)
-        line[:, ~ro_mask] = 0
         return line, ro_mask
 
     def _geometry(self, acq: ismrmrd.Acquisition, slice_idx: int) -> Geometry:
@@ -328,7 +243,7 @@ class MrdAssembler:
         if self.coils is None:
             self.coils = int(acq.active_channels)
             self.acq_dwell_us = float(acq.sample_time_us) or None
-            self._img_channels = _channels(acq)
+            self._img_channels = channel_ids(acq)
         elif acq.active_channels != self.coils:
             raise RawDataError(
                 f"{self.source}: acquisition {acq.scan_counter} has {acq.active_channels} "
@@ -338,7 +253,7 @@ class MrdAssembler:
             self._warn("set index is not represented in SliceData; sets are returned as "
                        "separate slices", once="set")
         enc = self.enc
-        row = int(idx.kspace_encode_step_1) - enc.e1_center + enc.ny // 2
+        row = kspace_row(acq, enc)
         if not 0 <= row < enc.ny:
             self._skipped["out-of-range line"] = self._skipped.get("out-of-range line", 0) + 1
             self._warn(f"line kspace_encode_step_1={idx.kspace_encode_step_1} lies outside the "
@@ -347,13 +262,10 @@ class MrdAssembler:
         buf = self._buffers.get(key)
         if buf is None:
             self._reserve(self.coils, enc)
-            buf = self._buffers[key] = _Buffer.new(self.coils, enc.ny, enc.nx)
+            buf = self._buffers[key] = LineBuffer.new(self.coils, enc.ny, enc.nx)
             buf.geometry = self._geometry(acq, key[0])
             buf.timestamp = int(acq.acquisition_time_stamp)
-        line, ro = self._line(acq, enc)
-        buf.kspace[:, row, :] += line
-        buf.count[row] += 1
-        buf.mask[row, ro] = 1
+        buf.add(row, *self._line(acq, enc))
         buf.averages.add(int(idx.average))
         if calib_row:
             buf.calib_rows.add(row)
@@ -378,61 +290,26 @@ class MrdAssembler:
         entry = self._calib.get(sl)
         if entry is None:
             self._reserve(int(acq.active_channels), enc)
-            buf = _Buffer.new(int(acq.active_channels), enc.ny, enc.nx)
-            buf.channels = _channels(acq)
+            buf = LineBuffer.new(int(acq.active_channels), enc.ny, enc.nx)
+            buf.channels = channel_ids(acq)
             self._calib[sl] = entry = (buf, enc)
         buf, enc = entry
         if acq.active_channels != buf.kspace.shape[0]:
             self._warn("calibration lines with differing coil counts; extra ones ignored",
                        once="calib-coils")
             return
-        row = int(acq.idx.kspace_encode_step_1) - enc.e1_center + enc.ny // 2
-        if not 0 <= row < enc.ny:
-            return
-        line, ro = self._line(acq, enc)
-        buf.kspace[:, row, :] += line
-        buf.count[row] += 1
-        buf.mask[row, ro] = 1
+        row = kspace_row(acq, enc)
+        if 0 <= row < enc.ny:
+            buf.add(row, *self._line(acq, enc))
 
     def _separate_calib(self, sl: int, nx: int) -> np.ndarray | None:
-        """Separate calibration for slice ``sl`` as (coils, ky_c, nx), or None (warned)."""
+        """Separate calibration of slice ``sl`` matched to the imaging grid, or None."""
         entry = self._calib.get(sl)
         if entry is None:
             return None
         buf, enc = entry
-        k, _ = buf.average()
-        run = _centre_run(buf.count > 0, enc.ny // 2)
-        if run is None:
-            self._warn("separate calibration data has no centre lines; ignored", once="cal-c")
-            return None
-        half = min(enc.ny // 2 - run[0], run[1] - enc.ny // 2)
-        k = k[:, enc.ny // 2 - half : enc.ny // 2 + half, :]
-        fov_x = enc.enc_fov[0] / enc.readout_os
-        img_fov_x = self.enc.enc_fov[0] / self.enc.readout_os
-        if abs(fov_x - img_fov_x) > 0.01 * img_fov_x or abs(
-            enc.enc_fov[1] / enc.ny - self.enc.enc_fov[1] / self.enc.ny
-        ) > 0.01 * self.enc.enc_fov[1] / self.enc.ny:
-            self._warn("separate calibration has another field of view / line spacing than the "
-                       "imaging data; ignored", once="cal-fov")
-            return None
-        if k.shape[2] != nx:  # same FOV, other resolution: same k spacing, pad/crop centred
-            pad = nx - k.shape[2]
-            if pad > 0:
-                k = np.pad(k, ((0, 0), (0, 0), (nx // 2 - k.shape[2] // 2,
-                                                 pad - (nx // 2 - k.shape[2] // 2))))
-            else:
-                s = k.shape[2] // 2 - nx // 2
-                k = k[:, :, s : s + nx]
-        if self.coils is not None and k.shape[0] != self.coils:
-            img_ch = self._img_channels
-            if buf.channels and img_ch and set(img_ch) <= set(buf.channels):
-                k = k[[buf.channels.index(c) for c in img_ch]]
-            else:
-                self._warn(f"separate calibration has {k.shape[0]} coils, imaging "
-                           f"{self.coils}, and no channel mask to match them; ignored",
-                           once="cal-coils")
-                return None
-        return k.astype(np.complex64)
+        return separate_calibration(buf, enc, self.enc, nx, self.coils, self._img_channels,
+                                    lambda msg, key: self._warn(msg, once=key))
 
     def _emit(self, key: Key) -> SliceData:
         buf = self._buffers.pop(key)
@@ -440,7 +317,7 @@ class MrdAssembler:
         ny = kspace.shape[1]
         rows = buf.count > 0
         acs = None
-        run = _centre_run(rows, ny // 2)
+        run = centre_run(rows, ny // 2)
         if run is not None:
             if buf.calib_rows:
                 lo = max(run[0], min(buf.calib_rows))
@@ -462,40 +339,3 @@ class MrdAssembler:
             acquisition_time_stamp=buf.timestamp,
         )
 
-
-def add_interleaved_calibration(slices: list[SliceData], min_rows: int = 8) -> int:
-    """Give slices without ACS or calib a calibration block from their repetitions' union.
-
-    With interleaved undersampling across repetitions (e.g. ``calibrationMode=interleaved``,
-    ``ismrmrd_generate_cartesian_shepp_logan -a R`` without ``-w``), the time-average of all
-    repetitions of a slice / contrast / phase is fully sampled near the centre; that centre block
-    (coils, ky_c, kx) becomes ``SliceData.calib``. Returns the number of slices given a calib.
-    """
-    groups: dict[tuple[int, int, int], list[SliceData]] = {}
-    for s in slices:
-        groups.setdefault((s.slice_index, s.contrast, s.phase), []).append(s)
-    given = 0
-    for members in groups.values():
-        need = [s for s in members if s.acs is None and s.calib is None]
-        if not need or len(members) < 2:
-            continue
-        shapes = {m.kspace.shape for m in members}
-        if len(shapes) != 1:
-            continue
-        total = np.zeros_like(members[0].kspace)
-        count = np.zeros(members[0].mask.shape, np.float32)
-        for m in members:
-            total += m.kspace
-            count += m.mask
-        ny = total.shape[1]
-        run = _centre_run(count.max(axis=1) > 0, ny // 2)
-        if run is None:
-            continue
-        half = min(ny // 2 - run[0], run[1] - ny // 2)
-        if 2 * half < min_rows:
-            continue
-        block = (total / np.maximum(count, 1)[None])[:, ny // 2 - half : ny // 2 + half]
-        for s in need:
-            s.calib = block.astype(np.complex64)
-            given += 1
-    return given

@@ -34,7 +34,8 @@ import ismrmrd
 import numpy as np
 
 from ..scan import RawDataError, RawScan
-from .mrd_assembler import MrdAssembler, add_interleaved_calibration
+from .mrd_assembler import MrdAssembler
+from .mrd_calibration import add_interleaved_calibration
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ import ismrmrd
 import numpy as np
 
 from ..config.protocol import Protocol, select_protocol
-from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler, add_interleaved_calibration
+from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
+from ..io.mrd_calibration import add_interleaved_calibration
 from ..physics import fft2c
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
