@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
-        "cluster")
+        "adapt-real", "guard", "cluster")
 
 
 def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
@@ -19,7 +19,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="quality floor: PSNR the lighter variants may lose against the "
                    "heaviest (bench calibrate; default: the policy's quality_floor_db)")
     s.add_argument("--mode", default="ssdu", help="adaptation mode (bench adapt)")
-    s.add_argument("--steps", type=int, default=120, help="adaptation steps (bench adapt)")
+    s.add_argument("--steps", type=int, default=120,
+                   help="adaptation steps (bench adapt, adapt-real)")
     s.add_argument("--variants", action="append", type=Path, default=None,
                    help="folder(s) of variant models (bench pruning; default: shipped weights); "
                    "variant files or folders to rank on validation (bench select)")
@@ -88,6 +89,19 @@ def run(a: argparse.Namespace) -> int:
 
         out = run_adapt(docs, steps=a.steps, mode=a.mode)
         print(f"fraction of the supervised gap recovered: {out['recovered']:.2f}")
+    elif a.what == "adapt-real":
+        from .adapt_real import run as run_adapt_real
+        from .real import find_real_dir
+
+        real = a.real_dir or find_real_dir()
+        if real is None:
+            raise FileNotFoundError("no real data: pass --real-dir or set RECON_PLUGIN_REAL_DATA")
+        run_adapt_real(docs, real, mode=a.mode, steps=a.steps)
+    elif a.what == "guard":
+        from .guard import run as run_guard
+        from .real import find_real_dir
+
+        run_guard(docs, a.real_dir or find_real_dir(), n_slices=2 if a.quick else 4)
     elif a.what == "cluster":
         from .cluster import run_cluster_bench
 

@@ -33,13 +33,16 @@ class EvalSlice:
 
 def make_volumes(split: str, acc: int, n_slices: int, seed: int, coils: int = 12,
                  matrix=(192, 160), snr: float = 30.0,
-                 contrasts: tuple[str, ...] = CONTRASTS) -> list[list[EvalSlice]]:
+                 contrasts: tuple[str, ...] = CONTRASTS, anatomy=None) -> list[list[EvalSlice]]:
     """One volume per contrast of ``split``: undersampled slices with ESPIRiT maps. A contrast's
-    volume depends on its place in :data:`CONTRASTS`, not on which others are asked for."""
+    volume depends on its place in :data:`CONTRASTS`, not on which others are asked for.
+    ``anatomy``: a :class:`~recon_plugin.sim.anatomy.Anatomy` (default: the template if found,
+    else the built-in phantom)."""
     vols = []
     for contrast in contrasts:
         i = CONTRASTS.index(contrast)
-        vol = simulate_volume(split, contrast, n_slices, coils, matrix, snr=snr, seed=seed + i)
+        vol = simulate_volume(split, contrast, n_slices, coils, matrix, snr=snr, seed=seed + i,
+                              anatomy=anatomy)
         rng = np.random.default_rng(seed + 100 + i)
         out = []
         for s in vol.slices:
