@@ -265,9 +265,8 @@ def test_dicom_kwargs_and_recon_settings():
     from recon_plugin.output.dicom import DicomOptions
 
     DicomOptions(**kw)  # the field names line up
-    pytest.importorskip("torch")
     s = p.recon_settings()
-    assert s.model == "unrolled-lean-0.5" and s.espirit.method == "fast"
+    assert s.model == "unrolled-lean-0.5" and s.espirit is p.espirit and s.espirit.fast
     assert s.coil_compression == 6 and s.protocol_name == "stroke_fast"
 
 

@@ -24,8 +24,8 @@ def test_fast_matches_sigpy(small_volume):
     s = small_volume.slices[1]
     ny = s.kspace.shape[1]
     acs = (ny // 2 - 12, ny // 2 + 12)
-    fast = estimate_maps(s.kspace, acs, EspiritParams(method="fast", grid=96))
-    ref = estimate_maps(s.kspace, acs, EspiritParams(method="sigpy"))
+    fast = estimate_maps(s.kspace, acs, EspiritParams(fast=True, grid=96))
+    ref = estimate_maps(s.kspace, acs, EspiritParams(fast=False))
     ci = ifft2c(s.kspace)
     xf, xr = (fast.conj() * ci).sum(0), (ref.conj() * ci).sum(0)
     assert np.linalg.norm(xf - xr) / np.linalg.norm(xr) < 2e-3

@@ -59,10 +59,10 @@ import yaml
 
 from ..output.dicom import DicomOptions
 from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
+from ..recon.coils import EspiritParams
 from ..scan import ScanHeader
 from . import schema
 from .schema import (
-    EspiritSpec,
     GuardSpec,
     MatchRules,
     ModelSpec,
@@ -94,7 +94,7 @@ class Protocol:
     description: str = ""
     match: MatchRules = field(default_factory=MatchRules)
     model: ModelSpec = field(default_factory=ModelSpec)
-    espirit: EspiritSpec = field(default_factory=EspiritSpec)
+    espirit: EspiritParams = field(default_factory=EspiritParams)
     guard: GuardSpec = field(default_factory=GuardSpec)
     refine: RefineSpec = field(default_factory=RefineSpec)
     coil_compression: int | None = None
@@ -125,16 +125,12 @@ class Protocol:
 
     def recon_settings(self):
         """The :class:`recon_plugin.recon.pipeline.ReconSettings` this protocol asks for."""
-        from ..recon.coils import EspiritParams
         from ..recon.pipeline import ReconSettings
 
-        e = self.espirit
         return ReconSettings(
             method=self.model.method,
             model=self.model_ref(),
-            espirit=EspiritParams(calib_width=e.calib_width, kernel_width=e.kernel_width,
-                                  thresh=e.thresh, crop=e.crop, grid=e.grid,
-                                  method="fast" if e.fast else "sigpy"),
+            espirit=self.espirit,
             coil_compression=self.coil_compression,
             lamda=self.model.lamda,
             fallback=self.model.fallback,

@@ -1,9 +1,10 @@
 """The protocol schema: one pydantic model per YAML section, unknown keys forbidden.
 
 Scalars are strict (``fast: 'yes'`` or ``calib_width: '24'`` are errors, not conversions). The
-``dicom`` section is :class:`~recon_plugin.output.dicom.DicomOptions` itself and ``adaptive``
-is :class:`~recon_plugin.recon.policy.AdaptivePolicy` (recon reads policies at inference and sits
-below config); the method, fallback and partial-Fourier choices come from
+``dicom`` section is :class:`~recon_plugin.output.dicom.DicomOptions` itself, ``espirit`` is
+:class:`~recon_plugin.recon.coils.EspiritParams` (what the coil-map estimation takes) and
+``adaptive`` is :class:`~recon_plugin.recon.policy.AdaptivePolicy` (recon reads these settings at
+inference and sits below config); the method, fallback and partial-Fourier choices come from
 :mod:`recon_plugin.recon`. :func:`validate` turns every problem into one ``key: problem`` line.
 """
 
@@ -28,6 +29,7 @@ from pydantic import (
 from ..output.dicom import DicomOptions
 from ..output.pacs import PacsTargetError, parse_target
 from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER
+from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
 from ..scan import ScanHeader
 
@@ -131,22 +133,6 @@ class RefineSpec(_Section):
     max_steps: Annotated[StrictInt, Field(ge=1, le=100000)] = 200
 
 
-class EspiritSpec(_Section):
-    calib_width: Annotated[StrictInt, Field(ge=4, le=256)] = 24
-    kernel_width: Annotated[StrictInt, Field(ge=2, le=16)] = 6
-    thresh: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 0.02
-    crop: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.95
-    fast: StrictBool = True  # True: the fast rectangular-calibration path; False: SigPy
-    grid: Annotated[StrictInt, Field(ge=8, le=512)] = 128  # coarse grid of the fast path
-
-    @model_validator(mode="after")
-    def _kernel_fits(self) -> EspiritSpec:
-        if self.kernel_width >= self.calib_width:
-            raise ValueError(f"kernel_width {self.kernel_width} must be smaller than "
-                             f"calib_width ({self.calib_width})")
-        return self
-
-
 class SeriesSpec(_Section):
     description: Annotated[StrictStr, Field(max_length=48)] = ""
     number_base: Annotated[StrictInt, Field(ge=0, le=2**31 - 1001)] = 1000
@@ -180,7 +166,7 @@ class ProtocolSpec(_Section):
     extends: StrictStr | None = None
     match: MatchRules = Field(default_factory=MatchRules)
     model: ModelSpec  # required, even when every key keeps its default
-    espirit: EspiritSpec = Field(default_factory=EspiritSpec)
+    espirit: EspiritParams = Field(default_factory=EspiritParams)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     refine: RefineSpec = Field(default_factory=RefineSpec)
     coil_compression: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None

@@ -5,7 +5,7 @@ SVD of the calibration (Hankel) matrix above ``thresh * sigma_max``, the per-pix
 ``sum_r h_r h_r^H`` (scaled by N / kernel_width^2), its top eigenvector as the map, the phase
 referenced to coil 0, and maps set to zero where the top eigenvalue is below ``crop``.
 
-The fast path differs in two ways, validated against SigPy in ``tests/test_coils.py``:
+The fast path differs in two ways, validated against SigPy in ``tests/test_recon_coils.py``:
 * the calibration region may be rectangular (all ACS rows x ``calib_width`` columns), so an 8x
   scan with only 8-16 ACS lines still gets well-posed kernels;
 * the eigen-decomposition runs on a coarse grid (the operator is band-limited to the kernel
@@ -18,10 +18,11 @@ Arrays: k-space (coils, ky, kx) complex, centred; maps (coils, ky, kx) complex64
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from ..physics import ifft2c
 
@@ -32,22 +33,25 @@ class CoilMapError(ValueError):
     """Calibration data unusable for sensitivity estimation; the message says why."""
 
 
-@dataclass(frozen=True)
-class EspiritParams:
-    """ESPIRiT settings (the protocol's ``espirit`` block)."""
+class EspiritParams(BaseModel):
+    """ESPIRiT settings: what :func:`estimate_maps` takes, and the protocol's ``espirit`` section
+    as it is (YAML keys are these fields; unknown keys and type conversions are errors)."""
 
-    calib_width: int = 24
-    kernel_width: int = 6
-    thresh: float = 0.02
-    crop: float = 0.95
-    method: str = "fast"  # "fast" | "sigpy"
-    grid: int = 128  # coarse eigen-decomposition grid of the fast path
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self):
-        if self.method not in ("fast", "sigpy"):
-            raise ValueError(f"espirit method must be 'fast' or 'sigpy', got {self.method!r}")
-        if self.kernel_width < 2 or self.calib_width <= self.kernel_width:
-            raise ValueError("espirit needs 2 <= kernel_width < calib_width")
+    calib_width: Annotated[StrictInt, Field(ge=4, le=256)] = 24
+    kernel_width: Annotated[StrictInt, Field(ge=2, le=16)] = 6
+    thresh: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 0.02
+    crop: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.95
+    fast: StrictBool = True  # True: the fast rectangular-calibration path; False: SigPy
+    grid: Annotated[StrictInt, Field(ge=8, le=512)] = 128  # coarse grid of the fast path
+
+    @model_validator(mode="after")
+    def _kernel_fits(self) -> EspiritParams:
+        if self.kernel_width >= self.calib_width:
+            raise ValueError(f"kernel_width {self.kernel_width} must be smaller than "
+                             f"calib_width ({self.calib_width})")
+        return self
 
 
 def calibration_region(
@@ -192,6 +196,6 @@ def estimate_maps(
         kw = min(p.kernel_width, max(3, n - 4))
         if kw < p.kernel_width:  # few ACS lines (e.g. 8x): a smaller kernel stays well-posed
             log.debug("ESPIRiT: %d ACS lines, kernel width %d -> %d", n, p.kernel_width, kw)
-            p = replace(p, kernel_width=kw)
-    fn = espirit_fast if p.method == "fast" else espirit_sigpy
+            p = p.model_copy(update={"kernel_width": kw})
+    fn = espirit_fast if p.fast else espirit_sigpy
     return fn(kspace, acs, p)
