@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .adaptation import MODES as ADAPT_MODES
 from .output import FORMATS
 from .recon import METHODS
 from .runtime import tune_allocator
@@ -400,8 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD)")
     s.add_argument("--protocol", required=True, help="base protocol (name or YAML)")
     s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")
-    s.add_argument("--mode", default="ssdu", choices=["ssdu", "mc-ei", "ssdu+teacher",
-                                                       "mc-ei+teacher"])
+    s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES)
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--name", help="name of the adapted model (default derived)")

@@ -23,7 +23,6 @@ from recon_plugin.pruning.finetune import (
     finetune,
     make_loss_fn,
     make_validator,
-    parse_mode,
 )
 from recon_plugin.pruning.lean import (
     apply_keep,
@@ -255,11 +254,11 @@ def test_validator_uses_only_what_the_mode_trains_with(base, tiny_batch, monkeyp
         make_validator("teacher", None, 2)
 
 
-def test_parse_mode():
-    assert parse_mode("Teacher + self") == ("teacher", "self")
+def test_make_loss_fn_checks_its_mode():
+    """The mode's terms are parsed by training.selfsup (tests/test_training_selfsup.py)."""
     for bad in ("", "student", "self+self"):
         with pytest.raises(ValueError, match="mode"):
-            parse_mode(bad)
+            make_loss_fn(bad)
     with pytest.raises(ValueError, match="teacher"):
         make_loss_fn("teacher")
 

@@ -7,7 +7,11 @@ protocol's model self-supervised:
   in the data-consistency set, re-drawn every step) into an input set and a loss set; the
   network sees the input set and is scored on the loss set in k-space (normalised L1 + L2).
 * ``mc-ei``: measurement consistency ``||A f(y) - y||`` plus equivariance to rotations / flips.
-* ``+teacher`` on either: the base model's output as an anchor against drift.
+* ``+teacher`` on either: the base model's output as an anchor against drift (end image only,
+  weight ``teacher_weight``).
+
+These are terms of :mod:`recon_plugin.training.selfsup` (``mc-ei`` is its ``self``), which
+composes the loss.
 
 Safety: files are split into adaptation and held-out files (by file; held-out lines are also
 held out within them). The adapted model is promoted only if its squared measurement-domain error
@@ -38,20 +42,12 @@ import torch
 from ..models.checkpoint import file_sha256, resolve_model, save_model
 from ..physics import SenseOperator
 from ..training.loop import freeze_batchnorm, train_loop
-from ..training.losses import (
-    equivariance_loss,
-    heldout_errors,
-    kspace_loss,
-    measurement_consistency,
-    significant_improvement,
-    ssdu_split,
-    teacher_loss,
-)
+from ..training.losses import heldout_errors, significant_improvement
+from ..training.selfsup import LossSpec
 from ..training.slices import SiteSlice
+from . import MODES
 
 log = logging.getLogger(__name__)
-
-MODES = ("ssdu", "mc-ei", "ssdu+teacher", "mc-ei+teacher")
 
 
 def prepare_slices(paths: list[Path], settings) -> list[SiteSlice]:
@@ -95,6 +91,7 @@ def adapt(
 
     if mode not in MODES:
         raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
+    spec = LossSpec.from_mode(mode, {"teacher": teacher_weight}, ssdu_rho=rho)
     rank, world = _dist_info()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -103,7 +100,7 @@ def adapt(
     base_path = resolve_model(settings.model)
     model, card = load_model(base_path)
     teacher = None
-    if "teacher" in mode:
+    if "teacher" in spec.weights:
         teacher, _ = load_model(base_path)
     raw = sorted(Path(p) for p in raw)
     n_hold = max(1, int(round(len(raw) * heldout_fraction))) if len(raw) > 1 else 0
@@ -125,21 +122,8 @@ def adapt(
         freeze_batchnorm(model)
         rr = np.random.default_rng(rng.integers(1 << 31) + rank)
         s = train[int(rr.integers(len(train)))]
-        y, mask, maps = s.kspace[None], s.mask[None], s.maps[None]
-        if mode.startswith("ssdu"):
-            dc, lm = ssdu_split(mask, rho, s.acs, rr)
-            pred = m(y * dc[:, None], SenseOperator(maps, dc))
-            loss = kspace_loss(SenseOperator(maps, lm).forward(pred), y * lm[:, None])
-        else:
-            op = SenseOperator(maps, mask)
-            pred = m(y, op)
-            loss = measurement_consistency(pred, y, op) + equivariance_loss(m, pred, op, rr)
-        if teacher is not None:
-            with torch.no_grad():
-                t = teacher(y, SenseOperator(maps, mask))
-            full = pred if not mode.startswith("ssdu") else m(y, SenseOperator(maps, mask))
-            loss = loss + teacher_weight * teacher_loss(full, t)
-        return loss
+        op = SenseOperator(s.maps[None], s.mask[None])
+        return spec.loss(m, s.kspace[None], op, rr, acs=s.acs, teacher=teacher)
 
     run_dir = Path(site_dir) / "runs" / (name or f"{protocol.name}-{mode}")
     history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",

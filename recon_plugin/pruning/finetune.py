@@ -1,21 +1,11 @@
 """Fine-tuning of pruned unrolled networks and export of the resulting variants.
 
-Modes (combine with ``+``, e.g. ``"teacher+self"``; the terms are summed, optionally weighted):
-
-* ``supervised``: ``image_loss(|f(y)|, ground truth)``.
-* ``teacher``:    ``teacher_loss(f(y), teacher(y))`` (the unpruned model's output as target)
-  plus ``cascade_weight`` x the per-cascade distillation loss (every cascade's complex
-  intermediate image of the pruned model against the teacher's, the last one excepted, which
-  the magnitude term covers: pruning keeps the cascade structure, so each cascade gets its
-  own target and recovers far faster than from the end image alone).
-* ``self``:       no ground truth: measurement consistency ``||A f(y) - y||`` (normalised
-  k-space L1 + L2) plus ``ei_weight`` x the equivariance loss under random flips / rotations.
-* ``ssdu``:       no ground truth: the measured lines are split into a data-consistency set
-  (network input) and a loss set; the k-space loss is taken on the held-out lines only.
-* ``rei``:        no ground truth, noise-aware ``self``: the consistency term is the
-  Monte-Carlo SURE estimate of the error against the noise-free measurements
-  (:func:`~recon_plugin.training.losses.sure_consistency`, noise level estimated from the
-  k-space itself) plus the same equivariance loss (robust equivariant imaging).
+Modes are the terms of :mod:`recon_plugin.training.selfsup` combined with ``+`` (e.g.
+``"teacher+self"``; the terms are summed, optionally weighted): ``supervised`` (ground truth),
+``teacher`` (the unpruned model's output, per cascade with ``cascade_weight``: pruning keeps the
+cascade structure, so each cascade gets its own target and recovers far faster than from the
+end image alone), and without ground truth ``self`` (measurement consistency + equivariance),
+``ssdu`` (held-out acquired lines) and ``rei`` (noise-aware ``self``, SURE consistency).
 
 Data come from the simulator (:func:`recon_plugin.training.data.make_batch`, train split) unless
 a ``batch_fn(rng) -> Batch`` is given. Training runs through the shared resumable
@@ -44,35 +34,12 @@ from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, make_batch, validation_set
 from ..training.loop import freeze_batchnorm, train_loop
-from ..training.losses import (
-    cascade_loss,
-    equivariance_loss,
-    heldout_error,
-    image_loss,
-    kspace_loss,
-    measurement_consistency,
-    ssdu_split,
-    sure_consistency,
-    teacher_loss,
-)
+from ..training.losses import heldout_error, image_loss
+from ..training.selfsup import LossSpec, parse_mode
 from ..training.slices import SiteSlice
 from .spade import count_channels, count_flops, count_params
 
 log = logging.getLogger(__name__)
-
-MODES = ("supervised", "teacher", "self", "ssdu", "rei")
-
-
-def parse_mode(mode: str) -> tuple[str, ...]:
-    """``"teacher+self"`` -> ``("teacher", "self")``; raises ValueError on unknown terms."""
-    terms = tuple(t.strip().lower() for t in str(mode).split("+") if t.strip())
-    bad = [t for t in terms if t not in MODES]
-    if not terms or bad:
-        raise ValueError(f"unknown fine-tuning mode {mode!r}: use one or more of {MODES} "
-                         "joined by '+', e.g. 'teacher+self'")
-    if len(set(terms)) != len(terms):
-        raise ValueError(f"fine-tuning mode {mode!r} repeats a term")
-    return terms
 
 
 def batch_acs(batch: Batch) -> tuple[int, int] | None:
@@ -105,12 +72,10 @@ def make_loss_fn(
     ESPIRiT maps (see :func:`~recon_plugin.training.data.make_batch`); ``cascade_weight``:
     weight of the per-cascade teacher term (0: end image only).
     """
-    terms = parse_mode(mode)
-    if "teacher" in terms and teacher is None:
+    spec = LossSpec.from_mode(mode, weights, ssdu_rho=ssdu_rho, ei_weight=ei_weight,
+                              cascade_weight=cascade_weight)
+    if "teacher" in spec.weights and teacher is None:
         raise ValueError("fine-tuning mode 'teacher' needs the unpruned teacher model")
-    if not 0.0 < ssdu_rho < 1.0:
-        raise ValueError(f"ssdu_rho must be in (0, 1), got {ssdu_rho}")
-    w = {t: 1.0 for t in terms} | dict(weights or {})
     if teacher is not None:
         teacher.eval()
 
@@ -123,40 +88,8 @@ def make_loss_fn(
     def loss_fn(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
         freeze_batchnorm(model)  # fixed statistics: fine-tuning computes the inference function
         b = draw(rng)
-        op = SenseOperator(b.maps, b.mask)
-        total = torch.zeros((), dtype=torch.float32)
-        distil = "teacher" in terms and cascade_weight > 0
-        pred, casc = None, None
-        if distil:
-            pred, casc = model(b.kspace, op, return_cascades=True)
-        elif set(terms) - {"ssdu"}:
-            pred = model(b.kspace, op)
-        if "supervised" in terms:
-            total = total + w["supervised"] * image_loss(pred, b.target)
-        if "teacher" in terms:
-            with torch.no_grad():
-                ref, ref_casc = teacher(b.kspace, op, return_cascades=True)
-            term = teacher_loss(pred, ref)
-            if distil and len(casc) > 1:
-                # the last cascade is distilled in magnitude only (teacher_loss): the teacher
-                # was trained on magnitude, and on some contrasts its last cascade rotates the
-                # phase away from the data (measured on the T2 validation volume: squared
-                # k-space residual 0.016 -> 1.19 of ||y||^2); copying that phase costs a small
-                # student the T2 magnitude (-3 dB against the base)
-                term = term + cascade_weight * cascade_loss(casc[:-1], ref_casc[:-1])
-            total = total + w["teacher"] * term
-        consistency = {"self": lambda: measurement_consistency(pred, b.kspace, op),
-                       "rei": lambda: sure_consistency(model, pred, b.kspace, op, rng)}
-        for t in ("self", "rei"):  # measurement consistency (plain or SURE) + equivariance
-            if t in terms:
-                mc = consistency[t]()
-                total = total + w[t] * (mc + ei_weight * equivariance_loss(model, pred, op, rng))
-        if "ssdu" in terms:
-            dc, lm = ssdu_split(b.mask, ssdu_rho, batch_acs(b), rng)
-            out = model(b.kspace * dc.unsqueeze(1), op.with_mask(dc))
-            loss_op = op.with_mask(lm)
-            total = total + w["ssdu"] * kspace_loss(loss_op.forward(out), b.kspace * lm.unsqueeze(1))
-        return total
+        return spec.loss(model, b.kspace, SenseOperator(b.maps, b.mask), rng, acs=batch_acs(b),
+                         target=b.target, teacher=teacher)
 
     return loss_fn
 
@@ -311,7 +244,7 @@ def export_variant(
 
 
 __all__ = [
-    "MODES", "VALIDATION_TARGETS", "parse_mode", "make_loss_fn", "validation_target",
+    "VALIDATION_TARGETS", "make_loss_fn", "validation_target",
     "validation_interval", "make_validator", "finetune", "export_variant",
     "batch_acs",
 ]
