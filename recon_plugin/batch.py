@@ -9,7 +9,8 @@ of the sha256 of the resolved input path, so ``A/scan.h5`` and ``B/scan.h5`` nev
       .staging-<pid>-<rand>/<name>/  the scan being written (files *.part until complete)
       <stem>-<hash>/series_1001/S1001_I0001_<SOPInstanceUID>.dcm ...
       <stem>-<hash>/series_1001.h5
-      .pacs-queue/                   DICOM waiting for a PACS (``recon-plugin send``)
+      .pacs-queue/                   DICOM waiting for a PACS (``recon-plugin send``; the
+                                     protocol's pacs.queue_dir instead when it sets one)
 
 A scan's whole folder is written under ``.staging-*`` and published with one rename (an atomic
 exchange when it replaces an earlier run's folder), so a folder scanner sees either the old
@@ -51,6 +52,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .output.atomic import fsync_dir, write_text_atomic
+from .output.delivery import DeliveryPlan
 from .recon.pipeline import Reconstructor, write_outputs
 
 log = logging.getLogger(__name__)
@@ -336,35 +338,19 @@ def recon_file(
 
 
 # ----------------------------------------------------------------------------- delivery
-def _delivery_plan(protocol, send: str | None, out_dir: Path) -> dict | None:
-    targets = list(protocol.pacs.targets) + ([send] if send else [])
-    if not targets:
-        return None
-    qdir = Path(protocol.pacs.queue_dir) if protocol.pacs.queue_dir else out_dir / ".pacs-queue"
-    return {"targets": targets, "calling_aet": protocol.pacs.calling_aet, "queue": str(qdir)}
-
-
-def _deliver(outputs: list[str], plan: dict) -> int:
-    """C-STORE the DICOM files to every target of ``plan``; what cannot be sent now goes to the
-    durable queue. Returns the number of files queued."""
-    from .output.pacs import send_or_enqueue
-
-    files = [Path(p) for p in outputs if Path(p).suffix == ".dcm"]
-    queued = 0
-    if not files:
-        return 0
-    for t in plan["targets"]:
-        sent, q = send_or_enqueue(files, t, Path(plan["queue"]), plan["calling_aet"])
-        log.info("PACS %s: %d sent, %d queued in %s", t, sent, q, plan["queue"])
-        queued += q
-    return queued
-
-
-def deliver(written: list[Path], protocol, send: str | None, out_dir: Path) -> int:
-    """C-STORE ``written`` to ``send`` and the protocol's targets (queue what fails); returns the
-    number of files queued."""
-    plan = _delivery_plan(protocol, send, out_dir)
-    return _deliver([str(p) for p in written], plan) if plan else 0
+def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict) -> None:
+    """Deliver ``r``'s DICOM by ``plan``, then clear the pending delivery of its state ``entry``.
+    When a target broke off (files neither sent nor queued) the delivery stays pending, so
+    ``--resume`` delivers again, and the input is reported failed."""
+    report = plan.deliver(r.outputs)
+    r.queued = report.queued
+    if report.failed:
+        r.ok = False
+        r.error = (f"published, but PACS delivery broke off ({'; '.join(report.errors)}); "
+                   "--resume delivers again")
+        return
+    entry.pop("delivery", None)
+    _save_state(out_dir, state)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -572,9 +558,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                        skipped=True)
         if entry.get("delivery"):  # published, delivery not finished: same files, same UIDs
             log.info("%s: delivering the published series again", path)
-            r.queued = _deliver(entry["outputs"], entry["delivery"])
-            entry.pop("delivery")
-            _save_state(out_dir, state)
+            _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, out_dir, state)
         results.append(r)
     bar = tqdm(total=len(todo), desc="recon", disable=not progress, dynamic_ncols=True)
 
@@ -582,16 +566,14 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         bar.update(1)
         if r.ok:
             key = str(path.resolve())
-            plan = _delivery_plan(proto, send, out_dir)
+            plan = DeliveryPlan.make(proto.pacs, send, out_dir)
             state[key] = {"fingerprint": _fingerprint(path), "outputs": r.outputs,
                           "protocol": r.protocol, "folder": output_name(path)}
             if plan:
-                state[key]["delivery"] = plan  # pending until delivered (or queued)
+                state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
             _save_state(out_dir, state)
             if plan:
-                r.queued = _deliver(r.outputs, plan)
-                state[key].pop("delivery", None)
-                _save_state(out_dir, state)
+                _deliver(r, plan, state[key], out_dir, state)
         results.append(r)
 
     try:

@@ -1,5 +1,6 @@
 """Outputs: the atomic file writer every writer uses (``atomic``), DICOM series (``dicom``),
-PACS delivery with a durable queue (``pacs``), fastMRI reconstruction files (``fastmri_file``)
+PACS delivery with a durable queue (``pacs``) and its one policy for batch and stream
+(``delivery``), fastMRI reconstruction files (``fastmri_file``)
 and ISMRMRD image files (``mrd_file``)."""
 
 # output formats of `recon-plugin recon --format`: DICOM, the project's h5 (series_NNNN.h5),

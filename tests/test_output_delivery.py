@@ -1,0 +1,74 @@
+"""The one PACS delivery policy (output.delivery): plan (targets, calling AE, queue rule), the
+batch's recorded plan, and delivery that queues what does not arrive; a batch whose queue cannot
+be written keeps the delivery pending for --resume."""
+
+import json
+from dataclasses import dataclass, field
+
+from recon_plugin.cli import main
+from recon_plugin.output.delivery import DeliveryPlan
+from recon_plugin.output.pacs import queued_items
+from recon_plugin.sim import simulate_volume
+from recon_plugin.sim.writers import write_ismrmrd
+from tests.test_output_pacs import write_series
+
+NOBODY = "NOBODY@127.0.0.1:9"  # nothing listens on the discard port: every send fails
+
+
+@dataclass
+class Pacs:
+    targets: list[str] = field(default_factory=list)
+    calling_aet: str = "RECON_PLUGIN"
+    queue_dir: str | None = None
+
+
+def test_plan_targets_and_queue_rule(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert DeliveryPlan.make(Pacs(), None, tmp_path) is None  # no target: nothing to do
+    plan = DeliveryPlan.make(Pacs([NOBODY], "ME"), NOBODY, tmp_path / "out")
+    assert plan.targets == (NOBODY,) and plan.calling_aet == "ME"  # --send given twice: once
+    assert plan.queue == tmp_path / "out" / ".pacs-queue"
+    plan = DeliveryPlan.make(Pacs([], queue_dir=str(tmp_path / "q")), "A@h:1", tmp_path)
+    assert plan.targets == ("A@h:1",) and plan.queue == tmp_path / "q"  # the protocol's wins
+    plan = DeliveryPlan.make(Pacs([NOBODY]))  # a stream without --dicom-out
+    assert plan.queue == tmp_path / "home" / ".recon-plugin" / "pacs-queue"
+    monkeypatch.chdir(tmp_path)
+    plan = DeliveryPlan.make(Pacs([NOBODY], queue_dir="rel"), None, "out")
+    assert plan.queue == tmp_path / "rel" and plan.queue.is_absolute()
+    assert DeliveryPlan.from_state(json.loads(json.dumps(plan.to_state()))) == plan
+
+
+def test_deliver_queues_what_does_not_arrive(tmp_path):
+    files = write_series(tmp_path / "dcm", nslices=2, seed=11)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    plan = DeliveryPlan((NOBODY, "OTHER@127.0.0.1:9"), "RECON_PLUGIN", tmp_path / "q")
+    report = plan.deliver([*files, tmp_path / "series.h5"])  # only DICOM is delivered
+    assert (report.sent, report.queued, report.failed) == (0, 4, 0)
+    assert [len(i["files"]) for i in queued_items(tmp_path / "q")] == [2, 2]
+    report = DeliveryPlan((NOBODY,), "RECON_PLUGIN", blocked / "q").deliver(files)
+    assert (report.queued, report.failed) == (0, 2) and report.errors[0].startswith(NOBODY)
+
+
+def test_batch_keeps_a_broken_delivery_pending_until_resume(tmp_path):
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32), snr=40.0)
+    raw = tmp_path / "scan.h5"
+    write_ismrmrd(vol, raw, acceleration=2, calib_lines=16)
+    queue = tmp_path / "blocked" / "q"
+    (tmp_path / "blocked").write_text("")  # the queue folder cannot be created
+    proto = tmp_path / "p.yaml"
+    proto.write_text(f"name: p\nextends: default\npacs: {{targets: ['{NOBODY}'], "
+                     f"queue_dir: '{queue}'}}\n")
+    out = tmp_path / "out"
+    args = ["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled",
+            "--protocol", str(proto)]
+    assert main(args) == 1  # published, but neither sent nor queued: reported failed
+    state = json.loads((out / ".recon-state.json").read_text())
+    (entry,) = state.values()
+    assert entry["delivery"]["queue"] == str(queue)
+    assert len(list(out.rglob("*.dcm"))) == 1
+    (tmp_path / "blocked").unlink()
+    assert main([*args, "--resume"]) == 1  # delivered again: queued now (nothing listens)
+    state = json.loads((out / ".recon-state.json").read_text())
+    assert not any("delivery" in e for e in state.values())
+    assert [len(i["files"]) for i in queued_items(queue)] == [1]
