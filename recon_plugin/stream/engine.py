@@ -11,24 +11,16 @@ serialised by a lock) with the settings :func:`recon_plugin.config.protocol.sele
 ``recon-plugin recon`` does: a streamed slice and the same slice read from a file give the same
 pixels.
 
-Images carry float32 magnitudes (``DATATYPE_FLOAT``) equal to the offline reconstruction; with
-``image_dtype="uint16"`` they are scaled by one factor per scan, fixed on the first slice
-(protocol ``dicom.max_value`` at twice its 99.9th percentile, clipped; the factor is in the meta
-as ``RECON_PLUGIN_Scale``). Geometry comes from the acquisitions; meta holds DataRole,
-ImageProcessingHistory, WindowCenter/Width, SeriesDescription, SequenceDescriptionAdditional and
-the model / pruning / protocol labels.
+Images are float32 magnitudes equal to the offline reconstruction (or uint16 at one scale per
+scan); :mod:`recon_plugin.stream.images` makes them, and the finished scan's DICOM series.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
 import os
-import tempfile
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +37,8 @@ from ..physics import fft2c
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..runtime import tune_allocator
-from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader, SliceData
+from ..scan import Geometry, ReconImage, ScanHeader, SliceData
+from .images import ImageEncoder, scan_series, write_and_deliver
 from .options import (
     Limits,
     ProtocolViolation,
@@ -194,7 +187,6 @@ class StreamEngine:
             mask[20:44] = 1
             sl = SliceData(ksp * mask[None], mask, Geometry.default(), acs=(20, 44))
             t0 = time.perf_counter()
-            importlib.import_module(".dicom", __package__)  # image meta texts come from there
             with self.lock:
                 self.recon.provenance(settings)
                 self.recon.reconstruct_slice(sl, hdr, settings)
@@ -206,53 +198,16 @@ class StreamEngine:
         return self.dicom_out is not None or bool(protocol.pacs.targets)
 
     def deliver(self, result: StreamResult) -> list[Path]:
-        """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and send it to
-        the protocol's PACS targets; what does not arrive is queued durably (protocol
-        ``pacs.queue_dir``, else ``dicom_out/.pacs-queue``, else ``~/.recon-plugin/pacs-queue``;
-        drain with ``recon-plugin send``). Never raises: the scanner already has its images."""
+        """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and deliver it to
+        the protocol's PACS targets (:class:`~recon_plugin.output.delivery.DeliveryPlan`: what
+        does not arrive is queued; drain with ``recon-plugin send``). Never raises: the scanner
+        already has its images. Returns the files kept in ``dicom_out``."""
         p = result.protocol
         if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
             return []
-        from ..output.pacs import send_or_enqueue
-        from ..recon.pipeline import write_outputs
-
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{p.name}_{uuid.uuid4().hex[:8]}"
-        with tempfile.TemporaryDirectory(prefix="recon-plugin-stream-") as tmp:
-            sub = (self.dicom_out or Path(tmp)) / stem
-            try:
-                paths = write_outputs(_series(result), sub, ("dicom",), p.dicom_kwargs())
-            except Exception:  # noqa: BLE001 - the scanner already has its images
-                log.exception("stream: writing DICOM to %s failed", sub)
-                return []
-            log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
-            queue = Path(p.pacs.queue_dir) if p.pacs.queue_dir else (
-                self.dicom_out / ".pacs-queue" if self.dicom_out
-                else Path.home() / ".recon-plugin" / "pacs-queue")
-            for target in p.pacs.targets:
-                try:
-                    sent, queued = send_or_enqueue(paths, target, queue_dir=queue,
-                                                   calling_aet=p.pacs.calling_aet)
-                    log.info("stream: PACS %s: %d sent, %d queued in %s", target, sent, queued,
-                             queue)
-                except Exception:  # noqa: BLE001
-                    log.exception("stream: PACS delivery to %s failed", target)
-        result.dicom_files = paths if self.dicom_out else []
+        series = scan_series(result.images, result.header, result.provenance, p)
+        result.dicom_files = write_and_deliver(series, p, self.dicom_out)
         return result.dicom_files
-
-
-def _series(result: StreamResult) -> list[ReconSeries]:
-    """The scan's images as one ReconSeries per contrast, numbered as batch recon does."""
-    p = result.protocol
-    groups: dict[int, list[ReconImage]] = defaultdict(list)
-    for im in result.images:
-        groups[im.contrast].append(im)
-    out = []
-    for i, (_c, ims) in enumerate(sorted(groups.items())):
-        ims.sort(key=lambda im: (im.repetition, im.phase, im.slice_index))
-        out.append(ReconSeries(ims, result.header, result.provenance,
-                               series_number=p.series_number(i),
-                               series_description=p.series.description))
-    return out
 
 
 class _ScanState:
@@ -260,19 +215,17 @@ class _ScanState:
 
     def __init__(self, engine: StreamEngine, asm: MrdAssembler, protocol: Protocol, settings,
                  prov, options: StreamOptions, result: StreamResult):
-        self.engine, self.asm, self.protocol, self.settings = engine, asm, protocol, settings
-        self.prov, self.options, self.result = prov, options, result
+        self.engine, self.asm, self.settings, self.result = engine, asm, settings, result
         self.keep = engine.wants_delivery(protocol)
         self.refs: dict[tuple[int, int, int, int], ismrmrd.AcquisitionHeader] = {}
         self.header: ScanHeader | None = None
         self.whitener: np.ndarray | None = None
         self.timings: dict[str, float] = defaultdict(float)
         self.deferred: list[tuple[SliceData, float]] = []
-        self.scale: float | None = None
         self.noise_used = 0
         enc = asm.enc
-        self.n_slices = enc.limit_max("slice") + 1
-        self.n_phases = enc.limit_max("phase") + 1
+        self.encoder = ImageEncoder(protocol, prov, options.image_dtype,
+                                    enc.limit_max("slice") + 1, enc.limit_max("phase") + 1)
         self.interleaved = enc.limit_max("repetition") > 0
 
     def track(self, acq: ismrmrd.Acquisition) -> tuple[int, int, int, int] | None:
@@ -317,7 +270,7 @@ class _ScanState:
             return
         if self.keep:
             self.result.images.append(im)
-        yield StreamImage(self.mrd_image(im, ref), im, t_last, dt)
+        yield StreamImage(self.encoder.image(im, self.header, ref), im, t_last, dt)
 
     def flush_deferred(self, t_last: float) -> Iterator[StreamImage | str]:
         if not self.deferred:
@@ -327,76 +280,6 @@ class _ScanState:
         self.interleaved, deferred, self.deferred = False, self.deferred, []
         for sl, _t in deferred:
             yield from self.emit(sl, t_last)
-
-    def mrd_image(self, im: ReconImage, ref: ismrmrd.AcquisitionHeader | None) -> ismrmrd.Image:
-        """ISMRMRD image of one slice: geometry, indices, data and meta."""
-        h = self.header
-        pixels = np.ascontiguousarray(im.pixels, dtype=np.float32)
-        meta: dict[str, Any] = {}
-        high = float(np.percentile(pixels, 99.5)) if pixels.size else 1.0
-        if self.options.image_dtype == "uint16":
-            top = float(self.protocol.dicom.max_value)
-            if self.scale is None:
-                p999 = float(np.percentile(pixels, 99.9)) if pixels.size else 0.0
-                self.scale = top / (2.0 * p999) if p999 > 0 else 1.0
-            scaled = pixels * self.scale
-            if (scaled > top).any():
-                log.warning("slice %d: %d pixels clipped at %g", im.slice_index,
-                            int((scaled > top).sum()), top)
-            pixels = np.clip(np.rint(scaled), 0, top).astype(np.uint16)
-            high *= self.scale
-            meta["RECON_PLUGIN_Scale"] = f"{self.scale:.9g}"
-        thickness = h.slice_thickness_mm or h.recon_fov_mm[2]
-        n_rep = im.repetition * self.n_phases + im.phase
-        img = ismrmrd.Image.from_array(
-            pixels, acquisition=ref if ref is not None else ismrmrd.Acquisition(),
-            image_type=ismrmrd.IMTYPE_MAGNITUDE,
-            image_index=1 + im.slice_index + self.n_slices * n_rep,
-            image_series_index=self.protocol.series_number(im.contrast),
-            slice=im.slice_index, contrast=im.contrast, phase=im.phase,
-            repetition=im.repetition)
-        g = im.geometry
-        img.position = tuple(float(v) for v in g.position)
-        img.read_dir = tuple(float(v) for v in g.read_dir)
-        img.phase_dir = tuple(float(v) for v in g.phase_dir)
-        img.slice_dir = tuple(float(v) for v in g.slice_dir)
-        img.field_of_view = (float(h.recon_fov_mm[0]), float(h.recon_fov_mm[1]), float(thickness))
-        img.attribute_string = self.meta(im, max(high, 1e-12), meta).serialize()
-        return img
-
-    def meta(self, im: ReconImage, high: float, extra: dict[str, Any]) -> ismrmrd.Meta:
-        from ..output.dicom_series import provenance_text, series_description
-
-        dl = im.method == "unrolled"
-        prov = dataclasses.replace(self.prov, method=im.method, deep_learning=dl)
-        one = ReconSeries([im], self.header, prov,
-                          series_number=self.protocol.series_number(im.contrast),
-                          series_description=self.protocol.series.description)
-        comments = "; ".join([provenance_text(one), *im.notes])
-        meta = ismrmrd.Meta({
-            "DataRole": "Image",
-            "ImageProcessingHistory": ["RECON_PLUGIN", "DEEPLEARNING" if dl
-                                       else im.method.upper().replace("-", "")],
-            "WindowCenter": f"{high / 2:.6g}",
-            "WindowWidth": f"{high:.6g}",
-            "SeriesDescription": series_description(one),
-            "SequenceDescriptionAdditional": "DL" if dl else "RECON",
-            "ImageComments": comments[:1024],
-            "Keep_image_geometry": 1,
-            "ImageRowDir": [f"{v:.9f}" for v in im.geometry.read_dir],
-            "ImageColumnDir": [f"{v:.9f}" for v in im.geometry.phase_dir],
-            "DeepLearningReconstruction": "YES" if dl else "NO",
-            "RECON_PLUGIN_Method": im.method,
-            "RECON_PLUGIN_Protocol": self.protocol.name,
-            "RECON_PLUGIN_Model": prov.model_name if dl else "",
-            "RECON_PLUGIN_ModelVersion": prov.model_version if dl else "",
-            "RECON_PLUGIN_ModelSHA256": prov.model_hash if dl else "",
-            "RECON_PLUGIN_Pruning": f"{prov.pruning_method}:{prov.pruning_ratio:g}" if dl
-            else "none",
-            "RECON_PLUGIN_Software": prov.software_version,
-        })
-        meta.update(extra)
-        return ismrmrd.Meta({k: v for k, v in meta.items() if v not in ("", None)})
 
 
 _SHARED: dict[str, StreamEngine] = {}
