@@ -25,6 +25,9 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     refine: {mode: none, time_budget_s: 20, max_steps: 200}
                                          # scan: fine-tune a copy of the network per slice on its
                                          # own lines (recon/refine.py), kept where it helps
+    calibration: {enabled: false, grid: [0.0625, 0.25, 1.0]}
+                                         # per-slice prior weight chosen on held-out lines
+                                         # (recon/calibrate.py)
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
@@ -63,6 +66,7 @@ from ..recon.coils import EspiritParams
 from ..scan import ScanHeader
 from . import schema
 from .schema import (
+    CalibrationSpec,
     GuardSpec,
     MatchRules,
     ModelSpec,
@@ -97,6 +101,7 @@ class Protocol:
     espirit: EspiritParams = field(default_factory=EspiritParams)
     guard: GuardSpec = field(default_factory=GuardSpec)
     refine: RefineSpec = field(default_factory=RefineSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     coil_compression: int | None = None
     partial_fourier: str = "zero-fill"
     series: SeriesSpec = field(default_factory=SeriesSpec)
@@ -143,6 +148,8 @@ class Protocol:
             refine=self.refine.mode,
             refine_budget_s=self.refine.time_budget_s,
             refine_max_steps=self.refine.max_steps,
+            calibrate=self.calibration.enabled,
+            calibrate_grid=tuple(self.calibration.grid),
         )
 
 
@@ -268,7 +275,8 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
 def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protocol:
     return Protocol(
         name=spec.name, description=spec.description, match=spec.match, model=spec.model,
-        espirit=spec.espirit, guard=spec.guard, refine=spec.refine, coil_compression=spec.coil_compression,
+        espirit=spec.espirit, guard=spec.guard, refine=spec.refine,
+        calibration=spec.calibration, coil_compression=spec.coil_compression,
         partial_fourier=spec.partial_fourier, series=spec.series, dicom=spec.dicom,
         pacs=spec.pacs, adaptive=spec.adaptive.as_dict() if spec.adaptive else None,
         extends=spec.extends, source=source, chain=list(reversed(chain)),

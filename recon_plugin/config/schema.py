@@ -29,6 +29,7 @@ from pydantic import (
 from ..output.dicom import DicomOptions
 from ..output.pacs import PacsTargetError, parse_target
 from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER
+from ..recon.calibrate import PRIOR_WEIGHT_GRID
 from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
 from ..scan import ScanHeader
@@ -133,6 +134,17 @@ class RefineSpec(_Section):
     max_steps: Annotated[StrictInt, Field(ge=1, le=100000)] = 200
 
 
+class CalibrationSpec(_Section):
+    """Per-slice prior-weight calibration (``recon/calibrate.py``): the network's learned
+    data-consistency weights are scaled by the grid value whose reconstruction best predicts
+    held-out acquired lines (ignored when ``refine.mode`` is ``scan``, which chooses its own)."""
+
+    enabled: StrictBool = False
+    grid: Annotated[list[Annotated[float, Field(strict=True, gt=0.0, le=1000.0)]],
+                    Field(min_length=1, max_length=16)] = Field(
+        default_factory=lambda: list(PRIOR_WEIGHT_GRID))
+
+
 class SeriesSpec(_Section):
     description: Annotated[StrictStr, Field(max_length=48)] = ""
     number_base: Annotated[StrictInt, Field(ge=0, le=2**31 - 1001)] = 1000
@@ -169,6 +181,7 @@ class ProtocolSpec(_Section):
     espirit: EspiritParams = Field(default_factory=EspiritParams)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     refine: RefineSpec = Field(default_factory=RefineSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     coil_compression: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
     partial_fourier: Literal[PARTIAL_FOURIER] = "zero-fill"  # type: ignore[valid-type]
     series: SeriesSpec = Field(default_factory=SeriesSpec)

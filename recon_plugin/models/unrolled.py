@@ -167,17 +167,22 @@ class UnrolledNet(nn.Module):
         else:
             self.step = nn.Parameter(torch.full((num_cascades,), init))
 
-    def forward(self, kspace: torch.Tensor, op: SenseOperator,
-                return_cascades: bool = False) -> torch.Tensor | tuple[torch.Tensor, list]:
+    def forward(self, kspace: torch.Tensor, op: SenseOperator, return_cascades: bool = False,
+                prior_weight: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, list]:
         """Image (batch, ky, kx); with ``return_cascades`` also the list of every cascade's
-        output (at the network's internal, normalised intensity scale), for distillation."""
+        output (at the network's internal, normalised intensity scale), for distillation.
+        ``prior_weight`` multiplies every learned data-consistency weight ``mu`` (not its
+        floor): < 1 trusts the measured data more than training taught (prox only; chosen per
+        scan by ``recon/calibrate.py``)."""
+        if prior_weight != 1.0 and self.dc != "prox":
+            raise ValueError("prior_weight needs dc='prox' (a gradient-step network has no mu)")
         x0 = op.adjoint(kspace)
         scale = intensity_scale(x0).detach()
         aty = x0 / scale
         x = aty
         cascades = []
         if self.noise_aware:
-            s2 = normalised_noise_variance(kspace, op.mask, scale)
+            s2 = normalised_noise_variance(kspace, op.mask, scale) * prior_weight
             mu0 = self.step[-1].exp() * s2 + self.mu_floor.exp()
             x = cg_solve(op.normal, aty, torch.zeros_like(aty), mu0, self.cg_iters)
         for k in range(self.num_cascades):
@@ -190,7 +195,7 @@ class UnrolledNet(nn.Module):
                 if self.noise_aware:
                     mu = self.step[k].exp() * s2 + self.mu_floor.exp()
                 else:
-                    mu = self.step[k].exp()
+                    mu = self.step[k].exp() * prior_weight
                 x = cg_solve(op.normal, aty + mu * z, z, mu, self.cg_iters)
             if return_cascades:
                 cascades.append(x)

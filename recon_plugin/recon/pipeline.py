@@ -25,9 +25,10 @@ import torch
 from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
 from ..output import FORMATS
-from ..physics import SenseOperator, center_crop, fft2c, ifft2c
+from ..physics import center_crop, fft2c, ifft2c
 from ..scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
 from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
+from .calibrate import PRIOR_WEIGHT_GRID, calibrate_prior_weight, network_image
 from .coils import CoilMapError, EspiritParams, estimate_maps
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
@@ -55,6 +56,8 @@ class ReconSettings:
     refine: str = "none"  # "scan": per-slice self-supervised refinement (recon/refine.py)
     refine_budget_s: float = 20.0  # wall-clock seconds per slice
     refine_max_steps: int = 200
+    calibrate: bool = False  # per-slice prior weight chosen on held-out lines (calibrate.py)
+    calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -175,15 +178,11 @@ class Reconstructor:
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes)
 
-    def _network(self, name, ksp, maps, mask, model=None) -> np.ndarray:
+    def _network(self, name, ksp, maps, mask, model=None, prior_weight: float = 1.0
+                 ) -> np.ndarray:
         """The network ``name`` (or the given refined copy of it) on one slice."""
         model = model if model is not None else self.model(name)[0]
-        dev = self.device
-        with torch.inference_mode():
-            k = torch.from_numpy(ksp)[None].to(dev)
-            op = SenseOperator(torch.from_numpy(maps)[None].to(dev),
-                               torch.from_numpy(mask)[None].to(dev))
-            return model(k, op)[0].cpu().numpy()
+        return network_image(model, ksp, maps, mask, prior_weight, self.device)
 
     def network_slice(self, name: str, ksp: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                       acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
@@ -196,19 +195,22 @@ class Reconstructor:
         counts (guard_checked, guard_rejected, refine_kept)."""
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
-        net = None
+        net, weight = None, 1.0
         lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=seed) \
             if settings.guard else None
-        if settings.refine == "scan":
-            # the refinement never sees the guard's lines (neither to train nor to stop early),
-            # so the guard judges the refined network on data it did not fit
-            keep = guard.without_lines(mask, lines)
+        # calibration and refinement never see the guard's lines (neither to fit nor to choose),
+        # so the guard judges the network on data that took no part in adapting it
+        keep = guard.without_lines(mask, lines)
+        if settings.refine == "scan":  # chooses its own prior weight, then trains
             net = self._refine(name, ksp * keep[None], maps, keep, acs, settings, seed, notes, t)
+        elif settings.calibrate:
+            weight = self._calibrate(name, ksp * keep[None], maps, keep, acs, settings, seed,
+                                     notes, t)
         res = None
         if settings.guard:
             t0 = time.perf_counter()
             res = guard.check(ksp, maps, mask, lines,
-                              lambda k, s, m: self._network(name, k, s, m, net),
+                              lambda k, s, m: self._network(name, k, s, m, net, weight),
                               lambda k, s, m: classical.cg_sense(k, s, m),
                               settings.guard_margin)
             t["guard"] += time.perf_counter() - t0
@@ -224,9 +226,23 @@ class Reconstructor:
             return img, "cg-sense"
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
-        img = self._network(name, ksp, maps, mask, net)
+        img = self._network(name, ksp, maps, mask, net, weight)
         t["network"] += time.perf_counter() - t0
         return img, "unrolled"
+
+    def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
+                   notes: list[str], t: dict) -> float:
+        """The prior weight chosen on this slice's held-out lines (``recon/calibrate.py``)."""
+        t0 = time.perf_counter()
+        cal = calibrate_prior_weight(self.model(name)[0], ksp, maps, mask, acs,
+                                     settings.calibrate_grid, settings.guard_fraction,
+                                     seed=seed + 7919, device=self.device)
+        t["calibrate"] += time.perf_counter() - t0
+        if cal is None:
+            return 1.0
+        log.info("slice %d: %s", seed, cal.describe())
+        notes.append(cal.describe())
+        return cal.weight
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                 notes: list[str], t: dict):
