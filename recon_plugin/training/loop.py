@@ -59,6 +59,9 @@ def _plot_losses(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+MAX_SKIPPED = 10  # consecutive non-finite losses before a run stops
+
+
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, np.random.Generator], torch.Tensor],
@@ -122,14 +125,31 @@ def train_loop(
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
                desc="train", dynamic_ncols=True)
     step = start
+    skipped = 0
     for step in bar:
         if stop_at is not None and step >= stop_at:
             break
         rng = np.random.default_rng(seed * 1_000_003 + step)
         loss = loss_fn(model, rng)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        if not finite:  # one bad batch must not turn every weight into NaN
+            skipped += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d in a "
+                        "row)", step + 1, float(loss.detach()), skipped)
+            if skipped >= MAX_SKIPPED:
+                save(step)
+                raise FloatingPointError(
+                    f"{run_dir}: {skipped} non-finite losses or gradients in a row at step "
+                    f"{step + 1}; the last good state is checkpointed: check the data or lower "
+                    "--lr")
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            continue
+        skipped = 0
         opt.step()
         sched.step()
         history.append({"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],

@@ -229,6 +229,10 @@ def coil_family(num_coils: int, shape: tuple[int, int], rng: np.random.Generator
     return (maps / np.clip(norm, ref * rng.uniform(0.3, 1.0), None) * 1.0).astype(np.complex64)
 
 
+MAX_DRAWS = 20
+MIN_OBJECT_FRACTION = 0.02  # of the pixels above 10 % of the object's maximum
+
+
 def make_transfer_slice(rng: np.random.Generator, matrix: tuple[int, int], num_coils: int,
                         acc: int, snr: float, espirit: bool, brain_fraction: float = 0.6,
                         split: str = "train"):
@@ -239,11 +243,17 @@ def make_transfer_slice(rng: np.random.Generator, matrix: tuple[int, int], num_c
     ny, nx = matrix
     fine = (2 * ny, 2 * nx)
     fov = rng.uniform(180, 260)
-    if rng.uniform() < brain_fraction:
-        obj = detailed_brain(fine, (fov / (2 * ny), fov / (2 * ny)), rng, split)
+    for _ in range(MAX_DRAWS):  # an empty draw (a slice past the head) would be a zero target
+        if rng.uniform() < brain_fraction:
+            obj = detailed_brain(fine, (fov / (2 * ny), fov / (2 * ny)), rng, split)
+        else:
+            obj = procedural_object(fine, rng, split)
+        if (obj > 0.1 * obj.max()).mean() >= MIN_OBJECT_FRACTION and obj.max() > 0:
+            break
     else:
-        obj = procedural_object(fine, rng, split)
-    obj = obj / (obj.max() + 1e-12)
+        raise RuntimeError(f"no object covering {MIN_OBJECT_FRACTION:.0%} of the image in "
+                           f"{MAX_DRAWS} draws ({split} split)")
+    obj = obj / obj.max()
     bias = 1 + random_field(fine, rng, max(fine) / 4) * rng.uniform(0, 0.3)
     img = obj * bias * np.exp(1j * image_phase(fine, rng))
     maps_f = coil_family(num_coils, fine, rng)

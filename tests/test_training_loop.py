@@ -1,0 +1,63 @@
+"""The training loop survives a bad batch; the transfer data never hands it an empty slice."""
+
+import numpy as np
+import pytest
+import torch
+
+from recon_plugin.training import transfer
+from recon_plugin.training.loop import MAX_SKIPPED, train_loop
+
+
+def _linear_problem():
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    return model, x, y
+
+
+def test_a_non_finite_loss_skips_its_step(tmp_path):
+    model, x, y = _linear_problem()
+
+    def loss_fn(m, rng):
+        loss = ((m(x) - y) ** 2).mean()
+        return loss * float("nan") if rng.uniform() < 0.3 else loss
+
+    hist = train_loop(model, loss_fn, tmp_path, steps=30, lr=1e-2, progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    losses = [h["loss"] for h in hist if "loss" in h]
+    assert 0 < len(losses) < 30 and np.isfinite(losses).all()  # the NaN steps were skipped
+
+
+def test_a_run_that_only_sees_nan_stops_with_a_checkpoint(tmp_path):
+    model, x, y = _linear_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def loss_fn(m, rng):
+        return ((m(x) - y) ** 2).mean() * float("nan")
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_loop(model, loss_fn, tmp_path, steps=50, progress=False)
+    assert (tmp_path / "ckpt.pt").is_file()
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == MAX_SKIPPED - 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_an_empty_object_is_drawn_again(monkeypatch):
+    real = transfer.procedural_object
+    calls = []
+
+    def empty_first(shape, rng, split="train"):
+        calls.append(1)
+        out = real(shape, rng, split)
+        return out * 0 if len(calls) == 1 else out
+
+    monkeypatch.setattr(transfer, "procedural_object", empty_first)
+    ksp, mask, maps, target = transfer.make_transfer_slice(np.random.default_rng(0), (64, 64), 4,
+                                                           4, 50.0, False, brain_fraction=0.0)
+    assert len(calls) == 2 and target.max() > 0
+
+    monkeypatch.setattr(transfer, "procedural_object", lambda shape, rng, split="train":
+                        np.zeros(shape, np.float32))
+    with pytest.raises(RuntimeError, match="no object"):
+        transfer.make_transfer_slice(np.random.default_rng(0), (64, 64), 4, 4, 50.0, False,
+                                     brain_fraction=0.0)
