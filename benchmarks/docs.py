@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+HEADER = ("# Benchmarks\n\nNumbers measured on this project's 2-core CPU machine; each section "
+          "says the command that reproduces it.\n")
 
-def replace_section(path: Path, heading: str, text: str) -> None:
-    """Replace, where it stands, the section starting at ``heading`` in a markdown file (or
-    append it)."""
-    old = path.read_text() if path.is_file() else "# Benchmarks\n\nNumbers measured on this " \
-        "project's 2-core CPU machine; each section says the command that reproduces it.\n\n"
-    if heading not in old:
-        path.write_text(old.rstrip() + "\n\n" + text.strip() + "\n")
-        return
-    start = old.index(heading)
-    nxt = old.find("\n## ", start + 1)
-    rest = "\n\n" + old[nxt + 1:].strip() + "\n" if nxt >= 0 else "\n"
-    path.write_text(old[:start] + text.strip() + rest)
+
+def replace_section(path: Path, heading: str, text: str, first: bool = False) -> None:
+    """Replace, where it stands, the ``## `` section starting with ``heading`` in a markdown
+    file; a new section goes first after the title when ``first``, else at the end."""
+    old = path.read_text() if path.is_file() else HEADER
+    parts = old.split("\n## ")
+    head, sections = parts[0], ["## " + p for p in parts[1:]]
+    body = text.rstrip() + "\n"
+    idx = next((i for i, s in enumerate(sections) if s.startswith(heading)), None)
+    if idx is not None:
+        sections[idx] = body
+    elif first:
+        sections.insert(0, body)
+    else:
+        sections.append(body)
+    path.write_text("\n".join([head.rstrip() + "\n"] + [s.rstrip() + "\n" for s in sections]))

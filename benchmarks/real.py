@@ -24,6 +24,8 @@ from recon_plugin.recon import classical
 from recon_plugin.recon.coils import EspiritParams, estimate_maps
 from recon_plugin.training.data import CENTER_FRACTION
 
+from .docs import replace_section
+
 log = logging.getLogger(__name__)
 
 REAL_ENV = "RECON_PLUGIN_REAL_DATA"
@@ -126,14 +128,17 @@ def bart_fn(lamda: float):
 
 
 def guarded_fn(name: str, refine_budget_s: float | None = None):
-    """Shipped model ``name`` exactly as a protocol runs it (``Reconstructor.network_slice``):
-    the per-slice guard, CG-SENSE where it rejects the network, and with ``refine_budget_s``
-    the scan-specific refinement first. ``run.log`` collects each slice's timings/counts."""
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    """Shipped model ``name`` exactly as the default protocol runs it
+    (``Reconstructor.network_slice``): prior-weight calibration, the per-slice guard, CG-SENSE
+    where it rejects the network; with ``refine_budget_s`` the scan-specific refinement instead
+    of the calibration. ``run.log`` collects each slice's timings/counts."""
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.recon.pipeline import Reconstructor
 
     rec = Reconstructor()
-    settings = ReconSettings(model=name, guard=True, refine="scan" if refine_budget_s else "none",
-                             refine_budget_s=refine_budget_s or 20.0)
+    settings = load_protocol("default").recon_settings().override(
+        model=name, guard=True, refine="scan" if refine_budget_s else None,
+        refine_budget_s=refine_budget_s)
 
     def run(c: RealCase) -> np.ndarray:
         t: dict = defaultdict(float)
@@ -207,8 +212,9 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                 methods.append((name, f"network alone, sha256 {card['sha256'][:12]}",
                                 network_fn(net)))
             g = guarded_fn(default_model)
-            methods.append((f"{default_model} + guard", "default protocol: network, CG-SENSE "
-                            "where the held-out-line guard rejects it", g))
+            methods.append((f"{default_model} + calibration + guard", "default protocol: "
+                            "network with per-slice prior weight, CG-SENSE where the held-out-line "
+                            "guard rejects it", g))
             if refine_budget_s:
                 gr = guarded_fn(default_model, refine_budget_s=refine_budget_s)
                 methods.append((f"{default_model} + refine + guard", "scan-specific refinement "
@@ -289,11 +295,11 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
         lines.append(f"| {r['case']} | {r['method']} | {r['setting']} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.4f} | {r['nmse']:.4f} | {r['seconds']:.2f} |")
     lines += ["", "Default model against the best classical result of each case (oracle lambda "
-              "included):", "", "| case | default + guard PSNR / SSIM | best classical PSNR / SSIM "
+              "included):", "", "| case | default protocol PSNR / SSIM | best classical PSNR / SSIM "
               "| difference |", "|---|---|---|---|"]
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case]
-        g = next(r for r in rs if r["method"] == f"{default_model} + guard")
+        g = next(r for r in rs if r["method"] == f"{default_model} + calibration + guard")
         c = max((r for r in rs if r["method"] in ("cg-sense", "l1-wavelet", "bart-pics")),
                 key=lambda r: r["psnr"])
         lines.append(f"| {case} | {g['psnr']:.2f} / {g['ssim']:.4f} | {c['psnr']:.2f} / "
@@ -303,7 +309,10 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
     if gl:
         lines += ["", f"Guard: network kept on {sum(d['network_ok'] for d in gl)} of {len(gl)} "
                   f"slices; its cost {np.median([d['seconds'] for d in gl]):.2f} s per slice "
-                  "(median: one network and one CG-SENSE run without the held-out lines)."]
+                  "(median: one network and one CG-SENSE run without the held-out lines); "
+                  "prior-weight calibration "
+                  f"{np.median([d.get('calibrate', 0.0) for d in gl]):.2f} s per slice (median: "
+                  "three network runs)."]
     rl = result.get("refine", [])
     if rl:
         lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in rl)} of "
@@ -311,20 +320,3 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
                   "(median)."]
     lines += ["", "Examples: `docs/real_examples.png`.", ""]
     replace_section(path, SECTION, "\n".join(lines), first=True)
-
-
-def replace_section(path: Path, heading: str, text: str, first: bool = False) -> None:
-    """Replace the ``## `` section starting with ``heading`` in a markdown file (or insert it:
-    first after the title when ``first``, else at the end)."""
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    parts = old.split("\n## ")
-    head, sections = parts[0], ["## " + p for p in parts[1:]]
-    body = text.rstrip() + "\n"
-    idx = next((i for i, s in enumerate(sections) if s.startswith(heading)), None)
-    if idx is not None:
-        sections[idx] = body
-    elif first:
-        sections.insert(0, body)
-    else:
-        sections.append(body)
-    path.write_text("\n".join([head.rstrip() + "\n"] + [s.rstrip() + "\n" for s in sections]))

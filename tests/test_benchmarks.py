@@ -121,6 +121,9 @@ def test_benchmark_section_is_replaced_where_it_stands(tmp_path):
     replace_section(doc, "## B", "## B\n\nlast")
     assert text.split("## B")[0] == doc.read_text().split("## B")[0]
     assert doc.read_text().endswith("last\n")
+    replace_section(doc, "## C", "## C\n\nfront", first=True)  # a new section, first
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and text.index("## C") < text.index("## A")
 
 
 def test_real_cases_follow_the_files_conventions():

@@ -87,7 +87,7 @@ def test_pipeline_falls_back_per_slice(monkeypatch):
         scan = read_raw(raw)
     rec = Reconstructor()
 
-    def aliased(self, name, k, s, m, model=None):
+    def aliased(self, name, k, s, m, model=None, prior_weight=1.0):
         return (s.conj() * ifft2c(k)).sum(0) * 4
 
     monkeypatch.setattr(Reconstructor, "_network", aliased)

@@ -62,11 +62,18 @@ def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float
     return rows[(offset + step * np.arange(n)).astype(int)]
 
 
+def heldout_line_errors(image: np.ndarray, maps: np.ndarray, kspace: np.ndarray,
+                        lines: np.ndarray) -> np.ndarray:
+    """Per held-out line (len(lines),): ``||(F S image)[line] - kspace[line]||^2`` over coils
+    and readout."""
+    coil_k = fft2c(maps * image[None])
+    return np.sum(np.abs(coil_k[:, lines, :] - kspace[:, lines, :]) ** 2, axis=(0, 2))
+
+
 def heldout_error(image: np.ndarray, maps: np.ndarray, kspace: np.ndarray,
                   lines: np.ndarray) -> float:
     """``||(F S image)[lines] - kspace[lines]||^2`` over coils and readout."""
-    coil_k = fft2c(maps * image[None])
-    return float(np.sum(np.abs(coil_k[:, lines, :] - kspace[:, lines, :]) ** 2))
+    return float(heldout_line_errors(image, maps, kspace, lines).sum())
 
 
 def without_lines(mask: np.ndarray, lines: np.ndarray | None) -> np.ndarray:
