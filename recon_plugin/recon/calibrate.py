@@ -32,7 +32,7 @@ from .guard import heldout_line_errors, heldout_lines, without_lines
 # multiples of the trained prior weight; the trained one (1) is always a candidate
 PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
 # a weight replaces the trained one when its mean per-line improvement exceeds this many
-# standard errors (on the simulated test slabs: never a loss; z = 0 lost up to 2.4 dB)
+# standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
 
 
