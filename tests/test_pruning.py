@@ -336,3 +336,22 @@ def test_lean_apply_keep_equals_silenced_channels(base):
             mask[0] = True
         apply_keep(g, keep)
     _same_output(m, _masked_copy(base, m))
+
+
+def test_variant_with_fewer_cg_iterations(tmp_path):
+    """``cg_iters`` gives the variant fewer CG iterations per data-consistency solve; the card
+    and the reloaded model carry it, the parent keeps its own; a gradient-step parent refuses."""
+    from recon_plugin.pruning.run import make_variant
+
+    parent = UnrolledNet(num_cascades=2, chans=8, dc="prox", cg_iters=4, noise_aware=True)
+    save_model(parent, tmp_path / "parent", {"name": "parent"})
+    card = make_variant(str(tmp_path / "parent.safetensors"), "lean", 0.5, None, tmp_path / "run",
+                        tmp_path / "variant", cg_iters=1, val_batches=0)
+    assert card["architecture"]["cg_iters"] == 1
+    variant, _ = load_model(tmp_path / "variant.safetensors")
+    assert variant.cg_iters == 1 and load_model(tmp_path / "parent.safetensors")[0].cg_iters == 4
+    grad = UnrolledNet(num_cascades=2, chans=8, dc="gradient")
+    save_model(grad, tmp_path / "grad", {"name": "grad"})
+    with pytest.raises(ValueError, match="cg_iters applies to CG data consistency"):
+        make_variant(str(tmp_path / "grad.safetensors"), "lean", 0.5, None, tmp_path / "r2",
+                     tmp_path / "v2", cg_iters=1, val_batches=0)
