@@ -95,21 +95,24 @@ def _section(result: dict) -> str:
         "## Guard: default protocol vs its own CG-SENSE (`recon-plugin bench guard`)",
         "",
         f"Protocol `{result['protocol']}` (model `{result['model']}`). Per slice: PSNR of the "
-        "default protocol (guarded network) and of the network alone minus that of the "
+        "default protocol (calibrated, guarded network) and of the network alone (neither) "
+        "minus that of the "
         "product's CG-SENSE (default lambda, the guard's fallback); least-squares scaled, "
         f"data_range = slice target max. Target: no slice below -{TOLERANCE_DB} dB.",
         "",
         "| set | slices | network kept | default - CG: worst / median (dB) | network alone - CG:"
-        " worst / median (dB) | slices below -0.5 dB (default / alone) | guard s / slice |",
-        "|---|---|---|---|---|---|---|",
+        " worst / median (dB) | slices below -0.5 dB (default / alone) | calibration: default "
+        "- alone where kept, worst / mean / best (dB) | guard s / slice |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, rows in result["sets"].items():
         d = np.array([r["default_minus_cg_db"] for r in rows])
         a = np.array([r["network_minus_cg_db"] for r in rows])
-        kept = sum(r["method"] == "unrolled" for r in rows)
+        kept = [r["method"] == "unrolled" for r in rows]
+        c = (d - a)[kept] if any(kept) else np.zeros(1)
         lines.append(
-            f"| {label} | {len(rows)} | {kept} | {d.min():+.2f} / {np.median(d):+.2f} | "
+            f"| {label} | {len(rows)} | {sum(kept)} | {d.min():+.2f} / {np.median(d):+.2f} | "
             f"{a.min():+.2f} / {np.median(a):+.2f} | {(d < -TOLERANCE_DB).sum()} / "
-            f"{(a < -TOLERANCE_DB).sum()} | "
+            f"{(a < -TOLERANCE_DB).sum()} | {c.min():+.2f} / {c.mean():+.2f} / {c.max():+.2f} | "
             f"{np.median([r['guard_seconds'] for r in rows]):.2f} |")
     return "\n".join(lines) + "\n"
