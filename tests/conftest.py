@@ -23,6 +23,15 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def small_volume():
     """A small simulated T2 axial volume of the test slab (2 slices, 8 coils, 96x80)."""

@@ -42,13 +42,7 @@ from recon_plugin.pruning.spade import (
 from recon_plugin.training.data import Batch, make_batch
 from recon_plugin.training.loop import freeze_batchnorm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # timings and sums as on one core
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

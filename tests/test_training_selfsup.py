@@ -27,13 +27,7 @@ from recon_plugin.training.losses import (
 )
 from recon_plugin.training.selfsup import TERMS, LossSpec, parse_mode
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # timings and sums as on one core
 
 
 @pytest.fixture(scope="module")
