@@ -5,7 +5,7 @@ inputs and ``--out`` at the same paths, i.e. a shared file system) or ``local:N`
 ``LocalCluster`` of N single-threaded worker processes on this machine, closed with the batch;
 Dask's worker processes exit when their parent dies).
 
-This module is only the transport: one Dask task per input file runs :func:`batch._process`
+This module is only the transport: one Dask task per input file runs :func:`batch.process_file`
 (the very function of a local batch: staging, one-rename publication), and its result comes back
 to the batch process, which alone writes the resume state and delivers to a PACS, exactly as
 for local workers. A task that runs twice (its worker died after publishing, Dask reran it
@@ -29,7 +29,14 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
-from .batch import BatchUsageError, FileResult, ProtocolCache, _process, clean_stale, output_name
+from .batch import (
+    BatchUsageError,
+    FileResult,
+    ProtocolCache,
+    clean_stale,
+    output_name,
+    process_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +110,8 @@ def run_file(path: Path, out_dir: Path, protocol, formats, overrides, protocol_d
     from distributed import get_worker
 
     p = get_worker().plugins[plugin]
-    return _process(Path(path), Path(out_dir), protocol, formats, overrides, protocol_dirs,
-                    p.recon, p.max_bytes, protocols=p.protocols)
+    return process_file(Path(path), Path(out_dir), protocol, formats, overrides, protocol_dirs,
+                        p.recon, p.max_bytes, protocols=p.protocols)
 
 
 # ----------------------------------------------------------------------------- batch side

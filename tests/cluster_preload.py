@@ -20,11 +20,11 @@ def _note(stage: str, what) -> None:
 
 
 if MARKER:
-    from recon_plugin import batch
+    from recon_plugin.batch import files  # process_file calls recon_file, which calls publish
 
-if MARKER and not getattr(batch, "_cluster_preload", False):  # Dask may import this twice
-    batch._cluster_preload = True
-    _recon_file, _publish = batch.recon_file, batch.publish
+if MARKER and not getattr(files, "_cluster_preload", False):  # Dask may import this twice
+    files._cluster_preload = True
+    _recon_file, _publish = files.recon_file, files.publish
 
     def recon_file(path, *a, **k):
         _note("compute", path)
@@ -34,7 +34,7 @@ if MARKER and not getattr(batch, "_cluster_preload", False):  # Dask may import 
         _publish(staged, final)
         _note("publish", final)
 
-    batch.recon_file, batch.publish = recon_file, publish
+    files.recon_file, files.publish = recon_file, publish
 
 
 def dask_setup(worker):  # the preload hook Dask calls; the patches above are the point

@@ -10,7 +10,7 @@ so the test can SIGKILL / SIGTERM it there):
 * ``deliver``: after the first C-STORE of a delivery.
 
 The patches are at module level so spawned batch workers (which import this file as
-``__mp_main__``) carry them too.
+``__mp_main__``) carry them too. Each replaces the name in the module that calls it.
 """
 
 import os
@@ -19,6 +19,14 @@ import time
 
 STAGE = os.environ.get("FAULT_STAGE", "")
 MARKER = os.environ.get("FAULT_MARKER", "")
+
+
+def patch(owner, name: str, new) -> None:
+    """Replace ``owner.name``; a name the code does not look up there (it moved) is an error, so
+    a fault that would never fire cannot go unnoticed."""
+    if not hasattr(owner, name):
+        raise AttributeError(f"{owner.__name__} has no {name}: patch where the code looks it up")
+    setattr(owner, name, new)
 
 
 def pause():
@@ -37,7 +45,7 @@ if STAGE == "compute":
         pause()
         return out
 
-    pipeline.Reconstructor.reconstruct = reconstruct
+    patch(pipeline.Reconstructor, "reconstruct", reconstruct)
 elif STAGE == "between_dcm":
     from recon_plugin.output import dicom
 
@@ -50,9 +58,9 @@ elif STAGE == "between_dcm":
             pause()
         return _orig_write(*a, **k)
 
-    dicom._atomic_write = _atomic_write
+    patch(dicom, "_atomic_write", _atomic_write)
 elif STAGE == "state":
-    from recon_plugin import batch
+    from recon_plugin.batch import state
     from recon_plugin.output.atomic import atomic_path
 
     def write_text_atomic(final, text, fsync=False):
@@ -62,17 +70,17 @@ elif STAGE == "state":
             pause()
             fh.write(text[len(text) // 2:])
 
-    batch.write_text_atomic = write_text_atomic
+    patch(state, "write_text_atomic", write_text_atomic)  # save_state looks it up there
 elif STAGE == "publish":
-    from recon_plugin import batch
+    from recon_plugin.batch import files
 
-    _orig_publish = batch.publish
+    _orig_publish = files.publish
 
     def publish(staged, final):
         _orig_publish(staged, final)
         pause()
 
-    batch.publish = publish
+    patch(files, "publish", publish)  # recon_file looks it up there
 elif STAGE == "deliver":
     from recon_plugin.output import pacs
 
@@ -84,7 +92,7 @@ elif STAGE == "deliver":
         pause()
         return _orig_send(paths, *a, **k)
 
-    pacs.send_files = send_files
+    patch(pacs, "send_files", send_files)
 
 if __name__ == "__main__":
     from recon_plugin.cli import main

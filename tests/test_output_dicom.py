@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from recon_plugin.output import dicom
+from recon_plugin.output import dicom, dicom_dataset
 from recon_plugin.scan import (
     Geometry,
     Identity,
@@ -202,7 +202,7 @@ def test_identity_timing_and_provenance(tmp_path):
     assert len(ds.SeriesDescription) <= 64
     for text in (ds.DerivationDescription, ds.ImageComments):
         assert "ab12" * 16 in text and "spade" in text and "brain_t2_axial_4x" in text
-    block = ds.private_block(dicom.PRIVATE_GROUP, dicom.PRIVATE_CREATOR)
+    block = ds.private_block(dicom_dataset.PRIVATE_GROUP, dicom_dataset.PRIVATE_CREATOR)
     assert block[0x01].value == "unrolled-spade-0.5" and block[0x03].value == "ab12" * 16
     assert float(block[0x05].value) == 0.5
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",

@@ -1,0 +1,46 @@
+"""Offline batch reconstruction: many raw files -> DICOM series (and optional .h5), crash-safe.
+
+Output layout (one folder per input, named ``<stem>-<hash>``: the file stem plus 8 hex digits
+of the sha256 of the resolved input path, so ``A/scan.h5`` and ``B/scan.h5`` never share one)::
+
+    OUT/
+      .recon.lock                    flock of the running batch (a second batch on OUT refuses)
+      .recon-state.json              what is finished (written atomically, fsynced)
+      .staging-<pid>-<rand>/<name>/  the scan being written (files *.part until complete)
+      <stem>-<hash>/series_1001/S1001_I0001_<SOPInstanceUID>.dcm ...
+      <stem>-<hash>/series_1001.h5
+      .pacs-queue/                   DICOM waiting for a PACS (``recon-plugin send``; the
+                                     protocol's pacs.queue_dir instead when it sets one)
+
+A scan's whole folder is written under ``.staging-*`` and published with one rename (an atomic
+exchange when it replaces an earlier run's folder), so a folder scanner sees either the old
+series, or the new one, never a part or both. A re-run into the same OUT replaces the scan's
+folder; nothing is added beside it. Startup removes stale staging (a killed run's) and
+temporary state files.
+
+Per file: read (declared sizes checked against the memory budget first), reconstruct, write to
+staging, publish, record in the state, then deliver to the PACS and record that. ``resume``
+skips inputs whose state entry matches the input's size and mtime and whose outputs are all
+there; a scan published but not yet delivered is delivered from its published files (same
+SOP / Series Instance UIDs, so a PACS that already holds some overwrites them).
+
+Workers (``workers`` > 1) are spawned processes that die with the batch (``PR_SET_PDEATHSIG``).
+``cluster`` (``tcp://HOST:PORT`` or ``local:N``) runs the same per-file function as Dask tasks
+(:mod:`recon_plugin.cluster`); results come back here, where the state is written as locally.
+SIGTERM / SIGINT abandon the file in flight (its staging is removed), write the state and raise
+:class:`BatchInterrupted`; publishing and state writes finish first.
+
+Modules: :mod:`.driver` (preflight and the batch loop), :mod:`.files` (one input: read,
+reconstruct, stage, publish), :mod:`.pool` (``--workers`` processes), :mod:`.state` (lock,
+resume state, publication, signals). A test that patches a function patches it in the module
+that calls it (e.g. ``files.publish``, ``state.write_text_atomic``).
+"""
+
+from .driver import preflight, run_batch
+from .files import FileResult, ProtocolCache, gather_inputs, output_name, process_file, recon_file
+from .state import BatchInterrupted, BatchUsageError, clean_stale
+
+__all__ = [
+    "BatchInterrupted", "BatchUsageError", "FileResult", "ProtocolCache", "clean_stale",
+    "gather_inputs", "output_name", "preflight", "process_file", "recon_file", "run_batch",
+]

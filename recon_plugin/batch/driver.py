@@ -1,0 +1,213 @@
+"""The batch driver: preflight checks, then, under the batch lock, the files not already done
+(``--resume``) in this process, in the worker pool or on Dask; each result is recorded in the
+state, then its DICOM delivered to the PACS and that recorded too."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..output.delivery import DeliveryPlan
+from ..recon.pipeline import Reconstructor
+from .files import RAW_SUFFIXES, FileResult, gather_inputs, output_name, process_file
+from .pool import run_pool
+from .state import (
+    STATE_FILE,
+    BatchInterrupted,
+    BatchUsageError,
+    batch_lock,
+    clean_stale,
+    fingerprint,
+    interruptible,
+    load_state,
+    save_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- preflight
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BatchUsageError(f"--out {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise BatchUsageError(f"--out {out_dir} cannot be created or written: "
+                              f"{e.strerror or e}") from e
+
+
+def preflight(
+    inputs: list[str | Path], out_dir: Path, protocol: str | None = None,
+    overrides: dict | None = None, send: str | None = None, workers: int = 1,
+    protocol_dirs: list[Path] | None = None, max_memory_gb: float | None = None,
+    recon: Reconstructor | None = None, cluster: str | None = None,
+) -> list[Path]:
+    """Every check that needs no reconstruction, in order: ``workers`` >= 1, ``cluster`` parses,
+    the memory limit, inputs exist and are not empty, ``send`` parses, the protocol loads, the
+    model loads (into ``recon`` when given), ``out_dir`` is a writable folder. Raises BatchUsageError (or
+    the protocol's / model's own error); returns the input files."""
+    if workers < 1:
+        raise BatchUsageError(f"--workers must be >= 1, got {workers}")
+    if cluster is not None:
+        if workers > 1:
+            raise BatchUsageError("--workers and --cluster exclude each other (local:N is N "
+                                  "workers on this machine)")
+        from ..cluster import parse_address
+
+        parse_address(cluster)
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise BatchUsageError(f"--max-memory-gb must be > 0, got {max_memory_gb}")
+    files = gather_inputs(inputs)
+    if not files:
+        raise BatchUsageError(f"no raw files ({', '.join(RAW_SUFFIXES)}) in "
+                              f"{' '.join(map(str, inputs))}")
+    if send:
+        from ..output.pacs import parse_target
+
+        parse_target(send)
+    overrides = overrides or {}
+    model = overrides.get("model")
+    method = overrides.get("method")
+    if protocol:
+        from ..config.protocol import load_protocol
+
+        proto = load_protocol(protocol, protocol_dirs)
+        settings = proto.recon_settings().override(**overrides)
+        method, model = settings.method, settings.model
+    if model and method in (None, "unrolled"):
+        from ..models.checkpoint import load_inference_model, resolve_model
+
+        if recon is not None:
+            recon.model(model)
+        else:
+            load_inference_model(resolve_model(model))
+    _check_out_dir(Path(out_dir))
+    return files
+
+
+# ----------------------------------------------------------------------------- batch
+def run_batch(
+    inputs: list[str | Path], out_dir: Path, protocol: str | None = None,
+    formats: tuple[str, ...] = ("dicom",), resume: bool = False, device: str = "cpu",
+    overrides: dict | None = None, progress: bool = True, send: str | None = None,
+    workers: int = 1, protocol_dirs: list[Path] | None = None,
+    max_memory_gb: float | None = None, cluster: str | None = None,
+) -> list[FileResult]:
+    """Reconstruct every input; never raises for a single bad file (see FileResult.error).
+
+    Raises BatchUsageError (or a protocol / model error) before reconstructing anything when the
+    batch cannot run, and BatchInterrupted (with the results so far) on SIGTERM / SIGINT.
+    ``workers`` > 1 reconstructs files in that many processes (each with
+    ``cpu_count // workers`` torch threads and its own loaded models). ``cluster``
+    (``tcp://HOST:PORT`` or ``local:N``) runs the files as Dask tasks instead; a scheduler that
+    cannot be reached raises BatchUsageError before anything is reconstructed.
+    """
+    from ..io.budget import gb_to_bytes
+
+    out_dir = Path(out_dir)
+    recon = Reconstructor(device) if workers <= 1 and not cluster else None
+    files = preflight(inputs, out_dir, protocol, overrides, send, workers, protocol_dirs,
+                      max_memory_gb, recon, cluster)
+    max_bytes = gb_to_bytes(max_memory_gb) if max_memory_gb else None
+    results: list[FileResult] = []
+    with batch_lock(out_dir), contextlib.ExitStack() as stack, interruptible():
+        try:
+            session = None
+            if cluster:
+                from ..cluster import connect
+
+                session = stack.enter_context(connect(cluster))
+            _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
+                        send, workers, protocol_dirs, max_bytes, recon, results, session)
+        except (BatchInterrupted, KeyboardInterrupt) as e:
+            signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
+            log.warning("interrupted by %s: the file in flight was abandoned; the state is in "
+                        "%s (run again with --resume)", signal.Signals(signum).name,
+                        out_dir / STATE_FILE)
+            raise BatchInterrupted(signum, _ordered(results, files)) from None
+    return _ordered(results, files)
+
+
+def _ordered(results: list[FileResult], files: list[Path]) -> list[FileResult]:
+    order = {str(p): i for i, p in enumerate(files)}
+    return sorted(results, key=lambda r: order.get(r.input, 0))
+
+
+def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress, send,
+                workers, protocol_dirs, max_bytes, recon, results, session=None) -> None:
+    """The batch proper (lock held): skip what ``resume`` finds done, reconstruct the rest;
+    ``finish`` records each result in the state and delivers it."""
+    clean_stale(out_dir)
+    state = load_state(out_dir)
+    todo = []
+    for path in files:
+        key = str(path.resolve())
+        entry = state.get(key, {})
+        done = (resume and entry.get("fingerprint") == fingerprint(path)
+                and entry.get("outputs") and all(Path(p).exists() for p in entry["outputs"]))
+        if not done:
+            todo.append(path)
+            continue
+        r = FileResult(str(path), True, entry["outputs"], protocol=entry.get("protocol", ""),
+                       skipped=True)
+        if entry.get("delivery"):  # published, delivery not finished: same files, same UIDs
+            log.info("%s: delivering the published series again", path)
+            _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, out_dir, state)
+        results.append(r)
+    bar = tqdm(total=len(todo), desc="recon", disable=not progress, dynamic_ncols=True)
+
+    def finish(path, r, written, proto):
+        bar.update(1)
+        if r.ok:
+            key = str(path.resolve())
+            plan = DeliveryPlan.make(proto.pacs, send, out_dir)
+            state[key] = {"fingerprint": fingerprint(path), "outputs": r.outputs,
+                          "protocol": r.protocol, "folder": output_name(path)}
+            if plan:
+                state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
+            save_state(out_dir, state)
+            if plan:
+                _deliver(r, plan, state[key], out_dir, state)
+        results.append(r)
+
+    try:
+        if session is not None:
+            from ..cluster import run_cluster
+
+            run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
+                        device, max_bytes, finish, results, bar if progress else None,
+                        progress=progress)
+        elif workers <= 1 or len(todo) <= 1:
+            recon = recon or Reconstructor(device)
+            for path in todo:
+                finish(path, *process_file(path, out_dir, protocol, formats, overrides,
+                                           protocol_dirs, recon, max_bytes))
+        else:
+            run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device,
+                     workers, max_bytes, finish, results)
+    finally:
+        bar.close()
+
+
+def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict) -> None:
+    """Deliver ``r``'s DICOM by ``plan``, then clear the pending delivery of its state ``entry``.
+    When a target broke off (files neither sent nor queued) the delivery stays pending, so
+    ``--resume`` delivers again, and the input is reported failed."""
+    report = plan.deliver(r.outputs)
+    r.queued = report.queued
+    if report.failed:
+        r.ok = False
+        r.error = (f"published, but PACS delivery broke off ({'; '.join(report.errors)}); "
+                   "--resume delivers again")
+        return
+    entry.pop("delivery", None)
+    save_state(out_dir, state)

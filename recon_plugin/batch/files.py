@@ -1,0 +1,178 @@
+"""One input of a batch: finding the raw files, naming their output folders, and reconstructing
+one file into staging and publishing it (:func:`recon_file`); :func:`process_file` is the
+isolating wrapper that the local loop, the worker pool and the Dask tasks all run."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..recon.pipeline import Reconstructor, write_outputs
+from .state import STAGING_PREFIX, publish
+
+log = logging.getLogger(__name__)
+
+RAW_SUFFIXES = (".h5", ".hdf5", ".mrd", ".dat")  # .dat: Siemens twix
+
+
+@dataclass
+class FileResult:
+    """What became of one input (the batch's summary line and exit code come from these)."""
+
+    input: str
+    ok: bool
+    outputs: list[str] = field(default_factory=list)
+    error: str = ""
+    protocol: str = ""
+    seconds: float = 0.0
+    skipped: bool = False
+    queued: int = 0  # DICOM files left in the PACS queue
+    timings: dict = field(default_factory=dict)  # seconds per stage (see recon_file)
+
+
+# ----------------------------------------------------------------------------- inputs / names
+def gather_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded (sorted) to their raw-data files; the same file named
+    twice is taken once. Missing paths raise FileNotFoundError."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in RAW_SUFFIXES
+                           and q.is_file())
+        elif p.exists():
+            found = [p]
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+        for q in found:
+            if q.resolve() not in seen:
+                seen.add(q.resolve())
+                out.append(q)
+    return out
+
+
+def _safe_stem(path: Path) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
+    return stem.lstrip(".")[:64] or "scan"
+
+
+def output_name(path: Path | str) -> str:
+    """The input's output folder name: ``<stem>-<first 8 hex of sha256(resolved path)>``."""
+    p = Path(path)
+    digest = hashlib.sha256(str(p.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{_safe_stem(p)}-{digest[:8]}"
+
+
+# ----------------------------------------------------------------------------- one file
+class ProtocolCache:
+    """Protocols loaded once per process (a cluster worker): the explicit ``--protocol``, or
+    every protocol on the search path for header matching."""
+
+    def __init__(self, name: str | None = None, protocol_dirs: list[Path] | None = None):
+        self.name, self.protocol_dirs = name, protocol_dirs
+        self._loaded = None
+
+    def select(self, header):
+        """The protocol of a scan with this header."""
+        from ..config.protocol import load_all, load_protocol, match_protocol
+
+        if self.name:
+            if self._loaded is None:
+                self._loaded = load_protocol(self.name, self.protocol_dirs)
+            return self._loaded
+        if self._loaded is None:
+            self._loaded = load_all(self.protocol_dirs)
+        return match_protocol(header, self._loaded)
+
+
+def _read(path: Path, max_bytes: int | None):
+    """Any supported raw file; the HDF5 readers check ``max_bytes`` before allocating."""
+    from ..io import detect_format, read_fastmri, read_ismrmrd, read_raw
+    from ..scan import RawDataError
+
+    kind, group = detect_format(path)
+    try:
+        if kind == "fastmri":
+            return read_fastmri(path, max_bytes=max_bytes)
+        if kind == "ismrmrd":
+            return read_ismrmrd(path, dataset=group, max_bytes=max_bytes)
+        return read_raw(path)  # other formats (e.g. twix): their reader
+    except RawDataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a reader bug must still name the file
+        raise RawDataError(f"{path}: unexpected {type(err).__name__} while reading: {err}") from err
+
+
+def recon_file(
+    path: Path, out_dir: Path, recon: Reconstructor, protocol_name: str | None = None,
+    formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
+    timings: dict | None = None, protocol_dirs: list[Path] | None = None,
+    max_bytes: int | None = None, protocols: ProtocolCache | None = None,
+) -> tuple[list[Path], object]:
+    """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
+    then published in one rename); returns (published paths, protocol).
+
+    ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
+    network / classical, output, and ``slices``. ``max_bytes``: memory budget of the reader.
+    ``protocols``: protocols already loaded (else loaded for this file).
+    """
+    from ..config.protocol import select_protocol
+
+    path, out_dir = Path(path), Path(out_dir)
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    scan = _read(path, max_bytes)
+    t["read"] = time.perf_counter() - t0
+    for w in scan.warnings:
+        log.warning("%s: %s", path, w)
+    protocol = (protocols.select(scan.header) if protocols is not None
+                else select_protocol(scan.header, protocol_name, protocol_dirs))
+    settings = protocol.recon_settings().override(**(overrides or {}))
+    series = recon.reconstruct(scan, settings)
+    del scan
+    for s in series:
+        s.series_number = protocol.series_number(s.series_number - 1)
+        s.series_description = protocol.series.description
+    if series:
+        t.update(series[0].timings_s)
+    t["slices"] = sum(len(s.images) for s in series)
+    t0 = time.perf_counter()
+    name = output_name(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staged = root / name
+    try:
+        staged.mkdir(parents=True)
+        written = write_outputs(series, staged, formats, protocol.dicom_kwargs())
+        final = out_dir / name
+        publish(staged, final)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    t["output"] = time.perf_counter() - t0
+    return [final / Path(w).relative_to(staged) for w in written], protocol
+
+
+def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
+                 protocol_dirs: list[Path] | None, recon: Reconstructor,
+                 max_bytes: int | None = None, protocols: ProtocolCache | None = None,
+                 ) -> tuple[FileResult, list[Path], object]:
+    """One input -> (FileResult, published paths, protocol); never raises for a bad input."""
+    t0 = time.perf_counter()
+    timings: dict = {}
+    try:
+        written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
+                                    protocol_dirs, max_bytes, protocols)
+    except Exception as e:  # isolate: report and go on with the next file
+        log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
+        log.debug("traceback", exc_info=True)
+        return FileResult(str(path), False, error=f"{type(e).__name__}: {e}"), [], None
+    r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
+                   seconds=time.perf_counter() - t0, timings=timings)
+    return r, written, proto

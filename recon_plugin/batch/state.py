@@ -1,0 +1,201 @@
+"""What keeps a batch's ``--out`` consistent when the batch is killed: the batch lock, the resume
+state (written atomically, fsynced), one-rename publication of a staged scan folder, removal of
+what a killed run left, and SIGTERM / SIGINT held back while any of these is in progress."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..output.atomic import fsync_dir, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = ".recon-state.json"
+LOCK_FILE = ".recon.lock"
+STAGING_PREFIX = ".staging-"
+
+
+class BatchUsageError(ValueError):
+    """The batch cannot start (bad arguments, unusable --out, no inputs); nothing was done."""
+
+
+class BatchInterrupted(BaseException):  # like KeyboardInterrupt: no per-file handler catches it
+    """SIGTERM / SIGINT: the file in flight was abandoned, the state was written."""
+
+    def __init__(self, signum: int, results: list | None = None):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.results = results or []
+
+
+# ----------------------------------------------------------------------------- signals
+class _Signals:
+    """SIGTERM / SIGINT raise :class:`BatchInterrupted`, except inside :meth:`hold` (publish,
+    state write), after which a pending signal is raised."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.depth:
+            self.pending = signum
+            return
+        raise BatchInterrupted(signum)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise BatchInterrupted(signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.previous[s] = signal.signal(s, self.handler)
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous.clear()
+
+
+_SIGNALS: _Signals | None = None  # the running batch's, while run_batch holds its lock
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM / SIGINT raise :class:`BatchInterrupted` inside this block (not in the middle of
+    a publication or a state write: those finish first)."""
+    global _SIGNALS
+
+    _SIGNALS = _Signals()
+    _SIGNALS.install()
+    try:
+        yield
+    finally:
+        _SIGNALS.restore()
+        _SIGNALS = None
+
+
+def critical() -> contextlib.AbstractContextManager:
+    """A block a signal must not cut in half (no-op outside :func:`interruptible`, e.g. in a
+    worker process)."""
+    return _SIGNALS.hold() if _SIGNALS is not None else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- lock
+@contextlib.contextmanager
+def batch_lock(out_dir: Path) -> Iterator[None]:
+    """flock ``out_dir/.recon.lock`` for the whole batch; a second batch on it refuses."""
+    fh = open(out_dir / LOCK_FILE, "a+")  # held for the whole batch
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise BatchUsageError(f"another recon-plugin batch is writing to {out_dir}; "
+                                  "wait for it or use another --out") from e
+        yield
+    finally:
+        fh.close()
+
+
+# ----------------------------------------------------------------------------- state
+def fingerprint(p: Path) -> str:
+    """What identifies an unchanged input for ``--resume``: size and mtime."""
+    st = p.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_state(out_dir: Path) -> dict:
+    """The resume state of ``out_dir`` ({} when absent or unreadable)."""
+    f = out_dir / STATE_FILE
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is unreadable; starting a fresh state", f)
+        return {}
+
+
+def save_state(out_dir: Path, state: dict) -> None:
+    """Replace the state file atomically and durably."""
+    with critical():
+        write_text_atomic(out_dir / STATE_FILE, json.dumps(state, indent=1), fsync=True)
+        fsync_dir(out_dir)
+
+
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove what a killed run left in ``out_dir``: staging folders and temporary state files.
+    Only call while holding the batch lock. Returns what was removed."""
+    removed = []
+    for p in out_dir.iterdir():
+        if p.name.startswith(STAGING_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{STATE_FILE}.") and p.is_file():
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p)
+    if removed:
+        log.info("removed %d stale staging / temporary files from %s", len(removed), out_dir)
+    return removed
+
+
+# ----------------------------------------------------------------------------- publication
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Make the staged folder ``final`` in one step; an existing ``final`` (an earlier run of the
+    same input) is replaced atomically and its old content removed."""
+    with critical():
+        if final.exists():
+            if not _exchange(staged, final):  # fallback: the scan is briefly absent, never doubled
+                old = staged.with_name(staged.name + ".old")
+                os.rename(final, old)
+                os.rename(staged, final)
+                staged = old
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            try:
+                os.rename(staged, final)
+            except OSError as e:  # the same scan published meanwhile (a task run twice)
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _exchange(staged, final):
+                    raise
+                shutil.rmtree(staged, ignore_errors=True)
+        fsync_dir(final.parent)

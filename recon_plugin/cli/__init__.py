@@ -1,0 +1,39 @@
+"""Command line: ``recon-plugin recon | simulate | demo | train | prune | bench | send | serve | adapt``.
+
+Exit status: 0 success; 1 at least one input failed (the others were still processed);
+2 usage or configuration error (bad arguments, unknown protocol, unreadable model), reported
+in one line before anything is reconstructed; 128 + signal number when SIGTERM / SIGINT stopped
+a batch (the state is saved: run again with ``--resume``).
+
+:mod:`.parser` builds the parser, :mod:`.commands` holds the subcommands; heavy modules are
+imported inside each command, so importing this package stays light (no torch).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..runtime import tune_allocator
+from .commands import EXIT_USAGE, log
+from .parser import build_parser
+
+__all__ = ["build_parser", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's), configure logging, run the subcommand; returns
+    the exit status (configuration errors: one logged line, exit 2)."""
+    parser = build_parser()
+    a, rest = parser.parse_known_args(argv)
+    if a.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    a.bench_args = rest
+    level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    tune_allocator()
+    try:
+        return a.fn(a)
+    except (ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return EXIT_USAGE

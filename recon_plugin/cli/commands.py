@@ -1,0 +1,222 @@
+"""The subcommands of ``recon-plugin``: each takes the parsed arguments and returns the exit
+status (see :mod:`recon_plugin.cli`); heavy modules are imported inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..batch import BatchInterrupted, FileResult
+
+log = logging.getLogger("recon_plugin")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """Bad arguments found after parsing (exit 2, one line)."""
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    """Simulate raw files (fastMRI and / or ISMRMRD) and print their paths."""
+    from ..sim import simulate_volume
+    from ..sim.writers import write_fastmri, write_ismrmrd
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(a.count):
+        vol = simulate_volume(a.split, a.contrast, a.slices, a.coils, a.matrix,
+                              orientation=a.orientation, snr=a.snr, seed=a.seed + i)
+        stem = f"sim_{a.split}_{a.contrast.lower()}_{a.orientation}_{a.acceleration:g}x_{a.seed + i}"
+        if a.format in ("fastmri", "both"):
+            written.append(write_fastmri(vol, out / f"{stem}_fastmri.h5",
+                                         acceleration=a.acceleration, seed=a.seed + i))
+        if a.format in ("ismrmrd", "both"):
+            written.append(write_ismrmrd(vol, out / f"{stem}_ismrmrd.h5",
+                                         acceleration=a.acceleration, seed=a.seed + i))
+    for w in written:
+        log.info("wrote %s", w)
+    print("\n".join(str(w) for w in written))
+    return EXIT_OK
+
+
+def _report(results: list[FileResult]) -> int:
+    """One line per input and the summary; the exit status they make."""
+    ok = [r for r in results if r.ok]
+    bad = [r for r in results if not r.ok]
+    for r in results:
+        status = "skipped (done)" if r.skipped else ("ok" if r.ok else "FAILED")
+        extra = f"{len(r.outputs)} files, {r.seconds:.1f} s, protocol {r.protocol}" if r.ok else r.error
+        if r.ok and r.timings.get("guard_checked"):
+            extra += (f", guard: {int(r.timings.get('guard_rejected', 0))} of "
+                      f"{int(r.timings['guard_checked'])} slices CG-SENSE")
+        if r.ok and r.timings.get("refine_kept") is not None and "refine" in r.timings:
+            extra += f", refinement kept on {int(r.timings['refine_kept'])} slices"
+        print(f"{status:15s} {r.input}: {extra}")
+    print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed")
+    return EXIT_OK if not bad else EXIT_FAILED
+
+
+def _interrupted(e: BatchInterrupted) -> int:
+    """What a stopped batch says; exit 128 + the signal number."""
+    done = sum(r.ok for r in e.results)
+    print(f"{e}: {done} inputs finished before; the file in flight was abandoned. Run the same "
+          "command with --resume to finish.")
+    return 128 + int(e.signum)
+
+
+def cmd_recon(a: argparse.Namespace) -> int:
+    """Batch-reconstruct the inputs into ``--out``; exit 1 when an input failed or DICOM waits in the
+    PACS queue."""
+    from ..batch import BatchInterrupted, run_batch
+
+    overrides = {"method": a.method, "model": a.model, "refine": a.refine,
+                 "refine_budget_s": a.refine_budget, "guard": False if a.no_guard else None}
+    try:
+        results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
+                            overrides, progress=not a.quiet, send=a.send, workers=a.workers,
+                            protocol_dirs=a.protocol_dir, max_memory_gb=a.max_memory_gb,
+                            cluster=a.cluster)
+    except BatchInterrupted as e:
+        return _interrupted(e)
+    code = _report(results)
+    queued = sum(r.queued for r in results)
+    if queued:
+        print(f"{queued} DICOM files could not be delivered and wait in the PACS queue; "
+              "run `recon-plugin send --queue QUEUE_DIR` later")
+        code = max(code, EXIT_FAILED)
+    return code
+
+
+def cmd_send(a: argparse.Namespace) -> int:
+    """Drain a PACS queue folder."""
+    from ..output.pacs import drain
+
+    q = Path(a.queue)
+    if not q.is_dir():
+        raise UsageError(f"--queue {q}: no such queue folder (recon writes OUT/.pacs-queue)")
+    sent, failed = drain(q)
+    print(f"sent {sent}, still queued {failed}")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Simulate one scan and reconstruct it to DICOM."""
+    from ..batch import BatchInterrupted, BatchUsageError, run_batch
+    from ..sim import simulate_volume
+    from ..sim.writers import write_ismrmrd
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise BatchUsageError(f"--out {out} is a file, not a folder")
+    raw_dir = out / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    vol = simulate_volume("test", "T2", num_slices=a.slices, num_coils=12, matrix=(192, 160),
+                          snr=30.0, seed=a.seed)
+    raw = write_ismrmrd(vol, raw_dir / "demo_t2_axial_4x.h5", acceleration=4, seed=a.seed)
+    print(f"simulated raw scan: {raw}")
+    try:
+        results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
+                            progress=not a.quiet)
+    except BatchInterrupted as e:
+        return _interrupted(e)
+    return _report(results)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    """Train the base network (resumable); print the exported model."""
+    from ..models.checkpoint import resolve_model
+    from ..training.supervised import train_base
+
+    model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, dc=a.dc, cg_iters=a.cg_iters)
+    if a.noise_aware:
+        model_kwargs["noise_aware"] = True
+    card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,
+                      Path(a.export) if a.export else None, a.time_budget,
+                      freeze_bn=a.freeze_bn, espirit=a.espirit,
+                      init_from=resolve_model(a.init) if a.init else None,
+                      pool_dir=Path(a.pool_dir) if a.pool_dir else None, stop_at=a.stop_at)
+    if card:
+        print(f"exported {a.export}.safetensors (sha256 {card['sha256'][:12]}), "
+              f"val PSNR {card['metrics']['val_psnr_db']:.2f} dB")
+    return EXIT_OK
+
+
+def cmd_train_pool(a: argparse.Namespace) -> int:
+    """Draw transfer training batches into a pool folder."""
+    from ..training.transfer import fill_pool
+
+    n = fill_pool(Path(a.pool_dir), a.batches, a.seed, a.batch_size)
+    print(f"{a.pool_dir}: drew {n} batches ({a.batches} in the pool)")
+    return EXIT_OK
+
+
+def cmd_adapt(a: argparse.Namespace) -> int:
+    """Site adaptation; exit 1 when the adapted model was not promoted."""
+    from ..adaptation.site import adapt
+
+    rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
+                seed=a.seed, device=a.device, name=a.name, time_budget_s=a.time_budget)
+    if rep.get("rank", 0) != 0:
+        return EXIT_OK
+    print(f"held-out measurement error: base {rep['base_heldout_error']:.5f}, adapted "
+          f"{rep['adapted_heldout_error']:.5f}")
+    if not rep["promoted"]:
+        print("adapted model NOT promoted (it did not beat the base model); nothing changed")
+        return EXIT_FAILED
+    ov = Path(rep["overlay"])
+    print(f"new model {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol {ov}: use "
+          f"`recon-plugin recon ... --protocol-dir {ov.parent} --protocol {ov.stem}` (or "
+          f"`--protocol {ov}`); the base protocol is unchanged")
+    return EXIT_OK
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    """Prune, fine-tune and export a variant."""
+    from ..pruning.run import make_variant
+
+    ft = None if a.finetune == "none" else a.finetune
+    card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
+                        a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
+                        pool=a.pool, pool_size=a.pool_size)
+    lat = card["latency"]
+    print(f"wrote {a.export}.safetensors: {card['parameters']} params, "
+          f"{lat.get('speedup', float('nan')):.2f}x faster than the parent at 320x320x16; "
+          f"validation {card['metrics']}")
+    return EXIT_OK
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """Hand the arguments to ``benchmarks/`` (a source checkout's folder beside the package; not
+    installed with it), imported only here and by name, so the package never depends on it."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[2]  # the checkout: recon_plugin/cli/ is 2 deep
+    if (root / "benchmarks" / "cli.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        bench_cli = importlib.import_module("benchmarks.cli")
+    except ModuleNotFoundError as e:
+        raise RuntimeError("the benchmarks are not installed with the package: run "
+                           "`recon-plugin bench` from a source checkout") from e
+    return bench_cli.run(bench_cli.build_parser("recon-plugin bench").parse_args(a.bench_args))
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """Run the MRD streaming server until stopped."""
+    from ..stream.server import serve
+
+    try:
+        serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
+              dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
+              max_connections=a.max_connections, image_dtype=a.image_dtype,
+              warmup=not a.no_warmup)
+    except OSError as e:  # e.g. the port is taken
+        log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
+        return EXIT_USAGE
+    return EXIT_OK

@@ -1,0 +1,149 @@
+"""The attributes of an MR Image Storage instance that :func:`~recon_plugin.output.dicom.write_series`
+does not set per image: the series' shared dataset (patient, study, series, equipment, MR
+acquisition, pixel format), the private provenance block and the Real World Value Mapping item."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
+
+from ..scan import ReconSeries
+from .dicom_series import DL_METHOD, _image_type, _scanning_sequence, provenance_text, series_description
+from .dicom_values import _cs, _da, _ds, _pn, _text, _tm
+
+PRIVATE_CREATOR = "RECON_PLUGIN 1.0"
+PRIVATE_GROUP = 0x0071
+
+_PATIENT_POSITIONS = {
+    "HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS",
+    "LFP", "LFS", "RFP", "RFS", "AFDR", "AFDL", "PFDR", "PFDL",
+}
+
+
+def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | None = None,
+                   laterality: str | None = None, institution: str | None = None) -> Dataset:
+    """Attributes shared by every instance of the series; ``uids``: study, series, frame;
+    ``institution`` overrides the header's (see DicomOptions)."""
+    h = series.header
+    ident, seq, prov = h.identity, h.sequence, series.provenance
+    now = _dt.datetime.now()
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = MRImageStorage
+    ds.ImageType = _image_type(series)
+    # Patient (Type 2 attributes always present, possibly empty)
+    ds.PatientName = _pn(ident.patient_name)
+    ds.PatientID = _text(ident.patient_id, 64)
+    ds.PatientBirthDate = _da(ident.patient_birth_date)
+    sex = _cs(ident.patient_sex)[:1]
+    ds.PatientSex = sex if sex in ("M", "F", "O") else ""
+    if ident.patient_weight_kg and ident.patient_weight_kg > 0:
+        ds.PatientWeight = _ds(ident.patient_weight_kg)
+    # General study
+    ds.StudyInstanceUID = uids["study"]
+    ds.StudyDate = _da(ident.study_date)
+    ds.StudyTime = _tm(ident.study_time)
+    ds.ReferringPhysicianName = _pn(ident.referring_physician)
+    ds.StudyID = _text(ident.study_id, 16)
+    ds.AccessionNumber = _text(ident.accession_number, 16)
+    if ident.study_description:
+        ds.StudyDescription = _text(ident.study_description, 64)
+    # General series
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = uids["series"]
+    ds.SeriesNumber = int(series.series_number)
+    ds.SeriesDescription = series_description(series)
+    ds.SeriesDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = now.strftime("%H%M%S")
+    ds.ProtocolName = _text(h.protocol_name or prov.protocol, 64)
+    if body_part:
+        ds.BodyPartExamined = _cs(body_part)
+        if laterality:
+            ds.Laterality = _cs(laterality)[:1]
+    else:
+        ds.Laterality = _cs(laterality)[:1] if laterality else ""  # Type 2C: unknown
+    pos = _cs(ident.patient_position)
+    ds.PatientPosition = pos if pos in _PATIENT_POSITIONS else "HFS"
+    # Frame of reference
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.PositionReferenceIndicator = ""
+    # Equipment
+    ds.Manufacturer = _text(seq.manufacturer, 64)
+    inst = institution if institution is not None else seq.institution
+    if inst:
+        ds.InstitutionName = _text(inst, 64)
+    if seq.station_name:
+        ds.StationName = _text(seq.station_name, 16)
+    if seq.model_name:
+        ds.ManufacturerModelName = _text(seq.model_name, 64)
+    ds.SoftwareVersions = _text(f"recon_plugin {prov.software_version or ''}".strip(), 64)
+    # General image / provenance
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.DerivationDescription = provenance_text(series)
+    ds.BurnedInAnnotation = "NO"
+    # MR image
+    kinds, variant, acq = _scanning_sequence(h)
+    ds.ScanningSequence = kinds
+    ds.SequenceVariant = variant
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = acq
+    ds.RepetitionTime = _ds(seq.tr_ms) if seq.tr_ms is not None else ""
+    ds.EchoTime = _ds(seq.te_ms) if seq.te_ms is not None else ""
+    ds.EchoTrainLength = int(seq.echo_train_length) if seq.echo_train_length else ""
+    if "IR" in kinds:
+        ds.InversionTime = _ds(seq.ti_ms) if seq.ti_ms is not None else ""
+    if seq.flip_deg is not None:
+        ds.FlipAngle = _ds(seq.flip_deg)
+    if seq.field_strength_t:
+        ds.MagneticFieldStrength = _ds(seq.field_strength_t)
+    if seq.sequence_type:
+        ds.SequenceName = _text(seq.sequence_type, 16)
+    ds.ImagedNucleus = "1H"
+    ds.PercentPhaseFieldOfView = _ds(100.0 * h.recon_fov_mm[1] / h.recon_fov_mm[0]) if (
+        h.recon_fov_mm[0] > 0) else ""
+    # Image pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    return ds
+
+
+def add_private_block(ds: Dataset, series: ReconSeries, slope: float, method: str) -> None:
+    """The private provenance block; ``method``: what made this image (a slice the guard sent
+    to CG-SENSE says so, and NO deep learning)."""
+    p = series.provenance
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", _text(p.model_name, 64))
+    block.add_new(0x02, "LO", _text(p.model_version, 64))
+    block.add_new(0x03, "LO", _text(p.model_hash, 64))
+    block.add_new(0x04, "LO", _text(p.pruning_method, 64))
+    block.add_new(0x05, "DS", _ds(p.pruning_ratio))
+    block.add_new(0x06, "LO", _text(p.protocol, 64))
+    block.add_new(0x07, "LO", _text(method or p.method, 64))
+    block.add_new(0x08, "LO", _text(p.finetune, 64))
+    block.add_new(0x09, "LO", _text(p.software_version, 64))
+    block.add_new(0x0A, "CS", "YES" if (method or p.method) == DL_METHOD else "NO")
+    block.add_new(0x0B, "DS", _ds(slope))
+
+
+def rwvm_item(slope: float) -> Dataset:
+    """Real World Value Mapping item: stored value * slope = reconstructed magnitude (a.u.)."""
+    unit = Dataset()
+    unit.CodeValue = "1"
+    unit.CodingSchemeDesignator = "UCUM"
+    unit.CodeMeaning = "no units"
+    item = Dataset()
+    item.RealWorldValueFirstValueMapped = 0
+    item.RealWorldValueLastValueMapped = 65535
+    item.RealWorldValueSlope = float(slope)
+    item.RealWorldValueIntercept = 0.0
+    item.LUTExplanation = "reconstructed magnitude, arbitrary units"
+    item.LUTLabel = "RECON_MAGNITUDE"
+    item.MeasurementUnitsCodeSequence = [unit]
+    return item
