@@ -270,6 +270,38 @@ def test_stream_deep_learning_protocol(server, engine, data, tiny_model, monkeyp
     assert "DL" in meta["SeriesDescription"]
 
 
+def test_stream_images_and_mrd_file_carry_the_same_meta(tmp_path):
+    """One builder: a deep-learning series written as an MRD file and sent by the stream's
+    encoder has the same meta, model version and pruning included."""
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.output.mrd_file import write_mrd_file
+    from recon_plugin.stream.images import ImageEncoder
+    from tests.test_output_dicom import make_series
+
+    protocol = load_protocol("default")
+    series = make_series()  # made by the network, with a pruned model's provenance
+    series.series_number = protocol.series_number(0)
+    series.series_description = protocol.series.description
+    series.provenance.protocol = protocol.name
+    path = write_mrd_file([series], tmp_path, stem="scan")
+    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+    try:
+        group = f"image_{series.series_number}"
+        stored = [ds.read_image(group, i) for i in range(ds.number_of_images(group))]
+    finally:
+        ds.close()
+    encoder = ImageEncoder(protocol, series.provenance, "float", len(series.images), 1)
+    assert len(stored) == len(series.images)
+    for img, im in zip(stored, series.images):
+        sent = encoder.image(im, series.header, None)
+        assert (ismrmrd.Meta.deserialize(img.attribute_string)
+                == ismrmrd.Meta.deserialize(sent.attribute_string))
+    meta = ismrmrd.Meta.deserialize(stored[0].attribute_string)
+    assert meta["RECON_PLUGIN_ModelVersion"] == "1.2.0"
+    assert meta["RECON_PLUGIN_Pruning"] == "spade:0.5"
+    assert meta["DeepLearningReconstruction"] == "YES"
+
+
 def test_json_text_and_uint16(server, data, offline):
     """TEXT JSON parameters (python-ismrmrd-server form) pick protocol and image type."""
     text = '{"parameters": {"protocol": "stream_zf", "image_dtype": "uint16"}}'

@@ -5,7 +5,6 @@ delivered to the protocol's PACS targets (:func:`scan_series`, :func:`write_and_
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 import time
@@ -19,7 +18,7 @@ import numpy as np
 
 from ..config.protocol import Protocol
 from ..output.delivery import DeliveryPlan
-from ..output.dicom_series import provenance_text, series_description
+from ..output.mrd_image import mrd_image
 from ..recon.pipeline import write_outputs
 from ..scan import ReconImage, ReconSeries, ScanHeader
 
@@ -32,9 +31,9 @@ class ImageEncoder:
     Pixels: float32 magnitudes (``DATATYPE_FLOAT``) equal to the offline reconstruction; with
     ``image_dtype="uint16"`` scaled by one factor per scan, fixed on the first slice (protocol
     ``dicom.max_value`` at twice its 99.9th percentile, clipped; the factor is in the meta as
-    ``RECON_PLUGIN_Scale``). Geometry comes from the acquisitions; meta holds DataRole,
-    ImageProcessingHistory, WindowCenter/Width, SeriesDescription, SequenceDescriptionAdditional
-    and the model / pruning / protocol labels.
+    ``RECON_PLUGIN_Scale``). Header and meta are those of an MRD file's images
+    (:func:`~recon_plugin.output.mrd_image.mrd_image`); the header also copies the slice's
+    first imaging line.
     """
 
     def __init__(self, protocol: Protocol, provenance: Any, image_dtype: str, n_slices: int,
@@ -46,73 +45,25 @@ class ImageEncoder:
     def image(self, im: ReconImage, header: ScanHeader,
               ref: ismrmrd.AcquisitionHeader | None) -> ismrmrd.Image:
         """ISMRMRD image of one slice; ``ref`` is its first imaging line's header."""
-        pixels = np.ascontiguousarray(im.pixels, dtype=np.float32)
-        meta: dict[str, Any] = {}
-        high = float(np.percentile(pixels, 99.5)) if pixels.size else 1.0
+        data = scale = None
         if self.image_dtype == "uint16":
+            pixels = np.asarray(im.pixels, dtype=np.float32)
             top = float(self.protocol.dicom.max_value)
             if self.scale is None:
                 p999 = float(np.percentile(pixels, 99.9)) if pixels.size else 0.0
                 self.scale = top / (2.0 * p999) if p999 > 0 else 1.0
-            scaled = pixels * self.scale
+            scale = self.scale
+            scaled = pixels * scale
             if (scaled > top).any():
                 log.warning("slice %d: %d pixels clipped at %g", im.slice_index,
                             int((scaled > top).sum()), top)
-            pixels = np.clip(np.rint(scaled), 0, top).astype(np.uint16)
-            high *= self.scale
-            meta["RECON_PLUGIN_Scale"] = f"{self.scale:.9g}"
-        thickness = header.slice_thickness_mm or header.recon_fov_mm[2]
-        n_rep = im.repetition * self.n_phases + im.phase
-        img = ismrmrd.Image.from_array(
-            pixels, acquisition=ref if ref is not None else ismrmrd.Acquisition(),
-            image_type=ismrmrd.IMTYPE_MAGNITUDE,
-            image_index=1 + im.slice_index + self.n_slices * n_rep,
-            image_series_index=self.protocol.series_number(im.contrast),
-            slice=im.slice_index, contrast=im.contrast, phase=im.phase,
-            repetition=im.repetition)
-        g = im.geometry
-        img.position = tuple(float(v) for v in g.position)
-        img.read_dir = tuple(float(v) for v in g.read_dir)
-        img.phase_dir = tuple(float(v) for v in g.phase_dir)
-        img.slice_dir = tuple(float(v) for v in g.slice_dir)
-        img.field_of_view = (float(header.recon_fov_mm[0]), float(header.recon_fov_mm[1]),
-                             float(thickness))
-        img.attribute_string = self._meta(im, header, max(high, 1e-12), meta).serialize()
-        return img
-
-    def _meta(self, im: ReconImage, header: ScanHeader, high: float,
-              extra: dict[str, Any]) -> ismrmrd.Meta:
-        """DataRole, processing history, window, descriptions and the provenance labels."""
-        dl = im.method == "unrolled"
-        prov = dataclasses.replace(self.prov, method=im.method, deep_learning=dl)
-        one = ReconSeries([im], header, prov,
+            data = np.clip(np.rint(scaled), 0, top).astype(np.uint16)
+        one = ReconSeries([im], header, self.prov,
                           series_number=self.protocol.series_number(im.contrast),
                           series_description=self.protocol.series.description)
-        comments = "; ".join([provenance_text(one), *im.notes])
-        meta = ismrmrd.Meta({
-            "DataRole": "Image",
-            "ImageProcessingHistory": ["RECON_PLUGIN", "DEEPLEARNING" if dl
-                                       else im.method.upper().replace("-", "")],
-            "WindowCenter": f"{high / 2:.6g}",
-            "WindowWidth": f"{high:.6g}",
-            "SeriesDescription": series_description(one),
-            "SequenceDescriptionAdditional": "DL" if dl else "RECON",
-            "ImageComments": comments[:1024],
-            "Keep_image_geometry": 1,
-            "ImageRowDir": [f"{v:.9f}" for v in im.geometry.read_dir],
-            "ImageColumnDir": [f"{v:.9f}" for v in im.geometry.phase_dir],
-            "DeepLearningReconstruction": "YES" if dl else "NO",
-            "RECON_PLUGIN_Method": im.method,
-            "RECON_PLUGIN_Protocol": self.protocol.name,
-            "RECON_PLUGIN_Model": prov.model_name if dl else "",
-            "RECON_PLUGIN_ModelVersion": prov.model_version if dl else "",
-            "RECON_PLUGIN_ModelSHA256": prov.model_hash if dl else "",
-            "RECON_PLUGIN_Pruning": f"{prov.pruning_method}:{prov.pruning_ratio:g}" if dl
-            else "none",
-            "RECON_PLUGIN_Software": prov.software_version,
-        })
-        meta.update(extra)
-        return ismrmrd.Meta({k: v for k, v in meta.items() if v not in ("", None)})
+        n_rep = im.repetition * self.n_phases + im.phase
+        return mrd_image(one, im, 1 + im.slice_index + self.n_slices * n_rep, data=data,
+                         scale=scale, acquisition=ref)
 
 
 def scan_series(images: list[ReconImage], header: ScanHeader, provenance: Any,
