@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..physics import acs_bounds, crop_readout
+from ..physics import acs_bounds, centre_run, crop_readout
 from ..scan import Geometry, RawDataError, RawScan, SliceData
 from .budget import check_budget
 from .header import encoding_info, parse_header, parse_xml
@@ -51,25 +51,13 @@ def _attr(f: h5py.File, name: str):
     return v
 
 
-def _centre_run(cols: np.ndarray) -> tuple[int, int] | None:
-    c = cols.size // 2
-    if not cols[c]:
-        return None
-    lo, hi = c, c + 1
-    while lo > 0 and cols[lo - 1]:
-        lo -= 1
-    while hi < cols.size and cols[hi]:
-        hi += 1
-    return lo, hi
-
-
 def _acs(mask: np.ndarray, num_low: int | None) -> tuple[int, int] | None:
     """ACS rows: the ``num_low_frequency`` centre block if sampled, else the centre run."""
     if num_low:
         lo, hi = acs_bounds(mask.size, int(num_low))
         if lo >= 0 and hi <= mask.size and mask[lo:hi].all():
             return lo, hi
-    run = _centre_run(mask)
+    run = centre_run(mask, mask.size // 2)
     return run if run is not None and run[1] - run[0] >= 4 else None
 
 

@@ -31,11 +31,12 @@ from collections.abc import Iterable, Iterator
 import ismrmrd
 import numpy as np
 
+from ..physics import centre_run
 from ..scan import Geometry, RawDataError, RawScan, SliceData
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 from .mrd_calibration import separate_calibration
-from .mrd_lines import LineBuffer, centre_run, channel_ids, kspace_row, place_readout
+from .mrd_lines import LineBuffer, channel_ids, kspace_row, place_readout
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..physics import centre_run
 from ..scan import SliceData
 from .header import EncodingInfo
-from .mrd_lines import LineBuffer, centre_run
+from .mrd_lines import LineBuffer
 
 Warn = Callable[[str, str], None]  # (message, key): the assembler warns once per key
 

@@ -78,19 +78,6 @@ def place_readout(
     return line, ro_mask, k
 
 
-def centre_run(rows: np.ndarray, centre: int) -> tuple[int, int] | None:
-    """[start, stop) of the run of True in ``rows`` containing ``centre``."""
-    if centre >= rows.size or not rows[centre]:
-        return None
-    lo = centre
-    while lo > 0 and rows[lo - 1]:
-        lo -= 1
-    hi = centre + 1
-    while hi < rows.size and rows[hi]:
-        hi += 1
-    return lo, hi
-
-
 @dataclass
 class LineBuffer:
     """Accumulates lines of one slice on a (coils, ny, nx) grid."""

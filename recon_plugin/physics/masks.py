@@ -12,6 +12,20 @@ def acs_bounds(num_lines: int, num_low_frequency: int) -> tuple[int, int]:
     return start, start + num_low_frequency
 
 
+def centre_run(rows: np.ndarray, centre: int) -> tuple[int, int] | None:
+    """[start, stop) of the run of True in ``rows`` containing ``centre`` (None when ``centre``
+    is not sampled): the contiguous calibration block of a sampling mask."""
+    if centre >= rows.size or not rows[centre]:
+        return None
+    lo = centre
+    while lo > 0 and rows[lo - 1]:
+        lo -= 1
+    hi = centre + 1
+    while hi < rows.size and rows[hi]:
+        hi += 1
+    return lo, hi
+
+
 def cartesian_mask(
     num_lines: int,
     acceleration: float,
