@@ -1,7 +1,7 @@
 """Batch recon on Dask (``recon-plugin bench cluster``): files per second for a local batch
-(``--workers 1``), ``--cluster local:2`` and an external ``dask scheduler`` with one and then two
-``dask worker`` processes on this machine, and the per-file overhead of the cluster path against
-the local one (same compute: one worker process, all cores).
+(``--workers 1``), ``--cluster local:2`` and an external ``dask scheduler`` with one, then (a
+fresh one) with two ``dask worker`` processes on this machine, and the per-file overhead of the
+cluster path against the local one (same compute: one worker process, all cores).
 
 Every run is ``run_batch`` in this process on the same simulated files into a fresh ``--out``;
 the wall time includes what a user waits for (model / protocol loading, connecting to the
@@ -11,63 +11,13 @@ the clock (they are the site's long-running service).
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .dask_local import start_dask
+
 HEADING = "## Batch recon on a cluster (`recon-plugin bench cluster`)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _External:
-    """``dask scheduler`` + ``dask worker`` processes on loopback (each in its own session)."""
-
-    def __init__(self, tmp: Path):
-        self.address = f"tcp://127.0.0.1:{_free_port()}"
-        self.tmp, self.procs, self.logs = tmp, [], []
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self._start(["scheduler", "--host", "127.0.0.1", "--port",
-                     self.address.rsplit(":", 1)[1], "--dashboard-address", ":0"])
-
-    def _start(self, args):
-        log = open(self.tmp / f"dask-{len(self.procs)}.log", "w")  # noqa: SIM115
-        self.logs.append(log)
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "dask", *args], env=self.env,
-                                           stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
-
-    def add_worker(self, total: int) -> None:
-        from distributed import Client
-
-        self._start(["worker", self.address, "--nthreads", "1", "--nworkers", "1", "--host",
-                     "127.0.0.1", "--dashboard-address", ":0", "--local-directory",
-                     str(self.tmp / f"w{len(self.procs)}")])
-        with Client(self.address, timeout="60s") as c:
-            c.wait_for_workers(total, timeout=120)
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        for f in self.logs:
-            f.close()
 
 
 def _files(d: Path, n: int, slices: int, coils: int, matrix: tuple[int, int]) -> list[Path]:
@@ -117,16 +67,15 @@ def run_cluster_bench(docs: Path, quick: bool = False, method: str = "cg-sense")
             _timed(files, tmp / "o-local", method))
         row("`--cluster local:2`", "LocalCluster started and closed by the batch (in the time)",
             _timed(files, tmp / "o-local2", method, cluster="local:2"))
-        ext = _External(tmp)
-        try:
-            ext.add_worker(1)
-            row("external, 1 `dask worker`", "scheduler + worker already running",
-                _timed(files, tmp / "o-ext1", method, cluster=ext.address))
-            ext.add_worker(2)
-            row("external, 2 `dask worker`", "scheduler + workers already running",
-                _timed(files, tmp / "o-ext2", method, cluster=ext.address))
-        finally:
-            ext.close()
+        for workers in (1, 2):  # each a fresh scheduler + workers, started before the clock
+            address, stop = start_dask(workers, tmp / f"dask-{workers}")
+            try:
+                note = "scheduler + workers already running" if workers > 1 else \
+                    "scheduler + worker already running"
+                row(f"external, {workers} `dask worker`", note,
+                    _timed(files, tmp / f"o-ext{workers}", method, cluster=address))
+            finally:
+                stop()
     overhead = rows[2]["outside"] - rows[0]["outside"]
     lines = [
         HEADING, "",

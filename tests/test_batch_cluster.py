@@ -6,7 +6,6 @@ code as a local batch, pixels identical."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from benchmarks.dask_local import free_port, start_dask
 from recon_plugin.batch import output_name
 from recon_plugin.cli import main
 from recon_plugin.sim import simulate_volume
@@ -79,61 +79,6 @@ def check_once(out: Path, files: list[Path]) -> None:
     assert sorted(state) == sorted(str(p.resolve()) for p in files)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """``dask scheduler`` and ``dask worker`` processes on loopback, each in its own session
-    (killing one's process group kills its nanny and its worker process)."""
-
-    def __init__(self, tmp: Path, env_extra: dict):
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env_extra)
-        self.tmp = tmp
-        self.procs = []
-        self.scheduler = self._start(["scheduler", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--dashboard-address", ":0"], "scheduler")
-        self.workers = [self.add_worker(i) for i in range(2)]
-        self.wait_for(2)
-
-    def _start(self, args, name):
-        log = open(self.tmp / f"{name}.log", "w")
-        p = subprocess.Popen([sys.executable, "-m", "dask", *args], env=self.env, cwd=ROOT,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def add_worker(self, i):
-        return self._start(["worker", self.address, "--nthreads", "1", "--nworkers", "1",
-                            "--host", "127.0.0.1", "--dashboard-address", ":0",
-                            "--local-directory", str(self.tmp / f"w{i}"),
-                            "--preload", str(PRELOAD)], f"worker{i}")
-
-    def wait_for(self, n, timeout=60):
-        from distributed import Client
-
-        with Client(self.address, timeout="30s") as c:
-            c.wait_for_workers(n, timeout=timeout)
-
-    def kill_group_of(self, pid: int) -> None:
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
-
-    def close(self):
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-
 def marks(marker: Path) -> list[tuple[int, str, str]]:
     if not marker.exists():
         return []
@@ -146,7 +91,9 @@ def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, st
     """A worker SIGKILLed mid-file (``compute``) or after publishing, before its result got back
     (``publish``): the file is rerun on the other worker; every scan once, pixels as local."""
     marker = tmp_path / "marker"
-    cl = Cluster(tmp_path, {"CLUSTER_MARKER": str(marker), "CLUSTER_SLEEP_S": "0.7"})
+    address, stop = start_dask(2, tmp_path, {"CLUSTER_MARKER": str(marker),
+                                             "CLUSTER_SLEEP_S": "0.7", "OMP_NUM_THREADS": "1"},
+                               preload=PRELOAD, timeout_s=60)
     killed: list[int] = []
 
     def killer():
@@ -155,7 +102,7 @@ def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, st
             hit = [pid for pid, s, _ in marks(marker) if s == stage]
             if hit:
                 killed.append(hit[0])
-                cl.kill_group_of(hit[0])
+                os.killpg(os.getpgid(hit[0]), signal.SIGKILL)  # the worker and its nanny
                 return
             time.sleep(0.05)
 
@@ -164,10 +111,10 @@ def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, st
     try:
         th.start()
         code = main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled",
-                     "--cluster", cl.address])
+                     "--cluster", address])
         th.join(5)
     finally:
-        cl.close()
+        stop()
     text = capsys.readouterr().out
     assert killed, "no worker was killed"
     assert code == 0, text
