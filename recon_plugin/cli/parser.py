@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="unrolled-base", help="parent model name or path")
     s.add_argument("--method", choices=["spade", "lean"], required=True)
     s.add_argument("--ratio", type=float, required=True, help="channel sparsity in (0, 1)")
+    s.add_argument("--cg-iters", type=int, default=None,
+                   help="CG iterations per data-consistency solve of the variant (default: the "
+                   "parent's)")
     s.add_argument("--finetune", default="teacher",
                    help="supervised | teacher | self | ssdu | rei | combinations with + | none")
     s.add_argument("--steps", type=int, default=150)
