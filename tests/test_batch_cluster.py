@@ -187,7 +187,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, monkeypatch):
-    from recon_plugin import cluster
+    from recon_plugin.batch import cluster
 
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1.0)
     out = tmp_path / "o"

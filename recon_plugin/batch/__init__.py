@@ -26,7 +26,7 @@ SOP / Series Instance UIDs, so a PACS that already holds some overwrites them).
 
 Workers (``workers`` > 1) are spawned processes that die with the batch (``PR_SET_PDEATHSIG``).
 ``cluster`` (``tcp://HOST:PORT`` or ``local:N``) runs the same per-file function as Dask tasks
-(:mod:`recon_plugin.cluster`); results come back here, where the state is written as locally.
+(:mod:`recon_plugin.batch.cluster`); results come back here, where the state is written as locally.
 SIGTERM / SIGINT abandon the file in flight (its staging is removed), write the state and raise
 :class:`BatchInterrupted`; publishing and state writes finish first.
 

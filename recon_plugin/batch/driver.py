@@ -61,7 +61,7 @@ def preflight(
         if workers > 1:
             raise BatchUsageError("--workers and --cluster exclude each other (local:N is N "
                                   "workers on this machine)")
-        from ..cluster import parse_address
+        from .cluster import parse_address
 
         parse_address(cluster)
     if max_memory_gb is not None and not max_memory_gb > 0:
@@ -123,7 +123,7 @@ def run_batch(
         try:
             session = None
             if cluster:
-                from ..cluster import connect
+                from .cluster import connect
 
                 session = stack.enter_context(connect(cluster))
             _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
@@ -181,7 +181,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
 
     try:
         if session is not None:
-            from ..cluster import run_cluster
+            from .cluster import run_cluster
 
             run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
                         device, max_bytes, finish, results, bar if progress else None,

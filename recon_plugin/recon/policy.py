@@ -34,6 +34,8 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
+from ..physics.masks import centre_run
+
 DEFAULT_WEIGHTS = {"acceleration": 0.5, "noise": 0.35, "acs": 0.15}
 # normalisation ranges: effective acceleration, SNR (linear, log-interpolated)
 ACC_RANGE = (2.0, 10.0)
@@ -68,12 +70,7 @@ def _acs_block(lines: np.ndarray) -> tuple[int, int]:
         if on.size == 0:
             return c, c
         c = int(on[np.argmin(np.abs(on - ny // 2))])
-    lo, hi = c, c + 1
-    while lo > 0 and lines[lo - 1]:
-        lo -= 1
-    while hi < ny and lines[hi]:
-        hi += 1
-    return lo, hi
+    return centre_run(lines, c)
 
 
 def slice_features(kspace, mask=None, noise=None) -> dict[str, float]:

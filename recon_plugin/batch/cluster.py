@@ -5,14 +5,14 @@ inputs and ``--out`` at the same paths, i.e. a shared file system) or ``local:N`
 ``LocalCluster`` of N single-threaded worker processes on this machine, closed with the batch;
 Dask's worker processes exit when their parent dies).
 
-This module is only the transport: one Dask task per input file runs :func:`batch.process_file`
+This module is only the transport: one Dask task per input file runs :func:`.files.process_file`
 (the very function of a local batch: staging, one-rename publication), and its result comes back
 to the batch process, which alone writes the resume state and delivers to a PACS, exactly as
 for local workers. A task that runs twice (its worker died after publishing, Dask reran it
 elsewhere) replaces the scan's folder with an identical one: one series. A :class:`ReconPlugin`
 (a Dask ``WorkerPlugin``) loads the Reconstructor and the protocols once per worker process.
 
-Dask is imported here only inside functions, and this module only when ``--cluster`` is given.
+This module (and Dask with it) is imported only when ``--cluster`` is given.
 """
 
 from __future__ import annotations
@@ -29,14 +29,8 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
-from .batch import (
-    BatchUsageError,
-    FileResult,
-    ProtocolCache,
-    clean_stale,
-    output_name,
-    process_file,
-)
+from .files import FileResult, ProtocolCache, output_name, process_file
+from .state import BatchUsageError, clean_stale
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +74,8 @@ class ReconPlugin(WorkerPlugin):
         self.protocols = None
 
     def setup(self, worker=None):
-        from .recon.pipeline import Reconstructor
-        from .runtime import tune_allocator
+        from ..recon.pipeline import Reconstructor
+        from ..runtime import tune_allocator
 
         tune_allocator()
         threads = self.threads
