@@ -6,17 +6,15 @@
 #            template-only training; its card says how it was made), taken from git history;
 #   stage 1: draw POOL transfer batches (recon_plugin/training/transfer.py, seed 0);
 #   stage 2: train the noise-aware MoDL network on them (cosine schedule over STEPS = 1500,
-#            stopped at STOP_AT = 1200 steps); its export is the base shipped at sha256
-#            6da4d82d80ad (commit e2e4a45);
-#   stage 3: draw POOL3 fresh batches (seed 1) and continue from stage 2 for STEPS3 steps with
-#            a new cosine schedule from LR3.
+#            stopped at STOP_AT = 1200 steps); its export is the shipped base (sha256
+#            6da4d82d80ad).
+# A stage-3 continuation (400 more steps on 120 fresh batches, seed 1) was tried and not shipped:
+# docs/BENCHMARKS.md, "Models".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/base-transfer}
 STEPS=${STEPS:-1500}
 POOL=${POOL:-224}
-POOL3=${POOL3:-120}
-STEPS3=${STEPS3:-400}
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$RUN"
 STAGE2="$RUN/stage2/unrolled-base"
@@ -34,8 +32,4 @@ if [ ! -f "$STAGE2.safetensors" ]; then
       --steps "$STEPS" --lr "${LR:-5e-4}" --stop-at "${STOP_AT:-1200}" \
       --export "$STAGE2" >>"$RUN/train.log" 2>&1
 fi
-recon-plugin train-pool "$RUN/pool3" --batches "$POOL3" --seed 1 >>"$RUN/pool3.log" 2>&1
-recon-plugin -v train --run-dir "$RUN/train3" --pool-dir "$RUN/pool3" \
-    --dc prox --noise-aware --cg-iters 4 --freeze-bn --init "$STAGE2.safetensors" \
-    --steps "$STEPS3" --lr "${LR3:-2e-4}" --export "$RUN/unrolled-base" >>"$RUN/train3.log" 2>&1
-cp "$RUN/unrolled-base.safetensors" "$RUN/unrolled-base.json" recon_plugin/weights/
+cp "$STAGE2.safetensors" "$STAGE2.json" recon_plugin/weights/

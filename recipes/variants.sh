@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Rebuilds pruned variants of the shipped unrolled-base (run recipes/base.sh first; its stage-3
-# batch pool is reused) and copies them into recon_plugin/weights/. Resumable: each run
+# Rebuilds pruned variants of the shipped unrolled-base (run recipes/base.sh first; its batch
+# pool is reused) and copies them into recon_plugin/weights/. Resumable: each run
 # continues from its checkpoints in runs/<name>/. A variant is METHOD:RATIO or
 # METHOD:RATIO:CG (CG: conjugate-gradient iterations per data-consistency solve, default the
 # parent's 4). The shipped ones:
-#   VARIANTS="lean:0.5 lean:0.5:1" recipes/variants.sh
+#   VARIANTS="lean:0.5 lean:0.8" STEPS=150 recipes/variants.sh
 # SPADE for comparison (not shipped): VARIANTS="spade:0.5 spade:0.75" SHIP=0 recipes/variants.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-POOL=${POOL:-runs/base-transfer/pool3}
+POOL=${POOL:-runs/base-transfer/pool}
 STEPS=${STEPS:-150}
-VARIANTS=${VARIANTS:-lean:0.5 lean:0.5:1}
+VARIANTS=${VARIANTS:-lean:0.5 lean:0.8}
 name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1
   IFS=: read -r M R C <<<"$1"
   echo "unrolled-$M-$R${C:+-cg$C}"
