@@ -93,3 +93,20 @@ def test_guard_and_refinement_are_reported(raw_dir, tmp_path, capsys):
     code = main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(tmp_path / "n"),
                  "--method", "unrolled", "--model", "unrolled-base", "--no-guard"])
     assert code == 0 and "guard:" not in capsys.readouterr().out
+
+
+def test_default_protocol_calibrates_and_says_so(raw_dir, tmp_path):
+    """The default protocol chooses each slice's prior weight on held-out lines and writes the
+    choice into ImageComments; --no-calibrate keeps the trained weight and says nothing."""
+    import pydicom
+
+    def comments(out):
+        return [str(pydicom.dcmread(p).ImageComments) for p in sorted(out.rglob("*.dcm"))]
+
+    assert main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(tmp_path / "c"),
+                 "--protocol", "default"]) == 0
+    got = comments(tmp_path / "c")
+    assert len(got) == 2 and all("prior weight x" in c for c in got)
+    assert main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(tmp_path / "n"),
+                 "--protocol", "default", "--no-calibrate"]) == 0
+    assert not any("prior weight" in c for c in comments(tmp_path / "n"))

@@ -76,7 +76,8 @@ def cmd_recon(a: argparse.Namespace) -> int:
     from ..batch import BatchInterrupted, run_batch
 
     overrides = {"method": a.method, "model": a.model, "refine": a.refine,
-                 "refine_budget_s": a.refine_budget, "guard": False if a.no_guard else None}
+                 "refine_budget_s": a.refine_budget, "guard": False if a.no_guard else None,
+                 "calibrate": False if a.no_calibrate else None}
     try:
         results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
                             overrides, progress=not a.quiet, send=a.send, workers=a.workers,

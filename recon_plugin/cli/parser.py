@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of refinement per slice (default: the protocol's, 20)")
     s.add_argument("--no-guard", action="store_true",
                    help="skip the per-slice held-out-line check of the network against CG-SENSE")
+    s.add_argument("--no-calibrate", action="store_true",
+                   help="keep the network's trained prior weight (skip the per-slice calibration "
+                   "on held-out lines that protocols such as default ask for)")
     s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
