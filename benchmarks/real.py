@@ -229,7 +229,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
             for t in g.log:
                 if t.get("guard_checked"):
                     guard_log.append({"case": c.name, "network_ok": not t.get("guard_rejected"),
-                                      "seconds": t["guard"]})
+                                      "seconds": t["guard"], "calibrate": t.get("calibrate")})
             for t in (gr.log if refine_budget_s else []):
                 if "refine" in t:
                     refine_log.append({"case": c.name, "kept": bool(t.get("refine_kept")),
@@ -309,10 +309,11 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
     if gl:
         lines += ["", f"Guard: network kept on {sum(d['network_ok'] for d in gl)} of {len(gl)} "
                   f"slices; its cost {np.median([d['seconds'] for d in gl]):.2f} s per slice "
-                  "(median: one network and one CG-SENSE run without the held-out lines); "
-                  "prior-weight calibration "
-                  f"{np.median([d.get('calibrate', 0.0) for d in gl]):.2f} s per slice (median: "
-                  "three network runs)."]
+                  "(median: one network and one CG-SENSE run without the held-out lines)."]
+        cal = [d["calibrate"] for d in gl if d.get("calibrate") is not None]
+        if cal:
+            lines[-1] += (f" Prior-weight calibration: {np.median(cal):.2f} s per slice (median: "
+                          "three network runs without the held-out lines).")
     rl = result.get("refine", [])
     if rl:
         lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in rl)} of "
