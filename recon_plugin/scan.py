@@ -256,3 +256,20 @@ class ReconSeries:
     series_number: int = 1
     series_description: str = ""
     timings_s: dict = field(default_factory=dict)
+
+
+def series_by_contrast(images: list[ReconImage], header: ScanHeader, provenance: Provenance,
+                       number=lambda i: i + 1, description: str = "",
+                       timings_s: dict | None = None) -> list[ReconSeries]:
+    """A scan's images as one series per contrast (contrasts in ascending order, the i-th
+    numbered ``number(i)``), images ordered by repetition, phase, slice: the grouping of batch
+    recon and the stream alike."""
+    groups: dict[int, list[ReconImage]] = {}
+    for im in images:
+        groups.setdefault(im.contrast, []).append(im)
+    out = []
+    for i, (_contrast, ims) in enumerate(sorted(groups.items())):
+        ims = sorted(ims, key=lambda im: (im.repetition, im.phase, im.slice_index))
+        out.append(ReconSeries(ims, header, provenance, series_number=number(i),
+                               series_description=description, timings_s=dict(timings_s or {})))
+    return out

@@ -26,7 +26,16 @@ from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
 from ..output import FORMATS
 from ..physics import center_crop, fft2c, ifft2c
-from ..scan import Provenance, RawDataError, RawScan, ReconImage, ReconSeries, ScanHeader, SliceData
+from ..scan import (
+    Provenance,
+    RawDataError,
+    RawScan,
+    ReconImage,
+    ReconSeries,
+    ScanHeader,
+    SliceData,
+    series_by_contrast,
+)
 from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
 from .calibrate import PRIOR_WEIGHT_GRID, calibrate_prior_weight, network_image
 from .coils import CoilMapError, EspiritParams, estimate_maps
@@ -271,20 +280,13 @@ class Reconstructor:
         scan.validate()
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
-        groups: dict[int, list[ReconImage]] = defaultdict(list)
-        slice_seconds = []
+        images, slice_seconds = [], []
         for sl in scan.slices:
             t0 = time.perf_counter()
-            groups[sl.contrast].append(
-                self.reconstruct_slice(sl, scan.header, settings, whitener, timings))
+            images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings))
             slice_seconds.append(time.perf_counter() - t0)
-        prov = self.provenance(settings)
-        out = []
-        for i, (_contrast, images) in enumerate(sorted(groups.items())):
-            images.sort(key=lambda im: (im.repetition, im.phase, im.slice_index))
-            out.append(ReconSeries(images, scan.header, prov, series_number=i + 1,
-                                   timings_s={**timings, "slice_seconds": slice_seconds}))
-        return out
+        return series_by_contrast(images, scan.header, self.provenance(settings),
+                                  timings_s={**timings, "slice_seconds": slice_seconds})
 
 
 def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:

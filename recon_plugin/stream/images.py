@@ -9,7 +9,6 @@ import logging
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..config.protocol import Protocol
 from ..output.delivery import DeliveryPlan
 from ..output.mrd_image import mrd_image
 from ..recon.pipeline import write_outputs
-from ..scan import ReconImage, ReconSeries, ScanHeader
+from ..scan import ReconImage, ReconSeries, ScanHeader, series_by_contrast
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +68,8 @@ class ImageEncoder:
 def scan_series(images: list[ReconImage], header: ScanHeader, provenance: Any,
                 protocol: Protocol) -> list[ReconSeries]:
     """A scan's images as one ReconSeries per contrast, numbered as batch recon does."""
-    groups: dict[int, list[ReconImage]] = defaultdict(list)
-    for im in images:
-        groups[im.contrast].append(im)
-    out = []
-    for i, (_c, ims) in enumerate(sorted(groups.items())):
-        ims.sort(key=lambda im: (im.repetition, im.phase, im.slice_index))
-        out.append(ReconSeries(ims, header, provenance, series_number=protocol.series_number(i),
-                               series_description=protocol.series.description))
-    return out
+    return series_by_contrast(images, header, provenance, protocol.series_number,
+                              protocol.series.description)
 
 
 def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
