@@ -127,9 +127,6 @@ class Session:
                 return self.client.dashboard_link
         return None
 
-    def worker_count(self) -> int:
-        return len(self.client.scheduler_info().get("workers", {}))
-
 
 @contextlib.contextmanager
 def connect(address: str, timeout: float | None = None):

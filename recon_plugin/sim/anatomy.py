@@ -153,15 +153,6 @@ def phantom_anatomy(shape: tuple[int, int, int] = (160, 192, 160)) -> Anatomy:
     return Anatomy(gm, wm.astype(np.float32), csf, other, affine, "builtin_phantom")
 
 
-def split_of_z(z: float, shape_z: int, template: bool = True) -> str | None:
-    """Which split an axial voxel plane belongs to (None: in a gap between slabs)."""
-    ranges = SPLITS if template else _phantom_splits(shape_z)
-    for name, slabs in ranges.items():
-        if any(lo <= z < hi for lo, hi in slabs):
-            return name
-    return None
-
-
 def _ranges(anatomy: Anatomy) -> dict:
     """Every split's axial slabs for this anatomy (template or built-in phantom)."""
     return SPLITS if anatomy.name.startswith("mni") else _phantom_splits(anatomy.shape[2])

@@ -56,7 +56,7 @@ class Batch:
 
 
 @lru_cache(maxsize=2)
-def training_anatomy(base_name: str = "") -> Anatomy:
+def training_anatomy() -> Anatomy:
     """The anatomy with every voxel outside the training slabs set to zero."""
     a = load_anatomy()
     keep = np.zeros(a.shape[2], bool)
