@@ -144,3 +144,14 @@ def test_refinement_never_sees_the_guards_lines(monkeypatch):
     assert not seen["mask"][lines].any() and not seen["kspace"][:, lines].any()
     others = np.setdiff1d(np.flatnonzero(mask.any(axis=1)), lines)
     assert seen["mask"][others].all()  # everything else is still there
+
+
+@pytest.mark.parametrize("shape", [(4, 96, 80), (3, 97, 81)])
+def test_heldout_rows_match_the_full_transform(shape):
+    """The held-out rows are computed without a full 2D FFT; they equal fft2c's rows (even and
+    odd sizes)."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    rows = np.array([0, 5, shape[1] // 2, shape[1] - 1])
+    ref = fft2c(x)[:, rows]
+    assert np.abs(guard._rows_of_fft2c(x, rows) - ref).max() < 1e-5 * np.abs(ref).max()
