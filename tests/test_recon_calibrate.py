@@ -76,13 +76,13 @@ def test_pipeline_calibrates_without_the_guards_lines(case, monkeypatch):
 
     ksp, maps, mask, acs, _ = case
     seen = {}
-    real = pipeline.calibrate_prior_weight
+    real = pipeline.heldout_evidence
 
     def spy(model, k, s, m, a, *args, **kw):
         seen["mask"], seen["kspace"] = m.copy(), k.copy()
         return real(model, k, s, m, a, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "calibrate_prior_weight", spy)
+    monkeypatch.setattr(pipeline, "heldout_evidence", spy)
     settings = ReconSettings(method="unrolled", calibrate=True)
     notes: list[str] = []
     t = defaultdict(float)
@@ -92,3 +92,64 @@ def test_pipeline_calibrates_without_the_guards_lines(case, monkeypatch):
     assert not seen["mask"][lines].any() and not seen["kspace"][:, lines].any()
     assert any(n.startswith("prior weight x") for n in notes) and t["calibrate"] > 0
     assert img.shape == mask.shape and method in ("unrolled", "cg-sense")
+
+
+def test_choose_weight_needs_a_clear_improvement():
+    rng = np.random.default_rng(0)
+    e1 = rng.uniform(1, 2, 40)
+    better = {1.0: e1, 0.25: e1 * 0.8, 0.0625: e1 * 0.9}
+    assert calibrate.choose_weight(better) == 0.25  # the largest clear improvement
+    noise = {1.0: e1, 0.25: e1 + rng.normal(0, 0.5, 40)}  # no systematic difference
+    assert calibrate.choose_weight(noise) == 1.0
+    assert calibrate.choose_weight({1.0: e1[:1], 0.25: e1[:1] * 0.1}) == 1.0  # one line: no SE
+
+
+def test_scan_calibration_pools_its_first_slices_then_reuses_the_weight():
+    rng = np.random.default_rng(1)
+    state = calibrate.ScanCalibration(slices=2)
+    ev = [{1.0: e, 0.25: e * 0.7} for e in (rng.uniform(1, 2, 5), 100 * rng.uniform(1, 2, 5))]
+    assert state.settled("m") is None
+    first = state.add("m", ev[0])
+    assert first.slices == 1 and state.settled("m") is None
+    second = state.add("m", ev[1])
+    assert second.slices == 2 and second.heldout_lines == 10 and state.settled("m") is second
+    # each slice counts alike: the 100x brighter slice does not swamp the first
+    assert second.errors[1.0] == pytest.approx(10.0)
+    assert second.weight == 0.25 and "2 slices'" in second.describe()
+    assert state.settled("other") is None  # per model
+    per_slice = calibrate.ScanCalibration(slices=0)
+    per_slice.add("m", ev[0])
+    assert per_slice.settled("m") is None and per_slice.add("m", ev[1]).slices == 1
+
+
+def test_a_scan_is_calibrated_on_its_central_slices_only(monkeypatch):
+    """Reconstructor.reconstruct calibrates the first ``calibrate_slices`` slices it processes,
+    central ones first, and every image records the weight."""
+    from recon_plugin.io import read_raw
+    from recon_plugin.recon import pipeline
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.sim.simulate import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    vol = simulate_volume("test", "T2", num_slices=5, num_coils=6, matrix=(64, 64), snr=40.0,
+                          seed=3)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        scan = read_raw(write_ismrmrd(vol, Path(d) / "s.h5", acceleration=4, seed=0))
+    calls = []
+    real = pipeline.heldout_evidence
+
+    def spy(*args, seed=0, **kw):
+        calls.append(seed - 7919)  # the slice index
+        return real(*args, seed=seed, **kw)
+
+    monkeypatch.setattr(pipeline, "heldout_evidence", spy)
+    series = Reconstructor().reconstruct(
+        scan, ReconSettings(method="unrolled", calibrate=True, calibrate_slices=2, guard=False))
+    assert sorted(calls) == [1, 2] or sorted(calls) == [2, 3]  # the central two of 0..4
+    notes = [n for im in series[0].images for n in im.notes if n.startswith("prior weight")]
+    # the first slice decided on its own lines, the second on both; the other three reuse that
+    assert len(notes) == 5 and sum("this slice's" in n for n in notes) == 1
+    assert len({n for n in notes if "2 slices'" in n}) == 1

@@ -25,9 +25,9 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     refine: {mode: none, time_budget_s: 20, max_steps: 200}
                                          # scan: fine-tune a copy of the network per slice on its
                                          # own lines (recon/refine.py), kept where it helps
-    calibration: {enabled: false, grid: [0.0625, 0.25, 1.0]}
-                                         # per-slice prior weight chosen on held-out lines
-                                         # (recon/calibrate.py)
+    calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], slices: 3}
+                                         # prior weight chosen on held-out lines of the scan's
+                                         # first 3 slices (0: every slice; recon/calibrate.py)
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
@@ -150,6 +150,7 @@ class Protocol:
             refine_max_steps=self.refine.max_steps,
             calibrate=self.calibration.enabled,
             calibrate_grid=tuple(self.calibration.grid),
+            calibrate_slices=self.calibration.slices,
         )
 
 

@@ -135,7 +135,7 @@ class RefineSpec(_Section):
 
 
 class CalibrationSpec(_Section):
-    """Per-slice prior-weight calibration (``recon/calibrate.py``): the network's learned
+    """Prior-weight calibration (``recon/calibrate.py``): the network's learned
     data-consistency weights are scaled by the grid value whose reconstruction best predicts
     held-out acquired lines (ignored when ``refine.mode`` is ``scan``, which chooses its own)."""
 
@@ -143,6 +143,9 @@ class CalibrationSpec(_Section):
     grid: Annotated[list[Annotated[float, Field(strict=True, gt=0.0, le=1000.0)]],
                     Field(min_length=1, max_length=16)] = Field(
         default_factory=lambda: list(PRIOR_WEIGHT_GRID))
+    # a scan's first n slices (central slices first in batch recon) decide one weight for all
+    # its slices; 0: every slice is calibrated on its own
+    slices: Annotated[StrictInt, Field(ge=0, le=1000)] = 3
 
 
 class SeriesSpec(_Section):

@@ -37,7 +37,7 @@ from ..scan import (
     series_by_contrast,
 )
 from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
-from .calibrate import PRIOR_WEIGHT_GRID, calibrate_prior_weight, network_image
+from .calibrate import PRIOR_WEIGHT_GRID, ScanCalibration, heldout_evidence, network_image
 from .coils import CoilMapError, EspiritParams, estimate_maps
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
@@ -65,8 +65,9 @@ class ReconSettings:
     refine: str = "none"  # "scan": per-slice self-supervised refinement (recon/refine.py)
     refine_budget_s: float = 20.0  # wall-clock seconds per slice
     refine_max_steps: int = 200
-    calibrate: bool = False  # per-slice prior weight chosen on held-out lines (calibrate.py)
+    calibrate: bool = False  # prior weight chosen on held-out lines (calibrate.py)
     calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
+    calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -144,8 +145,11 @@ class Reconstructor:
     def reconstruct_slice(
         self, sl: SliceData, header: ScanHeader, settings: ReconSettings,
         whitener: np.ndarray | None = None, timings: dict | None = None,
+        calibration: ScanCalibration | None = None,
     ) -> ReconImage:
-        """One slice -> magnitude image of the recon matrix (rows = phase, cols = readout)."""
+        """One slice -> magnitude image of the recon matrix (rows = phase, cols = readout).
+        ``calibration``: the scan's prior-weight calibration, shared by its slices (None: this
+        slice is calibrated on its own, where the settings ask for calibration)."""
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = time.perf_counter()
@@ -173,7 +177,7 @@ class Reconstructor:
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             img, method = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
-                                             sl.slice_index, notes, t)
+                                             sl.slice_index, notes, t, calibration)
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
@@ -196,6 +200,7 @@ class Reconstructor:
     def network_slice(self, name: str, ksp: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                       acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
                       notes: list[str] | None = None, timings: dict | None = None,
+                      calibration: ScanCalibration | None = None,
                       ) -> tuple[np.ndarray, str]:
         """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
         sampled, maps, mask (ky, kx)) with the protocol's scan-specific refinement and guard:
@@ -214,7 +219,7 @@ class Reconstructor:
             net = self._refine(name, ksp * keep[None], maps, keep, acs, settings, seed, notes, t)
         elif settings.calibrate:
             weight = self._calibrate(name, ksp * keep[None], maps, keep, acs, settings, seed,
-                                     notes, t)
+                                     notes, t, calibration)
         res = None
         if settings.guard:
             t0 = time.perf_counter()
@@ -240,18 +245,23 @@ class Reconstructor:
         return img, "unrolled"
 
     def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
-                   notes: list[str], t: dict) -> float:
-        """The prior weight chosen on this slice's held-out lines (``recon/calibrate.py``)."""
-        t0 = time.perf_counter()
-        cal = calibrate_prior_weight(self.model(name)[0], ksp, maps, mask, acs,
-                                     settings.calibrate_grid, settings.guard_fraction,
-                                     seed=seed + 7919, device=self.device)
-        t["calibrate"] += time.perf_counter() - t0
-        if cal is None:
-            return 1.0
-        log.info("slice %d: %s", seed, cal.describe())
-        notes.append(cal.describe())
-        return cal.weight
+                   notes: list[str], t: dict, calibration: ScanCalibration | None) -> float:
+        """The prior weight for this slice (``recon/calibrate.py``): the scan's, once its first
+        slices have decided it; else this slice's held-out evidence joins the scan's."""
+        state = calibration if calibration is not None else ScanCalibration(slices=0)
+        done = state.settled(name)
+        if done is None:
+            t0 = time.perf_counter()
+            ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
+                                  settings.calibrate_grid, settings.guard_fraction,
+                                  seed=seed + 7919, device=self.device)
+            t["calibrate"] += time.perf_counter() - t0
+            if ev is None:
+                return 1.0
+            done = state.add(name, ev)
+            log.info("slice %d: %s", seed, done.describe())
+        notes.append(done.describe())
+        return done.weight
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                 notes: list[str], t: dict):
@@ -281,9 +291,14 @@ class Reconstructor:
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
         images, slice_seconds = [], []
-        for sl in scan.slices:
+        calibration = ScanCalibration(settings.calibrate_slices)
+        # central slices first: the scan's prior weight is decided on its first slices, and
+        # the edge slices of a stack hold the least anatomy (the series are ordered afterwards)
+        centre = np.median([sl.slice_index for sl in scan.slices]) if scan.slices else 0
+        for sl in sorted(scan.slices, key=lambda sl: abs(sl.slice_index - centre)):
             t0 = time.perf_counter()
-            images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings))
+            images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings,
+                                                 calibration))
             slice_seconds.append(time.perf_counter() - t0)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})

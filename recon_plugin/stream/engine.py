@@ -34,6 +34,7 @@ from ..config.protocol import Protocol, select_protocol
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
 from ..physics import fft2c
+from ..recon.calibrate import ScanCalibration
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..runtime import tune_allocator
@@ -221,6 +222,8 @@ class _ScanState:
         self.header: ScanHeader | None = None
         self.whitener: np.ndarray | None = None
         self.timings: dict[str, float] = defaultdict(float)
+        # the scan's first slices decide its prior weight (recon/calibrate.py)
+        self.calibration = ScanCalibration(settings.calibrate_slices)
         self.deferred: list[tuple[SliceData, float]] = []
         self.noise_used = 0
         enc = asm.enc
@@ -261,7 +264,8 @@ class _ScanState:
             with self.engine.lock:
                 t0 = time.perf_counter()
                 im = self.engine.recon.reconstruct_slice(sl, self.header, self.settings,
-                                                         self.whitener, self.timings)
+                                                         self.whitener, self.timings,
+                                                         self.calibration)
                 dt = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
             log.exception("stream: slice %d failed", sl.slice_index)
