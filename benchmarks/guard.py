@@ -94,7 +94,9 @@ def _section(result: dict) -> str:
     lines = [
         "## Guard: default protocol vs its own CG-SENSE (`recon-plugin bench guard`)",
         "",
-        f"Protocol `{result['protocol']}` (model `{result['model']}`). Per slice: PSNR of the "
+        f"Protocol `{result['protocol']}` (model `{result['model']}`); every slice is run as a "
+        "one-slice scan, so each is calibrated on its own held-out lines (in a multi-slice scan "
+        "the first slices decide for all). Per slice: PSNR of the "
         "default protocol (calibrated, guarded network) and of the network alone (neither) "
         "minus that of the "
         "product's CG-SENSE (default lambda, the guard's fallback); least-squares scaled, "
