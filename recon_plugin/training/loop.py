@@ -53,7 +53,8 @@ def _plot_losses(history: list[dict], path: Path) -> None:
         ax2.set_ylabel("validation metric")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(loc="upper right")
+    if losses:
+        ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -147,8 +148,7 @@ def train_loop(
                     f"{step + 1}; the last good state is checkpointed: check the data or lower "
                     "--lr")
             opt.zero_grad(set_to_none=True)
-            sched.step()
-            continue
+            continue  # the schedule counts the steps taken
         skipped = 0
         opt.step()
         sched.step()
