@@ -7,7 +7,9 @@ the same slice read from a file give the same pixels.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one), magnitude, crop to
-the recon matrix. Stage timings (seconds) are recorded per series.
+the recon matrix. The network runs through ``network_slice``: scan-specific refinement or the
+prior-weight calibration (decided on a scan's first slices), then the per-slice guard with its
+CG-SENSE fallback. Stage timings (seconds) are recorded per series.
 """
 
 from __future__ import annotations
@@ -203,10 +205,11 @@ class Reconstructor:
                       calibration: ScanCalibration | None = None,
                       ) -> tuple[np.ndarray, str]:
         """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
-        sampled, maps, mask (ky, kx)) with the protocol's scan-specific refinement and guard:
-        (complex image (ky, kx), the method that made it, ``unrolled`` or ``cg-sense``).
-        ``notes`` receives what refinement and guard decided; ``timings`` their seconds and
-        counts (guard_checked, guard_rejected, refine_kept)."""
+        sampled, maps, mask (ky, kx)) with the protocol's scan-specific refinement or prior-weight
+        calibration (``calibration``: the scan's shared state; None: this slice alone), then the
+        guard: (complex image (ky, kx), the method that made it, ``unrolled`` or ``cg-sense``).
+        ``notes`` receives what they decided; ``timings`` their seconds and counts
+        (guard_checked, guard_rejected, refine_kept)."""
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
         net, weight = None, 1.0
