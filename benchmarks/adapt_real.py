@@ -34,20 +34,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from recon_plugin.physics import cartesian_mask
-from recon_plugin.training.data import CENTER_FRACTION
-
 from .real import (
     _method,
     bart_fn,
     guarded_fn,
-    load_full,
+    line_mask,
     network_fn,
+    real_cases,
     run_method,
     scaled_metrics,
     tune,
-    undersample,
-    with_maps,
 )
 
 log = logging.getLogger(__name__)
@@ -67,8 +63,7 @@ def write_site_file(src: Path, dst: Path, acceleration: int | None, seed: int = 
                  if a in f.attrs}
     if acceleration:
         ny = k.shape[-1]
-        m1, (lo, hi) = cartesian_mask(ny, acceleration, CENTER_FRACTION[acceleration],
-                                      "equispaced", np.random.default_rng(seed))
+        m1, (lo, hi) = line_mask(ny, acceleration, seed)  # the mask of bench real's case
         mask = m1.astype(np.float32)
         k = k * mask
         attrs.update(acceleration=acceleration, num_low_frequency=hi - lo)
@@ -94,8 +89,7 @@ def _unpromoted(base_name: str, ckpt: Path, out: Path) -> str:
 
 
 def _cases(real_dir: Path):
-    return [with_maps(undersample(n, full, a)) for n, full in load_full(real_dir / f"{BRAIN}.h5")
-            for a in (4, 8)]
+    return real_cases(real_dir)[BRAIN]
 
 
 def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,

@@ -77,10 +77,16 @@ def load_full(path: Path) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def line_mask(ny: int, acc: int, seed: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """The benchmarks' fastMRI equispaced mask of ``acc`` over ``ny`` lines (deterministic
+    offset from ``seed``): (mask (ny,), ACS rows)."""
+    return cartesian_mask(ny, acc, CENTER_FRACTION[acc], "equispaced", np.random.default_rng(seed))
+
+
 def undersample(name: str, full: np.ndarray, acc: int, seed: int = 0) -> RealCase:
-    """Equispaced fastMRI mask of ``acc`` along ky (deterministic offset from ``seed``)."""
+    """Equispaced fastMRI mask of ``acc`` along ky (:func:`line_mask`)."""
     ny, nx = full.shape[-2:]
-    m1, acs = cartesian_mask(ny, acc, CENTER_FRACTION[acc], "equispaced", np.random.default_rng(seed))
+    m1, acs = line_mask(ny, acc, seed)
     mask = np.broadcast_to(m1[:, None], (ny, nx)).astype(np.float32)
     return RealCase(f"{name} {acc}x", full * mask[None], mask, acs, rss(ifft2c(full)).astype(np.float32))
 

@@ -110,8 +110,6 @@ def network_image(model: nn.Module, kspace: np.ndarray, maps: np.ndarray, mask: 
         k = torch.from_numpy(np.ascontiguousarray(kspace))[None].to(device)
         op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps))[None].to(device),
                            torch.from_numpy(np.ascontiguousarray(mask))[None].to(device))
-        if prior_weight == 1.0:  # also serves models without the argument (gradient DC)
-            return model(k, op)[0].cpu().numpy()
         return model(k, op, prior_weight=prior_weight)[0].cpu().numpy()
 
 

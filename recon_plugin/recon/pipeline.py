@@ -217,10 +217,11 @@ class Reconstructor:
             if settings.guard else None
         # calibration and refinement never see the guard's lines (neither to fit nor to choose),
         # so the guard judges the network on data that took no part in adapting it
-        keep = guard.without_lines(mask, lines)
         if settings.refine == "scan":  # chooses its own prior weight, then trains
+            keep = guard.without_lines(mask, lines)
             net = self._refine(name, ksp * keep[None], maps, keep, acs, settings, seed, notes, t)
         elif settings.calibrate:
+            keep = guard.without_lines(mask, lines)
             weight = self._calibrate(name, ksp * keep[None], maps, keep, acs, settings, seed,
                                      notes, t, calibration)
         res = None
