@@ -155,3 +155,23 @@ def test_real_cases_follow_the_files_conventions():
         c = undersample(*cases[0], 4)
         assert c.mask[:, 0].mean() < 0.35 and np.all(c.kspace[:, c.mask[:, 0] == 0] == 0)
         assert scaled_metrics(c.target, 2 * c.target)["psnr"] == float("inf")
+
+
+def test_region_psnr_splits_the_error_between_object_and_background():
+    """An image exact inside the object and zero in a noisy background has an infinite object
+    PSNR and the background's own; the object mask covers the disc and not the corners."""
+    import numpy as np
+
+    from benchmarks.real import object_mask, region_psnr
+
+    y, x = np.mgrid[:64, :64]
+    disc = ((y - 32) ** 2 + (x - 32) ** 2 < 20 ** 2).astype(float)
+    noise = 0.02 * np.abs(np.random.default_rng(0).standard_normal((64, 64)))
+    target = disc + noise * (1 - disc)
+    inside = object_mask(target)
+    assert inside[32, 32] and not inside[0, 0] and inside.sum() >= disc.sum()
+    r = region_psnr(target, target * inside)
+    assert r["psnr_object"] > 100
+    bg = ~inside
+    expected = 10 * np.log10(target.max() ** 2 / (target[bg] ** 2).mean())
+    assert abs(r["psnr_background"] - expected) < 0.1

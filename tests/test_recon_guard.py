@@ -132,13 +132,18 @@ def test_refinement_never_sees_the_guards_lines(monkeypatch):
 
     def spy(model, k, s, m, a, *args, **kw):
         seen["mask"], seen["kspace"] = m.copy(), k.copy()
+        seen["prior_weight"] = kw["prior_weight"]
         return None, None
 
     monkeypatch.setattr(refine, "refine_slice", spy)
-    settings = ReconSettings(method="unrolled", refine="scan")
+    settings = ReconSettings(method="unrolled", refine="scan", calibrate=True)
     rec = Reconstructor()
-    rec.network_slice("unrolled-base", ksp, maps, mask, acs, settings, seed=3,
+    notes: list[str] = []
+    rec.network_slice("unrolled-base", ksp, maps, mask, acs, settings, seed=3, notes=notes,
                       timings=defaultdict(float))
+    # the refinement trains at the weight the calibration chose (first note)
+    assert notes[0].startswith("prior weight x")
+    assert notes[0].startswith(f"prior weight x{seen['prior_weight']:g} ")
     lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=3)
     assert lines.size > 0 and mask[lines].all()
     assert not seen["mask"][lines].any() and not seen["kspace"][:, lines].any()

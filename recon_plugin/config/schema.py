@@ -137,7 +137,7 @@ class RefineSpec(_Section):
 class CalibrationSpec(_Section):
     """Prior-weight calibration (``recon/calibrate.py``): the network's learned
     data-consistency weights are scaled by the grid value whose reconstruction best predicts
-    held-out acquired lines (ignored when ``refine.mode`` is ``scan``, which chooses its own)."""
+    held-out acquired lines; scan-specific refinement trains at the chosen weight."""
 
     enabled: StrictBool = False
     grid: Annotated[list[Annotated[float, Field(strict=True, gt=0.0, le=1000.0)]],

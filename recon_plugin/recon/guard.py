@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..physics import fft1c
+
 Recon = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -65,8 +67,7 @@ def _rows_of_fft2c(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     centred orthonormal FFT along kx, then the ky DFT evaluated at ``rows`` only (a few lines
     of a 2D transform at about half its cost)."""
     ny = x.shape[-2]
-    along_x = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(x, axes=-1), axis=-1, norm="ortho"),
-                              axes=-1)
+    along_x = fft1c(x, axis=-1)
     # row r of the centred DFT along ky: exp(-2 pi i (r - c)(y - c) / ny) / sqrt(ny), c = ny // 2
     c = ny // 2
     dft = np.exp(-2j * np.pi * np.outer(rows - c, np.arange(ny) - c) / ny) / np.sqrt(ny)

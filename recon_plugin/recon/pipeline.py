@@ -7,9 +7,9 @@ the same slice read from a file give the same pixels.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one), magnitude, crop to
-the recon matrix. The network runs through ``network_slice``: scan-specific refinement or the
-prior-weight calibration (decided on a scan's first slices), then the per-slice guard with its
-CG-SENSE fallback. Stage timings (seconds) are recorded per series.
+the recon matrix. The network runs through ``network_slice``: the prior-weight calibration
+(decided on a scan's first slices), scan-specific refinement at that weight where asked, then
+the per-slice guard with its CG-SENSE fallback. Stage timings (seconds) are recorded per series.
 """
 
 from __future__ import annotations
@@ -205,9 +205,10 @@ class Reconstructor:
                       calibration: ScanCalibration | None = None,
                       ) -> tuple[np.ndarray, str]:
         """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
-        sampled, maps, mask (ky, kx)) with the protocol's scan-specific refinement or prior-weight
-        calibration (``calibration``: the scan's shared state; None: this slice alone), then the
-        guard: (complex image (ky, kx), the method that made it, ``unrolled`` or ``cg-sense``).
+        sampled, maps, mask (ky, kx)) with the protocol's prior-weight calibration
+        (``calibration``: the scan's shared state; None: this slice alone) and scan-specific
+        refinement, then the guard: (complex image (ky, kx), the method that made it,
+        ``unrolled`` or ``cg-sense``).
         ``notes`` receives what they decided; ``timings`` their seconds and counts
         (guard_checked, guard_rejected, refine_kept)."""
         notes = notes if notes is not None else []
@@ -217,13 +218,14 @@ class Reconstructor:
             if settings.guard else None
         # calibration and refinement never see the guard's lines (neither to fit nor to choose),
         # so the guard judges the network on data that took no part in adapting it
-        if settings.refine == "scan":  # chooses its own prior weight, then trains
+        if settings.calibrate or settings.refine == "scan":
             keep = guard.without_lines(mask, lines)
-            net = self._refine(name, ksp * keep[None], maps, keep, acs, settings, seed, notes, t)
-        elif settings.calibrate:
-            keep = guard.without_lines(mask, lines)
-            weight = self._calibrate(name, ksp * keep[None], maps, keep, acs, settings, seed,
-                                     notes, t, calibration)
+            if settings.calibrate:
+                weight = self._calibrate(name, ksp * keep[None], maps, keep, acs, settings,
+                                         seed, notes, t, calibration)
+            if settings.refine == "scan":  # trains at the calibrated weight
+                net = self._refine(name, ksp * keep[None], maps, keep, acs, settings, seed,
+                                   notes, t, weight)
         res = None
         if settings.guard:
             t0 = time.perf_counter()
@@ -268,14 +270,15 @@ class Reconstructor:
         return done.weight
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
-                notes: list[str], t: dict):
-        """A copy of the network refined on this slice (``recon/refine.py``) or None."""
+                notes: list[str], t: dict, weight: float):
+        """A copy of the network refined on this slice at prior weight ``weight``
+        (``recon/refine.py``) or None."""
         from .refine import refine_slice
 
         net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
                                 settings.refine_budget_s, settings.refine_max_steps,
                                 heldout_fraction=settings.guard_fraction, seed=seed,
-                                device=self.device)
+                                device=self.device, prior_weight=weight)
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
             notes.append(res.describe())

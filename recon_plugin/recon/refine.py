@@ -5,12 +5,12 @@ acquired lines are held out for validation (drawn as the guard draws its lines,
 :func:`recon_plugin.recon.guard.heldout_lines`; the pipeline removes the guard's own lines
 before refining, so the two sets are disjoint); the rest are split at every step into
 data-consistency and loss lines (SSDU), and the copy learns to predict its loss lines from
-its data-consistency lines. Before that, for a noise-aware network, the strength of its prior
-(the weight of the CNN's image in every data-consistency solve) is chosen per scan from a
-grid by the held-out lines (a per-scan cross-validation of the regularisation, a few forward
-passes). The held-out lines stop training early and decide: the refined network is kept only
-where it predicts them better than the unrefined one, otherwise the slice keeps the
-unrefined network. A wall-clock budget bounds the cost per slice.
+its data-consistency lines. It trains at the prior weight the scan's calibration chose
+(:mod:`recon_plugin.recon.calibrate`; the pipeline calibrates first), so refinement starts from
+the calibrated network and can only add to it. The held-out lines stop training early and
+decide: the refined network is kept only where it predicts them better than the unrefined
+one, otherwise the slice keeps the unrefined network. A wall-clock budget bounds the cost per
+slice.
 
 Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
 (ky, kx) with lines along kx.
@@ -35,10 +35,6 @@ from .guard import heldout_error, heldout_lines
 log = logging.getLogger(__name__)
 
 
-# multiples of the trained prior weight tried per scan
-PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
-
-
 @dataclass(frozen=True)
 class RefineResult:
     """Held-out k-space error before / after, whether the refined copy is kept, and its cost."""
@@ -48,7 +44,7 @@ class RefineResult:
     error_after: float
     steps: int
     seconds: float
-    prior_weight: float = 1.0  # chosen multiple of the trained prior weight
+    prior_weight: float = 1.0  # the multiple of the trained prior weight it trained at
 
     def describe(self) -> str:
         verdict = "kept" if self.kept else "not kept (no held-out improvement), unrefined network"
@@ -57,8 +53,9 @@ class RefineResult:
                 f"{self.prior_weight:g}, {self.steps} steps, {self.seconds:.1f} s")
 
 
-def _apply(model: nn.Module, ksp: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor):
-    return model(ksp * mask, SenseOperator(maps, mask))
+def _apply(model: nn.Module, ksp: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor,
+           prior_weight: float):
+    return model(ksp * mask, SenseOperator(maps, mask), prior_weight=prior_weight)
 
 
 def refine_slice(
@@ -66,10 +63,11 @@ def refine_slice(
     acs: tuple[int, int] | None, time_budget_s: float = 20.0, max_steps: int = 200,
     lr: float = 3e-4, rho: float = 0.4, heldout_fraction: float = 0.1, check_every: int = 5,
     patience: int = 3, seed: int = 0, device: str | torch.device = "cpu",
-    scalar_lr_factor: float = 100.0,
+    scalar_lr_factor: float = 100.0, prior_weight: float = 1.0,
 ) -> tuple[nn.Module | None, RefineResult | None]:
     """(the refined copy or None, what happened); (None, None) when too few lines can be held
-    out. ``model`` is not changed. Training stops at ``max_steps``, at the time budget, or after
+    out. ``model`` is not changed; the copy trains and is judged at ``prior_weight`` (run it at
+    that weight). Training stops at ``max_steps``, at the time budget, or after
     ``patience`` checks without a better held-out error; the best checked state is returned."""
     t0 = time.perf_counter()
     lines = heldout_lines(mask, acs, heldout_fraction, seed=seed)
@@ -83,25 +81,12 @@ def refine_slice(
 
     def val_error(net: nn.Module) -> float:
         with torch.no_grad():
-            img = _apply(net, k, s, m_train)[0].cpu().numpy()
+            img = _apply(net, k, s, m_train, prior_weight)[0].cpu().numpy()
         return heldout_error(img, maps, kspace, lines)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
     before = val_error(net)
-    best, best_state, since, steps, weight = before, None, 0, 0, 1.0
-    if getattr(net, "noise_aware", False):
-        trained = net.step.detach().clone()
-        for f in PRIOR_WEIGHT_GRID:
-            if f == 1.0:
-                continue
-            with torch.no_grad():
-                net.step.copy_(trained + float(np.log(f)))
-            err = val_error(net)
-            if err < best:
-                best, weight = err, f
-                best_state = {n: v.detach().clone() for n, v in net.state_dict().items()}
-        with torch.no_grad():
-            net.step.copy_(trained + float(np.log(weight)))
+    best, best_state, since, steps = before, None, 0, 0
     for p in net.parameters():
         p.requires_grad_(True)
     # the scalar data-consistency weights (regularisation strength) adapt fast, per scan; the
@@ -113,7 +98,7 @@ def refine_slice(
     rng = np.random.default_rng(seed)
     while steps < max_steps and time.perf_counter() - t0 < time_budget_s:
         dc, loss_mask = ssdu_split(m_train, rho, acs, rng)
-        pred = _apply(net, k, s, dc)
+        pred = _apply(net, k, s, dc, prior_weight)
         loss = kspace_loss(SenseOperator(s, loss_mask).forward(pred), k * loss_mask.unsqueeze(1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,6 +118,6 @@ def refine_slice(
         net.load_state_dict(best_state)
         for p in net.parameters():
             p.requires_grad_(False)
-    result = RefineResult(kept, before, best, steps, time.perf_counter() - t0, weight)
+    result = RefineResult(kept, before, best, steps, time.perf_counter() - t0, prior_weight)
     log.debug("%s", result.describe())
     return (net if kept else None), result
