@@ -28,7 +28,7 @@ def sense_adjoint(kspace, maps, mask):
 
 
 # relative maps energy per image column that ``SenseOperator.normal`` may drop (see there)
-NORMAL_TOL = 1e-4
+NORMAL_TOL = 1e-5
 
 
 def column_virtual_maps(maps_t: torch.Tensor, tol: float) -> torch.Tensor:
@@ -88,7 +88,7 @@ class SenseOperator:
         # the coils are mixed by any unitary matrix, so ``normal`` runs on the column's
         # virtual coils (eigenvectors of the coils' Gram matrix over the column) and drops
         # those holding less than ``normal_tol`` of the maps' energy there: smooth maps have
-        # few per column (3-5 for 8-32 ESPIRiT maps at 1e-4), so the CG solves cost a few
+        # few per column (5-6 for 8-32 ESPIRiT maps at 1e-5), so the CG solves cost a few
         # coils' FFTs whatever the array. ``normal_tol`` = 0 keeps every coil (exact).
         self.normal_tol = float(normal_tol)
         rows = self.mask[..., :1]

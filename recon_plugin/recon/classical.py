@@ -50,12 +50,13 @@ def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30)
     from ..physics import SenseOperator
 
     lam = DEFAULT_LAMBDA["cg-sense"] if lamda is None else lamda
-    s = _scale(kspace, maps)
     with torch.inference_mode():
-        k = torch.from_numpy(np.ascontiguousarray(kspace / s, np.complex64))[None]
+        k = torch.from_numpy(np.ascontiguousarray(kspace, np.complex64))[None]
         op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None],
                            torch.from_numpy(np.asarray(mask, np.float32))[None])
-        aty = op.adjoint(k)
+        aty = op.adjoint(k)  # = A^H y of _scale: k-space is zero where not sampled
+        s = float(np.percentile(aty[0].abs().numpy(), 99)) or 1.0
+        aty = aty / s
         x = cg_solve(op.normal, aty, torch.zeros_like(aty), torch.tensor(float(lam)), max_iter)
     return (x[0].numpy() * s).astype(np.complex64)
 
