@@ -153,3 +153,16 @@ def test_a_scan_is_calibrated_on_its_central_slices_only(monkeypatch):
     # the first slice decided on its own lines, the second on both; the other three reuse that
     assert len(notes) == 5 and sum("this slice's" in n for n in notes) == 1
     assert len({n for n in notes if "2 slices'" in n}) == 1
+
+
+def test_a_gain_counts_only_beyond_the_noise_of_the_lines():
+    """The rule that decides both a prior weight and whether a refined network is kept: the
+    mean per-line improvement, where it exceeds one standard error of the paired differences."""
+    from recon_plugin.recon.calibrate import significant_gain
+
+    ref = np.array([1.0, 2.0, 3.0, 4.0])
+    assert significant_gain(ref, ref) == 0.0
+    assert significant_gain(ref, ref - 0.5) == pytest.approx(0.5)  # every line better
+    assert significant_gain(ref, ref + 0.5) == 0.0  # every line worse
+    assert significant_gain(ref, ref + np.array([-3.0, 1.0, 1.0, 0.9])) == 0.0  # one lucky line
+    assert significant_gain(ref[:1], ref[:1] - 1) == 0.0  # one line: no evidence

@@ -8,9 +8,9 @@ data-consistency and loss lines (SSDU), and the copy learns to predict its loss 
 its data-consistency lines. It trains at the prior weight the scan's calibration chose
 (:mod:`recon_plugin.recon.calibrate`; the pipeline calibrates first), so refinement starts from
 the calibrated network and can only add to it. The held-out lines stop training early and
-decide: the refined network is kept only where it predicts them better than the unrefined
-one, otherwise the slice keeps the unrefined network. A wall-clock budget bounds the cost per
-slice.
+decide: the refined network is kept only where it predicts them significantly better than the
+unrefined one (the calibration's rule), otherwise the slice keeps the unrefined network. A
+wall-clock budget bounds the cost per slice.
 
 Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
 (ky, kx) with lines along kx.
@@ -30,7 +30,8 @@ from torch import nn
 from ..metrics import kspace_loss
 from ..physics import SenseOperator
 from ..physics.masks import ssdu_split
-from .guard import heldout_error, heldout_lines
+from .calibrate import significant_gain
+from .guard import heldout_line_errors, heldout_lines
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class RefineResult:
     prior_weight: float = 1.0  # the multiple of the trained prior weight it trained at
 
     def describe(self) -> str:
-        verdict = "kept" if self.kept else "not kept (no held-out improvement), unrefined network"
+        verdict = "kept" if self.kept else ("not kept (no significant held-out improvement), "
+                                            "unrefined network")
         return (f"scan-specific refinement {verdict}: held-out k-space error "
                 f"{self.error_before:.4g} -> {self.error_after:.4g}, prior weight x"
                 f"{self.prior_weight:g}, {self.steps} steps, {self.seconds:.1f} s")
@@ -79,14 +81,15 @@ def refine_slice(
     s = torch.from_numpy(maps)[None].to(device)
     m_train = torch.from_numpy(train_mask)[None].to(device)
 
-    def val_error(net: nn.Module) -> float:
+    def line_errors(net: nn.Module) -> np.ndarray:
         with torch.no_grad():
             img = _apply(net, k, s, m_train, prior_weight)[0].cpu().numpy()
-        return heldout_error(img, maps, kspace, lines)
+        return heldout_line_errors(img, maps, kspace, lines)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
-    before = val_error(net)
-    best, best_state, since, steps = before, None, 0, 0
+    lines_before = line_errors(net)
+    before = float(lines_before.sum())
+    best, best_lines, best_state, since, steps = before, lines_before, None, 0, 0
     for p in net.parameters():
         p.requires_grad_(True)
     # the scalar data-consistency weights (regularisation strength) adapt fast, per scan; the
@@ -105,15 +108,17 @@ def refine_slice(
         opt.step()
         steps += 1
         if steps % check_every == 0:
-            err = val_error(net)
-            if err < best:
-                best, since = err, 0
+            errs = line_errors(net)
+            if errs.sum() < best:
+                best, best_lines, since = float(errs.sum()), errs, 0
                 best_state = {n: v.detach().clone() for n, v in net.state_dict().items()}
             else:
                 since += 1
                 if since >= patience:
                     break
-    kept = best_state is not None and best < before
+    # kept only where the held-out lines improved by more than their noise (as the calibration
+    # decides): a few lines are a noisy judge, and a wrong keep costs more than a missed one
+    kept = best_state is not None and significant_gain(lines_before, best_lines) > 0
     if kept:
         net.load_state_dict(best_state)
         for p in net.parameters():
