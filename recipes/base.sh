@@ -8,9 +8,9 @@
 #   stage 2: train the noise-aware MoDL network on them (cosine schedule over STEPS = 1500,
 #            stopped at STOP_AT = 1200 steps); its export is the shipped base (sha256
 #            6da4d82d80ad).
-# The shipped base was made with the code of its card's time. Later numerical changes that
-# leave every reconstruction the same to a few 1e-6 (ESPIRiT's top eigenvectors by power
-# iteration on a 96 grid, A^H A on per-column virtual coils) change the pool's maps and the
+# The shipped base was made with the code of its card's time. Later numerical changes (ESPIRiT's
+# top eigenvectors by power iteration on a 96 grid: maps within 1e-3, reconstructions within
+# 0.02 dB; A^H A on per-column virtual coils: images within 4e-6) change the pool's maps and the
 # training arithmetic slightly: a rerun makes a model by the same recipe, not the same bytes.
 # A stage-3 continuation (400 more steps on 120 fresh batches, seed 1) was tried and not shipped:
 # docs/BENCHMARKS.md, "Models".
