@@ -3,8 +3,12 @@
 # pool is reused) and copies them into recon_plugin/weights/. Resumable: each run
 # continues from its checkpoints in runs/<name>/. A variant is METHOD:RATIO or
 # METHOD:RATIO:CG (CG: conjugate-gradient iterations per data-consistency solve, default the
-# parent's 4). The shipped ones:
-#   VARIANTS="lean:0.5 lean:0.8" STEPS=150 recipes/variants.sh
+# parent's 4). The shipped ones (teacher fine-tuning; 1200 steps took 50 / 62 min here with
+# both runs side by side):
+#   VARIANTS="lean:0.5" STEPS=150 recipes/variants.sh
+#   VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 recipes/variants.sh
+# The 150-step LEAN 80 % shipped before lost 4.4 dB on the worst validation contrast, the
+# 1200-step one 1.5 dB (`recon-plugin bench select`, docs/BENCHMARKS.md).
 # SPADE for comparison (not shipped): VARIANTS="spade:0.5 spade:0.75" SHIP=0 recipes/variants.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
