@@ -146,14 +146,7 @@ class SenseOperator:
         """A^H A x, (batch, ky, kx) -> (batch, ky, kx)."""
         if self._rows is None:
             return self.adjoint(self.forward(image))
-        if self._maps_t is None:
-            cols = torch.nonzero(self._maps_energy().sum((0, 1)) > 0).flatten()
-            if cols.numel() == self.maps.shape[-1]:
-                cols = None  # full support: no gather / scatter
-            maps_t = self.maps if cols is None else self.maps.index_select(-1, cols)
-            maps_t = column_virtual_maps(maps_t.transpose(-1, -2).contiguous(), self.normal_tol)
-            self._maps_t = (cols, maps_t, maps_t.conj().resolve_conj())
-        cols, maps_t, maps_t_conj = self._maps_t
+        cols, maps_t, maps_t_conj = self._column_maps()
         image_t = (image if cols is None else image.index_select(-1, cols)).transpose(-1, -2)
         k = torch.fft.fft(maps_t * image_t.contiguous().unsqueeze(-3), dim=-1, norm="ortho")
         coil = torch.fft.ifft(k.mul_(self._rows), dim=-1, norm="ortho")
@@ -162,9 +155,23 @@ class SenseOperator:
             return combined.contiguous()
         return image.new_zeros(image.shape).index_copy(-1, cols, combined)
 
+    def _column_maps(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(support columns or None for all, virtual maps (batch, k, columns, ky), their
+        conjugate) for ``normal``; made once per operator (and shared by ``with_mask``)."""
+        if self._maps_t is None:
+            cols = torch.nonzero(self._maps_energy().sum((0, 1)) > 0).flatten()
+            if cols.numel() == self.maps.shape[-1]:
+                cols = None  # full support: no gather / scatter
+            maps_t = self.maps if cols is None else self.maps.index_select(-1, cols)
+            maps_t = column_virtual_maps(maps_t.transpose(-1, -2).contiguous(), self.normal_tol)
+            self._maps_t = (cols, maps_t, maps_t.conj().resolve_conj())
+        return self._maps_t
+
     def with_mask(self, mask: torch.Tensor) -> SenseOperator:
         """The same maps with another sampling mask (e.g. an SSDU subset); what depends on
-        the maps alone (support, transposed maps) is shared, not recomputed."""
+        the maps alone (support, virtual coils of ``normal``) is made once here and shared."""
         op = SenseOperator(self.maps, mask, self.normal_tol)
-        op._support, op._maps_t, op._rss2 = self._support, self._maps_t, self._rss2
+        if op._rows is not None:
+            op._maps_t = self._column_maps()
+        op._support, op._rss2 = self._support, self._rss2
         return op

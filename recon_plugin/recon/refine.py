@@ -55,9 +55,11 @@ class RefineResult:
                 f"{self.prior_weight:g}, {self.steps} steps, {self.seconds:.1f} s")
 
 
-def _apply(model: nn.Module, ksp: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor,
+def _apply(model: nn.Module, ksp: torch.Tensor, op: SenseOperator, mask: torch.Tensor,
            prior_weight: float):
-    return model(ksp * mask, SenseOperator(maps, mask), prior_weight=prior_weight)
+    """The model on the lines ``mask`` of ``ksp``; ``op`` gives the maps (and what depends on
+    them alone, made once per slice)."""
+    return model(ksp * mask, op.with_mask(mask), prior_weight=prior_weight)
 
 
 def refine_slice(
@@ -80,10 +82,11 @@ def refine_slice(
     k = torch.from_numpy(kspace)[None].to(device)
     s = torch.from_numpy(maps)[None].to(device)
     m_train = torch.from_numpy(train_mask)[None].to(device)
+    op = SenseOperator(s, m_train)
 
     def line_errors(net: nn.Module) -> np.ndarray:
         with torch.no_grad():
-            img = _apply(net, k, s, m_train, prior_weight)[0].cpu().numpy()
+            img = _apply(net, k, op, m_train, prior_weight)[0].cpu().numpy()
         return heldout_line_errors(img, maps, kspace, lines)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
@@ -101,8 +104,8 @@ def refine_slice(
     rng = np.random.default_rng(seed)
     while steps < max_steps and time.perf_counter() - t0 < time_budget_s:
         dc, loss_mask = ssdu_split(m_train, rho, acs, rng)
-        pred = _apply(net, k, s, dc, prior_weight)
-        loss = kspace_loss(SenseOperator(s, loss_mask).forward(pred), k * loss_mask.unsqueeze(1))
+        pred = _apply(net, k, op, dc, prior_weight)
+        loss = kspace_loss(op.with_mask(loss_mask).forward(pred), k * loss_mask.unsqueeze(1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
