@@ -91,11 +91,15 @@ def undersample(name: str, full: np.ndarray, acc: int, seed: int = 0) -> RealCas
     return RealCase(f"{name} {acc}x", full * mask[None], mask, acs, rss(ifft2c(full)).astype(np.float32))
 
 
+def _ls_scaled(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """|pred| (float64) times the least-squares scale onto gt."""
+    p = np.abs(pred).astype(np.float64)
+    return p * float((gt * p).sum() / max((p * p).sum(), 1e-30))
+
+
 def scaled_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """PSNR / SSIM / NMSE of |pred| after the least-squares scale onto gt (data_range = gt max)."""
-    p = np.abs(pred).astype(np.float64)
-    a = float((gt * p).sum() / max((p * p).sum(), 1e-30))
-    p = a * p
+    p = _ls_scaled(gt, pred)
     return {"psnr": psnr(gt, p), "ssim": ssim(gt, p), "nmse": nmse(gt, p)}
 
 
@@ -111,9 +115,7 @@ def object_mask(target: np.ndarray, level: float = 0.15, grow: int = 3) -> np.nd
 def region_psnr(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """PSNR (data_range = gt max) inside :func:`object_mask` and outside it (the background),
     after the same least-squares scale as :func:`scaled_metrics`."""
-    p = np.abs(pred).astype(np.float64)
-    p *= float((gt * p).sum() / max((p * p).sum(), 1e-30))
-    inside, err = object_mask(gt), (p - gt) ** 2
+    inside, err = object_mask(gt), (_ls_scaled(gt, pred) - gt) ** 2
     peak = float(gt.max()) ** 2
     return {"psnr_object": 10 * np.log10(peak / max(err[inside].mean(), 1e-30)),
             "psnr_background": 10 * np.log10(peak / max(err[~inside].mean(), 1e-30))

@@ -82,8 +82,9 @@ class SenseOperator:
         # give zero, so ``normal`` transforms only the columns of the maps' support (70-73 % of
         # a 320x320 brain slice with cropped ESPIRiT maps), on (x, ky)-transposed arrays so the
         # 1D FFTs run along the contiguous axis (about 3x faster on CPU than along a strided
-        # one). The transposed maps are made once, on the first call (an operator used only
-        # for ``forward`` / ``adjoint``, e.g. an SSDU loss mask, never pays for it).
+        # one). The transposed maps are made once per maps, on the first ``normal`` call or
+        # ``with_mask`` (which shares them); an operator built directly and used only for
+        # ``forward`` / ``adjoint`` never pays for them.
         # Per column, A^H A = sum_c S_c^* P S_c (P = ifft M' fft along ky) is unchanged when
         # the coils are mixed by any unitary matrix, so ``normal`` runs on the column's
         # virtual coils (eigenvectors of the coils' Gram matrix over the column) and drops

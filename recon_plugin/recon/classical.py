@@ -23,9 +23,13 @@ def zero_filled(kspace: np.ndarray) -> np.ndarray:
     return rss(ifft2c(kspace)).astype(np.float32)
 
 
+def _percentile_scale(image: np.ndarray) -> float:
+    """The intensity scale of the regularisation: 99th-percentile magnitude of ``A^H y``."""
+    return float(np.percentile(np.abs(image), 99)) or 1.0
+
+
 def _scale(kspace: np.ndarray, maps: np.ndarray) -> float:
-    x = (maps.conj() * ifft2c(kspace)).sum(0)
-    return float(np.percentile(np.abs(x), 99)) or 1.0
+    return _percentile_scale((maps.conj() * ifft2c(kspace)).sum(0))
 
 
 def _sigpy_app(app: str, method: str, kspace, maps, mask, lamda, max_iter) -> np.ndarray:
@@ -55,7 +59,7 @@ def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30)
         op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None],
                            torch.from_numpy(np.asarray(mask, np.float32))[None])
         aty = op.adjoint(k)  # = A^H y of _scale: k-space is zero where not sampled
-        s = float(np.percentile(aty[0].abs().numpy(), 99)) or 1.0
+        s = _percentile_scale(aty[0].numpy())
         aty = aty / s
         x = cg_solve(op.normal, aty, torch.zeros_like(aty), torch.tensor(float(lam)), max_iter)
     return (x[0].numpy() * s).astype(np.complex64)

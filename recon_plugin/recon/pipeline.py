@@ -220,12 +220,13 @@ class Reconstructor:
         # so the guard judges the network on data that took no part in adapting it
         if settings.calibrate or settings.refine == "scan":
             keep = guard.without_lines(mask, lines)
+            ksp_keep = ksp * keep[None]
             if settings.calibrate:
-                weight = self._calibrate(name, ksp * keep[None], maps, keep, acs, settings,
-                                         seed, notes, t, calibration)
+                weight = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed, notes,
+                                         t, calibration)
             if settings.refine == "scan":  # trains at the calibrated weight
-                net = self._refine(name, ksp * keep[None], maps, keep, acs, settings, seed,
-                                   notes, t, weight)
+                net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
+                                   weight)
         res = None
         if settings.guard:
             t0 = time.perf_counter()
