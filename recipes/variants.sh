@@ -9,15 +9,19 @@
 #   VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 recipes/variants.sh
 # The 150-step LEAN 80 % shipped before lost 4.4 dB on the worst validation contrast, the
 # 1200-step one 1.5 dB (`recon-plugin bench select`, docs/BENCHMARKS.md).
+# ALIGN=8 keeps a multiple of 8 channels in every LEAN layer (prune --align; name suffix -a8):
+#   ALIGN=8 VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 recipes/variants.sh
 # SPADE for comparison (not shipped): VARIANTS="spade:0.5 spade:0.75" SHIP=0 recipes/variants.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 POOL=${POOL:-runs/base-transfer/pool}
 STEPS=${STEPS:-150}
 VARIANTS=${VARIANTS:-lean:0.5 lean:0.8}
-name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1
+ALIGN=${ALIGN:-1}
+name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1 (ALIGN=8: -a8)
   IFS=: read -r M R C <<<"$1"
-  echo "unrolled-$M-$R${C:+-cg$C}"
+  if [ "$ALIGN" = 1 ]; then A=""; else A="-a$ALIGN"; fi
+  echo "unrolled-$M-$R${C:+-cg$C}$A"
 }
 # the transfer batch pool of recipes/base.sh stage 1 (drawn here too when absent: resumable)
 OMP_NUM_THREADS=${THREADS:-1} recon-plugin train-pool "$POOL" --batches "${POOL_BATCHES:-224}" \
@@ -28,8 +32,8 @@ for V in $VARIANTS; do
   RUN=runs/$N
   mkdir -p "$RUN"
   OMP_NUM_THREADS=${THREADS:-1} recon-plugin prune --model unrolled-base --method "$M" \
-      --ratio "$R" ${C:+--cg-iters "$C"} --finetune teacher --steps "$STEPS" --lr "${LR:-1e-3}" \
-      --pool "$POOL" --time-budget "${BUDGET:-36000}" --run-dir "$RUN" --export "$RUN/$N" \
+      --ratio "$R" ${C:+--cg-iters "$C"} --align "$ALIGN" --finetune teacher --steps "$STEPS" \
+      --lr "${LR:-1e-3}" --pool "$POOL" --time-budget "${BUDGET:-36000}" --run-dir "$RUN" --export "$RUN/$N" \
       >>"$RUN/prune.log" 2>&1 &
 done
 wait

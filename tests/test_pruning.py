@@ -25,6 +25,7 @@ from recon_plugin.pruning.finetune import (
     make_validator,
 )
 from recon_plugin.pruning.lean import (
+    align_counts,
     apply_keep,
     build_channel_graph,
     lean_prune,
@@ -169,7 +170,7 @@ def test_export_variant_card(base, tmp_path):
     assert card["parent_sha256"] == parent["sha256"] and card["parent_name"] == "unrolled-tiny"
     assert card["pruning"] == {"method": "lean", "ratio": 0.5,
                                "hidden_channels": count_channels(pruned),
-                               "parent_hidden_channels": count_channels(base)}
+                               "parent_hidden_channels": count_channels(base), "align": 1}
     assert card["finetune"] == "teacher+self" and card["metrics"]["psnr_4x"] == 30.0
     assert card["parameters"] == card["params"] < parent["parameters"]
     assert card["flops"]["total_flops"] > 0 and card["latency"]["seconds_per_slice"] > 0
@@ -316,6 +317,35 @@ def test_lean_prune_dense_runs_and_roundtrips(base, tmp_path):
     save_model(pruned, tmp_path / "lean", {"name": "lean"})
     loaded, _ = load_model(tmp_path / "lean")
     _same_output(loaded, pruned)
+
+
+def test_align_counts_rounds_by_path_score():
+    """Counts go to the nearest multiple (half up, at least one block, at most the layer):
+    the best-scored unkept channels are added, the worst-scored kept ones dropped."""
+    score = np.arange(16, dtype=float)  # channel c scores c
+    keep = {"a": np.isin(np.arange(16), [0, 1, 2, 3, 4]),  # 5 -> 4: drop channel 0
+            "b": np.isin(np.arange(16), [0, 1, 2, 3, 4, 5]),  # 6 -> 8: add 15 and 14
+            "c": np.isin(np.arange(16), [7]),  # 1 -> 4 (one block at least)
+            "d": np.ones(16, bool)}  # 16 stays
+    out = align_counts(keep, {n: score for n in keep}, 4)
+    assert list(np.flatnonzero(out["a"])) == [1, 2, 3, 4]
+    assert list(np.flatnonzero(out["b"])) == [0, 1, 2, 3, 4, 5, 14, 15]
+    assert list(np.flatnonzero(out["c"])) == [7, 13, 14, 15]
+    assert out["d"].all()
+
+
+def test_lean_align_gives_block_multiples(base):
+    pruned = lean_prune(base, 0.6, example_hw=(32, 32), layer_norm=True, align=4)
+    convs = [m for m in pruned.cnn_modules()[0].modules()
+             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    hidden = [m.out_channels for m in convs[:-1]]  # the last conv is the 2-channel output
+    assert all(c % 4 == 0 and c >= 4 for c in hidden), hidden
+    assert count_channels(pruned) < count_channels(base)
+    _runs_anywhere(pruned)
+    from recon_plugin.pruning.run import prune_model
+
+    with pytest.raises(ValueError, match="applies to LEAN"):
+        prune_model(base, "spade", 0.5, align=4)
 
 
 def test_lean_apply_keep_equals_silenced_channels(base):

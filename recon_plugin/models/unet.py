@@ -76,8 +76,18 @@ class UNet(nn.Module):
         for up_conv, block in zip(self.up_conv, self.up):
             x = up_conv(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
-        x = self.out(x)
-        return x[..., :h, :w]
+        return _pointwise(self.out, x)[..., :h, :w]
+
+
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 convolution; on a channels-last ``x`` as one matrix product over
+    the pixels (the same sums; PyTorch's CPU convolution takes a slow generic path for a few
+    output channels, 2.3 ms instead of 0.2 for 16 -> 2 channels at 320x320)."""
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0) \
+            or conv.groups != 1 or not x.is_contiguous(memory_format=torch.channels_last):
+        return conv(x)
+    w = conv.weight.flatten(1)  # (out, in)
+    return F.linear(x.permute(0, 2, 3, 1), w, conv.bias).permute(0, 3, 1, 2)
 
 
 class ResCNN(nn.Module):

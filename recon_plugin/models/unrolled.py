@@ -109,6 +109,19 @@ def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
     return x
 
 
+def sense_cg(op: SenseOperator, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
+             iters: int) -> torch.Tensor:
+    """``cg_solve`` of ``(A^H A + mu I) x = rhs`` for a SENSE operator, run in its column
+    layout (``op.to_columns``): outside the columns the maps reach, ``A^H A = 0`` and
+    ``x = rhs / mu`` exactly. Where ``rhs = mu x0`` there (as in every call here: ``A^H y``
+    is zero there), this is the same iteration as ``cg_solve(op.normal, ...)`` on whole
+    images, without gathering and scattering the columns at every step.
+    rhs, x0: complex (batch, ky, kx); mu: scalar tensor or (batch, 1, 1), > 0."""
+    mu_c = mu.reshape(-1, 1, 1) if mu.ndim else mu
+    x = cg_solve(op.normal_columns, op.to_columns(rhs), op.to_columns(x0), mu_c, iters)
+    return op.from_columns(x, rhs / mu)
+
+
 class UnrolledNet(nn.Module):
     """``num_cascades`` x (data consistency + residual CNN prior); see the module docstring.
 
@@ -184,7 +197,7 @@ class UnrolledNet(nn.Module):
         if self.noise_aware:
             s2 = normalised_noise_variance(kspace, op.mask, scale) * prior_weight
             mu0 = self.step[-1].exp() * s2 + self.mu_floor.exp()
-            x = cg_solve(op.normal, aty, torch.zeros_like(aty), mu0, self.cg_iters)
+            x = sense_cg(op, aty, torch.zeros_like(aty), mu0, self.cg_iters)
         for k in range(self.num_cascades):
             prior = self.priors[k % len(self.priors)]
             if self.dc == "gradient":
@@ -196,7 +209,7 @@ class UnrolledNet(nn.Module):
                     mu = self.step[k].exp() * s2 + self.mu_floor.exp()
                 else:
                     mu = self.step[k].exp() * prior_weight
-                x = cg_solve(op.normal, aty + mu * z, z, mu, self.cg_iters)
+                x = sense_cg(op, aty + mu * z, z, mu, self.cg_iters)
             if return_cascades:
                 cascades.append(x)
         x = x * (scale * op.support)

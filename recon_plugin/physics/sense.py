@@ -147,14 +147,37 @@ class SenseOperator:
         """A^H A x, (batch, ky, kx) -> (batch, ky, kx)."""
         if self._rows is None:
             return self.adjoint(self.forward(image))
-        cols, maps_t, maps_t_conj = self._column_maps()
-        image_t = (image if cols is None else image.index_select(-1, cols)).transpose(-1, -2)
-        k = torch.fft.fft(maps_t * image_t.contiguous().unsqueeze(-3), dim=-1, norm="ortho")
+        return self.from_columns(self.normal_columns(self.to_columns(image)),
+                                 torch.zeros_like(image))
+
+    # The column layout: what ``normal`` works in, for iterative solvers to stay in (see
+    # ``models.unrolled.sense_cg``). Images (batch, ky, kx) become (batch, support columns, ky)
+    # contiguous; without line sampling it is the image layout itself.
+    def to_columns(self, image: torch.Tensor) -> torch.Tensor:
+        """image (batch, ky, kx) -> the support columns, transposed: (batch, columns, ky)."""
+        if self._rows is None:
+            return image
+        cols = self._column_maps()[0]
+        sub = image if cols is None else image.index_select(-1, cols)
+        return sub.transpose(-1, -2).contiguous()
+
+    def from_columns(self, columns: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_columns`: (batch, columns, ky) -> (batch, ky, kx), the other
+        columns taken from ``outside`` (batch, ky, kx) (a new tensor; differentiable)."""
+        if self._rows is None:
+            return columns
+        cols = self._column_maps()[0]
+        full = columns.transpose(-1, -2)
+        return full.contiguous() if cols is None else outside.index_copy(-1, cols, full)
+
+    def normal_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """A^H A in the column layout: (batch, columns, ky) -> (batch, columns, ky)."""
+        if self._rows is None:
+            return self.normal(columns)
+        _, maps_t, maps_t_conj = self._column_maps()
+        k = torch.fft.fft(maps_t * columns.unsqueeze(-3), dim=-1, norm="ortho")
         coil = torch.fft.ifft(k.mul_(self._rows), dim=-1, norm="ortho")
-        combined = coil.mul_(maps_t_conj).sum(dim=-3).transpose(-1, -2)  # (batch, ky, columns)
-        if cols is None:
-            return combined.contiguous()
-        return image.new_zeros(image.shape).index_copy(-1, cols, combined)
+        return coil.mul_(maps_t_conj).sum(dim=-3)
 
     def _column_maps(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(support columns or None for all, virtual maps (batch, k, columns, ky), their

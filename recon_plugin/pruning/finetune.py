@@ -203,10 +203,12 @@ def export_variant(
     latency_hw: tuple[int, int] = (256, 256),
     latency_coils: int = 16,
     training: dict | None = None,
+    align: int = 1,
 ) -> dict:
     """Write a pruned variant (``path``.safetensors + .json card via ``save_model``).
 
-    The card records the parent's sha256 and name, the pruning method / ratio / channels, the
+    The card records the parent's sha256 and name, the pruning method / ratio / channels (and
+    ``align``, the channel-count multiple, see ``lean.align_counts``), the
     fine-tuning mode, parameters, FLOPs at 320x320 x 16 coils, the measured CPU latency at
     ``latency_hw`` x ``latency_coils`` (side by side with ``parent`` when given) and
     ``metrics`` (e.g. PSNR / SSIM). Returns the card as written.
@@ -228,7 +230,8 @@ def export_variant(
         "training": dict(training or {}) | {
             "command": " ".join(shlex.quote(a) for a in sys.argv), "host_cpus": os.cpu_count()},
         "pruning": {"method": method, "ratio": float(ratio), "hidden_channels": count_channels(model),
-                    "parent_hidden_channels": count_channels(parent) if parent else None},
+                    "parent_hidden_channels": count_channels(parent) if parent else None,
+                    "align": int(align)},
         "finetune": mode,
         "flops": count_flops(model),
         "latency": latency,

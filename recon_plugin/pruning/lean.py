@@ -98,7 +98,7 @@ def _layer_normalised(g: ChannelGraph) -> dict[str, np.ndarray]:
 
 def lean_select(
     g: ChannelGraph, ratio: float, max_paths: int = 20000, min_channels: int = 1,
-    layer_norm: bool = False,
+    layer_norm: bool = False, align: int = 1,
 ) -> dict[str, np.ndarray]:
     """Boolean keep-masks of the hidden layers' output channels, ``(1 - ratio)`` budget.
 
@@ -108,6 +108,8 @@ def lean_select(
     With plain operator norms, paths through skips (fewer edges) win when typical norms are
     below 1; ``layer_norm=True`` divides each layer's norms by their median to remove that bias
     towards short paths (not in the paper; an option to compare).
+    ``align`` > 1 then rounds every hidden layer's kept count to the nearest multiple of
+    ``align`` (at least ``align``, at most the layer's channels; :func:`align_counts`).
     """
     hidden = [la for la in g.layers if not la.sink]
     total = sum(la.module.out_channels for la in hidden)
@@ -141,9 +143,36 @@ def lean_select(
         for _, n, c in sorted(cand, key=lambda t: -t[0])[: budget - n_kept]:
             keep[n][c] = True
             n_kept += 1
-    log.info("LEAN: %d paths, %d/%d hidden channels kept (budget %d)", n_paths, n_kept, total,
-             budget)
+    if align > 1:
+        keep = align_counts(keep, score, align)
+        n_kept = sum(int(m.sum()) for m in keep.values())
+    log.info("LEAN: %d paths, %d/%d hidden channels kept (budget %d, align %d)", n_paths, n_kept,
+             total, budget, align)
     return keep
+
+
+def align_counts(keep: dict[str, np.ndarray], score: dict[str, np.ndarray], align: int,
+                 ) -> dict[str, np.ndarray]:
+    """Keep-masks whose counts are multiples of ``align``: each layer's count rounded to the
+    nearest multiple (at least ``align``, at most its channels), adding the unkept channels of
+    the best ``score`` (best path through the channel) or dropping the kept ones of the worst.
+
+    Why: CPU convolution kernels work on channel blocks (8 floats wide with AVX2), so a layer
+    of 9 channels costs as much as one of 16, and a 16 -> 9 convolution measured slower than
+    16 -> 16 here (docs/BENCHMARKS.md, "Pruned variants"). Counts on the block grid turn the
+    removed FLOPs into time."""
+    out = {}
+    for name, mask in keep.items():
+        n, total = int(mask.sum()), mask.size
+        target = min(total, max(align, int(n / align + 0.5) * align))  # half rounds up
+        order = np.argsort(-score[name], kind="stable")  # best first
+        kept = [c for c in order if mask[c]]
+        rest = [c for c in order if not mask[c]]
+        chosen = kept[:target] if target <= n else kept + rest[: target - n]
+        new = np.zeros(total, bool)
+        new[np.asarray(chosen, int)] = True
+        out[name] = new
+    return out
 
 
 def apply_keep(g: ChannelGraph, keep: dict[str, np.ndarray]) -> None:
@@ -174,12 +203,13 @@ def lean_prune(
     max_paths: int = 20000,
     layer_norm: bool = False,
     inplace: bool = False,
+    align: int = 1,
 ) -> UnrolledNet:
     """LEAN-prune every CNN prior to ``(1 - ratio)`` of its hidden channels; dense result.
 
     ``example_hw`` is the mock image: each layer's operator norms are taken at the size that
-    layer sees when the CNN runs on it. ``layer_norm``: see :func:`lean_select`. Returns a
-    copy (or ``model`` with ``inplace=True``) in eval mode.
+    layer sees when the CNN runs on it. ``layer_norm``, ``align``: see :func:`lean_select`.
+    Returns a copy (or ``model`` with ``inplace=True``) in eval mode.
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
@@ -190,7 +220,7 @@ def lean_prune(
             g = build_channel_graph(cnn, example_hw)
             if not any(la.module is output_layer(cnn) and la.sink for la in g.layers):
                 raise NotImplementedError("LEAN: the last conv of the CNN is not its output")
-            keep = lean_select(g, ratio, max_paths, layer_norm=layer_norm)
+            keep = lean_select(g, ratio, max_paths, layer_norm=layer_norm, align=align)
             was_training = cnn.training
             cnn.eval()
             apply_keep(g, keep)
@@ -201,5 +231,5 @@ def lean_prune(
 
 __all__ = [
     "operator_norm_fft", "operator_norm_power", "build_channel_graph", "lean_select",
-    "apply_keep", "lean_prune", "ChannelGraph", "Layer",
+    "align_counts", "apply_keep", "lean_prune", "ChannelGraph", "Layer",
 ]

@@ -17,18 +17,24 @@ from ..training.data import ESPIRIT_FRACTION
 log = logging.getLogger(__name__)
 
 
-def prune_model(model, method: str, ratio: float, iterative_steps: int = 1):
-    """A pruned copy of ``model`` (``spade`` or ``lean``)."""
+def prune_model(model, method: str, ratio: float, iterative_steps: int = 1, align: int = 1):
+    """A pruned copy of ``model`` (``spade`` or ``lean``); ``align`` > 1 (LEAN): every layer
+    keeps a multiple of ``align`` channels (``lean.align_counts``)."""
     if not 0 < ratio < 1:
         raise ValueError(f"--ratio must be in (0, 1), got {ratio}")
+    if align < 1:
+        raise ValueError(f"--align must be >= 1, got {align}")
     if method == "spade":
+        if align > 1:
+            raise ValueError("--align applies to LEAN; SPADE keeps the same share of every "
+                             "layer (at ratios 0.5 / 0.75 already multiples of 4 / 8)")
         from .spade import spade_prune
 
         return spade_prune(model, ratio, iterative_steps=iterative_steps)
     if method == "lean":
         from .lean import lean_prune
 
-        return lean_prune(model, ratio, layer_norm=True)
+        return lean_prune(model, ratio, layer_norm=True, align=align)
     raise ValueError(f"unknown pruning method {method!r} (use spade or lean)")
 
 
@@ -48,14 +54,14 @@ def make_variant(
     parent: str, method: str, ratio: float, finetune_mode: str | None, run_dir: Path,
     export: Path, steps: int = 150, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
     time_budget_s: float | None = None, pool: Path | None = None, pool_size: int = 300,
-    val_batches: int = 4, cg_iters: int | None = None,
+    val_batches: int = 4, cg_iters: int | None = None, align: int = 1,
 ) -> dict:
     """Prune ``parent`` (name or path), fine-tune (``None``: no fine-tuning), export; card.
 
     ``cg_iters``: conjugate-gradient iterations per data-consistency solve of the variant
     (prox networks; default: the parent's). The CG solves are untouched by channel pruning and
     dominate a pruned MoDL network's time; fewer of them, fine-tuned, are the other half of
-    the speed-up.
+    the speed-up. ``align``: see :func:`prune_model`.
 
     ``pool``: a directory of transfer batches (``recon-plugin train-pool``), or a file of a
     :class:`~recon_plugin.training.data.BatchPool` of ``pool_size`` training batches (drawn
@@ -73,7 +79,7 @@ def make_variant(
     )
 
     base, card = load_model(resolve_model(parent))
-    pruned = prune_model(base, method, ratio)
+    pruned = prune_model(base, method, ratio, align=align)
     if cg_iters is not None:
         if pruned.dc != "prox":
             raise ValueError(f"{parent}: cg_iters applies to CG data consistency (dc='prox'), "
@@ -113,7 +119,7 @@ def make_variant(
                               if finetune_mode and val_batches else "last state")}
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
-                          training=training)
+                          training=training, align=align)
 
 
 def _steps_done(run_dir: Path) -> tuple[int, int | None]:

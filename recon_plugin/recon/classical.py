@@ -50,7 +50,7 @@ def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30)
     operator (several times faster on CPU: the guard runs it on every slice)."""
     import torch
 
-    from ..models.unrolled import cg_solve
+    from ..models.unrolled import sense_cg
     from ..physics import SenseOperator
 
     lam = DEFAULT_LAMBDA["cg-sense"] if lamda is None else lamda
@@ -61,7 +61,7 @@ def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30)
         aty = op.adjoint(k)  # = A^H y of _scale: k-space is zero where not sampled
         s = _percentile_scale(aty[0].numpy())
         aty = aty / s
-        x = cg_solve(op.normal, aty, torch.zeros_like(aty), torch.tensor(float(lam)), max_iter)
+        x = sense_cg(op, aty, torch.zeros_like(aty), torch.tensor(float(lam)), max_iter)
     return (x[0].numpy() * s).astype(np.complex64)
 
 
