@@ -3,20 +3,23 @@
 # pool is reused) and copies them into recon_plugin/weights/. Resumable: each run
 # continues from its checkpoints in runs/<name>/. A variant is METHOD:RATIO or
 # METHOD:RATIO:CG (CG: conjugate-gradient iterations per data-consistency solve, default the
-# parent's 4). The shipped ones (teacher fine-tuning; 1200 steps took 50 / 62 min here with
-# both runs side by side):
+# parent's 4). ALIGN (default 1 here, to rebuild the unaligned ones; `prune` itself defaults to
+# 8 for LEAN) keeps a multiple of ALIGN channels in every LEAN layer (`prune --align`, name
+# suffix -aALIGN). The shipped ones (teacher fine-tuning; 1200 steps took 50-62 min here with
+# two runs side by side):
 #   VARIANTS="lean:0.5" STEPS=150 recipes/variants.sh
-#   VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 recipes/variants.sh
-# The 150-step LEAN 80 % shipped before lost 4.4 dB on the worst validation contrast, the
-# 1200-step one 1.5 dB (`recon-plugin bench select`, docs/BENCHMARKS.md).
-# ALIGN=8 keeps a multiple of 8 channels in every LEAN layer (prune --align; name suffix -a8):
-#   ALIGN=8 VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 recipes/variants.sh
+#   VARIANTS="lean:0.7" STEPS=1200 BUDGET=4500 recipes/variants.sh
+#   ALIGN=8 VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 SHIP=0 recipes/variants.sh
+#   (then copy runs/unrolled-lean-0.8-a8/unrolled-lean-0.8-a8.* to recon_plugin/weights/)
+# On the validation slab (`recon-plugin bench select`, docs/BENCHMARKS.md) the aligned 80 %
+# ranked above the aligned 70 % and above the unaligned 80 % it replaced (worst-contrast
+# -0.72 / -0.97 / -1.53 dB), and it is the fastest (`bench pruning`).
 # SPADE for comparison (not shipped): VARIANTS="spade:0.5 spade:0.75" SHIP=0 recipes/variants.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 POOL=${POOL:-runs/base-transfer/pool}
 STEPS=${STEPS:-150}
-VARIANTS=${VARIANTS:-lean:0.5 lean:0.8}
+VARIANTS=${VARIANTS:-lean:0.5}
 ALIGN=${ALIGN:-1}
 name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1 (ALIGN=8: -a8)
   IFS=: read -r M R C <<<"$1"

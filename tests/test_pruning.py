@@ -379,3 +379,25 @@ def test_variant_with_fewer_cg_iterations(tmp_path):
     with pytest.raises(ValueError, match="cg_iters applies to CG data consistency"):
         make_variant(str(tmp_path / "grad.safetensors"), "lean", 0.5, None, tmp_path / "r2",
                      tmp_path / "v2", cg_iters=1, val_batches=0)
+
+
+def test_prune_command_aligns_lean_by_default(tmp_path):
+    """``recon-plugin prune --method lean`` keeps multiples of 8 channels unless told
+    otherwise (``--align 1``), and the card says which."""
+    from recon_plugin.cli import main
+
+    parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
+    save_model(_randomise_bn(parent).eval(), tmp_path / "parent", {"name": "parent"})
+    for extra, align in (([], 8), (["--align", "1"], 1)):
+        out = tmp_path / f"v{align}"
+        assert main(["-q", "prune", "--model", str(tmp_path / "parent.safetensors"),
+                     "--method", "lean", "--ratio", "0.6", "--finetune", "none",
+                     "--run-dir", str(tmp_path / f"run{align}"), "--export", str(out),
+                     *extra]) == 0
+        card = json.loads(out.with_suffix(".json").read_text())
+        assert card["pruning"]["align"] == align
+        model, _ = load_model(out.with_suffix(".safetensors"))
+        counts = [m.out_channels for m in model.cnn_modules()[0].modules()
+                  if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][:-1]
+        assert all(c % align == 0 for c in counts), counts
+    assert any(c % 8 for c in counts), "unaligned LEAN kept only multiples of 8 here"

@@ -182,10 +182,11 @@ def cmd_prune(a: argparse.Namespace) -> int:
     from ..pruning.run import make_variant
 
     ft = None if a.finetune == "none" else a.finetune
+    align = a.align if a.align is not None else (8 if a.method == "lean" else 1)
     card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
                         a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
                         pool=a.pool, pool_size=a.pool_size, cg_iters=a.cg_iters,
-                        align=a.align)
+                        align=align)
     lat = card["latency"]
     print(f"wrote {a.export}.safetensors: {card['parameters']} params, "
           f"{lat.get('speedup', float('nan')):.2f}x faster than the parent at 320x320x16; "

@@ -232,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cg-iters", type=int, default=None,
                    help="CG iterations per data-consistency solve of the variant (default: the "
                    "parent's)")
-    s.add_argument("--align", type=int, default=1,
-                   help="LEAN: keep a multiple of this many channels in every layer (8: the "
-                   "AVX2 block of CPU convolution kernels, where the removed FLOPs become time)")
+    s.add_argument("--align", type=int, default=None,
+                   help="LEAN: keep a multiple of this many channels in every layer (default 8, "
+                   "the channel block of CPU convolution kernels, so that the removed FLOPs "
+                   "become time; 1: any count)")
     s.add_argument("--finetune", default="teacher",
                    help="supervised | teacher | self | ssdu | rei | combinations with + | none")
     s.add_argument("--steps", type=int, default=150)
