@@ -158,9 +158,9 @@ def align_counts(keep: dict[str, np.ndarray], score: dict[str, np.ndarray], alig
     the best ``score`` (best path through the channel) or dropping the kept ones of the worst.
 
     Why: CPU convolution kernels work on channel blocks (8 floats wide with AVX2), so a layer
-    of 9 channels costs as much as one of 16, and a 16 -> 9 convolution measured slower than
-    16 -> 16 here (docs/BENCHMARKS.md, "Pruned variants"). Counts on the block grid turn the
-    removed FLOPs into time."""
+    of 9 channels costs about as much as one of 16: at 320x320 a 16 -> 9 convolution took
+    longer than 16 -> 16 on this project's machine, 9 -> 9 more than twice 8 -> 8 (README,
+    results). Counts on the block grid turn the removed FLOPs into time."""
     out = {}
     for name, mask in keep.items():
         n, total = int(mask.sum()), mask.size
