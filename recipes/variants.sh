@@ -6,20 +6,22 @@
 # parent's 4). ALIGN (default 1 here, to rebuild the unaligned ones; `prune` itself defaults to
 # 8 for LEAN) keeps a multiple of ALIGN channels in every LEAN layer (`prune --align`, name
 # suffix -aALIGN). The shipped ones (teacher fine-tuning; 1200 steps took 50-62 min here with
-# two runs side by side):
-#   VARIANTS="lean:0.5" STEPS=150 recipes/variants.sh
+# two runs side by side; the 60 % one ran alone on 2 threads and its 2100 s budget stopped it
+# after 1141 steps):
 #   VARIANTS="lean:0.7" STEPS=1200 BUDGET=4500 recipes/variants.sh
 #   ALIGN=8 VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 SHIP=0 recipes/variants.sh
-#   (then copy runs/unrolled-lean-0.8-a8/unrolled-lean-0.8-a8.* to recon_plugin/weights/)
-# On the validation slab (`recon-plugin bench select`, docs/BENCHMARKS.md) the aligned 80 %
-# ranked above the aligned 70 % and above the unaligned 80 % it replaced (worst-contrast
-# -0.72 / -0.97 / -1.53 dB), and it is the fastest (`bench pruning`).
+#   THREADS=2 ALIGN=8 VARIANTS="lean:0.6" STEPS=1200 BUDGET=2100 SHIP=0 recipes/variants.sh
+#   (then copy runs/unrolled-lean-0.{6,8}-a8/unrolled-lean-0.{6,8}-a8.* to recon_plugin/weights/)
+# On the validation slab (`recon-plugin bench select`, docs/BENCHMARKS.md), worst-contrast
+# dPSNR: aligned 60 % -0.22 dB, unaligned 50 % (150 steps, shipped before, replaced) -0.42,
+# unaligned 70 % -0.58, aligned 80 % -0.72, aligned 70 % -0.97 (not shipped), unaligned 80 %
+# (replaced) -1.53; the aligned ones are also the faster (`bench pruning`).
 # SPADE for comparison (not shipped): VARIANTS="spade:0.5 spade:0.75" SHIP=0 recipes/variants.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 POOL=${POOL:-runs/base-transfer/pool}
 STEPS=${STEPS:-150}
-VARIANTS=${VARIANTS:-lean:0.5}
+VARIANTS=${VARIANTS:-lean:0.7}
 ALIGN=${ALIGN:-1}
 name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1 (ALIGN=8: -a8)
   IFS=: read -r M R C <<<"$1"

@@ -50,7 +50,7 @@ def test_shipped_protocols_load_and_validate():
     protos = {p.name: p for p in P.load_all()}
     assert protos["default"].match.catch_all
     assert protos["stroke_fast"].espirit.fast and protos["stroke_fast"].model.variant \
-        == "unrolled-lean-0.5"
+        == "unrolled-lean-0.6-a8"
     assert protos["brain_flair_8x"].partial_fourier == "homodyne"
     for p in protos.values():
         assert p.source is not None and p.source.name == f"{p.name}.yaml"
@@ -266,7 +266,7 @@ def test_dicom_kwargs_and_recon_settings():
 
     DicomOptions(**kw)  # the field names line up
     s = p.recon_settings()
-    assert s.model == "unrolled-lean-0.5" and s.espirit is p.espirit and s.espirit.fast
+    assert s.model == "unrolled-lean-0.6-a8" and s.espirit is p.espirit and s.espirit.fast
     assert s.coil_compression == 6 and s.protocol_name == "stroke_fast"
 
 
