@@ -23,6 +23,8 @@ from recon_plugin.sim.writers import write_ismrmrd
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     d = tmp_path_factory.mktemp("site")
+    # seeded: the global generator's state otherwise depends on which modules the run collected
+    torch.manual_seed(0)
     base = UnrolledNet(num_cascades=3, chans=8)
     with torch.no_grad():
         base.step.fill_(0.3)  # an under-converged base: the data term is what adaptation learns
