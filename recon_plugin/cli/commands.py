@@ -179,10 +179,10 @@ def cmd_adapt(a: argparse.Namespace) -> int:
 
 def cmd_prune(a: argparse.Namespace) -> int:
     """Prune, fine-tune and export a variant."""
-    from ..pruning.run import make_variant
+    from ..pruning.run import DEFAULT_ALIGN, make_variant
 
     ft = None if a.finetune == "none" else a.finetune
-    align = a.align if a.align is not None else (8 if a.method == "lean" else 1)
+    align = a.align if a.align is not None else DEFAULT_ALIGN[a.method]
     card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
                         a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
                         pool=a.pool, pool_size=a.pool_size, cg_iters=a.cg_iters,

@@ -117,8 +117,7 @@ def sense_cg(op: SenseOperator, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.T
     is zero there), this is the same iteration as ``cg_solve(op.normal, ...)`` on whole
     images, without gathering and scattering the columns at every step.
     rhs, x0: complex (batch, ky, kx); mu: scalar tensor or (batch, 1, 1), > 0."""
-    mu_c = mu.reshape(-1, 1, 1) if mu.ndim else mu
-    x = cg_solve(op.normal_columns, op.to_columns(rhs), op.to_columns(x0), mu_c, iters)
+    x = cg_solve(op.normal_columns, op.to_columns(rhs), op.to_columns(x0), mu, iters)
     return op.from_columns(x, rhs / mu)
 
 

@@ -16,6 +16,10 @@ from ..training.data import ESPIRIT_FRACTION
 
 log = logging.getLogger(__name__)
 
+# channel-count multiple per method when the caller names none (``recon-plugin prune``): LEAN's
+# free per-layer counts waste the CPU kernels' 8-channel blocks (``lean.align_counts``)
+DEFAULT_ALIGN = {"lean": 8, "spade": 1}
+
 
 def prune_model(model, method: str, ratio: float, iterative_steps: int = 1, align: int = 1):
     """A pruned copy of ``model`` (``spade`` or ``lean``); ``align`` > 1 (LEAN): every layer
@@ -27,7 +31,7 @@ def prune_model(model, method: str, ratio: float, iterative_steps: int = 1, alig
     if method == "spade":
         if align > 1:
             raise ValueError("--align applies to LEAN; SPADE keeps the same share of every "
-                             "layer (at ratios 0.5 / 0.75 already multiples of 4 / 8)")
+                             "layer (at ratios 0.5 / 0.75 already multiples of 8 / 4)")
         from .spade import spade_prune
 
         return spade_prune(model, ratio, iterative_steps=iterative_steps)
