@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import crand
 
 from recon_plugin.metrics import psnr
 from recon_plugin.models.checkpoint import ModelError, load_model, resolve_model, save_model
@@ -59,19 +60,18 @@ def test_sense_cg_in_the_column_layout_equals_cg_on_images(lines):
 
     rng = np.random.default_rng(6)
 
-    def crand(*shape):
-        return torch.from_numpy((rng.normal(size=shape) + 1j * rng.normal(size=shape))
-                                .astype(np.complex64))
+    def crand_t(*shape):
+        return torch.from_numpy(crand(rng, *shape))
 
-    maps = crand(2, 4, 24, 20)
+    maps = crand_t(2, 4, 24, 20)
     maps[0, ..., :6] = 0
     maps[1, ..., 15:] = 0
     maps[..., 17:] = 0  # no slice reaches these columns
     mask = torch.from_numpy((rng.uniform(size=(2, 24, 1 if lines else 20)) < 0.4)
                             .astype(np.float32)).expand(2, 24, 20).contiguous()
     op = SenseOperator(maps, mask)
-    aty = op.adjoint(crand(2, 4, 24, 20))
-    z = crand(2, 24, 20).requires_grad_(True)
+    aty = op.adjoint(crand_t(2, 4, 24, 20))
+    z = crand_t(2, 24, 20).requires_grad_(True)
     mu = torch.tensor([[[0.3]], [[0.05]]])
     fast = sense_cg(op, aty + mu * z, z, mu, 4)
     ref = cg_solve(op.normal, aty + mu * z, z, mu, 4)

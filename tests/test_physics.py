@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import crand
 
 from recon_plugin.physics import (
     SenseOperator,
@@ -13,13 +14,9 @@ from recon_plugin.physics import (
 )
 
 
-def _crand(rng, *shape):
-    return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
-
-
 def test_fft_matches_numpy_centred_orthonormal():
     rng = np.random.default_rng(0)
-    x = _crand(rng, 3, 16, 12)
+    x = crand(rng, 3, 16, 12)
     ref = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
     np.testing.assert_allclose(fft2c(x), ref, atol=1e-5)
     np.testing.assert_allclose(fft2c(torch.from_numpy(x)).numpy(), ref, atol=1e-4)
@@ -30,7 +27,7 @@ def test_fft_matches_numpy_centred_orthonormal():
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_sense_adjoint(backend):
     rng = np.random.default_rng(1)
-    maps, x, y = _crand(rng, 4, 20, 18), _crand(rng, 20, 18), _crand(rng, 4, 20, 18)
+    maps, x, y = crand(rng, 4, 20, 18), crand(rng, 20, 18), crand(rng, 4, 20, 18)
     mask = (rng.uniform(size=(20, 18)) < 0.4).astype(np.float32)
     if backend == "torch":
         op = SenseOperator(torch.from_numpy(maps)[None], torch.from_numpy(mask)[None])
@@ -47,7 +44,7 @@ def test_operator_forward_adjoint_match_centred_fft_reference(shape):
     """The operator's forward / adjoint (shift-free for even sizes: ny, nx = 0 or 2 mod 4 each)
     equal the numpy centred-FFT definitions."""
     rng = np.random.default_rng(4)
-    maps, x, y = _crand(rng, 2, 3, *shape), _crand(rng, 2, *shape), _crand(rng, 2, 3, *shape)
+    maps, x, y = crand(rng, 2, 3, *shape), crand(rng, 2, *shape), crand(rng, 2, 3, *shape)
     mask = (rng.uniform(size=(2, *shape)) < 0.5).astype(np.float32)
     op = SenseOperator(torch.from_numpy(maps), torch.from_numpy(mask))
     np.testing.assert_allclose(op.forward(torch.from_numpy(x)).numpy(),
@@ -63,7 +60,7 @@ def test_operator_forward_adjoint_match_centred_fft_reference(shape):
 def test_normal_fast_path_equals_adjoint_of_forward(shape):
     """Line masks use 1D FFTs in A^H A; the result equals A^H(A x) (even and odd sizes)."""
     rng = np.random.default_rng(2)
-    maps, x = _crand(rng, 2, 3, *shape), _crand(rng, 2, *shape)
+    maps, x = crand(rng, 2, 3, *shape), crand(rng, 2, *shape)
     rows = (rng.uniform(size=(2, shape[0], 1)) < 0.4).astype(np.float32)
     for mask in (np.broadcast_to(rows, (2, *shape)).copy(),
                  (rng.uniform(size=(2, *shape)) < 0.4).astype(np.float32)):
@@ -77,14 +74,14 @@ def test_normal_fast_path_on_cropped_maps_value_and_gradient():
     """Maps cropped to different column ranges per slice (as ESPIRiT's): the fast path, which
     transforms only the support columns, equals A^H(A x) in value and in its gradient."""
     rng = np.random.default_rng(3)
-    maps = _crand(rng, 2, 3, 24, 20)
+    maps = crand(rng, 2, 3, 24, 20)
     maps[0, :, :, :5] = 0
     maps[1, :, :, 14:] = 0
     maps[:, :, :, 9] = 0  # an empty column inside the object too
     rows = (rng.uniform(size=(2, 24, 1)) < 0.4).astype(np.float32)
     op = SenseOperator(torch.from_numpy(maps), torch.from_numpy(np.broadcast_to(rows, (2, 24, 20)).copy()))
-    x = torch.from_numpy(_crand(rng, 2, 24, 20)).requires_grad_(True)
-    w = torch.from_numpy(_crand(rng, 2, 24, 20))
+    x = torch.from_numpy(crand(rng, 2, 24, 20)).requires_grad_(True)
+    w = torch.from_numpy(crand(rng, 2, 24, 20))
     fast = op.normal(x)
     ref = op.adjoint(op.forward(x))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
@@ -105,18 +102,18 @@ def test_normal_runs_on_fewer_virtual_coils_per_column_with_the_same_result():
     xg = np.ones((24, 1)) * np.linspace(-1, 1, 20)[None]
     profiles = np.stack([np.exp(-(y - 0.5) ** 2 - xg ** 2), np.exp(-(y + 0.5) ** 2) * (1 + xg),
                          np.cos(2 * y) * np.exp(1j * xg)])  # (3, 24, 20)
-    mix = _crand(rng, 12, 3)
+    mix = crand(rng, 12, 3)
     maps = np.einsum("cp,pyx->cyx", mix, profiles)[None].astype(np.complex64)
     rows = (rng.uniform(size=(1, 24, 1)) < 0.4).astype(np.float32)
     mask = torch.from_numpy(np.broadcast_to(rows, (1, 24, 20)).copy())
-    x = torch.from_numpy(_crand(rng, 1, 24, 20))
+    x = torch.from_numpy(crand(rng, 1, 24, 20))
     op = SenseOperator(torch.from_numpy(maps), mask)
     torch.testing.assert_close(op.normal(x), op.adjoint(op.forward(x)), atol=1e-4, rtol=1e-4)
     assert op._maps_t[1].shape[1] == 3
     exact = SenseOperator(torch.from_numpy(maps), mask, normal_tol=0.0)
     exact.normal(x)
     assert exact._maps_t[1].shape[1] == 12
-    noisy = maps + 1e-3 * _crand(rng, 1, 12, 24, 20)
+    noisy = maps + 1e-3 * crand(rng, 1, 12, 24, 20)
     op = SenseOperator(torch.from_numpy(noisy), mask, normal_tol=1e-3)
     ref = op.adjoint(op.forward(x))
     err = float((op.normal(x) - ref).norm() / ref.norm())
