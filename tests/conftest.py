@@ -2,6 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+# module-scoped fixtures of the streaming tests (data, offline, engine)
+pytest_plugins = ["stream_support"]
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``needs_shared`` skip, saying why, when the MNI template is absent (a clone

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import h5py
@@ -29,10 +28,10 @@ from ismrmrd.serialization import (
     ProtocolDeserializer,
     ProtocolSerializer,
 )
+from stream_support import check_images
 
 from recon_plugin.batch import recon_file
 from recon_plugin.output.pacs import queued_items
-from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
 from recon_plugin.stream import engine as eng_mod
@@ -40,51 +39,7 @@ from recon_plugin.stream import options as stream_options
 from recon_plugin.stream import server as srv
 
 REPO = Path(__file__).resolve().parents[1]
-PROTOCOLS = {
-    "stream_cg": "model: {method: cg-sense}\nespirit: {calib_width: 16, kernel_width: 5, "
-                 "fast: true}\nseries: {description: STREAM CG, number_base: 7000}\n",
-    "stream_zf": "model: {method: zero-filled}\nseries: {description: STREAM ZF, "
-                 "number_base: 8000}\n",
-}
-
-
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Simulated raw file (2 slices, 8 coils, 64x64, R=4), its header / acquisitions, protocols."""
-    root = tmp_path_factory.mktemp("stream")
-    vol = simulate_volume("test", "T2", num_slices=2, num_coils=8, matrix=(64, 64),
-                          fov_mm=(200.0, 200.0), snr=40.0, seed=5)
-    raw = write_ismrmrd(vol, root / "scan.h5", acceleration=4, seed=5)
-    pdir = root / "protocols"
-    pdir.mkdir()
-    for name, body in PROTOCOLS.items():
-        (pdir / f"{name}.yaml").write_text(f"name: {name}\nextends: default\n{body}")
-    with ismrmrd.File(str(raw), "r") as f:
-        header, acqs = f["dataset"].header, f["dataset"].acquisitions[:]
-    return {"raw": raw, "pdir": pdir, "header": header, "acqs": acqs, "root": root}
-
-
-@pytest.fixture(scope="module")
-def offline(data):
-    """Offline pixels per protocol: `recon` (batch recon_file, .h5 output) of the same file."""
-    recon = Reconstructor()
-    out = {}
-    for name in PROTOCOLS:
-        written, _ = recon_file(data["raw"], data["root"] / f"offline_{name}", recon,
-                                str(data["pdir"] / f"{name}.yaml"), formats=("h5",))
-        with h5py.File(written[0], "r") as f:
-            out[name] = np.asarray(f["reconstruction"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def engine(data):
-    eng = eng_mod.StreamEngine(protocol_dirs=[data["pdir"]])
-    eng.warmup("stream_cg")
-    return eng
-
-
 @pytest.fixture(scope="module")
 def server(engine):
     """A running server on a free loopback port (module-wide)."""
@@ -177,23 +132,6 @@ def preamble(data, config="stream_zf") -> bytes:
     out.serialize(ConfigFile(config))
     out.serialize(data["header"])
     return buf.getvalue()
-
-
-def check_images(images, reference, series_base, acqs):
-    assert len(images) == reference.shape[0]
-    for img in sorted(images, key=lambda im: im.slice):
-        assert img.data_type == ismrmrd.DATATYPE_FLOAT
-        assert tuple(img.matrix_size) == (64, 64, 1)
-        np.testing.assert_array_equal(img.data[0, 0], reference[img.slice])
-        first = next(a for a in acqs if a.idx.slice == img.slice
-                     and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
-        np.testing.assert_allclose(img.position[:], first.position[:], atol=1e-5)
-        for name in ("read_dir", "phase_dir", "slice_dir"):
-            np.testing.assert_allclose(getattr(img, name)[:], getattr(first, name)[:], atol=1e-6)
-        np.testing.assert_allclose(img.field_of_view[:2], (200.0, 200.0))
-        assert img.image_series_index == series_base + 1
-        assert img.image_index == img.slice + 1
-        assert img.image_type == ismrmrd.IMTYPE_MAGNITUDE
 
 
 # ------------------------------------------------------------------------------ tests
@@ -441,97 +379,6 @@ def test_idle_timeout_and_busy(data, engine):
     finally:
         s.request_stop()
         t.join(10)
-
-
-def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
-    sys.path.insert(0, str(REPO / "gadgets"))
-    try:
-        import fire_module
-    finally:
-        sys.path.remove(str(REPO / "gadgets"))
-    monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
-
-    class FakeConnection:  # the parts of python-ismrmrd-server's Connection a module uses
-        def __init__(self, items):
-            self.items, self.images, self.texts, self.closed = items, [], [], 0
-
-        def __iter__(self):
-            yield from self.items
-            yield None
-
-        def send_image(self, images):
-            self.images += images if isinstance(images, list) else [images]
-
-        def send_text(self, text):
-            self.texts.append(text)
-
-        def send_close(self):
-            self.closed += 1
-
-    conn = FakeConnection(list(data["acqs"]))
-    config = {"parameters": {"config": "fire_module", "protocol": "stream_zf"}}
-    fire_module.process(conn, config, data["header"])
-    assert conn.closed == 1 and not conn.texts
-    check_images(conn.images, offline["stream_zf"], 8000, data["acqs"])
-    bad = FakeConnection(list(data["acqs"]))
-    fire_module.process(bad, {"parameters": {"protocol": "no_such_protocol"}}, data["header"])
-    assert bad.closed == 1 and not bad.images and bad.texts[0].startswith("ERROR")
-
-
-@pytest.mark.slow
-def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatch):
-    sys.path.insert(0, str(REPO / "gadgets"))
-    try:
-        import recon_plugin_gadget
-    finally:
-        sys.path.remove(str(REPO / "gadgets"))
-    monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
-    waveform = ismrmrd.Waveform.from_array(np.zeros((1, 4), np.uint32))
-
-    class FakeConnection:  # gadgetron.external.Connection: header, config, filter, iter, send
-        def __init__(self):
-            self.header = data["header"]
-            self.config = ET.fromstring('<configuration><property name="protocol" '
-                                        'value="stream_cg"/></configuration>')
-            self.filters, self.sent = [], []
-
-        def filter(self, predicate):
-            self.filters.append(lambda o: isinstance(o, predicate))
-
-        def __iter__(self):
-            for item in [waveform, *data["acqs"]]:
-                if all(f(item) for f in self.filters):
-                    yield item
-                else:
-                    self.send(item)  # passed through to the next node
-
-        def send(self, item):
-            self.sent.append(item)
-
-    conn = FakeConnection()
-    recon_plugin_gadget.recon_plugin(conn)
-    assert conn.sent[0] is waveform
-    check_images(conn.sent[1:], offline["stream_cg"], 7000, data["acqs"])
-    cfg = ET.parse(REPO / "gadgets" / "recon_plugin.xml").getroot()
-    execute = cfg.find("stream/external/execute")
-    assert execute.get("name") == "recon_plugin_gadget" and execute.get("target") == "recon_plugin"
-    opts = recon_plugin_gadget.options_from_config(cfg.find("stream/external/configuration"))
-    assert opts.protocol is None and opts.image_dtype == "float"
-
-
-def test_options_parsing():
-    o = stream_options.StreamOptions()
-    o.update(stream_options.parse_config_text('<configuration><property name="protocol" value="brain"/>'
-                                   '<method>cg-sense</method></configuration>'))
-    assert (o.protocol, o.method) == ("brain", "cg-sense")
-    o.set_config("auto")
-    o.set_config("recon_plugin.xml")  # a Gadgetron client's stream name
-    assert o.protocol == "brain"
-    for bad in ("../x", "/etc/passwd", "a.yaml", "x y"):
-        with pytest.raises(ValueError):
-            stream_options.StreamOptions().set_config(bad)
-    with pytest.raises(ValueError):
-        stream_options.StreamOptions().update({"method": "magic"})
 
 
 @pytest.mark.slow

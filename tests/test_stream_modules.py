@@ -1,0 +1,109 @@
+"""The FIRE and Gadgetron external-language modules (``gadgets/``) against the offline recon of
+the same file, with fake connections; the stream options they parse."""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import ismrmrd
+import numpy as np
+import pytest
+from stream_support import check_images
+
+from recon_plugin.stream import engine as eng_mod
+from recon_plugin.stream import options as stream_options
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
+    sys.path.insert(0, str(REPO / "gadgets"))
+    try:
+        import fire_module
+    finally:
+        sys.path.remove(str(REPO / "gadgets"))
+    monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
+
+    class FakeConnection:  # the parts of python-ismrmrd-server's Connection a module uses
+        def __init__(self, items):
+            self.items, self.images, self.texts, self.closed = items, [], [], 0
+
+        def __iter__(self):
+            yield from self.items
+            yield None
+
+        def send_image(self, images):
+            self.images += images if isinstance(images, list) else [images]
+
+        def send_text(self, text):
+            self.texts.append(text)
+
+        def send_close(self):
+            self.closed += 1
+
+    conn = FakeConnection(list(data["acqs"]))
+    config = {"parameters": {"config": "fire_module", "protocol": "stream_zf"}}
+    fire_module.process(conn, config, data["header"])
+    assert conn.closed == 1 and not conn.texts
+    check_images(conn.images, offline["stream_zf"], 8000, data["acqs"])
+    bad = FakeConnection(list(data["acqs"]))
+    fire_module.process(bad, {"parameters": {"protocol": "no_such_protocol"}}, data["header"])
+    assert bad.closed == 1 and not bad.images and bad.texts[0].startswith("ERROR")
+
+
+@pytest.mark.slow
+def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatch):
+    sys.path.insert(0, str(REPO / "gadgets"))
+    try:
+        import recon_plugin_gadget
+    finally:
+        sys.path.remove(str(REPO / "gadgets"))
+    monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
+    waveform = ismrmrd.Waveform.from_array(np.zeros((1, 4), np.uint32))
+
+    class FakeConnection:  # gadgetron.external.Connection: header, config, filter, iter, send
+        def __init__(self):
+            self.header = data["header"]
+            self.config = ET.fromstring('<configuration><property name="protocol" '
+                                        'value="stream_cg"/></configuration>')
+            self.filters, self.sent = [], []
+
+        def filter(self, predicate):
+            self.filters.append(lambda o: isinstance(o, predicate))
+
+        def __iter__(self):
+            for item in [waveform, *data["acqs"]]:
+                if all(f(item) for f in self.filters):
+                    yield item
+                else:
+                    self.send(item)  # passed through to the next node
+
+        def send(self, item):
+            self.sent.append(item)
+
+    conn = FakeConnection()
+    recon_plugin_gadget.recon_plugin(conn)
+    assert conn.sent[0] is waveform
+    check_images(conn.sent[1:], offline["stream_cg"], 7000, data["acqs"])
+    cfg = ET.parse(REPO / "gadgets" / "recon_plugin.xml").getroot()
+    execute = cfg.find("stream/external/execute")
+    assert execute.get("name") == "recon_plugin_gadget" and execute.get("target") == "recon_plugin"
+    opts = recon_plugin_gadget.options_from_config(cfg.find("stream/external/configuration"))
+    assert opts.protocol is None and opts.image_dtype == "float"
+
+
+def test_options_parsing():
+    o = stream_options.StreamOptions()
+    o.update(stream_options.parse_config_text('<configuration><property name="protocol" value="brain"/>'
+                                   '<method>cg-sense</method></configuration>'))
+    assert (o.protocol, o.method) == ("brain", "cg-sense")
+    o.set_config("auto")
+    o.set_config("recon_plugin.xml")  # a Gadgetron client's stream name
+    assert o.protocol == "brain"
+    for bad in ("../x", "/etc/passwd", "a.yaml", "x y"):
+        with pytest.raises(ValueError):
+            stream_options.StreamOptions().set_config(bad)
+    with pytest.raises(ValueError):
+        stream_options.StreamOptions().update({"method": "magic"})
