@@ -158,7 +158,7 @@ def test_a_scan_is_calibrated_on_its_central_slices_only(monkeypatch):
 def test_a_gain_counts_only_beyond_the_noise_of_the_lines():
     """The rule that decides both a prior weight and whether a refined network is kept: the
     mean per-line improvement, where it exceeds one standard error of the paired differences."""
-    from recon_plugin.recon.calibrate import significant_gain
+    from recon_plugin.recon.guard import significant_gain
 
     ref = np.array([1.0, 2.0, 3.0, 4.0])
     assert significant_gain(ref, ref) == 0.0

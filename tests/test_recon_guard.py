@@ -69,6 +69,30 @@ def test_check_rejects_a_bad_network_and_keeps_a_good_one(case):
     assert guard.check(ksp, maps, mask, lines[:0], aliased, cg) is None  # nothing held out
 
 
+def test_check_rejects_only_a_consistent_excess(case, monkeypatch):
+    """A network worse in sum because of one line is kept at z = 1 (rejected at z = 0, the
+    plain comparison); one worse on every line is rejected at both."""
+    ksp, maps, mask, acs, _ = case
+    lines = guard.heldout_lines(mask, acs, 0.3)
+    assert lines.size >= 4
+    per_line = {"cg": np.ones(lines.size)}
+    per_line["one_bad_line"] = np.r_[3.0, np.full(lines.size - 1, 0.8)]
+    per_line["all_worse"] = np.full(lines.size, 1.2) + 0.01 * np.arange(lines.size)
+    monkeypatch.setattr(guard, "heldout_line_errors", lambda img, *a: per_line[img])
+
+    def recon(name):
+        return lambda k, s, m: name
+
+    tipped = [guard.check(ksp, maps, mask, lines, recon("one_bad_line"), recon("cg"), z=z)
+              for z in (0.0, 1.0)]
+    assert tipped[0].ratio > 1 and not tipped[0].network_ok
+    assert tipped[1].network_ok and 0 < tipped[1].excess_z < 1
+    assert "excess" in tipped[1].describe()
+    for z in (0.0, 1.0):
+        worse = guard.check(ksp, maps, mask, lines, recon("all_worse"), recon("cg"), z=z)
+        assert not worse.network_ok and worse.excess_z > 1
+
+
 def test_pipeline_falls_back_per_slice(monkeypatch):
     """A network that returns aliased images is replaced by CG-SENSE on every slice, and the
     image says so; with the guard off the network's image is kept."""

@@ -19,9 +19,11 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     model: {variant: unrolled-base, method: unrolled, lamda: null, fallback: zero-filled}
                                          # method: unrolled | cg-sense | l1-wavelet | zero-filled
     espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: true, grid: 96}
-    guard: {enabled: true, heldout_fraction: 0.1, margin: 0.0}
+    guard: {enabled: true, heldout_fraction: 0.1, margin: 0.0, significance: 1.0}
                                          # network slices that predict held-out acquired lines
-                                         # worse than CG-SENSE are reconstructed by CG-SENSE
+                                         # worse than CG-SENSE (by more than `significance`
+                                         # standard errors of the per-line differences) are
+                                         # reconstructed by CG-SENSE
     refine: {mode: none, time_budget_s: 20, max_steps: 200}
                                          # scan: fine-tune a copy of the network per slice on its
                                          # own lines (recon/refine.py), kept where it helps
@@ -145,6 +147,7 @@ class Protocol:
             guard=self.guard.enabled,
             guard_fraction=self.guard.heldout_fraction,
             guard_margin=self.guard.margin,
+            guard_z=self.guard.significance,
             refine=self.refine.mode,
             refine_budget_s=self.refine.time_budget_s,
             refine_max_steps=self.refine.max_steps,

@@ -118,11 +118,13 @@ class ModelSpec(_Section):
 
 class GuardSpec(_Section):
     """The per-slice guard (``recon/guard.py``): a network slice whose prediction of held-out
-    acquired lines is worse than CG-SENSE's is reconstructed by CG-SENSE instead."""
+    acquired lines is worse than CG-SENSE's (by more than ``significance`` standard errors of
+    the per-line differences; 0: any worse sum) is reconstructed by CG-SENSE instead."""
 
     enabled: StrictBool = True
     heldout_fraction: Annotated[float, Field(strict=True, gt=0.0, le=0.5)] = 0.1
     margin: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.0
+    significance: Annotated[float, Field(strict=True, ge=0.0, le=5.0)] = 1.0
 
 
 class RefineSpec(_Section):

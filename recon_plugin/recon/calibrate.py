@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..physics import SenseOperator
-from .guard import heldout_line_errors, heldout_lines, without_lines
+from .guard import heldout_line_errors, heldout_lines, significant_gain, without_lines
 
 # multiples of the trained prior weight; the trained one (1) is always a candidate
 PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
@@ -57,24 +57,14 @@ class Calibration:
                     for w, e in sorted(self.errors.items())) + ")")
 
 
-def significant_gain(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean per-line improvement of ``candidate`` over ``reference`` (per-line held-out errors
-    (n_lines,) on the same lines) if it exceeds ``SIGNIFICANCE_Z`` standard errors of the
-    paired differences, else 0."""
-    d = np.asarray(reference, np.float64) - np.asarray(candidate, np.float64)  # > 0: better
-    if d.size < 2:
-        return 0.0
-    gain, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
-    return gain if gain > SIGNIFICANCE_Z * se and gain > 0 else 0.0
-
-
 def choose_weight(evidence: dict[float, np.ndarray]) -> float:
     """The grid weight with the largest significant mean improvement of the per-line errors
-    over the trained weight (1) (:func:`significant_gain`), else 1. ``evidence``: weight ->
+    over the trained weight (1) (:func:`~recon_plugin.recon.guard.significant_gain` at
+    ``SIGNIFICANCE_Z``), else 1. ``evidence``: weight ->
     per-line errors (n_lines,), the same lines for every weight."""
     best, best_gain = 1.0, 0.0
     for w, e in evidence.items():
-        gain = 0.0 if w == 1.0 else significant_gain(evidence[1.0], e)
+        gain = 0.0 if w == 1.0 else significant_gain(evidence[1.0], e, SIGNIFICANCE_Z)
         if gain > best_gain:
             best, best_gain = w, gain
     return best

@@ -41,6 +41,7 @@ from ..scan import (
 from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
 from .calibrate import PRIOR_WEIGHT_GRID, ScanCalibration, heldout_evidence, network_image
 from .coils import CoilMapError, EspiritParams, estimate_maps
+from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
 
@@ -64,6 +65,7 @@ class ReconSettings:
     guard: bool = True  # per-slice held-out-line check of the network against CG-SENSE
     guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
     guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
+    guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
     refine: str = "none"  # "scan": per-slice self-supervised refinement (recon/refine.py)
     refine_budget_s: float = 20.0  # wall-clock seconds per slice
     refine_max_steps: int = 200
@@ -233,7 +235,7 @@ class Reconstructor:
             res = guard.check(ksp, maps, mask, lines,
                               lambda k, s, m: self._network(name, k, s, m, net, weight),
                               lambda k, s, m: classical.cg_sense(k, s, m),
-                              settings.guard_margin)
+                              settings.guard_margin, settings.guard_z)
             t["guard"] += time.perf_counter() - t0
             if res is not None:
                 t["guard_checked"] += 1

@@ -30,8 +30,7 @@ from torch import nn
 from ..metrics import kspace_loss
 from ..physics import SenseOperator
 from ..physics.masks import ssdu_split
-from .calibrate import significant_gain
-from .guard import heldout_line_errors, heldout_lines
+from .guard import heldout_line_errors, heldout_lines, significant_gain
 
 log = logging.getLogger(__name__)
 
