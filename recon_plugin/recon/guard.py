@@ -30,6 +30,11 @@ Recon = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 # the network is rejected where its mean per-line held-out excess over CG-SENSE exceeds this
 # many standard errors of the paired differences; 0: wherever its summed error is larger
 SIGNIFICANCE_Z = 1.0
+# ... and wherever its summed error is more than this multiple of CG-SENSE's, whatever the
+# lines' spread (one line several times worse is a miss, not noise; the largest ratio of a
+# slice that the network won against CG-SENSE in the evaluation of README "Found: the guard
+# threw good network slices away" was 1.45)
+MAX_RATIO = 1.5
 
 
 def significant_gain(reference: np.ndarray, candidate: np.ndarray, z: float = 1.0) -> float:
@@ -123,7 +128,8 @@ def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, lines: np.ndar
     :func:`heldout_lines`); None when there are none (the network is then used unchecked).
     The network is rejected where its per-line errors exceed ``(1 + margin)`` times the
     classical ones by more than ``z`` standard errors of the paired differences
-    (:func:`significant_gain`; ``z`` = 0: wherever its summed error is larger)."""
+    (:func:`significant_gain`; ``z`` = 0: wherever its summed error is larger), or its summed
+    error exceeds ``MAX_RATIO`` times theirs."""
     t0 = time.perf_counter()
     if lines.size == 0:
         return None
@@ -136,7 +142,7 @@ def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, lines: np.ndar
     excess = float(d.mean()) / se if se > 0 else (0.0 if d.mean() == 0 else
                                                     float(np.copysign(np.inf, d.mean())))
     if z > 0:
-        ok = significant_gain(e_net, e_cls, z) == 0.0
+        ok = significant_gain(e_net, e_cls, z) == 0.0 and e_net.sum() <= MAX_RATIO * e_cls.sum()
     else:
         ok = bool(d.sum() <= 0)
     return GuardResult(bool(ok), float(e_net.sum()), float(e_cls.sum() / (1 + margin)),
