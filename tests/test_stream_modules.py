@@ -3,6 +3,7 @@ the same file, with fake connections; the stream options they parse."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,12 +19,18 @@ from recon_plugin.stream import options as stream_options
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
+def _gadget_module(name: str):
+    """Import ``gadgets/<name>.py`` (not a package: the external-language runtimes load it by
+    path)."""
     sys.path.insert(0, str(REPO / "gadgets"))
     try:
-        import fire_module
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "gadgets"))
+
+
+def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
+    fire_module = _gadget_module("fire_module")
     monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
 
     class FakeConnection:  # the parts of python-ismrmrd-server's Connection a module uses
@@ -55,11 +62,7 @@ def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
 
 @pytest.mark.slow
 def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatch):
-    sys.path.insert(0, str(REPO / "gadgets"))
-    try:
-        import recon_plugin_gadget
-    finally:
-        sys.path.remove(str(REPO / "gadgets"))
+    recon_plugin_gadget = _gadget_module("recon_plugin_gadget")
     monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
     waveform = ismrmrd.Waveform.from_array(np.zeros((1, 4), np.uint32))
 
