@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
-        "adapt-real", "guard", "cluster")
+        "adapt-real", "guard", "snr", "cluster")
 
 
 def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
@@ -102,6 +102,10 @@ def run(a: argparse.Namespace) -> int:
         from .real import find_real_dir
 
         run_guard(docs, a.real_dir or find_real_dir(), n_slices=2 if a.quick else 4)
+    elif a.what == "snr":
+        from .snr import run as run_snr
+
+        run_snr(docs, n_slices=1 if a.quick else 2)
     elif a.what == "cluster":
         from .cluster import run_cluster_bench
 

@@ -307,3 +307,17 @@ def test_unmatched_scans_get_the_guarded_network():
 
     s = load_protocol("default").recon_settings()
     assert s.method == "unrolled" and s.guard and s.guard_fraction > 0 and s.refine == "none"
+
+
+def test_calibration_cg_iterations_are_validated(tmp_path):
+    """``calibration.cg_iters`` reaches the reconstruction settings; a count below 1 or not an
+    integer is refused with the key named."""
+    from recon_plugin.config.protocol import load_protocol
+
+    assert load_protocol("default").recon_settings().calibrate_cg_iters == (8,)
+    ok = write(tmp_path, "ok", "name: ok\nmodel: {}\ncalibration: {enabled: true, cg_iters: []}\n")
+    assert P.load_protocol(ok).recon_settings().calibrate_cg_iters == ()
+    for value in ("[0]", "[2.5]"):
+        path = write(tmp_path, "x", f"name: x\nmodel: {{}}\ncalibration: {{cg_iters: {value}}}\n")
+        with pytest.raises(P.ProtocolError, match=re.escape("calibration.cg_iters[0]")):
+            P.load_protocol(path)

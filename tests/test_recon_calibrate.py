@@ -28,7 +28,7 @@ def base():
 
 def test_prior_weight_scales_the_data_consistency(case, base):
     ksp, maps, mask, _, _ = case
-    one = calibrate.network_image(base, ksp, maps, mask, 1.0)
+    one = calibrate.network_image(base, ksp, maps, mask)
     with torch.inference_mode():
         from recon_plugin.physics import SenseOperator
 
@@ -36,12 +36,30 @@ def test_prior_weight_scales_the_data_consistency(case, base):
         plain = base(torch.from_numpy(ksp)[None], op)[0].numpy()
     assert np.array_equal(one, plain)
     # a weak prior leaves the data-consistent (CG-SENSE-like) solution: closer to the data
-    weak = calibrate.network_image(base, ksp, maps, mask, 1e-3)
+    weak = calibrate.network_image(base, ksp, maps, mask, calibrate.DcSetting(1e-3))
     assert not np.allclose(weak, one)
     gradient = UnrolledNet(num_cascades=1, chans=4, dc="gradient").eval()
     with pytest.raises(ValueError, match="prior_weight needs dc='prox'"):
-        calibrate.network_image(gradient, ksp, maps, mask, 0.5)
+        calibrate.network_image(gradient, ksp, maps, mask, calibrate.DcSetting(0.5))
     assert calibrate.calibrate_prior_weight(gradient, ksp, maps, mask, (44, 52)) is None
+
+
+def test_more_cg_iterations_converge_the_data_consistency(case, base):
+    """``cg_iters`` overrides the trained count: None and the trained count give the same
+    image; more iterations bring each solve closer to its exact solution, so the images of 16
+    and 32 iterations agree better than those of 4 and 32."""
+    ksp, maps, mask, _, _ = case
+
+    def image(n):
+        return calibrate.network_image(base, ksp, maps, mask, calibrate.DcSetting(1.0, n))
+
+    assert np.array_equal(image(None), image(base.cg_iters))
+    ref = image(32)
+    assert np.linalg.norm(image(16) - ref) < 0.5 * np.linalg.norm(image(base.cg_iters) - ref)
+    with pytest.raises(ValueError, match="cg_iters must be >= 1"):
+        image(0)
+    assert calibrate.candidates((0.25, 1.0), (8,)) == [
+        calibrate.DcSetting(0.25), calibrate.TRAINED, calibrate.DcSetting(1.0, 8)]
 
 
 def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
@@ -55,14 +73,14 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
     with torch.no_grad():
         strong.step += float(np.log(16.0))
     cal = calibrate.calibrate_prior_weight(strong, ksp, maps, mask, acs, seed=1)
-    assert cal is not None and set(cal.errors) == set(calibrate.PRIOR_WEIGHT_GRID)
-    assert cal.weight < 1 and cal.errors[cal.weight] < cal.errors[1.0]
+    assert cal is not None and set(cal.errors) == set(calibrate.candidates())
+    assert cal.weight < 1 and cal.errors[cal.setting] < cal.errors[calibrate.TRAINED]
     assert cal.heldout_lines >= 3 and "prior weight x" in cal.describe()
 
-    def quality(w):
-        return psnr(target, np.abs(calibrate.network_image(strong, ksp, maps, mask, w)))
+    def quality(setting):
+        return psnr(target, np.abs(calibrate.network_image(strong, ksp, maps, mask, setting)))
 
-    assert quality(cal.weight) > quality(1.0) + 0.5
+    assert quality(cal.setting) > quality(calibrate.TRAINED) + 0.5
     # nothing to hold out (only the ACS block acquired): no calibration
     only_acs = np.zeros_like(mask)
     only_acs[acs[0]:acs[1]] = 1
@@ -94,27 +112,32 @@ def test_pipeline_calibrates_without_the_guards_lines(case, monkeypatch):
     assert img.shape == mask.shape and method in ("unrolled", "cg-sense")
 
 
-def test_choose_weight_needs_a_clear_improvement():
+def test_choose_needs_a_clear_improvement():
     rng = np.random.default_rng(0)
     e1 = rng.uniform(1, 2, 40)
-    better = {1.0: e1, 0.25: e1 * 0.8, 0.0625: e1 * 0.9}
-    assert calibrate.choose_weight(better) == 0.25  # the largest clear improvement
-    noise = {1.0: e1, 0.25: e1 + rng.normal(0, 0.5, 40)}  # no systematic difference
-    assert calibrate.choose_weight(noise) == 1.0
-    assert calibrate.choose_weight({1.0: e1[:1], 0.25: e1[:1] * 0.1}) == 1.0  # one line: no SE
+    one, quarter, converged = (calibrate.TRAINED, calibrate.DcSetting(0.25),
+                               calibrate.DcSetting(1.0, 8))
+    better = {one: e1, quarter: e1 * 0.8, calibrate.DcSetting(0.0625): e1 * 0.9,
+              converged: e1 * 0.85}
+    assert calibrate.choose(better) == quarter  # the largest clear improvement
+    assert calibrate.choose({one: e1, quarter: e1 * 0.9, converged: e1 * 0.7}) == converged
+    noise = {one: e1, quarter: e1 + rng.normal(0, 0.5, 40)}  # no systematic difference
+    assert calibrate.choose(noise) == one
+    assert calibrate.choose({one: e1[:1], quarter: e1[:1] * 0.1}) == one  # one line: no SE
 
 
 def test_scan_calibration_pools_its_first_slices_then_reuses_the_weight():
     rng = np.random.default_rng(1)
     state = calibrate.ScanCalibration(slices=2)
-    ev = [{1.0: e, 0.25: e * 0.7} for e in (rng.uniform(1, 2, 5), 100 * rng.uniform(1, 2, 5))]
+    one, quarter = calibrate.TRAINED, calibrate.DcSetting(0.25)
+    ev = [{one: e, quarter: e * 0.7} for e in (rng.uniform(1, 2, 5), 100 * rng.uniform(1, 2, 5))]
     assert state.settled("m") is None
     first = state.add("m", ev[0])
     assert first.slices == 1 and state.settled("m") is None
     second = state.add("m", ev[1])
     assert second.slices == 2 and second.heldout_lines == 10 and state.settled("m") is second
     # each slice counts alike: the 100x brighter slice does not swamp the first
-    assert second.errors[1.0] == pytest.approx(10.0)
+    assert second.errors[one] == pytest.approx(10.0)
     assert second.weight == 0.25 and "2 slices'" in second.describe()
     assert state.settled("other") is None  # per model
     per_slice = calibrate.ScanCalibration(slices=0)

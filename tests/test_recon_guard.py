@@ -117,7 +117,7 @@ def test_pipeline_falls_back_per_slice(monkeypatch):
         scan = read_raw(raw)
     rec = Reconstructor()
 
-    def aliased(self, name, k, s, m, model=None, prior_weight=1.0):
+    def aliased(self, name, k, s, m, model=None, setting=None):
         # the zero-filled SENSE combination: aliased, at 1 / R of the intensity (a 4x aliased
         # copy at full intensity predicts the phantom's held-out lines as well as CG-SENSE)
         return (s.conj() * ifft2c(k)).sum(0)
@@ -164,7 +164,7 @@ def test_refinement_never_sees_the_guards_lines(monkeypatch):
 
     def spy(model, k, s, m, a, *args, **kw):
         seen["mask"], seen["kspace"] = m.copy(), k.copy()
-        seen["prior_weight"] = kw["prior_weight"]
+        seen["setting"] = kw["setting"]
         return None, None
 
     monkeypatch.setattr(refine, "refine_slice", spy)
@@ -173,9 +173,9 @@ def test_refinement_never_sees_the_guards_lines(monkeypatch):
     notes: list[str] = []
     rec.network_slice("unrolled-base", ksp, maps, mask, acs, settings, seed=3, notes=notes,
                       timings=defaultdict(float))
-    # the refinement trains at the weight the calibration chose (first note)
+    # the refinement trains with the setting the calibration chose (first note)
     assert notes[0].startswith("prior weight x")
-    assert notes[0].startswith(f"prior weight x{seen['prior_weight']:g} ")
+    assert notes[0].startswith(f"prior weight {seen['setting']} chosen")
     lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=3)
     assert lines.size > 0 and mask[lines].all()
     assert not seen["mask"][lines].any() and not seen["kspace"][:, lines].any()

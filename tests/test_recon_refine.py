@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from recon_plugin.models.unrolled import UnrolledNet
+from recon_plugin.recon.calibrate import DcSetting
 from recon_plugin.recon.refine import refine_slice
 from recon_plugin.training.transfer import make_transfer_slice
 
@@ -42,10 +43,10 @@ def test_refinement_respects_its_budget_and_keeps_nothing_without_gain():
     assert res is not None and res.seconds < 5.0 and res.steps < 10_000
 
 
-def test_refinement_trains_and_judges_at_the_given_prior_weight():
+def test_refinement_trains_and_judges_at_the_given_setting():
     """An untrained noise-aware network's CNN output is noise: at a small prior weight it
     predicts the held-out lines better than at the trained one, and the refinement starts
-    from (and reports) the weight it is given."""
+    from (and reports) the data-consistency setting it is given."""
     torch.manual_seed(1)
     model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="prox", cg_iters=3,
                         noise_aware=True).eval()
@@ -54,7 +55,7 @@ def test_refinement_trains_and_judges_at_the_given_prior_weight():
     ksp, maps, mask, acs = _slice()
     _, at1 = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=1, lr=0.0)
     _, small = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=1, lr=0.0,
-                            prior_weight=1 / 16)
-    assert at1.prior_weight == 1.0 and small.prior_weight == 1 / 16
+                            setting=DcSetting(1 / 16))
+    assert at1.setting == DcSetting() and small.setting == DcSetting(1 / 16)
     assert small.error_before < 0.9 * at1.error_before
     assert "prior weight x0.0625" in small.describe()

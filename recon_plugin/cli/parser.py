@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-guard", action="store_true",
                    help="skip the per-slice held-out-line check of the network against CG-SENSE")
     s.add_argument("--no-calibrate", action="store_true",
-                   help="keep the network's trained prior weight (skip the per-slice calibration "
-                   "on held-out lines that protocols such as default ask for)")
+                   help="keep the network's trained data consistency (prior weight and CG "
+                   "iterations; skip the calibration on held-out lines that protocols such as "
+                   "default ask for)")
     s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")

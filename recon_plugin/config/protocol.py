@@ -153,6 +153,7 @@ class Protocol:
             refine_max_steps=self.refine.max_steps,
             calibrate=self.calibration.enabled,
             calibrate_grid=tuple(self.calibration.grid),
+            calibrate_cg_iters=tuple(self.calibration.cg_iters),
             calibrate_slices=self.calibration.slices,
         )
 

@@ -29,7 +29,7 @@ from pydantic import (
 from ..output.dicom import DicomOptions
 from ..output.pacs import PacsTargetError, parse_target
 from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER
-from ..recon.calibrate import PRIOR_WEIGHT_GRID
+from ..recon.calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID
 from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
 from ..scan import ScanHeader
@@ -137,14 +137,19 @@ class RefineSpec(_Section):
 
 
 class CalibrationSpec(_Section):
-    """Prior-weight calibration (``recon/calibrate.py``): the network's learned
-    data-consistency weights are scaled by the grid value whose reconstruction best predicts
-    held-out acquired lines; scan-specific refinement trains at the chosen weight."""
+    """Calibration of the data consistency (``recon/calibrate.py``): of the network's learned
+    data-consistency weights scaled by each grid value, and of the trained weight with each of
+    ``cg_iters`` conjugate-gradient iterations, the setting whose reconstruction best predicts
+    held-out acquired lines; scan-specific refinement trains with the chosen setting."""
 
     enabled: StrictBool = False
     grid: Annotated[list[Annotated[float, Field(strict=True, gt=0.0, le=1000.0)]],
                     Field(min_length=1, max_length=16)] = Field(
         default_factory=lambda: list(PRIOR_WEIGHT_GRID))
+    # conjugate-gradient iterations per data-consistency solve also tried at the trained weight
+    # (more than the trained 4 converge the solve at high SNR); [] tries the trained count only
+    cg_iters: Annotated[list[Annotated[StrictInt, Field(ge=1, le=64)]],
+                        Field(max_length=4)] = Field(default_factory=lambda: list(CG_ITERS_GRID))
     # a scan's first n slices (central slices first in batch recon) decide one weight for all
     # its slices; 0: every slice is calibrated on its own
     slices: Annotated[StrictInt, Field(ge=0, le=1000)] = 3

@@ -180,14 +180,20 @@ class UnrolledNet(nn.Module):
             self.step = nn.Parameter(torch.full((num_cascades,), init))
 
     def forward(self, kspace: torch.Tensor, op: SenseOperator, return_cascades: bool = False,
-                prior_weight: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, list]:
+                prior_weight: float = 1.0, cg_iters: int | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, list]:
         """Image (batch, ky, kx); with ``return_cascades`` also the list of every cascade's
         output (at the network's internal, normalised intensity scale), for distillation.
         ``prior_weight`` multiplies every learned data-consistency weight ``mu`` (not its
         floor): < 1 trusts the measured data more than training taught (prox only; chosen per
-        scan by ``recon/calibrate.py``)."""
+        scan by ``recon/calibrate.py``). ``cg_iters``: conjugate-gradient iterations of each
+        data-consistency solve (prox only), None: the trained ``self.cg_iters``; more iterations
+        converge the solve where ``mu`` is small (high SNR)."""
         if prior_weight != 1.0 and self.dc != "prox":
             raise ValueError("prior_weight needs dc='prox' (a gradient-step network has no mu)")
+        iters = self.cg_iters if cg_iters is None else int(cg_iters)
+        if iters < 1:
+            raise ValueError(f"cg_iters must be >= 1, got {iters}")
         x0 = op.adjoint(kspace)
         scale = intensity_scale(x0).detach()
         aty = x0 / scale
@@ -196,7 +202,7 @@ class UnrolledNet(nn.Module):
         if self.noise_aware:
             s2 = normalised_noise_variance(kspace, op.mask, scale) * prior_weight
             mu0 = self.step[-1].exp() * s2 + self.mu_floor.exp()
-            x = sense_cg(op, aty, torch.zeros_like(aty), mu0, self.cg_iters)
+            x = sense_cg(op, aty, torch.zeros_like(aty), mu0, iters)
         for k in range(self.num_cascades):
             prior = self.priors[k % len(self.priors)]
             if self.dc == "gradient":
@@ -208,7 +214,7 @@ class UnrolledNet(nn.Module):
                     mu = self.step[k].exp() * s2 + self.mu_floor.exp()
                 else:
                     mu = self.step[k].exp() * prior_weight
-                x = sense_cg(op, aty + mu * z, z, mu, self.cg_iters)
+                x = sense_cg(op, aty + mu * z, z, mu, iters)
             if return_cascades:
                 cascades.append(x)
         x = x * (scale * op.support)

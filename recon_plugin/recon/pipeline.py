@@ -39,7 +39,15 @@ from ..scan import (
     series_by_contrast,
 )
 from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
-from .calibrate import PRIOR_WEIGHT_GRID, ScanCalibration, heldout_evidence, network_image
+from .calibrate import (
+    CG_ITERS_GRID,
+    PRIOR_WEIGHT_GRID,
+    TRAINED,
+    DcSetting,
+    ScanCalibration,
+    heldout_evidence,
+    network_image,
+)
 from .coils import CoilMapError, EspiritParams, estimate_maps
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
@@ -71,6 +79,7 @@ class ReconSettings:
     refine_max_steps: int = 200
     calibrate: bool = False  # prior weight chosen on held-out lines (calibrate.py)
     calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
+    calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
     calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
 
     def __post_init__(self):
@@ -195,11 +204,11 @@ class Reconstructor:
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes)
 
-    def _network(self, name, ksp, maps, mask, model=None, prior_weight: float = 1.0
+    def _network(self, name, ksp, maps, mask, model=None, setting: DcSetting = TRAINED
                  ) -> np.ndarray:
         """The network ``name`` (or the given refined copy of it) on one slice."""
         model = model if model is not None else self.model(name)[0]
-        return network_image(model, ksp, maps, mask, prior_weight, self.device)
+        return network_image(model, ksp, maps, mask, setting, self.device)
 
     def network_slice(self, name: str, ksp: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                       acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
@@ -215,7 +224,7 @@ class Reconstructor:
         (guard_checked, guard_rejected, refine_kept)."""
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
-        net, weight = None, 1.0
+        net, setting = None, TRAINED
         lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=seed) \
             if settings.guard else None
         # calibration and refinement never see the guard's lines (neither to fit nor to choose),
@@ -224,16 +233,16 @@ class Reconstructor:
             keep = guard.without_lines(mask, lines)
             ksp_keep = ksp * keep[None]
             if settings.calibrate:
-                weight = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed, notes,
-                                         t, calibration)
-            if settings.refine == "scan":  # trains at the calibrated weight
+                setting = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed,
+                                          notes, t, calibration)
+            if settings.refine == "scan":  # trains at the calibrated setting
                 net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
-                                   weight)
+                                   setting)
         res = None
         if settings.guard:
             t0 = time.perf_counter()
             res = guard.check(ksp, maps, mask, lines,
-                              lambda k, s, m: self._network(name, k, s, m, net, weight),
+                              lambda k, s, m: self._network(name, k, s, m, net, setting),
                               lambda k, s, m: classical.cg_sense(k, s, m),
                               settings.guard_margin, settings.guard_z)
             t["guard"] += time.perf_counter() - t0
@@ -249,39 +258,42 @@ class Reconstructor:
             return img, "cg-sense"
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
-        img = self._network(name, ksp, maps, mask, net, weight)
+        img = self._network(name, ksp, maps, mask, net, setting)
         t["network"] += time.perf_counter() - t0
         return img, "unrolled"
 
     def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
-                   notes: list[str], t: dict, calibration: ScanCalibration | None) -> float:
-        """The prior weight for this slice (``recon/calibrate.py``): the scan's, once its first
-        slices have decided it; else this slice's held-out evidence joins the scan's."""
+                   notes: list[str], t: dict, calibration: ScanCalibration | None,
+                   ) -> DcSetting:
+        """The data-consistency setting for this slice (``recon/calibrate.py``): the scan's, once
+        its first slices have decided it; else this slice's held-out evidence joins the
+        scan's."""
         state = calibration if calibration is not None else ScanCalibration(slices=0)
         done = state.settled(name)
         if done is None:
             t0 = time.perf_counter()
             ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
                                   settings.calibrate_grid, settings.guard_fraction,
-                                  seed=seed + 7919, device=self.device)
+                                  seed=seed + 7919, device=self.device,
+                                  cg_iters=settings.calibrate_cg_iters)
             t["calibrate"] += time.perf_counter() - t0
             if ev is None:
-                return 1.0
+                return TRAINED
             done = state.add(name, ev)
             log.info("slice %d: %s", seed, done.describe())
         notes.append(done.describe())
-        return done.weight
+        return done.setting
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
-                notes: list[str], t: dict, weight: float):
-        """A copy of the network refined on this slice at prior weight ``weight``
+                notes: list[str], t: dict, setting: DcSetting):
+        """A copy of the network refined on this slice with the data-consistency ``setting``
         (``recon/refine.py``) or None."""
         from .refine import refine_slice
 
         net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
                                 settings.refine_budget_s, settings.refine_max_steps,
                                 heldout_fraction=settings.guard_fraction, seed=seed,
-                                device=self.device, prior_weight=weight)
+                                device=self.device, setting=setting)
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
             notes.append(res.describe())

@@ -5,7 +5,8 @@ acquired lines are held out for validation (drawn as the guard draws its lines,
 :func:`recon_plugin.recon.guard.heldout_lines`; the pipeline removes the guard's own lines
 before refining, so the two sets are disjoint); the rest are split at every step into
 data-consistency and loss lines (SSDU), and the copy learns to predict its loss lines from
-its data-consistency lines. It trains at the prior weight the scan's calibration chose
+its data-consistency lines. It trains with the data-consistency setting (prior weight and
+conjugate-gradient iterations) the scan's calibration chose
 (:mod:`recon_plugin.recon.calibrate`; the pipeline calibrates first), so refinement starts from
 the calibrated network and can only add to it. The held-out lines stop training early and
 decide: the refined network is kept only where it predicts them significantly better than the
@@ -30,6 +31,7 @@ from torch import nn
 from ..metrics import kspace_loss
 from ..physics import SenseOperator
 from ..physics.masks import ssdu_split
+from .calibrate import TRAINED, DcSetting
 from .guard import heldout_line_errors, heldout_lines, significant_gain
 
 log = logging.getLogger(__name__)
@@ -44,21 +46,22 @@ class RefineResult:
     error_after: float
     steps: int
     seconds: float
-    prior_weight: float = 1.0  # the multiple of the trained prior weight it trained at
+    setting: DcSetting = TRAINED  # the data-consistency setting it trained at
 
     def describe(self) -> str:
         verdict = "kept" if self.kept else ("not kept (no significant held-out improvement), "
                                             "unrefined network")
         return (f"scan-specific refinement {verdict}: held-out k-space error "
-                f"{self.error_before:.4g} -> {self.error_after:.4g}, prior weight x"
-                f"{self.prior_weight:g}, {self.steps} steps, {self.seconds:.1f} s")
+                f"{self.error_before:.4g} -> {self.error_after:.4g}, prior weight "
+                f"{self.setting}, {self.steps} steps, {self.seconds:.1f} s")
 
 
 def _apply(model: nn.Module, ksp: torch.Tensor, op: SenseOperator, mask: torch.Tensor,
-           prior_weight: float):
+           setting: DcSetting):
     """The model on the lines ``mask`` of ``ksp``; ``op`` gives the maps (and what depends on
     them alone, made once per slice)."""
-    return model(ksp * mask, op.with_mask(mask), prior_weight=prior_weight)
+    return model(ksp * mask, op.with_mask(mask), prior_weight=setting.weight,
+                 cg_iters=setting.cg_iters)
 
 
 def refine_slice(
@@ -66,11 +69,11 @@ def refine_slice(
     acs: tuple[int, int] | None, time_budget_s: float = 20.0, max_steps: int = 200,
     lr: float = 3e-4, rho: float = 0.4, heldout_fraction: float = 0.1, check_every: int = 5,
     patience: int = 3, seed: int = 0, device: str | torch.device = "cpu",
-    scalar_lr_factor: float = 100.0, prior_weight: float = 1.0,
+    scalar_lr_factor: float = 100.0, setting: DcSetting = TRAINED,
 ) -> tuple[nn.Module | None, RefineResult | None]:
     """(the refined copy or None, what happened); (None, None) when too few lines can be held
-    out. ``model`` is not changed; the copy trains and is judged at ``prior_weight`` (run it at
-    that weight). Training stops at ``max_steps``, at the time budget, or after
+    out. ``model`` is not changed; the copy trains and is judged with ``setting`` (run it with
+    that setting). Training stops at ``max_steps``, at the time budget, or after
     ``patience`` checks without a better held-out error; the best checked state is returned."""
     t0 = time.perf_counter()
     lines = heldout_lines(mask, acs, heldout_fraction, seed=seed)
@@ -85,7 +88,7 @@ def refine_slice(
 
     def line_errors(net: nn.Module) -> np.ndarray:
         with torch.no_grad():
-            img = _apply(net, k, op, m_train, prior_weight)[0].cpu().numpy()
+            img = _apply(net, k, op, m_train, setting)[0].cpu().numpy()
         return heldout_line_errors(img, maps, kspace, lines)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
@@ -103,7 +106,7 @@ def refine_slice(
     rng = np.random.default_rng(seed)
     while steps < max_steps and time.perf_counter() - t0 < time_budget_s:
         dc, loss_mask = ssdu_split(m_train, rho, acs, rng)
-        pred = _apply(net, k, op, dc, prior_weight)
+        pred = _apply(net, k, op, dc, setting)
         loss = kspace_loss(op.with_mask(loss_mask).forward(pred), k * loss_mask.unsqueeze(1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,6 +128,6 @@ def refine_slice(
         net.load_state_dict(best_state)
         for p in net.parameters():
             p.requires_grad_(False)
-    result = RefineResult(kept, before, best, steps, time.perf_counter() - t0, prior_weight)
+    result = RefineResult(kept, before, best, steps, time.perf_counter() - t0, setting)
     log.debug("%s", result.describe())
     return (net if kept else None), result
