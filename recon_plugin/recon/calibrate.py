@@ -40,12 +40,12 @@ PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
 # conjugate-gradient iterations per data-consistency solve tried at the trained weight, besides
 # the trained count
 CG_ITERS_GRID = (8,)
-# a weight replaces the trained one when its mean per-line improvement exceeds this many
+# a setting replaces the trained one when its mean per-line improvement exceeds this many
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class DcSetting:
     """How the network's data consistency runs: ``weight`` multiplies the trained ``mu``;
     ``cg_iters`` is the number of conjugate-gradient iterations per solve (None: the trained
@@ -55,7 +55,12 @@ class DcSetting:
     cg_iters: int | None = None
 
     def __str__(self) -> str:
-        return f"x{self.weight:g}" + ("" if self.cg_iters is None else f" {self.cg_iters} CG")
+        its = "" if self.cg_iters is None else f" ({self.cg_iters} CG iterations)"
+        return f"x{self.weight:g}{its}"
+
+    def sort_key(self) -> tuple[float, int]:
+        """Weight, then iterations (the trained count first)."""
+        return self.weight, self.cg_iters or 0
 
 
 TRAINED = DcSetting()
@@ -67,7 +72,7 @@ def candidates(grid: tuple[float, ...] = PRIOR_WEIGHT_GRID,
     weight at every count of ``cg_iters``."""
     out = {TRAINED} | {DcSetting(float(w)) for w in grid}
     out |= {DcSetting(1.0, int(n)) for n in cg_iters}
-    return sorted(out, key=lambda c: (c.weight, c.cg_iters or 0))
+    return sorted(out, key=DcSetting.sort_key)
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,8 @@ class Calibration:
         ref = max(self.errors[TRAINED], 1e-30)
         return (f"prior weight {self.setting} chosen on {where} {self.heldout_lines} held-out "
                 "lines (errors relative to the trained x1: " + ", ".join(
-                    f"{c} {e / ref:.3f}" for c, e in sorted(
-                        self.errors.items(), key=lambda ce: (ce[0].weight, ce[0].cg_iters or 0)))
-                + ")")
+                    f"{c} {self.errors[c] / ref:.3f}"
+                    for c in sorted(self.errors, key=DcSetting.sort_key)) + ")")
 
 
 def choose(evidence: dict[DcSetting, np.ndarray]) -> DcSetting:
