@@ -314,7 +314,7 @@ def test_calibration_cg_iterations_are_validated(tmp_path):
     integer is refused with the key named."""
     from recon_plugin.config.protocol import load_protocol
 
-    assert load_protocol("default").recon_settings().calibrate_cg_iters == (8,)
+    assert load_protocol("default").recon_settings().calibrate_cg_iters == (8, 16)
     ok = write(tmp_path, "ok", "name: ok\nmodel: {}\ncalibration: {enabled: true, cg_iters: []}\n")
     assert P.load_protocol(ok).recon_settings().calibrate_cg_iters == ()
     for value in ("[0]", "[2.5]"):

@@ -39,7 +39,7 @@ from .guard import heldout_line_errors, heldout_lines, significant_gain, without
 PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
 # conjugate-gradient iterations per data-consistency solve tried at the trained weight, besides
 # the trained count
-CG_ITERS_GRID = (8,)
+CG_ITERS_GRID = (8, 16)
 # a setting replaces the trained one when its mean per-line improvement exceeds this many
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
