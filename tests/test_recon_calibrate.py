@@ -121,6 +121,10 @@ def test_choose_needs_a_clear_improvement():
               converged: e1 * 0.85}
     assert calibrate.choose(better) == quarter  # the largest clear improvement
     assert calibrate.choose({one: e1, quarter: e1 * 0.9, converged: e1 * 0.7}) == converged
+    # more iterations replace the chosen weight only where they improve on it significantly
+    tie = rng.normal(0, 0.05, 40)
+    assert calibrate.choose({one: e1, quarter: e1 * 0.8,
+                             converged: e1 * 0.8 + tie - tie.mean() - 0.001}) == quarter
     noise = {one: e1, quarter: e1 + rng.normal(0, 0.5, 40)}  # no systematic difference
     assert calibrate.choose(noise) == one
     assert calibrate.choose({one: e1[:1], quarter: e1[:1] * 0.1}) == one  # one line: no SE

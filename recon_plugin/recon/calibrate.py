@@ -9,9 +9,10 @@ setting, and score each image by how well it predicts the held-out lines
 short grid (multiples of the trained ``mu``) at the trained number of conjugate-gradient
 iterations, and the trained weight with more iterations: at high SNR ``mu`` is small, the
 data-consistency solve is ill-conditioned, and the trained 4 iterations leave it unconverged
-(docs/BENCHMARKS.md, "Calibrate"). A setting other than the trained one is taken only where its
-improvement over the trained one, paired line by line, exceeds ``SIGNIFICANCE_Z`` standard
-errors: a few lines are a noisy judge, and a wrong pick costs more than a missed one. A few
+(docs/BENCHMARKS.md, "SNR sweep"). A setting other than the trained one is taken only where its
+improvement, paired line by line, exceeds ``SIGNIFICANCE_Z`` standard errors (:func:`choose`:
+the weights against the trained setting first, then more iterations against that choice): a
+few lines are a noisy judge, and a wrong pick costs more than a missed one. A few
 forward passes per calibrated slice; no training. A scan's first few slices decide one setting
 for all its slices (:class:`ScanCalibration`), so the cost is paid once per scan, not per
 slice.
@@ -100,15 +101,23 @@ class Calibration:
 
 
 def choose(evidence: dict[DcSetting, np.ndarray]) -> DcSetting:
-    """The candidate with the largest significant mean improvement of the per-line errors over
-    the trained setting (:func:`~recon_plugin.recon.guard.significant_gain` at
-    ``SIGNIFICANCE_Z``), else the trained one. ``evidence``: setting -> per-line errors
-    (n_lines,), the same lines for every setting."""
+    """The setting the held-out lines support, in two stages. First the prior weights at the
+    trained iterations: the one with the largest significant mean improvement of the per-line
+    errors over the trained setting (:func:`~recon_plugin.recon.guard.significant_gain` at
+    ``SIGNIFICANCE_Z``), else the trained one. Then each candidate with other iterations, in
+    increasing order, replaces that choice only where it improves significantly on it: on the
+    real brain the early-stopped solve at a lower weight is the better regularisation, and a
+    near tie must not hand it to a converged solve (docs/BENCHMARKS.md, "SNR sweep").
+    ``evidence``: setting -> per-line errors (n_lines,), the same lines for every setting."""
     best, best_gain = TRAINED, 0.0
     for c, e in evidence.items():
-        gain = 0.0 if c == TRAINED else significant_gain(evidence[TRAINED], e, SIGNIFICANCE_Z)
-        if gain > best_gain:
-            best, best_gain = c, gain
+        if c.cg_iters is None and c != TRAINED:
+            gain = significant_gain(evidence[TRAINED], e, SIGNIFICANCE_Z)
+            if gain > best_gain:
+                best, best_gain = c, gain
+    for c in sorted((c for c in evidence if c.cg_iters is not None), key=DcSetting.sort_key):
+        if significant_gain(evidence[best], evidence[c], SIGNIFICANCE_Z) > 0:
+            best = c
     return best
 
 
