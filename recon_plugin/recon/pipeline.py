@@ -204,11 +204,11 @@ class Reconstructor:
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes)
 
-    def _network(self, name, ksp, maps, mask, model=None, setting: DcSetting = TRAINED
+    def _network(self, name, ksp, maps, mask, model=None, dc_setting: DcSetting = TRAINED
                  ) -> np.ndarray:
         """The network ``name`` (or the given refined copy of it) on one slice."""
         model = model if model is not None else self.model(name)[0]
-        return network_image(model, ksp, maps, mask, setting, self.device)
+        return network_image(model, ksp, maps, mask, dc_setting, self.device)
 
     def network_slice(self, name: str, ksp: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                       acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
@@ -224,7 +224,7 @@ class Reconstructor:
         (guard_checked, guard_rejected, refine_kept)."""
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
-        net, setting = None, TRAINED
+        net, dc_setting = None, TRAINED
         lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=seed) \
             if settings.guard else None
         # calibration and refinement never see the guard's lines (neither to fit nor to choose),
@@ -233,16 +233,16 @@ class Reconstructor:
             keep = guard.without_lines(mask, lines)
             ksp_keep = ksp * keep[None]
             if settings.calibrate:
-                setting = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed,
-                                          notes, t, calibration)
+                dc_setting = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed,
+                                             notes, t, calibration)
             if settings.refine == "scan":  # trains at the calibrated setting
                 net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
-                                   setting)
+                                   dc_setting)
         res = None
         if settings.guard:
             t0 = time.perf_counter()
             res = guard.check(ksp, maps, mask, lines,
-                              lambda k, s, m: self._network(name, k, s, m, net, setting),
+                              lambda k, s, m: self._network(name, k, s, m, net, dc_setting),
                               lambda k, s, m: classical.cg_sense(k, s, m),
                               settings.guard_margin, settings.guard_z)
             t["guard"] += time.perf_counter() - t0
@@ -258,7 +258,7 @@ class Reconstructor:
             return img, "cg-sense"
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
-        img = self._network(name, ksp, maps, mask, net, setting)
+        img = self._network(name, ksp, maps, mask, net, dc_setting)
         t["network"] += time.perf_counter() - t0
         return img, "unrolled"
 
@@ -285,15 +285,15 @@ class Reconstructor:
         return done.setting
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
-                notes: list[str], t: dict, setting: DcSetting):
-        """A copy of the network refined on this slice with the data-consistency ``setting``
+                notes: list[str], t: dict, dc_setting: DcSetting):
+        """A copy of the network refined on this slice with ``dc_setting``
         (``recon/refine.py``) or None."""
         from .refine import refine_slice
 
         net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
                                 settings.refine_budget_s, settings.refine_max_steps,
                                 heldout_fraction=settings.guard_fraction, seed=seed,
-                                device=self.device, setting=setting)
+                                device=self.device, setting=dc_setting)
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
             notes.append(res.describe())
