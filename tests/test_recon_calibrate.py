@@ -41,7 +41,7 @@ def test_prior_weight_scales_the_data_consistency(case, base):
     gradient = UnrolledNet(num_cascades=1, chans=4, dc="gradient").eval()
     with pytest.raises(ValueError, match="prior_weight needs dc='prox'"):
         calibrate.network_image(gradient, ksp, maps, mask, calibrate.DcSetting(0.5))
-    assert calibrate.calibrate_prior_weight(gradient, ksp, maps, mask, (44, 52)) is None
+    assert calibrate.calibrate_slice(gradient, ksp, maps, mask, (44, 52)) is None
 
 
 def test_more_cg_iterations_converge_the_data_consistency(case, base):
@@ -72,7 +72,7 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
     strong = copy.deepcopy(base)
     with torch.no_grad():
         strong.step += float(np.log(16.0))
-    cal = calibrate.calibrate_prior_weight(strong, ksp, maps, mask, acs, seed=1)
+    cal = calibrate.calibrate_slice(strong, ksp, maps, mask, acs, seed=1)
     assert cal is not None and set(cal.errors) == set(calibrate.candidates())
     assert cal.weight < 1 and cal.errors[cal.setting] < cal.errors[calibrate.TRAINED]
     assert cal.heldout_lines >= 3 and "prior weight x" in cal.describe()
@@ -84,8 +84,8 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
     # nothing to hold out (only the ACS block acquired): no calibration
     only_acs = np.zeros_like(mask)
     only_acs[acs[0]:acs[1]] = 1
-    assert calibrate.calibrate_prior_weight(strong, ksp * only_acs[None], maps, only_acs,
-                                            acs) is None
+    assert calibrate.calibrate_slice(strong, ksp * only_acs[None], maps, only_acs,
+                                     acs) is None
 
 
 def test_pipeline_calibrates_without_the_guards_lines(case, monkeypatch):

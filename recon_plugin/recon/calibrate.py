@@ -185,12 +185,12 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
             for c in candidates(grid, cg_iters)}
 
 
-def calibrate_prior_weight(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
-                           mask: np.ndarray, acs: tuple[int, int] | None,
-                           grid: tuple[float, ...] = PRIOR_WEIGHT_GRID, fraction: float = 0.1,
-                           seed: int = 0, device: str | torch.device = "cpu",
-                           cg_iters: tuple[int, ...] = CG_ITERS_GRID,
-                           ) -> Calibration | None:
+def calibrate_slice(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
+                    mask: np.ndarray, acs: tuple[int, int] | None,
+                    grid: tuple[float, ...] = PRIOR_WEIGHT_GRID, fraction: float = 0.1,
+                    seed: int = 0, device: str | torch.device = "cpu",
+                    cg_iters: tuple[int, ...] = CG_ITERS_GRID,
+                    ) -> Calibration | None:
     """The setting for one slice on its own (:func:`heldout_evidence`, :func:`choose`); None
     where no evidence can be had."""
     ev = heldout_evidence(model, kspace, maps, mask, acs, grid, fraction, seed, device, cg_iters)
