@@ -309,6 +309,23 @@ def test_unmatched_scans_get_the_guarded_network():
     assert s.method == "unrolled" and s.guard and s.guard_fraction > 0 and s.refine == "none"
 
 
+def test_calibration_sparsity_is_validated(tmp_path):
+    """``calibration.sparsity`` ([L1, anchor] pairs) reaches the reconstruction settings; a
+    pair of the wrong length or a weight <= 0 is refused with the key named."""
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.recon.sparse import Sparsity
+
+    assert load_protocol("default").recon_settings().calibrate_sparsity[1] == Sparsity(0.003, 0.1)
+    ok = write(tmp_path, "ok", "name: ok\nmodel: {}\ncalibration: {sparsity: [[0.01, 1]]}\n")
+    assert P.load_protocol(ok).recon_settings().calibrate_sparsity == (Sparsity(0.01, 1.0),)
+    for value, key in (("[[0.01]]", "calibration.sparsity[0]"),
+                       ("[[0.01, 0]]", "calibration.sparsity[0][1]"),
+                       ("[[-1, 0.3]]", "calibration.sparsity[0][0]")):
+        path = write(tmp_path, "x", f"name: x\nmodel: {{}}\ncalibration: {{sparsity: {value}}}\n")
+        with pytest.raises(P.ProtocolError, match=re.escape(key)):
+            P.load_protocol(path)
+
+
 def test_calibration_cg_iterations_are_validated(tmp_path):
     """``calibration.cg_iters`` reaches the reconstruction settings; a count below 1 or not an
     integer is refused with the key named."""

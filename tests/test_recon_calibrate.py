@@ -1,5 +1,6 @@
 """Per-slice prior-weight calibration on held-out lines (recon/calibrate.py)."""
 
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
@@ -10,6 +11,7 @@ from recon_plugin.metrics import psnr
 from recon_plugin.models.checkpoint import load_inference_model, resolve_model
 from recon_plugin.models.unrolled import UnrolledNet
 from recon_plugin.recon import calibrate, guard
+from recon_plugin.recon.sparse import NONE
 from recon_plugin.training.transfer import make_transfer_slice
 
 
@@ -41,6 +43,8 @@ def test_prior_weight_scales_the_data_consistency(case, base):
     gradient = UnrolledNet(num_cascades=1, chans=4, dc="gradient").eval()
     with pytest.raises(ValueError, match="prior_weight needs dc='prox'"):
         calibrate.network_image(gradient, ksp, maps, mask, calibrate.DcSetting(0.5))
+    with pytest.raises(ValueError, match="cg_iters needs dc='prox'"):
+        calibrate.network_image(gradient, ksp, maps, mask, calibrate.DcSetting(1.0, 8))
     assert calibrate.calibrate_slice(gradient, ksp, maps, mask, (44, 52)) is None
 
 
@@ -73,8 +77,10 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
     with torch.no_grad():
         strong.step += float(np.log(16.0))
     cal = calibrate.calibrate_slice(strong, ksp, maps, mask, acs, seed=1)
-    assert cal is not None and set(cal.errors) == set(calibrate.candidates())
-    assert cal.weight < 1 and cal.errors[cal.setting] < cal.errors[calibrate.TRAINED]
+    assert cal is not None
+    assert set(cal.errors) == {*calibrate.candidates(), NONE, *calibrate.SPARSITY_GRID}
+    dc = dataclasses.replace(cal.setting, sparsity=NONE)  # the data-consistency stages' choice
+    assert cal.weight < 1 and cal.errors[dc] < cal.errors[calibrate.TRAINED]
     assert cal.heldout_lines >= 3 and "prior weight x" in cal.describe()
 
     def quality(setting):
@@ -193,3 +199,44 @@ def test_a_gain_counts_only_beyond_the_noise_of_the_lines():
     assert significant_gain(ref, ref + 0.5) == 0.0  # every line worse
     assert significant_gain(ref, ref + np.array([-3.0, 1.0, 1.0, 0.9])) == 0.0  # one lucky line
     assert significant_gain(ref[:1], ref[:1] - 1) == 0.0  # one line: no evidence
+
+
+def test_l1_stage_needs_a_clear_improvement_over_the_image():
+    """The anchored L1-wavelet solves are judged against the image they start from (NONE),
+    after the data-consistency setting is chosen; the best clear gain wins, noise does not."""
+    from recon_plugin.recon.sparse import Sparsity
+
+    rng = np.random.default_rng(2)
+    e1 = rng.uniform(1, 2, 40)
+    one, quarter = calibrate.TRAINED, calibrate.DcSetting(0.25)
+    mild, strong = Sparsity(0.003, 0.3), Sparsity(0.01, 0.3)
+    ev = {one: e1, quarter: e1 * 0.8, NONE: e1 * 0.8, mild: e1 * 0.7, strong: e1 * 0.75}
+    got = calibrate.choose(ev)
+    assert got == calibrate.DcSetting(0.25, sparsity=mild) and "L1-wavelet 0.003" in str(got)
+    ev.update({mild: e1 * 0.8 + rng.normal(0, 0.3, 40), strong: e1 * 0.9})
+    assert calibrate.choose(ev) == quarter  # sparsity NONE
+    # pooled per slice relative to that slice's own image, like the settings to the trained one
+    state = calibrate.ScanCalibration(slices=2)
+    for scale in (1.0, 50.0):
+        r = state.add("m", {one: scale * e1, NONE: 0.5 * scale * e1, mild: 0.4 * scale * e1})
+    assert r.errors[NONE] == pytest.approx(2 * 40) and r.errors[mild] == pytest.approx(0.8 * 80)
+    assert r.setting.sparsity == mild and "relative to the network's image" in r.describe()
+
+
+def test_evidence_and_image_carry_the_l1_stage(case, base):
+    """heldout_evidence scores NONE (the slice's own choice) and every solve of the grid;
+    network_image applies the chosen solve to the network's image."""
+    from recon_plugin.recon.sparse import Sparsity, anchored_l1_wavelet
+
+    ksp, maps, mask, acs, target = case
+    grid = (Sparsity(0.003, 0.3),)
+    ev = calibrate.heldout_evidence(base, ksp, maps, mask, acs, cg_iters=(), sparsity=grid)
+    own = calibrate.choose({c: e for c, e in ev.items() if isinstance(c, calibrate.DcSetting)})
+    assert set(ev) == set(calibrate.candidates(cg_iters=())) | {NONE, *grid}
+    assert np.array_equal(ev[NONE], ev[own])
+    none = calibrate.heldout_evidence(base, ksp, maps, mask, acs, cg_iters=(), sparsity=())
+    assert NONE not in none
+    plain = calibrate.network_image(base, ksp, maps, mask)
+    with_l1 = calibrate.network_image(base, ksp, maps, mask, calibrate.DcSetting(sparsity=grid[0]))
+    assert np.allclose(with_l1, anchored_l1_wavelet(ksp, maps, mask, plain, grid[0]), atol=1e-5)
+    assert not np.allclose(with_l1, plain)

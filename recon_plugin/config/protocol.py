@@ -27,9 +27,11 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     refine: {mode: none, time_budget_s: 20, max_steps: 200}
                                          # scan: fine-tune a copy of the network per slice on its
                                          # own lines (recon/refine.py), kept where it helps
-    calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], slices: 3}
-                                         # prior weight chosen on held-out lines of the scan's
-                                         # first 3 slices (0: every slice; recon/calibrate.py)
+    calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], cg_iters: [8, 16], slices: 3,
+                  sparsity: [[0.001, 0.03], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3]]}
+                                         # prior weight, CG iterations and anchored L1-wavelet
+                                         # solve chosen on held-out lines of the scan's first 3
+                                         # slices (0: every slice; recon/calibrate.py)
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
@@ -65,6 +67,7 @@ import yaml
 from ..output.dicom import DicomOptions
 from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
 from ..recon.coils import EspiritParams
+from ..recon.sparse import Sparsity
 from ..scan import ScanHeader
 from . import schema
 from .schema import (
@@ -154,6 +157,7 @@ class Protocol:
             calibrate=self.calibration.enabled,
             calibrate_grid=tuple(self.calibration.grid),
             calibrate_cg_iters=tuple(self.calibration.cg_iters),
+            calibrate_sparsity=tuple(Sparsity(*p) for p in self.calibration.sparsity),
             calibrate_slices=self.calibration.slices,
         )
 

@@ -29,7 +29,7 @@ from pydantic import (
 from ..output.dicom import DicomOptions
 from ..output.pacs import PacsTargetError, parse_target
 from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER
-from ..recon.calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID
+from ..recon.calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
 from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
 from ..scan import ScanHeader
@@ -150,6 +150,13 @@ class CalibrationSpec(_Section):
     # (more than the trained 4 converge the solve at high SNR); [] tries the trained count only
     cg_iters: Annotated[list[Annotated[StrictInt, Field(ge=1, le=64)]],
                         Field(max_length=4)] = Field(default_factory=lambda: list(CG_ITERS_GRID))
+    # anchored L1-wavelet solves tried on the chosen image (recon/sparse.py): [L1 weight,
+    # anchor weight] pairs relative to the image's 99th-percentile magnitude; [] tries none
+    sparsity: Annotated[list[Annotated[list[Annotated[float, Field(strict=True, gt=0.0,
+                                                                   le=100.0)]],
+                                       Field(min_length=2, max_length=2)]],
+                        Field(max_length=8)] = Field(default_factory=lambda: [
+                            [s.lamda, s.anchor] for s in SPARSITY_GRID])
     # a scan's first n slices (central slices first in batch recon) decide one weight for all
     # its slices; 0: every slice is calibrated on its own
     slices: Annotated[StrictInt, Field(ge=0, le=1000)] = 3

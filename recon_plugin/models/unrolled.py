@@ -191,6 +191,8 @@ class UnrolledNet(nn.Module):
         converge the solve where ``mu`` is small (high SNR)."""
         if prior_weight != 1.0 and self.dc != "prox":
             raise ValueError("prior_weight needs dc='prox' (a gradient-step network has no mu)")
+        if cg_iters is not None and self.dc != "prox":
+            raise ValueError("cg_iters needs dc='prox' (a gradient-step network solves nothing)")
         iters = self.cg_iters if cg_iters is None else int(cg_iters)
         if iters < 1:
             raise ValueError(f"cg_iters must be >= 1, got {iters}")

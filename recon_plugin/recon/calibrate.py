@@ -9,11 +9,16 @@ setting, and score each image by how well it predicts the held-out lines
 short grid (multiples of the trained ``mu``) at the trained number of conjugate-gradient
 iterations, and the trained weight with more iterations: at high SNR ``mu`` is small, the
 data-consistency solve is ill-conditioned, and the trained 4 iterations leave it unconverged
-(docs/BENCHMARKS.md, "SNR sweep"). A setting other than the trained one is taken only where its
-improvement, paired line by line, exceeds ``SIGNIFICANCE_Z`` standard errors (:func:`choose`:
-the weights against the trained setting first, then more iterations against that choice): a
-few lines are a noisy judge, and a wrong pick costs more than a missed one. A few
-forward passes per calibrated slice; no training. A scan's first few slices decide one setting
+(docs/BENCHMARKS.md, "SNR sweep"). Last, the anchored L1-wavelet solve of ``sparse.py`` on the
+chosen image, with the (L1, anchor) pairs of ``SPARSITY_GRID``: where the object is sparse in
+wavelets (piecewise-constant regions, flat tissue under noise) it removes what the network
+leaves (docs/BENCHMARKS.md, "Real scanner data"). Each slice's solves start from its own choice
+of the earlier stages. A setting other than the trained one (or the image as it is) is taken
+only where its improvement, paired line by line, exceeds ``SIGNIFICANCE_Z`` standard errors
+(:func:`choose`: the weights against the trained setting first, then more iterations against
+that choice, then the L1-wavelet solves against the image they start from): a few lines are a
+noisy judge, and a wrong pick costs more than a missed one. A few forward passes and L1 solves
+per calibrated slice; no training. A scan's first few slices decide one setting
 for all its slices (:class:`ScanCalibration`), so the cost is paid once per scan, not per
 slice.
 
@@ -27,7 +32,7 @@ kx), mask (ky, kx) with lines along kx.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -35,6 +40,7 @@ from torch import nn
 
 from ..physics import SenseOperator
 from .guard import heldout_line_errors, heldout_lines, significant_gain, without_lines
+from .sparse import NONE, Sparsity, anchored_l1_wavelet
 
 # multiples of the trained prior weight; the trained one (1) is always a candidate
 PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
@@ -44,20 +50,27 @@ CG_ITERS_GRID = (8, 16)
 # a setting replaces the trained one when its mean per-line improvement exceeds this many
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
+# (L1, anchor) pairs of the anchored L1-wavelet solve tried on the chosen setting's image
+# (recon/sparse.py; docs/BENCHMARKS.md, "Real scanner data")
+SPARSITY_GRID = (Sparsity(0.001, 0.03), Sparsity(0.003, 0.1), Sparsity(0.003, 0.3),
+                 Sparsity(0.01, 0.3))
 
 
 @dataclass(frozen=True)
 class DcSetting:
     """How the network's data consistency runs: ``weight`` multiplies the trained ``mu``;
     ``cg_iters`` is the number of conjugate-gradient iterations per solve (None: the trained
-    number)."""
+    number); ``sparsity``: the anchored L1-wavelet solve applied to the network's image
+    (``sparse.py``; NONE: the network's image as it is)."""
 
     weight: float = 1.0
     cg_iters: int | None = None
+    sparsity: Sparsity = NONE
 
     def __str__(self) -> str:
         its = "" if self.cg_iters is None else f" ({self.cg_iters} CG iterations)"
-        return f"x{self.weight:g}{its}"
+        l1 = f" + {self.sparsity}" if self.sparsity.active else ""
+        return f"x{self.weight:g}{its}{l1}"
 
     def sort_key(self) -> tuple[float, int]:
         """Weight, then iterations (the trained count first)."""
@@ -83,7 +96,7 @@ class Calibration:
     evidence there was."""
 
     setting: DcSetting
-    errors: dict[DcSetting, float]
+    errors: dict[DcSetting | Sparsity, float]
     heldout_lines: int
     slices: int = 1
 
@@ -94,30 +107,60 @@ class Calibration:
     def describe(self) -> str:
         where = "this slice's" if self.slices == 1 else f"{self.slices} slices'"
         ref = max(self.errors[TRAINED], 1e-30)
-        return (f"prior weight {self.setting} chosen on {where} {self.heldout_lines} held-out "
-                "lines (errors relative to the trained x1: " + ", ".join(
-                    f"{c} {self.errors[c] / ref:.3f}"
-                    for c in sorted(self.errors, key=DcSetting.sort_key)) + ")")
+        out = (f"prior weight {self.setting} chosen on {where} {self.heldout_lines} held-out "
+               "lines (errors relative to the trained x1: " + ", ".join(
+                   f"{c} {self.errors[c] / ref:.3f}"
+                   for c in sorted(_settings(self.errors), key=DcSetting.sort_key)))
+        sparse = _sparsities(self.errors)
+        if len(sparse) > 1:
+            ref = max(self.errors[NONE], 1e-30)
+            out += "; relative to the network's image: " + ", ".join(
+                f"{c} {self.errors[c] / ref:.3f}" for c in sparse if c.active)
+        return out + ")"
 
 
-def choose(evidence: dict[DcSetting, np.ndarray]) -> DcSetting:
-    """The setting the held-out lines support, in two stages. First the prior weights at the
-    trained iterations: the one with the largest significant mean improvement of the per-line
-    errors over the trained setting (:func:`~recon_plugin.recon.guard.significant_gain` at
-    ``SIGNIFICANCE_Z``), else the trained one. Then each candidate with other iterations, in
-    increasing order, replaces that choice only where it improves significantly on it: on the
-    real brain the early-stopped solve at a lower weight is the better regularisation, and a
-    near tie must not hand it to a converged solve (docs/BENCHMARKS.md, "SNR sweep").
-    ``evidence``: setting -> per-line errors (n_lines,), the same lines for every setting."""
-    best, best_gain = TRAINED, 0.0
-    for c, e in evidence.items():
-        if c.cg_iters is None and c != TRAINED:
-            gain = significant_gain(evidence[TRAINED], e, SIGNIFICANCE_Z)
-            if gain > best_gain:
-                best, best_gain = c, gain
-    for c in sorted((c for c in evidence if c.cg_iters is not None), key=DcSetting.sort_key):
+def _settings(evidence) -> list[DcSetting]:
+    return [c for c in evidence if isinstance(c, DcSetting)]
+
+
+def _sparsities(evidence) -> list[Sparsity]:
+    return sorted((c for c in evidence if isinstance(c, Sparsity)),
+                  key=lambda c: (c.lamda, c.anchor))
+
+
+def _largest_gain(evidence: dict, reference, options) -> object:
+    """Of ``options``, the one with the largest significant mean improvement of the per-line
+    errors over ``reference`` (:func:`~recon_plugin.recon.guard.significant_gain` at
+    ``SIGNIFICANCE_Z``), else ``reference``."""
+    best, best_gain = reference, 0.0
+    for c in options:
+        gain = significant_gain(evidence[reference], evidence[c], SIGNIFICANCE_Z)
+        if gain > best_gain:
+            best, best_gain = c, gain
+    return best
+
+
+def choose(evidence: dict[DcSetting | Sparsity, np.ndarray]) -> DcSetting:
+    """The setting the held-out lines support, in three stages. First the prior weights at the
+    trained iterations: the one with the largest significant improvement over the trained
+    setting, else the trained one. Then each candidate with other iterations, in increasing
+    order, replaces that choice only where it improves significantly on it: on the real brain
+    the early-stopped solve at a lower weight is the better regularisation, and a near tie must
+    not hand it to a converged solve (docs/BENCHMARKS.md, "SNR sweep"). Last, where
+    ``evidence`` holds :class:`~recon_plugin.recon.sparse.Sparsity` keys (the anchored
+    L1-wavelet solves on the network's image, ``NONE`` the image itself), the one with the
+    largest significant improvement over ``NONE``.
+    ``evidence``: candidate -> per-line errors (n_lines,), the same lines for every candidate."""
+    settings = _settings(evidence)
+    best = _largest_gain(evidence, TRAINED,
+                         [c for c in settings if c.cg_iters is None and c != TRAINED])
+    for c in sorted((c for c in settings if c.cg_iters is not None), key=DcSetting.sort_key):
         if significant_gain(evidence[best], evidence[c], SIGNIFICANCE_Z) > 0:
             best = c
+    sparse = _sparsities(evidence)
+    if NONE in evidence:
+        best = replace(best, sparsity=_largest_gain(evidence, NONE,
+                                                    [c for c in sparse if c.active]))
     return best
 
 
@@ -128,7 +171,8 @@ class ScanCalibration:
     them. ``slices`` <= 0: every slice is calibrated on its own."""
 
     slices: int = 3
-    _evidence: dict[str, dict[DcSetting, list[np.ndarray]]] = field(default_factory=dict)
+    _evidence: dict[str, dict[DcSetting | Sparsity, list[np.ndarray]]] = field(
+        default_factory=dict)
     _result: dict[str, Calibration] = field(default_factory=dict)
 
     def settled(self, name: str) -> Calibration | None:
@@ -136,15 +180,17 @@ class ScanCalibration:
         r = self._result.get(name)
         return r if r is not None and 0 < self.slices <= r.slices else None
 
-    def add(self, name: str, evidence: dict[DcSetting, np.ndarray]) -> Calibration:
+    def add(self, name: str, evidence: dict[DcSetting | Sparsity, np.ndarray]) -> Calibration:
         """Pool one slice's evidence (each slice's errors relative to its own mean error with the
-        trained setting, so every slice counts alike) and decide again."""
+        trained setting, so every slice counts alike; the anchored L1-wavelet solves' relative
+        to the slice's network image they start from) and decide again."""
         scale = max(float(evidence[TRAINED].mean()), 1e-30)
+        sparse_scale = max(float(evidence[NONE].mean()), 1e-30) if NONE in evidence else 1.0
         if self.slices <= 0:
             self._evidence.pop(name, None)
         pool = self._evidence.setdefault(name, {w: [] for w in evidence})
         for w, e in evidence.items():
-            pool[w].append(e / scale)
+            pool[w].append(e / (sparse_scale if isinstance(w, Sparsity) else scale))
         merged = {w: np.concatenate(v) for w, v in pool.items()}
         r = Calibration(choose(merged), {c: float(e.sum()) for c, e in merged.items()},
                         int(merged[TRAINED].size), len(pool[TRAINED]))
@@ -155,13 +201,15 @@ class ScanCalibration:
 def network_image(model: nn.Module, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                   setting: DcSetting = TRAINED, device: str | torch.device = "cpu",
                   ) -> np.ndarray:
-    """The network's complex image (ky, kx) of one slice with a data-consistency setting."""
+    """The network's complex image (ky, kx) of one slice with a data-consistency setting
+    (and, where the setting says so, the anchored L1-wavelet solve on it)."""
     with torch.inference_mode():
         k = torch.from_numpy(np.ascontiguousarray(kspace))[None].to(device)
         op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps))[None].to(device),
                            torch.from_numpy(np.ascontiguousarray(mask))[None].to(device))
-        return model(k, op, prior_weight=setting.weight,
-                     cg_iters=setting.cg_iters)[0].cpu().numpy()
+        img = model(k, op, prior_weight=setting.weight,
+                    cg_iters=setting.cg_iters)[0].cpu().numpy()
+    return anchored_l1_wavelet(kspace, maps, mask, img, setting.sparsity, device=str(device))
 
 
 def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
@@ -169,10 +217,13 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
                      grid: tuple[float, ...] = PRIOR_WEIGHT_GRID, fraction: float = 0.1,
                      seed: int = 0, device: str | torch.device = "cpu",
                      cg_iters: tuple[int, ...] = CG_ITERS_GRID,
-                     ) -> dict[DcSetting, np.ndarray] | None:
-    """Setting -> per-line errors (n_lines,) of the network reconstructed without a few
-    held-out lines, for every one of :func:`candidates`; None when the model has no prior
-    weight (gradient data consistency) or too few lines can be held out."""
+                     sparsity: tuple[Sparsity, ...] = SPARSITY_GRID,
+                     ) -> dict[DcSetting | Sparsity, np.ndarray] | None:
+    """Candidate -> per-line errors (n_lines,) of the network reconstructed without a few
+    held-out lines: for every one of :func:`candidates`, and (``sparsity`` not empty) for
+    ``NONE`` (the image of this slice's own choice among them) and every anchored L1-wavelet
+    solve of ``sparsity`` on that image. None when the model has no prior weight (gradient
+    data consistency) or too few lines can be held out."""
     if getattr(model, "dc", "prox") != "prox":
         return None
     lines = heldout_lines(mask, acs, fraction, min_lines=3, seed=seed)
@@ -180,9 +231,16 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
         return None
     keep = without_lines(mask, lines)
     ksp = kspace * keep[None]
-    return {c: heldout_line_errors(network_image(model, ksp, maps, keep, c, device),
-                                   maps, kspace, lines)
-            for c in candidates(grid, cg_iters)}
+    images = {c: network_image(model, ksp, maps, keep, c, device)
+              for c in candidates(grid, cg_iters)}
+    out: dict = {c: heldout_line_errors(x, maps, kspace, lines) for c, x in images.items()}
+    if sparsity:
+        own = choose(out)
+        anchor, out[NONE] = images[own], out[own]
+        for sp in sparsity:
+            x = anchored_l1_wavelet(ksp, maps, keep, anchor, sp, device=str(device))
+            out[sp] = heldout_line_errors(x, maps, kspace, lines)
+    return out
 
 
 def calibrate_slice(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
@@ -190,8 +248,10 @@ def calibrate_slice(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
                     grid: tuple[float, ...] = PRIOR_WEIGHT_GRID, fraction: float = 0.1,
                     seed: int = 0, device: str | torch.device = "cpu",
                     cg_iters: tuple[int, ...] = CG_ITERS_GRID,
+                    sparsity: tuple[Sparsity, ...] = SPARSITY_GRID,
                     ) -> Calibration | None:
     """The setting for one slice on its own (:func:`heldout_evidence`, :func:`choose`); None
     where no evidence can be had."""
-    ev = heldout_evidence(model, kspace, maps, mask, acs, grid, fraction, seed, device, cg_iters)
+    ev = heldout_evidence(model, kspace, maps, mask, acs, grid, fraction, seed, device, cg_iters,
+                          sparsity)
     return None if ev is None else ScanCalibration(slices=0).add("", ev)

@@ -42,6 +42,7 @@ from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
 from .calibrate import (
     CG_ITERS_GRID,
     PRIOR_WEIGHT_GRID,
+    SPARSITY_GRID,
     TRAINED,
     DcSetting,
     ScanCalibration,
@@ -52,6 +53,7 @@ from .coils import CoilMapError, EspiritParams, estimate_maps
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
+from .sparse import Sparsity
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class ReconSettings:
     calibrate: bool = False  # prior weight chosen on held-out lines (calibrate.py)
     calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
     calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
+    calibrate_sparsity: tuple[Sparsity, ...] = SPARSITY_GRID  # anchored L1-wavelet solves tried
     calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
 
     def __post_init__(self):
@@ -275,7 +278,8 @@ class Reconstructor:
             ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
                                   settings.calibrate_grid, settings.guard_fraction,
                                   seed=seed + 7919, device=self.device,
-                                  cg_iters=settings.calibrate_cg_iters)
+                                  cg_iters=settings.calibrate_cg_iters,
+                                  sparsity=settings.calibrate_sparsity)
             t["calibrate"] += time.perf_counter() - t0
             if ev is None:
                 return TRAINED
