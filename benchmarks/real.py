@@ -242,8 +242,9 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                                 network_fn(net)))
             g = guarded_fn(default_model)
             methods.append((f"{default_model} + calibration + guard", "default protocol: "
-                            "network with calibrated prior weight, CG-SENSE where the held-out-line "
-                            "guard rejects it", g))
+                            "network with calibrated data consistency and anchored "
+                            "L1-wavelet stage, CG-SENSE where the held-out-line guard "
+                            "rejects it", g))
             if refine_budget_s:
                 gr = guarded_fn(default_model, refine_budget_s=refine_budget_s)
                 methods.append((f"{default_model} + refine + guard", "scan-specific refinement "
