@@ -59,3 +59,30 @@ def test_refinement_trains_and_judges_at_the_given_setting():
     assert at1.setting == DcSetting() and small.setting == DcSetting(1 / 16)
     assert small.error_before < 0.9 * at1.error_before
     assert "prior weight x0.0625" in small.describe()
+
+
+def test_refinement_judges_the_image_with_its_l1_stage():
+    """With an anchored L1-wavelet stage in the setting, the held-out error before refinement
+    is that of the stage's image (the one the pipeline delivers), not of the network's."""
+    from recon_plugin.recon.guard import heldout_line_errors, heldout_lines
+    from recon_plugin.recon.sparse import Sparsity, anchored_l1_wavelet
+
+    torch.manual_seed(1)
+    model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="prox", cg_iters=3,
+                        noise_aware=True).eval()
+    ksp, maps, mask, acs = _slice()
+    l1 = DcSetting(sparsity=Sparsity(0.01, 0.1))
+    _, plain = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0)
+    _, staged = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0, setting=l1)
+    lines = heldout_lines(mask, acs, 0.1, seed=0)
+    keep = mask.copy()
+    keep[lines] = 0
+    with torch.no_grad():
+        from recon_plugin.physics import SenseOperator
+
+        op = SenseOperator(torch.from_numpy(maps)[None], torch.from_numpy(keep)[None])
+        img = model(torch.from_numpy(ksp * keep[None])[None], op)[0].numpy()
+    want = heldout_line_errors(anchored_l1_wavelet(ksp * keep[None], maps, keep, img,
+                                                   l1.sparsity), maps, ksp, lines).sum()
+    assert abs(staged.error_before - want) < 1e-4 * want
+    assert abs(staged.error_before - plain.error_before) > 1e-3 * plain.error_before

@@ -10,7 +10,9 @@ conjugate-gradient iterations) the scan's calibration chose
 (:mod:`recon_plugin.recon.calibrate`; the pipeline calibrates first), so refinement starts from
 the calibrated network and can only add to it. The held-out lines stop training early and
 decide: the refined network is kept only where it predicts them significantly better than the
-unrefined one (the calibration's rule), otherwise the slice keeps the unrefined network. A
+unrefined one (the calibration's rule), otherwise the slice keeps the unrefined network. Both
+are judged on the image the pipeline delivers: with the setting's anchored L1-wavelet stage
+(``sparse.py``) where the calibration chose one. A
 wall-clock budget bounds the cost per slice.
 
 Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
@@ -33,6 +35,7 @@ from ..physics import SenseOperator
 from ..physics.masks import ssdu_split
 from .calibrate import TRAINED, DcSetting
 from .guard import heldout_line_errors, heldout_lines, significant_gain
+from .sparse import anchored_l1_wavelet
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +89,15 @@ def refine_slice(
     m_train = torch.from_numpy(train_mask)[None].to(device)
     op = SenseOperator(s, m_train)
 
+    k_train = kspace * train_mask[None]
+
     def line_errors(net: nn.Module) -> np.ndarray:
+        """Held-out errors of the image the pipeline would deliver: the network with
+        ``setting``, then its anchored L1-wavelet stage (if any)."""
         with torch.no_grad():
             img = _apply(net, k, op, m_train, setting)[0].cpu().numpy()
+        img = anchored_l1_wavelet(k_train, maps, train_mask, img, setting.sparsity,
+                                  device=str(device))
         return heldout_line_errors(img, maps, kspace, lines)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
