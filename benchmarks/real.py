@@ -345,11 +345,13 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
     if gl:
         lines += ["", f"Guard: network kept on {sum(d['network_ok'] for d in gl)} of {len(gl)} "
                   f"slices; its cost {np.median([d['seconds'] for d in gl]):.2f} s per slice "
-                  "(median: one network and one CG-SENSE run without the held-out lines)."]
+                  "(median: one network run, with its L1-wavelet stage where chosen, and one "
+                  "CG-SENSE run without the held-out lines)."]
         cal = [d["calibrate"] for d in gl if d.get("calibrate") is not None]
         if cal:
-            lines[-1] += (f" Prior-weight calibration: {np.median(cal):.2f} s per slice (median: "
-                          "three network runs without the held-out lines).")
+            lines[-1] += (f" Calibration: {np.median(cal):.2f} s per slice (median: five "
+                          "network runs and four L1-wavelet solves without the held-out "
+                          "lines).")
     rl = result.get("refine", [])
     if rl:
         lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in rl)} of "
