@@ -315,7 +315,7 @@ def test_calibration_sparsity_is_validated(tmp_path):
     from recon_plugin.config.protocol import load_protocol
     from recon_plugin.recon.sparse import Sparsity
 
-    assert load_protocol("default").recon_settings().calibrate_sparsity[1] == Sparsity(0.003, 0.1)
+    assert load_protocol("default").recon_settings().calibrate_sparsity[1] == Sparsity(0.03, 3.0)
     ok = write(tmp_path, "ok", "name: ok\nmodel: {}\ncalibration: {sparsity: [[0.01, 1]]}\n")
     assert P.load_protocol(ok).recon_settings().calibrate_sparsity == (Sparsity(0.01, 1.0),)
     for value, key in (("[[0.01]]", "calibration.sparsity[0]"),

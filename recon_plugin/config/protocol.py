@@ -28,7 +28,7 @@ A protocol file (``protocols/<name>.yaml``) looks like::
                                          # scan: fine-tune a copy of the network per slice on its
                                          # own lines (recon/refine.py), kept where it helps
     calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], cg_iters: [8, 16], slices: 3,
-                  sparsity: [[0.001, 0.03], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3]]}
+                  sparsity: [[0.01, 1], [0.03, 3], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3]]}
                                          # prior weight, CG iterations and anchored L1-wavelet
                                          # solve chosen on held-out lines of the scan's first 3
                                          # slices (0: every slice; recon/calibrate.py)

@@ -16,7 +16,8 @@ leaves (docs/BENCHMARKS.md, "Real scanner data"). Each slice's solves start from
 of the earlier stages. A setting other than the trained one (or the image as it is) is taken
 only where its improvement, paired line by line, exceeds ``SIGNIFICANCE_Z`` standard errors
 (:func:`choose`: the weights against the trained setting first, then more iterations against
-that choice, then the L1-wavelet solves against the image they start from): a few lines are a
+that choice, then the gentle L1-wavelet solves against the image they start from, then the
+stronger ones against that choice): a few lines are a
 noisy judge, and a wrong pick costs more than a missed one. A few forward passes and L1 solves
 per calibrated slice; no training. A scan's first few slices decide one setting
 for all its slices (:class:`ScanCalibration`), so the cost is paid once per scan, not per
@@ -51,9 +52,12 @@ CG_ITERS_GRID = (8, 16)
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
 # (L1, anchor) pairs of the anchored L1-wavelet solve tried on the chosen setting's image
-# (recon/sparse.py; docs/BENCHMARKS.md, "Real scanner data")
-SPARSITY_GRID = (Sparsity(0.001, 0.03), Sparsity(0.003, 0.1), Sparsity(0.003, 0.3),
-                 Sparsity(0.01, 0.3))
+# (recon/sparse.py; README, "Results"): gentle ones (anchor >= GENTLE_ANCHOR: close to the
+# network's image, they remove noise without bringing the data's back) against the image first,
+# then stronger ones (closer to the data) only where they beat that choice
+SPARSITY_GRID = (Sparsity(0.01, 1.0), Sparsity(0.03, 3.0), Sparsity(0.003, 0.1),
+                 Sparsity(0.003, 0.3), Sparsity(0.01, 0.3))
+GENTLE_ANCHOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,11 @@ def choose(evidence: dict[DcSetting | Sparsity, np.ndarray]) -> DcSetting:
     the early-stopped solve at a lower weight is the better regularisation, and a near tie must
     not hand it to a converged solve (docs/BENCHMARKS.md, "SNR sweep"). Last, where
     ``evidence`` holds :class:`~recon_plugin.recon.sparse.Sparsity` keys (the anchored
-    L1-wavelet solves on the network's image, ``NONE`` the image itself), the one with the
-    largest significant improvement over ``NONE``.
+    L1-wavelet solves on the network's image, ``NONE`` the image itself), again in two
+    stages: the gentle solves (anchor >= ``GENTLE_ANCHOR``) with the largest significant
+    improvement over ``NONE``, then a stronger one only with a significant improvement over
+    that choice. The held-out lines cannot see the noise a strong solve brings back into an
+    empty background, so it must clearly beat the gentle one.
     ``evidence``: candidate -> per-line errors (n_lines,), the same lines for every candidate."""
     settings = _settings(evidence)
     best = _largest_gain(evidence, TRAINED,
@@ -157,10 +164,11 @@ def choose(evidence: dict[DcSetting | Sparsity, np.ndarray]) -> DcSetting:
     for c in sorted((c for c in settings if c.cg_iters is not None), key=DcSetting.sort_key):
         if significant_gain(evidence[best], evidence[c], SIGNIFICANCE_Z) > 0:
             best = c
-    sparse = _sparsities(evidence)
     if NONE in evidence:
-        best = replace(best, sparsity=_largest_gain(evidence, NONE,
-                                                    [c for c in sparse if c.active]))
+        sparse = [c for c in _sparsities(evidence) if c.active]
+        l1 = _largest_gain(evidence, NONE, [c for c in sparse if c.anchor >= GENTLE_ANCHOR])
+        l1 = _largest_gain(evidence, l1, [c for c in sparse if c.anchor < GENTLE_ANCHOR])
+        best = replace(best, sparsity=l1)
     return best
 
 
