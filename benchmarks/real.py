@@ -350,7 +350,7 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
         cal = [d["calibrate"] for d in gl if d.get("calibrate") is not None]
         if cal:
             lines[-1] += (f" Calibration: {np.median(cal):.2f} s per slice (median: five "
-                          "network runs and four L1-wavelet solves without the held-out "
+                          "network runs and five L1-wavelet solves without the held-out "
                           "lines).")
     rl = result.get("refine", [])
     if rl:
