@@ -217,7 +217,8 @@ def network_image(model: nn.Module, kspace: np.ndarray, maps: np.ndarray, mask: 
                            torch.from_numpy(np.ascontiguousarray(mask))[None].to(device))
         img = model(k, op, prior_weight=setting.weight,
                     cg_iters=setting.cg_iters)[0].cpu().numpy()
-    return anchored_l1_wavelet(kspace, maps, mask, img, setting.sparsity, device=str(device))
+    return anchored_l1_wavelet(kspace, maps, mask, img, setting.sparsity, device=str(device),
+                               op=op)
 
 
 def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,

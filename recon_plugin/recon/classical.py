@@ -23,13 +23,14 @@ def zero_filled(kspace: np.ndarray) -> np.ndarray:
     return rss(ifft2c(kspace)).astype(np.float32)
 
 
-def _percentile_scale(image: np.ndarray) -> float:
-    """The intensity scale of the regularisation: 99th-percentile magnitude of ``A^H y``."""
+def percentile_scale(image: np.ndarray) -> float:
+    """The intensity scale of the regularisation: 99th-percentile magnitude of ``image``
+    (``A^H y`` here; the network's image in ``sparse.py``), 1 for an all-zero image."""
     return float(np.percentile(np.abs(image), 99)) or 1.0
 
 
 def _scale(kspace: np.ndarray, maps: np.ndarray) -> float:
-    return _percentile_scale((maps.conj() * ifft2c(kspace)).sum(0))
+    return percentile_scale((maps.conj() * ifft2c(kspace)).sum(0))
 
 
 def _sigpy_app(app: str, method: str, kspace, maps, mask, lamda, max_iter) -> np.ndarray:
@@ -59,7 +60,7 @@ def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30)
         op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None],
                            torch.from_numpy(np.asarray(mask, np.float32))[None])
         aty = op.adjoint(k)  # = A^H y of _scale: k-space is zero where not sampled
-        s = _percentile_scale(aty[0].numpy())
+        s = percentile_scale(aty[0].numpy())
         aty = aty / s
         x = sense_cg(op, aty, torch.zeros_like(aty), torch.tensor(float(lam)), max_iter)
     return (x[0].numpy() * s).astype(np.complex64)

@@ -58,34 +58,37 @@ NONE = Sparsity()
 
 def anchored_l1_wavelet(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                         anchor: np.ndarray, sparsity: Sparsity, max_iter: int = MAX_ITER,
-                        device: str = "cpu") -> np.ndarray:
+                        device: str = "cpu", op=None) -> np.ndarray:
     """The solve of the module docstring; returns ``anchor`` itself where ``sparsity`` is not
-    active. anchor: the network's complex image (ky, kx)."""
+    active. anchor: the network's complex image (ky, kx). ``op``: the slice's
+    :class:`~recon_plugin.physics.SenseOperator` (batch 1) for these maps and mask where the
+    caller has one (its virtual coils are then not made again), else one is made here."""
     if not sparsity.active:
         return anchor
     import sigpy as sp
     import torch
 
     from ..physics import SenseOperator
+    from .classical import percentile_scale
 
     z = np.asarray(anchor, np.complex64)
-    s = float(np.percentile(np.abs(z), 99)) or 1.0
+    s = percentile_scale(z)
     wav = sp.linop.Wavelet(z.shape, wave_name="db4")
     mu, step = float(sparsity.anchor), 1.0 / (1.0 + float(sparsity.anchor))
     thresh = float(sparsity.lamda) * step
     dev = torch.device(device)
     with torch.inference_mode():
-        op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None].to(dev),
-                           torch.from_numpy(np.asarray(mask, np.float32))[None].to(dev))
+        if op is None:
+            op = SenseOperator(
+                torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None].to(dev),
+                torch.from_numpy(np.asarray(mask, np.float32))[None].to(dev))
         k = torch.from_numpy(np.ascontiguousarray(kspace, np.complex64) / s)[None].to(dev)
         # the smooth part's constant term: A^H y + mu z
         zt = torch.from_numpy(z / s)[None].to(dev)
         b = op.adjoint(k) + mu * zt
 
         def prox(v: torch.Tensor) -> torch.Tensor:
-            c = wav(v[0].cpu().numpy())
-            mag = np.abs(c)
-            c *= np.maximum(1 - thresh / np.maximum(mag, 1e-30), 0)
+            c = sp.soft_thresh(thresh, wav(v[0].cpu().numpy()))
             return torch.from_numpy(np.asarray(wav.H(c), np.complex64))[None].to(dev)
 
         x = zt.clone()
