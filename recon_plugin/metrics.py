@@ -25,7 +25,9 @@ def psnr(gt: np.ndarray, pred: np.ndarray, data_range: float | None = None) -> f
     return float(10 * np.log10(dr**2 / mse)) if mse > 0 else float("inf")
 
 
-def _ssim2d(x: np.ndarray, y: np.ndarray, data_range: float, win: int = 7) -> float:
+def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float, win: int = 7) -> np.ndarray:
+    """Per-pixel SSIM of two images (ky, kx), as :func:`ssim` averages it: (ky - win + 1,
+    kx - win + 1), the border of ``(win - 1) // 2`` pixels left out."""
     k1, k2 = 0.01, 0.03
     npix = win * win
     cov_norm = npix / (npix - 1)
@@ -35,7 +37,11 @@ def _ssim2d(x: np.ndarray, y: np.ndarray, data_range: float, win: int = 7) -> fl
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     pad = (win - 1) // 2
-    return float(s[pad:-pad, pad:-pad].mean())
+    return s[pad:-pad, pad:-pad]
+
+
+def _ssim2d(x: np.ndarray, y: np.ndarray, data_range: float, win: int = 7) -> float:
+    return float(ssim_map(x, y, data_range, win).mean())
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray, data_range: float | None = None) -> float:

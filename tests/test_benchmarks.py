@@ -157,12 +157,14 @@ def test_real_cases_follow_the_files_conventions():
         assert scaled_metrics(c.target, 2 * c.target)["psnr"] == float("inf")
 
 
-def test_region_psnr_splits_the_error_between_object_and_background():
+def test_region_metrics_split_the_error_between_object_and_background():
     """An image exact inside the object and zero in a noisy background has an infinite object
-    PSNR and the background's own; the object mask covers the disc and not the corners."""
+    PSNR and the background's own, an object SSIM near 1 and a low background SSIM; the object
+    mask covers the disc and not the corners; the SSIM map averages to the metric's SSIM."""
     import numpy as np
 
-    from benchmarks.real import object_mask, region_psnr
+    from benchmarks.real import object_mask, region_metrics
+    from recon_plugin.metrics import ssim, ssim_map
 
     y, x = np.mgrid[:64, :64]
     disc = ((y - 32) ** 2 + (x - 32) ** 2 < 20 ** 2).astype(float)
@@ -170,8 +172,12 @@ def test_region_psnr_splits_the_error_between_object_and_background():
     target = disc + noise * (1 - disc)
     inside = object_mask(target)
     assert inside[32, 32] and not inside[0, 0] and inside.sum() >= disc.sum()
-    r = region_psnr(target, target * inside)
+    r = region_metrics(target, target * inside)
     assert r["psnr_object"] > 100
+    assert r["ssim_object"] > 0.95 and r["ssim_background"] < 0.5
+    smap = ssim_map(target, target * inside, float(target.max()))
+    assert smap.shape == (58, 58)
+    assert abs(smap.mean() - ssim(target, target * inside)) < 1e-12
     bg = ~inside
     expected = 10 * np.log10(target.max() ** 2 / (target[bg] ** 2).mean())
     assert abs(r["psnr_background"] - expected) < 0.1
