@@ -25,8 +25,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="folder(s) of variant models (bench pruning; default: shipped weights); "
                    "variant files or folders to rank on validation (bench select)")
     s.add_argument("--real-dir", type=Path, default=None,
-                   help="real raw data (bench real; default $RECON_PLUGIN_REAL_DATA or "
-                   "../shared/data/real)")
+                   help="real raw data (bench real, pruning, guard, adapt-real; default "
+                   "$RECON_PLUGIN_REAL_DATA or ../shared/data/real)")
     s.add_argument("--speed-protocol", default="default",
                    help="protocol of bench speed's end-to-end and stream runs (default: default)")
     s.add_argument("--refine-budget", type=float, default=20.0,
@@ -63,8 +63,9 @@ def run(a: argparse.Namespace) -> int:
         from recon_plugin.models.checkpoint import WEIGHTS_DIR
 
         from .pruning import pruning_table
+        from .real import find_real_dir
 
-        pruning_table(docs, a.variants or [WEIGHTS_DIR])
+        pruning_table(docs, a.variants or [WEIGHTS_DIR], real_dir=a.real_dir or find_real_dir())
     elif a.what == "select":
         from .selection import selection_table
 

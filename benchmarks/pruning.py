@@ -13,9 +13,10 @@ from .docs import replace_section
 
 
 def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-base",
-                  n_slices: int = 4) -> list[dict]:
+                  n_slices: int = 4, real_dir: Path | None = None) -> list[dict]:
     """Benchmark every variant (child of ``parent``) in ``variant_dirs`` against the parent,
-    side by side.
+    side by side: speed, quality on the simulated test slab and, with ``real_dir``, on the
+    real brain cases of ``bench real`` (network alone).
 
     Writes the table and a speed-quality Pareto plot to ``docs``.
     """
@@ -34,9 +35,11 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
     lat8 = measure_latency(models, (320, 320), 8, repeats=7)
     latb = measure_latency(models, repeats=7, sample=_brain_sample())
     vols = {acc: make_volumes("test", acc, n_slices, seed=900) for acc in (4, 8)}
+    real = _real_brain_cases(real_dir)
     rows = []
     for name, (m, c) in variants.items():
         q = {acc: evaluate_model(m, vols[acc])[0] for acc in (4, 8)}
+        rq = _real_quality(m, real)
         pr = c.get("pruning", {})
         rows.append({
             "name": name, "method": pr.get("method", "none"), "ratio": pr.get("ratio", 0.0),
@@ -47,6 +50,7 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
             "speedup8": lat8["unpruned"] / lat8[name], "latency_brain_s": latb[name],
             "speedup_brain": latb["unpruned"] / latb[name],
             **{f"psnr_{a}x": q[a]["psnr"] for a in q}, **{f"ssim_{a}x": q[a]["ssim"] for a in q},
+            "real": rq,
         })
     ref = rows[0]
     lines = [
@@ -80,12 +84,56 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
             f"{r['ssim_4x'] - ref['ssim_4x']:+.4f} | {r['psnr_8x']:.2f} | "
             f"{r['psnr_8x'] - ref['psnr_8x']:+.2f} | {r['ssim_8x']:.4f} | "
             f"{r['ssim_8x'] - ref['ssim_8x']:+.4f} |")
-    lines += ["", *target_summary(rows), "", "Pareto plot: `docs/pruning_pareto.png`.", ""]
+    lines += ["", *target_summary(rows), *real_summary(rows), "",
+              "Pareto plot: `docs/pruning_pareto.png`.", ""]
     docs.mkdir(parents=True, exist_ok=True)
     replace_section(docs / "BENCHMARKS.md", "## Pruned variants", "\n".join(lines))
     (docs / "pruning_results.json").write_text(json.dumps(rows, indent=1))
     _pareto(docs / "pruning_pareto.png", rows)
     return rows
+
+
+def _real_brain_cases(real_dir: Path | None) -> list:
+    """The fully sampled real brain's cases of ``bench real`` (4x / 8x along each phase axis,
+    ESPIRiT maps), or [] without real data."""
+    from .real import real_cases
+
+    if real_dir is None:
+        return []
+    return [c for stem, cs in real_cases(real_dir).items() if "brain" in stem for c in cs]
+
+
+def _real_quality(model, cases: list) -> dict[str, dict[str, float]]:
+    """{case name: PSNR / SSIM of the network alone} on the real cases (least-squares scaled,
+    as ``bench real``)."""
+    from .real import network_fn, run_method, scaled_metrics
+
+    return {c.name: scaled_metrics(c.target, run_method(c, network_fn(model))[0])
+            for c in cases}
+
+
+def real_summary(rows: list[dict], max_dpsnr: float = 0.3, max_dssim: float = 0.005
+                 ) -> list[str]:
+    """Markdown bullets: each teacher variant's worst PSNR / SSIM change against the unpruned
+    model over the real brain cases (network alone), and whether it meets the quality bound
+    of the real-data target there, beside its speed-ups."""
+    ref = rows[0].get("real") or {}
+    if not ref:
+        return ["- Real brain: no real data given (`--real-dir`); not scored."]
+    out = [f"- Real brain ({len(ref)} cases of `bench real`, network alone, least-squares "
+           f"scaled), worst change against the unpruned model over the cases (bound: "
+           f"{max_dpsnr} dB PSNR and {max_dssim} SSIM):"]
+    for r in rows[1:]:
+        if r["finetune"] != "teacher" or not r.get("real"):
+            continue
+        dp = min(r["real"][k]["psnr"] - ref[k]["psnr"] for k in ref)
+        ds = min(r["real"][k]["ssim"] - ref[k]["ssim"] for k in ref)
+        ok = -dp <= max_dpsnr and -ds <= max_dssim
+        out.append(f"  - {r['name']}: PSNR {dp:+.2f} dB, SSIM {ds:+.4f} "
+                   f"({'within' if ok else 'outside'} the bound); speed-up "
+                   f"{r['speedup']:.2f}x at 16 coils with full-support maps, "
+                   f"{r['speedup_brain']:.2f}x on the 16-coil brain slice with its ESPIRiT maps.")
+    return out
 
 
 def _brain_sample():

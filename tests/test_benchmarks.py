@@ -42,6 +42,24 @@ def test_target_summary_checks_the_targets_on_the_rows():
     assert "Least lossy teacher variant at >= 2x: a, 1.70x (2.10x at 8 coils), PSNR -0.20" in text
 
 
+def test_real_summary_judges_variants_by_their_worst_real_case():
+    from benchmarks.pruning import real_summary
+
+    def real(*ps):
+        return {f"case {i}": {"psnr": p, "ssim": 0.7 - 0.001 * i} for i, p in enumerate(ps)}
+
+    base = {"name": "unpruned", "finetune": "supervised", "real": real(30.0, 25.0)}
+    ok = {"name": "ok", "finetune": "teacher", "speedup": 1.4, "speedup_brain": 2.02,
+          "real": real(29.96, 24.78)}
+    bad = {"name": "bad", "finetune": "teacher", "speedup": 2.5, "speedup_brain": 3.0,
+           "real": real(30.1, 24.6)}
+    text = "\n".join(real_summary([base, ok, bad]))
+    assert "ok: PSNR -0.22 dB, SSIM +0.0000 (within the bound)" in text
+    assert "1.40x at 16 coils with full-support maps, 2.02x on the 16-coil brain slice" in text
+    assert "bad: PSNR -0.40 dB" in text and "(outside the bound)" in text
+    assert "not scored" in real_summary([{"name": "unpruned", "real": {}}])[0]
+
+
 def test_selection_ranks_by_worst_contrast_not_mean():
     from benchmarks.selection import per_contrast_changes, rank
 
