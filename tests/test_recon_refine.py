@@ -86,3 +86,35 @@ def test_refinement_judges_the_image_with_its_l1_stage():
                                                    l1.sparsity), maps, ksp, lines).sum()
     assert abs(staged.error_before - want) < 1e-4 * want
     assert abs(staged.error_before - plain.error_before) > 1e-3 * plain.error_before
+
+
+def test_the_pipeline_keeps_a_refinement_only_where_the_guards_lines_confirm_it():
+    """The refinement's own lines chose its state, so the pipeline asks the guard's lines (no
+    part in training or in that choice): a refinement that learned is confirmed; a copy that
+    learned nothing is dropped, with a note, and the guard then judges the unrefined image."""
+    import copy
+    from collections import defaultdict
+
+    from recon_plugin.recon.calibrate import TRAINED
+    from recon_plugin.recon.guard import heldout_lines, without_lines
+    from recon_plugin.recon.pipeline import Reconstructor
+
+    torch.manual_seed(0)
+    model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="gradient").eval()
+    ksp, maps, mask, acs = _slice()
+    rec = Reconstructor()
+    rec._models["untrained"] = (model, {})
+    lines = heldout_lines(mask, acs, 0.25, seed=0)
+    keep = without_lines(mask, lines)
+    refined, res = refine_slice(model, ksp * keep[None], maps, keep, acs, time_budget_s=30,
+                                max_steps=40, lr=3e-3, check_every=5, patience=8)
+    assert res is not None and res.kept and lines.size >= 3
+    notes, t = [], defaultdict(float)
+    t["refine_kept"] = 2
+    net, img = rec._confirm_refinement("untrained", refined, ksp, maps, mask, lines, TRAINED,
+                                       1.0, 0, notes, t)
+    assert net is refined and "confirmed" in notes[-1] and t["refine_kept"] == 2
+    net, img = rec._confirm_refinement("untrained", copy.deepcopy(model), ksp, maps, mask, lines,
+                                       TRAINED, 1.0, 0, notes, t)
+    assert net is None and "dropped" in notes[-1] and t["refine_kept"] == 1
+    np.testing.assert_allclose(img, rec._network("untrained", ksp * keep[None], maps, keep))

@@ -241,11 +241,16 @@ class Reconstructor:
             if settings.refine == "scan":  # trains at the calibrated setting
                 net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
                                    dc_setting)
-        res = None
+        res, guard_image = None, None
         if settings.guard:
             t0 = time.perf_counter()
+            if net is not None:
+                net, guard_image = self._confirm_refinement(name, net, ksp, maps, mask, lines,
+                                                            dc_setting, settings.guard_z, seed,
+                                                            notes, t)
             res = guard.check(ksp, maps, mask, lines,
-                              lambda k, s, m: self._network(name, k, s, m, net, dc_setting),
+                              lambda k, s, m: guard_image if guard_image is not None
+                              else self._network(name, k, s, m, net, dc_setting),
                               lambda k, s, m: classical.cg_sense(k, s, m),
                               settings.guard_margin, settings.guard_z)
             t["guard"] += time.perf_counter() - t0
@@ -287,6 +292,33 @@ class Reconstructor:
             log.info("slice %d: %s", seed, done.describe())
         notes.append(done.describe())
         return done.setting
+
+    def _confirm_refinement(self, name, net, ksp, maps, mask, lines, dc_setting: DcSetting,
+                            z: float, seed: int, notes: list[str], t: dict):
+        """(the refined copy or None, the image the guard then judges (ky, kx), made without
+        the guard's lines): the refined copy stays only where it also predicts the guard's
+        held-out lines significantly better than the unrefined network. Its own held-out lines
+        chose its training state (early stopping), so their improvement is biased low; the
+        guard's lines took no part in training or in that choice. ``z``: the significance (in
+        standard errors of the per-line differences) the gain needs."""
+        keep = guard.without_lines(mask, lines)
+        ksp_keep = ksp * keep[None]
+        plain = self._network(name, ksp_keep, maps, keep, None, dc_setting)
+        refined = self._network(name, ksp_keep, maps, keep, net, dc_setting)
+        e_plain = guard.heldout_line_errors(plain, maps, ksp, lines)
+        e_refined = guard.heldout_line_errors(refined, maps, ksp, lines)
+        ratio = float(e_refined.sum() / max(e_plain.sum(), 1e-30))
+        if guard.significant_gain(e_plain, e_refined, z) > 0:
+            notes.append(f"refinement confirmed on the guard's {lines.size} held-out lines "
+                         f"(error refined / unrefined {ratio:.3f})")
+            return net, refined
+        msg = (f"refinement dropped: not confirmed on the guard's {lines.size} held-out lines "
+               f"(error refined / unrefined {ratio:.3f}, needs a gain above {z:g} "
+               "standard errors); unrefined network")
+        log.info("slice %d: %s", seed, msg)
+        notes.append(msg)
+        t["refine_kept"] -= 1
+        return None, plain
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                 notes: list[str], t: dict, dc_setting: DcSetting):

@@ -12,8 +12,10 @@ the calibrated network and can only add to it. The held-out lines stop training 
 decide: the refined network is kept only where it predicts them significantly better than the
 unrefined one (the calibration's rule), otherwise the slice keeps the unrefined network. Both
 are judged on the image the pipeline delivers: with the setting's anchored L1-wavelet stage
-(``sparse.py``) where the calibration chose one. A
-wall-clock budget bounds the cost per slice.
+(``sparse.py``) where the calibration chose one. Those lines also chose the state (early
+stopping), so their improvement is biased low; where the guard runs, the pipeline keeps the
+refined copy only where the guard's own held-out lines confirm it
+(``Reconstructor._confirm_refinement``). A wall-clock budget bounds the cost per slice.
 
 Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
 (ky, kx) with lines along kx.
