@@ -49,7 +49,7 @@ from .calibrate import (
     heldout_evidence,
     network_image,
 )
-from .coils import CoilMapError, EspiritParams, estimate_maps
+from .coils import CoilMapError, EspiritParams, estimate_maps, estimate_maps_and_wrap
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
@@ -173,11 +173,12 @@ class Reconstructor:
         t["preprocess"] += time.perf_counter() - t0
         notes: list[str] = []
         method = settings.method
-        maps = None
+        maps = maps2 = None
         if method != "zero-filled":
             t0 = time.perf_counter()
             try:
-                maps = estimate_maps(ksp, sl.acs, settings.espirit, calib)
+                maps, maps2, wrapped = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit,
+                                                              calib)
             except CoilMapError as e:
                 if settings.fallback == "error":
                     raise
@@ -186,7 +187,18 @@ class Reconstructor:
                 method = "zero-filled"
             t["sensitivities"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if method == "unrolled":
+        if method != "zero-filled" and maps2 is not None:
+            # one set of maps cannot describe folded pixels: neither the network nor one-map
+            # SENSE can unfold them (README, "Real scanner data": the small-FOV brain)
+            msg = (f"FIELD OF VIEW WRAP: ESPIRiT found a second set of coil maps over "
+                   f"{100 * wrapped:.0f} % of the image (phase field of view smaller than the "
+                   f"object); reconstructed by two-map SENSE (CG) instead of {method}")
+            log.warning("slice %d: %s", sl.slice_index, msg)
+            notes.append(msg)
+            img = classical.cg_sense_two_maps(ksp, maps, maps2, mask, settings.lamda)
+            method = "cg-sense"
+            t["classical"] += time.perf_counter() - t0
+        elif method == "unrolled":
             name = settings.model
             if settings.adaptive:
                 name = self._choose_variant(ksp, mask, sl, settings)
