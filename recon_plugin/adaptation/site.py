@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 def prepare_slices(paths: list[Path], settings) -> list[SiteSlice]:
     """Read raw files (no targets) and prepare every slice exactly as the reconstruction does
     (:func:`recon_plugin.recon.pipeline.prepare_slice` with the protocol's ``ReconSettings``:
-    prewhitening, coil compression, ESPIRiT); slices without usable ACS are skipped."""
+    prewhitening, coil compression, ESPIRiT); slices without usable ACS or with a wrapped
+    phase field of view (one set of maps cannot describe them) are skipped."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
     from ..recon.pipeline import prepare_slice
@@ -106,8 +107,13 @@ def adapt(
     n_hold = max(1, int(round(len(raw) * heldout_fraction))) if len(raw) > 1 else 0
     train_files, hold_files = raw[n_hold:], raw[:n_hold]
     train = prepare_slices(train_files, settings)
-    hold = prepare_slices(hold_files, settings) if hold_files else train[-max(1, len(train) // 4):]
-    if not hold_files:
+    hold = prepare_slices(hold_files, settings) if hold_files else []
+    if not hold:
+        if hold_files:
+            log.warning("the held-out file(s) %s have no usable slices; the gate holds out the "
+                        "last slices of the adaptation files instead (lines it trained on)",
+                        [str(p) for p in hold_files])
+        hold = train[-max(1, len(train) // 4):]
         train = train[: len(train) - len(hold)] or train
     if not train:
         raise ValueError("no usable slices (with ACS) in the raw files given to adapt")

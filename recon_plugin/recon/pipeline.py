@@ -49,7 +49,7 @@ from .calibrate import (
     heldout_evidence,
     network_image,
 )
-from .coils import CoilMapError, EspiritParams, estimate_maps, estimate_maps_and_wrap
+from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
@@ -115,10 +115,17 @@ def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray 
 
 def prepare_slice(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`prepare_kspace` plus the protocol's ESPIRiT maps: (k-space, mask, maps).
-    Raises CoilMapError when the slice has no usable calibration."""
+    """:func:`prepare_kspace` plus the protocol's ESPIRiT maps: (k-space, mask, maps), for a
+    consumer of one set of maps (the network's training and adaptation). Raises CoilMapError
+    when the slice has no usable calibration or its phase field of view wraps (one set of
+    maps cannot describe it; :func:`~recon_plugin.recon.coils.estimate_maps_and_wrap`)."""
     ksp, mask, calib = prepare_kspace(sl, settings, whitener)
-    return ksp, mask, estimate_maps(ksp, sl.acs, settings.espirit, calib)
+    maps, maps2, wrapped = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
+    if maps2 is not None:
+        raise CoilMapError(f"phase field of view smaller than the object (a second set of "
+                           f"ESPIRiT maps over {100 * wrapped:.0f} % of the image): one set of "
+                           "maps cannot describe this slice")
+    return ksp, mask, maps
 
 
 class Reconstructor:
