@@ -278,10 +278,56 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                 examples[c.name]["target (fully sampled RSS)"] = (c.target, None)
     result = {"rows": rows, "guard": guard_log, "refine": refine_log,
               "models": {n: c["sha256"] for n, (_, c) in nets.items()}}
+    result["wrap"] = wrapped_example(docs / "real_wrap.png", real_dir, default_model)
     (docs / "real_results.json").write_text(json.dumps(result, indent=1))
     _plot(docs / "real_examples.png", examples)
     _write_md(docs / "BENCHMARKS.md", result, default_model)
     return result
+
+
+WRAPPED = "espirit_smallfov8ch_native.h5"  # phase FOV smaller than the head, no ground truth
+
+
+def wrapped_example(path: Path, real_dir: Path, default_model: str) -> dict | None:
+    """The real brain whose phase field of view wraps (no ground truth): the network alone and
+    CG-SENSE with one set of maps, and the default protocol (which finds the wrap and uses
+    two-map SENSE), side by side in a PNG; returns what the wrap check found (None without
+    the file)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.io import read_raw
+    from recon_plugin.models.checkpoint import load_inference_model, resolve_model
+    from recon_plugin.recon.coils import estimate_maps_and_wrap
+    from recon_plugin.recon.pipeline import prepare_kspace
+
+    if not (real_dir / WRAPPED).exists():
+        return None
+    scan = read_raw(real_dir / WRAPPED)
+    settings = load_protocol("default").recon_settings()
+    sl = scan.slices[0]
+    ksp, mask, calib = prepare_kspace(sl, settings, None)
+    maps, maps2, fraction = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
+    case = RealCase(WRAPPED, ksp, mask, sl.acs, np.zeros(mask.shape, np.float32), maps)
+    net, _ = load_inference_model(resolve_model(default_model))
+    imgs = {"network alone, one set of maps": network_fn(net)(case),
+            "CG-SENSE, one set of maps": classical.cg_sense(ksp, maps, mask)}
+    if maps2 is not None:
+        imgs["default protocol: wrap found,\ntwo-map SENSE"] = classical.cg_sense_two_maps(
+            ksp, maps, maps2, mask)
+    fig, axes = plt.subplots(1, len(imgs), figsize=(4.2 * len(imgs), 2.9), squeeze=False)
+    for ax, (title, img) in zip(axes[0], imgs.items()):
+        a = np.abs(img)
+        ax.imshow(a / np.percentile(a, 99.5), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return {"file": WRAPPED, "second_map_fraction": fraction, "wrap_found": maps2 is not None}
 
 
 def _plot(path: Path, examples: dict) -> None:
@@ -370,5 +416,13 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
         lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in rl)} of "
                   f"{len(rl)} slices, {np.median([d['seconds'] for d in rl]):.1f} s per slice "
                   "(median)."]
+    w = result.get("wrap")
+    if w:
+        found = "found: the default protocol uses two-map SENSE" if w["wrap_found"] \
+            else "not found"
+        lines += ["", f"Wrapped field of view (`{w['file']}`, no ground truth): ESPIRiT's second "
+                  f"eigenvalue above the crop on {100 * w['second_map_fraction']:.0f} % of the "
+                  f"grid; wrap {found} (`docs/real_wrap.png`: the network alone and CG-SENSE "
+                  "with one set of maps beside it)."]
     lines += ["", "Examples: `docs/real_examples.png`.", ""]
     replace_section(path, SECTION, "\n".join(lines), first=True)
