@@ -124,8 +124,14 @@ def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
         models = {"base": base_name}
         for run_name, names in plan.items():
             t0 = time.perf_counter()
-            rep = adapt([site[n] for n in names], "default", d / run_name.replace(" ", "-"),
-                        mode=mode, steps=steps, lr=lr, name=f"site-{run_name.replace(' ', '-')}")
+            try:
+                rep = adapt([site[n] for n in names], "default", d / run_name.replace(" ", "-"),
+                            mode=mode, steps=steps, lr=lr,
+                            name=f"site-{run_name.replace(' ', '-')}")
+            except ValueError as e:  # refused: e.g. no slice left for an unbiased gate
+                runs[run_name] = {"files": names, "refused": str(e).replace(f"{d}/", "")}
+                log.info("site run %s refused: %s", run_name, e)
+                continue
             rep["seconds"] = time.perf_counter() - t0
             rep["files"] = names
             runs[run_name] = {k: v for k, v in rep.items() if k not in ("model", "overlay")}
@@ -176,9 +182,9 @@ def _section(result: dict) -> str:
         "read only to score); run *brains only* leaves the phantom out. `adapt` holds out the "
         "first file (the native brain) for its promotion gate, but its phase field of view "
         "wraps (a second ESPIRiT map), one set of maps cannot describe it and `adapt` skips "
-        "it; the gate then holds out the last adaptation file's slice (in *held-out* and "
-        "*brains only* the very slice it adapts on, in *own k-space* the phantom), a weak "
-        f"judge. Mode {mode}, {steps} steps, lr "
+        "it; the gate then holds out the last adaptation slice, which it no longer trains "
+        "on, and `adapt` refuses a run with only one slice left. Mode "
+        f"{mode}, {steps} steps, lr "
         f"{result['lr']:g}, default protocol (calibration and guard in the `+ guard` rows). "
         "Scores: "
         "fully sampled brain, least-squares scaled PSNR / SSIM; CG-SENSE and BART at their "
@@ -186,6 +192,10 @@ def _section(result: dict) -> str:
         "",
     ]
     for name, r in result["runs"].items():
+        if "refused" in r:
+            lines.append(f"- run *{name}* ({', '.join(r['files'])}): **refused** by `adapt`: "
+                         f"{r['refused']}")
+            continue
         g = r.get("gate", {})
         lines.append(f"- run *{name}* ({', '.join(r['files'])}): promoted **{r['promoted']}**; "
                      f"held-out error base {r['base_heldout_error']:.4g} -> adapted "

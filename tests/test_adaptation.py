@@ -110,3 +110,16 @@ def test_adaptation_prepares_slices_as_the_reconstruction_does(site):
     assert full and len(full) == len(compressed)
     assert compressed[0].kspace.shape[0] == 3 < full[0].kspace.shape[0]
     assert compressed[0].maps.shape == compressed[0].kspace.shape
+
+
+def test_a_gate_without_unseen_slices_is_refused(site, tmp_path):
+    """One slice cannot be both adapted on and judged: adapt refuses with a message that says
+    what to give it, and writes nothing (a gate on the lines it trained on promoted a model
+    adapted to a 2-coil phantom)."""
+    d, _ = site
+    vol = simulate_volume("train", "FLAIR", num_slices=1, num_coils=8, matrix=(64, 56),
+                          snr=60.0, seed=49)
+    one = write_ismrmrd(vol, tmp_path / "one_slice.h5", acceleration=3, calib_lines=20, seed=9)
+    with pytest.raises(ValueError, match="no slice left for the promotion gate.*more raw files"):
+        adapt([one], str(d / "tiny_base.yaml"), tmp_path / "site", mode="ssdu", steps=2)
+    assert not (tmp_path / "site" / "models").exists()

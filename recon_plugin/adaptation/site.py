@@ -109,12 +109,21 @@ def adapt(
     train = prepare_slices(train_files, settings)
     hold = prepare_slices(hold_files, settings) if hold_files else []
     if not hold:
+        # the gate must judge slices the adaptation never sees: with one slice there is none
+        if len(train) < 2:
+            raise ValueError(
+                f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
+                f"{[str(p) for p in train_files]}"
+                + (f" and none in the held-out file(s) {[str(p) for p in hold_files]}"
+                   if hold_files else "")
+                + "; give more raw files (slices without ACS or with a wrapped field of view "
+                "are skipped)")
         if hold_files:
             log.warning("the held-out file(s) %s have no usable slices; the gate holds out the "
-                        "last slices of the adaptation files instead (lines it trained on)",
+                        "last slices of the adaptation files instead",
                         [str(p) for p in hold_files])
         hold = train[-max(1, len(train) // 4):]
-        train = train[: len(train) - len(hold)] or train
+        train = train[: len(train) - len(hold)]
     if not train:
         raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
     base_errs = heldout_errors(model, hold)
