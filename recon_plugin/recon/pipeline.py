@@ -7,9 +7,12 @@ the same slice read from a file give the same pixels.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one), magnitude, crop to
-the recon matrix. The network runs through ``network_slice``: the prior-weight calibration
-(decided on a scan's first slices), scan-specific refinement at that weight where asked, then
-the per-slice guard with its CG-SENSE fallback. Stage timings (seconds) are recorded per series.
+the recon matrix. A slice whose phase field of view wraps (ESPIRiT finds a second set of maps)
+is reconstructed by two-map SENSE whatever the method: one set of maps cannot unfold it. The
+network runs through ``network_slice``: the prior-weight calibration (decided on a scan's first
+slices), scan-specific refinement at that weight where asked (kept where the guard's lines
+confirm it), then the per-slice guard with its CG-SENSE fallback. Stage timings (seconds) are
+recorded per series.
 """
 
 from __future__ import annotations
