@@ -83,6 +83,7 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     two-map ``ecalib -m2`` / ``pics`` far better than one-map SENSE does. The real fully
     sampled brain is not flagged."""
     import subprocess
+    from collections import defaultdict
 
     from benchmarks import bart_ref
     from benchmarks.real import load_full
@@ -97,8 +98,10 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     ksp, mask, calib = prepare_kspace(sl, settings, None)
     maps, maps2, fraction = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
     assert maps2 is not None and 0.08 < fraction < 0.3
-    image = Reconstructor().reconstruct_slice(sl, scan.header, settings)
+    timings = defaultdict(float)
+    image = Reconstructor().reconstruct_slice(sl, scan.header, settings, timings=timings)
     assert image.method == "cg-sense" and "FIELD OF VIEW WRAP" in image.notes[0]
+    assert timings["fov_wrap"] == 1  # the batch summary counts it
     _, full = load_full(real / "espirit_brain8ch_full.h5")[0]
     k_full = np.asarray(full, np.complex64)
     rows = k_full.shape[1]

@@ -208,6 +208,7 @@ class Reconstructor:
             img = classical.cg_sense_two_maps(ksp, maps, maps2, mask, settings.lamda)
             method = "cg-sense"
             t["classical"] += time.perf_counter() - t0
+            t["fov_wrap"] += 1
         elif method == "unrolled":
             name = settings.model
             if settings.adaptive:
