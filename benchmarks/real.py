@@ -289,10 +289,10 @@ WRAPPED = "espirit_smallfov8ch_native.h5"  # phase FOV smaller than the head, no
 
 
 def wrapped_example(path: Path, real_dir: Path, default_model: str) -> dict | None:
-    """The real brain whose phase field of view wraps (no ground truth): the network alone and
-    CG-SENSE with one set of maps, and the default protocol (which finds the wrap and uses
-    two-map SENSE), side by side in a PNG; returns what the wrap check found (None without
-    the file)."""
+    """The real brain whose phase field of view wraps (no ground truth): the network alone
+    with one set of maps, two-map SENSE, and the default protocol (which finds the wrap: the
+    network on the data without the second map's part, combined with that part), side by side
+    in a PNG; returns what the wrap check found (None without the file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +302,7 @@ def wrapped_example(path: Path, real_dir: Path, default_model: str) -> dict | No
     from recon_plugin.io import read_raw
     from recon_plugin.models.checkpoint import load_inference_model, resolve_model
     from recon_plugin.recon.coils import estimate_maps_and_wrap
-    from recon_plugin.recon.pipeline import prepare_kspace
+    from recon_plugin.recon.pipeline import Reconstructor, prepare_kspace
 
     if not (real_dir / WRAPPED).exists():
         return None
@@ -313,11 +313,11 @@ def wrapped_example(path: Path, real_dir: Path, default_model: str) -> dict | No
     maps, maps2, fraction = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
     case = RealCase(WRAPPED, ksp, mask, sl.acs, np.zeros(mask.shape, np.float32), maps)
     net, _ = load_inference_model(resolve_model(default_model))
-    imgs = {"network alone, one set of maps": network_fn(net)(case),
-            "CG-SENSE, one set of maps": classical.cg_sense(ksp, maps, mask)}
+    imgs = {"network alone, one set of maps": network_fn(net)(case)}
     if maps2 is not None:
-        imgs["default protocol: wrap found,\ntwo-map SENSE"] = classical.cg_sense_two_maps(
-            ksp, maps, maps2, mask)
+        imgs["two-map SENSE (CG)"] = classical.cg_sense_two_maps(ksp, maps, maps2, mask)
+    imgs["default protocol" + (": wrap found" if maps2 is not None else "")] = \
+        Reconstructor().reconstruct_slice(sl, scan.header, settings).pixels
     fig, axes = plt.subplots(1, len(imgs), figsize=(4.2 * len(imgs), 2.9), squeeze=False)
     for ax, (title, img) in zip(axes[0], imgs.items()):
         a = np.abs(img)
@@ -418,11 +418,11 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
                   "(median)."]
     w = result.get("wrap")
     if w:
-        found = "found: the default protocol uses two-map SENSE" if w["wrap_found"] \
-            else "not found"
+        found = ("found: the default protocol takes the second map's image from two-map SENSE "
+                 "and runs the network on the rest") if w["wrap_found"] else "not found"
         lines += ["", f"Wrapped field of view (`{w['file']}`, no ground truth): ESPIRiT's second "
                   f"eigenvalue above the crop on {100 * w['second_map_fraction']:.0f} % of the "
-                  f"grid; wrap {found} (`docs/real_wrap.png`: the network alone and CG-SENSE "
-                  "with one set of maps beside it)."]
+                  f"grid; wrap {found} (`docs/real_wrap.png`: the network alone with one set of "
+                  "maps and two-map SENSE beside it)."]
     lines += ["", "Examples: `docs/real_examples.png`.", ""]
     replace_section(path, SECTION, "\n".join(lines), first=True)

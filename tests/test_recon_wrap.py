@@ -68,6 +68,45 @@ def test_two_map_sense_with_an_empty_second_map_is_one_map_sense():
     assert np.linalg.norm(np.abs(two) - np.abs(one)) < 1e-3 * np.linalg.norm(one)
 
 
+def test_the_pipeline_runs_the_network_on_a_wrapped_slice_without_the_second_maps_part():
+    """A simulated brain slice folded to a 150 mm phase FOV (3x, 24 ACS lines): the pipeline
+    finds the wrap, takes the second map's part out by two-map SENSE and runs the network on
+    the rest; combined, it beats two-map SENSE alone (measured +4 to +8 dB on 12 such slices,
+    runs/explore/wrap_net.py) and the network with one set of maps."""
+    from collections import defaultdict
+
+    from benchmarks.real import scaled_metrics
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.physics.masks import acs_bounds, cartesian_mask
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.scan import Geometry, ScanHeader, SliceData
+    from recon_plugin.sim import simulate_volume
+
+    vol = simulate_volume("test", "T1", 1, 12, (320, 160), fov_mm=(300.0, 240.0), snr=40.0,
+                          seed=301)
+    s = vol.slices[0]
+    k = s.kspace[:, ::2, :]  # every 2nd line: a 150 mm phase FOV, the head folds
+    truth = np.sqrt((np.abs(ifft2c(fft2c(s.maps * s.image[None])[:, ::2, :])) ** 2).sum(0))
+    ny, nx = k.shape[1:]
+    m1, _ = cartesian_mask(ny, 3, 24 / ny, "equispaced", np.random.default_rng(1))
+    mask = np.broadcast_to(m1[:, None], (ny, nx)).astype(np.float32)
+    sl = SliceData((k * mask[None]).astype(np.complex64), mask, Geometry.default(),
+                   acs=acs_bounds(ny, 24))
+    header = ScanHeader((nx, ny, 1), (240.0, 150.0, 3.0), (nx, ny, 1), (240.0, 150.0, 3.0), 12)
+    settings = load_protocol("default").recon_settings()
+    rec = Reconstructor()
+    timings = defaultdict(float)
+    image = rec.reconstruct_slice(sl, header, settings, timings=timings)
+    assert image.method == "unrolled" and timings["fov_wrap"] == 1
+    assert "FIELD OF VIEW WRAP" in image.notes[0] and "the network for the first" in image.notes[0]
+    maps, maps2, _ = estimate_maps_and_wrap(sl.kspace, sl.acs, settings.espirit)
+    two = scaled_metrics(truth, classical.cg_sense_two_maps(sl.kspace, maps, maps2, mask))
+    one, _ = rec.network_slice(settings.model, sl.kspace, maps, mask, sl.acs, settings)
+    mine = scaled_metrics(truth, image.pixels)
+    # measured 34.2 against 28.6 (two-map SENSE) and 30.4 (one set of maps)
+    assert mine["psnr"] > two["psnr"] + 2 and mine["psnr"] > scaled_metrics(truth, one)["psnr"] + 2
+
+
 def _real():
     from benchmarks.real import find_real_dir
 
@@ -79,9 +118,9 @@ def _real():
 
 def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     """The real 8-coil brain acquired with a phase FOV smaller than the head: the pipeline
-    finds the wrap, says so and reconstructs it by two-map SENSE, which agrees with BART's
-    two-map ``ecalib -m2`` / ``pics`` far better than one-map SENSE does. The real fully
-    sampled brain is not flagged."""
+    finds the wrap and says so; two-map SENSE agrees with BART's two-map ``ecalib -m2`` /
+    ``pics`` far better than one-map SENSE does. The real fully sampled brain is not
+    flagged."""
     import subprocess
     from collections import defaultdict
 
@@ -100,7 +139,7 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     assert maps2 is not None and 0.08 < fraction < 0.3
     timings = defaultdict(float)
     image = Reconstructor().reconstruct_slice(sl, scan.header, settings, timings=timings)
-    assert image.method == "cg-sense" and "FIELD OF VIEW WRAP" in image.notes[0]
+    assert image.method == "unrolled" and "FIELD OF VIEW WRAP" in image.notes[0]
     assert timings["fov_wrap"] == 1  # the batch summary counts it
     _, full = load_full(real / "espirit_brain8ch_full.h5")[0]
     k_full = np.asarray(full, np.complex64)

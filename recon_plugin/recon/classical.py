@@ -66,12 +66,12 @@ def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30)
     return (x[0].numpy() * s).astype(np.complex64)
 
 
-def cg_sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
-                      max_iter: int = 30) -> np.ndarray:
+def sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
+                   max_iter: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """Tikhonov-regularised SENSE with two sets of ESPIRiT maps ("soft SENSE", Uecker et al.
     2014), for a field of view smaller than the object: ``y = M F (S1 x1 + S2 x2)``, solved as
-    :func:`cg_sense` for the stacked (x1, x2). maps, maps2: (coils, ky, kx). Returns one
-    complex image (ky, kx): magnitude ``sqrt(|x1|^2 + |x2|^2)``, the phase of x1."""
+    :func:`cg_sense` for the stacked (x1, x2). maps, maps2: (coils, ky, kx). Returns the two
+    complex images (ky, kx)."""
     import torch
 
     from ..physics import SenseOperator
@@ -101,9 +101,21 @@ def cg_sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
             if float(rr_new) < 1e-12 * float(torch.vdot(rhs.flatten(), rhs.flatten()).real):
                 break
             pdir, rr = r + (rr_new / rr) * pdir, rr_new
-        x = x.numpy() * scale
-    mag = np.sqrt(np.abs(x[0]) ** 2 + np.abs(x[1]) ** 2)
-    return (mag * np.exp(1j * np.angle(x[0]))).astype(np.complex64)
+        x = (x.numpy() * scale).astype(np.complex64)
+    return x[0], x[1]
+
+
+def combine_maps(x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
+    """One complex image (ky, kx) of the two images of a two-map reconstruction: magnitude
+    ``sqrt(|x1|^2 + |x2|^2)`` (ESPIRiT's combination), the phase of x1."""
+    mag = np.sqrt(np.abs(x1) ** 2 + np.abs(x2) ** 2)
+    return (mag * np.exp(1j * np.angle(x1))).astype(np.complex64)
+
+
+def cg_sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
+                      max_iter: int = 30) -> np.ndarray:
+    """:func:`sense_two_maps`, combined (:func:`combine_maps`): one complex image (ky, kx)."""
+    return combine_maps(*sense_two_maps(kspace, maps, maps2, mask, lamda, max_iter))
 
 
 def l1_wavelet(kspace, maps, mask, lamda: float | None = None, max_iter: int = 60) -> np.ndarray:

@@ -7,8 +7,9 @@ the same slice read from a file give the same pixels.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one), magnitude, crop to
-the recon matrix. A slice whose phase field of view wraps (ESPIRiT finds a second set of maps)
-is reconstructed by two-map SENSE whatever the method: one set of maps cannot unfold it. The
+the recon matrix. Where a slice's phase field of view wraps (ESPIRiT finds a second set of
+maps), two-map SENSE gives the second map's image and takes its part out of the data; the
+method reconstructs the first map's image from the rest, and the two are combined. The
 network runs through ``network_slice``: the prior-weight calibration (decided on a scan's first
 slices), scan-specific refinement at that weight where asked (kept where the guard's lines
 confirm it), then the per-slice guard with its CG-SENSE fallback. Stage timings (seconds) are
@@ -197,19 +198,16 @@ class Reconstructor:
                 method = "zero-filled"
             t["sensitivities"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+        folded = None  # the second map's image where the phase field of view wraps
         if method != "zero-filled" and maps2 is not None:
-            # one set of maps cannot describe folded pixels: neither the network nor one-map
-            # SENSE can unfold them (README, "Real scanner data": the small-FOV brain)
-            msg = (f"FIELD OF VIEW WRAP: ESPIRiT found a second set of coil maps over "
-                   f"{100 * wrapped:.0f} % of the image (phase field of view smaller than the "
-                   f"object); reconstructed by two-map SENSE (CG) instead of {method}")
-            log.warning("slice %d: %s", sl.slice_index, msg)
-            notes.append(msg)
-            img = classical.cg_sense_two_maps(ksp, maps, maps2, mask, settings.lamda)
-            method = "cg-sense"
-            t["classical"] += time.perf_counter() - t0
+            # one set of maps cannot describe folded pixels (README, "Real scanner data": the
+            # small-FOV brain): two-map SENSE; the network then reconstructs the first map's
+            # image from the data with the second map's part taken out
+            ksp, folded = self._unfold(ksp, maps, maps2, mask, wrapped, method, sl.slice_index,
+                                       settings, notes, t)
             t["fov_wrap"] += 1
-        elif method == "unrolled":
+            t0 = time.perf_counter()
+        if method == "unrolled":
             name = settings.model
             if settings.adaptive:
                 name = self._choose_variant(ksp, mask, sl, settings)
@@ -217,9 +215,15 @@ class Reconstructor:
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             img, method = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
                                              sl.slice_index, notes, t, calibration)
+        elif folded is not None:
+            img = classical.cg_sense(ksp, maps, mask, settings.lamda)
+            method = "cg-sense"
+            t["classical"] += time.perf_counter() - t0
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
+        if folded is not None:
+            img = classical.combine_maps(img, folded)
         mag = np.abs(img).astype(np.float32)
         rows = mask.any(axis=1)
         if settings.partial_fourier == "homodyne" and is_partial_fourier(rows) \
@@ -229,6 +233,25 @@ class Reconstructor:
         pixels = to_recon_matrix(mag, header, notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes)
+
+    def _unfold(self, ksp, maps, maps2, mask, wrapped: float, method: str, index: int,
+                settings: ReconSettings, notes: list[str], t: dict):
+        """A wrapped slice: (its k-space with the second map's part taken out, the second
+        map's image (ky, kx)), both from two-map SENSE (:func:`classical.sense_two_maps`); the
+        method then reconstructs the first map's image from that k-space with one set of maps
+        (the network: +2.9 to +8.0 dB over two-map SENSE alone on 12 simulated wrapped
+        slices, README), and the two images are combined."""
+        t0 = time.perf_counter()
+        _, x2 = classical.sense_two_maps(ksp, maps, maps2, mask, settings.lamda)
+        rest = ksp - mask[None] * fft2c(maps2 * x2[None])
+        t["classical"] += time.perf_counter() - t0
+        how = "the network" if method == "unrolled" else "CG-SENSE"
+        msg = (f"FIELD OF VIEW WRAP: ESPIRiT found a second set of coil maps over "
+               f"{100 * wrapped:.0f} % of the image (phase field of view smaller than the "
+               f"object); two-map SENSE for the second map's image, {how} for the first")
+        log.warning("slice %d: %s", index, msg)
+        notes.append(msg)
+        return rest.astype(np.complex64), x2
 
     def _network(self, name, ksp, maps, mask, model=None, dc_setting: DcSetting = TRAINED
                  ) -> np.ndarray:
