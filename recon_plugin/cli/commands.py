@@ -56,8 +56,8 @@ def _report(results: list[FileResult]) -> int:
             extra += (f", guard: {int(r.timings.get('guard_rejected', 0))} of "
                       f"{int(r.timings['guard_checked'])} slices CG-SENSE")
         if r.ok and r.timings.get("fov_wrap"):
-            extra += (f", field-of-view wrap: {int(r.timings['fov_wrap'])} slices by two-map "
-                      "SENSE")
+            extra += (f", field-of-view wrap: {int(r.timings['fov_wrap'])} slices unfolded "
+                      "with a second set of maps")
         if r.ok and r.timings.get("refine_kept") is not None and "refine" in r.timings:
             extra += f", refinement kept on {int(r.timings['refine_kept'])} slices"
         print(f"{status:15s} {r.input}: {extra}")
