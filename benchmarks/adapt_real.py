@@ -6,8 +6,8 @@ files in ``shared/data/real`` (k-space only; ``reconstruction_rss`` is never cop
 * ``brain8ch-4x``: the fully sampled 8-coil brain, undersampled at 4x along its stored phase
   axis (the same fastMRI equispaced mask as ``bench real``'s "mask along phase 4x" case);
 * ``native``: the brain undersampled at acquisition (no ground truth exists); its phase field
-  of view is smaller than the head, so ``adapt`` skips it (one set of maps cannot describe it)
-  and its gate falls back to the adaptation files' last slice;
+  of view is smaller than the head, so ``adapt`` (as ``recon``) takes the second ESPIRiT map's
+  part out of its data first;
 * ``phantom-4x``: the Siemens phantom, 4x along phase.
 
 Three site runs of ``adapt`` (the product function behind ``recon-plugin adapt``; default
@@ -116,8 +116,7 @@ def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
             "c-phantom-4x": write_site_file(real_dir / "twix_gre_phantom2ch_full.h5",
                                             d / "c-phantom-4x.h5", 4),
         }
-        # adapt() holds out the first file (sorted) for its gate: the native brain, which it
-        # skips (its FOV wraps), so the gate falls back to the adaptation files' last slice
+        # adapt() holds out the first file (sorted) for its gate: the native brain in all runs
         plan = {"held-out": ["a-native", "c-phantom-4x"],
                 "own k-space": ["a-native", "b-brain8ch-4x", "c-phantom-4x"],
                 "brains only": ["a-native", "b-brain8ch-4x"]}
@@ -180,10 +179,9 @@ def _section(result: dict) -> str:
         "*held-out* adapts on the native brain and the phantom (the scored brain is never "
         "read); run *own k-space* also adapts on the scored brain's 4x k-space (its target is "
         "read only to score); run *brains only* leaves the phantom out. `adapt` holds out the "
-        "first file (the native brain) for its promotion gate, but its phase field of view "
-        "wraps (a second ESPIRiT map), one set of maps cannot describe it and `adapt` skips "
-        "it; the gate then holds out the last adaptation slice, which it no longer trains "
-        "on, and `adapt` refuses a run with only one slice left. Mode "
+        "first file (the native brain) for its promotion gate; its phase field of view wraps, "
+        "so `adapt`, as `recon`, first takes the second ESPIRiT map's part out of its data "
+        "(two-map SENSE). Mode "
         f"{mode}, {steps} steps, lr "
         f"{result['lr']:g}, default protocol (calibration and guard in the `+ guard` rows). "
         "Scores: "

@@ -128,7 +128,7 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     from benchmarks.real import load_full
     from recon_plugin.config.protocol import load_protocol
     from recon_plugin.io import read_raw
-    from recon_plugin.recon.pipeline import Reconstructor, prepare_kspace
+    from recon_plugin.recon.pipeline import Reconstructor, prepare_kspace, prepare_slice
 
     real = _real()
     scan = read_raw(real / "espirit_smallfov8ch_native.h5")
@@ -137,6 +137,11 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     ksp, mask, calib = prepare_kspace(sl, settings, None)
     maps, maps2, fraction = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
     assert maps2 is not None and 0.08 < fraction < 0.3
+    # site adaptation sees the slice as the network does: without the second map's part
+    k1, m1, maps1 = prepare_slice(sl, settings)
+    sampled = mask[:, 0] > 0
+    assert np.array_equal(m1, mask) and np.allclose(maps1, maps, atol=1e-3)
+    assert not np.any(k1[:, ~sampled]) and 0 < np.linalg.norm(k1 - ksp) < np.linalg.norm(ksp)
     timings = defaultdict(float)
     image = Reconstructor().reconstruct_slice(sl, scan.header, settings, timings=timings)
     assert image.method == "unrolled" and "FIELD OF VIEW WRAP" in image.notes[0]

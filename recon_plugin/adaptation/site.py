@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 def prepare_slices(paths: list[Path], settings) -> list[SiteSlice]:
     """Read raw files (no targets) and prepare every slice exactly as the reconstruction does
     (:func:`recon_plugin.recon.pipeline.prepare_slice` with the protocol's ``ReconSettings``:
-    prewhitening, coil compression, ESPIRiT); slices without usable ACS or with a wrapped
-    phase field of view (one set of maps cannot describe them) are skipped."""
+    prewhitening, coil compression, ESPIRiT; a wrapped phase field of view without the
+    second map's part); slices without usable ACS are skipped."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
     from ..recon.pipeline import prepare_slice
@@ -116,8 +116,7 @@ def adapt(
                 f"{[str(p) for p in train_files]}"
                 + (f" and none in the held-out file(s) {[str(p) for p in hold_files]}"
                    if hold_files else "")
-                + "; give more raw files (slices without ACS or with a wrapped field of view "
-                "are skipped)")
+                + "; give more raw files (slices without ACS are skipped)")
         if hold_files:
             log.warning("the held-out file(s) %s have no usable slices; the gate holds out the "
                         "last slices of the adaptation files instead",

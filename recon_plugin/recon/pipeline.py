@@ -119,17 +119,24 @@ def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray 
 
 def prepare_slice(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`prepare_kspace` plus the protocol's ESPIRiT maps: (k-space, mask, maps), for a
-    consumer of one set of maps (the network's training and adaptation). Raises CoilMapError
-    when the slice has no usable calibration or its phase field of view wraps (one set of
-    maps cannot describe it; :func:`~recon_plugin.recon.coils.estimate_maps_and_wrap`)."""
+    """:func:`prepare_kspace` plus the protocol's ESPIRiT maps: (k-space, mask, maps), as the
+    network sees the slice in reconstruction (site adaptation trains and judges on this):
+    where its phase field of view wraps, the k-space without the second map's part
+    (:func:`unfold`). Raises CoilMapError when the slice has no usable calibration."""
     ksp, mask, calib = prepare_kspace(sl, settings, whitener)
-    maps, maps2, wrapped = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
+    maps, maps2, _ = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
     if maps2 is not None:
-        raise CoilMapError(f"phase field of view smaller than the object (a second set of "
-                           f"ESPIRiT maps over {100 * wrapped:.0f} % of the image): one set of "
-                           "maps cannot describe this slice")
+        ksp, _ = unfold(ksp, maps, maps2, mask, settings.lamda)
     return ksp, mask, maps
+
+
+def unfold(ksp: np.ndarray, maps: np.ndarray, maps2: np.ndarray, mask: np.ndarray,
+           lamda: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A slice whose phase field of view wraps: (its k-space (coils, ky, kx) without the
+    second map's part, the second map's image (ky, kx)), both from two-map SENSE
+    (:func:`classical.sense_two_maps`). One set of maps describes the rest."""
+    _, x2 = classical.sense_two_maps(ksp, maps, maps2, mask, lamda)
+    return (ksp - mask[None] * fft2c(maps2 * x2[None])).astype(np.complex64), x2
 
 
 class Reconstructor:
@@ -237,13 +244,12 @@ class Reconstructor:
     def _unfold(self, ksp, maps, maps2, mask, wrapped: float, method: str, index: int,
                 settings: ReconSettings, notes: list[str], t: dict):
         """A wrapped slice: (its k-space with the second map's part taken out, the second
-        map's image (ky, kx)), both from two-map SENSE (:func:`classical.sense_two_maps`); the
+        map's image (ky, kx)), both from two-map SENSE (:func:`unfold`); the
         method then reconstructs the first map's image from that k-space with one set of maps
         (the network: +2.9 to +8.0 dB over two-map SENSE alone on 12 simulated wrapped
         slices, README), and the two images are combined."""
         t0 = time.perf_counter()
-        _, x2 = classical.sense_two_maps(ksp, maps, maps2, mask, settings.lamda)
-        rest = ksp - mask[None] * fft2c(maps2 * x2[None])
+        rest, x2 = unfold(ksp, maps, maps2, mask, settings.lamda)
         t["classical"] += time.perf_counter() - t0
         how = "the network" if method == "unrolled" else "CG-SENSE"
         msg = (f"FIELD OF VIEW WRAP: ESPIRiT found a second set of coil maps over "
@@ -251,7 +257,7 @@ class Reconstructor:
                f"object); two-map SENSE for the second map's image, {how} for the first")
         log.warning("slice %d: %s", index, msg)
         notes.append(msg)
-        return rest.astype(np.complex64), x2
+        return rest, x2
 
     def _network(self, name, ksp, maps, mask, model=None, dc_setting: DcSetting = TRAINED
                  ) -> np.ndarray:
