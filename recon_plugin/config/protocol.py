@@ -19,8 +19,8 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     model: {variant: unrolled-base, method: unrolled, lamda: null, fallback: zero-filled}
                                          # method: unrolled | cg-sense | l1-wavelet | zero-filled
     espirit: {calib_width: 24, kernel_width: 6, thresh: 0.02, crop: 0.95, fast: true, grid: 96,
-              wrap: true}                # wrap: slices whose phase FOV is smaller than the
-                                         # object (a second ESPIRiT map) go to two-map SENSE
+              wrap: true}                # wrap: where the phase FOV is smaller than the object
+                                         # (a second ESPIRiT map), two-map SENSE unfolds it
     guard: {enabled: true, heldout_fraction: 0.1, margin: 0.0, significance: 1.0}
                                          # network slices that predict held-out acquired lines
                                          # worse than CG-SENSE (by more than `significance`

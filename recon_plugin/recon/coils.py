@@ -45,8 +45,8 @@ class EspiritParams(BaseModel):
     crop: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.95
     fast: StrictBool = True  # True: the fast rectangular-calibration path; False: SigPy
     grid: Annotated[StrictInt, Field(ge=8, le=512)] = 96  # coarse grid of the fast path
-    # look for a wrapped phase field of view (ESPIRiT's second map); such slices are
-    # reconstructed by two-map SENSE (estimate_maps_and_wrap, classical.cg_sense_two_maps)
+    # look for a wrapped phase field of view (ESPIRiT's second map); on such slices two-map
+    # SENSE takes the second map's part out (estimate_maps_and_wrap, pipeline.unfold)
     wrap: StrictBool = True
 
     @model_validator(mode="after")
