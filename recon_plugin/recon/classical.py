@@ -74,6 +74,7 @@ def sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
     complex images (ky, kx)."""
     import torch
 
+    from ..models.unrolled import cg_solve
     from ..physics import SenseOperator
 
     lam = float(DEFAULT_LAMBDA["cg-sense"] if lamda is None else lamda)
@@ -82,26 +83,16 @@ def sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
         m = torch.from_numpy(np.asarray(mask, np.float32))[None]
         ops = [SenseOperator(torch.from_numpy(np.ascontiguousarray(s, np.complex64))[None], m)
                for s in (maps, maps2)]
-        rhs = torch.cat([op.adjoint(k) for op in ops])  # (2, ky, kx)
-        scale = percentile_scale(rhs[0].numpy())
+        rhs = torch.stack([op.adjoint(k) for op in ops], 1)  # (1, 2, ky, kx)
+        scale = percentile_scale(rhs[0, 0].numpy())
         rhs = rhs / scale
 
-        def normal(x: torch.Tensor) -> torch.Tensor:
-            y = ops[0].forward(x[:1]) + ops[1].forward(x[1:])
-            return torch.cat([op.adjoint(y) for op in ops]) + lam * x
+        def normal(x: torch.Tensor) -> torch.Tensor:  # A^H A on the stacked (1, 2, ky, kx)
+            y = ops[0].forward(x[:, 0]) + ops[1].forward(x[:, 1])
+            return torch.stack([op.adjoint(y) for op in ops], 1)
 
-        x = torch.zeros_like(rhs)
-        r = rhs.clone()
-        pdir, rr = r.clone(), torch.vdot(r.flatten(), r.flatten()).real
-        for _ in range(max_iter):
-            ap = normal(pdir)
-            alpha = rr / torch.vdot(pdir.flatten(), ap.flatten()).real.clamp_min(1e-30)
-            x, r = x + alpha * pdir, r - alpha * ap
-            rr_new = torch.vdot(r.flatten(), r.flatten()).real
-            if float(rr_new) < 1e-12 * float(torch.vdot(rhs.flatten(), rhs.flatten()).real):
-                break
-            pdir, rr = r + (rr_new / rr) * pdir, rr_new
-        x = (x.numpy() * scale).astype(np.complex64)
+        x = cg_solve(normal, rhs, torch.zeros_like(rhs), torch.tensor(lam), max_iter)
+        x = (x[0].numpy() * scale).astype(np.complex64)
     return x[0], x[1]
 
 
