@@ -252,7 +252,7 @@ def estimate_maps_and_wrap(
     k, a, q = _calibration(kspace, acs, p, calib)
     if (not q.wrap or not q.fast or k.shape[0] < WRAP_MIN_COILS or q.kernel_width < width
             or a is None):
-        return estimate_maps(kspace, acs, params, calib), None, 0.0
+        return (espirit_fast if q.fast else espirit_sigpy)(k, a, q), None, 0.0
     aha = _coarse_operator(k, a, q)  # (gy, gx, c, c)
     v, lam = _top_eigenpairs(aha, floor=0.5 * q.crop)
     maps = _to_maps(v, lam, k.shape[1:], q.crop)

@@ -297,9 +297,9 @@ class Reconstructor:
         if settings.guard:
             t0 = time.perf_counter()
             if net is not None:
-                net, guard_image = self._confirm_refinement(name, net, ksp, maps, mask, lines,
-                                                            dc_setting, settings.guard_z, seed,
-                                                            notes, t)
+                net, guard_image = self._confirm_refinement(name, net, ksp, ksp_keep, maps,
+                                                            keep, lines, dc_setting,
+                                                            settings.guard_z, seed, notes, t)
             res = guard.check(ksp, maps, mask, lines,
                               lambda k, s, m: guard_image if guard_image is not None
                               else self._network(name, k, s, m, net, dc_setting),
@@ -345,16 +345,16 @@ class Reconstructor:
         notes.append(done.describe())
         return done.setting
 
-    def _confirm_refinement(self, name, net, ksp, maps, mask, lines, dc_setting: DcSetting,
-                            z: float, seed: int, notes: list[str], t: dict):
+    def _confirm_refinement(self, name, net, ksp, ksp_keep, maps, keep, lines,
+                            dc_setting: DcSetting, z: float, seed: int, notes: list[str],
+                            t: dict):
         """(the refined copy or None, the image the guard then judges (ky, kx), made without
         the guard's lines): the refined copy stays only where it also predicts the guard's
         held-out lines significantly better than the unrefined network. Its own held-out lines
         chose its training state (early stopping), so their improvement is biased low; the
-        guard's lines took no part in training or in that choice. ``z``: the significance (in
-        standard errors of the per-line differences) the gain needs."""
-        keep = guard.without_lines(mask, lines)
-        ksp_keep = ksp * keep[None]
+        guard's lines took no part in training or in that choice. ``ksp_keep``, ``keep``: the
+        slice's k-space and mask without the guard's ``lines`` (as refinement saw it); ``z``:
+        the significance (in standard errors of the per-line differences) the gain needs."""
         plain = self._network(name, ksp_keep, maps, keep, None, dc_setting)
         refined = self._network(name, ksp_keep, maps, keep, net, dc_setting)
         e_plain = guard.heldout_line_errors(plain, maps, ksp, lines)
