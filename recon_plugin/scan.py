@@ -244,6 +244,7 @@ class Provenance:
     method: str = "unrolled"
     software_version: str = ""
     deep_learning: bool = True
+    measured_weight: float = 1.0  # measured samples blended into the output (recon/combine.py)
 
 
 @dataclass

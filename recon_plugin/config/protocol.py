@@ -75,6 +75,7 @@ from . import schema
 from .schema import (
     CalibrationSpec,
     GuardSpec,
+    ImageSpec,
     MatchRules,
     ModelSpec,
     PacsSpec,
@@ -111,6 +112,7 @@ class Protocol:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     coil_compression: int | None = None
     partial_fourier: str = "zero-fill"
+    image: ImageSpec = field(default_factory=ImageSpec)
     series: SeriesSpec = field(default_factory=SeriesSpec)
     dicom: DicomOptions = field(default_factory=DicomOptions)
     pacs: PacsSpec = field(default_factory=PacsSpec)
@@ -161,6 +163,7 @@ class Protocol:
             calibrate_cg_iters=tuple(self.calibration.cg_iters),
             calibrate_sparsity=tuple(Sparsity(*p) for p in self.calibration.sparsity),
             calibrate_slices=self.calibration.slices,
+            measured_weight=self.image.measured_weight,
         )
 
 
@@ -288,7 +291,8 @@ def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protoc
         name=spec.name, description=spec.description, match=spec.match, model=spec.model,
         espirit=spec.espirit, guard=spec.guard, refine=spec.refine,
         calibration=spec.calibration, coil_compression=spec.coil_compression,
-        partial_fourier=spec.partial_fourier, series=spec.series, dicom=spec.dicom,
+        partial_fourier=spec.partial_fourier, image=spec.image, series=spec.series,
+        dicom=spec.dicom,
         pacs=spec.pacs, adaptive=spec.adaptive.as_dict() if spec.adaptive else None,
         extends=spec.extends, source=source, chain=list(reversed(chain)),
     )

@@ -162,6 +162,15 @@ class CalibrationSpec(_Section):
     slices: Annotated[StrictInt, Field(ge=0, le=1000)] = 3
 
 
+class ImageSpec(_Section):
+    """What the series shows (``recon/combine.py``): the method's coil images with the measured
+    samples blended back in by ``measured_weight`` (1: kept exactly, the method fills only what
+    was not acquired; 0: its estimate alone, noise reduction at full strength), combined by
+    root-sum-of-squares."""
+
+    measured_weight: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 1.0
+
+
 class SeriesSpec(_Section):
     description: Annotated[StrictStr, Field(max_length=48)] = ""
     number_base: Annotated[StrictInt, Field(ge=0, le=2**31 - 1001)] = 1000
@@ -201,6 +210,7 @@ class ProtocolSpec(_Section):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     coil_compression: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
     partial_fourier: Literal[PARTIAL_FOURIER] = "zero-fill"  # type: ignore[valid-type]
+    image: ImageSpec = Field(default_factory=ImageSpec)
     series: SeriesSpec = Field(default_factory=SeriesSpec)
     dicom: DicomOptions = Field(default_factory=DicomOptions)
     pacs: PacsSpec = Field(default_factory=PacsSpec)

@@ -161,6 +161,7 @@ def provenance_text(series: ReconSeries) -> str:
         head, method,
         f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
         *(_model_words(p) if dl else []),
+        f"measured_samples_weight={p.measured_weight:g}",
         f"protocol={p.protocol or '-'}",
         f"software=recon_plugin {p.software_version or '-'}",
     ]

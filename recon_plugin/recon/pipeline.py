@@ -6,10 +6,12 @@ step the streaming server calls as soon as a slice is complete, so a slice strea
 the same slice read from a file give the same pixels.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
-maps, then the protocol's method (the unrolled network, or a classical one), magnitude, crop to
-the recon matrix. Where a slice's phase field of view wraps (ESPIRiT finds a second set of
-maps), two-map SENSE gives the second map's image and takes its part out of the data; the
-method reconstructs the first map's image from the rest, and the two are combined. The
+maps, then the protocol's method (the unrolled network, or a classical one); its coil images
+with the measured samples put back (``measured_weight``), combined by root-sum-of-squares as a
+fully sampled scan is (``combine.py``); crop to the recon matrix. Where a slice's phase field
+of view wraps (ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image
+and takes its part out of the data; the method reconstructs the first map's image from the
+rest, and both maps' coil images are combined. The
 network runs through ``network_slice``: the prior-weight calibration (decided on a scan's first
 slices), scan-specific refinement at that weight where asked (kept where the guard's lines
 confirm it), then the per-slice guard with its CG-SENSE fallback. Stage timings (seconds) are
@@ -54,6 +56,7 @@ from .calibrate import (
     network_image,
 )
 from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
+from .combine import measured_rss
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
@@ -88,6 +91,7 @@ class ReconSettings:
     calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
     calibrate_sparsity: tuple[Sparsity, ...] = SPARSITY_GRID  # anchored L1-wavelet solves tried
     calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
+    measured_weight: float = 1.0  # measured samples blended into the output (combine.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -99,6 +103,8 @@ class ReconSettings:
         if self.partial_fourier not in PARTIAL_FOURIER:
             raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
                              f"got {self.partial_fourier!r}")
+        if not 0.0 <= self.measured_weight <= 1.0:
+            raise ValueError(f"measured_weight must lie in [0, 1], got {self.measured_weight}")
 
     def override(self, **values) -> ReconSettings:
         """These settings with the given fields replaced; ``None`` values keep the protocol's
@@ -165,7 +171,8 @@ class Reconstructor:
     def provenance(self, settings: ReconSettings) -> Provenance:
         if settings.method != "unrolled":
             return Provenance(protocol=settings.protocol_name, method=settings.method,
-                              software_version=__version__, deep_learning=False)
+                              software_version=__version__, deep_learning=False,
+                              measured_weight=settings.measured_weight)
         _, card = self.model(settings.model)
         pr = card.get("pruning", {})
         return Provenance(
@@ -173,6 +180,7 @@ class Reconstructor:
             model_hash=card.get("sha256", ""), pruning_method=pr.get("method", "none"),
             pruning_ratio=float(pr.get("ratio", 0.0)), finetune=card.get("finetune", ""),
             protocol=settings.protocol_name, method="unrolled", software_version=__version__,
+            measured_weight=settings.measured_weight,
         )
 
     # ----------------------------------------------------------------- per slice
@@ -205,6 +213,7 @@ class Reconstructor:
                 method = "zero-filled"
             t["sensitivities"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+        measured = ksp  # the prepared measurement, before a wrap's second map is taken out
         folded = None  # the second map's image where the phase field of view wraps
         if method != "zero-filled" and maps2 is not None:
             # one set of maps cannot describe folded pixels (README, "Real scanner data": the
@@ -229,14 +238,17 @@ class Reconstructor:
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
-        if folded is not None:
-            img = classical.combine_maps(img, folded)
-        mag = np.abs(img).astype(np.float32)
+        t0 = time.perf_counter()
         rows = mask.any(axis=1)
-        if settings.partial_fourier == "homodyne" and is_partial_fourier(rows) \
-                and np.iscomplexobj(img):
-            mag = homodyne(img, rows)
+        if method == "zero-filled":
+            mag = np.abs(img).astype(np.float32)  # the RSS of the measured coil images already
+        elif settings.partial_fourier == "homodyne" and is_partial_fourier(rows):
+            mag = homodyne(img if folded is None else classical.combine_maps(img, folded), rows)
             notes.append("homodyne partial Fourier")
+        else:  # the coil images with the measured samples put back, combined as a full scan
+            coils = maps * img[None] if folded is None else maps * img[None] + maps2 * folded[None]
+            mag = measured_rss(coils, measured, mask, settings.measured_weight)
+        t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, header, notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes)
