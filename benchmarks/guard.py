@@ -8,7 +8,10 @@ product's default lambda, the image the guard falls back to), and of the network
 * the simulated held-out test slab of the template (4 contrasts, 12 coils, SNR 30);
 * the same test slab drawn from the built-in phantom instead of the template.
 
-"Network alone" is the shipped network without calibration or guard.
+"Network alone" is the shipped network without calibration or guard. All are estimates
+(``|x|``): the guard chooses between estimates, and the step that then puts the measured
+samples back (``recon/combine.py``), the same for either, is scored in ``bench real`` and
+``bench snr``.
 
 The target: no default-protocol slice more than 0.5 dB below its CG-SENSE.
 """
@@ -100,7 +103,9 @@ def _section(result: dict) -> str:
         "default protocol (calibrated, guarded network) and of the network alone (neither) "
         "minus that of the "
         "product's CG-SENSE (default lambda, the guard's fallback); least-squares scaled, "
-        f"data_range = slice target max. Target: no slice below -{TOLERANCE_DB} dB.",
+        "data_range = slice target max; all estimates (`|x|`, before the measured samples are "
+        "put back, a step the same for either method). "
+        f"Target: no slice below -{TOLERANCE_DB} dB.",
         "",
         "| set | slices | network kept | default - CG: worst / median (dB) | network alone - CG:"
         " worst / median (dB) | slices below -0.5 dB (default / alone) | calibration: default "

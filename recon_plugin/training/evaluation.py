@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..metrics import all_metrics
-from ..physics import SenseOperator, acs_bounds, cartesian_mask
+from ..physics import SenseOperator, acs_bounds, cartesian_mask, ifft2c, rss
 from ..recon.coils import EspiritParams, estimate_maps
 from ..sim import simulate_volume
 from ..sim.anatomy import CONTRASTS as _CONTRAST_SEQUENCES
@@ -27,8 +27,9 @@ class EvalSlice:
     kspace: np.ndarray  # (coils, ky, kx) undersampled
     mask: np.ndarray  # (ky, kx)
     acs: tuple[int, int]
-    target: np.ndarray  # (ky, kx)
+    target: np.ndarray  # (ky, kx) the noise-free object's RSS
     maps: np.ndarray | None = None
+    reference: np.ndarray | None = None  # (ky, kx) RSS of the fully sampled noisy coil images
 
 
 def make_volumes(split: str, acc: int, n_slices: int, seed: int, coils: int = 12,
@@ -50,7 +51,8 @@ def make_volumes(split: str, acc: int, n_slices: int, seed: int, coils: int = 12
             acs = acs_bounds(matrix[0], int(round(matrix[0] * CENTER_FRACTION[acc])))
             mask = np.broadcast_to(m1[:, None], matrix).astype(np.float32)
             ksp = (s.kspace * mask[None]).astype(np.complex64)
-            out.append(EvalSlice(ksp, mask, acs, s.target, estimate_maps(ksp, acs, EspiritParams())))
+            out.append(EvalSlice(ksp, mask, acs, s.target, estimate_maps(ksp, acs, EspiritParams()),
+                                 rss(ifft2c(s.kspace)).astype(np.float32)))
         vols.append(out)
     return vols
 
