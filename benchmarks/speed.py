@@ -201,7 +201,7 @@ def speed_section(result: dict, protocol: str) -> str:
         sp = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(f"| {r['model']} | {r['seconds']:.3f} | {sp} |")
     stages = ["read", "preprocess", "sensitivities", "calibrate", "refine", "guard", "network",
-              "classical", "output"]
+              "classical", "combine", "output"]
     lines += [
         "", f"### End to end: {n}-slice 16-coil fastMRI-brain-size file (640x320 oversampled "
         f"readout -> 320x320), 4x, protocol `{protocol}`", "",

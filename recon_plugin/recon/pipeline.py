@@ -231,10 +231,6 @@ class Reconstructor:
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             img, method = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
                                              sl.slice_index, notes, t, calibration)
-        elif folded is not None:
-            img = classical.cg_sense(ksp, maps, mask, settings.lamda)
-            method = "cg-sense"
-            t["classical"] += time.perf_counter() - t0
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
@@ -263,7 +259,7 @@ class Reconstructor:
         t0 = time.perf_counter()
         rest, x2 = unfold(ksp, maps, maps2, mask, settings.lamda)
         t["classical"] += time.perf_counter() - t0
-        how = "the network" if method == "unrolled" else "CG-SENSE"
+        how = "the network" if method == "unrolled" else method
         msg = (f"FIELD OF VIEW WRAP: ESPIRiT found a second set of coil maps over "
                f"{100 * wrapped:.0f} % of the image (phase field of view smaller than the "
                f"object); two-map SENSE for the second map's image, {how} for the first")
