@@ -183,7 +183,9 @@ def _section(result: dict) -> str:
         "so `adapt`, as `recon`, first takes the second ESPIRiT map's part out of its data "
         "(two-map SENSE). Mode "
         f"{mode}, {steps} steps, lr "
-        f"{result['lr']:g}, default protocol (calibration and guard in the `+ guard` rows). "
+        f"{result['lr']:g}, default protocol (calibration and guard, the image as `recon` "
+        "writes it with the measured samples kept, in the `+ guard` rows; the other rows are "
+        "estimates). "
         "Scores: "
         "fully sampled brain, least-squares scaled PSNR / SSIM; CG-SENSE and BART at their "
         "oracle lambda (tuned on the scored case).",
