@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 
 from recon_plugin.cli import main
@@ -110,3 +111,25 @@ def test_default_protocol_calibrates_and_says_so(raw_dir, tmp_path):
     assert main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(tmp_path / "n"),
                  "--protocol", "default", "--no-calibrate"]) == 0
     assert not any("prior weight" in c for c in comments(tmp_path / "n"))
+
+
+def test_measured_weight_override_reaches_the_image_and_its_provenance(raw_dir, tmp_path):
+    """--measured-weight 0 writes the method's estimate alone and says so in
+    DerivationDescription; out of [0, 1] it is a usage error (exit 2)."""
+    import pydicom
+
+    def read(out):
+        return [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
+
+    args = ["-q", "recon", str(raw_dir / "good.h5"), "--method", "cg-sense"]
+    assert main([*args, "--out", str(tmp_path / "k")]) == 0
+    assert main([*args, "--out", str(tmp_path / "e"), "--measured-weight", "0"]) == 0
+    kept, est = read(tmp_path / "k"), read(tmp_path / "e")
+    assert "measured_samples_weight=1" in str(kept[0].DerivationDescription)
+    assert "measured_samples_weight=0" in str(est[0].DerivationDescription)
+    a = kept[0].pixel_array.astype(float)
+    b = est[0].pixel_array.astype(float)
+    assert np.abs(a / a.max() - b / b.max()).max() > 0.01  # a different image, not a relabel
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "x"), "--measured-weight", "1.5"])
+    assert e.value.code == 2

@@ -58,6 +58,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _unit_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from e
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
+    return v
+
+
 def _cluster(text: str) -> str:
     """``--cluster``: ``tcp://HOST:PORT`` or ``local:N`` (checked here; imports no dask)."""
     import re
@@ -139,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
+    s.add_argument("--measured-weight", type=_unit_float, default=None, metavar="W",
+                   help="measured samples put back into the written image, 0..1 (1: every "
+                   "measured sample kept; 0: the method's estimate alone, full noise "
+                   "reduction; default: the protocol's image.measured_weight)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
     s.add_argument("--workers", type=_positive_int, default=1,
