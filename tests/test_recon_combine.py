@@ -107,3 +107,26 @@ def test_the_pipeline_writes_the_measured_samples_back(tmp_path):
     assert kept.provenance.measured_weight == 1.0 and alone.provenance.measured_weight == 0.0
     assert "measured_samples_weight=0" in provenance_text(alone)
     assert "measured_samples_weight=1" in provenance_text(kept)
+
+
+@pytest.mark.slow
+def test_on_the_real_brain_the_written_image_beats_the_estimate_alone():
+    """Real 8-coil brain at 4x (validation data, never trained on), against the RSS of its fully
+    sampled coil images: the default protocol's image with the measured samples kept scores
+    higher than its estimate alone in PSNR and SSIM (measured +2.3 dB, SSIM 0.68 -> 0.89), and
+    higher than CG-SENSE written the same way."""
+    from benchmarks.real import find_real_dir, kept_samples, real_cases, scaled_metrics
+    from recon_plugin.recon import classical
+
+    real = find_real_dir()
+    if real is None:
+        pytest.skip("needs ../shared/data/real (real scanner data)")
+    c = real_cases(real, accs=(4,))["espirit_brain8ch_full"][0]
+    settings = load_protocol("default").recon_settings()
+    x, _ = Reconstructor().network_slice(settings.model, c.kspace, c.maps, c.mask, c.acs,
+                                         settings)
+    kept = scaled_metrics(c.target, measured_rss(c.maps * x[None], c.kspace, c.mask, 1.0))
+    alone = scaled_metrics(c.target, measured_rss(c.maps * x[None], c.kspace, c.mask, 0.0))
+    cg = scaled_metrics(c.target, kept_samples(c, classical.cg_sense(c.kspace, c.maps, c.mask)))
+    assert kept["psnr"] > alone["psnr"] + 1.0 and kept["ssim"] > alone["ssim"] + 0.1
+    assert kept["psnr"] > cg["psnr"] + 1.0 and kept["ssim"] > cg["ssim"]
