@@ -110,3 +110,13 @@ def test_options_parsing():
             stream_options.StreamOptions().set_config(bad)
     with pytest.raises(ValueError):
         stream_options.StreamOptions().update({"method": "magic"})
+    # the written image's measured-sample weight: JSON number or XML text, checked
+    o = stream_options.StreamOptions()
+    o.update({"parameters": {"measured_weight": 0}})
+    assert o.measured_weight == 0.0
+    o.update(stream_options.parse_config_text(
+        '<configuration><property name="measured_weight" value="0.5"/></configuration>'))
+    assert o.measured_weight == 0.5
+    for bad in (1.5, "high", True):
+        with pytest.raises(ValueError, match="measured_weight"):
+            stream_options.StreamOptions().update({"measured_weight": bad})

@@ -99,7 +99,8 @@ class StreamEngine:
         """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides."""
         protocol = select_protocol(header, options.protocol or self.default_protocol,
                                    self.protocol_dirs or None)
-        settings = protocol.recon_settings().override(method=options.method, model=options.model)
+        settings = protocol.recon_settings().override(method=options.method, model=options.model,
+                                                      measured_weight=options.measured_weight)
         return protocol, settings
 
     def images(self, acquisitions: Iterable[ismrmrd.Acquisition], header_xml: str | bytes,

@@ -64,6 +64,7 @@ class StreamOptions:
     protocol: str | None = None  # protocol name (or a path, from trusted callers only)
     method: str | None = None  # override of the protocol's method
     model: str | None = None  # override of the protocol's model (a name)
+    measured_weight: float | None = None  # override of the protocol's image.measured_weight
     image_dtype: str = "float"
 
     def set_config(self, name: str) -> None:
@@ -91,14 +92,29 @@ class StreamOptions:
             self.method = str(flat["method"])
         if flat.get("model"):
             self.model = _checked_name(str(flat["model"]), "model")
+        if flat.get("measured_weight") not in (None, ""):
+            self.measured_weight = _unit_number(flat["measured_weight"], "measured_weight")
         if flat.get("image_dtype"):
             if flat["image_dtype"] not in IMAGE_DTYPES:
                 raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}")
             self.image_dtype = str(flat["image_dtype"])
         ignored = set(flat) - {"config", "customconfig", "protocol", "method", "model",
-                               "image_dtype"}
+                               "measured_weight", "image_dtype"}
         if ignored:
             log.debug("ignoring stream parameters %s", sorted(ignored))
+
+
+def _unit_number(value: Any, what: str) -> float:
+    """A number in [0, 1] from JSON or XML text (``bool`` is not a number here)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {str(value)[:40]!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{what} must lie in [0, 1], got {v:g}")
+    return v
 
 
 def _checked_name(value: str, what: str) -> str:
