@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..adaptation import MODES as ADAPT_MODES
 from ..output import FORMATS
-from ..recon import METHODS
+from ..recon import METHODS, measured_weight
 from ..sim.anatomy import CONTRASTS
 from .commands import (
     EXIT_USAGE,
@@ -58,14 +58,11 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _unit_float(text: str) -> float:
+def _measured_weight(text: str) -> float:
     try:
-        v = float(text)
+        return measured_weight(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from e
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
-    return v
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cluster(text: str) -> str:
@@ -149,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
-    s.add_argument("--measured-weight", type=_unit_float, default=None, metavar="W",
+    s.add_argument("--measured-weight", type=_measured_weight, default=None, metavar="W",
                    help="measured samples put back into the written image, 0..1 (1: every "
                    "measured sample kept; 0: the method's estimate alone, full noise "
                    "reduction; default: the protocol's image.measured_weight)")

@@ -9,3 +9,18 @@ CLASSICAL_METHODS = ("zero-filled", "cg-sense", "l1-wavelet")  # classical.py di
 METHODS = ("unrolled", *CLASSICAL_METHODS)  # reconstruction methods
 FALLBACKS = ("zero-filled", "error")  # when coil maps cannot be estimated
 PARTIAL_FOURIER = ("zero-fill", "homodyne")
+
+
+def measured_weight(value) -> float:
+    """The written image's measured-sample weight (``combine.py``) from a number or its text:
+    a float in [0, 1]; ValueError naming the problem otherwise (``bool`` is not a number)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"measured_weight must be a number in [0, 1], got {str(value)[:40]!r}"
+                         ) from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"measured_weight must lie in [0, 1], got {v:g}")
+    return v

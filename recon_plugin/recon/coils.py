@@ -252,7 +252,7 @@ def estimate_maps_and_wrap(
     k, a, q = _calibration(kspace, acs, p, calib)
     if (not q.wrap or not q.fast or k.shape[0] < WRAP_MIN_COILS or q.kernel_width < width
             or a is None):
-        return (espirit_fast if q.fast else espirit_sigpy)(k, a, q), None, 0.0
+        return _espirit(k, a, q), None, 0.0
     aha = _coarse_operator(k, a, q)  # (gy, gx, c, c)
     v, lam = _top_eigenpairs(aha, floor=0.5 * q.crop)
     maps = _to_maps(v, lam, k.shape[1:], q.crop)
@@ -279,6 +279,9 @@ def estimate_maps(
     ``calib`` (coils, rows, kx), a separately acquired fully sampled calibration block centred
     like ``kspace``, is used instead of the ACS rows when given. All-zero coils raise.
     """
-    kspace, acs, p = _calibration(kspace, acs, params or EspiritParams(), calib)
-    fn = espirit_fast if p.fast else espirit_sigpy
-    return fn(kspace, acs, p)
+    return _espirit(*_calibration(kspace, acs, params or EspiritParams(), calib))
+
+
+def _espirit(kspace: np.ndarray, acs: tuple[int, int] | None, p: EspiritParams) -> np.ndarray:
+    """The one set of maps of the path ``p.fast`` selects."""
+    return (espirit_fast if p.fast else espirit_sigpy)(kspace, acs, p)

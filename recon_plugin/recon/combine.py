@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..physics import fft2c, ifft2c, rss
+from . import measured_weight
 
 
 def measured_rss(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
@@ -28,8 +29,7 @@ def measured_rss(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
     ``kspace`` (coils, ky, kx), zero where not sampled, blended in where ``mask`` (ky, kx) is 1:
     ``RSS(coil_images + weight * ifft2c(mask * (kspace - fft2c(coil_images))))``.
     ``weight`` in [0, 1]; centred orthonormal FFTs (``physics.fft``)."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"measured_weight must lie in [0, 1], got {weight}")
+    weight = measured_weight(weight)
     if coil_images.shape != kspace.shape or kspace.shape[-2:] != mask.shape:
         raise ValueError(f"coil images {coil_images.shape}, k-space {kspace.shape} and mask "
                          f"{mask.shape} must agree as (coils, ky, kx) and (ky, kx)")

@@ -44,7 +44,7 @@ from ..scan import (
     SliceData,
     series_by_contrast,
 )
-from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard
+from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard, measured_weight
 from .calibrate import (
     CG_ITERS_GRID,
     PRIOR_WEIGHT_GRID,
@@ -103,8 +103,7 @@ class ReconSettings:
         if self.partial_fourier not in PARTIAL_FOURIER:
             raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
                              f"got {self.partial_fourier!r}")
-        if not 0.0 <= self.measured_weight <= 1.0:
-            raise ValueError(f"measured_weight must lie in [0, 1], got {self.measured_weight}")
+        self.measured_weight = measured_weight(self.measured_weight)
 
     def override(self, **values) -> ReconSettings:
         """These settings with the given fields replaced; ``None`` values keep the protocol's

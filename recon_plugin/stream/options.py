@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..recon import METHODS
+from ..recon import METHODS, measured_weight
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class StreamOptions:
         if flat.get("model"):
             self.model = _checked_name(str(flat["model"]), "model")
         if flat.get("measured_weight") not in (None, ""):
-            self.measured_weight = _unit_number(flat["measured_weight"], "measured_weight")
+            self.measured_weight = measured_weight(flat["measured_weight"])
         if flat.get("image_dtype"):
             if flat["image_dtype"] not in IMAGE_DTYPES:
                 raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}")
@@ -102,19 +102,6 @@ class StreamOptions:
                                "measured_weight", "image_dtype"}
         if ignored:
             log.debug("ignoring stream parameters %s", sorted(ignored))
-
-
-def _unit_number(value: Any, what: str) -> float:
-    """A number in [0, 1] from JSON or XML text (``bool`` is not a number here)."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number in [0, 1], got {str(value)[:40]!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{what} must lie in [0, 1], got {v:g}")
-    return v
 
 
 def _checked_name(value: str, what: str) -> str:
