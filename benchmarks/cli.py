@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
-        "adapt-real", "guard", "snr", "cluster")
+        "adapt-real", "guard", "snr", "independent", "cluster")
 
 
 def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
@@ -107,6 +107,11 @@ def run(a: argparse.Namespace) -> int:
         from .snr import run as run_snr
 
         run_snr(docs, n_slices=1 if a.quick else 2)
+    elif a.what == "independent":
+        from .independent import run as run_independent
+        from .real import find_real_dir
+
+        run_independent(docs, a.real_dir or find_real_dir())
     elif a.what == "cluster":
         from .cluster import run_cluster_bench
 

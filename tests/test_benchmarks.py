@@ -199,3 +199,32 @@ def test_region_metrics_split_the_error_between_object_and_background():
     bg = ~inside
     expected = 10 * np.log10(target.max() ** 2 / (target[bg] ** 2).mean())
     assert abs(r["psnr_background"] - expected) < 0.1
+
+
+def test_independent_simulation_has_the_stated_noise_and_references():
+    """``bench independent``: the k-space noise has the stated sigma (mean noise-free RSS over
+    the object / SNR, measured on the sampled lines), the case's
+    reference is the noisy fully sampled RSS, only the mask's lines are kept, and each birdcage
+    coil sees its side of the object (magnitude varying across the image)."""
+    import numpy as np
+
+    from benchmarks.independent import OBJECT_LEVEL, birdcage, shepp_logan, simulate
+    from recon_plugin.physics import fft2c, rss
+
+    obj = shepp_logan((128, 128))
+    maps = birdcage(obj.shape, coils=8)
+    mag = np.abs(maps)
+    assert maps.shape == (8, 128, 128) and (mag.max((1, 2)) > 3 * mag.min((1, 2))).all()
+    case, clean = simulate(obj, maps, snr=20.0, acc=4, seed=3, name="t")
+    np.testing.assert_allclose(clean, rss(maps * obj[None]), rtol=1e-5)
+    sigma = clean[clean > OBJECT_LEVEL * clean.max()].mean() / 20.0
+    sampled = case.mask.any(axis=1)
+    assert 0.2 < sampled.mean() < 0.4 and not case.kspace[:, ~sampled].any()
+    # noise = data - noise-free k-space on the sampled lines
+    noise = (case.kspace - fft2c(maps * obj[None]) * case.mask[None])[:, sampled]
+    assert np.sqrt(np.mean(np.abs(noise) ** 2)) == pytest.approx(sigma, rel=0.03)
+    # the reference is noisy: it differs from the noise-free RSS by about the noise level (up
+    # to the RSS of 8 coils' noise in the background, sigma sqrt(8))
+    err = np.sqrt(np.mean((case.target - clean) ** 2))
+    assert 0.5 * sigma < err < np.sqrt(8) * sigma
+    assert case.maps is not None and case.maps.shape == maps.shape

@@ -62,8 +62,7 @@ def test_more_cg_iterations_converge_the_data_consistency(case, base):
     assert np.linalg.norm(image(16) - ref) < 0.5 * np.linalg.norm(image(base.cg_iters) - ref)
     with pytest.raises(ValueError, match="cg_iters must be >= 1"):
         image(0)
-    assert calibrate.candidates((0.25, 1.0), (8,)) == [
-        calibrate.DcSetting(0.25), calibrate.TRAINED, calibrate.DcSetting(1.0, 8)]
+    assert calibrate.candidates((0.25, 1.0)) == [calibrate.DcSetting(0.25), calibrate.TRAINED]
 
 
 def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
@@ -78,7 +77,8 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
         strong.step += float(np.log(16.0))
     cal = calibrate.calibrate_slice(strong, ksp, maps, mask, acs, seed=1)
     assert cal is not None
-    assert set(cal.errors) == {*calibrate.candidates(), NONE, *calibrate.SPARSITY_GRID}
+    assert set(cal.errors) == {*calibrate.candidates(), NONE, *calibrate.SPARSITY_GRID,
+                               *map(calibrate.MoreIterations, calibrate.CG_ITERS_GRID)}
     dc = dataclasses.replace(cal.setting, sparsity=NONE)  # the data-consistency stages' choice
     assert cal.weight < 1 and cal.errors[dc] < cal.errors[calibrate.TRAINED]
     assert cal.heldout_lines >= 3 and "prior weight x" in cal.describe()
@@ -122,12 +122,14 @@ def test_choose_needs_a_clear_improvement():
     rng = np.random.default_rng(0)
     e1 = rng.uniform(1, 2, 40)
     one, quarter, converged = (calibrate.TRAINED, calibrate.DcSetting(0.25),
-                               calibrate.DcSetting(1.0, 8))
+                               calibrate.MoreIterations(8))
     better = {one: e1, quarter: e1 * 0.8, calibrate.DcSetting(0.0625): e1 * 0.9,
               converged: e1 * 0.85}
     assert calibrate.choose(better) == quarter  # the largest clear improvement
-    assert calibrate.choose({one: e1, quarter: e1 * 0.9, converged: e1 * 0.7}) == converged
-    # more iterations replace the chosen weight only where they improve on it significantly
+    # more iterations at the chosen weight, where they improve on it significantly
+    assert calibrate.choose({one: e1, quarter: e1 * 0.9, converged: e1 * 0.7}) == \
+        calibrate.DcSetting(0.25, 8)
+    # ... and only there
     tie = rng.normal(0, 0.05, 40)
     assert calibrate.choose({one: e1, quarter: e1 * 0.8,
                              converged: e1 * 0.8 + tie - tie.mean() - 0.001}) == quarter
@@ -237,7 +239,7 @@ def test_evidence_and_image_carry_the_l1_stage(case, base):
     grid = (Sparsity(0.003, 0.3),)
     ev = calibrate.heldout_evidence(base, ksp, maps, mask, acs, cg_iters=(), sparsity=grid)
     own = calibrate.choose({c: e for c, e in ev.items() if isinstance(c, calibrate.DcSetting)})
-    assert set(ev) == set(calibrate.candidates(cg_iters=())) | {NONE, *grid}
+    assert set(ev) == set(calibrate.candidates()) | {NONE, *grid}
     assert np.array_equal(ev[NONE], ev[own])
     none = calibrate.heldout_evidence(base, ksp, maps, mask, acs, cg_iters=(), sparsity=())
     assert NONE not in none

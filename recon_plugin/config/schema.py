@@ -138,15 +138,15 @@ class RefineSpec(_Section):
 
 class CalibrationSpec(_Section):
     """Calibration of the data consistency (``recon/calibrate.py``): of the network's learned
-    data-consistency weights scaled by each grid value, and of the trained weight with each of
-    ``cg_iters`` conjugate-gradient iterations, the setting whose reconstruction best predicts
+    data-consistency weights scaled by each grid value, and of the weight chosen among them with
+    each of ``cg_iters`` conjugate-gradient iterations, the setting whose reconstruction best predicts
     held-out acquired lines; scan-specific refinement trains with the chosen setting."""
 
     enabled: StrictBool = False
     grid: Annotated[list[Annotated[float, Field(strict=True, gt=0.0, le=1000.0)]],
                     Field(min_length=1, max_length=16)] = Field(
         default_factory=lambda: list(PRIOR_WEIGHT_GRID))
-    # conjugate-gradient iterations per data-consistency solve also tried at the trained weight
+    # conjugate-gradient iterations per data-consistency solve also tried at the chosen weight
     # (more than the trained 4 converge the solve at high SNR); [] tries the trained count only
     cg_iters: Annotated[list[Annotated[StrictInt, Field(ge=1, le=64)]],
                         Field(max_length=4)] = Field(default_factory=lambda: list(CG_ITERS_GRID))

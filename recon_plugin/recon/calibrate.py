@@ -7,21 +7,21 @@ hold out a few acquired lines, reconstruct without them with each candidate data
 setting, and score each image by how well it predicts the held-out lines
 (``guard.heldout_line_errors``). The candidates (:class:`DcSetting`) are the prior weights of a
 short grid (multiples of the trained ``mu``) at the trained number of conjugate-gradient
-iterations, and the trained weight with more iterations: at high SNR ``mu`` is small, the
-data-consistency solve is ill-conditioned, and the trained 4 iterations leave it unconverged
-(docs/BENCHMARKS.md, "SNR sweep"). Last, the anchored L1-wavelet solve of ``sparse.py`` on the
-chosen image, with the (L1, anchor) pairs of ``SPARSITY_GRID``: where the object is sparse in
-wavelets (piecewise-constant regions, flat tissue under noise) it removes what the network
-leaves (docs/BENCHMARKS.md, "Real scanner data"). Each slice's solves start from its own choice
-of the earlier stages. A setting other than the trained one (or the image as it is) is taken
-only where its improvement, paired line by line, exceeds ``SIGNIFICANCE_Z`` standard errors
-(:func:`choose`: the weights against the trained setting first, then more iterations against
-that choice, then the gentle L1-wavelet solves against the image they start from, then the
-stronger ones against that choice): a few lines are a
-noisy judge, and a wrong pick costs more than a missed one. A few forward passes and L1 solves
-per calibrated slice; no training. A scan's first few slices decide one setting
-for all its slices (:class:`ScanCalibration`), so the cost is paid once per scan, not per
-slice.
+iterations, then the weight chosen among them with more iterations (:class:`MoreIterations`):
+at high SNR ``mu`` is small, the data-consistency solve is ill-conditioned, and the trained 4
+iterations leave it unconverged (docs/BENCHMARKS.md, "SNR sweep", "Independent simulation").
+Last, the anchored L1-wavelet solve of ``sparse.py`` on the chosen image, with the (L1, anchor)
+pairs of ``SPARSITY_GRID``: where the object is sparse in wavelets (piecewise-constant regions,
+flat tissue under noise) it removes what the network leaves (docs/BENCHMARKS.md, "Real scanner
+data"). Each slice's solves start from its own choice of the earlier stages. A setting other
+than the trained one (or the image as it is) is taken only where its improvement, paired line
+by line, exceeds ``SIGNIFICANCE_Z`` standard errors (:func:`choose`: the weights against the
+trained setting first, then more iterations at that weight against it, then the gentle
+L1-wavelet solves against the image they start from, then the stronger ones against that
+choice): a few lines are a noisy judge, and a wrong pick costs more than a missed one. A few
+forward passes and L1 solves per calibrated slice; no training. A scan's first few slices
+decide one setting for all its slices (:class:`ScanCalibration`), so the cost is paid once per
+scan, not per slice.
 
 The lines are drawn from the acquired lines that the guard does not hold out (the pipeline
 removes the guard's lines first), so the guard then judges the calibrated network on lines
@@ -45,8 +45,8 @@ from .sparse import NONE, Sparsity, anchored_l1_wavelet
 
 # multiples of the trained prior weight; the trained one (1) is always a candidate
 PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
-# conjugate-gradient iterations per data-consistency solve tried at the trained weight, besides
-# the trained count
+# conjugate-gradient iterations per data-consistency solve tried at the weight chosen from the grid,
+# besides the trained count
 CG_ITERS_GRID = (8, 16)
 # a setting replaces the trained one when its mean per-line improvement exceeds this many
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
@@ -84,13 +84,23 @@ class DcSetting:
 TRAINED = DcSetting()
 
 
-def candidates(grid: tuple[float, ...] = PRIOR_WEIGHT_GRID,
-               cg_iters: tuple[int, ...] = CG_ITERS_GRID) -> list[DcSetting]:
-    """The trained setting, every weight of ``grid`` at the trained iterations, and the trained
-    weight at every count of ``cg_iters``."""
-    out = {TRAINED} | {DcSetting(float(w)) for w in grid}
-    out |= {DcSetting(1.0, int(n)) for n in cg_iters}
-    return sorted(out, key=DcSetting.sort_key)
+@dataclass(frozen=True)
+class MoreIterations:
+    """Evidence key of the second stage: the prior weight chosen in the first stage, with
+    ``cg_iters`` conjugate-gradient iterations per solve. Each slice's images are made at its
+    own first-stage choice; where a scan's slices pool their evidence, the pooled choice of
+    weight then takes the pooled verdict on the iterations."""
+
+    cg_iters: int
+
+    def __str__(self) -> str:
+        return f"chosen weight ({self.cg_iters} CG iterations)"
+
+
+def candidates(grid: tuple[float, ...] = PRIOR_WEIGHT_GRID) -> list[DcSetting]:
+    """The first stage: the trained setting and every weight of ``grid``, at the trained
+    number of iterations."""
+    return sorted({TRAINED} | {DcSetting(float(w)) for w in grid}, key=DcSetting.sort_key)
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class Calibration:
     evidence there was."""
 
     setting: DcSetting
-    errors: dict[DcSetting | Sparsity, float]
+    errors: dict[DcSetting | MoreIterations | Sparsity, float]
     heldout_lines: int
     slices: int = 1
 
@@ -114,7 +124,8 @@ class Calibration:
         out = (f"prior weight {self.setting} chosen on {where} {self.heldout_lines} held-out "
                "lines (errors relative to the trained x1: " + ", ".join(
                    f"{c} {self.errors[c] / ref:.3f}"
-                   for c in sorted(_settings(self.errors), key=DcSetting.sort_key)))
+                   for c in [*sorted(_settings(self.errors), key=DcSetting.sort_key),
+                             *_iterations(self.errors)]))
         sparse = _sparsities(self.errors)
         if len(sparse) > 1:
             ref = max(self.errors[NONE], 1e-30)
@@ -125,6 +136,11 @@ class Calibration:
 
 def _settings(evidence) -> list[DcSetting]:
     return [c for c in evidence if isinstance(c, DcSetting)]
+
+
+def _iterations(evidence) -> list[MoreIterations]:
+    return sorted((c for c in evidence if isinstance(c, MoreIterations)),
+                  key=lambda c: c.cg_iters)
 
 
 def _sparsities(evidence) -> list[Sparsity]:
@@ -144,26 +160,26 @@ def _largest_gain(evidence: dict, reference, options) -> object:
     return best
 
 
-def choose(evidence: dict[DcSetting | Sparsity, np.ndarray]) -> DcSetting:
+def choose(evidence: dict[DcSetting | MoreIterations | Sparsity, np.ndarray]) -> DcSetting:
     """The setting the held-out lines support, in three stages. First the prior weights at the
     trained iterations: the one with the largest significant improvement over the trained
-    setting, else the trained one. Then each candidate with other iterations, in increasing
-    order, replaces that choice only where it improves significantly on it: on the real brain
-    the early-stopped solve at a lower weight is the better regularisation, and a near tie must
-    not hand it to a converged solve (docs/BENCHMARKS.md, "SNR sweep"). Last, where
-    ``evidence`` holds :class:`~recon_plugin.recon.sparse.Sparsity` keys (the anchored
-    L1-wavelet solves on the network's image, ``NONE`` the image itself), again in two
-    stages: the gentle solves (anchor >= ``GENTLE_ANCHOR``) with the largest significant
-    improvement over ``NONE``, then a stronger one only with a significant improvement over
-    that choice. The held-out lines cannot see the noise a strong solve brings back into an
-    empty background, so it must clearly beat the gentle one.
+    setting, else the trained one. Then each :class:`MoreIterations` candidate (that weight
+    with more iterations), in increasing order, replaces that choice only where it improves
+    significantly on it: on the real brain the early-stopped solve at a lower weight is the
+    better regularisation, and a near tie must not hand it to a converged solve
+    (docs/BENCHMARKS.md, "SNR sweep"). Last, where ``evidence`` holds
+    :class:`~recon_plugin.recon.sparse.Sparsity` keys (the anchored L1-wavelet solves on the
+    network's image, ``NONE`` the image itself), again in two stages: the gentle solves
+    (anchor >= ``GENTLE_ANCHOR``) with the largest significant improvement over ``NONE``, then
+    a stronger one only with a significant improvement over that choice. The held-out lines
+    cannot see the noise a strong solve brings back into an empty background, so it must
+    clearly beat the gentle one.
     ``evidence``: candidate -> per-line errors (n_lines,), the same lines for every candidate."""
-    settings = _settings(evidence)
-    best = _largest_gain(evidence, TRAINED,
-                         [c for c in settings if c.cg_iters is None and c != TRAINED])
-    for c in sorted((c for c in settings if c.cg_iters is not None), key=DcSetting.sort_key):
-        if significant_gain(evidence[best], evidence[c], SIGNIFICANCE_Z) > 0:
-            best = c
+    best = _largest_gain(evidence, TRAINED, [c for c in _settings(evidence) if c != TRAINED])
+    key: DcSetting | MoreIterations = best
+    for c in _iterations(evidence):
+        if significant_gain(evidence[key], evidence[c], SIGNIFICANCE_Z) > 0:
+            key, best = c, replace(best, cg_iters=c.cg_iters)
     if NONE in evidence:
         sparse = [c for c in _sparsities(evidence) if c.active]
         l1 = _largest_gain(evidence, NONE, [c for c in sparse if c.anchor >= GENTLE_ANCHOR])
@@ -179,7 +195,7 @@ class ScanCalibration:
     them. ``slices`` <= 0: every slice is calibrated on its own."""
 
     slices: int = 3
-    _evidence: dict[str, dict[DcSetting | Sparsity, list[np.ndarray]]] = field(
+    _evidence: dict[str, dict[DcSetting | MoreIterations | Sparsity, list[np.ndarray]]] = field(
         default_factory=dict)
     _result: dict[str, Calibration] = field(default_factory=dict)
 
@@ -188,7 +204,8 @@ class ScanCalibration:
         r = self._result.get(name)
         return r if r is not None and 0 < self.slices <= r.slices else None
 
-    def add(self, name: str, evidence: dict[DcSetting | Sparsity, np.ndarray]) -> Calibration:
+    def add(self, name: str, evidence: dict[DcSetting | MoreIterations | Sparsity, np.ndarray],
+            ) -> Calibration:
         """Pool one slice's evidence (each slice's errors relative to its own mean error with the
         trained setting, so every slice counts alike; the anchored L1-wavelet solves' relative
         to the slice's network image they start from) and decide again."""
@@ -227,9 +244,10 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
                      seed: int = 0, device: str | torch.device = "cpu",
                      cg_iters: tuple[int, ...] = CG_ITERS_GRID,
                      sparsity: tuple[Sparsity, ...] = SPARSITY_GRID,
-                     ) -> dict[DcSetting | Sparsity, np.ndarray] | None:
+                     ) -> dict[DcSetting | MoreIterations | Sparsity, np.ndarray] | None:
     """Candidate -> per-line errors (n_lines,) of the network reconstructed without a few
-    held-out lines: for every one of :func:`candidates`, and (``sparsity`` not empty) for
+    held-out lines: for every one of :func:`candidates`, for the weight chosen among them with
+    every count of ``cg_iters`` (:class:`MoreIterations`), and (``sparsity`` not empty) for
     ``NONE`` (the image of this slice's own choice among them) and every anchored L1-wavelet
     solve of ``sparsity`` on that image. None when the model has no prior weight (gradient
     data consistency) or too few lines can be held out."""
@@ -240,12 +258,16 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
         return None
     keep = without_lines(mask, lines)
     ksp = kspace * keep[None]
-    images = {c: network_image(model, ksp, maps, keep, c, device)
-              for c in candidates(grid, cg_iters)}
+    images: dict = {c: network_image(model, ksp, maps, keep, c, device) for c in candidates(grid)}
+    weight = choose({c: heldout_line_errors(x, maps, kspace, lines) for c, x in images.items()})
+    for n in cg_iters:
+        images[MoreIterations(int(n))] = network_image(
+            model, ksp, maps, keep, replace(weight, cg_iters=int(n)), device)
     out: dict = {c: heldout_line_errors(x, maps, kspace, lines) for c, x in images.items()}
     if sparsity:
         own = choose(out)
-        anchor, out[NONE] = images[own], out[own]
+        key = own if own.cg_iters is None else MoreIterations(own.cg_iters)
+        anchor, out[NONE] = images[key], out[key]
         for sp in sparsity:
             x = anchored_l1_wavelet(ksp, maps, keep, anchor, sp, device=str(device))
             out[sp] = heldout_line_errors(x, maps, kspace, lines)
