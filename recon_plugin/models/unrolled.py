@@ -91,8 +91,9 @@ def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
     rhs, x0: complex (batch, ky, kx); mu: scalar tensor > 0; ``normal`` is Hermitian PSD.
     Differentiable (unrolled), so gradients flow into ``mu``, ``rhs`` and ``x0``.
     """
-    def dot(a, b):
-        return (a.conj() * b).real.flatten(1).sum(1).view(-1, 1, 1)
+    def dot(a, b):  # Re <a, b> per batch item: the real dot product of the (re, im) views
+        return torch.linalg.vecdot(torch.view_as_real(a).flatten(1),
+                                   torch.view_as_real(b).flatten(1)).view(-1, 1, 1)
 
     x = x0
     r = rhs - (normal(x) + mu * x)

@@ -184,10 +184,16 @@ class SenseOperator:
         conjugate) for ``normal``; made once per operator (and shared by ``with_mask``)."""
         if self._maps_t is None:
             cols = torch.nonzero(self._maps_energy().sum((0, 1)) > 0).flatten()
+            # transpose the whole stack first (a contiguous copy is cheap), then take the
+            # columns as rows: one run of columns (the usual support of an object) is a view
+            maps_t = self.maps.transpose(-1, -2).contiguous()  # (batch, coils, x, ky)
             if cols.numel() == self.maps.shape[-1]:
                 cols = None  # full support: no gather / scatter
-            maps_t = self.maps if cols is None else self.maps.index_select(-1, cols)
-            maps_t = column_virtual_maps(maps_t.transpose(-1, -2).contiguous(), self.normal_tol)
+            elif int(cols[-1]) - int(cols[0]) + 1 == cols.numel():
+                maps_t = maps_t[..., int(cols[0]):int(cols[-1]) + 1, :]
+            else:
+                maps_t = maps_t.index_select(-2, cols)
+            maps_t = column_virtual_maps(maps_t, self.normal_tol).contiguous()
             self._maps_t = (cols, maps_t, maps_t.conj().resolve_conj())
         return self._maps_t
 
