@@ -29,6 +29,7 @@ name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1 (
   echo "unrolled-$M-$R${C:+-cg$C}$A"
 }
 # the transfer batch pool of recipes/base.sh stage 1 (drawn here too when absent: resumable)
+mkdir -p "$(dirname "$POOL")"
 OMP_NUM_THREADS=${THREADS:-1} recon-plugin train-pool "$POOL" --batches "${POOL_BATCHES:-224}" \
     --seed 0 >>"${POOL%/}.log" 2>&1
 for V in $VARIANTS; do
