@@ -57,6 +57,7 @@ def real_brain_object(real_dir: Path) -> np.ndarray | None:
     """The shared real brain's coil-combined complex image (ky, kx), max magnitude 1:
     ``sum_c conj(S_c) I_c`` with ESPIRiT maps of the fully sampled data (zero outside their
     support). None when the file is not there."""
+    from recon_plugin.physics import ifft2c
     from recon_plugin.recon.coils import EspiritParams, estimate_maps
 
     from .real import load_full
@@ -68,8 +69,6 @@ def real_brain_object(real_dir: Path) -> np.ndarray | None:
     ny = full.shape[-2]
     acs = (ny // 2 - 12, ny // 2 + 12)
     maps = estimate_maps(full, acs, EspiritParams())
-    from recon_plugin.physics import ifft2c
-
     x = (np.conj(maps) * ifft2c(full)).sum(0)
     return (x / np.abs(x).max()).astype(np.complex64)
 
