@@ -12,6 +12,9 @@
 #   ALIGN=8 VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 SHIP=0 recipes/variants.sh
 #   THREADS=2 ALIGN=8 VARIANTS="lean:0.6" STEPS=1200 BUDGET=2100 SHIP=0 recipes/variants.sh
 #   (then copy runs/unrolled-lean-0.{6,8}-a8/unrolled-lean-0.{6,8}-a8.* to recon_plugin/weights/)
+#   ALIGN=8 VARIANTS="lean:0.8:2 lean:0.8:3" STEPS=1200 BUDGET=3600 SHIP=0 recipes/variants.sh
+#   (two runs side by side, 33 min each; the CG-3 one is shipped, copied as above; the CG-2 one
+#   lost 0.33-0.78 dB on the real brain, outside the 0.3 dB bound, and is not)
 # On the validation slab (`recon-plugin bench select`, docs/BENCHMARKS.md), worst-contrast
 # dPSNR: aligned 60 % -0.22 dB, unaligned 50 % (150 steps, shipped before, replaced) -0.42,
 # unaligned 70 % -0.58, aligned 80 % -0.72, aligned 70 % -0.97 (not shipped), unaligned 80 %
