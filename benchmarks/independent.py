@@ -109,13 +109,14 @@ def run(docs: Path, real_dir: Path | None) -> dict:
     from benchmarks import bart_ref
     from recon_plugin.config.protocol import load_protocol
     from recon_plugin.recon import classical
+    from recon_plugin.recon.combine import measured_rss
 
     objects = {"shepp-logan": shepp_logan()}
     brain = real_brain_object(real_dir) if real_dir is not None else None
     if brain is not None:
         objects["real brain"] = brain
     model = load_protocol("default").model.variant
-    written, estimate = guarded_fn(model), guarded_fn(model, measured_weight=0.0)
+    written = guarded_fn(model)
     bart = bart_ref.available()
     # scores[object][(snr, acc)][method] -> {"ref": metrics, "clean": metrics}
     scores: dict = defaultdict(dict)
@@ -137,8 +138,10 @@ def run(docs: Path, real_dir: Path | None) -> dict:
                 if bart:
                     for lam in BART_GRID:
                         score(f"bart {lam:g}", np.abs(bart_ref.pics(case.kspace, case.maps, lam)))
-                score("default, estimate", estimate(case))
                 score("default", written(case))
+                # the same run's estimate as `recon` writes it with measured_weight 0
+                score("default, estimate", measured_rss(case.maps * written.estimate[None],
+                                                        case.kspace, case.mask, 0.0))
                 scores[label][(snr, acc)] = out
                 log.info("%s: %s", case.name, {k: round(v["ref"]["psnr"], 2)
                                                 for k, v in out.items()})

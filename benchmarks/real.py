@@ -186,7 +186,8 @@ def guarded_fn(name: str, refine_budget_s: float | None = None,
     where it rejects the network; with ``refine_budget_s`` the scan-specific refinement instead
     of the calibration. The image as ``recon`` writes it: the coil images with the measured
     samples put back by the protocol's ``measured_weight`` (or the one given), combined by RSS.
-    ``run.log`` collects each slice's timings/counts."""
+    ``run.log`` collects each slice's timings/counts; ``run.estimate`` holds the last slice's
+    complex estimate (ky, kx) before the samples were put back."""
     from recon_plugin.config.protocol import load_protocol
     from recon_plugin.recon.pipeline import Reconstructor
 
@@ -199,9 +200,10 @@ def guarded_fn(name: str, refine_budget_s: float | None = None,
         t: dict = defaultdict(float)
         img, _ = rec.network_slice(name, c.kspace, c.maps, c.mask, c.acs, settings, timings=t)
         run.log.append(dict(t))
+        run.estimate = img
         return measured_rss(c.maps * img[None], c.kspace, c.mask, settings.measured_weight)
 
-    run.log = []
+    run.log, run.estimate = [], None
     return run
 
 
