@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .docs import replace_section
-from .real import RealCase, guarded_fn, kept_samples, line_mask, scaled_metrics
+from .real import RealCase, guarded_fn, kept_samples, scaled_metrics, undersample, with_maps
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def real_brain_object(real_dir: Path) -> np.ndarray | None:
     """The shared real brain's coil-combined complex image (ky, kx), max magnitude 1:
     ``sum_c conj(S_c) I_c`` with ESPIRiT maps of the fully sampled data (zero outside their
     support). None when the file is not there."""
-    from recon_plugin.physics import ifft2c
+    from recon_plugin.physics import acs_bounds, ifft2c
     from recon_plugin.recon.coils import EspiritParams, estimate_maps
 
     from .real import load_full
@@ -66,9 +66,7 @@ def real_brain_object(real_dir: Path) -> np.ndarray | None:
     if not path.is_file():
         return None
     _, full = load_full(path)[0]  # (coils, ky, kx), fully sampled
-    ny = full.shape[-2]
-    acs = (ny // 2 - 12, ny // 2 + 12)
-    maps = estimate_maps(full, acs, EspiritParams())
+    maps = estimate_maps(full, acs_bounds(full.shape[-2], 24), EspiritParams())
     x = (np.conj(maps) * ifft2c(full)).sum(0)
     return (x / np.abs(x).max()).astype(np.complex64)
 
@@ -82,10 +80,10 @@ def birdcage(shape: tuple[int, int], coils: int = COILS) -> np.ndarray:
 
 def simulate(obj: np.ndarray, maps: np.ndarray, snr: float, acc: int, seed: int, name: str,
              ) -> tuple[RealCase, np.ndarray]:
-    """(the undersampled case, its reference being the noisy fully sampled RSS; the noise-free
-    RSS (ky, kx)) for one object, coil set, SNR and acceleration."""
-    from recon_plugin.physics import fft2c, ifft2c, rss
-    from recon_plugin.recon.coils import EspiritParams, estimate_maps
+    """(the undersampled case with its ESPIRiT maps, its reference being the noisy fully
+    sampled RSS (``bench real``'s :func:`~benchmarks.real.undersample`); the noise-free RSS
+    (ky, kx)) for one object, coil set, SNR and acceleration."""
+    from recon_plugin.physics import fft2c, rss
 
     clean_coils = maps * obj[None]
     clean = rss(clean_coils).astype(np.float32)
@@ -94,13 +92,7 @@ def simulate(obj: np.ndarray, maps: np.ndarray, snr: float, acc: int, seed: int,
     noise = (rng.standard_normal(maps.shape) + 1j * rng.standard_normal(maps.shape)) * (
         sigma / np.sqrt(2))
     full = (fft2c(clean_coils) + noise).astype(np.complex64)
-    ny, nx = obj.shape
-    m1, acs = line_mask(ny, acc, seed)
-    mask = np.broadcast_to(m1[:, None], (ny, nx)).astype(np.float32)
-    ksp = full * mask[None]
-    case = RealCase(name, ksp, mask, acs, rss(ifft2c(full)).astype(np.float32))
-    case.maps = estimate_maps(ksp, acs, EspiritParams())
-    return case, clean
+    return with_maps(undersample(name, full, acc, seed)), clean
 
 
 def run(docs: Path, real_dir: Path | None) -> dict:
@@ -188,8 +180,8 @@ def _cell(v) -> str:
 
 
 def summary(result: dict, ref: str = "ref") -> list[str]:
-    """Where the default (as written) stands against BART (other object's lambda) and
-    CG-SENSE + 1 dB, row by row, against reference ``ref``."""
+    """The default (as written) minus CG-SENSE and minus BART (other object's lambda), PSNR
+    (and SSIM for BART), row by row, against reference ``ref``."""
     out = []
     for r in result["rows"]:
         d = r[f"default @{ref}"]

@@ -139,8 +139,8 @@ class RefineSpec(_Section):
 class CalibrationSpec(_Section):
     """Calibration of the data consistency (``recon/calibrate.py``): of the network's learned
     data-consistency weights scaled by each grid value, and of the weight chosen among them with
-    each of ``cg_iters`` conjugate-gradient iterations, the setting whose reconstruction best predicts
-    held-out acquired lines; scan-specific refinement trains with the chosen setting."""
+    each of ``cg_iters`` conjugate-gradient iterations, the setting whose reconstruction best
+    predicts held-out acquired lines; scan-specific refinement trains with the chosen setting."""
 
     enabled: StrictBool = False
     grid: Annotated[list[Annotated[float, Field(strict=True, gt=0.0, le=1000.0)]],

@@ -259,11 +259,13 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
     keep = without_lines(mask, lines)
     ksp = kspace * keep[None]
     images: dict = {c: network_image(model, ksp, maps, keep, c, device) for c in candidates(grid)}
-    weight = choose({c: heldout_line_errors(x, maps, kspace, lines) for c, x in images.items()})
-    for n in cg_iters:
-        images[MoreIterations(int(n))] = network_image(
-            model, ksp, maps, keep, replace(weight, cg_iters=int(n)), device)
     out: dict = {c: heldout_line_errors(x, maps, kspace, lines) for c, x in images.items()}
+    weight = choose(out)
+    for n in cg_iters:
+        key = MoreIterations(int(n))
+        images[key] = network_image(model, ksp, maps, keep, replace(weight, cg_iters=int(n)),
+                                    device)
+        out[key] = heldout_line_errors(images[key], maps, kspace, lines)
     if sparsity:
         own = choose(out)
         key = own if own.cg_iters is None else MoreIterations(own.cg_iters)
