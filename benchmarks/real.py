@@ -253,6 +253,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
     files = real_cases(real_dir)
     if not files:
         raise FileNotFoundError(f"{real_dir}: no fully sampled real file (reconstruction_rss)")
+    docs.mkdir(parents=True, exist_ok=True)  # before the long run, not at its first figure
     cls = ["cg-sense", "l1-wavelet"] + (["bart-pics"] if bart_ref.available() else [])
     nets = {name: load_inference_model(p) for name, p in models.items()}
     rows, examples, guard_log, refine_log = [], {}, [], []

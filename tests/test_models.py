@@ -48,6 +48,17 @@ def test_cg_solve_matches_direct_solve():
     x = cg_solve(op.normal, rhs, torch.zeros_like(rhs), mu, iters=80)
     err = (x.reshape(-1).to(torch.complex128) - direct).norm() / direct.norm()
     assert err < 1e-3
+    # x0 None starts from zero without applying the normal operator to it: the same iterates,
+    # one application fewer
+    calls = []
+
+    def counted(v):
+        calls.append(1)
+        return op.normal(v)
+
+    x_none = cg_solve(counted, rhs, None, mu, iters=5)
+    assert len(calls) == 5
+    torch.testing.assert_close(x_none, cg_solve(op.normal, rhs, torch.zeros_like(rhs), mu, 5))
 
 
 @pytest.mark.parametrize("lines", [True, False])

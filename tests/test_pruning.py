@@ -172,6 +172,7 @@ def test_export_variant_card(base, tmp_path):
                                "hidden_channels": count_channels(pruned),
                                "parent_hidden_channels": count_channels(base), "align": 1}
     assert card["finetune"] == "teacher+self" and card["metrics"]["psnr_4x"] == 30.0
+    assert card["description"] == "unrolled-tiny pruned by lean (ratio 0.5), fine-tuned: teacher+self"
     assert card["parameters"] == card["params"] < parent["parameters"]
     assert card["flops"]["total_flops"] > 0 and card["latency"]["seconds_per_slice"] > 0
     assert "speedup" in card["latency"]
@@ -372,6 +373,7 @@ def test_variant_with_fewer_cg_iterations(tmp_path):
     card = make_variant(str(tmp_path / "parent.safetensors"), "lean", 0.5, None, tmp_path / "run",
                         tmp_path / "variant", cg_iters=1, val_batches=0)
     assert card["architecture"]["cg_iters"] == 1
+    assert card["description"].endswith("1 CG iterations per solve (parent 4)")
     variant, _ = load_model(tmp_path / "variant.safetensors")
     assert variant.cg_iters == 1 and load_model(tmp_path / "parent.safetensors")[0].cg_iters == 4
     grad = UnrolledNet(num_cascades=2, chans=8, dc="gradient")

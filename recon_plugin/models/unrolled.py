@@ -84,9 +84,10 @@ class ComplexCNN(nn.Module):
         return torch.view_as_complex(out)
 
 
-def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
+def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor | None, mu: torch.Tensor,
              iters: int) -> torch.Tensor:
-    """Solve ``(normal + mu I) x = rhs`` per batch item by conjugate gradients from ``x0``.
+    """Solve ``(normal + mu I) x = rhs`` per batch item by conjugate gradients from ``x0``
+    (None: from zero, without the application of ``normal`` a zero start would waste).
 
     rhs, x0: complex (batch, ky, kx); mu: scalar tensor > 0; ``normal`` is Hermitian PSD.
     Differentiable (unrolled), so gradients flow into ``mu``, ``rhs`` and ``x0``.
@@ -95,8 +96,11 @@ def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
         return torch.linalg.vecdot(torch.view_as_real(a).flatten(1),
                                    torch.view_as_real(b).flatten(1)).view(-1, 1, 1)
 
-    x = x0
-    r = rhs - (normal(x) + mu * x)
+    if x0 is None:
+        x, r = torch.zeros_like(rhs), rhs
+    else:
+        x = x0
+        r = rhs - (normal(x) + mu * x)
     p = r
     rs = dot(r, r)
     for _ in range(iters):
@@ -110,15 +114,17 @@ def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
     return x
 
 
-def sense_cg(op: SenseOperator, rhs: torch.Tensor, x0: torch.Tensor, mu: torch.Tensor,
+def sense_cg(op: SenseOperator, rhs: torch.Tensor, x0: torch.Tensor | None, mu: torch.Tensor,
              iters: int) -> torch.Tensor:
     """``cg_solve`` of ``(A^H A + mu I) x = rhs`` for a SENSE operator, run in its column
     layout (``op.to_columns``): outside the columns the maps reach, ``A^H A = 0`` and
     ``x = rhs / mu`` exactly. Where ``rhs = mu x0`` there (as in every call here: ``A^H y``
-    is zero there), this is the same iteration as ``cg_solve(op.normal, ...)`` on whole
-    images, without gathering and scattering the columns at every step.
+    is zero there; ``x0`` None: from zero, as ``rhs`` is zero there), this is the same
+    iteration as ``cg_solve(op.normal, ...)`` on whole images, without gathering and
+    scattering the columns at every step.
     rhs, x0: complex (batch, ky, kx); mu: scalar tensor or (batch, 1, 1), > 0."""
-    x = cg_solve(op.normal_columns, op.to_columns(rhs), op.to_columns(x0), mu, iters)
+    start = None if x0 is None else op.to_columns(x0)
+    x = cg_solve(op.normal_columns, op.to_columns(rhs), start, mu, iters)
     return op.from_columns(x, rhs / mu)
 
 
@@ -205,7 +211,7 @@ class UnrolledNet(nn.Module):
         if self.noise_aware:
             s2 = normalised_noise_variance(kspace, op.mask, scale) * prior_weight
             mu0 = self.step[-1].exp() * s2 + self.mu_floor.exp()
-            x = sense_cg(op, aty, torch.zeros_like(aty), mu0, iters)
+            x = sense_cg(op, aty, None, mu0, iters)
         for k in range(self.num_cascades):
             prior = self.priors[k % len(self.priors)]
             if self.dc == "gradient":

@@ -191,6 +191,20 @@ def finetune(
     return pruned.eval()
 
 
+def describe_variant(parent_card: dict, method: str, ratio: float, mode: str,
+                     model: UnrolledNet) -> str:
+    """The card's one-line description: parent, pruning, fine-tuning, and the CG iterations per
+    data-consistency solve where they differ from the parent's (the other half of the speed-up,
+    see ``run.make_variant``)."""
+    text = (f"{parent_card.get('name', 'unrolled')} pruned by {method} (ratio {ratio}), "
+            f"fine-tuned: {mode}")
+    parent_iters = parent_card.get("architecture", {}).get("cg_iters")
+    iters = getattr(model, "cg_iters", None)
+    if getattr(model, "dc", None) == "prox" and parent_iters is not None and iters != parent_iters:
+        text += f", {iters} CG iterations per solve (parent {parent_iters})"
+    return text
+
+
 def export_variant(
     model: UnrolledNet,
     parent_card: dict,
@@ -225,8 +239,7 @@ def export_variant(
     card = {
         "name": weights_path(path).name.removesuffix(".safetensors"),
         "version": "1.0",
-        "description": f"{parent_card.get('name', 'unrolled')} pruned by {method} "
-                       f"(ratio {ratio}), fine-tuned: {mode}",
+        "description": describe_variant(parent_card, method, ratio, mode, model),
         "training": dict(training or {}) | {
             "command": " ".join(shlex.quote(a) for a in sys.argv), "host_cpus": os.cpu_count()},
         "pruning": {"method": method, "ratio": float(ratio), "hidden_channels": count_channels(model),
@@ -249,5 +262,5 @@ def export_variant(
 __all__ = [
     "VALIDATION_TARGETS", "make_loss_fn", "validation_target",
     "validation_interval", "make_validator", "finetune", "export_variant",
-    "batch_acs",
+    "batch_acs", "describe_variant",
 ]

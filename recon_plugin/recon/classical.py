@@ -62,7 +62,7 @@ def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30)
         aty = op.adjoint(k)  # = A^H y of _scale: k-space is zero where not sampled
         s = percentile_scale(aty[0].numpy())
         aty = aty / s
-        x = sense_cg(op, aty, torch.zeros_like(aty), torch.tensor(float(lam)), max_iter)
+        x = sense_cg(op, aty, None, torch.tensor(float(lam)), max_iter)
     return (x[0].numpy() * s).astype(np.complex64)
 
 
@@ -91,7 +91,7 @@ def sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
             y = ops[0].forward(x[:, 0]) + ops[1].forward(x[:, 1])
             return torch.stack([op.adjoint(y) for op in ops], 1)
 
-        x = cg_solve(normal, rhs, torch.zeros_like(rhs), torch.tensor(lam), max_iter)
+        x = cg_solve(normal, rhs, None, torch.tensor(lam), max_iter)
         x = (x[0].numpy() * scale).astype(np.complex64)
     return x[0], x[1]
 
