@@ -73,6 +73,37 @@ def test_power_iteration_finds_the_top_eigenpair_of_each_pixel():
     assert float((1 - overlap).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("grid", [(96, 96), (64, 40), (63, 95)])
+def test_image_operator_is_the_centred_inverse_fft_of_the_kernel_autocorrelation(grid):
+    """The fast path's per-pixel operator, made by two products with columns of the centred
+    inverse DFT, equals ``ifft2c`` of the kernels' autocorrelation zero-padded onto the grid
+    (the definition; even and odd grids)."""
+    import torch
+
+    from recon_plugin.recon.coils import _image_operator
+
+    g = torch.Generator().manual_seed(1)
+    r, c, k = 5, 3, 4
+    kern = torch.randn(r, c, k, k, dtype=torch.complex64, generator=g)
+    m = 2 * k - 1
+    acf = torch.zeros(c, c, m, m, dtype=torch.complex128)  # by the definition, offset by offset
+    kk = kern.to(torch.complex128)
+    for dy in range(-(k - 1), k):
+        for dx in range(-(k - 1), k):
+            for y in range(max(0, dy), min(k, k + dy)):
+                for x in range(max(0, dx), min(k, k + dx)):
+                    acf[:, :, dy + k - 1, dx + k - 1] += torch.einsum(
+                        "rc,rd->cd", kk[:, :, y, x], kk[:, :, y - dy, x - dx].conj())
+    gy, gx = grid
+    pad = torch.zeros(c, c, gy, gx, dtype=torch.complex128)
+    y0, x0 = gy // 2 - (k - 1), gx // 2 - (k - 1)
+    pad[:, :, y0:y0 + m, x0:x0 + m] = acf
+    ref = (ifft2c(pad) * (np.sqrt(gy * gx) / k**2)).permute(2, 3, 0, 1)
+    got = _image_operator(kern, gy, gx)
+    assert got.shape == (gy, gx, c, c)
+    assert float((got.to(torch.complex128) - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("n_acs", [7, 9, 11])
 def test_few_acs_lines_keep_the_whole_object(small_volume, n_acs):
     """With few ACS lines (8x: 4 % of the rows) the kernel is narrowed until it has more
