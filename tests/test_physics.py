@@ -56,6 +56,27 @@ def test_operator_forward_adjoint_match_centred_fft_reference(shape):
                                sense_adjoint(y, maps, 1 - mask), atol=1e-5)
 
 
+def test_slice_operator_shares_the_maps_parts_across_masks():
+    """``slice_operator`` of one slice's numpy arrays is the batch-1 operator; given ``like`` (an
+    operator of the same maps) it reuses its virtual coils and gives the same normal operator as
+    a fresh one for the new mask."""
+    from recon_plugin.physics import slice_operator
+
+    rng = np.random.default_rng(9)
+    maps, x = crand(rng, 4, 24, 20), crand(rng, 24, 20)
+    rows = (rng.uniform(size=(24, 1)) < 0.5).astype(np.float32)
+    mask = np.broadcast_to(rows, (24, 20)).copy()
+    op = slice_operator(maps, mask)
+    assert op.maps.shape == (1, 4, 24, 20) and op.mask.shape == (1, 24, 20)
+    xt = torch.from_numpy(x)[None]
+    fewer = mask.copy()
+    fewer[np.flatnonzero(rows[:, 0])[:2]] = 0
+    shared = slice_operator(maps, fewer, like=op)
+    torch.testing.assert_close(shared.normal(xt), slice_operator(maps, fewer).normal(xt),
+                               atol=1e-5, rtol=1e-5)
+    assert shared._column_maps() is op._column_maps()  # made once, for both masks
+
+
 @pytest.mark.parametrize("shape", [(20, 18), (21, 15)])
 def test_normal_fast_path_equals_adjoint_of_forward(shape):
     """Line masks use 1D FFTs in A^H A; the result equals A^H(A x) (even and odd sizes)."""

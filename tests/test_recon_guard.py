@@ -117,7 +117,7 @@ def test_pipeline_falls_back_per_slice(monkeypatch):
         scan = read_raw(raw)
     rec = Reconstructor()
 
-    def aliased(self, name, k, s, m, model=None, setting=None):
+    def aliased(self, name, k, s, m, model=None, setting=None, op=None):
         # the zero-filled SENSE combination: aliased, at 1 / R of the intensity (a 4x aliased
         # copy at full intensity predicts the phantom's held-out lines as well as CG-SENSE)
         return (s.conj() * ifft2c(k)).sum(0)

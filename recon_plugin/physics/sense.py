@@ -205,3 +205,20 @@ class SenseOperator:
             op._maps_t = self._column_maps()
         op._support, op._rss2 = self._support, self._rss2
         return op
+
+
+def slice_operator(maps, mask, device: str | torch.device = "cpu",
+                   like: SenseOperator | None = None) -> SenseOperator:
+    """The :class:`SenseOperator` (batch 1) of one slice: maps (coils, ky, kx) and mask (ky, kx)
+    as numpy arrays, on ``device``. ``like``: an operator of the same maps (any mask), whose
+    maps-dependent parts (support, the virtual coils of ``normal``) are then shared instead of
+    made again (:meth:`SenseOperator.with_mask`)."""
+    import numpy as np
+
+    dev = torch.device(device) if like is None else like.maps.device
+    m = torch.from_numpy(np.asarray(mask, np.float32))[None].to(dev)
+    if like is not None:
+        return like.with_mask(m)
+    return SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None].to(dev),
+                         m)
+

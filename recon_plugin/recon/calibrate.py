@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..physics import SenseOperator
+from ..physics import SenseOperator, slice_operator
 from .guard import heldout_line_errors, heldout_lines, significant_gain, without_lines
 from .sparse import NONE, Sparsity, anchored_l1_wavelet
 
@@ -225,17 +225,18 @@ class ScanCalibration:
 
 def network_image(model: nn.Module, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                   setting: DcSetting = TRAINED, device: str | torch.device = "cpu",
-                  ) -> np.ndarray:
+                  op: SenseOperator | None = None) -> np.ndarray:
     """The network's complex image (ky, kx) of one slice with a data-consistency setting
-    (and, where the setting says so, the anchored L1-wavelet solve on it)."""
+    (and, where the setting says so, the anchored L1-wavelet solve on it). ``op``: the
+    slice's operator for these maps and mask (:func:`~recon_plugin.physics.slice_operator`)
+    where the caller has one, else one is made here."""
     with torch.inference_mode():
-        k = torch.from_numpy(np.ascontiguousarray(kspace))[None].to(device)
-        op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps))[None].to(device),
-                           torch.from_numpy(np.ascontiguousarray(mask))[None].to(device))
+        op = op if op is not None else slice_operator(maps, mask, device)
+        k = torch.from_numpy(np.ascontiguousarray(kspace))[None].to(op.maps.device)
         img = model(k, op, prior_weight=setting.weight,
                     cg_iters=setting.cg_iters)[0].cpu().numpy()
-    return anchored_l1_wavelet(kspace, maps, mask, img, setting.sparsity, device=str(device),
-                               op=op)
+    return anchored_l1_wavelet(kspace, maps, mask, img, setting.sparsity,
+                               device=str(op.maps.device), op=op)
 
 
 def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
@@ -244,13 +245,15 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
                      seed: int = 0, device: str | torch.device = "cpu",
                      cg_iters: tuple[int, ...] = CG_ITERS_GRID,
                      sparsity: tuple[Sparsity, ...] = SPARSITY_GRID,
+                     op: SenseOperator | None = None,
                      ) -> dict[DcSetting | MoreIterations | Sparsity, np.ndarray] | None:
     """Candidate -> per-line errors (n_lines,) of the network reconstructed without a few
     held-out lines: for every one of :func:`candidates`, for the weight chosen among them with
     every count of ``cg_iters`` (:class:`MoreIterations`), and (``sparsity`` not empty) for
     ``NONE`` (the image of this slice's own choice among them) and every anchored L1-wavelet
     solve of ``sparsity`` on that image. None when the model has no prior weight (gradient
-    data consistency) or too few lines can be held out."""
+    data consistency) or too few lines can be held out. ``op``: an operator of the slice's
+    maps (any mask; its maps-dependent parts are shared by every solve here)."""
     if getattr(model, "dc", "prox") != "prox":
         return None
     lines = heldout_lines(mask, acs, fraction, min_lines=3, seed=seed)
@@ -258,20 +261,22 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
         return None
     keep = without_lines(mask, lines)
     ksp = kspace * keep[None]
-    images: dict = {c: network_image(model, ksp, maps, keep, c, device) for c in candidates(grid)}
+    sub = slice_operator(maps, keep, device, like=op)
+    images: dict = {c: network_image(model, ksp, maps, keep, c, device, sub)
+                    for c in candidates(grid)}
     out: dict = {c: heldout_line_errors(x, maps, kspace, lines) for c, x in images.items()}
     weight = choose(out)
     for n in cg_iters:
         key = MoreIterations(int(n))
         images[key] = network_image(model, ksp, maps, keep, replace(weight, cg_iters=int(n)),
-                                    device)
+                                    device, sub)
         out[key] = heldout_line_errors(images[key], maps, kspace, lines)
     if sparsity:
         own = choose(out)
         key = own if own.cg_iters is None else MoreIterations(own.cg_iters)
         anchor, out[NONE] = images[key], out[key]
         for sp in sparsity:
-            x = anchored_l1_wavelet(ksp, maps, keep, anchor, sp, device=str(device))
+            x = anchored_l1_wavelet(ksp, maps, keep, anchor, sp, device=str(device), op=sub)
             out[sp] = heldout_line_errors(x, maps, kspace, lines)
     return out
 

@@ -44,26 +44,28 @@ def _sigpy_app(app: str, method: str, kspace, maps, mask, lamda, max_iter) -> np
     return (np.asarray(x) * s).astype(np.complex64)
 
 
-def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30) -> np.ndarray:
+def cg_sense(kspace, maps, mask, lamda: float | None = None, max_iter: int = 30,
+             op=None) -> np.ndarray:
     """Tikhonov-regularised SENSE by conjugate gradients: ``(A^H A + lamda I) x = A^H y`` on
     data scaled by the 99th percentile of ``|A^H y|``, ``max_iter`` iterations from zero: the
     problem SigPy's ``SenseRecon`` solves (tested against it), with the project's SENSE
-    operator (several times faster on CPU: the guard runs it on every slice)."""
+    operator (several times faster on CPU: the guard runs it on every slice). ``op``: the
+    slice's :class:`~recon_plugin.physics.SenseOperator` for these maps and mask where the
+    caller has one (on its device), else one is made here."""
     import torch
 
     from ..models.unrolled import sense_cg
-    from ..physics import SenseOperator
+    from ..physics import slice_operator
 
     lam = DEFAULT_LAMBDA["cg-sense"] if lamda is None else lamda
     with torch.inference_mode():
-        k = torch.from_numpy(np.ascontiguousarray(kspace, np.complex64))[None]
-        op = SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None],
-                           torch.from_numpy(np.asarray(mask, np.float32))[None])
+        op = op if op is not None else slice_operator(maps, mask)
+        k = torch.from_numpy(np.ascontiguousarray(kspace, np.complex64))[None].to(op.maps.device)
         aty = op.adjoint(k)  # = A^H y of _scale: k-space is zero where not sampled
-        s = percentile_scale(aty[0].numpy())
+        s = percentile_scale(aty[0].cpu().numpy())
         aty = aty / s
         x = sense_cg(op, aty, None, torch.tensor(float(lam)), max_iter)
-    return (x[0].numpy() * s).astype(np.complex64)
+    return (x[0].cpu().numpy() * s).astype(np.complex64)
 
 
 def sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,

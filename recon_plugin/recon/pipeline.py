@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
 from ..output import FORMATS
-from ..physics import center_crop, fft2c, ifft2c
+from ..physics import center_crop, fft2c, ifft2c, slice_operator
 from ..scan import (
     Provenance,
     RawDataError,
@@ -266,11 +266,12 @@ class Reconstructor:
         notes.append(msg)
         return rest, x2
 
-    def _network(self, name, ksp, maps, mask, model=None, dc_setting: DcSetting = TRAINED
-                 ) -> np.ndarray:
-        """The network ``name`` (or the given refined copy of it) on one slice."""
+    def _network(self, name, ksp, maps, mask, model=None, dc_setting: DcSetting = TRAINED,
+                 op=None) -> np.ndarray:
+        """The network ``name`` (or the given refined copy of it) on one slice; ``op``: the
+        slice's operator for these maps and mask, if made already."""
         model = model if model is not None else self.model(name)[0]
-        return network_image(model, ksp, maps, mask, dc_setting, self.device)
+        return network_image(model, ksp, maps, mask, dc_setting, self.device, op)
 
     def network_slice(self, name: str, ksp: np.ndarray, maps: np.ndarray, mask: np.ndarray,
                       acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
@@ -289,6 +290,9 @@ class Reconstructor:
         net, dc_setting = None, TRAINED
         lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=seed) \
             if settings.guard else None
+        # one operator of the slice's maps: every solve below shares its support and virtual
+        # coils (SenseOperator.with_mask), whatever lines it leaves out
+        op = slice_operator(maps, mask, self.device)
         # calibration and refinement never see the guard's lines (neither to fit nor to choose),
         # so the guard judges the network on data that took no part in adapting it
         if settings.calibrate or settings.refine == "scan":
@@ -296,7 +300,7 @@ class Reconstructor:
             ksp_keep = ksp * keep[None]
             if settings.calibrate:
                 dc_setting = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed,
-                                             notes, t, calibration)
+                                             notes, t, calibration, op)
             if settings.refine == "scan":  # trains at the calibrated setting
                 net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
                                    dc_setting)
@@ -307,10 +311,11 @@ class Reconstructor:
                 net, guard_image = self._confirm_refinement(name, net, ksp, ksp_keep, maps,
                                                             keep, lines, dc_setting,
                                                             settings.guard_z, seed, notes, t)
+            guard_op = slice_operator(maps, guard.without_lines(mask, lines), like=op)
             res = guard.check(ksp, maps, mask, lines,
                               lambda k, s, m: guard_image if guard_image is not None
-                              else self._network(name, k, s, m, net, dc_setting),
-                              lambda k, s, m: classical.cg_sense(k, s, m),
+                              else self._network(name, k, s, m, net, dc_setting, guard_op),
+                              lambda k, s, m: classical.cg_sense(k, s, m, op=guard_op),
                               settings.guard_margin, settings.guard_z)
             t["guard"] += time.perf_counter() - t0
             if res is not None:
@@ -320,17 +325,17 @@ class Reconstructor:
         if res is not None and not res.network_ok:
             log.warning("slice %d: %s", seed, res.describe())
             notes.append(f"GUARD: {res.describe()}")
-            img = classical.cg_sense(ksp, maps, mask)
+            img = classical.cg_sense(ksp, maps, mask, op=op)
             t["classical"] += time.perf_counter() - t0
             return img, "cg-sense"
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
-        img = self._network(name, ksp, maps, mask, net, dc_setting)
+        img = self._network(name, ksp, maps, mask, net, dc_setting, op)
         t["network"] += time.perf_counter() - t0
         return img, "unrolled"
 
     def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
-                   notes: list[str], t: dict, calibration: ScanCalibration | None,
+                   notes: list[str], t: dict, calibration: ScanCalibration | None, op=None,
                    ) -> DcSetting:
         """The data-consistency setting for this slice (``recon/calibrate.py``): the scan's, once
         its first slices have decided it; else this slice's held-out evidence joins the
@@ -343,7 +348,7 @@ class Reconstructor:
                                   settings.calibrate_grid, settings.guard_fraction,
                                   seed=seed + 7919, device=self.device,
                                   cg_iters=settings.calibrate_cg_iters,
-                                  sparsity=settings.calibrate_sparsity)
+                                  sparsity=settings.calibrate_sparsity, op=op)
             t["calibrate"] += time.perf_counter() - t0
             if ev is None:
                 return TRAINED

@@ -77,7 +77,7 @@ def anchored_l1_wavelet(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
     import sigpy as sp
     import torch
 
-    from ..physics import SenseOperator
+    from ..physics import slice_operator
     from .classical import percentile_scale
 
     z = np.asarray(anchor, np.complex64)
@@ -88,9 +88,7 @@ def anchored_l1_wavelet(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
     dev = torch.device(device)
     with torch.inference_mode():
         if op is None:
-            op = SenseOperator(
-                torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None].to(dev),
-                torch.from_numpy(np.asarray(mask, np.float32))[None].to(dev))
+            op = slice_operator(maps, mask, dev)
         k = torch.from_numpy(np.ascontiguousarray(kspace, np.complex64) / s)[None].to(dev)
         # the smooth part's constant term: A^H y + mu z
         zt = torch.from_numpy(z / s)[None].to(dev)
