@@ -2,8 +2,9 @@
 # Rebuilds pruned variants of the shipped unrolled-base (run recipes/base.sh first; its batch
 # pool is reused) and copies them into recon_plugin/weights/. Resumable: each run
 # continues from its checkpoints in runs/<name>/. A variant is METHOD:RATIO or
-# METHOD:RATIO:CG (CG: conjugate-gradient iterations per data-consistency solve, default the
-# parent's 4). ALIGN (default 1 here, to rebuild the unaligned ones; `prune` itself defaults to
+# METHOD:RATIO:CG or METHOD:RATIO:CG:CASCADES (CG: conjugate-gradient iterations per
+# data-consistency solve, default the parent's 4; CASCADES: how many of the parent's 6 cascades
+# are kept, the others dropped by `prune --cascades`, name suffix -cN). ALIGN (default 1 here, to rebuild the unaligned ones; `prune` itself defaults to
 # 8 for LEAN) keeps a multiple of ALIGN channels in every LEAN layer (`prune --align`, name
 # suffix -aALIGN). The shipped ones (teacher fine-tuning; 1200 steps took 50-62 min here with
 # two runs side by side; the 60 % one ran alone on 2 threads and its 2100 s budget stopped it
@@ -26,22 +27,23 @@ POOL=${POOL:-runs/base-transfer/pool}
 STEPS=${STEPS:-150}
 VARIANTS=${VARIANTS:-lean:0.7}
 ALIGN=${ALIGN:-1}
-name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1 (ALIGN=8: -a8)
-  IFS=: read -r M R C <<<"$1"
+name() {  # lean:0.5 -> unrolled-lean-0.5, lean:0.5:1 -> unrolled-lean-0.5-cg1 (ALIGN=8: -a8),
+          # lean:0.8:3:5 -> unrolled-lean-0.8-cg3-c5
+  IFS=: read -r M R C K <<<"$1"
   if [ "$ALIGN" = 1 ]; then A=""; else A="-a$ALIGN"; fi
-  echo "unrolled-$M-$R${C:+-cg$C}$A"
+  echo "unrolled-$M-$R${C:+-cg$C}${K:+-c$K}$A"
 }
 # the transfer batch pool of recipes/base.sh stage 1 (drawn here too when absent: resumable)
 mkdir -p "$(dirname "$POOL")"
 OMP_NUM_THREADS=${THREADS:-1} recon-plugin train-pool "$POOL" --batches "${POOL_BATCHES:-224}" \
     --seed 0 >>"${POOL%/}.log" 2>&1
 for V in $VARIANTS; do
-  IFS=: read -r M R C <<<"$V"
+  IFS=: read -r M R C K <<<"$V"
   N=$(name "$V")
   RUN=runs/$N
   mkdir -p "$RUN"
   OMP_NUM_THREADS=${THREADS:-1} recon-plugin prune --model unrolled-base --method "$M" \
-      --ratio "$R" ${C:+--cg-iters "$C"} --align "$ALIGN" --finetune teacher --steps "$STEPS" \
+      --ratio "$R" ${C:+--cg-iters "$C"} ${K:+--cascades "$K"} --align "$ALIGN" --finetune teacher --steps "$STEPS" \
       --lr "${LR:-1e-3}" --pool "$POOL" --time-budget "${BUDGET:-36000}" --run-dir "$RUN" --export "$RUN/$N" \
       >>"$RUN/prune.log" 2>&1 &
 done

@@ -403,3 +403,69 @@ def test_prune_command_aligns_lean_by_default(tmp_path):
                   if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][:-1]
         assert all(c % align == 0 for c in counts), counts
     assert any(c % 8 for c in counts), "unaligned LEAN kept only multiples of 8 here"
+
+
+# ------------------------------------------------------------------------------ cascades
+def test_keep_cascades_is_the_network_without_the_others():
+    """A network with cascade 1 of 3 removed computes what the parent computes with that
+    cascade made a no-op (prior zero, data-consistency weight huge): the same priors and
+    weights for the others, and the noise-aware initialisation's weight kept."""
+    from recon_plugin.physics import SenseOperator
+    from recon_plugin.pruning.cascades import keep_cascades
+
+    torch.manual_seed(0)
+    parent = _randomise_bn(UnrolledNet(num_cascades=3, chans=4, dc="prox", cg_iters=2,
+                                       noise_aware=True)).eval()
+    with torch.no_grad():
+        parent.step.copy_(torch.tensor([5.0, 6.0, 7.0, 4.0]))
+    child = keep_cascades(parent, [2, 0])
+    assert child.num_cascades == 2 and child.config["num_cascades"] == 2
+    assert child.step.tolist() == [5.0, 7.0, 4.0] and parent.num_cascades == 3
+    idle = copy.deepcopy(parent)
+    with torch.no_grad():
+        for p in idle.priors[1].parameters():
+            p.zero_()
+        idle.step[1] = 60.0  # mu ~ e^60 sigma^2: the solve returns its input
+    batch = make_batch("val", np.random.default_rng(1), 1, matrix=(24, 20), num_coils=3)
+    op = SenseOperator(batch.maps, batch.mask)
+    with torch.no_grad():
+        torch.testing.assert_close(child(batch.kspace, op), idle(batch.kspace, op),
+                                   atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="distinct indices"):
+        keep_cascades(parent, [0, 3])
+
+
+def test_choose_cascades_drops_the_one_that_does_nothing():
+    """A cascade whose prior outputs zero and whose data-consistency weight is huge leaves its
+    input unchanged; greedy elimination removes it first."""
+    from recon_plugin.pruning.cascades import choose_cascades
+    from recon_plugin.training.losses import image_loss
+
+    torch.manual_seed(0)
+    parent = _randomise_bn(UnrolledNet(num_cascades=3, chans=4, dc="prox", cg_iters=2,
+                                       noise_aware=True)).eval()
+    with torch.no_grad():
+        for p in parent.priors[1].parameters():
+            p.zero_()
+        parent.step[1] = 60.0  # mu ~ e^60 sigma^2: x = z
+    batches = [make_batch("val", np.random.default_rng(s), 2, matrix=(24, 20), num_coils=3)
+               for s in range(2)]
+    assert choose_cascades(parent, 2, batches, image_loss) == [0, 2]
+
+
+def test_variant_with_fewer_cascades(tmp_path):
+    """``make_variant(cascades=...)`` keeps that many of the parent's cascades, fine-tunes
+    against the parent with the per-cascade terms paired to the cascades it kept, and the
+    card says which."""
+    from recon_plugin.pruning.run import make_variant
+
+    parent = UnrolledNet(num_cascades=3, chans=8, dc="prox", cg_iters=2, noise_aware=True)
+    save_model(parent, tmp_path / "parent", {"name": "parent"})
+    card = make_variant(str(tmp_path / "parent.safetensors"), "lean", 0.5, "teacher",
+                        tmp_path / "run", tmp_path / "variant", steps=2, cascades=2,
+                        val_batches=0)
+    assert card["architecture"]["num_cascades"] == 2
+    assert len(card["pruning"]["cascades_kept"]) == 2
+    assert "2 cascades (parent 3)" in card["description"]
+    variant, _ = load_model(tmp_path / "variant.safetensors")
+    assert variant.num_cascades == 2 and len(variant.priors) == 2

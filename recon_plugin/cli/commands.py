@@ -190,7 +190,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
     card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
                         a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
                         pool=a.pool, pool_size=a.pool_size, cg_iters=a.cg_iters,
-                        align=align)
+                        align=align, cascades=a.cascades)
     lat = card["latency"]
     print(f"wrote {a.export}.safetensors: {card['parameters']} params, "
           f"{lat.get('speedup', float('nan')):.2f}x faster than the parent at 320x320x16; "

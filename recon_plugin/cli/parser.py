@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cg-iters", type=int, default=None,
                    help="CG iterations per data-consistency solve of the variant (default: the "
                    "parent's)")
+    s.add_argument("--cascades", type=int, default=None,
+                   help="cascades of the variant (default: the parent's); the ones whose removal "
+                   "changes the parent's output least on the validation batches are dropped")
     s.add_argument("--align", type=int, default=None,
                    help="LEAN: keep a multiple of this many channels in every layer (default 8, "
                    "the channel block of CPU convolution kernels, so that the removed FLOPs "

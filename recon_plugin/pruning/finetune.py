@@ -64,16 +64,19 @@ def make_loss_fn(
     weights: dict[str, float] | None = None,
     espirit: float = 0.0,
     cascade_weight: float = 1.0,
+    teacher_cascades: tuple[int, ...] | None = None,
 ) -> Callable[[nn.Module, np.random.Generator], torch.Tensor]:
     """``loss_fn(model, rng) -> scalar`` for :func:`train_loop`, drawing its own batch.
 
     Batches are ``kspace (B, C, ky, kx)``; predictions complex ``(B, ky, kx)``. ``weights``
     maps mode terms to multipliers (default 1). ``espirit``: fraction of simulated slices with
     ESPIRiT maps (see :func:`~recon_plugin.training.data.make_batch`); ``cascade_weight``:
-    weight of the per-cascade teacher term (0: end image only).
+    weight of the per-cascade teacher term (0: end image only); ``teacher_cascades``: the
+    teacher's cascades the student's stand for (a student with cascades removed), None: one
+    to one.
     """
     spec = LossSpec.from_mode(mode, weights, ssdu_rho=ssdu_rho, ei_weight=ei_weight,
-                              cascade_weight=cascade_weight)
+                              cascade_weight=cascade_weight, teacher_cascades=teacher_cascades)
     if "teacher" in spec.weights and teacher is None:
         raise ValueError("fine-tuning mode 'teacher' needs the unpruned teacher model")
     if teacher is not None:
@@ -170,7 +173,8 @@ def finetune(
     With ``val_batches`` > 0 the model is validated on that many fixed simulated validation
     batches by :func:`make_validator` (no more information than the mode trains with) every
     :func:`validation_interval` steps and the best state is restored at the end. ``loss_kw``
-    goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``, ``weights``). The loss history
+    goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``, ``weights``,
+    ``teacher_cascades``). The loss history
     is written to ``run_dir/history.json``.
     """
     loss_fn = make_loss_fn(mode, teacher, batch_fn, batch_size, matrix, num_coils, **loss_kw)
@@ -193,12 +197,16 @@ def finetune(
 
 def describe_variant(parent_card: dict, method: str, ratio: float, mode: str,
                      model: UnrolledNet) -> str:
-    """The card's one-line description: parent, pruning, fine-tuning, and the CG iterations per
-    data-consistency solve where they differ from the parent's (the other half of the speed-up,
-    see ``run.make_variant``)."""
+    """The card's one-line description: parent, pruning, fine-tuning, and the cascades and CG
+    iterations per data-consistency solve where they differ from the parent's (the other half
+    of the speed-up, see ``run.make_variant``)."""
     text = (f"{parent_card.get('name', 'unrolled')} pruned by {method} (ratio {ratio}), "
             f"fine-tuned: {mode}")
-    parent_iters = parent_card.get("architecture", {}).get("cg_iters")
+    arch = parent_card.get("architecture", {})
+    parent_cascades = arch.get("num_cascades")
+    if parent_cascades is not None and model.num_cascades != parent_cascades:
+        text += f", {model.num_cascades} cascades (parent {parent_cascades})"
+    parent_iters = arch.get("cg_iters")
     iters = getattr(model, "cg_iters", None)
     if getattr(model, "dc", None) == "prox" and parent_iters is not None and iters != parent_iters:
         text += f", {iters} CG iterations per solve (parent {parent_iters})"
@@ -218,12 +226,14 @@ def export_variant(
     latency_coils: int = 16,
     training: dict | None = None,
     align: int = 1,
+    cascades_kept: list[int] | None = None,
 ) -> dict:
     """Write a pruned variant (``path``.safetensors + .json card via ``save_model``).
 
     The card records the parent's sha256 and name, the pruning method / ratio / channels (and
     ``align``, the channel-count multiple, see ``lean.align_counts``), the
-    fine-tuning mode, parameters, FLOPs at 320x320 x 16 coils, the measured CPU latency at
+    fine-tuning mode, the parent's cascades kept where some were removed (``cascades_kept``,
+    see ``cascades.py``), parameters, FLOPs at 320x320 x 16 coils, the measured CPU latency at
     ``latency_hw`` x ``latency_coils`` (side by side with ``parent`` when given) and
     ``metrics`` (e.g. PSNR / SSIM). Returns the card as written.
     """
@@ -244,7 +254,9 @@ def export_variant(
             "command": " ".join(shlex.quote(a) for a in sys.argv), "host_cpus": os.cpu_count()},
         "pruning": {"method": method, "ratio": float(ratio), "hidden_channels": count_channels(model),
                     "parent_hidden_channels": count_channels(parent) if parent else None,
-                    "align": int(align)},
+                    "align": int(align),
+                    **({"cascades_kept": [int(k) for k in cascades_kept]}
+                       if cascades_kept is not None else {})},
         "finetune": mode,
         "flops": count_flops(model),
         "latency": latency,

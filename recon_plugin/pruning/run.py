@@ -59,13 +59,16 @@ def make_variant(
     export: Path, steps: int = 150, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
     time_budget_s: float | None = None, pool: Path | None = None, pool_size: int = 300,
     val_batches: int = 4, cg_iters: int | None = None, align: int = 1,
+    cascades: int | None = None,
 ) -> dict:
     """Prune ``parent`` (name or path), fine-tune (``None``: no fine-tuning), export; card.
 
     ``cg_iters``: conjugate-gradient iterations per data-consistency solve of the variant
     (prox networks; default: the parent's). The CG solves are untouched by channel pruning and
     dominate a pruned MoDL network's time; fewer of them, fine-tuned, are the other half of
-    the speed-up. ``align``: see :func:`prune_model`.
+    the speed-up. ``cascades``: keep this many of the parent's cascades (default all), chosen
+    on the validation batches (:mod:`.cascades`): fewer solves and CNNs. ``align``: see
+    :func:`prune_model`.
 
     ``pool``: a directory of transfer batches (``recon-plugin train-pool``), or a file of a
     :class:`~recon_plugin.training.data.BatchPool` of ``pool_size`` training batches (drawn
@@ -92,6 +95,15 @@ def make_variant(
             raise ValueError(f"cg_iters must be >= 1, got {cg_iters}")
         pruned.cg_iters = cg_iters
         pruned.config["cg_iters"] = cg_iters
+    kept = None
+    if cascades is not None and cascades != base.num_cascades:
+        from ..training.data import validation_set
+        from ..training.losses import image_loss
+        from .cascades import choose_cascades, keep_cascades
+
+        kept = choose_cascades(base, cascades, validation_set(max(val_batches, 2), espirit=True),
+                               image_loss)
+        pruned = keep_cascades(pruned, kept)
     data = "fresh batch per step"
     done, selected = 0, None
     if finetune_mode:
@@ -110,7 +122,8 @@ def make_variant(
             batch_fn, data = bp.sample, f"pool of {len(bp)} batches (phase / mirror augmented)"
         finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr, seed,
                  batch_fn=batch_fn, val_batches=val_batches, time_budget_s=time_budget_s,
-                 progress=True, espirit=ESPIRIT_FRACTION)
+                 progress=True, espirit=ESPIRIT_FRACTION,
+                 teacher_cascades=None if kept is None else tuple(kept))
         done, selected = _steps_done(Path(run_dir))
     metrics = val_quality(pruned)
     training = {"finetune_steps": done, "finetune_steps_requested": steps if finetune_mode else 0,
@@ -123,7 +136,7 @@ def make_variant(
                               if finetune_mode and val_batches else "last state")}
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
-                          training=training, align=align)
+                          training=training, align=align, cascades_kept=kept)
 
 
 def _steps_done(run_dir: Path) -> tuple[int, int | None]:

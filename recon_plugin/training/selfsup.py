@@ -68,6 +68,9 @@ class LossSpec:
     ssdu_rho: float = 0.4  # ssdu: fraction of the acquired lines held out for the loss
     ei_weight: float = 1.0  # self / rei: weight of the equivariance loss
     cascade_weight: float = 0.0  # teacher: weight of the per-cascade distillation (0: off)
+    # teacher: the teacher's cascades that the student's stand for, in order (a depth-pruned
+    # student: the ones it kept, pruning/cascades.py); None: one to one
+    teacher_cascades: tuple[int, ...] | None = None
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TERMS)
@@ -110,6 +113,8 @@ class LossSpec:
                 ref, ref_casc = teacher(kspace, op, return_cascades=True) if distil \
                     else (teacher(kspace, op), None)
             term = teacher_loss(pred, ref)
+            if distil and self.teacher_cascades is not None:
+                ref_casc = [ref_casc[i] for i in self.teacher_cascades]
             if distil and len(casc) > 1:
                 term = term + self.cascade_weight * cascade_loss(casc[:-1], ref_casc[:-1])
             total = total + w["teacher"] * term
