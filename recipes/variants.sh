@@ -16,6 +16,12 @@
 #   ALIGN=8 VARIANTS="lean:0.8:2 lean:0.8:3" STEPS=1200 BUDGET=3600 SHIP=0 recipes/variants.sh
 #   (two runs side by side, 33 min each; the CG-3 one is shipped, copied as above; the CG-2 one
 #   lost 0.33-0.78 dB on the real brain, outside the 0.3 dB bound, and is not)
+#   ALIGN=8 VARIANTS="lean:0.8:3:5 lean:0.8:4:4" STEPS=1200 BUDGET=3600 SHIP=0 recipes/variants.sh
+#   THREADS=2 ALIGN=8 VARIANTS="lean:0.8:3:5" STEPS=1800 BUDGET=3600 SHIP=0 recipes/variants.sh
+#   (the first: two runs side by side, 28 min each; the second resumes the 5-cascade run at its
+#   step 1200 with the cosine schedule stretched to 1800 steps, 9 min alone on 2 threads; its
+#   export is the shipped unrolled-lean-0.8-cg3-c5-a8, copied as above. The 4-cascade one lost
+#   0.69 dB on the real brain and is not shipped)
 # On the validation slab (`recon-plugin bench select`, docs/BENCHMARKS.md), worst-contrast
 # dPSNR: aligned 60 % -0.22 dB, unaligned 50 % (150 steps, shipped before, replaced) -0.42,
 # unaligned 70 % -0.58, aligned 80 % -0.72, aligned 70 % -0.97 (not shipped), unaligned 80 %
