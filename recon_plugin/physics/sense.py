@@ -8,6 +8,7 @@ Functions accept numpy arrays or complex torch tensors and return the same kind.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .fft import fft2c, ifft2c
@@ -213,8 +214,6 @@ def slice_operator(maps, mask, device: str | torch.device = "cpu",
     as numpy arrays, on ``device``. ``like``: an operator of the same maps (any mask), whose
     maps-dependent parts (support, the virtual coils of ``normal``) are then shared instead of
     made again (:meth:`SenseOperator.with_mask`)."""
-    import numpy as np
-
     dev = torch.device(device) if like is None else like.maps.device
     m = torch.from_numpy(np.asarray(mask, np.float32))[None].to(dev)
     if like is not None:
