@@ -38,7 +38,6 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> int:
     docs = Path(a.docs)
-    docs.mkdir(parents=True, exist_ok=True)  # every benchmark writes there after its long run
     if a.what == "real":
         from recon_plugin.config.protocol import load_protocol
         from recon_plugin.models.checkpoint import WEIGHTS_DIR, resolve_model

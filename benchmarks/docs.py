@@ -11,6 +11,7 @@ HEADER = ("# Benchmarks\n\nNumbers measured on this project's 2-core CPU machine
 def replace_section(path: Path, heading: str, text: str, first: bool = False) -> None:
     """Replace, where it stands, the ``## `` section starting with ``heading`` in a markdown
     file; a new section goes first after the title when ``first``, else at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.is_file() else HEADER
     parts = old.split("\n## ")
     head, sections = parts[0], ["## " + p for p in parts[1:]]

@@ -4,11 +4,11 @@
 # continues from its checkpoints in runs/<name>/. A variant is METHOD:RATIO or
 # METHOD:RATIO:CG or METHOD:RATIO:CG:CASCADES (CG: conjugate-gradient iterations per
 # data-consistency solve, default the parent's 4; CASCADES: how many of the parent's 6 cascades
-# are kept, the others dropped by `prune --cascades`, name suffix -cN). ALIGN (default 1 here, to rebuild the unaligned ones; `prune` itself defaults to
-# 8 for LEAN) keeps a multiple of ALIGN channels in every LEAN layer (`prune --align`, name
-# suffix -aALIGN). The shipped ones (teacher fine-tuning; 1200 steps took 50-62 min here with
-# two runs side by side; the 60 % one ran alone on 2 threads and its 2100 s budget stopped it
-# after 1141 steps):
+# are kept, the others dropped by `prune --cascades`, name suffix -cN). ALIGN (default 1 here,
+# to rebuild the unaligned ones; `prune` itself defaults to 8 for LEAN) keeps a multiple of
+# ALIGN channels in every LEAN layer (`prune --align`, name suffix -aALIGN). The shipped ones
+# (teacher fine-tuning; 1200 steps took 50-62 min here with two runs side by side; the 60 % one
+# ran alone on 2 threads and its 2100 s budget stopped it after 1141 steps):
 #   VARIANTS="lean:0.7" STEPS=1200 BUDGET=4500 recipes/variants.sh
 #   ALIGN=8 VARIANTS="lean:0.7 lean:0.8" STEPS=1200 BUDGET=4500 SHIP=0 recipes/variants.sh
 #   THREADS=2 ALIGN=8 VARIANTS="lean:0.6" STEPS=1200 BUDGET=2100 SHIP=0 recipes/variants.sh
@@ -49,8 +49,9 @@ for V in $VARIANTS; do
   RUN=runs/$N
   mkdir -p "$RUN"
   OMP_NUM_THREADS=${THREADS:-1} recon-plugin prune --model unrolled-base --method "$M" \
-      --ratio "$R" ${C:+--cg-iters "$C"} ${K:+--cascades "$K"} --align "$ALIGN" --finetune teacher --steps "$STEPS" \
-      --lr "${LR:-1e-3}" --pool "$POOL" --time-budget "${BUDGET:-36000}" --run-dir "$RUN" --export "$RUN/$N" \
+      --ratio "$R" ${C:+--cg-iters "$C"} ${K:+--cascades "$K"} --align "$ALIGN" \
+      --finetune teacher --steps "$STEPS" --lr "${LR:-1e-3}" --pool "$POOL" \
+      --time-budget "${BUDGET:-36000}" --run-dir "$RUN" --export "$RUN/$N" \
       >>"$RUN/prune.log" 2>&1 &
 done
 wait

@@ -220,4 +220,3 @@ def slice_operator(maps, mask, device: str | torch.device = "cpu",
         return like.with_mask(m)
     return SenseOperator(torch.from_numpy(np.ascontiguousarray(maps, np.complex64))[None].to(dev),
                          m)
-

@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def keep_cascades(model: UnrolledNet, keep: list[int]) -> UnrolledNet:
-    """A copy of ``model`` with only the cascades ``keep`` (indices, in their order): their
-    priors and learned data-consistency weights (and the CG-SENSE initialisation's weight of a
-    noise-aware network)."""
+    """A copy of ``model`` with only the cascades ``keep`` (indices; they run in the parent's
+    order): their priors and learned data-consistency weights (and the CG-SENSE
+    initialisation's weight of a noise-aware network)."""
     n = model.num_cascades
     keep = sorted(int(k) for k in keep)
     if not keep or len(set(keep)) != len(keep) or keep[0] < 0 or keep[-1] >= n:

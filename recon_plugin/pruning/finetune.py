@@ -207,9 +207,8 @@ def describe_variant(parent_card: dict, method: str, ratio: float, mode: str,
     if parent_cascades is not None and model.num_cascades != parent_cascades:
         text += f", {model.num_cascades} cascades (parent {parent_cascades})"
     parent_iters = arch.get("cg_iters")
-    iters = getattr(model, "cg_iters", None)
-    if getattr(model, "dc", None) == "prox" and parent_iters is not None and iters != parent_iters:
-        text += f", {iters} CG iterations per solve (parent {parent_iters})"
+    if model.dc == "prox" and parent_iters is not None and model.cg_iters != parent_iters:
+        text += f", {model.cg_iters} CG iterations per solve (parent {parent_iters})"
     return text
 
 

@@ -77,14 +77,12 @@ def sense_two_maps(kspace, maps, maps2, mask, lamda: float | None = None,
     import torch
 
     from ..models.unrolled import cg_solve
-    from ..physics import SenseOperator
+    from ..physics import slice_operator
 
     lam = float(DEFAULT_LAMBDA["cg-sense"] if lamda is None else lamda)
     with torch.inference_mode():
         k = torch.from_numpy(np.ascontiguousarray(kspace, np.complex64))[None]
-        m = torch.from_numpy(np.asarray(mask, np.float32))[None]
-        ops = [SenseOperator(torch.from_numpy(np.ascontiguousarray(s, np.complex64))[None], m)
-               for s in (maps, maps2)]
+        ops = [slice_operator(s, mask) for s in (maps, maps2)]
         rhs = torch.stack([op.adjoint(k) for op in ops], 1)  # (1, 2, ky, kx)
         scale = percentile_scale(rhs[0, 0].numpy())
         rhs = rhs / scale

@@ -293,10 +293,10 @@ class Reconstructor:
         # one operator of the slice's maps: every solve below shares its support and virtual
         # coils (SenseOperator.with_mask), whatever lines it leaves out
         op = slice_operator(maps, mask, self.device)
+        keep = guard.without_lines(mask, lines)  # the mask without the guard's lines
         # calibration and refinement never see the guard's lines (neither to fit nor to choose),
         # so the guard judges the network on data that took no part in adapting it
         if settings.calibrate or settings.refine == "scan":
-            keep = guard.without_lines(mask, lines)
             ksp_keep = ksp * keep[None]
             if settings.calibrate:
                 dc_setting = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed,
@@ -311,7 +311,7 @@ class Reconstructor:
                 net, guard_image = self._confirm_refinement(name, net, ksp, ksp_keep, maps,
                                                             keep, lines, dc_setting,
                                                             settings.guard_z, seed, notes, t)
-            guard_op = slice_operator(maps, guard.without_lines(mask, lines), like=op)
+            guard_op = slice_operator(maps, keep, like=op)
             res = guard.check(ksp, maps, mask, lines,
                               lambda k, s, m: guard_image if guard_image is not None
                               else self._network(name, k, s, m, net, dc_setting, guard_op),
