@@ -168,7 +168,9 @@ def test_refinement_never_sees_the_guards_lines(monkeypatch):
         return None, None
 
     monkeypatch.setattr(refine, "refine_slice", spy)
-    settings = ReconSettings(method="unrolled", refine="scan", calibrate=True)
+    # 22 acquired lines outside the ACS block: 20 % are 4, enough to verify a refinement
+    settings = ReconSettings(method="unrolled", refine="scan", calibrate=True,
+                             guard_fraction=0.2)
     rec = Reconstructor()
     notes: list[str] = []
     rec.network_slice("unrolled-base", ksp, maps, mask, acs, settings, seed=3, notes=notes,

@@ -16,13 +16,18 @@ def _slice():
     return ksp, maps, mask, (32 - 3, 32 + 3)
 
 
+# this small slice has 17 acquired lines: 30 % of those outside the ACS block are 4, the fewest
+# a refinement is verified on (refine.MIN_VERIFY_LINES)
+FRACTION = 0.3
+
+
 def test_refinement_improves_an_untrained_network_and_leaves_it_unchanged():
     torch.manual_seed(0)
     model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="gradient").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ksp, maps, mask, acs = _slice()
     net, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=40,
-                            lr=3e-3, check_every=5, patience=8)
+                            lr=3e-3, check_every=5, patience=8, heldout_fraction=FRACTION)
     assert res is not None and res.steps > 0
     assert res.kept and net is not None and res.error_after < res.error_before
     assert "kept" in res.describe()
@@ -36,10 +41,11 @@ def test_refinement_respects_its_budget_and_keeps_nothing_without_gain():
     ksp, maps, mask, acs = _slice()
     # a zero learning rate cannot improve the held-out error: nothing is kept
     net, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=10, lr=0.0,
-                            check_every=2, patience=2)
+                            check_every=2, patience=2, heldout_fraction=FRACTION)
     assert net is None and res is not None and not res.kept
     assert "not kept" in res.describe()
-    _, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=0.5, max_steps=10_000)
+    _, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=0.5, max_steps=10_000,
+                          heldout_fraction=FRACTION)
     assert res is not None and res.seconds < 5.0 and res.steps < 10_000
 
 
@@ -53,9 +59,10 @@ def test_refinement_trains_and_judges_at_the_given_setting():
     with torch.no_grad():
         model.step.add_(4.0)  # a strong prior: x e^4 the initial weight
     ksp, maps, mask, acs = _slice()
-    _, at1 = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=1, lr=0.0)
+    _, at1 = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=1, lr=0.0,
+                          heldout_fraction=FRACTION)
     _, small = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=1, lr=0.0,
-                            setting=DcSetting(1 / 16))
+                            setting=DcSetting(1 / 16), heldout_fraction=FRACTION)
     assert at1.setting == DcSetting() and small.setting == DcSetting(1 / 16)
     assert small.error_before < 0.9 * at1.error_before
     assert "prior weight x0.0625" in small.describe()
@@ -72,9 +79,11 @@ def test_refinement_judges_the_image_with_its_l1_stage():
                         noise_aware=True).eval()
     ksp, maps, mask, acs = _slice()
     l1 = DcSetting(sparsity=Sparsity(0.01, 0.1))
-    _, plain = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0)
-    _, staged = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0, setting=l1)
-    lines = heldout_lines(mask, acs, 0.1, seed=0)
+    _, plain = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0,
+                            heldout_fraction=FRACTION)
+    _, staged = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0, setting=l1,
+                             heldout_fraction=FRACTION)
+    lines = heldout_lines(mask, acs, FRACTION, seed=0)
     keep = mask.copy()
     keep[lines] = 0
     with torch.no_grad():
@@ -104,11 +113,12 @@ def test_the_pipeline_keeps_a_refinement_only_where_the_guards_lines_confirm_it(
     ksp, maps, mask, acs = _slice()
     rec = Reconstructor()
     rec._models["untrained"] = (model, {})
-    lines = heldout_lines(mask, acs, 0.25, seed=0)
+    lines = heldout_lines(mask, acs, FRACTION, seed=0)
     keep = without_lines(mask, lines)
     refined, res = refine_slice(model, ksp * keep[None], maps, keep, acs, time_budget_s=30,
-                                max_steps=40, lr=3e-3, check_every=5, patience=8)
-    assert res is not None and res.kept and lines.size >= 3
+                                max_steps=40, lr=3e-3, check_every=5, patience=8,
+                                heldout_fraction=0.6)  # 4 of the 7 lines left outside the ACS
+    assert res is not None and res.kept and lines.size >= 4
     notes, t = [], defaultdict(float)
     t["refine_kept"] = 2
     ksp_keep = ksp * keep[None]
@@ -119,3 +129,38 @@ def test_the_pipeline_keeps_a_refinement_only_where_the_guards_lines_confirm_it(
                                        keep, lines, TRAINED, 1.0, 0, notes, t)
     assert net is None and "dropped" in notes[-1] and t["refine_kept"] == 1
     np.testing.assert_allclose(img, rec._network("untrained", ksp * keep[None], maps, keep))
+
+
+def test_no_refinement_is_tried_on_too_few_lines(monkeypatch):
+    """Where fewer than MIN_VERIFY_LINES lines can be held out, nothing is trained: refine_slice
+    returns (None, None); in the pipeline, where the guard's own lines are too few, refine_slice
+    is not even called, and the slice's notes and timings say why."""
+    from collections import defaultdict
+
+    from recon_plugin.recon import refine
+    from recon_plugin.recon.guard import heldout_lines
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+
+    model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="gradient").eval()
+    ksp, maps, mask, acs = _slice()
+    assert heldout_lines(mask, acs, 0.1, seed=0).size < refine.MIN_VERIFY_LINES
+    assert refine_slice(model, ksp, maps, mask, acs, max_steps=5) == (None, None)
+    net, res = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0,
+                            heldout_fraction=FRACTION)
+    assert res is not None and res.steps == 1
+
+    called = []
+    monkeypatch.setattr(refine, "refine_slice", lambda *a, **k: called.append(1) or (None, None))
+    rec = Reconstructor()
+    rec._models["untrained"] = (model, {})
+    for fraction, tried in ((0.1, False), (FRACTION, True)):
+        called.clear()
+        notes, t = [], defaultdict(float)
+        settings = ReconSettings(model="untrained", refine="scan", guard_fraction=fraction)
+        rec.network_slice("untrained", ksp, maps, mask, acs, settings, seed=0, notes=notes,
+                          timings=t)
+        assert bool(called) == tried
+        if not tried:
+            assert any(n.startswith("scan-specific refinement skipped: only 2 acquired lines")
+                       for n in notes)
+            assert t["refine_skipped"] == 1

@@ -58,8 +58,11 @@ def _report(results: list[FileResult]) -> int:
         if r.ok and r.timings.get("fov_wrap"):
             extra += (f", field-of-view wrap: {int(r.timings['fov_wrap'])} slices unfolded "
                       "with a second set of maps")
-        if r.ok and r.timings.get("refine_kept") is not None and "refine" in r.timings:
-            extra += f", refinement kept on {int(r.timings['refine_kept'])} slices"
+        if r.ok and ("refine" in r.timings or r.timings.get("refine_skipped")):
+            extra += f", refinement kept on {int(r.timings.get('refine_kept', 0))} slices"
+            if r.timings.get("refine_skipped"):
+                extra += (f", not tried on {int(r.timings['refine_skipped'])} (too few lines "
+                          "to verify it)")
         print(f"{status:15s} {r.input}: {extra}")
     print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed")
     return EXIT_OK if not bad else EXIT_FAILED

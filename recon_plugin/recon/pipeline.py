@@ -284,7 +284,7 @@ class Reconstructor:
         refinement, then the guard: (complex image (ky, kx), the method that made it,
         ``unrolled`` or ``cg-sense``).
         ``notes`` receives what they decided; ``timings`` their seconds and counts
-        (guard_checked, guard_rejected, refine_kept)."""
+        (guard_checked, guard_rejected, refine_kept, refine_skipped)."""
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
         net, dc_setting = None, TRAINED
@@ -303,7 +303,7 @@ class Reconstructor:
                                              notes, t, calibration, op)
             if settings.refine == "scan":  # trains at the calibrated setting
                 net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
-                                   dc_setting)
+                                   dc_setting, lines)
         res, guard_image = None, None
         if settings.guard:
             t0 = time.perf_counter()
@@ -385,16 +385,26 @@ class Reconstructor:
         return None, plain
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
-                notes: list[str], t: dict, dc_setting: DcSetting):
+                notes: list[str], t: dict, dc_setting: DcSetting,
+                guard_lines: np.ndarray | None = None):
         """A copy of the network refined on this slice with ``dc_setting``
-        (``recon/refine.py``) or None."""
-        from .refine import refine_slice
+        (``recon/refine.py``) or None; none is tried where the guard's ``guard_lines`` (which
+        would confirm it) or the refinement's own would be too few."""
+        from .refine import MIN_VERIFY_LINES, refine_slice, too_few_lines
 
+        if guard_lines is not None and guard_lines.size < MIN_VERIFY_LINES:
+            notes.append(too_few_lines(guard_lines.size))
+            t["refine_skipped"] += 1
+            return None
         net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
                                 settings.refine_budget_s, settings.refine_max_steps,
                                 heldout_fraction=settings.guard_fraction, seed=seed,
                                 device=self.device, setting=dc_setting)
-        if res is not None:
+        if res is None:
+            n = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=seed).size
+            notes.append(too_few_lines(n))
+            t["refine_skipped"] += 1
+        else:
             log.info("slice %d: %s", seed, res.describe())
             notes.append(res.describe())
             t["refine"] += res.seconds
