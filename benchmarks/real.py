@@ -307,9 +307,10 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                     guard_log.append({"case": c.name, "network_ok": not t.get("guard_rejected"),
                                       "seconds": t["guard"], "calibrate": t.get("calibrate")})
             for t in (gr.log if refine_budget_s else []):
-                if "refine" in t:
+                if "refine" in t or t.get("refine_skipped"):
                     refine_log.append({"case": c.name, "kept": bool(t.get("refine_kept")),
-                                       "seconds": t["refine"]})
+                                       "seconds": t.get("refine", 0.0),
+                                       "skipped": bool(t.get("refine_skipped"))})
             if c.name in examples:
                 examples[c.name]["target (fully sampled RSS)"] = (c.target, None)
     result = {"rows": rows, "guard": guard_log, "refine": refine_log,
@@ -460,10 +461,14 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
                           "network runs and five L1-wavelet solves without the held-out "
                           "lines).")
     rl = result.get("refine", [])
+    tried = [d for d in rl if not d.get("skipped")]
     if rl:
-        lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in rl)} of "
-                  f"{len(rl)} slices, {np.median([d['seconds'] for d in rl]):.1f} s per slice "
-                  "(median)."]
+        lines += ["", f"Scan-specific refinement: kept on {sum(d['kept'] for d in tried)} of "
+                  f"{len(tried)} slices where it was tried"
+                  + (f", {np.median([d['seconds'] for d in tried]):.1f} s per slice (median)"
+                     if tried else "")
+                  + f"; not tried on {len(rl) - len(tried)} (fewer than 4 lines to hold out for "
+                  "each of its checks: `recon/refine.py`)."]
     w = result.get("wrap")
     if w:
         found = ("found: the default protocol takes the second map's image from two-map SENSE "

@@ -132,9 +132,10 @@ def test_the_pipeline_keeps_a_refinement_only_where_the_guards_lines_confirm_it(
 
 
 def test_no_refinement_is_tried_on_too_few_lines(monkeypatch):
-    """Where fewer than MIN_VERIFY_LINES lines can be held out, nothing is trained: refine_slice
-    returns (None, None); in the pipeline, where the guard's own lines are too few, refine_slice
-    is not even called, and the slice's notes and timings say why."""
+    """A refinement holds out at least MIN_VERIFY_LINES lines for itself, and nothing is trained
+    where the slice has too few for that (refine_slice returns (None, None)); in the pipeline,
+    where the guard's lines are too few to confirm it, refine_slice is not even called, and the
+    slice's notes and timings say why."""
     from collections import defaultdict
 
     from recon_plugin.recon import refine
@@ -144,10 +145,14 @@ def test_no_refinement_is_tried_on_too_few_lines(monkeypatch):
     model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="gradient").eval()
     ksp, maps, mask, acs = _slice()
     assert heldout_lines(mask, acs, 0.1, seed=0).size < refine.MIN_VERIFY_LINES
-    assert refine_slice(model, ksp, maps, mask, acs, max_steps=5) == (None, None)
-    net, res = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0,
-                            heldout_fraction=FRACTION)
+    # its own set: 10 % of the lines is 1 here, but it holds out 4
+    _, res = refine_slice(model, ksp, maps, mask, acs, max_steps=1, lr=0.0)
     assert res is not None and res.steps == 1
+    rows = np.flatnonzero(mask.any(axis=1))
+    outside = rows[(rows < acs[0]) | (rows >= acs[1])]
+    few = mask.copy()
+    few[outside[5:]] = 0  # 5 lines outside the ACS block: 4 held out would leave 1 to train
+    assert refine_slice(model, ksp * few[None], maps, few, acs, max_steps=5) == (None, None)
 
     called = []
     monkeypatch.setattr(refine, "refine_slice", lambda *a, **k: called.append(1) or (None, None))
@@ -161,6 +166,6 @@ def test_no_refinement_is_tried_on_too_few_lines(monkeypatch):
                           timings=t)
         assert bool(called) == tried
         if not tried:
-            assert any(n.startswith("scan-specific refinement skipped: only 2 acquired lines")
-                       for n in notes)
+            assert any(n.startswith("scan-specific refinement skipped: the guard holds out "
+                                    "only 2 acquired lines") for n in notes)
             assert t["refine_skipped"] == 1

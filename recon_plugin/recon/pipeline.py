@@ -401,8 +401,7 @@ class Reconstructor:
                                 heldout_fraction=settings.guard_fraction, seed=seed,
                                 device=self.device, setting=dc_setting)
         if res is None:
-            n = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=seed).size
-            notes.append(too_few_lines(n))
+            notes.append(too_few_lines())
             t["refine_skipped"] += 1
         else:
             log.info("slice %d: %s", seed, res.describe())
