@@ -169,3 +169,32 @@ def test_no_refinement_is_tried_on_too_few_lines(monkeypatch):
             assert any(n.startswith("scan-specific refinement skipped: the guard holds out "
                                     "only 2 acquired lines") for n in notes)
             assert t["refine_skipped"] == 1
+
+
+def test_the_budget_covers_the_whole_slice():
+    """``refine_budget_s`` bounds the slice's whole time (the stages before, refinement, its
+    confirmation, guard, final image), not the training alone; the passes that follow training
+    are reserved from it (``reserve_passes``: a reserve larger than the budget trains nothing)."""
+    import time
+    from collections import defaultdict
+
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+
+    torch.manual_seed(0)
+    model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="prox", cg_iters=3,
+                        noise_aware=True).eval()
+    ksp, maps, mask, acs = _slice()
+    _, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=5.0, max_steps=50,
+                          reserve_passes=1e6)
+    assert res is not None and res.steps == 0
+    rec = Reconstructor()
+    rec._models["small"] = (model, {})
+    settings = ReconSettings(model="small", refine="scan", refine_budget_s=2.0,
+                             refine_max_steps=100_000, guard_fraction=FRACTION)
+    t = defaultdict(float)
+    t0 = time.perf_counter()
+    rec.network_slice("small", ksp, maps, mask, acs, settings, notes=[], timings=t,
+                      started=t0 - 0.5)  # half a second spent on the slice before
+    elapsed = time.perf_counter() - t0
+    assert 0.5 < t["refine"] < 1.5
+    assert elapsed < 1.5 + 0.5  # the 2 s less the 0.5 spent, with room for a loaded machine

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan: fine-tune a copy of the network on each slice's own lines, kept "
                    "where held-out lines improve (default: the protocol's refine.mode)")
     s.add_argument("--refine-budget", type=float, default=None,
-                   help="seconds of refinement per slice (default: the protocol's, 20)")
+                   help="wall seconds per slice with refinement, all stages included: it trains "
+                   "for what the others leave (default: the protocol's, 20)")
     s.add_argument("--no-guard", action="store_true",
                    help="skip the per-slice held-out-line check of the network against CG-SENSE")
     s.add_argument("--no-calibrate", action="store_true",

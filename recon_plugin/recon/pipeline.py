@@ -64,6 +64,10 @@ from .sparse import Sparsity
 
 log = logging.getLogger(__name__)
 
+# what a slice still makes after its refinement, in images as the pipeline delivers them: the
+# confirmation's refined and unrefined image, the guard's CG-SENSE, the final image
+AFTER_REFINEMENT = 3.5
+
 
 
 @dataclass
@@ -84,7 +88,8 @@ class ReconSettings:
     guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
     guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
     refine: str = "none"  # "scan": per-slice self-supervised refinement (recon/refine.py)
-    refine_budget_s: float = 20.0  # wall-clock seconds per slice
+    # wall-clock seconds per slice, all stages: refinement trains for what the others leave
+    refine_budget_s: float = 20.0
     refine_max_steps: int = 200
     calibrate: bool = False  # prior weight chosen on held-out lines (calibrate.py)
     calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
@@ -193,7 +198,7 @@ class Reconstructor:
         slice is calibrated on its own, where the settings ask for calibration)."""
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
-        t0 = time.perf_counter()
+        t0 = started = time.perf_counter()
         ksp, mask, calib = prepare_kspace(sl, settings, whitener)
         t["preprocess"] += time.perf_counter() - t0
         notes: list[str] = []
@@ -229,7 +234,7 @@ class Reconstructor:
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             img, method = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
-                                             sl.slice_index, notes, t, calibration)
+                                             sl.slice_index, notes, t, calibration, started)
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
@@ -277,14 +282,16 @@ class Reconstructor:
                       acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
                       notes: list[str] | None = None, timings: dict | None = None,
                       calibration: ScanCalibration | None = None,
-                      ) -> tuple[np.ndarray, str]:
+                      started: float | None = None) -> tuple[np.ndarray, str]:
         """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
         sampled, maps, mask (ky, kx)) with the protocol's prior-weight calibration
         (``calibration``: the scan's shared state; None: this slice alone) and scan-specific
         refinement, then the guard: (complex image (ky, kx), the method that made it,
         ``unrolled`` or ``cg-sense``).
         ``notes`` receives what they decided; ``timings`` their seconds and counts
-        (guard_checked, guard_rejected, refine_kept, refine_skipped)."""
+        (guard_checked, guard_rejected, refine_kept, refine_skipped). ``started``: the slice's
+        start (``time.perf_counter()``; None: now), from which its refinement budget counts."""
+        started = time.perf_counter() if started is None else started
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
         net, dc_setting = None, TRAINED
@@ -303,7 +310,7 @@ class Reconstructor:
                                              notes, t, calibration, op)
             if settings.refine == "scan":  # trains at the calibrated setting
                 net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
-                                   dc_setting, lines)
+                                   dc_setting, lines, started)
         res, guard_image = None, None
         if settings.guard:
             t0 = time.perf_counter()
@@ -386,20 +393,24 @@ class Reconstructor:
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                 notes: list[str], t: dict, dc_setting: DcSetting,
-                guard_lines: np.ndarray | None = None):
+                guard_lines: np.ndarray | None = None, started: float | None = None):
         """A copy of the network refined on this slice with ``dc_setting``
         (``recon/refine.py``) or None; none is tried where the guard's ``guard_lines`` (which
-        would confirm it) or the refinement's own would be too few."""
+        would confirm it) or the refinement's own would be too few. It trains for what is left
+        of the slice's budget (counted from ``started``) after the stages before it and the
+        ``AFTER_REFINEMENT`` passes that follow it."""
         from .refine import MIN_VERIFY_LINES, refine_slice, too_few_lines
 
         if guard_lines is not None and guard_lines.size < MIN_VERIFY_LINES:
             notes.append(too_few_lines(guard_lines.size))
             t["refine_skipped"] += 1
             return None
+        spent = time.perf_counter() - (time.perf_counter() if started is None else started)
         net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
-                                settings.refine_budget_s, settings.refine_max_steps,
+                                settings.refine_budget_s - spent, settings.refine_max_steps,
                                 heldout_fraction=settings.guard_fraction, seed=seed,
-                                device=self.device, setting=dc_setting)
+                                device=self.device, setting=dc_setting,
+                                reserve_passes=AFTER_REFINEMENT)
         if res is None:
             notes.append(too_few_lines())
             t["refine_skipped"] += 1

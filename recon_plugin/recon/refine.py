@@ -17,7 +17,8 @@ stopping), so their improvement is biased low; where the guard runs, the pipelin
 refined copy only where the guard's own held-out lines confirm it
 (``Reconstructor._confirm_refinement``). Its own set holds at least ``MIN_VERIFY_LINES``
 lines; where the guard's holds fewer (high acceleration, small matrix), or the slice has too
-few lines for its own, no refinement is tried. A wall-clock budget bounds the cost per slice.
+few lines for its own, no refinement is tried. A wall-clock budget bounds the cost per slice:
+in the pipeline the slice's whole time, training taking what its other stages leave.
 
 Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
 (ky, kx) with lines along kx.
@@ -93,14 +94,17 @@ def refine_slice(
     acs: tuple[int, int] | None, time_budget_s: float = 20.0, max_steps: int = 200,
     lr: float = 3e-4, rho: float = 0.4, heldout_fraction: float = 0.1, check_every: int = 5,
     patience: int = 3, seed: int = 0, device: str | torch.device = "cpu",
-    scalar_lr_factor: float = 10.0, setting: DcSetting = TRAINED,
+    scalar_lr_factor: float = 10.0, setting: DcSetting = TRAINED, reserve_passes: float = 0.0,
 ) -> tuple[nn.Module | None, RefineResult | None]:
     """(the refined copy or None, what happened). ``heldout_fraction`` of the acquired lines
     outside ``acs``, at least ``MIN_VERIFY_LINES``, are held out; (None, None) where the slice
     has too few lines for that (nothing is trained). ``model`` is not
     changed; the copy trains and is judged with ``setting`` (run it with
-    that setting). Training stops at ``max_steps``, at the time budget, or after
-    ``patience`` checks without a better held-out error; the best checked state is returned."""
+    that setting). Training stops at ``max_steps``, after ``patience`` checks without a better
+    held-out error, or before its next step would end later than ``time_budget_s`` seconds
+    after the call less ``reserve_passes`` times the duration of one held-out check (one
+    image as the pipeline delivers it: what the caller still has to make after training); the
+    best checked state is returned."""
     t0 = time.perf_counter()
     lines = heldout_lines(mask, acs, heldout_fraction, min_lines=MIN_VERIFY_LINES, seed=seed)
     if lines.size < MIN_VERIFY_LINES:
@@ -124,7 +128,9 @@ def refine_slice(
         return heldout_line_errors(img, maps, kspace, lines)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
+    t_check = time.perf_counter()
     lines_before = line_errors(net)
+    deadline = t0 + time_budget_s - reserve_passes * (time.perf_counter() - t_check)
     before = float(lines_before.sum())
     best, best_lines, best_state, since, steps = before, lines_before, None, 0, 0
     for p in net.parameters():
@@ -137,7 +143,9 @@ def refine_slice(
     opt = torch.optim.Adam([{"params": others, "lr": lr},
                             {"params": scalars, "lr": lr * scalar_lr_factor}])
     rng = np.random.default_rng(seed)
-    while steps < max_steps and time.perf_counter() - t0 < time_budget_s:
+    t_step = 0.0  # the last step's duration (with its check): the next one is expected to match
+    while steps < max_steps and time.perf_counter() + t_step < deadline:
+        t_this = time.perf_counter()
         dc, loss_mask = ssdu_split(m_train, rho, acs, rng)
         pred = _apply(net, k, op, dc, setting)
         loss = kspace_loss(op.with_mask(loss_mask).forward(pred), k * loss_mask.unsqueeze(1))
@@ -154,6 +162,7 @@ def refine_slice(
                 since += 1
                 if since >= patience:
                     break
+        t_step = time.perf_counter() - t_this
     # kept only where the held-out lines improved by more than their noise (as the calibration
     # decides): a few lines are a noisy judge, and a wrong keep costs more than a missed one
     kept = best_state is not None and significant_gain(lines_before, best_lines) > 0
