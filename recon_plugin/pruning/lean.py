@@ -159,8 +159,8 @@ def align_counts(keep: dict[str, np.ndarray], score: dict[str, np.ndarray], alig
 
     Why: CPU convolution kernels work on channel blocks (8 floats wide with AVX2), so a layer
     of 9 channels costs about as much as one of 16: at 320x320 a 16 -> 9 convolution took
-    longer than 16 -> 16 on this project's machine, 9 -> 9 more than twice 8 -> 8 (README,
-    results). Counts on the block grid turn the removed FLOPs into time."""
+    longer than 16 -> 16 on this project's machine, 9 -> 9 more than twice 8 -> 8
+    (docs/FINDINGS.md, pruning). Counts on the block grid turn the removed FLOPs into time."""
     out = {}
     for name, mask in keep.items():
         n, total = int(mask.sum()), mask.size

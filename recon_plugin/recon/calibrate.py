@@ -52,7 +52,7 @@ CG_ITERS_GRID = (8, 16)
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
 # (L1, anchor) pairs of the anchored L1-wavelet solve tried on the chosen setting's image
-# (recon/sparse.py; README, "Results"): gentle ones (anchor >= GENTLE_ANCHOR: close to the
+# (recon/sparse.py; docs/FINDINGS.md): gentle ones (anchor >= GENTLE_ANCHOR: close to the
 # network's image, they remove noise without bringing the data's back) against the image first,
 # then stronger ones (closer to the data) only where they beat that choice
 SPARSITY_GRID = (Sparsity(0.01, 1.0), Sparsity(0.03, 3.0), Sparsity(0.003, 0.1),

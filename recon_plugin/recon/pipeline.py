@@ -220,9 +220,10 @@ class Reconstructor:
         measured = ksp  # the prepared measurement, before a wrap's second map is taken out
         folded = None  # the second map's image where the phase field of view wraps
         if method != "zero-filled" and maps2 is not None:
-            # one set of maps cannot describe folded pixels (README, "Real scanner data": the
-            # small-FOV brain): two-map SENSE; the network then reconstructs the first map's
-            # image from the data with the second map's part taken out
+            # one set of maps cannot describe folded pixels (docs/FINDINGS.md, the wrapped
+            # field of view: the small-FOV brain): two-map SENSE; the network then
+            # reconstructs the first map's image from the data with the second map's part
+            # taken out
             ksp, folded = self._unfold(ksp, maps, maps2, mask, wrapped, method, sl.slice_index,
                                        settings, notes, t)
             t["fov_wrap"] += 1
@@ -259,7 +260,7 @@ class Reconstructor:
         map's image (ky, kx)), both from two-map SENSE (:func:`unfold`); the
         method then reconstructs the first map's image from that k-space with one set of maps
         (the network: +2.9 to +8.0 dB over two-map SENSE alone on 12 simulated wrapped
-        slices, README), and the two images are combined."""
+        slices, docs/FINDINGS.md), and the two images are combined."""
         t0 = time.perf_counter()
         rest, x2 = unfold(ksp, maps, maps2, mask, settings.lamda)
         t["classical"] += time.perf_counter() - t0

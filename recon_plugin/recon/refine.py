@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # a refinement holds out at least this many acquired lines for its early stopping, and the
 # pipeline tries one only where the guard holds out as many to confirm it: with 2 or 3 lines
 # the paired test's standard error rests on 1 or 2 degrees of freedom, and on the real brain at
-# 8x (3 guard lines) it confirmed a refinement that cost 0.64 dB (README, "Results")
+# 8x (3 guard lines) it confirmed a refinement that cost 0.64 dB (docs/FINDINGS.md)
 MIN_VERIFY_LINES = 4
 
 
@@ -137,7 +137,7 @@ def refine_slice(
         p.requires_grad_(True)
     # the scalar data-consistency weights (regularisation strength) adapt faster than the CNN
     # weights, but the calibration has already scaled them: at 100x the learning rate the first
-    # 60 steps lost up to 0.25 dB on the real brain before gaining (README, "Results")
+    # 60 steps lost up to 0.25 dB on the real brain before gaining (docs/FINDINGS.md)
     scalars = [p for p in net.parameters() if p.ndim <= 1 and p.numel() <= 64]
     others = [p for p in net.parameters() if not any(p is q for q in scalars)]
     opt = torch.optim.Adam([{"params": others, "lr": lr},

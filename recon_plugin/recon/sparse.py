@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_ITER = 20  # within 0.01 dB of 40 on the real brain cases (README, "Results")
+MAX_ITER = 20  # within 0.01 dB of 40 on the real brain cases (docs/FINDINGS.md)
 MAX_SHIFT = 8  # random wavelet shifts per axis are drawn from [0, MAX_SHIFT)
 
 
