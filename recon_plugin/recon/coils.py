@@ -157,17 +157,28 @@ def _top_eigenpairs(op: torch.Tensor, max_iter: int = 30, tol: float = 1e-4,
     nearly equal (one map set cannot describe the pixel) the result is a unit vector of their
     span."""
     x = op.sum(-1)  # op @ ones: a start with a component along the top eigenvector
-    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    x = x / _norm(x).clamp_min(1e-12)
     for _ in range(max_iter):
         y = (op @ x.unsqueeze(-1)).squeeze(-1)
-        lam = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        lam = _norm(y)
         y = y / lam.clamp_min(1e-12)
-        moved = (y - x).abs().amax(-1, keepdim=True)
+        moved2 = _abs2(y - x).amax(-1, keepdim=True)  # the largest |change|^2 over the coils
         x = y
-        if float(torch.where(lam > floor, moved, 0).max()) < tol:
+        if float(torch.where(lam > floor, moved2, 0).max()) < tol * tol:
             break
-    lam = torch.linalg.vector_norm((op @ x.unsqueeze(-1)).squeeze(-1), dim=-1)
+    lam = _norm((op @ x.unsqueeze(-1)).squeeze(-1))[..., 0]
     return x, lam
+
+
+def _abs2(x: torch.Tensor) -> torch.Tensor:
+    """|x|^2 of a complex tensor, elementwise (real, same shape), from its real view: several
+    times faster on CPU than ``x.abs()`` and ``torch.linalg.vector_norm`` of complex tensors."""
+    return torch.view_as_real(x).square().sum(-1)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over the last axis of a complex tensor (..., c) -> (..., 1)."""
+    return _abs2(x).sum(-1, keepdim=True).sqrt()
 
 
 def _coarse_operator(kspace: np.ndarray, acs: tuple[int, int] | None, p: EspiritParams
@@ -186,7 +197,7 @@ def _to_maps(v: torch.Tensor, lam: torch.Tensor, shape: tuple[int, int], crop: f
     v = v * (v[..., :1].conj() / v[..., :1].abs().clamp_min(1e-12))
     maps = _periodic_interp(v.permute(2, 0, 1), shape)
     lam = _periodic_interp(lam[None], shape)[0]
-    maps = maps / maps.abs().pow(2).sum(0, keepdim=True).sqrt().clamp_min(1e-12)
+    maps = maps / _abs2(maps).sum(0, keepdim=True).sqrt().clamp_min(1e-12)
     return (maps * (lam > crop)).numpy().astype(np.complex64)
 
 
