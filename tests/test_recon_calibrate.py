@@ -185,9 +185,60 @@ def test_a_scan_is_calibrated_on_its_central_slices_only(monkeypatch):
         scan, ReconSettings(method="unrolled", calibrate=True, calibrate_slices=2, guard=False))
     assert sorted(calls) == [1, 2] or sorted(calls) == [2, 3]  # the central two of 0..4
     notes = [n for im in series[0].images for n in im.notes if n.startswith("prior weight")]
-    # the first slice decided on its own lines, the second on both; the other three reuse that
-    assert len(notes) == 5 and sum("this slice's" in n for n in notes) == 1
-    assert len({n for n in notes if "2 slices'" in n}) == 1
+    # every image says the scan's one choice, made on both slices (the first slice was made
+    # with its own choice and, where that was the same, only its note is revised)
+    assert len(notes) == 5 and len(set(notes)) == 1 and "2 slices'" in notes[0]
+
+
+def test_slices_made_before_the_scan_settled_are_made_again_where_its_choice_differs(
+        monkeypatch):
+    """The first slice takes its own evidence's choice (here x0.25), the second the pooled
+    one (x1, which the second slice's evidence tips): the first is reconstructed again with
+    x1, so every image of the series has the same data consistency and says so; a scan with
+    fewer slices than ``calibrate_slices`` takes the choice of all of them."""
+    from recon_plugin.io import read_raw
+    from recon_plugin.recon import pipeline
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.sim.simulate import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    vol = simulate_volume("test", "T2", num_slices=3, num_coils=6, matrix=(64, 64), snr=40.0,
+                          seed=3)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        scan = read_raw(write_ismrmrd(vol, Path(d) / "s.h5", acceleration=4, seed=0))
+    one, quarter = calibrate.TRAINED, calibrate.DcSetting(0.25)
+    e = np.random.default_rng(0).uniform(1, 2, 6)
+    evidence = iter([{one: e, quarter: 0.5 * e}, {one: e, quarter: 3.0 * e}])
+    monkeypatch.setattr(pipeline, "heldout_evidence", lambda *a, **k: next(evidence))
+    made = []
+    real = Reconstructor.network_slice
+
+    def spy(self, name, ksp, maps, mask, acs, settings, seed=0, *a, **k):
+        made.append(seed)
+        return real(self, name, ksp, maps, mask, acs, settings, seed, *a, **k)
+
+    monkeypatch.setattr(Reconstructor, "network_slice", spy)
+    rec = Reconstructor()
+    settings = ReconSettings(method="unrolled", calibrate=True, calibrate_slices=2, guard=False,
+                             calibrate_cg_iters=(), calibrate_sparsity=())
+    assert calibrate.choose({one: e, quarter: 0.5 * e}) == quarter
+    series = rec.reconstruct(scan, settings)
+    assert made == [1, 0, 2, 1]  # the central slice first, then again after the scan settled
+    notes = [n for im in series[0].images for n in im.notes if n.startswith("prior weight")]
+    assert len(notes) == 3 and len(set(notes)) == 1
+    assert notes[0].startswith("prior weight x1 chosen on 2 slices'")
+    assert series[0].timings_s["calibration_revised"] == 1
+    # a three-slice scan with a five-slice setting: the choice of all three
+    evidence = iter([{one: e, quarter: 0.5 * e}, {one: e, quarter: 3.0 * e},
+                     {one: e, quarter: 3.0 * e}])
+    made.clear()
+    series = rec.reconstruct(scan, dataclasses.replace(settings, calibrate_slices=5))
+    assert made == [1, 0, 2, 1]
+    notes = {n for im in series[0].images for n in im.notes if n.startswith("prior weight")}
+    assert len(notes) == 1 and notes.pop().startswith("prior weight x1 chosen on 3 slices'")
 
 
 def test_a_gain_counts_only_beyond_the_noise_of_the_lines():

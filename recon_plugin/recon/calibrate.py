@@ -192,17 +192,32 @@ def choose(evidence: dict[DcSetting | MoreIterations | Sparsity, np.ndarray]) ->
 class ScanCalibration:
     """One setting per scan (and model): the first ``slices`` slices that reach the network
     are calibrated and their held-out evidence pooled; later slices take the setting chosen on
-    them. ``slices`` <= 0: every slice is calibrated on its own."""
+    them. Each of the first takes the choice of the evidence pooled until then; a file's
+    reconstruction (``Reconstructor.reconstruct``) then makes again those whose choice differs
+    from the scan's, a stream cannot. ``slices`` <= 0: every slice is calibrated on its own."""
 
     slices: int = 3
     _evidence: dict[str, dict[DcSetting | MoreIterations | Sparsity, list[np.ndarray]]] = field(
         default_factory=dict)
     _result: dict[str, Calibration] = field(default_factory=dict)
+    _closed: bool = False
 
     def settled(self, name: str) -> Calibration | None:
-        """The scan's calibration of model ``name`` once enough slices decided it, else None."""
+        """The scan's calibration of model ``name`` once enough slices decided it (or
+        :meth:`settle` closed it), else None."""
         r = self._result.get(name)
-        return r if r is not None and 0 < self.slices <= r.slices else None
+        if r is None or self.slices <= 0:
+            return None
+        return r if self._closed or self.slices <= r.slices else None
+
+    def current(self, name: str) -> Calibration | None:
+        """The choice of the evidence pooled so far for model ``name`` (None: none yet)."""
+        return self._result.get(name)
+
+    def settle(self) -> None:
+        """The choices so far become the scan's, however few slices made them (a scan with
+        fewer slices than ``slices``); no evidence is added after this."""
+        self._closed = True
 
     def add(self, name: str, evidence: dict[DcSetting | MoreIterations | Sparsity, np.ndarray],
             ) -> Calibration:

@@ -5,8 +5,9 @@ one :class:`~recon_plugin.scan.ReconSeries` per contrast; ``reconstruct_slice`` 
 step the streaming server calls as soon as a slice is complete, so a slice streamed over MRD and
 the same slice read from a file give the same pixels, given the same data-consistency
 calibration: a scan's first slices decide it, from a file the central ones (``reconstruct``),
-in a stream the first to arrive, and each of those takes the choice of the evidence pooled so
-far (the first its own, the second two slices', ...).
+in a stream the first to arrive. Each of those takes the choice of the evidence pooled so far
+(the first its own, the second two slices', ...); from a file, those whose choice differs from
+the scan's final one are then made again with it, so a series has one setting.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images
@@ -441,13 +442,49 @@ class Reconstructor:
         # central slices first: the scan's prior weight is decided on its first slices, and
         # the edge slices of a stack hold the least anatomy (the series are ordered afterwards)
         centre = np.median([sl.slice_index for sl in scan.slices]) if scan.slices else 0
+        provisional = []  # (image index, slice, model, the choice it was made with)
         for sl in sorted(scan.slices, key=lambda sl: abs(sl.slice_index - centre)):
             t0 = time.perf_counter()
+            before = {n: calibration.current(n) for n in self._models}
             images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings,
                                                  calibration))
             slice_seconds.append(time.perf_counter() - t0)
+            provisional += [(len(images) - 1, sl, n, calibration.current(n))
+                            for n in self._models
+                            if calibration.current(n) is not before.get(n)]
+        self._revise(images, provisional, scan.header, settings, whitener, timings,
+                     calibration)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
+
+    def _revise(self, images: list[ReconImage], provisional: list, header: ScanHeader,
+                settings: ReconSettings, whitener, timings: dict,
+                calibration: ScanCalibration) -> None:
+        """Every slice of a series with the scan's one calibration: the slices that decided it
+        were each made with the choice of the evidence pooled until then (the first with its
+        own). Where that choice differs from the scan's final one, the slice is reconstructed
+        again with the final one; where it is the same, its note is replaced by the final
+        description (``provisional``: (index in ``images``, slice, model, the choice it was
+        made with)). A scan with fewer slices than ``calibrate_slices`` takes the choice of
+        all of them."""
+        if not provisional or calibration.slices <= 0:
+            return
+        calibration.settle()
+        for index, sl, name, used in provisional:
+            final = calibration.settled(name)
+            if final is None or final is used:
+                continue
+            if final.setting != used.setting:
+                log.info("slice %d: reconstructed again with the scan's calibration %s (it was "
+                         "made with %s, chosen on fewer slices)", sl.slice_index, final.setting,
+                         used.setting)
+                timings["calibration_revised"] += 1
+                images[index] = self.reconstruct_slice(sl, header, settings, whitener, timings,
+                                                       calibration)
+            else:
+                old = used.describe()
+                images[index].notes[:] = [final.describe() if n == old else n
+                                          for n in images[index].notes]
 
 
 def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
