@@ -194,13 +194,18 @@ class ScanCalibration:
     are calibrated and their held-out evidence pooled; later slices take the setting chosen on
     them. Each of the first takes the choice of the evidence pooled until then; a file's
     reconstruction (``Reconstructor.reconstruct``) then makes again those whose choice differs
-    from the scan's, a stream cannot. ``slices`` <= 0: every slice is calibrated on its own."""
+    from the scan's (:meth:`provisional`, ``Reconstructor.revise``); a stream sends each image
+    at once and keeps the provisional choices (holding them until the scan settles would delay
+    its first images by the time its first slices take). ``slices`` <= 0: every slice is
+    calibrated on its own."""
 
     slices: int = 3
     _evidence: dict[str, dict[DcSetting | MoreIterations | Sparsity, list[np.ndarray]]] = field(
         default_factory=dict)
     _result: dict[str, Calibration] = field(default_factory=dict)
     _closed: bool = False
+    adds: int = 0  # slices whose evidence was pooled so far
+    last: tuple[str, Calibration] | None = None  # (model, choice) of the latest pooling
 
     def settled(self, name: str) -> Calibration | None:
         """The scan's calibration of model ``name`` once enough slices decided it (or
@@ -235,7 +240,18 @@ class ScanCalibration:
         r = Calibration(choose(merged), {c: float(e.sum()) for c, e in merged.items()},
                         int(merged[TRAINED].size), len(pool[TRAINED]))
         self._result[name] = r
+        self.adds += 1
+        self.last = (name, r)
         return r
+
+    def provisional(self, adds_before: int) -> tuple[str, Calibration] | None:
+        """(model, choice) where the slice just made pooled its evidence (``adds`` was
+        ``adds_before``) and was made with a choice of fewer slices than the scan's (not yet
+        settled), else None: that slice may need :meth:`Reconstructor.revise` once it is."""
+        if self.adds == adds_before or self.last is None:
+            return None
+        name, used = self.last
+        return None if self.settled(name) is used else (name, used)
 
 
 def network_image(model: nn.Module, kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,

@@ -54,6 +54,7 @@ from .calibrate import (
     PRIOR_WEIGHT_GRID,
     SPARSITY_GRID,
     TRAINED,
+    Calibration,
     DcSetting,
     ScanCalibration,
     heldout_evidence,
@@ -445,46 +446,41 @@ class Reconstructor:
         provisional = []  # (image index, slice, model, the choice it was made with)
         for sl in sorted(scan.slices, key=lambda sl: abs(sl.slice_index - centre)):
             t0 = time.perf_counter()
-            before = {n: calibration.current(n) for n in self._models}
+            adds = calibration.adds
             images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings,
                                                  calibration))
             slice_seconds.append(time.perf_counter() - t0)
-            provisional += [(len(images) - 1, sl, n, calibration.current(n))
-                            for n in self._models
-                            if calibration.current(n) is not before.get(n)]
-        self._revise(images, provisional, scan.header, settings, whitener, timings,
-                     calibration)
+            made_with = calibration.provisional(adds)
+            if made_with is not None:
+                provisional.append((len(images) - 1, sl, *made_with))
+        calibration.settle()
+        for index, sl, name, used in provisional:
+            images[index] = self.revise(images[index], sl, name, used, scan.header, settings,
+                                        whitener, timings, calibration)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
 
-    def _revise(self, images: list[ReconImage], provisional: list, header: ScanHeader,
-                settings: ReconSettings, whitener, timings: dict,
-                calibration: ScanCalibration) -> None:
-        """Every slice of a series with the scan's one calibration: the slices that decided it
-        were each made with the choice of the evidence pooled until then (the first with its
-        own). Where that choice differs from the scan's final one, the slice is reconstructed
-        again with the final one; where it is the same, its note is replaced by the final
-        description (``provisional``: (index in ``images``, slice, model, the choice it was
-        made with)). A scan with fewer slices than ``calibrate_slices`` takes the choice of
-        all of them."""
-        if not provisional or calibration.slices <= 0:
-            return
-        calibration.settle()
-        for index, sl, name, used in provisional:
-            final = calibration.settled(name)
-            if final is None or final is used:
-                continue
-            if final.setting != used.setting:
-                log.info("slice %d: reconstructed again with the scan's calibration %s (it was "
-                         "made with %s, chosen on fewer slices)", sl.slice_index, final.setting,
-                         used.setting)
-                timings["calibration_revised"] += 1
-                images[index] = self.reconstruct_slice(sl, header, settings, whitener, timings,
-                                                       calibration)
-            else:
-                old = used.describe()
-                images[index].notes[:] = [final.describe() if n == old else n
-                                          for n in images[index].notes]
+    def revise(self, image: ReconImage, sl: SliceData, name: str, used: Calibration,
+               header: ScanHeader, settings: ReconSettings, whitener, timings: dict,
+               calibration: ScanCalibration) -> ReconImage:
+        """``image`` of ``sl`` as the scan's settled calibration makes it: the slices that
+        decided a scan's calibration were each made with the choice of the evidence pooled
+        until then (``used``; the first with its own). Where the scan's final choice for model
+        ``name`` has another setting, the slice is made again with it; where the setting is the
+        same, the final description replaces ``used``'s in its notes. So a series has one
+        setting. ``calibration`` is settled (:meth:`ScanCalibration.settle` where the scan has
+        fewer slices than ``calibrate_slices``)."""
+        final = calibration.settled(name)
+        if final is None or final is used:
+            return image
+        if final.setting != used.setting:
+            log.info("slice %d: made again with the scan's calibration %s (it was made with %s, "
+                     "chosen on fewer slices)", sl.slice_index, final.setting, used.setting)
+            timings["calibration_revised"] += 1
+            return self.reconstruct_slice(sl, header, settings, whitener, timings, calibration)
+        old = used.describe()
+        image.notes[:] = [final.describe() if n == old else n for n in image.notes]
+        return image
 
 
 def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
