@@ -174,7 +174,9 @@ def tiny_model(tmp_path, monkeypatch):
 @pytest.mark.parametrize("variant", ["stream-tiny", pytest.param("unrolled-base", marks=pytest.mark.slow)])
 def test_stream_deep_learning_protocol(server, engine, data, tiny_model, monkeypatch, variant):
     """Deep-learning protocol: same pixels as offline, DL labels in the meta, model loaded once
-    for the offline recon and two streams (the shipped model only once it exists)."""
+    for the offline recon and two streams (the shipped model only once it exists). Without
+    calibration: with it, the stream sends each of the scan's first slices with the choice of
+    the evidence so far, where the file path makes them again with the scan's final choice."""
     if variant == "unrolled-base" and not WEIGHTS.exists():
         pytest.skip("shipped model not trained yet")
     import recon_plugin.recon.pipeline as pipeline
@@ -187,7 +189,7 @@ def test_stream_deep_learning_protocol(server, engine, data, tiny_model, monkeyp
     name = f"stream_dl_{variant.replace('-', '_')}"
     (data["pdir"] / f"{name}.yaml").write_text(
         f"name: {name}\nextends: stream_cg.yaml\nmodel: {{method: unrolled, variant: {variant}}}\n"
-        "guard: {enabled: false}\n")  # the network's labels, whatever its quality here
+        "guard: {enabled: false}\ncalibration: {enabled: false}\n")  # the network's labels
     written, _ = recon_file(data["raw"], data["root"] / f"offline_{name}", engine.recon,
                             str(data["pdir"] / f"{name}.yaml"), formats=("h5",))
     with h5py.File(written[0], "r") as f:
@@ -433,45 +435,3 @@ def test_sigterm_finishes_slice_in_flight(data):
             proc.kill()
             proc.wait()
         proc.stderr.close()
-
-
-def test_stream_holds_provisionally_calibrated_slices_until_the_scan_settles(
-        engine, data, monkeypatch):
-    """A calibrating protocol: each of the scan's first slices is made with the choice of the
-    evidence pooled so far. The stream holds those images until the scan's choice is settled
-    (here at its end: 2 slices, 3 to decide), makes again the one whose choice differs, and
-    sends every image with the one setting, as the file path does (same pixels)."""
-    from recon_plugin.recon import calibrate
-    from recon_plugin.recon import pipeline as pl
-
-    name = "stream_calibrated"
-    (data["pdir"] / f"{name}.yaml").write_text(
-        f"name: {name}\nextends: stream_cg.yaml\nmodel: {{method: unrolled, variant: "
-        "unrolled-base}\nguard: {enabled: false}\n"
-        "calibration: {enabled: true, slices: 3, cg_iters: [], sparsity: []}\n")
-    one, quarter = calibrate.TRAINED, calibrate.DcSetting(0.25)
-    e = np.random.default_rng(0).uniform(1, 2, 6)
-
-    def evidence():  # the first slice alone prefers x0.25, both together x1
-        it = iter([{one: e, quarter: 0.5 * e}, {one: e, quarter: 3.0 * e}])
-        return lambda *a, **k: next(it)
-
-    made = []
-    real = pl.Reconstructor.reconstruct_slice
-    monkeypatch.setattr(pl.Reconstructor, "reconstruct_slice",
-                        lambda self, sl, *a, **k: made.append(sl.slice_index) or real(
-                            self, sl, *a, **k))
-    monkeypatch.setattr(pl, "heldout_evidence", evidence())
-    items = list(engine.images(iter(data["acqs"]), data["header"].toXML(),
-                               stream_options.StreamOptions(protocol=name)))
-    assert made == [0, 1, 0]  # the first slice made again with the scan's choice
-    assert sorted(it.recon.slice_index for it in items) == [0, 1]
-    notes = {n for it in items for n in it.recon.notes if n.startswith("prior weight")}
-    assert len(notes) == 1 and notes.pop().startswith("prior weight x1 chosen on 2 slices'")
-    monkeypatch.setattr(pl, "heldout_evidence", evidence())
-    written, _ = recon_file(data["raw"], data["root"] / "offline_calibrated", engine.recon,
-                            str(data["pdir"] / f"{name}.yaml"), formats=("h5",))
-    with h5py.File(written[0], "r") as f:
-        ref = np.asarray(f["reconstruction"])
-    for it in items:
-        np.testing.assert_array_equal(it.recon.pixels, ref[it.recon.slice_index])

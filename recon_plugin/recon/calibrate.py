@@ -194,9 +194,9 @@ class ScanCalibration:
     are calibrated and their held-out evidence pooled; later slices take the setting chosen on
     them. Each of the first takes the choice of the evidence pooled until then; a file's
     reconstruction (``Reconstructor.reconstruct``) then makes again those whose choice differs
-    from the scan's (:meth:`provisional`, ``Reconstructor.revise``); a stream holds their
-    images until the scan's choice is settled and does the same, so it sends the file path's
-    pixels. ``slices`` <= 0: every slice is calibrated on its own."""
+    from the scan's (:meth:`provisional`, ``Reconstructor.revise``); a stream sends each image
+    at once and keeps the provisional choices. ``slices`` <= 0: every slice is calibrated on its
+    own."""
 
     slices: int = 3
     _evidence: dict[str, dict[DcSetting | MoreIterations | Sparsity, list[np.ndarray]]] = field(

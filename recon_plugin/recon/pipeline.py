@@ -4,11 +4,11 @@
 one :class:`~recon_plugin.scan.ReconSeries` per contrast; ``reconstruct_slice`` is the per-slice
 step the streaming server calls as soon as a slice is complete, so a slice streamed over MRD and
 the same slice read from a file give the same pixels, given the same data-consistency
-calibration: a scan's first slices decide it, from a file the central ones (``reconstruct``),
-in a stream the first to arrive. Each of those takes the choice of the evidence pooled so far
-(the first its own, the second two slices', ...); those whose choice differs from the scan's
-final one are then made again with it (``revise``; a stream holds their images until then), so
-a series has one setting.
+calibration. A scan's first slices decide it, from a file the central ones (``reconstruct``),
+in a stream the first to arrive, and each of those takes the choice of the evidence pooled so
+far (the first its own, the second two slices', ...). From a file, those whose choice differs
+from the scan's final one are then made again with it (``revise``), so a series has one
+setting; a stream sends them at once.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images

@@ -142,7 +142,6 @@ class StreamEngine:
         for sl in asm.finish():
             yield from scan.emit(sl, t)
         yield from scan.flush_deferred(t)
-        yield from scan.release(settle=True)
         result.header = scan.header or asm.header
         result.complete = True
 
@@ -227,9 +226,6 @@ class _ScanState:
         # the scan's first slices decide its prior weight (recon/calibrate.py)
         self.calibration = ScanCalibration(settings.calibrate_slices)
         self.deferred: list[tuple[SliceData, float]] = []
-        # images made with a provisional calibration, held until the scan's choice is settled
-        # (then made again where it differs): one setting per series and the file path's pixels
-        self.held: list[tuple] = []
         self.noise_used = 0
         enc = asm.enc
         self.encoder = ImageEncoder(protocol, prov, options.image_dtype,
@@ -268,7 +264,6 @@ class _ScanState:
         try:
             with self.engine.lock:
                 t0 = time.perf_counter()
-                adds = self.calibration.adds
                 im = self.engine.recon.reconstruct_slice(sl, self.header, self.settings,
                                                          self.whitener, self.timings,
                                                          self.calibration)
@@ -278,40 +273,9 @@ class _ScanState:
             yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
                   f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
             return
-        made_with = self.calibration.provisional(adds)
-        if made_with is not None:
-            log.info("slice %d: held until the scan's calibration is settled", sl.slice_index)
-            self.held.append((sl, t_last, ref, im, dt, *made_with))
-            return
-        yield from self.release()
-        yield self._image(im, ref, t_last, dt)
-
-    def _image(self, im, ref, t_last: float, dt: float) -> StreamImage:
         if self.keep:
             self.result.images.append(im)
-        return StreamImage(self.encoder.image(im, self.header, ref), im, t_last, dt)
-
-    def release(self, settle: bool = False) -> Iterator[StreamImage | str]:
-        """The held images, once the scan's calibration is settled (``settle``: at the end of
-        the scan, however few slices decided it), each as the settled choice makes it
-        (``Reconstructor.revise``)."""
-        if settle:
-            self.calibration.settle()
-        while self.held and self.calibration.settled(self.held[0][5]) is not None:
-            sl, t_last, ref, im, dt, name, used = self.held.pop(0)
-            try:
-                with self.engine.lock:
-                    t0 = time.perf_counter()
-                    im = self.engine.recon.revise(im, sl, name, used, self.header,
-                                                  self.settings, self.whitener, self.timings,
-                                                  self.calibration)
-                    dt += time.perf_counter() - t0
-            except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
-                log.exception("stream: slice %d failed", sl.slice_index)
-                yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
-                      f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
-                continue
-            yield self._image(im, ref, t_last, dt)
+        yield StreamImage(self.encoder.image(im, self.header, ref), im, t_last, dt)
 
     def flush_deferred(self, t_last: float) -> Iterator[StreamImage | str]:
         if not self.deferred:
