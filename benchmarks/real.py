@@ -23,6 +23,7 @@ from recon_plugin.physics import cartesian_mask, fft2c, ifft2c, rss
 from recon_plugin.recon import classical
 from recon_plugin.recon.coils import EspiritParams, estimate_maps
 from recon_plugin.recon.combine import measured_rss
+from recon_plugin.recon.refine import MIN_VERIFY_LINES
 from recon_plugin.training.data import CENTER_FRACTION
 
 from .docs import replace_section
@@ -467,8 +468,8 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
                   f"{len(tried)} slices where it was tried"
                   + (f", {np.median([d['seconds'] for d in tried]):.1f} s per slice (median)"
                      if tried else "")
-                  + f"; not tried on {len(rl) - len(tried)} (fewer than 4 lines to hold out for "
-                  "each of its checks: `recon/refine.py`)."]
+                  + f"; not tried on {len(rl) - len(tried)} (fewer than {MIN_VERIFY_LINES} "
+                  "lines to hold out for each of its checks: `recon/refine.py`)."]
     w = result.get("wrap")
     if w:
         found = ("found: the default protocol takes the second map's image from two-map SENSE "

@@ -214,10 +214,6 @@ class ScanCalibration:
             return None
         return r if self._closed or self.slices <= r.slices else None
 
-    def current(self, name: str) -> Calibration | None:
-        """The choice of the evidence pooled so far for model ``name`` (None: none yet)."""
-        return self._result.get(name)
-
     def settle(self) -> None:
         """The choices so far become the scan's, however few slices made them (a scan with
         fewer slices than ``slices``); no evidence is added after this."""
@@ -247,7 +243,7 @@ class ScanCalibration:
         """(model, choice) where the slice just made pooled its evidence (``adds`` was
         ``adds_before``) and was made with a choice of fewer slices than the scan's (not yet
         settled), else None: that slice may need :meth:`Reconstructor.revise` once it is."""
-        if self.adds == adds_before or self.last is None:
+        if self.adds == adds_before or self.last is None or self.slices <= 0:
             return None
         name, used = self.last
         return None if self.settled(name) is used else (name, used)

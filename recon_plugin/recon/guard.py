@@ -32,8 +32,8 @@ Recon = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 SIGNIFICANCE_Z = 1.0
 # ... and wherever its summed error is more than this multiple of CG-SENSE's, whatever the
 # lines' spread (one line several times worse is a miss, not noise; the largest ratio of a
-# slice that the network won against CG-SENSE in the evaluation of docs/FINDINGS.md "Found: the guard
-# threw good network slices away" was 1.45)
+# slice that the network won against CG-SENSE in the evaluation of docs/FINDINGS.md "Found:
+# the guard threw good network slices away" was 1.45)
 MAX_RATIO = 1.5
 
 

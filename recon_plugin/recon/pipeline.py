@@ -400,7 +400,7 @@ class Reconstructor:
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                 notes: list[str], t: dict, dc_setting: DcSetting,
-                guard_lines: np.ndarray | None = None, started: float | None = None):
+                guard_lines: np.ndarray | None, started: float):
         """A copy of the network refined on this slice with ``dc_setting``
         (``recon/refine.py``) or None; none is tried where the guard's ``guard_lines`` (which
         would confirm it) or the refinement's own would be too few. It trains for what is left
@@ -408,18 +408,17 @@ class Reconstructor:
         ``AFTER_REFINEMENT`` passes that follow it."""
         from .refine import MIN_VERIFY_LINES, refine_slice, too_few_lines
 
-        if guard_lines is not None and guard_lines.size < MIN_VERIFY_LINES:
-            notes.append(too_few_lines(guard_lines.size))
-            t["refine_skipped"] += 1
-            return None
-        spent = time.perf_counter() - (time.perf_counter() if started is None else started)
-        net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
-                                settings.refine_budget_s - spent, settings.refine_max_steps,
-                                heldout_fraction=settings.guard_fraction, seed=seed,
-                                device=self.device, setting=dc_setting,
-                                reserve_passes=AFTER_REFINEMENT)
-        if res is None:
-            notes.append(too_few_lines())
+        net, res = None, None
+        unconfirmable = guard_lines is not None and guard_lines.size < MIN_VERIFY_LINES
+        if not unconfirmable:
+            net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
+                                    settings.refine_budget_s - (time.perf_counter() - started),
+                                    settings.refine_max_steps,
+                                    heldout_fraction=settings.guard_fraction, seed=seed,
+                                    device=self.device, setting=dc_setting,
+                                    reserve_passes=AFTER_REFINEMENT)
+        if res is None:  # not tried: too few lines to confirm it (guard's) or to stop it (own)
+            notes.append(too_few_lines(guard_lines.size if unconfirmable else None))
             t["refine_skipped"] += 1
         else:
             log.info("slice %d: %s", seed, res.describe())
