@@ -4,7 +4,8 @@ For one slice, with the network's image ``z`` (ky, kx):
 
     x = argmin_x  1/2 ||A x - y||^2 + lamda ||W x||_1 + mu/2 ||x - z||^2
 
-A = SENSE (maps, mask), W = orthogonal Daubechies-4 wavelet (SigPy's ``linop.Wavelet``), on data
+A = SENSE (maps, mask), W = orthogonal Daubechies-4 wavelet (SigPy's ``linop.Wavelet``, computed
+in torch by ``physics/wavelet.py``), on data
 scaled by the 99th-percentile magnitude of ``z`` (so ``lamda`` and ``mu`` are relative, as the
 classical lambdas of ``classical.py``). ``mu`` -> infinity returns ``z``; ``mu = 0`` is
 L1-wavelet compressed sensing (BART ``pics -R W``, SigPy ``L1WaveletRecon``). In between, the
@@ -74,18 +75,18 @@ def anchored_l1_wavelet(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
     caller has one (its virtual coils are then not made again), else one is made here."""
     if not sparsity.active:
         return anchor
-    import sigpy as sp
     import torch
 
     from ..physics import slice_operator
+    from ..physics.wavelet import Wavelet2d, soft_threshold
     from .classical import percentile_scale
 
     z = np.asarray(anchor, np.complex64)
     s = percentile_scale(z)
-    wav = sp.linop.Wavelet(z.shape, wave_name="db4")
+    dev = torch.device(device)
+    wav = Wavelet2d(z.shape, "db4", device=dev)
     mu, step = float(sparsity.anchor), 1.0 / (1.0 + float(sparsity.anchor))
     thresh = float(sparsity.lamda) * step
-    dev = torch.device(device)
     with torch.inference_mode():
         if op is None:
             op = slice_operator(maps, mask, dev)
@@ -98,9 +99,9 @@ def anchored_l1_wavelet(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray,
 
         def prox(v: torch.Tensor) -> torch.Tensor:
             d = tuple(int(i) for i in rng.integers(0, MAX_SHIFT, 2)) if shift else (0, 0)
-            a = np.roll(v[0].cpu().numpy(), d, axis=(0, 1))
-            a = np.asarray(wav.H(sp.soft_thresh(thresh, wav(a))), np.complex64)
-            return torch.from_numpy(np.roll(a, (-d[0], -d[1]), axis=(0, 1)))[None].to(dev)
+            a = torch.roll(v[0], d, dims=(0, 1))
+            a = soft_threshold(wav, a, thresh)
+            return torch.roll(a, (-d[0], -d[1]), dims=(0, 1))[None]
 
         x = zt.clone()
         v, t = x, 1.0
