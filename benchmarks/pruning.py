@@ -9,7 +9,7 @@ from pathlib import Path
 from recon_plugin.models.checkpoint import load_inference_model, load_model, resolve_model
 from recon_plugin.training.evaluation import evaluate_model, make_volumes
 
-from .docs import replace_section
+from .docs import machine, replace_section
 
 
 def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-base",
@@ -58,7 +58,8 @@ def pruning_table(docs: Path, variant_dirs: list[Path], parent: str = "unrolled-
         "",
         "Network only, 320x320 slice, 16 coils (raw, as `default` runs) and 8 coils (as "
         "`brain_t2_axial_4x` compresses to; the other protocols use 6 or 12), median of 7 "
-        "interleaved runs on this machine (all models timed side by side in one run, each with "
+        f"interleaved runs on this machine ({machine()}; all models timed side by side in one "
+        "run, each with "
         "BatchNorm folded into its convolutions and a new SENSE operator per slice, as the "
         "pipeline runs it). These inputs have random coil maps (full support: the SENSE "
         "operator's worst case); `speed-up brain` times a simulated test-slab T2 slice, "

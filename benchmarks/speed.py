@@ -146,7 +146,7 @@ def _stream_latency(d: Path, protocol: str) -> dict:
 
 def run_speed(docs: Path, quick: bool = False, protocol: str = "brain_t2_axial_4x") -> dict:
     """Measure everything above and write the section of ``docs/BENCHMARKS.md``."""
-    from .docs import replace_section
+    from .docs import machine, replace_section
 
     n_slices = 4 if quick else 16
     esp = _espirit_rows(quick)
@@ -164,7 +164,8 @@ def run_speed(docs: Path, quick: bool = False, protocol: str = "brain_t2_axial_4
     n = tm["slices"]
     per_slice = [s + (tm["read"] + tm["output"]) / n for s in tm["slice_seconds"]]
     result = {"espirit": esp, "network": net, "e2e": single, "throughput": thr, "stream": stream,
-              "median_s_per_slice": float(np.median(per_slice)), "files": len(files)}
+              "median_s_per_slice": float(np.median(per_slice)), "files": len(files),
+              "machine": machine()}
     docs.mkdir(parents=True, exist_ok=True)
     replace_section(docs / "BENCHMARKS.md", "## Speed", speed_section(result, protocol))
     (docs / "speed_results.json").write_text(json.dumps(result, indent=1, default=str))
@@ -181,7 +182,8 @@ def speed_section(result: dict, protocol: str) -> str:
     lines = [
         f"## Speed (`recon-plugin bench speed --speed-protocol {protocol}`)",
         "",
-        f"Measured on this machine ({os.cpu_count()} CPUs, torch threads default), one run.",
+        f"Measured on this machine ({result.get('machine', f'{os.cpu_count()} CPUs')}), one "
+        "run.",
         "",
         "### Coil sensitivities (one slice, whole call)",
         "",
