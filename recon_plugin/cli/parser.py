@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES)
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--rho", type=float, default=None,
+                   help="ssdu modes: share of the acquired lines (outside the calibration "
+                        "region) each step scores on (default 0.2)")
     s.add_argument("--name", help="name of the adapted model (default derived)")
     s.add_argument("--time-budget", type=float, default=None, help="seconds (single process)")
     s.add_argument("--device", default="cpu")
