@@ -134,3 +134,13 @@ def test_measured_weight_override_reaches_the_image_and_its_provenance(raw_dir, 
     with pytest.raises(SystemExit) as e:
         main([*args, "--out", str(tmp_path / "x"), "--measured-weight", "1.5"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("rho", ["0", "1", "1.5", "abc"])
+def test_adapt_refuses_a_loss_share_outside_0_1_before_reading_anything(tmp_path, rho, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["adapt", str(tmp_path / "missing.h5"), "--protocol", "default", "--out",
+              str(tmp_path / "site"), "--rho", rho])
+    assert e.value.code == 2
+    assert "--rho" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()

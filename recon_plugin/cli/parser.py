@@ -58,6 +58,18 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (a share of the acquired lines)."""
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") \
+            from e
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text!r}")
+    return v
+
+
 def _measured_weight(text: str) -> float:
     try:
         return measured_weight(text)
@@ -232,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES)
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--lr", type=float, default=2e-4)
-    s.add_argument("--rho", type=float, default=None,
+    s.add_argument("--rho", type=_fraction, default=None,
                    help="ssdu modes: share of the acquired lines (outside the calibration "
                         "region) each step scores on (default 0.2)")
     s.add_argument("--name", help="name of the adapted model (default derived)")
