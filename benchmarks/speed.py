@@ -182,8 +182,7 @@ def speed_section(result: dict, protocol: str) -> str:
     lines = [
         f"## Speed (`recon-plugin bench speed --speed-protocol {protocol}`)",
         "",
-        f"Measured on this machine ({result.get('machine', f'{os.cpu_count()} CPUs')}), one "
-        "run.",
+        f"Measured on this machine ({result['machine']}), one run.",
         "",
         "### Coil sensitivities (one slice, whole call)",
         "",

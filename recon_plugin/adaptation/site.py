@@ -45,7 +45,7 @@ from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import heldout_errors, significant_improvement
 from ..training.selfsup import LossSpec
 from ..training.slices import SiteSlice
-from . import MODES
+from . import MODES, SSDU_LOSS_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,6 @@ def prepare_slices(paths: list[Path], settings) -> list[SiteSlice]:
 def _dist_info() -> tuple[int, int]:
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     return (int(os.environ.get("RANK", "0")), ws)
-
-
-# the share of each slice's acquired lines outside the calibration region that an ``ssdu`` step
-# scores on (the network sees the rest): 0.2, not the 0.4 of SSDU training from scratch. The
-# base network was trained on the site's own acceleration; at 0.4 it is fine-tuned on a much
-# sparser sampling than it then reconstructs. On the real files (bench adapt-real's runs,
-# ssdu+teacher, 100 steps) the gate's held-out error (native brain; base 0.542) was 0.585 / 0.589
-# at 0.4 and 0.552 / 0.553 at 0.2 (docs/FINDINGS.md)
-SSDU_LOSS_FRACTION = 0.2
 
 
 def adapt(

@@ -168,9 +168,9 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     """Site adaptation; exit 1 when the adapted model was not promoted."""
     from ..adaptation.site import adapt
 
-    extra = {} if a.rho is None else {"rho": a.rho}
     rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
-                seed=a.seed, device=a.device, name=a.name, time_budget_s=a.time_budget, **extra)
+                rho=a.rho, seed=a.seed, device=a.device, name=a.name,
+                time_budget_s=a.time_budget)
     if rep.get("rank", 0) != 0:
         return EXIT_OK
     print(f"held-out measurement error: base {rep['base_heldout_error']:.5f}, adapted "

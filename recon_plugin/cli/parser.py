@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..adaptation import MODES as ADAPT_MODES
+from ..adaptation import SSDU_LOSS_FRACTION
 from ..output import FORMATS
 from ..recon import METHODS, measured_weight
 from ..sim.anatomy import CONTRASTS
@@ -244,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES)
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--lr", type=float, default=2e-4)
-    s.add_argument("--rho", type=_fraction, default=None,
+    s.add_argument("--rho", type=_fraction, default=SSDU_LOSS_FRACTION,
                    help="ssdu modes: share of the acquired lines (outside the calibration "
-                        "region) each step scores on (default 0.2)")
+                        f"region) each step scores on (default {SSDU_LOSS_FRACTION:g})")
     s.add_argument("--name", help="name of the adapted model (default derived)")
     s.add_argument("--time-budget", type=float, default=None, help="seconds (single process)")
     s.add_argument("--device", default="cpu")

@@ -50,6 +50,7 @@ class Wavelet2d:
         self.shape = (int(shape[0]), int(shape[1]))
         # SigPy pads an odd axis to even by one zero at its start (sigpy.util.resize)
         self.padded = tuple(n + n % 2 for n in self.shape)
+        self.front = (self.shape[0] % 2, self.shape[1] % 2)  # the zeros padded in front
         self.level = pywt.dwtn_max_level(self.padded, wav) if level is None else int(level)
         # conv2d correlates, the analysis convolves: flipped filters [low, high] (2, L)
         filt = torch.tensor([wav.dec_lo[::-1], wav.dec_hi[::-1]], dtype=torch.float64)
@@ -76,7 +77,7 @@ class Wavelet2d:
         if tuple(x.shape[-2:]) != self.shape:
             raise ValueError(f"Wavelet2d made for images of {self.shape}, got {tuple(x.shape)}")
         lead = x.shape[:-2]
-        ph, pw = self.padded[0] - self.shape[0], self.padded[1] - self.shape[1]
+        ph, pw = self.front
         a = x.reshape(-1, 1, *self.shape)
         front, back = self.taps - 2, self.taps - 1
         details = []
@@ -103,7 +104,7 @@ class Wavelet2d:
             sub = torch.cat([a, d.reshape(a.shape[0], 3, *d.shape[-2:])], dim=1)
             y = F.conv2d(F.pad(sub, (pad, pad, pad, pad)), self.synthesis)  # (M, 4, h', w')
             a = F.pixel_shuffle(y, 2)[..., first:first + h, first:first + w]
-        ph, pw = self.padded[0] - self.shape[0], self.padded[1] - self.shape[1]
+        ph, pw = self.front
         return a[..., ph:, pw:].reshape(*lead, *self.shape)
 
 
