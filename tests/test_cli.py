@@ -77,6 +77,23 @@ def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys):
     assert f"DL {model}" in ds.SeriesDescription and ds.Modality == "MR"
 
 
+def test_demo_passes_refinement_on(tmp_path, capsys):
+    """``demo --refine scan`` refines as ``recon --refine scan`` does: its image says what the
+    refinement did; a budget that is not a positive number is refused before anything runs."""
+    import pydicom
+
+    code = main(["-q", "demo", "--out", str(tmp_path), "--slices", "1", "--refine", "scan",
+                 "--refine-budget", "3"])
+    assert code == 0
+    (f,) = sorted((tmp_path / "dicom").rglob("*.dcm"))
+    assert "scan-specific refinement" in str(pydicom.dcmread(f).ImageComments)
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["demo", "--out", str(tmp_path / "b"), "--refine-budget", bad])
+        assert e.value.code == 2 and "--refine-budget" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_guard_and_refinement_are_reported(raw_dir, tmp_path, capsys):
     """The summary line counts the guard's CG-SENSE slices; --refine scan leaves its outcome in
     every image's ImageComments (on this 64-line file too few lines can be held out to verify a

@@ -123,6 +123,16 @@ def _global_flags(p: argparse.ArgumentParser, default: object) -> None:
                    help="no progress bars, warnings only")
 
 
+def _refine_options(s: argparse.ArgumentParser) -> None:
+    """``--refine`` and ``--refine-budget`` (recon, demo): the protocol's refine settings."""
+    s.add_argument("--refine", choices=["none", "scan"], default=None,
+                   help="scan: fine-tune a copy of the network on each slice's own lines, kept "
+                   "where held-out lines improve (default: the protocol's refine.mode)")
+    s.add_argument("--refine-budget", type=_positive_float, default=None,
+                   help="wall seconds per slice with refinement, all stages included: it trains "
+                   "for what the others leave (default: the protocol's, 20)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``recon-plugin`` with every subcommand; each sets ``fn``, the command that runs it."""
     p = _Parser(prog="recon-plugin", description=__doc__.splitlines()[0])
@@ -145,12 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
     s.add_argument("--format", type=_formats, default=("dicom",),
                    help=f"comma-separated, of {', '.join(FORMATS)} (default dicom)")
-    s.add_argument("--refine", choices=["none", "scan"], default=None,
-                   help="scan: fine-tune a copy of the network on each slice's own lines, kept "
-                   "where held-out lines improve (default: the protocol's refine.mode)")
-    s.add_argument("--refine-budget", type=float, default=None,
-                   help="wall seconds per slice with refinement, all stages included: it trains "
-                   "for what the others leave (default: the protocol's, 20)")
+    _refine_options(s)
     s.add_argument("--no-guard", action="store_true",
                    help="skip the per-slice held-out-line check of the network against CG-SENSE")
     s.add_argument("--no-calibrate", action="store_true",
@@ -201,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--seed", type=int, default=0)
+    _refine_options(s)
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("train", help="train the base unrolled network on simulated data")
