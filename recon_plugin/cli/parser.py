@@ -201,11 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_simulate)
 
     s = sub.add_parser("demo", help="simulate a small scan and reconstruct it to DICOM")
-    s.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "recon-plugin-demo"))
-    s.add_argument("--slices", type=int, default=4)
-    s.add_argument("--protocol", default=None)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "recon-plugin-demo"),
+                   help="output folder: raw/ (the simulated scan) and dicom/ (default %(default)s)")
+    s.add_argument("--slices", type=_positive_int, default=4,
+                   help="slices to simulate (default %(default)s)")
+    s.add_argument("--protocol", default=None,
+                   help="protocol name or YAML path (default: match the header)")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    s.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     _refine_options(s)
     s.set_defaults(fn=cmd_demo)
 
