@@ -13,7 +13,7 @@ from pathlib import Path
 from ..adaptation import MODES as ADAPT_MODES
 from ..adaptation import SSDU_LOSS_FRACTION
 from ..output import FORMATS
-from ..recon import METHODS, measured_weight
+from ..recon import METHODS, REFINE_MODES, measured_weight
 from ..sim.anatomy import CONTRASTS
 from .commands import (
     EXIT_USAGE,
@@ -39,36 +39,25 @@ def _formats(text: str) -> tuple[str, ...]:
     return f
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from e
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(cast, accept, expected: str, bound: str):
+    """An argparse type: ``cast(text)`` (else "expected ``expected``"), kept where ``accept``
+    holds (else "must be ``bound``")."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from e
+        if not accept(v):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return v
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from e
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    """A number strictly between 0 and 1 (a share of the acquired lines)."""
-    try:
-        v = float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") \
-            from e
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text!r}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0", "a number > 0")
+# a share of the acquired lines
+_fraction = _number(float, lambda v: 0 < v < 1, "a number between 0 and 1",
+                    "between 0 and 1 (exclusive)")
 
 
 def _measured_weight(text: str) -> float:
@@ -125,7 +114,7 @@ def _global_flags(p: argparse.ArgumentParser, default: object) -> None:
 
 def _refine_options(s: argparse.ArgumentParser) -> None:
     """``--refine`` and ``--refine-budget`` (recon, demo): the protocol's refine settings."""
-    s.add_argument("--refine", choices=["none", "scan"], default=None,
+    s.add_argument("--refine", choices=REFINE_MODES, default=None,
                    help="scan: fine-tune a copy of the network on each slice's own lines, kept "
                    "where held-out lines improve (default: the protocol's refine.mode)")
     s.add_argument("--refine-budget", type=_positive_float, default=None,
@@ -207,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices to simulate (default %(default)s)")
     s.add_argument("--protocol", default=None,
                    help="protocol name or YAML path (default: match the header)")
-    s.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    s.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="simulation seed (default %(default)s)")
     _refine_options(s)
     s.set_defaults(fn=cmd_demo)
 

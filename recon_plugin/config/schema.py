@@ -28,7 +28,7 @@ from pydantic import (
 
 from ..output.dicom import DicomOptions
 from ..output.pacs import PacsTargetError, parse_target
-from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER
+from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER, REFINE_MODES
 from ..recon.calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
 from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
@@ -133,7 +133,7 @@ class RefineSpec(_Section):
     seconds per slice in all (maps, calibration, refinement, its confirmation, the guard, the
     final image); the refinement trains for what the other stages leave."""
 
-    mode: Literal["none", "scan"] = "none"
+    mode: Literal[REFINE_MODES] = "none"
     time_budget_s: Annotated[float, Field(strict=True, gt=0.0, le=3600.0)] = 20.0
     max_steps: Annotated[StrictInt, Field(ge=1, le=100000)] = 200
 

@@ -9,6 +9,7 @@ CLASSICAL_METHODS = ("zero-filled", "cg-sense", "l1-wavelet")  # classical.py di
 METHODS = ("unrolled", *CLASSICAL_METHODS)  # reconstruction methods
 FALLBACKS = ("zero-filled", "error")  # when coil maps cannot be estimated
 PARTIAL_FOURIER = ("zero-fill", "homodyne")
+REFINE_MODES = ("none", "scan")  # "scan": per-slice self-supervised refinement (refine.py)
 
 
 def measured_weight(value) -> float:

@@ -49,7 +49,15 @@ from ..scan import (
     SliceData,
     series_by_contrast,
 )
-from . import FALLBACKS, METHODS, PARTIAL_FOURIER, classical, guard, measured_weight
+from . import (
+    FALLBACKS,
+    METHODS,
+    PARTIAL_FOURIER,
+    REFINE_MODES,
+    classical,
+    guard,
+    measured_weight,
+)
 from .calibrate import (
     CG_ITERS_GRID,
     PRIOR_WEIGHT_GRID,
@@ -93,7 +101,7 @@ class ReconSettings:
     guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
     guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
     guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
-    refine: str = "none"  # "scan": per-slice self-supervised refinement (recon/refine.py)
+    refine: str = "none"  # one of REFINE_MODES
     # wall-clock seconds per slice, all stages: refinement trains for what the others leave
     refine_budget_s: float = 20.0
     refine_max_steps: int = 200
@@ -109,8 +117,8 @@ class ReconSettings:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if self.refine not in ("none", "scan"):
-            raise ValueError(f"refine must be 'none' or 'scan', got {self.refine!r}")
+        if self.refine not in REFINE_MODES:
+            raise ValueError(f"refine must be one of {REFINE_MODES}, got {self.refine!r}")
         if self.partial_fourier not in PARTIAL_FOURIER:
             raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
                              f"got {self.partial_fourier!r}")
