@@ -198,3 +198,48 @@ def test_the_budget_covers_the_whole_slice():
     elapsed = time.perf_counter() - t0
     assert 0.5 < t["refine"] < 1.5
     assert elapsed < 1.5 + 0.5  # the 2 s less the 0.5 spent, with room for a loaded machine
+
+
+def test_a_shared_refinement_trains_once_per_scan_and_each_slice_confirms_it(monkeypatch):
+    """``refine: shared``: the scan's first slice trains the copy, later slices take it (their
+    notes name the slice that trained it) and each confirms it on its own guard lines; without
+    the scan's state (``shared=None``) every slice trains its own, as ``refine: scan``."""
+    from collections import defaultdict
+
+    from recon_plugin.recon import refine
+    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.refine import SharedRefinement
+
+    real = refine.refine_slice
+    calls = []
+
+    def counted(*a, **k):  # a learning rate at which the untrained network learns in 40 steps
+        calls.append(k["seed"])
+        return real(*a, **{**k, "lr": 3e-3, "check_every": 5, "patience": 8})
+
+    monkeypatch.setattr(refine, "refine_slice", counted)
+    torch.manual_seed(0)
+    model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="gradient").eval()
+    rec = Reconstructor()
+    rec._models["untrained"] = (model, {})
+    settings = ReconSettings(model="untrained", refine="shared", refine_budget_s=60.0,
+                             refine_max_steps=40, guard_fraction=FRACTION)
+    ksp, maps, mask, acs = _slice()
+    other = make_transfer_slice(np.random.default_rng(8), (64, 64), 6, 4, 80.0, False, 0.0)
+    shared, t = SharedRefinement(), defaultdict(float)
+    notes = {}
+    for index, (k, m, s) in ((3, (ksp, mask, maps)), (5, other[:3])):
+        notes[index] = []
+        rec.network_slice("untrained", k, s, m, acs, settings, seed=index, notes=notes[index],
+                          timings=t, shared=shared)
+    assert calls == [3]  # one training, on the first slice
+    net, res, trained_on = shared.copies["untrained"]
+    assert trained_on == 3 and res is not None and res.kept and net is not None
+    assert any(n.startswith("scan-specific refinement kept") for n in notes[3])
+    assert f"scan refinement trained on slice 3 ({res.steps} steps), used here" in notes[5]
+    assert any("held-out lines" in n and ("confirmed" in n or "dropped" in n) for n in notes[5])
+    calls.clear()
+    for index in (3, 5):
+        rec.network_slice("untrained", ksp, maps, mask, acs, settings, seed=index, notes=[],
+                          timings=t)
+    assert calls == [3, 5]  # no scan state: each slice refines its own copy

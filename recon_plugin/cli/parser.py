@@ -115,11 +115,13 @@ def _global_flags(p: argparse.ArgumentParser, default: object) -> None:
 def _refine_options(s: argparse.ArgumentParser) -> None:
     """``--refine`` and ``--refine-budget`` (recon, demo): the protocol's refine settings."""
     s.add_argument("--refine", choices=REFINE_MODES, default=None,
-                   help="scan: fine-tune a copy of the network on each slice's own lines, kept "
+                   help="scan: fine-tune a copy of the network on each slice's own lines; "
+                   "shared: one copy per scan, trained on its central slice; either kept only "
                    "where held-out lines improve (default: the protocol's refine.mode)")
     s.add_argument("--refine-budget", type=_positive_float, default=None,
-                   help="wall seconds per slice with refinement, all stages included: it trains "
-                   "for what the others leave (default: the protocol's, 20)")
+                   help="wall seconds per slice with refinement (shared: of the slice that "
+                   "trains it), all stages included: it trains for what the others leave "
+                   "(default: the protocol's, 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,9 +129,11 @@ class GuardSpec(_Section):
 
 class RefineSpec(_Section):
     """Scan-specific refinement (``recon/refine.py``): fine-tune a copy of the network on each
-    slice's own lines (SSDU), kept only where held-out lines improve. ``time_budget_s``: wall
-    seconds per slice in all (maps, calibration, refinement, its confirmation, the guard, the
-    final image); the refinement trains for what the other stages leave."""
+    slice's own lines (SSDU, ``scan``) or one copy per scan on its first (central) slice's
+    (``shared``), kept only where held-out lines improve. ``time_budget_s``: wall seconds per
+    slice in all (maps, calibration, refinement, its confirmation, the guard, the final image;
+    ``shared``: of the slice that trains it); the refinement trains for what the other stages
+    leave."""
 
     mode: Literal[REFINE_MODES] = "none"
     time_budget_s: Annotated[float, Field(strict=True, gt=0.0, le=3600.0)] = 20.0

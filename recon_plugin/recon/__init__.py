@@ -9,7 +9,10 @@ CLASSICAL_METHODS = ("zero-filled", "cg-sense", "l1-wavelet")  # classical.py di
 METHODS = ("unrolled", *CLASSICAL_METHODS)  # reconstruction methods
 FALLBACKS = ("zero-filled", "error")  # when coil maps cannot be estimated
 PARTIAL_FOURIER = ("zero-fill", "homodyne")
-REFINE_MODES = ("none", "scan")  # "scan": per-slice self-supervised refinement (refine.py)
+# self-supervised refinement on the scan's own lines (refine.py): "scan" refines a copy of the
+# network per slice; "shared" one copy per scan, trained on its first (central) slice and used,
+# where each slice's guard lines confirm it, by all
+REFINE_MODES = ("none", "scan", "shared")
 
 
 def measured_weight(value) -> float:

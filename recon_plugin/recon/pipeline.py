@@ -57,6 +57,7 @@ from . import (
     classical,
     guard,
     measured_weight,
+    refine,
 )
 from .calibrate import (
     CG_ITERS_GRID,
@@ -74,6 +75,7 @@ from .combine import measured_rss
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import whiten_and_compress, whitening_matrix
+from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
 from .sparse import Sparsity
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,7 @@ class ReconSettings:
     guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
     refine: str = "none"  # one of REFINE_MODES
     # wall-clock seconds per slice, all stages: refinement trains for what the others leave
+    # (shared: of the slice that trains the scan's copy)
     refine_budget_s: float = 20.0
     refine_max_steps: int = 200
     calibrate: bool = False  # prior weight chosen on held-out lines (calibrate.py)
@@ -205,11 +208,13 @@ class Reconstructor:
     def reconstruct_slice(
         self, sl: SliceData, header: ScanHeader, settings: ReconSettings,
         whitener: np.ndarray | None = None, timings: dict | None = None,
-        calibration: ScanCalibration | None = None,
+        calibration: ScanCalibration | None = None, shared: SharedRefinement | None = None,
     ) -> ReconImage:
         """One slice -> magnitude image of the recon matrix (rows = phase, cols = readout).
         ``calibration``: the scan's prior-weight calibration, shared by its slices (None: this
-        slice is calibrated on its own, where the settings ask for calibration)."""
+        slice is calibrated on its own, where the settings ask for calibration); ``shared``:
+        the scan's refined copies where the settings say ``refine: shared`` (None: this slice
+        refines its own)."""
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = started = time.perf_counter()
@@ -249,7 +254,8 @@ class Reconstructor:
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             img, method = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
-                                             sl.slice_index, notes, t, calibration, started)
+                                             sl.slice_index, notes, t, calibration, started,
+                                             shared)
         else:
             img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
@@ -297,12 +303,13 @@ class Reconstructor:
                       acs: tuple[int, int] | None, settings: ReconSettings, seed: int = 0,
                       notes: list[str] | None = None, timings: dict | None = None,
                       calibration: ScanCalibration | None = None,
-                      started: float | None = None) -> tuple[np.ndarray, str]:
+                      started: float | None = None, shared: SharedRefinement | None = None,
+                      ) -> tuple[np.ndarray, str]:
         """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
         sampled, maps, mask (ky, kx)) with the protocol's prior-weight calibration
         (``calibration``: the scan's shared state; None: this slice alone) and scan-specific
-        refinement, then the guard: (complex image (ky, kx), the method that made it,
-        ``unrolled`` or ``cg-sense``).
+        refinement (``shared``: the scan's copies for ``refine: shared``), then the guard:
+        (complex image (ky, kx), the method that made it, ``unrolled`` or ``cg-sense``).
         ``notes`` receives what they decided; ``timings`` their seconds and counts
         (guard_checked, guard_rejected, refine_kept, refine_skipped). ``started``: the slice's
         start (``time.perf_counter()``; None: now), from which its refinement budget counts."""
@@ -318,14 +325,14 @@ class Reconstructor:
         keep = guard.without_lines(mask, lines)  # the mask without the guard's lines
         # calibration and refinement never see the guard's lines (neither to fit nor to choose),
         # so the guard judges the network on data that took no part in adapting it
-        if settings.calibrate or settings.refine == "scan":
+        if settings.calibrate or settings.refine != "none":
             ksp_keep = ksp * keep[None]
             if settings.calibrate:
                 dc_setting = self._calibrate(name, ksp_keep, maps, keep, acs, settings, seed,
                                              notes, t, calibration, op)
-            if settings.refine == "scan":  # trains at the calibrated setting
+            if settings.refine != "none":  # trains at the calibrated setting
                 net = self._refine(name, ksp_keep, maps, keep, acs, settings, seed, notes, t,
-                                   dc_setting, lines, started)
+                                   dc_setting, lines, started, shared)
         res, guard_image = None, None
         if settings.guard:
             t0 = time.perf_counter()
@@ -408,23 +415,31 @@ class Reconstructor:
 
     def _refine(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                 notes: list[str], t: dict, dc_setting: DcSetting,
-                guard_lines: np.ndarray | None, started: float):
+                guard_lines: np.ndarray | None, started: float,
+                shared: SharedRefinement | None = None):
         """A copy of the network refined on this slice with ``dc_setting``
         (``recon/refine.py``) or None; none is tried where the guard's ``guard_lines`` (which
         would confirm it) or the refinement's own would be too few. It trains for what is left
         of the slice's budget (counted from ``started``) after the stages before it and the
-        ``AFTER_REFINEMENT`` passes that follow it."""
-        from .refine import MIN_VERIFY_LINES, refine_slice, too_few_lines
-
+        ``AFTER_REFINEMENT`` passes that follow it. With ``refine: shared`` and the scan's
+        ``shared`` copies, only the scan's first slice trains one; later slices take it (and
+        the guard's lines confirm it on each)."""
         net, res = None, None
         unconfirmable = guard_lines is not None and guard_lines.size < MIN_VERIFY_LINES
+        reuse = settings.refine == "shared" and shared is not None and name in shared.copies
+        if reuse:
+            net = None if unconfirmable else shared.copies[name][0]
+            notes.append(too_few_lines(guard_lines.size) if unconfirmable
+                         else shared.describe(name))
+            t["refine_kept"] += 1 if net is not None else 0
+            t["refine_skipped"] += 1 if unconfirmable else 0
+            return net
         if not unconfirmable:
-            net, res = refine_slice(self.model(name)[0], ksp, maps, mask, acs,
-                                    settings.refine_budget_s - (time.perf_counter() - started),
-                                    settings.refine_max_steps,
-                                    heldout_fraction=settings.guard_fraction, seed=seed,
-                                    device=self.device, setting=dc_setting,
-                                    reserve_passes=AFTER_REFINEMENT)
+            net, res = refine.refine_slice(
+                self.model(name)[0], ksp, maps, mask, acs,
+                settings.refine_budget_s - (time.perf_counter() - started),
+                settings.refine_max_steps, heldout_fraction=settings.guard_fraction, seed=seed,
+                device=self.device, setting=dc_setting, reserve_passes=AFTER_REFINEMENT)
         if res is None:  # not tried: too few lines to confirm it (guard's) or to stop it (own)
             notes.append(too_few_lines(guard_lines.size if unconfirmable else None))
             t["refine_skipped"] += 1
@@ -433,6 +448,8 @@ class Reconstructor:
             notes.append(res.describe())
             t["refine"] += res.seconds
             t["refine_kept"] += 1 if res.kept else 0
+        if settings.refine == "shared" and shared is not None:
+            shared.copies[name] = (net, res, seed)
         return net
 
     def _choose_variant(self, ksp, mask, sl: SliceData, settings: ReconSettings) -> str:
@@ -448,6 +465,7 @@ class Reconstructor:
         whitener = whitening_matrix(scan)
         images, slice_seconds = [], []
         calibration = ScanCalibration(settings.calibrate_slices)
+        shared = SharedRefinement() if settings.refine == "shared" else None
         # central slices first: the scan's prior weight is decided on its first slices, and
         # the edge slices of a stack hold the least anatomy (the series are ordered afterwards)
         centre = np.median([sl.slice_index for sl in scan.slices]) if scan.slices else 0
@@ -456,7 +474,7 @@ class Reconstructor:
             t0 = time.perf_counter()
             adds = calibration.adds
             images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings,
-                                                 calibration))
+                                                 calibration, shared))
             slice_seconds.append(time.perf_counter() - t0)
             made_with = calibration.provisional(adds)
             if made_with is not None:
@@ -464,13 +482,14 @@ class Reconstructor:
         calibration.settle()
         for index, sl, name, used in provisional:
             images[index] = self.revise(images[index], sl, name, used, scan.header, settings,
-                                        whitener, timings, calibration)
+                                        whitener, timings, calibration, shared)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
 
     def revise(self, image: ReconImage, sl: SliceData, name: str, used: Calibration,
                header: ScanHeader, settings: ReconSettings, whitener, timings: dict,
-               calibration: ScanCalibration) -> ReconImage:
+               calibration: ScanCalibration, shared: SharedRefinement | None = None,
+               ) -> ReconImage:
         """``image`` of ``sl`` as the scan's settled calibration makes it: the slices that
         decided a scan's calibration were each made with the choice of the evidence pooled
         until then (``used``; the first with its own). Where the scan's final choice for model
@@ -485,7 +504,8 @@ class Reconstructor:
             log.info("slice %d: made again with the scan's calibration %s (it was made with %s, "
                      "chosen on fewer slices)", sl.slice_index, final.setting, used.setting)
             timings["calibration_revised"] += 1
-            return self.reconstruct_slice(sl, header, settings, whitener, timings, calibration)
+            return self.reconstruct_slice(sl, header, settings, whitener, timings, calibration,
+                                          shared)
         old = used.describe()
         image.notes[:] = [final.describe() if n == old else n for n in image.notes]
         return image

@@ -19,6 +19,9 @@ refined copy only where the guard's own held-out lines confirm it
 lines; where the guard's holds fewer (high acceleration, small matrix), or the slice has too
 few lines for its own, no refinement is tried. A wall-clock budget bounds the cost per slice:
 in the pipeline the slice's whole time, training taking what its other stages leave.
+With ``refine: shared`` (:class:`SharedRefinement`) a scan's first slice trains one copy and
+its other slices use it: one training per scan instead of one per slice, each slice still
+keeping it only where its guard lines confirm it.
 
 Arrays: k-space (coils, ky, kx) complex64 zero where not sampled, maps (coils, ky, kx), mask
 (ky, kx) with lines along kx.
@@ -29,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -180,3 +183,25 @@ def refine_slice(
     result = RefineResult(kept, before, best, steps, time.perf_counter() - t0, setting)
     log.debug("%s", result.describe())
     return (net if kept else None), result
+
+
+@dataclass
+class SharedRefinement:
+    """A scan's refined copies for ``refine: shared``, one per model: the first slice to reach
+    the network trains it (from a file the central one, in a stream the first to arrive), and
+    every later slice of the scan uses it where its own guard lines confirm it. Those slices'
+    lines took no part in training it, so all of them judge it fairly. ``copies[name]``:
+    (the refined copy, or None where the first slice did not keep one, what happened, the
+    slice that trained it)."""
+
+    copies: dict[str, tuple[nn.Module | None, RefineResult | None, int]] = field(
+        default_factory=dict)
+
+    def describe(self, name: str) -> str:
+        """The note of a slice that uses (or not) the scan's copy of model ``name``."""
+        net, res, index = self.copies[name]
+        if res is None:
+            return f"scan refinement not tried (on slice {index}: too few lines); unrefined network"
+        if net is None:
+            return f"scan refinement not kept on slice {index}, which trained it; unrefined network"
+        return f"scan refinement trained on slice {index} ({res.steps} steps), used here"

@@ -37,6 +37,7 @@ from ..physics import fft2c
 from ..recon.calibrate import ScanCalibration
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
+from ..recon.refine import SharedRefinement
 from ..runtime import tune_allocator
 from ..scan import Geometry, ReconImage, ScanHeader, SliceData
 from .images import ImageEncoder, scan_series, write_and_deliver
@@ -225,6 +226,8 @@ class _ScanState:
         self.timings: dict[str, float] = defaultdict(float)
         # the scan's first slices decide its prior weight (recon/calibrate.py)
         self.calibration = ScanCalibration(settings.calibrate_slices)
+        # refine: shared -- the first slice to arrive trains the scan's copy (recon/refine.py)
+        self.shared = SharedRefinement() if settings.refine == "shared" else None
         self.deferred: list[tuple[SliceData, float]] = []
         self.noise_used = 0
         enc = asm.enc
@@ -266,7 +269,7 @@ class _ScanState:
                 t0 = time.perf_counter()
                 im = self.engine.recon.reconstruct_slice(sl, self.header, self.settings,
                                                          self.whitener, self.timings,
-                                                         self.calibration)
+                                                         self.calibration, self.shared)
                 dt = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
             log.exception("stream: slice %d failed", sl.slice_index)
