@@ -147,7 +147,8 @@ def test_rerun_replaces_and_same_names_do_not_collide(raws, tmp_path, capsys):
 
 def test_demo_twice_keeps_one_series(tmp_path):
     for _ in range(2):
-        assert main(["-q", "demo", "--out", str(tmp_path), "--slices", "2"]) == 0
+        assert main(["-q", "demo", "--out", str(tmp_path), "--slices", "2", "--refine",
+                     "none"]) == 0
     assert len(list((tmp_path / "dicom").rglob("*.dcm"))) == 2
 
 

@@ -64,17 +64,24 @@ def test_usage_errors_exit_2(raw_dir, tmp_path, capsys):
 
 
 def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys):
-    code = main(["-q", "demo", "--out", str(tmp_path), "--slices", "2"])
+    """The demo reconstructs with the shipped model, refined once for its scan (refine:
+    shared): one slice trains the copy, and the other's image names that slice."""
+    code = main(["-q", "demo", "--out", str(tmp_path), "--slices", "2", "--refine-budget", "6"])
     assert code == 0
     files = sorted((tmp_path / "dicom").rglob("*.dcm"))
     assert len(files) == 2
     import pydicom
 
-    ds = pydicom.dcmread(files[0])
+    ds = [pydicom.dcmread(f) for f in files]
     from recon_plugin.config.protocol import load_protocol
 
     model = load_protocol("brain_t2_axial_4x").model.variant  # the protocol a T2 4x scan matches
-    assert f"DL {model}" in ds.SeriesDescription and ds.Modality == "MR"
+    assert all(f"DL {model}" in d.SeriesDescription and d.Modality == "MR" for d in ds)
+    comments = [str(d.ImageComments) for d in ds]
+    trained = [c for c in comments if "scan-specific refinement" in c]
+    assert len(trained) == 1, comments  # one training per scan
+    (other,) = [c for c in comments if c not in trained]
+    assert "scan refinement" in other and "on slice " in other, other
 
 
 def test_demo_passes_refinement_on(tmp_path, capsys):

@@ -112,12 +112,14 @@ def _global_flags(p: argparse.ArgumentParser, default: object) -> None:
                    help="no progress bars, warnings only")
 
 
-def _refine_options(s: argparse.ArgumentParser) -> None:
-    """``--refine`` and ``--refine-budget`` (recon, demo): the protocol's refine settings."""
-    s.add_argument("--refine", choices=REFINE_MODES, default=None,
+def _refine_options(s: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--refine`` and ``--refine-budget`` (recon, demo): the protocol's refine settings;
+    ``default``: the mode where the option is not given (None: the protocol's)."""
+    s.add_argument("--refine", choices=REFINE_MODES, default=default,
                    help="scan: fine-tune a copy of the network on each slice's own lines; "
                    "shared: one copy per scan, trained on its central slice; either kept only "
-                   "where held-out lines improve (default: the protocol's refine.mode)")
+                   "where held-out lines improve; none: the network as shipped (default: "
+                   + (f"{default})" if default else "the protocol's refine.mode)"))
     s.add_argument("--refine-budget", type=_positive_float, default=None,
                    help="wall seconds per slice with refinement (shared: of the slice that "
                    "trains it), all stages included: it trains for what the others leave "
@@ -200,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protocol name or YAML path (default: match the header)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="simulation seed (default %(default)s)")
-    _refine_options(s)
+    # the demo shows the network adapted to its scan: unrefined, it keeps faint aliasing arcs
+    # on the built-in phantom (docs/FINDINGS.md, the phantom demo's arcs)
+    _refine_options(s, default="shared")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("train", help="train the base unrolled network on simulated data")

@@ -29,7 +29,9 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     refine: {mode: none, time_budget_s: 20, max_steps: 200}
                                          # scan: fine-tune a copy of the network per slice on its
                                          # own lines (recon/refine.py), kept where it helps;
-                                         # time_budget_s: seconds per slice, all stages
+                                         # shared: one copy per scan, trained on its central
+                                         # slice, confirmed on each; time_budget_s: seconds
+                                         # per slice (shared: the training one), all stages
     calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], cg_iters: [8, 16], slices: 3,
                   sparsity: [[0.01, 1], [0.03, 3], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3]]}
                                          # prior weight, CG iterations and anchored L1-wavelet
