@@ -210,6 +210,27 @@ def test_stream_deep_learning_protocol(server, engine, data, tiny_model, monkeyp
     assert "DL" in meta["SeriesDescription"]
 
 
+def test_a_stream_refines_once_per_scan(server, engine, data, tiny_model):
+    """``refine: shared`` in a stream: the first slice to arrive decides the scan's copy and
+    the other slice's image names it (the stream keeps one SharedRefinement per scan)."""
+    engine.recon._models.pop("stream-tiny", None)
+    name = "stream_shared"
+    (data["pdir"] / f"{name}.yaml").write_text(
+        f"name: {name}\nextends: stream_cg.yaml\n"
+        "model: {method: unrolled, variant: stream-tiny}\ncalibration: {enabled: false}\n"
+        "guard: {enabled: true, heldout_fraction: 0.5}\n"
+        "refine: {mode: shared, time_budget_s: 3}\n")
+    images, texts = stream(server.address, data, name)
+    assert not texts and len(images) == 2
+    comments = {im.slice: str(ismrmrd.Meta.deserialize(im.attribute_string)["ImageComments"])
+                for im in images}
+    trained = [i for i, c in comments.items() if "scan-specific refinement" in c]
+    assert len(trained) == 1, comments
+    (other,) = set(comments) - set(trained)
+    # trained and used, not kept, or (this small slice) not tried: each names the slice
+    assert "scan refinement" in comments[other] and f"on slice {trained[0]}" in comments[other]
+
+
 def test_stream_images_and_mrd_file_carry_the_same_meta(tmp_path):
     """One builder: a deep-learning series written as an MRD file and sent by the stream's
     encoder has the same meta, model version and pruning included."""
