@@ -121,9 +121,9 @@ def _refine_options(s: argparse.ArgumentParser, default: str | None = None) -> N
                    "where held-out lines improve; none: the network as shipped (default: "
                    + (f"{default})" if default else "the protocol's refine.mode)"))
     s.add_argument("--refine-budget", type=_positive_float, default=None,
-                   help="wall seconds per slice with refinement (shared: of the slice that "
-                   "trains it), all stages included: it trains for what the others leave "
-                   "(default: the protocol's, 20)")
+                   help="wall seconds per slice with refinement, all stages included: it "
+                   "trains for what the others leave (shared: the slice that trains it, from "
+                   "the refinement's start; default: the protocol's, 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,8 @@ A protocol file (``protocols/<name>.yaml``) looks like::
                                          # own lines (recon/refine.py), kept where it helps;
                                          # shared: one copy per scan, trained on its central
                                          # slice, confirmed on each; time_budget_s: seconds
-                                         # per slice (shared: the training one), all stages
+                                         # per slice, all stages (shared: the training slice
+                                         # from the refinement's start)
     calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], cg_iters: [8, 16], slices: 3,
                   sparsity: [[0.01, 1], [0.03, 3], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3]]}
                                          # prior weight, CG iterations and anchored L1-wavelet

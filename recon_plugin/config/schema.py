@@ -132,8 +132,8 @@ class RefineSpec(_Section):
     slice's own lines (SSDU, ``scan``) or one copy per scan on its first (central) slice's
     (``shared``), kept only where held-out lines improve. ``time_budget_s``: wall seconds per
     slice in all (maps, calibration, refinement, its confirmation, the guard, the final image;
-    ``shared``: of the slice that trains it); the refinement trains for what the other stages
-    leave."""
+    ``shared``: the slice that trains it, from the refinement's start); the refinement trains
+    for what the other stages leave."""
 
     mode: Literal[REFINE_MODES] = "none"
     time_budget_s: Annotated[float, Field(strict=True, gt=0.0, le=3600.0)] = 20.0

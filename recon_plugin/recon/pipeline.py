@@ -105,7 +105,7 @@ class ReconSettings:
     guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
     refine: str = "none"  # one of REFINE_MODES
     # wall-clock seconds per slice, all stages: refinement trains for what the others leave
-    # (shared: of the slice that trains the scan's copy)
+    # (shared: the scan's one refinement, from its start to the slice's end)
     refine_budget_s: float = 20.0
     refine_max_steps: int = 200
     calibrate: bool = False  # prior weight chosen on held-out lines (calibrate.py)
@@ -422,8 +422,9 @@ class Reconstructor:
         would confirm it) or the refinement's own would be too few. It trains for what is left
         of the slice's budget (counted from ``started``) after the stages before it and the
         ``AFTER_REFINEMENT`` passes that follow it. With ``refine: shared`` and the scan's
-        ``shared`` copies, only the scan's first slice trains one; later slices take it (and
-        the guard's lines confirm it on each)."""
+        ``shared`` copies, only the scan's first slice trains one, and its budget counts from
+        the refinement's start (the stages before it are every slice's, not the refinement's
+        cost); later slices take it (and the guard's lines confirm it on each)."""
         net, res = None, None
         unconfirmable = guard_lines is not None and guard_lines.size < MIN_VERIFY_LINES
         reuse = settings.refine == "shared" and shared is not None and name in shared.copies
@@ -434,6 +435,8 @@ class Reconstructor:
             t["refine_kept"] += 1 if net is not None else 0
             t["refine_skipped"] += 1 if unconfirmable else 0
             return net
+        if settings.refine == "shared":
+            started = time.perf_counter()
         if not unconfirmable:
             net, res = refine.refine_slice(
                 self.model(name)[0], ksp, maps, mask, acs,
