@@ -112,18 +112,20 @@ def _global_flags(p: argparse.ArgumentParser, default: object) -> None:
                    help="no progress bars, warnings only")
 
 
-def _refine_options(s: argparse.ArgumentParser, default: str | None = None) -> None:
+def _refine_options(s: argparse.ArgumentParser, default: str | None = None,
+                    budget: float | None = None) -> None:
     """``--refine`` and ``--refine-budget`` (recon, demo): the protocol's refine settings;
-    ``default``: the mode where the option is not given (None: the protocol's)."""
+    ``default``, ``budget``: where the option is not given (None: the protocol's)."""
     s.add_argument("--refine", choices=REFINE_MODES, default=default,
                    help="scan: fine-tune a copy of the network on each slice's own lines; "
                    "shared: one copy per scan, trained on its central slice; either kept only "
                    "where held-out lines improve; none: the network as shipped (default: "
                    + (f"{default})" if default else "the protocol's refine.mode)"))
-    s.add_argument("--refine-budget", type=_positive_float, default=None,
+    s.add_argument("--refine-budget", type=_positive_float, default=budget,
                    help="wall seconds per slice with refinement, all stages included: it "
                    "trains for what the others leave (shared: the slice that trains it, from "
-                   "the refinement's start; default: the protocol's, 20)")
+                   "the refinement's start; default: "
+                   + (f"{budget:g})" if budget else "the protocol's, 20)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="simulation seed (default %(default)s)")
     # the demo shows the network adapted to its scan: unrefined, it keeps faint aliasing arcs
-    # on the built-in phantom (docs/FINDINGS.md, the phantom demo's arcs)
-    _refine_options(s, default="shared")
+    # on the built-in phantom; 20 s of refinement (19-27 steps on a 2-core AVX2 CPU) leave
+    # faint traces, 45 s (67 steps) none (docs/FINDINGS.md, the phantom demo's arcs)
+    _refine_options(s, default="shared", budget=45.0)
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("train", help="train the base unrolled network on simulated data")
