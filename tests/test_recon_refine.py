@@ -196,8 +196,10 @@ def test_the_budget_covers_the_whole_slice():
     rec.network_slice("small", ksp, maps, mask, acs, settings, notes=[], timings=t,
                       started=t0 - 0.5)  # half a second spent on the slice before
     elapsed = time.perf_counter() - t0
-    assert 0.5 < t["refine"] < 1.5
-    assert elapsed < 1.5 + 0.5  # the 2 s less the 0.5 spent, with room for a loaded machine
+    # the 2 s less the 0.5 spent leave 1.5 s; a budget of the training alone would train for 2 s.
+    # The bounds sit between the two, with room for a loaded machine (a step that overruns)
+    assert 0.5 < t["refine"] < 1.75
+    assert elapsed < 2.5
 
 
 def test_a_shared_refinement_trains_once_per_scan_and_each_slice_confirms_it(monkeypatch):
