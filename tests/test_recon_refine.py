@@ -240,6 +240,11 @@ def test_a_shared_refinement_trains_once_per_scan_and_each_slice_confirms_it(mon
     assert any(n.startswith("scan-specific refinement kept") for n in notes[3])
     assert f"scan refinement trained on slice 3 ({res.steps} steps), used here" in notes[5]
     assert any("held-out lines" in n and ("confirmed" in n or "dropped" in n) for n in notes[5])
+    unguarded = []  # without the guard nothing confirms it on a later slice: its note says so
+    rec.network_slice("untrained", ksp, maps, mask, acs, settings.override(guard=False), seed=6,
+                      notes=unguarded, timings=t, shared=shared)
+    assert any(n.endswith("used here (guard off: not confirmed on this slice)")
+               for n in unguarded), unguarded
     calls.clear()
     for index in (3, 5):
         rec.network_slice("untrained", ksp, maps, mask, acs, settings, seed=index, notes=[],

@@ -430,8 +430,10 @@ class Reconstructor:
         reuse = settings.refine == "shared" and shared is not None and name in shared.copies
         if reuse:
             net = None if unconfirmable else shared.copies[name][0]
+            unchecked = " (guard off: not confirmed on this slice)" \
+                if guard_lines is None and net is not None else ""
             notes.append(too_few_lines(guard_lines.size) if unconfirmable
-                         else shared.describe(name))
+                         else shared.describe(name) + unchecked)
             t["refine_kept"] += 1 if net is not None else 0
             t["refine_skipped"] += 1 if unconfirmable else 0
             return net
