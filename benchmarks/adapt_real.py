@@ -94,10 +94,16 @@ def _cases(real_dir: Path):
     return real_cases(real_dir)[BRAIN]
 
 
+HEADINGS = {"all": "## Site adaptation on real raw data",
+            "dc": "## Site adaptation of the data-consistency weights on real raw data"}
+
+
 def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
-        lr: float = 2e-4) -> dict:
-    """Both site runs, the scores, a section of ``docs/BENCHMARKS.md`` and
-    ``docs/adapt_real_results.json``."""
+        lr: float | None = None, params: str = "all") -> dict:
+    """The site runs, the scores, a section of ``docs/BENCHMARKS.md`` and
+    ``docs/adapt_real_results.json`` (``params`` dc: ``adapt_real_dc_results.json``).
+    ``lr`` None: the default of ``params`` (``adaptation.PARAMS``)."""
+    from recon_plugin.adaptation import PARAMS
     from recon_plugin.adaptation.site import adapt
     from recon_plugin.config.protocol import load_protocol
     from recon_plugin.models.checkpoint import load_inference_model, resolve_model
@@ -105,6 +111,7 @@ def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
     from .docs import replace_section
 
     base_name = load_protocol("default").recon_settings().model
+    lr = PARAMS[params] if lr is None else lr
     cases = _cases(real_dir)
     rows, runs = [], {}
     with tempfile.TemporaryDirectory() as td:
@@ -125,7 +132,7 @@ def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
             t0 = time.perf_counter()
             try:
                 rep = adapt([site[n] for n in names], "default", d / run_name.replace(" ", "-"),
-                            mode=mode, steps=steps, lr=lr,
+                            mode=mode, steps=steps, lr=lr, params=params,
                             name=f"site-{run_name.replace(' ', '-')}")
             except ValueError as e:  # refused: e.g. no slice left for an unbiased gate
                 runs[run_name] = {"files": names, "refused": str(e).replace(f"{d}/", "")}
@@ -160,20 +167,25 @@ def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
                 rows.append({"case": c.name, "method": method, "setting": setting,
                              **scaled_metrics(c.target, img), "seconds": dt})
                 log.info("%s %s: %.2f dB", c.name, method, rows[-1]["psnr"])
-    result = {"mode": mode, "steps": steps, "lr": lr, "runs": runs, "rows": rows}
+    result = {"mode": mode, "steps": steps, "lr": lr, "params": params, "runs": runs,
+              "rows": rows}
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "adapt_real_results.json").write_text(json.dumps(result, indent=1, default=str))
-    replace_section(docs / "BENCHMARKS.md", "## Site adaptation on real raw data",
-                    _section(result))
+    stem = "adapt_real_results" if params == "all" else f"adapt_real_{params}_results"
+    (docs / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    replace_section(docs / "BENCHMARKS.md", HEADINGS[params], _section(result))
     return result
 
 
 def _section(result: dict) -> str:
-    mode, steps = result["mode"], result["steps"]
+    mode, steps, params = result["mode"], result["steps"], result.get("params", "all")
+    flag = "" if params == "all" else f" --params {params}"
     lines = [
-        "## Site adaptation on real raw data "
-        f"(`recon-plugin bench adapt-real --mode {mode} --steps {steps}`)",
+        f"{HEADINGS[params]} (`recon-plugin bench adapt-real --mode {mode} --steps {steps}"
+        f"{flag}`)",
         "",
+        *(["Only the network's data-consistency weights train (`adapt --params dc`: 7 "
+           "scalars for the base, every CNN weight stays the base's).", ""]
+          if params == "dc" else []),
         "Site files made from `shared/data/real` (k-space only): the native brain (no ground "
         "truth), the fully sampled brain at 4x along its phase axis, the phantom at 4x. Run "
         "*held-out* adapts on the native brain and the phantom (the scored brain is never "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from recon_plugin.adaptation import PARAMS as ADAPT_PARAMS
+
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
         "adapt-real", "guard", "snr", "independent", "cluster")
 
@@ -21,6 +23,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
     s.add_argument("--mode", default="ssdu", help="adaptation mode (bench adapt)")
     s.add_argument("--steps", type=int, default=120,
                    help="adaptation steps (bench adapt, adapt-real)")
+    s.add_argument("--params", choices=tuple(ADAPT_PARAMS), default="all",
+                   help="what the site runs train (bench adapt-real; see adapt --params)")
     s.add_argument("--variants", action="append", type=Path, default=None,
                    help="folder(s) of variant models (bench pruning; default: shipped weights); "
                    "variant files or folders to rank on validation (bench select)")
@@ -97,7 +101,7 @@ def run(a: argparse.Namespace) -> int:
         real = a.real_dir or find_real_dir()
         if real is None:
             raise FileNotFoundError("no real data: pass --real-dir or set RECON_PLUGIN_REAL_DATA")
-        run_adapt_real(docs, real, mode=a.mode, steps=a.steps)
+        run_adapt_real(docs, real, mode=a.mode, steps=a.steps, params=a.params)
     elif a.what == "guard":
         from .guard import run as run_guard
         from .real import find_real_dir

@@ -72,6 +72,25 @@ def test_adaptation_lowers_heldout_error_and_overlay_is_used(site, tmp_path):
     assert rep["sha256"] in str(ds.DerivationDescription) + str(ds.ImageComments)
 
 
+def test_dc_adaptation_trains_the_data_consistency_weights_alone(site, tmp_path):
+    """``params="dc"``: the under-converged base's step sizes are what the site's data ask to
+    change; they change (at dc's own default learning rate), every CNN weight stays the base's,
+    and the card says what was trained."""
+    from recon_plugin.models.checkpoint import load_model
+
+    d, raws = site
+    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=30, params="dc")
+    assert rep["promoted"], rep
+    base, _ = load_model(d / "base.safetensors")
+    adapted, card = load_model(Path(rep["model"]))
+    assert card["adaptation"]["params"] == "dc" and card["adaptation"]["lr"] == 1e-2
+    assert not torch.allclose(adapted.step, base.step)
+    cnn = {n: p for n, p in base.named_parameters() if n.startswith("priors")}
+    assert cnn and all(torch.equal(p, dict(adapted.named_parameters())[n]) for n, p in cnn.items())
+    with pytest.raises(ValueError, match="unknown adaptation params"):
+        adapt(raws, str(d / "tiny_base.yaml"), tmp_path / "x", steps=1, params="cnn")
+
+
 def test_gate_refuses_a_worse_model(site, tmp_path):
     d, raws = site
     rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="mc-ei", steps=6, lr=5.0)

@@ -13,3 +13,10 @@ MODES = ("ssdu", "mc-ei", "ssdu+teacher", "mc-ei+teacher")
 # ssdu+teacher, 100 steps) the gate's held-out error (native brain; base 0.542) was 0.585 / 0.589
 # at 0.4 and 0.552 / 0.553 at 0.2 (docs/FINDINGS.md)
 SSDU_LOSS_FRACTION = 0.2
+
+# what an adaptation trains (``adapt --params``), and its default learning rate: ``all`` the
+# whole network; ``dc`` only its data-consistency weights (``UnrolledNet.dc_parameters``, 7
+# scalars for the base): the balance of prior and data at the site's noise and scanner, too
+# few parameters to learn one scan's anatomy. Log-weights move by about the learning rate per
+# Adam step, so ``dc`` needs a larger one (docs/FINDINGS.md)
+PARAMS = {"all": 2e-4, "dc": 1e-2}

@@ -45,7 +45,7 @@ from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import heldout_errors, significant_improvement
 from ..training.selfsup import LossSpec
 from ..training.slices import SiteSlice
-from . import MODES, SSDU_LOSS_FRACTION
+from . import MODES, PARAMS, SSDU_LOSS_FRACTION
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,21 @@ def _dist_info() -> tuple[int, int]:
 
 def adapt(
     raw: list[Path], base_protocol: str, site_dir: Path, mode: str = "ssdu", steps: int = 200,
-    lr: float = 2e-4, rho: float = SSDU_LOSS_FRACTION, seed: int = 0, device: str = "cpu",
-    teacher_weight: float = 0.2, heldout_fraction: float = 0.25, name: str | None = None,
-    time_budget_s: float | None = None,
+    lr: float | None = None, rho: float = SSDU_LOSS_FRACTION, seed: int = 0,
+    device: str = "cpu", teacher_weight: float = 0.2, heldout_fraction: float = 0.25,
+    name: str | None = None, time_budget_s: float | None = None, params: str = "all",
 ) -> dict:
-    """Run an adaptation; returns a report dict (``promoted``, errors, output paths)."""
+    """Run an adaptation; returns a report dict (``promoted``, errors, output paths).
+    ``params``: what trains (``PARAMS``: the whole network, or only its data-consistency
+    weights); ``lr``: None takes that choice's default."""
     from ..config.protocol import load_protocol
     from ..models.checkpoint import load_model
 
     if mode not in MODES:
         raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
+    if params not in PARAMS:
+        raise ValueError(f"unknown adaptation params {params!r}; choose from {tuple(PARAMS)}")
+    lr = PARAMS[params] if lr is None else lr
     spec = LossSpec.from_mode(mode, {"teacher": teacher_weight}, ssdu_rho=rho)
     rank, world = _dist_info()
     if world > 1 and not torch.distributed.is_initialized():
@@ -100,6 +105,12 @@ def adapt(
     settings = protocol.recon_settings()
     base_path = resolve_model(settings.model)
     model, card = load_model(base_path)
+    if params == "dc":
+        if not hasattr(model, "dc_parameters"):
+            raise ValueError(f"{settings.model} has no data-consistency weights to adapt alone")
+        trained = {id(p) for p in model.dc_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
     teacher = None
     if "teacher" in spec.weights:
         teacher, _ = load_model(base_path)
@@ -170,7 +181,8 @@ def adapt(
         "name": version, "version": "site-1", "parent_sha256": card.get("sha256"),
         "parent_name": card.get("name"), "pruning": card.get("pruning", {}),
         "finetune": f"self-supervised ({mode})",
-        "adaptation": {"mode": mode, "steps": len(history), "lr": lr, "rho": rho,
+        "adaptation": {"mode": mode, "params": params, "steps": len(history), "lr": lr,
+                       "rho": rho,
                        "raw_files": {str(p): file_sha256(p) for p in raw},
                        "heldout_files": [str(p) for p in hold_files],
                        "heldout_error_base": base_err, "heldout_error_adapted": new_err,

@@ -171,7 +171,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
 
     rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
                 rho=a.rho, seed=a.seed, device=a.device, name=a.name,
-                time_budget_s=a.time_budget)
+                time_budget_s=a.time_budget, params=a.params)
     if rep.get("rank", 0) != 0:
         return EXIT_OK
     print(f"held-out measurement error: base {rep['base_heldout_error']:.5f}, adapted "

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..adaptation import MODES as ADAPT_MODES
+from ..adaptation import PARAMS as ADAPT_PARAMS
 from ..adaptation import SSDU_LOSS_FRACTION
 from ..output import FORMATS
 from ..recon import METHODS, REFINE_MODES, measured_weight
@@ -251,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")
     s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES)
     s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--params", choices=tuple(ADAPT_PARAMS), default="all",
+                   help="what trains: all (the whole network) or dc (only its data-consistency "
+                   "weights, a handful of scalars; default %(default)s)")
+    s.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: " + ", ".join(
+                       f"{k} {v:g}" for k, v in ADAPT_PARAMS.items()) + ")")
     s.add_argument("--rho", type=_fraction, default=SSDU_LOSS_FRACTION,
                    help="ssdu modes: share of the acquired lines (outside the calibration "
                         f"region) each step scores on (default {SSDU_LOSS_FRACTION:g})")

@@ -229,6 +229,12 @@ class UnrolledNet(nn.Module):
         x = x * (scale * op.support)
         return (x, cascades) if return_cascades else x
 
+    def dc_parameters(self) -> list[nn.Parameter]:
+        """The data-consistency parameters (step sizes or log prior weights per cascade, and
+        the noise-aware floor): a handful of scalars, what site adaptation with ``--params dc``
+        trains."""
+        return [self.step, *([self.mu_floor] if self.noise_aware else [])]
+
     def cnn_modules(self) -> list[nn.Module]:
         """The real-valued CNNs (the prunable parts), one per distinct prior."""
         return [p.cnn for p in self.priors]
