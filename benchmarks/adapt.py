@@ -109,7 +109,7 @@ def run(docs: Path, steps: int = 120, lr: float = 2e-4, n_files: int = 6,
         base, card = load_model(base_path)
         res = {"base": evaluate_model(base, vols)[0]}
         t0 = time.perf_counter()
-        rep = adapt(files, protocol, d / "site", mode=mode, steps=steps, lr=lr)
+        rep = adapt(files, protocol, d / "site", mode=mode, steps=steps, lr=lr, params="all")
         t_adapt = time.perf_counter() - t0
         if rep.get("promoted"):
             res[f"adapted ({mode}, no targets)"] = evaluate_model(load_model(rep["model"])[0], vols)[0]

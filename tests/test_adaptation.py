@@ -51,7 +51,8 @@ def site(tmp_path_factory):
 @pytest.mark.slow
 def test_adaptation_lowers_heldout_error_and_overlay_is_used(site, tmp_path):
     d, raws = site
-    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=60, lr=1e-2)
+    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=60, lr=1e-2,
+                params="all")
     assert rep["promoted"], rep
     assert rep["adapted_heldout_error"] < 0.97 * rep["base_heldout_error"]
     card = json.loads(Path(rep["model"]).with_suffix(".json").read_text())
@@ -79,7 +80,7 @@ def test_dc_adaptation_trains_the_data_consistency_weights_alone(site, tmp_path)
     from recon_plugin.models.checkpoint import load_model
 
     d, raws = site
-    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=30, params="dc")
+    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=30)  # dc: default
     assert rep["promoted"], rep
     base, _ = load_model(d / "base.safetensors")
     adapted, card = load_model(Path(rep["model"]))
@@ -93,7 +94,8 @@ def test_dc_adaptation_trains_the_data_consistency_weights_alone(site, tmp_path)
 
 def test_gate_refuses_a_worse_model(site, tmp_path):
     d, raws = site
-    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="mc-ei", steps=6, lr=5.0)
+    rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="mc-ei", steps=6, lr=5.0,
+                params="all")
     assert not rep["promoted"]
     assert not rep["adapted_heldout_error"] < rep["base_heldout_error"]  # NaN counts as worse
     assert not (tmp_path / "models").exists() and not (tmp_path / "protocols").exists()

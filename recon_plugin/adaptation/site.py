@@ -84,7 +84,7 @@ def adapt(
     raw: list[Path], base_protocol: str, site_dir: Path, mode: str = "ssdu", steps: int = 200,
     lr: float | None = None, rho: float = SSDU_LOSS_FRACTION, seed: int = 0,
     device: str = "cpu", teacher_weight: float = 0.2, heldout_fraction: float = 0.25,
-    name: str | None = None, time_budget_s: float | None = None, params: str = "all",
+    name: str | None = None, time_budget_s: float | None = None, params: str = "dc",
 ) -> dict:
     """Run an adaptation; returns a report dict (``promoted``, errors, output paths).
     ``params``: what trains (``PARAMS``: the whole network, or only its data-consistency
