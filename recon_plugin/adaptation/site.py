@@ -11,7 +11,8 @@ protocol's model self-supervised:
   weight ``teacher_weight``).
 
 These are terms of :mod:`recon_plugin.training.selfsup` (``mc-ei`` is its ``self``), which
-composes the loss.
+composes the loss. What trains (``params``, :data:`recon_plugin.adaptation.PARAMS`): by default
+only the network's data-consistency weights (``dc``), or the whole network (``all``).
 
 Safety: files are split into adaptation and held-out files (by file; held-out lines are also
 held out within them). The adapted model is promoted only if its squared measurement-domain error
