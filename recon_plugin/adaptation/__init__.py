@@ -19,6 +19,6 @@ SSDU_LOSS_FRACTION = 0.2
 # scalars for the base): the balance of prior and data at the site's noise and scanner, too
 # few parameters to learn one scan's anatomy; ``all`` the whole network. On the real files
 # every ``dc`` run was promoted and none made the network alone worse on the real brain; no
-# ``all`` run was promoted (bench adapt-real). Log-weights move by about the learning rate per Adam step, so ``dc``
-# needs a larger one (docs/FINDINGS.md)
+# ``all`` run was promoted (bench adapt-real). Log-weights move by about the learning rate per
+# Adam step, so ``dc`` needs a larger one (docs/FINDINGS.md)
 PARAMS = {"dc": 1e-2, "all": 2e-4}
