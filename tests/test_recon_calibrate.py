@@ -222,7 +222,7 @@ def test_slices_made_before_the_scan_settled_are_made_again_where_its_choice_dif
 
     monkeypatch.setattr(Reconstructor, "network_slice", spy)
     rec = Reconstructor()
-    settings = ReconSettings(method="unrolled", calibrate=True, calibrate_slices=2, guard=False,
+    settings = ReconSettings(method="unrolled", calibrate=True, calibrate_slices=2,
                              calibrate_cg_iters=(), calibrate_sparsity=())
     assert calibrate.choose({one: e, quarter: 0.5 * e}) == quarter
     series = rec.reconstruct(scan, settings)
@@ -231,6 +231,8 @@ def test_slices_made_before_the_scan_settled_are_made_again_where_its_choice_dif
     assert len(notes) == 3 and len(set(notes)) == 1
     assert notes[0].startswith("prior weight x1 chosen on 2 slices'")
     assert series[0].timings_s["calibration_revised"] == 1
+    # the guard's counts are per slice: the version made again replaces the first
+    assert series[0].timings_s["guard_checked"] == 3
     # a three-slice scan with a five-slice setting: the choice of all three
     evidence = iter([{one: e, quarter: 0.5 * e}, {one: e, quarter: 3.0 * e},
                      {one: e, quarter: 3.0 * e}])

@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 # what a slice still makes after its refinement, in images as the pipeline delivers them: the
 # confirmation's refined and unrefined image, the guard's CG-SENSE, the final image
 AFTER_REFINEMENT = 3.5
+# the per-slice counts of a scan's timings (the batch summary reports them per slice)
+SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skipped")
 
 
 
@@ -475,19 +477,26 @@ class Reconstructor:
         # the edge slices of a stack hold the least anatomy (the series are ordered afterwards)
         centre = np.median([sl.slice_index for sl in scan.slices]) if scan.slices else 0
         provisional = []  # (image index, slice, model, the choice it was made with)
+        counted = []  # each image's share of the SLICE_COUNTS
         for sl in sorted(scan.slices, key=lambda sl: abs(sl.slice_index - centre)):
             t0 = time.perf_counter()
             adds = calibration.adds
+            before = [timings[k] for k in SLICE_COUNTS]
             images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings,
                                                  calibration, shared))
+            counted.append([timings[k] - b for k, b in zip(SLICE_COUNTS, before)])
             slice_seconds.append(time.perf_counter() - t0)
             made_with = calibration.provisional(adds)
             if made_with is not None:
                 provisional.append((len(images) - 1, sl, *made_with))
         calibration.settle()
         for index, sl, name, used in provisional:
-            images[index] = self.revise(images[index], sl, name, used, scan.header, settings,
-                                        whitener, timings, calibration, shared)
+            image = self.revise(images[index], sl, name, used, scan.header, settings, whitener,
+                                timings, calibration, shared)
+            if image is not images[index]:  # made again: its first version no longer counts
+                for k, n in zip(SLICE_COUNTS, counted[index]):
+                    timings[k] -= n
+            images[index] = image
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
 
