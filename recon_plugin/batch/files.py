@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..recon.pipeline import Reconstructor, write_outputs
+from ..output.series_files import write_outputs
+from ..recon.pipeline import Reconstructor
 from .state import STAGING_PREFIX, publish
 
 log = logging.getLogger(__name__)

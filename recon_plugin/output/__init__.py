@@ -1,4 +1,5 @@
-"""Outputs: the atomic file writer every writer uses (``atomic``), DICOM series (``dicom``),
+"""Outputs: every format of a scan's series from one call (``series_files``), the atomic file
+writer every writer uses (``atomic``), DICOM series (``dicom``),
 PACS delivery with a durable queue (``pacs``) and its one policy for batch and stream
 (``delivery``), fastMRI reconstruction files (``fastmri_file``)
 and ISMRMRD image files (``mrd_file``)."""

@@ -18,7 +18,7 @@ import numpy as np
 from ..config.protocol import Protocol
 from ..output.delivery import DeliveryPlan
 from ..output.mrd_image import mrd_image
-from ..recon.pipeline import write_outputs
+from ..output.series_files import write_outputs
 from ..scan import ReconImage, ReconSeries, ScanHeader, series_by_contrast
 
 log = logging.getLogger(__name__)

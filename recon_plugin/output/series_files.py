@@ -1,0 +1,60 @@
+"""Writing a scan's series to files: every format of ``recon-plugin recon --format`` (``FORMATS``)
+from one call, each file written atomically; the batch and the stream server both call
+:func:`write_outputs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..scan import ReconSeries
+from . import FORMATS
+
+
+def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...],
+                  dicom_options: dict | None = None) -> list[Path]:
+    """Write every series in the requested formats (``output.FORMATS``); returns written paths.
+
+    ``fastmri`` writes one fastMRI reconstruction file named like the input (the output folder's
+    name) for the whole scan (:mod:`recon_plugin.output.fastmri_file`); ``mrd`` one ISMRMRD image
+    file ``<stem>_mrd.h5`` of all series (:mod:`recon_plugin.output.mrd_file`)."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown output format(s) {sorted(unknown)}; use {', '.join(FORMATS)}")
+    paths: list[Path] = []
+    if "dicom" in formats and series:
+        from .dicom import scan_uids, write_series
+
+        study, frame = scan_uids(series[0].header)  # one study / frame for all series of a scan
+        for s in series:
+            paths += write_series(s, Path(out_dir) / f"series_{s.series_number:04d}",
+                                  study_uid=study, frame_uid=frame, **(dicom_options or {}))
+    if "h5" in formats:
+        paths += [write_reconstruction_h5(s, Path(out_dir)) for s in series]
+    if "fastmri" in formats:
+        from .fastmri_file import write_fastmri_files
+
+        paths += write_fastmri_files(series, Path(out_dir))
+    if "mrd" in formats and series:
+        from .mrd_file import write_mrd_file
+
+        paths.append(write_mrd_file(series, Path(out_dir)))
+    return paths
+
+
+def write_reconstruction_h5(series: ReconSeries, out_dir: Path) -> Path:
+    """fastMRI-style ``reconstruction`` (slices, rows, cols) float32 file, written atomically."""
+    import h5py
+
+    from .atomic import atomic_path
+
+    final = out_dir / f"series_{series.series_number:04d}.h5"
+    with atomic_path(final, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("reconstruction", data=np.stack([im.pixels for im in series.images]))
+        f.attrs["protocol"] = series.provenance.protocol
+        f.attrs["method"] = series.provenance.method
+        f.attrs["model"] = series.provenance.model_name
+        f.attrs["model_sha256"] = series.provenance.model_hash
+        f.attrs["ismrmrd_header"] = series.header.xml
+    return final
