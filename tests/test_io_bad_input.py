@@ -233,3 +233,19 @@ def test_noise_scan_from_another_coil_setup_fails_that_file_clearly(tmp_path, is
     (res,) = run_batch([path], tmp_path / "out", None, progress=False)
     assert not res.ok and "noise scan has 3 coils but the imaging data has 2" in res.error
     assert not list((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_fastmri_2d_mask_refused_partial_echo_read(fastmri_file):
+    """Zeros scattered inside the acquired lines (a 2D mask) are refused with the reason;
+    zeros at the same readout positions of every line (partial echo) are not sampling."""
+    with h5py.File(fastmri_file, "a") as f:
+        k = f["kspace"][()]  # (slices, coils, readout, phase)
+        echo = k.copy()
+        echo[:, :, :3, :] = 0
+        f["kspace"][...] = echo
+    scan = read_raw(fastmri_file)
+    assert all(s.mask.all() for s in scan.slices)
+    rng = np.random.default_rng(0)
+    with h5py.File(fastmri_file, "a") as f:
+        f["kspace"][...] = k * (rng.random(k.shape[2:]) < 0.4)  # Poisson-like 2D sampling
+    _fails(fastmri_file, "kspace slice 0", "2D mask", "readout")

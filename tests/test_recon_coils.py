@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from recon_plugin.physics import ifft2c
-from recon_plugin.recon.coils import CoilMapError, EspiritParams, estimate_maps
+from recon_plugin.recon.coils import (
+    CoilMapError,
+    EspiritParams,
+    calibration_region,
+    estimate_maps,
+)
 
 
 def test_maps_reproduce_coil_images(small_volume):
@@ -135,3 +140,28 @@ def test_real_brain_at_8x_keeps_the_whole_head():
     head = head if head.shape == maps.shape[1:] else head.T
     cut = (np.abs(maps).sum(0) == 0) & head
     assert cut.sum() / head.sum() < 0.002
+
+
+def test_a_2d_calibration_block_narrower_than_calib_width(small_volume):
+    """ACS lines of which every other one is measured on the central 12 readout samples only
+    (a 2D calibration block): ESPIRiT calibrates on the 12-wide block, not on the zeros beside
+    it, and its maps give the SENSE image of fully measured ACS lines."""
+    s = small_volume.slices[0]
+    ny, nx = s.kspace.shape[1:]
+    acs = (ny // 2 - 12, ny // 2 + 12)
+    block = s.kspace.copy()
+    x0 = nx // 2 - 6
+    for row in range(acs[0] + 1, acs[1], 2):
+        block[:, row, :x0] = 0
+        block[:, row, x0 + 12:] = 0
+    region = calibration_region(block, acs, calib_width=24, kernel_width=6)
+    np.testing.assert_array_equal(region, s.kspace[:, acs[0]:acs[1], x0:x0 + 12])
+    ci = ifft2c(s.kspace)
+    ref = (estimate_maps(s.kspace, acs).conj() * ci).sum(0)
+    got = (estimate_maps(block, acs).conj() * ci).sum(0)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
+    narrow = block.copy()
+    narrow[:, acs[0] + 1, : nx // 2 - 1] = 0
+    narrow[:, acs[0] + 1, nx // 2 + 1:] = 0
+    with pytest.raises(CoilMapError, match="readout samples in common"):
+        estimate_maps(narrow, acs)

@@ -194,3 +194,17 @@ def test_heldout_rows_match_the_full_transform(shape):
     rows = np.array([0, 5, shape[1] // 2, shape[1] - 1])
     ref = fft2c(x)[:, rows]
     assert np.abs(guard._rows_of_fft2c(x, rows) - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_heldout_lines_are_whole_lines():
+    """A line measured on part of the readout only is never held out: its unmeasured samples
+    would count as the method's error."""
+    m1, acs = cartesian_mask(128, 4, 0.08, "equispaced", np.random.default_rng(0))
+    mask = np.repeat(m1[:, None], 64, axis=1).astype(np.float32)
+    outer = np.flatnonzero(m1)
+    outer = outer[(outer < acs[0]) | (outer >= acs[1])]
+    partial = outer[::2]
+    mask[partial, :20] = 0
+    for seed in range(5):
+        lines = guard.heldout_lines(mask, acs, 0.3, seed=seed)
+        assert lines.size and not set(lines) & set(partial)

@@ -145,9 +145,8 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     assert maps2 is not None and 0.08 < fraction < 0.3
     # site adaptation sees the slice as the network does: without the second map's part
     k1, m1, maps1 = prepare_slice(sl, settings)
-    sampled = mask[:, 0] > 0
     assert np.array_equal(m1, mask) and np.allclose(maps1, maps, atol=1e-3)
-    assert not np.any(k1[:, ~sampled]) and 0 < np.linalg.norm(k1 - ksp) < np.linalg.norm(ksp)
+    assert not np.any(k1[:, mask == 0]) and 0 < np.linalg.norm(k1 - ksp) < np.linalg.norm(ksp)
     timings = defaultdict(float)
     image = Reconstructor().reconstruct_slice(sl, scan.header, settings, timings=timings)
     assert image.method == "unrolled" and "FIELD OF VIEW WRAP" in image.notes[0]
@@ -165,4 +164,6 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     ref = np.sqrt((np.abs(x.reshape(x.shape[0], x.shape[1], -1)) ** 2).sum(-1)).T
     one = classical.cg_sense(ksp, maps, mask)
     two = classical.cg_sense_two_maps(ksp, maps, maps2, mask)
-    assert _error(two, ref) < 0.6 * _error(one, ref)  # measured 0.12 against 0.27
+    # measured 0.021 against 0.24 (0.12 against 0.27 while the reader took the calibration
+    # block's partial lines as whole lines, which BART, reading the samples, never did)
+    assert _error(two, ref) < 0.05 and _error(two, ref) < 0.2 * _error(one, ref)

@@ -130,9 +130,7 @@ def recon_file(
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
     scan = _read(path, max_bytes)
-    t["read"] = time.perf_counter() - t0
-    for w in scan.warnings:
-        log.warning("%s: %s", path, w)
+    t["read"] = time.perf_counter() - t0  # the reader has logged its warnings
     protocol = (protocols.select(scan.header) if protocols is not None
                 else select_protocol(scan.header, protocol_name, protocol_dirs))
     settings = protocol.recon_settings().override(**(overrides or {}))

@@ -14,6 +14,9 @@ The reader transposes to the project's ``(coils, ky, kx)`` (and the target to ``
 crops the readout in the image domain to the recon matrix x (which removes the oversampling),
 keeps the full phase grid (its image is cropped to the recon matrix y downstream), masks the
 zero-padded columns, and infers the mask from the non-zero columns when there is no ``mask``.
+A line measured on part of the readout only (the lines of a 2D calibration block, as in a ky-kz
+plane of a 3D scan) marks only its measured samples; most lines partial (2D sampling such as
+Poisson-disc) is refused with the reason.
 When the header disagrees with the data (slice count, matrix, coil count) a warning is recorded
 and the data's shape wins.
 
@@ -59,6 +62,50 @@ def _acs(mask: np.ndarray, num_low: int | None) -> tuple[int, int] | None:
             return lo, hi
     run = centre_run(mask, mask.size // 2)
     return run if run is not None and run[1] - run[0] >= 4 else None
+
+
+# an acquired line with more than this fraction of its samples unmeasured (exactly 0 on every
+# coil, not counting readout positions that no line has) is a partial line: real measured
+# samples are practically never exactly 0
+MAX_ZEROS_IN_LINE = 0.02
+# more than this fraction of the acquired lines partial is 2D sampling (e.g. Poisson-disc)
+MAX_PARTIAL_LINES = 0.5
+
+
+def _sample_mask(k: np.ndarray, cols: np.ndarray, nx: int, where: str) -> np.ndarray:
+    """Sampling mask (ky, nx) float32 of k-space ``k`` (coils, ky, kx_raw) whose acquired lines
+    are ``cols`` (ky,): whole lines, except that a partial line (measured on only part of the
+    readout, as the lines of a 2D calibration block of a ky-kz plane are) marks only its
+    measured samples. Raises RawDataError for 2D sampling (most lines partial: the plugin
+    reconstructs Cartesian line undersampling) and for partial lines whose readout has to be
+    cropped (its oversampling removed), which would mix measured and unmeasured samples.
+    Readout positions that no line has (partial echo, readout zero padding) stay marked as
+    before: they do not make a line partial."""
+    mask = np.repeat(cols[:, None], nx, axis=1).astype(np.float32)
+    if cols.sum() < 2:
+        return mask
+    measured = np.any(k != 0, axis=0)  # (ky, kx_raw)
+    positions = measured[cols].any(axis=0)  # readout positions some acquired line has
+    unmeasured = ~measured[cols][:, positions]
+    partial = np.zeros_like(cols)
+    partial[np.flatnonzero(cols)] = unmeasured.mean(axis=1) > MAX_ZEROS_IN_LINE
+    n_partial, n_lines = int(partial.sum()), int(cols.sum())
+    if n_partial == 0:
+        return mask
+    if n_partial > MAX_PARTIAL_LINES * n_lines:
+        raise RawDataError(
+            f"{where}: {n_partial} of its {n_lines} acquired phase-encode lines are measured on "
+            f"only part of the readout ({unmeasured.mean():.0%} of their samples are zero): a 2D "
+            "mask (e.g. Poisson-disc sampling); recon-plugin reconstructs Cartesian line "
+            "undersampling (phase-encode lines acquired whole), use a 2D-mask method (e.g. "
+            "BART pics) for this scan")
+    if nx != k.shape[-1]:
+        raise RawDataError(
+            f"{where}: {n_partial} acquired lines are measured on only part of the readout and "
+            f"the readout ({k.shape[-1]} samples) must be cropped to {nx}: the crop would mix "
+            "measured and unmeasured samples; write the file with the readout already cropped")
+    mask[partial] = measured[partial] | ~positions
+    return mask
 
 
 def _geometries(f: h5py.File, n: int, spacing: float, warnings: list[str], where: str):
@@ -192,8 +239,8 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
         k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)  # (c, ky, kx)
         cols = file_mask if file_mask is not None else (np.abs(k).sum(axis=(0, 2)) > 0) & window
-        k = crop_readout(k, nx, axis=-1) * cols[None, :, None]
-        mask = np.repeat(cols[:, None], nx, axis=1).astype(np.float32)
+        mask = _sample_mask(k, cols, nx, f"{where}: kspace slice {i}")
+        k = crop_readout(k, nx, axis=-1) * mask[None]
         tgt = None
         if target is not None:
             tgt = np.ascontiguousarray(np.asarray(target[i], np.float32).T)
@@ -203,7 +250,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
         ))
 
     first = slices[0]
-    sampled = int(first.mask[:, 0].sum())
+    sampled = int(first.mask.any(axis=1).sum())
     if acceleration is None and sampled and sampled < int(window.sum()):
         acceleration = round(float(window.sum()) / sampled, 2)
     px = enc.enc_fov[0] / enc.enc_matrix[0]

@@ -133,7 +133,9 @@ def read_ismrmrd(
         noise, dwell = _read_noise(noise_path, dataset)
         if noise is not None:
             if scan.noise is not None:
-                scan.warnings.append(f"{where}: noise in file and in {noise_path}; using both")
+                msg = f"{where}: noise in file and in {noise_path}; using both"
+                log.warning(msg)
+                scan.warnings.append(msg)
                 if noise.shape[0] == scan.noise.shape[0]:
                     noise = np.concatenate([scan.noise, noise], axis=1)
             scan.noise = noise

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from ..physics import centre_run
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +61,9 @@ def calibration_region(
     kspace: np.ndarray, acs: tuple[int, int] | None, calib_width: int, kernel_width: int
 ) -> np.ndarray:
     """The fully sampled centre (coils, rows, cols): ACS rows (at most calib_width, centred)
-    x calib_width centre columns. Raises CoilMapError when too small for the kernel."""
+    x calib_width centre columns, narrowed to the central run of columns measured on every
+    ACS row (a 2D calibration block may be narrower than calib_width). Raises CoilMapError
+    when too small for the kernel."""
     c, ny, nx = kspace.shape
     if acs is None:
         raise CoilMapError("no fully sampled calibration (ACS) region: ESPIRiT cannot run; use a "
@@ -79,6 +83,13 @@ def calibration_region(
     block = kspace[:, lo:hi, x0 : x0 + cw]
     if not np.any(np.abs(block) > 0):
         raise CoilMapError("the ACS region contains only zeros")
+    measured = np.any(block != 0, axis=0).all(axis=0)  # (cols,) measured on every ACS row
+    if not measured.all():
+        run = centre_run(measured, cw // 2)
+        if run is None or run[1] - run[0] < min_rows:
+            raise CoilMapError(f"the ACS lines are measured on fewer than {min_rows} central "
+                               "readout samples in common; ESPIRiT needs a calibration block")
+        block = block[:, :, run[0] : run[1]]
     return block
 
 

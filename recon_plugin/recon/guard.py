@@ -82,8 +82,11 @@ class GuardResult:
 def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float = 0.1,
                   min_lines: int = 2, seed: int = 0) -> np.ndarray:
     """Indices of acquired ky lines (outside ``acs``) to hold out: ``fraction`` of them, at
-    least ``min_lines``, spread over k-space (every n-th line from a seeded offset)."""
-    rows = np.flatnonzero(mask.any(axis=1))
+    least ``min_lines``, spread over k-space (every n-th line from a seeded offset). Only
+    whole lines (as many samples as the fullest row) are held out: a partial line's
+    unmeasured samples would count as errors."""
+    counts = (mask > 0).sum(axis=1)
+    rows = np.flatnonzero((counts > 0) & (counts == counts.max()))
     if acs is not None:
         rows = rows[(rows < acs[0]) | (rows >= acs[1])]
     if rows.size < min_lines + 2:
