@@ -208,3 +208,18 @@ def test_heldout_lines_are_whole_lines():
     for seed in range(5):
         lines = guard.heldout_lines(mask, acs, 0.3, seed=seed)
         assert lines.size and not set(lines) & set(partial)
+
+
+def test_heldout_errors_count_measured_samples_only(case):
+    """With a partial echo (readout samples never measured, zero in the k-space), a line's
+    held-out error is taken over its measured samples: the truth's error there is 0 (up to the
+    data's noise) whatever the image predicts where nothing was measured."""
+    ksp, maps, mask, acs, truth = case
+    echo = np.ones(mask.shape[1], bool)
+    echo[: mask.shape[1] // 5] = False
+    partial = (mask * echo[None]).astype(np.float32)
+    k = fft2c(maps * truth[None]) * partial[None]  # noise-free data on the measured samples
+    lines = guard.heldout_lines(partial, acs, 0.2, seed=0)
+    with_mask = guard.heldout_line_errors(truth, maps, k, lines, partial)
+    without = guard.heldout_line_errors(truth, maps, k, lines)
+    assert np.all(with_mask < 1e-6 * without)

@@ -122,11 +122,11 @@ def test_the_pipeline_keeps_a_refinement_only_where_the_guards_lines_confirm_it(
     notes, t = [], defaultdict(float)
     t["refine_kept"] = 2
     ksp_keep = ksp * keep[None]
-    net, img = rec._confirm_refinement("untrained", refined, ksp, ksp_keep, maps, keep, lines,
-                                       TRAINED, 1.0, 0, notes, t)
+    net, img = rec._confirm_refinement("untrained", refined, ksp, ksp_keep, maps, mask, keep,
+                                       lines, TRAINED, 1.0, 0, notes, t)
     assert net is refined and "confirmed" in notes[-1] and t["refine_kept"] == 2
     net, img = rec._confirm_refinement("untrained", copy.deepcopy(model), ksp, ksp_keep, maps,
-                                       keep, lines, TRAINED, 1.0, 0, notes, t)
+                                       mask, keep, lines, TRAINED, 1.0, 0, notes, t)
     assert net is None and "dropped" in notes[-1] and t["refine_kept"] == 1
     np.testing.assert_allclose(img, rec._network("untrained", ksp * keep[None], maps, keep))
 

@@ -290,20 +290,20 @@ def heldout_evidence(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
     sub = slice_operator(maps, keep, device, like=op)
     images: dict = {c: network_image(model, ksp, maps, keep, c, device, sub)
                     for c in candidates(grid)}
-    out: dict = {c: heldout_line_errors(x, maps, kspace, lines) for c, x in images.items()}
+    out: dict = {c: heldout_line_errors(x, maps, kspace, lines, mask) for c, x in images.items()}
     weight = choose(out)
     for n in cg_iters:
         key = MoreIterations(int(n))
         images[key] = network_image(model, ksp, maps, keep, replace(weight, cg_iters=int(n)),
                                     device, sub)
-        out[key] = heldout_line_errors(images[key], maps, kspace, lines)
+        out[key] = heldout_line_errors(images[key], maps, kspace, lines, mask)
     if sparsity:
         own = choose(out)
         key = own if own.cg_iters is None else MoreIterations(own.cg_iters)
         anchor, out[NONE] = images[key], out[key]
         for sp in sparsity:
             x = anchored_l1_wavelet(ksp, maps, keep, anchor, sp, device=str(device), op=sub)
-            out[sp] = heldout_line_errors(x, maps, kspace, lines)
+            out[sp] = heldout_line_errors(x, maps, kspace, lines, mask)
     return out
 
 

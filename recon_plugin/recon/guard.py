@@ -110,10 +110,14 @@ def _rows_of_fft2c(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def heldout_line_errors(image: np.ndarray, maps: np.ndarray, kspace: np.ndarray,
-                        lines: np.ndarray) -> np.ndarray:
+                        lines: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Per held-out line (len(lines),): ``||(F S image)[line] - kspace[line]||^2`` over coils
-    and readout."""
-    pred = _rows_of_fft2c(maps * image[None], np.asarray(lines))
+    and the readout samples that ``mask`` (ky, kx) marks measured (all without a mask; a
+    partial echo's unmeasured samples are no evidence)."""
+    lines = np.asarray(lines)
+    pred = _rows_of_fft2c(maps * image[None], lines)
+    if mask is not None:
+        pred = pred * (mask[lines] > 0)[None]
     return np.sum(np.abs(pred - kspace[:, lines, :]) ** 2, axis=(0, 2))
 
 
@@ -139,8 +143,8 @@ def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, lines: np.ndar
         return None
     keep = without_lines(mask, lines)
     ksp = kspace * keep[None]
-    e_net = heldout_line_errors(network(ksp, maps, keep), maps, kspace, lines)
-    e_cls = heldout_line_errors(classical(ksp, maps, keep), maps, kspace, lines)
+    e_net = heldout_line_errors(network(ksp, maps, keep), maps, kspace, lines, mask)
+    e_cls = heldout_line_errors(classical(ksp, maps, keep), maps, kspace, lines, mask)
     limit = e_cls * (1 + margin)
     mean, se = paired_difference(e_net, limit)  # > 0: the network predicts worse
     excess = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))

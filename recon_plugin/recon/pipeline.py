@@ -338,7 +338,7 @@ class Reconstructor:
             t0 = time.perf_counter()
             if net is not None:
                 net, guard_image = self._confirm_refinement(name, net, ksp, ksp_keep, maps,
-                                                            keep, lines, dc_setting,
+                                                            mask, keep, lines, dc_setting,
                                                             settings.guard_z, seed, notes, t)
             guard_op = slice_operator(maps, keep, like=op)
             res = guard.check(ksp, maps, mask, lines,
@@ -386,20 +386,21 @@ class Reconstructor:
         notes.append(done.describe())
         return done.setting
 
-    def _confirm_refinement(self, name, net, ksp, ksp_keep, maps, keep, lines,
+    def _confirm_refinement(self, name, net, ksp, ksp_keep, maps, mask, keep, lines,
                             dc_setting: DcSetting, z: float, seed: int, notes: list[str],
                             t: dict):
         """(the refined copy or None, the image the guard then judges (ky, kx), made without
         the guard's lines): the refined copy stays only where it also predicts the guard's
         held-out lines significantly better than the unrefined network. Its own held-out lines
         chose its training state (early stopping), so their improvement is biased low; the
-        guard's lines took no part in training or in that choice. ``ksp_keep``, ``keep``: the
-        slice's k-space and mask without the guard's ``lines`` (as refinement saw it); ``z``:
-        the significance (in standard errors of the per-line differences) the gain needs."""
+        guard's lines took no part in training or in that choice. ``mask``: the slice's;
+        ``ksp_keep``, ``keep``: its k-space and mask without the guard's ``lines`` (as
+        refinement saw it); ``z``: the significance (in standard errors of the per-line
+        differences) the gain needs."""
         plain = self._network(name, ksp_keep, maps, keep, None, dc_setting)
         refined = self._network(name, ksp_keep, maps, keep, net, dc_setting)
-        e_plain = guard.heldout_line_errors(plain, maps, ksp, lines)
-        e_refined = guard.heldout_line_errors(refined, maps, ksp, lines)
+        e_plain = guard.heldout_line_errors(plain, maps, ksp, lines, mask)
+        e_refined = guard.heldout_line_errors(refined, maps, ksp, lines, mask)
         ratio = float(e_refined.sum() / max(e_plain.sum(), 1e-30))
         if guard.significant_gain(e_plain, e_refined, z) > 0:
             notes.append(f"refinement confirmed on the guard's {lines.size} held-out lines "

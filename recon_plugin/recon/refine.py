@@ -135,7 +135,7 @@ def refine_slice(
             img = _apply(net, k, op, m_train, setting)[0].cpu().numpy()
         img = anchored_l1_wavelet(k_train, maps, train_mask, img, setting.sparsity,
                                   device=str(device))
-        return heldout_line_errors(img, maps, kspace, lines)
+        return heldout_line_errors(img, maps, kspace, lines, mask)
 
     net = copy.deepcopy(model).eval()  # BatchNorm (folded or not) stays fixed
     t_check = time.perf_counter()
