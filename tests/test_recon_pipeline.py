@@ -68,7 +68,9 @@ def test_no_acs_falls_back_and_says_so(files):
         Reconstructor().reconstruct(scan, ReconSettings(method="cg-sense", fallback="error"))
 
 
-def test_nan_and_zero_coil_are_clear_errors(files):
+def test_nan_is_a_clear_error_and_a_silent_coil_is_left_out(files):
+    """A NaN sample is refused; a channel that recorded only zeros (a dead element) is left
+    out with a note: the image is the one of the same scan without that channel."""
     _, ism, _ = files
     scan = read_raw(ism)
     k = scan.slices[0].kspace.copy()
@@ -76,11 +78,18 @@ def test_nan_and_zero_coil_are_clear_errors(files):
     bad = dataclasses.replace(scan, slices=[dataclasses.replace(scan.slices[0], kspace=k)])
     with pytest.raises(RawDataError, match="NaN"):
         Reconstructor().reconstruct(bad, ReconSettings(method="zero-filled"))
-    k = scan.slices[0].kspace.copy()
+    sl = scan.slices[0]
+    k = sl.kspace.copy()
     k[2] = 0
-    bad = dataclasses.replace(scan, slices=[dataclasses.replace(scan.slices[0], kspace=k)])
-    with pytest.raises(CoilMapError, match=r"coil\(s\) \[2\]"):
-        Reconstructor().reconstruct(bad, ReconSettings(method="cg-sense", fallback="error"))
+    dead = dataclasses.replace(scan, slices=[dataclasses.replace(sl, kspace=k)])
+    settings = ReconSettings(method="cg-sense", fallback="error")
+    (image,) = Reconstructor().reconstruct(dead, settings)[0].images
+    assert image.method == "cg-sense" and "coil(s) [2] recorded only zeros: left out" in image.notes
+    five = dataclasses.replace(scan, slices=[dataclasses.replace(
+        sl, kspace=np.delete(sl.kspace, 2, axis=0),
+        calib=None if sl.calib is None else np.delete(sl.calib, 2, axis=0))])
+    (want,) = Reconstructor().reconstruct(five, settings)[0].images
+    np.testing.assert_allclose(image.pixels, want.pixels, rtol=1e-5, atol=1e-6 * want.pixels.max())
 
 
 def test_recon_matrix_larger_than_encoded_is_interpolated_with_a_note(files):

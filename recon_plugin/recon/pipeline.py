@@ -72,7 +72,7 @@ from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
 from .combine import measured_rss
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier
-from .preprocess import whiten_and_compress, whitening_matrix
+from .preprocess import drop_silent_coils, whiten_and_compress, whitening_matrix
 from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
 from .sparse import Sparsity
 
@@ -134,12 +134,20 @@ class ReconSettings:
 
 
 def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
+                   notes: list[str] | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One slice as every consumer of raw data sees it (reconstruction, site adaptation):
-    prewhitened, coil-compressed as the protocol says, zero where not sampled. Returns
-    (k-space (coils, ky, kx) complex64, mask (ky, kx) float32, calibration block or None)."""
+    prewhitened, coil-compressed as the protocol says, without channels that recorded
+    nothing (logged, and said in ``notes``), zero where not sampled. Returns (k-space (coils,
+    ky, kx) complex64, mask (ky, kx) float32, calibration block or None)."""
     ksp, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, whitener,
                                      settings.coil_compression)
+    ksp, calib, silent = drop_silent_coils(ksp, calib)
+    if silent:
+        msg = f"coil(s) {silent} recorded only zeros: left out"
+        log.warning("slice %d: %s", sl.slice_index, msg)
+        if notes is not None:
+            notes.append(msg)
     mask = sl.mask.astype(np.float32)
     return (ksp * mask[None]).astype(np.complex64, copy=False), mask, calib
 
@@ -218,9 +226,9 @@ class Reconstructor:
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = started = time.perf_counter()
-        ksp, mask, calib = prepare_kspace(sl, settings, whitener)
-        t["preprocess"] += time.perf_counter() - t0
         notes: list[str] = []
+        ksp, mask, calib = prepare_kspace(sl, settings, whitener, notes)
+        t["preprocess"] += time.perf_counter() - t0
         method = settings.method
         maps = maps2 = None
         if method != "zero-filled":

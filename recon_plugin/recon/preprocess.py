@@ -4,7 +4,8 @@
   ``whitening_matrix``);
 * SVD coil compression to N virtual coils (``coil_compression_matrix``);
 * ``whiten_and_compress``: both, on one slice, as batch recon, the stream server and site
-  adaptation run them.
+  adaptation run them;
+* ``drop_silent_coils``: channels that recorded nothing (a dead element or cable) removed.
 
 Axis convention: multi-coil k-space is ``(coils, ky, kx)``, centred, orthonormal FFT; noise is
 ``(coils, samples)``.
@@ -120,3 +121,18 @@ def whiten_and_compress(
         if same_coils:
             calib = apply_coil_matrix(m, calib)
     return kspace.astype(np.complex64, copy=False), calib
+
+
+def drop_silent_coils(kspace: np.ndarray, calib: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """(k-space, calibration block, dropped coil indices) without the coils whose k-space
+    (coils, ky, kx) is zero everywhere: a channel that recorded nothing carries no information
+    and has no sensitivity ESPIRiT could estimate. Nothing is dropped when every coil is
+    silent (the caller then finds no data at all)."""
+    silent = ~np.any(kspace.reshape(kspace.shape[0], -1) != 0, axis=1)
+    if not silent.any() or silent.all():
+        return kspace, calib, []
+    keep = ~silent
+    return (np.ascontiguousarray(kspace[keep]),
+            None if calib is None else np.ascontiguousarray(calib[keep]),
+            np.flatnonzero(silent).tolist())
