@@ -16,7 +16,10 @@ keeps the full phase grid (its image is cropped to the recon matrix y downstream
 zero-padded columns, and infers the mask from the non-zero columns when there is no ``mask``.
 A line measured on part of the readout only (the lines of a 2D calibration block, as in a ky-kz
 plane of a 3D scan) marks only its measured samples; most lines partial (2D sampling such as
-Poisson-disc) is refused with the reason.
+Poisson-disc) is refused with the reason. K-space undersampled in lines along axis 2 and
+measured whole along the last (both axes phase encodes, a plane of a 3D scan stored the other
+way round) is read with axis 2 as ky, with a warning; header matrices, FOVs, the target and
+the geometry's in-plane directions are swapped to match.
 When the header disagrees with the data (slice count, matrix, coil count) a warning is recorded
 and the data's shape wins.
 
@@ -106,6 +109,23 @@ def _sample_mask(k: np.ndarray, cols: np.ndarray, nx: int, where: str) -> np.nda
             "measured and unmeasured samples; write the file with the readout already cropped")
     mask[partial] = measured[partial] | ~positions
     return mask
+
+
+def _lines_along_readout(k: np.ndarray, cols: np.ndarray, window: np.ndarray) -> bool:
+    """Whether k-space (coils, ky, kx_raw) with acquired phase columns ``cols`` (ky,) is
+    undersampled in lines along its readout axis instead: every phase column of the encoding
+    window acquired, all with the same measured readout positions, and those positions with
+    gaps inside (more than a tenth of the span between the first and the last measured one
+    unmeasured; a partial echo or readout padding leaves gaps only at the ends)."""
+    if not cols[window].all() or cols.sum() < 2:
+        return False
+    measured = np.any(k[:, cols] != 0, axis=0)  # (lines, kx_raw)
+    positions = measured.any(axis=0)
+    idx = np.flatnonzero(positions)
+    if idx.size < 2:
+        return False
+    inside = positions[idx[0]: idx[-1] + 1]
+    return bool((1 - inside.mean()) > 0.1 and (measured == positions[None]).mean() > 0.98)
 
 
 def _geometries(f: h5py.File, n: int, spacing: float, warnings: list[str], where: str):
@@ -225,6 +245,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     thickness = header.slice_thickness_mm or 1.0
     geoms = _geometries(f, nsl, header.slice_spacing_mm or thickness, warnings, where)
     slices: list[SliceData] = []
+    along_readout = False
     for i in range(nsl):
         try:
             k = np.asarray(ds[i])
@@ -239,22 +260,53 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
         k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)  # (c, ky, kx)
         cols = file_mask if file_mask is not None else (np.abs(k).sum(axis=(0, 2)) > 0) & window
-        mask = _sample_mask(k, cols, nx, f"{where}: kspace slice {i}")
-        k = crop_readout(k, nx, axis=-1) * mask[None]
+        lines_along_readout = file_mask is None and _lines_along_readout(k, cols, window)
+        if i == 0 and lines_along_readout:
+            if nx != nro:
+                raise RawDataError(
+                    f"{where}: kspace is undersampled along its readout axis, which the header "
+                    f"says is oversampled ({nro} samples for a {nx} recon matrix): a readout "
+                    "cannot be undersampled; store the phase-encode axis last")
+            along_readout = True
+            warn("kspace is undersampled in lines along its 'readout' axis (axis 2) and "
+                 "measured whole along the last: both in-plane axes are phase encodes (a "
+                 "plane of a 3D scan); axis 2 is reconstructed as the phase-encode axis")
+        elif lines_along_readout != along_readout:
+            raise RawDataError(f"{where}: kspace slice {i} is undersampled along another axis "
+                               "than slice 0")
+        if along_readout:  # lines along axis 2: it becomes ky
+            k = np.ascontiguousarray(np.swapaxes(k, -1, -2))
+            cols = np.abs(k).sum(axis=(0, 2)) > 0
+        mask = _sample_mask(k, cols, k.shape[-1] if along_readout else nx,
+                            f"{where}: kspace slice {i}")
+        k = (k if along_readout else crop_readout(k, nx, axis=-1)) * mask[None]
         tgt = None
-        if target is not None:
-            tgt = np.ascontiguousarray(np.asarray(target[i], np.float32).T)
+        if target is not None:  # stored (readout, phase), as fastMRI does
+            tgt = np.asarray(target[i], np.float32)
+            tgt = np.ascontiguousarray(tgt if along_readout else tgt.T)
+        geometry = geoms[i]
+        if along_readout:  # image rows now run along the stored readout
+            geometry = dataclasses.replace(geometry, read_dir=geometry.phase_dir,
+                                           phase_dir=geometry.read_dir)
         slices.append(SliceData(
-            kspace=k.astype(np.complex64), mask=mask, geometry=geoms[i],
+            kspace=k.astype(np.complex64), mask=mask, geometry=geometry,
             acs=_acs(cols, num_low), target=tgt, slice_index=i,
         ))
 
     first = slices[0]
     sampled = int(first.mask.any(axis=1).sum())
-    if acceleration is None and sampled and sampled < int(window.sum()):
-        acceleration = round(float(window.sum()) / sampled, 2)
+    lines = nro if along_readout else int(window.sum())
+    if acceleration is None and sampled and sampled < lines:
+        acceleration = round(float(lines) / sampled, 2)
     px = enc.enc_fov[0] / enc.enc_matrix[0]
     py = enc.enc_fov[1] / enc.enc_matrix[1]
+    if along_readout:  # x (columns) is now the stored phase axis, y (rows) the stored readout
+        nx, npe, px, py = npe, nro, py, px
+        header = dataclasses.replace(
+            header, recon_matrix=(header.recon_matrix[1], header.recon_matrix[0],
+                                  header.recon_matrix[2]),
+            recon_fov_mm=(header.recon_fov_mm[1], header.recon_fov_mm[0],
+                          header.recon_fov_mm[2]))
     acq = _attr(f, "acquisition") or ""
     ident = header.identity
     if not ident.patient_id and _attr(f, "patient_id"):
