@@ -249,3 +249,12 @@ def test_fastmri_2d_mask_refused_partial_echo_read(fastmri_file):
     with h5py.File(fastmri_file, "a") as f:
         f["kspace"][...] = k * (rng.random(k.shape[2:]) < 0.4)  # Poisson-like 2D sampling
     _fails(fastmri_file, "kspace slice 0", "2D mask", "readout")
+
+
+def test_fastmri_kspace_stored_without_the_centring_shift(fastmri_file):
+    """k-space stored as numpy's fft2 gives it (centre in the corners) is refused with the
+    remedy, instead of an image with its quadrants swapped."""
+    with h5py.File(fastmri_file, "a") as f:
+        k = f["kspace"][()]
+        f["kspace"][...] = np.fft.ifftshift(k, axes=(-2, -1))
+    _fails(fastmri_file, "kspace slice 0", "centring shift")

@@ -111,6 +111,25 @@ def _sample_mask(k: np.ndarray, cols: np.ndarray, nx: int, where: str) -> np.nda
     return mask
 
 
+def _check_centred(k: np.ndarray, where: str) -> None:
+    """Refuse k-space (coils, ky, kx) whose largest samples (the centre of k-space, where an
+    image's energy is) lie in the outer eighth of an axis: stored without the centring
+    shift, its image would come out with its quadrants swapped."""
+    energy = np.abs(k).astype(np.float64) ** 2
+    for axis, name in ((1, "phase"), (2, "readout")):
+        profile = energy.sum(axis=tuple(a for a in (0, 1, 2) if a != axis))
+        n = profile.size
+        if n < 8 or not profile.any():
+            continue
+        peak = int(profile.argmax())
+        if min(peak, n - 1 - peak) < n / 8:
+            raise RawDataError(
+                f"{where}: the k-space centre (largest samples) is at {peak} of {n} along the "
+                f"{name} axis, not near the middle: the k-space looks stored without the "
+                "centring shift; the fastMRI layout stores centred k-space (image = "
+                "fftshift(ifft2(ifftshift(kspace))) over the last two axes)")
+
+
 def _lines_along_readout(k: np.ndarray, cols: np.ndarray, window: np.ndarray) -> bool:
     """Whether k-space (coils, ky, kx_raw) with acquired phase columns ``cols`` (ky,) is
     undersampled in lines along its readout axis instead: every phase column of the encoding
@@ -259,6 +278,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
         if not np.isfinite(k).all():
             raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
         k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)  # (c, ky, kx)
+        _check_centred(k, f"{where}: kspace slice {i}")
         cols = file_mask if file_mask is not None else (np.abs(k).sum(axis=(0, 2)) > 0) & window
         lines_along_readout = file_mask is None and _lines_along_readout(k, cols, window)
         if i == 0 and lines_along_readout:
