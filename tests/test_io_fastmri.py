@@ -311,3 +311,17 @@ def test_lines_along_the_stored_readout_axis_are_read_as_phase_encodes(tmp_path)
     cg, zf = image_psnr("cg-sense"), image_psnr("zero-filled")
     print(f"CG-SENSE {cg:.2f} dB, zero-filled {zf:.2f} dB")
     assert cg > zf + 3
+
+
+def test_measured_columns_outside_the_headers_limits_are_kept(tmp_path):
+    """A header whose encoding limits are narrower than the measured phase columns: the data
+    win (with a warning) instead of the columns being dropped."""
+    path, *_ = _make_file(tmp_path / "f.h5")
+    with h5py.File(path, "a") as f:
+        k = f["kspace"][()]
+        k[..., : WINDOW.start] = k[..., WINDOW.start : 2 * WINDOW.start]  # measured there too
+        f["kspace"][...] = k
+    scan = read_raw(path)
+    assert any("outside the header's encoding limits" in w for w in scan.warnings)
+    sl = scan.slices[0]
+    assert sl.mask[: WINDOW.start].all() and np.all(np.abs(sl.kspace[:, : WINDOW.start]).sum(-1))

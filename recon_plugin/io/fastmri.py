@@ -279,6 +279,13 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
         k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)  # (c, ky, kx)
         _check_centred(k, f"{where}: kspace slice {i}")
+        outside = np.any(k[:, ~window] != 0, axis=(0, 2)).sum() if i == 0 else 0
+        if outside:  # the header's limits would drop measured data: the data win
+            warn(f"kspace has measured samples in {outside} phase columns outside the header's "
+                 "encoding limits; the limits are ignored")
+            window[:] = True
+            if file_mask is not None:
+                file_mask = np.asarray(f["mask"]).reshape(-1) != 0
         cols = file_mask if file_mask is not None else (np.abs(k).sum(axis=(0, 2)) > 0) & window
         lines_along_readout = file_mask is None and _lines_along_readout(k, cols, window)
         if i == 0 and lines_along_readout:
