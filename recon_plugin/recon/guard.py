@@ -12,7 +12,8 @@ threw good network slices away (docs/BENCHMARKS.md, "Guard"). This is the self-v
 SSDU (Yaman et al., 2020) used as a run-time check.
 
 Arrays per slice: k-space (coils, ky, kx) complex64, zeros where not sampled; maps (coils, ky,
-kx); mask (ky, kx) constant along kx (lines along the readout); images (ky, kx) complex.
+kx); mask (ky, kx), lines along the readout (a line may be measured on part of the readout
+only: a partial echo, a 2D calibration block's lines); images (ky, kx) complex.
 """
 
 from __future__ import annotations
