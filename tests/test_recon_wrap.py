@@ -167,3 +167,36 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     # measured 0.021 against 0.24 (0.12 against 0.27 while the reader took the calibration
     # block's partial lines as whole lines, which BART, reading the samples, never did)
     assert _error(two, ref) < 0.05 and _error(two, ref) < 0.2 * _error(one, ref)
+
+
+@pytest.mark.slow
+def test_real_brain_file_undersampled_along_either_stored_axis(tmp_path):
+    """The real ky-kz brain written as a fastMRI file with one line mask along its first phase
+    axis, stored once as axis 2 and once (transposed) as the last axis: read from either
+    file, the default protocol gives the same image (rows along the undersampled axis, as the
+    fully sampled RSS's); the axis-2 file was read as fully sampled, its zero-filled image."""
+    import h5py
+
+    from benchmarks.real import line_mask, scaled_metrics
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.io import read_raw
+    from recon_plugin.recon.pipeline import Reconstructor
+
+    src = _real() / "espirit_brain8ch_full.h5"
+    with h5py.File(src) as f:
+        k = np.asarray(f["kspace"], np.complex64)  # (1, coils, 230, 180)
+        header, target = f["ismrmrd_header"][()], np.asarray(f["reconstruction_rss"])[0]
+    lines, _ = line_mask(k.shape[2], 4)
+    sampled = k * lines[None, None, :, None]
+    psnr = {}
+    for name, data in (("axis2", sampled), ("last", np.swapaxes(sampled, -1, -2))):
+        path = tmp_path / f"{name}.h5"
+        with h5py.File(path, "w") as f:
+            f["kspace"], f["ismrmrd_header"] = np.ascontiguousarray(data), header
+        settings = load_protocol("default").recon_settings()
+        image = Reconstructor().reconstruct(read_raw(path), settings)[0].images[0]
+        assert image.pixels.shape == target.shape
+        psnr[name] = scaled_metrics(target, image.pixels)["psnr"]
+    # measured 35.56 dB from either file (bench real, mask along readout at 4x: 35.56)
+    print(psnr)
+    assert min(psnr.values()) > 34 and abs(psnr["axis2"] - psnr["last"]) < 0.05, psnr

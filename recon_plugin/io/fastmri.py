@@ -225,6 +225,15 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             + ("; axes look swapped" if swapped else "")
             + "; the data's shape wins"
         )
+        if swapped:  # the header's x and y (matrices, fields of view) swap with the data's axes
+            def flip(v):
+                return (v[1], v[0], v[2])
+
+            enc = dataclasses.replace(enc, enc_matrix=flip(enc.enc_matrix),
+                                      enc_fov=flip(enc.enc_fov), e1_min=0, e1_max=npe - 1,
+                                      e1_center=npe // 2)
+            header = dataclasses.replace(header, recon_matrix=flip(header.recon_matrix),
+                                         recon_fov_mm=flip(header.recon_fov_mm))
     hdr_slices = enc.limit_max("slice") + 1
     if enc.limit_max("slice") > 0 and hdr_slices != nsl:
         warn(f"header declares {hdr_slices} slices, kspace has {nsl}; the data's shape wins")
