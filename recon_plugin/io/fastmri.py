@@ -75,19 +75,19 @@ MAX_ZEROS_IN_LINE = 0.02
 MAX_PARTIAL_LINES = 0.5
 
 
-def _sample_mask(k: np.ndarray, cols: np.ndarray, nx: int, where: str) -> np.ndarray:
-    """Sampling mask (ky, nx) float32 of k-space ``k`` (coils, ky, kx_raw) whose acquired lines
-    are ``cols`` (ky,): whole lines, except that a partial line (measured on only part of the
-    readout, as the lines of a 2D calibration block of a ky-kz plane are) marks only its
-    measured samples. Raises RawDataError for 2D sampling (most lines partial: the plugin
-    reconstructs Cartesian line undersampling) and for partial lines whose readout has to be
-    cropped (its oversampling removed), which would mix measured and unmeasured samples.
+def _sample_mask(measured: np.ndarray, cols: np.ndarray, nx: int, where: str) -> np.ndarray:
+    """Sampling mask (ky, nx) float32 of k-space measured at ``measured`` (ky, kx_raw; a sample
+    is measured where any coil is non-zero) whose acquired lines are ``cols`` (ky,): whole
+    lines, except that a partial line (measured on only part of the readout, as the lines of
+    a 2D calibration block of a ky-kz plane are) marks only its measured samples. Raises
+    RawDataError for 2D sampling (most lines partial: the plugin reconstructs Cartesian line
+    undersampling) and for partial lines whose readout has to be cropped (its oversampling
+    removed), which would mix measured and unmeasured samples.
     Readout positions that no line has (partial echo, readout zero padding) stay marked as
     before: they do not make a line partial."""
     mask = np.repeat(cols[:, None], nx, axis=1).astype(np.float32)
     if cols.sum() < 2:
         return mask
-    measured = np.any(k != 0, axis=0)  # (ky, kx_raw)
     positions = measured[cols].any(axis=0)  # readout positions some acquired line has
     unmeasured = ~measured[cols][:, positions]
     partial = np.zeros_like(cols)
@@ -102,10 +102,10 @@ def _sample_mask(k: np.ndarray, cols: np.ndarray, nx: int, where: str) -> np.nda
             "mask (e.g. Poisson-disc sampling); recon-plugin reconstructs Cartesian line "
             "undersampling (phase-encode lines acquired whole), use a 2D-mask method (e.g. "
             "BART pics) for this scan")
-    if nx != k.shape[-1]:
+    if nx != measured.shape[-1]:
         raise RawDataError(
             f"{where}: {n_partial} acquired lines are measured on only part of the readout and "
-            f"the readout ({k.shape[-1]} samples) must be cropped to {nx}: the crop would mix "
+            f"the readout ({measured.shape[-1]} samples) must be cropped to {nx}: the crop would mix "
             "measured and unmeasured samples; write the file with the readout already cropped")
     mask[partial] = measured[partial] | ~positions
     return mask
@@ -130,21 +130,28 @@ def _check_centred(k: np.ndarray, where: str) -> None:
                 "fftshift(ifft2(ifftshift(kspace))) over the last two axes)")
 
 
-def _lines_along_readout(k: np.ndarray, cols: np.ndarray, window: np.ndarray) -> bool:
-    """Whether k-space (coils, ky, kx_raw) with acquired phase columns ``cols`` (ky,) is
+def _lines_along_readout(measured: np.ndarray, cols: np.ndarray, window: np.ndarray) -> bool:
+    """Whether k-space measured at ``measured`` (ky, kx_raw) with acquired phase columns
+    ``cols`` (ky,) is
     undersampled in lines along its readout axis instead: every phase column of the encoding
     window acquired, all with the same measured readout positions, and those positions with
     gaps inside (more than a tenth of the span between the first and the last measured one
     unmeasured; a partial echo or readout padding leaves gaps only at the ends)."""
     if not cols[window].all() or cols.sum() < 2:
         return False
-    measured = np.any(k[:, cols] != 0, axis=0)  # (lines, kx_raw)
-    positions = measured.any(axis=0)
+    lines = measured[cols]  # (lines, kx_raw)
+    positions = lines.any(axis=0)
     idx = np.flatnonzero(positions)
     if idx.size < 2:
         return False
     inside = positions[idx[0]: idx[-1] + 1]
-    return bool((1 - inside.mean()) > 0.1 and (measured == positions[None]).mean() > 0.98)
+    return bool((1 - inside.mean()) > 0.1 and (lines == positions[None]).mean() > 0.98)
+
+
+def _swap_xy(v: tuple) -> tuple:
+    """(x, y, z) -> (y, x, z): a header's matrix or field of view with its in-plane axes
+    swapped."""
+    return (v[1], v[0], v[2])
 
 
 def _geometries(f: h5py.File, n: int, spacing: float, warnings: list[str], where: str):
@@ -226,14 +233,11 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             + "; the data's shape wins"
         )
         if swapped:  # the header's x and y (matrices, fields of view) swap with the data's axes
-            def flip(v):
-                return (v[1], v[0], v[2])
-
-            enc = dataclasses.replace(enc, enc_matrix=flip(enc.enc_matrix),
-                                      enc_fov=flip(enc.enc_fov), e1_min=0, e1_max=npe - 1,
+            enc = dataclasses.replace(enc, enc_matrix=_swap_xy(enc.enc_matrix),
+                                      enc_fov=_swap_xy(enc.enc_fov), e1_min=0, e1_max=npe - 1,
                                       e1_center=npe // 2)
-            header = dataclasses.replace(header, recon_matrix=flip(header.recon_matrix),
-                                         recon_fov_mm=flip(header.recon_fov_mm))
+            header = dataclasses.replace(header, recon_matrix=_swap_xy(header.recon_matrix),
+                                         recon_fov_mm=_swap_xy(header.recon_fov_mm))
     hdr_slices = enc.limit_max("slice") + 1
     if enc.limit_max("slice") > 0 and hdr_slices != nsl:
         warn(f"header declares {hdr_slices} slices, kspace has {nsl}; the data's shape wins")
@@ -252,12 +256,13 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     rx = header.recon_matrix[0]
     nx = rx if rx <= nro else nro
 
-    file_mask = None
+    file_mask = stored_mask = None
     if "mask" in f:
-        m = np.asarray(f["mask"]).reshape(-1)
-        if m.size != npe:
-            raise RawDataError(f"{where}: 'mask' has {m.size} entries, kspace phase axis {npe}")
-        file_mask = (m != 0) & window
+        stored_mask = np.asarray(f["mask"]).reshape(-1) != 0
+        if stored_mask.size != npe:
+            raise RawDataError(f"{where}: 'mask' has {stored_mask.size} entries, kspace phase "
+                               f"axis {npe}")
+        file_mask = stored_mask & window
     num_low = _attr(f, "num_low_frequency")
     acceleration = _attr(f, "acceleration")
 
@@ -288,15 +293,15 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
         k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)  # (c, ky, kx)
         _check_centred(k, f"{where}: kspace slice {i}")
-        outside = np.any(k[:, ~window] != 0, axis=(0, 2)).sum() if i == 0 else 0
+        measured = np.any(k != 0, axis=0)  # (ky, kx_raw): where any coil recorded a sample
+        outside = measured[~window].any(axis=1).sum() if i == 0 else 0
         if outside:  # the header's limits would drop measured data: the data win
             warn(f"kspace has measured samples in {outside} phase columns outside the header's "
                  "encoding limits; the limits are ignored")
             window[:] = True
-            if file_mask is not None:
-                file_mask = np.asarray(f["mask"]).reshape(-1) != 0
-        cols = file_mask if file_mask is not None else (np.abs(k).sum(axis=(0, 2)) > 0) & window
-        lines_along_readout = file_mask is None and _lines_along_readout(k, cols, window)
+            file_mask = stored_mask
+        cols = file_mask if file_mask is not None else measured.any(axis=1) & window
+        lines_along_readout = file_mask is None and _lines_along_readout(measured, cols, window)
         if i == 0 and lines_along_readout:
             if nx != nro:
                 raise RawDataError(
@@ -311,9 +316,9 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             raise RawDataError(f"{where}: kspace slice {i} is undersampled along another axis "
                                "than slice 0")
         if along_readout:  # lines along axis 2: it becomes ky
-            k = np.ascontiguousarray(np.swapaxes(k, -1, -2))
-            cols = np.abs(k).sum(axis=(0, 2)) > 0
-        mask = _sample_mask(k, cols, k.shape[-1] if along_readout else nx,
+            k, measured = np.ascontiguousarray(np.swapaxes(k, -1, -2)), measured.T
+            cols = measured.any(axis=1)
+        mask = _sample_mask(measured, cols, k.shape[-1] if along_readout else nx,
                             f"{where}: kspace slice {i}")
         k = (k if along_readout else crop_readout(k, nx, axis=-1)) * mask[None]
         tgt = None
@@ -338,11 +343,8 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     py = enc.enc_fov[1] / enc.enc_matrix[1]
     if along_readout:  # x (columns) is now the stored phase axis, y (rows) the stored readout
         nx, npe, px, py = npe, nro, py, px
-        header = dataclasses.replace(
-            header, recon_matrix=(header.recon_matrix[1], header.recon_matrix[0],
-                                  header.recon_matrix[2]),
-            recon_fov_mm=(header.recon_fov_mm[1], header.recon_fov_mm[0],
-                          header.recon_fov_mm[2]))
+        header = dataclasses.replace(header, recon_matrix=_swap_xy(header.recon_matrix),
+                                     recon_fov_mm=_swap_xy(header.recon_fov_mm))
     acq = _attr(f, "acquisition") or ""
     ident = header.identity
     if not ident.patient_id and _attr(f, "patient_id"):

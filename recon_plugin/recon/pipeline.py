@@ -436,8 +436,8 @@ class Reconstructor:
         cost); later slices take it (and the guard's lines confirm it on each)."""
         net, res = None, None
         unconfirmable = guard_lines is not None and guard_lines.size < MIN_VERIFY_LINES
-        reuse = settings.refine == "shared" and shared is not None and name in shared.copies
-        if reuse:
+        shared = shared if settings.refine == "shared" else None
+        if shared is not None and name in shared.copies:
             net = None if unconfirmable else shared.copies[name][0]
             unchecked = " (guard off: not confirmed on this slice)" \
                 if guard_lines is None and net is not None else ""
@@ -446,7 +446,7 @@ class Reconstructor:
             t["refine_kept"] += 1 if net is not None else 0
             t["refine_skipped"] += 1 if unconfirmable else 0
             return net
-        if settings.refine == "shared":
+        if settings.refine == "shared":  # its budget counts from the refinement's start
             started = time.perf_counter()
         if not unconfirmable:
             net, res = refine.refine_slice(
@@ -462,7 +462,7 @@ class Reconstructor:
             notes.append(res.describe())
             t["refine"] += res.seconds
             t["refine_kept"] += 1 if res.kept else 0
-        if settings.refine == "shared" and shared is not None:
+        if shared is not None:
             shared.copies[name] = (net, res, seed)
         return net
 
