@@ -11,6 +11,16 @@ WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive"
         "adapt-real", "guard", "snr", "independent", "cluster")
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
     s = argparse.ArgumentParser(prog=prog, description="benchmarks: write tables/plots to docs/")
     s.add_argument("what", choices=WHAT)
@@ -35,6 +45,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="protocol of bench speed's end-to-end and stream runs (default: default)")
     s.add_argument("--refine-budget", type=float, default=20.0,
                    help="bench real: seconds per slice of scan-specific refinement (0: skip)")
+    s.add_argument("--slices", type=_at_least_one, default=None, metavar="N",
+                   help="bench real: score only the N central slices of each file (default: all)")
     s.add_argument("--docs", default="docs")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     return s
@@ -54,7 +66,8 @@ def run(a: argparse.Namespace) -> int:
         default = load_protocol("default").model.variant
         models = {p.stem: p for p in sorted(Path(WEIGHTS_DIR).glob("*.safetensors"))}
         models.setdefault(default, resolve_model(default))
-        bench_real(docs, real, models, default, refine_budget_s=a.refine_budget or None)
+        bench_real(docs, real, models, default, refine_budget_s=a.refine_budget or None,
+                   slices=a.slices)
     elif a.what == "quality":
         from .quality import quality
 

@@ -61,21 +61,28 @@ class RealCase:
     maps: np.ndarray | None = None
 
 
-def load_full(path: Path) -> list[tuple[str, np.ndarray]]:
-    """Fully sampled slices (coils, ky, kx) along each phase-encoded axis of a fastMRI-layout file."""
+def load_full(path: Path, slices: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """Fully sampled slices (coils, ky, kx) of a fastMRI-layout file, read as ``recon`` reads it
+    (``read_fastmri``: readout oversampling removed to the header's recon matrix, the header's
+    phase window), one case with the mask along ky and, where the file's ``note`` says both
+    in-plane axes are phase encodes (a plane of a 3D scan), one along kx. ``slices``: only the
+    central ones (None: all)."""
+    from recon_plugin.io.fastmri import read_fastmri
+
     with h5py.File(path, "r") as f:
-        k = np.asarray(f["kspace"], np.complex64)  # (slices, coils, readout, phase)
         both = "both in-plane axes are phase encodes" in str(f.attrs.get("note", ""))
-        oversampled = "oversampling kept" in str(f.attrs.get("note", ""))
+    scan = read_fastmri(path)
+    chosen = scan.slices
+    if slices is not None and slices < len(chosen):
+        first = (len(chosen) - slices) // 2
+        chosen = chosen[first : first + slices]
     out = []
-    for s, ks in enumerate(k):
-        if oversampled:  # remove 2x readout oversampling: crop the image along the readout
-            img = ifft2c(ks)
-            n = img.shape[1] // 2
-            ks = fft2c(img[:, n // 2 : n // 2 + n]).astype(np.complex64)
-        out.append((f"{path.stem}[{s}] mask along phase", np.ascontiguousarray(ks.transpose(0, 2, 1))))
+    for sl in chosen:
+        ks = np.ascontiguousarray(sl.kspace)  # (coils, ky = phase, kx = readout)
+        out.append((f"{path.stem}[{sl.slice_index}] mask along phase", ks))
         if both:
-            out.append((f"{path.stem}[{s}] mask along readout", np.ascontiguousarray(ks)))
+            out.append((f"{path.stem}[{sl.slice_index}] mask along readout",
+                        np.ascontiguousarray(ks.transpose(0, 2, 1))))
     return out
 
 
@@ -230,28 +237,31 @@ def tune(name: str, cases: list[RealCase]) -> float:
     return float(best)
 
 
-def real_cases(real_dir: Path, accs=(4, 8)) -> dict[str, list[RealCase]]:
-    """{file stem: cases} for every fully sampled real file (those with reconstruction_rss)."""
+def real_cases(real_dir: Path, accs=(4, 8), slices: int | None = None,
+               ) -> dict[str, list[RealCase]]:
+    """{file stem: cases} for every fully sampled real file (those with reconstruction_rss);
+    ``slices``: the central ones of each file (None: all)."""
     out: dict[str, list[RealCase]] = {}
     for path in sorted(Path(real_dir).glob("*.h5")):
         with h5py.File(path, "r") as f:
             if "reconstruction_rss" not in f:
                 continue
         out[path.stem] = [with_maps(undersample(n, full, a))
-                          for n, full in load_full(path) for a in accs]
+                          for n, full in load_full(path, slices) for a in accs]
     return out
 
 
 def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_model: str,
-               refine_budget_s: float | None = 20.0) -> dict:
+               refine_budget_s: float | None = 20.0, slices: int | None = None) -> dict:
     """Score every method on every fully sampled real file; write the table first in
     ``docs/BENCHMARKS.md``, examples in ``docs/real_examples.png``, numbers in
     ``docs/real_results.json``. ``models``: name -> weights; ``default_model`` also runs with
-    the per-slice guard (as the default protocol does)."""
+    the per-slice guard (as the default protocol does). ``slices``: score only the central ones
+    of each file (None: all)."""
     from benchmarks import bart_ref
     from recon_plugin.models.checkpoint import load_inference_model
 
-    files = real_cases(real_dir)
+    files = real_cases(real_dir, slices=slices)
     if not files:
         raise FileNotFoundError(f"{real_dir}: no fully sampled real file (reconstruction_rss)")
     docs.mkdir(parents=True, exist_ok=True)  # before the long run, not at its first figure

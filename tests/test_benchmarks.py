@@ -175,6 +175,32 @@ def test_real_cases_follow_the_files_conventions():
         assert scaled_metrics(c.target, 2 * c.target)["psnr"] == float("inf")
 
 
+def test_real_cases_read_a_site_file_as_recon_does(tmp_path):
+    """A site's own fully sampled fastMRI file, with no note: readout oversampling is removed
+    by its header (as ``recon`` reads it), its own reconstruction_rss is reproduced, and
+    ``slices`` keeps the central ones."""
+    import h5py
+    import numpy as np
+
+    from benchmarks.real import load_full, real_cases
+    from recon_plugin.physics import ifft2c, rss
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_fastmri
+
+    vol = simulate_volume("test", "T2", 3, 4, (96, 64), fov_mm=(200.0, 240.0), snr=1e6, seed=3)
+    path = write_fastmri(vol, tmp_path / "site.h5", oversample_readout=True, undersample=False)
+    with h5py.File(path) as f:
+        assert f["kspace"].shape[-2] == 2 * 64  # stored with 2x readout oversampling
+        ref = np.asarray(f["reconstruction_rss"][1])
+    cases = load_full(path, slices=1)
+    assert [label for label, _ in cases] == ["site[1] mask along phase"]
+    full = cases[0][1]
+    assert full.shape == (4, 96, 64)
+    got = rss(ifft2c(full)).T  # rows = readout, as fastMRI stores the RSS
+    assert np.abs(got - ref).max() < 1e-3 * ref.max()
+    assert [len(c) for c in real_cases(tmp_path, accs=(4,), slices=2).values()] == [2]
+
+
 def test_region_metrics_split_the_error_between_object_and_background():
     """An image exact inside the object and zero in a noisy background has an infinite object
     PSNR and the background's own, an object SSIM near 1 and a low background SSIM; the object
