@@ -132,10 +132,10 @@ def test_default_protocol_calibrates_and_says_so(raw_dir, tmp_path):
     assert main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(tmp_path / "c"),
                  "--protocol", "default"]) == 0
     got = comments(tmp_path / "c")
-    assert len(got) == 2 and all("prior weight x" in c for c in got)
+    assert len(got) == 2 and all("data-consistency setting x" in c for c in got)
     assert main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(tmp_path / "n"),
                  "--protocol", "default", "--no-calibrate"]) == 0
-    assert not any("prior weight" in c for c in comments(tmp_path / "n"))
+    assert not any("data-consistency setting" in c for c in comments(tmp_path / "n"))
 
 
 def test_measured_weight_override_reaches_the_image_and_its_provenance(raw_dir, tmp_path):

@@ -81,7 +81,7 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
                                *map(calibrate.MoreIterations, calibrate.CG_ITERS_GRID)}
     dc = dataclasses.replace(cal.setting, sparsity=NONE)  # the data-consistency stages' choice
     assert cal.weight < 1 and cal.errors[dc] < cal.errors[calibrate.TRAINED]
-    assert cal.heldout_lines >= 3 and "prior weight x" in cal.describe()
+    assert cal.heldout_lines >= 3 and "data-consistency setting x" in cal.describe()
 
     def quality(setting):
         return psnr(target, np.abs(calibrate.network_image(strong, ksp, maps, mask, setting)))
@@ -114,7 +114,7 @@ def test_pipeline_calibrates_without_the_guards_lines(case, monkeypatch):
                                                 seed=2, notes=notes, timings=t)
     lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=2)
     assert not seen["mask"][lines].any() and not seen["kspace"][:, lines].any()
-    assert any(n.startswith("prior weight x") for n in notes) and t["calibrate"] > 0
+    assert any(n.startswith("data-consistency setting x") for n in notes) and t["calibrate"] > 0
     assert img.shape == mask.shape and method in ("unrolled", "cg-sense")
 
 
@@ -184,7 +184,7 @@ def test_a_scan_is_calibrated_on_its_central_slices_only(monkeypatch):
     series = Reconstructor().reconstruct(
         scan, ReconSettings(method="unrolled", calibrate=True, calibrate_slices=2, guard=False))
     assert sorted(calls) == [1, 2] or sorted(calls) == [2, 3]  # the central two of 0..4
-    notes = [n for im in series[0].images for n in im.notes if n.startswith("prior weight")]
+    notes = [n for im in series[0].images for n in im.notes if n.startswith("data-consistency setting")]
     # every image says the scan's one choice, made on both slices (the first slice was made
     # with its own choice and, where that was the same, only its note is revised)
     assert len(notes) == 5 and len(set(notes)) == 1 and "2 slices'" in notes[0]
@@ -227,9 +227,9 @@ def test_slices_made_before_the_scan_settled_are_made_again_where_its_choice_dif
     assert calibrate.choose({one: e, quarter: 0.5 * e}) == quarter
     series = rec.reconstruct(scan, settings)
     assert made == [1, 0, 2, 1]  # the central slice first, then again after the scan settled
-    notes = [n for im in series[0].images for n in im.notes if n.startswith("prior weight")]
+    notes = [n for im in series[0].images for n in im.notes if n.startswith("data-consistency setting")]
     assert len(notes) == 3 and len(set(notes)) == 1
-    assert notes[0].startswith("prior weight x1 chosen on 2 slices'")
+    assert notes[0].startswith("data-consistency setting x1 chosen on 2 slices'")
     assert series[0].timings_s["calibration_revised"] == 1
     # the guard's counts are per slice: the version made again replaces the first
     assert series[0].timings_s["guard_checked"] == 3
@@ -239,8 +239,8 @@ def test_slices_made_before_the_scan_settled_are_made_again_where_its_choice_dif
     made.clear()
     series = rec.reconstruct(scan, dataclasses.replace(settings, calibrate_slices=5))
     assert made == [1, 0, 2, 1]
-    notes = {n for im in series[0].images for n in im.notes if n.startswith("prior weight")}
-    assert len(notes) == 1 and notes.pop().startswith("prior weight x1 chosen on 3 slices'")
+    notes = {n for im in series[0].images for n in im.notes if n.startswith("data-consistency setting")}
+    assert len(notes) == 1 and notes.pop().startswith("data-consistency setting x1 chosen on 3 slices'")
 
 
 def test_a_gain_counts_only_beyond_the_noise_of_the_lines():

@@ -42,7 +42,7 @@ def test_heldout_error_is_small_for_the_truth(case):
     truth = classical.cg_sense(ksp, maps, mask, lamda=1e-4, max_iter=60)
     blurred = ifft2c(fft2c(truth) * np.hanning(96)[:, None] ** 4)
     def err(img):
-        return guard.heldout_line_errors(img, maps, ksp, lines).sum()
+        return guard.heldout_line_errors(img, maps, ksp, lines, mask).sum()
 
     assert err(truth) < 0.5 * err(blurred)
     assert np.isfinite(err(full_img))
@@ -176,8 +176,8 @@ def test_refinement_never_sees_the_guards_lines(monkeypatch):
     rec.network_slice("unrolled-base", ksp, maps, mask, acs, settings, seed=3, notes=notes,
                       timings=defaultdict(float))
     # the refinement trains with the setting the calibration chose (first note)
-    assert notes[0].startswith("prior weight x")
-    assert notes[0].startswith(f"prior weight {seen['setting']} chosen")
+    assert notes[0].startswith("data-consistency setting x")
+    assert notes[0].startswith(f"data-consistency setting {seen['setting']} chosen")
     lines = guard.heldout_lines(mask, acs, settings.guard_fraction, seed=3)
     assert lines.size > 0 and mask[lines].all()
     assert not seen["mask"][lines].any() and not seen["kspace"][:, lines].any()
@@ -221,5 +221,5 @@ def test_heldout_errors_count_measured_samples_only(case):
     k = fft2c(maps * truth[None]) * partial[None]  # noise-free data on the measured samples
     lines = guard.heldout_lines(partial, acs, 0.2, seed=0)
     with_mask = guard.heldout_line_errors(truth, maps, k, lines, partial)
-    without = guard.heldout_line_errors(truth, maps, k, lines)
+    without = guard.heldout_line_errors(truth, maps, k, lines, mask)  # all samples counted
     assert np.all(with_mask < 1e-6 * without)

@@ -65,7 +65,7 @@ def test_refinement_trains_and_judges_at_the_given_setting():
                             setting=DcSetting(1 / 16), heldout_fraction=FRACTION)
     assert at1.setting == DcSetting() and small.setting == DcSetting(1 / 16)
     assert small.error_before < 0.9 * at1.error_before
-    assert "prior weight x0.0625" in small.describe()
+    assert "data-consistency setting x0.0625" in small.describe()
 
 
 def test_refinement_judges_the_image_with_its_l1_stage():
@@ -92,7 +92,8 @@ def test_refinement_judges_the_image_with_its_l1_stage():
         op = SenseOperator(torch.from_numpy(maps)[None], torch.from_numpy(keep)[None])
         img = model(torch.from_numpy(ksp * keep[None])[None], op)[0].numpy()
     want = heldout_line_errors(anchored_l1_wavelet(ksp * keep[None], maps, keep, img,
-                                                   l1.sparsity), maps, ksp, lines).sum()
+                                                   l1.sparsity), maps, ksp, lines,
+                               mask).sum()
     assert abs(staged.error_before - want) < 1e-4 * want
     assert abs(staged.error_before - plain.error_before) > 1e-3 * plain.error_before
 

@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--params", choices=tuple(ADAPT_PARAMS), default="dc",
                    help="what trains: dc (only the network's data-consistency weights, a "
-                   "handful of scalars; on the real files every run was promoted and none made "
-                   "the network worse) or all (the whole network; default %(default)s)")
+                   "handful of scalars: the priors stay the base's) or all (the whole network); "
+                   "default %(default)s")
     s.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: " + ", ".join(
                        f"{k} {v:g}" for k, v in ADAPT_PARAMS.items()) + ")")

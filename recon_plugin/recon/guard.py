@@ -111,14 +111,12 @@ def _rows_of_fft2c(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def heldout_line_errors(image: np.ndarray, maps: np.ndarray, kspace: np.ndarray,
-                        lines: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+                        lines: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per held-out line (len(lines),): ``||(F S image)[line] - kspace[line]||^2`` over coils
-    and the readout samples that ``mask`` (ky, kx) marks measured (all without a mask; a
-    partial echo's unmeasured samples are no evidence)."""
+    and the readout samples that ``mask`` (ky, kx) marks measured (a partial echo's unmeasured
+    samples are no evidence)."""
     lines = np.asarray(lines)
-    pred = _rows_of_fft2c(maps * image[None], lines)
-    if mask is not None:
-        pred = pred * (mask[lines] > 0)[None]
+    pred = _rows_of_fft2c(maps * image[None], lines) * (mask[lines] > 0)[None]
     return np.sum(np.abs(pred - kspace[:, lines, :]) ** 2, axis=(0, 2))
 
 

@@ -108,7 +108,7 @@ class ReconSettings:
     # (shared: the scan's one refinement, from its start to the slice's end)
     refine_budget_s: float = 20.0
     refine_max_steps: int = 200
-    calibrate: bool = False  # prior weight chosen on held-out lines (calibrate.py)
+    calibrate: bool = False  # data-consistency setting chosen on held-out lines (calibrate.py)
     calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
     calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
     calibrate_sparsity: tuple[Sparsity, ...] = SPARSITY_GRID  # anchored L1-wavelet solves tried
@@ -480,8 +480,9 @@ class Reconstructor:
         images, slice_seconds = [], []
         calibration = ScanCalibration(settings.calibrate_slices)
         shared = SharedRefinement() if settings.refine == "shared" else None
-        # central slices first: the scan's prior weight is decided on its first slices, and
-        # the edge slices of a stack hold the least anatomy (the series are ordered afterwards)
+        # central slices first: the scan's data-consistency setting is decided on its first
+        # slices, and the edge slices of a stack hold the least anatomy (the series are ordered
+        # afterwards)
         centre = np.median([sl.slice_index for sl in scan.slices]) if scan.slices else 0
         provisional = []  # (image index, slice, model, the choice it was made with)
         counted = []  # each image's share of the SLICE_COUNTS

@@ -87,8 +87,8 @@ class RefineResult:
         verdict = "kept" if self.kept else ("not kept (no significant held-out improvement), "
                                             "unrefined network")
         return (f"scan-specific refinement {verdict}: held-out k-space error "
-                f"{self.error_before:.4g} -> {self.error_after:.4g}, prior weight "
-                f"{self.setting}, {self.steps} steps, {self.seconds:.1f} s")
+                f"{self.error_before:.4g} -> {self.error_after:.4g}, data-consistency "
+                f"setting {self.setting}, {self.steps} steps, {self.seconds:.1f} s")
 
 
 def _apply(model: nn.Module, ksp: torch.Tensor, op: SenseOperator, mask: torch.Tensor,

@@ -224,7 +224,7 @@ class _ScanState:
         self.header: ScanHeader | None = None
         self.whitener: np.ndarray | None = None
         self.timings: dict[str, float] = defaultdict(float)
-        # the scan's first slices decide its prior weight (recon/calibrate.py)
+        # the scan's first slices decide its data-consistency setting (recon/calibrate.py)
         self.calibration = ScanCalibration(settings.calibrate_slices)
         # refine: shared -- the first slice to arrive trains the scan's copy (recon/refine.py)
         self.shared = SharedRefinement() if settings.refine == "shared" else None
