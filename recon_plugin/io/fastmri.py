@@ -166,6 +166,47 @@ def _geometries(f: h5py.File, n: int, spacing: float, warnings: list[str], where
     return [Geometry.default(np.array([0.0, 0.0, i * spacing])) for i in range(n)]
 
 
+def _load_slice(ds: h5py.Dataset, i: int, single_coil: bool, where: str) -> np.ndarray:
+    """Slice ``i`` of the stored ``kspace`` as (coils, ky, kx_raw) complex64 (the stored
+    (readout, phase) transposed), checked readable, finite and centred."""
+    try:
+        k = np.asarray(ds[i])
+    except (OSError, ValueError) as err:
+        raise RawDataError(
+            f"{where}: kspace slice {i} cannot be read (truncated?): {err}"
+        ) from err
+    if k.dtype.names:
+        k = k["r"] + 1j * k["i"]
+    k = k[None] if single_coil else k
+    if not np.isfinite(k).all():
+        raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
+    k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)
+    _check_centred(k, f"{where}: kspace slice {i}")
+    return k
+
+
+def _slice_data(k: np.ndarray, measured: np.ndarray, cols: np.ndarray, along_readout: bool,
+                nx: int, geometry: Geometry, target: np.ndarray | None, num_low: int | None,
+                i: int, where: str) -> SliceData:
+    """One slice from its k-space (coils, ky, kx_raw), its measured samples (ky, kx_raw) and
+    acquired phase columns ``cols`` (ky,): the readout cropped to ``nx`` (which removes its
+    oversampling), or, with ``along_readout``, the stored axes swapped so that ky runs along
+    the stored readout; ``target`` is stored (readout, phase) as fastMRI does."""
+    if along_readout:  # lines along axis 2: it becomes ky
+        k, measured = np.ascontiguousarray(np.swapaxes(k, -1, -2)), measured.T
+        cols = measured.any(axis=1)
+        # image rows now run along the stored readout
+        geometry = dataclasses.replace(geometry, read_dir=geometry.phase_dir,
+                                       phase_dir=geometry.read_dir)
+    mask = _sample_mask(measured, cols, k.shape[-1] if along_readout else nx,
+                        f"{where}: kspace slice {i}")
+    k = (k if along_readout else crop_readout(k, nx, axis=-1)) * mask[None]
+    if target is not None:
+        target = np.ascontiguousarray(target if along_readout else target.T)
+    return SliceData(kspace=k.astype(np.complex64), mask=mask, geometry=geometry,
+                     acs=_acs(cols, num_low), target=target, slice_index=i)
+
+
 def read_fastmri(path: str | Path, max_bytes: int | None = None) -> RawScan:
     """Read a fastMRI-layout HDF5 file into a validated :class:`RawScan` (see module doc).
 
@@ -280,19 +321,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     slices: list[SliceData] = []
     along_readout = False
     for i in range(nsl):
-        try:
-            k = np.asarray(ds[i])
-        except (OSError, ValueError) as err:
-            raise RawDataError(
-                f"{where}: kspace slice {i} cannot be read (truncated?): {err}"
-            ) from err
-        if k.dtype.names:
-            k = k["r"] + 1j * k["i"]
-        k = k[None] if single_coil else k
-        if not np.isfinite(k).all():
-            raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
-        k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)  # (c, ky, kx)
-        _check_centred(k, f"{where}: kspace slice {i}")
+        k = _load_slice(ds, i, single_coil, where)
         measured = np.any(k != 0, axis=0)  # (ky, kx_raw): where any coil recorded a sample
         outside = measured[~window].any(axis=1).sum() if i == 0 else 0
         if outside:  # the header's limits would drop measured data: the data win
@@ -315,24 +344,10 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
         elif lines_along_readout != along_readout:
             raise RawDataError(f"{where}: kspace slice {i} is undersampled along another axis "
                                "than slice 0")
-        if along_readout:  # lines along axis 2: it becomes ky
-            k, measured = np.ascontiguousarray(np.swapaxes(k, -1, -2)), measured.T
-            cols = measured.any(axis=1)
-        mask = _sample_mask(measured, cols, k.shape[-1] if along_readout else nx,
-                            f"{where}: kspace slice {i}")
-        k = (k if along_readout else crop_readout(k, nx, axis=-1)) * mask[None]
-        tgt = None
-        if target is not None:  # stored (readout, phase), as fastMRI does
-            tgt = np.asarray(target[i], np.float32)
-            tgt = np.ascontiguousarray(tgt if along_readout else tgt.T)
-        geometry = geoms[i]
-        if along_readout:  # image rows now run along the stored readout
-            geometry = dataclasses.replace(geometry, read_dir=geometry.phase_dir,
-                                           phase_dir=geometry.read_dir)
-        slices.append(SliceData(
-            kspace=k.astype(np.complex64), mask=mask, geometry=geometry,
-            acs=_acs(cols, num_low), target=tgt, slice_index=i,
-        ))
+        slices.append(_slice_data(
+            k, measured, cols, along_readout, nx, geoms[i],
+            None if target is None else np.asarray(target[i], np.float32),
+            num_low, i, where))
 
     first = slices[0]
     sampled = int(first.mask.any(axis=1).sum())
