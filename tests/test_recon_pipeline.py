@@ -106,3 +106,31 @@ def test_recon_matrix_larger_than_encoded_is_interpolated_with_a_note(files):
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown method"):
         ReconSettings(method="magic")
+
+
+def test_a_fully_sampled_slice_is_its_rss_and_says_so(tmp_path):
+    """Every sample measured and kept: the image is the RSS of the coil images whatever the
+    protocol's method, no method runs, and the DICOM names no network; with the measured
+    samples weighed down (measured_weight 0.5) the network runs and is named."""
+    import pydicom
+
+    from recon_plugin.output.dicom import write_series
+    from recon_plugin.physics import center_crop, ifft2c, rss
+
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=4, matrix=(64, 48),
+                          fov_mm=(200.0, 150.0), snr=40.0, seed=5)
+    scan = read_raw(write_fastmri(vol, tmp_path / "full.h5", undersample=False,
+                                  oversample_readout=False))
+    assert scan.slices[0].mask.all()
+    recon = Reconstructor()
+    series = recon.reconstruct(scan, ReconSettings(method="unrolled", model="unrolled-base"))[0]
+    im = series.images[0]
+    assert im.method == "rss" and any(n.startswith("fully sampled") for n in im.notes)
+    want = center_crop(rss(ifft2c(scan.slices[0].kspace)), im.pixels.shape)
+    np.testing.assert_allclose(im.pixels, want, rtol=1e-4, atol=1e-5 * want.max())
+    ds = pydicom.dcmread(write_series(series, tmp_path / "dcm")[0])
+    assert "[RSS]" in ds.SeriesDescription and "DL" not in ds.SeriesDescription
+    assert "method=rss" in ds.DerivationDescription and "model=" not in ds.DerivationDescription
+    half = recon.reconstruct(scan, ReconSettings(method="unrolled", model="unrolled-base",
+                                                 measured_weight=0.5))[0]
+    assert half.images[0].method == "unrolled"

@@ -45,23 +45,30 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 slice``, ``2 slices``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _report(results: list[FileResult]) -> int:
     """One line per input and the summary; the exit status they make."""
     ok = [r for r in results if r.ok]
     bad = [r for r in results if not r.ok]
     for r in results:
         status = "skipped (done)" if r.skipped else ("ok" if r.ok else "FAILED")
-        extra = f"{len(r.outputs)} files, {r.seconds:.1f} s, protocol {r.protocol}" if r.ok else r.error
-        if r.ok and r.timings.get("guard_checked"):
-            extra += (f", guard: {int(r.timings.get('guard_rejected', 0))} of "
-                      f"{int(r.timings['guard_checked'])} slices CG-SENSE")
-        if r.ok and r.timings.get("fov_wrap"):
-            extra += (f", field-of-view wrap: {int(r.timings['fov_wrap'])} slices unfolded "
+        t = r.timings
+        extra = (f"{_count(len(r.outputs), 'file')} written, {r.seconds:.1f} s, protocol "
+                 f"{r.protocol}") if r.ok else r.error
+        if r.ok and t.get("guard_checked"):
+            extra += (f", guard: {int(t.get('guard_rejected', 0))} of "
+                      f"{_count(int(t['guard_checked']), 'slice')} CG-SENSE")
+        if r.ok and t.get("fov_wrap"):
+            extra += (f", field-of-view wrap: {_count(int(t['fov_wrap']), 'slice')} unfolded "
                       "with a second set of maps")
-        if r.ok and ("refine" in r.timings or r.timings.get("refine_skipped")):
-            extra += f", refinement kept on {int(r.timings.get('refine_kept', 0))} slices"
-            if r.timings.get("refine_skipped"):
-                extra += (f", not tried on {int(r.timings['refine_skipped'])} (too few lines "
+        if r.ok and ("refine" in t or t.get("refine_skipped")):
+            extra += f", refinement kept on {_count(int(t.get('refine_kept', 0)), 'slice')}"
+            if t.get("refine_skipped"):
+                extra += (f", not tried on {int(t['refine_skipped'])} (too few lines "
                           "to verify it)")
         print(f"{status:15s} {r.input}: {extra}")
     print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed")

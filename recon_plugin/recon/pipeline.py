@@ -83,6 +83,9 @@ log = logging.getLogger(__name__)
 AFTER_REFINEMENT = 3.5
 # the per-slice counts of a scan's timings (the batch summary reports them per slice)
 SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skipped")
+# ReconImage.method of a fully sampled slice written with every measured sample kept: its image
+# is the RSS of its coil images whatever the method, so no method runs and none is named
+FULLY_SAMPLED = "rss"
 
 
 
@@ -230,8 +233,13 @@ class Reconstructor:
         ksp, mask, calib = prepare_kspace(sl, settings, whitener, notes)
         t["preprocess"] += time.perf_counter() - t0
         method = settings.method
+        if settings.measured_weight == 1.0 and mask.all() and method != "zero-filled":
+            method = FULLY_SAMPLED
+            notes.append("fully sampled: every k-space sample was measured and is kept, so the "
+                         "image is the root-sum-of-squares of the coil images; no "
+                         "reconstruction method was run")
         maps = maps2 = None
-        if method != "zero-filled":
+        if method not in ("zero-filled", FULLY_SAMPLED):
             t0 = time.perf_counter()
             try:
                 maps, maps2, wrapped = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit,
@@ -246,7 +254,7 @@ class Reconstructor:
         t0 = time.perf_counter()
         measured = ksp  # the prepared measurement, before a wrap's second map is taken out
         folded = None  # the second map's image where the phase field of view wraps
-        if method != "zero-filled" and maps2 is not None:
+        if maps2 is not None:
             # one set of maps cannot describe folded pixels (docs/FINDINGS.md, the wrapped
             # field of view: the small-FOV brain): two-map SENSE; the network then
             # reconstructs the first map's image from the data with the second map's part
@@ -265,11 +273,12 @@ class Reconstructor:
                                              sl.slice_index, notes, t, calibration, started,
                                              shared)
         else:
-            img = classical.reconstruct(method, ksp, maps, mask, settings.lamda)
+            img = classical.reconstruct("zero-filled" if method == FULLY_SAMPLED else method,
+                                        ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         rows = mask.any(axis=1)
-        if method == "zero-filled":
+        if method in ("zero-filled", FULLY_SAMPLED):
             mag = np.abs(img).astype(np.float32)  # the RSS of the measured coil images already
         elif settings.partial_fourier == "homodyne" and is_partial_fourier(rows):
             mag = homodyne(img if folded is None else classical.combine_maps(img, folded), rows)
