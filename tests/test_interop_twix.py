@@ -104,3 +104,17 @@ def test_garbage_dat_is_a_raw_data_error_naming_the_file(tmp_path):
     bad.write_bytes(b"\x00\x01 not a twix file" * 64)
     with pytest.raises(RawDataError, match="meas_broken.dat"):
         read_raw(bad)
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.5, 0.999])
+def test_truncated_dat_is_refused_with_its_sizes(tmp_path, keep):
+    """A copy cut short anywhere (in the protocol header, mid-data, in the last readout) is
+    refused with the sizes, not read as a partial scan or a cryptic parser error."""
+    from recon_plugin.scan import RawDataError
+
+    data = DAT.read_bytes()
+    cut = tmp_path / "meas_cut.dat"
+    cut.write_bytes(data[: int(keep * len(data))])
+    with pytest.raises(RawDataError, match=r"meas_cut.dat: truncated Siemens twix file: \d+ "
+                                           r"bytes, but its header declares"):
+        read_raw(cut)

@@ -26,6 +26,8 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -211,6 +213,30 @@ def _acquisition(mdb, flags: list[str], dwell_us: float | None) -> ismrmrd.Acqui
     return acq
 
 
+def _check_length(p: Path, where: str) -> None:
+    """Refuse a VD/VE twix file shorter than the measurements its multi-RAID header declares (a
+    truncated copy: twixtools would stop parsing where the data end and give a partial scan).
+    VB files declare no length; a truncated one fails later, in parsing."""
+    from twixtools import hdr_def
+
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(hdr_def.MultiRaidFileHeader.itemsize)
+    if len(head) < 8:
+        raise RawDataError(f"{where}: {size} bytes, too short for a Siemens twix file")
+    first, count = (int(v) for v in np.frombuffer(head[:8], np.uint32))
+    if not (first < 10000 and count <= 64):  # VB: the file starts with its header length
+        return
+    if len(head) < hdr_def.MultiRaidFileHeader.itemsize:
+        raise RawDataError(f"{where}: truncated Siemens twix file: {size} bytes end inside its "
+                           "multi-RAID header")
+    entries = np.frombuffer(head, hdr_def.MultiRaidFileHeader, count=1)[0]["entry"][:count]
+    end = max((int(e["off_"]) + int(e["len_"]) for e in entries), default=0)
+    if end > size:
+        raise RawDataError(f"{where}: truncated Siemens twix file: {size} bytes, but its header "
+                           f"declares measurements up to byte {end}")
+
+
 def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     """Read a Siemens twix ``.dat`` (VB or VD/VE) into a validated :class:`RawScan`.
 
@@ -224,11 +250,19 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
         import twixtools
     except ImportError as err:  # pragma: no cover - an install_requires dependency
         raise RawDataError(f"{where}: reading twix needs the twixtools package: {err}") from err
+    _check_length(p, where)
+    said = io.StringIO()  # twixtools prints its warnings: they go to the log, named by file
     try:
-        meas = twixtools.read_twix(str(p), verbose=False, keep_syncdata=False,
-                                      parse_pmu=False)
+        with contextlib.redirect_stdout(said):
+            meas = twixtools.read_twix(str(p), verbose=False, keep_syncdata=False,
+                                       parse_pmu=False)
     except Exception as err:  # noqa: BLE001 - twixtools raises anything on a bad file
-        raise RawDataError(f"{where}: not a readable Siemens twix file: {err}") from err
+        why = (f"its header lacks {err} (truncated or damaged?)" if isinstance(err, KeyError)
+               else f"{type(err).__name__}: {err}")
+        raise RawDataError(f"{where}: not a readable Siemens twix file: {why}") from err
+    finally:
+        for line in filter(None, (x.strip() for x in said.getvalue().splitlines())):
+            log.warning("%s: twixtools: %s", where, line.removeprefix("WARNING: "))
     if not meas:
         raise RawDataError(f"{where}: twix file holds no measurement")
     img_meas = meas[-1]
