@@ -150,6 +150,7 @@ class SliceData:
     calib:   optional separate calibration k-space (coils, ky_c, kx) complex64 (its own grid
              centred like ``kspace``), used when the calibration was a separate acquisition.
     target:  optional (ky_recon, kx_recon) float32 reference magnitude (simulation / fastMRI RSS).
+    notes:   what the reader found about this slice; its image's comments carry them.
     """
 
     kspace: np.ndarray
@@ -164,6 +165,7 @@ class SliceData:
     phase: int = 0
     average_count: int = 1
     acquisition_time_stamp: int | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_coils(self) -> int:

@@ -299,3 +299,34 @@ def test_header_identity_round_trip(tmp_path, vol):
     assert got.patient_weight_kg == pytest.approx(61.5)
     assert h.protocol_name == "t2_tse_tra"
     assert h.pixel_spacing_mm == pytest.approx((250.0 / 40, 200.0 / 32))
+
+
+@pytest.mark.parametrize("emit_early", [False, True], ids=["file", "stream"])
+def test_a_slice_cut_short_is_flagged_incomplete(tmp_path, vol, emit_early):
+    """Acquisitions that stop mid-slice (a scan aborted, a copy cut short): the last slice,
+    without its end-of-slice flag and with fewer lines than the others, is still delivered,
+    with a warning and an INCOMPLETE note for its image; complete scans (also with contrasts,
+    repetitions and averages) carry no such note."""
+    v1 = simulate_volume(num_slices=3, num_coils=4, matrix=(40, 32), fov_mm=(200.0, 250.0),
+                         contrast="T1", snr=1e6, seed=3)
+    files = [write_ismrmrd(vol, tmp_path / "a.h5", acceleration=2, calib_lines=8),
+             write_ismrmrd([vol, v1], tmp_path / "b.h5", num_repetitions=2, num_averages=2)]
+
+    def assemble(path, keep=1.0):
+        with ismrmrd.File(str(path), "r") as f:
+            xml = f["dataset"]._contents["xml"][0]
+            acqs = list(f["dataset"].acquisitions)
+        asm = MrdAssembler(xml, source="cut", emit_early=emit_early)
+        out = [s for a in acqs[: int(keep * len(acqs))] for s in asm.add(a)]
+        return out + asm.finish(), asm.warnings
+
+    for path in files:
+        slices, warnings = assemble(path)
+        assert not any(s.notes for s in slices) and not warnings
+    slices, warnings = assemble(files[0], keep=0.85)
+    lines = [int(s.mask.any(axis=1).sum()) for s in slices]
+    assert len(slices) == 3 and lines[2] < lines[0] == lines[1]
+    assert [bool(s.notes) for s in slices] == [False, False, True]
+    assert slices[2].notes[0].startswith(f"INCOMPLETE: slice 2 (contrast 0, repetition 0) has "
+                                         f"{lines[2]} of the {lines[0]} lines")
+    assert len(warnings) == 1 and "stopped before it was complete" in warnings[0]

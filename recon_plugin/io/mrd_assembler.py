@@ -104,6 +104,10 @@ class MrdAssembler:
         self._warned: set[str] = set()
         self._readout_note = False
         self.num_acquisitions = 0
+        # (slice, phase, repetition, set) whose end-of-slice flag came, and the most lines a
+        # slice emitted so far had: a slice without the flag and with fewer lines is incomplete
+        self._ended: set[tuple[int, ...]] = set()
+        self._most_lines = 0
 
     # ----------------------------------------------------------------------------- helpers
     def _warn(self, msg: str, once: str | None = None) -> None:
@@ -186,8 +190,24 @@ class MrdAssembler:
         yield from self.finish()
 
     def finish(self) -> list[SliceData]:
-        """Flush every incomplete buffer (end of data); log what was skipped."""
-        out = [self._emit(key) for key in sorted(self._buffers)]
+        """Flush every buffer still open (end of data); log what was skipped. Where the data
+        flag the ends of slices, a slice whose flag never came and which has fewer lines than
+        the scan's fullest slice was cut short (the acquisition stopped): it is still
+        reconstructed, with a warning and a note in its image's comments."""
+        most = max([self._most_lines, *(int((b.count > 0).sum())
+                                        for b in self._buffers.values())])
+        out = []
+        for key in sorted(self._buffers):
+            lines = int((self._buffers[key].count > 0).sum())
+            sl = self._emit(key)
+            if self._ended and (key[0], *key[2:]) not in self._ended and lines < most:
+                msg = (f"slice {key[0]} (contrast {key[1]}, repetition {key[3]}) has {lines} of "
+                       f"the {most} lines of the scan's fullest slice and no end-of-slice flag: "
+                       "the acquisition stopped before it was complete; reconstructed from the "
+                       "lines acquired")
+                self._warn(msg)
+                sl.notes.append(f"INCOMPLETE: {msg}")
+            out.append(sl)
         for name, n in self._skipped.items():
             log.info("%s: skipped %d %s acquisition(s)", self.source, n, name)
         return out
@@ -270,6 +290,8 @@ class MrdAssembler:
         buf.averages.add(int(idx.average))
         if calib_row:
             buf.calib_rows.add(row)
+        if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+            self._ended.add((key[0], *key[2:]))
         if not (self.emit_early and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)):
             return []
         if idx.average < self.enc.limit_max("average"):
@@ -314,6 +336,7 @@ class MrdAssembler:
 
     def _emit(self, key: Key) -> SliceData:
         buf = self._buffers.pop(key)
+        self._most_lines = max(self._most_lines, int((buf.count > 0).sum()))
         kspace, mask = buf.average()
         ny = kspace.shape[1]
         rows = buf.count > 0

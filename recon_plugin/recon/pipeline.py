@@ -229,7 +229,7 @@ class Reconstructor:
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = started = time.perf_counter()
-        notes: list[str] = []
+        notes: list[str] = list(sl.notes)
         ksp, mask, calib = prepare_kspace(sl, settings, whitener, notes)
         t["preprocess"] += time.perf_counter() - t0
         method = settings.method
