@@ -134,3 +134,12 @@ def test_a_fully_sampled_slice_is_its_rss_and_says_so(tmp_path):
     half = recon.reconstruct(scan, ReconSettings(method="unrolled", model="unrolled-base",
                                                  measured_weight=0.5))[0]
     assert half.images[0].method == "unrolled"
+
+
+def test_progress_is_reported_after_each_slice(files):
+    """``reconstruct(progress=...)`` is called once per slice with (done, total)."""
+    _, ism, _ = files
+    calls = []
+    Reconstructor().reconstruct(read_raw(ism), ReconSettings(method="zero-filled"),
+                                progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 2), (2, 2)]

@@ -189,8 +189,17 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         elif workers <= 1 or len(todo) <= 1:
             recon = recon or Reconstructor(device)
             for path in todo:
-                finish(path, *process_file(path, out_dir, protocol, formats, overrides,
-                                           protocol_dirs, recon, max_bytes))
+                # a second bar counts the slices of the file in flight (a refined slice can
+                # take its whole budget, a file many minutes)
+                with tqdm(desc=path.name, unit="slice", leave=False, position=1,
+                          disable=not progress, dynamic_ncols=True) as slices:
+                    def step(done: int, total: int, slices=slices) -> None:
+                        slices.total = total
+                        slices.update(done - slices.n)
+
+                    done = process_file(path, out_dir, protocol, formats, overrides,
+                                        protocol_dirs, recon, max_bytes, progress=step)
+                finish(path, *done)
         else:
             run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device,
                      workers, max_bytes, finish, results)

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,9 +117,11 @@ def recon_file(
     formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
     timings: dict | None = None, protocol_dirs: list[Path] | None = None,
     max_bytes: int | None = None, protocols: ProtocolCache | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
-    then published in one rename); returns (published paths, protocol).
+    then published in one rename); returns (published paths, protocol). ``progress(done,
+    total)``: called after each slice.
 
     ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
     network / classical, output, and ``slices``. ``max_bytes``: memory budget of the reader.
@@ -134,7 +137,7 @@ def recon_file(
     protocol = (protocols.select(scan.header) if protocols is not None
                 else select_protocol(scan.header, protocol_name, protocol_dirs))
     settings = protocol.recon_settings().override(**(overrides or {}))
-    series = recon.reconstruct(scan, settings)
+    series = recon.reconstruct(scan, settings, progress)
     del scan
     for s in series:
         s.series_number = protocol.series_number(s.series_number - 1)
@@ -161,13 +164,15 @@ def recon_file(
 def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
                  protocol_dirs: list[Path] | None, recon: Reconstructor,
                  max_bytes: int | None = None, protocols: ProtocolCache | None = None,
+                 progress: Callable[[int, int], object] | None = None,
                  ) -> tuple[FileResult, list[Path], object]:
-    """One input -> (FileResult, published paths, protocol); never raises for a bad input."""
+    """One input -> (FileResult, published paths, protocol); never raises for a bad input.
+    ``progress(done, total)``: called after each slice."""
     t0 = time.perf_counter()
     timings: dict = {}
     try:
         written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
-                                    protocol_dirs, max_bytes, protocols)
+                                    protocol_dirs, max_bytes, protocols, progress)
     except Exception as e:  # isolate: report and go on with the next file
         log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)

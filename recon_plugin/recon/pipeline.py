@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -481,8 +482,10 @@ class Reconstructor:
         return choose_variant(slice_features(ksp, mask), settings.adaptive)
 
     # ----------------------------------------------------------------- whole scan
-    def reconstruct(self, scan: RawScan, settings: ReconSettings) -> list[ReconSeries]:
-        """All slices of a scan; one series per contrast, images ordered by slice/repetition."""
+    def reconstruct(self, scan: RawScan, settings: ReconSettings,
+                    progress: Callable[[int, int], object] | None = None) -> list[ReconSeries]:
+        """All slices of a scan; one series per contrast, images ordered by slice/repetition.
+        ``progress(done, total)`` is called after each slice (total: the scan's slices)."""
         scan.validate()
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
@@ -503,6 +506,8 @@ class Reconstructor:
                                                  calibration, shared))
             counted.append([timings[k] - b for k, b in zip(SLICE_COUNTS, before)])
             slice_seconds.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress(len(images), len(scan.slices))
             made_with = calibration.provisional(adds)
             if made_with is not None:
                 provisional.append((len(images) - 1, sl, *made_with))
