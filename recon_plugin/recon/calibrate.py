@@ -121,8 +121,9 @@ class Calibration:
     def describe(self) -> str:
         where = "this slice's" if self.slices == 1 else f"{self.slices} slices'"
         ref = max(self.errors[TRAINED], 1e-30)
-        out = (f"data-consistency setting {self.setting} chosen on {where} {self.heldout_lines} held-out "
-               "lines (errors relative to the trained x1: " + ", ".join(
+        out = (f"data-consistency setting {self.setting} chosen on {where} "
+               f"{self.heldout_lines} held-out lines (errors relative to the trained x1: "
+               + ", ".join(
                    f"{c} {self.errors[c] / ref:.3f}"
                    for c in [*sorted(_settings(self.errors), key=DcSetting.sort_key),
                              *_iterations(self.errors)]))
