@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser
 
     s = sub.add_parser("recon", help="reconstruct raw files/folders to DICOM (and .h5)")
-    s.add_argument("inputs", nargs="+", help="fastMRI or ISMRMRD .h5 files, or folders of them")
+    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens twix .dat), or "
+                   "folders of them")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
     s.add_argument("--format", type=_formats, default=("dicom",),
@@ -156,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the per-slice held-out-line check of the network against CG-SENSE")
     s.add_argument("--no-calibrate", action="store_true",
                    help="keep the network's trained data consistency (prior weight and CG "
-                   "iterations; skip the calibration on held-out lines that protocols such as "
-                   "default ask for)")
+                   "iterations, no L1-wavelet stage; skip the calibration on held-out lines "
+                   "that protocols such as default ask for)")
     s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
@@ -247,11 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train_pool)
 
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
-    s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD)")
+    s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD .h5, "
+                   "Siemens twix .dat); the first in sorted order (a share of them) are held out for "
+                   "the promotion gate")
     s.add_argument("--protocol", required=True, help="base protocol (name or YAML)")
     s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")
-    s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES)
-    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES,
+                   help="self-supervised loss: ssdu (predict held-out acquired lines from the "
+                   "others), mc-ei (measurement consistency + equivariance); +teacher also "
+                   "keeps the output near the base model's (default %(default)s)")
+    s.add_argument("--steps", type=_positive_int, default=200,
+                   help="training steps (default %(default)s)")
     s.add_argument("--params", choices=tuple(ADAPT_PARAMS), default="dc",
                    help="what trains: dc (only the network's data-consistency weights, a "
                    "handful of scalars: the priors stay the base's) or all (the whole network); "
@@ -263,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ssdu modes: share of the acquired lines (outside the calibration "
                         f"region) each step scores on (default {SSDU_LOSS_FRACTION:g})")
     s.add_argument("--name", help="name of the adapted model (default derived)")
-    s.add_argument("--time-budget", type=float, default=None, help="seconds (single process)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--time-budget", type=_positive_float, default=None,
+                   help="wall seconds of training at most (single process)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the training (default 0)")
     s.set_defaults(fn=cmd_adapt)
 
     s = sub.add_parser("prune", help="prune a model (SPADE or LEAN), fine-tune, export a variant")
