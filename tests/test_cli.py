@@ -168,3 +168,24 @@ def test_adapt_refuses_a_loss_share_outside_0_1_before_reading_anything(tmp_path
     assert e.value.code == 2
     assert "--rho" in capsys.readouterr().err
     assert not (tmp_path / "site").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["simulate", "--slices", "0"], ["simulate", "--coils", "0"],
+    ["simulate", "--acceleration", "0.5"], ["simulate", "--snr", "-1"],
+    ["simulate", "--count", "0"], ["simulate", "--matrix", "0x64"],
+    ["serve", "--max-connections", "0"], ["serve", "--idle-timeout", "0"],
+    ["adapt", "a.h5", "--protocol", "default", "--steps", "0"],
+    ["prune", "--method", "lean", "--ratio", "0.5", "--run-dir", "r", "--export", "e",
+     "--steps", "0"],
+])
+def test_numbers_out_of_range_are_usage_errors(tmp_path, capsys, args):
+    """A count, size or rate out of its range is refused by the parser, naming the option and
+    the bound (exit 2), before anything runs or is written."""
+    out = ["--out", str(tmp_path / "o")] if args[0] in ("simulate", "adapt") else []
+    with pytest.raises(SystemExit) as e:
+        main([*args, *out])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {args[-2]}:" in err, err
+    assert "must be" in err or "at least" in err, err
+    assert not (tmp_path / "o").exists()

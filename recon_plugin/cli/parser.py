@@ -56,6 +56,7 @@ def _number(cast, accept, expected: str, bound: str):
 
 _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0", "a number > 0")
+_acceleration = _number(float, lambda v: 1 <= v < float("inf"), "a number >= 1", ">= 1")
 # a share of the acquired lines
 _fraction = _number(float, lambda v: 0 < v < 1, "a number between 0 and 1",
                     "between 0 and 1 (exclusive)")
@@ -95,6 +96,8 @@ def _matrix(text: str) -> tuple[int, int]:
         a, b = (int(x) for x in text.lower().split("x"))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"matrix must look like 192x160, got {text!r}") from e
+    if min(a, b) < 16:
+        raise argparse.ArgumentTypeError(f"matrix must be at least 16x16, got {text!r}")
     return a, b
 
 
@@ -183,18 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_recon)
 
     s = sub.add_parser("simulate", help="simulate multi-coil raw files from brain anatomy")
-    s.add_argument("--out", required=True)
-    s.add_argument("--format", choices=["fastmri", "ismrmrd", "both"], default="both")
-    s.add_argument("--split", choices=["train", "val", "test"], default="test")
-    s.add_argument("--contrast", choices=list(CONTRASTS), default="T2")
-    s.add_argument("--orientation", choices=["axial", "coronal", "sagittal"], default="axial")
-    s.add_argument("--slices", type=int, default=4)
-    s.add_argument("--coils", type=int, default=12)
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--format", choices=["fastmri", "ismrmrd", "both"], default="both",
+                   help="raw file layout (default %(default)s)")
+    s.add_argument("--split", choices=["train", "val", "test"], default="test",
+                   help="anatomy slab the slices come from (default %(default)s)")
+    s.add_argument("--contrast", choices=list(CONTRASTS), default="T2",
+                   help="default %(default)s")
+    s.add_argument("--orientation", choices=["axial", "coronal", "sagittal"], default="axial",
+                   help="default %(default)s")
+    s.add_argument("--slices", type=_positive_int, default=4,
+                   help="slices per file (default %(default)s)")
+    s.add_argument("--coils", type=_positive_int, default=12,
+                   help="receive coils (default %(default)s)")
     s.add_argument("--matrix", type=_matrix, default=(192, 160), help="phase x readout")
-    s.add_argument("--acceleration", type=float, default=4.0)
-    s.add_argument("--snr", type=float, default=30.0)
-    s.add_argument("--count", type=int, default=1, help="number of files (seeds seed..)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--acceleration", type=_acceleration, default=4.0,
+                   help="undersampling factor, >= 1 (1: fully sampled; default %(default)s)")
+    s.add_argument("--snr", type=_positive_float, default=30.0,
+                   help="mean object signal / noise standard deviation (default %(default)s)")
+    s.add_argument("--count", type=_positive_int, default=1,
+                   help="number of files (seeds seed..)")
+    s.add_argument("--seed", type=int, default=0, help="first file's random seed (default 0)")
     s.set_defaults(fn=cmd_simulate)
 
     s = sub.add_parser("demo", help="simulate a small scan and reconstruct it to DICOM")
@@ -292,15 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "become time; 1: any count)")
     s.add_argument("--finetune", default="teacher",
                    help="supervised | teacher | self | ssdu | rei | combinations with + | none")
-    s.add_argument("--steps", type=int, default=150)
-    s.add_argument("--lr", type=float, default=5e-4)
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--time-budget", type=float, default=None, help="seconds")
+    s.add_argument("--steps", type=_positive_int, default=150,
+                   help="fine-tuning steps (default %(default)s)")
+    s.add_argument("--lr", type=_positive_float, default=5e-4,
+                   help="fine-tuning learning rate (default %(default)s)")
+    s.add_argument("--batch-size", type=_positive_int, default=4, help="default %(default)s")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--time-budget", type=_positive_float, default=None,
+                   help="wall seconds of fine-tuning at most")
     s.add_argument("--pool", type=Path, default=None,
                    help="file of cached training batches (drawn on first use, then replayed; "
                         "share it between variants)")
-    s.add_argument("--pool-size", type=int, default=300, help="batches in --pool")
+    s.add_argument("--pool-size", type=_positive_int, default=300, help="batches in --pool")
     s.add_argument("--run-dir", required=True, help="checkpoints and log (resumes)")
     s.add_argument("--export", required=True, help="variant path without suffix")
     s.set_defaults(fn=cmd_prune)
@@ -322,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra protocol folder searched first (repeatable)")
     s.add_argument("--dicom-out", help="also write every finished scan as DICOM here")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
-    s.add_argument("--idle-timeout", type=float, default=300.0, help="seconds (default 300)")
-    s.add_argument("--max-connections", type=int, default=8)
+    s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
+                   help="seconds (default 300)")
+    s.add_argument("--max-connections", type=_positive_int, default=8,
+                   help="clients served at once (default %(default)s)")
     s.add_argument("--image-dtype", choices=["float", "uint16"], default="float",
                    help="float32 magnitudes (as offline recon) or uint16 scaled per scan")
     s.add_argument("--no-warmup", action="store_true",
