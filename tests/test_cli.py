@@ -178,6 +178,8 @@ def test_adapt_refuses_a_loss_share_outside_0_1_before_reading_anything(tmp_path
     ["adapt", "a.h5", "--protocol", "default", "--steps", "0"],
     ["prune", "--method", "lean", "--ratio", "0.5", "--run-dir", "r", "--export", "e",
      "--steps", "0"],
+    ["train", "--run-dir", "r", "--steps", "0"], ["train", "--run-dir", "r", "--espirit", "2"],
+    ["train-pool", "p", "--batches", "0"],
 ])
 def test_numbers_out_of_range_are_usage_errors(tmp_path, capsys, args):
     """A count, size or rate out of its range is refused by the parser, naming the option and

@@ -56,6 +56,7 @@ def _number(cast, accept, expected: str, bound: str):
 
 _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0", "a number > 0")
+_share = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1", "between 0 and 1")
 _acceleration = _number(float, lambda v: 1 <= v < float("inf"), "a number >= 1", ">= 1")
 # a share of the acquired lines
 _fraction = _number(float, lambda v: 0 < v < 1, "a number between 0 and 1",
@@ -226,37 +227,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the base unrolled network on simulated data")
     s.add_argument("--run-dir", required=True, help="checkpoints, log and loss curve (resumes)")
-    s.add_argument("--steps", type=int, default=3000)
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--cascades", type=int, default=6)
-    s.add_argument("--chans", type=int, default=16)
+    s.add_argument("--steps", type=_positive_int, default=3000,
+                   help="steps of the cosine schedule (default %(default)s)")
+    s.add_argument("--batch-size", type=_positive_int, default=4, help="default %(default)s")
+    s.add_argument("--lr", type=_positive_float, default=1e-3,
+                   help="peak learning rate (default %(default)s)")
+    s.add_argument("--cascades", type=_positive_int, default=6,
+                   help="unrolled cascades (default %(default)s)")
+    s.add_argument("--chans", type=_positive_int, default=16,
+                   help="U-Net channels of the first level (default %(default)s)")
     s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
                    help="data consistency: gradient step, or CG proximal step (MoDL)")
-    s.add_argument("--cg-iters", type=int, default=6, help="CG iterations per prox step")
+    s.add_argument("--cg-iters", type=_positive_int, default=6,
+                   help="CG iterations per prox step")
     s.add_argument("--noise-aware", action="store_true",
                    help="prox weights scale with the noise variance estimated from the data, and "
                         "the cascades start from a CG-SENSE solve")
-    s.add_argument("--stop-at", type=int, default=None,
+    s.add_argument("--stop-at", type=_positive_int, default=None,
                    help="stop after this many steps (the cosine schedule stays that of --steps)")
     s.add_argument("--pool-dir", help="train on transfer batches replayed from this directory "
                    "(filled by `recon-plugin train-pool`)")
-    s.add_argument("--espirit", type=float, default=0.8,
+    s.add_argument("--espirit", type=_share, default=0.8,
                    help="fraction of training slices with ESPIRiT maps from their own ACS")
     s.add_argument("--freeze-bn", action="store_true",
                    help="BatchNorm statistics recalibrated once, then fixed")
     s.add_argument("--init", help="initialise the CNN priors from this model (name or file)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--time-budget", type=float, default=None, help="seconds, then checkpoint")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--time-budget", type=_positive_float, default=None,
+                   help="seconds, then checkpoint")
     s.add_argument("--export", help="write the best model here (path without suffix)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("train-pool", help="draw transfer training batches into a directory "
                        "(resumable; a trainer may read it while it grows)")
-    s.add_argument("pool_dir")
-    s.add_argument("--batches", type=int, default=1500)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("pool_dir", help="folder of the batches (created; resumes)")
+    s.add_argument("--batches", type=_positive_int, default=1500,
+                   help="batches the pool should hold (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="slices per batch (default %(default)s)")
     s.set_defaults(fn=cmd_train_pool)
 
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
