@@ -175,6 +175,7 @@ def test_adapt_refuses_a_loss_share_outside_0_1_before_reading_anything(tmp_path
     ["simulate", "--acceleration", "0.5"], ["simulate", "--snr", "-1"],
     ["simulate", "--count", "0"], ["simulate", "--matrix", "0x64"],
     ["serve", "--max-connections", "0"], ["serve", "--idle-timeout", "0"],
+    ["serve", "--port", "99999"],
     ["adapt", "a.h5", "--protocol", "default", "--steps", "0"],
     ["prune", "--method", "lean", "--ratio", "0.5", "--run-dir", "r", "--export", "e",
      "--steps", "0"],

@@ -56,6 +56,7 @@ def _number(cast, accept, expected: str, bound: str):
 
 _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0", "a number > 0")
+_port = _number(int, lambda v: 0 <= v <= 65535, "a whole number", "between 0 and 65535")
 _share = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1", "between 0 and 1")
 _acceleration = _number(float, lambda v: 1 <= v < float("inf"), "a number >= 1", ">= 1")
 # a share of the acquired lines
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="MRD streaming server: acquisitions in, images back")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--port", type=int, default=9002, help="TCP port (0 = any free port)")
+    s.add_argument("--port", type=_port, default=9002, help="TCP port (0 = any free port)")
     s.add_argument("--protocol", help="protocol when the client names none (default: match)")
     s.add_argument("--protocol-dir", action="append", default=[],
                    help="extra protocol folder searched first (repeatable)")
