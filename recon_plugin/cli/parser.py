@@ -134,25 +134,11 @@ def _refine_options(s: argparse.ArgumentParser, default: str | None = None,
                    + (f"{budget:g})" if budget else "the protocol's, 20)"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """``recon-plugin`` with every subcommand; each sets ``fn``, the command that runs it."""
-    p = _Parser(prog="recon-plugin", description=__doc__.splitlines()[0])
-    _global_flags(p, False)
-    flags = argparse.ArgumentParser(add_help=False)  # -q / -v also after the subcommand
-    _global_flags(flags, argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_parser = sub.add_parser
-
-    def add_parser(name, **kw):
-        if name not in ("train", "train-pool", "bench"):  # those three keep their own parsing
-            kw.setdefault("parents", [flags])
-        return _add_parser(name, **kw)
-
-    sub.add_parser = add_parser
-
+def _add_recon(sub: argparse._SubParsersAction) -> None:
+    """The ``recon`` subcommand."""
     s = sub.add_parser("recon", help="reconstruct raw files/folders to DICOM (and .h5)")
-    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens twix .dat), or "
-                   "folders of them")
+    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens "
+                   "twix .dat), or folders of them")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
     s.add_argument("--format", type=_formats, default=("dicom",),
@@ -187,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C-STORE the DICOM to a PACS")
     s.set_defaults(fn=cmd_recon)
 
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    """The ``simulate`` subcommand."""
     s = sub.add_parser("simulate", help="simulate multi-coil raw files from brain anatomy")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--format", choices=["fastmri", "ismrmrd", "both"], default="both",
@@ -211,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="first file's random seed (default 0)")
     s.set_defaults(fn=cmd_simulate)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """The ``demo`` subcommand."""
     s = sub.add_parser("demo", help="simulate a small scan and reconstruct it to DICOM")
     s.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "recon-plugin-demo"),
                    help="output folder: raw/ (the simulated scan) and dicom/ (default %(default)s)")
@@ -226,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     _refine_options(s, default="shared", budget=45.0)
     s.set_defaults(fn=cmd_demo)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """The ``train`` subcommand."""
     s = sub.add_parser("train", help="train the base unrolled network on simulated data")
     s.add_argument("--run-dir", required=True, help="checkpoints, log and loss curve (resumes)")
     s.add_argument("--steps", type=_positive_int, default=3000,
@@ -259,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", help="write the best model here (path without suffix)")
     s.set_defaults(fn=cmd_train)
 
+
+def _add_train_pool(sub: argparse._SubParsersAction) -> None:
+    """The ``train-pool`` subcommand."""
     s = sub.add_parser("train-pool", help="draw transfer training batches into a directory "
                        "(resumable; a trainer may read it while it grows)")
     s.add_argument("pool_dir", help="folder of the batches (created; resumes)")
@@ -269,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices per batch (default %(default)s)")
     s.set_defaults(fn=cmd_train_pool)
 
+
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    """The ``adapt`` subcommand."""
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
     s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD .h5, "
                    "Siemens twix .dat); the first in sorted order (a share of them) are held out for "
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed of the training (default 0)")
     s.set_defaults(fn=cmd_adapt)
 
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    """The ``prune`` subcommand."""
     s = sub.add_parser("prune", help="prune a model (SPADE or LEAN), fine-tune, export a variant")
     s.add_argument("--model", default="unrolled-base", help="parent model name or path")
     s.add_argument("--method", choices=["spade", "lean"], required=True)
@@ -330,15 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", required=True, help="variant path without suffix")
     s.set_defaults(fn=cmd_prune)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """The ``bench`` subcommand."""
     s = sub.add_parser("bench", add_help=False,
                        help="benchmarks: write tables/plots to docs/ (source checkout; "
                        "`recon-plugin bench --help`)")
     s.set_defaults(fn=cmd_bench)  # its arguments are parsed by benchmarks/cli.py
 
+
+def _add_send(sub: argparse._SubParsersAction) -> None:
+    """The ``send`` subcommand."""
     s = sub.add_parser("send", help="drain the durable PACS queue")
     s.add_argument("--queue", required=True, help="queue folder (OUT/.pacs-queue)")
     s.set_defaults(fn=cmd_send)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """The ``serve`` subcommand."""
     s = sub.add_parser("serve", help="MRD streaming server: acquisitions in, images back")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=_port, default=9002, help="TCP port (0 = any free port)")
@@ -356,4 +369,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-warmup", action="store_true",
                    help="skip the synthetic warm-up slice (first scan then pays model load/JIT)")
     s.set_defaults(fn=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``recon-plugin`` with every subcommand; each sets ``fn``, the command that runs it."""
+    p = _Parser(prog="recon-plugin", description=__doc__.splitlines()[0])
+    _global_flags(p, False)
+    flags = argparse.ArgumentParser(add_help=False)  # -q / -v also after the subcommand
+    _global_flags(flags, argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kw):
+        if name not in ("train", "train-pool", "bench"):  # those three keep their own parsing
+            kw.setdefault("parents", [flags])
+        return _add_parser(name, **kw)
+
+    sub.add_parser = add_parser
+
+    _add_recon(sub)
+    _add_simulate(sub)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_train_pool(sub)
+    _add_adapt(sub)
+    _add_prune(sub)
+    _add_bench(sub)
+    _add_send(sub)
+    _add_serve(sub)
     return p
