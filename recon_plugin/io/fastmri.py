@@ -33,15 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..physics import acs_bounds, centre_run, crop_readout
-from ..scan import Geometry, RawDataError, RawScan, SliceData
+from ..scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData
 from .budget import check_budget
-from .header import encoding_info, parse_header, parse_xml
+from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,48 @@ def _geometries(f: h5py.File, n: int, spacing: float, warnings: list[str], where
     return [Geometry.default(np.array([0.0, 0.0, i * spacing])) for i in range(n)]
 
 
+def _reconcile_header(enc: EncodingInfo, header: ScanHeader, shape: tuple[int, int, int, int],
+                      warn: Callable[[str], None]) -> tuple[EncodingInfo, ScanHeader]:
+    """(encoding, header) matched to the stored k-space's shape (slices, coils, readout,
+    phase): where they disagree ``warn`` says so and the data's shape wins; a header whose x
+    and y look swapped against the data has its matrices and fields of view swapped."""
+    nsl, ncoil, nro, npe = shape
+    if enc.enc_matrix[0] != nro or enc.enc_matrix[1] != npe:
+        swapped = (enc.enc_matrix[0], enc.enc_matrix[1]) == (npe, nro)
+        warn(
+            f"header encoded matrix (x={enc.enc_matrix[0]}, y={enc.enc_matrix[1]}) disagrees with "
+            f"kspace (readout={nro}, phase={npe})"
+            + ("; axes look swapped" if swapped else "")
+            + "; the data's shape wins"
+        )
+        if swapped:  # the header's x and y (matrices, fields of view) swap with the data's axes
+            enc = dataclasses.replace(enc, enc_matrix=_swap_xy(enc.enc_matrix),
+                                      enc_fov=_swap_xy(enc.enc_fov), e1_min=0, e1_max=npe - 1,
+                                      e1_center=npe // 2)
+            header = dataclasses.replace(header, recon_matrix=_swap_xy(header.recon_matrix),
+                                         recon_fov_mm=_swap_xy(header.recon_fov_mm))
+    hdr_slices = enc.limit_max("slice") + 1
+    if enc.limit_max("slice") > 0 and hdr_slices != nsl:
+        warn(f"header declares {hdr_slices} slices, kspace has {nsl}; the data's shape wins")
+    if header.num_coils and header.num_coils != ncoil:
+        warn(f"header receiverChannels={header.num_coils}, kspace has {ncoil} coils; "
+             "the data's shape wins")
+    return enc, header
+
+
+def _phase_window(enc: EncodingInfo, npe: int) -> np.ndarray:
+    """(npe,) bool: the phase columns inside the header's encoding limits (fastMRI's
+    padding_left / padding_right lie outside); all where the limits do not fit the data."""
+    window = np.ones(npe, bool)
+    if npe == enc.enc_matrix[1]:
+        left = npe // 2 - enc.e1_center
+        right = left + enc.e1_max + 1
+        if 0 <= left < right <= npe:
+            window[:] = False
+            window[left:right] = True
+    return window
+
+
 def _load_slice(ds: h5py.Dataset, i: int, single_coil: bool, where: str) -> np.ndarray:
     """Slice ``i`` of the stored ``kspace`` as (coils, ky, kx_raw) complex64 (the stored
     (readout, phase) transposed), checked readable, finite and centred."""
@@ -264,36 +307,8 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     header = parse_header(xml, where, warnings)
     enc = encoding_info(parse_xml(xml, where), 0, where)
 
-    # header vs data: warn, the data's shape wins
-    if enc.enc_matrix[0] != nro or enc.enc_matrix[1] != npe:
-        swapped = (enc.enc_matrix[0], enc.enc_matrix[1]) == (npe, nro)
-        warn(
-            f"header encoded matrix (x={enc.enc_matrix[0]}, y={enc.enc_matrix[1]}) disagrees with "
-            f"kspace (readout={nro}, phase={npe})"
-            + ("; axes look swapped" if swapped else "")
-            + "; the data's shape wins"
-        )
-        if swapped:  # the header's x and y (matrices, fields of view) swap with the data's axes
-            enc = dataclasses.replace(enc, enc_matrix=_swap_xy(enc.enc_matrix),
-                                      enc_fov=_swap_xy(enc.enc_fov), e1_min=0, e1_max=npe - 1,
-                                      e1_center=npe // 2)
-            header = dataclasses.replace(header, recon_matrix=_swap_xy(header.recon_matrix),
-                                         recon_fov_mm=_swap_xy(header.recon_fov_mm))
-    hdr_slices = enc.limit_max("slice") + 1
-    if enc.limit_max("slice") > 0 and hdr_slices != nsl:
-        warn(f"header declares {hdr_slices} slices, kspace has {nsl}; the data's shape wins")
-    if header.num_coils and header.num_coils != ncoil:
-        warn(f"header receiverChannels={header.num_coils}, kspace has {ncoil} coils; "
-             "the data's shape wins")
-
-    # phase window inside the encoding limits (fastMRI's padding_left / padding_right)
-    window = np.ones(npe, bool)
-    if npe == enc.enc_matrix[1]:
-        left = npe // 2 - enc.e1_center
-        right = left + enc.e1_max + 1
-        if 0 <= left < right <= npe:
-            window[:] = False
-            window[left:right] = True
+    enc, header = _reconcile_header(enc, header, (nsl, ncoil, nro, npe), warn)
+    window = _phase_window(enc, npe)
     rx = header.recon_matrix[0]
     nx = rx if rx <= nro else nro
 
