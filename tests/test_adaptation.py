@@ -144,3 +144,25 @@ def test_a_gate_without_unseen_slices_is_refused(site, tmp_path):
     with pytest.raises(ValueError, match="no slice left for the promotion gate.*more raw files"):
         adapt([one], str(d / "tiny_base.yaml"), tmp_path / "site", mode="ssdu", steps=2)
     assert not (tmp_path / "site" / "models").exists()
+
+
+def test_an_unreadable_site_file_is_left_out_and_named(site, tmp_path):
+    """A broken file among a site's raw files (here a copy cut short) is left out with its
+    reason in the report and the card; the others adapt as usual. Called alone,
+    ``prepare_slices`` still raises for it."""
+    from recon_plugin.adaptation.site import prepare_slices
+    from recon_plugin.models.checkpoint import load_model
+    from recon_plugin.recon.pipeline import ReconSettings
+    from recon_plugin.scan import RawDataError
+
+    d, raws = site
+    cut = tmp_path / "site_9_cut.h5"
+    cut.write_bytes(raws[1].read_bytes()[:50_000])
+    rep = adapt([*raws, cut], str(d / "tiny_base.yaml"), tmp_path / "s", mode="ssdu", steps=30)
+    assert len(rep["skipped_files"]) == 1 and "site_9_cut.h5" in rep["skipped_files"][0]
+    assert "truncated" in rep["skipped_files"][0]
+    assert rep["promoted"], rep
+    _, card = load_model(Path(rep["model"]))
+    assert card["adaptation"]["skipped_files"] == rep["skipped_files"]
+    with pytest.raises(RawDataError, match="site_9_cut.h5"):
+        prepare_slices([cut], ReconSettings())

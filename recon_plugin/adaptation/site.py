@@ -51,19 +51,30 @@ from . import MODES, PARAMS, SSDU_LOSS_FRACTION
 log = logging.getLogger(__name__)
 
 
-def prepare_slices(paths: list[Path], settings) -> list[SiteSlice]:
+def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None,
+                   ) -> list[SiteSlice]:
     """Read raw files (no targets) and prepare every slice exactly as the reconstruction does
     (:func:`recon_plugin.recon.pipeline.prepare_slice` with the protocol's ``ReconSettings``:
     prewhitening, coil compression, ESPIRiT; a wrapped phase field of view without the
-    second map's part); slices without usable ACS are skipped."""
+    second map's part); slices without usable ACS are skipped. A file that cannot be read
+    (``RawDataError``) raises, or, where ``skipped`` is given, is left out with a warning and
+    its reason appended there."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
     from ..recon.pipeline import prepare_slice
     from ..recon.preprocess import whitening_matrix
+    from ..scan import RawDataError
 
     out = []
     for p in paths:
-        scan = read_raw(p)
+        try:
+            scan = read_raw(p)
+        except RawDataError as e:
+            if skipped is None:
+                raise
+            log.warning("%s left out: %s", p, e)
+            skipped.append(str(e) if str(p) in str(e) else f"{p}: {e}")
+            continue
         w = whitening_matrix(scan)
         for sl in scan.slices:
             try:
@@ -118,8 +129,9 @@ def adapt(
     raw = sorted(Path(p) for p in raw)
     n_hold = max(1, int(round(len(raw) * heldout_fraction))) if len(raw) > 1 else 0
     train_files, hold_files = raw[n_hold:], raw[:n_hold]
-    train = prepare_slices(train_files, settings)
-    hold = prepare_slices(hold_files, settings) if hold_files else []
+    skipped: list[str] = []  # unreadable files: a site's archive may hold a broken one
+    train = prepare_slices(train_files, settings, skipped)
+    hold = prepare_slices(hold_files, settings, skipped) if hold_files else []
     if not hold:
         # the gate must judge slices the adaptation never sees: with one slice there is none
         if len(train) < 2:
@@ -159,7 +171,7 @@ def adapt(
     param_hash = hashlib.sha256(
         b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
     report = {"rank": rank, "world_size": world, "param_sha256": param_hash,
-              "base_heldout_error": base_err, "steps": len(history)}
+              "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped}
     if world > 1:
         (Path(site_dir) / "runs").mkdir(parents=True, exist_ok=True)
         (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
@@ -186,6 +198,7 @@ def adapt(
                        "rho": rho,
                        "raw_files": {str(p): file_sha256(p) for p in raw},
                        "heldout_files": [str(p) for p in hold_files],
+                       "skipped_files": skipped,
                        "heldout_error_base": base_err, "heldout_error_adapted": new_err,
                        "gate": gate,
                        "final_losses": [h["loss"] for h in history if "loss" in h][-10:]},

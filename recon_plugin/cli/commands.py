@@ -181,6 +181,8 @@ def cmd_adapt(a: argparse.Namespace) -> int:
                 time_budget_s=a.time_budget, params=a.params)
     if rep.get("rank", 0) != 0:
         return EXIT_OK
+    for reason in rep.get("skipped_files", []):
+        print(f"left out (unreadable): {reason}")
     print(f"held-out measurement error: base {rep['base_heldout_error']:.5f}, adapted "
           f"{rep['adapted_heldout_error']:.5f}")
     if not rep["promoted"]:
