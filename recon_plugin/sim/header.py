@@ -142,7 +142,10 @@ def build_header_xml(
         ),
         userParameters=params,
     )
-    return xsd.ToXML(hdr)
+    # ToXML declares ascii and writes names as they are: non-ASCII characters (a patient
+    # named Mueller with an umlaut) become character references, so the XML stays ASCII and
+    # fits ismrmrd-python's ASCII string dataset
+    return xsd.ToXML(hdr).encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
 def header_xml_from_sim(

@@ -307,9 +307,13 @@ def write_ismrmrd(
     acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
     if path.exists():
         path.unlink()
+    xsd.CreateFromDocument(xml)  # the header must parse against the ISMRMRD schema
     with ismrmrd.File(str(path), "w") as f:
         cont = f[dataset]
-        cont.header = xsd.CreateFromDocument(xml)
+        # the XML as written (ismrmrd-python's header setter re-serialises it as ASCII, which
+        # fails on a patient name with an umlaut)
+        cont._contents.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+        cont._contents["xml"][0] = xml.encode("utf-8")
         cont.acquisitions = acqs
         target = np.stack([s.target for s in base.slices]).astype(np.float32)
         cont._contents.create_dataset(TARGET_NAME, data=target)
