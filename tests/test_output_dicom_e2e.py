@@ -51,11 +51,16 @@ def test_dciodvfy_clean_from_raw(kind, tmp_path):
         assert "GEOMETRY DEFAULTED" in str(ds.ImageComments)
 
 
-@pytest.mark.parametrize("kind", ["fastmri", "ismrmrd"])
+@pytest.mark.parametrize("kind", ["fastmri", "ismrmrd", "ismrmrd-raw-utf8"])
 def test_non_ascii_names_reach_valid_dicom(kind, tmp_path):
     """A patient, study and protocol named with umlauts and accents (as at any European site)
     go from the raw header into UTF-8 DICOM (ISO_IR 192) unchanged, and dciodvfy finds no
-    error (the simulator's ISMRMRD writer had failed on them)."""
+    error (the simulator's ISMRMRD writer had failed on them); also from an ISMRMRD header
+    stored as raw UTF-8 rather than with character references."""
+    import html
+
+    import h5py
+
     from recon_plugin.scan import Identity
 
     ident = Identity(patient_name="Müller^Jürgen", patient_id="ÄÖÜ-123",
@@ -65,6 +70,13 @@ def test_non_ascii_names_reach_valid_dicom(kind, tmp_path):
     raw = (write_fastmri(vol, tmp_path / "f.h5", acceleration=4, center_fraction=0.3, **kw)
            if kind == "fastmri" else
            write_ismrmrd(vol, tmp_path / "i.h5", acceleration=4, calib_lines=16, **kw))
+    if kind == "ismrmrd-raw-utf8":
+        with h5py.File(raw, "r+") as f:
+            xml = html.unescape(f["dataset/xml"][0].decode("ascii"))
+            assert "Müller" in xml
+            del f["dataset/xml"]
+            f.create_dataset("dataset/xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+            f["dataset/xml"][0] = xml.replace('encoding="ascii"', 'encoding="utf-8"').encode()
     (path,), _ = recon_file(raw, tmp_path / "out", Reconstructor(), None, ("dicom",),
                             {"method": "cg-sense"})
     ds = pydicom.dcmread(path)
