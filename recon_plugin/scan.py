@@ -83,6 +83,14 @@ class SequenceInfo:
     model_name: str | None = None
     institution: str | None = None
     station_name: str | None = None
+    te_list_ms: tuple[float, ...] = ()  # every echo time of the header, one per contrast
+
+    def echo_time_ms(self, contrast: int = 0) -> float | None:
+        """The echo time of ``contrast`` (multi-echo: the header's TE of that echo), else
+        ``te_ms``."""
+        if 0 <= contrast < len(self.te_list_ms):
+            return self.te_list_ms[contrast]
+        return self.te_ms
 
 
 @dataclass

@@ -395,3 +395,24 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         dicom.write_series(make_series(nslices=3), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_multi_echo_series_carry_their_own_echo_time(tmp_path):
+    """A two-contrast (multi-echo) ISMRMRD file whose header lists one TE per contrast: each
+    contrast's series carries its own EchoTime and EchoNumbers (every series had the first
+    echo's TE)."""
+    from recon_plugin.batch import recon_file
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    vols = [simulate_volume("test", c, 1, 4, (48, 40), seed=1) for c in ("T2", "T1")]
+    raw = write_ismrmrd(vols, tmp_path / "me.h5", acceleration=2, calib_lines=16)
+    written, _ = recon_file(raw, tmp_path / "out", Reconstructor(), None, ("dicom",),
+                            {"method": "cg-sense"})
+    got = sorted((int(d.SeriesNumber), float(d.EchoTime), int(d.EchoNumbers))
+                 for d in dicom.read_series(written))
+    want = [v.sequence["te_ms"] for v in vols]
+    assert want[0] != want[1]
+    assert [(te, echo) for _, te, echo in got] == [(want[0], 1), (want[1], 2)]
+    assert got[0][0] != got[1][0]  # two series

@@ -210,6 +210,14 @@ def encoding_info(hdr: xsd.ismrmrdHeader, index: int = 0, source: str = "") -> E
     )
 
 
+def _all(values: Any) -> tuple[float, ...]:
+    """Every value of a header list as floats; () when any is not a number."""
+    try:
+        return tuple(float(v) for v in values or ())
+    except (TypeError, ValueError):
+        return ()
+
+
 def _first(values: Any) -> float | None:
     try:
         return float(values[0]) if values else None
@@ -245,6 +253,7 @@ def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None) -> SequenceInfo:
     seq = SequenceInfo(echo_train_length=etl)
     if sp is not None:
         seq.tr_ms, seq.te_ms = _first(sp.TR), _first(sp.TE)
+        seq.te_list_ms = _all(sp.TE)
         seq.ti_ms, seq.flip_deg = _first(sp.TI), _first(sp.flipAngle_deg)
         seq.sequence_type = sp.sequence_type
     if asi is not None:

@@ -91,7 +91,9 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     ds.ScanOptions = ""
     ds.MRAcquisitionType = acq
     ds.RepetitionTime = _ds(seq.tr_ms) if seq.tr_ms is not None else ""
-    ds.EchoTime = _ds(seq.te_ms) if seq.te_ms is not None else ""
+    # one series per contrast: a multi-echo scan's series each carry their own echo time
+    te = seq.echo_time_ms(series.images[0].contrast if series.images else 0)
+    ds.EchoTime = _ds(te) if te is not None else ""
     ds.EchoTrainLength = int(seq.echo_train_length) if seq.echo_train_length else ""
     if "IR" in kinds:
         ds.InversionTime = _ds(seq.ti_ms) if seq.ti_ms is not None else ""

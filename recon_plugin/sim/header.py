@@ -99,8 +99,10 @@ def build_header_xml(
         )
 
     def seqlist(key: str) -> list[float]:
-        v = seq.get(key)
-        return [float(v)] if v is not None else []
+        v = seq.get(key)  # a value, or one per contrast (a multi-echo TE)
+        if v is None:
+            return []
+        return [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)]
 
     hdr = xsd.ismrmrdHeader(
         version=2,

@@ -224,12 +224,15 @@ def write_ismrmrd(
     first_row = ny - n_pf
     ns = int(round(nfull * asymmetric_echo))
     centre = nfull // 2 - (nfull - ns)
+    # one echo time per contrast, as a multi-echo header lists them
+    tes = [v.sequence.get("te_ms") for v in vols]
+    sequence = {**base.sequence, "te_ms": tes if None not in tes else base.sequence.get("te_ms")}
     xml = header_xml_from_sim(
         base, readout_oversampling=osf if os_convention == "header" else 1,
         acceleration=int(round(r)), calib_lines=calib or None, num_averages=num_averages,
         num_repetitions=num_repetitions, num_contrasts=len(vols),
         calibration_mode=("separate" if separate_calibration else "embedded") if r > 1 else None,
-        e1_limits=(first_row, ny - 1, ny // 2), **(header_kwargs or {}),
+        e1_limits=(first_row, ny - 1, ny // 2), **{"sequence": sequence, **(header_kwargs or {})},
     )
     if separate_calibration and calib:
         xml = _calib_encoding_xml(xml, nx // 2, calib, osf if os_convention == "header" else 1)
