@@ -49,6 +49,10 @@ def test_twix_reads_with_geometry_and_oversampling_removed():
     assert scan.header.recon_fov_mm[:2] == pytest.approx((200.0, 200.0))
     assert scan.header.sequence.manufacturer == "SIEMENS"
     assert scan.header.sequence.tr_ms == pytest.approx(10.0)
+    # the protocol's own facts: its sequence file (gre), the site, the field strength
+    assert scan.header.sequence.sequence_type == "gre"
+    assert scan.header.sequence.institution == "DZNE_Bonn-Venusberg"
+    assert scan.header.sequence.field_strength_t == pytest.approx(2.89362)
     (sl,) = scan.slices
     assert sl.kspace.shape == (2, 160, 160)  # readout 320 -> 160
     g = sl.geometry
@@ -67,6 +71,9 @@ def _check_outputs(folder: Path) -> None:
     assert len(dcms) == 1
     ds = pydicom.dcmread(dcms[0])
     assert (int(ds.Rows), int(ds.Columns)) == (160, 160)
+    # the scanner's own DICOM header says ScanningSequence GR for this gradient echo
+    assert list(ds.ScanningSequence) == ["GR"] or ds.ScanningSequence == "GR"
+    assert ds.InstitutionName == "DZNE_Bonn-Venusberg"
     assert [float(v) for v in ds.PixelSpacing] == pytest.approx([1.25, 1.25])
     (h5,) = folder.glob("series_*.h5")
     with h5py.File(h5) as f:

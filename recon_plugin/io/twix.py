@@ -130,9 +130,20 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
             f"<value>{spacing:.6g}</value></userParameterDouble></userParameters>"
             if spacing else "")
     te_xml = "".join(f"<TE>{float(v) / 1000:.6g}</TE>" for v in te)
+    # the sequence file's name (%SiemensSeq%\gre -> gre, tse, ep2d_diff, ...) says the kind of
+    # sequence (DICOM ScanningSequence GR / SE / EP; without it: RM, research mode)
+    seq_file = str(_get(my, "tSequenceFileName") or "").replace("\\", "/").rsplit("/", 1)[-1]
     seq = (f"<sequenceParameters>{f'<TR>{float(tr) / 1000:.6g}</TR>' if tr else ''}{te_xml}"
            f"{f'<flipAngle_deg>{float(flip):.6g}</flipAngle_deg>' if flip else ''}"
+           f"{f'<sequence_type>{escape(seq_file)}</sequence_type>' if seq_file else ''}"
            "</sequenceParameters>")
+    institution = _get(hdr, "Dicom", "InstitutionName") or ""
+    # the scan's own H1 frequency (Hz): Dicom lFrequency, else the transmit nucleus's
+    nucleus = _get(my, "sTXSPEC", "asNucleusInfo")
+    f0 = _get(hdr, "Dicom", "lFrequency") or (
+        nucleus[0].get("lFrequency") if isinstance(nucleus, list) and nucleus else None)
+    f0_xml = (f"<experimentalConditions><H1resonanceFrequency_Hz>{int(f0)}"
+              "</H1resonanceFrequency_Hz></experimentalConditions>" if f0 else "")
     return f"""<?xml version="1.0" encoding="utf-8"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
   <measurementInformation>
@@ -144,11 +155,9 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     <systemModel>{escape(str(model))}</systemModel>
     {f'<systemFieldStrength_T>{float(field):.6g}</systemFieldStrength_T>' if field else ''}
     <receiverChannels>{n_coils}</receiverChannels>
+    {f'<institutionName>{escape(str(institution))}</institutionName>' if institution else ''}
   </acquisitionSystemInformation>
-  <experimentalConditions><H1resonanceFrequency_Hz>{
-      int(_get(my, 'sTXSPEC', 'asNucleusInfo', default=[{}])[0].get('lFrequency', 63500000)
-          if isinstance(_get(my, 'sTXSPEC', 'asNucleusInfo'), list) else 63500000)
-  }</H1resonanceFrequency_Hz></experimentalConditions>
+  {f0_xml}
   <encoding>
     <encodedSpace>
       <matrixSize><x>{base * os}</x><y>{enc_y}</y><z>1</z></matrixSize>
