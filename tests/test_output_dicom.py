@@ -197,6 +197,7 @@ def test_identity_timing_and_provenance(tmp_path):
     assert float(ds.FlipAngle) == 150 and int(ds.EchoTrainLength) == 16
     assert float(ds.MagneticFieldStrength) == 3.0
     assert "SE" in ds.ScanningSequence and ds.Modality == "MR"
+    assert ds.InPlanePhaseEncodingDirection == "COL"  # rows = phase encode
     assert list(ds.ImageType)[:2] == ["DERIVED", "PRIMARY"] and "DL_RECON" in ds.ImageType
     assert "unrolled-spade-0.5" in ds.SeriesDescription and "ab12ab12" in ds.SeriesDescription
     assert len(ds.SeriesDescription) <= 64

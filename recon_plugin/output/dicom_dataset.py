@@ -90,6 +90,8 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     ds.SequenceVariant = variant
     ds.ScanOptions = ""
     ds.MRAcquisitionType = acq
+    # image rows run along the phase encode (ky): phase is encoded down the columns
+    ds.InPlanePhaseEncodingDirection = "COL"
     ds.RepetitionTime = _ds(seq.tr_ms) if seq.tr_ms is not None else ""
     # one series per contrast: a multi-echo scan's series each carry their own echo time
     te = seq.echo_time_ms(series.images[0].contrast if series.images else 0)
