@@ -103,7 +103,6 @@ class MrdAssembler:
         self._skipped: dict[str, int] = {}
         self._warned: set[str] = set()
         self._readout_note = False
-        self.num_acquisitions = 0
         # (slice, phase, repetition, set) whose end-of-slice flag came, and the most lines a
         # slice emitted so far had: a slice without the flag and with fewer lines is incomplete
         self._ended: set[tuple[int, ...]] = set()
@@ -156,7 +155,6 @@ class MrdAssembler:
     # ------------------------------------------------------------------------------ public
     def add(self, acq: ismrmrd.Acquisition) -> list[SliceData]:
         """Consume one acquisition; return the slices it completed (often none)."""
-        self.num_acquisitions += 1
         for flag, name in SKIP_FLAGS.items():
             if acq.is_flag_set(flag):
                 self._skipped[name] = self._skipped.get(name, 0) + 1
