@@ -215,6 +215,30 @@ def guarded_fn(name: str, refine_budget_s: float | None = None,
     return run
 
 
+def protocol_fn(name: str):
+    """Shipped protocol ``name`` as ``recon`` runs a slice of it
+    (``Reconstructor.reconstruct_slice``: its coil compression, its own ESPIRiT maps from the
+    case's ACS, its model or adaptive variant, calibration and guard where it has them, the
+    measured samples kept as it says): the written magnitude image (ky, kx)."""
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.scan import Geometry, ScanHeader, SliceData
+
+    rec = Reconstructor()
+    settings = load_protocol(name).recon_settings()
+
+    def run(c: RealCase) -> np.ndarray:
+        ny, nx = c.mask.shape
+        header = ScanHeader(encoded_matrix=(nx, ny, 1), encoded_fov_mm=(nx, ny, 1.0),
+                            recon_matrix=(nx, ny, 1), recon_fov_mm=(nx, ny, 1.0),
+                            num_coils=c.kspace.shape[0])
+        sl = SliceData(kspace=c.kspace, mask=c.mask, geometry=Geometry.default(), acs=c.acs)
+        return rec.reconstruct_slice(sl, header, settings).pixels
+
+    return run
+
+
+PROTOCOL_ROW = "protocol {name}"
 DEFAULT_ROW = "{model} + calibration + guard"
 ESTIMATE_ROW = "{model} + calibration + guard, estimate alone"
 KEPT = " + measured samples kept"
@@ -259,9 +283,11 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
     the per-slice guard (as the default protocol does). ``slices``: score only the central ones
     of each file (None: all)."""
     from benchmarks import bart_ref
+    from recon_plugin.config.protocol import list_protocols
     from recon_plugin.models.checkpoint import load_inference_model
 
     files = real_cases(real_dir, slices=slices)
+    protocols = list_protocols()  # every protocol on the search path: the shipped ones
     if not files:
         raise FileNotFoundError(f"{real_dir}: no fully sampled real file (reconstruction_rss)")
     docs.mkdir(parents=True, exist_ok=True)  # before the long run, not at its first figure
@@ -293,6 +319,10 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
             methods.append((ESTIMATE_ROW.format(model=default_model), "the same with "
                             "`image.measured_weight: 0`: the estimate alone",
                             guarded_fn(default_model, measured_weight=0.0), False))
+            for name in protocols:
+                methods.append((PROTOCOL_ROW.format(name=name), "the shipped protocol as "
+                                "`recon` runs a slice of it (its own maps, coil compression, "
+                                "model, calibration and guard)", protocol_fn(name), False))
             if refine_budget_s:
                 gr = guarded_fn(default_model, refine_budget_s=refine_budget_s)
                 methods.append((f"{default_model} + refine + guard", "scan-specific refinement "

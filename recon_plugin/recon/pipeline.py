@@ -452,7 +452,7 @@ class Reconstructor:
             unchecked = " (guard off: not confirmed on this slice)" \
                 if guard_lines is None and net is not None else ""
             notes.append(too_few_lines(guard_lines.size) if unconfirmable
-                         else shared.describe(name) + unchecked)
+                         else shared.describe(name, seed) + unchecked)
             t["refine_kept"] += 1 if net is not None else 0
             t["refine_skipped"] += 1 if unconfirmable else 0
             return net

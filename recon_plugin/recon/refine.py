@@ -197,9 +197,13 @@ class SharedRefinement:
     copies: dict[str, tuple[nn.Module | None, RefineResult | None, int]] = field(
         default_factory=dict)
 
-    def describe(self, name: str) -> str:
-        """The note of a slice that uses (or not) the scan's copy of model ``name``."""
+    def describe(self, name: str, slice_index: int | None = None) -> str:
+        """The note of slice ``slice_index`` that uses (or not) the scan's copy of model
+        ``name``; the slice that trained it (made again, e.g. with the scan's settled
+        calibration) keeps the training's own account."""
         net, res, index = self.copies[name]
+        if res is not None and index == slice_index:
+            return f"{res.describe()}; tried on this slice for the whole scan"
         if res is None:
             return f"scan refinement not tried (on slice {index}: too few lines); unrefined network"
         if net is None:
