@@ -462,7 +462,11 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
         "every image (`image.measured_weight: 1`, the default); the method's own row is its "
         "estimate alone (`|x|`). The default protocol's row is what `recon` writes; *estimate "
         "alone* is the same run with `measured_weight: 0`. Against this noisy reference, "
-        "keeping the measured samples (and their noise) scores higher for every method.",
+        "keeping the measured samples (and their noise) scores higher for every method. Rows "
+        "*protocol NAME*: every protocol on the search path as `recon` runs a slice of it "
+        "(`Reconstructor.reconstruct_slice`: its own coil compression and ESPIRiT maps, model "
+        "or adaptive variant, calibration, guard; measured samples kept as it says); the "
+        "default's equals its row above.",
         "", "| case | method | setting | PSNR (dB) | SSIM | NMSE | PSNR object / background | "
         "SSIM object / background | s / slice |", "|---|---|---|---|---|---|---|---|---|",
     ]
