@@ -120,8 +120,8 @@ def test_a_fully_sampled_slice_is_its_rss_and_says_so(tmp_path):
     vol = simulate_volume("test", "T2", num_slices=1, num_coils=4, matrix=(64, 48),
                           fov_mm=(200.0, 150.0), snr=40.0, seed=5)
     scan = read_raw(write_fastmri(vol, tmp_path / "full.h5", undersample=False,
-                                  oversample_readout=False))
-    assert scan.slices[0].mask.all()
+                                  oversample_readout=False, phase_padding=3))
+    assert not scan.slices[0].mask[:3].any()  # zero padding outside the encoding limits
     recon = Reconstructor()
     series = recon.reconstruct(scan, ReconSettings(method="unrolled", model="unrolled-base"))[0]
     im = series.images[0]
@@ -143,3 +143,27 @@ def test_progress_is_reported_after_each_slice(files):
     Reconstructor().reconstruct(read_raw(ism), ReconSettings(method="zero-filled"),
                                 progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_fully_sampled_is_a_centred_block_of_whole_lines():
+    """Zero-padded edges (fastMRI's columns outside the encoding limits) still count as fully
+    sampled; undersampling, partial Fourier (off-centre block) and partial echo do not."""
+    from recon_plugin.recon.pipeline import fully_sampled
+
+    m = np.ones((40, 32), np.float32)
+    assert fully_sampled(m)
+    padded = m.copy()
+    padded[:4] = padded[-4:] = 0
+    assert fully_sampled(padded)
+    padded[-5] = 0  # one edge 5 lines, the other 4: still centred within one line
+    assert fully_sampled(padded)
+    pf = m.copy()
+    pf[:10] = 0  # partial Fourier: 30 of 40 lines, off centre
+    assert not fully_sampled(pf)
+    under = m.copy()
+    under[1::4] = 0
+    assert not fully_sampled(under)
+    echo = m.copy()
+    echo[:, :6] = 0  # partial echo: every line measured in part
+    assert not fully_sampled(echo)
+    assert not fully_sampled(np.zeros_like(m))

@@ -234,11 +234,11 @@ class Reconstructor:
         ksp, mask, calib = prepare_kspace(sl, settings, whitener, notes)
         t["preprocess"] += time.perf_counter() - t0
         method = settings.method
-        if settings.measured_weight == 1.0 and mask.all() and method != "zero-filled":
+        if settings.measured_weight == 1.0 and method != "zero-filled" and fully_sampled(mask):
             method = FULLY_SAMPLED
-            notes.append("fully sampled: every k-space sample was measured and is kept, so the "
-                         "image is the root-sum-of-squares of the coil images; no "
-                         "reconstruction method was run")
+            notes.append("fully sampled: every k-space sample within the acquired extent was "
+                         "measured and is kept, so the image is the root-sum-of-squares of the "
+                         "coil images; no reconstruction method was run")
         maps = maps2 = None
         if method not in ("zero-filled", FULLY_SAMPLED):
             t0 = time.perf_counter()
@@ -545,6 +545,19 @@ class Reconstructor:
         old = used.describe()
         image.notes[:] = [final.describe() if n == old else n for n in image.notes]
         return image
+
+
+def fully_sampled(mask: np.ndarray) -> bool:
+    """Whether ``mask`` (ky, kx) measured every sample of one contiguous block of whole lines,
+    centred in ky (within one line): a fully sampled scan, with any unmeasured lines outside
+    it zero padding at both edges (fastMRI's columns outside the encoding limits). A partial
+    Fourier or partial echo acquisition (the block off centre, lines measured in part) is
+    not."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return False
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    return bool(mask[lo:hi].all()) and abs(lo - (mask.shape[0] - hi)) <= 1
 
 
 def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
