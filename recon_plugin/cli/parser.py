@@ -149,7 +149,7 @@ def _add_recon(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-calibrate", action="store_true",
                    help="keep the network's trained data consistency (prior weight and CG "
                    "iterations, no L1-wavelet stage; skip the calibration on held-out lines "
-                   "that protocols such as default ask for)")
+                   "that the shipped protocols ask for)")
     s.add_argument("--method", choices=METHODS,
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
