@@ -13,7 +13,8 @@ setting; a stream sends them at once.
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images
 with the measured samples put back (``measured_weight``), combined by root-sum-of-squares as a
-fully sampled scan is (``combine.py``); crop to the recon matrix. Where a slice's phase field
+fully sampled scan is (``combine.py``; a slice that is fully sampled, :func:`fully_sampled`, is
+that RSS and no method runs); crop to the recon matrix. Where a slice's phase field
 of view wraps (ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image
 and takes its part out of the data; the method reconstructs the first map's image from the
 rest, and both maps' coil images are combined. The
