@@ -137,12 +137,13 @@ def test_a_fully_sampled_slice_is_its_rss_and_says_so(tmp_path):
 
 
 def test_progress_is_reported_after_each_slice(files):
-    """``reconstruct(progress=...)`` is called once per slice with (done, total)."""
+    """``reconstruct(progress=...)`` is called before the first slice and after each with
+    (done, total)."""
     _, ism, _ = files
     calls = []
     Reconstructor().reconstruct(read_raw(ism), ReconSettings(method="zero-filled"),
                                 progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [(0, 2), (1, 2), (2, 2)]
 
 
 def test_fully_sampled_is_a_centred_block_of_whole_lines():

@@ -486,8 +486,11 @@ class Reconstructor:
     def reconstruct(self, scan: RawScan, settings: ReconSettings,
                     progress: Callable[[int, int], object] | None = None) -> list[ReconSeries]:
         """All slices of a scan; one series per contrast, images ordered by slice/repetition.
-        ``progress(done, total)`` is called after each slice (total: the scan's slices)."""
+        ``progress(done, total)`` is called before the first slice and after each (total: the
+        scan's slices)."""
         scan.validate()
+        if progress is not None:
+            progress(0, len(scan.slices))
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
         images, slice_seconds = [], []
