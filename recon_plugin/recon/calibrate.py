@@ -119,7 +119,7 @@ class Calibration:
         return self.setting.weight
 
     def describe(self) -> str:
-        where = "this slice's" if self.slices == 1 else f"{self.slices} slices'"
+        where = "1 slice's" if self.slices == 1 else f"{self.slices} slices'"  # not always this one's
         ref = max(self.errors[TRAINED], 1e-30)
         out = (f"data-consistency setting {self.setting} chosen on {where} "
                f"{self.heldout_lines} held-out lines (errors relative to the trained x1: "
