@@ -192,11 +192,10 @@ class MrdAssembler:
         flag the ends of slices, a slice whose flag never came and which has fewer lines than
         the scan's fullest slice was cut short (the acquisition stopped): it is still
         reconstructed, with a warning and a note in its image's comments."""
-        most = max([self._most_lines, *(int((b.count > 0).sum())
-                                        for b in self._buffers.values())])
+        most = max([self._most_lines, *(b.lines for b in self._buffers.values())])
         out = []
         for key in sorted(self._buffers):
-            lines = int((self._buffers[key].count > 0).sum())
+            lines = self._buffers[key].lines
             sl = self._emit(key)
             if self._ended and (key[0], *key[2:]) not in self._ended and lines < most:
                 msg = (f"slice {key[0]} (contrast {key[1]}, repetition {key[3]}) has {lines} of "
@@ -334,7 +333,7 @@ class MrdAssembler:
 
     def _emit(self, key: Key) -> SliceData:
         buf = self._buffers.pop(key)
-        self._most_lines = max(self._most_lines, int((buf.count > 0).sum()))
+        self._most_lines = max(self._most_lines, buf.lines)
         kspace, mask = buf.average()
         ny = kspace.shape[1]
         rows = buf.count > 0

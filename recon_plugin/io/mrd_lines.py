@@ -99,6 +99,11 @@ class LineBuffer:
             np.zeros(ny, np.int32),
         )
 
+    @property
+    def lines(self) -> int:
+        """Rows (ky) with at least one line summed in."""
+        return int((self.count > 0).sum())
+
     def add(self, row: int, line: np.ndarray, ro_mask: np.ndarray) -> None:
         """Sum one placed line into ``row`` (averages are divided out by :meth:`average`)."""
         self.kspace[:, row, :] += line

@@ -73,7 +73,7 @@ from .calibrate import (
 from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
 from .combine import measured_rss
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
-from .partial_fourier import homodyne, is_partial_fourier
+from .partial_fourier import homodyne, is_partial_fourier, sampled_extent
 from .preprocess import drop_silent_coils, whiten_and_compress, whitening_matrix
 from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
 from .sparse import Sparsity
@@ -557,11 +557,11 @@ def fully_sampled(mask: np.ndarray) -> bool:
     it zero padding at both edges (fastMRI's columns outside the encoding limits). A partial
     Fourier or partial echo acquisition (the block off centre, lines measured in part) is
     not."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+    rows = mask.any(axis=1)
+    if not rows.any():
         return False
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    return bool(mask[lo:hi].all()) and abs(lo - (mask.shape[0] - hi)) <= 1
+    lo, hi = sampled_extent(rows)
+    return bool(mask[lo:hi + 1].all()) and abs(lo - (mask.shape[0] - 1 - hi)) <= 1
 
 
 def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
