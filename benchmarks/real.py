@@ -287,7 +287,8 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
     from recon_plugin.models.checkpoint import load_inference_model
 
     files = real_cases(real_dir, slices=slices)
-    protocols = list_protocols()  # every protocol on the search path: the shipped ones
+    # every protocol on the search path (the shipped ones), each loading its models once
+    protocols = {name: protocol_fn(name) for name in list_protocols()}
     if not files:
         raise FileNotFoundError(f"{real_dir}: no fully sampled real file (reconstruction_rss)")
     docs.mkdir(parents=True, exist_ok=True)  # before the long run, not at its first figure
@@ -319,10 +320,10 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
             methods.append((ESTIMATE_ROW.format(model=default_model), "the same with "
                             "`image.measured_weight: 0`: the estimate alone",
                             guarded_fn(default_model, measured_weight=0.0), False))
-            for name in protocols:
+            for name, fn in protocols.items():
                 methods.append((PROTOCOL_ROW.format(name=name), "the shipped protocol as "
                                 "`recon` runs a slice of it (its own maps, coil compression, "
-                                "model, calibration and guard)", protocol_fn(name), False))
+                                "model, calibration and guard)", fn, False))
             if refine_budget_s:
                 gr = guarded_fn(default_model, refine_budget_s=refine_budget_s)
                 methods.append((f"{default_model} + refine + guard", "scan-specific refinement "

@@ -121,7 +121,7 @@ def recon_file(
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
     then published in one rename); returns (published paths, protocol). ``progress(done,
-    total)``: called after each slice.
+    total)``: as :meth:`Reconstructor.reconstruct` calls it.
 
     ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
     network / classical, output, and ``slices``. ``max_bytes``: memory budget of the reader.
@@ -167,7 +167,7 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
                  progress: Callable[[int, int], object] | None = None,
                  ) -> tuple[FileResult, list[Path], object]:
     """One input -> (FileResult, published paths, protocol); never raises for a bad input.
-    ``progress(done, total)``: called after each slice."""
+    ``progress(done, total)``: as :meth:`Reconstructor.reconstruct` calls it."""
     t0 = time.perf_counter()
     timings: dict = {}
     try:
