@@ -75,8 +75,8 @@ def run(docs: Path, real_dir: Path | None, protocol: str = "default", n_slices: 
         for i, (name, ksp, maps, mask, acs, target) in enumerate(rows):
             t: dict = defaultdict(float)
             guarded, method = rec.network_slice(settings.model, ksp, maps, mask, acs, settings,
-                                                seed=i, timings=t)
-            alone, _ = rec.network_slice(settings.model, ksp, maps, mask, acs, unguarded, seed=i)
+                                                seed=i, timings=t)[:2]
+            alone = rec.network_slice(settings.model, ksp, maps, mask, acs, unguarded, seed=i).image
             cg = classical.cg_sense(ksp, maps, mask)
             p_cg = scaled_metrics(target, cg)["psnr"]
             out.append({"slice": name, "method": method,

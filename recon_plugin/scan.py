@@ -238,6 +238,12 @@ class ReconImage:
     phase: int = 0
     method: str = ""  # e.g. "unrolled", "cg-sense", "zero-filled"
     notes: list[str] = field(default_factory=list)  # fallbacks used, warnings
+    # the measured-sample weight this image was combined with (None: none blended, as for a
+    # zero-filled or fully sampled slice); the series' setting may be "auto"
+    measured_weight: float | None = None
+    # while its scan's "auto" weight may still change: what recombines the pixels for another
+    # weight (recon.combine.BlendParts); Reconstructor.reconstruct clears it
+    blend: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -254,7 +260,8 @@ class Provenance:
     method: str = "unrolled"
     software_version: str = ""
     deep_learning: bool = True
-    measured_weight: float = 1.0  # measured samples blended into the output (recon/combine.py)
+    # measured samples blended into the output (recon/combine.py): [0, 1] or "auto"
+    measured_weight: float | str = "auto"
 
 
 @dataclass

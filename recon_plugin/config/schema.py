@@ -28,7 +28,7 @@ from pydantic import (
 
 from ..output.dicom import DicomOptions
 from ..output.pacs import PacsTargetError, parse_target
-from ..recon import FALLBACKS, METHODS, PARTIAL_FOURIER, REFINE_MODES
+from ..recon import AUTO_WEIGHT, FALLBACKS, METHODS, PARTIAL_FOURIER, REFINE_MODES
 from ..recon.calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
 from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
@@ -169,10 +169,12 @@ class CalibrationSpec(_Section):
 class ImageSpec(_Section):
     """What the series shows (``recon/combine.py``): the method's coil images with the measured
     samples blended back in by ``measured_weight`` (1: kept exactly, the method fills only what
-    was not acquired; 0: its estimate alone, noise reduction at full strength), combined by
+    was not acquired; 0: its estimate alone, noise reduction at full strength; ``auto``: per
+    slice, the weight its noise level and held-out lines give), combined by
     root-sum-of-squares."""
 
-    measured_weight: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 1.0
+    measured_weight: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] | Literal[
+        AUTO_WEIGHT] = AUTO_WEIGHT  # type: ignore[valid-type]
 
 
 class SeriesSpec(_Section):

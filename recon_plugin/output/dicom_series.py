@@ -161,11 +161,24 @@ def provenance_text(series: ReconSeries) -> str:
         head, method,
         f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
         *(_model_words(p) if dl else []),
-        f"measured_samples_weight={p.measured_weight:g}",
+        f"measured_samples_weight={_weight_text(series)}",
         f"protocol={p.protocol or '-'}",
         f"software=recon_plugin {p.software_version or '-'}",
     ]
     return _text("; ".join(w for w in words if w), 1024)
+
+
+def _weight_text(series: ReconSeries) -> str:
+    """The measured-sample weight of a series' images: the protocol's number, or ``auto`` with
+    the weights the images took (one value or their range)."""
+    w = series.provenance.measured_weight
+    if not isinstance(w, str):
+        return f"{w:g}"
+    used = [im.measured_weight for im in series.images if im.measured_weight is not None]
+    if not used:
+        return w
+    lo, hi = min(used), max(used)
+    return f"{w} ({lo:.2f})" if f"{lo:.2f}" == f"{hi:.2f}" else f"{w} ({lo:.2f}-{hi:.2f})"
 
 
 def image_provenance_text(series: ReconSeries, image) -> str:

@@ -15,16 +15,24 @@ PARTIAL_FOURIER = ("zero-fill", "homodyne")
 REFINE_MODES = ("none", "scan", "shared")
 
 
-def measured_weight(value) -> float:
-    """The written image's measured-sample weight (``combine.py``) from a number or its text:
-    a float in [0, 1]; ValueError naming the problem otherwise (``bool`` is not a number)."""
+# the written image's measured-sample weight chosen per slice from its noise level and its
+# held-out lines (combine.noise_aware_weight)
+AUTO_WEIGHT = "auto"
+
+
+def measured_weight(value) -> float | str:
+    """The written image's measured-sample weight (``combine.py``) from a number, its text or
+    ``"auto"``: a float in [0, 1] or :data:`AUTO_WEIGHT`; ValueError naming the problem
+    otherwise (``bool`` is not a number)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_WEIGHT:
+        return AUTO_WEIGHT
     try:
         if isinstance(value, bool):
             raise TypeError
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"measured_weight must be a number in [0, 1], got {str(value)[:40]!r}"
-                         ) from None
+        raise ValueError(f"measured_weight must be a number in [0, 1] or 'auto', got "
+                         f"{str(value)[:40]!r}") from None
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"measured_weight must lie in [0, 1], got {v:g}")
     return v

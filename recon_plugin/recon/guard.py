@@ -67,6 +67,14 @@ class GuardResult:
     seconds: float
     excess_z: float = 0.0  # the network's mean per-line excess in standard errors (< 0: better)
     threshold_z: float = 0.0  # rejected above this
+    samples: int = 0  # measured samples on the held-out lines (coils x readout samples)
+
+    def mean_error(self, network: bool) -> float | None:
+        """Mean squared error per held-out sample of the network's image (``network``) or
+        CG-SENSE's, in the data's units; None without samples."""
+        if self.samples <= 0:
+            return None
+        return (self.error_network if network else self.error_classical) / self.samples
 
     @property
     def ratio(self) -> float:
@@ -151,5 +159,6 @@ def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, lines: np.ndar
         ok = significant_gain(e_net, limit, z) == 0.0 and e_net.sum() <= MAX_RATIO * limit.sum()
     else:
         ok = mean <= 0
+    samples = int(kspace.shape[0] * np.count_nonzero(mask[lines]))
     return GuardResult(bool(ok), float(e_net.sum()), float(e_cls.sum()), int(lines.size),
-                       time.perf_counter() - t0, excess, z)
+                       time.perf_counter() - t0, excess, z, samples)

@@ -12,9 +12,10 @@ setting; a stream sends them at once.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images
-with the measured samples put back (``measured_weight``), combined by root-sum-of-squares as a
-fully sampled scan is (``combine.py``; a slice that is fully sampled, :func:`fully_sampled`, is
-that RSS and no method runs); crop to the recon matrix. Where a slice's phase field
+with the measured samples put back (``measured_weight``; ``auto``: by the weight the slice's
+noise level and the guard's held-out lines give, ``combine.noise_aware_weight``), combined by
+root-sum-of-squares as a fully sampled scan is (``combine.py``; a slice that is fully sampled,
+:func:`fully_sampled`, is that RSS and no method runs); crop to the recon matrix. Where a slice's phase field
 of view wraps (ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image
 and takes its part out of the data; the method reconstructs the first map's image from the
 rest, and both maps' coil images are combined. The
@@ -32,6 +33,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from ..scan import (
     series_by_contrast,
 )
 from . import (
+    AUTO_WEIGHT,
     FALLBACKS,
     METHODS,
     PARTIAL_FOURIER,
@@ -71,7 +74,7 @@ from .calibrate import (
     network_image,
 )
 from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
-from .combine import measured_rss
+from .combine import BlendParts, ScanWeight, measured_rss, slice_noise_variance
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .partial_fourier import homodyne, is_partial_fourier, sampled_extent
 from .preprocess import drop_silent_coils, whiten_and_compress, whitening_matrix
@@ -89,6 +92,16 @@ SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skippe
 # is the RSS of its coil images whatever the method, so no method runs and none is named
 FULLY_SAMPLED = "rss"
 
+
+class SliceEstimate(NamedTuple):
+    """What ``network_slice`` made of a slice: the complex image (ky, kx), the method that made
+    it (``unrolled`` or ``cg-sense``) and that method's mean squared error per sample on the
+    guard's held-out lines (data units; None without a guard) and the number of those samples."""
+
+    image: np.ndarray
+    method: str
+    heldout_error: float | None = None
+    heldout_samples: int = 0
 
 
 @dataclass
@@ -118,7 +131,8 @@ class ReconSettings:
     calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
     calibrate_sparsity: tuple[Sparsity, ...] = SPARSITY_GRID  # anchored L1-wavelet solves tried
     calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
-    measured_weight: float = 1.0  # measured samples blended into the output (combine.py)
+    # measured samples blended into the output (combine.py): [0, 1] or "auto" (noise-aware)
+    measured_weight: float | str = AUTO_WEIGHT
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -222,12 +236,14 @@ class Reconstructor:
         self, sl: SliceData, header: ScanHeader, settings: ReconSettings,
         whitener: np.ndarray | None = None, timings: dict | None = None,
         calibration: ScanCalibration | None = None, shared: SharedRefinement | None = None,
+        weights: ScanWeight | None = None,
     ) -> ReconImage:
         """One slice -> magnitude image of the recon matrix (rows = phase, cols = readout).
         ``calibration``: the scan's prior-weight calibration, shared by its slices (None: this
         slice is calibrated on its own, where the settings ask for calibration); ``shared``:
         the scan's refined copies where the settings say ``refine: shared`` (None: this slice
-        refines its own)."""
+        refines its own); ``weights``: the evidence for ``measured_weight: auto`` pooled over
+        the slices of this one's contrast so far (None: this slice's alone)."""
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = started = time.perf_counter()
@@ -235,7 +251,8 @@ class Reconstructor:
         ksp, mask, calib = prepare_kspace(sl, settings, whitener, notes)
         t["preprocess"] += time.perf_counter() - t0
         method = settings.method
-        if settings.measured_weight == 1.0 and method != "zero-filled" and fully_sampled(mask):
+        if settings.measured_weight in (1.0, AUTO_WEIGHT) and method != "zero-filled" \
+                and fully_sampled(mask):
             method = FULLY_SAMPLED
             notes.append("fully sampled: every k-space sample within the acquired extent was "
                          "measured and is kept, so the image is the root-sum-of-squares of the "
@@ -265,21 +282,23 @@ class Reconstructor:
                                        settings, notes, t)
             t["fov_wrap"] += 1
             t0 = time.perf_counter()
+        estimate = None
         if method == "unrolled":
             name = settings.model
             if settings.adaptive:
                 name = self._choose_variant(ksp, mask, sl, settings)
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
-            img, method = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
-                                             sl.slice_index, notes, t, calibration, started,
-                                             shared)
+            estimate = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
+                                          sl.slice_index, notes, t, calibration, started, shared)
+            img, method = estimate.image, estimate.method
         else:
             img = classical.reconstruct("zero-filled" if method == FULLY_SAMPLED else method,
                                         ksp, maps, mask, settings.lamda)
             t["classical"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         rows = mask.any(axis=1)
+        weight = parts = None
         if method in ("zero-filled", FULLY_SAMPLED):
             mag = np.abs(img).astype(np.float32)  # the RSS of the measured coil images already
         elif settings.partial_fourier == "homodyne" and is_partial_fourier(rows):
@@ -287,11 +306,22 @@ class Reconstructor:
             notes.append("homodyne partial Fourier")
         else:  # the coil images with the measured samples put back, combined as a full scan
             coils = maps * img[None] if folded is None else maps * img[None] + maps2 * folded[None]
-            mag = measured_rss(coils, measured, mask, settings.measured_weight)
+            weight = settings.measured_weight
+            if weight == AUTO_WEIGHT:
+                support = np.abs(maps).sum(0) > 0
+                if maps2 is not None:
+                    support |= np.abs(maps2).sum(0) > 0
+                weights = weights if weights is not None else ScanWeight()
+                add_evidence(weights, sl, measured, mask, support, estimate, notes)
+                weight = auto_weight(weights, sl.slice_index, notes)
+                parts = BlendParts.of(coils, measured, mask)
+                mag = parts.rss(weight)
+            else:
+                mag = measured_rss(coils, measured, mask, weight)
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, header, notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
-                          sl.phase, method, notes)
+                          sl.phase, method, notes, weight, parts)
 
     def _unfold(self, ksp, maps, maps2, mask, wrapped: float, method: str, index: int,
                 settings: ReconSettings, notes: list[str], t: dict):
@@ -323,12 +353,12 @@ class Reconstructor:
                       notes: list[str] | None = None, timings: dict | None = None,
                       calibration: ScanCalibration | None = None,
                       started: float | None = None, shared: SharedRefinement | None = None,
-                      ) -> tuple[np.ndarray, str]:
+                      ) -> SliceEstimate:
         """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
         sampled, maps, mask (ky, kx)) with the protocol's prior-weight calibration
         (``calibration``: the scan's shared state; None: this slice alone) and scan-specific
         refinement (``shared``: the scan's copies for ``refine: shared``), then the guard:
-        (complex image (ky, kx), the method that made it, ``unrolled`` or ``cg-sense``).
+        :class:`SliceEstimate` (the image, ``unrolled`` or ``cg-sense``, its held-out error).
         ``notes`` receives what they decided; ``timings`` their seconds and counts
         (guard_checked, guard_rejected, refine_kept, refine_skipped). ``started``: the slice's
         start (``time.perf_counter()``; None: now), from which its refinement budget counts."""
@@ -375,12 +405,13 @@ class Reconstructor:
             notes.append(f"GUARD: {res.describe()}")
             img = classical.cg_sense(ksp, maps, mask, op=op)
             t["classical"] += time.perf_counter() - t0
-            return img, "cg-sense"
+            return SliceEstimate(img, "cg-sense", res.mean_error(network=False), res.samples)
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
         img = self._network(name, ksp, maps, mask, net, dc_setting, op)
         t["network"] += time.perf_counter() - t0
-        return img, "unrolled"
+        return SliceEstimate(img, "unrolled", *((res.mean_error(network=True), res.samples)
+                                               if res else (None, 0)))
 
     def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                    notes: list[str], t: dict, calibration: ScanCalibration | None, op=None,
@@ -496,6 +527,7 @@ class Reconstructor:
         images, slice_seconds = [], []
         calibration = ScanCalibration(settings.calibrate_slices)
         shared = SharedRefinement() if settings.refine == "shared" else None
+        weights: dict[int, ScanWeight] = defaultdict(ScanWeight)  # per contrast
         # central slices first: the scan's data-consistency setting is decided on its first
         # slices, and the edge slices of a stack hold the least anatomy (the series are ordered
         # afterwards)
@@ -507,7 +539,7 @@ class Reconstructor:
             adds = calibration.adds
             before = [timings[k] for k in SLICE_COUNTS]
             images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings,
-                                                 calibration, shared))
+                                                 calibration, shared, weights[sl.contrast]))
             counted.append([timings[k] - b for k, b in zip(SLICE_COUNTS, before)])
             slice_seconds.append(time.perf_counter() - t0)
             if progress is not None:
@@ -518,18 +550,20 @@ class Reconstructor:
         calibration.settle()
         for index, sl, name, used in provisional:
             image = self.revise(images[index], sl, name, used, scan.header, settings, whitener,
-                                timings, calibration, shared)
+                                timings, calibration, shared, weights[sl.contrast])
             if image is not images[index]:  # made again: its first version no longer counts
                 for k, n in zip(SLICE_COUNTS, counted[index]):
                     timings[k] -= n
             images[index] = image
+        # one measured-sample weight per series: the evidence of all its slices
+        images = [reweigh(im, weights[im.contrast], scan.header) for im in images]
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
 
     def revise(self, image: ReconImage, sl: SliceData, name: str, used: Calibration,
                header: ScanHeader, settings: ReconSettings, whitener, timings: dict,
                calibration: ScanCalibration, shared: SharedRefinement | None = None,
-               ) -> ReconImage:
+               weights: ScanWeight | None = None) -> ReconImage:
         """``image`` of ``sl`` as the scan's settled calibration makes it: the slices that
         decided a scan's calibration were each made with the choice of the evidence pooled
         until then (``used``; the first with its own). Where the scan's final choice for model
@@ -545,10 +579,60 @@ class Reconstructor:
                      "chosen on fewer slices)", sl.slice_index, final.setting, used.setting)
             timings["calibration_revised"] += 1
             return self.reconstruct_slice(sl, header, settings, whitener, timings, calibration,
-                                          shared)
+                                          shared, weights)
         old = used.describe()
         image.notes[:] = [final.describe() if n == old else n for n in image.notes]
         return image
+
+
+# the note of a slice's noise-aware measured-sample weight starts with this
+WEIGHT_NOTE = "measured samples blended back with weight"
+
+
+def add_evidence(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: np.ndarray,
+                 support: np.ndarray, estimate: SliceEstimate | None, notes: list[str]) -> None:
+    """Add one slice's evidence for ``measured_weight: auto`` (``combine.ScanWeight``): its noise
+    variance (k-space (coils, ky, kx) as measured, mask (ky, kx), the coil maps' support (ky,
+    kx)) and its method's held-out error (``estimate``; None: no network ran). Where either
+    cannot be had, ``notes`` says why and the slice adds nothing."""
+    if estimate is None or not estimate.heldout_error or estimate.heldout_samples <= 0:
+        notes.append("no held-out lines on this slice for the noise-aware measured-sample "
+                     "weight")
+        return
+    var = slice_noise_variance(kspace, mask, support)
+    if var is None:
+        notes.append("no samples to measure this slice's noise level on (neither background "
+                     "columns nor readout ends) for the noise-aware measured-sample weight")
+        return
+    weights.add((sl.slice_index, sl.contrast, sl.repetition, sl.phase), var,
+                estimate.heldout_error, estimate.heldout_samples)
+
+
+def auto_weight(weights: ScanWeight, index: int, notes: list[str]) -> float:
+    """The measured-sample weight the pooled evidence gives (1, every sample kept, without any),
+    with its note."""
+    w = weights.weight()
+    n = weights.slices
+    msg = (f"{WEIGHT_NOTE} {w:.2f} (noise-aware, from {n} slice{'s' * (n > 1)}' noise level and "
+           f"held-out lines)" if w is not None else
+           f"{WEIGHT_NOTE} 1.00 (every measured sample kept: no slice had held-out lines and a "
+           f"measurable noise level)")
+    log.info("slice %d: %s", index, msg)
+    notes[:] = [n for n in notes if not n.startswith(WEIGHT_NOTE)] + [msg]
+    return 1.0 if w is None else w
+
+
+def reweigh(image: ReconImage, weights: ScanWeight, header: ScanHeader) -> ReconImage:
+    """``image`` with the scan's final pooled measured-sample weight (its pixels recombined from
+    its ``blend`` parts where the weight changed); its parts are dropped."""
+    parts, image.blend = image.blend, None
+    if parts is None:
+        return image
+    w = auto_weight(weights, image.slice_index, image.notes)
+    if w != image.measured_weight:
+        image.pixels = to_recon_matrix(parts.rss(w), header, [])
+        image.measured_weight = w
+    return image
 
 
 def fully_sampled(mask: np.ndarray) -> bool:

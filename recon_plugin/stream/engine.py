@@ -35,6 +35,7 @@ from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
 from ..physics import fft2c
 from ..recon.calibrate import ScanCalibration
+from ..recon.combine import ScanWeight
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..recon.refine import SharedRefinement
@@ -226,6 +227,8 @@ class _ScanState:
         self.timings: dict[str, float] = defaultdict(float)
         # the scan's first slices decide its data-consistency setting (recon/calibrate.py)
         self.calibration = ScanCalibration(settings.calibrate_slices)
+        # measured_weight auto: evidence pooled per contrast over the slices so far
+        self.weights: dict[int, ScanWeight] = defaultdict(ScanWeight)
         # refine: shared -- the first slice to arrive trains the scan's copy (recon/refine.py)
         self.shared = SharedRefinement() if settings.refine == "shared" else None
         self.deferred: list[tuple[SliceData, float]] = []
@@ -269,7 +272,9 @@ class _ScanState:
                 t0 = time.perf_counter()
                 im = self.engine.recon.reconstruct_slice(sl, self.header, self.settings,
                                                          self.whitener, self.timings,
-                                                         self.calibration, self.shared)
+                                                         self.calibration, self.shared,
+                                                         self.weights[sl.contrast])
+                im.blend = None  # sent now, with the weight of the evidence so far
                 dt = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
             log.exception("stream: slice %d failed", sl.slice_index)
