@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from .docs import replace_section
-from .real import RealCase, guarded_fn, kept_samples, scaled_metrics, undersample, with_maps
+from .real import (
+    RealCase,
+    guarded_fn,
+    kept_samples,
+    scaled_metrics,
+    undersample,
+    with_maps,
+    written_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +108,7 @@ def run(docs: Path, real_dir: Path | None) -> dict:
     a section of BENCHMARKS.md."""
     from benchmarks import bart_ref
     from recon_plugin.config.protocol import load_protocol
-    from recon_plugin.recon import classical
+    from recon_plugin.recon import AUTO_WEIGHT, classical
     from recon_plugin.recon.combine import measured_rss
 
     objects = {"shepp-logan": shepp_logan()}
@@ -131,10 +139,11 @@ def run(docs: Path, real_dir: Path | None) -> dict:
                     for lam in BART_GRID:
                         score(f"bart {lam:g}", np.abs(bart_ref.pics(case.kspace, case.maps, lam)))
                 score("default", written(case))
-                # the same run's estimate as `recon` writes it with measured_weight 0 and 1
-                score("default, estimate", measured_rss(case.maps * written.estimate[None],
+                # the same run's estimate as `recon` writes it with measured_weight 0 and auto
+                est = written.log[-1]["estimate"]
+                score("default, estimate", measured_rss(case.maps * est.image[None],
                                                         case.kspace, case.mask, 0.0))
-                score("default + kept", kept_samples(case, written.estimate))
+                score("default, auto", written_image(case, est, AUTO_WEIGHT)[0])
                 scores[label][(snr, acc)] = out
                 log.info("%s: %s", case.name, {k: round(v["ref"]["psnr"], 2)
                                                 for k, v in out.items()})
@@ -156,7 +165,7 @@ def _rows(scores: dict) -> list[dict]:
         for key, out in scores[label].items():
             row = {"object": label, "snr": key[0], "acc": key[1]}
             for ref in ("ref", "clean"):
-                for m in ("cg-sense", "cg-sense + kept", "default, estimate", "default + kept",
+                for m in ("cg-sense", "cg-sense + kept", "default, estimate", "default, auto",
                           "default"):
                     row[f"{m} @{ref}"] = _pair(out[m][ref])
                 lams = [k for k in out if k.startswith("bart ")]
@@ -206,9 +215,9 @@ def _section(result: dict) -> str:
         "masks, ESPIRiT maps from the undersampled data. One slice per row. Mean PSNR (dB) / "
         "SSIM after a least-squares scale. BART `pics` L1-wavelet with the lambda tuned on the "
         f"other object at the same SNR and acceleration. Default protocol, model "
-        f"`{result['model']}`: *as written* blends the measured samples back by the slice's "
-        "noise-aware weight (`image.measured_weight: auto`), *estimate* and *+ kept* are the "
-        "same run with weight 0 and 1.",
+        f"`{result['model']}`: *as written* keeps every measured sample "
+        "(`image.measured_weight: 1`), *estimate* and *auto* are the same run with weight 0 "
+        "and `auto` (the samples blended back by the slice's noise-aware weight).",
         "",
     ]
     for ref, title in (("ref", "Against the reference a scanner gives (RSS of the fully sampled "
@@ -219,7 +228,7 @@ def _section(result: dict) -> str:
             f"{title}:",
             "",
             "| object | SNR | acc | CG-SENSE | CG-SENSE + kept | BART (other's lambda) | "
-            "BART (oracle) | default, estimate | default + kept | **default as written** |",
+            "BART (oracle) | default, estimate | default, auto | **default as written** |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["rows"]:
@@ -227,7 +236,7 @@ def _section(result: dict) -> str:
                 f"| {r['object']} | {r['snr']:g} | {r['acc']}x | {_cell(r[f'cg-sense @{ref}'])} "
                 f"| {_cell(r[f'cg-sense + kept @{ref}'])} | {_cell(r.get(f'bart tuned @{ref}'))} "
                 f"| {_cell(r.get(f'bart oracle @{ref}'))} | "
-                f"{_cell(r[f'default, estimate @{ref}'])} | {_cell(r[f'default + kept @{ref}'])} "
+                f"{_cell(r[f'default, estimate @{ref}'])} | {_cell(r[f'default, auto @{ref}'])} "
                 f"| **{_cell(r[f'default @{ref}'])}** |")
         lines.append("")
     for ref, title in (("ref", "the scanner's reference"), ("clean", "the noise-free object")):

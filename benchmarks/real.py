@@ -206,7 +206,7 @@ def written_image(c, est, weight) -> tuple[np.ndarray, float]:
 
 
 def guarded_fn(name: str, refine_budget_s: float | None = None,
-               measured_weight: float | None = None):
+               measured_weight: float | str | None = None):
     """Shipped model ``name`` exactly as the default protocol runs it
     (``Reconstructor.network_slice``): prior-weight calibration, the per-slice guard, CG-SENSE
     where it rejects the network; with ``refine_budget_s`` the scan-specific refinement instead
@@ -226,7 +226,7 @@ def guarded_fn(name: str, refine_budget_s: float | None = None,
         t: dict = defaultdict(float)
         est = rec.network_slice(name, c.kspace, c.maps, c.mask, c.acs, settings, timings=t)
         img, weight = written_image(c, est, settings.measured_weight)
-        run.log.append({**t, "measured_weight": weight})
+        run.log.append({**t, "measured_weight": weight, "estimate": est})
         run.estimate = est.image
         return img
 
@@ -260,6 +260,7 @@ def protocol_fn(name: str):
 PROTOCOL_ROW = "protocol {name}"
 DEFAULT_ROW = "{model} + calibration + guard"
 ESTIMATE_ROW = "{model} + calibration + guard, estimate alone"
+AUTO_ROW = "{model} + calibration + guard, noise-aware weight"
 KEPT = " + measured samples kept"
 
 LAMBDA_GRID = {
@@ -304,6 +305,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
     from benchmarks import bart_ref
     from recon_plugin.config.protocol import list_protocols
     from recon_plugin.models.checkpoint import load_inference_model
+    from recon_plugin.recon import AUTO_WEIGHT
 
     files = real_cases(real_dir, slices=slices)
     # every protocol on the search path (the shipped ones), each loading its models once
@@ -335,8 +337,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
             methods.append((DEFAULT_ROW.format(model=default_model), "default protocol as "
                             "`recon` writes it: network with calibrated data consistency and "
                             "anchored L1-wavelet stage, CG-SENSE where the held-out-line guard "
-                            "rejects it; measured samples blended back by the noise-aware "
-                            "weight", g, False))
+                            "rejects it; measured samples kept", g, False))
             for name, fn in protocols.items():
                 methods.append((PROTOCOL_ROW.format(name=name), "the shipped protocol as "
                                 "`recon` runs a slice of it (its own maps, coil compression, "
@@ -345,8 +346,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                 gr = guarded_fn(default_model, refine_budget_s=refine_budget_s)
                 methods.append((f"{default_model} + refine + guard", "scan-specific refinement "
                                 f"(budget {refine_budget_s:g} s / slice), then the guard; "
-                                "measured samples as the default protocol blends them", gr,
-                                False))
+                                "measured samples kept", gr, False))
             for method, setting, fn, kept in methods:
                 t0 = time.perf_counter()
                 x = fn(c)
@@ -355,10 +355,12 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                 if kept:
                     outs.append((f"{method}{KEPT}",
                                  kept_samples(c, x, fit_scale=method == "bart-pics")))
-                if fn is g:  # the same run with measured_weight 1 and 0
-                    outs += [(f"{method}{KEPT}", kept_samples(c, g.estimate)),
-                             (ESTIMATE_ROW.format(model=default_model),
-                              measured_rss(c.maps * g.estimate[None], c.kspace, c.mask, 0.0))]
+                if fn is g:  # the same run with measured_weight 0 and auto
+                    est = g.log[-1]["estimate"]
+                    outs += [(ESTIMATE_ROW.format(model=default_model),
+                              measured_rss(c.maps * est.image[None], c.kspace, c.mask, 0.0)),
+                             (AUTO_ROW.format(model=default_model),
+                              written_image(c, est, AUTO_WEIGHT)[0])]
                 for label, img in outs:
                     r = {**scaled_metrics(c.target, img), **region_metrics(c.target, img)}
                     rows.append({"case": c.name, "file": stem, "method": label,
@@ -481,17 +483,17 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
         "image, close to zero outside the coil maps' support, cannot reproduce it; there SSIM "
         "rewards a non-zero mean more than any detail).",
         "", "Rows *+ measured samples kept*: the method's coil images with every measured "
-        "sample put back, combined by RSS (`recon/combine.py`, `image.measured_weight: 1`); "
-        "the method's own row is its estimate alone (`|x|`). The default protocol's row is "
-        "what `recon` writes: the measured samples blended back per slice by the noise-aware "
-        "weight (`image.measured_weight: auto`, the default: `1 - noise variance / held-out "
-        "error`, from the readout ends and the guard's lines); its *+ measured samples kept* "
-        "and *estimate alone* rows are the same run with weight 1 and 0. Against this noisy "
-        "reference, keeping the measured samples (and their noise) scores higher for every "
-        "method; against a noise-free object (`bench independent`) the estimate does. Rows "
+        "sample put back, combined by RSS (`recon/combine.py`), which is how `recon` writes "
+        "every image (`image.measured_weight: 1`, the default); the method's own row is its "
+        "estimate alone (`|x|`). The default protocol's row is what `recon` writes; *estimate "
+        "alone* and *noise-aware weight* are the same run with `measured_weight: 0` and "
+        "`auto` (the samples blended back by `1 - noise variance / held-out error`, here from "
+        "the slice's own evidence). Against this noisy reference, keeping the measured "
+        "samples (and their noise) scores higher for every method; against a noise-free "
+        "object (`bench independent`, `bench snr`) the estimate and `auto` do. Rows "
         "*protocol NAME*: every protocol on the search path as `recon` runs a slice of it "
         "(`Reconstructor.reconstruct_slice`: its own coil compression and ESPIRiT maps, model "
-        "or adaptive variant, calibration, guard; measured samples blended as it says); the "
+        "or adaptive variant, calibration, guard; measured samples kept as it says); the "
         "default's equals its row above.",
         "", "| case | method | setting | PSNR (dB) | SSIM | NMSE | PSNR object / background | "
         "SSIM object / background | s / slice |", "|---|---|---|---|---|---|---|---|---|",
@@ -502,18 +504,16 @@ def _write_md(path: Path, result: dict, default_model: str) -> None:
                      f"{r['psnr_background']:.2f} | {r['ssim_object']:.3f} / "
                      f"{r['ssim_background']:.3f} | {r['seconds']:.2f} |")
     lines += ["", "Default protocol against the best classical result of each case (oracle "
-              "lambda included), like with like: with the measured samples kept, estimates "
-              "alone, and as `recon` writes it (noise-aware weight) against the best classical "
-              "row of either kind:", "",
+              "lambda included), like with like: images as `recon` writes them (measured "
+              "samples kept) and estimates alone:", "",
               "| case | output | default protocol PSNR / SSIM | best classical PSNR / SSIM | "
               "difference | difference in the object |", "|---|---|---|---|---|---|"]
     cls = ("cg-sense", "l1-wavelet", "bart-pics")
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = {r["method"]: r for r in rows if r["case"] == case}
         for label, mine, theirs in (
-                ("measured samples kept", DEFAULT_ROW + KEPT, tuple(m + KEPT for m in cls)),
-                ("estimate alone", ESTIMATE_ROW, cls),
-                ("as written (noise-aware)", DEFAULT_ROW, cls + tuple(m + KEPT for m in cls))):
+                ("measured samples kept", DEFAULT_ROW, tuple(m + KEPT for m in cls)),
+                ("estimate alone", ESTIMATE_ROW, cls)):
             g = rs[mine.format(model=default_model)]
             c = max((r for r in rows if r["case"] == case and r["method"] in theirs),
                     key=lambda r: r["psnr"])

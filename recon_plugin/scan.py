@@ -261,7 +261,7 @@ class Provenance:
     software_version: str = ""
     deep_learning: bool = True
     # measured samples blended into the output (recon/combine.py): [0, 1] or "auto"
-    measured_weight: float | str = "auto"
+    measured_weight: float | str = 1.0
 
 
 @dataclass

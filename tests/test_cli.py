@@ -150,7 +150,7 @@ def test_measured_weight_override_reaches_the_image_and_its_provenance(raw_dir, 
     assert main([*args, "--out", str(tmp_path / "k")]) == 0
     assert main([*args, "--out", str(tmp_path / "e"), "--measured-weight", "0"]) == 0
     kept, est = read(tmp_path / "k"), read(tmp_path / "e")
-    assert "measured_samples_weight=auto (1.00)" in str(kept[0].DerivationDescription)
+    assert "measured_samples_weight=1" in str(kept[0].DerivationDescription)
     assert "measured_samples_weight=0" in str(est[0].DerivationDescription)
     a = kept[0].pixel_array.astype(float)
     b = est[0].pixel_array.astype(float)

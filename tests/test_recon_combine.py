@@ -110,14 +110,14 @@ def test_noise_aware_weight_minimises_the_error_against_the_object():
 
 
 def test_auto_weight_follows_the_noise_and_beats_keeping_noisy_samples(tmp_path):
-    """The default protocol (``measured_weight: auto``) on one simulated slice at SNR 4 and
+    """The default protocol with ``measured_weight: auto`` on one simulated slice at SNR 4 and
     SNR 300: the noisy slice blends its samples back with a small weight and its image is
     closer to the noise-free object than the same run with every sample kept; the clean slice
     keeps them with a larger weight. Each image's weight is in its notes and its DICOM text."""
     from benchmarks.real import scaled_metrics
 
     rec = Reconstructor()
-    auto = load_protocol("default").recon_settings()
+    auto = load_protocol("default").recon_settings().override(measured_weight="auto")
     weights, gain = {}, {}
     for snr in (4.0, 300.0):
         vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(96, 96),
@@ -143,7 +143,7 @@ def test_protocol_key_is_validated_and_reaches_the_settings():
     assert spec is None and any(e.startswith("image.measured_weight") for e in errors)
     spec, errors = validate({"name": "x", "model": {}, "image": {"measured_wieght": 0.5}})
     assert spec is None and any("did you mean 'measured_weight'" in e for e in errors)
-    assert load_protocol("default").recon_settings().measured_weight == "auto"
+    assert load_protocol("default").recon_settings().measured_weight == 1.0
     assert validate({"name": "x", "model": {}, "image": {"measured_weight": 0.5}})[0] is not None
     with pytest.raises(ProtocolError):
         from recon_plugin.config.protocol import validate as validate_protocol
@@ -175,8 +175,8 @@ def test_on_the_real_brain_the_written_image_beats_the_estimate_alone():
     """Real 8-coil brain at 4x (validation data, never trained on), against the RSS of its fully
     sampled coil images (noisy, as every real reference): the default protocol's image with the
     measured samples kept scores higher than its estimate alone in PSNR and SSIM (measured
-    +2.3 dB, SSIM 0.68 -> 0.89); the noise-aware weight (``auto``, the default; measured 0.46)
-    lies between the two, and its image is still more than 1 dB above CG-SENSE written with
+    +2.3 dB, SSIM 0.68 -> 0.89); the noise-aware weight (``auto``; measured 0.46) lies
+    between the two, and its image is still more than 1 dB above CG-SENSE written with
     every sample kept (measured 32.68 against 31.06 dB; in SSIM 0.792 against that CG-SENSE
     image's 0.826, which keeps all of the reference's noise on the measured lines, and its
     estimate alone's 0.634)."""
@@ -187,7 +187,7 @@ def test_on_the_real_brain_the_written_image_beats_the_estimate_alone():
     if real is None:
         pytest.skip("needs ../shared/data/real (real scanner data)")
     c = real_cases(real, accs=(4,))["espirit_brain8ch_full"][0]
-    written = guarded_fn(load_protocol("default").recon_settings().model)
+    written = guarded_fn(load_protocol("default").recon_settings().model, measured_weight="auto")
     auto = scaled_metrics(c.target, written(c))
     x, w = written.estimate, written.log[-1]["measured_weight"]
     kept = scaled_metrics(c.target, measured_rss(c.maps * x[None], c.kspace, c.mask, 1.0))

@@ -64,7 +64,7 @@ _fraction = _number(float, lambda v: 0 < v < 1, "a number between 0 and 1",
                     "between 0 and 1 (exclusive)")
 
 
-def _measured_weight(text: str) -> float:
+def _measured_weight(text: str) -> float | str:
     try:
         return measured_weight(text)
     except ValueError as e:
@@ -154,9 +154,10 @@ def _add_recon(sub: argparse._SubParsersAction) -> None:
                    help="override the protocol's method")
     s.add_argument("--model", help="override the protocol's model (name or .safetensors path)")
     s.add_argument("--measured-weight", type=_measured_weight, default=None, metavar="W",
-                   help="measured samples put back into the written image, 0..1 (1: every "
+                   help="measured samples put back into the written image: 0..1 (1: every "
                    "measured sample kept; 0: the method's estimate alone, full noise "
-                   "reduction; default: the protocol's image.measured_weight)")
+                   "reduction) or auto (per series, from its noise level and the guard's "
+                   "held-out lines); default: the protocol's image.measured_weight")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
     s.add_argument("--workers", type=_positive_int, default=1,

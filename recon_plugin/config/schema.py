@@ -174,7 +174,7 @@ class ImageSpec(_Section):
     root-sum-of-squares."""
 
     measured_weight: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] | Literal[
-        AUTO_WEIGHT] = AUTO_WEIGHT  # type: ignore[valid-type]
+        AUTO_WEIGHT] = 1.0  # type: ignore[valid-type]
 
 
 class SeriesSpec(_Section):

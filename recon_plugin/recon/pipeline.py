@@ -132,7 +132,7 @@ class ReconSettings:
     calibrate_sparsity: tuple[Sparsity, ...] = SPARSITY_GRID  # anchored L1-wavelet solves tried
     calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
     # measured samples blended into the output (combine.py): [0, 1] or "auto" (noise-aware)
-    measured_weight: float | str = AUTO_WEIGHT
+    measured_weight: float | str = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
