@@ -9,7 +9,7 @@ from recon_plugin.config.protocol import ProtocolError, load_protocol
 from recon_plugin.config.schema import validate
 from recon_plugin.io import read_raw
 from recon_plugin.output.dicom_series import provenance_text
-from recon_plugin.recon.combine import measured_rss, noise_aware_weight
+from recon_plugin.recon.combine import BlendParts, measured_rss, noise_aware_weight
 from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
@@ -107,6 +107,38 @@ def test_noise_aware_weight_minimises_the_error_against_the_object():
     with pytest.raises(ValueError, match="resolve 'auto'"):
         measured_rss(np.zeros((1, 4, 4), np.complex64), np.zeros((1, 4, 4), np.complex64),
                      np.ones((4, 4), np.float32), "auto")
+
+
+def test_blend_parts_give_the_blended_image_for_any_weight(slice_data):
+    maps, x, ksp, mask, _ = slice_data
+    parts = BlendParts.of(maps * x, ksp, mask)
+    for w in (0.0, 0.3, 1.0):
+        np.testing.assert_allclose(parts.rss(w), measured_rss(maps * x, ksp, mask, w),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_auto_weight_is_one_per_series_pooled_over_its_slices(tmp_path):
+    """A 4-slice scan with ``auto``: every image of the series carries the same weight, from
+    all 4 slices' evidence (the central slices were first made with fewer), and its pixels are
+    the image blended with that weight (the same scan with that number given)."""
+    vol = simulate_volume("test", "T2", num_slices=4, num_coils=8, matrix=(96, 96),
+                          fov_mm=(220.0, 220.0), snr=8.0, seed=6)
+    scan = read_raw(write_ismrmrd(vol, tmp_path / "s.h5", acceleration=4, calib_lines=16,
+                                  noise_scan=False))
+    settings = load_protocol("default").recon_settings().override(measured_weight="auto")
+    rec = Reconstructor()
+    (series,) = rec.reconstruct(scan, settings)
+    weights = {im.measured_weight for im in series.images}
+    assert len(weights) == 1 and all(im.blend is None for im in series.images)
+    (w,) = weights
+    assert 0.0 < w < 1.0
+    for im in series.images:
+        notes = [n for n in im.notes if n.startswith("measured samples blended back")]
+        assert notes == [f"measured samples blended back with weight {w:.2f} (noise-aware, from "
+                         "4 slices' noise level and held-out lines)"]
+    (fixed,) = rec.reconstruct(scan, settings.override(measured_weight=w))
+    for a, b in zip(series.images, fixed.images):
+        np.testing.assert_allclose(a.pixels, b.pixels, rtol=1e-4, atol=1e-4 * b.pixels.max())
 
 
 def test_auto_weight_follows_the_noise_and_beats_keeping_noisy_samples(tmp_path):

@@ -117,6 +117,8 @@ def test_options_parsing():
     o.update(stream_options.parse_config_text(
         '<configuration><property name="measured_weight" value="0.5"/></configuration>'))
     assert o.measured_weight == 0.5
+    o.update({"parameters": {"measured_weight": "AUTO"}})
+    assert o.measured_weight == "auto"
     for bad in (1.5, "high", True):
         with pytest.raises(ValueError, match="measured_weight"):
             stream_options.StreamOptions().update({"measured_weight": bad})

@@ -64,7 +64,7 @@ class StreamOptions:
     protocol: str | None = None  # protocol name (or a path, from trusted callers only)
     method: str | None = None  # override of the protocol's method
     model: str | None = None  # override of the protocol's model (a name)
-    measured_weight: float | None = None  # override of the protocol's image.measured_weight
+    measured_weight: float | str | None = None  # override of the protocol's image.measured_weight
     image_dtype: str = "float"
 
     def set_config(self, name: str) -> None:
