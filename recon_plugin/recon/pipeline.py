@@ -613,8 +613,9 @@ def auto_weight(weights: ScanWeight, index: int, notes: list[str]) -> float:
     with its note."""
     w = weights.weight()
     n = weights.slices
-    msg = (f"{WEIGHT_NOTE} {w:.2f} (noise-aware, from {n} slice{'s' * (n > 1)}' noise level and "
-           f"held-out lines)" if w is not None else
+    whose = "1 slice's" if n == 1 else f"{n} slices'"
+    msg = (f"{WEIGHT_NOTE} {w:.2f} (noise-aware, from {whose} noise level and held-out lines)"
+           if w is not None else
            f"{WEIGHT_NOTE} 1.00 (every measured sample kept: no slice had held-out lines and a "
            f"measurable noise level)")
     log.info("slice %d: %s", index, msg)
