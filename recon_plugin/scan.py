@@ -84,6 +84,7 @@ class SequenceInfo:
     institution: str | None = None
     station_name: str | None = None
     te_list_ms: tuple[float, ...] = ()  # every echo time of the header, one per contrast
+    imaging_frequency_mhz: float | None = None  # the scan's H1 resonance frequency
 
     def echo_time_ms(self, contrast: int = 0) -> float | None:
         """The echo time of ``contrast`` (multi-echo: the header's TE of that echo), else
@@ -110,6 +111,8 @@ class Identity:
     study_time: str = ""
     referring_physician: str = ""
     series_description: str = ""
+    series_date: str = ""  # when the measurement was made (DICOM DA / TM text)
+    series_time: str = ""
     series_instance_uid_prefix: str = ""
     measurement_id: str = ""
     frame_of_reference_uid: str = ""

@@ -286,7 +286,8 @@ def test_header_identity_round_trip(tmp_path, vol):
                      patient_sex="F", patient_weight_kg=61.5, study_instance_uid="1.2.3.4",
                      study_id="S1", study_date="20240131", study_time="101112",
                      series_description="ax t2", frame_of_reference_uid="1.2.3.5",
-                     measurement_id="M1", patient_position="FFS")
+                     measurement_id="M1", patient_position="FFS", series_date="20240131",
+                     series_time="101513")
     path = write_ismrmrd(vol, tmp_path / "id.h5",
                          header_kwargs=dict(identity=ident, protocol_name="t2_tse_tra"))
     h = read_ismrmrd(path).header
@@ -294,10 +295,12 @@ def test_header_identity_round_trip(tmp_path, vol):
     for name in ("patient_name", "patient_id", "patient_birth_date", "patient_sex",
                  "study_instance_uid", "study_id", "study_date", "study_time",
                  "series_description", "frame_of_reference_uid", "measurement_id",
-                 "patient_position"):
+                 "patient_position", "series_date", "series_time"):
         assert getattr(got, name) == getattr(ident, name), name
     assert got.patient_weight_kg == pytest.approx(61.5)
     assert h.protocol_name == "t2_tse_tra"
+    # the simulator's 3 T: H1 at 42.577478 MHz/T
+    assert h.sequence.imaging_frequency_mhz == pytest.approx(127.732, abs=1e-3)
     assert h.pixel_spacing_mm == pytest.approx((250.0 / 40, 200.0 / 32))
 
 

@@ -84,6 +84,7 @@ def make_series(
             tr_ms=4000.0, te_ms=95.0, flip_deg=150.0, echo_train_length=16,
             field_strength_t=3.0, sequence_type="TurboSpinEcho", manufacturer="SIMULATED",
             model_name="Phantom", institution="Test Hospital", station_name="SIM1",
+            imaging_frequency_mhz=123.263034,
         ),
         identity=identity
         or Identity(
@@ -91,6 +92,7 @@ def make_series(
             patient_sex="F", patient_weight_kg=70.0, study_date="2024-03-04",
             study_time="10:11:12", study_id="42", accession_number="ACC42",
             study_description="MRI brain", referring_physician="Who^Doctor",
+            series_date="2024-03-04", series_time="10:15:13",
         ),
     )
     images = []
@@ -196,6 +198,8 @@ def test_identity_timing_and_provenance(tmp_path):
     assert float(ds.RepetitionTime) == 4000 and float(ds.EchoTime) == 95
     assert float(ds.FlipAngle) == 150 and int(ds.EchoTrainLength) == 16
     assert float(ds.MagneticFieldStrength) == 3.0
+    assert float(ds.ImagingFrequency) == pytest.approx(123.263034)
+    assert (ds.AcquisitionDate, ds.AcquisitionTime) == ("20240304", "101513")
     assert "SE" in ds.ScanningSequence and ds.Modality == "MR"
     assert ds.InPlanePhaseEncodingDirection == "COL"  # rows = phase encode
     assert list(ds.ImageType)[:2] == ["DERIVED", "PRIMARY"] and "DL_RECON" in ds.ImageType

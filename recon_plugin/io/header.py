@@ -262,9 +262,11 @@ def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None) -> SequenceInfo:
         )
         seq.manufacturer, seq.model_name = asi.systemVendor, asi.systemModel
         seq.institution, seq.station_name = asi.institutionName, asi.stationName
-    if seq.field_strength_t is None and hdr.experimentalConditions is not None:
-        f0 = hdr.experimentalConditions.H1resonanceFrequency_Hz
-        if f0:
+    f0 = hdr.experimentalConditions.H1resonanceFrequency_Hz if (
+        hdr.experimentalConditions is not None) else None
+    if f0:
+        seq.imaging_frequency_mhz = float(f0) / 1e6
+        if seq.field_strength_t is None:
             seq.field_strength_t = round(float(f0) / 42.577478e6, 3)
     return seq
 
@@ -288,6 +290,8 @@ def _identity(hdr: xsd.ismrmrdHeader) -> Identity:
         ident.referring_physician = st.referringPhysicianName or ""
     if mi is not None:
         ident.series_description = mi.seriesDescription or ""
+        ident.series_date = _dicom_date(mi.seriesDate)
+        ident.series_time = _dicom_time(mi.seriesTime)
         ident.series_instance_uid_prefix = mi.seriesInstanceUIDRoot or ""
         ident.measurement_id = mi.measurementID or ""
         ident.frame_of_reference_uid = mi.frameOfReferenceUID or ""

@@ -82,6 +82,10 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     # General image / provenance
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")
+    if _da(ident.series_date):  # the measurement's, where the header has it
+        ds.AcquisitionDate = _da(ident.series_date)
+        if _tm(ident.series_time):
+            ds.AcquisitionTime = _tm(ident.series_time)
     ds.DerivationDescription = provenance_text(series)
     ds.BurnedInAnnotation = "NO"
     # MR image
@@ -106,6 +110,8 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     if seq.sequence_type:
         ds.SequenceName = _text(seq.sequence_type, 16)
     ds.ImagedNucleus = "1H"
+    if seq.imaging_frequency_mhz:
+        ds.ImagingFrequency = _ds(seq.imaging_frequency_mhz)
     ds.PercentPhaseFieldOfView = _ds(100.0 * h.recon_fov_mm[1] / h.recon_fov_mm[0]) if (
         h.recon_fov_mm[0] > 0) else ""
     # Image pixel

@@ -125,6 +125,8 @@ def build_header_xml(
             patientPosition=xsd.patientPositionType(ident.patient_position or "HFS"),
             protocolName=protocol_name or None,
             seriesDescription=ident.series_description or None,
+            seriesDate=_xml_date(ident.series_date),
+            seriesTime=_xml_time(ident.series_time),
             frameOfReferenceUID=ident.frame_of_reference_uid or None,
         ),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
