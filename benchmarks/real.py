@@ -351,23 +351,28 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                 t0 = time.perf_counter()
                 x = fn(c)
                 dt = time.perf_counter() - t0
-                outs = [(method, np.abs(x))]
+                outs = [(method, np.abs(x), setting)]
                 if kept:
                     outs.append((f"{method}{KEPT}",
-                                 kept_samples(c, x, fit_scale=method == "bart-pics")))
+                                 kept_samples(c, x, fit_scale=method == "bart-pics"), setting))
                 if fn is g:  # the same run with measured_weight 0 and auto
                     est = g.log[-1]["estimate"]
                     outs += [(ESTIMATE_ROW.format(model=default_model),
-                              measured_rss(c.maps * est.image[None], c.kspace, c.mask, 0.0)),
+                              measured_rss(c.maps * est.image[None], c.kspace, c.mask, 0.0),
+                              "the same run with `image.measured_weight: 0`: the estimate "
+                              "alone"),
                              (AUTO_ROW.format(model=default_model),
-                              written_image(c, est, AUTO_WEIGHT)[0])]
-                for label, img in outs:
+                              written_image(c, est, AUTO_WEIGHT)[0],
+                              "the same run with `image.measured_weight: auto`: the measured "
+                              "samples blended back by the noise-aware weight")]
+                for label, img, how in outs:
                     r = {**scaled_metrics(c.target, img), **region_metrics(c.target, img)}
                     rows.append({"case": c.name, "file": stem, "method": label,
-                                 "setting": setting, **r, "seconds": dt})
-                    if "8ch" in stem and "phase" in c.name and "oracle" not in setting and \
-                            not setting.startswith("network alone"):
-                        examples.setdefault(c.name, {})[f"{label}\n{setting[:24]}"] = (img, r)
+                                 "setting": how, **r, "seconds": dt})
+                    if "8ch" in stem and "phase" in c.name and "oracle" not in how and \
+                            not how.startswith(("network alone", "the same run with "
+                                                "`image.measured_weight: auto`")):
+                        examples.setdefault(c.name, {})[f"{label}\n{how[:24]}"] = (img, r)
             for t in g.log:
                 if t.get("guard_checked"):
                     guard_log.append({"case": c.name, "network_ok": not t.get("guard_rejected"),
