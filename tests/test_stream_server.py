@@ -231,6 +231,24 @@ def test_a_stream_refines_once_per_scan(server, engine, data, tiny_model):
     assert "scan refinement" in comments[other] and f"on slice {trained[0]}" in comments[other]
 
 
+def test_a_stream_pools_the_auto_weight_over_the_slices_so_far(server, engine, data, tiny_model):
+    """``image.measured_weight: auto`` in a stream: each slice goes out at once with the weight
+    of the evidence so far (the first its own, the second both slices'), and says so."""
+    engine.recon._models.pop("stream-tiny", None)
+    name = "stream_auto"
+    (data["pdir"] / f"{name}.yaml").write_text(
+        f"name: {name}\nextends: stream_cg.yaml\n"
+        "model: {method: unrolled, variant: stream-tiny}\ncalibration: {enabled: false}\n"
+        "guard: {enabled: true, heldout_fraction: 0.5}\nimage: {measured_weight: auto}\n")
+    images, texts = stream(server.address, data, name)
+    assert not texts and len(images) == 2
+    comments = [str(ismrmrd.Meta.deserialize(im.attribute_string)["ImageComments"])
+                for im in images]  # in the order sent
+    assert "measured_samples_weight=auto (" in comments[0]
+    assert "from 1 slice's noise level" in comments[0]
+    assert "from 2 slices' noise level" in comments[1]
+
+
 def test_stream_images_and_mrd_file_carry_the_same_meta(tmp_path):
     """One builder: a deep-learning series written as an MRD file and sent by the stream's
     encoder has the same meta, model version and pruning included."""
