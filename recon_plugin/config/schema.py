@@ -170,7 +170,7 @@ class ImageSpec(_Section):
     """What the series shows (``recon/combine.py``): the method's coil images with the measured
     samples blended back in by ``measured_weight`` (1: kept exactly, the method fills only what
     was not acquired; 0: its estimate alone, noise reduction at full strength; ``auto``: per
-    slice, the weight its noise level and held-out lines give), combined by
+    series, the weight its slices' noise level and held-out lines give), combined by
     root-sum-of-squares."""
 
     measured_weight: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] | Literal[

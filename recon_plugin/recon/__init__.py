@@ -15,8 +15,8 @@ PARTIAL_FOURIER = ("zero-fill", "homodyne")
 REFINE_MODES = ("none", "scan", "shared")
 
 
-# the written image's measured-sample weight chosen per slice from its noise level and its
-# held-out lines (combine.noise_aware_weight)
+# the written image's measured-sample weight chosen per series from its slices' noise level and
+# held-out lines (combine.noise_aware_weight, combine.ScanWeight)
 AUTO_WEIGHT = "auto"
 
 

@@ -12,17 +12,17 @@ setting; a stream sends them at once.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images
-with the measured samples put back (``measured_weight``; ``auto``: by the weight the slice's
-noise level and the guard's held-out lines give, ``combine.noise_aware_weight``), combined by
-root-sum-of-squares as a fully sampled scan is (``combine.py``; a slice that is fully sampled,
-:func:`fully_sampled`, is that RSS and no method runs); crop to the recon matrix. Where a slice's phase field
-of view wraps (ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image
-and takes its part out of the data; the method reconstructs the first map's image from the
-rest, and both maps' coil images are combined. The
-network runs through ``network_slice``: the prior-weight calibration (decided on a scan's first
-slices), scan-specific refinement at that weight where asked (kept where the guard's lines
-confirm it), then the per-slice guard with its CG-SENSE fallback. Stage timings (seconds) are
-recorded per series.
+with the measured samples put back (``measured_weight``; ``auto``: by one weight per series from
+its slices' noise level and the guard's held-out lines, ``combine.ScanWeight``; a series is
+recombined once all its slices' evidence is in), combined by root-sum-of-squares as a fully
+sampled scan is (``combine.py``; a slice that is fully sampled, :func:`fully_sampled`, is that
+RSS and no method runs); crop to the recon matrix. Where a slice's phase field of view wraps
+(ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image and takes its
+part out of the data; the method reconstructs the first map's image from the rest, and both
+maps' coil images are combined. The network runs through ``network_slice``: the prior-weight
+calibration (decided on a scan's first slices), scan-specific refinement at that weight where
+asked (kept where the guard's lines confirm it), then the per-slice guard with its CG-SENSE
+fallback. Stage timings (seconds) are recorded per series.
 """
 
 from __future__ import annotations
