@@ -608,9 +608,9 @@ def add_evidence(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: n
                 estimate.heldout_error, estimate.heldout_samples)
 
 
-def auto_weight(weights: ScanWeight, index: int, notes: list[str]) -> float:
+def auto_weight(weights: ScanWeight, index: int, notes: list[str], quiet: bool = False) -> float:
     """The measured-sample weight the pooled evidence gives (1, every sample kept, without any),
-    with its note."""
+    with its note (replacing an earlier one; logged unless ``quiet``)."""
     w = weights.weight()
     n = weights.slices
     whose = "1 slice's" if n == 1 else f"{n} slices'"
@@ -618,7 +618,8 @@ def auto_weight(weights: ScanWeight, index: int, notes: list[str]) -> float:
            if w is not None else
            f"{WEIGHT_NOTE} 1.00 (every measured sample kept: no slice had held-out lines and a "
            f"measurable noise level)")
-    log.info("slice %d: %s", index, msg)
+    if not quiet:
+        log.info("slice %d: %s", index, msg)
     notes[:] = [n for n in notes if not n.startswith(WEIGHT_NOTE)] + [msg]
     return 1.0 if w is None else w
 
@@ -629,7 +630,9 @@ def reweigh(image: ReconImage, weights: ScanWeight, header: ScanHeader) -> Recon
     parts, image.blend = image.blend, None
     if parts is None:
         return image
-    w = auto_weight(weights, image.slice_index, image.notes)
+    w = weights.weight()
+    w = auto_weight(weights, image.slice_index, image.notes,
+                    quiet=(1.0 if w is None else w) == image.measured_weight)
     if w != image.measured_weight:
         image.pixels = to_recon_matrix(parts.rss(w), header, [])
         image.measured_weight = w
