@@ -140,7 +140,7 @@ def run(docs: Path, real_dir: Path | None) -> dict:
                         score(f"bart {lam:g}", np.abs(bart_ref.pics(case.kspace, case.maps, lam)))
                 score("default", written(case))
                 # the same run's estimate as `recon` writes it with measured_weight 0 and auto
-                est = written.log[-1]["estimate"]
+                est = written.last
                 score("default, estimate", measured_rss(case.maps * est.image[None],
                                                         case.kspace, case.mask, 0.0))
                 score("default, auto", written_image(case, est, AUTO_WEIGHT)[0])

@@ -212,8 +212,9 @@ def guarded_fn(name: str, refine_budget_s: float | None = None,
     where it rejects the network; with ``refine_budget_s`` the scan-specific refinement instead
     of the calibration. The image as ``recon`` writes it: the coil images with the measured
     samples put back by the protocol's ``measured_weight`` (or the one given), combined by RSS.
-    ``run.log`` collects each slice's timings/counts; ``run.estimate`` holds the last slice's
-    complex estimate (ky, kx) before the samples were put back."""
+    ``run.log`` collects each slice's timings/counts and weight; ``run.estimate`` holds the last
+    slice's complex estimate (ky, kx) before the samples were put back, ``run.last`` its
+    ``SliceEstimate``."""
     from recon_plugin.config.protocol import load_protocol
     from recon_plugin.recon.pipeline import Reconstructor
 
@@ -226,11 +227,11 @@ def guarded_fn(name: str, refine_budget_s: float | None = None,
         t: dict = defaultdict(float)
         est = rec.network_slice(name, c.kspace, c.maps, c.mask, c.acs, settings, timings=t)
         img, weight = written_image(c, est, settings.measured_weight)
-        run.log.append({**t, "measured_weight": weight, "estimate": est})
-        run.estimate = est.image
+        run.log.append({**t, "measured_weight": weight})
+        run.estimate, run.last = est.image, est
         return img
 
-    run.log, run.estimate = [], None
+    run.log, run.estimate, run.last = [], None, None
     return run
 
 
@@ -356,7 +357,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                     outs.append((f"{method}{KEPT}",
                                  kept_samples(c, x, fit_scale=method == "bart-pics"), setting))
                 if fn is g:  # the same run with measured_weight 0 and auto
-                    est = g.log[-1]["estimate"]
+                    est = g.last
                     outs += [(ESTIMATE_ROW.format(model=default_model),
                               measured_rss(c.maps * est.image[None], c.kspace, c.mask, 0.0),
                               "the same run with `image.measured_weight: 0`: the estimate "

@@ -159,7 +159,7 @@ def test_auto_weight_follows_the_noise_and_beats_keeping_noisy_samples(tmp_path)
         a = rec.reconstruct(scan, auto)[0]
         k = rec.reconstruct(scan, auto.override(measured_weight=1.0))[0]
         im = a.images[0]
-        assert im.method == "unrolled" and 0.0 <= im.measured_weight <= 1.0
+        assert im.method == "unrolled" and im.measured_weight is not None
         assert any(n.startswith("measured samples blended back with weight") for n in im.notes)
         assert f"measured_samples_weight=auto ({im.measured_weight:.2f})" in provenance_text(a)
         weights[snr] = im.measured_weight
@@ -170,9 +170,56 @@ def test_auto_weight_follows_the_noise_and_beats_keeping_noisy_samples(tmp_path)
     assert gain[300.0] > -0.1  # ... and at high SNR the blend loses (almost) nothing
 
 
+def test_noise_variance_from_the_background_columns(tmp_path):
+    """A simulated 96 x 96 slice at SNR 300, 4x: the object's spectrum reaches the readout ends
+    (that estimate measured 55x the true noise variance), the image columns no coil map reaches
+    hold noise alone (measured 0.93x); lines measured on part of the readout (partial echo)
+    are left out of the background estimate, not counted as noise-free."""
+    from recon_plugin.recon.coils import EspiritParams, estimate_maps
+    from recon_plugin.recon.combine import slice_noise_variance
+
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(96, 96),
+                          fov_mm=(220.0, 220.0), snr=300.0, seed=4)
+    sl = vol.slices[0]
+    clean = _centred_fft(sl.maps * sl.image)
+    true = float(np.mean(np.abs(sl.kspace - clean) ** 2))
+    mask = np.zeros(sl.kspace.shape[-2:], np.float32)
+    mask[::4] = 1
+    mask[40:56] = 1
+    ksp = (sl.kspace * mask).astype(np.complex64)
+    maps = estimate_maps(ksp, (40, 56), EspiritParams())
+    support = np.abs(maps).sum(0) > 0
+    est = slice_noise_variance(ksp, mask, support)
+    assert 0.8 * true < est < 1.25 * true
+    # partial echo: the first 30 % of every line not measured
+    echo = mask.copy()
+    echo[:, : int(0.3 * echo.shape[1])] = 0
+    rng = np.random.default_rng(0)
+    noise = (rng.standard_normal(ksp.shape) + 1j * rng.standard_normal(ksp.shape)) / np.sqrt(2)
+    pure = (noise * echo).astype(np.complex64)  # noise alone, variance 1 where measured
+    left = np.zeros_like(support)
+    left[:, :40] = True  # maps on the left: background columns on the right
+    assert 0.9 < slice_noise_variance(pure, echo, left) < 1.1
+
+
+def test_auto_weight_leaves_a_fully_sampled_slice_the_rss_of_its_coil_images(tmp_path):
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=6, matrix=(64, 48),
+                          fov_mm=(200.0, 250.0), snr=20.0, seed=3)
+    scan = read_raw(write_ismrmrd(vol, tmp_path / "f.h5", acceleration=1, calib_lines=24,
+                                  noise_scan=False))
+    (series,) = Reconstructor().reconstruct(scan, load_protocol("default").recon_settings()
+                                            .override(measured_weight="auto"))
+    assert [im.method for im in series.images] == ["rss"]
+    assert series.images[0].measured_weight is None
+
+
 def test_protocol_key_is_validated_and_reaches_the_settings():
     spec, errors = validate({"name": "x", "model": {}, "image": {"measured_weight": 2.0}})
-    assert spec is None and any(e.startswith("image.measured_weight") for e in errors)
+    assert spec is None and errors == ["image.measured_weight: must lie in [0, 1], got 2"]
+    spec, errors = validate({"name": "x", "model": {}, "image": {"measured_weight": "high"}})
+    assert errors == ["image.measured_weight: must be a number in [0, 1] or 'auto', got 'high'"]
+    spec, _ = validate({"name": "x", "model": {}, "image": {"measured_weight": "AUTO"}})
+    assert spec.image.measured_weight == "auto"
     spec, errors = validate({"name": "x", "model": {}, "image": {"measured_wieght": 0.5}})
     assert spec is None and any("did you mean 'measured_weight'" in e for e in errors)
     assert load_protocol("default").recon_settings().measured_weight == 1.0

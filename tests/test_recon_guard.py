@@ -71,6 +71,20 @@ def test_check_rejects_a_bad_network_and_keeps_a_good_one(case):
     assert guard.check(ksp, maps, mask, lines[:0], aliased, cg) is None  # nothing held out
 
 
+def test_check_reports_the_mean_error_per_held_out_sample(case):
+    """``mean_error``: the summed held-out error over the measured samples of the held-out lines
+    (coils x readout), here for a zero image (its error is the data's own energy there) and
+    CG-SENSE, checked against numpy."""
+    ksp, maps, mask, acs, _ = case
+    lines = guard.heldout_lines(mask, acs, 0.1)
+    res = guard.check(ksp, maps, mask, lines, lambda k, s, m: np.zeros(m.shape, np.complex64),
+                      lambda k, s, m: classical.cg_sense(k, s, m))
+    assert res.samples == ksp.shape[0] * len(lines) * mask.shape[1]
+    assert res.mean_error(network=True) == pytest.approx(
+        float(np.mean(np.abs(ksp[:, lines]) ** 2)), rel=1e-5)
+    assert 0 < res.mean_error(network=False) < res.mean_error(network=True)
+
+
 def test_check_rejects_only_a_consistent_excess(case, monkeypatch):
     """A network worse in sum because of one line is kept at z = 1 (rejected at z = 0, the
     plain comparison), unless that line makes its sum more than MAX_RATIO times CG-SENSE's;

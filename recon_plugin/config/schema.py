@@ -173,8 +173,19 @@ class ImageSpec(_Section):
     series, the weight its slices' noise level and held-out lines give), combined by
     root-sum-of-squares."""
 
-    measured_weight: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] | Literal[
-        AUTO_WEIGHT] = 1.0  # type: ignore[valid-type]
+    measured_weight: float | Literal[AUTO_WEIGHT] = 1.0  # type: ignore[valid-type]
+
+    @field_validator("measured_weight", mode="before")
+    @classmethod
+    def _weight(cls, v: Any) -> float | str:
+        """A number in [0, 1] (not text, not a bool) or ``auto`` (any case): one message."""
+        if isinstance(v, str) and v.strip().lower() == AUTO_WEIGHT:
+            return AUTO_WEIGHT
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a number in [0, 1] or 'auto', got {str(v)[:40]!r}")
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must lie in [0, 1], got {v:g}")
+        return float(v)
 
 
 class SeriesSpec(_Section):

@@ -14,15 +14,19 @@ fully sampled reference a scanner gives is the RSS of its measured coil images, 
 included; against it ``w = 1`` scores higher (README, *Results at a glance*: the real brain
 and ``bench snr``), against a noise-free simulated object ``w = 0`` does.
 
-``auto`` (an option; the shipped protocols keep 1) takes the weight that minimises the expected
-error against the object itself, :func:`noise_aware_weight`: a measured sample ``y = s + n`` has
-error ``sigma^2`` (the noise), the method's prediction error ``tau^2``; the blend
-``w y + (1 - w) s_hat`` has error ``w^2 sigma^2 + (1 - w)^2 tau^2``, smallest at
+``auto`` (an option; the shipped protocols keep 1) aims at the weight with the smallest
+expected error against the object itself, :func:`noise_aware_weight`: a measured sample
+``y = s + n`` has error ``sigma^2`` (the noise), a prediction independent of it error ``tau^2``;
+the blend ``w y + (1 - w) s_hat`` has error ``w^2 sigma^2 + (1 - w)^2 tau^2``, smallest at
 ``w = tau^2 / (tau^2 + sigma^2)``. The guard's held-out lines measure ``e = tau^2 + sigma^2``
 (the method never saw them, so its error and their noise add), :func:`slice_noise_variance`
 gives ``sigma^2``: ``w = 1 - sigma^2 / e``. High SNR or a hard case (``e`` >> ``sigma^2``):
 ``w`` near 1, the samples kept; noisy data that the method predicts to within their noise: ``w``
-near 0. One weight per series (:class:`ScanWeight`), from the evidence of all its slices.
+near 0. The weight is conservative, biased towards keeping the samples: the method's image was
+made with the measured samples it is blended with, so its error there is smaller than on lines
+it never saw (on simulated slices with a noise-free target, weight 0 often scored a little
+higher: docs/FINDINGS.md). Offline, one weight per series (:class:`ScanWeight`) from the
+evidence of all its slices; a stream sends each slice with the evidence so far.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class BlendParts:
     """:func:`measured_rss` as a function of the weight, for one slice whose weight its scan
     decides later: with ``A`` the coil images and ``B = ifft2c(M (y - fft2c(A)))``,
     ``RSS(A + w B)^2 = p + 2 w q + w^2 r``, ``p = sum_c |A_c|^2``, ``q = sum_c Re(conj(A_c)
-    B_c)``, ``r = sum_c |B_c|^2`` (each (ky, kx) float64)."""
+    B_c)``, ``r = sum_c |B_c|^2`` (each (ky, kx) float32)."""
 
     p: np.ndarray
     q: np.ndarray
@@ -75,15 +79,15 @@ class BlendParts:
         """The parts of coil images (coils, ky, kx), measured k-space (coils, ky, kx) and mask
         (ky, kx)."""
         _check(coil_images, kspace, mask)
-        a = coil_images.astype(np.complex128)
-        b = ifft2c(mask[None] * (kspace - fft2c(coil_images.astype(np.complex64))))
-        return cls((np.abs(a) ** 2).sum(0), (a.conj() * b).real.sum(0), (np.abs(b) ** 2).sum(0))
+        a = coil_images.astype(np.complex64, copy=False)
+        b = ifft2c(mask[None] * (kspace - fft2c(a)))
+        parts = ((np.abs(a) ** 2).sum(0), (a.conj() * b).real.sum(0), (np.abs(b) ** 2).sum(0))
+        return cls(*(x.astype(np.float32) for x in parts))
 
     def rss(self, weight: float) -> np.ndarray:
         """The magnitude (ky, kx) float32 with the measured samples blended in by ``weight``."""
-        w = float(weight)
-        return np.sqrt(np.maximum(self.p + 2 * w * self.q + w * w * self.r, 0.0)).astype(
-            np.float32)
+        w = np.float32(weight)
+        return np.sqrt(np.maximum(self.p + 2 * w * self.q + w * w * self.r, np.float32(0)))
 
 
 def noise_aware_weight(noise_var: float, heldout_error: float) -> float:
@@ -104,12 +108,14 @@ def slice_noise_variance(kspace: np.ndarray, mask: np.ndarray, support: np.ndarr
                          ) -> float | None:
     """Noise variance per k-space sample (mean over coils, data units) of one slice: k-space
     (coils, ky, kx) zero where not sampled, mask (ky, kx), ``support`` (ky, kx) where the coil
-    maps are non-zero. Both estimates below only overestimate (signal adds to them), so the
-    smaller is taken; None where neither can be had.
+    maps are non-zero. Signal reaching the samples of either estimate below can only raise it,
+    so the smaller is taken; None where neither can be had.
 
-    * Background: each measured line transformed along the readout only, at the image columns
-      where the maps have no support on any row: undersampling aliases along ky, never along
-      x, so there these samples hold noise alone. ``median |h|^2 / ln 2`` (robust to stray
+    * Background: each line measured along the whole readout, transformed along the readout
+      only, at the image columns where the maps have no support on any row: undersampling
+      aliases along ky, never along x, so there these samples hold noise alone (a line
+      measured on part of the readout, as in partial echo, spreads less noise into them and
+      is left out). ``median |h|^2 / ln 2`` (robust to stray
       signal). Measured 0.92-0.95x the true variance on simulated 8-coil slices at SNR 4-300,
       1.03-1.04x on 12 birdcage coils at SNR 10-80.
     * Readout ends (``physics.noise_variance``): exact where the object's spectrum has died
@@ -119,8 +125,8 @@ def slice_noise_variance(kspace: np.ndarray, mask: np.ndarray, support: np.ndarr
     cols = np.flatnonzero(~np.asarray(support, bool).any(axis=0))
     rows = np.flatnonzero((mask > 0).any(axis=1))
     if cols.size >= MIN_BACKGROUND_COLUMNS and rows.size:
+        rows = rows[(mask[rows] > 0).all(axis=1)]  # lines measured along the whole readout
         h = ifft1c(kspace[:, rows, :], axis=-1)[:, :, cols]
-        h = h[:, (mask[rows][:, cols] > 0).all(axis=1)]  # lines measured on those columns
         if h.size:
             estimates.append(float(np.median(np.abs(h) ** 2) / np.log(2.0)))
     try:

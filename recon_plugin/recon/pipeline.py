@@ -13,8 +13,9 @@ setting; a stream sends them at once.
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images
 with the measured samples put back (``measured_weight``; ``auto``: by one weight per series from
-its slices' noise level and the guard's held-out lines, ``combine.ScanWeight``; a series is
-recombined once all its slices' evidence is in), combined by root-sum-of-squares as a fully
+its slices' noise level and the guard's held-out lines, ``combine.ScanWeight``; offline a series
+is recombined once all its slices' evidence is in, a stream sends each slice with the evidence
+so far), combined by root-sum-of-squares as a fully
 sampled scan is (``combine.py``; a slice that is fully sampled, :func:`fully_sampled`, is that
 RSS and no method runs); crop to the recon matrix. Where a slice's phase field of view wraps
 (ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image and takes its
@@ -595,9 +596,12 @@ def add_evidence(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: n
     variance (k-space (coils, ky, kx) as measured, mask (ky, kx), the coil maps' support (ky,
     kx)) and its method's held-out error (``estimate``; None: no network ran). Where either
     cannot be had, ``notes`` says why and the slice adds nothing."""
-    if estimate is None or not estimate.heldout_error or estimate.heldout_samples <= 0:
-        notes.append("no held-out lines on this slice for the noise-aware measured-sample "
-                     "weight")
+    if estimate is None or estimate.heldout_samples <= 0 or not estimate.heldout_error:
+        why = ("its held-out error was 0" if estimate is not None
+               and estimate.heldout_samples > 0 else "no guard ran on it (a classical method, "
+               "the guard off, or too few lines to hold out)")
+        notes.append(f"this slice adds no evidence to the noise-aware measured-sample weight: "
+                     f"{why}")
         return
     var = slice_noise_variance(kspace, mask, support)
     if var is None:
