@@ -420,19 +420,25 @@ class Reconstructor:
         """The data-consistency setting for this slice (``recon/calibrate.py``): the scan's, once
         its first slices have decided it; else this slice's held-out evidence joins the
         scan's."""
-        state = calibration if calibration is not None else ScanCalibration(slices=0)
+        if calibration is None:  # calibrated alone: as many sets as a scan's first slices give
+            n = max(settings.calibrate_slices, 1)
+            calibration = ScanCalibration(slices=n, draws=n)
+        state = calibration
         done = state.settled(name)
         if done is None:
             t0 = time.perf_counter()
-            ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
-                                  settings.calibrate_grid, settings.guard_fraction,
-                                  seed=seed + 7919, device=self.device,
-                                  cg_iters=settings.calibrate_cg_iters,
-                                  sparsity=settings.calibrate_sparsity, op=op)
+            for k in range(max(state.draws, 1)):
+                ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
+                                      settings.calibrate_grid, settings.guard_fraction,
+                                      seed=seed + 7919 + 1000 * k, device=self.device,
+                                      cg_iters=settings.calibrate_cg_iters,
+                                      sparsity=settings.calibrate_sparsity, op=op)
+                if ev is None:
+                    break
+                done = state.add(name, ev, new_slice=k == 0)
             t["calibrate"] += time.perf_counter() - t0
-            if ev is None:
+            if done is None:
                 return TRAINED
-            done = state.add(name, ev)
             log.info("slice %d: %s", seed, done.describe())
         notes.append(done.describe())
         return done.setting
@@ -526,7 +532,10 @@ class Reconstructor:
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
         images, slice_seconds = [], []
-        calibration = ScanCalibration(settings.calibrate_slices)
+        # a scan with fewer slices than calibrate_slices draws more held-out sets from each
+        n_cal = settings.calibrate_slices
+        draws = -(-n_cal // max(len(scan.slices), 1)) if n_cal > 0 else 1
+        calibration = ScanCalibration(n_cal, draws=draws)
         shared = SharedRefinement() if settings.refine == "shared" else None
         weights: dict[int, ScanWeight] = defaultdict(ScanWeight)  # per contrast
         # central slices first: the scan's data-consistency setting is decided on its first
