@@ -112,17 +112,14 @@ class Calibration:
     setting: DcSetting
     errors: dict[DcSetting | MoreIterations | Sparsity, float]
     heldout_lines: int
-    slices: int = 1  # sets of held-out lines pooled (one per slice, or several from one)
-    from_slices: int = 1  # the slices they came from
+    slices: int = 1
 
     @property
     def weight(self) -> float:
         return self.setting.weight
 
     def describe(self) -> str:
-        where = "1 slice's" if self.from_slices == 1 else f"{self.from_slices} slices'"
-        if self.slices != self.from_slices:  # a scan with fewer slices drew more sets from each
-            where += f" {self.slices} sets of"  # not always this one's
+        where = "1 slice's" if self.slices == 1 else f"{self.slices} slices'"  # not always this one's
         ref = max(self.errors[TRAINED], 1e-30)
         out = (f"data-consistency setting {self.setting} chosen on {where} "
                f"{self.heldout_lines} held-out lines (errors relative to the trained x1: "
@@ -200,19 +197,14 @@ class ScanCalibration:
     reconstruction (``Reconstructor.reconstruct``) then makes again those whose choice differs
     from the scan's (:meth:`provisional`, ``Reconstructor.revise``); a stream sends each image
     at once and keeps the provisional choices. ``slices`` <= 0: every slice is calibrated on its
-    own. ``draws``: sets of held-out lines drawn from each calibrated slice; a scan with fewer
-    slices than ``slices`` draws more from each (``Reconstructor.reconstruct``; a slice
-    calibrated alone draws ``slices``), so that its choice rests on as many sets: one set of 3
-    lines is a weak judge (8x on 180-320 lines; docs/FINDINGS.md)."""
+    own."""
 
     slices: int = 3
-    draws: int = 1
     _evidence: dict[str, dict[DcSetting | MoreIterations | Sparsity, list[np.ndarray]]] = field(
         default_factory=dict)
     _result: dict[str, Calibration] = field(default_factory=dict)
     _closed: bool = False
-    adds: int = 0  # sets of held-out lines pooled so far
-    _from: dict[str, int] = field(default_factory=dict)  # slices those came from, per model
+    adds: int = 0  # slices whose evidence was pooled so far
     last: tuple[str, Calibration] | None = None  # (model, choice) of the latest pooling
 
     def settled(self, name: str) -> Calibration | None:
@@ -229,24 +221,20 @@ class ScanCalibration:
         self._closed = True
 
     def add(self, name: str, evidence: dict[DcSetting | MoreIterations | Sparsity, np.ndarray],
-            new_slice: bool = True) -> Calibration:
-        """Pool one set of held-out lines' evidence (each set's errors relative to its own mean
-        error with the trained setting, so every set counts alike; the anchored L1-wavelet
-        solves' relative to the slice's network image they start from) and decide again.
-        ``new_slice``: False for a further set drawn from the slice of the previous one."""
+            ) -> Calibration:
+        """Pool one slice's evidence (each slice's errors relative to its own mean error with the
+        trained setting, so every slice counts alike; the anchored L1-wavelet solves' relative
+        to the slice's network image they start from) and decide again."""
         scale = max(float(evidence[TRAINED].mean()), 1e-30)
         sparse_scale = max(float(evidence[NONE].mean()), 1e-30) if NONE in evidence else 1.0
-        if self.slices <= 0 and new_slice:
+        if self.slices <= 0:
             self._evidence.pop(name, None)
-            self._from.pop(name, None)
-        self._from[name] = self._from.get(name, 0) + int(new_slice)
         pool = self._evidence.setdefault(name, {w: [] for w in evidence})
         for w, e in evidence.items():
             pool[w].append(e / (sparse_scale if isinstance(w, Sparsity) else scale))
         merged = {w: np.concatenate(v) for w, v in pool.items()}
         r = Calibration(choose(merged), {c: float(e.sum()) for c, e in merged.items()},
-                        int(merged[TRAINED].size), len(pool[TRAINED]),
-                        max(self._from[name], 1))
+                        int(merged[TRAINED].size), len(pool[TRAINED]))
         self._result[name] = r
         self.adds += 1
         self.last = (name, r)

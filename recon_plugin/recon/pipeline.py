@@ -420,25 +420,19 @@ class Reconstructor:
         """The data-consistency setting for this slice (``recon/calibrate.py``): the scan's, once
         its first slices have decided it; else this slice's held-out evidence joins the
         scan's."""
-        if calibration is None:  # calibrated alone: as many sets as a scan's first slices give
-            n = max(settings.calibrate_slices, 1)
-            calibration = ScanCalibration(slices=n, draws=n)
-        state = calibration
+        state = calibration if calibration is not None else ScanCalibration(slices=0)
         done = state.settled(name)
         if done is None:
             t0 = time.perf_counter()
-            for k in range(max(state.draws, 1)):
-                ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
-                                      settings.calibrate_grid, settings.guard_fraction,
-                                      seed=seed + 7919 + 1000 * k, device=self.device,
-                                      cg_iters=settings.calibrate_cg_iters,
-                                      sparsity=settings.calibrate_sparsity, op=op)
-                if ev is None:
-                    break
-                done = state.add(name, ev, new_slice=k == 0)
+            ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
+                                  settings.calibrate_grid, settings.guard_fraction,
+                                  seed=seed + 7919, device=self.device,
+                                  cg_iters=settings.calibrate_cg_iters,
+                                  sparsity=settings.calibrate_sparsity, op=op)
             t["calibrate"] += time.perf_counter() - t0
-            if done is None:
+            if ev is None:
                 return TRAINED
+            done = state.add(name, ev)
             log.info("slice %d: %s", seed, done.describe())
         notes.append(done.describe())
         return done.setting
@@ -532,10 +526,7 @@ class Reconstructor:
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
         images, slice_seconds = [], []
-        # a scan with fewer slices than calibrate_slices draws more held-out sets from each
-        n_cal = settings.calibrate_slices
-        draws = -(-n_cal // max(len(scan.slices), 1)) if n_cal > 0 else 1
-        calibration = ScanCalibration(n_cal, draws=draws)
+        calibration = ScanCalibration(settings.calibrate_slices)
         shared = SharedRefinement() if settings.refine == "shared" else None
         weights: dict[int, ScanWeight] = defaultdict(ScanWeight)  # per contrast
         # central slices first: the scan's data-consistency setting is decided on its first
