@@ -45,6 +45,12 @@ def _check(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray) -> Non
                          f"{mask.shape} must agree as (coils, ky, kx) and (ky, kx)")
 
 
+def _residual_images(coils: np.ndarray, kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``ifft2c(mask * (kspace - fft2c(coils)))`` (coils, ky, kx): what the measured samples
+    add to complex64 coil images where they are blended back with weight 1."""
+    return ifft2c(mask[None] * (kspace - fft2c(coils)))
+
+
 def measured_rss(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
                  weight: float) -> np.ndarray:
     """Magnitude (ky, kx) float32 of the coil images (coils, ky, kx) complex with the measured
@@ -58,8 +64,7 @@ def measured_rss(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
     _check(coil_images, kspace, mask)
     coils = coil_images.astype(np.complex64, copy=False)
     if weight > 0:
-        residual = mask[None] * (kspace - fft2c(coils))
-        coils = coils + np.float32(weight) * ifft2c(residual)
+        coils = coils + np.float32(weight) * _residual_images(coils, kspace, mask)
     return rss(coils).astype(np.float32)
 
 
@@ -80,7 +85,7 @@ class BlendParts:
         (ky, kx)."""
         _check(coil_images, kspace, mask)
         a = coil_images.astype(np.complex64, copy=False)
-        b = ifft2c(mask[None] * (kspace - fft2c(a)))
+        b = _residual_images(a, kspace, mask)
         parts = ((np.abs(a) ** 2).sum(0), (a.conj() * b).real.sum(0), (np.abs(b) ** 2).sum(0))
         return cls(*(x.astype(np.float32) for x in parts))
 

@@ -596,10 +596,12 @@ def add_evidence(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: n
     variance (k-space (coils, ky, kx) as measured, mask (ky, kx), the coil maps' support (ky,
     kx)) and its method's held-out error (``estimate``; None: no network ran). Where either
     cannot be had, ``notes`` says why and the slice adds nothing."""
-    if estimate is None or estimate.heldout_samples <= 0 or not estimate.heldout_error:
-        why = ("its held-out error was 0" if estimate is not None
-               and estimate.heldout_samples > 0 else "no guard ran on it (a classical method, "
-               "the guard off, or too few lines to hold out)")
+    why = None
+    if estimate is None or estimate.heldout_samples <= 0:
+        why = "no guard ran on it (a classical method, the guard off, or too few lines to hold out)"
+    elif not estimate.heldout_error:
+        why = "its held-out error was 0"
+    if why:
         notes.append(f"this slice adds no evidence to the noise-aware measured-sample weight: "
                      f"{why}")
         return
@@ -612,9 +614,11 @@ def add_evidence(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: n
                 estimate.heldout_error, estimate.heldout_samples)
 
 
-def auto_weight(weights: ScanWeight, index: int, notes: list[str], quiet: bool = False) -> float:
+def auto_weight(weights: ScanWeight, index: int, notes: list[str],
+                previous: float | None = None) -> float:
     """The measured-sample weight the pooled evidence gives (1, every sample kept, without any),
-    with its note (replacing an earlier one; logged unless ``quiet``)."""
+    with its note (replacing an earlier one; logged unless it equals ``previous``, the weight
+    the slice was made with)."""
     w = weights.weight()
     n = weights.slices
     whose = "1 slice's" if n == 1 else f"{n} slices'"
@@ -622,10 +626,11 @@ def auto_weight(weights: ScanWeight, index: int, notes: list[str], quiet: bool =
            if w is not None else
            f"{WEIGHT_NOTE} 1.00 (every measured sample kept: no slice had held-out lines and a "
            f"measurable noise level)")
-    if not quiet:
+    w = 1.0 if w is None else w
+    if w != previous:
         log.info("slice %d: %s", index, msg)
     notes[:] = [n for n in notes if not n.startswith(WEIGHT_NOTE)] + [msg]
-    return 1.0 if w is None else w
+    return w
 
 
 def reweigh(image: ReconImage, weights: ScanWeight, header: ScanHeader) -> ReconImage:
@@ -634,9 +639,7 @@ def reweigh(image: ReconImage, weights: ScanWeight, header: ScanHeader) -> Recon
     parts, image.blend = image.blend, None
     if parts is None:
         return image
-    w = weights.weight()
-    w = auto_weight(weights, image.slice_index, image.notes,
-                    quiet=(1.0 if w is None else w) == image.measured_weight)
+    w = auto_weight(weights, image.slice_index, image.notes, previous=image.measured_weight)
     if w != image.measured_weight:
         image.pixels = to_recon_matrix(parts.rss(w), header, [])
         image.measured_weight = w
