@@ -34,7 +34,8 @@ A protocol file (``protocols/<name>.yaml``) looks like::
                                          # per slice, all stages (shared: the training slice
                                          # from the refinement's start)
     calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], cg_iters: [8, 16], slices: 3,
-                  sparsity: [[0.01, 1], [0.03, 3], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3]]}
+                  sparsity: [[0.01, 1], [0.03, 3], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3],
+                            [0.003, 0.03], [0.01, 0.01]]}
                                          # prior weight, CG iterations and anchored L1-wavelet
                                          # solve chosen on held-out lines of the scan's first 3
                                          # slices (0: every slice; recon/calibrate.py)
