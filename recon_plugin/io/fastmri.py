@@ -116,9 +116,9 @@ def _check_centred(k: np.ndarray, where: str) -> None:
     """Refuse k-space (coils, ky, kx) whose largest samples (the centre of k-space, where an
     image's energy is) lie in the outer eighth of an axis: stored without the centring
     shift, its image would come out with its quadrants swapped."""
-    energy = np.abs(k).astype(np.float64) ** 2
+    energy = k.real ** 2 + k.imag ** 2
     for axis, name in ((1, "phase"), (2, "readout")):
-        profile = energy.sum(axis=tuple(a for a in (0, 1, 2) if a != axis))
+        profile = energy.sum(axis=tuple(a for a in (0, 1, 2) if a != axis), dtype=np.float64)
         n = profile.size
         if n < 8 or not profile.any():
             continue
@@ -223,7 +223,7 @@ def _load_slice(ds: h5py.Dataset, i: int, single_coil: bool, where: str) -> np.n
     k = k[None] if single_coil else k
     if not np.isfinite(k).all():
         raise RawDataError(f"{where}: kspace slice {i} contains NaN or Inf samples")
-    k = np.ascontiguousarray(np.swapaxes(k, -1, -2)).astype(np.complex64)
+    k = np.ascontiguousarray(np.swapaxes(k, -1, -2), dtype=np.complex64)
     _check_centred(k, f"{where}: kspace slice {i}")
     return k
 
@@ -246,7 +246,7 @@ def _slice_data(k: np.ndarray, measured: np.ndarray, cols: np.ndarray, along_rea
     k = (k if along_readout else crop_readout(k, nx, axis=-1)) * mask[None]
     if target is not None:
         target = np.ascontiguousarray(target if along_readout else target.T)
-    return SliceData(kspace=k.astype(np.complex64), mask=mask, geometry=geometry,
+    return SliceData(kspace=k.astype(np.complex64, copy=False), mask=mask, geometry=geometry,
                      acs=_acs(cols, num_low), target=target, slice_index=i)
 
 

@@ -102,4 +102,4 @@ def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
     if kspace.shape[axis] == n_out:
         return kspace.astype(np.complex64, copy=False)
     img = ifft1c(kspace, axis)
-    return fft1c(_crop_or_pad(img, n_out, axis), axis).astype(np.complex64)
+    return fft1c(_crop_or_pad(img, n_out, axis), axis).astype(np.complex64, copy=False)
