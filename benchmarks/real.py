@@ -194,14 +194,12 @@ def written_image(c, est, weight) -> tuple[np.ndarray, float]:
     scan (a series pools its slices')."""
     from recon_plugin.recon import AUTO_WEIGHT
     from recon_plugin.recon.combine import ScanWeight
-    from recon_plugin.recon.pipeline import add_evidence, auto_weight
+    from recon_plugin.recon.pipeline import auto_slice_weight
     from recon_plugin.scan import Geometry, SliceData
 
     if weight == AUTO_WEIGHT:
-        weights = ScanWeight()
-        add_evidence(weights, SliceData(c.kspace, c.mask, Geometry.default()), c.kspace, c.mask,
-                     np.abs(c.maps).sum(0) > 0, est, [])
-        weight = auto_weight(weights, 0, [])
+        weight = auto_slice_weight(ScanWeight(), SliceData(c.kspace, c.mask, Geometry.default()),
+                                   c.kspace, c.mask, c.maps, None, est, [])
     return measured_rss(c.maps * est.image[None], c.kspace, c.mask, weight), weight
 
 

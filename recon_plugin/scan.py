@@ -245,7 +245,7 @@ class ReconImage:
     # zero-filled or fully sampled slice); the series' setting may be "auto"
     measured_weight: float | None = None
     # while its scan's "auto" weight may still change: what recombines the pixels for another
-    # weight (recon.combine.BlendParts); Reconstructor.reconstruct clears it
+    # weight (recon.combine.BlendParts); set only for Reconstructor.reconstruct, which clears it
     blend: object | None = field(default=None, repr=False, compare=False)
 
 

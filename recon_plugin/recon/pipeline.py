@@ -237,14 +237,17 @@ class Reconstructor:
         self, sl: SliceData, header: ScanHeader, settings: ReconSettings,
         whitener: np.ndarray | None = None, timings: dict | None = None,
         calibration: ScanCalibration | None = None, shared: SharedRefinement | None = None,
-        weights: ScanWeight | None = None,
+        weights: ScanWeight | None = None, recombine: bool = False,
     ) -> ReconImage:
         """One slice -> magnitude image of the recon matrix (rows = phase, cols = readout).
         ``calibration``: the scan's prior-weight calibration, shared by its slices (None: this
         slice is calibrated on its own, where the settings ask for calibration); ``shared``:
         the scan's refined copies where the settings say ``refine: shared`` (None: this slice
         refines its own); ``weights``: the evidence for ``measured_weight: auto`` pooled over
-        the slices of this one's contrast so far (None: this slice's alone)."""
+        the slices of this one's contrast so far (None: this slice's alone); ``recombine``:
+        with ``auto``, keep what recombines the pixels for another weight on the image
+        (``ReconImage.blend``), for a caller that settles the series' weight later
+        (:meth:`reconstruct`)."""
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = started = time.perf_counter()
@@ -309,16 +312,12 @@ class Reconstructor:
             coils = maps * img[None] if folded is None else maps * img[None] + maps2 * folded[None]
             weight = settings.measured_weight
             if weight == AUTO_WEIGHT:
-                support = np.abs(maps).sum(0) > 0
-                if maps2 is not None:
-                    support |= np.abs(maps2).sum(0) > 0
-                weights = weights if weights is not None else ScanWeight()
-                add_evidence(weights, sl, measured, mask, support, estimate, notes)
-                weight = auto_weight(weights, sl.slice_index, notes)
-                parts = BlendParts.of(coils, measured, mask)
-                mag = parts.rss(weight)
-            else:
-                mag = measured_rss(coils, measured, mask, weight)
+                weight = auto_slice_weight(weights if weights is not None else ScanWeight(), sl,
+                                           measured, mask, maps, maps2, estimate, notes)
+                if recombine:
+                    parts = BlendParts.of(coils, measured, mask)
+            mag = parts.rss(weight) if parts is not None else \
+                measured_rss(coils, measured, mask, weight)
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, header, notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
@@ -540,7 +539,8 @@ class Reconstructor:
             adds = calibration.adds
             before = [timings[k] for k in SLICE_COUNTS]
             images.append(self.reconstruct_slice(sl, scan.header, settings, whitener, timings,
-                                                 calibration, shared, weights[sl.contrast]))
+                                                 calibration, shared, weights[sl.contrast],
+                                                 recombine=True))
             counted.append([timings[k] - b for k, b in zip(SLICE_COUNTS, before)])
             slice_seconds.append(time.perf_counter() - t0)
             if progress is not None:
@@ -580,7 +580,7 @@ class Reconstructor:
                      "chosen on fewer slices)", sl.slice_index, final.setting, used.setting)
             timings["calibration_revised"] += 1
             return self.reconstruct_slice(sl, header, settings, whitener, timings, calibration,
-                                          shared, weights)
+                                          shared, weights, recombine=True)
         old = used.describe()
         image.notes[:] = [final.describe() if n == old else n for n in image.notes]
         return image
@@ -612,6 +612,20 @@ def add_evidence(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: n
         return
     weights.add((sl.slice_index, sl.contrast, sl.repetition, sl.phase), var,
                 estimate.heldout_error, estimate.heldout_samples)
+
+
+def auto_slice_weight(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: np.ndarray,
+                      maps: np.ndarray, maps2: np.ndarray | None,
+                      estimate: SliceEstimate | None, notes: list[str]) -> float:
+    """``measured_weight: auto`` for one slice: its evidence (:func:`add_evidence`; the noise
+    measured outside the support of its maps (coils, ky, kx) and, with a field-of-view wrap,
+    of its second maps ``maps2``) joins ``weights``, then the weight they pool to
+    (:func:`auto_weight`)."""
+    support = np.abs(maps).sum(0) > 0
+    if maps2 is not None:
+        support |= np.abs(maps2).sum(0) > 0
+    add_evidence(weights, sl, kspace, mask, support, estimate, notes)
+    return auto_weight(weights, sl.slice_index, notes)
 
 
 def auto_weight(weights: ScanWeight, index: int, notes: list[str],

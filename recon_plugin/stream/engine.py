@@ -274,7 +274,6 @@ class _ScanState:
                                                          self.whitener, self.timings,
                                                          self.calibration, self.shared,
                                                          self.weights[sl.contrast])
-                im.blend = None  # sent now, with the weight of the evidence so far
                 dt = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
             log.exception("stream: slice %d failed", sl.slice_index)
