@@ -313,9 +313,15 @@ def test_calibration_sparsity_is_validated(tmp_path):
     """``calibration.sparsity`` ([L1, anchor] pairs) reaches the reconstruction settings; a
     pair of the wrong length or a weight <= 0 is refused with the key named."""
     from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.recon.calibrate import SPARSITY_GRID
     from recon_plugin.recon.sparse import Sparsity
 
-    assert load_protocol("default").recon_settings().calibrate_sparsity[1] == Sparsity(0.03, 3.0)
+    # default.yaml spells the pairs out for its readers, and the protocol docstring's example
+    # repeats them: both stay equal to the code's grid (the schema's default)
+    assert load_protocol("default").recon_settings().calibrate_sparsity == SPARSITY_GRID
+    doc = " ".join(P.__doc__.split())
+    assert "sparsity: " + str([[s.lamda, s.anchor] for s in SPARSITY_GRID]).replace(
+        "1.0]", "1]").replace("3.0]", "3]") in doc
     ok = write(tmp_path, "ok", "name: ok\nmodel: {}\ncalibration: {sparsity: [[0.01, 1]]}\n")
     assert P.load_protocol(ok).recon_settings().calibrate_sparsity == (Sparsity(0.01, 1.0),)
     for value, key in (("[[0.01]]", "calibration.sparsity[0]"),

@@ -202,6 +202,9 @@ def test_identity_timing_and_provenance(tmp_path):
     assert (ds.AcquisitionDate, ds.AcquisitionTime) == ("20240304", "101513")
     assert "SE" in ds.ScanningSequence and ds.Modality == "MR"
     assert ds.InPlanePhaseEncodingDirection == "COL"  # rows = phase encode
+    # readout samples first, phase steps last (phase along the columns); here encoded = recon
+    assert list(ds.AcquisitionMatrix) == [ds.Columns, 0, 0, ds.Rows] and ds.Rows != ds.Columns
+    assert int(ds.NumberOfPhaseEncodingSteps) == ds.Rows
     assert list(ds.ImageType)[:2] == ["DERIVED", "PRIMARY"] and "DL_RECON" in ds.ImageType
     assert "unrolled-spade-0.5" in ds.SeriesDescription and "ab12ab12" in ds.SeriesDescription
     assert len(ds.SeriesDescription) <= 64

@@ -96,6 +96,13 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     ds.MRAcquisitionType = acq
     # image rows run along the phase encode (ky): phase is encoded down the columns
     ds.InPlanePhaseEncodingDirection = "COL"
+    # AcquisitionMatrix (frequency rows, frequency columns, phase rows, phase columns) of the
+    # encoded matrix without readout oversampling: with phase along the columns (COL) readers
+    # take the readout samples from the first value and the phase steps from the last
+    freq, phase = (int(v) for v in h.encoded_matrix[:2])
+    if freq > 0 and phase > 0:
+        ds.AcquisitionMatrix = [freq, 0, 0, phase]
+        ds.NumberOfPhaseEncodingSteps = phase
     ds.RepetitionTime = _ds(seq.tr_ms) if seq.tr_ms is not None else ""
     # one series per contrast: a multi-echo scan's series each carry their own echo time
     te = seq.echo_time_ms(series.images[0].contrast if series.images else 0)
