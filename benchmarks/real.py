@@ -193,8 +193,7 @@ def written_image(c, est, weight) -> tuple[np.ndarray, float]:
     ``weight`` ``auto``: from this slice's own evidence, as ``recon`` weighs a one-slice
     scan (a series pools its slices')."""
     from recon_plugin.recon import AUTO_WEIGHT
-    from recon_plugin.recon.combine import ScanWeight
-    from recon_plugin.recon.pipeline import auto_slice_weight
+    from recon_plugin.recon.series_weight import ScanWeight, auto_slice_weight
     from recon_plugin.scan import Geometry, SliceData
 
     if weight == AUTO_WEIGHT:

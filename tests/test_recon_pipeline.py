@@ -149,7 +149,7 @@ def test_progress_is_reported_after_each_slice(files):
 def test_fully_sampled_is_a_centred_block_of_whole_lines():
     """Zero-padded edges (fastMRI's columns outside the encoding limits) still count as fully
     sampled; undersampling, partial Fourier (off-centre block) and partial echo do not."""
-    from recon_plugin.recon.pipeline import fully_sampled
+    from recon_plugin.recon.combine import fully_sampled
 
     m = np.ones((40, 32), np.float32)
     assert fully_sampled(m)

@@ -16,7 +16,7 @@ REFINE_MODES = ("none", "scan", "shared")
 
 
 # the written image's measured-sample weight chosen per series from its slices' noise level and
-# held-out lines (combine.noise_aware_weight, combine.ScanWeight)
+# held-out lines (combine.noise_aware_weight, series_weight.ScanWeight)
 AUTO_WEIGHT = "auto"
 
 

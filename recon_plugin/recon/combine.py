@@ -25,18 +25,20 @@ gives ``sigma^2``: ``w = 1 - sigma^2 / e``. High SNR or a hard case (``e`` >> ``
 near 0. The weight is conservative, biased towards keeping the samples: the method's image was
 made with the measured samples it is blended with, so its error there is smaller than on lines
 it never saw (on simulated slices with a noise-free target, weight 0 often scored a little
-higher: docs/FINDINGS.md). Offline, one weight per series (:class:`ScanWeight`) from the
+higher: docs/FINDINGS.md). Offline, one weight per series (``series_weight.ScanWeight``) from the
 evidence of all its slices; a stream sends each slice with the evidence so far.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..physics import fft2c, ifft1c, ifft2c, noise_variance, rss
+from ..physics import center_crop, fft2c, ifft1c, ifft2c, noise_variance, rss
+from ..scan import RawDataError, ScanHeader
 from . import AUTO_WEIGHT, measured_weight
+from .partial_fourier import sampled_extent
 
 
 def _check(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray) -> None:
@@ -145,27 +147,29 @@ def slice_noise_variance(kspace: np.ndarray, mask: np.ndarray, support: np.ndarr
     return min(estimates) if estimates else None
 
 
-@dataclass
-class ScanWeight:
-    """``measured_weight: auto`` pooled over a scan's slices, so that its series has one noise
-    texture: one held-out line set per slice is a noisy judge (on a 16-slice simulated scan the
-    per-slice weights spread from 0.10 to 0.57). Each slice adds its evidence under its key
-    (a slice made again replaces its own); :meth:`weight` is ``1 - mean noise variance /
-    (held-out squared error summed over every slice's held-out samples / their number)``."""
+def fully_sampled(mask: np.ndarray) -> bool:
+    """Whether ``mask`` (ky, kx) measured every sample of one contiguous block of whole lines,
+    centred in ky (within one line): a fully sampled scan, with any unmeasured lines outside
+    it zero padding at both edges (fastMRI's columns outside the encoding limits). A partial
+    Fourier or partial echo acquisition (the block off centre, lines measured in part) is
+    not."""
+    rows = mask.any(axis=1)
+    if not rows.any():
+        return False
+    lo, hi = sampled_extent(rows)
+    return bool(mask[lo:hi + 1].all()) and abs(lo - (mask.shape[0] - 1 - hi)) <= 1
 
-    evidence: dict = field(default_factory=dict)  # key -> (noise variance, error sum, samples)
 
-    def add(self, key, noise_var: float, heldout_error: float, samples: int) -> None:
-        """One slice's noise variance, mean held-out squared error per sample and samples."""
-        self.evidence[key] = (float(noise_var), float(heldout_error) * samples, int(samples))
-
-    @property
-    def slices(self) -> int:
-        return len(self.evidence)
-
-    def weight(self) -> float | None:
-        """The pooled weight; None without evidence."""
-        if not self.evidence:
-            return None
-        var, err, n = (np.array(v, np.float64) for v in zip(*self.evidence.values()))
-        return noise_aware_weight(float(var.mean()), float(err.sum() / max(n.sum(), 1)))
+def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
+    """Crop (ky, kx) to the recon matrix (y, x); a recon matrix larger than the encoded one is
+    reached by k-space zero-padding (sinc interpolation), which ``notes`` records."""
+    ry, rx = header.recon_matrix[1], header.recon_matrix[0]
+    ny, nx = img.shape
+    if ry <= ny and rx <= nx:
+        return center_crop(img, (ry, rx))
+    if ry > 4 * ny or rx > 4 * nx:
+        raise RawDataError(f"recon matrix {rx}x{ry} is more than 4x the encoded {nx}x{ny}")
+    notes.append(f"recon matrix {rx}x{ry} > encoded {nx}x{ny}: k-space zero-padded")
+    k = center_crop(fft2c(img.astype(np.complex64)), (max(ry, ny), max(rx, nx)))
+    scale = np.sqrt(k.shape[0] * k.shape[1] / (ny * nx))
+    return center_crop(np.abs(ifft2c(k)) * scale, (ry, rx)).astype(np.float32)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,17 @@ def significant_gain(reference: np.ndarray, candidate: np.ndarray, z: float = 1.
         return 0.0
     gain, se = paired_difference(reference, candidate)  # > 0: better
     return gain if gain > z * se and gain > 0 else 0.0
+
+
+class SliceEstimate(NamedTuple):
+    """What ``network_slice`` made of a slice: the complex image (ky, kx), the method that made
+    it (``unrolled`` or ``cg-sense``) and that method's mean squared error per sample on the
+    guard's held-out lines (data units; None without a guard) and the number of those samples."""
+
+    image: np.ndarray
+    method: str
+    heldout_error: float | None = None
+    heldout_samples: int = 0
 
 
 @dataclass(frozen=True)

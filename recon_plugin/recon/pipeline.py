@@ -13,10 +13,10 @@ setting; a stream sends them at once.
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images
 with the measured samples put back (``measured_weight``; ``auto``: by one weight per series from
-its slices' noise level and the guard's held-out lines, ``combine.ScanWeight``; offline a series
+its slices' noise level and the guard's held-out lines, ``series_weight.py``; offline a series
 is recombined once all its slices' evidence is in, a stream sends each slice with the evidence
 so far), combined by root-sum-of-squares as a fully
-sampled scan is (``combine.py``; a slice that is fully sampled, :func:`fully_sampled`, is that
+sampled scan is (``combine.py``; a slice that is fully sampled, ``combine.fully_sampled``, is that
 RSS and no method runs); crop to the recon matrix. Where a slice's phase field of view wraps
 (ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image and takes its
 part out of the data; the method reconstructs the first map's image from the rest, and both
@@ -34,17 +34,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
-from ..physics import center_crop, fft2c, ifft2c, slice_operator
+from ..physics import fft2c, slice_operator
 from ..scan import (
     Provenance,
-    RawDataError,
     RawScan,
     ReconImage,
     ReconSeries,
@@ -75,11 +73,13 @@ from .calibrate import (
     network_image,
 )
 from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
-from .combine import BlendParts, ScanWeight, measured_rss, slice_noise_variance
+from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix
 from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
-from .partial_fourier import homodyne, is_partial_fourier, sampled_extent
+from .guard import SliceEstimate
+from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import drop_silent_coils, whiten_and_compress, whitening_matrix
 from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
+from .series_weight import ScanWeight, auto_slice_weight, reweigh
 from .sparse import Sparsity
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,6 @@ SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skippe
 # ReconImage.method of a fully sampled slice written with every measured sample kept: its image
 # is the RSS of its coil images whatever the method, so no method runs and none is named
 FULLY_SAMPLED = "rss"
-
-
-class SliceEstimate(NamedTuple):
-    """What ``network_slice`` made of a slice: the complex image (ky, kx), the method that made
-    it (``unrolled`` or ``cg-sense``) and that method's mean squared error per sample on the
-    guard's held-out lines (data units; None without a guard) and the number of those samples."""
-
-    image: np.ndarray
-    method: str
-    heldout_error: float | None = None
-    heldout_samples: int = 0
 
 
 @dataclass
@@ -584,105 +573,3 @@ class Reconstructor:
         old = used.describe()
         image.notes[:] = [final.describe() if n == old else n for n in image.notes]
         return image
-
-
-# the note of a slice's noise-aware measured-sample weight starts with this
-WEIGHT_NOTE = "measured samples blended back with weight"
-
-
-def add_evidence(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: np.ndarray,
-                 support: np.ndarray, estimate: SliceEstimate | None, notes: list[str]) -> None:
-    """Add one slice's evidence for ``measured_weight: auto`` (``combine.ScanWeight``): its noise
-    variance (k-space (coils, ky, kx) as measured, mask (ky, kx), the coil maps' support (ky,
-    kx)) and its method's held-out error (``estimate``; None: no network ran). Where either
-    cannot be had, ``notes`` says why and the slice adds nothing."""
-    why = None
-    if estimate is None or estimate.heldout_samples <= 0:
-        why = "no guard ran on it (a classical method, the guard off, or too few lines to hold out)"
-    elif not estimate.heldout_error:
-        why = "its held-out error was 0"
-    if why:
-        notes.append(f"this slice adds no evidence to the noise-aware measured-sample weight: "
-                     f"{why}")
-        return
-    var = slice_noise_variance(kspace, mask, support)
-    if var is None:
-        notes.append("no samples to measure this slice's noise level on (neither background "
-                     "columns nor readout ends) for the noise-aware measured-sample weight")
-        return
-    weights.add((sl.slice_index, sl.contrast, sl.repetition, sl.phase), var,
-                estimate.heldout_error, estimate.heldout_samples)
-
-
-def auto_slice_weight(weights: ScanWeight, sl: SliceData, kspace: np.ndarray, mask: np.ndarray,
-                      maps: np.ndarray, maps2: np.ndarray | None,
-                      estimate: SliceEstimate | None, notes: list[str]) -> float:
-    """``measured_weight: auto`` for one slice: its evidence (:func:`add_evidence`; the noise
-    measured outside the support of its maps (coils, ky, kx) and, with a field-of-view wrap,
-    of its second maps ``maps2``) joins ``weights``, then the weight they pool to
-    (:func:`auto_weight`)."""
-    support = np.abs(maps).sum(0) > 0
-    if maps2 is not None:
-        support |= np.abs(maps2).sum(0) > 0
-    add_evidence(weights, sl, kspace, mask, support, estimate, notes)
-    return auto_weight(weights, sl.slice_index, notes)
-
-
-def auto_weight(weights: ScanWeight, index: int, notes: list[str],
-                previous: float | None = None) -> float:
-    """The measured-sample weight the pooled evidence gives (1, every sample kept, without any),
-    with its note (replacing an earlier one; logged unless it equals ``previous``, the weight
-    the slice was made with)."""
-    w = weights.weight()
-    n = weights.slices
-    whose = "1 slice's" if n == 1 else f"{n} slices'"
-    msg = (f"{WEIGHT_NOTE} {w:.2f} (noise-aware, from {whose} noise level and held-out lines)"
-           if w is not None else
-           f"{WEIGHT_NOTE} 1.00 (every measured sample kept: no slice had held-out lines and a "
-           f"measurable noise level)")
-    w = 1.0 if w is None else w
-    if w != previous:
-        log.info("slice %d: %s", index, msg)
-    notes[:] = [n for n in notes if not n.startswith(WEIGHT_NOTE)] + [msg]
-    return w
-
-
-def reweigh(image: ReconImage, weights: ScanWeight, header: ScanHeader) -> ReconImage:
-    """``image`` with the scan's final pooled measured-sample weight (its pixels recombined from
-    its ``blend`` parts where the weight changed); its parts are dropped."""
-    parts, image.blend = image.blend, None
-    if parts is None:
-        return image
-    w = auto_weight(weights, image.slice_index, image.notes, previous=image.measured_weight)
-    if w != image.measured_weight:
-        image.pixels = to_recon_matrix(parts.rss(w), header, [])
-        image.measured_weight = w
-    return image
-
-
-def fully_sampled(mask: np.ndarray) -> bool:
-    """Whether ``mask`` (ky, kx) measured every sample of one contiguous block of whole lines,
-    centred in ky (within one line): a fully sampled scan, with any unmeasured lines outside
-    it zero padding at both edges (fastMRI's columns outside the encoding limits). A partial
-    Fourier or partial echo acquisition (the block off centre, lines measured in part) is
-    not."""
-    rows = mask.any(axis=1)
-    if not rows.any():
-        return False
-    lo, hi = sampled_extent(rows)
-    return bool(mask[lo:hi + 1].all()) and abs(lo - (mask.shape[0] - 1 - hi)) <= 1
-
-
-def to_recon_matrix(img: np.ndarray, header: ScanHeader, notes: list[str]) -> np.ndarray:
-    """Crop (ky, kx) to the recon matrix (y, x); a recon matrix larger than the encoded one is
-    reached by k-space zero-padding (sinc interpolation), which ``notes`` records."""
-    ry, rx = header.recon_matrix[1], header.recon_matrix[0]
-    ny, nx = img.shape
-    if ry <= ny and rx <= nx:
-        return center_crop(img, (ry, rx))
-    if ry > 4 * ny or rx > 4 * nx:
-        raise RawDataError(f"recon matrix {rx}x{ry} is more than 4x the encoded {nx}x{ny}")
-    notes.append(f"recon matrix {rx}x{ry} > encoded {nx}x{ny}: k-space zero-padded")
-    k = center_crop(fft2c(img.astype(np.complex64)), (max(ry, ny), max(rx, nx)))
-    scale = np.sqrt(k.shape[0] * k.shape[1] / (ny * nx))
-    return center_crop(np.abs(ifft2c(k)) * scale, (ry, rx)).astype(np.float32)

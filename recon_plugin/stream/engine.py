@@ -35,10 +35,10 @@ from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
 from ..physics import fft2c
 from ..recon.calibrate import ScanCalibration
-from ..recon.combine import ScanWeight
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..recon.refine import SharedRefinement
+from ..recon.series_weight import ScanWeight
 from ..runtime import tune_allocator
 from ..scan import Geometry, ReconImage, ScanHeader, SliceData
 from .images import ImageEncoder, scan_series, write_and_deliver
