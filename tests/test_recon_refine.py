@@ -49,6 +49,20 @@ def test_refinement_respects_its_budget_and_keeps_nothing_without_gain():
     assert res is not None and res.seconds < 5.0 and res.steps < 10_000
 
 
+def test_a_minimum_step_count_overrides_the_budget_not_the_patience_stop():
+    """``min_steps``: the demo's images must not depend on the machine's speed, so the budget
+    does not stop training before that many steps; the held-out lines still may."""
+    torch.manual_seed(0)
+    model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="gradient").eval()
+    ksp, maps, mask, acs = _slice()
+    _, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=1e-3, max_steps=50,
+                          lr=3e-3, check_every=100, heldout_fraction=FRACTION, min_steps=12)
+    assert res is not None and res.steps == 12  # the budget alone would allow none
+    _, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=1e-3, max_steps=50, lr=0.0,
+                          check_every=2, patience=2, heldout_fraction=FRACTION, min_steps=40)
+    assert res is not None and res.steps == 4 and not res.kept  # patience: 2 checks, no gain
+
+
 def test_refinement_trains_and_judges_at_the_given_setting():
     """An untrained noise-aware network's CNN output is noise: at a small prior weight it
     predicts the held-out lines better than at the trained one, and the refinement starts

@@ -137,7 +137,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"simulated raw scan: {raw}")
     try:
         results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
-                            overrides={"refine": a.refine, "refine_budget_s": a.refine_budget},
+                            overrides={"refine": a.refine, "refine_budget_s": a.refine_budget,
+                                       "refine_min_steps": a.refine_min_steps},
                             progress=not a.quiet)
     except BatchInterrupted as e:
         return _interrupted(e)

@@ -26,13 +26,14 @@ A protocol file (``protocols/<name>.yaml``) looks like::
                                          # worse than CG-SENSE (by more than `significance`
                                          # standard errors of the per-line differences) are
                                          # reconstructed by CG-SENSE
-    refine: {mode: none, time_budget_s: 20, max_steps: 200}
+    refine: {mode: none, time_budget_s: 20, max_steps: 200, min_steps: 0}
                                          # scan: fine-tune a copy of the network per slice on its
                                          # own lines (recon/refine.py), kept where it helps;
                                          # shared: one copy per scan, trained on its central
                                          # slice, confirmed on each; time_budget_s: seconds
                                          # per slice, all stages (shared: the training slice
-                                         # from the refinement's start)
+                                         # from the refinement's start); min_steps: taken
+                                         # even past that budget
     calibration: {enabled: false, grid: [0.0625, 0.25, 1.0], cg_iters: [8, 16], slices: 3,
                   sparsity: [[0.01, 1], [0.03, 3], [0.003, 0.1], [0.003, 0.3], [0.01, 0.3],
                             [0.003, 0.03], [0.01, 0.01]]}
@@ -163,6 +164,7 @@ class Protocol:
             refine=self.refine.mode,
             refine_budget_s=self.refine.time_budget_s,
             refine_max_steps=self.refine.max_steps,
+            refine_min_steps=self.refine.min_steps,
             calibrate=self.calibration.enabled,
             calibrate_grid=tuple(self.calibration.grid),
             calibrate_cg_iters=tuple(self.calibration.cg_iters),

@@ -133,11 +133,19 @@ class RefineSpec(_Section):
     (``shared``), kept only where held-out lines improve. ``time_budget_s``: wall seconds per
     slice in all (maps, calibration, refinement, its confirmation, the guard, the final image;
     ``shared``: the slice that trains it, from the refinement's start); the refinement trains
-    for what the other stages leave."""
+    for what the other stages leave; ``min_steps``: steps it takes even past that budget (0:
+    the budget alone decides), so that its result does not depend on the machine's speed."""
 
     mode: Literal[REFINE_MODES] = "none"
     time_budget_s: Annotated[float, Field(strict=True, gt=0.0, le=3600.0)] = 20.0
     max_steps: Annotated[StrictInt, Field(ge=1, le=100000)] = 200
+    min_steps: Annotated[StrictInt, Field(ge=0, le=100000)] = 0
+
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> RefineSpec:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) exceeds max_steps ({self.max_steps})")
+        return self
 
 
 class CalibrationSpec(_Section):

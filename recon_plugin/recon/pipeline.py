@@ -116,6 +116,8 @@ class ReconSettings:
     # (shared: the scan's one refinement, from its start to the slice's end)
     refine_budget_s: float = 20.0
     refine_max_steps: int = 200
+    # steps the refinement takes even past its budget (0: the budget alone decides)
+    refine_min_steps: int = 0
     calibrate: bool = False  # data-consistency setting chosen on held-out lines (calibrate.py)
     calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
     calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
@@ -131,6 +133,9 @@ class ReconSettings:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.refine not in REFINE_MODES:
             raise ValueError(f"refine must be one of {REFINE_MODES}, got {self.refine!r}")
+        if not 0 <= self.refine_min_steps <= self.refine_max_steps:
+            raise ValueError(f"refine_min_steps must lie in [0, refine_max_steps = "
+                             f"{self.refine_max_steps}], got {self.refine_min_steps}")
         if self.partial_fourier not in PARTIAL_FOURIER:
             raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
                              f"got {self.partial_fourier!r}")
@@ -484,7 +489,8 @@ class Reconstructor:
                 self.model(name)[0], ksp, maps, mask, acs,
                 settings.refine_budget_s - (time.perf_counter() - started),
                 settings.refine_max_steps, heldout_fraction=settings.guard_fraction, seed=seed,
-                device=self.device, setting=dc_setting, reserve_passes=AFTER_REFINEMENT)
+                device=self.device, setting=dc_setting, reserve_passes=AFTER_REFINEMENT,
+                min_steps=settings.refine_min_steps)
         if res is None:  # not tried: too few lines to confirm it (guard's) or to stop it (own)
             notes.append(too_few_lines(guard_lines.size if unconfirmable else None))
             t["refine_skipped"] += 1

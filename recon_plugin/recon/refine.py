@@ -18,7 +18,8 @@ refined copy only where the guard's own held-out lines confirm it
 (``Reconstructor._confirm_refinement``). Its own set holds at least ``MIN_VERIFY_LINES``
 lines; where the guard's holds fewer (high acceleration, small matrix), or the slice has too
 few lines for its own, no refinement is tried. A wall-clock budget bounds the cost per slice:
-in the pipeline the slice's whole time, training taking what its other stages leave.
+in the pipeline the slice's whole time, training taking what its other stages leave (a
+minimum step count, where set, overrides it: the demo asks for one).
 With ``refine: shared`` (:class:`SharedRefinement`) a scan's first slice trains one copy and
 its other slices use it: one training per scan instead of one per slice, each slice still
 keeping it only where its guard lines confirm it.
@@ -105,6 +106,7 @@ def refine_slice(
     lr: float = 3e-4, rho: float = LOSS_FRACTION, heldout_fraction: float = 0.1, check_every: int = 5,
     patience: int = 3, seed: int = 0, device: str | torch.device = "cpu",
     scalar_lr_factor: float = 10.0, setting: DcSetting = TRAINED, reserve_passes: float = 0.0,
+    min_steps: int = 0,
 ) -> tuple[nn.Module | None, RefineResult | None]:
     """(the refined copy or None, what happened). ``heldout_fraction`` of the acquired lines
     outside ``acs``, at least ``MIN_VERIFY_LINES``, are held out; (None, None) where the slice
@@ -113,8 +115,10 @@ def refine_slice(
     that setting). Training stops at ``max_steps``, after ``patience`` checks without a better
     held-out error, or before its next step would end later than ``time_budget_s`` seconds
     after the call less ``reserve_passes`` times the duration of one held-out check (one
-    image as the pipeline delivers it: what the caller still has to make after training); the
-    best checked state is returned."""
+    image as the pipeline delivers it: what the caller still has to make after training), but
+    the budget does not stop it before ``min_steps`` steps (it runs past the budget where the
+    machine is slow or busy, so that the result does not depend on the machine's speed; the
+    patience stop still applies); the best checked state is returned."""
     t0 = time.perf_counter()
     lines = heldout_lines(mask, acs, heldout_fraction, min_lines=MIN_VERIFY_LINES, seed=seed)
     if lines.size < MIN_VERIFY_LINES:
@@ -154,7 +158,8 @@ def refine_slice(
                             {"params": scalars, "lr": lr * scalar_lr_factor}])
     rng = np.random.default_rng(seed)
     t_step = 0.0  # the last step's duration (with its check): the next one is expected to match
-    while steps < max_steps and time.perf_counter() + t_step < deadline:
+    while steps < max_steps and (steps < min_steps
+                                 or time.perf_counter() + t_step < deadline):
         t_this = time.perf_counter()
         dc, loss_mask = ssdu_split(m_train, rho, acs, rng)
         pred = _apply(net, k, op, dc, setting)
