@@ -254,3 +254,31 @@ def test_independent_simulation_has_the_stated_noise_and_references():
     err = np.sqrt(np.mean((case.target - clean) ** 2))
     assert 0.5 * sigma < err < np.sqrt(8) * sigma
     assert case.maps is not None and case.maps.shape == maps.shape
+
+
+def test_readme_real_brain_table_quotes_the_latest_bench_real_run():
+    """README's real-brain table is copied by hand from ``bench real``'s results: the columns
+    of the network alone, the default protocol (estimate alone and as written) and the scan
+    refinement must equal ``docs/real_results.json`` (rounded as printed), so that a rerun of
+    the benchmark without the README is caught."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "docs" / "real_results.json").read_text())["rows"]
+    readme = (root / "README.md").read_text()
+    columns = {4: "unrolled-base", 5: "unrolled-base + calibration + guard, estimate alone",
+               6: "unrolled-base + calibration + guard", 7: "unrolled-base + refine + guard"}
+    checked = 0
+    for acc, axis in ((4, "phase"), (8, "phase"), (4, "readout"), (8, "readout")):
+        line = next(ln for ln in readme.splitlines()
+                    if ln.startswith(f"| {acc}x, mask along {axis} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        case = f"espirit_brain8ch_full[0] mask along {axis} {acc}x"
+        for col, method in columns.items():
+            row = next(r for r in rows if r["case"] == case and r["method"] == method)
+            psnr, ssim = (float(x) for x in re.findall(r"\d+\.\d+", cells[col])[:2])
+            assert (psnr, ssim) == (round(row["psnr"], 2), round(row["ssim"], 3)), (case, method)
+            checked += 1
+    assert checked == 16
