@@ -30,8 +30,8 @@ from .commands import (
     cmd_train_pool,
 )
 
-# refinement steps the demo takes even past its budget: 67 steps (45 s on an idle 2-core
-# AVX-512 CPU) left no arc on the built-in phantom (docs/FINDINGS.md)
+# refinement steps the demo takes even past its budget: 67 steps (session 16) and 85 (session
+# 21, ended by the held-out lines) left no arc on the built-in phantom, 7 did (docs/FINDINGS.md)
 DEMO_REFINE_MIN_STEPS = 60
 
 
