@@ -28,7 +28,14 @@ from pydantic import (
 
 from ..output.dicom import DicomOptions
 from ..output.pacs import PacsTargetError, parse_target
-from ..recon import AUTO_WEIGHT, FALLBACKS, METHODS, PARTIAL_FOURIER, REFINE_MODES
+from ..recon import (
+    AUTO_WEIGHT,
+    FALLBACKS,
+    METHODS,
+    PARTIAL_FOURIER,
+    REFINE_MODES,
+    measured_weight,
+)
 from ..recon.calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
 from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
@@ -187,13 +194,7 @@ class ImageSpec(_Section):
     @classmethod
     def _weight(cls, v: Any) -> float | str:
         """A number in [0, 1] (not text, not a bool) or ``auto`` (any case): one message."""
-        if isinstance(v, str) and v.strip().lower() == AUTO_WEIGHT:
-            return AUTO_WEIGHT
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"must be a number in [0, 1] or 'auto', got {str(v)[:40]!r}")
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must lie in [0, 1], got {v:g}")
-        return float(v)
+        return measured_weight(v, text=False, name="")
 
 
 class SeriesSpec(_Section):

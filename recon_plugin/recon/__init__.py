@@ -20,19 +20,22 @@ REFINE_MODES = ("none", "scan", "shared")
 AUTO_WEIGHT = "auto"
 
 
-def measured_weight(value) -> float | str:
+def measured_weight(value, text: bool = True, name: str = "measured_weight") -> float | str:
     """The written image's measured-sample weight (``combine.py``) from a number, its text or
     ``"auto"``: a float in [0, 1] or :data:`AUTO_WEIGHT`; ValueError naming the problem
-    otherwise (``bool`` is not a number)."""
+    otherwise (``bool`` is not a number). ``text=False``: a number given as text is refused
+    too (a protocol file must write numbers as numbers); ``name``: the message's subject (empty
+    where the caller prefixes its own key, as the protocol schema does)."""
     if isinstance(value, str) and value.strip().lower() == AUTO_WEIGHT:
         return AUTO_WEIGHT
+    subject = f"{name} " if name else ""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, str) and not text):
             raise TypeError
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"measured_weight must be a number in [0, 1] or 'auto', got "
+        raise ValueError(f"{subject}must be a number in [0, 1] or 'auto', got "
                          f"{str(value)[:40]!r}") from None
     if not 0.0 <= v <= 1.0:
-        raise ValueError(f"measured_weight must lie in [0, 1], got {v:g}")
+        raise ValueError(f"{subject}must lie in [0, 1], got {v:g}")
     return v
