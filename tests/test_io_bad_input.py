@@ -168,9 +168,10 @@ def test_ismrmrd_non_cartesian_and_3d(ismrmrd_file):
         xml = f["dataset/xml"][0].decode()
     _set_xml(ismrmrd_file, xml.replace("<trajectory>cartesian", "<trajectory>radial"))
     _fails(ismrmrd_file, "radial")
+    # a header that says 3D (encoded z = 8) over 2D data: every line on one partition encode
     z = xml.index("<z>1</z>")
     _set_xml(ismrmrd_file, xml[:z] + "<z>8</z>" + xml[z + 8 :])
-    _fails(ismrmrd_file, "3D")
+    _fails(ismrmrd_file, "3D", "kz", "encoded matrix z")
 
 
 def test_ismrmrd_coil_count_changes(tmp_path, ismrmrd_file):

@@ -328,6 +328,10 @@ def parse_header(
     mi = hdr.measurementInformation
     xml_str = xml.decode("utf-8", "replace") if isinstance(xml, (bytes, bytearray)) else str(xml)
     os = enc.readout_os
+    # a 3D scan's images are its partitions (io/mrd_volume.py): the encoded slab / partitions
+    partition = enc.enc_fov[2] / enc.enc_matrix[2] if enc.enc_matrix[2] > 1 and \
+        enc.enc_fov[2] > 0 else None
+    thickness = partition or (enc.recon_fov[2] if enc.recon_fov[2] > 0 else None)
     return ScanHeader(
         encoded_matrix=(enc.enc_matrix[0] // os, enc.enc_matrix[1], enc.enc_matrix[2]),
         encoded_fov_mm=(enc.enc_fov[0] / os, enc.enc_fov[1], enc.enc_fov[2]),
@@ -338,8 +342,8 @@ def parse_header(
         contrast_name=str(contrast),
         acceleration=acc,
         calibration_lines=int(calib) if calib is not None else None,
-        slice_thickness_mm=enc.recon_fov[2] if enc.recon_fov[2] > 0 else None,
-        slice_spacing_mm=float(spacing) if spacing is not None else None,
+        slice_thickness_mm=thickness,
+        slice_spacing_mm=float(spacing) if spacing is not None else partition,
         sequence=_sequence(hdr, enc.echo_train_length),
         identity=_identity(hdr),
         xml=xml_str,

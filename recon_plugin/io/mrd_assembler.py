@@ -19,7 +19,11 @@ Routing rules:
 * navigator, phase-correction, HP/RT feedback, dummy-scan, surface-coil-correction and
   phase-stabilisation acquisitions are skipped (counted, never placed);
 * geometry from the first line's ``position`` / ``*_dir``; zero vectors give
-  :meth:`Geometry.default` (slices stacked along z by the slice spacing) and a warning.
+  :meth:`Geometry.default` (slices stacked along z by the slice spacing) and a warning;
+* a 3D scan (encoded matrix z > 1) collects each slab on a (coils, kz, ky, kx) grid
+  (``kspace_encode_step_2``) and is split into partitions, one :class:`SliceData` each, when the
+  data end (:mod:`recon_plugin.io.mrd_volume`: acceleration along ky only); separate
+  calibration data of a 3D scan are not used (its coil maps come from each partition's centre).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 from .mrd_calibration import separate_calibration
 from .mrd_lines import LineBuffer, channel_ids, kspace_row, place_readout
+from .mrd_volume import VolumeBuffer, partition_geometry, split_partitions
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +82,8 @@ class MrdAssembler:
                 f"{self.source}: trajectory {self.enc.trajectory!r} is not supported "
                 "(Cartesian only)"
             )
-        if self.enc.enc_matrix[2] > 1:
-            raise RawDataError(
-                f"{self.source}: 3D encoding (encoded matrix z = {self.enc.enc_matrix[2]}) "
-                "is not supported (2D multi-slice only)"
-            )
+        self.nz = self.enc.enc_matrix[2]  # > 1: a 3D scan, split into partitions
+        self.e2_center = self._e2_center() if self.nz > 1 else 0
         self.emit_early = emit_early
         self.max_bytes = max_bytes
         self._allocated = 0
@@ -92,13 +94,14 @@ class MrdAssembler:
             coils = max(int(self.header.num_coils or 1), 1)
             ny, nx = self.enc.ny, self.enc.nx
             check_budget(self.source, f"the header's {n} slice buffers of {coils} coils x "
-                         f"{nx} x {ny}", n * coils * ny * nx * 8, max_bytes)
+                         f"{nx} x {ny}" + (f" x {self.nz}" if self.nz > 1 else ""),
+                         n * coils * ny * nx * self.nz * 8, max_bytes)
         self.coils: int | None = None
         self._img_channels: list[int] | None = None
         self.noise: list[np.ndarray] = []
         self.noise_dwell_us: float | None = None
         self.acq_dwell_us: float | None = None
-        self._buffers: dict[Key, LineBuffer] = {}
+        self._buffers: dict[Key, LineBuffer | VolumeBuffer] = {}
         self._calib: dict[int, tuple[LineBuffer, EncodingInfo]] = {}
         self._skipped: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -117,6 +120,17 @@ class MrdAssembler:
         msg = f"{self.source}: {msg}"
         log.warning(msg)
         self.warnings.append(msg)
+
+    def _e2_center(self) -> int:
+        """The kz row of k-space centre: ``encodingLimits.kspace_encoding_step_2.center``, or
+        the middle of the encoded z where the header leaves it unset."""
+        lim = getattr(self.enc.limits, "kspace_encoding_step_2", None) \
+            if self.enc.limits is not None else None
+        try:
+            c, top = int(lim.center or 0), int(lim.maximum or 0)
+        except (AttributeError, TypeError, ValueError):  # no limits, or unreadable ones
+            return self.nz // 2
+        return c if c > 0 or top == 0 else self.nz // 2
 
     def _encoding(self, ref: int) -> EncodingInfo:
         if ref == 0:
@@ -195,6 +209,9 @@ class MrdAssembler:
         most = max([self._most_lines, *(b.lines for b in self._buffers.values())])
         out = []
         for key in sorted(self._buffers):
+            if isinstance(self._buffers[key], VolumeBuffer):
+                out.extend(self._emit_partitions(key))
+                continue
             lines = self._buffers[key].lines
             sl = self._emit(key)
             if self._ended and (key[0], *key[2:]) not in self._ended and lines < most:
@@ -236,14 +253,15 @@ class MrdAssembler:
         )
 
     # ---------------------------------------------------------------------------- internals
-    def _reserve(self, coils: int, enc: EncodingInfo) -> None:
-        """Count a new slice buffer against ``max_bytes`` before allocating it."""
+    def _reserve(self, coils: int, enc: EncodingInfo, nz: int = 1) -> None:
+        """Count a new slice (or 3D slab: ``nz`` partition encodes) buffer against
+        ``max_bytes`` before allocating it."""
         if self.max_bytes is None:
             return
-        self._allocated += coils * enc.ny * enc.nx * 8
+        self._allocated += coils * enc.ny * enc.nx * nz * 8
+        size = f"{coils} coils x {enc.nx} x {enc.ny}" + (f" x {nz}" if nz > 1 else "")
         check_budget(self.source, f"slice buffer {len(self._buffers) + len(self._calib) + 1} "
-                     f"({coils} coils x {enc.nx} x {enc.ny}, with the ones before)",
-                     self._allocated, self.max_bytes)
+                     f"({size}, with the ones before)", self._allocated, self.max_bytes)
 
     def _add_noise(self, acq: ismrmrd.Acquisition) -> None:
         data = np.asarray(acq.data, np.complex64)
@@ -277,19 +295,31 @@ class MrdAssembler:
             self._warn(f"line kspace_encode_step_1={idx.kspace_encode_step_1} lies outside the "
                        f"encoded matrix (ny={enc.ny}); dropped", once="row-range")
             return []
+        kz = int(idx.kspace_encode_step_2) - self.e2_center + self.nz // 2
+        if self.nz > 1 and not 0 <= kz < self.nz:
+            self._skipped["out-of-range partition"] = \
+                self._skipped.get("out-of-range partition", 0) + 1
+            self._warn(f"line kspace_encode_step_2={idx.kspace_encode_step_2} lies outside the "
+                       f"encoded matrix (nz={self.nz}); dropped", once="kz-range")
+            return []
         buf = self._buffers.get(key)
         if buf is None:
-            self._reserve(self.coils, enc)
-            buf = self._buffers[key] = LineBuffer.new(self.coils, enc.ny, enc.nx)
+            self._reserve(self.coils, enc, self.nz)
+            buf = self._buffers[key] = LineBuffer.new(self.coils, enc.ny, enc.nx) \
+                if self.nz == 1 else VolumeBuffer.new(self.coils, self.nz, enc.ny, enc.nx)
             buf.geometry = self._geometry(acq, key[0])
             buf.timestamp = int(acq.acquisition_time_stamp)
-        buf.add(row, *self._line(acq, enc))
+        if isinstance(buf, VolumeBuffer):
+            buf.add(kz, row, *self._line(acq, enc))
+        else:
+            buf.add(row, *self._line(acq, enc))
         buf.averages.add(int(idx.average))
         if calib_row:
             buf.calib_rows.add(row)
         if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
             self._ended.add((key[0], *key[2:]))
-        if not (self.emit_early and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)):
+        # a 3D slab is complete only when the data end (its flags mark partitions, not slabs)
+        if self.nz > 1 or not (self.emit_early and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)):
             return []
         if idx.average < self.enc.limit_max("average"):
             return []  # more averages of this slice follow
@@ -301,6 +331,12 @@ class MrdAssembler:
         return done
 
     def _add_calib(self, acq: ismrmrd.Acquisition, ref: int) -> None:
+        if self.nz > 1:
+            self._skipped["3D separate calibration"] = \
+                self._skipped.get("3D separate calibration", 0) + 1
+            self._warn("separate calibration data of a 3D scan are not used; the coil maps "
+                       "come from each partition's fully sampled centre", once="calib-3d")
+            return
         try:
             enc = self._encoding(ref)
         except RawDataError as err:
@@ -331,26 +367,29 @@ class MrdAssembler:
         return separate_calibration(buf, enc, self.enc, nx, self.coils, self._img_channels,
                                     lambda msg, key: self._warn(msg, once=key))
 
+    @staticmethod
+    def _acs(rows: np.ndarray, calib_rows: set[int]) -> tuple[int, int] | None:
+        """The fully sampled calibration block [start, stop) of sampled ky ``rows`` (ny,)
+        around the centre: the flagged calibration rows within it, else the whole centre
+        run where it holds at least 4 lines."""
+        run = centre_run(rows, rows.size // 2)
+        if run is None:
+            return None
+        if calib_rows:
+            lo = max(run[0], min(calib_rows))
+            hi = min(run[1], max(calib_rows) + 1)
+            return (lo, hi) if hi - lo >= 2 else None
+        return run if run[1] - run[0] >= 4 else None
+
     def _emit(self, key: Key) -> SliceData:
         buf = self._buffers.pop(key)
         self._most_lines = max(self._most_lines, buf.lines)
         kspace, mask = buf.average()
-        ny = kspace.shape[1]
-        rows = buf.count > 0
-        acs = None
-        run = centre_run(rows, ny // 2)
-        if run is not None:
-            if buf.calib_rows:
-                lo = max(run[0], min(buf.calib_rows))
-                hi = min(run[1], max(buf.calib_rows) + 1)
-                acs = (lo, hi) if hi - lo >= 2 else None
-            elif run[1] - run[0] >= 4:
-                acs = run
         return SliceData(
             kspace=kspace,
             mask=mask,
             geometry=buf.geometry or Geometry.default(),
-            acs=acs,
+            acs=self._acs(buf.count > 0, buf.calib_rows),
             calib=self._separate_calib(key[0], kspace.shape[2]),
             slice_index=key[0],
             contrast=key[1],
@@ -359,4 +398,26 @@ class MrdAssembler:
             average_count=max(len(buf.averages), 1),
             acquisition_time_stamp=buf.timestamp,
         )
+
+    def _emit_partitions(self, key: Key) -> list[SliceData]:
+        """A 3D slab as one :class:`SliceData` per partition (``mrd_volume``); partition ``p``
+        of slab ``s`` is slice ``s * P + p`` (P partitions per slab)."""
+        buf = self._buffers.pop(key)
+        parts = split_partitions(buf, self.enc.enc_fov[2], self.enc.recon_fov[2], self.source)
+        slab = buf.geometry or Geometry.default()
+        acs = self._acs(parts.mask.any(axis=1), buf.calib_rows)
+        n = len(parts.offsets)
+        return [SliceData(
+            kspace=k,
+            mask=parts.mask.copy(),
+            geometry=partition_geometry(slab, off, parts.dz_mm),
+            acs=acs,
+            slice_index=key[0] * n + p,
+            contrast=key[1],
+            phase=key[2],
+            repetition=key[3],
+            average_count=max(len(buf.averages), 1),
+            acquisition_time_stamp=buf.timestamp,
+            notes=list(parts.notes),
+        ) for p, (k, off) in enumerate(zip(parts.kspace, parts.offsets))]
 
