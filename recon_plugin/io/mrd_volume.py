@@ -103,8 +103,9 @@ def split_partitions(buf: VolumeBuffer, enc_fov_z_mm: float, recon_fov_z_mm: flo
     if (lo, hi) != (0, nz - 1):
         notes.append(f"3D partial acquisition along kz: partition encodes {lo}-{hi} of {nz} "
                      "measured, the rest zero-filled")
-    k = buf.kspace / np.maximum(counts, 1)[None, :, :, None]
-    k = ifft1c(k, axis=1).astype(np.complex64)  # (coils, z, ky, kx)
+    # averages divided out in place (the buffer is not used again), then one copy: along z
+    k = np.divide(buf.kspace, np.maximum(counts, 1)[None, :, :, None], out=buf.kspace)
+    k = ifft1c(k, axis=1).astype(np.complex64, copy=False)  # (coils, z, ky, kx)
     mask = buf.mask[nz // 2].copy()
     offsets = np.arange(nz) - nz // 2
     dz = enc_fov_z_mm / nz if enc_fov_z_mm > 0 else 1.0
