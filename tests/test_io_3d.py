@@ -3,6 +3,8 @@ written one image per partition; acceleration along kz refused with a message.""
 
 from __future__ import annotations
 
+import itertools
+
 import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
@@ -31,9 +33,12 @@ def _kspace_3d(vol) -> np.ndarray:
 
 
 def write_3d(path, vol, lines_for_kz, *, recon_slab_mm: float = SLAB_MM, kz_rows=None,
-             calib: tuple[int, int] = (20, 28), kz_limits: bool = True):
+             calib: tuple[int, int] = (20, 28), kz_limits: bool = True, slabs: int = 1,
+             contrasts: int = 1):
     """A 3D ISMRMRD file of ``vol``'s slab: kz rows ``kz_rows`` (default all), each with the
-    ky lines ``lines_for_kz(kz)``; lines in ``calib`` are flagged as calibration."""
+    ky lines ``lines_for_kz(kz)``; lines in ``calib`` are flagged as calibration. ``slabs``
+    stacks copies of it along the slice direction (contiguous), ``contrasts`` scales it by
+    1, 2, ... per echo."""
     ny, nx = vol.matrix
     k = _kspace_3d(vol)
     hdr = xsd.CreateFromDocument(build_header_xml(
@@ -47,13 +52,17 @@ def write_3d(path, vol, lines_for_kz, *, recon_slab_mm: float = SLAB_MM, kz_rows
     enc.reconSpace.matrixSize.z = int(round(NZ * recon_slab_mm / SLAB_MM))
     enc.encodingLimits.kspace_encoding_step_2 = xsd.limitType(
         minimum=0, maximum=NZ - 1, center=NZ // 2) if kz_limits else None
-    enc.encodingLimits.slice = xsd.limitType(minimum=0, maximum=0, center=0)
+    enc.encodingLimits.slice = xsd.limitType(minimum=0, maximum=slabs - 1, center=0)
+    enc.encodingLimits.contrast = xsd.limitType(minimum=0, maximum=contrasts - 1, center=0)
     centre = vol.slices[NZ // 2].position  # ISMRMRD: a 3D line's position is the slab centre
     s0 = vol.slices[0]
     acqs = []
-    for kz in (range(NZ) if kz_rows is None else kz_rows):
+    for slab, echo, kz in itertools.product(range(slabs), range(contrasts),
+                                            range(NZ) if kz_rows is None else kz_rows):
         for ky in lines_for_kz(kz):
-            acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(k[:, kz, ky, :]))
+            acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(k[:, kz, ky, :]
+                                                                      * (1 + echo)))
+            acq.idx.slice, acq.idx.contrast = slab, echo
             acq.version = 1
             acq.sample_time_us = 5.0
             for ch in range(vol.num_coils):
@@ -61,7 +70,7 @@ def write_3d(path, vol, lines_for_kz, *, recon_slab_mm: float = SLAB_MM, kz_rows
             acq.idx.kspace_encode_step_1 = ky
             acq.idx.kspace_encode_step_2 = kz
             acq.center_sample = nx // 2
-            acq.position[:] = centre
+            acq.position[:] = centre + slab * SLAB_MM * s0.slice_dir
             acq.read_dir[:] = s0.read_dir
             acq.phase_dir[:] = s0.phase_dir
             acq.slice_dir[:] = s0.slice_dir
@@ -104,6 +113,18 @@ def test_ky_acceleration_keeps_its_mask_and_calibration_per_partition(tmp_path, 
     full = vol.slices[sl.slice_index].kspace
     np.testing.assert_allclose(sl.kspace[:, rows], full[:, rows], atol=1e-4 * np.abs(full).max())
     assert not np.any(sl.kspace[:, ~rows])
+
+
+def test_slabs_and_echoes_give_contiguous_partitions_per_series(tmp_path, vol):
+    scan = read_raw(write_3d(tmp_path / "multi.h5", vol, _ky_r2, slabs=2, contrasts=2))
+    assert len(scan.slices) == 2 * 2 * NZ
+    for echo in (0, 1):
+        sls = sorted((s for s in scan.slices if s.contrast == echo), key=lambda s: s.slice_index)
+        assert [s.slice_index for s in sls] == list(range(2 * NZ))
+        along = [float(s.geometry.position @ vol.slices[0].slice_dir) for s in sls]
+        np.testing.assert_allclose(np.diff(along), SLAB_MM / NZ, atol=1e-6)
+    a, b = (next(s for s in scan.slices if s.slice_index == 3 and s.contrast == c) for c in (0, 1))
+    np.testing.assert_allclose(b.kspace, 2 * a.kspace, rtol=1e-5, atol=1e-6)
 
 
 def test_partial_fourier_along_kz_is_zero_filled_and_noted(tmp_path, vol):
