@@ -5,8 +5,8 @@ measurements first, the imaging measurement last). Every readout (MDB) becomes a
 ``ismrmrd.Acquisition`` that goes through the same :class:`~recon_plugin.io.mrd_assembler.MrdAssembler`
 as ISMRMRD files and streams, with an ISMRMRD header built from the twix protocol:
 
-* counters ``Lin``/``Sli``/``Eco``/``Ave``/``Phs``/``Rep``/``Set`` -> ``idx`` (line, slice,
-  contrast, average, phase, repetition, set); ``CenterCol`` -> ``center_sample`` (asymmetric
+* counters ``Lin``/``Par``/``Sli``/``Eco``/``Ave``/``Phs``/``Rep``/``Set`` -> ``idx`` (line,
+  partition, slice, contrast, average, phase, repetition, set); ``CenterCol`` -> ``center_sample`` (asymmetric
   echoes); ``REFLECT`` -> ``ACQ_IS_REVERSE``;
 * ``NOISEADJSCAN`` (in any measurement of the file) -> noise (prewhitening, dwell-time ratio);
 * ``PATREFSCAN`` -> parallel-calibration lines, ``PATREFANDIMASCAN`` -> calibration-and-imaging
@@ -19,6 +19,10 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
 * geometry per slice from the MDB's slice data as ``siemens_to_ismrmrd`` does: ``sSlicePosVec``
   (Sag, Cor, Tra = LPS mm) is the slice centre, the quaternion (scalar first) gives the rotation
   whose columns are (phase, read, slice) direction;
+* 3D (``sKSpace.ucDimension`` 4): ``lPartitions`` encodes over the slab (``CenterPar`` its
+  centre), ``lImagesPerSlab`` images of it (more partitions than images: slice oversampling,
+  the encoded slab thicker by as much); the assembler splits it into partitions
+  (:mod:`recon_plugin.io.mrd_volume`, acceleration along ky only);
 * the slice array (``sSliceArray.asSlice``: FOVs, thickness, count), ``sKSpace`` (matrix),
   ``alTR`` / ``alTE`` / ``adFlipAngleDegree``, field strength, model and patient position fill
   the header.
@@ -91,8 +95,10 @@ def _first(v, default=None):
 
 
 def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slices: int,
-               n_echoes: int, n_coils: int, separate_ref: bool) -> str:
-    """An ISMRMRD XML header for the twix measurement (see module doc)."""
+               n_echoes: int, n_coils: int, separate_ref: bool, n_par: int = 1,
+               centre_par: int = 0) -> str:
+    """An ISMRMRD XML header for the twix measurement (see module doc); ``n_par`` /
+    ``centre_par``: the partitions the data hold and the k-space centre's (3D)."""
     my = hdr.get("MeasYaps", {})
     sl = (_get(my, "sSliceArray", "asSlice") or [{}])[0]
     ro_fov = float(sl.get("dReadoutFOV", 0) or 0)
@@ -105,13 +111,18 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     enc_y = max(lines, max_lin + 1)
     os = max(n_samples // base, 1) if base else 1
     dims = int(_get(my, "sKSpace", "ucDimension", default=2) or 2)
+    # 3D (ucDimension 4): lPartitions encodes over the slab, lImagesPerSlab images of it; more
+    # partitions than images is slice oversampling (the encoded slab is thicker by as much)
+    enc_z, rec_z, enc_thick, accel_3d = 1, 1, thick, 1
     if dims == 4:
-        raise RawDataError("3D encoding (twix sKSpace.ucDimension = 4) is not supported "
-                           "(2D multi-slice only)")
+        enc_z = max(int(_get(my, "sKSpace", "lPartitions", default=n_par) or n_par), n_par)
+        rec_z = min(int(_get(my, "sKSpace", "lImagesPerSlab", default=enc_z) or enc_z), enc_z)
+        enc_thick = thick * enc_z / rec_z
+        accel_3d = int(_get(my, "sPat", "lAccelFact3D", default=1) or 1)
     n_sl = int(_get(my, "sSliceArray", "lSize", default=n_slices) or n_slices)
     spacing = None
     slices = _get(my, "sSliceArray", "asSlice") or []
-    if len(slices) > 1:
+    if len(slices) > 1 and dims != 4:  # a 3D scan's spacing is its partitions'
         def centre(s):
             p = s.get("sPosition", {})
             return np.array([p.get("dSag", 0.0), p.get("dCor", 0.0), p.get("dTra", 0.0)])
@@ -160,23 +171,25 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
   {f0_xml}
   <encoding>
     <encodedSpace>
-      <matrixSize><x>{base * os}</x><y>{enc_y}</y><z>1</z></matrixSize>
+      <matrixSize><x>{base * os}</x><y>{enc_y}</y><z>{enc_z}</z></matrixSize>
       <fieldOfView_mm><x>{ro_fov * os:.6g}</x><y>{pe_fov * enc_y / max(lines, 1):.6g}</y>
-        <z>{thick:.6g}</z></fieldOfView_mm>
+        <z>{enc_thick:.6g}</z></fieldOfView_mm>
     </encodedSpace>
     <reconSpace>
-      <matrixSize><x>{base}</x><y>{recon_y}</y><z>1</z></matrixSize>
+      <matrixSize><x>{base}</x><y>{recon_y}</y><z>{rec_z}</z></matrixSize>
       <fieldOfView_mm><x>{ro_fov:.6g}</x><y>{pe_fov:.6g}</y><z>{thick:.6g}</z></fieldOfView_mm>
     </reconSpace>
     <encodingLimits>
       <kspace_encoding_step_1><minimum>0</minimum><maximum>{enc_y - 1}</maximum>
         <center>{centre_lin}</center></kspace_encoding_step_1>
+      <kspace_encoding_step_2><minimum>0</minimum><maximum>{enc_z - 1}</maximum>
+        <center>{centre_par if enc_z > 1 else 0}</center></kspace_encoding_step_2>
       <slice><minimum>0</minimum><maximum>{max(n_sl, n_slices) - 1}</maximum><center>0</center></slice>
       <contrast><minimum>0</minimum><maximum>{max(n_echoes, 1) - 1}</maximum><center>0</center></contrast>
     </encodingLimits>
     <trajectory>cartesian</trajectory>
     <parallelImaging>
-      <accelerationFactor><kspace_encoding_step_1>{accel}</kspace_encoding_step_1><kspace_encoding_step_2>1</kspace_encoding_step_2></accelerationFactor>
+      <accelerationFactor><kspace_encoding_step_1>{accel}</kspace_encoding_step_1><kspace_encoding_step_2>{accel_3d}</kspace_encoding_step_2></accelerationFactor>
       <calibrationMode>{calib}</calibrationMode>
     </parallelImaging>
   </encoding>
@@ -191,6 +204,7 @@ def _acquisition(mdb, flags: list[str], dwell_us: float | None) -> ismrmrd.Acqui
     acq = ismrmrd.Acquisition.from_array(data)
     idx = acq.idx
     idx.kspace_encode_step_1 = int(mdb.cLin)
+    idx.kspace_encode_step_2 = int(mdb.cPar)
     idx.slice = int(mdb.cSlc)
     idx.contrast = int(mdb.cEco)
     idx.average = int(mdb.cAve)
@@ -302,13 +316,15 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     centre_lin = int(imaging[0][0].mdh.CenterLin)
     n_slices = max(int(m.cSlc) for m, _ in others) + 1
     n_echoes = max(int(m.cEco) for m, _ in others) + 1
-    grid = 8 * n_coils * n_samples * (max_lin + 1) * n_slices * n_echoes
+    n_par = max(int(m.cPar) for m, _ in others) + 1
+    centre_par = int(imaging[0][0].mdh.CenterPar)
+    grid = 8 * n_coils * n_samples * (max_lin + 1) * n_slices * n_echoes * n_par
     if max_bytes is not None and grid > max_bytes:
         raise RawDataError(f"{where}: the k-space grid needs {grid / 2**30:.2f} GB, more than the "
                            f"limit of {max_bytes / 2**30:.2f} GB")
     try:
         xml = header_xml(hdr, n_samples, max_lin, centre_lin, n_slices, n_echoes, n_coils,
-                         separate_ref)
+                         separate_ref, n_par, centre_par)
     except RawDataError as err:
         raise RawDataError(f"{where}: {err}") from err
     asm = MrdAssembler(xml, source=where, emit_early=False)
