@@ -41,7 +41,7 @@ from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 from .mrd_calibration import separate_calibration
 from .mrd_lines import LineBuffer, channel_ids, kspace_row, place_readout
-from .mrd_volume import VolumeBuffer, partition_geometry, split_partitions
+from .mrd_volume import partition_geometry, split_partitions
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class MrdAssembler:
         self.noise: list[np.ndarray] = []
         self.noise_dwell_us: float | None = None
         self.acq_dwell_us: float | None = None
-        self._buffers: dict[Key, LineBuffer | VolumeBuffer] = {}
+        self._buffers: dict[Key, LineBuffer] = {}
         self._calib: dict[int, tuple[LineBuffer, EncodingInfo]] = {}
         self._skipped: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -209,7 +209,7 @@ class MrdAssembler:
         most = max([self._most_lines, *(b.lines for b in self._buffers.values())])
         out = []
         for key in sorted(self._buffers):
-            if isinstance(self._buffers[key], VolumeBuffer):
+            if self._buffers[key].volume:
                 out.extend(self._emit_partitions(key))
                 continue
             lines = self._buffers[key].lines
@@ -305,14 +305,10 @@ class MrdAssembler:
         buf = self._buffers.get(key)
         if buf is None:
             self._reserve(self.coils, enc, self.nz)
-            buf = self._buffers[key] = LineBuffer.new(self.coils, enc.ny, enc.nx) \
-                if self.nz == 1 else VolumeBuffer.new(self.coils, self.nz, enc.ny, enc.nx)
+            buf = self._buffers[key] = LineBuffer.new(self.coils, enc.ny, enc.nx, self.nz)
             buf.geometry = self._geometry(acq, key[0])
             buf.timestamp = int(acq.acquisition_time_stamp)
-        if isinstance(buf, VolumeBuffer):
-            buf.add(kz, row, *self._line(acq, enc))
-        else:
-            buf.add(row, *self._line(acq, enc))
+        buf.add(row, *self._line(acq, enc), kz=kz if self.nz > 1 else None)
         buf.averages.add(int(idx.average))
         if calib_row:
             buf.calib_rows.add(row)
@@ -405,12 +401,13 @@ class MrdAssembler:
         buf = self._buffers.pop(key)
         parts = split_partitions(buf, self.enc.enc_fov[2], self.enc.recon_fov[2], self.source)
         slab = buf.geometry or Geometry.default()
+        dz = self.header.slice_thickness_mm or 1.0  # the header's partition thickness
         acs = self._acs(parts.mask.any(axis=1), buf.calib_rows)
         n = len(parts.offsets)
         return [SliceData(
             kspace=k,
             mask=parts.mask.copy(),
-            geometry=partition_geometry(slab, off, parts.dz_mm),
+            geometry=partition_geometry(slab, off, dz),
             acs=acs,
             slice_index=key[0] * n + p,
             contrast=key[1],

@@ -80,37 +80,48 @@ def place_readout(
 
 @dataclass
 class LineBuffer:
-    """Accumulates lines of one slice on a (coils, ny, nx) grid."""
+    """Accumulates lines of one slice on a (coils, ny, nx) grid, or of one 3D slab on a
+    (coils, nz, ny, nx) grid (``nz`` partition encodes; rows are then (kz, ky) pairs)."""
 
-    kspace: np.ndarray  # (coils, ny, nx) complex64 running sum
-    mask: np.ndarray  # (ny, nx) float32
-    count: np.ndarray  # (ny,) number of lines summed per row
+    kspace: np.ndarray  # (coils, [nz,] ny, nx) complex64 running sum
+    mask: np.ndarray  # ([nz,] ny, nx) float32
+    count: np.ndarray  # ([nz,] ny) number of lines summed per row
     geometry: Geometry | None = None
     timestamp: int | None = None
     channels: list[int] | None = None
-    calib_rows: set[int] = field(default_factory=set)
+    calib_rows: set[int] = field(default_factory=set)  # ky rows flagged as calibration
     averages: set[int] = field(default_factory=set)
 
     @classmethod
-    def new(cls, coils: int, ny: int, nx: int) -> LineBuffer:
+    def new(cls, coils: int, ny: int, nx: int, nz: int = 1) -> LineBuffer:
+        """A slice's buffer, or (``nz`` > 1) a 3D slab's."""
+        rows = (ny,) if nz == 1 else (nz, ny)
         return cls(
-            np.zeros((coils, ny, nx), np.complex64),
-            np.zeros((ny, nx), np.float32),
-            np.zeros(ny, np.int32),
+            np.zeros((coils, *rows, nx), np.complex64),
+            np.zeros((*rows, nx), np.float32),
+            np.zeros(rows, np.int32),
         )
 
     @property
+    def volume(self) -> bool:
+        """Whether this buffer holds a 3D slab."""
+        return self.count.ndim == 2
+
+    @property
     def lines(self) -> int:
-        """Rows (ky) with at least one line summed in."""
+        """Rows (ky, or (kz, ky) of a slab) with at least one line summed in."""
         return int((self.count > 0).sum())
 
-    def add(self, row: int, line: np.ndarray, ro_mask: np.ndarray) -> None:
-        """Sum one placed line into ``row`` (averages are divided out by :meth:`average`)."""
-        self.kspace[:, row, :] += line
-        self.count[row] += 1
-        self.mask[row, ro_mask] = 1
+    def add(self, row: int, line: np.ndarray, ro_mask: np.ndarray, kz: int | None = None
+            ) -> None:
+        """Sum one placed line into ``row`` (of partition encode ``kz`` in a slab); averages
+        are divided out by :meth:`average`."""
+        at = (row,) if kz is None else (kz, row)
+        self.kspace[(slice(None), *at)] += line
+        self.count[at] += 1
+        self.mask[(*at, ro_mask)] = 1
 
     def average(self) -> tuple[np.ndarray, np.ndarray]:
         """(kspace averaged per row and zeroed where unsampled, mask)."""
-        k = self.kspace / np.maximum(self.count, 1)[None, :, None]
+        k = self.kspace / np.maximum(self.count, 1)[None, ..., None]
         return (k * self.mask[None]).astype(np.complex64), self.mask.copy()

@@ -13,66 +13,38 @@ one (slice oversampling), the central partitions are kept, as ``physics.center_c
 
 Conventions: k-space centred, orthonormal FFT (``physics.fft``); partition ``p`` of ``nz``
 lies ``(p - nz // 2) * dz`` along ``slice_dir`` from the slab centre (the lines' ``position``),
-with ``dz`` = the encoded field of view along z / ``nz``.
+with ``dz`` the header's partition thickness (``io/header.py``: the encoded field of view along
+z / ``nz``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..physics import ifft1c
 from ..scan import Geometry, RawDataError
-
-
-@dataclass
-class VolumeBuffer:
-    """Accumulates the lines of one slab on a (coils, nz, ny, nx) grid."""
-
-    kspace: np.ndarray  # (coils, nz, ny, nx) complex64 running sum
-    mask: np.ndarray  # (nz, ny, nx) float32
-    count: np.ndarray  # (nz, ny) lines summed per (kz, ky) row
-    geometry: Geometry | None = None
-    timestamp: int | None = None
-    calib_rows: set[int] = field(default_factory=set)  # ky rows flagged as calibration
-    averages: set[int] = field(default_factory=set)
-
-    @classmethod
-    def new(cls, coils: int, nz: int, ny: int, nx: int) -> VolumeBuffer:
-        return cls(np.zeros((coils, nz, ny, nx), np.complex64),
-                   np.zeros((nz, ny, nx), np.float32), np.zeros((nz, ny), np.int32))
-
-    @property
-    def lines(self) -> int:
-        """(kz, ky) rows with at least one line summed in."""
-        return int((self.count > 0).sum())
-
-    def add(self, kz: int, row: int, line: np.ndarray, ro_mask: np.ndarray) -> None:
-        """Sum one placed line (coils, nx) into row ``row`` of partition encode ``kz``."""
-        self.kspace[:, kz, row, :] += line
-        self.count[kz, row] += 1
-        self.mask[kz, row, ro_mask] = 1
+from .mrd_lines import LineBuffer
 
 
 @dataclass
 class Partitions:
     """A slab split along z: ``kspace`` (P, coils, ny, nx) complex64, each partition's 2D
     centred k-space; ``mask`` (ny, nx), the same for all; ``offsets`` (P,) partition positions
-    in units of ``dz`` from the slab centre; ``notes`` for every partition's image."""
+    in partitions from the slab centre; ``notes`` for every partition's image."""
 
     kspace: np.ndarray
     mask: np.ndarray
     offsets: np.ndarray
-    dz_mm: float
     notes: list[str]
 
 
-def split_partitions(buf: VolumeBuffer, enc_fov_z_mm: float, recon_fov_z_mm: float,
+def split_partitions(buf: LineBuffer, enc_fov_z_mm: float, recon_fov_z_mm: float,
                      source: str) -> Partitions:
-    """The slab of ``buf`` as partitions (see the module doc); RawDataError where its kz
-    sampling cannot be separated (acceleration along kz, kz rows not one block around the
-    centre) or nothing was measured."""
+    """The slab of ``buf`` (a :attr:`LineBuffer.volume`) as partitions (see the module doc);
+    RawDataError where its kz sampling cannot be separated (acceleration along kz, kz rows not
+    one block around the centre) or nothing was measured."""
     counts = buf.count
     nz = counts.shape[0]
     sampled_z = np.flatnonzero(counts.any(axis=1))
@@ -103,19 +75,17 @@ def split_partitions(buf: VolumeBuffer, enc_fov_z_mm: float, recon_fov_z_mm: flo
     if (lo, hi) != (0, nz - 1):
         notes.append(f"3D partial acquisition along kz: partition encodes {lo}-{hi} of {nz} "
                      "measured, the rest zero-filled")
-    # averages divided out in place (the buffer is not used again), then one copy: along z
-    k = np.divide(buf.kspace, np.maximum(counts, 1)[None, :, :, None], out=buf.kspace)
+    k, masks = buf.average()
     k = ifft1c(k, axis=1).astype(np.complex64, copy=False)  # (coils, z, ky, kx)
-    mask = buf.mask[nz // 2].copy()
+    mask = masks[nz // 2]
     offsets = np.arange(nz) - nz // 2
-    dz = enc_fov_z_mm / nz if enc_fov_z_mm > 0 else 1.0
     keep = np.ones(nz, bool)
     if 0 < recon_fov_z_mm < enc_fov_z_mm:  # slice oversampling: the central partitions, as
         n = max(int(round(nz * recon_fov_z_mm / enc_fov_z_mm)), 1)  # physics.center_crop
         keep[:] = False
         keep[nz // 2 - n // 2: nz // 2 - n // 2 + n] = True
     parts = np.ascontiguousarray(np.moveaxis(k[:, keep], 1, 0)) * mask[None, None]
-    return Partitions(parts.astype(np.complex64), mask, offsets[keep].astype(float), dz, notes)
+    return Partitions(parts, mask, offsets[keep].astype(float), notes)
 
 
 def partition_geometry(slab: Geometry, offset: float, dz_mm: float) -> Geometry:

@@ -6,8 +6,8 @@ measurements first, the imaging measurement last). Every readout (MDB) becomes a
 as ISMRMRD files and streams, with an ISMRMRD header built from the twix protocol:
 
 * counters ``Lin``/``Par``/``Sli``/``Eco``/``Ave``/``Phs``/``Rep``/``Set`` -> ``idx`` (line,
-  partition, slice, contrast, average, phase, repetition, set); ``CenterCol`` -> ``center_sample`` (asymmetric
-  echoes); ``REFLECT`` -> ``ACQ_IS_REVERSE``;
+  partition, slice, contrast, average, phase, repetition, set); ``CenterCol`` ->
+  ``center_sample`` (asymmetric echoes); ``REFLECT`` -> ``ACQ_IS_REVERSE``;
 * ``NOISEADJSCAN`` (in any measurement of the file) -> noise (prewhitening, dwell-time ratio);
 * ``PATREFSCAN`` -> parallel-calibration lines, ``PATREFANDIMASCAN`` -> calibration-and-imaging
   lines (a separate reference scan, ``sPat.ucRefScanMode`` = 2 "extra", goes to
