@@ -282,3 +282,43 @@ def test_readme_real_brain_table_quotes_the_latest_bench_real_run():
             assert (psnr, ssim) == (round(row["psnr"], 2), round(row["ssim"], 3)), (case, method)
             checked += 1
     assert checked == 16
+
+
+def test_ceiling_measures_the_noise_and_the_oracle_floor():
+    """``bench ceiling``: the background columns give back a known coil covariance, and the
+    oracle's PSNR against the noisy reference is the analytic floor of a high-SNR object: in
+    the object, magnitude error = the noise's component along the image's phase from the
+    unmeasured fraction u of k-space, variance u sigma^2 / 2 per pixel."""
+    import numpy as np
+
+    from benchmarks.ceiling import background_covariance, noisy_scan, oracle_image
+    from benchmarks.real import scaled_metrics
+    from recon_plugin.physics import fft2c, rss
+
+    rng = np.random.default_rng(0)
+    ny, nx, c = 96, 96, 3
+    cov = np.array([[1.0, 0.3, 0.0], [0.3, 2.0, 0.5j], [0.0, -0.5j, 1.5]])
+    support = np.zeros((ny, nx), bool)
+    support[:, 16:80] = True  # 32 columns outside
+    noise_only = noisy_scan(np.zeros((c, ny, nx), np.complex64), cov, rng)
+    est = background_covariance(noise_only, support)
+    assert np.linalg.norm(est - cov) / np.linalg.norm(cov) < 0.05
+    with pytest.raises(ValueError, match="columns outside"):
+        background_covariance(noise_only, np.ones((ny, nx), bool))
+
+    # one coil, an object of magnitude 1 filling the field of view, smooth phase
+    yy, xx = np.mgrid[:ny, :nx] / ny
+    kobj = fft2c(np.exp(1j * 2 * np.pi * (0.3 * yy + 0.2 * xx))[None]).astype(np.complex64)
+    sigma2 = 1e-4
+    mask = np.zeros((ny, nx), np.float32)
+    mask[::4] = 1
+    floors = []
+    for _ in range(3):
+        measured = noisy_scan(kobj, np.array([[sigma2]]), rng)
+        ref = rss(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(measured, (-2, -1)),
+                                                norm="ortho"), (-2, -1)))
+        floors.append(scaled_metrics(ref, oracle_image(kobj, measured, mask))["psnr"] -
+                      10 * np.log10(ref.max() ** 2))
+        assert np.allclose(oracle_image(kobj, measured, np.ones_like(mask)), ref, atol=1e-5)
+    expected = -10 * np.log10(0.75 * sigma2 / 2)
+    assert abs(np.mean(floors) - expected) < 0.2, (np.mean(floors), expected)
