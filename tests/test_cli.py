@@ -180,6 +180,7 @@ def test_adapt_refuses_a_loss_share_outside_0_1_before_reading_anything(tmp_path
     ["prune", "--method", "lean", "--ratio", "0.5", "--run-dir", "r", "--export", "e",
      "--steps", "0"],
     ["train", "--run-dir", "r", "--steps", "0"], ["train", "--run-dir", "r", "--espirit", "2"],
+    ["train", "--run-dir", "r", "--pools", "0"],
     ["train-pool", "p", "--batches", "0"],
 ])
 def test_numbers_out_of_range_are_usage_errors(tmp_path, capsys, args):
@@ -192,3 +193,24 @@ def test_numbers_out_of_range_are_usage_errors(tmp_path, capsys, args):
     assert e.value.code == 2 and f"argument {args[-2]}:" in err, err
     assert "must be" in err or "at least" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_builds_the_network_the_options_describe(tmp_path, monkeypatch):
+    """``train --pools 3 --chans 8 --cascades 2``: the model trained has those U-Net levels,
+    channels and cascades (passed to ``train_base`` as its constructor's arguments)."""
+    from recon_plugin.models.unrolled import UnrolledNet
+    from recon_plugin.training import supervised
+
+    seen = {}
+
+    def fake_train(run_dir, steps, batch_size, lr, seed, model_kwargs, *args, **kw):
+        seen["model"] = UnrolledNet(**model_kwargs)
+        return None
+
+    monkeypatch.setattr(supervised, "train_base", fake_train)
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--pools", "3", "--chans", "8",
+                 "--cascades", "2", "--dc", "prox", "--noise-aware"]) == 0
+    net = seen["model"]
+    assert net.config["num_pools"] == 3 and net.num_cascades == 2
+    unet = net.priors[0].cnn
+    assert len(unet.down) == 3 and unet.down[0][0].out_channels == 8

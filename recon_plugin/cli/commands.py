@@ -150,7 +150,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from ..models.checkpoint import resolve_model
     from ..training.supervised import train_base
 
-    model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, dc=a.dc, cg_iters=a.cg_iters)
+    model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, num_pools=a.pools, dc=a.dc,
+                        cg_iters=a.cg_iters)
     if a.noise_aware:
         model_kwargs["noise_aware"] = True
     card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,

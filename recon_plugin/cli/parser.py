@@ -243,6 +243,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="unrolled cascades (default %(default)s)")
     s.add_argument("--chans", type=_positive_int, default=16,
                    help="U-Net channels of the first level (default %(default)s)")
+    s.add_argument("--pools", type=_positive_int, default=2,
+                   help="U-Net pooling levels (default %(default)s); each doubles the distance "
+                   "a cascade's prior sees")
     s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
                    help="data consistency: gradient step, or CG proximal step (MoDL)")
     s.add_argument("--cg-iters", type=_positive_int, default=6,
