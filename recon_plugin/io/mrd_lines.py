@@ -122,6 +122,11 @@ class LineBuffer:
         self.mask[(*at, ro_mask)] = 1
 
     def average(self) -> tuple[np.ndarray, np.ndarray]:
-        """(kspace averaged per row and zeroed where unsampled, mask)."""
-        k = self.kspace / np.maximum(self.count, 1)[None, ..., None]
-        return (k * self.mask[None]).astype(np.complex64), self.mask.copy()
+        """(kspace averaged per row and zeroed where unsampled, mask). One coil at a time: the
+        division runs in complex128 (as it always has, so images stay bitwise the same), and
+        a whole 3D slab in complex128 would need four times its buffer."""
+        denom = np.maximum(self.count, 1)[..., None]
+        out = np.empty_like(self.kspace)
+        for c, coil in enumerate(self.kspace):
+            out[c] = (coil / denom) * self.mask
+        return out, self.mask.copy()
