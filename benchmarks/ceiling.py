@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,9 @@ from recon_plugin.recon.combine import MIN_BACKGROUND_COLUMNS
 
 from .docs import machine, replace_section
 from .real import (
-    _ls_scaled,
+    RealCase,
     load_full,
+    ls_scaled,
     protocol_fn,
     scaled_metrics,
     undersample,
@@ -124,11 +126,14 @@ def oracle_image(kobj: np.ndarray, measured: np.ndarray, mask: np.ndarray) -> np
     return rss(ifft2c(np.where(m, measured, kobj)))
 
 
-def ceiling_case(name: str, full: np.ndarray, acc: int, default, draws: int = 3,
-                 seed: int = 100) -> dict:
-    """One real fully sampled slice ``full`` at acceleration ``acc``: the default protocol's
-    PSNR on the real case and on ``draws`` simulated ones, the oracle ceiling, and the bias /
-    variance split of the default's error against the pseudo-object (module doc)."""
+def ceiling_case(name: str, full: np.ndarray, acc: int,
+                 default: Callable[[RealCase], np.ndarray], draws: int = 3, seed: int = 100,
+                 ) -> dict:
+    """One real fully sampled slice ``full`` (coils, ky, kx) at acceleration ``acc``: the
+    written image of ``default`` (a case -> magnitude (ky, kx), e.g. the default protocol's
+    ``protocol_fn``): its PSNR on the real case and on ``draws`` simulated ones, the oracle
+    ceiling, and the bias / variance split of its error against the pseudo-object (module
+    doc)."""
     ny = full.shape[1]
     maps = estimate_maps(full, (ny // 2 - FULL_ACS // 2, ny // 2 + FULL_ACS // 2),
                          EspiritParams())
@@ -148,7 +153,7 @@ def ceiling_case(name: str, full: np.ndarray, acc: int, default, draws: int = 3,
                                        oracle_image(kobj, case.kspace, case.mask))["psnr"])
         img = default(case)
         sims.append(scaled_metrics(case.target, img)["psnr"])
-        images.append(_ls_scaled(truth, img))
+        images.append(ls_scaled(truth, img))
     images = np.array(images)
     mse = float(((images - truth) ** 2).mean())
     var = images.var(0, ddof=1) if draws > 1 else np.zeros_like(truth)

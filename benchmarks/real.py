@@ -100,7 +100,7 @@ def undersample(name: str, full: np.ndarray, acc: int, seed: int = 0) -> RealCas
     return RealCase(f"{name} {acc}x", full * mask[None], mask, acs, rss(ifft2c(full)).astype(np.float32))
 
 
-def _ls_scaled(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def ls_scaled(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """|pred| (float64) times the least-squares scale onto gt."""
     p = np.abs(pred).astype(np.float64)
     return p * float((gt * p).sum() / max((p * p).sum(), 1e-30))
@@ -108,7 +108,7 @@ def _ls_scaled(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 def scaled_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """PSNR / SSIM / NMSE of |pred| after the least-squares scale onto gt (data_range = gt max)."""
-    p = _ls_scaled(gt, pred)
+    p = ls_scaled(gt, pred)
     return {"psnr": psnr(gt, p), "ssim": ssim(gt, p), "nmse": nmse(gt, p)}
 
 
@@ -127,7 +127,7 @@ def region_metrics(gt: np.ndarray, pred: np.ndarray, win: int = 7) -> dict[str, 
     of :func:`~recon_plugin.metrics.ssim` averaged over each region."""
     from recon_plugin.metrics import ssim_map
 
-    p = _ls_scaled(gt, pred)
+    p = ls_scaled(gt, pred)
     inside, err = object_mask(gt), (p - gt) ** 2
     peak = float(gt.max())
     pad = (win - 1) // 2
