@@ -322,3 +322,35 @@ def test_ceiling_measures_the_noise_and_the_oracle_floor():
         assert np.allclose(oracle_image(kobj, measured, np.ones_like(mask)), ref, atol=1e-5)
     expected = -10 * np.log10(0.75 * sigma2 / 2)
     assert abs(np.mean(floors) - expected) < 0.2, (np.mean(floors), expected)
+
+
+def test_readme_ceiling_paragraph_quotes_the_latest_bench_ceiling_run():
+    """README's ceiling paragraph is copied by hand from ``bench ceiling``: the brain's four
+    ceilings and headrooms and the phantom's two must equal ``docs/ceiling_results.json``
+    (rounded as printed)."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "docs" / "ceiling_results.json").read_text())["rows"]
+    text = " ".join((root / "README.md").read_text().split("How much room is left", 1)[1]
+                    .split("\n\n", 1)[0].split())
+
+    def quoted(prefix: str) -> list[float]:
+        """The slash-separated numbers that follow ``prefix``."""
+        m = re.search(re.escape(prefix) + r"\s*((?:\d+\.\d+ / )+\d+\.\d+)", text)
+        assert m, prefix
+        return [float(x) for x in m.group(1).split(" / ")]
+
+    def of(file: str, key: str) -> list[float]:
+        order = [f"{file}[0] mask along {axis} {acc}x"
+                 for axis in ("phase", "readout") for acc in (4, 8)]
+        by_case = {r["case"]: r[key] for r in rows}
+        return [round(by_case[c], 2) for c in order if c in by_case]
+
+    brain, phantom = "espirit_brain8ch_full", "twix_gre_phantom2ch_full"
+    assert quoted("unmeasured sample:") == of(brain, "ceiling")
+    assert quoted("the readout),") == of(brain, "headroom_db")
+    assert quoted("written image;") == of(phantom, "ceiling")
+    assert quoted("(4x / 8x),") == of(phantom, "headroom_db")
