@@ -35,14 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_plugin.physics import fft2c, ifft2c, rss
+from recon_plugin.physics import fft2c, ifft2c, rss, sense_adjoint
 from recon_plugin.physics.fft import ifft1c
+from recon_plugin.physics.masks import readout_edges
 from recon_plugin.recon.coils import EspiritParams, estimate_maps
-from recon_plugin.recon.combine import MIN_BACKGROUND_COLUMNS
+from recon_plugin.recon.combine import MIN_BACKGROUND_COLUMNS, background_columns
+from recon_plugin.sim.simulate import add_noise
 
 from .docs import machine, replace_section
 from .real import (
     RealCase,
+    full_files,
     load_full,
     ls_scaled,
     protocol_fn,
@@ -63,7 +66,7 @@ def background_covariance(full: np.ndarray, support: np.ndarray) -> np.ndarray:
     (coils, ky, kx) from its hybrid-space samples at the image columns where ``support``
     (ky, kx) is False on every row (outside the object and its coils' reach). Raises
     ValueError where fewer than ``MIN_BACKGROUND_COLUMNS`` such columns exist."""
-    cols = np.flatnonzero(~np.asarray(support, bool).any(axis=0))
+    cols = background_columns(support)
     if cols.size < MIN_BACKGROUND_COLUMNS:
         raise ValueError(f"only {cols.size} image columns outside the coil maps' support "
                          f"(need {MIN_BACKGROUND_COLUMNS}) to measure the noise")
@@ -72,15 +75,11 @@ def background_covariance(full: np.ndarray, support: np.ndarray) -> np.ndarray:
 
 
 def edge_covariance(full: np.ndarray, band: float = 0.125) -> np.ndarray:
-    """Noise covariance (coils, coils) from the k-space samples of ``full`` (coils, ky, kx) in
-    the outer ``band`` of the readout at both ends on the outer half of the lines, where
-    ``physics.noise_variance`` measures the noise: an upper bound where the object's spectrum
-    has not died out there."""
-    ny, nx = full.shape[1:]
-    w = max(1, int(round(nx * band)))
-    rows = np.flatnonzero(np.abs(np.arange(ny) - ny // 2) >= ny // 4)
-    edge = np.concatenate([full[:, rows, :w], full[:, rows, nx - w:]], axis=2)
-    h = edge.reshape(full.shape[0], -1)
+    """Noise covariance (coils, coils) from the k-space samples of ``full`` (coils, ky, kx) at
+    ``physics.masks.readout_edges``, where ``physics.noise_variance`` measures the noise: an
+    upper bound where the object's spectrum has not died out there."""
+    outer, cols = readout_edges(*full.shape[1:], band)
+    h = full[:, outer][:, :, cols].reshape(full.shape[0], -1)
     return h @ h.conj().T / h.shape[1]
 
 
@@ -102,21 +101,13 @@ def pseudo_object(full: np.ndarray, maps: np.ndarray, cov: np.ndarray) -> np.nda
 
     power = (np.abs(maps) ** 2).sum(0)
     inside = power > 0
-    x = (np.conj(maps) * ifft2c(full)).sum(0) / np.where(inside, power, 1.0)
+    x = sense_adjoint(full, maps, np.ones(power.shape, np.float32)) / np.where(inside, power, 1.0)
     sigma = np.sqrt(np.real(np.trace(cov)) / full.shape[0])
     level = sigma / np.sqrt(power[inside].mean())
     wav = sp.linop.Wavelet(x.shape)
     w = wav(x)
     x = wav.H(np.exp(1j * np.angle(w)) * np.maximum(np.abs(w) - level, 0))
     return maps * x[None]
-
-
-def noisy_scan(kobj: np.ndarray, cov: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``kobj`` (coils, ky, kx) plus complex Gaussian noise of covariance ``cov`` per sample."""
-    c = kobj.shape[0]
-    white = (rng.standard_normal((c, kobj[0].size)) + 1j * rng.standard_normal((c, kobj[0].size)))
-    noise = (np.linalg.cholesky(cov) @ white / np.sqrt(2)).reshape(kobj.shape)
-    return (kobj + noise).astype(np.complex64)
 
 
 def oracle_image(kobj: np.ndarray, measured: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -148,7 +139,7 @@ def ceiling_case(name: str, full: np.ndarray, acc: int,
     ceilings, sims, images = [], [], []
     rng = np.random.default_rng(seed)
     for _ in range(draws):
-        case = with_maps(undersample(name, noisy_scan(kobj, cov, rng), acc))
+        case = with_maps(undersample(name, add_noise(kobj, 1.0, cov, rng), acc))
         ceilings.append(scaled_metrics(case.target,
                                        oracle_image(kobj, case.kspace, case.mask))["psnr"])
         img = default(case)
@@ -169,17 +160,12 @@ def ceiling_case(name: str, full: np.ndarray, acc: int,
 def run(docs: Path, real_dir: Path | None, draws: int = 3, accs=(4, 8)) -> list[dict]:
     """Every fully sampled real file's slices (``bench real``'s cases); results in
     ``docs/ceiling_results.json`` and a section of ``docs/BENCHMARKS.md``."""
-    import h5py
-
     if real_dir is None:
         raise FileNotFoundError("no real data: pass --real-dir or set RECON_PLUGIN_REAL_DATA")
     default = protocol_fn("default")
     rows = []
     t0 = time.perf_counter()
-    for path in sorted(Path(real_dir).glob("*.h5")):
-        with h5py.File(path, "r") as f:
-            if "reconstruction_rss" not in f:
-                continue
+    for path in full_files(real_dir):
         for name, full in load_full(path):
             for acc in accs:
                 rows.append(ceiling_case(name, full, acc, default, draws))

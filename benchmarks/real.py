@@ -279,18 +279,24 @@ def tune(name: str, cases: list[RealCase]) -> float:
     return float(best)
 
 
+def full_files(real_dir: Path) -> list[Path]:
+    """The fully sampled real files of ``real_dir`` (fastMRI-layout .h5 holding
+    ``reconstruction_rss``), sorted."""
+    out = []
+    for path in sorted(Path(real_dir).glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            if "reconstruction_rss" in f:
+                out.append(path)
+    return out
+
+
 def real_cases(real_dir: Path, accs=(4, 8), slices: int | None = None,
                ) -> dict[str, list[RealCase]]:
     """{file stem: cases} for every fully sampled real file (those with reconstruction_rss);
     ``slices``: the central ones of each file (None: all)."""
-    out: dict[str, list[RealCase]] = {}
-    for path in sorted(Path(real_dir).glob("*.h5")):
-        with h5py.File(path, "r") as f:
-            if "reconstruction_rss" not in f:
-                continue
-        out[path.stem] = [with_maps(undersample(n, full, a))
-                          for n, full in load_full(path, slices) for a in accs]
-    return out
+    return {path.stem: [with_maps(undersample(n, full, a))
+                        for n, full in load_full(path, slices) for a in accs]
+            for path in full_files(real_dir)}
 
 
 def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_model: str,

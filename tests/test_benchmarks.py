@@ -291,16 +291,17 @@ def test_ceiling_measures_the_noise_and_the_oracle_floor():
     unmeasured fraction u of k-space, variance u sigma^2 / 2 per pixel."""
     import numpy as np
 
-    from benchmarks.ceiling import background_covariance, noisy_scan, oracle_image
+    from benchmarks.ceiling import background_covariance, oracle_image
     from benchmarks.real import scaled_metrics
     from recon_plugin.physics import fft2c, rss
+    from recon_plugin.sim.simulate import add_noise
 
     rng = np.random.default_rng(0)
     ny, nx, c = 96, 96, 3
     cov = np.array([[1.0, 0.3, 0.0], [0.3, 2.0, 0.5j], [0.0, -0.5j, 1.5]])
     support = np.zeros((ny, nx), bool)
     support[:, 16:80] = True  # 32 columns outside
-    noise_only = noisy_scan(np.zeros((c, ny, nx), np.complex64), cov, rng)
+    noise_only = add_noise(np.zeros((c, ny, nx), np.complex64), 1.0, cov, rng)
     est = background_covariance(noise_only, support)
     assert np.linalg.norm(est - cov) / np.linalg.norm(cov) < 0.05
     with pytest.raises(ValueError, match="columns outside"):
@@ -314,7 +315,7 @@ def test_ceiling_measures_the_noise_and_the_oracle_floor():
     mask[::4] = 1
     floors = []
     for _ in range(3):
-        measured = noisy_scan(kobj, np.array([[sigma2]]), rng)
+        measured = add_noise(kobj, 1.0, np.array([[sigma2]]), rng)
         ref = rss(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(measured, (-2, -1)),
                                                 norm="ortho"), (-2, -1)))
         floors.append(scaled_metrics(ref, oracle_image(kobj, measured, mask))["psnr"] -

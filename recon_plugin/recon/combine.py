@@ -111,6 +111,13 @@ def noise_aware_weight(noise_var: float, heldout_error: float) -> float:
 MIN_BACKGROUND_COLUMNS = 4
 
 
+def background_columns(support: np.ndarray) -> np.ndarray:
+    """Indices of the image columns where ``support`` (ky, kx), the coil maps' support, is empty
+    on every row: undersampling aliases along ky, never along x, so a line's hybrid-space
+    samples (transformed along the readout only) there hold noise alone."""
+    return np.flatnonzero(~np.asarray(support, bool).any(axis=0))
+
+
 def slice_noise_variance(kspace: np.ndarray, mask: np.ndarray, support: np.ndarray
                          ) -> float | None:
     """Noise variance per k-space sample (mean over coils, data units) of one slice: k-space
@@ -129,7 +136,7 @@ def slice_noise_variance(kspace: np.ndarray, mask: np.ndarray, support: np.ndarr
       out there; at high SNR on small matrices measured up to 55x too high (96 x 96, SNR 300).
     """
     estimates = []
-    cols = np.flatnonzero(~np.asarray(support, bool).any(axis=0))
+    cols = background_columns(support)
     rows = np.flatnonzero((mask > 0).any(axis=1))
     if cols.size >= MIN_BACKGROUND_COLUMNS and rows.size:
         rows = rows[(mask[rows] > 0).all(axis=1)]  # lines measured along the whole readout
