@@ -3,7 +3,7 @@
 Axis convention: multi-coil arrays are ``(..., coils, ky, kx)``; images ``(..., ky, kx)``.
 The FFT is centred (``fftshift(fft(ifftshift(x)))``) and orthonormal, as in fastMRI and SigPy,
 so ``ifft2c(fft2c(x)) == x``. Functions accept numpy arrays or complex torch tensors and return
-the same kind (the 1D readout helpers: numpy only).
+the same kind (the 1D helpers and the readout crop: numpy only, computed by torch).
 """
 
 from __future__ import annotations
@@ -67,29 +67,39 @@ def center_crop(x, shape: tuple[int, int]):
     return out
 
 
+def _centred_1d(x: np.ndarray, axis: int, inverse: bool) -> np.ndarray:
+    """The centred orthonormal 1D (inverse) FFT along ``axis`` by torch's FFT, which keeps
+    complex64 (NumPy's promotes it to complex128 and its shifts copy the array twice)."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).movedim(axis, -1)
+    if not t.is_complex():
+        t = t.to(torch.complex64)
+    if t.numel() == 0:  # torch's FFT refuses empty arrays
+        return t.movedim(-1, axis).numpy()
+    fn = torch.fft.ifft if inverse else torch.fft.fft
+    out = torch.fft.fftshift(fn(torch.fft.ifftshift(t, dim=-1), dim=-1, norm="ortho"), dim=-1)
+    return out.movedim(-1, axis).numpy()
+
+
 def fft1c(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Centred orthonormal 1D FFT along ``axis`` (image -> k-space)."""
-    x = np.fft.ifftshift(x, axes=axis)
-    return np.fft.fftshift(np.fft.fft(x, axis=axis, norm="ortho"), axes=axis)
+    """Centred orthonormal 1D FFT along ``axis`` (image -> k-space); the input's complex
+    precision is kept (real input gives complex64)."""
+    return _centred_1d(x, axis, inverse=False)
 
 
 def ifft1c(k: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Centred orthonormal 1D inverse FFT along ``axis`` (k-space -> image)."""
-    k = np.fft.ifftshift(k, axes=axis)
-    return np.fft.fftshift(np.fft.ifft(k, axis=axis, norm="ortho"), axes=axis)
+    """Centred orthonormal 1D inverse FFT along ``axis`` (k-space -> image); the input's
+    complex precision is kept (real input gives complex64)."""
+    return _centred_1d(k, axis, inverse=True)
 
 
-def _crop_or_pad(x: np.ndarray, n: int, axis: int) -> np.ndarray:
-    cur = x.shape[axis]
-    if cur == n:
-        return x
-    if cur > n:
-        start = cur // 2 - n // 2
-        return np.take(x, np.arange(start, start + n), axis=axis)
-    pad = [(0, 0)] * x.ndim
+def _crop_or_pad(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The centre ``n`` samples of ``x`` along its last axis, or ``x`` zero-padded to ``n``
+    about its centre (the centre index ``len // 2`` kept)."""
+    cur = x.shape[-1]
+    if cur >= n:
+        return x.narrow(-1, cur // 2 - n // 2, n)
     before = n // 2 - cur // 2
-    pad[axis] = (before, n - cur - before)
-    return np.pad(x, pad)
+    return torch.nn.functional.pad(x, [before, n - cur - before])
 
 
 def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
@@ -97,9 +107,23 @@ def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
 
     kspace: (..., n, ...) centred along ``axis`` -> (..., n_out, ...) complex64. Pixel size is
     kept: cropping from 2N to N removes 2x readout oversampling. The centre sample (index
-    ``n // 2``) stays the k-space centre.
+    ``n // 2``) stays the k-space centre. Lines along ``axis`` that are zero (unacquired
+    phase encodes) stay zero and are not transformed.
     """
-    if kspace.shape[axis] == n_out:
-        return kspace.astype(np.complex64, copy=False)
-    img = ifft1c(kspace, axis)
-    return fft1c(_crop_or_pad(img, n_out, axis), axis).astype(np.complex64, copy=False)
+    k = np.asarray(kspace)
+    if k.shape[axis] == n_out:
+        return k.astype(np.complex64, copy=False)
+    t = torch.from_numpy(np.ascontiguousarray(k, np.complex64)).movedim(axis, -1)
+    lead = t.shape[:-1]
+    lines = t.reshape(-1, t.shape[-1])
+    acquired = torch.nonzero(torch.view_as_real(lines).ne(0).flatten(1).any(-1)).flatten()
+    out = torch.zeros(lines.shape[0], n_out, dtype=torch.complex64)
+    if acquired.numel() == 0:
+        return out.reshape(*lead, n_out).movedim(-1, axis).numpy()
+    img = torch.fft.fftshift(torch.fft.ifft(torch.fft.ifftshift(lines[acquired], dim=-1),
+                                            dim=-1, norm="ortho"), dim=-1)
+    img = _crop_or_pad(img, n_out)
+    sub = torch.fft.fftshift(torch.fft.fft(torch.fft.ifftshift(img, dim=-1), dim=-1,
+                                           norm="ortho"), dim=-1)
+    out.index_copy_(0, acquired, sub)
+    return out.reshape(*lead, n_out).movedim(-1, axis).numpy()
