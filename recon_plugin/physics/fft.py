@@ -75,9 +75,13 @@ def _centred_1d(x: np.ndarray, axis: int, inverse: bool) -> np.ndarray:
         t = t.to(torch.complex64)
     if t.numel() == 0:  # torch's FFT refuses empty arrays
         return t.movedim(-1, axis).numpy()
+    return _centred_last(t, inverse).movedim(-1, axis).numpy()
+
+
+def _centred_last(t: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The centred orthonormal 1D (inverse) FFT of a complex tensor along its last axis."""
     fn = torch.fft.ifft if inverse else torch.fft.fft
-    out = torch.fft.fftshift(fn(torch.fft.ifftshift(t, dim=-1), dim=-1, norm="ortho"), dim=-1)
-    return out.movedim(-1, axis).numpy()
+    return torch.fft.fftshift(fn(torch.fft.ifftshift(t, dim=-1), dim=-1, norm="ortho"), dim=-1)
 
 
 def fft1c(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -120,10 +124,6 @@ def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
     out = torch.zeros(lines.shape[0], n_out, dtype=torch.complex64)
     if acquired.numel() == 0:
         return out.reshape(*lead, n_out).movedim(-1, axis).numpy()
-    img = torch.fft.fftshift(torch.fft.ifft(torch.fft.ifftshift(lines[acquired], dim=-1),
-                                            dim=-1, norm="ortho"), dim=-1)
-    img = _crop_or_pad(img, n_out)
-    sub = torch.fft.fftshift(torch.fft.fft(torch.fft.ifftshift(img, dim=-1), dim=-1,
-                                           norm="ortho"), dim=-1)
-    out.index_copy_(0, acquired, sub)
+    img = _crop_or_pad(_centred_last(lines[acquired], inverse=True), n_out)
+    out.index_copy_(0, acquired, _centred_last(img, inverse=False))
     return out.reshape(*lead, n_out).movedim(-1, axis).numpy()
