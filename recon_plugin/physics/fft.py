@@ -67,10 +67,17 @@ def center_crop(x, shape: tuple[int, int]):
     return out
 
 
+def _tensor(x: np.ndarray, dtype=None) -> torch.Tensor:
+    """``x`` as a CPU tensor sharing its memory where it is C-contiguous and writable (a
+    read-only array, e.g. a view of a stream message's buffer, is copied: torch cannot take
+    one without a warning)."""
+    return torch.from_numpy(np.require(x, dtype, requirements=["C", "W"]))
+
+
 def _centred_1d(x: np.ndarray, axis: int, inverse: bool) -> np.ndarray:
     """The centred orthonormal 1D (inverse) FFT along ``axis`` by torch's FFT, which keeps
     complex64 (NumPy's promotes it to complex128 and its shifts copy the array twice)."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).movedim(axis, -1)
+    t = _tensor(x).movedim(axis, -1)
     if not t.is_complex():
         t = t.to(torch.complex64)
     if t.numel() == 0:  # torch's FFT refuses empty arrays
@@ -117,7 +124,7 @@ def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
     k = np.asarray(kspace)
     if k.shape[axis] == n_out:
         return k.astype(np.complex64, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(k, np.complex64)).movedim(axis, -1)
+    t = _tensor(k, np.complex64).movedim(axis, -1)
     lead = t.shape[:-1]
     lines = t.reshape(-1, t.shape[-1])
     acquired = torch.nonzero(torch.view_as_real(lines).ne(0).flatten(1).any(-1)).flatten()
