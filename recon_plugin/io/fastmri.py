@@ -243,7 +243,12 @@ def _slice_data(k: np.ndarray, measured: np.ndarray, cols: np.ndarray, along_rea
                                        phase_dir=geometry.read_dir)
     mask = _sample_mask(measured, cols, k.shape[-1] if along_readout else nx,
                         f"{where}: kspace slice {i}")
-    k = (k if along_readout else crop_readout(k, nx, axis=-1)) * mask[None]
+    if not along_readout:  # only the measured lines: the others are zero
+        rows = mask.any(axis=1)
+        cropped = np.zeros((*k.shape[:-1], nx), np.complex64)
+        cropped[:, rows] = crop_readout(k[:, rows], nx, axis=-1)
+        k = cropped
+    k = k * mask[None]
     if target is not None:
         target = np.ascontiguousarray(target if along_readout else target.T)
     return SliceData(kspace=k.astype(np.complex64, copy=False), mask=mask, geometry=geometry,

@@ -76,7 +76,7 @@ def split_partitions(buf: LineBuffer, enc_fov_z_mm: float, recon_fov_z_mm: float
         notes.append(f"3D partial acquisition along kz: partition encodes {lo}-{hi} of {nz} "
                      "measured, the rest zero-filled")
     k, masks = buf.average()
-    k = ifft1c(k, axis=1).astype(np.complex64, copy=False)  # (coils, z, ky, kx)
+    k = ifft1c(k, axis=1)  # (coils, z, ky, kx) complex64, as the buffer
     mask = masks[nz // 2]
     offsets = np.arange(nz) - nz // 2
     keep = np.ones(nz, bool)

@@ -118,19 +118,14 @@ def crop_readout(kspace: np.ndarray, n_out: int, axis: int = -1) -> np.ndarray:
 
     kspace: (..., n, ...) centred along ``axis`` -> (..., n_out, ...) complex64. Pixel size is
     kept: cropping from 2N to N removes 2x readout oversampling. The centre sample (index
-    ``n // 2``) stays the k-space centre. Lines along ``axis`` that are zero (unacquired
-    phase encodes) stay zero and are not transformed.
+    ``n // 2``) stays the k-space centre.
     """
     k = np.asarray(kspace)
     if k.shape[axis] == n_out:
         return k.astype(np.complex64, copy=False)
     t = _tensor(k, np.complex64).movedim(axis, -1)
-    lead = t.shape[:-1]
-    lines = t.reshape(-1, t.shape[-1])
-    acquired = torch.nonzero(torch.view_as_real(lines).ne(0).flatten(1).any(-1)).flatten()
-    out = torch.zeros(lines.shape[0], n_out, dtype=torch.complex64)
-    if acquired.numel() == 0:
-        return out.reshape(*lead, n_out).movedim(-1, axis).numpy()
-    img = _crop_or_pad(_centred_last(lines[acquired], inverse=True), n_out)
-    out.index_copy_(0, acquired, _centred_last(img, inverse=False))
-    return out.reshape(*lead, n_out).movedim(-1, axis).numpy()
+    if t.numel() == 0:  # torch's FFT refuses empty arrays
+        out = torch.zeros(*t.shape[:-1], n_out, dtype=torch.complex64)
+    else:
+        out = _centred_last(_crop_or_pad(_centred_last(t, inverse=True), n_out), inverse=False)
+    return out.movedim(-1, axis).numpy()
