@@ -15,8 +15,9 @@ crops the readout in the image domain to the recon matrix x (which removes the o
 keeps the full phase grid (its image is cropped to the recon matrix y downstream), masks the
 zero-padded columns, and infers the mask from the non-zero columns when there is no ``mask``.
 A line measured on part of the readout only (the lines of a 2D calibration block, as in a ky-kz
-plane of a 3D scan) marks only its measured samples; most lines partial (2D sampling such as
-Poisson-disc) is refused with the reason. K-space undersampled in lines along axis 2 and
+plane of a 3D scan) marks only its measured samples; so do most lines of a 2D mask (Poisson-disc
+or other point sampling), whose ACS rows are its fully sampled centre block and whose
+acceleration is counted in samples. K-space undersampled in lines along axis 2 and
 measured whole along the last (both axes phase encodes, a plane of a 3D scan stored the other
 way round) is read with axis 2 as ky, with a warning; header matrices, FOVs, the target and
 the geometry's in-plane directions are swapped to match.
@@ -39,7 +40,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..physics import acs_bounds, centre_run, crop_readout
+from ..physics import acs_bounds, calibration_block, centre_run, crop_readout, is_2d_sampling
+from ..physics.masks import MAX_PARTIAL_LINES
 from ..scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
@@ -72,18 +74,15 @@ def _acs(mask: np.ndarray, num_low: int | None) -> tuple[int, int] | None:
 # coil, not counting readout positions that no line has) is a partial line: real measured
 # samples are practically never exactly 0
 MAX_ZEROS_IN_LINE = 0.02
-# more than this fraction of the acquired lines partial is 2D sampling (e.g. Poisson-disc)
-MAX_PARTIAL_LINES = 0.5
 
 
 def _sample_mask(measured: np.ndarray, cols: np.ndarray, nx: int, where: str) -> np.ndarray:
     """Sampling mask (ky, nx) float32 of k-space measured at ``measured`` (ky, kx_raw; a sample
     is measured where any coil is non-zero) whose acquired lines are ``cols`` (ky,): whole
-    lines, except that a partial line (measured on only part of the readout, as the lines of
-    a 2D calibration block of a ky-kz plane are) marks only its measured samples. Raises
-    RawDataError for 2D sampling (most lines partial: the plugin reconstructs Cartesian line
-    undersampling) and for partial lines whose readout has to be cropped (its oversampling
-    removed), which would mix measured and unmeasured samples.
+    lines, except that a partial line (measured on only part of the readout: the lines of a 2D
+    calibration block of a ky-kz plane, or most lines of a 2D mask such as Poisson-disc) marks
+    only its measured samples. Raises RawDataError for partial lines whose readout has to be
+    cropped (its oversampling removed), which would mix measured and unmeasured samples.
     Readout positions that no line has (partial echo, readout zero padding) stay marked as
     before: they do not make a line partial."""
     mask = np.repeat(cols[:, None], nx, axis=1).astype(np.float32)
@@ -96,18 +95,14 @@ def _sample_mask(measured: np.ndarray, cols: np.ndarray, nx: int, where: str) ->
     n_partial, n_lines = int(partial.sum()), int(cols.sum())
     if n_partial == 0:
         return mask
-    if n_partial > MAX_PARTIAL_LINES * n_lines:
-        raise RawDataError(
-            f"{where}: {n_partial} of its {n_lines} acquired phase-encode lines are measured on "
-            f"only part of the readout ({unmeasured.mean():.0%} of their samples are zero): a 2D "
-            "mask (e.g. Poisson-disc sampling); recon-plugin reconstructs Cartesian line "
-            "undersampling (phase-encode lines acquired whole), use a 2D-mask method (e.g. "
-            "BART pics) for this scan")
     if nx != measured.shape[-1]:
+        kind = ("a 2D mask (e.g. Poisson-disc sampling)" if n_partial > MAX_PARTIAL_LINES * n_lines
+                else "lines measured on only part of the readout")
         raise RawDataError(
-            f"{where}: {n_partial} acquired lines are measured on only part of the readout and "
-            f"the readout ({measured.shape[-1]} samples) must be cropped to {nx}: the crop would mix "
-            "measured and unmeasured samples; write the file with the readout already cropped")
+            f"{where}: {n_partial} of its {n_lines} acquired lines are measured on only part of "
+            f"the readout ({kind}) and the readout ({measured.shape[-1]} samples) must be "
+            f"cropped to {nx}: the crop would mix measured and unmeasured samples; write the "
+            "file with the readout already cropped")
     mask[partial] = measured[partial] | ~positions
     return mask
 
@@ -252,7 +247,8 @@ def _slice_data(k: np.ndarray, measured: np.ndarray, cols: np.ndarray, along_rea
     if target is not None:
         target = np.ascontiguousarray(target if along_readout else target.T)
     return SliceData(kspace=k.astype(np.complex64, copy=False), mask=mask, geometry=geometry,
-                     acs=_acs(cols, num_low), target=target, slice_index=i)
+                     acs=calibration_block(mask) if is_2d_sampling(mask) else _acs(cols, num_low),
+                     target=target, slice_index=i)
 
 
 def read_fastmri(path: str | Path, max_bytes: int | None = None) -> RawScan:
@@ -370,6 +366,11 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             num_low, i, where))
 
     first = slices[0]
+    if is_2d_sampling(first.mask):  # samples, not lines (along_readout needs whole lines)
+        inside = first.mask[window]
+        log.info("%s: 2D sampling (most lines measured on part of the readout only)", where)
+        if acceleration is None and inside.sum():
+            acceleration = round(float(inside.size / inside.sum()), 2)
     sampled = int(first.mask.any(axis=1).sum())
     lines = nro if along_readout else int(window.sum())
     if acceleration is None and sampled and sampled < lines:

@@ -26,6 +26,51 @@ def centre_run(rows: np.ndarray, centre: int) -> tuple[int, int] | None:
     return lo, hi
 
 
+# more than this fraction of the acquired lines measured on part of the readout only is 2D
+# sampling (e.g. Poisson-disc), not line undersampling with a few partial lines
+MAX_PARTIAL_LINES = 0.5
+
+
+def is_2d_sampling(mask: np.ndarray) -> bool:
+    """Whether a sampling mask (ky, kx) samples in 2D (Poisson-disc, variable-density random
+    points: most acquired lines measured on part of the readout only) rather than in lines
+    (each acquired line measured whole; a partial echo or a 2D calibration block's lines aside).
+    A partial echo leaves the same positions unmeasured on every line, so the fullest line
+    sets what "whole" means."""
+    counts = (np.asarray(mask) > 0).sum(axis=-1)
+    acquired = counts > 0
+    return bool((counts[acquired] < counts.max()).sum() > MAX_PARTIAL_LINES * acquired.sum())
+
+
+def calibration_block(mask: np.ndarray) -> tuple[int, int] | None:
+    """[start, stop) of the rows of the fully sampled centre of a 2D sampling mask (ky, kx):
+    of the centred blocks measured on every sample, the one with the most rows and columns
+    (the larger of its smaller side), then every row around the centre measured across its
+    columns (ESPIRiT calibrates on the block, :func:`recon_plugin.recon.coils.
+    calibration_region`). A variable-density mask measures more than its nominal block near
+    the centre, so the widest column run of the central row alone can be too wide for the
+    block's other rows. On a line mask it is the run of acquired lines around the centre.
+    None when the centre is not sampled or the block has under 4 rows."""
+    m = np.asarray(mask) > 0
+    ny, nx = m.shape
+    cy = ny // 2
+    best: tuple[int, tuple[int, int]] | None = None
+    for h in range(1, ny // 2 + 1):  # rows [cy - h, cy + h)
+        cols = centre_run(m[cy - h: cy + h].all(axis=0), nx // 2)
+        if cols is None:
+            break
+        side = min(2 * h, cols[1] - cols[0])
+        if best is None or side > best[0]:
+            best = (side, cols)
+        if cols[1] - cols[0] <= 2 * h:  # the columns only narrow as rows are added
+            break
+    if best is None:
+        return None
+    lo, hi = best[1]
+    rows = centre_run(m[:, lo:hi].all(axis=1), cy)
+    return rows if rows is not None and rows[1] - rows[0] >= 4 else None
+
+
 def cartesian_mask(
     num_lines: int,
     acceleration: float,
@@ -94,16 +139,17 @@ def noise_variance(kspace: torch.Tensor, mask: torch.Tensor, band: float = 0.125
 def ssdu_split(
     mask: torch.Tensor, rho: float, acs: tuple[int, int] | None, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split acquired phase-encode lines (mask (B, ky, kx), lines along kx) into disjoint
-    data-consistency and loss masks. Loss lines are drawn with variable density (Gaussian in
-    ky, favouring the centre); ACS rows always stay in the data-consistency set."""
-    b, ny, nx = mask.shape
+    """Split acquired phase-encode lines (mask (B, ky, kx), lines along kx; under 2D sampling
+    the rows with the samples they have) into disjoint data-consistency and loss masks. Loss
+    lines are drawn with variable density (Gaussian in ky, favouring the centre); ACS rows
+    always stay in the data-consistency set."""
+    b, ny, _ = mask.shape
     dc = mask.clone()
     loss = torch.zeros_like(mask)
     ky = np.arange(ny)
     w = np.exp(-0.5 * ((ky - ny / 2) / (ny / 4)) ** 2)
     for i in range(b):
-        lines = np.flatnonzero(mask[i, :, nx // 2].cpu().numpy() > 0)
+        lines = np.flatnonzero((mask[i] > 0).any(dim=-1).cpu().numpy())
         if acs is not None:
             lines = lines[(lines < acs[0]) | (lines >= acs[1])]
         n = int(round(rho * len(lines)))

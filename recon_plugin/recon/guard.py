@@ -13,7 +13,8 @@ SSDU (Yaman et al., 2020) used as a run-time check.
 
 Arrays per slice: k-space (coils, ky, kx) complex64, zeros where not sampled; maps (coils, ky,
 kx); mask (ky, kx), lines along the readout (a line may be measured on part of the readout
-only: a partial echo, a 2D calibration block's lines); images (ky, kx) complex.
+only: a partial echo, a 2D calibration block's lines, the lines of a 2D mask such as
+Poisson-disc); images (ky, kx) complex.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..physics import fft1c
+from ..physics import fft1c, is_2d_sampling
 
 Recon = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -103,11 +104,14 @@ class GuardResult:
 def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float = 0.1,
                   min_lines: int = 2, seed: int = 0) -> np.ndarray:
     """Indices of acquired ky lines (outside ``acs``) to hold out: ``fraction`` of them, at
-    least ``min_lines``, spread over k-space (every n-th line from a seeded offset). Only
-    whole lines (as many samples as the fullest row) are held out: a partial line's
-    unmeasured samples would count as errors."""
+    least ``min_lines``, spread over k-space (every n-th line from a seeded offset). Under line
+    sampling only whole lines (as many samples as the fullest row) are held out, not the few
+    lines of a 2D calibration block; under 2D sampling (:func:`~recon_plugin.physics.
+    is_2d_sampling`, e.g. Poisson-disc) every acquired line, with the samples it has (the
+    errors count only measured samples)."""
     counts = (mask > 0).sum(axis=1)
-    rows = np.flatnonzero((counts > 0) & (counts == counts.max()))
+    whole = counts == counts.max()
+    rows = np.flatnonzero((counts > 0) & (True if is_2d_sampling(mask) else whole))
     if acs is not None:
         rows = rows[(rows < acs[0]) | (rows >= acs[1])]
     if rows.size < min_lines + 2:
