@@ -8,7 +8,7 @@ from pathlib import Path
 from recon_plugin.adaptation import PARAMS as ADAPT_PARAMS
 
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
-        "adapt-real", "guard", "snr", "independent", "ceiling", "cluster")
+        "adapt-real", "guard", "snr", "independent", "ceiling", "cluster", "poisson")
 
 
 def _at_least_one(text: str) -> int:
@@ -39,7 +39,7 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="folder(s) of variant models (bench pruning; default: shipped weights); "
                    "variant files or folders to rank on validation (bench select)")
     s.add_argument("--real-dir", type=Path, default=None,
-                   help="real raw data (bench real, pruning, guard, adapt-real, ceiling; default "
+                   help="real raw data (bench real, pruning, guard, adapt-real, ceiling, poisson; default "
                    "$RECON_PLUGIN_REAL_DATA or ../shared/data/real)")
     s.add_argument("--speed-protocol", default="default",
                    help="protocol of bench speed's end-to-end and stream runs (default: default)")
@@ -134,6 +134,11 @@ def run(a: argparse.Namespace) -> int:
         from .real import find_real_dir
 
         run_ceiling(docs, a.real_dir or find_real_dir(), draws=2 if a.quick else 3)
+    elif a.what == "poisson":
+        from .real import find_real_dir
+        from .sampling2d import run as run_poisson
+
+        run_poisson(docs, a.real_dir or find_real_dir())
     elif a.what == "cluster":
         from .cluster import run_cluster_bench
 
