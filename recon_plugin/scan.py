@@ -151,6 +151,22 @@ class ScanHeader:
         )
 
 
+@dataclass(frozen=True)
+class SlabPlane:
+    """Where a ky-kz plane of a 3D slab accelerated along kz belongs (``io/mrd_volume.py``):
+    the plane at readout position ``index`` of the slab's ``count``. Reconstructed, the planes
+    of a slab are stacked along x and cut into its partitions (``recon/reslice.py``): the
+    partitions ``offsets`` (from the slab centre, in partitions of ``dz_mm``; the ones inside
+    the recon slab) along the slab ``geometry``'s ``slice_dir``."""
+
+    slab: int
+    index: int
+    count: int
+    offsets: tuple[float, ...]
+    dz_mm: float
+    geometry: Geometry
+
+
 @dataclass
 class SliceData:
     """One 2D slice of one contrast/repetition.
@@ -162,6 +178,8 @@ class SliceData:
              centred like ``kspace``), used when the calibration was a separate acquisition.
     target:  optional (ky_recon, kx_recon) float32 reference magnitude (simulation / fastMRI RSS).
     notes:   what the reader found about this slice; its image's comments carry them.
+    plane:   set where this "slice" is a ky-kz plane of a 3D slab accelerated along kz
+             (kspace (coils, ky, kz), one per readout position), not an image of its own.
     """
 
     kspace: np.ndarray
@@ -177,6 +195,7 @@ class SliceData:
     average_count: int = 1
     acquisition_time_stamp: int | None = None
     notes: list[str] = field(default_factory=list)
+    plane: SlabPlane | None = None
 
     @property
     def num_coils(self) -> int:
@@ -247,6 +266,8 @@ class ReconImage:
     # while its scan's "auto" weight may still change: what recombines the pixels for another
     # weight (recon.combine.BlendParts); set only for Reconstructor.reconstruct, which clears it
     blend: object | None = field(default=None, repr=False, compare=False)
+    # a ky-kz plane of a slab (pixels (y, z)), not yet cut into partitions (SliceData.plane)
+    plane: SlabPlane | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """3D Cartesian ISMRMRD scans: read as partitions (inverse FFT along kz), reconstructed and
-written one image per partition; acceleration along kz refused with a message."""
+written one image per partition; accelerated along kz, read as ky-kz planes (inverse FFT along
+the readout), reconstructed and cut into the same partitions; refused with a message where
+there is no fully sampled ky-kz centre."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import ismrmrd
 import ismrmrd.xsd as xsd
@@ -139,13 +142,20 @@ def test_slice_oversampling_drops_the_partitions_outside_the_recon_slab(tmp_path
     assert len(scan.slices) == NZ // 2
 
 
+def _caipi(kz):
+    """ky lines of partition encode kz: every 2nd, shifted by one on odd kz (a 2D pattern),
+    and the calibration lines 20-27 on every kz (a fully sampled ky-kz centre)."""
+    return sorted(set(range(kz % 2, 48, 2)) | set(range(20, 28)))
+
+
 @pytest.mark.parametrize("kz_rows, lines, words", [
     (None, lambda kz: _ky_r2(kz) if kz % 2 == 0 else range(1, 48, 2),
-     ("undersampled along kz", "other ky lines")),
-    (range(0, NZ, 2), _ky_r2, ("block around the centre", "0, 2, 4, 6")),
+     ("accelerated along kz", "fully sampled ky-kz centre")),
+    (range(0, NZ, 2), _ky_r2, ("accelerated along kz", "fully sampled ky-kz centre")),
     (range(3, 6), _ky_r2, ("more than half",)),
 ])
-def test_acceleration_along_kz_is_refused_by_name(tmp_path, vol, kz_rows, lines, words):
+def test_acceleration_along_kz_without_a_centre_is_refused_by_name(tmp_path, vol, kz_rows,
+                                                                   lines, words):
     path = write_3d(tmp_path / "kz.h5", vol, lines, kz_rows=kz_rows)
     with pytest.raises(RawDataError) as err:
         read_raw(path)
@@ -230,3 +240,101 @@ def test_the_memory_budget_counts_every_partition_encode(tmp_path, vol):
     assert len(read_ismrmrd(path, max_bytes=2 * one_slab).slices) == NZ
     with pytest.raises(RawDataError, match=f"x {NZ}"):
         read_ismrmrd(path, max_bytes=one_slab // 2)
+
+
+def test_acceleration_along_kz_reads_as_ky_kz_planes(tmp_path, vol):
+    """One plane per readout position: (coils, ky, kz) with the 2D mask of the measured
+    encodes, its calibration rows the fully sampled centre, and the data the slab's k-space
+    transformed along the readout only."""
+    from recon_plugin.physics import ifft1c
+
+    scan = read_raw(write_3d(tmp_path / "caipi.h5", vol, _caipi))
+    nx = vol.matrix[1]
+    assert len(scan.slices) == nx
+    mask = np.zeros((48, NZ), np.float32)
+    for kz in range(NZ):
+        mask[_caipi(kz), kz] = 1
+    hybrid = ifft1c(_kspace_3d(vol), axis=-1)  # (coils, kz, ky, x)
+    for sl in scan.slices:
+        assert sl.plane is not None and sl.plane.count == nx and sl.plane.index == sl.slice_index
+        np.testing.assert_array_equal(sl.mask, mask)
+        assert sl.acs == (20, 28)
+        ref = hybrid[:, :, :, sl.plane.index].transpose(0, 2, 1) * mask[None]
+        np.testing.assert_allclose(sl.kspace, ref, atol=1e-4 * np.abs(hybrid).max())
+    assert sl.plane.offsets == tuple(float(o) for o in range(-NZ // 2, NZ - NZ // 2))
+
+
+def _partition_of(d, vol) -> int:
+    """The partition a DICOM image shows, from its centre (first-pixel corner + half the
+    image) along the slab's slice direction."""
+    iop = np.asarray(d.ImageOrientationPatient, float)
+    dy, dx = (float(v) for v in d.PixelSpacing)
+    mid = (np.asarray(d.ImagePositionPatient, float) + iop[:3] * dx * (d.Columns / 2)
+           + iop[3:] * dy * (d.Rows / 2))
+    centre, slice_dir = vol.slices[NZ // 2].position, vol.slices[0].slice_dir
+    return int(round(float((mid - centre) @ slice_dir) / (SLAB_MM / NZ))) + NZ // 2
+
+
+def test_a_slab_accelerated_along_kz_is_written_one_image_per_partition(tmp_path, vol):
+    """Through ``recon`` (default protocol, per ky-kz plane): one DICOM per partition, placed
+    as the partitions of a slab accelerated along ky, each close to its slice's object: far
+    better than zero-filling the 2D pattern, and not below CG-SENSE by more than 0.3 dB."""
+    import pydicom
+
+    from recon_plugin.batch import run_batch
+    from recon_plugin.metrics import psnr
+    from recon_plugin.physics import ifft1c, ifft2c, rss
+
+    raw = write_3d(tmp_path / "caipi.h5", vol, _caipi)
+    pdir = tmp_path / "protocols"
+    pdir.mkdir()
+    (pdir / "cg3d.yaml").write_text("name: cg3d\nextends: default\nmodel: {method: cg-sense}\n")
+    scores = {}
+    for proto in ("default", str(pdir / "cg3d.yaml")):
+        out = tmp_path / Path(proto).stem
+        (res,) = run_batch([raw], out, proto, progress=False)
+        assert res.ok, res.error
+        dss = [pydicom.dcmread(f) for f in sorted(out.rglob("*.dcm"))]
+        assert len(dss) == NZ and {d.MRAcquisitionType for d in dss} == {"3D"}
+        assert "ky-kz planes" in str(dss[0].ImageComments)
+        zs = [_partition_of(d, vol) for d in dss]
+        assert sorted(zs) == list(range(NZ))
+        scores[proto] = {}
+        for d, z in zip(dss, zs):
+            img = d.pixel_array * float(d.RealWorldValueMappingSequence[0].RealWorldValueSlope)
+            scores[proto][z] = psnr(vol.slices[z].target, img)
+    mask = np.zeros((NZ, 48), bool)
+    for kz in range(NZ):
+        mask[kz, _caipi(kz)] = True
+    zero_filled = rss(ifft1c(ifft2c(_kspace_3d(vol) * mask[None, :, :, None]), axis=1), axis=0)
+    for z in range(NZ):
+        zf = psnr(vol.slices[z].target, zero_filled[z])
+        assert scores["default"][z] > zf + 5, (z, scores["default"][z], zf)
+        assert scores["default"][z] > scores[str(pdir / "cg3d.yaml")][z] - 0.3, z
+
+
+def test_a_streamed_slab_accelerated_along_kz_equals_its_offline_recon(tmp_path, vol):
+    """The stream collects the slab's ky-kz planes and sends its partitions, the same pixels
+    as ``recon`` of the file."""
+    import h5py
+
+    from recon_plugin.batch import recon_file
+    from recon_plugin.stream.engine import StreamEngine
+    from recon_plugin.stream.options import StreamOptions
+
+    raw = write_3d(tmp_path / "stream_caipi.h5", vol, _caipi)
+    pdir = tmp_path / "protocols"
+    pdir.mkdir()
+    (pdir / "cg3d.yaml").write_text("name: cg3d\nextends: default\nmodel: {method: cg-sense}\n")
+    engine = StreamEngine(protocol_dirs=[pdir])
+    written, _ = recon_file(raw, tmp_path / "offline", engine.recon, str(pdir / "cg3d.yaml"),
+                            formats=("h5",))
+    with h5py.File(written[0], "r") as f:
+        ref = np.asarray(f["reconstruction"])  # (partitions, y, x), ordered by position
+    with ismrmrd.File(str(raw), "r") as f:
+        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
+    sent: list[ismrmrd.Image] = []
+    result = engine.run(iter(acqs), xml, sent.append, StreamOptions(protocol="cg3d"))
+    assert result.complete and len(sent) == NZ
+    for img in sent:
+        np.testing.assert_array_equal(img.data[0, 0], ref[img.slice])

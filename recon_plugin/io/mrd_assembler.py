@@ -21,9 +21,12 @@ Routing rules:
 * geometry from the first line's ``position`` / ``*_dir``; zero vectors give
   :meth:`Geometry.default` (slices stacked along z by the slice spacing) and a warning;
 * a 3D scan (encoded matrix z > 1) collects each slab on a (coils, kz, ky, kx) grid
-  (``kspace_encode_step_2``) and is split into partitions, one :class:`SliceData` each, when the
-  data end (:mod:`recon_plugin.io.mrd_volume`: acceleration along ky only); separate
-  calibration data of a 3D scan are not used (its coil maps come from each partition's centre).
+  (``kspace_encode_step_2``) and is split, when the data end (:mod:`recon_plugin.io.mrd_volume`),
+  into partitions, one :class:`SliceData` each (acceleration along ky only), or, accelerated
+  along kz, into ky-kz planes, one :class:`SliceData` per readout position marked with its
+  :class:`~recon_plugin.scan.SlabPlane` (the reconstruction cuts them into partitions);
+  separate calibration data of a 3D scan are not used (its coil maps come from each
+  partition's or plane's centre).
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ import ismrmrd
 import numpy as np
 
 from ..physics import centre_run
-from ..scan import Geometry, RawDataError, RawScan, SliceData
+from ..scan import Geometry, RawDataError, RawScan, SlabPlane, SliceData
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 from .mrd_calibration import separate_calibration
 from .mrd_lines import LineBuffer, channel_ids, kspace_row, place_readout
-from .mrd_volume import partition_geometry, split_partitions
+from .mrd_volume import accelerated_along_kz, partition_geometry, split_partitions, split_planes
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +400,10 @@ class MrdAssembler:
 
     def _emit_partitions(self, key: Key) -> list[SliceData]:
         """A 3D slab as one :class:`SliceData` per partition (``mrd_volume``); partition ``p``
-        of slab ``s`` is slice ``s * P + p`` (P partitions per slab)."""
+        of slab ``s`` is slice ``s * P + p`` (P partitions per slab). Accelerated along kz:
+        one per ky-kz plane instead (:meth:`_emit_planes`)."""
+        if accelerated_along_kz(self._buffers[key]):
+            return self._emit_planes(key)
         buf = self._buffers.pop(key)
         parts = split_partitions(buf, self.enc.enc_fov[2], self.enc.recon_fov[2], self.source)
         slab = buf.geometry or Geometry.default()
@@ -417,4 +423,30 @@ class MrdAssembler:
             acquisition_time_stamp=buf.timestamp,
             notes=list(parts.notes),
         ) for p, (k, off) in enumerate(zip(parts.kspace, parts.offsets))]
+
+    def _emit_planes(self, key: Key) -> list[SliceData]:
+        """A 3D slab accelerated along kz as one :class:`SliceData` per readout position x:
+        its ky-kz plane (coils, ky, kz) with the 2D mask, slice ``s * X + x`` of slab ``s`` (X
+        positions), marked with the :class:`SlabPlane` that the reconstruction cuts the
+        planes' images into the slab's partitions with."""
+        buf = self._buffers.pop(key)
+        planes = split_planes(buf, self.enc.enc_fov[2], self.enc.recon_fov[2], self.source)
+        n = planes.kspace.shape[0]
+        slab = buf.geometry or Geometry.default()
+        dz = self.header.slice_thickness_mm or 1.0
+        offsets = tuple(float(o) for o in planes.offsets)
+        return [SliceData(
+            kspace=k,
+            mask=planes.mask.copy(),
+            geometry=slab,
+            acs=planes.acs,
+            slice_index=key[0] * n + x,
+            contrast=key[1],
+            phase=key[2],
+            repetition=key[3],
+            average_count=max(len(buf.averages), 1),
+            acquisition_time_stamp=buf.timestamp,
+            notes=list(planes.notes),
+            plane=SlabPlane(key[0], x, n, offsets, dz, slab),
+        ) for x, k in enumerate(planes.kspace)]
 

@@ -79,6 +79,7 @@ from .guard import SliceEstimate
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import drop_silent_coils, whiten_and_compress, whitening_matrix
 from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
+from .reslice import partitions, plane_header
 from .series_weight import ScanWeight, auto_slice_weight, reweigh
 from .sparse import Sparsity
 
@@ -313,9 +314,9 @@ class Reconstructor:
             mag = parts.rss(weight) if parts is not None else \
                 measured_rss(coils, measured, mask, weight)
         t["combine"] += time.perf_counter() - t0
-        pixels = to_recon_matrix(mag, header, notes)
+        pixels = to_recon_matrix(mag, plane_header(header, sl.plane), notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
-                          sl.phase, method, notes, weight, parts)
+                          sl.phase, method, notes, weight, parts, sl.plane)
 
     def _unfold(self, ksp, maps, maps2, mask, wrapped: float, method: str, index: int,
                 settings: ReconSettings, notes: list[str], t: dict):
@@ -553,6 +554,8 @@ class Reconstructor:
             images[index] = image
         # one measured-sample weight per series: the evidence of all its slices
         images = [reweigh(im, weights[im.contrast], scan.header) for im in images]
+        # a slab accelerated along kz was made as ky-kz planes: its partitions from them
+        images = partitions(images, scan.header)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
 

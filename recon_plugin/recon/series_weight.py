@@ -18,6 +18,7 @@ import numpy as np
 from ..scan import ReconImage, ScanHeader, SliceData
 from .combine import noise_aware_weight, slice_noise_variance, to_recon_matrix
 from .guard import SliceEstimate
+from .reslice import plane_header
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,6 @@ def reweigh(image: ReconImage, weights: ScanWeight, header: ScanHeader) -> Recon
         return image
     w = auto_weight(weights, image.slice_index, image.notes, previous=image.measured_weight)
     if w != image.measured_weight:
-        image.pixels = to_recon_matrix(parts.rss(w), header, [])
+        image.pixels = to_recon_matrix(parts.rss(w), plane_header(header, image.plane), [])
         image.measured_weight = w
     return image

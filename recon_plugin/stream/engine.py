@@ -38,6 +38,7 @@ from ..recon.calibrate import ScanCalibration
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..recon.refine import SharedRefinement
+from ..recon.reslice import partitions
 from ..recon.series_weight import ScanWeight
 from ..runtime import tune_allocator
 from ..scan import Geometry, ReconImage, ScanHeader, SliceData
@@ -232,6 +233,8 @@ class _ScanState:
         # refine: shared -- the first slice to arrive trains the scan's copy (recon/refine.py)
         self.shared = SharedRefinement() if settings.refine == "shared" else None
         self.deferred: list[tuple[SliceData, float]] = []
+        # a slab accelerated along kz: its ky-kz planes' images until the last one is in
+        self.planes: dict[tuple, list[tuple[ReconImage, float]]] = defaultdict(list)
         self.noise_used = 0
         enc = asm.enc
         self.encoder = ImageEncoder(protocol, prov, options.image_dtype,
@@ -265,8 +268,9 @@ class _ScanState:
         self._prepare()
         key = (sl.slice_index, sl.contrast, sl.phase, sl.repetition)
         ref = self.refs.pop(key, None)
-        log.info("slice %d (contrast %d, repetition %d) complete: reconstructing",
-                 sl.slice_index, sl.contrast, sl.repetition)
+        log.log(logging.DEBUG if sl.plane is not None else logging.INFO,
+                "slice %d (contrast %d, repetition %d) complete: reconstructing",
+                sl.slice_index, sl.contrast, sl.repetition)
         try:
             with self.engine.lock:
                 t0 = time.perf_counter()
@@ -280,9 +284,29 @@ class _ScanState:
             yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
                   f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
             return
+        if sl.plane is not None:  # a ky-kz plane of a slab: its partitions once all are in
+            yield from self._slab_partitions(im, t_last, dt)
+            return
         if self.keep:
             self.result.images.append(im)
         yield StreamImage(self.encoder.image(im, self.header, ref), im, t_last, dt)
+
+    def _slab_partitions(self, im: ReconImage, t_last: float, dt: float
+                         ) -> Iterator[StreamImage]:
+        """Collect the images of a slab's ky-kz planes; with its last one, send the slab's
+        partitions (``recon/reslice.py``), each with its share of the planes' time."""
+        key = (im.plane.slab, im.contrast, im.phase, im.repetition)
+        done = self.planes[key]
+        done.append((im, dt))
+        if len(done) < im.plane.count:
+            return
+        del self.planes[key]
+        parts = partitions([p for p, _ in done], self.header)
+        each = sum(t for _, t in done) / max(len(parts), 1)
+        for part in parts:
+            if self.keep:
+                self.result.images.append(part)
+            yield StreamImage(self.encoder.image(part, self.header, None), part, t_last, each)
 
     def flush_deferred(self, t_last: float) -> Iterator[StreamImage | str]:
         if not self.deferred:
