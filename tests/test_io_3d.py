@@ -91,6 +91,12 @@ def _ky_r2(kz):
     return sorted(set(range(0, 48, 2)) | set(range(20, 28)))
 
 
+def _caipi(kz):
+    """ky lines of partition encode kz: every 2nd, shifted by one on odd kz (a 2D pattern),
+    and the calibration lines 20-27 on every kz (a fully sampled ky-kz centre)."""
+    return sorted(set(range(kz % 2, 48, 2)) | set(range(20, 28)))
+
+
 def test_a_3d_slab_reads_as_its_partitions(tmp_path, vol):
     """Fully sampled: every partition's k-space is the slice it was made from (the inverse FFT
     along kz undoes the encoding), placed dz apart along the slice direction, 3D in the
@@ -140,12 +146,6 @@ def test_slice_oversampling_drops_the_partitions_outside_the_recon_slab(tmp_path
     scan = read_raw(write_3d(tmp_path / "os.h5", vol, _ky_r2, recon_slab_mm=SLAB_MM / 2))
     assert sorted(s.slice_index for s in scan.slices) == [0, 1, 2, 3]  # the central 4 of 8
     assert len(scan.slices) == NZ // 2
-
-
-def _caipi(kz):
-    """ky lines of partition encode kz: every 2nd, shifted by one on odd kz (a 2D pattern),
-    and the calibration lines 20-27 on every kz (a fully sampled ky-kz centre)."""
-    return sorted(set(range(kz % 2, 48, 2)) | set(range(20, 28)))
 
 
 @pytest.mark.parametrize("kz_rows, lines, words", [
@@ -205,16 +205,18 @@ def test_a_3d_scan_is_reconstructed_and_written_one_image_per_partition(tmp_path
     assert seen == set(range(NZ))
 
 
-def test_a_streamed_3d_scan_equals_its_offline_recon(tmp_path, vol):
+@pytest.mark.parametrize("lines", [_ky_r2, _caipi], ids=["along-ky", "along-kz"])
+def test_a_streamed_3d_scan_equals_its_offline_recon(tmp_path, vol, lines):
     """The stream assembles the slab until the data end, then sends one image per partition,
-    the same pixels as ``recon`` of the file (one assembler, one reconstructor)."""
+    the same pixels as ``recon`` of the file (one assembler, one reconstructor); accelerated
+    along kz, once the slab's last ky-kz plane is reconstructed."""
     import h5py
 
     from recon_plugin.batch import recon_file
     from recon_plugin.stream.engine import StreamEngine
     from recon_plugin.stream.options import StreamOptions
 
-    raw = write_3d(tmp_path / "stream3d.h5", vol, _ky_r2)
+    raw = write_3d(tmp_path / "stream3d.h5", vol, lines)
     pdir = tmp_path / "protocols"
     pdir.mkdir()
     (pdir / "cg3d.yaml").write_text("name: cg3d\nextends: default\nmodel: {method: cg-sense}\n")
@@ -311,30 +313,3 @@ def test_a_slab_accelerated_along_kz_is_written_one_image_per_partition(tmp_path
         zf = psnr(vol.slices[z].target, zero_filled[z])
         assert scores["default"][z] > zf + 5, (z, scores["default"][z], zf)
         assert scores["default"][z] > scores[str(pdir / "cg3d.yaml")][z] - 0.3, z
-
-
-def test_a_streamed_slab_accelerated_along_kz_equals_its_offline_recon(tmp_path, vol):
-    """The stream collects the slab's ky-kz planes and sends its partitions, the same pixels
-    as ``recon`` of the file."""
-    import h5py
-
-    from recon_plugin.batch import recon_file
-    from recon_plugin.stream.engine import StreamEngine
-    from recon_plugin.stream.options import StreamOptions
-
-    raw = write_3d(tmp_path / "stream_caipi.h5", vol, _caipi)
-    pdir = tmp_path / "protocols"
-    pdir.mkdir()
-    (pdir / "cg3d.yaml").write_text("name: cg3d\nextends: default\nmodel: {method: cg-sense}\n")
-    engine = StreamEngine(protocol_dirs=[pdir])
-    written, _ = recon_file(raw, tmp_path / "offline", engine.recon, str(pdir / "cg3d.yaml"),
-                            formats=("h5",))
-    with h5py.File(written[0], "r") as f:
-        ref = np.asarray(f["reconstruction"])  # (partitions, y, x), ordered by position
-    with ismrmrd.File(str(raw), "r") as f:
-        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
-    sent: list[ismrmrd.Image] = []
-    result = engine.run(iter(acqs), xml, sent.append, StreamOptions(protocol="cg3d"))
-    assert result.complete and len(sent) == NZ
-    for img in sent:
-        np.testing.assert_array_equal(img.data[0, 0], ref[img.slice])

@@ -410,19 +410,9 @@ class MrdAssembler:
         dz = self.header.slice_thickness_mm or 1.0  # the header's partition thickness
         acs = self._acs(parts.mask.any(axis=1), buf.calib_rows)
         n = len(parts.offsets)
-        return [SliceData(
-            kspace=k,
-            mask=parts.mask.copy(),
-            geometry=partition_geometry(slab, off, dz),
-            acs=acs,
-            slice_index=key[0] * n + p,
-            contrast=key[1],
-            phase=key[2],
-            repetition=key[3],
-            average_count=max(len(buf.averages), 1),
-            acquisition_time_stamp=buf.timestamp,
-            notes=list(parts.notes),
-        ) for p, (k, off) in enumerate(zip(parts.kspace, parts.offsets))]
+        return [self._slab_slice(buf, key, k, parts.mask, partition_geometry(slab, off, dz), acs,
+                                 key[0] * n + p, parts.notes)
+                for p, (k, off) in enumerate(zip(parts.kspace, parts.offsets))]
 
     def _emit_planes(self, key: Key) -> list[SliceData]:
         """A 3D slab accelerated along kz as one :class:`SliceData` per readout position x:
@@ -435,18 +425,17 @@ class MrdAssembler:
         slab = buf.geometry or Geometry.default()
         dz = self.header.slice_thickness_mm or 1.0
         offsets = tuple(float(o) for o in planes.offsets)
-        return [SliceData(
-            kspace=k,
-            mask=planes.mask.copy(),
-            geometry=slab,
-            acs=planes.acs,
-            slice_index=key[0] * n + x,
-            contrast=key[1],
-            phase=key[2],
-            repetition=key[3],
-            average_count=max(len(buf.averages), 1),
-            acquisition_time_stamp=buf.timestamp,
-            notes=list(planes.notes),
-            plane=SlabPlane(key[0], x, n, offsets, dz, slab),
-        ) for x, k in enumerate(planes.kspace)]
+        return [self._slab_slice(buf, key, k, planes.mask, slab, planes.acs, key[0] * n + x,
+                                 planes.notes, SlabPlane(key[0], x, n, offsets, dz, slab))
+                for x, k in enumerate(planes.kspace)]
+
+    @staticmethod
+    def _slab_slice(buf: LineBuffer, key: Key, kspace: np.ndarray, mask: np.ndarray,
+                    geometry: Geometry, acs: tuple[int, int] | None, index: int,
+                    notes: list[str], plane: SlabPlane | None = None) -> SliceData:
+        """One 2D problem of a 3D slab (a partition or a ky-kz plane) as a :class:`SliceData`."""
+        return SliceData(kspace=kspace, mask=mask.copy(), geometry=geometry, acs=acs,
+                         slice_index=index, contrast=key[1], phase=key[2], repetition=key[3],
+                         average_count=max(len(buf.averages), 1),
+                         acquisition_time_stamp=buf.timestamp, notes=list(notes), plane=plane)
 
