@@ -355,3 +355,30 @@ def test_readme_ceiling_paragraph_quotes_the_latest_bench_ceiling_run():
     assert quoted("the readout),") == of(brain, "headroom_db")
     assert quoted("written image;") == of(phantom, "ceiling")
     assert quoted("(4x / 8x),") == of(phantom, "headroom_db")
+
+
+def test_poisson_cases_of_the_real_brain_plane():
+    """``bench poisson``'s cases: both orientations of the ky-kz plane, each mask about its
+    acceleration with the fully sampled 24 x 24 centre as calibration rows, the k-space zero
+    where not sampled, and maps from that block."""
+    import numpy as np
+
+    from benchmarks.real import find_real_dir
+    from benchmarks.sampling2d import ACCS, CALIB, SEEDS, poisson_cases
+
+    real = find_real_dir()
+    if real is None:
+        pytest.skip("needs ../shared/data/real (real scanner data)")
+    cases = poisson_cases(real / "espirit_brain8ch_full.h5")
+    assert sorted(cases) == ["as stored", "transposed"]
+    for cs in cases.values():
+        assert len(cs) == len(ACCS) * len(SEEDS)
+        for c in cs:
+            acc = int(c.name.split(", ")[1].split("x")[0])
+            assert abs(c.mask.size / c.mask.sum() - acc) < 0.15 * acc, c.name
+            ny, nx = c.mask.shape
+            lo, hi = c.acs
+            assert lo <= ny // 2 - CALIB // 2 and hi >= ny // 2 + CALIB // 2
+            assert c.mask[lo:hi, nx // 2 - CALIB // 2: nx // 2 + CALIB // 2].all()
+            assert not np.any(c.kspace[:, c.mask == 0])
+            assert c.maps is not None and c.maps.shape == c.kspace.shape
