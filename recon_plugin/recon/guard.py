@@ -110,8 +110,10 @@ def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float
     is_2d_sampling`, e.g. Poisson-disc) every acquired line, with the samples it has (the
     errors count only measured samples)."""
     counts = (mask > 0).sum(axis=1)
-    whole = counts == counts.max()
-    rows = np.flatnonzero((counts > 0) & (True if is_2d_sampling(mask) else whole))
+    eligible = counts > 0
+    if not is_2d_sampling(mask):
+        eligible &= counts == counts.max()
+    rows = np.flatnonzero(eligible)
     if acs is not None:
         rows = rows[(rows < acs[0]) | (rows >= acs[1])]
     if rows.size < min_lines + 2:
