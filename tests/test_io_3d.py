@@ -313,3 +313,35 @@ def test_a_slab_accelerated_along_kz_is_written_one_image_per_partition(tmp_path
         zf = psnr(vol.slices[z].target, zero_filled[z])
         assert scores["default"][z] > zf + 5, (z, scores["default"][z], zf)
         assert scores["default"][z] > scores[str(pdir / "cg3d.yaml")][z] - 0.3, z
+
+
+def test_a_stream_sends_a_slab_whose_plane_failed_with_the_plane_zeroed(tmp_path, vol,
+                                                                        monkeypatch):
+    """One ky-kz plane that fails to reconstruct costs the stream an ERROR notice and that
+    plane's column of each partition (zero, and said in the images' comments), not the slab."""
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.stream.engine import StreamEngine
+    from recon_plugin.stream.options import StreamOptions
+
+    raw = write_3d(tmp_path / "stream_caipi.h5", vol, _caipi)
+    pdir = tmp_path / "protocols"
+    pdir.mkdir()
+    (pdir / "cg3d.yaml").write_text("name: cg3d\nextends: default\nmodel: {method: cg-sense}\n")
+    real = Reconstructor.reconstruct_slice
+
+    def flaky(self, sl, *args, **kw):
+        if sl.plane is not None and sl.plane.index == 5:
+            raise RuntimeError("injected")
+        return real(self, sl, *args, **kw)
+
+    monkeypatch.setattr(Reconstructor, "reconstruct_slice", flaky)
+    with ismrmrd.File(str(raw), "r") as f:
+        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
+    sent: list[ismrmrd.Image] = []
+    result = StreamEngine(protocol_dirs=[pdir]).run(iter(acqs), xml, sent.append,
+                                                    StreamOptions(protocol="cg3d"))
+    assert len(sent) == NZ and any("injected" in n for n in result.notices)
+    for img in sent:
+        pixels = img.data[0, 0]  # (y, x): x is the plane
+        assert not pixels[:, 5].any() and pixels[:, 4].any() and pixels[:, 6].any()
+        assert "FAILED: ky-kz plane 5" in img.attribute_string

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from ..io.mrd_volume import partition_geometry
-from ..scan import ReconImage, ScanHeader, SlabPlane
+from ..scan import ReconImage, ScanHeader, SlabPlane, SliceData
 from .combine import to_recon_matrix
 
 
@@ -29,17 +29,30 @@ def plane_header(header: ScanHeader, plane: SlabPlane | None) -> ScanHeader:
                                                      1))
 
 
+def failed_plane(sl: SliceData, header: ScanHeader, error: Exception) -> ReconImage:
+    """A zero image in place of the ky-kz plane ``sl`` whose reconstruction failed, so that the
+    slab's other planes still make its partitions; they say which plane is missing."""
+    h = plane_header(header, sl.plane)
+    pixels = np.zeros((h.recon_matrix[1], h.recon_matrix[0]), np.float32)
+    note = (f"FAILED: ky-kz plane {sl.plane.index} (readout position) not reconstructed "
+            f"({type(error).__name__}: {error}); its column of every partition is zero")
+    return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition, sl.phase,
+                      "failed", [note], None, None, sl.plane)
+
+
 def _summary(planes: list[ReconImage]) -> tuple[str, list[str]]:
     """(the method most planes used, the notes for every partition: those all planes share,
     then how many planes each method made and how many had further notes)."""
     methods = Counter(im.method for im in planes)
+    made_by = Counter(im.method for im in planes if im.method != "failed")
     shared = [n for n in planes[0].notes if all(n in im.notes for im in planes[1:])]
     made = ", ".join(f"{m} {c}" for m, c in methods.most_common())
     notes = shared + [f"ky-kz planes of the slab: {len(planes)}, made by {made}"]
+    notes += [n for im in planes if im.method == "failed" for n in im.notes]
     extra = sum(1 for im in planes if len(im.notes) > len(shared))
     if extra:
         notes.append(f"{extra} planes had notes of their own (decisions per plane: see the log)")
-    return methods.most_common(1)[0][0], notes
+    return (made_by or methods).most_common(1)[0][0], notes
 
 
 def partitions(images: list[ReconImage], header: ScanHeader) -> list[ReconImage]:

@@ -38,7 +38,7 @@ from ..recon.calibrate import ScanCalibration
 from ..recon.pipeline import Reconstructor
 from ..recon.preprocess import whitening_matrix
 from ..recon.refine import SharedRefinement
-from ..recon.reslice import partitions
+from ..recon.reslice import failed_plane, partitions
 from ..recon.series_weight import ScanWeight
 from ..runtime import tune_allocator
 from ..scan import Geometry, ReconImage, ScanHeader, SliceData
@@ -283,6 +283,8 @@ class _ScanState:
             log.exception("stream: slice %d failed", sl.slice_index)
             yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
                   f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
+            if sl.plane is not None:  # nor one bad plane its slab: the others make it
+                yield from self._slab_partitions(failed_plane(sl, self.header, e), t_last, 0.0)
             return
         if sl.plane is not None:  # a ky-kz plane of a slab: its partitions once all are in
             yield from self._slab_partitions(im, t_last, dt)
