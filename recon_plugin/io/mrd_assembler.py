@@ -425,9 +425,15 @@ class MrdAssembler:
         slab = buf.geometry or Geometry.default()
         dz = self.header.slice_thickness_mm or 1.0
         offsets = tuple(float(o) for o in planes.offsets)
-        return [self._slab_slice(buf, key, k, planes.mask, slab, planes.acs, key[0] * n + x,
-                                 planes.notes, SlabPlane(key[0], x, n, offsets, dz, slab))
-                for x, k in enumerate(planes.kspace)]
+        # central planes first, in the order Reconstructor.reconstruct takes a scan's slices
+        # (so that a stream is calibrated on the same planes): the first to be reconstructed
+        # decide the scan's data-consistency setting (recon/calibrate.py), and the planes at
+        # the readout's ends hold mostly noise
+        order = sorted(range(n), key=lambda x: abs(x - (n - 1) / 2))
+        return [self._slab_slice(buf, key, planes.kspace[x], planes.mask, slab, planes.acs,
+                                 key[0] * n + x, planes.notes,
+                                 SlabPlane(key[0], x, n, offsets, dz, slab))
+                for x in order]
 
     @staticmethod
     def _slab_slice(buf: LineBuffer, key: Key, kspace: np.ndarray, mask: np.ndarray,

@@ -233,8 +233,9 @@ class _ScanState:
         # refine: shared -- the first slice to arrive trains the scan's copy (recon/refine.py)
         self.shared = SharedRefinement() if settings.refine == "shared" else None
         self.deferred: list[tuple[SliceData, float]] = []
-        # a slab accelerated along kz: its ky-kz planes' images until the last one is in
-        self.planes: dict[tuple, list[tuple[ReconImage, float]]] = defaultdict(list)
+        # a slab accelerated along kz: its ky-kz planes until the last one is in (image,
+        # seconds, the plane, the calibration choice it was made with where provisional)
+        self.planes: dict[tuple, list[tuple]] = defaultdict(list)
         self.noise_used = 0
         enc = asm.enc
         self.encoder = ImageEncoder(protocol, prov, options.image_dtype,
@@ -274,37 +275,52 @@ class _ScanState:
         try:
             with self.engine.lock:
                 t0 = time.perf_counter()
+                adds = self.calibration.adds
                 im = self.engine.recon.reconstruct_slice(sl, self.header, self.settings,
                                                          self.whitener, self.timings,
                                                          self.calibration, self.shared,
                                                          self.weights[sl.contrast])
                 dt = time.perf_counter() - t0
+                made_with = self.calibration.provisional(adds)
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
             log.exception("stream: slice %d failed", sl.slice_index)
             yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
                   f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
             if sl.plane is not None:  # nor one bad plane its slab: the others make it
-                yield from self._slab_partitions(failed_plane(sl, self.header, e), t_last, 0.0)
+                yield from self._slab_partitions(failed_plane(sl, self.header, e), t_last, 0.0,
+                                                 sl, None)
             return
         if sl.plane is not None:  # a ky-kz plane of a slab: its partitions once all are in
-            yield from self._slab_partitions(im, t_last, dt)
+            yield from self._slab_partitions(im, t_last, dt, sl, made_with)
             return
         if self.keep:
             self.result.images.append(im)
         yield StreamImage(self.encoder.image(im, self.header, ref), im, t_last, dt)
 
-    def _slab_partitions(self, im: ReconImage, t_last: float, dt: float
-                         ) -> Iterator[StreamImage]:
+    def _slab_partitions(self, im: ReconImage, t_last: float, dt: float, sl: SliceData,
+                         made_with: tuple | None) -> Iterator[StreamImage]:
         """Collect the images of a slab's ky-kz planes; with its last one, send the slab's
-        partitions (``recon/reslice.py``), each with its share of the planes' time."""
+        partitions (``recon/reslice.py``), each with its share of the planes' time. The
+        planes made before the scan's calibration settled are made again with its settled
+        choice first, as ``Reconstructor.reconstruct`` does (``made_with``: the choice a plane
+        was made with, where it was provisional), so the stream sends what ``recon`` writes."""
         key = (im.plane.slab, im.contrast, im.phase, im.repetition)
         done = self.planes[key]
-        done.append((im, dt))
+        done.append((im, dt, sl, made_with))
         if len(done) < im.plane.count:
             return
         del self.planes[key]
-        parts = partitions([p for p, _ in done], self.header)
-        each = sum(t for _, t in done) / max(len(parts), 1)
+        self.calibration.settle()
+        images = []
+        with self.engine.lock:
+            for image, _, plane, used in done:
+                if used is not None:
+                    image = self.engine.recon.revise(
+                        image, plane, *used, self.header, self.settings, self.whitener,
+                        self.timings, self.calibration, self.shared, self.weights[plane.contrast])
+                images.append(image)
+        parts = partitions(images, self.header)
+        each = sum(d[1] for d in done) / max(len(parts), 1)
         for part in parts:
             if self.keep:
                 self.result.images.append(part)
