@@ -300,6 +300,7 @@ def test_a_slab_accelerated_along_kz_is_written_one_image_per_partition(tmp_path
         out = tmp_path / Path(proto).stem
         (res,) = run_batch([raw], out, proto, progress=False)
         assert res.ok, res.error
+        assert res.timings["slab_planes"] == vol.matrix[1]  # the summary counts planes
         dss = [pydicom.dcmread(f) for f in sorted(out.rglob("*.dcm"))]
         assert len(dss) == NZ and {d.MRAcquisitionType for d in dss} == {"3D"}
         assert "ky-kz planes" in str(dss[0].ImageComments)

@@ -59,14 +59,15 @@ def _report(results: list[FileResult]) -> int:
         t = r.timings
         extra = (f"{_count(len(r.outputs), 'file')} written, {r.seconds:.1f} s, protocol "
                  f"{r.protocol}") if r.ok else r.error
+        unit = "ky-kz plane" if t.get("slab_planes") else "slice"  # a slab accelerated along kz
         if r.ok and t.get("guard_checked"):
             extra += (f", guard: {int(t.get('guard_rejected', 0))} of "
-                      f"{_count(int(t['guard_checked']), 'slice')} CG-SENSE")
+                      f"{_count(int(t['guard_checked']), unit)} CG-SENSE")
         if r.ok and t.get("fov_wrap"):
-            extra += (f", field-of-view wrap: {_count(int(t['fov_wrap']), 'slice')} unfolded "
+            extra += (f", field-of-view wrap: {_count(int(t['fov_wrap']), unit)} unfolded "
                       "with a second set of maps")
         if r.ok and ("refine" in t or t.get("refine_skipped")):
-            extra += f", refinement kept on {_count(int(t.get('refine_kept', 0)), 'slice')}"
+            extra += f", refinement kept on {_count(int(t.get('refine_kept', 0)), unit)}"
             if t.get("refine_skipped"):
                 extra += (f", not tried on {int(t['refine_skipped'])} (too few lines "
                           "to verify it)")

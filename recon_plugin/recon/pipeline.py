@@ -555,6 +555,9 @@ class Reconstructor:
         # one measured-sample weight per series: the evidence of all its slices
         images = [reweigh(im, weights[im.contrast], scan.header) for im in images]
         # a slab accelerated along kz was made as ky-kz planes: its partitions from them
+        planes = sum(im.plane is not None for im in images)
+        if planes:  # the per-slice counts above are per plane (the batch summary says so)
+            timings["slab_planes"] = planes
         images = partitions(images, scan.header)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
