@@ -5,19 +5,16 @@ there is no fully sampled ky-kz centre."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import ismrmrd
-import ismrmrd.xsd as xsd
 import numpy as np
 import pytest
 
 from recon_plugin.io import read_raw
-from recon_plugin.physics import fft1c
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
-from recon_plugin.sim.header import build_header_xml
+from recon_plugin.sim.writers import slab_kspace, write_ismrmrd_3d
 
 NZ, SLAB_MM = 8, 40.0  # partition encodes, encoded slab thickness
 
@@ -29,62 +26,13 @@ def vol():
                            fov_mm=(200.0, 240.0), snr=60.0, seed=11)
 
 
-def _kspace_3d(vol) -> np.ndarray:
-    """(coils, kz, ky, kx): each slice's measured k-space as partition z, FFT along z."""
-    k = np.stack([s.kspace for s in vol.slices], axis=1)
-    return fft1c(k, axis=1).astype(np.complex64)
-
-
-def write_3d(path, vol, lines_for_kz, *, recon_slab_mm: float = SLAB_MM, kz_rows=None,
-             calib: tuple[int, int] = (20, 28), kz_limits: bool = True, slabs: int = 1,
-             contrasts: int = 1):
-    """A 3D ISMRMRD file of ``vol``'s slab: kz rows ``kz_rows`` (default all), each with the
-    ky lines ``lines_for_kz(kz)``; lines in ``calib`` are flagged as calibration. ``slabs``
-    stacks copies of it along the slice direction (contiguous), ``contrasts`` scales it by
-    1, 2, ... per echo."""
-    ny, nx = vol.matrix
-    k = _kspace_3d(vol)
-    hdr = xsd.CreateFromDocument(build_header_xml(
-        (ny, nx), vol.fov_mm, SLAB_MM, vol.num_coils, readout_oversampling=1,
-        acceleration=2, calibration_mode="embedded", calib_lines=calib[1] - calib[0],
-        protocol_name="t1_mprage_3d"))
-    enc = hdr.encoding[0]
-    enc.encodedSpace.matrixSize.z = NZ
-    enc.encodedSpace.fieldOfView_mm.z = SLAB_MM
-    enc.reconSpace.fieldOfView_mm.z = recon_slab_mm
-    enc.reconSpace.matrixSize.z = int(round(NZ * recon_slab_mm / SLAB_MM))
-    enc.encodingLimits.kspace_encoding_step_2 = xsd.limitType(
-        minimum=0, maximum=NZ - 1, center=NZ // 2) if kz_limits else None
-    enc.encodingLimits.slice = xsd.limitType(minimum=0, maximum=slabs - 1, center=0)
-    enc.encodingLimits.contrast = xsd.limitType(minimum=0, maximum=contrasts - 1, center=0)
-    centre = vol.slices[NZ // 2].position  # ISMRMRD: a 3D line's position is the slab centre
-    s0 = vol.slices[0]
-    acqs = []
-    for slab, echo, kz in itertools.product(range(slabs), range(contrasts),
-                                            range(NZ) if kz_rows is None else kz_rows):
-        for ky in lines_for_kz(kz):
-            acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(k[:, kz, ky, :]
-                                                                      * (1 + echo)))
-            acq.idx.slice, acq.idx.contrast = slab, echo
-            acq.version = 1
-            acq.sample_time_us = 5.0
-            for ch in range(vol.num_coils):
-                acq.setChannelActive(ch)
-            acq.idx.kspace_encode_step_1 = ky
-            acq.idx.kspace_encode_step_2 = kz
-            acq.center_sample = nx // 2
-            acq.position[:] = centre + slab * SLAB_MM * s0.slice_dir
-            acq.read_dir[:] = s0.read_dir
-            acq.phase_dir[:] = s0.phase_dir
-            acq.slice_dir[:] = s0.slice_dir
-            if calib[0] <= ky < calib[1]:
-                acq.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-            acqs.append(acq)
-    acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-    with ismrmrd.File(str(path), "w") as f:
-        f["dataset"].header = hdr
-        f["dataset"].acquisitions = acqs
-    return path
+def write_3d(path, vol, lines_for_kz, *, recon_slab_mm: float = SLAB_MM,
+             calib: tuple[int, int] = (20, 28), **kw):
+    """The simulated slab of ``vol`` as a 3D ISMRMRD file (``sim.writers.write_ismrmrd_3d``)
+    with the module's slab thickness and calibration rows 20-27."""
+    return write_ismrmrd_3d(vol, path, lines_for_kz, slab_mm=SLAB_MM,
+                            recon_slab_mm=recon_slab_mm, calib=calib,
+                            protocol_name="t1_mprage_3d", **kw)
 
 
 def _ky_r2(kz):
@@ -260,7 +208,7 @@ def test_acceleration_along_kz_reads_as_ky_kz_planes(tmp_path, vol):
     mask = np.zeros((48, NZ), np.float32)
     for kz in range(NZ):
         mask[_caipi(kz), kz] = 1
-    hybrid = ifft1c(_kspace_3d(vol), axis=-1)  # (coils, kz, ky, x)
+    hybrid = ifft1c(slab_kspace(vol), axis=-1)  # (coils, kz, ky, x)
     for sl in scan.slices:
         assert sl.plane is not None and sl.plane.count == nx and sl.plane.index == sl.slice_index
         np.testing.assert_array_equal(sl.mask, mask)
@@ -313,7 +261,7 @@ def test_a_slab_accelerated_along_kz_is_written_one_image_per_partition(tmp_path
     mask = np.zeros((NZ, 48), bool)
     for kz in range(NZ):
         mask[kz, _caipi(kz)] = True
-    zero_filled = rss(ifft1c(ifft2c(_kspace_3d(vol) * mask[None, :, :, None]), axis=1), axis=0)
+    zero_filled = rss(ifft1c(ifft2c(slab_kspace(vol) * mask[None, :, :, None]), axis=1), axis=0)
     for z in range(NZ):
         zf = psnr(vol.slices[z].target, zero_filled[z])
         assert scores["default"][z] > zf + 5, (z, scores["default"][z], zf)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import h5py
@@ -29,8 +30,8 @@ import numpy as np
 
 from ..io.fastmri import GEOMETRY_NAME
 from ..io.ismrmrd_file import TARGET_NAME
-from ..physics import crop_readout
-from .header import header_xml_from_sim
+from ..physics import crop_readout, fft1c
+from .header import build_header_xml, header_xml_from_sim
 from .simulate import SimVolume
 
 _ACQ_NAMES = {"T1": "AXT1", "T2": "AXT2", "PD": "AXPD", "FLAIR": "AXFLAIR"}
@@ -321,3 +322,68 @@ def write_ismrmrd(
         target = np.stack([s.target for s in base.slices]).astype(np.float32)
         cont._contents.create_dataset(TARGET_NAME, data=target)
     return path
+
+
+def slab_kspace(vol: SimVolume) -> np.ndarray:
+    """``vol``'s slices as the partitions of one 3D slab: (coils, kz, ky, kx) complex64, each
+    slice's k-space as partition z, the centred FFT along z."""
+    k = np.stack([s.kspace for s in vol.slices], axis=1)
+    return fft1c(k, axis=1).astype(np.complex64)
+
+
+def write_ismrmrd_3d(vol: SimVolume, path: str | Path, lines_for_kz: Callable[[int], Iterable[int]],
+                     *, slab_mm: float, recon_slab_mm: float | None = None,
+                     kz_rows: Iterable[int] | None = None, calib: tuple[int, int] = (0, 0),
+                     kz_limits: bool = True, slabs: int = 1, contrasts: int = 1,
+                     protocol_name: str = "t1_3d") -> Path:
+    """A 3D ISMRMRD file of ``vol``'s slices as one slab of ``slab_mm`` (:func:`slab_kspace`;
+    no readout oversampling): kz rows ``kz_rows`` (default all), each with the ky lines
+    ``lines_for_kz(kz)``; lines in rows ``calib`` [start, stop) are flagged as calibration.
+    ``recon_slab_mm`` below ``slab_mm`` is slice oversampling; ``kz_limits`` False leaves the
+    header's kz limits out; ``slabs`` stacks copies of the slab along the slice direction
+    (contiguous), ``contrasts`` scales it by 1, 2, ... per echo."""
+    ny, nx = vol.matrix
+    nz = len(vol.slices)
+    recon_slab_mm = slab_mm if recon_slab_mm is None else recon_slab_mm
+    k = slab_kspace(vol)
+    hdr = xsd.CreateFromDocument(build_header_xml(
+        (ny, nx), vol.fov_mm, slab_mm, vol.num_coils, readout_oversampling=1,
+        acceleration=2, calibration_mode="embedded", calib_lines=calib[1] - calib[0],
+        protocol_name=protocol_name))
+    enc = hdr.encoding[0]
+    enc.encodedSpace.matrixSize.z = nz
+    enc.encodedSpace.fieldOfView_mm.z = slab_mm
+    enc.reconSpace.fieldOfView_mm.z = recon_slab_mm
+    enc.reconSpace.matrixSize.z = int(round(nz * recon_slab_mm / slab_mm))
+    enc.encodingLimits.kspace_encoding_step_2 = xsd.limitType(
+        minimum=0, maximum=nz - 1, center=nz // 2) if kz_limits else None
+    enc.encodingLimits.slice = xsd.limitType(minimum=0, maximum=slabs - 1, center=0)
+    enc.encodingLimits.contrast = xsd.limitType(minimum=0, maximum=contrasts - 1, center=0)
+    centre = vol.slices[nz // 2].position  # ISMRMRD: a 3D line's position is the slab centre
+    s0 = vol.slices[0]
+    acqs = []
+    for slab, echo, kz in itertools.product(range(slabs), range(contrasts),
+                                            range(nz) if kz_rows is None else kz_rows):
+        for ky in lines_for_kz(kz):
+            acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(k[:, kz, ky, :]
+                                                                      * (1 + echo)))
+            acq.idx.slice, acq.idx.contrast = slab, echo
+            acq.version = 1
+            acq.sample_time_us = 5.0
+            for ch in range(vol.num_coils):
+                acq.setChannelActive(ch)
+            acq.idx.kspace_encode_step_1 = ky
+            acq.idx.kspace_encode_step_2 = kz
+            acq.center_sample = nx // 2
+            acq.position[:] = centre + slab * slab_mm * s0.slice_dir
+            acq.read_dir[:] = s0.read_dir
+            acq.phase_dir[:] = s0.phase_dir
+            acq.slice_dir[:] = s0.slice_dir
+            if calib[0] <= ky < calib[1]:
+                acq.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+            acqs.append(acq)
+    acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+    with ismrmrd.File(str(path), "w") as f:
+        f["dataset"].header = hdr
+        f["dataset"].acquisitions = acqs
+    return Path(path)
