@@ -67,3 +67,21 @@ def pics(kspace: np.ndarray, maps: np.ndarray, lamda: float, iters: int = 60) ->
         subprocess.run(cmd, check=True, capture_output=True)
         x = read_cfl(Path(d) / "x")
     return np.transpose(x.reshape(x.shape[0], x.shape[1]), (1, 0)).astype(np.complex64)
+
+
+def pics3d(kspace: np.ndarray, lamda: float, calib_size: int, iters: int = 60) -> np.ndarray:
+    """BART on a whole 3D slab: ``bart ecalib -m1 -r calib_size`` (3D ESPIRiT maps) then
+    ``bart pics -l1 -r lamda`` (a 3D wavelet) on k-space (coils, kz, ky, kx) zero where not
+    sampled; the magnitude-ready complex volume (kz, ky, kx)."""
+    if not available():
+        raise RuntimeError("bart is not installed (Debian package 'bart')")
+    with tempfile.TemporaryDirectory() as d:
+        write_cfl(Path(d) / "k", np.transpose(kspace, (3, 2, 1, 0)))  # (kx, ky, kz, coils)
+        subprocess.run(["bart", "ecalib", "-m1", "-r", str(calib_size), str(Path(d) / "k"),
+                        str(Path(d) / "s")], check=True, capture_output=True)
+        subprocess.run(["bart", "pics", "-d0", "-l1", "-r", str(lamda), "-i", str(iters),
+                        str(Path(d) / "k"), str(Path(d) / "s"), str(Path(d) / "x")],
+                       check=True, capture_output=True)
+        x = read_cfl(Path(d) / "x")
+    return np.transpose(x.reshape(kspace.shape[3], kspace.shape[2], kspace.shape[1]),
+                        (2, 1, 0)).astype(np.complex64)

@@ -8,7 +8,7 @@ from pathlib import Path
 from recon_plugin.adaptation import PARAMS as ADAPT_PARAMS
 
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
-        "adapt-real", "guard", "snr", "independent", "ceiling", "cluster", "poisson")
+        "adapt-real", "guard", "snr", "independent", "ceiling", "cluster", "poisson", "slab")
 
 
 def _at_least_one(text: str) -> int:
@@ -139,6 +139,10 @@ def run(a: argparse.Namespace) -> int:
         from .sampling2d import run as run_poisson
 
         run_poisson(docs, a.real_dir or find_real_dir())
+    elif a.what == "slab":
+        from .slab3d import run as run_slab
+
+        run_slab(docs)
     elif a.what == "cluster":
         from .cluster import run_cluster_bench
 
