@@ -37,10 +37,10 @@ import h5py
 import numpy as np
 
 from .real import (
-    _method,
     bart_fn,
     guarded_fn,
     line_mask,
+    method_fn,
     network_fn,
     real_cases,
     run_method,
@@ -156,7 +156,7 @@ def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
             for m in ("cg-sense", "bart-pics"):
                 lam = tune(m, [c])
                 methods.append((m, f"oracle lambda {lam:g}", bart_fn(lam) if m == "bart-pics"
-                                else _method(m, lam)))
+                                else method_fn(m, lam)))
             for label, name in models.items():
                 net, _ = load_inference_model(resolve_model(name))
                 methods.append((f"{label}", "network alone", network_fn(net)))

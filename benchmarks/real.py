@@ -268,14 +268,15 @@ LAMBDA_GRID = {
 }
 
 
-def _method(name: str, lam: float):
+def method_fn(name: str, lam: float):
+    """A case -> image function of ``name`` (a classical method or ``bart-pics``) at ``lam``."""
     return bart_fn(lam) if name == "bart-pics" else classical_fn(name, lam)
 
 
 def tune(name: str, cases: list[RealCase]) -> float:
     """The lambda of ``LAMBDA_GRID[name]`` with the best mean PSNR over ``cases``."""
     best = max(LAMBDA_GRID[name], key=lambda lam: np.mean(
-        [scaled_metrics(c.target, run_method(c, _method(name, lam))[0])["psnr"] for c in cases]))
+        [scaled_metrics(c.target, run_method(c, method_fn(name, lam))[0])["psnr"] for c in cases]))
     return float(best)
 
 
@@ -331,9 +332,9 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
             for m in cls:
                 if m in tuned:
                     methods.append((m, f"lambda {tuned[m]:g} (tuned on {', '.join(other)})",
-                                    _method(m, tuned[m]), True))
+                                    method_fn(m, tuned[m]), True))
                 methods.append((m, f"lambda {oracle[m]:g} (oracle: tuned on this file)",
-                                _method(m, oracle[m]), True))
+                                method_fn(m, oracle[m]), True))
             for name, (net, card) in nets.items():
                 methods.append((name, f"network alone, sha256 {card['sha256'][:12]}",
                                 network_fn(net), False))

@@ -16,7 +16,7 @@ import torch
 
 from recon_plugin.io import read_raw
 from recon_plugin.physics import calibration_block, cartesian_mask, is_2d_sampling
-from recon_plugin.physics.masks import ssdu_split
+from recon_plugin.physics.masks import ssdu_split, variable_density_mask
 from recon_plugin.recon import guard
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
@@ -26,18 +26,10 @@ CALIB = 16
 
 
 def poisson(shape: tuple[int, int], acc: float, seed: int = 0) -> np.ndarray:
-    """A 2D variable-density random mask (ky, kx) float32 of about ``acc`` with a CALIB x CALIB
-    fully sampled centre: Poisson-disc's density without its minimum distance (SigPy's
-    ``poisson`` cannot meet some accelerations on small matrices)."""
-    ny, nx = shape
-    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
-    density = (1 - np.minimum(np.hypot(y, x) / np.sqrt(2), 1)) ** 2
-    scale = 1.0
-    for _ in range(50):  # the scale that gives the wanted mean sampling probability
-        scale *= (1 / acc) / np.clip(scale * density, 0, 1).mean()
-    m = np.random.default_rng(seed).random(shape) < np.clip(scale * density, 0, 1)
-    m[ny // 2 - CALIB // 2: ny // 2 + CALIB // 2, nx // 2 - CALIB // 2: nx // 2 + CALIB // 2] = True
-    return m.astype(np.float32)
+    """A 2D variable-density mask (ky, kx) float32 of about ``acc`` with a CALIB x CALIB fully
+    sampled centre (``physics.masks.variable_density_mask``)."""
+    return variable_density_mask(shape, acc, CALIB, np.random.default_rng(seed)).astype(
+        np.float32)
 
 
 def line_mask(ny: int = 96, nx: int = 80) -> tuple[np.ndarray, tuple[int, int]]:

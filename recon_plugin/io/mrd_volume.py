@@ -157,10 +157,9 @@ def split_planes(buf: LineBuffer, enc_fov_z_mm: float, recon_fov_z_mm: float,
             "reconstruct with BART pics and maps from a separate scan)")
     notes = [f"3D scan accelerated along kz ({mask.size / mask.sum():.2f}x in ky-kz): "
              f"reconstructed as ky-kz planes, one per readout position"]
-    k, _ = buf.average()  # (coils, kz, ky, kx)
+    k, _ = buf.average()  # (coils, kz, ky, kx), zero on the lines not measured
     k = ifft1c(k, axis=-1)  # image along x
     planes = np.ascontiguousarray(np.transpose(k, (3, 0, 2, 1)))  # (x, coils, ky, kz)
-    planes *= mask[None, None]
     keep = _kept(nz, enc_fov_z_mm, recon_fov_z_mm)
     offsets = (np.arange(nz) - nz // 2)[keep].astype(float)
     return Planes(planes, mask, acs, offsets, notes)

@@ -71,6 +71,23 @@ def calibration_block(mask: np.ndarray) -> tuple[int, int] | None:
     return rows if rows is not None and rows[1] - rows[0] >= 4 else None
 
 
+def variable_density_mask(shape: tuple[int, int], acceleration: float, calib: int,
+                          rng: np.random.Generator) -> np.ndarray:
+    """A 2D sampling mask (ky, kx) bool of about 1 / ``acceleration`` of the grid: points drawn
+    with a density falling as (1 - r)^2 from the centre (r the radius, 1 at the corners), as
+    Poisson-disc sampling's without its minimum distance (SigPy's ``poisson`` cannot meet some
+    accelerations on small matrices), and a fully sampled ``calib`` x ``calib`` centre."""
+    ny, nx = shape
+    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    density = (1 - np.minimum(np.hypot(y, x) / np.sqrt(2), 1)) ** 2
+    scale = 1.0
+    for _ in range(50):  # the scale that gives the wanted mean sampling probability
+        scale *= (1 / acceleration) / np.clip(scale * density, 0, 1).mean()
+    m = rng.random(shape) < np.clip(scale * density, 0, 1)
+    m[ny // 2 - calib // 2: ny // 2 + calib // 2, nx // 2 - calib // 2: nx // 2 + calib // 2] = True
+    return m
+
+
 def cartesian_mask(
     num_lines: int,
     acceleration: float,
