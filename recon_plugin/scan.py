@@ -268,6 +268,9 @@ class ReconImage:
     blend: object | None = field(default=None, repr=False, compare=False)
     # a ky-kz plane of a slab (pixels (y, z)), not yet cut into partitions (SliceData.plane)
     plane: SlabPlane | None = field(default=None, repr=False, compare=False)
+    # the guard's evidence and decision for this image (recon.guard.GuardResult; None: the
+    # network was not checked); a slab's planes pool theirs (Reconstructor.settle_slabs)
+    guard: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

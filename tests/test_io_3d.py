@@ -232,7 +232,8 @@ def _partition_of(d, vol) -> int:
 def test_a_slab_accelerated_along_kz_is_written_one_image_per_partition(tmp_path, vol):
     """Through ``recon`` (default protocol, per ky-kz plane): one DICOM per partition, placed
     as the partitions of a slab accelerated along ky, each close to its slice's object: far
-    better than zero-filling the 2D pattern, and not below CG-SENSE by more than 0.3 dB."""
+    better than zero-filling the 2D pattern, and not below CG-SENSE by more than 0.3 dB; one
+    guard decision for all planes (alone, one of them tips to CG-SENSE on its 4 lines)."""
     import pydicom
 
     from recon_plugin.batch import run_batch
@@ -252,6 +253,9 @@ def test_a_slab_accelerated_along_kz_is_written_one_image_per_partition(tmp_path
         dss = [pydicom.dcmread(f) for f in sorted(out.rglob("*.dcm"))]
         assert len(dss) == NZ and {d.MRAcquisitionType for d in dss} == {"3D"}
         assert "ky-kz planes" in str(dss[0].ImageComments)
+        if proto == "default":  # one guard decision for the slab: no plane of other texture
+            assert f"made by unrolled {vol.matrix[1]}" in str(dss[0].ImageComments)
+            assert "pooled over" in str(dss[0].ImageComments)
         zs = [_partition_of(d, vol) for d in dss]
         assert sorted(zs) == list(range(NZ))
         scores[proto] = {}

@@ -113,6 +113,26 @@ def test_check_rejects_only_a_consistent_excess(case, monkeypatch):
     assert far.ratio > guard.MAX_RATIO and far.excess_z < 1 and not far.network_ok
 
 
+def test_a_slab_pools_its_planes_lines_into_one_decision():
+    """``pooled`` decides on every plane's held-out lines together, by the rule of one plane:
+    a plane that alone tips against the network (few lines) is overruled by its slab's
+    consistent evidence, and a slab where every plane is worse is rejected as a whole."""
+    tipped = guard.judge(np.r_[1.3, 1.2, 1.25, 1.1], np.ones(4))
+    assert not tipped.network_ok
+    rng = np.random.default_rng(0)
+    better = [guard.judge(0.7 + 0.1 * rng.random(4), np.ones(4)) for _ in range(9)]
+    assert all(r.network_ok for r in better)
+    slab = guard.pooled([tipped, *better])
+    alone = guard.judge(np.concatenate([r.line_errors[0] for r in [tipped, *better]]),
+                        np.ones(40))
+    assert slab.network_ok and slab.heldout_lines == 40 and slab.planes == 10
+    assert slab.excess_z == pytest.approx(alone.excess_z)
+    assert "pooled over 10 ky-kz planes" in slab.describe()
+    worse = [guard.judge(1.2 + 0.1 * rng.random(4), np.ones(4)) for _ in range(5)]
+    assert not guard.pooled(worse).network_ok
+    assert guard.pooled([]) is None
+
+
 def test_pipeline_falls_back_per_slice(monkeypatch):
     """A network that returns aliased images is replaced by CG-SENSE on every slice, and the
     image says so; with the guard off the network's image is kept."""

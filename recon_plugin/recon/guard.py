@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -61,12 +61,14 @@ def significant_gain(reference: np.ndarray, candidate: np.ndarray, z: float = 1.
 class SliceEstimate(NamedTuple):
     """What ``network_slice`` made of a slice: the complex image (ky, kx), the method that made
     it (``unrolled`` or ``cg-sense``) and that method's mean squared error per sample on the
-    guard's held-out lines (data units; None without a guard) and the number of those samples."""
+    guard's held-out lines (data units; None without a guard), the number of those samples and
+    the guard's result."""
 
     image: np.ndarray
     method: str
     heldout_error: float | None = None
     heldout_samples: int = 0
+    guard: GuardResult | None = None  # the guard's evidence and decision (None: not checked)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,11 @@ class GuardResult:
     excess_z: float = 0.0  # the network's mean per-line excess in standard errors (< 0: better)
     threshold_z: float = 0.0  # rejected above this
     samples: int = 0  # measured samples on the held-out lines (coils x readout samples)
+    # per held-out line (heldout_lines,): the network's error and CG-SENSE's, for pooling
+    line_errors: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False,
+                                                               compare=False)
+    margin: float = 0.0
+    planes: int = 0  # > 0: the decision for a slab, pooled over this many ky-kz planes
 
     def mean_error(self, network: bool) -> float | None:
         """Mean squared error per held-out sample of the network's image (``network``) or
@@ -96,9 +103,10 @@ class GuardResult:
 
     def describe(self) -> str:
         verdict = "network kept" if self.network_ok else "network REJECTED, CG-SENSE used"
-        return (f"guard: {verdict} (held-out k-space error network/CG-SENSE {self.ratio:.3f} "
-                f"on {self.heldout_lines} lines, excess {self.excess_z:+.2f} standard errors, "
-                f"rejected above {self.threshold_z:g})")
+        where = f" for the slab, pooled over {self.planes} ky-kz planes" if self.planes else ""
+        return (f"guard{where}: {verdict} (held-out k-space error network/CG-SENSE "
+                f"{self.ratio:.3f} on {self.heldout_lines} lines, excess {self.excess_z:+.2f} "
+                f"standard errors, rejected above {self.threshold_z:g})")
 
 
 def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float = 0.1,
@@ -170,6 +178,15 @@ def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, lines: np.ndar
     ksp = kspace * keep[None]
     e_net = heldout_line_errors(network(ksp, maps, keep), maps, kspace, lines, mask)
     e_cls = heldout_line_errors(classical(ksp, maps, keep), maps, kspace, lines, mask)
+    samples = int(kspace.shape[0] * np.count_nonzero(mask[lines]))
+    return judge(e_net, e_cls, margin, z, samples, time.perf_counter() - t0)
+
+
+def judge(e_net: np.ndarray, e_cls: np.ndarray, margin: float = 0.0,
+          z: float = SIGNIFICANCE_Z, samples: int = 0, seconds: float = 0.0,
+          planes: int = 0) -> GuardResult:
+    """The guard's decision on per-line held-out errors of the network and CG-SENSE
+    (n_lines,) on the same lines (see :func:`check`)."""
     limit = e_cls * (1 + margin)
     mean, se = paired_difference(e_net, limit)  # > 0: the network predicts worse
     excess = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
@@ -177,6 +194,19 @@ def check(kspace: np.ndarray, maps: np.ndarray, mask: np.ndarray, lines: np.ndar
         ok = significant_gain(e_net, limit, z) == 0.0 and e_net.sum() <= MAX_RATIO * limit.sum()
     else:
         ok = mean <= 0
-    samples = int(kspace.shape[0] * np.count_nonzero(mask[lines]))
-    return GuardResult(bool(ok), float(e_net.sum()), float(e_cls.sum()), int(lines.size),
-                       time.perf_counter() - t0, excess, z, samples)
+    return GuardResult(bool(ok), float(e_net.sum()), float(e_cls.sum()), int(e_net.size),
+                       seconds, excess, z, samples, (e_net, e_cls), margin, planes)
+
+
+def pooled(results: list[GuardResult]) -> GuardResult | None:
+    """One decision for the ky-kz planes of a slab from their guards' held-out lines pooled
+    (:func:`judge` on all their lines, each plane's margin and threshold; the first's): a
+    partition shows a column of every plane, so it is judged as a whole. None without
+    results."""
+    results = [r for r in results if r.line_errors is not None]
+    if not results:
+        return None
+    e_net = np.concatenate([r.line_errors[0] for r in results])
+    e_cls = np.concatenate([r.line_errors[1] for r in results])
+    return judge(e_net, e_cls, results[0].margin, results[0].threshold_z,
+                 sum(r.samples for r in results), 0.0, len(results))

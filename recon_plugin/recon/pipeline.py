@@ -112,6 +112,9 @@ class ReconSettings:
     guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
     guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
     guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
+    # set only to make a ky-kz plane again with its slab's decision (settle_slabs): the
+    # guard's lines are held out as ever, but this decides instead of the plane's own check
+    guard_decided: guard.GuardResult | None = None
     refine: str = "none"  # one of REFINE_MODES
     # wall-clock seconds per slice, all stages: refinement trains for what the others leave
     # (shared: the scan's one refinement, from its start to the slice's end)
@@ -316,7 +319,8 @@ class Reconstructor:
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, plane_header(header, sl.plane), notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
-                          sl.phase, method, notes, weight, parts, sl.plane)
+                          sl.phase, method, notes, weight, parts, sl.plane,
+                          estimate.guard if estimate is not None else None)
 
     def _unfold(self, ksp, maps, maps2, mask, wrapped: float, method: str, index: int,
                 settings: ReconSettings, notes: list[str], t: dict):
@@ -384,12 +388,14 @@ class Reconstructor:
                 net, guard_image = self._confirm_refinement(name, net, ksp, ksp_keep, maps,
                                                             mask, keep, lines, dc_setting,
                                                             settings.guard_z, seed, notes, t)
-            guard_op = slice_operator(maps, keep, like=op)
-            res = guard.check(ksp, maps, mask, lines,
-                              lambda k, s, m: guard_image if guard_image is not None
-                              else self._network(name, k, s, m, net, dc_setting, guard_op),
-                              lambda k, s, m: classical.cg_sense(k, s, m, op=guard_op),
-                              settings.guard_margin, settings.guard_z)
+            res = settings.guard_decided
+            if res is None:
+                guard_op = slice_operator(maps, keep, like=op)
+                res = guard.check(ksp, maps, mask, lines,
+                                  lambda k, s, m: guard_image if guard_image is not None
+                                  else self._network(name, k, s, m, net, dc_setting, guard_op),
+                                  lambda k, s, m: classical.cg_sense(k, s, m, op=guard_op),
+                                  settings.guard_margin, settings.guard_z)
             t["guard"] += time.perf_counter() - t0
             if res is not None:
                 t["guard_checked"] += 1
@@ -400,13 +406,14 @@ class Reconstructor:
             notes.append(f"GUARD: {res.describe()}")
             img = classical.cg_sense(ksp, maps, mask, op=op)
             t["classical"] += time.perf_counter() - t0
-            return SliceEstimate(img, "cg-sense", res.mean_error(network=False), res.samples)
+            return SliceEstimate(img, "cg-sense", res.mean_error(network=False), res.samples,
+                                 res)
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
         img = self._network(name, ksp, maps, mask, net, dc_setting, op)
         t["network"] += time.perf_counter() - t0
-        return SliceEstimate(img, "unrolled", *((res.mean_error(network=True), res.samples)
-                                               if res else (None, 0)))
+        return SliceEstimate(img, "unrolled", *((res.mean_error(network=True), res.samples, res)
+                                               if res else (None, 0, None)))
 
     def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                    notes: list[str], t: dict, calibration: ScanCalibration | None, op=None,
@@ -530,7 +537,8 @@ class Reconstructor:
         centre = np.median([sl.slice_index for sl in scan.slices]) if scan.slices else 0
         provisional = []  # (image index, slice, model, the choice it was made with)
         counted = []  # each image's share of the SLICE_COUNTS
-        for sl in sorted(scan.slices, key=lambda sl: abs(sl.slice_index - centre)):
+        order = sorted(scan.slices, key=lambda sl: abs(sl.slice_index - centre))
+        for sl in order:
             t0 = time.perf_counter()
             adds = calibration.adds
             before = [timings[k] for k in SLICE_COUNTS]
@@ -545,13 +553,19 @@ class Reconstructor:
             if made_with is not None:
                 provisional.append((len(images) - 1, sl, *made_with))
         calibration.settle()
+        made = list(images)  # the first version of each image
         for index, sl, name, used in provisional:
             image = self.revise(images[index], sl, name, used, scan.header, settings, whitener,
                                 timings, calibration, shared, weights[sl.contrast])
-            if image is not images[index]:  # made again: its first version no longer counts
+            images[index] = image
+        # a slab accelerated along kz: one guard decision for all its ky-kz planes
+        settled = self.settle_slabs(images, order, scan.header, settings, whitener, timings,
+                                    calibration, shared, weights, recombine=True)
+        for index, (first, image) in enumerate(zip(made, settled)):
+            if image is not first:  # made again: its first version no longer counts
                 for k, n in zip(SLICE_COUNTS, counted[index]):
                     timings[k] -= n
-            images[index] = image
+        images = settled
         # one measured-sample weight per series: the evidence of all its slices
         images = [reweigh(im, weights[im.contrast], scan.header) for im in images]
         # a slab accelerated along kz was made as ky-kz planes: its partitions from them
@@ -561,6 +575,43 @@ class Reconstructor:
         images = partitions(images, scan.header)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
+
+    def settle_slabs(self, images: list[ReconImage], slices: list[SliceData],
+                     header: ScanHeader, settings: ReconSettings, whitener, timings: dict,
+                     calibration: ScanCalibration, shared: SharedRefinement | None,
+                     weights: dict[int, ScanWeight], recombine: bool = False,
+                     ) -> list[ReconImage]:
+        """``images`` (of ``slices``, in the same order) with one guard decision per slab
+        accelerated along kz: its ky-kz planes' held-out lines pooled (:func:`guard.pooled`).
+        Each partition shows a column of every plane, so it is judged as a whole; a plane
+        made by CG-SENSE among network planes would show in every partition as a column of
+        other texture. The planes whose own decision differs are made again with the slab's
+        (the others keep their image); every plane's notes say the slab's decision."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, im in enumerate(images):
+            if im.plane is not None and settings.guard:
+                groups[(im.plane.slab, im.contrast, im.phase, im.repetition)].append(i)
+        out = list(images)
+        for members in groups.values():
+            res = guard.pooled([images[i].guard for i in members if images[i].guard is not None])
+            if res is None:
+                continue
+            log.info("slab %d: %s", images[members[0]].plane.slab, res.describe())
+            for i in members:
+                im, sl = images[i], slices[i]
+                differs = (im.method == "unrolled" and not res.network_ok) or \
+                    (im.guard is not None and not im.guard.network_ok and res.network_ok)
+                if differs:
+                    timings["guard_slab_revised"] += 1
+                    im = self.reconstruct_slice(
+                        sl, header, settings.override(guard_decided=res), whitener, timings,
+                        calibration, shared, weights[sl.contrast], recombine=recombine)
+                    im.guard = images[i].guard  # its own evidence
+                note = f"GUARD: {res.describe()}" if not res.network_ok else res.describe()
+                if note not in im.notes:  # a plane made again with it has it already
+                    im.notes.append(note)
+                out[i] = im
+        return out
 
     def revise(self, image: ReconImage, sl: SliceData, name: str, used: Calibration,
                header: ScanHeader, settings: ReconSettings, whitener, timings: dict,
