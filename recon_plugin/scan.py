@@ -243,6 +243,10 @@ class RawScan:
             s.validate(self.source)
 
 
+# ReconImage.method of a slice whose coil maps have no support (noise only): no method ran
+NO_SIGNAL = "no-signal"
+
+
 @dataclass
 class ReconImage:
     """One reconstructed 2D image and where it came from.

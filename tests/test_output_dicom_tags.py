@@ -24,6 +24,10 @@ def with_methods(methods, description="T2 AX DL"):
     (["cg-sense"] * 4, "CG-SENSE"),
     (["unrolled", "cg-sense", "unrolled", "unrolled"], "HYBRID 1/4 CG-SENSE"),
     (["zero-filled", "cg-sense", "cg-sense", "unrolled"], "HYBRID 3/4 CG-SENSE"),
+    # slices of noise only (no method ran) count for neither
+    (["no-signal", "unrolled", "unrolled", "no-signal"], "DL"),
+    (["no-signal", "cg-sense", "unrolled", "no-signal"], "HYBRID 1/2 CG-SENSE"),
+    (["no-signal"] * 4, "NO-SIGNAL"),
 ])
 def test_tag_follows_the_images(methods, tag):
     s = with_methods(methods)

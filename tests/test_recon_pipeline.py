@@ -57,6 +57,44 @@ def test_shipped_network_on_a_file(tmp_path):
     assert ssim(t, net.images[0].pixels) > ssim(t, cg.images[0].pixels)
 
 
+def test_a_slice_without_coil_sensitivity_runs_no_method(files, monkeypatch):
+    """Where ESPIRiT finds no coil sensitivity anywhere (noise only, as the planes of a 3D
+    slab outside the object), no method runs (every SENSE-type one gives zero there); the
+    image holds the measured samples by measured_weight (1: their zero-filled RSS, 0: zero)
+    and says why. A slice with maps still reaches the network."""
+    from collections import defaultdict
+
+    from recon_plugin.recon import pipeline
+    from recon_plugin.scan import NO_SIGNAL
+
+    vol, ism, _ = files
+    scan = read_raw(ism)
+    sl = scan.slices[0]
+    recon = Reconstructor()
+    zero_filled = recon.reconstruct_slice(sl, scan.header, ReconSettings(method="zero-filled"))
+
+    def no_network(*a, **k):
+        raise AssertionError("the network ran")
+
+    monkeypatch.setattr(Reconstructor, "network_slice", no_network)
+    with pytest.raises(AssertionError, match="the network ran"):
+        recon.reconstruct_slice(sl, scan.header, ReconSettings(method="unrolled"))
+    monkeypatch.setattr(pipeline, "estimate_maps_and_wrap",
+                        lambda ksp, *a: (np.zeros_like(ksp), None, 0.0))
+    t = defaultdict(float)
+    for method in ("unrolled", "cg-sense"):
+        im = recon.reconstruct_slice(sl, scan.header, ReconSettings(method=method), timings=t)
+        assert im.method == NO_SIGNAL
+        assert any(n.startswith("no signal: ESPIRiT found coil sensitivity nowhere")
+                   for n in im.notes)
+        np.testing.assert_allclose(im.pixels, zero_filled.pixels, rtol=1e-4,
+                                   atol=1e-5 * im.pixels.max())
+    assert t["no_signal"] == 2
+    alone = recon.reconstruct_slice(sl, scan.header,
+                                    ReconSettings(method="unrolled", measured_weight=0.0))
+    assert alone.method == NO_SIGNAL and not alone.pixels.any()
+
+
 def test_no_acs_falls_back_and_says_so(files):
     _, ism, _ = files
     scan = read_raw(ism)

@@ -8,7 +8,7 @@ import re
 
 from pydicom.uid import generate_uid
 
-from ..scan import ReconSeries, ScanHeader
+from ..scan import NO_SIGNAL, ReconSeries, ScanHeader
 from .dicom_values import _cs, _short_hash, _text, _valid_uid
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,18 @@ DL_METHOD = "unrolled"  # ReconImage.method of an image the network made
 
 
 def method_counts(series: ReconSeries) -> tuple[int, int, str]:
-    """(images made by the network, images in the series, the classical method of the others:
-    the most frequent one, or the provenance's method when every image is the network's)."""
-    methods = [im.method or series.provenance.method or "recon" for im in series.images]
+    """(images made by the network, images made by any method, the classical method of the
+    others: the most frequent one, or the provenance's method when every image is the
+    network's). Images of noise only (``NO_SIGNAL``: no method ran) count for neither; a
+    series of nothing else is named by it."""
+    methods = [im.method or series.provenance.method or "recon" for im in series.images
+               if im.method != NO_SIGNAL]
     dl = sum(m == DL_METHOD for m in methods)
     others = [m for m in methods if m != DL_METHOD]
     if others:
         classical = max(sorted(set(others)), key=others.count)
+    elif not methods and series.images:
+        classical = NO_SIGNAL
     else:
         p = series.provenance
         classical = p.method if p.method != DL_METHOD else "recon"

@@ -42,6 +42,7 @@ from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
 from ..physics import fft2c, slice_operator
 from ..scan import (
+    NO_SIGNAL,
     Provenance,
     RawScan,
     ReconImage,
@@ -93,6 +94,9 @@ SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skippe
 # ReconImage.method of a fully sampled slice written with every measured sample kept: its image
 # is the RSS of its coil images whatever the method, so no method runs and none is named
 FULLY_SAMPLED = "rss"
+NO_SIGNAL_NOTE = ("no signal: ESPIRiT found coil sensitivity nowhere in this slice (noise "
+                  "only, e.g. outside the object), so no method was run: its estimate is zero "
+                  "and the image holds the measured samples as measured_weight says")
 
 
 @dataclass
@@ -272,6 +276,12 @@ class Reconstructor:
                 notes.append(f"FALLBACK zero-filled: {e}")
                 method = "zero-filled"
             t["sensitivities"] += time.perf_counter() - t0
+            if method != "zero-filled" and maps2 is None and not np.any(maps):
+                # every SENSE-type method makes a zero image from maps without support, so
+                # none is run (a plane of a 3D slab outside the object, a slice off the head)
+                method = NO_SIGNAL
+                t["no_signal"] += 1
+                notes.append(NO_SIGNAL_NOTE)
         t0 = time.perf_counter()
         measured = ksp  # the prepared measurement, before a wrap's second map is taken out
         folded = None  # the second map's image where the phase field of view wraps
@@ -294,6 +304,8 @@ class Reconstructor:
             estimate = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
                                           sl.slice_index, notes, t, calibration, started, shared)
             img, method = estimate.image, estimate.method
+        elif method == NO_SIGNAL:
+            img = np.zeros(mask.shape, np.complex64)
         else:
             img = classical.reconstruct("zero-filled" if method == FULLY_SAMPLED else method,
                                         ksp, maps, mask, settings.lamda)
