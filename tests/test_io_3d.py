@@ -153,21 +153,22 @@ def test_a_3d_scan_is_reconstructed_and_written_one_image_per_partition(tmp_path
     assert seen == set(range(NZ))
 
 
-@pytest.mark.parametrize("lines, protocol", [(_ky_r2, "cg3d"), (_caipi, "default")],
-                         ids=["along-ky", "along-kz"])
-def test_a_streamed_3d_scan_equals_its_offline_recon(tmp_path, vol, lines, protocol):
+@pytest.mark.parametrize("lines, protocol, slabs", [
+    (_ky_r2, "cg3d", 1), (_caipi, "default", 1), (_caipi, "default", 2)],
+    ids=["along-ky", "along-kz", "along-kz-2-slabs"])
+def test_a_streamed_3d_scan_equals_its_offline_recon(tmp_path, vol, lines, protocol, slabs):
     """The stream assembles the slab until the data end, then sends one image per partition,
     the same pixels as ``recon`` of the file (one assembler, one reconstructor); accelerated
     along kz, once the slab's last ky-kz plane is reconstructed, with the default protocol:
-    calibrated on the same central planes, its provisional planes made again with the settled
-    choice, as ``recon`` does."""
+    calibrated on the same central planes (with two slabs: the first slab's), its provisional
+    planes made again with the settled choice, as ``recon`` does."""
     import h5py
 
     from recon_plugin.batch import recon_file
     from recon_plugin.stream.engine import StreamEngine
     from recon_plugin.stream.options import StreamOptions
 
-    raw = write_3d(tmp_path / "stream3d.h5", vol, lines)
+    raw = write_3d(tmp_path / "stream3d.h5", vol, lines, slabs=slabs)
     pdir = tmp_path / "protocols"
     pdir.mkdir()
     (pdir / "cg3d.yaml").write_text("name: cg3d\nextends: default\nmodel: {method: cg-sense}\n")
@@ -181,7 +182,7 @@ def test_a_streamed_3d_scan_equals_its_offline_recon(tmp_path, vol, lines, proto
         xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
     sent: list[ismrmrd.Image] = []
     result = engine.run(iter(acqs), xml, sent.append, StreamOptions(protocol=protocol))
-    assert result.complete and len(sent) == NZ
+    assert result.complete and len(sent) == slabs * NZ
     for img in sent:
         np.testing.assert_array_equal(img.data[0, 0], ref[img.slice])
 

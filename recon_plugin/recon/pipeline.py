@@ -196,6 +196,23 @@ def unfold(ksp: np.ndarray, maps: np.ndarray, maps2: np.ndarray, mask: np.ndarra
     return (ksp - mask[None] * fft2c(maps2 * x2[None])).astype(np.complex64), x2
 
 
+def _calibration_order(slices: list[SliceData]) -> Callable[[SliceData], tuple]:
+    """The sort key of the order ``Reconstructor.reconstruct`` takes a scan's slices in:
+    central slices first, since the scan's data-consistency setting is decided on its first
+    slices and the edge slices of a stack hold the least anatomy (the series are ordered
+    afterwards); the ky-kz planes of slabs accelerated along kz slab by slab, each slab's
+    central planes first, the order in which a stream gets them (``io/mrd_assembler.py``),
+    so that both decide on the same planes."""
+    centre = np.median([sl.slice_index for sl in slices]) if slices else 0
+
+    def key(sl: SliceData) -> tuple:
+        if sl.plane is not None:
+            return (sl.plane.slab, abs(sl.plane.index - (sl.plane.count - 1) / 2))
+        return (0, abs(sl.slice_index - centre))
+
+    return key
+
+
 class Reconstructor:
     """Holds loaded models (loaded once, shared by all callers) and reconstructs slices.
 
@@ -543,13 +560,9 @@ class Reconstructor:
         calibration = ScanCalibration(settings.calibrate_slices)
         shared = SharedRefinement() if settings.refine == "shared" else None
         weights: dict[int, ScanWeight] = defaultdict(ScanWeight)  # per contrast
-        # central slices first: the scan's data-consistency setting is decided on its first
-        # slices, and the edge slices of a stack hold the least anatomy (the series are ordered
-        # afterwards)
-        centre = np.median([sl.slice_index for sl in scan.slices]) if scan.slices else 0
         provisional = []  # (image index, slice, model, the choice it was made with)
         counted = []  # each image's share of the SLICE_COUNTS
-        order = sorted(scan.slices, key=lambda sl: abs(sl.slice_index - centre))
+        order = sorted(scan.slices, key=_calibration_order(scan.slices))
         for sl in order:
             t0 = time.perf_counter()
             adds = calibration.adds
