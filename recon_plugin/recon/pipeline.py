@@ -80,7 +80,7 @@ from .guard import SliceEstimate
 from .partial_fourier import homodyne, is_partial_fourier
 from .preprocess import drop_silent_coils, whiten_and_compress, whitening_matrix
 from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
-from .reslice import partitions, plane_header
+from .reslice import one_guard_per_slab, partitions, plane_header
 from .series_weight import ScanWeight, auto_slice_weight, reweigh
 from .sparse import Sparsity
 
@@ -607,36 +607,19 @@ class Reconstructor:
                      weights: dict[int, ScanWeight], recombine: bool = False,
                      ) -> list[ReconImage]:
         """``images`` (of ``slices``, in the same order) with one guard decision per slab
-        accelerated along kz: its ky-kz planes' held-out lines pooled (:func:`guard.pooled`).
-        Each partition shows a column of every plane, so it is judged as a whole; a plane
-        made by CG-SENSE among network planes would show in every partition as a column of
-        other texture. The planes whose own decision differs are made again with the slab's
-        (the others keep their image); every plane's notes say the slab's decision."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, im in enumerate(images):
-            if im.plane is not None and settings.guard:
-                groups[(im.plane.slab, im.contrast, im.phase, im.repetition)].append(i)
-        out = list(images)
-        for members in groups.values():
-            res = guard.pooled([images[i].guard for i in members if images[i].guard is not None])
-            if res is None:
-                continue
-            log.info("slab %d: %s", images[members[0]].plane.slab, res.describe())
-            for i in members:
-                im, sl = images[i], slices[i]
-                differs = (im.method == "unrolled" and not res.network_ok) or \
-                    (im.guard is not None and not im.guard.network_ok and res.network_ok)
-                if differs:
-                    timings["guard_slab_revised"] += 1
-                    im = self.reconstruct_slice(
-                        sl, header, settings.override(guard_decided=res), whitener, timings,
-                        calibration, shared, weights[sl.contrast], recombine=recombine)
-                    im.guard = images[i].guard  # its own evidence
-                note = f"GUARD: {res.describe()}" if not res.network_ok else res.describe()
-                if note not in im.notes:  # a plane made again with it has it already
-                    im.notes.append(note)
-                out[i] = im
-        return out
+        accelerated along kz (:func:`~recon_plugin.recon.reslice.one_guard_per_slab`); a
+        plane is made again with its slab's decision as ``reconstruct_slice`` makes it."""
+        if not settings.guard:
+            return images
+
+        def remake(i: int, decided: guard.GuardResult) -> ReconImage:
+            timings["guard_slab_revised"] += 1
+            sl = slices[i]
+            return self.reconstruct_slice(sl, header, settings.override(guard_decided=decided),
+                                          whitener, timings, calibration, shared,
+                                          weights[sl.contrast], recombine=recombine)
+
+        return one_guard_per_slab(images, remake)
 
     def revise(self, image: ReconImage, sl: SliceData, name: str, used: Calibration,
                header: ScanHeader, settings: ReconSettings, whitener, timings: dict,

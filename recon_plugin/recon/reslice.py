@@ -5,19 +5,25 @@ Such a slab is reconstructed as one ky-kz plane per readout position x (``io/mrd
 z, cropped to the recon matrix y and to the partitions inside the recon slab
 (:func:`plane_header`). Stacked along x they are the slab's volume (x, y, z); partition ``p``
 is the image (y, x) at z = p, placed like the partitions of a slab accelerated along ky only
-(``mrd_volume.partition_geometry``) and cropped to the recon matrix x.
+(``mrd_volume.partition_geometry``) and cropped to the recon matrix x. The guard decides once
+per slab (:func:`one_guard_per_slab`), since a partition holds a column of every plane.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
 from ..io.mrd_volume import partition_geometry
 from ..scan import ReconImage, ScanHeader, SlabPlane, SliceData
+from . import guard
 from .combine import to_recon_matrix
+
+log = logging.getLogger(__name__)
 
 
 def plane_header(header: ScanHeader, plane: SlabPlane | None) -> ScanHeader:
@@ -38,6 +44,39 @@ def failed_plane(sl: SliceData, header: ScanHeader, error: Exception) -> ReconIm
             f"({type(error).__name__}: {error}); its column of every partition is zero")
     return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition, sl.phase,
                       "failed", [note], None, None, sl.plane)
+
+
+def one_guard_per_slab(images: list[ReconImage],
+                       remake: Callable[[int, guard.GuardResult], ReconImage],
+                       ) -> list[ReconImage]:
+    """``images`` with one guard decision per slab accelerated along kz: its ky-kz planes'
+    held-out lines pooled (:func:`guard.pooled`). Each partition shows a column of every
+    plane, so it is judged as a whole; a plane made by CG-SENSE among network planes would
+    show in every partition as a column of other texture. The planes whose own decision
+    differs are made again with the slab's (``remake(index, decision)``); the others keep
+    their image; every plane's notes say the slab's decision. Other images are kept."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        if im.plane is not None:
+            groups[(im.plane.slab, im.contrast, im.phase, im.repetition)].append(i)
+    out = list(images)
+    for members in groups.values():
+        res = guard.pooled([images[i].guard for i in members if images[i].guard is not None])
+        if res is None:
+            continue
+        log.info("slab %d: %s", images[members[0]].plane.slab, res.describe())
+        note = f"GUARD: {res.describe()}" if not res.network_ok else res.describe()
+        for i in members:
+            im = images[i]
+            own = im.guard
+            if (im.method == "unrolled" and not res.network_ok) or \
+                    (own is not None and not own.network_ok and res.network_ok):
+                im = remake(i, res)
+                im.guard = own  # its own evidence
+            if note not in im.notes:  # a plane made again with it has it already
+                im.notes.append(note)
+            out[i] = im
+    return out
 
 
 def _summary(planes: list[ReconImage]) -> tuple[str, list[str]]:
