@@ -23,7 +23,8 @@ def raw_dir(tmp_path_factory):
 
 
 def test_every_subcommand_has_help():
-    for cmd in ("recon", "simulate", "demo", "train", "prune", "bench", "send", "adapt"):
+    for cmd in ("recon", "inspect", "simulate", "demo", "train", "prune", "bench", "send",
+                "adapt"):
         r = subprocess.run([sys.executable, "-m", "recon_plugin.cli", cmd, "--help"],
                            capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout, cmd
@@ -47,6 +48,36 @@ def test_batch_isolates_failures_and_resumes(raw_dir, tmp_path, capsys):
                  "zero-filled", "--resume"])
     assert code == 0 and "skipped" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in dcm] == mtimes  # nothing rewritten
+
+
+def test_inspect_says_how_each_file_is_read_without_reconstructing(raw_dir, tmp_path, capsys):
+    """``inspect``: per file the matrices, coils, noise scan, acceleration and calibration
+    rows as the reader found them and the protocol that would reconstruct it (text or JSON);
+    a file that cannot be read is named with its error and the exit status is 1."""
+    from recon_plugin.io import read_raw
+
+    good = raw_dir / "good.h5"
+    scan = read_raw(good)
+    code = main(["-q", "inspect", str(raw_dir), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and not list(tmp_path.iterdir())  # nothing written anywhere
+    bad = next(d for d in out if "error" in d)
+    assert bad["source"].endswith("broken.h5") and "broken.h5" in bad["error"]
+    d = next(d for d in out if "error" not in d)
+    assert d["coils"] == 4 and d["slices"] == 2 and d["noise_samples"] > 0
+    assert d["recon_matrix"][:2] == [48, 64]  # (x = readout, y = phase) as the header says
+    (s,) = d["sampling"]  # both slices sampled alike
+    assert s["slices"] == 2 and s["value"]["calibration_rows"] == list(scan.slices[0].acs)
+    assert s["value"]["calibration_rows"][1] - s["value"]["calibration_rows"][0] == 20
+    rows = scan.slices[0].mask.any(axis=1)
+    assert s["value"]["acceleration"] == pytest.approx(rows.size / rows.sum(), abs=0.01)
+    assert d["header_acceleration"] == 4 and not s["value"]["fully_sampled"]
+    assert d["protocol"]["name"] == "default" and d["protocol"]["guard"]
+    assert main(["-q", "inspect", str(good), "--protocol", "stroke_fast"]) == 0
+    text = capsys.readouterr().out
+    assert "protocol: stroke_fast (as given)" in text
+    assert "calibration rows" in text and "coils: 4" in text and "(header: 4x)" in text
+    assert main(["-q", "inspect", str(tmp_path / "missing.h5")]) == 2
 
 
 def test_usage_errors_exit_2(raw_dir, tmp_path, capsys):

@@ -217,6 +217,15 @@ def test_acceleration_along_kz_reads_as_ky_kz_planes(tmp_path, vol):
         ref = hybrid[:, :, :, sl.plane.index].transpose(0, 2, 1) * mask[None]
         np.testing.assert_allclose(sl.kspace, ref, atol=1e-4 * np.abs(hybrid).max())
     assert sl.plane.offsets == tuple(float(o) for o in range(-NZ // 2, NZ - NZ // 2))
+    # and ``recon-plugin inspect`` says so
+    from recon_plugin.recon.describe import describe_scan
+
+    d = describe_scan(scan)
+    assert d["kz_planes"] == {"planes": nx, "slabs": 1, "partitions_per_slab": NZ}
+    (s,) = d["sampling"]
+    assert s["value"]["axes"] == ["ky", "kz"] and s["value"]["mask_2d"]
+    assert s["value"]["calibration_rows"] == [20, 28]
+    assert s["value"]["acceleration"] == pytest.approx(mask.size / mask.sum(), abs=0.01)
 
 
 def _partition_of(d, vol) -> int:

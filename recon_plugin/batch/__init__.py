@@ -37,10 +37,19 @@ that calls it (e.g. ``files.publish``, ``state.write_text_atomic``).
 """
 
 from .driver import preflight, run_batch
-from .files import FileResult, ProtocolCache, gather_inputs, output_name, process_file, recon_file
+from .files import (
+    FileResult,
+    ProtocolCache,
+    gather_inputs,
+    output_name,
+    process_file,
+    read_input,
+    recon_file,
+)
 from .state import BatchInterrupted, BatchUsageError, clean_stale
 
 __all__ = [
     "BatchInterrupted", "BatchUsageError", "FileResult", "ProtocolCache", "clean_stale",
-    "gather_inputs", "output_name", "preflight", "process_file", "recon_file", "run_batch",
+    "gather_inputs", "output_name", "preflight", "process_file", "read_input", "recon_file",
+    "run_batch",
 ]

@@ -94,8 +94,9 @@ class ProtocolCache:
         return match_protocol(header, self._loaded)
 
 
-def _read(path: Path, max_bytes: int | None):
-    """Any supported raw file; the HDF5 readers check ``max_bytes`` before allocating."""
+def read_input(path: Path, max_bytes: int | None = None):
+    """Any supported raw file as ``recon`` reads it; the HDF5 readers check ``max_bytes``
+    before allocating (None: their default budget)."""
     from ..io import detect_format, read_fastmri, read_ismrmrd, read_raw
     from ..scan import RawDataError
 
@@ -132,7 +133,7 @@ def recon_file(
     path, out_dir = Path(path), Path(out_dir)
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
-    scan = _read(path, max_bytes)
+    scan = read_input(path, max_bytes)
     t["read"] = time.perf_counter() - t0  # the reader has logged its warnings
     protocol = (protocols.select(scan.header) if protocols is not None
                 else select_protocol(scan.header, protocol_name, protocol_dirs))

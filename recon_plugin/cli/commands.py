@@ -111,6 +111,51 @@ def cmd_recon(a: argparse.Namespace) -> int:
     return code
 
 
+def cmd_inspect(a: argparse.Namespace) -> int:
+    """How each input is read and which protocol would reconstruct it, without reconstructing
+    (``recon/describe.py``); text or ``--json`` (a list, one object per input) on stdout.
+    Exit 1 when an input cannot be read (its error printed in its place)."""
+    import json
+
+    from ..batch import ProtocolCache, gather_inputs, read_input
+    from ..io.budget import gb_to_bytes
+    from ..recon.describe import describe_scan, format_description
+    from ..scan import RawDataError
+
+    files = gather_inputs(a.inputs)
+    if not files:
+        raise UsageError(f"no raw files among {' '.join(map(str, a.inputs))}")
+    protocols = ProtocolCache(a.protocol, a.protocol_dir)
+    max_bytes = gb_to_bytes(a.max_memory_gb) if a.max_memory_gb else None
+    out, failed = [], 0
+    for path in files:
+        try:
+            scan = read_input(path, max_bytes)
+        except RawDataError as e:
+            failed += 1
+            out.append({"source": str(path), "error": str(e)})
+            if not a.json:
+                print(f"{path}: NOT READABLE: {e}")
+            continue
+        d = describe_scan(scan)
+        proto = protocols.select(scan.header)
+        st = proto.recon_settings()
+        how = st.model if st.method == "unrolled" else st.method
+        d["protocol"] = {"name": proto.name, "method": st.method, "model": st.model,
+                         "guard": st.guard, "calibrate": st.calibrate, "refine": st.refine,
+                         "coil_compression": st.coil_compression}
+        out.append(d)
+        if not a.json:
+            print(format_description(d, (
+                f"{proto.name} ({'as given' if a.protocol else 'matched to the header'}): "
+                f"{how}, guard {'on' if st.guard else 'off'}, calibration "
+                f"{'on' if st.calibrate else 'off'}, refinement {st.refine}, coil compression "
+                f"{st.coil_compression or 'none'}")))
+    if a.json:
+        print(json.dumps(out, indent=1))
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
 def cmd_send(a: argparse.Namespace) -> int:
     """Drain a PACS queue folder."""
     from ..output.pacs import drain

@@ -21,6 +21,7 @@ from .commands import (
     cmd_adapt,
     cmd_bench,
     cmd_demo,
+    cmd_inspect,
     cmd_prune,
     cmd_recon,
     cmd_send,
@@ -357,6 +358,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_bench)  # its arguments are parsed by benchmarks/cli.py
 
 
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    """The ``inspect`` subcommand."""
+    s = sub.add_parser("inspect", help="how raw files are read and which protocol would "
+                       "reconstruct them, without reconstructing")
+    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens "
+                   "twix .dat), or folders of them")
+    s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
+    s.add_argument("--protocol-dir", action="append", default=None, type=Path,
+                   help="extra protocol folder searched first; repeatable")
+    s.add_argument("--max-memory-gb", type=_positive_float, default=None,
+                   help="refuse a raw file whose declared k-space exceeds this many GB "
+                        "(default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")
+    s.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    s.set_defaults(fn=cmd_inspect)
+
+
 def _add_send(sub: argparse._SubParsersAction) -> None:
     """The ``send`` subcommand."""
     s = sub.add_parser("send", help="drain the durable PACS queue")
@@ -402,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser
 
     _add_recon(sub)
+    _add_inspect(sub)
     _add_simulate(sub)
     _add_demo(sub)
     _add_train(sub)

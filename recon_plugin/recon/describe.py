@@ -1,0 +1,162 @@
+"""What the reconstruction sees in a raw scan, without reconstructing it (``recon-plugin
+inspect``): the header's matrices and fields of view, coils and noise scan, slices, how each
+slice was sampled (acceleration, calibration block, partial Fourier, 2D masks, 3D slabs),
+its geometry, and every note and warning the reader made. A physicist checks here how a site's
+raw data are read before a single image is made.
+
+Units: millimetres, milliseconds, tesla; positions and directions in the ISMRMRD patient
+frame (LPS), as the readers hand them on. Matrices (readout x, phase y, partitions z), as
+the header gives them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from ..physics import calibration_block, is_2d_sampling
+from ..scan import RawScan, SliceData
+from .combine import fully_sampled
+from .partial_fourier import is_partial_fourier
+
+
+def sampling(sl: SliceData) -> dict:
+    """How one slice (or ky-kz plane) was sampled: its k-space shape (ky, kx or kz), acceleration
+    (all samples over measured ones, within the measured ky extent for line sampling), the
+    calibration rows, and which special cases the reconstruction will treat."""
+    mask = sl.mask > 0
+    rows = mask.any(axis=1)
+    two_d = is_2d_sampling(mask)
+    if two_d:
+        acc = mask.size / max(int(mask.sum()), 1)
+        block = calibration_block(mask)
+    else:
+        acc = rows.size / max(int(rows.sum()), 1)
+        block = sl.acs
+    return {
+        "shape": [int(n) for n in mask.shape],
+        "axes": ["ky", "kz" if sl.plane is not None else "kx"],
+        "acceleration": round(float(acc), 2),
+        "measured_lines": int(rows.sum()),
+        "calibration_rows": list(block) if block is not None else None,
+        "mask_2d": bool(two_d),
+        "fully_sampled": bool(fully_sampled(mask)),
+        "partial_fourier": bool(is_partial_fourier(rows)) and not two_d,
+        "separate_calibration": sl.calib is not None,
+    }
+
+
+def _counted(values: list) -> list[dict]:
+    """[{value, slices}] of each distinct value (as JSON-able text), most frequent first."""
+    counts = Counter(repr(v) for v in values)
+    first = {repr(v): v for v in values}
+    return [{"value": first[k], "slices": n} for k, n in counts.most_common()]
+
+
+def describe_scan(scan: RawScan) -> dict:
+    """A JSON-able account of ``scan`` (see the module doc); slices that share a sampling are
+    counted together."""
+    h = scan.header
+    seq = h.sequence
+    slices = scan.slices
+    planes = [sl for sl in slices if sl.plane is not None]
+    first = slices[0] if slices else None
+    geometry = None
+    if first is not None:
+        g = first.plane.geometry if first.plane is not None else first.geometry
+        geometry = {"of": "slab centre" if first.plane is not None else "first slice",
+                    "position_mm": _vec(g.position), "read_dir": _vec(g.read_dir),
+                    "phase_dir": _vec(g.phase_dir), "slice_dir": _vec(g.slice_dir),
+                    "defaulted": bool(g.defaulted)}
+    notes = Counter(n for sl in slices for n in sl.notes)
+    return {
+        "source": scan.source,
+        "protocol_name": h.protocol_name,
+        "contrast_name": h.contrast_name,
+        "scanner": {"manufacturer": seq.manufacturer, "model": seq.model_name,
+                    "field_strength_t": seq.field_strength_t},
+        "sequence": {"tr_ms": seq.tr_ms, "te_ms": seq.te_ms, "ti_ms": seq.ti_ms,
+                     "flip_deg": seq.flip_deg, "type": seq.sequence_type},
+        "encoded_matrix": list(h.encoded_matrix), "encoded_fov_mm": list(h.encoded_fov_mm),
+        "recon_matrix": list(h.recon_matrix), "recon_fov_mm": list(h.recon_fov_mm),
+        "header_acceleration": h.acceleration,
+        "coils": h.num_coils,
+        "noise_samples": None if scan.noise is None else int(scan.noise.shape[-1]),
+        "slices": len(slices),
+        "contrasts": len({sl.contrast for sl in slices}),
+        "repetitions": len({sl.repetition for sl in slices}),
+        "phases": len({sl.phase for sl in slices}),
+        "kz_planes": {"planes": len(planes), "slabs": len({p.plane.slab for p in planes}),
+                      "partitions_per_slab": len(planes[0].plane.offsets)} if planes else None,
+        "sampling": _counted([sampling(sl) for sl in slices]),
+        "geometry": geometry,
+        "notes": [{"value": n, "slices": c} for n, c in notes.most_common()],
+        "warnings": list(scan.warnings),
+    }
+
+
+def _vec(v) -> list[float]:
+    return [round(float(x), 3) for x in np.asarray(v, float)]
+
+
+def _fmt(x, unit: str = "") -> str:
+    return "-" if x is None else f"{x:g}{unit}"
+
+
+def format_description(d: dict, protocol: str | None = None) -> str:
+    """The text ``recon-plugin inspect`` prints for one :func:`describe_scan` result;
+    ``protocol``: the line saying which protocol would reconstruct it and how."""
+    s, q = d["scanner"], d["sequence"]
+    em, ef, rm, rf = d["encoded_matrix"], d["encoded_fov_mm"], d["recon_matrix"], d["recon_fov_mm"]
+    lines = [
+        f"{d['source']}:",
+        f"  header: protocol {d['protocol_name']!r}, contrast {d['contrast_name']!r}; "
+        f"{s['manufacturer'] or '-'} {s['model'] or ''} {_fmt(s['field_strength_t'], ' T')}; "
+        f"TR {_fmt(q['tr_ms'], ' ms')}, TE {_fmt(q['te_ms'], ' ms')}, "
+        f"TI {_fmt(q['ti_ms'], ' ms')}, flip {_fmt(q['flip_deg'], ' deg')}",
+    ]
+    if protocol:
+        lines.append(f"  protocol: {protocol}")
+    lines += [
+        f"  matrix: encoded {em[0]} x {em[1]} x {em[2]} (FOV {ef[0]:g} x {ef[1]:g} x {ef[2]:g} mm), "
+        f"recon {rm[0]} x {rm[1]} x {rm[2]} (FOV {rf[0]:g} x {rf[1]:g} x {rf[2]:g} mm)",
+        f"  coils: {d['coils']}; noise scan: "
+        + (f"{d['noise_samples']} samples (prewhitening)" if d["noise_samples"]
+           else "none (noise level estimated from the data)"),
+        f"  slices: {d['slices']} (contrasts {d['contrasts']}, repetitions {d['repetitions']}, "
+        f"phases {d['phases']})",
+    ]
+    if d["kz_planes"]:
+        k = d["kz_planes"]
+        lines.append(f"  3D slab accelerated along kz: {k['slabs']} slab(s), reconstructed as "
+                     f"{k['planes']} ky-kz planes, {k['partitions_per_slab']} partitions per slab")
+    for item in d["sampling"]:
+        v = item["value"]
+        block = v["calibration_rows"]
+        kind = "2D mask" if v["mask_2d"] else "lines"
+        extra = [w for w, on in (("partial Fourier", v["partial_fourier"]),
+                                 ("separate calibration scan", v["separate_calibration"])) if on]
+        (a, b), (na, nb) = v["axes"], v["shape"]
+        head = f"  sampling ({item['slices']} slice(s)): k-space {a} {na} x {b} {nb}, "
+        if v["fully_sampled"]:
+            lines.append(head + "fully sampled (written as the root-sum-of-squares of its "
+                         "coil images; no method runs)")
+            continue
+        lines.append(
+            head + f"{kind}, {v['acceleration']:g}x measured"
+            + (f" (header: {d['header_acceleration']:g}x)" if d["header_acceleration"] else "")
+            + f", {v['measured_lines']} lines, "
+            + (f"calibration rows {block[0]}-{block[1] - 1} ({block[1] - block[0]})"
+               if block else "no calibration block (no ESPIRiT maps: zero-filled)")
+            + "".join(f", {w}" for w in extra))
+    g = d["geometry"]
+    if g:
+        lines.append("  geometry: " + ("none in the header (default axial placement)"
+                                       if g["defaulted"] else
+                                       f"{g['of']} at {g['position_mm']} mm, read "
+                                       f"{g['read_dir']}, phase {g['phase_dir']}, normal "
+                                       f"{g['slice_dir']}"))
+    lines += [f"  note ({n['slices']} slice(s)): {n['value']}" for n in d["notes"]]
+    lines += [f"  warning: {w}" for w in d["warnings"]]
+    return "\n".join(lines)
