@@ -18,21 +18,23 @@ import numpy as np
 from ..physics import calibration_block, is_2d_sampling
 from ..scan import RawScan, SliceData
 from .combine import fully_sampled
-from .partial_fourier import is_partial_fourier
+from .partial_fourier import is_partial_fourier, sampled_extent
 
 
 def sampling(sl: SliceData) -> dict:
     """How one slice (or ky-kz plane) was sampled: its k-space shape (ky, kx or kz), acceleration
-    (all samples over measured ones, within the measured ky extent for line sampling), the
-    calibration rows, and which special cases the reconstruction will treat."""
+    (line sampling: the lines from the first measured to the last over the measured ones;
+    a 2D mask: all samples over the measured ones), the calibration rows, and which special
+    cases the reconstruction will treat."""
     mask = sl.mask > 0
     rows = mask.any(axis=1)
     two_d = is_2d_sampling(mask)
     if two_d:
         acc = mask.size / max(int(mask.sum()), 1)
         block = calibration_block(mask)
-    else:
-        acc = rows.size / max(int(rows.sum()), 1)
+    else:  # zero padding outside the encoded lines and a partial Fourier gap do not count
+        lo, hi = sampled_extent(rows) if rows.any() else (0, rows.size - 1)
+        acc = (hi - lo + 1) / max(int(rows.sum()), 1)
         block = sl.acs
     return {
         "shape": [int(n) for n in mask.shape],

@@ -60,15 +60,22 @@ def significant_gain(reference: np.ndarray, candidate: np.ndarray, z: float = 1.
 
 class SliceEstimate(NamedTuple):
     """What ``network_slice`` made of a slice: the complex image (ky, kx), the method that made
-    it (``unrolled`` or ``cg-sense``) and that method's mean squared error per sample on the
-    guard's held-out lines (data units; None without a guard), the number of those samples and
-    the guard's result."""
+    it (``unrolled`` or ``cg-sense``) and the guard's result (None: not checked)."""
 
     image: np.ndarray
     method: str
-    heldout_error: float | None = None
-    heldout_samples: int = 0
-    guard: GuardResult | None = None  # the guard's evidence and decision (None: not checked)
+    guard: GuardResult | None = None
+
+    @property
+    def heldout_error(self) -> float | None:
+        """The method's mean squared error per sample on the guard's held-out lines (data
+        units); None without a guard."""
+        return None if self.guard is None else self.guard.mean_error(self.method == "unrolled")
+
+    @property
+    def heldout_samples(self) -> int:
+        """The measured samples on the guard's held-out lines (0 without a guard)."""
+        return 0 if self.guard is None else self.guard.samples
 
 
 @dataclass(frozen=True)

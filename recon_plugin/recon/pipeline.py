@@ -435,14 +435,12 @@ class Reconstructor:
             notes.append(f"GUARD: {res.describe()}")
             img = classical.cg_sense(ksp, maps, mask, op=op)
             t["classical"] += time.perf_counter() - t0
-            return SliceEstimate(img, "cg-sense", res.mean_error(network=False), res.samples,
-                                 res)
+            return SliceEstimate(img, "cg-sense", res)
         if res is not None:
             log.info("slice %d: %s", seed, res.describe())
         img = self._network(name, ksp, maps, mask, net, dc_setting, op)
         t["network"] += time.perf_counter() - t0
-        return SliceEstimate(img, "unrolled", *((res.mean_error(network=True), res.samples, res)
-                                               if res else (None, 0, None)))
+        return SliceEstimate(img, "unrolled", res)
 
     def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                    notes: list[str], t: dict, calibration: ScanCalibration | None, op=None,
