@@ -233,14 +233,26 @@ def test_slices_made_before_the_scan_settled_are_made_again_where_its_choice_dif
     assert series[0].timings_s["calibration_revised"] == 1
     # the guard's counts are per slice: the version made again replaces the first
     assert series[0].timings_s["guard_checked"] == 3
-    # a three-slice scan with a five-slice setting: the choice of all three
-    evidence = iter([{one: e, quarter: 0.5 * e}, {one: e, quarter: 3.0 * e},
-                     {one: e, quarter: 3.0 * e}])
+    # a three-slice scan with a five-slice setting: the choice of all three, each giving two
+    # disjoint held-out sets (five sets' worth of evidence needs two per slice)
+    sets = iter([{one: e, quarter: 0.5 * e}, {one: e, quarter: 0.5 * e},
+                 {one: e, quarter: 3.0 * e}, {one: e, quarter: 3.0 * e},
+                 {one: e, quarter: 3.0 * e}, {one: e, quarter: 3.0 * e}])
+    folds = []
+
+    def evidence_of(*a, fold=0, folds_=None, **k):
+        folds.append((fold, k["folds"]))
+        return next(sets)
+
+    monkeypatch.setattr(pipeline, "heldout_evidence", evidence_of)
     made.clear()
     series = rec.reconstruct(scan, dataclasses.replace(settings, calibrate_slices=5))
     assert made == [1, 0, 2, 1]
+    assert folds == [(0, 2), (1, 2)] * 3
     notes = {n for im in series[0].images for n in im.notes if n.startswith("data-consistency setting")}
-    assert len(notes) == 1 and notes.pop().startswith("data-consistency setting x1 chosen on 3 slices'")
+    assert len(notes) == 1
+    assert notes.pop().startswith("data-consistency setting x1 chosen on 3 slices' 36 held-out "
+                                  "lines in 2 disjoint sets per slice")
 
 
 def test_a_gain_counts_only_beyond_the_noise_of_the_lines():
@@ -335,3 +347,44 @@ def test_near_plain_l1_wavelet_wins_on_a_piecewise_constant_object(base):
     (chosen, with_plain), (_, without) = result(calibrate.SPARSITY_GRID), result(anchored)
     assert chosen.sparsity.anchor < 0.1
     assert with_plain > without + 0.3
+
+
+def test_a_scan_of_fewer_slices_draws_more_heldout_sets_from_each():
+    """``folds_for``: a scan pools ``calibrate_slices`` held-out sets, from as many slices as
+    it has (a one-slice scan: all from its slice); a per-slice setting (0) draws one."""
+    assert calibrate.folds_for(3, 1) == 3 and calibrate.folds_for(3, 2) == 2
+    assert calibrate.folds_for(3, 3) == 1 and calibrate.folds_for(3, 40) == 1
+    assert calibrate.folds_for(5, 3) == 2 and calibrate.folds_for(0, 1) == 1
+    state = calibrate.ScanCalibration.for_scan(3, 1)
+    assert (state.slices, state.folds) == (3, 3)
+
+
+def test_a_one_slice_scan_is_calibrated_on_three_disjoint_sets_and_streams_as_written(tmp_path):
+    """A one-slice file (``recon``) and the same scan streamed: the default protocol's
+    calibration pools three disjoint held-out sets of the slice (the images say so), and the
+    stream, which knows from the header that one slice comes, sends the same pixels."""
+    import h5py
+    import ismrmrd
+
+    from recon_plugin.batch import recon_file
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+    from recon_plugin.stream.engine import StreamEngine
+    from recon_plugin.stream.options import StreamOptions
+
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=6, matrix=(96, 80), snr=40.0,
+                          seed=7)
+    raw = write_ismrmrd(vol, tmp_path / "one.h5", acceleration=4, calib_lines=12, seed=2)
+    engine = StreamEngine()
+    written, _ = recon_file(raw, tmp_path / "offline", engine.recon, "default",
+                            formats=("h5",))
+    with h5py.File(written[0], "r") as f:
+        ref = np.asarray(f["reconstruction"])
+    with ismrmrd.File(str(raw), "r") as f:
+        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
+    sent: list = []
+    result = engine.run(iter(acqs), xml, sent.append, StreamOptions(protocol="default"))
+    assert result.complete and len(sent) == 1
+    meta = sent[0].attribute_string
+    assert "setting" in meta and "1 slice's" in meta and "in 3 disjoint sets per slice" in meta
+    np.testing.assert_array_equal(sent[0].data[0, 0], ref[0])

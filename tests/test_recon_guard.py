@@ -33,6 +33,26 @@ def test_heldout_lines_are_acquired_and_outside_acs():
     assert guard.heldout_lines(only_acs, acs).size == 0
 
 
+def test_heldout_folds_are_disjoint_sets_of_the_same_size():
+    """``fold`` of ``folds``: disjoint sets of as many lines as one set, all acquired outside
+    the ACS; a fold beyond what the lines allow is empty, never a repeat."""
+    m1, acs = cartesian_mask(320, 4, 0.08, "equispaced", np.random.default_rng(0))
+    mask = np.broadcast_to(m1[:, None], (320, 32))
+    one = guard.heldout_lines(mask, acs, 0.1, min_lines=3, seed=5)
+    sets = [guard.heldout_lines(mask, acs, 0.1, min_lines=3, seed=5, fold=k, folds=3)
+            for k in range(3)]
+    assert all(len(x) == len(one) for x in sets)
+    assert len(set(np.concatenate(sets))) == 3 * len(one)
+    acquired = np.flatnonzero(m1)
+    assert set(np.concatenate(sets)) <= set(acquired[(acquired < acs[0]) | (acquired >= acs[1])])
+    # 8x on 64 lines: 3 lines per set leave room for no second disjoint set of 3
+    m8, acs8 = cartesian_mask(64, 8, 0.04, "equispaced", np.random.default_rng(0))
+    mask8 = np.broadcast_to(m8[:, None], (64, 32))
+    first = guard.heldout_lines(mask8, acs8, 0.1, min_lines=3, fold=0, folds=3)
+    assert first.size == 3 and guard.heldout_lines(mask8, acs8, 0.1, min_lines=3, fold=1,
+                                                   folds=3).size == 0
+
+
 def test_heldout_error_is_small_for_the_truth(case):
     ksp, maps, mask, acs, _ = case
     full_img = (maps.conj() * ifft2c(fft2c(ifft2c(ksp)))).sum(0)  # any image

@@ -115,6 +115,13 @@ class MrdAssembler:
         self._most_lines = 0
 
     # ----------------------------------------------------------------------------- helpers
+    def expected_images(self) -> int:
+        """The 2D problems the header declares (slices x contrasts x phases x repetitions, x
+        partitions of a 3D scan): a stream's estimate of what ``build_scan`` would hold, before
+        the data arrive."""
+        counts = [self.enc.limit_max(k) + 1 for k in ("slice", "contrast", "phase", "repetition")]
+        return int(np.prod(counts, dtype=np.int64)) * max(self.nz, 1)
+
     def _warn(self, msg: str, once: str | None = None) -> None:
         if once is not None:
             if once in self._warned:

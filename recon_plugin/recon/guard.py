@@ -117,13 +117,17 @@ class GuardResult:
 
 
 def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float = 0.1,
-                  min_lines: int = 2, seed: int = 0) -> np.ndarray:
+                  min_lines: int = 2, seed: int = 0, fold: int = 0, folds: int = 1,
+                  ) -> np.ndarray:
     """Indices of acquired ky lines (outside ``acs``) to hold out: ``fraction`` of them, at
     least ``min_lines``, spread over k-space (every n-th line from a seeded offset). Under line
     sampling only whole lines (as many samples as the fullest row) are held out, not the few
     lines of a 2D calibration block; under 2D sampling (:func:`~recon_plugin.physics.
     is_2d_sampling`, e.g. Poisson-disc) every acquired line, with the samples it has (the
-    errors count only measured samples)."""
+    errors count only measured samples). ``fold`` of ``folds``: one of that many disjoint
+    sets of the same size (their offsets a ``folds``-th of the spacing apart), where there are
+    enough lines for them (else fewer lines for the later folds: none where they would
+    repeat)."""
     counts = (mask > 0).sum(axis=1)
     eligible = counts > 0
     if not is_2d_sampling(mask):
@@ -135,7 +139,13 @@ def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float
         return np.zeros(0, int)
     n = max(min_lines, int(round(fraction * rows.size)))
     step = rows.size / n
-    offset = np.random.default_rng(seed).uniform(0, step)
+    if folds <= 1:
+        offset = np.random.default_rng(seed).uniform(0, step)
+        return rows[(offset + step * np.arange(n)).astype(int)]
+    if step < folds:  # too few lines for disjoint folds of n lines each
+        return np.zeros(0, int) if fold > 0 else heldout_lines(mask, acs, fraction, min_lines,
+                                                               seed)
+    offset = np.random.default_rng(seed).uniform(0, step / folds) + fold * step / folds
     return rows[(offset + step * np.arange(n)).astype(int)]
 
 

@@ -447,20 +447,25 @@ class Reconstructor:
                    ) -> DcSetting:
         """The data-consistency setting for this slice (``recon/calibrate.py``): the scan's, once
         its first slices have decided it; else this slice's held-out evidence joins the
-        scan's."""
-        state = calibration if calibration is not None else ScanCalibration(slices=0)
+        scan's. Without ``calibration`` the slice is a scan of its own (as a one-slice file)."""
+        state = calibration if calibration is not None else \
+            ScanCalibration.for_scan(settings.calibrate_slices, 1)
         done = state.settled(name)
         if done is None:
             t0 = time.perf_counter()
-            ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
-                                  settings.calibrate_grid, settings.guard_fraction,
-                                  seed=seed + 7919, device=self.device,
-                                  cg_iters=settings.calibrate_cg_iters,
-                                  sparsity=settings.calibrate_sparsity, op=op)
+            for fold in range(state.folds):  # disjoint held-out sets of this slice
+                ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
+                                      settings.calibrate_grid, settings.guard_fraction,
+                                      seed=seed + 7919, device=self.device,
+                                      cg_iters=settings.calibrate_cg_iters,
+                                      sparsity=settings.calibrate_sparsity, op=op, fold=fold,
+                                      folds=state.folds)
+                if ev is None:
+                    break
+                done = state.add(name, ev)
             t["calibrate"] += time.perf_counter() - t0
-            if ev is None:
+            if done is None:
                 return TRAINED
-            done = state.add(name, ev)
             log.info("slice %d: %s", seed, done.describe())
         notes.append(done.describe())
         return done.setting
@@ -555,7 +560,7 @@ class Reconstructor:
         timings: dict[str, float] = defaultdict(float)
         whitener = whitening_matrix(scan)
         images, slice_seconds = [], []
-        calibration = ScanCalibration(settings.calibrate_slices)
+        calibration = ScanCalibration.for_scan(settings.calibrate_slices, len(scan.slices))
         shared = SharedRefinement() if settings.refine == "shared" else None
         weights: dict[int, ScanWeight] = defaultdict(ScanWeight)  # per contrast
         provisional = []  # (image index, slice, model, the choice it was made with)

@@ -227,7 +227,8 @@ class _ScanState:
         self.whitener: np.ndarray | None = None
         self.timings: dict[str, float] = defaultdict(float)
         # the scan's first slices decide its data-consistency setting (recon/calibrate.py)
-        self.calibration = ScanCalibration(settings.calibrate_slices)
+        self.calibration = ScanCalibration.for_scan(settings.calibrate_slices,
+                                                    asm.expected_images())
         # measured_weight auto: evidence pooled per contrast over the slices so far
         self.weights: dict[int, ScanWeight] = defaultdict(ScanWeight)
         # refine: shared -- the first slice to arrive trains the scan's copy (recon/refine.py)
