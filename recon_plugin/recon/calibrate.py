@@ -21,7 +21,9 @@ L1-wavelet solves against the image they start from, then the stronger ones agai
 choice): a few lines are a noisy judge, and a wrong pick costs more than a missed one. A few
 forward passes and L1 solves per calibrated slice; no training. A scan's first few slices
 decide one setting for all its slices (:class:`ScanCalibration`), so the cost is paid once per
-scan, not per slice.
+scan, not per slice; a scan of fewer slices draws several disjoint sets of held-out lines from
+each (:func:`folds_for`; a one-slice scan as many as the slices a longer scan pools), since 3-5
+lines of one set often missed the better setting (docs/FINDINGS.md).
 
 The lines are drawn from the acquired lines that the guard does not hold out (the pipeline
 removes the guard's lines first), so the guard then judges the calibrated network on lines
