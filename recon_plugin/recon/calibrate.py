@@ -199,9 +199,10 @@ def choose(evidence: dict[DcSetting | MoreIterations | Sparsity, np.ndarray]) ->
 
 @dataclass
 class ScanCalibration:
-    """One setting per scan (and model): the first ``slices`` slices that reach the network
-    are calibrated and their held-out evidence pooled; later slices take the setting chosen on
-    them. Each of the first takes the choice of the evidence pooled until then; a file's
+    """One setting per scan (and model): the first slices that reach the network are
+    calibrated and their held-out evidence pooled until it holds ``slices`` sets (one per
+    slice, ``folds`` per slice in a scan of fewer slices); later slices take the setting chosen
+    on them. Each of the first takes the choice of the evidence pooled until then; a file's
     reconstruction (``Reconstructor.reconstruct``) then makes again those whose choice differs
     from the scan's (:meth:`provisional`, ``Reconstructor.revise``); a stream sends each image
     at once and keeps the provisional choices. ``slices`` <= 0: every slice is calibrated on its
@@ -216,7 +217,7 @@ class ScanCalibration:
         default_factory=dict)
     _result: dict[str, Calibration] = field(default_factory=dict)
     _closed: bool = False
-    adds: int = 0  # slices whose evidence was pooled so far
+    adds: int = 0  # held-out sets pooled so far (a slice's, or each of its folds)
     last: tuple[str, Calibration] | None = None  # (model, choice) of the latest pooling
 
     @classmethod
