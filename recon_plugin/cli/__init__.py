@@ -1,4 +1,4 @@
-"""Command line: ``recon-plugin recon | simulate | demo | train | prune | bench | send | serve | adapt``.
+"""Command line ``recon-plugin``: recon, inspect, simulate, demo, train, prune, bench, send, serve, adapt.
 
 Exit status: 0 success; 1 at least one input failed (the others were still processed);
 2 usage or configuration error (bad arguments, unknown protocol, unreadable model), reported

@@ -1,4 +1,4 @@
-"""Command line: ``recon-plugin recon | simulate | demo | train | prune | bench | send | serve | adapt``.
+"""Command line ``recon-plugin``: recon, inspect, simulate, demo, train, prune, bench, send, serve, adapt.
 
 This module builds the argument parser (subcommands, options, help texts, argument types that
 reject bad values in one line); :mod:`.commands` runs what it parsed. It imports no torch.
