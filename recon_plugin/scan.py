@@ -273,7 +273,7 @@ class ReconImage:
     # a ky-kz plane of a slab (pixels (y, z)), not yet cut into partitions (SliceData.plane)
     plane: SlabPlane | None = field(default=None, repr=False, compare=False)
     # the guard's evidence and decision for this image (recon.guard.GuardResult; None: the
-    # network was not checked); a slab's planes pool theirs (Reconstructor.settle_slabs)
+    # network was not checked); a slab's planes pool theirs (Reconstructor.settle)
     guard: object | None = field(default=None, repr=False, compare=False)
 
 

@@ -139,12 +139,10 @@ def heldout_lines(mask: np.ndarray, acs: tuple[int, int] | None, fraction: float
         return np.zeros(0, int)
     n = max(min_lines, int(round(fraction * rows.size)))
     step = rows.size / n
-    if folds <= 1:
-        offset = np.random.default_rng(seed).uniform(0, step)
-        return rows[(offset + step * np.arange(n)).astype(int)]
-    if step < folds:  # too few lines for disjoint folds of n lines each
-        return np.zeros(0, int) if fold > 0 else heldout_lines(mask, acs, fraction, min_lines,
-                                                               seed)
+    if step < folds:  # too few lines for disjoint folds of n lines each: the first alone
+        if fold > 0:
+            return np.zeros(0, int)
+        folds = 1
     offset = np.random.default_rng(seed).uniform(0, step / folds) + fold * step / folds
     return rows[(offset + step * np.arange(n)).astype(int)]
 

@@ -116,7 +116,7 @@ class ReconSettings:
     guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
     guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
     guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
-    # set only to make a ky-kz plane again with its slab's decision (settle_slabs): the
+    # set only to make a ky-kz plane again with its slab's decision (Reconstructor.settle): the
     # guard's lines are held out as ever, but this decides instead of the plane's own check
     guard_decided: guard.GuardResult | None = None
     refine: str = "none"  # one of REFINE_MODES
@@ -563,7 +563,7 @@ class Reconstructor:
         calibration = ScanCalibration.for_scan(settings.calibrate_slices, len(scan.slices))
         shared = SharedRefinement() if settings.refine == "shared" else None
         weights: dict[int, ScanWeight] = defaultdict(ScanWeight)  # per contrast
-        provisional = []  # (image index, slice, model, the choice it was made with)
+        made_with = []  # per image: (model, the choice it was made with) where provisional
         counted = []  # each image's share of the SLICE_COUNTS
         order = sorted(scan.slices, key=_calibration_order(scan.slices))
         for sl in order:
@@ -577,19 +577,10 @@ class Reconstructor:
             slice_seconds.append(time.perf_counter() - t0)
             if progress is not None:
                 progress(len(images), len(scan.slices))
-            made_with = calibration.provisional(adds)
-            if made_with is not None:
-                provisional.append((len(images) - 1, sl, *made_with))
-        calibration.settle()
-        made = list(images)  # the first version of each image
-        for index, sl, name, used in provisional:
-            image = self.revise(images[index], sl, name, used, scan.header, settings, whitener,
-                                timings, calibration, shared, weights[sl.contrast])
-            images[index] = image
-        # a slab accelerated along kz: one guard decision for all its ky-kz planes
-        settled = self.settle_slabs(images, order, scan.header, settings, whitener, timings,
-                                    calibration, shared, weights, recombine=True)
-        for index, (first, image) in enumerate(zip(made, settled)):
+            made_with.append(calibration.provisional(adds))
+        settled = self.settle(images, order, made_with, scan.header, settings, whitener,
+                              timings, calibration, shared, weights, recombine=True)
+        for index, (first, image) in enumerate(zip(images, settled)):
             if image is not first:  # made again: its first version no longer counts
                 for k, n in zip(SLICE_COUNTS, counted[index]):
                     timings[k] -= n
@@ -604,14 +595,23 @@ class Reconstructor:
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
 
-    def settle_slabs(self, images: list[ReconImage], slices: list[SliceData],
-                     header: ScanHeader, settings: ReconSettings, whitener, timings: dict,
-                     calibration: ScanCalibration, shared: SharedRefinement | None,
-                     weights: dict[int, ScanWeight], recombine: bool = False,
-                     ) -> list[ReconImage]:
-        """``images`` (of ``slices``, in the same order) with one guard decision per slab
-        accelerated along kz (:func:`~recon_plugin.recon.reslice.one_guard_per_slab`); a
-        plane is made again with its slab's decision as ``reconstruct_slice`` makes it."""
+    def settle(self, images: list[ReconImage], slices: list[SliceData],
+               made_with: list[tuple[str, Calibration] | None], header: ScanHeader,
+               settings: ReconSettings, whitener, timings: dict, calibration: ScanCalibration,
+               shared: SharedRefinement | None, weights: dict[int, ScanWeight],
+               recombine: bool = False) -> list[ReconImage]:
+        """``images`` (of ``slices``, in the same order) as the scan's settled state makes
+        them, for ``reconstruct`` and a stream alike: ``calibration`` settles; each image made
+        with a provisional choice (``made_with``: (model, choice), else None) is revised with
+        the scan's (:meth:`revise`); then a slab accelerated along kz takes one guard decision
+        for all its ky-kz planes (:func:`~recon_plugin.recon.reslice.one_guard_per_slab`), a
+        plane made again with it as ``reconstruct_slice`` makes it. Images not made again are
+        the same objects."""
+        calibration.settle()
+        images = [im if used is None else
+                  self.revise(im, sl, *used, header, settings, whitener, timings, calibration,
+                              shared, weights[sl.contrast])
+                  for im, sl, used in zip(images, slices, made_with)]
         if not settings.guard:
             return images
 

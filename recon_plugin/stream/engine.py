@@ -303,27 +303,21 @@ class _ScanState:
         """Collect the images of a slab's ky-kz planes; with its last one, send the slab's
         partitions (``recon/reslice.py``), each with its share of the planes' time. The
         planes made before the scan's calibration settled are made again with its settled
-        choice first, and the slab takes one guard decision for all its planes, as
-        ``Reconstructor.reconstruct`` does (``made_with``: the choice a plane was made with,
-        where it was provisional), so the stream sends what ``recon`` writes."""
+        choice first, and the slab takes one guard decision for all its planes
+        (``Reconstructor.settle``, as ``Reconstructor.reconstruct`` calls it; ``made_with``:
+        the choice a plane was made with, where it was provisional), so the stream sends what
+        ``recon`` writes."""
         key = (im.plane.slab, im.contrast, im.phase, im.repetition)
         done = self.planes[key]
         done.append((im, dt, sl, made_with))
         if len(done) < im.plane.count:
             return
         del self.planes[key]
-        self.calibration.settle()
-        images = []
         with self.engine.lock:
-            for image, _, plane, used in done:
-                if used is not None:
-                    image = self.engine.recon.revise(
-                        image, plane, *used, self.header, self.settings, self.whitener,
-                        self.timings, self.calibration, self.shared, self.weights[plane.contrast])
-                images.append(image)
-            images = self.engine.recon.settle_slabs(
-                images, [d[2] for d in done], self.header, self.settings, self.whitener,
-                self.timings, self.calibration, self.shared, self.weights)
+            images = self.engine.recon.settle(
+                [d[0] for d in done], [d[2] for d in done], [d[3] for d in done], self.header,
+                self.settings, self.whitener, self.timings, self.calibration, self.shared,
+                self.weights)
         parts = partitions(images, self.header)
         each = sum(d[1] for d in done) / max(len(parts), 1)
         for part in parts:
