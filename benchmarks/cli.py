@@ -8,7 +8,8 @@ from pathlib import Path
 from recon_plugin.adaptation import PARAMS as ADAPT_PARAMS
 
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
-        "adapt-real", "guard", "snr", "independent", "ceiling", "cluster", "poisson", "slab")
+        "adapt-real", "guard", "snr", "independent", "ceiling", "cluster", "poisson", "slab",
+        "conditions")
 
 
 def _at_least_one(text: str) -> int:
@@ -39,7 +40,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="folder(s) of variant models (bench pruning; default: shipped weights); "
                    "variant files or folders to rank on validation (bench select)")
     s.add_argument("--real-dir", type=Path, default=None,
-                   help="real raw data (bench real, pruning, guard, adapt-real, ceiling, poisson; default "
+                   help="real raw data (bench real, pruning, guard, adapt-real, ceiling, poisson, "
+                   "conditions; default "
                    "$RECON_PLUGIN_REAL_DATA or ../shared/data/real)")
     s.add_argument("--speed-protocol", default="default",
                    help="protocol of bench speed's end-to-end and stream runs (default: default)")
@@ -139,6 +141,11 @@ def run(a: argparse.Namespace) -> int:
         from .sampling2d import run as run_poisson
 
         run_poisson(docs, a.real_dir or find_real_dir())
+    elif a.what == "conditions":
+        from .conditions import run as run_conditions
+        from .real import find_real_dir
+
+        run_conditions(docs, a.real_dir or find_real_dir())
     elif a.what == "slab":
         from .slab3d import run as run_slab
 

@@ -384,6 +384,34 @@ def test_poisson_cases_of_the_real_brain_plane():
                 assert c.maps is not None and c.maps.shape == c.kspace.shape
 
 
+def test_bench_conditions_coil_subsets_and_added_noise():
+    """``bench conditions``: the noise level is read from the coil images' corners (an object
+    away from them does not bias it), each coil subset keeps its coils' data, and the noise
+    conditions carry sqrt(1 + f^2) times the file's own noise (the object untouched)."""
+    import numpy as np
+
+    from benchmarks.conditions import COIL_SETS, NOISE_FACTORS, conditions, noise_sigma
+    from recon_plugin.physics import fft2c
+
+    rng = np.random.default_rng(0)
+    sigma = 0.5
+    img = sigma * (rng.standard_normal((8, 96, 80)) + 1j * rng.standard_normal((8, 96, 80)))
+    img[:, 30:66, 25:55] += 40.0 * np.exp(1j * np.arange(8))[:, None, None]  # the object
+    full = fft2c(img).astype(np.complex64)
+    assert abs(noise_sigma(full) / sigma - 1) < 0.1
+    out = conditions(full, seed=1)
+    names = [n for n, _ in out]
+    assert len(out) == len(COIL_SETS) + len(NOISE_FACTORS) and len(set(names)) == len(names)
+    for (name, ksp), coils in zip(out, COIL_SETS):
+        assert name == f"coils {','.join(map(str, coils))}"
+        assert np.array_equal(ksp, full[list(coils)])
+    for (name, ksp), f in zip(out[len(COIL_SETS):], NOISE_FACTORS):
+        assert name == f"noise x{f:g}" and ksp.dtype == np.complex64
+        assert abs(noise_sigma(ksp) / (sigma * np.hypot(1, f)) - 1) < 0.1
+        assert abs(np.mean(ksp - full)) < 0.05 * f * sigma  # zero-mean: the object untouched
+    assert len(conditions(full[:4])) == 1 + len(NOISE_FACTORS)  # only the subset within 4 coils
+
+
 def test_bench_slab_pattern_and_bart_on_a_whole_slab():
     """``bench slab``'s pattern: about 1 / acc of the (kz, ky) grid with its fully sampled
     centre; and BART on a fully sampled slab (coils, kz, ky, kx) returns the slab's object in

@@ -339,15 +339,36 @@ def folds_for(slices: int, images: int) -> int:
     return max(1, -(-slices // images))
 
 
+def pool_slice(state: ScanCalibration, name: str, model: nn.Module, kspace: np.ndarray,
+               maps: np.ndarray, mask: np.ndarray, acs: tuple[int, int] | None,
+               grid: tuple[float, ...] = PRIOR_WEIGHT_GRID, fraction: float = 0.1,
+               seed: int = 0, device: str | torch.device = "cpu",
+               cg_iters: tuple[int, ...] = CG_ITERS_GRID,
+               sparsity: tuple[Sparsity, ...] = SPARSITY_GRID, op=None) -> Calibration | None:
+    """One slice's held-out evidence for model ``name`` pooled into the scan's ``state``:
+    ``state.folds`` disjoint held-out sets of the slice (:func:`heldout_evidence`, arguments as
+    there). Returns the choice of the evidence pooled so far; None where the slice gives none
+    (``state`` then unchanged)."""
+    done = None
+    for fold in range(state.folds):
+        ev = heldout_evidence(model, kspace, maps, mask, acs, grid, fraction, seed=seed,
+                              device=device, cg_iters=cg_iters, sparsity=sparsity, op=op,
+                              fold=fold, folds=state.folds)
+        if ev is None:
+            break
+        done = state.add(name, ev)
+    return done
+
+
 def calibrate_slice(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
                     mask: np.ndarray, acs: tuple[int, int] | None,
                     grid: tuple[float, ...] = PRIOR_WEIGHT_GRID, fraction: float = 0.1,
                     seed: int = 0, device: str | torch.device = "cpu",
                     cg_iters: tuple[int, ...] = CG_ITERS_GRID,
-                    sparsity: tuple[Sparsity, ...] = SPARSITY_GRID,
+                    sparsity: tuple[Sparsity, ...] = SPARSITY_GRID, slices: int = 3,
                     ) -> Calibration | None:
-    """The setting for one slice on its own (:func:`heldout_evidence`, :func:`choose`); None
-    where no evidence can be had."""
-    ev = heldout_evidence(model, kspace, maps, mask, acs, grid, fraction, seed, device, cg_iters,
-                          sparsity)
-    return None if ev is None else ScanCalibration(slices=0).add("", ev)
+    """The setting of a one-slice scan whose calibration pools ``slices`` held-out sets, as
+    ``recon`` calibrates a slice on its own (:func:`pool_slice`, :func:`folds_for`); None where
+    no evidence can be had."""
+    return pool_slice(ScanCalibration.for_scan(slices, 1), "", model, kspace, maps, mask, acs,
+                      grid, fraction, seed, device, cg_iters, sparsity)

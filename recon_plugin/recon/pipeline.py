@@ -70,8 +70,8 @@ from .calibrate import (
     Calibration,
     DcSetting,
     ScanCalibration,
-    heldout_evidence,
     network_image,
+    pool_slice,
 )
 from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
 from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix
@@ -116,9 +116,6 @@ class ReconSettings:
     guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
     guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
     guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
-    # set only to make a ky-kz plane again with its slab's decision (Reconstructor.settle): the
-    # guard's lines are held out as ever, but this decides instead of the plane's own check
-    guard_decided: guard.GuardResult | None = None
     refine: str = "none"  # one of REFINE_MODES
     # wall-clock seconds per slice, all stages: refinement trains for what the others leave
     # (shared: the scan's one refinement, from its start to the slice's end)
@@ -257,6 +254,7 @@ class Reconstructor:
         whitener: np.ndarray | None = None, timings: dict | None = None,
         calibration: ScanCalibration | None = None, shared: SharedRefinement | None = None,
         weights: ScanWeight | None = None, recombine: bool = False,
+        decided: guard.GuardResult | None = None,
     ) -> ReconImage:
         """One slice -> magnitude image of the recon matrix (rows = phase, cols = readout).
         ``calibration``: the scan's prior-weight calibration, shared by its slices (None: this
@@ -266,7 +264,8 @@ class Reconstructor:
         the slices of this one's contrast so far (None: this slice's alone); ``recombine``:
         with ``auto``, keep what recombines the pixels for another weight on the image
         (``ReconImage.blend``), for a caller that settles the series' weight later
-        (:meth:`reconstruct`)."""
+        (:meth:`reconstruct`); ``decided``: a guard decision taken for this slice elsewhere
+        (its slab's, :meth:`settle`), which replaces its own check."""
         t = timings if timings is not None else defaultdict(float)
         sl.validate()
         t0 = started = time.perf_counter()
@@ -319,7 +318,8 @@ class Reconstructor:
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             estimate = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
-                                          sl.slice_index, notes, t, calibration, started, shared)
+                                          sl.slice_index, notes, t, calibration, started, shared,
+                                          decided)
             img, method = estimate.image, estimate.method
         elif method == NO_SIGNAL:
             img = np.zeros(mask.shape, np.complex64)
@@ -381,7 +381,7 @@ class Reconstructor:
                       notes: list[str] | None = None, timings: dict | None = None,
                       calibration: ScanCalibration | None = None,
                       started: float | None = None, shared: SharedRefinement | None = None,
-                      ) -> SliceEstimate:
+                      decided: guard.GuardResult | None = None) -> SliceEstimate:
         """The network ``name`` on one prepared slice (k-space (coils, ky, kx) zero where not
         sampled, maps, mask (ky, kx)) with the protocol's prior-weight calibration
         (``calibration``: the scan's shared state; None: this slice alone) and scan-specific
@@ -389,7 +389,9 @@ class Reconstructor:
         :class:`SliceEstimate` (the image, ``unrolled`` or ``cg-sense``, its held-out error).
         ``notes`` receives what they decided; ``timings`` their seconds and counts
         (guard_checked, guard_rejected, refine_kept, refine_skipped). ``started``: the slice's
-        start (``time.perf_counter()``; None: now), from which its refinement budget counts."""
+        start (``time.perf_counter()``; None: now), from which its refinement budget counts.
+        ``decided``: the guard's decision taken elsewhere (a slab's pooled one): the guard's
+        lines are held out as ever, but it decides instead of this slice's own check."""
         started = time.perf_counter() if started is None else started
         notes = notes if notes is not None else []
         t = timings if timings is not None else defaultdict(float)
@@ -417,7 +419,7 @@ class Reconstructor:
                 net, guard_image = self._confirm_refinement(name, net, ksp, ksp_keep, maps,
                                                             mask, keep, lines, dc_setting,
                                                             settings.guard_z, seed, notes, t)
-            res = settings.guard_decided
+            res = decided
             if res is None:
                 guard_op = slice_operator(maps, keep, like=op)
                 res = guard.check(ksp, maps, mask, lines,
@@ -453,16 +455,10 @@ class Reconstructor:
         done = state.settled(name)
         if done is None:
             t0 = time.perf_counter()
-            for fold in range(state.folds):  # disjoint held-out sets of this slice
-                ev = heldout_evidence(self.model(name)[0], ksp, maps, mask, acs,
-                                      settings.calibrate_grid, settings.guard_fraction,
-                                      seed=seed + 7919, device=self.device,
-                                      cg_iters=settings.calibrate_cg_iters,
-                                      sparsity=settings.calibrate_sparsity, op=op, fold=fold,
-                                      folds=state.folds)
-                if ev is None:
-                    break
-                done = state.add(name, ev)
+            done = pool_slice(state, name, self.model(name)[0], ksp, maps, mask, acs,
+                              settings.calibrate_grid, settings.guard_fraction, seed + 7919,
+                              self.device, settings.calibrate_cg_iters,
+                              settings.calibrate_sparsity, op)
             t["calibrate"] += time.perf_counter() - t0
             if done is None:
                 return TRAINED
@@ -618,9 +614,9 @@ class Reconstructor:
         def remake(i: int, decided: guard.GuardResult) -> ReconImage:
             timings["guard_slab_revised"] += 1
             sl = slices[i]
-            return self.reconstruct_slice(sl, header, settings.override(guard_decided=decided),
-                                          whitener, timings, calibration, shared,
-                                          weights[sl.contrast], recombine=recombine)
+            return self.reconstruct_slice(sl, header, settings, whitener, timings, calibration,
+                                          shared, weights[sl.contrast], recombine=recombine,
+                                          decided=decided)
 
         return one_guard_per_slab(images, remake)
 
