@@ -70,7 +70,7 @@ def _supervised(base_path: Path, files: list[Path], steps: int, lr: float, run_d
     from recon_plugin.io import read_raw
     from recon_plugin.models.checkpoint import load_model
     from recon_plugin.physics import SenseOperator
-    from recon_plugin.recon.pipeline import ReconSettings
+    from recon_plugin.recon.settings import ReconSettings
     from recon_plugin.training.loop import freeze_batchnorm, train_loop
     from recon_plugin.training.losses import image_loss
 

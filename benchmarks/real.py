@@ -415,7 +415,8 @@ def wrapped_example(path: Path, real_dir: Path, default_model: str) -> dict | No
     from recon_plugin.io import read_raw
     from recon_plugin.models.checkpoint import load_inference_model, resolve_model
     from recon_plugin.recon.coils import estimate_maps_and_wrap
-    from recon_plugin.recon.pipeline import Reconstructor, prepare_kspace
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.prepare import prepare_kspace
 
     if not (real_dir / WRAPPED).exists():
         return None

@@ -123,7 +123,7 @@ def test_two_process_ddp(site, tmp_path):
 def test_adaptation_prepares_slices_as_the_reconstruction_does(site):
     """The protocol's coil compression reaches adaptation (it used to train on raw coils)."""
     from recon_plugin.adaptation.site import prepare_slices
-    from recon_plugin.recon.pipeline import ReconSettings
+    from recon_plugin.recon.settings import ReconSettings
 
     d, raws = site
     full = prepare_slices(raws[:1], ReconSettings())
@@ -152,7 +152,7 @@ def test_an_unreadable_site_file_is_left_out_and_named(site, tmp_path):
     ``prepare_slices`` still raises for it."""
     from recon_plugin.adaptation.site import prepare_slices
     from recon_plugin.models.checkpoint import load_model
-    from recon_plugin.recon.pipeline import ReconSettings
+    from recon_plugin.recon.settings import ReconSettings
     from recon_plugin.scan import RawDataError
 
     d, raws = site

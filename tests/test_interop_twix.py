@@ -87,7 +87,8 @@ def _check_outputs(folder: Path) -> None:
 def test_twix_reconstructs_to_dicom_and_matches_twixtools_rss(tmp_path):
     """The reconstructor and writers of `recon-plugin recon`, on the file read by ``read_raw``."""
     from recon_plugin.output.series_files import write_outputs
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
 
     scan = read_raw(DAT)
     series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))

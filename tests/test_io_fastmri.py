@@ -243,7 +243,8 @@ def test_calibration_block_lines_mark_only_their_measured_samples(tmp_path):
     what was measured, and CG-SENSE on it is far better than on the same data with the block's
     lines taken whole (their zeros read as measurements)."""
     from recon_plugin.metrics import psnr
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
 
     vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(96, 80),
                           fov_mm=(200.0, 240.0), snr=40.0, seed=3)
@@ -280,7 +281,8 @@ def test_lines_along_the_stored_readout_axis_are_read_as_phase_encodes(tmp_path)
     the stored one, and CG-SENSE recovers the image; read as lines of the last axis it was
     taken as fully sampled and written as its zero-filled image."""
     from recon_plugin.metrics import psnr
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
 
     vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(96, 80),
                           fov_mm=(200.0, 240.0), snr=40.0, seed=3)

@@ -96,7 +96,8 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
 
 
 def test_pipeline_calibrates_without_the_guards_lines(case, monkeypatch):
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
 
     ksp, maps, mask, acs, _ = case
     seen = {}
@@ -161,7 +162,8 @@ def test_a_scan_is_calibrated_on_its_central_slices_only(monkeypatch):
     """Reconstructor.reconstruct calibrates the first ``calibrate_slices`` slices it processes,
     central ones first, and every image records the weight."""
     from recon_plugin.io import read_raw
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
     from recon_plugin.sim.simulate import simulate_volume
     from recon_plugin.sim.writers import write_ismrmrd
 
@@ -196,7 +198,8 @@ def test_slices_made_before_the_scan_settled_are_made_again_where_its_choice_dif
     x1, so every image of the series has the same data consistency and says so; a scan with
     fewer slices than ``calibrate_slices`` takes the choice of all of them."""
     from recon_plugin.io import read_raw
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
     from recon_plugin.sim.simulate import simulate_volume
     from recon_plugin.sim.writers import write_ismrmrd
 

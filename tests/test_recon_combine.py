@@ -10,7 +10,8 @@ from recon_plugin.config.schema import validate
 from recon_plugin.io import read_raw
 from recon_plugin.output.dicom_series import provenance_text
 from recon_plugin.recon.combine import BlendParts, measured_rss, noise_aware_weight
-from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+from recon_plugin.recon.pipeline import Reconstructor
+from recon_plugin.recon.settings import ReconSettings
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
 

@@ -157,7 +157,8 @@ def test_pipeline_falls_back_per_slice(monkeypatch):
     """A network that returns aliased images is replaced by CG-SENSE on every slice, and the
     image says so; with the guard off the network's image is kept."""
     from recon_plugin.io import read_raw
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
     from recon_plugin.sim.simulate import simulate_volume
     from recon_plugin.sim.writers import write_ismrmrd
 
@@ -209,7 +210,8 @@ def test_refinement_never_sees_the_guards_lines(monkeypatch):
     from collections import defaultdict
 
     from recon_plugin.recon import refine
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
 
     rng = np.random.default_rng(5)
     ksp, mask, maps, _ = make_transfer_slice(rng, (96, 96), 8, 4, 60.0, False, 0.0)

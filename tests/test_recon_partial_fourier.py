@@ -5,7 +5,8 @@ from recon_plugin.io import read_raw
 from recon_plugin.metrics import psnr
 from recon_plugin.physics import ifft2c
 from recon_plugin.recon.partial_fourier import homodyne, is_partial_fourier
-from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+from recon_plugin.recon.pipeline import Reconstructor
+from recon_plugin.recon.settings import ReconSettings
 from recon_plugin.sim.writers import write_ismrmrd
 
 

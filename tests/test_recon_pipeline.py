@@ -8,7 +8,8 @@ import pytest
 from recon_plugin.io import read_raw
 from recon_plugin.metrics import psnr, ssim
 from recon_plugin.recon.coils import CoilMapError
-from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+from recon_plugin.recon.pipeline import Reconstructor
+from recon_plugin.recon.settings import ReconSettings
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_fastmri, write_ismrmrd

@@ -155,7 +155,8 @@ def test_no_refinement_is_tried_on_too_few_lines(monkeypatch):
 
     from recon_plugin.recon import refine
     from recon_plugin.recon.guard import heldout_lines
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
 
     model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="gradient").eval()
     ksp, maps, mask, acs = _slice()
@@ -193,7 +194,8 @@ def test_the_budget_covers_the_whole_slice():
     import time
     from collections import defaultdict
 
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
 
     torch.manual_seed(0)
     model = UnrolledNet(num_cascades=2, chans=4, num_pools=1, dc="prox", cg_iters=3,
@@ -224,8 +226,9 @@ def test_a_shared_refinement_trains_once_per_scan_and_each_slice_confirms_it(mon
     from collections import defaultdict
 
     from recon_plugin.recon import refine
-    from recon_plugin.recon.pipeline import ReconSettings, Reconstructor
+    from recon_plugin.recon.pipeline import Reconstructor
     from recon_plugin.recon.refine import SharedRefinement
+    from recon_plugin.recon.settings import ReconSettings
 
     real = refine.refine_slice
     calls = []

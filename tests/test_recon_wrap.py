@@ -134,7 +134,8 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     from benchmarks.real import load_full
     from recon_plugin.config.protocol import load_protocol
     from recon_plugin.io import read_raw
-    from recon_plugin.recon.pipeline import Reconstructor, prepare_kspace, prepare_slice
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.prepare import prepare_kspace, prepare_slice
 
     real = _real()
     scan = read_raw(real / "espirit_smallfov8ch_native.h5")

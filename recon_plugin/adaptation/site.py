@@ -54,14 +54,14 @@ log = logging.getLogger(__name__)
 def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None,
                    ) -> list[SiteSlice]:
     """Read raw files (no targets) and prepare every slice exactly as the reconstruction does
-    (:func:`recon_plugin.recon.pipeline.prepare_slice` with the protocol's ``ReconSettings``:
+    (:func:`recon_plugin.recon.prepare.prepare_slice` with the protocol's ``ReconSettings``:
     prewhitening, coil compression, ESPIRiT; a wrapped phase field of view without the
     second map's part); slices without usable ACS are skipped. A file that cannot be read
     (``RawDataError``) raises, or, where ``skipped`` is given, is left out with a warning and
     its reason appended there."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
-    from ..recon.pipeline import prepare_slice
+    from ..recon.prepare import prepare_slice
     from ..recon.preprocess import whitening_matrix
     from ..scan import RawDataError
 

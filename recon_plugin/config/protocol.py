@@ -144,8 +144,8 @@ class Protocol:
         return v
 
     def recon_settings(self):
-        """The :class:`recon_plugin.recon.pipeline.ReconSettings` this protocol asks for."""
-        from ..recon.pipeline import ReconSettings
+        """The :class:`recon_plugin.recon.settings.ReconSettings` this protocol asks for."""
+        from ..recon.settings import ReconSettings
 
         return ReconSettings(
             method=self.model.method,

@@ -46,7 +46,7 @@ class EspiritParams(BaseModel):
     fast: StrictBool = True  # True: the fast rectangular-calibration path; False: SigPy
     grid: Annotated[StrictInt, Field(ge=8, le=512)] = 96  # coarse grid of the fast path
     # look for a wrapped phase field of view (ESPIRiT's second map); on such slices two-map
-    # SENSE takes the second map's part out (estimate_maps_and_wrap, pipeline.unfold)
+    # SENSE takes the second map's part out (estimate_maps_and_wrap, prepare.unfold)
     wrap: StrictBool = True
 
     @model_validator(mode="after")

@@ -28,19 +28,17 @@ fallback. Stage timings (seconds) are recorded per series.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
-from ..physics import fft2c, slice_operator
+from ..physics import slice_operator
 from ..scan import (
     NO_SIGNAL,
     Provenance,
@@ -53,19 +51,11 @@ from ..scan import (
 )
 from . import (
     AUTO_WEIGHT,
-    FALLBACKS,
-    METHODS,
-    PARTIAL_FOURIER,
-    REFINE_MODES,
     classical,
     guard,
-    measured_weight,
     refine,
 )
 from .calibrate import (
-    CG_ITERS_GRID,
-    PRIOR_WEIGHT_GRID,
-    SPARSITY_GRID,
     TRAINED,
     Calibration,
     DcSetting,
@@ -73,16 +63,16 @@ from .calibrate import (
     network_image,
     pool_slice,
 )
-from .coils import CoilMapError, EspiritParams, estimate_maps_and_wrap
+from .coils import CoilMapError, estimate_maps_and_wrap
 from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix
-from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .guard import SliceEstimate
 from .partial_fourier import homodyne, is_partial_fourier
-from .preprocess import drop_silent_coils, whiten_and_compress, whitening_matrix
+from .prepare import prepare_kspace, unfold
+from .preprocess import whitening_matrix
 from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
 from .reslice import one_guard_per_slab, partitions, plane_header
 from .series_weight import ScanWeight, auto_slice_weight, reweigh
-from .sparse import Sparsity
+from .settings import ReconSettings
 
 log = logging.getLogger(__name__)
 
@@ -97,100 +87,6 @@ FULLY_SAMPLED = "rss"
 NO_SIGNAL_NOTE = ("no signal: ESPIRiT found coil sensitivity nowhere in this slice (noise "
                   "only, e.g. outside the object), so no method was run: its estimate is zero "
                   "and the image holds the measured samples as measured_weight says")
-
-
-@dataclass
-class ReconSettings:
-    """Everything the protocol decides for reconstruction (see ``protocol.py``)."""
-
-    method: str = "unrolled"
-    model: str = "unrolled-base"
-    espirit: EspiritParams = field(default_factory=EspiritParams)
-    coil_compression: int | None = None
-    lamda: float | None = None  # classical regularisation; None = tuned default
-    fallback: str = "zero-filled"  # used when sensitivities cannot be estimated
-    adaptive: dict | None = None  # difficulty-adaptive variant policy
-    protocol_name: str = "default"
-    partial_fourier: str = "zero-fill"  # or "homodyne"
-    guard: bool = True  # per-slice held-out-line check of the network against CG-SENSE
-    guard_fraction: float = 0.1  # share of acquired non-ACS lines held out
-    guard_margin: float = 0.0  # network kept while its held-out error <= (1 + margin) x CG's
-    guard_z: float = GUARD_SIGNIFICANCE_Z  # ... or its excess is within this many std. errors
-    refine: str = "none"  # one of REFINE_MODES
-    # wall-clock seconds per slice, all stages: refinement trains for what the others leave
-    # (shared: the scan's one refinement, from its start to the slice's end)
-    refine_budget_s: float = 20.0
-    refine_max_steps: int = 200
-    # steps the refinement takes even past its budget (0: the budget alone decides)
-    refine_min_steps: int = 0
-    calibrate: bool = False  # data-consistency setting chosen on held-out lines (calibrate.py)
-    calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
-    calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
-    calibrate_sparsity: tuple[Sparsity, ...] = SPARSITY_GRID  # anchored L1-wavelet solves tried
-    calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
-    # measured samples blended into the output (combine.py): [0, 1] or "auto" (noise-aware)
-    measured_weight: float | str = 1.0
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if self.refine not in REFINE_MODES:
-            raise ValueError(f"refine must be one of {REFINE_MODES}, got {self.refine!r}")
-        if not 0 <= self.refine_min_steps <= self.refine_max_steps:
-            raise ValueError(f"refine_min_steps must lie in [0, refine_max_steps = "
-                             f"{self.refine_max_steps}], got {self.refine_min_steps}")
-        if self.partial_fourier not in PARTIAL_FOURIER:
-            raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
-                             f"got {self.partial_fourier!r}")
-        self.measured_weight = measured_weight(self.measured_weight)
-
-    def override(self, **values) -> ReconSettings:
-        """These settings with the given fields replaced; ``None`` values keep the protocol's
-        (e.g. ``override(method=args.method)`` for a command-line override). Validated again."""
-        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
-
-
-def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
-                   notes: list[str] | None = None,
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One slice as every consumer of raw data sees it (reconstruction, site adaptation):
-    prewhitened, coil-compressed as the protocol says, without channels that recorded
-    nothing (logged, and said in ``notes``), zero where not sampled. Returns (k-space (coils,
-    ky, kx) complex64, mask (ky, kx) float32, calibration block or None)."""
-    ksp, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, whitener,
-                                     settings.coil_compression)
-    ksp, calib, silent = drop_silent_coils(ksp, calib)
-    if silent:
-        msg = f"coil(s) {silent} recorded only zeros: left out"
-        log.warning("slice %d: %s", sl.slice_index, msg)
-        if notes is not None:
-            notes.append(msg)
-    mask = sl.mask.astype(np.float32)
-    return (ksp * mask[None]).astype(np.complex64, copy=False), mask, calib
-
-
-def prepare_slice(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`prepare_kspace` plus the protocol's ESPIRiT maps: (k-space, mask, maps), as the
-    network sees the slice in reconstruction (site adaptation trains and judges on this):
-    where its phase field of view wraps, the k-space without the second map's part
-    (:func:`unfold`). Raises CoilMapError when the slice has no usable calibration."""
-    ksp, mask, calib = prepare_kspace(sl, settings, whitener)
-    maps, maps2, _ = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
-    if maps2 is not None:
-        ksp, _ = unfold(ksp, maps, maps2, mask, settings.lamda)
-    return ksp, mask, maps
-
-
-def unfold(ksp: np.ndarray, maps: np.ndarray, maps2: np.ndarray, mask: np.ndarray,
-           lamda: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A slice whose phase field of view wraps: (its k-space (coils, ky, kx) without the
-    second map's part, the second map's image (ky, kx)), both from two-map SENSE
-    (:func:`classical.sense_two_maps`). One set of maps describes the rest."""
-    _, x2 = classical.sense_two_maps(ksp, maps, maps2, mask, lamda)
-    return (ksp - mask[None] * fft2c(maps2 * x2[None])).astype(np.complex64), x2
 
 
 def _calibration_order(slices: list[SliceData]) -> Callable[[SliceData], tuple]:
