@@ -187,6 +187,12 @@ def kept_samples(c: RealCase, x: np.ndarray, fit_scale: bool = False) -> np.ndar
     return measured_rss(coils, c.kspace, c.mask, 1.0)
 
 
+def written_estimate(c: RealCase, name: str, x: np.ndarray) -> np.ndarray:
+    """Method ``name``'s complex estimate ``x`` (ky, kx) of case ``c`` as ``recon`` writes an
+    image (:func:`kept_samples`); BART's (``bart-pics``) first scaled onto the data."""
+    return kept_samples(c, x, fit_scale=name == "bart-pics")
+
+
 def written_image(c, est, weight) -> tuple[np.ndarray, float]:
     """(the magnitude image (ky, kx) ``recon`` writes for one slice, its measured-sample
     weight) from ``network_slice``'s estimate ``est`` of a case ``c`` (k-space, maps, mask);
@@ -358,8 +364,7 @@ def bench_real(docs: Path, real_dir: Path, models: dict[str, Path], default_mode
                 dt = time.perf_counter() - t0
                 outs = [(method, np.abs(x), setting)]
                 if kept:
-                    outs.append((f"{method}{KEPT}",
-                                 kept_samples(c, x, fit_scale=method == "bart-pics"), setting))
+                    outs.append((f"{method}{KEPT}", written_estimate(c, method, x), setting))
                 if fn is g:  # the same run with measured_weight 0 and auto
                     est = g.last
                     outs += [(ESTIMATE_ROW.format(model=default_model),

@@ -28,12 +28,12 @@ from .real import (
     RealCase,
     classical_fn,
     full_files,
-    kept_samples,
     load_full,
     method_fn,
     protocol_fn,
     scaled_metrics,
     with_maps,
+    written_estimate,
 )
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,10 @@ def poisson_cases(path: Path) -> dict[str, dict[int, list[RealCase]]]:
     return out
 
 
-def _written(c: RealCase, name: str, fn) -> np.ndarray:
-    return kept_samples(c, fn(c), fit_scale=name == "bart-pics")
-
-
 def _tune(name: str, cases: list[RealCase]) -> float:
     """The lambda of GRID[name] with the best mean PSNR, as written, over ``cases``."""
     return max(GRID[name], key=lambda lam: np.mean(
-        [scaled_metrics(c.target, _written(c, name, method_fn(name, lam)))["psnr"]
+        [scaled_metrics(c.target, written_estimate(c, name, method_fn(name, lam)(c)))["psnr"]
          for c in cases]))
 
 
@@ -109,7 +105,8 @@ def run(docs: Path, real_dir: Path | None) -> dict:
                     for name in methods:
                         lam = lams.get(name)
                         t0 = time.perf_counter()
-                        img = _written(c, name, method_fn(name, lam) if lam else classical_fn(name))
+                        fn = method_fn(name, lam) if lam else classical_fn(name)
+                        img = written_estimate(c, name, fn(c))
                         row[name] = {**scaled_metrics(c.target, img), "lambda": lam,
                                      "seconds": time.perf_counter() - t0}
                     t0 = time.perf_counter()
