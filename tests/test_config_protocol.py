@@ -347,3 +347,15 @@ def test_calibration_cg_iterations_are_validated(tmp_path):
         path = write(tmp_path, "x", f"name: x\nmodel: {{}}\ncalibration: {{cg_iters: {value}}}\n")
         with pytest.raises(P.ProtocolError, match=re.escape("calibration.cg_iters[0]")):
             P.load_protocol(path)
+
+
+def test_a_model_file_in_the_working_directory_does_not_shadow_a_shipped_one(tmp_path,
+                                                                              monkeypatch):
+    from recon_plugin.models.checkpoint import WEIGHTS_DIR, resolve_model
+
+    monkeypatch.delenv("RECON_PLUGIN_MODELS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unrolled-base.safetensors").write_bytes(b"not a model")
+    assert resolve_model("unrolled-base") == WEIGHTS_DIR / "unrolled-base.safetensors"
+    monkeypatch.setenv("RECON_PLUGIN_MODELS", str(tmp_path))  # named on purpose: it wins
+    assert resolve_model("unrolled-base") == tmp_path / "unrolled-base.safetensors"

@@ -424,3 +424,16 @@ def test_multi_echo_series_carry_their_own_echo_time(tmp_path):
     assert want[0] != want[1]
     assert [(te, echo) for _, te, echo in got] == [(want[0], 1), (want[1], 2)]
     assert got[0][0] != got[1][0]  # two series
+
+
+def test_the_protocol_uid_root_roots_every_uid_of_a_scan(tmp_path):
+    import pydicom
+
+    from recon_plugin.output.series_files import write_outputs
+
+    paths = write_outputs([make_series()], tmp_path, ("dicom",), {"uid_root": "1.2.3.4."})
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        for uid in (ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesInstanceUID,
+                    ds.SOPInstanceUID):
+            assert str(uid).startswith("1.2.3.4."), uid

@@ -42,6 +42,29 @@ def test_a_run_that_only_sees_nan_stops_with_a_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_stop_at_validates_and_checkpoints_the_step_it_stops_at(tmp_path):
+    model, x, y = _linear_problem()
+
+    def loss_fn(m, rng):
+        return ((m(x) - y) ** 2).mean()
+
+    scores = []
+
+    def validate(m):
+        scores.append(-float(loss_fn(m, None)))
+        return scores[-1]
+
+    hist = train_loop(model, loss_fn, tmp_path, steps=100, lr=1e-2, validate=validate,
+                      val_every=50, ckpt_every=50, stop_at=7, progress=False)
+    assert [h["step"] for h in hist if "val" in h] == [7]  # the last state competed
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 7
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 7
+    # a rerun resumes at the stop and trains no further
+    again = train_loop(model, loss_fn, tmp_path, steps=100, lr=1e-2, validate=validate,
+                       val_every=50, ckpt_every=50, stop_at=7, progress=False)
+    assert max(h["step"] for h in again) == 7 and len(scores) == 1
+
+
 def test_an_empty_object_is_drawn_again(monkeypatch):
     real = transfer.procedural_object
     calls = []

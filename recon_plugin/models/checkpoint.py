@@ -136,8 +136,9 @@ def resolve_model(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or p.exists():
         return weights_path(p)
-    for d in (Path(os.environ.get("RECON_PLUGIN_MODELS", "")), WEIGHTS_DIR):
-        if str(d) and (d / f"{name_or_path}.safetensors").is_file():
+    env = os.environ.get("RECON_PLUGIN_MODELS", "")  # unset or empty: the shipped folder only
+    for d in ([Path(env)] if env else []) + [WEIGHTS_DIR]:
+        if (d / f"{name_or_path}.safetensors").is_file():
             return d / f"{name_or_path}.safetensors"
     shipped = sorted(x.stem for x in WEIGHTS_DIR.glob("*.safetensors"))
     raise ModelError(f"model {name_or_path!r} not found; shipped models: {shipped}")

@@ -24,9 +24,11 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
         raise ValueError(f"unknown output format(s) {sorted(unknown)}; use {', '.join(FORMATS)}")
     paths: list[Path] = []
     if "dicom" in formats and series:
-        from .dicom import scan_uids, write_series
+        from .dicom import DEFAULT_UID_ROOT, scan_uids, write_series
 
-        study, frame = scan_uids(series[0].header)  # one study / frame for all series of a scan
+        # one study / frame for all series of a scan, under the protocol's UID root
+        root = (dicom_options or {}).get("uid_root") or DEFAULT_UID_ROOT
+        study, frame = scan_uids(series[0].header, root)
         for s in series:
             paths += write_series(s, Path(out_dir) / f"series_{s.series_number:04d}",
                                   study_uid=study, frame_uid=frame, **(dicom_options or {}))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from ..output.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def train_loop(
     """Optimise ``model`` for ``steps`` Adam steps (cosine LR); returns the history.
 
     ``validate(model) -> float`` (higher is better) runs every ``val_every`` steps; the best
-    model's state is kept in ``best.pt``. Stops early, after checkpointing, when
-    ``time_budget_s`` is exhausted, or after ``stop_at`` steps (the schedule stays that of
+    model's state is kept in ``best.pt``. Stops early, after validating and checkpointing, when
+    ``time_budget_s`` is exhausted or after ``stop_at`` steps (the schedule stays that of
     ``steps``: a run stopped at a step is reproduced exactly).
     """
     run_dir = Path(run_dir)
@@ -112,13 +113,13 @@ def train_loop(
         log.info("resumed %s at step %d", run_dir, start)
 
     def save(step: int) -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(
-            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "step": step, "history": json.dumps(history), "best": best},
-            tmp,
-        )
-        os.replace(tmp, ckpt)
+        with atomic_path(ckpt) as tmp:
+            torch.save(
+                {"model": model.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "step": step, "history": json.dumps(history),
+                 "best": best},
+                tmp,
+            )
         _plot_losses(history, run_dir / "loss_curve.png")
 
     t0 = time.monotonic()
@@ -158,8 +159,9 @@ def train_loop(
         if (step + 1) % 10 == 0:
             log.info("step %d loss %.5f", step + 1, history[-1]["loss"])
         out_of_time = time_budget_s is not None and time.monotonic() - t0 > time_budget_s
+        stopping = out_of_time or (stop_at is not None and step + 1 >= stop_at)
         if validate is not None and ((step + 1) % val_every == 0 or step + 1 == steps
-                                     or out_of_time):  # the last state always competes
+                                     or stopping):  # the last state always competes
             model.eval()
             score = float(validate(model))
             model.train()
@@ -167,13 +169,14 @@ def train_loop(
             log.info("step %d validation %.4f", step + 1, score)
             if score > best:
                 best = score
-                torch.save({"model": model.state_dict(), "step": step + 1, "val": score},
-                           run_dir / "best.pt")
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+                with atomic_path(run_dir / "best.pt") as tmp:
+                    torch.save({"model": model.state_dict(), "step": step + 1, "val": score},
+                               tmp)
+        if stopping or (step + 1) % ckpt_every == 0 or step + 1 == steps:
             save(step + 1)
-        if out_of_time:
-            save(step + 1)
-            log.info("time budget reached at step %d", step + 1)
+        if stopping:
+            log.info("%s at step %d", "time budget reached" if out_of_time else "stopped",
+                     step + 1)
             break
     model.eval()
     return history
