@@ -189,7 +189,7 @@ def _alive(pid: int) -> bool:
 def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, monkeypatch):
     from recon_plugin.batch import cluster
 
-    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setenv(cluster.TIMEOUT_VAR, "1")
     out = tmp_path / "o"
     for addr in ("foo", "local:0", "tcp://host-without-port"):
         with pytest.raises(SystemExit) as e:  # argparse: one line on stderr
@@ -209,3 +209,8 @@ def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, m
     assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster", "local:2",
                  "--workers", "2"]) == 2
     assert any("exclude" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setenv(cluster.TIMEOUT_VAR, "soon")
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster",
+                 f"tcp://127.0.0.1:{port}"]) == 2
+    assert any("RECON_PLUGIN_CLUSTER_TIMEOUT='soon'" in r.getMessage() for r in caplog.records)

@@ -81,6 +81,21 @@ def test_inspect_says_how_each_file_is_read_without_reconstructing(raw_dir, tmp_
     assert main(["-q", "inspect", str(tmp_path / "missing.h5")]) == 2
 
 
+def test_inspect_names_an_input_no_protocol_matches_and_goes_on(raw_dir, capsys, monkeypatch):
+    from recon_plugin.batch import ProtocolCache
+    from recon_plugin.config.protocol import ProtocolMatchError
+
+    def no_match(self, header):
+        raise ProtocolMatchError("no protocol matches header (protocol_name='x')")
+
+    monkeypatch.setattr(ProtocolCache, "select", no_match)
+    code = main(["-q", "inspect", str(raw_dir), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and len(out) == 2  # both inputs reported, each with its own error
+    good = next(d for d in out if d["source"].endswith("good.h5"))
+    assert "no protocol matches" in good["error"] and good["coils"] == 4
+
+
 def test_usage_errors_exit_2(raw_dir, tmp_path, capsys):
     assert main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(tmp_path / "o1"),
                  "--protocol", "no_such_protocol"]) == 2
@@ -246,3 +261,15 @@ def test_train_builds_the_network_the_options_describe(tmp_path, monkeypatch):
     assert net.config["num_pools"] == 3 and net.num_cascades == 2
     unet = net.priors[0].cnn
     assert len(unet.down) == 3 and unet.down[0][0].out_channels == 8
+
+
+def test_a_training_run_that_fails_on_its_own_exits_1_in_one_line(tmp_path, monkeypatch, caplog):
+    import recon_plugin.training.supervised as supervised
+
+    def diverges(*args, **kwargs):
+        raise FloatingPointError("run: 20 non-finite losses or gradients in a row at step 21")
+
+    monkeypatch.setattr(supervised, "train_base", diverges)
+    assert main(["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "30"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["run: 20 non-finite losses or gradients in a row at step 21"]

@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from recon_plugin.batch import run_batch
 from recon_plugin.cli import main
 from recon_plugin.io import detect_format, read_raw
 
@@ -103,6 +104,13 @@ def test_twix_through_recon_plugin_recon_cli(tmp_path):
                  "--format", "dicom,h5"]) == 0
     (folder,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     _check_outputs(folder)
+
+
+def test_the_batch_memory_limit_applies_to_twix_too(tmp_path):
+    res = run_batch([DAT], tmp_path / "out", progress=False, max_memory_gb=1e-4,
+                    overrides={"method": "zero-filled"})
+    assert not res[0].ok and "memory limit" in res[0].error, res[0].error
+    assert not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
 
 
 def test_garbage_dat_is_a_raw_data_error_naming_the_file(tmp_path):

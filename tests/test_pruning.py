@@ -93,6 +93,21 @@ def test_spade_one_shot_smaller_dense_and_runs(base):
     _runs_anywhere(pruned)
 
 
+@pytest.mark.parametrize("dc, noise_aware", [("gradient", False), ("prox", False), ("prox", True)])
+def test_count_flops_counts_the_normal_operators_a_forward_pass_applies(dc, noise_aware):
+    from recon_plugin.physics import SenseOperator
+
+    model = UnrolledNet(num_cascades=2, chans=4, dc=dc, cg_iters=3, noise_aware=noise_aware)
+    ksp, op = random_input((32, 32), 3)
+    calls = []
+    real = SenseOperator.normal_columns  # what gradient steps and the CG solves both apply
+    op.normal_columns = lambda *a: calls.append(1) or real(op, *a)
+    with torch.no_grad():
+        model(ksp, op)
+    per_fft = 5 * 32 * 32 * np.log2(32 * 32) + 8 * 32 * 32
+    assert count_flops(model, (32, 32), 3)["fft_flops"] == int((2 * len(calls) + 1) * 3 * per_fft)
+
+
 def _kept(orig: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """Indices of the original channels whose (unique) parameter values survived."""
     idx = [int(torch.nonzero(orig == v)[0]) for v in new]

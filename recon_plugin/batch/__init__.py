@@ -43,13 +43,12 @@ from .files import (
     gather_inputs,
     output_name,
     process_file,
-    read_input,
     recon_file,
 )
 from .state import BatchInterrupted, BatchUsageError, clean_stale
 
 __all__ = [
     "BatchInterrupted", "BatchUsageError", "FileResult", "ProtocolCache", "clean_stale",
-    "gather_inputs", "output_name", "preflight", "process_file", "read_input", "recon_file",
+    "gather_inputs", "output_name", "preflight", "process_file", "recon_file",
     "run_batch",
 ]

@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,20 @@ from .state import BatchUsageError, clean_stale
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = float(os.environ.get("RECON_PLUGIN_CLUSTER_TIMEOUT", "5"))
+TIMEOUT_VAR = "RECON_PLUGIN_CLUSTER_TIMEOUT"  # seconds to reach a scheduler (default 5)
+
+
+def connect_timeout() -> float:
+    """``$RECON_PLUGIN_CLUSTER_TIMEOUT`` in seconds (5 when unset); BatchUsageError when it is
+    not a number > 0."""
+    text = os.environ.get(TIMEOUT_VAR, "").strip() or "5"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise BatchUsageError(f"{TIMEOUT_VAR}={text!r}: expected a number of seconds > 0")
+    return value
 _ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -121,10 +133,12 @@ class Session:
 
     @property
     def dashboard(self) -> str | None:
-        with contextlib.suppress(Exception):
+        try:
             info = self.client.scheduler_info()
             if "dashboard" in info.get("services", {}):
                 return self.client.dashboard_link
+        except Exception as e:  # noqa: BLE001 - only the link is lost
+            log.debug("no dashboard link from %s: %s", self.address, e)
         return None
 
 
@@ -133,7 +147,7 @@ def connect(address: str, timeout: float | None = None):
     """A :class:`Session` on ``address`` (see :func:`parse_address`); a scheduler that cannot be
     reached within ``timeout`` seconds raises BatchUsageError (one line)."""
     kind, arg = parse_address(address)
-    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+    timeout = connect_timeout() if timeout is None else timeout
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its own connection retries and warnings: one line is ours
@@ -170,8 +184,8 @@ def connect(address: str, timeout: float | None = None):
 
 
 def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, formats, overrides,
-                protocol_dirs, device: str, max_bytes: int | None, finish, results: list,
-                bar=None, retries: int = 1, progress: bool = True) -> None:
+                protocol_dirs, device: str, max_bytes: int | None, finish,
+                bar=None, retries: int = 1) -> None:
     """One task per file on the session's workers; ``finish(path, result, written, protocol)``
     (the local batch's: state, delivery) runs here, in the batch process, as each file ends.
     A worker that dies mid-file: the scheduler reruns the file on another worker (up to
@@ -182,9 +196,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
 
     client = session.client
     url = session.dashboard
-    if url and progress:
-        print(f"dask dashboard: {url}", file=sys.stderr, flush=True)
-    elif url:
+    if url:
         log.info("dask dashboard: %s", url)
     info = client.scheduler_info().get("workers", {})
     slots: dict[str, int] = {}
@@ -239,14 +251,20 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
             clean_stale(out_dir)
         raise
     finally:
-        with contextlib.suppress(Exception):
+        try:
             client.unregister_worker_plugin(plugin.name)
+        except Exception as e:  # noqa: BLE001 - the batch's own outcome matters more
+            log.warning("cluster %s: could not unregister the worker plugin %s (its models "
+                        "stay loaded on the workers until they restart): %s", session.address,
+                        plugin.name, e)
     clean_stale(out_dir)  # staging a dead worker left (every task of this batch is finished)
 
 
 def _running(client, pending) -> int:
     """Files of this batch a worker is processing now (asks the scheduler)."""
     keys = {f.key for f in pending}
-    with contextlib.suppress(Exception):
+    try:
         return sum(k in keys for ks in client.processing().values() for k in ks)
-    return 0
+    except Exception as e:  # noqa: BLE001 - a progress figure only
+        log.debug("scheduler did not say what is processing: %s", e)
+        return 0

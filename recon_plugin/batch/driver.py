@@ -184,8 +184,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             from .cluster import run_cluster
 
             run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
-                        device, max_bytes, finish, results, bar if progress else None,
-                        progress=progress)
+                        device, max_bytes, finish, bar if progress else None)
         elif workers <= 1 or len(todo) <= 1:
             recon = recon or Reconstructor(device)
             for path in todo:

@@ -94,25 +94,6 @@ class ProtocolCache:
         return match_protocol(header, self._loaded)
 
 
-def read_input(path: Path, max_bytes: int | None = None):
-    """Any supported raw file as ``recon`` reads it; the HDF5 readers check ``max_bytes``
-    before allocating (None: their default budget)."""
-    from ..io import detect_format, read_fastmri, read_ismrmrd, read_raw
-    from ..scan import RawDataError
-
-    kind, group = detect_format(path)
-    try:
-        if kind == "fastmri":
-            return read_fastmri(path, max_bytes=max_bytes)
-        if kind == "ismrmrd":
-            return read_ismrmrd(path, dataset=group, max_bytes=max_bytes)
-        return read_raw(path)  # other formats (e.g. twix): their reader
-    except RawDataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a reader bug must still name the file
-        raise RawDataError(f"{path}: unexpected {type(err).__name__} while reading: {err}") from err
-
-
 def recon_file(
     path: Path, out_dir: Path, recon: Reconstructor, protocol_name: str | None = None,
     formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
@@ -129,11 +110,12 @@ def recon_file(
     ``protocols``: protocols already loaded (else loaded for this file).
     """
     from ..config.protocol import select_protocol
+    from ..io import read_raw
 
     path, out_dir = Path(path), Path(out_dir)
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
-    scan = read_input(path, max_bytes)
+    scan = read_raw(path, max_bytes=max_bytes)
     t["read"] = time.perf_counter() - t0  # the reader has logged its warnings
     protocol = (protocols.select(scan.header) if protocols is not None
                 else select_protocol(scan.header, protocol_name, protocol_dirs))

@@ -1,6 +1,7 @@
 """Command line ``recon-plugin``: recon, inspect, simulate, demo, train, prune, bench, send, serve, adapt.
 
-Exit status: 0 success; 1 at least one input failed (the others were still processed);
+Exit status: 0 success; 1 at least one input failed (the others were still processed), or a
+run failed on its own (a training run stopped on non-finite losses, memory exhausted);
 2 usage or configuration error (bad arguments, unknown protocol, unreadable model), reported
 in one line before anything is reconstructed; 128 + signal number when SIGTERM / SIGINT stopped
 a batch (the state is saved: run again with ``--resume``).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from ..runtime import tune_allocator
-from .commands import EXIT_USAGE, log
+from .commands import EXIT_FAILED, EXIT_USAGE, log
 from .parser import build_parser
 
 __all__ = ["build_parser", "main"]
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     try:
         return a.fn(a)
+    except (FloatingPointError, MemoryError) as e:  # the run itself failed, not its arguments
+        log.error("%s", e or type(e).__name__)
+        log.debug("traceback", exc_info=True)
+        return EXIT_FAILED
     except (ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
         log.error("%s", e)
         log.debug("traceback", exc_info=True)

@@ -114,10 +114,13 @@ def cmd_recon(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     """How each input is read and which protocol would reconstruct it, without reconstructing
     (``recon/describe.py``); text or ``--json`` (a list, one object per input) on stdout.
-    Exit 1 when an input cannot be read (its error printed in its place)."""
+    Exit 1 when an input cannot be read or no protocol matches it (its error printed in its
+    place)."""
     import json
 
-    from ..batch import ProtocolCache, gather_inputs, read_input
+    from ..batch import ProtocolCache, gather_inputs
+    from ..config.protocol import ProtocolMatchError
+    from ..io import read_raw
     from ..io.budget import gb_to_bytes
     from ..recon.describe import describe_scan, format_description
     from ..scan import RawDataError
@@ -130,7 +133,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     out, failed = [], 0
     for path in files:
         try:
-            scan = read_input(path, max_bytes)
+            scan = read_raw(path, max_bytes=max_bytes)
         except RawDataError as e:
             failed += 1
             out.append({"source": str(path), "error": str(e)})
@@ -138,7 +141,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 print(f"{path}: NOT READABLE: {e}")
             continue
         d = describe_scan(scan)
-        proto = protocols.select(scan.header)
+        try:
+            proto = protocols.select(scan.header)
+        except ProtocolMatchError as e:  # this input only: the others are still described
+            failed += 1
+            out.append({**d, "error": str(e)})
+            if not a.json:
+                print(f"{path}: NO PROTOCOL: {e}")
+            continue
         st = proto.recon_settings()
         how = st.model if st.method == "unrolled" else st.method
         d["protocol"] = {"name": proto.name, "method": st.method, "model": st.model,

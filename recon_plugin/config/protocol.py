@@ -43,7 +43,7 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     coil_compression: 8                  # virtual coils, or null for none
     partial_fourier: zero-fill           # or homodyne
     series: {description: "T2 AX DL", number_base: 1000}
-    dicom: {max_value: 4095, window: null, private_block: true, uid_root: null,
+    dicom: {max_value: 4095, window: null, private_block: true,
             body_part: BRAIN, laterality: null, institution: null}
     pacs: {targets: ["PACS@10.0.0.5:104"], calling_aet: RECON_PLUGIN, queue_dir: null}
     adaptive: null                       # per-slice variant policy (recon/policy.py)
@@ -54,8 +54,8 @@ deep-merges the file over its base: mappings merge key by key, anything else (li
 further down the search path, so a site folder can shadow and extend a shipped protocol.
 
 Search path (first hit wins): ``$RECON_PLUGIN_PROTOCOLS`` (``os.pathsep``-separated folders), the
-repository checkout's ``protocols/``, ``recon_plugin/protocols/`` inside the package, and
-``<sys.prefix>/share/recon-plugin/protocols`` (installed via setup.cfg ``data_files``).
+repository checkout's ``protocols/``, and ``<sys.prefix>/share/recon-plugin/protocols`` (installed
+via setup.cfg ``data_files``; also under ``sysconfig``'s data path).
 """
 
 from __future__ import annotations
@@ -212,7 +212,6 @@ def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
     candidates += [Path(p) for p in env.split(os.pathsep) if p]
     candidates += [
         here.parent / "protocols",
-        here / "protocols",
         Path(sys.prefix) / "share" / "recon-plugin" / "protocols",
         Path(sysconfig.get_path("data")) / "share" / "recon-plugin" / "protocols",
     ]

@@ -70,20 +70,22 @@ def detect_format(path: str | Path) -> tuple[str, str | None]:
         f.close()
 
 
-def read_raw(path: str | Path, **kwargs) -> RawScan:
+def read_raw(path: str | Path, max_bytes: int | None = None, **kwargs) -> RawScan:
     """Read any supported raw file into a validated :class:`RawScan` (format auto-detected).
 
-    ``kwargs`` go to the ISMRMRD reader (``dataset``, ``noise_path``). Every failure is a
-    RawDataError naming the file and the problem.
+    ``max_bytes``: every reader refuses a file whose declared k-space exceeds it before
+    allocating (None: their default budget, ``io/budget.py``). ``kwargs`` go to the ISMRMRD
+    reader (``dataset``, ``noise_path``). Every failure is a RawDataError naming the file and
+    the problem.
     """
     kind, group = detect_format(path)
     try:
         if kind == "fastmri":
-            return read_fastmri(path)
+            return read_fastmri(path, max_bytes=max_bytes)
         if kind == "twix":
-            return read_twix(path)
+            return read_twix(path, max_bytes=max_bytes)
         kwargs.setdefault("dataset", group)
-        return read_ismrmrd(path, **kwargs)
+        return read_ismrmrd(path, max_bytes=max_bytes, **kwargs)
     except RawDataError:
         raise
     except Exception as err:  # noqa: BLE001 - a reader bug must still name the file

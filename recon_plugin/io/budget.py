@@ -36,11 +36,16 @@ def default_max_bytes() -> int:
     return gb_to_bytes(DEFAULT_MAX_MEMORY_GB)
 
 
+def _size(nbytes: float) -> str:
+    """``2.0 GB`` from 0.1 GB up, else ``26.3 MB`` (a small limit must not read as 0.0 GB)."""
+    gb = nbytes / (1 << 30)
+    return f"{gb:.1f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.3g} MB"
+
+
 def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None) -> None:
     """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit."""
     limit = default_max_bytes() if max_bytes is None else int(max_bytes)
     if nbytes > limit:
         raise RawDataError(
-            f"{where}: {what} needs {nbytes / (1 << 30):.1f} GB of k-space, more than the "
-            f"memory limit of {limit / (1 << 30):.1f} GB (--max-memory-gb or ${ENV_VAR}); "
-            "refused before reading")
+            f"{where}: {what} needs {_size(nbytes)} of k-space, more than the memory limit of "
+            f"{_size(limit)} (--max-memory-gb or ${ENV_VAR}); refused before reading")

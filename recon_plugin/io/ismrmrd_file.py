@@ -133,11 +133,14 @@ def read_ismrmrd(
         noise, dwell = _read_noise(noise_path, dataset)
         if noise is not None:
             if scan.noise is not None:
-                msg = f"{where}: noise in file and in {noise_path}; using both"
+                if noise.shape[0] == scan.noise.shape[0]:
+                    msg = f"{where}: noise in file and in {noise_path}; using both"
+                    noise = np.concatenate([scan.noise, noise], axis=1)
+                else:
+                    msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in "
+                           f"{noise_path} ({noise.shape[0]} coils); using {noise_path}'s")
                 log.warning(msg)
                 scan.warnings.append(msg)
-                if noise.shape[0] == scan.noise.shape[0]:
-                    noise = np.concatenate([scan.noise, noise], axis=1)
             scan.noise = noise
             scan.noise_dwell_time_us = dwell
     n_cal = add_interleaved_calibration(scan.slices)

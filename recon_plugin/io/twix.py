@@ -40,6 +40,7 @@ import ismrmrd
 import numpy as np
 
 from ..scan import RawDataError, RawScan
+from .budget import check_budget
 from .mrd_assembler import MrdAssembler
 from .mrd_calibration import add_interleaved_calibration
 
@@ -62,7 +63,7 @@ _FLAGS = {
 
 
 def looks_like_twix(path: str | Path) -> bool:
-    """A ``.dat`` file, or a file whose first bytes are a twix header (not HDF5)."""
+    """A file named ``*.dat`` (the suffix Siemens raw data carry); the content is not read."""
     p = Path(path)
     return p.suffix.lower() in TWIX_MAGIC_SUFFIXES
 
@@ -264,7 +265,8 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     """Read a Siemens twix ``.dat`` (VB or VD/VE) into a validated :class:`RawScan`.
 
     ``max_bytes``: refuse (RawDataError) a file whose k-space grid (coils x lines x samples x
-    slices x echoes, complex64) is larger; None = no limit beyond the file itself."""
+    partitions x slices x echoes, complex64) is larger; None: the readers' default budget
+    (``io/budget.py``)."""
     where = str(path)
     p = Path(path)
     if not p.is_file():
@@ -319,9 +321,9 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     n_par = max(int(m.cPar) for m, _ in others) + 1
     centre_par = int(imaging[0][0].mdh.CenterPar)
     grid = 8 * n_coils * n_samples * (max_lin + 1) * n_slices * n_echoes * n_par
-    if max_bytes is not None and grid > max_bytes:
-        raise RawDataError(f"{where}: the k-space grid needs {grid / 2**30:.2f} GB, more than the "
-                           f"limit of {max_bytes / 2**30:.2f} GB")
+    check_budget(where, f"its k-space grid ({n_coils} coils, {n_samples} samples, {max_lin + 1} "
+                 f"lines, {n_par} partitions, {n_slices} slices, {n_echoes} echoes)", grid,
+                 max_bytes)
     try:
         xml = header_xml(hdr, n_samples, max_lin, centre_lin, n_slices, n_echoes, n_coils,
                          separate_ref, n_par, centre_par)

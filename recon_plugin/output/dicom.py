@@ -111,8 +111,6 @@ def _scale_and_window(
     images: Sequence[ReconImage], opts: DicomOptions
 ) -> tuple[float, tuple[float, float]]:
     """Stored units per pixel unit (k) and the series window (center, width) in stored units."""
-    if not 1 <= opts.max_value <= 65535:
-        raise DicomWriteError(f"dicom max_value must be in 1..65535, got {opts.max_value}")
     peak = 0.0
     for im in images:
         mag = np.abs(im.pixels)

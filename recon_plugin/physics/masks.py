@@ -94,10 +94,11 @@ def cartesian_mask(
     center_fraction: float,
     kind: str = "equispaced",
     rng: np.random.Generator | None = None,
-) -> tuple[np.ndarray, tuple[int, int]]:
+) -> tuple[np.ndarray, tuple[int, int] | None]:
     """fastMRI-style 1D phase-encode mask.
 
-    Returns ``(mask, acs)``: mask (num_lines,) float32, acs = (start, stop) rows fully sampled.
+    Returns ``(mask, acs)``: mask (num_lines,) float32, acs = (start, stop) rows fully sampled,
+    or None where ``center_fraction`` rounds to no line.
     ``kind`` is ``"equispaced"`` (every R-th line, random offset) or ``"random"`` (uniform random
     lines with the same expected count), as in fastMRI's ``EquispacedMaskFunc`` / ``RandomMaskFunc``.
     """

@@ -99,16 +99,23 @@ def count_flops(model: UnrolledNet, hw: tuple[int, int] = (320, 320), coils: int
 
     Returns a dict: ``cnn_macs`` (conv + transpose-conv MACs of all cascades' priors),
     ``cnn_flops`` (= 2 MACs), ``fft_flops`` (``5 N log2 N`` per complex 2D FFT of N = H W
-    points: one adjoint at the start plus a forward and an adjoint per cascade, each over all
-    coils, plus the coil-map products), ``total_flops`` and ``params``. BN / ReLU / pooling
-    are ignored (a few percent at most).
+    points over all coils, plus the coil-map products: one adjoint at the start, then a normal
+    operator (a forward and an adjoint) per gradient cascade, or per conjugate-gradient
+    iteration of a prox cascade (``cg_iters`` + 1 from its warm start; ``cg_iters`` more for a
+    noise-aware network's CG-SENSE start)), ``total_flops`` and ``params``. BN / ReLU /
+    pooling are ignored (a few percent at most); the per-column solves' 1D FFTs and virtual
+    coils (``physics/sense.py``) cost less than this 2D count.
     """
     cnns = model.cnn_modules()
     per_cnn = [_cnn_macs(c, hw) for c in cnns]
     k = model.num_cascades
     cnn_macs = sum(per_cnn[i % len(cnns)] for i in range(k))
     n = hw[0] * hw[1]
-    n_ffts = (2 * k + 1) * coils
+    if model.dc == "prox":
+        normals = k * (model.cg_iters + 1) + (model.cg_iters if model.noise_aware else 0)
+    else:
+        normals = k
+    n_ffts = (2 * normals + 1) * coils
     fft = n_ffts * 5 * n * math.log2(max(n, 2)) + n_ffts * 8 * n  # FFTs + map / mask products
     return {
         "hw": list(hw), "coils": coils, "cnn_macs": int(cnn_macs),

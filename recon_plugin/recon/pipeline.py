@@ -1,4 +1,5 @@
-"""The one reconstructor every entry point calls (batch recon, stream server, adaptation, bench).
+"""The one reconstructor every entry point that makes images calls (batch recon, stream server,
+gadgets, bench); site adaptation shares its slice preparation (:mod:`.prepare`).
 
 ``Reconstructor.reconstruct(scan, settings)`` turns a :class:`~recon_plugin.scan.RawScan` into
 one :class:`~recon_plugin.scan.ReconSeries` per contrast; ``reconstruct_slice`` is the per-slice
@@ -210,7 +211,7 @@ class Reconstructor:
         if method == "unrolled":
             name = settings.model
             if settings.adaptive:
-                name = self._choose_variant(ksp, mask, sl, settings)
+                name = self._choose_variant(ksp, mask, settings)
                 _, card = self.model(name)
                 notes.append(f"adaptive variant {name} sha256 {card.get('sha256', '')[:12]}")
             estimate = self.network_slice(name, ksp, maps, mask, sl.acs, settings,
@@ -435,7 +436,7 @@ class Reconstructor:
             shared.copies[name] = (net, res, seed)
         return net
 
-    def _choose_variant(self, ksp, mask, sl: SliceData, settings: ReconSettings) -> str:
+    def _choose_variant(self, ksp, mask, settings: ReconSettings) -> str:
         from .policy import choose_variant, slice_features
 
         return choose_variant(slice_features(ksp, mask), settings.adaptive)

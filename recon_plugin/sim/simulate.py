@@ -1,10 +1,10 @@
 """Simulated multi-coil scanner data from brain anatomy.
 
 The simulator samples 2D slices (any orientation, with elastic deformation) from the tissue
-volumes of :mod:`recon_plugin.anatomy`, applies an MR contrast, a smooth background phase and a
+volumes of :mod:`recon_plugin.sim.anatomy`, applies an MR contrast, a smooth background phase and a
 smooth receive bias, multiplies by coil sensitivities, and adds correlated complex Gaussian
 noise. It produces fully sampled k-space; undersampling masks are applied by the caller or the
-file writers in :mod:`recon_plugin.io.writers`.
+file writers in :mod:`recon_plugin.sim.writers`.
 
 Geometry convention (shared with the DICOM writer): image pixel ``(row, col)`` of a slice lies at
 ``position + (col - nx//2) * dx * read_dir + (row - ny//2) * dy * phase_dir`` in LPS mm, i.e. the

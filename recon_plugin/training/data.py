@@ -1,7 +1,7 @@
 """Simulated training / validation / test batches.
 
 Every batch is drawn from the anatomy slabs of one split only (see
-:data:`recon_plugin.anatomy.SPLITS`): training slices never touch validation or test anatomy.
+:data:`recon_plugin.sim.anatomy.SPLITS`): training slices never touch validation or test anatomy.
 Training varies contrast, orientation (axial with in-plane rotation; sagittal and coronal planes
 from a copy of the anatomy with every non-training slab blanked), elastic deformation, matrix,
 FOV, coil count, acceleration (4x / 8x, equispaced or random fastMRI masks) and noise.
