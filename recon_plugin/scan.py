@@ -237,10 +237,15 @@ class RawScan:
     warnings: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        """Raise RawDataError for a scan without slices, an invalid slice, or k-space that is
+        zero everywhere (nothing was recorded: no image could show anything)."""
         if not self.slices:
             raise RawDataError(f"{self.source or 'scan'}: no imaging data found")
         for s in self.slices:
             s.validate(self.source)
+        if not any(np.any(s.kspace) for s in self.slices):
+            raise RawDataError(f"{self.source or 'scan'}: every k-space sample is zero (no "
+                               "signal was recorded)")
 
 
 # ReconImage.method of a slice whose coil maps have no support (noise only): no method ran

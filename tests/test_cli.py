@@ -38,6 +38,7 @@ def test_batch_isolates_failures_and_resumes(raw_dir, tmp_path, capsys):
     assert code == 1  # one input failed, the other was reconstructed
     assert "broken.h5" in text and "1 of 2 inputs reconstructed" in text
     dcm = sorted(out.rglob("*.dcm"))
+    assert f"3 files written to {dcm[0].parent.parent}," in text  # the published scan folder
     assert len(dcm) == 2
     with h5py.File(next(out.rglob("*.h5")), "r") as f:
         assert f["reconstruction"].shape == (2, 64, 48)  # (slices, rows = phase, cols = readout)
@@ -273,3 +274,19 @@ def test_a_training_run_that_fails_on_its_own_exits_1_in_one_line(tmp_path, monk
     assert main(["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "30"]) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["run: 20 non-finite losses or gradients in a row at step 21"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_that_is_not_there_is_a_usage_error_for_every_command(raw_dir, tmp_path, caplog):
+    good = str(raw_dir / "good.h5")
+    for argv, says in (
+            (["recon", good, "--out", str(tmp_path / "r"), "--device", "cuda"], "no CUDA"),
+            (["recon", good, "--out", str(tmp_path / "r"), "--device", "tpu"], "not a device"),
+            (["adapt", good, good, "--protocol", "default", "--out", str(tmp_path / "a"),
+              "--device", "cuda", "--steps", "1"], "no CUDA"),
+            (["demo", "--out", str(tmp_path / "d"), "--device", "cuda"], "no CUDA")):
+        caplog.clear()
+        assert main(["-q", *argv]) == 2, argv
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and says in errors[0], errors
+    assert not [p for p in "rad" if (tmp_path / p).exists()]  # nothing written

@@ -98,6 +98,29 @@ def test_twix_reconstructs_to_dicom_and_matches_twixtools_rss(tmp_path):
     _check_outputs(folder)
 
 
+def test_twix_identity_reaches_the_dicom_and_the_uids_are_the_scanners_or_stable(tmp_path):
+    """The session's frame of reference, its start as the study date and time, the patient
+    fields (anonymised 'x' in this file), the same Study UID on every run."""
+    from recon_plugin.output.series_files import write_outputs
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
+
+    scan = read_raw(DAT)
+    ident = scan.header.identity
+    assert ident.measurement_id == "45385_6.0.66327770_6.0.66327775_358"  # serial_LOIDs_MeasUID
+    series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))
+    uids = []
+    for run in ("a", "b"):
+        (dcm,) = write_outputs(series, tmp_path / run, ("dicom",))
+        ds = pydicom.dcmread(dcm)
+        uids.append((ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesInstanceUID))
+        assert ds.FrameOfReferenceUID == "1.3.12.2.1107.5.2.19.45385.1.20210622151635693.0.0.0"
+        assert (ds.StudyDate, ds.StudyTime) == ("20210622", "151635")
+        assert ds.PatientName == "xxxxxxx" and ds.PatientID.startswith("xxxx")
+        assert ds.PatientSex == "O" and float(ds.PatientWeight) == 100.0
+    assert uids[0][:2] == uids[1][:2] and uids[0][2] != uids[1][2]  # one study, two series
+
+
 def test_twix_through_recon_plugin_recon_cli(tmp_path):
     out = tmp_path / "out"
     assert main(["-q", "recon", str(DAT), "--out", str(out), "--method", "zero-filled",

@@ -108,6 +108,18 @@ def test_fastmri_nan(fastmri_file):
     _fails(fastmri_file, "nan", "slice 1")
 
 
+def test_a_file_of_zeros_is_refused_one_zero_slice_is_not(fastmri_file):
+    with h5py.File(fastmri_file, "a") as f:
+        k = f["kspace"][()]
+        f.create_dataset("mask", data=np.ones(k.shape[-1], bool))  # the lines say "measured"
+        k[0] = 0
+        f["kspace"][...] = k
+    assert read_raw(fastmri_file).slices  # one silent slice: the others still carry signal
+    with h5py.File(fastmri_file, "a") as f:
+        f["kspace"][...] = np.zeros_like(k)
+    _fails(fastmri_file, "every k-space sample is zero")
+
+
 def test_fastmri_bad_header_xml(fastmri_file):
     with h5py.File(fastmri_file, "a") as f:
         _replace(f, "ismrmrd_header", np.bytes_(b"<ismrmrdHeader><encoding><oops"))

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..models.checkpoint import file_sha256, resolve_model, save_model
+from ..output.atomic import write_text_atomic
 from ..physics import SenseOperator
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import heldout_errors, significant_improvement
@@ -103,7 +104,9 @@ def adapt(
     weights); ``lr``: None takes that choice's default."""
     from ..config.protocol import load_protocol
     from ..models.checkpoint import load_model
+    from ..models.inference import torch_device
 
+    dev = torch_device(device)
     if mode not in MODES:
         raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
     if params not in PARAMS:
@@ -117,6 +120,7 @@ def adapt(
     settings = protocol.recon_settings()
     base_path = resolve_model(settings.model)
     model, card = load_model(base_path)
+    model.to(dev)
     if params == "dc":
         if not hasattr(model, "dc_parameters"):
             raise ValueError(f"{settings.model} has no data-consistency weights to adapt alone")
@@ -126,6 +130,7 @@ def adapt(
     teacher = None
     if "teacher" in spec.weights:
         teacher, _ = load_model(base_path)
+        teacher.to(dev)
     raw = sorted(Path(p) for p in raw)
     n_hold = max(1, int(round(len(raw) * heldout_fraction))) if len(raw) > 1 else 0
     train_files, hold_files = raw[n_hold:], raw[:n_hold]
@@ -149,6 +154,7 @@ def adapt(
         train = train[: len(train) - len(hold)]
     if not train:
         raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
+    train, hold = [s.to(dev) for s in train], [s.to(dev) for s in hold]
     base_errs = heldout_errors(model, hold)
     base_err = float(base_errs.mean())
     log.info("base model held-out measurement error %.5f on %d slices", base_err, len(hold))
@@ -204,12 +210,12 @@ def adapt(
                        "final_losses": [h["loss"] for h in history if "loss" in h][-10:]},
     }
     models_dir = Path(site_dir) / "models"
-    saved = save_model(model, models_dir / version, new_card)
+    saved = save_model(model.cpu(), models_dir / version, new_card)
     overlay = write_overlay(Path(site_dir), protocol, version,
                             (models_dir / f"{version}.safetensors").resolve())
     report.update(model=str(models_dir / f"{version}.safetensors"), sha256=saved["sha256"],
                   overlay=str(overlay))
-    (Path(site_dir) / "adapt_report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -235,7 +241,5 @@ def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path
         "description": f"{base} with the site-adapted model {name}",
         "model": {"variant": str(model_path)},
     }, sort_keys=False)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path

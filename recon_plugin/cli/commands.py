@@ -50,6 +50,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def _where(outputs: list[str]) -> str:
+    """`` to FOLDER``: the folder that holds every output file of an input ('' for none)."""
+    import os
+
+    return f" to {os.path.commonpath([str(Path(o).parent) for o in outputs])}" if outputs else ""
+
+
 def _report(results: list[FileResult]) -> int:
     """One line per input and the summary; the exit status they make."""
     ok = [r for r in results if r.ok]
@@ -57,8 +64,8 @@ def _report(results: list[FileResult]) -> int:
     for r in results:
         status = "skipped (done)" if r.skipped else ("ok" if r.ok else "FAILED")
         t = r.timings
-        extra = (f"{_count(len(r.outputs), 'file')} written, {r.seconds:.1f} s, protocol "
-                 f"{r.protocol}") if r.ok else r.error
+        extra = (f"{_count(len(r.outputs), 'file')} written{_where(r.outputs)}, "
+                 f"{r.seconds:.1f} s, protocol {r.protocol}") if r.ok else r.error
         unit = "ky-kz plane" if t.get("slab_planes") else "slice"  # a slab accelerated along kz
         if r.ok and t.get("guard_checked"):
             extra += (f", guard: {int(t.get('guard_rejected', 0))} of "
@@ -181,9 +188,11 @@ def cmd_send(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     """Simulate one scan and reconstruct it to DICOM."""
     from ..batch import BatchInterrupted, BatchUsageError, run_batch
+    from ..models.inference import torch_device
     from ..sim import simulate_volume
     from ..sim.writers import write_ismrmrd
 
+    torch_device(a.device)  # an unusable device stops here, before anything is written
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise BatchUsageError(f"--out {out} is a file, not a folder")

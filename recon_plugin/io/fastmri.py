@@ -89,6 +89,8 @@ def _sample_mask(measured: np.ndarray, cols: np.ndarray, nx: int, where: str) ->
     if cols.sum() < 2:
         return mask
     positions = measured[cols].any(axis=0)  # readout positions some acquired line has
+    if not positions.any():  # a silent slice (zeros everywhere): no line to call partial
+        return mask
     unmeasured = ~measured[cols][:, positions]
     partial = np.zeros_like(cols)
     partial[np.flatnonzero(cols)] = unmeasured.mean(axis=1) > MAX_ZEROS_IN_LINE

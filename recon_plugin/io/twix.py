@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -93,6 +94,57 @@ def _first(v, default=None):
         v = [x for x in v if x not in (None, 0, 0.0)] or [default]
         return v[0]
     return default if v is None else v
+
+
+_SEX = {1: "F", 2: "M", 3: "O"}  # Siemens lPatientSex -> ISMRMRD patientGender
+# a Siemens frame-of-reference UID carries the time it was made (the session's start):
+# 1.3.12.2.1107.5.2.<model>.<serial>.1.<YYYYMMDDhhmmss><ms>.0.0.0
+_FOR_TIME = re.compile(r"\.1\.(\d{8})(\d{6})\d*\.0\.0\.0$")
+
+
+def _text(hdr: dict, *names: str) -> str:
+    """The first non-empty value of ``names`` in the Meas section, else Config, as text."""
+    for section in ("Meas", "Config", "Dicom"):
+        for n in names:
+            v = _get(hdr, section, n)
+            if v not in (None, ""):
+                return str(int(v) if isinstance(v, float) and v.is_integer() else v).strip()
+    return ""
+
+
+def identity_xml(hdr: dict) -> tuple[str, str, str, str]:
+    """(subjectInformation, studyInformation, measurementID, frameOfReferenceUID) elements of
+    a twix header for the ISMRMRD XML, filled as siemens_to_ismrmrd fills them: the patient's
+    name, ID, birth date, sex and weight; the study's date and time from the frame-of-reference
+    UID's timestamp (the session's start) and its description; the measurement ID
+    ``<serial>_<patient LOID>_<study LOID>_<MeasUID>`` and the scanner's frame-of-reference UID,
+    so the series of one session share a study and a frame (empty strings where the header has
+    nothing)."""
+    def el(tag: str, value: str) -> str:
+        return f"<{tag}>{escape(value)}</{tag}>" if value else ""
+
+    birth = _text(hdr, "PatientBirthDay")
+    birth = f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if re.fullmatch(r"\d{8}", birth) else ""
+    sex = _SEX.get(int(_get(hdr, "Meas", "lPatientSex", default=0) or 0), "")
+    weight = _get(hdr, "Meas", "flUsedPatientWeight")
+    subject = "".join([
+        el("patientName", _text(hdr, "tPatientName", "PatientName")),
+        el("patientWeight_kg", f"{float(weight):.6g}" if weight else ""),
+        el("patientID", _text(hdr, "PatientID")),
+        el("patientBirthdate", birth), el("patientGender", sex)])
+    frame = _text(hdr, "tFrameOfReference", "FrameOfReference")
+    when = _FOR_TIME.search(frame)
+    date, time = (when.group(1), when.group(2)) if when else ("", "")
+    study = "".join([
+        el("studyDate", f"{date[:4]}-{date[4:6]}-{date[6:]}" if date else ""),
+        el("studyTime", f"{time[:2]}:{time[2:4]}:{time[4:]}" if time else ""),
+        el("studyDescription", _text(hdr, "tStudyDescription"))])
+    parts = [_text(hdr, "DeviceSerialNumber"), _text(hdr, "PatientLOID"), _text(hdr, "StudyLOID"),
+             _text(hdr, "MeasUID")]
+    meas = el("measurementID", "_".join(parts) if all(parts) else "")
+    return (f"<subjectInformation>{subject}</subjectInformation>" if subject else "",
+            f"<studyInformation>{study}</studyInformation>" if study else "",
+            meas, el("frameOfReferenceUID", frame))
 
 
 def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slices: int,
@@ -156,11 +208,16 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
         nucleus[0].get("lFrequency") if isinstance(nucleus, list) and nucleus else None)
     f0_xml = (f"<experimentalConditions><H1resonanceFrequency_Hz>{int(f0)}"
               "</H1resonanceFrequency_Hz></experimentalConditions>" if f0 else "")
+    subject, study, meas_id, frame = identity_xml(hdr)
     return f"""<?xml version="1.0" encoding="utf-8"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
+  {subject}
+  {study}
   <measurementInformation>
+    {meas_id}
     <patientPosition>{escape(str(pat_pos))}</patientPosition>
     <protocolName>{escape(str(protocol))}</protocolName>
+    {frame}
   </measurementInformation>
   <acquisitionSystemInformation>
     <systemVendor>SIEMENS</systemVendor>

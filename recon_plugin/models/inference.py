@@ -21,6 +21,20 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .unrolled import ComplexCNN
 
 
+def torch_device(name: str) -> torch.device:
+    """The torch device ``--device NAME`` asks for (``cpu``, ``cuda``, ``cuda:N``); ValueError
+    (one line) for a name torch does not know, RuntimeError for CUDA where none is available."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} requested but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every ``Conv2d -> BatchNorm2d`` pair (adjacent in an
     ``nn.Sequential``) replaced by one convolution and an ``nn.Identity``, its complex CNNs

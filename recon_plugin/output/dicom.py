@@ -181,8 +181,10 @@ def write_series(
     if defaulted:
         log.warning("series %d: header has no usable geometry; writing the default axial "
                     "orientation (read=L, phase=P)", series.series_number)
-    study, frame = scan_uids(h, root)
-    study, frame = _valid_uid(study_uid or "") or study, _valid_uid(frame_uid or "") or frame
+    study, frame = _valid_uid(study_uid or ""), _valid_uid(frame_uid or "")
+    if study is None or frame is None:  # not given by the caller: this scan's own
+        own = scan_uids(h, root)
+        study, frame = study or own[0], frame or own[1]
     uids = {"study": study, "frame": frame, "series": str(generate_uid(root))}
     k, (wc, ww) = _scale_and_window(images, opts)
     base = series_dataset(series, uids, opts.body_part, opts.laterality, opts.institution)

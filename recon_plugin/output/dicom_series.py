@@ -46,24 +46,28 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
     """(StudyInstanceUID, FrameOfReferenceUID) for a scan.
 
     Header values are used when they are valid UIDs. Otherwise they are derived
-    deterministically from the header identity when it identifies the scan (a measurement ID, or
-    a patient ID with a study date or accession number), so the series of one scan share a study
-    and a frame of reference. Anonymous headers get random UIDs: two unrelated anonymous scans
-    must never merge into one study. Callers writing several series of one anonymous scan call
-    this once and pass the result to every :func:`write_series`.
+    deterministically from the header identity when it identifies the scan (a frame-of-reference
+    UID, a measurement ID, or a patient ID with a study date or accession number), so the series
+    of one scan share a study and a frame of reference. A scanner's frame-of-reference UID
+    stands for the session in the study's seed (the measurements of one session share it, each
+    has its own measurement ID), so a session's scans reconstructed one by one land in one
+    study. Anonymous headers get random UIDs: two unrelated anonymous scans must never merge
+    into one study. Callers writing several series of one anonymous scan call this once and
+    pass the result to every :func:`write_series`.
     """
     root = uid_root if uid_root.endswith(".") else uid_root + "."
     ident = header.identity
-    identified = bool(ident.measurement_id.strip() or (
+    scanner_frame = _valid_uid(ident.frame_of_reference_uid)
+    identified = bool(scanner_frame or ident.measurement_id.strip() or (
         ident.patient_id.strip() and (ident.study_date.strip() or ident.accession_number.strip())))
     seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
-            ident.study_id, ident.accession_number, ident.measurement_id]
+            ident.study_id, ident.accession_number, scanner_frame or ident.measurement_id]
     study = _valid_uid(ident.study_instance_uid)
     if study is None:
         study = str(generate_uid(root, entropy_srcs=["study", *seed] if identified else None))
         log.info("header has no valid StudyInstanceUID; %s %s",
                  "derived" if identified else "anonymous header, random", study)
-    frame = _valid_uid(ident.frame_of_reference_uid)
+    frame = scanner_frame
     if frame is None:
         frame = str(generate_uid(root, entropy_srcs=["frame", study, ident.measurement_id]))
     return study, frame

@@ -39,6 +39,7 @@ import torch
 
 from .. import __version__
 from ..models.checkpoint import load_inference_model, resolve_model
+from ..models.inference import torch_device
 from ..physics import slice_operator
 from ..scan import (
     NO_SIGNAL,
@@ -114,9 +115,7 @@ class Reconstructor:
     """
 
     def __init__(self, device: str = "cpu", threads: int | None = None):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but no CUDA device is available")
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         if threads:
             torch.set_num_threads(threads)
         self._models: dict[str, tuple[torch.nn.Module, dict]] = {}

@@ -16,3 +16,8 @@ class SiteSlice:
     maps: torch.Tensor
     acs: tuple[int, int] | None
     source: str
+
+    def to(self, device: torch.device | str) -> SiteSlice:
+        """The same slice with its tensors on ``device``."""
+        return SiteSlice(self.kspace.to(device), self.mask.to(device), self.maps.to(device),
+                         self.acs, self.source)
