@@ -75,6 +75,9 @@ def test_inspect_says_how_each_file_is_read_without_reconstructing(raw_dir, tmp_
                                                        abs=0.01)
     assert d["header_acceleration"] == 4 and not s["value"]["fully_sampled"]
     assert d["protocol"]["name"] == "default" and d["protocol"]["guard"]
+    assert main(["-q", "inspect", str(good)]) == 0
+    assert "protocol: default (the catch-all: no specific protocol matched the header)" in \
+        capsys.readouterr().out
     assert main(["-q", "inspect", str(good), "--protocol", "stroke_fast"]) == 0
     text = capsys.readouterr().out
     assert "protocol: stroke_fast (as given)" in text

@@ -118,6 +118,14 @@ def cmd_recon(a: argparse.Namespace) -> int:
     return code
 
 
+def _how_chosen(proto, given: str | None) -> str:
+    if given:
+        return "as given"
+    if proto.match.catch_all and proto.match.rule_count == 0:
+        return "the catch-all: no specific protocol matched the header"
+    return "matched to the header"
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     """How each input is read and which protocol would reconstruct it, without reconstructing
     (``recon/describe.py``); text or ``--json`` (a list, one object per input) on stdout.
@@ -164,7 +172,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         out.append(d)
         if not a.json:
             print(format_description(d, (
-                f"{proto.name} ({'as given' if a.protocol else 'matched to the header'}): "
+                f"{proto.name} ({_how_chosen(proto, a.protocol)}): "
                 f"{how}, guard {'on' if st.guard else 'off'}, calibration "
                 f"{'on' if st.calibrate else 'off'}, refinement {st.refine}, coil compression "
                 f"{st.coil_compression or 'none'}")))
