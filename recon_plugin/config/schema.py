@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from ..output.dicom import DicomOptions
-from ..output.pacs import PacsTargetError, parse_target
+from ..output.pacs import AET_PATTERN, DEFAULT_CALLING_AET, PacsTargetError, parse_target
 from ..recon import (
     AUTO_WEIGHT,
     FALLBACKS,
@@ -205,8 +205,7 @@ class SeriesSpec(_Section):
 
 class PacsSpec(_Section):
     targets: list[StrictStr] = Field(default_factory=list)  # "AET@host:port"
-    calling_aet: Annotated[StrictStr, Field(pattern=r"^[\x20-\x5b\x5d-\x7e]{1,16}$")] = \
-        "RECON_PLUGIN"
+    calling_aet: Annotated[StrictStr, Field(pattern=f"^{AET_PATTERN}$")] = DEFAULT_CALLING_AET
     queue_dir: StrictStr | None = None
 
     @field_validator("targets")

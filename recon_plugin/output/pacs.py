@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CALLING_AET = "RECON_PLUGIN"
 MANIFEST = "manifest.json"
 _WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # stored, with coercion / elements discarded
-_AET_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII without backslash
+AET_PATTERN = r"[\x20-\x5b\x5d-\x7e]{1,16}"  # an AE title: printable ASCII without backslash
+_AET_RE = re.compile(AET_PATTERN)
 
 
 class PacsTargetError(ValueError):

@@ -235,19 +235,28 @@ class BatchPool:
 
     def sample(self, rng: np.random.Generator) -> Batch:
         """One augmented batch (a ``batch_fn`` for the fine-tuning and training loops)."""
-        b = self.batches[int(rng.integers(len(self.batches)))]
-        phase = torch.tensor(np.exp(1j * rng.uniform(0, 2 * np.pi)), dtype=torch.complex64)
-        ksp, maps, tgt = b.kspace * phase, b.maps, b.target
-        if rng.uniform() < 0.5:
-            ksp, maps, tgt = flip_readout(ksp), flip_readout(maps), flip_readout(tgt)
-        return replace(b, kspace=ksp, maps=maps, target=tgt)
+        return augment(self.batches[int(rng.integers(len(self.batches)))], rng)
+
+
+def augment(b: Batch, rng: np.random.Generator) -> Batch:
+    """``b`` with a random global phase and, half the time, its readout mirrored (k-space, maps
+    and target alike): what every replayed training batch gets."""
+    phase = torch.tensor(np.exp(1j * rng.uniform(0, 2 * np.pi)), dtype=torch.complex64)
+    ksp, maps, tgt = b.kspace * phase, b.maps, b.target
+    if rng.uniform() < 0.5:
+        ksp, maps, tgt = flip_readout(ksp), flip_readout(maps), flip_readout(tgt)
+    return replace(b, kspace=ksp, maps=maps, target=tgt)
+
+
+def batch_state(b: Batch) -> dict:
+    """A batch as saved in a pool file (``Batch(**state)`` loads it back)."""
+    return {"kspace": b.kspace, "mask": b.mask, "maps": b.maps, "target": b.target,
+            "acceleration": int(b.acceleration)}
 
 
 def _save_pool(path: Path, meta: dict, batches: list[Batch]) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"meta": json.dumps(meta), "batches": [
-            {"kspace": b.kspace, "mask": b.mask, "maps": b.maps, "target": b.target,
-             "acceleration": int(b.acceleration)} for b in batches]}, tmp)
+        torch.save({"meta": json.dumps(meta), "batches": [batch_state(b) for b in batches]}, tmp)
 
 
 def _load_pool(path: Path) -> tuple[dict, list[Batch]]:

@@ -10,6 +10,7 @@ import torch
 from ..metrics import kspace_loss, ssim_loss  # noqa: F401 - kspace_loss re-exported
 from ..physics import SenseOperator, noise_variance
 from ..physics.masks import ssdu_split  # noqa: F401 - re-exported for the loss composers
+from ..recon.guard import paired_difference
 
 
 def image_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,7 @@ def significant_improvement(base: np.ndarray, new: np.ndarray, z: float = 2.0) -
     if n == 0 or not np.all(np.isfinite(d)):
         return {"better": False, "mean_improvement": float("nan"), "standard_error": float("nan"),
                 "n": int(n), "z": z}
-    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
-    mean = float(d.mean())
+    mean, se = paired_difference(base, new)
+    se = se if n > 1 else float("inf")  # one split is no evidence
     return {"better": bool(mean > 0 and mean > z * se), "mean_improvement": mean,
             "standard_error": se, "n": int(n), "z": z}

@@ -33,7 +33,7 @@ from scipy import ndimage
 from ..physics import cartesian_mask, center_crop, fft2c, ifft2c, rss
 from ..sim.anatomy import CONTRASTS, load_anatomy, split_slabs
 from ..sim.simulate import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
-from .data import CENTER_FRACTION, Batch, _rotate, support_mask, training_anatomy
+from .data import CENTER_FRACTION, Batch, _rotate, augment, batch_state, support_mask, training_anatomy
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +332,7 @@ def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: i
             continue
         b = make_transfer_batch(np.random.default_rng([seed, i]), batch_size, espirit)
         with atomic_path(f) as tmp:
-            torch.save({"kspace": b.kspace, "mask": b.mask, "maps": b.maps, "target": b.target,
-                        "acceleration": int(b.acceleration)}, tmp)
+            torch.save(batch_state(b), tmp)
         drawn += 1
         log.info("pool %s: batch %d / %d", pool_dir, i + 1, n_batches)
     return drawn
@@ -368,13 +367,7 @@ class PoolDir:
         return self._listed[1]
 
     def sample(self, rng: np.random.Generator) -> Batch:
-        from .data import flip_readout
-
+        """One augmented batch (:func:`~.data.augment`) of a random pool file."""
         files = self._files()
-        d = torch.load(files[int(rng.integers(len(files)))], weights_only=True)
-        b = Batch(**d)
-        phase = torch.tensor(np.exp(1j * rng.uniform(0, 2 * np.pi)), dtype=torch.complex64)
-        ksp, maps, tgt = b.kspace * phase, b.maps, b.target
-        if rng.uniform() < 0.5:
-            ksp, maps, tgt = flip_readout(ksp), flip_readout(maps), flip_readout(tgt)
-        return Batch(ksp, b.mask, maps, tgt, b.acceleration)
+        return augment(Batch(**torch.load(files[int(rng.integers(len(files)))],
+                                          weights_only=True)), rng)
