@@ -124,14 +124,18 @@ class Calibration:
     def weight(self) -> float:
         return self.setting.weight
 
-    def describe(self) -> str:
+    def describe(self, errors: bool = True) -> str:
+        """The choice and its evidence; ``errors=False``: the choice alone (one log line)."""
         n = max(1, self.slices // self.folds)
         where = "1 slice's" if n == 1 else f"{n} slices'"  # not always this one's
         sets = f" in {self.folds} disjoint sets per slice" if self.folds > 1 else ""
-        ref = max(self.errors[TRAINED], 1e-30)
         out = (f"data-consistency setting {self.setting} chosen on {where} "
-               f"{self.heldout_lines} held-out lines{sets} (errors relative to the trained x1: "
-               + ", ".join(
+               f"{self.heldout_lines} held-out lines{sets}")
+        if not errors:
+            return out
+        ref = max(self.errors[TRAINED], 1e-30)
+        out += (" (errors relative to the trained x1: "
+                + ", ".join(
                    f"{c} {self.errors[c] / ref:.3f}"
                    for c in [*sorted(_settings(self.errors), key=DcSetting.sort_key),
                              *_iterations(self.errors)]))

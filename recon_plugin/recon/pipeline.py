@@ -358,7 +358,8 @@ class Reconstructor:
             t["calibrate"] += time.perf_counter() - t0
             if done is None:
                 return TRAINED
-            log.info("slice %d: %s", seed, done.describe())
+            log.info("slice %d: %s", seed, done.describe(errors=False))
+            log.debug("slice %d: %s", seed, done.describe())
         notes.append(done.describe())
         return done.setting
 
