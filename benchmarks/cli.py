@@ -49,7 +49,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="bench real: seconds per slice of scan-specific refinement (0: skip)")
     s.add_argument("--slices", type=_at_least_one, default=None, metavar="N",
                    help="bench real: score only the N central slices of each file (default: all)")
-    s.add_argument("--docs", default="docs")
+    s.add_argument("--docs", default="docs", help="folder of BENCHMARKS.md and the figures; each "
+                   "benchmark rewrites its own section and files there (default: docs)")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     return s
 

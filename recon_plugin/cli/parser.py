@@ -1,4 +1,5 @@
-"""Command line ``recon-plugin``: recon, inspect, simulate, demo, train, prune, bench, send, serve, adapt.
+"""Command line ``recon-plugin``: recon, inspect, simulate, demo, train, train-pool, prune, bench,
+send, serve, adapt.
 
 This module builds the argument parser (subcommands, options, help texts, argument types that
 reject bad values in one line); :mod:`.commands` runs what it parsed. It imports no torch.
@@ -404,7 +405,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """``recon-plugin`` with every subcommand; each sets ``fn``, the command that runs it."""
-    p = _Parser(prog="recon-plugin", description=__doc__.splitlines()[0])
+    p = _Parser(prog="recon-plugin", description=" ".join(__doc__.split("\n\n")[0].split()))
     _global_flags(p, False)
     flags = argparse.ArgumentParser(add_help=False)  # -q / -v also after the subcommand
     _global_flags(flags, argparse.SUPPRESS)
