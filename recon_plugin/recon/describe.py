@@ -121,7 +121,8 @@ def format_description(d: dict, protocol: str | None = None) -> str:
     if protocol:
         lines.append(f"  protocol: {protocol}")
     lines += [
-        f"  matrix: encoded {em[0]} x {em[1]} x {em[2]} (FOV {ef[0]:g} x {ef[1]:g} x {ef[2]:g} mm), "
+        f"  matrix: encoded {em[0]} x {em[1]} x {em[2]} (FOV {ef[0]:g} x {ef[1]:g} x {ef[2]:g} mm; "
+        "readout oversampling removed), "
         f"recon {rm[0]} x {rm[1]} x {rm[2]} (FOV {rf[0]:g} x {rf[1]:g} x {rf[2]:g} mm)",
         f"  coils: {d['coils']}; noise scan: "
         + (f"{d['noise_samples']} samples (prewhitening)" if d["noise_samples"]
