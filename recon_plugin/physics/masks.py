@@ -88,6 +88,28 @@ def variable_density_mask(shape: tuple[int, int], acceleration: float, calib: in
     return m
 
 
+def line_pattern(num_lines: int, acceleration: float, num_low: int, kind: str = "equispaced",
+                 rng: np.random.Generator | None = None, offset: int | None = None,
+                 ) -> np.ndarray:
+    """The lines (num_lines,) bool a fastMRI mask samples outside its centre block of
+    ``num_low`` lines: ``equispaced``, every R-th line from ``offset`` (random when None), or
+    ``random``, uniform lines with the same expected count (fastMRI's ``EquispacedMaskFunc`` /
+    ``RandomMaskFunc``). ``acceleration`` < 1 counts as 1."""
+    rng = rng or np.random.default_rng()
+    r = max(float(acceleration), 1.0)
+    pattern = np.zeros(num_lines, bool)
+    if kind == "equispaced":
+        step = max(int(round(r)), 1)
+        off = int(rng.integers(0, step)) if offset is None else int(offset) % step
+        pattern[off::step] = True
+    elif kind == "random":
+        prob = (num_lines / r - num_low) / max(num_lines - num_low, 1)
+        pattern = rng.uniform(size=num_lines) < prob
+    else:
+        raise ValueError(f"unknown mask kind {kind!r} (use 'equispaced' or 'random')")
+    return pattern
+
+
 def cartesian_mask(
     num_lines: int,
     acceleration: float,
@@ -95,29 +117,17 @@ def cartesian_mask(
     kind: str = "equispaced",
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """fastMRI-style 1D phase-encode mask.
+    """fastMRI-style 1D phase-encode mask: the centre block and :func:`line_pattern`.
 
     Returns ``(mask, acs)``: mask (num_lines,) float32, acs = (start, stop) rows fully sampled,
     or None where ``center_fraction`` rounds to no line.
-    ``kind`` is ``"equispaced"`` (every R-th line, random offset) or ``"random"`` (uniform random
-    lines with the same expected count), as in fastMRI's ``EquispacedMaskFunc`` / ``RandomMaskFunc``.
     """
     if acceleration < 1:
         raise ValueError(f"acceleration must be >= 1, got {acceleration}")
-    rng = rng or np.random.default_rng()
     num_low = max(int(round(num_lines * center_fraction)), 0)
     acs = acs_bounds(num_lines, num_low)
-    mask = np.zeros(num_lines, dtype=np.float32)
+    mask = line_pattern(num_lines, acceleration, num_low, kind, rng).astype(np.float32)
     mask[acs[0] : acs[1]] = 1
-    if kind == "equispaced":
-        step = max(int(round(acceleration)), 1)
-        offset = int(rng.integers(0, step))
-        mask[offset::step] = 1
-    elif kind == "random":
-        prob = (num_lines / acceleration - num_low) / max(num_lines - num_low, 1)
-        mask[rng.uniform(size=num_lines) < prob] = 1
-    else:
-        raise ValueError(f"unknown mask kind {kind!r} (use 'equispaced' or 'random')")
     return mask, (acs if num_low > 0 else None)
 
 

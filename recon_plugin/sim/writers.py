@@ -31,6 +31,7 @@ import numpy as np
 from ..io.fastmri import GEOMETRY_NAME
 from ..io.ismrmrd_file import TARGET_NAME
 from ..physics import crop_readout, fft1c
+from ..physics.masks import acs_bounds, line_pattern
 from .header import build_header_xml, header_xml_from_sim
 from .simulate import SimVolume
 
@@ -46,28 +47,14 @@ def phase_pattern(
     rng: np.random.Generator | None = None,
     offset: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(pattern, acs) boolean (ny,) rows: undersampling pattern and centred ACS block.
-
-    ``equispaced``: every R-th row from ``offset`` (random when None); ``random``: uniform rows
-    with the fastMRI expected count. The acquired rows are ``pattern | acs``.
-    """
-    rng = rng or np.random.default_rng()
+    """(pattern, acs) boolean (ny,) rows: the undersampling pattern
+    (:func:`~recon_plugin.physics.masks.line_pattern`) and the centred ACS block of
+    ``calib_lines`` rows. The acquired rows are ``pattern | acs``."""
     acs = np.zeros(ny, bool)
     if calib_lines > 0:
-        lo = ny // 2 - calib_lines // 2
-        acs[max(lo, 0) : lo + calib_lines] = True
-    r = max(float(acceleration), 1.0)
-    pattern = np.zeros(ny, bool)
-    if kind == "equispaced":
-        step = max(int(round(r)), 1)
-        off = int(rng.integers(0, step)) if offset is None else int(offset) % step
-        pattern[off::step] = True
-    elif kind == "random":
-        prob = (ny / r - calib_lines) / max(ny - calib_lines, 1)
-        pattern = rng.uniform(size=ny) < prob
-    else:
-        raise ValueError(f"unknown mask kind {kind!r} (use 'equispaced' or 'random')")
-    return pattern, acs
+        lo, hi = acs_bounds(ny, calib_lines)
+        acs[max(lo, 0) : hi] = True
+    return line_pattern(ny, acceleration, calib_lines, kind, rng, offset), acs
 
 
 def _geometry_array(vol: SimVolume) -> np.ndarray:
