@@ -307,8 +307,9 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
                  nsl * ncoil * nro * npe * 8, max_bytes)
 
     xml = f["ismrmrd_header"][()]
-    header = parse_header(xml, where, warnings)
-    enc = encoding_info(parse_xml(xml, where), 0, where)
+    tree = parse_xml(xml, where, warnings)
+    header = parse_header(xml, where, warnings, tree)
+    enc = encoding_info(tree, 0, where)
 
     enc, header = _reconcile_header(enc, header, (nsl, ncoil, nro, npe), warn)
     window = _phase_window(enc, npe)

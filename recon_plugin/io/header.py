@@ -301,14 +301,16 @@ def _identity(hdr: xsd.ismrmrdHeader) -> Identity:
 
 
 def parse_header(
-    xml: str | bytes, source: str = "", warnings: list[str] | None = None
+    xml: str | bytes, source: str = "", warnings: list[str] | None = None,
+    parsed: xsd.ismrmrdHeader | None = None,
 ) -> ScanHeader:
     """Parse an ISMRMRD XML header (str or bytes) into a :class:`ScanHeader`.
 
     ``num_coils`` is ``receiverChannels`` (0 when absent: readers fill it from the data).
-    Non-fatal problems are logged and appended to ``warnings``.
+    Non-fatal problems are logged and appended to ``warnings``. ``parsed``: the tree
+    :func:`parse_xml` already made of ``xml`` (a reader that needs it too parses once).
     """
-    hdr = parse_xml(xml, source, warnings)
+    hdr = parse_xml(xml, source, warnings) if parsed is None else parsed
     enc = encoding_info(hdr, 0, source)
     asi = hdr.acquisitionSystemInformation
     coils = 0

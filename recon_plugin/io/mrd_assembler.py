@@ -77,8 +77,8 @@ class MrdAssembler:
                  max_bytes: int | None = None):
         self.source = source or "stream"
         self.warnings: list[str] = []
-        self.header = parse_header(header_xml, self.source, self.warnings)
-        self._hdr = parse_xml(header_xml, self.source)
+        self._hdr = parse_xml(header_xml, self.source, self.warnings)
+        self.header = parse_header(header_xml, self.source, self.warnings, self._hdr)
         self.enc = encoding_info(self._hdr, 0, self.source)
         if self.enc.trajectory not in ("cartesian", "epi"):
             raise RawDataError(
