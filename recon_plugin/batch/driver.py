@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..output.delivery import DeliveryPlan
 from ..recon.pipeline import Reconstructor
@@ -179,31 +180,33 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                 _deliver(r, plan, state[key], out_dir, state)
         results.append(r)
 
-    try:
-        if session is not None:
-            from .cluster import run_cluster
+    # log lines go through tqdm while the bars are shown, so that neither cuts the other
+    with logging_redirect_tqdm() if progress else contextlib.nullcontext():
+        try:
+            if session is not None:
+                from .cluster import run_cluster
 
-            run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
-                        device, max_bytes, finish, bar if progress else None)
-        elif workers <= 1 or len(todo) <= 1:
-            recon = recon or Reconstructor(device)
-            for path in todo:
-                # a second bar counts the slices of the file in flight (a refined slice can
-                # take its whole budget, a file many minutes)
-                with tqdm(desc=path.name, unit="slice", leave=False, position=1,
-                          disable=not progress, dynamic_ncols=True) as slices:
-                    def step(done: int, total: int, slices=slices) -> None:
-                        slices.total = total
-                        slices.update(done - slices.n)
+                run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
+                            device, max_bytes, finish, bar if progress else None)
+            elif workers <= 1 or len(todo) <= 1:
+                recon = recon or Reconstructor(device)
+                for path in todo:
+                    # a second bar counts the slices of the file in flight (a refined slice can
+                    # take its whole budget, a file many minutes)
+                    with tqdm(desc=path.name, unit="slice", leave=False, position=1,
+                              disable=not progress, dynamic_ncols=True) as slices:
+                        def step(done: int, total: int, slices=slices) -> None:
+                            slices.total = total
+                            slices.update(done - slices.n)
 
-                    done = process_file(path, out_dir, protocol, formats, overrides,
-                                        protocol_dirs, recon, max_bytes, progress=step)
-                finish(path, *done)
-        else:
-            run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device,
-                     workers, max_bytes, finish, results)
-    finally:
-        bar.close()
+                        done = process_file(path, out_dir, protocol, formats, overrides,
+                                            protocol_dirs, recon, max_bytes, progress=step)
+                    finish(path, *done)
+            else:
+                run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device,
+                         workers, max_bytes, finish, results)
+        finally:
+            bar.close()
 
 
 def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict) -> None:
