@@ -118,6 +118,7 @@ def test_twix_identity_reaches_the_dicom_and_the_uids_are_the_scanners_or_stable
         assert (ds.StudyDate, ds.StudyTime) == ("20210622", "151635")
         assert ds.PatientName == "xxxxxxx" and ds.PatientID.startswith("xxxx")
         assert ds.PatientSex == "O" and float(ds.PatientWeight) == 100.0
+        assert float(ds.MagneticFieldStrength) == 3.0  # nominal; the header's actual 2.89362 T
     assert uids[0][:2] == uids[1][:2] and uids[0][2] != uids[1][2]  # one study, two series
 
 

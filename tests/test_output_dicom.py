@@ -437,3 +437,11 @@ def test_the_protocol_uid_root_roots_every_uid_of_a_scan(tmp_path):
         for uid in (ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesInstanceUID,
                     ds.SOPInstanceUID):
             assert str(uid).startswith("1.2.3.4."), uid
+
+
+def test_magnetic_field_strength_is_the_nominal_one():
+    from recon_plugin.output.dicom_values import nominal_field_t
+
+    assert nominal_field_t(2.89362) == 3.0 and nominal_field_t(1.494) == 1.5
+    assert nominal_field_t(0.55) == 0.55 and nominal_field_t(6.98) == 7.0
+    assert nominal_field_t(2.0) == 2.0  # no magnet sold near it: the value as given

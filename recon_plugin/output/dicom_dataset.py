@@ -11,7 +11,7 @@ from pydicom.uid import MRImageStorage
 
 from ..scan import ReconSeries
 from .dicom_series import DL_METHOD, _image_type, _scanning_sequence, provenance_text, series_description
-from .dicom_values import _cs, _da, _ds, _pn, _text, _tm
+from .dicom_values import _cs, _da, _ds, _pn, _text, _tm, nominal_field_t
 
 PRIVATE_CREATOR = "RECON_PLUGIN 1.0"
 PRIVATE_GROUP = 0x0071
@@ -113,7 +113,7 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     if seq.flip_deg is not None:
         ds.FlipAngle = _ds(seq.flip_deg)
     if seq.field_strength_t:
-        ds.MagneticFieldStrength = _ds(seq.field_strength_t)
+        ds.MagneticFieldStrength = _ds(nominal_field_t(seq.field_strength_t))
     if seq.sequence_type:
         ds.SequenceName = _text(seq.sequence_type, 16)
     ds.ImagedNucleus = "1H"

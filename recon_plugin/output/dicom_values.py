@@ -57,6 +57,17 @@ def _ds(x: float) -> str:
     return format_number_as_ds(float(x) + 0.0)  # + 0.0 turns -0.0 into 0.0
 
 
+# the field strengths magnets are sold by (T); DICOM's MagneticFieldStrength is the nominal one
+NOMINAL_FIELDS_T = (0.2, 0.35, 0.55, 1.0, 1.5, 3.0, 4.0, 5.0, 7.0, 9.4, 10.5, 11.7, 14.0)
+
+
+def nominal_field_t(tesla: float) -> float:
+    """The nominal field strength of a magnet whose actual field is ``tesla`` (a 3 T Siemens
+    system reports 2.89362): the nearest of ``NOMINAL_FIELDS_T`` within 5 %, else ``tesla``."""
+    nearest = min(NOMINAL_FIELDS_T, key=lambda f: abs(f - tesla))
+    return nearest if abs(nearest - tesla) <= 0.05 * nearest else float(tesla)
+
+
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
