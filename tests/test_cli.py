@@ -278,6 +278,15 @@ def test_a_training_run_that_fails_on_its_own_exits_1_in_one_line(tmp_path, monk
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["run: 20 non-finite losses or gradients in a row at step 21"]
 
+    def out_of_memory(*args, **kwargs):  # as torch says it, mid-run
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    caplog.clear()
+    monkeypatch.setattr(supervised, "train_base", out_of_memory)
+    assert main(["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "30"]) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "DefaultCPUAllocator: can't allocate memory"]
+
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_a_device_that_is_not_there_is_a_usage_error_for_every_command(raw_dir, tmp_path, caplog):

@@ -2,7 +2,8 @@
 send, serve, adapt.
 
 Exit status: 0 success; 1 at least one input failed (the others were still processed), or a
-run failed on its own (a training run stopped on non-finite losses, memory exhausted);
+run failed on its own (a training run stopped on non-finite losses, memory exhausted, a
+torch error in train / train-pool / prune / adapt);
 2 usage or configuration error (bad arguments, unknown protocol, unreadable model), reported
 in one line before anything is reconstructed; 128 + signal number when SIGTERM / SIGINT stopped
 a batch (the state is saved: run again with ``--resume``).
@@ -20,6 +21,10 @@ from .commands import EXIT_FAILED, EXIT_USAGE, log
 from .parser import build_parser
 
 __all__ = ["build_parser", "main"]
+
+# commands whose RuntimeError means the run failed after it started (exit 1): their arguments
+# and configuration are checked first and fail as ValueError (exit 2)
+TRAINING_COMMANDS = ("train", "train-pool", "prune", "adapt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e or type(e).__name__)
         log.debug("traceback", exc_info=True)
         return EXIT_FAILED
-    except (ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
+    except RuntimeError as e:  # torch's own errors (out of memory, ...) while a run trains
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return EXIT_FAILED if a.command in TRAINING_COMMANDS else EXIT_USAGE
+    except (ValueError, LookupError, FileNotFoundError) as e:
         log.error("%s", e)
         log.debug("traceback", exc_info=True)
         return EXIT_USAGE

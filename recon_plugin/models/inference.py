@@ -23,13 +23,13 @@ from .unrolled import ComplexCNN
 
 def torch_device(name: str) -> torch.device:
     """The torch device ``--device NAME`` asks for (``cpu``, ``cuda``, ``cuda:N``); ValueError
-    (one line) for a name torch does not know, RuntimeError for CUDA where none is available."""
+    (one line, a usage error) for a name torch does not know or CUDA where none is available."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} requested but no CUDA device is available")
+        raise ValueError(f"--device {name} requested but no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
     return device
