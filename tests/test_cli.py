@@ -293,7 +293,6 @@ def test_a_device_that_is_not_there_is_a_usage_error_for_every_command(raw_dir, 
     good = str(raw_dir / "good.h5")
     for argv, says in (
             (["recon", good, "--out", str(tmp_path / "r"), "--device", "cuda"], "no CUDA"),
-            (["recon", good, "--out", str(tmp_path / "r"), "--device", "tpu"], "not a device"),
             (["adapt", good, good, "--protocol", "default", "--out", str(tmp_path / "a"),
               "--device", "cuda", "--steps", "1"], "no CUDA"),
             (["demo", "--out", str(tmp_path / "d"), "--device", "cuda"], "no CUDA")):
@@ -302,3 +301,15 @@ def test_a_device_that_is_not_there_is_a_usage_error_for_every_command(raw_dir, 
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and says in errors[0], errors
     assert not [p for p in "rad" if (tmp_path / p).exists()]  # nothing written
+
+
+def test_a_device_torch_does_not_know_is_a_usage_error_with_workers_too(raw_dir, tmp_path,
+                                                                        caplog):
+    good = str(raw_dir / "good.h5")
+    for extra in ([], ["--workers", "2"]):
+        caplog.clear()
+        assert main(["-q", "recon", good, good, "--out", str(tmp_path / "r"), "--device", "tpu",
+                     *extra]) == 2, extra
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "not a device" in errors[0], errors
+    assert not (tmp_path / "r").exists()

@@ -107,7 +107,8 @@ def test_twix_identity_reaches_the_dicom_and_the_uids_are_the_scanners_or_stable
 
     scan = read_raw(DAT)
     ident = scan.header.identity
-    assert ident.measurement_id == "45385_6.0.66327770_6.0.66327775_358"  # serial_LOIDs_MeasUID
+    # as siemens_to_ismrmrd writes it: serial, patient and study LOIDs (less "6.0.6"), MeasUID
+    assert ident.measurement_id == "45385_6327770_6327775_358"
     series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))
     uids = []
     for run in ("a", "b"):

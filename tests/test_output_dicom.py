@@ -445,3 +445,26 @@ def test_magnetic_field_strength_is_the_nominal_one():
     assert nominal_field_t(2.89362) == 3.0 and nominal_field_t(1.494) == 1.5
     assert nominal_field_t(0.55) == 0.55 and nominal_field_t(6.98) == 7.0
     assert nominal_field_t(2.0) == 2.0  # no magnet sold near it: the value as given
+
+
+def test_a_siemens_study_is_one_study_whatever_measurement_or_reader():
+    """Measurements of one Siemens study (<serial>_<patient>_<study>_<measurement>) share a
+    study UID, with or without the patient fields only the twix reader fills; another study
+    of the same patient and frame of reference gets its own; generic IDs keep the patient."""
+    from dataclasses import replace as dc_replace
+
+    from recon_plugin.output.dicom_series import scan_uids
+
+    frame = "1.3.12.2.1107.5.2.19.45385.1.20210622151635693.0.0.0"
+    twix = Identity(patient_name="Doe^Jane", patient_id="P1", study_date="20210622",
+                    measurement_id="45385_6327770_6327775_358", frame_of_reference_uid=frame)
+    converted = Identity(measurement_id="45385_6327770_6327775_361")  # another series, no patient
+    other_study = dc_replace(twix, measurement_id="45385_6327770_6327999_12")
+    h = make_series().header
+    uid = {k: scan_uids(dc_replace(h, identity=v))
+           for k, v in (("twix", twix), ("converted", converted), ("other", other_study))}
+    assert uid["twix"][0] == uid["converted"][0] != uid["other"][0]
+    assert uid["twix"][1] == frame == uid["other"][1]  # the scanner's frame as it is
+    a = dc_replace(h, identity=Identity(patient_id="A", measurement_id="M1"))
+    b = dc_replace(h, identity=Identity(patient_id="B", measurement_id="M1"))
+    assert scan_uids(a)[0] != scan_uids(b)[0]

@@ -84,3 +84,14 @@ def test_an_empty_object_is_drawn_again(monkeypatch):
     with pytest.raises(RuntimeError, match="no object"):
         transfer.make_transfer_slice(np.random.default_rng(0), (64, 64), 4, 4, 50.0, False,
                                      brain_fraction=0.0)
+
+
+def test_resuming_from_another_models_checkpoint_is_a_clear_usage_error(tmp_path):
+    model, x, y = _linear_problem()
+
+    def loss_fn(m, rng):
+        return ((m(x) - y) ** 2).mean()
+
+    train_loop(model, loss_fn, tmp_path, steps=3, progress=False)
+    with pytest.raises(ValueError, match="cannot resume from this checkpoint"):
+        train_loop(torch.nn.Linear(5, 1), loss_fn, tmp_path, steps=3, progress=False)

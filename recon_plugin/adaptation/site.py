@@ -114,6 +114,9 @@ def adapt(
     lr = PARAMS[params] if lr is None else lr
     spec = LossSpec.from_mode(mode, {"teacher": teacher_weight}, ssdu_rho=rho)
     rank, world = _dist_info()
+    if world > 1 and dev.type == "cuda":  # one GPU per process of a torchrun launch
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     protocol = load_protocol(base_protocol)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..models.inference import torch_device
 from ..output.delivery import DeliveryPlan
 from ..recon.pipeline import Reconstructor
 from .files import RAW_SUFFIXES, FileResult, gather_inputs, output_name, process_file
@@ -115,6 +116,7 @@ def run_batch(
     from ..io.budget import gb_to_bytes
 
     out_dir = Path(out_dir)
+    torch_device(device)  # an unusable device is a usage error here, not in every worker
     recon = Reconstructor(device) if workers <= 1 and not cluster else None
     files = preflight(inputs, out_dir, protocol, overrides, send, workers, protocol_dirs,
                       max_memory_gb, recon, cluster)

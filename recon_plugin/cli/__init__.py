@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except (FloatingPointError, MemoryError) as e:  # the run itself failed, not its arguments
-        log.error("%s", e or type(e).__name__)
+        log.error("%s", str(e) or type(e).__name__)
         log.debug("traceback", exc_info=True)
         return EXIT_FAILED
     except RuntimeError as e:  # torch's own errors (out of memory, ...) while a run trains

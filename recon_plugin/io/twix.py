@@ -31,6 +31,7 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import logging
 import re
@@ -41,7 +42,7 @@ import ismrmrd
 import numpy as np
 
 from ..scan import RawDataError, RawScan
-from .budget import check_budget
+from .budget import check_budget, default_max_bytes
 from .mrd_assembler import MrdAssembler
 from .mrd_calibration import add_interleaved_calibration
 
@@ -99,11 +100,13 @@ def _first(v, default=None):
 _SEX = {1: "F", 2: "M", 3: "O"}  # Siemens lPatientSex -> ISMRMRD patientGender
 # a Siemens frame-of-reference UID carries the time it was made (the session's start):
 # 1.3.12.2.1107.5.2.<model>.<serial>.1.<YYYYMMDDhhmmss><ms>.0.0.0
+_XML_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # not allowed in XML 1.0 text
 _FOR_TIME = re.compile(r"\.1\.(\d{8})(\d{6})\d*\.0\.0\.0$")
 
 
 def _text(hdr: dict, *names: str) -> str:
-    """The first non-empty value of ``names`` in the Meas section, else Config, as text."""
+    """The first non-empty value of ``names`` in the Meas section, else Config, else Dicom, as
+    text."""
     for section in ("Meas", "Config", "Dicom"):
         for n in names:
             v = _get(hdr, section, n)
@@ -112,19 +115,37 @@ def _text(hdr: dict, *names: str) -> str:
     return ""
 
 
+def _date(text: str) -> str:
+    """``YYYYMMDD`` as an xs:date (``YYYY-MM-DD``); '' unless it is a real calendar date."""
+    try:
+        return datetime.datetime.strptime(text, "%Y%m%d").date().isoformat()
+    except ValueError:
+        return ""
+
+
+def _time(text: str) -> str:
+    """``hhmmss`` as an xs:time (``hh:mm:ss``); '' unless it is a real time of day."""
+    try:
+        return datetime.datetime.strptime(text, "%H%M%S").time().isoformat()
+    except ValueError:
+        return ""
+
+
 def identity_xml(hdr: dict) -> tuple[str, str, str, str]:
     """(subjectInformation, studyInformation, measurementID, frameOfReferenceUID) elements of
-    a twix header for the ISMRMRD XML, filled as siemens_to_ismrmrd fills them: the patient's
-    name, ID, birth date, sex and weight; the study's date and time from the frame-of-reference
-    UID's timestamp (the session's start) and its description; the measurement ID
-    ``<serial>_<patient LOID>_<study LOID>_<MeasUID>`` and the scanner's frame-of-reference UID,
-    so the series of one session share a study and a frame (empty strings where the header has
-    nothing)."""
+    a twix header for the ISMRMRD XML: the patient's name, ID, birth date, sex and weight; the
+    study's date and time from the frame-of-reference UID's timestamp (the session's start)
+    and its description; the measurement ID as siemens_to_ismrmrd writes it
+    (``<serial>_<patient LOID>_<study LOID>_<MeasUID>``, each LOID without its first 5
+    characters), so a twix file and its converted ISMRMRD file name the same measurement; and
+    the scanner's frame-of-reference UID. (siemens_to_ismrmrd writes no subject or study
+    elements: those are this reader's.) Empty strings where the header has nothing; text
+    without the control characters XML 1.0 forbids."""
     def el(tag: str, value: str) -> str:
+        value = _XML_FORBIDDEN.sub("", value)
         return f"<{tag}>{escape(value)}</{tag}>" if value else ""
 
-    birth = _text(hdr, "PatientBirthDay")
-    birth = f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if re.fullmatch(r"\d{8}", birth) else ""
+    birth = _date(_text(hdr, "PatientBirthDay"))
     sex = _SEX.get(int(_get(hdr, "Meas", "lPatientSex", default=0) or 0), "")
     weight = _get(hdr, "Meas", "flUsedPatientWeight")
     subject = "".join([
@@ -134,13 +155,13 @@ def identity_xml(hdr: dict) -> tuple[str, str, str, str]:
         el("patientBirthdate", birth), el("patientGender", sex)])
     frame = _text(hdr, "tFrameOfReference", "FrameOfReference")
     when = _FOR_TIME.search(frame)
-    date, time = (when.group(1), when.group(2)) if when else ("", "")
+    date, time = (_date(when.group(1)), _time(when.group(2))) if when else ("", "")
     study = "".join([
-        el("studyDate", f"{date[:4]}-{date[4:6]}-{date[6:]}" if date else ""),
-        el("studyTime", f"{time[:2]}:{time[2:4]}:{time[4:]}" if time else ""),
+        el("studyDate", date if date and time else ""),
+        el("studyTime", time if date and time else ""),
         el("studyDescription", _text(hdr, "tStudyDescription"))])
-    parts = [_text(hdr, "DeviceSerialNumber"), _text(hdr, "PatientLOID"), _text(hdr, "StudyLOID"),
-             _text(hdr, "MeasUID")]
+    parts = [_text(hdr, "DeviceSerialNumber"), _text(hdr, "PatientLOID")[5:],
+             _text(hdr, "StudyLOID")[5:], _text(hdr, "MeasUID")]
     meas = el("measurementID", "_".join(parts) if all(parts) else "")
     return (f"<subjectInformation>{subject}</subjectInformation>" if subject else "",
             f"<studyInformation>{study}</studyInformation>" if study else "",
@@ -377,16 +398,20 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     n_echoes = max(int(m.cEco) for m, _ in others) + 1
     n_par = max(int(m.cPar) for m, _ in others) + 1
     centre_par = int(imaging[0][0].mdh.CenterPar)
-    grid = 8 * n_coils * n_samples * (max_lin + 1) * n_slices * n_echoes * n_par
+    n_images = 1
+    for counter in ("cRep", "cPhs", "cSet"):  # repetitions, cardiac phases, sets
+        n_images *= max(int(getattr(m, counter, 0) or 0) for m, _ in others) + 1
+    grid = 8 * n_coils * n_samples * (max_lin + 1) * n_slices * n_echoes * n_par * n_images
     check_budget(where, f"its k-space grid ({n_coils} coils, {n_samples} samples, {max_lin + 1} "
-                 f"lines, {n_par} partitions, {n_slices} slices, {n_echoes} echoes)", grid,
-                 max_bytes)
+                 f"lines, {n_par} partitions, {n_slices} slices, {n_echoes} echoes, "
+                 f"{n_images} repetitions x phases x sets)", grid, max_bytes)
     try:
         xml = header_xml(hdr, n_samples, max_lin, centre_lin, n_slices, n_echoes, n_coils,
                          separate_ref, n_par, centre_par)
     except RawDataError as err:
         raise RawDataError(f"{where}: {err}") from err
-    asm = MrdAssembler(xml, source=where, emit_early=False)
+    asm = MrdAssembler(xml, source=where, emit_early=False,
+                       max_bytes=default_max_bytes() if max_bytes is None else max_bytes)
     acqs = noise + [_acquisition(m, f, dwell_us) for m, f in others]
     slices = list(asm.process(acqs))
     scan = asm.build_scan(sorted(slices, key=lambda s: (s.contrast, s.repetition, s.phase,

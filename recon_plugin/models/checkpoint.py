@@ -132,13 +132,16 @@ def load_inference_model(path: Path | str) -> tuple[nn.Module, dict]:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A shipped model name (``unrolled-base``) or a path to a .safetensors file."""
+    """A shipped model name (``unrolled-base``; also searched in ``$RECON_PLUGIN_MODELS``) or a
+    path to a .safetensors file (ending in ``.safetensors`` or naming a folder: ``./mine``,
+    ``runs/x/mine``). A bare name never resolves to the working directory."""
     p = Path(name_or_path)
-    if p.suffix == ".safetensors" or p.exists():
+    if p.suffix == ".safetensors" or len(p.parts) > 1 or name_or_path.startswith("."):
         return weights_path(p)
     env = os.environ.get("RECON_PLUGIN_MODELS", "")  # unset or empty: the shipped folder only
     for d in ([Path(env)] if env else []) + [WEIGHTS_DIR]:
         if (d / f"{name_or_path}.safetensors").is_file():
             return d / f"{name_or_path}.safetensors"
     shipped = sorted(x.stem for x in WEIGHTS_DIR.glob("*.safetensors"))
-    raise ModelError(f"model {name_or_path!r} not found; shipped models: {shipped}")
+    raise ModelError(f"model {name_or_path!r} not found; shipped models: {shipped} (a file of "
+                     "your own: give its path, e.g. ./NAME.safetensors)")

@@ -14,6 +14,8 @@ from .dicom_values import _cs, _short_hash, _text, _valid_uid
 log = logging.getLogger(__name__)
 
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; override via ``uid_root``
+# a Siemens measurement ID: <serial>_<patient LOID>_<study LOID>_<MeasUID> (digits each)
+_SIEMENS_MEASUREMENT = re.compile(r"^(\d+_\d+_\d+)_\d+$")
 
 
 def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
@@ -46,22 +48,27 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
     """(StudyInstanceUID, FrameOfReferenceUID) for a scan.
 
     Header values are used when they are valid UIDs. Otherwise they are derived
-    deterministically from the header identity when it identifies the scan (a frame-of-reference
-    UID, a measurement ID, or a patient ID with a study date or accession number), so the series
-    of one scan share a study and a frame of reference. A scanner's frame-of-reference UID
-    stands for the session in the study's seed (the measurements of one session share it, each
-    has its own measurement ID), so a session's scans reconstructed one by one land in one
-    study. Anonymous headers get random UIDs: two unrelated anonymous scans must never merge
+    deterministically from the header identity when it identifies the scan (a measurement ID, a
+    frame-of-reference UID, or a patient ID with a study date or accession number), so the
+    series of one scan share a study and a frame of reference. A Siemens measurement ID
+    (``<serial>_<patient>_<study>_<measurement>``, as siemens_to_ismrmrd and the twix reader
+    write it) names its study without its last part: the study seed is that alone, so every
+    measurement of one study lands in one study whether it came as twix, as ISMRMRD or over a
+    stream. Anonymous headers get random UIDs: two unrelated anonymous scans must never merge
     into one study. Callers writing several series of one anonymous scan call this once and
     pass the result to every :func:`write_series`.
     """
     root = uid_root if uid_root.endswith(".") else uid_root + "."
     ident = header.identity
     scanner_frame = _valid_uid(ident.frame_of_reference_uid)
+    siemens = _SIEMENS_MEASUREMENT.match(ident.measurement_id.strip())
     identified = bool(scanner_frame or ident.measurement_id.strip() or (
         ident.patient_id.strip() and (ident.study_date.strip() or ident.accession_number.strip())))
-    seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
-            ident.study_id, ident.accession_number, scanner_frame or ident.measurement_id]
+    if siemens:
+        seed = ["siemens", siemens.group(1)]
+    else:
+        seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
+                ident.study_id, ident.accession_number, ident.measurement_id or scanner_frame or ""]
     study = _valid_uid(ident.study_instance_uid)
     if study is None:
         study = str(generate_uid(root, entropy_srcs=["study", *seed] if identified else None))

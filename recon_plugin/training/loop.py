@@ -96,10 +96,15 @@ def train_loop(
     start = 0
     best = -float("inf")
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        try:
+            state = torch.load(ckpt, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        except (RuntimeError, KeyError, ValueError, EOFError) as err:  # a configuration error
+            raise ValueError(f"{ckpt}: cannot resume from this checkpoint (another model's, "
+                             f"or damaged): {str(err).splitlines()[0] if str(err) else err!r}; "
+                             "use another run folder") from err
         start = int(state["step"])
         history = json.loads(state["history"])
         best = float(state.get("best", best))
