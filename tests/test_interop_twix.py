@@ -212,3 +212,26 @@ def test_a_3d_twix_measurement_reads_as_partitions(monkeypatch):
                                    atol=1e-4 * np.abs(flat.kspace).max())
         along = float((sl.geometry.position - flat.geometry.position) @ normal)
         assert along == pytest.approx((z - nz // 2) * thick / nz, abs=1e-3)
+
+
+def test_twix_identity_is_valid_xml_whatever_the_header_holds():
+    """Control characters and impossible dates are left out, so the header still parses
+    strictly (no lenient fallback) and the rest of the identity is kept."""
+    from recon_plugin.io.header import parse_xml
+    from recon_plugin.io.twix import header_xml
+
+    hdr = {"Meas": {"tPatientName": "Doe\x01^Jane & <Co>", "PatientID": "P\x1f1",
+                    "PatientBirthDay": "19801301", "lPatientSex": 2,
+                    "tFrameOfReference": "1.3.12.2.1107.5.2.19.45385.1.20211332151635693.0.0.0",
+                    "DeviceSerialNumber": 45385.0, "PatientLOID": "6.0.66327770",
+                    "StudyLOID": "6.0.66327775", "MeasUID": 12.0},
+           "Dicom": {"lFrequency": 123251815}}  # experimentalConditions, which the schema needs
+    xml = header_xml(hdr, n_samples=128, max_lin=63, centre_lin=32, n_slices=1, n_echoes=1,
+                     n_coils=2, separate_ref=False)
+    warnings: list[str] = []
+    tree = parse_xml(xml, "test", warnings)
+    assert not warnings  # strict schema parse
+    s = tree.subjectInformation
+    assert (s.patientName, s.patientID, s.patientGender) == ("Doe^Jane & <Co>", "P1", "M")
+    assert s.patientBirthdate is None and tree.studyInformation is None  # month 13: left out
+    assert tree.measurementInformation.measurementID == "45385_6327770_6327775_12"
