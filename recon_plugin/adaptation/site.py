@@ -118,7 +118,7 @@ def adapt(
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     protocol = load_protocol(base_protocol)
     settings = protocol.recon_settings()
     base_path = resolve_model(settings.model)

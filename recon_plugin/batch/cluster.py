@@ -47,6 +47,8 @@ def connect_timeout() -> float:
     if not value > 0 or value == float("inf"):
         raise BatchUsageError(f"{TIMEOUT_VAR}={text!r}: expected a number of seconds > 0")
     return value
+
+
 _ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 

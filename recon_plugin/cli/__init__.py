@@ -40,15 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     try:
         return a.fn(a)
-    except (FloatingPointError, MemoryError) as e:  # the run itself failed, not its arguments
+    except (ValueError, LookupError, FileNotFoundError, RuntimeError, FloatingPointError,
+            MemoryError) as e:
         log.error("%s", str(e) or type(e).__name__)
         log.debug("traceback", exc_info=True)
+        return _exit_status(e, a.command)
+
+
+def _exit_status(e: Exception, command: str) -> int:
+    """Exit 1 where the run itself failed (non-finite losses, memory, torch's own errors while a
+    training command runs), else 2: the arguments or the configuration were wrong."""
+    if isinstance(e, FloatingPointError | MemoryError):
         return EXIT_FAILED
-    except RuntimeError as e:  # torch's own errors (out of memory, ...) while a run trains
-        log.error("%s", e)
-        log.debug("traceback", exc_info=True)
-        return EXIT_FAILED if a.command in TRAINING_COMMANDS else EXIT_USAGE
-    except (ValueError, LookupError, FileNotFoundError) as e:
-        log.error("%s", e)
-        log.debug("traceback", exc_info=True)
-        return EXIT_USAGE
+    if isinstance(e, RuntimeError) and command in TRAINING_COMMANDS:
+        return EXIT_FAILED
+    return EXIT_USAGE

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,8 +53,6 @@ def _count(n: int, noun: str) -> str:
 
 def _where(outputs: list[str]) -> str:
     """`` to FOLDER``: the folder that holds every output file of an input ('' for none)."""
-    import os
-
     return f" to {os.path.commonpath([str(Path(o).parent) for o in outputs])}" if outputs else ""
 
 

@@ -402,6 +402,7 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     for counter in ("cRep", "cPhs", "cSet"):  # repetitions, cardiac phases, sets
         n_images *= max(int(getattr(m, counter, 0) or 0) for m, _ in others) + 1
     grid = 8 * n_coils * n_samples * (max_lin + 1) * n_slices * n_echoes * n_par * n_images
+    max_bytes = default_max_bytes() if max_bytes is None else max_bytes
     check_budget(where, f"its k-space grid ({n_coils} coils, {n_samples} samples, {max_lin + 1} "
                  f"lines, {n_par} partitions, {n_slices} slices, {n_echoes} echoes, "
                  f"{n_images} repetitions x phases x sets)", grid, max_bytes)
@@ -410,8 +411,7 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
                          separate_ref, n_par, centre_par)
     except RawDataError as err:
         raise RawDataError(f"{where}: {err}") from err
-    asm = MrdAssembler(xml, source=where, emit_early=False,
-                       max_bytes=default_max_bytes() if max_bytes is None else max_bytes)
+    asm = MrdAssembler(xml, source=where, emit_early=False, max_bytes=max_bytes)
     acqs = noise + [_acquisition(m, f, dwell_us) for m, f in others]
     slices = list(asm.process(acqs))
     scan = asm.build_scan(sorted(slices, key=lambda s: (s.contrast, s.repetition, s.phase,

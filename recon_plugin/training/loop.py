@@ -102,9 +102,9 @@ def train_loop(
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
         except (RuntimeError, KeyError, ValueError, EOFError) as err:  # a configuration error
+            why = (str(err) or repr(err)).splitlines()[0]
             raise ValueError(f"{ckpt}: cannot resume from this checkpoint (another model's, "
-                             f"or damaged): {str(err).splitlines()[0] if str(err) else err!r}; "
-                             "use another run folder") from err
+                             f"or damaged): {why}; use another run folder") from err
         start = int(state["step"])
         history = json.loads(state["history"])
         best = float(state.get("best", best))

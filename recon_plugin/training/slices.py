@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,5 +19,5 @@ class SiteSlice:
 
     def to(self, device: torch.device | str) -> SiteSlice:
         """The same slice with its tensors on ``device``."""
-        return SiteSlice(self.kspace.to(device), self.mask.to(device), self.maps.to(device),
-                         self.acs, self.source)
+        return replace(self, kspace=self.kspace.to(device), mask=self.mask.to(device),
+                       maps=self.maps.to(device))

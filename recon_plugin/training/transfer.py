@@ -369,5 +369,5 @@ class PoolDir:
     def sample(self, rng: np.random.Generator) -> Batch:
         """One augmented batch (:func:`~.data.augment`) of a random pool file."""
         files = self._files()
-        return augment(Batch(**torch.load(files[int(rng.integers(len(files)))],
-                                          weights_only=True)), rng)
+        path = files[int(rng.integers(len(files)))]
+        return augment(Batch(**torch.load(path, weights_only=True)), rng)
