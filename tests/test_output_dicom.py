@@ -426,6 +426,36 @@ def test_multi_echo_series_carry_their_own_echo_time(tmp_path):
     assert got[0][0] != got[1][0]  # two series
 
 
+def test_runs_of_different_methods_into_one_study_get_their_own_series_numbers(tmp_path):
+    """``recon --method`` runs of one scan land in one study; each method's series has its own
+    SeriesNumber (all were 1001), and the protocol's own method keeps ``number_base + 1``."""
+    from recon_plugin.batch import recon_file
+    from recon_plugin.recon import METHODS
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    vol = simulate_volume("test", "T2", 1, 4, (48, 40), seed=2)
+    ident = Identity(patient_name="Doe^Jane", patient_id="P-7", study_date="20261205")
+    raw = write_ismrmrd(vol, tmp_path / "s.h5", acceleration=2, calib_lines=16,
+                        header_kwargs={"identity": ident})
+    recon = Reconstructor()
+    got = {}
+    for method in ("zero-filled", "cg-sense", "l1-wavelet"):
+        written, proto = recon_file(raw, tmp_path / method, recon, "brain_t2_axial_4x",
+                                    ("dicom",), {"method": method})
+        (ds,) = dicom.read_series(written)
+        got[method] = (str(ds.StudyInstanceUID), int(ds.SeriesNumber))
+    assert len({study for study, _ in got.values()}) == 1
+    assert len({number for _, number in got.values()}) == 3
+    own = proto.series_number(0)
+    assert own == proto.series.number_base + 1 == proto.series_number(0, "unrolled")
+    assert own not in {number for _, number in got.values()}
+    assert got["cg-sense"][1] == proto.series_number(0, "cg-sense")
+    assert {proto.series_number(0, m) for m in METHODS} | {own} == {
+        proto.series_number(0, m) for m in METHODS}
+
+
 def test_the_protocol_uid_root_roots_every_uid_of_a_scan(tmp_path):
     import pydicom
 

@@ -123,7 +123,7 @@ def recon_file(
     series = recon.reconstruct(scan, settings, progress)
     del scan
     for s in series:
-        s.series_number = protocol.series_number(s.series_number - 1)
+        s.series_number = protocol.series_number(s.series_number - 1, settings.method)
         s.series_description = protocol.series.description
     if series:
         t.update(series[0].timings_s)

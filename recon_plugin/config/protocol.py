@@ -99,6 +99,9 @@ class ProtocolError(ValueError):
     """A protocol file is missing, unreadable or invalid; the message names file and key."""
 
 
+METHOD_SERIES_STEP = 100  # series numbers between methods; a scan has fewer contrasts
+
+
 class ProtocolMatchError(LookupError):
     """No protocol matches a header; the message lists every candidate and why it failed."""
 
@@ -127,9 +130,18 @@ class Protocol:
     source: Path | None = None
     chain: list[Path] = field(default_factory=list)  # files merged, base first
 
-    def series_number(self, index: int = 0) -> int:
-        """SeriesNumber of the ``index``-th output series: ``number_base + index + 1``."""
-        return self.series.number_base + int(index) + 1
+    def series_number(self, index: int = 0, method: str | None = None) -> int:
+        """SeriesNumber of the ``index``-th output series: ``number_base + index + 1``.
+
+        ``method``: the method that made the series, where a caller overrode the protocol's
+        (``recon --method``). Such a series is numbered ``METHOD_SERIES_STEP`` x (1 + the
+        method's place in ``METHODS``) higher, so that runs of different methods into one study
+        do not share a SeriesNumber.
+        """
+        offset = 0
+        if method is not None and method != self.model.method:
+            offset = METHOD_SERIES_STEP * (1 + METHODS.index(method))
+        return self.series.number_base + offset + int(index) + 1
 
     def dicom_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``dicom.write_series``: the options the protocol sets."""

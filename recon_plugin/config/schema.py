@@ -200,7 +200,7 @@ class ImageSpec(_Section):
 
 class SeriesSpec(_Section):
     description: Annotated[StrictStr, Field(max_length=48)] = ""
-    number_base: Annotated[StrictInt, Field(ge=0, le=2**31 - 1001)] = 1000
+    number_base: Annotated[StrictInt, Field(ge=0, le=2**31 - 2001)] = 1000  # + method and index
 
 
 class PacsSpec(_Section):
