@@ -17,9 +17,13 @@ Conventions
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class RawDataError(ValueError):
@@ -236,6 +240,24 @@ class RawScan:
     acq_dwell_time_us: float | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def only_slices(self, indices: Collection[int]) -> RawScan:
+        """This scan with only the slices whose ``slice_index`` is in ``indices`` (every
+        contrast, repetition and phase of them). ValueError for a 3D slab made of ky-kz planes
+        (reconstructed as a whole) or where no index names a slice of the scan."""
+        name = self.source or "scan"
+        if any(s.plane is not None for s in self.slices):
+            raise ValueError(f"{name}: a 3D slab accelerated along kz is reconstructed as a "
+                             "whole; a slice selection does not apply to it")
+        have = sorted({s.slice_index for s in self.slices})
+        wanted = set(indices)
+        if not wanted & set(have):
+            raise ValueError(f"{name}: none of the slices {_ranges(sorted(wanted))} is in the "
+                             f"scan, whose slices are {_ranges(have)}")
+        if wanted - set(have):
+            log.warning("%s: slices %s are not in the scan (its slices: %s)", name,
+                        _ranges(sorted(wanted - set(have))), _ranges(have))
+        return replace(self, slices=[s for s in self.slices if s.slice_index in wanted])
+
     def validate(self) -> None:
         """Raise RawDataError for a scan without slices, an invalid slice, or k-space that is
         zero everywhere (nothing was recorded: no image could show anything)."""
@@ -246,6 +268,17 @@ class RawScan:
         if not any(np.any(s.kspace) for s in self.slices):
             raise RawDataError(f"{self.source or 'scan'}: every k-space sample is zero (no "
                                "signal was recorded)")
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # ReconImage.method of a slice whose coil maps have no support (noise only): no method ran

@@ -228,6 +228,17 @@ def test_acceleration_along_kz_reads_as_ky_kz_planes(tmp_path, vol):
     assert s["value"]["acceleration"] == pytest.approx(mask.size / mask.sum(), abs=0.01)
 
 
+def test_a_slice_selection_takes_partitions_and_is_refused_for_ky_kz_planes(tmp_path, vol):
+    """``recon --slices`` (``RawScan.only_slices``): a 3D slab read as partitions gives the
+    partitions asked for; a slab accelerated along kz, made of ky-kz planes that are
+    reconstructed together, refuses a selection by name."""
+    scan = read_raw(write_3d(tmp_path / "r2.h5", vol, _ky_r2))
+    assert [s.slice_index for s in scan.only_slices([2, 5]).slices] == [2, 5]
+    planes = read_raw(write_3d(tmp_path / "caipi.h5", vol, _caipi))
+    with pytest.raises(ValueError, match="reconstructed as a whole; a slice selection does not"):
+        planes.only_slices([2])
+
+
 def _partition_of(d, vol) -> int:
     """The partition a DICOM image shows, from its centre (first-pixel corner + half the
     image) along the slab's slice direction."""

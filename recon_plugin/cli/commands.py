@@ -100,7 +100,7 @@ def cmd_recon(a: argparse.Namespace) -> int:
     overrides = {"method": a.method, "model": a.model, "refine": a.refine,
                  "refine_budget_s": a.refine_budget, "guard": False if a.no_guard else None,
                  "calibrate": False if a.no_calibrate else None,
-                 "measured_weight": a.measured_weight}
+                 "measured_weight": a.measured_weight, "slices": a.slices}
     try:
         results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
                             overrides, progress=not a.quiet, send=a.send, workers=a.workers,

@@ -8,6 +8,7 @@ reject bad values in one line); :mod:`.commands` runs what it parsed. It imports
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .commands import (
 # refinement steps the demo takes even past its budget: 67 steps (session 16) and 85 (session
 # 21, ended by the held-out lines) left no arc on the built-in phantom, 7 did (docs/FINDINGS.md)
 DEMO_REFINE_MIN_STEPS = 60
+MAX_SLICE_INDEX = 65535  # an ISMRMRD slice index is 16 bits
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -69,6 +71,22 @@ _acceleration = _number(float, lambda v: 1 <= v < float("inf"), "a number >= 1",
 # a share of the acquired lines
 _fraction = _number(float, lambda v: 0 < v < 1, "a number between 0 and 1",
                     "between 0 and 1 (exclusive)")
+
+
+def _slice_list(text: str) -> tuple[int, ...]:
+    """``--slices``: comma-separated slice indices and inclusive ranges, e.g. ``7`` or
+    ``0-3,8``; sorted, without repeats."""
+    out: set[int] = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise argparse.ArgumentTypeError(
+                f"expected slice indices >= 0 and ranges like 0-3, comma-separated, got {text!r}")
+        if int(m[2] or m[1]) > MAX_SLICE_INDEX:
+            raise argparse.ArgumentTypeError(
+                f"slice indices end at {MAX_SLICE_INDEX} (ISMRMRD's 16 bits), got {text!r}")
+        out.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return tuple(sorted(out))
 
 
 def _measured_weight(text: str) -> float | str:
@@ -165,6 +183,10 @@ def _add_recon(sub: argparse._SubParsersAction) -> None:
                    "measured sample kept; 0: the method's estimate alone, full noise "
                    "reduction) or auto (per series, from its noise level and the guard's "
                    "held-out lines); default: the protocol's image.measured_weight")
+    s.add_argument("--slices", type=_slice_list, default=None, metavar="LIST",
+                   help="reconstruct only these slices of each input: the raw file's slice "
+                   "indices (from 0), e.g. 7 or 0-3,8, every contrast and repetition of them "
+                   "(default: all)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
     s.add_argument("--workers", type=_positive_int, default=1,

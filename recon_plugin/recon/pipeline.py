@@ -446,7 +446,9 @@ class Reconstructor:
                     progress: Callable[[int, int], object] | None = None) -> list[ReconSeries]:
         """All slices of a scan; one series per contrast, images ordered by slice/repetition.
         ``progress(done, total)`` is called before the first slice and after each (total: the
-        scan's slices)."""
+        scan's slices; ``settings.slices`` where given, else all)."""
+        if settings.slices is not None:
+            scan = scan.only_slices(settings.slices)
         scan.validate()
         if progress is not None:
             progress(0, len(scan.slices))

@@ -44,6 +44,9 @@ class ReconSettings:
     calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
     # measured samples blended into the output (combine.py): [0, 1] or "auto" (noise-aware)
     measured_weight: float | str = 1.0
+    # slice indices to reconstruct (SliceData.slice_index; None: all): the command line's
+    # --slices, never a protocol's
+    slices: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,6 +62,10 @@ class ReconSettings:
             raise ValueError(f"partial_fourier must be one of {PARTIAL_FOURIER}, "
                              f"got {self.partial_fourier!r}")
         self.measured_weight = measured_weight(self.measured_weight)
+        if self.slices is not None:
+            self.slices = tuple(sorted({int(i) for i in self.slices}))
+            if not self.slices or self.slices[0] < 0:
+                raise ValueError(f"slices must be indices >= 0, got {self.slices}")
 
     def override(self, **values) -> ReconSettings:
         """These settings with the given fields replaced; ``None`` values keep the protocol's
