@@ -343,3 +343,16 @@ def test_recon_slices_reconstructs_only_the_slices_asked_for(tmp_path, capsys, c
     with pytest.raises(SystemExit) as e:
         main([*base, "--out", str(tmp_path / "bad"), "--slices", "3-1"])
     assert e.value.code == 2 and "argument --slices:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["tcp://host:99999", "tcp://host:0", "local:0", "host:8786"])
+def test_a_cluster_address_is_checked_by_the_parser_as_the_batch_checks_it(tmp_path, capsys,
+                                                                           address):
+    """``--cluster`` is refused while parsing (exit 2, naming the option) by the batch's own
+    address rule, port range included (the parser's copy of the pattern had let port 99999
+    through)."""
+    with pytest.raises(SystemExit) as e:
+        main(["recon", str(tmp_path), "--out", str(tmp_path / "o"), "--cluster", address])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --cluster:" in err and address in err, err
+    assert not (tmp_path / "o").exists()

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 from distributed import WorkerPlugin
 
 from .files import FileResult, ProtocolCache, output_name, process_file
-from .state import BatchUsageError, clean_stale
+from .state import BatchUsageError, clean_stale, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +46,6 @@ def connect_timeout() -> float:
     if not value > 0 or value == float("inf"):
         raise BatchUsageError(f"{TIMEOUT_VAR}={text!r}: expected a number of seconds > 0")
     return value
-
-
-_ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-
-
-def parse_address(text: str) -> tuple[str, int | str]:
-    """``local:N`` -> ("local", N); ``tcp://HOST:PORT`` (or ``tls://``) -> ("remote", text).
-    Anything else raises BatchUsageError (one line)."""
-    text = (text or "").strip()
-    if text.startswith("local:"):
-        n = text[len("local:"):]
-        if not n.isdigit() or int(n) < 1:
-            raise BatchUsageError(f"--cluster {text!r}: local:N needs a worker count N >= 1")
-        return "local", int(n)
-    m = _ADDRESS.match(text)
-    if not m or not 0 < int(m.group(3)) < 65536:
-        raise BatchUsageError(f"--cluster {text!r}: expected tcp://HOST:PORT (a running dask "
-                              "scheduler) or local:N (N worker processes on this machine)")
-    return "remote", text
 
 
 # ----------------------------------------------------------------------------- worker side

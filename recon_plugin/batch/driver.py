@@ -27,6 +27,7 @@ from .state import (
     fingerprint,
     interruptible,
     load_state,
+    parse_address,
     save_state,
 )
 
@@ -63,8 +64,6 @@ def preflight(
         if workers > 1:
             raise BatchUsageError("--workers and --cluster exclude each other (local:N is N "
                                   "workers on this machine)")
-        from .cluster import parse_address
-
         parse_address(cluster)
     if max_memory_gb is not None and not max_memory_gb > 0:
         raise BatchUsageError(f"--max-memory-gb must be > 0, got {max_memory_gb}")

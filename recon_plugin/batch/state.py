@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -28,6 +29,25 @@ STAGING_PREFIX = ".staging-"
 
 class BatchUsageError(ValueError):
     """The batch cannot start (bad arguments, unusable --out, no inputs); nothing was done."""
+
+
+_ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def parse_address(text: str) -> tuple[str, int | str]:
+    """``local:N`` -> ("local", N); ``tcp://HOST:PORT`` (or ``tls://``) -> ("remote", text).
+    Anything else raises BatchUsageError (one line)."""
+    text = (text or "").strip()
+    if text.startswith("local:"):
+        n = text[len("local:"):]
+        if not n.isdigit() or int(n) < 1:
+            raise BatchUsageError(f"--cluster {text!r}: local:N needs a worker count N >= 1")
+        return "local", int(n)
+    m = _ADDRESS.match(text)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise BatchUsageError(f"--cluster {text!r}: expected tcp://HOST:PORT (a running dask "
+                              "scheduler) or local:N (N worker processes on this machine)")
+    return "remote", text
 
 
 class BatchInterrupted(BaseException):  # like KeyboardInterrupt: no per-file handler catches it

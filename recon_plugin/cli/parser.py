@@ -97,15 +97,14 @@ def _measured_weight(text: str) -> float | str:
 
 
 def _cluster(text: str) -> str:
-    """``--cluster``: ``tcp://HOST:PORT`` or ``local:N`` (checked here; imports no dask)."""
-    import re
+    """``--cluster``: ``tcp://HOST:PORT`` or ``local:N``, checked as the batch checks it."""
+    from ..batch.state import BatchUsageError, parse_address
 
-    m = re.fullmatch(r"local:(\d+)", text)
-    if m and int(m.group(1)) >= 1 or re.fullmatch(
-            r"(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}", text):
-        return text
-    raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT (a running dask scheduler) or "
-                                     f"local:N with N >= 1, got {text!r}")
+    try:
+        parse_address(text)
+    except BatchUsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _target(text: str) -> str:
