@@ -46,9 +46,27 @@ def test_batch_isolates_failures_and_resumes(raw_dir, tmp_path, capsys):
     assert len(state) == 1
     mtimes = [p.stat().st_mtime_ns for p in dcm]
     code = main(["-q", "recon", str(raw_dir / "good.h5"), "--out", str(out), "--method",
-                 "zero-filled", "--resume"])
+                 "zero-filled", "--format", "dicom,h5", "--resume"])
     assert code == 0 and "skipped" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in dcm] == mtimes  # nothing rewritten
+
+
+def test_resume_redoes_an_input_finished_with_other_settings(tmp_path, capsys):
+    """A ``--slices`` trial run, then the whole scan with ``--resume`` into the same --out: the
+    input is reconstructed again, not skipped as finished (its state records the settings
+    that made it); the same command again skips it."""
+    vol = simulate_volume("test", "PD", num_slices=3, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "three.h5", acceleration=4, calib_lines=16)
+    out = tmp_path / "out"
+    run = ["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled"]
+    assert main([*run, "--slices", "1"]) == 0
+    assert len(list(out.rglob("*.dcm"))) == 1
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert len(list(out.rglob("*.dcm"))) == 3
+    assert main([*run, "--resume"]) == 0
+    assert "skipped" in capsys.readouterr().out
 
 
 def test_inspect_says_how_each_file_is_read_without_reconstructing(raw_dir, tmp_path, capsys):

@@ -26,6 +26,7 @@ from .state import (
     clean_stale,
     fingerprint,
     interruptible,
+    job_settings,
     load_state,
     parse_address,
     save_state,
@@ -150,12 +151,16 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     ``finish`` records each result in the state and delivers it."""
     clean_stale(out_dir)
     state = load_state(out_dir)
+    asked = job_settings(protocol, formats, overrides, protocol_dirs)
     todo = []
     for path in files:
         key = str(path.resolve())
         entry = state.get(key, {})
         done = (resume and entry.get("fingerprint") == fingerprint(path)
                 and entry.get("outputs") and all(Path(p).exists() for p in entry["outputs"]))
+        if done and entry.get("settings") != asked:
+            log.info("%s: finished before with other settings; reconstructing it again", path)
+            done = False
         if not done:
             todo.append(path)
             continue
@@ -173,7 +178,8 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             key = str(path.resolve())
             plan = DeliveryPlan.make(proto.pacs, send, out_dir)
             state[key] = {"fingerprint": fingerprint(path), "outputs": r.outputs,
-                          "protocol": r.protocol, "folder": output_name(path)}
+                          "protocol": r.protocol, "folder": output_name(path),
+                          "settings": asked}
             if plan:
                 state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
             save_state(out_dir, state)

@@ -145,6 +145,17 @@ def fingerprint(p: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def job_settings(protocol: str | None, formats, overrides: dict | None,
+                 protocol_dirs: list[Path] | None) -> str:
+    """What a batch was asked to make, as recorded with each finished input: ``--resume``
+    skips an input only when it was finished with the same protocol choice, formats and
+    overrides (e.g. not after a ``--slices`` or ``--method`` trial run into the same --out)."""
+    asked = {"protocol": protocol, "formats": sorted(formats),
+             "protocol_dirs": [str(d) for d in protocol_dirs or []],
+             "overrides": {k: v for k, v in (overrides or {}).items() if v is not None}}
+    return json.dumps(asked, sort_keys=True, default=str)
+
+
 def load_state(out_dir: Path) -> dict:
     """The resume state of ``out_dir`` ({} when absent or unreadable)."""
     f = out_dir / STATE_FILE
