@@ -251,11 +251,11 @@ class RawScan:
         have = sorted({s.slice_index for s in self.slices})
         wanted = set(indices)
         if not wanted & set(have):
-            raise ValueError(f"{name}: none of the slices {_ranges(sorted(wanted))} is in the "
-                             f"scan, whose slices are {_ranges(have)}")
+            raise ValueError(f"{name}: none of the slices {index_ranges(sorted(wanted))} is "
+                             f"in the scan, whose slices are {index_ranges(have)}")
         if wanted - set(have):
             log.warning("%s: slices %s are not in the scan (its slices: %s)", name,
-                        _ranges(sorted(wanted - set(have))), _ranges(have))
+                        index_ranges(sorted(wanted - set(have))), index_ranges(have))
         return replace(self, slices=[s for s in self.slices if s.slice_index in wanted])
 
     def validate(self) -> None:
@@ -270,7 +270,7 @@ class RawScan:
                                "signal was recorded)")
 
 
-def _ranges(indices: list[int]) -> str:
+def index_ranges(indices: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
     runs: list[list[int]] = []
     for i in indices:

@@ -336,11 +336,13 @@ def test_a_device_torch_does_not_know_is_a_usage_error_with_workers_too(raw_dir,
 def test_recon_slices_reconstructs_only_the_slices_asked_for(tmp_path, capsys, caplog):
     """``recon --slices``: only those slices are written (each where the full run puts it); a
     list naming no slice of the scan fails that input with the scan's slices named; a malformed
-    list is a usage error."""
+    list is a usage error; ``inspect`` lists the indices there are."""
     import pydicom
 
     vol = simulate_volume("test", "PD", num_slices=4, num_coils=4, matrix=(48, 40), snr=40.0)
     raw = write_ismrmrd(vol, tmp_path / "four.h5", acceleration=4, calib_lines=16)
+    assert main(["-q", "inspect", str(raw)]) == 0  # inspect names the indices to select
+    assert "slices: 4 (indices 0-3; contrasts 1" in capsys.readouterr().out
     base = ["-q", "recon", str(raw), "--method", "zero-filled"]
     assert main([*base, "--out", str(tmp_path / "all")]) == 0
 

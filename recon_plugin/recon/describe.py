@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 
 from ..physics import calibration_block, is_2d_sampling
-from ..scan import RawScan, SliceData
+from ..scan import RawScan, SliceData, index_ranges
 from .combine import fully_sampled
 from .partial_fourier import is_partial_fourier, sampled_extent
 
@@ -86,6 +86,9 @@ def describe_scan(scan: RawScan) -> dict:
         "coils": h.num_coils,
         "noise_samples": None if scan.noise is None else int(scan.noise.shape[-1]),
         "slices": len(slices),
+        # what recon --slices selects (a slab of ky-kz planes takes no selection)
+        "slice_indices": None if planes else index_ranges(sorted({sl.slice_index
+                                                                  for sl in slices})),
         "contrasts": len({sl.contrast for sl in slices}),
         "repetitions": len({sl.repetition for sl in slices}),
         "phases": len({sl.phase for sl in slices}),
@@ -127,8 +130,9 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         f"  coils: {d['coils']}; noise scan: "
         + (f"{d['noise_samples']} samples (prewhitening)" if d["noise_samples"]
            else "none (noise level estimated from the data)"),
-        f"  slices: {d['slices']} (contrasts {d['contrasts']}, repetitions {d['repetitions']}, "
-        f"phases {d['phases']})",
+        f"  slices: {d['slices']} ("
+        + (f"indices {d['slice_indices']}; " if d["slice_indices"] else "")
+        + f"contrasts {d['contrasts']}, repetitions {d['repetitions']}, phases {d['phases']})",
     ]
     if d["kz_planes"]:
         k = d["kz_planes"]
