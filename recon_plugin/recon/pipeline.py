@@ -81,8 +81,10 @@ log = logging.getLogger(__name__)
 # what a slice still makes after its refinement, in images as the pipeline delivers them: the
 # confirmation's refined and unrefined image, the guard's CG-SENSE, the final image
 AFTER_REFINEMENT = 3.5
-# the per-slice counts of a scan's timings (the batch summary reports them per slice)
-SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skipped")
+# the per-slice counts of a scan's timings (the batch summary reports them per slice; a slice
+# made again counts once)
+SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skipped", "fov_wrap",
+                "no_signal")
 # ReconImage.method of a fully sampled slice written with every measured sample kept: its image
 # is the RSS of its coil images whatever the method, so no method runs and none is named
 FULLY_SAMPLED = "rss"
