@@ -376,3 +376,16 @@ def test_a_cluster_address_is_checked_by_the_parser_as_the_batch_checks_it(tmp_p
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --cluster:" in err and address in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_scan_without_calibration_data_says_so_in_the_summary(tmp_path, capsys, caplog):
+    """No ACS lines and no reference scan: each slice falls back to zero-filled, the warning
+    says what to acquire (it had advised a classical method, which needs the maps too), and
+    the file's summary line counts the slices that fell back."""
+    vol = simulate_volume("test", "PD", num_slices=2, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "noacs.h5", acceleration=4, calib_lines=0)
+    assert main(["-q", "recon", str(raw), "--out", str(tmp_path / "o"), "--method",
+                 "cg-sense"]) == 0
+    assert "no coil maps (zero-filled instead): 2 slices" in capsys.readouterr().out
+    assert "acquire ACS lines or a reference scan" in caplog.text
+    assert "classical method" not in caplog.text

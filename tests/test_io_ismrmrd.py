@@ -250,6 +250,11 @@ def test_separate_calibration_other_matrix_and_coils(tmp_path, vol):
         centre = np.abs(got - truth)[:, :, 4:12].max()
         assert centre < 0.01 * np.abs(truth).max()
         assert not s.calib[:, :, :7].any()
+    # inspect says where the maps come from (it had said "no ESPIRiT maps: zero-filled")
+    from recon_plugin.recon.describe import describe_scan, format_description
+
+    text = format_description(describe_scan(scan))
+    assert "ESPIRiT maps from the separate calibration scan" in text and "zero-filled" not in text
 
 
 def test_noise_absent_and_dependent_measurement(tmp_path, vol):

@@ -69,6 +69,9 @@ def _report(results: list[FileResult]) -> int:
         if r.ok and t.get("guard_checked"):
             extra += (f", guard: {int(t.get('guard_rejected', 0))} of "
                       f"{_count(int(t['guard_checked']), unit)} CG-SENSE")
+        if r.ok and t.get("no_maps"):
+            extra += (f", no coil maps (zero-filled instead): "
+                      f"{_count(int(t['no_maps']), unit)}")
         if r.ok and t.get("no_signal"):
             extra += f", no signal (noise only, no method run): {_count(int(t['no_signal']), unit)}"
         if r.ok and t.get("fov_wrap"):

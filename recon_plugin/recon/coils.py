@@ -66,8 +66,9 @@ def calibration_region(
     when too small for the kernel."""
     c, ny, nx = kspace.shape
     if acs is None:
-        raise CoilMapError("no fully sampled calibration (ACS) region: ESPIRiT cannot run; use a "
-                           "protocol with a separate calibration scan or a classical method")
+        raise CoilMapError("no fully sampled calibration (ACS) region and no separate "
+                           "calibration scan: ESPIRiT cannot estimate the coil maps that every "
+                           "method but zero-filled needs (acquire ACS lines or a reference scan)")
     lo, hi = acs
     n = hi - lo
     if n > calib_width:

@@ -142,8 +142,7 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         v = item["value"]
         block = v["calibration_rows"]
         kind = "2D mask" if v["mask_2d"] else "lines"
-        extra = [w for w, on in (("partial Fourier", v["partial_fourier"]),
-                                 ("separate calibration scan", v["separate_calibration"])) if on]
+        extra = [w for w, on in (("partial Fourier", v["partial_fourier"]),) if on]
         (a, b), (na, nb) = v["axes"], v["shape"]
         head = f"  sampling ({item['slices']} slice(s)): k-space {a} {na} x {b} {nb}, "
         if v["fully_sampled"]:
@@ -154,7 +153,8 @@ def format_description(d: dict, protocol: str | None = None) -> str:
             head + f"{kind}, {v['acceleration']:g}x measured"
             + (f" (header: {d['header_acceleration']:g}x)" if d["header_acceleration"] else "")
             + f", {v['measured_lines']} lines, "
-            + (f"calibration rows {block[0]}-{block[1] - 1} ({block[1] - block[0]})"
+            + ("ESPIRiT maps from the separate calibration scan" if v["separate_calibration"]
+               else f"calibration rows {block[0]}-{block[1] - 1} ({block[1] - block[0]})"
                if block else "no calibration block (no ESPIRiT maps: zero-filled)")
             + "".join(f", {w}" for w in extra))
     g = d["geometry"]

@@ -84,7 +84,7 @@ AFTER_REFINEMENT = 3.5
 # the per-slice counts of a scan's timings (the batch summary reports them per slice; a slice
 # made again counts once)
 SLICE_COUNTS = ("guard_checked", "guard_rejected", "refine_kept", "refine_skipped", "fov_wrap",
-                "no_signal")
+                "no_signal", "no_maps")
 # ReconImage.method of a fully sampled slice written with every measured sample kept: its image
 # is the RSS of its coil images whatever the method, so no method runs and none is named
 FULLY_SAMPLED = "rss"
@@ -189,6 +189,7 @@ class Reconstructor:
                 log.warning("slice %d: %s; falling back to zero-filled RSS", sl.slice_index, e)
                 notes.append(f"FALLBACK zero-filled: {e}")
                 method = "zero-filled"
+                t["no_maps"] += 1
             t["sensitivities"] += time.perf_counter() - t0
             if method != "zero-filled" and maps2 is None and not np.any(maps):
                 # every SENSE-type method makes a zero image from maps without support, so
