@@ -140,15 +140,15 @@ def run(docs: Path, real_dir: Path, mode: str = "ssdu", steps: int = 100,
                 continue
             rep["seconds"] = time.perf_counter() - t0
             rep["files"] = names
-            runs[run_name] = {k: v for k, v in rep.items() if k not in ("model", "overlay")}
+            runs[run_name] = {k: v for k, v in rep.items()
+                              if k not in ("model", "overlay", "run_dir")}
             log.info("site run %s: promoted %s, gate %s", run_name, rep["promoted"],
                      rep.get("gate"))
             if rep["promoted"]:  # the overlay names the adapted model: use it as `recon` would
                 overlay = load_protocol(rep["overlay"])
                 models[f"adapted ({run_name})"] = overlay.recon_settings().model
             else:  # scored anyway, from its last checkpoint: what the gate kept out
-                ckpt = d / run_name.replace(" ", "-") / "runs" / \
-                    f"site-{run_name.replace(' ', '-')}" / "ckpt.pt"
+                ckpt = Path(rep["run_dir"]) / "ckpt.pt"
                 models[f"adapted ({run_name}), NOT promoted"] = _unpromoted(base_name, ckpt,
                                                                             d / run_name)
         for c in cases:

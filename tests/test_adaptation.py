@@ -92,6 +92,29 @@ def test_dc_adaptation_trains_the_data_consistency_weights_alone(site, tmp_path)
         adapt(raws, str(d / "tiny_base.yaml"), tmp_path / "x", steps=1, params="cnn")
 
 
+def test_a_second_adaptation_into_one_site_is_its_own_run_and_version(site, tmp_path):
+    """Two adaptations into one site folder: the second (other files) trains its own steps
+    from the base (it had resumed the first's finished checkpoint and trained none) and is
+    published as a new version beside the first (it had overwritten it); the overlay names
+    the newest; the same command again resumes its own run."""
+    d, raws = site
+    first = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=30)
+    second = adapt(raws[1:], str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=30)
+    assert first["promoted"] and second["promoted"], (first, second)
+    assert first["run_dir"] != second["run_dir"] and second["steps"] == 30
+    assert first["model"] != second["model"] and first["sha256"] != second["sha256"]
+    cards = [json.loads(Path(r["model"]).with_suffix(".json").read_text())
+             for r in (first, second)]
+    assert [c["version"] for c in cards] == ["site-1", "site-2"]
+    assert len(cards[0]["adaptation"]["raw_files"]) == 3
+    assert len(cards[1]["adaptation"]["raw_files"]) == 2
+    assert load_protocol(second["overlay"]).recon_settings().model == str(
+        Path(second["model"]).resolve())
+    again = adapt(raws[1:], str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=30)
+    assert again["run_dir"] == second["run_dir"] and again["param_sha256"] == second[
+        "param_sha256"]
+
+
 def test_gate_refuses_a_worse_model(site, tmp_path):
     d, raws = site
     rep = adapt(raws, str(d / "tiny_base.yaml"), tmp_path, mode="mc-ei", steps=6, lr=5.0,
@@ -99,6 +122,8 @@ def test_gate_refuses_a_worse_model(site, tmp_path):
     assert not rep["promoted"]
     assert not rep["adapted_heldout_error"] < rep["base_heldout_error"]  # NaN counts as worse
     assert not (tmp_path / "models").exists() and not (tmp_path / "protocols").exists()
+    # the site's report is this run's, not a promoted run's from before
+    assert json.loads((tmp_path / "adapt_report.json").read_text())["promoted"] is False
 
 
 @pytest.mark.slow

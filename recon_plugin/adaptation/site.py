@@ -172,7 +172,13 @@ def adapt(
         op = SenseOperator(s.maps[None], s.mask[None])
         return spec.loss(m, s.kspace[None], op, rr, acs=s.acs, teacher=teacher)
 
-    run_dir = Path(site_dir) / "runs" / (name or f"{protocol.name}-{mode}")
+    job = {"protocol": str(protocol.source or protocol.name), "model": card.get("sha256"),
+           "mode": mode, "params": params, "lr": lr, "rho": rho, "seed": seed, "steps": steps,
+           "teacher_weight": teacher_weight, "heldout_fraction": heldout_fraction,
+           "raw": [[str(p.resolve()), *_fingerprint(p)] for p in raw]}
+    # a run folder per job: the same command resumes its run, another one starts afresh
+    run_dir = (Path(site_dir) / "runs"
+               / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
     history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
                          steps, lr, seed, ckpt_every=max(10, steps // 10),
                          time_budget_s=None if world > 1 else time_budget_s, progress=rank == 0)
@@ -180,7 +186,8 @@ def adapt(
     param_hash = hashlib.sha256(
         b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
     report = {"rank": rank, "world_size": world, "param_sha256": param_hash,
-              "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped}
+              "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped,
+              "run_dir": str(run_dir)}
     if world > 1:
         (Path(site_dir) / "runs").mkdir(parents=True, exist_ok=True)
         (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
@@ -197,10 +204,12 @@ def adapt(
                     "standard errors (improvement %.5g, standard error %.5g, %d held-out "
                     "splits); nothing promoted", gate["z"], gate["mean_improvement"],
                     gate["standard_error"], gate["n"])
+        write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
         return report
-    version = name or f"{card.get('name', 'model')}-site-{mode}"
+    models_dir = Path(site_dir) / "models"
+    number, version = _next_version(models_dir, name or f"{card.get('name', 'model')}-site-{mode}")
     new_card = {
-        "name": version, "version": "site-1", "parent_sha256": card.get("sha256"),
+        "name": version, "version": f"site-{number}", "parent_sha256": card.get("sha256"),
         "parent_name": card.get("name"), "pruning": card.get("pruning", {}),
         "finetune": f"self-supervised ({mode})",
         "adaptation": {"mode": mode, "params": params, "steps": len(history), "lr": lr,
@@ -212,7 +221,6 @@ def adapt(
                        "gate": gate,
                        "final_losses": [h["loss"] for h in history if "loss" in h][-10:]},
     }
-    models_dir = Path(site_dir) / "models"
     saved = save_model(model.cpu(), models_dir / version, new_card)
     overlay = write_overlay(Path(site_dir), protocol, version,
                             (models_dir / f"{version}.safetensors").resolve())
@@ -220,6 +228,28 @@ def adapt(
                   overlay=str(overlay))
     write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
     return report
+
+
+def _fingerprint(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns) of a raw file; (-1, -1) for one that is not there."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _digest(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _next_version(models_dir: Path, stem: str) -> tuple[int, str]:
+    """(n, ``STEM-n``) for the lowest n >= 1 whose weights and card are not in ``models_dir``:
+    a promoted model never replaces an earlier one (an overlay or a recon may be using it)."""
+    n = 1
+    while any((models_dir / f"{stem}-{n}{ext}").exists() for ext in (".safetensors", ".json")):
+        n += 1
+    return n, f"{stem}-{n}"
 
 
 def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path:
