@@ -17,10 +17,14 @@ environment is the user's choice and is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +61,37 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_MAX,
     log.debug("allocator tuning (mmap %d B, trim %d B): %s", mmap_threshold, trim_threshold,
               "applied" if ok else "refused by mallopt")
     return ok
+
+
+class RunStopped(Exception):
+    """SIGINT / SIGTERM stopped a long run at a step boundary after its state was saved; run
+    the same command again to resume. ``signum``: the signal."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While active (main thread only), SIGINT and SIGTERM are recorded in the yielded list
+    instead of stopping the process, so that a loop can stop where its state is consistent;
+    a second signal raises KeyboardInterrupt at once. The previous handlers come back after."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("%s: stopping after the current step (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

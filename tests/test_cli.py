@@ -389,3 +389,29 @@ def test_a_scan_without_calibration_data_says_so_in_the_summary(tmp_path, capsys
     assert "no coil maps (zero-filled instead): 2 slices" in capsys.readouterr().out
     assert "acquire ACS lines or a reference scan" in caplog.text
     assert "classical method" not in caplog.text
+
+
+@pytest.mark.parametrize("args, option", [
+    (["adapt", "{raw}", "--protocol", "default", "--out", "{file}/site"], "--out"),
+    (["prune", "--method", "lean", "--ratio", "0.5", "--run-dir", "{file}/run", "--export",
+      "{tmp}/v"], "--run-dir"),
+    (["prune", "--method", "lean", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--export",
+      "{file}/v"], "--export"),
+    (["train", "--run-dir", "{file}/run"], "--run-dir"),
+    (["train", "--run-dir", "{tmp}/run", "--pool-dir", "{tmp}/no_pool"], "--pool-dir"),
+    (["train-pool", "{file}"], "the pool folder"),
+])
+def test_an_unusable_output_folder_is_refused_before_a_long_run(raw_dir, tmp_path, caplog,
+                                                                args, option):
+    """A folder a training command would write its results to that is a file or under one:
+    exit 2 in one line naming the option, before any work (adapt had trained, prune had
+    pruned and fine-tuned, and each then ended in a traceback; train with a missing pool had
+    waited 10 minutes without a word)."""
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    fill = {"raw": str(raw_dir / "good.h5"), "file": str(file), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in args]
+    assert main(["-q", *argv]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(option), errors
+    assert "Traceback" not in caplog.text and not (tmp_path / "run").exists()

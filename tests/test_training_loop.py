@@ -1,5 +1,8 @@
 """The training loop survives a bad batch; the transfer data never hands it an empty slice."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +98,32 @@ def test_resuming_from_another_models_checkpoint_is_a_clear_usage_error(tmp_path
     train_loop(model, loss_fn, tmp_path, steps=3, progress=False)
     with pytest.raises(ValueError, match="cannot resume from this checkpoint"):
         train_loop(torch.nn.Linear(5, 1), loss_fn, tmp_path, steps=3, progress=False)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_run_at_a_step_with_its_checkpoint_and_it_resumes(tmp_path, signum):
+    """SIGTERM / SIGINT during step 4 (checkpoints every 50): the step finishes, the state of
+    4 steps is checkpointed and ``RunStopped`` names the signal, the step and the folder (a
+    SIGTERM had killed the run and lost every step since the last checkpoint, a SIGINT had
+    ended in a traceback); the same call again resumes at step 4; the handlers are restored."""
+    from recon_plugin.runtime import RunStopped
+
+    model, x, y = _linear_problem()
+    before = signal.getsignal(signum)
+
+    def loss_fn(m, rng):
+        if len(calls) == 3 and not resumed:
+            os.kill(os.getpid(), signum)
+        calls.append(1)
+        return ((m(x) - y) ** 2).mean()
+
+    calls, resumed = [], False
+    with pytest.raises(RunStopped, match=f"{signal.Signals(signum).name}: stopped at step 4 of "
+                       "20, checkpointed in") as e:
+        train_loop(model, loss_fn, tmp_path, steps=20, lr=1e-2, progress=False)
+    assert e.value.signum == signum and signal.getsignal(signum) == before
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    calls.clear()
+    resumed = True
+    hist = train_loop(model, loss_fn, tmp_path, steps=20, lr=1e-2, progress=False)
+    assert len(calls) == 16 and hist[-1]["step"] == 20

@@ -6,7 +6,8 @@ run failed on its own (a training run stopped on non-finite losses, memory exhau
 torch error in train / train-pool / prune / adapt);
 2 usage or configuration error (bad arguments, unknown protocol, unreadable model), reported
 in one line before anything is reconstructed; 128 + signal number when SIGTERM / SIGINT stopped
-a batch (the state is saved: run again with ``--resume``).
+a batch (the state is saved: run again with ``--resume``) or a training run (checkpointed: run
+the same command again).
 
 :mod:`.parser` builds the parser, :mod:`.commands` holds the subcommands; heavy modules are
 imported inside each command, so importing this package stays light (no torch).
@@ -15,8 +16,9 @@ imported inside each command, so importing this package stays light (no torch).
 from __future__ import annotations
 
 import logging
+import signal
 
-from ..runtime import tune_allocator
+from ..runtime import RunStopped, tune_allocator
 from .commands import EXIT_FAILED, EXIT_USAGE, log
 from .parser import build_parser
 
@@ -40,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     try:
         return a.fn(a)
-    except (ValueError, LookupError, FileNotFoundError, RuntimeError, FloatingPointError,
+    except RunStopped as e:  # a training run stopped by a signal, its state saved
+        log.error("%s", e)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        log.debug("traceback", exc_info=True)
+        return 128 + signal.SIGINT
+    except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError,
             MemoryError) as e:
         log.error("%s", str(e) or type(e).__name__)
         log.debug("traceback", exc_info=True)
@@ -52,6 +61,8 @@ def _exit_status(e: Exception, command: str) -> int:
     training command runs), else 2: the arguments or the configuration were wrong."""
     if isinstance(e, FloatingPointError | MemoryError):
         return EXIT_FAILED
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return EXIT_FAILED  # a disk, a permission, a folder where a file should be
     if isinstance(e, RuntimeError) and command in TRAINING_COMMANDS:
         return EXIT_FAILED
     return EXIT_USAGE

@@ -222,11 +222,25 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return _report(results)
 
 
+def _writable(*folders: tuple[str, str | Path | None]) -> None:
+    """Each (option, folder) given is, or can be made, a folder this process can write in:
+    checked before a long run starts; ValueError (exit 2) naming the option where not."""
+    from ..output.atomic import check_writable_folder
+
+    for option, folder in folders:
+        if folder:
+            check_writable_folder(folder, option)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     """Train the base network (resumable); print the exported model."""
     from ..models.checkpoint import resolve_model
     from ..training.supervised import train_base
 
+    if a.pool_dir and not Path(a.pool_dir).is_dir():
+        raise ValueError(f"--pool-dir {a.pool_dir} is not a folder: fill one with "
+                         "`recon-plugin train-pool` first")
+    _writable(("--export", a.export and Path(a.export).parent), ("--run-dir", a.run_dir))
     model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, num_pools=a.pools, dc=a.dc,
                         cg_iters=a.cg_iters)
     if a.noise_aware:
@@ -246,6 +260,7 @@ def cmd_train_pool(a: argparse.Namespace) -> int:
     """Draw transfer training batches into a pool folder."""
     from ..training.transfer import fill_pool
 
+    _writable(("the pool folder", a.pool_dir))
     n = fill_pool(Path(a.pool_dir), a.batches, a.seed, a.batch_size)
     print(f"{a.pool_dir}: drew {n} batches ({a.batches} in the pool)")
     return EXIT_OK
@@ -255,6 +270,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     """Site adaptation; exit 1 when the adapted model was not promoted."""
     from ..adaptation.site import adapt
 
+    _writable(("--out", a.out))
     rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
                 rho=a.rho, seed=a.seed, device=a.device, name=a.name,
                 time_budget_s=a.time_budget, params=a.params)
@@ -278,6 +294,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
     """Prune, fine-tune and export a variant."""
     from ..pruning.run import DEFAULT_ALIGN, make_variant
 
+    _writable(("--export", Path(a.export).parent), ("--run-dir", a.run_dir))
     ft = None if a.finetune == "none" else a.finetune
     align = a.align if a.align is not None else DEFAULT_ALIGN[a.method]
     card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),

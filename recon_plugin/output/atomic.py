@@ -69,3 +69,20 @@ def fsync_dir(path: Path | str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_writable_folder(path: Path | str, option: str) -> None:
+    """Raise ValueError naming ``option`` (e.g. ``--out``) unless ``path`` is a folder this
+    process can write in, or can be created as one (its nearest existing ancestor is a
+    writable folder). Creates nothing: checked before a long run starts, not found out when
+    its results are written."""
+    path = Path(path).absolute()
+    there = path
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        where = "" if there == path else f": {there} is a file"
+        raise ValueError(f"{option} {path} is not a folder{where}")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be "
+                         + ("written" if there == path else f"created: {there} is not writable"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..output.atomic import atomic_path
+from ..runtime import RunStopped, stop_requests
 
 log = logging.getLogger(__name__)
 
@@ -133,55 +135,62 @@ def train_loop(
                desc="train", dynamic_ncols=True)
     step = start
     skipped = 0
-    for step in bar:
-        if stop_at is not None and step >= stop_at:
-            break
-        rng = np.random.default_rng(seed * 1_000_003 + step)
-        loss = loss_fn(model, rng)
-        opt.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
-        if not finite:  # one bad batch must not turn every weight into NaN
-            skipped += 1
-            log.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d in a "
-                        "row)", step + 1, float(loss.detach()), skipped)
-            if skipped >= MAX_SKIPPED:
+    with stop_requests() as requested:
+        for step in bar:
+            if stop_at is not None and step >= stop_at:
+                break
+            if requested:  # SIGINT / SIGTERM: keep what is done, then stop
                 save(step)
-                raise FloatingPointError(
-                    f"{run_dir}: {skipped} non-finite losses or gradients in a row at step "
-                    f"{step + 1}; the last good state is checkpointed: check the data or lower "
-                    "--lr")
+                raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped "
+                                 f"at step {step} of {steps}, checkpointed in {run_dir}; run "
+                                 "the same command again to resume")
+            rng = np.random.default_rng(seed * 1_000_003 + step)
+            loss = loss_fn(model, rng)
             opt.zero_grad(set_to_none=True)
-            continue  # the schedule counts the steps taken
-        skipped = 0
-        opt.step()
-        sched.step()
-        history.append({"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-                        "t": time.monotonic() - t0})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        if (step + 1) % 10 == 0:
-            log.info("step %d loss %.5f", step + 1, history[-1]["loss"])
-        out_of_time = time_budget_s is not None and time.monotonic() - t0 > time_budget_s
-        stopping = out_of_time or (stop_at is not None and step + 1 >= stop_at)
-        if validate is not None and ((step + 1) % val_every == 0 or step + 1 == steps
-                                     or stopping):  # the last state always competes
-            model.eval()
-            score = float(validate(model))
-            model.train()
-            history.append({"step": step + 1, "val": score})
-            log.info("step %d validation %.4f", step + 1, score)
-            if score > best:
-                best = score
-                with atomic_path(run_dir / "best.pt") as tmp:
-                    torch.save({"model": model.state_dict(), "step": step + 1, "val": score},
-                               tmp)
-        if stopping or (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            save(step + 1)
-        if stopping:
-            log.info("%s at step %d", "time budget reached" if out_of_time else "stopped",
-                     step + 1)
-            break
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+            if not finite:  # one bad batch must not turn every weight into NaN
+                skipped += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d in a "
+                            "row)", step + 1, float(loss.detach()), skipped)
+                if skipped >= MAX_SKIPPED:
+                    save(step)
+                    raise FloatingPointError(
+                        f"{run_dir}: {skipped} non-finite losses or gradients in a row at step "
+                        f"{step + 1}; the last good state is checkpointed: check the data or lower "
+                        "--lr")
+                opt.zero_grad(set_to_none=True)
+                continue  # the schedule counts the steps taken
+            skipped = 0
+            opt.step()
+            sched.step()
+            history.append({"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
+                            "t": time.monotonic() - t0})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if (step + 1) % 10 == 0:
+                log.info("step %d loss %.5f", step + 1, history[-1]["loss"])
+            out_of_time = time_budget_s is not None and time.monotonic() - t0 > time_budget_s
+            stopping = out_of_time or (stop_at is not None and step + 1 >= stop_at)
+            if validate is not None and ((step + 1) % val_every == 0 or step + 1 == steps
+                                         or stopping):  # the last state always competes
+                model.eval()
+                score = float(validate(model))
+                model.train()
+                history.append({"step": step + 1, "val": score})
+                log.info("step %d validation %.4f", step + 1, score)
+                if score > best:
+                    best = score
+                    with atomic_path(run_dir / "best.pt") as tmp:
+                        torch.save({"model": model.state_dict(), "step": step + 1, "val": score},
+                                   tmp)
+            if stopping or (step + 1) % ckpt_every == 0 or step + 1 == steps:
+                save(step + 1)
+            if stopping:
+                log.info("%s at step %d", "time budget reached" if out_of_time else "stopped",
+                         step + 1)
+                break
+
     model.eval()
     return history

@@ -348,6 +348,10 @@ class PoolDir:
         self.pool_dir = Path(pool_dir)
         self._listed: tuple[float, list[Path]] | None = None
         deadline = time.monotonic() + wait_s
+        if len(self._files()) < min_batches:
+            log.warning("%s holds %d of the %d batches needed; waiting up to %.0f s for "
+                        "`recon-plugin train-pool` to draw them", self.pool_dir,
+                        len(self._files()), min_batches, wait_s)
         while len(self._files()) < min_batches:
             if time.monotonic() > deadline:
                 raise FileNotFoundError(f"{self.pool_dir}: fewer than {min_batches} batches; "
