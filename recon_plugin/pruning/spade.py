@@ -144,6 +144,10 @@ def build_pruner(
     return pruner
 
 
+# how far below the asked ratio the channels removed may fall (rounding per layer group)
+SPADE_RATIO_SLACK = 0.05
+
+
 def spade_prune(
     model: UnrolledNet,
     ratio: float,
@@ -179,6 +183,12 @@ def spade_prune(
                  before, count_channels(m))
         if between_steps is not None and step + 1 < iterative_steps:
             between_steps(m, step)
+    removed = 1.0 - count_channels(m) / before
+    if removed < ratio - SPADE_RATIO_SLACK:
+        # torch-pruning leaves a group whole where the ratio would empty one of its layers
+        raise ValueError(f"SPADE removed {removed:.0%} of the hidden channels, not the "
+                         f"{ratio:.0%} asked: at this ratio some layers would keep no channel "
+                         "and are left whole; use a lower --ratio")
     return m.eval()
 
 
