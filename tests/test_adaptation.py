@@ -191,3 +191,25 @@ def test_an_unreadable_site_file_is_left_out_and_named(site, tmp_path):
     assert card["adaptation"]["skipped_files"] == rep["skipped_files"]
     with pytest.raises(RawDataError, match="site_9_cut.h5"):
         prepare_slices([cut], ReconSettings())
+
+
+def test_the_gate_holds_out_readable_files_and_fully_sampled_ones_teach_nothing(site, tmp_path):
+    """A broken file that sorts first no longer takes the held-out share (the gate had fallen
+    back to slices of the adaptation files while the card named the broken file as held out);
+    a fully sampled file has no unmeasured lines: alone it is refused by name (it had trained
+    on a loss of 0 and ended "NOT promoted")."""
+    from recon_plugin.models.checkpoint import load_model
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    d, raws = site
+    cut = tmp_path / "a_cut.h5"  # sorts before site_*.h5
+    cut.write_bytes(raws[1].read_bytes()[:50_000])
+    rep = adapt([*raws, cut], str(d / "tiny_base.yaml"), tmp_path / "s", mode="ssdu", steps=30)
+    assert rep["promoted"] and len(rep["skipped_files"]) == 1, rep
+    _, card = load_model(Path(rep["model"]))
+    assert card["adaptation"]["heldout_files"] == [str(raws[0])]
+    vol = simulate_volume("train", "FLAIR", num_slices=2, num_coils=8, matrix=(64, 56),
+                          snr=60.0, seed=44)
+    full = write_ismrmrd(vol, tmp_path / "full.h5", acceleration=1, calib_lines=20)
+    with pytest.raises(ValueError, match="no slice left for the promotion gate: 0 usable"):
+        adapt([full], str(d / "tiny_base.yaml"), tmp_path / "f", mode="ssdu", steps=2)

@@ -57,9 +57,9 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
     """Read raw files (no targets) and prepare every slice exactly as the reconstruction does
     (:func:`recon_plugin.recon.prepare.prepare_slice` with the protocol's ``ReconSettings``:
     prewhitening, coil compression, ESPIRiT; a wrapped phase field of view without the
-    second map's part); slices without usable ACS are skipped. A file that cannot be read
-    (``RawDataError``) raises, or, where ``skipped`` is given, is left out with a warning and
-    its reason appended there."""
+    second map's part); slices without usable ACS and fully sampled slices are skipped. A file
+    that cannot be read (``RawDataError``) raises, or, where ``skipped`` is given, is left out
+    with a warning and its reason appended there."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
     from ..recon.prepare import prepare_slice
@@ -82,6 +82,10 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
                 k, mask, maps = prepare_slice(sl, settings, w)
             except CoilMapError as e:
                 log.warning("%s slice %d skipped: %s", p, sl.slice_index, e)
+                continue
+            if mask.all():
+                log.warning("%s slice %d skipped: fully sampled, it has no unmeasured lines "
+                            "to learn from", p, sl.slice_index)
                 continue
             out.append(SiteSlice(torch.from_numpy(k), torch.from_numpy(mask),
                                  torch.from_numpy(maps), sl.acs, str(p)))
@@ -135,24 +139,23 @@ def adapt(
         teacher, _ = load_model(base_path)
         teacher.to(dev)
     raw = sorted(Path(p) for p in raw)
-    n_hold = max(1, int(round(len(raw) * heldout_fraction))) if len(raw) > 1 else 0
-    train_files, hold_files = raw[n_hold:], raw[:n_hold]
     skipped: list[str] = []  # unreadable files: a site's archive may hold a broken one
-    train = prepare_slices(train_files, settings, skipped)
-    hold = prepare_slices(hold_files, settings, skipped) if hold_files else []
+    slices = prepare_slices(raw, settings, skipped)
+    # files are held out among those with usable slices (an unreadable one must not take
+    # the gate's share)
+    usable = [p for p in raw if any(s.source == str(p) for s in slices)]
+    n_hold = max(1, int(round(len(usable) * heldout_fraction))) if len(usable) > 1 else 0
+    hold_files = usable[:n_hold]
+    hold = [s for s in slices if Path(s.source) in hold_files]
+    train = [s for s in slices if Path(s.source) not in hold_files]
     if not hold:
         # the gate must judge slices the adaptation never sees: with one slice there is none
         if len(train) < 2:
             raise ValueError(
                 f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
-                f"{[str(p) for p in train_files]}"
-                + (f" and none in the held-out file(s) {[str(p) for p in hold_files]}"
-                   if hold_files else "")
-                + "; give more raw files (slices without ACS are skipped)")
-        if hold_files:
-            log.warning("the held-out file(s) %s have no usable slices; the gate holds out the "
-                        "last slices of the adaptation files instead",
-                        [str(p) for p in hold_files])
+                f"{[str(p) for p in raw]}; give more raw files (slices without ACS are "
+                "skipped)")
+        log.info("one raw file with usable slices: the gate holds out its last slices")
         hold = train[-max(1, len(train) // 4):]
         train = train[: len(train) - len(hold)]
     if not train:
