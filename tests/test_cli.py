@@ -246,6 +246,8 @@ def test_adapt_refuses_a_loss_share_outside_0_1_before_reading_anything(tmp_path
     ["serve", "--max-connections", "0"], ["serve", "--idle-timeout", "0"],
     ["serve", "--port", "99999"],
     ["adapt", "a.h5", "--protocol", "default", "--steps", "0"],
+    ["adapt", "a.h5", "--protocol", "default", "--lr", "-1"],
+    ["adapt", "a.h5", "--protocol", "default", "--lr", "nan"],
     ["prune", "--method", "lean", "--ratio", "0.5", "--run-dir", "r", "--export", "e",
      "--steps", "0"],
     ["train", "--run-dir", "r", "--steps", "0"], ["train", "--run-dir", "r", "--espirit", "2"],

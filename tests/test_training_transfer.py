@@ -83,6 +83,10 @@ def test_pool_dir_replays_its_batches_and_sees_the_pool_grow(tmp_path):
 
     assert fill_pool(tmp_path, 1, seed=3, batch_size=1) == 1
     assert fill_pool(tmp_path, 1, seed=3, batch_size=1) == 0  # kept: an interrupted fill resumes
+    # grown by another recipe, the pool would mix batches (it did, without a word)
+    with pytest.raises(ValueError, match="holds batches drawn with .*use another folder"):
+        fill_pool(tmp_path, 2, seed=4, batch_size=1)
+    assert len(list(tmp_path.glob("batch-*.pt"))) == 1
     pool = PoolDir(tmp_path, wait_s=0)
     (first,) = sorted(tmp_path.glob("batch-*.pt"))
     b = pool.sample(np.random.default_rng(0))

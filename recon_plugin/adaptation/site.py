@@ -102,10 +102,12 @@ def adapt(
     lr: float | None = None, rho: float = SSDU_LOSS_FRACTION, seed: int = 0,
     device: str = "cpu", teacher_weight: float = 0.2, heldout_fraction: float = 0.25,
     name: str | None = None, time_budget_s: float | None = None, params: str = "dc",
+    progress: bool = True,
 ) -> dict:
     """Run an adaptation; returns a report dict (``promoted``, errors, output paths).
     ``params``: what trains (``PARAMS``: the whole network, or only its data-consistency
-    weights); ``lr``: None takes that choice's default."""
+    weights); ``lr``: None takes that choice's default; ``progress``: a progress bar (rank
+    0)."""
     from ..config.protocol import load_protocol
     from ..models.checkpoint import load_model
     from ..models.inference import torch_device
@@ -184,7 +186,7 @@ def adapt(
                / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
     history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
                          steps, lr, seed, ckpt_every=max(10, steps // 10),
-                         time_budget_s=None if world > 1 else time_budget_s, progress=rank == 0)
+                         time_budget_s=None if world > 1 else time_budget_s, progress=progress and rank == 0)
     model.eval()
     param_hash = hashlib.sha256(
         b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()

@@ -323,7 +323,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    help="what trains: dc (only the network's data-consistency weights, a "
                    "handful of scalars: the priors stay the base's) or all (the whole network); "
                    "default %(default)s")
-    s.add_argument("--lr", type=float, default=None,
+    s.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: " + ", ".join(
                        f"{k} {v:g}" for k, v in ADAPT_PARAMS.items()) + ")")
     s.add_argument("--rho", type=_fraction, default=SSDU_LOSS_FRACTION,

@@ -312,6 +312,9 @@ def transfer_validation_set(n_batches: int = 4) -> list[Batch]:
     return [make_transfer_batch(rng, 4, 1.0, (4, 8)[i % 2], "val") for i in range(n_batches)]
 
 
+POOL_RECIPE = "pool.json"  # the seed, batch size and ESPIRiT crop a pool folder is drawn with
+
+
 def _batch_file(pool_dir: Path, i: int) -> Path:
     return Path(pool_dir) / f"batch-{i:06d}.pt"
 
@@ -320,11 +323,26 @@ def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: i
               espirit: float = 0.8) -> int:
     """Draw training batches ``i`` = 0..n-1 (rng seeded by ``(seed, i)``) into ``pool_dir``, one
     file each, written atomically; batches already there are kept, so an interrupted fill
-    resumes. Returns how many were drawn. A trainer may read the pool while it grows."""
-    from ..output.atomic import atomic_path
+    resumes; the recipe is recorded (``POOL_RECIPE``), and growing the pool with another one
+    is a ValueError. Returns how many were drawn. A trainer may read the pool while it grows."""
+    import json
+
+    from ..output.atomic import atomic_path, write_text_atomic
 
     pool_dir = Path(pool_dir)
     pool_dir.mkdir(parents=True, exist_ok=True)
+    recipe = {"seed": seed, "batch_size": batch_size, "espirit": espirit}
+    recorded = pool_dir / POOL_RECIPE
+    if recorded.is_file():
+        try:
+            before = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before != recipe:
+            raise ValueError(f"{pool_dir} holds batches drawn with {before}, not {recipe}: "
+                             "a pool is grown only by its own recipe; use another folder")
+    else:  # a pool from before the recipe was recorded is taken as it is
+        write_text_atomic(recorded, json.dumps(recipe))
     drawn = 0
     for i in range(n_batches):
         f = _batch_file(pool_dir, i)
