@@ -213,3 +213,18 @@ def test_the_gate_holds_out_readable_files_and_fully_sampled_ones_teach_nothing(
     full = write_ismrmrd(vol, tmp_path / "full.h5", acceleration=1, calib_lines=20)
     with pytest.raises(ValueError, match="no slice left for the promotion gate: 0 usable"):
         adapt([full], str(d / "tiny_base.yaml"), tmp_path / "f", mode="ssdu", steps=2)
+
+
+def test_files_of_another_protocol_are_named(tmp_path, caplog):
+    """Sagittal FLAIR files adapted under the axial T2 protocol: each is named with the
+    protocol its header matches (they were taken without a word, for a model recon would
+    never use on them)."""
+    raws = []
+    for i in range(2):
+        vol = simulate_volume("test", "FLAIR", num_slices=1, num_coils=6, matrix=(48, 40),
+                              snr=60.0, seed=60 + i, orientation="sagittal")
+        raws.append(write_ismrmrd(vol, tmp_path / f"flair_{i}.h5", acceleration=8,
+                                  calib_lines=16))
+    adapt(raws, "brain_t2_axial_4x", tmp_path / "site", mode="ssdu", steps=1)
+    named = [r.getMessage() for r in caplog.records if "not brain_t2_axial_4x" in r.getMessage()]
+    assert len(named) == 2 and all("matches protocol brain_flair_8x" in m for m in named), named

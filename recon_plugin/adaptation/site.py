@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ import torch
 from ..models.checkpoint import file_sha256, resolve_model, save_model
 from ..output.atomic import write_text_atomic
 from ..physics import SenseOperator
+from ..scan import ScanHeader
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import heldout_errors, significant_improvement
 from ..training.selfsup import LossSpec
@@ -53,13 +55,15 @@ log = logging.getLogger(__name__)
 
 
 def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None,
+                   on_header: Callable[[Path, ScanHeader], None] | None = None,
                    ) -> list[SiteSlice]:
     """Read raw files (no targets) and prepare every slice exactly as the reconstruction does
     (:func:`recon_plugin.recon.prepare.prepare_slice` with the protocol's ``ReconSettings``:
     prewhitening, coil compression, ESPIRiT; a wrapped phase field of view without the
     second map's part); slices without usable ACS and fully sampled slices are skipped. A file
     that cannot be read (``RawDataError``) raises, or, where ``skipped`` is given, is left out
-    with a warning and its reason appended there."""
+    with a warning and its reason appended there. ``on_header(path, header)`` sees each
+    file's header as read."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
     from ..recon.prepare import prepare_slice
@@ -76,6 +80,8 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
             log.warning("%s left out: %s", p, e)
             skipped.append(str(e) if str(p) in str(e) else f"{p}: {e}")
             continue
+        if on_header is not None:
+            on_header(p, scan.header)
         w = whitening_matrix(scan)
         for sl in scan.slices:
             try:
@@ -142,7 +148,7 @@ def adapt(
         teacher.to(dev)
     raw = sorted(Path(p) for p in raw)
     skipped: list[str] = []  # unreadable files: a site's archive may hold a broken one
-    slices = prepare_slices(raw, settings, skipped)
+    slices = prepare_slices(raw, settings, skipped, on_header=_matches(protocol))
     # files are held out among those with usable slices (an unreadable one must not take
     # the gate's share)
     usable = [p for p in raw if any(s.source == str(p) for s in slices)]
@@ -233,6 +239,25 @@ def adapt(
                   overlay=str(overlay))
     write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
     return report
+
+
+def _matches(protocol) -> Callable[[Path, ScanHeader], None]:
+    """A check that warns where a file's header matches another protocol than ``protocol``:
+    ``recon`` would not reconstruct that scan with the model adapted here."""
+    from ..config.protocol import ProtocolMatchError, load_all, match_protocol
+
+    shipped = load_all()
+
+    def check(path: Path, header: ScanHeader) -> None:
+        try:
+            chosen = match_protocol(header, shipped)
+        except ProtocolMatchError:
+            return
+        if chosen.name != protocol.name and chosen.source not in protocol.chain:
+            log.warning("%s: its header matches protocol %s, not %s: recon would not use the "
+                        "model adapted here for such a scan", path, chosen.name, protocol.name)
+
+    return check
 
 
 def _fingerprint(path: Path) -> tuple[int, int]:
