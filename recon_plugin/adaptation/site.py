@@ -218,7 +218,13 @@ def adapt(
         write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
         return report
     models_dir = Path(site_dir) / "models"
-    number, version = _next_version(models_dir, name or f"{card.get('name', 'model')}-site-{mode}")
+    stem = name or f"{card.get('name', 'model')}-site-{mode}"
+    same = _published(models_dir, stem, param_hash)
+    if same is not None:  # the same command again: its run had finished, nothing new
+        version, saved = same
+        log.info("these weights are already %s; not published again", version)
+        return _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+    number, version = _next_version(models_dir, stem)
     new_card = {
         "name": version, "version": f"site-{number}", "parent_sha256": card.get("sha256"),
         "parent_name": card.get("name"), "pruning": card.get("pruning", {}),
@@ -230,15 +236,35 @@ def adapt(
                        "skipped_files": skipped,
                        "heldout_error_base": base_err, "heldout_error_adapted": new_err,
                        "gate": gate,
-                       "final_losses": [h["loss"] for h in history if "loss" in h][-10:]},
+                       "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
+                       "param_sha256": param_hash},
     }
     saved = save_model(model.cpu(), models_dir / version, new_card)
-    overlay = write_overlay(Path(site_dir), protocol, version,
-                            (models_dir / f"{version}.safetensors").resolve())
-    report.update(model=str(models_dir / f"{version}.safetensors"), sha256=saved["sha256"],
-                  overlay=str(overlay))
+    return _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+
+
+def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, card: dict,
+                     report: dict) -> dict:
+    """Point the site's overlay at model ``version`` (its ``card``); the report, written."""
+    weights = models_dir / f"{version}.safetensors"
+    overlay = write_overlay(Path(site_dir), protocol, version, weights.resolve())
+    report.update(model=str(weights), sha256=card["sha256"], overlay=str(overlay))
     write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
     return report
+
+
+def _published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict] | None:
+    """(version, card) of a model already in ``models_dir`` under ``stem`` with these
+    parameters (``param_sha256``), else None."""
+    for path in sorted(models_dir.glob(f"{stem}-*.json")):
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (card.get("adaptation", {}).get("param_sha256") == param_hash
+                and (models_dir / f"{path.stem}.safetensors").is_file()):
+            return path.stem, card
+    return None
 
 
 def _matches(protocol) -> Callable[[Path, ScanHeader], None]:
