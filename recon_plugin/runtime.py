@@ -76,7 +76,7 @@ class RunStopped(Exception):
 def stop_requests() -> Iterator[list[int]]:
     """While active (main thread only), SIGINT and SIGTERM are recorded in the yielded list
     instead of stopping the process, so that a loop can stop where its state is consistent;
-    a second signal raises KeyboardInterrupt at once. The previous handlers come back after."""
+    a second signal raises RunStopped at once. The previous handlers come back after."""
     requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -84,7 +84,8 @@ def stop_requests() -> Iterator[list[int]]:
 
     def handler(signum, frame):
         if requested:
-            raise KeyboardInterrupt
+            raise RunStopped(signum, f"{signal.Signals(signum).name} again: stopped at once; "
+                             "the run resumes from its last checkpoint")
         requested.append(signum)
         log.warning("%s: stopping after the current step (again to stop at once)",
                     signal.Signals(signum).name)
@@ -94,4 +95,4 @@ def stop_requests() -> Iterator[list[int]]:
         yield requested
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python

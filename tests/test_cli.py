@@ -417,3 +417,40 @@ def test_an_unusable_output_folder_is_refused_before_a_long_run(raw_dir, tmp_pat
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith(option), errors
     assert "Traceback" not in caplog.text and not (tmp_path / "run").exists()
+
+
+def test_resume_keeps_inputs_finished_before_settings_were_recorded(tmp_path, capsys):
+    """A state entry written before ``--resume`` compared settings (no ``settings`` key) is
+    taken as finished with these: resuming skips it, it is not made again with new UIDs."""
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "old.h5", acceleration=4, calib_lines=16)
+    out = tmp_path / "out"
+    run = ["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled"]
+    assert main(run) == 0
+    state_file = out / ".recon-state.json"
+    state = json.loads(state_file.read_text())
+    for entry in state.values():
+        del entry["settings"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 0 and "skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("raised, status", [
+    ("stopped", 143), ("interrupt", 130), ("permission", 1), ("missing", 2)])
+def test_exit_status_of_a_stopped_run_an_interrupt_and_an_os_error(monkeypatch, caplog,
+                                                                   raised, status):
+    """A training run stopped by SIGTERM: 128 + 15 in one line; Ctrl-C elsewhere: 130 in one
+    line, no traceback; a disk or permission error while running: 1; a file not found: 2."""
+    from recon_plugin.cli import parser
+    from recon_plugin.runtime import RunStopped
+
+    def command(a):
+        raise {"stopped": RunStopped(15, "SIGTERM: stopped at step 3 of 9"),
+               "interrupt": KeyboardInterrupt(), "permission": PermissionError(13, "denied"),
+               "missing": FileNotFoundError("no such file")}[raised]
+
+    monkeypatch.setattr(parser, "cmd_train_pool", command)
+    assert main(["-q", "train-pool", "somewhere"]) == status
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "Traceback" not in caplog.text

@@ -452,8 +452,7 @@ def test_runs_of_different_methods_into_one_study_get_their_own_series_numbers(t
     assert own == proto.series.number_base + 1 == proto.series_number(0, "unrolled")
     assert own not in {number for _, number in got.values()}
     assert got["cg-sense"][1] == proto.series_number(0, "cg-sense")
-    assert {proto.series_number(0, m) for m in METHODS} | {own} == {
-        proto.series_number(0, m) for m in METHODS}
+    assert len({proto.series_number(0, m) for m in METHODS}) == len(METHODS)
 
 
 def test_the_protocol_uid_root_roots_every_uid_of_a_scan(tmp_path):

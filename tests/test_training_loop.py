@@ -127,3 +127,22 @@ def test_a_signal_stops_a_run_at_a_step_with_its_checkpoint_and_it_resumes(tmp_p
     resumed = True
     hist = train_loop(model, loss_fn, tmp_path, steps=20, lr=1e-2, progress=False)
     assert len(calls) == 16 and hist[-1]["step"] == 20
+
+
+def test_a_signal_in_the_last_step_still_stops_the_caller(tmp_path):
+    """A signal during the last step: the run ends checkpointed and ``RunStopped`` is raised,
+    so the command does not go on to export or publish (the request had been dropped)."""
+    from recon_plugin.runtime import RunStopped
+
+    model, x, y = _linear_problem()
+
+    def loss_fn(m, rng):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ((m(x) - y) ** 2).mean()
+
+    calls = []
+    with pytest.raises(RunStopped, match="SIGTERM: stopped after its last step"):
+        train_loop(model, loss_fn, tmp_path, steps=5, lr=1e-2, progress=False)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 5

@@ -31,10 +31,12 @@ nccl on GPU): each rank draws its own slices, gradients are averaged, rank 0 wri
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +68,7 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
     file's header as read."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
+    from ..recon.combine import fully_sampled
     from ..recon.prepare import prepare_slice
     from ..recon.preprocess import whitening_matrix
     from ..scan import RawDataError
@@ -89,7 +92,7 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
             except CoilMapError as e:
                 log.warning("%s slice %d skipped: %s", p, sl.slice_index, e)
                 continue
-            if mask.all():
+            if fully_sampled(mask):
                 log.warning("%s slice %d skipped: fully sampled, it has no unmeasured lines "
                             "to learn from", p, sl.slice_index)
                 continue
@@ -161,8 +164,8 @@ def adapt(
         if len(train) < 2:
             raise ValueError(
                 f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
-                f"{[str(p) for p in raw]}; give more raw files (slices without ACS are "
-                "skipped)")
+                f"{[str(p) for p in raw]}; give more raw files (slices without ACS and fully "
+                "sampled slices are skipped)")
         log.info("one raw file with usable slices: the gate holds out its last slices")
         hold = train[-max(1, len(train) // 4):]
         train = train[: len(train) - len(hold)]
@@ -256,7 +259,7 @@ def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, c
 def _published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict] | None:
     """(version, card) of a model already in ``models_dir`` under ``stem`` with these
     parameters (``param_sha256``), else None."""
-    for path in sorted(models_dir.glob(f"{stem}-*.json")):
+    for path in sorted(models_dir.glob(f"{glob.escape(stem)}-*.json")):
         try:
             card = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -300,11 +303,12 @@ def _digest(job: dict) -> str:
 
 
 def _next_version(models_dir: Path, stem: str) -> tuple[int, str]:
-    """(n, ``STEM-n``) for the lowest n >= 1 whose weights and card are not in ``models_dir``:
-    a promoted model never replaces an earlier one (an overlay or a recon may be using it)."""
-    n = 1
-    while any((models_dir / f"{stem}-{n}{ext}").exists() for ext in (".safetensors", ".json")):
-        n += 1
+    """(n, ``STEM-n``) for n one above the highest version in ``models_dir`` (1 for the
+    first): a promoted model never replaces an earlier one (an overlay or a recon may be using
+    it), and a higher n is always a later model."""
+    taken = [int(m[1]) for p in models_dir.glob(f"{glob.escape(stem)}-*")
+             if (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.(safetensors|json)", p.name))]
+    n = max(taken, default=0) + 1
     return n, f"{stem}-{n}"
 
 

@@ -36,19 +36,20 @@ resume state, publication, signals). A test that patches a function patches it i
 that calls it (e.g. ``files.publish``, ``state.write_text_atomic``).
 """
 
-from .driver import preflight, run_batch
-from .files import (
-    FileResult,
-    ProtocolCache,
-    gather_inputs,
-    output_name,
-    process_file,
-    recon_file,
-)
-from .state import BatchInterrupted, BatchUsageError, clean_stale
+import importlib
 
-__all__ = [
-    "BatchInterrupted", "BatchUsageError", "FileResult", "ProtocolCache", "clean_stale",
-    "gather_inputs", "output_name", "preflight", "process_file", "recon_file",
-    "run_batch",
-]
+# where each public name lives; imported on first use, so that ``batch.state`` (which the CLI
+# parser uses to check --cluster) imports no torch
+_PUBLIC = {
+    "preflight": "driver", "run_batch": "driver",
+    "FileResult": "files", "ProtocolCache": "files", "gather_inputs": "files",
+    "output_name": "files", "process_file": "files", "recon_file": "files",
+    "BatchInterrupted": "state", "BatchUsageError": "state", "clean_stale": "state",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -158,7 +158,10 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         entry = state.get(key, {})
         done = (resume and entry.get("fingerprint") == fingerprint(path)
                 and entry.get("outputs") and all(Path(p).exists() for p in entry["outputs"]))
-        if done and entry.get("settings") != asked:
+        # an entry from before the settings were recorded counts as made with these; one
+        # whose delivery is pending is delivered from its files (same UIDs) whatever made it
+        if (done and entry.get("settings", asked) != asked
+                and not entry.get("delivery")):
             log.info("%s: finished before with other settings; reconstructing it again", path)
             done = False
         if not done:
@@ -176,7 +179,10 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         bar.update(1)
         if r.ok:
             key = str(path.resolve())
-            plan = DeliveryPlan.make(proto.pacs, send, out_dir)
+            # a --slices trial is a partial series: only an explicit --send delivers it
+            pacs = (proto.pacs.model_copy(update={"targets": []}) if (overrides or {}).get("slices")
+                    else proto.pacs)
+            plan = DeliveryPlan.make(pacs, send, out_dir)
             state[key] = {"fingerprint": fingerprint(path), "outputs": r.outputs,
                           "protocol": r.protocol, "folder": output_name(path),
                           "settings": asked}

@@ -4,8 +4,9 @@ send, serve, adapt.
 Exit status: 0 success; 1 at least one input failed (the others were still processed), or a
 run failed on its own (a training run stopped on non-finite losses, memory exhausted, a
 torch error in train / train-pool / prune / adapt);
-2 usage or configuration error (bad arguments, unknown protocol, unreadable model), reported
-in one line before anything is reconstructed; 128 + signal number when SIGTERM / SIGINT stopped
+2 usage or configuration error (bad arguments, unknown protocol, a model file that is not
+there or not valid), reported in one line before anything is reconstructed (another OSError,
+e.g. a disk or permission error while running: 1); 128 + signal number when SIGTERM / SIGINT stopped
 a batch (the state is saved: run again with ``--resume``) or a training run (checkpointed: run
 the same command again).
 

@@ -309,8 +309,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     """The ``adapt`` subcommand."""
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
     s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD .h5, "
-                   "Siemens twix .dat); the first quarter in sorted order (at least one) is held out "
-                   "for the promotion gate")
+                   "Siemens twix .dat); of those with usable slices, the first quarter in "
+                   "sorted order (at least one) is held out for the promotion gate")
     s.add_argument("--protocol", required=True, help="base protocol (name or YAML)")
     s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")
     s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES,
@@ -329,7 +329,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rho", type=_fraction, default=SSDU_LOSS_FRACTION,
                    help="ssdu modes: share of the acquired lines (outside the calibration "
                         f"region) each step scores on (default {SSDU_LOSS_FRACTION:g})")
-    s.add_argument("--name", help="name of the adapted model (default derived)")
+    s.add_argument("--name", help="name of the adapted model: published as NAME-N (N: "
+                   "its version), trained in OUT/runs/NAME-<hash of the job> (default: "
+                   "<model>-site-<mode>)")
     s.add_argument("--time-budget", type=_positive_float, default=None,
                    help="wall seconds of training at most (single process)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..physics import calibration_block, centre_run, ifft1c
-from ..scan import Geometry, RawDataError
+from ..scan import Geometry, RawDataError, index_ranges
 from .mrd_lines import LineBuffer
 
 
@@ -85,7 +85,7 @@ def _measured_extent(counts: np.ndarray, source: str) -> tuple[int, int]:
     lo, hi = int(sampled_z[0]), int(sampled_z[-1])
     if 2 * (hi - lo + 1) <= nz:
         raise RawDataError(
-            f"{source}: 3D scan with only partition encodes (kz) {_ranges(sampled_z)} of {nz} "
+            f"{source}: 3D scan with only partition encodes (kz) {index_ranges(list(sampled_z))} of {nz} "
             "measured: a partial acquisition along kz must cover more than half of them (does "
             "the header's encoded matrix z match the data?)")
     return lo, hi
@@ -114,7 +114,7 @@ def split_partitions(buf: LineBuffer, enc_fov_z_mm: float, recon_fov_z_mm: float
     sampled_z = np.flatnonzero(counts.any(axis=1))
     if sampled_z.size != hi - lo + 1 or not lo <= nz // 2 <= hi:
         raise RawDataError(
-            f"{source}: 3D scan with partition encodes (kz) {_ranges(sampled_z)} of {nz} "
+            f"{source}: 3D scan with partition encodes (kz) {index_ranges(list(sampled_z))} of {nz} "
             f"measured: they must form one block around the centre (kz {nz // 2}) to be split "
             "into partitions")
     rows = counts[lo:hi + 1] > 0
@@ -170,15 +170,3 @@ def partition_geometry(slab: Geometry, offset: float, dz_mm: float) -> Geometry:
     along its ``slice_dir``."""
     pos = np.asarray(slab.position, float) + offset * dz_mm * np.asarray(slab.slice_dir, float)
     return Geometry(pos, slab.read_dir, slab.phase_dir, slab.slice_dir, slab.defaulted)
-
-
-def _ranges(idx: np.ndarray) -> str:
-    """'0-3, 6, 8-9' for sorted indices."""
-    out, start = [], None
-    for i, v in enumerate(idx):
-        if start is None:
-            start = v
-        if i + 1 == len(idx) or idx[i + 1] != v + 1:
-            out.append(f"{start}" if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(out)

@@ -268,11 +268,6 @@ WRAP_MIN_FRACTION = 0.02
 # kernel narrowed for few ACS lines the calibration is too loose to tell (the 2-coil real
 # phantom at 8x: 8 % of its grid above the crop, and no wrap)
 WRAP_MIN_COILS = 4
-# ... and only where the second eigenvalue stands out: a fold raises it on part of the grid
-# (its median over the grid 0.50 on the real small-FOV brain, 0.57-0.64 on simulated folds,
-# 0.18-0.27 unfolded), noise raises it everywhere (unfolded simulated slices at SNR 2-5:
-# 0.88-0.94, with 2-25 % of the grid above the crop); session 28, docs/FINDINGS.md
-WRAP_MAX_MEDIAN = 0.8
 
 
 def estimate_maps_and_wrap(
@@ -282,8 +277,7 @@ def estimate_maps_and_wrap(
     """:func:`estimate_maps`, and ESPIRiT's second set of maps (coils, ky, kx), zero where its
     eigenvalue is below ``crop``, where the phase field of view is smaller than the object:
     two pixels fold onto one and one set of maps cannot describe them (Uecker et al. 2014,
-    "soft SENSE"); else None (also where the second eigenvalue is high nearly everywhere:
-    noise, not a fold). Also returns the share of the coarse grid where the second
+    "soft SENSE"); else None. Also returns the share of the coarse grid where the second
     eigenvalue exceeds ``crop``. The second eigenpair comes from power iteration on the
     operator with the first deflated (fast path only); it is judged only with ``wrap`` set, at
     least ``WRAP_MIN_COILS`` coils and the full kernel width (else None, 0)."""
@@ -299,7 +293,7 @@ def estimate_maps_and_wrap(
     deflated = aha - lam[..., None, None] * (v.unsqueeze(-1) @ v.conj().unsqueeze(-2))
     v2, lam2 = _top_eigenpairs(deflated, floor=0.5 * q.crop)
     fraction = float((lam2 > q.crop).float().mean())
-    if fraction < WRAP_MIN_FRACTION or float(lam2.median()) > WRAP_MAX_MEDIAN:
+    if fraction < WRAP_MIN_FRACTION:
         return maps, None, fraction
     return maps, _to_maps(v2, lam2, k.shape[1:], q.crop), fraction
 

@@ -142,7 +142,7 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         v = item["value"]
         block = v["calibration_rows"]
         kind = "2D mask" if v["mask_2d"] else "lines"
-        extra = [w for w, on in (("partial Fourier", v["partial_fourier"]),) if on]
+        extra = ["partial Fourier"] if v["partial_fourier"] else []
         (a, b), (na, nb) = v["axes"], v["shape"]
         head = f"  sampling ({item['slices']} slice(s)): k-space {a} {na} x {b} {nb}, "
         if v["fully_sampled"]:

@@ -49,6 +49,7 @@ from ..scan import (
     ReconSeries,
     ScanHeader,
     SliceData,
+    index_ranges,
     series_by_contrast,
 )
 from . import (
@@ -450,8 +451,16 @@ class Reconstructor:
         """All slices of a scan; one series per contrast, images ordered by slice/repetition.
         ``progress(done, total)`` is called before the first slice and after each (total: the
         scan's slices; ``settings.slices`` where given, else all)."""
+        partial = None
         if settings.slices is not None:
+            whole = sorted({sl.slice_index for sl in scan.slices})
             scan = scan.only_slices(settings.slices)
+            chosen = sorted({sl.slice_index for sl in scan.slices})
+            if chosen != whole:
+                partial = (f"PARTIAL SERIES: slices {index_ranges(chosen)} of the scan's "
+                           f"{index_ranges(whole)} (recon --slices); the scan-level choices "
+                           "(calibration, the slab's guard, an auto measured weight) were made "
+                           "on these slices alone")
         scan.validate()
         if progress is not None:
             progress(0, len(scan.slices))
@@ -490,6 +499,8 @@ class Reconstructor:
         if planes:  # the per-slice counts above are per plane (the batch summary says so)
             timings["slab_planes"] = planes
         images = partitions(images, scan.header)
+        for im in images if partial else []:
+            im.notes.append(partial)
         return series_by_contrast(images, scan.header, self.provenance(settings),
                                   timings_s={**timings, "slice_seconds": slice_seconds})
 

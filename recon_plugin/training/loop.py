@@ -9,6 +9,7 @@ the same ``run_dir`` continues where it stopped. Per-step randomness derives fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,7 +136,10 @@ def train_loop(
                desc="train", dynamic_ncols=True)
     step = start
     skipped = 0
-    with stop_requests() as requested:
+    # under torchrun every rank would stop at its own step, one of them inside an all-reduce
+    # the others never join: there the launcher's signals end the run as before
+    with (contextlib.nullcontext([]) if torch.distributed.is_initialized()
+          else stop_requests()) as requested:
         for step in bar:
             if stop_at is not None and step >= stop_at:
                 break
@@ -191,6 +195,10 @@ def train_loop(
                 log.info("%s at step %d", "time budget reached" if out_of_time else "stopped",
                          step + 1)
                 break
+        if requested:  # a signal during the last step: it is saved, but the caller stops too
+            raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped "
+                             f"after its last step, checkpointed in {run_dir}; run the same "
+                             "command again to finish")
 
     model.eval()
     return history

@@ -341,7 +341,9 @@ def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: i
         if before != recipe:
             raise ValueError(f"{pool_dir} holds batches drawn with {before}, not {recipe}: "
                              "a pool is grown only by its own recipe; use another folder")
-    else:  # a pool from before the recipe was recorded is taken as it is
+    elif any(pool_dir.glob("batch-*.pt")):  # drawn before recipes were recorded: unknown
+        log.warning("%s records no recipe; it is grown as asked without a check", pool_dir)
+    else:
         write_text_atomic(recorded, json.dumps(recipe))
     drawn = 0
     for i in range(n_batches):
