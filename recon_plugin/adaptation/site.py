@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..models.checkpoint import file_sha256, resolve_model, save_model
-from ..output.atomic import write_text_atomic
+from ..output.atomic import fingerprint, write_text_atomic
 from ..physics import SenseOperator
 from ..scan import ScanHeader
 from ..training.loop import freeze_batchnorm, train_loop
@@ -189,7 +189,7 @@ def adapt(
     job = {"protocol": str(protocol.source or protocol.name), "model": card.get("sha256"),
            "mode": mode, "params": params, "lr": lr, "rho": rho, "seed": seed, "steps": steps,
            "teacher_weight": teacher_weight, "heldout_fraction": heldout_fraction,
-           "raw": [[str(p.resolve()), *_fingerprint(p)] for p in raw]}
+           "raw": [[str(p.resolve()), fingerprint(p)] for p in usable]}
     # a run folder per job: the same command resumes its run, another one starts afresh
     run_dir = (Path(site_dir) / "runs"
                / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
@@ -287,15 +287,6 @@ def _matches(protocol) -> Callable[[Path, ScanHeader], None]:
                         "model adapted here for such a scan", path, chosen.name, protocol.name)
 
     return check
-
-
-def _fingerprint(path: Path) -> tuple[int, int]:
-    """(size, mtime in ns) of a raw file; (-1, -1) for one that is not there."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
 
 
 def _digest(job: dict) -> str:

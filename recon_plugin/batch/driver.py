@@ -14,6 +14,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..models.inference import torch_device
+from ..output.atomic import check_writable_folder, fingerprint
 from ..output.delivery import DeliveryPlan
 from ..recon.pipeline import Reconstructor
 from .files import RAW_SUFFIXES, FileResult, gather_inputs, output_name, process_file
@@ -24,7 +25,6 @@ from .state import (
     BatchUsageError,
     batch_lock,
     clean_stale,
-    fingerprint,
     interruptible,
     job_settings,
     load_state,
@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- preflight
 def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BatchUsageError(f"--out {out_dir} is a file, not a folder")
     try:
+        check_writable_folder(out_dir, "--out")
+    except ValueError as e:
+        raise BatchUsageError(str(e)) from e
+    try:  # and made, and written once (os.access does not see every reason a write fails)
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")

@@ -139,12 +139,6 @@ def batch_lock(out_dir: Path) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- state
-def fingerprint(p: Path) -> str:
-    """What identifies an unchanged input for ``--resume``: size and mtime."""
-    st = p.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
 def job_settings(protocol: str | None, formats, overrides: dict | None,
                  protocol_dirs: list[Path] | None) -> str:
     """What a batch was asked to make, as recorded with each finished input: ``--resume``

@@ -86,3 +86,10 @@ def check_writable_folder(path: Path | str, option: str) -> None:
     if not os.access(there, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path} cannot be "
                          + ("written" if there == path else f"created: {there} is not writable"))
+
+
+def fingerprint(path: Path | str) -> str:
+    """What identifies an unchanged input file between runs (``--resume``, an adaptation's run
+    folder): ``size:mtime_ns``."""
+    st = Path(path).stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
