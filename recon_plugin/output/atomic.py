@@ -81,8 +81,8 @@ def check_writable_folder(path: Path | str, option: str) -> None:
     while not there.exists() and there != there.parent:
         there = there.parent
     if not there.is_dir():
-        where = "" if there == path else f": {there} is a file"
-        raise ValueError(f"{option} {path} is not a folder{where}")
+        raise ValueError(f"{option} {path} is a file, not a folder" if there == path else
+                         f"{option} {path} cannot be created: {there} is a file")
     if not os.access(there, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path} cannot be "
                          + ("written" if there == path else f"created: {there} is not writable"))
