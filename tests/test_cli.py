@@ -454,3 +454,20 @@ def test_exit_status_of_a_stopped_run_an_interrupt_and_an_os_error(monkeypatch, 
     assert main(["-q", "train-pool", "somewhere"]) == status
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "Traceback" not in caplog.text
+
+
+def test_a_slices_trial_is_not_sent_to_the_protocols_pacs(tmp_path, capsys):
+    """A protocol with a PACS target: the whole scan is delivered (here: queued, nothing
+    listens), a ``--slices`` trial of it is not (a partial series must not reach a PACS
+    unless ``--send`` asks)."""
+    (tmp_path / "protocols").mkdir()
+    (tmp_path / "protocols" / "sending.yaml").write_text(
+        "name: sending\nextends: brain_t2_axial_4x\npacs: {targets: ['PACS@127.0.0.1:9']}\n")
+    vol = simulate_volume("test", "PD", num_slices=2, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "two.h5", acceleration=4, calib_lines=16)
+    run = ["-q", "recon", str(raw), "--method", "zero-filled", "--protocol", "sending",
+           "--protocol-dir", str(tmp_path / "protocols")]
+    assert main([*run, "--out", str(tmp_path / "trial"), "--slices", "1"]) == 0
+    assert not (tmp_path / "trial" / ".pacs-queue").exists()
+    assert main([*run, "--out", str(tmp_path / "whole")]) == 1  # waiting in the queue
+    assert list((tmp_path / "whole" / ".pacs-queue").rglob("*.dcm"))

@@ -98,3 +98,14 @@ def test_pool_dir_replays_its_batches_and_sees_the_pool_grow(tmp_path):
     assert len(pool) == 1  # listed again only after RESCAN_S
     pool.RESCAN_S = 0.0
     assert len(pool) == 2
+
+
+def test_a_pool_short_of_batches_says_it_waits(tmp_path, caplog):
+    """``train --pool-dir`` on a pool still being filled logs that it waits (it waited up to
+    10 minutes without a word), then names the shortfall."""
+    from recon_plugin.training.transfer import PoolDir, fill_pool
+
+    fill_pool(tmp_path, 1, seed=3, batch_size=1)
+    with pytest.raises(FileNotFoundError, match="fewer than 2 batches"):
+        PoolDir(tmp_path, min_batches=2, wait_s=0)
+    assert "holds 1 of the 2 batches needed; waiting" in caplog.text
