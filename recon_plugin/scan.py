@@ -248,14 +248,14 @@ class RawScan:
         if any(s.plane is not None for s in self.slices):
             raise ValueError(f"{name}: a 3D slab accelerated along kz is reconstructed as a "
                              "whole; a slice selection does not apply to it")
-        have = sorted({s.slice_index for s in self.slices})
+        have = {s.slice_index for s in self.slices}
         wanted = set(indices)
-        if not wanted & set(have):
+        if not wanted & have:
             raise ValueError(f"{name}: none of the slices {index_ranges(sorted(wanted))} is "
-                             f"in the scan, whose slices are {index_ranges(have)}")
-        if wanted - set(have):
+                             f"in the scan, whose slices are {index_ranges(sorted(have))}")
+        if wanted - have:
             log.warning("%s: slices %s are not in the scan (its slices: %s)", name,
-                        index_ranges(sorted(wanted - set(have))), index_ranges(have))
+                        index_ranges(sorted(wanted - have)), index_ranges(sorted(have)))
         return replace(self, slices=[s for s in self.slices if s.slice_index in wanted])
 
     def validate(self) -> None:

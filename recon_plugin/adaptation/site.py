@@ -195,7 +195,8 @@ def adapt(
                / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
     history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
                          steps, lr, seed, ckpt_every=max(10, steps // 10),
-                         time_budget_s=None if world > 1 else time_budget_s, progress=progress and rank == 0)
+                         time_budget_s=None if world > 1 else time_budget_s,
+                         progress=progress and rank == 0)
     model.eval()
     param_hash = hashlib.sha256(
         b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()

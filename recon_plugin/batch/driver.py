@@ -182,8 +182,8 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         if r.ok:
             key = str(path.resolve())
             # a --slices trial is a partial series: only an explicit --send delivers it
-            pacs = (proto.pacs.model_copy(update={"targets": []}) if (overrides or {}).get("slices")
-                    else proto.pacs)
+            partial = (overrides or {}).get("slices")
+            pacs = proto.pacs.model_copy(update={"targets": []}) if partial else proto.pacs
             plan = DeliveryPlan.make(pacs, send, out_dir)
             state[key] = {"fingerprint": fingerprint(path), "outputs": r.outputs,
                           "protocol": r.protocol, "folder": output_name(path),

@@ -6,9 +6,9 @@ run failed on its own (a training run stopped on non-finite losses, memory exhau
 torch error in train / train-pool / prune / adapt);
 2 usage or configuration error (bad arguments, unknown protocol, a model file that is not
 there or not valid), reported in one line before anything is reconstructed (another OSError,
-e.g. a disk or permission error while running: 1); 128 + signal number when SIGTERM / SIGINT stopped
-a batch (the state is saved: run again with ``--resume``) or a training run (checkpointed: run
-the same command again).
+e.g. a disk or permission error while running: 1); 128 + signal number when SIGTERM / SIGINT
+stopped a batch (the state is saved: run again with ``--resume``) or a training run
+(checkpointed: run the same command again).
 
 :mod:`.parser` builds the parser, :mod:`.commands` holds the subcommands; heavy modules are
 imported inside each command, so importing this package stays light (no torch).

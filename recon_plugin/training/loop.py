@@ -67,6 +67,12 @@ def _plot_losses(history: list[dict], path: Path) -> None:
 MAX_SKIPPED = 10  # consecutive non-finite losses before a run stops
 
 
+def _stopped(signum: int, when: str, run_dir: Path) -> RunStopped:
+    """What a run stopped by ``signum`` raises once its state is saved."""
+    return RunStopped(signum, f"{signal.Signals(signum).name}: stopped {when}, checkpointed in "
+                      f"{run_dir}; run the same command again to go on")
+
+
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, np.random.Generator], torch.Tensor],
@@ -145,33 +151,32 @@ def train_loop(
                 break
             if requested:  # SIGINT / SIGTERM: keep what is done, then stop
                 save(step)
-                raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped "
-                                 f"at step {step} of {steps}, checkpointed in {run_dir}; run "
-                                 "the same command again to resume")
+                raise _stopped(requested[0], f"at step {step} of {steps}", run_dir)
             rng = np.random.default_rng(seed * 1_000_003 + step)
             loss = loss_fn(model, rng)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
-                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                finite = bool(torch.isfinite(norm))
             if not finite:  # one bad batch must not turn every weight into NaN
                 skipped += 1
-                log.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d in a "
-                            "row)", step + 1, float(loss.detach()), skipped)
+                log.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d "
+                            "in a row)", step + 1, float(loss.detach()), skipped)
                 if skipped >= MAX_SKIPPED:
                     save(step)
                     raise FloatingPointError(
                         f"{run_dir}: {skipped} non-finite losses or gradients in a row at step "
-                        f"{step + 1}; the last good state is checkpointed: check the data or lower "
-                        "--lr")
+                        f"{step + 1}; the last good state is checkpointed: check the data or "
+                        "lower --lr")
                 opt.zero_grad(set_to_none=True)
                 continue  # the schedule counts the steps taken
             skipped = 0
             opt.step()
             sched.step()
-            history.append({"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-                            "t": time.monotonic() - t0})
+            history.append({"step": step + 1, "loss": float(loss.detach()),
+                            "lr": sched.get_last_lr()[0], "t": time.monotonic() - t0})
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
             if (step + 1) % 10 == 0:
                 log.info("step %d loss %.5f", step + 1, history[-1]["loss"])
@@ -196,9 +201,7 @@ def train_loop(
                          step + 1)
                 break
         if requested:  # a signal during the last step: it is saved, but the caller stops too
-            raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped "
-                             f"after its last step, checkpointed in {run_dir}; run the same "
-                             "command again to finish")
+            raise _stopped(requested[0], "after its last step", run_dir)
 
     model.eval()
     return history

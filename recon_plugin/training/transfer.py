@@ -21,6 +21,7 @@ Arrays: images (ky, kx), multi-coil (coils, ky, kx), centred orthonormal FFT.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from functools import lru_cache
@@ -325,8 +326,6 @@ def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: i
     file each, written atomically; batches already there are kept, so an interrupted fill
     resumes; the recipe is recorded (``POOL_RECIPE``), and growing the pool with another one
     is a ValueError. Returns how many were drawn. A trainer may read the pool while it grows."""
-    import json
-
     from ..output.atomic import atomic_path, write_text_atomic
 
     pool_dir = Path(pool_dir)
@@ -368,10 +367,10 @@ class PoolDir:
         self.pool_dir = Path(pool_dir)
         self._listed: tuple[float, list[Path]] | None = None
         deadline = time.monotonic() + wait_s
-        if len(self._files()) < min_batches:
+        if (have := len(self._files())) < min_batches:
             log.warning("%s holds %d of the %d batches needed; waiting up to %.0f s for "
-                        "`recon-plugin train-pool` to draw them", self.pool_dir,
-                        len(self._files()), min_batches, wait_s)
+                        "`recon-plugin train-pool` to draw them", self.pool_dir, have,
+                        min_batches, wait_s)
         while len(self._files()) < min_batches:
             if time.monotonic() > deadline:
                 raise FileNotFoundError(f"{self.pool_dir}: fewer than {min_batches} batches; "
