@@ -228,3 +228,22 @@ def test_files_of_another_protocol_are_named(tmp_path, caplog):
     adapt(raws, "brain_t2_axial_4x", tmp_path / "site", mode="ssdu", steps=1)
     named = [r.getMessage() for r in caplog.records if "not brain_t2_axial_4x" in r.getMessage()]
     assert len(named) == 2 and all("matches protocol brain_flair_8x" in m for m in named), named
+
+
+def test_adapt_finds_a_site_protocol_by_name_in_protocol_dir(site, tmp_path, caplog):
+    """``adapt --protocol NAME --protocol-dir DIR`` as ``recon`` takes it: the base protocol is
+    found by name there, and the files' headers are matched against it too (the check had
+    read only the shipped protocols, so it named the catch-all for the site's own FLAIR)."""
+    from recon_plugin.cli import main
+
+    d, raws = site
+    pdir = tmp_path / "protocols"
+    pdir.mkdir()
+    spec = yaml.safe_load((d / "tiny_base.yaml").read_text())
+    spec["name"] = "site_flair"
+    (pdir / "site_flair.yaml").write_text(yaml.safe_dump(spec))
+    code = main(["-q", "adapt", *map(str, raws), "--protocol", "site_flair", "--protocol-dir",
+                 str(pdir), "--out", str(tmp_path / "s"), "--steps", "1"])
+    assert code in (0, 1)  # promoted or not: both are a finished run
+    assert json.loads(next((tmp_path / "s").rglob("adapt_report.json")).read_text())
+    assert "matches protocol" not in caplog.text

@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +111,13 @@ def adapt(
     lr: float | None = None, rho: float = SSDU_LOSS_FRACTION, seed: int = 0,
     device: str = "cpu", teacher_weight: float = 0.2, heldout_fraction: float = 0.25,
     name: str | None = None, time_budget_s: float | None = None, params: str = "dc",
-    progress: bool = True,
+    progress: bool = True, protocol_dirs: Sequence[Path] | None = None,
 ) -> dict:
     """Run an adaptation; returns a report dict (``promoted``, errors, output paths).
     ``params``: what trains (``PARAMS``: the whole network, or only its data-consistency
     weights); ``lr``: None takes that choice's default; ``progress``: a progress bar (rank
-    0)."""
+    0); ``protocol_dirs``: protocol folders searched first, for ``base_protocol`` and for the
+    check that each file's header matches it (as ``recon --protocol-dir``)."""
     from ..config.protocol import load_protocol
     from ..models.checkpoint import load_model
     from ..models.inference import torch_device
@@ -134,7 +135,7 @@ def adapt(
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    protocol = load_protocol(base_protocol)
+    protocol = load_protocol(base_protocol, protocol_dirs)
     settings = protocol.recon_settings()
     base_path = resolve_model(settings.model)
     model, card = load_model(base_path)
@@ -151,7 +152,7 @@ def adapt(
         teacher.to(dev)
     raw = sorted(Path(p) for p in raw)
     skipped: list[str] = []  # unreadable files: a site's archive may hold a broken one
-    slices = prepare_slices(raw, settings, skipped, on_header=_matches(protocol))
+    slices = prepare_slices(raw, settings, skipped, on_header=_matches(protocol, protocol_dirs))
     # files are held out among those with usable slices (an unreadable one must not take
     # the gate's share)
     usable = [p for p in raw if any(s.source == str(p) for s in slices)]
@@ -271,12 +272,14 @@ def _published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict]
     return None
 
 
-def _matches(protocol) -> Callable[[Path, ScanHeader], None]:
-    """A check that warns where a file's header matches another protocol than ``protocol``:
-    ``recon`` would not reconstruct that scan with the model adapted here."""
+def _matches(protocol, protocol_dirs: Sequence[Path] | None = None
+             ) -> Callable[[Path, ScanHeader], None]:
+    """A check that warns where a file's header matches another protocol than ``protocol``
+    (among those on the search path, ``protocol_dirs`` first): ``recon`` would not
+    reconstruct that scan with the model adapted here."""
     from ..config.protocol import ProtocolMatchError, load_all, match_protocol
 
-    shipped = load_all()
+    shipped = load_all(protocol_dirs)
 
     def check(path: Path, header: ScanHeader) -> None:
         try:

@@ -273,7 +273,8 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     _writable(("--out", a.out))
     rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
                 rho=a.rho, seed=a.seed, device=a.device, name=a.name,
-                time_budget_s=a.time_budget, params=a.params, progress=not a.quiet)
+                time_budget_s=a.time_budget, params=a.params, progress=not a.quiet,
+                protocol_dirs=a.protocol_dir)
     if rep.get("rank", 0) != 0:
         return EXIT_OK
     for reason in rep.get("skipped_files", []):

@@ -336,6 +336,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    help="wall seconds of training at most (single process)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the training (default 0)")
+    s.add_argument("--protocol-dir", action="append", default=None, type=Path,
+                   help="extra protocol folder searched first (for --protocol and for the "
+                   "check that each file matches it); repeatable")
     s.set_defaults(fn=cmd_adapt)
 
 
@@ -411,7 +414,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=_port, default=9002, help="TCP port (0 = any free port)")
     s.add_argument("--protocol", help="protocol when the client names none (default: match)")
-    s.add_argument("--protocol-dir", action="append", default=[],
+    s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first (repeatable)")
     s.add_argument("--dicom-out", help="also write every finished scan as DICOM here")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
