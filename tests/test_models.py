@@ -144,6 +144,20 @@ def test_checkpoint_roundtrip_and_tamper(tmp_path):
         resolve_model("no-such-model")
 
 
+def test_saving_over_another_model_says_so(tmp_path, caplog):
+    """``prune`` / ``train --export`` onto an existing model replaced it without a word, and the
+    protocols naming it then loaded other weights: the replacement is logged with both hashes;
+    saving the same weights again is not."""
+    torch.manual_seed(0)
+    first = save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
+    save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m.safetensors", {"name": "m"})
+    second = load_model(tmp_path / "m")[1]
+    assert f"sha256 {first['sha256'][:12]} -> {second['sha256'][:12]}" in caplog.text
+    caplog.clear()
+    save_model(load_model(tmp_path / "m")[0], tmp_path / "m", {"name": "m"})
+    assert "replaced" not in caplog.text
+
+
 def test_shipped_model_beats_zero_filled():
     model, card = load_model(resolve_model("unrolled-base"))
     assert card["pruning"]["method"] == "none" and card["sha256"]

@@ -52,6 +52,7 @@ def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
         raise ModelError(f"{path}: this model has BatchNorm folded for inference and cannot be "
                          "saved; save the model as loaded or trained")
     path = weights_path(path)
+    before = file_sha256(path) if path.is_file() else None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -61,6 +62,10 @@ def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     card["sha256"] = file_sha256(path)
     card["parameters"] = int(sum(p.numel() for p in model.parameters()))
     write_text_atomic(path.with_suffix(".json"), json.dumps(card, indent=2))
+    if before is not None and before != card["sha256"]:
+        # an export onto an existing model: protocols naming it now load the new weights
+        log.warning("%s: replaced the model that was there (sha256 %s -> %s)", path,
+                    before[:12], card["sha256"][:12])
     return card
 
 
