@@ -1,5 +1,7 @@
 """Transfer training data (training/transfer.py) and the noise-aware MoDL network built for it."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,7 @@ def test_a_pool_short_of_batches_says_it_waits(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="fewer than 2 batches"):
         PoolDir(tmp_path, min_batches=2, wait_s=0)
     assert "holds 1 of the 2 batches needed; waiting" in caplog.text
+    start = time.monotonic()  # a folder that is not there is not waited for
+    with pytest.raises(FileNotFoundError, match="no such pool folder"):
+        PoolDir(tmp_path / "missing", wait_s=600)
+    assert time.monotonic() - start < 5

@@ -365,6 +365,9 @@ class PoolDir:
 
     def __init__(self, pool_dir: Path | str, min_batches: int = 1, wait_s: float = 600.0):
         self.pool_dir = Path(pool_dir)
+        if not self.pool_dir.is_dir():  # train-pool makes the folder first: nothing to wait for
+            raise FileNotFoundError(f"{self.pool_dir}: no such pool folder; fill one with "
+                                    "`recon-plugin train-pool` first")
         self._listed: tuple[float, list[Path]] | None = None
         deadline = time.monotonic() + wait_s
         if (have := len(self._files())) < min_batches:
