@@ -62,6 +62,16 @@ def test_twix_reads_with_geometry_and_oversampling_removed():
     # the slice normal of the protocol's slice array (sNormal: Cor 0.0384, Tra 0.9993)
     assert g.slice_dir == pytest.approx([0.0, 0.0383878, 0.9992630], abs=1e-5)
     assert abs(g.read_dir @ g.phase_dir) < 1e-6
+    # the image axes: twixtools' own rotation (geometry.prs2sct_mdb: columns phase, read,
+    # slice, "readout and pe are flipped"); the header's quaternion axes had been written as
+    # they are, so every pixel sat at its point reflection through the slice centre
+    import twixtools
+    from twixtools.geometry import prs2sct_mdb
+
+    prs = prs2sct_mdb(twixtools.read_twix(str(DAT), verbose=False, parse_pmu=False)[-1], 0)
+    assert g.phase_dir == pytest.approx(prs[:, 0], abs=1e-5)
+    assert g.read_dir == pytest.approx(prs[:, 1], abs=1e-5)
+    assert g.slice_dir == pytest.approx(prs[:, 2], abs=1e-5)
     # the same acquisition converted to the fastMRI layout (../shared/data/real/README.md)
     h5 = read_raw(DAT.with_name("twix_gre_phantom2ch_full.h5")).slices[0].kspace
     assert np.linalg.norm(sl.kspace - h5) / np.linalg.norm(h5) < 1e-5

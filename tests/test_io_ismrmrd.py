@@ -176,6 +176,27 @@ def test_sagittal_geometry(tmp_path):
         np.testing.assert_allclose(s.geometry.position, ref.position, atol=1e-4)
 
 
+def test_siemens_data_image_axes_are_the_headers_negated(tmp_path, vol):
+    """An ISMRMRD file from a Siemens scanner (``systemVendor`` SIEMENS, as
+    ``siemens_to_ismrmrd`` and FIRE write it): the image's read and phase axes are the header's
+    negated, about the same centre (``io.mrd_assembler.siemens_image_axes``); the pixels and
+    the slice normal are the same as from another vendor's file."""
+    path = write_ismrmrd(vol, tmp_path / "a.h5")
+    other = read_ismrmrd(path)
+    with ismrmrd.Dataset(str(path), "dataset", create_if_needed=False) as d:
+        xml = d.read_xml_header().decode()
+        assert "<systemVendor>recon_plugin simulator</systemVendor>" in xml
+        d.write_xml_header(xml.replace("recon_plugin simulator", "SIEMENS"))
+    siemens = read_ismrmrd(path)
+    assert siemens.header.sequence.manufacturer == "SIEMENS"
+    for a, b in zip(other.slices, siemens.slices):
+        np.testing.assert_array_equal(a.kspace, b.kspace)
+        np.testing.assert_allclose(b.geometry.read_dir, -a.geometry.read_dir)
+        np.testing.assert_allclose(b.geometry.phase_dir, -a.geometry.phase_dir)
+        np.testing.assert_allclose(b.geometry.slice_dir, a.geometry.slice_dir)
+        np.testing.assert_allclose(b.geometry.position, a.geometry.position)
+
+
 # ------------------------------------------------------------------ real-scanner cases (#9)
 def test_partial_fourier(tmp_path, vol):
     scan = read_ismrmrd(write_ismrmrd(vol, tmp_path / "pf.h5", partial_fourier=0.75))

@@ -170,6 +170,21 @@ def test_dciodvfy_clean_without_body_part(tmp_path):
     assert dciodvfy_errors(paths[0]) == []
 
 
+def test_spacing_between_slices_has_no_float_tail():
+    """An oblique stack 8 mm apart: the spacing measured from the positions was written as
+    '8.00000000000000' (a valid DS, but no scanner writes that)."""
+    from recon_plugin.output.dicom_geometry import _slice_spacing
+    from recon_plugin.output.dicom_values import _ds
+
+    a = 0.12263075716594563  # rad about x
+    normal = np.array([0.0, np.sin(a), np.cos(a)])
+    read = np.array([1.0, 0.0, 0.0])
+    centre = np.array([-69.75092324, -6.56374992, -37.37732842])
+    geoms = [Geometry(centre + k * 8.0 * normal, read, np.cross(normal, read), normal)
+             for k in range(3)]
+    assert _ds(_slice_spacing(None, geoms)) == "8.0"
+
+
 def test_pixel_format_and_series_scaling(tmp_path):
     series = make_series(nslices=3)
     paths = dicom.write_series(series, tmp_path, max_value=4095)

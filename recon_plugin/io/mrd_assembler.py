@@ -19,7 +19,9 @@ Routing rules:
 * navigator, phase-correction, HP/RT feedback, dummy-scan, surface-coil-correction and
   phase-stabilisation acquisitions are skipped (counted, never placed);
 * geometry from the first line's ``position`` / ``*_dir``; zero vectors give
-  :meth:`Geometry.default` (slices stacked along z by the slice spacing) and a warning;
+  :meth:`Geometry.default` (slices stacked along z by the slice spacing) and a warning; for
+  Siemens data (``systemVendor``) the image's read and phase axes are the header's negated
+  (:func:`siemens_image_axes`);
 * a 3D scan (encoded matrix z > 1) collects each slab on a (coils, kz, ky, kx) grid
   (``kspace_encode_step_2``) and is split, when the data end (:mod:`recon_plugin.io.mrd_volume`),
   into partitions, one :class:`SliceData` each (acceleration along ky only), or, accelerated
@@ -47,6 +49,27 @@ from .mrd_lines import LineBuffer, channel_ids, kspace_row, place_readout
 from .mrd_volume import accelerated_along_kz, partition_geometry, split_partitions, split_planes
 
 log = logging.getLogger(__name__)
+
+
+def is_siemens(vendor: str | None) -> bool:
+    """A header's ``systemVendor`` names Siemens (twix files, ``siemens_to_ismrmrd`` output and
+    FIRE streams from a Siemens scanner carry ``SIEMENS``)."""
+    return bool(vendor) and "siemens" in vendor.lower()
+
+
+def siemens_image_axes(geo: Geometry) -> Geometry:
+    """The image axes of Siemens raw data: ``read_dir`` and ``phase_dir`` negated.
+
+    Siemens' slice quaternion (as ``siemens_to_ismrmrd`` and ``io/twix.py`` turn it into
+    direction vectors) gives the readout and phase-encode gradient axes with the sign that
+    a forward FFT of the k-space lines needs; the centred inverse FFT used here
+    (``physics.fft``) orders the pixels the other way along both, so the image's columns
+    run along -read and its rows along -phase about the same centre pixel (n // 2). The
+    same correction is made by twixtools' ``geometry.prs2sct_mdb`` (readout and phase
+    columns negated), Siemens' FIRE examples (k-space flipped along RO and PE "to be
+    consistent with ICE") and mrpro (k-space conjugated for Siemens data). The normal
+    (``read x phase``) and ``slice_dir`` are unchanged. Shape-free: (3,) vectors, LPS."""
+    return Geometry(geo.position, -geo.read_dir, -geo.phase_dir, geo.slice_dir, geo.defaulted)
 
 SKIP_FLAGS = {
     ismrmrd.ACQ_IS_NAVIGATION_DATA: "navigator",
@@ -164,6 +187,8 @@ class MrdAssembler:
 
     def _geometry(self, acq: ismrmrd.Acquisition, slice_idx: int) -> Geometry:
         geo = Geometry.from_vectors(acq.position, acq.read_dir, acq.phase_dir, acq.slice_dir)
+        if not geo.defaulted and is_siemens(self.header.sequence.manufacturer):
+            geo = siemens_image_axes(geo)
         if geo.defaulted:
             if not np.any(np.asarray(acq.position)):
                 spacing = (

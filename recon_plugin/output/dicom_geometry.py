@@ -87,7 +87,7 @@ def _slice_spacing(header: ScanHeader, geoms: Sequence[Geometry]) -> float | Non
     normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
     along = np.unique(np.round([float(np.asarray(g.position) @ normal) for g in geoms], 4))
     if along.size > 1:
-        return float(np.median(np.diff(along)))
+        return round(float(np.median(np.diff(along))), 4)  # the positions' 0.1 um, no float tail
     if header.slice_spacing_mm and header.slice_spacing_mm > 0:
         return float(header.slice_spacing_mm)
     return None
