@@ -396,6 +396,22 @@ def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     assert len(items) == 1 and len(items[0]["files"]) == 2
 
 
+def test_a_method_override_numbers_the_series_as_recon_does(data, engine, tmp_path):
+    """A client that asks for another method than the protocol's (TEXT / config JSON) gets
+    the series number ``recon --method`` gives (zero-filled on a cg-sense 7000 protocol:
+    7201), in its images and in the ``--dicom-out`` copy; the stream had numbered it 7001, as
+    the protocol's own series of the same study."""
+    import pydicom
+
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               dicom_out=tmp_path / "dcm")
+    sent: list[ismrmrd.Image] = []
+    result = eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
+                     stream_options.StreamOptions(protocol="stream_cg", method="zero-filled"))
+    assert {im.image_series_index for im in sent} == {7201}
+    assert {int(pydicom.dcmread(f).SeriesNumber) for f in eng.deliver(result)} == {7201}
+
+
 def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
     """Poll ``cond()`` until true; a generous bound only against hanging (not a timing test)."""
     t0 = time.monotonic()

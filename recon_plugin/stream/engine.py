@@ -69,6 +69,7 @@ class StreamResult:
     protocol: Protocol | None = None
     header: ScanHeader | None = None
     provenance: Any = None
+    method: str | None = None  # the settings' method (numbers the series as batch recon does)
     images: list[ReconImage] = field(default_factory=list)  # kept only when delivering DICOM
     latencies_s: list[float] = field(default_factory=list)
     recon_s: list[float] = field(default_factory=list)
@@ -122,7 +123,7 @@ class StreamEngine:
         protocol, settings = self.select(asm.header, options)
         with self.lock:
             prov = self.recon.provenance(settings)
-        result.protocol, result.provenance = protocol, prov
+        result.protocol, result.provenance, result.method = protocol, prov, settings.method
         log.info("stream: protocol %s, method %s%s", protocol.name, settings.method,
                  f", model {prov.model_name}" if prov.deep_learning else "")
         scan = _ScanState(self, asm, protocol, settings, prov, options, result)
@@ -210,7 +211,7 @@ class StreamEngine:
         p = result.protocol
         if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
             return []
-        series = scan_series(result.images, result.header, result.provenance, p)
+        series = scan_series(result.images, result.header, result.provenance, p, result.method)
         result.dicom_files = write_and_deliver(series, p, self.dicom_out)
         return result.dicom_files
 
@@ -240,7 +241,8 @@ class _ScanState:
         self.noise_used = 0
         enc = asm.enc
         self.encoder = ImageEncoder(protocol, prov, options.image_dtype,
-                                    enc.limit_max("slice") + 1, enc.limit_max("phase") + 1)
+                                    enc.limit_max("slice") + 1, enc.limit_max("phase") + 1,
+                                    method=settings.method)
         self.interleaved = enc.limit_max("repetition") > 0
 
     def track(self, acq: ismrmrd.Acquisition) -> tuple[int, int, int, int] | None:

@@ -36,9 +36,9 @@ class ImageEncoder:
     """
 
     def __init__(self, protocol: Protocol, provenance: Any, image_dtype: str, n_slices: int,
-                 n_phases: int):
+                 n_phases: int, method: str | None = None):
         self.protocol, self.prov, self.image_dtype = protocol, provenance, image_dtype
-        self.n_slices, self.n_phases = n_slices, n_phases
+        self.n_slices, self.n_phases, self.method = n_slices, n_phases, method
         self.scale: float | None = None
 
     def image(self, im: ReconImage, header: ScanHeader,
@@ -58,7 +58,7 @@ class ImageEncoder:
                             int((scaled > top).sum()), top)
             data = np.clip(np.rint(scaled), 0, top).astype(np.uint16)
         one = ReconSeries([im], header, self.prov,
-                          series_number=self.protocol.series_number(im.contrast),
+                          series_number=self.protocol.series_number(im.contrast, self.method),
                           series_description=self.protocol.series.description)
         n_rep = im.repetition * self.n_phases + im.phase
         return mrd_image(one, im, 1 + im.slice_index + self.n_slices * n_rep, data=data,
@@ -66,9 +66,11 @@ class ImageEncoder:
 
 
 def scan_series(images: list[ReconImage], header: ScanHeader, provenance: Any,
-                protocol: Protocol) -> list[ReconSeries]:
-    """A scan's images as one ReconSeries per contrast, numbered as batch recon does."""
-    return series_by_contrast(images, header, provenance, protocol.series_number,
+                protocol: Protocol, method: str | None = None) -> list[ReconSeries]:
+    """A scan's images as one ReconSeries per contrast, numbered as batch recon does
+    (``method``: the one that made them, where the client overrode the protocol's)."""
+    return series_by_contrast(images, header, provenance,
+                              lambda i: protocol.series_number(i, method),
                               protocol.series.description)
 
 
