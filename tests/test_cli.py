@@ -419,6 +419,23 @@ def test_an_unusable_output_folder_is_refused_before_a_long_run(raw_dir, tmp_pat
     assert "Traceback" not in caplog.text and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--protocol", "nosuch"], "'nosuch' not found"),
+    (["--dicom-out", "{file}/dcm"], "--dicom-out"),
+])
+def test_serve_refuses_to_start_on_what_every_scan_would_fail(tmp_path, args, named):
+    """``serve`` with an unknown ``--protocol`` or a ``--dicom-out`` it cannot write: exit 2
+    before listening. It had listened, then refused every scan (the protocol) or lost every
+    archive copy with a traceback in its log only (the folder)."""
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    argv = [a.format(file=file) for a in args]
+    r = subprocess.run([sys.executable, "-m", "recon_plugin.cli", "serve", "--port", "0",
+                        "--no-warmup", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert named in r.stderr and "Traceback" not in r.stderr
+
+
 def test_resume_keeps_inputs_finished_before_settings_were_recorded(tmp_path, capsys):
     """A state entry written before ``--resume`` compared settings (no ``settings`` key) is
     taken as finished with these: resuming skips it, it is not made again with new UIDs."""

@@ -327,8 +327,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     """Run the MRD streaming server until stopped."""
+    from ..config.protocol import load_protocol
     from ..stream.server import serve
 
+    # what every scan would need, checked before listening (a scanner would get only errors)
+    if a.protocol:
+        load_protocol(a.protocol, a.protocol_dir)
+    _writable(("--dicom-out", a.dicom_out))
     try:
         serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
               dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
