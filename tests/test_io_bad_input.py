@@ -200,6 +200,36 @@ def test_ismrmrd_coil_count_changes(tmp_path, ismrmrd_file):
     _fails(path, "coils")
 
 
+def test_ismrmrd_readout_length_changes(tmp_path, ismrmrd_file, caplog):
+    """A line with more samples than the scan's others (read as 2x readout oversampling: its
+    samples on another k-space grid) is refused, naming both lines; a shorter one is placed
+    by its centre with a warning. The longer one had been taken with an INFO line, and
+    changed the slice's image by a quarter of its maximum."""
+    with ismrmrd.File(str(ismrmrd_file), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)
+    first = next(a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    n = first.number_of_samples
+    for samples, name in ((2 * n, "long.h5"), (n - 4, "short.h5")):
+        bad = acqs[8]
+        changed = list(acqs)
+        changed[8] = ismrmrd.Acquisition.from_array(
+            np.resize(bad.data, (bad.active_channels, samples)).astype(np.complex64),
+            idx=bad.idx, center_sample=bad.center_sample, scan_counter=bad.scan_counter,
+            flags=bad.flags, position=bad.position, read_dir=bad.read_dir,
+            phase_dir=bad.phase_dir, slice_dir=bad.slice_dir)
+        path = tmp_path / name
+        with ismrmrd.File(str(path), "w") as f:
+            f["dataset"].header = ismrmrd.xsd.CreateFromDocument(xml)
+            f["dataset"].acquisitions = changed
+        if samples > n:
+            _fails(path, f"carries {samples} readout samples", f"carried {n}",
+                   "must not change")
+        else:
+            assert len(read_raw(path).slices) == 2
+            assert f"carries {samples} readout samples where" in caplog.text
+
+
 def test_header_missing_optional_fields_does_not_crash():
     xml = """<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>
       <encodedSpace><matrixSize><x>64</x><y>32</y><z>1</z></matrixSize>

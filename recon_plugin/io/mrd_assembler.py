@@ -132,6 +132,8 @@ class MrdAssembler:
         self._skipped: dict[str, int] = {}
         self._warned: set[str] = set()
         self._readout_note = False
+        # per encoded matrix: (oversampling factor, samples, scan counter) of its first line
+        self._readouts: dict[tuple[int, ...], tuple[int, int, int]] = {}
         # (slice, phase, repetition, set) whose end-of-slice flag came, and the most lines a
         # slice emitted so far had: a slice without the flag and with fewer lines is incomplete
         self._ended: set[tuple[int, ...]] = set()
@@ -176,6 +178,18 @@ class MrdAssembler:
         """One readout placed on the grid of ``enc`` (:func:`place_readout`); the first implied
         readout oversampling is logged."""
         line, ro_mask, k = place_readout(acq, enc, self.source)
+        n = acq.number_of_samples - acq.discard_pre - acq.discard_post
+        first = self._readouts.setdefault(enc.enc_matrix, (k, n, int(acq.scan_counter)))
+        if k != first[0]:  # its samples would be read on another k-space grid
+            raise RawDataError(
+                f"{self.source}: acquisition {acq.scan_counter} carries {n} readout samples, "
+                f"acquisition {first[2]} carried {first[1]} ({k}x against {first[0]}x the "
+                f"encoded x of {enc.enc_matrix[0]}): the readout length must not change "
+                "within a scan")
+        if n != first[1]:
+            self._warn(f"acquisition {acq.scan_counter} carries {n} readout samples where "
+                       f"acquisition {first[2]} carried {first[1]}: placed by its center_sample, "
+                       "the samples it lacks count as not measured", once="readout-length")
         if k > 1 and not self._readout_note:
             self._readout_note = True
             log.info(
