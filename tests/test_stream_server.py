@@ -412,6 +412,39 @@ def test_a_method_override_numbers_the_series_as_recon_does(data, engine, tmp_pa
     assert {int(pydicom.dcmread(f).SeriesNumber) for f in eng.deliver(result)} == {7201}
 
 
+def test_a_client_that_leaves_after_its_close_still_gets_its_scan_archived(data, engine,
+                                                                           tmp_path):
+    """A client sends the whole scan and its CLOSE, then closes the socket without reading:
+    the images cannot be sent, but the scan is complete, so it is reconstructed and written to
+    ``--dicom-out`` (the server had dropped the slices left and archived nothing)."""
+    import io
+
+    import pydicom
+
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               dicom_out=tmp_path / "dcm")
+    s = srv.ReconServer("127.0.0.1", 0, eng, idle_timeout=20.0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        buf = io.BytesIO()
+        out = ProtocolSerializer(buf)
+        out.serialize(ConfigFile("stream_zf"))
+        out.serialize(data["header"])
+        for acq in data["acqs"]:
+            out.serialize(acq)
+        out.close()
+        with socket.create_connection(s.address, timeout=30) as sock:
+            sock.sendall(buf.getvalue())
+        _wait_for(lambda: len(list((tmp_path / "dcm").rglob("*.dcm"))) == 2,
+                  "the scan's 2 DICOM files")
+        files = sorted((tmp_path / "dcm").rglob("*.dcm"))
+        assert sorted(int(pydicom.dcmread(f).InstanceNumber) for f in files) == [1, 2]
+    finally:
+        s.request_stop()
+        t.join(30)
+
+
 def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
     """Poll ``cond()`` until true; a generous bound only against hanging (not a timing test)."""
     t0 = time.monotonic()

@@ -152,10 +152,12 @@ class StreamEngine:
     def run(self, acquisitions: Iterable[ismrmrd.Acquisition], header_xml: str | bytes,
             send: Callable[[ismrmrd.Image], Any], options: StreamOptions | None = None,
             clock: Callable[[], float] | None = None,
-            notify: Callable[[str], Any] | None = None) -> StreamResult:
+            notify: Callable[[str], Any] | None = None,
+            result: StreamResult | None = None) -> StreamResult:
         """Stream, sending each image with ``send`` (notices with ``notify``), logging per-slice
-        stream latency (last acquisition -> image sent). Returns the :class:`StreamResult`."""
-        result = StreamResult()
+        stream latency (last acquisition -> image sent). Returns the :class:`StreamResult`
+        (``result``, filled as the scan goes, where given)."""
+        result = result if result is not None else StreamResult()
         for item in self.images(acquisitions, header_xml, options, clock, result):
             if isinstance(item, str):
                 result.notices.append(item)

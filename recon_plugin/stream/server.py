@@ -16,7 +16,9 @@ Wire protocol (little-endian, message id ``uint16`` first; ids from ``ismrmrd.se
 
 Robustness: every message length is checked against :class:`Limits` before its payload is read
 or allocated; malformed or unknown messages get an ``ERROR`` text, that connection is closed and
-the server keeps serving; a client that drops mid-scan just ends its session; idle connections
+the server keeps serving; a client that drops mid-scan just ends its session (one that stops
+reading its images while the scan's DICOM is wanted, ``--dicom-out`` or the protocol's PACS,
+has the scan finished for it from what it sent); idle connections
 time out; :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) lets every
 connection finish the slice in flight, tells the client and closes.
 """
@@ -154,7 +156,7 @@ class ReconServer:
             reply.close()
             log.info("%s: done", who)
         except ClientGone as e:
-            log.warning("%s: client dropped mid-scan (%s); session freed", who, e)
+            log.warning("%s: client gone (%s); session freed", who, e)
         except ServerStopping as e:
             log.warning("%s: %s", who, e)
             reply.text(f"WARNING {e}")
@@ -226,8 +228,24 @@ class ReconServer:
                     raise ProtocolViolation(f"unexpected {MSG(m.id).name} message during the "
                                             "acquisitions")
 
-        return self.engine.run(acquisitions(), header, reply.image, options,
-                               clock=lambda: last[0], notify=reply.text)
+        result = StreamResult()
+
+        def send(image: ismrmrd.Image) -> None:
+            if reply.closed:
+                return
+            try:
+                reply.image(image)
+            except ClientGone as e:
+                p = result.protocol
+                if p is None or not self.engine.wants_delivery(p):
+                    raise  # nobody wants the rest of the scan
+                # the archive (--dicom-out, the protocol's PACS) still wants it: the scan goes
+                # on while the acquisitions come (all of them, where the client sent its CLOSE)
+                log.warning("client stopped reading (%s); the scan goes on for its DICOM", e)
+                reply.release()
+
+        return self.engine.run(acquisitions(), header, send, options,
+                               clock=lambda: last[0], notify=reply.text, result=result)
 
 
 def _checked_header(xml: str) -> str:
