@@ -445,6 +445,31 @@ def test_a_client_that_leaves_after_its_close_still_gets_its_scan_archived(data,
         t.join(30)
 
 
+def test_an_archived_stream_series_says_which_slices_failed(data, engine, tmp_path):
+    """Slice 0 of a stream fails (non-finite samples): the client is told, and the
+    ``--dicom-out`` series of the rest says it lacks slice 0 (it had passed for the whole
+    scan)."""
+    import copy
+
+    import pydicom
+
+    acqs = []
+    for a in data["acqs"]:
+        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            a = copy.deepcopy(a)
+            a.data[:] = np.nan
+        acqs.append(a)
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               dicom_out=tmp_path / "dcm")
+    sent: list[ismrmrd.Image] = []
+    result = eng.run(iter(acqs), data["header"].toXML(), sent.append,
+                     stream_options.StreamOptions(protocol="stream_zf"))
+    assert [im.slice for im in sent] == [1]
+    assert result.notices and result.notices[0].startswith("ERROR slice 0")
+    (f,) = eng.deliver(result)
+    assert "INCOMPLETE SERIES: slices 0 of the scan failed" in str(pydicom.dcmread(f).ImageComments)
+
+
 def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
     """Poll ``cond()`` until true; a generous bound only against hanging (not a timing test)."""
     t0 = time.monotonic()

@@ -41,7 +41,7 @@ from ..recon.refine import SharedRefinement
 from ..recon.reslice import failed_plane, partitions
 from ..recon.series_weight import ScanWeight
 from ..runtime import tune_allocator
-from ..scan import Geometry, ReconImage, ScanHeader, SliceData
+from ..scan import Geometry, ReconImage, ScanHeader, SliceData, index_ranges
 from .images import ImageEncoder, scan_series, write_and_deliver
 from .options import (
     Limits,
@@ -74,6 +74,7 @@ class StreamResult:
     latencies_s: list[float] = field(default_factory=list)
     recon_s: list[float] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # slice indices not reconstructed
     dicom_files: list[Path] = field(default_factory=list)
     sent: int = 0
     complete: bool = False
@@ -213,6 +214,11 @@ class StreamEngine:
         p = result.protocol
         if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
             return []
+        if result.failed:  # the archive must not pass for the whole scan
+            note = (f"INCOMPLETE SERIES: slices {index_ranges(sorted(set(result.failed)))} of "
+                    "the scan failed in the stream and are not in this series (server log)")
+            for im in result.images:
+                im.notes.append(note)
         series = scan_series(result.images, result.header, result.provenance, p, result.method)
         result.dicom_files = write_and_deliver(series, p, self.dicom_out)
         return result.dicom_files
@@ -289,6 +295,7 @@ class _ScanState:
                 made_with = self.calibration.provisional(adds)
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
             log.exception("stream: slice %d failed", sl.slice_index)
+            self.result.failed.append(sl.slice_index)
             yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
                   f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
             if sl.plane is not None:  # nor one bad plane its slab: the others make it
