@@ -470,6 +470,27 @@ def test_an_archived_stream_series_says_which_slices_failed(data, engine, tmp_pa
     assert "INCOMPLETE SERIES: slices 0 of the scan failed" in str(pydicom.dcmread(f).ImageComments)
 
 
+def test_what_the_reader_warns_reaches_the_client(data, engine):
+    """A line outside the header's encoded matrix is dropped with a warning: the client gets it
+    as a WARNING notice (it had stayed in the server's log, though the protocol promises
+    WARNING texts), once, before the images it concerns."""
+    import copy
+
+    acqs = list(data["acqs"])
+    i = next(k for k, a in enumerate(acqs) if a.idx.slice == 1
+             and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+             and not a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE))
+    for k in (i, i + 1):
+        acqs[k] = copy.deepcopy(acqs[k])
+        acqs[k].idx.kspace_encode_step_1 = 5000
+    sent: list[ismrmrd.Image] = []
+    told: list[str] = []
+    engine.run(iter(acqs), data["header"].toXML(), sent.append,
+               stream_options.StreamOptions(protocol="stream_zf"), notify=told.append)
+    assert len(sent) == 2
+    assert len(told) == 1 and told[0].startswith("WARNING") and "outside the encoded" in told[0]
+
+
 def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
     """Poll ``cond()`` until true; a generous bound only against hanging (not a timing test)."""
     t0 = time.monotonic()

@@ -75,6 +75,7 @@ class StreamResult:
     recon_s: list[float] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # slice indices not reconstructed
+    warned: int = 0  # the reader's warnings sent as notices so far
     dicom_files: list[Path] = field(default_factory=list)
     sent: int = 0
     complete: bool = False
@@ -138,13 +139,16 @@ class StreamEngine:
                     raise ProtocolViolation(f"{len(open_keys)} slices open at once exceed the "
                                             "server's buffer limit")
             done = asm.add(acq)
+            yield from _told(asm.warnings, result)
             if done:
                 t = clock()
                 for sl in done:
                     open_keys.discard((sl.slice_index, sl.contrast, sl.phase, sl.repetition))
                     yield from scan.emit(sl, t)
         t = clock()
-        for sl in asm.finish():
+        finished = asm.finish()
+        yield from _told(asm.warnings, result)
+        for sl in finished:
             yield from scan.emit(sl, t)
         yield from scan.flush_deferred(t)
         result.header = scan.header or asm.header
@@ -224,6 +228,14 @@ class StreamEngine:
         return result.dicom_files
 
 
+def _told(warnings: list[str], result: StreamResult) -> Iterator[str]:
+    """The reader's warnings not yet sent, as ``WARNING ...`` notices for the client (the
+    scanner's console shows what the server log would otherwise keep to itself)."""
+    while result.warned < len(warnings):
+        result.warned += 1
+        yield f"WARNING {warnings[result.warned - 1]}"
+
+
 class _ScanState:
     """Per-scan bookkeeping of :meth:`StreamEngine.images`."""
 
@@ -270,7 +282,9 @@ class _ScanState:
             self.header, self.whitener = scan.header, whitening_matrix(scan)
             self.noise_used = len(self.asm.noise)
         elif len(self.asm.noise) > self.noise_used >= 0:
-            log.warning("stream: noise acquisitions after the first slice are not used")
+            self.asm.warnings.append("stream: noise acquisitions after the first slice are "
+                                     "not used (send the noise scan first)")
+            log.warning(self.asm.warnings[-1])
             self.noise_used = -1
 
     def emit(self, sl: SliceData, t_last: float) -> Iterator[StreamImage | str]:
@@ -278,6 +292,7 @@ class _ScanState:
             self.deferred.append((sl, t_last))  # calibration from the repetitions' union
             return
         self._prepare()
+        yield from _told(self.asm.warnings, self.result)
         key = (sl.slice_index, sl.contrast, sl.phase, sl.repetition)
         ref = self.refs.pop(key, None)
         log.log(logging.DEBUG if sl.plane is not None else logging.INFO,
