@@ -318,6 +318,17 @@ def test_malformed_streams_then_next_client_is_served(server, data, offline):
         assert closed, name
         assert len(texts) == 1 and texts[0].startswith("ERROR"), (name, texts)
     assert "truncated" in raw_exchange(server.address, cases["truncated"])[0][0]
+    # a header and then CLOSE: told that there was nothing to reconstruct (it got no word)
+    texts, closed = raw_exchange(server.address,
+                                 preamble(data) + struct.pack("<H", ISMRMRDMessageID.CLOSE))
+    assert closed and len(texts) == 1 and "no acquisitions" in texts[0], texts
+    # a first imaging line without channels is named itself (the next, good one had been
+    # blamed for having 8 coils where 'earlier imaging data had 0')
+    empty = ismrmrd.Acquisition.from_array(np.zeros((0, 64), np.complex64),
+                                           idx=data["acqs"][5].idx)
+    texts, _ = raw_exchange(server.address, preamble(data) + struct.pack(
+        "<H", ISMRMRDMessageID.ACQUISITION) + empty.to_bytes() + acq_msg)
+    assert len(texts) == 1 and "carries no receiver channels" in texts[0], texts
     # a client that drops mid-scan (after slice 0 and part of slice 1)
     stream(server.address, data, "stream_zf", drop_after=len(data["acqs"]) * 3 // 4)
     stream(server.address, data, "stream_zf", drop_after=3)

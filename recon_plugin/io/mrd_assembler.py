@@ -325,6 +325,9 @@ class MrdAssembler:
         idx = acq.idx
         key: Key = (int(idx.slice), int(idx.contrast), int(idx.phase), int(idx.repetition),
                     int(idx.set))
+        if acq.active_channels < 1:  # else the first such line would set the scan's count
+            raise RawDataError(f"{self.source}: acquisition {acq.scan_counter} carries no "
+                               "receiver channels")
         if self.coils is None:
             self.coils = int(acq.active_channels)
             self.acq_dwell_us = float(acq.sample_time_us) or None

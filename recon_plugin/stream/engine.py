@@ -121,7 +121,8 @@ class StreamEngine:
         asm = MrdAssembler(header_xml, source="stream", emit_early=True)
         nx, ny = asm.enc.nx, asm.enc.ny
         if nx * ny > self.limits.max_matrix_pixels:
-            raise ProtocolViolation(f"encoded matrix {nx}x{ny} exceeds the server limit")
+            raise ProtocolViolation(f"encoded matrix {'x'.join(map(str, asm.enc.enc_matrix[:2]))}"
+                                    " exceeds the server limit")
         protocol, settings = self.select(asm.header, options)
         with self.lock:
             prov = self.recon.provenance(settings)

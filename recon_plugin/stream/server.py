@@ -201,6 +201,8 @@ class ReconServer:
             elif msg.id == MSG.CLOSE:
                 if header is None:
                     return None
+                reply.text("WARNING the stream held a header and no acquisitions: nothing "
+                           "to reconstruct")
                 first = None
                 break
             elif msg.id == MSG.ACQUISITION and header is not None:
