@@ -229,6 +229,26 @@ def test_site_overlay_shadows_and_extends_base(tmp_path, monkeypatch):
     assert list_names_once(P.list_protocols())
 
 
+def test_an_overlay_in_a_site_folder_wins_the_match_over_its_base(tmp_path, caplog):
+    """``adapt`` writes ``<base>-site.yaml`` (extends the base, same match rules) into the
+    site's protocols folder; ``recon --protocol-dir SITE/protocols`` must choose it for the
+    scans the base matched (the tie had gone to the base by name, with a warning to set
+    match.priority). A tie within one folder is still a warning."""
+    site = tmp_path / "site"
+    write(site, "brain_t2_axial_4x-site", """\
+        name: brain_t2_axial_4x-site
+        extends: brain_t2_axial_4x
+        model: {variant: unrolled-base}
+        """)
+    protos = P.load_all([site])
+    assert protos[0].name == "brain_t2_axial_4x-site"
+    assert P.match_protocol(header("AXT2", 4.0), protos).name == "brain_t2_axial_4x-site"
+    assert "tie" not in caplog.text
+    write(site, "another_t2", "name: another_t2\nextends: brain_t2_axial_4x\n")
+    assert P.match_protocol(header("AXT2", 4.0), P.load_all([site])).name == "another_t2"
+    assert "protocol match tie" in caplog.text
+
+
 def list_names_once(names: list[str]) -> bool:
     return len(names) == len(set(names))
 

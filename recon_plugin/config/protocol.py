@@ -351,8 +351,17 @@ def list_protocols(search_path: Iterable[Path | str] | None = None) -> list[str]
 
 
 def load_all(search_path: Iterable[Path | str] | None = None) -> list[Protocol]:
-    """Every protocol on the search path, validated (the first invalid file raises)."""
-    return [load_protocol(n, search_path) for n in list_protocols(search_path)]
+    """Every protocol on the search path, validated (the first invalid file raises), in
+    search-path order: a folder's protocols (by name) before the next folder's, which is the
+    order :func:`match_protocol` breaks ties by."""
+    dirs = protocol_dirs(search_path)
+    protocols = [load_protocol(n, search_path) for n in list_protocols(search_path)]
+
+    def rank(p: Protocol) -> int:
+        folder = _folder(p)
+        return dirs.index(folder) if folder in dirs else len(dirs)
+
+    return sorted(protocols, key=rank)  # stable: by name within a folder
 
 
 # --------------------------------------------------------------------------- matching
@@ -362,8 +371,11 @@ def match_protocol(header: ScanHeader, protocols: Sequence[Protocol] | None = No
     """The protocol for ``header``.
 
     Among protocols whose rules all hold, the highest ``priority`` wins, then the one with more
-    rules, then the name (a tie is logged). If none matches, the highest-priority ``catch_all``
-    protocol is used; without one, :class:`ProtocolMatchError` lists every candidate and why.
+    rules, then the first in ``protocols`` (:func:`load_all`: the first folder of the search
+    path, e.g. a site's ``--protocol-dir``, so a site's overlay wins over the protocol it
+    extends; a tie within one folder is logged). If none matches, the highest-priority
+    ``catch_all`` protocol is used; without one, :class:`ProtocolMatchError` lists every
+    candidate and why.
     """
     protocols = load_all() if protocols is None else list(protocols)
     hits, catch_alls, reasons = [], [], []
@@ -377,17 +389,22 @@ def match_protocol(header: ScanHeader, protocols: Sequence[Protocol] | None = No
         else:
             reasons.append(f"{p.name}: {why}")
     if hits:
-        hits.sort(key=lambda p: (-p.match.priority, -p.match.rule_count, p.name))
+        hits.sort(key=lambda p: (-p.match.priority, -p.match.rule_count))  # stable: list order
         best = hits[0]
-        ties = [p.name for p in hits[1:] if (p.match.priority, p.match.rule_count)
+        ties = [p for p in hits[1:] if (p.match.priority, p.match.rule_count)
                 == (best.match.priority, best.match.rule_count)]
-        if ties:
+        here = _folder(best)
+        if any(_folder(p) == here for p in ties):
             log.warning("protocol match tie for %r: %s and %s; chose %s (set match.priority)",
-                        header.protocol_name, best.name, ", ".join(ties), best.name)
+                        header.protocol_name, best.name, ", ".join(p.name for p in ties),
+                        best.name)
+        elif ties:
+            log.info("protocol %s chosen over %s for %r: its folder comes first on the search "
+                     "path", best.name, ", ".join(p.name for p in ties), header.protocol_name)
         log.info("protocol %s matched header %r", best.name, header.protocol_name)
         return best
     if catch_alls:
-        best = sorted(catch_alls, key=lambda p: (-p.match.priority, p.name))[0]
+        best = sorted(catch_alls, key=lambda p: -p.match.priority)[0]
         log.info("no specific protocol matched %r; using catch-all %s",
                  header.protocol_name, best.name)
         return best
@@ -396,6 +413,10 @@ def match_protocol(header: ScanHeader, protocols: Sequence[Protocol] | None = No
     detail = "\n  ".join(reasons) or "(no protocols loaded)"
     raise ProtocolMatchError(f"no protocol matches header ({summary}); candidates:\n  {detail}\n"
                              "use an explicit protocol name or add a catch_all protocol")
+
+
+def _folder(p: Protocol) -> Path | None:
+    return Path(p.source).parent if p.source else None
 
 
 def select_protocol(header: ScanHeader, name_or_path: str | Path | None = None,
