@@ -112,6 +112,8 @@ def test_a_second_adaptation_into_one_site_is_its_own_run_and_version(site, tmp_
         Path(second["model"]).resolve())
     again = adapt(raws[1:], str(d / "tiny_base.yaml"), tmp_path, mode="ssdu", steps=30)
     assert again["run_dir"] == second["run_dir"] and again["model"] == second["model"]
+    # the report (and the CLI's line) say so: "new model" had been printed again
+    assert again.get("already_published") and not second.get("already_published")
     assert len(list((tmp_path / "models").glob("*.safetensors"))) == 2  # not published again
 
 

@@ -228,6 +228,7 @@ def adapt(
     if same is not None:  # the same command again: its run had finished, nothing new
         version, saved = same
         log.info("these weights are already %s; not published again", version)
+        report["already_published"] = True
         return _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
     number, version = _next_version(models_dir, stem)
     new_card = {

@@ -285,7 +285,8 @@ def cmd_adapt(a: argparse.Namespace) -> int:
         print("adapted model NOT promoted (it did not beat the base model); nothing changed")
         return EXIT_FAILED
     ov = Path(rep["overlay"])
-    print(f"new model {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol {ov}: use "
+    what = "the same model as before," if rep.get("already_published") else "new model"
+    print(f"{what} {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol {ov}: use "
           f"`recon-plugin recon ... --protocol-dir {ov.parent} --protocol {ov.stem}` (or "
           f"`--protocol {ov}`); the base protocol is unchanged")
     return EXIT_OK
