@@ -369,8 +369,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--time-budget", type=_positive_float, default=None,
                    help="wall seconds of fine-tuning at most")
     s.add_argument("--pool", type=Path, default=None,
-                   help="file of cached training batches (drawn on first use, then replayed; "
-                        "share it between variants)")
+                   help="training batches: a `train-pool` folder (recipes/base.sh draws "
+                        "runs/base-transfer/pool), else a cache file of template batches, "
+                        "drawn there on first use, then replayed (share it between variants)")
     s.add_argument("--pool-size", type=_positive_int, default=300, help="batches in --pool")
     s.add_argument("--run-dir", required=True, help="checkpoints and log (resumes)")
     s.add_argument("--export", required=True, help="variant path without suffix")
