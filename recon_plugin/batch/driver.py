@@ -135,9 +135,11 @@ def run_batch(
                         send, workers, protocol_dirs, max_bytes, recon, results, session)
         except (BatchInterrupted, KeyboardInterrupt) as e:
             signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
-            log.warning("interrupted by %s: the file in flight was abandoned; the state is in "
-                        "%s (run again with --resume)", signal.Signals(signum).name,
-                        out_dir / STATE_FILE)
+            state = out_dir / STATE_FILE
+            log.warning("interrupted by %s: the file in flight was abandoned; %s (run again "
+                        "with --resume)", signal.Signals(signum).name,
+                        f"the state is in {state}" if state.is_file() else "no input had "
+                        "finished")
             raise BatchInterrupted(signum, _ordered(results, files)) from None
     return _ordered(results, files)
 
