@@ -59,7 +59,8 @@ def _acquisitions(connection: Any) -> Iterator[ismrmrd.Acquisition]:
 
 
 def _notify(connection: Any, text: str) -> None:
-    log.warning("%s", text)
+    if not text.startswith("WARNING"):  # the reader has logged its warnings itself
+        log.warning("%s", text)
     send = getattr(connection, "send_text", None)
     if send is not None:
         try:

@@ -249,3 +249,20 @@ def test_adapt_finds_a_site_protocol_by_name_in_protocol_dir(site, tmp_path, cap
     assert code in (0, 1)  # promoted or not: both are a finished run
     assert json.loads(next((tmp_path / "s").rglob("adapt_report.json")).read_text())
     assert "matches protocol" not in caplog.text
+
+
+def test_adapting_again_beside_the_sites_overlay_warns_of_nothing(site, tmp_path, caplog):
+    """``adapt --protocol-dir SITE/protocols`` on the base protocol, where an earlier run left
+    its overlay (which extends the base and wins the match over it): the files match the
+    base's own overlay, not 'another protocol' (every file had been warned about)."""
+    from recon_plugin.adaptation.site import _matches
+    from recon_plugin.io import read_raw
+
+    d, raws = site
+    pdir = tmp_path / "protocols"
+    pdir.mkdir()
+    (pdir / "tiny_base-site.yaml").write_text(
+        f"name: tiny_base-site\nextends: {d / 'tiny_base.yaml'}\n")
+    check = _matches(load_protocol(d / "tiny_base.yaml"), [pdir])
+    check(raws[0], read_raw(raws[0]).header)
+    assert "matches protocol" not in caplog.text

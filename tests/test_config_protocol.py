@@ -235,11 +235,13 @@ def test_an_overlay_in_a_site_folder_wins_the_match_over_its_base(tmp_path, capl
     scans the base matched (the tie had gone to the base by name, with a warning to set
     match.priority). A tie within one folder is still a warning."""
     site = tmp_path / "site"
-    write(site, "brain_t2_axial_4x-site", """\
+    real = write(tmp_path / "kept_elsewhere", "brain_t2_axial_4x-site", """\
         name: brain_t2_axial_4x-site
         extends: brain_t2_axial_4x
         model: {variant: unrolled-base}
         """)
+    site.mkdir()
+    (site / real.name).symlink_to(real)  # ranks where the link is, not where the file is
     protos = P.load_all([site])
     assert protos[0].name == "brain_t2_axial_4x-site"
     assert P.match_protocol(header("AXT2", 4.0), protos).name == "brain_t2_axial_4x-site"

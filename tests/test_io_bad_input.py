@@ -208,12 +208,13 @@ def test_ismrmrd_readout_length_changes(tmp_path, ismrmrd_file, caplog):
     with ismrmrd.File(str(ismrmrd_file), "r") as f:
         xml = f["dataset"]._contents["xml"][0]
         acqs = list(f["dataset"].acquisitions)
-    first = next(a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
-    n = first.number_of_samples
+    imaging = [i for i, a in enumerate(acqs) if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    n = acqs[imaging[0]].number_of_samples
+    i = imaging[2]  # an imaging line after the first
     for samples, name in ((2 * n, "long.h5"), (n - 4, "short.h5")):
-        bad = acqs[8]
+        bad = acqs[i]
         changed = list(acqs)
-        changed[8] = ismrmrd.Acquisition.from_array(
+        changed[i] = ismrmrd.Acquisition.from_array(
             np.resize(bad.data, (bad.active_channels, samples)).astype(np.complex64),
             idx=bad.idx, center_sample=bad.center_sample, scan_counter=bad.scan_counter,
             flags=bad.flags, position=bad.position, read_dir=bad.read_dir,

@@ -424,7 +424,7 @@ def test_a_method_override_numbers_the_series_as_recon_does(data, engine, tmp_pa
 
 
 def test_a_client_that_leaves_after_its_close_still_gets_its_scan_archived(data, engine,
-                                                                           tmp_path):
+                                                                           tmp_path, caplog):
     """A client sends the whole scan and its CLOSE, then closes the socket without reading:
     the images cannot be sent, but the scan is complete, so it is reconstructed and written to
     ``--dicom-out`` (the server had dropped the slices left and archived nothing)."""
@@ -451,6 +451,7 @@ def test_a_client_that_leaves_after_its_close_still_gets_its_scan_archived(data,
                   "the scan's 2 DICOM files")
         files = sorted((tmp_path / "dcm").rglob("*.dcm"))
         assert sorted(int(pydicom.dcmread(f).InstanceNumber) for f in files) == [1, 2]
+        assert "the scan goes on for its DICOM" in caplog.text  # a send did fail
     finally:
         s.request_stop()
         t.join(30)
@@ -494,12 +495,13 @@ def test_what_the_reader_warns_reaches_the_client(data, engine):
     for k in (i, i + 1):
         acqs[k] = copy.deepcopy(acqs[k])
         acqs[k].idx.kspace_encode_step_1 = 5000
-    sent: list[ismrmrd.Image] = []
-    told: list[str] = []
-    engine.run(iter(acqs), data["header"].toXML(), sent.append,
-               stream_options.StreamOptions(protocol="stream_zf"), notify=told.append)
-    assert len(sent) == 2
+    events: list = []  # images (their slice) and notices, in the order the client gets them
+    engine.run(iter(acqs), data["header"].toXML(), lambda im: events.append(im.slice),
+               stream_options.StreamOptions(protocol="stream_zf"), notify=events.append)
+    told = [e for e in events if isinstance(e, str)]
     assert len(told) == 1 and told[0].startswith("WARNING") and "outside the encoded" in told[0]
+    assert events.index(told[0]) < events.index(1)  # before the image of the slice it concerns
+    assert sorted(e for e in events if not isinstance(e, str)) == [0, 1]
 
 
 def _wait_for(cond, what: str, timeout: float = 30.0) -> None:

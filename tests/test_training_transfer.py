@@ -113,5 +113,5 @@ def test_a_pool_short_of_batches_says_it_waits(tmp_path, caplog):
     assert "holds 1 of the 2 batches needed; waiting" in caplog.text
     start = time.monotonic()  # a folder that is not there is not waited for
     with pytest.raises(FileNotFoundError, match="no such pool folder"):
-        PoolDir(tmp_path / "missing", wait_s=600)
+        PoolDir(tmp_path / "missing", wait_s=10)
     assert time.monotonic() - start < 5

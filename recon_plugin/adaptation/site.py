@@ -280,14 +280,17 @@ def _matches(protocol, protocol_dirs: Sequence[Path] | None = None
     reconstruct that scan with the model adapted here."""
     from ..config.protocol import ProtocolMatchError, load_all, match_protocol
 
-    shipped = load_all(protocol_dirs)
+    known = load_all(protocol_dirs)
 
     def check(path: Path, header: ScanHeader) -> None:
         try:
-            chosen = match_protocol(header, shipped)
+            chosen = match_protocol(header, known)
         except ProtocolMatchError:
             return
-        if chosen.name != protocol.name and chosen.source not in protocol.chain:
+        # the same protocol, one it extends, or one extending it (the site's overlay of an
+        # earlier adaptation, which wins the match over its base)
+        if chosen.name != protocol.name and chosen.source not in protocol.chain \
+                and protocol.source not in chosen.chain:
             log.warning("%s: its header matches protocol %s, not %s: recon would not use the "
                         "model adapted here for such a scan", path, chosen.name, protocol.name)
 

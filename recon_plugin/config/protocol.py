@@ -129,6 +129,7 @@ class Protocol:
     extends: str | None = None
     source: Path | None = None
     chain: list[Path] = field(default_factory=list)  # files merged, base first
+    search_rank: int | None = None  # place of its folder on the search path (load_all)
 
     def series_number(self, index: int = 0, method: str | None = None) -> int:
         """SeriesNumber of the ``index``-th output series: ``number_base + index + 1``.
@@ -355,13 +356,13 @@ def load_all(search_path: Iterable[Path | str] | None = None) -> list[Protocol]:
     search-path order: a folder's protocols (by name) before the next folder's, which is the
     order :func:`match_protocol` breaks ties by."""
     dirs = protocol_dirs(search_path)
-    protocols = [load_protocol(n, search_path) for n in list_protocols(search_path)]
-
-    def rank(p: Protocol) -> int:
-        folder = _folder(p)
-        return dirs.index(folder) if folder in dirs else len(dirs)
-
-    return sorted(protocols, key=rank)  # stable: by name within a folder
+    protocols = []
+    for n in list_protocols(search_path):
+        p = load_protocol(n, search_path)
+        # the folder it was found in (by name: a symlinked file ranks where the link is)
+        p.search_rank = next(i for i, d in enumerate(dirs) if (d / f"{n}.yaml").is_file())
+        protocols.append(p)
+    return sorted(protocols, key=lambda p: p.search_rank)  # stable: by name within a folder
 
 
 # --------------------------------------------------------------------------- matching
@@ -393,8 +394,7 @@ def match_protocol(header: ScanHeader, protocols: Sequence[Protocol] | None = No
         best = hits[0]
         ties = [p for p in hits[1:] if (p.match.priority, p.match.rule_count)
                 == (best.match.priority, best.match.rule_count)]
-        here = _folder(best)
-        if any(_folder(p) == here for p in ties):
+        if any(p.search_rank == best.search_rank for p in ties):
             log.warning("protocol match tie for %r: %s and %s; chose %s (set match.priority)",
                         header.protocol_name, best.name, ", ".join(p.name for p in ties),
                         best.name)
@@ -413,10 +413,6 @@ def match_protocol(header: ScanHeader, protocols: Sequence[Protocol] | None = No
     detail = "\n  ".join(reasons) or "(no protocols loaded)"
     raise ProtocolMatchError(f"no protocol matches header ({summary}); candidates:\n  {detail}\n"
                              "use an explicit protocol name or add a catch_all protocol")
-
-
-def _folder(p: Protocol) -> Path | None:
-    return Path(p.source).parent if p.source else None
 
 
 def select_protocol(header: ScanHeader, name_or_path: str | Path | None = None,

@@ -71,6 +71,7 @@ def siemens_image_axes(geo: Geometry) -> Geometry:
     (``read x phase``) and ``slice_dir`` are unchanged. Shape-free: (3,) vectors, LPS."""
     return Geometry(geo.position, -geo.read_dir, -geo.phase_dir, geo.slice_dir, geo.defaulted)
 
+
 SKIP_FLAGS = {
     ismrmrd.ACQ_IS_NAVIGATION_DATA: "navigator",
     ismrmrd.ACQ_IS_PHASECORR_DATA: "phase correction",
@@ -132,8 +133,9 @@ class MrdAssembler:
         self._skipped: dict[str, int] = {}
         self._warned: set[str] = set()
         self._readout_note = False
-        # per encoded matrix: (oversampling factor, samples, scan counter) of its first line
-        self._readouts: dict[tuple[int, ...], tuple[int, int, int]] = {}
+        # (imaging | calibration, encoded matrix): its first line's (oversampling, samples,
+        # scan counter)
+        self._readouts: dict[tuple, tuple[int, int, int]] = {}
         # (slice, phase, repetition, set) whose end-of-slice flag came, and the most lines a
         # slice emitted so far had: a slice without the flag and with fewer lines is incomplete
         self._ended: set[tuple[int, ...]] = set()
@@ -173,14 +175,16 @@ class MrdAssembler:
         return encoding_info(self._hdr, ref, self.source)
 
     def _line(
-        self, acq: ismrmrd.Acquisition, enc: EncodingInfo
+        self, acq: ismrmrd.Acquisition, enc: EncodingInfo, kind: str = "imaging"
     ) -> tuple[np.ndarray, np.ndarray]:
         """One readout placed on the grid of ``enc`` (:func:`place_readout`); the first implied
-        readout oversampling is logged."""
+        readout oversampling is logged. A line whose sample count implies another oversampling
+        than the first line of its ``kind`` (imaging, calibration) on that grid raises
+        :class:`RawDataError` (its samples would be read on another k-space grid)."""
         line, ro_mask, k = place_readout(acq, enc, self.source)
         n = acq.number_of_samples - acq.discard_pre - acq.discard_post
-        first = self._readouts.setdefault(enc.enc_matrix, (k, n, int(acq.scan_counter)))
-        if k != first[0]:  # its samples would be read on another k-space grid
+        first = self._readouts.setdefault((kind, enc.enc_matrix), (k, n, int(acq.scan_counter)))
+        if k != first[0] and n != first[1]:
             raise RawDataError(
                 f"{self.source}: acquisition {acq.scan_counter} carries {n} readout samples, "
                 f"acquisition {first[2]} carried {first[1]} ({k}x against {first[0]}x the "
@@ -188,8 +192,9 @@ class MrdAssembler:
                 "within a scan")
         if n != first[1]:
             self._warn(f"acquisition {acq.scan_counter} carries {n} readout samples where "
-                       f"acquisition {first[2]} carried {first[1]}: placed by its center_sample, "
-                       "the samples it lacks count as not measured", once="readout-length")
+                       f"acquisition {first[2]} carried {first[1]}: placed by its centre "
+                       "sample; readout samples it lacks count as not measured",
+                       once="readout-length")
         if k > 1 and not self._readout_note:
             self._readout_note = True
             log.info(
@@ -404,7 +409,10 @@ class MrdAssembler:
             return
         row = kspace_row(acq, enc)
         if 0 <= row < enc.ny:
-            buf.add(row, *self._line(acq, enc))
+            try:
+                buf.add(row, *self._line(acq, enc, "calibration"))
+            except RawDataError as err:  # as other unusable calibration data: dropped
+                self._warn(f"calibration line dropped: {err}", once="calib-readout")
 
     def _separate_calib(self, sl: int, nx: int) -> np.ndarray | None:
         """Separate calibration of slice ``sl`` matched to the imaging grid, or None."""

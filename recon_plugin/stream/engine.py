@@ -74,7 +74,8 @@ class StreamResult:
     latencies_s: list[float] = field(default_factory=list)
     recon_s: list[float] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)  # slice indices not reconstructed
+    failed: list[tuple[int, int, int]] = field(default_factory=list)  # (slice, contrast,
+    # repetition) of each 2D slice not reconstructed
     warned: int = 0  # the reader's warnings sent as notices so far
     dicom_files: list[Path] = field(default_factory=list)
     sent: int = 0
@@ -219,11 +220,15 @@ class StreamEngine:
         p = result.protocol
         if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
             return []
-        if result.failed:  # the archive must not pass for the whole scan
-            note = (f"INCOMPLETE SERIES: slices {index_ranges(sorted(set(result.failed)))} of "
-                    "the scan failed in the stream and are not in this series (server log)")
-            for im in result.images:
-                im.notes.append(note)
+        for im in result.images:  # a series must not pass for the whole scan
+            lost = [(s, r) for s, c, r in result.failed if c == im.contrast]
+            if lost:
+                reps = sorted({r for _, r in lost})
+                im.notes.append(
+                    f"INCOMPLETE SERIES: slices {index_ranges(sorted({s for s, _ in lost}))}"
+                    + (f" (repetitions {index_ranges(reps)})" if reps != [0] else "")
+                    + " of the scan failed in the stream and are not in this series "
+                    "(server log)")
         series = scan_series(result.images, result.header, result.provenance, p, result.method)
         result.dicom_files = write_and_deliver(series, p, self.dicom_out)
         return result.dicom_files
@@ -311,7 +316,8 @@ class _ScanState:
                 made_with = self.calibration.provisional(adds)
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
             log.exception("stream: slice %d failed", sl.slice_index)
-            self.result.failed.append(sl.slice_index)
+            if sl.plane is None:  # a failed plane's partitions are made, with its note
+                self.result.failed.append((sl.slice_index, sl.contrast, sl.repetition))
             yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
                   f"{sl.repetition}) not reconstructed: {type(e).__name__}: {e}"
             if sl.plane is not None:  # nor one bad plane its slab: the others make it

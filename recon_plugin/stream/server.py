@@ -17,8 +17,9 @@ Wire protocol (little-endian, message id ``uint16`` first; ids from ``ismrmrd.se
 Robustness: every message length is checked against :class:`Limits` before its payload is read
 or allocated; malformed or unknown messages get an ``ERROR`` text, that connection is closed and
 the server keeps serving; a client that drops mid-scan just ends its session (one that stops
-reading its images while the scan's DICOM is wanted, ``--dicom-out`` or the protocol's PACS,
-has the scan finished for it from what it sent); idle connections
+reading its images (closed, or not reading for the idle timeout) while the scan's DICOM is
+wanted, ``--dicom-out`` or the protocol's PACS, has the scan finished for it from what it
+sent); idle connections
 time out; :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) lets every
 connection finish the slice in flight, tells the client and closes.
 """
@@ -237,13 +238,14 @@ class ReconServer:
                 return
             try:
                 reply.image(image)
-            except ClientGone as e:
+            except (ClientGone, IdleTimeout) as e:
                 p = result.protocol
                 if p is None or not self.engine.wants_delivery(p):
                     raise  # nobody wants the rest of the scan
                 # the archive (--dicom-out, the protocol's PACS) still wants it: the scan goes
                 # on while the acquisitions come (all of them, where the client sent its CLOSE)
-                log.warning("client stopped reading (%s); the scan goes on for its DICOM", e)
+                log.warning("cannot send images to the client (%s); the scan goes on for its "
+                            "DICOM", e)
                 reply.release()
 
         return self.engine.run(acquisitions(), header, send, options,
