@@ -76,7 +76,6 @@ class StreamResult:
     notices: list[str] = field(default_factory=list)
     failed: list[tuple[int, int, int]] = field(default_factory=list)  # (slice, contrast,
     # repetition) of each 2D slice not reconstructed
-    warned: int = 0  # the reader's warnings sent as notices so far
     dicom_files: list[Path] = field(default_factory=list)
     sent: int = 0
     complete: bool = False
@@ -141,7 +140,7 @@ class StreamEngine:
                     raise ProtocolViolation(f"{len(open_keys)} slices open at once exceed the "
                                             "server's buffer limit")
             done = asm.add(acq)
-            yield from _told(asm.warnings, result)
+            yield from scan.told()
             if done:
                 t = clock()
                 for sl in done:
@@ -149,7 +148,7 @@ class StreamEngine:
                     yield from scan.emit(sl, t)
         t = clock()
         finished = asm.finish()
-        yield from _told(asm.warnings, result)
+        yield from scan.told()
         for sl in finished:
             yield from scan.emit(sl, t)
         yield from scan.flush_deferred(t)
@@ -234,14 +233,6 @@ class StreamEngine:
         return result.dicom_files
 
 
-def _told(warnings: list[str], result: StreamResult) -> Iterator[str]:
-    """The reader's warnings not yet sent, as ``WARNING ...`` notices for the client (the
-    scanner's console shows what the server log would otherwise keep to itself)."""
-    while result.warned < len(warnings):
-        result.warned += 1
-        yield f"WARNING {warnings[result.warned - 1]}"
-
-
 class _ScanState:
     """Per-scan bookkeeping of :meth:`StreamEngine.images`."""
 
@@ -270,6 +261,14 @@ class _ScanState:
                                     enc.limit_max("slice") + 1, enc.limit_max("phase") + 1,
                                     method=settings.method)
         self.interleaved = enc.limit_max("repetition") > 0
+        self.warned = 0  # the reader's warnings sent as notices so far
+
+    def told(self) -> Iterator[str]:
+        """The reader's warnings not yet sent, as ``WARNING ...`` notices for the client (the
+        scanner's console shows what the server log would otherwise keep to itself)."""
+        while self.warned < len(self.asm.warnings):
+            self.warned += 1
+            yield f"WARNING {self.asm.warnings[self.warned - 1]}"
 
     def track(self, acq: ismrmrd.Acquisition) -> tuple[int, int, int, int] | None:
         """Remember the first imaging line of each slice (image header source); its key."""
@@ -298,7 +297,7 @@ class _ScanState:
             self.deferred.append((sl, t_last))  # calibration from the repetitions' union
             return
         self._prepare()
-        yield from _told(self.asm.warnings, self.result)
+        yield from self.told()
         key = (sl.slice_index, sl.contrast, sl.phase, sl.repetition)
         ref = self.refs.pop(key, None)
         log.log(logging.DEBUG if sl.plane is not None else logging.INFO,
