@@ -96,3 +96,10 @@ def stop_requests() -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
+
+
+def bars(progress: bool) -> bool | None:
+    """tqdm's ``disable`` for a command's progress bars: off when not asked for (``-q``), and
+    when asked for, shown only on a terminal (``None``): a log file or pipe gets the log lines
+    without the bars' carriage returns and cursor moves."""
+    return None if progress else True

@@ -473,6 +473,19 @@ def test_exit_status_of_a_stopped_run_an_interrupt_and_an_os_error(monkeypatch, 
     assert len(errors) == 1 and "Traceback" not in caplog.text
 
 
+def test_a_recon_into_a_log_file_has_no_progress_bar_noise(tmp_path):
+    """stderr not a terminal (a script's log file, a pipe): the log lines come without the
+    progress bars' carriage returns and cursor moves ('\\r', ESC [A), which had cut them up."""
+    vol = simulate_volume("test", "PD", num_slices=2, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "two.h5", acceleration=4, calib_lines=16)
+    r = subprocess.run([sys.executable, "-m", "recon_plugin.cli", "recon", str(raw), "--out",
+                        str(tmp_path / "out"), "--method", "zero-filled"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr, repr(r.stderr[-300:])
+    assert "1 of 1 inputs reconstructed" in r.stdout and "INFO" in r.stderr
+
+
 def test_a_slices_trial_is_not_sent_to_the_protocols_pacs(tmp_path, capsys):
     """A protocol with a PACS target: the whole scan is delivered (here: queued, nothing
     listens), a ``--slices`` trial of it is not (a partial series must not reach a PACS

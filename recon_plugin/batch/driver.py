@@ -17,6 +17,7 @@ from ..models.inference import torch_device
 from ..output.atomic import check_writable_folder, fingerprint
 from ..output.delivery import DeliveryPlan
 from ..recon.pipeline import Reconstructor
+from ..runtime import bars
 from .files import RAW_SUFFIXES, FileResult, gather_inputs, output_name, process_file
 from .pool import run_pool
 from .state import (
@@ -177,7 +178,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             log.info("%s: delivering the published series again", path)
             _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, out_dir, state)
         results.append(r)
-    bar = tqdm(total=len(todo), desc="recon", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="recon", disable=bars(progress), dynamic_ncols=True)
 
     def finish(path, r, written, proto):
         bar.update(1)
@@ -211,7 +212,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                     # a second bar counts the slices of the file in flight (a refined slice can
                     # take its whole budget, a file many minutes)
                     with tqdm(desc=path.name, unit="slice", leave=False, position=1,
-                              disable=not progress, dynamic_ncols=True) as slices:
+                              disable=bars(progress), dynamic_ncols=True) as slices:
                         def step(done: int, total: int, slices=slices) -> None:
                             slices.total = total
                             slices.update(done - slices.n)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..output.atomic import atomic_path
-from ..runtime import RunStopped, stop_requests
+from ..runtime import RunStopped, bars, stop_requests
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def train_loop(
 
     t0 = time.monotonic()
     model.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=bars(progress),
                desc="train", dynamic_ncols=True)
     step = start
     skipped = 0
