@@ -50,7 +50,7 @@ def test_deliver_queues_what_does_not_arrive(tmp_path):
     assert (report.queued, report.failed) == (0, 2) and report.errors[0].startswith(NOBODY)
 
 
-def test_batch_keeps_a_broken_delivery_pending_until_resume(tmp_path):
+def test_batch_keeps_a_broken_delivery_pending_until_resume(tmp_path, capsys):
     vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32), snr=40.0)
     raw = tmp_path / "scan.h5"
     write_ismrmrd(vol, raw, acceleration=2, calib_lines=16)
@@ -68,7 +68,9 @@ def test_batch_keeps_a_broken_delivery_pending_until_resume(tmp_path):
     assert entry["delivery"]["queue"] == str(queue)
     assert len(list(out.rglob("*.dcm"))) == 1
     (tmp_path / "blocked").unlink()
+    capsys.readouterr()
     assert main([*args, "--resume"]) == 1  # delivered again: queued now (nothing listens)
+    assert "done before, delivered again" in capsys.readouterr().out  # not 'skipped (done)'
     state = json.loads((out / ".recon-state.json").read_text())
     assert not any("delivery" in e for e in state.values())
     assert [len(i["files"]) for i in queued_items(queue)] == [1]

@@ -176,6 +176,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                        skipped=True)
         if entry.get("delivery"):  # published, delivery not finished: same files, same UIDs
             log.info("%s: delivering the published series again", path)
+            r.redelivered = True
             _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, out_dir, state)
         results.append(r)
     bar = tqdm(total=len(todo), desc="recon", disable=bars(progress), dynamic_ncols=True)

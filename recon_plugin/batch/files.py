@@ -33,7 +33,8 @@ class FileResult:
     error: str = ""
     protocol: str = ""
     seconds: float = 0.0
-    skipped: bool = False
+    skipped: bool = False  # finished by an earlier run (--resume)
+    redelivered: bool = False  # ... whose pending PACS delivery this run made again
     queued: int = 0  # DICOM files left in the PACS queue
     timings: dict = field(default_factory=dict)  # seconds per stage (see recon_file)
 

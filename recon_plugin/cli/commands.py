@@ -61,7 +61,8 @@ def _report(results: list[FileResult]) -> int:
     ok = [r for r in results if r.ok]
     bad = [r for r in results if not r.ok]
     for r in results:
-        status = "skipped (done)" if r.skipped else ("ok" if r.ok else "FAILED")
+        status = ("FAILED" if not r.ok else "done before, delivered again" if r.redelivered
+                  else "skipped (done)" if r.skipped else "ok")
         t = r.timings
         extra = (f"{_count(len(r.outputs), 'file')} written{_where(r.outputs)}, "
                  f"{r.seconds:.1f} s, protocol {r.protocol}") if r.ok else r.error
