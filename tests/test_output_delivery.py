@@ -70,7 +70,9 @@ def test_batch_keeps_a_broken_delivery_pending_until_resume(tmp_path, capsys):
     (tmp_path / "blocked").unlink()
     capsys.readouterr()
     assert main([*args, "--resume"]) == 1  # delivered again: queued now (nothing listens)
-    assert "done before, delivered again" in capsys.readouterr().out  # not 'skipped (done)'
+    out_text = capsys.readouterr().out
+    assert "done before, delivered again" in out_text  # not 'skipped (done)'
+    assert f"`recon-plugin send --queue {queue}`" in out_text  # not 'QUEUE_DIR'
     state = json.loads((out / ".recon-state.json").read_text())
     assert not any("delivery" in e for e in state.values())
     assert [len(i["files"]) for i in queued_items(queue)] == [1]

@@ -233,7 +233,7 @@ def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, stat
     When a target broke off (files neither sent nor queued) the delivery stays pending, so
     ``--resume`` delivers again, and the input is reported failed."""
     report = plan.deliver(r.outputs)
-    r.queued = report.queued
+    r.queued, r.queue = report.queued, str(plan.queue)
     if report.failed:
         r.ok = False
         r.error = (f"published, but PACS delivery broke off ({'; '.join(report.errors)}); "

@@ -36,6 +36,7 @@ class FileResult:
     skipped: bool = False  # finished by an earlier run (--resume)
     redelivered: bool = False  # ... whose pending PACS delivery this run made again
     queued: int = 0  # DICOM files left in the PACS queue
+    queue: str = ""  # ... that folder
     timings: dict = field(default_factory=dict)  # seconds per stage (see recon_file)
 
 

@@ -115,8 +115,10 @@ def cmd_recon(a: argparse.Namespace) -> int:
     code = _report(results)
     queued = sum(r.queued for r in results)
     if queued:
-        print(f"{queued} DICOM files could not be delivered and wait in the PACS queue; "
-              "run `recon-plugin send --queue QUEUE_DIR` later")
+        for q in sorted({r.queue for r in results if r.queued}):
+            print(f"{sum(r.queued for r in results if r.queue == q)} DICOM files could not be "
+                  f"delivered and wait in the PACS queue {q}; run `recon-plugin send --queue "
+                  f"{q}` later")
         code = max(code, EXIT_FAILED)
     return code
 
