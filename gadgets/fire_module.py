@@ -20,7 +20,7 @@ from typing import Any
 
 import ismrmrd
 
-from recon_plugin.stream.engine import header_text, shared_engine
+from recon_plugin.stream.engine import StreamResult, header_text, shared_engine
 from recon_plugin.stream.options import StreamOptions
 
 log = logging.getLogger("recon_plugin.fire")
@@ -74,9 +74,11 @@ def process(connection: Any, config: Any, metadata: Any) -> None:
     engine = shared_engine()
     result = None
     try:
-        result = engine.run(_acquisitions(connection), header_text(metadata),
-                            connection.send_image, options_from_config(config),
-                            notify=lambda text: _notify(connection, text))
+        result = StreamResult()  # a scanner that stops reading still gets its scan archived
+        send = engine.archiving_sender(connection.send_image, result, (OSError,))
+        result = engine.run(_acquisitions(connection), header_text(metadata), send,
+                            options_from_config(config),
+                            notify=lambda text: _notify(connection, text), result=result)
     except Exception as e:  # noqa: BLE001 - report to the scanner, then close cleanly
         log.exception("recon_plugin stream failed")
         _notify(connection, f"ERROR {type(e).__name__}: {e}")

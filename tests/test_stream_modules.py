@@ -60,6 +60,41 @@ def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
     assert bad.closed == 1 and not bad.images and bad.texts[0].startswith("ERROR")
 
 
+def test_fire_module_archives_a_scan_whose_client_stopped_reading(data, engine, monkeypatch,
+                                                                  tmp_path):
+    """The scanner side of a FIRE connection breaks after the first image: with a DICOM folder
+    set, the module finishes the scan and archives both slices (the broken send had ended it
+    and nothing was written)."""
+    fire_module = _gadget_module("fire_module")
+    archiving = eng_mod.StreamEngine(engine.recon, protocol_dirs=engine.protocol_dirs,
+                                     dicom_out=tmp_path / "dcm")
+    monkeypatch.setitem(eng_mod._SHARED, "engine", archiving)
+
+    class BrokenAfterOne:
+        def __init__(self, items):
+            self.items, self.sent, self.closed = items, 0, 0
+
+        def __iter__(self):
+            yield from self.items
+            yield None
+
+        def send_image(self, images):
+            if self.sent:
+                raise BrokenPipeError(32, "Broken pipe")
+            self.sent += 1
+
+        def send_text(self, text):
+            pass
+
+        def send_close(self):
+            self.closed += 1
+
+    conn = BrokenAfterOne(list(data["acqs"]))
+    fire_module.process(conn, {"parameters": {"protocol": "stream_zf"}}, data["header"])
+    assert conn.closed == 1 and conn.sent == 1
+    assert len(list((tmp_path / "dcm").rglob("*.dcm"))) == 2
+
+
 @pytest.mark.slow
 def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatch):
     recon_plugin_gadget = _gadget_module("recon_plugin_gadget")

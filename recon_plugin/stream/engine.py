@@ -211,6 +211,33 @@ class StreamEngine:
     def wants_delivery(self, protocol: Protocol) -> bool:
         return self.dicom_out is not None or bool(protocol.pacs.targets)
 
+    def archiving_sender(self, send: Callable[[ismrmrd.Image], Any], result: StreamResult,
+                         gone: tuple[type[BaseException], ...],
+                         on_gone: Callable[[], Any] | None = None
+                         ) -> Callable[[ismrmrd.Image], None]:
+        """``send`` for :meth:`run` (with the same ``result``) that outlives its client: when
+        ``send`` raises one of ``gone`` (the client closed or stopped reading) and the scan's
+        DICOM is wanted (:meth:`wants_delivery`), later images are not sent (``on_gone`` is
+        called once) and the scan goes on for :meth:`deliver` while acquisitions come (all of
+        them where the client sent its CLOSE); otherwise the error ends the scan."""
+        lost: list[BaseException] = []
+
+        def archiving_send(image: ismrmrd.Image) -> None:
+            if lost:
+                return
+            try:
+                send(image)
+            except gone as e:
+                if result.protocol is None or not self.wants_delivery(result.protocol):
+                    raise  # nobody wants the rest of the scan
+                log.warning("cannot send images to the client (%s); the scan goes on for its "
+                            "DICOM", e)
+                lost.append(e)
+                if on_gone is not None:
+                    on_gone()
+
+        return archiving_send
+
     def deliver(self, result: StreamResult) -> list[Path]:
         """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and deliver it to
         the protocol's PACS targets (:class:`~recon_plugin.output.delivery.DeliveryPlan`: what

@@ -232,21 +232,8 @@ class ReconServer:
                                             "acquisitions")
 
         result = StreamResult()
-
-        def send(image: ismrmrd.Image) -> None:
-            if reply.closed:
-                return
-            try:
-                reply.image(image)
-            except (ClientGone, IdleTimeout) as e:
-                p = result.protocol
-                if p is None or not self.engine.wants_delivery(p):
-                    raise  # nobody wants the rest of the scan
-                # the archive (--dicom-out, the protocol's PACS) still wants it: the scan goes
-                # on while the acquisitions come (all of them, where the client sent its CLOSE)
-                log.warning("cannot send images to the client (%s); the scan goes on for its "
-                            "DICOM", e)
-                reply.release()
+        send = self.engine.archiving_sender(reply.image, result, (ClientGone, IdleTimeout),
+                                            on_gone=reply.release)
 
         return self.engine.run(acquisitions(), header, send, options,
                                clock=lambda: last[0], notify=reply.text, result=result)
