@@ -387,7 +387,7 @@ def test_header_study_uid_is_used_invalid_one_replaced(tmp_path):
 
 def test_header_text_cannot_steer_paths(tmp_path):
     evil = "../../etc/passwd\\x\x00/" + "A" * 300
-    ident = Identity(patient_name="../../etc", patient_id=evil, study_id="../..",
+    ident = Identity(patient_name=evil, patient_id="../../etc", study_id="../..",
                      series_description="/tmp/evil", measurement_id="../../m",
                      accession_number="..\\..", study_instance_uid="../../etc")
     series = make_series(nslices=2, identity=ident)
@@ -401,7 +401,31 @@ def test_header_text_cannot_steer_paths(tmp_path):
     everything = sorted(q.relative_to(tmp_path).as_posix() for q in tmp_path.rglob("*"))
     assert everything == ["deep", "deep/out"] + [f"deep/out/{p.name}" for p in sorted(paths)]
     ds = pydicom.dcmread(paths[0])
-    assert str(ds.PatientName) == "../../etc" and len(ds.PatientID) <= 64
+    assert str(ds.PatientID) == "../../etc" and len(str(ds.PatientName)) <= 64
+
+
+def test_identifiers_are_written_as_given_or_not_at_all(tmp_path, caplog):
+    """Hospital IT audit: a Patient ID longer than DICOM's 64 characters (or with a backslash)
+    was cut (or changed) without a word and could then name another patient: the series is
+    refused, naming it. An accession number or study ID that does not fit is left empty with
+    a warning (shortened it could match another order: 9223372036854775807 had become
+    9223372036854775). A name group over 64 characters (324 had been written, which the PACS
+    dropped from its index) is shortened with a warning; dates that are not dates are named."""
+    long_id = "P" * 70 + "END"
+    for bad in (long_id, "C\\1"):
+        with pytest.raises(ValueError, match="PatientID .* cannot be written as DICOM"):
+            dicom.write_series(make_series(identity=Identity(patient_id=bad)), tmp_path / "x")
+    assert not list((tmp_path / "x").glob("*.dcm"))
+    ident = Identity(patient_id="P1", patient_name="^".join(["A" * 75] * 5),
+                     accession_number="9223372036854775807", study_id="STUDYID-1234567890",
+                     study_date="2024-13-45", study_time="09:00:00.123456789")
+    ds = pydicom.dcmread(dicom.write_series(make_series(identity=ident), tmp_path / "y")[0])
+    assert ds.AccessionNumber == "" and ds.StudyID == "" and ds.PatientID == "P1"
+    assert all(len(g) <= 64 for g in str(ds.PatientName).split("="))
+    assert ds.StudyDate == "" and ds.StudyTime == "090000.123456"
+    for words in ("AccessionNumber '9223372036854775807'", "StudyID", "PatientName",
+                  "StudyDate '2024-13-45' is not a date"):
+        assert words in caplog.text, words
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -512,3 +536,11 @@ def test_a_siemens_study_is_one_study_whatever_measurement_or_reader():
     a = dc_replace(h, identity=Identity(patient_id="A", measurement_id="M1"))
     b = dc_replace(h, identity=Identity(patient_id="B", measurement_id="M1"))
     assert scan_uids(a)[0] != scan_uids(b)[0]
+    # two measurements of one visit (one patient, one accession number) share a study; they
+    # had each made their own (hospital IT audit: patient MS1 showed 2 studies)
+    visit = Identity(patient_id="MS1", accession_number="777", study_date="20240101")
+    m1, m2 = (dc_replace(h, identity=dc_replace(visit, measurement_id=m))
+              for m in ("MEAS-001", "MEAS-002"))
+    assert scan_uids(m1)[0] == scan_uids(m2)[0] and scan_uids(m1)[1] != scan_uids(m2)[1]
+    other_order = dc_replace(h, identity=dc_replace(visit, accession_number="778"))
+    assert scan_uids(other_order)[0] != scan_uids(m1)[0]

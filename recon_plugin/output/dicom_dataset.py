@@ -5,13 +5,26 @@ acquisition, pixel format), the private provenance block and the Real World Valu
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
 
 from ..scan import ReconSeries
 from .dicom_series import DL_METHOD, _image_type, _scanning_sequence, provenance_text, series_description
-from .dicom_values import _cs, _da, _ds, _pn, _text, _tm, nominal_field_t
+from .dicom_values import (
+    _cs,
+    _da,
+    _ds,
+    _identifier,
+    _pn,
+    _reference,
+    _text,
+    _tm,
+    nominal_field_t,
+)
+
+log = logging.getLogger(__name__)
 
 PRIVATE_CREATOR = "RECON_PLUGIN 1.0"
 PRIVATE_GROUP = 0x0071
@@ -34,20 +47,23 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     ds.SOPClassUID = MRImageStorage
     ds.ImageType = _image_type(series)
     # Patient (Type 2 attributes always present, possibly empty)
-    ds.PatientName = _pn(ident.patient_name)
-    ds.PatientID = _text(ident.patient_id, 64)
-    ds.PatientBirthDate = _da(ident.patient_birth_date)
+    ds.PatientName = _pn(ident.patient_name, "PatientName")
+    ds.PatientID = _identifier(ident.patient_id, 64, "PatientID")
+    if not ds.PatientID:
+        log.warning("the header has no patient ID: PatientID written empty (a PACS may file "
+                    "these images with other patients' that have none)")
+    ds.PatientBirthDate = _da(ident.patient_birth_date, "PatientBirthDate")
     sex = _cs(ident.patient_sex)[:1]
     ds.PatientSex = sex if sex in ("M", "F", "O") else ""
     if ident.patient_weight_kg and ident.patient_weight_kg > 0:
         ds.PatientWeight = _ds(ident.patient_weight_kg)
     # General study
     ds.StudyInstanceUID = uids["study"]
-    ds.StudyDate = _da(ident.study_date)
-    ds.StudyTime = _tm(ident.study_time)
-    ds.ReferringPhysicianName = _pn(ident.referring_physician)
-    ds.StudyID = _text(ident.study_id, 16)
-    ds.AccessionNumber = _text(ident.accession_number, 16)
+    ds.StudyDate = _da(ident.study_date, "StudyDate")
+    ds.StudyTime = _tm(ident.study_time, "StudyTime")
+    ds.ReferringPhysicianName = _pn(ident.referring_physician, "ReferringPhysicianName")
+    ds.StudyID = _reference(ident.study_id, 16, "StudyID")
+    ds.AccessionNumber = _reference(ident.accession_number, 16, "AccessionNumber")
     if ident.study_description:
         ds.StudyDescription = _text(ident.study_description, 64)
     # General series

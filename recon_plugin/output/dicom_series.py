@@ -49,8 +49,11 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
 
     Header values are used when they are valid UIDs. Otherwise they are derived
     deterministically from the header identity when it identifies the scan (a measurement ID, a
-    frame-of-reference UID, or a patient ID with a study date or accession number), so the
-    series of one scan share a study and a frame of reference. A Siemens measurement ID
+    frame-of-reference UID, or a patient ID with a study date, accession number or study ID),
+    so the
+    series of one scan share a study and a frame of reference. A patient ID with an accession
+    number or a study ID names the visit: its measurements share one study. A Siemens
+    measurement ID
     (``<serial>_<patient>_<study>_<measurement>``, as siemens_to_ismrmrd and the twix reader
     write it) names its study without its last part: the study seed is that alone, so every
     measurement of one study lands in one study whether it came as twix, as ISMRMRD or over a
@@ -62,18 +65,26 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
     ident = header.identity
     scanner_frame = _valid_uid(ident.frame_of_reference_uid)
     siemens = _SIEMENS_MEASUREMENT.match(ident.measurement_id.strip())
+    order = ident.accession_number.strip() or ident.study_id.strip()
     identified = bool(scanner_frame or ident.measurement_id.strip() or (
-        ident.patient_id.strip() and (ident.study_date.strip() or ident.accession_number.strip())))
+        ident.patient_id.strip() and (ident.study_date.strip() or order)))
     if siemens:
         seed = ["siemens", siemens.group(1)]
+    elif ident.patient_id.strip() and order:  # the order names the visit: its measurements
+        seed = ["order", ident.patient_id, ident.accession_number, ident.study_id,
+                ident.study_date]
     else:
         seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
                 ident.study_id, ident.accession_number, ident.measurement_id or scanner_frame or ""]
     study = _valid_uid(ident.study_instance_uid)
     if study is None:
         study = str(generate_uid(root, entropy_srcs=["study", *seed] if identified else None))
-        log.info("header has no valid StudyInstanceUID; %s %s",
-                 "derived" if identified else "anonymous header, random", study)
+        how = "derived" if identified else "anonymous header, random"
+        if ident.study_instance_uid.strip():  # the scanner's study is not joined: say so
+            log.warning("header StudyInstanceUID %r is not a valid UID; %s %s instead",
+                        ident.study_instance_uid.strip()[:80], how, study)
+        else:
+            log.info("header has no StudyInstanceUID; %s %s", how, study)
     frame = scanner_frame
     if frame is None:
         frame = str(generate_uid(root, entropy_srcs=["frame", study, ident.measurement_id]))

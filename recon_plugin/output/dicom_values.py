@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import re
 
 from pydicom.valuerep import format_number_as_ds
+
+log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
@@ -22,33 +25,77 @@ def _cs(value: object, max_len: int = 16) -> str:
     return s[:max_len].strip()
 
 
-def _pn(value: object) -> str:
-    """Person Name: keep ``^``/``=`` component separators, cap every component at 64 chars."""
+def _identifier(value: object, max_len: int, name: str) -> str:
+    """An identifier (PatientID) exactly as the header gives it: shortened, or with a
+    backslash or control character replaced, it could name another patient, so a value that
+    does not fit raises ValueError naming it instead."""
+    s = "" if value is None else str(value).strip()
+    if len(s) > max_len or _CONTROL.search(s):
+        raise ValueError(f"{name} {s[:80]!r} ({len(s)} characters) cannot be written as DICOM "
+                         f"(at most {max_len} characters, no backslash or control character); "
+                         "a changed identifier could name another patient, so nothing is "
+                         "written: correct it in the raw data's header")
+    return s
+
+
+def _reference(value: object, max_len: int, name: str) -> str:
+    """A reference to an order (AccessionNumber): as given, or empty with a warning where it
+    does not fit (shortened, it could match another order)."""
+    s = "" if value is None else str(value).strip()
+    if len(s) > max_len or _CONTROL.search(s):
+        log.warning("%s %r (%d characters) does not fit DICOM (at most %d, no backslash or "
+                    "control character): written empty, not shortened", name, s[:80], len(s),
+                    max_len)
+        return ""
+    return s
+
+
+def _pn(value: object, name: str = "person name") -> str:
+    """Person Name: ``^`` components in up to three ``=`` groups (alphabetic, ideographic,
+    phonetic), each group at most 64 characters (components shortened, with a warning)."""
     s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
-    groups = s.split("=")[:3]
-    return "=".join("^".join(c.strip()[:64] for c in g.split("^")[:5]) for g in groups)
+    groups = []
+    for g in s.split("=")[:3]:
+        parts = [c.strip() for c in g.split("^")[:5]]
+        while len("^".join(parts)) > 64:  # shorten the longest component
+            i = max(range(len(parts)), key=lambda k: len(parts[k]))
+            parts[i] = parts[i][: len(parts[i]) - (len("^".join(parts)) - 64)].rstrip()
+        groups.append("^".join(parts).rstrip("^"))
+    out = "=".join(groups)
+    if out.replace(" ", "").rstrip("^=") != s.replace(" ", "").rstrip("^="):
+        log.warning("%s %r shortened to DICOM's 64 characters per name group: %r", name,
+                    s[:200], out)
+    return out
 
 
-def _da(value: object) -> str:
-    """ISMRMRD xs:date ``YYYY-MM-DD`` or ``YYYYMMDD`` -> DICOM DA, else empty."""
+def _dropped(name: str | None, value: object, what: str) -> str:
+    if name and str(value or "").strip():
+        log.warning("%s %r is not %s: written empty", name, str(value)[:80], what)
+    return ""
+
+
+def _da(value: object, name: str | None = None) -> str:
+    """ISMRMRD xs:date ``YYYY-MM-DD`` or ``YYYYMMDD`` -> DICOM DA, else empty (with a warning
+    naming the attribute, where ``name`` is given and there was a value)."""
     digits = re.sub(r"[^0-9]", "", str(value or ""))
     if len(digits) != 8:
-        return ""
+        return _dropped(name, value, "a date (YYYY-MM-DD)")
     try:
         _dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
     except ValueError:
-        return ""
+        return _dropped(name, value, "a date (YYYY-MM-DD)")
     return digits
 
 
-def _tm(value: object) -> str:
-    """ISMRMRD xs:time ``HH:MM:SS[.ffffff]`` -> DICOM TM, else empty."""
-    m = re.fullmatch(r"(\d\d):?(\d\d)(?::?(\d\d)(\.\d{1,6})?)?", str(value or "").strip())
+def _tm(value: object, name: str | None = None) -> str:
+    """ISMRMRD xs:time ``HH:MM:SS[.fraction]`` -> DICOM TM (fraction cut to 6 digits), else
+    empty (with a warning, as :func:`_da`)."""
+    m = re.fullmatch(r"(\d\d):?(\d\d)(?::?(\d\d)(\.\d+)?)?", str(value or "").strip())
     if not m:
-        return ""
-    hh, mm, ss, frac = m.group(1), m.group(2), m.group(3) or "00", m.group(4) or ""
+        return _dropped(name, value, "a time (HH:MM:SS)")
+    hh, mm, ss, frac = m.group(1), m.group(2), m.group(3) or "00", (m.group(4) or "")[:7]
     if int(hh) > 23 or int(mm) > 59 or int(ss) > 60:
-        return ""
+        return _dropped(name, value, "a time (HH:MM:SS)")
     return hh + mm + ss + frac
 
 

@@ -86,6 +86,9 @@ def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
         sub = (dicom_out or Path(tmp)) / stem
         try:
             paths = write_outputs(series, sub, ("dicom",), protocol.dicom_kwargs())
+        except ValueError as e:  # e.g. a patient ID DICOM cannot hold as it is
+            log.error("stream: no DICOM written to %s: %s", sub, e)
+            return []
         except Exception:  # noqa: BLE001 - the scanner already has its images
             log.exception("stream: writing DICOM to %s failed", sub)
             return []
