@@ -76,3 +76,22 @@ def test_batch_keeps_a_broken_delivery_pending_until_resume(tmp_path, capsys):
     state = json.loads((out / ".recon-state.json").read_text())
     assert not any("delivery" in e for e in state.values())
     assert [len(i["files"]) for i in queued_items(queue)] == [1]
+
+
+def test_send_counts_what_still_waits_and_can_give_up(tmp_path, capsys):
+    """``send`` on a queue another drain holds printed 'sent 0, still queued 0' with exit 0
+    while files waited: it now counts the folder (exit 1). ``--max-attempts N`` sets aside,
+    in ``dead/``, an item a PACS keeps refusing (it was retried for ever), and says so."""
+    from recon_plugin.output.pacs import _queue_lock
+
+    files = write_series(tmp_path / "dcm", 2)
+    queue = tmp_path / "q"
+    DeliveryPlan((NOBODY,), "RECON_PLUGIN", queue).deliver(files)
+    with _queue_lock(queue) as locked:  # another drain
+        assert locked
+        assert main(["-q", "send", "--queue", str(queue)]) == 1
+    assert "sent 0, still queued 2" in capsys.readouterr().out
+    assert main(["-q", "send", "--queue", str(queue), "--max-attempts", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "still queued 0, given up" in out and not queued_items(queue)
+    assert len(list((queue / "dead").rglob("*.dcm"))) == 2

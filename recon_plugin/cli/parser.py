@@ -406,6 +406,9 @@ def _add_send(sub: argparse._SubParsersAction) -> None:
     """The ``send`` subcommand."""
     s = sub.add_parser("send", help="drain the durable PACS queue")
     s.add_argument("--queue", required=True, help="queue folder (OUT/.pacs-queue)")
+    s.add_argument("--max-attempts", type=_positive_int, default=None, metavar="N",
+                   help="move an item that has failed N attempts to QUEUE/dead (e.g. a PACS "
+                   "that rejects it for good; default: keep retrying)")
     s.set_defaults(fn=cmd_send)
 
 

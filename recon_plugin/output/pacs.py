@@ -295,6 +295,16 @@ def queued_items(queue_dir: Path | str) -> list[dict]:
     return items
 
 
+def waiting_files(queue_dir: Path | str) -> int:
+    """DICOM files still in the queue (``dead/`` not counted), also those of an item whose
+    manifest cannot be read (which :func:`drain` skips, naming it)."""
+    qdir = Path(queue_dir)
+    if not qdir.is_dir():
+        return 0
+    return sum(1 for d in qdir.iterdir() if d.is_dir() and d.name[:1].isdigit()
+               for f in d.iterdir() if f.suffix == ".dcm")
+
+
 @contextlib.contextmanager
 def _queue_lock(qdir: Path) -> Iterator[bool]:
     qdir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +342,7 @@ def drain(
     clean_stale(qdir)
     with _queue_lock(qdir) as locked:
         if not locked:
-            log.info("queue %s is being drained by another process", qdir)
+            log.warning("queue %s is being drained by another process; nothing sent", qdir)
             return 0, 0
         down: dict[str, str] = {}
         for item in queued_items(qdir):
