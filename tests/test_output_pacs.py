@@ -190,6 +190,26 @@ def test_rejected_association_is_a_clear_error(orthanc, tmp_path):
         pacs.send_files(paths, wrong, CALLING, timeout=10)
 
 
+def test_a_pacs_that_stores_no_mr_images_is_named_as_such(tmp_path):
+    """A store SCP that takes CT images only (pynetdicom's own, no Orthanc needed): the error
+    names the refused SOP class and transfer syntaxes. It had said 'no DICOM service
+    answering, or it aborted', and the admin looked for a network fault."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=4)
+    scp = AE(ae_title="CTONLY")
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        with pytest.raises(pacs.PacsError, match="accepts none of the presentation contexts "
+                           r"offered \(MR Image Storage in .*Little Endian"):
+            pacs.send_files(paths, f"CTONLY@127.0.0.1:{port}", CALLING, timeout=10)
+    finally:
+        server.shutdown()
+
+
 def test_nothing_listening_names_the_address(tmp_path):
     paths = write_series(tmp_path / "dcm", nslices=1, seed=5)
     port = free_port()

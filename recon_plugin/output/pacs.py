@@ -132,7 +132,7 @@ def send_files(
     """
     from pydicom import dcmread
     from pydicom.filereader import read_file_meta_info
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
 
     tgt = target if isinstance(target, PacsTarget) else parse_target(target)
@@ -167,6 +167,13 @@ def send_files(
         if assoc.is_rejected:
             why = (f"rejected by the remote AE (check the called AE title {tgt.aet!r} and "
                    f"that the PACS accepts calling AE {calling_aet!r})")
+        elif assoc.rejected_contexts and not assoc.accepted_contexts:
+            refused = "; ".join(
+                f"{UID(c.abstract_syntax).name} in "
+                f"{', '.join(UID(t).name for t in c.transfer_syntax)}"
+                for c in assoc.rejected_contexts)
+            why = (f"it accepts none of the presentation contexts offered ({refused}): check "
+                   "which SOP classes and transfer syntaxes it stores")
         else:
             why = "could not be established (no DICOM service answering, or it aborted)"
         raise PacsError(f"association with {tgt}: {why}")
