@@ -4,6 +4,7 @@ be written keeps the delivery pending for --resume."""
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from recon_plugin.cli import main
 from recon_plugin.output.delivery import DeliveryPlan
@@ -95,3 +96,19 @@ def test_send_counts_what_still_waits_and_can_give_up(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "still queued 0, given up" in out and not queued_items(queue)
     assert len(list((queue / "dead").rglob("*.dcm"))) == 2
+
+
+def test_a_rerun_drops_the_queued_delivery_of_the_series_it_replaced(tmp_path):
+    """PACS down, the same scan reconstructed twice into one --out: the first run's queued
+    series (replaced on disk by the second) is dropped from the queue; it had reached the PACS
+    beside the second when the queue was drained (hospital IT audit)."""
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "scan.h5", acceleration=2, calib_lines=16)
+    other = write_ismrmrd(vol, tmp_path / "other.h5", acceleration=2, calib_lines=16)
+    out = tmp_path / "out"
+    args = ["-q", "recon", "--out", str(out), "--method", "zero-filled", "--send", NOBODY]
+    assert main([*args, str(raw), str(other)]) == 1  # queued
+    assert main([*args, str(raw)]) == 1
+    items = queued_items(out / ".pacs-queue")
+    assert len(items) == 2  # the rerun's, and the other scan's (not replaced: kept)
+    assert all(Path(o).is_file() for i in items for o in i["origin"])

@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..models.inference import torch_device
 from ..output.atomic import check_writable_folder, fingerprint
 from ..output.delivery import DeliveryPlan
+from ..output.pacs import drop_superseded
 from ..recon.pipeline import Reconstructor
 from ..runtime import bars
 from .files import RAW_SUFFIXES, FileResult, gather_inputs, output_name, process_file
@@ -196,6 +197,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                 state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
             save_state(out_dir, state)
             if plan:
+                drop_superseded(plan.queue, out_dir / output_name(path))  # the replaced run's
                 _deliver(r, plan, state[key], out_dir, state)
         results.append(r)
 

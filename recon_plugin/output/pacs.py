@@ -242,7 +242,7 @@ def enqueue(
                 dst.flush()
                 os.fsync(dst.fileno())
             names.append(name)
-            origin.append(str(p))
+            origin.append(str(p.resolve()))
         for name in names:  # every copy complete: only now *.dcm
             os.replace(tmp / f"{name}.part", tmp / name)
         manifest = {
@@ -300,6 +300,32 @@ def queued_items(queue_dir: Path | str) -> list[dict]:
         m["path"] = str(d)
         items.append(m)
     return items
+
+
+def drop_superseded(queue_dir: Path | str, folder: Path | str) -> int:
+    """Remove the queued items whose files all came from ``folder``: a scan folder that a new
+    run has just replaced. Delivered later, they would put a series that is no longer on disk
+    into the PACS beside the new one. Left alone (with a warning) while another process drains
+    the queue. Returns the number of items removed."""
+    qdir, root = Path(queue_dir), Path(folder).resolve()
+    if not qdir.is_dir():
+        return 0
+    removed = 0
+    with _queue_lock(qdir) as locked:
+        if not locked:
+            log.warning("queue %s is being drained: earlier deliveries of %s stay queued", qdir,
+                        folder)
+            return 0
+        for item in queued_items(qdir):
+            origin = [Path(o).resolve() for o in item.get("origin", [])]
+            if origin and all(root in o.parents for o in origin):
+                shutil.rmtree(item["path"], ignore_errors=True)
+                removed += 1
+    if removed:
+        log.warning("%s: dropped %d queued deliveries of an earlier run (its series was "
+                    "replaced on disk and would have reached the PACS beside the new one)",
+                    folder, removed)
+    return removed
 
 
 def waiting_files(queue_dir: Path | str) -> int:
