@@ -102,6 +102,8 @@ def test_protocol_dirs_include_checkout_and_install_locations(tmp_path, monkeypa
          "adaptive.variants[0]: Input should be a mapping, got 'unrolled-lean-0.8'"),
         ("adaptive: {variants: [{model: a, max_difficulty: 0.5}, {model: b, max_difficulty: 0.2}]}\n",
          "must be greater than the previous"),
+        # dciodvfy: Laterality present on an unpaired body part (hospital IT audit)
+        ("dicom: {body_part: HEAD, laterality: L}\n", "HEAD is not one"),
     ],
 )
 def test_schema_errors_name_file_and_key(tmp_path, body, expected):

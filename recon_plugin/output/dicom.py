@@ -57,7 +57,16 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pydicom
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -78,6 +87,14 @@ class DicomWriteError(RuntimeError):
 
 
 _UID_ROOT_RE = r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?"
+
+
+# BodyPartExamined values (DICOM PS3.16 Annex L) of structures that are not paired
+UNPAIRED_BODY_PARTS = frozenset({
+    "HEAD", "BRAIN", "SKULL", "NECK", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE",
+    "WHOLESPINE", "CHEST", "THORAX", "HEART", "ABDOMEN", "PELVIS", "LIVER", "PANCREAS",
+    "PROSTATE", "BLADDER", "UTERUS", "AORTA", "WHOLEBODY",
+})
 
 
 class DicomOptions(BaseModel):
@@ -102,6 +119,15 @@ class DicomOptions(BaseModel):
         if v is not None and v[1] <= 0:
             raise ValueError(f"width must be > 0, got {v[1]!r}")
         return v
+
+    @model_validator(mode="after")
+    def _paired(self) -> DicomOptions:
+        """Laterality is for a paired body part (DICOM: present only then)."""
+        part = (self.body_part or "").strip().upper()
+        if self.laterality and part in UNPAIRED_BODY_PARTS:
+            raise ValueError(f"laterality: {self.laterality!r} is for a paired body part; "
+                             f"{part} is not one (leave laterality out)")
+        return self
 
 
 # --------------------------------------------------------------------------- pixel scaling
