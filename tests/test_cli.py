@@ -132,9 +132,10 @@ def test_usage_errors_exit_2(raw_dir, tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys):
+def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys, caplog):
     """The demo reconstructs with the shipped model, refined once for its scan (refine:
-    shared): one slice trains the copy, and the other's image names that slice."""
+    shared): one slice trains the copy, and the other's image names that slice. Its patient
+    ID says what it is (the quick start's only warning had been the empty one)."""
     code = main(["-q", "demo", "--out", str(tmp_path), "--slices", "2", "--refine-budget", "6"])
     assert code == 0
     files = sorted((tmp_path / "dicom").rglob("*.dcm"))
@@ -151,6 +152,8 @@ def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys):
     assert len(trained) == 1, comments  # one training per scan
     (other,) = [c for c in comments if c not in trained]
     assert "scan refinement" in other and "on slice " in other, other
+    assert all(d.PatientID == "RECON-PLUGIN-DEMO" for d in ds)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
 
 
 def test_demo_passes_refinement_on(tmp_path, capsys):

@@ -207,6 +207,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """Simulate one scan and reconstruct it to DICOM."""
     from ..batch import BatchInterrupted, BatchUsageError, run_batch
     from ..models.inference import torch_device
+    from ..scan import Identity
     from ..sim import simulate_volume
     from ..sim.writers import write_ismrmrd
 
@@ -218,7 +219,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     raw_dir.mkdir(parents=True, exist_ok=True)
     vol = simulate_volume("test", "T2", num_slices=a.slices, num_coils=12, matrix=(192, 160),
                           snr=30.0, seed=a.seed)
-    raw = write_ismrmrd(vol, raw_dir / "demo_t2_axial_4x.h5", acceleration=4, seed=a.seed)
+    # a patient ID that says what this is (a PACS files it under it, not with unidentified
+    # images), no study date: its study UID stays random, never merged with another run
+    demo = Identity(patient_id="RECON-PLUGIN-DEMO", patient_name="Demo^Simulated")
+    raw = write_ismrmrd(vol, raw_dir / "demo_t2_axial_4x.h5", acceleration=4, seed=a.seed,
+                        header_kwargs={"identity": demo})
     print(f"simulated raw scan: {raw}")
     try:
         results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
