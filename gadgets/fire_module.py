@@ -20,7 +20,7 @@ from typing import Any
 
 import ismrmrd
 
-from recon_plugin.stream.engine import StreamResult, header_text, shared_engine
+from recon_plugin.stream.engine import header_text, log_notice, shared_engine
 from recon_plugin.stream.options import StreamOptions
 
 log = logging.getLogger("recon_plugin.fire")
@@ -59,8 +59,7 @@ def _acquisitions(connection: Any) -> Iterator[ismrmrd.Acquisition]:
 
 
 def _notify(connection: Any, text: str) -> None:
-    if not text.startswith("WARNING"):  # the reader has logged its warnings itself
-        log.warning("%s", text)
+    log_notice(text)
     send = getattr(connection, "send_text", None)
     if send is not None:
         try:
@@ -74,11 +73,10 @@ def process(connection: Any, config: Any, metadata: Any) -> None:
     engine = shared_engine()
     result = None
     try:
-        result = StreamResult()  # a scanner that stops reading still gets its scan archived
-        send = engine.archiving_sender(connection.send_image, result, (OSError,))
-        result = engine.run(_acquisitions(connection), header_text(metadata), send,
-                            options_from_config(config),
-                            notify=lambda text: _notify(connection, text), result=result)
+        # a scanner that stops reading (a broken socket) still gets its scan archived
+        result = engine.run(_acquisitions(connection), header_text(metadata),
+                            connection.send_image, options_from_config(config),
+                            notify=lambda text: _notify(connection, text), gone=(OSError,))
     except Exception as e:  # noqa: BLE001 - report to the scanner, then close cleanly
         log.exception("recon_plugin stream failed")
         _notify(connection, f"ERROR {type(e).__name__}: {e}")

@@ -19,7 +19,7 @@ import argparse
 import logging
 from typing import Any
 
-from recon_plugin.stream.engine import header_text, shared_engine
+from recon_plugin.stream.engine import header_text, log_notice, shared_engine
 from recon_plugin.stream.options import StreamOptions, xml_params
 
 log = logging.getLogger("recon_plugin.gadgetron")
@@ -51,15 +51,8 @@ def recon_plugin(connection: Any) -> None:
     connection.filter(ismrmrd.Acquisition)  # waveforms etc. go on to the next node unchanged
     engine = shared_engine()
     result = engine.run(iter(connection), header, connection.send, options,
-                        notify=_log_notice)
+                        notify=log_notice)
     engine.deliver(result)
-
-
-def _log_notice(text: str) -> None:
-    """A stream notice, logged (Gadgetron has no text channel back); the reader's WARNING
-    notices were logged where they arose."""
-    if not text.startswith("WARNING"):
-        log.warning("%s", text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,12 +113,12 @@ def cmd_recon(a: argparse.Namespace) -> int:
     except BatchInterrupted as e:
         return _interrupted(e)
     code = _report(results)
-    queued = sum(r.queued for r in results)
-    if queued:
-        for q in sorted({r.queue for r in results if r.queued}):
-            print(f"{sum(r.queued for r in results if r.queue == q)} DICOM files could not be "
-                  f"delivered and wait in the PACS queue {q}; run `recon-plugin send --queue "
-                  f"{q}` later")
+    queues = sorted({r.queue for r in results if r.queued})
+    for q in queues:
+        print(f"{sum(r.queued for r in results if r.queue == q)} DICOM files could not be "
+              f"delivered and wait in the PACS queue {q}; run `recon-plugin send --queue {q}` "
+              "later")
+    if queues:
         code = max(code, EXIT_FAILED)
     return code
 

@@ -85,7 +85,8 @@ def _measured_extent(counts: np.ndarray, source: str) -> tuple[int, int]:
     lo, hi = int(sampled_z[0]), int(sampled_z[-1])
     if 2 * (hi - lo + 1) <= nz:
         raise RawDataError(
-            f"{source}: 3D scan with only partition encodes (kz) {index_ranges(list(sampled_z))} of {nz} "
+            f"{source}: 3D scan with only partition encodes (kz) "
+            f"{index_ranges(list(sampled_z))} of {nz} "
             "measured: a partial acquisition along kz must cover more than half of them (does "
             "the header's encoded matrix z match the data?)")
     return lo, hi
@@ -114,7 +115,8 @@ def split_partitions(buf: LineBuffer, enc_fov_z_mm: float, recon_fov_z_mm: float
     sampled_z = np.flatnonzero(counts.any(axis=1))
     if sampled_z.size != hi - lo + 1 or not lo <= nz // 2 <= hi:
         raise RawDataError(
-            f"{source}: 3D scan with partition encodes (kz) {index_ranges(list(sampled_z))} of {nz} "
+            f"{source}: 3D scan with partition encodes (kz) "
+            f"{index_ranges(list(sampled_z))} of {nz} "
             f"measured: they must form one block around the centre (kz {nz // 2}) to be split "
             "into partitions")
     rows = counts[lo:hi + 1] > 0

@@ -25,12 +25,19 @@ def _cs(value: object, max_len: int = 16) -> str:
     return s[:max_len].strip()
 
 
+def _as_given(value: object, max_len: int) -> tuple[str, bool]:
+    """(the header's text, stripped; whether DICOM can hold it unchanged: at most ``max_len``
+    characters, no backslash or control character)."""
+    s = "" if value is None else str(value).strip()
+    return s, len(s) <= max_len and not _CONTROL.search(s)
+
+
 def _identifier(value: object, max_len: int, name: str) -> str:
     """An identifier (PatientID) exactly as the header gives it: shortened, or with a
     backslash or control character replaced, it could name another patient, so a value that
     does not fit raises ValueError naming it instead."""
-    s = "" if value is None else str(value).strip()
-    if len(s) > max_len or _CONTROL.search(s):
+    s, fits = _as_given(value, max_len)
+    if not fits:
         raise ValueError(f"{name} {s[:80]!r} ({len(s)} characters) cannot be written as DICOM "
                          f"(at most {max_len} characters, no backslash or control character); "
                          "a changed identifier could name another patient, so nothing is "
@@ -41,8 +48,8 @@ def _identifier(value: object, max_len: int, name: str) -> str:
 def _reference(value: object, max_len: int, name: str) -> str:
     """A reference to an order (AccessionNumber): as given, or empty with a warning where it
     does not fit (shortened, it could match another order)."""
-    s = "" if value is None else str(value).strip()
-    if len(s) > max_len or _CONTROL.search(s):
+    s, fits = _as_given(value, max_len)
+    if not fits:
         log.warning("%s %r (%d characters) does not fit DICOM (at most %d, no backslash or "
                     "control character): written empty, not shortened", name, s[:80], len(s),
                     max_len)

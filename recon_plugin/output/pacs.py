@@ -291,7 +291,7 @@ def queued_items(queue_dir: Path | str) -> list[dict]:
     if not qdir.is_dir():
         return []
     items = []
-    for d in sorted(p for p in qdir.iterdir() if p.is_dir() and p.name[0].isdigit()):
+    for d in _item_dirs(qdir):
         try:
             m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -334,8 +334,12 @@ def waiting_files(queue_dir: Path | str) -> int:
     qdir = Path(queue_dir)
     if not qdir.is_dir():
         return 0
-    return sum(1 for d in qdir.iterdir() if d.is_dir() and d.name[:1].isdigit()
-               for f in d.iterdir() if f.suffix == ".dcm")
+    return sum(1 for d in _item_dirs(qdir) for f in d.iterdir() if f.suffix == ".dcm")
+
+
+def _item_dirs(qdir: Path) -> list[Path]:
+    """The queue's item folders (named by their creation time), oldest first."""
+    return sorted(p for p in qdir.iterdir() if p.is_dir() and p.name[:1].isdigit())
 
 
 @contextlib.contextmanager

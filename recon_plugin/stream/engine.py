@@ -159,18 +159,35 @@ class StreamEngine:
             send: Callable[[ismrmrd.Image], Any], options: StreamOptions | None = None,
             clock: Callable[[], float] | None = None,
             notify: Callable[[str], Any] | None = None,
-            result: StreamResult | None = None) -> StreamResult:
+            gone: tuple[type[BaseException], ...] = (),
+            on_gone: Callable[[], Any] | None = None) -> StreamResult:
         """Stream, sending each image with ``send`` (notices with ``notify``), logging per-slice
-        stream latency (last acquisition -> image sent). Returns the :class:`StreamResult`
-        (``result``, filled as the scan goes, where given)."""
-        result = result if result is not None else StreamResult()
+        stream latency (last acquisition -> image sent). Returns the :class:`StreamResult`.
+
+        ``gone``: the errors by which ``send`` says its client closed or stopped reading.
+        Where the scan's DICOM is wanted (:meth:`wants_delivery`), such an error stops the
+        sending only (``on_gone`` is called once) and the scan goes on for :meth:`deliver`
+        while acquisitions come (all of them where the client sent its CLOSE); otherwise it
+        ends the scan."""
+        result = StreamResult()
+        lost = False
         for item in self.images(acquisitions, header_xml, options, clock, result):
             if isinstance(item, str):
                 result.notices.append(item)
                 if notify is not None:
                     notify(item)
                 continue
-            send(item.image)
+            if not lost:
+                try:
+                    send(item.image)
+                except gone as e:
+                    if result.protocol is None or not self.wants_delivery(result.protocol):
+                        raise  # nobody wants the rest of the scan
+                    log.warning("cannot send images to the client (%s); the scan goes on for "
+                                "its DICOM", e)
+                    lost = True
+                    if on_gone is not None:
+                        on_gone()
             latency = time.perf_counter() - item.t_last
             result.sent += 1
             result.latencies_s.append(latency)
@@ -211,33 +228,6 @@ class StreamEngine:
     def wants_delivery(self, protocol: Protocol) -> bool:
         return self.dicom_out is not None or bool(protocol.pacs.targets)
 
-    def archiving_sender(self, send: Callable[[ismrmrd.Image], Any], result: StreamResult,
-                         gone: tuple[type[BaseException], ...],
-                         on_gone: Callable[[], Any] | None = None
-                         ) -> Callable[[ismrmrd.Image], None]:
-        """``send`` for :meth:`run` (with the same ``result``) that outlives its client: when
-        ``send`` raises one of ``gone`` (the client closed or stopped reading) and the scan's
-        DICOM is wanted (:meth:`wants_delivery`), later images are not sent (``on_gone`` is
-        called once) and the scan goes on for :meth:`deliver` while acquisitions come (all of
-        them where the client sent its CLOSE); otherwise the error ends the scan."""
-        lost: list[BaseException] = []
-
-        def archiving_send(image: ismrmrd.Image) -> None:
-            if lost:
-                return
-            try:
-                send(image)
-            except gone as e:
-                if result.protocol is None or not self.wants_delivery(result.protocol):
-                    raise  # nobody wants the rest of the scan
-                log.warning("cannot send images to the client (%s); the scan goes on for its "
-                            "DICOM", e)
-                lost.append(e)
-                if on_gone is not None:
-                    on_gone()
-
-        return archiving_send
-
     def deliver(self, result: StreamResult) -> list[Path]:
         """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and deliver it to
         the protocol's PACS targets (:class:`~recon_plugin.output.delivery.DeliveryPlan`: what
@@ -246,15 +236,17 @@ class StreamEngine:
         p = result.protocol
         if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
             return []
-        for im in result.images:  # a series must not pass for the whole scan
-            lost = [(s, r) for s, c, r in result.failed if c == im.contrast]
-            if lost:
-                reps = sorted({r for _, r in lost})
-                im.notes.append(
-                    f"INCOMPLETE SERIES: slices {index_ranges(sorted({s for s, _ in lost}))}"
-                    + (f" (repetitions {index_ranges(reps)})" if reps != [0] else "")
-                    + " of the scan failed in the stream and are not in this series "
-                    "(server log)")
+        notes = {}  # per contrast: a series must not pass for the whole scan
+        for c in {c for _, c, _ in result.failed}:
+            lost = [(s, r) for s, cc, r in result.failed if cc == c]
+            reps = sorted({r for _, r in lost})
+            notes[c] = (f"INCOMPLETE SERIES: slices {index_ranges(sorted({s for s, _ in lost}))}"
+                        + (f" (repetitions {index_ranges(reps)})" if reps != [0] else "")
+                        + " of the scan failed in the stream and are not in this series "
+                        "(server log)")
+        for im in result.images:
+            if im.contrast in notes:
+                im.notes.append(notes[im.contrast])
         series = scan_series(result.images, result.header, result.provenance, p, result.method)
         result.dicom_files = write_and_deliver(series, p, self.dicom_out)
         return result.dicom_files
@@ -396,6 +388,13 @@ class _ScanState:
 
 _SHARED: dict[str, StreamEngine] = {}
 _SHARED_LOCK = threading.Lock()
+
+
+def log_notice(text: str) -> None:
+    """Log a stream notice for a module whose host shows none of them (the reader's
+    ``WARNING`` notices were logged where they arose)."""
+    if not text.startswith("WARNING"):
+        log.warning("%s", text)
 
 
 def shared_engine(**kwargs: Any) -> StreamEngine:

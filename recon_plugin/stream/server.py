@@ -231,12 +231,9 @@ class ReconServer:
                     raise ProtocolViolation(f"unexpected {MSG(m.id).name} message during the "
                                             "acquisitions")
 
-        result = StreamResult()
-        send = self.engine.archiving_sender(reply.image, result, (ClientGone, IdleTimeout),
-                                            on_gone=reply.release)
-
-        return self.engine.run(acquisitions(), header, send, options,
-                               clock=lambda: last[0], notify=reply.text, result=result)
+        return self.engine.run(acquisitions(), header, reply.image, options,
+                               clock=lambda: last[0], notify=reply.text,
+                               gone=(ClientGone, IdleTimeout), on_gone=reply.release)
 
 
 def _checked_header(xml: str) -> str:
