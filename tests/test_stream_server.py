@@ -530,17 +530,50 @@ def test_idle_timeout_and_busy(data, engine):
         t.join(10)
 
 
+def test_a_second_stop_request_ends_the_drain(data, engine):
+    """A stop request drains (the connection in a scan keeps the server up); a second one
+    stops it: the waiting client is told its scan was not finished, then CLOSE."""
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=60.0, drain_timeout=60.0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        with (socket.create_connection(s.address, timeout=30) as sock,
+              sock.makefile("wb") as wfile, sock.makefile("rb") as rfile):
+            out = ProtocolSerializer(wfile)
+            out.serialize(ConfigFile("stream_cg"))
+            out.serialize(data["header"])
+            wfile.flush()
+            _wait_for(lambda: any(x.name.startswith("mrd-127.") for x in threading.enumerate()),
+                      "the server registers the connection")
+            s.request_stop()
+            t.join(1.5)
+            assert t.is_alive() and s.closing  # draining: the scan in progress may go on
+            s.request_stop()
+            got = list(ProtocolDeserializer(rfile).deserialize())
+        assert len(got) == 1 and got[0].startswith("WARNING") and "not finished" in got[0]
+        t.join(30)
+        assert not t.is_alive()
+    finally:
+        s.request_stop(drain=False)
+        t.join(10)
+
+
 @pytest.mark.slow
-def test_sigterm_finishes_slice_in_flight(data):
-    """`recon-plugin serve` in a subprocess: SIGTERM while slice 0 reconstructs -> its image,
-    a WARNING and CLOSE reach the client, the process exits 0."""
+@pytest.mark.parametrize("drain", [True, False], ids=["drained", "no-drain"])
+def test_sigterm_during_a_scan(data, drain):
+    """`recon-plugin serve` in a subprocess, SIGTERM while slice 0 reconstructs. Drained (the
+    default): new connections are refused, the client's scan goes on (it sends slice 1 and
+    CLOSE after the signal) and both images and CLOSE reach it. `--drain-timeout 0`: slice 0's
+    image, a WARNING that the scan was not finished and CLOSE. The process exits 0 either way.
+    Before the drain a stop lost every slice that had not yet been reconstructed."""
     slow = data["pdir"] / "stream_slow.yaml"
     slow.write_text("name: stream_slow\nextends: default\nmodel: {method: cg-sense}\n"
                     "espirit: {fast: false, calib_width: 12, kernel_width: 4}\n")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "recon_plugin.cli", "serve", "--port", "0", "--protocol",
-         str(slow), "--no-warmup"], stderr=subprocess.PIPE, text=True, env=env)
+         str(slow), "--no-warmup", "--drain-timeout", "120" if drain else "0"],
+        stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
 
     def wait_for(pattern, timeout=120):
@@ -554,24 +587,41 @@ def test_sigterm_finishes_slice_in_flight(data):
                 return line
         raise AssertionError(f"{pattern!r} not seen:\n{''.join(lines)}")
 
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
     try:
         port = int(wait_for("listening on").rsplit(":", 1)[1])
-        first_slice = [a for a in data["acqs"] if a.idx.slice == 0]
-        # generous timeout: after SIGTERM the server first finishes slice 0 (slow ESPIRiT on a
-        # shared CPU)
+        # generous timeout: the server first finishes slice 0 (slow ESPIRiT on a shared CPU)
         with (socket.create_connection(("127.0.0.1", port), timeout=300) as sock,
               sock.makefile("wb") as wfile, sock.makefile("rb") as rfile):
             out = ProtocolSerializer(wfile)
             out.serialize(ConfigFile("auto"))
             out.serialize(data["header"])
-            for acq in first_slice:
-                out.serialize(acq)
+            for acq in data["acqs"]:
+                if acq.idx.slice == 0:
+                    out.serialize(acq)
             wfile.flush()
             wait_for("complete: reconstructing")
             proc.send_signal(signal.SIGTERM)
+            if drain:
+                wait_for("no new connections")
+                _wait_for(refused, "the server stops accepting")
+                for acq in data["acqs"]:
+                    if acq.idx.slice != 0:
+                        out.serialize(acq)
+                out.close()  # CLOSE, flushed
             got = list(ProtocolDeserializer(rfile).deserialize())
-        assert isinstance(got[0], ismrmrd.Image) and got[0].slice == 0
-        assert len(got) == 2 and got[1].startswith("WARNING")
+        if drain:
+            assert sorted(g.slice for g in got if isinstance(g, ismrmrd.Image)) == [0, 1]
+            assert not [g for g in got if isinstance(g, str)], got
+        else:
+            assert isinstance(got[0], ismrmrd.Image) and got[0].slice == 0
+            assert len(got) == 2 and got[1].startswith("WARNING")
         assert proc.wait(60) == 0
         lines += proc.stderr.readlines()
         signal_at = next(i for i, x in enumerate(lines) if "signal 15" in x)

@@ -352,7 +352,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
               dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
               max_connections=a.max_connections, image_dtype=a.image_dtype,
-              warmup=not a.no_warmup)
+              drain_timeout=a.drain_timeout, warmup=not a.no_warmup)
     except OSError as e:  # e.g. the port is taken
         log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
         return EXIT_USAGE

@@ -65,6 +65,7 @@ def _number(cast, accept, expected: str, bound: str):
 _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
 _count = _number(int, lambda v: v >= 0, "a whole number >= 0", ">= 0")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0", "a number > 0")
+_seconds = _number(float, lambda v: 0 <= v < float("inf"), "a number of seconds", ">= 0")
 _port = _number(int, lambda v: 0 <= v <= 65535, "a whole number", "between 0 and 65535")
 _share = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1", "between 0 and 1")
 _acceleration = _number(float, lambda v: 1 <= v < float("inf"), "a number >= 1", ">= 1")
@@ -424,6 +425,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
                    help="seconds (default 300)")
+    s.add_argument("--drain-timeout", type=_seconds, default=30.0,
+                   help="after SIGTERM / SIGINT, seconds the scans in progress may take to end "
+                   "before each stops after its slice in flight (a second signal: at once); "
+                   "keep it below your service manager's stop timeout (default %(default)g)")
     s.add_argument("--max-connections", type=_positive_int, default=8,
                    help="clients served at once (default %(default)s)")
     s.add_argument("--image-dtype", choices=["float", "uint16"], default="float",

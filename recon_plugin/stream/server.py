@@ -20,8 +20,11 @@ the server keeps serving; a client that drops mid-scan just ends its session (on
 reading its images (closed, or not reading for the idle timeout) while the scan's DICOM is
 wanted, ``--dicom-out`` or the protocol's PACS, has the scan finished for it from what it
 sent); idle connections
-time out; :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) lets every
-connection finish the slice in flight, tells the client and closes.
+time out. :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) stops accepting
+and lets the scans in progress go on to their end, for up to ``drain_timeout`` seconds (a scan
+whose lines have all arrived is finished, none of it lost); then (or at a second request) every
+connection finishes the slice in flight, tells the client that its scan was not finished, and
+closes.
 """
 
 from __future__ import annotations
@@ -64,21 +67,24 @@ class ReconServer:
     """Threaded TCP server: one thread (plus a reader thread) per connection, one engine.
 
     Binds on construction (port 0 = any free port; see :attr:`address`); :meth:`serve_forever`
-    accepts until :meth:`request_stop`. ``results`` keeps the last 100 StreamResults.
+    accepts until :meth:`request_stop`, then drains: the connections' scans go on for up to
+    ``drain_timeout`` seconds. ``results`` keeps the last 100 StreamResults.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9002,
                  engine: StreamEngine | None = None, *, idle_timeout: float = 300.0,
                  max_connections: int = 8, limits: Limits | None = None,
-                 image_dtype: str = "float", **engine_kwargs: Any):
+                 image_dtype: str = "float", drain_timeout: float = 30.0,
+                 **engine_kwargs: Any):
         self.limits = limits or (engine.limits if engine else Limits())
         self.engine = engine or StreamEngine(limits=self.limits, **engine_kwargs)
         self.idle_timeout, self.max_connections = idle_timeout, max_connections
         if image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}")
-        self.image_dtype = image_dtype
+        self.image_dtype, self.drain_timeout = image_dtype, drain_timeout
         self._sock = socket.create_server((host, port))
-        self._stop = threading.Event()
+        self._closing = threading.Event()  # no new connections; the scans in progress go on
+        self._stop = threading.Event()  # every session stops after its slice in flight
         self._threads: set[threading.Thread] = set()
         self._tlock = threading.Lock()
         self.results: deque[StreamResult] = deque(maxlen=100)
@@ -90,22 +96,33 @@ class ReconServer:
     def address(self) -> tuple[str, int]:
         return self._sock.getsockname()[:2]
 
-    def request_stop(self) -> None:
-        """Stop accepting; connections finish their slice in flight and close (signal-safe)."""
-        self._stop.set()
+    def request_stop(self, drain: bool = True) -> None:
+        """Stop accepting (signal-safe). The first request with ``drain`` lets the scans in
+        progress go on (see :meth:`serve_forever`); otherwise, or at a second request, every
+        connection finishes its slice in flight, tells its client and closes."""
+        if not drain or self._closing.is_set():
+            self._stop.set()
+        self._closing.set()
+
+    @property
+    def closing(self) -> bool:
+        """A stop was requested: no new connections are accepted."""
+        return self._closing.is_set()
 
     def serve_forever(self, poll: float = 0.25, join_timeout: float = 120.0) -> None:
-        """Accept until :meth:`request_stop`, then wait for the connections to end."""
+        """Accept until :meth:`request_stop`, then wait up to ``drain_timeout`` seconds for the
+        connections to end their scans, then stop them after their slice in flight (waiting up
+        to ``join_timeout`` more)."""
         self._sock.settimeout(poll)
         log.info("recon-plugin MRD server listening on %s:%d", *self.address)
         try:
-            while not self._stop.is_set():
+            while not self._closing.is_set():
                 try:
                     conn, peer = self._sock.accept()
                 except TimeoutError:
                     continue
                 except OSError:
-                    if self._stop.is_set():
+                    if self._closing.is_set():
                         break
                     raise
                 try:
@@ -115,10 +132,28 @@ class ReconServer:
                     raise
         finally:
             self._sock.close()
-            deadline = time.monotonic() + join_timeout
-            for t in list(self._threads):
-                t.join(max(deadline - time.monotonic(), 0.0))
+            if not self._join(self.drain_timeout, poll):
+                busy = sum(t.is_alive() for t in self._threads)
+                log.warning("%d connection(s) still in a scan %s: stopping them after their "
+                            "slice in flight", busy, "on a second stop request"
+                            if self._stop.is_set() else f"after {self.drain_timeout:g} s")
+            self._stop.set()
+            self._join(join_timeout, poll)
             log.info("server stopped")
+
+    def _join(self, timeout: float, poll: float) -> bool:
+        """Wait up to ``timeout`` seconds for the connection threads to end (in short waits,
+        so that a stop request made meanwhile, e.g. by a signal, ends it early unless it is
+        already the hard stop); True when none is left."""
+        deadline, hard = time.monotonic() + timeout, self._stop.is_set()
+        with self._tlock:
+            threads = list(self._threads)
+        for t in threads:
+            while t.is_alive() and time.monotonic() < deadline:
+                if self._stop.is_set() and not hard:
+                    return False
+                t.join(min(poll, max(deadline - time.monotonic(), 0.0)))
+        return not any(t.is_alive() for t in threads)
 
     def _start(self, conn: socket.socket, peer: Any) -> None:
         with self._tlock:
@@ -333,24 +368,32 @@ def _close(conn: socket.socket, reply: _Reply | None = None, linger_s: float = 2
 def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = None,
           protocol_dirs: Iterable[str | Path] | None = None, dicom_out: str | Path | None = None,
           device: str = "cpu", idle_timeout: float = 300.0, max_connections: int = 8,
-          image_dtype: str = "float", limits: Limits | None = None,
+          image_dtype: str = "float", limits: Limits | None = None, drain_timeout: float = 30.0,
           handle_signals: bool = True, warmup: bool = True) -> ReconServer:
     """Run the MRD server until SIGTERM / SIGINT (or :meth:`ReconServer.request_stop`).
 
-    Loopback only by default. Signals are handled when called from the main thread: the slice
-    in flight of every connection is finished and sent, then the clients get a WARNING and
-    CLOSE. ``warmup`` runs one synthetic slice first (model load, JIT) so the first scan's
-    latency is the steady one. Returns the (stopped) server.
+    Loopback only by default. Signals are handled when called from the main thread: the first
+    stops accepting and lets the scans in progress end, for up to ``drain_timeout`` seconds
+    (keep it below a service manager's stop timeout: systemd 90 s, Docker 10 s); after that or
+    a second signal, the slice in flight of every connection is finished and sent, then the
+    clients get a WARNING and CLOSE. ``warmup`` runs one synthetic slice first (model load,
+    JIT) so the first scan's latency is the steady one. Returns the (stopped) server.
     """
     server = ReconServer(host, port, idle_timeout=idle_timeout, max_connections=max_connections,
                          limits=limits, image_dtype=image_dtype, device=device, protocol=protocol,
-                         protocol_dirs=protocol_dirs, dicom_out=dicom_out)
+                         protocol_dirs=protocol_dirs, dicom_out=dicom_out,
+                         drain_timeout=drain_timeout)
     if warmup:
         server.engine.warmup()
     previous = {}
     if handle_signals and threading.current_thread() is threading.main_thread():
         def on_signal(signum, _frame):
-            log.warning("signal %d: finishing the slices in flight, then stopping", signum)
+            if server.closing:
+                log.warning("signal %d again: stopping after the slices in flight", signum)
+            else:
+                log.warning("signal %d: no new connections; the scans in progress go on for up "
+                            "to %g s (a second signal: stop after the slices in flight)",
+                            signum, server.drain_timeout)
             server.request_stop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
