@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from recon_plugin.io import read_raw
+from recon_plugin.io.mrd_lines import LineBuffer
 from recon_plugin.scan import RawDataError
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import slab_kspace, write_ismrmrd_3d
@@ -195,6 +196,52 @@ def test_the_memory_budget_counts_every_partition_encode(tmp_path, vol):
     assert len(read_ismrmrd(path, max_bytes=2 * one_slab).slices) == NZ
     with pytest.raises(RawDataError, match=f"x {NZ}"):
         read_ismrmrd(path, max_bytes=one_slab // 2)
+    # the slab and its copy while it is split into partitions: both are counted
+    with pytest.raises(RawDataError, match="split into slices"):
+        read_ismrmrd(path, max_bytes=3 * one_slab // 2)
+
+
+def _slab_buffer(rows, coils: int = 8) -> LineBuffer:
+    """A slab's line buffer (coils, NZ, 48, 40) holding random lines ``rows(kz)`` of each
+    partition encode, the first line of each row measured twice (an average to divide out)."""
+    rng = np.random.default_rng(3)
+    buf = LineBuffer.new(coils, 48, 40, NZ)
+    for kz in range(NZ):
+        for i, ky in enumerate(rows(kz)):
+            for _ in range(2 if i == 0 else 1):
+                line = rng.standard_normal((coils, 40)) + 1j * rng.standard_normal((coils, 40))
+                buf.add(ky, line.astype(np.complex64), np.ones(40, bool), kz=kz)
+    return buf
+
+
+@pytest.mark.parametrize("split", ["partitions", "planes"])
+def test_a_slab_is_split_within_its_own_buffer(split):
+    """Split into partitions (ky-accelerated) or ky-kz planes (kz-accelerated), a slab takes
+    one more copy of itself at the most (numpy's allocations, traced), not the four more that
+    its whole average and FFT held (a 2 GB 32-coil slab peaked at 9 GB); the values are the
+    average's inverse FFT along kz (partitions) or the readout (planes)."""
+    import tracemalloc
+
+    from recon_plugin.io.mrd_volume import split_partitions, split_planes
+    from recon_plugin.physics import ifft1c
+
+    buf = _slab_buffer(_ky_r2 if split == "partitions" else _caipi)
+    k, masks = buf.average()
+    tracemalloc.start()
+    try:
+        if split == "partitions":
+            out = split_partitions(buf, SLAB_MM, SLAB_MM, "test")
+        else:
+            out = split_planes(buf, SLAB_MM, SLAB_MM, "test")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * k.nbytes, peak / k.nbytes
+    if split == "partitions":
+        ref = np.moveaxis(ifft1c(k, axis=1), 1, 0) * masks[NZ // 2]
+    else:
+        ref = np.transpose(ifft1c(k, axis=-1), (3, 0, 2, 1))
+    np.testing.assert_allclose(out.kspace, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_acceleration_along_kz_reads_as_ky_kz_planes(tmp_path, vol):

@@ -302,3 +302,17 @@ def test_fastmri_kspace_stored_without_the_centring_shift(fastmri_file):
         k = f["kspace"][()]
         f["kspace"][...] = np.fft.ifftshift(k, axes=(-2, -1))
     _fails(fastmri_file, "kspace slice 0", "centring shift")
+
+
+def test_a_refused_size_reads_apart_from_the_limit_and_says_what_would_take_it():
+    """A file 0.4 % above the limit read "needs 8.0 GB ..., more than the memory limit of
+    8.0 GB": the sizes get the decimals that tell them apart, and the message names the
+    --max-memory-gb value that would take the file."""
+    from recon_plugin.io.budget import check_budget
+
+    gib = 1 << 30
+    with pytest.raises(RawDataError) as e:
+        check_budget("big.h5", "the header's k-space", int(8.03 * gib), 8 * gib)
+    msg = str(e.value)
+    assert "needs 8.03 GB" in msg and "limit of 8.00 GB" in msg and "--max-memory-gb 8.1" in msg
+    check_budget("big.h5", "the header's k-space", 8 * gib, 8 * gib)  # at the limit: taken

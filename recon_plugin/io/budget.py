@@ -10,6 +10,7 @@ per run.
 
 from __future__ import annotations
 
+import math
 import os
 
 from ..scan import RawDataError
@@ -36,16 +37,25 @@ def default_max_bytes() -> int:
     return gb_to_bytes(DEFAULT_MAX_MEMORY_GB)
 
 
-def _size(nbytes: float) -> str:
-    """``2.0 GB`` from 0.1 GB up, else ``26.3 MB`` (a small limit must not read as 0.0 GB)."""
+def _size(nbytes: float, digits: int = 1) -> str:
+    """``2.0 GB`` from 0.1 GB up (``digits`` decimals), else ``26.3 MB`` (a small limit must
+    not read as 0.0 GB)."""
     gb = nbytes / (1 << 30)
-    return f"{gb:.1f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.3g} MB"
+    return f"{gb:.{digits}f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.3g} MB"
 
 
 def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None) -> None:
-    """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit."""
+    """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit; the
+    message gives both sizes with enough decimals to tell them apart and the limit that would
+    take the file (in GB, rounded up to a tenth)."""
     limit = default_max_bytes() if max_bytes is None else int(max_bytes)
     if nbytes > limit:
+        digits = 1
+        while digits < 4 and _size(nbytes, digits) == _size(limit, digits):
+            digits += 1
+        needed = math.ceil(nbytes / (1 << 30) * 10) / 10
         raise RawDataError(
-            f"{where}: {what} needs {_size(nbytes)} of k-space, more than the memory limit of "
-            f"{_size(limit)} (--max-memory-gb or ${ENV_VAR}); refused before reading")
+            f"{where}: {what} needs {_size(nbytes, digits)} of k-space, more than the memory "
+            f"limit of {_size(limit, digits)}; refused before reading (--max-memory-gb "
+            f"{needed:g} or ${ENV_VAR}={needed:g} would take it, where the machine has that "
+            "much memory to spare)")

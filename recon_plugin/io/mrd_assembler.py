@@ -120,9 +120,12 @@ class MrdAssembler:
             n = int(np.prod(counts, dtype=np.int64))
             coils = max(int(self.header.num_coils or 1), 1)
             ny, nx = self.enc.ny, self.enc.nx
+            # a 3D slab is split into slices by a copy (mrd_volume): one more slab meanwhile
+            split = 1 if self.nz > 1 else 0
             check_budget(self.source, f"the header's {n} slice buffers of {coils} coils x "
-                         f"{nx} x {ny}" + (f" x {self.nz}" if self.nz > 1 else ""),
-                         n * coils * ny * nx * self.nz * 8, max_bytes)
+                         f"{nx} x {ny}" + (f" x {self.nz} (+ 1 while a slab is split into "
+                                           "slices)" if split else ""),
+                         (n + split) * coils * ny * nx * self.nz * 8, max_bytes)
         self.coils: int | None = None
         self._img_channels: list[int] | None = None
         self.noise: list[np.ndarray] = []
@@ -312,10 +315,13 @@ class MrdAssembler:
         ``max_bytes`` before allocating it."""
         if self.max_bytes is None:
             return
-        self._allocated += coils * enc.ny * enc.nx * nz * 8
+        one = coils * enc.ny * enc.nx * nz * 8
+        self._allocated += one
         size = f"{coils} coils x {enc.nx} x {enc.ny}" + (f" x {nz}" if nz > 1 else "")
+        split = " and its copy while it is split into slices" if nz > 1 else ""
         check_budget(self.source, f"slice buffer {len(self._buffers) + len(self._calib) + 1} "
-                     f"({size}, with the ones before)", self._allocated, self.max_bytes)
+                     f"({size}, with the ones before{split})",
+                     self._allocated + (one if nz > 1 else 0), self.max_bytes)
 
     def _add_noise(self, acq: ismrmrd.Acquisition) -> None:
         data = np.asarray(acq.data, np.complex64)
