@@ -170,10 +170,11 @@ def _policy(protocol: str) -> dict:
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
     import logging
 
-    from recon_plugin.runtime import tune_allocator
+    from recon_plugin.runtime import passive_thread_waits, tune_allocator
 
     a = build_parser(prog).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
+    passive_thread_waits()  # as the CLI does (its subprocesses inherit it)
     return run(a)

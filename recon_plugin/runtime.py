@@ -1,4 +1,5 @@
-"""Process-level tuning for the entry points (CLI, in-process stream modules), never at import.
+"""Process-level tuning for the entry points (CLI, in-process stream modules), never at import:
+the allocator (below) and torch's OpenMP wait policy (:func:`passive_thread_waits`).
 
 glibc's malloc serves a block above its mmap threshold with a fresh ``mmap`` and gives the
 pages back on ``free``; below it, freed heap above ``M_TRIM_THRESHOLD`` is returned to the
@@ -61,6 +62,29 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_MAX,
     log.debug("allocator tuning (mmap %d B, trim %d B): %s", mmap_threshold, trim_threshold,
               "applied" if ok else "refused by mallopt")
     return ok
+
+
+def passive_thread_waits() -> bool:
+    """Make torch's OpenMP threads sleep instead of spin while they wait for work
+    (``OMP_WAIT_POLICY=PASSIVE``); True if set. It must be set before torch (its libgomp)
+    loads, so the CLI calls it first; a no-op (False) when torch is already loaded or the
+    environment sets ``OMP_WAIT_POLICY`` itself (the user's choice).
+
+    Spinning threads share their cores with whatever else runs there, and lose: measured here,
+    with two busy processes on the 2 cores, one slice of a 16-coil 320 x 320 file took 189 s
+    with the default policy, 23 s passive, 17 s on one thread; on the idle machine 11.2 s
+    against 9.9 s. A scanner's recon host is rarely idle.
+    """
+    import sys
+
+    if "OMP_WAIT_POLICY" in os.environ:
+        log.debug("OpenMP wait policy left to the environment (%s)", os.environ["OMP_WAIT_POLICY"])
+        return False
+    if "torch" in sys.modules:
+        log.debug("OpenMP wait policy not set: torch is already loaded")
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 class RunStopped(Exception):

@@ -1,9 +1,15 @@
-"""Allocator tuning: opt-out and user settings (the page faults it saves are measured by
-``python -m benchmarks.checks``, not asserted here: they depend on the machine's load)."""
+"""Process tuning: the allocator's opt-out and user settings (the page faults it saves are
+measured by ``python -m benchmarks.checks``, not asserted here: they depend on the machine's
+load), and torch's OpenMP wait policy set by the CLI before torch loads."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+from recon_plugin.runtime import passive_thread_waits, tune_allocator
 
-from recon_plugin.runtime import tune_allocator
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_allocator_tuning_respects_opt_out_and_user_settings(monkeypatch):
@@ -12,3 +18,30 @@ def test_allocator_tuning_respects_opt_out_and_user_settings(monkeypatch):
     monkeypatch.delenv("RECON_PLUGIN_TUNE_MALLOC")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert tune_allocator() is False
+
+
+PROBE = """
+import os, sys
+from recon_plugin.cli import main
+main(["-q", "inspect", "/nonexistent/scan.h5"])  # runs the start-up, then fails on the path
+import torch  # what the policy must precede
+print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+"""
+
+
+def _probe(**env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                         env={**base, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_the_cli_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    """A fresh CLI process sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning threads
+    made a slice 8x slower on a busy machine); a policy in the environment is kept; where torch
+    is already loaded (this process) nothing is changed, since libgomp has read it."""
+    assert _probe() == "PASSIVE True"
+    assert _probe(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE True"
+    before = os.environ.get("OMP_WAIT_POLICY")
+    assert passive_thread_waits() is False
+    assert os.environ.get("OMP_WAIT_POLICY") == before

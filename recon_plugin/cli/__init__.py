@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from ..runtime import RunStopped, tune_allocator
+from ..runtime import RunStopped, passive_thread_waits, tune_allocator
 from .commands import EXIT_FAILED, EXIT_USAGE, log
 from .parser import build_parser
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
+    passive_thread_waits()  # before anything loads torch
     try:
         return a.fn(a)
     except RunStopped as e:  # a training run stopped by a signal, its state saved
