@@ -127,6 +127,24 @@ def test_killed_then_resumed_every_scan_once(raws, tmp_path, sig, stage, capsys)
     assert old  # (the names changed for re-done scans; the count did not)
 
 
+@pytest.mark.slow
+def test_stopped_before_any_input_finished_says_so(raws, tmp_path):
+    """SIGTERM while the first input of a new --out reconstructs: exit 143, the summary counts
+    no finished input, and the log says no input had finished (there is no state file to
+    point at yet); --resume then does the whole batch."""
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    proc = start(["recon", raws, "--out", out, "--method", "zero-filled"], "compute", marker)
+    wait_marker(proc, marker)
+    proc.send_signal(signal.SIGTERM)
+    o, e = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, e
+    assert "0 inputs finished before" in o and "--resume" in o
+    assert "no input had finished" in e and "Traceback" not in e
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled",
+                 "--resume"]) == 0
+    check_out(out, inputs_of(raws))
+
+
 def test_rerun_replaces_and_same_names_do_not_collide(raws, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled"]

@@ -54,7 +54,8 @@ def test_stop_at_validates_and_checkpoints_the_step_it_stops_at(tmp_path):
     scores = []
 
     def validate(m):
-        scores.append(-float(loss_fn(m, None)))
+        with torch.no_grad():
+            scores.append(-float(loss_fn(m, None)))
         return scores[-1]
 
     hist = train_loop(model, loss_fn, tmp_path, steps=100, lr=1e-2, validate=validate,
