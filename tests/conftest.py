@@ -1,6 +1,13 @@
-import numpy as np
-import pytest
-import torch
+import os
+
+# torch's idle OpenMP threads sleep instead of spinning, as under the CLI
+# (recon_plugin.runtime.passive_thread_waits); it must come before torch loads. Beside two busy
+# processes test_recon_guard.py + test_models.py took 49 s with spinning threads, 21 s passive.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # module-scoped fixtures of the streaming tests (data, offline, engine)
 pytest_plugins = ["stream_support"]
