@@ -25,7 +25,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +128,31 @@ def bars(progress: bool) -> bool | None:
     when asked for, shown only on a terminal (``None``): a log file or pipe gets the log lines
     without the bars' carriage returns and cursor moves."""
     return None if progress else True
+
+
+class ProgressLog:
+    """Progress of one long job as a log line at most every ``every_s`` seconds, where no bar
+    is drawn (a log file, a pipe, a service's journal): ``NAME: 40 of 256 slices, 2.1 min so
+    far, about 11 min left``. Call it with (done, total) as a bar's update."""
+
+    def __init__(self, name: str, unit: str = "slices", every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name, self.unit, self.every_s, self.clock = name, unit, every_s, clock
+        self.t0 = self.last = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if done <= 0 or done >= total or now - self.last < self.every_s:
+            return
+        self.last = now
+        spent = now - self.t0
+        log.info("%s: %d of %d %s, %s so far, about %s left", self.name, done, total,
+                 self.unit, _duration(spent), _duration(spent / done * (total - done)))
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``2.1 min`` or ``1.3 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+

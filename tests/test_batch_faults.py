@@ -336,3 +336,21 @@ def test_delivery_killed_and_resumed_orthanc_holds_each_series_once(raws, tmp_pa
         assert not (out / ".pacs-queue").exists() or not any((out / ".pacs-queue").iterdir())
     finally:
         server.stop()
+
+
+def test_a_batch_without_a_terminal_logs_its_progress(raws, tmp_path, monkeypatch, caplog):
+    """Where no progress bar can be drawn (here: pytest's captured stderr, as a log file or a
+    service's journal) a file's slices are counted in log lines (every 30 s; here at once)."""
+    import functools
+    import logging
+
+    from recon_plugin.batch import driver
+    from recon_plugin.runtime import ProgressLog
+
+    monkeypatch.setattr(driver, "ProgressLog", functools.partial(ProgressLog, every_s=0.0))
+    caplog.set_level(logging.INFO, logger="recon_plugin.runtime")
+    res = run_batch([raws / "B" / "other.h5"], tmp_path / "out", progress=True,
+                    overrides={"method": "zero-filled"})
+    assert res[0].ok
+    told = [r.getMessage() for r in caplog.records if r.name == "recon_plugin.runtime"]
+    assert told and told[0].startswith(f"other.h5: 1 of {NSLICES} slices"), told

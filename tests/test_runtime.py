@@ -45,3 +45,22 @@ def test_the_cli_makes_openmp_threads_wait_passively_unless_told_otherwise():
     before = os.environ.get("OMP_WAIT_POLICY")
     assert passive_thread_waits() is False
     assert os.environ.get("OMP_WAIT_POLICY") == before
+
+
+def test_progress_is_logged_every_so_often_where_no_bar_is_drawn(caplog):
+    """Without a terminal (a log file, a service's journal) a long file's progress comes as a
+    log line at most every 30 s, with the time spent and an estimate of what is left; nothing
+    before 30 s, at the start or at the end (the file's own summary says that)."""
+    import logging
+
+    from recon_plugin.runtime import ProgressLog
+
+    now = [100.0]
+    told = ProgressLog("big3d.h5", every_s=30.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="recon_plugin.runtime")
+    for done, t in [(1, 110.0), (2, 125.0), (3, 131.0), (4, 150.0), (5, 161.5), (256, 900.0)]:
+        now[0] = t
+        told(done, 256)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["big3d.h5: 3 of 256 slices, 31 s so far, about 43.6 min left",
+                     "big3d.h5: 5 of 256 slices, 62 s so far, about 51.5 min left"]

@@ -18,7 +18,7 @@ from ..output.atomic import check_writable_folder, fingerprint
 from ..output.delivery import DeliveryPlan
 from ..output.pacs import drop_superseded
 from ..recon.pipeline import Reconstructor
-from ..runtime import bars
+from ..runtime import ProgressLog, bars
 from .files import RAW_SUFFIXES, FileResult, gather_inputs, output_name, process_file
 from .pool import run_pool
 from .state import (
@@ -216,9 +216,14 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                     # take its whole budget, a file many minutes)
                     with tqdm(desc=path.name, unit="slice", leave=False, position=1,
                               disable=bars(progress), dynamic_ncols=True) as slices:
-                        def step(done: int, total: int, slices=slices) -> None:
+                        # no terminal to draw the bar on: a log line every 30 s instead
+                        told = ProgressLog(path.name) if progress and slices.disable else None
+
+                        def step(done: int, total: int, slices=slices, told=told) -> None:
                             slices.total = total
                             slices.update(done - slices.n)
+                            if told is not None:
+                                told(done, total)
 
                         done = process_file(path, out_dir, protocol, formats, overrides,
                                             protocol_dirs, recon, max_bytes, progress=step)
