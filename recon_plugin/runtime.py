@@ -142,7 +142,10 @@ class ProgressLog:
 
     def __call__(self, done: int, total: int) -> None:
         now = self.clock()
-        if done <= 0 or done >= total or now - self.last < self.every_s:
+        if done <= 0:  # the work starts (a file has been read): time from here
+            self.t0 = self.last = now
+            return
+        if done >= total or now - self.last < self.every_s:
             return
         self.last = now
         spent = now - self.t0

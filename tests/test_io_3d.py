@@ -214,18 +214,20 @@ def _slab_buffer(rows, coils: int = 8) -> LineBuffer:
     return buf
 
 
+@pytest.mark.parametrize("coils", [1, 8])
 @pytest.mark.parametrize("split", ["partitions", "planes"])
-def test_a_slab_is_split_within_its_own_buffer(split):
+def test_a_slab_is_split_within_its_own_buffer(split, coils):
     """Split into partitions (ky-accelerated) or ky-kz planes (kz-accelerated), a slab takes
-    one more copy of itself at the most (numpy's allocations, traced), not the four more that
-    its whole average and FFT held (a 2 GB 32-coil slab peaked at 9 GB); the values are the
-    average's inverse FFT along kz (partitions) or the readout (planes)."""
+    one more copy of itself at the most (numpy's allocations, traced; torch's FFT buffers are
+    not, but they are made per plane or row too), with one coil as with 8, not the four more
+    that its whole average and FFT held (a 2 GB 32-coil slab peaked at 9 GB); the values are
+    the average's inverse FFT along kz (partitions) or the readout (planes)."""
     import tracemalloc
 
     from recon_plugin.io.mrd_volume import split_partitions, split_planes
     from recon_plugin.physics import ifft1c
 
-    buf = _slab_buffer(_ky_r2 if split == "partitions" else _caipi)
+    buf = _slab_buffer(_ky_r2 if split == "partitions" else _caipi, coils)
     k, masks = buf.average()
     tracemalloc.start()
     try:
@@ -236,7 +238,7 @@ def test_a_slab_is_split_within_its_own_buffer(split):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1.5 * k.nbytes, peak / k.nbytes
+    assert peak < 1.3 * k.nbytes, peak / k.nbytes  # one plane of temporaries: 1/8 here
     if split == "partitions":
         ref = np.moveaxis(ifft1c(k, axis=1), 1, 0) * masks[NZ // 2]
     else:

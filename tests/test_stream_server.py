@@ -530,6 +530,16 @@ def test_idle_timeout_and_busy(data, engine):
         t.join(10)
 
 
+def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine):
+    """A server's hard stop comes between slices even where every acquisition (and CLOSE) is
+    in and only reconstruction is left: the slice in flight is sent, the next not made."""
+    sent: list = []
+    with pytest.raises(stream_options.ServerStopping, match="not finished"):
+        engine.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
+                   stream_options.StreamOptions(protocol="stream_zf"), stopping=lambda: True)
+    assert len(sent) == 1
+
+
 def test_a_second_stop_request_ends_the_drain(data, engine):
     """A stop request drains (the connection in a scan keeps the server up); a second one
     stops it: the waiting client is told its scan was not finished, then CLOSE."""

@@ -195,8 +195,8 @@ def _add_recon(sub: argparse._SubParsersAction) -> None:
                    help="reconstruct on Dask: tcp://HOST:PORT (a running dask scheduler whose "
                    "workers share the file system) or local:N (N worker processes here)")
     s.add_argument("--max-memory-gb", type=_positive_float, default=None,
-                   help="refuse a raw file whose declared k-space exceeds this many GB "
-                        "(default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")
+                   help="refuse a raw file whose declared k-space exceeds this many GB (a 3D "
+                        "slab counts twice) (default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first (e.g. SITE/protocols); repeatable")
     s.add_argument("--send", metavar="AET@host:port", type=_target,
@@ -397,8 +397,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first; repeatable")
     s.add_argument("--max-memory-gb", type=_positive_float, default=None,
-                   help="refuse a raw file whose declared k-space exceeds this many GB "
-                        "(default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")
+                   help="refuse a raw file whose declared k-space exceeds this many GB (a 3D "
+                        "slab counts twice) (default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")
     s.add_argument("--json", action="store_true", help="one JSON list on stdout")
     s.set_defaults(fn=cmd_inspect)
 

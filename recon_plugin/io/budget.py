@@ -41,13 +41,14 @@ def _size(nbytes: float, digits: int = 1) -> str:
     """``2.0 GB`` from 0.1 GB up (``digits`` decimals), else ``26.3 MB`` (a small limit must
     not read as 0.0 GB)."""
     gb = nbytes / (1 << 30)
-    return f"{gb:.{digits}f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.3g} MB"
+    return f"{gb:.{digits}f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.{digits + 2}g} MB"
 
 
 def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None) -> None:
     """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit; the
-    message gives both sizes with enough decimals to tell them apart and the limit that would
-    take the file (in GB, rounded up to a tenth)."""
+    message gives both sizes with enough decimals to tell them apart and the least limit it
+    needs (in GB, rounded up to a tenth; a reader that checks buffer by buffer knows only the
+    ones so far)."""
     limit = default_max_bytes() if max_bytes is None else int(max_bytes)
     if nbytes > limit:
         digits = 1
@@ -56,6 +57,6 @@ def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None) -> N
         needed = math.ceil(nbytes / (1 << 30) * 10) / 10
         raise RawDataError(
             f"{where}: {what} needs {_size(nbytes, digits)} of k-space, more than the memory "
-            f"limit of {_size(limit, digits)}; refused before reading (--max-memory-gb "
-            f"{needed:g} or ${ENV_VAR}={needed:g} would take it, where the machine has that "
-            "much memory to spare)")
+            f"limit of {_size(limit, digits)}; refused before reading (it needs --max-memory-gb "
+            f"{needed:g} or ${ENV_VAR}={needed:g} at least, where the machine has that much "
+            "memory to spare)")

@@ -105,16 +105,21 @@ def _kept(nz: int, enc_fov_z_mm: float, recon_fov_z_mm: float) -> np.ndarray:
 
 def _slab_images(buf: LineBuffer, axis: int) -> np.ndarray:
     """The slab's k-space (coils, kz, ky, kx) averaged per row and zeroed where not measured
-    (as :meth:`LineBuffer.average`), then inverse-FFT'd along ``axis`` (1: kz, -1: kx), coil by
-    coil and in place: the buffer's own array is returned and the buffer is spent. One coil's
-    temporaries at a time, where the whole slab's average and FFT had held four more copies of
-    it (a 2 GB slab of 32 coils peaked at 9 GB)."""
+    (as :meth:`LineBuffer.average`), then inverse-FFT'd along ``axis`` (1: kz, -1: kx), in
+    place: the buffer's own array is returned and the buffer is spent. It works on one (coil,
+    kz) plane at a time, or for the FFT along kz on one (coil, ky) row, so its temporaries stay
+    a small part of the slab whatever the coil count; the whole slab's average and FFT had
+    held four more copies of it (a 2 GB slab of 32 coils peaked at 9 GB)."""
     k = buf.kspace
-    denom = np.maximum(buf.count, 1)[..., None]
-    along = axis - 1 if axis > 0 else axis  # the axis within one coil's (kz, ky, kx)
+    denom = np.maximum(buf.count, 1)[..., None]  # (kz, ky, 1)
     for c in range(k.shape[0]):
-        k[c] = (k[c] / denom) * buf.mask
-        k[c] = ifft1c(k[c], axis=along)
+        for z in range(k.shape[1]):  # the division in complex128, stored complex64 (as before)
+            k[c, z] = (k[c, z] / denom[z]) * buf.mask[z]
+            if axis == -1:
+                k[c, z] = ifft1c(k[c, z], axis=-1)
+        if axis == 1:
+            for y in range(k.shape[2]):
+                k[c, :, y] = ifft1c(k[c, :, y], axis=0)
     return k
 
 

@@ -46,6 +46,7 @@ from .images import ImageEncoder, scan_series, write_and_deliver
 from .options import (
     Limits,
     ProtocolViolation,
+    ServerStopping,
     StreamOptions,
 )
 
@@ -160,7 +161,8 @@ class StreamEngine:
             clock: Callable[[], float] | None = None,
             notify: Callable[[str], Any] | None = None,
             gone: tuple[type[BaseException], ...] = (),
-            on_gone: Callable[[], Any] | None = None) -> StreamResult:
+            on_gone: Callable[[], Any] | None = None,
+            stopping: Callable[[], bool] | None = None) -> StreamResult:
         """Stream, sending each image with ``send`` (notices with ``notify``), logging per-slice
         stream latency (last acquisition -> image sent). Returns the :class:`StreamResult`.
 
@@ -168,7 +170,10 @@ class StreamEngine:
         Where the scan's DICOM is wanted (:meth:`wants_delivery`), such an error stops the
         sending only (``on_gone`` is called once) and the scan goes on for :meth:`deliver`
         while acquisitions come (all of them where the client sent its CLOSE); otherwise it
-        ends the scan."""
+        ends the scan.
+
+        ``stopping()`` true (a server's hard stop): ServerStopping after the slice in flight,
+        also where every acquisition has arrived and only reconstruction is left."""
         result = StreamResult()
         lost = False
         for item in self.images(acquisitions, header_xml, options, clock, result):
@@ -196,6 +201,8 @@ class StreamEngine:
             log.info("slice %d (contrast %d, repetition %d): image sent %.3f s after its last "
                      "acquisition (reconstruction %.3f s)", r.slice_index, r.contrast,
                      r.repetition, latency, item.recon_s)
+            if stopping is not None and stopping():  # before the next slice is made
+                raise ServerStopping("server shutting down; the scan was not finished")
         if result.latencies_s:
             log.info("stream done: %d images, latency median %.3f s, max %.3f s", result.sent,
                      float(np.median(result.latencies_s)), max(result.latencies_s))

@@ -125,6 +125,9 @@ class ReconServer:
                     if self._closing.is_set():
                         break
                     raise
+                if self._closing.is_set():  # a stop came while accept() waited
+                    _close(conn)
+                    break
                 try:
                     self._start(conn, peer)
                 except BaseException:
@@ -132,11 +135,14 @@ class ReconServer:
                     raise
         finally:
             self._sock.close()
+            hard = self._stop.is_set()
+            self._closing.set()  # also where the accept loop ended by an error
             if not self._join(self.drain_timeout, poll):
                 busy = sum(t.is_alive() for t in self._threads)
-                log.warning("%d connection(s) still in a scan %s: stopping them after their "
-                            "slice in flight", busy, "on a second stop request"
-                            if self._stop.is_set() else f"after {self.drain_timeout:g} s")
+                why = ("a stop without drain" if hard else "a second stop request"
+                       if self._stop.is_set() else f"{self.drain_timeout:g} s of drain")
+                log.warning("%d connection(s) still in a scan after %s: stopping them after "
+                            "their slice in flight", busy, why)
             self._stop.set()
             self._join(join_timeout, poll)
             log.info("server stopped")
@@ -268,7 +274,8 @@ class ReconServer:
 
         return self.engine.run(acquisitions(), header, reply.image, options,
                                clock=lambda: last[0], notify=reply.text,
-                               gone=(ClientGone, IdleTimeout), on_gone=reply.release)
+                               gone=(ClientGone, IdleTimeout), on_gone=reply.release,
+                               stopping=self._stop.is_set)
 
 
 def _checked_header(xml: str) -> str:
