@@ -24,6 +24,7 @@ import ctypes.util
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,8 +77,6 @@ def passive_thread_waits() -> bool:
     with the default policy, 23 s passive, 17 s on one thread; on the idle machine 11.2 s
     against 9.9 s. A scanner's recon host is rarely idle.
     """
-    import sys
-
     if "OMP_WAIT_POLICY" in os.environ:
         log.debug("OpenMP wait policy left to the environment (%s)", os.environ["OMP_WAIT_POLICY"])
         return False

@@ -188,7 +188,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_send(a: argparse.Namespace) -> int:
     """Drain a PACS queue folder."""
-    from ..output.pacs import drain, waiting_files
+    from ..output.pacs import DEAD_DIR, dead_files, drain, waiting_files
 
     q = Path(a.queue)
     if not q.is_dir():
@@ -196,10 +196,9 @@ def cmd_send(a: argparse.Namespace) -> int:
     sent, _ = drain(q, max_attempts=a.max_attempts)
     # counted in the folder: a queue another drain holds, or an item whose manifest cannot be
     # read, still waits although this drain tried none of it
-    waiting = waiting_files(q)
-    dead = sum(1 for _ in (q / "dead").rglob("*.dcm")) if (q / "dead").is_dir() else 0
+    waiting, dead = waiting_files(q), dead_files(q)
     print(f"sent {sent}, still queued {waiting}"
-          + (f", given up (in {q / 'dead'}) {dead}" if dead else ""))
+          + (f", given up (in {q / DEAD_DIR}) {dead}" if dead else ""))
     return EXIT_OK if not waiting and not dead else EXIT_FAILED
 
 

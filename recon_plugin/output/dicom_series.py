@@ -50,16 +50,14 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
     Header values are used when they are valid UIDs. Otherwise they are derived
     deterministically from the header identity when it identifies the scan (a measurement ID, a
     frame-of-reference UID, or a patient ID with a study date, accession number or study ID),
-    so the
-    series of one scan share a study and a frame of reference. A patient ID with an accession
-    number or a study ID names the visit: its measurements share one study. A Siemens
-    measurement ID
-    (``<serial>_<patient>_<study>_<measurement>``, as siemens_to_ismrmrd and the twix reader
-    write it) names its study without its last part: the study seed is that alone, so every
-    measurement of one study lands in one study whether it came as twix, as ISMRMRD or over a
-    stream. Anonymous headers get random UIDs: two unrelated anonymous scans must never merge
-    into one study. Callers writing several series of one anonymous scan call this once and
-    pass the result to every :func:`write_series`.
+    so the series of one scan share a study and a frame of reference. A patient ID with an
+    accession number or a study ID names the visit: its measurements share one study. A
+    Siemens measurement ID (``<serial>_<patient>_<study>_<measurement>``, as
+    siemens_to_ismrmrd and the twix reader write it) names its study without its last part: the
+    study seed is that alone, so every measurement of one study lands in one study whether it
+    came as twix, as ISMRMRD or over a stream. Anonymous headers get random UIDs: two
+    unrelated anonymous scans must never merge into one study. Callers writing several series
+    of one anonymous scan call this once and pass the result to every :func:`write_series`.
     """
     root = uid_root if uid_root.endswith(".") else uid_root + "."
     ident = header.identity

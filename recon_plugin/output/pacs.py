@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALLING_AET = "RECON_PLUGIN"
 MANIFEST = "manifest.json"
+DEAD_DIR = "dead"  # items given up on (drain max_attempts), kept
 _WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # stored, with coercion / elements discarded
 AET_PATTERN = r"[\x20-\x5b\x5d-\x7e]{1,16}"  # an AE title: printable ASCII without backslash
 _AET_RE = re.compile(AET_PATTERN)
@@ -337,6 +338,12 @@ def waiting_files(queue_dir: Path | str) -> int:
     return sum(1 for d in _item_dirs(qdir) for f in d.iterdir() if f.suffix == ".dcm")
 
 
+def dead_files(queue_dir: Path | str) -> int:
+    """DICOM files given up on: moved to ``dead/`` after ``max_attempts`` (see :func:`drain`)."""
+    dead = Path(queue_dir) / DEAD_DIR
+    return sum(1 for _ in dead.rglob("*.dcm")) if dead.is_dir() else 0
+
+
 def _item_dirs(qdir: Path) -> list[Path]:
     """The queue's item folders (named by their creation time), oldest first."""
     return sorted(p for p in qdir.iterdir() if p.is_dir() and p.name[:1].isdigit())
@@ -407,7 +414,7 @@ def drain(
                         last_attempt=_now(), last_error=error)
             _write_json_atomic(d / MANIFEST, item)
             if max_attempts is not None and item["attempts"] >= max_attempts:
-                dead = qdir / "dead"
+                dead = qdir / DEAD_DIR
                 dead.mkdir(exist_ok=True)
                 os.replace(d, dead / d.name)
                 log.error("queue item %s gave up after %d attempts: %s", d.name,

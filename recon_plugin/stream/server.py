@@ -135,28 +135,31 @@ class ReconServer:
                     raise
         finally:
             self._sock.close()
-            hard = self._stop.is_set()
             self._closing.set()  # also where the accept loop ended by an error
-            if not self._join(self.drain_timeout, poll):
-                busy = sum(t.is_alive() for t in self._threads)
-                why = ("a stop without drain" if hard else "a second stop request"
-                       if self._stop.is_set() else f"{self.drain_timeout:g} s of drain")
+            if self._stop.is_set():
+                why = "a stop without drain"
+                drained = self._join(self.drain_timeout, poll)
+            else:  # a second stop request ends the drain early
+                drained = self._join(self.drain_timeout, poll, until=self._stop)
+                why = ("a second stop request" if self._stop.is_set()
+                       else f"{self.drain_timeout:g} s of drain")
+            if not drained:
                 log.warning("%d connection(s) still in a scan after %s: stopping them after "
-                            "their slice in flight", busy, why)
+                            "their slice in flight", sum(t.is_alive() for t in self._threads),
+                            why)
             self._stop.set()
             self._join(join_timeout, poll)
             log.info("server stopped")
 
-    def _join(self, timeout: float, poll: float) -> bool:
-        """Wait up to ``timeout`` seconds for the connection threads to end (in short waits,
-        so that a stop request made meanwhile, e.g. by a signal, ends it early unless it is
-        already the hard stop); True when none is left."""
-        deadline, hard = time.monotonic() + timeout, self._stop.is_set()
+    def _join(self, timeout: float, poll: float, until: threading.Event | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the connection threads to end, in short waits
+        that ``until``, once set (e.g. by a signal), ends early; True when none is left."""
+        deadline = time.monotonic() + timeout
         with self._tlock:
             threads = list(self._threads)
         for t in threads:
             while t.is_alive() and time.monotonic() < deadline:
-                if self._stop.is_set() and not hard:
+                if until is not None and until.is_set():
                     return False
                 t.join(min(poll, max(deadline - time.monotonic(), 0.0)))
         return not any(t.is_alive() for t in threads)
