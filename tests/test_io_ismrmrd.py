@@ -307,6 +307,69 @@ def test_streaming_emits_slices_as_they_complete(tmp_path, vol):
         assert s.acs == r.acs
 
 
+
+def _without_limits(xml, *names: str) -> str:
+    """The header with ``names`` removed from its encodingLimits (absent: maximum 0)."""
+    import re
+
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+    for name in names:
+        xml, n = re.subn(rf"<{name}>.*?</{name}>", "", xml, flags=re.S)
+        assert n, name
+    return xml
+
+
+def test_stream_with_counters_beyond_the_header_limits(tmp_path, vol):
+    """A header whose encodingLimits leave out the contrast and average counters (ISMRMRD reads
+    them as 0) while the data have 2 of each: the stream had emitted the second contrast
+    without its last line plus a one-line image, and each average as its own image, without
+    a word. Now each counter beyond its limit is named, contrasts wait for their own flag,
+    slices wait for the data end once averages exceed the limit, and a slice made twice says
+    so; the file reader (no early emission) gives the same slices as with the full header."""
+    v1 = simulate_volume(num_slices=3, num_coils=4, matrix=(40, 32), fov_mm=(200.0, 250.0),
+                         contrast="T1", snr=1e6, seed=3)
+    path = write_ismrmrd([vol, v1], tmp_path / "c.h5", acceleration=2, calib_lines=8,
+                         num_averages=2, num_repetitions=2, seed=2)
+    with ismrmrd.File(str(path), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)
+    ref = {_key(s): s for s in read_ismrmrd(path).slices}
+
+    def assemble(header, emit_early):
+        asm = MrdAssembler(header, source="lim", emit_early=emit_early)
+        return [s for a in acqs for s in asm.add(a)] + asm.finish(), asm.warnings
+
+    full, warnings = assemble(xml, True)
+    assert len(full) == 12 and not warnings
+    stripped = _without_limits(xml, "contrast", "average")
+    got, warnings = assemble(stripped, False)
+    assert len(got) == 12 and not warnings
+    for s in got:
+        np.testing.assert_array_equal(s.kspace, ref[_key(s)].kspace)
+    # contrasts only: every image complete, one warning
+    got, warnings = assemble(_without_limits(xml, "contrast"), True)
+    assert len(got) == 12 and len(warnings) == 1, warnings
+    assert "contrast index 1, beyond the header's encodingLimits contrast maximum 0" in warnings[0]
+    for s in got:
+        np.testing.assert_array_equal(s.kspace, ref[_key(s)].kspace)
+    # and averages (outer loop here): repetition 0's slices, sent before the second average
+    # came, are each named and made twice; repetition 1's wait and are averaged
+    got, warnings = assemble(stripped, True)
+    text = " ".join(warnings)
+    assert "average index 1, beyond the header's encodingLimits average maximum 0" in text
+    single = [s for s in got if s.average_count == 1]
+    assert len(single) == 12 and {s.repetition for s in single} == {0}
+    for s in single[:6]:
+        assert f"slice {s.slice_index} (contrast {s.contrast}, repetition 0) gets lines" in text
+    averaged = [s for s in got if s.average_count == 2]
+    assert len(averaged) == 6 and {s.repetition for s in averaged} == {1}
+    for s in averaged:
+        np.testing.assert_array_equal(s.kspace, ref[_key(s)].kspace)
+
+
+def _key(s) -> tuple[int, int, int]:
+    return s.slice_index, s.contrast, s.repetition
+
 def test_header_identity_round_trip(tmp_path, vol):
     ident = Identity(patient_name="Doe^Jane", patient_id="P123", patient_birth_date="19800102",
                      patient_sex="F", patient_weight_kg=61.5, study_instance_uid="1.2.3.4",

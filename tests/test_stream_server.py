@@ -385,6 +385,30 @@ def test_interleaved_repetitions_equal_offline(data, engine):
         assert img.image_index == 1 + img.repetition
 
 
+
+def test_image_indices_unique_where_the_header_leaves_out_slice_limits(data, engine):
+    """ISMRMRD's own example files carry no slice limit (read as 1 slice): the images of 2
+    slices x 2 repetitions had been numbered 1, 2, 2, 3. Now each gets its own index, and the
+    client is told that the data exceed the header's limit."""
+    import re
+
+    vol = simulate_volume("test", "T2", num_slices=2, num_coils=4, matrix=(32, 32),
+                          fov_mm=(200.0, 200.0), snr=40.0, seed=7)
+    raw = write_ismrmrd(vol, data["root"] / "nolimit.h5", acceleration=2, calib_lines=8,
+                        num_repetitions=2, seed=7)
+    with ismrmrd.File(str(raw), "r") as f:
+        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
+    xml, n = re.subn(r"<slice>.*?</slice>", "", xml, flags=re.S)
+    assert n == 1
+    sent: list[ismrmrd.Image] = []
+    result = engine.run(iter(acqs), xml, sent.append,
+                        stream_options.StreamOptions(protocol="stream_zf"))
+    assert result.complete and len(sent) == 4
+    assert sorted(img.image_index for img in sent) == [1, 2, 3, 4]
+    assert [(img.slice, img.repetition) for img in sent] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert any("slice index 1, beyond the header's encodingLimits slice maximum 0" in t
+               for t in result.notices), result.notices
+
 def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     """--dicom-out writes the streamed scan as DICOM; protocol PACS targets get it (queued
     here: nothing listens on the target port)."""

@@ -3,6 +3,10 @@
 :class:`MrdAssembler` receives ``ismrmrd.Acquisition`` objects one at a time and returns each
 :class:`SliceData` as soon as it is complete (``ACQ_LAST_IN_SLICE``, after the last average and,
 for the last contrast, its sibling echoes), plus :meth:`MrdAssembler.finish` to flush the rest.
+"After the last average" and "the last contrast" are the header's ``encodingLimits`` (an absent
+limit is 0): a stream whose data go beyond them is told so, and from then on waits for the end
+of the data (averages) or each contrast's own flag (contrasts); a file's read does not depend
+on them.
 
 Lines are placed by :mod:`recon_plugin.io.mrd_lines` (k-space row, readout, oversampling);
 calibration without ACS rows of its own comes from :mod:`recon_plugin.io.mrd_calibration`.
@@ -84,6 +88,11 @@ SKIP_FLAGS = {
 }
 
 Key = tuple[int, int, int, int, int]  # (slice, contrast, phase, repetition, set)
+_COUNTERS = ("slice", "contrast", "phase", "repetition", "set", "average")
+# what a stream does once a counter exceeds the header's limit (MrdAssembler._check_limits)
+_EARLY = {"average": "from now on a slice is reconstructed when the data end, once all its "
+                     "averages are in",
+          "contrast": "from now on a contrast is reconstructed at its own end-of-slice flag"}
 
 
 class MrdAssembler:
@@ -143,6 +152,9 @@ class MrdAssembler:
         # slice emitted so far had: a slice without the flag and with fewer lines is incomplete
         self._ended: set[tuple[int, ...]] = set()
         self._most_lines = 0
+        # slices emitted so far; counters seen beyond the header's limits
+        self._emitted: set[Key] = set()
+        self._beyond: set[str] = set()
 
     # ----------------------------------------------------------------------------- helpers
     def expected_images(self) -> int:
@@ -365,6 +377,12 @@ class MrdAssembler:
             self._warn(f"line kspace_encode_step_2={idx.kspace_encode_step_2} lies outside the "
                        f"encoded matrix (nz={self.nz}); dropped", once="kz-range")
             return []
+        self._check_limits(acq)
+        if self.emit_early and key in self._emitted:
+            self._warn(f"slice {key[0]} (contrast {key[1]}, repetition {key[3]}) gets lines "
+                       f"(acquisition {acq.scan_counter}) after it was reconstructed at its "
+                       "end-of-slice flag: they make a second image of it",
+                       once=f"late-{key}")
         buf = self._buffers.get(key)
         if buf is None:
             self._reserve(self.coils, enc, self.nz)
@@ -380,14 +398,36 @@ class MrdAssembler:
         # a 3D slab is complete only when the data end (its flags mark partitions, not slabs)
         if self.nz > 1 or not (self.emit_early and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)):
             return []
-        if idx.average < self.enc.limit_max("average"):
-            return []  # more averages of this slice follow
+        if "average" in self._beyond or idx.average < self.enc.limit_max("average"):
+            return []  # more averages of this slice follow (or may: the header understated)
         done = [self._emit(key)]
-        if idx.contrast >= self.enc.limit_max("contrast"):
+        if "contrast" not in self._beyond and idx.contrast >= self.enc.limit_max("contrast"):
             for other in sorted(self._buffers):
                 if other[0] == key[0] and other[2:] == key[2:]:
                     done.append(self._emit(other))
         return done
+
+    def _check_limits(self, acq: ismrmrd.Acquisition) -> None:
+        """Warn once per counter whose index exceeds the header's ``encodingLimits`` maximum (an
+        absent limit is 0, as ISMRMRD reads it). Early emission rests on the average and
+        contrast limits: past them a slice waits for the end of the data (average) and a
+        contrast is emitted only at its own end-of-slice flag (contrast)."""
+        for name in _COUNTERS:
+            value, limit = int(getattr(acq.idx, name)), self.enc.limit_max(name)
+            if value <= limit or name in self._beyond:
+                continue
+            self._beyond.add(name)
+            then = ""
+            if name in _EARLY:
+                then = ("; " + _EARLY[name] + (" (images already sent were made before: "
+                                               "their slices may get a second image)"
+                                               if self._emitted else ""))
+            msg = (f"acquisition {acq.scan_counter} has {name} index {value}, beyond the "
+                   f"header's encodingLimits {name} maximum {limit}")
+            if self.emit_early:  # a stream plans by the limits; a file's read does not
+                self._warn(msg + then)
+            else:
+                log.info("%s: %s", self.source, msg)
 
     def _add_calib(self, acq: ismrmrd.Acquisition, ref: int) -> None:
         if self.nz > 1:
@@ -445,6 +485,7 @@ class MrdAssembler:
 
     def _emit(self, key: Key) -> SliceData:
         buf = self._buffers.pop(key)
+        self._emitted.add(key)
         self._most_lines = max(self._most_lines, buf.lines)
         kspace, mask = buf.average()
         return SliceData(

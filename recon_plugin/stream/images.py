@@ -32,7 +32,9 @@ class ImageEncoder:
     ``dicom.max_value`` at twice its 99.9th percentile, clipped; the factor is in the meta as
     ``RECON_PLUGIN_Scale``). Header and meta are those of an MRD file's images
     (:func:`~recon_plugin.output.mrd_image.mrd_image`); the header also copies the slice's
-    first imaging line.
+    first imaging line. Image index ``1 + slice + n_slices * (repetition * n_phases + phase)``
+    by the header's limits, unique per series: a slice beyond the limits, or one whose index
+    is taken (an image made twice), gets the series' next free index.
     """
 
     def __init__(self, protocol: Protocol, provenance: Any, image_dtype: str, n_slices: int,
@@ -40,6 +42,7 @@ class ImageEncoder:
         self.protocol, self.prov, self.image_dtype = protocol, provenance, image_dtype
         self.n_slices, self.n_phases, self.method = n_slices, n_phases, method
         self.scale: float | None = None
+        self._used: dict[int, set[int]] = {}  # image indices sent per series number
 
     def image(self, im: ReconImage, header: ScanHeader,
               ref: ismrmrd.AcquisitionHeader | None) -> ismrmrd.Image:
@@ -57,12 +60,19 @@ class ImageEncoder:
                 log.warning("slice %d: %d pixels clipped at %g", im.slice_index,
                             int((scaled > top).sum()), top)
             data = np.clip(np.rint(scaled), 0, top).astype(np.uint16)
-        one = ReconSeries([im], header, self.prov,
-                          series_number=self.protocol.series_number(im.contrast, self.method),
+        number = self.protocol.series_number(im.contrast, self.method)
+        one = ReconSeries([im], header, self.prov, series_number=number,
                           series_description=self.protocol.series.description)
-        n_rep = im.repetition * self.n_phases + im.phase
-        return mrd_image(one, im, 1 + im.slice_index + self.n_slices * n_rep, data=data,
-                         scale=scale, acquisition=ref)
+        return mrd_image(one, im, self._index(im, number), data=data, scale=scale,
+                         acquisition=ref)
+
+    def _index(self, im: ReconImage, number: int) -> int:
+        used = self._used.setdefault(number, set())
+        index = 1 + im.slice_index + self.n_slices * (im.repetition * self.n_phases + im.phase)
+        if im.slice_index >= self.n_slices or im.phase >= self.n_phases or index in used:
+            index = max(used, default=0) + 1
+        used.add(index)
+        return index
 
 
 def scan_series(images: list[ReconImage], header: ScanHeader, provenance: Any,
