@@ -88,7 +88,7 @@ SKIP_FLAGS = {
 }
 
 Key = tuple[int, int, int, int, int]  # (slice, contrast, phase, repetition, set)
-_COUNTERS = ("slice", "contrast", "phase", "repetition", "set", "average")
+_COUNTERS = ("slice", "contrast", "phase", "repetition", "average")
 # what a stream does once a counter exceeds the header's limit (MrdAssembler._check_limits)
 _EARLY = {"average": "from now on a slice is reconstructed when the data end, once all its "
                      "averages are in",
