@@ -287,6 +287,30 @@ def test_noise_absent_and_dependent_measurement(tmp_path, vol):
     np.testing.assert_allclose(scan.noise, vol.noise, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("bad", ["nan", "zero"])
+def test_a_noise_scan_that_cannot_whiten_is_left_out(tmp_path, vol, bad):
+    """A noise scan of NaN had made every image blank (NaN spread by the whitening, exit 0
+    without a word), one of zeros failed the scan with 'noise covariance is not positive
+    definite'. Now the noise is left out with a warning that says why, and the scan reads
+    as one without a noise scan."""
+    path = write_ismrmrd(vol, tmp_path / "n.h5", acceleration=2, calib_lines=8)
+    with ismrmrd.File(str(path), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)
+    assert acqs[0].is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    acqs[0].data[:] = np.nan if bad == "nan" else 0
+    asm = MrdAssembler(xml, source="noisy", emit_early=False)
+    scan = asm.build_scan(list(asm.process(acqs)))
+    assert scan.noise is None
+    n = acqs[0].data.size  # 4 coils x 256
+    why = f"{n} of its {n} samples are NaN or Inf" if bad == "nan" else "it recorded only zeros"
+    assert scan.warnings == [f"noisy: noise scan not used ({why}): the images are made "
+                             "without prewhitening"]
+    scan.validate()
+    good = MrdAssembler(xml, source="good", emit_early=False)
+    assert good.build_scan(list(good.process(acqs[1:]))).noise is None  # the same as no scan
+
 def test_streaming_emits_slices_as_they_complete(tmp_path, vol):
     path = write_ismrmrd(vol, tmp_path / "st.h5", acceleration=2, calib_lines=8,
                          num_averages=2)

@@ -314,7 +314,7 @@ class MrdAssembler:
                 header = dataclasses.replace(
                     header, slice_spacing_mm=abs(pos[1][1] - pos[0][1]) or None
                 )
-        noise = np.concatenate(self.noise, axis=1) if self.noise else None
+        noise = self._usable_noise()
         return RawScan(
             header=header, slices=slices, noise=noise, source=self.source,
             noise_dwell_time_us=self.noise_dwell_us, acq_dwell_time_us=self.acq_dwell_us,
@@ -322,6 +322,22 @@ class MrdAssembler:
         )
 
     # ---------------------------------------------------------------------------- internals
+    def _usable_noise(self) -> np.ndarray | None:
+        """The noise scan (coils, samples), or None with a warning where it cannot whiten:
+        NaN / Inf samples (whitening would spread them over every pixel) or only zeros (no
+        noise level to whiten by). The images are then made without prewhitening."""
+        if not self.noise:
+            return None
+        noise = np.concatenate(self.noise, axis=1)
+        bad = int(np.count_nonzero(~np.isfinite(noise)))
+        problem = (f"{bad} of its {noise.size} samples are NaN or Inf" if bad else
+                   "it recorded only zeros" if not np.any(noise) else None)
+        if problem is None:
+            return noise
+        self._warn(f"noise scan not used ({problem}): the images are made without "
+                   "prewhitening", once="noise-unusable")
+        return None
+
     def _reserve(self, coils: int, enc: EncodingInfo, nz: int = 1) -> None:
         """Count a new slice (or 3D slab: ``nz`` partition encodes) buffer against
         ``max_bytes`` before allocating it."""
