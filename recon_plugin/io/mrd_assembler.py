@@ -45,7 +45,7 @@ import ismrmrd
 import numpy as np
 
 from ..physics import centre_run
-from ..scan import Geometry, RawDataError, RawScan, SlabPlane, SliceData
+from ..scan import Geometry, RawDataError, RawScan, SlabPlane, SliceData, index_ranges
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 from .mrd_calibration import separate_calibration
@@ -152,6 +152,9 @@ class MrdAssembler:
         # slice emitted so far had: a slice without the flag and with fewer lines is incomplete
         self._ended: set[tuple[int, ...]] = set()
         self._most_lines = 0
+        # ... whose first-in-slice flag came; a last-in-measurement flag came
+        self._started: set[tuple[int, ...]] = set()
+        self._measured_all = False
         # slices emitted so far; counters seen beyond the header's limits
         self._emitted: set[Key] = set()
         self._beyond: set[str] = set()
@@ -238,6 +241,8 @@ class MrdAssembler:
     # ------------------------------------------------------------------------------ public
     def add(self, acq: ismrmrd.Acquisition) -> list[SliceData]:
         """Consume one acquisition; return the slices it completed (often none)."""
+        if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
+            self._measured_all = True
         for flag, name in SKIP_FLAGS.items():
             if acq.is_flag_set(flag):
                 self._skipped[name] = self._skipped.get(name, 0) + 1
@@ -271,10 +276,13 @@ class MrdAssembler:
         yield from self.finish()
 
     def finish(self) -> list[SliceData]:
-        """Flush every buffer still open (end of data); log what was skipped. Where the data
-        flag the ends of slices, a slice whose flag never came and which has fewer lines than
-        the scan's fullest slice was cut short (the acquisition stopped): it is still
-        reconstructed, with a warning and a note in its image's comments."""
+        """Flush every buffer still open (end of data); log what was skipped. A slice whose
+        end-of-slice flag never came was cut short (the acquisition stopped) where the data
+        flag the ends of slices and it has fewer lines than the scan's fullest slice, or where
+        its first-in-slice flag came and the data end without a last-in-measurement flag (a
+        scan cut in its first slice has no fuller one): it is still reconstructed, with a
+        warning and a note in its image's comments. Slices the header's limits declare that
+        never came are warned about."""
         most = max([self._most_lines, *(b.lines for b in self._buffers.values())])
         out = []
         for key in sorted(self._buffers):
@@ -283,14 +291,29 @@ class MrdAssembler:
                 continue
             lines = self._buffers[key].lines
             sl = self._emit(key)
-            if self._ended and (key[0], *key[2:]) not in self._ended and lines < most:
-                msg = (f"slice {key[0]} (contrast {key[1]}, repetition {key[3]}) has {lines} of "
-                       f"the {most} lines of the scan's fullest slice and no end-of-slice flag: "
-                       "the acquisition stopped before it was complete; reconstructed from the "
+            where = (key[0], *key[2:])
+            msg = None
+            if where in self._ended:
+                pass
+            elif self._ended and lines < most:
+                msg = (f"has {lines} of the {most} lines of the scan's fullest slice and no "
+                       "end-of-slice flag")
+            elif where in self._started and not self._measured_all:
+                msg = (f"has {lines} lines, a first-in-slice flag and no end-of-slice flag, "
+                       "and the data end without a last-in-measurement flag")
+            if msg is not None:
+                msg = (f"slice {key[0]} (contrast {key[1]}, repetition {key[3]}) {msg}: the "
+                       "acquisition stopped before it was complete; reconstructed from the "
                        "lines acquired")
                 self._warn(msg)
                 sl.notes.append(f"INCOMPLETE: {msg}")
             out.append(sl)
+        declared = self.enc.limit_max("slice") + 1
+        missing = sorted(set(range(declared)) - {k[0] for k in self._emitted})
+        if missing and self._emitted:
+            self._warn(f"the header declares slices {index_ranges(list(range(declared)))}; "
+                       f"slice(s) {index_ranges(missing)} never came (the acquisition stopped "
+                       "before them?)")
         for name, n in self._skipped.items():
             log.info("%s: skipped %d %s acquisition(s)", self.source, n, name)
         return out
@@ -411,6 +434,8 @@ class MrdAssembler:
             buf.calib_rows.add(row)
         if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
             self._ended.add((key[0], *key[2:]))
+        if acq.is_flag_set(ismrmrd.ACQ_FIRST_IN_SLICE):
+            self._started.add((key[0], *key[2:]))
         # a 3D slab is complete only when the data end (its flags mark partitions, not slabs)
         if self.nz > 1 or not (self.emit_early and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)):
             return []
@@ -525,6 +550,7 @@ class MrdAssembler:
         if accelerated_along_kz(self._buffers[key]):
             return self._emit_planes(key)
         buf = self._buffers.pop(key)
+        self._emitted.add(key)
         parts = split_partitions(buf, self.enc.enc_fov[2], self.enc.recon_fov[2], self.source)
         slab = buf.geometry or Geometry.default()
         dz = self.header.slice_thickness_mm or 1.0  # the header's partition thickness
@@ -540,6 +566,7 @@ class MrdAssembler:
         positions), marked with the :class:`SlabPlane` that the reconstruction cuts the
         planes' images into the slab's partitions with."""
         buf = self._buffers.pop(key)
+        self._emitted.add(key)
         planes = split_planes(buf, self.enc.enc_fov[2], self.enc.recon_fov[2], self.source)
         n = planes.kspace.shape[0]
         slab = buf.geometry or Geometry.default()
