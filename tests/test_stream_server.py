@@ -409,6 +409,20 @@ def test_image_indices_unique_where_the_header_leaves_out_slice_limits(data, eng
     assert any("slice index 1, beyond the header's encodingLimits slice maximum 0" in t
                for t in result.notices), result.notices
 
+
+def test_a_stream_without_imaging_data_is_refused(data, engine):
+    """Every acquisition flagged as something to skip (navigator here): the stream had ended
+    with CLOSE and no word; now it is refused as the file reader refuses such a file."""
+    acqs = [ismrmrd.Acquisition(a.getHead(), a.data, a.traj) for a in data["acqs"]]
+    for a in acqs:
+        a.set_flag(ismrmrd.ACQ_IS_NAVIGATION_DATA)
+    sent: list[ismrmrd.Image] = []
+    with pytest.raises(ValueError, match=rf"stream: no imaging data found in its {len(acqs)} "
+                                         rf"acquisition\(s\) \(skipped: {len(acqs)} navigator"):
+        engine.run(iter(acqs), data["header"].toXML(), sent.append,
+                   stream_options.StreamOptions(protocol="stream_zf"))
+    assert not sent
+
 def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     """--dicom-out writes the streamed scan as DICOM; protocol PACS targets get it (queued
     here: nothing listens on the target port)."""

@@ -167,6 +167,16 @@ class MrdAssembler:
         counts = [self.enc.limit_max(k) + 1 for k in ("slice", "contrast", "phase", "repetition")]
         return int(np.prod(counts, dtype=np.int64)) * max(self.nz, 1)
 
+    @property
+    def emitted(self) -> int:
+        """Slices (or slabs) put out so far."""
+        return len(self._emitted)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Acquisitions skipped so far, per kind (navigator, dummy scan, ...)."""
+        return dict(self._skipped)
+
     def _warn(self, msg: str, once: str | None = None) -> None:
         if once is not None:
             if once in self._warned:

@@ -41,7 +41,7 @@ from ..recon.refine import SharedRefinement
 from ..recon.reslice import failed_plane, partitions
 from ..recon.series_weight import ScanWeight
 from ..runtime import tune_allocator
-from ..scan import Geometry, ReconImage, ScanHeader, SliceData, index_ranges
+from ..scan import Geometry, RawDataError, ReconImage, ScanHeader, SliceData, index_ranges
 from .images import ImageEncoder, scan_series, write_and_deliver
 from .options import (
     Limits,
@@ -132,7 +132,9 @@ class StreamEngine:
                  f", model {prov.model_name}" if prov.deep_learning else "")
         scan = _ScanState(self, asm, protocol, settings, prov, options, result)
         open_keys: set[tuple[int, int, int, int]] = set()
+        arrived = 0
         for acq in acquisitions:
+            arrived += 1
             key = scan.track(acq)
             if key is not None and key not in open_keys:
                 open_keys.add(key)
@@ -150,6 +152,10 @@ class StreamEngine:
         t = clock()
         finished = asm.finish()
         yield from scan.told()
+        if arrived and not asm.emitted:  # as the file reader refuses it
+            skipped = ", ".join(f"{n} {kind}" for kind, n in asm.skipped.items())
+            raise RawDataError(f"stream: no imaging data found in its {arrived} acquisition(s)"
+                               + (f" (skipped: {skipped})" if skipped else ""))
         for sl in finished:
             yield from scan.emit(sl, t)
         yield from scan.flush_deferred(t)
