@@ -346,7 +346,10 @@ class _ScanState:
                 dt = time.perf_counter() - t0
                 made_with = self.calibration.provisional(adds)
         except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
-            log.exception("stream: slice %d failed", sl.slice_index)
+            if isinstance(e, RawDataError):  # the data's fault, said in full: no traceback
+                log.warning("stream: slice %d failed: %s", sl.slice_index, e)
+            else:
+                log.exception("stream: slice %d failed", sl.slice_index)
             if sl.plane is None:  # a failed plane's partitions are made, with its note
                 self.result.failed.append((sl.slice_index, sl.contrast, sl.repetition))
             yield f"ERROR slice {sl.slice_index} (contrast {sl.contrast}, repetition " \
