@@ -167,6 +167,36 @@ def test_ismrmrd_nan_sample(ismrmrd_file):
     _fails(ismrmrd_file, "nan")
 
 
+
+def test_messages_that_name_the_problem(tmp_path, fastmri_file, ismrmrd_file, vol):
+    """Found by fuzzing: a header that is not text had been called 'empty' or had given
+    'sequence item 0: expected a bytes-like object', an acquisition without samples 'discards
+    0+0 of 0 samples', a data table that is not acquisition records 'unexpected IndexError'."""
+    import shutil
+
+    xml_int = shutil.copy(ismrmrd_file, tmp_path / "xml_int.h5")
+    with h5py.File(xml_int, "a") as f:
+        _replace(f, "dataset/xml", np.arange(5))
+    _fails(xml_int, "ISMRMRD XML header is not text but int64 '0'")  # its first element
+    with h5py.File(fastmri_file, "a") as f:
+        _replace(f, "ismrmrd_header", np.arange(4))
+    _fails(fastmri_file, "ISMRMRD XML header is not text but an array of int64 (4,)")
+    table = shutil.copy(ismrmrd_file, tmp_path / "table.h5")
+    with h5py.File(table, "a") as f:
+        _replace(f, "dataset/data", np.zeros((41, 10), np.float32))
+    _fails(table, "acquisitions 0..", "not ISMRMRD acquisition records")
+    with ismrmrd.File(str(ismrmrd_file), "r") as f:
+        xml = f["dataset"]._contents["xml"][0]
+        acqs = list(f["dataset"].acquisitions)
+    head = ismrmrd.AcquisitionHeader.from_buffer_copy(acqs[7].getHead())
+    head.number_of_samples = 0
+    acqs[7] = ismrmrd.Acquisition(head)
+    empty = tmp_path / "no_samples.h5"
+    with ismrmrd.File(str(empty), "w") as f:
+        f["dataset"].header = ismrmrd.xsd.CreateFromDocument(xml)
+        f["dataset"].acquisitions = acqs
+    _fails(empty, f"acquisition {acqs[7].scan_counter} has no samples")
+
 def test_ismrmrd_header_missing_encoded_space(ismrmrd_file):
     with h5py.File(ismrmrd_file, "r") as f:
         xml = f["dataset/xml"][0].decode()

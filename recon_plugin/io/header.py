@@ -57,9 +57,15 @@ def parse_xml(
     """
     where = source or "header"
     if isinstance(xml, np.ndarray):
+        if xml.dtype.kind not in "SUO":
+            raise RawDataError(f"{where}: ISMRMRD XML header is not text but an array of "
+                               f"{xml.dtype} {xml.shape}")
         xml = xml.item() if xml.size == 1 else b"".join(xml.tolist())
     if isinstance(xml, (bytes, np.bytes_)):
         xml = bytes(xml).rstrip(b"\x00")
+    if not isinstance(xml, str | bytes):
+        raise RawDataError(f"{where}: ISMRMRD XML header is not text but "
+                           f"{type(xml).__name__} {str(xml)[:40]!r}")
     if not xml or not str(xml).strip():
         raise RawDataError(f"{where}: ISMRMRD XML header is empty")
     try:

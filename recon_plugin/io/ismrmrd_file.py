@@ -38,10 +38,10 @@ def _iter_acquisitions(container, where: str):
     for start in range(0, n, _CHUNK):
         try:
             chunk = acqs[start : start + _CHUNK]
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
             raise RawDataError(
                 f"{where}: acquisitions {start}..{start + _CHUNK} cannot be read "
-                f"(truncated or corrupt file?): {err}"
+                f"(truncated or corrupt file, or not ISMRMRD acquisition records?): {err}"
             ) from err
         yield from chunk
 

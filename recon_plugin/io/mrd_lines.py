@@ -50,6 +50,8 @@ def place_readout(
     data = np.asarray(acq.data)
     ns = data.shape[1]
     pre, post = int(acq.discard_pre), int(acq.discard_post)
+    if ns == 0:
+        raise RawDataError(f"{source}: acquisition {acq.scan_counter} has no samples")
     if pre + post >= ns:
         raise RawDataError(
             f"{source}: acquisition {acq.scan_counter} discards {pre}+{post} of {ns} samples"
