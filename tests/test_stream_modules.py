@@ -157,3 +157,7 @@ def test_options_parsing():
     for bad in (1.5, "high", True):
         with pytest.raises(ValueError, match="measured_weight"):
             stream_options.StreamOptions().update({"measured_weight": bad})
+    # JSON that is not an object had been taken for a protocol name ('[1,2,3]' is not a plain
+    # name)
+    with pytest.raises(ValueError, match=r"JSON parameters must be an object, got list '\[1,2"):
+        stream_options.parse_config_text("[1,2,3]")

@@ -114,13 +114,14 @@ def _checked_name(value: str, what: str) -> str:
 def parse_config_text(text: str) -> dict[str, Any]:
     """CONFIG_TEXT / TEXT -> parameters: JSON object, XML ``<property name= value=>`` or a name."""
     text = text.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"parameters are not valid JSON: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError("JSON parameters must be an object")
+            raise ValueError(f"JSON parameters must be an object, got {type(data).__name__} "
+                             f"{text[:40]!r}")
         return data
     if text.startswith("<"):
         return xml_params(text)
