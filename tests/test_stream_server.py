@@ -571,6 +571,32 @@ def test_idle_timeout_and_busy(data, engine):
         t.join(10)
 
 
+
+def test_a_client_that_trickles_a_message_is_timed_out(data, engine):
+    """A message sent a few bytes at a time, each within the idle timeout, had held its
+    connection slot for as long as the client liked (found by fuzzing: 8 such clients lock
+    every scanner out). The whole message must now arrive within the timeout."""
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=1.5)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        msg = struct.pack("<H", 1) + b"stream_zf".ljust(1024, b"\0")  # MRD CONFIG_FILE
+        with socket.create_connection(s.address, timeout=30) as sock:
+            t0 = time.monotonic()
+            with contextlib.suppress(OSError):  # the server may close while we write
+                for i in range(0, len(msg), 4):
+                    sock.sendall(msg[i:i + 4])
+                    time.sleep(0.5)
+                    if time.monotonic() - t0 > 10:
+                        break
+            with sock.makefile("rb") as rfile:
+                got = list(ProtocolDeserializer(rfile).deserialize())
+            assert time.monotonic() - t0 < 6
+        assert "not complete 1.5 s after its first byte" in got[0], got
+    finally:
+        s.request_stop()
+        t.join(10)
+
 def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine):
     """A server's hard stop comes between slices even where every acquisition (and CLOSE) is
     in and only reconstruction is left: the slice in flight is sent, the next not made."""

@@ -39,10 +39,15 @@ class Message:
 
 
 class MrdReader:
-    """Reads MRD messages from a socket, checking every length before reading the payload."""
+    """Reads MRD messages from a socket, checking every length before reading the payload.
+
+    The socket's timeout bounds the wait for each piece of data and, from its first byte, the
+    whole of each message: a client that trickles a message byte by byte (each within the
+    timeout) would otherwise hold its connection slot for ever."""
 
     def __init__(self, sock: socket.socket, limits: Limits):
         self.sock, self.limits = sock, limits
+        self._deadline: float | None = None  # the message in flight must be in by then
 
     def _exact(self, n: int, boundary: bool = False) -> bytes:
         buf = bytearray(n)
@@ -60,6 +65,15 @@ class MrdReader:
                 raise ProtocolViolation(f"truncated message: connection closed after {got} of "
                                         f"{n} bytes")
             got += k
+            timeout = self.sock.gettimeout()
+            if timeout is None:
+                continue
+            now = time.monotonic()
+            if self._deadline is None:
+                self._deadline = now + timeout
+            elif now > self._deadline and got < n:
+                raise IdleTimeout(f"idle timeout: a message not complete {timeout:g} s after "
+                                  "its first byte (the client sends too slowly)")
         return bytes(buf)
 
     def _text(self, what: str) -> str:
@@ -70,6 +84,7 @@ class MrdReader:
         return _decode(self._exact(n), what)
 
     def read(self) -> Message:
+        self._deadline = None
         (mid,) = _U16.unpack(self._exact(2, boundary=True))
         lim = self.limits
         if mid == MSG.CONFIG_FILE:
