@@ -424,7 +424,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dicom-out", help="also write every finished scan as DICOM here")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
-                   help="seconds (default 300)")
+                   help="seconds a connection may send nothing, and a message may take from "
+                   "its first byte (default 300)")
     s.add_argument("--drain-timeout", type=_seconds, default=30.0,
                    help="after SIGTERM / SIGINT, seconds the scans in progress may take to end "
                    "before each stops after its slice in flight (a second signal: at once); "
