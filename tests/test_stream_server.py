@@ -423,6 +423,43 @@ def test_a_stream_without_imaging_data_is_refused(data, engine):
                    stream_options.StreamOptions(protocol="stream_zf"))
     assert not sent
 
+
+def test_k_space_buffers_are_bounded_over_every_scan_in_progress(data, engine):
+    """The open-slice limit was per connection only, and a 3D slab counted as one 2D slice:
+    a few MB of stream declaring a large matrix made the server allocate GB (found by
+    fuzzing), times the connections. Now the buffers of all scans in progress count against
+    one limit (serve --max-memory-gb), freed when a scan ends however it ends."""
+    xml = data["header"].toXML()
+    imaging = [a for a in data["acqs"] if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    a0 = imaging[0]
+    one = 8 * a0.number_of_samples // 2 * 64 * a0.active_channels  # readout oversampled 2x
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               limits=stream_options.Limits(max_total_open_bytes=one * 3 // 2))
+    opts = stream_options.StreamOptions(protocol="stream_zf")
+    refused = []
+
+    def lines_then_another_scan():
+        yield from imaging[:3]  # slice 0 of this scan is open: its buffer is held ...
+        with pytest.raises(stream_options.ProtocolViolation,
+                           match=r"next slice needs 0\.00 GB .* exceeds the server's limit"):
+            next(eng.images(iter(imaging[:3]), xml, opts))
+        refused.append(True)
+        raise ConnectionResetError("the client went")
+
+    with pytest.raises(ConnectionResetError):
+        list(eng.images(lines_then_another_scan(), xml, opts))
+    assert refused and eng._open_bytes == 0  # ... until that scan ends, however it ends
+    sent: list = []
+    result = eng.run(iter(data["acqs"]), xml, sent.append, opts)
+    assert result.complete and len(sent) == 2 and eng._open_bytes == 0
+    # a 3D slab counts its partitions and its split copy: 2 x 8 partitions here
+    xml3d = xml.replace("<z>1</z>", "<z>8</z>", 1)
+    assert xml3d != xml
+    slab = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                                limits=stream_options.Limits(max_total_open_bytes=one * 15))
+    with pytest.raises(stream_options.ProtocolViolation, match="next slice needs"):
+        next(slab.images(iter(imaging[:3]), xml3d, opts))
+
 def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     """--dicom-out writes the streamed scan as DICOM; protocol PACS targets get it (queued
     here: nothing listens on the target port)."""

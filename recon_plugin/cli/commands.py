@@ -341,6 +341,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     """Run the MRD streaming server until stopped."""
     from ..config.protocol import load_protocol
+    from ..io.budget import gb_to_bytes
+    from ..stream.options import Limits
     from ..stream.server import serve
 
     # what every scan would need, checked before listening (a scanner would get only errors)
@@ -348,10 +350,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         load_protocol(a.protocol, a.protocol_dir)
     _writable(("--dicom-out", a.dicom_out))
     try:
+        limits = Limits(max_total_open_bytes=gb_to_bytes(a.max_memory_gb)
+                        if a.max_memory_gb else None)
         serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
               dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
               max_connections=a.max_connections, image_dtype=a.image_dtype,
-              drain_timeout=a.drain_timeout, warmup=not a.no_warmup)
+              drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits)
     except OSError as e:  # e.g. the port is taken
         log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
         return EXIT_USAGE

@@ -31,6 +31,7 @@ import ismrmrd
 import numpy as np
 
 from ..config.protocol import Protocol, select_protocol
+from ..io.budget import default_max_bytes
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
 from ..physics import fft2c
@@ -101,6 +102,10 @@ class StreamEngine:
         self.protocol_dirs = [Path(p) for p in protocol_dirs or []]
         self.dicom_out = Path(dicom_out) if dicom_out else None
         self.limits = limits or Limits()
+        # k-space buffers of the slices being filled, over every scan in progress
+        self.memory_limit = self.limits.max_total_open_bytes or default_max_bytes()
+        self._open_bytes = 0
+        self._open_lock = threading.Lock()
 
     def select(self, header: ScanHeader, options: StreamOptions) -> tuple[Protocol, Any]:
         """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides."""
@@ -131,33 +136,45 @@ class StreamEngine:
         log.info("stream: protocol %s, method %s%s", protocol.name, settings.method,
                  f", model {prov.model_name}" if prov.deep_learning else "")
         scan = _ScanState(self, asm, protocol, settings, prov, options, result)
-        open_keys: set[tuple[int, int, int, int]] = set()
+        open_keys: dict[tuple[int, int, int, int], int] = {}  # bytes held per open slice
+        nz = max(asm.nz, 1)
         arrived = 0
-        for acq in acquisitions:
-            arrived += 1
-            key = scan.track(acq)
-            if key is not None and key not in open_keys:
-                open_keys.add(key)
-                per_slice = 8 * nx * ny * max(int(acq.active_channels), 1)
-                if len(open_keys) * per_slice > self.limits.max_open_slice_bytes:
-                    raise ProtocolViolation(f"{len(open_keys)} slices open at once exceed the "
-                                            "server's buffer limit")
-            done = asm.add(acq)
+        try:
+            for acq in acquisitions:
+                arrived += 1
+                key = scan.track(acq)
+                if key is not None and key not in open_keys:
+                    # a slice's buffer; a 3D slab's (x nz), and its copy while it is split
+                    need = 8 * nx * ny * nz * max(int(acq.active_channels), 1) * (
+                        2 if nz > 1 else 1)
+                    if sum(open_keys.values()) + need > self.limits.max_open_slice_bytes:
+                        raise ProtocolViolation(
+                            f"{len(open_keys) + 1} slices open at once "
+                            f"({_gb(sum(open_keys.values()) + need)} of k-space) exceed the "
+                            f"server's limit of {_gb(self.limits.max_open_slice_bytes)} per "
+                            "connection")
+                    self._hold(need)
+                    open_keys[key] = need
+                done = asm.add(acq)
+                yield from scan.told()
+                if done:
+                    t = clock()
+                    for sl in done:
+                        self._hold(-open_keys.pop((sl.slice_index, sl.contrast, sl.phase,
+                                                   sl.repetition), 0))
+                        yield from scan.emit(sl, t)
+            t = clock()
+            finished = asm.finish()
             yield from scan.told()
-            if done:
-                t = clock()
-                for sl in done:
-                    open_keys.discard((sl.slice_index, sl.contrast, sl.phase, sl.repetition))
-                    yield from scan.emit(sl, t)
-        t = clock()
-        finished = asm.finish()
-        yield from scan.told()
-        if arrived and not asm.emitted:  # as the file reader refuses it
-            skipped = ", ".join(f"{n} {kind}" for kind, n in asm.skipped.items())
-            raise RawDataError(f"stream: no imaging data found in its {arrived} acquisition(s)"
-                               + (f" (skipped: {skipped})" if skipped else ""))
-        for sl in finished:
-            yield from scan.emit(sl, t)
+            if arrived and not asm.emitted:  # as the file reader refuses it
+                skipped = ", ".join(f"{n} {kind}" for kind, n in asm.skipped.items())
+                raise RawDataError(f"stream: no imaging data found in its {arrived} "
+                                   "acquisition(s)" + (f" (skipped: {skipped})" if skipped else ""))
+            for sl in finished:
+                yield from scan.emit(sl, t)
+        finally:  # the scan ends, fails or its client goes: its buffers are free again
+            self._hold(-sum(open_keys.values()))
+            open_keys.clear()
         yield from scan.flush_deferred(t)
         result.header = scan.header or asm.header
         result.complete = True
@@ -237,6 +254,17 @@ class StreamEngine:
             log.info("warm-up (%s, %s): %.2f s", name, settings.method, time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - warm-up is best effort
             log.warning("warm-up failed: %s: %s", type(e).__name__, e)
+
+    def _hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` of k-space buffers (negative: free them) against the limit over
+        every scan in progress; ProtocolViolation (nothing counted) where it would pass it."""
+        with self._open_lock:
+            if nbytes > 0 and self._open_bytes + nbytes > self.memory_limit:
+                raise ProtocolViolation(
+                    f"the scan's next slice needs {_gb(nbytes)} of k-space buffers; with the "
+                    f"{_gb(self._open_bytes)} the scans in progress hold, that exceeds the "
+                    f"server's limit of {_gb(self.memory_limit)} (serve --max-memory-gb)")
+            self._open_bytes = max(self._open_bytes + nbytes, 0)
 
     def wants_delivery(self, protocol: Protocol) -> bool:
         return self.dicom_out is not None or bool(protocol.pacs.targets)
@@ -400,6 +428,10 @@ class _ScanState:
         self.interleaved, deferred, self.deferred = False, self.deferred, []
         for sl, _t in deferred:
             yield from self.emit(sl, t_last)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / (1 << 30):.2f} GB"
 
 
 _SHARED: dict[str, StreamEngine] = {}
