@@ -186,6 +186,8 @@ def test_a_streamed_3d_scan_equals_its_offline_recon(tmp_path, vol, lines, proto
     assert result.complete and len(sent) == slabs * NZ
     for img in sent:
         np.testing.assert_array_equal(img.data[0, 0], ref[img.slice])
+        # numbered by partition, whatever order they come in (central planes first)
+        assert img.image_index == 1 + img.slice
 
 
 def test_the_memory_budget_counts_every_partition_encode(tmp_path, vol):

@@ -317,9 +317,10 @@ class _ScanState:
         self.planes: dict[tuple, list[tuple]] = defaultdict(list)
         self.noise_used = 0
         enc = asm.enc
+        # a 3D slab's partition p is slice s * P + p, P <= the encoded nz
         self.encoder = ImageEncoder(protocol, prov, options.image_dtype,
-                                    enc.limit_max("slice") + 1, enc.limit_max("phase") + 1,
-                                    method=settings.method)
+                                    (enc.limit_max("slice") + 1) * max(asm.nz, 1),
+                                    enc.limit_max("phase") + 1, method=settings.method)
         self.interleaved = enc.limit_max("repetition") > 0
         self.warned = 0  # the reader's warnings sent as notices so far
 
