@@ -318,6 +318,9 @@ def test_malformed_streams_then_next_client_is_served(server, data, offline):
         assert closed, name
         assert len(texts) == 1 and texts[0].startswith("ERROR"), (name, texts)
     assert "truncated" in raw_exchange(server.address, cases["truncated"])[0][0]
+    # a stream ended (half-closed) between messages without CLOSE: told so (it got nothing)
+    texts, closed = raw_exchange(server.address, preamble(data) + acq_msg)
+    assert closed and texts == ["ERROR ClientGone: client closed the connection without CLOSE"]
     # a header and then CLOSE: told that there was nothing to reconstruct (it got no word)
     texts, closed = raw_exchange(server.address,
                                  preamble(data) + struct.pack("<H", ISMRMRDMessageID.CLOSE))

@@ -202,6 +202,8 @@ class ReconServer:
             log.info("%s: done", who)
         except ClientGone as e:
             log.warning("%s: client gone (%s); session freed", who, e)
+            reply.error(f"{type(e).__name__}: {e}")  # heard where it only half-closed
+            reply.close()
         except ServerStopping as e:
             log.warning("%s: %s", who, e)
             reply.text(f"WARNING {e}")
