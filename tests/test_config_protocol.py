@@ -385,3 +385,19 @@ def test_a_model_file_in_the_working_directory_does_not_shadow_a_shipped_one(tmp
     assert resolve_model("./unrolled-base") == Path("./unrolled-base.safetensors")  # asked for
     monkeypatch.setenv("RECON_PLUGIN_MODELS", str(tmp_path))  # named on purpose: it wins
     assert resolve_model("unrolled-base") == tmp_path / "unrolled-base.safetensors"
+
+
+def test_checking_protocols_does_not_load_torch():
+    """Protocol files are loaded and turned into settings without torch (it had come in through
+    the coil-map, calibration and physics modules: about 1 s for a YAML check); checked in a
+    fresh process, since this one has loaded torch long ago."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from recon_plugin.config.protocol import load_all\n"
+            "names = [p.recon_settings().protocol_name for p in load_all()]\n"
+            "assert 'default' in names, names\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

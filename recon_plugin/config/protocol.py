@@ -74,7 +74,7 @@ import yaml
 
 from ..output.dicom import DicomOptions
 from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
-from ..recon.coils import EspiritParams
+from ..recon.settings import EspiritParams
 from ..recon.sparse import Sparsity
 from ..scan import ScanHeader
 from . import schema

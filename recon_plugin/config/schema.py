@@ -2,7 +2,7 @@
 
 Scalars are strict (``fast: 'yes'`` or ``calib_width: '24'`` are errors, not conversions). The
 ``dicom`` section is :class:`~recon_plugin.output.dicom.DicomOptions` itself, ``espirit`` is
-:class:`~recon_plugin.recon.coils.EspiritParams` (what the coil-map estimation takes) and
+:class:`~recon_plugin.recon.settings.EspiritParams` (what the coil-map estimation takes) and
 ``adaptive`` is :class:`~recon_plugin.recon.policy.AdaptivePolicy` (recon reads these settings at
 inference and sits below config); the method, fallback and partial-Fourier choices come from
 :mod:`recon_plugin.recon`. :func:`validate` turns every problem into one ``key: problem`` line.
@@ -36,9 +36,8 @@ from ..recon import (
     REFINE_MODES,
     measured_weight,
 )
-from ..recon.calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
-from ..recon.coils import EspiritParams
 from ..recon.policy import AdaptivePolicy, validation_messages
+from ..recon.settings import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID, EspiritParams
 from ..scan import ScanHeader
 
 _Float = Annotated[float, Field(strict=True)]

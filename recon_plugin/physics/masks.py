@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def acs_bounds(num_lines: int, num_low_frequency: int) -> tuple[int, int]:
@@ -151,6 +155,8 @@ def noise_variance(kspace: torch.Tensor, mask: torch.Tensor, band: float = 0.125
     0.97-1.13x the true variance (median over coils), single coils 0.77-1.22x. Raises
     ValueError without such samples.
     """
+    import torch
+
     outer, cols = (torch.from_numpy(a).to(kspace.device)
                    for a in readout_edges(*kspace.shape[-2:], band))
     out = []
@@ -171,6 +177,8 @@ def ssdu_split(
     the rows with the samples they have) into disjoint data-consistency and loss masks. Loss
     lines are drawn with variable density (Gaussian in ky, favouring the centre); ACS rows
     always stay in the data-consistency set."""
+    import torch
+
     b, ny, _ = mask.shape
     dc = mask.clone()
     loss = torch.zeros_like(mask)

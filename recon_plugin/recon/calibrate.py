@@ -1,29 +1,29 @@
 """Calibration of the network's prior weight on held-out acquired lines, per scan or per slice.
 
-A network trained on simulated data weighs its learned prior against the measured data by
-weights ``mu`` tuned to its training distribution. On a scan from elsewhere the right balance
-differs. Without ground truth it can be chosen as a cross-validated regularisation strength:
-hold out a few acquired lines, reconstruct without them with each candidate data-consistency
-setting, and score each image by how well it predicts the held-out lines
-(``guard.heldout_line_errors``). The candidates (:class:`DcSetting`) are the prior weights of a
-short grid (multiples of the trained ``mu``) at the trained number of conjugate-gradient
-iterations, then the weight chosen among them with more iterations (:class:`MoreIterations`):
-at high SNR ``mu`` is small, the data-consistency solve is ill-conditioned, and the trained 4
-iterations leave it unconverged (docs/BENCHMARKS.md, "SNR sweep", "Independent simulation").
-Last, the anchored L1-wavelet solve of ``sparse.py`` on the chosen image, with the (L1, anchor)
-pairs of ``SPARSITY_GRID``: where the object is sparse in wavelets (piecewise-constant regions,
-flat tissue under noise) it removes what the network leaves (docs/BENCHMARKS.md, "Real scanner
-data"). Each slice's solves start from its own choice of the earlier stages. A setting other
-than the trained one (or the image as it is) is taken only where its improvement, paired line
-by line, exceeds ``SIGNIFICANCE_Z`` standard errors (:func:`choose`: the weights against the
-trained setting first, then more iterations at that weight against it, then the gentle
-L1-wavelet solves against the image they start from, then the stronger ones against that
-choice): a few lines are a noisy judge, and a wrong pick costs more than a missed one. A few
-forward passes and L1 solves per calibrated slice; no training. A scan's first few slices
-decide one setting for all its slices (:class:`ScanCalibration`), so the cost is paid once per
-scan, not per slice; a scan of fewer slices draws several disjoint sets of held-out lines from
-each (:func:`folds_for`; a one-slice scan as many as the slices a longer scan pools), since 3-5
-lines of one set often missed the better setting (docs/FINDINGS.md).
+A network trained on simulated data weighs its learned prior against the measured data by weights
+``mu`` tuned to its training distribution. On a scan from elsewhere the right balance differs.
+Without ground truth it can be chosen as a cross-validated regularisation strength: hold out a few
+acquired lines, reconstruct without them with each candidate data-consistency setting, and score
+each image by how well it predicts the held-out lines (``guard.heldout_line_errors``). The
+candidates (:class:`DcSetting`) are the prior weights of a short grid (multiples of the trained
+``mu``) at the trained number of conjugate-gradient iterations, then the weight chosen among them
+with more iterations (:class:`MoreIterations`): at high SNR ``mu`` is small, the data-consistency
+solve is ill-conditioned, and the trained 4 iterations leave it unconverged (docs/BENCHMARKS.md,
+"SNR sweep", "Independent simulation"). Last, the anchored L1-wavelet solve of ``sparse.py`` on the
+chosen image, with the (L1, anchor) pairs of ``SPARSITY_GRID`` (``settings.py``, with the other
+candidates): where the object is sparse in wavelets (piecewise-constant regions, flat tissue under
+noise) it removes what the network leaves (docs/BENCHMARKS.md, "Real scanner data"). Each slice's
+solves start from its own choice of the earlier stages. A setting other than the trained one (or
+the image as it is) is taken only where its improvement, paired line by line, exceeds
+``SIGNIFICANCE_Z`` standard errors (:func:`choose`: the weights against the trained setting first,
+then more iterations at that weight against it, then the gentle L1-wavelet solves against the image
+they start from, then the stronger ones against that choice): a few lines are a noisy judge, and a
+wrong pick costs more than a missed one. A few forward passes and L1 solves per calibrated slice;
+no training. A scan's first few slices decide one setting for all its slices
+(:class:`ScanCalibration`), so the cost is paid once per scan, not per slice; a scan of fewer
+slices draws several disjoint sets of held-out lines from each (:func:`folds_for`; a one-slice scan
+as many as the slices a longer scan pools), since 3-5 lines of one set often missed the better
+setting (docs/FINDINGS.md).
 
 The lines are drawn from the acquired lines that the guard does not hold out (the pipeline
 removes the guard's lines first), so the guard then judges the calibrated network on lines
@@ -43,25 +43,12 @@ from torch import nn
 
 from ..physics import SenseOperator, slice_operator
 from .guard import heldout_line_errors, heldout_lines, significant_gain, without_lines
+from .settings import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
 from .sparse import NONE, Sparsity, anchored_l1_wavelet
 
-# multiples of the trained prior weight; the trained one (1) is always a candidate
-PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
-# conjugate-gradient iterations per data-consistency solve tried at the weight chosen from the grid,
-# besides the trained count
-CG_ITERS_GRID = (8, 16)
 # a setting replaces the trained one when its mean per-line improvement exceeds this many
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
-# (L1, anchor) pairs of the anchored L1-wavelet solve tried on the chosen setting's image
-# (recon/sparse.py; docs/FINDINGS.md): gentle ones (anchor >= GENTLE_ANCHOR: close to the
-# network's image, they remove noise without bringing the data's back) against the image first,
-# then stronger ones (closer to the data) only where they beat that choice; the last two are
-# nearly plain L1-wavelet compressed sensing started from the network's image, for objects
-# the network does not know that are sparse in wavelets (piecewise-constant phantoms)
-SPARSITY_GRID = (Sparsity(0.01, 1.0), Sparsity(0.03, 3.0), Sparsity(0.003, 0.1),
-                 Sparsity(0.003, 0.3), Sparsity(0.01, 0.3), Sparsity(0.003, 0.03),
-                 Sparsity(0.01, 0.01))
 GENTLE_ANCHOR = 1.0
 
 

@@ -18,43 +18,18 @@ Arrays: k-space (coils, ky, kx) complex, centred; maps (coils, ky, kx) complex64
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from ..physics import centre_run
+from .settings import EspiritParams
 
 log = logging.getLogger(__name__)
 
 
 class CoilMapError(ValueError):
     """Calibration data unusable for sensitivity estimation; the message says why."""
-
-
-class EspiritParams(BaseModel):
-    """ESPIRiT settings: what :func:`estimate_maps` takes, and the protocol's ``espirit`` section
-    as it is (YAML keys are these fields; unknown keys and type conversions are errors)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    calib_width: Annotated[StrictInt, Field(ge=4, le=256)] = 24
-    kernel_width: Annotated[StrictInt, Field(ge=2, le=16)] = 6
-    thresh: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 0.02
-    crop: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.95
-    fast: StrictBool = True  # True: the fast rectangular-calibration path; False: SigPy
-    grid: Annotated[StrictInt, Field(ge=8, le=512)] = 96  # coarse grid of the fast path
-    # look for a wrapped phase field of view (ESPIRiT's second map); on such slices two-map
-    # SENSE takes the second map's part out (estimate_maps_and_wrap, prepare.unfold)
-    wrap: StrictBool = True
-
-    @model_validator(mode="after")
-    def _kernel_fits(self) -> EspiritParams:
-        if self.kernel_width >= self.calib_width:
-            raise ValueError(f"kernel_width {self.kernel_width} must be smaller than "
-                             f"calib_width ({self.calib_width})")
-        return self
 
 
 def calibration_region(

@@ -27,12 +27,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ..physics import fft1c, is_2d_sampling
+from .settings import GUARD_SIGNIFICANCE_Z as SIGNIFICANCE_Z
 
 Recon = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-# the network is rejected where its mean per-line held-out excess over CG-SENSE exceeds this
-# many standard errors of the paired differences; 0: wherever its summed error is larger
-SIGNIFICANCE_Z = 1.0
 # ... and wherever its summed error is more than this multiple of CG-SENSE's, whatever the
 # lines' spread (one line several times worse is a miss, not noise; the largest ratio of a
 # slice that the network won against CG-SENSE in the evaluation of docs/FINDINGS.md "Found:

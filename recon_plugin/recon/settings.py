@@ -1,16 +1,63 @@
 """``ReconSettings``: everything a protocol decides for reconstruction (``config/protocol.py``
-builds them from its YAML; the command line overrides single fields), validated on creation."""
+builds them from its YAML; the command line overrides single fields), validated on creation;
+with the defaults of its parts (the calibration's candidates, the guard's threshold, the
+ESPIRiT settings). Light to import (no torch): a protocol is checked without loading it."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from . import FALLBACKS, METHODS, PARTIAL_FOURIER, REFINE_MODES, measured_weight
-from .calibrate import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
-from .coils import EspiritParams
-from .guard import SIGNIFICANCE_Z as GUARD_SIGNIFICANCE_Z
 from .sparse import Sparsity
+
+# the guard (guard.py) rejects the network where its mean per-line held-out excess over
+# CG-SENSE exceeds this many standard errors of the paired differences; 0: wherever its summed
+# error is larger
+GUARD_SIGNIFICANCE_Z = 1.0
+# the candidates of the data-consistency calibration (calibrate.py):
+# multiples of the trained prior weight; the trained one (1) is always a candidate
+PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
+# conjugate-gradient iterations per data-consistency solve tried at the weight chosen from the
+# grid, besides the trained count
+CG_ITERS_GRID = (8, 16)
+# (L1, anchor) pairs of the anchored L1-wavelet solve tried on the chosen setting's image
+# (recon/sparse.py; docs/FINDINGS.md): gentle ones (anchor >= calibrate.GENTLE_ANCHOR: close to
+# the network's image, they remove noise without bringing the data's back) against the image first,
+# then stronger ones (closer to the data) only where they beat that choice; the last two are
+# nearly plain L1-wavelet compressed sensing started from the network's image, for objects
+# the network does not know that are sparse in wavelets (piecewise-constant phantoms)
+SPARSITY_GRID = (Sparsity(0.01, 1.0), Sparsity(0.03, 3.0), Sparsity(0.003, 0.1),
+                 Sparsity(0.003, 0.3), Sparsity(0.01, 0.3), Sparsity(0.003, 0.03),
+                 Sparsity(0.01, 0.01))
+
+
+class EspiritParams(BaseModel):
+    """ESPIRiT settings: what :func:`~recon_plugin.recon.coils.estimate_maps` takes, and the
+    protocol's ``espirit`` section
+    as it is (YAML keys are these fields; unknown keys and type conversions are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calib_width: Annotated[StrictInt, Field(ge=4, le=256)] = 24
+    kernel_width: Annotated[StrictInt, Field(ge=2, le=16)] = 6
+    thresh: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 0.02
+    crop: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.95
+    fast: StrictBool = True  # True: the fast rectangular-calibration path; False: SigPy
+    grid: Annotated[StrictInt, Field(ge=8, le=512)] = 96  # coarse grid of the fast path
+    # look for a wrapped phase field of view (ESPIRiT's second map); on such slices two-map
+    # SENSE takes the second map's part out (estimate_maps_and_wrap, prepare.unfold)
+    wrap: StrictBool = True
+
+    @model_validator(mode="after")
+    def _kernel_fits(self) -> EspiritParams:
+        if self.kernel_width >= self.calib_width:
+            raise ValueError(f"kernel_width {self.kernel_width} must be smaller than "
+                             f"calib_width ({self.calib_width})")
+        return self
 
 
 @dataclass
