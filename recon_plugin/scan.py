@@ -230,6 +230,8 @@ class RawScan:
     """A whole raw scan: header, slices in acquisition-independent order, optional noise.
 
     noise: (coils, samples) complex64 from noise-adjust acquisitions, or None.
+    file_slices: the slice indices the file holds where the reader read only some of them
+    (``read_raw(slices=...)``); None: ``slices`` hold every one.
     """
 
     header: ScanHeader
@@ -239,6 +241,13 @@ class RawScan:
     noise_dwell_time_us: float | None = None
     acq_dwell_time_us: float | None = None
     warnings: list[str] = field(default_factory=list)
+    file_slices: tuple[int, ...] | None = None
+
+    def all_slice_indices(self) -> list[int]:
+        """The slice indices of the scan as the file holds it (sorted)."""
+        if self.file_slices is not None:
+            return sorted(self.file_slices)
+        return sorted({s.slice_index for s in self.slices})
 
     def only_slices(self, indices: Collection[int]) -> RawScan:
         """This scan with only the slices whose ``slice_index`` is in ``indices`` (every
@@ -248,11 +257,10 @@ class RawScan:
         if any(s.plane is not None for s in self.slices):
             raise ValueError(f"{name}: a 3D slab accelerated along kz is reconstructed as a "
                              "whole; a slice selection does not apply to it")
-        have = {s.slice_index for s in self.slices}
+        have = set(self.all_slice_indices())
         wanted = set(indices)
         if not wanted & have:
-            raise ValueError(f"{name}: none of the slices {index_ranges(sorted(wanted))} is "
-                             f"in the scan, whose slices are {index_ranges(sorted(have))}")
+            raise no_slice_selected(name, wanted, have)
         if wanted - have:
             log.warning("%s: slices %s are not in the scan (its slices: %s)", name,
                         index_ranges(sorted(wanted - have)), index_ranges(sorted(have)))
@@ -268,6 +276,13 @@ class RawScan:
         if not any(np.any(s.kspace) for s in self.slices):
             raise RawDataError(f"{self.source or 'scan'}: every k-space sample is zero (no "
                                "signal was recorded)")
+
+
+def no_slice_selected(name: str, wanted: Collection[int],
+                      have: Collection[int]) -> RawDataError:
+    """The error of a slice selection (``--slices``) that names no slice of the scan."""
+    return RawDataError(f"{name}: none of the slices {index_ranges(sorted(wanted))} is in the "
+                      f"scan, whose slices are {index_ranges(sorted(have))}")
 
 
 def index_ranges(indices: list[int]) -> str:

@@ -361,6 +361,9 @@ def test_recon_slices_reconstructs_only_the_slices_asked_for(tmp_path, capsys, c
     assert "slices 4-9 are not in the scan (its slices: 0-3)" in caplog.text
     some = positions(tmp_path / "some")
     assert len(some) == 2 and set(some) < set(every)
+    # only slices 1 and 3 were read; the series still says what it lacks
+    for p in (tmp_path / "some").rglob("*.dcm"):
+        assert "PARTIAL SERIES: slices 1, 3 of the scan's 0-3" in pydicom.dcmread(p).ImageComments
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "none"), "--slices", "7"]) == 1
     assert "none of the slices 7 is in the scan, whose slices are 0-3" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from recon_plugin.io import read_raw
 from recon_plugin.io.ismrmrd_file import read_ismrmrd
 from recon_plugin.io.mrd_assembler import MrdAssembler
 from recon_plugin.physics import center_crop, fft2c, ifft2c, rss
-from recon_plugin.scan import Identity
+from recon_plugin.scan import Identity, RawDataError
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
 
@@ -395,6 +395,32 @@ def test_stream_with_counters_beyond_the_header_limits(tmp_path, vol):
 
 def _key(s) -> tuple[int, int, int]:
     return s.slice_index, s.contrast, s.repetition
+
+
+@pytest.mark.parametrize("layout", ["ismrmrd", "fastmri"])
+def test_a_slice_selection_reads_only_its_slices(tmp_path, vol, layout):
+    """``recon --slices`` had read the whole file: a file over the memory budget was refused
+    even for one slice. Now the readers place only the slices asked for (the same values as
+    a whole read), count only them against the budget and name the file's others."""
+    from recon_plugin.io import read_raw
+    from recon_plugin.sim.writers import write_fastmri
+
+    path = (write_ismrmrd(vol, tmp_path / "sel.h5", acceleration=2, calib_lines=8)
+            if layout == "ismrmrd" else write_fastmri(vol, tmp_path / "sel.h5", undersample=False))
+    whole = read_raw(path)
+    assert whole.file_slices is None and len(whole.slices) == 3
+    ref = {s.slice_index: s for s in whole.slices}
+    one = whole.slices[0].kspace.nbytes  # after the readout crop: under a slice's buffer
+    with pytest.raises(RawDataError, match="memory limit"):
+        read_raw(path, max_bytes=2 * one)
+    part = read_raw(path, max_bytes=2 * one, slices=[2, 5])
+    assert [s.slice_index for s in part.slices] == [2] and part.file_slices == (0, 1, 2)
+    np.testing.assert_array_equal(part.slices[0].kspace, ref[2].kspace)
+    assert part.slices[0].acs == ref[2].acs and not part.warnings
+    assert part.header.slice_spacing_mm == whole.header.slice_spacing_mm
+    with pytest.raises(RawDataError, match="none of the slices 5 is in the scan, whose slices "
+                                           "are 0-2"):
+        read_raw(path, slices=[5])
 
 def test_header_identity_round_trip(tmp_path, vol):
     ident = Identity(patient_name="Doe^Jane", patient_id="P123", patient_birth_date="19800102",

@@ -117,7 +117,8 @@ def recon_file(
     path, out_dir = Path(path), Path(out_dir)
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
-    scan = read_raw(path, max_bytes=max_bytes)
+    # a --slices trial reads only its slices where the layout allows it
+    scan = read_raw(path, max_bytes=max_bytes, slices=(overrides or {}).get("slices"))
     t["read"] = time.perf_counter() - t0  # the reader has logged its warnings
     protocol = (protocols.select(scan.header) if protocols is not None
                 else select_protocol(scan.header, protocol_name, protocol_dirs))

@@ -185,8 +185,8 @@ def _add_recon(sub: argparse._SubParsersAction) -> None:
                    "held-out lines); default: the protocol's image.measured_weight")
     s.add_argument("--slices", type=_slice_list, default=None, metavar="LIST",
                    help="reconstruct only these slices of each input: the raw file's slice "
-                   "indices (from 0), e.g. 7 or 0-3,8, every contrast and repetition of them "
-                   "(default: all)")
+                   "indices (from 0), e.g. 7 or 0-3,8, every contrast and repetition of them; "
+                   "a fastMRI or 2D ISMRMRD file is read for these only (default: all)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
     s.add_argument("--workers", type=_positive_int, default=1,

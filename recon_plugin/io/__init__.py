@@ -10,7 +10,7 @@ truncated, missing k-space or header, inconsistent shapes, NaNs, unknown layout)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 import h5py
@@ -70,22 +70,26 @@ def detect_format(path: str | Path) -> tuple[str, str | None]:
         f.close()
 
 
-def read_raw(path: str | Path, max_bytes: int | None = None, **kwargs) -> RawScan:
+def read_raw(path: str | Path, max_bytes: int | None = None,
+             slices: Collection[int] | None = None, **kwargs) -> RawScan:
     """Read any supported raw file into a validated :class:`RawScan` (format auto-detected).
 
     ``max_bytes``: every reader refuses a file whose declared k-space exceeds it before
-    allocating (None: their default budget, ``io/budget.py``). ``kwargs`` go to the ISMRMRD
+    allocating (None: their default budget, ``io/budget.py``). ``slices``: the slice indices
+    to read where the layout allows it (fastMRI and 2D ISMRMRD: the rest is passed over and
+    not counted in the budget; the scan's ``file_slices`` lists them all; a twix file and a 3D
+    slab are read whole). ``kwargs`` go to the ISMRMRD
     reader (``dataset``, ``noise_path``). Every failure is a RawDataError naming the file and
     the problem.
     """
     kind, group = detect_format(path)
     try:
         if kind == "fastmri":
-            return read_fastmri(path, max_bytes=max_bytes)
+            return read_fastmri(path, max_bytes=max_bytes, slices=slices)
         if kind == "twix":
             return read_twix(path, max_bytes=max_bytes)
         kwargs.setdefault("dataset", group)
-        return read_ismrmrd(path, max_bytes=max_bytes, **kwargs)
+        return read_ismrmrd(path, max_bytes=max_bytes, slices=slices, **kwargs)
     except RawDataError:
         raise
     except Exception as err:  # noqa: BLE001 - a reader bug must still name the file

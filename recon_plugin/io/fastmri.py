@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import h5py
@@ -42,7 +42,7 @@ import numpy as np
 
 from ..physics import acs_bounds, calibration_block, centre_run, crop_readout, is_2d_sampling
 from ..physics.masks import MAX_PARTIAL_LINES
-from ..scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData
+from ..scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData, no_slice_selected
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 
@@ -253,7 +253,8 @@ def _slice_data(k: np.ndarray, measured: np.ndarray, cols: np.ndarray, along_rea
                      target=target, slice_index=i)
 
 
-def read_fastmri(path: str | Path, max_bytes: int | None = None) -> RawScan:
+def read_fastmri(path: str | Path, max_bytes: int | None = None,
+                 slices: Collection[int] | None = None) -> RawScan:
     """Read a fastMRI-layout HDF5 file into a validated :class:`RawScan` (see module doc).
 
     Per slice: kspace (coils, ky = phase, kx = recon x) complex64, mask (ky, kx) from ``mask``
@@ -261,6 +262,8 @@ def read_fastmri(path: str | Path, max_bytes: int | None = None) -> RawScan:
     the contiguous centre run, target = transposed ``reconstruction_rss`` (ky_recon, kx_recon).
     The declared k-space (slices x coils x readout x phase) is checked against ``max_bytes``
     (None: :func:`~recon_plugin.io.budget.default_max_bytes`) before any slice is read.
+    ``slices``: read only these slice indices (``recon --slices``; the scan's ``file_slices``
+    lists them all); ValueError where none is in the file.
     """
     where = str(path)
     try:
@@ -268,7 +271,7 @@ def read_fastmri(path: str | Path, max_bytes: int | None = None) -> RawScan:
     except OSError as err:
         raise RawDataError(f"{where}: not a readable HDF5 file (truncated?): {err}") from err
     try:
-        return _read(f, where, max_bytes)
+        return _read(f, where, max_bytes, slices)
     except RawDataError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as err:
@@ -277,7 +280,8 @@ def read_fastmri(path: str | Path, max_bytes: int | None = None) -> RawScan:
         f.close()
 
 
-def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
+def _read(f: h5py.File, where: str, max_bytes: int | None = None,
+          selection: Collection[int] | None = None) -> RawScan:
     if "kspace" not in f:
         raise RawDataError(f"{where}: dataset 'kspace' is missing")
     if "ismrmrd_header" not in f:
@@ -303,8 +307,14 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     nsl, ncoil, nro, npe = shape
     if min(shape) < 1:
         raise RawDataError(f"{where}: 'kspace' is empty (shape {ds.shape})")
-    check_budget(where, f"'kspace' of {nsl} slices x {ncoil} coils x {nro} x {npe}",
-                 nsl * ncoil * nro * npe * 8, max_bytes)
+    indices = list(range(nsl))
+    if selection is not None:
+        indices = sorted(set(selection) & set(indices))
+        if not indices:
+            raise no_slice_selected(where, selection, range(nsl))
+    part = f" (of {nsl})" if len(indices) < nsl else ""
+    check_budget(where, f"'kspace' of {len(indices)}{part} slices x {ncoil} coils x {nro} x {npe}",
+                 len(indices) * ncoil * nro * npe * 8, max_bytes)
 
     xml = f["ismrmrd_header"][()]
     tree = parse_xml(xml, where, warnings)
@@ -339,10 +349,10 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
     geoms = _geometries(f, nsl, header.slice_spacing_mm or thickness, warnings, where)
     slices: list[SliceData] = []
     along_readout = False
-    for i in range(nsl):
+    for n, i in enumerate(indices):
         k = _load_slice(ds, i, single_coil, where)
         measured = np.any(k != 0, axis=0)  # (ky, kx_raw): where any coil recorded a sample
-        outside = measured[~window].any(axis=1).sum() if i == 0 else 0
+        outside = measured[~window].any(axis=1).sum() if n == 0 else 0
         if outside:  # the header's limits would drop measured data: the data win
             warn(f"kspace has measured samples in {outside} phase columns outside the header's "
                  "encoding limits; the limits are ignored")
@@ -350,7 +360,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
             file_mask = stored_mask
         cols = file_mask if file_mask is not None else measured.any(axis=1) & window
         lines_along_readout = file_mask is None and _lines_along_readout(measured, cols, window)
-        if i == 0 and lines_along_readout:
+        if n == 0 and lines_along_readout:
             if nx != nro:
                 raise RawDataError(
                     f"{where}: kspace is undersampled along its readout axis, which the header "
@@ -362,7 +372,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
                  "plane of a 3D scan); axis 2 is reconstructed as the phase-encode axis")
         elif lines_along_readout != along_readout:
             raise RawDataError(f"{where}: kspace slice {i} is undersampled along another axis "
-                               "than slice 0")
+                               f"than slice {indices[0]}")
         slices.append(_slice_data(
             k, measured, cols, along_readout, nx, geoms[i],
             None if target is None else np.asarray(target[i], np.float32),
@@ -401,6 +411,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None) -> RawScan:
         ),
         identity=ident,
     )
-    scan = RawScan(header=header, slices=slices, source=where, warnings=warnings)
+    scan = RawScan(header=header, slices=slices, source=where, warnings=warnings,
+                   file_slices=tuple(range(nsl)) if len(indices) < nsl else None)
     scan.validate()
     return scan

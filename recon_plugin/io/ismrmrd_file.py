@@ -12,6 +12,7 @@ Layout: ``/<dataset>/xml`` (header) and ``/<dataset>/data`` (acquisitions), as w
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import h5py
@@ -89,6 +90,7 @@ def read_ismrmrd(
     dataset: str = "dataset",
     noise_path: str | Path | None = None,
     max_bytes: int | None = None,
+    slices: Collection[int] | None = None,
 ) -> RawScan:
     """Read an ISMRMRD HDF5 file into a validated :class:`RawScan`.
 
@@ -98,6 +100,8 @@ def read_ismrmrd(
     union (:func:`add_interleaved_calibration`). Any problem raises RawDataError naming the file.
     The k-space the header declares, and every slice buffer, is checked against ``max_bytes``
     (None: :func:`~recon_plugin.io.budget.default_max_bytes`) before it is allocated.
+    ``slices``: place only the lines of these slice indices (2D; ``recon --slices``; the scan's
+    ``file_slices`` lists them all).
     """
     where = str(path)
     try:
@@ -117,7 +121,8 @@ def read_ismrmrd(
         except (OSError, ValueError, IndexError) as err:
             raise RawDataError(f"{where}: ISMRMRD header cannot be read: {err}") from err
         asm = MrdAssembler(xml, source=where, emit_early=False,
-                           max_bytes=default_max_bytes() if max_bytes is None else max_bytes)
+                           max_bytes=default_max_bytes() if max_bytes is None else max_bytes,
+                           slices=slices)
         if not container.has_acquisitions():
             raise RawDataError(f"{where}: no acquisitions (dataset '{dataset}/data' missing)")
         slices = list(asm.process(_iter_acquisitions(container, where)))

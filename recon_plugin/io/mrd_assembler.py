@@ -39,13 +39,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import ismrmrd
 import numpy as np
 
 from ..physics import centre_run
-from ..scan import Geometry, RawDataError, RawScan, SlabPlane, SliceData, index_ranges
+from ..scan import (
+    Geometry,
+    RawDataError,
+    RawScan,
+    SlabPlane,
+    SliceData,
+    index_ranges,
+    no_slice_selected,
+)
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 from .mrd_calibration import separate_calibration
@@ -107,7 +115,7 @@ class MrdAssembler:
     """
 
     def __init__(self, header_xml: str | bytes, source: str = "", emit_early: bool = True,
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, slices: Collection[int] | None = None):
         self.source = source or "stream"
         self.warnings: list[str] = []
         self._hdr = parse_xml(header_xml, self.source, self.warnings)
@@ -123,9 +131,15 @@ class MrdAssembler:
         self.emit_early = emit_early
         self.max_bytes = max_bytes
         self._allocated = 0
+        # a slice selection (2D only: a slab's partitions come from the whole slab): the
+        # slice indices read, and those passed over
+        self._wanted = set(slices) if slices is not None and self.nz <= 1 else None
+        self._passed: set[int] = set()
         if max_bytes is not None:
             counts = [self.enc.limit_max(k) + 1
                       for k in ("slice", "contrast", "phase", "repetition", "set")]
+            if self._wanted is not None:
+                counts[0] = min(counts[0], len(self._wanted))
             n = int(np.prod(counts, dtype=np.int64))
             coils = max(int(self.header.num_coils or 1), 1)
             ny, nx = self.enc.ny, self.enc.nx
@@ -319,7 +333,7 @@ class MrdAssembler:
                 sl.notes.append(f"INCOMPLETE: {msg}")
             out.append(sl)
         declared = self.enc.limit_max("slice") + 1
-        missing = sorted(set(range(declared)) - {k[0] for k in self._emitted})
+        missing = sorted(set(range(declared)) - {k[0] for k in self._emitted} - self._passed)
         if missing and self._emitted:
             self._warn(f"the header declares slices {index_ranges(list(range(declared)))}; "
                        f"slice(s) {index_ranges(missing)} never came (the acquisition stopped "
@@ -343,15 +357,18 @@ class MrdAssembler:
                 {(s.slice_index, float(s.geometry.position @ s.geometry.slice_dir))
                  for s in slices}
             )
-            if len(pos) > 1:
-                header = dataclasses.replace(
-                    header, slice_spacing_mm=abs(pos[1][1] - pos[0][1]) or None
-                )
+            if len(pos) > 1:  # per index step (a slice selection may skip some)
+                step = abs(pos[1][1] - pos[0][1]) / max(pos[1][0] - pos[0][0], 1)
+                header = dataclasses.replace(header, slice_spacing_mm=step or None)
         noise = self._usable_noise()
+        read = {s.slice_index for s in slices}
+        if self._wanted is not None and not read and self._passed:
+            raise no_slice_selected(self.source, self._wanted, self._passed)
         return RawScan(
             header=header, slices=slices, noise=noise, source=self.source,
             noise_dwell_time_us=self.noise_dwell_us, acq_dwell_time_us=self.acq_dwell_us,
             warnings=list(self.warnings),
+            file_slices=tuple(sorted(read | self._passed)) if self._passed else None,
         )
 
     # ---------------------------------------------------------------------------- internals
@@ -397,6 +414,9 @@ class MrdAssembler:
         idx = acq.idx
         key: Key = (int(idx.slice), int(idx.contrast), int(idx.phase), int(idx.repetition),
                     int(idx.set))
+        if self._wanted is not None and key[0] not in self._wanted:
+            self._passed.add(key[0])
+            return []
         if acq.active_channels < 1:  # else the first such line would set the scan's count
             raise RawDataError(f"{self.source}: acquisition {acq.scan_counter} carries no "
                                "receiver channels")
@@ -493,6 +513,8 @@ class MrdAssembler:
             self._warn(f"calibration data dropped: {err}", once=f"calib-enc-{ref}")
             return
         sl = int(acq.idx.slice)
+        if self._wanted is not None and sl not in self._wanted:
+            return
         entry = self._calib.get(sl)
         if entry is None:
             self._reserve(int(acq.active_channels), enc)

@@ -453,7 +453,7 @@ class Reconstructor:
         scan's slices; ``settings.slices`` where given, else all)."""
         partial = None
         if settings.slices is not None:
-            whole = sorted({sl.slice_index for sl in scan.slices})
+            whole = scan.all_slice_indices()
             scan = scan.only_slices(settings.slices)
             chosen = sorted({sl.slice_index for sl in scan.slices})
             if chosen != whole:
