@@ -112,3 +112,25 @@ def test_a_rerun_drops_the_queued_delivery_of_the_series_it_replaced(tmp_path):
     items = queued_items(out / ".pacs-queue")
     assert len(items) == 2  # the rerun's, and the other scan's (not replaced: kept)
     assert all(Path(o).is_file() for i in items for o in i["origin"])
+
+
+def test_a_batch_tries_a_silent_pacs_once(tmp_path, monkeypatch, caplog):
+    """Three inputs, a PACS that does not answer: the first input's delivery tries it (and
+    queues), the others queue at once (each had waited the association timeout, 30 s)."""
+    from recon_plugin.output import pacs
+
+    calls = []
+    real = pacs.send_files
+    monkeypatch.setattr(pacs, "send_files", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    raws = []
+    for i in range(3):
+        vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32),
+                              snr=40.0, seed=i)
+        raws.append(write_ismrmrd(vol, tmp_path / f"scan{i}.h5", acceleration=2,
+                                  calib_lines=16))
+    out = tmp_path / "out"
+    assert main(["-q", "recon", *map(str, raws), "--out", str(out), "--method", "zero-filled",
+                 "--send", NOBODY]) == 1  # made, but queued: not delivered yet
+    assert [str(t) for t in calls] == [NOBODY]
+    assert [len(i["files"]) for i in queued_items(out / ".pacs-queue")] == [1, 1, 1]
+    assert caplog.text.count("did not answer earlier in this run") == 2

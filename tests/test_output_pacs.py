@@ -283,3 +283,65 @@ def test_concurrent_drain_is_skipped(tmp_path):
         assert locked
         assert pacs.drain(queue, timeout=2) == (0, 0)
     assert len(pacs.queued_items(queue)) == 1
+
+
+def test_a_torn_file_is_not_stored(orthanc, tmp_path):
+    """A queued .dcm cut short (pixel data half there): pydicom reads it, and Orthanc had
+    stored it as it was while the queue counted it delivered (found by fuzzing). Now it
+    fails alone, named, and the good file of the batch still arrives."""
+    paths = write_series(tmp_path / "dcm", nslices=2, seed=8)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) - 1000])
+    before = orthanc.sop_uids()
+    res = pacs.send_files(paths, orthanc.target, CALLING, timeout=10)
+    assert res.sent == [paths[0]] and list(res.failed) == [paths[1]]
+    assert "truncated DICOM file: its pixel data hold" in res.failed[paths[1]]
+    assert orthanc.sop_uids() - before == uids(paths[:1])
+
+
+def test_a_bad_manifest_is_put_aside_and_the_queue_drains(tmp_path, caplog):
+    """Manifests that are valid JSON but not a manifest (a list; attempts 'abc') had crashed
+    `send` with a traceback (and with it a batch delivering into the same queue), blocking
+    every item behind them; a manifest that could not be read stayed queued for ever. Now
+    each is named and moved to dead/, and the good items are tried."""
+    queue = tmp_path / "q"
+    port = free_port()  # nothing listens: the good item stays queued, attempted
+    good = pacs.enqueue(write_series(tmp_path / "a", nslices=1, seed=9),
+                        f"PACS@127.0.0.1:{port}", queue, CALLING)
+    bad = {}
+    for name, text in (("list", "[1, 2]"), ("attempts", None), ("garbage", "{not json")):
+        item = pacs.enqueue(write_series(tmp_path / name, nslices=1, seed=10),
+                            f"PACS@127.0.0.1:{port}", queue, CALLING)
+        if text is None:
+            m = json.loads((item / "manifest.json").read_text())
+            text = json.dumps({**m, "attempts": "abc"})
+        (item / "manifest.json").write_text(text)
+        bad[name] = item.name
+    assert len(pacs.queued_items(queue)) == 1  # the others logged, not a crash
+    assert pacs.drain(queue, timeout=2) == (0, 1)
+    assert [i["path"] for i in pacs.queued_items(queue)] == [str(good)]
+    assert sorted(p.name for p in (queue / "dead").iterdir()) == sorted(bad.values())
+    assert "'attempts' is 'abc', not a whole number" in caplog.text
+    assert "a JSON list, not an object" in caplog.text
+
+
+def test_a_target_that_did_not_answer_is_not_waited_for_again(tmp_path, monkeypatch):
+    """A batch sending to a PACS that does not answer waited its 30 s timeout for every input
+    (3 inputs: 92 s). With the run's memory of targets that failed, the later inputs are
+    queued at once."""
+    calls = []
+    real = pacs.send_files
+
+    def counting(*args, **kw):
+        calls.append(args[1])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pacs, "send_files", counting)
+    queue, down = tmp_path / "q", set()
+    target = f"PACS@127.0.0.1:{free_port()}"
+    for i in range(3):
+        paths = write_series(tmp_path / f"s{i}", nslices=1, seed=11 + i)
+        assert pacs.send_or_enqueue(paths, target, queue, CALLING, timeout=2,
+                                    down=down) == (0, 1)
+    assert len(calls) == 1 and down == {target}
+    assert len(pacs.queued_items(queue)) == 3

@@ -158,6 +158,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     clean_stale(out_dir)
     state = load_state(out_dir)
     asked = job_settings(protocol, formats, overrides, protocol_dirs)
+    down: set[str] = set()  # PACS targets that did not answer: the later inputs queue at once
     todo = []
     for path in files:
         key = str(path.resolve())
@@ -178,7 +179,8 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         if entry.get("delivery"):  # published, delivery not finished: same files, same UIDs
             log.info("%s: delivering the published series again", path)
             r.redelivered = True
-            _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, out_dir, state)
+            _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, out_dir, state,
+                     down)
         results.append(r)
     bar = tqdm(total=len(todo), desc="recon", disable=bars(progress), dynamic_ncols=True)
 
@@ -198,7 +200,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             save_state(out_dir, state)
             if plan:
                 drop_superseded(plan.queue, out_dir / output_name(path))  # the replaced run's
-                _deliver(r, plan, state[key], out_dir, state)
+                _deliver(r, plan, state[key], out_dir, state, down)
         results.append(r)
 
     # log lines go through tqdm while the bars are shown, so that neither cuts the other
@@ -235,11 +237,13 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             bar.close()
 
 
-def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict) -> None:
+def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict,
+             down: set[str]) -> None:
     """Deliver ``r``'s DICOM by ``plan``, then clear the pending delivery of its state ``entry``.
     When a target broke off (files neither sent nor queued) the delivery stays pending, so
-    ``--resume`` delivers again, and the input is reported failed."""
-    report = plan.deliver(r.outputs)
+    ``--resume`` delivers again, and the input is reported failed. ``down``: the batch's
+    targets that did not answer (their files are queued without trying)."""
+    report = plan.deliver(r.outputs, down)
     r.queued, r.queue = report.queued, str(plan.queue)
     if report.failed:
         r.ok = False

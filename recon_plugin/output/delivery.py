@@ -80,17 +80,20 @@ class DeliveryPlan:
         """The plan :meth:`to_state` recorded."""
         return cls(tuple(state["targets"]), state["calling_aet"], Path(state["queue"]))
 
-    def deliver(self, paths: Iterable[Path | str]) -> DeliveryReport:
+    def deliver(self, paths: Iterable[Path | str],
+                down: set[str] | None = None) -> DeliveryReport:
         """C-STORE the ``.dcm`` files among ``paths`` to every target; what does not arrive is
         queued. A target whose files can be neither sent nor queued is logged and counted in
-        ``failed``; the other targets still get theirs."""
+        ``failed``; the other targets still get theirs. ``down``: the run's memory of targets
+        that did not answer (:func:`~recon_plugin.output.pacs.send_or_enqueue`)."""
         files = [Path(p) for p in paths if Path(p).suffix == ".dcm"]
         report = DeliveryReport()
         if not files:
             return report
         for target in self.targets:
             try:
-                sent, queued = send_or_enqueue(files, target, self.queue, self.calling_aet)
+                sent, queued = send_or_enqueue(files, target, self.queue, self.calling_aet,
+                                               down=down)
             except Exception as exc:  # noqa: BLE001 - one broken target must not stop the others
                 log.error("PACS %s: delivery of %d files broke off (queue %s): %s: %s", target,
                           len(files), self.queue, type(exc).__name__, exc)

@@ -185,6 +185,10 @@ def send_files(
                 continue
             try:
                 ds = dcmread(p)
+                short = _short_pixel_data(ds)
+                if short:  # a PACS would store the torn image as it is
+                    result.failed[p] = short
+                    continue
                 status = assoc.send_c_store(ds)
             except Exception as exc:  # noqa: BLE001 - report and continue with the next file
                 result.failed[p] = f"C-STORE failed: {exc}"
@@ -205,6 +209,22 @@ def send_files(
     log.info("sent %d/%d files to %s", len(result.sent), len(result.sent) + len(result.failed),
              tgt)
     return result
+
+
+def _short_pixel_data(ds) -> str | None:
+    """Why the uncompressed pixel data of ``ds`` are shorter than its image attributes say
+    (a file cut short), or None."""
+    if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
+        return None
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+    except (AttributeError, TypeError, ValueError):
+        return "no complete image attributes (Rows, Columns, BitsAllocated)"
+    got = len(ds.PixelData)
+    if got < expected:
+        return f"truncated DICOM file: its pixel data hold {got} of {expected} bytes"
+    return None
 
 
 # --------------------------------------------------------------------------- durable queue
@@ -286,21 +306,41 @@ def clean_stale(queue_dir: Path | str) -> int:
     return n
 
 
-def queued_items(queue_dir: Path | str) -> list[dict]:
-    """Manifests of queued batches, oldest first (each with an added ``path`` key)."""
+def queued_items(queue_dir: Path | str, unreadable: list[Path] | None = None) -> list[dict]:
+    """Manifests of queued batches, oldest first (each with an added ``path`` key). An item
+    whose manifest cannot be read or is not one (see :func:`_manifest`) is logged and left out
+    (appended to ``unreadable`` where given)."""
     qdir = Path(queue_dir)
     if not qdir.is_dir():
         return []
     items = []
     for d in _item_dirs(qdir):
         try:
-            m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+            m = _manifest(json.loads((d / MANIFEST).read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:
             log.error("queue item %s has an unreadable manifest: %s", d, exc)
+            if unreadable is not None:
+                unreadable.append(d)
             continue
         m["path"] = str(d)
         items.append(m)
     return items
+
+
+def _manifest(m: object) -> dict:
+    """A manifest as :func:`enqueue` writes it (an object with a ``target`` text, ``files``
+    names and a whole ``attempts`` count); ValueError naming what is not."""
+    if not isinstance(m, dict):
+        raise ValueError(f"a JSON {type(m).__name__}, not an object")
+    if not isinstance(m.get("target"), str):
+        raise ValueError(f"'target' is {m.get('target')!r}, not a text")
+    files = m.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValueError(f"'files' is {str(files)[:60]!r}, not a list of file names")
+    attempts = m.get("attempts", 0)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise ValueError(f"'attempts' is {attempts!r}, not a whole number")
+    return m
 
 
 def drop_superseded(queue_dir: Path | str, folder: Path | str) -> int:
@@ -389,7 +429,11 @@ def drain(
             log.warning("queue %s is being drained by another process; nothing sent", qdir)
             return 0, 0
         down: dict[str, str] = {}
-        for item in queued_items(qdir):
+        unreadable: list[Path] = []
+        items = queued_items(qdir, unreadable)
+        for d in unreadable:  # nothing says where its files go: kept aside, never retried
+            _give_up(qdir, d, "its manifest cannot be read")
+        for item in items:
             d = Path(item.pop("path"))
             files = [d / n for n in item.get("files", [])]
             target = item.get("target", "")
@@ -414,14 +458,18 @@ def drain(
                         last_attempt=_now(), last_error=error)
             _write_json_atomic(d / MANIFEST, item)
             if max_attempts is not None and item["attempts"] >= max_attempts:
-                dead = qdir / DEAD_DIR
-                dead.mkdir(exist_ok=True)
-                os.replace(d, dead / d.name)
-                log.error("queue item %s gave up after %d attempts: %s", d.name,
-                          item["attempts"], error)
+                _give_up(qdir, d, f"after {item['attempts']} attempts: {error}")
     if sent_total or failed_total:
         log.info("drained %s: %d sent, %d still queued", qdir, sent_total, failed_total)
     return sent_total, failed_total
+
+
+def _give_up(qdir: Path, item: Path, why: str) -> None:
+    """Move a queue item to ``dead/`` (kept, never deleted), logging why."""
+    dead = qdir / DEAD_DIR
+    dead.mkdir(exist_ok=True)
+    os.replace(item, dead / item.name)
+    log.error("queue item %s given up (moved to %s): %s", item.name, dead, why)
 
 
 def send_or_enqueue(
@@ -431,10 +479,21 @@ def send_or_enqueue(
     calling_aet: str = DEFAULT_CALLING_AET,
     *,
     timeout: float = 30.0,
+    down: set[str] | None = None,
 ) -> tuple[int, int]:
-    """Send now; whatever does not arrive is queued. Returns ``(sent, queued)`` file counts."""
+    """Send now; whatever does not arrive is queued. Returns ``(sent, queued)`` file counts.
+
+    ``down``: the targets no association could be made with earlier in this run (a batch's
+    memory): their files are queued without trying (a PACS that does not answer cost each
+    input its timeout), and a target that fails now is added."""
     tgt = target if isinstance(target, PacsTarget) else parse_target(target)
     files = [Path(p) for p in paths]
+    if down is not None and str(tgt) in down:
+        log.warning("PACS %s did not answer earlier in this run: %d files queued in %s without "
+                    "trying (`recon-plugin send --queue %s` delivers them)", tgt, len(files),
+                    queue_dir, queue_dir)
+        enqueue(files, tgt, queue_dir, calling_aet)
+        return 0, len(files)
     try:
         res = send_files(files, tgt, calling_aet, timeout=timeout)
         pending = list(res.failed)
@@ -442,6 +501,8 @@ def send_or_enqueue(
             log.warning("%s not stored on %s (%s); queued", p.name, tgt, why)
     except PacsError as exc:
         log.warning("%s; queueing %d files in %s", exc, len(files), queue_dir)
+        if down is not None:
+            down.add(str(tgt))
         res, pending = SendResult(), files
     if pending:
         enqueue(pending, tgt, queue_dir, calling_aet)
