@@ -4,6 +4,7 @@ zero-filled image equals an RSS computed here with twixtools and numpy only."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import h5py
@@ -193,9 +194,9 @@ def test_a_3d_twix_measurement_reads_as_partitions(monkeypatch):
     ``CenterPar`` 4): partition z's k-space is the profile's value at z times the 2D slice's,
     the partitions lie the slab thickness / 8 apart along the slice direction, 3D in the header.
     A mechanics check: no real 3D twix file is at hand."""
-    import twixtools
+    from recon_plugin.io import twix as twix_reader
 
-    real = twixtools.read_twix(str(DAT), verbose=False, keep_syncdata=False, parse_pmu=False)
+    real = twix_reader._measurements(DAT, str(DAT))
     nz, centre = 8, 4
     profile = np.linspace(1.0, 2.0, nz)  # the object's values along z, one per partition
     k_profile = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(profile), norm="ortho"))
@@ -206,7 +207,7 @@ def test_a_3d_twix_measurement_reads_as_partitions(monkeypatch):
                                           "lImagesPerSlab": nz}
     meas["mdb"] = [(_Partition(m, p, centre, k_profile[p]) if m.is_image_scan() else m)
                    for m in real[-1]["mdb"] for p in (range(nz) if m.is_image_scan() else [0])]
-    monkeypatch.setattr(twixtools, "read_twix", lambda *a, **k: [*real[:-1], meas])
+    monkeypatch.setattr(twix_reader, "_measurements", lambda *a: [*real[:-1], meas])
     scan3d = read_raw(DAT)
     monkeypatch.undo()
     (flat,) = read_raw(DAT).slices
@@ -245,3 +246,44 @@ def test_twix_identity_is_valid_xml_whatever_the_header_holds():
     assert (s.patientName, s.patientID, s.patientGender) == ("Doe^Jane & <Co>", "P1", "M")
     assert s.patientBirthdate is None and tree.studyInformation is None  # month 13: left out
     assert tree.measurementInformation.measurementID == "45385_6327770_6327775_12"
+
+
+def _damaged(tmp_path, name: str, *edits: tuple[int, str, int]) -> Path:
+    """A copy of the real phantom with ``(byte offset, struct format, value)`` written over."""
+    import struct
+
+    data = bytearray(DAT.read_bytes())
+    for off, fmt, value in edits:
+        struct.pack_into(fmt, data, off, value)
+    out = tmp_path / f"{name}.dat"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_damaged_twix_file_is_refused_at_once(tmp_path):
+    """Found by fuzzing the real phantom: a multi-RAID count of 65 (twixtools read the file as
+    VB and grew to 7 GB), a measurement placed at byte 0 (twixtools looped for ever), and a
+    readout header damaged into an early ACQEND in a file of full length (twixtools stopped
+    there: 5 of 160 lines made a DICOM with exit 0). Each is now one clear RawDataError."""
+    import struct
+    import time
+
+    from recon_plugin.scan import RawDataError
+
+    data = DAT.read_bytes()
+    meas = struct.unpack_from("<Q", data, 16)[0]  # multi-RAID entry 0: id, file id, offset
+    first = meas + struct.unpack_from("<I", data, meas)[0]  # its first readout header
+    line = 192 + 2 * (32 + 8 * 320)  # a readout: header, 2 channels of 320 samples
+    mask = first + 5 * line + 40  # the 6th readout's EvalInfoMask (bit 0: ACQEND)
+    cases = {
+        "count": ((4, "<I", 65), "declares 65 measurements (a VD/VE file holds 1 to 64)"),
+        "offset": ((16, "<Q", 0), "puts measurement 0 at byte 0"),
+        "acqend": ((mask, "<Q", struct.unpack_from("<Q", data, mask)[0] | 1),
+                   f"readout header at byte {first + 5 * line} (measurement 0) ends the "
+                   "measurement (ACQEND)"),
+    }
+    for name, (edit, message) in cases.items():
+        t0 = time.monotonic()
+        with pytest.raises(RawDataError, match=re.escape(message)):
+            read_raw(_damaged(tmp_path, name, edit))
+        assert time.monotonic() - t0 < 20, name

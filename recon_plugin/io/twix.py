@@ -1,7 +1,8 @@
 """Siemens twix raw files (``.dat``, VB and VD/VE) -> :class:`RawScan`, read with ``twixtools``.
 
-``twixtools.read_twix`` parses the file (VB: one measurement; VD/VE multi-RAID: the adjustment
-measurements first, the imaging measurement last). Every readout (MDB) becomes an
+``twixtools.read_twix`` parses the file's headers (VB: one measurement; VD/VE multi-RAID: the
+adjustment measurements first, the imaging measurement last) and twixtools' readout loop, with
+guards for damaged files, reads the readouts (:func:`_readouts`). Every readout (MDB) becomes an
 ``ismrmrd.Acquisition`` that goes through the same :class:`~recon_plugin.io.mrd_assembler.MrdAssembler`
 as ISMRMRD files and streams, with an ISMRMRD header built from the twix protocol:
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import io
 import logging
 import re
@@ -327,16 +329,96 @@ def _check_length(p: Path, where: str) -> None:
     if len(head) < 8:
         raise RawDataError(f"{where}: {size} bytes, too short for a Siemens twix file")
     first, count = (int(v) for v in np.frombuffer(head[:8], np.uint32))
-    if not (first < 10000 and count <= 64):  # VB: the file starts with its header length
+    if first >= 10000:  # VB: the file starts with its header length
         return
+    if not 1 <= count <= 64:  # twixtools would read it as VB and never stop
+        raise RawDataError(f"{where}: damaged Siemens twix file: its multi-RAID header declares "
+                           f"{count} measurements (a VD/VE file holds 1 to 64)")
     if len(head) < hdr_def.MultiRaidFileHeader.itemsize:
         raise RawDataError(f"{where}: truncated Siemens twix file: {size} bytes end inside its "
                            "multi-RAID header")
     entries = np.frombuffer(head, hdr_def.MultiRaidFileHeader, count=1)[0]["entry"][:count]
+    start = hdr_def.MultiRaidFileHeader.itemsize
+    for k, e in enumerate(entries):  # in file order, each after the one before
+        off, length = int(e["off_"]), int(e["len_"])
+        if off < start or (length == 0 and count > 1):
+            raise RawDataError(f"{where}: damaged Siemens twix file: its multi-RAID header puts "
+                               f"measurement {k} at byte {off} (length {length}), inside the "
+                               f"header or the measurement before (from byte {start})")
+        start = off + length
     end = max((int(e["off_"]) + int(e["len_"]) for e in entries), default=0)
     if end > size:
         raise RawDataError(f"{where}: truncated Siemens twix file: {size} bytes, but its header "
                            f"declares measurements up to byte {end}")
+
+
+# bytes a measurement may hold after its ACQEND readout (none in the files seen; a readout
+# header damaged into an early ACQEND leaves much more)
+_ACQEND_SLACK = 64 << 10
+
+
+def _readouts(fid, meas: dict, size: int, where: str, index: int) -> list:
+    """The readouts (``twixtools.mdb.Mdb``) of measurement ``index`` of a file that
+    ``twixtools.read_twix(parse_data=False)`` parsed the headers of: twixtools' own loop with
+    guards. A readout header that cannot be read, has length 0 (twixtools loops for ever) or
+    ends the measurement (ACQEND) long before its declared end (twixtools stops there without
+    a word: a damaged header in a file of full length) is refused, naming the byte. (A
+    readout's length is twixtools' count of its channels and samples.)"""
+    import twixtools
+
+    raid = meas.get("raidfile_hdr")
+    start = int(raid["off_"]) if raid is not None else 0
+    end = start + int(raid["len_"]) if raid is not None else size
+    pos = start + len(meas["hdr_str"])
+    mdbs = []
+    while pos + 128 < end:
+        fid.seek(pos)
+        try:
+            mdb = twixtools.mdb.Mdb(fid, raid is not None)
+        except (ValueError, IndexError) as err:
+            raise RawDataError(f"{where}: damaged Siemens twix file: the readout header at byte "
+                               f"{pos} (measurement {index}) cannot be read: {err}") from err
+        at, length = pos, int(mdb.dma_len)
+        damaged = f"{where}: damaged Siemens twix file: the readout header at byte {at} " \
+                  f"(measurement {index})"
+        if length <= 0:
+            raise RawDataError(f"{damaged} declares length 0")
+        pos += length
+        if mdb.is_flag_set("SYNCDATA"):
+            continue
+        if mdb.is_flag_set("ACQEND"):
+            if end - at > max(_ACQEND_SLACK, 0.01 * (end - start)):
+                raise RawDataError(f"{damaged} ends the measurement (ACQEND) {end - at} bytes "
+                                   f"before the end its header declares (byte {end})")
+            break
+        mdbs.append(mdb)
+    return mdbs
+
+
+def _measurements(p: Path, where: str) -> list[dict]:
+    """twixtools' measurements of the file (``hdr``, ``mdb`` readouts, ...): its headers by
+    ``twixtools.read_twix``, its readouts by :func:`_readouts`; RawDataError for anything
+    twixtools cannot read. twixtools prints its warnings: they go to the log, named by file."""
+    import twixtools
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            meas = twixtools.read_twix(str(p), verbose=False, parse_data=False,
+                                       parse_geometry=False, parse_pmu=False)
+        with p.open("rb") as fid:
+            for k, m in enumerate(meas):
+                m["mdb"] = _readouts(fid, m, p.stat().st_size, where, k)
+    except RawDataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - twixtools raises anything on a bad file
+        why = (f"its header lacks {err} (truncated or damaged?)" if isinstance(err, KeyError)
+               else f"{type(err).__name__}: {err}")
+        raise RawDataError(f"{where}: not a readable Siemens twix file: {why}") from err
+    finally:
+        for line in filter(None, (x.strip() for x in said.getvalue().splitlines())):
+            log.warning("%s: twixtools: %s", where, line.removeprefix("WARNING: "))
+    return meas
 
 
 def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
@@ -349,23 +431,10 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     p = Path(path)
     if not p.is_file():
         raise RawDataError(f"{where}: file not found")
-    try:
-        import twixtools
-    except ImportError as err:  # pragma: no cover - an install_requires dependency
-        raise RawDataError(f"{where}: reading twix needs the twixtools package: {err}") from err
+    if importlib.util.find_spec("twixtools") is None:  # pragma: no cover - a dependency
+        raise RawDataError(f"{where}: reading twix needs the twixtools package")
     _check_length(p, where)
-    said = io.StringIO()  # twixtools prints its warnings: they go to the log, named by file
-    try:
-        with contextlib.redirect_stdout(said):
-            meas = twixtools.read_twix(str(p), verbose=False, keep_syncdata=False,
-                                       parse_pmu=False)
-    except Exception as err:  # noqa: BLE001 - twixtools raises anything on a bad file
-        why = (f"its header lacks {err} (truncated or damaged?)" if isinstance(err, KeyError)
-               else f"{type(err).__name__}: {err}")
-        raise RawDataError(f"{where}: not a readable Siemens twix file: {why}") from err
-    finally:
-        for line in filter(None, (x.strip() for x in said.getvalue().splitlines())):
-            log.warning("%s: twixtools: %s", where, line.removeprefix("WARNING: "))
+    meas = _measurements(p, where)
     if not meas:
         raise RawDataError(f"{where}: twix file holds no measurement")
     img_meas = meas[-1]
