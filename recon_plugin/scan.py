@@ -59,14 +59,21 @@ class Geometry:
 
     @staticmethod
     def from_vectors(position, read_dir, phase_dir, slice_dir) -> Geometry:
-        """Build from header vectors; all-zero or non-orthonormal vectors give the default."""
+        """Build from header vectors; all-zero, non-finite or non-orthonormal vectors give
+        the default (at the origin where the position is not finite either)."""
         r, p, s = (np.asarray(v, dtype=np.float64) for v in (read_dir, phase_dir, slice_dir))
         pos = np.asarray(position, dtype=np.float64)
+        if not np.isfinite(pos).all():
+            pos = np.zeros(3)
+            if np.isfinite(r).all() and np.isfinite(p).all():
+                return Geometry.default(pos)  # directions without a place are no geometry
+        if not (np.isfinite(r).all() and np.isfinite(p).all()):
+            return Geometry.default(pos)
         nr, np_ = np.linalg.norm(r), np.linalg.norm(p)
         if nr < 1e-6 or np_ < 1e-6 or abs(float(r @ p)) > 1e-3 * nr * np_:
             return Geometry.default(pos)
         r, p = r / nr, p / np_
-        if np.linalg.norm(s) < 1e-6:
+        if not np.isfinite(s).all() or np.linalg.norm(s) < 1e-6:
             s = np.cross(r, p)
         s = s / np.linalg.norm(s)
         return Geometry(pos, r, p, s)

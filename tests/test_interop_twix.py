@@ -236,7 +236,8 @@ def test_twix_identity_is_valid_xml_whatever_the_header_holds():
                     "tFrameOfReference": "1.3.12.2.1107.5.2.19.45385.1.20211332151635693.0.0.0",
                     "DeviceSerialNumber": 45385.0, "PatientLOID": "6.0.66327770",
                     "StudyLOID": "6.0.66327775", "MeasUID": 12.0},
-           "Dicom": {"lFrequency": 123251815}}  # experimentalConditions, which the schema needs
+           "Dicom": {"lFrequency": 123251815},  # experimentalConditions, which the schema needs
+           "MeasYaps": {"sSliceArray": {"asSlice": [{"dReadoutFOV": 200.0}]}}}  # (FOV needed)
     xml = header_xml(hdr, n_samples=128, max_lin=63, centre_lin=32, n_slices=1, n_echoes=1,
                      n_coils=2, separate_ref=False)
     warnings: list[str] = []
@@ -287,3 +288,21 @@ def test_a_damaged_twix_file_is_refused_at_once(tmp_path):
         with pytest.raises(RawDataError, match=re.escape(message)):
             read_raw(_damaged(tmp_path, name, edit))
         assert time.monotonic() - t0 < 20, name
+    # a negative readout FOV had made a DICOM one pixel tall (the recon matrix from the FOVs)
+    fov = tmp_path / "fov.dat"
+    fov.write_bytes(data.replace(b"dReadoutFOV\t = \t200.0", b"dReadoutFOV\t = \t-20.0"))
+    with pytest.raises(RawDataError, match=r"field of view \(sSliceArray.asSlice\[0\] "
+                                           r"dReadoutFOV -20 mm, dPhaseFOV 200 mm\) is not"):
+        read_raw(fov)
+    # one readout's line counter at 65535 had sized a 65536-line grid (1.3 GB) and failed the
+    # DICOM's AcquisitionMatrix: the protocol's 160 lines hold, and that line is dropped
+    lin = read_raw(_damaged(tmp_path, "lin", (first + 80 * line + 52, "<H", 65535)))
+    assert lin.header.encoded_matrix[1] == 160
+    assert any("kspace_encode_step_1=65535 lies outside" in w for w in lin.warnings)
+    # a NaN slice rotation in every readout: the default geometry with a warning (the reader
+    # had passed NaN directions on, and the scan failed at the DICOM write)
+    nan = read_raw(_damaged(tmp_path, "quat", *((first + i * line + 112 + 4 * q, "<f", np.nan)
+                                                for i in range(160) for q in range(4))))
+    geo = nan.slices[0].geometry
+    assert geo.defaulted and np.isfinite(geo.read_dir).all() and np.isfinite(geo.position).all()
+    assert any("not finite" in w for w in nan.warnings)

@@ -251,14 +251,15 @@ class MrdAssembler:
         if not geo.defaulted and is_siemens(self.header.sequence.manufacturer):
             geo = siemens_image_axes(geo)
         if geo.defaulted:
-            if not np.any(np.asarray(acq.position)):
+            if not np.any(geo.position):  # also where the header's was not finite
                 spacing = (
                     self.header.slice_spacing_mm or self.header.slice_thickness_mm or 1.0
                 )
                 geo = Geometry.default(np.array([0.0, 0.0, slice_idx * spacing]))
             self._warn(
-                "acquisition direction vectors are zero or not orthonormal; default axial "
-                "geometry used (slices stacked along z)", once="geometry",
+                "acquisition position or direction vectors are zero, not finite or not "
+                "orthonormal; default axial geometry used (slices stacked along z)",
+                once="geometry",
             )
         return geo
 

@@ -179,6 +179,9 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     sl = (_get(my, "sSliceArray", "asSlice") or [{}])[0]
     ro_fov = float(sl.get("dReadoutFOV", 0) or 0)
     pe_fov = float(sl.get("dPhaseFOV", 0) or ro_fov)
+    if not (ro_fov > 0 and pe_fov > 0):  # the image's size and pixel spacing come from them
+        raise RawDataError(f"its protocol's field of view (sSliceArray.asSlice[0] dReadoutFOV "
+                           f"{ro_fov:g} mm, dPhaseFOV {pe_fov:g} mm) is not positive")
     thick = float(sl.get("dThickness", 0) or 1.0)
     base = int(_get(my, "sKSpace", "lBaseResolution", default=n_samples // 2) or n_samples // 2)
     lines = int(_get(my, "sKSpace", "lPhaseEncodingLines", default=max_lin + 1) or max_lin + 1)
@@ -462,6 +465,9 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     n_samples = max(int(m.data.shape[1]) for m, _ in imaging)
     n_coils = int(imaging[0][0].data.shape[0])
     max_lin = max(int(m.cLin) for m, _ in others)
+    lines = int(_get(hdr, "MeasYaps", "sKSpace", "lPhaseEncodingLines", default=0) or 0)
+    if lines and max_lin + 1 > 2 * lines:  # a damaged line counter must not size the grid:
+        max_lin = lines - 1  # the assembler drops the lines beyond the protocol's, with a warning
     centre_lin = int(imaging[0][0].mdh.CenterLin)
     n_slices = max(int(m.cSlc) for m, _ in others) + 1
     n_echoes = max(int(m.cEco) for m, _ in others) + 1

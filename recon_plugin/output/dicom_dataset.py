@@ -116,7 +116,7 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     # encoded matrix without readout oversampling: with phase along the columns (COL) readers
     # take the readout samples from the first value and the phase steps from the last
     freq, phase = (int(v) for v in h.encoded_matrix[:2])
-    if freq > 0 and phase > 0:
+    if 0 < freq <= 0xFFFF and 0 < phase <= 0xFFFF:  # US values (type 3: left out otherwise)
         ds.AcquisitionMatrix = [freq, 0, 0, phase]
         ds.NumberOfPhaseEncodingSteps = phase
     ds.RepetitionTime = _ds(seq.tr_ms) if seq.tr_ms is not None else ""
