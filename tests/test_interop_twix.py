@@ -299,6 +299,24 @@ def test_a_damaged_twix_file_is_refused_at_once(tmp_path):
     lin = read_raw(_damaged(tmp_path, "lin", (first + 80 * line + 52, "<H", 65535)))
     assert lin.header.encoded_matrix[1] == 160
     assert any("kspace_encode_step_1=65535 lies outside" in w for w in lin.warnings)
+    # protocol values that are no number had given "unexpected ValueError while reading"
+    for old, new, message in (
+            (b"alDwellTime[0]\t = \t11600", b"alDwellTime[0]\t = \tx1600",
+             "its protocol's sRXSPEC.alDwellTime is 'x1600', not a number"),
+            (b"lBaseResolution\t = \t160", b"lBaseResolution\t = \tabc",
+             "its protocol (MeasYaps: slice array, k-space, timing) holds a value that is not "
+             "a number")):
+        bad = tmp_path / "value.dat"
+        bad.write_bytes(data.replace(old, new))
+        with pytest.raises(RawDataError, match=re.escape(message)):
+            read_raw(bad)
+    # dummy-scan readouts (RETRO_DUMMYSCAN, bit 51 of the EvalInfoMask) are not imaging
+    # (every line one here: nothing to reconstruct; they had made an image)
+    masks = [first + i * line + 40 for i in range(160)]
+    dummy = _damaged(tmp_path, "dummy", *((m, "<Q", struct.unpack_from("<Q", data, m)[0]
+                                           | 1 << 51) for m in masks))
+    with pytest.raises(RawDataError, match="no imaging data found"):
+        read_raw(dummy)
     # a NaN slice rotation in every readout: the default geometry with a warning (the reader
     # had passed NaN directions on, and the scan failed at the DICOM write)
     nan = read_raw(_damaged(tmp_path, "quat", *((first + i * line + 112 + 4 * q, "<f", np.nan)

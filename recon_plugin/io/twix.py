@@ -12,8 +12,8 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
 * ``NOISEADJSCAN`` (in any measurement of the file) -> noise (prewhitening, dwell-time ratio);
 * ``PATREFSCAN`` -> parallel-calibration lines, ``PATREFANDIMASCAN`` -> calibration-and-imaging
   lines (a separate reference scan, ``sPat.ucRefScanMode`` = 2 "extra", goes to
-  ``SliceData.calib``); ``PHASCOR``, ``RTFEEDBACK``, ``HPFEEDBACK``, ``NOISEADJSCAN`` are never
-  placed, ``SYNCDATA`` / ``ACQEND`` are dropped;
+  ``SliceData.calib``); ``PHASCOR``, ``RTFEEDBACK``, ``HPFEEDBACK``, ``RETRO_DUMMYSCAN``,
+  ``NOISEADJSCAN`` are never placed, ``SYNCDATA`` / ``ACQEND`` are dropped;
 * readout oversampling: the samples (``lBaseResolution`` x 2) are the encoded x over twice the
   readout FOV; the recon matrix is ``lBaseResolution`` over ``dReadoutFOV`` (the assembler removes
   the oversampling in the image domain);
@@ -63,6 +63,7 @@ _FLAGS = {
     "HPFEEDBACK": ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
     "LASTSCANINSLICE": ismrmrd.ACQ_LAST_IN_SLICE,
     "FIRSTSCANINSLICE": ismrmrd.ACQ_FIRST_IN_SLICE,
+    "RETRO_DUMMYSCAN": ismrmrd.ACQ_IS_DUMMYSCAN_DATA,  # skipped, as mapVBVD and mrpro skip it
 }
 
 
@@ -443,7 +444,11 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     img_meas = meas[-1]
     hdr = img_meas.get("hdr", {})
     dwell_ns = _first(_get(hdr, "MeasYaps", "sRXSPEC", "alDwellTime"))
-    dwell_us = float(dwell_ns) / 1000.0 if dwell_ns else None
+    try:
+        dwell_us = float(dwell_ns) / 1000.0 if dwell_ns else None
+    except (TypeError, ValueError) as err:
+        raise RawDataError(f"{where}: its protocol's sRXSPEC.alDwellTime is {dwell_ns!r}, not a "
+                           "number") from err
 
     # every MDB with its flags; noise from any measurement (VD/VE: a separate adjustment meas)
     noise, others = [], []
@@ -486,6 +491,9 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
                          separate_ref, n_par, centre_par)
     except RawDataError as err:
         raise RawDataError(f"{where}: {err}") from err
+    except (TypeError, ValueError) as err:  # a protocol value that is no number
+        raise RawDataError(f"{where}: its protocol (MeasYaps: slice array, k-space, timing) "
+                           f"holds a value that is not a number: {err}") from err
     asm = MrdAssembler(xml, source=where, emit_early=False, max_bytes=max_bytes)
     acqs = noise + [_acquisition(m, f, dwell_us) for m, f in others]
     slices = list(asm.process(acqs))
