@@ -637,14 +637,35 @@ def test_a_client_that_trickles_a_message_is_timed_out(data, engine):
         s.request_stop()
         t.join(10)
 
-def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine):
+def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine, tmp_path,
+                                                               monkeypatch):
     """A server's hard stop comes between slices even where every acquisition (and CLOSE) is
-    in and only reconstruction is left: the slice in flight is sent, the next not made."""
+    in and only reconstruction is left: the slice in flight is sent, the next not made. What
+    was made is archived (it had been dropped): its DICOM says the series is incomplete, and
+    its PACS copy is queued without trying (the server is going down)."""
+    import pydicom
+
+    from recon_plugin.output import pacs
+
+    tried = []
+    monkeypatch.setattr(pacs, "send_files", lambda *a, **k: tried.append(a))
+    queue = tmp_path / "queue"
+    (data["pdir"] / "stream_stop.yaml").write_text(
+        f"name: stream_stop\nextends: stream_zf\npacs: {{targets: [\"NOBODY@127.0.0.1:9\"], "
+        f"queue_dir: '{queue}'}}\n")
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               dicom_out=tmp_path / "dcm")
     sent: list = []
-    with pytest.raises(stream_options.ServerStopping, match="not finished"):
-        engine.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
-                   stream_options.StreamOptions(protocol="stream_zf"), stopping=lambda: True)
+    with pytest.raises(stream_options.ServerStopping, match="not finished") as stop:
+        eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
+                stream_options.StreamOptions(protocol="stream_stop"), stopping=lambda: True)
     assert len(sent) == 1
+    result = stop.value.result
+    assert result.stopped and not result.complete and len(result.images) == 1
+    (f,) = eng.deliver(result)
+    assert "INCOMPLETE SERIES: the server was stopped during the scan" in \
+        pydicom.dcmread(f).ImageComments
+    assert not tried and [len(i["files"]) for i in pacs.queued_items(queue)] == [1]
 
 
 def test_a_second_stop_request_ends_the_drain(data, engine):

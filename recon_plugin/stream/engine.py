@@ -81,6 +81,7 @@ class StreamResult:
     dicom_files: list[Path] = field(default_factory=list)
     sent: int = 0
     complete: bool = False
+    stopped: bool = False  # a server's hard stop ended it: its images so far are archived
 
 
 class StreamEngine:
@@ -198,6 +199,16 @@ class StreamEngine:
         ``stopping()`` true (a server's hard stop): ServerStopping after the slice in flight,
         also where every acquisition has arrived and only reconstruction is left."""
         result = StreamResult()
+        try:
+            return self._run(acquisitions, header_xml, send, options, clock, notify, gone,
+                             on_gone, stopping, result)
+        except ServerStopping as e:  # the images so far go to the archive (deliver)
+            result.stopped, e.result = True, result
+            raise
+
+    def _run(self, acquisitions, header_xml, send, options, clock, notify, gone, on_gone,
+             stopping, result: StreamResult) -> StreamResult:
+        """:meth:`run`'s loop, filling ``result``."""
         lost = False
         for item in self.images(acquisitions, header_xml, options, clock, result):
             if isinstance(item, str):
@@ -272,10 +283,13 @@ class StreamEngine:
     def deliver(self, result: StreamResult) -> list[Path]:
         """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and deliver it to
         the protocol's PACS targets (:class:`~recon_plugin.output.delivery.DeliveryPlan`: what
-        does not arrive is queued; drain with ``recon-plugin send``). Never raises: the scanner
-        already has its images. Returns the files kept in ``dicom_out``."""
+        does not arrive is queued; drain with ``recon-plugin send``). A scan a server's hard
+        stop ended is archived as far as it came, said in its images, and queued for its PACS
+        without trying (the server is going down). Never raises: the scanner already has its
+        images. Returns the files kept in ``dicom_out``."""
         p = result.protocol
-        if not (result.complete and result.images and p is not None and self.wants_delivery(p)):
+        if not ((result.complete or result.stopped) and result.images and p is not None
+                and self.wants_delivery(p)):
             return []
         notes = {}  # per contrast: a series must not pass for the whole scan
         for c in {c for _, c, _ in result.failed}:
@@ -288,8 +302,12 @@ class StreamEngine:
         for im in result.images:
             if im.contrast in notes:
                 im.notes.append(notes[im.contrast])
+            if result.stopped:
+                im.notes.append("INCOMPLETE SERIES: the server was stopped during the scan; the "
+                                "slices it had not reconstructed are not in this series")
         series = scan_series(result.images, result.header, result.provenance, p, result.method)
-        result.dicom_files = write_and_deliver(series, p, self.dicom_out)
+        result.dicom_files = write_and_deliver(series, p, self.dicom_out,
+                                               send_now=not result.stopped)
         return result.dicom_files
 
 
@@ -346,6 +364,7 @@ class _ScanState:
         if self.header is None:  # noise precedes imaging: whiten as the file path does
             scan = self.asm.build_scan([])
             self.header, self.whitener = scan.header, whitening_matrix(scan)
+            self.result.header = self.header  # a scan stopped part way is archived with it
             self.noise_used = len(self.asm.noise)
         elif len(self.asm.noise) > self.noise_used >= 0:
             self.asm.warnings.append("stream: noise acquisitions after the first slice are "

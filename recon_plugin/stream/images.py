@@ -18,6 +18,7 @@ import numpy as np
 from ..config.protocol import Protocol
 from ..output.delivery import DeliveryPlan
 from ..output.mrd_image import mrd_image
+from ..output.pacs import parse_target
 from ..output.series_files import write_outputs
 from ..scan import ReconImage, ReconSeries, ScanHeader, series_by_contrast
 
@@ -85,11 +86,12 @@ def scan_series(images: list[ReconImage], header: ScanHeader, provenance: Any,
 
 
 def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
-                      dicom_out: Path | None) -> list[Path]:
+                      dicom_out: Path | None, send_now: bool = True) -> list[Path]:
     """Write ``series`` as DICOM (protocol options) into a new folder of ``dicom_out`` (of a
     temporary folder when None) and deliver it by the protocol's :class:`DeliveryPlan` (queue
-    rule there). Returns the files kept in ``dicom_out`` ([] without it). Never raises for a
-    write or delivery failure (logged): the scanner already has its images."""
+    rule there; ``send_now`` False: queued without trying). Returns the files kept in
+    ``dicom_out`` ([] without it). Never raises for a write or delivery failure (logged): the
+    scanner already has its images."""
     plan = DeliveryPlan.make(protocol.pacs, out_dir=dicom_out)
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{protocol.name}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="recon-plugin-stream-") as tmp:
@@ -104,5 +106,6 @@ def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
             return []
         log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
         if plan is not None:
-            plan.deliver(paths)
+            plan.deliver(paths, down=None if send_now else
+                         {str(parse_target(t)) for t in plan.targets})
     return paths if dicom_out is not None else []

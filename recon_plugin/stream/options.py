@@ -56,7 +56,10 @@ class IdleTimeout(StreamError):
 
 
 class ServerStopping(StreamError):
-    """The server is shutting down (SIGTERM); the slice in flight was finished."""
+    """The server is shutting down (SIGTERM); the slice in flight was finished. ``result``:
+    the scan as far as it came (``StreamEngine.run`` sets it), for its archive."""
+
+    result: Any = None
 
 
 # ------------------------------------------------------------------------------ options

@@ -208,6 +208,7 @@ class ReconServer:
             log.warning("%s: %s", who, e)
             reply.text(f"WARNING {e}")
             reply.close()
+            result = e.result  # archived as far as it came (deliver says so in its images)
         except Exception as e:  # noqa: BLE001 - isolate every connection
             if isinstance(e, StreamError | ValueError | LookupError):
                 log.warning("%s: %s: %s", who, type(e).__name__, e)
