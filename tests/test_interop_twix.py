@@ -324,3 +324,32 @@ def test_a_damaged_twix_file_is_refused_at_once(tmp_path):
     geo = nan.slices[0].geometry
     assert geo.defaulted and np.isfinite(geo.read_dir).all() and np.isfinite(geo.position).all()
     assert any("not finite" in w for w in nan.warnings)
+
+
+def test_sets_sharing_one_flag_pair_are_not_called_incomplete(tmp_path):
+    """A phase-contrast-like twix (review): the phantom's lines each acquired for 2 sets, the
+    first readout flagged first-in-slice (set 0), the last last-in-slice (set 1). Both sets are
+    complete; set 0 had been written as INCOMPLETE ("the acquisition stopped")."""
+    import twixtools
+
+    m = twixtools.read_twix(str(DAT), verbose=False, keep_acqend=True)[0]
+    img = [x for x in m["mdb"] if not x.is_flag_set("ACQEND")]
+    mdbs = []
+    for i, x in enumerate(img):
+        for s in (0, 1):
+            y = x.convert_to_local()
+            y.mdh.Counter.Set = s
+            for f in ("FIRSTSCANINSLICE", "LASTSCANINSLICE", "LASTSCANINMEAS", "LASTSCANINCONCAT"):
+                y.remove_flag(f)
+            if i == 0 and s == 0:
+                y.add_flag("FIRSTSCANINSLICE")
+            if i == len(img) - 1 and s == 1:
+                for f in ("LASTSCANINSLICE", "LASTSCANINMEAS", "LASTSCANINCONCAT"):
+                    y.add_flag(f)
+            mdbs.append(y)
+    m["mdb"] = [*mdbs, m["mdb"][-1]]
+    out = tmp_path / "sets.dat"
+    twixtools.write_twix([m], str(out), version_is_ve=True)
+    scan = read_raw(out)
+    assert len(scan.slices) == 2 and not any(sl.notes for sl in scan.slices)
+    assert not any("stopped" in w for w in scan.warnings), scan.warnings

@@ -481,6 +481,7 @@ def test_a_slice_cut_short_is_flagged_incomplete(tmp_path, vol, emit_early):
     assert slices[0].notes[0].startswith(
         f"INCOMPLETE: slice 0 (contrast 0, repetition 0) has "
         f"{int(slices[0].mask.any(axis=1).sum())} lines, a first-in-slice flag and no "
-        "end-of-slice flag, and the data end without a last-in-measurement flag")
+        "end-of-slice flag (nor has any slice), and the data end without a last-in-measurement "
+        "flag")
     assert warnings[-1].endswith("the header declares slices 0-2; slice(s) 1-2 never came (the "
                                  "acquisition stopped before them?)"), warnings

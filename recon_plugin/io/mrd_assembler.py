@@ -303,9 +303,10 @@ class MrdAssembler:
     def finish(self) -> list[SliceData]:
         """Flush every buffer still open (end of data); log what was skipped. A slice whose
         end-of-slice flag never came was cut short (the acquisition stopped) where the data
-        flag the ends of slices and it has fewer lines than the scan's fullest slice, or where
-        its first-in-slice flag came and the data end without a last-in-measurement flag (a
-        scan cut in its first slice has no fuller one): it is still reconstructed, with a
+        flag the ends of slices and it has fewer lines than the scan's fullest slice, or, where
+        no end-of-slice flag came at all, its first-in-slice flag came and the data end without
+        a last-in-measurement flag (a scan cut in its first slice has no fuller one; a slice
+        whose sets or phases share one flag pair is complete): it is still reconstructed, with a
         warning and a note in its image's comments. Slices the header's limits declare that
         never came are warned about."""
         most = max([self._most_lines, *(b.lines for b in self._buffers.values())])
@@ -323,12 +324,14 @@ class MrdAssembler:
             elif self._ended and lines < most:
                 msg = (f"has {lines} of the {most} lines of the scan's fullest slice and no "
                        "end-of-slice flag")
-            elif where in self._started and not self._measured_all:
-                msg = (f"has {lines} lines, a first-in-slice flag and no end-of-slice flag, "
-                       "and the data end without a last-in-measurement flag")
+            elif not self._ended and where in self._started and not self._measured_all:
+                msg = (f"has {lines} lines, a first-in-slice flag and no end-of-slice flag "
+                       "(nor has any slice), and the data end without a last-in-measurement "
+                       "flag")
             if msg is not None:
-                msg = (f"slice {key[0]} (contrast {key[1]}, repetition {key[3]}) {msg}: the "
-                       "acquisition stopped before it was complete; reconstructed from the "
+                more = "".join(f", {n} {v}" for n, v in (("phase", key[2]), ("set", key[4])) if v)
+                msg = (f"slice {key[0]} (contrast {key[1]}, repetition {key[3]}{more}) {msg}: "
+                       "the acquisition stopped before it was complete; reconstructed from the "
                        "lines acquired")
                 self._warn(msg)
                 sl.notes.append(f"INCOMPLETE: {msg}")

@@ -323,8 +323,10 @@ def _acquisition(mdb, flags: list[str], dwell_us: float | None) -> ismrmrd.Acqui
 
 def _check_length(p: Path, where: str) -> None:
     """Refuse a VD/VE twix file shorter than the measurements its multi-RAID header declares (a
-    truncated copy: twixtools would stop parsing where the data end and give a partial scan).
-    VB files declare no length; a truncated one fails later, in parsing."""
+    truncated copy: twixtools would stop parsing where the data end and give a partial scan),
+    or whose multi-RAID header is damaged: a count outside 1-64 (twixtools would read it as
+    VB), a measurement inside the header or the one before, or of length 0 among several.
+    VB files declare no length; a truncated one fails later, in reading its readouts."""
     from twixtools import hdr_def
 
     size = p.stat().st_size
@@ -394,7 +396,11 @@ def _readouts(fid, meas: dict, size: int, where: str, index: int) -> list:
             if end - at > max(_ACQEND_SLACK, 0.01 * (end - start)):
                 raise RawDataError(f"{damaged} ends the measurement (ACQEND) {end - at} bytes "
                                    f"before the end its header declares (byte {end})")
+            meas["acqend"] = True  # the measurement was read to its end
             break
+        if pos > end:
+            raise RawDataError(f"{damaged} runs {pos - end} bytes past the end of the "
+                               f"measurement (byte {end}): the file was cut inside a readout")
         mdbs.append(mdb)
     return mdbs
 
@@ -496,6 +502,8 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
                            f"holds a value that is not a number: {err}") from err
     asm = MrdAssembler(xml, source=where, emit_early=False, max_bytes=max_bytes)
     acqs = noise + [_acquisition(m, f, dwell_us) for m, f in others]
+    if img_meas.get("acqend"):  # the imaging measurement ended as it should (siemens_to_ismrmrd
+        acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)  # sets it on the last readout too)
     slices = list(asm.process(acqs))
     scan = asm.build_scan(sorted(slices, key=lambda s: (s.contrast, s.repetition, s.phase,
                                                         s.slice_index)))
