@@ -137,46 +137,41 @@ class StreamEngine:
         log.info("stream: protocol %s, method %s%s", protocol.name, settings.method,
                  f", model {prov.model_name}" if prov.deep_learning else "")
         scan = _ScanState(self, asm, protocol, settings, prov, options, result)
-        open_keys: dict[tuple[int, int, int, int], int] = {}  # bytes held per open slice
+        # k-space held per open (or deferred) slice, and a 3D scan's split copy of one slab
+        held: dict[object, int] = {}
         nz = max(asm.nz, 1)
         arrived = 0
+        t = clock()
         try:
             for acq in acquisitions:
                 arrived += 1
                 key = scan.track(acq)
-                if key is not None and key not in open_keys:
-                    # a slice's buffer; a 3D slab's (x nz), and its copy while it is split
-                    need = 8 * nx * ny * nz * max(int(acq.active_channels), 1) * (
-                        2 if nz > 1 else 1)
-                    if sum(open_keys.values()) + need > self.limits.max_open_slice_bytes:
-                        raise ProtocolViolation(
-                            f"{len(open_keys) + 1} slices open at once "
-                            f"({_gb(sum(open_keys.values()) + need)} of k-space) exceed the "
-                            f"server's limit of {_gb(self.limits.max_open_slice_bytes)} per "
-                            "connection")
-                    self._hold(need)
-                    open_keys[key] = need
+                if key is not None and key not in held:
+                    self._open(held, key, 8 * nx * ny * nz * max(int(acq.active_channels), 1),
+                               nz > 1)
                 done = asm.add(acq)
                 yield from scan.told()
                 if done:
                     t = clock()
                     for sl in done:
-                        self._hold(-open_keys.pop((sl.slice_index, sl.contrast, sl.phase,
-                                                   sl.repetition), 0))
+                        parked = len(scan.deferred)
                         yield from scan.emit(sl, t)
+                        if len(scan.deferred) == parked:  # made; a deferred one stays held
+                            self._hold(-held.pop((sl.slice_index, sl.contrast, sl.phase,
+                                                  sl.repetition), 0))
             t = clock()
             finished = asm.finish()
             yield from scan.told()
             if arrived and not asm.emitted:  # as the file reader refuses it
-                skipped = ", ".join(f"{n} {kind}" for kind, n in asm.skipped.items())
-                raise RawDataError(f"stream: no imaging data found in its {arrived} "
-                                   "acquisition(s)" + (f" (skipped: {skipped})" if skipped else ""))
+                yield from _no_imaging(asm, arrived)
+                result.header, result.complete = asm.header, True
+                return
             for sl in finished:
                 yield from scan.emit(sl, t)
+            yield from scan.flush_deferred(t)
         finally:  # the scan ends, fails or its client goes: its buffers are free again
-            self._hold(-sum(open_keys.values()))
-            open_keys.clear()
-        yield from scan.flush_deferred(t)
+            self._hold(-sum(held.values()))
+            held.clear()
         result.header = scan.header or asm.header
         result.complete = True
 
@@ -265,6 +260,23 @@ class StreamEngine:
             log.info("warm-up (%s, %s): %.2f s", name, settings.method, time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - warm-up is best effort
             log.warning("warm-up failed: %s: %s", type(e).__name__, e)
+
+    def _open(self, held: dict, key: object, nbytes: int, slab: bool) -> None:
+        """Count a new slice buffer of ``nbytes`` (a 3D slab: with its copy while it is split,
+        once per scan: one slab is split at a time) in ``held`` and against the limits: the
+        connection's (``Limits.max_open_slice_bytes``) and the server's (:meth:`_hold`)."""
+        extra = nbytes if slab and "split" not in held else 0
+        total = sum(held.values()) + nbytes + extra
+        cap = self.limits.max_open_slice_bytes
+        if cap is not None and total > cap:
+            what = "3D slabs" if slab else "slices"
+            raise ProtocolViolation(f"{len(held) + 1} {what} open at once ({_gb(total)} of "
+                                    f"k-space) exceed the server's limit of {_gb(cap)} per "
+                                    "connection")
+        self._hold(nbytes + extra)
+        held[key] = nbytes
+        if extra:
+            held["split"] = extra
 
     def _hold(self, nbytes: int) -> None:
         """Count ``nbytes`` of k-space buffers (negative: free them) against the limit over
@@ -450,8 +462,24 @@ class _ScanState:
             yield from self.emit(sl, t_last)
 
 
+def _no_imaging(asm: MrdAssembler, arrived: int) -> Iterator[str]:
+    """A stream whose acquisitions held no imaging data: a noise scan alone (a separate
+    dependency measurement, as some scanners send it) is told in a WARNING notice; anything
+    else is refused, as the file reader refuses such a file."""
+    skipped = ", ".join(f"{n} {kind}" for kind, n in asm.skipped.items())
+    noise = len(asm.noise)
+    if noise and not skipped and noise == arrived:
+        yield (f"WARNING stream: {noise} noise acquisition(s) and no imaging data: nothing to "
+               "reconstruct")
+        return
+    raise RawDataError(f"stream: no imaging data found in its {arrived} acquisition(s)"
+                       + (f" ({noise} noise)" if noise else "")
+                       + (f" (skipped: {skipped})" if skipped else ""))
+
+
 def _gb(nbytes: float) -> str:
-    return f"{nbytes / (1 << 30):.2f} GB"
+    gb = nbytes / (1 << 30)
+    return f"{gb:.2f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.1f} MB"
 
 
 _SHARED: dict[str, StreamEngine] = {}

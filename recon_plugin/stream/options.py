@@ -32,7 +32,9 @@ class Limits:
     max_trajectory_dims: int = 8
     max_queued_bytes: int = 512 << 20  # read ahead of the reconstruction, per connection
     max_matrix_pixels: int = 1 << 22  # encoded nx * ny of the header
-    max_open_slice_bytes: int = 4 << 30  # k-space buffers of slices still being filled
+    # k-space buffers of the slices being filled (or waiting) in one connection; None: only
+    # the limit over every connection below
+    max_open_slice_bytes: int | None = None
     # the same over every connection at once; None: the readers' budget (io/budget.py:
     # $RECON_PLUGIN_MAX_MEMORY_GB or 8 GB; `serve --max-memory-gb`)
     max_total_open_bytes: int | None = None
