@@ -297,6 +297,12 @@ def test_a_torn_file_is_not_stored(orthanc, tmp_path):
     assert res.sent == [paths[0]] and list(res.failed) == [paths[1]]
     assert "truncated DICOM file: its pixel data hold" in res.failed[paths[1]]
     assert orthanc.sop_uids() - before == uids(paths[:1])
+    # queued, no retry can send it: set aside in dead/ at the first drain (it had waited for
+    # ever without --max-attempts)
+    queue = tmp_path / "q"
+    pacs.enqueue(paths[1:], orthanc.target, queue, CALLING)
+    assert pacs.drain(queue, timeout=10) == (0, 1)
+    assert not pacs.queued_items(queue) and pacs.dead_files(queue) == 1
 
 
 def test_a_bad_manifest_is_put_aside_and_the_queue_drains(tmp_path, caplog):
@@ -309,12 +315,14 @@ def test_a_bad_manifest_is_put_aside_and_the_queue_drains(tmp_path, caplog):
     good = pacs.enqueue(write_series(tmp_path / "a", nslices=1, seed=9),
                         f"PACS@127.0.0.1:{port}", queue, CALLING)
     bad = {}
-    for name, text in (("list", "[1, 2]"), ("attempts", None), ("garbage", "{not json")):
+    for name, text in (("list", "[1, 2]"), ("attempts", {"attempts": "abc"}),
+                       ("aet", {"calling_aet": 5}), ("path", {"files": ["../x.dcm"]}),
+                       ("garbage", "{not json")):
         item = pacs.enqueue(write_series(tmp_path / name, nslices=1, seed=10),
                             f"PACS@127.0.0.1:{port}", queue, CALLING)
-        if text is None:
+        if isinstance(text, dict):
             m = json.loads((item / "manifest.json").read_text())
-            text = json.dumps({**m, "attempts": "abc"})
+            text = json.dumps({**m, **text})
         (item / "manifest.json").write_text(text)
         bad[name] = item.name
     assert len(pacs.queued_items(queue)) == 1  # the others logged, not a crash
@@ -323,6 +331,8 @@ def test_a_bad_manifest_is_put_aside_and_the_queue_drains(tmp_path, caplog):
     assert sorted(p.name for p in (queue / "dead").iterdir()) == sorted(bad.values())
     assert "'attempts' is 'abc', not a whole number" in caplog.text
     assert "a JSON list, not an object" in caplog.text
+    assert "'calling_aet' is 5, not a text" in caplog.text
+    assert "'files' names ['../x.dcm'], not files of the item" in caplog.text
 
 
 def test_a_target_that_did_not_answer_is_not_waited_for_again(tmp_path, monkeypatch):
@@ -337,11 +347,24 @@ def test_a_target_that_did_not_answer_is_not_waited_for_again(tmp_path, monkeypa
         return real(*args, **kw)
 
     monkeypatch.setattr(pacs, "send_files", counting)
-    queue, down = tmp_path / "q", set()
+    queue, down = tmp_path / "q", {}
     target = f"PACS@127.0.0.1:{free_port()}"
     for i in range(3):
         paths = write_series(tmp_path / f"s{i}", nslices=1, seed=11 + i)
         assert pacs.send_or_enqueue(paths, target, queue, CALLING, timeout=2,
                                     down=down) == (0, 1)
-    assert len(calls) == 1 and down == {target}
+    assert len(calls) == 1 and list(down) == [target]
     assert len(pacs.queued_items(queue)) == 3
+    down[target] -= pacs.DOWN_FOR  # later: it is tried again (it may be back)
+    pacs.send_or_enqueue(paths, target, queue, CALLING, timeout=2, down=down)
+    assert len(calls) == 2
+
+
+def test_a_refusing_target_is_tried_by_each_input(orthanc, tmp_path):
+    """Only a target that does not answer is remembered as down: a refusal (a wrong AE
+    title) is an answer, said again by each input's attempt."""
+    down: dict[str, float] = {}
+    wrong = f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}"
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=15)
+    pacs.send_or_enqueue(paths, wrong, tmp_path / "q", CALLING, timeout=5, down=down)
+    assert not down

@@ -158,7 +158,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     clean_stale(out_dir)
     state = load_state(out_dir)
     asked = job_settings(protocol, formats, overrides, protocol_dirs)
-    down: set[str] = set()  # PACS targets that did not answer: the later inputs queue at once
+    down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
     todo = []
     for path in files:
         key = str(path.resolve())
@@ -238,7 +238,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
 
 
 def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict,
-             down: set[str]) -> None:
+             down: dict[str, float]) -> None:
     """Deliver ``r``'s DICOM by ``plan``, then clear the pending delivery of its state ``entry``.
     When a target broke off (files neither sent nor queued) the delivery stays pending, so
     ``--resume`` delivers again, and the input is reported failed. ``down``: the batch's

@@ -81,7 +81,7 @@ class DeliveryPlan:
         return cls(tuple(state["targets"]), state["calling_aet"], Path(state["queue"]))
 
     def deliver(self, paths: Iterable[Path | str],
-                down: set[str] | None = None) -> DeliveryReport:
+                down: dict[str, float] | None = None) -> DeliveryReport:
         """C-STORE the ``.dcm`` files among ``paths`` to every target; what does not arrive is
         queued. A target whose files can be neither sent nor queued is logged and counted in
         ``failed``; the other targets still get theirs. ``down``: the run's memory of targets

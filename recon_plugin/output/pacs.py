@@ -53,7 +53,16 @@ class PacsTargetError(ValueError):
 
 
 class PacsError(RuntimeError):
-    """The remote AE could not be reached or refused the association."""
+    """The remote AE could not be reached or refused the association. ``unanswered``: nothing
+    answered at all (no TCP connection, no association), as opposed to a refusal."""
+
+    def __init__(self, message: str, unanswered: bool = False):
+        super().__init__(message)
+        self.unanswered = unanswered
+
+
+# seconds a batch queues a target's files without trying after it did not answer
+DOWN_FOR = 300.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,8 @@ class SendResult:
 
     sent: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)  # path -> reason
+    # of the failed, those no retry can send (an unreadable or torn file)
+    unsendable: set[Path] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -115,7 +126,7 @@ def _check_reachable(tgt: PacsTarget, timeout: float) -> None:
             pass
     except OSError as exc:
         raise PacsError(f"association with {tgt}: could not be established (nothing accepts "
-                        f"connections at {tgt.host}:{tgt.port}: {exc})") from exc
+                        f"connections at {tgt.host}:{tgt.port}: {exc})", unanswered=True) from exc
 
 
 def send_files(
@@ -147,6 +158,7 @@ def send_files(
             sop, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a per-file failure
             result.failed[p] = f"unreadable DICOM file: {exc}"
+            result.unsendable.add(p)
             continue
         files.append((p, sop))
         syntaxes = contexts.setdefault(sop, [])
@@ -177,7 +189,8 @@ def send_files(
                    "which SOP classes and transfer syntaxes it stores")
         else:
             why = "could not be established (no DICOM service answering, or it aborted)"
-        raise PacsError(f"association with {tgt}: {why}")
+        raise PacsError(f"association with {tgt}: {why}",
+                        unanswered=not (assoc.is_rejected or assoc.rejected_contexts))
     try:
         for p, _sop in files:
             if not assoc.is_established:
@@ -188,6 +201,7 @@ def send_files(
                 short = _short_pixel_data(ds)
                 if short:  # a PACS would store the torn image as it is
                     result.failed[p] = short
+                    result.unsendable.add(p)
                     continue
                 status = assoc.send_c_store(ds)
             except Exception as exc:  # noqa: BLE001 - report and continue with the next file
@@ -337,9 +351,14 @@ def _manifest(m: object) -> dict:
     files = m.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise ValueError(f"'files' is {str(files)[:60]!r}, not a list of file names")
+    if not all(f and f == Path(f).name and f not in (".", "..") for f in files):
+        raise ValueError(f"'files' names {[f for f in files if f != Path(f).name][:3]!r}, "
+                         "not files of the item")
     attempts = m.get("attempts", 0)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
         raise ValueError(f"'attempts' is {attempts!r}, not a whole number")
+    if not isinstance(m.get("calling_aet", DEFAULT_CALLING_AET), str):
+        raise ValueError(f"'calling_aet' is {m.get('calling_aet')!r}, not a text")
     return m
 
 
@@ -379,7 +398,7 @@ def waiting_files(queue_dir: Path | str) -> int:
 
 
 def dead_files(queue_dir: Path | str) -> int:
-    """DICOM files given up on: moved to ``dead/`` after ``max_attempts`` (see :func:`drain`)."""
+    """DICOM files given up on, in ``dead/`` (see :func:`drain`)."""
     dead = Path(queue_dir) / DEAD_DIR
     return sum(1 for _ in dead.rglob("*.dcm")) if dead.is_dir() else 0
 
@@ -457,7 +476,9 @@ def drain(
             item.update(files=remaining, attempts=int(item.get("attempts", 0)) + 1,
                         last_attempt=_now(), last_error=error)
             _write_json_atomic(d / MANIFEST, item)
-            if max_attempts is not None and item["attempts"] >= max_attempts:
+            if all(p in res.unsendable for p in files if p in res.failed):
+                _give_up(qdir, d, f"no retry can send its files: {error}")
+            elif max_attempts is not None and item["attempts"] >= max_attempts:
                 _give_up(qdir, d, f"after {item['attempts']} attempts: {error}")
     if sent_total or failed_total:
         log.info("drained %s: %d sent, %d still queued", qdir, sent_total, failed_total)
@@ -479,16 +500,16 @@ def send_or_enqueue(
     calling_aet: str = DEFAULT_CALLING_AET,
     *,
     timeout: float = 30.0,
-    down: set[str] | None = None,
+    down: dict[str, float] | None = None,
 ) -> tuple[int, int]:
     """Send now; whatever does not arrive is queued. Returns ``(sent, queued)`` file counts.
 
-    ``down``: the targets no association could be made with earlier in this run (a batch's
-    memory): their files are queued without trying (a PACS that does not answer cost each
-    input its timeout), and a target that fails now is added."""
+    ``down``: the run's memory (a batch's) of targets that did not answer, and when: their
+    files are queued without trying for :data:`DOWN_FOR` seconds after (a PACS that does not
+    answer cost each input its timeout); a target that does not answer now is added."""
     tgt = target if isinstance(target, PacsTarget) else parse_target(target)
     files = [Path(p) for p in paths]
-    if down is not None and str(tgt) in down:
+    if down is not None and time.monotonic() - down.get(str(tgt), -DOWN_FOR) < DOWN_FOR:
         log.warning("PACS %s did not answer earlier in this run: %d files queued in %s without "
                     "trying (`recon-plugin send --queue %s` delivers them)", tgt, len(files),
                     queue_dir, queue_dir)
@@ -501,8 +522,8 @@ def send_or_enqueue(
             log.warning("%s not stored on %s (%s); queued", p.name, tgt, why)
     except PacsError as exc:
         log.warning("%s; queueing %d files in %s", exc, len(files), queue_dir)
-        if down is not None:
-            down.add(str(tgt))
+        if down is not None and exc.unanswered:
+            down[str(tgt)] = time.monotonic()
         res, pending = SendResult(), files
     if pending:
         enqueue(pending, tgt, queue_dir, calling_aet)

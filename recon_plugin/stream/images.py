@@ -107,5 +107,5 @@ def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
         log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
         if plan is not None:
             plan.deliver(paths, down=None if send_now else
-                         {str(parse_target(t)) for t in plan.targets})
+                         {str(parse_target(t)): time.monotonic() for t in plan.targets})
     return paths if dicom_out is not None else []
