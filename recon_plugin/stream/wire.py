@@ -4,6 +4,7 @@ bounded inbox a reader thread fills for a session."""
 from __future__ import annotations
 
 import ctypes
+import select
 import socket
 import struct
 import threading
@@ -53,6 +54,12 @@ class MrdReader:
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
+            if self._deadline is not None:  # wait no longer than the message has left
+                left = self._deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    raise IdleTimeout(f"idle timeout: a message not complete "
+                                      f"{self.sock.gettimeout():g} s after its first byte (the "
+                                      "client sends too slowly)")
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError as e:
@@ -66,14 +73,8 @@ class MrdReader:
                                         f"{n} bytes")
             got += k
             timeout = self.sock.gettimeout()
-            if timeout is None:
-                continue
-            now = time.monotonic()
-            if self._deadline is None:
-                self._deadline = now + timeout
-            elif now > self._deadline and got < n:
-                raise IdleTimeout(f"idle timeout: a message not complete {timeout:g} s after "
-                                  "its first byte (the client sends too slowly)")
+            if self._deadline is None and timeout is not None:
+                self._deadline = time.monotonic() + timeout
         return bytes(buf)
 
     def _text(self, what: str) -> str:
