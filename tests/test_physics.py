@@ -249,3 +249,13 @@ def test_wavelet_adjoint_and_inverse(shape):
     torch.testing.assert_close(wav.adjoint(wx), x, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="made for images"):
         wav.forward(torch.zeros(2, shape[0] + 1, shape[1]))
+
+
+def test_the_physics_package_lists_what_it_lends():
+    """``physics.__all__`` (static, for linters) names every lazily loaded name and the masks'
+    helpers, and each resolves."""
+    import recon_plugin.physics as P
+
+    assert set(P._LAZY) <= set(P.__all__) and sorted(dir(P)) == sorted(P.__all__)
+    for name in P.__all__:
+        assert callable(getattr(P, name)), name

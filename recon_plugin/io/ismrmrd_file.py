@@ -125,8 +125,8 @@ def read_ismrmrd(
                            slices=slices)
         if not container.has_acquisitions():
             raise RawDataError(f"{where}: no acquisitions (dataset '{dataset}/data' missing)")
-        slices = list(asm.process(_iter_acquisitions(container, where)))
-        scan = asm.build_scan(sorted(slices, key=_order))
+        assembled = list(asm.process(_iter_acquisitions(container, where)))
+        scan = asm.build_scan(sorted(assembled, key=_order))
         _attach_target(scan, container._contents)
     except RawDataError:
         raise

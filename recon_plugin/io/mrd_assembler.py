@@ -22,8 +22,9 @@ Routing rules:
   ``channel_mask``);
 * navigator, phase-correction, HP/RT feedback, dummy-scan, surface-coil-correction and
   phase-stabilisation acquisitions are skipped (counted, never placed);
-* geometry from the first line's ``position`` / ``*_dir``; zero vectors give
-  :meth:`Geometry.default` (slices stacked along z by the slice spacing) and a warning; for
+* geometry from the first line's ``position`` / ``*_dir``; zero, non-finite or non-orthonormal
+  vectors give :meth:`Geometry.default` (slices stacked along z by the slice spacing where the
+  position is zero or not finite) and a warning; for
   Siemens data (``systemVendor``) the image's read and phase axes are the header's negated
   (:func:`siemens_image_axes`);
 * a 3D scan (encoded matrix z > 1) collects each slab on a (coils, kz, ky, kx) grid

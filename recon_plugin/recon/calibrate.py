@@ -43,13 +43,12 @@ from torch import nn
 
 from ..physics import SenseOperator, slice_operator
 from .guard import heldout_line_errors, heldout_lines, significant_gain, without_lines
-from .settings import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID
+from .settings import CG_ITERS_GRID, GENTLE_ANCHOR, PRIOR_WEIGHT_GRID, SPARSITY_GRID
 from .sparse import NONE, Sparsity, anchored_l1_wavelet
 
 # a setting replaces the trained one when its mean per-line improvement exceeds this many
 # standard errors (docs/BENCHMARKS.md, "Guard": what the calibration gains and loses per slice)
 SIGNIFICANCE_Z = 1.0
-GENTLE_ANCHOR = 1.0
 
 
 @dataclass(frozen=True)

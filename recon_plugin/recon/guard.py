@@ -31,10 +31,11 @@ from .settings import GUARD_SIGNIFICANCE_Z as SIGNIFICANCE_Z
 
 Recon = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-# ... and wherever its summed error is more than this multiple of CG-SENSE's, whatever the
-# lines' spread (one line several times worse is a miss, not noise; the largest ratio of a
-# slice that the network won against CG-SENSE in the evaluation of docs/FINDINGS.md "Found:
-# the guard threw good network slices away" was 1.45)
+# the network is rejected where its held-out excess over CG-SENSE is significant
+# (settings.GUARD_SIGNIFICANCE_Z) and wherever its summed error is more than this multiple of
+# CG-SENSE's, whatever the lines' spread (one line several times worse is a miss, not noise;
+# the largest ratio of a slice that the network won against CG-SENSE in the evaluation of
+# docs/FINDINGS.md "Found: the guard threw good network slices away" was 1.45)
 MAX_RATIO = 1.5
 
 

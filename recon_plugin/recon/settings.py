@@ -25,14 +25,15 @@ PRIOR_WEIGHT_GRID = (1 / 16, 1 / 4, 1.0)
 # grid, besides the trained count
 CG_ITERS_GRID = (8, 16)
 # (L1, anchor) pairs of the anchored L1-wavelet solve tried on the chosen setting's image
-# (recon/sparse.py; docs/FINDINGS.md): gentle ones (anchor >= calibrate.GENTLE_ANCHOR: close to
-# the network's image, they remove noise without bringing the data's back) against the image first,
+# (recon/sparse.py; docs/FINDINGS.md): gentle ones (anchor >= GENTLE_ANCHOR: close to the
+# network's image, they remove noise without bringing the data's back) against the image first,
 # then stronger ones (closer to the data) only where they beat that choice; the last two are
 # nearly plain L1-wavelet compressed sensing started from the network's image, for objects
 # the network does not know that are sparse in wavelets (piecewise-constant phantoms)
 SPARSITY_GRID = (Sparsity(0.01, 1.0), Sparsity(0.03, 3.0), Sparsity(0.003, 0.1),
                  Sparsity(0.003, 0.3), Sparsity(0.01, 0.3), Sparsity(0.003, 0.03),
                  Sparsity(0.01, 0.01))
+GENTLE_ANCHOR = 1.0
 
 
 class EspiritParams(BaseModel):
