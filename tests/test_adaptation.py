@@ -71,6 +71,31 @@ def test_adaptation_lowers_heldout_error_and_overlay_is_used(site, tmp_path):
 
     ds = pydicom.dcmread(res[0].outputs[0])
     assert rep["sha256"] in str(ds.DerivationDescription) + str(ds.ImageComments)
+    # the overlay names its model relative to itself: the site folder moves whole (an absolute
+    # path had sent a copied site to the old folder's weights, or to none)
+    assert yaml.safe_load(Path(rep["overlay"]).read_text())["model"]["variant"].startswith(
+        "../models/")
+    moved = shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-moved")
+    shutil.rmtree(tmp_path / "models")
+    again = load_protocol(str(moved / "protocols" / Path(rep["overlay"]).name))
+    assert again.recon_settings().model == str(moved / "models" / Path(rep["model"]).name)
+
+
+def test_adapt_checks_the_site_folders_before_training(site, tmp_path, caplog):
+    """`models/` (or `protocols/`, `runs/`) of --out being a file was found after training
+    (exit 1, '[Errno 17] File exists'), one time after the model was published without its
+    overlay. Checked before anything runs now: exit 2 naming the folder."""
+    from recon_plugin.cli import main
+
+    d, raws = site
+    for sub in ("models", "protocols", "runs"):
+        out = tmp_path / sub
+        out.mkdir()
+        (out / sub).write_text("")
+        assert main(["-q", "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"),
+                     "--out", str(out), "--steps", "5"]) == 2
+        assert f"--out's {sub}/ {out / sub} is a file, not a folder" in caplog.text
+        assert sorted(p.name for p in out.iterdir()) == [sub]  # nothing made
 
 
 def test_dc_adaptation_trains_the_data_consistency_weights_alone(site, tmp_path):

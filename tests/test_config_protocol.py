@@ -137,6 +137,12 @@ def test_yaml_syntax_and_duplicate_keys(tmp_path):
     path = write(tmp_path, "syntax", "name: syntax\nmodel: [unclosed\n")
     with pytest.raises(P.ProtocolError, match=r"syntax\.yaml: YAML error: line \d+"):
         P.load_protocol(path)
+    # a file saved in Latin-1 had given the codec's message without the file
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: latin\ndescription: Gr\u00e4fenberg\n".encode("latin-1"))
+    with pytest.raises(P.ProtocolError, match=r"latin\.yaml: not UTF-8 text \(byte 0xe4 on "
+                                              r"line 2\); save it as UTF-8"):
+        P.load_protocol(latin)
     path = write(tmp_path, "dup", MINIMAL.format(name="dup") + "coil_compression: 4\n"
                  "coil_compression: 8\n")
     with pytest.raises(P.ProtocolError, match="duplicate key 'coil_compression'"):

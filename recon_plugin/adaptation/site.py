@@ -331,7 +331,8 @@ def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path
         "name": f"{base}-site",
         "extends": extends,
         "description": f"{base} with the site-adapted model {name}",
-        "model": {"variant": str(model_path)},
+        # relative to the overlay: the site folder can be moved or copied whole
+        "model": {"variant": os.path.relpath(Path(model_path).absolute(), d.absolute())},
     }, sort_keys=False)
     write_text_atomic(path, text)
     return path

@@ -282,7 +282,9 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     """Site adaptation; exit 1 when the adapted model was not promoted."""
     from ..adaptation.site import adapt
 
-    _writable(("--out", a.out))
+    out = Path(a.out)  # and the folders adapt writes in it, checked before training
+    _writable(("--out", out), *((f"--out's {sub}/", out / sub)
+                                for sub in ("models", "protocols", "runs")))
     rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
                 rho=a.rho, seed=a.seed, device=a.device, name=a.name,
                 time_budget_s=a.time_budget, params=a.params, progress=not a.quiet,

@@ -244,6 +244,10 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProtocolError(f"{path}: cannot read protocol: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ProtocolError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line "
+                            f"{line}); save it as UTF-8") from exc
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
