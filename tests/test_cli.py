@@ -507,3 +507,17 @@ def test_a_slices_trial_is_not_sent_to_the_protocols_pacs(tmp_path, capsys):
     assert not (tmp_path / "trial" / ".pacs-queue").exists()
     assert main([*run, "--out", str(tmp_path / "whole")]) == 1  # waiting in the queue
     assert list((tmp_path / "whole" / ".pacs-queue").rglob("*.dcm"))
+
+
+def test_a_protocols_missing_model_is_named_with_the_protocol(tmp_path, caplog):
+    """A protocol naming a model that does not exist: the error had said only "model
+    'no-such-model' not found"; it names the protocol file and key now (exit 2, nothing
+    written)."""
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "one.h5", acceleration=2, calib_lines=16)
+    proto = tmp_path / "mysite.yaml"
+    proto.write_text("name: mysite\nextends: default\nmodel: {variant: no-such-model}\n")
+    assert main(["-q", "recon", str(raw), "--out", str(tmp_path / "out"), "--protocol",
+                 str(proto)]) == 2
+    assert f"protocol {proto}, model.variant: model 'no-such-model' not found" in caplog.text
+    assert not list(tmp_path.rglob("*.dcm"))

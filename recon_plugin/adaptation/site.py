@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.checkpoint import file_sha256, resolve_model, save_model
+from ..models.checkpoint import ModelError, file_sha256, resolve_model, save_model
 from ..output.atomic import fingerprint, write_text_atomic
 from ..physics import SenseOperator
 from ..scan import ScanHeader
@@ -137,7 +137,10 @@ def adapt(
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     protocol = load_protocol(base_protocol, protocol_dirs)
     settings = protocol.recon_settings()
-    base_path = resolve_model(settings.model)
+    try:
+        base_path = resolve_model(settings.model)
+    except ModelError as e:
+        raise ModelError(f"protocol {protocol.source or protocol.name}, model.variant: {e}") from e
     model, card = load_model(base_path)
     model.to(dev)
     if params == "dc":

@@ -90,12 +90,17 @@ def preflight(
         settings = proto.recon_settings().override(**overrides)
         method, model = settings.method, settings.model
     if model and method in (None, "unrolled"):
-        from ..models.checkpoint import load_inference_model, resolve_model
+        from ..models.checkpoint import ModelError, load_inference_model, resolve_model
 
-        if recon is not None:
-            recon.model(model)
-        else:
-            load_inference_model(resolve_model(model))
+        try:
+            if recon is not None:
+                recon.model(model)
+            else:
+                load_inference_model(resolve_model(model))
+        except ModelError as e:  # say whose model it is
+            who = ("--model" if overrides.get("model") else
+                   f"protocol {proto.source or proto.name}, model.variant")
+            raise ModelError(f"{who}: {e}") from e
     _check_out_dir(Path(out_dir))
     return files
 
