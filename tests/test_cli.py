@@ -521,3 +521,17 @@ def test_a_protocols_missing_model_is_named_with_the_protocol(tmp_path, caplog):
                  str(proto)]) == 2
     assert f"protocol {proto}, model.variant: model 'no-such-model' not found" in caplog.text
     assert not list(tmp_path.rglob("*.dcm"))
+
+
+def test_inspect_marks_a_protocols_missing_model(tmp_path, capsys):
+    """`inspect` had shown a protocol whose model does not exist as if recon would use it
+    (exit 0); recon then stopped with exit 2."""
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "one.h5", acceleration=2, calib_lines=16)
+    proto = tmp_path / "mysite.yaml"
+    proto.write_text("name: mysite\nextends: default\nmodel: {variant: no-such-model}\n")
+    assert main(["-q", "inspect", str(raw), "--protocol", str(proto)]) == 1
+    assert "no-such-model (NOT FOUND: recon would refuse it)" in capsys.readouterr().out
+    assert main(["-q", "inspect", str(raw), "--protocol", str(proto), "--json"]) == 1
+    (d,) = json.loads(capsys.readouterr().out)
+    assert "model.variant: model 'no-such-model' not found" in d["error"]

@@ -142,6 +142,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from ..config.protocol import ProtocolMatchError
     from ..io import read_raw
     from ..io.budget import gb_to_bytes
+    from ..models.checkpoint import ModelError, resolve_model
     from ..recon.describe import describe_scan, format_description
     from ..scan import RawDataError
 
@@ -174,6 +175,13 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         d["protocol"] = {"name": proto.name, "method": st.method, "model": st.model,
                          "guard": st.guard, "calibrate": st.calibrate, "refine": st.refine,
                          "coil_compression": st.coil_compression}
+        if st.method == "unrolled":  # recon would stop on a model that is not there
+            try:
+                resolve_model(st.model)
+            except ModelError as e:
+                failed += 1
+                d["error"] = f"protocol {proto.source or proto.name}, model.variant: {e}"
+                how += " (NOT FOUND: recon would refuse it)"
         out.append(d)
         if not a.json:
             print(format_description(d, (
