@@ -140,7 +140,7 @@ def adapt(
     try:
         base_path = resolve_model(settings.model)
     except ModelError as e:
-        raise ModelError(f"protocol {protocol.source or protocol.name}, model.variant: {e}") from e
+        raise ModelError(f"{protocol.model_key}: {e}") from e
     model, card = load_model(base_path)
     model.to(dev)
     if params == "dc":

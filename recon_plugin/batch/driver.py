@@ -99,7 +99,7 @@ def preflight(
                 load_inference_model(resolve_model(model))
         except ModelError as e:  # say whose model it is
             who = ("--model" if overrides.get("model") else
-                   f"protocol {proto.source or proto.name}, model.variant")
+                   proto.model_key)
             raise ModelError(f"{who}: {e}") from e
     _check_out_dir(Path(out_dir))
     return files

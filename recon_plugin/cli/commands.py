@@ -180,7 +180,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 resolve_model(st.model)
             except ModelError as e:
                 failed += 1
-                d["error"] = f"protocol {proto.source or proto.name}, model.variant: {e}"
+                d["error"] = f"{proto.model_key}: {e}"
                 how += " (NOT FOUND: recon would refuse it)"
         out.append(d)
         if not a.json:

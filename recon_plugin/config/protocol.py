@@ -156,6 +156,11 @@ class Protocol:
             return str((Path(self.source).parent / v).resolve())
         return v
 
+    @property
+    def model_key(self) -> str:
+        """Where this protocol names its model, for messages: ``protocol FILE, model.variant``."""
+        return f"protocol {self.source or self.name}, model.variant"
+
     def recon_settings(self):
         """The :class:`recon_plugin.recon.settings.ReconSettings` this protocol asks for."""
         from ..recon.settings import ReconSettings

@@ -37,7 +37,7 @@ def default_max_bytes() -> int:
     return gb_to_bytes(DEFAULT_MAX_MEMORY_GB)
 
 
-def _size(nbytes: float, digits: int = 1) -> str:
+def size_text(nbytes: float, digits: int = 1) -> str:
     """``2.0 GB`` from 0.1 GB up (``digits`` decimals), else ``26.3 MB`` (a small limit must
     not read as 0.0 GB)."""
     gb = nbytes / (1 << 30)
@@ -52,11 +52,11 @@ def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None) -> N
     limit = default_max_bytes() if max_bytes is None else int(max_bytes)
     if nbytes > limit:
         digits = 1
-        while digits < 4 and _size(nbytes, digits) == _size(limit, digits):
+        while digits < 4 and size_text(nbytes, digits) == size_text(limit, digits):
             digits += 1
         needed = math.ceil(nbytes / (1 << 30) * 10) / 10
         raise RawDataError(
-            f"{where}: {what} needs {_size(nbytes, digits)} of k-space, more than the memory "
-            f"limit of {_size(limit, digits)}; refused before reading (it needs --max-memory-gb "
+            f"{where}: {what} needs {size_text(nbytes, digits)} of k-space, more than the memory "
+            f"limit of {size_text(limit, digits)}; refused before reading (it needs --max-memory-gb "
             f"{needed:g} or ${ENV_VAR}={needed:g} at least, where the machine has that much "
             "memory to spare)")

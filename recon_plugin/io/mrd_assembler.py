@@ -173,6 +173,7 @@ class MrdAssembler:
         # slices emitted so far; counters seen beyond the header's limits
         self._emitted: set[Key] = set()
         self._beyond: set[str] = set()
+        self._limits = {name: self.enc.limit_max(name) for name in _COUNTERS}  # per line
 
     # ----------------------------------------------------------------------------- helpers
     def expected_images(self) -> int:
@@ -488,8 +489,8 @@ class MrdAssembler:
         absent limit is 0, as ISMRMRD reads it). Early emission rests on the average and
         contrast limits: past them a slice waits for the end of the data (average) and a
         contrast is emitted only at its own end-of-slice flag (contrast)."""
-        for name in _COUNTERS:
-            value, limit = int(getattr(acq.idx, name)), self.enc.limit_max(name)
+        for name, limit in self._limits.items():
+            value = int(getattr(acq.idx, name))
             if value <= limit or name in self._beyond:
                 continue
             self._beyond.add(name)

@@ -378,15 +378,15 @@ def _readouts(fid, meas: dict, size: int, where: str, index: int) -> list:
     pos = start + len(meas["hdr_str"])
     mdbs = []
     while pos + 128 < end:
+        at = pos
+        damaged = f"{where}: damaged Siemens twix file: the readout header at byte {at} " \
+                  f"(measurement {index})"
         fid.seek(pos)
         try:
             mdb = twixtools.mdb.Mdb(fid, raid is not None)
         except (ValueError, IndexError) as err:
-            raise RawDataError(f"{where}: damaged Siemens twix file: the readout header at byte "
-                               f"{pos} (measurement {index}) cannot be read: {err}") from err
-        at, length = pos, int(mdb.dma_len)
-        damaged = f"{where}: damaged Siemens twix file: the readout header at byte {at} " \
-                  f"(measurement {index})"
+            raise RawDataError(f"{damaged} cannot be read: {err}") from err
+        length = int(mdb.dma_len)
         if length <= 0:
             raise RawDataError(f"{damaged} declares length 0")
         pos += length

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .pacs import send_or_enqueue
+from .pacs import enqueue, send_or_enqueue
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,25 @@ class DeliveryPlan:
         """The plan :meth:`to_state` recorded."""
         return cls(tuple(state["targets"]), state["calling_aet"], Path(state["queue"]))
 
-    def deliver(self, paths: Iterable[Path | str],
-                down: dict[str, float] | None = None) -> DeliveryReport:
+    def deliver(self, paths: Iterable[Path | str], down: dict[str, float] | None = None,
+                queue_only: bool = False) -> DeliveryReport:
         """C-STORE the ``.dcm`` files among ``paths`` to every target; what does not arrive is
         queued. A target whose files can be neither sent nor queued is logged and counted in
         ``failed``; the other targets still get theirs. ``down``: the run's memory of targets
-        that did not answer (:func:`~recon_plugin.output.pacs.send_or_enqueue`)."""
+        that did not answer (:func:`~recon_plugin.output.pacs.send_or_enqueue`); ``queue_only``:
+        queue every file without trying to send."""
         files = [Path(p) for p in paths if Path(p).suffix == ".dcm"]
         report = DeliveryReport()
         if not files:
             return report
         for target in self.targets:
             try:
-                sent, queued = send_or_enqueue(files, target, self.queue, self.calling_aet,
-                                               down=down)
+                if queue_only:
+                    enqueue(files, target, self.queue, self.calling_aet)
+                    sent, queued = 0, len(files)
+                else:
+                    sent, queued = send_or_enqueue(files, target, self.queue, self.calling_aet,
+                                                   down=down)
             except Exception as exc:  # noqa: BLE001 - one broken target must not stop the others
                 log.error("PACS %s: delivery of %d files broke off (queue %s): %s: %s", target,
                           len(files), self.queue, type(exc).__name__, exc)

@@ -31,7 +31,7 @@ import ismrmrd
 import numpy as np
 
 from ..config.protocol import Protocol, select_protocol
-from ..io.budget import default_max_bytes
+from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
 from ..physics import fft2c
@@ -194,44 +194,38 @@ class StreamEngine:
         ``stopping()`` true (a server's hard stop): ServerStopping after the slice in flight,
         also where every acquisition has arrived and only reconstruction is left."""
         result = StreamResult()
+        lost = False
         try:
-            return self._run(acquisitions, header_xml, send, options, clock, notify, gone,
-                             on_gone, stopping, result)
+            for item in self.images(acquisitions, header_xml, options, clock, result):
+                if isinstance(item, str):
+                    result.notices.append(item)
+                    if notify is not None:
+                        notify(item)
+                    continue
+                if not lost:
+                    try:
+                        send(item.image)
+                    except gone as e:
+                        if result.protocol is None or not self.wants_delivery(result.protocol):
+                            raise  # nobody wants the rest of the scan
+                        log.warning("cannot send images to the client (%s); the scan goes on for "
+                                    "its DICOM", e)
+                        lost = True
+                        if on_gone is not None:
+                            on_gone()
+                latency = time.perf_counter() - item.t_last
+                result.sent += 1
+                result.latencies_s.append(latency)
+                result.recon_s.append(item.recon_s)
+                r = item.recon
+                log.info("slice %d (contrast %d, repetition %d): image sent %.3f s after its last "
+                         "acquisition (reconstruction %.3f s)", r.slice_index, r.contrast,
+                         r.repetition, latency, item.recon_s)
+                if stopping is not None and stopping():  # before the next slice is made
+                    raise ServerStopping("server shutting down; the scan was not finished")
         except ServerStopping as e:  # the images so far go to the archive (deliver)
             result.stopped, e.result = True, result
             raise
-
-    def _run(self, acquisitions, header_xml, send, options, clock, notify, gone, on_gone,
-             stopping, result: StreamResult) -> StreamResult:
-        """:meth:`run`'s loop, filling ``result``."""
-        lost = False
-        for item in self.images(acquisitions, header_xml, options, clock, result):
-            if isinstance(item, str):
-                result.notices.append(item)
-                if notify is not None:
-                    notify(item)
-                continue
-            if not lost:
-                try:
-                    send(item.image)
-                except gone as e:
-                    if result.protocol is None or not self.wants_delivery(result.protocol):
-                        raise  # nobody wants the rest of the scan
-                    log.warning("cannot send images to the client (%s); the scan goes on for "
-                                "its DICOM", e)
-                    lost = True
-                    if on_gone is not None:
-                        on_gone()
-            latency = time.perf_counter() - item.t_last
-            result.sent += 1
-            result.latencies_s.append(latency)
-            result.recon_s.append(item.recon_s)
-            r = item.recon
-            log.info("slice %d (contrast %d, repetition %d): image sent %.3f s after its last "
-                     "acquisition (reconstruction %.3f s)", r.slice_index, r.contrast,
-                     r.repetition, latency, item.recon_s)
-            if stopping is not None and stopping():  # before the next slice is made
-                raise ServerStopping("server shutting down; the scan was not finished")
         if result.latencies_s:
             log.info("stream done: %d images, latency median %.3f s, max %.3f s", result.sent,
                      float(np.median(result.latencies_s)), max(result.latencies_s))
@@ -270,8 +264,8 @@ class StreamEngine:
         cap = self.limits.max_open_slice_bytes
         if cap is not None and total > cap:
             what = "3D slabs" if slab else "slices"
-            raise ProtocolViolation(f"{len(held) + 1} {what} open at once ({_gb(total)} of "
-                                    f"k-space) exceed the server's limit of {_gb(cap)} per "
+            raise ProtocolViolation(f"{len(held) + 1} {what} open at once ({size_text(total)} of "
+                                    f"k-space) exceed the server's limit of {size_text(cap)} per "
                                     "connection")
         self._hold(nbytes + extra)
         held[key] = nbytes
@@ -284,9 +278,9 @@ class StreamEngine:
         with self._open_lock:
             if nbytes > 0 and self._open_bytes + nbytes > self.memory_limit:
                 raise ProtocolViolation(
-                    f"the scan's next slice needs {_gb(nbytes)} of k-space buffers; with the "
-                    f"{_gb(self._open_bytes)} the scans in progress hold, that exceeds the "
-                    f"server's limit of {_gb(self.memory_limit)} (serve --max-memory-gb)")
+                    f"the scan's next slice needs {size_text(nbytes)} of k-space buffers; with the "
+                    f"{size_text(self._open_bytes)} the scans in progress hold, that exceeds the "
+                    f"server's limit of {size_text(self.memory_limit)} (serve --max-memory-gb)")
             self._open_bytes = max(self._open_bytes + nbytes, 0)
 
     def wants_delivery(self, protocol: Protocol) -> bool:
@@ -475,11 +469,6 @@ def _no_imaging(asm: MrdAssembler, arrived: int) -> Iterator[str]:
     raise RawDataError(f"stream: no imaging data found in its {arrived} acquisition(s)"
                        + (f" ({noise} noise)" if noise else "")
                        + (f" (skipped: {skipped})" if skipped else ""))
-
-
-def _gb(nbytes: float) -> str:
-    gb = nbytes / (1 << 30)
-    return f"{gb:.2f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.1f} MB"
 
 
 _SHARED: dict[str, StreamEngine] = {}

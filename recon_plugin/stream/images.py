@@ -18,7 +18,6 @@ import numpy as np
 from ..config.protocol import Protocol
 from ..output.delivery import DeliveryPlan
 from ..output.mrd_image import mrd_image
-from ..output.pacs import parse_target
 from ..output.series_files import write_outputs
 from ..scan import ReconImage, ReconSeries, ScanHeader, series_by_contrast
 
@@ -106,6 +105,5 @@ def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
             return []
         log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
         if plan is not None:
-            plan.deliver(paths, down=None if send_now else
-                         {str(parse_target(t)): time.monotonic() for t in plan.targets})
+            plan.deliver(paths, queue_only=not send_now)
     return paths if dicom_out is not None else []
