@@ -203,6 +203,7 @@ class SliceData:
     contrast: int = 0
     repetition: int = 0
     phase: int = 0
+    set_index: int = 0  # ISMRMRD idx.set (each set is made as a slice of its own)
     average_count: int = 1
     acquisition_time_stamp: int | None = None
     notes: list[str] = field(default_factory=list)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -802,3 +803,102 @@ def test_sigterm_during_a_scan(data, drain):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def _storage_scp(port: int, stored: list):
+    """A pynetdicom storage SCP on ``port`` that keeps the SOP Instance UIDs it is sent."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    def on_store(event):
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="RETRY_TEST")
+    scp.supported_contexts = AllStoragePresentationContexts
+    return scp.start_server(("127.0.0.1", port), block=False,
+                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+def test_the_server_retries_its_pacs_queue(data, engine, tmp_path):
+    """A PACS that is down when the scan ends gets the scan's DICOM once it is up, without
+    `recon-plugin send`: the engine retries the queue it queued into; a new engine (a restarted
+    server) retries an earlier run's queue."""
+    import pydicom
+
+    from tests.test_output_pacs import free_port
+
+    port = free_port()  # nothing listens yet: the PACS is down
+    queue = tmp_path / "queue"
+    (data["pdir"] / "stream_retry.yaml").write_text(
+        f"name: stream_retry\nextends: stream_zf\npacs: {{targets: [\"RETRY_TEST@127.0.0.1:"
+        f"{port}\"], queue_dir: '{queue}'}}\n")
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               dicom_out=tmp_path / "dcm", pacs_retry_s=0.3)
+    try:
+        result = eng.run(iter(data["acqs"]), data["header"].toXML(), lambda im: None,
+                         stream_options.StreamOptions(protocol="stream_retry"))
+        files = eng.deliver(result)
+        assert len(files) == 2 and [len(i["files"]) for i in queued_items(queue)] == [2]
+        stored: list[str] = []
+        scp = _storage_scp(port, stored)
+        try:
+            deadline = time.monotonic() + 30
+            while queued_items(queue) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert queued_items(queue) == []
+            assert sorted(stored) == sorted(str(pydicom.dcmread(f).SOPInstanceUID)
+                                            for f in files)
+        finally:
+            scp.shutdown()
+    finally:
+        eng.pacs_retry.stop()
+    # an earlier run's items: a new engine finds the queue from its protocols
+    result = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]).run(
+        iter(data["acqs"]), data["header"].toXML(), lambda im: None,
+        stream_options.StreamOptions(protocol="stream_retry"))
+    eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]).deliver(result)
+    assert [len(i["files"]) for i in queued_items(queue)] == [2]  # down again: queued
+    later = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]], pacs_retry_s=0.3)
+    assert eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]
+                                ).retry_earlier_queues() == []  # retries off: none looked at
+    try:
+        assert queue in later.retry_earlier_queues()
+        stored.clear()
+        scp = _storage_scp(port, stored)
+        try:
+            deadline = time.monotonic() + 30
+            while queued_items(queue) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert queued_items(queue) == [] and len(stored) == 2
+        finally:
+            scp.shutdown()
+    finally:
+        later.pacs_retry.stop()
+    (data["pdir"] / "stream_retry.yaml").unlink()  # the module's other tests match protocols
+
+
+def test_the_sets_of_a_slice_count_each(data, engine):
+    """Two sets of a slice, their lines interleaved, hold two buffers: the stream's k-space
+    count had keyed slices without the set, so the second set's buffer went uncounted (one
+    buffer's worth counted for both) and a limit of 1.5 buffers let it pass."""
+    xml = re.sub(r"(<set>\s*<minimum>0</minimum>\s*<maximum>)0", r"\g<1>1",
+                 data["header"].toXML())
+    assert "<maximum>1</maximum>" in xml.split("<set>")[1][:80]
+    imaging = [a for a in data["acqs"] if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    one = 8 * imaging[0].number_of_samples // 2 * 64 * imaging[0].active_channels
+    both = []
+    for a in (a for a in imaging if a.idx.slice == 0):
+        for s in (0, 1):
+            b = ismrmrd.Acquisition(a.getHead(), a.data, a.traj)
+            b.idx.set = s
+            both.append(b)
+    opts = stream_options.StreamOptions(protocol="stream_zf")
+    loose = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                                 limits=stream_options.Limits(max_total_open_bytes=3 * one))
+    made = [o for o in loose.images(iter(both), xml, opts) if isinstance(o, eng_mod.StreamImage)]
+    assert len(made) == 2 and loose._open_bytes == 0
+    tight = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                                 limits=stream_options.Limits(max_total_open_bytes=one * 3 // 2))
+    with pytest.raises(stream_options.ProtocolViolation, match="next slice needs"):
+        list(tight.images(iter(both), xml, opts))
+    assert tight._open_bytes == 0

@@ -370,9 +370,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--time-budget", type=_positive_float, default=None,
                    help="wall seconds of fine-tuning at most")
     s.add_argument("--pool", type=Path, default=None,
-                   help="training batches: a `train-pool` folder (recipes/base.sh draws "
-                        "runs/base-transfer/pool), else a cache file of template batches, "
-                        "drawn there on first use, then replayed (share it between variants)")
+                   help="training batches: a `train-pool` folder, which must exist "
+                        "(recipes/base.sh draws runs/base-transfer/pool), or a cache file of "
+                        "template batches (a new one: FILE.pt), drawn there on first use, then "
+                        "replayed (share it between variants)")
     s.add_argument("--pool-size", type=_positive_int, default=300, help="batches in --pool")
     s.add_argument("--run-dir", required=True, help="checkpoints and log (resumes)")
     s.add_argument("--export", required=True, help="variant path without suffix")
@@ -440,6 +441,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="float32 magnitudes (as offline recon) or uint16 scaled per scan")
     s.add_argument("--no-warmup", action="store_true",
                    help="skip the synthetic warm-up slice (first scan then pays model load/JIT)")
+    s.add_argument("--pacs-retry", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="retry the PACS queues every SECONDS: DICOM a PACS did not take, also "
+                   "an earlier run's (0: only `recon-plugin send`; default %(default)g)")
     s.set_defaults(fn=cmd_serve)
 
 

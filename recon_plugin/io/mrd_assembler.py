@@ -436,8 +436,9 @@ class MrdAssembler:
                 f"coils, earlier imaging data had {self.coils}"
             )
         if idx.set > 0:
-            self._warn("set index is not represented in SliceData; sets are returned as "
-                       "separate slices", once="set")
+            self._warn("the data have several sets (idx.set): each set of a slice is "
+                       "reconstructed as an image of its own, at the slice's position",
+                       once="set")
         enc = self.enc
         row = kspace_row(acq, enc)
         if not 0 <= row < enc.ny:
@@ -577,6 +578,7 @@ class MrdAssembler:
             contrast=key[1],
             phase=key[2],
             repetition=key[3],
+            set_index=key[4],
             average_count=max(len(buf.averages), 1),
             acquisition_time_stamp=buf.timestamp,
         )
@@ -627,6 +629,6 @@ class MrdAssembler:
         """One 2D problem of a 3D slab (a partition or a ky-kz plane) as a :class:`SliceData`."""
         return SliceData(kspace=kspace, mask=mask.copy(), geometry=geometry, acs=acs,
                          slice_index=index, contrast=key[1], phase=key[2], repetition=key[3],
-                         average_count=max(len(buf.averages), 1),
+                         set_index=key[4], average_count=max(len(buf.averages), 1),
                          acquisition_time_stamp=buf.timestamp, notes=list(notes), plane=plane)
 

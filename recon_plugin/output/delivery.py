@@ -11,18 +11,20 @@ Queue folder, first that applies:
    ``--dicom-out`` writes its DICOM to a temporary folder).
 
 The queue path is made absolute when the plan is made, so a plan recorded by the batch resumes
-into the same queue from any working directory. ``recon-plugin send --queue DIR`` drains it.
+into the same queue from any working directory. ``recon-plugin send --queue DIR`` drains it; a
+long-running stream process retries its queues itself (:class:`QueueRetry`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .pacs import enqueue, send_or_enqueue
+from .pacs import drain, enqueue, send_or_enqueue, waiting_files
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +111,63 @@ class DeliveryPlan:
             report.sent += sent
             report.queued += queued
         return report
+
+
+class QueueRetry:
+    """Background retries of a long-running process's PACS queues (the stream server's).
+
+    Every ``period_s`` seconds, each queue folder :meth:`add` ed that holds waiting files is
+    drained (:func:`~recon_plugin.output.pacs.drain`: its lock keeps a concurrent ``recon-plugin
+    send`` out; an item stays queued until delivered, ``send --max-attempts`` gives items up).
+    The daemon thread starts with the first folder added and ends with :meth:`stop`.
+    """
+
+    def __init__(self, period_s: float, timeout_s: float = 30.0):
+        if period_s <= 0:
+            raise ValueError(f"retry period must be > 0 s, got {period_s}")
+        self.period_s, self.timeout_s = period_s, timeout_s
+        self._queues: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, queue: Path | str) -> None:
+        """Retry ``queue`` from now on (started at the first call)."""
+        with self._lock:
+            self._queues.add(Path(queue))
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="pacs-queue-retry")
+                self._thread.start()
+
+    def retry_once(self) -> tuple[int, int]:
+        """Drain every added queue that holds files: ``(files sent, files still queued)``."""
+        with self._lock:
+            queues = sorted(self._queues)
+        sent = failed = 0
+        for q in queues:
+            if self._stop.is_set():
+                break
+            if waiting_files(q):
+                s, f = drain(q, timeout=self.timeout_s)
+                sent, failed = sent + s, failed + f
+        return sent, failed
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                sent, failed = self.retry_once()
+            except Exception:  # noqa: BLE001 - a failed round must not end the retries
+                log.exception("PACS queue retry failed; trying again in %g s", self.period_s)
+                continue
+            if failed:
+                log.warning("PACS queue retry: %d files sent, %d still queued (next try in "
+                            "%g s)", sent, failed, self.period_s)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the retries (a round in progress finishes its current send)."""
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)

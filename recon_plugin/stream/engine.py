@@ -30,10 +30,12 @@ from typing import Any
 import ismrmrd
 import numpy as np
 
-from ..config.protocol import Protocol, select_protocol
+from ..config.protocol import Protocol, load_all, load_protocol, select_protocol
 from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
+from ..output.delivery import DeliveryPlan, QueueRetry
+from ..output.pacs import waiting_files
 from ..physics import fft2c
 from ..recon.calibrate import ScanCalibration
 from ..recon.pipeline import Reconstructor
@@ -90,13 +92,15 @@ class StreamEngine:
     protocol: default protocol name or path when the client names none (else header matching);
     protocol_dirs: extra protocol folders searched first; dicom_out: also write every finished
     scan as DICOM there (protocols with ``pacs.targets`` send it, through a temporary folder when
-    dicom_out is None).
+    dicom_out is None); pacs_retry_s: seconds between retries of the PACS queues this engine
+    queued into (:class:`~recon_plugin.output.delivery.QueueRetry`; None: never retried here).
     """
 
     def __init__(self, recon: Reconstructor | None = None, *, device: str = "cpu",
                  protocol: str | Path | None = None,
                  protocol_dirs: Iterable[str | Path] | None = None,
-                 dicom_out: str | Path | None = None, limits: Limits | None = None):
+                 dicom_out: str | Path | None = None, limits: Limits | None = None,
+                 pacs_retry_s: float | None = None):
         self.recon = recon or Reconstructor(device)
         self.lock = threading.Lock()
         self.default_protocol = str(protocol) if protocol else None
@@ -107,6 +111,7 @@ class StreamEngine:
         self.memory_limit = self.limits.max_total_open_bytes or default_max_bytes()
         self._open_bytes = 0
         self._open_lock = threading.Lock()
+        self.pacs_retry = QueueRetry(pacs_retry_s) if pacs_retry_s else None
 
     def select(self, header: ScanHeader, options: StreamOptions) -> tuple[Protocol, Any]:
         """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides."""
@@ -157,8 +162,7 @@ class StreamEngine:
                         parked = len(scan.deferred)
                         yield from scan.emit(sl, t)
                         if len(scan.deferred) == parked:  # made; a deferred one stays held
-                            self._hold(-held.pop((sl.slice_index, sl.contrast, sl.phase,
-                                                  sl.repetition), 0))
+                            self._hold(-held.pop(_key(sl), 0))
             t = clock()
             finished = asm.finish()
             yield from scan.told()
@@ -283,13 +287,36 @@ class StreamEngine:
                     f"server's limit of {size_text(self.memory_limit)} (serve --max-memory-gb)")
             self._open_bytes = max(self._open_bytes + nbytes, 0)
 
+    def retry_earlier_queues(self) -> list[Path]:
+        """Retry (see ``pacs_retry_s``) the PACS queue of every protocol on the search path
+        that holds files, e.g. an earlier run's; returns those queues. A protocol file that
+        does not load is named in the log and passed over."""
+        if self.pacs_retry is None:
+            return []
+        try:
+            protocols = load_all(self.protocol_dirs or None)
+            if self.default_protocol:
+                protocols.append(load_protocol(self.default_protocol, self.protocol_dirs or None))
+        except (OSError, ValueError) as e:
+            log.warning("PACS queues of earlier runs not looked for: %s", e)
+            return []
+        queues = {plan.queue for p in protocols
+                  if (plan := DeliveryPlan.make(p.pacs, out_dir=self.dicom_out)) is not None}
+        waiting = {q: n for q in sorted(queues) if (n := waiting_files(q))}
+        for q, n in waiting.items():
+            log.info("PACS queue %s holds %d files of an earlier run: retried every %g s", q, n,
+                     self.pacs_retry.period_s)
+            self.pacs_retry.add(q)
+        return list(waiting)
+
     def wants_delivery(self, protocol: Protocol) -> bool:
         return self.dicom_out is not None or bool(protocol.pacs.targets)
 
     def deliver(self, result: StreamResult) -> list[Path]:
         """Write a finished scan as DICOM (protocol options) into ``dicom_out`` and deliver it to
         the protocol's PACS targets (:class:`~recon_plugin.output.delivery.DeliveryPlan`: what
-        does not arrive is queued; drain with ``recon-plugin send``). A scan a server's hard
+        does not arrive is queued, retried every ``pacs_retry_s``; ``recon-plugin send`` drains
+        it too). A scan a server's hard
         stop ended is archived as far as it came, said in its images, and queued for its PACS
         without trying (the server is going down). Never raises: the scanner already has its
         images. Returns the files kept in ``dicom_out``."""
@@ -312,8 +339,11 @@ class StreamEngine:
                 im.notes.append("INCOMPLETE SERIES: the server was stopped during the scan; the "
                                 "slices it had not reconstructed are not in this series")
         series = scan_series(result.images, result.header, result.provenance, p, result.method)
-        result.dicom_files = write_and_deliver(series, p, self.dicom_out,
+        plan = DeliveryPlan.make(p.pacs, out_dir=self.dicom_out)
+        result.dicom_files = write_and_deliver(series, p, self.dicom_out, plan,
                                                send_now=not result.stopped)
+        if plan is not None and self.pacs_retry is not None and waiting_files(plan.queue):
+            self.pacs_retry.add(plan.queue)
         return result.dicom_files
 
 
@@ -324,7 +354,7 @@ class _ScanState:
                  prov, options: StreamOptions, result: StreamResult):
         self.engine, self.asm, self.settings, self.result = engine, asm, settings, result
         self.keep = engine.wants_delivery(protocol)
-        self.refs: dict[tuple[int, int, int, int], ismrmrd.AcquisitionHeader] = {}
+        self.refs: dict[tuple[int, ...], ismrmrd.AcquisitionHeader] = {}  # by _key
         self.header: ScanHeader | None = None
         self.whitener: np.ndarray | None = None
         self.timings: dict[str, float] = defaultdict(float)
@@ -355,13 +385,14 @@ class _ScanState:
             self.warned += 1
             yield f"WARNING {self.asm.warnings[self.warned - 1]}"
 
-    def track(self, acq: ismrmrd.Acquisition) -> tuple[int, int, int, int] | None:
-        """Remember the first imaging line of each slice (image header source); its key."""
+    def track(self, acq: ismrmrd.Acquisition) -> tuple[int, ...] | None:
+        """Remember the first imaging line of each slice (image header source); its key
+        (:func:`_key`)."""
         if int(acq.encoding_space_ref) != 0 or acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) \
                 or any(acq.is_flag_set(f) for f in SKIP_FLAGS):
             return None
         i = acq.idx
-        key = (int(i.slice), int(i.contrast), int(i.phase), int(i.repetition))
+        key = (int(i.slice), int(i.contrast), int(i.phase), int(i.repetition), int(i.set))
         if key not in self.refs:
             self.refs[key] = ismrmrd.AcquisitionHeader.from_buffer_copy(acq.getHead())
         return key
@@ -384,8 +415,7 @@ class _ScanState:
             return
         self._prepare()
         yield from self.told()
-        key = (sl.slice_index, sl.contrast, sl.phase, sl.repetition)
-        ref = self.refs.pop(key, None)
+        ref = self.refs.pop(_key(sl), None)
         log.log(logging.DEBUG if sl.plane is not None else logging.INFO,
                 "slice %d (contrast %d, repetition %d) complete: reconstructing",
                 sl.slice_index, sl.contrast, sl.repetition)
@@ -480,6 +510,12 @@ def log_notice(text: str) -> None:
     ``WARNING`` notices were logged where they arose)."""
     if not text.startswith("WARNING"):
         log.warning("%s", text)
+
+
+def _key(sl: SliceData) -> tuple[int, ...]:
+    """A slice's key in the stream's per-slice books: (slice, contrast, phase, repetition,
+    set), as :meth:`_ScanState.track` makes it from an acquisition's counters."""
+    return sl.slice_index, sl.contrast, sl.phase, sl.repetition, sl.set_index
 
 
 def shared_engine(**kwargs: Any) -> StreamEngine:

@@ -85,13 +85,13 @@ def scan_series(images: list[ReconImage], header: ScanHeader, provenance: Any,
 
 
 def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
-                      dicom_out: Path | None, send_now: bool = True) -> list[Path]:
+                      dicom_out: Path | None, plan: DeliveryPlan | None,
+                      send_now: bool = True) -> list[Path]:
     """Write ``series`` as DICOM (protocol options) into a new folder of ``dicom_out`` (of a
-    temporary folder when None) and deliver it by the protocol's :class:`DeliveryPlan` (queue
-    rule there; ``send_now`` False: queued without trying). Returns the files kept in
-    ``dicom_out`` ([] without it). Never raises for a write or delivery failure (logged): the
-    scanner already has its images."""
-    plan = DeliveryPlan.make(protocol.pacs, out_dir=dicom_out)
+    temporary folder when None) and deliver it by ``plan`` (the protocol's
+    :meth:`DeliveryPlan.make` for ``dicom_out``; None: no PACS; ``send_now`` False: queued
+    without trying). Returns the files kept in ``dicom_out`` ([] without it). Never raises for
+    a write or delivery failure (logged): the scanner already has its images."""
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{protocol.name}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="recon-plugin-stream-") as tmp:
         sub = (dicom_out or Path(tmp)) / stem

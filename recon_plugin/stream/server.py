@@ -85,6 +85,7 @@ class ReconServer:
         self._sock = socket.create_server((host, port))
         self._closing = threading.Event()  # no new connections; the scans in progress go on
         self._stop = threading.Event()  # every session stops after its slice in flight
+        self._stop_lock = threading.RLock()  # re-entrant: a signal may come while it is held
         self._threads: set[threading.Thread] = set()
         self._tlock = threading.Lock()
         self.results: deque[StreamResult] = deque(maxlen=100)
@@ -100,9 +101,10 @@ class ReconServer:
         """Stop accepting (signal-safe). The first request with ``drain`` lets the scans in
         progress go on (see :meth:`serve_forever`); otherwise, or at a second request, every
         connection finishes its slice in flight, tells its client and closes."""
-        if not drain or self._closing.is_set():
-            self._stop.set()
-        self._closing.set()
+        with self._stop_lock:  # two threads at once: one of them is the first
+            if not drain or self._closing.is_set():
+                self._stop.set()
+            self._closing.set()
 
     @property
     def closing(self) -> bool:
@@ -382,7 +384,8 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
           protocol_dirs: Iterable[str | Path] | None = None, dicom_out: str | Path | None = None,
           device: str = "cpu", idle_timeout: float = 300.0, max_connections: int = 8,
           image_dtype: str = "float", limits: Limits | None = None, drain_timeout: float = 30.0,
-          handle_signals: bool = True, warmup: bool = True) -> ReconServer:
+          handle_signals: bool = True, warmup: bool = True,
+          pacs_retry: float | None = 300.0) -> ReconServer:
     """Run the MRD server until SIGTERM / SIGINT (or :meth:`ReconServer.request_stop`).
 
     Loopback only by default. Signals are handled when called from the main thread: the first
@@ -390,14 +393,18 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
     (keep it below a service manager's stop timeout: systemd 90 s, Docker 10 s); after that or
     a second signal, the slice in flight of every connection is finished and sent, then the
     clients get a WARNING and CLOSE. ``warmup`` runs one synthetic slice first (model load,
-    JIT) so the first scan's latency is the steady one. Returns the (stopped) server.
+    JIT) so the first scan's latency is the steady one. ``pacs_retry``: seconds between
+    retries of the PACS queues (those this server queues into, and those of its protocols that
+    hold files of an earlier run; None or 0: ``recon-plugin send`` only). Returns the (stopped)
+    server.
     """
     server = ReconServer(host, port, idle_timeout=idle_timeout, max_connections=max_connections,
                          limits=limits, image_dtype=image_dtype, device=device, protocol=protocol,
                          protocol_dirs=protocol_dirs, dicom_out=dicom_out,
-                         drain_timeout=drain_timeout)
+                         drain_timeout=drain_timeout, pacs_retry_s=pacs_retry)
     if warmup:
         server.engine.warmup()
+    server.engine.retry_earlier_queues()
     previous = {}
     if handle_signals and threading.current_thread() is threading.main_thread():
         def on_signal(signum, _frame):
@@ -416,4 +423,6 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server.engine.pacs_retry is not None:
+            server.engine.pacs_retry.stop(timeout=5.0)
     return server
