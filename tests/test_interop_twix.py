@@ -326,6 +326,41 @@ def test_a_damaged_twix_file_is_refused_at_once(tmp_path):
     assert any("not finite" in w for w in nan.warnings)
 
 
+@pytest.mark.parametrize(("offset", "message"), [
+    (56, "its slice counter (cSlc) reaches 39999 (40000 slices) in 1 of 160 readouts, but the "
+         "protocol declares 1 slice (sSliceArray.lSize)"),
+    (58, "its partition counter (cPar) reaches 39999 (40000 partitions) in 1 of 160 readouts, "
+         "but the protocol declares 1 partition (sKSpace.ucDimension: a 2D scan)"),
+    (64, "its repetition counter (cRep) reaches 39999 (40000 repetitions) in 1 of 160 "
+         "readouts, but the protocol declares 1 repetition (lRepetitions + 1)"),
+], ids=["slice", "partition", "repetition"])
+def test_a_damaged_counter_is_named_when_the_budget_refuses(tmp_path, offset, message):
+    """One readout header's slice (partition, repetition) counter damaged to 39999 sized a
+    30.5 GB grid: the memory budget refused it, advising a larger --max-memory-gb, and never
+    said the likely cause. The refusal now names the counter, its largest value and what the
+    protocol declares; a sound file over the limit keeps the old advice."""
+    import struct
+
+    from recon_plugin.scan import RawDataError
+
+    data = DAT.read_bytes()
+    meas = struct.unpack_from("<Q", data, 16)[0]  # multi-RAID entry 0: its offset
+    first = meas + struct.unpack_from("<I", data, meas)[0]  # its first readout header
+    line = 192 + 2 * (32 + 8 * 320)  # a readout: header, 2 channels of 320 samples
+    # the 81st readout's counters start at byte 52: Lin, Ave, Sli, Par, Eco, Phs, Rep, Set
+    bad = _damaged(tmp_path, "counter", (first + 80 * line + offset, "<H", 39999))
+    with pytest.raises(RawDataError) as err:
+        read_raw(bad, max_bytes=8 << 30)
+    text = str(err.value)
+    assert text.startswith(f"{bad}: its k-space grid (") and "more than the memory limit" in text
+    assert text.endswith(f"refused before reading: {message}: the file's readout headers look "
+                         "damaged"), text
+    assert "--max-memory-gb" not in text  # a larger limit would not help
+    with pytest.raises(RawDataError) as err:  # the sound phantom over a tiny limit
+        read_raw(DAT, max_bytes=100_000)
+    assert "--max-memory-gb" in str(err.value) and "damaged" not in str(err.value)
+
+
 def test_sets_sharing_one_flag_pair_are_not_called_incomplete(tmp_path):
     """A phase-contrast-like twix (review): the phantom's lines each acquired for 2 sets, the
     first readout flagged first-in-slice (set 0), the last last-in-slice (set 1). Both sets are

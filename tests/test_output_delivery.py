@@ -79,6 +79,29 @@ def test_batch_keeps_a_broken_delivery_pending_until_resume(tmp_path, capsys):
     assert [len(i["files"]) for i in queued_items(queue)] == [1]
 
 
+def test_a_queue_that_cannot_be_written_fails_the_input_not_the_batch(tmp_path, capsys):
+    """An existing queue folder the batch cannot write (its lock a folder here: tests may run
+    as root) stopped the whole batch with a traceback before the delivery was tried: the
+    replaced run's queued items are dropped first, outside the delivery's error handling. Now
+    the input is reported failed with its delivery pending, and the next input still runs."""
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32), snr=40.0)
+    raws = [write_ismrmrd(vol, tmp_path / f"scan{i}.h5", acceleration=2, calib_lines=16)
+            for i in range(2)]
+    queue = tmp_path / "q"
+    (queue / ".lock").mkdir(parents=True)
+    proto = tmp_path / "p.yaml"
+    proto.write_text(f"name: p\nextends: default\npacs: {{targets: ['{NOBODY}'], "
+                     f"queue_dir: '{queue}'}}\n")
+    out = tmp_path / "out"
+    assert main(["-q", "recon", *map(str, raws), "--out", str(out), "--method", "zero-filled",
+                 "--protocol", str(proto)]) == 1
+    text = capsys.readouterr().out
+    assert text.count("published, but not delivered") == 2 and str(queue) in text
+    state = json.loads((out / ".recon-state.json").read_text())
+    assert len(state) == 2 and all(e["delivery"]["queue"] == str(queue) for e in state.values())
+    assert len(list(out.rglob("*.dcm"))) == 2
+
+
 def test_send_counts_what_still_waits_and_can_give_up(tmp_path, capsys):
     """``send`` on a queue another drain holds printed 'sent 0, still queued 0' with exit 0
     while files waited: it now counts the folder (exit 1). ``--max-attempts N`` sets aside,

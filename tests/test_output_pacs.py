@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -368,3 +369,60 @@ def test_a_refusing_target_is_tried_by_each_input(orthanc, tmp_path):
     paths = write_series(tmp_path / "dcm", nslices=1, seed=15)
     pacs.send_or_enqueue(paths, wrong, tmp_path / "q", CALLING, timeout=5, down=down)
     assert not down
+
+
+def _chmod_stops_writes(folder: Path) -> bool:
+    """chmod 0o555 ``folder``; whether that stops this process writing there (root writes
+    through modes: the mode is then restored)."""
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        return True
+    (folder / "probe").unlink()
+    folder.chmod(0o755)
+    return False
+
+
+@pytest.mark.parametrize("old_lock", [False, True], ids=["fresh", "with-earlier-lock"])
+def test_send_to_an_unwritable_queue_says_so(tmp_path, caplog, capsys, monkeypatch, old_lock):
+    """``send --queue DIR`` on a folder it cannot write failed (exit 1) naming a missing
+    ``DIR/.lock``, or (with a ``.lock`` left by an earlier drain) went on sending and failed
+    at removing what it sent. It now says, in one line, that the queue folder cannot be
+    written and why (exit 2, a configuration error), before anything is tried. As root
+    (chmod stops nothing) the folder is made unwritable by its ``.lock`` being a folder, or,
+    with an earlier ``.lock`` file, the OS's refusal of a new file there is simulated."""
+    from recon_plugin.cli import main
+
+    queue = tmp_path / "queue"
+    pacs.enqueue(write_series(tmp_path / "dcm", nslices=1, seed=12), "NOBODY@127.0.0.1:9",
+                 queue, CALLING)
+    if old_lock:
+        (queue / ".lock").touch()
+    reason = "(Permission denied)"
+    if not _chmod_stops_writes(queue):
+        if not old_lock:
+            (queue / ".lock").mkdir()
+            reason = f"(Is a directory: {queue / '.lock'})"
+        else:
+            real = tempfile.TemporaryFile
+
+            def refused(*args, dir=None, **kw):
+                if dir is not None and Path(dir) == queue:
+                    raise PermissionError(13, "Permission denied", str(queue / "tmpx"))
+                return real(*args, dir=dir, **kw)
+
+            monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    try:
+        caplog.clear()
+        assert main(["-q", "send", "--queue", str(queue)]) == 2
+    finally:
+        queue.chmod(0o755)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"--queue {queue}: the queue folder cannot be written "
+                                f"{reason}"), errors
+    if "Permission" in reason:
+        assert ".lock" not in errors[0] and "tmpx" not in errors[0], errors
+    assert "sent" not in capsys.readouterr().out
+    assert [i["attempts"] for i in pacs.queued_items(queue)] == [0]  # untouched, not tried

@@ -204,8 +204,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                 state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
             save_state(out_dir, state)
             if plan:
-                drop_superseded(plan.queue, out_dir / output_name(path))  # the replaced run's
-                _deliver(r, plan, state[key], out_dir, state, down)
+                _deliver(r, plan, state[key], out_dir, state, down, out_dir / output_name(path))
         results.append(r)
 
     # log lines go through tqdm while the bars are shown, so that neither cuts the other
@@ -243,11 +242,20 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
 
 
 def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict,
-             down: dict[str, float]) -> None:
+             down: dict[str, float], folder: Path | None = None) -> None:
     """Deliver ``r``'s DICOM by ``plan``, then clear the pending delivery of its state ``entry``.
-    When a target broke off (files neither sent nor queued) the delivery stays pending, so
-    ``--resume`` delivers again, and the input is reported failed. ``down``: the batch's
-    targets that did not answer (their files are queued without trying)."""
+    First the queued deliveries of the run that ``folder`` (the scan's, when it was just
+    made again) replaced are dropped.
+    When the queue cannot be used or a target broke off (files neither sent nor queued) the
+    delivery stays pending, so ``--resume`` delivers again, and the input is reported failed.
+    ``down``: the batch's targets that did not answer (their files are queued without trying)."""
+    try:
+        if folder is not None:
+            drop_superseded(plan.queue, folder)
+    except OSError as exc:  # e.g. a queue folder that cannot be written
+        r.ok = False
+        r.error = f"published, but not delivered: {exc}; --resume delivers again"
+        return
     report = plan.deliver(r.outputs, down)
     r.queued, r.queue = report.queued, str(plan.queue)
     if report.failed:

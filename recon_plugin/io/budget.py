@@ -44,19 +44,22 @@ def size_text(nbytes: float, digits: int = 1) -> str:
     return f"{gb:.{digits}f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.{digits + 2}g} MB"
 
 
-def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None) -> None:
+def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None,
+                 cause: str | None = None) -> None:
     """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit; the
     message gives both sizes with enough decimals to tell them apart and the least limit it
     needs (in GB, rounded up to a tenth; a reader that checks buffer by buffer knows only the
-    ones so far)."""
+    ones so far). ``cause``: why the size is likely wrong (e.g. damaged counters), said
+    instead of the limit it needs (a larger limit would not help)."""
     limit = default_max_bytes() if max_bytes is None else int(max_bytes)
     if nbytes > limit:
         digits = 1
         while digits < 4 and size_text(nbytes, digits) == size_text(limit, digits):
             digits += 1
         needed = math.ceil(nbytes / (1 << 30) * 10) / 10
+        advice = (f": {cause}" if cause else
+                  f" (it needs --max-memory-gb {needed:g} or ${ENV_VAR}={needed:g} at least, "
+                  "where the machine has that much memory to spare)")
         raise RawDataError(
             f"{where}: {what} needs {size_text(nbytes, digits)} of k-space, more than the memory "
-            f"limit of {size_text(limit, digits)}; refused before reading (it needs --max-memory-gb "
-            f"{needed:g} or ${ENV_VAR}={needed:g} at least, where the machine has that much "
-            "memory to spare)")
+            f"limit of {size_text(limit, digits)}; refused before reading{advice}")

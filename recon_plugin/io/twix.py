@@ -431,6 +431,62 @@ def _measurements(p: Path, where: str) -> list[dict]:
     return meas
 
 
+# a readout counter past this many times the protocol's count is taken for a damaged header
+_COUNTER_SLACK = 2
+_PLURAL = {"slice": "slices", "partition": "partitions", "echo": "echoes",
+           "repetition": "repetitions", "cardiac phase": "cardiac phases"}
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 slice``, ``40000 slices``."""
+    return f"{n} {noun if n == 1 else _PLURAL[noun]}"
+
+
+def _damaged_counters(hdr: dict, readouts: list) -> str | None:
+    """Why a grid sized by the readouts' counters is likely wrong: each counter (slice,
+    partition, echo, repetition, cardiac phase) that reaches more than :data:`_COUNTER_SLACK`
+    times the count the protocol declares, named with its largest value, the readouts that
+    hold such values and the protocol's count; None when none does (or the protocol declares
+    none of them). The line counter is not here: one past the protocol's is ignored."""
+    my = _get(hdr, "MeasYaps")
+    if not isinstance(my, dict) or not my:
+        return None
+
+    def declared(*keys: str, absent: object = None, plus: int = 0) -> int | None:
+        try:
+            return int(_get(my, *keys, default=absent)) + plus
+        except (TypeError, ValueError):  # absent, or no number: nothing to compare with
+            return None
+
+    three_d = declared("sKSpace", "ucDimension") == 4
+    # (counter, what it counts, the protocol's count, where the protocol says it)
+    checks = [
+        ("cSlc", "slice", declared("sSliceArray", "lSize"), "sSliceArray.lSize"),
+        ("cPar", "partition", declared("sKSpace", "lPartitions") if three_d else 1,
+         "sKSpace.lPartitions" if three_d else "sKSpace.ucDimension: a 2D scan"),
+        ("cEco", "echo", declared("lContrasts"), "lContrasts"),
+        # Siemens leaves out a 0: no lRepetitions is one repetition
+        ("cRep", "repetition", declared("lRepetitions", absent=0, plus=1), "lRepetitions + 1"),
+        ("cPhs", "cardiac phase", declared("sPhysioImaging", "lPhases"),
+         "sPhysioImaging.lPhases"),
+    ]
+    said = []
+    for counter, noun, count, source in checks:
+        if count is None or count < 1:
+            continue
+        values = [int(getattr(m, counter, 0) or 0) for m, _ in readouts]
+        top = max(values, default=0)
+        if top + 1 <= _COUNTER_SLACK * count:
+            continue
+        bad = sum(v + 1 > _COUNTER_SLACK * count for v in values)
+        said.append(f"its {noun} counter ({counter}) reaches {top} ({_count(top + 1, noun)}) in "
+                    f"{bad} of {len(values)} readouts, but the protocol declares "
+                    f"{_count(count, noun)} ({source})")
+    if not said:
+        return None
+    return "; ".join(said) + ": the file's readout headers look damaged"
+
+
 def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     """Read a Siemens twix ``.dat`` (VB or VD/VE) into a validated :class:`RawScan`.
 
@@ -491,7 +547,8 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     max_bytes = default_max_bytes() if max_bytes is None else max_bytes
     check_budget(where, f"its k-space grid ({n_coils} coils, {n_samples} samples, {max_lin + 1} "
                  f"lines, {n_par} partitions, {n_slices} slices, {n_echoes} echoes, "
-                 f"{n_images} repetitions x phases x sets)", grid, max_bytes)
+                 f"{n_images} repetitions x phases x sets)", grid, max_bytes,
+                 cause=_damaged_counters(hdr, others) if grid > max_bytes else None)
     try:
         xml = header_xml(hdr, n_samples, max_lin, centre_lin, n_slices, n_echoes, n_coils,
                          separate_ref, n_par, centre_par)

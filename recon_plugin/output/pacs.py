@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import logging
@@ -59,6 +60,19 @@ class PacsError(RuntimeError):
     def __init__(self, message: str, unanswered: bool = False):
         super().__init__(message)
         self.unanswered = unanswered
+
+
+class QueueNotWritable(OSError):
+    """The queue folder cannot be written (a permission, a read-only disk, its ``.lock`` not a
+    file); the message names the folder and the OS reason, ``reason`` holds the latter."""
+
+    def __init__(self, qdir: Path, exc: OSError):
+        why = exc.strerror or str(exc)
+        if exc.filename and Path(exc.filename) != qdir and exc.errno not in (
+                errno.EACCES, errno.EPERM, errno.EROFS):
+            why += f": {exc.filename}"  # the culprit is a path in it, e.g. a .lock folder
+        super().__init__(f"queue folder {qdir} cannot be written ({why})")
+        self.folder, self.reason = qdir, why
 
 
 # seconds a batch queues a target's files without trying after it did not answer
@@ -410,8 +424,17 @@ def _item_dirs(qdir: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _queue_lock(qdir: Path) -> Iterator[bool]:
+    """Hold the queue's drain lock (``.lock``, flock): yields False when another process holds
+    it. Raises :class:`QueueNotWritable` when the folder cannot be written (probed with a
+    nameless temporary file, so a ``.lock`` left from earlier does not hide it)."""
     qdir.mkdir(parents=True, exist_ok=True)
-    with open(qdir / ".lock", "a+") as fh:
+    try:
+        with tempfile.TemporaryFile(dir=qdir):
+            pass
+        fh = open(qdir / ".lock", "a+")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise QueueNotWritable(qdir, exc) from exc
+    with fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -435,7 +458,8 @@ def drain(
     A target that refuses the association is not retried again within this call. Batches that
     reach ``max_attempts`` failed attempts move to ``queue_dir/dead``. If another process is
     draining the same queue, returns ``(0, 0)`` at once. A missing ``queue_dir`` is an empty
-    queue (it is not created).
+    queue (it is not created); one that cannot be written raises :class:`QueueNotWritable`
+    before anything is sent.
     """
     qdir = Path(queue_dir)
     sent_total = failed_total = 0
