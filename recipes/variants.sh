@@ -27,6 +27,8 @@
 # unaligned 70 % -0.58, aligned 80 % -0.72, aligned 70 % -0.97 (not shipped), unaligned 80 %
 # (replaced) -1.53; the aligned ones are also the faster (`bench pruning`).
 # SPADE for comparison (not shipped): VARIANTS="spade:0.5 spade:0.75" SHIP=0 recipes/variants.sh
+# A shipped card's description is written again from code (weights untouched), never by hand:
+#   python -c 'from recon_plugin.pruning.finetune import refresh_card as r; r("recon_plugin/weights/NAME")'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 POOL=${POOL:-runs/base-transfer/pool}

@@ -97,10 +97,11 @@ class RunStopped(Exception):
 
 
 @contextlib.contextmanager
-def stop_requests() -> Iterator[list[int]]:
+def stop_requests(when: str = "after the current step") -> Iterator[list[int]]:
     """While active (main thread only), SIGINT and SIGTERM are recorded in the yielded list
-    instead of stopping the process, so that a loop can stop where its state is consistent;
-    a second signal raises RunStopped at once. The previous handlers come back after."""
+    instead of stopping the process, so that a loop can stop where its state is consistent
+    (``when``: where, for the warning a signal gets); a second signal raises RunStopped at
+    once. The previous handlers come back after."""
     requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -111,8 +112,8 @@ def stop_requests() -> Iterator[list[int]]:
             raise RunStopped(signum, f"{signal.Signals(signum).name} again: stopped at once; "
                              "the run resumes from its last checkpoint")
         requested.append(signum)
-        log.warning("%s: stopping after the current step (again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s: stopping %s (again to stop at once)", signal.Signals(signum).name,
+                    when)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -120,6 +121,16 @@ def stop_requests() -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
+
+
+def ignore_stops() -> None:
+    """Ignore SIGINT and SIGTERM from here on (main thread only, else a no-op), for a process
+    whose work is done and whose exit status is decided: a signal while the interpreter exits
+    (up to a second with torch loaded; Python's own handlers are gone by then) would turn that
+    status into a silent 128 + signal."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def bars(progress: bool) -> bool | None:

@@ -4,6 +4,7 @@ and two DDP processes train one synchronised model."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,135 @@ def test_the_gate_holds_out_readable_files_and_fully_sampled_ones_teach_nothing(
     full = write_ismrmrd(vol, tmp_path / "full.h5", acceleration=1, calib_lines=20)
     with pytest.raises(ValueError, match="no slice left for the promotion gate: 0 usable"):
         adapt([full], str(d / "tiny_base.yaml"), tmp_path / "f", mode="ssdu", steps=2)
+
+
+def test_a_fully_sampled_file_is_left_out_and_named_in_the_report(site, tmp_path, capsys):
+    """A fully sampled file among a site's files has no unmeasured lines to learn from: it is
+    left out and, like an unreadable one, named with the reason in the report's
+    ``skipped_files`` (and in ``adapt_report.json`` and the CLI's lines); it had been left out
+    with a log warning alone."""
+    from recon_plugin.cli import main
+
+    d, raws = site
+    vol = simulate_volume("train", "FLAIR", num_slices=2, num_coils=8, matrix=(64, 56),
+                          snr=60.0, seed=44)
+    full = write_ismrmrd(vol, tmp_path / "full.h5", acceleration=1, calib_lines=20)
+    rep = adapt([*raws, full], str(d / "tiny_base.yaml"), tmp_path / "s", mode="ssdu", steps=2)
+    assert len(rep["skipped_files"]) == 1, rep["skipped_files"]
+    reason = rep["skipped_files"][0]
+    assert reason.startswith(f"{full}: fully sampled") and "no unmeasured lines" in reason
+    written = json.loads((tmp_path / "s" / "adapt_report.json").read_text())
+    assert written["skipped_files"] == [reason]
+    capsys.readouterr()
+    main(["-q", "adapt", *map(str, raws), str(full), "--protocol", str(d / "tiny_base.yaml"),
+          "--out", str(tmp_path / "c"), "--steps", "2"])
+    assert f"left out: {reason}" in capsys.readouterr().out
+
+
+def _verdict(base, new):
+    """The promotion gate's verdict, made better: what publication does is tested, not the
+    gate."""
+    return {"better": True, "z": 2.0, "mean_improvement": 1.0, "standard_error": 0.1, "n": 6}
+
+
+def _adapt_with_a_signal(site, out, monkeypatch, where):
+    """``recon-plugin adapt`` in this process, a real SIGTERM sent to it at ``where`` (the
+    gate's verdict, or the overlay just written); a SIGTERM that reached no handler of the run's
+    raises (the default would end the test process): returns the exit status."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.cli import main
+
+    d, raws = site
+
+    def then_signal(real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return result
+        return call
+
+    gate = then_signal(_verdict) if where == "gate" else _verdict
+    monkeypatch.setattr(site_mod, "significant_improvement", gate)
+    if where == "overlay":
+        monkeypatch.setattr(site_mod, "write_overlay", then_signal(site_mod.write_overlay))
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        return main(["-q", "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"),
+                     "--out", str(out), "--steps", "1"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_after_publishing_says_the_model_was_published(site, tmp_path, monkeypatch,
+                                                              caplog):
+    """SIGTERM just after the overlay was written: the publication stands, and the exit of
+    128 + 15 comes with one line saying the model WAS published (name, version, folder,
+    overlay); it had ended the process with 143 and no word."""
+    out = tmp_path / "site"
+    assert _adapt_with_a_signal(site, out, monkeypatch, "overlay") == 128 + signal.SIGTERM
+    model = next((out / "models").glob("*.safetensors"))
+    overlay = out / "protocols" / "tiny_base-site.yaml"
+    assert overlay.is_file() and (out / "adapt_report.json").is_file()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("SIGTERM: stopped after publishing (the signal came while the "
+                                "model was being published): the adapted model WAS published "
+                                f"as {model.stem} (version site-1, sha256 ")
+    assert f"in {model.parent}, with the overlay protocol {overlay};" in errors[0]
+
+
+def test_a_stop_at_the_gate_publishes_nothing_and_says_so(site, tmp_path, monkeypatch,
+                                                          caplog):
+    """SIGTERM while the gate judges the trained model: nothing is published, the exit is
+    128 + 15 with a line that says how to finish (the same command judges and publishes)."""
+    out = tmp_path / "site"
+    assert _adapt_with_a_signal(site, out, monkeypatch, "gate") == 128 + signal.SIGTERM
+    assert not (out / "models").exists() and not (out / "protocols").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "before the promotion gate's verdict; nothing published" in \
+        errors[0] and "run the same command again" in errors[0], errors
+
+
+def test_what_a_stop_after_the_verdict_says():
+    """The line for each outcome: a model published now or before, or none promoted."""
+    from recon_plugin.cli.commands import stopped_after_the_verdict
+
+    rep = {"stopped_by": 2, "promoted": True, "model": "/s/models/m-site-ssdu-3.safetensors",
+           "version": "site-3", "sha256": "ab" * 32, "overlay": "/s/protocols/p-site.yaml"}
+    assert stopped_after_the_verdict(rep) == (
+        "SIGINT: stopped after publishing (the signal came while the model was being "
+        "published): the adapted model WAS published as m-site-ssdu-3 (version site-3, sha256 "
+        "abababababab) in /s/models, with the overlay protocol /s/protocols/p-site.yaml; "
+        "nothing was lost, there is nothing to resume")
+    assert "WAS published (by an earlier run of this command) as" in stopped_after_the_verdict(
+        {**rep, "already_published": True})
+    assert "not promoted, nothing was published" in stopped_after_the_verdict(
+        {"stopped_by": 15, "promoted": False})
+
+
+def test_a_stop_while_adapt_exits_keeps_its_exit_status(site, tmp_path):
+    """``recon-plugin adapt`` as a process, SIGTERM the moment its last line is printed (the
+    interpreter's exit with torch loaded takes up to a second, where Python's handlers are
+    gone): the run's own exit status, not a silent 143 after a printed result."""
+    d, raws = site
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recon_plugin.cli", "-q", "adapt", *map(str, raws),
+         "--protocol", str(d / "tiny_base.yaml"), "--out", str(tmp_path / "s"), "--steps", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    last = None
+    for line in proc.stdout:
+        if line.startswith(("new model", "the same model", "adapted model NOT promoted")):
+            last = line
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert last is not None, err[-2000:]
+    assert proc.returncode == (1 if "NOT promoted" in last else 0), (proc.returncode, err)
 
 
 def test_files_of_another_protocol_are_named(tmp_path, caplog):

@@ -407,6 +407,51 @@ def test_variant_with_fewer_cg_iterations(tmp_path):
                      tmp_path / "v2", cg_iters=1, val_batches=0)
 
 
+def test_a_variant_card_is_made_again_from_code_without_touching_its_weights(tmp_path):
+    """``refresh_card`` writes a variant card's description again from code (one written
+    before the description named the CG iterations per solve): only that line changes, the
+    weights' bytes stay; a parent other than the one the card names is refused."""
+    from recon_plugin.models.checkpoint import ModelError, file_sha256
+    from recon_plugin.pruning.finetune import refresh_card
+
+    parent = UnrolledNet(num_cascades=2, chans=8, dc="prox", cg_iters=4, noise_aware=True)
+    save_model(parent, tmp_path / "parent", {"name": "parent"})
+    variant = UnrolledNet(num_cascades=2, chans=8, dc="prox", cg_iters=3, noise_aware=True)
+    save_model(variant, tmp_path / "v", {
+        "name": "v", "version": "1.0", "finetune": "teacher",
+        "description": "parent pruned by lean (ratio 0.8), fine-tuned: teacher",
+        "pruning": {"method": "lean", "ratio": 0.8}, "parent_name": "parent",
+        "parent_sha256": file_sha256(tmp_path / "parent.safetensors")})
+    weights = file_sha256(tmp_path / "v.safetensors")
+    before = json.loads((tmp_path / "v.json").read_text())
+    card = refresh_card(tmp_path / "v.safetensors", parent=tmp_path / "parent.safetensors")
+    assert card["description"] == ("parent pruned by lean (ratio 0.8), fine-tuned: teacher, "
+                                   "3 CG iterations per solve (parent 4)")
+    after = json.loads((tmp_path / "v.json").read_text())
+    assert after == card and list(after) == list(before)
+    assert [k for k in after if after[k] != before[k]] == ["description"]
+    assert file_sha256(tmp_path / "v.safetensors") == weights
+    save_model(UnrolledNet(num_cascades=2, chans=8, dc="prox", cg_iters=2), tmp_path / "other",
+               {"name": "parent"})
+    with pytest.raises(ModelError, match="not the parent v.json was pruned from"):
+        refresh_card(tmp_path / "v.safetensors", parent=tmp_path / "other.safetensors")
+
+
+def test_the_shipped_variant_cards_say_what_the_code_says():
+    """Each shipped pruned variant's description is the one the code writes for it: cards come
+    out of code (the cg3-a8 card did not say it runs 3 CG iterations per solve, not 4)."""
+    from recon_plugin.models.checkpoint import WEIGHTS_DIR, load_card
+    from recon_plugin.pruning.finetune import refresh_card
+
+    variants = [p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))
+                if load_card(p).get("parent_name")]
+    assert len(variants) >= 5
+    for p in variants:
+        assert refresh_card(p, write=False)["description"] == load_card(p)["description"], p
+    assert load_card(WEIGHTS_DIR / "unrolled-lean-0.8-cg3-a8.safetensors")["description"].endswith(
+        "3 CG iterations per solve (parent 4)")
+
+
 def test_prune_command_aligns_lean_by_default(tmp_path):
     """``recon-plugin prune --method lean`` keeps multiples of 8 channels unless told
     otherwise (``--align 1``), and the card says which."""
@@ -427,6 +472,33 @@ def test_prune_command_aligns_lean_by_default(tmp_path):
                   if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][:-1]
         assert all(c % align == 0 for c in counts), counts
     assert any(c % 8 for c in counts), "unaligned LEAN kept only multiples of 8 here"
+
+
+def test_prune_refuses_a_pool_folder_that_does_not_exist(tmp_path, monkeypatch, caplog):
+    """``prune --pool DIR`` with a DIR that does not exist (a typo of the train-pool folder):
+    exit 2 naming it and how to fill one, nothing made (a template batch cache had been drawn
+    into a new file there, and the variant fine-tuned on it). A new cache file is still taken
+    when named ``FILE.pt``."""
+    from recon_plugin.cli import main
+    from recon_plugin.pruning import run
+
+    parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
+    save_model(_randomise_bn(parent).eval(), tmp_path / "parent", {"name": "parent"})
+    args = ["-q", "prune", "--model", str(tmp_path / "parent.safetensors"), "--method", "lean",
+            "--ratio", "0.6", "--finetune", "teacher", "--steps", "1", "--pool-size", "1",
+            "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "v")]
+    typo = tmp_path / "base-transfr" / "pool"
+    assert main([*args, "--pool", str(typo)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"--pool {typo}: no such folder; fill one with `recon-plugin train-pool "
+                      f"{typo}` first, or name a cache file of template batches FILE.pt (drawn "
+                      "there on first use)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parent.json", "parent.safetensors"]
+    taken = []
+    monkeypatch.setattr(run, "make_variant", lambda *a, **kw: taken.append(kw["pool"]) or {
+        "parameters": 1, "latency": {}, "metrics": {}})
+    assert main([*args, "--pool", str(tmp_path / "cache.pt")]) == 0
+    assert taken == [tmp_path / "cache.pt"]
 
 
 # ------------------------------------------------------------------------------ cascades

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import torch
 from ..models.checkpoint import ModelError, file_sha256, resolve_model, save_model
 from ..output.atomic import fingerprint, write_text_atomic
 from ..physics import SenseOperator
+from ..runtime import RunStopped, stop_requests
 from ..scan import ScanHeader
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import heldout_errors, significant_improvement
@@ -64,7 +66,8 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
     prewhitening, coil compression, ESPIRiT; a wrapped phase field of view without the
     second map's part); slices without usable ACS and fully sampled slices are skipped. A file
     that cannot be read (``RawDataError``) raises, or, where ``skipped`` is given, is left out
-    with a warning and its reason appended there. ``on_header(path, header)`` sees each
+    with a warning and its reason appended there; so is, there, a file none of whose slices is
+    usable (e.g. fully sampled: nothing to learn). ``on_header(path, header)`` sees each
     file's header as read."""
     from ..io import read_raw
     from ..recon.coils import CoilMapError
@@ -86,19 +89,41 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
         if on_header is not None:
             on_header(p, scan.header)
         w = whitening_matrix(scan)
+        kept, full, no_maps = len(out), 0, 0
         for sl in scan.slices:
             try:
                 k, mask, maps = prepare_slice(sl, settings, w)
             except CoilMapError as e:
                 log.warning("%s slice %d skipped: %s", p, sl.slice_index, e)
+                no_maps += 1
                 continue
             if fully_sampled(mask):
                 log.warning("%s slice %d skipped: fully sampled, it has no unmeasured lines "
                             "to learn from", p, sl.slice_index)
+                full += 1
                 continue
             out.append(SiteSlice(torch.from_numpy(k), torch.from_numpy(mask),
                                  torch.from_numpy(maps), sl.acs, str(p)))
+        if len(out) == kept and skipped is not None:  # the file adds nothing: say so in the report
+            reason = _nothing_to_learn(p, full, no_maps)
+            log.warning("%s left out: %s", p, reason.removeprefix(f"{p}: "))
+            skipped.append(reason)
     return out
+
+
+def _nothing_to_learn(path: Path, full: int, no_maps: int) -> str:
+    """Why a readable file gave no slice to adapt on (``full`` slices fully sampled, ``no_maps``
+    without usable calibration), as ``skipped_files`` lists it."""
+    if full and not no_maps:
+        return (f"{path}: fully sampled ({full} slice(s), no unmeasured lines to learn from); "
+                "adapt needs undersampled scans")
+    if no_maps and not full:
+        return (f"{path}: none of its {no_maps} slice(s) has a usable calibration (ACS) region "
+                "for coil maps")
+    if full or no_maps:
+        return (f"{path}: no usable slice: {full} fully sampled (no unmeasured lines to learn "
+                f"from), {no_maps} without a usable calibration (ACS) region")
+    return f"{path}: no slices"
 
 
 def _dist_info() -> tuple[int, int]:
@@ -113,7 +138,9 @@ def adapt(
     name: str | None = None, time_budget_s: float | None = None, params: str = "dc",
     progress: bool = True, protocol_dirs: Sequence[Path] | None = None,
 ) -> dict:
-    """Run an adaptation; returns a report dict (``promoted``, errors, output paths).
+    """Run an adaptation; returns a report dict (``promoted``, errors, output paths; the files
+    left out, each with why, in ``skipped_files``; ``stopped_by``: a SIGINT / SIGTERM that came
+    while the result was being published, which it let finish: the caller stops).
     ``params``: what trains (``PARAMS``: the whole network, or only its data-consistency
     weights); ``lr``: None takes that choice's default; ``progress``: a progress bar (rank
     0); ``protocol_dirs``: protocol folders searched first, for ``base_protocol`` and for the
@@ -154,7 +181,8 @@ def adapt(
         teacher, _ = load_model(base_path)
         teacher.to(dev)
     raw = sorted(Path(p) for p in raw)
-    skipped: list[str] = []  # unreadable files: a site's archive may hold a broken one
+    # unreadable files (a site's archive may hold a broken one) and files without a usable slice
+    skipped: list[str] = []
     slices = prepare_slices(raw, settings, skipped, on_header=_matches(protocol, protocol_dirs))
     # files are held out among those with usable slices (an unreadable one must not take
     # the gate's share)
@@ -212,44 +240,57 @@ def adapt(
         (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
     if rank != 0:
         return report
-    new_errs = heldout_errors(model, hold)
-    new_err = float(new_errs.mean())
-    gate = significant_improvement(base_errs, new_errs)
-    report["adapted_heldout_error"] = new_err
-    report["gate"] = gate
-    report["promoted"] = gate["better"]
-    if not report["promoted"]:
-        log.warning("adaptation did not beat the base model on held-out data by more than %g "
-                    "standard errors (improvement %.5g, standard error %.5g, %d held-out "
-                    "splits); nothing promoted", gate["z"], gate["mean_improvement"],
-                    gate["standard_error"], gate["n"])
-        write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
-        return report
-    models_dir = Path(site_dir) / "models"
-    stem = name or f"{card.get('name', 'model')}-site-{mode}"
-    same = _published(models_dir, stem, param_hash)
-    if same is not None:  # the same command again: its run had finished, nothing new
-        version, saved = same
-        log.info("these weights are already %s; not published again", version)
-        report["already_published"] = True
-        return _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
-    number, version = _next_version(models_dir, stem)
-    new_card = {
-        "name": version, "version": f"site-{number}", "parent_sha256": card.get("sha256"),
-        "parent_name": card.get("name"), "pruning": card.get("pruning", {}),
-        "finetune": f"self-supervised ({mode})",
-        "adaptation": {"mode": mode, "params": params, "steps": len(history), "lr": lr,
-                       "rho": rho,
-                       "raw_files": {str(p): file_sha256(p) for p in raw},
-                       "heldout_files": [str(p) for p in hold_files],
-                       "skipped_files": skipped,
-                       "heldout_error_base": base_err, "heldout_error_adapted": new_err,
-                       "gate": gate,
-                       "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
-                       "param_sha256": param_hash},
-    }
-    saved = save_model(model.cpu(), models_dir / version, new_card)
-    return _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+    # from here a signal waits for a consistent end: one while the gate judges stops the run
+    # with nothing written (the same command again judges and publishes it); one during the
+    # publication (a few atomic writes) lets it finish, and the report says so (``stopped_by``)
+    with stop_requests("at the promotion gate, or once a publication under way is complete"
+                       ) as requested:
+        new_errs = heldout_errors(model, hold)
+        new_err = float(new_errs.mean())
+        gate = significant_improvement(base_errs, new_errs)
+        if requested:
+            raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped after "
+                             f"training, before the promotion gate's verdict; nothing published; "
+                             f"checkpointed in {run_dir}: run the same command again to judge "
+                             "and publish it")
+        report["adapted_heldout_error"] = new_err
+        report["gate"] = gate
+        report["promoted"] = gate["better"]
+        models_dir = Path(site_dir) / "models"
+        stem = name or f"{card.get('name', 'model')}-site-{mode}"
+        same = _published(models_dir, stem, param_hash) if report["promoted"] else None
+        if not report["promoted"]:
+            log.warning("adaptation did not beat the base model on held-out data by more than "
+                        "%g standard errors (improvement %.5g, standard error %.5g, %d held-out "
+                        "splits); nothing promoted", gate["z"], gate["mean_improvement"],
+                        gate["standard_error"], gate["n"])
+            write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
+        elif same is not None:  # the same command again: its run had finished, nothing new
+            version, saved = same
+            log.info("these weights are already %s; not published again", version)
+            report["already_published"] = True
+            report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+        else:
+            number, version = _next_version(models_dir, stem)
+            new_card = {
+                "name": version, "version": f"site-{number}", "parent_sha256": card.get("sha256"),
+                "parent_name": card.get("name"), "pruning": card.get("pruning", {}),
+                "finetune": f"self-supervised ({mode})",
+                "adaptation": {"mode": mode, "params": params, "steps": len(history), "lr": lr,
+                               "rho": rho,
+                               "raw_files": {str(p): file_sha256(p) for p in raw},
+                               "heldout_files": [str(p) for p in hold_files],
+                               "skipped_files": skipped,
+                               "heldout_error_base": base_err, "heldout_error_adapted": new_err,
+                               "gate": gate,
+                               "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
+                               "param_sha256": param_hash},
+            }
+            saved = save_model(model.cpu(), models_dir / version, new_card)
+            report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+        if requested:  # it came after the verdict: what was published stays, the caller stops
+            report["stopped_by"] = requested[0]
+    return report
 
 
 def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, card: dict,
@@ -257,7 +298,8 @@ def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, c
     """Point the site's overlay at model ``version`` (its ``card``); the report, written."""
     weights = models_dir / f"{version}.safetensors"
     overlay = write_overlay(Path(site_dir), protocol, version, weights.resolve())
-    report.update(model=str(weights), sha256=card["sha256"], overlay=str(overlay))
+    report.update(model=str(weights), version=card.get("version"), sha256=card["sha256"],
+                  overlay=str(overlay))
     write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
     return report
 

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     a.bench_args = rest
+    a.process_entry = argv is None  # the process's own command line: it exits after the command
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -196,12 +197,17 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_send(a: argparse.Namespace) -> int:
     """Drain a PACS queue folder."""
-    from ..output.pacs import DEAD_DIR, dead_files, drain, waiting_files
+    from ..output.pacs import DEAD_DIR, QueueNotWritable, dead_files, drain, waiting_files
 
     q = Path(a.queue)
     if not q.is_dir():
         raise UsageError(f"--queue {q}: no such queue folder (recon writes OUT/.pacs-queue)")
-    sent, _ = drain(q, max_attempts=a.max_attempts)
+    try:
+        sent, _ = drain(q, max_attempts=a.max_attempts)
+    except QueueNotWritable as e:  # found before anything is sent
+        raise UsageError(f"--queue {q}: the queue folder cannot be written ({e.reason}); "
+                         "send removes what it delivers and must be able to write "
+                         "there") from e
     # counted in the folder: a queue another drain holds, or an item whose manifest cannot be
     # read, still waits although this drain tried none of it
     waiting, dead = waiting_files(q), dead_files(q)
@@ -287,8 +293,10 @@ def cmd_train_pool(a: argparse.Namespace) -> int:
 
 
 def cmd_adapt(a: argparse.Namespace) -> int:
-    """Site adaptation; exit 1 when the adapted model was not promoted."""
+    """Site adaptation; exit 1 when the adapted model was not promoted, 128 + signal when
+    SIGINT / SIGTERM stopped it (one that came while it published: after saying so)."""
     from ..adaptation.site import adapt
+    from ..runtime import ignore_stops
 
     out = Path(a.out)  # and the folders adapt writes in it, checked before training
     _writable(("--out", out), *((f"--out's {sub}/", out / sub)
@@ -297,27 +305,55 @@ def cmd_adapt(a: argparse.Namespace) -> int:
                 rho=a.rho, seed=a.seed, device=a.device, name=a.name,
                 time_budget_s=a.time_budget, params=a.params, progress=not a.quiet,
                 protocol_dirs=a.protocol_dir)
+    if getattr(a, "process_entry", False):
+        ignore_stops()  # the run is over; a stop while it published is in rep["stopped_by"]
     if rep.get("rank", 0) != 0:
         return EXIT_OK
     for reason in rep.get("skipped_files", []):
-        print(f"left out (unreadable): {reason}")
+        print(f"left out: {reason}")
     print(f"held-out measurement error: base {rep['base_heldout_error']:.5f}, adapted "
           f"{rep['adapted_heldout_error']:.5f}")
+    code = EXIT_OK
     if not rep["promoted"]:
         print("adapted model NOT promoted (it did not beat the base model); nothing changed")
-        return EXIT_FAILED
-    ov = Path(rep["overlay"])
-    what = "the same model as before," if rep.get("already_published") else "new model"
-    print(f"{what} {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol {ov}: use "
-          f"`recon-plugin recon ... --protocol-dir {ov.parent} --protocol {ov.stem}` (or "
-          f"`--protocol {ov}`); the base protocol is unchanged")
-    return EXIT_OK
+        code = EXIT_FAILED
+    else:
+        ov = Path(rep["overlay"])
+        what = "the same model as before," if rep.get("already_published") else "new model"
+        print(f"{what} {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol {ov}: use "
+              f"`recon-plugin recon ... --protocol-dir {ov.parent} --protocol {ov.stem}` (or "
+              f"`--protocol {ov}`); the base protocol is unchanged")
+    if rep.get("stopped_by"):  # documented: 128 + signal for a stopped run, with what it left
+        log.error("%s", stopped_after_the_verdict(rep))
+        return 128 + int(rep["stopped_by"])
+    return code
+
+
+def stopped_after_the_verdict(rep: dict) -> str:
+    """What ``adapt`` says when SIGINT / SIGTERM came while its result was being published
+    (``rep['stopped_by']``): that the model WAS published (name, version, where), so the exit
+    of 128 + signal is not taken for a lost run."""
+    sig = signal.Signals(int(rep["stopped_by"])).name
+    if not rep.get("promoted"):
+        return (f"{sig}: stopped after the promotion gate's verdict: the adapted model was not "
+                "promoted, nothing was published (the run is complete)")
+    model = Path(rep["model"])
+    earlier = " (by an earlier run of this command)" if rep.get("already_published") else ""
+    return (f"{sig}: stopped after publishing (the signal came while the model was being "
+            f"published): the adapted model WAS published{earlier} as {model.stem} (version "
+            f"{rep.get('version')}, sha256 {rep['sha256'][:12]}) in {model.parent}, with the "
+            f"overlay protocol {rep['overlay']}; nothing was lost, there is nothing to resume")
 
 
 def cmd_prune(a: argparse.Namespace) -> int:
     """Prune, fine-tune and export a variant."""
     from ..pruning.run import DEFAULT_ALIGN, make_variant
 
+    if a.pool and not Path(a.pool).exists() and Path(a.pool).suffix != ".pt":
+        # a mistyped pool folder had become a template cache drawn there (minutes, other data)
+        raise ValueError(f"--pool {a.pool}: no such folder; fill one with `recon-plugin "
+                         f"train-pool {a.pool}` first, or name a cache file of template "
+                         "batches FILE.pt (drawn there on first use)")
     _writable(("--export", Path(a.export).parent), ("--run-dir", a.run_dir))
     ft = None if a.finetune == "none" else a.finetune
     align = a.align if a.align is not None else DEFAULT_ALIGN[a.method]
@@ -365,7 +401,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
               dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
               max_connections=a.max_connections, image_dtype=a.image_dtype,
-              drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits)
+              drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits,
+              pacs_retry=a.pacs_retry)
     except OSError as e:  # e.g. the port is taken
         log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
         return EXIT_USAGE

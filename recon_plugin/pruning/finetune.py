@@ -28,9 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.checkpoint import save_model, weights_path
+from ..models.checkpoint import (
+    ModelError,
+    file_sha256,
+    load_card,
+    load_model,
+    resolve_model,
+    save_model,
+    weights_path,
+)
 from ..models.latency import measure_latency
 from ..models.unrolled import UnrolledNet
+from ..output.atomic import write_text_atomic
 from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, make_batch, validation_set
 from ..training.loop import freeze_batchnorm, train_loop
@@ -270,8 +279,38 @@ def export_variant(
     return out
 
 
+def refresh_card(path: Path | str, parent: Path | str | None = None, write: bool = True) -> dict:
+    """A pruned variant's card with its description made again by :func:`describe_variant`
+    from what the card and the weights hold (parent, method, ratio, fine-tuning, and the
+    variant's own cascades and CG iterations), written back where it changed (``write``): a
+    card comes out of code, never out of a hand edit. Only the card is rewritten, the weights
+    (and their sha256) stay. ``parent``: the parent's weights (default: the card's
+    ``parent_name``), which must be the file the card's ``parent_sha256`` names."""
+    model, card = load_model(path)  # the weights must match the card's sha256
+    card_path = weights_path(path).with_suffix(".json")
+    pruning = card.get("pruning") or {}
+    if (not card.get("parent_name") or "adaptation" in card
+            or pruning.get("method") not in ("lean", "spade")):
+        raise ModelError(f"{card_path}: not the card of a pruned variant (`recon-plugin "
+                         "prune` writes its parent and pruning method there)")
+    parent_path = weights_path(parent) if parent is not None else resolve_model(card["parent_name"])
+    if not parent_path.is_file():
+        raise ModelError(f"{parent_path}: the parent's weights are not there")
+    if card.get("parent_sha256") and file_sha256(parent_path) != card["parent_sha256"]:
+        raise ModelError(f"{parent_path}: not the parent {card_path.name} was pruned from (its "
+                         f"card names sha256 {card['parent_sha256'][:12]}); give that file")
+    text = describe_variant(load_card(parent_path), pruning["method"], pruning["ratio"],
+                            card.get("finetune", "none"), model)
+    if text != card.get("description"):
+        log.info("%s: description %r -> %r", card_path, card.get("description"), text)
+        card["description"] = text  # in its place: the card's other lines stay as they are
+        if write:
+            write_text_atomic(card_path, json.dumps(card, indent=2))  # as save_model writes it
+    return card
+
+
 __all__ = [
     "VALIDATION_TARGETS", "make_loss_fn", "validation_target",
     "validation_interval", "make_validator", "finetune", "export_variant",
-    "batch_acs", "describe_variant",
+    "batch_acs", "describe_variant", "refresh_card",
 ]
