@@ -28,9 +28,10 @@ def free_port() -> int:
 
 
 class OrthancServer:
-    """An Orthanc process with its own config and storage under ``root``."""
+    """An Orthanc process with its own config (``extra``: more keys) and storage under
+    ``root``."""
 
-    def __init__(self, root: Path, dicom_port: int | None = None):
+    def __init__(self, root: Path, dicom_port: int | None = None, extra: dict | None = None):
         self.root = root
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
@@ -57,6 +58,7 @@ class OrthancServer:
             "DicomThreadsCount": 1,
             "ConcurrentJobs": 1,
             "SaveJobs": False,
+            **(extra or {}),
         }
         self.config = root / "orthanc.json"
         self.config.write_text(json.dumps(config))

@@ -45,7 +45,9 @@ A protocol file (``protocols/<name>.yaml``) looks like::
     series: {description: "T2 AX DL", number_base: 1000}
     dicom: {max_value: 4095, window: null, private_block: true,
             body_part: BRAIN, laterality: null, institution: null}
-    pacs: {targets: ["PACS@10.0.0.5:104"], calling_aet: RECON_PLUGIN, queue_dir: null}
+    pacs: {targets: ["PACS@10.0.0.5:104"], calling_aet: RECON_PLUGIN, queue_dir: null,
+           tls: null}                    # or {ca_file: /etc/pki/pacs-ca.pem, cert_file: null,
+                                         # key_file: null, check_hostname: true}: DICOM TLS
     adaptive: null                       # per-slice variant policy (recon/policy.py)
 
 A protocol without ``match`` rules is never chosen automatically (only by name). ``extends``

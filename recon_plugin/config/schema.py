@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -28,6 +29,7 @@ from pydantic import (
 
 from ..output.dicom import DicomOptions
 from ..output.pacs import AET_PATTERN, DEFAULT_CALLING_AET, PacsTargetError, parse_target
+from ..output.pacs_tls import TlsSettings, TlsSettingsError
 from ..recon import (
     AUTO_WEIGHT,
     FALLBACKS,
@@ -202,10 +204,33 @@ class SeriesSpec(_Section):
     number_base: Annotated[StrictInt, Field(ge=0, le=2**31 - 2001)] = 1000  # + method and index
 
 
+class TlsSpec(_Section):
+    """``pacs.tls``: DICOM over TLS to every target (PEM files, absolute paths; checked when the
+    protocol loads, so a wrong file stops the run before anything is reconstructed)."""
+
+    ca_file: StrictStr  # the CA the PACS's certificate chains to
+    cert_file: StrictStr | None = None  # this client's certificate, where the PACS asks for one
+    key_file: StrictStr | None = None  # its key (unencrypted PEM)
+    check_hostname: StrictBool = True  # the PACS's certificate must name the target's host
+
+    @model_validator(mode="after")
+    def _usable(self) -> TlsSpec:
+        for key in ("ca_file", "cert_file", "key_file"):
+            v = getattr(self, key)
+            if v is not None and not Path(v).expanduser().is_absolute():
+                raise ValueError(f"{key} {v!r} is not an absolute path")
+        try:
+            TlsSettings.make(**self.model_dump()).context()
+        except TlsSettingsError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
 class PacsSpec(_Section):
     targets: list[StrictStr] = Field(default_factory=list)  # "AET@host:port"
     calling_aet: Annotated[StrictStr, Field(pattern=f"^{AET_PATTERN}$")] = DEFAULT_CALLING_AET
     queue_dir: StrictStr | None = None
+    tls: TlsSpec | None = None  # DICOM over TLS (output/pacs_tls.py); None: plain DICOM
 
     @field_validator("targets")
     @classmethod

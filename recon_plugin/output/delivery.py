@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .pacs import drain, enqueue, send_or_enqueue, waiting_files
+from .pacs_tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class PacsSettings(Protocol):
     targets: list[str]
     calling_aet: str
     queue_dir: str | None
+    # and optionally ``tls``: ca_file, cert_file, key_file, check_hostname (absolute paths)
 
 
 @dataclass
@@ -52,11 +54,13 @@ class DeliveryReport:
 
 @dataclass(frozen=True)
 class DeliveryPlan:
-    """Where one scan's DICOM goes: ``AET@host:port`` targets, calling AE title, queue folder."""
+    """Where one scan's DICOM goes: ``AET@host:port`` targets, calling AE title, queue folder,
+    and the TLS certificates of its associations (None: plain DICOM)."""
 
     targets: tuple[str, ...]
     calling_aet: str
     queue: Path
+    tls: TlsSettings | None = None
 
     @classmethod
     def make(cls, pacs: PacsSettings, send: str | None = None,
@@ -70,17 +74,23 @@ class DeliveryPlan:
             queue = Path(pacs.queue_dir)
         else:
             queue = Path(out_dir) / QUEUE_NAME if out_dir is not None else HOME_QUEUE
-        return cls(targets, pacs.calling_aet, queue.expanduser().absolute())
+        spec = getattr(pacs, "tls", None)
+        tls = TlsSettings.make(**spec.model_dump()) if spec is not None else None
+        return cls(targets, pacs.calling_aet, queue.expanduser().absolute(), tls)
 
     def to_state(self) -> dict:
         """JSON form (the batch records it before delivering and resumes from it)."""
-        return {"targets": list(self.targets), "calling_aet": self.calling_aet,
-                "queue": str(self.queue)}
+        state = {"targets": list(self.targets), "calling_aet": self.calling_aet,
+                 "queue": str(self.queue)}
+        if self.tls is not None:
+            state["tls"] = self.tls.to_dict()
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> DeliveryPlan:
         """The plan :meth:`to_state` recorded."""
-        return cls(tuple(state["targets"]), state["calling_aet"], Path(state["queue"]))
+        return cls(tuple(state["targets"]), state["calling_aet"], Path(state["queue"]),
+                   TlsSettings.from_dict(state.get("tls")))
 
     def deliver(self, paths: Iterable[Path | str], down: dict[str, float] | None = None,
                 queue_only: bool = False) -> DeliveryReport:
@@ -96,11 +106,11 @@ class DeliveryPlan:
         for target in self.targets:
             try:
                 if queue_only:
-                    enqueue(files, target, self.queue, self.calling_aet)
+                    enqueue(files, target, self.queue, self.calling_aet, self.tls)
                     sent, queued = 0, len(files)
                 else:
                     sent, queued = send_or_enqueue(files, target, self.queue, self.calling_aet,
-                                                   down=down)
+                                                   down=down, tls=self.tls)
             except Exception as exc:  # noqa: BLE001 - one broken target must not stop the others
                 log.error("PACS %s: delivery of %d files broke off (queue %s): %s: %s", target,
                           len(files), self.queue, type(exc).__name__, exc)

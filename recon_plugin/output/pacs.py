@@ -1,13 +1,15 @@
 """DICOM delivery: C-STORE through pynetdicom with a durable on-disk retry queue.
 
-Targets are written ``AET@host:port`` (IPv6 hosts in brackets: ``PACS@[::1]:104``).
+Targets are written ``AET@host:port`` (IPv6 hosts in brackets: ``PACS@[::1]:104``); an
+association runs over TLS where the protocol's ``pacs.tls`` says so (:mod:`.pacs_tls`).
 
 Queue layout (one folder per queued batch; a batch is visible only once complete)::
 
     queue_dir/
       .lock                        flock held by a running drain
       <created_ns>-<rand>/         one queued batch
-        manifest.json              {"target", "calling_aet", "files", "attempts", "last_error", ...}
+        manifest.json              {"target", "calling_aet", "files", "attempts", "last_error",
+                                    "tls" (where sent over TLS: output/pacs_tls.py), ...}
         00001.dcm ...              copies of the files to send
       dead/                        batches that exceeded ``max_attempts`` (kept, never deleted)
 
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import fsync_dir, write_text_atomic
+from .pacs_tls import TlsSettings, TlsSettingsError
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +152,14 @@ def send_files(
     calling_aet: str = DEFAULT_CALLING_AET,
     *,
     timeout: float = 30.0,
+    tls: TlsSettings | None = None,
 ) -> SendResult:
-    """C-STORE ``paths`` to ``target`` over one association.
+    """C-STORE ``paths`` to ``target`` over one association (over TLS with ``tls``).
 
     A file counts as sent when the SCP answers status 0x0000 (or a storage warning 0xB000 /
     0xB006 / 0xB007, logged). Unreadable files and failure statuses are reported per file in
-    ``SendResult.failed``. Raises :class:`PacsError` when no association can be established.
+    ``SendResult.failed``. Raises :class:`PacsError` when no association can be established
+    (also when the TLS certificates cannot be loaded: a file an administrator can mend).
     """
     from pydicom import dcmread
     from pydicom.filereader import read_file_meta_info
@@ -188,8 +193,12 @@ def send_files(
     ae.connection_timeout = timeout
     for sop, syntaxes in contexts.items():
         ae.add_requested_context(sop, syntaxes)
+    try:
+        tls_args = (tls.context(), tgt.host) if tls is not None else None
+    except TlsSettingsError as exc:
+        raise PacsError(f"association with {tgt}: {exc}") from exc
     _check_reachable(tgt, timeout)
-    assoc = ae.associate(tgt.host, tgt.port, ae_title=tgt.aet)
+    assoc = ae.associate(tgt.host, tgt.port, ae_title=tgt.aet, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
             why = (f"rejected by the remote AE (check the called AE title {tgt.aet!r} and "
@@ -201,6 +210,11 @@ def send_files(
                 for c in assoc.rejected_contexts)
             why = (f"it accepts none of the presentation contexts offered ({refused}): check "
                    "which SOP classes and transfer syntaxes it stores")
+        elif tls is not None:
+            why = (f"could not be established over TLS (does the PACS speak TLS on port "
+                   f"{tgt.port}? its certificate must chain to {tls.ca_file}"
+                   + (f" and name {tgt.host}" if tls.check_hostname else "")
+                   + (", and accept this client's certificate" if tls.cert_file else "") + ")")
         else:
             why = "could not be established (no DICOM service answering, or it aborted)"
         raise PacsError(f"association with {tgt}: {why}",
@@ -273,8 +287,10 @@ def enqueue(
     target: str | PacsTarget,
     queue_dir: Path | str,
     calling_aet: str = DEFAULT_CALLING_AET,
+    tls: TlsSettings | None = None,
 ) -> Path:
-    """Copy ``paths`` into a new queue batch for ``target``; return the batch folder."""
+    """Copy ``paths`` into a new queue batch for ``target`` (sent over TLS with ``tls``, which
+    the manifest records); return the batch folder."""
     tgt = target if isinstance(target, PacsTarget) else parse_target(target)
     _check_aet(calling_aet, "calling AE title")
     qdir = Path(queue_dir)
@@ -299,6 +315,8 @@ def enqueue(
             "files": names, "origin": origin, "created": _now(), "attempts": 0,
             "last_attempt": None, "last_error": None,
         }
+        if tls is not None:
+            manifest["tls"] = tls.to_dict()
         _write_json_atomic(tmp / MANIFEST, manifest)
         final = qdir / item_id
         os.replace(tmp, final)
@@ -373,6 +391,7 @@ def _manifest(m: object) -> dict:
         raise ValueError(f"'attempts' is {attempts!r}, not a whole number")
     if not isinstance(m.get("calling_aet", DEFAULT_CALLING_AET), str):
         raise ValueError(f"'calling_aet' is {m.get('calling_aet')!r}, not a text")
+    TlsSettings.from_dict(m.get("tls"))  # TlsSettingsError (a ValueError) names what is wrong
     return m
 
 
@@ -484,7 +503,7 @@ def drain(
                 if target in down:
                     raise PacsError(down[target])
                 res = send_files(files, target, item.get("calling_aet", DEFAULT_CALLING_AET),
-                                 timeout=timeout)
+                                 timeout=timeout, tls=TlsSettings.from_dict(item.get("tls")))
                 error = "; ".join(f"{p.name}: {r}" for p, r in res.failed.items()) or None
             except (PacsError, PacsTargetError, OSError) as exc:
                 down[target] = str(exc)
@@ -525,8 +544,10 @@ def send_or_enqueue(
     *,
     timeout: float = 30.0,
     down: dict[str, float] | None = None,
+    tls: TlsSettings | None = None,
 ) -> tuple[int, int]:
-    """Send now; whatever does not arrive is queued. Returns ``(sent, queued)`` file counts.
+    """Send now (over TLS with ``tls``); whatever does not arrive is queued (with ``tls``).
+    Returns ``(sent, queued)`` file counts.
 
     ``down``: the run's memory (a batch's) of targets that did not answer, and when: their
     files are queued without trying for :data:`DOWN_FOR` seconds after (a PACS that does not
@@ -537,10 +558,10 @@ def send_or_enqueue(
         log.warning("PACS %s did not answer earlier in this run: %d files queued in %s without "
                     "trying (`recon-plugin send --queue %s` delivers them)", tgt, len(files),
                     queue_dir, queue_dir)
-        enqueue(files, tgt, queue_dir, calling_aet)
+        enqueue(files, tgt, queue_dir, calling_aet, tls)
         return 0, len(files)
     try:
-        res = send_files(files, tgt, calling_aet, timeout=timeout)
+        res = send_files(files, tgt, calling_aet, timeout=timeout, tls=tls)
         pending = list(res.failed)
         for p, why in res.failed.items():
             log.warning("%s not stored on %s (%s); queued", p.name, tgt, why)
@@ -550,5 +571,5 @@ def send_or_enqueue(
             down[str(tgt)] = time.monotonic()
         res, pending = SendResult(), files
     if pending:
-        enqueue(pending, tgt, queue_dir, calling_aet)
+        enqueue(pending, tgt, queue_dir, calling_aet, tls)
     return len(res.sent), len(pending)

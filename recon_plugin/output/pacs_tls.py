@@ -1,0 +1,100 @@
+"""DICOM over TLS (the DICOM standard's secure transport profile, PS3.15 B.1; IHE ATNA) for
+C-STORE to a PACS: which certificates an association uses, and the client ``ssl`` context.
+
+A protocol's ``pacs.tls`` section (``ca_file``, optional ``cert_file`` + ``key_file`` for a PACS
+that asks the client for its certificate, ``check_hostname``) becomes a :class:`TlsSettings`;
+the queue records it with each item, so a later ``recon-plugin send`` delivers over TLS too.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class TlsSettingsError(ValueError):
+    """TLS settings that cannot be used; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Certificates of a TLS association (PEM files; absolute paths once made by
+    :meth:`make`).
+
+    ca_file:        the CA certificate(s) the PACS's certificate must chain to;
+    cert_file:      this client's certificate, for a PACS that asks for one (with key_file);
+    key_file:       its private key (unencrypted PEM);
+    check_hostname: the PACS's certificate must name the host the target names.
+    """
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    check_hostname: bool = True
+
+    @classmethod
+    def make(cls, ca_file: str, cert_file: str | None = None, key_file: str | None = None,
+             check_hostname: bool = True, base: Path | None = None) -> TlsSettings:
+        """Settings with each path made absolute (relative ones against ``base``, e.g. the
+        protocol file's folder); :class:`TlsSettingsError` when only one of cert / key is
+        given."""
+        if (cert_file is None) != (key_file is None):
+            raise TlsSettingsError("cert_file and key_file go together (a client certificate "
+                                   "and its key), or neither is given")
+
+        def absolute(p: str | None) -> str | None:
+            if p is None:
+                return None
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() or base is None else (base / q).resolve())
+
+        return cls(absolute(ca_file), absolute(cert_file), absolute(key_file),  # type: ignore[arg-type]
+                   bool(check_hostname))
+
+    def context(self) -> ssl.SSLContext:
+        """The client context (TLS 1.2 or later, the PACS's certificate verified against
+        ``ca_file``); :class:`TlsSettingsError` naming the file that cannot be used."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.check_hostname
+        try:
+            ctx.load_verify_locations(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSettingsError(f"TLS ca_file {self.ca_file}: {_why(exc)}") from exc
+        if self.cert_file:
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise TlsSettingsError(f"TLS cert_file {self.cert_file} / key_file "
+                                       f"{self.key_file}: {_why(exc)}") from exc
+        return ctx
+
+    def to_dict(self) -> dict:
+        """JSON form (queue manifests, the batch's recorded delivery plan)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object) -> TlsSettings | None:
+        """The settings :meth:`to_dict` wrote (None for None); TlsSettingsError naming what is
+        not such a form."""
+        if d is None:
+            return None
+        if not isinstance(d, dict) or not isinstance(d.get("ca_file"), str):
+            raise TlsSettingsError(f"'tls' is {str(d)[:60]!r}, not TLS settings with a ca_file")
+        extra = set(d) - {"ca_file", "cert_file", "key_file", "check_hostname"}
+        if extra:
+            raise TlsSettingsError(f"'tls' has unknown keys {sorted(extra)}")
+        for k in ("cert_file", "key_file"):
+            if d.get(k) is not None and not isinstance(d[k], str):
+                raise TlsSettingsError(f"'tls.{k}' is {d[k]!r}, not a path")
+        if not isinstance(d.get("check_hostname", True), bool):
+            raise TlsSettingsError(f"'tls.check_hostname' is {d['check_hostname']!r}, not true "
+                                   "or false")
+        return cls(d["ca_file"], d.get("cert_file"), d.get("key_file"),
+                   d.get("check_hostname", True))
+
+
+def _why(exc: BaseException) -> str:
+    """An OS or SSL error as one short phrase (``No such file or directory``)."""
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)

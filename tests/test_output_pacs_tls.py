@@ -1,0 +1,196 @@
+"""DICOM over TLS (output/pacs_tls.py): C-STORE to a pynetdicom SCP that speaks TLS (and asks
+for the client's certificate), the queue keeping the TLS settings for a later drain, the batch's
+recorded plan, and a protocol's ``pacs.tls`` checked when it loads. Certificates are made for
+each test run by the ``openssl`` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from recon_plugin.cli import main
+from recon_plugin.config import protocol as P
+from recon_plugin.output import pacs
+from recon_plugin.output.delivery import DeliveryPlan
+from recon_plugin.output.pacs_tls import TlsSettings, TlsSettingsError
+from tests.test_output_pacs import CALLING, ORTHANC, OrthancServer, free_port, write_series
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
+                                reason="needs the openssl command to make test certificates")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.pem", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+
+
+def _signed(d: Path, name: str, ca: str, san: str) -> None:
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+             cwd=d)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    """A CA, the PACS's certificate for 127.0.0.1, a client certificate, and another CA."""
+    d = tmp_path_factory.mktemp("certs")
+    _ca(d, "ca")
+    _ca(d, "other-ca")
+    _signed(d, "server", "ca", "IP:127.0.0.1")
+    _signed(d, "client", "ca", "DNS:recon-plugin.example")
+    return d
+
+
+def _tls_scp(port: int, stored: list, certs: Path, client_cert: bool = True):
+    """A storage SCP on 127.0.0.1:``port`` speaking TLS only (asking for the client's
+    certificate where ``client_cert``); it keeps the SOP Instance UIDs it stores."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
+    if client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(certs / "ca.pem")
+
+    def on_store(event):
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="TLS_PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    return scp.start_server(("127.0.0.1", port), block=False, ssl_context=ctx,
+                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+def _client(certs: Path, **kw) -> TlsSettings:
+    return TlsSettings.make(str(certs / "ca.pem"), str(certs / "client.pem"),
+                            str(certs / "client.key"), **kw)
+
+
+def test_c_store_over_tls_and_what_a_wrong_setting_says(certs, tmp_path):
+    port = free_port()
+    target = f"TLS_PACS@127.0.0.1:{port}"
+    paths = write_series(tmp_path / "dcm", nslices=2, seed=21)
+    stored: list[str] = []
+    scp = _tls_scp(port, stored, certs)
+    try:
+        res = pacs.send_files(paths, target, timeout=10, tls=_client(certs))
+        assert res.ok and len(res.sent) == 2
+        assert sorted(stored) == sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths)
+        stored.clear()
+        wrong_ca = TlsSettings.make(str(certs / "other-ca.pem"), str(certs / "client.pem"),
+                                    str(certs / "client.key"))
+        with pytest.raises(pacs.PacsError, match=r"over TLS .*chain to .*other-ca\.pem and "
+                                                 r"name 127\.0\.0\.1"):
+            pacs.send_files(paths, target, timeout=10, tls=wrong_ca)
+        no_cert = TlsSettings.make(str(certs / "ca.pem"))
+        with pytest.raises(pacs.PacsError, match="over TLS"):
+            pacs.send_files(paths, target, timeout=10, tls=no_cert)
+        with pytest.raises(pacs.PacsError, match="could not be established"):
+            pacs.send_files(paths, target, timeout=10)  # plain DICOM to a TLS port
+        assert stored == []
+    finally:
+        scp.shutdown()
+    missing = TlsSettings.make(str(certs / "nowhere.pem"))
+    with pytest.raises(pacs.PacsError, match=r"TLS ca_file .*nowhere\.pem: No such file"):
+        pacs.send_files(paths, target, timeout=10, tls=missing)
+
+
+def test_the_queue_keeps_the_tls_settings_for_its_drain(certs, tmp_path):
+    """DICOM queued while the PACS is down goes out over TLS when `send` drains it later: the
+    manifest records the settings (a plain retry would never reach a TLS-only PACS)."""
+    port = free_port()
+    target = f"TLS_PACS@127.0.0.1:{port}"
+    queue = tmp_path / "queue"
+    paths = write_series(tmp_path / "dcm", nslices=3, seed=22)
+    tls = _client(certs)
+    plan = DeliveryPlan((target,), "RECON_PLUGIN", queue, tls)
+    assert DeliveryPlan.from_state(json.loads(json.dumps(plan.to_state()))) == plan
+    report = plan.deliver(paths)
+    assert (report.sent, report.queued) == (0, 3)
+    (item,) = pacs.queued_items(queue)
+    assert TlsSettings.from_dict(item["tls"]) == tls
+    stored: list[str] = []
+    scp = _tls_scp(port, stored, certs)
+    try:
+        assert main(["-q", "send", "--queue", str(queue)]) == 0
+        assert len(stored) == 3 and pacs.queued_items(queue) == []
+    finally:
+        scp.shutdown()
+
+
+def test_a_manifest_with_broken_tls_settings_is_put_aside(tmp_path):
+    queue = tmp_path / "queue"
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=23)
+    item = pacs.enqueue(paths, "NOBODY@127.0.0.1:9", queue, tls=TlsSettings("/x/ca.pem"))
+    m = json.loads((item / "manifest.json").read_text())
+    m["tls"] = {"ca_file": 5}
+    (item / "manifest.json").write_text(json.dumps(m))
+    assert pacs.drain(queue, timeout=2) == (0, 0)
+    assert len(list((queue / pacs.DEAD_DIR).rglob("*.dcm"))) == 1
+
+
+@pytest.mark.parametrize("tls, message", [
+    ("{ca_file: certs/ca.pem}", "ca_file 'certs/ca.pem' is not an absolute path"),
+    ("{ca_file: CERTS/nowhere.pem}", "TLS ca_file CERTS/nowhere.pem: No such file"),
+    ("{ca_file: CERTS/ca.pem, cert_file: CERTS/client.pem}",
+     "cert_file and key_file go together"),
+    ("{ca_file: CERTS/client.key}", "TLS ca_file CERTS/client.key"),
+    ("{ca_file: CERTS/ca.pem, verify: false}", "verify"),
+])
+def test_a_protocol_with_unusable_tls_settings_is_refused(certs, tmp_path, tls, message):
+    (tmp_path / "site.yaml").write_text(
+        "name: site\nextends: default\npacs: {targets: ['PACS@10.0.0.5:2762'], "
+        f"tls: {tls.replace('CERTS', str(certs))}}}\n")
+    with pytest.raises(P.ProtocolError, match=r"pacs\.tls") as err:
+        P.load_protocol("site", [tmp_path])
+    assert message.replace("CERTS", str(certs)) in str(err.value)
+
+
+def test_a_protocol_with_tls_makes_a_tls_plan(certs, tmp_path):
+    (tmp_path / "site.yaml").write_text(
+        "name: site\nextends: default\npacs: {targets: ['PACS@10.0.0.5:2762'], "
+        f"tls: {{ca_file: '{certs}/ca.pem', cert_file: '{certs}/client.pem', "
+        f"key_file: '{certs}/client.key', check_hostname: false}}}}\n")
+    plan = DeliveryPlan.make(P.load_protocol("site", [tmp_path]).pacs, out_dir=tmp_path)
+    assert plan.tls == TlsSettings(str(certs / "ca.pem"), str(certs / "client.pem"),
+                                   str(certs / "client.key"), False)
+    with pytest.raises(TlsSettingsError, match="go together"):
+        TlsSettings.make(str(certs / "ca.pem"), key_file=str(certs / "client.key"))
+
+
+def test_orthanc_over_tls(certs, tmp_path):
+    """A real PACS with DICOM TLS on (Orthanc's DicomTls* settings, client certificate
+    required) stores what is sent over TLS, and refuses a plain association."""
+    if ORTHANC is None:
+        pytest.skip("Orthanc not installed (Debian package orthanc)")
+    server = OrthancServer(tmp_path / "orthanc", extra={
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(certs / "server.pem"),
+        "DicomTlsPrivateKey": str(certs / "server.key"),
+        "DicomTlsTrustedCertificates": str(certs / "ca.pem"),
+        "DicomTlsRemoteCertificateRequired": True,
+    })
+    try:
+        paths = write_series(tmp_path / "dcm", nslices=2, seed=24)
+        with pytest.raises(pacs.PacsError):
+            pacs.send_files(paths, server.target, CALLING, timeout=10)
+        assert server.sop_uids() == set()
+        res = pacs.send_files(paths, server.target, CALLING, timeout=10, tls=_client(certs))
+        assert res.ok and len(res.sent) == 2
+        assert server.sop_uids() == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+    finally:
+        server.stop()
