@@ -544,3 +544,86 @@ def test_a_siemens_study_is_one_study_whatever_measurement_or_reader():
     assert scan_uids(m1)[0] == scan_uids(m2)[0] and scan_uids(m1)[1] != scan_uids(m2)[1]
     other_order = dc_replace(h, identity=dc_replace(visit, accession_number="778"))
     assert scan_uids(other_order)[0] != scan_uids(m1)[0]
+
+
+# --------------------------------------------------------------------------- audit (s32)
+
+
+@pytest.mark.parametrize("kw", ["PatientName", "StudyDescription", "ProtocolName",
+                                "InstitutionName"])
+def test_non_ascii_text_fits_dicom_limits_in_bytes(tmp_path, kw):
+    """A PACS audit: a name of 64 characters with umlauts ('Müller' x 12, 70+ bytes) and a
+    Japanese study description of 64 characters (170 bytes) were written whole; dciodvfy
+    rejects both ('Length invalid for this VR', it counts the UTF-8 bytes) and so do PACS
+    databases whose columns are 64 bytes. Each is now cut to 64 bytes, between characters."""
+    ident = Identity(patient_id="P1", patient_name="Müller" * 12 + "^Jürgen",
+                     study_description="頭部MRI" * 20)
+    series = make_series(nslices=1, identity=ident)
+    series.header.protocol_name = "t2_tse_tra_Schädel_" + "ß" * 60
+    series.header.sequence.institution = "Universitätsklinikum " + "Ä" * 50
+    path = dicom.write_series(series, tmp_path)[0]
+    ds = pydicom.dcmread(path)
+    value = str(ds[kw].value)
+    for group in value.split("="):
+        assert len(group.encode("utf-8")) <= 64, (kw, value)
+    assert value and "\ufffd" not in value  # cut between characters, not inside one
+    if kw == "PatientName":
+        assert value.endswith("^Jürgen") and value.startswith("Müller")
+    if DCIODVFY is not None:
+        assert dciodvfy_errors(path) == []
+
+
+def test_text_and_names_are_cut_between_characters():
+    from recon_plugin.output.dicom_values import _pn, _text
+
+    assert _text("é" * 40, 64) == "é" * 32
+    assert _text("ab" + "頭" * 30, 16) == "ab" + "頭" * 4  # 2 + 12 bytes; a 5th is 17
+    assert _text("plain ascii", 64) == "plain ascii"
+    name = _pn("山田" * 20 + "^" + "太郎" * 20 + "=" + "Yamada^Taro")
+    groups = name.split("=")
+    assert all(len(g.encode("utf-8")) <= 64 for g in groups)
+    assert groups[1] == "Yamada^Taro" and "^" in groups[0]
+
+
+def test_spacing_between_slices_of_a_stack_with_gaps(tmp_path):
+    """``--slices 1-2,4`` of a 3.6 mm stack: the steps are 3.6 and 7.2 mm and the writer gave
+    their median, SpacingBetweenSlices 5.4 mm, a distance no two slices have (viewers and
+    converters that trust it place the slices wrong). The pitch is 3.6; a stack whose steps
+    are no multiples of one pitch gets none."""
+    from recon_plugin.output.dicom_geometry import _slice_spacing
+
+    read, phase, normal = np.eye(3)
+
+    def stack(offsets):
+        return [Geometry(np.array([1.0, 2.0, 30.0]) + z * normal, read, phase, normal)
+                for z in offsets]
+
+    assert _slice_spacing(None, stack([0.0, 3.6, 10.8])) == pytest.approx(3.6)
+    assert _slice_spacing(None, stack([0.0, 3.6, 7.2, 10.8])) == pytest.approx(3.6)
+    assert _slice_spacing(None, stack([0.0, 3.0, 7.0])) is None
+    series = make_series(nslices=5, spacing=3.6)
+    series.images = [series.images[i] for i in (1, 2, 4)]  # what --slices 1-2,4 reconstructs
+    dss = dicom.read_series(dicom.write_series(series, tmp_path))
+    assert {float(d.SpacingBetweenSlices) for d in dss} == {3.6}
+    ipp_z = [float(d.ImagePositionPatient[2]) for d in dss]
+    np.testing.assert_allclose(np.diff(ipp_z), [3.6, 7.2], atol=1e-4)
+
+
+def test_non_finite_pixels_stay_in_the_series_scale(tmp_path):
+    """An infinite pixel was stored as 65535 in a series scaled to 4095 (its RWVM then read as
+    16 times the series' peak; numpy also warned of an overflow): it is the series' maximum
+    now, a NaN is 0, and every finite pixel keeps its value."""
+    series = make_series(nslices=2)
+    clean = [im.pixels.copy() for im in series.images]
+    series.images[0].pixels[0, 0] = np.inf
+    series.images[1].pixels[0, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dss = dicom.read_series(dicom.write_series(series, tmp_path, max_value=4095))
+    peak = max(float(p.max()) for p in clean)
+    for d, src in zip(dss, clean, strict=True):
+        px = d.pixel_array
+        assert int(px.max()) <= 4095 and int(d.LargestImagePixelValue) == int(px.max())
+        want = np.rint(src * (4095 / peak))
+        np.testing.assert_array_equal(px.ravel()[1:], want.ravel()[1:])
+    assert int(dss[0].pixel_array[0, 0]) == 4095 and int(dss[1].pixel_array[0, 0]) == 0

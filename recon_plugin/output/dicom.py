@@ -243,8 +243,10 @@ def write_series(
             ds.DerivationDescription = image_provenance_text(series, im)  # what made this one
             notes = "; ".join(_text(n, 200) for n in im.notes if n)
             ds.ImageComments = _text(comments + (f"; notes: {notes}" if notes else ""), 10240)
-            stored = np.clip(np.rint(np.nan_to_num(np.abs(im.pixels)) * k), 0, 65535)
-            stored = stored.astype(np.uint16)
+            # finite pixels reach at most max_value (k is set by the series' finite peak); a
+            # non-finite one is NaN -> 0 and +inf -> max_value, never beyond the series' scale
+            scaled = np.nan_to_num(np.abs(im.pixels) * k, nan=0.0, posinf=opts.max_value)
+            stored = np.clip(np.rint(scaled), 0, opts.max_value).astype(np.uint16)
             ds.Rows, ds.Columns = rows, cols
             ds.SmallestImagePixelValue = int(stored.min())
             ds.LargestImagePixelValue = int(stored.max())

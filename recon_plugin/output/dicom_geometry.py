@@ -81,13 +81,26 @@ def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]
     return sorted(range(len(images)), key=key)
 
 
+_SAME_PLANE_MM = 0.01  # positions closer than this along the normal are one plane
+
+
 def _slice_spacing(header: ScanHeader, geoms: Sequence[Geometry]) -> float | None:
     """Centre-to-centre distance along the normal measured from the slice positions (what a
-    viewer checks against ImagePositionPatient); the header's value for a single slice."""
+    viewer checks against ImagePositionPatient); the header's value for a single slice.
+
+    A stack with gaps (``--slices 1-2,4``: steps d, 2d) has the pitch d, the smallest step,
+    when every step is a whole multiple of it; a stack whose steps are not has no single
+    spacing: None (left out) rather than a value no pair of slices has."""
     normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
     along = np.unique(np.round([float(np.asarray(g.position) @ normal) for g in geoms], 4))
-    if along.size > 1:
-        return round(float(np.median(np.diff(along))), 4)  # the positions' 0.1 um, no float tail
+    steps = np.diff(along)
+    steps = steps[steps > _SAME_PLANE_MM]
+    if steps.size:
+        multiples = np.round(steps / steps.min())
+        pitch = float(np.median(steps / multiples))  # robust to the positions' rounding
+        if np.all(np.abs(steps - multiples * pitch) <= _SAME_PLANE_MM):
+            return round(pitch, 4)  # the positions' 0.1 um, no float tail
+        return None
     if header.slice_spacing_mm and header.slice_spacing_mm > 0:
         return float(header.slice_spacing_mm)
     return None

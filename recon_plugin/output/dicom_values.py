@@ -13,10 +13,22 @@ log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
+def _fit(s: str, max_len: int) -> str:
+    """The longest prefix of ``s`` whose UTF-8 encoding (SpecificCharacterSet ISO_IR 192) is at
+    most ``max_len`` bytes, never cutting a character. DICOM counts the limits of LO / SH / PN /
+    ST / LT in characters, but validators (dciodvfy) and many PACS databases count bytes: a
+    64-character ``Müller...`` name of 70 bytes is rejected or cut mid-character there."""
+    raw = s.encode("utf-8")
+    if len(raw) <= max_len:
+        return s
+    return raw[:max_len].decode("utf-8", errors="ignore")
+
+
 def _text(value: object, max_len: int) -> str:
-    """Header text -> a single DICOM string value (no backslash/control chars, length-capped)."""
+    """Header text -> a single DICOM string value (no backslash/control chars, capped at
+    ``max_len`` UTF-8 bytes, see :func:`_fit`)."""
     s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
-    return s[:max_len].rstrip()
+    return _fit(s, max_len).rstrip()
 
 
 def _cs(value: object, max_len: int = 16) -> str:
@@ -59,18 +71,20 @@ def _reference(value: object, max_len: int, name: str) -> str:
 
 def _pn(value: object, name: str = "person name") -> str:
     """Person Name: ``^`` components in up to three ``=`` groups (alphabetic, ideographic,
-    phonetic), each group at most 64 characters (components shortened, with a warning)."""
+    phonetic), each group at most 64 UTF-8 bytes (:func:`_fit`; components shortened, with a
+    warning)."""
     s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
     groups = []
     for g in s.split("=")[:3]:
         parts = [c.strip() for c in g.split("^")[:5]]
-        while len("^".join(parts)) > 64:  # shorten the longest component
-            i = max(range(len(parts)), key=lambda k: len(parts[k]))
-            parts[i] = parts[i][: len(parts[i]) - (len("^".join(parts)) - 64)].rstrip()
+        while (excess := len("^".join(parts).encode("utf-8")) - 64) > 0:
+            i = max(range(len(parts)), key=lambda k: len(parts[k].encode("utf-8")))
+            size = len(parts[i].encode("utf-8"))  # shorten the longest component
+            parts[i] = _fit(parts[i], max(size - excess, 0)).rstrip()
         groups.append("^".join(parts).rstrip("^"))
     out = "=".join(groups)
     if out.replace(" ", "").rstrip("^=") != s.replace(" ", "").rstrip("^="):
-        log.warning("%s %r shortened to DICOM's 64 characters per name group: %r", name,
+        log.warning("%s %r shortened to DICOM's 64 bytes (UTF-8) per name group: %r", name,
                     s[:200], out)
     return out
 
