@@ -347,3 +347,21 @@ def test_a_refused_size_reads_apart_from_the_limit_and_says_what_would_take_it()
     assert "needs 8.03 GB" in msg and "limit of 8.00 GB" in msg
     assert "--max-memory-gb 8.1" in msg and "at least" in msg
     check_budget("big.h5", "the header's k-space", 8 * gib, 8 * gib)  # at the limit: taken
+
+
+@pytest.mark.parametrize("given, kept", [("02.01.1970", "02.01.1970"),
+                                         ("2024-03-04+01:00", "20240304"),
+                                         ("1970-01-02", "19700102")])
+def test_a_header_date_reaches_the_dicom_writer_whole(given, kept):
+    """A date that is not xs:date had been cut to 8 characters before the DICOM writer checked
+    it, so its warning named ``02.01.19`` for ``02.01.1970``; one with a time zone keeps
+    its date."""
+    from recon_plugin.output.dicom_values import _da
+    from recon_plugin.scan import Identity
+    from recon_plugin.sim.header import build_header_xml
+
+    xml = build_header_xml((32, 32), (200.0, 200.0), 5.0, 4,
+                           identity=Identity(patient_birth_date="1970-01-02"))
+    header = parse_header(xml.replace("1970-01-02", given), "t", [])
+    assert header.identity.patient_birth_date == kept
+    assert _da(kept) == (kept if kept.isdigit() else "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import warnings as _warnings
 from dataclasses import dataclass
 from typing import Any
@@ -232,7 +233,14 @@ def _first(values: Any) -> float | None:
 
 
 def _dicom_date(value: Any) -> str:
-    return str(value).replace("-", "")[:8] if value is not None else ""
+    """xs:date ``YYYY-MM-DD`` (a time zone suffix dropped) -> ``YYYYMMDD``; anything else as
+    given, for the DICOM writer to refuse by name (``output.dicom_values._da``): cut to 8
+    characters, ``02.01.1970`` had been named as ``02.01.19``."""
+    if value is None:
+        return ""
+    text = str(value).strip()
+    m = re.fullmatch(r"(\d{4})-?(\d\d)-?(\d\d)(?:Z|[+-]\d\d:?\d\d)?", text)
+    return "".join(m.groups()) if m else text
 
 
 def _dicom_time(value: Any) -> str:
