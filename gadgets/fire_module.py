@@ -9,34 +9,61 @@ protocol comes from the JSON config (``{"parameters": {"protocol": "brain_t2_axi
 image per slice is sent back with ``connection.send_image`` as soon as the slice is complete;
 the connection is closed with ``connection.send_close``. The model is loaded once per process
 (:func:`recon_plugin.stream.engine.shared_engine`; ``$RECON_PLUGIN_DEVICE``, ``$RECON_PLUGIN_DICOM_OUT``).
+
+A failure (a bad config or header, an unusable ``$RECON_PLUGIN_DEVICE``, a slice's data) goes to
+the client as ``ERROR`` text and the module returns normally, so the server keeps serving. A
+client that stops reading the images still has its scan finished and archived where DICOM is
+wanted; a connection that drops before the client's CLOSE abandons the scan (nothing archived),
+as ``recon-plugin serve`` does.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ismrmrd
 
-from recon_plugin.stream.engine import header_text, log_notice, shared_engine
-from recon_plugin.stream.options import StreamOptions
+from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
+from recon_plugin.stream.options import ClientGone, StreamError, StreamOptions
 
 log = logging.getLogger("recon_plugin.fire")
+
+DEVICE_VAR = "RECON_PLUGIN_DEVICE"
+_CLOSE = 4  # MRD_MESSAGE_CLOSE, the key of python-ismrmrd-server's Connection.handlers
 
 
 def options_from_config(config: Any) -> StreamOptions:
     """StreamOptions from python-ismrmrd-server's ``config``: the JSON config (a dict or its text);
-    a plain string is the module name the server used to find us, so it selects nothing."""
+    a plain string is the module name the server used to find us, so it selects nothing.
+    ValueError naming the problem for JSON that is not an object, or a ``parameters`` that is
+    not one (a typo there would otherwise reconstruct silently with the header's protocol)."""
     options = StreamOptions()
     if isinstance(config, bytes):
         config = config.decode("utf-8", "replace")
-    if isinstance(config, str) and config.strip().startswith("{"):
-        config = json.loads(config)
+    if isinstance(config, str) and config.strip().startswith(("{", "[")):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the FIRE config is not valid JSON: {e}") from None
+        if not isinstance(config, Mapping):
+            raise ValueError("the FIRE config JSON must be an object such as "
+                             '{"parameters": {"protocol": "NAME"}}, got a '
+                             f"{type(config).__name__}")
+    elif isinstance(config, list | tuple):
+        raise ValueError("the FIRE config JSON must be an object such as "
+                         f'{{"parameters": {{"protocol": "NAME"}}}}, got a {type(config).__name__}')
     if isinstance(config, Mapping):
         params = dict(config)
         inner = params.get("parameters")
+        if inner is not None and not isinstance(inner, Mapping):
+            raise ValueError('the FIRE config\'s "parameters" must be an object such as '
+                             f'{{"protocol": "NAME"}}, got {type(inner).__name__} '
+                             f"{str(inner)[:40]!r}")
         if isinstance(inner, Mapping):  # the server's own module-selection keys are not ours
             params["parameters"] = {k: v for k, v in inner.items()
                                     if k not in ("config", "customconfig")}
@@ -44,8 +71,30 @@ def options_from_config(config: Any) -> StreamOptions:
     return options
 
 
-def _acquisitions(connection: Any) -> Iterator[ismrmrd.Acquisition]:
-    """Acquisitions from the connection; waveforms and images are skipped, ``None`` ends."""
+def _closed_by_client(connection: Any) -> Callable[[], bool] | None:
+    """Whether the client sent its CLOSE: python-ismrmrd-server's Connection ends its iteration
+    with ``None`` on a CLOSE message and on a dropped socket alike; its CLOSE handler is
+    wrapped (this connection only) to tell them apart. None where the connection has no such
+    handler table (another host): then ``None`` ends the scan as a CLOSE does."""
+    handlers = getattr(connection, "handlers", None)
+    if not isinstance(handlers, dict) or _CLOSE not in handlers:
+        return None
+    seen = [False]
+    read_close = handlers[_CLOSE]
+
+    def on_close() -> Any:
+        seen[0] = True
+        return read_close()
+
+    handlers[_CLOSE] = on_close
+    return lambda: seen[0]
+
+
+def _acquisitions(connection: Any,
+                  closed: Callable[[], bool] | None = None) -> Iterator[ismrmrd.Acquisition]:
+    """Acquisitions from the connection; waveforms and images are skipped, ``None`` ends.
+    ``closed()`` false at the end (the socket dropped before the client's CLOSE): ClientGone,
+    so a scan cut by a broken connection is not reconstructed and archived as a finished one."""
     skipped = 0
     for item in connection:
         if item is None:
@@ -56,31 +105,65 @@ def _acquisitions(connection: Any) -> Iterator[ismrmrd.Acquisition]:
             skipped += 1
     if skipped:
         log.info("ignored %d non-acquisition messages", skipped)
+    if closed is not None and not closed():
+        raise ClientGone("the connection ended without the client's CLOSE message")
 
 
-def _notify(connection: Any, text: str) -> None:
-    log_notice(text)
+def _send_text(connection: Any, text: str) -> None:
+    """Best effort: the client may be gone."""
     send = getattr(connection, "send_text", None)
     if send is not None:
         try:
             send(text)
-        except OSError:
-            pass
+        except OSError as e:
+            log.debug("could not send text to the client: %s", e)
+
+
+def _notify(connection: Any, text: str) -> None:
+    log_notice(text)
+    _send_text(connection, text)
+
+
+def _engine() -> StreamEngine:
+    """The process-wide engine; an unusable ``$RECON_PLUGIN_DEVICE`` is said by its name."""
+    try:
+        return shared_engine()
+    except ValueError as e:
+        device = os.environ.get(DEVICE_VAR)
+        if device and "device" in str(e).lower():
+            why = re.sub(r"^--device \S+?:? ", "", str(e))
+            raise ValueError(f"{DEVICE_VAR}={device}: {why} (unset it or set it to cpu)") from None
+        raise
 
 
 def process(connection: Any, config: Any, metadata: Any) -> None:
-    """python-ismrmrd-server entry point (see module doc). Errors go to the client as ERROR text."""
-    engine = shared_engine()
+    """python-ismrmrd-server entry point (see module doc). Errors go to the client as ERROR text
+    (logged as one line where the data, config or client caused them; with a traceback only
+    for an internal error), and the module returns normally so the server keeps serving."""
+    engine: StreamEngine | None = None
     result = None
     try:
+        engine = _engine()
+        closed = _closed_by_client(connection)
         # a scanner that stops reading (a broken socket) still gets its scan archived
-        result = engine.run(_acquisitions(connection), header_text(metadata),
+        result = engine.run(_acquisitions(connection, closed), header_text(metadata),
                             connection.send_image, options_from_config(config),
                             notify=lambda text: _notify(connection, text), gone=(OSError,))
+    except (ClientGone, ConnectionError) as e:  # the client's socket is gone
+        log.warning("recon_plugin stream: client gone (%s: %s); scan abandoned",
+                    type(e).__name__, e)
+        _send_text(connection, f"ERROR {type(e).__name__}: {e}")  # heard where half-closed
     except Exception as e:  # noqa: BLE001 - report to the scanner, then close cleanly
-        log.exception("recon_plugin stream failed")
-        _notify(connection, f"ERROR {type(e).__name__}: {e}")
+        text = f"ERROR {type(e).__name__}: {e}"
+        if isinstance(e, StreamError | ValueError | LookupError | OSError):  # data, config
+            log.warning("recon_plugin stream failed: %s", text)
+        else:
+            log.exception("recon_plugin stream failed (internal error)")
+        _send_text(connection, text)
     finally:
-        connection.send_close()
-    if result is not None:
+        try:
+            connection.send_close()
+        except OSError as e:  # the client is gone; the scan may still be archived below
+            log.info("could not send CLOSE to the client: %s", e)
+    if result is not None and engine is not None:
         engine.deliver(result)

@@ -3,7 +3,10 @@
 With ``CLUSTER_MARKER`` set, a worker appends ``<pid> <stage> <input>`` to that file when it
 starts reconstructing a file (stage ``compute``) and right after it published one (stage
 ``publish``), then sleeps ``CLUSTER_SLEEP_S`` seconds (default 0) there, so a test can kill it
-mid-file. Without ``CLUSTER_MARKER`` it changes nothing.
+mid-file. With ``CLUSTER_CRASH_ON`` too, a worker that starts a file whose path contains that
+text notes it (stage ``crash``) and exits ``CLUSTER_CRASH_AFTER_S`` seconds later (default 0),
+as a worker process that dies on it (every worker that tries it dies). Without
+``CLUSTER_MARKER`` it changes nothing.
 """
 
 import os
@@ -11,6 +14,8 @@ import time
 
 MARKER = os.environ.get("CLUSTER_MARKER", "")
 SLEEP_S = float(os.environ.get("CLUSTER_SLEEP_S", "0"))
+CRASH_ON = os.environ.get("CLUSTER_CRASH_ON", "")
+CRASH_AFTER_S = float(os.environ.get("CLUSTER_CRASH_AFTER_S", "0"))
 
 
 def _note(stage: str, what) -> None:
@@ -27,6 +32,11 @@ if MARKER and not getattr(files, "_cluster_preload", False):  # Dask may import 
     _recon_file, _publish = files.recon_file, files.publish
 
     def recon_file(path, *a, **k):
+        if CRASH_ON and CRASH_ON in str(path):
+            with open(MARKER, "a") as f:
+                f.write(f"{os.getpid()} crash {path}\n")
+            time.sleep(CRASH_AFTER_S)
+            os._exit(70)
         _note("compute", path)
         return _recon_file(path, *a, **k)
 

@@ -178,6 +178,79 @@ def test_local_cluster_workers_die_with_the_batch(raws, tmp_path):
     assert not [p for p in workers if _alive(p)]
 
 
+def test_local_cluster_file_that_kills_its_workers(raws, tmp_path):
+    """A file on which every worker process dies (2 s after it starts: the batch has taken the
+    results of the files that worker finished before) fails as ``worker process died``; those
+    files are not run again behind the batch's back (Dask reran each one whose result a dying
+    worker held, also after the summary, its staging then cleaned away under it): every other
+    file is done once, nothing staged is left and no worker outlives the batch."""
+    marker = tmp_path / "marker"
+    crash = inputs(raws)[-1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               CLUSTER_MARKER=str(marker), CLUSTER_CRASH_ON=crash.name,
+               CLUSTER_CRASH_AFTER_S="2",
+               DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps([str(PRELOAD)]))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "recon_plugin.cli", "recon", str(raws), "--out",
+                        str(out), "--method", "zero-filled", "--cluster", "local:2"], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{NFILES - 1} of {NFILES} inputs reconstructed, 1 failed" in r.stdout
+    assert f"{crash}: worker process died" in r.stdout, r.stdout
+    runs = [w for _, s, w in marks(marker) if s == "compute"]
+    assert sorted(runs) == sorted(str(p) for p in inputs(raws) if p != crash), runs
+    assert len([s for _, s, _ in marks(marker) if s == "crash"]) > 1
+    assert not [p for p in out.rglob("*") if ".staging-" in str(p) or p.suffix == ".part"]
+    state = json.loads((out / ".recon-state.json").read_text())
+    assert sorted(state) == sorted(str(p.resolve()) for p in inputs(raws) if p != crash)
+    workers = {pid for pid, _, _ in marks(marker)}
+    t0 = time.time()
+    while any(_alive(p) for p in workers) and time.time() - t0 < 20:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)]
+
+
+def test_local_cluster_sigterm_then_resume(raws, tmp_path):
+    """SIGTERM while both workers are mid-file: exit 143 with the resume hint and no warning
+    about a worker plugin left loaded (the workers are gone with the cluster), no worker
+    outlives the batch, nothing staged; ``--resume`` then finishes every input."""
+    marker = tmp_path / "marker"
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "recon_plugin.cli", "recon", str(raws), "--out", str(out),
+            "--method", "zero-filled", "--cluster", "local:2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(env, CLUSTER_MARKER=str(marker),
+                                                CLUSTER_SLEEP_S="60",
+                                                DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps(
+                                                    [str(PRELOAD)])))
+    try:
+        t0 = time.time()
+        while len({pid for pid, _, _ in marks(marker)}) < 2 and time.time() - t0 < 60:
+            time.sleep(0.1)
+        workers = {pid for pid, _, _ in marks(marker)}
+        assert len(workers) == 2, "the workers did not start a file"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stdout + stderr
+    assert "--resume" in stdout + stderr
+    assert "could not unregister" not in stderr, stderr
+    assert not [p for p in out.rglob("*") if ".staging-" in str(p) or p.suffix == ".part"]
+    t0 = time.time()
+    while any(_alive(p) for p in workers) and time.time() - t0 < 20:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)]
+    r = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{NFILES} of {NFILES} inputs reconstructed, 0 failed" in r.stdout
+    check_once(out, inputs(raws))
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -201,6 +201,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
         futs[f] = p
     pending = set(futs)
     failed = 0
+    stopped = False  # our LocalCluster closed here (interrupted)
     try:
         while pending:
             try:
@@ -216,6 +217,10 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                            else f"{type(e).__name__}: {e}")
                     log.error("%s: %s", path, why)
                     outcome = (FileResult(str(path), False, error=why), [], None)
+                # the scheduler forgets the finished task: a worker that dies later (holding
+                # its result) must not make Dask run the file again behind the batch's back
+                del futs[f]
+                f.release()
                 r, written, proto = outcome
                 r.input = str(path)  # paths as given, as in a local batch's summary and state
                 if r.ok:
@@ -228,17 +233,19 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
     except BaseException:
         client.cancel(list(pending), force=True)
         if session.local:  # our workers: stop them now, then their staging can go
+            stopped = True
             with contextlib.suppress(Exception):
                 session.cluster.close(timeout=10)
             clean_stale(out_dir)
         raise
     finally:
-        try:
-            client.unregister_worker_plugin(plugin.name)
-        except Exception as e:  # noqa: BLE001 - the batch's own outcome matters more
-            log.warning("cluster %s: could not unregister the worker plugin %s (its models "
-                        "stay loaded on the workers until they restart): %s", session.address,
-                        plugin.name, e)
+        if not stopped:  # a closed LocalCluster's workers took the plugin with them
+            try:
+                client.unregister_worker_plugin(plugin.name)
+            except Exception as e:  # noqa: BLE001 - the batch's own outcome matters more
+                log.warning("cluster %s: could not unregister the worker plugin %s (its models "
+                            "stay loaded on the workers until they restart): %s",
+                            session.address, plugin.name, e)
     clean_stale(out_dir)  # staging a dead worker left (every task of this batch is finished)
 
 
