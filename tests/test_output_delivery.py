@@ -157,3 +157,25 @@ def test_a_batch_tries_a_silent_pacs_once(tmp_path, monkeypatch, caplog):
     assert [str(t) for t in calls] == [NOBODY]
     assert [len(i["files"]) for i in queued_items(out / ".pacs-queue")] == [1, 1, 1]
     assert caplog.text.count("did not answer earlier in this run") == 2
+
+
+def test_queue_retry_passes_over_a_queue_it_cannot_write(tmp_path):
+    """One queue the retry cannot write (its lock a folder: tests may run as root) raised out
+    of the round, so the queues sorted after it were never retried while the server ran."""
+    from recon_plugin.output.delivery import QueueRetry
+    from recon_plugin.output.pacs import enqueue
+
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=31)
+    broken, fine = tmp_path / "a-queue", tmp_path / "b-queue"
+    for q in (broken, fine):
+        enqueue(paths, NOBODY, q)
+    (broken / ".lock").mkdir()
+    retry = QueueRetry(3600.0, timeout_s=2.0)
+    try:
+        retry.add(broken)
+        retry.add(fine)
+        assert retry.retry_once() == (0, 1)  # NOBODY does not answer: still queued
+    finally:
+        retry.stop(timeout=1.0)
+    assert [i["attempts"] for i in queued_items(fine)] == [1]  # tried
+    assert [i["attempts"] for i in queued_items(broken)] == [0]

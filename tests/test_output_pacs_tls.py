@@ -145,10 +145,8 @@ def test_a_manifest_with_broken_tls_settings_is_put_aside(tmp_path):
 
 @pytest.mark.parametrize("tls, message", [
     ("{ca_file: certs/ca.pem}", "ca_file 'certs/ca.pem' is not an absolute path"),
-    ("{ca_file: CERTS/nowhere.pem}", "TLS ca_file CERTS/nowhere.pem: No such file"),
     ("{ca_file: CERTS/ca.pem, cert_file: CERTS/client.pem}",
      "cert_file and key_file go together"),
-    ("{ca_file: CERTS/client.key}", "TLS ca_file CERTS/client.key"),
     ("{ca_file: CERTS/ca.pem, verify: false}", "verify"),
 ])
 def test_a_protocol_with_unusable_tls_settings_is_refused(certs, tmp_path, tls, message):
@@ -158,6 +156,39 @@ def test_a_protocol_with_unusable_tls_settings_is_refused(certs, tmp_path, tls, 
     with pytest.raises(P.ProtocolError, match=r"pacs\.tls") as err:
         P.load_protocol("site", [tmp_path])
     assert message.replace("CERTS", str(certs)) in str(err.value)
+
+
+def test_a_missing_certificate_queues_the_dicom_and_stops_no_reconstruction(certs, tmp_path,
+                                                                             caplog):
+    """The certificates are read when sending: a protocol whose CA file is gone (rotated,
+    mistyped) still loads and reconstructs; its DICOM waits in the queue, the error naming
+    the file, and goes out once the file is there."""
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    port = free_port()
+    ca = tmp_path / "pki" / "ca.pem"
+    (tmp_path / "site.yaml").write_text(
+        f"name: site\nextends: default\npacs: {{targets: ['TLS_PACS@127.0.0.1:{port}'], "
+        f"tls: {{ca_file: '{ca}', cert_file: '{certs}/client.pem', "
+        f"key_file: '{certs}/client.key'}}}}\n")
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "scan.h5", acceleration=2, calib_lines=16)
+    out = tmp_path / "out"
+    assert main(["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled",
+                 "--protocol", str(tmp_path / "site.yaml")]) == 1  # DICOM waits in the queue
+    assert len(list(out.glob("scan-*/series_*/*.dcm"))) == 1
+    assert len(pacs.queued_items(out / ".pacs-queue")) == 1
+    assert f"TLS ca_file {ca}: No such file" in caplog.text
+    ca.parent.mkdir()
+    shutil.copy(certs / "ca.pem", ca)
+    stored: list[str] = []
+    scp = _tls_scp(port, stored, certs)
+    try:
+        assert main(["-q", "send", "--queue", str(out / ".pacs-queue")]) == 0
+        assert len(stored) == 1
+    finally:
+        scp.shutdown()
 
 
 def test_a_protocol_with_tls_makes_a_tls_plan(certs, tmp_path):
@@ -194,3 +225,27 @@ def test_orthanc_over_tls(certs, tmp_path):
         assert server.sop_uids() == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
     finally:
         server.stop()
+
+
+def test_only_the_protocols_ca_is_trusted(certs, tmp_path, monkeypatch):
+    """The PACS's certificate must chain to ``ca_file`` alone: the context also trusted the
+    system's CA store (``ssl.create_default_context`` loads it when given no CA), so any
+    certificate a public or site-wide CA issued passed (with ``check_hostname: false``, for
+    any host). Here the system store (``SSL_CERT_FILE``) holds the CA that signed the
+    PACS's certificate while the protocol names another one: refused."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))  # no system folder of CAs either
+    port = free_port()
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=25)
+    stored: list[str] = []
+    scp = _tls_scp(port, stored, certs, client_cert=False)
+    try:
+        for check_hostname in (True, False):
+            other = TlsSettings.make(str(certs / "other-ca.pem"), check_hostname=check_hostname)
+            with pytest.raises(pacs.PacsError, match="over TLS"):
+                pacs.send_files(paths, f"TLS_PACS@127.0.0.1:{port}", timeout=10, tls=other)
+        assert stored == []
+    finally:
+        scp.shutdown()
+    with pytest.raises(TlsSettingsError, match="ca_file is empty"):  # e.g. an edited manifest
+        TlsSettings.from_dict({"ca_file": ""}).context()

@@ -832,49 +832,52 @@ def test_the_server_retries_its_pacs_queue(data, engine, tmp_path):
     (data["pdir"] / "stream_retry.yaml").write_text(
         f"name: stream_retry\nextends: stream_zf\npacs: {{targets: [\"RETRY_TEST@127.0.0.1:"
         f"{port}\"], queue_dir: '{queue}'}}\n")
-    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
-                               dicom_out=tmp_path / "dcm", pacs_retry_s=0.3)
+
+    def drained(within_s: float) -> bool:
+        deadline = time.monotonic() + within_s
+        while queued_items(queue) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return queued_items(queue) == []
+
     try:
-        result = eng.run(iter(data["acqs"]), data["header"].toXML(), lambda im: None,
-                         stream_options.StreamOptions(protocol="stream_retry"))
-        files = eng.deliver(result)
-        assert len(files) == 2 and [len(i["files"]) for i in queued_items(queue)] == [2]
-        stored: list[str] = []
-        scp = _storage_scp(port, stored)
+        eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                                   dicom_out=tmp_path / "dcm", pacs_retry_s=0.3)
         try:
-            deadline = time.monotonic() + 30
-            while queued_items(queue) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert queued_items(queue) == []
-            assert sorted(stored) == sorted(str(pydicom.dcmread(f).SOPInstanceUID)
-                                            for f in files)
+            result = eng.run(iter(data["acqs"]), data["header"].toXML(), lambda im: None,
+                             stream_options.StreamOptions(protocol="stream_retry"))
+            files = eng.deliver(result)
+            assert len(files) == 2 and [len(i["files"]) for i in queued_items(queue)] == [2]
+            stored: list[str] = []
+            scp = _storage_scp(port, stored)
+            try:
+                assert drained(30)
+                assert sorted(stored) == sorted(str(pydicom.dcmread(f).SOPInstanceUID)
+                                                for f in files)
+            finally:
+                scp.shutdown()
         finally:
-            scp.shutdown()
-    finally:
-        eng.pacs_retry.stop()
-    # an earlier run's items: a new engine finds the queue from its protocols
-    result = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]).run(
-        iter(data["acqs"]), data["header"].toXML(), lambda im: None,
-        stream_options.StreamOptions(protocol="stream_retry"))
-    eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]).deliver(result)
-    assert [len(i["files"]) for i in queued_items(queue)] == [2]  # down again: queued
-    later = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]], pacs_retry_s=0.3)
-    assert eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]
-                                ).retry_earlier_queues() == []  # retries off: none looked at
-    try:
-        assert queue in later.retry_earlier_queues()
+            eng.pacs_retry.stop()
+        # an earlier run's items: a new engine finds the queue from its protocols and tries
+        # it at once (its period here is far longer than the wait)
+        result = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]).run(
+            iter(data["acqs"]), data["header"].toXML(), lambda im: None,
+            stream_options.StreamOptions(protocol="stream_retry"))
+        eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]).deliver(result)
+        assert [len(i["files"]) for i in queued_items(queue)] == [2]  # down again: queued
+        assert eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]]
+                                    ).retry_earlier_queues() == []  # retries off: none looked at
+        later = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                                     pacs_retry_s=600)
         stored.clear()
         scp = _storage_scp(port, stored)
         try:
-            deadline = time.monotonic() + 30
-            while queued_items(queue) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert queued_items(queue) == [] and len(stored) == 2
+            assert queue in later.retry_earlier_queues()
+            assert drained(15) and len(stored) == 2
         finally:
             scp.shutdown()
+            later.pacs_retry.stop(timeout=5)
     finally:
-        later.pacs_retry.stop()
-    (data["pdir"] / "stream_retry.yaml").unlink()  # the module's other tests match protocols
+        (data["pdir"] / "stream_retry.yaml").unlink()  # the module's other tests match protocols
 
 
 def test_the_sets_of_a_slice_count_each(data, engine):
@@ -902,3 +905,49 @@ def test_the_sets_of_a_slice_count_each(data, engine):
     with pytest.raises(stream_options.ProtocolViolation, match="next slice needs"):
         list(tight.images(iter(both), xml, opts))
     assert tight._open_bytes == 0
+
+
+def test_earlier_queues_are_found_past_a_protocol_that_does_not_load(tmp_path):
+    """A protocol file that does not load made the server look for no earlier queue at all
+    (load_all stops at the first invalid file), where the docstring says it is passed over."""
+    from recon_plugin.output.pacs import enqueue
+    from tests.test_output_pacs import write_series
+
+    pdir, queue = tmp_path / "protocols", tmp_path / "queue"
+    pdir.mkdir()
+    (pdir / "aaa_broken.yaml").write_text("name: aaa_broken\nextends: default\nbogus: 1\n")
+    (pdir / "site.yaml").write_text(f"name: site\nextends: default\npacs: {{targets: "
+                                    f"['NOBODY@127.0.0.1:9'], queue_dir: '{queue}'}}\n")
+    enqueue(write_series(tmp_path / "dcm", nslices=1, seed=32), "NOBODY@127.0.0.1:9", queue)
+    eng = eng_mod.StreamEngine(object(), protocol_dirs=[pdir], pacs_retry_s=3600.0)
+    try:
+        assert eng.retry_earlier_queues() == [queue]
+    finally:
+        eng.pacs_retry.stop(timeout=1.0)
+
+
+def test_deliver_does_not_read_the_queue(data, engine, tmp_path, monkeypatch):
+    """deliver (documented never to raise) counted the queue's files after delivering, to
+    decide whether to retry it: a queue it could not read raised out of it, past the
+    connection's error handling. The queue is now handed to the retries, which count it."""
+    queue = tmp_path / "queue"
+    (data["pdir"] / "stream_retry2.yaml").write_text(
+        "name: stream_retry2\nextends: stream_zf\npacs: {targets: ['NOBODY@127.0.0.1:9'], "
+        f"queue_dir: '{queue}'}}\n")
+    try:
+        eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                                   dicom_out=tmp_path / "dcm", pacs_retry_s=3600.0)
+        result = eng.run(iter(data["acqs"]), data["header"].toXML(), lambda im: None,
+                         stream_options.StreamOptions(protocol="stream_retry2"))
+
+        def unreadable(q):
+            raise PermissionError(13, "Permission denied", str(q))
+
+        monkeypatch.setattr(eng_mod, "waiting_files", unreadable)
+        try:
+            assert len(eng.deliver(result)) == 2
+            assert eng.pacs_retry._queues == {queue}
+        finally:
+            eng.pacs_retry.stop(timeout=1.0)
+    finally:
+        (data["pdir"] / "stream_retry2.yaml").unlink()

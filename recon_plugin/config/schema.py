@@ -205,8 +205,9 @@ class SeriesSpec(_Section):
 
 
 class TlsSpec(_Section):
-    """``pacs.tls``: DICOM over TLS to every target (PEM files, absolute paths; checked when the
-    protocol loads, so a wrong file stops the run before anything is reconstructed)."""
+    """``pacs.tls``: DICOM over TLS to every target (PEM files, absolute paths). The files are
+    read when sending, not here: a certificate that is missing or replaced must not stop the
+    reconstruction (its DICOM waits in the queue; the error names the file)."""
 
     ca_file: StrictStr  # the CA the PACS's certificate chains to
     cert_file: StrictStr | None = None  # this client's certificate, where the PACS asks for one
@@ -214,13 +215,13 @@ class TlsSpec(_Section):
     check_hostname: StrictBool = True  # the PACS's certificate must name the target's host
 
     @model_validator(mode="after")
-    def _usable(self) -> TlsSpec:
+    def _paths(self) -> TlsSpec:
         for key in ("ca_file", "cert_file", "key_file"):
             v = getattr(self, key)
             if v is not None and not Path(v).expanduser().is_absolute():
                 raise ValueError(f"{key} {v!r} is not an absolute path")
         try:
-            TlsSettings.make(**self.model_dump()).context()
+            TlsSettings.make(**self.model_dump())  # a certificate without its key, or the reverse
         except TlsSettingsError as exc:
             raise ValueError(str(exc)) from exc
         return self

@@ -139,6 +139,7 @@ class QueueRetry:
         self._queues: set[Path] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a round now instead of at the end of the period
         self._thread: threading.Thread | None = None
 
     def add(self, queue: Path | str) -> None:
@@ -151,20 +152,34 @@ class QueueRetry:
                 self._thread.start()
 
     def retry_once(self) -> tuple[int, int]:
-        """Drain every added queue that holds files: ``(files sent, files still queued)``."""
+        """Drain every added queue that holds files: ``(files sent, files still queued)``. A
+        queue that cannot be read or written is logged and passed over (the others are still
+        drained)."""
         with self._lock:
             queues = sorted(self._queues)
         sent = failed = 0
         for q in queues:
             if self._stop.is_set():
                 break
-            if waiting_files(q):
-                s, f = drain(q, timeout=self.timeout_s)
-                sent, failed = sent + s, failed + f
+            try:
+                if waiting_files(q):
+                    s, f = drain(q, timeout=self.timeout_s)
+                    sent, failed = sent + s, failed + f
+            except OSError as exc:  # QueueNotWritable included
+                log.error("PACS queue %s not retried: %s", q, exc)
         return sent, failed
 
+    def retry_now(self) -> None:
+        """Start a round now (e.g. for the queues an earlier run left) instead of after the
+        period; the next comes a period after it."""
+        self._wake.set()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
+        while True:
+            self._wake.wait(self.period_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 sent, failed = self.retry_once()
             except Exception:  # noqa: BLE001 - a failed round must not end the retries
@@ -175,8 +190,10 @@ class QueueRetry:
                             "%g s)", sent, failed, self.period_s)
 
     def stop(self, timeout: float | None = None) -> None:
-        """End the retries (a round in progress finishes its current send)."""
+        """End the retries, waiting up to ``timeout`` s for a round in progress (a send cut
+        short leaves its item queued; a resend keeps its UIDs)."""
         self._stop.set()
+        self._wake.set()
         with self._lock:
             thread = self._thread
         if thread is not None:

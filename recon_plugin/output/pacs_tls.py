@@ -9,7 +9,7 @@ the queue records it with each item, so a later ``recon-plugin send`` delivers o
 from __future__ import annotations
 
 import ssl
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -19,8 +19,8 @@ class TlsSettingsError(ValueError):
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """Certificates of a TLS association (PEM files; absolute paths once made by
-    :meth:`make`).
+    """Certificates of a TLS association (PEM files; absolute paths where they come from a
+    protocol).
 
     ca_file:        the CA certificate(s) the PACS's certificate must chain to;
     cert_file:      this client's certificate, for a PACS that asks for one (with key_file);
@@ -35,33 +35,33 @@ class TlsSettings:
 
     @classmethod
     def make(cls, ca_file: str, cert_file: str | None = None, key_file: str | None = None,
-             check_hostname: bool = True, base: Path | None = None) -> TlsSettings:
-        """Settings with each path made absolute (relative ones against ``base``, e.g. the
-        protocol file's folder); :class:`TlsSettingsError` when only one of cert / key is
-        given."""
+             check_hostname: bool = True) -> TlsSettings:
+        """Settings with ``~`` expanded in each path (a protocol's ``pacs.tls`` admits absolute
+        paths only: ``config.schema.TlsSpec``); :class:`TlsSettingsError` when only one of
+        cert / key is given."""
         if (cert_file is None) != (key_file is None):
             raise TlsSettingsError("cert_file and key_file go together (a client certificate "
                                    "and its key), or neither is given")
 
-        def absolute(p: str | None) -> str | None:
-            if p is None:
-                return None
-            q = Path(p).expanduser()
-            return str(q if q.is_absolute() or base is None else (base / q).resolve())
+        def expanded(p: str | None) -> str | None:
+            return None if p is None else str(Path(p).expanduser())
 
-        return cls(absolute(ca_file), absolute(cert_file), absolute(key_file),  # type: ignore[arg-type]
+        return cls(expanded(ca_file), expanded(cert_file), expanded(key_file),  # type: ignore[arg-type]
                    bool(check_hostname))
 
     def context(self) -> ssl.SSLContext:
         """The client context (TLS 1.2 or later, the PACS's certificate verified against
-        ``ca_file``); :class:`TlsSettingsError` naming the file that cannot be used."""
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.check_hostname = self.check_hostname
+        ``ca_file`` alone: given a CA, ``create_default_context`` does not load the system's
+        store); :class:`TlsSettingsError` naming the file that cannot be used."""
+        if not self.ca_file:  # "" would make create_default_context trust the system's store
+            raise TlsSettingsError("TLS ca_file is empty: name the CA the PACS's certificate "
+                                   "chains to")
         try:
-            ctx.load_verify_locations(cafile=self.ca_file)
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise TlsSettingsError(f"TLS ca_file {self.ca_file}: {_why(exc)}") from exc
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.check_hostname  # verify_mode stays CERT_REQUIRED
         if self.cert_file:
             try:
                 ctx.load_cert_chain(self.cert_file, self.key_file)
@@ -82,7 +82,7 @@ class TlsSettings:
             return None
         if not isinstance(d, dict) or not isinstance(d.get("ca_file"), str):
             raise TlsSettingsError(f"'tls' is {str(d)[:60]!r}, not TLS settings with a ca_file")
-        extra = set(d) - {"ca_file", "cert_file", "key_file", "check_hostname"}
+        extra = set(d) - {f.name for f in fields(cls)}
         if extra:
             raise TlsSettingsError(f"'tls' has unknown keys {sorted(extra)}")
         for k in ("cert_file", "key_file"):

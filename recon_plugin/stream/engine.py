@@ -30,7 +30,7 @@ from typing import Any
 import ismrmrd
 import numpy as np
 
-from ..config.protocol import Protocol, load_all, load_protocol, select_protocol
+from ..config.protocol import Protocol, list_protocols, load_protocol, select_protocol
 from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
@@ -289,24 +289,33 @@ class StreamEngine:
 
     def retry_earlier_queues(self) -> list[Path]:
         """Retry (see ``pacs_retry_s``) the PACS queue of every protocol on the search path
-        that holds files, e.g. an earlier run's; returns those queues. A protocol file that
-        does not load is named in the log and passed over."""
+        that holds files, e.g. an earlier run's, the first time at once; returns those queues.
+        A protocol file that does not load is named in the log and passed over."""
         if self.pacs_retry is None:
             return []
-        try:
-            protocols = load_all(self.protocol_dirs or None)
-            if self.default_protocol:
-                protocols.append(load_protocol(self.default_protocol, self.protocol_dirs or None))
-        except (OSError, ValueError) as e:
-            log.warning("PACS queues of earlier runs not looked for: %s", e)
-            return []
-        queues = {plan.queue for p in protocols
-                  if (plan := DeliveryPlan.make(p.pacs, out_dir=self.dicom_out)) is not None}
-        waiting = {q: n for q in sorted(queues) if (n := waiting_files(q))}
+        dirs = self.protocol_dirs or None
+        queues = set()
+        for name in [*list_protocols(dirs), *filter(None, [self.default_protocol])]:
+            try:  # one by one: load_all stops at the first file that does not load
+                plan = DeliveryPlan.make(load_protocol(name, dirs).pacs, out_dir=self.dicom_out)
+            except (OSError, ValueError) as e:
+                log.warning("protocol %s: its PACS queue not looked for: %s", name, e)
+                continue
+            if plan is not None:
+                queues.add(plan.queue)
+        waiting = {}
+        for q in sorted(queues):
+            try:
+                if n := waiting_files(q):
+                    waiting[q] = n
+            except OSError as e:
+                log.warning("PACS queue %s cannot be read: %s", q, e)
         for q, n in waiting.items():
-            log.info("PACS queue %s holds %d files of an earlier run: retried every %g s", q, n,
-                     self.pacs_retry.period_s)
+            log.info("PACS queue %s holds %d files of an earlier run: retried now and every "
+                     "%g s", q, n, self.pacs_retry.period_s)
             self.pacs_retry.add(q)
+        if waiting:
+            self.pacs_retry.retry_now()
         return list(waiting)
 
     def wants_delivery(self, protocol: Protocol) -> bool:
@@ -342,8 +351,8 @@ class StreamEngine:
         plan = DeliveryPlan.make(p.pacs, out_dir=self.dicom_out)
         result.dicom_files = write_and_deliver(series, p, self.dicom_out, plan,
                                                send_now=not result.stopped)
-        if plan is not None and self.pacs_retry is not None and waiting_files(plan.queue):
-            self.pacs_retry.add(plan.queue)
+        if plan is not None and self.pacs_retry is not None:
+            self.pacs_retry.add(plan.queue)  # retried when it holds files (no I/O here)
         return result.dicom_files
 
 
