@@ -249,3 +249,25 @@ def test_only_the_protocols_ca_is_trusted(certs, tmp_path, monkeypatch):
         scp.shutdown()
     with pytest.raises(TlsSettingsError, match="ca_file is empty"):  # e.g. an edited manifest
         TlsSettings.from_dict({"ca_file": ""}).context()
+
+
+def test_inspect_names_a_tls_setting_recon_could_not_use(certs, tmp_path, capsys):
+    """recon reads the certificates only when sending: `inspect` is where an administrator
+    sees beforehand that they cannot be used."""
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "scan.h5", acceleration=2, calib_lines=16)
+    for ca, seen in ((certs / "ca.pem", "over TLS\n"), (tmp_path / "gone.pem", "TLS NOT USABLE")):
+        (tmp_path / "site.yaml").write_text(
+            "name: site\nextends: default\npacs: {targets: ['PACS@10.0.0.5:2762'], "
+            f"tls: {{ca_file: '{ca}'}}}}\n")
+        assert main(["-q", "inspect", str(raw), "--protocol", str(tmp_path / "site.yaml")]) == 0
+        text = capsys.readouterr().out
+        assert "PACS PACS@10.0.0.5:2762 over TLS" in text and seen in text
+    assert main(["-q", "inspect", str(raw), "--protocol", str(tmp_path / "site.yaml"),
+                 "--json"]) == 0
+    (d,) = json.loads(capsys.readouterr().out)
+    assert d["protocol"]["pacs"]["tls"]["ca_file"] == str(tmp_path / "gone.pem")
+    assert "No such file" in d["protocol"]["pacs"]["tls_error"]

@@ -132,6 +132,25 @@ def _how_chosen(proto, given: str | None) -> str:
     return "matched to the header"
 
 
+def _pacs_summary(proto) -> dict | None:
+    """The protocol's PACS delivery for ``inspect``: targets, TLS settings and, where its
+    certificate files cannot be used, why (recon reads them only when sending)."""
+    from ..output.delivery import DeliveryPlan
+    from ..output.pacs_tls import TlsSettingsError
+
+    plan = DeliveryPlan.make(proto.pacs)
+    if plan is None:
+        return None
+    out: dict = {"targets": list(plan.targets), "calling_aet": plan.calling_aet,
+                 "tls": plan.tls.to_dict() if plan.tls else None}
+    if plan.tls is not None:
+        try:
+            plan.tls.context()
+        except TlsSettingsError as e:
+            out["tls_error"] = str(e)
+    return out
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     """How each input is read and which protocol would reconstruct it, without reconstructing
     (``recon/describe.py``); text or ``--json`` (a list, one object per input) on stdout.
@@ -183,13 +202,20 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                 failed += 1
                 d["error"] = f"{proto.model_key}: {e}"
                 how += " (NOT FOUND: recon would refuse it)"
+        pacs = _pacs_summary(proto)
+        if pacs is not None:
+            d["protocol"]["pacs"] = pacs
         out.append(d)
         if not a.json:
             print(format_description(d, (
                 f"{proto.name} ({_how_chosen(proto, a.protocol)}): "
                 f"{how}, guard {'on' if st.guard else 'off'}, calibration "
                 f"{'on' if st.calibrate else 'off'}, refinement {st.refine}, coil compression "
-                f"{st.coil_compression or 'none'}")))
+                f"{st.coil_compression or 'none'}"
+                + (f"; PACS {', '.join(pacs['targets'])}" if pacs else "")
+                + (" over TLS" if pacs and pacs.get("tls") else "")
+                + (f" (TLS NOT USABLE: {pacs['tls_error']}; its DICOM would wait in the queue)"
+                   if pacs and pacs.get("tls_error") else ""))))
     if a.json:
         print(json.dumps(out, indent=1))
     return EXIT_OK if not failed else EXIT_FAILED
