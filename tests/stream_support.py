@@ -4,6 +4,10 @@ registered by ``conftest.py``), and the check of streamed images against the off
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import h5py
 import ismrmrd
 import numpy as np
@@ -14,6 +18,40 @@ from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
 from recon_plugin.stream import engine as eng_mod
+
+GADGETS = Path(__file__).resolve().parents[1] / "gadgets"
+
+
+def gadget_module(name: str):
+    """Import ``gadgets/<name>.py`` as its hosts do (not a package: python-ismrmrd-server and
+    the Gadgetron runtime load it by name from its folder)."""
+    sys.path.insert(0, str(GADGETS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(GADGETS))
+
+
+class FakeConnection:
+    """The parts of python-ismrmrd-server's Connection a module uses: ``items`` then the
+    ``None`` that ends its iteration; what the module sends is kept."""
+
+    def __init__(self, items):
+        self.items, self.images, self.texts, self.closed = items, [], [], 0
+
+    def __iter__(self):
+        yield from self.items
+        yield None
+
+    def send_image(self, images):
+        self.images += images if isinstance(images, list) else [images]
+
+    def send_text(self, text):
+        self.texts.append(text)
+
+    def send_close(self):
+        self.closed += 1
+
 
 PROTOCOLS = {
     "stream_cg": "model: {method: cg-sense}\nespirit: {calib_width: 16, kernel_width: 5, "

@@ -86,6 +86,16 @@ def marks(marker: Path) -> list[tuple[int, str, str]]:
                                           marker.read_text().splitlines() if ln.count(" ") >= 2)]
 
 
+def both_workers_started(marker: Path) -> set[int]:
+    """The pids of the 2 workers once each has started a file (60 s at most)."""
+    t0 = time.time()
+    while len({pid for pid, _, _ in marks(marker)}) < 2 and time.time() - t0 < 60:
+        time.sleep(0.1)
+    workers = {pid for pid, _, _ in marks(marker)}
+    assert len(workers) == 2, "the workers did not start a file"
+    return workers
+
+
 @pytest.mark.parametrize("stage", ["compute", "publish"])
 def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, stage, capsys):
     """A worker SIGKILLed mid-file (``compute``) or after publishing, before its result got back
@@ -164,11 +174,7 @@ def test_local_cluster_workers_die_with_the_batch(raws, tmp_path):
                              "--cluster", "local:2"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        t0 = time.time()
-        while len({pid for pid, _, _ in marks(marker)}) < 2 and time.time() - t0 < 60:
-            time.sleep(0.1)
-        workers = {pid for pid, _, _ in marks(marker)}
-        assert len(workers) == 2, "the workers did not start a file"
+        workers = both_workers_started(marker)
     finally:
         proc.kill()
         proc.wait()
@@ -225,11 +231,7 @@ def test_local_cluster_sigterm_then_resume(raws, tmp_path):
                                                 DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps(
                                                     [str(PRELOAD)])))
     try:
-        t0 = time.time()
-        while len({pid for pid, _, _ in marks(marker)}) < 2 and time.time() - t0 < 60:
-            time.sleep(0.1)
-        workers = {pid for pid, _, _ in marks(marker)}
-        assert len(workers) == 2, "the workers did not start a file"
+        workers = both_workers_started(marker)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from stream_support import FakeConnection, gadget_module
 
 from recon_plugin.stream import engine as eng_mod
 
@@ -22,36 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEER = REPO.parent / "shared" / "peers" / "python-ismrmrd-server"
 
 
-def _module(name: str):
-    """Import ``gadgets/<name>.py`` as python-ismrmrd-server does (by name, from its path)."""
-    sys.path.insert(0, str(REPO / "gadgets"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "gadgets"))
-
-
-fire_module = _module("fire_module")
-
-
-class FakeConnection:
-    """The parts of python-ismrmrd-server's Connection a module uses."""
-
-    def __init__(self, items):
-        self.items, self.images, self.texts, self.closed = items, [], [], 0
-
-    def __iter__(self):
-        yield from self.items
-        yield None
-
-    def send_image(self, images):
-        self.images += images if isinstance(images, list) else [images]
-
-    def send_text(self, text):
-        self.texts.append(text)
-
-    def send_close(self):
-        self.closed += 1
+fire_module = gadget_module("fire_module")
 
 
 def _tracebacks(caplog) -> list[str]:

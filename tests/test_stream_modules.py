@@ -3,15 +3,13 @@ the same file, with fake connections; the stream options they parse."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import ismrmrd
 import numpy as np
 import pytest
-from stream_support import check_images
+from stream_support import FakeConnection, check_images, gadget_module
 
 from recon_plugin.stream import engine as eng_mod
 from recon_plugin.stream import options as stream_options
@@ -19,36 +17,9 @@ from recon_plugin.stream import options as stream_options
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _gadget_module(name: str):
-    """Import ``gadgets/<name>.py`` (not a package: the external-language runtimes load it by
-    path)."""
-    sys.path.insert(0, str(REPO / "gadgets"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "gadgets"))
-
-
 def test_fire_module_with_fake_connection(data, engine, offline, monkeypatch):
-    fire_module = _gadget_module("fire_module")
+    fire_module = gadget_module("fire_module")
     monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
-
-    class FakeConnection:  # the parts of python-ismrmrd-server's Connection a module uses
-        def __init__(self, items):
-            self.items, self.images, self.texts, self.closed = items, [], [], 0
-
-        def __iter__(self):
-            yield from self.items
-            yield None
-
-        def send_image(self, images):
-            self.images += images if isinstance(images, list) else [images]
-
-        def send_text(self, text):
-            self.texts.append(text)
-
-        def send_close(self):
-            self.closed += 1
 
     conn = FakeConnection(list(data["acqs"]))
     config = {"parameters": {"config": "fire_module", "protocol": "stream_zf"}}
@@ -65,7 +36,7 @@ def test_fire_module_archives_a_scan_whose_client_stopped_reading(data, engine, 
     """The scanner side of a FIRE connection breaks after the first image: with a DICOM folder
     set, the module finishes the scan and archives both slices (the broken send had ended it
     and nothing was written)."""
-    fire_module = _gadget_module("fire_module")
+    fire_module = gadget_module("fire_module")
     archiving = eng_mod.StreamEngine(engine.recon, protocol_dirs=engine.protocol_dirs,
                                      dicom_out=tmp_path / "dcm")
     monkeypatch.setitem(eng_mod._SHARED, "engine", archiving)
@@ -97,7 +68,7 @@ def test_fire_module_archives_a_scan_whose_client_stopped_reading(data, engine, 
 
 @pytest.mark.slow
 def test_gadgetron_module_with_fake_connection(data, engine, offline, monkeypatch):
-    recon_plugin_gadget = _gadget_module("recon_plugin_gadget")
+    recon_plugin_gadget = gadget_module("recon_plugin_gadget")
     monkeypatch.setitem(eng_mod._SHARED, "engine", engine)
     waveform = ismrmrd.Waveform.from_array(np.zeros((1, 4), np.uint32))
 
