@@ -428,3 +428,17 @@ def test_send_to_an_unwritable_queue_says_so(tmp_path, caplog, capsys, monkeypat
         assert ".lock" not in errors[0] and "tmpx" not in errors[0], errors
     assert "sent" not in capsys.readouterr().out
     assert [i["attempts"] for i in pacs.queued_items(queue)] == [0]  # untouched, not tried
+
+
+def test_echo_orthanc_and_what_a_wrong_ae_title_says(orthanc, capsys):
+    """C-ECHO, as PACS administrators check a new sender: Orthanc answers; a called AE title
+    it is not is refused with the titles to check."""
+    from recon_plugin.cli import main
+
+    assert pacs.echo(orthanc.target, CALLING, timeout=10) < 10
+    wrong = orthanc.target.replace(orthanc.aet, "NOT_ORTHANC")
+    with pytest.raises(pacs.PacsError, match="rejected by the remote AE .*'NOT_ORTHANC'"):
+        pacs.echo(wrong, CALLING, timeout=10)
+    assert main(["-q", "echo", orthanc.target, wrong]) == 1
+    out = capsys.readouterr().out
+    assert f"{orthanc.target}: answered C-ECHO in" in out and f"{wrong}: FAILED" in out

@@ -58,6 +58,7 @@ def _tls_scp(port: int, stored: list, certs: Path, client_cert: bool = True):
     """A storage SCP on 127.0.0.1:``port`` speaking TLS only (asking for the client's
     certificate where ``client_cert``); it keeps the SOP Instance UIDs it stores."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import Verification
 
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
@@ -71,6 +72,7 @@ def _tls_scp(port: int, stored: list, certs: Path, client_cert: bool = True):
 
     scp = AE(ae_title="TLS_PACS")
     scp.supported_contexts = AllStoragePresentationContexts
+    scp.add_supported_context(Verification)
     return scp.start_server(("127.0.0.1", port), block=False, ssl_context=ctx,
                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
@@ -271,3 +273,24 @@ def test_inspect_names_a_tls_setting_recon_could_not_use(certs, tmp_path, capsys
     (d,) = json.loads(capsys.readouterr().out)
     assert d["protocol"]["pacs"]["tls"]["ca_file"] == str(tmp_path / "gone.pem")
     assert "No such file" in d["protocol"]["pacs"]["tls_error"]
+
+
+def test_echo_a_tls_pacs_with_the_protocols_settings(certs, tmp_path, capsys):
+    """`recon-plugin echo --protocol site` verifies the protocol's targets with its calling AE
+    title and TLS settings, as a PACS administrator tests a new sender."""
+    port = free_port()
+    (tmp_path / "site.yaml").write_text(
+        f"name: site\nextends: default\npacs: {{targets: ['TLS_PACS@127.0.0.1:{port}'], "
+        f"calling_aet: SITE_RECON, tls: {{ca_file: '{certs}/ca.pem', cert_file: "
+        f"'{certs}/client.pem', key_file: '{certs}/client.key'}}}}\n")
+    proto = ["--protocol", "site", "--protocol-dir", str(tmp_path)]
+    scp = _tls_scp(port, [], certs)
+    try:
+        assert main(["-q", "echo", *proto]) == 0
+        assert "answered C-ECHO in" in capsys.readouterr().out
+        assert main(["-q", "echo", f"TLS_PACS@127.0.0.1:{port}"]) == 1  # plain: refused
+        assert "FAILED: association with" in capsys.readouterr().out
+    finally:
+        scp.shutdown()
+    assert main(["-q", "echo", *proto, "--timeout", "2"]) == 1  # the PACS is gone
+    assert "nothing accepts connections" in capsys.readouterr().out

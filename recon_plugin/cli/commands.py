@@ -221,6 +221,36 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return EXIT_OK if not failed else EXIT_FAILED
 
 
+def cmd_echo(a: argparse.Namespace) -> int:
+    """C-ECHO each target (the protocol's where none is named) with the protocol's calling AE
+    title and TLS settings; exit 1 when one does not answer or refuses."""
+    from ..config.protocol import load_protocol
+    from ..output.delivery import DeliveryPlan
+    from ..output.pacs import DEFAULT_CALLING_AET, PacsError, echo
+
+    plan = None
+    if a.protocol:  # its calling AE and TLS (the plan exists as soon as there is a target)
+        pacs = load_protocol(a.protocol, a.protocol_dir).pacs
+        plan = DeliveryPlan.make(pacs, a.targets[0] if a.targets else None)
+    targets = list(a.targets) or (list(plan.targets) if plan else [])
+    if not targets:
+        raise UsageError("no PACS to verify: name one (AET@host:port) or a --protocol with "
+                         "pacs.targets")
+    calling = plan.calling_aet if plan else DEFAULT_CALLING_AET
+    tls = plan.tls if plan else None
+    failed = 0
+    for target in targets:
+        try:
+            seconds = echo(target, calling, timeout=a.timeout, tls=tls)
+        except PacsError as e:
+            failed += 1
+            print(f"{target}: FAILED: {e}")
+            continue
+        print(f"{target}: answered C-ECHO in {seconds:.3f} s (calling AE {calling}"
+              f"{', over TLS' if tls else ''})")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
 def cmd_send(a: argparse.Namespace) -> int:
     """Drain a PACS queue folder."""
     from ..output.pacs import DEAD_DIR, QueueNotWritable, dead_files, drain, waiting_files

@@ -23,6 +23,7 @@ from .commands import (
     cmd_adapt,
     cmd_bench,
     cmd_demo,
+    cmd_echo,
     cmd_inspect,
     cmd_prune,
     cmd_recon,
@@ -414,6 +415,20 @@ def _add_send(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_send)
 
 
+def _add_echo(sub: argparse._SubParsersAction) -> None:
+    """The ``echo`` subcommand."""
+    s = sub.add_parser("echo", help="C-ECHO a PACS: is it there, does it accept this sender")
+    s.add_argument("targets", nargs="*", metavar="AET@host:port", type=_target,
+                   help="PACS to verify (default: the --protocol's pacs.targets)")
+    s.add_argument("--protocol", help="protocol NAME or FILE whose calling AE title and TLS "
+                   "settings are used (and whose targets, where none is given)")
+    s.add_argument("--protocol-dir", action="append", default=None, type=Path,
+                   help="extra protocol folder searched first (repeatable)")
+    s.add_argument("--timeout", type=_positive_float, default=10.0,
+                   help="seconds to wait for each PACS (default %(default)g)")
+    s.set_defaults(fn=cmd_echo)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     """The ``serve`` subcommand."""
     s = sub.add_parser("serve", help="MRD streaming server: acquisitions in, images back")
@@ -473,5 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_bench(sub)
     _add_send(sub)
+    _add_echo(sub)
     _add_serve(sub)
     return p

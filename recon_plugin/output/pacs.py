@@ -146,53 +146,23 @@ def _check_reachable(tgt: PacsTarget, timeout: float) -> None:
                         f"connections at {tgt.host}:{tgt.port}: {exc})", unanswered=True) from exc
 
 
-def send_files(
-    paths: Iterable[Path | str],
-    target: str | PacsTarget,
-    calling_aet: str = DEFAULT_CALLING_AET,
-    *,
-    timeout: float = 30.0,
-    tls: TlsSettings | None = None,
-) -> SendResult:
-    """C-STORE ``paths`` to ``target`` over one association (over TLS with ``tls``).
-
-    A file counts as sent when the SCP answers status 0x0000 (or a storage warning 0xB000 /
-    0xB006 / 0xB007, logged). Unreadable files and failure statuses are reported per file in
-    ``SendResult.failed``. Raises :class:`PacsError` when no association can be established
-    (also when the TLS certificates cannot be loaded: a file an administrator can mend).
-    """
-    from pydicom import dcmread
-    from pydicom.filereader import read_file_meta_info
-    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+def _associate(tgt: PacsTarget, calling_aet: str, contexts: dict[str, list[str]],
+               timeout: float, tls: TlsSettings | None):
+    """An established pynetdicom association with ``tgt`` offering ``contexts`` (SOP class UID
+    -> transfer syntaxes), over TLS with ``tls``; :class:`PacsError` saying why there is none
+    (nothing listening, rejected, no context accepted, TLS; ``unanswered`` where nothing
+    answered)."""
+    from pydicom.uid import UID
     from pynetdicom import AE
 
-    tgt = target if isinstance(target, PacsTarget) else parse_target(target)
-    _check_aet(calling_aet, "calling AE title")
-    result = SendResult()
-    files: list[tuple[Path, str]] = []
-    contexts: dict[str, list[str]] = {}
-    for p in map(Path, paths):
-        try:
-            meta = read_file_meta_info(p)
-            sop, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is a per-file failure
-            result.failed[p] = f"unreadable DICOM file: {exc}"
-            result.unsendable.add(p)
-            continue
-        files.append((p, sop))
-        syntaxes = contexts.setdefault(sop, [])
-        for t in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if t not in syntaxes:
-                syntaxes.append(t)
-    if not files:
-        return result
-    if len(contexts) > 128:
-        raise PacsError(f"{len(contexts)} SOP classes exceed one association's 128 contexts")
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for sop, syntaxes in contexts.items():
-        ae.add_requested_context(sop, syntaxes)
+        if syntaxes:
+            ae.add_requested_context(sop, syntaxes)
+        else:  # pynetdicom's default transfer syntaxes
+            ae.add_requested_context(sop)
     try:
         tls_args = (tls.context(), tgt.host) if tls is not None else None
     except TlsSettingsError as exc:
@@ -219,6 +189,74 @@ def send_files(
             why = "could not be established (no DICOM service answering, or it aborted)"
         raise PacsError(f"association with {tgt}: {why}",
                         unanswered=not (assoc.is_rejected or assoc.rejected_contexts))
+    return assoc
+
+
+def echo(target: str | PacsTarget, calling_aet: str = DEFAULT_CALLING_AET, *,
+         timeout: float = 10.0, tls: TlsSettings | None = None) -> float:
+    """C-ECHO (DICOM verification) to ``target``, as the site's PACS administrators test a new
+    sender: the seconds the association and echo took; :class:`PacsError` saying what failed
+    (nothing listening, the AE titles refused, TLS, a failure status)."""
+    from pynetdicom.sop_class import Verification
+
+    tgt = target if isinstance(target, PacsTarget) else parse_target(target)
+    _check_aet(calling_aet, "calling AE title")
+    t0 = time.monotonic()
+    assoc = _associate(tgt, calling_aet, {str(Verification): []}, timeout, tls)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        raise PacsError(f"C-ECHO to {tgt}: " + ("no response (timeout or abort)" if code is None
+                                                else f"status 0x{code:04X}"))
+    return time.monotonic() - t0
+
+
+def send_files(
+    paths: Iterable[Path | str],
+    target: str | PacsTarget,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    *,
+    timeout: float = 30.0,
+    tls: TlsSettings | None = None,
+) -> SendResult:
+    """C-STORE ``paths`` to ``target`` over one association (over TLS with ``tls``).
+
+    A file counts as sent when the SCP answers status 0x0000 (or a storage warning 0xB000 /
+    0xB006 / 0xB007, logged). Unreadable files and failure statuses are reported per file in
+    ``SendResult.failed``. Raises :class:`PacsError` when no association can be established
+    (also when the TLS certificates cannot be loaded: a file an administrator can mend).
+    """
+    from pydicom import dcmread
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    tgt = target if isinstance(target, PacsTarget) else parse_target(target)
+    _check_aet(calling_aet, "calling AE title")
+    result = SendResult()
+    files: list[tuple[Path, str]] = []
+    contexts: dict[str, list[str]] = {}
+    for p in map(Path, paths):
+        try:
+            meta = read_file_meta_info(p)
+            sop, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a per-file failure
+            result.failed[p] = f"unreadable DICOM file: {exc}"
+            result.unsendable.add(p)
+            continue
+        files.append((p, sop))
+        syntaxes = contexts.setdefault(sop, [])
+        for t in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if t not in syntaxes:
+                syntaxes.append(t)
+    if not files:
+        return result
+    if len(contexts) > 128:
+        raise PacsError(f"{len(contexts)} SOP classes exceed one association's 128 contexts")
+    assoc = _associate(tgt, calling_aet, contexts, timeout, tls)
     try:
         for p, _sop in files:
             if not assoc.is_established:
