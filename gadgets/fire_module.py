@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ismrmrd
 
 from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
-from recon_plugin.stream.options import ClientGone, StreamError, StreamOptions
+from recon_plugin.stream.options import ClientGone, StreamOptions, caused_by_input
 
 log = logging.getLogger("recon_plugin.fire")
 
-DEVICE_VAR = "RECON_PLUGIN_DEVICE"
 _CLOSE = 4  # MRD_MESSAGE_CLOSE, the key of python-ismrmrd-server's Connection.handlers
 
 
@@ -124,18 +121,6 @@ def _notify(connection: Any, text: str) -> None:
     _send_text(connection, text)
 
 
-def _engine() -> StreamEngine:
-    """The process-wide engine; an unusable ``$RECON_PLUGIN_DEVICE`` is said by its name."""
-    try:
-        return shared_engine()
-    except ValueError as e:
-        device = os.environ.get(DEVICE_VAR)
-        if device and "device" in str(e).lower():
-            why = re.sub(r"^--device \S+?:? ", "", str(e))
-            raise ValueError(f"{DEVICE_VAR}={device}: {why} (unset it or set it to cpu)") from None
-        raise
-
-
 def process(connection: Any, config: Any, metadata: Any) -> None:
     """python-ismrmrd-server entry point (see module doc). Errors go to the client as ERROR text
     (logged as one line where the data, config or client caused them; with a traceback only
@@ -143,7 +128,7 @@ def process(connection: Any, config: Any, metadata: Any) -> None:
     engine: StreamEngine | None = None
     result = None
     try:
-        engine = _engine()
+        engine = shared_engine()
         closed = _closed_by_client(connection)
         # a scanner that stops reading (a broken socket) still gets its scan archived
         result = engine.run(_acquisitions(connection, closed), header_text(metadata),
@@ -155,7 +140,7 @@ def process(connection: Any, config: Any, metadata: Any) -> None:
         _send_text(connection, f"ERROR {type(e).__name__}: {e}")  # heard where half-closed
     except Exception as e:  # noqa: BLE001 - report to the scanner, then close cleanly
         text = f"ERROR {type(e).__name__}: {e}"
-        if isinstance(e, StreamError | ValueError | LookupError | OSError):  # data, config
+        if caused_by_input(e):
             log.warning("recon_plugin stream failed: %s", text)
         else:
             log.exception("recon_plugin stream failed (internal error)")

@@ -11,22 +11,42 @@ each slice with :meth:`recon_plugin.stream.engine.StreamEngine.run` -- the same 
 serve`` -- and sends one ``ismrmrd.Image`` per slice back as soon as the slice is complete.
 Options come from the node's ``<configuration>``: ``<property name="protocol" value="..."/>``
 (also ``method``, ``model``, ``image_dtype``; "auto" or none = match the header).
+
+A failure (a bad configuration or header, an unusable ``$RECON_PLUGIN_DEVICE``, an internal
+error) goes to Gadgetron as an external node's ERROR message, which Gadgetron raises as the
+stream's error when the node closes (the ``gadgetron`` package itself only closes the
+connection on an exception: Gadgetron then ends the stream as if it were done); it is logged
+as one line (a traceback only for an internal error) and the node returns normally. A slice
+that fails is logged and left out, the scan goes on. Where ``$RECON_PLUGIN_DICOM_OUT`` is set
+(or the protocol has PACS targets) each finished scan is archived as DICOM, also when Gadgetron
+stopped reading the images; a connection that drops before Gadgetron's CLOSE abandons the scan
+(nothing archived), as ``recon-plugin serve`` and the FIRE module do.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
+import struct
 from typing import Any
 
-from recon_plugin.stream.engine import header_text, log_notice, shared_engine
-from recon_plugin.stream.options import StreamOptions, xml_params
+from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
+from recon_plugin.stream.options import ClientGone, StreamOptions, caused_by_input, xml_params
 
 log = logging.getLogger("recon_plugin.gadgetron")
 
+_CLOSE = 4  # GADGET_MESSAGE_CLOSE
+_ERROR = 8  # GADGET_MESSAGE_ERROR: Gadgetron's ExternalChannel collects these, raises at CLOSE
+_MESSAGE_ID = struct.Struct("<H")
+_ERROR_LENGTH = struct.Struct("<Q")  # the text's length, as Gadgetron reads it (uint64)
+DRAIN_S = 5.0  # seconds a node that stopped early reads on, for Gadgetron to close
+
 
 def options_from_config(config: Any) -> StreamOptions:
-    """StreamOptions from the external node's configuration (Element, XML text or None)."""
+    """StreamOptions from the external node's configuration (Element, XML text or None).
+    ValueError naming the problem for XML that does not parse, an unknown method or a
+    protocol or model that is not a plain name."""
     options = StreamOptions()
     params = xml_params(config)
     if "protocol" in params:
@@ -35,24 +55,134 @@ def options_from_config(config: Any) -> StreamOptions:
     return options
 
 
-def recon_plugin(connection: Any) -> None:
-    """Gadgetron entry point: ``connection`` is ``gadgetron.external.Connection``."""
-    import ismrmrd
+class _Socket:
+    """The ``gadgetron`` package's socket wrapper, with the two things it lacks for a node that
+    must outlive its peer: EOF while reading is ClientGone (the package's ``read`` loops for
+    ever on a closed socket), and its ``close`` (which sends CLOSE) is best effort."""
 
-    # gadgetron.external.Connection keeps the header as sent in ``raw_bytes.header`` (its
-    # ``header`` is the parsed ismrmrd.xsd object); older wrappers called it ``raw``
-    raw = None
+    def __init__(self, wrapped: Any):
+        self.wrapped = wrapped
+        self.closed = False
+
+    def read(self, nbytes: int) -> bytes:
+        sock = self.wrapped.socket
+        data = b""
+        while len(data) < nbytes:
+            try:
+                chunk = sock.recv(nbytes - len(data))
+            except OSError as e:
+                raise ClientGone(f"connection to Gadgetron lost: {e}") from e
+            if not chunk:
+                raise ClientGone("Gadgetron closed the connection without its CLOSE message")
+            data += chunk
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.wrapped.write(data)
+
+    def close(self, drain: bool = False) -> None:
+        """CLOSE to Gadgetron and close the socket, once (the package's ``Connection`` closes
+        again when the node returns). ``drain``: Gadgetron may still be sending (the node
+        stopped early, on an error): what comes is read and dropped until Gadgetron closes, for
+        up to ``DRAIN_S`` seconds, since a socket closed on unread data is reset, and a reset
+        can lose the ERROR and CLOSE just sent."""
+        if self.closed:
+            return
+        self.closed = True
+        sock = self.wrapped.socket
+        try:
+            sock.sendall(_MESSAGE_ID.pack(_CLOSE))
+            if drain:
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(DRAIN_S)
+                while sock.recv(1 << 16):
+                    pass
+        except OSError as e:  # Gadgetron is gone already, or did not close in time
+            log.info("closing the connection to Gadgetron: %s", e)
+        finally:
+            sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
+def _guard_socket(connection: Any) -> None:
+    """Put :class:`_Socket` around the connection's socket wrapper (where it has one)."""
+    wrapped = getattr(connection, "socket", None)
+    if wrapped is not None and hasattr(wrapped, "socket") and not isinstance(wrapped, _Socket):
+        connection.socket = _Socket(wrapped)
+
+
+def send_error(connection: Any, text: str) -> None:
+    """Best effort: ``text`` to Gadgetron as an ERROR message (id 8, uint64 length, UTF-8)."""
+    sock = getattr(connection, "socket", None)
+    if sock is None or not hasattr(sock, "write"):
+        return
+    data = text.encode("utf-8", "replace")
+    try:
+        sock.write(_MESSAGE_ID.pack(_ERROR) + _ERROR_LENGTH.pack(len(data)) + data)
+    except OSError as e:
+        log.debug("could not send the error to Gadgetron: %s", e)
+
+
+def _config(connection: Any) -> Any:
+    """The node's configuration: the parsed element, or the bytes as sent where the package
+    could not parse them (so that a broken configuration is refused, not ignored)."""
+    config = getattr(connection, "config", None)
+    if config is None:
+        config = getattr(getattr(connection, "raw_bytes", None), "config", None)
+        if isinstance(config, bytes):
+            config = config.split(b"\x00", 1)[0]
+            if not config.strip():
+                return None
+    return config
+
+
+def _header(connection: Any) -> str:
+    """The ISMRMRD header as Gadgetron sent it: ``gadgetron.external.Connection`` keeps it in
+    ``raw_bytes.header`` (its ``header`` is the parsed ismrmrd.xsd object); older wrappers
+    called it ``raw``."""
     for name in ("raw_bytes", "raw"):
         raw = getattr(getattr(connection, name, None), "header", None)
         if raw is not None:
-            break
-    header = header_text(raw if raw is not None else connection.header)
-    options = options_from_config(getattr(connection, "config", None))
-    connection.filter(ismrmrd.Acquisition)  # waveforms etc. go on to the next node unchanged
-    engine = shared_engine()
-    result = engine.run(iter(connection), header, connection.send, options,
-                        notify=log_notice)
-    engine.deliver(result)
+            return header_text(raw)
+    return header_text(connection.header)
+
+
+def recon_plugin(connection: Any) -> None:
+    """Gadgetron entry point: ``connection`` is ``gadgetron.external.Connection`` (see the
+    module doc for errors, archiving and dropped connections)."""
+    import ismrmrd
+
+    _guard_socket(connection)
+    engine: StreamEngine | None = None
+    result = None
+    failed = False
+    try:
+        options = options_from_config(_config(connection))
+        header = _header(connection)
+        engine = shared_engine()
+        connection.filter(ismrmrd.Acquisition)  # waveforms etc. go on to the next node unchanged
+        # acquisitions until Gadgetron's CLOSE (a dropped connection: ClientGone, see _Socket);
+        # a Gadgetron that stops reading the images (a broken socket) still gets the scan archived
+        result = engine.run(iter(connection), header, connection.send, options,
+                            notify=log_notice, gone=(OSError,))
+    except (ClientGone, ConnectionError) as e:  # Gadgetron's socket is gone
+        log.warning("recon_plugin node: Gadgetron gone (%s: %s); scan abandoned",
+                    type(e).__name__, e)
+    except Exception as e:  # noqa: BLE001 - report to Gadgetron, then close cleanly
+        text = f"recon_plugin: {type(e).__name__}: {e}"
+        if caused_by_input(e):
+            log.warning("recon_plugin node failed: %s", text)
+        else:
+            log.exception("recon_plugin node failed (internal error)")
+        send_error(connection, text)
+        failed = True
+    sock = getattr(connection, "socket", None)
+    if isinstance(sock, _Socket):  # Gadgetron's stream ends here, not after the archiving
+        sock.close(drain=failed)
+    if result is not None and engine is not None:
+        engine.deliver(result)
 
 
 def main(argv: list[str] | None = None) -> None:

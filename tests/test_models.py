@@ -158,6 +158,32 @@ def test_saving_over_another_model_says_so(tmp_path, caplog):
     assert "replaced" not in caplog.text
 
 
+
+def test_an_export_that_fails_leaves_the_model_that_was_there(tmp_path, monkeypatch):
+    """A disk that fills while ``train --export`` / ``prune`` writes the card over a model:
+    the model there still loads, its weights and card unchanged, no temporary left (the new
+    weights had already replaced the old ones: the old card named other weights, and every
+    protocol using the model failed on its sha256 until the export was run again)."""
+    import errno
+    import json
+
+    from recon_plugin.models import checkpoint
+
+    torch.manual_seed(0)
+    first = save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
+
+    class FullDisk:
+        @staticmethod
+        def dumps(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "json", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
+    monkeypatch.setattr(checkpoint, "json", json)
+    assert load_model(tmp_path / "m")[1]["sha256"] == first["sha256"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
 def test_shipped_model_beats_zero_filled():
     model, card = load_model(resolve_model("unrolled-base"))
     assert card["pruning"]["method"] == "none" and card["sha256"]

@@ -1,5 +1,6 @@
 """The training loop survives a bad batch; the transfer data never hands it an empty slice."""
 
+import datetime
 import os
 import signal
 
@@ -147,3 +148,101 @@ def test_a_signal_in_the_last_step_still_stops_the_caller(tmp_path):
     with pytest.raises(RunStopped, match="SIGTERM: stopped after its last step"):
         train_loop(model, loss_fn, tmp_path, steps=5, lr=1e-2, progress=False)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 5
+
+
+def test_a_run_resumed_with_other_run_arguments_is_refused_naming_them(tmp_path):
+    """The arguments that make a run (architecture, data, seed) are kept in its checkpoint: a
+    resume with others is a ValueError naming each (a gradient-step run resumed with ``--dc
+    prox`` had silently trained on, its step sizes taken for log(mu)); the same ones resume."""
+    model, x, y = _linear_problem()
+
+    def loss_fn(m, rng):
+        return ((m(x) - y) ** 2).mean()
+
+    args = {"model": {"dc": "gradient", "cg_iters": 6}, "seed": 0, "pool": {"seed": 0}}
+    train_loop(model, loss_fn, tmp_path, steps=3, progress=False, stop_at=2, run_args=args)
+    other = {"model": {"dc": "prox", "cg_iters": 6}, "seed": 0, "pool": {"seed": 1}}
+    with pytest.raises(ValueError, match=r"started with other arguments \(model.dc 'gradient', "
+                       r"now 'prox'; pool.seed 0, now 1\).*another --run-dir"):
+        train_loop(model, loss_fn, tmp_path, steps=3, progress=False, run_args=other)
+    hist = train_loop(model, loss_fn, tmp_path, steps=5, lr=2e-3, progress=False, run_args=args)
+    assert hist[-1]["step"] == 5  # --steps and --lr may change
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch on the foreign pickle
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+    model, x, y = _linear_problem()
+
+    def loss_fn(m, rng):
+        return ((m(x) - y) ** 2).mean()
+
+    train_loop(model, loss_fn, tmp_path, steps=3, progress=False)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"when": datetime.date(2020, 1, 1)}, foreign)  # weights_only refuses it
+    for damage in (b"", b"\x80\x04K\x01.", (tmp_path / "ckpt.pt").read_bytes()[:200],
+                   foreign.read_bytes()):  # the last had escaped as UnpicklingError
+        (tmp_path / "ckpt.pt").write_bytes(damage)
+        with pytest.raises(ValueError, match="ckpt.pt: cannot resume from this checkpoint "
+                           r"\(damaged: .*delete it"):
+            train_loop(model, loss_fn, tmp_path, steps=3, progress=False)
+
+
+def _tiny_training(monkeypatch):
+    """``recon-plugin train`` on 32 x 32 two-coil batches with a one-batch validation set and
+    no BatchNorm recalibration: the command's own path in seconds."""
+    from functools import partial
+
+    from recon_plugin.training import data, supervised
+
+    small = partial(data.make_batch, matrix=(32, 32), num_coils=2)
+    monkeypatch.setattr(supervised, "make_batch", small)
+    monkeypatch.setattr(supervised, "validation_set",
+                        lambda n=4, espirit=False: [small("val", np.random.default_rng(1), 2)])
+    monkeypatch.setattr(supervised, "recalibrate_bn", lambda *a, **k: None)
+
+
+def test_train_resumed_with_another_data_consistency_exits_2_naming_it(tmp_path, monkeypatch,
+                                                                       caplog):
+    from recon_plugin.cli import main
+
+    _tiny_training(monkeypatch)
+    run = ["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "4", "--cascades", "1",
+           "--chans", "2", "--pools", "1", "--batch-size", "2"]
+    assert main(run + ["--stop-at", "2"]) == 0
+    assert main(run + ["--dc", "prox"]) == 2
+    assert "model.dc 'gradient', now 'prox'" in caplog.text
+    assert main(run + ["--cg-iters", "2"]) == 2
+    assert "model.cg_iters 6, now 2" in caplog.text
+    assert main(run + ["--export", str(tmp_path / "m")]) == 0  # as started: it resumes
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_a_damaged_pool_batch_is_named_and_train_pool_draws_it_again(tmp_path, monkeypatch,
+                                                                     caplog):
+    """A pool batch cut short: ``train`` stops before training, naming the file and how to draw
+    it again (it had failed mid-run with torch's message alone, no file named, exit 1), and
+    ``train-pool`` draws it again, the same batch (it had kept the file as done)."""
+    from recon_plugin.cli import main
+
+    def small(rng, batch_size, espirit, *rest):
+        return transfer.Batch(kspace=torch.zeros(batch_size, 2, 8, 8, dtype=torch.complex64),
+                              maps=torch.ones(batch_size, 2, 8, 8, dtype=torch.complex64),
+                              mask=torch.ones(batch_size, 8, 8),
+                              target=torch.zeros(batch_size, 8, 8), acceleration=4)
+
+    monkeypatch.setattr(transfer, "make_transfer_batch", small)
+    pool = tmp_path / "pool"
+    assert main(["-q", "train-pool", str(pool), "--batches", "8", "--batch-size", "2"]) == 0
+    batch = pool / "batch-000003.pt"
+    whole = batch.read_bytes()
+    batch.write_bytes(whole[: len(whole) // 2])
+    assert main(["-q", "train", "--run-dir", str(tmp_path / "run"), "--pool-dir", str(pool),
+                 "--steps", "2"]) == 2
+    assert f"{batch}: damaged pool batch" in caplog.text and "train-pool" in caplog.text
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert main(["-q", "train-pool", str(pool), "--batches", "8", "--batch-size", "2"]) == 0
+    assert batch.read_bytes() == whole
+    for f in pool.glob("batch-*.pt"):  # whole archives, but not batches
+        f.write_bytes(f.read_bytes().replace(b"kspace", b"kspacf"))
+    with pytest.raises(ValueError, match=r"batch-0000\d\d.pt: damaged pool batch .*train-pool"):
+        transfer.PoolDir(pool).sample(np.random.default_rng(3))

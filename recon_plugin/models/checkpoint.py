@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..output.atomic import atomic_path, write_text_atomic
+from ..output.atomic import atomic_path
 from .inference import fold_batchnorm, is_inference_only
 from .unrolled import UnrolledNet
 
@@ -47,21 +47,27 @@ def weights_path(path: Path | str) -> Path:
 
 
 def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
-    """Write weights (safetensors) and card (JSON) atomically; returns the card with its hash."""
+    """Write weights (safetensors) and card (JSON); returns the card with its hash.
+
+    Both are written whole beside their places first and renamed in only then, the card
+    first: a failure while writing either (a full disk) leaves the model that was there, with
+    its card, as it was (the weights had been replaced before the card was written: a model
+    whose card names other weights, refused by every load until the export was run again)."""
     if is_inference_only(model):
         raise ModelError(f"{path}: this model has BatchNorm folded for inference and cannot be "
                          "saved; save the model as loaded or trained")
     path = weights_path(path)
     before = file_sha256(path) if path.is_file() else None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
     card = dict(card)
     card["architecture"] = model.config
     card["weights_file"] = path.name
-    card["sha256"] = file_sha256(path)
     card["parameters"] = int(sum(p.numel() for p in model.parameters()))
-    write_text_atomic(path.with_suffix(".json"), json.dumps(card, indent=2))
+    # the inner rename (the card) comes first: a new model is found by its weights file
+    with atomic_path(path) as weights, atomic_path(path.with_suffix(".json")) as card_file:
+        save_file(state, str(weights), metadata={"format": "pt"})
+        card["sha256"] = file_sha256(weights)
+        card_file.write_text(json.dumps(card, indent=2), encoding="utf-8")
     if before is not None and before != card["sha256"]:
         # an export onto an existing model: protocols naming it now load the new weights
         log.warning("%s: replaced the model that was there (sha256 %s -> %s)", path,

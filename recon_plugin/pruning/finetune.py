@@ -175,6 +175,7 @@ def finetune(
     val_batches: int = 0,
     time_budget_s: float | None = None,
     progress: bool = False,
+    run_args: dict | None = None,
     **loss_kw,
 ) -> UnrolledNet:
     """Fine-tune ``pruned`` in place with the given mode(s); returns it in eval mode.
@@ -184,7 +185,8 @@ def finetune(
     :func:`validation_interval` steps and the best state is restored at the end. ``loss_kw``
     goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``, ``weights``,
     ``teacher_cascades``). The loss history
-    is written to ``run_dir/history.json``.
+    is written to ``run_dir/history.json``. ``run_args``: what a resume of ``run_dir`` must
+    match (see :func:`~recon_plugin.training.loop.train_loop`).
     """
     loss_fn = make_loss_fn(mode, teacher, batch_fn, batch_size, matrix, num_coils, **loss_kw)
     validate = make_validator(mode, teacher, val_batches) if val_batches > 0 else None
@@ -192,7 +194,7 @@ def finetune(
     t0 = time.monotonic()
     history = train_loop(pruned, loss_fn, run_dir, steps, lr, seed, validate=validate,
                          val_every=validation_interval(steps), time_budget_s=time_budget_s,
-                         progress=progress)
+                         progress=progress, run_args=run_args)
     best = run_dir / "best.pt"
     if validate is not None and best.is_file():
         pruned.load_state_dict(torch.load(best, weights_only=True)["model"])

@@ -109,21 +109,28 @@ def make_variant(
     if finetune_mode:
         teacher = base if "teacher" in finetune_mode else None
         batch_fn = None
+        # what a resume of run_dir must match (--steps, --lr, --time-budget may change)
+        run_args = {"parent": card.get("sha256") or str(resolve_model(parent)),
+                    "method": method, "ratio": ratio, "align": align,
+                    "model": pruned.config, "cascades_kept": kept, "finetune": finetune_mode,
+                    "seed": seed, "batch_size": batch_size, "pool": None}
         if pool is not None and Path(pool).is_dir():  # transfer batches (train-pool)
-            from ..training.transfer import PoolDir
+            from ..training.transfer import PoolDir, pool_identity
 
             pd = PoolDir(pool)
             batch_fn = pd.sample
             data = (f"transfer batch pool {pool} ({len(pd)} batches, phase / mirror "
                     "augmented; training/transfer.py)")
+            run_args.update(pool=pool_identity(pool), batch_size=None)  # the pool's batches
         elif pool is not None:
             bp = BatchPool.build(pool_size, seed=seed, path=pool, batch_size=batch_size,
                                  espirit=ESPIRIT_FRACTION)
             batch_fn, data = bp.sample, f"pool of {len(bp)} batches (phase / mirror augmented)"
+            run_args["pool"] = bp.meta | {"batches": len(bp)}
         finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr, seed,
                  batch_fn=batch_fn, val_batches=val_batches, time_budget_s=time_budget_s,
                  progress=True, espirit=ESPIRIT_FRACTION,
-                 teacher_cascades=None if kept is None else tuple(kept))
+                 teacher_cascades=None if kept is None else tuple(kept), run_args=run_args)
         done, selected = _steps_done(Path(run_dir))
     metrics = val_quality(pruned)
     training = {"finetune_steps": done, "finetune_steps_requested": steps if finetune_mode else 0,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import defaultdict
@@ -527,16 +528,28 @@ def _key(sl: SliceData) -> tuple[int, ...]:
     return sl.slice_index, sl.contrast, sl.phase, sl.repetition, sl.set_index
 
 
+DEVICE_ENV = "RECON_PLUGIN_DEVICE"
+
+
 def shared_engine(**kwargs: Any) -> StreamEngine:
     """The process-wide engine of the in-process modules (gadgets/); created on first use with
     ``kwargs`` (``device`` defaults to ``$RECON_PLUGIN_DEVICE``, ``dicom_out`` to
-    ``$RECON_PLUGIN_DICOM_OUT``), later calls return the same engine."""
+    ``$RECON_PLUGIN_DICOM_OUT``), later calls return the same engine. An unusable device from
+    the environment is a ValueError naming the variable (the host's user set it, not a flag)."""
     with _SHARED_LOCK:
         if "engine" not in _SHARED:
-            kwargs.setdefault("device", os.environ.get("RECON_PLUGIN_DEVICE", "cpu"))
+            from_env = "device" not in kwargs and DEVICE_ENV in os.environ
+            kwargs.setdefault("device", os.environ.get(DEVICE_ENV, "cpu"))
             kwargs.setdefault("dicom_out", os.environ.get("RECON_PLUGIN_DICOM_OUT") or None)
             tune_allocator()  # this process hosts the recon: see recon_plugin.runtime
-            _SHARED["engine"] = StreamEngine(**kwargs)
+            try:
+                _SHARED["engine"] = StreamEngine(**kwargs)
+            except ValueError as e:
+                if not from_env or "device" not in str(e).lower():
+                    raise
+                why = re.sub(r"^--device \S+?:? ", "", str(e))  # torch_device's flag wording
+                raise ValueError(f"{DEVICE_ENV}={kwargs['device']}: {why} (unset it or set it "
+                                 "to cpu)") from None
         return _SHARED["engine"]
 
 

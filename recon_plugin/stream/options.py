@@ -64,6 +64,14 @@ class ServerStopping(StreamError):
     result: Any = None
 
 
+def caused_by_input(e: BaseException) -> bool:
+    """Whether a failed session's error came from what it was given (the data, the
+    configuration, the client, a file or the network: logged as one line, sent as its text)
+    rather than from the code (an internal error: logged with its traceback). The one rule of
+    the server and the FIRE and Gadgetron modules."""
+    return isinstance(e, StreamError | ValueError | LookupError | OSError)
+
+
 # ------------------------------------------------------------------------------ options
 @dataclass
 class StreamOptions:

@@ -4,7 +4,9 @@ The loop knows nothing about losses or data: ``loss_fn(model, step_rng) -> loss`
 batch. Checkpoints (``ckpt.pt``, tensors and plain Python values only, loaded with
 ``weights_only=True``) are written atomically every ``ckpt_every`` steps; a run restarted with
 the same ``run_dir`` continues where it stopped. Per-step randomness derives from
-``seed + step`` so a resumed run draws the same batches it would have drawn.
+``seed + step`` so a resumed run draws the same batches it would have drawn. A caller's
+``run_args`` (what makes the run: architecture, data, seed) are kept in the checkpoint, and a
+run resumed with others is refused, naming them (:func:`check_resumed_args`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import pickle
 import signal
 import time
 from collections.abc import Callable
@@ -73,6 +76,36 @@ def _stopped(signum: int, when: str, run_dir: Path) -> RunStopped:
                       f"{run_dir}; run the same command again to go on")
 
 
+def _flat(args: dict) -> dict:
+    """``{"model": {"dc": ...}}`` -> ``{"model.dc": ...}`` (one level), for naming differences."""
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err) or repr(err)).splitlines()[0]
+
+
+def check_resumed_args(ckpt: Path, recorded: dict | None, given: dict) -> None:
+    """ValueError naming each argument of ``given`` (JSON-like) that differs from those the run
+    in ``ckpt`` was started with (``recorded``; None: an older checkpoint, not checked)."""
+    if recorded is None:
+        log.info("%s records no run arguments (an older run): resumed without checking them",
+                 ckpt)
+        return
+    was, now = _flat(recorded), _flat(json.loads(json.dumps(given)))
+    diffs = [f"{k} {was.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(was) | set(now))
+             if was.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(f"{ckpt}: this run was started with other arguments ({'; '.join(diffs)})"
+                         ": resume it with those it was started with, or give another --run-dir")
+
+
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, np.random.Generator], torch.Tensor],
@@ -86,13 +119,16 @@ def train_loop(
     time_budget_s: float | None = None,
     progress: bool = True,
     stop_at: int | None = None,
+    run_args: dict | None = None,
 ) -> list[dict]:
     """Optimise ``model`` for ``steps`` Adam steps (cosine LR); returns the history.
 
     ``validate(model) -> float`` (higher is better) runs every ``val_every`` steps; the best
     model's state is kept in ``best.pt``. Stops early, after validating and checkpointing, when
     ``time_budget_s`` is exhausted or after ``stop_at`` steps (the schedule stays that of
-    ``steps``: a run stopped at a step is reproduced exactly).
+    ``steps``: a run stopped at a step is reproduced exactly). ``run_args``: what the run must
+    be resumed with (its architecture, data and seed; not ``steps``, ``lr``, budgets), JSON-like;
+    kept in the checkpoint, and a resume with others is a ValueError naming them.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,13 +143,20 @@ def train_loop(
     if ckpt.is_file():
         try:
             state = torch.load(ckpt, weights_only=True)
+        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            raise ValueError(f"{ckpt}: cannot resume from this checkpoint (damaged: "
+                             f"{_first_line(err)}); delete it to train the run from its start, "
+                             "or use another run folder") from err
+        if run_args is not None:  # before the weights: a clearer error than their shapes'
+            recorded = state.get("run_args")
+            check_resumed_args(ckpt, None if recorded is None else json.loads(recorded), run_args)
+        try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
-        except (RuntimeError, KeyError, ValueError, EOFError) as err:  # a configuration error
-            why = (str(err) or repr(err)).splitlines()[0]
+        except (RuntimeError, KeyError, ValueError) as err:  # a configuration error
             raise ValueError(f"{ckpt}: cannot resume from this checkpoint (another model's, "
-                             f"or damaged): {why}; use another run folder") from err
+                             f"or damaged): {_first_line(err)}; use another run folder") from err
         start = int(state["step"])
         history = json.loads(state["history"])
         best = float(state.get("best", best))
@@ -131,7 +174,8 @@ def train_loop(
             torch.save(
                 {"model": model.state_dict(), "opt": opt.state_dict(),
                  "sched": sched.state_dict(), "step": step, "history": json.dumps(history),
-                 "best": best},
+                 "best": best,
+                 **({"run_args": json.dumps(run_args)} if run_args is not None else {})},
                 tmp,
             )
         _plot_losses(history, run_dir / "loss_curve.png")

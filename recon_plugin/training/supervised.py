@@ -135,11 +135,12 @@ def train_base(
         init_priors(model, Path(init_from))  # keeps the statistics its weights were tuned to
     elif freeze_bn and not (Path(run_dir) / "ckpt.pt").is_file():
         recalibrate_bn(model, 40, seed=777, espirit=espirit)
-    pool = None
+    pool, pool_id = None, None
     if pool_dir is not None:
-        from .transfer import PoolDir, transfer_validation_set
+        from .transfer import PoolDir, pool_identity, transfer_validation_set
 
         pool = PoolDir(pool_dir, min_batches=8)
+        pool_id = pool_identity(Path(pool_dir))
         val = transfer_validation_set(val_batches)
     else:
         val = validation_set(val_batches, espirit=espirit > 0)
@@ -155,8 +156,12 @@ def train_base(
             recalibrate_bn(m, 8, espirit=espirit)
         return mean_psnr(m, val)
 
+    # what the run must be resumed with (--steps, --lr, --stop-at, budgets may change)
+    run_args = {"model": model.config, "seed": seed, "freeze_bn": freeze_bn,
+                **({"pool": pool_id} if pool else {"batch_size": batch_size, "espirit": espirit})}
     history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=validate,
-                         val_every=100, time_budget_s=time_budget_s, stop_at=stop_at)
+                         val_every=100, time_budget_s=time_budget_s, stop_at=stop_at,
+                         run_args=run_args)
     if export_to is None:
         return None
     from .transfer import TRANSFER_COILS

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -347,14 +349,38 @@ def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: i
     drawn = 0
     for i in range(n_batches):
         f = _batch_file(pool_dir, i)
-        if f.is_file():
+        if f.is_file() and _complete(f):
             continue
+        if f.is_file():  # cut short or overwritten since: its batch is drawn again, the same
+            log.warning("%s is not a complete batch file; drawing batch %d again", f, i)
         b = make_transfer_batch(np.random.default_rng([seed, i]), batch_size, espirit)
         with atomic_path(f) as tmp:
             torch.save(batch_state(b), tmp)
         drawn += 1
         log.info("pool %s: batch %d / %d", pool_dir, i + 1, n_batches)
     return drawn
+
+
+def pool_identity(pool_dir: Path | str) -> dict | str:
+    """What a run trained on this pool records to be resumed with: the recipe the pool was drawn
+    with (``POOL_RECIPE``: its batches are fixed by it, wherever the folder is moved), or, for a
+    pool that records none, its resolved path."""
+    try:
+        return json.loads((Path(pool_dir) / POOL_RECIPE).read_text())
+    except (OSError, ValueError):
+        return str(Path(pool_dir).resolve())
+
+
+def _complete(path: Path) -> bool:
+    """Whether a batch file is a whole ``torch.save`` archive (a zip: its directory is at the
+    end, so a file cut short has none); reads the end of the file only."""
+    return zipfile.is_zipfile(path)
+
+
+def _damaged(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path}: damaged pool batch ({why}); delete it and run `recon-plugin "
+                      f"train-pool {path.parent}` with the pool's --batches, --seed and "
+                      "--batch-size again: it draws that batch again, the same one")
 
 
 class PoolDir:
@@ -380,6 +406,9 @@ class PoolDir:
                                         "fill it first (recipes/base.sh)")
             self._listed = None
             time.sleep(5)
+        for f in self._files():  # before training, not at the step that draws it
+            if not _complete(f):
+                raise _damaged(f, "cut short: not a whole torch archive")
 
     def __len__(self) -> int:
         return len(self._files())
@@ -396,4 +425,10 @@ class PoolDir:
         """One augmented batch (:func:`~.data.augment`) of a random pool file."""
         files = self._files()
         path = files[int(rng.integers(len(files)))]
-        return augment(Batch(**torch.load(path, weights_only=True)), rng)
+        try:
+            return augment(Batch(**torch.load(path, weights_only=True)), rng)
+        except FileNotFoundError:
+            raise
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError, EOFError,
+                pickle.UnpicklingError) as e:
+            raise _damaged(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
