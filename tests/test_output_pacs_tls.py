@@ -5,10 +5,12 @@ each test run by the ``openssl`` command."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import ssl
 import subprocess
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -23,6 +25,17 @@ from tests.test_output_pacs import CALLING, ORTHANC, OrthancServer, free_port, w
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="needs the openssl command to make test certificates")
+
+
+@pytest.fixture(autouse=True)
+def _collect_leaked_sockets():
+    """pynetdicom 3.0.4 loses a failed TLS connection's socket without closing it (its
+    ``_shutdown_socket`` skips ``close`` when ``shutdown`` raises on a socket that never
+    connected): collected here, where it is known, not as a warning in a later test."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def _openssl(*args: str, cwd: Path) -> None:
