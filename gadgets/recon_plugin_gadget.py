@@ -40,7 +40,8 @@ _CLOSE = 4  # GADGET_MESSAGE_CLOSE
 _ERROR = 8  # GADGET_MESSAGE_ERROR: Gadgetron's ExternalChannel collects these, raises at CLOSE
 _MESSAGE_ID = struct.Struct("<H")
 _ERROR_LENGTH = struct.Struct("<Q")  # the text's length, as Gadgetron reads it (uint64)
-DRAIN_S = 5.0  # seconds a node that stopped early reads on, for Gadgetron to close
+DRAIN_S = 5.0  # seconds of silence after which a node that stopped early stops waiting for
+# Gadgetron to close (each read's timeout: a Gadgetron still sending is read to its end)
 
 
 def options_from_config(config: Any) -> StreamOptions:
@@ -83,9 +84,10 @@ class _Socket:
     def close(self, drain: bool = False) -> None:
         """CLOSE to Gadgetron and close the socket, once (the package's ``Connection`` closes
         again when the node returns). ``drain``: Gadgetron may still be sending (the node
-        stopped early, on an error): what comes is read and dropped until Gadgetron closes, for
-        up to ``DRAIN_S`` seconds, since a socket closed on unread data is reset, and a reset
-        can lose the ERROR and CLOSE just sent."""
+        stopped early, on an error): what comes is read and dropped until Gadgetron closes, or
+        sends nothing for ``DRAIN_S`` seconds (not a bound on the whole drain: the rest of a
+        scan still coming is read to its end), since a socket closed on unread data is reset,
+        and a reset can lose the ERROR and CLOSE just sent."""
         if self.closed:
             return
         self.closed = True
@@ -111,6 +113,28 @@ def _guard_socket(connection: Any) -> None:
     wrapped = getattr(connection, "socket", None)
     if wrapped is not None and hasattr(wrapped, "socket") and not isinstance(wrapped, _Socket):
         connection.socket = _Socket(wrapped)
+
+
+def _guard_pass_on(connection: Any) -> Any:
+    """Make what the connection passes on to the next node (waveforms etc., sent by the
+    package's ``next`` with ``connection.send``) best effort: once the socket cannot be
+    written, they are dropped with one warning, so that the scan goes on for its DICOM as it
+    does when an image cannot be sent. Returns the connection's own send, for the images."""
+    send = connection.send
+    lost: list[OSError] = []
+
+    def pass_on(item: Any) -> None:
+        if lost:
+            return
+        try:
+            send(item)
+        except OSError as e:
+            lost.append(e)
+            log.warning("cannot pass %s on to Gadgetron (%s); what is not an acquisition is "
+                        "dropped from now on", type(item).__name__, e)
+
+    connection.send = pass_on
+    return send
 
 
 def send_error(connection: Any, text: str) -> None:
@@ -163,9 +187,10 @@ def recon_plugin(connection: Any) -> None:
         header = _header(connection)
         engine = shared_engine()
         connection.filter(ismrmrd.Acquisition)  # waveforms etc. go on to the next node unchanged
+        send = _guard_pass_on(connection)
         # acquisitions until Gadgetron's CLOSE (a dropped connection: ClientGone, see _Socket);
         # a Gadgetron that stops reading the images (a broken socket) still gets the scan archived
-        result = engine.run(iter(connection), header, connection.send, options,
+        result = engine.run(iter(connection), header, send, options,
                             notify=log_notice, gone=(OSError,))
     except (ClientGone, ConnectionError) as e:  # Gadgetron's socket is gone
         log.warning("recon_plugin node: Gadgetron gone (%s: %s); scan abandoned",

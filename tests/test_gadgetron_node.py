@@ -14,6 +14,8 @@ import socket
 import threading
 import time
 
+import ismrmrd
+import numpy as np
 import pytest
 from stream_support import gadget_module
 
@@ -35,14 +37,15 @@ def _config(**props: str) -> bytes:
 
 
 class Gadgetron:
-    """Gadgetron's side of one external-node connection: config, header, acquisitions, then
-    CLOSE (``close``) or a dropped socket; then, unless ``read`` is False, what the node sends
-    until its CLOSE."""
+    """Gadgetron's side of one external-node connection: config, header, acquisitions (and
+    waveforms), then CLOSE (``close``) or a dropped socket; then, unless ``read`` is False,
+    what the node sends until its CLOSE."""
 
     def __init__(self, config: bytes, header: bytes, acqs: list, close: bool = True,
                  read: bool = True):
         self.ours, self.theirs = socket.socketpair()
         self.images: list = []
+        self.waveforms: list = []
         self.errors: list[str] = []
         self.closed = False
         wrap = Connection.SocketWrapper(self.theirs)
@@ -59,8 +62,11 @@ class Gadgetron:
     def _run(self) -> None:
         mid = constants.GadgetMessageIdentifier
         try:
-            for acq in self.acqs:
-                writers.write_acquisition(self.wrap, acq)
+            for item in self.acqs:
+                if isinstance(item, ismrmrd.Waveform):
+                    writers.write_waveform(self.wrap, item)
+                else:
+                    writers.write_acquisition(self.wrap, item)
             if not self.close:
                 self.theirs.close()  # dropped: no CLOSE
                 return
@@ -77,6 +83,8 @@ class Gadgetron:
                 return
             if m == constants.GADGET_MESSAGE_ERROR:
                 self.errors.append(readers.read_byte_string(self.wrap, constants.uint64).decode())
+            elif m == constants.GADGET_MESSAGE_ISMRMRD_WAVEFORM:
+                self.waveforms.append(readers.read_waveform(self.wrap))
             else:
                 assert m == constants.GADGET_MESSAGE_ISMRMRD_IMAGE, m
                 self.images.append(readers.read_image(self.wrap))
@@ -179,6 +187,32 @@ def test_gadgetron_that_stops_reading_still_gets_the_scan_archived(data, engine,
     with caplog.at_level(logging.INFO):
         g.run_node()
     assert len(list(dcm.rglob("*.dcm"))) == 2
+    assert not _tracebacks(caplog)
+
+
+def _with_waveforms(acqs: list, n: int = 200) -> list:
+    """The acquisitions with ``n`` physiological waveforms in the middle of the scan."""
+    wf = ismrmrd.Waveform.from_array(np.zeros((1, 4), np.uint32))
+    return acqs[: len(acqs) // 2] + [wf] * n + acqs[len(acqs) // 2:]
+
+
+def test_waveforms_pass_on_to_the_next_node(data, shared):
+    g = Gadgetron(GOOD, _header(data), _with_waveforms(list(data["acqs"]), 3))
+    g.run_node()
+    assert g.closed and len(g.images) == 2 and len(g.waveforms) == 3 and not g.errors
+
+
+def test_gadgetron_that_stops_reading_a_scan_with_waveforms_still_gets_it_archived(
+        data, engine, monkeypatch, tmp_path, caplog):
+    """The waveforms the node passes on meet the broken socket too: they are dropped and the
+    scan goes on for its DICOM (a waveform's failed pass-through had ended the node: scan
+    abandoned, logged as Gadgetron gone while Gadgetron was still sending)."""
+    dcm = _archiving(engine, monkeypatch, tmp_path)
+    g = Gadgetron(GOOD, _header(data), _with_waveforms(list(data["acqs"])), read=False)
+    with caplog.at_level(logging.INFO):
+        g.run_node()
+    assert len(list(dcm.rglob("*.dcm"))) == 2
+    assert not any("Gadgetron gone" in r.getMessage() for r in caplog.records)
     assert not _tracebacks(caplog)
 
 

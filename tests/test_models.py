@@ -158,7 +158,6 @@ def test_saving_over_another_model_says_so(tmp_path, caplog):
     assert "replaced" not in caplog.text
 
 
-
 def test_an_export_that_fails_leaves_the_model_that_was_there(tmp_path, monkeypatch):
     """A disk that fills while ``train --export`` / ``prune`` writes the card over a model:
     the model there still loads, its weights and card unchanged, no temporary left (the new
@@ -183,6 +182,7 @@ def test_an_export_that_fails_leaves_the_model_that_was_there(tmp_path, monkeypa
     monkeypatch.setattr(checkpoint, "json", json)
     assert load_model(tmp_path / "m")[1]["sha256"] == first["sha256"]
     assert sorted(f.name for f in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
 
 def test_shipped_model_beats_zero_filled():
     model, card = load_model(resolve_model("unrolled-base"))

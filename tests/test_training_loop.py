@@ -246,3 +246,13 @@ def test_a_damaged_pool_batch_is_named_and_train_pool_draws_it_again(tmp_path, m
         f.write_bytes(f.read_bytes().replace(b"kspace", b"kspacf"))
     with pytest.raises(ValueError, match=r"batch-0000\d\d.pt: damaged pool batch .*train-pool"):
         transfer.PoolDir(pool).sample(np.random.default_rng(3))
+
+
+def test_a_checkpoint_that_is_not_one_is_named(tmp_path):
+    """A tensor saved as ckpt.pt had escaped as an AttributeError: named as damaged now."""
+    torch.save(torch.zeros(3), tmp_path / "ckpt.pt")
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"ckpt\.pt: cannot resume .*a Tensor, not a training "
+                                         r"checkpoint"):
+        train_loop(model, lambda m, rng: m(torch.ones(1, 2)).sum(), tmp_path, steps=2,
+                   progress=False, run_args={"seed": 0})

@@ -205,6 +205,8 @@ def echo(target: str | PacsTarget, calling_aet: str = DEFAULT_CALLING_AET, *,
     assoc = _associate(tgt, calling_aet, {str(Verification): []}, timeout, tls)
     try:
         status = assoc.send_c_echo()
+    except RuntimeError as exc:  # the PACS aborted between the association and the echo
+        raise PacsError(f"C-ECHO to {tgt}: {exc}") from exc
     finally:
         if assoc.is_established:
             assoc.release()

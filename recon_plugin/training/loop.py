@@ -143,6 +143,8 @@ def train_loop(
     if ckpt.is_file():
         try:
             state = torch.load(ckpt, weights_only=True)
+            if not isinstance(state, dict):  # e.g. a tensor saved under the name
+                raise ValueError(f"a {type(state).__name__}, not a training checkpoint")
         except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
             raise ValueError(f"{ckpt}: cannot resume from this checkpoint (damaged: "
                              f"{_first_line(err)}); delete it to train the run from its start, "

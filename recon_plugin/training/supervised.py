@@ -158,7 +158,8 @@ def train_base(
 
     # what the run must be resumed with (--steps, --lr, --stop-at, budgets may change)
     run_args = {"model": model.config, "seed": seed, "freeze_bn": freeze_bn,
-                **({"pool": pool_id} if pool else {"batch_size": batch_size, "espirit": espirit})}
+                **({"pool": pool_id} if pool is not None
+                   else {"batch_size": batch_size, "espirit": espirit})}
     history = train_loop(model, loss_fn, run_dir, steps, lr, seed, validate=validate,
                          val_every=100, time_budget_s=time_budget_s, stop_at=stop_at,
                          run_args=run_args)

@@ -325,9 +325,10 @@ def _batch_file(pool_dir: Path, i: int) -> Path:
 def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: int = 4,
               espirit: float = 0.8) -> int:
     """Draw training batches ``i`` = 0..n-1 (rng seeded by ``(seed, i)``) into ``pool_dir``, one
-    file each, written atomically; batches already there are kept, so an interrupted fill
-    resumes; the recipe is recorded (``POOL_RECIPE``), and growing the pool with another one
-    is a ValueError. Returns how many were drawn. A trainer may read the pool while it grows."""
+    file each, written atomically; whole batch files already there are kept, so an interrupted
+    fill resumes (one cut short is drawn again, the same batch); the recipe is recorded
+    (``POOL_RECIPE``), and growing the pool with another one is a ValueError. Returns how many
+    were drawn. A trainer may read the pool while it grows."""
     from ..output.atomic import atomic_path, write_text_atomic
 
     pool_dir = Path(pool_dir)
