@@ -27,7 +27,7 @@ from typing import Any
 import ismrmrd
 
 from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
-from recon_plugin.stream.options import ClientGone, StreamOptions, caused_by_input
+from recon_plugin.stream.options import ClientGone, StreamOptions, log_failure
 
 log = logging.getLogger("recon_plugin.fire")
 
@@ -139,12 +139,7 @@ def process(connection: Any, config: Any, metadata: Any) -> None:
                     type(e).__name__, e)
         _send_text(connection, f"ERROR {type(e).__name__}: {e}")  # heard where half-closed
     except Exception as e:  # noqa: BLE001 - report to the scanner, then close cleanly
-        text = f"ERROR {type(e).__name__}: {e}"
-        if caused_by_input(e):
-            log.warning("recon_plugin stream failed: %s", text)
-        else:
-            log.exception("recon_plugin stream failed (internal error)")
-        _send_text(connection, text)
+        _send_text(connection, f"ERROR {log_failure(log, 'recon_plugin stream failed', e)}")
     finally:
         try:
             connection.send_close()

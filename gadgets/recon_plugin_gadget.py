@@ -32,7 +32,7 @@ import struct
 from typing import Any
 
 from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
-from recon_plugin.stream.options import ClientGone, StreamOptions, caused_by_input, xml_params
+from recon_plugin.stream.options import ClientGone, StreamOptions, log_failure, xml_params
 
 log = logging.getLogger("recon_plugin.gadgetron")
 
@@ -196,12 +196,7 @@ def recon_plugin(connection: Any) -> None:
         log.warning("recon_plugin node: Gadgetron gone (%s: %s); scan abandoned",
                     type(e).__name__, e)
     except Exception as e:  # noqa: BLE001 - report to Gadgetron, then close cleanly
-        text = f"recon_plugin: {type(e).__name__}: {e}"
-        if caused_by_input(e):
-            log.warning("recon_plugin node failed: %s", text)
-        else:
-            log.exception("recon_plugin node failed (internal error)")
-        send_error(connection, text)
+        send_error(connection, f"recon_plugin: {log_failure(log, 'recon_plugin node failed', e)}")
         failed = True
     sock = getattr(connection, "socket", None)
     if isinstance(sock, _Socket):  # Gadgetron's stream ends here, not after the archiving

@@ -72,6 +72,17 @@ def caused_by_input(e: BaseException) -> bool:
     return isinstance(e, StreamError | ValueError | LookupError | OSError)
 
 
+def log_failure(logger: logging.Logger, what: str, e: BaseException) -> str:
+    """Log ``what`` failing with ``e`` by :func:`caused_by_input`'s rule (one line, or the
+    traceback of an internal error); returns ``Type: message``, the text for the client."""
+    text = f"{type(e).__name__}: {e}"
+    if caused_by_input(e):
+        logger.warning("%s: %s", what, text)
+    else:
+        logger.exception("%s: internal error", what)
+    return text
+
+
 # ------------------------------------------------------------------------------ options
 @dataclass
 class StreamOptions:

@@ -54,7 +54,7 @@ from .options import (
     ServerStopping,
     StreamError,
     StreamOptions,
-    caused_by_input,
+    log_failure,
     parse_config_text,
 )
 from .wire import MrdReader, _Inbox, _read_loop
@@ -213,11 +213,7 @@ class ReconServer:
             reply.close()
             result = e.result  # archived as far as it came (deliver says so in its images)
         except Exception as e:  # noqa: BLE001 - isolate every connection
-            if caused_by_input(e):
-                log.warning("%s: %s: %s", who, type(e).__name__, e)
-            else:
-                log.exception("%s: internal error", who)
-            reply.error(f"{type(e).__name__}: {e}")
+            reply.error(log_failure(log, who, e))
             reply.close()
         finally:
             inbox.close()
