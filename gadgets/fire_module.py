@@ -47,11 +47,7 @@ def options_from_config(config: Any) -> StreamOptions:
             config = json.loads(config)
         except json.JSONDecodeError as e:
             raise ValueError(f"the FIRE config is not valid JSON: {e}") from None
-        if not isinstance(config, Mapping):
-            raise ValueError("the FIRE config JSON must be an object such as "
-                             '{"parameters": {"protocol": "NAME"}}, got a '
-                             f"{type(config).__name__}")
-    elif isinstance(config, list | tuple):
+    if isinstance(config, list | tuple):  # as text or as the server parsed it
         raise ValueError("the FIRE config JSON must be an object such as "
                          f'{{"parameters": {{"protocol": "NAME"}}}}, got a {type(config).__name__}')
     if isinstance(config, Mapping):

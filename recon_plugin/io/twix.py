@@ -533,7 +533,7 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     n_coils = int(imaging[0][0].data.shape[0])
     max_lin = max(int(m.cLin) for m, _ in others)
     lines = int(_get(hdr, "MeasYaps", "sKSpace", "lPhaseEncodingLines", default=0) or 0)
-    if lines and max_lin + 1 > 2 * lines:  # a damaged line counter must not size the grid:
+    if lines and max_lin + 1 > _COUNTER_SLACK * lines:  # a damaged counter must not size the grid:
         max_lin = lines - 1  # the assembler drops the lines beyond the protocol's, with a warning
     centre_lin = int(imaging[0][0].mdh.CenterLin)
     n_slices = max(int(m.cSlc) for m, _ in others) + 1

@@ -46,6 +46,11 @@ def weights_path(path: Path | str) -> Path:
     return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
 
 
+def card_text(card: dict) -> str:
+    """A model card as its ``.json`` file holds it (:func:`save_model`, ``refresh_card``)."""
+    return json.dumps(card, indent=2)
+
+
 def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     """Write weights (safetensors) and card (JSON); returns the card with its hash.
 
@@ -67,7 +72,7 @@ def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     with atomic_path(path) as weights, atomic_path(path.with_suffix(".json")) as card_file:
         save_file(state, str(weights), metadata={"format": "pt"})
         card["sha256"] = file_sha256(weights)
-        card_file.write_text(json.dumps(card, indent=2), encoding="utf-8")
+        card_file.write_text(card_text(card), encoding="utf-8")
     if before is not None and before != card["sha256"]:
         # an export onto an existing model: protocols naming it now load the new weights
         log.warning("%s: replaced the model that was there (sha256 %s -> %s)", path,

@@ -159,10 +159,7 @@ def _associate(tgt: PacsTarget, calling_aet: str, contexts: dict[str, list[str]]
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for sop, syntaxes in contexts.items():
-        if syntaxes:
-            ae.add_requested_context(sop, syntaxes)
-        else:  # pynetdicom's default transfer syntaxes
-            ae.add_requested_context(sop)
+        ae.add_requested_context(sop, syntaxes)
     try:
         tls_args = (tls.context(), tgt.host) if tls is not None else None
     except TlsSettingsError as exc:
@@ -197,12 +194,14 @@ def echo(target: str | PacsTarget, calling_aet: str = DEFAULT_CALLING_AET, *,
     """C-ECHO (DICOM verification) to ``target``, as the site's PACS administrators test a new
     sender: the seconds the association and echo took; :class:`PacsError` saying what failed
     (nothing listening, the AE titles refused, TLS, a failure status)."""
+    from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
     from pynetdicom.sop_class import Verification
 
     tgt = target if isinstance(target, PacsTarget) else parse_target(target)
     _check_aet(calling_aet, "calling AE title")
     t0 = time.monotonic()
-    assoc = _associate(tgt, calling_aet, {str(Verification): []}, timeout, tls)
+    assoc = _associate(tgt, calling_aet, {str(Verification): DEFAULT_TRANSFER_SYNTAXES},
+                       timeout, tls)
     try:
         status = assoc.send_c_echo()
     except RuntimeError as exc:  # the PACS aborted between the association and the echo

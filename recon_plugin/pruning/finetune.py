@@ -30,6 +30,7 @@ from torch import nn
 
 from ..models.checkpoint import (
     ModelError,
+    card_text,
     file_sha256,
     load_card,
     load_model,
@@ -307,7 +308,7 @@ def refresh_card(path: Path | str, parent: Path | str | None = None, write: bool
         log.info("%s: description %r -> %r", card_path, card.get("description"), text)
         card["description"] = text  # in its place: the card's other lines stay as they are
         if write:
-            write_text_atomic(card_path, json.dumps(card, indent=2))  # as save_model writes it
+            write_text_atomic(card_path, card_text(card))
     return card
 
 

@@ -64,19 +64,13 @@ class ServerStopping(StreamError):
     result: Any = None
 
 
-def caused_by_input(e: BaseException) -> bool:
-    """Whether a failed session's error came from what it was given (the data, the
-    configuration, the client, a file or the network: logged as one line, sent as its text)
-    rather than from the code (an internal error: logged with its traceback). The one rule of
-    the server and the FIRE and Gadgetron modules."""
-    return isinstance(e, StreamError | ValueError | LookupError | OSError)
-
-
 def log_failure(logger: logging.Logger, what: str, e: BaseException) -> str:
-    """Log ``what`` failing with ``e`` by :func:`caused_by_input`'s rule (one line, or the
-    traceback of an internal error); returns ``Type: message``, the text for the client."""
+    """Log ``what`` failing with ``e``: one line where what the session was given caused it
+    (the data, the configuration, the client, a file or the network), the traceback of an
+    internal error otherwise; returns ``Type: message``, the text for the client. The one
+    rule of the server and the FIRE and Gadgetron modules."""
     text = f"{type(e).__name__}: {e}"
-    if caused_by_input(e):
+    if isinstance(e, StreamError | ValueError | LookupError | OSError):
         logger.warning("%s: %s", what, text)
     else:
         logger.exception("%s: internal error", what)

@@ -87,8 +87,14 @@ def _flat(args: dict) -> dict:
     return out
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err) or repr(err)).splitlines()[0]
+# what ``torch.load(..., weights_only=True)`` raises for a file that is not a whole archive of
+# tensors (its restricted unpickler refuses anything else: no file is unpickled freely)
+LOAD_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
+
+
+def first_line(err: BaseException) -> str:
+    """An error's message for a one-line report (its type where it has none)."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def check_resumed_args(ckpt: Path, recorded: dict | None, given: dict) -> None:
@@ -145,9 +151,9 @@ def train_loop(
             state = torch.load(ckpt, weights_only=True)
             if not isinstance(state, dict):  # e.g. a tensor saved under the name
                 raise ValueError(f"a {type(state).__name__}, not a training checkpoint")
-        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        except LOAD_ERRORS as err:
             raise ValueError(f"{ckpt}: cannot resume from this checkpoint (damaged: "
-                             f"{_first_line(err)}); delete it to train the run from its start, "
+                             f"{first_line(err)}); delete it to train the run from its start, "
                              "or use another run folder") from err
         if run_args is not None:  # before the weights: a clearer error than their shapes'
             recorded = state.get("run_args")
@@ -158,7 +164,7 @@ def train_loop(
             sched.load_state_dict(state["sched"])
         except (RuntimeError, KeyError, ValueError) as err:  # a configuration error
             raise ValueError(f"{ckpt}: cannot resume from this checkpoint (another model's, "
-                             f"or damaged): {_first_line(err)}; use another run folder") from err
+                             f"or damaged): {first_line(err)}; use another run folder") from err
         start = int(state["step"])
         history = json.loads(state["history"])
         best = float(state.get("best", best))

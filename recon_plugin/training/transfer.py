@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 import zipfile
 from functools import lru_cache
@@ -37,6 +36,7 @@ from ..physics import cartesian_mask, center_crop, fft2c, ifft2c, rss
 from ..sim.anatomy import CONTRASTS, load_anatomy, split_slabs
 from ..sim.simulate import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
 from .data import CENTER_FRACTION, Batch, _rotate, augment, batch_state, support_mask, training_anatomy
+from .loop import LOAD_ERRORS, first_line
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +430,5 @@ class PoolDir:
             return augment(Batch(**torch.load(path, weights_only=True)), rng)
         except FileNotFoundError:
             raise
-        except (OSError, RuntimeError, ValueError, TypeError, KeyError, EOFError,
-                pickle.UnpicklingError) as e:
-            raise _damaged(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        except (OSError, TypeError, *LOAD_ERRORS) as e:  # TypeError: not a Batch's fields
+            raise _damaged(path, first_line(e)) from e
