@@ -9,6 +9,10 @@ protocol comes from the JSON config (``{"parameters": {"protocol": "brain_t2_axi
 image per slice is sent back with ``connection.send_image`` as soon as the slice is complete;
 the connection is closed with ``connection.send_close``. The model is loaded once per process
 (:func:`recon_plugin.stream.engine.shared_engine`; ``$RECON_PLUGIN_DEVICE``, ``$RECON_PLUGIN_DICOM_OUT``).
+DICOM a protocol's PACS did not take is queued and retried as ``recon-plugin serve`` retries it:
+every ``$RECON_PLUGIN_PACS_RETRY`` seconds (default 300; 0: only ``recon-plugin send``) while
+the process lives, and the queues an earlier run left the first time a connection comes (in
+the server's ``-m`` mode: in each connection's process).
 
 A failure (a bad config or header, an unusable ``$RECON_PLUGIN_DEVICE``, a slice's data) goes to
 the client as ``ERROR`` text and the module returns normally, so the server keeps serving. A

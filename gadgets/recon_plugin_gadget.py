@@ -20,7 +20,11 @@ as one line (a traceback only for an internal error) and the node returns normal
 that fails is logged and left out, the scan goes on. Where ``$RECON_PLUGIN_DICOM_OUT`` is set
 (or the protocol has PACS targets) each finished scan is archived as DICOM, also when Gadgetron
 stopped reading the images; a connection that drops before Gadgetron's CLOSE abandons the scan
-(nothing archived), as ``recon-plugin serve`` and the FIRE module do.
+(nothing archived), as ``recon-plugin serve`` and the FIRE module do. DICOM a PACS did not take
+is queued and retried as ``serve`` retries it, in the stream's process (Gadgetron starts one per
+stream): the queues an earlier stream left as the reconstruction starts, and every
+``$RECON_PLUGIN_PACS_RETRY`` seconds (default 300; 0: only ``recon-plugin send``) while the
+stream lasts.
 """
 
 from __future__ import annotations

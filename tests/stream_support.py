@@ -1,11 +1,15 @@
 """What the streaming tests share: a small simulated scan with its protocols, its offline
 reconstruction, a warmed-up engine (module-scoped fixtures ``data``, ``offline``, ``engine``,
-registered by ``conftest.py``), and the check of streamed images against the offline pixels."""
+registered by ``conftest.py``), the check of streamed images against the offline pixels, and
+a site whose PACS is down until a test brings it up (fixture ``retry_site``)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -14,6 +18,8 @@ import numpy as np
 import pytest
 
 from recon_plugin.batch import recon_file
+from recon_plugin.config.protocol import ENV_VAR as PROTOCOLS_ENV
+from recon_plugin.output.pacs import enqueue, queued_items
 from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
@@ -112,3 +118,77 @@ def check_images(images, reference, series_base, acqs):
         assert img.image_series_index == series_base + 1
         assert img.image_index == img.slice + 1
         assert img.image_type == ismrmrd.IMTYPE_MAGNITUDE
+
+
+def storage_scp(port: int, stored: list):
+    """A pynetdicom storage SCP on ``port`` that keeps the SOP Instance UIDs it is sent."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    def on_store(event):
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="RETRY_TEST")
+    scp.supported_contexts = AllStoragePresentationContexts
+    return scp.start_server(("127.0.0.1", port), block=False,
+                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+class RetrySite:
+    """Protocols on ``$RECON_PLUGIN_PROTOCOLS`` (where the modules' shared engine finds them):
+    ``site_zf`` (zero-filled, no PACS) and ``site_pacs`` (the same, sent to ``RETRY_TEST`` on
+    ``port``, queued in ``queue``). Nothing listens on ``port`` until :meth:`pacs_up`."""
+
+    def __init__(self, root: Path, port: int):
+        self.port, self.queue, self.pdir = port, root / "queue", root / "protocols"
+        self.target = f"RETRY_TEST@127.0.0.1:{port}"
+        self.stored: list[str] = []  # SOP Instance UIDs the PACS took
+        self.pdir.mkdir()
+        zf = f"extends: default\n{PROTOCOLS['stream_zf']}"
+        (self.pdir / "site_zf.yaml").write_text(f"name: site_zf\n{zf}")
+        (self.pdir / "site_pacs.yaml").write_text(
+            f"name: site_pacs\n{zf}pacs: {{targets: ['{self.target}'], "
+            f"queue_dir: '{self.queue}'}}\n")
+
+    def earlier_run(self) -> None:
+        """Queue a one-slice series for ``site_pacs``'s target, as a run before this one did."""
+        from tests.test_output_pacs import write_series
+
+        enqueue(write_series(self.pdir.parent / "earlier", nslices=1, seed=33), self.target,
+                self.queue)
+
+    def queued(self) -> int:
+        """Files waiting in the queue."""
+        return sum(len(item["files"]) for item in queued_items(self.queue))
+
+    def drained(self, within_s: float) -> bool:
+        """Whether the queue is empty within ``within_s`` seconds."""
+        deadline = time.monotonic() + within_s
+        while self.queued() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not self.queued()
+
+    @contextmanager
+    def pacs_up(self) -> Iterator[None]:
+        """The PACS answers while in the block."""
+        scp = storage_scp(self.port, self.stored)
+        try:
+            yield
+        finally:
+            scp.shutdown()
+
+
+@pytest.fixture
+def retry_site(tmp_path, monkeypatch) -> Iterator[RetrySite]:
+    """A :class:`RetrySite`, and no shared engine yet: the module under test makes it afresh
+    (from the environment the test sets); its retries are stopped after the test."""
+    from tests.test_output_pacs import free_port
+
+    site = RetrySite(tmp_path, free_port())
+    monkeypatch.setenv(PROTOCOLS_ENV, str(site.pdir))
+    monkeypatch.delenv(eng_mod.PACS_RETRY_ENV, raising=False)
+    monkeypatch.setattr(eng_mod, "_SHARED", {})
+    yield site
+    made = eng_mod._SHARED.get("engine")
+    if made is not None and made.pacs_retry is not None:
+        made.pacs_retry.stop(timeout=5.0)

@@ -2,13 +2,16 @@
 failure: a config, header or device it refuses (ERROR text to the client, one log line, no
 traceback, the module returns so the server keeps serving), a client that stops reading after
 its CLOSE (the scan is still archived, though the server's CLOSE cannot be sent), a connection
-that drops mid-scan (nothing archived). The last two use python-ismrmrd-server's own
+that drops mid-scan (nothing archived), a PACS that is down (the queue is retried as
+``recon-plugin serve`` retries it, in the server's serial mode and in its ``-m`` mode's
+per-connection processes). The dropped connections use python-ismrmrd-server's own
 ``Connection`` (``../shared/peers``) over a socket pair."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing
 import socket
 import sys
 import threading
@@ -147,4 +150,104 @@ def test_connection_dropped_mid_scan_is_not_archived(data, engine, monkeypatch, 
     assert not list(dcm.rglob("*.dcm"))
     assert any("client gone" in r.getMessage() and "CLOSE" in r.getMessage()
                for r in caplog.records if r.levelname == "WARNING")
+    assert not _tracebacks(caplog)
+
+
+# ----------------------------------------------------------------------- PACS queue retries
+SITE_PACS = {"parameters": {"protocol": "site_pacs"}}
+REFUSED = {"parameters": {"method": "magic"}}  # the engine is made, then the config refused
+
+
+def _retry_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pacs-queue-retry"]
+
+
+def test_a_series_the_pacs_refused_is_delivered_once_it_is_up(data, retry_site, monkeypatch):
+    """The PACS is down when the scan ends: its series waits in the queue and the module's
+    retry (``$RECON_PLUGIN_PACS_RETRY`` seconds) delivers it once the PACS answers (it waited
+    for ``recon-plugin send``)."""
+    monkeypatch.setenv("RECON_PLUGIN_PACS_RETRY", "0.3")
+    conn = FakeConnection(list(data["acqs"]))
+    fire_module.process(conn, SITE_PACS, data["header"])
+    assert len(conn.images) == 2 and retry_site.queued() == 2
+    with retry_site.pacs_up():
+        assert retry_site.drained(30)
+    assert len(set(retry_site.stored)) == 2
+
+
+def test_an_earlier_runs_queue_is_retried_when_the_first_connection_comes(data, retry_site):
+    """A queue of the site's protocols holding an earlier run's files is retried as the
+    module's engine is made (the default period, 300 s, is far longer than the wait), as
+    ``serve`` retries it at its start; a scan under a protocol without PACS triggers it."""
+    retry_site.earlier_run()
+    with retry_site.pacs_up():
+        conn = FakeConnection(list(data["acqs"]))
+        fire_module.process(conn, {"parameters": {"protocol": "site_zf"}}, data["header"])
+        assert len(conn.images) == 2
+        assert retry_site.drained(15) and len(retry_site.stored) == 1
+    assert eng_mod._SHARED["engine"].pacs_retry.period_s == 300
+
+
+def test_serial_connections_share_one_retry_thread(data, retry_site, monkeypatch):
+    """python-ismrmrd-server without ``-m`` calls the module for each connection in one
+    process: one retry thread (a daemon), and the earlier queues looked for once."""
+    retry_site.earlier_run()  # the PACS stays down: the queue keeps its files
+    looked = []
+    monkeypatch.setattr(eng_mod.StreamEngine, "retry_earlier_queues",
+                        lambda self, f=eng_mod.StreamEngine.retry_earlier_queues:
+                        looked.append(f(self)))
+    before = set(_retry_threads())
+    for _ in range(3):
+        conn = FakeConnection(list(data["acqs"]))
+        fire_module.process(conn, REFUSED, data["header"])
+        assert conn.texts[0].startswith("ERROR")
+    started = [t for t in _retry_threads() if t not in before]
+    assert len(started) == 1 and started[0].daemon
+    assert looked == [[retry_site.queue]]
+
+
+def test_each_connection_process_retries_and_exits(data, retry_site):
+    """python-ismrmrd-server's ``-m`` mode: each connection in a forked process (a
+    ``multiprocessing.Process``, as the server makes it). The process retries the earlier
+    queue while its connection lasts, then exits though its retry thread still waits for its
+    next round (a daemon thread never holds the process's exit)."""
+    retry_site.earlier_run()
+
+    def connection_process() -> None:
+        fire_module.process(FakeConnection(list(data["acqs"])), REFUSED, data["header"])
+        drained = retry_site.drained(20)  # the connection lasts as long as a scan would
+        alive = [t for t in _retry_threads() if t.is_alive()]
+        sys.exit(0 if drained and len(alive) == 1 else 3)
+
+    with retry_site.pacs_up():
+        child = multiprocessing.get_context("fork").Process(target=connection_process,
+                                                            daemon=True)
+        child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert len(retry_site.stored) == 1 and "engine" not in eng_mod._SHARED  # the child's own
+
+
+@pytest.mark.parametrize("value, period", [("45", 45.0), ("0", None), (" ", 300.0)])
+def test_the_retry_period_comes_from_the_environment(data, retry_site, monkeypatch, value,
+                                                     period):
+    monkeypatch.setenv("RECON_PLUGIN_PACS_RETRY", value)
+    fire_module.process(FakeConnection(list(data["acqs"])), REFUSED, data["header"])
+    retry = eng_mod._SHARED["engine"].pacs_retry
+    assert (retry and retry.period_s) == period
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
+def test_an_unusable_retry_period_is_an_error_text_naming_the_variable(data, retry_site,
+                                                                       monkeypatch, caplog,
+                                                                       value):
+    monkeypatch.setenv("RECON_PLUGIN_PACS_RETRY", value)
+    conn = FakeConnection(list(data["acqs"]))
+    with caplog.at_level(logging.INFO):
+        fire_module.process(conn, SITE_PACS, data["header"])
+    assert conn.closed == 1 and not conn.images
+    assert len(conn.texts) == 1
+    assert conn.texts[0].startswith(f"ERROR ValueError: RECON_PLUGIN_PACS_RETRY={value!r}")
     assert not _tracebacks(caplog)

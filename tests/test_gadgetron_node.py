@@ -5,7 +5,10 @@ socket pair; the Gadgetron side is played with that package's own message code.
 Gadgetron's external channel takes an ERROR message (id 8, a uint64-length string) from the node
 and raises it as the stream's error at the node's CLOSE; a CLOSE alone ends the stream as done.
 The ``gadgetron`` package sends that CLOSE alone when the node raises (its ``Connection`` is a
-context manager that only closes), so the node must say what went wrong itself."""
+context manager that only closes), so the node must say what went wrong itself.
+
+Gadgetron starts one node process per stream: a PACS queue an earlier stream left is retried
+by the next stream's process, as ``recon-plugin serve`` retries it at its start."""
 
 from __future__ import annotations
 
@@ -235,3 +238,36 @@ def test_a_connection_dropped_mid_scan_ends_the_node_and_is_not_archived(data, e
     assert any("Gadgetron gone" in r.getMessage() for r in caplog.records
                if r.levelname == "WARNING")
     assert not _tracebacks(caplog)
+
+
+@pytest.mark.parametrize("retry", [None, "0"])
+def test_the_next_stream_retries_the_queue_an_earlier_one_left(data, retry_site, monkeypatch,
+                                                              retry):
+    """The node's process retries the queue of the site's protocols at once as its stream
+    starts (a scan under a protocol without PACS), while the stream lasts; with
+    ``$RECON_PLUGIN_PACS_RETRY=0`` it leaves the queue to ``recon-plugin send``."""
+    if retry is not None:
+        monkeypatch.setenv("RECON_PLUGIN_PACS_RETRY", retry)
+    retry_site.earlier_run()
+    with retry_site.pacs_up():
+        g = Gadgetron(_config(protocol="site_zf"), _header(data), list(data["acqs"]))
+        g.run_node()
+        assert g.closed and len(g.images) == 2 and not g.errors
+        if retry is None:
+            assert retry_site.drained(15) and len(retry_site.stored) == 1
+        else:
+            assert eng_mod._SHARED["engine"].pacs_retry is None
+            assert retry_site.queued() == 1 and not retry_site.stored
+
+
+def test_a_series_the_pacs_refused_is_retried_while_the_node_lives(data, retry_site,
+                                                                   monkeypatch):
+    """The stream's own series, queued with the PACS down, is delivered by the node's retry
+    once the PACS answers (a passive node, or a long stream, lives that long)."""
+    monkeypatch.setenv("RECON_PLUGIN_PACS_RETRY", "0.3")
+    g = Gadgetron(_config(protocol="site_pacs"), _header(data), list(data["acqs"]))
+    g.run_node()
+    assert len(g.images) == 2 and retry_site.queued() == 2
+    with retry_site.pacs_up():
+        assert retry_site.drained(30)
+    assert len(set(retry_site.stored)) == 2

@@ -29,7 +29,7 @@ from ismrmrd.serialization import (
     ProtocolDeserializer,
     ProtocolSerializer,
 )
-from stream_support import check_images
+from stream_support import check_images, storage_scp
 
 from recon_plugin.batch import recon_file
 from recon_plugin.output.pacs import queued_items
@@ -805,20 +805,6 @@ def test_sigterm_during_a_scan(data, drain):
         proc.stderr.close()
 
 
-def _storage_scp(port: int, stored: list):
-    """A pynetdicom storage SCP on ``port`` that keeps the SOP Instance UIDs it is sent."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-    def on_store(event):
-        stored.append(str(event.dataset.SOPInstanceUID))
-        return 0x0000
-
-    scp = AE(ae_title="RETRY_TEST")
-    scp.supported_contexts = AllStoragePresentationContexts
-    return scp.start_server(("127.0.0.1", port), block=False,
-                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
-
-
 def test_the_server_retries_its_pacs_queue(data, engine, tmp_path):
     """A PACS that is down when the scan ends gets the scan's DICOM once it is up, without
     `recon-plugin send`: the engine retries the queue it queued into; a new engine (a restarted
@@ -848,7 +834,7 @@ def test_the_server_retries_its_pacs_queue(data, engine, tmp_path):
             files = eng.deliver(result)
             assert len(files) == 2 and [len(i["files"]) for i in queued_items(queue)] == [2]
             stored: list[str] = []
-            scp = _storage_scp(port, stored)
+            scp = storage_scp(port, stored)
             try:
                 assert drained(30)
                 assert sorted(stored) == sorted(str(pydicom.dcmread(f).SOPInstanceUID)
@@ -869,7 +855,7 @@ def test_the_server_retries_its_pacs_queue(data, engine, tmp_path):
         later = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
                                      pacs_retry_s=600)
         stored.clear()
-        scp = _storage_scp(port, stored)
+        scp = storage_scp(port, stored)
         try:
             assert queue in later.retry_earlier_queues()
             assert drained(15) and len(stored) == 2

@@ -16,6 +16,7 @@ from ..adaptation import MODES as ADAPT_MODES
 from ..adaptation import PARAMS as ADAPT_PARAMS
 from ..adaptation import SSDU_LOSS_FRACTION
 from ..output import FORMATS
+from ..output.delivery import RETRY_PERIOD_S
 from ..recon import METHODS, REFINE_MODES, measured_weight
 from ..sim.anatomy import CONTRASTS
 from .commands import (
@@ -456,7 +457,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="float32 magnitudes (as offline recon) or uint16 scaled per scan")
     s.add_argument("--no-warmup", action="store_true",
                    help="skip the synthetic warm-up slice (first scan then pays model load/JIT)")
-    s.add_argument("--pacs-retry", type=_seconds, default=300.0, metavar="SECONDS",
+    s.add_argument("--pacs-retry", type=_seconds, default=RETRY_PERIOD_S, metavar="SECONDS",
                    help="retry the PACS queues every SECONDS: DICOM a PACS did not take, also "
                    "an earlier run's (0: only `recon-plugin send`; default %(default)g)")
     s.set_defaults(fn=cmd_serve)

@@ -12,7 +12,8 @@ Queue folder, first that applies:
 
 The queue path is made absolute when the plan is made, so a plan recorded by the batch resumes
 into the same queue from any working directory. ``recon-plugin send --queue DIR`` drains it; a
-long-running stream process retries its queues itself (:class:`QueueRetry`).
+stream process (``serve``, the FIRE module, the Gadgetron node) retries its queues itself
+(:class:`QueueRetry`).
 """
 
 from __future__ import annotations
@@ -123,8 +124,12 @@ class DeliveryPlan:
         return report
 
 
+RETRY_PERIOD_S = 300.0  # default seconds between retries (serve --pacs-retry, the modules)
+
+
 class QueueRetry:
-    """Background retries of a long-running process's PACS queues (the stream server's).
+    """Background retries of a process's PACS queues (a stream engine's: ``recon-plugin serve``,
+    the FIRE module, the Gadgetron node).
 
     Every ``period_s`` seconds, each queue folder :meth:`add` ed that holds waiting files is
     drained (:func:`~recon_plugin.output.pacs.drain`: its lock keeps a concurrent ``recon-plugin

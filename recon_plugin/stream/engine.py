@@ -35,7 +35,7 @@ from ..config.protocol import Protocol, list_protocols, load_protocol, select_pr
 from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
-from ..output.delivery import DeliveryPlan, QueueRetry
+from ..output.delivery import RETRY_PERIOD_S, DeliveryPlan, QueueRetry
 from ..output.pacs import waiting_files
 from ..physics import fft2c
 from ..recon.calibrate import ScanCalibration
@@ -529,15 +529,39 @@ def _key(sl: SliceData) -> tuple[int, ...]:
 
 
 DEVICE_ENV = "RECON_PLUGIN_DEVICE"
+PACS_RETRY_ENV = "RECON_PLUGIN_PACS_RETRY"
+
+
+def _pacs_retry_from_env() -> float | None:
+    """``$RECON_PLUGIN_PACS_RETRY``: seconds between retries of the PACS queues (unset or
+    empty: ``RETRY_PERIOD_S``; 0: None, no retries). ValueError naming the variable for
+    anything but a finite number >= 0."""
+    text = os.environ.get(PACS_RETRY_ENV, "").strip()
+    if not text:
+        return RETRY_PERIOD_S
+    try:
+        seconds = float(text)
+        if not 0 <= seconds < float("inf"):
+            raise ValueError(text)
+    except ValueError:
+        raise ValueError(f"{PACS_RETRY_ENV}={text!r} is not a number of seconds >= 0 (0: no "
+                         "retries)") from None
+    return seconds or None
 
 
 def shared_engine(**kwargs: Any) -> StreamEngine:
     """The process-wide engine of the in-process modules (gadgets/); created on first use with
     ``kwargs`` (``device`` defaults to ``$RECON_PLUGIN_DEVICE``, ``dicom_out`` to
-    ``$RECON_PLUGIN_DICOM_OUT``), later calls return the same engine. An unusable device from
-    the environment is a ValueError naming the variable (the host's user set it, not a flag)."""
+    ``$RECON_PLUGIN_DICOM_OUT``, ``pacs_retry_s`` to ``$RECON_PLUGIN_PACS_RETRY``), later calls
+    return the same engine. Its creation starts the PACS queue retries as ``recon-plugin serve``
+    starts them (:meth:`StreamEngine.retry_earlier_queues`), so a process has at most one retry
+    thread (a daemon: it never holds the process's exit). An unusable device or retry period
+    from the environment is a ValueError naming the variable (the host's user set it, not a
+    flag)."""
     with _SHARED_LOCK:
         if "engine" not in _SHARED:
+            if "pacs_retry_s" not in kwargs:
+                kwargs["pacs_retry_s"] = _pacs_retry_from_env()
             from_env = "device" not in kwargs and DEVICE_ENV in os.environ
             kwargs.setdefault("device", os.environ.get(DEVICE_ENV, "cpu"))
             kwargs.setdefault("dicom_out", os.environ.get("RECON_PLUGIN_DICOM_OUT") or None)
@@ -550,6 +574,7 @@ def shared_engine(**kwargs: Any) -> StreamEngine:
                 why = re.sub(r"^--device \S+?:? ", "", str(e))  # torch_device's flag wording
                 raise ValueError(f"{DEVICE_ENV}={kwargs['device']}: {why} (unset it or set it "
                                  "to cpu)") from None
+            _SHARED["engine"].retry_earlier_queues()
         return _SHARED["engine"]
 
 

@@ -44,6 +44,7 @@ from ismrmrd.serialization import ISMRMRDMessageID as MSG
 from ismrmrd.serialization import ProtocolSerializer
 
 from ..io.mrd_assembler import MrdAssembler
+from ..output.delivery import RETRY_PERIOD_S
 from .engine import StreamEngine, StreamResult
 from .options import (
     IMAGE_DTYPES,
@@ -382,7 +383,7 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
           device: str = "cpu", idle_timeout: float = 300.0, max_connections: int = 8,
           image_dtype: str = "float", limits: Limits | None = None, drain_timeout: float = 30.0,
           handle_signals: bool = True, warmup: bool = True,
-          pacs_retry: float | None = 300.0) -> ReconServer:
+          pacs_retry: float | None = RETRY_PERIOD_S) -> ReconServer:
     """Run the MRD server until SIGTERM / SIGINT (or :meth:`ReconServer.request_stop`).
 
     Loopback only by default. Signals are handled when called from the main thread: the first
