@@ -275,7 +275,8 @@ def _verdict(base, new):
 def _adapt_with_a_signal(site, out, monkeypatch, where):
     """``recon-plugin adapt`` in this process, a real SIGTERM sent to it at ``where`` (the
     gate's verdict, or the overlay just written); a SIGTERM that reached no handler of the run's
-    raises (the default would end the test process): returns the exit status."""
+    raises (the default would end the test process): returns the exit status. ``where`` may
+    also be ``training``: just after the training loop has returned."""
     from recon_plugin.adaptation import site as site_mod
     from recon_plugin.cli import main
 
@@ -292,6 +293,8 @@ def _adapt_with_a_signal(site, out, monkeypatch, where):
     monkeypatch.setattr(site_mod, "significant_improvement", gate)
     if where == "overlay":
         monkeypatch.setattr(site_mod, "write_overlay", then_signal(site_mod.write_overlay))
+    if where == "training":
+        monkeypatch.setattr(site_mod, "train_loop", then_signal(site_mod.train_loop))
 
     def unhandled(signum, frame):
         raise RuntimeError("SIGTERM reached the default handler")
@@ -332,6 +335,55 @@ def test_a_stop_at_the_gate_publishes_nothing_and_says_so(site, tmp_path, monkey
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "before the promotion gate's verdict; nothing published" in \
         errors[0] and "run the same command again" in errors[0], errors
+
+
+def test_a_stop_just_after_training_publishes_nothing_and_says_so(site, tmp_path, monkeypatch,
+                                                                 caplog):
+    """SIGTERM the moment the training loop has returned (its handler gone, the gate's not yet
+    there): stopped at the gate as one that came while it judged, with its line (it had fallen
+    to the default handler: the process ended with no word)."""
+    out = tmp_path / "site"
+    assert _adapt_with_a_signal(site, out, monkeypatch, "training") == 128 + signal.SIGTERM
+    assert not (out / "models").exists() and not (out / "protocols").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "before the promotion gate's verdict; nothing published" in \
+        errors[0], errors
+
+
+def test_a_stop_between_publishing_and_ignoring_signals_keeps_the_exit_status(
+        site, tmp_path, monkeypatch):
+    """``recon-plugin adapt`` as the process's command, SIGTERM in the moment between the
+    publication and the process ignoring signals for its exit (sent as that begins): the run's
+    own exit status (it had fallen to the default handler there: a silent 143)."""
+    from recon_plugin import runtime
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.cli import main
+
+    d, raws = site
+    real, sent = runtime.ignore_stops, []
+
+    def signal_then_ignore():
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        real()
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    monkeypatch.setattr(runtime, "ignore_stops", signal_then_ignore)  # where the CLI takes it
+    monkeypatch.setattr(site_mod, "ignore_stops", signal_then_ignore, raising=False)
+    monkeypatch.setattr(sys, "argv", ["recon-plugin", "-q", "adapt", *map(str, raws), "--protocol",
+                                      str(d / "tiny_base.yaml"), "--out", str(tmp_path / "s"),
+                                      "--steps", "1"])
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main() == 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    assert sent and (tmp_path / "s" / "protocols" / "tiny_base-site.yaml").is_file()
 
 
 def test_what_a_stop_after_the_verdict_says():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -499,6 +501,40 @@ def test_prune_refuses_a_pool_folder_that_does_not_exist(tmp_path, monkeypatch, 
         "parameters": 1, "latency": {}, "metrics": {}})
     assert main([*args, "--pool", str(tmp_path / "cache.pt")]) == 0
     assert taken == [tmp_path / "cache.pt"]
+
+
+
+def test_a_signal_while_prune_validates_its_variant_stops_it_saying_so(tmp_path, monkeypatch,
+                                                                       caplog):
+    """SIGTERM while ``prune`` validates the variant it is about to export (outside the
+    fine-tuning's steps): exit 143 with one line saying what was stopped and that the same
+    command exports (it had ended the process with 143 and no word); nothing written."""
+    from recon_plugin.cli import main
+    from recon_plugin.pruning import run
+
+    def then_signal(model):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not stop the command")
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
+    save_model(_randomise_bn(parent).eval(), tmp_path / "parent", {"name": "parent"})
+    monkeypatch.setattr(run, "val_quality", then_signal)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main(["-q", "prune", "--model", str(tmp_path / "parent.safetensors"), "--method",
+                     "lean", "--ratio", "0.6", "--finetune", "none", "--run-dir",
+                     str(tmp_path / "run"), "--export", str(tmp_path / "v")]) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"SIGTERM: stopped while pruning, or validating and writing the variant "
+                      f"{tmp_path / 'v'} (outside the fine-tuning steps): run the same command "
+                      "again to export it"]
+    assert not (tmp_path / "v.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------ cascades

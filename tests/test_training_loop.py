@@ -256,3 +256,159 @@ def test_a_checkpoint_that_is_not_one_is_named(tmp_path):
                                          r"checkpoint"):
         train_loop(model, lambda m, rng: m(torch.ones(1, 2)).sum(), tmp_path, steps=2,
                    progress=False, run_args={"seed": 0})
+
+
+def test_checkpoints_are_fsynced_and_so_is_their_folder_after_the_rename(tmp_path, monkeypatch):
+    """ckpt.pt and best.pt: the temporary file is fsynced before its rename, the run folder
+    after it (a power cut had been able to leave a renamed but empty checkpoint)."""
+    model, x, y = _linear_problem()
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        leftovers = sorted(p.name for p in tmp_path.glob(".*.pt.*"))
+        synced.append(("DIR" if path == os.path.realpath(tmp_path) else os.path.basename(path),
+                       leftovers))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train_loop(model, lambda m, rng: ((m(x) - y) ** 2).mean(), tmp_path, steps=1,
+               validate=lambda m: 1.0, val_every=1, ckpt_every=1, progress=False)
+    names = [n for n, _ in synced]
+    assert [n.split(".")[1] for n in names if n != "DIR"] == ["best", "ckpt"], synced
+    for name in ("best", "ckpt"):
+        i = next(i for i, n in enumerate(names) if n.startswith(f".{name}.pt."))
+        assert names[i + 1] == "DIR" and synced[i + 1][1] == [], synced  # renamed, then the folder
+
+
+def test_a_killed_checkpoint_write_leaves_no_temporaries_on_resume(tmp_path, caplog):
+    """``kill -9`` while a checkpoint is written leaves atomic_path's temporaries beside it: the
+    next start in that folder removes those of ckpt.pt / best.pt, naming them, and no other."""
+    model, x, y = _linear_problem()
+    stale = [".ckpt.pt.k2_9zq0a", ".best.pt.abcdefgh"]
+    others = [".ckpt.pt.abc", ".ckpt.pt.abcdefgh.png", ".other.pt.abcdefgh", "ckpt.pt.abcdefgh",
+              "notes.txt", ".history.json.abcdefgh"]
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"partial")
+    caplog.set_level("INFO")
+    train_loop(model, lambda m, rng: ((m(x) - y) ** 2).mean(), tmp_path, steps=2, progress=False)
+    assert not any((tmp_path / n).exists() for n in stale)
+    assert all((tmp_path / n).read_bytes() == b"partial" for n in others)
+    assert "removed what an interrupted checkpoint write left: .best.pt.abcdefgh, " \
+           ".ckpt.pt.k2_9zq0a" in caplog.text
+
+
+class _Scripted:
+    """A run whose validation scores are given per step: ``loss_fn`` counts the steps (from
+    ``at``) and raises ``crash`` at step ``crash_at`` (a process killed there: nothing saved)."""
+
+    def __init__(self, scores: dict[int, float], at: int = 0, crash_at: int | None = None):
+        self.model, self.x, self.y = _linear_problem()
+        self.scores, self.step, self.crash_at = scores, at, crash_at
+
+    def loss_fn(self, m, rng):
+        self.step += 1
+        if self.step == self.crash_at:
+            raise KeyboardInterrupt("killed")
+        return ((m(self.x) - self.y) ** 2).mean()
+
+    def validate(self, m):
+        return self.scores[self.step]
+
+    def run(self, run_dir, **kw):
+        return train_loop(self.model, self.loss_fn, run_dir, steps=10, lr=1e-2, progress=False,
+                          validate=self.validate, val_every=2, ckpt_every=4, **kw)
+
+
+def _best(run_dir):
+    st = torch.load(run_dir / "best.pt", weights_only=True)
+    return st["step"], st["val"]
+
+
+def test_a_best_model_newer_than_the_checkpoint_is_never_replaced_by_a_worse_one(tmp_path,
+                                                                                  caplog):
+    """Killed between best.pt (step 6, the best) and the next checkpoint (step 8; the last
+    is of step 4): the rerun, stopped at step 5 by its time budget or --stop-at, validates a
+    worse model there; best.pt stays that of step 6 (it had been replaced by step 5's, the
+    checkpoint's record of step 4 taken as the best so far), and the mismatch is logged."""
+    scores = {2: 1.0, 4: 2.0, 5: 3.0, 6: 5.0}
+    with pytest.raises(KeyboardInterrupt):
+        _Scripted(scores, crash_at=7).run(tmp_path)
+    assert _best(tmp_path) == (6, 5.0)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["best"], ckpt["best_step"]) == (4, 2.0, 4)
+    hist = _Scripted(scores, at=4).run(tmp_path, stop_at=5)
+    assert [h["val"] for h in hist if "val" in h] == [1.0, 2.0, 3.0]  # step 5 did compete
+    assert _best(tmp_path) == (6, 5.0)
+    assert "best.pt (step 6, score 5) is newer than the checkpoint (step 4, recording the best " \
+           "of step 4): kept as the best so far" in caplog.text
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["best"], ckpt["best_step"]) == (5, 5.0, 6)
+
+
+def test_a_best_model_missing_is_written_again_or_its_loss_said(tmp_path, caplog):
+    """best.pt gone (deleted, or lost to a power cut before it was fsynced) while the
+    checkpoint records one: where the checkpoint is that model it is written again from it;
+    else the loss is logged and the next validation writes a new best.pt (it had stayed
+    missing: no later model beat the lost one's score, and the run ended with none)."""
+    scores = {2: 1.0, 4: 2.0, 5: 1.5, 6: 1.5, 8: 3.0}
+    _Scripted(scores).run(tmp_path / "a", stop_at=4)
+    (tmp_path / "a" / "best.pt").unlink()
+    was = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    _Scripted(scores, at=4).run(tmp_path / "a", stop_at=5)
+    assert _best(tmp_path / "a") == (4, 2.0)
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(best[k], v) for k, v in was.items())
+    assert "best.pt was missing: written again from the checkpoint (step 4, score 2)" in \
+        caplog.text
+    _Scripted(scores).run(tmp_path / "b", stop_at=4)
+    _Scripted(scores, at=4).run(tmp_path / "b", stop_at=5)  # checkpoint of step 5, best of 4
+    (tmp_path / "b" / "best.pt").unlink()
+    _Scripted(scores, at=5).run(tmp_path / "b", stop_at=6)
+    assert _best(tmp_path / "b") == (6, 1.5)
+    assert "best.pt is missing: the best model the checkpoint records (step 4, score 2) is " \
+           "lost; the best so far is now none" in caplog.text
+
+
+def test_a_damaged_best_model_is_named_with_what_to_do(tmp_path):
+    scores = {2: 1.0, 4: 2.0, 5: 1.5}
+    _Scripted(scores).run(tmp_path, stop_at=4)
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"best\.pt: damaged \(.*\); delete it to go on"):
+        _Scripted(scores, at=4).run(tmp_path, stop_at=5)
+
+
+def test_a_signal_while_train_chooses_its_final_model_stops_it_saying_so(tmp_path, monkeypatch,
+                                                                         caplog):
+    """SIGTERM while ``train`` picks the best of best.pt / ckpt.pt to export: exit 143 with one
+    line saying what was stopped and that the same command exports (it had ended the process
+    with 143 and no word); the same command then exports."""
+    from recon_plugin.cli import main
+    from recon_plugin.training import supervised
+
+    _tiny_training(monkeypatch)
+    real = supervised.select_final
+
+    def then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    run = ["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "2", "--cascades", "1",
+           "--chans", "2", "--pools", "1", "--batch-size", "2", "--export", str(tmp_path / "m")]
+    monkeypatch.setattr(supervised, "select_final", then_signal)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main(run) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"SIGTERM: stopped while choosing or writing the final model of "
+                      f"{tmp_path / 'run'} (the run is checkpointed there): run the same "
+                      "command again to export it"]
+    assert not (tmp_path / "m.safetensors").exists()
+    monkeypatch.setattr(supervised, "select_final", real)
+    assert main(run) == 0 and (tmp_path / "m.safetensors").is_file()

@@ -31,6 +31,7 @@ nccl on GPU): each rank draws its own slices, gradients are averaged, rank 0 wri
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -47,7 +48,7 @@ import torch
 from ..models.checkpoint import ModelError, file_sha256, resolve_model, save_model
 from ..output.atomic import fingerprint, write_text_atomic
 from ..physics import SenseOperator
-from ..runtime import RunStopped, stop_requests
+from ..runtime import RunStopped, ignore_stops, stop_requests
 from ..scan import ScanHeader
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import heldout_errors, significant_improvement
@@ -56,6 +57,8 @@ from ..training.slices import SiteSlice
 from . import MODES, PARAMS, SSDU_LOSS_FRACTION
 
 log = logging.getLogger(__name__)
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
 def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None,
@@ -136,7 +139,7 @@ def adapt(
     lr: float | None = None, rho: float = SSDU_LOSS_FRACTION, seed: int = 0,
     device: str = "cpu", teacher_weight: float = 0.2, heldout_fraction: float = 0.25,
     name: str | None = None, time_budget_s: float | None = None, params: str = "dc",
-    progress: bool = True, protocol_dirs: Sequence[Path] | None = None,
+    progress: bool = True, protocol_dirs: Sequence[Path] | None = None, exiting: bool = False,
 ) -> dict:
     """Run an adaptation; returns a report dict (``promoted``, errors, output paths; the files
     left out, each with why, in ``skipped_files``; ``stopped_by``: a SIGINT / SIGTERM that came
@@ -144,7 +147,10 @@ def adapt(
     ``params``: what trains (``PARAMS``: the whole network, or only its data-consistency
     weights); ``lr``: None takes that choice's default; ``progress``: a progress bar (rank
     0); ``protocol_dirs``: protocol folders searched first, for ``base_protocol`` and for the
-    check that each file's header matches it (as ``recon --protocol-dir``)."""
+    check that each file's header matches it (as ``recon --protocol-dir``); ``exiting``: the
+    process ends once this returns (the command line), so SIGINT / SIGTERM are ignored from
+    when the result is published or refused (:func:`~recon_plugin.runtime.ignore_stops`),
+    with no moment under the default handler between."""
     from ..config.protocol import load_protocol
     from ..models.checkpoint import load_model
     from ..models.inference import torch_device
@@ -225,26 +231,34 @@ def adapt(
     # a run folder per job: the same command resumes its run, another one starts afresh
     run_dir = (Path(site_dir) / "runs"
                / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
-    history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
-                         steps, lr, seed, ckpt_every=max(10, steps // 10),
-                         time_budget_s=None if world > 1 else time_budget_s,
-                         progress=progress and rank == 0)
-    model.eval()
-    param_hash = hashlib.sha256(
-        b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
-    report = {"rank": rank, "world_size": world, "param_sha256": param_hash,
-              "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped,
-              "run_dir": str(run_dir)}
-    if world > 1:
-        (Path(site_dir) / "runs").mkdir(parents=True, exist_ok=True)
-        (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
-    if rank != 0:
-        return report
-    # from here a signal waits for a consistent end: one while the gate judges stops the run
-    # with nothing written (the same command again judges and publishes it); one during the
-    # publication (a few atomic writes) lets it finish, and the report says so (``stopped_by``)
-    with stop_requests("at the promotion gate, or once a publication under way is complete"
-                       ) as requested:
+    # from the start of training until the result is published or refused, a signal waits for
+    # a consistent end (train_loop's own handler during its steps): one after training stops
+    # the run at the gate with nothing written (the same command again judges and publishes
+    # it); one during the publication (a few atomic writes) lets it finish, and the report says
+    # so (``stopped_by``). Under torchrun only from the gate on (rank 0): there the launcher's
+    # signals end the training as before (see train_loop)
+    when = "at the promotion gate, or once a publication under way is complete"
+    with contextlib.ExitStack() as stops:
+        requested = stops.enter_context(stop_requests(when)) if world == 1 else []
+        history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
+                             steps, lr, seed, ckpt_every=max(10, steps // 10),
+                             time_budget_s=None if world > 1 else time_budget_s,
+                             progress=progress and rank == 0)
+        model.eval()
+        param_hash = hashlib.sha256(
+            b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        report = {"rank": rank, "world_size": world, "param_sha256": param_hash,
+                  "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped,
+                  "run_dir": str(run_dir)}
+        if world > 1:
+            (Path(site_dir) / "runs").mkdir(parents=True, exist_ok=True)
+            (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
+        if rank != 0:
+            if exiting:
+                ignore_stops()
+            return report
+        if world > 1:
+            requested = stops.enter_context(stop_requests(when))
         new_errs = heldout_errors(model, hold)
         new_err = float(new_errs.mean())
         gate = significant_improvement(base_errs, new_errs)
@@ -290,6 +304,11 @@ def adapt(
             report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
         if requested:  # it came after the verdict: what was published stays, the caller stops
             report["stopped_by"] = requested[0]
+        if exiting:  # the result is decided: a signal from here waits, then is dropped
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    if exiting:  # ignored from here on, never back under the default handler in between
+        ignore_stops()  # drops a signal held since (POSIX: pending and now ignored)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return report
 
 

@@ -352,7 +352,6 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     """Site adaptation; exit 1 when the adapted model was not promoted, 128 + signal when
     SIGINT / SIGTERM stopped it (one that came while it published: after saying so)."""
     from ..adaptation.site import adapt
-    from ..runtime import ignore_stops
 
     out = Path(a.out)  # and the folders adapt writes in it, checked before training
     _writable(("--out", out), *((f"--out's {sub}/", out / sub)
@@ -360,9 +359,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
     rep = adapt([Path(p) for p in a.raw], a.protocol, Path(a.out), a.mode, a.steps, a.lr,
                 rho=a.rho, seed=a.seed, device=a.device, name=a.name,
                 time_budget_s=a.time_budget, params=a.params, progress=not a.quiet,
-                protocol_dirs=a.protocol_dir)
-    if getattr(a, "process_entry", False):
-        ignore_stops()  # the run is over; a stop while it published is in rep["stopped_by"]
+                protocol_dirs=a.protocol_dir, exiting=getattr(a, "process_entry", False))
     if rep.get("rank", 0) != 0:
         return EXIT_OK
     for reason in rep.get("skipped_files", []):
@@ -404,6 +401,7 @@ def stopped_after_the_verdict(rep: dict) -> str:
 def cmd_prune(a: argparse.Namespace) -> int:
     """Prune, fine-tune and export a variant."""
     from ..pruning.run import DEFAULT_ALIGN, make_variant
+    from ..training.loop import stops_at_once
 
     if a.pool and not Path(a.pool).exists() and Path(a.pool).suffix != ".pt":
         # a mistyped pool folder had become a template cache drawn there (minutes, other data)
@@ -413,10 +411,16 @@ def cmd_prune(a: argparse.Namespace) -> int:
     _writable(("--export", Path(a.export).parent), ("--run-dir", a.run_dir))
     ft = None if a.finetune == "none" else a.finetune
     align = a.align if a.align is not None else DEFAULT_ALIGN[a.method]
-    card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
-                        a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
-                        pool=a.pool, pool_size=a.pool_size, cg_iters=a.cg_iters,
-                        align=align, cascades=a.cascades)
+    # outside the fine-tuning's steps (which train_loop stops at a checkpoint) a signal stops at
+    # once, saying so (it had ended the process without a word)
+    with stops_at_once(f"stopped while pruning, or validating and writing the variant {a.export} "
+                       "(outside the fine-tuning steps): run the same command again to export it"
+                       + (f" (the fine-tuning goes on from its checkpoint in {a.run_dir}, "
+                          "where there is one)" if ft else "")):
+        card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
+                            a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
+                            pool=a.pool, pool_size=a.pool_size, cg_iters=a.cg_iters,
+                            align=align, cascades=a.cascades)
     lat = card["latency"]
     print(f"wrote {a.export}.safetensors: {card['parameters']} params, "
           f"{lat.get('speedup', float('nan')):.2f}x faster than the parent at 320x320x16; "

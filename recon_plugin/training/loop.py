@@ -3,10 +3,13 @@
 The loop knows nothing about losses or data: ``loss_fn(model, step_rng) -> loss`` draws its own
 batch. Checkpoints (``ckpt.pt``, tensors and plain Python values only, loaded with
 ``weights_only=True``) are written atomically every ``ckpt_every`` steps; a run restarted with
-the same ``run_dir`` continues where it stopped. Per-step randomness derives from
-``seed + step`` so a resumed run draws the same batches it would have drawn. A caller's
-``run_args`` (what makes the run: architecture, data, seed) are kept in the checkpoint, and a
-run resumed with others is refused, naming them (:func:`check_resumed_args`).
+the same ``run_dir`` continues where it stopped; ``best.pt`` keeps the best validated model
+(:func:`best_so_far`: how the two stay consistent across a crash). Both are fsynced, and their
+folder after the rename: a power cut leaves the old file or the new one, never an empty one.
+Per-step randomness derives from ``seed + step`` so a resumed run draws the same batches it
+would have drawn. A caller's ``run_args`` (what makes the run: architecture, data, seed) are
+kept in the checkpoint, and a run resumed with others is refused, naming them
+(:func:`check_resumed_args`).
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ import json
 import logging
 import math
 import pickle
+import re
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..output.atomic import atomic_path
+from ..output.atomic import fsync_dir, write_atomic
 from ..runtime import RunStopped, bars, stop_requests
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,106 @@ def first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+CHECKPOINTS = ("ckpt.pt", "best.pt")
+# atomic_path's temporaries for those names: ``.NAME.`` and tempfile's 8 random characters
+_TEMPORARY = re.compile(rf"\.(?:{'|'.join(map(re.escape, CHECKPOINTS))})\.[a-z0-9_]{{8}}")
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save(state)`` to ``path`` atomically and durably: the file fsynced before its
+    rename, the folder after it."""
+    write_atomic(path, lambda fh: torch.save(state, fh), fsync=True)
+    fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove, naming them in the log, the temporaries a killed checkpoint write left in
+    ``run_dir`` (``.ckpt.pt.XXXXXXXX`` / ``.best.pt.XXXXXXXX``, as atomic_path names them; no
+    other file)."""
+    stale = sorted(p.name for p in run_dir.iterdir() if _TEMPORARY.fullmatch(p.name)
+                   and p.is_file())
+    for name in stale:
+        (run_dir / name).unlink(missing_ok=True)
+    if stale:
+        log.info("%s: removed what an interrupted checkpoint write left: %s", run_dir,
+                 ", ".join(stale))
+
+
+def best_so_far(path: Path, ckpt: dict | None, run_args: dict | None = None
+                ) -> tuple[float, int | None]:
+    """(score, step) of the best validated model so far, for a run (re)started beside
+    ``path`` (its best.pt) from the checkpoint ``ckpt`` (None: a fresh start).
+
+    best.pt is written, fsynced, before the checkpoint that records it (``best``,
+    ``best_step``), so a crash between the two leaves a best.pt newer than that record: its
+    own score is then the best so far, and the run replaces it only with a better model. A
+    best.pt missing or older than the record (deleted, or lost to a power cut before these
+    writes were fsynced) is written again from the checkpoint where that is the recorded model
+    (same step); otherwise the recorded best is lost, which is logged, and the next validation
+    writes a new best.pt. Each mismatch is logged. A checkpoint that records no best (an
+    older one) takes best.pt's score, else its own. A damaged best.pt, or one of a run with
+    other ``run_args``, is a ValueError saying what to do."""
+    score, step = (float(ckpt.get("best", -math.inf)), ckpt.get("best_step")) if ckpt \
+        else (-math.inf, None)
+    at = int(ckpt["step"]) if ckpt else 0
+    have = None  # best.pt's (score, step)
+    if path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            if not isinstance(saved, dict):
+                raise ValueError(f"a {type(saved).__name__}, not a best model")
+            have = float(saved["val"]), int(saved["step"])
+        except LOAD_ERRORS as err:
+            raise ValueError(f"{path}: damaged ({first_line(err)}); delete it to go on (the best "
+                             "model it held is lost; the run resumes from its checkpoint)") from err
+        if run_args is not None:
+            recorded = saved.get("run_args")
+            check_resumed_args(path, None if recorded is None else json.loads(recorded), run_args)
+        if have[1] == step:
+            return have
+        if have[1] > at:
+            than = "any checkpoint" if ckpt is None else (
+                f"the checkpoint (step {at}, recording "
+                + ("no best)" if step is None else f"the best of step {step})"))
+            log.warning("%s (step %d, score %.5g) is newer than %s: kept as the best so far",
+                        path, have[1], have[0], than)
+            return have
+    if step is None:  # the checkpoint records no best.pt: an older one, or none validated yet
+        return have or (score, None)
+    what = "missing" if have is None else f"of step {have[1]}"
+    if step == at:  # the checkpoint is that model
+        write_checkpoint(path, {"model": ckpt["model"], "step": step, "val": score,
+                                **({"run_args": ckpt["run_args"]} if "run_args" in ckpt else {})})
+        log.warning("%s was %s: written again from the checkpoint (step %d, score %.5g), the "
+                    "best model it records", path, what, step, score)
+        return score, step
+    log.warning("%s is %s: the best model the checkpoint records (step %d, score %.5g) is lost; "
+                "the best so far is now %s", path, what, step, score,
+                "none" if have is None else f"that of step {have[1]} ({have[0]:.5g})")
+    return have or (-math.inf, None)
+
+
+@contextlib.contextmanager
+def stops_at_once(what: str) -> Iterator[None]:
+    """While active (main thread only), SIGINT / SIGTERM raise :class:`RunStopped` at once,
+    saying ``SIGNAME: what``: for work a rerun does again whose files are written atomically
+    (choosing and exporting a final model), which the default handler ended without a word.
+    The previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        raise RunStopped(signum, f"{signal.Signals(signum).name}: {what}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
+
+
 def check_resumed_args(ckpt: Path, recorded: dict | None, given: dict) -> None:
     """ValueError naming each argument of ``given`` (JSON-like) that differs from those the run
     in ``ckpt`` was started with (``recorded``; None: an older checkpoint, not checked)."""
@@ -143,9 +248,10 @@ def train_loop(
         opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     ckpt = run_dir / "ckpt.pt"
+    remove_stale_temporaries(run_dir)
     history: list[dict] = []
     start = 0
-    best = -float("inf")
+    state = None
     if ckpt.is_file():
         try:
             state = torch.load(ckpt, weights_only=True)
@@ -167,7 +273,6 @@ def train_loop(
                              f"or damaged): {first_line(err)}; use another run folder") from err
         start = int(state["step"])
         history = json.loads(state["history"])
-        best = float(state.get("best", best))
         old = opt.param_groups[0].get("initial_lr", lr)
         if abs(old - lr) > 1e-12:  # resumed with another learning rate: rescale the schedule
             sched.base_lrs = [lr] * len(opt.param_groups)
@@ -176,16 +281,15 @@ def train_loop(
                 g["lr"] = lr * sched.lr_lambdas[0](start)
             log.info("learning rate changed on resume: %g -> %g", old, lr)
         log.info("resumed %s at step %d", run_dir, start)
+    args = {"run_args": json.dumps(run_args)} if run_args is not None else {}
+    best, best_step = (best_so_far(run_dir / "best.pt", state, run_args) if validate is not None
+                       else (-math.inf, None))
 
     def save(step: int) -> None:
-        with atomic_path(ckpt) as tmp:
-            torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "step": step, "history": json.dumps(history),
-                 "best": best,
-                 **({"run_args": json.dumps(run_args)} if run_args is not None else {})},
-                tmp,
-            )
+        write_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                "sched": sched.state_dict(), "step": step,
+                                "history": json.dumps(history), "best": best,
+                                "best_step": best_step, **args})
         _plot_losses(history, run_dir / "loss_curve.png")
 
     t0 = time.monotonic()
@@ -241,11 +345,10 @@ def train_loop(
                 model.train()
                 history.append({"step": step + 1, "val": score})
                 log.info("step %d validation %.4f", step + 1, score)
-                if score > best:
-                    best = score
-                    with atomic_path(run_dir / "best.pt") as tmp:
-                        torch.save({"model": model.state_dict(), "step": step + 1, "val": score},
-                                   tmp)
+                if score > best:  # before the checkpoint that will record it
+                    best, best_step = score, step + 1
+                    write_checkpoint(run_dir / "best.pt", {"model": model.state_dict(),
+                                                           "step": best_step, "val": score, **args})
             if stopping or (step + 1) % ckpt_every == 0 or step + 1 == steps:
                 save(step + 1)
             if stopping:

@@ -15,7 +15,7 @@ from ..models.checkpoint import save_model
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator
 from .data import Batch, make_batch, validation_set
-from .loop import freeze_batchnorm, train_loop
+from .loop import freeze_batchnorm, stops_at_once, train_loop
 from .losses import image_loss
 
 log = logging.getLogger(__name__)
@@ -189,27 +189,31 @@ def train_base(
 def export_base(run_dir: Path, export_to: Path, model_kwargs: dict | None = None,
                 training: dict | None = None, val: list[Batch] | None = None,
                 espirit: float = 0.0) -> dict:
-    """Pick the final model of a training run (:func:`select_final`) and write it with its card."""
-    model = UnrolledNet(**(model_kwargs or {}))
-    val = val or validation_set(espirit=espirit > 0)
-    choice = select_final(model, run_dir, val, espirit)
-    dc = "CG proximal (MoDL-style)" if model.config["dc"] == "prox" else "gradient-step"
-    card = {
-        "name": Path(export_to).stem,
-        "version": "1.0",
-        "description": f"Unrolled network ({dc} data consistency) with U-Net priors on the "
-                       "coil-combined image",
-        "training": {
-            "data": "simulated multi-coil k-space from the MNI152 2009a template, train slabs "
-                    "z in [10,88) and [136,150) voxels; validation z in [94,106); test [112,130)",
-            "accelerations": [4, 8], "masks": "fastMRI equispaced/random, cf 0.08 (4x) / 0.04 (8x)",
-            "contrasts": ["T1", "T2", "PD", "FLAIR"], "coils": [8, 12, 16, 24],
-            **(training or {}),
-        },
-        "pruning": {"method": "none", "ratio": 0.0},
-        "finetune": "supervised",
-        "metrics": {"val_psnr_db": choice["val_psnr_db"]},
-        "selection": choice,
-        "parent_sha256": None,
-    }
-    return save_model(model, export_to, card)
+    """Pick the final model of a training run (:func:`select_final`) and write it with its card.
+    SIGINT / SIGTERM stop it at once (:class:`~recon_plugin.runtime.RunStopped`), saying so:
+    the run is checkpointed and the same command exports again."""
+    with stops_at_once(f"stopped while choosing or writing the final model of {run_dir} (the run "
+                       "is checkpointed there): run the same command again to export it"):
+        model = UnrolledNet(**(model_kwargs or {}))
+        val = val or validation_set(espirit=espirit > 0)
+        choice = select_final(model, run_dir, val, espirit)
+        dc = "CG proximal (MoDL-style)" if model.config["dc"] == "prox" else "gradient-step"
+        card = {
+            "name": Path(export_to).stem,
+            "version": "1.0",
+            "description": f"Unrolled network ({dc} data consistency) with U-Net priors on the "
+                           "coil-combined image",
+            "training": {
+                "data": "simulated multi-coil k-space from the MNI152 2009a template, train slabs "
+                        "z in [10,88) and [136,150) voxels; validation z in [94,106); test [112,130)",
+                "accelerations": [4, 8], "masks": "fastMRI equispaced/random, cf 0.08 (4x) / 0.04 (8x)",
+                "contrasts": ["T1", "T2", "PD", "FLAIR"], "coils": [8, 12, 16, 24],
+                **(training or {}),
+            },
+            "pruning": {"method": "none", "ratio": 0.0},
+            "finetune": "supervised",
+            "metrics": {"val_psnr_db": choice["val_psnr_db"]},
+            "selection": choice,
+            "parent_sha256": None,
+        }
+        return save_model(model, export_to, card)
