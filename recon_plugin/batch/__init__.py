@@ -20,9 +20,10 @@ temporary state files.
 
 Per file: read (declared sizes checked against the memory budget first), reconstruct, write to
 staging, publish, record in the state, then deliver to the PACS and record that. ``resume``
-skips inputs whose state entry matches the input's size and mtime and whose outputs are all
-there; a scan published but not yet delivered is delivered from its published files (same
-SOP / Series Instance UIDs, so a PACS that already holds some overwrites them).
+skips inputs whose state entry matches the input's size and mtime and the batch's settings
+(protocol, formats, overrides) and whose outputs are all there; a scan published but not yet
+delivered is delivered from its published files (same SOP / Series Instance UIDs, so a PACS
+that already holds some overwrites them).
 
 Workers (``workers`` > 1) are spawned processes that die with the batch (``PR_SET_PDEATHSIG``).
 ``cluster`` (``tcp://HOST:PORT`` or ``local:N``) runs the same per-file function as Dask tasks

@@ -55,8 +55,9 @@ deep-merges the file over its base: mappings merge key by key, anything else (li
 ``null``) replaces. A base named like the overlay itself resolves to the next file of that name
 further down the search path, so a site folder can shadow and extend a shipped protocol.
 
-Search path (first hit wins): ``$RECON_PLUGIN_PROTOCOLS`` (``os.pathsep``-separated folders), the
-repository checkout's ``protocols/``, and ``<sys.prefix>/share/recon-plugin/protocols`` (installed
+Search path (first hit wins): the caller's folders (``--protocol-dir``),
+``$RECON_PLUGIN_PROTOCOLS`` (``os.pathsep``-separated folders), the repository checkout's
+``protocols/``, and ``<sys.prefix>/share/recon-plugin/protocols`` (installed
 via setup.cfg ``data_files``; also under ``sysconfig``'s data path).
 """
 

@@ -177,7 +177,7 @@ class CalibrationSpec(_Section):
                                        Field(min_length=2, max_length=2)]],
                         Field(max_length=8)] = Field(default_factory=lambda: [
                             [s.lamda, s.anchor] for s in SPARSITY_GRID])
-    # a scan's first n slices (central slices first in batch recon) decide one weight for all
+    # a scan's first n slices (central slices first in batch recon) decide one setting for all
     # its slices (a scan of fewer slices: n disjoint held-out sets drawn from those it has);
     # 0: every slice is calibrated on its own
     slices: Annotated[StrictInt, Field(ge=0, le=1000)] = 3

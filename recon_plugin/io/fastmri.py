@@ -25,9 +25,10 @@ When the header disagrees with the data (slice count, matrix, coil count) a warn
 and the data's shape wins.
 
 Geometry: fastMRI headers carry none, so slices get :meth:`Geometry.default` stacked along z by
-the slice thickness, with a warning. Files written by :func:`recon_plugin.sim.writers.write_fastmri`
-carry an extra dataset ``recon_plugin_geometry`` (slices, 4, 3) float64 = (position, read_dir,
-phase_dir, slice_dir) per slice in LPS mm, which is used when present.
+the slice spacing (else the thickness), with a warning. Files written by
+:func:`recon_plugin.sim.writers.write_fastmri` carry an extra dataset ``recon_plugin_geometry``
+(slices, 4, 3) float64 = (position, read_dir, phase_dir, slice_dir) per slice in LPS mm, which
+is used when present.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
   whose columns are (phase, read, slice) direction;
 * 3D (``sKSpace.ucDimension`` 4): ``lPartitions`` encodes over the slab (``CenterPar`` its
   centre), ``lImagesPerSlab`` images of it (more partitions than images: slice oversampling,
-  the encoded slab thicker by as much); the assembler splits it into partitions
-  (:mod:`recon_plugin.io.mrd_volume`, acceleration along ky only);
+  the encoded slab thicker by as much); the assembler splits it into partitions, or,
+  accelerated along kz, into ky-kz planes (:mod:`recon_plugin.io.mrd_volume`);
 * the slice array (``sSliceArray.asSlice``: FOVs, thickness, count), ``sKSpace`` (matrix),
   ``alTR`` / ``alTE`` / ``adFlipAngleDegree``, field strength, model and patient position fill
   the header.
@@ -491,8 +491,8 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     """Read a Siemens twix ``.dat`` (VB or VD/VE) into a validated :class:`RawScan`.
 
     ``max_bytes``: refuse (RawDataError) a file whose k-space grid (coils x lines x samples x
-    partitions x slices x echoes, complex64) is larger; None: the readers' default budget
-    (``io/budget.py``)."""
+    partitions x slices x echoes x repetitions x phases x sets, complex64) is larger; None: the
+    readers' default budget (``io/budget.py``)."""
     where = str(path)
     p = Path(path)
     if not p.is_file():

@@ -9,7 +9,7 @@ One file per scan, ``<stem>_mrd.h5`` in the scan's output folder, group ``datase
 
 Images are float32 magnitudes with the complete header and meta of
 :func:`~recon_plugin.output.mrd_image.mrd_image` (the streaming server sends the same);
-``image_index`` = the DICOM instance number.
+``image_index`` = the image's 1-based place in its series (repetition, phase, slice order).
 """
 
 from __future__ import annotations

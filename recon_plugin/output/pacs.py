@@ -11,7 +11,8 @@ Queue layout (one folder per queued batch; a batch is visible only once complete
         manifest.json              {"target", "calling_aet", "files", "attempts", "last_error",
                                     "tls" (where sent over TLS: output/pacs_tls.py), ...}
         00001.dcm ...              copies of the files to send
-      dead/                        batches that exceeded ``max_attempts`` (kept, never deleted)
+      dead/                        batches given up on: ``max_attempts`` reached, files no
+                                   retry can send, unreadable manifest (kept, never deleted)
 
 Every write is a temporary file or folder followed by ``os.replace``, so a crash leaves either
 the old or the new state, never a half-written manifest or a half-copied batch. A batch being
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALLING_AET = "RECON_PLUGIN"
 MANIFEST = "manifest.json"
-DEAD_DIR = "dead"  # items given up on (drain max_attempts), kept
+DEAD_DIR = "dead"  # items drain gave up on (see there), kept
 _WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # stored, with coercion / elements discarded
 AET_PATTERN = r"[\x20-\x5b\x5d-\x7e]{1,16}"  # an AE title: printable ASCII without backslash
 _AET_RE = re.compile(AET_PATTERN)

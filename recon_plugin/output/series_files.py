@@ -16,9 +16,9 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
                   dicom_options: dict | None = None) -> list[Path]:
     """Write every series in the requested formats (``output.FORMATS``); returns written paths.
 
-    ``fastmri`` writes one fastMRI reconstruction file named like the input (the output folder's
-    name) for the whole scan (:mod:`recon_plugin.output.fastmri_file`); ``mrd`` one ISMRMRD image
-    file ``<stem>_mrd.h5`` of all series (:mod:`recon_plugin.output.mrd_file`)."""
+    ``fastmri`` writes one fastMRI reconstruction file per series, the first named like the
+    input (the output folder's name; :mod:`recon_plugin.output.fastmri_file`); ``mrd`` one
+    ISMRMRD image file ``<stem>_mrd.h5`` of all series (:mod:`recon_plugin.output.mrd_file`)."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown output format(s) {sorted(unknown)}; use {', '.join(FORMATS)}")

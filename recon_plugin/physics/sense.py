@@ -97,7 +97,8 @@ class SenseOperator:
         self._rows = None
         if bool((self.mask == rows).all()):
             self._rows = torch.fft.ifftshift(rows, dim=-2).transpose(-1, -2).unsqueeze(-3)
-        # (support columns or None for all, their maps, conj maps); maps (batch, coils, x, ky)
+        # (support columns or None for all, their virtual maps (batch, k, columns, ky), the
+        # conjugate): see _column_maps
         self._maps_t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _maps_energy(self) -> torch.Tensor:

@@ -448,7 +448,8 @@ class Reconstructor:
     # ----------------------------------------------------------------- whole scan
     def reconstruct(self, scan: RawScan, settings: ReconSettings,
                     progress: Callable[[int, int], object] | None = None) -> list[ReconSeries]:
-        """All slices of a scan; one series per contrast, images ordered by slice/repetition.
+        """All slices of a scan; one series per contrast, images ordered by repetition, phase,
+        slice.
         ``progress(done, total)`` is called before the first slice and after each (total: the
         scan's slices; ``settings.slices`` where given, else all)."""
         partial = None

@@ -87,9 +87,9 @@ class ReconSettings:
     refine_min_steps: int = 0
     calibrate: bool = False  # data-consistency setting chosen on held-out lines (calibrate.py)
     calibrate_grid: tuple[float, ...] = PRIOR_WEIGHT_GRID
-    calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at weight 1
+    calibrate_cg_iters: tuple[int, ...] = CG_ITERS_GRID  # CG iterations tried at the chosen weight
     calibrate_sparsity: tuple[Sparsity, ...] = SPARSITY_GRID  # anchored L1-wavelet solves tried
-    calibrate_slices: int = 3  # a scan's first n slices decide its weight; 0: every slice
+    calibrate_slices: int = 3  # a scan's first n slices decide its setting; 0: every slice
     # measured samples blended into the output (combine.py): [0, 1] or "auto" (noise-aware)
     measured_weight: float | str = 1.0
     # slice indices to reconstruct (SliceData.slice_index; None: all): the command line's

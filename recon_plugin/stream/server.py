@@ -9,7 +9,8 @@ Wire protocol (little-endian, message id ``uint16`` first; ids from ``ismrmrd.se
   match the header) or ``CONFIG_TEXT`` (uint32 length: JSON parameters, a Gadgetron-style XML
   ``<property name="protocol" value=...>`` or a protocol name), ``HEADER`` (the XML header),
   optional ``TEXT`` JSON parameters before the first acquisition (``protocol``, ``method``,
-  ``model``, ``image_dtype``; python-ismrmrd-server's ``{"parameters": {...}}`` form too),
+  ``model``, ``measured_weight``, ``image_dtype``; python-ismrmrd-server's
+  ``{"parameters": {...}}`` form too),
   ``ACQUISITION``s (noise, calibration, imaging; ``WAVEFORM``s are read and dropped), ``CLOSE``;
 * out: one ``IMAGE`` per slice as soon as it is reconstructed, ``TEXT`` notices
   (``"WARNING ..."`` / ``"ERROR ..."``), ``CLOSE``.
