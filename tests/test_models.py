@@ -184,6 +184,65 @@ def test_an_export_that_fails_leaves_the_model_that_was_there(tmp_path, monkeypa
     assert sorted(f.name for f in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
 
 
+def test_an_export_is_fsynced_before_its_renames_and_its_folder_after(tmp_path, monkeypatch):
+    """``save_model`` flushes the weights and the card to disk before renaming each into place,
+    and the folder after both renames: a power cut cannot leave a renamed but empty file."""
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
+    renames = [e for e in events if e[0] == "replace"]
+    assert [os.path.basename(e[2]) for e in renames] == ["m.json", "m.safetensors"]
+    for rename in renames:
+        synced = ("fsync", os.path.realpath(rename[1]))
+        assert synced in events and events.index(synced) < events.index(rename), events
+    assert events[-1] == ("fsync", os.path.realpath(tmp_path)), events
+    assert load_model(tmp_path / "m")[1]["name"] == "m"
+
+
+def test_a_card_left_beside_other_weights_by_a_killed_export_is_refused_naming_both(
+        tmp_path, monkeypatch):
+    """A kill between ``save_model``'s renames (the card's done, the weights' not) leaves the
+    new card beside the old weights: loading refuses the pair, naming both files and saying
+    to run the export again, rather than loading weights the card does not describe."""
+    import json
+    import os
+
+    torch.manual_seed(0)
+    first = save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
+    replace = os.replace
+
+    def killed_after_the_card(src, dst):
+        if str(dst).endswith(".safetensors"):
+            raise KeyboardInterrupt  # stands for the kill: the weights are never renamed
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_card)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
+    monkeypatch.setattr(os, "replace", replace)
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["sha256"] != first["sha256"]  # the new card, the old weights
+    with pytest.raises(ModelError) as err:
+        load_model(tmp_path / "m")
+    msg = str(err.value)
+    assert str(tmp_path / "m.safetensors") in msg and str(tmp_path / "m.json") in msg, msg
+    assert first["sha256"][:12] in msg and card["sha256"][:12] in msg, msg
+    assert "export" in msg and "again" in msg, msg
+
+
 def test_shipped_model_beats_zero_filled():
     model, card = load_model(resolve_model("unrolled-base"))
     assert card["pruning"]["method"] == "none" and card["sha256"]

@@ -226,12 +226,63 @@ def test_finetune_lowers_loss(base, tiny_batch, mode, tmp_path):
     before = _loss(pruned, loss_fn)
     # held-out-line prediction, and SSIM against the truth from an untrained base, learn slowly
     steps = {"ssdu": 80, "supervised": 60}.get(mode, 25)
-    out = finetune(pruned, mode, teacher=base, run_dir=tmp_path, steps=steps, lr=3e-3,
-                   batch_fn=lambda rng: tiny_batch)
-    assert out is pruned and not out.training
+    out, selected = finetune(pruned, mode, teacher=base, run_dir=tmp_path, steps=steps, lr=3e-3,
+                             batch_fn=lambda rng: tiny_batch)
+    assert out is pruned and not out.training and selected is None  # no validation: last state
     after = _loss(out, loss_fn)
     assert after < 0.92 * before, (mode, before, after)  # same batch and seeds: real learning
     assert (tmp_path / "history.json").is_file()
+
+
+def test_finetune_replaces_its_history_whole(base, tiny_batch, tmp_path):
+    """``history.json`` is written beside its place and renamed in: a reader of the old file
+    still reads it whole, the new one appears whole, and no temporary is left."""
+    old = json.dumps([{"step": 1, "loss": 1.0}])
+    (tmp_path / "history.json").write_text(old)
+    with open(tmp_path / "history.json") as reader:
+        finetune(spade_prune(base, 0.5), "teacher", teacher=base, run_dir=tmp_path, steps=2,
+                 batch_fn=lambda rng: tiny_batch)
+        assert reader.read() == old
+    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [1, 2]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_variant_card_names_the_step_of_the_best_pt_exported(tmp_path, monkeypatch):
+    """A fine-tune resumed after a kill between ``best.pt`` and its checkpoint keeps that
+    newer best.pt (``loop.best_so_far``) and exports it: the card's ``selected_step`` is
+    best.pt's step, not the best the history records."""
+    from itertools import count
+
+    from recon_plugin.pruning import run as run_mod
+    from recon_plugin.pruning.run import make_variant
+    from recon_plugin.training.loop import write_checkpoint
+
+    calls = count()  # every validation scores worse than the one before it
+    monkeypatch.setattr(finetune_mod, "make_validator",
+                        lambda *a: lambda model: -float(next(calls)))
+    monkeypatch.setattr(run_mod, "val_quality", lambda model: {})  # not what is tested: time
+    monkeypatch.setattr(finetune_mod, "measure_latency",
+                        lambda models, hw, coils: dict.fromkeys(models, 1.0))
+    parent = UnrolledNet(num_cascades=2, chans=8, dc="prox", cg_iters=2, noise_aware=True)
+    save_model(parent, tmp_path / "parent", {"name": "parent"})
+    run = tmp_path / "run"
+
+    def variant(steps: int) -> dict:
+        return make_variant(str(tmp_path / "parent.safetensors"), "lean", 0.5, "teacher", run,
+                            tmp_path / "variant", steps=steps, val_batches=1)
+
+    assert variant(2)["training"]["selected_step"] == 1
+    # the resumed run to 4 steps validated step 3 best, wrote best.pt, and was killed
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    chosen = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    write_checkpoint(run / "best.pt", {"model": chosen, "step": 3, "val": 1.0,
+                                       "run_args": ckpt["run_args"]})
+    card = variant(4)
+    history = json.loads((run / "history.json").read_text())
+    assert max((h for h in history if "val" in h), key=lambda h: h["val"])["step"] == 1
+    assert card["training"]["selected_step"] == 3
+    exported = load_model(tmp_path / "variant.safetensors")[0].state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in chosen.items())
 
 
 class _PhaseRotatedLast(nn.Module):

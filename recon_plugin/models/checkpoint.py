@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from ..output.atomic import atomic_path
+from ..output.atomic import atomic_path, fsync_dir
 from .inference import fold_batchnorm, is_inference_only
 from .unrolled import UnrolledNet
 
@@ -51,13 +51,25 @@ def card_text(card: dict) -> str:
     return json.dumps(card, indent=2)
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (a temporary of :func:`save_model`, renamed by
+    its ``atomic_path``)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     """Write weights (safetensors) and card (JSON); returns the card with its hash.
 
     Both are written whole beside their places first and renamed in only then, the card
     first: a failure while writing either (a full disk) leaves the model that was there, with
     its card, as it was (the weights had been replaced before the card was written: a model
-    whose card names other weights, refused by every load until the export was run again)."""
+    whose card names other weights, refused by every load until the export was run again).
+    Each is fsynced before its rename and the folder after them: a power cut leaves the old
+    files or the new ones, never an empty one. A kill between the two renames leaves the new
+    card beside the old weights, which :func:`load_model` refuses, naming both."""
     if is_inference_only(model):
         raise ModelError(f"{path}: this model has BatchNorm folded for inference and cannot be "
                          "saved; save the model as loaded or trained")
@@ -70,9 +82,11 @@ def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     card["parameters"] = int(sum(p.numel() for p in model.parameters()))
     # the inner rename (the card) comes first: a new model is found by its weights file
     with atomic_path(path) as weights, atomic_path(path.with_suffix(".json")) as card_file:
-        save_file(state, str(weights), metadata={"format": "pt"})
-        card["sha256"] = file_sha256(weights)
-        card_file.write_text(card_text(card), encoding="utf-8")
+        data = save(state, metadata={"format": "pt"})
+        card["sha256"] = hashlib.sha256(data).hexdigest()
+        _write_synced(weights, data)
+        _write_synced(card_file, card_text(card).encode("utf-8"))
+    fsync_dir(path.parent)
     if before is not None and before != card["sha256"]:
         # an export onto an existing model: protocols naming it now load the new weights
         log.warning("%s: replaced the model that was there (sha256 %s -> %s)", path,
@@ -121,8 +135,11 @@ def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet,
     if not path.is_file():
         raise ModelError(f"{path}: model weights not found")
     card = load_card(path)
-    if verify_hash and card.get("sha256") and card["sha256"] != file_sha256(path):
-        raise ModelError(f"{path}: weights do not match the sha256 in the model card")
+    if verify_hash and card.get("sha256") and card["sha256"] != (have := file_sha256(path)):
+        raise ModelError(f"{path}: weights (sha256 {have[:12]}) are not those its model card "
+                         f"{path.with_suffix('.json')} names (sha256 {card['sha256'][:12]}): an "
+                         "export interrupted between its two files, or a file replaced or "
+                         "damaged; run the export (train --export / prune / adapt) again")
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types

@@ -178,12 +178,15 @@ def finetune(
     progress: bool = False,
     run_args: dict | None = None,
     **loss_kw,
-) -> UnrolledNet:
-    """Fine-tune ``pruned`` in place with the given mode(s); returns it in eval mode.
+) -> tuple[UnrolledNet, int | None]:
+    """Fine-tune ``pruned`` in place with the given mode(s); returns it in eval mode and the
+    step of the state it holds where validation chose one (that of ``best.pt``), else None.
 
     With ``val_batches`` > 0 the model is validated on that many fixed simulated validation
     batches by :func:`make_validator` (no more information than the mode trains with) every
-    :func:`validation_interval` steps and the best state is restored at the end. ``loss_kw``
+    :func:`validation_interval` steps and the best state (``best.pt``, which a resumed run may
+    keep from before its checkpoint: its step need not be the history's best) is restored at
+    the end. ``loss_kw``
     goes to :func:`make_loss_fn` (``ssdu_rho``, ``ei_weight``, ``weights``,
     ``teacher_cascades``). The loss history
     is written to ``run_dir/history.json``. ``run_args``: what a resume of ``run_dir`` must
@@ -196,15 +199,17 @@ def finetune(
     history = train_loop(pruned, loss_fn, run_dir, steps, lr, seed, validate=validate,
                          val_every=validation_interval(steps), time_budget_s=time_budget_s,
                          progress=progress, run_args=run_args)
-    best = run_dir / "best.pt"
+    best, selected = run_dir / "best.pt", None
     if validate is not None and best.is_file():
-        pruned.load_state_dict(torch.load(best, weights_only=True)["model"])
-    (run_dir / "history.json").write_text(json.dumps(history))
+        state = torch.load(best, weights_only=True)
+        pruned.load_state_dict(state["model"])
+        selected = int(state["step"])
+    write_text_atomic(run_dir / "history.json", json.dumps(history))
     losses = [h["loss"] for h in history if "loss" in h]
     if losses:
         log.info("fine-tune %s: %d steps in %.1f s, loss %.4f -> %.4f", mode, len(losses),
                  time.monotonic() - t0, losses[0], losses[-1])
-    return pruned.eval()
+    return pruned.eval(), selected
 
 
 def describe_variant(parent_card: dict, method: str, ratio: float, mode: str,

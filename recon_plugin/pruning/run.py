@@ -127,11 +127,13 @@ def make_variant(
                                  espirit=ESPIRIT_FRACTION)
             batch_fn, data = bp.sample, f"pool of {len(bp)} batches (phase / mirror augmented)"
             run_args["pool"] = bp.meta | {"batches": len(bp)}
-        finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr, seed,
-                 batch_fn=batch_fn, val_batches=val_batches, time_budget_s=time_budget_s,
-                 progress=True, espirit=ESPIRIT_FRACTION,
-                 teacher_cascades=None if kept is None else tuple(kept), run_args=run_args)
-        done, selected = _steps_done(Path(run_dir))
+        _, selected = finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr,
+                               seed, batch_fn=batch_fn, val_batches=val_batches,
+                               time_budget_s=time_budget_s, progress=True,
+                               espirit=ESPIRIT_FRACTION,
+                               teacher_cascades=None if kept is None else tuple(kept),
+                               run_args=run_args)
+        done = _steps_done(Path(run_dir))
     metrics = val_quality(pruned)
     training = {"finetune_steps": done, "finetune_steps_requested": steps if finetune_mode else 0,
                 "selected_step": selected, "lr": lr,
@@ -146,10 +148,8 @@ def make_variant(
                           training=training, align=align, cascades_kept=kept)
 
 
-def _steps_done(run_dir: Path) -> tuple[int, int | None]:
-    """(steps trained, step of the best validation score or None) from ``history.json``
-    (a time budget may stop a run before its requested steps)."""
+def _steps_done(run_dir: Path) -> int:
+    """Steps trained, from ``history.json`` (a time budget may stop a run before its requested
+    steps)."""
     hist = json.loads((run_dir / "history.json").read_text())
-    done = max((h["step"] for h in hist if "loss" in h), default=0)
-    vals = [h for h in hist if "val" in h]
-    return int(done), (int(max(vals, key=lambda h: h["val"])["step"]) if vals else None)
+    return int(max((h["step"] for h in hist if "loss" in h), default=0))
