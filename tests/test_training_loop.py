@@ -412,3 +412,18 @@ def test_a_signal_while_train_chooses_its_final_model_stops_it_saying_so(tmp_pat
     assert not (tmp_path / "m.safetensors").exists()
     monkeypatch.setattr(supervised, "select_final", real)
     assert main(run) == 0 and (tmp_path / "m.safetensors").is_file()
+
+
+def test_the_loss_plot_is_replaced_whole(tmp_path):
+    """A viewer that has the loss curve open keeps reading the picture it opened: the new one
+    is written beside it and renamed in (in place, the viewer read a half-written PNG)."""
+    from recon_plugin.training.loop import _plot_losses
+
+    path = tmp_path / "loss_curve.png"
+    _plot_losses([{"step": s, "loss": 1.0 / s} for s in range(1, 20)], path)
+    first = path.read_bytes()
+    with open(path, "rb") as viewer:
+        _plot_losses([{"step": s, "loss": float(s)} for s in range(1, 40)], path)
+        assert viewer.read() == first
+    assert path.read_bytes() != first and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["loss_curve.png"]

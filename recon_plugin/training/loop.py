@@ -68,7 +68,7 @@ def _plot_losses(history: list[dict], path: Path) -> None:
     if losses:
         ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda fh: fig.savefig(fh, dpi=100, format="png"))  # a viewer sees it whole
     plt.close(fig)
 
 
