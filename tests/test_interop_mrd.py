@@ -63,6 +63,15 @@ def test_mrd_file_reads_back_with_complete_headers(recon_out):
     finally:
         ds.close()
     series_index = int(groups[0].split("_")[1])
+    dicoms = [pydicom.dcmread(p) for p in sorted(recon_out.glob("series_*/*.dcm"))]
+    assert len(dicoms) == n
+
+    def dicom_centre(d):
+        ipp, iop = (np.asarray(v, float) for v in (d.ImagePositionPatient,
+                                                   d.ImageOrientationPatient))
+        dy, dx = (float(v) for v in d.PixelSpacing)
+        return ipp + (int(d.Columns) // 2) * dx * iop[:3] + (int(d.Rows) // 2) * dy * iop[3:]
+
     for i, img in enumerate(images):
         h = img.getHead()
         assert img.data.shape == (1, 1, enc.reconSpace.matrixSize.y, enc.reconSpace.matrixSize.x)
@@ -73,12 +82,20 @@ def test_mrd_file_reads_back_with_complete_headers(recon_out):
         assert h.slice == i and h.contrast == 0
         assert tuple(h.field_of_view)[:2] == pytest.approx(
             (enc.reconSpace.fieldOfView_mm.x, enc.reconSpace.fieldOfView_mm.y))
-        assert h.field_of_view[2] > 0
+        # the same image as the run's DICOM: its slice centre, directions, thickness, pixels
+        d = min(dicoms, key=lambda d: np.linalg.norm(dicom_centre(d) - np.asarray(h.position)))
+        np.testing.assert_allclose(h.position, dicom_centre(d), atol=0.01)
+        np.testing.assert_allclose([*h.read_dir, *h.phase_dir],
+                                   [float(v) for v in d.ImageOrientationPatient], atol=1e-5)
+        assert h.field_of_view[2] == pytest.approx(float(d.SliceThickness))
+        slope = float(d.RealWorldValueMappingSequence[0].RealWorldValueSlope)
+        np.testing.assert_allclose(img.data[0, 0], d.pixel_array * slope, rtol=0,
+                                   atol=0.51 * slope)  # the DICOM's rounding to integers
+        assert np.any(np.asarray(h.position) != 0)
         for v in (h.read_dir, h.phase_dir, h.slice_dir):
             assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5)
         assert np.cross(h.read_dir, h.phase_dir) @ np.asarray(h.slice_dir) == pytest.approx(
             1.0, abs=1e-5)
-        assert np.any(np.asarray(h.position) != 0)
         meta = ismrmrd.Meta.deserialize(img.attribute_string)
         for key in ("DataRole", "ImageProcessingHistory", "WindowCenter", "WindowWidth",
                     "SeriesDescription", "ImageComments", "ImageRowDir", "ImageColumnDir"):

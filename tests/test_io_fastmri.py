@@ -180,9 +180,18 @@ def test_header_disagreeing_with_data_warns_and_data_wins(tmp_path):
 
 
 def test_single_coil_layout(tmp_path):
+    """A (slices, readout, phase) file is one coil: each slice's k-space is that coil's, its
+    readout oversampling removed in the image domain and transposed to (ky, kx)."""
     path, *_ = _make_file(tmp_path / "sc.h5", single_coil=True)
     scan = read_fastmri(path)
-    assert scan.slices[0].kspace.shape == (1, NPE, 32)
+    assert scan.header.num_coils == 1 and len(scan.slices) == NS
+    with h5py.File(path) as f:
+        stored = f["kspace"][()]  # (slices, readout 64, phase 40)
+    for sl, k in zip(scan.slices, stored, strict=True):
+        img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k), norm="ortho"))[16:48]
+        want = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(img), norm="ortho")).T
+        assert sl.kspace.shape == (1, NPE, 32)
+        np.testing.assert_allclose(sl.kspace[0], want, atol=1e-5 * np.abs(want).max())
 
 
 # ------------------------------------------------------------------------ writer round trips

@@ -88,3 +88,6 @@ def test_independent_affine_via_nibabel(tmp_path):
         pix = np.array([16, 16, 0, 1.0])  # the centre pixel (row 16, col 16)
         lps = aff @ pix
         np.testing.assert_allclose(lps[:3], s.position, atol=0.01)
+        # rows step along the phase direction, columns along the readout, 6 mm each
+        np.testing.assert_allclose(aff[:3, 0], 6.0 * np.asarray(s.phase_dir), atol=1e-3)
+        np.testing.assert_allclose(aff[:3, 1], 6.0 * np.asarray(s.read_dir), atol=1e-3)

@@ -204,9 +204,13 @@ def test_masks_fastmri_style():
 
 
 def test_center_crop_keeps_centre_index():
-    x = np.arange(10.0)[None].repeat(3, 0)
-    assert center_crop(x, (3, 4))[0, 2] == 5  # n//2 stays n//2
-    assert center_crop(x, (3, 12)).shape == (3, 12)
+    """Cropping and zero-padding both keep index n // 2 at n // 2 (even and odd lengths)."""
+    x = np.arange(1.0, 11.0)[None].repeat(3, 0)  # values 1..10, the centre (index 5) is 6
+    np.testing.assert_array_equal(center_crop(x, (3, 4)), x[:, 3:7])  # n//2 stays n//2
+    np.testing.assert_array_equal(center_crop(x, (3, 12)), np.pad(x, ((0, 0), (1, 1))))
+    odd = np.arange(1.0, 10.0)[None]  # 9 values, centre (index 4) is 5
+    np.testing.assert_array_equal(center_crop(odd, (1, 12)), np.pad(odd, ((0, 0), (2, 1))))
+    np.testing.assert_array_equal(center_crop(odd, (1, 4)), odd[:, 2:6])
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (37, 50), (31, 29), (230, 180)])

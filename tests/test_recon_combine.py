@@ -214,7 +214,7 @@ def test_auto_weight_leaves_a_fully_sampled_slice_the_rss_of_its_coil_images(tmp
     assert series.images[0].measured_weight is None
 
 
-def test_protocol_key_is_validated_and_reaches_the_settings():
+def test_protocol_key_is_validated_and_reaches_the_settings(tmp_path):
     spec, errors = validate({"name": "x", "model": {}, "image": {"measured_weight": 2.0}})
     assert spec is None and errors == ["image.measured_weight: must lie in [0, 1], got 2"]
     spec, errors = validate({"name": "x", "model": {}, "image": {"measured_weight": "high"}})
@@ -224,7 +224,9 @@ def test_protocol_key_is_validated_and_reaches_the_settings():
     spec, errors = validate({"name": "x", "model": {}, "image": {"measured_wieght": 0.5}})
     assert spec is None and any("did you mean 'measured_weight'" in e for e in errors)
     assert load_protocol("default").recon_settings().measured_weight == 1.0
-    assert validate({"name": "x", "model": {}, "image": {"measured_weight": 0.5}})[0] is not None
+    for given, want in ((0.5, 0.5), ("AUTO", "auto"), (0, 0.0)):
+        (tmp_path / "x.yaml").write_text(f"name: x\nmodel: {{}}\nimage: {{measured_weight: {given}}}\n")
+        assert load_protocol(str(tmp_path / "x.yaml")).recon_settings().measured_weight == want
     with pytest.raises(ProtocolError):
         from recon_plugin.config.protocol import validate as validate_protocol
 

@@ -140,6 +140,18 @@ def test_recon_matrix_larger_than_encoded_is_interpolated_with_a_note(files):
     im = series.images[0]
     assert im.pixels.shape == (100, 96)
     assert any("zero-padded" in n for n in im.notes)
+    # twice the encoded matrix: sinc interpolation (numpy's centred FFT, zero-padded about the
+    # centre index) that keeps every original pixel on the even rows and columns
+    orig = Reconstructor().reconstruct(read_raw(ism), ReconSettings(method="zero-filled"))[0]
+    orig = orig.images[0].pixels
+    ny, nx = orig.shape
+    scan.header = dataclasses.replace(h, recon_matrix=(2 * nx, 2 * ny, h.recon_matrix[2]))
+    big = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))[0].images[0]
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(orig), norm="ortho"))
+    k = np.pad(k, ((ny // 2, ny - ny // 2), (nx // 2, nx - nx // 2)))
+    want = 2 * np.abs(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k), norm="ortho")))
+    np.testing.assert_allclose(big.pixels, want, rtol=1e-4, atol=1e-5 * orig.max())
+    np.testing.assert_allclose(big.pixels[::2, ::2], orig, rtol=1e-4, atol=1e-5 * orig.max())
 
 
 def test_unknown_method_is_rejected():

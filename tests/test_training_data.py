@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon_plugin.models.unrolled import UnrolledNet
+from recon_plugin.models.unrolled import UnrolledNet, intensity_scale
 from recon_plugin.physics import SenseOperator, fft2c
 from recon_plugin.training.data import BatchPool, flip_readout
 from recon_plugin.training.losses import cascade_loss
@@ -68,11 +68,18 @@ def test_return_cascades_and_cascade_loss():
         out, casc = net(b.kspace, op, return_cascades=True)
         assert torch.allclose(out, net(b.kspace, op))
     assert len(casc) == 3 and all(c.shape == out.shape for c in casc)
+    # the last cascade is the output at the network's internal (normalised) intensity scale
+    scale = intensity_scale(op.adjoint(b.kspace))
+    torch.testing.assert_close(casc[-1] * scale * op.support, out)
     assert float(cascade_loss(casc, casc)) == 0.0
     other = UnrolledNet(num_cascades=3, chans=4).eval()
     with torch.no_grad():
         _, casc2 = other(b.kspace, op, return_cascades=True)
-    assert float(cascade_loss(casc2, casc)) > 0.01
+    # mean over cascades and batch of ||s_k - t_k||_1 / ||t_k||_1, written out in numpy
+    want = np.mean([[np.abs(s_ - t_).sum() / np.abs(t_).sum() for s_, t_ in zip(s.numpy(), t.numpy())]
+                    for s, t in zip(casc2, casc)])
+    got = float(cascade_loss(casc2, casc))
+    assert got == pytest.approx(want, rel=1e-5) and got > 0.01
     with pytest.raises(ValueError, match="as many cascades"):
         cascade_loss(casc2[:2], casc)
 
