@@ -219,3 +219,26 @@ def test_fully_sampled_is_a_centred_block_of_whole_lines():
     echo[:, :6] = 0  # partial echo: every line measured in part
     assert not fully_sampled(echo)
     assert not fully_sampled(np.zeros_like(m))
+
+
+def test_the_default_protocol_does_not_depend_on_the_data_scale(files):
+    """Scanners store k-space in arbitrary units (fastMRI ~1e-5, others ~1e3): the default
+    protocol (ESPIRiT, the calibrated and guarded network, the L1-wavelet stage, the measured
+    samples kept) makes the same image of k-space scaled by 1e-7 or 1e6, times that scale."""
+    from recon_plugin.config.protocol import load_protocol
+
+    _, _, fm = files
+    recon = Reconstructor()
+    settings = load_protocol("default").recon_settings()
+    scan = read_raw(fm)
+    ref = [im.pixels for im in recon.reconstruct(scan, settings)[0].images]
+    for scale in (1e-7, 1e6):
+        scaled = dataclasses.replace(scan, slices=[
+            dataclasses.replace(sl, kspace=sl.kspace * np.complex64(scale),
+                                **({"calib": sl.calib * np.complex64(scale)}
+                                   if sl.calib is not None else {}))
+            for sl in scan.slices],
+            noise=None if scan.noise is None else scan.noise * np.complex64(scale))
+        got = [im.pixels / scale for im in recon.reconstruct(scaled, settings)[0].images]
+        for x, y in zip(ref, got):
+            np.testing.assert_allclose(y, x, rtol=0, atol=2e-3 * x.max())
