@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import sigterm_without_default
 
 from recon_plugin.adaptation.site import adapt
 from recon_plugin.config.protocol import load_protocol
@@ -285,7 +286,7 @@ def _adapt_with_a_signal(site, out, monkeypatch, where):
     def then_signal(real):
         def call(*args, **kwargs):
             result = real(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
             return result
         return call
 
@@ -296,15 +297,9 @@ def _adapt_with_a_signal(site, out, monkeypatch, where):
     if where == "training":
         monkeypatch.setattr(site_mod, "train_loop", then_signal(site_mod.train_loop))
 
-    def unhandled(signum, frame):
-        raise RuntimeError("SIGTERM reached the default handler")
-
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
+    with sigterm_without_default():
         return main(["-q", "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"),
                      "--out", str(out), "--steps", "1"])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_stop_after_publishing_says_the_model_was_published(site, tmp_path, monkeypatch,
@@ -364,11 +359,8 @@ def test_a_stop_between_publishing_and_ignoring_signals_keeps_the_exit_status(
 
     def signal_then_ignore():
         sent.append(1)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
         real()
-
-    def unhandled(signum, frame):
-        raise RuntimeError("SIGTERM reached the default handler")
 
     monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
     monkeypatch.setattr(runtime, "ignore_stops", signal_then_ignore)  # where the CLI takes it
@@ -376,13 +368,8 @@ def test_a_stop_between_publishing_and_ignoring_signals_keeps_the_exit_status(
     monkeypatch.setattr(sys, "argv", ["recon-plugin", "-q", "adapt", *map(str, raws), "--protocol",
                                       str(d / "tiny_base.yaml"), "--out", str(tmp_path / "s"),
                                       "--steps", "1"])
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, unhandled)
-    try:
+    with sigterm_without_default():
         assert main() == 0
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     assert sent and (tmp_path / "s" / "protocols" / "tiny_base-site.yaml").is_file()
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
 
 import numpy as np
 import pytest
 import torch
+from helpers import sigterm_without_default
 from torch import nn
 
 from recon_plugin.models.checkpoint import load_model, save_model
@@ -564,23 +564,17 @@ def test_a_signal_while_prune_validates_its_variant_stops_it_saying_so(tmp_path,
     from recon_plugin.pruning import run
 
     def then_signal(model):
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
         raise AssertionError("the signal did not stop the command")
-
-    def unhandled(signum, frame):
-        raise RuntimeError("SIGTERM reached the default handler")
 
     parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
     save_model(_randomise_bn(parent).eval(), tmp_path / "parent", {"name": "parent"})
     monkeypatch.setattr(run, "val_quality", then_signal)
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
+    with sigterm_without_default() as unhandled:
         assert main(["-q", "prune", "--model", str(tmp_path / "parent.safetensors"), "--method",
                      "lean", "--ratio", "0.6", "--finetune", "none", "--run-dir",
                      str(tmp_path / "run"), "--export", str(tmp_path / "v")]) == 128 + signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is unhandled
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"SIGTERM: stopped while pruning, or validating and writing the variant "
                       f"{tmp_path / 'v'} (outside the fine-tuning steps): run the same command "

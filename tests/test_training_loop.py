@@ -7,6 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from helpers import sigterm_without_default
 
 from recon_plugin.training import transfer
 from recon_plugin.training.loop import MAX_SKIPPED, train_loop
@@ -115,7 +116,7 @@ def test_a_signal_stops_a_run_at_a_step_with_its_checkpoint_and_it_resumes(tmp_p
 
     def loss_fn(m, rng):
         if len(calls) == 3 and not resumed:
-            os.kill(os.getpid(), signum)
+            signal.raise_signal(signum)  # in this thread: handled at once
         calls.append(1)
         return ((m(x) - y) ** 2).mean()
 
@@ -141,7 +142,7 @@ def test_a_signal_in_the_last_step_still_stops_the_caller(tmp_path):
     def loss_fn(m, rng):
         calls.append(1)
         if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
         return ((m(x) - y) ** 2).mean()
 
     calls = []
@@ -390,21 +391,15 @@ def test_a_signal_while_train_chooses_its_final_model_stops_it_saying_so(tmp_pat
     real = supervised.select_final
 
     def then_signal(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
         return real(*args, **kwargs)
-
-    def unhandled(signum, frame):
-        raise RuntimeError("SIGTERM reached the default handler")
 
     run = ["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "2", "--cascades", "1",
            "--chans", "2", "--pools", "1", "--batch-size", "2", "--export", str(tmp_path / "m")]
     monkeypatch.setattr(supervised, "select_final", then_signal)
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
+    with sigterm_without_default() as unhandled:
         assert main(run) == 128 + signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is unhandled
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"SIGTERM: stopped while choosing or writing the final model of "
                       f"{tmp_path / 'run'} (the run is checkpointed there): run the same "

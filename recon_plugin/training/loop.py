@@ -191,15 +191,19 @@ def stops_at_once(what: str) -> Iterator[None]:
         yield
         return
 
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
+
     def handler(signum: int, frame) -> None:
+        restore()  # first: it may fire while the block below restores them
         raise RunStopped(signum, f"{signal.Signals(signum).name}: {what}")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
+        restore()
 
 
 def check_resumed_args(ckpt: Path, recorded: dict | None, given: dict) -> None:
