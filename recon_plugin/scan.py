@@ -135,7 +135,8 @@ class ScanHeader:
     """Header facts the pipeline needs.
 
     Matrices are ``(x, y, z)`` = (readout, phase, slice) as in ISMRMRD; FOVs in mm. The encoded
-    matrix here is the one after readout-oversampling removal.
+    matrix here is the one after readout-oversampling removal; ``readout_oversampling`` is the
+    factor the file's readout had (its samples over that encoded x; 1: none).
     """
 
     encoded_matrix: tuple[int, int, int]
@@ -152,6 +153,7 @@ class ScanHeader:
     sequence: SequenceInfo = field(default_factory=SequenceInfo)
     identity: Identity = field(default_factory=Identity)
     xml: str = ""
+    readout_oversampling: float = 1.0
 
     @property
     def pixel_spacing_mm(self) -> tuple[float, float]:

@@ -407,6 +407,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         contrast_name=header.contrast_name or str(acq),
         protocol_name=header.protocol_name or str(acq),
         acceleration=float(acceleration) if acceleration is not None else header.acceleration,
+        readout_oversampling=1.0 if along_readout else nro / nx,
         calibration_lines=(
             int(num_low) if num_low else (first.acs[1] - first.acs[0] if first.acs else None)
         ),

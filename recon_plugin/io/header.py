@@ -363,6 +363,7 @@ def parse_header(
         sequence=_sequence(hdr, enc.echo_train_length),
         identity=_identity(hdr),
         xml=xml_str,
+        readout_oversampling=float(os),
     )
 
 

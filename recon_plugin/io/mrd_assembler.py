@@ -366,6 +366,10 @@ class MrdAssembler:
             if len(pos) > 1:  # per index step (a slice selection may skip some)
                 step = abs(pos[1][1] - pos[0][1]) / max(pos[1][0] - pos[0][0], 1)
                 header = dataclasses.replace(header, slice_spacing_mm=step or None)
+        imaging = self._readouts.get(("imaging", self.enc.enc_matrix))
+        if imaging is not None and imaging[0] > 1:  # samples beyond the header's encoded x
+            header = dataclasses.replace(
+                header, readout_oversampling=header.readout_oversampling * imaging[0])
         noise = self._usable_noise()
         read = {s.slice_index for s in slices}
         if self._wanted is not None and not read and self._passed:

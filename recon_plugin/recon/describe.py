@@ -18,23 +18,24 @@ import numpy as np
 from ..physics import calibration_block, is_2d_sampling
 from ..scan import RawScan, SliceData, index_ranges
 from .combine import fully_sampled
-from .partial_fourier import is_partial_fourier, sampled_extent
+from .partial_fourier import is_partial_fourier
 
 
 def sampling(sl: SliceData) -> dict:
     """How one slice (or ky-kz plane) was sampled: its k-space shape (ky, kx or kz), acceleration
-    (line sampling: the lines from the first measured to the last over the measured ones;
-    a 2D mask: all samples over the measured ones), the calibration rows, and which special
-    cases the reconstruction will treat."""
+    (line sampling: the lines from the first measured to the last, and the pattern's own gap
+    beyond them, over the measured ones; a 2D mask, as every ky-kz plane's is: all samples over
+    the measured ones), the calibration rows, and which special cases the reconstruction will
+    treat."""
     mask = sl.mask > 0
     rows = mask.any(axis=1)
-    two_d = is_2d_sampling(mask)
+    # a ky-kz plane's kz is a phase encode, undersampled like ky: its mask is 2D
+    two_d = sl.plane is not None or is_2d_sampling(mask)
     if two_d:
         acc = mask.size / max(int(mask.sum()), 1)
         block = calibration_block(mask)
     else:  # zero padding outside the encoded lines and a partial Fourier gap do not count
-        lo, hi = sampled_extent(rows) if rows.any() else (0, rows.size - 1)
-        acc = (hi - lo + 1) / max(int(rows.sum()), 1)
+        acc = _line_acceleration(rows)
         block = sl.acs
     return {
         "shape": [int(n) for n in mask.shape],
@@ -47,6 +48,22 @@ def sampling(sl: SliceData) -> dict:
         "partial_fourier": bool(is_partial_fourier(rows)) and not two_d,
         "separate_calibration": sl.calib is not None,
     }
+
+
+def _line_acceleration(rows: np.ndarray) -> float:
+    """Lines over measured lines of a line mask ``rows`` (ky,): from the first measured line to
+    the last, and beyond them (into the edges, where they have room) the most common gap
+    between measured lines, which an undersampling pattern leaves after its last line (every
+    4th line of 64 is 4x, not 61 / 16); a wider edge (zero padding, partial Fourier) does not
+    count."""
+    idx = np.flatnonzero(rows)
+    if idx.size == 0:
+        return float(rows.size)
+    gaps = np.diff(idx) - 1
+    gaps = gaps[gaps > 0]
+    gap = int(np.bincount(gaps).argmax()) if gaps.size else 0
+    span = idx[-1] - idx[0] + 1 + min(gap, int(idx[0]) + rows.size - 1 - int(idx[-1]))
+    return span / idx.size
 
 
 def _counted(values: list) -> list[dict]:
@@ -82,6 +99,7 @@ def describe_scan(scan: RawScan) -> dict:
                      "flip_deg": seq.flip_deg, "type": seq.sequence_type},
         "encoded_matrix": list(h.encoded_matrix), "encoded_fov_mm": list(h.encoded_fov_mm),
         "recon_matrix": list(h.recon_matrix), "recon_fov_mm": list(h.recon_fov_mm),
+        "readout_oversampling": round(float(h.readout_oversampling), 2),
         "header_acceleration": h.acceleration,
         "coils": h.num_coils,
         "noise_samples": None if scan.noise is None else int(scan.noise.shape[-1]),
@@ -114,6 +132,7 @@ def format_description(d: dict, protocol: str | None = None) -> str:
     ``protocol``: the line saying which protocol would reconstruct it and how."""
     s, q = d["scanner"], d["sequence"]
     em, ef, rm, rf = d["encoded_matrix"], d["encoded_fov_mm"], d["recon_matrix"], d["recon_fov_mm"]
+    ros = d["readout_oversampling"]
     lines = [
         f"{d['source']}:",
         f"  header: protocol {d['protocol_name']!r}, contrast {d['contrast_name']!r}; "
@@ -125,8 +144,9 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         lines.append(f"  protocol: {protocol}")
     lines += [
         f"  matrix: encoded {em[0]} x {em[1]} x {em[2]} (FOV {ef[0]:g} x {ef[1]:g} x {ef[2]:g} mm; "
-        "readout oversampling removed), "
-        f"recon {rm[0]} x {rm[1]} x {rm[2]} (FOV {rf[0]:g} x {rf[1]:g} x {rf[2]:g} mm)",
+        + (f"readout {ros:g}x oversampled in the file, removed), " if ros != 1
+           else "no readout oversampling), ")
+        + f"recon {rm[0]} x {rm[1]} x {rm[2]} (FOV {rf[0]:g} x {rf[1]:g} x {rf[2]:g} mm)",
         f"  coils: {d['coils']}; noise scan: "
         + (f"{d['noise_samples']} samples (prewhitening)" if d["noise_samples"]
            else "none (noise level estimated from the data)"),
