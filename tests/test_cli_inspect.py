@@ -84,3 +84,66 @@ def test_inspect_says_whether_the_readout_was_oversampled(vol, tmp_path, capsys,
     assert d["encoded_matrix"][0] == 48  # as it is reconstructed
     assert ("readout 2x oversampled in the file, removed" if factor == 2
             else "no readout oversampling") in text
+
+
+def test_inspect_says_the_memory_reading_takes_against_the_limit(vol, tmp_path, capsys,
+                                                                 monkeypatch):
+    """2 slices x 4 coils x 64 x 48 (the readout oversampling removed) complex64 k-space as
+    read: 196608 bytes, against --max-memory-gb or $RECON_PLUGIN_MAX_MEMORY_GB."""
+    path = write_ismrmrd(vol, tmp_path / "mem.h5", acceleration=2, calib_lines=16)
+    assert main(["-q", "inspect", str(path), "--json", "--max-memory-gb", "0.5"]) == 0
+    (d,) = json.loads(capsys.readouterr().out)
+    assert d["memory"]["kspace_bytes"] == 2 * 4 * 64 * 48 * 8
+    assert d["memory"]["limit_bytes"] == 1 << 29
+    monkeypatch.setenv("RECON_PLUGIN_MAX_MEMORY_GB", "2")
+    d, text = _inspect(path, capsys)
+    assert d["memory"]["limit_bytes"] == 2 << 30
+    assert "  memory: k-space 0.188 MB as read (limit 2.0 GB)\n" in text
+
+
+def test_inspect_names_the_averages_and_how_they_are_combined(vol, tmp_path, capsys):
+    """3 averages of every line are averaged line by line when read (LineBuffer.average); a
+    file of one average says nothing of them."""
+    d, text = _inspect(write_ismrmrd(vol, tmp_path / "avg.h5", acceleration=2, calib_lines=16,
+                                     num_averages=3), capsys)
+    assert d["averages"] == {"count": 3, "combined": "averaged"}
+    assert "  averages: 3 per slice, averaged line by line in k-space when read\n" in text
+    d, text = _inspect(write_ismrmrd(vol, tmp_path / "one.h5", acceleration=2, calib_lines=16),
+                       capsys)
+    assert d["averages"] is None and "averages" not in text
+
+
+@pytest.mark.parametrize("acceleration", [1, 2])
+def test_inspect_gives_the_partial_fourier_fraction(vol, tmp_path, capsys, acceleration):
+    """The late 48 of 64 ky lines (6/8 partial Fourier), fully or every 2nd line (its last
+    measured line 62, the pattern's own gap after it counted as in the acceleration): 0.75."""
+    d, text = _inspect(write_ismrmrd(vol, tmp_path / "pf.h5", acceleration=acceleration,
+                                     calib_lines=16, partial_fourier=0.75), capsys)
+    (s,) = d["sampling"]
+    assert s["value"]["partial_fourier"] and s["value"]["partial_fourier_fraction"] == 0.75
+    assert "partial Fourier 0.75" in text
+    d, _ = _inspect(write_ismrmrd(vol, tmp_path / "full.h5", acceleration=2, calib_lines=16),
+                    capsys)
+    assert d["sampling"][0]["value"]["partial_fourier_fraction"] is None
+
+
+def test_inspect_names_the_sequence_type(vol, tmp_path, capsys):
+    """The header's sequence type (the simulator writes TurboSpinEcho) is in the text."""
+    d, text = _inspect(write_ismrmrd(vol, tmp_path / "seq.h5", acceleration=2, calib_lines=16),
+                       capsys)
+    assert d["sequence"]["type"] == "TurboSpinEcho"
+    assert "flip 90 deg; sequence TurboSpinEcho\n" in text
+
+
+def test_inspect_gives_a_ky_kz_calibration_blocks_both_sides(tmp_path, capsys):
+    """Every 2nd ky line and 16 calibration lines (24-39) on kz rows 0, 2-6 of 8: the fully
+    sampled centre is ky 24-40 (the calibration lines and the even line 40 beside them) x kz
+    2-6, 17 x 5 encodes; it had given only its 17 ky rows."""
+    v = simulate_volume("test", "T2", num_slices=8, num_coils=4, matrix=(64, 48), snr=30.0)
+    ky = [y for y in range(64) if y % 2 == 0 or 24 <= y < 40]
+    d, text = _inspect(write_ismrmrd_3d(v, tmp_path / "kykz.h5", lambda z: ky, slab_mm=40.0,
+                                        kz_rows=[0, 2, 3, 4, 5, 6], calib=(24, 40)), capsys)
+    (s,) = d["sampling"]
+    assert s["value"]["calibration_rows"] == [24, 41]
+    assert s["value"]["calibration_kz"] == [2, 7]
+    assert "calibration block ky 24-40 x kz 2-6 (17 x 5)" in text

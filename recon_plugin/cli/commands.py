@@ -181,7 +181,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             if not a.json:
                 print(f"{path}: NOT READABLE: {e}")
             continue
-        d = describe_scan(scan)
+        d = describe_scan(scan, max_bytes)
         try:
             proto = protocols.select(scan.header)
         except ProtocolMatchError as e:  # this input only: the others are still described

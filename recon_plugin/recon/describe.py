@@ -1,7 +1,8 @@
 """What the reconstruction sees in a raw scan, without reconstructing it (``recon-plugin
-inspect``): the header's matrices and fields of view, coils and noise scan, slices, how each
-slice was sampled (acceleration, calibration block, partial Fourier, 2D masks, 3D slabs),
-its geometry, and every note and warning the reader made. A physicist checks here how a site's
+inspect``): the header's sequence, matrices and fields of view, coils and noise scan, slices
+and averages, the memory its k-space takes against the readers' limit, how each slice was
+sampled (acceleration, calibration block, partial Fourier and its fraction, 2D masks, 3D
+slabs), its geometry, and every note and warning the reader made. A physicist checks here how a site's
 raw data are read before a single image is made.
 
 Units: millimetres, milliseconds, tesla; positions and directions in the ISMRMRD patient
@@ -15,7 +16,8 @@ from collections import Counter
 
 import numpy as np
 
-from ..physics import calibration_block, is_2d_sampling
+from ..io.budget import default_max_bytes, size_text
+from ..physics import calibration_block, centre_run, is_2d_sampling
 from ..scan import RawScan, SliceData, index_ranges
 from .combine import fully_sampled
 from .partial_fourier import is_partial_fourier
@@ -25,45 +27,72 @@ def sampling(sl: SliceData) -> dict:
     """How one slice (or ky-kz plane) was sampled: its k-space shape (ky, kx or kz), acceleration
     (line sampling: the lines from the first measured to the last, and the pattern's own gap
     beyond them, over the measured ones; a 2D mask, as every ky-kz plane's is: all samples over
-    the measured ones), the calibration rows, and which special cases the reconstruction will
-    treat."""
+    the measured ones), the calibration rows (a ky-kz plane's: and its kz columns, the block's
+    other side), the partial-Fourier fraction (:func:`partial_fourier_fraction`) where the
+    lines are partial Fourier, and which special cases the reconstruction will treat."""
     mask = sl.mask > 0
     rows = mask.any(axis=1)
     # a ky-kz plane's kz is a phase encode, undersampled like ky: its mask is 2D
     two_d = sl.plane is not None or is_2d_sampling(mask)
+    block_kz = None
     if two_d:
         acc = mask.size / max(int(mask.sum()), 1)
         block = calibration_block(mask)
+        if sl.plane is not None and block is not None:
+            block_kz = calibration_columns(mask, block)
     else:  # zero padding outside the encoded lines and a partial Fourier gap do not count
         acc = _line_acceleration(rows)
         block = sl.acs
+    pf = bool(is_partial_fourier(rows)) and not two_d
     return {
         "shape": [int(n) for n in mask.shape],
         "axes": ["ky", "kz" if sl.plane is not None else "kx"],
         "acceleration": round(float(acc), 2),
         "measured_lines": int(rows.sum()),
         "calibration_rows": list(block) if block is not None else None,
+        "calibration_kz": list(block_kz) if block_kz is not None else None,
         "mask_2d": bool(two_d),
         "fully_sampled": bool(fully_sampled(mask)),
-        "partial_fourier": bool(is_partial_fourier(rows)) and not two_d,
+        "partial_fourier": pf,
+        "partial_fourier_fraction": partial_fourier_fraction(rows) if pf else None,
         "separate_calibration": sl.calib is not None,
     }
 
 
-def _line_acceleration(rows: np.ndarray) -> float:
-    """Lines over measured lines of a line mask ``rows`` (ky,): from the first measured line to
-    the last, and beyond them (into the edges, where they have room) the most common gap
-    between measured lines, which an undersampling pattern leaves after its last line (every
-    4th line of 64 is 4x, not 61 / 16); a wider edge (zero padding, partial Fourier) does not
-    count."""
+def calibration_columns(mask: np.ndarray, rows: tuple[int, int]) -> tuple[int, int] | None:
+    """[start, stop) of the columns (a ky-kz plane's kz) of the calibration block of ``mask``
+    (ky, kz) whose rows are ``rows`` [start, stop): the centre run of columns measured on every
+    one of them, as the reader's check of the block (``io/mrd_volume.split_planes``)."""
+    return centre_run(mask[rows[0]: rows[1]].all(axis=0), mask.shape[1] // 2)
+
+
+def _line_span(rows: np.ndarray) -> int:
+    """The lines a line mask ``rows`` (ky,) spans: from the first measured line to the last,
+    and beyond them (into the edges, where they have room) the most common gap between
+    measured lines, which an undersampling pattern leaves after its last line; a wider edge
+    (zero padding, partial Fourier) does not count. 0 where nothing was measured."""
     idx = np.flatnonzero(rows)
     if idx.size == 0:
-        return float(rows.size)
+        return 0
     gaps = np.diff(idx) - 1
     gaps = gaps[gaps > 0]
     gap = int(np.bincount(gaps).argmax()) if gaps.size else 0
-    span = idx[-1] - idx[0] + 1 + min(gap, int(idx[0]) + rows.size - 1 - int(idx[-1]))
-    return span / idx.size
+    return int(idx[-1] - idx[0] + 1 + min(gap, int(idx[0]) + rows.size - 1 - int(idx[-1])))
+
+
+def _line_acceleration(rows: np.ndarray) -> float:
+    """Lines over measured lines of a line mask ``rows`` (ky,): :func:`_line_span` over the
+    measured ones (every 4th line of 64 is 4x, not 61 / 16)."""
+    measured = int(np.count_nonzero(rows))
+    return _line_span(rows) / measured if measured else float(rows.size)
+
+
+def partial_fourier_fraction(rows: np.ndarray) -> float:
+    """The partial-Fourier fraction of a line mask ``rows`` (ky,): the measured lines' extent
+    (:func:`_line_span`, the undersampling pattern's own gap after its last line counted as in
+    the acceleration) over the encoded lines ``rows.size``, 3 decimals (the late 48 of 64
+    lines, every one or every 2nd: 0.75)."""
+    return round(_line_span(rows) / rows.size, 3)
 
 
 def _counted(values: list) -> list[dict]:
@@ -73,9 +102,34 @@ def _counted(values: list) -> list[dict]:
     return [{"value": first[k], "slices": n} for k, n in counts.most_common()]
 
 
-def describe_scan(scan: RawScan) -> dict:
+def memory(scan: RawScan, max_bytes: int | None = None) -> dict:
+    """The memory reading ``scan`` took against the readers' limit ``max_bytes`` (None:
+    :func:`~recon_plugin.io.budget.default_max_bytes`, ``$RECON_PLUGIN_MAX_MEMORY_GB`` or 8 GB).
+    ``kspace_bytes`` is the k-space of the scan as read: every slice's (or ky-kz plane's)
+    complex64 array and its separate calibration, not the number each reader's budget checked
+    (the size the header or file declares, e.g. every slice buffer the ISMRMRD header's limits
+    allow and a slab's copy while it is split; ``io/budget.check_budget`` is handed it and
+    returns nothing, so it is not reachable without changing the readers): at least the
+    k-space held, not the reader's peak."""
+    held = sum(sl.kspace.nbytes + (sl.calib.nbytes if sl.calib is not None else 0)
+               for sl in scan.slices)
+    return {"kspace_bytes": int(held),
+            "limit_bytes": int(default_max_bytes() if max_bytes is None else max_bytes),
+            "counted": "k-space as read"}
+
+
+def averages(scan: RawScan) -> dict | None:
+    """The averages (ISMRMRD ``average`` counter, twix ``Ave``) of the slice with the most,
+    and how the reader combined them, where a slice has more than one (else None): averaged,
+    each k-space line's sum divided by the times it was measured (``io/mrd_lines.
+    LineBuffer.average``), when the file is read, before any reconstruction."""
+    count = max((sl.average_count for sl in scan.slices), default=1)
+    return {"count": int(count), "combined": "averaged"} if count > 1 else None
+
+
+def describe_scan(scan: RawScan, max_bytes: int | None = None) -> dict:
     """A JSON-able account of ``scan`` (see the module doc); slices that share a sampling are
-    counted together."""
+    counted together. ``max_bytes``: the memory limit it was read with (:func:`memory`)."""
     h = scan.header
     seq = h.sequence
     slices = scan.slices
@@ -110,6 +164,8 @@ def describe_scan(scan: RawScan) -> dict:
         "contrasts": len({sl.contrast for sl in slices}),
         "repetitions": len({sl.repetition for sl in slices}),
         "phases": len({sl.phase for sl in slices}),
+        "averages": averages(scan),
+        "memory": memory(scan, max_bytes),
         "kz_planes": {"planes": len(planes), "slabs": len({p.plane.slab for p in planes}),
                       "partitions_per_slab": len(planes[0].plane.offsets)} if planes else None,
         "sampling": _counted([sampling(sl) for sl in slices]),
@@ -138,7 +194,8 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         f"  header: protocol {d['protocol_name']!r}, contrast {d['contrast_name']!r}; "
         f"{s['manufacturer'] or '-'} {s['model'] or ''} {_fmt(s['field_strength_t'], ' T')}; "
         f"TR {_fmt(q['tr_ms'], ' ms')}, TE {_fmt(q['te_ms'], ' ms')}, "
-        f"TI {_fmt(q['ti_ms'], ' ms')}, flip {_fmt(q['flip_deg'], ' deg')}",
+        f"TI {_fmt(q['ti_ms'], ' ms')}, flip {_fmt(q['flip_deg'], ' deg')}; "
+        f"sequence {q['type'] or '-'}",
     ]
     if protocol:
         lines.append(f"  protocol: {protocol}")
@@ -158,11 +215,18 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         k = d["kz_planes"]
         lines.append(f"  3D slab accelerated along kz: {k['slabs']} slab(s), reconstructed as "
                      f"{k['planes']} ky-kz planes, {k['partitions_per_slab']} partitions per slab")
+    if d["averages"]:
+        lines.append(f"  averages: {d['averages']['count']} per slice, averaged line by line in "
+                     "k-space when read")
+    m = d["memory"]
+    lines.append(f"  memory: k-space {size_text(m['kspace_bytes'])} as read "
+                 f"(limit {size_text(m['limit_bytes'])})")
     for item in d["sampling"]:
         v = item["value"]
-        block = v["calibration_rows"]
+        block, block_kz = v["calibration_rows"], v["calibration_kz"]
         kind = "2D mask" if v["mask_2d"] else "lines"
-        extra = ["partial Fourier"] if v["partial_fourier"] else []
+        extra = [f"partial Fourier {v['partial_fourier_fraction']:g}"] if v["partial_fourier"] \
+            else []
         (a, b), (na, nb) = v["axes"], v["shape"]
         head = f"  sampling ({item['slices']} slice(s)): k-space {a} {na} x {b} {nb}, "
         if v["fully_sampled"]:
@@ -174,6 +238,9 @@ def format_description(d: dict, protocol: str | None = None) -> str:
             + (f" (header: {d['header_acceleration']:g}x)" if d["header_acceleration"] else "")
             + f", {v['measured_lines']} lines, "
             + ("ESPIRiT maps from the separate calibration scan" if v["separate_calibration"]
+               else f"calibration block ky {block[0]}-{block[1] - 1} x kz {block_kz[0]}-"
+                    f"{block_kz[1] - 1} ({block[1] - block[0]} x {block_kz[1] - block_kz[0]})"
+               if block and block_kz
                else f"calibration rows {block[0]}-{block[1] - 1} ({block[1] - block[0]})"
                if block else "no calibration block (no ESPIRiT maps: zero-filled)")
             + "".join(f", {w}" for w in extra))
