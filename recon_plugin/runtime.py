@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,21 @@ class RunStopped(Exception):
 
 
 @contextlib.contextmanager
-def stop_requests(when: str = "after the current step") -> Iterator[list[int]]:
+def stop_requests(when: str = "after the current step", after: Any = None
+                  ) -> Iterator[list[int]]:
     """While active (main thread only), SIGINT and SIGTERM are recorded in the yielded list
     instead of stopping the process, so that a loop can stop where its state is consistent
     (``when``: where, for the warning a signal gets); a second signal raises RunStopped at
-    once. The previous handlers come back after."""
+    once. Nested in another (``adapt`` around its training loop), it shares that one's list:
+    a signal the enclosing one took before this one began stops here too. The previous
+    handlers come back after, or ``after`` for both where given (``signal.SIG_IGN`` for a
+    process whose exit status is then decided, as :func:`ignore_stops`: straight from this
+    one's handler, never the default's in between)."""
     requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
+    requested = getattr(signal.getsignal(signal.SIGTERM), "requested", requested)
 
     def handler(signum, frame):
         if requested:
@@ -115,11 +122,13 @@ def stop_requests(when: str = "after the current step") -> Iterator[list[int]]:
         log.warning("%s: stopping %s (again to stop at once)", signal.Signals(signum).name,
                     when)
 
+    handler.requested = requested  # type: ignore[attr-defined]  # for one nested in this one
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield requested
     finally:
         for s, h in previous.items():
+            h = h if after is None else after
             signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
 
 

@@ -373,6 +373,42 @@ def test_a_stop_between_publishing_and_ignoring_signals_keeps_the_exit_status(
     assert sent and (tmp_path / "s" / "protocols" / "tiny_base-site.yaml").is_file()
 
 
+def test_a_stop_another_thread_takes_after_publishing_keeps_the_exit_status(
+        site, tmp_path, monkeypatch):
+    """As above, the SIGTERM delivered to another thread (as the kernel delivers a ``kill`` to
+    a thread that does not block it: a torch or tqdm thread, where the main thread blocks
+    it): the run's own exit status (the handlers had gone back to those found before they
+    were ignored, here one that raises: a silent 143 under the default)."""
+    import threading
+
+    from recon_plugin import runtime
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.cli import main
+
+    d, raws = site
+    real, sent, done = runtime.ignore_stops, [], threading.Event()
+    other = threading.Thread(target=done.wait, args=(60,), daemon=True)  # signals not blocked
+
+    def signal_then_ignore():
+        sent.append(1)
+        signal.pthread_kill(other.ident, signal.SIGTERM)
+        done.wait(0.2)  # the main thread runs a Python handler the other thread's signal tripped
+        real()
+
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    monkeypatch.setattr(site_mod, "ignore_stops", signal_then_ignore, raising=False)
+    monkeypatch.setattr(sys, "argv", ["recon-plugin", "-q", "adapt", *map(str, raws), "--protocol",
+                                      str(d / "tiny_base.yaml"), "--out", str(tmp_path / "s"),
+                                      "--steps", "1"])
+    other.start()
+    try:
+        with sigterm_without_default():
+            assert main() == 0
+    finally:
+        done.set()
+    assert sent and (tmp_path / "s" / "protocols" / "tiny_base-site.yaml").is_file()
+
+
 def test_what_a_stop_after_the_verdict_says():
     """The line for each outcome: a model published now or before, or none promoted."""
     from recon_plugin.cli.commands import stopped_after_the_verdict

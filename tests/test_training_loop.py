@@ -422,3 +422,59 @@ def test_the_loss_plot_is_replaced_whole(tmp_path):
         assert viewer.read() == first
     assert path.read_bytes() != first and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["loss_curve.png"]
+
+
+def test_a_signal_an_enclosing_stop_request_took_stops_the_loop_at_its_first_step(
+        tmp_path, monkeypatch):
+    """``adapt`` holds SIGINT / SIGTERM from before its training loop (its own stop_requests,
+    for the gate): a signal while the loop starts (its checkpoint loading), before the loop's
+    own handler, stops the run at its first step with its checkpoint (it had been recorded by
+    the enclosing handler only: every step trained, then the gate stopped it)."""
+    from recon_plugin.runtime import RunStopped, stop_requests
+    from recon_plugin.training import loop
+
+    model, x, y = _linear_problem()
+    real, calls = loop.remove_stale_temporaries, []
+
+    def then_signal(run_dir):
+        real(run_dir)
+        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
+
+    def loss_fn(m, rng):
+        calls.append(1)
+        return ((m(x) - y) ** 2).mean()
+
+    monkeypatch.setattr(loop, "remove_stale_temporaries", then_signal)
+    with sigterm_without_default(), stop_requests("at the gate") as requested:
+        with pytest.raises(RunStopped, match="at step 0 of 20"):
+            train_loop(model, loss_fn, tmp_path, steps=20, progress=False)
+        assert requested == [signal.SIGTERM]
+    assert calls == [] and (tmp_path / "ckpt.pt").is_file()
+
+
+def test_a_signal_while_stops_at_once_installs_its_handlers_stops_it(monkeypatch):
+    """SIGINT between stops_at_once's two installations (SIGINT's handler set, SIGTERM's not
+    yet): RunStopped saying so, both handlers as they were (its handler had raised NameError,
+    the previous handlers not yet known, and stayed installed)."""
+    from recon_plugin.runtime import RunStopped
+    from recon_plugin.training.loop import stops_at_once
+
+    real, fired = signal.signal, []
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def installing(signum, handler):
+        old = real(signum, handler)
+        if signum == signal.SIGINT and handler is not before[signal.SIGINT] and not fired:
+            fired.append(1)
+            signal.raise_signal(signal.SIGINT)  # in this thread: handled at once
+        return old
+
+    monkeypatch.setattr(signal, "signal", installing)
+    try:
+        with pytest.raises(RunStopped, match="SIGINT: exporting"):
+            with stops_at_once("exporting"):
+                raise AssertionError("the block ran")
+        assert fired and {s: signal.getsignal(s) for s in before} == before
+    finally:
+        for s, h in before.items():
+            real(s, h)

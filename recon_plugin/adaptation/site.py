@@ -58,9 +58,6 @@ from . import MODES, PARAMS, SSDU_LOSS_FRACTION
 
 log = logging.getLogger(__name__)
 
-_STOPS = {signal.SIGINT, signal.SIGTERM}
-
-
 def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None,
                    on_header: Callable[[Path, ScanHeader], None] | None = None,
                    ) -> list[SiteSlice]:
@@ -149,8 +146,9 @@ def adapt(
     0); ``protocol_dirs``: protocol folders searched first, for ``base_protocol`` and for the
     check that each file's header matches it (as ``recon --protocol-dir``); ``exiting``: the
     process ends once this returns (the command line), so SIGINT / SIGTERM are ignored from
-    when the result is published or refused (:func:`~recon_plugin.runtime.ignore_stops`),
-    with no moment under the default handler between."""
+    when the result is published or refused, or the run stops or fails after its handler was
+    installed (:func:`~recon_plugin.runtime.ignore_stops`), with no moment under the default
+    handler between (in any thread: the handler goes straight to ignored)."""
     from ..config.protocol import load_protocol
     from ..models.checkpoint import load_model
     from ..models.inference import torch_device
@@ -238,8 +236,9 @@ def adapt(
     # so (``stopped_by``). Under torchrun only from the gate on (rank 0): there the launcher's
     # signals end the training as before (see train_loop)
     when = "at the promotion gate, or once a publication under way is complete"
+    then = signal.SIG_IGN if exiting else None  # its handler straight to ignored (see below)
     with contextlib.ExitStack() as stops:
-        requested = stops.enter_context(stop_requests(when)) if world == 1 else []
+        requested = stops.enter_context(stop_requests(when, then)) if world == 1 else []
         history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
                              steps, lr, seed, ckpt_every=max(10, steps // 10),
                              time_budget_s=None if world > 1 else time_budget_s,
@@ -258,7 +257,7 @@ def adapt(
                 ignore_stops()
             return report
         if world > 1:
-            requested = stops.enter_context(stop_requests(when))
+            requested = stops.enter_context(stop_requests(when, then))
         new_errs = heldout_errors(model, hold)
         new_err = float(new_errs.mean())
         gate = significant_improvement(base_errs, new_errs)
@@ -304,11 +303,8 @@ def adapt(
             report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
         if requested:  # it came after the verdict: what was published stays, the caller stops
             report["stopped_by"] = requested[0]
-        if exiting:  # the result is decided: a signal from here waits, then is dropped
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
-    if exiting:  # ignored from here on, never back under the default handler in between
-        ignore_stops()  # drops a signal held since (POSIX: pending and now ignored)
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    if exiting:  # the handler above went straight to ignored; so does the rest of the exit
+        ignore_stops()
     return report
 
 

@@ -199,7 +199,10 @@ def stops_at_once(what: str) -> Iterator[None]:
         restore()  # first: it may fire while the block below restores them
         raise RunStopped(signum, f"{signal.Signals(signum).name}: {what}")
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # known before either is installed: a signal between the installations restores both
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
     try:
         yield
     finally:
