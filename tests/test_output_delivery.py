@@ -179,3 +179,29 @@ def test_queue_retry_passes_over_a_queue_it_cannot_write(tmp_path):
         retry.stop(timeout=1.0)
     assert [i["attempts"] for i in queued_items(fine)] == [1]  # tried
     assert [i["attempts"] for i in queued_items(broken)] == [0]
+
+
+def test_queue_retry_runs_again_in_a_child_forked_after_it_started(tmp_path):
+    """A child forked after the retry thread started has none of its parent's threads: a queue
+    it adds is retried by a thread of its own (it had counted on the parent's)."""
+    import multiprocessing
+
+    from recon_plugin.output.delivery import QueueRetry
+
+    retry = QueueRetry(3600.0)
+    try:
+        retry.add(tmp_path / "parent-queue")
+        ctx = multiprocessing.get_context("fork")
+        ours, theirs = ctx.Pipe()
+
+        def child():
+            retry.add(tmp_path / "child-queue")
+            theirs.send(retry._thread is not None and retry._thread.is_alive())
+
+        proc = ctx.Process(target=child)
+        proc.start()
+        assert ours.poll(30) and ours.recv() is True
+        proc.join(30)
+        assert proc.exitcode == 0  # its retry thread is a daemon: the child ends
+    finally:
+        retry.stop(timeout=1.0)

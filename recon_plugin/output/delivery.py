@@ -148,10 +148,12 @@ class QueueRetry:
         self._thread: threading.Thread | None = None
 
     def add(self, queue: Path | str) -> None:
-        """Retry ``queue`` from now on (started at the first call)."""
+        """Retry ``queue`` from now on (the thread started at the first call, and again where
+        it is not running: in a child forked after it started, which has no thread of its
+        parent's)."""
         with self._lock:
             self._queues.add(Path(queue))
-            if self._thread is None and not self._stop.is_set():
+            if (self._thread is None or not self._thread.is_alive()) and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name="pacs-queue-retry")
                 self._thread.start()
