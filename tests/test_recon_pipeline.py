@@ -241,4 +241,8 @@ def test_the_default_protocol_does_not_depend_on_the_data_scale(files):
             noise=None if scan.noise is None else scan.noise * np.complex64(scale))
         got = [im.pixels / scale for im in recon.reconstruct(scaled, settings)[0].images]
         for x, y in zip(ref, got):
-            np.testing.assert_allclose(y, x, rtol=0, atol=2e-3 * x.max())
+            # float32 rounding at 1e-7 may move a pixel or two at a map's edge (0.9 % of the
+            # maximum on the built-in phantom); a scale the method depended on moves 40 % of
+            # them by 0.1 % and the whole image by 2 % (L1 weights made absolute)
+            assert np.linalg.norm(y - x) < 2e-3 * np.linalg.norm(x)
+            assert np.mean(np.abs(y - x) > 1e-3 * x.max()) < 0.01
