@@ -29,3 +29,15 @@ def sigterm_without_default() -> Iterator[Callable]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def errors_of_a_sigterm_stop(argv: list[str], caplog) -> list[str]:
+    """Run ``recon-plugin ARGV`` (the CLI's ``main``) under :func:`sigterm_without_default`,
+    for a command a test signals: it must exit with 128 + SIGTERM and leave SIGTERM's handler
+    as it found it. Returns the ERROR lines it logged (``caplog``: pytest's fixture)."""
+    from recon_plugin.cli import main
+
+    with sigterm_without_default() as unhandled:
+        assert main(argv) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

@@ -13,7 +13,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import sigterm_without_default
+from helpers import errors_of_a_sigterm_stop
 from torch import nn
 
 from recon_plugin.models.checkpoint import load_model, save_model
@@ -560,7 +560,6 @@ def test_a_signal_while_prune_validates_its_variant_stops_it_saying_so(tmp_path,
     """SIGTERM while ``prune`` validates the variant it is about to export (outside the
     fine-tuning's steps): exit 143 with one line saying what was stopped and that the same
     command exports (it had ended the process with 143 and no word); nothing written."""
-    from recon_plugin.cli import main
     from recon_plugin.pruning import run
 
     def then_signal(model):
@@ -570,12 +569,10 @@ def test_a_signal_while_prune_validates_its_variant_stops_it_saying_so(tmp_path,
     parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
     save_model(_randomise_bn(parent).eval(), tmp_path / "parent", {"name": "parent"})
     monkeypatch.setattr(run, "val_quality", then_signal)
-    with sigterm_without_default() as unhandled:
-        assert main(["-q", "prune", "--model", str(tmp_path / "parent.safetensors"), "--method",
-                     "lean", "--ratio", "0.6", "--finetune", "none", "--run-dir",
-                     str(tmp_path / "run"), "--export", str(tmp_path / "v")]) == 128 + signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is unhandled
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    errors = errors_of_a_sigterm_stop(
+        ["-q", "prune", "--model", str(tmp_path / "parent.safetensors"), "--method", "lean",
+         "--ratio", "0.6", "--finetune", "none", "--run-dir", str(tmp_path / "run"),
+         "--export", str(tmp_path / "v")], caplog)
     assert errors == [f"SIGTERM: stopped while pruning, or validating and writing the variant "
                       f"{tmp_path / 'v'} (outside the fine-tuning steps): run the same command "
                       "again to export it"]

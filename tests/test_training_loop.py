@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import sigterm_without_default
+from helpers import errors_of_a_sigterm_stop, sigterm_without_default
 
 from recon_plugin.training import transfer
 from recon_plugin.training.loop import MAX_SKIPPED, train_loop
@@ -397,10 +397,7 @@ def test_a_signal_while_train_chooses_its_final_model_stops_it_saying_so(tmp_pat
     run = ["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "2", "--cascades", "1",
            "--chans", "2", "--pools", "1", "--batch-size", "2", "--export", str(tmp_path / "m")]
     monkeypatch.setattr(supervised, "select_final", then_signal)
-    with sigterm_without_default() as unhandled:
-        assert main(run) == 128 + signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is unhandled
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    errors = errors_of_a_sigterm_stop(run, caplog)
     assert errors == [f"SIGTERM: stopped while choosing or writing the final model of "
                       f"{tmp_path / 'run'} (the run is checkpointed there): run the same "
                       "command again to export it"]
