@@ -21,17 +21,20 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .unrolled import ComplexCNN
 
 
-def torch_device(name: str) -> torch.device:
+def torch_device(name: str, given: str | None = None) -> torch.device:
     """The torch device ``--device NAME`` asks for (``cpu``, ``cuda``, ``cuda:N``); ValueError
-    (one line, a usage error) for a name torch does not know or CUDA where none is available."""
+    (one line, a usage error) for a name torch does not know or CUDA where none is available,
+    naming the setting as ``given`` (default ``--device NAME``; e.g. ``$VAR=NAME`` where an
+    environment variable asked for it)."""
+    given = given or f"--device {name!r}"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
+        raise ValueError(f"{given}: not a device (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but no CUDA device is available")
+        raise ValueError(f"{given}: requested but no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+        raise ValueError(f"{given}: only cpu and cuda are supported")
     return device
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import defaultdict
@@ -35,6 +34,7 @@ from ..config.protocol import Protocol, list_protocols, load_protocol, select_pr
 from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
+from ..models.inference import torch_device
 from ..output.delivery import RETRY_PERIOD_S, DeliveryPlan, QueueRetry
 from ..output.pacs import waiting_files
 from ..physics import fft2c
@@ -562,18 +562,13 @@ def shared_engine(**kwargs: Any) -> StreamEngine:
         if "engine" not in _SHARED:
             if "pacs_retry_s" not in kwargs:
                 kwargs["pacs_retry_s"] = _pacs_retry_from_env()
-            from_env = "device" not in kwargs and DEVICE_ENV in os.environ
+            if "device" not in kwargs and DEVICE_ENV in os.environ:  # named as the user set it
+                name = os.environ[DEVICE_ENV]
+                torch_device(name, f"{DEVICE_ENV}={name} (unset it or set it to cpu)")
             kwargs.setdefault("device", os.environ.get(DEVICE_ENV, "cpu"))
             kwargs.setdefault("dicom_out", os.environ.get("RECON_PLUGIN_DICOM_OUT") or None)
             tune_allocator()  # this process hosts the recon: see recon_plugin.runtime
-            try:
-                _SHARED["engine"] = StreamEngine(**kwargs)
-            except ValueError as e:
-                if not from_env or "device" not in str(e).lower():
-                    raise
-                why = re.sub(r"^--device \S+?:? ", "", str(e))  # torch_device's flag wording
-                raise ValueError(f"{DEVICE_ENV}={kwargs['device']}: {why} (unset it or set it "
-                                 "to cpu)") from None
+            _SHARED["engine"] = StreamEngine(**kwargs)
             _SHARED["engine"].retry_earlier_queues()
         return _SHARED["engine"]
 
