@@ -123,13 +123,44 @@ def stop_requests(when: str = "after the current step", after: Any = None
                     when)
 
     handler.requested = requested  # type: ignore[attr-defined]  # for one nested in this one
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in _STOPS}
     try:
         yield requested
     finally:
-        for s, h in previous.items():
-            h = h if after is None else after
-            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
+        _restore(previous if after is None else dict.fromkeys(previous, after))
+
+
+@contextlib.contextmanager
+def stops_at_once(what: str) -> Iterator[None]:
+    """While active (main thread only), SIGINT / SIGTERM raise :class:`RunStopped` at once,
+    saying ``SIGNAME: what``: for work a rerun does again whose files are written atomically
+    (choosing and exporting a final model), which the default handler ended without a word.
+    The previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        _restore(previous)  # first: it may fire while the block below restores them
+        raise RunStopped(signum, f"{signal.Signals(signum).name}: {what}")
+
+    # known before either is installed: a signal between the installations restores both
+    previous = {s: signal.getsignal(s) for s in _STOPS}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _restore(handlers: dict) -> None:
+    """Install ``handlers`` ({signal: handler}; None, one not set from Python: the default)."""
+    for s, h in handlers.items():
+        signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 def ignore_stops() -> None:
@@ -138,8 +169,7 @@ def ignore_stops() -> None:
     (up to a second with torch loaded; Python's own handlers are gone by then) would turn that
     status into a silent 128 + signal."""
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
+        _restore(dict.fromkeys(_STOPS, signal.SIG_IGN))
 
 
 def bars(progress: bool) -> bool | None:

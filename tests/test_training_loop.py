@@ -453,8 +453,7 @@ def test_a_signal_while_stops_at_once_installs_its_handlers_stops_it(monkeypatch
     """SIGINT between stops_at_once's two installations (SIGINT's handler set, SIGTERM's not
     yet): RunStopped saying so, both handlers as they were (its handler had raised NameError,
     the previous handlers not yet known, and stayed installed)."""
-    from recon_plugin.runtime import RunStopped
-    from recon_plugin.training.loop import stops_at_once
+    from recon_plugin.runtime import RunStopped, stops_at_once
 
     real, fired = signal.signal, []
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

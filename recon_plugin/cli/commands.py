@@ -401,7 +401,7 @@ def stopped_after_the_verdict(rep: dict) -> str:
 def cmd_prune(a: argparse.Namespace) -> int:
     """Prune, fine-tune and export a variant."""
     from ..pruning.run import DEFAULT_ALIGN, make_variant
-    from ..training.loop import stops_at_once
+    from ..runtime import stops_at_once
 
     if a.pool and not Path(a.pool).exists() and Path(a.pool).suffix != ".pt":
         # a mistyped pool folder had become a template cache drawn there (minutes, other data)

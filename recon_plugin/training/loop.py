@@ -21,9 +21,8 @@ import math
 import pickle
 import re
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +154,7 @@ def best_so_far(path: Path, ckpt: dict | None, run_args: dict | None = None
             raise ValueError(f"{path}: damaged ({first_line(err)}); delete it to go on (the best "
                              "model it held is lost; the run resumes from its checkpoint)") from err
         if run_args is not None:
-            recorded = saved.get("run_args")
-            check_resumed_args(path, None if recorded is None else json.loads(recorded), run_args)
+            check_resumed_args(path, saved.get("run_args"), run_args)
         if have[1] == step:
             return have
         if have[1] > at:
@@ -181,42 +179,15 @@ def best_so_far(path: Path, ckpt: dict | None, run_args: dict | None = None
     return have or (-math.inf, None)
 
 
-@contextlib.contextmanager
-def stops_at_once(what: str) -> Iterator[None]:
-    """While active (main thread only), SIGINT / SIGTERM raise :class:`RunStopped` at once,
-    saying ``SIGNAME: what``: for work a rerun does again whose files are written atomically
-    (choosing and exporting a final model), which the default handler ended without a word.
-    The previous handlers come back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def restore() -> None:
-        for s, h in previous.items():
-            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: not set from Python
-
-    def handler(signum: int, frame) -> None:
-        restore()  # first: it may fire while the block below restores them
-        raise RunStopped(signum, f"{signal.Signals(signum).name}: {what}")
-
-    # known before either is installed: a signal between the installations restores both
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        restore()
-
-
-def check_resumed_args(ckpt: Path, recorded: dict | None, given: dict) -> None:
+def check_resumed_args(ckpt: Path, recorded: str | None, given: dict) -> None:
     """ValueError naming each argument of ``given`` (JSON-like) that differs from those the run
-    in ``ckpt`` was started with (``recorded``; None: an older checkpoint, not checked)."""
+    in ``ckpt`` was started with (``recorded``: their JSON text as saved there; None: an older
+    checkpoint, not checked)."""
     if recorded is None:
         log.info("%s records no run arguments (an older run): resumed without checking them",
                  ckpt)
         return
-    was, now = _flat(recorded), _flat(json.loads(json.dumps(given)))
+    was, now = _flat(json.loads(recorded)), _flat(json.loads(json.dumps(given)))
     diffs = [f"{k} {was.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(was) | set(now))
              if was.get(k) != now.get(k)]
     if diffs:
@@ -269,8 +240,7 @@ def train_loop(
                              f"{first_line(err)}); delete it to train the run from its start, "
                              "or use another run folder") from err
         if run_args is not None:  # before the weights: a clearer error than their shapes'
-            recorded = state.get("run_args")
-            check_resumed_args(ckpt, None if recorded is None else json.loads(recorded), run_args)
+            check_resumed_args(ckpt, state.get("run_args"), run_args)
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])

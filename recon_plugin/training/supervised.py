@@ -14,8 +14,9 @@ from ..metrics import psnr
 from ..models.checkpoint import save_model
 from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator
+from ..runtime import stops_at_once
 from .data import Batch, make_batch, validation_set
-from .loop import freeze_batchnorm, stops_at_once, train_loop
+from .loop import freeze_batchnorm, train_loop
 from .losses import image_loss
 
 log = logging.getLogger(__name__)
