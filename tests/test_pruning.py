@@ -226,8 +226,8 @@ def test_finetune_lowers_loss(base, tiny_batch, mode, tmp_path):
     before = _loss(pruned, loss_fn)
     # held-out-line prediction, and SSIM against the truth from an untrained base, learn slowly
     steps = {"ssdu": 80, "supervised": 60}.get(mode, 25)
-    out, selected = finetune(pruned, mode, teacher=base, run_dir=tmp_path, steps=steps, lr=3e-3,
-                             batch_fn=lambda rng: tiny_batch)
+    out, selected, _ = finetune(pruned, mode, teacher=base, run_dir=tmp_path, steps=steps,
+                                lr=3e-3, batch_fn=lambda rng: tiny_batch)
     assert out is pruned and not out.training and selected is None  # no validation: last state
     after = _loss(out, loss_fn)
     assert after < 0.92 * before, (mode, before, after)  # same batch and seeds: real learning

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -161,6 +162,16 @@ def make_validator(
     return validate
 
 
+class Finetuned(NamedTuple):
+    """What :func:`finetune` made: the model (eval mode), the step of the state it holds where
+    validation chose one (that of ``best.pt``, else None) and the steps trained (a time budget
+    may stop a run before its requested steps)."""
+
+    model: UnrolledNet
+    selected_step: int | None
+    steps_done: int
+
+
 def finetune(
     pruned: UnrolledNet,
     mode: str,
@@ -178,9 +189,8 @@ def finetune(
     progress: bool = False,
     run_args: dict | None = None,
     **loss_kw,
-) -> tuple[UnrolledNet, int | None]:
-    """Fine-tune ``pruned`` in place with the given mode(s); returns it in eval mode and the
-    step of the state it holds where validation chose one (that of ``best.pt``), else None.
+) -> Finetuned:
+    """Fine-tune ``pruned`` in place with the given mode(s) (returned in :class:`Finetuned`).
 
     With ``val_batches`` > 0 the model is validated on that many fixed simulated validation
     batches by :func:`make_validator` (no more information than the mode trains with) every
@@ -209,7 +219,8 @@ def finetune(
     if losses:
         log.info("fine-tune %s: %d steps in %.1f s, loss %.4f -> %.4f", mode, len(losses),
                  time.monotonic() - t0, losses[0], losses[-1])
-    return pruned.eval(), selected
+    done = max((h["step"] for h in history if "loss" in h), default=0)
+    return Finetuned(pruned.eval(), selected, int(done))
 
 
 def describe_variant(parent_card: dict, method: str, ratio: float, mode: str,

@@ -7,7 +7,6 @@ params, FLOPs, latency measured side by side with the parent, quality on the val
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -127,13 +126,12 @@ def make_variant(
                                  espirit=ESPIRIT_FRACTION)
             batch_fn, data = bp.sample, f"pool of {len(bp)} batches (phase / mirror augmented)"
             run_args["pool"] = bp.meta | {"batches": len(bp)}
-        _, selected = finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size, lr,
-                               seed, batch_fn=batch_fn, val_batches=val_batches,
-                               time_budget_s=time_budget_s, progress=True,
-                               espirit=ESPIRIT_FRACTION,
-                               teacher_cascades=None if kept is None else tuple(kept),
-                               run_args=run_args)
-        done = _steps_done(Path(run_dir))
+        _, selected, done = finetune(pruned, finetune_mode, teacher, run_dir, steps, batch_size,
+                                     lr, seed, batch_fn=batch_fn, val_batches=val_batches,
+                                     time_budget_s=time_budget_s, progress=True,
+                                     espirit=ESPIRIT_FRACTION,
+                                     teacher_cascades=None if kept is None else tuple(kept),
+                                     run_args=run_args)
     metrics = val_quality(pruned)
     training = {"finetune_steps": done, "finetune_steps_requested": steps if finetune_mode else 0,
                 "selected_step": selected, "lr": lr,
@@ -146,10 +144,3 @@ def make_variant(
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
                           training=training, align=align, cascades_kept=kept)
-
-
-def _steps_done(run_dir: Path) -> int:
-    """Steps trained, from ``history.json`` (a time budget may stop a run before its requested
-    steps)."""
-    hist = json.loads((run_dir / "history.json").read_text())
-    return int(max((h["step"] for h in hist if "loss" in h), default=0))
