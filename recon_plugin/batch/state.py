@@ -164,7 +164,6 @@ def save_state(out_dir: Path, state: dict) -> None:
     """Replace the state file atomically and durably."""
     with critical():
         write_text_atomic(out_dir / STATE_FILE, json.dumps(state, indent=1), fsync=True)
-        fsync_dir(out_dir)
 
 
 def clean_stale(out_dir: Path) -> list[Path]:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..output.atomic import atomic_path, fsync_dir
+from ..output.atomic import atomic_path, fsync_dir, write_file
 from .inference import fold_batchnorm, is_inference_only
 from .unrolled import UnrolledNet
 
@@ -51,15 +51,6 @@ def card_text(card: dict) -> str:
     return json.dumps(card, indent=2)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (a temporary of :func:`save_model`, renamed by
-    its ``atomic_path``)."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     """Write weights (safetensors) and card (JSON); returns the card with its hash.
 
@@ -84,8 +75,8 @@ def save_model(model: UnrolledNet, path: Path | str, card: dict) -> dict:
     with atomic_path(path) as weights, atomic_path(path.with_suffix(".json")) as card_file:
         data = save(state, metadata={"format": "pt"})
         card["sha256"] = hashlib.sha256(data).hexdigest()
-        _write_synced(weights, data)
-        _write_synced(card_file, card_text(card).encode("utf-8"))
+        write_file(weights, lambda fh: fh.write(data), fsync=True)
+        write_file(card_file, lambda fh: fh.write(card_text(card).encode("utf-8")), fsync=True)
     fsync_dir(path.parent)
     if before is not None and before != card["sha256"]:
         # an export onto an existing model: protocols naming it now load the new weights

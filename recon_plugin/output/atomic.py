@@ -44,13 +44,23 @@ def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def write_atomic(final: Path | str, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
-    """``write(fh)`` into a temporary file, optionally fsync, then rename over ``final``."""
-    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+def write_file(path: Path | str, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
+    """``write(fh)`` into ``path`` (binary), flushed, and fsynced with ``fsync``."""
+    with open(path, "wb") as fh:
         write(fh)
         fh.flush()
         if fsync:
             os.fsync(fh.fileno())
+
+
+def write_atomic(final: Path | str, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
+    """``write(fh)`` into a temporary file, then rename it over ``final``; with ``fsync``
+    durably: the file fsynced before the rename and its folder after it (a power cut leaves
+    the old file or the new one, never an empty one)."""
+    with atomic_path(final) as tmp:
+        write_file(tmp, write, fsync)
+    if fsync:
+        fsync_dir(Path(final).parent)
 
 
 def write_text_atomic(final: Path | str, text: str, fsync: bool = False) -> None:

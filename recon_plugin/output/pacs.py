@@ -314,7 +314,6 @@ def _short_pixel_data(ds) -> str | None:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True), fsync=True)
-    fsync_dir(path.parent)
 
 
 

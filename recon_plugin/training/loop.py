@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..output.atomic import fsync_dir, write_atomic
+from ..output.atomic import write_atomic
 from ..runtime import RunStopped, bars, stop_requests
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,6 @@ def write_checkpoint(path: Path, state: dict) -> None:
     """``torch.save(state)`` to ``path`` atomically and durably: the file fsynced before its
     rename, the folder after it."""
     write_atomic(path, lambda fh: torch.save(state, fh), fsync=True)
-    fsync_dir(path.parent)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
