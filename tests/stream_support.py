@@ -120,17 +120,20 @@ def check_images(images, reference, series_base, acqs):
         assert img.image_type == ismrmrd.IMTYPE_MAGNITUDE
 
 
-def storage_scp(port: int, stored: list):
-    """A pynetdicom storage SCP on ``port`` that keeps the SOP Instance UIDs it is sent."""
+def storage_scp(port: int, stored: list, ae_title: str = "RETRY_TEST", ssl_context=None):
+    """A pynetdicom storage SCP (and verification: C-ECHO) on 127.0.0.1:``port`` that keeps
+    the SOP Instance UIDs it is sent; TLS only with ``ssl_context`` (the server's)."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import Verification
 
     def on_store(event):
         stored.append(str(event.dataset.SOPInstanceUID))
         return 0x0000
 
-    scp = AE(ae_title="RETRY_TEST")
+    scp = AE(ae_title=ae_title)
     scp.supported_contexts = AllStoragePresentationContexts
-    return scp.start_server(("127.0.0.1", port), block=False,
+    scp.add_supported_context(Verification)
+    return scp.start_server(("127.0.0.1", port), block=False, ssl_context=ssl_context,
                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from stream_support import storage_scp
 
 from recon_plugin.cli import main
 from recon_plugin.config import protocol as P
@@ -70,24 +71,12 @@ def certs(tmp_path_factory) -> Path:
 def _tls_scp(port: int, stored: list, certs: Path, client_cert: bool = True):
     """A storage SCP on 127.0.0.1:``port`` speaking TLS only (asking for the client's
     certificate where ``client_cert``); it keeps the SOP Instance UIDs it stores."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-    from pynetdicom.sop_class import Verification
-
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
     if client_cert:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(certs / "ca.pem")
-
-    def on_store(event):
-        stored.append(str(event.dataset.SOPInstanceUID))
-        return 0x0000
-
-    scp = AE(ae_title="TLS_PACS")
-    scp.supported_contexts = AllStoragePresentationContexts
-    scp.add_supported_context(Verification)
-    return scp.start_server(("127.0.0.1", port), block=False, ssl_context=ctx,
-                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return storage_scp(port, stored, "TLS_PACS", ctx)
 
 
 def _client(certs: Path, **kw) -> TlsSettings:
