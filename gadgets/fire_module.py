@@ -23,7 +23,6 @@ as ``recon-plugin serve`` does.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import ismrmrd
 
 from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
-from recon_plugin.stream.options import ClientGone, StreamOptions, log_failure
+from recon_plugin.stream.options import ClientGone, StreamOptions, log_failure, parse_config_text
 
 log = logging.getLogger("recon_plugin.fire")
 
@@ -47,11 +46,8 @@ def options_from_config(config: Any) -> StreamOptions:
     if isinstance(config, bytes):
         config = config.decode("utf-8", "replace")
     if isinstance(config, str) and config.strip().startswith(("{", "[")):
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"the FIRE config is not valid JSON: {e}") from None
-    if isinstance(config, list | tuple):  # as text or as the server parsed it
+        config = parse_config_text(config)  # a JSON object, or ValueError saying what it is
+    if isinstance(config, list | tuple):  # as the server parsed it
         raise ValueError("the FIRE config JSON must be an object such as "
                          f'{{"parameters": {{"protocol": "NAME"}}}}, got a {type(config).__name__}')
     if isinstance(config, Mapping):
