@@ -627,3 +627,43 @@ def test_non_finite_pixels_stay_in_the_series_scale(tmp_path):
         want = np.rint(src * (4095 / peak))
         np.testing.assert_array_equal(px.ravel()[1:], want.ravel()[1:])
     assert int(dss[0].pixel_array[0, 0]) == 4095 and int(dss[1].pixel_array[0, 0]) == 0
+
+
+def test_mrd_file_numbers_images_as_the_dicom_instance_numbers(tmp_path):
+    """An MRD file numbered its images (``image_index``) by slice index while DICOM's
+    InstanceNumber follows the position along the normal: with slice indices running against
+    the normal, MRD image N and DICOM image N were different slices. Both follow one order now,
+    and the MRD file holds its images in it."""
+    import dataclasses
+
+    import ismrmrd
+
+    from recon_plugin.output.mrd_file import write_mrd_file
+
+    rot = rotation(17, -23, 31)
+    normal = np.cross(rot[:, 0], rot[:, 1])
+    one = make_series(nslices=4, rot=rot, centre=(5.0, -8.0, 20.0), spacing=4.0)
+    n = len(one.images)
+    # slice index k sits at the (n-1-k)-th position along the normal; two repetitions
+    images = [dataclasses.replace(im, slice_index=n - 1 - im.slice_index, repetition=rep,
+                                  pixels=im.pixels + rep)
+              for rep in (0, 1) for im in one.images]
+    series = dataclasses.replace(one, images=[images[i] for i in (5, 2, 7, 0, 3, 6, 1, 4)])
+    dss = dicom.read_series(dicom.write_series(series, tmp_path / "dicom"))
+    by_place = {(int(d.AcquisitionNumber) - 1, round(float(d.SliceLocation), 2)):
+                int(d.InstanceNumber) for d in dss}
+    path = write_mrd_file([series], tmp_path / "mrd", stem="scan")
+    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+    try:
+        group = f"image_{series.series_number}"
+        mrd = [ds.read_image(group, i) for i in range(ds.number_of_images(group))]
+    finally:
+        ds.close()
+    assert len(mrd) == len(dss) == 8
+    for i, img in enumerate(mrd):
+        h = img.getHead()
+        along = round(float(np.asarray(h.position) @ normal), 2)
+        assert h.image_index == by_place[(h.repetition, along)], (h.slice, h.repetition)
+        assert h.image_index == i + 1  # stored in that order too
+    # the order runs along the normal, against the slice indices
+    assert [img.getHead().slice for img in mrd] == [3, 2, 1, 0, 3, 2, 1, 0]

@@ -20,8 +20,9 @@ the first transmitted pixel. With the centred-FFT convention pixel ``(row, col)`
 ``IPP = position - (ncols//2)*dx*read_dir - (nrows//2)*dy*phase_dir``,
 ``IOP = read_dir + phase_dir`` and ``PixelSpacing = [dy, dx]`` (row spacing, column spacing).
 InstanceNumber follows ``(repetition, phase, position along n)`` with
-``n = read_dir x phase_dir`` (the normal a viewer computes from IOP); SliceLocation is the
-position along ``n``.
+``n = read_dir x phase_dir`` (the normal a viewer computes from IOP), not the slice index
+(:func:`~recon_plugin.output.dicom_geometry.instance_order`, which an MRD file's
+``image_index`` follows too); SliceLocation is the position along ``n``.
 
 Missing geometry (``Geometry.defaulted``) is written as an axial stack (read = L, phase = P,
 normal = +z in LPS, i.e. towards the head). When every slice of such a series also has the same
@@ -73,7 +74,13 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from ..scan import ReconImage, ReconSeries
 from .atomic import make_readable
 from .dicom_dataset import add_private_block, rwvm_item, series_dataset
-from .dicom_geometry import _effective_geometries, _order, _slice_spacing, dataset_affine, image_plane
+from .dicom_geometry import (
+    _effective_geometries,
+    _slice_spacing,
+    dataset_affine,
+    image_plane,
+    instance_order,
+)
 from .dicom_series import DEFAULT_UID_ROOT, image_provenance_text, provenance_text, scan_uids
 from .dicom_values import _ds, _text, _valid_uid
 
@@ -223,7 +230,7 @@ def write_series(
 
     written: list[tuple[Path, Path]] = []
     try:
-        for instance, i in enumerate(_order(images, geoms), start=1):
+        for instance, i in enumerate(instance_order(series), start=1):
             im, g = images[i], geoms[i]
             ds = copy.deepcopy(base)
             sop = generate_uid(root)

@@ -69,6 +69,15 @@ def _effective_geometries(series: ReconSeries) -> tuple[list[Geometry], bool]:
     return geoms, True
 
 
+def instance_order(series: ReconSeries) -> list[int]:
+    """Indices of ``series.images`` in InstanceNumber order: by (repetition, phase, position
+    along read x phase) of the geometry the DICOM writer writes (defaulted stacks spread).
+
+    The one order of a scan's numbered images: DICOM's InstanceNumber and an MRD file's
+    ``image_index`` are both the 1-based place in it."""
+    return _order(series.images, _effective_geometries(series)[0])
+
+
 def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]:
     """Indices of images sorted by (repetition, phase, position along read x phase)."""
     normal = np.cross(np.asarray(geoms[0].read_dir, float), np.asarray(geoms[0].phase_dir, float))

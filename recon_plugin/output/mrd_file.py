@@ -8,8 +8,12 @@ One file per scan, ``<stem>_mrd.h5`` in the scan's output folder, group ``datase
   with ``ismrmrd.Dataset.append_image`` (readable with ``ismrmrd.Dataset.read_image``).
 
 Images are float32 magnitudes with the complete header and meta of
-:func:`~recon_plugin.output.mrd_image.mrd_image` (the streaming server sends the same);
-``image_index`` = the image's 1-based place in its series (repetition, phase, slice order).
+:func:`~recon_plugin.output.mrd_image.mrd_image` (the streaming server sends the same).
+They are written, and numbered, in the DICOM series' InstanceNumber order
+(:func:`~recon_plugin.output.dicom_geometry.instance_order`: repetition, phase, position along
+the slice normal ``read_dir x phase_dir``, not the slice index): ``image_index`` N is the image
+whose DICOM InstanceNumber is N. (The streaming server numbers the images it sends by slice
+index instead, as they finish: see :class:`~recon_plugin.stream.images.ImageEncoder`.)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import ismrmrd
 
 from ..scan import ReconSeries
 from .atomic import atomic_path
+from .dicom_geometry import instance_order
 from .mrd_image import mrd_image
 
 GROUP = "dataset"
@@ -41,8 +46,8 @@ def write_mrd_file(series: list[ReconSeries], out_dir: Path, stem: str | None = 
                 xml = series[0].header.xml
                 ds.write_xml_header(xml.encode("utf-8") if isinstance(xml, str) else xml)
             for s in series:
-                for i, im in enumerate(s.images):
-                    ds.append_image(f"image_{s.series_number}", mrd_image(s, im, i + 1))
+                for number, i in enumerate(instance_order(s), start=1):
+                    ds.append_image(f"image_{s.series_number}", mrd_image(s, s.images[i], number))
         finally:
             ds.close()
     return final

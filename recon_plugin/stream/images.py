@@ -35,6 +35,13 @@ class ImageEncoder:
     first imaging line. Image index ``1 + slice + n_slices * (repetition * n_phases + phase)``
     by the header's limits, unique per series: a slice beyond the limits, or one whose index
     is taken (an image made twice), gets the series' next free index.
+
+    That is the slice *index* order, fixed as each slice finishes (the other slices' positions
+    are not known yet). The DICOM series written when the scan ends, and an offline MRD file
+    (``--format mrd``), number by position along the slice normal instead
+    (:func:`~recon_plugin.output.dicom_geometry.instance_order`); where slice indices run
+    against the normal, a streamed image's ``image_index`` is not its InstanceNumber (match
+    them by ``slice`` / ``position``).
     """
 
     def __init__(self, protocol: Protocol, provenance: Any, image_dtype: str, n_slices: int,
