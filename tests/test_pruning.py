@@ -460,12 +460,10 @@ def test_variant_with_fewer_cg_iterations(tmp_path):
                      tmp_path / "v2", cg_iters=1, val_batches=0)
 
 
-def test_a_variant_card_is_made_again_from_code_without_touching_its_weights(tmp_path):
-    """``refresh_card`` writes a variant card's description again from code (one written
-    before the description named the CG iterations per solve): only that line changes, the
-    weights' bytes stay; a parent other than the one the card names is refused."""
-    from recon_plugin.models.checkpoint import ModelError, file_sha256
-    from recon_plugin.pruning.finetune import refresh_card
+def _variant_with_an_old_description(tmp_path) -> None:
+    """``parent`` and its variant ``v`` (3 CG iterations per solve, parent 4) in ``tmp_path``,
+    the variant's card written before its description named the CG iterations."""
+    from recon_plugin.models.checkpoint import file_sha256
 
     parent = UnrolledNet(num_cascades=2, chans=8, dc="prox", cg_iters=4, noise_aware=True)
     save_model(parent, tmp_path / "parent", {"name": "parent"})
@@ -475,6 +473,16 @@ def test_a_variant_card_is_made_again_from_code_without_touching_its_weights(tmp
         "description": "parent pruned by lean (ratio 0.8), fine-tuned: teacher",
         "pruning": {"method": "lean", "ratio": 0.8}, "parent_name": "parent",
         "parent_sha256": file_sha256(tmp_path / "parent.safetensors")})
+
+
+def test_a_variant_card_is_made_again_from_code_without_touching_its_weights(tmp_path):
+    """``refresh_card`` writes a variant card's description again from code (one written
+    before the description named the CG iterations per solve): only that line changes, the
+    weights' bytes stay; a parent other than the one the card names is refused."""
+    from recon_plugin.models.checkpoint import ModelError, file_sha256
+    from recon_plugin.pruning.finetune import refresh_card
+
+    _variant_with_an_old_description(tmp_path)
     weights = file_sha256(tmp_path / "v.safetensors")
     before = json.loads((tmp_path / "v.json").read_text())
     card = refresh_card(tmp_path / "v.safetensors", parent=tmp_path / "parent.safetensors")
@@ -488,6 +496,37 @@ def test_a_variant_card_is_made_again_from_code_without_touching_its_weights(tmp
                {"name": "parent"})
     with pytest.raises(ModelError, match="not the parent v.json was pruned from"):
         refresh_card(tmp_path / "v.safetensors", parent=tmp_path / "other.safetensors")
+
+
+def test_a_refreshed_card_is_fsynced_before_its_rename_and_its_folder_after(tmp_path,
+                                                                           monkeypatch):
+    """``refresh_card`` writes the card as durably as ``save_model``: the temporary fsynced
+    before it is renamed over the card, the folder after (it was renamed unsynced: a power cut
+    could leave an empty card beside the weights, and the model would not load)."""
+    import os
+
+    from recon_plugin.pruning.finetune import refresh_card
+
+    _variant_with_an_old_description(tmp_path)
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    refresh_card(tmp_path / "v.safetensors", parent=tmp_path / "parent.safetensors")
+    renames = [e for e in events if e[0] == "replace"]
+    assert [os.path.basename(e[2]) for e in renames] == ["v.json"], events
+    synced = ("fsync", os.path.realpath(renames[0][1]))
+    assert synced in events and events.index(synced) < events.index(renames[0]), events
+    assert events[-1] == ("fsync", os.path.realpath(tmp_path)), events
 
 
 def test_the_shipped_variant_cards_say_what_the_code_says():

@@ -301,10 +301,11 @@ def export_variant(
 def refresh_card(path: Path | str, parent: Path | str | None = None, write: bool = True) -> dict:
     """A pruned variant's card with its description made again by :func:`describe_variant`
     from what the card and the weights hold (parent, method, ratio, fine-tuning, and the
-    variant's own cascades and CG iterations), written back where it changed (``write``): a
-    card comes out of code, never out of a hand edit. Only the card is rewritten, the weights
-    (and their sha256) stay. ``parent``: the parent's weights (default: the card's
-    ``parent_name``), which must be the file the card's ``parent_sha256`` names."""
+    variant's own cascades and CG iterations), written back where it changed (``write``;
+    durably, as ``save_model`` writes it): a card comes out of code, never out of a hand edit.
+    Only the card is rewritten, the weights (and their sha256) stay. ``parent``: the parent's
+    weights (default: the card's ``parent_name``), which must be the file the card's
+    ``parent_sha256`` names."""
     model, card = load_model(path)  # the weights must match the card's sha256
     card_path = weights_path(path).with_suffix(".json")
     pruning = card.get("pruning") or {}
@@ -324,7 +325,7 @@ def refresh_card(path: Path | str, parent: Path | str | None = None, write: bool
         log.info("%s: description %r -> %r", card_path, card.get("description"), text)
         card["description"] = text  # in its place: the card's other lines stay as they are
         if write:
-            write_text_atomic(card_path, card_text(card))
+            write_text_atomic(card_path, card_text(card), fsync=True)  # as durably as save_model
     return card
 
 
