@@ -618,6 +618,50 @@ def test_a_signal_while_prune_validates_its_variant_stops_it_saying_so(tmp_path,
     assert not (tmp_path / "v.safetensors").exists()
 
 
+def test_a_cut_best_model_stops_prune_naming_it_with_what_to_do(tmp_path, caplog):
+    """best.pt cut in half (torch's reader raises OSError EINVAL there): ``prune`` run again
+    exits 2 with one line naming the file and what to do (it exited 1 with "[Errno 22] Invalid
+    argument" alone); done so, the same command exports."""
+    from recon_plugin.cli import main
+
+    parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
+    save_model(_randomise_bn(parent).eval(), tmp_path / "parent", {"name": "parent"})
+    run = ["-q", "prune", "--model", str(tmp_path / "parent.safetensors"), "--method", "lean",
+           "--ratio", "0.6", "--finetune", "teacher", "--steps", "2", "--pool-size", "1",
+           "--pool", str(tmp_path / "cache.pt"), "--run-dir", str(tmp_path / "run"),
+           "--export", str(tmp_path / "v")]
+    assert main(run) == 0
+    best = tmp_path / "run" / "best.pt"
+    best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    caplog.clear()
+    assert main(run) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"{best}: damaged (cut short"), errors
+    assert errors[0].endswith("; delete it and run the same command again (the best model it "
+                              "held is lost; the run resumes from its checkpoint)"), errors
+    best.unlink()
+    assert main(run) == 0
+
+
+def test_a_best_model_damaged_after_the_fine_tuning_is_named(tmp_path, monkeypatch):
+    """The best state ``finetune`` restores at its end, damaged since the loop checked it: a
+    ValueError naming the file and what to do (it escaped as torch's own error)."""
+    model = UnrolledNet(num_cascades=1, chans=4, dc="prox", cg_iters=2)
+
+    def trains_then_cut(model, loss_fn, run_dir, *args, **kwargs):
+        torch.save({"model": model.state_dict(), "step": 1, "val": 0.0}, run_dir / "best.pt")
+        data = (run_dir / "best.pt").read_bytes()
+        (run_dir / "best.pt").write_bytes(data[: len(data) // 2])
+        return [{"step": 1, "loss": 1.0}]
+
+    monkeypatch.setattr(finetune_mod, "train_loop", trains_then_cut)
+    monkeypatch.setattr(finetune_mod, "make_validator", lambda *a, **kw: lambda m: 0.0)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"run/best\.pt: damaged \(cut short: .*\); delete it "
+                                         "and run the same command again"):
+        finetune(model, "self", run_dir=tmp_path / "run", steps=1, val_batches=1)
+
+
 # ------------------------------------------------------------------------------ cascades
 def test_keep_cascades_is_the_network_without_the_others():
     """A network with cascade 1 of 3 removed computes what the parent computes with that

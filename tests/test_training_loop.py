@@ -180,7 +180,10 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
     train_loop(model, loss_fn, tmp_path, steps=3, progress=False)
     foreign = tmp_path / "foreign.pt"
     torch.save({"when": datetime.date(2020, 1, 1)}, foreign)  # weights_only refuses it
+    large = tmp_path / "large.pt"  # cut, torch's reader raises OSError EINVAL (had escaped)
+    torch.save({"model": {"w": torch.zeros(100_000)}}, large)
     for damage in (b"", b"\x80\x04K\x01.", (tmp_path / "ckpt.pt").read_bytes()[:200],
+                   large.read_bytes()[:20_000],
                    foreign.read_bytes()):  # the last had escaped as UnpicklingError
         (tmp_path / "ckpt.pt").write_bytes(damage)
         with pytest.raises(ValueError, match="ckpt.pt: cannot resume from this checkpoint "
@@ -375,7 +378,8 @@ def test_a_damaged_best_model_is_named_with_what_to_do(tmp_path):
     scores = {2: 1.0, 4: 2.0, 5: 1.5}
     _Scripted(scores).run(tmp_path, stop_at=4)
     (tmp_path / "best.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"best\.pt: damaged \(.*\); delete it to go on"):
+    with pytest.raises(ValueError, match=r"best\.pt: damaged \(.*\); delete it and run the same "
+                       "command again"):
         _Scripted(scores, at=4).run(tmp_path, stop_at=5)
 
 

@@ -44,7 +44,7 @@ from ..models.unrolled import UnrolledNet
 from ..output.atomic import write_text_atomic
 from ..physics import SenseOperator, acs_bounds
 from ..training.data import CENTER_FRACTION, Batch, make_batch, validation_set
-from ..training.loop import freeze_batchnorm, train_loop
+from ..training.loop import freeze_batchnorm, read_best, train_loop
 from ..training.losses import heldout_error, image_loss
 from ..training.selfsup import LossSpec, parse_mode
 from ..training.slices import SiteSlice
@@ -211,7 +211,7 @@ def finetune(
                          progress=progress, run_args=run_args)
     best, selected = run_dir / "best.pt", None
     if validate is not None and best.is_file():
-        state = torch.load(best, weights_only=True)
+        state = read_best(best)  # a damaged one named, with what to do
         pruned.load_state_dict(state["model"])
         selected = int(state["step"])
     write_text_atomic(run_dir / "history.json", json.dumps(history))

@@ -15,6 +15,7 @@ kept in the checkpoint, and a run resumed with others is refused, naming them
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -101,6 +102,37 @@ def first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+def load_saved(path: Path, what: str) -> dict:
+    """``torch.load(path, weights_only=True)`` of a dict this loop saved (``what`` it should be,
+    for the error); a damaged file raises one of LOAD_ERRORS, also one cut short where torch's
+    reader raises OSError EINVAL (which would pass for a disk or permission error) and an
+    object that is not a dict."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        raise ValueError(f"cut short: torch's reader says {err}") from err
+    if not isinstance(saved, dict):  # e.g. a tensor saved under the name
+        raise ValueError(f"a {type(saved).__name__}, not {what}")
+    return saved
+
+
+def read_best(path: Path) -> dict:
+    """A run's ``best.pt`` (``model``, ``step``, ``val``, maybe ``run_args``); a damaged one is
+    a ValueError naming it, with what to do."""
+    try:
+        saved = load_saved(path, "a best model")
+        missing = {"model", "step", "val"} - saved.keys()
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))} in it")
+    except LOAD_ERRORS as err:
+        raise ValueError(f"{path}: damaged ({first_line(err)}); delete it and run the same "
+                         "command again (the best model it held is lost; the run resumes from "
+                         "its checkpoint)") from err
+    return saved
+
+
 CHECKPOINTS = ("ckpt.pt", "best.pt")
 # atomic_path's temporaries for those names: ``.NAME.`` and tempfile's 8 random characters
 _TEMPORARY = re.compile(rf"\.(?:{'|'.join(map(re.escape, CHECKPOINTS))})\.[a-z0-9_]{{8}}")
@@ -144,14 +176,8 @@ def best_so_far(path: Path, ckpt: dict | None, run_args: dict | None = None
     at = int(ckpt["step"]) if ckpt else 0
     have = None  # best.pt's (score, step)
     if path.is_file():
-        try:
-            saved = torch.load(path, weights_only=True)
-            if not isinstance(saved, dict):
-                raise ValueError(f"a {type(saved).__name__}, not a best model")
-            have = float(saved["val"]), int(saved["step"])
-        except LOAD_ERRORS as err:
-            raise ValueError(f"{path}: damaged ({first_line(err)}); delete it to go on (the best "
-                             "model it held is lost; the run resumes from its checkpoint)") from err
+        saved = read_best(path)
+        have = float(saved["val"]), int(saved["step"])
         if run_args is not None:
             check_resumed_args(path, saved.get("run_args"), run_args)
         if have[1] == step:
@@ -231,9 +257,7 @@ def train_loop(
     state = None
     if ckpt.is_file():
         try:
-            state = torch.load(ckpt, weights_only=True)
-            if not isinstance(state, dict):  # e.g. a tensor saved under the name
-                raise ValueError(f"a {type(state).__name__}, not a training checkpoint")
+            state = load_saved(ckpt, "a training checkpoint")
         except LOAD_ERRORS as err:
             raise ValueError(f"{ckpt}: cannot resume from this checkpoint (damaged: "
                              f"{first_line(err)}); delete it to train the run from its start, "
