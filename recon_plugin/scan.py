@@ -147,6 +147,9 @@ class ScanHeader:
     protocol_name: str = ""
     contrast_name: str = ""
     acceleration: float | None = None
+    # where ``acceleration`` came from, e.g. "ISMRMRD header", "file attribute 'acceleration'"
+    # (what inspect names it by; "" where there is none)
+    acceleration_source: str = ""
     calibration_lines: int | None = None
     slice_thickness_mm: float | None = None
     slice_spacing_mm: float | None = None
@@ -242,6 +245,9 @@ class RawScan:
     noise: (coils, samples) complex64 from noise-adjust acquisitions, or None.
     file_slices: the slice indices the file holds where the reader read only some of them
     (``read_raw(slices=...)``); None: ``slices`` hold every one.
+    budget_bytes: the largest k-space size the reader's memory budget checked
+    (``io/budget.check_budget``: what the file or header declares, which ``max_bytes`` /
+    ``--max-memory-gb`` refuses on); None where none was checked.
     """
 
     header: ScanHeader
@@ -252,6 +258,7 @@ class RawScan:
     acq_dwell_time_us: float | None = None
     warnings: list[str] = field(default_factory=list)
     file_slices: tuple[int, ...] | None = None
+    budget_bytes: int | None = None
 
     def all_slice_indices(self) -> list[int]:
         """The slice indices of the scan as the file holds it (sorted)."""

@@ -90,7 +90,8 @@ def test_inspect_says_how_each_file_is_read_without_reconstructing(raw_dir, tmp_
     assert s["value"]["calibration_rows"][1] - s["value"]["calibration_rows"][0] == 20
     lines = np.flatnonzero(scan.slices[0].mask.any(axis=1))  # all 64 encoded, no padding
     assert s["value"]["acceleration"] == pytest.approx(64 / lines.size, abs=0.01)
-    assert d["header_acceleration"] == 4 and not s["value"]["fully_sampled"]
+    assert d["declared_acceleration"] == {"factor": 4.0, "source": "ISMRMRD header"}
+    assert not s["value"]["fully_sampled"]
     assert d["protocol"]["name"] == "default" and d["protocol"]["guard"]
     assert main(["-q", "inspect", str(good)]) == 0
     assert "protocol: default (the catch-all: no specific protocol matched the header)" in \
@@ -98,7 +99,7 @@ def test_inspect_says_how_each_file_is_read_without_reconstructing(raw_dir, tmp_
     assert main(["-q", "inspect", str(good), "--protocol", "stroke_fast"]) == 0
     text = capsys.readouterr().out
     assert "protocol: stroke_fast (as given)" in text
-    assert "calibration rows" in text and "coils: 4" in text and "(header: 4x)" in text
+    assert "calibration rows" in text and "coils: 4" in text and "(ISMRMRD header: 4x)" in text
     assert main(["-q", "inspect", str(tmp_path / "missing.h5")]) == 2
 
 

@@ -36,7 +36,7 @@ def test_inspect_measures_an_equispaced_acceleration_over_the_encoded_lines(vol,
     d, text = _inspect(sep, capsys)
     (s,) = d["sampling"]
     assert s["value"]["measured_lines"] == 16 and s["value"]["acceleration"] == 4
-    assert "lines, 4x measured (header: 4x), 16 lines" in text
+    assert "lines, 4x measured (ISMRMRD header: 4x), 16 lines" in text
     fm = write_fastmri(vol, tmp_path / "fm.h5", acceleration=4, center_fraction=0.125,
                        phase_padding=8, mask_offset=1)
     with h5py.File(fm) as f:
@@ -59,6 +59,9 @@ def test_inspect_counts_a_ky_kz_planes_samples(tmp_path, capsys):
     assert s["value"]["axes"] == ["ky", "kz"] and s["value"]["mask_2d"]
     assert s["value"]["acceleration"] == pytest.approx(8 / 6, abs=0.01)
     assert "2D mask, 1.33x measured" in text
+    # the readouts measured: 64 ky x 6 kz encodes (it had said "64 lines", the ky rows)
+    assert s["value"]["measured_lines"] == 64 * 6
+    assert ", 384 readouts (ky-kz encodes), " in text and " 64 lines" not in text
     ky = [y for y in range(64) if y % 2 == 0 or 24 <= y < 40]
     d, _ = _inspect(write_ismrmrd_3d(v, tmp_path / "kykz.h5", lambda z: ky, slab_mm=40.0,
                                      kz_rows=kz, calib=(24, 40)), capsys)
@@ -88,17 +91,44 @@ def test_inspect_says_whether_the_readout_was_oversampled(vol, tmp_path, capsys,
 
 def test_inspect_says_the_memory_reading_takes_against_the_limit(vol, tmp_path, capsys,
                                                                  monkeypatch):
-    """2 slices x 4 coils x 64 x 48 (the readout oversampling removed) complex64 k-space as
-    read: 196608 bytes, against --max-memory-gb or $RECON_PLUGIN_MAX_MEMORY_GB."""
-    path = write_ismrmrd(vol, tmp_path / "mem.h5", acceleration=2, calib_lines=16)
+    """The figure shown against --max-memory-gb or $RECON_PLUGIN_MAX_MEMORY_GB is the one that
+    limit refuses on: the k-space the file declares, 2 slices x 4 coils x 96 x 64 complex64
+    (fastMRI's readout stored 2x oversampled), 393216 bytes; the k-space as read (oversampling
+    removed, 64 x 48) is half of it. It had shown only the latter, so a limit above the figure
+    shown could still refuse the file."""
+    path = write_fastmri(vol, tmp_path / "mem.h5", acceleration=2)
     assert main(["-q", "inspect", str(path), "--json", "--max-memory-gb", "0.5"]) == 0
     (d,) = json.loads(capsys.readouterr().out)
+    assert d["memory"]["budget_bytes"] == 2 * 4 * 96 * 64 * 8
     assert d["memory"]["kspace_bytes"] == 2 * 4 * 64 * 48 * 8
     assert d["memory"]["limit_bytes"] == 1 << 29
     monkeypatch.setenv("RECON_PLUGIN_MAX_MEMORY_GB", "2")
     d, text = _inspect(path, capsys)
     assert d["memory"]["limit_bytes"] == 2 << 30
-    assert "  memory: k-space 0.188 MB as read (limit 2.0 GB)\n" in text
+    assert ("  memory: k-space 0.375 MB as the file declares it, against the limit 2.0 GB "
+            "(0.188 MB as read)\n") in text
+    # a limit between the two refuses the file: the declared figure is the one it applies to
+    between = (2 * 4 * 96 * 64 * 8 + 2 * 4 * 64 * 48 * 8) / 2 / (1 << 30)
+    assert main(["-q", "inspect", str(path), "--max-memory-gb", f"{between:.9f}"]) == 1
+    assert "NOT READABLE" in capsys.readouterr().out
+
+
+def test_inspect_names_where_the_declared_acceleration_comes_from(vol, tmp_path, capsys):
+    """A fastMRI file's 'acceleration' attribute (4) is the header's factor, while its ISMRMRD
+    XML says 1: inspect names the attribute (it had said "header: 4x"); an ISMRMRD file's is
+    its header's."""
+    fm = write_fastmri(vol, tmp_path / "fm.h5", acceleration=4)
+    with h5py.File(fm) as f:
+        assert "<kspace_encoding_step_1>1</kspace_encoding_step_1>" in \
+            f["ismrmrd_header"][()].decode()
+    d, text = _inspect(fm, capsys)
+    assert d["declared_acceleration"] == {"factor": 4.0,
+                                          "source": "file attribute 'acceleration'"}
+    assert "x measured (file attribute 'acceleration': 4x), " in text
+    d, text = _inspect(write_ismrmrd(vol, tmp_path / "mrd.h5", acceleration=2,
+                                     calib_lines=16), capsys)
+    assert d["declared_acceleration"] == {"factor": 2.0, "source": "ISMRMRD header"}
+    assert "x measured (ISMRMRD header: 2x), " in text
 
 
 def test_inspect_names_the_averages_and_how_they_are_combined(vol, tmp_path, capsys):

@@ -45,8 +45,9 @@ def size_text(nbytes: float, digits: int = 1) -> str:
 
 
 def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None,
-                 cause: str | None = None) -> None:
-    """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit; the
+                 cause: str | None = None) -> int:
+    """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit, else
+    return ``nbytes`` (the size checked, which readers keep as ``RawScan.budget_bytes``); the
     message gives both sizes with enough decimals to tell them apart and the least limit it
     needs (in GB, rounded up to a tenth; a reader that checks buffer by buffer knows only the
     ones so far). ``cause``: why the size is likely wrong (e.g. damaged counters), said
@@ -63,3 +64,4 @@ def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None,
         raise RawDataError(
             f"{where}: {what} needs {size_text(nbytes, digits)} of k-space, more than the memory "
             f"limit of {size_text(limit, digits)}; refused before reading{advice}")
+    return int(nbytes)

@@ -314,8 +314,8 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         if not indices:
             raise no_slice_selected(where, selection, range(nsl))
     part = f" (of {nsl})" if len(indices) < nsl else ""
-    check_budget(where, f"'kspace' of {len(indices)}{part} slices x {ncoil} coils x {nro} x {npe}",
-                 len(indices) * ncoil * nro * npe * 8, max_bytes)
+    budget = check_budget(where, f"'kspace' of {len(indices)}{part} slices x {ncoil} coils x "
+                          f"{nro} x {npe}", len(indices) * ncoil * nro * npe * 8, max_bytes)
 
     xml = f["ismrmrd_header"][()]
     tree = parse_xml(xml, where, warnings)
@@ -336,6 +336,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         file_mask = stored_mask & window
     num_low = _attr(f, "num_low_frequency")
     acceleration = _attr(f, "acceleration")
+    acceleration_source = "file attribute 'acceleration'" if acceleration is not None else ""
 
     target = None
     for name in ("reconstruction_rss", "reconstruction_esc"):
@@ -385,10 +386,12 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         log.info("%s: 2D sampling (most lines measured on part of the readout only)", where)
         if acceleration is None and inside.sum():
             acceleration = round(float(inside.size / inside.sum()), 2)
+            acceleration_source = "measured by the reader (first slice's samples)"
     sampled = int(first.mask.any(axis=1).sum())
     lines = nro if along_readout else int(window.sum())
     if acceleration is None and sampled and sampled < lines:
         acceleration = round(float(lines) / sampled, 2)
+        acceleration_source = "measured by the reader (first slice's lines)"
     px = enc.enc_fov[0] / enc.enc_matrix[0]
     py = enc.enc_fov[1] / enc.enc_matrix[1]
     if along_readout:  # x (columns) is now the stored phase axis, y (rows) the stored readout
@@ -407,6 +410,8 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         contrast_name=header.contrast_name or str(acq),
         protocol_name=header.protocol_name or str(acq),
         acceleration=float(acceleration) if acceleration is not None else header.acceleration,
+        acceleration_source=acceleration_source if acceleration is not None
+        else header.acceleration_source,
         readout_oversampling=1.0 if along_readout else nro / nx,
         calibration_lines=(
             int(num_low) if num_low else (first.acs[1] - first.acs[0] if first.acs else None)
@@ -414,6 +419,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         identity=ident,
     )
     scan = RawScan(header=header, slices=slices, source=where, warnings=warnings,
-                   file_slices=tuple(range(nsl)) if len(indices) < nsl else None)
+                   file_slices=tuple(range(nsl)) if len(indices) < nsl else None,
+                   budget_bytes=budget)
     scan.validate()
     return scan

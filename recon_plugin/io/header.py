@@ -357,6 +357,7 @@ def parse_header(
         protocol_name=(mi.protocolName or "") if mi is not None else "",
         contrast_name=str(contrast),
         acceleration=acc,
+        acceleration_source="ISMRMRD header" if acc is not None else "",
         calibration_lines=int(calib) if calib is not None else None,
         slice_thickness_mm=thickness,
         slice_spacing_mm=float(spacing) if spacing is not None else partition,

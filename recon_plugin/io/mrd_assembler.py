@@ -132,6 +132,7 @@ class MrdAssembler:
         self.emit_early = emit_early
         self.max_bytes = max_bytes
         self._allocated = 0
+        self.budget_bytes: int | None = None  # the largest size checked (RawScan.budget_bytes)
         # a slice selection (2D only: a slab's partitions come from the whole slab): the
         # slice indices read, and those passed over
         self._wanted = set(slices) if slices is not None and self.nz <= 1 else None
@@ -146,10 +147,10 @@ class MrdAssembler:
             ny, nx = self.enc.ny, self.enc.nx
             # a 3D slab is split into slices by a copy (mrd_volume): one more slab meanwhile
             split = 1 if self.nz > 1 else 0
-            check_budget(self.source, f"the header's {n} slice buffers of {coils} coils x "
-                         f"{nx} x {ny}" + (f" x {self.nz} (+ 1 while a slab is split into "
-                                           "slices)" if split else ""),
-                         (n + split) * coils * ny * nx * self.nz * 8, max_bytes)
+            self.budget_bytes = check_budget(
+                self.source, f"the header's {n} slice buffers of {coils} coils x {nx} x {ny}"
+                + (f" x {self.nz} (+ 1 while a slab is split into slices)" if split else ""),
+                (n + split) * coils * ny * nx * self.nz * 8, max_bytes)
         self.coils: int | None = None
         self._img_channels: list[int] | None = None
         self.noise: list[np.ndarray] = []
@@ -379,6 +380,7 @@ class MrdAssembler:
             noise_dwell_time_us=self.noise_dwell_us, acq_dwell_time_us=self.acq_dwell_us,
             warnings=list(self.warnings),
             file_slices=tuple(sorted(read | self._passed)) if self._passed else None,
+            budget_bytes=self.budget_bytes,
         )
 
     # ---------------------------------------------------------------------------- internals
@@ -407,9 +409,11 @@ class MrdAssembler:
         self._allocated += one
         size = f"{coils} coils x {enc.nx} x {enc.ny}" + (f" x {nz}" if nz > 1 else "")
         split = " and its copy while it is split into slices" if nz > 1 else ""
-        check_budget(self.source, f"slice buffer {len(self._buffers) + len(self._calib) + 1} "
-                     f"({size}, with the ones before{split})",
-                     self._allocated + (one if nz > 1 else 0), self.max_bytes)
+        checked = check_budget(self.source, f"slice buffer "
+                               f"{len(self._buffers) + len(self._calib) + 1} ({size}, with the "
+                               f"ones before{split})", self._allocated + (one if nz > 1 else 0),
+                               self.max_bytes)
+        self.budget_bytes = max(self.budget_bytes or 0, checked)
 
     def _add_noise(self, acq: ismrmrd.Acquisition) -> None:
         data = np.asarray(acq.data, np.complex64)

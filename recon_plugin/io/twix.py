@@ -32,6 +32,7 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.util
 import io
@@ -565,5 +566,8 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     scan = asm.build_scan(sorted(slices, key=lambda s: (s.contrast, s.repetition, s.phase,
                                                         s.slice_index)))
     add_interleaved_calibration(scan.slices)
+    scan.budget_bytes = max(grid, scan.budget_bytes or 0)
+    if scan.header.acceleration is not None:  # the XML's factor is the protocol's sPat
+        scan.header = dataclasses.replace(scan.header, acceleration_source="twix protocol (sPat)")
     scan.validate()
     return scan

@@ -27,7 +27,8 @@ def sampling(sl: SliceData) -> dict:
     """How one slice (or ky-kz plane) was sampled: its k-space shape (ky, kx or kz), acceleration
     (line sampling: the lines from the first measured to the last, and the pattern's own gap
     beyond them, over the measured ones; a 2D mask, as every ky-kz plane's is: all samples over
-    the measured ones), the calibration rows (a ky-kz plane's: and its kz columns, the block's
+    the measured ones), the readouts measured (``measured_lines``: a slice's ky lines, a ky-kz
+    plane's (ky, kz) encodes), the calibration rows (a ky-kz plane's: and its kz columns, the block's
     other side), the partial-Fourier fraction (:func:`partial_fourier_fraction`) where the
     lines are partial Fourier, and which special cases the reconstruction will treat."""
     mask = sl.mask > 0
@@ -48,7 +49,9 @@ def sampling(sl: SliceData) -> dict:
         "shape": [int(n) for n in mask.shape],
         "axes": ["ky", "kz" if sl.plane is not None else "kx"],
         "acceleration": round(float(acc), 2),
-        "measured_lines": int(rows.sum()),
+        # readouts measured: a slice's ky lines (whole or in part); a ky-kz plane's measured
+        # (ky, kz) encodes, each one readout along x (not its ky rows)
+        "measured_lines": int(mask.sum() if sl.plane is not None else rows.sum()),
         "calibration_rows": list(block) if block is not None else None,
         "calibration_kz": list(block_kz) if block_kz is not None else None,
         "mask_2d": bool(two_d),
@@ -103,19 +106,19 @@ def _counted(values: list) -> list[dict]:
 
 
 def memory(scan: RawScan, max_bytes: int | None = None) -> dict:
-    """The memory reading ``scan`` took against the readers' limit ``max_bytes`` (None:
+    """The memory of ``scan``'s k-space against the readers' limit ``max_bytes`` (None:
     :func:`~recon_plugin.io.budget.default_max_bytes`, ``$RECON_PLUGIN_MAX_MEMORY_GB`` or 8 GB).
-    ``kspace_bytes`` is the k-space of the scan as read: every slice's (or ky-kz plane's)
-    complex64 array and its separate calibration, not the number each reader's budget checked
-    (the size the header or file declares, e.g. every slice buffer the ISMRMRD header's limits
-    allow and a slab's copy while it is split; ``io/budget.check_budget`` is handed it and
-    returns nothing, so it is not reachable without changing the readers): at least the
-    k-space held, not the reader's peak."""
+    ``budget_bytes``: what the reader's budget checked against that limit, the size the file or
+    header declares (``RawScan.budget_bytes``: e.g. every slice buffer the ISMRMRD header's
+    limits allow, a slab's copy while it is split, a twix file's whole counter grid), which
+    ``--max-memory-gb`` refuses on; None where the reader checked none. ``kspace_bytes``: the
+    k-space as read (every slice's or ky-kz plane's complex64 array and its separate
+    calibration), usually less (the readout oversampling removed, only the buffers used)."""
     held = sum(sl.kspace.nbytes + (sl.calib.nbytes if sl.calib is not None else 0)
                for sl in scan.slices)
-    return {"kspace_bytes": int(held),
-            "limit_bytes": int(default_max_bytes() if max_bytes is None else max_bytes),
-            "counted": "k-space as read"}
+    return {"budget_bytes": scan.budget_bytes,
+            "kspace_bytes": int(held),
+            "limit_bytes": int(default_max_bytes() if max_bytes is None else max_bytes)}
 
 
 def averages(scan: RawScan) -> dict | None:
@@ -154,7 +157,10 @@ def describe_scan(scan: RawScan, max_bytes: int | None = None) -> dict:
         "encoded_matrix": list(h.encoded_matrix), "encoded_fov_mm": list(h.encoded_fov_mm),
         "recon_matrix": list(h.recon_matrix), "recon_fov_mm": list(h.recon_fov_mm),
         "readout_oversampling": round(float(h.readout_oversampling), 2),
-        "header_acceleration": h.acceleration,
+        # the header's factor and where the reader took it (an ISMRMRD header, a fastMRI file's
+        # 'acceleration' attribute, its own count of the first slice, a twix protocol)
+        "declared_acceleration": None if h.acceleration is None else {
+            "factor": h.acceleration, "source": h.acceleration_source or "header"},
         "coils": h.num_coils,
         "noise_samples": None if scan.noise is None else int(scan.noise.shape[-1]),
         "slices": len(slices),
@@ -219,8 +225,15 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         lines.append(f"  averages: {d['averages']['count']} per slice, averaged line by line in "
                      "k-space when read")
     m = d["memory"]
-    lines.append(f"  memory: k-space {size_text(m['kspace_bytes'])} as read "
-                 f"(limit {size_text(m['limit_bytes'])})")
+    lines.append(
+        f"  memory: k-space {size_text(m['budget_bytes'])} as the file declares it, against "
+        f"the limit {size_text(m['limit_bytes'])} ({size_text(m['kspace_bytes'])} as read)"
+        if m["budget_bytes"] is not None else
+        f"  memory: k-space {size_text(m['kspace_bytes'])} as read (limit "
+        f"{size_text(m['limit_bytes'])})")
+    declared = d["declared_acceleration"]
+    if declared and declared["source"].startswith("measured"):
+        declared = None  # the reader's own count: the measured factor below says it better
     for item in d["sampling"]:
         v = item["value"]
         block, block_kz = v["calibration_rows"], v["calibration_kz"]
@@ -235,8 +248,9 @@ def format_description(d: dict, protocol: str | None = None) -> str:
             continue
         lines.append(
             head + f"{kind}, {v['acceleration']:g}x measured"
-            + (f" (header: {d['header_acceleration']:g}x)" if d["header_acceleration"] else "")
-            + f", {v['measured_lines']} lines, "
+            + (f" ({declared['source']}: {declared['factor']:g}x)" if declared else "")
+            + f", {v['measured_lines']} "
+            + ("readouts (ky-kz encodes), " if v["axes"][1] == "kz" else "lines, ")
             + ("ESPIRiT maps from the separate calibration scan" if v["separate_calibration"]
                else f"calibration block ky {block[0]}-{block[1] - 1} x kz {block_kz[0]}-"
                     f"{block_kz[1] - 1} ({block[1] - block[0]} x {block_kz[1] - block_kz[0]})"
