@@ -388,3 +388,64 @@ def test_sets_sharing_one_flag_pair_are_not_called_incomplete(tmp_path):
     scan = read_raw(out)
     assert len(scan.slices) == 2 and not any(sl.notes for sl in scan.slices)
     assert not any("stopped" in w for w in scan.warnings), scan.warnings
+
+
+def test_twix_names_its_protocol_and_sequence_as_its_fastmri_conversion(tmp_path):
+    """The protocol name (``tProtocolName``) is the conversion's ``protocolName`` ('gre'), the
+    sequence type its sequence file's (``%CustomerSeq%\\gre``), both in the DICOM. The twix
+    header names no contrast (``DICOMAcquisitionContrast`` is empty): the conversion's 'AXT1'
+    is its fastMRI ``acquisition`` attribute, a label the converter gave it, not the
+    measurement's. Its TI (``alTI`` 300 ms) is a protocol value the inversion-less GRE never
+    plays: no TI, no IR (siemens_to_ismrmrd writes every ``alTI`` > 0)."""
+    from recon_plugin.output.series_files import write_outputs
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
+
+    scan = read_raw(DAT)
+    h5 = DAT.with_name("twix_gre_phantom2ch_full.h5")
+    converted = read_raw(h5).header
+    with h5py.File(h5) as f:
+        assert converted.contrast_name == f.attrs["acquisition"] == "AXT1"
+    h = scan.header
+    assert h.protocol_name == converted.protocol_name == "gre"
+    assert h.sequence.sequence_type == "gre" and h.contrast_name == ""
+    assert h.sequence.ti_ms is None
+    series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))
+    (dcm,) = write_outputs(series, tmp_path, ("dicom",))
+    ds = pydicom.dcmread(dcm)
+    assert (ds.ProtocolName, ds.SequenceName) == ("gre", "gre")
+    assert "InversionTime" not in ds and "IR" not in list(ds.ScanningSequence)
+
+
+def test_an_inversion_recovery_twix_carries_its_ti(monkeypatch, tmp_path):
+    """The real phantom's protocol with its inversion on (the scanner's ScanningSequence
+    ``GR\\IR``, ``sPrepPulses.ucInversion`` 2, volume-selective, as an MPRAGE's): its
+    ``alTI`` (300000 us) is the header's TI, 300 ms, as siemens_to_ismrmrd writes it, and the
+    DICOM's InversionTime, its ScanningSequence GR and IR. The reader had left TI out of every
+    twix header (no InversionTime, no IR)."""
+    from recon_plugin.io import twix as twix_reader
+    from recon_plugin.output.series_files import write_outputs
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
+
+    real = twix_reader._measurements(DAT, str(DAT))
+    meas = dict(real[-1])
+    hdr = meas["hdr"] = dict(meas["hdr"])
+    assert twix_reader._first(hdr["MeasYaps"]["alTI"]) == 300000
+    hdr["Dicom"] = {**hdr["Dicom"], "tScanningSequence": "GR\\IR"}
+    hdr["MeasYaps"] = {**hdr["MeasYaps"], "sPrepPulses": {**hdr["MeasYaps"]["sPrepPulses"],
+                                                          "ucInversion": 2}}
+    monkeypatch.setattr(twix_reader, "_measurements", lambda *a: [*real[:-1], meas])
+    scan = read_raw(DAT)
+    assert scan.header.sequence.ti_ms == pytest.approx(300.0)
+    series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))
+    (dcm,) = write_outputs(series, tmp_path, ("dicom",))
+    ds = pydicom.dcmread(dcm)
+    assert float(ds.InversionTime) == pytest.approx(300.0)
+    assert list(ds.ScanningSequence) == ["GR", "IR"]
+    # without the scanner's ScanningSequence, ucInversion decides: 4 is off
+    del hdr["Dicom"]["tScanningSequence"]
+    hdr["Meas"] = {k: v for k, v in hdr["Meas"].items() if k != "tScanningSequence"}
+    assert twix_reader._inverts(hdr)
+    hdr["MeasYaps"]["sPrepPulses"]["ucInversion"] = 4
+    assert not twix_reader._inverts(hdr)

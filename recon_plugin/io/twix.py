@@ -25,8 +25,11 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
   the encoded slab thicker by as much); the assembler splits it into partitions, or,
   accelerated along kz, into ky-kz planes (:mod:`recon_plugin.io.mrd_volume`);
 * the slice array (``sSliceArray.asSlice``: FOVs, thickness, count), ``sKSpace`` (matrix),
-  ``alTR`` / ``alTE`` / ``adFlipAngleDegree``, field strength, model and patient position fill
-  the header.
+  ``alTR`` / ``alTE`` / ``adFlipAngleDegree`` (and ``alTI`` where an inversion is played:
+  :func:`_inverts`), field strength, model and patient position fill the header, as
+  siemens_to_ismrmrd does, and ``tProtocolName`` the protocol name; the sequence file's name
+  (``tSequenceFileName``) is the sequence type. A twix header holds no contrast name
+  (``DICOMAcquisitionContrast`` is empty): the header has none.
 """
 
 from __future__ import annotations
@@ -172,6 +175,22 @@ def identity_xml(hdr: dict) -> tuple[str, str, str, str]:
             meas, el("frameOfReferenceUID", frame))
 
 
+def _inverts(hdr: dict) -> bool:
+    """Whether the measurement plays an inversion pulse: the scanner's own ScanningSequence
+    (``tScanningSequence``, e.g. ``GR\\IR``) names IR; without one, ``sPrepPulses.ucInversion``
+    is slice- (1) or volume-selective (2), not off (4). siemens_to_ismrmrd writes every
+    ``alTI`` > 0 as TI, but a protocol keeps its TI when the inversion is off (the phantom's
+    GRE: 300 ms), which would make the images an inversion recovery they are not."""
+    scanning = _get(hdr, "Dicom", "tScanningSequence") or _get(hdr, "Meas", "tScanningSequence")
+    if isinstance(scanning, str) and scanning.strip():
+        return "IR" in re.findall(r"[A-Z]+", scanning.upper())
+    inversion = _get(hdr, "MeasYaps", "sPrepPulses", "ucInversion")
+    try:
+        return int(inversion) in (1, 2)
+    except (TypeError, ValueError):
+        return False
+
+
 def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slices: int,
                n_echoes: int, n_coils: int, separate_ref: bool, n_par: int = 1,
                centre_par: int = 0) -> str:
@@ -211,6 +230,7 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     tr = _first(_get(hdr, "MeasYaps", "alTR"))
     te = [v for v in (_get(hdr, "MeasYaps", "alTE") or [])[:max(n_echoes, 1)] if v]
     flip = _first(_get(hdr, "MeasYaps", "adFlipAngleDegree"))
+    ti = _first(_get(my, "alTI")) if _inverts(hdr) else None
     field = _get(hdr, "Dicom", "flMagneticFieldStrength")
     model = _get(hdr, "Dicom", "ManufacturersModelName") or ""
     protocol = _get(hdr, "Meas", "tProtocolName") or _get(my, "tProtocolName") or ""
@@ -226,6 +246,7 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     # sequence (DICOM ScanningSequence GR / SE / EP; without it: RM, research mode)
     seq_file = str(_get(my, "tSequenceFileName") or "").replace("\\", "/").rsplit("/", 1)[-1]
     seq = (f"<sequenceParameters>{f'<TR>{float(tr) / 1000:.6g}</TR>' if tr else ''}{te_xml}"
+           f"{f'<TI>{float(ti) / 1000:.6g}</TI>' if ti else ''}"
            f"{f'<flipAngle_deg>{float(flip):.6g}</flipAngle_deg>' if flip else ''}"
            f"{f'<sequence_type>{escape(seq_file)}</sequence_type>' if seq_file else ''}"
            "</sequenceParameters>")
