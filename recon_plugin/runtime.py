@@ -131,11 +131,12 @@ def stop_requests(when: str = "after the current step", after: Any = None
 
 
 @contextlib.contextmanager
-def stops_at_once(what: str) -> Iterator[None]:
+def stops_at_once(what: str, after: Any = None) -> Iterator[None]:
     """While active (main thread only), SIGINT / SIGTERM raise :class:`RunStopped` at once,
     saying ``SIGNAME: what``: for work a rerun does again whose files are written atomically
     (choosing and exporting a final model), which the default handler ended without a word.
-    The previous handlers come back after."""
+    The previous handlers come back after, or ``after`` for both where given (as in
+    :func:`stop_requests`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -151,7 +152,7 @@ def stops_at_once(what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _restore(previous)
+        _restore(previous if after is None else dict.fromkeys(previous, after))
 
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)

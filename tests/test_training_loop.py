@@ -410,6 +410,55 @@ def test_a_signal_while_train_chooses_its_final_model_stops_it_saying_so(tmp_pat
     assert main(run) == 0 and (tmp_path / "m.safetensors").is_file()
 
 
+def test_a_signal_while_train_sets_up_stops_it_saying_nothing_was_trained(tmp_path, monkeypatch,
+                                                                          caplog):
+    """SIGTERM while ``train`` sets up (here: drawing its validation data), before its training
+    loop installs its handlers: exit 143 with one line saying nothing was trained and that the
+    same command starts (Python's default handler had ended it with 143 and no word); the
+    same command then trains."""
+    from recon_plugin.cli import main
+    from recon_plugin.training import supervised
+
+    _tiny_training(monkeypatch)
+    real = supervised.validation_set
+
+    def then_signal(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
+        return real(*args, **kwargs)
+
+    run = ["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "2", "--cascades", "1",
+           "--chans", "2", "--pools", "1", "--batch-size", "2"]
+    monkeypatch.setattr(supervised, "validation_set", then_signal)
+    errors = errors_of_a_sigterm_stop(run, caplog)
+    assert errors == ["SIGTERM: stopped before the first training step: nothing was trained "
+                      "yet; run the same command again to start"]
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert "Traceback" not in caplog.text
+    monkeypatch.setattr(supervised, "validation_set", real)
+    assert main(run) == 0
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_train_run_as_the_process_ignores_signals_once_it_has_exported(tmp_path, monkeypatch):
+    """``recon-plugin train`` as the process's own command line: once the model is exported a
+    SIGTERM no longer changes its exit status (Python's default handler, back after the
+    export, had ended it with a silent 143 while it printed and exited)."""
+    import sys
+
+    from recon_plugin.cli import main
+
+    _tiny_training(monkeypatch)
+    monkeypatch.setattr(sys, "argv", [
+        "recon-plugin", "-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "1",
+        "--cascades", "1", "--chans", "2", "--pools", "1", "--batch-size", "2",
+        "--export", str(tmp_path / "m")])
+    with sigterm_without_default():  # both handlers restored after
+        assert main() == 0 and (tmp_path / "m.safetensors").is_file()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGTERM)  # ignored
+
+
 def test_the_loss_plot_is_replaced_whole(tmp_path):
     """A viewer that has the loss curve open keeps reading the picture it opened: the new one
     is written beside it and renamed in (in place, the viewer read a half-written PNG)."""

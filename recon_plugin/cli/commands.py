@@ -315,23 +315,35 @@ def _writable(*folders: tuple[str, str | Path | None]) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    """Train the base network (resumable); print the exported model."""
-    from ..models.checkpoint import resolve_model
-    from ..training.supervised import train_base
+    """Train the base network (resumable); print the exported model. Until the training steps
+    (whose loop, like the export, installs its own handlers) SIGINT / SIGTERM stop at once,
+    saying so; once the run is done, a process that exits after it ignores them (its status
+    is decided)."""
+    from ..runtime import stops_at_once
 
-    if a.pool_dir and not Path(a.pool_dir).is_dir():
-        raise ValueError(f"--pool-dir {a.pool_dir} is not a folder: fill one with "
-                         "`recon-plugin train-pool` first")
-    _writable(("--export", a.export and Path(a.export).parent), ("--run-dir", a.run_dir))
-    model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, num_pools=a.pools, dc=a.dc,
-                        cg_iters=a.cg_iters)
-    if a.noise_aware:
-        model_kwargs["noise_aware"] = True
-    card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,
-                      Path(a.export) if a.export else None, a.time_budget,
-                      freeze_bn=a.freeze_bn, espirit=a.espirit,
-                      init_from=resolve_model(a.init) if a.init else None,
-                      pool_dir=Path(a.pool_dir) if a.pool_dir else None, stop_at=a.stop_at)
+    resumed = Path(a.run_dir, "ckpt.pt").is_file()
+    with stops_at_once("stopped before the first training step: " + (
+            "nothing more was trained; run the same command again to resume the run from its "
+            f"checkpoint in {a.run_dir}" if resumed else
+            "nothing was trained yet; run the same command again to start"),
+            after=signal.SIG_IGN if getattr(a, "process_entry", False) else None):
+        from ..models.checkpoint import resolve_model
+        from ..training.supervised import train_base
+
+        if a.pool_dir and not Path(a.pool_dir).is_dir():
+            raise ValueError(f"--pool-dir {a.pool_dir} is not a folder: fill one with "
+                             "`recon-plugin train-pool` first")
+        _writable(("--export", a.export and Path(a.export).parent), ("--run-dir", a.run_dir))
+        model_kwargs = dict(num_cascades=a.cascades, chans=a.chans, num_pools=a.pools, dc=a.dc,
+                            cg_iters=a.cg_iters)
+        if a.noise_aware:
+            model_kwargs["noise_aware"] = True
+        card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,
+                          Path(a.export) if a.export else None, a.time_budget,
+                          freeze_bn=a.freeze_bn, espirit=a.espirit,
+                          init_from=resolve_model(a.init) if a.init else None,
+                          pool_dir=Path(a.pool_dir) if a.pool_dir else None,
+                          stop_at=a.stop_at)
     if card:
         print(f"exported {a.export}.safetensors (sha256 {card['sha256'][:12]}), "
               f"val PSNR {card['metrics']['val_psnr_db']:.2f} dB")

@@ -131,6 +131,8 @@ def train_base(
     BatchNorm statistics, kept as they are) initialise this one; a fresh run only, a resumed
     run ignores it.
     """
+    from .transfer import TRANSFER_COILS  # before training: nothing slow between it and export
+
     model = UnrolledNet(**(model_kwargs or {}))
     if init_from is not None and not (Path(run_dir) / "ckpt.pt").is_file():
         init_priors(model, Path(init_from))  # keeps the statistics its weights were tuned to
@@ -166,8 +168,6 @@ def train_base(
                          run_args=run_args)
     if export_to is None:
         return None
-    from .transfer import TRANSFER_COILS
-
     done = max((h["step"] for h in history), default=0)
     info = {"steps": done, "schedule_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "maps": f"ESPIRiT from each slice's own ACS for a fraction {espirit:g} of the "
