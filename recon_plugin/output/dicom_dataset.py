@@ -75,9 +75,13 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     ds.SeriesTime = now.strftime("%H%M%S")
     ds.ProtocolName = _text(h.protocol_name or prov.protocol, 64)
     if body_part:
+        from .dicom import UNPAIRED_BODY_PARTS  # here: dicom imports this module
+
         ds.BodyPartExamined = _cs(body_part)
         if laterality:
             ds.Laterality = _cs(laterality)[:1]
+        elif ds.BodyPartExamined not in UNPAIRED_BODY_PARTS:  # paired (KNEE): Type 2C, unknown
+            ds.Laterality = ""
     else:
         ds.Laterality = _cs(laterality)[:1] if laterality else ""  # Type 2C: unknown
     pos = _cs(ident.patient_position)
