@@ -127,7 +127,7 @@ class Identity:
     series_instance_uid_prefix: str = ""
     measurement_id: str = ""
     frame_of_reference_uid: str = ""
-    patient_position: str = "HFS"
+    patient_position: str = ""  # DICOM defined term (HFS, FFP, ...); "" unknown
 
 
 @dataclass

@@ -235,11 +235,26 @@ def test_identity_timing_and_provenance(tmp_path):
         assert kw in ds, kw
 
 
-@pytest.mark.parametrize(("given", "written"), [("FFP", "FFP"), ("hfs", "HFS"), ("XYZ", "HFS")])
+@pytest.mark.parametrize(("given", "written"),
+                         [("FFP", "FFP"), ("hfs", "HFS"), ("XYZ", ""), ("", "")])
 def test_patient_position(tmp_path, given, written):
+    """The header's position where it is a DICOM defined term; else empty (Type 2C: unknown),
+    never a guessed HFS."""
     series = make_series(nslices=1)
     series.header.identity.patient_position = given
-    assert dicom.read_series(dicom.write_series(series, tmp_path))[0].PatientPosition == written
+    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    assert "PatientPosition" in ds and ds.PatientPosition == written
+
+
+def test_a_header_without_patient_position_gives_none():
+    """An ISMRMRD header whose measurementInformation is absent says nothing of the position."""
+    from recon_plugin.io.header import parse_header
+    from recon_plugin.sim.header import build_header_xml
+
+    xml = build_header_xml((32, 32), (200.0, 200.0), 5.0, 4)
+    start, end = xml.index("<measurementInformation>"), xml.index("</measurementInformation>")
+    xml = xml[:start] + xml[end + len("</measurementInformation>"):]
+    assert parse_header(xml).identity.patient_position == ""
 
 
 def test_explicit_window_and_max_value(tmp_path):

@@ -310,7 +310,7 @@ def _identity(hdr: xsd.ismrmrdHeader) -> Identity:
         ident.measurement_id = mi.measurementID or ""
         ident.frame_of_reference_uid = mi.frameOfReferenceUID or ""
         pos = getattr(mi.patientPosition, "value", mi.patientPosition)
-        ident.patient_position = str(pos) if pos else "HFS"
+        ident.patient_position = str(pos) if pos else ""
     return ident
 
 

@@ -85,7 +85,10 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     else:
         ds.Laterality = _cs(laterality)[:1] if laterality else ""  # Type 2C: unknown
     pos = _cs(ident.patient_position)
-    ds.PatientPosition = pos if pos in _PATIENT_POSITIONS else "HFS"
+    if pos and pos not in _PATIENT_POSITIONS:
+        log.warning("patient position %r is not a DICOM defined term: PatientPosition written "
+                    "empty (unknown)", ident.patient_position)
+    ds.PatientPosition = pos if pos in _PATIENT_POSITIONS else ""  # Type 2C: empty, unknown
     # Frame of reference
     ds.FrameOfReferenceUID = uids["frame"]
     ds.PositionReferenceIndicator = ""
