@@ -39,7 +39,7 @@ def _timed(files, out: Path, method: str, **kw) -> tuple[float, float]:
     t0 = time.perf_counter()
     results = run_batch(files, out, overrides={"method": method}, progress=False, **kw)
     dt = time.perf_counter() - t0
-    bad = [r.error for r in results if not r.ok]
+    bad = [f"{r.input}: {r.error}" for r in results if not r.ok]
     if bad:
         raise RuntimeError(f"bench cluster: {len(bad)} files failed: {bad[0]}")
     return dt, sum(r.seconds for r in results)

@@ -84,7 +84,7 @@ def _e2e_child(raw: str, out: str, protocol: str, workers: int) -> None:
     rss_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     print(json.dumps({"wall": wall, "rss_mb": rss_mb, "ok": all(r.ok for r in res),
-                      "errors": [r.error for r in res if not r.ok],
+                      "errors": [f"{r.input}: {r.error}" for r in res if not r.ok],
                       "timings": [r.timings for r in res]}))
 
 

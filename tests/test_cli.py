@@ -37,6 +37,11 @@ def test_batch_isolates_failures_and_resumes(raw_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 1  # one input failed, the other was reconstructed
     assert "broken.h5" in text and "1 of 2 inputs reconstructed" in text
+    broken = raw_dir / "broken.h5"
+    failed = [line for line in text.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and failed[0].split(maxsplit=1)[1].startswith(  # greppable
+        f"{broken}: RawDataError: HDF5 file cannot be opened"), failed
+    assert failed[0].count(str(broken)) == 1, failed  # the path once: the reason follows it
     dcm = sorted(out.rglob("*.dcm"))
     assert f"3 files written to {dcm[0].parent.parent}," in text  # the published scan folder
     assert len(dcm) == 2

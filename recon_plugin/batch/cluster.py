@@ -27,7 +27,7 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
-from .files import FileResult, ProtocolCache, output_name, process_file
+from .files import FileResult, ProtocolCache, failure_reason, output_name, process_file
 from .state import BatchUsageError, clean_stale, parse_address
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                     outcome = f.result()
                 except Exception as e:  # noqa: BLE001 - KilledWorker or a task error: the file fails
                     why = (f"worker process died: {e}" if type(e).__name__ == "KilledWorker"
-                           else f"{type(e).__name__}: {e}")
+                           else failure_reason(path, e))
                     log.error("%s: %s", path, why)
                     outcome = (FileResult(str(path), False, error=why), [], None)
                 # the scheduler forgets the finished task: a worker that dies later (holding

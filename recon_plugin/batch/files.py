@@ -30,7 +30,7 @@ class FileResult:
     input: str
     ok: bool
     outputs: list[str] = field(default_factory=list)
-    error: str = ""
+    error: str = ""  # why it failed, said after its path (see failure_reason)
     protocol: str = ""
     seconds: float = 0.0
     skipped: bool = False  # finished by an earlier run (--resume)
@@ -147,6 +147,13 @@ def recon_file(
     return [final / Path(w).relative_to(staged) for w in written], protocol
 
 
+def failure_reason(path: Path | str, err: BaseException) -> str:
+    """Why input ``path`` failed, for its summary line (``FAILED PATH: REASON``): the error's
+    type and message, without the path the message starts with (the line names it once)."""
+    message = str(err).removeprefix(f"{path}: ")
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
 def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
                  protocol_dirs: list[Path] | None, recon: Reconstructor,
                  max_bytes: int | None = None, protocols: ProtocolCache | None = None,
@@ -162,7 +169,7 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
     except Exception as e:  # isolate: report and go on with the next file
         log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)
-        return FileResult(str(path), False, error=f"{type(e).__name__}: {e}"), [], None
+        return FileResult(str(path), False, error=failure_reason(path, e)), [], None
     r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
                    seconds=time.perf_counter() - t0, timings=timings)
     return r, written, proto
