@@ -209,3 +209,8 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
+
+def first_line(err: BaseException) -> str:
+    """An error's message for a one-line report: its first non-blank line (its type where it
+    has none)."""
+    return next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)

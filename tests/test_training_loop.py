@@ -383,6 +383,30 @@ def test_a_damaged_best_model_is_named_with_what_to_do(tmp_path):
         _Scripted(scores, at=4).run(tmp_path, stop_at=5)
 
 
+@pytest.mark.parametrize("name", ["best.pt", "ckpt.pt"])
+def test_the_final_choice_names_a_damaged_run_file(tmp_path, name):
+    """``train``'s final choice between best.pt and ckpt.pt reads them as the loop does: a file
+    cut after the run names itself and what to do (it escaped as torch's own error)."""
+    from recon_plugin.models.unrolled import UnrolledNet
+    from recon_plugin.training.supervised import select_final
+
+    model = UnrolledNet(num_cascades=1, chans=4, num_pools=1)
+    for f in ("best.pt", "ckpt.pt"):
+        torch.save({"model": model.state_dict(), "step": 3, "val": 1.0}, tmp_path / f)
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{name}: .*damaged.*delete it"):
+        select_final(model, tmp_path, [])
+
+
+def test_first_line_skips_blank_lines_and_names_a_silent_error():
+    from recon_plugin.runtime import first_line
+
+    assert first_line(OSError("\nrefused\nmore")) == "refused"
+    assert first_line(TimeoutError()) == "TimeoutError"
+    assert first_line(ValueError("  ")) == "ValueError"
+
+
 def test_a_signal_while_train_chooses_its_final_model_stops_it_saying_so(tmp_path, monkeypatch,
                                                                          caplog):
     """SIGTERM while ``train`` picks the best of best.pt / ckpt.pt to export: exit 143 with one

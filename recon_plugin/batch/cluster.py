@@ -27,6 +27,7 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
+from ..runtime import first_line
 from .files import FileResult, ProtocolCache, failure_reason, output_name, process_file
 from .state import BatchUsageError, clean_stale, parse_address
 
@@ -148,7 +149,7 @@ def connect(address: str, timeout: float | None = None):
             if cluster is not None:
                 cluster.close()
             raise BatchUsageError(f"--cluster {address}: cannot reach a dask scheduler "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                                  f"({type(e).__name__}: {first_line(e)[:200]})") from None
     finally:
         quiet.setLevel(level)
     session = Session(client, cluster, address)

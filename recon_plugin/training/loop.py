@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..output.atomic import write_atomic
-from ..runtime import RunStopped, bars, stop_requests
+from ..runtime import RunStopped, bars, first_line, stop_requests
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ def _flat(args: dict) -> dict:
 LOAD_ERRORS = (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError)
 
 
-def first_line(err: BaseException) -> str:
-    """An error's message for a one-line report (its type where it has none)."""
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
 def load_saved(path: Path, what: str) -> dict:
     """``torch.load(path, weights_only=True)`` of a dict this loop saved (``what`` it should be,
     for the error); a damaged file raises one of LOAD_ERRORS, also one cut short where torch's
@@ -116,6 +111,16 @@ def load_saved(path: Path, what: str) -> dict:
     if not isinstance(saved, dict):  # e.g. a tensor saved under the name
         raise ValueError(f"a {type(saved).__name__}, not {what}")
     return saved
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A run's ``ckpt.pt``; a damaged one is a ValueError naming it, with what to do."""
+    try:
+        return load_saved(path, "a training checkpoint")
+    except LOAD_ERRORS as err:
+        raise ValueError(f"{path}: cannot resume from this checkpoint (damaged: "
+                         f"{first_line(err)}); delete it to train the run from its start, "
+                         "or use another run folder") from err
 
 
 def read_best(path: Path) -> dict:
@@ -256,12 +261,7 @@ def train_loop(
     start = 0
     state = None
     if ckpt.is_file():
-        try:
-            state = load_saved(ckpt, "a training checkpoint")
-        except LOAD_ERRORS as err:
-            raise ValueError(f"{ckpt}: cannot resume from this checkpoint (damaged: "
-                             f"{first_line(err)}); delete it to train the run from its start, "
-                             "or use another run folder") from err
+        state = read_checkpoint(ckpt)
         if run_args is not None:  # before the weights: a clearer error than their shapes'
             check_resumed_args(ckpt, state.get("run_args"), run_args)
         try:

@@ -16,7 +16,7 @@ from ..models.unrolled import UnrolledNet
 from ..physics import SenseOperator
 from ..runtime import stops_at_once
 from .data import Batch, make_batch, validation_set
-from .loop import freeze_batchnorm, train_loop
+from .loop import freeze_batchnorm, read_best, read_checkpoint, train_loop
 from .losses import image_loss
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def select_final(model: torch.nn.Module, run_dir: Path, val: list[Batch],
         f = run_dir / name
         if not f.is_file():
             continue
-        st = torch.load(f, weights_only=True)
+        st = read_best(f) if name == "best.pt" else read_checkpoint(f)
         for recal in (False, True):
             model.load_state_dict(st["model"])
             if recal:

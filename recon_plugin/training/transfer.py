@@ -33,10 +33,11 @@ import torch
 from scipy import ndimage
 
 from ..physics import cartesian_mask, center_crop, fft2c, ifft2c, rss
+from ..runtime import first_line
 from ..sim.anatomy import CONTRASTS, load_anatomy, split_slabs
 from ..sim.simulate import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
 from .data import CENTER_FRACTION, Batch, _rotate, augment, batch_state, support_mask, training_anatomy
-from .loop import LOAD_ERRORS, first_line
+from .loop import LOAD_ERRORS
 
 log = logging.getLogger(__name__)
 
