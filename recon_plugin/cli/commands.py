@@ -411,7 +411,9 @@ def stopped_after_the_verdict(rep: dict) -> str:
 
 
 def cmd_prune(a: argparse.Namespace) -> int:
-    """Prune, fine-tune and export a variant."""
+    """Prune, fine-tune and export a variant. Outside the fine-tuning steps SIGINT / SIGTERM
+    stop at once, saying so; once the variant is written, a process that exits after it
+    ignores them (its status is decided)."""
     from ..pruning.run import DEFAULT_ALIGN, make_variant
     from ..runtime import stops_at_once
 
@@ -428,7 +430,8 @@ def cmd_prune(a: argparse.Namespace) -> int:
     with stops_at_once(f"stopped while pruning, or validating and writing the variant {a.export} "
                        "(outside the fine-tuning steps): run the same command again to export it"
                        + (f" (the fine-tuning goes on from its checkpoint in {a.run_dir}, "
-                          "where there is one)" if ft else "")):
+                          "where there is one)" if ft else ""),
+                       after=signal.SIG_IGN if getattr(a, "process_entry", False) else None):
         card = make_variant(a.model, a.method, a.ratio, ft, Path(a.run_dir), Path(a.export),
                             a.steps, a.lr, a.batch_size, a.seed, a.time_budget,
                             pool=a.pool, pool_size=a.pool_size, cg_iters=a.cg_iters,
