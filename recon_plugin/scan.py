@@ -96,6 +96,14 @@ class SequenceInfo:
     station_name: str | None = None
     te_list_ms: tuple[float, ...] = ()  # every echo time of the header, one per contrast
     imaging_frequency_mhz: float | None = None  # the scan's H1 resonance frequency
+    # the scanner's own DICOM MR terms where the raw header has them (a Siemens twix header's
+    # tScanningSequence, tSequenceVariant, tScanOptions, tMRAcquisitionType), as given:
+    # backslash-separated, not yet checked against DICOM's terms (the DICOM writer does,
+    # ``output.dicom_series``); None: the header has none (the writer derives them)
+    scanning_sequence: str | None = None
+    sequence_variant: str | None = None
+    scan_options: str | None = None
+    mr_acquisition_type: str | None = None
 
     def echo_time_ms(self, contrast: int = 0) -> float | None:
         """The echo time of ``contrast`` (multi-echo: the header's TE of that echo), else

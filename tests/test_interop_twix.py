@@ -449,3 +449,56 @@ def test_an_inversion_recovery_twix_carries_its_ti(monkeypatch, tmp_path):
     assert twix_reader._inverts(hdr)
     hdr["MeasYaps"]["sPrepPulses"]["ucInversion"] = 4
     assert not twix_reader._inverts(hdr)
+
+
+def test_twix_dicom_carries_the_scanners_sequence_terms(tmp_path):
+    """The phantom's raw header holds the scanner's own MR attributes (``Dicom`` and ``Meas``:
+    ``tScanningSequence`` GR, ``tSequenceVariant`` SP, spoiled, ``tScanOptions`` empty,
+    ``tMRAcquisitionType`` 2D): the DICOM carries them. SequenceVariant had been derived from
+    the sequence's name and echo train: NONE. The file stays dciodvfy-clean."""
+    import shutil
+    import subprocess
+
+    from recon_plugin.output.series_files import write_outputs
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
+
+    scan = read_raw(DAT)
+    seq = scan.header.sequence
+    assert (seq.scanning_sequence, seq.sequence_variant, seq.mr_acquisition_type) == (
+        "GR", "SP", "2D")
+    assert not seq.scan_options  # the scanner's is empty
+    series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))
+    (dcm,) = write_outputs(series, tmp_path, ("dicom",))
+    ds = pydicom.dcmread(dcm)
+    assert list(ds.ScanningSequence) == ["GR"] or ds.ScanningSequence == "GR"
+    assert ds.SequenceVariant == "SP"
+    assert ds.ScanOptions == "" and ds.MRAcquisitionType == "2D"
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(dcm)], capture_output=True, text=True,
+                             timeout=60)
+        assert [ln for ln in (out.stdout + out.stderr).splitlines()
+                if ln.lstrip().startswith("Error")] == []
+
+
+def test_twix_sequence_terms_go_into_the_header_as_given():
+    """The ``Dicom`` section's terms first, else ``Meas``'s; an empty one left out; control
+    characters dropped so the XML parses strictly; the terms themselves as the scanner gave
+    them (the DICOM writer checks them: tests/test_output_dicom.py)."""
+    from recon_plugin.io.header import parse_header
+    from recon_plugin.io.twix import header_xml, scanner_terms
+
+    hdr = {"Dicom": {"lFrequency": 123251815, "tScanningSequence": "GR\\IR",
+                     "tScanOptions": "  "},
+           "Meas": {"tScanningSequence": "SE", "tSequenceVariant": "sp\x01\\SAT1",
+                    "tScanOptions": "PFP", "tMRAcquisitionType": "2D"},
+           "MeasYaps": {"sSliceArray": {"asSlice": [{"dReadoutFOV": 200.0}]}}}
+    assert scanner_terms(hdr) == {"ScanningSequence": "GR\\IR", "SequenceVariant": "sp\\SAT1",
+                                  "ScanOptions": "PFP", "MRAcquisitionType": "2D"}
+    warnings: list[str] = []
+    xml = header_xml(hdr, n_samples=128, max_lin=63, centre_lin=32, n_slices=1, n_echoes=1,
+                     n_coils=2, separate_ref=False)
+    seq = parse_header(xml, warnings=warnings).sequence
+    assert warnings == []
+    assert (seq.scanning_sequence, seq.sequence_variant, seq.scan_options,
+            seq.mr_acquisition_type) == ("GR\\IR", "sp\\SAT1", "PFP", "2D")

@@ -485,3 +485,28 @@ def test_a_slice_cut_short_is_flagged_incomplete(tmp_path, vol, emit_early):
         "flag")
     assert warnings[-1].endswith("the header declares slices 0-2; slice(s) 1-2 never came (the "
                                  "acquisition stopped before them?)"), warnings
+
+
+def test_header_carries_the_scanners_sequence_terms():
+    """ISMRMRD's schema has no element for DICOM's ScanningSequence, SequenceVariant,
+    ScanOptions or MRAcquisitionType (siemens_to_ismrmrd writes none of them); a
+    ``userParameterString`` named by the DICOM keyword (what the twix reader writes) carries the
+    scanner's value to the header, as given; without one the header has none."""
+    import ismrmrd.xsd as xsd
+
+    from recon_plugin.io.header import parse_header, parse_xml
+    from recon_plugin.sim.header import build_header_xml
+
+    xml = build_header_xml((32, 24), (220.0, 180.0), 5.0, 4)
+    assert parse_header(xml).sequence.scanning_sequence is None
+    hdr = parse_xml(xml)
+    hdr.userParameters = hdr.userParameters or xsd.userParametersType()
+    for name, value in (("ScanningSequence", "GR\\IR"), ("SequenceVariant", "SP"),
+                        ("ScanOptions", "PFP\\FS"), ("MRAcquisitionType", "2D")):
+        hdr.userParameters.userParameterString.append(
+            xsd.userParameterStringType(name=name, value=value))
+    warnings: list[str] = []
+    seq = parse_header(xsd.ToXML(hdr), warnings=warnings).sequence
+    assert warnings == []  # the schema's own element: strict parsing
+    assert (seq.scanning_sequence, seq.sequence_variant, seq.scan_options,
+            seq.mr_acquisition_type) == ("GR\\IR", "SP", "PFP\\FS", "2D")

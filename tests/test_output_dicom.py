@@ -164,6 +164,39 @@ def test_dciodvfy_reports_zero_errors(tmp_path, kind):
         assert dciodvfy_errors(p) == [], p.name
 
 
+def test_scanner_sequence_terms_are_validated(tmp_path, caplog):
+    """The scanner's own ScanningSequence / SequenceVariant / ScanOptions / MRAcquisitionType
+    (a twix header's, backslash-separated) win over the terms derived from the sequence's name,
+    term by term checked against DICOM's: case and spaces mended, repeats and unknown terms
+    (Siemens' SAT1, a made-up SPOILED) dropped with a debug log, NONE dropped beside another
+    variant, a value with no valid term (4D) left to the derivation."""
+    seq = SequenceInfo(sequence_type="tse", echo_train_length=8,
+                       scanning_sequence="gr\\ XX \\IR\\GR",
+                       sequence_variant="SP\\NONE\\SPOILED",
+                       scan_options="PFP\\SAT1\\fs\\PFP", mr_acquisition_type="4D")
+    with caplog.at_level(logging.DEBUG, logger="recon_plugin.output.dicom_series"):
+        (path,) = dicom.write_series(make_series(nslices=1, sequence=seq), tmp_path / "odd")
+    ds = pydicom.dcmread(path)
+    assert list(ds.ScanningSequence) == ["GR", "IR"]  # not the tse's SE
+    assert ds.SequenceVariant == "SP"  # not the echo train's SK
+    assert list(ds.ScanOptions) == ["PFP", "FS"]
+    assert ds.MRAcquisitionType == "2D"  # 4D is none: the encoded matrix's
+    assert "InversionTime" in ds and not ds.InversionTime  # IR, no TI known: Type 2C, empty
+    said = " ".join(r.getMessage() for r in caplog.records)
+    for dropped in ("'XX'", "'SPOILED'", "'SAT1'", "'4D'"):
+        assert dropped in said, dropped
+    # nothing valid at all: the derivation from the name and echo train, as without them
+    bare = SequenceInfo(sequence_type="tse", echo_train_length=8, scanning_sequence="ZZ\\",
+                        sequence_variant="\\", scan_options="SAT2", mr_acquisition_type="")
+    (path,) = dicom.write_series(make_series(nslices=1, sequence=bare), tmp_path / "bare")
+    ds = pydicom.dcmread(path)
+    assert (ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType) == (
+        "SE", "SK", "", "2D")
+    if DCIODVFY:
+        for p in (tmp_path / "odd").glob("*.dcm"):
+            assert dciodvfy_errors(p) == [], p.name
+
+
 @needs_dciodvfy
 def test_dciodvfy_clean_without_body_part(tmp_path):
     paths = dicom.write_series(make_series(nslices=1), tmp_path)

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 _CALIB_NAMES = ("EmbeddedRefLinesE1", "calibration_lines", "num_low_frequency", "NRefLin")
 _SPACING_NAMES = ("slice_spacing_mm", "SliceSpacing", "slice_spacing")
 _CONTRAST_NAMES = ("contrast", "contrast_name", "ContrastName")
+# the scanner's DICOM MR terms: ISMRMRD has no element for them (siemens_to_ismrmrd writes
+# none); the twix reader writes each as a userParameterString named by its DICOM keyword
+SCANNER_TERMS = {"scanning_sequence": "ScanningSequence", "sequence_variant": "SequenceVariant",
+                 "scan_options": "ScanOptions", "mr_acquisition_type": "MRAcquisitionType"}
 
 
 def _lenient_factory(cls: type, params: dict[str, Any]) -> Any:
@@ -276,6 +280,10 @@ def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None) -> SequenceInfo:
         )
         seq.manufacturer, seq.model_name = asi.systemVendor, asi.systemModel
         seq.institution, seq.station_name = asi.institutionName, asi.stationName
+    for field, keyword in SCANNER_TERMS.items():
+        value = _user_param(hdr, "userParameterString", (keyword,))
+        if value is not None and str(value).strip():
+            setattr(seq, field, str(value).strip())
     f0 = hdr.experimentalConditions.H1resonanceFrequency_Hz if (
         hdr.experimentalConditions is not None) else None
     if f0:

@@ -29,7 +29,12 @@ as ISMRMRD files and streams, with an ISMRMRD header built from the twix protoco
   :func:`_inverts`), field strength, model and patient position fill the header, as
   siemens_to_ismrmrd does, and ``tProtocolName`` the protocol name; the sequence file's name
   (``tSequenceFileName``) is the sequence type. A twix header holds no contrast name
-  (``DICOMAcquisitionContrast`` is empty): the header has none.
+  (``DICOMAcquisitionContrast`` is empty): the header has none;
+* the scanner's own DICOM MR terms (``Dicom``, else ``Meas``: ``tScanningSequence``,
+  ``tSequenceVariant``, ``tScanOptions``, ``tMRAcquisitionType``; the phantom's GR, SP, empty,
+  2D) go as given into ``userParameterString`` elements named by their DICOM keyword
+  (:func:`scanner_terms`); the DICOM writer checks them against DICOM's terms and derives
+  what is missing from the sequence type.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import numpy as np
 
 from ..scan import RawDataError, RawScan
 from .budget import check_budget, default_max_bytes
+from .header import SCANNER_TERMS
 from .mrd_assembler import MrdAssembler
 from .mrd_calibration import add_interleaved_calibration
 
@@ -191,6 +197,24 @@ def _inverts(hdr: dict) -> bool:
         return False
 
 
+def scanner_terms(hdr: dict) -> dict[str, str]:
+    """The scanner's own DICOM MR terms of the measurement, by DICOM keyword
+    (``ScanningSequence`` ``GR`` or ``GR\\IR``, ``SequenceVariant`` ``SP``, ``ScanOptions``,
+    ``MRAcquisitionType`` ``2D``): the ``Dicom`` section's ``t<keyword>``, else the ``Meas``
+    section's, as ``_inverts`` reads them; a term the header leaves empty (the phantom's
+    ``tScanOptions``) or lacks is not there. As given (backslash-separated, without the
+    control characters XML 1.0 forbids): ``output.dicom_series`` checks them against DICOM's
+    terms."""
+    out = {}
+    for keyword in SCANNER_TERMS.values():
+        for section in ("Dicom", "Meas"):
+            v = _get(hdr, section, f"t{keyword}")
+            if isinstance(v, str) and _XML_FORBIDDEN.sub("", v).strip():
+                out[keyword] = _XML_FORBIDDEN.sub("", v).strip()
+                break
+    return out
+
+
 def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slices: int,
                n_echoes: int, n_coils: int, separate_ref: bool, n_par: int = 1,
                centre_par: int = 0) -> str:
@@ -238,12 +262,15 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     accel = int(_get(my, "sPat", "lAccelFactPE", default=1) or 1)
     ref_lines = int(_get(my, "sPat", "lRefLinesPE", default=0) or 0)
     calib = "separate" if separate_ref else ("embedded" if accel > 1 or ref_lines else "other")
-    user = ("<userParameters><userParameterDouble><name>slice_spacing_mm</name>"
-            f"<value>{spacing:.6g}</value></userParameterDouble></userParameters>"
-            if spacing else "")
+    params = [f"<userParameterDouble><name>slice_spacing_mm</name><value>{spacing:.6g}</value>"
+              "</userParameterDouble>"] if spacing else []
+    params += [f"<userParameterString><name>{k}</name><value>{escape(v)}</value>"
+               "</userParameterString>" for k, v in scanner_terms(hdr).items()]
+    user = f"<userParameters>{''.join(params)}</userParameters>" if params else ""
     te_xml = "".join(f"<TE>{float(v) / 1000:.6g}</TE>" for v in te)
     # the sequence file's name (%SiemensSeq%\gre -> gre, tse, ep2d_diff, ...) says the kind of
-    # sequence (DICOM ScanningSequence GR / SE / EP; without it: RM, research mode)
+    # sequence (DICOM ScanningSequence GR / SE / EP where the header has no tScanningSequence;
+    # without either: RM, research mode)
     seq_file = str(_get(my, "tSequenceFileName") or "").replace("\\", "/").rsplit("/", 1)[-1]
     seq = (f"<sequenceParameters>{f'<TR>{float(tr) / 1000:.6g}</TR>' if tr else ''}{te_xml}"
            f"{f'<TI>{float(ti) / 1000:.6g}</TI>' if ti else ''}"

@@ -112,10 +112,10 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     ds.DerivationDescription = provenance_text(series)
     ds.BurnedInAnnotation = "NO"
     # MR image
-    kinds, variant, acq = _scanning_sequence(h)
+    kinds, variant, options, acq = _scanning_sequence(h)  # the scanner's, else derived
     ds.ScanningSequence = kinds
     ds.SequenceVariant = variant
-    ds.ScanOptions = ""
+    ds.ScanOptions = options or ""
     ds.MRAcquisitionType = acq
     # image rows run along the phase encode (ky): phase is encoded down the columns
     ds.InPlanePhaseEncodingDirection = "COL"

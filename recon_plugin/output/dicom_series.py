@@ -18,7 +18,30 @@ DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; override via 
 _SIEMENS_MEASUREMENT = re.compile(r"^(\d+_\d+_\d+)_\d+$")
 
 
-def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
+# the DICOM terms (PS3.3 C.8.3.1, MR Image Module) a scanner's value is checked against
+SCANNING_SEQUENCES = ("SE", "IR", "GR", "EP", "RM")  # enumerated values
+SEQUENCE_VARIANTS = ("SK", "MTC", "SS", "TRSS", "SP", "MP", "OSP", "NONE")  # defined terms
+SCAN_OPTIONS = ("PER", "RG", "CG", "PPG", "FC", "PFF", "PFP", "SP", "FS")  # defined terms
+MR_ACQUISITION_TYPES = ("2D", "3D")  # enumerated values
+
+
+def scanner_terms(value: str | None, allowed: tuple[str, ...], keyword: str) -> list[str]:
+    """The DICOM terms of a scanner's value (``GR\\IR``; backslash-separated, as DICOM and a
+    twix header write them), in its order: each stripped and upper-cased; a repeat, or a term
+    that is not one of ``allowed`` (Siemens' own ``SAT1``, a damaged value), dropped with a
+    debug log. [] when none is left (or there is no value): the caller derives one."""
+    out: list[str] = []
+    for raw in (value or "").split("\\"):
+        term = raw.strip().upper()
+        if term in allowed and term not in out:
+            out.append(term)
+        elif term and term not in out:
+            log.debug("scanner %s term %r is not a DICOM term (%s): dropped", keyword,
+                      raw.strip()[:32], ", ".join(allowed))
+    return out
+
+
+def _derived_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
     """(ScanningSequence, SequenceVariant, MRAcquisitionType) from the header's sequence name.
 
     Unknown or missing sequence names give ``RM`` (research mode); an inversion time adds ``IR``.
@@ -42,6 +65,34 @@ def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
     variant = ["SK"] if segmented else ["NONE"]
     acq = "3D" if header.encoded_matrix[2] > 1 else "2D"
     return kinds, variant, acq
+
+
+def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], list[str], str]:
+    """(ScanningSequence, SequenceVariant, ScanOptions, MRAcquisitionType): the scanner's own
+    terms where the header has them (a twix header's), checked by :func:`scanner_terms`
+    (``NONE`` beside another variant dropped; one MRAcquisitionType); each the header lacks, or
+    whose terms are none of DICOM's, derived as :func:`_derived_sequence` does (ScanOptions:
+    none)."""
+    seq = header.sequence
+    kinds, variant, acq = _derived_sequence(header)
+    kinds = scanner_terms(seq.scanning_sequence, SCANNING_SEQUENCES, "ScanningSequence") or kinds
+    given = scanner_terms(seq.sequence_variant, SEQUENCE_VARIANTS, "SequenceVariant")
+    if len(given) > 1 and "NONE" in given:
+        log.debug("scanner SequenceVariant %r: NONE beside other variants dropped",
+                  seq.sequence_variant)
+        given.remove("NONE")
+    variant = given or variant
+    options = scanner_terms(seq.scan_options, SCAN_OPTIONS, "ScanOptions")
+    types = scanner_terms(seq.mr_acquisition_type, MR_ACQUISITION_TYPES, "MRAcquisitionType")
+    if len(types) == 1:
+        if types[0] != acq:
+            log.warning("the scanner's MRAcquisitionType %s is written, though the encoded "
+                        "matrix (z %d) says %s", types[0], header.encoded_matrix[2], acq)
+        acq = types[0]
+    elif types:
+        log.debug("scanner MRAcquisitionType %r has %d terms, not one: %s written (from the "
+                  "encoded matrix)", seq.mr_acquisition_type, len(types), acq)
+    return kinds, variant, options, acq
 
 
 def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str, str]:
