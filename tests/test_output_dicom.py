@@ -268,6 +268,20 @@ def test_identity_timing_and_provenance(tmp_path):
         assert kw in ds, kw
 
 
+@pytest.mark.parametrize(("sequence_type", "kinds"), [
+    ("TurboSpinEcho", ["SE"]), ("Flash", ["GR"]), ("SSFP", ["GR"]), ("TrueFISP", ["GR"]),
+    ("EPI", ["EP"]), ("Spiral", ["RM"])])
+def test_scanning_sequence_derived_from_the_sequence_type(tmp_path, sequence_type, kinds):
+    """Without the scanner's own terms, ScanningSequence comes from the header's sequence type
+    (siemens_to_ismrmrd's names among them: its SSFP is a gradient echo, was research mode)."""
+    series = make_series(nslices=1)
+    series.header.sequence.sequence_type = sequence_type
+    series.header.sequence.ti_ms = None
+    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    value = ds["ScanningSequence"]
+    assert (list(value.value) if value.VM > 1 else [value.value]) == kinds
+
+
 @pytest.mark.parametrize(("given", "written"),
                          [("FFP", "FFP"), ("hfs", "HFS"), ("XYZ", ""), ("", "")])
 def test_patient_position(tmp_path, given, written):

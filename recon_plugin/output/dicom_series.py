@@ -52,7 +52,8 @@ def _derived_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
     kinds: list[str] = []
     if words & {"se", "tse", "fse", "haste", "space"} or "spin" in flat or "flair" in flat:
         kinds.append("SE")
-    if words & {"gre", "flash", "fisp", "spgr", "trufi", "bssfp", "mprage"} or "gradient" in flat:
+    if words & {"gre", "flash", "fisp", "spgr", "trufi", "truefisp", "bssfp", "ssfp", "fiesta",
+                 "mprage"} or "gradient" in flat:
         kinds.append("GR")
     if "epi" in flat or "echoplanar" in flat:
         kinds.append("EP")
