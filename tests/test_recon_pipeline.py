@@ -131,6 +131,37 @@ def test_nan_is_a_clear_error_and_a_silent_coil_is_left_out(files):
     np.testing.assert_allclose(image.pixels, want.pixels, rtol=1e-5, atol=1e-6 * want.pixels.max())
 
 
+@pytest.mark.parametrize("noise, compression", [(True, None), (False, 3), (True, 3)])
+def test_a_silent_coil_is_left_out_before_prewhitening_and_compression(files, noise,
+                                                                       compression):
+    """A dead channel is found on the physical coils, before prewhitening and coil
+    compression mix it into the others (it went unreported under a protocol's
+    ``coil_compression``): the note names the physical coil, and the image is the one of the
+    same scan without that channel (its noise scan too), prewhitened and compressed alike."""
+    _, ism, _ = files
+    scan = read_raw(ism)
+    sl = scan.slices[0]
+    rng = np.random.default_rng(7)
+    c = sl.kspace.shape[0]
+    mix = np.eye(c) + 0.4 * (rng.normal(size=(c, c)) + 1j * rng.normal(size=(c, c)))
+    samples = (mix @ (rng.normal(size=(c, 4000)) + 1j * rng.normal(size=(c, 4000)))
+               ).astype(np.complex64)  # correlated channels: the whitener mixes them
+    k = sl.kspace.copy()
+    k[2] = 0
+    dead = dataclasses.replace(scan, noise=samples if noise else None,
+                               slices=[dataclasses.replace(sl, kspace=k)])
+    five = dataclasses.replace(scan, noise=np.delete(samples, 2, axis=0) if noise else None,
+                               slices=[dataclasses.replace(
+                                   sl, kspace=np.delete(sl.kspace, 2, axis=0),
+                                   calib=None if sl.calib is None
+                                   else np.delete(sl.calib, 2, axis=0))])
+    settings = ReconSettings(method="cg-sense", fallback="error", coil_compression=compression)
+    (image,) = Reconstructor().reconstruct(dead, settings)[0].images
+    assert "coil(s) [2] recorded only zeros: left out" in image.notes
+    (want,) = Reconstructor().reconstruct(five, settings)[0].images
+    np.testing.assert_allclose(image.pixels, want.pixels, rtol=1e-4, atol=1e-5 * want.pixels.max())
+
+
 def test_recon_matrix_larger_than_encoded_is_interpolated_with_a_note(files):
     _, ism, _ = files
     scan = read_raw(ism)

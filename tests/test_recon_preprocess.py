@@ -8,10 +8,12 @@ import pytest
 from recon_plugin.physics import crop_readout, fft2c, ifft2c, rss
 from recon_plugin.recon.preprocess import (
     coil_compression_matrix,
+    drop_silent_coils,
     noise_covariance,
     noise_dwell_scale,
     noise_prewhitening_matrix,
     whiten_and_compress,
+    whitener_of_coils,
     whitening_matrix,
 )
 from recon_plugin.scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData
@@ -81,6 +83,28 @@ def test_whitener_of_another_coil_setup_is_refused():
     w = noise_prewhitening_matrix(_noise(np.eye(6), 1000, rng))
     with pytest.raises(RawDataError, match="noise scan has 6 coils but the imaging data has 4"):
         whiten_and_compress(np.ones((4, 8, 8), np.complex64), None, None, w)
+
+
+def test_a_silent_coil_leaves_the_data_its_calibration_and_its_whitener():
+    """A dead channel is dropped from the physical coils with its row of the calibration block
+    and of the noise: the whitener kept is the one of the other coils' noise (not the
+    submatrix of the whole one, unless the coil is the last)."""
+    rng = np.random.default_rng(8)
+    noise = _noise(_cov(5, rng), 4000, rng)
+    w = noise_prewhitening_matrix(noise)
+    k = (rng.normal(size=(5, 8, 8)) + 1j * rng.normal(size=(5, 8, 8))).astype(np.complex64)
+    k[1] = 0
+    calib = k[:, 2:6].copy()
+    kept, c, w4, silent = drop_silent_coils(k, calib, w)
+    assert silent == [1] and kept.shape == (4, 8, 8) and c.shape == (4, 4, 8)
+    np.testing.assert_array_equal(kept, np.delete(k, 1, axis=0))
+    want = noise_prewhitening_matrix(np.delete(noise, 1, axis=0))
+    np.testing.assert_allclose(w4, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(whitener_of_coils(w, np.arange(4)), w[:4, :4], atol=1e-4)
+    same = drop_silent_coils(k[[0, 2]], None, None)  # nothing silent: as given
+    assert same[3] == [] and same[0] is not None and same[2] is None
+    with pytest.raises(RawDataError, match="noise scan has 5 coils but the imaging data has 4"):
+        drop_silent_coils(k[:4], None, w)
 
 
 def test_coil_compression_keeps_energy():

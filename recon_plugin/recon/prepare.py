@@ -1,5 +1,5 @@
 """A raw slice as every consumer of raw data sees it (reconstruction, the stream, site
-adaptation): prewhitened, coil-compressed, silent channels left out, zero where not sampled
+adaptation): silent channels left out, prewhitened, coil-compressed, zero where not sampled
 (``prepare_kspace``); with the protocol's ESPIRiT maps and, where the phase field of view
 wraps, the second map's part taken out (``prepare_slice``, ``unfold``).
 
@@ -27,12 +27,14 @@ def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray 
                    notes: list[str] | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One slice as every consumer of raw data sees it (reconstruction, site adaptation):
-    prewhitened, coil-compressed as the protocol says, without channels that recorded
-    nothing (logged, and said in ``notes``), zero where not sampled. Returns (k-space (coils,
-    ky, kx) complex64, mask (ky, kx) float32, calibration block or None)."""
-    ksp, calib = whiten_and_compress(sl.kspace, sl.calib, sl.acs, whitener,
-                                     settings.coil_compression)
-    ksp, calib, silent = drop_silent_coils(ksp, calib)
+    without the physical channels that recorded nothing (logged, and said in ``notes`` by
+    coil index, whatever the compression), prewhitened, coil-compressed as the protocol says,
+    zero where not sampled. Returns (k-space (coils, ky, kx) complex64, mask (ky, kx)
+    float32, calibration block or None)."""
+    # silent channels are found on the physical coils: prewhitening and compression mix
+    # channels, so a dead one is not zero after them (and the note names the physical coil)
+    ksp, calib, whitener, silent = drop_silent_coils(sl.kspace, sl.calib, whitener)
+    ksp, calib = whiten_and_compress(ksp, calib, sl.acs, whitener, settings.coil_compression)
     if silent:
         msg = f"coil(s) {silent} recorded only zeros: left out"
         log.warning("slice %d: %s", sl.slice_index, msg)

@@ -5,7 +5,10 @@
 * SVD coil compression to N virtual coils (``coil_compression_matrix``);
 * ``whiten_and_compress``: both, on one slice, as batch recon, the stream server and site
   adaptation run them;
-* ``drop_silent_coils``: channels that recorded nothing (a dead element or cable) removed.
+* ``drop_silent_coils``: channels that recorded nothing (a dead element or cable) removed, on
+  the physical coils, before both (prewhitening and compression mix channels: a dead one would
+  no longer be zero after them), the whitener then the one of the coils kept
+  (``whitener_of_coils``).
 
 Axis convention: multi-coil k-space is ``(coils, ky, kx)``, centred, orthonormal FFT; noise is
 ``(coils, samples)``.
@@ -108,9 +111,7 @@ def whiten_and_compress(
     ncoil = kspace.shape[0]
     same_coils = calib is not None and calib.shape[0] == ncoil  # else calib is left as it is
     if whitener is not None:
-        if whitener.shape[1] != ncoil:
-            raise RawDataError(f"the noise scan has {whitener.shape[1]} coils but the imaging "
-                               f"data has {ncoil}: they are not from the same coil setup")
+        _check_whitener(whitener, ncoil)
         kspace = apply_coil_matrix(whitener, kspace)
         if same_coils:
             calib = apply_coil_matrix(whitener, calib)
@@ -123,16 +124,44 @@ def whiten_and_compress(
     return kspace.astype(np.complex64, copy=False), calib
 
 
+def _check_whitener(whitener: np.ndarray, ncoil: int) -> None:
+    if whitener.shape[1] != ncoil:
+        raise RawDataError(f"the noise scan has {whitener.shape[1]} coils but the imaging "
+                           f"data has {ncoil}: they are not from the same coil setup")
+
+
 def drop_silent_coils(kspace: np.ndarray, calib: np.ndarray | None = None,
-                      ) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-    """(k-space, calibration block, dropped coil indices) without the coils whose k-space
-    (coils, ky, kx) is zero everywhere: a channel that recorded nothing carries no information
-    and has no sensitivity ESPIRiT could estimate. Nothing is dropped when every coil is
-    silent (the caller then finds no data at all)."""
-    silent = ~np.any(kspace.reshape(kspace.shape[0], -1) != 0, axis=1)
+                      whitener: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, list[int]]:
+    """(k-space, calibration block, whitener, dropped coil indices) without the coils whose
+    k-space (coils, ky, kx) is zero everywhere: a channel that recorded nothing carries no
+    information and has no sensitivity ESPIRiT could estimate. Run on the physical coils,
+    before :func:`whiten_and_compress` (whose channel mixing spreads the others' signal over a
+    dead channel, so it is no longer zero after it); the calibration block loses the same
+    coils when it has the k-space's coils, and the whitener (coils, coils) becomes the one of
+    the coils kept (:func:`whitener_of_coils`). Nothing is dropped when every coil is silent
+    (the caller then finds no data at all). Raises RawDataError when the whitener's coil count
+    is not the data's."""
+    ncoil = kspace.shape[0]
+    if whitener is not None:
+        _check_whitener(whitener, ncoil)
+    silent = ~np.any(kspace.reshape(ncoil, -1) != 0, axis=1)
     if not silent.any() or silent.all():
-        return kspace, calib, []
-    keep = ~silent
-    return (np.ascontiguousarray(kspace[keep]),
-            None if calib is None else np.ascontiguousarray(calib[keep]),
-            np.flatnonzero(silent).tolist())
+        return kspace, calib, whitener, []
+    keep = np.flatnonzero(~silent)
+    if calib is not None and calib.shape[0] == ncoil:
+        calib = np.ascontiguousarray(calib[keep])
+    if whitener is not None:
+        whitener = whitener_of_coils(whitener, keep)
+    return np.ascontiguousarray(kspace[keep]), calib, whitener, np.flatnonzero(silent).tolist()
+
+
+def whitener_of_coils(whitener: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The prewhitening matrix of the coils ``keep`` (indices) alone, from ``whitener``
+    (coils, coils) of all of them (:func:`noise_prewhitening_matrix`): W = L^-1 with
+    L L^H = C, so the kept coils' noise covariance is (L L^H)[keep][:, keep] and their
+    whitener the inverse of its Cholesky factor (``W[keep][:, keep]`` is that only where the
+    coils left out are the last ones)."""
+    chol = np.linalg.inv(whitener.astype(np.complex128))
+    cov = (chol @ chol.conj().T)[np.ix_(keep, keep)]
+    return np.linalg.inv(np.linalg.cholesky(cov)).astype(np.complex64)
