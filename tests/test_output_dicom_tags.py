@@ -72,3 +72,39 @@ def test_classical_series_never_says_dl(tmp_path):
     d = pydicom.dcmread(write_series(s, tmp_path / "s")[0])
     assert "DL" not in d.SeriesDescription.split() and "DL" not in d.SeriesDescription
     assert list(d.ImageType)[-1] == "CG_SENSE"
+
+
+@pytest.mark.parametrize("methods,method,model", [
+    (["rss"] * 2, "rss", ""),  # fully sampled: no method ran, whatever the protocol's
+    (["unrolled"] * 2, "unrolled", "unrolled-spade-0.5"),
+    (["unrolled", "cg-sense"], "unrolled+cg-sense", "unrolled-spade-0.5"),
+])
+def test_every_output_format_says_what_the_dicom_says(tmp_path, methods, method, model):
+    """The provenance attributes of the ``h5`` and ``fastmri`` files are the DICOM's (they
+    said the protocol's ``method: unrolled`` and its model for a fully sampled series, whose
+    DICOM says method=rss and names no model); MRD images carry each image's method."""
+    import h5py
+    import ismrmrd
+
+    from recon_plugin.output.series_files import write_outputs
+
+    s = with_methods(methods)  # the provenance is the protocol's: unrolled, its model
+    paths = write_outputs([s], tmp_path / "scan-0123abcd", ("dicom", "h5", "fastmri", "mrd"))
+    dss = [pydicom.dcmread(p) for p in paths if p.suffix == ".dcm"]
+    assert all(f"method={method};" in d.ImageComments for d in dss)
+    assert all((f"model={model};" in d.ImageComments) == bool(model) for d in dss)
+    h5s = [p for p in paths if p.suffix == ".h5" and not p.name.endswith("_mrd.h5")]
+    assert len(h5s) == 2
+    for p in h5s:
+        with h5py.File(p) as f:
+            assert f.attrs["method"] == method and f.attrs["model"] == model, p.name
+            assert f.attrs["protocol"] == "brain_t2_axial_4x"
+            assert (f.attrs["model_sha256"] == "ab12" * 16) == bool(model)
+    (mrd,) = [p for p in paths if p.name.endswith("_mrd.h5")]
+    ds = ismrmrd.Dataset(str(mrd), "dataset", create_if_needed=False)
+    try:
+        got = sorted(ismrmrd.Meta.deserialize(ds.read_image("image_1001", i).attribute_string)
+                     ["RECON_PLUGIN_Method"] for i in range(len(methods)))
+    finally:
+        ds.close()
+    assert got == sorted(methods)

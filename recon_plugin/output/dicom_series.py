@@ -219,6 +219,29 @@ def _model_words(p) -> list[str]:
     ]
 
 
+def series_method(series: ReconSeries) -> str:
+    """What made the images of a series, from the images themselves (:func:`method_counts`),
+    not from the protocol's setting: ``unrolled`` when the network made every one, the
+    classical method's name when it made none (``rss`` for a fully sampled series, where no
+    method ran), ``unrolled+<method>`` when mixed. The ``method=`` of :func:`provenance_text`,
+    and every output's provenance (:func:`provenance_attributes`)."""
+    dl, n, classical = method_counts(series)
+    if n and dl == n:
+        return DL_METHOD
+    return f"{DL_METHOD}+{classical}" if dl else classical
+
+
+def provenance_attributes(series: ReconSeries) -> dict[str, str]:
+    """The provenance a series' HDF5 outputs carry as attributes (``--format h5`` and
+    ``fastmri``): ``protocol``, ``method`` (:func:`series_method`, as the DICOM's), and the
+    ``model`` / ``model_sha256`` only where the network made an image (empty otherwise, as the
+    DICOM names no model then)."""
+    p = series.provenance
+    dl, _, _ = method_counts(series)
+    return {"protocol": p.protocol, "method": series_method(series),
+            "model": p.model_name if dl else "", "model_sha256": p.model_hash if dl else ""}
+
+
 def provenance_text(series: ReconSeries) -> str:
     """One line naming everything that made the images (DerivationDescription, <= 1024 chars).
 
@@ -227,15 +250,14 @@ def provenance_text(series: ReconSeries) -> str:
     p = series.provenance
     dl, n, classical = method_counts(series)
     if n and dl == n:
-        head, method = "Deep-learning reconstruction from raw k-space", f"method={DL_METHOD}"
+        head = "Deep-learning reconstruction from raw k-space"
     elif dl:
         head = (f"Hybrid reconstruction from raw k-space: {n - dl} of {n} images by {classical}, "
                 "the others by the deep-learning network")
-        method = f"method={DL_METHOD}+{classical}"
     else:
-        head, method = "Non-DL reconstruction from raw k-space", f"method={classical}"
+        head = "Non-DL reconstruction from raw k-space"
     words = [
-        head, method,
+        head, f"method={series_method(series)}",
         f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
         *(_model_words(p) if dl else []),
         f"measured_samples_weight={_weight_text(series)}",

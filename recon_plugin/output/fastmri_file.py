@@ -8,8 +8,9 @@ with several contrasts gets ``<stem>_series_NNNN.h5`` for every series after the
   matrix (x, y) -- the project's images (rows = phase, cols = readout) transposed;
 * attributes ``acquisition`` (e.g. ``AXT2``), ``max`` and ``norm`` (of this volume, as fastMRI
   computes them for its targets), ``patient_id``, ``acceleration`` and ``num_low_frequency``
-  when known, and the provenance (``protocol``, ``method``, ``model``, ``model_sha256``) plus the
-  ISMRMRD header.
+  when known, and the provenance (``protocol``, ``method``, ``model``, ``model_sha256``: what
+  made the images, as the DICOM says it,
+  :func:`~recon_plugin.output.dicom_series.provenance_attributes`) plus the ISMRMRD header.
 
 ``fastmri.evaluate`` (``python -m fastmri.evaluate --target-path RAW/ --predictions-path OUT/
 --challenge multicoil``) pairs files by name and scores ``reconstruction`` against the raw
@@ -26,6 +27,7 @@ import numpy as np
 
 from ..scan import ReconSeries
 from .atomic import atomic_path
+from .dicom_series import provenance_attributes
 
 
 def fastmri_volume(series: ReconSeries) -> np.ndarray:
@@ -52,11 +54,8 @@ def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
             f.attrs["acceleration"] = float(h.acceleration)
         if h.calibration_lines:
             f.attrs["num_low_frequency"] = int(h.calibration_lines)
-        p = series.provenance
-        f.attrs["protocol"] = p.protocol
-        f.attrs["method"] = p.method
-        f.attrs["model"] = p.model_name
-        f.attrs["model_sha256"] = p.model_hash
+        for key, value in provenance_attributes(series).items():  # as the DICOM says
+            f.attrs[key] = value
         f.attrs["layout"] = "reconstruction (slices, readout, phase), as fastMRI reconstruction_rss"
         f.create_dataset("ismrmrd_header", data=h.xml or "")
     return Path(final)

@@ -46,17 +46,18 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
 
 
 def write_reconstruction_h5(series: ReconSeries, out_dir: Path) -> Path:
-    """fastMRI-style ``reconstruction`` (slices, rows, cols) float32 file, written atomically."""
+    """fastMRI-style ``reconstruction`` (slices, rows, cols) float32 file, written atomically,
+    with the series' provenance (:func:`~recon_plugin.output.dicom_series.provenance_attributes`)
+    and ISMRMRD header as attributes."""
     import h5py
 
     from .atomic import atomic_path
+    from .dicom_series import provenance_attributes
 
     final = out_dir / f"series_{series.series_number:04d}.h5"
     with atomic_path(final, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("reconstruction", data=np.stack([im.pixels for im in series.images]))
-        f.attrs["protocol"] = series.provenance.protocol
-        f.attrs["method"] = series.provenance.method
-        f.attrs["model"] = series.provenance.model_name
-        f.attrs["model_sha256"] = series.provenance.model_hash
+        for key, value in provenance_attributes(series).items():  # as the DICOM says
+            f.attrs[key] = value
         f.attrs["ismrmrd_header"] = series.header.xml
     return final
