@@ -197,6 +197,41 @@ def test_scanner_sequence_terms_are_validated(tmp_path, caplog):
             assert dciodvfy_errors(p) == [], p.name
 
 
+def test_image_comments_carry_every_note_whole(tmp_path):
+    """ImageComments (LT, 10240 bytes) carries each note whole: they were cut at 200
+    characters mid-sentence. Over the VR's limit the notes that fit are kept, cut at a note
+    boundary, with a marker saying how many were left out; the MRD image's ImageComments
+    (the stream's, which a scanner turns into DICOM) is the same text."""
+    from recon_plugin.output.mrd_image import image_meta
+
+    series = make_series(nslices=2)
+    long = ("FALLBACK zero-filled: no fully sampled calibration region was found in this slice "
+            "(acquire ACS lines or a separate reference scan, or lower the acceleration): "
+            "ESPIRiT needs at least 16 lines, the slice had 4, so the maps could not be estimated"
+            " and the image is the zero-filled RSS of the measured coil images — Müller")
+    assert len(long) > 300 and "; " not in long
+    series.images[0].notes = [long, "homodyne partial Fourier"]
+    many = [f"note {i}: " + "x" * 400 for i in range(40)]  # 16 kB: over LT's 10240 bytes
+    series.images[1].notes = many
+    paths = dicom.write_series(series, tmp_path / "s")
+    by_slice = {int(pydicom.dcmread(p).InstanceNumber): pydicom.dcmread(p) for p in paths}
+    first, second = (by_slice[i] for i in sorted(by_slice))
+    notes = first.ImageComments.split("; notes: ", 1)[1]
+    assert notes == f"{long}; homodyne partial Fourier"
+    text = second.ImageComments
+    assert len(text.encode("utf-8")) <= 10240
+    shown, marker = text.split("; notes: ", 1)[1].rsplit("; ", 1)
+    shown = shown.split("; ")
+    assert shown == many[:len(shown)] and len(shown) >= 20  # whole notes, in order
+    assert marker == (f"[{40 - len(shown)} more notes left out: over the 10240-byte limit of "
+                      "ImageComments]")
+    mrd = image_meta(series, series.images[0], 1.0)["ImageComments"]
+    assert mrd == first.ImageComments
+    if DCIODVFY:
+        for p in paths:
+            assert dciodvfy_errors(p) == [], p.name
+
+
 @needs_dciodvfy
 def test_dciodvfy_clean_without_body_part(tmp_path):
     paths = dicom.write_series(make_series(nslices=1), tmp_path)

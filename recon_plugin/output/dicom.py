@@ -81,8 +81,14 @@ from .dicom_geometry import (
     image_plane,
     instance_order,
 )
-from .dicom_series import DEFAULT_UID_ROOT, image_provenance_text, provenance_text, scan_uids
-from .dicom_values import _ds, _text, _valid_uid
+from .dicom_series import (
+    DEFAULT_UID_ROOT,
+    image_comments,
+    image_provenance_text,
+    provenance_text,
+    scan_uids,
+)
+from .dicom_values import _ds, _valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +254,7 @@ def write_series(
                 ds.SpacingBetweenSlices = _ds(between)
             ds.SliceLocation = _ds(float(np.asarray(g.position, float) @ normal))
             ds.DerivationDescription = image_provenance_text(series, im)  # what made this one
-            notes = "; ".join(_text(n, 200) for n in im.notes if n)
-            ds.ImageComments = _text(comments + (f"; notes: {notes}" if notes else ""), 10240)
+            ds.ImageComments = image_comments(comments, im.notes)  # each note whole
             # finite pixels reach at most max_value (k is set by the series' finite peak); a
             # non-finite one is NaN -> 0 and +inf -> max_value, never beyond the series' scale
             scaled = np.nan_to_num(np.abs(im.pixels) * k, nan=0.0, posinf=opts.max_value)

@@ -1,10 +1,12 @@
 """Per-series DICOM facts: study / frame UIDs, series description, provenance text, image
-type and scanning sequence (what every writer and the stream's MRD images share)."""
+comments, image type and scanning sequence (what every writer and the stream's MRD images
+share)."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 
 from pydicom.uid import generate_uid
 
@@ -265,6 +267,35 @@ def provenance_text(series: ReconSeries) -> str:
         f"software=recon_plugin {p.software_version or '-'}",
     ]
     return _text("; ".join(w for w in words if w), 1024)
+
+
+LT_MAX = 10240  # an LT value's limit (ImageComments), counted in UTF-8 bytes as _text does
+
+
+def image_comments(head: str, notes: Iterable[str], max_len: int = LT_MAX) -> str:
+    """ImageComments: ``head`` (the series' provenance text), then ``notes:`` and the image's
+    notes, each whole, ``; ``-separated. Where they would pass ``max_len`` bytes (LT's 10240)
+    the notes that fit are kept, in order, and a marker says how many were left out (with a
+    warning): a note is never cut. The DICOM and the MRD image (the stream's) carry this text."""
+    head = _text(head, max_len)
+    notes = [t for t in (_text(n, max_len) for n in notes if n) if t]
+
+    def joined(k: int) -> str:
+        left = len(notes) - k
+        marker = (f"[{left} more note{'s' if left > 1 else ''} left out: over the "
+                  f"{max_len}-byte limit of ImageComments]") if left else ""
+        body = "; ".join([*notes[:k], *([marker] if marker else [])])
+        return head + (f"; notes: {body}" if body else "")
+
+    for k in range(len(notes), -1, -1):
+        text = joined(k)
+        if len(text.encode("utf-8")) <= max_len:
+            if k < len(notes):
+                log.warning("ImageComments holds %d of the image's %d notes (%d bytes at most); "
+                            "left out: %s", k, len(notes), max_len,
+                            "; ".join(n[:80] for n in notes[k:]))
+            return text
+    return _text(joined(0), max_len)  # a head alone over the limit (provenance is <= 1024)
 
 
 def _weight_text(series: ReconSeries) -> str:

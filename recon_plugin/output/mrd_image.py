@@ -22,7 +22,7 @@ import ismrmrd
 import numpy as np
 
 from ..scan import ReconImage, ReconSeries
-from .dicom_series import DL_METHOD, provenance_text, series_description
+from .dicom_series import DL_METHOD, image_comments, provenance_text, series_description
 
 
 def image_meta(series: ReconSeries, im: ReconImage, high: float,
@@ -41,7 +41,7 @@ def image_meta(series: ReconSeries, im: ReconImage, high: float,
         "WindowWidth": f"{high:.6g}",
         "SeriesDescription": series_description(one),
         "SequenceDescriptionAdditional": "DL" if dl else "RECON",
-        "ImageComments": "; ".join([provenance_text(one), *im.notes])[:1024],
+        "ImageComments": image_comments(provenance_text(one), im.notes),  # as the DICOM's
         "Keep_image_geometry": 1,
         "ImageRowDir": [f"{v:.9f}" for v in im.geometry.read_dir],
         "ImageColumnDir": [f"{v:.9f}" for v in im.geometry.phase_dir],
