@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import shutil
 import ssl
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -103,7 +105,7 @@ def test_c_store_over_tls_and_what_a_wrong_setting_says(certs, tmp_path):
         no_cert = TlsSettings.make(str(certs / "ca.pem"))
         with pytest.raises(pacs.PacsError, match="over TLS"):
             pacs.send_files(paths, target, timeout=10, tls=no_cert)
-        with pytest.raises(pacs.PacsError, match="could not be established"):
+        with pytest.raises(pacs.PacsError, match="did not answer plain DICOM: it speaks TLS"):
             pacs.send_files(paths, target, timeout=10)  # plain DICOM to a TLS port
         assert stored == []
     finally:
@@ -296,3 +298,80 @@ def test_echo_a_tls_pacs_with_the_protocols_settings(certs, tmp_path, capsys):
         scp.shutdown()
     assert main(["-q", "echo", *proto, "--timeout", "2"]) == 1  # the PACS is gone
     assert "nothing accepts connections" in capsys.readouterr().out
+
+
+def _pynetdicom_records(caplog) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records
+            if r.name.startswith("pynetdicom")]
+
+
+def test_plain_dicom_to_a_tls_only_pacs_is_one_line_naming_tls(certs, tmp_path, capsys, caplog):
+    """`echo` of a TLS-only PACS without a protocol that configures TLS printed pynetdicom's
+    ERROR lines and a traceback before its FAILED line, which said only "no DICOM service
+    answering": now one line naming the PACS and the cause (it speaks TLS: pacs.tls), with or
+    without -q; pynetdicom's own lines only with -v; its socket is closed, not leaked."""
+    port = free_port()
+    target = f"TLS_PACS@127.0.0.1:{port}"
+    scp = _tls_scp(port, [], certs)
+    netlog = logging.getLogger("pynetdicom")
+    try:
+        for flags in (["-q"], []):
+            caplog.clear()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always", ResourceWarning)
+                assert main([*flags, "echo", target, "--timeout", "5"]) == 1
+                gc.collect()
+            (line,) = capsys.readouterr().out.splitlines()
+            assert line.startswith(f"{target}: FAILED: ")
+            assert f"did not answer plain DICOM: it speaks TLS on port {port}" in line
+            assert "configure pacs.tls" in line and "--protocol" in line  # echo: how to use it
+            assert _pynetdicom_records(caplog) == [] and "Traceback" not in caplog.text
+            assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
+        run = subprocess.run([sys.executable, "-m", "recon_plugin.cli", "echo", target,
+                              "--timeout", "5"], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1 and run.stderr == "", run.stderr
+        assert len(run.stdout.splitlines()) == 1 and "pacs.tls" in run.stdout
+        caplog.clear()
+        assert main(["-v", "echo", target, "--timeout", "5"]) == 1
+        assert _pynetdicom_records(caplog)  # -v: pynetdicom's own account too
+    finally:
+        netlog.setLevel(logging.NOTSET)
+        scp.shutdown()
+    capsys.readouterr()
+
+
+def test_recon_send_and_send_queue_to_a_tls_only_pacs_say_why_in_one_line(certs, tmp_path,
+                                                                            capsys, caplog):
+    """`recon --send` and `send --queue` to a TLS-only PACS without pacs.tls: the DICOM is
+    queued with one warning naming the PACS and TLS (pynetdicom's lines and traceback had
+    come first; `send` said only "sent 0, still queued 1")."""
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_ismrmrd
+
+    port = free_port()
+    target = f"TLS_PACS@127.0.0.1:{port}"
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 32), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "scan.h5", acceleration=2, calib_lines=16)
+    out, queue = tmp_path / "out", tmp_path / "out" / ".pacs-queue"
+    scp = _tls_scp(port, [], certs)
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING and r.name == "recon_plugin.output.pacs"]
+
+    try:
+        assert main(["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled",
+                     "--send", target]) == 1
+        (line,) = said()
+        assert target in line and "it speaks TLS" in line and "pacs.tls" in line
+        assert _pynetdicom_records(caplog) == [] and "Traceback" not in caplog.text
+        caplog.clear()
+        capsys.readouterr()
+        assert main(["-q", "send", "--queue", str(queue)]) == 1
+        assert capsys.readouterr().out == "sent 0, still queued 1\n"
+        (line,) = said()
+        assert target in line and "it speaks TLS" in line and "pacs.tls" in line
+        assert "1 file stays queued" in line
+        assert _pynetdicom_records(caplog) == []
+    finally:
+        scp.shutdown()

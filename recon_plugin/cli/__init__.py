@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     a.process_entry = argv is None  # the process's own command line: it exits after the command
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # pynetdicom's own account of a failed association (ERROR lines, a traceback) comes before
+    # the one line PacsError makes of it: shown with -v only
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if a.verbose else logging.CRITICAL + 1)
     tune_allocator()
     passive_thread_waits()  # before anything loads torch
     try:

@@ -244,7 +244,9 @@ def cmd_echo(a: argparse.Namespace) -> int:
             seconds = echo(target, calling, timeout=a.timeout, tls=tls)
         except PacsError as e:
             failed += 1
-            print(f"{target}: FAILED: {e}")
+            hint = ("; echo takes its TLS settings from --protocol" if e.wants_tls and not a.protocol
+                    else "")
+            print(f"{target}: FAILED: {e}{hint}")
             continue
         print(f"{target}: answered C-ECHO in {seconds:.3f} s (calling AE {calling}"
               f"{', over TLS' if tls else ''})")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import fsync_dir, write_text_atomic
-from .pacs_tls import TlsSettings, TlsSettingsError
+from .pacs_tls import TlsSettings, TlsSettingsError, speaks_tls
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,13 @@ class PacsTargetError(ValueError):
 
 class PacsError(RuntimeError):
     """The remote AE could not be reached or refused the association. ``unanswered``: nothing
-    answered at all (no TCP connection, no association), as opposed to a refusal."""
+    answered at all (no TCP connection, no association), as opposed to a refusal;
+    ``wants_tls``: a plain association failed where the PACS answers in TLS."""
 
-    def __init__(self, message: str, unanswered: bool = False):
+    def __init__(self, message: str, unanswered: bool = False, wants_tls: bool = False):
         super().__init__(message)
         self.unanswered = unanswered
+        self.wants_tls = wants_tls  # a plain association failed where the PACS speaks TLS
 
 
 class QueueNotWritable(OSError):
@@ -151,10 +153,10 @@ def _associate(tgt: PacsTarget, calling_aet: str, contexts: dict[str, list[str]]
                timeout: float, tls: TlsSettings | None):
     """An established pynetdicom association with ``tgt`` offering ``contexts`` (SOP class UID
     -> transfer syntaxes), over TLS with ``tls``; :class:`PacsError` saying why there is none
-    (nothing listening, rejected, no context accepted, TLS; ``unanswered`` where nothing
-    answered)."""
+    (nothing listening, rejected, no context accepted, TLS, also a TLS-only PACS asked in plain
+    DICOM; ``unanswered`` where nothing answered)."""
     from pydicom.uid import UID
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
 
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -166,8 +168,17 @@ def _associate(tgt: PacsTarget, calling_aet: str, contexts: dict[str, list[str]]
     except TlsSettingsError as exc:
         raise PacsError(f"association with {tgt}: {exc}") from exc
     _check_reachable(tgt, timeout)
-    assoc = ae.associate(tgt.host, tgt.port, ae_title=tgt.aet, tls_args=tls_args)
+    opened: list[socket.socket] = []  # the connection's socket, where it was made
+
+    def keep(event) -> None:
+        opened.append(event.assoc.dul.socket.socket)
+
+    assoc = ae.associate(tgt.host, tgt.port, ae_title=tgt.aet, tls_args=tls_args,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, keep)])
     if not assoc.is_established:
+        for sock in opened:  # pynetdicom 3.0.4 does not close a connection the PACS reset
+            sock.close()
+        plain_to_tls = False
         if assoc.is_rejected:
             why = (f"rejected by the remote AE (check the called AE title {tgt.aet!r} and "
                    f"that the PACS accepts calling AE {calling_aet!r})")
@@ -183,10 +194,16 @@ def _associate(tgt: PacsTarget, calling_aet: str, contexts: dict[str, list[str]]
                    f"{tgt.port}? its certificate must chain to {tls.ca_file}"
                    + (f" and name {tgt.host}" if tls.check_hostname else "")
                    + (", and accept this client's certificate" if tls.cert_file else "") + ")")
+        elif speaks_tls(tgt.host, tgt.port, timeout):
+            plain_to_tls = True
+            why = (f"the PACS did not answer plain DICOM: it speaks TLS on port {tgt.port} "
+                   "(configure pacs.tls in the protocol: the CA its certificate chains to, and "
+                   "a client certificate where it asks for one)")
         else:
             why = "could not be established (no DICOM service answering, or it aborted)"
         raise PacsError(f"association with {tgt}: {why}",
-                        unanswered=not (assoc.is_rejected or assoc.rejected_contexts))
+                        unanswered=not (assoc.is_rejected or assoc.rejected_contexts),
+                        wants_tls=plain_to_tls)
     return assoc
 
 
@@ -513,8 +530,9 @@ def drain(
     """Try to send every queued batch; return ``(files sent, files still failing)``.
 
     Sent files leave the queue; a batch folder disappears when all its files are delivered.
-    A target that refuses the association is not retried again within this call. Batches that
-    reach ``max_attempts`` failed attempts move to ``queue_dir/dead``. If another process is
+    A target that refuses the association is not retried again within this call; each such
+    target is named once in a warning, with why and how many of its files stay queued. Batches
+    that reach ``max_attempts`` failed attempts move to ``queue_dir/dead``. If another process is
     draining the same queue, returns ``(0, 0)`` at once. A missing ``queue_dir`` is an empty
     queue (it is not created); one that cannot be written raises :class:`QueueNotWritable`
     before anything is sent.
@@ -529,7 +547,8 @@ def drain(
         if not locked:
             log.warning("queue %s is being drained by another process; nothing sent", qdir)
             return 0, 0
-        down: dict[str, str] = {}
+        down: dict[str, str] = {}  # target -> why it took nothing
+        unsent: dict[str, int] = {}  # target -> its files that stay queued for that
         unreadable: list[Path] = []
         items = queued_items(qdir, unreadable)
         for d in unreadable:  # nothing says where its files go: kept aside, never retried
@@ -538,6 +557,7 @@ def drain(
             d = Path(item.pop("path"))
             files = [d / n for n in item.get("files", [])]
             target = item.get("target", "")
+            refused = False  # no association: the target took nothing
             try:
                 if target in down:
                     raise PacsError(down[target])
@@ -545,7 +565,7 @@ def drain(
                                  timeout=timeout, tls=TlsSettings.from_dict(item.get("tls")))
                 error = "; ".join(f"{p.name}: {r}" for p, r in res.failed.items()) or None
             except (PacsError, PacsTargetError, OSError) as exc:
-                down[target] = str(exc)
+                down[target], refused = str(exc), True
                 res, error = SendResult(failed={p: str(exc) for p in files}), str(exc)
             for p in res.sent:
                 p.unlink(missing_ok=True)
@@ -562,9 +582,19 @@ def drain(
                 _give_up(qdir, d, f"no retry can send its files: {error}")
             elif max_attempts is not None and item["attempts"] >= max_attempts:
                 _give_up(qdir, d, f"after {item['attempts']} attempts: {error}")
+            elif refused:
+                unsent[target] = unsent.get(target, 0) + len(remaining)
+        for target, n in unsent.items():  # one line per target that took nothing: why
+            log.warning("%s; %s %s queued", down[target], _files(n),
+                        "stays" if n == 1 else "stay")
     if sent_total or failed_total:
         log.info("drained %s: %d sent, %d still queued", qdir, sent_total, failed_total)
     return sent_total, failed_total
+
+
+def _files(n: int) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{n} file" + ("" if n == 1 else "s")
 
 
 def _give_up(qdir: Path, item: Path, why: str) -> None:

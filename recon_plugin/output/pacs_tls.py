@@ -8,6 +8,7 @@ the queue records it with each item, so a later ``recon-plugin send`` delivers o
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -93,6 +94,24 @@ class TlsSettings:
                                    "or false")
         return cls(d["ca_file"], d.get("cert_file"), d.get("key_file"),
                    d.get("check_hostname", True))
+
+
+def speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether what listens at ``host:port`` answers a TLS handshake: asked only to tell why a
+    plain DICOM association failed there (a TLS-only PACS closes it without a word). Nothing is
+    verified or sent past the handshake; a TLS alert from the server (e.g. that it wants a
+    client certificate) also counts as TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw):
+            return True
+    except ssl.SSLError as exc:  # a TLS alert is an answer in TLS; a wrong version one is not
+        return "ALERT" in str(getattr(exc, "reason", None) or "")
+    except OSError:
+        return False
 
 
 def _why(exc: BaseException) -> str:
