@@ -349,6 +349,29 @@ def test_a_refused_size_reads_apart_from_the_limit_and_says_what_would_take_it()
     check_budget("big.h5", "the header's k-space", 8 * gib, 8 * gib)  # at the limit: taken
 
 
+@pytest.mark.parametrize("nbytes, limit, least", [
+    (6_000_000, 5_000_000, "0.0056"),  # 5.59 MB: not 0.1 GB, 17 times what it needs
+    (int(0.0123 * (1 << 30)), 1 << 20, "0.013"),
+    (int(0.25 * (1 << 30)) + 1, 1 << 20, "0.26"),
+    (int(8.03 * (1 << 30)), 8 << 30, "8.1"),
+    (int(123.41 * (1 << 30)), 8 << 30, "123.5"),  # a tenth of a GB at most above what it needs
+    (1000, 100, "0.00000094"),  # 1000 bytes: a plain number, not 9.4e-07
+])
+def test_the_least_limit_a_refusal_names_is_enough_and_close(nbytes, limit, least):
+    """The refusal named the least --max-memory-gb rounded up to a tenth of a GB: "0.1 at least"
+    for a file that needs 0.0056. Now two significant figures (a tenth at most above 1 GB),
+    rounded up: a limit that takes the file, and close to what it needs."""
+    from recon_plugin.io.budget import ENV_VAR, check_budget, gb_to_bytes
+
+    with pytest.raises(RawDataError) as e:
+        check_budget("f.h5", "the header's k-space", nbytes, limit)
+    msg = str(e.value)
+    assert f"it needs --max-memory-gb {least} or ${ENV_VAR}={least} at least" in msg
+    assert gb_to_bytes(float(least)) >= nbytes  # enough: the file is taken with it
+    check_budget("f.h5", "the header's k-space", nbytes, gb_to_bytes(float(least)))
+    assert "refused before reading" in msg and "needs " in msg and "memory limit of" in msg
+
+
 @pytest.mark.parametrize("given, kept", [("02.01.1970", "02.01.1970"),
                                          ("2024-03-04+01:00", "20240304"),
                                          ("1970-01-02", "19700102")])

@@ -10,8 +10,8 @@ per run.
 
 from __future__ import annotations
 
-import math
 import os
+from decimal import ROUND_CEILING, Decimal
 
 from ..scan import RawDataError
 
@@ -44,12 +44,24 @@ def size_text(nbytes: float, digits: int = 1) -> str:
     return f"{gb:.{digits}f} GB" if gb >= 0.1 else f"{nbytes / (1 << 20):.{digits + 2}g} MB"
 
 
+def least_limit_gb(nbytes: int) -> str:
+    """The least ``--max-memory-gb`` that takes ``nbytes``, as a plain number: rounded up to
+    two significant figures (to a tenth of a GB where that is finer, from 1 GB up), so that it
+    is enough and close (``0.0056``, ``8.1``, ``123.5``)."""
+    gb = Decimal(nbytes) / (1 << 30)
+    step = min(Decimal("0.1"), Decimal(1).scaleb(gb.adjusted() - 1))
+    least = gb.quantize(step, rounding=ROUND_CEILING)
+    while gb_to_bytes(float(least)) < nbytes:  # the float a limit becomes may fall short
+        least += step
+    return format(least.normalize(), "f")
+
+
 def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None,
                  cause: str | None = None) -> int:
     """Raise RawDataError when ``nbytes`` (what ``what`` declares) exceeds the limit, else
     return ``nbytes`` (the size checked, which readers keep as ``RawScan.budget_bytes``); the
     message gives both sizes with enough decimals to tell them apart and the least limit it
-    needs (in GB, rounded up to a tenth; a reader that checks buffer by buffer knows only the
+    needs (in GB, :func:`least_limit_gb`; a reader that checks buffer by buffer knows only the
     ones so far). ``cause``: why the size is likely wrong (e.g. damaged counters), said
     instead of the limit it needs (a larger limit would not help)."""
     limit = default_max_bytes() if max_bytes is None else int(max_bytes)
@@ -57,9 +69,9 @@ def check_budget(where: str, what: str, nbytes: int, max_bytes: int | None,
         digits = 1
         while digits < 4 and size_text(nbytes, digits) == size_text(limit, digits):
             digits += 1
-        needed = math.ceil(nbytes / (1 << 30) * 10) / 10
+        needed = least_limit_gb(nbytes)
         advice = (f": {cause}" if cause else
-                  f" (it needs --max-memory-gb {needed:g} or ${ENV_VAR}={needed:g} at least, "
+                  f" (it needs --max-memory-gb {needed} or ${ENV_VAR}={needed} at least, "
                   "where the machine has that much memory to spare)")
         raise RawDataError(
             f"{where}: {what} needs {size_text(nbytes, digits)} of k-space, more than the memory "
