@@ -1,6 +1,7 @@
 """Small helpers shared by test modules (importable: pytest puts this folder on sys.path)."""
 
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Iterator
 
@@ -41,3 +42,34 @@ def errors_of_a_sigterm_stop(argv: list[str], caplog) -> list[str]:
         assert main(argv) == 128 + signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is unhandled
     return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def disk_events(monkeypatch) -> list[tuple]:
+    """Record every ``os.fsync`` (``("fsync", the path its descriptor names)``) and
+    ``os.replace`` (``("replace", src, dst)``) from here on, in order, each still done (for a
+    test that a file is flushed before it is renamed into place, its folder after)."""
+    events: list[tuple] = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    return events
+
+
+def assert_durably_renamed(events: list[tuple], names: list[str], folder) -> None:
+    """``events`` (:func:`disk_events`) renamed files into ``names`` (in that order), each
+    fsynced before its rename, and fsynced ``folder`` last."""
+    renames = [e for e in events if e[0] == "replace"]
+    assert [os.path.basename(e[2]) for e in renames] == names, events
+    for rename in renames:
+        synced = ("fsync", os.path.realpath(rename[1]))
+        assert synced in events and events.index(synced) < events.index(rename), events
+    assert events[-1] == ("fsync", os.path.realpath(folder)), events

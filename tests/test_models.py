@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import crand
+from helpers import assert_durably_renamed, crand, disk_events
 
 from recon_plugin.metrics import psnr
 from recon_plugin.models.checkpoint import ModelError, load_model, resolve_model, save_model
@@ -187,28 +187,9 @@ def test_an_export_that_fails_leaves_the_model_that_was_there(tmp_path, monkeypa
 def test_an_export_is_fsynced_before_its_renames_and_its_folder_after(tmp_path, monkeypatch):
     """``save_model`` flushes the weights and the card to disk before renaming each into place,
     and the folder after both renames: a power cut cannot leave a renamed but empty file."""
-    import os
-
-    events = []
-    fsync, replace = os.fsync, os.replace
-
-    def spy_fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def spy_replace(src, dst):
-        events.append(("replace", str(src), str(dst)))
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", spy_fsync)
-    monkeypatch.setattr(os, "replace", spy_replace)
+    events = disk_events(monkeypatch)
     save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
-    renames = [e for e in events if e[0] == "replace"]
-    assert [os.path.basename(e[2]) for e in renames] == ["m.json", "m.safetensors"]
-    for rename in renames:
-        synced = ("fsync", os.path.realpath(rename[1]))
-        assert synced in events and events.index(synced) < events.index(rename), events
-    assert events[-1] == ("fsync", os.path.realpath(tmp_path)), events
+    assert_durably_renamed(events, ["m.json", "m.safetensors"], tmp_path)
     assert load_model(tmp_path / "m")[1]["name"] == "m"
 
 

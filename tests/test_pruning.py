@@ -13,7 +13,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import errors_of_a_sigterm_stop
+from helpers import assert_durably_renamed, disk_events, errors_of_a_sigterm_stop
 from torch import nn
 
 from recon_plugin.models.checkpoint import load_model, save_model
@@ -503,30 +503,12 @@ def test_a_refreshed_card_is_fsynced_before_its_rename_and_its_folder_after(tmp_
     """``refresh_card`` writes the card as durably as ``save_model``: the temporary fsynced
     before it is renamed over the card, the folder after (it was renamed unsynced: a power cut
     could leave an empty card beside the weights, and the model would not load)."""
-    import os
-
     from recon_plugin.pruning.finetune import refresh_card
 
     _variant_with_an_old_description(tmp_path)
-    events = []
-    fsync, replace = os.fsync, os.replace
-
-    def spy_fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def spy_replace(src, dst):
-        events.append(("replace", str(src), str(dst)))
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", spy_fsync)
-    monkeypatch.setattr(os, "replace", spy_replace)
+    events = disk_events(monkeypatch)
     refresh_card(tmp_path / "v.safetensors", parent=tmp_path / "parent.safetensors")
-    renames = [e for e in events if e[0] == "replace"]
-    assert [os.path.basename(e[2]) for e in renames] == ["v.json"], events
-    synced = ("fsync", os.path.realpath(renames[0][1]))
-    assert synced in events and events.index(synced) < events.index(renames[0]), events
-    assert events[-1] == ("fsync", os.path.realpath(tmp_path)), events
+    assert_durably_renamed(events, ["v.json"], tmp_path)
 
 
 def test_the_shipped_variant_cards_say_what_the_code_says():
