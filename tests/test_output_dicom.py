@@ -232,6 +232,25 @@ def test_image_comments_carry_every_note_whole(tmp_path):
             assert dciodvfy_errors(p) == [], p.name
 
 
+def test_image_comments_limit_counts_the_bytes_written_not_characters(tmp_path):
+    """The LT limit is counted in the bytes the file holds (UTF-8, ISO_IR 192): notes of
+    two-byte characters, 8000 characters but 16000 bytes, are left out at a note boundary so
+    that the value written is at most 10240 bytes (a count of characters would keep them all,
+    over the limit validators and PACS databases apply)."""
+    series = make_series(nslices=1)
+    notes = [f"Hinweis {i}: " + "ü" * 190 for i in range(40)]
+    assert sum(len(n) for n in notes) < 10240 < sum(len(n.encode("utf-8")) for n in notes)
+    series.images[0].notes = notes
+    (path,) = dicom.write_series(series, tmp_path / "s")
+    ds = pydicom.dcmread(path)
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert ds.get_item("ImageComments").length <= 10240  # the bytes in the file
+    shown, marker = ds.ImageComments.split("; notes: ", 1)[1].rsplit("; ", 1)
+    shown = shown.split("; ")
+    assert shown == notes[:len(shown)] and 0 < len(shown) < 40  # whole notes, in order
+    assert marker.startswith(f"[{40 - len(shown)} more notes left out: ")
+
+
 @needs_dciodvfy
 def test_dciodvfy_clean_without_body_part(tmp_path):
     paths = dicom.write_series(make_series(nslices=1), tmp_path)
