@@ -197,6 +197,19 @@ def test_scanner_sequence_terms_are_validated(tmp_path, caplog):
             assert dciodvfy_errors(p) == [], p.name
 
 
+def test_each_dropped_scanner_term_is_logged_a_repeat_too(caplog):
+    """``scanner_terms`` says why each term it drops goes, a repeated DICOM term as well as
+    one that is not DICOM's (a repeat of a valid term was dropped without a word)."""
+    from recon_plugin.output.dicom_series import SCANNING_SEQUENCES, scanner_terms
+
+    with caplog.at_level(logging.DEBUG, logger="recon_plugin.output.dicom_series"):
+        assert scanner_terms("GR\\IR\\gr \\XX\\XX\\", SCANNING_SEQUENCES,
+                             "ScanningSequence") == ["GR", "IR"]
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "'gr' repeated" in m], said
+    assert len([m for m in said if "'XX'" in m]) == 2, said
+
+
 def test_image_comments_carry_every_note_whole(tmp_path):
     """ImageComments (LT, 10240 bytes) carries each note whole: they were cut at 200
     characters mid-sentence. Over the VR's limit the notes that fit are kept, cut at a note

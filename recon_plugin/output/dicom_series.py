@@ -35,9 +35,13 @@ def scanner_terms(value: str | None, allowed: tuple[str, ...], keyword: str) -> 
     out: list[str] = []
     for raw in (value or "").split("\\"):
         term = raw.strip().upper()
-        if term in allowed and term not in out:
+        if not term:
+            continue
+        if term in out:
+            log.debug("scanner %s term %r repeated: dropped", keyword, raw.strip()[:32])
+        elif term in allowed:
             out.append(term)
-        elif term and term not in out:
+        else:
             log.debug("scanner %s term %r is not a DICOM term (%s): dropped", keyword,
                       raw.strip()[:32], ", ".join(allowed))
     return out
