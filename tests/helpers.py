@@ -32,6 +32,23 @@ def sigterm_without_default() -> Iterator[Callable]:
             signal.signal(s, h)
 
 
+def exits_done_then_ignores_signals(argv: list[str], made, monkeypatch) -> None:
+    """Run ``recon-plugin ARGV`` as the process's own command line (``sys.argv``, so the CLI
+    knows it exits after the command): it must exit 0 having written ``made`` (a Path) and
+    leave SIGINT and SIGTERM ignored, its status decided (a SIGTERM then is raised to show
+    it changes nothing); both handlers restored after."""
+    import sys
+
+    from recon_plugin.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["recon-plugin", *argv])
+    with sigterm_without_default():
+        assert main() == 0 and made.is_file()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGTERM)  # ignored
+
+
 def errors_of_a_sigterm_stop(argv: list[str], caplog) -> list[str]:
     """Run ``recon-plugin ARGV`` (the CLI's ``main``) under :func:`sigterm_without_default`,
     for a command a test signals: it must exit with 128 + SIGTERM and leave SIGTERM's handler

@@ -629,25 +629,15 @@ def test_prune_run_as_the_process_ignores_signals_once_it_has_exported(tmp_path,
     """``recon-plugin prune`` as the process's own command line: once the variant is written
     a SIGTERM no longer changes its exit status (Python's default handler, back after the
     export, had ended it with a silent 143 while it printed and exited)."""
-    import signal
-    import sys
-
-    from helpers import sigterm_without_default
-
-    from recon_plugin.cli import main
+    from helpers import exits_done_then_ignores_signals
 
     parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
     save_model(_randomise_bn(parent).eval(), tmp_path / "parent", {"name": "parent"})
-    monkeypatch.setattr(sys, "argv", [
-        "recon-plugin", "-q", "prune", "--model", str(tmp_path / "parent.safetensors"),
-        "--method", "lean", "--ratio", "0.6", "--finetune", "none", "--pool-size", "1",
-        "--pool", str(tmp_path / "cache.pt"), "--run-dir", str(tmp_path / "run"),
-        "--export", str(tmp_path / "v")])
-    with sigterm_without_default():  # both handlers restored after
-        assert main() == 0 and (tmp_path / "v.safetensors").is_file()
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        signal.raise_signal(signal.SIGTERM)  # ignored
+    exits_done_then_ignores_signals([
+        "-q", "prune", "--model", str(tmp_path / "parent.safetensors"), "--method", "lean",
+        "--ratio", "0.6", "--finetune", "none", "--pool-size", "1", "--pool",
+        str(tmp_path / "cache.pt"), "--run-dir", str(tmp_path / "run"), "--export",
+        str(tmp_path / "v")], tmp_path / "v.safetensors", monkeypatch)
 
 
 def test_a_best_model_damaged_after_the_fine_tuning_is_named(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import errors_of_a_sigterm_stop, sigterm_without_default
+from helpers import errors_of_a_sigterm_stop, exits_done_then_ignores_signals, sigterm_without_default
 
 from recon_plugin.training import transfer
 from recon_plugin.training.loop import MAX_SKIPPED, train_loop
@@ -467,20 +467,11 @@ def test_train_run_as_the_process_ignores_signals_once_it_has_exported(tmp_path,
     """``recon-plugin train`` as the process's own command line: once the model is exported a
     SIGTERM no longer changes its exit status (Python's default handler, back after the
     export, had ended it with a silent 143 while it printed and exited)."""
-    import sys
-
-    from recon_plugin.cli import main
-
     _tiny_training(monkeypatch)
-    monkeypatch.setattr(sys, "argv", [
-        "recon-plugin", "-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "1",
-        "--cascades", "1", "--chans", "2", "--pools", "1", "--batch-size", "2",
-        "--export", str(tmp_path / "m")])
-    with sigterm_without_default():  # both handlers restored after
-        assert main() == 0 and (tmp_path / "m.safetensors").is_file()
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        signal.raise_signal(signal.SIGTERM)  # ignored
+    exits_done_then_ignores_signals([
+        "-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "1", "--cascades", "1",
+        "--chans", "2", "--pools", "1", "--batch-size", "2", "--export", str(tmp_path / "m")],
+        tmp_path / "m.safetensors", monkeypatch)
 
 
 def test_the_loss_plot_is_replaced_whole(tmp_path):
