@@ -250,7 +250,8 @@ class SliceData:
 class RawScan:
     """A whole raw scan: header, slices in acquisition-independent order, optional noise.
 
-    noise: (coils, samples) complex64 from noise-adjust acquisitions, or None.
+    noise: (coils, samples) complex64 from noise-adjust acquisitions, or None (its own, or a
+    dependent noise measurement's: ``noise_file``).
     file_slices: the slice indices the file holds where the reader read only some of them
     (``read_raw(slices=...)``); None: ``slices`` hold every one.
     budget_bytes: the largest k-space size the reader's memory budget checked
@@ -267,6 +268,13 @@ class RawScan:
     warnings: list[str] = field(default_factory=list)
     file_slices: tuple[int, ...] | None = None
     budget_bytes: int | None = None
+    # the header's dependent noise measurement (ISMRMRD measurementDependency "Noise"): its
+    # measurement ID ("" where none is named), the file ``noise`` came from ("" none or the
+    # scan's own) and how that file was chosen: "given" (``--noise`` / ``noise_path``) or
+    # "header" (found by the ID beside the scan)
+    noise_dependency: str = ""
+    noise_file: str = ""
+    noise_found_by: str = ""
 
     def all_slice_indices(self) -> list[int]:
         """The slice indices of the scan as the file holds it (sorted)."""

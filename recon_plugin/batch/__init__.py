@@ -18,10 +18,17 @@ series, or the new one, never a part or both. A re-run into the same OUT replace
 folder; nothing is added beside it. Startup removes stale staging (a killed run's) and
 temporary state files.
 
+An input that is a dependent noise measurement (noise acquisitions alone: the noise scan of
+another input) is passed over, no failure (``FileResult.passed_over``); an ISMRMRD input's
+noise measurement is the ``noise`` file (``--noise``) or the one its header names, found
+beside it (:mod:`recon_plugin.io.noise_dependency`).
+
 Per file: read (declared sizes checked against the memory budget first), reconstruct, write to
 staging, publish, record in the state, then deliver to the PACS and record that. ``resume``
 skips inputs whose state entry matches the input's size and mtime and the batch's settings
-(protocol, formats, overrides) and whose outputs are all there; a scan published but not yet
+(protocol, formats, overrides, ``--noise``) and whose outputs are all there (and, for a scan
+made without prewhitening because the noise measurement its header names was missing, while
+that file is still missing); a scan published but not yet
 delivered is delivered from its published files (same SOP / Series Instance UIDs, so a PACS
 that already holds some overwrites them).
 

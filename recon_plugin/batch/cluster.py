@@ -93,14 +93,16 @@ def _host(address: str) -> str:
 
 
 def run_file(path: Path, out_dir: Path, protocol, formats, overrides, protocol_dirs,
-             plugin: str):
+             plugin: str, noise: str | None = None):
     """The Dask task: one input -> (FileResult, published paths, protocol), with the worker's
-    loaded Reconstructor and protocols (see :class:`ReconPlugin`)."""
+    loaded Reconstructor and protocols (see :class:`ReconPlugin`); ``noise``: the ``--noise``
+    file (resolved: the workers share the file system)."""
     from distributed import get_worker
 
     p = get_worker().plugins[plugin]
     return process_file(Path(path), Path(out_dir), protocol, formats, overrides, protocol_dirs,
-                        p.recon, p.max_bytes, protocols=p.protocols)
+                        p.recon, p.max_bytes, protocols=p.protocols,
+                        noise=Path(noise) if noise else None)
 
 
 # ----------------------------------------------------------------------------- batch side
@@ -168,12 +170,13 @@ def connect(address: str, timeout: float | None = None):
 
 def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, formats, overrides,
                 protocol_dirs, device: str, max_bytes: int | None, finish,
-                bar=None, retries: int = 1) -> None:
+                bar=None, retries: int = 1, noise: Path | None = None) -> None:
     """One task per file on the session's workers; ``finish(path, result, written, protocol)``
     (the local batch's: state, delivery) runs here, in the batch process, as each file ends.
     A worker that dies mid-file: the scheduler reruns the file on another worker (up to
     ``distributed.scheduler.allowed-failures`` deaths, then the file fails as
-    ``worker process died``); a task that raised is retried ``retries`` times."""
+    ``worker process died``); a task that raised is retried ``retries`` times. ``noise``: the
+    ``--noise`` file of every input."""
     from distributed import wait
     from distributed.client import FIRST_COMPLETED
 
@@ -197,7 +200,8 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
     for p in todo:
         key = f"recon-{output_name(p)}-{plugin.name[-12:]}"
         f = client.submit(run_file, str(Path(p).resolve()), str(out_dir), protocol, formats,
-                          overrides, protocol_dirs, plugin.name, key=key, pure=False,
+                          overrides, protocol_dirs, plugin.name,
+                          str(Path(noise).resolve()) if noise else None, key=key, pure=False,
                           retries=retries)
         futs[f] = p
     pending = set(futs)

@@ -58,9 +58,11 @@ def preflight(
     overrides: dict | None = None, send: str | None = None, workers: int = 1,
     protocol_dirs: list[Path] | None = None, max_memory_gb: float | None = None,
     recon: Reconstructor | None = None, cluster: str | None = None,
+    noise: Path | str | None = None,
 ) -> list[Path]:
     """Every check that needs no reconstruction, in order: ``workers`` >= 1, ``cluster`` parses,
-    the memory limit, inputs exist and are not empty, ``send`` parses, the protocol loads, the
+    the memory limit, inputs exist and are not empty, ``noise`` (``--noise``) is an ISMRMRD
+    file with noise acquisitions, ``send`` parses, the protocol loads, the
     model loads (into ``recon`` when given), ``out_dir`` is a writable folder. Raises BatchUsageError (or
     the protocol's / model's own error); returns the input files."""
     if workers < 1:
@@ -76,6 +78,13 @@ def preflight(
     if not files:
         raise BatchUsageError(f"no raw files ({', '.join(RAW_SUFFIXES)}) in "
                               f"{' '.join(map(str, inputs))}")
+    if noise is not None:
+        from ..io import RawDataError, check_noise_file
+
+        try:
+            check_noise_file(noise)
+        except RawDataError as e:
+            raise BatchUsageError(str(e)) from e
     if send:
         from ..output.pacs import parse_target
 
@@ -112,8 +121,12 @@ def run_batch(
     overrides: dict | None = None, progress: bool = True, send: str | None = None,
     workers: int = 1, protocol_dirs: list[Path] | None = None,
     max_memory_gb: float | None = None, cluster: str | None = None,
+    noise: Path | str | None = None,
 ) -> list[FileResult]:
     """Reconstruct every input; never raises for a single bad file (see FileResult.error).
+    ``noise``: the noise measurement file of every ISMRMRD input (``--noise``; None: each
+    input's header names its own, looked for beside it). A dependent noise measurement given
+    as an input is passed over (``FileResult.passed_over``).
 
     Raises BatchUsageError (or a protocol / model error) before reconstructing anything when the
     batch cannot run, and BatchInterrupted (with the results so far) on SIGTERM / SIGINT.
@@ -127,8 +140,9 @@ def run_batch(
     out_dir = Path(out_dir)
     torch_device(device)  # an unusable device is a usage error here, not in every worker
     recon = Reconstructor(device) if workers <= 1 and not cluster else None
+    noise = Path(noise).resolve() if noise is not None else None  # workers may have another cwd
     files = preflight(inputs, out_dir, protocol, overrides, send, workers, protocol_dirs,
-                      max_memory_gb, recon, cluster)
+                      max_memory_gb, recon, cluster, noise)
     max_bytes = gb_to_bytes(max_memory_gb) if max_memory_gb else None
     results: list[FileResult] = []
     with batch_lock(out_dir), contextlib.ExitStack() as stack, interruptible():
@@ -139,7 +153,7 @@ def run_batch(
 
                 session = stack.enter_context(connect(cluster))
             _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
-                        send, workers, protocol_dirs, max_bytes, recon, results, session)
+                        send, workers, protocol_dirs, max_bytes, recon, results, session, noise)
         except (BatchInterrupted, KeyboardInterrupt) as e:
             signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
             state = out_dir / STATE_FILE
@@ -157,12 +171,13 @@ def _ordered(results: list[FileResult], files: list[Path]) -> list[FileResult]:
 
 
 def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress, send,
-                workers, protocol_dirs, max_bytes, recon, results, session=None) -> None:
+                workers, protocol_dirs, max_bytes, recon, results, session=None,
+                noise=None) -> None:
     """The batch proper (lock held): skip what ``resume`` finds done, reconstruct the rest;
     ``finish`` records each result in the state and delivers it."""
     clean_stale(out_dir)
     state = load_state(out_dir)
-    asked = job_settings(protocol, formats, overrides, protocol_dirs)
+    asked = job_settings(protocol, formats, overrides, protocol_dirs, noise)
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
     todo = []
     for path in files:
@@ -175,6 +190,11 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         if (done and entry.get("settings", asked) != asked
                 and not entry.get("delivery")):
             log.info("%s: finished before with other settings; reconstructing it again", path)
+            done = False
+        if (done and entry.get("noise_missing") and noise is None
+                and not entry.get("delivery") and _noise_there(path, entry["noise_missing"])):
+            log.info("%s: made without prewhitening before; its noise measurement %s is there "
+                     "now: reconstructing it again", path, entry["noise_missing"])
             done = False
         if not done:
             todo.append(path)
@@ -191,7 +211,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
 
     def finish(path, r, written, proto):
         bar.update(1)
-        if r.ok:
+        if r.ok and not r.passed_over:
             key = str(path.resolve())
             # a --slices trial is a partial series: only an explicit --send delivers it
             partial = (overrides or {}).get("slices")
@@ -200,6 +220,8 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             state[key] = {"fingerprint": fingerprint(path), "outputs": r.outputs,
                           "protocol": r.protocol, "folder": output_name(path),
                           "settings": asked}
+            if r.noise_missing:  # --resume makes it again once the noise file is there
+                state[key]["noise_missing"] = r.noise_missing
             if plan:
                 state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
             save_state(out_dir, state)
@@ -214,7 +236,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                 from .cluster import run_cluster
 
                 run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
-                            device, max_bytes, finish, bar if progress else None)
+                            device, max_bytes, finish, bar if progress else None, noise=noise)
             elif workers <= 1 or len(todo) <= 1:
                 recon = recon or Reconstructor(device)
                 for path in todo:
@@ -232,13 +254,22 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                                 told(done, total)
 
                         done = process_file(path, out_dir, protocol, formats, overrides,
-                                            protocol_dirs, recon, max_bytes, progress=step)
+                                            protocol_dirs, recon, max_bytes, progress=step,
+                                            noise=noise)
                     finish(path, *done)
             else:
                 run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device,
-                         workers, max_bytes, finish, results)
+                         workers, max_bytes, finish, results, noise=noise)
         finally:
             bar.close()
+
+
+def _noise_there(path: Path, measurement: str) -> bool:
+    """Whether the noise measurement ``measurement`` that ``path``'s header names (not found
+    when it was made) is now beside it."""
+    from ..io.noise_dependency import find_noise_file
+
+    return find_noise_file(path.parent, measurement, exclude=path) is not None
 
 
 def _deliver(r: FileResult, plan: DeliveryPlan, entry: dict, out_dir: Path, state: dict,

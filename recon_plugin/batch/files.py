@@ -38,6 +38,11 @@ class FileResult:
     queued: int = 0  # DICOM files left in the PACS queue
     queue: str = ""  # ... that folder
     timings: dict = field(default_factory=dict)  # seconds per stage (see recon_file)
+    # why nothing was reconstructed from an input that is no failure (a dependent noise
+    # measurement given as an input: NoiseMeasurementOnly); "" for every other input
+    passed_over: str = ""
+    # the noise measurement ID the header names where it was not found (no prewhitening)
+    noise_missing: str = ""
 
 
 # ----------------------------------------------------------------------------- inputs / names
@@ -101,15 +106,18 @@ def recon_file(
     formats: tuple[str, ...] = ("dicom",), overrides: dict | None = None,
     timings: dict | None = None, protocol_dirs: list[Path] | None = None,
     max_bytes: int | None = None, protocols: ProtocolCache | None = None,
-    progress: Callable[[int, int], object] | None = None,
+    progress: Callable[[int, int], object] | None = None, noise: Path | str | None = None,
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
     then published in one rename); returns (published paths, protocol). ``progress(done,
     total)``: as :meth:`Reconstructor.reconstruct` calls it.
 
     ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
-    network / classical, output, and ``slices``. ``max_bytes``: memory budget of the reader.
-    ``protocols``: protocols already loaded (else loaded for this file).
+    network / classical, output, and ``slices`` (and ``noise_missing``: the noise measurement
+    ID the header names where it was not found). ``max_bytes``: memory budget of the reader.
+    ``protocols``: protocols already loaded (else loaded for this file). ``noise``: the file
+    of the noise measurement of an ISMRMRD input (``--noise``; None: the one its header
+    names, looked for beside it).
     """
     from ..config.protocol import select_protocol
     from ..io import read_raw
@@ -118,8 +126,11 @@ def recon_file(
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
     # a --slices trial reads only its slices where the layout allows it
-    scan = read_raw(path, max_bytes=max_bytes, slices=(overrides or {}).get("slices"))
+    extra = {"noise_path": noise} if noise is not None else {}
+    scan = read_raw(path, max_bytes=max_bytes, slices=(overrides or {}).get("slices"), **extra)
     t["read"] = time.perf_counter() - t0  # the reader has logged its warnings
+    if scan.noise_dependency and scan.noise is None and not scan.noise_file:
+        t["noise_missing"] = scan.noise_dependency
     protocol = (protocols.select(scan.header) if protocols is not None
                 else select_protocol(scan.header, protocol_name, protocol_dirs))
     settings = protocol.recon_settings().override(**(overrides or {}))
@@ -158,18 +169,29 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
                  protocol_dirs: list[Path] | None, recon: Reconstructor,
                  max_bytes: int | None = None, protocols: ProtocolCache | None = None,
                  progress: Callable[[int, int], object] | None = None,
+                 noise: Path | str | None = None,
                  ) -> tuple[FileResult, list[Path], object]:
     """One input -> (FileResult, published paths, protocol); never raises for a bad input.
-    ``progress(done, total)``: as :meth:`Reconstructor.reconstruct` calls it."""
+    ``progress(done, total)``: as :meth:`Reconstructor.reconstruct` calls it. ``noise``: as
+    :func:`recon_file` takes it. A dependent noise measurement given as an input is passed
+    over (``FileResult.passed_over``), no failure."""
+    from ..io import NoiseMeasurementOnly
+
     t0 = time.perf_counter()
     timings: dict = {}
     try:
         written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
-                                    protocol_dirs, max_bytes, protocols, progress)
+                                    protocol_dirs, max_bytes, protocols, progress, noise)
+    except NoiseMeasurementOnly as e:  # the noise scan of another input: nothing to make
+        why = str(e).removeprefix(f"{path}: ")
+        log.info("%s: skipped: %s", path, why)
+        return FileResult(str(path), True, passed_over=why,
+                          seconds=time.perf_counter() - t0), [], None
     except Exception as e:  # isolate: report and go on with the next file
         log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)
         return FileResult(str(path), False, error=failure_reason(path, e)), [], None
     r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
-                   seconds=time.perf_counter() - t0, timings=timings)
+                   seconds=time.perf_counter() - t0, timings=timings,
+                   noise_missing=timings.pop("noise_missing", ""))
     return r, written, proto

@@ -50,19 +50,20 @@ def _worker_init(device: str, threads: int, parent_pid: int | None = None,
 
 
 def _task(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
-          protocol_dirs: list[Path] | None) -> tuple[FileResult, list[Path], object]:
+          protocol_dirs: list[Path] | None, noise: Path | None = None,
+          ) -> tuple[FileResult, list[Path], object]:
     """One file in a worker process, with the models :func:`_worker_init` loaded."""
     return process_file(path, out_dir, protocol, formats, overrides, protocol_dirs,
-                        _WORKER["recon"], _WORKER["max_bytes"])
+                        _WORKER["recon"], _WORKER["max_bytes"], noise=noise)
 
 
 def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, overrides,
              protocol_dirs: list[Path] | None, device: str, workers: int,
              max_bytes: int | None, finish: Callable, results: list[FileResult],
-             retries: int = 1) -> None:
+             retries: int = 1, noise: Path | None = None) -> None:
     """Files in ``workers`` spawned processes; ``finish(path, result, written, protocol)`` runs
     here as each ends. A worker that dies (e.g. killed by the OOM killer) breaks the pool: the
-    files not finished get one more pool, then fail."""
+    files not finished get one more pool, then fail. ``noise``: the ``--noise`` file."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
@@ -72,8 +73,8 @@ def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, ove
                              initargs=(device, threads, os.getpid(), max_bytes))
     broken: list[tuple[Path, str]] = []
     try:
-        futs = {ex.submit(_task, p, out_dir, protocol, formats, overrides, protocol_dirs): p
-                for p in todo}
+        futs = {ex.submit(_task, p, out_dir, protocol, formats, overrides, protocol_dirs,
+                          noise): p for p in todo}
         pending = set(futs)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -94,7 +95,7 @@ def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, ove
                     len(broken))
         clean_stale(out_dir)
         run_pool([p for p, _ in broken], out_dir, protocol, formats, overrides, protocol_dirs,
-                 device, workers, max_bytes, finish, results, retries - 1)
+                 device, workers, max_bytes, finish, results, retries - 1, noise)
     elif broken:
         results += [FileResult(str(p), False, error=f"worker process died: {e}")
                     for p, e in broken]

@@ -59,14 +59,21 @@ def _where(outputs: list[str]) -> str:
 
 def _report(results: list[FileResult]) -> int:
     """One line per input and the summary; the exit status they make."""
-    ok = [r for r in results if r.ok]
+    ok = [r for r in results if r.ok and not r.passed_over]
     bad = [r for r in results if not r.ok]
+    passed = [r for r in results if r.ok and r.passed_over]
     for r in results:
         status = ("FAILED" if not r.ok else "done before, delivered again" if r.redelivered
-                  else "skipped (done)" if r.skipped else "ok")
+                  else "skipped (done)" if r.skipped else "skipped" if r.passed_over else "ok")
         t = r.timings
+        if r.passed_over:
+            print(f"{status:15s} {r.input}: {r.passed_over}")
+            continue
         extra = (f"{_count(len(r.outputs), 'file')} written{_where(r.outputs)}, "
                  f"{r.seconds:.1f} s, protocol {r.protocol}") if r.ok else r.error
+        if r.ok and r.noise_missing:
+            extra += (f", no prewhitening (its noise measurement {r.noise_missing} was not "
+                      "found beside it; --noise FILE names it)")
         unit = "ky-kz plane" if t.get("slab_planes") else "slice"  # a slab accelerated along kz
         if r.ok and t.get("guard_checked"):
             extra += (f", guard: {int(t.get('guard_rejected', 0))} of "
@@ -85,7 +92,8 @@ def _report(results: list[FileResult]) -> int:
                 extra += (f", not tried on {int(t['refine_skipped'])} (too few lines "
                           "to verify it)")
         print(f"{status:15s} {r.input}: {extra}")
-    print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed")
+    print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed"
+          + (f", {len(passed)} skipped (nothing to reconstruct)" if passed else ""))
     return EXIT_OK if not bad else EXIT_FAILED
 
 
@@ -110,7 +118,7 @@ def cmd_recon(a: argparse.Namespace) -> int:
         results = run_batch(a.inputs, Path(a.out), a.protocol, a.format, a.resume, a.device,
                             overrides, progress=not a.quiet, send=a.send, workers=a.workers,
                             protocol_dirs=a.protocol_dir, max_memory_gb=a.max_memory_gb,
-                            cluster=a.cluster)
+                            cluster=a.cluster, noise=a.noise)
     except BatchInterrupted as e:
         return _interrupted(e)
     code = _report(results)
@@ -160,7 +168,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     from ..batch import ProtocolCache, gather_inputs
     from ..config.protocol import ProtocolMatchError
-    from ..io import read_raw
+    from ..io import NoiseMeasurementOnly, check_noise_file, read_raw
     from ..io.budget import gb_to_bytes
     from ..models.checkpoint import ModelError, resolve_model
     from ..recon.describe import describe_scan, format_description
@@ -169,12 +177,24 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     files = gather_inputs(a.inputs)
     if not files:
         raise UsageError(f"no raw files among {' '.join(map(str, a.inputs))}")
+    noise = {}
+    if a.noise is not None:
+        try:
+            noise["noise_path"] = check_noise_file(a.noise)
+        except RawDataError as e:
+            raise UsageError(str(e)) from e
     protocols = ProtocolCache(a.protocol, a.protocol_dir)
     max_bytes = gb_to_bytes(a.max_memory_gb) if a.max_memory_gb else None
     out, failed = [], 0
     for path in files:
         try:
-            scan = read_raw(path, max_bytes=max_bytes)
+            scan = read_raw(path, max_bytes=max_bytes, **noise)
+        except NoiseMeasurementOnly as e:  # what recon passes over: no failure
+            why = str(e).removeprefix(f"{path}: ")
+            out.append({"source": str(path), "skipped": why})
+            if not a.json:
+                print(f"{path}: skipped by recon: {why}")
+            continue
         except RawDataError as e:
             failed += 1
             out.append({"source": str(path), "error": str(e)})

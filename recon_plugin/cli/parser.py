@@ -161,6 +161,15 @@ def _refine_options(s: argparse.ArgumentParser, default: str | None = None,
                    + (f"{budget:g})" if budget else "the protocol's, 20)"))
 
 
+def _noise_option(s: argparse.ArgumentParser) -> None:
+    """``--noise`` (recon, inspect)."""
+    s.add_argument("--noise", metavar="FILE", default=None,
+                   help="ISMRMRD file of a noise measurement (noise acquisitions): its noise "
+                   "prewhitens every ISMRMRD input (default: the noise measurement each "
+                   "input's header names as a dependency, found by its measurement ID among "
+                   "the ISMRMRD files in the input's folder)")
+
+
 def _add_recon(sub: argparse._SubParsersAction) -> None:
     """The ``recon`` subcommand."""
     s = sub.add_parser("recon", help="reconstruct raw files/folders to DICOM (and .h5)")
@@ -189,6 +198,7 @@ def _add_recon(sub: argparse._SubParsersAction) -> None:
                    help="reconstruct only these slices of each input: the raw file's slice "
                    "indices (from 0), e.g. 7 or 0-3,8, every contrast and repetition of them; "
                    "a fastMRI or 2D ISMRMRD file is read for these only (default: all)")
+    _noise_option(s)
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--resume", action="store_true", help="skip inputs already finished in --out")
     s.add_argument("--workers", type=_positive_int, default=1,
@@ -402,6 +412,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-memory-gb", type=_positive_float, default=None,
                    help="refuse a raw file whose declared k-space exceeds this many GB (a 3D "
                         "slab counts twice) (default $RECON_PLUGIN_MAX_MEMORY_GB or 8)")
+    _noise_option(s)
     s.add_argument("--json", action="store_true", help="one JSON list on stdout")
     s.set_defaults(fn=cmd_inspect)
 

@@ -18,12 +18,13 @@ import h5py
 from ..scan import RawDataError, RawScan
 from .fastmri import read_fastmri
 from .ismrmrd_file import read_ismrmrd
+from .noise_dependency import NoiseMeasurementOnly, check_noise_file
 from .twix import looks_like_twix, read_twix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RawDataError", "detect_format", "iter_raw", "read_fastmri", "read_ismrmrd",
-           "read_raw", "read_twix"]
+__all__ = ["NoiseMeasurementOnly", "RawDataError", "check_noise_file", "detect_format",
+           "iter_raw", "read_fastmri", "read_ismrmrd", "read_raw", "read_twix"]
 
 
 def detect_format(path: str | Path) -> tuple[str, str | None]:
@@ -79,8 +80,10 @@ def read_raw(path: str | Path, max_bytes: int | None = None,
     to read where the layout allows it (fastMRI and 2D ISMRMRD: the rest is passed over and
     not counted in the budget; the scan's ``file_slices`` lists them all; a twix file and a 3D
     slab are read whole). ``kwargs`` go to the ISMRMRD
-    reader (``dataset``, ``noise_path``). Every failure is a RawDataError naming the file and
-    the problem.
+    reader (``dataset``, ``noise_path``: a dependent noise measurement's file, else the one the
+    header names is looked for beside the file, ``find_noise``). Every failure is a
+    RawDataError naming the file and the problem (a file of noise acquisitions alone:
+    :class:`~.noise_dependency.NoiseMeasurementOnly`).
     """
     kind, group = detect_format(path)
     try:

@@ -6,7 +6,11 @@ Layout: ``/<dataset>/xml`` (header) and ``/<dataset>/data`` (acquisitions), as w
 
 * ``/<dataset>/recon_plugin_target`` (slices, ky, kx) float32: reference magnitude written by
   :func:`recon_plugin.sim.writers.write_ismrmrd`, attached as ``SliceData.target`` (recon size);
-* a noise scan in a dependent measurement: pass its file as ``noise_path``.
+* a noise scan in a dependent measurement (``siemens_to_ismrmrd``'s separate noise file): the
+  header's ``measurementDependency`` of type "Noise" names its measurement ID, and the
+  ISMRMRD file beside the scan whose header has that ``measurementID`` is used
+  (:mod:`.noise_dependency`); ``noise_path`` names the file instead. A file of noise
+  acquisitions alone raises :class:`~.noise_dependency.NoiseMeasurementOnly`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from ..scan import RawDataError, RawScan, SliceData
 from .budget import default_max_bytes
 from .mrd_assembler import MrdAssembler
 from .mrd_calibration import add_interleaved_calibration
+from .noise_dependency import (
+    NOISE_ONLY,
+    NoiseMeasurementOnly,
+    file_measurement_id,
+    find_noise_file,
+    noise_dependencies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +58,23 @@ def _iter_acquisitions(container, where: str):
         yield from chunk
 
 
+def _has_acquisitions(f: ismrmrd.File, name: str) -> bool:
+    try:
+        return bool(f[name].has_acquisitions())
+    except Exception:  # noqa: BLE001 - not an ISMRMRD group
+        return False
+
+
 def _read_noise(path: str | Path, dataset: str) -> tuple[np.ndarray | None, float | None]:
     """Noise (coils, samples) and its dwell time from a dependent noise measurement file."""
     where = str(path)
     try:
         with ismrmrd.File(str(path), "r") as f:
-            if dataset not in f:
-                raise RawDataError(f"{where}: no ISMRMRD group '{dataset}'")
+            if dataset not in f:  # its own group name: the first one with acquisitions
+                groups = [k for k in f.keys() if k != dataset and _has_acquisitions(f, k)]
+                if not groups:
+                    raise RawDataError(f"{where}: no ISMRMRD group '{dataset}'")
+                dataset = groups[0]
             chunks, dwell = [], None
             for acq in _iter_acquisitions(f[dataset], where):
                 if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
@@ -64,7 +85,16 @@ def _read_noise(path: str | Path, dataset: str) -> tuple[np.ndarray | None, floa
     if not chunks:
         log.warning("%s: no noise acquisitions found in dependent measurement", where)
         return None, None
-    return np.concatenate(chunks, axis=1), dwell
+    kept = [c for c in chunks if c.shape[0] == chunks[0].shape[0]]
+    if len(kept) < len(chunks):
+        log.warning("%s: noise acquisitions with differing coil counts; extra ones ignored", where)
+    noise = np.concatenate(kept, axis=1)
+    problem = ("NaN or Inf samples" if not np.isfinite(noise).all() else
+               "only zeros" if not np.any(noise) else None)
+    if problem:  # it cannot whiten (as the assembler leaves out a file's own such noise scan)
+        log.warning("%s: the dependent noise measurement has %s: not used", where, problem)
+        return None, None
+    return noise, dwell
 
 
 def _attach_target(scan: RawScan, f: h5py.Group) -> None:
@@ -85,17 +115,35 @@ def _order(s: SliceData) -> tuple[int, int, int, int]:
     return (s.contrast, s.repetition, s.phase, s.slice_index)
 
 
+def _noise_only(where: str, noise: int, hdr) -> NoiseMeasurementOnly:
+    mid = getattr(getattr(hdr, "measurementInformation", None), "measurementID", None)
+    return NoiseMeasurementOnly(f"{where}: {NOISE_ONLY} ({noise} noise acquisition(s)"
+                                + (f", measurement ID {mid}" if mid else "") + ")")
+
+
+def _counting(acqs, counts: dict[str, int]):
+    """``acqs``, counting them (``all``) and the noise acquisitions among them (``noise``)."""
+    for acq in acqs:
+        counts["all"] += 1
+        counts["noise"] += acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+        yield acq
+
+
 def read_ismrmrd(
     path: str | Path,
     dataset: str = "dataset",
     noise_path: str | Path | None = None,
     max_bytes: int | None = None,
     slices: Collection[int] | None = None,
+    find_noise: bool = True,
 ) -> RawScan:
     """Read an ISMRMRD HDF5 file into a validated :class:`RawScan`.
 
     Slices are ordered by (contrast, repetition, phase, slice). Noise comes from the file's
-    noise-measurement acquisitions or, when given, from ``noise_path`` (dependent measurement).
+    noise-measurement acquisitions and from a dependent noise measurement: ``noise_path``
+    when given, else (``find_noise``) the file beside this one whose measurementID the
+    header's ``measurementDependency`` of type "Noise" names (:func:`_dependent_noise`).
+    A file of noise acquisitions alone raises NoiseMeasurementOnly (a RawDataError).
     Repetitions interleaving their undersampling without ACS get a calibration block from their
     union (:func:`add_interleaved_calibration`). Any problem raises RawDataError naming the file.
     The k-space the header declares, and every slice buffer, is checked against ``max_bytes``
@@ -125,7 +173,10 @@ def read_ismrmrd(
                            slices=slices)
         if not container.has_acquisitions():
             raise RawDataError(f"{where}: no acquisitions (dataset '{dataset}/data' missing)")
-        assembled = list(asm.process(_iter_acquisitions(container, where)))
+        counts = {"all": 0, "noise": 0}
+        assembled = list(asm.process(_counting(_iter_acquisitions(container, where), counts)))
+        if not assembled and counts["noise"] and counts["noise"] == counts["all"]:
+            raise _noise_only(where, counts["noise"], asm._hdr)
         scan = asm.build_scan(sorted(assembled, key=_order))
         _attach_target(scan, container._contents)
     except RawDataError:
@@ -134,22 +185,104 @@ def read_ismrmrd(
         raise RawDataError(f"{where}: cannot read ISMRMRD data: {err}") from err
     finally:
         f.close()
+    deps = noise_dependencies(asm._hdr)
+    scan.noise_dependency = deps[0] if deps else ""
+    found_by = "given"
+    if noise_path is None and deps and find_noise:
+        noise_path = _dependent_noise(scan, path, deps)
+        found_by = "header"
+    elif noise_path is not None and deps:
+        theirs = file_measurement_id(Path(noise_path))
+        if theirs and theirs not in deps:
+            _warn(scan, f"{where}: the noise file {noise_path} given is measurement {theirs}; "
+                  f"the header names the noise measurement {' / '.join(deps)}: using it as "
+                  "given")
     if noise_path is not None:
-        noise, dwell = _read_noise(noise_path, dataset)
-        if noise is not None:
-            if scan.noise is not None:
-                if noise.shape[0] == scan.noise.shape[0]:
-                    msg = f"{where}: noise in file and in {noise_path}; using both"
-                    noise = np.concatenate([scan.noise, noise], axis=1)
-                else:
-                    msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in "
-                           f"{noise_path} ({noise.shape[0]} coils); using {noise_path}'s")
-                log.warning(msg)
-                scan.warnings.append(msg)
-            scan.noise = noise
-            scan.noise_dwell_time_us = dwell
+        _add_dependent_noise(scan, noise_path, dataset, found_by)
     n_cal = add_interleaved_calibration(scan.slices)
     if n_cal:
         log.info("%s: calibration from interleaved repetitions for %d slices", where, n_cal)
     scan.validate()
     return scan
+
+
+def _warn(scan: RawScan, msg: str, note: str | None = None) -> None:
+    """A warning about ``scan`` (logged, in its warnings); ``note``: also on every slice,
+    whose image comments carry it."""
+    log.warning(msg)
+    scan.warnings.append(msg)
+    if note:
+        for sl in scan.slices:
+            sl.notes.append(note)
+
+
+def _dependent_noise(scan: RawScan, path: str | Path, deps: list[str]) -> Path | None:
+    """The file of the noise measurement the header names (``deps``, its measurement IDs)
+    beside ``path``: the first ISMRMRD file there whose header has that measurementID. None
+    where there is none: a warning, and where the scan has no noise of its own a note on every
+    slice that no prewhitening was done."""
+    folder = Path(path).parent
+    for mid in deps:
+        found = find_noise_file(folder, mid, exclude=path)
+        if found is not None:
+            scan.noise_dependency = mid
+            log.info("%s: noise from the dependent noise measurement %s (measurement ID %s, "
+                     "named by the header)", path, found, mid)
+            return found
+    ids = " / ".join(deps)
+    if scan.noise is not None:
+        log.info("%s: the dependent noise measurement %s is not in %s; the file's own noise "
+                 "scan is used", path, ids, folder.resolve())
+        return None
+    _warn(scan, f"{path}: the header names the dependent noise measurement ID {ids}, but no "
+          f"ISMRMRD file in {folder.resolve()} has that measurementID: the images are made "
+          "without prewhitening (recon --noise FILE names the noise file)",
+          note=f"no prewhitening: the dependent noise measurement ID {ids} (the header's "
+          "measurementDependency) was not found")
+    return None
+
+
+def _add_dependent_noise(scan: RawScan, noise_path: str | Path, dataset: str,
+                         found_by: str) -> None:
+    """Take the noise of the dependent measurement ``noise_path`` into ``scan`` (``found_by``:
+    "given" or "header", :attr:`RawScan.noise_found_by`); one whose coil count is not the
+    scan's is not used (a warning and, where the scan has no noise of its own, a note)."""
+    where = scan.source
+    try:
+        noise, dwell = _read_noise(noise_path, dataset)
+    except RawDataError as e:
+        if found_by != "header":
+            raise
+        noise, dwell = None, None  # found by its header, yet its data cannot be read
+        log.warning("%s", e)
+    coils = scan.slices[0].num_coils if scan.slices else None
+    if noise is None:
+        if scan.noise is None:
+            _warn(scan, f"{where}: no noise read from the dependent noise measurement "
+                  f"{noise_path}: the images are made without prewhitening",
+                  note=f"no prewhitening: the dependent noise measurement {Path(noise_path).name} "
+                  "held no usable noise acquisitions")
+        return
+    if coils is not None and noise.shape[0] != coils:
+        _warn(scan, f"{where}: the noise measurement {noise_path} has {noise.shape[0]} coils, "
+              f"the scan {coils}: not used"
+              + (", the file's own noise scan is" if scan.noise is not None else
+                 ": the images are made without prewhitening"),
+              note=None if scan.noise is not None else
+              f"no prewhitening: the noise measurement {Path(noise_path).name} has "
+              f"{noise.shape[0]} coils, the scan {coils}")
+        return
+    if scan.noise is not None:
+        if noise.shape[0] == scan.noise.shape[0]:
+            msg = f"{where}: noise in file and in {noise_path}; using both"
+            noise = np.concatenate([scan.noise, noise], axis=1)
+        else:
+            msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in "
+                   f"{noise_path} ({noise.shape[0]} coils); using {noise_path}'s")
+        _warn(scan, msg)
+    elif found_by == "given":
+        log.info("%s: noise from %s (given)", where, noise_path)
+    scan.noise = noise
+    scan.noise_dwell_time_us = dwell
+    scan.noise_file = str(noise_path)
+    scan.noise_found_by = found_by

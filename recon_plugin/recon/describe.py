@@ -130,6 +130,35 @@ def averages(scan: RawScan) -> dict | None:
     return {"count": int(count), "combined": "averaged"} if count > 1 else None
 
 
+def noise_measurement(scan: RawScan) -> dict | None:
+    """The dependent noise measurement of ``scan`` (None where its header names none and no
+    file was given): the measurement ID its header names, the file whose noise was used
+    (None: not found) and how that file was chosen ("given": ``--noise``; "header": found
+    beside the scan by the header's ID)."""
+    if not scan.noise_dependency and not scan.noise_file:
+        return None
+    return {"measurement_id": scan.noise_dependency or None, "file": scan.noise_file or None,
+            "found_by": scan.noise_found_by or None}
+
+
+def _noise_text(d: dict) -> str:
+    """What ``inspect`` says of the noise scan of a :func:`describe_scan` result."""
+    n, dep = d["noise_samples"], d.get("noise_measurement")
+    text = (f"{n} samples (prewhitening)" if n
+            else "none (noise level estimated from the data)")
+    if not dep:
+        return text
+    mid = dep["measurement_id"]
+    if dep["file"] and dep["found_by"] == "header":
+        return text + (f", from the dependent noise measurement {dep['file']} (measurement ID "
+                       f"{mid}, named by the header, found beside the file)")
+    if dep["file"]:
+        return text + f", from {dep['file']} (given by --noise" + (
+            f"; the header names the noise measurement ID {mid})" if mid else ")")
+    return text + (f"; the header names the dependent noise measurement ID {mid}, not found "
+                   "beside the file: no prewhitening from it (--noise FILE names it)")
+
+
 def describe_scan(scan: RawScan, max_bytes: int | None = None) -> dict:
     """A JSON-able account of ``scan`` (see the module doc); slices that share a sampling are
     counted together. ``max_bytes``: the memory limit it was read with (:func:`memory`)."""
@@ -163,6 +192,7 @@ def describe_scan(scan: RawScan, max_bytes: int | None = None) -> dict:
             "factor": h.acceleration, "source": h.acceleration_source or "header"},
         "coils": h.num_coils,
         "noise_samples": None if scan.noise is None else int(scan.noise.shape[-1]),
+        "noise_measurement": noise_measurement(scan),
         "slices": len(slices),
         # what recon --slices selects (a slab of ky-kz planes takes no selection)
         "slice_indices": None if planes else index_ranges(sorted({sl.slice_index
@@ -210,9 +240,7 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         + (f"readout {ros:g}x oversampled in the file, removed), " if ros != 1
            else "no readout oversampling), ")
         + f"recon {rm[0]} x {rm[1]} x {rm[2]} (FOV {rf[0]:g} x {rf[1]:g} x {rf[2]:g} mm)",
-        f"  coils: {d['coils']}; noise scan: "
-        + (f"{d['noise_samples']} samples (prewhitening)" if d["noise_samples"]
-           else "none (noise level estimated from the data)"),
+        f"  coils: {d['coils']}; noise scan: {_noise_text(d)}",
         f"  slices: {d['slices']} ("
         + (f"indices {d['slice_indices']}; " if d["slice_indices"] else "")
         + f"contrasts {d['contrasts']}, repetitions {d['repetitions']}, phases {d['phases']})",

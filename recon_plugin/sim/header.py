@@ -36,6 +36,7 @@ def build_header_xml(
     contrast_name: str = "",
     identity: Identity | None = None,
     field_strength_t: float = 3.0,
+    noise_dependency: str | None = None,
 ) -> str:
     """A minimal valid ISMRMRD XML header for a 2D Cartesian multi-slice scan.
 
@@ -44,6 +45,8 @@ def build_header_xml(
     side of ky are declared as not acquired (encodingLimits, fastMRI style). ``sequence`` takes
     the keys ``tr_ms, te_ms, ti_ms, flip_deg`` (SimVolume.sequence). ``e1_limits`` =
     (minimum, maximum, center) overrides the phase-encode limits (e.g. partial Fourier).
+    ``noise_dependency``: the measurement ID of a separate noise measurement the scan depends
+    on (``measurementDependency`` of type "Noise", as ``siemens_to_ismrmrd`` writes it).
     """
     ny, nx = matrix
     osf = max(int(readout_oversampling), 1)
@@ -128,6 +131,9 @@ def build_header_xml(
             seriesDate=_xml_date(ident.series_date),
             seriesTime=_xml_time(ident.series_time),
             frameOfReferenceUID=ident.frame_of_reference_uid or None,
+            measurementDependency=[xsd.measurementDependencyType(
+                dependencyType="Noise", measurementID=noise_dependency)]
+            if noise_dependency else [],
         ),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
             systemVendor="recon_plugin simulator",

@@ -8,6 +8,8 @@ real thing, so the readers are exercised exactly as with scanner / public data:
   oversampling, optional zero-padded phase columns, ``ismrmrd_header``, ``reconstruction_rss``
   (slices, kx, ky: rows = readout as in fastMRI), attrs; undersampled like a test file (with
   ``mask``) or fully sampled (no mask). Geometry goes to ``recon_plugin_geometry``.
+* :func:`write_ismrmrd_noise`: a separate noise measurement (noise acquisitions alone, a
+  header with its measurementID), the file a scan's ``noise_dependency`` names.
 * :func:`write_ismrmrd`: a noise scan, one acquisition per line with LPS geometry, first/last-in-
   slice and calibration flags; options reproduce what real scanners send (partial Fourier,
   asymmetric echo, reversed lines, discard samples, averages, repetitions with interleaved
@@ -18,6 +20,7 @@ real thing, so the readers are exercised exactly as with scanner / public data:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +35,7 @@ from ..io.fastmri import GEOMETRY_NAME
 from ..io.ismrmrd_file import TARGET_NAME
 from ..physics import crop_readout, fft1c
 from ..physics.masks import acs_bounds, line_pattern
+from ..scan import Identity
 from .header import build_header_xml, header_xml_from_sim
 from .simulate import SimVolume
 
@@ -374,3 +378,32 @@ def write_ismrmrd_3d(vol: SimVolume, path: str | Path, lines_for_kz: Callable[[i
         f["dataset"].header = hdr
         f["dataset"].acquisitions = acqs
     return Path(path)
+
+
+def write_ismrmrd_noise(vol: SimVolume, path: str | Path, measurement_id: str,
+                        dataset: str = "dataset", header_kwargs: dict | None = None) -> Path:
+    """A dependent noise measurement as ``siemens_to_ismrmrd`` converts one separately: an
+    ISMRMRD file of ``vol``'s noise scan alone (its noise acquisitions, 128 samples each),
+    whose header's ``measurementInformation.measurementID`` is ``measurement_id``; a scan
+    written with ``header_kwargs={"noise_dependency": measurement_id}`` names it."""
+    path = Path(path)
+    if vol.noise is None:
+        raise ValueError("the volume has no noise scan")
+    kw = dict(header_kwargs or {})
+    kw["identity"] = dataclasses.replace(kw.get("identity") or Identity(),
+                                         measurement_id=measurement_id)
+    kw.setdefault("protocol_name", "AdjCoilSens_noise")
+    xml = header_xml_from_sim(vol, readout_oversampling=1, **kw)
+    xsd.CreateFromDocument(xml)
+    chunks = [vol.noise[:, i:i + 128] for i in range(0, vol.noise.shape[1], 128)]
+    acqs = [_acq(c, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT], scan_counter=i,
+                 acquisition_time_stamp=i) for i, c in enumerate(chunks)]
+    acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+    if path.exists():
+        path.unlink()
+    with ismrmrd.File(str(path), "w") as f:
+        cont = f[dataset]
+        cont._contents.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+        cont._contents["xml"][0] = xml.encode("utf-8")
+        cont.acquisitions = acqs
+    return path

@@ -1,0 +1,171 @@
+"""A scan's noise scan in a separate, dependent measurement (ISMRMRD files).
+
+``siemens_to_ismrmrd`` converts the noise adjustment of a VD/VE multi-RAID file into a file of
+its own; the imaging file's header names it in ``measurementInformation.measurementDependency``
+(``dependencyType`` "Noise", ``measurementID``), as Gadgetron reads it. Here:
+
+* :func:`noise_dependencies`: the noise measurement IDs a parsed header names;
+* :func:`find_noise_file`: the ISMRMRD file in a folder whose header's
+  ``measurementInformation.measurementID`` is that ID (headers only are read; a file that
+  cannot be read is passed over; the first match in name order wins; what each file's header
+  says is kept per process, keyed by its size and mtime, so a batch reads each header once);
+* :func:`check_noise_file`: a noise file named by hand (``--noise``) is an ISMRMRD file with
+  noise acquisitions (their heads only are read);
+* :class:`NoiseMeasurementOnly`: what the reader raises for a file of noise acquisitions alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import numpy as np
+
+from ..scan import RawDataError
+
+log = logging.getLogger(__name__)
+
+NOISE_DEPENDENCY = "noise"  # dependencyType, compared case-insensitively
+ISMRMRD_SUFFIXES = (".h5", ".hdf5", ".mrd")  # files looked at for a dependent measurement
+NOISE_ONLY = ("noise measurement only: it is the noise scan of another measurement; nothing "
+              "to reconstruct")
+_NOISE_BIT = np.uint64(1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))
+_CACHE_MAX = 20000
+
+
+class NoiseMeasurementOnly(RawDataError):
+    """The file holds noise acquisitions and nothing else: a dependent noise measurement,
+    nothing to reconstruct (a batch passes it over)."""
+
+
+def noise_dependencies(hdr) -> list[str]:
+    """The measurement IDs of the noise measurements the parsed header ``hdr``
+    (``ismrmrd.xsd.ismrmrdHeader``) depends on, in its order."""
+    mi = getattr(hdr, "measurementInformation", None)
+    out = []
+    for dep in getattr(mi, "measurementDependency", None) or []:
+        kind = str(getattr(dep, "dependencyType", "") or "").strip()
+        mid = str(getattr(dep, "measurementID", "") or "").strip()
+        if kind.lower() == NOISE_DEPENDENCY and mid and mid not in out:
+            out.append(mid)
+    return out
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def header_xml(path: str | Path) -> str | None:
+    """The ISMRMRD XML header of ``path`` (group ``dataset`` first, then any group with an
+    ``xml`` dataset), read alone; None where it is not such a file or cannot be read."""
+    try:
+        if not h5py.is_hdf5(str(path)):
+            return None
+        with h5py.File(str(path), "r") as f:
+            names = ["dataset"] + sorted(k for k in f.keys() if k != "dataset")
+            for name in names:
+                g = f.get(name)
+                if isinstance(g, h5py.Group) and isinstance(g.get("xml"), h5py.Dataset):
+                    x = g["xml"][()]
+                    x = x.flat[0] if isinstance(x, np.ndarray) and x.size else x
+                    if isinstance(x, bytes | np.bytes_):
+                        x = bytes(x).rstrip(b"\x00").decode("utf-8", "replace")
+                    return x if isinstance(x, str) else None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is passed over
+        log.debug("%s: no ISMRMRD header read: %s", path, e)
+    return None
+
+
+def measurement_id(xml: str | None) -> str | None:
+    """``measurementInformation.measurementID`` of an ISMRMRD XML header (namespace-blind,
+    without the schema: a quick look); None where there is none or the XML does not parse."""
+    if not xml:
+        return None
+    try:
+        root = ET.fromstring(xml.encode("utf-8") if isinstance(xml, str) else xml)
+    except ET.ParseError:
+        return None
+    for mi in root:
+        if _local(mi.tag) == "measurementInformation":
+            for el in mi:
+                if _local(el.tag) == "measurementID":
+                    return (el.text or "").strip() or None
+    return None
+
+
+_ids: dict[tuple[str, int, int], str | None] = {}
+_ids_lock = threading.Lock()
+
+
+def file_measurement_id(path: Path) -> str | None:
+    """The measurementID of the ISMRMRD file ``path`` (None: none, or not such a file), from
+    its header alone; kept per process while the file's size and mtime stay the same."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _ids_lock:
+        if key in _ids:
+            return _ids[key]
+    mid = measurement_id(header_xml(path))
+    with _ids_lock:
+        if len(_ids) >= _CACHE_MAX:
+            _ids.clear()
+        _ids[key] = mid
+    return mid
+
+
+def find_noise_file(folder: str | Path, wanted: str, exclude: str | Path | None = None
+                    ) -> Path | None:
+    """The first ISMRMRD file (name order; ``.h5``, ``.hdf5``, ``.mrd``) directly in
+    ``folder`` whose header's measurementID is ``wanted``, other than ``exclude``; None."""
+    folder = Path(folder)
+    skip = os.path.realpath(exclude) if exclude is not None else None
+    try:
+        names = sorted(e.name for e in os.scandir(folder)
+                       if e.name.lower().endswith(ISMRMRD_SUFFIXES) and e.is_file())
+    except OSError as e:
+        log.debug("%s: cannot list the folder: %s", folder, e)
+        return None
+    for name in names:
+        p = folder / name
+        if skip is not None and os.path.realpath(p) == skip:
+            continue
+        if file_measurement_id(p) == wanted:
+            return p
+    return None
+
+
+def check_noise_file(path: str | Path, option: str = "--noise") -> Path:
+    """``path`` as a noise file given by hand: an ISMRMRD file with at least one noise
+    acquisition (only the acquisitions' heads are read); RawDataError (one line, naming
+    ``option``) where not. Returns it resolved."""
+    p = Path(path)
+    if not p.is_file():
+        raise RawDataError(f"{option} {p}: " + ("not a file" if p.exists() else "no such file"))
+    try:
+        if not h5py.is_hdf5(str(p)):
+            raise RawDataError(f"{option} {p}: not an ISMRMRD file (not HDF5)")
+        with h5py.File(str(p), "r") as f:
+            names = ["dataset"] + sorted(k for k in f.keys() if k != "dataset")
+            groups = [f[n] for n in names if isinstance(f.get(n), h5py.Group)
+                      and "xml" in f[n] and "data" in f[n]]
+            if not groups:
+                raise RawDataError(f"{option} {p}: not an ISMRMRD file (no group with 'xml' "
+                                   f"and 'data'; top-level entries: {list(f.keys())})")
+            heads = groups[0]["data"].fields("head")[()]
+            n = int(np.count_nonzero(heads["flags"].astype(np.uint64) & _NOISE_BIT))
+    except RawDataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - HDF5 or layout trouble: one line
+        raise RawDataError(f"{option} {p}: cannot be read as an ISMRMRD file: {e}") from e
+    if not n:
+        raise RawDataError(f"{option} {p}: holds no noise acquisitions (of {len(heads)}): not "
+                           "a noise measurement")
+    return p.resolve()
