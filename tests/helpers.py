@@ -90,3 +90,15 @@ def assert_durably_renamed(events: list[tuple], names: list[str], folder) -> Non
         synced = ("fsync", os.path.realpath(rename[1]))
         assert synced in events and events.index(synced) < events.index(rename), events
     assert events[-1] == ("fsync", os.path.realpath(folder)), events
+
+
+def mrd_images(path, group: str) -> list:
+    """Every image (``ismrmrd.Image``) of ``group`` (e.g. ``image_1001``) in the MRD file
+    ``path``, in their stored order."""
+    import ismrmrd
+
+    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+    try:
+        return [ds.read_image(group, i) for i in range(ds.number_of_images(group))]
+    finally:
+        ds.close()

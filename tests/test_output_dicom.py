@@ -765,7 +765,7 @@ def test_mrd_file_numbers_images_as_the_dicom_instance_numbers(tmp_path):
     and the MRD file holds its images in it."""
     import dataclasses
 
-    import ismrmrd
+    from helpers import mrd_images
 
     from recon_plugin.output.mrd_file import write_mrd_file
 
@@ -782,12 +782,7 @@ def test_mrd_file_numbers_images_as_the_dicom_instance_numbers(tmp_path):
     by_place = {(int(d.AcquisitionNumber) - 1, round(float(d.SliceLocation), 2)):
                 int(d.InstanceNumber) for d in dss}
     path = write_mrd_file([series], tmp_path / "mrd", stem="scan")
-    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
-    try:
-        group = f"image_{series.series_number}"
-        mrd = [ds.read_image(group, i) for i in range(ds.number_of_images(group))]
-    finally:
-        ds.close()
+    mrd = mrd_images(path, f"image_{series.series_number}")
     assert len(mrd) == len(dss) == 8
     for i, img in enumerate(mrd):
         h = img.getHead()

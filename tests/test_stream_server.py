@@ -23,6 +23,7 @@ import h5py
 import ismrmrd
 import numpy as np
 import pytest
+from helpers import mrd_images
 from ismrmrd.serialization import (
     ConfigFile,
     ISMRMRDMessageID,
@@ -264,12 +265,7 @@ def test_stream_images_and_mrd_file_carry_the_same_meta(tmp_path):
     series.series_description = protocol.series.description
     series.provenance.protocol = protocol.name
     path = write_mrd_file([series], tmp_path, stem="scan")
-    ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
-    try:
-        group = f"image_{series.series_number}"
-        stored = [ds.read_image(group, i) for i in range(ds.number_of_images(group))]
-    finally:
-        ds.close()
+    stored = mrd_images(path, f"image_{series.series_number}")
     encoder = ImageEncoder(protocol, series.provenance, "float", len(series.images), 1)
     assert len(stored) == len(series.images)
     for img, im in zip(stored, series.images):
