@@ -384,12 +384,14 @@ def test_a_damaged_best_model_is_named_with_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["best.pt", "ckpt.pt"])
-def test_the_final_choice_names_a_damaged_run_file(tmp_path, name):
+def test_the_final_choice_names_a_damaged_run_file(tmp_path, monkeypatch, name):
     """``train``'s final choice between best.pt and ckpt.pt reads them as the loop does: a file
     cut after the run names itself and what to do (it escaped as torch's own error)."""
     from recon_plugin.models.unrolled import UnrolledNet
+    from recon_plugin.training import supervised
     from recon_plugin.training.supervised import select_final
 
+    monkeypatch.setattr(supervised, "mean_psnr", lambda model, val: 0.0)  # no data to score
     model = UnrolledNet(num_cascades=1, chans=4, num_pools=1)
     for f in ("best.pt", "ckpt.pt"):
         torch.save({"model": model.state_dict(), "step": 3, "val": 1.0}, tmp_path / f)
