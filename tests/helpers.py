@@ -49,6 +49,19 @@ def exits_done_then_ignores_signals(argv: list[str], made, monkeypatch) -> None:
         signal.raise_signal(signal.SIGTERM)  # ignored
 
 
+def sigterm_when_called(monkeypatch, owner, name: str) -> Callable:
+    """Make ``owner.name`` raise SIGTERM in this thread (handled at once) and then run as
+    before; returns the original, for the test to put back."""
+    real = getattr(owner, name)
+
+    def then_signal(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, then_signal)
+    return real
+
+
 def errors_of_a_sigterm_stop(argv: list[str], caplog) -> list[str]:
     """Run ``recon-plugin ARGV`` (the CLI's ``main``) under :func:`sigterm_without_default`,
     for a command a test signals: it must exit with 128 + SIGTERM and leave SIGTERM's handler

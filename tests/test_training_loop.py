@@ -7,7 +7,12 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import errors_of_a_sigterm_stop, exits_done_then_ignores_signals, sigterm_without_default
+from helpers import (
+    errors_of_a_sigterm_stop,
+    exits_done_then_ignores_signals,
+    sigterm_when_called,
+    sigterm_without_default,
+)
 
 from recon_plugin.training import transfer
 from recon_plugin.training.loop import MAX_SKIPPED, train_loop
@@ -418,15 +423,9 @@ def test_a_signal_while_train_chooses_its_final_model_stops_it_saying_so(tmp_pat
     from recon_plugin.training import supervised
 
     _tiny_training(monkeypatch)
-    real = supervised.select_final
-
-    def then_signal(*args, **kwargs):
-        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
-        return real(*args, **kwargs)
-
     run = ["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "2", "--cascades", "1",
            "--chans", "2", "--pools", "1", "--batch-size", "2", "--export", str(tmp_path / "m")]
-    monkeypatch.setattr(supervised, "select_final", then_signal)
+    real = sigterm_when_called(monkeypatch, supervised, "select_final")
     errors = errors_of_a_sigterm_stop(run, caplog)
     assert errors == [f"SIGTERM: stopped while choosing or writing the final model of "
                       f"{tmp_path / 'run'} (the run is checkpointed there): run the same "
@@ -446,15 +445,9 @@ def test_a_signal_while_train_sets_up_stops_it_saying_nothing_was_trained(tmp_pa
     from recon_plugin.training import supervised
 
     _tiny_training(monkeypatch)
-    real = supervised.validation_set
-
-    def then_signal(*args, **kwargs):
-        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
-        return real(*args, **kwargs)
-
     run = ["-q", "train", "--run-dir", str(tmp_path / "run"), "--steps", "2", "--cascades", "1",
            "--chans", "2", "--pools", "1", "--batch-size", "2"]
-    monkeypatch.setattr(supervised, "validation_set", then_signal)
+    real = sigterm_when_called(monkeypatch, supervised, "validation_set")
     errors = errors_of_a_sigterm_stop(run, caplog)
     assert errors == ["SIGTERM: stopped before the first training step: nothing was trained "
                       "yet; run the same command again to start"]
