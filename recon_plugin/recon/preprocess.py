@@ -47,7 +47,12 @@ def noise_prewhitening_matrix(noise: np.ndarray, dwell_scale: float = 1.0) -> np
     W = L^-1 where L L^H = C, so that W C W^H = I (unit-variance, uncorrelated channels).
     A tiny diagonal load keeps W finite for rank-deficient noise.
     """
-    cov = noise_covariance(noise) * float(dwell_scale)
+    return covariance_whitener(noise_covariance(noise) * float(dwell_scale))
+
+
+def covariance_whitener(cov: np.ndarray) -> np.ndarray:
+    """W = L^-1 (coils, coils) with L L^H = ``cov`` (coils, coils), so that W cov W^H = I; a
+    tiny diagonal load keeps W finite for rank-deficient noise."""
     c = cov.shape[0]
     load = 1e-9 * float(np.real(np.trace(cov))) / c
     cov = cov + load * np.eye(c)
@@ -161,7 +166,6 @@ def whitener_of_coils(whitener: np.ndarray, keep: np.ndarray) -> np.ndarray:
     (coils, coils) of all of them (:func:`noise_prewhitening_matrix`): W = L^-1 with
     L L^H = C, so the kept coils' noise covariance is (L L^H)[keep][:, keep] and their
     whitener the inverse of its Cholesky factor (``W[keep][:, keep]`` is that only where the
-    coils left out are the last ones)."""
+    coils left out are the last ones), by :func:`covariance_whitener`."""
     chol = np.linalg.inv(whitener.astype(np.complex128))
-    cov = (chol @ chol.conj().T)[np.ix_(keep, keep)]
-    return np.linalg.inv(np.linalg.cholesky(cov)).astype(np.complex64)
+    return covariance_whitener((chol @ chol.conj().T)[np.ix_(keep, keep)])
