@@ -201,7 +201,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
         key = f"recon-{output_name(p)}-{plugin.name[-12:]}"
         f = client.submit(run_file, str(Path(p).resolve()), str(out_dir), protocol, formats,
                           overrides, protocol_dirs, plugin.name,
-                          str(Path(noise).resolve()) if noise else None, key=key, pure=False,
+                          str(noise) if noise else None, key=key, pure=False,
                           retries=retries)
         futs[f] = p
     pending = set(futs)

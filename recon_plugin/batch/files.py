@@ -158,10 +158,16 @@ def recon_file(
     return [final / Path(w).relative_to(staged) for w in written], protocol
 
 
+def without_path(path: Path | str, err: BaseException) -> str:
+    """``err``'s message without the ``PATH: `` it starts with (a line that names ``path``
+    itself says it once)."""
+    return str(err).removeprefix(f"{path}: ")
+
+
 def failure_reason(path: Path | str, err: BaseException) -> str:
     """Why input ``path`` failed, for its summary line (``FAILED PATH: REASON``): the error's
     type and message, without the path the message starts with (the line names it once)."""
-    message = str(err).removeprefix(f"{path}: ")
+    message = without_path(path, err)
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
@@ -183,7 +189,7 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
         written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
                                     protocol_dirs, max_bytes, protocols, progress, noise)
     except NoiseMeasurementOnly as e:  # the noise scan of another input: nothing to make
-        why = str(e).removeprefix(f"{path}: ")
+        why = without_path(path, e)
         log.info("%s: skipped: %s", path, why)
         return FileResult(str(path), True, passed_over=why,
                           seconds=time.perf_counter() - t0), [], None

@@ -150,7 +150,7 @@ def job_settings(protocol: str | None, formats, overrides: dict | None,
              "protocol_dirs": [str(d) for d in protocol_dirs or []],
              "overrides": {k: v for k, v in (overrides or {}).items() if v is not None}}
     if noise is not None:
-        asked["noise"] = str(Path(noise).resolve())
+        asked["noise"] = str(noise)
     return json.dumps(asked, sort_keys=True, default=str)
 
 

@@ -167,6 +167,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     import json
 
     from ..batch import ProtocolCache, gather_inputs
+    from ..batch.files import without_path
     from ..config.protocol import ProtocolMatchError
     from ..io import NoiseMeasurementOnly, check_noise_file, read_raw
     from ..io.budget import gb_to_bytes
@@ -190,7 +191,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         try:
             scan = read_raw(path, max_bytes=max_bytes, **noise)
         except NoiseMeasurementOnly as e:  # what recon passes over: no failure
-            why = str(e).removeprefix(f"{path}: ")
+            why = without_path(path, e)
             out.append({"source": str(path), "skipped": why})
             if not a.json:
                 print(f"{path}: skipped by recon: {why}")

@@ -115,8 +115,7 @@ def _order(s: SliceData) -> tuple[int, int, int, int]:
     return (s.contrast, s.repetition, s.phase, s.slice_index)
 
 
-def _noise_only(where: str, noise: int, hdr) -> NoiseMeasurementOnly:
-    mid = getattr(getattr(hdr, "measurementInformation", None), "measurementID", None)
+def _noise_only(where: str, noise: int, mid: str) -> NoiseMeasurementOnly:
     return NoiseMeasurementOnly(f"{where}: {NOISE_ONLY} ({noise} noise acquisition(s)"
                                 + (f", measurement ID {mid}" if mid else "") + ")")
 
@@ -176,7 +175,7 @@ def read_ismrmrd(
         counts = {"all": 0, "noise": 0}
         assembled = list(asm.process(_counting(_iter_acquisitions(container, where), counts)))
         if not assembled and counts["noise"] and counts["noise"] == counts["all"]:
-            raise _noise_only(where, counts["noise"], asm._hdr)
+            raise _noise_only(where, counts["noise"], asm.header.identity.measurement_id)
         scan = asm.build_scan(sorted(assembled, key=_order))
         _attach_target(scan, container._contents)
     except RawDataError:

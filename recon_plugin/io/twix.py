@@ -187,8 +187,8 @@ def _inverts(hdr: dict) -> bool:
     is slice- (1) or volume-selective (2), not off (4). siemens_to_ismrmrd writes every
     ``alTI`` > 0 as TI, but a protocol keeps its TI when the inversion is off (the phantom's
     GRE: 300 ms), which would make the images an inversion recovery they are not."""
-    scanning = _get(hdr, "Dicom", "tScanningSequence") or _get(hdr, "Meas", "tScanningSequence")
-    if isinstance(scanning, str) and scanning.strip():
+    scanning = scanner_terms(hdr).get("ScanningSequence")
+    if scanning:
         return "IR" in re.findall(r"[A-Z]+", scanning.upper())
     inversion = _get(hdr, "MeasYaps", "sPrepPulses", "ucInversion")
     try:
@@ -209,8 +209,9 @@ def scanner_terms(hdr: dict) -> dict[str, str]:
     for keyword in SCANNER_TERMS.values():
         for section in ("Dicom", "Meas"):
             v = _get(hdr, section, f"t{keyword}")
-            if isinstance(v, str) and _XML_FORBIDDEN.sub("", v).strip():
-                out[keyword] = _XML_FORBIDDEN.sub("", v).strip()
+            v = _XML_FORBIDDEN.sub("", v).strip() if isinstance(v, str) else ""
+            if v:
+                out[keyword] = v
                 break
     return out
 
