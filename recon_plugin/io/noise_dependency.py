@@ -7,8 +7,9 @@ its own; the imaging file's header names it in ``measurementInformation.measurem
 * :func:`noise_dependencies`: the noise measurement IDs a parsed header names;
 * :func:`find_noise_file`: the ISMRMRD file in a folder whose header's
   ``measurementInformation.measurementID`` is that ID (headers only are read; a file that
-  cannot be read is passed over; the first match in name order wins; what each file's header
-  says is kept per process, keyed by its size and mtime, so a batch reads each header once);
+  cannot be read is passed over; the first match in name order wins; the folder's index of
+  IDs is kept per process while its mtime stays, each file's ID while its size and mtime stay,
+  so a batch lists the folder and reads each header once);
 * :func:`check_noise_file`: a noise file named by hand (``--noise``) is an ISMRMRD file with
   noise acquisitions (their heads only are read);
 * :class:`NoiseMeasurementOnly`: what the reader raises for a file of noise acquisitions alone.
@@ -121,23 +122,46 @@ def file_measurement_id(path: Path) -> str | None:
     return mid
 
 
+_folders: dict[str, tuple[int, dict[str | None, list[Path]]]] = {}
+
+
+def _folder_index(folder: Path) -> dict[str | None, list[Path]]:
+    """{measurementID: the folder's ISMRMRD files (name order) with it}, made once per
+    process while the folder's mtime (files added, removed, renamed) stays the same: a batch
+    of N scans in one folder lists and reads it once, not N times."""
+    st = folder.stat()
+    key = str(folder.resolve())
+    with _ids_lock:
+        cached = _folders.get(key)
+    if cached is not None and cached[0] == st.st_mtime_ns:
+        return cached[1]
+    names = sorted(e.name for e in os.scandir(folder)
+                   if e.name.lower().endswith(ISMRMRD_SUFFIXES) and e.is_file())
+    index: dict[str | None, list[Path]] = {}
+    for name in names:
+        index.setdefault(file_measurement_id(folder / name), []).append(folder / name)
+    with _ids_lock:
+        if len(_folders) >= _CACHE_MAX:
+            _folders.clear()
+        _folders[key] = (st.st_mtime_ns, index)
+    return index
+
+
 def find_noise_file(folder: str | Path, wanted: str, exclude: str | Path | None = None
                     ) -> Path | None:
     """The first ISMRMRD file (name order; ``.h5``, ``.hdf5``, ``.mrd``) directly in
-    ``folder`` whose header's measurementID is ``wanted``, other than ``exclude``; None."""
+    ``folder`` whose header's measurementID is ``wanted``, other than ``exclude``; None. The
+    folder is read once per process (:func:`_folder_index`); each candidate's ID is checked
+    again (kept per file while its size and mtime stay the same)."""
     folder = Path(folder)
     skip = os.path.realpath(exclude) if exclude is not None else None
     try:
-        names = sorted(e.name for e in os.scandir(folder)
-                       if e.name.lower().endswith(ISMRMRD_SUFFIXES) and e.is_file())
+        candidates = _folder_index(folder).get(wanted, [])
     except OSError as e:
         log.debug("%s: cannot list the folder: %s", folder, e)
         return None
-    for name in names:
-        p = folder / name
-        if skip is not None and os.path.realpath(p) == skip:
-            continue
-        if file_measurement_id(p) == wanted:
+    for p in candidates:
+        if (skip is None or os.path.realpath(p) != skip) and file_measurement_id(p) == wanted:
             return p
     return None
 
