@@ -26,7 +26,7 @@ import numpy as np
 from ..physics import center_crop
 from ..scan import RawDataError, RawScan, SliceData
 from .budget import default_max_bytes
-from .mrd_assembler import MrdAssembler
+from .mrd_assembler import MrdAssembler, noise_problem
 from .mrd_calibration import add_interleaved_calibration
 from .noise_dependency import (
     NOISE_ONLY,
@@ -89,10 +89,9 @@ def _read_noise(path: str | Path, dataset: str) -> tuple[np.ndarray | None, floa
     if len(kept) < len(chunks):
         log.warning("%s: noise acquisitions with differing coil counts; extra ones ignored", where)
     noise = np.concatenate(kept, axis=1)
-    problem = ("NaN or Inf samples" if not np.isfinite(noise).all() else
-               "only zeros" if not np.any(noise) else None)
+    problem = noise_problem(noise)
     if problem:  # it cannot whiten (as the assembler leaves out a file's own such noise scan)
-        log.warning("%s: the dependent noise measurement has %s: not used", where, problem)
+        log.warning("%s: the dependent noise measurement is not used (%s)", where, problem)
         return None, None
     return noise, dwell
 

@@ -104,6 +104,14 @@ _EARLY = {"average": "from now on a slice is reconstructed when the data end, on
           "contrast": "from now on a contrast is reconstructed at its own end-of-slice flag"}
 
 
+def noise_problem(noise: np.ndarray) -> str | None:
+    """Why a noise scan (coils, samples) cannot whiten, or None: NaN / Inf samples (whitening
+    would spread them over every pixel) or only zeros (no noise level to whiten by)."""
+    bad = int(np.count_nonzero(~np.isfinite(noise)))
+    return (f"{bad} of its {noise.size} samples are NaN or Inf" if bad else
+            "it recorded only zeros" if not np.any(noise) else None)
+
+
 class MrdAssembler:
     """Turn a stream of ``ismrmrd.Acquisition`` into :class:`SliceData` (see module doc).
 
@@ -391,9 +399,7 @@ class MrdAssembler:
         if not self.noise:
             return None
         noise = np.concatenate(self.noise, axis=1)
-        bad = int(np.count_nonzero(~np.isfinite(noise)))
-        problem = (f"{bad} of its {noise.size} samples are NaN or Inf" if bad else
-                   "it recorded only zeros" if not np.any(noise) else None)
+        problem = noise_problem(noise)
         if problem is None:
             return noise
         self._warn(f"noise scan not used ({problem}): the images are made without "
