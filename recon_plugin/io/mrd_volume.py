@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..physics import calibration_block, centre_run, ifft1c
+from ..physics import calibration_block, calibration_columns, ifft1c
 from ..scan import Geometry, RawDataError, index_ranges
 from .mrd_lines import LineBuffer
 
@@ -171,7 +171,7 @@ def split_planes(buf: LineBuffer, enc_fov_z_mm: float, recon_fov_z_mm: float,
     _measured_extent(counts, source)
     mask = np.ascontiguousarray((counts > 0).T.astype(np.float32))  # (ky, kz)
     acs = calibration_block(mask)
-    cols = None if acs is None else centre_run(mask[acs[0]: acs[1]].all(axis=0), nz // 2)
+    cols = None if acs is None else calibration_columns(mask, acs)
     if cols is None or cols[1] - cols[0] < 4:
         raise RawDataError(
             f"{source}: 3D scan accelerated along kz ({int(mask.sum())} of {mask.size} ky-kz "

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .masks import (
     acs_bounds,
     calibration_block,
+    calibration_columns,
     cartesian_mask,
     centre_run,
     is_2d_sampling,
@@ -30,7 +31,8 @@ _LAZY = {
 
 # static (linters read it); a test checks it against the masks' names and _LAZY
 __all__ = [
-    "SenseOperator", "acs_bounds", "calibration_block", "cartesian_mask", "center_crop",
+    "SenseOperator", "acs_bounds", "calibration_block", "calibration_columns",
+    "cartesian_mask", "center_crop",
     "centre_run", "crop_readout", "fft1c", "fft2c", "ifft1c", "ifft2c", "is_2d_sampling",
     "noise_variance", "rss", "sense_adjoint", "sense_forward", "slice_operator",
 ]

@@ -46,6 +46,14 @@ def is_2d_sampling(mask: np.ndarray) -> bool:
     return bool((counts[acquired] < counts.max()).sum() > MAX_PARTIAL_LINES * acquired.sum())
 
 
+def calibration_columns(mask: np.ndarray, rows: tuple[int, int]) -> tuple[int, int] | None:
+    """[start, stop) of the columns (a ky-kz plane's kz) of the calibration block of ``mask``
+    (ky, kz) whose rows are ``rows`` [start, stop) (:func:`calibration_block`): the centre run
+    of columns measured on every one of them, as the 3D reader checks the block and
+    ``inspect`` shows it."""
+    return centre_run(mask[rows[0]: rows[1]].all(axis=0), mask.shape[1] // 2)
+
+
 def calibration_block(mask: np.ndarray) -> tuple[int, int] | None:
     """[start, stop) of the rows of the fully sampled centre of a 2D sampling mask (ky, kx):
     of the centred blocks measured on every sample, the one with the most rows and columns

@@ -17,7 +17,7 @@ from collections import Counter
 import numpy as np
 
 from ..io.budget import default_max_bytes, size_text
-from ..physics import calibration_block, centre_run, is_2d_sampling
+from ..physics import calibration_block, calibration_columns, is_2d_sampling
 from ..scan import RawScan, SliceData, index_ranges
 from .combine import fully_sampled
 from .partial_fourier import is_partial_fourier
@@ -60,13 +60,6 @@ def sampling(sl: SliceData) -> dict:
         "partial_fourier_fraction": partial_fourier_fraction(rows) if pf else None,
         "separate_calibration": sl.calib is not None,
     }
-
-
-def calibration_columns(mask: np.ndarray, rows: tuple[int, int]) -> tuple[int, int] | None:
-    """[start, stop) of the columns (a ky-kz plane's kz) of the calibration block of ``mask``
-    (ky, kz) whose rows are ``rows`` [start, stop): the centre run of columns measured on every
-    one of them, as the reader's check of the block (``io/mrd_volume.split_planes``)."""
-    return centre_run(mask[rows[0]: rows[1]].all(axis=0), mask.shape[1] // 2)
 
 
 def _line_span(rows: np.ndarray) -> int:
