@@ -428,7 +428,7 @@ def wrapped_example(path: Path, real_dir: Path, default_model: str) -> dict | No
     scan = read_raw(real_dir / WRAPPED)
     settings = load_protocol("default").recon_settings()
     sl = scan.slices[0]
-    ksp, mask, calib = prepare_kspace(sl, settings, None)
+    ksp, mask, calib, _ = prepare_kspace(sl, settings, None)
     maps, maps2, fraction = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
     case = RealCase(WRAPPED, ksp, mask, sl.acs, np.zeros(mask.shape, np.float32), maps)
     net, _ = load_inference_model(resolve_model(default_model))

@@ -165,7 +165,7 @@ def test_real_small_fov_brain_is_unfolded_as_bart_does_with_two_maps(tmp_path):
     scan = read_raw(real / "espirit_smallfov8ch_native.h5")
     settings = load_protocol("default").recon_settings()
     sl = scan.slices[0]
-    ksp, mask, calib = prepare_kspace(sl, settings, None)
+    ksp, mask, calib, _ = prepare_kspace(sl, settings, None)
     maps, maps2, fraction = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
     assert maps2 is not None and 0.08 < fraction < 0.3
     # site adaptation sees the slice as the network does: without the second map's part

@@ -67,7 +67,7 @@ from .calibrate import (
     pool_slice,
 )
 from .coils import CoilMapError, estimate_maps_and_wrap
-from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix
+from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix, with_left_out
 from .guard import SliceEstimate
 from .partial_fourier import homodyne, is_partial_fourier
 from .prepare import prepare_kspace, unfold
@@ -169,7 +169,7 @@ class Reconstructor:
         sl.validate()
         t0 = started = time.perf_counter()
         notes: list[str] = list(sl.notes)
-        ksp, mask, calib = prepare_kspace(sl, settings, whitener, notes)
+        ksp, mask, calib, rest = prepare_kspace(sl, settings, whitener, notes)
         t["preprocess"] += time.perf_counter() - t0
         method = settings.method
         if settings.measured_weight in (1.0, AUTO_WEIGHT) and method != "zero-filled" \
@@ -231,7 +231,8 @@ class Reconstructor:
         rows = mask.any(axis=1)
         weight = parts = None
         if method in ("zero-filled", FULLY_SAMPLED):
-            mag = np.abs(img).astype(np.float32)  # the RSS of the measured coil images already
+            # the RSS of the measured coil images already, the left-out coils' added
+            mag = with_left_out(np.abs(img), rest)
         elif settings.partial_fourier == "homodyne" and is_partial_fourier(rows):
             mag = homodyne(img if folded is None else classical.combine_maps(img, folded), rows)
             notes.append("homodyne partial Fourier")
@@ -242,9 +243,9 @@ class Reconstructor:
                 weight = auto_slice_weight(weights if weights is not None else ScanWeight(), sl,
                                            measured, mask, maps, maps2, estimate, notes)
                 if recombine:
-                    parts = BlendParts.of(coils, measured, mask)
+                    parts = BlendParts.of(coils, measured, mask, rest)
             mag = parts.rss(weight) if parts is not None else \
-                measured_rss(coils, measured, mask, weight)
+                measured_rss(coils, measured, mask, weight, rest)
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, plane_header(header, sl.plane), notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,

@@ -25,23 +25,27 @@ log = logging.getLogger(__name__)
 
 def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
                    notes: list[str] | None = None,
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One slice as every consumer of raw data sees it (reconstruction, site adaptation):
     without the physical channels that recorded nothing (logged, and said in ``notes`` by
     coil index, whatever the compression), prewhitened, coil-compressed as the protocol says,
     zero where not sampled. Returns (k-space (coils, ky, kx) complex64, mask (ky, kx)
-    float32, calibration block or None)."""
+    float32, calibration block or None, the k-space of the virtual coils the compression
+    left out (coils, ky, kx), zero where not sampled, or None)."""
     # silent channels are found on the physical coils: prewhitening and compression mix
     # channels, so a dead one is not zero after them (and the note names the physical coil)
     ksp, calib, whitener, silent = drop_silent_coils(sl.kspace, sl.calib, whitener)
-    ksp, calib = whiten_and_compress(ksp, calib, sl.acs, whitener, settings.coil_compression)
+    ksp, calib, rest = whiten_and_compress(ksp, calib, sl.acs, whitener,
+                                           settings.coil_compression)
     if silent:
         msg = f"coil(s) {silent} recorded only zeros: left out"
         log.warning("slice %d: %s", sl.slice_index, msg)
         if notes is not None:
             notes.append(msg)
     mask = sl.mask.astype(np.float32)
-    return (ksp * mask[None]).astype(np.complex64, copy=False), mask, calib
+    if rest is not None:
+        rest = (rest * mask[None]).astype(np.complex64, copy=False)
+    return (ksp * mask[None]).astype(np.complex64, copy=False), mask, calib, rest
 
 
 def prepare_slice(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
@@ -50,7 +54,7 @@ def prepare_slice(sl: SliceData, settings: ReconSettings, whitener: np.ndarray |
     network sees the slice in reconstruction (site adaptation trains and judges on this):
     where its phase field of view wraps, the k-space without the second map's part
     (:func:`unfold`). Raises CoilMapError when the slice has no usable calibration."""
-    ksp, mask, calib = prepare_kspace(sl, settings, whitener)
+    ksp, mask, calib, _ = prepare_kspace(sl, settings, whitener)
     maps, maps2, _ = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
     if maps2 is not None:
         ksp, _ = unfold(ksp, maps, maps2, mask, settings.lamda)
