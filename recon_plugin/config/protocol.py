@@ -41,7 +41,10 @@ A protocol file (``protocols/<name>.yaml``) looks like::
                                          # solve chosen on held-out lines of the scan's first 3
                                          # slices (0: every slice; recon/calibrate.py)
     coil_compression: 8                  # virtual coils, or null for none
-    partial_fourier: zero-fill           # or homodyne
+    partial_fourier: zero-fill           # the method's own estimate fills a partial-Fourier
+                                         # block (the network extrapolates it); homodyne:
+                                         # conjugate symmetry, for classical methods (its
+                                         # image is the estimate alone, measured_weight aside)
     series: {description: "T2 AX DL", number_base: 1000}
     dicom: {max_value: 4095, window: null, private_block: true,
             body_part: BRAIN, laterality: null, institution: null}
