@@ -14,6 +14,7 @@ from recon_plugin.output.dicom_series import provenance_text
 from recon_plugin.physics import ifft2c, rss
 from recon_plugin.recon.combine import BlendParts, measured_rss, noise_aware_weight
 from recon_plugin.recon.pipeline import Reconstructor
+from recon_plugin.recon.preprocess import noise_prewhitening_matrix
 from recon_plugin.recon.settings import ReconSettings
 from recon_plugin.scan import Geometry, ScanHeader, SliceData
 from recon_plugin.sim import simulate_volume
@@ -122,34 +123,14 @@ def test_blend_parts_give_the_blended_image_for_any_weight(slice_data):
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_left_out_coils_are_blended_in_as_coils_with_a_zero_estimate(slice_data):
-    """The measured samples of coils a compression left out enter the written image as coils
-    whose estimate is zero: the same magnitude as those coils appended with zero coil images,
-    for every weight, in measured_rss and in BlendParts."""
-    maps, x, ksp, mask, _ = slice_data
-    rng = np.random.default_rng(4)
-    rest = (rng.normal(size=(3, *mask.shape)) + 1j * rng.normal(size=(3, *mask.shape)))
-    rest = (0.1 * rest * mask[None]).astype(np.complex64)
-    coils = maps * x
-    whole = np.concatenate([coils, np.zeros_like(rest)])
-    measured = np.concatenate([ksp, rest])
-    parts = BlendParts.of(coils, ksp, mask, rest)
-    for w in (0.0, 0.4, 1.0):
-        want = measured_rss(whole, measured, mask, w)
-        np.testing.assert_allclose(measured_rss(coils, ksp, mask, w, rest), want,
-                                   rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(parts.rss(w), want, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(measured_rss(coils, ksp, mask, 1.0, rest),
-                           measured_rss(coils, ksp, mask, 1.0), rtol=1e-3)
-
-
+@pytest.mark.parametrize("whiten", [False, True])
 @pytest.mark.parametrize("method", ["zero-filled", "cg-sense"])
-def test_coil_compression_keeps_every_coils_measured_samples_in_the_image(method):
-    """Under a protocol's coil compression the written image is the RSS of every coil, as a
-    fully sampled scan's is: a fully sampled slice and a zero-filled one equal their RSS over
-    the physical coils; an undersampled CG-SENSE slice holds the measured energy of the coils
-    the compression left out (it had lost it: below the uncompressed image where only noise
-    was measured)."""
+def test_the_image_is_combined_over_the_physical_coils(method, whiten):
+    """Under a protocol's coil compression, and with a noise scan's prewhitening, the written
+    image is the RSS of the scan's own coils, as a fully sampled scan is combined (fastMRI's
+    reconstruction_rss): a fully sampled slice and a zero-filled one equal their RSS over the
+    physical coils; an undersampled CG-SENSE slice holds the measured noise of all of them
+    (compression had dropped the left-out coils' samples from the image)."""
     vol = simulate_volume("test", "T2", num_slices=1, num_coils=8, matrix=(64, 64), snr=20,
                           seed=3)
     full = vol.slices[0].kspace
@@ -157,6 +138,7 @@ def test_coil_compression_keeps_every_coils_measured_samples_in_the_image(method
     mask[::4] = 1
     mask[28:36] = 1
     rec = Reconstructor()
+    whitener = noise_prewhitening_matrix(vol.noise) if whiten else None
     base = ReconSettings(method=method, coil_compression=None, calibrate=False, guard=False)
     small = dataclasses.replace(base, coil_compression=6)
     header = ScanHeader(encoded_matrix=(64, 64, 1), encoded_fov_mm=(220.0, 220.0, 5.0),
@@ -166,18 +148,20 @@ def test_coil_compression_keeps_every_coils_measured_samples_in_the_image(method
     def image(k, m, settings):
         sl = SliceData(kspace=(k * m[None]).astype(np.complex64), mask=m,
                        geometry=Geometry.default(), acs=(28, 36))
-        return rec.reconstruct_slice(sl, header, settings).pixels
+        return rec.reconstruct_slice(sl, header, settings, whitener=whitener).pixels
 
     ones = np.ones_like(mask)
-    np.testing.assert_allclose(image(full, ones, small), rss(ifft2c(full)), rtol=1e-3,
-                               atol=1e-4 * rss(ifft2c(full)).max())
+    raw = rss(ifft2c(full))
+    for settings in (small, base):
+        np.testing.assert_allclose(image(full, ones, settings), raw, rtol=1e-3,
+                                   atol=1e-4 * raw.max())
     if method == "zero-filled":
         want = rss(ifft2c(full * mask[None]))
         np.testing.assert_allclose(image(full, mask, small), want, rtol=1e-3,
                                    atol=1e-4 * want.max())
     else:
         compressed, whole = image(full, mask, small), image(full, mask, base)
-        bg = rss(ifft2c(full)) < 0.05 * rss(ifft2c(full)).max()
+        bg = raw < 0.05 * raw.max()
         # background: measured noise of all 8 coils in both, within 10 %
         ratio = np.mean(compressed[bg] ** 2) / np.mean(whole[bg] ** 2)
         assert 0.9 < ratio < 1.1, ratio

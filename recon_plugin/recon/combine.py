@@ -53,36 +53,32 @@ def _residual_images(coils: np.ndarray, kspace: np.ndarray, mask: np.ndarray) ->
     return ifft2c(mask[None] * (kspace - fft2c(coils)))
 
 
-def left_out_energy(rest: np.ndarray | None) -> np.ndarray | np.float32:
-    """``sum_c |ifft2c(rest_c)|^2`` (ky, kx) float32 of the measured k-space (coils, ky, kx)
-    of the virtual coils a coil compression left out (``preprocess.whiten_and_compress``), zero
-    where not sampled; 0 where nothing was left out (``rest`` None).
+@dataclass
+class PhysicalCoils:
+    """The coils a written image is combined over where prewhitening or coil compression mixed
+    the channels a method ran on (``preprocess.whiten_and_compress``): the slice's measured
+    k-space of the physical coils (coils, ky, kx) complex64, zero where not sampled, and the
+    matrix (coils, channels) that takes the method's channels back to them. So the image is
+    the RSS of the scan's own coil images, as a fully sampled scan is combined (fastMRI's
+    ``reconstruction_rss``), whatever the protocol whitened or compressed; the channels a
+    compression left out keep their measured samples (their estimate is zero)."""
 
-    No method estimates those coils (their unmeasured samples are taken as zero), but their
-    measured samples are part of the scan: adding this energy to the kept coils' squared RSS
-    gives the RSS of every (whitened) coil, as a fully sampled scan is combined, since the
-    compression's rotation is unitary."""
-    if rest is None or rest.shape[0] == 0:
-        return np.float32(0)
-    return (np.abs(ifft2c(rest)) ** 2).sum(0).astype(np.float32)
+    kspace: np.ndarray
+    back: np.ndarray
 
-
-def with_left_out(magnitude: np.ndarray, rest: np.ndarray | None) -> np.ndarray:
-    """A root-sum-of-squares magnitude (ky, kx) of the kept coils with the left-out coils'
-    measured samples (:func:`left_out_energy`) added, float32."""
-    if rest is None:
-        return magnitude.astype(np.float32, copy=False)
-    return np.sqrt(magnitude.astype(np.float32) ** 2 + left_out_energy(rest))
+    def coil_images(self, images: np.ndarray) -> np.ndarray:
+        """Coil images (channels, ky, kx) of the method's channels -> (coils, ky, kx)
+        complex64 of the physical coils."""
+        flat = images.reshape(images.shape[0], -1).astype(np.complex64, copy=False)
+        return (self.back @ flat).reshape((self.back.shape[0],) + images.shape[1:])
 
 
 def measured_rss(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
-                 weight: float, rest: np.ndarray | None = None) -> np.ndarray:
+                 weight: float) -> np.ndarray:
     """Magnitude (ky, kx) float32 of the coil images (coils, ky, kx) complex with the measured
     ``kspace`` (coils, ky, kx), zero where not sampled, blended in where ``mask`` (ky, kx) is 1:
     ``RSS(coil_images + weight * ifft2c(mask * (kspace - fft2c(coil_images))))``.
-    ``weight`` in [0, 1]; centred orthonormal FFTs (``physics.fft``). ``rest``: the measured
-    k-space of coils a compression left out (:func:`left_out_energy`), blended in with the
-    same weight (their estimate is zero)."""
+    ``weight`` in [0, 1]; centred orthonormal FFTs (``physics.fft``)."""
     weight = measured_weight(weight)
     if weight == AUTO_WEIGHT:
         raise ValueError("measured_rss needs the slice's weight; resolve 'auto' with "
@@ -91,9 +87,6 @@ def measured_rss(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
     coils = coil_images.astype(np.complex64, copy=False)
     if weight > 0:
         coils = coils + np.float32(weight) * _residual_images(coils, kspace, mask)
-        if rest is not None:
-            return np.sqrt((np.abs(coils) ** 2).sum(0)
-                           + np.float32(weight) ** 2 * left_out_energy(rest)).astype(np.float32)
     return rss(coils).astype(np.float32)
 
 
@@ -102,23 +95,20 @@ class BlendParts:
     """:func:`measured_rss` as a function of the weight, for one slice whose weight its scan
     decides later: with ``A`` the coil images and ``B = ifft2c(M (y - fft2c(A)))``,
     ``RSS(A + w B)^2 = p + 2 w q + w^2 r``, ``p = sum_c |A_c|^2``, ``q = sum_c Re(conj(A_c)
-    B_c)``, ``r = sum_c |B_c|^2`` (each (ky, kx) float32); coils left out by a compression
-    (``A = 0`` there) add their :func:`left_out_energy` to ``r``."""
+    B_c)``, ``r = sum_c |B_c|^2`` (each (ky, kx) float32)."""
 
     p: np.ndarray
     q: np.ndarray
     r: np.ndarray
 
     @classmethod
-    def of(cls, coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
-           rest: np.ndarray | None = None) -> BlendParts:
+    def of(cls, coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray) -> BlendParts:
         """The parts of coil images (coils, ky, kx), measured k-space (coils, ky, kx) and mask
-        (ky, kx); ``rest`` as in :func:`measured_rss`."""
+        (ky, kx)."""
         _check(coil_images, kspace, mask)
         a = coil_images.astype(np.complex64, copy=False)
         b = _residual_images(a, kspace, mask)
-        parts = ((np.abs(a) ** 2).sum(0), (a.conj() * b).real.sum(0),
-                 (np.abs(b) ** 2).sum(0) + left_out_energy(rest))
+        parts = ((np.abs(a) ** 2).sum(0), (a.conj() * b).real.sum(0), (np.abs(b) ** 2).sum(0))
         return cls(*(x.astype(np.float32) for x in parts))
 
     def rss(self, weight: float) -> np.ndarray:

@@ -13,18 +13,20 @@ setting; a stream sends them at once.
 
 Per slice: noise prewhitening (when a noise scan exists), optional coil compression, ESPIRiT
 maps, then the protocol's method (the unrolled network, or a classical one); its coil images
-with the measured samples put back (``measured_weight``; ``auto``: by one weight per series from
-its slices' noise level and the guard's held-out lines, ``series_weight.py``; offline a series
-is recombined once all its slices' evidence is in, a stream sends each slice with the evidence
-so far), combined by root-sum-of-squares as a fully
-sampled scan is (``combine.py``; a slice that is fully sampled, ``combine.fully_sampled``, is that
-RSS and no method runs); crop to the recon matrix. Where a slice's phase field of view wraps
-(ESPIRiT finds a second set of maps), two-map SENSE gives the second map's image and takes its
-part out of the data; the method reconstructs the first map's image from the rest, and both
-maps' coil images are combined. The network runs through ``network_slice``: the prior-weight
-calibration (decided on a scan's first slices), scan-specific refinement at that weight where
-asked (kept where the guard's lines confirm it), then the per-slice guard with its CG-SENSE
-fallback. Stage timings (seconds) are recorded per series.
+with the measured samples put back (``measured_weight``; ``auto``: by one weight per series
+from its slices' noise level and the guard's held-out lines, ``series_weight.py``; offline a
+series is recombined once all its slices' evidence is in, a stream sends each slice with the
+evidence so far), combined by root-sum-of-squares over the scan's own coils as a fully sampled
+scan is (``combine.py``; where prewhitening or compression mixed the channels, the coil images
+are taken back to the physical coils first, ``combine.PhysicalCoils``; a slice that is fully
+sampled, ``combine.fully_sampled``, is that RSS and no method runs); crop to the recon matrix.
+Where a slice's phase field of view wraps (ESPIRiT finds a second set of maps), two-map SENSE
+gives the second map's image and takes its part out of the data; the method reconstructs the
+first map's image from the rest, and both maps' coil images are combined. The network runs
+through ``network_slice``: the prior-weight calibration (decided on a scan's first slices),
+scan-specific refinement at that weight where asked (kept where the guard's lines confirm it),
+then the per-slice guard with its CG-SENSE fallback. Stage timings (seconds) are recorded per
+series.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from .calibrate import (
     pool_slice,
 )
 from .coils import CoilMapError, estimate_maps_and_wrap
-from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix, with_left_out
+from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix
 from .guard import SliceEstimate
 from .partial_fourier import homodyne, is_partial_fourier
 from .prepare import prepare_kspace, unfold
@@ -169,7 +171,7 @@ class Reconstructor:
         sl.validate()
         t0 = started = time.perf_counter()
         notes: list[str] = list(sl.notes)
-        ksp, mask, calib, rest = prepare_kspace(sl, settings, whitener, notes)
+        ksp, mask, calib, physical = prepare_kspace(sl, settings, whitener, notes)
         t["preprocess"] += time.perf_counter() - t0
         method = settings.method
         if settings.measured_weight in (1.0, AUTO_WEIGHT) and method != "zero-filled" \
@@ -231,21 +233,25 @@ class Reconstructor:
         rows = mask.any(axis=1)
         weight = parts = None
         if method in ("zero-filled", FULLY_SAMPLED):
-            # the RSS of the measured coil images already, the left-out coils' added
-            mag = with_left_out(np.abs(img), rest)
+            # the RSS of the measured coil images (the physical coils', where the channels
+            # were whitened or compressed)
+            mag = np.abs(img) if physical is None else classical.zero_filled(physical.kspace)
         elif settings.partial_fourier == "homodyne" and is_partial_fourier(rows):
             mag = homodyne(img if folded is None else classical.combine_maps(img, folded), rows)
             notes.append("homodyne partial Fourier")
         else:  # the coil images with the measured samples put back, combined as a full scan
             coils = maps * img[None] if folded is None else maps * img[None] + maps2 * folded[None]
             weight = settings.measured_weight
-            if weight == AUTO_WEIGHT:
+            auto = weight == AUTO_WEIGHT
+            if auto:
                 weight = auto_slice_weight(weights if weights is not None else ScanWeight(), sl,
                                            measured, mask, maps, maps2, estimate, notes)
-                if recombine:
-                    parts = BlendParts.of(coils, measured, mask, rest)
+            if physical is not None:  # combined over the scan's own coils, as a full scan is
+                coils, measured = physical.coil_images(coils), physical.kspace
+            if auto and recombine:
+                parts = BlendParts.of(coils, measured, mask)
             mag = parts.rss(weight) if parts is not None else \
-                measured_rss(coils, measured, mask, weight, rest)
+                measured_rss(coils, measured, mask, weight)
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, plane_header(header, sl.plane), notes)
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,

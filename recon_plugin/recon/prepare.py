@@ -17,6 +17,7 @@ from ..physics import fft2c
 from ..scan import SliceData
 from . import classical
 from .coils import estimate_maps_and_wrap
+from .combine import PhysicalCoils
 from .preprocess import drop_silent_coils, whiten_and_compress
 from .settings import ReconSettings
 
@@ -25,17 +26,18 @@ log = logging.getLogger(__name__)
 
 def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,
                    notes: list[str] | None = None,
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, PhysicalCoils | None]:
     """One slice as every consumer of raw data sees it (reconstruction, site adaptation):
     without the physical channels that recorded nothing (logged, and said in ``notes`` by
     coil index, whatever the compression), prewhitened, coil-compressed as the protocol says,
     zero where not sampled. Returns (k-space (coils, ky, kx) complex64, mask (ky, kx)
-    float32, calibration block or None, the k-space of the virtual coils the compression
-    left out (coils, ky, kx), zero where not sampled, or None)."""
+    float32, calibration block or None, the physical coils the written image is combined
+    over where prewhitening or compression mixed the channels, else None)."""
     # silent channels are found on the physical coils: prewhitening and compression mix
     # channels, so a dead one is not zero after them (and the note names the physical coil)
     ksp, calib, whitener, silent = drop_silent_coils(sl.kspace, sl.calib, whitener)
-    ksp, calib, rest = whiten_and_compress(ksp, calib, sl.acs, whitener,
+    physical = ksp
+    ksp, calib, back = whiten_and_compress(ksp, calib, sl.acs, whitener,
                                            settings.coil_compression)
     if silent:
         msg = f"coil(s) {silent} recorded only zeros: left out"
@@ -43,9 +45,9 @@ def prepare_kspace(sl: SliceData, settings: ReconSettings, whitener: np.ndarray 
         if notes is not None:
             notes.append(msg)
     mask = sl.mask.astype(np.float32)
-    if rest is not None:
-        rest = (rest * mask[None]).astype(np.complex64, copy=False)
-    return (ksp * mask[None]).astype(np.complex64, copy=False), mask, calib, rest
+    coils = None if back is None else PhysicalCoils(
+        (physical * mask[None]).astype(np.complex64, copy=False), back)
+    return (ksp * mask[None]).astype(np.complex64, copy=False), mask, calib, coils
 
 
 def prepare_slice(sl: SliceData, settings: ReconSettings, whitener: np.ndarray | None = None,

@@ -4,8 +4,8 @@
   ``whitening_matrix``);
 * SVD coil compression to N virtual coils (``coil_compression_matrix``);
 * ``whiten_and_compress``: both, on one slice, as batch recon, the stream server and site
-  adaptation run them; the virtual coils compression leaves out are returned beside the kept
-  ones, so the written image can still hold every coil's measured samples (``combine.py``);
+  adaptation run them, with the matrix that takes the prepared channels back to the physical
+  coils (the written image is combined there, ``combine.PhysicalCoils``);
 * ``drop_silent_coils``: channels that recorded nothing (a dead element or cable) removed, on
   the physical coils, before both (prewhitening and compression mix channels: a dead one would
   no longer be zero after them), the whitener then the one of the coils kept
@@ -79,17 +79,15 @@ def whitening_matrix(scan: RawScan) -> np.ndarray | None:
     return noise_prewhitening_matrix(scan.noise, scale)
 
 
-def coil_compression_matrix(calib: np.ndarray, n_virtual: int | None = None) -> np.ndarray:
+def coil_compression_matrix(calib: np.ndarray, n_virtual: int) -> np.ndarray:
     """SVD coil compression matrix (n_virtual, coils) from calibration data (coils, ...).
 
-    Rows are the conjugated left singular vectors in order of energy: virtual coil i =
-    A[i] @ coils. ``n_virtual`` None: all of them, the unitary (coils, coils) rotation whose
-    first rows a compression keeps.
+    Rows are the conjugated leading left singular vectors: virtual coil i = A[i] @ coils.
     """
     data = calib.reshape(calib.shape[0], -1)
-    n = data.shape[0] if n_virtual is None else int(min(max(n_virtual, 1), data.shape[0]))
+    n_virtual = int(min(max(n_virtual, 1), data.shape[0]))
     u, _, _ = np.linalg.svd(data, full_matrices=False)
-    return u[:, :n].conj().T.astype(np.complex64)
+    return u[:, :n_virtual].conj().T.astype(np.complex64)
 
 
 def calibration_samples(kspace: np.ndarray, acs: tuple[int, int] | None) -> np.ndarray:
@@ -109,32 +107,36 @@ def whiten_and_compress(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Prewhiten and SVD-compress one slice: k-space (coils, ky, kx) and its separate
     calibration block (coils, ...) or None -> (the same at ``n_virtual`` coils, complex64; the
-    k-space of the virtual coils left out (coils - n_virtual, ky, kx) or None).
+    matrix (coils, n_virtual) that takes them back to the physical coils, or None where
+    neither whitening nor compression mixed the channels).
 
     ``whitener`` (coils, coils) from :func:`whitening_matrix` (None: data already white). The
     compression is fitted on the (whitened) calibration block when present, else on the ACS
     rows ``acs`` = (start, stop), else on every acquired sample; unsampled (zero) positions
-    stay zero. The rotation is unitary, so the kept and the left-out virtual coils together
-    have the (whitened) coils' root-sum-of-squares pixel by pixel. ``n_virtual`` None or >=
-    coils: no compression, nothing left out. Raises RawDataError when the whitener's coil
-    count is not the data's.
+    stay zero. The way back is ``W^-1 A^H`` (``A`` the compression's rows): exact without
+    compression, the projection onto the kept virtual coils with it. ``n_virtual`` None or
+    >= coils: no compression. Raises RawDataError when the whitener's coil count is not the
+    data's.
     """
     ncoil = kspace.shape[0]
     same_coils = calib is not None and calib.shape[0] == ncoil  # else calib is left as it is
+    back = None
     if whitener is not None:
         _check_whitener(whitener, ncoil)
         kspace = apply_coil_matrix(whitener, kspace)
         if same_coils:
             calib = apply_coil_matrix(whitener, calib)
-    rest = None
+        back = np.linalg.inv(whitener.astype(np.complex128))
     if n_virtual and n_virtual < ncoil:
         fit = calib.reshape(ncoil, -1) if same_coils else calibration_samples(kspace, acs)
-        m = coil_compression_matrix(fit)
-        kspace, rest = apply_coil_matrix(m[:n_virtual], kspace), \
-            apply_coil_matrix(m[n_virtual:], kspace)
+        m = coil_compression_matrix(fit, n_virtual)
+        kspace = apply_coil_matrix(m, kspace)
         if same_coils:
-            calib = apply_coil_matrix(m[:n_virtual], calib)
-    return kspace.astype(np.complex64, copy=False), calib, rest
+            calib = apply_coil_matrix(m, calib)
+        back = m.conj().T if back is None else back @ m.conj().T
+    if back is not None:
+        back = back.astype(np.complex64)
+    return kspace.astype(np.complex64, copy=False), calib, back
 
 
 def _check_whitener(whitener: np.ndarray, ncoil: int) -> None:
