@@ -59,10 +59,14 @@ def test_written_files_say_what_made_each_image(tmp_path):
         assert "GUARD" in d.ImageComments
         block = d.private_block(0x0071, "RECON_PLUGIN 1.0")
         assert block[0x0A].value == "NO" and block[0x07].value == "cg-sense"
+        # an image the network did not make names no model, privately either
+        assert all(not block[e].value for e in (0x01, 0x02, 0x03, 0x04, 0x05, 0x08))
+        assert block[0x06].value and block[0x09].value  # protocol and software still named
     for d in by_method["unrolled"]:
         assert d.DerivationDescription.startswith("Deep-learning")
         block = d.private_block(0x0071, "RECON_PLUGIN 1.0")
         assert block[0x0A].value == "YES" and block[0x07].value == "unrolled"
+        assert block[0x01].value and block[0x03].value  # the model that made it
     assert not list(tmp_path.rglob("*.part"))
 
 

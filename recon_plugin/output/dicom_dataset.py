@@ -156,19 +156,22 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
 
 def add_private_block(ds: Dataset, series: ReconSeries, slope: float, method: str) -> None:
     """The private provenance block; ``method``: what made this image (a slice the guard sent
-    to CG-SENSE says so, and NO deep learning)."""
+    to CG-SENSE says so, and NO deep learning, and names no model: the model fields are empty
+    on an image the network did not make, as the public attributes name none)."""
     p = series.provenance
+    made = method or p.method
+    dl = made == DL_METHOD
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(0x01, "LO", _text(p.model_name, 64))
-    block.add_new(0x02, "LO", _text(p.model_version, 64))
-    block.add_new(0x03, "LO", _text(p.model_hash, 64))
-    block.add_new(0x04, "LO", _text(p.pruning_method, 64))
-    block.add_new(0x05, "DS", _ds(p.pruning_ratio))
+    block.add_new(0x01, "LO", _text(p.model_name, 64) if dl else "")
+    block.add_new(0x02, "LO", _text(p.model_version, 64) if dl else "")
+    block.add_new(0x03, "LO", _text(p.model_hash, 64) if dl else "")
+    block.add_new(0x04, "LO", _text(p.pruning_method, 64) if dl else "")
+    block.add_new(0x05, "DS", _ds(p.pruning_ratio) if dl else "")
     block.add_new(0x06, "LO", _text(p.protocol, 64))
-    block.add_new(0x07, "LO", _text(method or p.method, 64))
-    block.add_new(0x08, "LO", _text(p.finetune, 64))
+    block.add_new(0x07, "LO", _text(made, 64))
+    block.add_new(0x08, "LO", _text(p.finetune, 64) if dl else "")
     block.add_new(0x09, "LO", _text(p.software_version, 64))
-    block.add_new(0x0A, "CS", "YES" if (method or p.method) == DL_METHOD else "NO")
+    block.add_new(0x0A, "CS", "YES" if dl else "NO")
     block.add_new(0x0B, "DS", _ds(slope))
 
 
