@@ -161,15 +161,18 @@ def add_private_block(ds: Dataset, series: ReconSeries, slope: float, method: st
     p = series.provenance
     made = method or p.method
     dl = made == DL_METHOD
+    def model(value) -> str:
+        return _text(value, 64) if dl else ""
+
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(0x01, "LO", _text(p.model_name, 64) if dl else "")
-    block.add_new(0x02, "LO", _text(p.model_version, 64) if dl else "")
-    block.add_new(0x03, "LO", _text(p.model_hash, 64) if dl else "")
-    block.add_new(0x04, "LO", _text(p.pruning_method, 64) if dl else "")
+    block.add_new(0x01, "LO", model(p.model_name))
+    block.add_new(0x02, "LO", model(p.model_version))
+    block.add_new(0x03, "LO", model(p.model_hash))
+    block.add_new(0x04, "LO", model(p.pruning_method))
     block.add_new(0x05, "DS", _ds(p.pruning_ratio) if dl else "")
     block.add_new(0x06, "LO", _text(p.protocol, 64))
     block.add_new(0x07, "LO", _text(made, 64))
-    block.add_new(0x08, "LO", _text(p.finetune, 64) if dl else "")
+    block.add_new(0x08, "LO", model(p.finetune))
     block.add_new(0x09, "LO", _text(p.software_version, 64))
     block.add_new(0x0A, "CS", "YES" if dl else "NO")
     block.add_new(0x0B, "DS", _ds(slope))

@@ -39,6 +39,7 @@ from ..physics import center_crop, fft2c, ifft1c, ifft2c, noise_variance, rss
 from ..scan import RawDataError, ScanHeader
 from . import AUTO_WEIGHT, measured_weight
 from .partial_fourier import sampled_extent
+from .preprocess import apply_coil_matrix
 
 
 def _check(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray) -> None:
@@ -69,8 +70,7 @@ class PhysicalCoils:
     def coil_images(self, images: np.ndarray) -> np.ndarray:
         """Coil images (channels, ky, kx) of the method's channels -> (coils, ky, kx)
         complex64 of the physical coils."""
-        flat = images.reshape(images.shape[0], -1).astype(np.complex64, copy=False)
-        return (self.back @ flat).reshape((self.back.shape[0],) + images.shape[1:])
+        return apply_coil_matrix(self.back, images)
 
 
 def measured_rss(coil_images: np.ndarray, kspace: np.ndarray, mask: np.ndarray,

@@ -226,16 +226,17 @@ class Reconstructor:
         elif method == NO_SIGNAL:
             img = np.zeros(mask.shape, np.complex64)
         else:
-            img = classical.reconstruct("zero-filled" if method == FULLY_SAMPLED else method,
-                                        ksp, maps, mask, settings.lamda)
+            zero = method in ("zero-filled", FULLY_SAMPLED)
+            # a zero-filled image is the RSS of the scan's own (physical) coils' measurements
+            src = physical.kspace if zero and physical is not None else ksp
+            img = classical.reconstruct("zero-filled" if zero else method, src, maps, mask,
+                                        settings.lamda)
             t["classical"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         rows = mask.any(axis=1)
         weight = parts = None
         if method in ("zero-filled", FULLY_SAMPLED):
-            # the RSS of the measured coil images (the physical coils', where the channels
-            # were whitened or compressed)
-            mag = np.abs(img) if physical is None else classical.zero_filled(physical.kspace)
+            mag = np.abs(img).astype(np.float32)  # the RSS of the measured coil images already
         elif settings.partial_fourier == "homodyne" and is_partial_fourier(rows):
             mag = homodyne(img if folded is None else classical.combine_maps(img, folded), rows)
             notes.append("homodyne partial Fourier")
