@@ -27,6 +27,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _noise_store(tmp_path_factory):
+    """Stream engines keep separate noise measurements in a folder of the test session, never
+    in the user's cache (``stream/noise_store.py``); servers started as subprocesses inherit
+    it."""
+    from recon_plugin.stream.noise_store import NOISE_DIR_ENV
+
+    before = os.environ.get(NOISE_DIR_ENV)
+    os.environ[NOISE_DIR_ENV] = str(tmp_path_factory.mktemp("noise_store"))
+    yield
+    if before is None:
+        os.environ.pop(NOISE_DIR_ENV, None)
+    else:
+        os.environ[NOISE_DIR_ENV] = before
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -165,3 +165,77 @@ def test_peer_client_against_recon_plugin_serve_equals_offline(raw_and_offline, 
     finally:
         _stop(server)
     _assert_equal_to_offline(images, offline, "recon-plugin serve")
+
+
+# ------------------------------------------------- a separate noise measurement, two connections
+NOISE_ID = "45385_6327770_6327775_21"
+
+
+@pytest.fixture(scope="module")
+def dependent_site(tmp_path_factory):
+    """A scan whose header names a separate noise measurement, that measurement's file, and the
+    offline images with the noise file beside the scan (found by its header) and without it."""
+    from recon_plugin.scan import Identity
+    from recon_plugin.sim.writers import write_ismrmrd_noise
+
+    tmp = tmp_path_factory.mktemp("fire_noise")
+    vol = simulate_volume("test", "PD", num_slices=2, num_coils=4, matrix=(96, 80),
+                          fov_mm=(200.0, 240.0), snr=15.0, seed=3)
+    kw = {"identity": Identity(patient_id="NOISE-DEP", measurement_id="45385_6327770_6327775_22"),
+          "noise_dependency": NOISE_ID}
+    offline = {}
+    for folder in ("site", "alone"):
+        (tmp / folder).mkdir()
+        write_ismrmrd(vol, tmp / folder / "scan.h5", acceleration=4, noise_scan=False,
+                      header_kwargs=kw)
+    write_ismrmrd_noise(vol, tmp / "site" / "noise.h5", NOISE_ID)
+    for folder in ("site", "alone"):
+        out = tmp / f"offline_{folder}"
+        assert main(["-q", "recon", str(tmp / folder / "scan.h5"), "--out", str(out),
+                     "--format", "h5"]) == 0
+        (h5,) = out.glob("*/series_*.h5")
+        with h5py.File(h5) as f:
+            offline[folder] = f["reconstruction"][()]
+    assert np.abs(offline["site"] - offline["alone"]).max() > 1e-3 * offline["site"].max()
+    return tmp, offline
+
+
+def _send_noise(noise: Path, port: int, out: Path) -> None:
+    """The snapshot's client streams the noise measurement (no image comes back)."""
+    r = subprocess.run([sys.executable, str(PEER / "client.py"), "-a", "127.0.0.1", "-p",
+                        str(port), "-c", "fire_module", "-o", str(out), "-G", "dataset",
+                        str(noise)], cwd=PEER, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("host", ["peer", "serve"])
+def test_a_noise_measurement_sent_first_prewhitens_the_scan(dependent_site, tmp_path, host):
+    """As a scanner sends a multi-RAID measurement: the noise adjustment in a connection of its
+    own, then the scan whose header names it. The peer FIRE server (a process per connection:
+    the noise is kept on disk) and ``recon-plugin serve --noise-dir`` both give the offline
+    images of the scan with its noise file beside it."""
+    tmp, offline = dependent_site
+    port = _free_port()
+    if host == "peer":
+        server = _peer_server(port)
+    else:
+        server = subprocess.Popen([sys.executable, "-m", "recon_plugin.cli", "serve", "--port",
+                                   str(port), "--no-warmup", "--noise-dir",
+                                   str(tmp_path / "noise")], cwd=REPO, env=_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, server)
+        _send_noise(tmp / "site" / "noise.h5", port, tmp_path / "noise_out.h5")
+        images = _client(tmp / "site" / "scan.h5", port, tmp_path / "images.h5")
+    finally:
+        _stop(server)
+    # one thread in the server, two offline: the network's sums differ in their last bits
+    worst = max(float(np.abs(i - r).max() / r.max()) for i, r in zip(images, offline["site"]))
+    unwhitened = max(float(np.abs(i - r).max() / r.max())
+                     for i, r in zip(images, offline["alone"]))
+    print(f"{host}: max |image - offline| / max = {worst:.2e}, against the unwhitened "
+          f"offline image {unwhitened:.2e}")
+    assert len(images) == 2 and worst < 1e-3 and unwhitened > 20 * worst
+    if host == "serve":
+        assert len(list((tmp_path / "noise").glob("*.npz"))) == 1

@@ -483,14 +483,17 @@ def test_slices_waiting_for_the_scan_end_stay_counted(data, engine):
 
 def test_a_stream_of_noise_alone_is_told_not_refused(data, engine):
     """A connection carrying only a noise measurement (a scanner's separate dependency
-    measurement) ends with a WARNING that says so, not an error."""
+    measurement) is no error; without a measurementID in its header no scan could name it, so
+    it is not kept, and a WARNING says so (kept: ``tests/test_stream_noise.py``)."""
     noise = [a for a in data["acqs"] if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
     assert noise
     result = engine.run(iter(noise), data["header"].toXML(), lambda im: None,
                         stream_options.StreamOptions(protocol="stream_zf"))
     assert result.complete and not result.sent
+    assert data["header"].measurementInformation.measurementID is None
     assert result.notices == [f"WARNING stream: {len(noise)} noise acquisition(s) and no "
-                              "imaging data: nothing to reconstruct"]
+                              "imaging data and no measurementID in the header: not kept (no "
+                              "scan could name it); nothing to reconstruct"]
 
 def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     """--dicom-out writes the streamed scan as DICOM; protocol PACS targets get it (queued

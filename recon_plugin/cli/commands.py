@@ -492,7 +492,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # what every scan would need, checked before listening (a scanner would get only errors)
     if a.protocol:
         load_protocol(a.protocol, a.protocol_dir)
-    _writable(("--dicom-out", a.dicom_out))
+    _writable(("--dicom-out", a.dicom_out), ("--noise-dir", a.noise_dir))
     try:
         limits = Limits(max_total_open_bytes=gb_to_bytes(a.max_memory_gb)
                         if a.max_memory_gb else None)
@@ -500,7 +500,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
               dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
               max_connections=a.max_connections, image_dtype=a.image_dtype,
               drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits,
-              pacs_retry=a.pacs_retry)
+              pacs_retry=a.pacs_retry, noise_dir=a.noise_dir)
     except OSError as e:  # e.g. the port is taken
         log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
         return EXIT_USAGE

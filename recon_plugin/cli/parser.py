@@ -450,6 +450,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first (repeatable)")
     s.add_argument("--dicom-out", help="also write every finished scan as DICOM here")
+    s.add_argument("--noise-dir", type=Path, default=None,
+                   help="keep a connection of noise alone (a separate noise measurement) here "
+                   "for the scans whose headers name it (default $RECON_PLUGIN_NOISE_DIR or "
+                   "~/.cache/recon_plugin/noise)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--max-memory-gb", type=_positive_float, default=None,
                    help="GB of k-space buffers all scans in progress may hold at once (a 3D "

@@ -33,7 +33,7 @@ from .noise_dependency import (
     NoiseMeasurementOnly,
     file_measurement_id,
     find_noise_file,
-    noise_dependencies,
+    use_dependent_noise,
 )
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def read_ismrmrd(
         raise RawDataError(f"{where}: cannot read ISMRMRD data: {err}") from err
     finally:
         f.close()
-    deps = noise_dependencies(asm._hdr)
+    deps = asm.noise_dependencies
     scan.noise_dependency = deps[0] if deps else ""
     found_by = "given"
     if noise_path is None and deps and find_noise:
@@ -243,9 +243,7 @@ def _dependent_noise(scan: RawScan, path: str | Path, deps: list[str]) -> Path |
 def _add_dependent_noise(scan: RawScan, noise_path: str | Path, dataset: str,
                          found_by: str) -> None:
     """Take the noise of the dependent measurement ``noise_path`` into ``scan`` (``found_by``:
-    "given" or "header", :attr:`RawScan.noise_found_by`); one whose coil count is not the
-    scan's is not used (a warning and, where the scan has no noise of its own, a note)."""
-    where = scan.source
+    "given" or "header", :attr:`RawScan.noise_found_by`; :func:`use_dependent_noise`)."""
     try:
         noise, dwell = _read_noise(noise_path, dataset)
     except RawDataError as e:
@@ -254,33 +252,10 @@ def _add_dependent_noise(scan: RawScan, noise_path: str | Path, dataset: str,
         noise, dwell = None, None  # found by its header, yet its data cannot be read
         log.warning("%s", e)
     coils = scan.slices[0].num_coils if scan.slices else None
-    if noise is None:
-        if scan.noise is None:
-            _warn(scan, f"{where}: no noise read from the dependent noise measurement "
-                  f"{noise_path}: the images are made without prewhitening",
-                  note=f"no prewhitening: the dependent noise measurement {Path(noise_path).name} "
-                  "held no usable noise acquisitions")
-        return
-    if coils is not None and noise.shape[0] != coils:
-        _warn(scan, f"{where}: the noise measurement {noise_path} has {noise.shape[0]} coils, "
-              f"the scan {coils}: not used"
-              + (", the file's own noise scan is" if scan.noise is not None else
-                 ": the images are made without prewhitening"),
-              note=None if scan.noise is not None else
-              f"no prewhitening: the noise measurement {Path(noise_path).name} has "
-              f"{noise.shape[0]} coils, the scan {coils}")
-        return
-    if scan.noise is not None:
-        if noise.shape[0] == scan.noise.shape[0]:
-            msg = f"{where}: noise in file and in {noise_path}; using both"
-            noise = np.concatenate([scan.noise, noise], axis=1)
-        else:
-            msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in "
-                   f"{noise_path} ({noise.shape[0]} coils); using {noise_path}'s")
-        _warn(scan, msg)
-    elif found_by == "given":
-        log.info("%s: noise from %s (given)", where, noise_path)
-    scan.noise = noise
-    scan.noise_dwell_time_us = dwell
-    scan.noise_file = str(noise_path)
-    scan.noise_found_by = found_by
+    own = scan.noise is not None
+    if use_dependent_noise(scan, noise, dwell, str(noise_path), Path(noise_path).name, coils,
+                           lambda msg, note=None: _warn(scan, msg, note)):
+        scan.noise_file = str(noise_path)
+        scan.noise_found_by = found_by
+        if found_by == "given" and not own:
+            log.info("%s: noise from %s (given)", scan.source, noise_path)

@@ -60,6 +60,7 @@ from .header import EncodingInfo, encoding_info, parse_header, parse_xml
 from .mrd_calibration import separate_calibration
 from .mrd_lines import LineBuffer, channel_ids, kspace_row, place_readout
 from .mrd_volume import accelerated_along_kz, partition_geometry, split_partitions, split_planes
+from .noise_dependency import noise_dependencies
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class MrdAssembler:
         self.warnings: list[str] = []
         self._hdr = parse_xml(header_xml, self.source, self.warnings)
         self.header = parse_header(header_xml, self.source, self.warnings, self._hdr)
+        # the measurement IDs of the separate noise measurements the header names
+        self.noise_dependencies = noise_dependencies(self._hdr)
         self.enc = encoding_info(self._hdr, 0, self.source)
         if self.enc.trajectory not in ("cartesian", "epi"):
             raise RawDataError(

@@ -12,6 +12,9 @@ its own; the imaging file's header names it in ``measurementInformation.measurem
   so a batch lists the folder and reads each header once);
 * :func:`check_noise_file`: a noise file named by hand (``--noise``) is an ISMRMRD file with
   noise acquisitions (their heads only are read);
+* :func:`use_dependent_noise`: a dependent measurement's noise taken into a scan (the file
+  reader's and the stream server's one rule: coil counts must agree; a scan's own noise scan
+  and the dependent one are used together);
 * :class:`NoiseMeasurementOnly`: what the reader raises for a file of noise acquisitions alone.
 """
 
@@ -21,13 +24,14 @@ import logging
 import os
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import ismrmrd
 import numpy as np
 
-from ..scan import RawDataError
+from ..scan import RawDataError, RawScan
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +197,44 @@ def check_noise_file(path: str | Path, option: str = "--noise") -> Path:
         raise RawDataError(f"{option} {p}: holds no noise acquisitions (of {len(heads)}): not "
                            "a noise measurement")
     return p.resolve()
+
+
+def use_dependent_noise(scan: RawScan, noise: np.ndarray | None, dwell_us: float | None,
+                        source: str, label: str, coils: int | None,
+                        warn: Callable[..., None]) -> bool:
+    """Take a dependent noise measurement's samples ``noise`` (coils, samples; None: it held
+    none that can be used) and dwell time (microseconds) into ``scan``; True where they were.
+
+    ``source`` names the measurement in warnings (a path, or the stream server's stored
+    measurement), ``label`` in the notes an image's comments carry; ``coils``: the scan's coil
+    count (None: not known yet, not checked). ``warn(message, note=None)``: a warning, with
+    the note for every slice where the images lose their prewhitening by it. A measurement
+    with other coils than the scan's is not used; with a noise scan of its own the scan uses
+    both (the dependent one's dwell time)."""
+    where = scan.source
+    if noise is None:
+        if scan.noise is None:
+            warn(f"{where}: no noise read from the dependent noise measurement {source}: the "
+                 "images are made without prewhitening",
+                 f"no prewhitening: the dependent noise measurement {label} held no usable "
+                 "noise acquisitions")
+        return False
+    if coils is not None and noise.shape[0] != coils:
+        own = scan.noise is not None
+        warn(f"{where}: the noise measurement {source} has {noise.shape[0]} coils, the scan "
+             f"{coils}: not used" + (", the file's own noise scan is" if own else
+                                     ": the images are made without prewhitening"),
+             None if own else f"no prewhitening: the noise measurement {label} has "
+             f"{noise.shape[0]} coils, the scan {coils}")
+        return False
+    if scan.noise is not None:
+        if noise.shape[0] == scan.noise.shape[0]:
+            msg = f"{where}: noise in file and in {source}; using both"
+            noise = np.concatenate([scan.noise, noise], axis=1)
+        else:
+            msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in {source} "
+                   f"({noise.shape[0]} coils); using {source}'s")
+        warn(msg)
+    scan.noise = noise
+    scan.noise_dwell_time_us = dwell_us
+    return True

@@ -34,6 +34,7 @@ from ..config.protocol import Protocol, list_protocols, load_protocol, select_pr
 from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
 from ..io.mrd_calibration import add_interleaved_calibration
+from ..io.noise_dependency import use_dependent_noise
 from ..models.inference import torch_device
 from ..output.delivery import RETRY_PERIOD_S, DeliveryPlan, QueueRetry
 from ..output.pacs import waiting_files
@@ -47,6 +48,7 @@ from ..recon.series_weight import ScanWeight
 from ..runtime import tune_allocator
 from ..scan import Geometry, RawDataError, ReconImage, ScanHeader, SliceData, index_ranges
 from .images import ImageEncoder, scan_series, write_and_deliver
+from .noise_store import NoiseStore
 from .options import (
     Limits,
     ProtocolViolation,
@@ -94,14 +96,17 @@ class StreamEngine:
     protocol_dirs: extra protocol folders searched first; dicom_out: also write every finished
     scan as DICOM there (protocols with ``pacs.targets`` send it, through a temporary folder when
     dicom_out is None); pacs_retry_s: seconds between retries of the PACS queues this engine
-    queued into (:class:`~recon_plugin.output.delivery.QueueRetry`; None: never retried here).
+    queued into (:class:`~recon_plugin.output.delivery.QueueRetry`; None: never retried here);
+    noise_dir: where a connection of noise alone (a separate noise measurement) is kept for the
+    scans whose headers name it (:class:`~recon_plugin.stream.noise_store.NoiseStore`; None:
+    its default folder).
     """
 
     def __init__(self, recon: Reconstructor | None = None, *, device: str = "cpu",
                  protocol: str | Path | None = None,
                  protocol_dirs: Iterable[str | Path] | None = None,
                  dicom_out: str | Path | None = None, limits: Limits | None = None,
-                 pacs_retry_s: float | None = None):
+                 pacs_retry_s: float | None = None, noise_dir: str | Path | None = None):
         self.recon = recon or Reconstructor(device)
         self.lock = threading.Lock()
         self.default_protocol = str(protocol) if protocol else None
@@ -113,6 +118,7 @@ class StreamEngine:
         self._open_bytes = 0
         self._open_lock = threading.Lock()
         self.pacs_retry = QueueRetry(pacs_retry_s) if pacs_retry_s else None
+        self.noise_store = NoiseStore(noise_dir)
 
     def select(self, header: ScanHeader, options: StreamOptions) -> tuple[Protocol, Any]:
         """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides."""
@@ -168,7 +174,7 @@ class StreamEngine:
             finished = asm.finish()
             yield from scan.told()
             if arrived and not asm.emitted:  # as the file reader refuses it
-                yield from _no_imaging(asm, arrived)
+                yield from _no_imaging(asm, arrived, self.noise_store)
                 result.header, result.complete = asm.header, True
                 return
             for sl in finished:
@@ -380,6 +386,7 @@ class _ScanState:
         # seconds, the plane, the calibration choice it was made with where provisional)
         self.planes: dict[tuple, list[tuple]] = defaultdict(list)
         self.noise_used = 0
+        self.noise_notes: list[str] = []  # on every slice: why it was not prewhitened
         enc = asm.enc
         # a 3D slab's partition p is slice s * P + p, P <= the encoded nz
         self.encoder = ImageEncoder(protocol, prov, options.image_dtype,
@@ -407,9 +414,44 @@ class _ScanState:
             self.refs[key] = ismrmrd.AcquisitionHeader.from_buffer_copy(acq.getHead())
         return key
 
-    def _prepare(self) -> None:
+    def _warn(self, msg: str, note: str | None = None) -> None:
+        """A warning for the client and the log; ``note`` on every slice's image."""
+        log.warning("%s", msg)
+        self.asm.warnings.append(msg)
+        if note:
+            self.noise_notes.append(note)
+
+    def _dependent_noise(self, scan, coils: int) -> None:
+        """The noise of the separate noise measurement the header names, as an earlier
+        connection sent it (:class:`~recon_plugin.stream.noise_store.NoiseStore`), into
+        ``scan`` as the file reader takes a dependent noise file
+        (:func:`~recon_plugin.io.noise_dependency.use_dependent_noise`)."""
+        deps = self.asm.noise_dependencies
+        for mid in deps:
+            kept = self.engine.noise_store.load(mid)
+            if kept is not None:
+                log.info("stream: noise from the noise measurement %s the server keeps (named "
+                         "by the header)", mid)
+                use_dependent_noise(scan, kept[0], kept[1], f"the kept noise measurement {mid}",
+                                    mid, coils, self._warn)
+                return
+        if not deps:
+            return
+        ids = " / ".join(deps)
+        if scan.noise is not None:
+            log.info("stream: the dependent noise measurement %s was not received; the "
+                     "stream's own noise scan is used", ids)
+            return
+        self._warn(f"stream: the header names the dependent noise measurement ID {ids}, but "
+                   "the server keeps no noise of that measurement (send it first, in a "
+                   "connection of its own): the images are made without prewhitening",
+                   f"no prewhitening: the dependent noise measurement ID {ids} (the header's "
+                   "measurementDependency) was not received")
+
+    def _prepare(self, coils: int) -> None:
         if self.header is None:  # noise precedes imaging: whiten as the file path does
             scan = self.asm.build_scan([])
+            self._dependent_noise(scan, coils)
             self.header, self.whitener = scan.header, whitening_matrix(scan)
             self.result.header = self.header  # a scan stopped part way is archived with it
             self.noise_used = len(self.asm.noise)
@@ -423,7 +465,8 @@ class _ScanState:
         if sl.acs is None and sl.calib is None and self.interleaved:
             self.deferred.append((sl, t_last))  # calibration from the repetitions' union
             return
-        self._prepare()
+        self._prepare(sl.num_coils)
+        sl.notes.extend(n for n in self.noise_notes if n not in sl.notes)
         yield from self.told()
         ref = self.refs.pop(_key(sl), None)
         log.log(logging.DEBUG if sl.plane is not None else logging.INFO,
@@ -496,19 +539,42 @@ class _ScanState:
             yield from self.emit(sl, t_last)
 
 
-def _no_imaging(asm: MrdAssembler, arrived: int) -> Iterator[str]:
+def _no_imaging(asm: MrdAssembler, arrived: int, store: NoiseStore) -> Iterator[str]:
     """A stream whose acquisitions held no imaging data: a noise scan alone (a separate
-    dependency measurement, as some scanners send it) is told in a WARNING notice; anything
-    else is refused, as the file reader refuses such a file."""
+    dependency measurement, as scanners and ``siemens_to_ismrmrd`` send it) is kept in
+    ``store`` by its header's measurement ID for the scans that name it (an INFO notice; a
+    WARNING one where it cannot be kept); anything else is refused, as the file reader refuses
+    such a file."""
     skipped = ", ".join(f"{n} {kind}" for kind, n in asm.skipped.items())
     noise = len(asm.noise)
     if noise and not skipped and noise == arrived:
-        yield (f"WARNING stream: {noise} noise acquisition(s) and no imaging data: nothing to "
-               "reconstruct")
+        yield _keep_noise(asm, noise, store)
         return
     raise RawDataError(f"stream: no imaging data found in its {arrived} acquisition(s)"
                        + (f" ({noise} noise)" if noise else "")
                        + (f" (skipped: {skipped})" if skipped else ""))
+
+
+def _keep_noise(asm: MrdAssembler, count: int, store: NoiseStore) -> str:
+    """Keep a noise-only stream's samples by its measurement ID; the notice that says so."""
+    head = f"stream: {count} noise acquisition(s) and no imaging data"
+    mid = asm.header.identity.measurement_id
+    scan = asm.build_scan([])
+    if scan.noise is None:  # NaN, zeros: the assembler said why
+        return f"WARNING {head}; not kept: {asm.warnings[-1] if asm.warnings else 'unusable'}"
+    if not mid:
+        return (f"WARNING {head} and no measurementID in the header: not kept (no scan could "
+                "name it); nothing to reconstruct")
+    try:
+        path = store.keep(mid, scan.noise, scan.noise_dwell_time_us)
+    except OSError as e:
+        log.error("stream: noise measurement %s cannot be kept in %s: %s", mid, store.folder, e)
+        return (f"WARNING {head}: noise measurement {mid} cannot be kept ({e}); the scans that "
+                "depend on it will be made without prewhitening")
+    log.info("stream: noise measurement %s kept in %s (%d coils, %d samples)", mid, path,
+             scan.noise.shape[0], scan.noise.shape[1])
+    return (f"INFO {head}: noise measurement {mid} kept for the scans that depend on it "
+            f"({scan.noise.shape[0]} coils); nothing to reconstruct")
 
 
 _SHARED: dict[str, StreamEngine] = {}
@@ -517,8 +583,8 @@ _SHARED_LOCK = threading.Lock()
 
 def log_notice(text: str) -> None:
     """Log a stream notice for a module whose host shows none of them (the reader's
-    ``WARNING`` notices were logged where they arose)."""
-    if not text.startswith("WARNING"):
+    ``WARNING`` notices and the ``INFO`` ones were logged where they arose)."""
+    if not text.startswith(("WARNING", "INFO")):
         log.warning("%s", text)
 
 

@@ -384,7 +384,8 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
           device: str = "cpu", idle_timeout: float = 300.0, max_connections: int = 8,
           image_dtype: str = "float", limits: Limits | None = None, drain_timeout: float = 30.0,
           handle_signals: bool = True, warmup: bool = True,
-          pacs_retry: float | None = RETRY_PERIOD_S) -> ReconServer:
+          pacs_retry: float | None = RETRY_PERIOD_S,
+          noise_dir: str | Path | None = None) -> ReconServer:
     """Run the MRD server until SIGTERM / SIGINT (or :meth:`ReconServer.request_stop`).
 
     Loopback only by default. Signals are handled when called from the main thread: the first
@@ -394,13 +395,16 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
     clients get a WARNING and CLOSE. ``warmup`` runs one synthetic slice first (model load,
     JIT) so the first scan's latency is the steady one. ``pacs_retry``: seconds between
     retries of the PACS queues (those this server queues into, and those of its protocols that
-    hold files of an earlier run; None or 0: ``recon-plugin send`` only). Returns the (stopped)
+    hold files of an earlier run; None or 0: ``recon-plugin send`` only). ``noise_dir``: where
+    separate noise measurements are kept for the scans that name them (None: the
+    :class:`~recon_plugin.stream.noise_store.NoiseStore` default). Returns the (stopped)
     server.
     """
     server = ReconServer(host, port, idle_timeout=idle_timeout, max_connections=max_connections,
                          limits=limits, image_dtype=image_dtype, device=device, protocol=protocol,
                          protocol_dirs=protocol_dirs, dicom_out=dicom_out,
-                         drain_timeout=drain_timeout, pacs_retry_s=pacs_retry)
+                         drain_timeout=drain_timeout, pacs_retry_s=pacs_retry,
+                         noise_dir=noise_dir)
     if warmup:
         server.engine.warmup()
     server.engine.retry_earlier_queues()
