@@ -170,3 +170,29 @@ def test_store_round_trip_damage_and_age(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(noise_store, "MAX_BYTES", 4 * 8 * 100)
     store.keep("big", noise, 5.0)
     assert store.load("big")[0].shape == (4, 100)  # samples past the cap left out
+
+
+def test_gadgetron_clients_two_steps_over_the_wire(site, tmp_path):
+    """``gadgetron_ismrmrd_client -f noise.h5 -c default_measurement_dependencies.xml``, then
+    the scan with its config: over a socket to a server, the noise connection is kept (not
+    refused as an unknown protocol) and the scan gets ``recon``'s pixels."""
+    import threading
+
+    from recon_plugin.stream.client import stream_file
+    from recon_plugin.stream.server import ReconServer
+
+    srv = ReconServer("127.0.0.1", 0, _engine(site, tmp_path))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        images, texts = stream_file(srv.address, site["root"] / "site" / "meas_11_noise.h5",
+                                    "default_measurement_dependencies.xml")
+        assert not images and len(texts) == 1 and texts[0].startswith("INFO ")
+        images, texts = stream_file(srv.address, site["root"] / "site" / "meas_12.h5",
+                                    "auto")  # the engine's protocol
+    finally:
+        srv.request_stop()
+        t.join(60)
+    assert not any("prewhitening" in x or x.startswith("ERROR") for x in texts), texts
+    for img in sorted(images, key=lambda im: im.slice):
+        np.testing.assert_array_equal(img.data[0, 0], site["offline"]["site"][img.slice])

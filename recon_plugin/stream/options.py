@@ -15,8 +15,13 @@ from ..recon import METHODS, measured_weight
 
 log = logging.getLogger(__name__)
 
+# Gadgetron's chains for a separate noise measurement, as its client names them
+# (``gadgetron_ismrmrd_client -c default_measurement_dependencies.xml``): the stream is kept as
+# one (``stream/noise_store.py``), not matched to a protocol of that name
+DEPENDENCY_CONFIGS = frozenset({"default_measurement_dependencies",
+                                "default_measurement_dependencies_ismrmrd_storage"})
 AUTO_CONFIGS = frozenset({"", "auto", "recon_plugin", "recon-plugin", "fire_module",
-                          "recon_plugin_gadget"})
+                          "recon_plugin_gadget"}) | DEPENDENCY_CONFIGS
 IMAGE_DTYPES = ("float", "uint16")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*(\.[A-Za-z0-9_+-]+)*")
 
