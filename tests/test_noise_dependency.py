@@ -106,6 +106,31 @@ def test_each_header_is_read_once_per_batch(site, monkeypatch):
     assert seen == []
 
 
+def test_a_noise_file_is_read_once_for_the_scans_that_share_it(site, vol, tmp_path,
+                                                               monkeypatch):
+    """Scans that share one noise file (``--noise`` over a batch, or one noise measurement
+    found beside several scans) read its acquisitions once while it is unchanged; each scan
+    gets its own copy (one scan's changes cannot reach another's); a rewritten file is read
+    again."""
+    from recon_plugin.io import ismrmrd_file
+
+    noise_file = tmp_path / "noise.h5"
+    shutil.copy(site / "meas_11_noise.h5", noise_file)
+    read = []
+    real = ismrmrd_file._iter_acquisitions
+    monkeypatch.setattr(ismrmrd_file, "_iter_acquisitions",
+                        lambda c, where: read.append(where) or real(c, where))
+    a = read_ismrmrd(site / "meas_12_t2.h5", noise_path=noise_file)
+    b = read_ismrmrd(site / "meas_12_t2.h5", noise_path=noise_file)
+    assert read.count(str(noise_file)) == 1
+    np.testing.assert_array_equal(a.noise, b.noise)
+    a.noise[:] = 0
+    assert np.any(b.noise) and a.noise is not b.noise
+    write_ismrmrd_noise(vol, noise_file, NOISE_ID)  # rewritten: read again
+    read_ismrmrd(site / "meas_12_t2.h5", noise_path=noise_file)
+    assert read.count(str(noise_file)) == 2
+
+
 def test_a_noise_measurement_not_found_is_a_warning_and_a_note(vol, tmp_path, caplog):
     """No file beside the scan has the ID its header names: a warning naming the ID and the
     folder, the scan read as without a noise scan, a note on every slice."""

@@ -15,7 +15,9 @@ Layout: ``/<dataset>/xml`` (header) and ``/<dataset>/data`` (acquisitions), as w
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Collection
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .noise_dependency import (
     NoiseMeasurementOnly,
     file_measurement_id,
     find_noise_file,
+    ismrmrd_group,
     use_dependent_noise,
 )
 
@@ -58,25 +61,30 @@ def _iter_acquisitions(container, where: str):
         yield from chunk
 
 
-def _has_acquisitions(f: ismrmrd.File, name: str) -> bool:
-    try:
-        return bool(f[name].has_acquisitions())
-    except Exception:  # noqa: BLE001 - not an ISMRMRD group
-        return False
-
-
 def _read_noise(path: str | Path, dataset: str) -> tuple[np.ndarray | None, float | None]:
-    """Noise (coils, samples) and its dwell time from a dependent noise measurement file."""
-    where = str(path)
+    """Noise (coils, samples) and its dwell time (microseconds) from a dependent noise
+    measurement file (its :func:`~.noise_dependency.ismrmrd_group`, ``dataset`` first); a
+    batch whose inputs share one (``--noise``) reads it once while its size and mtime stay
+    (each caller gets its own copy)."""
     try:
-        with ismrmrd.File(str(path), "r") as f:
-            if dataset not in f:  # its own group name: the first one with acquisitions
-                groups = [k for k in f.keys() if k != dataset and _has_acquisitions(f, k)]
-                if not groups:
-                    raise RawDataError(f"{where}: no ISMRMRD group '{dataset}'")
-                dataset = groups[0]
-            chunks, dwell = [], None
-            for acq in _iter_acquisitions(f[dataset], where):
+        st = os.stat(path)
+    except OSError as err:
+        raise RawDataError(f"{path}: noise file cannot be opened: {err}") from err
+    noise, dwell = _read_noise_once(str(path), dataset, st.st_size, st.st_mtime_ns)
+    return (None if noise is None else noise.copy()), dwell
+
+
+@functools.lru_cache(maxsize=2)
+def _read_noise_once(where: str, dataset: str, _size: int, _mtime_ns: int
+                     ) -> tuple[np.ndarray | None, float | None]:
+    try:
+        with h5py.File(where, "r") as h:
+            group = ismrmrd_group(h, dataset)
+        if group is None:
+            raise RawDataError(f"{where}: no ISMRMRD group with a header and data")
+        chunks, dwell = [], None
+        with ismrmrd.File(where, "r") as f:
+            for acq in _iter_acquisitions(f[group], where):
                 if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
                     chunks.append(np.asarray(acq.data, np.complex64).copy())
                     dwell = float(acq.sample_time_us) or dwell
@@ -93,6 +101,7 @@ def _read_noise(path: str | Path, dataset: str) -> tuple[np.ndarray | None, floa
     if problem:  # it cannot whiten (as the assembler leaves out a file's own such noise scan)
         log.warning("%s: the dependent noise measurement is not used (%s)", where, problem)
         return None, None
+    noise.setflags(write=False)  # the cached one; callers get copies
     return noise, dwell
 
 

@@ -10,6 +10,8 @@ its own; the imaging file's header names it in ``measurementInformation.measurem
   cannot be read is passed over; the first match in name order wins; the folder's index of
   IDs is kept per process while its mtime stays, each file's ID while its size and mtime stay,
   so a batch lists the folder and reads each header once);
+* :func:`ismrmrd_group`: the group a noise file's header, check and samples are read from
+  (one rule for the three);
 * :func:`check_noise_file`: a noise file named by hand (``--noise``) is an ISMRMRD file with
   noise acquisitions (their heads only are read);
 * :func:`use_dependent_noise`: a dependent measurement's noise taken into a scan (the file
@@ -65,22 +67,33 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+def ismrmrd_group(f: h5py.File, preferred: str = "dataset") -> str | None:
+    """The group a (noise) measurement is read from, one rule for its header, its check and
+    its samples: ``preferred`` where it holds both an ``xml`` header and ``data``, else the
+    first other such group in name order; None where there is none."""
+    def whole(name: str) -> bool:
+        g = f.get(name)
+        return (isinstance(g, h5py.Group) and isinstance(g.get("xml"), h5py.Dataset)
+                and isinstance(g.get("data"), h5py.Dataset))
+
+    names = [preferred] + sorted(k for k in f.keys() if k != preferred)
+    return next((n for n in names if whole(n)), None)
+
+
 def header_xml(path: str | Path) -> str | None:
-    """The ISMRMRD XML header of ``path`` (group ``dataset`` first, then any group with an
-    ``xml`` dataset), read alone; None where it is not such a file or cannot be read."""
+    """The ISMRMRD XML header of ``path`` (its :func:`ismrmrd_group`), read alone; None where
+    it is not such a file or cannot be read."""
     try:
         if not h5py.is_hdf5(str(path)):
             return None
         with h5py.File(str(path), "r") as f:
-            names = ["dataset"] + sorted(k for k in f.keys() if k != "dataset")
-            for name in names:
-                g = f.get(name)
-                if isinstance(g, h5py.Group) and isinstance(g.get("xml"), h5py.Dataset):
-                    x = g["xml"][()]
-                    x = x.flat[0] if isinstance(x, np.ndarray) and x.size else x
-                    if isinstance(x, bytes | np.bytes_):
-                        x = bytes(x).rstrip(b"\x00").decode("utf-8", "replace")
-                    return x if isinstance(x, str) else None
+            name = ismrmrd_group(f)
+            if name is not None:
+                x = f[name]["xml"][()]
+                x = x.flat[0] if isinstance(x, np.ndarray) and x.size else x
+                if isinstance(x, bytes | np.bytes_):
+                    x = bytes(x).rstrip(b"\x00").decode("utf-8", "replace")
+                return x if isinstance(x, str) else None
     except Exception as e:  # noqa: BLE001 - any unreadable file is passed over
         log.debug("%s: no ISMRMRD header read: %s", path, e)
     return None
@@ -181,13 +194,11 @@ def check_noise_file(path: str | Path, option: str = "--noise") -> Path:
         if not h5py.is_hdf5(str(p)):
             raise RawDataError(f"{option} {p}: not an ISMRMRD file (not HDF5)")
         with h5py.File(str(p), "r") as f:
-            names = ["dataset"] + sorted(k for k in f.keys() if k != "dataset")
-            groups = [f[n] for n in names if isinstance(f.get(n), h5py.Group)
-                      and "xml" in f[n] and "data" in f[n]]
-            if not groups:
+            name = ismrmrd_group(f)
+            if name is None:
                 raise RawDataError(f"{option} {p}: not an ISMRMRD file (no group with 'xml' "
                                    f"and 'data'; top-level entries: {list(f.keys())})")
-            heads = groups[0]["data"].fields("head")[()]
+            heads = f[name]["data"].fields("head")[()]
             n = int(np.count_nonzero(heads["flags"].astype(np.uint64) & _NOISE_BIT))
     except RawDataError:
         raise
