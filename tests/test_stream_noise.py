@@ -139,6 +139,21 @@ def test_noise_without_a_measurement_id_is_not_kept(site, tmp_path):
     assert not (tmp_path / "noise").exists()
 
 
+def test_noise_that_cannot_whiten_is_not_kept(site, tmp_path):
+    """NaN samples: a WARNING that names them, nothing kept (the scan after it would be made
+    as without a noise measurement, and says so)."""
+    engine = _engine(site, tmp_path)
+    with ismrmrd.File(str(site["root"] / "site" / "meas_11_noise.h5"), "r") as f:
+        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
+    data = acqs[0].data.copy()
+    data[0, :3] = np.nan
+    acqs[0].data[:] = data
+    result = engine.run(iter(acqs), xml, lambda im: None)
+    assert len(result.notices) == 1 and result.notices[0].startswith("WARNING ")
+    assert "not kept: 3 of its" in result.notices[0] and "NaN or Inf" in result.notices[0]
+    assert engine.noise_store.load(NOISE_ID) is None
+
+
 # ----------------------------------------------------------------------------- the store
 def test_a_measurement_id_never_makes_a_path():
     """Slashes, dots and other characters of a client's header stay in one file name in the

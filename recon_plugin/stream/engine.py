@@ -32,7 +32,7 @@ import numpy as np
 
 from ..config.protocol import Protocol, list_protocols, load_protocol, select_protocol
 from ..io.budget import default_max_bytes, size_text
-from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler
+from ..io.mrd_assembler import SKIP_FLAGS, MrdAssembler, noise_problem
 from ..io.mrd_calibration import add_interleaved_calibration
 from ..io.noise_dependency import use_dependent_noise
 from ..models.inference import torch_device
@@ -46,7 +46,15 @@ from ..recon.refine import SharedRefinement
 from ..recon.reslice import failed_plane, partitions
 from ..recon.series_weight import ScanWeight
 from ..runtime import tune_allocator
-from ..scan import Geometry, RawDataError, ReconImage, ScanHeader, SliceData, index_ranges
+from ..scan import (
+    Geometry,
+    RawDataError,
+    RawScan,
+    ReconImage,
+    ScanHeader,
+    SliceData,
+    index_ranges,
+)
 from .images import ImageEncoder, scan_series, write_and_deliver
 from .noise_store import NoiseStore
 from .options import (
@@ -421,7 +429,7 @@ class _ScanState:
         if note:
             self.noise_notes.append(note)
 
-    def _dependent_noise(self, scan, coils: int) -> None:
+    def _dependent_noise(self, scan: RawScan, coils: int) -> None:
         """The noise of the separate noise measurement the header names, as an earlier
         connection sent it (:class:`~recon_plugin.stream.noise_store.NoiseStore`), into
         ``scan`` as the file reader takes a dependent noise file
@@ -560,8 +568,9 @@ def _keep_noise(asm: MrdAssembler, count: int, store: NoiseStore) -> str:
     head = f"stream: {count} noise acquisition(s) and no imaging data"
     mid = asm.header.identity.measurement_id
     scan = asm.build_scan([])
-    if scan.noise is None:  # NaN, zeros: the assembler said why
-        return f"WARNING {head}; not kept: {asm.warnings[-1] if asm.warnings else 'unusable'}"
+    if scan.noise is None:  # NaN / Inf samples or only zeros
+        why = noise_problem(np.concatenate(asm.noise, axis=1)) if asm.noise else None
+        return f"WARNING {head}; not kept: {why or 'no usable noise samples'}"
     if not mid:
         return (f"WARNING {head} and no measurementID in the header: not kept (no scan could "
                 "name it); nothing to reconstruct")
