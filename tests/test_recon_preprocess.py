@@ -62,6 +62,21 @@ def test_prewhitening_matrix_makes_noise_covariance_identity():
     np.testing.assert_allclose(w @ cov @ w.conj().T, np.eye(6), atol=0.05)
 
 
+@pytest.mark.parametrize("noise_dwell, acq_dwell", [(float("inf"), 5.0), (10.0, float("inf")),
+                                                   (float("nan"), 5.0), (10.0, float("nan")),
+                                                   (-1.0, 5.0), (10.0, 0.0)])
+def test_a_dwell_time_that_is_no_time_leaves_the_noise_scale_alone(noise_dwell, acq_dwell):
+    """An infinite or NaN dwell time (a garbled stream's ``sample_time_us``) had made the
+    scale 0 or NaN and the covariance not positive definite, failing the whole scan: now it
+    counts as unknown, as None does."""
+    assert noise_dwell_scale(noise_dwell, acq_dwell) == 1.0
+    rng = np.random.default_rng(3)
+    scan = _scan(_noise(_cov(4, rng), 32 * 32, rng).reshape(4, 32, 32),
+                 _noise(_cov(4, rng), 2000, rng))
+    scan.noise_dwell_time_us, scan.acq_dwell_time_us = noise_dwell, acq_dwell
+    assert np.isfinite(whitening_matrix(scan)).all()
+
+
 def test_whitening_with_bandwidth_scale_whitens_data_and_calibration():
     rng = np.random.default_rng(2)
     cov = _cov(4, rng)

@@ -8,6 +8,7 @@ temporary folder (``extends: default``) with fast ESPIRiT so every scan takes ab
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ from ismrmrd.serialization import (
 from stream_support import check_images, storage_scp
 
 from recon_plugin.batch import recon_file
+from recon_plugin.io.mrd_assembler import MrdAssembler
 from recon_plugin.output.pacs import queued_items
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
@@ -668,6 +670,189 @@ def test_a_client_that_trickles_a_message_is_timed_out(data, engine):
     finally:
         s.request_stop()
         t.join(10)
+
+
+def test_the_server_goes_on_listening_when_accept_fails(data, engine, caplog):
+    """accept() failing for a passing reason (out of file descriptors: EMFILE; a connection
+    reset while it waited: ECONNABORTED) ended serve_forever, and the server stopped listening
+    while its process ran on (found by fuzzing a server under a low open-file limit). Now it
+    says so once, waits a moment and accepts again."""
+
+    class FlakyListener:  # the listening socket, whose first accepts fail
+        def __init__(self, sock, errors):
+            self._sock, self._errors = sock, errors
+
+        def accept(self):
+            if self._errors:
+                raise self._errors.pop(0)
+            return self._sock.accept()
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=20.0)
+    s._sock = FlakyListener(s._sock, [OSError(errno.EMFILE, "Too many open files"),
+                                      ConnectionAbortedError(errno.ECONNABORTED, "aborted")])
+    t = threading.Thread(target=s.serve_forever, kwargs={"poll": 0.05}, daemon=True)
+    t.start()
+    try:
+        images, texts = stream(s.address, data, "stream_zf")
+        assert not texts and len(images) == 2
+        assert t.is_alive()
+        told = [r for r in caplog.records if "cannot accept a connection" in r.getMessage()]
+        assert len(told) == 1 and "Too many open files" in told[0].getMessage()
+    finally:
+        s.request_stop()
+        t.join(30)
+    assert not t.is_alive()
+
+
+def test_clients_refused_as_busy_do_not_hold_the_accept_loop(data, engine):
+    """A client refused as busy was told so in the accept loop, which then waited (1 s) for
+    it to close: clients that connect and neither send nor close made each later one, and a
+    stop, wait a second apiece (found by fuzzing: the 9th of them waited 8 s for its ERROR).
+    Now each is told in a thread of its own."""
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=30.0, max_connections=1)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    silent: list[socket.socket] = []
+    try:
+        with socket.create_connection(s.address, timeout=30):  # holds the one slot
+            _wait_for(lambda: any(x.name.startswith("mrd-127.") for x in threading.enumerate()),
+                      "the server registers the first connection")
+            silent = [socket.create_connection(s.address, timeout=30) for _ in range(6)]
+            t0 = time.monotonic()
+            texts, closed = raw_exchange(s.address, b"", half_close=False)
+            assert closed and "busy" in texts[0], texts
+            assert time.monotonic() - t0 < 3.0  # not a second per silent client before it
+    finally:
+        for c in silent:
+            c.close()
+        s.request_stop(drain=False)
+        t.join(30)
+    assert not t.is_alive()
+
+
+def test_separate_calibration_counts_against_the_memory_limit(data, engine):
+    """Calibration lines in another encoding space (encoding_space_ref 1) open a buffer of
+    that encoding's matrix x their channels, which the server's k-space limit did not count: a
+    header declaring a large encoding 1 and one such line made the server allocate it past
+    ``--max-memory-gb`` (found by fuzzing: GB from a few KB). Now it is counted (and refused
+    here), freed when the scan ends; a scan within the limit is served as before."""
+    limit = 4 << 20
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               limits=stream_options.Limits(max_total_open_bytes=limit))
+    xml = data["header"].toXML()
+    enc = re.search(r"<encoding>.*</encoding>", xml, re.S).group(0)
+    big = re.sub(r"(<encodedSpace>\s*<matrixSize>\s*<x>)\d+(</x>\s*<y>)\d+", r"\g<1>2048\g<2>1024",
+                 enc, count=1)
+    assert big != enc
+    line = next(a for a in data["acqs"] if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    head = line.getHead()
+    head.encoding_space_ref, head.flags = 1, 0
+    calib = ismrmrd.Acquisition(head, line.data.copy(), None)
+    calib.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+    s = srv.ReconServer("127.0.0.1", 0, eng, idle_timeout=20.0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        header = ismrmrd.xsd.CreateFromDocument(xml.replace("</encoding>", "</encoding>" + big, 1))
+        images, texts = stream(s.address, {"header": header}, "stream_zf",
+                               acqs=[calib, *data["acqs"]])
+        assert not images and len(texts) == 1, texts
+        assert "calibration data in encoding space 1 (slice 0: 8 channels x its 1024 x 1024 " \
+               "matrix) needs 64 MB" in texts[0] and "--max-memory-gb" in texts[0], texts
+        _wait_for(lambda: eng._open_bytes == 0, "the scan's buffers are free again")
+        header = ismrmrd.xsd.CreateFromDocument(xml.replace("</encoding>", "</encoding>" + enc, 1))
+        images, texts = stream(s.address, {"header": header}, "stream_zf",
+                               acqs=[calib, *data["acqs"]])
+        assert len(images) == 2, texts
+        _wait_for(lambda: eng._open_bytes == 0, "the scan's buffers are free again")
+    finally:
+        s.request_stop()
+        t.join(30)
+
+
+def test_a_stream_out_of_step_is_named(server, data):
+    """An acquisition carrying more data than its header declares puts the stream out of step:
+    the client was told only ``unknown message id 6864``. Now the message names the
+    acquisition it came after and what it was read as."""
+    a = next(a for a in data["acqs"] if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    raw = a.to_bytes()
+    head = ismrmrd.AcquisitionHeader.from_buffer_copy(raw[:340])
+    head.number_of_samples //= 2  # the data stay whole
+    texts, closed = raw_exchange(server.address, preamble(data) + struct.pack(
+        "<H", ISMRMRDMessageID.ACQUISITION) + bytes(head) + raw[340:])
+    assert closed and len(texts) == 1, texts
+    assert texts[0].startswith("ERROR ProtocolViolation: unknown message id ")
+    assert f"right after acquisition {a.scan_counter}, read as the {head.number_of_samples} " \
+           f"samples x {a.active_channels} channels" in texts[0]
+    assert "out of step" in texts[0]
+
+
+def test_a_header_in_the_encoding_its_declaration_names(server, data):
+    """A header in ISO-8859-1, as its XML declaration says (an accented protocol name), was
+    refused as ``header is not UTF-8 text``, where ismrmrd's own deserializer reads it: now the
+    XML parser decodes it by its declaration. A header in no encoding it names is still refused."""
+    import io
+
+    from recon_plugin.stream.wire import MrdReader
+
+    xml = re.sub(r"<\?xml[^>]*\?>", '<?xml version="1.0" encoding="ISO-8859-1"?>',
+                 data["header"].toXML(), count=1)
+    xml = re.sub(r"<protocolName>[^<]*</protocolName>", "<protocolName>t2_séquence</protocolName>",
+                 xml, count=1)
+    assert "séquence" in xml
+    raw = xml.encode("latin-1")
+    buf = io.BytesIO()
+    out = ProtocolSerializer(buf)
+    out.serialize(ConfigFile("stream_zf"))
+    msg = buf.getvalue() + struct.pack("<HI", ISMRMRDMessageID.HEADER, len(raw)) + raw
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(msg)
+        reader = MrdReader(b, stream_options.Limits())
+        reader.read()
+        header = reader.read().payload
+    assert MrdAssembler(header).header.protocol_name == "t2_séquence"
+    acqs = b"".join(struct.pack("<H", ISMRMRDMessageID.ACQUISITION) + x.to_bytes()
+                    for x in data["acqs"])
+    got, closed = raw_exchange(server.address, msg + acqs + struct.pack(
+        "<H", ISMRMRDMessageID.CLOSE))
+    assert closed and [type(g) for g in got] == [ismrmrd.Image] * 2, got
+    undeclared = re.sub(r"<\?xml[^>]*\?>", "", xml).encode("latin-1")
+    texts, closed = raw_exchange(server.address, buf.getvalue() + struct.pack(
+        "<HI", ISMRMRDMessageID.HEADER, len(undeclared)) + undeclared)
+    assert closed and len(texts) == 1 and "header is not UTF-8 text" in texts[0], texts
+
+
+def test_a_protocol_name_too_long_for_a_file_is_refused_as_a_name(server, data):
+    """A CONFIG_FILE of 1024 name characters (no NUL) passed as a plain name and failed in the
+    file system: ``OSError: File name too long`` with the server's protocol folder in it."""
+    texts, closed = raw_exchange(server.address, struct.pack("<H", ISMRMRDMessageID.CONFIG_FILE)
+                                 + b"A" * 1024 + preamble(data)[1026:])
+    assert closed and len(texts) == 1, texts
+    assert texts[0].startswith("ERROR ValueError: protocol 'AAAA") and "1024 characters" in texts[0]
+    assert str(data["pdir"]) not in texts[0]
+
+
+def test_text_after_the_first_acquisition_is_told_ignored(server, data, offline):
+    """TEXT parameters sent after the first acquisition change nothing: they had been dropped
+    with a line in the server's log only, the client believing them used. Now the client gets
+    one WARNING saying so; the scan is made as without them."""
+    late = '{"parameters": {"protocol": "stream_cg"}}'
+    body = [struct.pack("<H", ISMRMRDMessageID.ACQUISITION) + x.to_bytes() for x in data["acqs"]]
+    text = struct.pack("<HI", ISMRMRDMessageID.TEXT, len(late)) + late.encode()
+    got, closed = raw_exchange(server.address, preamble(data) + b"".join(body[:5]) + text
+                               + b"".join(body[5:]) + text + struct.pack(
+                                   "<H", ISMRMRDMessageID.CLOSE))
+    assert closed
+    texts = [g for g in got if isinstance(g, str)]
+    images = [g for g in got if isinstance(g, ismrmrd.Image)]
+    assert len(texts) == 1 and texts[0].startswith("WARNING TEXT after the first acquisition "
+                                                   "ignored") and "stream_cg" in texts[0], texts
+    check_images(images, offline["stream_zf"], 8000, data["acqs"])
+
 
 def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine, tmp_path,
                                                                monkeypatch):

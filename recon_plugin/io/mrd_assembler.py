@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import ismrmrd
 import numpy as np
@@ -128,6 +128,9 @@ class MrdAssembler:
                  max_bytes: int | None = None, slices: Collection[int] | None = None):
         self.source = source or "stream"
         self.warnings: list[str] = []
+        # called (what, bytes) before a separate calibration buffer is made (the stream
+        # engine counts those against its memory limit; may raise to refuse the buffer)
+        self.on_calibration_buffer: Callable[[str, int], None] | None = None
         self._hdr = parse_xml(header_xml, self.source, self.warnings)
         self.header = parse_header(header_xml, self.source, self.warnings, self._hdr)
         # the measurement IDs of the separate noise measurements the header names
@@ -542,6 +545,11 @@ class MrdAssembler:
         entry = self._calib.get(sl)
         if entry is None:
             self._reserve(int(acq.active_channels), enc)
+            if self.on_calibration_buffer is not None:  # a stream counts it against its limit
+                self.on_calibration_buffer(
+                    f"calibration data in encoding space {ref} (slice {sl}: "
+                    f"{int(acq.active_channels)} channels x its {enc.nx} x {enc.ny} matrix)",
+                    8 * int(acq.active_channels) * enc.nx * enc.ny)
             buf = LineBuffer.new(int(acq.active_channels), enc.ny, enc.nx)
             buf.channels = channel_ids(acq)
             self._calib[sl] = entry = (buf, enc)

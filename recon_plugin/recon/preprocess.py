@@ -17,6 +17,8 @@ Axis convention: multi-coil k-space is ``(coils, ky, kx)``, centred, orthonormal
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..scan import RawDataError, RawScan
@@ -25,9 +27,13 @@ from ..scan import RawDataError, RawScan
 def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) -> float:
     """Ratio imaging-noise variance / noise-scan variance = noise dwell / imaging dwell.
 
-    Noise variance grows with receiver bandwidth (1 / dwell); 1.0 when either is unknown.
+    Noise variance grows with receiver bandwidth (1 / dwell); 1.0 when either is unknown (None,
+    zero, negative, NaN or infinite: a header field a scanner left unset or a stream garbled).
     """
-    if not noise_dwell_us or not acq_dwell_us or noise_dwell_us <= 0 or acq_dwell_us <= 0:
+    def usable(dwell: float | None) -> bool:
+        return dwell is not None and math.isfinite(dwell) and dwell > 0
+
+    if not (usable(noise_dwell_us) and usable(acq_dwell_us)):
         return 1.0
     return float(noise_dwell_us) / float(acq_dwell_us)
 

@@ -157,8 +157,11 @@ class StreamEngine:
         log.info("stream: protocol %s, method %s%s", protocol.name, settings.method,
                  f", model {prov.model_name}" if prov.deep_learning else "")
         scan = _ScanState(self, asm, protocol, settings, prov, options, result)
-        # k-space held per open (or deferred) slice, and a 3D scan's split copy of one slab
+        # k-space held per open (or deferred) slice, a 3D scan's split copy of one slab, and
+        # the buffers of calibration data in another encoding space (until the scan ends)
         held: dict[object, int] = {}
+        asm.on_calibration_buffer = lambda what, nbytes: self._open_calibration(held, what,
+                                                                               nbytes)
         nz = max(asm.nz, 1)
         arrived = 0
         t = clock()
@@ -274,7 +277,8 @@ class StreamEngine:
         except Exception as e:  # noqa: BLE001 - warm-up is best effort
             log.warning("warm-up failed: %s: %s", type(e).__name__, e)
 
-    def _open(self, held: dict, key: object, nbytes: int, slab: bool) -> None:
+    def _open(self, held: dict, key: object, nbytes: int, slab: bool,
+              what: str = "the scan's next slice") -> None:
         """Count a new slice buffer of ``nbytes`` (a 3D slab: with its copy while it is split,
         once per scan: one slab is split at a time) in ``held`` and against the limits: the
         connection's (``Limits.max_open_slice_bytes``) and the server's (:meth:`_hold`)."""
@@ -286,18 +290,25 @@ class StreamEngine:
             raise ProtocolViolation(f"{len(held) + 1} {what} open at once ({size_text(total)} of "
                                     f"k-space) exceed the server's limit of {size_text(cap)} per "
                                     "connection")
-        self._hold(nbytes + extra)
+        self._hold(nbytes + extra, what)
         held[key] = nbytes
         if extra:
             held["split"] = extra
 
-    def _hold(self, nbytes: int) -> None:
+    def _open_calibration(self, held: dict, what: str, nbytes: int) -> None:
+        """Count a separate calibration buffer (``what``: which, for the message) as a slice
+        buffer (:meth:`_open`): a header declaring a large other encoding and a few lines in
+        it had made GB of buffers past the limit (found by fuzzing the server)."""
+        self._open(held, ("calibration", what), nbytes, False, what)
+
+    def _hold(self, nbytes: int, what: str = "the scan's next slice") -> None:
         """Count ``nbytes`` of k-space buffers (negative: free them) against the limit over
-        every scan in progress; ProtocolViolation (nothing counted) where it would pass it."""
+        every scan in progress; ProtocolViolation (nothing counted, ``what`` named) where it
+        would pass it."""
         with self._open_lock:
             if nbytes > 0 and self._open_bytes + nbytes > self.memory_limit:
                 raise ProtocolViolation(
-                    f"the scan's next slice needs {size_text(nbytes)} of k-space buffers; with the "
+                    f"{what} needs {size_text(nbytes)} of k-space buffers; with the "
                     f"{size_text(self._open_bytes)} the scans in progress hold, that exceeds the "
                     f"server's limit of {size_text(self.memory_limit)} (serve --max-memory-gb)")
             self._open_bytes = max(self._open_bytes + nbytes, 0)

@@ -24,6 +24,7 @@ AUTO_CONFIGS = frozenset({"", "auto", "recon_plugin", "recon-plugin", "fire_modu
                           "recon_plugin_gadget"}) | DEPENDENCY_CONFIGS
 IMAGE_DTYPES = ("float", "uint16")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*(\.[A-Za-z0-9_+-]+)*")
+_NAME_MAX = 128  # characters: a file name (protocol or model) the file system can hold
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,14 @@ class StreamOptions:
 
 
 def _checked_name(value: str, what: str) -> str:
-    """Names from the wire must be plain names: no paths, no ``.yaml`` (server files)."""
+    """Names from the wire must be plain names: no paths, no ``.yaml`` (server files), at most
+    ``_NAME_MAX`` characters (a longer one had failed in the file system, as an OSError that
+    showed the client the server's protocol folder)."""
     if not _NAME.fullmatch(value) or value.lower().endswith((".yaml", ".yml", ".safetensors")):
         raise ValueError(f"{what} {value[:80]!r} is not a plain name")
+    if len(value) > _NAME_MAX:
+        raise ValueError(f"{what} {value[:40]!r}... of {len(value)} characters is longer than "
+                         f"a name may be ({_NAME_MAX})")
     return value
 
 

@@ -10,7 +10,7 @@ Wire protocol (little-endian, message id ``uint16`` first; ids from ``ismrmrd.se
   ``<property name="protocol" value=...>`` or a protocol name), ``HEADER`` (the XML header),
   optional ``TEXT`` JSON parameters before the first acquisition (``protocol``, ``method``,
   ``model``, ``measured_weight``, ``image_dtype``; python-ismrmrd-server's
-  ``{"parameters": {...}}`` form too),
+  ``{"parameters": {...}}`` form too; a later one is ignored, with a ``WARNING``),
   ``ACQUISITION``s (noise, calibration, imaging; ``WAVEFORM``s are read and dropped), ``CLOSE``;
 * out: one ``IMAGE`` per slice as soon as it is reconstructed, ``TEXT`` notices
   (``"WARNING ..."`` / ``"ERROR ..."``), ``CLOSE``.
@@ -20,16 +20,18 @@ or allocated; malformed or unknown messages get an ``ERROR`` text, that connecti
 the server keeps serving; a client that drops mid-scan just ends its session (one that stops
 reading its images (closed, or not reading for the idle timeout) while the scan's DICOM is
 wanted, ``--dicom-out`` or the protocol's PACS, has the scan finished for it from what it
-sent); idle connections
-time out. :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) stops accepting
-and lets the scans in progress go on to their end, for up to ``drain_timeout`` seconds (a scan
-whose lines have all arrived is finished, none of it lost); then (or at a second request) every
-connection finishes the slice in flight, tells the client that its scan was not finished, and
-closes.
+sent); idle connections time out; a client beyond ``max_connections`` is told the server is
+busy without holding up the others; a shortage at accept() (e.g. of file descriptors) is
+waited out. :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) stops
+accepting and lets the scans in progress go on to their end, for up to ``drain_timeout``
+seconds (a scan whose lines have all arrived is finished, none of it lost); then (or at a
+second request) every connection finishes the slice in flight, tells the client that its scan
+was not finished, and closes.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import socket
@@ -63,6 +65,12 @@ from .wire import MrdReader, _Inbox, _read_loop
 
 log = logging.getLogger(__name__)
 
+# accept() errors that concern one connection or a passing shortage (descriptors, buffers), not
+# the listening socket: the server waits a moment and accepts again
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                           errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+# clients refused as busy that are told so at once, each in a short-lived thread of its own
+_MAX_REFUSING = 16
 
 
 # ------------------------------------------------------------------------------- server
@@ -91,6 +99,7 @@ class ReconServer:
         self._stop_lock = threading.RLock()  # re-entrant: a signal may come while it is held
         self._threads: set[threading.Thread] = set()
         self._tlock = threading.Lock()
+        self._refusing = threading.Semaphore(_MAX_REFUSING)  # clients being told "busy"
         self.results: deque[StreamResult] = deque(maxlen=100)
         if host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s: MRD has no authentication or encryption; keep the "
@@ -120,16 +129,29 @@ class ReconServer:
         to ``join_timeout`` more)."""
         self._sock.settimeout(poll)
         log.info("recon-plugin MRD server listening on %s:%d", *self.address)
+        failed = 0  # accept() errors in a row
         try:
             while not self._closing.is_set():
                 try:
                     conn, peer = self._sock.accept()
                 except TimeoutError:
                     continue
-                except OSError:
+                except OSError as e:
                     if self._closing.is_set():
                         break
-                    raise
+                    if e.errno not in _ACCEPT_RETRY:
+                        raise
+                    # e.g. out of file descriptors: the scans in progress go on, and the server
+                    # must not stop listening for a shortage that passes with them
+                    failed += 1
+                    if failed == 1:
+                        log.warning("cannot accept a connection (%s); trying again every %g s",
+                                    e, poll)
+                    self._closing.wait(poll)
+                    continue
+                if failed:
+                    log.info("accepting connections again (after %d failed attempts)", failed)
+                    failed = 0
                 if self._closing.is_set():  # a stop came while accept() waited
                     _close(conn)
                     break
@@ -179,15 +201,33 @@ class ReconServer:
                 self._threads.add(t)
         if busy:
             log.warning("%s: refused, %d connections active", peer, self.max_connections)
+            # told in a thread of its own: its linger (up to 3 s for a client that neither reads
+            # nor closes) had held the accept loop, so N such clients kept every later one, and
+            # a stop, waiting N times that (found by fuzzing); inline only in a flood
+            if self._refusing.acquire(blocking=False):
+                try:
+                    threading.Thread(target=self._refuse, args=(conn, True), daemon=True,
+                                     name=f"mrd-busy-{peer[0]}:{peer[1]}").start()
+                    return
+                except RuntimeError:  # no thread to be had
+                    self._refusing.release()
+            self._refuse(conn)
+            return
+        t.start()
+
+    def _refuse(self, conn: socket.socket, release: bool = False) -> None:
+        """Tell a client the server is busy, then close (``release``: a refusal slot)."""
+        try:
             conn.settimeout(2.0)
             reply = _Reply(conn)
             try:
                 reply.error(f"server busy ({self.max_connections} connections active)")
                 reply.close()
             finally:
-                _close(conn, reply, linger_s=1.0)  # short: this blocks the accept loop
-            return
-        t.start()
+                _close(conn, reply, linger_s=1.0)
+        finally:
+            if release:
+                self._refusing.release()
 
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         who = f"{peer[0]}:{peer[1]}"
@@ -228,13 +268,13 @@ class ReconServer:
         """Config, header, parameters, then the acquisitions through the engine."""
         options = StreamOptions(image_dtype=self.image_dtype)
         msg = inbox.get()
-        header: str | None = None
+        header: str | bytes | None = None
         if msg.id == MSG.CONFIG_FILE:
             options.set_config(msg.payload)
         elif msg.id == MSG.CONFIG_TEXT:
             options.update(parse_config_text(msg.payload))
-        elif msg.id == MSG.HEADER:
-            header = _checked_header(msg.payload)  # tolerated: no config message, match it
+        elif msg.id == MSG.HEADER:  # tolerated: no config message, match it
+            header = _checked_header(msg.payload)
         elif msg.id == MSG.CLOSE:
             return None  # e.g. a dependency query: nothing to do
         else:
@@ -261,8 +301,10 @@ class ReconServer:
                 raise ProtocolViolation(f"unexpected {MSG(msg.id).name} message "
                                         f"{'after' if header else 'before'} the header")
         last = [first.t if first else time.perf_counter()]
+        told_text = False
 
         def acquisitions() -> Iterator[ismrmrd.Acquisition]:
+            nonlocal told_text
             if first is None:
                 return
             yield first.payload
@@ -275,6 +317,10 @@ class ReconServer:
                     return
                 elif m.id == MSG.TEXT:
                     log.info("ignoring TEXT after the first acquisition: %.200s", m.payload)
+                    if not told_text:  # parameters that come this late change nothing
+                        told_text = True
+                        reply.text(f"WARNING TEXT after the first acquisition ignored (parameters "
+                                   f"count only before it): {m.payload[:80]!r}")
                 elif m.id != MSG.WAVEFORM:
                     raise ProtocolViolation(f"unexpected {MSG(m.id).name} message during the "
                                             "acquisitions")
@@ -285,7 +331,7 @@ class ReconServer:
                                stopping=self._stop.is_set)
 
 
-def _checked_header(xml: str) -> str:
+def _checked_header(xml: str | bytes) -> str | bytes:
     """The header as received, after checking now (not at the first acquisition) that the
     assembler accepts it: a bad header is answered while the client still listens."""
     MrdAssembler(xml, source="stream header")

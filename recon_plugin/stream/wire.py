@@ -3,7 +3,9 @@ bounded inbox a reader thread fills for a session."""
 
 from __future__ import annotations
 
+import codecs
 import ctypes
+import re
 import select
 import socket
 import struct
@@ -26,6 +28,8 @@ from .options import (
 )
 
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+# the encoding an XML declaration names (<?xml version="1.0" encoding="ISO-8859-1"?>)
+_XML_ENCODING = re.compile(rb"""\s*<\?xml\s[^>]*?\bencoding\s*=\s*["']([A-Za-z][\w.-]*)["']""")
 _CONFIG_FILE_SIZE = 1024
 _ACQ_HEAD = ctypes.sizeof(ismrmrd.AcquisitionHeader)
 _WAVE_HEAD = ctypes.sizeof(ismrmrd.WaveformHeader)
@@ -49,6 +53,7 @@ class MrdReader:
     def __init__(self, sock: socket.socket, limits: Limits):
         self.sock, self.limits = sock, limits
         self._deadline: float | None = None  # the message in flight must be in by then
+        self._after = ""  # what the message before the next one was read as (for errors)
 
     def _exact(self, n: int, boundary: bool = False) -> bytes:
         buf = bytearray(n)
@@ -77,21 +82,29 @@ class MrdReader:
                 self._deadline = time.monotonic() + timeout
         return bytes(buf)
 
-    def _text(self, what: str) -> str:
+    def _sized(self, what: str) -> bytes:
+        """A uint32 length, checked, then that many bytes."""
         (n,) = _U32.unpack(self._exact(4))
         if n > self.limits.max_text_bytes:
             raise ProtocolViolation(f"{what} of {n} bytes exceeds the limit of "
                                     f"{self.limits.max_text_bytes}")
-        return _decode(self._exact(n), what)
+        return self._exact(n)
+
+    def _text(self, what: str) -> str:
+        return _decode(self._sized(what), what)
 
     def read(self) -> Message:
         self._deadline = None
         (mid,) = _U16.unpack(self._exact(2, boundary=True))
+        after, self._after = self._after, ""
         lim = self.limits
         if mid == MSG.CONFIG_FILE:
             payload: Any = _decode(self._exact(_CONFIG_FILE_SIZE), "config file name")
             n = _CONFIG_FILE_SIZE
-        elif mid in (MSG.CONFIG_TEXT, MSG.HEADER, MSG.TEXT):
+        elif mid == MSG.HEADER:
+            payload = self._header()
+            n = len(payload)
+        elif mid in (MSG.CONFIG_TEXT, MSG.TEXT):
             payload = self._text(MSG(mid).name.lower())
             n = len(payload)
         elif mid == MSG.CLOSE:
@@ -108,6 +121,8 @@ class MrdReader:
             if n > lim.max_message_bytes:
                 raise ProtocolViolation(f"acquisition of {n} bytes exceeds the limit")
             payload = ismrmrd.Acquisition.from_bytes(head + self._exact(n))
+            self._after = (f"acquisition {int(h.scan_counter)}, read as the {ns} samples x {ch} "
+                           f"channels and {td} trajectory dimensions its header declares")
         elif mid == MSG.WAVEFORM:
             h = ismrmrd.WaveformHeader.from_buffer_copy(self._exact(_WAVE_HEAD))
             n = int(h.number_of_samples) * int(h.channels) * 4
@@ -115,12 +130,37 @@ class MrdReader:
                 raise ProtocolViolation(f"waveform of {n} bytes exceeds the limit")
             self._exact(n)
             payload = None
+            self._after = (f"a waveform, read as the {int(h.number_of_samples)} samples x "
+                           f"{int(h.channels)} channels its header declares")
         elif mid in (MSG.IMAGE, MSG.NDARRAY):
             raise ProtocolViolation(f"{MSG(mid).name} input is not supported (raw "
                                     "acquisitions only)")
         else:
-            raise ProtocolViolation(f"unknown message id {mid}")
+            raise ProtocolViolation(f"unknown message id {mid}" + (
+                f" right after {after}: if that message carried more data than its header "
+                "declares, the stream is out of step from there" if after else ""))
         return Message(int(mid), payload, n, time.perf_counter())
+
+    def _header(self) -> str | bytes:
+        """The XML header: its text where it is UTF-8, else its bytes where its XML declaration
+        names the encoding it is in (e.g. ISO-8859-1 with an accented name: the XML parsers
+        decode it by that, as ``ismrmrd``'s own deserializer does)."""
+        raw = self._sized("header").split(b"\x00", 1)[0]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        declared = _XML_ENCODING.match(raw)
+        name = declared.group(1).decode("ascii") if declared else None
+        try:
+            if name is not None and codecs.lookup(name).name != "utf-8":
+                raw.decode(name)
+                return raw
+        except (LookupError, UnicodeDecodeError):
+            raise ProtocolViolation(f"header is neither UTF-8 text nor {name} text, the "
+                                    "encoding its XML declaration names") from None
+        raise ProtocolViolation("header is not UTF-8 text (nor does its XML declaration name "
+                                "another encoding)")
 
 
 def _decode(raw: bytes, what: str) -> str:
