@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -214,3 +216,21 @@ def first_line(err: BaseException) -> str:
     """An error's message for a one-line report: its first non-blank line (its type where it
     has none)."""
     return next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
+@contextlib.contextmanager
+def held_lock(path: str | Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on the file ``path`` (made if missing) while the block runs;
+    yields False at once, holding nothing, where another process holds it. Released when the
+    block ends, and by the kernel when the process dies (kill -9 included): a lock left by a
+    killed run never blocks the next. OSError where the file cannot be opened."""
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -496,3 +496,234 @@ def test_adapting_again_beside_the_sites_overlay_warns_of_nothing(site, tmp_path
     check = _matches(load_protocol(d / "tiny_base.yaml"), [pdir])
     check(raws[0], read_raw(raws[0]).header)
     assert "matches protocol" not in caplog.text
+
+
+def test_one_file_under_two_names_is_never_both_judged_and_trained_on(site, tmp_path,
+                                                                      monkeypatch):
+    """The same raw file given twice (a symlink, or a copy with another name): taken once, the
+    copy left out and named. Both had been read: the gate held out one name and the adaptation
+    trained on the other, judging the model on slices it had learnt from."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.models.checkpoint import load_model
+
+    d, raws = site
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    link = tmp_path / "0_link.h5"  # sorts first: it would be the held-out file
+    link.symlink_to(raws[1])
+    copy = tmp_path / "z_copy.h5"
+    copy.write_bytes(raws[0].read_bytes())
+    rep = adapt([*raws, link, copy], str(d / "tiny_base.yaml"), tmp_path / "s", steps=1)
+    _, card = load_model(Path(rep["model"]))
+    given = card["adaptation"]["raw_files"]
+    assert len(given) == 3 and len(set(given.values())) == 3, given
+    assert rep["skipped_files"] == [f"{copy}: the same data as {raws[0]} (sha256 "
+                                    f"{given[str(raws[0])][:12]}): taken once"]
+
+
+def test_inputs_are_checked_before_training_and_folders_are_expanded(site, tmp_path,
+                                                                     monkeypatch, caplog):
+    """A path that does not exist (a typo) stops adapt before anything is read, exit 2 naming
+    it (it had been left out, and the run failed after training, when the card hashed it); a
+    folder is expanded to its raw files as ``recon`` does (it had been 'not a regular file');
+    a folder without raw files is named as such (it had been 'no slice left for the gate')."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.cli import main
+    from recon_plugin.models.checkpoint import load_model
+
+    d, raws = site
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    proto = ["--protocol", str(d / "tiny_base.yaml"), "--steps", "1"]
+    typo = tmp_path / "site_7.h5"
+    assert main(["-q", "adapt", *map(str, raws), str(typo), *proto,
+                 "--out", str(tmp_path / "a")]) == 2
+    assert f"input {typo} does not exist" in caplog.text
+    assert not (tmp_path / "a").exists()  # nothing read, nothing trained
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["-q", "adapt", str(empty), *proto, "--out", str(tmp_path / "b")]) == 2
+    assert f"no raw files (.h5, .hdf5, .mrd, .dat) in {empty}" in caplog.text
+    folder = tmp_path / "site_raw"
+    folder.mkdir()
+    for p in raws:
+        (folder / p.name).symlink_to(p)
+    rep = adapt([folder], str(d / "tiny_base.yaml"), tmp_path / "c", steps=1)
+    _, card = load_model(Path(rep["model"]))
+    assert sorted(card["adaptation"]["raw_files"]) == sorted(str(folder / p.name) for p in raws)
+
+
+def test_the_report_is_this_runs_when_it_fails_or_is_refused(site, tmp_path, monkeypatch,
+                                                             capsys):
+    """``adapt_report.json`` is the last run's: a run that fails after a promoted one says so
+    (its exit 1 had left the earlier run's ``promoted: true`` there), a diverged run's NaN is
+    written as null (JSON has no NaN: a strict reader refused the file), and the gate's line
+    says why it refused."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.cli import main
+
+    d, raws = site
+    out = tmp_path / "s"
+    argv = ["-q", "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"), "--out",
+            str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(site_mod, "significant_improvement", _verdict)
+        assert main([*argv, "--steps", "1"]) == 0
+
+    def diverges(*args, **kwargs):
+        raise FloatingPointError("10 non-finite losses or gradients in a row: lower --lr")
+
+    with monkeypatch.context() as m:
+        m.setattr(site_mod, "train_loop", diverges)
+        assert main([*argv, "--steps", "2"]) == 1
+    rep = json.loads((out / "adapt_report.json").read_text())
+    assert rep["status"] == "failed" and rep["promoted"] is False, rep
+    assert rep["error"].startswith("10 non-finite losses")
+
+    def strict(name):
+        raise ValueError(f"{name} is not JSON")
+
+    capsys.readouterr()
+    assert main([*argv, "--steps", "6", "--mode", "mc-ei", "--lr", "5", "--params", "all"]) == 1
+    rep = json.loads((out / "adapt_report.json").read_text(), parse_constant=strict)
+    assert rep["status"] == "finished" and rep["promoted"] is False
+    assert rep["adapted_heldout_error"] is None and "not finite" in rep["refused_because"]
+    assert ("adapted model NOT promoted: its held-out error is nan (not finite): the training "
+            "diverged") in capsys.readouterr().out
+
+
+def test_the_gate_says_why_it_refused():
+    """Worse, within the noise, or diverged: each refusal says which (it had said 'did not
+    beat the base model' for all three)."""
+    from recon_plugin.adaptation.site import _refusal
+    from recon_plugin.training.losses import significant_improvement
+
+    base = [0.50, 0.40, 0.45]
+    worse = _refusal(significant_improvement(base, [0.55, 0.44, 0.50]), 0.45, 0.4967)
+    assert worse.startswith("it is worse than the base model on the held-out data (error "
+                            "0.45 -> 0.4967, +10.4 %)")
+    noise = _refusal(significant_improvement(base, [0.49, 0.41, 0.449]), 0.45, 0.4497)
+    assert noise.startswith("its improvement (0.000333) is not more than 2 standard errors")
+    assert "within the noise" in noise
+    nan = _refusal(significant_improvement(base, [float("nan")] * 3), 0.45, float("nan"))
+    assert "not finite" in nan and "lower --lr" in nan
+
+
+def _kill_while_publishing(d: Path, raws: list[Path], out: Path) -> None:
+    """``recon-plugin adapt`` as a process, killed (SIGKILL: no handler runs) between the two
+    renames of its model's publication: the card in place, the weights still a temporary."""
+    code = (
+        "import os, signal, sys\n"
+        "real = os.replace\n"
+        "def replace(src, dst, *a, **k):\n"
+        "    if str(dst).endswith('.safetensors'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(src, dst, *a, **k)\n"
+        "os.replace = replace\n"
+        "from recon_plugin.adaptation import site\n"
+        "site.significant_improvement = lambda b, n: {'better': True, 'z': 2.0, "
+        "'mean_improvement': 1.0, 'standard_error': 0.1, 'n': 6}\n"
+        "from recon_plugin.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, "-q", "adapt", *map(str, raws), "--protocol",
+                        str(d / "tiny_base.yaml"), "--out", str(out), "--steps", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+
+
+def test_a_publication_killed_halfway_leaves_nothing_behind(site, tmp_path, monkeypatch):
+    """kill -9 between the card's rename and the weights': the same command again publishes
+    the model as version 1 and removes what the killed one left (a card without weights had
+    taken version 1, the next was published as 2, and the temporaries, a model's size each,
+    stayed in models/ for good)."""
+    from recon_plugin.adaptation import site as site_mod
+
+    d, raws = site
+    out = tmp_path / "s"
+    _kill_while_publishing(d, raws, out)
+    stem = "tiny-base-site-ssdu"
+    assert (out / "models" / f"{stem}-1.json").is_file()
+    assert not (out / "models" / f"{stem}-1.safetensors").exists()
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    rep = adapt(raws, str(d / "tiny_base.yaml"), out, steps=1)
+    assert rep["version"] == "site-1" and Path(rep["model"]).name == f"{stem}-1.safetensors"
+    left = sorted(p.name for p in (out / "models").iterdir())
+    assert left == [f"{stem}-1.json", f"{stem}-1.safetensors"], left
+    assert load_protocol(rep["overlay"]).recon_settings().model == str(
+        Path(rep["model"]).resolve())
+
+
+def test_what_was_added_to_the_overlay_by_hand_is_kept(site, tmp_path, monkeypatch):
+    """A site adds its own settings to the overlay (DICOM institution, guard): the next
+    adaptation points the overlay at its model and keeps them (they were dropped without a
+    word). An overlay edited into one that does not load stops adapt before training, exit 2
+    naming it (it was replaced, the edits lost)."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.cli import main
+
+    d, raws = site
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    out = tmp_path / "s"
+    first = adapt(raws, str(d / "tiny_base.yaml"), out, steps=1)
+    overlay = Path(first["overlay"])
+    overlay.write_text(overlay.read_text() + "dicom: {institution: Our Hospital}\n"
+                       "guard: {enabled: true, heldout_fraction: 0.15}\n")
+    second = adapt(raws, str(d / "tiny_base.yaml"), out, steps=2)
+    assert second["version"] == "site-2"
+    p = load_protocol(overlay)
+    assert p.recon_settings().model == str(Path(second["model"]).resolve())
+    assert p.dicom.institution == "Our Hospital" and p.guard.heldout_fraction == 0.15
+    overlay.write_text(overlay.read_text() + "guard: {heldout: 0.2}\n")  # a key twice
+    runs = sorted((out / "runs").iterdir())
+    assert main(["-q", "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"),
+                 "--out", str(out), "--steps", "3"]) == 2
+    assert sorted((out / "runs").iterdir()) == runs  # nothing trained
+    assert "guard: {heldout: 0.2}" in overlay.read_text()  # the edit is the user's to fix
+
+
+def test_a_stop_while_reading_the_raw_files_says_nothing_was_trained(site, tmp_path,
+                                                                     monkeypatch, caplog):
+    """SIGTERM while adapt reads the raw files and judges the base model (minutes on a
+    site's archive): exit 128 + 15 with a line saying nothing was trained (it fell to the
+    default handler: the process ended without a word)."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.cli import main
+
+    d, raws = site
+    real = site_mod.prepare_slices
+
+    def then_signal(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # in this thread: handled at once
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(site_mod, "prepare_slices", then_signal)
+    with sigterm_without_default():
+        assert main(["-q", "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"),
+                     "--out", str(tmp_path / "s"), "--steps", "1"]) == 128 + signal.SIGTERM
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "before training: nothing was trained" in errors[0], errors
+    assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_a_second_adapt_into_a_busy_site_folder_is_refused(site, tmp_path, caplog):
+    """While one ``adapt`` runs in a site folder (its lock held: here by this process, as a
+    running one holds it), another into the same folder stops with exit 2 naming it, before
+    it reads a slice or touches the folder's report (two would take one version number and
+    remove each other's temporaries); once the lock is free it runs."""
+    from recon_plugin.adaptation.site import LOCK_FILE
+    from recon_plugin.cli import main
+    from recon_plugin.runtime import held_lock
+
+    d, raws = site
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "adapt_report.json").write_text('{"status": "running"}')
+    argv = ["-q", "adapt", *map(str, raws), "--protocol", str(d / "tiny_base.yaml"), "--out",
+            str(out), "--steps", "1"]
+    with held_lock(out / LOCK_FILE) as mine:
+        assert mine
+        assert main(argv) == 2
+        assert f"another recon-plugin adapt is running in {out}" in caplog.text
+        assert (out / "adapt_report.json").read_text() == '{"status": "running"}'
+        assert not (out / "runs").exists()
+    assert main(argv) in (0, 1)  # free again: it runs (promoted or not)
+    assert json.loads((out / "adapt_report.json").read_text())["status"] == "finished"

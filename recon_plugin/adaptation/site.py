@@ -23,7 +23,9 @@ model's by more than two standard errors of the paired differences
 energy dominates every held-out error, and a change within it is not an improvement; otherwise
 nothing is written outside the run folder. A promoted model is a new versioned file
 (safetensors + card: parent hash, raw file hashes, mode, losses) plus a protocol overlay
-(``extends: BASE``) in ``SITE_DIR/protocols``. The shipped model is never overwritten.
+(``extends: BASE``) in ``SITE_DIR/protocols``, which keeps what a site added to it by hand.
+The shipped model is never overwritten. ``SITE_DIR/adapt_report.json`` is the last run's report
+(``status``: running, finished, failed or stopped), so a script never reads an earlier run's.
 
 Runs unchanged under ``torchrun --nproc-per-node N`` (DistributedDataParallel; gloo on CPU,
 nccl on GPU): each rank draws its own slices, gradients are averaged, rank 0 writes.
@@ -36,6 +38,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -48,7 +51,14 @@ import torch
 from ..models.checkpoint import ModelError, file_sha256, resolve_model, save_model
 from ..output.atomic import fingerprint, write_text_atomic
 from ..physics import SenseOperator
-from ..runtime import RunStopped, ignore_stops, stop_requests
+from ..runtime import (
+    RunStopped,
+    first_line,
+    held_lock,
+    ignore_stops,
+    stop_requests,
+    stops_at_once,
+)
 from ..scan import ScanHeader
 from ..training.loop import freeze_batchnorm, train_loop
 from ..training.losses import heldout_errors, significant_improvement
@@ -57,6 +67,8 @@ from ..training.slices import SiteSlice
 from . import MODES, PARAMS, SSDU_LOSS_FRACTION
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".adapt.lock"  # flock of the adaptation running in a site folder
 
 def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None,
                    on_header: Callable[[Path, ScanHeader], None] | None = None,
@@ -83,8 +95,9 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
         except RawDataError as e:
             if skipped is None:
                 raise
-            log.warning("%s left out: %s", p, e)
-            skipped.append(str(e) if str(p) in str(e) else f"{p}: {e}")
+            reason = str(e) if str(p) in str(e) else f"{p}: {e}"
+            log.warning("%s left out: %s", p, reason.removeprefix(f"{p}: "))
+            skipped.append(reason)
             continue
         if on_header is not None:
             on_header(p, scan.header)
@@ -139,16 +152,44 @@ def adapt(
     progress: bool = True, protocol_dirs: Sequence[Path] | None = None, exiting: bool = False,
 ) -> dict:
     """Run an adaptation; returns a report dict (``promoted``, errors, output paths; the files
-    left out, each with why, in ``skipped_files``; ``stopped_by``: a SIGINT / SIGTERM that came
-    while the result was being published, which it let finish: the caller stops).
-    ``params``: what trains (``PARAMS``: the whole network, or only its data-consistency
-    weights); ``lr``: None takes that choice's default; ``progress``: a progress bar (rank
-    0); ``protocol_dirs``: protocol folders searched first, for ``base_protocol`` and for the
-    check that each file's header matches it (as ``recon --protocol-dir``); ``exiting``: the
-    process ends once this returns (the command line), so SIGINT / SIGTERM are ignored from
-    when the result is published or refused, or the run stops or fails after its handler was
-    installed (:func:`~recon_plugin.runtime.ignore_stops`), with no moment under the default
-    handler between (in any thread: the handler goes straight to ignored)."""
+    left out, each with why, in ``skipped_files``; why the gate refused, in
+    ``refused_because``; ``stopped_by``: a SIGINT / SIGTERM that came while the result was
+    being published, which it let finish: the caller stops).
+    ``raw``: raw files or folders of them, as ``recon`` takes its inputs (a path that does not
+    exist is a FileNotFoundError before anything is read; one file under two names, or two
+    files with the same bytes, is taken once). ``params``: what trains (``PARAMS``: the whole
+    network, or only its data-consistency weights); ``lr``: None takes that choice's default;
+    ``progress``: a progress bar (rank 0); ``protocol_dirs``: protocol folders searched first,
+    for ``base_protocol`` and for the check that each file's header matches it (as ``recon
+    --protocol-dir``); ``exiting``: the process ends once this returns (the command line), so
+    SIGINT / SIGTERM are ignored from when the result is published or refused, or the run
+    stops or fails after its handler was installed (:func:`~recon_plugin.runtime.ignore_stops`),
+    with no moment under the default handler between (in any thread: the handler goes
+    straight to ignored). A run that fails or is stopped replaces ``SITE/adapt_report.json``
+    (where there is one, or once it has begun training) with ``status`` failed / stopped and
+    its ``error``: the report there is never an earlier run's. A second ``adapt`` into a site
+    folder while one runs there is refused (ValueError), before it touches anything."""
+    known: dict = {}  # what this run has found so far, for the report of a run that fails
+    site, rank = Path(site_dir), _dist_info()[0]
+    with contextlib.ExitStack() as lock:  # the site folder's, from the first file read on
+        try:
+            return _adapt(raw, base_protocol, site, mode, steps, lr, rho, seed, device,
+                          teacher_weight, heldout_fraction, name, time_budget_s, params,
+                          progress, protocol_dirs, exiting, known, lock)
+        except BaseException as err:
+            if rank == 0 and known.get("locked"):  # never over a running one's report
+                _report_failure(site, err, known)
+            raise
+
+
+def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps: int,
+           lr: float | None, rho: float, seed: int, device: str, teacher_weight: float,
+           heldout_fraction: float, name: str | None, time_budget_s: float | None, params: str,
+           progress: bool, protocol_dirs: Sequence[Path] | None, exiting: bool, known: dict,
+           lock: contextlib.ExitStack) -> dict:
+    """:func:`adapt`; ``known`` gathers the report's fields as they are found; the site
+    folder's lock is taken into ``lock`` (rank 0) once the options are checked, before the
+    raw files are read (a usage error makes no folder)."""
     from ..config.protocol import load_protocol
     from ..models.checkpoint import load_model
     from ..models.inference import torch_device
@@ -161,84 +202,113 @@ def adapt(
     lr = PARAMS[params] if lr is None else lr
     spec = LossSpec.from_mode(mode, {"teacher": teacher_weight}, ssdu_rho=rho)
     rank, world = _dist_info()
+    known.update(rank=rank, world_size=world)
     if world > 1 and dev.type == "cuda":  # one GPU per process of a torchrun launch
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    protocol = load_protocol(base_protocol, protocol_dirs)
-    settings = protocol.recon_settings()
-    try:
-        base_path = resolve_model(settings.model)
-    except ModelError as e:
-        raise ModelError(f"{protocol.model_key}: {e}") from e
-    model, card = load_model(base_path)
-    model.to(dev)
-    if params == "dc":
-        if not hasattr(model, "dc_parameters"):
-            raise ValueError(f"{settings.model} has no data-consistency weights to adapt alone")
-        trained = {id(p) for p in model.dc_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trained)
-    teacher = None
-    if "teacher" in spec.weights:
-        teacher, _ = load_model(base_path)
-        teacher.to(dev)
-    raw = sorted(Path(p) for p in raw)
-    # unreadable files (a site's archive may hold a broken one) and files without a usable slice
-    skipped: list[str] = []
-    slices = prepare_slices(raw, settings, skipped, on_header=_matches(protocol, protocol_dirs))
-    # files are held out among those with usable slices (an unreadable one must not take
-    # the gate's share)
-    usable = [p for p in raw if any(s.source == str(p) for s in slices)]
-    n_hold = max(1, int(round(len(usable) * heldout_fraction))) if len(usable) > 1 else 0
-    hold_files = usable[:n_hold]
-    hold = [s for s in slices if Path(s.source) in hold_files]
-    train = [s for s in slices if Path(s.source) not in hold_files]
-    if not hold:
-        # the gate must judge slices the adaptation never sees: with one slice there is none
-        if len(train) < 2:
-            raise ValueError(
-                f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
-                f"{[str(p) for p in raw]}; give more raw files (slices without ACS and fully "
-                "sampled slices are skipped)")
-        log.info("one raw file with usable slices: the gate holds out its last slices")
-        hold = train[-max(1, len(train) // 4):]
-        train = train[: len(train) - len(hold)]
-    if not train:
-        raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
-    train, hold = [s.to(dev) for s in train], [s.to(dev) for s in hold]
-    base_errs = heldout_errors(model, hold)
-    base_err = float(base_errs.mean())
-    log.info("base model held-out measurement error %.5f on %d slices", base_err, len(hold))
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-
-    def loss_fn(m, rng):
-        freeze_batchnorm(model)
-        rr = np.random.default_rng(rng.integers(1 << 31) + rank)
-        s = train[int(rr.integers(len(train)))]
-        op = SenseOperator(s.maps[None], s.mask[None])
-        return spec.loss(m, s.kspace[None], op, rr, acs=s.acs, teacher=teacher)
-
-    job = {"protocol": str(protocol.source or protocol.name), "model": card.get("sha256"),
-           "mode": mode, "params": params, "lr": lr, "rho": rho, "seed": seed, "steps": steps,
-           "teacher_weight": teacher_weight, "heldout_fraction": heldout_fraction,
-           "raw": [[str(p.resolve()), fingerprint(p)] for p in usable]}
-    # a run folder per job: the same command resumes its run, another one starts afresh
-    run_dir = (Path(site_dir) / "runs"
-               / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
-    # from the start of training until the result is published or refused, a signal waits for
-    # a consistent end (train_loop's own handler during its steps): one after training stops
-    # the run at the gate with nothing written (the same command again judges and publishes
-    # it); one during the publication (a few atomic writes) lets it finish, and the report says
-    # so (``stopped_by``). Under torchrun only from the gate on (rank 0): there the launcher's
-    # signals end the training as before (see train_loop)
-    when = "at the promotion gate, or once a publication under way is complete"
+    # from here until the result is published or refused, a signal waits for a consistent
+    # end: while the files are read and the base model judged (minutes on a site's archive)
+    # it stops at once, saying nothing was trained; during training train_loop's own handler
+    # stops at a checkpoint; one after training stops the run at the gate with nothing
+    # written (the same command again judges and publishes it); one during the publication
+    # (a few atomic writes) lets it finish, and the report says so (``stopped_by``). Under
+    # torchrun only from the gate on (rank 0): there the launcher's signals end the run
+    when = ("before training starts, at the promotion gate, or once a publication under way "
+            "is complete")
     then = signal.SIG_IGN if exiting else None  # its handler straight to ignored (see below)
     with contextlib.ExitStack() as stops:
         requested = stops.enter_context(stop_requests(when, then)) if world == 1 else []
+        with (stops_at_once("stopped while reading the raw files or judging the base model, "
+                            "before training: nothing was trained or published; run the same "
+                            "command again to start")
+              if world == 1 else contextlib.nullcontext()):
+            skipped: list[str] = []
+            known["skipped_files"] = skipped
+            raw, hashes = _distinct(_gather(raw), skipped)
+            protocol = load_protocol(base_protocol, protocol_dirs)
+            _check_overlay(site_dir, protocol, protocol_dirs)
+            settings = protocol.recon_settings()
+            try:
+                base_path = resolve_model(settings.model)
+            except ModelError as e:
+                raise ModelError(f"{protocol.model_key}: {e}") from e
+            model, card = load_model(base_path)
+            model.to(dev)
+            if params == "dc":
+                if not hasattr(model, "dc_parameters"):
+                    raise ValueError(f"{settings.model} has no data-consistency weights to "
+                                     "adapt alone")
+                trained = {id(p) for p in model.dc_parameters()}
+                for p in model.parameters():
+                    p.requires_grad_(id(p) in trained)
+            teacher = None
+            if "teacher" in spec.weights:
+                teacher, _ = load_model(base_path)
+                teacher.to(dev)
+            if rank == 0:  # one adaptation at a time per site folder (versions, report)
+                site_dir.mkdir(parents=True, exist_ok=True)
+                if not lock.enter_context(held_lock(site_dir / LOCK_FILE)):
+                    raise ValueError(f"another recon-plugin adapt is running in {site_dir}; "
+                                     "wait for it to end, or adapt into another --out")
+                known["locked"] = True
+            # unreadable files (a site's archive may hold a broken one) and files without a
+            # usable slice are left out, each named with why
+            slices = prepare_slices(raw, settings, skipped,
+                                    on_header=_matches(protocol, protocol_dirs))
+            # files are held out among those with usable slices (an unreadable one must not
+            # take the gate's share)
+            usable = [p for p in raw if any(s.source == str(p) for s in slices)]
+            n_hold = max(1, int(round(len(usable) * heldout_fraction))) if len(usable) > 1 \
+                else 0
+            hold_files = usable[:n_hold]
+            hold = [s for s in slices if Path(s.source) in hold_files]
+            train = [s for s in slices if Path(s.source) not in hold_files]
+            if not hold:
+                # the gate must judge slices the adaptation never sees: with one slice there
+                # is none
+                if len(train) < 2:
+                    raise ValueError(
+                        f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
+                        f"{[str(p) for p in raw]}; give more raw files (slices without ACS and "
+                        "fully sampled slices are skipped" + _left_out(skipped) + ")")
+                log.info("one raw file with usable slices: the gate holds out its last slices")
+                hold = train[-max(1, len(train) // 4):]
+                train = train[: len(train) - len(hold)]
+            if not train:
+                raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
+            train, hold = [s.to(dev) for s in train], [s.to(dev) for s in hold]
+            base_errs = heldout_errors(model, hold)
+            base_err = float(base_errs.mean())
+            log.info("base model held-out measurement error %.5f on %d slices", base_err,
+                     len(hold))
+        net = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model)
+
+        def loss_fn(m, rng):
+            freeze_batchnorm(model)
+            rr = np.random.default_rng(rng.integers(1 << 31) + rank)
+            s = train[int(rr.integers(len(train)))]
+            op = SenseOperator(s.maps[None], s.mask[None])
+            return spec.loss(m, s.kspace[None], op, rr, acs=s.acs, teacher=teacher)
+
+        job = {"protocol": str(protocol.source or protocol.name), "model": card.get("sha256"),
+               "mode": mode, "params": params, "lr": lr, "rho": rho, "seed": seed,
+               "steps": steps, "teacher_weight": teacher_weight,
+               "heldout_fraction": heldout_fraction,
+               "raw": [[str(p.resolve()), fingerprint(p)] for p in usable]}
+        # a run folder per job: the same command resumes its run, another one starts afresh
+        run_dir = (site_dir / "runs"
+                   / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
+        models_dir = site_dir / "models"
+        stem = name or f"{card.get('name', 'model')}-site-{mode}"
+        known.update(base_heldout_error=base_err, run_dir=str(run_dir))
+        if rank == 0:  # what an earlier publication killed half-way left; this run's report
+            _remove_interrupted_publication(site_dir, stem, f"{protocol.name}-site.yaml")
+            _write_report(site_dir, {**known, "status": "running", "promoted": False})
+            known["started"] = True
         history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
                              steps, lr, seed, ckpt_every=max(10, steps // 10),
                              time_budget_s=None if world > 1 else time_budget_s,
@@ -250,8 +320,8 @@ def adapt(
                   "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped,
                   "run_dir": str(run_dir)}
         if world > 1:
-            (Path(site_dir) / "runs").mkdir(parents=True, exist_ok=True)
-            (Path(site_dir) / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
+            (site_dir / "runs").mkdir(parents=True, exist_ok=True)
+            (site_dir / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
         if rank != 0:
             if exiting:
                 ignore_stops()
@@ -266,18 +336,18 @@ def adapt(
                              f"training, before the promotion gate's verdict; nothing published; "
                              f"checkpointed in {run_dir}: run the same command again to judge "
                              "and publish it")
+        report["status"] = "finished"
         report["adapted_heldout_error"] = new_err
         report["gate"] = gate
         report["promoted"] = gate["better"]
-        models_dir = Path(site_dir) / "models"
-        stem = name or f"{card.get('name', 'model')}-site-{mode}"
         same = _published(models_dir, stem, param_hash) if report["promoted"] else None
         if not report["promoted"]:
-            log.warning("adaptation did not beat the base model on held-out data by more than "
-                        "%g standard errors (improvement %.5g, standard error %.5g, %d held-out "
-                        "splits); nothing promoted", gate["z"], gate["mean_improvement"],
-                        gate["standard_error"], gate["n"])
-            write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
+            report["refused_because"] = _refusal(gate, base_err, new_err)
+            log.warning("adapted model not promoted: %s; nothing published (improvement %.5g, "
+                        "standard error %.5g, %d held-out splits; it needs more than %g "
+                        "standard errors)", report["refused_because"], gate["mean_improvement"],
+                        gate["standard_error"], gate["n"], gate["z"])
+            _write_report(site_dir, report)
         elif same is not None:  # the same command again: its run had finished, nothing new
             version, saved = same
             log.info("these weights are already %s; not published again", version)
@@ -291,7 +361,7 @@ def adapt(
                 "finetune": f"self-supervised ({mode})",
                 "adaptation": {"mode": mode, "params": params, "steps": len(history), "lr": lr,
                                "rho": rho,
-                               "raw_files": {str(p): file_sha256(p) for p in raw},
+                               "raw_files": {str(p): hashes[p] for p in raw},
                                "heldout_files": [str(p) for p in hold_files],
                                "skipped_files": skipped,
                                "heldout_error_base": base_err, "heldout_error_adapted": new_err,
@@ -308,6 +378,109 @@ def adapt(
     return report
 
 
+def _left_out(skipped: list[str], most: int = 3) -> str:
+    """``; left out: REASON; ...`` (the first ``most``) for an error line, or ""."""
+    if not skipped:
+        return ""
+    more = f"; {len(skipped) - most} more, named above" if len(skipped) > most else ""
+    return f"; left out: {'; '.join(skipped[:most])}{more}"
+
+
+def _gather(raw: Sequence[Path | str]) -> list[Path]:
+    """The raw files of ``raw`` as ``recon`` finds them (folders expanded to their raw files,
+    a file named twice taken once), sorted; a path that does not exist is a
+    FileNotFoundError (exit 2: a typo, found before anything is read) and no raw file at all
+    a ValueError."""
+    from ..io.inputs import RAW_SUFFIXES, gather_inputs
+
+    files = gather_inputs(list(raw))
+    if not files:
+        raise ValueError(f"no raw files ({', '.join(RAW_SUFFIXES)}) in "
+                         f"{' '.join(map(str, raw))}: give the site's raw files, or folders "
+                         "holding them")
+    return sorted(files)
+
+
+def _distinct(paths: list[Path], skipped: list[str]) -> tuple[list[Path], dict[Path, str | None]]:
+    """``paths`` without the files whose bytes another one already has (a scan exported
+    twice: the gate would judge the model on a copy of what it trained on), each left out
+    with a warning and its reason appended to ``skipped``; and the sha256 of each file kept
+    (None where it cannot be read: the reader then names why)."""
+    kept: list[Path] = []
+    hashes: dict[Path, str | None] = {}
+    first: dict[str, Path] = {}
+    for p in paths:
+        try:
+            digest = file_sha256(p)
+        except OSError:
+            digest = None
+        if digest is not None and digest in first:
+            reason = f"{p}: the same data as {first[digest]} (sha256 {digest[:12]}): taken once"
+            log.warning("%s left out: %s", p, reason.removeprefix(f"{p}: "))
+            skipped.append(reason)
+            continue
+        if digest is not None:
+            first[digest] = p
+        kept.append(p)
+        hashes[p] = digest
+    return kept, hashes
+
+
+def _refusal(gate: dict, base_err: float, new_err: float) -> str:
+    """Why the gate refused the adapted model (its verdict ``gate`` from
+    :func:`~recon_plugin.training.losses.significant_improvement`; mean held-out errors,
+    squared and relative), for the log, the report and the command's line."""
+    if not math.isfinite(new_err):
+        return (f"its held-out error is {new_err} (not finite): the training diverged; run "
+                "again with a lower --lr")
+    if not math.isfinite(gate["mean_improvement"]):
+        return (f"the held-out errors are not all finite (base model {base_err:.5g}, adapted "
+                f"{new_err:.5g}): the two cannot be compared")
+    if gate["mean_improvement"] < 0:
+        change = f", {100 * (new_err - base_err) / base_err:+.1f} %" if base_err > 0 else ""
+        return (f"it is worse than the base model on the held-out data (error {base_err:.5g} "
+                f"-> {new_err:.5g}{change})")
+    return (f"its improvement ({gate['mean_improvement']:.3g}) is not more than {gate['z']:g} "
+            f"standard errors ({gate['standard_error']:.3g}, {gate['n']} held-out splits): "
+            "within the noise of the held-out lines, not a significant improvement (more "
+            "raw files give the gate more to judge on)")
+
+
+def _finite(value: object) -> object:
+    """``value`` (JSON-like) with every non-finite float as None: JSON has no NaN, and a strict
+    reader (a script's) refuses a file that holds one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_report(site_dir: Path, report: dict) -> None:
+    """``SITE/adapt_report.json``, written whole (non-finite numbers as null)."""
+    write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(_finite(report), indent=2))
+
+
+def _report_failure(site_dir: Path, err: BaseException, known: dict) -> None:
+    """Replace the site's report by this run's where the run failed or was stopped
+    (``status`` failed / stopped, ``error`` its line), so that an earlier run's (``promoted:
+    true``) is not taken for it; where there is no report and this run had not begun training
+    (e.g. a usage error), nothing is written."""
+    path = site_dir / "adapt_report.json"
+    if not (known.get("started") or path.is_file()):
+        return
+    stopped = isinstance(err, RunStopped | KeyboardInterrupt)
+    report = {k: v for k, v in known.items() if k != "started"}
+    report.update(status="stopped" if stopped else "failed", promoted=False,
+                  error=first_line(err) if str(err) else type(err).__name__)
+    try:
+        _write_report(site_dir, report)
+    except OSError as e:
+        log.warning("%s: this run's report could not be written: %s", path, e)
+
+
 def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, card: dict,
                      report: dict) -> dict:
     """Point the site's overlay at model ``version`` (its ``card``); the report, written."""
@@ -315,7 +488,7 @@ def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, c
     overlay = write_overlay(Path(site_dir), protocol, version, weights.resolve())
     report.update(model=str(weights), version=card.get("version"), sha256=card["sha256"],
                   overlay=str(overlay))
-    write_text_atomic(Path(site_dir) / "adapt_report.json", json.dumps(report, indent=2))
+    _write_report(site_dir, report)
     return report
 
 
@@ -361,6 +534,65 @@ def _digest(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# atomic_path's temporaries: ``.NAME.`` and tempfile's 8 random characters
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
+
+
+def _remove_interrupted_publication(site_dir: Path, stem: str, overlay: str) -> None:
+    """Remove, naming them in the log, what a run killed while it wrote (kill -9, a power cut;
+    a publication half-way) left in ``site_dir``: the temporaries of its atomic writes
+    (``models/.STEM-N.json.*``, ``models/.STEM-N.safetensors.*``, a model's size each;
+    ``protocols/.OVERLAY.*``, ``.adapt_report.json.*``) and a card ``models/STEM-N.json``
+    whose weights never came (killed between the card's rename and the weights'; no load can
+    use it), so that its version number is published again, not skipped. Nothing else is
+    touched (one ``adapt`` at a time per site folder: :data:`LOCK_FILE`)."""
+    ours = re.compile(rf"{re.escape(stem)}-\d+\.(?:safetensors|json)")
+    names = {site_dir / "models": ours.fullmatch, site_dir / "protocols": {overlay}.__contains__,
+             site_dir: {"adapt_report.json"}.__contains__}
+    removed, cards = [], []
+    for folder, is_ours in names.items():
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TEMPORARY.fullmatch(p.name)
+            if m and is_ours(m["name"]) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    models = site_dir / "models"
+    for card in sorted(models.glob(f"{glob.escape(stem)}-*.json")) if models.is_dir() else []:
+        if not ours.fullmatch(card.name) or card.with_suffix(".safetensors").exists():
+            continue
+        try:
+            written_by_adapt = "adaptation" in json.loads(card.read_text())
+        except (OSError, ValueError):
+            continue
+        if written_by_adapt:
+            card.unlink(missing_ok=True)
+            cards.append(card)
+    if removed or cards:
+        log.warning("removed what an interrupted run left in the site folder: %s%s",
+                    ", ".join(map(str, removed + cards)),
+                    f" (a card without its weights: version {', '.join(c.stem for c in cards)} "
+                    "is published again if the gate passes the model)" if cards else "")
+
+
+def _check_overlay(site_dir: Path, protocol, protocol_dirs: Sequence[Path] | None) -> None:
+    """Refuse, before anything trains, a site overlay ``SITE/protocols/<base>-site.yaml`` that
+    no longer loads (edited by hand): publishing keeps what was added to it, so it must be
+    fixed, or deleted for a new one, first (a ProtocolError: exit 2)."""
+    from ..config.protocol import ProtocolError, load_protocol
+
+    path = site_dir / "protocols" / f"{protocol.name}-site.yaml"
+    if not path.exists():
+        return
+    try:
+        load_protocol(path, protocol_dirs)
+    except (ProtocolError, OSError) as e:
+        raise ProtocolError(f"{path}: the site's overlay from an earlier adaptation does not "
+                            "load, and adapt keeps what was added to it by hand: fix it, or "
+                            f"delete it to have a new one written; then run again. {e}") from e
+
+
 def _next_version(models_dir: Path, stem: str) -> tuple[int, str]:
     """(n, ``STEM-n``) for n one above the highest version in ``models_dir`` (1 for the
     first): a promoted model never replaces an earlier one (an overlay or a recon may be using
@@ -373,7 +605,9 @@ def _next_version(models_dir: Path, stem: str) -> tuple[int, str]:
 
 def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path:
     """``SITE_DIR/protocols/<base>-site.yaml``: extends the base protocol (by name when the
-    name resolves to the same file, else by path), swaps the model."""
+    name resolves to the same file, else by path), swaps the model. What a site added to an
+    overlay already there (other keys, other ``model`` keys) is kept; its ``name``,
+    ``extends``, ``description`` and ``model.variant`` are this adaptation's."""
     import yaml
 
     from ..config.protocol import ProtocolError, load_protocol
@@ -387,12 +621,28 @@ def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path
     d = site_dir / "protocols"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{base}-site.yaml"
-    text = yaml.safe_dump({
+    spec = {
         "name": f"{base}-site",
         "extends": extends,
         "description": f"{base} with the site-adapted model {name}",
         # relative to the overlay: the site folder can be moved or copied whole
         "model": {"variant": os.path.relpath(Path(model_path).absolute(), d.absolute())},
-    }, sort_keys=False)
-    write_text_atomic(path, text)
+    }
+    try:
+        before = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        before = None
+    if isinstance(before, dict):  # the site's additions stay
+        added = {k: v for k, v in before.items() if k not in spec}
+        model = before.get("model")
+        if isinstance(model, dict):
+            spec["model"] = {**model, **spec["model"]}
+        if before.get("extends") not in (None, extends):
+            log.warning("%s: extends %s, now %s (the protocol adapted here)", path,
+                        before["extends"], extends)
+        spec.update(added)
+        kept = [*added, *(f"model.{k}" for k in spec["model"] if k != "variant")]
+        if kept:
+            log.info("%s: kept what was added to it: %s", path, ", ".join(kept))
+    write_text_atomic(path, yaml.safe_dump(spec, sort_keys=False))
     return path

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io.inputs import RAW_SUFFIXES, gather_inputs  # noqa: F401 - the batch API names them
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
 from .state import STAGING_PREFIX, publish
 
 log = logging.getLogger(__name__)
 
-RAW_SUFFIXES = (".h5", ".hdf5", ".mrd", ".dat")  # .dat: Siemens twix
 
 
 @dataclass
@@ -46,27 +46,6 @@ class FileResult:
 
 
 # ----------------------------------------------------------------------------- inputs / names
-def gather_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; folders expanded (sorted) to their raw-data files; the same file named
-    twice is taken once. Missing paths raise FileNotFoundError."""
-    out: list[Path] = []
-    seen: set[Path] = set()
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in RAW_SUFFIXES
-                           and q.is_file())
-        elif p.exists():
-            found = [p]
-        else:
-            raise FileNotFoundError(f"input {p} does not exist")
-        for q in found:
-            if q.resolve() not in seen:
-                seen.add(q.resolve())
-                out.append(q)
-    return out
-
-
 def _safe_stem(path: Path) -> str:
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
     return stem.lstrip(".")[:64] or "scan"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..output.atomic import fsync_dir, write_text_atomic
+from ..runtime import held_lock
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +126,11 @@ def critical() -> contextlib.AbstractContextManager:
 @contextlib.contextmanager
 def batch_lock(out_dir: Path) -> Iterator[None]:
     """flock ``out_dir/.recon.lock`` for the whole batch; a second batch on it refuses."""
-    fh = open(out_dir / LOCK_FILE, "a+")  # held for the whole batch
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
+    with held_lock(out_dir / LOCK_FILE) as mine:  # held for the whole batch
+        if not mine:
             raise BatchUsageError(f"another recon-plugin batch is writing to {out_dir}; "
-                                  "wait for it or use another --out") from e
+                                  "wait for it or use another --out")
         yield
-    finally:
-        fh.close()
 
 
 # ----------------------------------------------------------------------------- state

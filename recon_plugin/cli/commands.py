@@ -403,7 +403,9 @@ def cmd_adapt(a: argparse.Namespace) -> int:
           f"{rep['adapted_heldout_error']:.5f}")
     code = EXIT_OK
     if not rep["promoted"]:
-        print("adapted model NOT promoted (it did not beat the base model); nothing changed")
+        print(f"adapted model NOT promoted: "
+              f"{rep.get('refused_because', 'it did not beat the base model')}; nothing "
+              "changed (the models and the overlay in use stay as they were)")
         code = EXIT_FAILED
     else:
         ov = Path(rep["overlay"])

@@ -322,8 +322,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     """The ``adapt`` subcommand."""
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
     s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD .h5, "
-                   "Siemens twix .dat); of those with usable slices, the first quarter in "
-                   "sorted order (at least one) is held out for the promotion gate")
+                   "Siemens twix .dat) or folders of them; of those with usable slices, the "
+                   "first quarter in sorted order (at least one) is held out for the promotion "
+                   "gate")
     s.add_argument("--protocol", required=True, help="base protocol (name or YAML)")
     s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")
     s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES,

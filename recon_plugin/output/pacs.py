@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime import held_lock
 from .atomic import fsync_dir, write_text_atomic
 from .pacs_tls import TlsSettings, TlsSettingsError, speaks_tls
 
@@ -503,22 +503,14 @@ def _queue_lock(qdir: Path) -> Iterator[bool]:
     it. Raises :class:`QueueNotWritable` when the folder cannot be written (probed with a
     nameless temporary file, so a ``.lock`` left from earlier does not hide it)."""
     qdir.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryFile(dir=qdir):
-            pass
-        fh = open(qdir / ".lock", "a+")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise QueueNotWritable(qdir, exc) from exc
-    with fh:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            with tempfile.TemporaryFile(dir=qdir):
+                pass
+            mine = held.enter_context(held_lock(qdir / ".lock"))
+        except OSError as exc:
+            raise QueueNotWritable(qdir, exc) from exc
+        yield mine
 
 
 def drain(
