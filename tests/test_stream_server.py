@@ -639,11 +639,44 @@ def test_idle_timeout_and_busy(data, engine):
             assert closed and "busy" in texts[0]
             with idle.makefile("rb") as rfile:  # the idle connection is closed by the server
                 got = list(ProtocolDeserializer(rfile).deserialize())
-            assert "idle timeout" in got[0]
+            assert "no message within 3 s of connecting" in got[0]
     finally:
         s.request_stop()
         t.join(10)
 
+
+
+def test_a_connection_that_never_speaks_frees_its_slot_soon(data, engine):
+    """A connection that sends nothing held its slot for the whole idle timeout (300 s by
+    default: 8 silent ones, a port scan or a hung client, locked every scanner out for 5
+    minutes). Its first message must now come within ``first_message_timeout``; after it, a
+    pause up to the idle timeout is fine."""
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=20.0, first_message_timeout=0.5)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(s.address, timeout=30) as silent, \
+                silent.makefile("rb") as rfile:
+            t0 = time.monotonic()
+            got = list(ProtocolDeserializer(rfile).deserialize())
+            assert time.monotonic() - t0 < 5.0
+        assert len(got) == 1 and "no message within 0.5 s of connecting" in got[0], got
+        with (socket.create_connection(s.address, timeout=30) as sock,
+              sock.makefile("wb") as wfile, sock.makefile("rb") as rfile):
+            out = ProtocolSerializer(wfile)
+            out.serialize(ConfigFile("stream_zf"))
+            wfile.flush()
+            time.sleep(1.5)  # longer than the first message's timeout, within the idle one
+            out.serialize(data["header"])
+            for acq in data["acqs"]:
+                out.serialize(acq)
+            out.close()
+            wfile.flush()
+            got = list(ProtocolDeserializer(rfile).deserialize())
+        assert sum(isinstance(x, ismrmrd.Image) for x in got) == 2, got
+    finally:
+        s.request_stop()
+        t.join(10)
 
 
 def test_a_client_that_trickles_a_message_is_timed_out(data, engine):

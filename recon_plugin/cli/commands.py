@@ -502,7 +502,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
               dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
               max_connections=a.max_connections, image_dtype=a.image_dtype,
               drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits,
-              pacs_retry=a.pacs_retry, noise_dir=a.noise_dir)
+              pacs_retry=a.pacs_retry, noise_dir=a.noise_dir,
+              first_message_timeout=a.first_message_timeout)
     except OSError as e:  # e.g. the port is taken
         log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
         return EXIT_USAGE

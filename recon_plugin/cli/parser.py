@@ -463,6 +463,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
                    help="seconds a connection may send nothing, and a message may take from "
                    "its first byte (default 300)")
+    s.add_argument("--first-message-timeout", type=_positive_float, default=30.0,
+                   help="seconds a new connection may take to send its first message, at most "
+                   "--idle-timeout: silent connections must not hold every slot (default "
+                   "%(default)g)")
     s.add_argument("--drain-timeout", type=_seconds, default=30.0,
                    help="after SIGTERM / SIGINT, seconds the scans in progress may take to end "
                    "before each stops after its slice in flight (a second signal: at once); "

@@ -86,10 +86,13 @@ class ReconServer:
                  engine: StreamEngine | None = None, *, idle_timeout: float = 300.0,
                  max_connections: int = 8, limits: Limits | None = None,
                  image_dtype: str = "float", drain_timeout: float = 30.0,
-                 **engine_kwargs: Any):
+                 first_message_timeout: float = 30.0, **engine_kwargs: Any):
         self.limits = limits or (engine.limits if engine else Limits())
         self.engine = engine or StreamEngine(limits=self.limits, **engine_kwargs)
         self.idle_timeout, self.max_connections = idle_timeout, max_connections
+        # a connection that sends nothing holds its slot this long, not the idle timeout: a
+        # few silent ones (a port scan, a client that hung) would lock the scanner out
+        self.first_message_timeout = min(first_message_timeout, idle_timeout)
         if image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}")
         self.image_dtype, self.drain_timeout = image_dtype, drain_timeout
@@ -232,9 +235,10 @@ class ReconServer:
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         who = f"{peer[0]}:{peer[1]}"
         log.info("%s: connected", who)
-        conn.settimeout(self.idle_timeout)
+        conn.settimeout(self.first_message_timeout)
         inbox = _Inbox(self.limits.max_queued_bytes, self._stop)
-        reader = threading.Thread(target=_read_loop, args=(MrdReader(conn, self.limits), inbox),
+        reader = threading.Thread(target=_read_loop,
+                                  args=(MrdReader(conn, self.limits, self.idle_timeout), inbox),
                                   daemon=True, name=f"mrd-read-{who}")
         reader.start()
         reply = _Reply(conn)
@@ -431,7 +435,8 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
           image_dtype: str = "float", limits: Limits | None = None, drain_timeout: float = 30.0,
           handle_signals: bool = True, warmup: bool = True,
           pacs_retry: float | None = RETRY_PERIOD_S,
-          noise_dir: str | Path | None = None) -> ReconServer:
+          noise_dir: str | Path | None = None,
+          first_message_timeout: float = 30.0) -> ReconServer:
     """Run the MRD server until SIGTERM / SIGINT (or :meth:`ReconServer.request_stop`).
 
     Loopback only by default. Signals are handled when called from the main thread: the first
@@ -443,14 +448,15 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
     retries of the PACS queues (those this server queues into, and those of its protocols that
     hold files of an earlier run; None or 0: ``recon-plugin send`` only). ``noise_dir``: where
     separate noise measurements are kept for the scans that name them (None: the
-    :class:`~recon_plugin.stream.noise_store.NoiseStore` default). Returns the (stopped)
-    server.
+    :class:`~recon_plugin.stream.noise_store.NoiseStore` default). ``first_message_timeout``:
+    seconds a new connection may take to send its first message (at most ``idle_timeout``).
+    Returns the (stopped) server.
     """
     server = ReconServer(host, port, idle_timeout=idle_timeout, max_connections=max_connections,
                          limits=limits, image_dtype=image_dtype, device=device, protocol=protocol,
                          protocol_dirs=protocol_dirs, dicom_out=dicom_out,
                          drain_timeout=drain_timeout, pacs_retry_s=pacs_retry,
-                         noise_dir=noise_dir)
+                         noise_dir=noise_dir, first_message_timeout=first_message_timeout)
     if warmup:
         server.engine.warmup()
     server.engine.retry_earlier_queues()

@@ -48,10 +48,13 @@ class MrdReader:
 
     The socket's timeout bounds the wait for each piece of data and, from its first byte, the
     whole of each message: a client that trickles a message byte by byte (each within the
-    timeout) would otherwise hold its connection slot for ever."""
+    timeout) would otherwise hold its connection slot for ever. ``idle_timeout``: the
+    socket's timeout from the first complete message on (before it, the shorter one the
+    socket was given: a connection that never speaks frees its slot soon)."""
 
-    def __init__(self, sock: socket.socket, limits: Limits):
-        self.sock, self.limits = sock, limits
+    def __init__(self, sock: socket.socket, limits: Limits, idle_timeout: float | None = None):
+        self.sock, self.limits, self.idle_timeout = sock, limits, idle_timeout
+        self._first = True  # no message complete yet
         self._deadline: float | None = None  # the message in flight must be in by then
         self._after = ""  # what the message before the next one was read as (for errors)
 
@@ -68,6 +71,9 @@ class MrdReader:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError as e:
+                if self._first and got == 0 and boundary:
+                    raise IdleTimeout(f"no message within {self.sock.gettimeout():g} s of "
+                                      "connecting (serve --first-message-timeout)") from e
                 raise IdleTimeout("idle timeout: no data from the client") from e
             except OSError as e:
                 raise ClientGone(f"connection lost: {e}") from e
@@ -139,6 +145,10 @@ class MrdReader:
             raise ProtocolViolation(f"unknown message id {mid}" + (
                 f" right after {after}: if that message carried more data than its header "
                 "declares, the stream is out of step from there" if after else ""))
+        if self._first:  # the client speaks: from now on the idle timeout
+            self._first = False
+            if self.idle_timeout is not None:
+                self.sock.settimeout(self.idle_timeout)
         return Message(int(mid), payload, n, time.perf_counter())
 
     def _header(self) -> str | bytes:
