@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io.inputs import raw_files
 from ..models.checkpoint import ModelError, file_sha256, resolve_model, save_model
 from ..output.atomic import fingerprint, write_text_atomic
 from ..physics import SenseOperator
@@ -226,7 +227,9 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
               if world == 1 else contextlib.nullcontext()):
             skipped: list[str] = []
             known["skipped_files"] = skipped
-            raw, hashes = _distinct(_gather(raw), skipped)
+            # as recon takes its inputs (a typo: FileNotFoundError, exit 2, before
+            # anything is read), sorted
+            raw, hashes = _distinct(sorted(raw_files(list(raw))), skipped)
             protocol = load_protocol(base_protocol, protocol_dirs)
             _check_overlay(site_dir, protocol, protocol_dirs)
             settings = protocol.recon_settings()
@@ -384,21 +387,6 @@ def _left_out(skipped: list[str], most: int = 3) -> str:
         return ""
     more = f"; {len(skipped) - most} more, named above" if len(skipped) > most else ""
     return f"; left out: {'; '.join(skipped[:most])}{more}"
-
-
-def _gather(raw: Sequence[Path | str]) -> list[Path]:
-    """The raw files of ``raw`` as ``recon`` finds them (folders expanded to their raw files,
-    a file named twice taken once), sorted; a path that does not exist is a
-    FileNotFoundError (exit 2: a typo, found before anything is read) and no raw file at all
-    a ValueError."""
-    from ..io.inputs import RAW_SUFFIXES, gather_inputs
-
-    files = gather_inputs(list(raw))
-    if not files:
-        raise ValueError(f"no raw files ({', '.join(RAW_SUFFIXES)}) in "
-                         f"{' '.join(map(str, raw))}: give the site's raw files, or folders "
-                         "holding them")
-    return sorted(files)
 
 
 def _distinct(paths: list[Path], skipped: list[str]) -> tuple[list[Path], dict[Path, str | None]]:

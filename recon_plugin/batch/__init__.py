@@ -50,7 +50,7 @@ import importlib
 # parser uses to check --cluster) imports no torch
 _PUBLIC = {
     "preflight": "driver", "run_batch": "driver",
-    "FileResult": "files", "ProtocolCache": "files", "gather_inputs": "files",
+    "FileResult": "files", "ProtocolCache": "files",
     "output_name": "files", "process_file": "files", "recon_file": "files",
     "BatchInterrupted": "state", "BatchUsageError": "state", "clean_stale": "state",
 }

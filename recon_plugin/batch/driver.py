@@ -13,13 +13,14 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..io.inputs import raw_files
 from ..models.inference import torch_device
 from ..output.atomic import check_writable_folder, fingerprint
 from ..output.delivery import DeliveryPlan
 from ..output.pacs import drop_superseded
 from ..recon.pipeline import Reconstructor
 from ..runtime import ProgressLog, bars
-from .files import RAW_SUFFIXES, FileResult, gather_inputs, output_name, process_file
+from .files import FileResult, output_name, process_file
 from .pool import run_pool
 from .state import (
     STATE_FILE,
@@ -74,10 +75,7 @@ def preflight(
         parse_address(cluster)
     if max_memory_gb is not None and not max_memory_gb > 0:
         raise BatchUsageError(f"--max-memory-gb must be > 0, got {max_memory_gb}")
-    files = gather_inputs(inputs)
-    if not files:
-        raise BatchUsageError(f"no raw files ({', '.join(RAW_SUFFIXES)}) in "
-                              f"{' '.join(map(str, inputs))}")
+    files = raw_files(inputs, BatchUsageError)
     if noise is not None:
         from ..io import RawDataError, check_noise_file
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io.inputs import RAW_SUFFIXES, gather_inputs  # noqa: F401 - the batch API names them
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
 from .state import STAGING_PREFIX, publish

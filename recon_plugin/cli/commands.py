@@ -166,18 +166,17 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     place)."""
     import json
 
-    from ..batch import ProtocolCache, gather_inputs
+    from ..batch import ProtocolCache
     from ..batch.files import without_path
     from ..config.protocol import ProtocolMatchError
     from ..io import NoiseMeasurementOnly, check_noise_file, read_raw
     from ..io.budget import gb_to_bytes
+    from ..io.inputs import raw_files
     from ..models.checkpoint import ModelError, resolve_model
     from ..recon.describe import describe_scan, format_description
     from ..scan import RawDataError
 
-    files = gather_inputs(a.inputs)
-    if not files:
-        raise UsageError(f"no raw files among {' '.join(map(str, a.inputs))}")
+    files = raw_files(a.inputs, UsageError)
     noise = {}
     if a.noise is not None:
         try:

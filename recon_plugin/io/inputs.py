@@ -27,3 +27,13 @@ def gather_inputs(inputs: list[str | Path]) -> list[Path]:
                 seen.add(q.resolve())
                 out.append(q)
     return out
+
+
+def raw_files(inputs: list[str | Path], error: type[ValueError] = ValueError) -> list[Path]:
+    """:func:`gather_inputs`, refusing (``error``, a usage error: exit 2) inputs that hold no
+    raw file at all."""
+    files = gather_inputs(inputs)
+    if not files:
+        raise error(f"no raw files ({', '.join(RAW_SUFFIXES)}) in "
+                    f"{' '.join(map(str, inputs))}")
+    return files

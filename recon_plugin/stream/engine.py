@@ -160,8 +160,10 @@ class StreamEngine:
         # k-space held per open (or deferred) slice, a 3D scan's split copy of one slab, and
         # the buffers of calibration data in another encoding space (until the scan ends)
         held: dict[object, int] = {}
-        asm.on_calibration_buffer = lambda what, nbytes: self._open_calibration(held, what,
-                                                                               nbytes)
+        # (counted as a slice: a large other encoding and a few lines in it had made GB past
+        # the limit, found by fuzzing the server)
+        asm.on_calibration_buffer = lambda what, nbytes: self._open(
+            held, ("calibration", what), nbytes, False, what)
         nz = max(asm.nz, 1)
         arrived = 0
         t = clock()
@@ -294,12 +296,6 @@ class StreamEngine:
         held[key] = nbytes
         if extra:
             held["split"] = extra
-
-    def _open_calibration(self, held: dict, what: str, nbytes: int) -> None:
-        """Count a separate calibration buffer (``what``: which, for the message) as a slice
-        buffer (:meth:`_open`): a header declaring a large other encoding and a few lines in
-        it had made GB of buffers past the limit (found by fuzzing the server)."""
-        self._open(held, ("calibration", what), nbytes, False, what)
 
     def _hold(self, nbytes: int, what: str = "the scan's next slice") -> None:
         """Count ``nbytes`` of k-space buffers (negative: free them) against the limit over

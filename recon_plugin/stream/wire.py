@@ -56,7 +56,7 @@ class MrdReader:
         self.sock, self.limits, self.idle_timeout = sock, limits, idle_timeout
         self._first = True  # no message complete yet
         self._deadline: float | None = None  # the message in flight must be in by then
-        self._after = ""  # what the message before the next one was read as (for errors)
+        self._after: tuple | None = None  # (id, header) of the last sized message: errors
 
     def _exact(self, n: int, boundary: bool = False) -> bytes:
         buf = bytearray(n)
@@ -102,7 +102,7 @@ class MrdReader:
     def read(self) -> Message:
         self._deadline = None
         (mid,) = _U16.unpack(self._exact(2, boundary=True))
-        after, self._after = self._after, ""
+        after, self._after = self._after, None
         lim = self.limits
         if mid == MSG.CONFIG_FILE:
             payload: Any = _decode(self._exact(_CONFIG_FILE_SIZE), "config file name")
@@ -127,8 +127,7 @@ class MrdReader:
             if n > lim.max_message_bytes:
                 raise ProtocolViolation(f"acquisition of {n} bytes exceeds the limit")
             payload = ismrmrd.Acquisition.from_bytes(head + self._exact(n))
-            self._after = (f"acquisition {int(h.scan_counter)}, read as the {ns} samples x {ch} "
-                           f"channels and {td} trajectory dimensions its header declares")
+            self._after = (mid, h)
         elif mid == MSG.WAVEFORM:
             h = ismrmrd.WaveformHeader.from_buffer_copy(self._exact(_WAVE_HEAD))
             n = int(h.number_of_samples) * int(h.channels) * 4
@@ -136,15 +135,14 @@ class MrdReader:
                 raise ProtocolViolation(f"waveform of {n} bytes exceeds the limit")
             self._exact(n)
             payload = None
-            self._after = (f"a waveform, read as the {int(h.number_of_samples)} samples x "
-                           f"{int(h.channels)} channels its header declares")
+            self._after = (mid, h)
         elif mid in (MSG.IMAGE, MSG.NDARRAY):
             raise ProtocolViolation(f"{MSG(mid).name} input is not supported (raw "
                                     "acquisitions only)")
         else:
             raise ProtocolViolation(f"unknown message id {mid}" + (
-                f" right after {after}: if that message carried more data than its header "
-                "declares, the stream is out of step from there" if after else ""))
+                f" right after {_read_as(*after)}: if that message carried more data than its "
+                "header declares, the stream is out of step from there" if after else ""))
         if self._first:  # the client speaks: from now on the idle timeout
             self._first = False
             if self.idle_timeout is not None:
@@ -171,6 +169,17 @@ class MrdReader:
                                     "encoding its XML declaration names") from None
         raise ProtocolViolation("header is not UTF-8 text (nor does its XML declaration name "
                                 "another encoding)")
+
+
+def _read_as(mid: int, h: Any) -> str:
+    """What an acquisition or waveform (its header ``h``) was read as, for an error that
+    follows it (formatted only then: not per message)."""
+    if mid == MSG.ACQUISITION:
+        return (f"acquisition {int(h.scan_counter)}, read as the {int(h.number_of_samples)} "
+                f"samples x {int(h.active_channels)} channels and "
+                f"{int(h.trajectory_dimensions)} trajectory dimensions its header declares")
+    return (f"a waveform, read as the {int(h.number_of_samples)} samples x "
+            f"{int(h.channels)} channels its header declares")
 
 
 def _decode(raw: bytes, what: str) -> str:
