@@ -132,7 +132,6 @@ class Identity:
     series_description: str = ""
     series_date: str = ""  # when the measurement was made (DICOM DA / TM text)
     series_time: str = ""
-    series_instance_uid_prefix: str = ""
     measurement_id: str = ""
     frame_of_reference_uid: str = ""
     patient_position: str = ""  # DICOM defined term (HFS, FFP, ...); "" unknown

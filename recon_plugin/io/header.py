@@ -314,7 +314,6 @@ def _identity(hdr: xsd.ismrmrdHeader) -> Identity:
         ident.series_description = mi.seriesDescription or ""
         ident.series_date = _dicom_date(mi.seriesDate)
         ident.series_time = _dicom_time(mi.seriesTime)
-        ident.series_instance_uid_prefix = mi.seriesInstanceUIDRoot or ""
         ident.measurement_id = mi.measurementID or ""
         ident.frame_of_reference_uid = mi.frameOfReferenceUID or ""
         pos = getattr(mi.patientPosition, "value", mi.patientPosition)

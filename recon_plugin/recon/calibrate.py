@@ -349,16 +349,3 @@ def pool_slice(state: ScanCalibration, name: str, model: nn.Module, kspace: np.n
         done = state.add(name, ev)
     return done
 
-
-def calibrate_slice(model: nn.Module, kspace: np.ndarray, maps: np.ndarray,
-                    mask: np.ndarray, acs: tuple[int, int] | None,
-                    grid: tuple[float, ...] = PRIOR_WEIGHT_GRID, fraction: float = 0.1,
-                    seed: int = 0, device: str | torch.device = "cpu",
-                    cg_iters: tuple[int, ...] = CG_ITERS_GRID,
-                    sparsity: tuple[Sparsity, ...] = SPARSITY_GRID, slices: int = 3,
-                    ) -> Calibration | None:
-    """The setting of a one-slice scan whose calibration pools ``slices`` held-out sets, as
-    ``recon`` calibrates a slice on its own (:func:`pool_slice`, :func:`folds_for`); None where
-    no evidence can be had."""
-    return pool_slice(ScanCalibration.for_scan(slices, 1), "", model, kspace, maps, mask, acs,
-                      grid, fraction, seed, device, cg_iters, sparsity)
