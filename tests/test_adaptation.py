@@ -273,6 +273,11 @@ def _verdict(base, new):
     return {"better": True, "z": 2.0, "mean_improvement": 1.0, "standard_error": 0.1, "n": 6}
 
 
+def _refused(base, new):
+    """The promotion gate's verdict, made worse."""
+    return {"better": False, "z": 2.0, "mean_improvement": -1.0, "standard_error": 0.1, "n": 6}
+
+
 def _adapt_with_a_signal(site, out, monkeypatch, where):
     """``recon-plugin adapt`` in this process, a real SIGTERM sent to it at ``where`` (the
     gate's verdict, or the overlay just written); a SIGTERM that reached no handler of the run's
@@ -520,6 +525,59 @@ def test_one_file_under_two_names_is_never_both_judged_and_trained_on(site, tmp_
                                     f"{given[str(raws[0])][:12]}): taken once"]
 
 
+def test_only_inputs_of_one_size_are_read_to_find_copies(tmp_path, monkeypatch):
+    """Two inputs can hold the same bytes only if they are the same size: only those are read
+    for a sha256 (every input was, before anything else: a site's archive read one extra time
+    where nothing could collide); a copy among them is still left out and named."""
+    from recon_plugin.adaptation import site as site_mod
+
+    real, read = site_mod.file_sha256, []
+    monkeypatch.setattr(site_mod, "file_sha256", lambda p: read.append(p) or real(p))
+    a, b, copy, other = (tmp_path / f"{n}.h5" for n in ("a", "b", "c_copy", "d"))
+    a.write_bytes(b"A" * 100)
+    b.write_bytes(b"B" * 200)  # no other input of its size: never read here
+    copy.write_bytes(a.read_bytes())
+    other.write_bytes(b"D" * 100)
+    skipped: list[str] = []
+    kept, hashes = site_mod._distinct([a, b, copy, other], skipped)
+    assert kept == [a, b, other]
+    assert sorted(read) == [a, copy, other], read
+    assert skipped == [f"{copy}: the same data as {a} (sha256 {real(a)[:12]}): taken once"]
+    assert hashes[a] == real(a) and b not in hashes
+
+
+def _padded(raws: list[Path], folder: Path) -> list[Path]:
+    """Copies of ``raws`` of distinct sizes (HDF5 ignores bytes past its end): no two can hold
+    the same bytes."""
+    out = []
+    for i, p in enumerate(raws):
+        out.append(folder / p.name)
+        out[-1].write_bytes(p.read_bytes() + bytes(100 * (i + 1)))
+    return out
+
+
+def test_site_files_are_read_for_their_hashes_only_for_a_published_card(site, tmp_path,
+                                                                        monkeypatch):
+    """Site files of distinct sizes: a run the gate refuses reads none of them for a sha256
+    (each had been hashed before anything else was read); a promoted run hashes each once,
+    for its card, which names each file's sha256."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.models.checkpoint import load_model
+
+    d, raws = site
+    files = _padded(raws, tmp_path)
+    real, read = site_mod.file_sha256, []
+    monkeypatch.setattr(site_mod, "file_sha256", lambda p: read.append(p) or real(p))
+    monkeypatch.setattr(site_mod, "significant_improvement", _refused)
+    assert not adapt(files, str(d / "tiny_base.yaml"), tmp_path / "r", steps=1)["promoted"]
+    assert read == []
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    rep = adapt(files, str(d / "tiny_base.yaml"), tmp_path / "p", steps=1)
+    assert sorted(read) == sorted(files), read
+    _, card = load_model(Path(rep["model"]))
+    assert card["adaptation"]["raw_files"] == {str(p): real(p) for p in files}
+
+
 def test_inputs_are_checked_before_training_and_folders_are_expanded(site, tmp_path,
                                                                      monkeypatch, caplog):
     """A path that does not exist (a typo) stops adapt before anything is read, exit 2 naming
@@ -650,6 +708,75 @@ def test_a_publication_killed_halfway_leaves_nothing_behind(site, tmp_path, monk
     assert left == [f"{stem}-1.json", f"{stem}-1.safetensors"], left
     assert load_protocol(rep["overlay"]).recon_settings().model == str(
         Path(rep["model"]).resolve())
+
+
+def test_a_publication_killed_halfway_after_an_earlier_one_takes_its_number_again(
+        site, tmp_path, monkeypatch):
+    """Version 1 published, then a publication killed between its card and its weights: the
+    next run removes that card and publishes version 2 (the number was never recorded as
+    published, so it is not skipped)."""
+    from recon_plugin.adaptation import site as site_mod
+
+    d, raws = site
+    out = tmp_path / "s"
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    assert adapt(raws, str(d / "tiny_base.yaml"), out, steps=2)["version"] == "site-1"
+    _kill_while_publishing(d, raws, out)
+    stem = "tiny-base-site-ssdu"
+    assert not (out / "models" / f"{stem}-2.safetensors").exists()
+    rep = adapt(raws, str(d / "tiny_base.yaml"), out, steps=1)
+    assert rep["version"] == "site-2" and Path(rep["model"]).name == f"{stem}-2.safetensors"
+    left = sorted(p.name for p in (out / "models").iterdir())
+    assert left == [f"{stem}-{n}.{ext}" for n in (1, 2) for ext in ("json", "safetensors")]
+
+
+def test_a_deleted_version_number_is_never_published_again(site, tmp_path, monkeypatch,
+                                                           caplog):
+    """A site deletes its latest model (card and weights): the next promotion takes a new
+    number (it had been published under the deleted one's, which earlier DICOMs and logs
+    name). Weights deleted without their card: the card stays (it is no interrupted
+    publication's) and its number is not used again either."""
+    from recon_plugin.adaptation import site as site_mod
+
+    d, raws = site
+    out = tmp_path / "s"
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+
+    def run(steps: int) -> Path:
+        return Path(adapt(raws, str(d / "tiny_base.yaml"), out, steps=steps)["model"])
+
+    assert [run(1).name, run(2).name] == ["tiny-base-site-ssdu-1.safetensors",
+                                          "tiny-base-site-ssdu-2.safetensors"]
+    for p in (out / "models").glob("tiny-base-site-ssdu-2.*"):
+        p.unlink()
+    third = run(3)
+    assert third.name == "tiny-base-site-ssdu-3.safetensors"
+    assert json.loads(third.with_suffix(".json").read_text())["version"] == "site-3"
+    third.unlink()  # the weights alone
+    caplog.clear()
+    assert run(4).name == "tiny-base-site-ssdu-4.safetensors"
+    assert third.with_suffix(".json").is_file() and "interrupted" not in caplog.text
+
+
+def test_without_its_record_of_versions_numbering_goes_on_from_the_models_there(
+        site, tmp_path, monkeypatch, caplog):
+    """``SITE/model_versions.json`` records the highest version published; deleted, the next
+    number is one above the highest model in ``models/``; edited into one that does not read,
+    a warning names it, the same rule applies, and it is written anew."""
+    from recon_plugin.adaptation import site as site_mod
+
+    d, raws = site
+    out, record = tmp_path / "s", tmp_path / "s" / "model_versions.json"
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    assert adapt(raws, str(d / "tiny_base.yaml"), out, steps=1)["version"] == "site-1"
+    assert json.loads(record.read_text()) == {"tiny-base-site-ssdu": 1}
+    record.unlink()
+    assert adapt(raws, str(d / "tiny_base.yaml"), out, steps=2)["version"] == "site-2"
+    assert json.loads(record.read_text()) == {"tiny-base-site-ssdu": 2}
+    record.write_text("{tiny-base-site-ssdu: 7")
+    assert adapt(raws, str(d / "tiny_base.yaml"), out, steps=3)["version"] == "site-3"
+    assert f"{record} cannot be read" in caplog.text
+    assert json.loads(record.read_text()) == {"tiny-base-site-ssdu": 3}
 
 
 def test_what_was_added_to_the_overlay_by_hand_is_kept(site, tmp_path, monkeypatch):

@@ -22,8 +22,10 @@ model's by more than two standard errors of the paired differences
 (:func:`~recon_plugin.training.losses.significant_improvement`): at low SNR the noise
 energy dominates every held-out error, and a change within it is not an improvement; otherwise
 nothing is written outside the run folder. A promoted model is a new versioned file
-(safetensors + card: parent hash, raw file hashes, mode, losses) plus a protocol overlay
-(``extends: BASE``) in ``SITE_DIR/protocols``, which keeps what a site added to it by hand.
+(safetensors + card: parent hash, raw file hashes, mode, losses; a version number is never
+given to two models, even once the site deleted one) plus a protocol overlay (``extends:
+BASE``) in ``SITE_DIR/protocols``, which keeps what a site added to it by hand: both written by
+:mod:`recon_plugin.adaptation.publication`.
 The shipped model is never overwritten. ``SITE_DIR/adapt_report.json`` is the last run's report
 (``status``: running, finished, failed or stopped), so a script never reads an earlier run's.
 
@@ -34,14 +36,13 @@ nccl on GPU): each rank draws its own slices, gradients are averaged, rank 0 wri
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import re
 import signal
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 
 from ..io.inputs import raw_files
-from ..models.checkpoint import ModelError, file_sha256, resolve_model, save_model
+from ..models.checkpoint import ModelError, file_sha256, resolve_model
 from ..output.atomic import fingerprint, write_text_atomic
 from ..physics import SenseOperator
 from ..runtime import (
@@ -66,6 +67,13 @@ from ..training.losses import heldout_errors, significant_improvement
 from ..training.selfsup import LossSpec
 from ..training.slices import SiteSlice
 from . import MODES, PARAMS, SSDU_LOSS_FRACTION
+from .publication import (
+    check_overlay,
+    publish_model,
+    published,
+    remove_interrupted_publication,
+    write_overlay,
+)
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +239,7 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
             # anything is read), sorted
             raw, hashes = _distinct(sorted(raw_files(list(raw))), skipped)
             protocol = load_protocol(base_protocol, protocol_dirs)
-            _check_overlay(site_dir, protocol, protocol_dirs)
+            check_overlay(site_dir, protocol, protocol_dirs)
             settings = protocol.recon_settings()
             try:
                 base_path = resolve_model(settings.model)
@@ -309,7 +317,7 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
         stem = name or f"{card.get('name', 'model')}-site-{mode}"
         known.update(base_heldout_error=base_err, run_dir=str(run_dir))
         if rank == 0:  # what an earlier publication killed half-way left; this run's report
-            _remove_interrupted_publication(site_dir, stem, f"{protocol.name}-site.yaml")
+            remove_interrupted_publication(site_dir, stem, f"{protocol.name}-site.yaml")
             _write_report(site_dir, {**known, "status": "running", "promoted": False})
             known["started"] = True
         history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
@@ -334,6 +342,11 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
         new_errs = heldout_errors(model, hold)
         new_err = float(new_errs.mean())
         gate = significant_improvement(base_errs, new_errs)
+        same = published(models_dir, stem, param_hash) if gate["better"] else None
+        # a new card names each raw file's sha256: read before the publication, where a signal
+        # still stops the run with nothing published
+        card_hashes = _card_hashes(raw, hashes, requested) if gate["better"] and same is None \
+            else {}
         if requested:
             raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped after "
                              f"training, before the promotion gate's verdict; nothing published; "
@@ -343,7 +356,6 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
         report["adapted_heldout_error"] = new_err
         report["gate"] = gate
         report["promoted"] = gate["better"]
-        same = _published(models_dir, stem, param_hash) if report["promoted"] else None
         if not report["promoted"]:
             report["refused_because"] = _refusal(gate, base_err, new_err)
             log.warning("adapted model not promoted: %s; nothing published (improvement %.5g, "
@@ -357,14 +369,12 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
             report["already_published"] = True
             report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
         else:
-            number, version = _next_version(models_dir, stem)
             new_card = {
-                "name": version, "version": f"site-{number}", "parent_sha256": card.get("sha256"),
-                "parent_name": card.get("name"), "pruning": card.get("pruning", {}),
-                "finetune": f"self-supervised ({mode})",
+                "parent_sha256": card.get("sha256"), "parent_name": card.get("name"),
+                "pruning": card.get("pruning", {}), "finetune": f"self-supervised ({mode})",
                 "adaptation": {"mode": mode, "params": params, "steps": len(history), "lr": lr,
                                "rho": rho,
-                               "raw_files": {str(p): hashes[p] for p in raw},
+                               "raw_files": {str(p): card_hashes[p] for p in raw},
                                "heldout_files": [str(p) for p in hold_files],
                                "skipped_files": skipped,
                                "heldout_error_base": base_err, "heldout_error_adapted": new_err,
@@ -372,7 +382,7 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
                                "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
                                "param_sha256": param_hash},
             }
-            saved = save_model(model.cpu(), models_dir / version, new_card)
+            version, saved = publish_model(site_dir, stem, model.cpu(), new_card)
             report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
         if requested:  # it came after the verdict: what was published stays, the caller stops
             report["stopped_by"] = requested[0]
@@ -389,19 +399,20 @@ def _left_out(skipped: list[str], most: int = 3) -> str:
     return f"; left out: {'; '.join(skipped[:most])}{more}"
 
 
-def _distinct(paths: list[Path], skipped: list[str]) -> tuple[list[Path], dict[Path, str | None]]:
+def _distinct(paths: list[Path], skipped: list[str]) -> tuple[list[Path], dict[Path, str]]:
     """``paths`` without the files whose bytes another one already has (a scan exported
-    twice: the gate would judge the model on a copy of what it trained on), each left out
-    with a warning and its reason appended to ``skipped``; and the sha256 of each file kept
-    (None where it cannot be read: the reader then names why)."""
+    twice, or one file under two names: the gate would judge the model on a copy of what it
+    trained on), each left out with a warning and its reason appended to ``skipped``; and the
+    sha256 of each file kept that was read for it. Only files of a size another one shares
+    are read (a site's archive is not read an extra time where no two files can be alike); a
+    file that cannot be read is kept (the reader then names why)."""
+    sizes = {p: _size(p) for p in paths}
+    shared = {n for n, count in Counter(sizes.values()).items() if n is not None and count > 1}
     kept: list[Path] = []
-    hashes: dict[Path, str | None] = {}
+    hashes: dict[Path, str] = {}
     first: dict[str, Path] = {}
     for p in paths:
-        try:
-            digest = file_sha256(p)
-        except OSError:
-            digest = None
+        digest = _sha256(p) if sizes[p] in shared else None
         if digest is not None and digest in first:
             reason = f"{p}: the same data as {first[digest]} (sha256 {digest[:12]}): taken once"
             log.warning("%s left out: %s", p, reason.removeprefix(f"{p}: "))
@@ -409,9 +420,38 @@ def _distinct(paths: list[Path], skipped: list[str]) -> tuple[list[Path], dict[P
             continue
         if digest is not None:
             first[digest] = p
+            hashes[p] = digest
         kept.append(p)
-        hashes[p] = digest
     return kept, hashes
+
+
+def _size(path: Path) -> int | None:
+    """``path``'s size in bytes, None where it cannot be read."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _sha256(path: Path) -> str | None:
+    """``path``'s sha256, None where it cannot be read."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def _card_hashes(paths: list[Path], hashes: dict[Path, str], requested: list[int]
+                 ) -> dict[Path, str | None]:
+    """The sha256 of each of ``paths`` for a new model's card: those in ``hashes``, the others
+    read now (None where one cannot be read); once a signal is in ``requested`` the rest are
+    not read (the run stops, nothing published)."""
+    out: dict[Path, str | None] = {}
+    for p in paths:
+        if requested:
+            break
+        out[p] = hashes[p] if p in hashes else _sha256(p)
+    return out
 
 
 def _refusal(gate: dict, base_err: float, new_err: float) -> str:
@@ -480,20 +520,6 @@ def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, c
     return report
 
 
-def _published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict] | None:
-    """(version, card) of a model already in ``models_dir`` under ``stem`` with these
-    parameters (``param_sha256``), else None."""
-    for path in sorted(models_dir.glob(f"{glob.escape(stem)}-*.json")):
-        try:
-            card = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if (card.get("adaptation", {}).get("param_sha256") == param_hash
-                and (models_dir / f"{path.stem}.safetensors").is_file()):
-            return path.stem, card
-    return None
-
-
 def _matches(protocol, protocol_dirs: Sequence[Path] | None = None
              ) -> Callable[[Path, ScanHeader], None]:
     """A check that warns where a file's header matches another protocol than ``protocol``
@@ -520,117 +546,3 @@ def _matches(protocol, protocol_dirs: Sequence[Path] | None = None
 
 def _digest(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# atomic_path's temporaries: ``.NAME.`` and tempfile's 8 random characters
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
-
-
-def _remove_interrupted_publication(site_dir: Path, stem: str, overlay: str) -> None:
-    """Remove, naming them in the log, what a run killed while it wrote (kill -9, a power cut;
-    a publication half-way) left in ``site_dir``: the temporaries of its atomic writes
-    (``models/.STEM-N.json.*``, ``models/.STEM-N.safetensors.*``, a model's size each;
-    ``protocols/.OVERLAY.*``, ``.adapt_report.json.*``) and a card ``models/STEM-N.json``
-    whose weights never came (killed between the card's rename and the weights'; no load can
-    use it), so that its version number is published again, not skipped. Nothing else is
-    touched (one ``adapt`` at a time per site folder: :data:`LOCK_FILE`)."""
-    ours = re.compile(rf"{re.escape(stem)}-\d+\.(?:safetensors|json)")
-    names = {site_dir / "models": ours.fullmatch, site_dir / "protocols": {overlay}.__contains__,
-             site_dir: {"adapt_report.json"}.__contains__}
-    removed, cards = [], []
-    for folder, is_ours in names.items():
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            m = _TEMPORARY.fullmatch(p.name)
-            if m and is_ours(m["name"]) and p.is_file():
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    models = site_dir / "models"
-    for card in sorted(models.glob(f"{glob.escape(stem)}-*.json")) if models.is_dir() else []:
-        if not ours.fullmatch(card.name) or card.with_suffix(".safetensors").exists():
-            continue
-        try:
-            written_by_adapt = "adaptation" in json.loads(card.read_text())
-        except (OSError, ValueError):
-            continue
-        if written_by_adapt:
-            card.unlink(missing_ok=True)
-            cards.append(card)
-    if removed or cards:
-        log.warning("removed what an interrupted run left in the site folder: %s%s",
-                    ", ".join(map(str, removed + cards)),
-                    f" (a card without its weights: version {', '.join(c.stem for c in cards)} "
-                    "is published again if the gate passes the model)" if cards else "")
-
-
-def _check_overlay(site_dir: Path, protocol, protocol_dirs: Sequence[Path] | None) -> None:
-    """Refuse, before anything trains, a site overlay ``SITE/protocols/<base>-site.yaml`` that
-    no longer loads (edited by hand): publishing keeps what was added to it, so it must be
-    fixed, or deleted for a new one, first (a ProtocolError: exit 2)."""
-    from ..config.protocol import ProtocolError, load_protocol
-
-    path = site_dir / "protocols" / f"{protocol.name}-site.yaml"
-    if not path.exists():
-        return
-    try:
-        load_protocol(path, protocol_dirs)
-    except (ProtocolError, OSError) as e:
-        raise ProtocolError(f"{path}: the site's overlay from an earlier adaptation does not "
-                            "load, and adapt keeps what was added to it by hand: fix it, or "
-                            f"delete it to have a new one written; then run again. {e}") from e
-
-
-def _next_version(models_dir: Path, stem: str) -> tuple[int, str]:
-    """(n, ``STEM-n``) for n one above the highest version in ``models_dir`` (1 for the
-    first): a promoted model never replaces an earlier one (an overlay or a recon may be using
-    it), and a higher n is always a later model."""
-    taken = [int(m[1]) for p in models_dir.glob(f"{glob.escape(stem)}-*")
-             if (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.(safetensors|json)", p.name))]
-    n = max(taken, default=0) + 1
-    return n, f"{stem}-{n}"
-
-
-def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path:
-    """``SITE_DIR/protocols/<base>-site.yaml``: extends the base protocol (by name when the
-    name resolves to the same file, else by path), swaps the model. What a site added to an
-    overlay already there (other keys, other ``model`` keys) is kept; its ``name``,
-    ``extends``, ``description`` and ``model.variant`` are this adaptation's."""
-    import yaml
-
-    from ..config.protocol import ProtocolError, load_protocol
-
-    base = protocol.name
-    try:
-        same = load_protocol(base).source == protocol.source
-    except (ProtocolError, LookupError, FileNotFoundError):
-        same = False
-    extends = base if same or protocol.source is None else str(Path(protocol.source).resolve())
-    d = site_dir / "protocols"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{base}-site.yaml"
-    spec = {
-        "name": f"{base}-site",
-        "extends": extends,
-        "description": f"{base} with the site-adapted model {name}",
-        # relative to the overlay: the site folder can be moved or copied whole
-        "model": {"variant": os.path.relpath(Path(model_path).absolute(), d.absolute())},
-    }
-    try:
-        before = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        before = None
-    if isinstance(before, dict):  # the site's additions stay
-        added = {k: v for k, v in before.items() if k not in spec}
-        model = before.get("model")
-        if isinstance(model, dict):
-            spec["model"] = {**model, **spec["model"]}
-        if before.get("extends") not in (None, extends):
-            log.warning("%s: extends %s, now %s (the protocol adapted here)", path,
-                        before["extends"], extends)
-        spec.update(added)
-        kept = [*added, *(f"model.{k}" for k in spec["model"] if k != "variant")]
-        if kept:
-            log.info("%s: kept what was added to it: %s", path, ", ".join(kept))
-    write_text_atomic(path, yaml.safe_dump(spec, sort_keys=False))
-    return path

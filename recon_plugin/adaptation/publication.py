@@ -1,0 +1,217 @@
+"""Publication of an adapted model in a site folder (``recon-plugin adapt``; rank 0, under the
+folder's lock): the model as a new version ``SITE/models/STEM-N`` (safetensors + card) beside
+the earlier ones, its number never given to another model (:data:`VERSIONS_FILE`); the overlay
+protocol ``SITE/protocols/<base>-site.yaml`` that names it; and the removal of what a
+publication killed half-way left."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..models.checkpoint import save_model
+from ..output.atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from ..models.unrolled import UnrolledNet
+
+log = logging.getLogger(__name__)
+
+# ``{"STEM": N}``: the highest version of each model stem ever published in the site folder. A
+# number stays taken when the site deletes that model: DICOMs and logs of it name it
+VERSIONS_FILE = "model_versions.json"
+
+# atomic_path's temporaries: ``.NAME.`` and tempfile's 8 random characters
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
+
+
+def _versioned(stem: str) -> re.Pattern[str]:
+    """``STEM-N.safetensors`` or ``STEM-N.json``, N as group 1."""
+    return re.compile(rf"{re.escape(stem)}-(\d+)\.(?:safetensors|json)")
+
+
+def _highest_in(models_dir: Path, stem: str) -> int:
+    """The highest N of a ``STEM-N`` weights file or card in ``models_dir`` (0: none)."""
+    ours = _versioned(stem)
+    return max((int(m[1]) for p in models_dir.glob(f"{glob.escape(stem)}-*")
+                if (m := ours.fullmatch(p.name))), default=0)
+
+
+def _recorded_versions(site_dir: Path) -> dict[str, int]:
+    """:data:`VERSIONS_FILE` of ``site_dir``: {} where there is none, or, with a warning,
+    where it does not read as one (numbering then goes on from the models in ``models/``)."""
+    path = site_dir / VERSIONS_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        return _unreadable(path, str(e))
+    if not isinstance(record, dict):
+        return _unreadable(path, "not a JSON object of version numbers")
+    return {k: v for k, v in record.items() if type(v) is int and v > 0}
+
+
+def _unreadable(path: Path, why: str) -> dict[str, int]:
+    """Warn that the record of versions ``path`` cannot be read (``why``); {}."""
+    log.warning("%s cannot be read (%s): the next version number is one above the highest model "
+                "in %s (the number of a model deleted from there may be used again); it is "
+                "written anew when a model is published", path, why, path.parent / "models")
+    return {}
+
+
+def publish_model(site_dir: Path, stem: str, model: UnrolledNet, card: dict
+                  ) -> tuple[str, dict]:
+    """Save ``model`` with ``card`` as the next version ``STEM-N`` in ``SITE/models`` (card
+    ``name`` STEM-N, ``version`` site-N), then record N in :data:`VERSIONS_FILE`; returns
+    (``STEM-N``, the card as saved). N is one above the highest ever published (recorded, or
+    in ``models/``): a promoted model never replaces an earlier one (an overlay or a recon may
+    be using it), a higher N is always a later model, and a deleted model's N is never given
+    to another. A publication killed before its weights were in place recorded nothing: the
+    next run removes its card (:func:`remove_interrupted_publication`) and publishes that N."""
+    record = _recorded_versions(site_dir)
+    number = max(record.get(stem, 0), _highest_in(site_dir / "models", stem)) + 1
+    version = f"{stem}-{number}"
+    saved = save_model(model, site_dir / "models" / version,
+                       {"name": version, "version": f"site-{number}", **card})
+    write_text_atomic(site_dir / VERSIONS_FILE,
+                      json.dumps({**record, stem: number}, indent=2, sort_keys=True) + "\n",
+                      fsync=True)
+    return version, saved
+
+
+def published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict] | None:
+    """(version, card) of a model already in ``models_dir`` under ``stem`` with these
+    parameters (``param_sha256``), else None."""
+    for path in sorted(models_dir.glob(f"{glob.escape(stem)}-*.json")):
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (card.get("adaptation", {}).get("param_sha256") == param_hash
+                and (models_dir / f"{path.stem}.safetensors").is_file()):
+            return path.stem, card
+    return None
+
+
+def remove_interrupted_publication(site_dir: Path, stem: str, overlay: str) -> None:
+    """Remove, naming them in the log, what a run killed while it wrote (kill -9, a power cut;
+    a publication half-way) left in ``site_dir``: the temporaries of its atomic writes
+    (``models/.STEM-N.json.*``, ``models/.STEM-N.safetensors.*``, a model's size each;
+    ``protocols/.OVERLAY.*``, ``.adapt_report.json.*``, ``.model_versions.json.*``) and a card
+    ``models/STEM-N.json`` whose weights never came (killed between the card's rename and the
+    weights'; no load can use it; N above the recorded highest), so that its version number is
+    published again, not skipped. Nothing else is touched: a card whose weights the site
+    deleted stays (one ``adapt`` at a time per site folder: ``site.LOCK_FILE``)."""
+    removed = _remove_temporaries(site_dir, stem, overlay)
+    cards = _remove_cards_without_weights(site_dir / "models", stem,
+                                          _recorded_versions(site_dir).get(stem, 0))
+    if removed or cards:
+        log.warning("removed what an interrupted run left in the site folder: %s%s",
+                    ", ".join(map(str, removed + cards)),
+                    f" (a card without its weights: version {', '.join(c.stem for c in cards)} "
+                    "is published again if the gate passes the model)" if cards else "")
+
+
+def _remove_temporaries(site_dir: Path, stem: str, overlay: str) -> list[Path]:
+    """Remove the atomic writes' temporaries of a publication of ``stem`` (and of its overlay,
+    report and record of versions) in ``site_dir``; the paths removed."""
+    names = {site_dir / "models": _versioned(stem).fullmatch,
+             site_dir / "protocols": {overlay}.__contains__,
+             site_dir: {"adapt_report.json", VERSIONS_FILE}.__contains__}
+    removed = []
+    for folder, is_ours in names.items():
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TEMPORARY.fullmatch(p.name)
+            if m and is_ours(m["name"]) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _remove_cards_without_weights(models_dir: Path, stem: str, recorded: int) -> list[Path]:
+    """Remove the cards ``STEM-N.json`` written by ``adapt`` whose weights are missing and
+    whose N is above ``recorded`` (the highest published whole); the cards removed."""
+    ours, cards = _versioned(stem), []
+    for card in sorted(models_dir.glob(f"{glob.escape(stem)}-*.json")):
+        m = ours.fullmatch(card.name)
+        if not m or int(m[1]) <= recorded or card.with_suffix(".safetensors").exists():
+            continue
+        try:
+            written_by_adapt = "adaptation" in json.loads(card.read_text())
+        except (OSError, ValueError):
+            continue
+        if written_by_adapt:
+            card.unlink(missing_ok=True)
+            cards.append(card)
+    return cards
+
+
+def check_overlay(site_dir: Path, protocol, protocol_dirs: Sequence[Path] | None) -> None:
+    """Refuse, before anything trains, a site overlay ``SITE/protocols/<base>-site.yaml`` that
+    no longer loads (edited by hand): publishing keeps what was added to it, so it must be
+    fixed, or deleted for a new one, first (a ProtocolError: exit 2)."""
+    from ..config.protocol import ProtocolError, load_protocol
+
+    path = site_dir / "protocols" / f"{protocol.name}-site.yaml"
+    if not path.exists():
+        return
+    try:
+        load_protocol(path, protocol_dirs)
+    except (ProtocolError, OSError) as e:
+        raise ProtocolError(f"{path}: the site's overlay from an earlier adaptation does not "
+                            "load, and adapt keeps what was added to it by hand: fix it, or "
+                            f"delete it to have a new one written; then run again. {e}") from e
+
+
+def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path:
+    """``SITE_DIR/protocols/<base>-site.yaml``: extends the base protocol (by name when the
+    name resolves to the same file, else by path), swaps the model. What a site added to an
+    overlay already there (other keys, other ``model`` keys) is kept; its ``name``,
+    ``extends``, ``description`` and ``model.variant`` are this adaptation's."""
+    import yaml
+
+    from ..config.protocol import ProtocolError, load_protocol
+
+    base = protocol.name
+    try:
+        same = load_protocol(base).source == protocol.source
+    except (ProtocolError, LookupError, FileNotFoundError):
+        same = False
+    extends = base if same or protocol.source is None else str(Path(protocol.source).resolve())
+    d = site_dir / "protocols"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{base}-site.yaml"
+    spec = {
+        "name": f"{base}-site",
+        "extends": extends,
+        "description": f"{base} with the site-adapted model {name}",
+        # relative to the overlay: the site folder can be moved or copied whole
+        "model": {"variant": os.path.relpath(Path(model_path).absolute(), d.absolute())},
+    }
+    try:
+        before = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        before = None
+    if isinstance(before, dict):  # the site's additions stay
+        added = {k: v for k, v in before.items() if k not in spec}
+        model = before.get("model")
+        if isinstance(model, dict):
+            spec["model"] = {**model, **spec["model"]}
+        if before.get("extends") not in (None, extends):
+            log.warning("%s: extends %s, now %s (the protocol adapted here)", path,
+                        before["extends"], extends)
+        spec.update(added)
+        kept = [*added, *(f"model.{k}" for k in spec["model"] if k != "variant")]
+        if kept:
+            log.info("%s: kept what was added to it: %s", path, ", ".join(kept))
+    write_text_atomic(path, yaml.safe_dump(spec, sort_keys=False))
+    return path
