@@ -277,3 +277,30 @@ def test_the_default_protocol_does_not_depend_on_the_data_scale(files):
             # them by 0.1 % and the whole image by 2 % (L1 weights made absolute)
             assert np.linalg.norm(y - x) < 2e-3 * np.linalg.norm(x)
             assert np.mean(np.abs(y - x) > 1e-3 * x.max()) < 0.01
+
+
+def test_nan_or_inf_pixels_are_never_written(files, monkeypatch, tmp_path):
+    """A reconstruction that overflows or diverges (here a method whose image holds a NaN and
+    an Inf) fails its slice, named, instead of writing pixels a viewer shows as garbage; in a
+    batch the file fails and nothing is published for it."""
+    from recon_plugin.batch import run_batch
+    from recon_plugin.recon import classical
+
+    real = classical.reconstruct
+
+    def broken(*a, **k):
+        img = real(*a, **k).copy()
+        img[3, 4], img[5, 6] = np.nan, np.inf
+        return img
+
+    monkeypatch.setattr(classical, "reconstruct", broken)
+    _, ism, _ = files
+    scan = read_raw(ism)
+    sl = scan.slices[1]
+    with pytest.raises(FloatingPointError, match=rf"^slice {sl.slice_index}: the cg-sense "
+                                                 "reconstruction gave NaN / Inf pixels"):
+        Reconstructor().reconstruct_slice(sl, scan.header, ReconSettings(method="cg-sense"))
+    (res,) = run_batch([ism], tmp_path / "out", overrides={"method": "cg-sense"},
+                       progress=False)
+    assert not res.ok and res.error.startswith("FloatingPointError: slice ")
+    assert not list((tmp_path / "out").glob("a_ismrmrd-*"))

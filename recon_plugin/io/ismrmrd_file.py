@@ -24,6 +24,7 @@ from pathlib import Path
 import h5py
 import ismrmrd
 import numpy as np
+from ismrmrd.file import Container
 
 from ..physics import center_crop
 from ..scan import RawDataError, RawScan, SliceData
@@ -77,17 +78,12 @@ def _read_noise(path: str | Path, dataset: str) -> tuple[np.ndarray | None, floa
 @functools.lru_cache(maxsize=2)
 def _read_noise_once(where: str, dataset: str, _size: int, _mtime_ns: int
                      ) -> tuple[np.ndarray | None, float | None]:
+    """:func:`_read_noise`'s uncached read (``_size``, ``_mtime_ns``: the cache key's part
+    that notices a rewritten file): the file is opened once, its group found and its noise
+    acquisitions read through that one handle. Returns the noise read-only (the cached one)."""
     try:
         with h5py.File(where, "r") as h:
-            group = ismrmrd_group(h, dataset)
-        if group is None:
-            raise RawDataError(f"{where}: no ISMRMRD group with a header and data")
-        chunks, dwell = [], None
-        with ismrmrd.File(where, "r") as f:
-            for acq in _iter_acquisitions(f[group], where):
-                if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                    chunks.append(np.asarray(acq.data, np.complex64).copy())
-                    dwell = float(acq.sample_time_us) or dwell
+            chunks, dwell = _noise_acquisitions(h, dataset, where)
     except OSError as err:
         raise RawDataError(f"{where}: noise file cannot be opened as HDF5: {err}") from err
     if not chunks:
@@ -103,6 +99,23 @@ def _read_noise_once(where: str, dataset: str, _size: int, _mtime_ns: int
         return None, None
     noise.setflags(write=False)  # the cached one; callers get copies
     return noise, dwell
+
+
+def _noise_acquisitions(h: h5py.File, dataset: str, where: str
+                        ) -> tuple[list[np.ndarray], float | None]:
+    """The noise acquisitions' samples (each (coils, samples) complex64, in file order) and
+    the last non-zero dwell time (microseconds; None: none) of the open file ``h``'s
+    :func:`~.noise_dependency.ismrmrd_group` (``dataset`` first). RawDataError where it has
+    no such group or its acquisitions cannot be read."""
+    group = ismrmrd_group(h, dataset)
+    if group is None:
+        raise RawDataError(f"{where}: no ISMRMRD group with a header and data")
+    chunks, dwell = [], None
+    for acq in _iter_acquisitions(Container(h[group]), where):
+        if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            chunks.append(np.asarray(acq.data, np.complex64).copy())
+            dwell = float(acq.sample_time_us) or dwell
+    return chunks, dwell
 
 
 def _attach_target(scan: RawScan, f: h5py.Group) -> None:

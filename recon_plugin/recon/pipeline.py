@@ -46,6 +46,7 @@ from ..physics import slice_operator
 from ..scan import (
     NO_SIGNAL,
     Provenance,
+    RawDataError,
     RawScan,
     ReconImage,
     ReconSeries,
@@ -171,7 +172,10 @@ class Reconstructor:
         sl.validate()
         t0 = started = time.perf_counter()
         notes: list[str] = list(sl.notes)
-        ksp, mask, calib, physical = prepare_kspace(sl, settings, whitener, notes)
+        try:
+            ksp, mask, calib, physical = prepare_kspace(sl, settings, whitener, notes)
+        except RawDataError as e:  # e.g. k-space too large for float32 arithmetic
+            raise RawDataError(f"slice {sl.slice_index}: {e}") from e
         t["preprocess"] += time.perf_counter() - t0
         method = settings.method
         if settings.measured_weight in (1.0, AUTO_WEIGHT) and method != "zero-filled" \
@@ -255,6 +259,11 @@ class Reconstructor:
                 measured_rss(coils, measured, mask, weight)
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, plane_header(header, sl.plane), notes)
+        if not np.isfinite(pixels).all():  # never written: a viewer would show garbage
+            raise FloatingPointError(
+                f"slice {sl.slice_index}: the {method} reconstruction gave NaN / Inf pixels "
+                f"(an overflow or a diverged solve); reconstruct it with another method "
+                f"(recon --method cg-sense) and report the file")
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes, weight, parts, sl.plane,
                           estimate.guard if estimate is not None else None)

@@ -9,7 +9,13 @@
 * ``drop_silent_coils``: channels that recorded nothing (a dead element or cable) removed, on
   the physical coils, before both (prewhitening and compression mix channels: a dead one would
   no longer be zero after them), the whitener then the one of the coils kept
-  (``whitener_of_coils``).
+  (``whitener_of_coils``);
+* ``check_magnitudes``: k-space too large for the float32 arithmetic downstream refused with a
+  RawDataError (``whiten_and_compress`` runs it on every slice, before and after prewhitening).
+
+A whitener's factorisations (its inverse, the Cholesky factor of the noise covariance; the
+whitener of the coils kept) are made once per distinct matrix and kept for the next slices
+(``whitener_inverse``): the noise covariance is the scan's, not the slice's.
 
 Axis convention: multi-coil k-space is ``(coils, ky, kx)``, centred, orthonormal FFT; noise is
 ``(coils, samples)``.
@@ -17,11 +23,20 @@ Axis convention: multi-coil k-space is ``(coils, ky, kx)``, centred, orthonormal
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from ..scan import RawDataError, RawScan
+
+# the distinct whiteners (and their coil subsets) whose factorisations are kept: a scan has
+# one, a stream server serves a few scans at once
+_FACTORS_KEPT = 8
+# the most a slice's sum of squared sample magnitudes may be: float32's largest value over
+# 2**10, room for the float32 sums downstream that exceed the data's own (a guard line's error,
+# CG's inner products, a coil image's RSS); a realistic slice's is below 1e20
+ENERGY_LIMIT = float(np.finfo(np.float32).max) / 2**10
 
 
 def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) -> float:
@@ -104,6 +119,78 @@ def calibration_samples(kspace: np.ndarray, acs: tuple[int, int] | None) -> np.n
     return kspace[:, nz]
 
 
+def _key(matrix: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    """A matrix as a cache key: its dtype, shape and bytes (equal keys: equal numbers)."""
+    m = np.ascontiguousarray(matrix)
+    return m.dtype.str, m.shape, m.tobytes()
+
+
+def _matrix(key: tuple[str, tuple[int, ...], bytes]) -> np.ndarray:
+    """The matrix of :func:`_key`'s ``key``."""
+    dtype, shape, data = key
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def whitener_inverse(whitener: np.ndarray) -> np.ndarray:
+    """W^-1 (coils, coils) complex128, read-only, of the whitener W = L^-1 (coils, coils):
+    the Cholesky factor L of the noise covariance (L L^H = C). Computed once per distinct W
+    (the last few kept, keyed by its numbers), so a scan's slices share one factorisation."""
+    return _inverse(_key(whitener))
+
+
+@functools.lru_cache(maxsize=_FACTORS_KEPT)
+def _inverse(key: tuple[str, tuple[int, ...], bytes]) -> np.ndarray:
+    return _read_only(np.linalg.inv(_matrix(key).astype(np.complex128)))
+
+
+def check_magnitudes(data: np.ndarray, what: str = "k-space", hint: str | None = None) -> None:
+    """Refuse ``data`` (coils, ...) complex whose sum of squared magnitudes exceeds
+    :data:`ENERGY_LIMIT`, or whose magnitudes are not finite: the reconstruction's float32
+    squares and sums would overflow to Inf and its image be NaN / Inf. The sum is taken
+    without overflow (scaled by the largest magnitude before squaring, summed in float64).
+    Raises RawDataError naming ``what``, the largest magnitude and where it is (coil,
+    position), then ``hint`` (None: the scale that would do)."""
+    if data.size == 0:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        mags = np.abs(data)  # float32 for complex64: Inf where |z| exceeds its range
+        peak = float(mags.max())
+        if peak * peak * data.size <= ENERGY_LIMIT:  # the bound already holds: every usual slice
+            return
+        energy = math.inf
+        if math.isfinite(peak) and peak > 0:
+            unit = mags / np.float32(peak)  # <= 1: its squares cannot overflow
+            energy = peak * peak * float(np.sum(np.square(unit), dtype=np.float64))
+    if energy <= ENERGY_LIMIT:
+        return
+    raise RawDataError(_too_large(data, mags, what, energy, hint))
+
+
+def _too_large(data: np.ndarray, mags: np.ndarray, what: str, energy: float,
+               hint: str | None) -> str:
+    """:func:`check_magnitudes`' message. The largest magnitude is taken in float64 (a finite
+    complex64 sample's can exceed float32's range)."""
+    at = np.unravel_index(int(np.argmax(np.where(np.isnan(mags), np.inf, mags))), data.shape)
+    peak = abs(complex(data[at]))
+    where = f"coil {int(at[0])}, position {tuple(int(i) for i in at[1:])}"
+    if hint is None and math.isfinite(energy) and energy > 0:
+        scale = 10.0 ** math.floor(math.log10(math.sqrt(ENERGY_LIMIT / energy)))
+        hint = f"the raw data are stored in extreme units (scaled by {scale:.0e} they would do)"
+    hint = hint or "the raw data are corrupt or stored in extreme units"
+    if not math.isfinite(energy):
+        why = f"beyond float32's range ({float(np.finfo(np.float32).max):.3g})"
+    else:
+        why = (f"their sum of squared magnitudes, {energy:.3g}, exceeds the "
+               f"{ENERGY_LIMIT:.3g} the reconstruction's float32 arithmetic can square and "
+               "sum without overflowing to Inf")
+    return f"{what}: samples up to {peak:.3g} in magnitude ({where}), {why}: {hint}"
+
+
 def whiten_and_compress(
     kspace: np.ndarray,
     calib: np.ndarray | None,
@@ -121,18 +208,22 @@ def whiten_and_compress(
     rows ``acs`` = (start, stop), else on every acquired sample; unsampled (zero) positions
     stay zero. The way back is ``W^-1 A^H`` (``A`` the compression's rows): exact without
     compression, the projection onto the kept virtual coils with it. ``n_virtual`` None or
-    >= coils: no compression. Raises RawDataError when the whitener's coil count is not the
-    data's.
+    >= coils: no compression. The way back uses the whitener's factorisation made once
+    (:func:`whitener_inverse`). Raises RawDataError when the whitener's coil count is not the
+    data's, or where the k-space or calibration block, before or after prewhitening, is too
+    large for float32 arithmetic (:func:`check_magnitudes`).
     """
     ncoil = kspace.shape[0]
     same_coils = calib is not None and calib.shape[0] == ncoil  # else calib is left as it is
+    _check_both(kspace, calib, whitened=False)
     back = None
     if whitener is not None:
         _check_whitener(whitener, ncoil)
         kspace = apply_coil_matrix(whitener, kspace)
         if same_coils:
             calib = apply_coil_matrix(whitener, calib)
-        back = np.linalg.inv(whitener.astype(np.complex128))
+        _check_both(kspace, calib if same_coils else None, whitened=True)
+        back = whitener_inverse(whitener)
     if n_virtual and n_virtual < ncoil:
         fit = calib.reshape(ncoil, -1) if same_coils else calibration_samples(kspace, acs)
         m = coil_compression_matrix(fit, n_virtual)
@@ -143,6 +234,17 @@ def whiten_and_compress(
     if back is not None:
         back = back.astype(np.complex64)
     return kspace.astype(np.complex64, copy=False), calib, back
+
+
+def _check_both(kspace: np.ndarray, calib: np.ndarray | None, whitened: bool) -> None:
+    """:func:`check_magnitudes` on a slice's k-space and its calibration block (if any),
+    ``whitened`` or as measured."""
+    how = "prewhitened " if whitened else ""
+    hint = ("prewhitening divides by the noise scan's noise level, which is many orders of "
+            "magnitude below the data's (is the noise scan this scan's?)") if whitened else None
+    check_magnitudes(kspace, f"{how}k-space", hint)
+    if calib is not None:
+        check_magnitudes(calib, f"{how}calibration block", hint)
 
 
 def _check_whitener(whitener: np.ndarray, ncoil: int) -> None:
@@ -182,6 +284,15 @@ def whitener_of_coils(whitener: np.ndarray, keep: np.ndarray) -> np.ndarray:
     (coils, coils) of all of them (:func:`noise_prewhitening_matrix`): W = L^-1 with
     L L^H = C, so the kept coils' noise covariance is (L L^H)[keep][:, keep] and their
     whitener the inverse of its Cholesky factor (``W[keep][:, keep]`` is that only where the
-    coils left out are the last ones), by :func:`covariance_whitener`."""
-    chol = np.linalg.inv(whitener.astype(np.complex128))
-    return covariance_whitener((chol @ chol.conj().T)[np.ix_(keep, keep)])
+    coils left out are the last ones), by :func:`covariance_whitener`. Made once per distinct
+    whitener and ``keep`` (the last few kept): read-only, shared by the slices that ask."""
+    keep = np.asarray(keep)
+    keep = np.flatnonzero(keep) if keep.dtype == bool else keep.ravel()
+    return _kept_whitener(_key(whitener), tuple(int(k) for k in keep))
+
+
+@functools.lru_cache(maxsize=_FACTORS_KEPT)
+def _kept_whitener(key: tuple[str, tuple[int, ...], bytes], keep: tuple[int, ...]
+                   ) -> np.ndarray:
+    chol = _inverse(key)
+    return _read_only(covariance_whitener((chol @ chol.conj().T)[np.ix_(keep, keep)]))

@@ -146,6 +146,29 @@ def _acq(data: np.ndarray, *, flags: Sequence[int] = (), **fields) -> ismrmrd.Ac
     return acq
 
 
+def _write_measurement(path: Path, dataset: str, xml: str, acqs: list[ismrmrd.Acquisition],
+                       extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write one ISMRMRD measurement to ``path`` (replaced where it exists): ``xml`` in
+    ``/<dataset>/xml`` as given (UTF-8; it must parse against the ISMRMRD schema, checked
+    before the old file is removed), ``acqs`` in ``/<dataset>/data`` with the last one flagged
+    ACQ_LAST_IN_MEASUREMENT, and each of ``extra`` (name: array) as a dataset of the group.
+    Returns ``path``."""
+    xsd.CreateFromDocument(xml)  # the header must parse against the ISMRMRD schema
+    acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+    if path.exists():
+        path.unlink()
+    with ismrmrd.File(str(path), "w") as f:
+        cont = f[dataset]
+        # the XML as written (ismrmrd-python's header setter re-serialises it as ASCII, which
+        # fails on a patient name with an umlaut)
+        cont._contents.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+        cont._contents["xml"][0] = xml.encode("utf-8")
+        cont.acquisitions = acqs
+        for name, data in (extra or {}).items():
+            cont._contents.create_dataset(name, data=data)
+    return path
+
+
 def _calib_encoding_xml(xml: str, nx_c: int, ny_c: int, osf: int) -> str:
     """Append a second (lower-resolution, same-FOV) encoding space for a separate reference."""
     hdr = xsd.CreateFromDocument(xml)
@@ -299,20 +322,8 @@ def write_ismrmrd(
                         add(junk, flags=[fl], center_sample=nfull // 2,
                             idx=dict(kspace_encode_step_1=ny // 2, slice=si, repetition=rep),
                             **geo(s))
-    acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-    if path.exists():
-        path.unlink()
-    xsd.CreateFromDocument(xml)  # the header must parse against the ISMRMRD schema
-    with ismrmrd.File(str(path), "w") as f:
-        cont = f[dataset]
-        # the XML as written (ismrmrd-python's header setter re-serialises it as ASCII, which
-        # fails on a patient name with an umlaut)
-        cont._contents.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
-        cont._contents["xml"][0] = xml.encode("utf-8")
-        cont.acquisitions = acqs
-        target = np.stack([s.target for s in base.slices]).astype(np.float32)
-        cont._contents.create_dataset(TARGET_NAME, data=target)
-    return path
+    target = np.stack([s.target for s in base.slices]).astype(np.float32)
+    return _write_measurement(path, dataset, xml, acqs, {TARGET_NAME: target})
 
 
 def slab_kspace(vol: SimVolume) -> np.ndarray:
@@ -394,16 +405,7 @@ def write_ismrmrd_noise(vol: SimVolume, path: str | Path, measurement_id: str,
                                          measurement_id=measurement_id)
     kw.setdefault("protocol_name", "AdjCoilSens_noise")
     xml = header_xml_from_sim(vol, readout_oversampling=1, **kw)
-    xsd.CreateFromDocument(xml)
     chunks = [vol.noise[:, i:i + 128] for i in range(0, vol.noise.shape[1], 128)]
     acqs = [_acq(c, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT], scan_counter=i,
                  acquisition_time_stamp=i) for i, c in enumerate(chunks)]
-    acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-    if path.exists():
-        path.unlink()
-    with ismrmrd.File(str(path), "w") as f:
-        cont = f[dataset]
-        cont._contents.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
-        cont._contents["xml"][0] = xml.encode("utf-8")
-        cont.acquisitions = acqs
-    return path
+    return _write_measurement(path, dataset, xml, acqs)

@@ -1,0 +1,90 @@
+"""The simulated ISMRMRD writers (``sim/writers.py``): a scan and its dependent noise
+measurement are written by one helper (header as given, acquisitions, extras), read back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import h5py
+import ismrmrd
+import ismrmrd.xsd as xsd
+import numpy as np
+import pytest
+
+from recon_plugin.scan import Identity
+from recon_plugin.sim import simulate_volume, writers
+from recon_plugin.sim.header import header_xml_from_sim
+from recon_plugin.sim.writers import write_ismrmrd, write_ismrmrd_noise
+
+NAME = "Müller^Jörg"  # not ASCII
+
+
+@pytest.fixture(scope="module")
+def vol():
+    return simulate_volume("test", "T2", num_slices=2, num_coils=4, matrix=(32, 24), snr=20.0,
+                           seed=1)
+
+
+def _read_back(path, dataset: str) -> tuple[str, list[ismrmrd.Acquisition]]:
+    """(the header as stored, decoded, the acquisitions) of ``path``'s ``dataset``."""
+    with h5py.File(path, "r") as f:
+        assert f[dataset]["xml"].shape == (1,)
+        xml = f[dataset]["xml"][0].decode("utf-8")
+    with ismrmrd.File(str(path), "r") as f:
+        acqs = list(f[dataset].acquisitions)
+    return xml, acqs
+
+
+def _last_flags(acqs) -> list[bool]:
+    return [a.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT) for a in acqs]
+
+
+def test_the_noise_measurement_reads_back_as_written(vol, tmp_path):
+    """Header exactly as built, the noise in 128-sample acquisitions flagged as noise, the
+    last one last in the measurement, in the group asked for; an existing file replaced."""
+    path = tmp_path / "noise.h5"
+    path.write_bytes(b"not this")
+    ident = Identity(patient_name=NAME)
+    write_ismrmrd_noise(vol, path, "45385_1_2_3", dataset="other",
+                        header_kwargs={"identity": ident})
+    xml, acqs = _read_back(path, "other")
+    assert xml == header_xml_from_sim(
+        vol, readout_oversampling=1, protocol_name="AdjCoilSens_noise",
+        identity=dataclasses.replace(ident, measurement_id="45385_1_2_3"))
+    assert len(acqs) == -(-vol.noise.shape[1] // 128)
+    np.testing.assert_array_equal(np.concatenate([a.data for a in acqs], axis=1),
+                                  vol.noise.astype(np.complex64))
+    assert all(a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) for a in acqs)
+    assert _last_flags(acqs) == [False] * (len(acqs) - 1) + [True]
+    assert [a.scan_counter for a in acqs] == list(range(len(acqs)))
+    assert {a.sample_time_us for a in acqs} == {5.0}
+
+
+def test_the_scan_reads_back_as_written(vol, tmp_path):
+    """The header as given (its patient name intact), one acquisition per line with the noise
+    scan first, the last one last in the measurement, and the target beside them."""
+    path = tmp_path / "scan.h5"
+    write_ismrmrd(vol, path, acceleration=2, calib_lines=8,
+                  header_kwargs={"identity": Identity(patient_name=NAME)}, dataset="d2")
+    xml, acqs = _read_back(path, "d2")
+    assert xsd.CreateFromDocument(xml).subjectInformation.patientName == NAME
+    assert acqs[0].is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    assert _last_flags(acqs) == [False] * (len(acqs) - 1) + [True]
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["d2"][writers.TARGET_NAME][()],
+                                      np.stack([s.target for s in vol.slices]))
+
+
+@pytest.mark.parametrize("write", [
+    lambda vol, path: write_ismrmrd(vol, path),
+    lambda vol, path: write_ismrmrd_noise(vol, path, "1"),
+], ids=["scan", "noise"])
+def test_a_header_the_schema_refuses_leaves_the_existing_file(vol, tmp_path, monkeypatch, write):
+    """The header is checked against the ISMRMRD schema before the old file is removed: a
+    write that cannot happen leaves what was there."""
+    path = tmp_path / "f.h5"
+    path.write_bytes(b"the old file")
+    monkeypatch.setattr(writers, "header_xml_from_sim", lambda *a, **k: "<notIsmrmrd/>")
+    with pytest.raises(Exception):  # noqa: B017 - the schema library's own error
+        write(vol, path)
+    assert path.read_bytes() == b"the old file"
