@@ -154,6 +154,30 @@ def test_noise_that_cannot_whiten_is_not_kept(site, tmp_path):
     assert engine.noise_store.load(NOISE_ID) is None
 
 
+def test_a_noise_connection_is_kept_without_building_a_scan(site, tmp_path, monkeypatch):
+    """A connection of noise alone built a whole RawScan only to read its noise samples; they
+    now come from the assembler itself, kept as before: the stream's samples, its dwell
+    time, the same INFO notice."""
+    from recon_plugin.io.mrd_assembler import MrdAssembler
+
+    def no_scan(self, slices):
+        raise AssertionError("a noise-only stream built a RawScan")
+
+    monkeypatch.setattr(MrdAssembler, "build_scan", no_scan)
+    engine = _engine(site, tmp_path)
+    path = site["root"] / "site" / "meas_11_noise.h5"
+    with ismrmrd.File(str(path), "r") as f:
+        acqs = f["dataset"].acquisitions[:]
+    kept, images = _stream(engine, path)
+    assert kept.complete and not images
+    assert kept.notices == [f"INFO stream: {len(acqs)} noise acquisition(s) and no imaging "
+                            f"data: noise measurement {NOISE_ID} kept for the scans that "
+                            "depend on it (4 coils); nothing to reconstruct"], kept.notices
+    noise, dwell = engine.noise_store.load(NOISE_ID)
+    np.testing.assert_array_equal(noise, np.concatenate([a.data for a in acqs], axis=1))
+    assert dwell == float(acqs[-1].sample_time_us)
+
+
 # ----------------------------------------------------------------------------- the store
 def test_a_measurement_id_never_makes_a_path():
     """Slashes, dots and other characters of a client's header stay in one file name in the

@@ -766,6 +766,172 @@ def test_clients_refused_as_busy_do_not_hold_the_accept_loop(data, engine):
     assert not t.is_alive()
 
 
+@pytest.mark.parametrize("thread", ["mrd-127.", "mrd-read-"], ids=["connection", "reader"])
+def test_a_connection_no_thread_can_be_started_for_is_refused_and_the_server_listens_on(
+        data, engine, monkeypatch, caplog, thread):
+    """threading.Thread.start raising "can't start new thread" (threads or memory exhausted)
+    for a new connection's thread ended serve_forever (the server stopped listening), and for
+    its reader thread left the accepted socket open and its client waiting. Now the client is
+    told, its socket closed and its slot freed (one slot here: the next client is served), a
+    WARNING names the client, and the server listens on."""
+    s = srv.ReconServer("127.0.0.1", 0, engine, idle_timeout=20.0, max_connections=1)
+    t = threading.Thread(target=s.serve_forever, kwargs={"poll": 0.05}, daemon=True)
+    t.start()
+    start, failed = threading.Thread.start, []
+
+    def start_or_fail(self):  # the first thread of that name cannot be started
+        if self.name.startswith(thread) and not failed:
+            failed.append(self.name)
+            raise RuntimeError("can't start new thread")
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_fail)
+    try:
+        with (socket.create_connection(s.address, timeout=5) as sock,
+              sock.makefile("rb") as rfile):
+            who = "{}:{}".format(*sock.getsockname()[:2])
+            got = list(ProtocolDeserializer(rfile).deserialize())
+        assert failed and got == ["ERROR server cannot take the connection now (no thread could "
+                                  "be started for it); try again later"], got
+        assert failed[0] not in {x.name for x in s._threads}
+        _wait_for(lambda: not any(x.is_alive() for x in s._threads), "its slot is free")
+        images, texts = stream(s.address, data, "stream_zf")
+        assert not texts and len(images) == 2 and t.is_alive()
+        told = [r for r in caplog.records if "no thread could be started" in r.getMessage()]
+        assert len(told) == 1 and told[0].levelname == "WARNING", told
+        assert told[0].getMessage().startswith(f"{who}: refused"), told[0].getMessage()
+    finally:
+        s.request_stop()
+        t.join(30)
+    assert not t.is_alive()
+
+
+def test_a_message_too_large_for_the_memory_limit_is_refused_before_it_is_read(data, engine):
+    """A connection's read-ahead (up to 512 MB) was not counted against the memory limit
+    (serve --max-memory-gb): a message larger than the whole limit was read and queued. Now
+    each one is counted before its payload is read: this acquisition declares 4 MB against a
+    limit of 2 MB and is refused at once, naming both, though its payload never came."""
+    limit = 2 << 20
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               limits=stream_options.Limits(max_total_open_bytes=limit))
+    line = next(a for a in data["acqs"] if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    head = ismrmrd.AcquisitionHeader.from_buffer_copy(line.to_bytes()[:340])
+    head.number_of_samples, head.active_channels = 1 << 15, 16  # x 8 bytes: 4 MB
+    assert head.trajectory_dimensions == 0
+    s = srv.ReconServer("127.0.0.1", 0, eng, idle_timeout=5.0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        texts, closed = raw_exchange(s.address, preamble(data) + struct.pack(
+            "<H", ISMRMRDMessageID.ACQUISITION) + bytes(head), half_close=False)
+        assert closed and time.monotonic() - t0 < 4.0  # not the idle timeout's error
+        assert texts == [f"ERROR ProtocolViolation: acquisition {head.scan_counter} (32768 "
+                         "samples x 16 channels) needs 4 MB to be read, which alone exceeds "
+                         "the server's limit of 2 MB (serve --max-memory-gb)"], texts
+        _wait_for(lambda: eng._open_bytes == 0, "nothing is counted any more")
+        images, texts = stream(s.address, data, "stream_zf")  # a scan within the limit
+        assert not texts and len(images) == 2
+        _wait_for(lambda: eng._open_bytes == 0, "nothing is counted any more")
+    finally:
+        s.request_stop()
+        t.join(30)
+
+
+def test_what_a_connection_reads_ahead_counts_against_the_memory_limit(data, engine,
+                                                                       monkeypatch):
+    """The messages a connection read ahead of its scan's reconstruction (up to 512 MB) were
+    not counted against the memory limit, which bounded the k-space buffers only. Now they
+    are: with the reconstruction held up, the connection reads ahead no more than its share
+    (the connections together a quarter of the limit), all of it counted; the scan then goes
+    on within the limit, and nothing is counted once it ends."""
+    a0 = next(a for a in data["acqs"] if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    one = 8 * a0.number_of_samples // 2 * 64 * a0.active_channels  # a slice's k-space
+    limit = 4 * one
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                               limits=stream_options.Limits(max_total_open_bytes=limit))
+    inboxes = []
+
+    class Inbox(srv._Inbox):  # each connection's read-ahead, to look at
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            inboxes.append(self)
+
+    monkeypatch.setattr(srv, "_Inbox", Inbox)
+    s = srv.ReconServer("127.0.0.1", 0, eng, idle_timeout=20.0, max_connections=2)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    got: dict = {}
+    client = threading.Thread(target=lambda: got.update(
+        zip(("images", "texts"), stream(s.address, data, "stream_zf"))))
+
+    def settled() -> bool:
+        before = inboxes[0]._bytes if inboxes else 0
+        time.sleep(0.3)
+        return before > 0 and inboxes[0]._bytes == before
+
+    try:
+        with eng.lock:  # the session waits at its first acquisition (the model's provenance)
+            client.start()
+            _wait_for(settled, "the connection has read ahead as far as it may")
+            held = inboxes[0]._bytes
+            assert 0 < held <= eng._open_bytes <= limit, (held, eng._open_bytes, limit)
+            assert held <= limit // 8 < sum(a.data.nbytes for a in data["acqs"])
+        client.join(60)
+        assert not client.is_alive() and not got["texts"] and len(got["images"]) == 2
+        _wait_for(lambda: eng._open_bytes == 0, "nothing is counted any more")
+    finally:
+        s.request_stop()
+        t.join(30)
+
+
+def test_read_ahead_waits_while_its_session_is_busy_and_is_refused_once_it_waits(engine):
+    """The two ways a message that finds no room in the memory limit goes: while its session
+    is busy (here: has not asked for it yet) the reader waits, and reads it once the scans in
+    progress free enough; once the session waits for it, it is refused, naming its size, what
+    the scans hold and the limit (no reader waits for a session that waits for it)."""
+    from recon_plugin.stream.wire import Message, _Inbox
+
+    mb = 1 << 20
+    eng = eng_mod.StreamEngine(engine.recon,
+                               limits=stream_options.Limits(max_total_open_bytes=10 * mb))
+    eng._hold(9 * mb + mb // 2)  # what other scans hold
+    stop = threading.Event()
+    inbox = _Inbox(64 * mb, stop, eng)
+    reader = threading.Thread(target=inbox.admit, args=(mb, "acquisition 3"), daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    assert reader.is_alive() and eng._open_bytes == 9 * mb + mb // 2  # waits, counts nothing
+    eng._hold(-(9 * mb + mb // 2))  # those scans end
+    reader.join(5)
+    assert not reader.is_alive() and eng._open_bytes == mb
+    inbox.put(Message(int(ISMRMRDMessageID.CLOSE), None, 0, 0.0))
+    assert inbox.get().payload is None and eng._open_bytes == 0  # taken: no longer counted
+    eng._hold(9 * mb + mb // 2)
+    got: list = []
+
+    def session():
+        try:
+            got.append(inbox.get())
+        except stream_options.StreamError as e:
+            got.append(e)
+
+    taker = threading.Thread(target=session, daemon=True)
+    taker.start()
+    _wait_for(lambda: inbox._taking, "the session waits for the next message")
+    with pytest.raises(stream_options.ProtocolViolation) as refused:
+        inbox.admit(mb, "acquisition 4")
+    assert str(refused.value) == (
+        "acquisition 4 needs 1 MB to be read; with the 9.5 MB the scans in progress hold "
+        "(k-space buffers and messages read ahead), that exceeds the server's limit of 10 MB "
+        "(serve --max-memory-gb)")
+    stop.set()  # the session ends
+    taker.join(5)
+    assert not taker.is_alive() and isinstance(got[0], stream_options.ServerStopping)
+    inbox.close()
+    assert eng._open_bytes == 9 * mb + mb // 2  # nothing of the refused message counted
+
+
 def test_separate_calibration_counts_against_the_memory_limit(data, engine):
     """Calibration lines in another encoding space (encoding_space_ref 1) open a buffer of
     that encoding's matrix x their channels, which the server's k-space limit did not count: a

@@ -457,8 +457,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "~/.cache/recon_plugin/noise)")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--max-memory-gb", type=_positive_float, default=None,
-                   help="GB of k-space buffers all scans in progress may hold at once (a 3D "
-                   "slab counts twice); a scan past it gets an ERROR (default "
+                   help="GB of k-space buffers all scans in progress may hold at once, with the "
+                   "messages their connections read ahead (a 3D slab counts twice); a scan "
+                   "past it gets an ERROR (default "
                    "$RECON_PLUGIN_MAX_MEMORY_GB or 8)")
     s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
                    help="seconds a connection may send nothing, and a message may take from "

@@ -397,6 +397,12 @@ class MrdAssembler:
             budget_bytes=self.budget_bytes,
         )
 
+    def usable_noise(self) -> np.ndarray | None:
+        """The noise samples (coils, samples) as :meth:`build_scan` puts them in its RawScan
+        (dwell time: ``noise_dwell_us``), without building one; None, with the same warning,
+        where they cannot whiten."""
+        return self._usable_noise()
+
     # ---------------------------------------------------------------------------- internals
     def _usable_noise(self) -> np.ndarray | None:
         """The noise scan (coils, samples), or None with a warning where it cannot whiten:

@@ -121,7 +121,8 @@ class StreamEngine:
         self.protocol_dirs = [Path(p) for p in protocol_dirs or []]
         self.dicom_out = Path(dicom_out) if dicom_out else None
         self.limits = limits or Limits()
-        # k-space buffers of the slices being filled, over every scan in progress
+        # k-space buffers of the slices being filled, over every scan in progress, and the
+        # messages a server's connections read ahead of them (hold_read_ahead)
         self.memory_limit = self.limits.max_total_open_bytes or default_max_bytes()
         self._open_bytes = 0
         self._open_lock = threading.Lock()
@@ -297,17 +298,40 @@ class StreamEngine:
         if extra:
             held["split"] = extra
 
-    def _hold(self, nbytes: int, what: str = "the scan's next slice") -> None:
-        """Count ``nbytes`` of k-space buffers (negative: free them) against the limit over
-        every scan in progress; ProtocolViolation (nothing counted, ``what`` named) where it
-        would pass it."""
+    def hold_read_ahead(self, nbytes: int, what: str, refuse: bool = True) -> bool:
+        """Count a message of ``nbytes`` that a server's connection is about to read ahead of
+        its scan's reconstruction (``what``: the message, for the error), before it is
+        allocated, against the same limit as the k-space buffers (:meth:`_hold`). Where it
+        does not fit: ProtocolViolation, or False (nothing counted) where not ``refuse``; a
+        message larger than the whole limit is refused either way."""
+        return self._hold(nbytes, what, " to be read", refuse)
+
+    def free_read_ahead(self, nbytes: int) -> None:
+        """Release what :meth:`hold_read_ahead` counted (the session took the message)."""
+        self._hold(-nbytes)
+
+    def _hold(self, nbytes: int, what: str = "the scan's next slice",
+              need: str = " of k-space buffers", refuse: bool = True) -> bool:
+        """Count ``nbytes`` (negative: free them) against the limit over every scan in
+        progress (k-space buffers and messages read ahead); where it would pass it:
+        ProtocolViolation (nothing counted, ``what`` named), or False where not ``refuse``
+        and what the scans hold is in the way."""
+        limit = self.memory_limit
         with self._open_lock:
-            if nbytes > 0 and self._open_bytes + nbytes > self.memory_limit:
+            if nbytes > 0 and self._open_bytes + nbytes > limit:
+                if nbytes > limit:
+                    raise ProtocolViolation(
+                        f"{what} needs {size_text(nbytes)}{need}, which alone exceeds the "
+                        f"server's limit of {size_text(limit)} (serve --max-memory-gb)")
+                if not refuse:
+                    return False
                 raise ProtocolViolation(
-                    f"{what} needs {size_text(nbytes)} of k-space buffers; with the "
-                    f"{size_text(self._open_bytes)} the scans in progress hold, that exceeds the "
-                    f"server's limit of {size_text(self.memory_limit)} (serve --max-memory-gb)")
+                    f"{what} needs {size_text(nbytes)}{need}; with the "
+                    f"{size_text(self._open_bytes)} the scans in progress hold (k-space buffers "
+                    f"and messages read ahead), that exceeds the server's limit of "
+                    f"{size_text(limit)} (serve --max-memory-gb)")
             self._open_bytes = max(self._open_bytes + nbytes, 0)
+            return True
 
     def retry_earlier_queues(self) -> list[Path]:
         """Retry (see ``pacs_retry_s``) the PACS queue of every protocol on the search path
@@ -574,23 +598,23 @@ def _keep_noise(asm: MrdAssembler, count: int, store: NoiseStore) -> str:
     """Keep a noise-only stream's samples by its measurement ID; the notice that says so."""
     head = f"stream: {count} noise acquisition(s) and no imaging data"
     mid = asm.header.identity.measurement_id
-    scan = asm.build_scan([])
-    if scan.noise is None:  # NaN / Inf samples or only zeros
+    noise = asm.usable_noise()
+    if noise is None:  # NaN / Inf samples or only zeros
         why = noise_problem(np.concatenate(asm.noise, axis=1)) if asm.noise else None
         return f"WARNING {head}; not kept: {why or 'no usable noise samples'}"
     if not mid:
         return (f"WARNING {head} and no measurementID in the header: not kept (no scan could "
                 "name it); nothing to reconstruct")
     try:
-        path = store.keep(mid, scan.noise, scan.noise_dwell_time_us)
+        path = store.keep(mid, noise, asm.noise_dwell_us)
     except OSError as e:
         log.error("stream: noise measurement %s cannot be kept in %s: %s", mid, store.folder, e)
         return (f"WARNING {head}: noise measurement {mid} cannot be kept ({e}); the scans that "
                 "depend on it will be made without prewhitening")
     log.info("stream: noise measurement %s kept in %s (%d coils, %d samples)", mid, path,
-             scan.noise.shape[0], scan.noise.shape[1])
+             noise.shape[0], noise.shape[1])
     return (f"INFO {head}: noise measurement {mid} kept for the scans that depend on it "
-            f"({scan.noise.shape[0]} coils); nothing to reconstruct")
+            f"({noise.shape[0]} coils); nothing to reconstruct")
 
 
 _SHARED: dict[str, StreamEngine] = {}

@@ -36,13 +36,16 @@ class Limits:
     max_channels: int = 1024
     max_samples: int = 1 << 16
     max_trajectory_dims: int = 8
-    max_queued_bytes: int = 512 << 20  # read ahead of the reconstruction, per connection
+    # read ahead of the reconstruction, per connection (all of them: at most a quarter of the
+    # limit below, which counts it)
+    max_queued_bytes: int = 512 << 20
     max_matrix_pixels: int = 1 << 22  # encoded nx * ny of the header
     # k-space buffers of the slices being filled (or waiting) in one connection; None: only
     # the limit over every connection below
     max_open_slice_bytes: int | None = None
-    # the same over every connection at once; None: the readers' budget (io/budget.py:
-    # $RECON_PLUGIN_MAX_MEMORY_GB or 8 GB; `serve --max-memory-gb`)
+    # the same over every connection at once, with the messages they read ahead; None: the
+    # readers' budget (io/budget.py: $RECON_PLUGIN_MAX_MEMORY_GB or 8 GB; `serve
+    # --max-memory-gb`)
     max_total_open_bytes: int | None = None
 
 

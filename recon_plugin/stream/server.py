@@ -15,18 +15,20 @@ Wire protocol (little-endian, message id ``uint16`` first; ids from ``ismrmrd.se
 * out: one ``IMAGE`` per slice as soon as it is reconstructed, ``TEXT`` notices
   (``"WARNING ..."`` / ``"ERROR ..."``), ``CLOSE``.
 
-Robustness: every message length is checked against :class:`Limits` before its payload is read
-or allocated; malformed or unknown messages get an ``ERROR`` text, that connection is closed and
-the server keeps serving; a client that drops mid-scan just ends its session (one that stops
-reading its images (closed, or not reading for the idle timeout) while the scan's DICOM is
-wanted, ``--dicom-out`` or the protocol's PACS, has the scan finished for it from what it
-sent); idle connections time out; a client beyond ``max_connections`` is told the server is
-busy without holding up the others; a shortage at accept() (e.g. of file descriptors) is
-waited out. :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) stops
-accepting and lets the scans in progress go on to their end, for up to ``drain_timeout``
-seconds (a scan whose lines have all arrived is finished, none of it lost); then (or at a
-second request) every connection finishes the slice in flight, tells the client that its scan
-was not finished, and closes.
+Robustness: every message length is checked against :class:`Limits`, and counted against the
+engine's memory limit (``serve --max-memory-gb``, with the scans' k-space buffers), before its
+payload is read or allocated; malformed or unknown messages get an ``ERROR`` text, that
+connection is closed and the server keeps serving; a client that drops mid-scan just ends its
+session (one that stops reading its images (closed, or not reading for the idle timeout) while
+the scan's DICOM is wanted, ``--dicom-out`` or the protocol's PACS, has the scan finished for
+it from what it sent); idle connections time out; a client beyond ``max_connections`` is told
+the server is busy without holding up the others; a shortage at accept() (e.g. of file
+descriptors) is waited out, and a connection no thread can be started for is told so and
+closed. :meth:`ReconServer.request_stop` (SIGTERM / SIGINT in :func:`serve`) stops accepting
+and lets the scans in progress go on to their end, for up to ``drain_timeout`` seconds (a scan
+whose lines have all arrived is finished, none of it lost); then (or at a second request) every
+connection finishes the slice in flight, tells the client that its scan was not finished, and
+closes.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
                            errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # clients refused as busy that are told so at once, each in a short-lived thread of its own
 _MAX_REFUSING = 16
+# the read-ahead of every connection together takes at most 1 / this of the memory limit, so
+# that the k-space buffers of the scans keep the rest (both count against the limit)
+_READ_AHEAD_SHARE = 4
 
 
 # ------------------------------------------------------------------------------- server
@@ -216,15 +221,38 @@ class ReconServer:
                     self._refusing.release()
             self._refuse(conn)
             return
-        t.start()
+        try:
+            t.start()
+        except RuntimeError as e:  # "can't start new thread": threads or memory exhausted
+            with self._tlock:
+                self._threads.discard(t)  # its slot is free again
+            self._no_thread(conn, f"{peer[0]}:{peer[1]}", e)
 
-    def _refuse(self, conn: socket.socket, release: bool = False) -> None:
-        """Tell a client the server is busy, then close (``release``: a refusal slot)."""
+    def _no_thread(self, conn: socket.socket, who: str, e: RuntimeError) -> None:
+        """A connection no thread could be started for: logged, the client told, its socket
+        closed; the server goes on listening."""
+        log.warning("%s: refused, no thread could be started for the connection (%s); still "
+                    "listening", who, e)
+        self._refuse(conn, why="server cannot take the connection now (no thread could be "
+                               "started for it); try again later")
+
+    @property
+    def read_ahead_bytes(self) -> int:
+        """How far a connection may read ahead of its scan's reconstruction: at most
+        ``Limits.max_queued_bytes``, and the connections together at most a
+        ``1/_READ_AHEAD_SHARE`` of the engine's memory limit (which counts it)."""
+        share = self.engine.memory_limit // (_READ_AHEAD_SHARE * max(self.max_connections, 1))
+        return min(self.limits.max_queued_bytes, share)
+
+    def _refuse(self, conn: socket.socket, release: bool = False,
+                why: str | None = None) -> None:
+        """Tell a client the server is busy (or ``why`` it is refused), then close
+        (``release``: a refusal slot)."""
         try:
             conn.settimeout(2.0)
             reply = _Reply(conn)
             try:
-                reply.error(f"server busy ({self.max_connections} connections active)")
+                reply.error(why or f"server busy ({self.max_connections} connections active)")
                 reply.close()
             finally:
                 _close(conn, reply, linger_s=1.0)
@@ -236,11 +264,16 @@ class ReconServer:
         who = f"{peer[0]}:{peer[1]}"
         log.info("%s: connected", who)
         conn.settimeout(self.first_message_timeout)
-        inbox = _Inbox(self.limits.max_queued_bytes, self._stop)
+        inbox = _Inbox(self.read_ahead_bytes, self._stop, self.engine)
         reader = threading.Thread(target=_read_loop,
-                                  args=(MrdReader(conn, self.limits, self.idle_timeout), inbox),
+                                  args=(MrdReader(conn, self.limits, self.idle_timeout,
+                                                  inbox.admit), inbox),
                                   daemon=True, name=f"mrd-read-{who}")
-        reader.start()
+        try:
+            reader.start()
+        except RuntimeError as e:  # "can't start new thread"
+            self._no_thread(conn, who, e)
+            return
         reply = _Reply(conn)
         result: StreamResult | None = None
         try:

@@ -12,8 +12,9 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import ismrmrd
 from ismrmrd.serialization import ISMRMRDMessageID as MSG
@@ -50,10 +51,14 @@ class MrdReader:
     whole of each message: a client that trickles a message byte by byte (each within the
     timeout) would otherwise hold its connection slot for ever. ``idle_timeout``: the
     socket's timeout from the first complete message on (before it, the shorter one the
-    socket was given: a connection that never speaks frees its slot soon)."""
+    socket was given: a connection that never speaks frees its slot soon). ``admit(n, what)``
+    is called before the ``n`` bytes of a message's payload are allocated (the connection's
+    :meth:`_Inbox.admit`: waits for room, or refuses the message by raising)."""
 
-    def __init__(self, sock: socket.socket, limits: Limits, idle_timeout: float | None = None):
+    def __init__(self, sock: socket.socket, limits: Limits, idle_timeout: float | None = None,
+                 admit: Callable[[int, str], None] | None = None):
         self.sock, self.limits, self.idle_timeout = sock, limits, idle_timeout
+        self.admit = admit
         self._first = True  # no message complete yet
         self._deadline: float | None = None  # the message in flight must be in by then
         self._after: tuple | None = None  # (id, header) of the last sized message: errors
@@ -94,7 +99,13 @@ class MrdReader:
         if n > self.limits.max_text_bytes:
             raise ProtocolViolation(f"{what} of {n} bytes exceeds the limit of "
                                     f"{self.limits.max_text_bytes}")
+        self._admit(n, f"the {what}")
         return self._exact(n)
+
+    def _admit(self, n: int, what: str) -> None:
+        """Make room for the ``n`` bytes of ``what`` about to be read (see ``admit``)."""
+        if self.admit is not None and n > 0:
+            self.admit(n, what)
 
     def _text(self, what: str) -> str:
         return _decode(self._sized(what), what)
@@ -105,6 +116,7 @@ class MrdReader:
         after, self._after = self._after, None
         lim = self.limits
         if mid == MSG.CONFIG_FILE:
+            self._admit(_CONFIG_FILE_SIZE, "the config file name")
             payload: Any = _decode(self._exact(_CONFIG_FILE_SIZE), "config file name")
             n = _CONFIG_FILE_SIZE
         elif mid == MSG.HEADER:
@@ -126,6 +138,7 @@ class MrdReader:
             n = ns * td * 4 + ns * ch * 8
             if n > lim.max_message_bytes:
                 raise ProtocolViolation(f"acquisition of {n} bytes exceeds the limit")
+            self._admit(n, f"acquisition {int(h.scan_counter)} ({ns} samples x {ch} channels)")
             payload = ismrmrd.Acquisition.from_bytes(head + self._exact(n))
             self._after = (mid, h)
         elif mid == MSG.WAVEFORM:
@@ -133,6 +146,7 @@ class MrdReader:
             n = int(h.number_of_samples) * int(h.channels) * 4
             if n > lim.max_message_bytes:
                 raise ProtocolViolation(f"waveform of {n} bytes exceeds the limit")
+            self._admit(n, "a waveform")
             self._exact(n)
             payload = None
             self._after = (mid, h)
@@ -189,47 +203,98 @@ def _decode(raw: bytes, what: str) -> str:
         raise ProtocolViolation(f"{what} is not UTF-8 text") from e
 
 
-class _Inbox:
-    """Messages read ahead by the reader thread, bounded in bytes (back-pressure on the client)."""
+class MemoryBudget(Protocol):
+    """The server's memory limit as a connection's read-ahead counts against it
+    (:class:`~recon_plugin.stream.engine.StreamEngine`)."""
 
-    def __init__(self, max_bytes: int, stop: threading.Event):
+    def hold_read_ahead(self, nbytes: int, what: str, refuse: bool = True) -> bool: ...
+
+    def free_read_ahead(self, nbytes: int) -> None: ...
+
+
+class _Inbox:
+    """Messages read ahead by the reader thread: at most ``max_bytes`` while the session is
+    busy (back-pressure on the client), each counted in ``budget`` (the server's memory
+    limit) from before it is read (:meth:`admit`) until the session takes it."""
+
+    def __init__(self, max_bytes: int, stop: threading.Event,
+                 budget: MemoryBudget | None = None):
         self._items: deque[tuple[Message | StreamError, int]] = deque()
         self._bytes, self._max, self._stop = 0, max_bytes, stop
+        self._budget = budget
+        self._pending = 0  # counted for the message being read, not yet put
+        self._taking = False  # the session waits in get() for the next message
         self._cv = threading.Condition()
         self.closed = False
 
-    def put(self, item: Message | StreamError, nbytes: int) -> bool:
+    def admit(self, nbytes: int, what: str) -> None:
+        """Count a message of ``nbytes`` (``what``) about to be read, before it is allocated.
+        While the session is busy (messages wait here, or it works on one), wait for room:
+        within ``max_bytes``, and in the budget. Once it waits for this very message, the
+        budget has room or the message is refused (ProtocolViolation naming its size and the
+        limit), as is one larger than the whole limit, without waiting for the budget."""
         with self._cv:
-            while self._items and self._bytes + nbytes > self._max and not self.closed:
+            while True:
+                if self.closed:
+                    raise ClientGone("the session ended")
+                if not self._items and self._taking:
+                    self._count(nbytes, what, refuse=True)
+                    break
+                if ((not self._items or self._bytes + nbytes <= self._max)
+                        and self._count(nbytes, what, refuse=False)):
+                    break
                 self._cv.wait(0.25)
+            self._bytes += nbytes
+            self._pending += nbytes
+
+    def _count(self, nbytes: int, what: str, refuse: bool) -> bool:
+        return self._budget is None or self._budget.hold_read_ahead(nbytes, what, refuse)
+
+    def _free(self, nbytes: int) -> None:
+        self._bytes -= nbytes
+        if self._budget is not None and nbytes:
+            self._budget.free_read_ahead(nbytes)
+
+    def put(self, item: Message | StreamError) -> bool:
+        """Queue ``item`` with the bytes admitted for it; False where the session ended."""
+        with self._cv:
             if self.closed:
                 return False
-            self._items.append((item, nbytes))
-            self._bytes += nbytes
+            self._items.append((item, self._pending))
+            self._pending = 0
             self._cv.notify_all()
             return True
 
     def get(self) -> Message:
         with self._cv:
-            while True:
-                if self._stop.is_set():
-                    raise ServerStopping("server shutting down; the scan was not finished")
-                if self._items:
-                    item, n = self._items.popleft()
-                    self._bytes -= n
-                    self._cv.notify_all()
-                    if isinstance(item, StreamError):
-                        try:
-                            raise item
-                        finally:  # no frame <-> traceback cycle keeping the session alive
-                            del item
-                    return item
-                self._cv.wait(0.25)
+            try:
+                while True:
+                    if self._stop.is_set():
+                        raise ServerStopping("server shutting down; the scan was not finished")
+                    if self._items:
+                        item, n = self._items.popleft()
+                        self._free(n)
+                        self._cv.notify_all()
+                        if isinstance(item, StreamError):
+                            try:
+                                raise item
+                            finally:  # no frame <-> traceback cycle keeping the session alive
+                                del item
+                        return item
+                    if not self._taking:  # a reader waiting for room must count or refuse
+                        self._taking = True
+                        self._cv.notify_all()
+                    self._cv.wait(0.25)
+            finally:
+                self._taking = False
 
     def close(self) -> None:
+        """End the session's side: what is read ahead is dropped and freed from the budget."""
         with self._cv:
             self.closed = True
             self._items.clear()
+            self._free(self._bytes)
+            self._pending = 0
             self._cv.notify_all()
 
 
@@ -238,10 +303,10 @@ def _read_loop(reader: MrdReader, inbox: _Inbox) -> None:
         try:
             msg = reader.read()
         except StreamError as e:
-            inbox.put(e, 0)
+            inbox.put(e)
             return
         except Exception as e:  # noqa: BLE001 - e.g. a header the ismrmrd library rejects
-            inbox.put(ProtocolViolation(f"unreadable message: {type(e).__name__}: {e}"), 0)
+            inbox.put(ProtocolViolation(f"unreadable message: {type(e).__name__}: {e}"))
             return
-        if not inbox.put(msg, msg.nbytes) or msg.id == MSG.CLOSE:
+        if not inbox.put(msg) or msg.id == MSG.CLOSE:
             return
