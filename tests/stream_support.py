@@ -19,7 +19,7 @@ import pytest
 
 from recon_plugin.batch import recon_file
 from recon_plugin.config.protocol import ENV_VAR as PROTOCOLS_ENV
-from recon_plugin.output.pacs import enqueue, queued_items
+from recon_plugin.output.pacs_queue import enqueue, queued_items
 from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from recon_plugin.cli import main
 from recon_plugin.output.delivery import DeliveryPlan
-from recon_plugin.output.pacs import queued_items
+from recon_plugin.output.pacs_queue import queued_items
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
 from tests.test_output_pacs import write_series
@@ -106,7 +106,7 @@ def test_send_counts_what_still_waits_and_can_give_up(tmp_path, capsys):
     """``send`` on a queue another drain holds printed 'sent 0, still queued 0' with exit 0
     while files waited: it now counts the folder (exit 1). ``--max-attempts N`` sets aside,
     in ``dead/``, an item a PACS keeps refusing (it was retried for ever), and says so."""
-    from recon_plugin.output.pacs import _queue_lock
+    from recon_plugin.output.pacs_queue import _queue_lock
 
     files = write_series(tmp_path / "dcm", 2)
     queue = tmp_path / "q"
@@ -163,7 +163,7 @@ def test_queue_retry_passes_over_a_queue_it_cannot_write(tmp_path):
     """One queue the retry cannot write (its lock a folder: tests may run as root) raised out
     of the round, so the queues sorted after it were never retried while the server ran."""
     from recon_plugin.output.delivery import QueueRetry
-    from recon_plugin.output.pacs import enqueue
+    from recon_plugin.output.pacs_queue import enqueue
 
     paths = write_series(tmp_path / "dcm", nslices=1, seed=31)
     broken, fine = tmp_path / "a-queue", tmp_path / "b-queue"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_plugin.output import dicom, pacs
+from recon_plugin.output import dicom, pacs, pacs_queue
 from recon_plugin.scan import Geometry, Identity, Provenance, ReconImage, ReconSeries, ScanHeader
 
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
@@ -230,30 +230,30 @@ def test_pacs_down_then_up_loses_nothing(tmp_path):
     target = f"ORTHANC_TEST@127.0.0.1:{port}"
     queue = tmp_path / "queue"
     paths = write_series(tmp_path / "dcm", nslices=3, seed=4)
-    sent, queued = pacs.send_or_enqueue(paths, target, queue, CALLING, timeout=5)
+    sent, queued = pacs_queue.send_or_enqueue(paths, target, queue, CALLING, timeout=5)
     assert (sent, queued) == (0, 3)
     for p in paths:  # the queue holds copies: the output folder may be cleaned up
         p.unlink()
-    items = pacs.queued_items(queue)
+    items = pacs_queue.queued_items(queue)
     assert len(items) == 1 and items[0]["target"] == target and len(items[0]["files"]) == 3
-    assert pacs.drain(queue, timeout=5) == (0, 3)  # still down: kept, attempt counted
-    item = pacs.queued_items(queue)[0]
+    assert pacs_queue.drain(queue, timeout=5) == (0, 3)  # still down: kept, attempt counted
+    item = pacs_queue.queued_items(queue)[0]
     assert item["attempts"] == 1 and "could not be established" in item["last_error"]
 
     server = OrthancServer(tmp_path / "orthanc", dicom_port=port)
     try:
-        assert pacs.drain(queue, timeout=10) == (3, 0)
+        assert pacs_queue.drain(queue, timeout=10) == (3, 0)
         assert len(server.get("/instances")) == 3
-        assert pacs.queued_items(queue) == []
+        assert pacs_queue.queued_items(queue) == []
         assert [p.name for p in queue.iterdir()] == [".lock"]
-        assert pacs.drain(queue, timeout=10) == (0, 0)  # nothing left, nothing re-sent
+        assert pacs_queue.drain(queue, timeout=10) == (0, 0)  # nothing left, nothing re-sent
     finally:
         server.stop()
 
 
 def test_enqueue_is_atomic_and_manifest_complete(tmp_path):
     paths = write_series(tmp_path / "dcm", nslices=2, seed=5)
-    item = pacs.enqueue(paths, "PACS@127.0.0.1:104", tmp_path / "q", CALLING)
+    item = pacs_queue.enqueue(paths, "PACS@127.0.0.1:104", tmp_path / "q", CALLING)
     manifest = json.loads((item / "manifest.json").read_text())
     assert manifest["files"] == ["00001.dcm", "00002.dcm"]
     assert manifest["origin"] == [str(p) for p in paths]
@@ -261,18 +261,18 @@ def test_enqueue_is_atomic_and_manifest_complete(tmp_path):
     assert (item / "00001.dcm").read_bytes() == paths[0].read_bytes()
     assert not [p for p in (tmp_path / "q").iterdir() if p.name.startswith(".tmp")]
     with pytest.raises(pacs.PacsTargetError):
-        pacs.enqueue(paths, "not-a-target", tmp_path / "q")
-    assert len(pacs.queued_items(tmp_path / "q")) == 1
+        pacs_queue.enqueue(paths, "not-a-target", tmp_path / "q")
+    assert len(pacs_queue.queued_items(tmp_path / "q")) == 1
 
 
 def test_rejected_items_go_dead_after_max_attempts(orthanc, tmp_path):
     paths = write_series(tmp_path / "dcm", nslices=1, seed=6)
     queue = tmp_path / "q"
-    pacs.enqueue(paths, f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}", queue, CALLING)
-    assert pacs.drain(queue, timeout=5, max_attempts=2) == (0, 1)
-    assert len(pacs.queued_items(queue)) == 1
-    assert pacs.drain(queue, timeout=5, max_attempts=2) == (0, 1)
-    assert pacs.queued_items(queue) == []
+    pacs_queue.enqueue(paths, f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}", queue, CALLING)
+    assert pacs_queue.drain(queue, timeout=5, max_attempts=2) == (0, 1)
+    assert len(pacs_queue.queued_items(queue)) == 1
+    assert pacs_queue.drain(queue, timeout=5, max_attempts=2) == (0, 1)
+    assert pacs_queue.queued_items(queue) == []
     dead = list((queue / "dead").iterdir())
     assert len(dead) == 1
     assert json.loads((dead[0] / "manifest.json").read_text())["attempts"] == 2
@@ -281,11 +281,11 @@ def test_rejected_items_go_dead_after_max_attempts(orthanc, tmp_path):
 def test_concurrent_drain_is_skipped(tmp_path):
     paths = write_series(tmp_path / "dcm", nslices=1, seed=7)
     queue = tmp_path / "q"
-    pacs.enqueue(paths, f"PACS@127.0.0.1:{free_port()}", queue, CALLING)
-    with pacs._queue_lock(queue) as locked:
+    pacs_queue.enqueue(paths, f"PACS@127.0.0.1:{free_port()}", queue, CALLING)
+    with pacs_queue._queue_lock(queue) as locked:
         assert locked
-        assert pacs.drain(queue, timeout=2) == (0, 0)
-    assert len(pacs.queued_items(queue)) == 1
+        assert pacs_queue.drain(queue, timeout=2) == (0, 0)
+    assert len(pacs_queue.queued_items(queue)) == 1
 
 
 def test_a_torn_file_is_not_stored(orthanc, tmp_path):
@@ -303,9 +303,9 @@ def test_a_torn_file_is_not_stored(orthanc, tmp_path):
     # queued, no retry can send it: set aside in dead/ at the first drain (it had waited for
     # ever without --max-attempts)
     queue = tmp_path / "q"
-    pacs.enqueue(paths[1:], orthanc.target, queue, CALLING)
-    assert pacs.drain(queue, timeout=10) == (0, 1)
-    assert not pacs.queued_items(queue) and pacs.dead_files(queue) == 1
+    pacs_queue.enqueue(paths[1:], orthanc.target, queue, CALLING)
+    assert pacs_queue.drain(queue, timeout=10) == (0, 1)
+    assert not pacs_queue.queued_items(queue) and pacs_queue.dead_files(queue) == 1
 
 
 def test_a_bad_manifest_is_put_aside_and_the_queue_drains(tmp_path, caplog):
@@ -315,22 +315,22 @@ def test_a_bad_manifest_is_put_aside_and_the_queue_drains(tmp_path, caplog):
     each is named and moved to dead/, and the good items are tried."""
     queue = tmp_path / "q"
     port = free_port()  # nothing listens: the good item stays queued, attempted
-    good = pacs.enqueue(write_series(tmp_path / "a", nslices=1, seed=9),
+    good = pacs_queue.enqueue(write_series(tmp_path / "a", nslices=1, seed=9),
                         f"PACS@127.0.0.1:{port}", queue, CALLING)
     bad = {}
     for name, text in (("list", "[1, 2]"), ("attempts", {"attempts": "abc"}),
                        ("aet", {"calling_aet": 5}), ("path", {"files": ["../x.dcm"]}),
                        ("garbage", "{not json")):
-        item = pacs.enqueue(write_series(tmp_path / name, nslices=1, seed=10),
+        item = pacs_queue.enqueue(write_series(tmp_path / name, nslices=1, seed=10),
                             f"PACS@127.0.0.1:{port}", queue, CALLING)
         if isinstance(text, dict):
             m = json.loads((item / "manifest.json").read_text())
             text = json.dumps({**m, **text})
         (item / "manifest.json").write_text(text)
         bad[name] = item.name
-    assert len(pacs.queued_items(queue)) == 1  # the others logged, not a crash
-    assert pacs.drain(queue, timeout=2) == (0, 1)
-    assert [i["path"] for i in pacs.queued_items(queue)] == [str(good)]
+    assert len(pacs_queue.queued_items(queue)) == 1  # the others logged, not a crash
+    assert pacs_queue.drain(queue, timeout=2) == (0, 1)
+    assert [i["path"] for i in pacs_queue.queued_items(queue)] == [str(good)]
     assert sorted(p.name for p in (queue / "dead").iterdir()) == sorted(bad.values())
     assert "'attempts' is 'abc', not a whole number" in caplog.text
     assert "a JSON list, not an object" in caplog.text
@@ -354,12 +354,12 @@ def test_a_target_that_did_not_answer_is_not_waited_for_again(tmp_path, monkeypa
     target = f"PACS@127.0.0.1:{free_port()}"
     for i in range(3):
         paths = write_series(tmp_path / f"s{i}", nslices=1, seed=11 + i)
-        assert pacs.send_or_enqueue(paths, target, queue, CALLING, timeout=2,
+        assert pacs_queue.send_or_enqueue(paths, target, queue, CALLING, timeout=2,
                                     down=down) == (0, 1)
     assert len(calls) == 1 and list(down) == [target]
-    assert len(pacs.queued_items(queue)) == 3
-    down[target] -= pacs.DOWN_FOR  # later: it is tried again (it may be back)
-    pacs.send_or_enqueue(paths, target, queue, CALLING, timeout=2, down=down)
+    assert len(pacs_queue.queued_items(queue)) == 3
+    down[target] -= pacs_queue.DOWN_FOR  # later: it is tried again (it may be back)
+    pacs_queue.send_or_enqueue(paths, target, queue, CALLING, timeout=2, down=down)
     assert len(calls) == 2
 
 
@@ -369,7 +369,7 @@ def test_a_refusing_target_is_tried_by_each_input(orthanc, tmp_path):
     down: dict[str, float] = {}
     wrong = f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}"
     paths = write_series(tmp_path / "dcm", nslices=1, seed=15)
-    pacs.send_or_enqueue(paths, wrong, tmp_path / "q", CALLING, timeout=5, down=down)
+    pacs_queue.send_or_enqueue(paths, wrong, tmp_path / "q", CALLING, timeout=5, down=down)
     assert not down
 
 
@@ -397,7 +397,7 @@ def test_send_to_an_unwritable_queue_says_so(tmp_path, caplog, capsys, monkeypat
     from recon_plugin.cli import main
 
     queue = tmp_path / "queue"
-    pacs.enqueue(write_series(tmp_path / "dcm", nslices=1, seed=12), "NOBODY@127.0.0.1:9",
+    pacs_queue.enqueue(write_series(tmp_path / "dcm", nslices=1, seed=12), "NOBODY@127.0.0.1:9",
                  queue, CALLING)
     if old_lock:
         (queue / ".lock").touch()
@@ -427,7 +427,7 @@ def test_send_to_an_unwritable_queue_says_so(tmp_path, caplog, capsys, monkeypat
     if "Permission" in reason:
         assert ".lock" not in errors[0] and "tmpx" not in errors[0], errors
     assert "sent" not in capsys.readouterr().out
-    assert [i["attempts"] for i in pacs.queued_items(queue)] == [0]  # untouched, not tried
+    assert [i["attempts"] for i in pacs_queue.queued_items(queue)] == [0]  # untouched, not tried
 
 
 def test_echo_orthanc_and_what_a_wrong_ae_title_says(orthanc, capsys):

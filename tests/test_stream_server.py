@@ -35,7 +35,7 @@ from stream_support import check_images, storage_scp
 
 from recon_plugin.batch import recon_file
 from recon_plugin.io.mrd_assembler import MrdAssembler
-from recon_plugin.output.pacs import queued_items
+from recon_plugin.output.pacs_queue import queued_items
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_ismrmrd
 from recon_plugin.stream import engine as eng_mod
@@ -1061,7 +1061,7 @@ def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine, tmp_
     its PACS copy is queued without trying (the server is going down)."""
     import pydicom
 
-    from recon_plugin.output import pacs
+    from recon_plugin.output import pacs, pacs_queue
 
     tried = []
     monkeypatch.setattr(pacs, "send_files", lambda *a, **k: tried.append(a))
@@ -1081,7 +1081,7 @@ def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine, tmp_
     (f,) = eng.deliver(result)
     assert "INCOMPLETE SERIES: the server was stopped during the scan" in \
         pydicom.dcmread(f).ImageComments
-    assert not tried and [len(i["files"]) for i in pacs.queued_items(queue)] == [1]
+    assert not tried and [len(i["files"]) for i in pacs_queue.queued_items(queue)] == [1]
 
 
 def test_a_second_stop_request_ends_the_drain(data, engine):
@@ -1279,7 +1279,7 @@ def test_the_sets_of_a_slice_count_each(data, engine):
 def test_earlier_queues_are_found_past_a_protocol_that_does_not_load(tmp_path):
     """A protocol file that does not load made the server look for no earlier queue at all
     (load_all stops at the first invalid file), where the docstring says it is passed over."""
-    from recon_plugin.output.pacs import enqueue
+    from recon_plugin.output.pacs_queue import enqueue
     from tests.test_output_pacs import write_series
 
     pdir, queue = tmp_path / "protocols", tmp_path / "queue"

@@ -17,7 +17,7 @@ from ..io.inputs import raw_files
 from ..models.inference import torch_device
 from ..output.atomic import check_writable_folder, fingerprint
 from ..output.delivery import DeliveryPlan
-from ..output.pacs import drop_superseded
+from ..output.pacs_queue import drop_superseded
 from ..recon.pipeline import Reconstructor
 from ..runtime import ProgressLog, bars
 from .files import FileResult, output_name, process_file

@@ -275,7 +275,7 @@ def cmd_echo(a: argparse.Namespace) -> int:
 
 def cmd_send(a: argparse.Namespace) -> int:
     """Drain a PACS queue folder."""
-    from ..output.pacs import DEAD_DIR, QueueNotWritable, dead_files, drain, waiting_files
+    from ..output.pacs_queue import DEAD_DIR, QueueNotWritable, dead_files, drain, waiting_files
 
     q = Path(a.queue)
     if not q.is_dir():

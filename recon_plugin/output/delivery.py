@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .pacs import drain, enqueue, send_or_enqueue, waiting_files
+from .pacs_queue import drain, enqueue, send_or_enqueue, waiting_files
 from .pacs_tls import TlsSettings
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class DeliveryPlan:
         """C-STORE the ``.dcm`` files among ``paths`` to every target; what does not arrive is
         queued. A target whose files can be neither sent nor queued is logged and counted in
         ``failed``; the other targets still get theirs. ``down``: the run's memory of targets
-        that did not answer (:func:`~recon_plugin.output.pacs.send_or_enqueue`); ``queue_only``:
+        that did not answer (:func:`~recon_plugin.output.pacs_queue.send_or_enqueue`); ``queue_only``:
         queue every file without trying to send."""
         files = [Path(p) for p in paths if Path(p).suffix == ".dcm"]
         report = DeliveryReport()
@@ -132,7 +132,7 @@ class QueueRetry:
     the FIRE module, the Gadgetron node).
 
     Every ``period_s`` seconds, each queue folder :meth:`add` ed that holds waiting files is
-    drained (:func:`~recon_plugin.output.pacs.drain`: its lock keeps a concurrent ``recon-plugin
+    drained (:func:`~recon_plugin.output.pacs_queue.drain`: its lock keeps a concurrent ``recon-plugin
     send`` out; an item stays queued until delivered, ``send --max-attempts`` gives items up).
     The daemon thread starts with the first folder added and ends with :meth:`stop`.
     """

@@ -37,7 +37,7 @@ from ..io.mrd_calibration import add_interleaved_calibration
 from ..io.noise_dependency import use_dependent_noise
 from ..models.inference import torch_device
 from ..output.delivery import RETRY_PERIOD_S, DeliveryPlan, QueueRetry
-from ..output.pacs import waiting_files
+from ..output.pacs_queue import waiting_files
 from ..physics import fft2c
 from ..recon.calibrate import ScanCalibration
 from ..recon.pipeline import Reconstructor
