@@ -15,6 +15,15 @@ from recon_plugin.recon.sparse import NONE
 from recon_plugin.training.transfer import make_transfer_slice
 
 
+def calibrate_slice(model, kspace, maps, mask, acs, seed=0,
+                    sparsity=calibrate.SPARSITY_GRID):
+    """The setting of a one-slice scan, as ``recon`` calibrates a slice on its own (3 disjoint
+    sets of held-out lines pooled, :func:`calibrate.pool_slice`); None where it gives none."""
+    return calibrate.pool_slice(calibrate.ScanCalibration.for_scan(3, 1), "", model, kspace,
+                                maps, mask, acs, calibrate.PRIOR_WEIGHT_GRID, 0.1, seed, "cpu",
+                                calibrate.CG_ITERS_GRID, sparsity)
+
+
 @pytest.fixture(scope="module")
 def case():
     """A procedural 8-coil 96x96 slice at 4x with true maps: (kspace, maps, mask, acs, target)."""
@@ -45,7 +54,7 @@ def test_prior_weight_scales_the_data_consistency(case, base):
         calibrate.network_image(gradient, ksp, maps, mask, calibrate.DcSetting(0.5))
     with pytest.raises(ValueError, match="cg_iters needs dc='prox'"):
         calibrate.network_image(gradient, ksp, maps, mask, calibrate.DcSetting(1.0, 8))
-    assert calibrate.calibrate_slice(gradient, ksp, maps, mask, (44, 52)) is None
+    assert calibrate_slice(gradient, ksp, maps, mask, (44, 52)) is None
 
 
 def test_more_cg_iterations_converge_the_data_consistency(case, base):
@@ -75,7 +84,7 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
     strong = copy.deepcopy(base)
     with torch.no_grad():
         strong.step += float(np.log(16.0))
-    cal = calibrate.calibrate_slice(strong, ksp, maps, mask, acs, seed=1)
+    cal = calibrate_slice(strong, ksp, maps, mask, acs, seed=1)
     assert cal is not None
     assert set(cal.errors) == {*calibrate.candidates(), NONE, *calibrate.SPARSITY_GRID,
                                *map(calibrate.MoreIterations, calibrate.CG_ITERS_GRID)}
@@ -91,8 +100,7 @@ def test_calibration_undoes_a_prior_that_is_too_strong(case, base):
     # nothing to hold out (only the ACS block acquired): no calibration
     only_acs = np.zeros_like(mask)
     only_acs[acs[0]:acs[1]] = 1
-    assert calibrate.calibrate_slice(strong, ksp * only_acs[None], maps, only_acs,
-                                     acs) is None
+    assert calibrate_slice(strong, ksp * only_acs[None], maps, only_acs, acs) is None
 
 
 def test_pipeline_calibrates_without_the_guards_lines(case, monkeypatch):
@@ -341,7 +349,7 @@ def test_near_plain_l1_wavelet_wins_on_a_piecewise_constant_object(base):
     assert len(anchored) < len(calibrate.SPARSITY_GRID)
 
     def result(grid):
-        cal = calibrate.calibrate_slice(base, ksp, maps, mask, acs, seed=3, sparsity=grid)
+        cal = calibrate_slice(base, ksp, maps, mask, acs, seed=3, sparsity=grid)
         return cal.setting, psnr(np.abs(obj), np.abs(calibrate.network_image(
             base, ksp, maps, mask, cal.setting)))
 

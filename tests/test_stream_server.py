@@ -41,6 +41,7 @@ from recon_plugin.sim.writers import write_ismrmrd
 from recon_plugin.stream import engine as eng_mod
 from recon_plugin.stream import options as stream_options
 from recon_plugin.stream import server as srv
+from recon_plugin.stream.scan_state import StreamImage
 
 REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------ fixtures
@@ -1267,7 +1268,7 @@ def test_the_sets_of_a_slice_count_each(data, engine):
     opts = stream_options.StreamOptions(protocol="stream_zf")
     loose = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
                                  limits=stream_options.Limits(max_total_open_bytes=3 * one))
-    made = [o for o in loose.images(iter(both), xml, opts) if isinstance(o, eng_mod.StreamImage)]
+    made = [o for o in loose.images(iter(both), xml, opts) if isinstance(o, StreamImage)]
     assert len(made) == 2 and loose._open_bytes == 0
     tight = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
                                  limits=stream_options.Limits(max_total_open_bytes=one * 3 // 2))

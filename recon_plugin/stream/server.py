@@ -50,7 +50,7 @@ from ismrmrd.serialization import ProtocolSerializer
 
 from ..io.mrd_assembler import MrdAssembler
 from ..output.delivery import RETRY_PERIOD_S
-from .engine import StreamEngine, StreamResult
+from .engine import StreamEngine
 from .options import (
     IMAGE_DTYPES,
     ClientGone,
@@ -63,6 +63,7 @@ from .options import (
     log_failure,
     parse_config_text,
 )
+from .scan_state import StreamResult
 from .wire import MrdReader, _Inbox, _read_loop
 
 log = logging.getLogger(__name__)
