@@ -385,7 +385,7 @@ class MrdAssembler:
         if imaging is not None and imaging[0] > 1:  # samples beyond the header's encoded x
             header = dataclasses.replace(
                 header, readout_oversampling=header.readout_oversampling * imaging[0])
-        noise = self._usable_noise()
+        noise = self.usable_noise()
         read = {s.slice_index for s in slices}
         if self._wanted is not None and not read and self._passed:
             raise no_slice_selected(self.source, self._wanted, self._passed)
@@ -398,16 +398,10 @@ class MrdAssembler:
         )
 
     def usable_noise(self) -> np.ndarray | None:
-        """The noise samples (coils, samples) as :meth:`build_scan` puts them in its RawScan
-        (dwell time: ``noise_dwell_us``), without building one; None, with the same warning,
-        where they cannot whiten."""
-        return self._usable_noise()
-
-    # ---------------------------------------------------------------------------- internals
-    def _usable_noise(self) -> np.ndarray | None:
-        """The noise scan (coils, samples), or None with a warning where it cannot whiten:
-        NaN / Inf samples (whitening would spread them over every pixel) or only zeros (no
-        noise level to whiten by). The images are then made without prewhitening."""
+        """The noise scan (coils, samples) as :meth:`build_scan` puts it in its RawScan (dwell
+        time: ``noise_dwell_us``), or None with a warning where it cannot whiten: NaN / Inf
+        samples (whitening would spread them over every pixel) or only zeros (no noise level
+        to whiten by). The images are then made without prewhitening."""
         if not self.noise:
             return None
         noise = np.concatenate(self.noise, axis=1)
@@ -418,6 +412,7 @@ class MrdAssembler:
                    "prewhitening", once="noise-unusable")
         return None
 
+    # ---------------------------------------------------------------------------- internals
     def _reserve(self, coils: int, enc: EncodingInfo, nz: int = 1) -> None:
         """Count a new slice (or 3D slab: ``nz`` partition encodes) buffer against
         ``max_bytes`` before allocating it."""
