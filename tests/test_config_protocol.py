@@ -388,6 +388,7 @@ def test_a_model_file_in_the_working_directory_does_not_shadow_a_shipped_one(tmp
     monkeypatch.delenv("RECON_PLUGIN_MODELS", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "unrolled-base.safetensors").write_bytes(b"not a model")
+    (tmp_path / "unrolled-base.json").write_text("{}")  # a path resolves where both files are
     (tmp_path / "unrolled-base").mkdir()  # e.g. a run folder named like the model
     assert resolve_model("unrolled-base") == WEIGHTS_DIR / "unrolled-base.safetensors"
     assert resolve_model("./unrolled-base") == Path("./unrolled-base.safetensors")  # asked for

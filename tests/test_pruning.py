@@ -196,7 +196,10 @@ def test_export_variant_card(base, tmp_path):
     assert card["parent_sha256"] == parent["sha256"] and card["parent_name"] == "unrolled-tiny"
     assert card["pruning"] == {"method": "lean", "ratio": 0.5,
                                "hidden_channels": count_channels(pruned),
-                               "parent_hidden_channels": count_channels(base), "align": 1}
+                               "parent_hidden_channels": count_channels(base),
+                               "channel_sparsity": round(1 - count_channels(pruned)
+                                                         / count_channels(base), 4),
+                               "align": 1}
     assert card["finetune"] == "teacher+self" and card["metrics"]["psnr_4x"] == 30.0
     assert card["description"] == "unrolled-tiny pruned by lean (ratio 0.5), fine-tuned: teacher+self"
     assert card["parameters"] == card["params"] < parent["parameters"]
@@ -477,8 +480,9 @@ def _variant_with_an_old_description(tmp_path) -> None:
 
 def test_a_variant_card_is_made_again_from_code_without_touching_its_weights(tmp_path):
     """``refresh_card`` writes a variant card's description again from code (one written
-    before the description named the CG iterations per solve): only that line changes, the
-    weights' bytes stay; a parent other than the one the card names is refused."""
+    before the description named the CG iterations per solve) and its channel sparsity
+    reached: only those change, the weights' bytes stay; a parent other than the one the card
+    names is refused."""
     from recon_plugin.models.checkpoint import ModelError, file_sha256
     from recon_plugin.pruning.finetune import refresh_card
 
@@ -490,7 +494,10 @@ def test_a_variant_card_is_made_again_from_code_without_touching_its_weights(tmp
                                    "3 CG iterations per solve (parent 4)")
     after = json.loads((tmp_path / "v.json").read_text())
     assert after == card and list(after) == list(before)
-    assert [k for k in after if after[k] != before[k]] == ["description"]
+    # the description, and the channel sparsity reached, which a card of then lacked
+    assert [k for k in after if after[k] != before[k]] == ["description", "pruning"]
+    assert after["pruning"] == {**before["pruning"], "channel_sparsity": after["pruning"][
+        "channel_sparsity"]} and 0 <= after["pruning"]["channel_sparsity"] < 1
     assert file_sha256(tmp_path / "v.safetensors") == weights
     save_model(UnrolledNet(num_cascades=2, chans=8, dc="prox", cg_iters=2), tmp_path / "other",
                {"name": "parent"})
@@ -512,8 +519,10 @@ def test_a_refreshed_card_is_fsynced_before_its_rename_and_its_folder_after(tmp_
 
 
 def test_the_shipped_variant_cards_say_what_the_code_says():
-    """Each shipped pruned variant's description is the one the code writes for it: cards come
-    out of code (the cg3-a8 card did not say it runs 3 CG iterations per solve, not 4)."""
+    """Each shipped pruned variant's description and channel sparsity reached are the ones the
+    code writes for it: cards come out of code (the cg3-a8 card did not say it runs 3 CG
+    iterations per solve, not 4; the cards gave only the ratio asked, which LEAN's alignment
+    rounds: 0.8 asked with 8-channel alignment leaves 0.739 of the base's channels pruned)."""
     from recon_plugin.models.checkpoint import WEIGHTS_DIR, load_card
     from recon_plugin.pruning.finetune import refresh_card
 
@@ -521,7 +530,11 @@ def test_the_shipped_variant_cards_say_what_the_code_says():
                 if load_card(p).get("parent_name")]
     assert len(variants) >= 5
     for p in variants:
-        assert refresh_card(p, write=False)["description"] == load_card(p)["description"], p
+        made, card = refresh_card(p, write=False), load_card(p)
+        assert made["description"] == card["description"], p
+        assert made["pruning"]["channel_sparsity"] == card["pruning"]["channel_sparsity"], p
+    lean8 = load_card(WEIGHTS_DIR / "unrolled-lean-0.8-a8.safetensors")["pruning"]
+    assert lean8["ratio"] == 0.8 and lean8["channel_sparsity"] == 0.7391
     assert load_card(WEIGHTS_DIR / "unrolled-lean-0.8-cg3-a8.safetensors")["description"].endswith(
         "3 CG iterations per solve (parent 4)")
 

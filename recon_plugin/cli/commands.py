@@ -159,6 +159,38 @@ def _pacs_summary(proto) -> dict | None:
     return out
 
 
+class _ModelCheck:
+    """Whether the models a protocol's settings name load as ``recon`` loads them (found, the
+    card beside the weights, the weights' sha256 the card's, the card's architecture theirs),
+    each model checked once per command."""
+
+    def __init__(self):
+        self._seen: dict[str, tuple[str, str] | None] = {}
+
+    def problem(self, settings) -> tuple[str, str] | None:
+        """(``NOT FOUND`` or ``DOES NOT LOAD``, why) for the first of the settings' models
+        (the model, an adaptive policy's variants) that ``recon`` would refuse; None."""
+        names = [settings.model, *(v["model"] for v in (settings.adaptive or {}).get(
+            "variants", []))]
+        return next((p for p in map(self._check, dict.fromkeys(names)) if p is not None), None)
+
+    def _check(self, name: str) -> tuple[str, str] | None:
+        from ..models.checkpoint import ModelError, load_model, resolve_model
+
+        if name not in self._seen:
+            try:
+                path = resolve_model(name)
+            except ModelError as e:
+                self._seen[name] = ("NOT FOUND", str(e))
+            else:
+                try:
+                    load_model(path)
+                    self._seen[name] = None
+                except ModelError as e:
+                    self._seen[name] = ("DOES NOT LOAD", str(e))
+        return self._seen[name]
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     """How each input is read and which protocol would reconstruct it, without reconstructing
     (``recon/describe.py``); text or ``--json`` (a list, one object per input) on stdout.
@@ -172,7 +204,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from ..io import NoiseMeasurementOnly, check_noise_file, read_raw
     from ..io.budget import gb_to_bytes
     from ..io.inputs import raw_files
-    from ..models.checkpoint import ModelError, resolve_model
     from ..recon.describe import describe_scan, format_description
     from ..scan import RawDataError
 
@@ -184,6 +215,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         except RawDataError as e:
             raise UsageError(str(e)) from e
     protocols = ProtocolCache(a.protocol, a.protocol_dir)
+    models = _ModelCheck()
     max_bytes = gb_to_bytes(a.max_memory_gb) if a.max_memory_gb else None
     out, failed = [], 0
     for path in files:
@@ -216,12 +248,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                          "guard": st.guard, "calibrate": st.calibrate, "refine": st.refine,
                          "coil_compression": st.coil_compression}
         if st.method == "unrolled":  # recon would stop on a model that is not there
-            try:
-                resolve_model(st.model)
-            except ModelError as e:
+            problem = models.problem(st)
+            if problem is not None:
                 failed += 1
-                d["error"] = f"{proto.model_key}: {e}"
-                how += " (NOT FOUND: recon would refuse it)"
+                d["error"] = f"{proto.model_key}: {problem[1]}"
+                how += f" ({problem[0]}: recon would refuse it)"
         pacs = _pacs_summary(proto)
         if pacs is not None:
             d["protocol"]["pacs"] = pacs

@@ -115,13 +115,34 @@ class MatchRules(_Section):
         return None
 
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def _variant_problem(v: str) -> str | None:
+    """Why ``v`` is not a ``model.variant`` (a model name, or a path to a ``.safetensors``
+    file), in words a user can act on; None where it is one."""
+    if _MODEL_NAME.fullmatch(v) or (v.endswith(".safetensors") and "\x00" not in v):
+        return None
+    if "/" in v or v.startswith("."):
+        return (f"a path to a model must name its .safetensors file (relative to this protocol "
+                f"file), got {v!r}: write {v.removesuffix('.json') + '.safetensors'!r}")
+    return (f"expected a model name (letters, digits and _ . + -, e.g. unrolled-base) or a path "
+            f"to a .safetensors file, got {v!r}")
+
+
 class ModelSpec(_Section):
     # a shipped model name, or a path to a .safetensors file (relative: to the YAML file)
-    variant: Annotated[StrictStr, Field(
-        pattern=r"^([A-Za-z0-9][A-Za-z0-9_.+-]*|[^\x00]*\.safetensors)$")] = "unrolled-base"
+    variant: StrictStr = "unrolled-base"
     method: Literal[METHODS] = "unrolled"  # type: ignore[valid-type]
     lamda: Annotated[float, Field(strict=True, gt=0.0)] | None = None  # None: tuned default
     fallback: Literal[FALLBACKS] = "zero-filled"  # type: ignore[valid-type]
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        if (problem := _variant_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
 
 
 class GuardSpec(_Section):

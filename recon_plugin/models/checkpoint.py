@@ -120,6 +120,12 @@ def load_card(path: Path | str) -> dict:
         raise ModelError(f"{path}: model card is not valid JSON ({e})") from e
 
 
+def _first_mismatch(err: RuntimeError) -> str:
+    """The first ``size mismatch ...`` line of a ``load_state_dict`` error (one line)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return next((ln for ln in lines if ln.startswith("size mismatch")), lines[-1] if lines else "")
+
+
 def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet, dict]:
     """Load ``path`` (.safetensors, card beside it) into an eval-mode model and its card."""
     path = weights_path(path)
@@ -137,10 +143,14 @@ def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet,
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from e
     try:
         model = UnrolledNet(**card["architecture"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"{path}: card has no usable 'architecture' ({e})") from e
     _shrink_to_state(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: the card's architecture is not theirs
+        raise ModelError(f"{path}: weights do not fit the card's architecture "
+                         f"({_first_mismatch(e)})") from e
     if missing or unexpected:
         raise ModelError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
@@ -161,11 +171,23 @@ def resolve_model(name_or_path: str) -> Path:
     ``runs/x/mine``). A bare name never resolves to the working directory."""
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or len(p.parts) > 1 or name_or_path.startswith("."):
-        return weights_path(p)
+        return _model_files(weights_path(p))
     env = os.environ.get("RECON_PLUGIN_MODELS", "")  # unset or empty: the shipped folder only
     for d in ([Path(env)] if env else []) + [WEIGHTS_DIR]:
         if (d / f"{name_or_path}.safetensors").is_file():
             return d / f"{name_or_path}.safetensors"
     shipped = sorted(x.stem for x in WEIGHTS_DIR.glob("*.safetensors"))
     raise ModelError(f"model {name_or_path!r} not found; shipped models: {shipped} (a file of "
-                     "your own: give its path, e.g. ./NAME.safetensors)")
+                     "your own: give its path, e.g. ./NAME.safetensors, or put it in "
+                     "$RECON_PLUGIN_MODELS)")
+
+
+def _model_files(path: Path) -> Path:
+    """``path`` (weights) where it and its card are both there; ModelError naming the one
+    missing (a path in a protocol had passed ``inspect`` and failed only in ``recon``)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: model weights not found")
+    if not path.with_suffix(".json").is_file():
+        raise ModelError(f"{path.with_suffix('.json')}: model card not found (a model is its "
+                         "weights and the card beside them; export it again)")
+    return path

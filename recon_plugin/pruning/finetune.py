@@ -33,7 +33,6 @@ from ..models.checkpoint import (
     ModelError,
     card_text,
     file_sha256,
-    load_card,
     load_model,
     resolve_model,
     save_model,
@@ -240,6 +239,20 @@ def describe_variant(parent_card: dict, method: str, ratio: float, mode: str,
     return text
 
 
+def channel_sparsity(model: UnrolledNet, parent: UnrolledNet | None,
+                     cascades_kept: list[int] | None = None) -> float | None:
+    """The share of the parent's hidden channels (in the cascades kept) the variant lacks: the
+    ratio reached, below the one asked where LEAN's ``align`` rounds counts up (``--ratio 0.8
+    --align 8`` on the base: 0.74). None without the parent."""
+    if parent is None:
+        return None
+    if cascades_kept is not None:
+        from .cascades import keep_cascades
+
+        parent = keep_cascades(parent, cascades_kept)
+    return round(1.0 - count_channels(model) / max(count_channels(parent), 1), 4)
+
+
 def export_variant(
     model: UnrolledNet,
     parent_card: dict,
@@ -257,8 +270,9 @@ def export_variant(
 ) -> dict:
     """Write a pruned variant (``path``.safetensors + .json card via ``save_model``).
 
-    The card records the parent's sha256 and name, the pruning method / ratio / channels (and
-    ``align``, the channel-count multiple, see ``lean.align_counts``), the
+    The card records the parent's sha256 and name, the pruning method / ratio asked / channels
+    and the sparsity reached (:func:`channel_sparsity`; and ``align``, the channel-count
+    multiple, see ``lean.align_counts``), the
     fine-tuning mode, the parent's cascades kept where some were removed (``cascades_kept``,
     see ``cascades.py``), parameters, FLOPs at 320x320 x 16 coils, the measured CPU latency at
     ``latency_hw`` x ``latency_coils`` (side by side with ``parent`` when given) and
@@ -281,6 +295,7 @@ def export_variant(
             "command": " ".join(shlex.quote(a) for a in sys.argv), "host_cpus": os.cpu_count()},
         "pruning": {"method": method, "ratio": float(ratio), "hidden_channels": count_channels(model),
                     "parent_hidden_channels": count_channels(parent) if parent else None,
+                    "channel_sparsity": channel_sparsity(model, parent, cascades_kept),
                     "align": int(align),
                     **({"cascades_kept": [int(k) for k in cascades_kept]}
                        if cascades_kept is not None else {})},
@@ -301,7 +316,8 @@ def export_variant(
 def refresh_card(path: Path | str, parent: Path | str | None = None, write: bool = True) -> dict:
     """A pruned variant's card with its description made again by :func:`describe_variant`
     from what the card and the weights hold (parent, method, ratio, fine-tuning, and the
-    variant's own cascades and CG iterations), written back where it changed (``write``;
+    variant's own cascades and CG iterations) and its channel sparsity reached by
+    :func:`channel_sparsity`, written back where they changed (``write``;
     durably, as ``save_model`` writes it): a card comes out of code, never out of a hand edit.
     Only the card is rewritten, the weights (and their sha256) stay. ``parent``: the parent's
     weights (default: the card's ``parent_name``), which must be the file the card's
@@ -319,18 +335,27 @@ def refresh_card(path: Path | str, parent: Path | str | None = None, write: bool
     if card.get("parent_sha256") and file_sha256(parent_path) != card["parent_sha256"]:
         raise ModelError(f"{parent_path}: not the parent {card_path.name} was pruned from (its "
                          f"card names sha256 {card['parent_sha256'][:12]}); give that file")
-    text = describe_variant(load_card(parent_path), pruning["method"], pruning["ratio"],
+    parent_model, parent_card = load_model(parent_path)
+    text = describe_variant(parent_card, pruning["method"], pruning["ratio"],
                             card.get("finetune", "none"), model)
+    reached = channel_sparsity(model, parent_model, pruning.get("cascades_kept"))
+    changed = False
     if text != card.get("description"):
         log.info("%s: description %r -> %r", card_path, card.get("description"), text)
         card["description"] = text  # in its place: the card's other lines stay as they are
-        if write:
-            write_text_atomic(card_path, card_text(card), fsync=True)  # as durably as save_model
+        changed = True
+    if reached != pruning.get("channel_sparsity"):
+        log.info("%s: channel sparsity reached %s -> %s", card_path,
+                 pruning.get("channel_sparsity"), reached)
+        pruning["channel_sparsity"] = reached
+        changed = True
+    if changed and write:
+        write_text_atomic(card_path, card_text(card), fsync=True)  # as durably as save_model
     return card
 
 
 __all__ = [
     "VALIDATION_TARGETS", "make_loss_fn", "validation_target",
     "validation_interval", "make_validator", "finetune", "export_variant",
-    "batch_acs", "describe_variant", "refresh_card",
+    "batch_acs", "describe_variant", "refresh_card", "channel_sparsity",
 ]

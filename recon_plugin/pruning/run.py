@@ -53,6 +53,37 @@ def val_quality(model, n_slices: int = 2) -> dict:
     return out
 
 
+def training_record(
+    finetune_mode: str | None, steps: int, done: int, selected: int | None, lr: float,
+    batch_size: int, data: str, val_batches: int, pool_recipe: dict | None = None,
+) -> dict:
+    """The card's ``training`` section: what the fine-tuning trained on and how its state was
+    chosen. Without fine-tuning it says so (no data, rate or batch size that never trained);
+    on a ``train-pool`` folder (``pool_recipe``: its recorded recipe, {} where it has none) the
+    slices per batch and ESPIRiT share are the pool's, not ``--batch-size``'s."""
+    from .finetune import VALIDATION_TARGETS, validation_interval, validation_target
+
+    if not finetune_mode:
+        return {"finetune_steps": 0, "finetune_steps_requested": 0, "selected_step": None,
+                "data": "none: not fine-tuned (the parent's weights, pruned)",
+                "selection": "none (not fine-tuned)"}
+    if pool_recipe is not None:  # transfer batches: ``data`` names the pool
+        batch_size, espirit = pool_recipe.get("batch_size"), pool_recipe.get("espirit")
+        data = (f"{data}, ESPIRiT maps for {espirit:.0%} of the slices" if espirit is not None
+                else f"{data}, its ESPIRiT share not recorded")
+    else:
+        data = ("simulated train slabs (see anatomy.SPLITS), ESPIRiT maps for "
+                f"{ESPIRIT_FRACTION:.0%} of the slices, {data}")
+    selection = "last state"
+    if val_batches:
+        selection = (f"best of every {validation_interval(steps)} steps on {val_batches} "
+                     "validation batches (ESPIRiT maps) against "
+                     + VALIDATION_TARGETS[validation_target(finetune_mode)])
+    return {"finetune_steps": done, "finetune_steps_requested": steps, "selected_step": selected,
+            "lr": lr, "batch_size": batch_size, "data": data,
+            "selection": selection}
+
+
 def make_variant(
     parent: str, method: str, ratio: float, finetune_mode: str | None, run_dir: Path,
     export: Path, steps: int = 150, lr: float = 5e-4, batch_size: int = 4, seed: int = 0,
@@ -76,13 +107,7 @@ def make_variant(
     batches is kept.
     """
     from ..training.data import BatchPool
-    from .finetune import (
-        VALIDATION_TARGETS,
-        export_variant,
-        finetune,
-        validation_interval,
-        validation_target,
-    )
+    from .finetune import export_variant, finetune
 
     base, card = load_model(resolve_model(parent))
     pruned = prune_model(base, method, ratio, align=align)
@@ -104,7 +129,7 @@ def make_variant(
                                image_loss)
         pruned = keep_cascades(pruned, kept)
     data = "fresh batch per step"
-    done, selected = 0, None
+    done, selected, pool_recipe = 0, None, None
     if finetune_mode:
         teacher = base if "teacher" in finetune_mode else None
         batch_fn = None
@@ -121,6 +146,7 @@ def make_variant(
             data = (f"transfer batch pool {pool} ({len(pd)} batches, phase / mirror "
                     "augmented; training/transfer.py)")
             run_args.update(pool=pool_identity(pool), batch_size=None)  # the pool's batches
+            pool_recipe = run_args["pool"] if isinstance(run_args["pool"], dict) else {}
         elif pool is not None:
             bp = BatchPool.build(pool_size, seed=seed, path=pool, batch_size=batch_size,
                                  espirit=ESPIRIT_FRACTION)
@@ -133,14 +159,8 @@ def make_variant(
                                      teacher_cascades=None if kept is None else tuple(kept),
                                      run_args=run_args)
     metrics = val_quality(pruned)
-    training = {"finetune_steps": done, "finetune_steps_requested": steps if finetune_mode else 0,
-                "selected_step": selected, "lr": lr,
-                "batch_size": batch_size, "data": "simulated train slabs (see anatomy.SPLITS), "
-                f"ESPIRiT maps for {ESPIRIT_FRACTION:.0%} of the slices, {data}",
-                "selection": (f"best of every {validation_interval(steps)} steps on {val_batches} validation "
-                              "batches (ESPIRiT maps) against "
-                              + VALIDATION_TARGETS[validation_target(finetune_mode)]
-                              if finetune_mode and val_batches else "last state")}
+    training = training_record(finetune_mode, steps, done, selected, lr, batch_size, data,
+                               val_batches, pool_recipe)
     return export_variant(pruned, card, method, ratio, finetune_mode or "none", export,
                           metrics=metrics, parent=base, latency_hw=(320, 320), latency_coils=16,
                           training=training, align=align, cascades_kept=kept)
