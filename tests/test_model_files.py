@@ -111,3 +111,34 @@ def test_inspect_marks_a_protocol_whose_model_does_not_load(tmp_path, capsys):
         assert main([*base, f"p{name}", "--json"]) == 1
         (d,) = json.loads(capsys.readouterr().out)
         assert why in d["error"], d["error"]
+
+
+def test_an_adaptive_policys_model_paths_are_relative_to_its_protocol(tmp_path, monkeypatch,
+                                                                     capsys):
+    """An adaptive policy's variants named by path are taken relative to the protocol file, as
+    ``model.variant`` is (they were taken relative to the working directory: a site protocol
+    worked from one folder and not from another), and ``inspect`` checks each of them."""
+    from recon_plugin.cli import main
+    from recon_plugin.config.protocol import load_protocol
+    from recon_plugin.sim import simulate_volume
+    from recon_plugin.sim.writers import write_fastmri
+
+    light, heavy = _model(tmp_path / "models", "light"), _model(tmp_path / "models", "heavy")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "ad.yaml").write_text(
+        "name: ad\nextends: brain_adaptive\nadaptive:\n  variants:\n"
+        "    - {model: ../models/light.safetensors, max_difficulty: 0.3}\n"
+        "    - {model: ../models/heavy.safetensors}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = load_protocol("ad", [site]).recon_settings()
+    assert [v["model"] for v in settings.adaptive["variants"]] == [str(light), str(heavy)]
+    vol = simulate_volume("test", "T2", num_slices=1, num_coils=4, matrix=(64, 48), snr=30.0)
+    raw = write_fastmri(vol, tmp_path / "scan.h5", acceleration=4)
+    args = ["inspect", str(raw), "--protocol-dir", str(site), "--protocol", "ad"]
+    assert main(args) == 0
+    heavy.unlink()
+    assert main(args) == 1
+    assert "(NOT FOUND: recon would refuse it)" in capsys.readouterr().out

@@ -539,9 +539,10 @@ def test_the_shipped_variant_cards_say_what_the_code_says():
         "3 CG iterations per solve (parent 4)")
 
 
-def test_prune_command_aligns_lean_by_default(tmp_path):
+def test_prune_command_aligns_lean_by_default(tmp_path, capsys):
     """``recon-plugin prune --method lean`` keeps multiples of 8 channels unless told
-    otherwise (``--align 1``), and the card says which."""
+    otherwise (``--align 1``), and the card says which; its last line says how much of the
+    parent's channels it pruned (the ratio reached, not the one asked)."""
     from recon_plugin.cli import main
 
     parent = UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2, noise_aware=True)
@@ -554,6 +555,8 @@ def test_prune_command_aligns_lean_by_default(tmp_path):
                      *extra]) == 0
         card = json.loads(out.with_suffix(".json").read_text())
         assert card["pruning"]["align"] == align
+        reached = card["pruning"]["channel_sparsity"]
+        assert f", {reached:.1%} of the parent's channels pruned, " in capsys.readouterr().out
         model, _ = load_model(out.with_suffix(".safetensors"))
         counts = [m.out_channels for m in model.cnn_modules()[0].modules()
                   if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][:-1]

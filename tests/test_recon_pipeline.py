@@ -279,6 +279,7 @@ def test_the_default_protocol_does_not_depend_on_the_data_scale(files):
             assert np.mean(np.abs(y - x) > 1e-3 * x.max()) < 0.01
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN made
 def test_nan_or_inf_pixels_are_never_written(files, monkeypatch, tmp_path):
     """A reconstruction that overflows or diverges (here a method whose image holds a NaN and
     an Inf) fails its slice, named, instead of writing pixels a viewer shows as garbage; in a

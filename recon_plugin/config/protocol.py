@@ -157,10 +157,22 @@ class Protocol:
     def model_ref(self) -> str:
         """The model variant: a shipped name, or a .safetensors path made absolute relative to
         the protocol file that named it."""
-        v = self.model.variant
+        return self._model_path(self.model.variant)
+
+    def _model_path(self, v: str) -> str:
+        """A model a protocol names (its variant, an adaptive policy's): a name as it is, a
+        relative .safetensors path made absolute relative to the protocol file."""
         if v.endswith(".safetensors") and not Path(v).is_absolute() and self.source is not None:
             return str((Path(self.source).parent / v).resolve())
         return v
+
+    def adaptive_policy(self) -> dict[str, Any] | None:
+        """The adaptive policy with each variant's model as :meth:`model_ref` takes a path
+        (relative to the protocol file, not to the working directory)."""
+        if self.adaptive is None:
+            return None
+        return {**self.adaptive, "variants": [{**v, "model": self._model_path(v["model"])}
+                                              for v in self.adaptive["variants"]]}
 
     @property
     def model_key(self) -> str:
@@ -178,7 +190,7 @@ class Protocol:
             coil_compression=self.coil_compression,
             lamda=self.model.lamda,
             fallback=self.model.fallback,
-            adaptive=self.adaptive,
+            adaptive=self.adaptive_policy(),
             protocol_name=self.name,
             partial_fourier=self.partial_fourier,
             guard=self.guard.enabled,
