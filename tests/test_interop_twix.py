@@ -229,7 +229,7 @@ def test_twix_identity_is_valid_xml_whatever_the_header_holds():
     """Control characters and impossible dates are left out, so the header still parses
     strictly (no lenient fallback) and the rest of the identity is kept."""
     from recon_plugin.io.header import parse_xml
-    from recon_plugin.io.twix import header_xml
+    from recon_plugin.io.twix_header import header_xml
 
     hdr = {"Meas": {"tPatientName": "Doe\x01^Jane & <Co>", "PatientID": "P\x1f1",
                     "PatientBirthDay": "19801301", "lPatientSex": 2,
@@ -424,6 +424,7 @@ def test_an_inversion_recovery_twix_carries_its_ti(monkeypatch, tmp_path):
     DICOM's InversionTime, its ScanningSequence GR and IR. The reader had left TI out of every
     twix header (no InversionTime, no IR)."""
     from recon_plugin.io import twix as twix_reader
+    from recon_plugin.io import twix_header
     from recon_plugin.output.series_files import write_outputs
     from recon_plugin.recon.pipeline import Reconstructor
     from recon_plugin.recon.settings import ReconSettings
@@ -431,7 +432,7 @@ def test_an_inversion_recovery_twix_carries_its_ti(monkeypatch, tmp_path):
     real = twix_reader._measurements(DAT, str(DAT))
     meas = dict(real[-1])
     hdr = meas["hdr"] = dict(meas["hdr"])
-    assert twix_reader._first(hdr["MeasYaps"]["alTI"]) == 300000
+    assert twix_header.first_value(hdr["MeasYaps"]["alTI"]) == 300000
     hdr["Dicom"] = {**hdr["Dicom"], "tScanningSequence": "GR\\IR"}
     hdr["MeasYaps"] = {**hdr["MeasYaps"], "sPrepPulses": {**hdr["MeasYaps"]["sPrepPulses"],
                                                           "ucInversion": 2}}
@@ -446,9 +447,9 @@ def test_an_inversion_recovery_twix_carries_its_ti(monkeypatch, tmp_path):
     # without the scanner's ScanningSequence, ucInversion decides: 4 is off
     del hdr["Dicom"]["tScanningSequence"]
     hdr["Meas"] = {k: v for k, v in hdr["Meas"].items() if k != "tScanningSequence"}
-    assert twix_reader._inverts(hdr)
+    assert twix_header._inverts(hdr)
     hdr["MeasYaps"]["sPrepPulses"]["ucInversion"] = 4
-    assert not twix_reader._inverts(hdr)
+    assert not twix_header._inverts(hdr)
 
 
 def test_twix_dicom_carries_the_scanners_sequence_terms(tmp_path):
@@ -486,7 +487,7 @@ def test_twix_sequence_terms_go_into_the_header_as_given():
     characters dropped so the XML parses strictly; the terms themselves as the scanner gave
     them (the DICOM writer checks them: tests/test_output_dicom.py)."""
     from recon_plugin.io.header import parse_header
-    from recon_plugin.io.twix import header_xml, scanner_terms
+    from recon_plugin.io.twix_header import header_xml, scanner_terms
 
     hdr = {"Dicom": {"lFrequency": 123251815, "tScanningSequence": "GR\\IR",
                      "tScanOptions": "  "},
