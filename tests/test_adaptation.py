@@ -758,6 +758,34 @@ def test_a_deleted_version_number_is_never_published_again(site, tmp_path, monke
     assert third.with_suffix(".json").is_file() and "interrupted" not in caplog.text
 
 
+def test_without_a_record_a_card_whose_weights_the_site_deleted_stays(site, tmp_path,
+                                                                        monkeypatch, caplog):
+    """A site folder from before the record of versions (or with one that does not read),
+    whose latest model's weights the site deleted: its card stays and the next model takes the
+    number above it (the card had been taken for an interrupted publication's, removed, and
+    its number published again for another model)."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.adaptation.publication import VERSIONS_FILE
+
+    d, raws = site
+    out = tmp_path / "s"
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    stem = "tiny-base-site-ssdu"
+    for steps, record in ((1, None), (2, "{not json")):
+        rep = adapt(raws, str(d / "tiny_base.yaml"), out, steps=steps)
+        latest = Path(rep["model"])
+        latest.unlink()  # the weights alone: the card stays
+        if record is None:
+            (out / VERSIONS_FILE).unlink()
+        else:
+            (out / VERSIONS_FILE).write_text(record)
+        caplog.clear()
+        nxt = Path(adapt(raws, str(d / "tiny_base.yaml"), out, steps=steps + 10)["model"])
+        assert latest.with_suffix(".json").is_file() and "interrupted" not in caplog.text
+        n = int(latest.stem.rsplit("-", 1)[1])
+        assert nxt.name == f"{stem}-{n + 1}.safetensors"
+
+
 def test_without_its_record_of_versions_numbering_goes_on_from_the_models_there(
         site, tmp_path, monkeypatch, caplog):
     """``SITE/model_versions.json`` records the highest version published; deleted, the next

@@ -317,6 +317,24 @@ def test_train_builds_the_network_the_options_describe(tmp_path, monkeypatch):
     assert len(unet.down) == 3 and unet.down[0][0].out_channels == 8
 
 
+def test_train_resumed_needs_no_init_model_any_more(tmp_path, monkeypatch, caplog):
+    """``train --init MODEL`` resumed after MODEL was moved: no error (a resumed run ignores
+    --init, its priors are in the checkpoint; it had stopped with "model weights not found");
+    a fresh run with a model that is not there is still exit 2 naming it."""
+    from recon_plugin.training import supervised
+
+    seen = []
+    monkeypatch.setattr(supervised, "train_base",
+                        lambda *a, init_from=None, **kw: seen.append(init_from))
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--init", str(tmp_path / "gone.safetensors")]
+    assert main(args) == 2 and not seen
+    assert "gone.safetensors: model weights not found" in caplog.text
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"")  # a run started before
+    assert main(args) == 0 and seen == [tmp_path / "gone.safetensors"]
+
+
 def test_a_training_run_that_fails_on_its_own_exits_1_in_one_line(tmp_path, monkeypatch, caplog):
     import recon_plugin.training.supervised as supervised
 

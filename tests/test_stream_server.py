@@ -1321,3 +1321,34 @@ def test_deliver_does_not_read_the_queue(data, engine, tmp_path, monkeypatch):
             eng.pacs_retry.stop(timeout=1.0)
     finally:
         (data["pdir"] / "stream_retry2.yaml").unlink()
+
+
+def test_waiting_for_room_is_the_servers_time_not_the_clients():
+    """A client sends four acquisitions at once; the session takes one every 1.5 s, longer
+    than the 1 s a message may take from its first byte, and the read-ahead holds about one:
+    the reader waits for room with the next message's header read. That wait is the server's,
+    so every message arrives (the wait had counted against the message's deadline: an
+    ``IdleTimeout`` "the client sends too slowly" on the third, the data all in the socket)."""
+    from recon_plugin.stream.wire import MrdReader, _Inbox, _read_loop
+
+    a, b = socket.socketpair()
+    a.settimeout(1.0)
+    inbox = _Inbox(max_bytes=10_000, stop=threading.Event())
+    reader = MrdReader(a, stream_options.Limits(), idle_timeout=1.0, admit=inbox.admit)
+    threading.Thread(target=_read_loop, args=(reader, inbox), daemon=True).start()
+    try:
+        with b.makefile("wb") as f:
+            out = ProtocolSerializer(f)
+            for i in range(4):
+                acq = ismrmrd.Acquisition.from_array(np.ones((4, 256), np.complex64))  # 8 KB
+                acq.scan_counter = i
+                out.serialize(acq)
+        got = []
+        for _ in range(4):
+            got.append(int(inbox.get().payload.scan_counter))
+            time.sleep(1.5)  # the session reconstructs a slice
+        assert got == [0, 1, 2, 3]
+    finally:
+        inbox.close()
+        a.close()
+        b.close()

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # ``{"STEM": N}``: the highest version of each model stem ever published in the site folder. A
 # number stays taken when the site deletes that model: DICOMs and logs of it name it
 VERSIONS_FILE = "model_versions.json"
+# ``.publishing-STEM-N``: a publication of STEM-N in progress (removed once N is recorded)
+PENDING_PREFIX = ".publishing-"
 
 # atomic_path's temporaries: ``.NAME.`` and tempfile's 8 random characters
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
@@ -43,27 +45,30 @@ def _highest_in(models_dir: Path, stem: str) -> int:
                 if (m := ours.fullmatch(p.name))), default=0)
 
 
-def _recorded_versions(site_dir: Path) -> dict[str, int]:
-    """:data:`VERSIONS_FILE` of ``site_dir``: {} where there is none, or, with a warning,
-    where it does not read as one (numbering then goes on from the models in ``models/``)."""
+def _recorded_versions(site_dir: Path, warn: bool = True) -> dict[str, int] | None:
+    """:data:`VERSIONS_FILE` of ``site_dir``; None where there is none, or, with a warning
+    (``warn``), where it does not read as one (numbering then goes on from the models in
+    ``models/``)."""
     path = site_dir / VERSIONS_FILE
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        return {}
+        return None
     except (OSError, ValueError) as e:
-        return _unreadable(path, str(e))
+        return _unreadable(path, str(e), warn)
     if not isinstance(record, dict):
-        return _unreadable(path, "not a JSON object of version numbers")
+        return _unreadable(path, "not a JSON object of version numbers", warn)
     return {k: v for k, v in record.items() if type(v) is int and v > 0}
 
 
-def _unreadable(path: Path, why: str) -> dict[str, int]:
-    """Warn that the record of versions ``path`` cannot be read (``why``); {}."""
+def _unreadable(path: Path, why: str, warn: bool) -> None:
+    """Warn (``warn``) that the record of versions ``path`` cannot be read (``why``); None."""
+    if not warn:
+        return None
     log.warning("%s cannot be read (%s): the next version number is one above the highest model "
                 "in %s (the number of a model deleted from there may be used again); it is "
                 "written anew when a model is published", path, why, path.parent / "models")
-    return {}
+    return None
 
 
 def publish_model(site_dir: Path, stem: str, model: UnrolledNet, card: dict
@@ -75,15 +80,23 @@ def publish_model(site_dir: Path, stem: str, model: UnrolledNet, card: dict
     be using it), a higher N is always a later model, and a deleted model's N is never given
     to another. A publication killed before its weights were in place recorded nothing: the
     next run removes its card (:func:`remove_interrupted_publication`) and publishes that N."""
-    record = _recorded_versions(site_dir)
+    record = _recorded_versions(site_dir, warn=False) or {}  # remove_interrupted_... warned
     number = max(record.get(stem, 0), _highest_in(site_dir / "models", stem)) + 1
     version = f"{stem}-{number}"
+    pending = _pending(site_dir, version)  # says, until N is recorded, that N is being written
+    write_text_atomic(pending, "", fsync=True)
     saved = save_model(model, site_dir / "models" / version,
                        {"name": version, "version": f"site-{number}", **card})
     write_text_atomic(site_dir / VERSIONS_FILE,
                       json.dumps({**record, stem: number}, indent=2, sort_keys=True) + "\n",
                       fsync=True)
+    pending.unlink(missing_ok=True)
     return version, saved
+
+
+def _pending(site_dir: Path, version: str) -> Path:
+    """The marker of a publication of ``version`` (``STEM-N``) in progress."""
+    return site_dir / f"{PENDING_PREFIX}{version}"
 
 
 def published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict] | None:
@@ -106,12 +119,22 @@ def remove_interrupted_publication(site_dir: Path, stem: str, overlay: str) -> N
     (``models/.STEM-N.json.*``, ``models/.STEM-N.safetensors.*``, a model's size each;
     ``protocols/.OVERLAY.*``, ``.adapt_report.json.*``, ``.model_versions.json.*``) and a card
     ``models/STEM-N.json`` whose weights never came (killed between the card's rename and the
-    weights'; no load can use it; N above the recorded highest), so that its version number is
-    published again, not skipped. Nothing else is touched: a card whose weights the site
-    deleted stays (one ``adapt`` at a time per site folder: ``site.LOCK_FILE``)."""
+    weights'; no load can use it; its ``.publishing-STEM-N`` marker left, or N above the
+    recorded highest), so that its version number is published again, not skipped. Nothing
+    else is touched: a card whose weights the site deleted stays, also without a record (one
+    ``adapt`` at a time per site folder: ``site.LOCK_FILE``)."""
     removed = _remove_temporaries(site_dir, stem, overlay)
+    record = _recorded_versions(site_dir)
+    # a card without weights is an interrupted publication where its marker is there, or, with
+    # a record that reads, where its N is above the recorded one; else (a site folder from
+    # before the record, a damaged record) it may be one whose weights the site deleted: it stays
+    interrupted = {p.name.removeprefix(PENDING_PREFIX)
+                   for p in site_dir.glob(f"{glob.escape(PENDING_PREFIX + stem)}-*")}
     cards = _remove_cards_without_weights(site_dir / "models", stem,
-                                          _recorded_versions(site_dir).get(stem, 0))
+                                          None if record is None else record.get(stem, 0),
+                                          interrupted)
+    for version in interrupted:
+        _pending(site_dir, version).unlink(missing_ok=True)
     if removed or cards:
         log.warning("removed what an interrupted run left in the site folder: %s%s",
                     ", ".join(map(str, removed + cards)),
@@ -137,13 +160,17 @@ def _remove_temporaries(site_dir: Path, stem: str, overlay: str) -> list[Path]:
     return removed
 
 
-def _remove_cards_without_weights(models_dir: Path, stem: str, recorded: int) -> list[Path]:
+def _remove_cards_without_weights(models_dir: Path, stem: str, recorded: int | None,
+                                  interrupted: set[str]) -> list[Path]:
     """Remove the cards ``STEM-N.json`` written by ``adapt`` whose weights are missing and
-    whose N is above ``recorded`` (the highest published whole); the cards removed."""
+    whose publication was interrupted: ``STEM-N`` in ``interrupted`` (its marker was left), or
+    N above ``recorded`` (the highest published whole; None: not known); the cards removed."""
     ours, cards = _versioned(stem), []
     for card in sorted(models_dir.glob(f"{glob.escape(stem)}-*.json")):
         m = ours.fullmatch(card.name)
-        if not m or int(m[1]) <= recorded or card.with_suffix(".safetensors").exists():
+        if not m or card.with_suffix(".safetensors").exists():
+            continue
+        if card.stem not in interrupted and (recorded is None or int(m[1]) <= recorded):
             continue
         try:
             written_by_adapt = "adaptation" in json.loads(card.read_text())

@@ -367,6 +367,20 @@ def _writable(*folders: tuple[str, str | Path | None]) -> None:
             check_writable_folder(folder, option)
 
 
+def _init_model(name: str, resumed: bool) -> Path:
+    """``train --init``'s model file. A resumed run ignores it (its priors are in the
+    checkpoint), so there one moved or deleted since is no error: the card records it as
+    given."""
+    from ..models.checkpoint import ModelError, resolve_model
+
+    try:
+        return resolve_model(name)
+    except ModelError:
+        if resumed:
+            return Path(name)
+        raise
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     """Train the base network (resumable); print the exported model. Until the training steps
     (whose loop, like the export, installs its own handlers) SIGINT / SIGTERM stop at once,
@@ -380,7 +394,6 @@ def cmd_train(a: argparse.Namespace) -> int:
             f"checkpoint in {a.run_dir}" if resumed else
             "nothing was trained yet; run the same command again to start"),
             after=signal.SIG_IGN if getattr(a, "process_entry", False) else None):
-        from ..models.checkpoint import resolve_model
         from ..training.supervised import train_base
 
         if a.pool_dir and not Path(a.pool_dir).is_dir():
@@ -394,7 +407,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         card = train_base(Path(a.run_dir), a.steps, a.batch_size, a.lr, a.seed, model_kwargs,
                           Path(a.export) if a.export else None, a.time_budget,
                           freeze_bn=a.freeze_bn, espirit=a.espirit,
-                          init_from=resolve_model(a.init) if a.init else None,
+                          init_from=_init_model(a.init, resumed) if a.init else None,
                           pool_dir=Path(a.pool_dir) if a.pool_dir else None,
                           stop_at=a.stop_at)
     if card:

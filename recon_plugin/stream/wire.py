@@ -103,9 +103,14 @@ class MrdReader:
         return self._exact(n)
 
     def _admit(self, n: int, what: str) -> None:
-        """Make room for the ``n`` bytes of ``what`` about to be read (see ``admit``)."""
+        """Make room for the ``n`` bytes of ``what`` about to be read (see ``admit``). The time
+        spent waiting for room is the server's, not the client's: the message's deadline moves
+        on by as much."""
         if self.admit is not None and n > 0:
+            t0 = time.monotonic()
             self.admit(n, what)
+            if self._deadline is not None:
+                self._deadline += time.monotonic() - t0
 
     def _text(self, what: str) -> str:
         return _decode(self._sized(what), what)
