@@ -505,7 +505,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
                             pool=a.pool, pool_size=a.pool_size, cg_iters=a.cg_iters,
                             align=align, cascades=a.cascades)
     lat = card["latency"]
-    reached = card["pruning"].get("channel_sparsity")
+    reached = card.get("pruning", {}).get("channel_sparsity")
     print(f"wrote {a.export}.safetensors: {card['parameters']} params"
           + (f", {reached:.1%} of the parent's channels pruned" if reached is not None else "")
           + f", {lat.get('speedup', float('nan')):.2f}x faster than the parent at 320x320x16; "
