@@ -55,19 +55,16 @@ def _recorded_versions(site_dir: Path, warn: bool = True) -> dict[str, int] | No
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        return _unreadable(path, str(e), warn)
-    if not isinstance(record, dict):
-        return _unreadable(path, "not a JSON object of version numbers", warn)
-    return {k: v for k, v in record.items() if type(v) is int and v > 0}
-
-
-def _unreadable(path: Path, why: str, warn: bool) -> None:
-    """Warn (``warn``) that the record of versions ``path`` cannot be read (``why``); None."""
-    if not warn:
-        return None
-    log.warning("%s cannot be read (%s): the next version number is one above the highest model "
-                "in %s (the number of a model deleted from there may be used again); it is "
-                "written anew when a model is published", path, why, path.parent / "models")
+        why = str(e)
+    else:
+        if isinstance(record, dict):
+            return {k: v for k, v in record.items() if type(v) is int and v > 0}
+        why = "not a JSON object of version numbers"
+    if warn:
+        log.warning("%s cannot be read (%s): the next version number is one above the highest "
+                    "model in %s (the number of a model deleted from there may be used again); "
+                    "it is written anew when a model is published", path, why,
+                    path.parent / "models")
     return None
 
 
