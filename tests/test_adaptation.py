@@ -790,7 +790,8 @@ def test_without_its_record_of_versions_numbering_goes_on_from_the_models_there(
         site, tmp_path, monkeypatch, caplog):
     """``SITE/model_versions.json`` records the highest version published; deleted, the next
     number is one above the highest model in ``models/``; edited into one that does not read,
-    a warning names it, the same rule applies, and it is written anew."""
+    a warning names it, the same rule applies, and it is written anew, the unreadable one kept
+    beside it (it had been overwritten, other stems' numbers lost)."""
     from recon_plugin.adaptation import site as site_mod
 
     d, raws = site
@@ -804,7 +805,13 @@ def test_without_its_record_of_versions_numbering_goes_on_from_the_models_there(
     record.write_text("{tiny-base-site-ssdu: 7")
     assert adapt(raws, str(d / "tiny_base.yaml"), out, steps=3)["version"] == "site-3"
     assert f"{record} cannot be read" in caplog.text
+    assert "kept as model_versions.json.unreadable " in caplog.text
     assert json.loads(record.read_text()) == {"tiny-base-site-ssdu": 3}
+    assert (out / "model_versions.json.unreadable").read_text() == "{tiny-base-site-ssdu: 7"
+    record.write_text("[]")
+    assert adapt(raws, str(d / "tiny_base.yaml"), out, steps=4)["version"] == "site-4"
+    assert (out / "model_versions.json.unreadable-2").read_text() == "[]"
+    assert (out / "model_versions.json.unreadable").read_text() == "{tiny-base-site-ssdu: 7"
 
 
 def test_what_was_added_to_the_overlay_by_hand_is_kept(site, tmp_path, monkeypatch):

@@ -63,9 +63,19 @@ def _recorded_versions(site_dir: Path, warn: bool = True) -> dict[str, int] | No
     if warn:
         log.warning("%s cannot be read (%s): the next version number is one above the highest "
                     "model in %s (the number of a model deleted from there may be used again); "
-                    "it is written anew when a model is published", path, why,
-                    path.parent / "models")
+                    "it is kept as %s and written anew when a model is published", path, why,
+                    path.parent / "models", _set_aside(path).name)
     return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Where an unreadable :data:`VERSIONS_FILE` is kept before a new one replaces it:
+    ``model_versions.json.unreadable``, or ``.unreadable-2``, ... (never one kept before)."""
+    aside, n = path.with_name(path.name + ".unreadable"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.unreadable-{n}")
+    return aside
 
 
 def publish_model(site_dir: Path, stem: str, model: UnrolledNet, card: dict
@@ -77,7 +87,10 @@ def publish_model(site_dir: Path, stem: str, model: UnrolledNet, card: dict
     be using it), a higher N is always a later model, and a deleted model's N is never given
     to another. A publication killed before its weights were in place recorded nothing: the
     next run removes its card (:func:`remove_interrupted_publication`) and publishes that N."""
-    record = _recorded_versions(site_dir, warn=False) or {}  # remove_interrupted_... warned
+    record = _recorded_versions(site_dir, warn=False)  # remove_interrupted_... warned
+    if record is None and (site_dir / VERSIONS_FILE).exists():  # unreadable: kept, not lost
+        os.replace(site_dir / VERSIONS_FILE, _set_aside(site_dir / VERSIONS_FILE))
+    record = record or {}
     number = max(record.get(stem, 0), _highest_in(site_dir / "models", stem)) + 1
     version = f"{stem}-{number}"
     pending = _pending(site_dir, version)  # says, until N is recorded, that N is being written
