@@ -224,6 +224,22 @@ def test_a_card_left_beside_other_weights_by_a_killed_export_is_refused_naming_b
     assert "export" in msg and "again" in msg, msg
 
 
+def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path):
+    """A model exported from a diverged training (a NaN in one weight) is refused at load,
+    naming the file and the tensor, instead of making NaN images of every slice."""
+    torch.manual_seed(0)
+    net = UnrolledNet(num_cascades=1, chans=8)
+    save_model(net, tmp_path / "ok", {"name": "ok"})
+    assert load_model(tmp_path / "ok")[1]["name"] == "ok"
+    name, param = next(iter(net.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    save_model(net, tmp_path / "m", {"name": "m"})
+    with pytest.raises(ModelError, match="NaN / Inf") as err:
+        load_model(tmp_path / "m")
+    assert str(tmp_path / "m.safetensors") in str(err.value) and repr(name) in str(err.value)
+
+
 def test_shipped_model_beats_zero_filled():
     model, card = load_model(resolve_model("unrolled-base"))
     assert card["pruning"]["method"] == "none" and card["sha256"]

@@ -141,6 +141,11 @@ def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet,
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from e
+    bad = next((n for n, v in state.items() if v.is_floating_point()
+                and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a diverged training exported: every image would be NaN
+        raise ModelError(f"{path}: weights hold NaN / Inf values (tensor {bad!r}): the training "
+                         "that made them diverged; export an earlier checkpoint or train again")
     try:
         model = UnrolledNet(**card["architecture"])
     except (KeyError, TypeError, ValueError) as e:
