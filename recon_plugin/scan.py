@@ -370,7 +370,10 @@ class Provenance:
     model_version: str = ""
     model_hash: str = ""  # sha256 of the weights file, hex
     pruning_method: str = "none"
-    pruning_ratio: float = 0.0
+    pruning_ratio: float = 0.0  # the ratio asked (the card's pruning.ratio)
+    # the share of the parent's CNN channels pruned (card pruning.channel_sparsity: LEAN's
+    # channel alignment rounds counts up, so below the ratio asked); None: not recorded
+    channel_sparsity: float | None = None
     finetune: str = ""
     protocol: str = ""
     method: str = "unrolled"

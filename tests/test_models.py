@@ -323,3 +323,17 @@ def test_latency_is_timed_on_the_given_slice_for_every_model():
     lat = measure_latency({"small": small, "large": large}, repeats=5,
                           sample=(ksp, maps, op.mask))
     assert set(lat) == {"small", "large"} and all(v > 0 for v in lat.values())
+
+
+@pytest.mark.parametrize(("name", "sparsity"), [("unrolled-base", None),
+                                                ("unrolled-lean-0.8-cg3-c5-a8", 0.7391)])
+def test_provenance_gives_the_channel_sparsity_the_card_records(name, sparsity):
+    """A series' provenance takes the share of channels pruned from the model's card (the
+    ratio asked alone claimed 0.8 for a model that lacks 73.9 % of its parent's channels)."""
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
+
+    card = load_model(resolve_model(name))[1]
+    prov = Reconstructor().provenance(ReconSettings(model=name))
+    assert prov.channel_sparsity == sparsity == card["pruning"].get("channel_sparsity")
+    assert prov.pruning_ratio == card["pruning"]["ratio"]

@@ -109,7 +109,7 @@ def make_series(
     prov = Provenance(
         model_name="unrolled-spade-0.5", model_version="1.2.0", model_hash="ab12" * 16,
         pruning_method="spade", pruning_ratio=0.5, protocol="brain_t2_axial_4x",
-        software_version="0.1.0",
+        software_version="0.1.0", channel_sparsity=0.4621,
     )
     return ReconSeries(images, header, prov, series_number=1001, series_description="T2 AX")
 
@@ -327,7 +327,13 @@ def test_identity_timing_and_provenance(tmp_path):
         assert "ab12" * 16 in text and "spade" in text and "brain_t2_axial_4x" in text
     block = ds.private_block(dicom_dataset.PRIVATE_GROUP, dicom_dataset.PRIVATE_CREATOR)
     assert block[0x01].value == "unrolled-spade-0.5" and block[0x03].value == "ab12" * 16
-    assert float(block[0x05].value) == 0.5
+    assert float(block[0x05].value) == 0.5 and float(block[0x0C].value) == 0.4621
+    assert "pruning_ratio=0.5; channel_sparsity=0.4621;" in ds.ImageComments
+    from recon_plugin.output.mrd_image import image_meta
+
+    meta = image_meta(series, series.images[0], 1.0)
+    assert (meta["RECON_PLUGIN_Pruning"], meta["RECON_PLUGIN_ChannelSparsity"]) == (
+        "spade:0.5", "0.4621")
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
                "SeriesNumber", "PositionReferenceIndicator", "Manufacturer", "InstanceNumber",

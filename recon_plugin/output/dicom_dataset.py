@@ -176,6 +176,8 @@ def add_private_block(ds: Dataset, series: ReconSeries, slope: float, method: st
     block.add_new(0x09, "LO", _text(p.software_version, 64))
     block.add_new(0x0A, "CS", "YES" if dl else "NO")
     block.add_new(0x0B, "DS", _ds(slope))
+    sparsity = p.channel_sparsity
+    block.add_new(0x0C, "DS", _ds(sparsity) if dl and sparsity is not None else "")
 
 
 def rwvm_item(slope: float) -> Dataset:

@@ -221,6 +221,7 @@ def _model_words(p) -> list[str]:
         f"sha256={p.model_hash or '-'}",
         f"pruning={p.pruning_method or 'none'}",
         f"pruning_ratio={p.pruning_ratio:g}",
+        *([f"channel_sparsity={p.channel_sparsity:g}"] if p.channel_sparsity is not None else []),
         f"finetune={p.finetune or '-'}",
     ]
 

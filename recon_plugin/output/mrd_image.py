@@ -52,6 +52,8 @@ def image_meta(series: ReconSeries, im: ReconImage, high: float,
         "RECON_PLUGIN_ModelVersion": prov.model_version if dl else "",
         "RECON_PLUGIN_ModelSHA256": prov.model_hash if dl else "",
         "RECON_PLUGIN_Pruning": f"{prov.pruning_method}:{prov.pruning_ratio:g}" if dl else "none",
+        "RECON_PLUGIN_ChannelSparsity":
+            f"{prov.channel_sparsity:g}" if dl and prov.channel_sparsity is not None else "",
         "RECON_PLUGIN_Software": prov.software_version,
         "RECON_PLUGIN_Scale": f"{scale:.9g}" if scale is not None else "",
     }

@@ -146,6 +146,8 @@ class Reconstructor:
             model_name=card.get("name", settings.model), model_version=card.get("version", ""),
             model_hash=card.get("sha256", ""), pruning_method=pr.get("method", "none"),
             pruning_ratio=float(pr.get("ratio", 0.0)), finetune=card.get("finetune", ""),
+            channel_sparsity=float(cs) if isinstance(cs := pr.get("channel_sparsity"), int | float)
+            else None,
             protocol=settings.protocol_name, method="unrolled", software_version=__version__,
             measured_weight=settings.measured_weight,
         )
