@@ -1352,3 +1352,23 @@ def test_waiting_for_room_is_the_servers_time_not_the_clients():
         inbox.close()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize(("samples", "channels", "named"), [
+    (40000, 1, "40000 samples (at most 32768)"), (8, 1100, "1100 channels (at most 1024)")])
+def test_an_acquisition_beyond_the_servers_limits_is_refused_naming_them(samples, channels,
+                                                                         named):
+    """An acquisition header declaring more samples or channels than the server takes is
+    refused before its payload is read, naming what is over which limit (the samples' limit was
+    65536, which a uint16 count never passes)."""
+    from recon_plugin.stream.wire import MrdReader
+
+    acq = ismrmrd.Acquisition.from_array(np.zeros((channels, samples), np.complex64))
+    acq.scan_counter = 5
+    a, b = socket.socketpair()
+    with a, b:  # the header alone: refused before its payload is waited for
+        b.settimeout(5)  # (else IdleTimeout, not a hang)
+        a.sendall(struct.pack("<H", ISMRMRDMessageID.ACQUISITION) + acq.to_bytes()[:340])
+        with pytest.raises(stream_options.ProtocolViolation,
+                           match=f"acquisition 5 exceeds the server limits: {re.escape(named)}$"):
+            MrdReader(b, stream_options.Limits()).read()

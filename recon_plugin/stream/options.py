@@ -34,7 +34,7 @@ class Limits:
     max_text_bytes: int = 4 << 20  # CONFIG_TEXT, HEADER, TEXT
     max_message_bytes: int = 64 << 20  # one acquisition / waveform payload
     max_channels: int = 1024
-    max_samples: int = 1 << 16
+    max_samples: int = 1 << 15  # per readout (uint16 on the wire; clinical readouts <= 4096)
     max_trajectory_dims: int = 8
     # read ahead of the reconstruction, per connection (all of them: at most a quarter of the
     # limit below, which counts it)

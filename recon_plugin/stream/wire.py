@@ -137,9 +137,12 @@ class MrdReader:
             h = ismrmrd.AcquisitionHeader.from_buffer_copy(head)
             ns, ch, td = int(h.number_of_samples), int(h.active_channels), \
                 int(h.trajectory_dimensions)
-            if ns > lim.max_samples or ch > lim.max_channels or td > lim.max_trajectory_dims:
-                raise ProtocolViolation(f"acquisition with {ns} samples, {ch} channels, {td} "
-                                        "trajectory dimensions exceeds the server limits")
+            over = [f"{v} {what} (at most {cap})" for v, what, cap in (
+                (ns, "samples", lim.max_samples), (ch, "channels", lim.max_channels),
+                (td, "trajectory dimensions", lim.max_trajectory_dims)) if v > cap]
+            if over:
+                raise ProtocolViolation(f"acquisition {int(h.scan_counter)} exceeds the server "
+                                        f"limits: {', '.join(over)}")
             n = ns * td * 4 + ns * ch * 8
             if n > lim.max_message_bytes:
                 raise ProtocolViolation(f"acquisition of {n} bytes exceeds the limit")
