@@ -181,6 +181,34 @@ def test_queue_retry_passes_over_a_queue_it_cannot_write(tmp_path):
     assert [i["attempts"] for i in queued_items(broken)] == [0]
 
 
+def test_a_retry_round_against_a_pacs_that_is_down_warns_once(tmp_path, caplog):
+    """A PACS that stays down under ``serve``: each retry round logs one warning, naming the
+    PACS, why and how many files stay queued (two were logged per round, every 300 s); the
+    round's summary with the next try is INFO."""
+    import logging
+    import time
+
+    from recon_plugin.output.delivery import QueueRetry
+    from recon_plugin.output.pacs_queue import enqueue
+
+    queue = tmp_path / "queue"
+    enqueue(write_series(tmp_path / "dcm", nslices=2, seed=32), NOBODY, queue)
+    caplog.set_level(logging.INFO)
+    retry = QueueRetry(3600.0, timeout_s=2.0)
+    try:
+        retry.add(queue)
+        retry.retry_now()
+        deadline = time.monotonic() + 60
+        while "next try in" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        retry.stop(timeout=5.0)
+    assert [i["attempts"] for i in queued_items(queue)] == [1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].endswith("; 2 files stay queued"), warnings
+    assert "PACS queue retry: 0 files sent, 2 still queued (next try in 3600 s)" in caplog.text
+
+
 def test_queue_retry_runs_again_in_a_child_forked_after_it_started(tmp_path):
     """A child forked after the retry thread started has none of its parent's threads: a queue
     it adds is retried by a thread of its own (it had counted on the parent's)."""

@@ -363,6 +363,27 @@ def test_a_target_that_did_not_answer_is_not_waited_for_again(tmp_path, monkeypa
     assert len(calls) == 2
 
 
+def test_a_drain_names_why_a_pacs_that_stored_some_files_did_not_store_the_rest(
+        tmp_path, monkeypatch, caplog):
+    """A PACS that takes some files of a batch and refuses others: the drain's warning names it,
+    the first file it did not store and why, and how many stay queued (only a PACS that took
+    nothing was named; a retry round's summary was the only word)."""
+    paths = write_series(tmp_path / "s", nslices=3, seed=41)
+    queue = tmp_path / "q"
+    pacs_queue.enqueue(paths, "PACS@127.0.0.1:104", queue)
+
+    def partly(files, *args, **kw):
+        return pacs.SendResult(sent=files[:1], failed={p: "status 0xA700 (out of resources)"
+                                                       for p in files[1:]})
+
+    monkeypatch.setattr(pacs, "send_files", partly)
+    assert pacs_queue.drain(queue) == (1, 2)
+    (item,) = pacs_queue.queued_items(queue)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"PACS@127.0.0.1:104 did not store {item['files'][0]} (status 0xA700 "
+                        "(out of resources)); 2 files stay queued"], warnings
+
+
 def test_a_refusing_target_is_tried_by_each_input(orthanc, tmp_path):
     """Only a target that does not answer is remembered as down: a refusal (a wrong AE
     title) is an answer, said again by each input's attempt."""

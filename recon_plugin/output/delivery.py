@@ -192,9 +192,9 @@ class QueueRetry:
             except Exception:  # noqa: BLE001 - a failed round must not end the retries
                 log.exception("PACS queue retry failed; trying again in %g s", self.period_s)
                 continue
-            if failed:
-                log.warning("PACS queue retry: %d files sent, %d still queued (next try in "
-                            "%g s)", sent, failed, self.period_s)
+            if failed:  # drain warned, once per target, why they stay
+                log.info("PACS queue retry: %d files sent, %d still queued (next try in %g s)",
+                         sent, failed, self.period_s)
 
     def stop(self, timeout: float | None = None) -> None:
         """End the retries, waiting up to ``timeout`` s for a round in progress (a send cut

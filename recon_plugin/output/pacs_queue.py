@@ -261,8 +261,8 @@ def drain(
     """Try to send every queued batch; return ``(files sent, files still failing)``.
 
     Sent files leave the queue; a batch folder disappears when all its files are delivered.
-    A target that refuses the association is not retried again within this call; each such
-    target is named once in a warning, with why and how many of its files stay queued. Batches
+    A target that refuses the association is not retried again within this call. Each target
+    with files left for a retry is named once in a warning, with why and how many stay queued. Batches
     that reach ``max_attempts`` failed attempts move to ``queue_dir/dead``. If another process is
     draining the same queue, returns ``(0, 0)`` at once. A missing ``queue_dir`` is an empty
     queue (it is not created); one that cannot be written raises :class:`QueueNotWritable`
@@ -279,7 +279,8 @@ def drain(
             log.warning("queue %s is being drained by another process; nothing sent", qdir)
             return 0, 0
         down: dict[str, str] = {}  # target -> why it took nothing
-        unsent: dict[str, int] = {}  # target -> its files that stay queued for that
+        unsent: dict[str, int] = {}  # target -> its files that stay queued for a retry
+        why: dict[str, str] = {}  # target -> the first reason a file of it stays queued
         unreadable: list[Path] = []
         items = queued_items(qdir, unreadable)
         for d in unreadable:  # nothing says where its files go: kept aside, never retried
@@ -313,10 +314,14 @@ def drain(
                 _give_up(qdir, d, f"no retry can send its files: {error}")
             elif max_attempts is not None and item["attempts"] >= max_attempts:
                 _give_up(qdir, d, f"after {item['attempts']} attempts: {error}")
-            elif refused:
+            else:
                 unsent[target] = unsent.get(target, 0) + len(remaining)
-        for target, n in unsent.items():  # one line per target that took nothing: why
-            log.warning("%s; %s %s queued", down[target], _files(n),
+                if target not in why:  # refused: why it took nothing; else the first file's why
+                    first, reason = next(iter(res.failed.items()))
+                    why[target] = down[target] if refused else \
+                        f"{target} did not store {first.name} ({reason})"
+        for target, n in unsent.items():  # one line per target with files left: why
+            log.warning("%s; %s %s queued", why[target], _files(n),
                         "stays" if n == 1 else "stay")
     if sent_total or failed_total:
         log.info("drained %s: %d sent, %d still queued", qdir, sent_total, failed_total)
