@@ -452,6 +452,30 @@ def test_an_inversion_recovery_twix_carries_its_ti(monkeypatch, tmp_path):
     assert not twix_header._inverts(hdr)
 
 
+def test_a_twix_header_without_a_patient_position_writes_none(monkeypatch, tmp_path, caplog):
+    """The real phantom names its patient position (HFS): the DICOM says so. Without one in
+    the header the DICOM's PatientPosition is empty (unknown) with a warning: HFS had been
+    written as if the scanner had said it."""
+    from recon_plugin.io import twix as twix_reader
+    from recon_plugin.output.series_files import write_outputs
+    from recon_plugin.recon.pipeline import Reconstructor
+    from recon_plugin.recon.settings import ReconSettings
+
+    real = twix_reader._measurements(DAT, str(DAT))
+    assert read_raw(DAT).header.identity.patient_position == "HFS"
+    meas = dict(real[-1])
+    hdr = meas["hdr"] = dict(meas["hdr"])
+    hdr["Meas"] = {k: v for k, v in hdr["Meas"].items()
+                   if k not in ("tPatientPosition", "sPatPosition")}
+    monkeypatch.setattr(twix_reader, "_measurements", lambda *a: [*real[:-1], meas])
+    scan = read_raw(DAT)
+    assert scan.header.identity.patient_position == ""
+    assert "names no patient position (Meas tPatientPosition)" in caplog.text
+    series = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))
+    (dcm,) = write_outputs(series, tmp_path, ("dicom",))
+    assert pydicom.dcmread(dcm).PatientPosition == ""
+
+
 def test_twix_dicom_carries_the_scanners_sequence_terms(tmp_path):
     """The phantom's raw header holds the scanner's own MR attributes (``Dicom`` and ``Meas``:
     ``tScanningSequence`` GR, ``tSequenceVariant`` SP, spoiled, ``tScanOptions`` empty,

@@ -54,7 +54,7 @@ from ..scan import RawDataError, RawScan
 from .budget import check_budget, default_max_bytes
 from .mrd_assembler import MrdAssembler
 from .mrd_calibration import add_interleaved_calibration
-from .twix_header import first_value, header_xml, lookup, quaternion_dirs
+from .twix_header import first_value, header_xml, lookup, patient_position, quaternion_dirs
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +362,10 @@ def read_twix(path: str | Path, max_bytes: int | None = None) -> RawScan:
     scan = asm.build_scan(sorted(slices, key=lambda s: (s.contrast, s.repetition, s.phase,
                                                         s.slice_index)))
     add_interleaved_calibration(scan.slices)
+    if not patient_position(hdr):  # the XML says HFS for the schema; the DICOM does not
+        log.warning("%s: the header names no patient position (Meas tPatientPosition): "
+                    "PatientPosition written empty (unknown), not assumed", where)
+        scan.header.identity.patient_position = ""
     scan.budget_bytes = max(grid, scan.budget_bytes or 0)
     if scan.header.acceleration is not None:  # the XML's factor is the protocol's sPat
         scan.header = dataclasses.replace(scan.header, acceleration_source="twix protocol (sPat)")

@@ -153,6 +153,12 @@ def scanner_terms(hdr: dict) -> dict[str, str]:
     return out
 
 
+def patient_position(hdr: dict) -> str:
+    """The patient position the twix header names (HFS, FFS, ...); "" where it names none."""
+    return str(lookup(hdr, "Meas", "tPatientPosition") or lookup(hdr, "Meas", "sPatPosition")
+               or "")
+
+
 def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slices: int,
                n_echoes: int, n_coils: int, separate_ref: bool, n_par: int = 1,
                centre_par: int = 0) -> str:
@@ -196,7 +202,7 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     field = lookup(hdr, "Dicom", "flMagneticFieldStrength")
     model = lookup(hdr, "Dicom", "ManufacturersModelName") or ""
     protocol = lookup(hdr, "Meas", "tProtocolName") or lookup(my, "tProtocolName") or ""
-    pat_pos = lookup(hdr, "Meas", "tPatientPosition") or lookup(hdr, "Meas", "sPatPosition") or "HFS"
+    pat_pos = patient_position(hdr) or "HFS"  # the schema needs one (read_twix: unknown)
     accel = int(lookup(my, "sPat", "lAccelFactPE", default=1) or 1)
     ref_lines = int(lookup(my, "sPat", "lRefLinesPE", default=0) or 0)
     calib = "separate" if separate_ref else ("embedded" if accel > 1 or ref_lines else "other")
