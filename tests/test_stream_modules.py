@@ -132,3 +132,11 @@ def test_options_parsing():
     # name)
     with pytest.raises(ValueError, match=r"JSON parameters must be an object, got list '\[1,2"):
         stream_options.parse_config_text("[1,2,3]")
+    # a "parameters" that is no object had been passed over (the FIRE module refused it)
+    with pytest.raises(ValueError, match='"parameters" must be an object .* got a list'):
+        stream_options.StreamOptions().update(stream_options.parse_config_text(
+            '{"parameters": [1, 2]}'))
+    # nested thousands deep: a RecursionError, logged as an internal error with a traceback
+    for deep in ("[" * 100000, '{"a":' * 50000):
+        with pytest.raises(ValueError, match="nested too deeply"):
+            stream_options.parse_config_text(deep)

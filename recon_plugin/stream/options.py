@@ -107,10 +107,15 @@ class StreamOptions:
             self.protocol = _checked_name(name, "protocol")
 
     def update(self, params: Mapping[str, Any]) -> None:
-        """Apply JSON-like parameters (top level or under ``parameters``); unknown keys ignored."""
+        """Apply JSON-like parameters (top level or under ``parameters``, which must then be an
+        object); unknown keys ignored. ValueError naming a value that cannot be used."""
         flat = dict(params)
-        if isinstance(flat.get("parameters"), Mapping):
-            flat.update(flat.pop("parameters"))
+        inner = flat.pop("parameters", None)
+        if inner is not None:
+            if not isinstance(inner, Mapping):  # it had been passed over without a word
+                raise ValueError(f'"parameters" must be an object such as {{"protocol": "NAME"}}, '
+                                 f"got a {type(inner).__name__}")
+            flat.update(inner)
         for key in ("config", "customconfig"):
             if isinstance(flat.get(key), str) and flat[key].strip():
                 self.set_config(flat[key])
@@ -154,6 +159,8 @@ def parse_config_text(text: str) -> dict[str, Any]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"parameters are not valid JSON: {e}") from e
+        except RecursionError as e:  # a client's thousands of nested brackets
+            raise ValueError("parameters are JSON nested too deeply to read") from e
         if not isinstance(data, dict):
             raise ValueError(f"JSON parameters must be an object, got {type(data).__name__} "
                              f"{text[:40]!r}")
