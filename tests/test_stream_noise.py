@@ -235,3 +235,68 @@ def test_gadgetron_clients_two_steps_over_the_wire(site, tmp_path):
     assert not any("prewhitening" in x or x.startswith("ERROR") for x in texts), texts
     for img in sorted(images, key=lambda im: im.slice):
         np.testing.assert_array_equal(img.data[0, 0], site["offline"]["site"][img.slice])
+
+
+def _noise_lines(n: int, coils: int, samples: int) -> list[ismrmrd.Acquisition]:
+    rng = np.random.default_rng(5)
+    lines = []
+    for _ in range(n):
+        acq = ismrmrd.Acquisition.from_array(
+            (rng.standard_normal((coils, samples)) + 1j * rng.standard_normal((coils, samples)))
+            .astype(np.complex64))
+        acq.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+        acq.sample_time_us = 5.0
+        lines.append(acq)
+    return lines
+
+
+def test_noise_counts_against_the_servers_memory_limit(site, tmp_path):
+    """A stream's noise acquisitions are kept to the scan's end: they count against the
+    server's limit like its slice buffers (a client had grown a 0.25 GB server to 1.9 GB with
+    noise alone), refused naming them, and free again when the scan ends."""
+    from recon_plugin.stream.options import Limits, ProtocolViolation
+
+    with ismrmrd.File(str(site["root"] / "alone" / "meas_12.h5"), "r") as f:
+        xml = f["dataset"].header.toXML()
+    line = 4 * 8192 * 8  # bytes of one 4-coil 8192-sample noise line
+    engine = StreamEngine(Reconstructor(), protocol=str(site["root"] / "noise_cg.yaml"),
+                          noise_dir=tmp_path / "noise",
+                          limits=Limits(max_total_open_bytes=10 * line))
+    with pytest.raises(ProtocolViolation, match=r"the noise scan needs 0\.25 MB more; with the "
+                                                 r"2\.5 MB the scans in progress hold"):
+        list(engine.images(iter(_noise_lines(11, 4, 8192)), xml))
+    assert engine._open_bytes == 0
+    list(engine.images(iter(_noise_lines(10, 4, 8192)), xml))  # 10 lines fit
+    assert engine._open_bytes == 0
+
+
+def test_noise_past_the_cap_is_left_out_and_said(site, monkeypatch):
+    """The assembler keeps at most NOISE_MAX_BYTES of noise (a covariance needs far fewer
+    samples), with one warning."""
+    from recon_plugin.io import mrd_assembler
+
+    with ismrmrd.File(str(site["root"] / "alone" / "meas_12.h5"), "r") as f:
+        xml = f["dataset"].header.toXML()
+    monkeypatch.setattr(mrd_assembler, "NOISE_MAX_BYTES", 3 * 4 * 256 * 8)
+    asm = mrd_assembler.MrdAssembler(xml)
+    for acq in _noise_lines(5, 4, 256):
+        asm.add(acq)
+    assert len(asm.noise) == 3
+    assert [w for w in asm.warnings if "noise acquisitions past" in w] == [
+        "stream: noise acquisitions past 0.0234375 MB left out (the ones before whiten)"]
+
+
+def test_noise_after_the_last_slice_is_said_unused(site, tmp_path):
+    """Noise sent after the scan's last slice (before CLOSE) whitens nothing: a WARNING notice
+    says so (the check ran only when a later slice was made, so nothing was said)."""
+    engine = _engine(site, tmp_path)
+    with ismrmrd.File(str(site["root"] / "alone" / "meas_12.h5"), "r") as f:
+        xml, acqs = f["dataset"].header.toXML(), f["dataset"].acquisitions[:]
+    images: list = []
+    result = engine.run(iter([*acqs, *_noise_lines(4, 4, 64)]), xml, images.append)
+    assert len(images) == 2
+    late = [n for n in result.notices if "noise acquisitions after the first slice" in n]
+    assert late == ["WARNING stream: noise acquisitions after the first slice are not used "
+                    "(send the noise scan first)"], result.notices
+    for img in sorted(images, key=lambda im: im.slice):
+        np.testing.assert_array_equal(img.data[0, 0], site["offline"]["alone"][img.slice])

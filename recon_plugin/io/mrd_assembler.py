@@ -98,6 +98,9 @@ SKIP_FLAGS = {
 }
 
 Key = tuple[int, int, int, int, int]  # (slice, contrast, phase, repetition, set)
+# noise samples kept per scan (bytes): a coil covariance needs far fewer, and a stream had
+# grown its server's memory past --max-memory-gb with noise alone
+NOISE_MAX_BYTES = 256 * 2**20
 _COUNTERS = ("slice", "contrast", "phase", "repetition", "average")
 # what a stream does once a counter exceeds the header's limit (MrdAssembler._check_limits)
 _EARLY = {"average": "from now on a slice is reconstructed when the data end, once all its "
@@ -131,6 +134,9 @@ class MrdAssembler:
         # called (what, bytes) before a separate calibration buffer is made (the stream
         # engine counts those against its memory limit; may raise to refuse the buffer)
         self.on_calibration_buffer: Callable[[str, int], None] | None = None
+        # called (bytes) before a noise acquisition is kept (the stream engine counts those
+        # too; may raise to refuse it)
+        self.on_noise: Callable[[int], None] | None = None
         self._hdr = parse_xml(header_xml, self.source, self.warnings)
         self.header = parse_header(header_xml, self.source, self.warnings, self._hdr)
         # the measurement IDs of the separate noise measurements the header names
@@ -167,7 +173,8 @@ class MrdAssembler:
                 (n + split) * coils * ny * nx * self.nz * 8, max_bytes)
         self.coils: int | None = None
         self._img_channels: list[int] | None = None
-        self.noise: list[np.ndarray] = []
+        self.noise: list[np.ndarray] = []  # at most NOISE_MAX_BYTES together
+        self._noise_bytes = 0
         self.noise_dwell_us: float | None = None
         self.acq_dwell_us: float | None = None
         self._buffers: dict[Key, LineBuffer] = {}
@@ -434,6 +441,13 @@ class MrdAssembler:
             self._warn("noise acquisitions with differing coil counts; extra ones ignored",
                        once="noise-coils")
             return
+        if self._noise_bytes + data.nbytes > NOISE_MAX_BYTES:
+            self._warn(f"noise acquisitions past {NOISE_MAX_BYTES / 2**20:g} MB left out (the "
+                       "ones before whiten)", once="noise-bytes")
+            return
+        if self.on_noise is not None:
+            self.on_noise(data.nbytes)
+        self._noise_bytes += data.nbytes
         self.noise.append(data.copy())
         self.noise_dwell_us = float(acq.sample_time_us) or self.noise_dwell_us
 

@@ -127,6 +127,12 @@ class StreamEngine:
         # the limit, found by fuzzing the server)
         asm.on_calibration_buffer = lambda what, nbytes: self._open(
             held, ("calibration", what), nbytes, False, what)
+
+        def noise_held(nbytes: int) -> None:  # the scan keeps its noise to the end
+            self._hold(nbytes, "the noise scan", " more")
+            held["noise"] = held.get("noise", 0) + nbytes
+
+        asm.on_noise = noise_held
         nz = max(asm.nz, 1)
         arrived = 0
         t = clock()
@@ -156,6 +162,7 @@ class StreamEngine:
             for sl in finished:
                 yield from scan.emit(sl, t)
             yield from scan.flush_deferred(t)
+            yield from scan.late_noise()
         finally:  # the scan ends, fails or its client goes: its buffers are free again
             self._hold(-sum(held.values()))
             held.clear()

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.mrd_assembler import NOISE_MAX_BYTES
 from ..output.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
 NOISE_DIR_ENV = "RECON_PLUGIN_NOISE_DIR"
 MAX_AGE_S = 7 * 24 * 3600.0  # a noise adjustment serves the exam it was made in
-MAX_BYTES = 256 * 2**20  # samples kept per measurement; more add nothing to a covariance
+MAX_BYTES = NOISE_MAX_BYTES  # samples kept per measurement, as a scan keeps them
 
 
 def default_noise_dir() -> Path:
