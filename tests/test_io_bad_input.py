@@ -197,6 +197,19 @@ def test_messages_that_name_the_problem(tmp_path, fastmri_file, ismrmrd_file, vo
         f["dataset"].header = ismrmrd.xsd.CreateFromDocument(xml)
         f["dataset"].acquisitions = acqs
     _fails(empty, f"acquisition {acqs[7].scan_counter} has no samples")
+    # a centre past the samples had been clamped to the last one without a word (helper fuzz:
+    # the images changed by 76 % of their maximum)
+    with ismrmrd.File(str(ismrmrd_file), "r") as f:
+        acqs = list(f["dataset"].acquisitions)
+    head = ismrmrd.AcquisitionHeader.from_buffer_copy(acqs[9].getHead())
+    head.center_sample = 60000
+    acqs[9] = ismrmrd.Acquisition(head, acqs[9].data)
+    off_centre = tmp_path / "centre.h5"
+    with ismrmrd.File(str(off_centre), "w") as f:
+        f["dataset"].header = ismrmrd.xsd.CreateFromDocument(xml)
+        f["dataset"].acquisitions = acqs
+    _fails(off_centre, f"acquisition {acqs[9].scan_counter} puts k-space centre at sample 60000 "
+           f"of its {acqs[9].number_of_samples} (center_sample)")
 
 def test_ismrmrd_header_missing_encoded_space(ismrmrd_file):
     with h5py.File(ismrmrd_file, "r") as f:

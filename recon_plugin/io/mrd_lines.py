@@ -56,6 +56,11 @@ def place_readout(
         raise RawDataError(
             f"{source}: acquisition {acq.scan_counter} discards {pre}+{post} of {ns} samples"
         )
+    if int(acq.center_sample) >= ns:  # the echo's centre among no sample: a damaged header
+        raise RawDataError(
+            f"{source}: acquisition {acq.scan_counter} puts k-space centre at sample "
+            f"{int(acq.center_sample)} of its {ns} (center_sample)"
+        )
     data = data[:, pre : ns - post]
     n = data.shape[1]
     centre = int(acq.center_sample) - pre if acq.center_sample > 0 else n // 2
