@@ -1,7 +1,9 @@
 """k-space too large for the reconstruction's float32 arithmetic (finite float32 samples whose
-squares and sums overflow to Inf) is refused before any of it, with a message naming the
-largest magnitude (``recon/preprocess.check_magnitudes``); large k-space within the limit
-still makes its image, times its scale."""
+squares and sums overflow to Inf) or too small for it (squares that underflow to 0) is refused
+before any of it, with a message naming the largest magnitude
+(``recon/preprocess.check_magnitudes``); k-space within the limits still makes its image,
+times its scale; noise scans of any scale whiten, and one too short for a covariance is left
+out."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from recon_plugin.io import read_raw
 from recon_plugin.recon.pipeline import Reconstructor
 from recon_plugin.recon.preprocess import (
     ENERGY_LIMIT,
+    PEAK_FLOOR,
     check_magnitudes,
     noise_prewhitening_matrix,
     whiten_and_compress,
@@ -117,3 +120,73 @@ def test_magnitudes_beyond_float32_and_a_whitener_that_overflows_are_refused():
     with pytest.raises(RawDataError, match="prewhitened k-space: samples up to .* noise scan"):
         whiten_and_compress(k, None, None, w)
     assert whiten_and_compress(k * np.float32(1e-12), None, None, w)[0].shape == (2, 8, 8)
+
+
+TINY = 1e-25  # a slice's k-space times this: samples ~1e-25, their float32 squares 0
+
+
+@pytest.mark.parametrize("method", ["zero-filled", "cg-sense"])
+def test_a_slice_times_1e_25_is_refused_not_written_blank(scan, method):
+    """Its float32 squares underflow to 0: the image was written all zero with exit 0. Now
+    refused before any method runs, saying how small and what scale would do."""
+    bad = _scaled(scan, 1, TINY)
+    with pytest.raises(RawDataError) as err:
+        Reconstructor().reconstruct(bad, ReconSettings(method=method, fallback="error"))
+    msg = str(err.value)
+    peak = float(np.abs(bad.slices[1].kspace).max())
+    assert msg.startswith(f"slice {bad.slices[1].slice_index}: k-space: samples at most "
+                          f"{peak:.3g} in magnitude, below the {PEAK_FLOOR:.3g}")
+    assert "underflowing to 0 (the image would be blank)" in msg
+    assert re.search(r"scaled by 1e\+2\d they would do", msg), msg
+
+
+@pytest.mark.parametrize("method", ["zero-filled", "cg-sense"])
+def test_small_kspace_above_the_floor_makes_its_image_times_the_scale(scan, method):
+    """A slice times 1e-8 (its noise scan as it was: prewhitening scales it back up) and a
+    whole scan times 1e-8 (noise too) are no error: the image, times the scale."""
+    settings = ReconSettings(method=method, fallback="error")
+    ref = Reconstructor().reconstruct(scan, settings)[0].images
+    small = dataclasses.replace(_scaled(_scaled(scan, 0, 1e-8), 1, 1e-8),
+                                noise=scan.noise * np.complex64(1e-8))
+    got = Reconstructor().reconstruct(small, settings)[0].images
+    for r, g in zip(ref, got):
+        y = g.pixels / 1e-8
+        assert np.isfinite(y).all()
+        assert np.linalg.norm(y - r.pixels) < 1e-4 * np.linalg.norm(r.pixels)
+
+
+def test_noise_of_any_scale_whitens_alike():
+    """The noise covariance is taken in double precision: noise around 1e-20 (float32 squares
+    ~1e-40, below float32's normal range) had given 'not positive definite' and failed the
+    file; its whitener is now the unit-scale one over the scale."""
+    rng = np.random.default_rng(4)
+    noise = (rng.standard_normal((4, 500)) + 1j * rng.standard_normal((4, 500))).astype(
+        np.complex64)
+    w = noise_prewhitening_matrix(noise)
+    for scale in (1e-20, 1e20):
+        ws = noise_prewhitening_matrix(noise * np.complex64(scale))
+        np.testing.assert_allclose(ws * scale, w, rtol=1e-4, atol=1e-6)
+
+
+def test_a_noise_scan_with_fewer_samples_than_coils_is_left_out(vol, tmp_path, caplog):
+    """A noise scan of 1 sample per coil had failed the file ('need at least two noise
+    samples'); 2 samples on 4 coils 'not positive definite'. It is left out with a warning, as
+    NaN or all-zero noise is, and the images are made without prewhitening."""
+    import h5py
+
+    path = write_ismrmrd(vol, tmp_path / "s.h5", acceleration=2, calib_lines=16)
+    with h5py.File(path, "a") as h:
+        data = h["dataset/data"][()]
+        noise_rows = [i for i, r in enumerate(data) if r["head"]["flags"] & (1 << 18)]
+        for i in noise_rows:  # ACQ_IS_NOISE_MEASUREMENT: bit 19, flag 1 << 18
+            data[i]["head"]["number_of_samples"] = 1 if i == noise_rows[0] else 0
+            data[i]["data"] = data[i]["data"][:8]
+        del h["dataset/data"]
+        h.create_dataset("dataset/data", data=data[[i for i in range(len(data))
+                                                    if i not in noise_rows[1:]]])
+    with caplog.at_level(logging.WARNING):
+        scan = read_raw(path)
+    assert scan.noise is None
+    assert "noise scan not used (1 sample per coil, fewer than its 4 coils" in caplog.text
+    images = Reconstructor().reconstruct(scan, ReconSettings(method="zero-filled"))[0].images
+    assert all(np.isfinite(im.pixels).all() and im.pixels.max() > 0 for im in images)

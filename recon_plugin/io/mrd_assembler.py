@@ -110,10 +110,18 @@ _EARLY = {"average": "from now on a slice is reconstructed when the data end, on
 
 def noise_problem(noise: np.ndarray) -> str | None:
     """Why a noise scan (coils, samples) cannot whiten, or None: NaN / Inf samples (whitening
-    would spread them over every pixel) or only zeros (no noise level to whiten by)."""
+    would spread them over every pixel), only zeros (no noise level to whiten by), or fewer
+    samples per coil than coils (no full-rank covariance: it had failed the whole scan)."""
     bad = int(np.count_nonzero(~np.isfinite(noise)))
-    return (f"{bad} of its {noise.size} samples are NaN or Inf" if bad else
-            "it recorded only zeros" if not np.any(noise) else None)
+    if bad:
+        return f"{bad} of its {noise.size} samples are NaN or Inf"
+    if not np.any(noise):
+        return "it recorded only zeros"
+    coils, samples = noise.shape[0], int(np.prod(noise.shape[1:], dtype=np.int64))
+    if samples < coils:
+        return (f"{samples} sample{'s' if samples != 1 else ''} per coil, fewer than its "
+                f"{coils} coils: too few for their covariance")
+    return None
 
 
 class MrdAssembler:

@@ -37,6 +37,11 @@ _FACTORS_KEPT = 8
 # 2**10, room for the float32 sums downstream that exceed the data's own (a guard line's error,
 # CG's inner products, a coil image's RSS); a realistic slice's is below 1e20
 ENERGY_LIMIT = float(np.finfo(np.float32).max) / 2**10
+# the least a slice's largest sample magnitude may be: the square root of float32's smallest
+# normal value times 2**20 (about 1e-13), room for the squares of samples a million times
+# weaker than the largest, which would otherwise underflow to 0 (a blank image, written as
+# such); raw data of scanners peak far above it
+PEAK_FLOOR = float(np.sqrt(np.finfo(np.float32).tiny)) * 2**20
 
 
 def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) -> float:
@@ -54,8 +59,9 @@ def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) 
 
 
 def noise_covariance(noise: np.ndarray) -> np.ndarray:
-    """Sample covariance (coils, coils) of zero-mean noise (coils, samples)."""
-    noise = np.asarray(noise).reshape(noise.shape[0], -1)
+    """Sample covariance (coils, coils) complex128 of zero-mean noise (coils, samples), taken
+    in double precision (the float32 squares of noise around 1e-20 underflow to 0)."""
+    noise = np.asarray(noise, np.complex128).reshape(noise.shape[0], -1)
     n = noise.shape[1]
     if n < 2:
         raise ValueError("need at least two noise samples per coil")
@@ -148,18 +154,30 @@ def _inverse(key: tuple[str, tuple[int, ...], bytes]) -> np.ndarray:
     return _read_only(np.linalg.inv(_matrix(key).astype(np.complex128)))
 
 
-def check_magnitudes(data: np.ndarray, what: str = "k-space", hint: str | None = None) -> None:
+def check_magnitudes(data: np.ndarray, what: str = "k-space", hint: str | None = None,
+                     small_hint: str | None = None) -> None:
     """Refuse ``data`` (coils, ...) complex whose sum of squared magnitudes exceeds
     :data:`ENERGY_LIMIT`, or whose magnitudes are not finite: the reconstruction's float32
     squares and sums would overflow to Inf and its image be NaN / Inf. The sum is taken
     without overflow (scaled by the largest magnitude before squaring, summed in float64).
     Raises RawDataError naming ``what``, the largest magnitude and where it is (coil,
-    position), then ``hint`` (None: the scale that would do)."""
+    position), then ``hint`` (None: the scale that would do). Likewise where the largest
+    magnitude is above 0 but below :data:`PEAK_FLOOR` (the squares underflow: a blank image),
+    then ``small_hint`` (None: the scale that would do). All zeros pass (a slice without
+    signal is the reconstruction's to say)."""
     if data.size == 0:
         return
     with np.errstate(over="ignore", invalid="ignore"):
         mags = np.abs(data)  # float32 for complex64: Inf where |z| exceeds its range
         peak = float(mags.max())
+        if 0.0 < peak < PEAK_FLOOR:
+            scale = 10.0 ** math.ceil(math.log10(1e-3 / peak))  # to a raw scanner's scale
+            small_hint = small_hint or ("the raw data are stored in extreme units (scaled by "
+                                        f"{scale:.0e} they would do)")
+            raise RawDataError(
+                f"{what}: samples at most {peak:.3g} in magnitude, below the {PEAK_FLOOR:.3g} "
+                "the reconstruction's float32 arithmetic can square without underflowing to 0 "
+                f"(the image would be blank): {small_hint}")
         if peak * peak * data.size <= ENERGY_LIMIT:  # the bound already holds: every usual slice
             return
         energy = math.inf
@@ -240,11 +258,12 @@ def _check_both(kspace: np.ndarray, calib: np.ndarray | None, whitened: bool) ->
     """:func:`check_magnitudes` on a slice's k-space and its calibration block (if any),
     ``whitened`` or as measured."""
     how = "prewhitened " if whitened else ""
-    hint = ("prewhitening divides by the noise scan's noise level, which is many orders of "
-            "magnitude below the data's (is the noise scan this scan's?)") if whitened else None
-    check_magnitudes(kspace, f"{how}k-space", hint)
+    hints = [("prewhitening divides by the noise scan's noise level, which is many orders of "
+              f"magnitude {side} the data's (is the noise scan this scan's?)") if whitened
+             else None for side in ("below", "above")]
+    check_magnitudes(kspace, f"{how}k-space", *hints)
     if calib is not None:
-        check_magnitudes(calib, f"{how}calibration block", hint)
+        check_magnitudes(calib, f"{how}calibration block", *hints)
 
 
 def _check_whitener(whitener: np.ndarray, ncoil: int) -> None:

@@ -277,7 +277,7 @@ def _keep_noise(asm: MrdAssembler, count: int, store: NoiseStore) -> str:
     head = f"stream: {count} noise acquisition(s) and no imaging data"
     mid = asm.header.identity.measurement_id
     noise = asm.usable_noise()
-    if noise is None:  # NaN / Inf samples or only zeros
+    if noise is None:  # it cannot whiten (io.mrd_assembler.noise_problem)
         why = noise_problem(np.concatenate(asm.noise, axis=1)) if asm.noise else None
         return f"WARNING {head}; not kept: {why or 'no usable noise samples'}"
     if not mid:
