@@ -402,3 +402,119 @@ def test_a_header_date_reaches_the_dicom_writer_whole(given, kept):
     header = parse_header(xml.replace("1970-01-02", given), "t", [])
     assert header.identity.patient_birth_date == kept
     assert _da(kept) == (kept if kept.isdigit() else "")
+
+
+def _set_fastmri_xml(path, edit) -> None:
+    """Replace the fastMRI file's ``ismrmrd_header`` by ``edit(xml)``."""
+    with h5py.File(path, "a") as f:
+        xml = f["ismrmrd_header"][()].decode()
+        _replace(f, "ismrmrd_header", np.bytes_(edit(xml).encode()))
+
+
+def test_fastmri_kspace_in_extreme_units_is_not_called_uncentred(fastmri_file):
+    """k-space scaled to ~1e30 had overflowed the centring check's float32 squares (a raw
+    'RuntimeWarning: overflow encountered in square') and been refused as 'stored without the
+    centring shift'; the reader now leaves it to the magnitude check, which names the units."""
+    import warnings
+
+    from recon_plugin.recon.preprocess import check_magnitudes
+
+    with h5py.File(fastmri_file, "a") as f:
+        k = f["kspace"][()]
+        f["kspace"][...] = (k * np.float32(1e30 / np.abs(k).max())).astype(np.complex64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning either
+        scan = read_raw(fastmri_file)
+    with pytest.raises(RawDataError, match="stored in extreme units"):
+        check_magnitudes(scan.slices[0].kspace)
+
+
+@pytest.mark.parametrize("fmt", ["fastmri", "ismrmrd"])
+def test_non_finite_or_negative_sequence_parameters_are_left_out(fmt, fastmri_file,
+                                                                 ismrmrd_file):
+    """A NaN TE, Inf flip angle, NaN field strength or negative TR in the header had been read
+    as given ('TE nan ms'), and the DICOM write failed after the whole reconstruction naming
+    no field ('Cannot encode non-finite floats'; a negative TR was written). Each is left out
+    with a warning naming the field and its value; a TI of 0 stays."""
+    def edit(xml: str) -> str:
+        for old, new in (("<TE>100.0</TE>", "<TE>NaN</TE>"), ("<TR>4000.0</TR>", "<TR>-4000</TR>"),
+                         ("<flipAngle_deg>90.0", "<TI>0</TI><flipAngle_deg>INF"),
+                         ("<systemFieldStrength_T>3.0", "<systemFieldStrength_T>NaN")):
+            assert old in xml
+            xml = xml.replace(old, new)
+        return xml
+
+    if fmt == "fastmri":
+        path = fastmri_file
+        _set_fastmri_xml(path, edit)
+    else:
+        path = ismrmrd_file
+        with h5py.File(path, "r") as f:
+            xml = f["dataset/xml"][0].decode()
+        _set_xml(path, edit(xml))
+    scan = read_raw(path)
+    seq = scan.header.sequence
+    assert (seq.te_ms, seq.tr_ms, seq.flip_deg, seq.te_list_ms) == (None, None, None, ())
+    assert seq.ti_ms == 0.0
+    assert seq.field_strength_t == pytest.approx(3.0, abs=1e-3)  # from H1resonanceFrequency
+    said = "\n".join(scan.warnings)
+    for words in ("sequenceParameters.TE is nan", "sequenceParameters.TR is -4000.0",
+                  "sequenceParameters.flipAngle_deg is inf",
+                  "acquisitionSystemInformation.systemFieldStrength_T is nan"):
+        assert f"{path}: header field {words}" in said, said
+
+
+@pytest.mark.parametrize("given", [np.inf, np.nan, -4.0, 0, 1e9, "four"])
+def test_fastmri_acceleration_attribute_that_is_no_acceleration_is_ignored(tmp_path, vol,
+                                                                             given):
+    """An 'acceleration' attribute of inf, NaN, -4, 0 or 1e9 had been used as given: the
+    protocol match fell back silently and the DICOM said 'acceleration=infx'. It is ignored
+    with a warning naming it, and the acceleration measured from the mask is used."""
+    path = write_fastmri(vol, tmp_path / "accel.h5")
+    with h5py.File(path, "a") as f:
+        del f.attrs["acceleration"]
+    measured = read_raw(path).header
+    assert measured.acceleration and measured.acceleration_source.startswith("measured")
+    with h5py.File(path, "a") as f:
+        f.attrs["acceleration"] = given
+    scan = read_raw(path)
+    assert scan.header.acceleration == measured.acceleration
+    assert scan.header.acceleration_source == measured.acceleration_source
+    assert any(f"attribute 'acceleration' is {given!r}" in w and "ignored" in w
+               for w in scan.warnings), scan.warnings
+    with h5py.File(path, "a") as f:
+        f.attrs["acceleration"] = 4.0  # a plausible one is taken as given
+    assert read_raw(path).header.acceleration == 4.0
+
+
+def test_attributes_and_groups_that_are_not_what_the_layout_says(tmp_path, fastmri_file,
+                                                                 ismrmrd_file):
+    """An array attribute had given 'The truth value of an array ... is ambiguous', an ISMRMRD
+    'data' group "'Group' object has no attribute 'size'", a fastMRI header group 'Accessing a
+    group is done with bytes or str, not <class 'tuple'>': each names the file, the entry and
+    what was expected. A fastMRI header declaring a radial trajectory had been reconstructed
+    as Cartesian; it is refused as the ISMRMRD reader refuses it."""
+    import shutil
+
+    for name, value, expected in (("num_low_frequency", [1, 2], "not a number of lines"),
+                                  ("patient_id", ["a", "b", "c"], "not text")):
+        path = shutil.copy(fastmri_file, tmp_path / f"{name}.h5")
+        with h5py.File(path, "a") as f:
+            f.attrs[name] = value
+        _fails(path, f"attribute '{name}' is an array of shape ({len(value)},)", expected)
+    with h5py.File(fastmri_file, "a") as f:
+        f.attrs["num_low_frequency"] = np.nan
+    _fails(fastmri_file, "attribute 'num_low_frequency' is nan", "whole number of lines")
+    with h5py.File(fastmri_file, "a") as f:
+        f.attrs["num_low_frequency"] = 2
+        del f["ismrmrd_header"]
+        f.create_group("ismrmrd_header")
+    _fails(fastmri_file, "'ismrmrd_header' is an HDF5 group", "ISMRMRD XML header")
+    with h5py.File(ismrmrd_file, "a") as f:
+        del f["dataset/data"]
+        f.create_group("dataset/data")
+    _fails(ismrmrd_file, "'dataset/data' is an HDF5 group", "ISMRMRD acquisition records")
+    radial = write_fastmri(simulate_volume(num_slices=1, num_coils=2, matrix=(16, 12), seed=3),
+                           tmp_path / "radial.h5", undersample=False)
+    _set_fastmri_xml(radial, lambda x: x.replace("<trajectory>cartesian", "<trajectory>radial"))
+    _fails(radial, "trajectory 'radial' is not supported", "Cartesian only")

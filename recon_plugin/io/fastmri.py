@@ -52,13 +52,59 @@ log = logging.getLogger(__name__)
 GEOMETRY_NAME = "recon_plugin_geometry"
 
 
-def _attr(f: h5py.File, name: str):
+def _attr(f: h5py.File, name: str, where: str, expected: str = "a number"):
+    """File attribute ``name`` as a Python scalar (text decoded; a one-element array its
+    element); None when absent. RawDataError for an array, which no attribute is."""
     v = f.attrs.get(name)
+    if isinstance(v, np.ndarray):
+        if v.size != 1:
+            raise RawDataError(f"{where}: attribute {name!r} is an array of shape {v.shape}, "
+                               f"not {expected}")
+        v = v.reshape(-1)[0]
     if isinstance(v, bytes):
         v = v.decode("utf-8", "replace")
     if isinstance(v, np.generic):
         v = v.item()
     return v
+
+
+def _dataset(f: h5py.File, name: str, where: str, expected: str) -> h5py.Dataset:
+    """``f[name]``; RawDataError where it is an HDF5 group, not a dataset."""
+    d = f[name]
+    if not isinstance(d, h5py.Dataset):
+        raise RawDataError(f"{where}: {name!r} is an HDF5 group, not {expected}")
+    return d
+
+
+def _num_low(value, lines: int, where: str) -> int | None:
+    """The ``num_low_frequency`` attribute as a number of lines (None: absent); RawDataError
+    where it is not a whole number from 0 to ``lines`` (the phase-encode lines)."""
+    if value is None:
+        return None
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        n = float("nan")
+    if isinstance(value, bool) or not (np.isfinite(n) and n == int(n) and 0 <= n <= lines):
+        raise RawDataError(f"{where}: attribute 'num_low_frequency' is {value!r}, not a whole "
+                           f"number of lines from 0 to {lines}")
+    return int(n)
+
+
+def _acceleration(value, limit: int, warn: Callable[[str], None]) -> float | None:
+    """The ``acceleration`` attribute where it is a finite number from 1 to ``limit`` (the
+    phase-encode lines); else None (the reader measures it from the mask) with a warning."""
+    if value is None:
+        return None
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if not isinstance(value, bool) and np.isfinite(r) and 1 <= r <= limit:
+        return r
+    warn(f"attribute 'acceleration' is {value!r}, not a finite number from 1 to {limit}; "
+         "ignored (the acceleration is measured from the sampling mask)")
+    return None
 
 
 def _acs(mask: np.ndarray, num_low: int | None) -> tuple[int, int] | None:
@@ -113,8 +159,15 @@ def _sample_mask(measured: np.ndarray, cols: np.ndarray, nx: int, where: str) ->
 def _check_centred(k: np.ndarray, where: str) -> None:
     """Refuse k-space (coils, ky, kx) whose largest samples (the centre of k-space, where an
     image's energy is) lie in the outer eighth of an axis: stored without the centring
-    shift, its image would come out with its quadrants swapped."""
-    energy = k.real ** 2 + k.imag ** 2
+    shift, its image would come out with its quadrants swapped. The magnitudes are scaled
+    by the largest before squaring (no overflow); k-space whose magnitudes exceed float32's
+    range is not judged here (the reconstruction refuses it as stored in extreme units)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mags = np.abs(k)
+        peak = float(mags.max()) if mags.size else 0.0
+    if not np.isfinite(peak) or peak == 0:
+        return
+    energy = np.square(mags / np.float32(peak))
     for axis, name in ((1, "phase"), (2, "readout")):
         profile = energy.sum(axis=tuple(a for a in (0, 1, 2) if a != axis), dtype=np.float64)
         n = profile.size
@@ -317,10 +370,13 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
     budget = check_budget(where, f"'kspace' of {len(indices)}{part} slices x {ncoil} coils x "
                           f"{nro} x {npe}", len(indices) * ncoil * nro * npe * 8, max_bytes)
 
-    xml = f["ismrmrd_header"][()]
+    xml = _dataset(f, "ismrmrd_header", where, "a dataset of the ISMRMRD XML header text")[()]
     tree = parse_xml(xml, where, warnings)
     header = parse_header(xml, where, warnings, tree)
     enc = encoding_info(tree, 0, where)
+    if enc.trajectory not in ("cartesian", "epi"):
+        raise RawDataError(f"{where}: trajectory {enc.trajectory!r} is not supported "
+                           "(Cartesian only)")
 
     enc, header = _reconcile_header(enc, header, (nsl, ncoil, nro, npe), warn)
     window = _phase_window(enc, npe)
@@ -329,19 +385,23 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
 
     file_mask = stored_mask = None
     if "mask" in f:
-        stored_mask = np.asarray(f["mask"]).reshape(-1) != 0
+        stored = _dataset(f, "mask", where, "a (phase,) mask dataset")
+        stored_mask = np.asarray(stored).reshape(-1) != 0
         if stored_mask.size != npe:
             raise RawDataError(f"{where}: 'mask' has {stored_mask.size} entries, kspace phase "
                                f"axis {npe}")
         file_mask = stored_mask & window
-    num_low = _attr(f, "num_low_frequency")
-    acceleration = _attr(f, "acceleration")
-    acceleration_source = "file attribute 'acceleration'" if acceleration is not None else ""
+    num_low = _num_low(_attr(f, "num_low_frequency", where, "a number of lines"),
+                       max(npe, nro), where)
+    given_acceleration = _attr(f, "acceleration", where)
 
     target = None
     for name in ("reconstruction_rss", "reconstruction_esc"):
         if name in f:
             t = f[name]
+            if not isinstance(t, h5py.Dataset):
+                warn(f"'{name}' is an HDF5 group, not a dataset; target ignored")
+                continue
             if t.ndim == 3 and t.shape[0] == nsl:
                 target = t
                 break
@@ -380,6 +440,8 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
             None if target is None else np.asarray(target[i], np.float32),
             num_low, i, where))
 
+    acceleration = _acceleration(given_acceleration, nro if along_readout else npe, warn)
+    acceleration_source = "file attribute 'acceleration'" if acceleration is not None else ""
     first = slices[0]
     if is_2d_sampling(first.mask):  # samples, not lines (along_readout needs whole lines)
         inside = first.mask[window]
@@ -398,10 +460,11 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         nx, npe, px, py = npe, nro, py, px
         header = dataclasses.replace(header, recon_matrix=_swap_xy(header.recon_matrix),
                                      recon_fov_mm=_swap_xy(header.recon_fov_mm))
-    acq = _attr(f, "acquisition") or ""
+    acq = _attr(f, "acquisition", where, "text") or ""
     ident = header.identity
-    if not ident.patient_id and _attr(f, "patient_id"):
-        ident = dataclasses.replace(ident, patient_id=str(_attr(f, "patient_id")))
+    patient_id = _attr(f, "patient_id", where, "text")
+    if not ident.patient_id and patient_id:
+        ident = dataclasses.replace(ident, patient_id=str(patient_id))
     header = dataclasses.replace(
         header,
         encoded_matrix=(nx, npe, 1),

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import re
 import warnings as _warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,18 +267,46 @@ def _user_param(hdr: xsd.ismrmrdHeader, kind: str, names: tuple[str, ...]) -> An
     return None
 
 
-def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None) -> SequenceInfo:
+def _plausible(value: float | None, field: str, warn: Callable[[str], None],
+               negative: bool = False) -> float | None:
+    """``value`` where it is finite (and, unless ``negative``, not below 0); else None, with
+    a warning naming ``field`` and the value (left out as if the header had omitted it)."""
+    if value is None or (np.isfinite(value) and (negative or value >= 0)):
+        return value
+    warn(f"header field {field} is {value!r}, not a "
+         + ("finite number" if negative else "finite number >= 0") + "; left out")
+    return None
+
+
+def _echo_times(values: Any, warn: Callable[[str], None]) -> tuple[float | None, tuple]:
+    """(TE, every TE) of ``sequenceParameters.TE``; a TE that is not a finite number >= 0 is
+    left out with a warning, and with it every TE of a multi-echo list (which echo each of
+    the others belongs to could no longer be told)."""
+    tes = _all(values)
+    kept = [_plausible(v, f"sequenceParameters.TE[{i}]" if len(tes) > 1 else
+                       "sequenceParameters.TE", warn) for i, v in enumerate(tes)]
+    if None in kept:
+        return (kept[0] if len(kept) == 1 else None), ()
+    return _first(values), tes
+
+
+def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None,
+              warn: Callable[[str], None]) -> SequenceInfo:
+    """The sequence parameters; TR, TE, TI and field strength that are not finite or are
+    negative, and a flip angle that is not finite, are left out with a warning (``warn``)."""
     sp, asi = hdr.sequenceParameters, hdr.acquisitionSystemInformation
     seq = SequenceInfo(echo_train_length=etl)
     if sp is not None:
-        seq.tr_ms, seq.te_ms = _first(sp.TR), _first(sp.TE)
-        seq.te_list_ms = _all(sp.TE)
-        seq.ti_ms, seq.flip_deg = _first(sp.TI), _first(sp.flipAngle_deg)
+        seq.tr_ms = _plausible(_first(sp.TR), "sequenceParameters.TR", warn)
+        seq.te_ms, seq.te_list_ms = _echo_times(sp.TE, warn)
+        seq.ti_ms = _plausible(_first(sp.TI), "sequenceParameters.TI", warn)
+        seq.flip_deg = _plausible(_first(sp.flipAngle_deg), "sequenceParameters.flipAngle_deg",
+                                  warn, negative=True)
         seq.sequence_type = sp.sequence_type
     if asi is not None:
-        seq.field_strength_t = (
-            float(asi.systemFieldStrength_T) if asi.systemFieldStrength_T is not None else None
-        )
+        seq.field_strength_t = _plausible(
+            _first([asi.systemFieldStrength_T] if asi.systemFieldStrength_T is not None else []),
+            "acquisitionSystemInformation.systemFieldStrength_T", warn)
         seq.manufacturer, seq.model_name = asi.systemVendor, asi.systemModel
         seq.institution, seq.station_name = asi.institutionName, asi.stationName
     for field, keyword in SCANNER_TERMS.items():
@@ -286,6 +315,8 @@ def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None) -> SequenceInfo:
             setattr(seq, field, str(value).strip())
     f0 = hdr.experimentalConditions.H1resonanceFrequency_Hz if (
         hdr.experimentalConditions is not None) else None
+    f0 = _plausible(_first([f0] if f0 is not None else []),
+                    "experimentalConditions.H1resonanceFrequency_Hz", warn)
     if f0:
         seq.imaging_frequency_mhz = float(f0) / 1e6
         if seq.field_strength_t is None:
@@ -333,6 +364,13 @@ def parse_header(
     """
     hdr = parse_xml(xml, source, warnings) if parsed is None else parsed
     enc = encoding_info(hdr, 0, source)
+
+    def warn(msg: str) -> None:
+        msg = f"{source or 'header'}: {msg}"
+        log.warning(msg)
+        if warnings is not None:
+            warnings.append(msg)
+
     asi = hdr.acquisitionSystemInformation
     coils = 0
     if asi is not None and asi.receiverChannels is not None:
@@ -368,7 +406,7 @@ def parse_header(
         calibration_lines=int(calib) if calib is not None else None,
         slice_thickness_mm=thickness,
         slice_spacing_mm=float(spacing) if spacing is not None else partition,
-        sequence=_sequence(hdr, enc.echo_train_length),
+        sequence=_sequence(hdr, enc.echo_train_length, warn),
         identity=_identity(hdr),
         xml=xml_str,
         readout_oversampling=float(os),

@@ -47,6 +47,10 @@ _CHUNK = 2048
 
 
 def _iter_acquisitions(container, where: str):
+    data = container._contents.get("data")
+    if data is not None and not isinstance(data, h5py.Dataset):
+        raise RawDataError(f"{where}: '{container._contents.name.lstrip('/')}/data' is an HDF5 "
+                           "group, not a dataset of ISMRMRD acquisition records")
     acqs = container.acquisitions
     if acqs is None:
         raise RawDataError(f"{where}: no acquisitions (dataset 'data' missing)")
