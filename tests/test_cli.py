@@ -283,6 +283,7 @@ def test_adapt_refuses_a_loss_share_outside_0_1_before_reading_anything(tmp_path
     ["train", "--run-dir", "r", "--steps", "0"], ["train", "--run-dir", "r", "--espirit", "2"],
     ["train", "--run-dir", "r", "--pools", "0"],
     ["train-pool", "p", "--batches", "0"],
+    ["simulate", "--seed", "-1"], ["train", "--run-dir", "r", "--seed", "4294967296"],
 ])
 def test_numbers_out_of_range_are_usage_errors(tmp_path, capsys, args):
     """A count, size or rate out of its range is refused by the parser, naming the option and
@@ -580,3 +581,64 @@ def test_inspect_marks_a_protocols_missing_model(tmp_path, capsys):
     assert main(["-q", "inspect", str(raw), "--protocol", str(proto), "--json"]) == 1
     (d,) = json.loads(capsys.readouterr().out)
     assert "model.variant: model 'no-such-model' not found" in d["error"]
+
+
+@pytest.mark.parametrize("env", [{"RECON_PLUGIN_MAX_MEMORY_GB": "abc"},
+                                 {"RECON_PLUGIN_MAX_MEMORY_GB": "inf"},
+                                 {"RECON_PLUGIN_NOISE_DIR": "{file}"}])
+def test_serve_refuses_to_start_on_an_environment_every_scan_would_fail(tmp_path, env):
+    """A memory limit that is no number or a noise folder that is a file, from the
+    environment: exit 2 naming the variable before listening (``--noise-dir FILE`` was
+    refused; ``$RECON_PLUGIN_NOISE_DIR`` of a file was taken)."""
+    import os
+
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    env = {k: v.format(file=file) for k, v in env.items()}
+    r = subprocess.run([sys.executable, "-m", "recon_plugin.cli", "serve", "--port", "0",
+                        "--no-warmup"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **env})
+    assert r.returncode == 2, r.stderr
+    assert f"${next(iter(env))}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_what_would_fail_every_input_is_a_usage_error_before_the_first(raw_dir, tmp_path,
+                                                                     caplog, monkeypatch):
+    """Found by a helper's fuzzing: each of these failed every input (exit 1, one line per
+    input, or a traceback), where the batch's preflight now stops before the first, exit 2,
+    naming the problem: $RECON_PLUGIN_MAX_MEMORY_GB that is no number of GB (``inf`` ended
+    in an OverflowError); a protocol on the search path that does not load, for a batch
+    matched by header; ``--model ""``; a model card that is JSON but no object (an
+    AttributeError traceback). A ``--protocol-dir`` that is not there is named in a warning
+    (it was passed over without a word)."""
+    import shutil
+
+    from recon_plugin.models.checkpoint import WEIGHTS_DIR
+
+    good = str(raw_dir / "good.h5")
+
+    def recon(*args: str) -> int:
+        caplog.clear()
+        return main(["-q", "recon", good, "--out", str(tmp_path / "o"), *args])
+
+    for value in ("abc", "0", "inf"):
+        monkeypatch.setenv("RECON_PLUGIN_MAX_MEMORY_GB", value)
+        assert recon("--method", "zero-filled") == 2
+        assert f"$RECON_PLUGIN_MAX_MEMORY_GB={value!r}" in caplog.text
+        assert main(["-q", "inspect", good]) == 2
+    monkeypatch.delenv("RECON_PLUGIN_MAX_MEMORY_GB")
+    bad = tmp_path / "protocols"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("name: broken\nmodel: {method: magic}\n")
+    assert recon("--protocol-dir", str(bad)) == 2
+    assert "broken.yaml" in caplog.text and "magic" in caplog.text
+    assert recon("--model", "") == 2 and "model '' not found" in caplog.text
+    mine = tmp_path / "mine.safetensors"
+    shutil.copy(WEIGHTS_DIR / "unrolled-base.safetensors", mine)
+    mine.with_suffix(".json").write_text("[1, 2]")
+    assert recon("--model", str(mine)) == 2
+    assert "model card is a JSON list, not an object" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert recon("--protocol-dir", str(tmp_path / "nosuch"), "--method", "zero-filled") == 0
+    assert f"protocol folder {tmp_path / 'nosuch'} (--protocol-dir) does not exist: not " \
+           "searched" in caplog.text

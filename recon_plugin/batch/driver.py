@@ -75,6 +75,13 @@ def preflight(
         parse_address(cluster)
     if max_memory_gb is not None and not max_memory_gb > 0:
         raise BatchUsageError(f"--max-memory-gb must be > 0, got {max_memory_gb}")
+    if max_memory_gb is None:  # the environment's, checked once here (not per input)
+        from ..io.budget import default_max_bytes
+
+        try:
+            default_max_bytes()
+        except ValueError as e:
+            raise BatchUsageError(str(e)) from e
     files = raw_files(inputs, BatchUsageError)
     if noise is not None:
         from ..io import RawDataError, check_noise_file
@@ -96,7 +103,11 @@ def preflight(
         proto = load_protocol(protocol, protocol_dirs)
         settings = proto.recon_settings().override(**overrides)
         method, model = settings.method, settings.model
-    if model and method in (None, "unrolled"):
+    else:  # matched by header: every protocol on the search path must load (one that does
+        from ..config.protocol import load_all  # not failed each input, exit 1)
+
+        load_all(protocol_dirs)
+    if model is not None and method in (None, "unrolled"):
         from ..models.checkpoint import ModelError, load_inference_model, resolve_model
 
         try:
@@ -105,7 +116,7 @@ def preflight(
             else:
                 load_inference_model(resolve_model(model))
         except ModelError as e:  # say whose model it is
-            who = ("--model" if overrides.get("model") else
+            who = ("--model" if overrides.get("model") is not None else
                    proto.model_key)
             raise ModelError(f"{who}: {e}") from e
     _check_out_dir(Path(out_dir))

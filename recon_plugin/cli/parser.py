@@ -66,6 +66,8 @@ def _number(cast, accept, expected: str, bound: str):
 
 _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
 _count = _number(int, lambda v: v >= 0, "a whole number >= 0", ">= 0")
+# numpy's and torch's seeds (a negative one failed after the setup, naming no option)
+_seed = _number(int, lambda v: 0 <= v < 2**32, "a whole number", "from 0 to 4294967295")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0", "a number > 0")
 _seconds = _number(float, lambda v: 0 <= v < float("inf"), "a number of seconds", ">= 0")
 _port = _number(int, lambda v: 0 <= v <= 65535, "a whole number", "between 0 and 65535")
@@ -239,7 +241,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="mean object signal / noise standard deviation (default %(default)s)")
     s.add_argument("--count", type=_positive_int, default=1,
                    help="number of files (seeds seed..)")
-    s.add_argument("--seed", type=int, default=0, help="first file's random seed (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="first file's random seed (default 0)")
     s.set_defaults(fn=cmd_simulate)
 
 
@@ -253,7 +255,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--protocol", default=None,
                    help="protocol name or YAML path (default: match the header)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="simulation seed (default %(default)s)")
+    s.add_argument("--seed", type=_seed, default=0, help="simulation seed (default %(default)s)")
     # the demo shows the network adapted to its scan: unrefined, it keeps faint aliasing arcs
     # on the built-in phantom; 19-27 steps of refinement leave faint traces, 67 none, and 7
     # (a busy CPU within the budget) leave them visible: the step count decides, not the time
@@ -298,7 +300,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--freeze-bn", action="store_true",
                    help="BatchNorm statistics recalibrated once, then fixed")
     s.add_argument("--init", help="initialise the CNN priors from this model (name or file)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     s.add_argument("--time-budget", type=_positive_float, default=None,
                    help="seconds, then checkpoint")
     s.add_argument("--export", help="write the best model here (path without suffix)")
@@ -312,7 +314,7 @@ def _add_train_pool(sub: argparse._SubParsersAction) -> None:
     s.add_argument("pool_dir", help="folder of the batches (created; resumes)")
     s.add_argument("--batches", type=_positive_int, default=1500,
                    help="batches the pool should hold (default %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     s.add_argument("--batch-size", type=_positive_int, default=4,
                    help="slices per batch (default %(default)s)")
     s.set_defaults(fn=cmd_train_pool)
@@ -349,7 +351,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--time-budget", type=_positive_float, default=None,
                    help="wall seconds of training at most (single process)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="random seed of the training (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed of the training (default 0)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first (for --protocol and for the "
                    "check that each file matches it); repeatable")
@@ -379,7 +381,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--lr", type=_positive_float, default=5e-4,
                    help="fine-tuning learning rate (default %(default)s)")
     s.add_argument("--batch-size", type=_positive_int, default=4, help="default %(default)s")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     s.add_argument("--time-budget", type=_positive_float, default=None,
                    help="wall seconds of fine-tuning at most")
     s.add_argument("--pool", type=Path, default=None,

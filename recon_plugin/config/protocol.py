@@ -240,12 +240,24 @@ _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+_WARNED_MISSING: set[str] = set()  # folders given that are not there, each warned of once
+
+
 def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
-    """Folders searched for protocols, in priority order (existing ones only)."""
+    """Folders searched for protocols, in priority order (existing ones only): ``extra``
+    (``--protocol-dir``), ``$RECON_PLUGIN_PROTOCOLS``, the shipped ones. A folder given in
+    ``extra`` or the variable that is not there is named in a warning (once per process; a
+    typo had silently dropped a site's protocols for the shipped ones)."""
     here = Path(__file__).resolve().parents[1]  # the package folder
-    candidates: list[Path] = [Path(p) for p in (extra or [])]
+    given: list[tuple[Path, str]] = [(Path(p), "--protocol-dir") for p in (extra or [])]
     env = os.environ.get(ENV_VAR, "")
-    candidates += [Path(p) for p in env.split(os.pathsep) if p]
+    given += [(Path(p), f"${ENV_VAR}") for p in env.split(os.pathsep) if p]
+    for path, source in given:
+        if not path.is_dir() and f"{source} {path}" not in _WARNED_MISSING:
+            _WARNED_MISSING.add(f"{source} {path}")
+            log.warning("protocol folder %s (%s) %s: not searched", path, source,
+                        "is not a folder" if path.exists() else "does not exist")
+    candidates: list[Path] = [p for p, _ in given]
     candidates += [
         here.parent / "protocols",
         Path(sys.prefix) / "share" / "recon-plugin" / "protocols",

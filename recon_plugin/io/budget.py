@@ -10,6 +10,7 @@ per run.
 
 from __future__ import annotations
 
+import math
 import os
 from decimal import ROUND_CEILING, Decimal
 
@@ -31,8 +32,8 @@ def default_max_bytes() -> int:
             gb = float(text)
         except ValueError as err:
             raise ValueError(f"${ENV_VAR}={text!r} is not a number of GB") from err
-        if not gb > 0:
-            raise ValueError(f"${ENV_VAR}={text!r} must be > 0")
+        if not (gb > 0 and math.isfinite(gb)):
+            raise ValueError(f"${ENV_VAR}={text!r} must be a finite number of GB > 0")
         return gb_to_bytes(gb)
     return gb_to_bytes(DEFAULT_MAX_MEMORY_GB)
 

@@ -111,13 +111,19 @@ def _shrink_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_card(path: Path | str) -> dict:
+    """The model card (JSON object) beside the weights ``path``; ModelError naming it where it
+    is missing, not JSON, or JSON of another kind (a list had ended in a traceback)."""
     path = weights_path(path).with_suffix(".json")
     try:
-        return json.loads(path.read_text())
+        card = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise ModelError(f"{path}: model card not found") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path}: model card is not valid JSON ({e})") from e
+    if not isinstance(card, dict):
+        raise ModelError(f"{path}: model card is a JSON {type(card).__name__}, not an object "
+                         "of the model's fields")
+    return card
 
 
 def _first_mismatch(err: RuntimeError) -> str:
