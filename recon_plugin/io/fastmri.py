@@ -76,16 +76,23 @@ def _dataset(f: h5py.File, name: str, where: str, expected: str) -> h5py.Dataset
     return d
 
 
+def _number(value) -> float:
+    """An attribute's value as a float; NaN where it is no number (text, a bool)."""
+    if isinstance(value, bool):
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _num_low(value, lines: int, where: str) -> int | None:
     """The ``num_low_frequency`` attribute as a number of lines (None: absent); RawDataError
     where it is not a whole number from 0 to ``lines`` (the phase-encode lines)."""
     if value is None:
         return None
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        n = float("nan")
-    if isinstance(value, bool) or not (np.isfinite(n) and n == int(n) and 0 <= n <= lines):
+    n = _number(value)
+    if not (np.isfinite(n) and n == int(n) and 0 <= n <= lines):
         raise RawDataError(f"{where}: attribute 'num_low_frequency' is {value!r}, not a whole "
                            f"number of lines from 0 to {lines}")
     return int(n)
@@ -96,11 +103,8 @@ def _acceleration(value, limit: int, warn: Callable[[str], None]) -> float | Non
     phase-encode lines); else None (the reader measures it from the mask) with a warning."""
     if value is None:
         return None
-    try:
-        r = float(value)
-    except (TypeError, ValueError):
-        r = float("nan")
-    if not isinstance(value, bool) and np.isfinite(r) and 1 <= r <= limit:
+    r = _number(value)
+    if np.isfinite(r) and 1 <= r <= limit:
         return r
     warn(f"attribute 'acceleration' is {value!r}, not a finite number from 1 to {limit}; "
          "ignored (the acceleration is measured from the sampling mask)")
