@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -105,13 +106,21 @@ def find_template() -> Path | None:
 
 @lru_cache(maxsize=2)
 def load_anatomy(prefer_template: bool = True) -> Anatomy:
-    """The MNI template if available, else the built-in phantom (logged)."""
+    """The MNI template if available, else the built-in phantom (logged). ValueError naming
+    the file where it is there but is no template (numpy's own message had named neither the
+    file nor ``$RECON_PLUGIN_ANATOMY``)."""
     path = find_template() if prefer_template else None
     if path is not None:
-        d = np.load(path)
-        gm = d["gm"].astype(np.float32) / 255.0
-        wm = d["wm"].astype(np.float32) / 255.0
-        t1 = d["t1"].astype(np.float32) / 255.0
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                gm, wm, t1, affine = (d[k] for k in ("gm", "wm", "t1", "affine"))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            given = f" (${ANATOMY_ENV})" if os.environ.get(ANATOMY_ENV) else ""
+            raise ValueError(f"{path}{given} is not the MNI template (an .npz of gm, wm, t1 "
+                             f"and affine): {e}") from e
+        gm = gm.astype(np.float32) / 255.0
+        wm = wm.astype(np.float32) / 255.0
+        t1 = t1.astype(np.float32) / 255.0
         head = t1 > 20 / 255.0
         brain = np.clip(gm + wm, 0, 1)
         from scipy import ndimage
@@ -120,7 +129,7 @@ def load_anatomy(prefer_template: bool = True) -> Anatomy:
         brain_mask = ndimage.binary_fill_holes(brain_mask)
         csf = np.where(brain_mask, np.clip(1 - brain, 0, 1), 0).astype(np.float32)
         other = np.where(head & ~brain_mask, t1, 0).astype(np.float32)
-        return Anatomy(gm, wm, csf, other, d["affine"].astype(np.float64), "mni152_2009a_sym")
+        return Anatomy(gm, wm, csf, other, affine.astype(np.float64), "mni152_2009a_sym")
     log.info("MNI template not found; using the built-in ellipsoid head phantom")
     return phantom_anatomy()
 
