@@ -202,14 +202,13 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from ..batch.files import without_path
     from ..config.protocol import ProtocolMatchError
     from ..io import NoiseMeasurementOnly, check_noise_file, read_raw
-    from ..io.budget import default_max_bytes, gb_to_bytes
+    from ..io.budget import gb_to_bytes
     from ..io.inputs import raw_files
     from ..recon.describe import describe_scan, format_description
     from ..scan import RawDataError
 
     files = raw_files(a.inputs, UsageError)
-    if not a.max_memory_gb:
-        default_max_bytes()  # $RECON_PLUGIN_MAX_MEMORY_GB: a ValueError naming it, exit 2
+    _check_memory_env(a.max_memory_gb)
     noise = {}
     if a.noise is not None:
         try:
@@ -367,6 +366,15 @@ def _writable(*folders: tuple[str, str | Path | None]) -> None:
     for option, folder in folders:
         if folder:
             check_writable_folder(folder, option)
+
+
+def _check_memory_env(max_memory_gb: float | None) -> None:
+    """Without ``--max-memory-gb``, ``$RECON_PLUGIN_MAX_MEMORY_GB`` is the limit: checked
+    before anything runs (a ValueError naming it, exit 2), not found out per input."""
+    if not max_memory_gb:
+        from ..io.budget import default_max_bytes
+
+        default_max_bytes()
 
 
 def _init_model(name: str, resumed: bool) -> Path:
@@ -534,7 +542,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     """Run the MRD streaming server until stopped."""
     from ..config.protocol import load_protocol
-    from ..io.budget import default_max_bytes, gb_to_bytes
+    from ..io.budget import gb_to_bytes
     from ..stream.noise_store import NOISE_DIR_ENV, default_noise_dir
     from ..stream.options import Limits
     from ..stream.server import serve
@@ -542,12 +550,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # what every scan would need, checked before listening (a scanner would get only errors)
     if a.protocol:
         load_protocol(a.protocol, a.protocol_dir)
-    if not a.max_memory_gb:
-        default_max_bytes()  # $RECON_PLUGIN_MAX_MEMORY_GB: a ValueError naming it, exit 2
-    noise = ("--noise-dir", a.noise_dir) if a.noise_dir else (
-        f"${NOISE_DIR_ENV}" if os.environ.get(NOISE_DIR_ENV, "").strip() else
-        "the noise folder", default_noise_dir())
-    _writable(("--dicom-out", a.dicom_out), noise)
+    _check_memory_env(a.max_memory_gb)
+    noise_option = ("--noise-dir" if a.noise_dir else f"${NOISE_DIR_ENV}"
+                    if os.environ.get(NOISE_DIR_ENV, "").strip() else "the noise folder")
+    _writable(("--dicom-out", a.dicom_out), (noise_option, a.noise_dir or default_noise_dir()))
     try:
         limits = Limits(max_total_open_bytes=gb_to_bytes(a.max_memory_gb)
                         if a.max_memory_gb else None)

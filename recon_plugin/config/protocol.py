@@ -240,7 +240,7 @@ _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-_WARNED_MISSING: set[str] = set()  # folders given that are not there, each warned of once
+_WARNED_MISSING: set[tuple[str, Path]] = set()  # folders given that are not there, warned of
 
 
 def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
@@ -253,8 +253,8 @@ def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
     env = os.environ.get(ENV_VAR, "")
     given += [(Path(p), f"${ENV_VAR}") for p in env.split(os.pathsep) if p]
     for path, source in given:
-        if not path.is_dir() and f"{source} {path}" not in _WARNED_MISSING:
-            _WARNED_MISSING.add(f"{source} {path}")
+        if not path.is_dir() and (source, path) not in _WARNED_MISSING:
+            _WARNED_MISSING.add((source, path))
             log.warning("protocol folder %s (%s) %s: not searched", path, source,
                         "is not a folder" if path.exists() else "does not exist")
     candidates: list[Path] = [p for p, _ in given]

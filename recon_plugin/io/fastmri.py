@@ -167,11 +167,12 @@ def _check_centred(k: np.ndarray, where: str) -> None:
     by the largest before squaring (no overflow); k-space whose magnitudes exceed float32's
     range is not judged here (the reconstruction refuses it as stored in extreme units)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        mags = np.abs(k)
-        peak = float(mags.max()) if mags.size else 0.0
+        energy = np.abs(k)
+        peak = float(energy.max()) if energy.size else 0.0
     if not np.isfinite(peak) or peak == 0:
         return
-    energy = np.square(mags / np.float32(peak))
+    energy /= np.float32(peak)  # in place: a slice's k-space is read per call
+    np.square(energy, out=energy)
     for axis, name in ((1, "phase"), (2, "readout")):
         profile = energy.sum(axis=tuple(a for a in (0, 1, 2) if a != axis), dtype=np.float64)
         n = profile.size

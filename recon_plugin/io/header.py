@@ -304,9 +304,9 @@ def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None,
                                   warn, negative=True)
         seq.sequence_type = sp.sequence_type
     if asi is not None:
-        seq.field_strength_t = _plausible(
-            _first([asi.systemFieldStrength_T] if asi.systemFieldStrength_T is not None else []),
-            "acquisitionSystemInformation.systemFieldStrength_T", warn)
+        seq.field_strength_t = _plausible(_first([asi.systemFieldStrength_T]),
+                                          "acquisitionSystemInformation.systemFieldStrength_T",
+                                          warn)
         seq.manufacturer, seq.model_name = asi.systemVendor, asi.systemModel
         seq.institution, seq.station_name = asi.institutionName, asi.stationName
     for field, keyword in SCANNER_TERMS.items():
@@ -315,8 +315,7 @@ def _sequence(hdr: xsd.ismrmrdHeader, etl: int | None,
             setattr(seq, field, str(value).strip())
     f0 = hdr.experimentalConditions.H1resonanceFrequency_Hz if (
         hdr.experimentalConditions is not None) else None
-    f0 = _plausible(_first([f0] if f0 is not None else []),
-                    "experimentalConditions.H1resonanceFrequency_Hz", warn)
+    f0 = _plausible(_first([f0]), "experimentalConditions.H1resonanceFrequency_Hz", warn)
     if f0:
         seq.imaging_frequency_mhz = float(f0) / 1e6
         if seq.field_strength_t is None:

@@ -264,9 +264,9 @@ def drain(
     A target that refuses the association is not retried again within this call. Each target
     with files left for a retry is named once in a warning, with why and how many stay queued.
     Batches that reach ``max_attempts`` failed attempts move to ``queue_dir/dead``. If another
-    process is draining the same queue, returns ``(0, 0)`` at once. A missing ``queue_dir`` is an empty
-    queue (it is not created); one that cannot be written raises :class:`QueueNotWritable`
-    before anything is sent.
+    process is draining the same queue, returns ``(0, 0)`` at once. A missing ``queue_dir`` is
+    an empty queue (it is not created); one that cannot be written raises
+    :class:`QueueNotWritable` before anything is sent.
     """
     qdir = Path(queue_dir)
     sent_total = failed_total = 0

@@ -162,7 +162,8 @@ class StreamEngine:
             for sl in finished:
                 yield from scan.emit(sl, t)
             yield from scan.flush_deferred(t)
-            yield from scan.late_noise()
+            scan.late_noise()  # noise after the last slice: no later slice told it
+            yield from scan.told()
         finally:  # the scan ends, fails or its client goes: its buffers are free again
             self._hold(-sum(held.values()))
             held.clear()

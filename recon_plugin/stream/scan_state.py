@@ -162,21 +162,16 @@ class ScanState:
             self.result.header = self.header  # a scan stopped part way is archived with it
             self.noise_used = len(self.asm.noise)
         else:
-            self._late_noise()
+            self.late_noise()
 
-    def _late_noise(self) -> None:
-        """Warn (once) where noise came after the first slice was made: it whitens nothing."""
+    def late_noise(self) -> None:
+        """Warn (once) where noise came after the first slice was made: it whitens nothing
+        (the engine asks again at the scan's end, for noise after its last slice)."""
         if self.header is not None and len(self.asm.noise) > self.noise_used >= 0:
             self.asm.warnings.append("stream: noise acquisitions after the first slice are "
                                      "not used (send the noise scan first)")
             log.warning(self.asm.warnings[-1])
             self.noise_used = -1
-
-    def late_noise(self) -> Iterator[str]:
-        """At the scan's end: the warning of :meth:`_late_noise` for noise that came after its
-        last slice (no later slice had told it), as a notice."""
-        self._late_noise()
-        yield from self.told()
 
     def emit(self, sl: SliceData, t_last: float) -> Iterator[StreamImage | str]:
         if sl.acs is None and sl.calib is None and self.interleaved:
