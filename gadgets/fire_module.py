@@ -29,6 +29,13 @@ from typing import Any
 
 import ismrmrd
 
+from recon_plugin.runtime import passive_thread_waits
+
+# This module is where its host process starts the recon: torch's idle threads should sleep, not
+# spin on the host's cores, and the policy holds only if set before torch loads (the engine's
+# imports load it). A no-op where the host set OMP_WAIT_POLICY or loaded torch itself.
+passive_thread_waits()
+
 from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
 from recon_plugin.stream.options import ClientGone, StreamOptions, log_failure, parse_config_text
 

@@ -35,6 +35,13 @@ import socket
 import struct
 from typing import Any
 
+from recon_plugin.runtime import passive_thread_waits
+
+# This module is where its host process starts the recon: torch's idle threads should sleep, not
+# spin on the host's cores, and the policy holds only if set before torch loads (the engine's
+# imports load it). A no-op where the host set OMP_WAIT_POLICY or loaded torch itself.
+passive_thread_waits()
+
 from recon_plugin.stream.engine import StreamEngine, header_text, log_notice, shared_engine
 from recon_plugin.stream.options import ClientGone, StreamOptions, log_failure, xml_params
 
@@ -215,8 +222,12 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=18000)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # as the CLI: pynetdicom's account of a refused association comes before our one line
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if a.verbose else logging.CRITICAL + 1)
     listen(a.port, recon_plugin)
 
 

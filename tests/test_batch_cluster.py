@@ -289,3 +289,8 @@ def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, m
     assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster",
                  f"tcp://127.0.0.1:{port}"]) == 2
     assert any("RECON_PLUGIN_CLUSTER_TIMEOUT='soon'" in r.getMessage() for r in caplog.records)
+    caplog.clear()  # 1e11 s was taken: a batch whose scheduler is gone waited for ever
+    monkeypatch.setenv(cluster.TIMEOUT_VAR, "99999999999")
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster",
+                 f"tcp://127.0.0.1:{port}"]) == 2
+    assert any("at most 86400" in r.getMessage() for r in caplog.records)

@@ -419,6 +419,28 @@ def test_recon_slices_reconstructs_only_the_slices_asked_for(tmp_path, capsys, c
     assert e.value.code == 2 and "argument --slices:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["recon", "IN", "--format", ",dicom"], "--format"),
+    (["recon", "IN", "--format", "dicom,,h5"], "--format"),
+    (["train", "--pools", "7"], "--pools"),
+    (["train", "--pools", "99"], "--pools"),
+    (["train", "--chans", "100000"], "--chans"),
+    (["serve", "--pacs-retry", "1e-9"], "--pacs-retry"),
+])
+def test_values_no_run_can_use_are_refused_by_the_parser(tmp_path, capsys, argv, option):
+    """An empty ``--format`` item (``--slices "1,,2"`` was refused, ``--format ",dicom"``
+    taken), U-Net sizes that only exhaust memory (``--pools 99``: 3.7 GB before a step) and a
+    PACS retry period that has the retry thread call without pause: exit 2 naming the option,
+    before anything is written."""
+    argv = [str(tmp_path) if a == "IN" else a for a in argv]
+    where = {"recon": "--out", "train": "--run-dir"}.get(argv[0])
+    with pytest.raises(SystemExit) as e:
+        main([*argv, where, str(tmp_path / "o")] if where else argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}:" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("address", ["tcp://host:99999", "tcp://host:0", "local:0", "host:8786"])
 def test_a_cluster_address_is_checked_by_the_parser_as_the_batch_checks_it(tmp_path, capsys,
                                                                            address):

@@ -34,7 +34,8 @@ def _tracebacks(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("config, says", [
-    ({"parameters": {"protocol": "no_such_protocol"}}, "ProtocolError: protocol 'no_such_protocol'"),
+    ({"parameters": {"protocol": "no_such_protocol"}},
+     "ValueError: protocol 'no_such_protocol' is not one of this server's protocols"),
     ({"parameters": {"method": "magic"}}, "method 'magic' is not one of"),
     ({"parameters": {"measured_weight": [1]}}, "measured_weight must be a number"),
     ({"parameters": "protocol=stream_zf"}, "\"parameters\" must be an object"),
@@ -239,7 +240,7 @@ def test_the_retry_period_comes_from_the_environment(data, retry_site, monkeypat
     assert (retry and retry.period_s) == period
 
 
-@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan", "1e-9"])
 def test_an_unusable_retry_period_is_an_error_text_naming_the_variable(data, retry_site,
                                                                        monkeypatch, caplog,
                                                                        value):
@@ -251,3 +252,27 @@ def test_an_unusable_retry_period_is_an_error_text_naming_the_variable(data, ret
     assert len(conn.texts) == 1
     assert conn.texts[0].startswith(f"ERROR ValueError: RECON_PLUGIN_PACS_RETRY={value!r}")
     assert not _tracebacks(caplog)
+
+
+@pytest.mark.parametrize("module, policy, told", [
+    ("fire_module", None, "PASSIVE"),
+    ("recon_plugin_gadget", None, "PASSIVE"),
+    ("recon_plugin_gadget", "ACTIVE", "ACTIVE"),
+])
+def test_the_host_modules_let_torch_threads_sleep_unless_the_host_chose(module, policy, told):
+    """Importing a ``gadgets/`` module is where its host starts the recon: it sets
+    ``OMP_WAIT_POLICY=PASSIVE`` before its imports load torch (the Gadgetron node's passive
+    ``main`` had torch spinning on the host's cores), and leaves a policy the host set."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "gadgets"), str(REPO)])
+    code = (f"import os, sys; import {module}; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [told, "True"]

@@ -220,6 +220,15 @@ def test_nothing_listening_names_the_address(tmp_path):
         pacs.send_files(paths, f"NOBODY@127.0.0.1:{port}", CALLING, timeout=5)
 
 
+def test_a_host_name_that_does_not_resolve_is_named_as_such(tmp_path):
+    """A name the resolver does not know (``.invalid`` never resolves, RFC 2606) had read
+    "nothing accepts connections at ...", which sends the administrator to the PACS."""
+    paths = write_series(tmp_path / "dcm", nslices=1, seed=5)
+    with pytest.raises(pacs.PacsError, match="the host name 'pacs.invalid' does not resolve") as e:
+        pacs.send_files(paths, "NOBODY@pacs.invalid:104", CALLING, timeout=5)
+    assert e.value.unanswered
+
+
 # --------------------------------------------------------------------------- durable queue
 
 

@@ -52,6 +52,26 @@ def test_readout_oversampling_removal_roundtrip():
     np.testing.assert_allclose(np.swapaxes(k2, -1, -2), k, atol=1e-5)
 
 
+def test_noise_covariance_is_the_double_precision_one_without_a_double_copy():
+    """Taken a chunk of samples at a time: the same covariance as ``x x^H / n`` in complex128
+    (several chunks here, a partial last one), and no double-precision copy of the whole scan
+    (at the stream's 256 MB noise cap that copy had been 512 MB no budget counted)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n = 1_200_001
+    noise = (rng.standard_normal((8, n)) + 1j * rng.standard_normal((8, n))).astype(np.complex64)
+    noise *= np.float32(1e-20)  # float32 squares would underflow
+    ref = noise.astype(np.complex128) @ noise.astype(np.complex128).conj().T / n
+    tracemalloc.start()
+    got = noise_covariance(noise)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+    assert np.abs(np.diag(got)).min() > 1e-41
+    assert peak < noise.nbytes / 4, peak  # the double copy alone: 2 x noise.nbytes
+
+
 def test_prewhitening_matrix_makes_noise_covariance_identity():
     rng = np.random.default_rng(1)
     cov = _cov(6, rng)

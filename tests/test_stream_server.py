@@ -1037,6 +1037,28 @@ def test_a_protocol_name_too_long_for_a_file_is_refused_as_a_name(server, data):
     assert str(data["pdir"]) not in texts[0]
 
 
+def test_a_protocol_the_client_names_that_does_not_load_names_no_server_folder(server, data,
+                                                                              tmp_path):
+    """An unknown protocol name told the client the server's protocol folders (the message
+    made for the command line); now it lists the names the server knows, and a protocol file
+    that does not load is named by its protocol alone; the server's log keeps the rest."""
+    first = struct.pack("<H", ISMRMRDMessageID.ACQUISITION) + data["acqs"][0].to_bytes()
+    texts, closed = raw_exchange(server.address, preamble(data, "no_such_protocol") + first
+                                 + struct.pack("<H", ISMRMRDMessageID.CLOSE))
+    assert closed and len(texts) == 1, texts
+    assert texts[0].startswith("ERROR ValueError: protocol 'no_such_protocol' is not one of "
+                               "this server's protocols (known: "), texts
+    assert "stream_zf" in texts[0] and str(data["pdir"]) not in texts[0]
+    pdir = tmp_path / "p"
+    pdir.mkdir()
+    (pdir / "broken.yaml").write_text("name: broken\nrecon: {method: nonsense}\n")
+    eng = eng_mod.StreamEngine(object(), protocol_dirs=[pdir])
+    header = MrdAssembler(data["header"].toXML(), source="stream").header
+    with pytest.raises(ValueError, match="^protocol 'broken' does not load on this server") as e:
+        eng.select(header, stream_options.StreamOptions(protocol="broken"))
+    assert str(pdir) not in str(e.value)
+
+
 def test_text_after_the_first_acquisition_is_told_ignored(server, data, offline):
     """TEXT parameters sent after the first acquisition change nothing: they had been dropped
     with a line in the server's log only, the client believing them used. Now the client gets

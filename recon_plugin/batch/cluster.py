@@ -34,18 +34,20 @@ from .state import BatchUsageError, clean_stale, parse_address
 log = logging.getLogger(__name__)
 
 TIMEOUT_VAR = "RECON_PLUGIN_CLUSTER_TIMEOUT"  # seconds to reach a scheduler (default 5)
+MAX_CONNECT_TIMEOUT_S = 86400.0  # a day; 1e11 s was taken and a batch waited for ever
 
 
 def connect_timeout() -> float:
     """``$RECON_PLUGIN_CLUSTER_TIMEOUT`` in seconds (5 when unset); BatchUsageError when it is
-    not a number > 0."""
+    not a number > 0 and at most ``MAX_CONNECT_TIMEOUT_S``."""
     text = os.environ.get(TIMEOUT_VAR, "").strip() or "5"
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise BatchUsageError(f"{TIMEOUT_VAR}={text!r}: expected a number of seconds > 0")
+    if not 0 < value <= MAX_CONNECT_TIMEOUT_S:
+        raise BatchUsageError(f"{TIMEOUT_VAR}={text!r}: expected a number of seconds > 0 and "
+                              f"at most {MAX_CONNECT_TIMEOUT_S:g} (a day)")
     return value
 
 

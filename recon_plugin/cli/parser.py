@@ -16,7 +16,7 @@ from ..adaptation import MODES as ADAPT_MODES
 from ..adaptation import PARAMS as ADAPT_PARAMS
 from ..adaptation import SSDU_LOSS_FRACTION
 from ..output import FORMATS
-from ..output.delivery import RETRY_PERIOD_S
+from ..output.delivery import MIN_RETRY_PERIOD_S, RETRY_PERIOD_S
 from ..recon import METHODS, REFINE_MODES, measured_weight
 from ..sim.anatomy import CONTRASTS
 from .commands import (
@@ -43,9 +43,10 @@ MAX_SLICE_INDEX = 65535  # an ISMRMRD slice index is 16 bits
 
 # ----------------------------------------------------------------------------- argument types
 def _formats(text: str) -> tuple[str, ...]:
-    f = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = set(f) - set(FORMATS)
-    if bad or not f:
+    """``--format``: comma-separated output formats, e.g. ``dicom,h5`` (no empty items, as
+    ``--slices`` has none)."""
+    f = tuple(x.strip() for x in text.split(","))
+    if not all(f) or set(f) - set(FORMATS):
         raise argparse.ArgumentTypeError(f"--format takes {' and/or '.join(FORMATS)}, got {text!r}")
     return f
 
@@ -65,11 +66,17 @@ def _number(cast, accept, expected: str, bound: str):
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
+# U-Net levels and widths of a trainable model: `--pools 99` allocated 3.7 GB before a step
+# (the input is padded to a multiple of 2**pools), a 320 x 320 slice has 6 levels at most
+_pools = _number(int, lambda v: 1 <= v <= 6, "a whole number", "from 1 to 6")
+_chans = _number(int, lambda v: 1 <= v <= 256, "a whole number", "from 1 to 256")
 _count = _number(int, lambda v: v >= 0, "a whole number >= 0", ">= 0")
 # numpy's and torch's seeds (a negative one failed after the setup, naming no option)
 _seed = _number(int, lambda v: 0 <= v < 2**32, "a whole number", "from 0 to 4294967295")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0", "a number > 0")
 _seconds = _number(float, lambda v: 0 <= v < float("inf"), "a number of seconds", ">= 0")
+_retry_period = _number(float, lambda v: v == 0 or MIN_RETRY_PERIOD_S <= v < float("inf"),
+                        "a number of seconds", f"0 or from {MIN_RETRY_PERIOD_S}")
 _port = _number(int, lambda v: 0 <= v <= 65535, "a whole number", "between 0 and 65535")
 _share = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1", "between 0 and 1")
 _acceleration = _number(float, lambda v: 1 <= v < float("inf"), "a number >= 1", ">= 1")
@@ -279,9 +286,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="peak learning rate (default %(default)s)")
     s.add_argument("--cascades", type=_positive_int, default=6,
                    help="unrolled cascades (default %(default)s)")
-    s.add_argument("--chans", type=_positive_int, default=16,
+    s.add_argument("--chans", type=_chans, default=16,
                    help="U-Net channels of the first level (default %(default)s)")
-    s.add_argument("--pools", type=_positive_int, default=2,
+    s.add_argument("--pools", type=_pools, default=2,
                    help="U-Net pooling levels (default %(default)s); each doubles the distance "
                    "a cascade's prior sees")
     s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
@@ -480,7 +487,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="float32 magnitudes (as offline recon) or uint16 scaled per scan")
     s.add_argument("--no-warmup", action="store_true",
                    help="skip the synthetic warm-up slice (first scan then pays model load/JIT)")
-    s.add_argument("--pacs-retry", type=_seconds, default=RETRY_PERIOD_S, metavar="SECONDS",
+    s.add_argument("--pacs-retry", type=_retry_period, default=RETRY_PERIOD_S, metavar="SECONDS",
                    help="retry the PACS queues every SECONDS: DICOM a PACS did not take, also "
                    "an earlier run's (0: only `recon-plugin send`; default %(default)g)")
     s.set_defaults(fn=cmd_serve)

@@ -105,6 +105,14 @@ class ProtocolError(ValueError):
     """A protocol file is missing, unreadable or invalid; the message names file and key."""
 
 
+class ProtocolNotFound(ProtocolError):
+    """No protocol of this name in the searched folders; ``known``: the names there are."""
+
+    def __init__(self, message: str, name: str, known: list[str]):
+        super().__init__(message)
+        self.name, self.known = name, known
+
+
 METHOD_SERIES_STEP = 100  # series numbers between methods; a scan has fewer contrasts
 
 
@@ -368,10 +376,10 @@ def load_protocol(name_or_path: str | Path, search_path: Iterable[Path | str] | 
     else:
         found = _find(ref, dirs)
         if found is None:
-            known = ", ".join(list_protocols(search_path)) or "none"
-            raise ProtocolError(f"protocol {ref!r} not found in "
-                                f"{', '.join(map(str, dirs)) or 'any protocol folder'} "
-                                f"(known: {known})")
+            known = list_protocols(search_path)
+            raise ProtocolNotFound(f"protocol {ref!r} not found in "
+                                   f"{', '.join(map(str, dirs)) or 'any protocol folder'} "
+                                   f"(known: {', '.join(known) or 'none'})", ref, known)
         path = found
     chain: list[Path] = []
     merged = _resolve_raw(path, dirs, chain)

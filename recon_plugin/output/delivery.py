@@ -125,6 +125,8 @@ class DeliveryPlan:
 
 
 RETRY_PERIOD_S = 300.0  # default seconds between retries (serve --pacs-retry, the modules)
+# the shortest period taken: 1e-9 s had a retry thread call the PACS without pause
+MIN_RETRY_PERIOD_S = 0.1
 
 
 class QueueRetry:
@@ -138,8 +140,8 @@ class QueueRetry:
     """
 
     def __init__(self, period_s: float, timeout_s: float = 30.0):
-        if period_s <= 0:
-            raise ValueError(f"retry period must be > 0 s, got {period_s}")
+        if not MIN_RETRY_PERIOD_S <= period_s < float("inf"):
+            raise ValueError(f"retry period must be from {MIN_RETRY_PERIOD_S} s, got {period_s}")
         self.period_s, self.timeout_s = period_s, timeout_s
         self._queues: set[Path] = set()
         self._lock = threading.Lock()

@@ -100,6 +100,10 @@ def _check_reachable(tgt: PacsTarget, timeout: float) -> None:
     try:
         with socket.create_connection((tgt.host, tgt.port), timeout=timeout):
             pass
+    except socket.gaierror as exc:  # the name, not the service, is what to check
+        raise PacsError(f"association with {tgt}: could not be established (the host name "
+                        f"{tgt.host!r} does not resolve: {exc.strerror or exc})",
+                        unanswered=True) from exc
     except OSError as exc:
         raise PacsError(f"association with {tgt}: could not be established (nothing accepts "
                         f"connections at {tgt.host}:{tgt.port}: {exc})", unanswered=True) from exc
@@ -154,7 +158,8 @@ def _associate(tgt: PacsTarget, calling_aet: str, contexts: dict[str, list[str]]
             plain_to_tls = True
             why = (f"the PACS did not answer plain DICOM: it speaks TLS on port {tgt.port} "
                    "(configure pacs.tls in the protocol: the CA its certificate chains to, and "
-                   "a client certificate where it asks for one)")
+                   "a client certificate where it asks for one; where the PACS does not use "
+                   "TLS, another TLS service or a proxy listens on that port)")
         else:
             why = "could not be established (no DICOM service answering, or it aborted)"
         raise PacsError(f"association with {tgt}: {why}",

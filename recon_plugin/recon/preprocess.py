@@ -58,14 +58,22 @@ def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) 
     return float(noise_dwell_us) / float(acq_dwell_us)
 
 
+_COV_CHUNK = 1 << 16  # noise samples per coil made double at a time
+
+
 def noise_covariance(noise: np.ndarray) -> np.ndarray:
     """Sample covariance (coils, coils) complex128 of zero-mean noise (coils, samples), taken
-    in double precision (the float32 squares of noise around 1e-20 underflow to 0)."""
-    noise = np.asarray(noise, np.complex128).reshape(noise.shape[0], -1)
+    in double precision (the float32 squares of noise around 1e-20 underflow to 0), a chunk of
+    samples at a time: a double copy of a whole 256 MB noise scan would be 512 MB more."""
+    noise = np.asarray(noise).reshape(noise.shape[0], -1)
     n = noise.shape[1]
     if n < 2:
         raise ValueError("need at least two noise samples per coil")
-    return (noise @ noise.conj().T) / n
+    cov = np.zeros((noise.shape[0],) * 2, np.complex128)
+    for start in range(0, n, _COV_CHUNK):
+        part = noise[:, start:start + _COV_CHUNK].astype(np.complex128)
+        cov += part @ part.conj().T
+    return cov / n
 
 
 def noise_prewhitening_matrix(noise: np.ndarray, dwell_scale: float = 1.0) -> np.ndarray:

@@ -31,11 +31,18 @@ from typing import Any
 import ismrmrd
 import numpy as np
 
-from ..config.protocol import Protocol, list_protocols, load_protocol, select_protocol
+from ..config.protocol import (
+    Protocol,
+    ProtocolError,
+    ProtocolNotFound,
+    list_protocols,
+    load_protocol,
+    select_protocol,
+)
 from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import MrdAssembler
 from ..models.inference import torch_device
-from ..output.delivery import RETRY_PERIOD_S, DeliveryPlan, QueueRetry
+from ..output.delivery import MIN_RETRY_PERIOD_S, RETRY_PERIOD_S, DeliveryPlan, QueueRetry
 from ..output.pacs_queue import waiting_files
 from ..physics import fft2c
 from ..recon.pipeline import Reconstructor
@@ -92,9 +99,21 @@ class StreamEngine:
         self.noise_store = NoiseStore(noise_dir)
 
     def select(self, header: ScanHeader, options: StreamOptions) -> tuple[Protocol, Any]:
-        """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides."""
-        protocol = select_protocol(header, options.protocol or self.default_protocol,
-                                   self.protocol_dirs or None)
+        """(protocol, ReconSettings) exactly as batch recon derives them, plus the overrides.
+        A protocol the client names that does not load is a ValueError naming no server
+        folder (the full message goes to the server's log)."""
+        try:
+            protocol = select_protocol(header, options.protocol or self.default_protocol,
+                                       self.protocol_dirs or None)
+        except ProtocolError as e:
+            if not options.protocol:
+                raise
+            log.warning("stream: the client's protocol: %s", e)
+            if isinstance(e, ProtocolNotFound):
+                raise ValueError(f"protocol {e.name!r} is not one of this server's protocols "
+                                 f"(known: {', '.join(e.known) or 'none'})") from None
+            raise ValueError(f"protocol {options.protocol!r} does not load on this server "
+                             "(its log says why)") from None
         settings = protocol.recon_settings().override(method=options.method, model=options.model,
                                                       measured_weight=options.measured_weight)
         return protocol, settings
@@ -390,17 +409,17 @@ PACS_RETRY_ENV = "RECON_PLUGIN_PACS_RETRY"
 def _pacs_retry_from_env() -> float | None:
     """``$RECON_PLUGIN_PACS_RETRY``: seconds between retries of the PACS queues (unset or
     empty: ``RETRY_PERIOD_S``; 0: None, no retries). ValueError naming the variable for
-    anything but a finite number >= 0."""
+    anything but 0 or a finite number >= ``MIN_RETRY_PERIOD_S``."""
     text = os.environ.get(PACS_RETRY_ENV, "").strip()
     if not text:
         return RETRY_PERIOD_S
     try:
         seconds = float(text)
-        if not 0 <= seconds < float("inf"):
+        if not (seconds == 0 or MIN_RETRY_PERIOD_S <= seconds < float("inf")):
             raise ValueError(text)
     except ValueError:
-        raise ValueError(f"{PACS_RETRY_ENV}={text!r} is not a number of seconds >= 0 (0: no "
-                         "retries)") from None
+        raise ValueError(f"{PACS_RETRY_ENV}={text!r} is not 0 (no retries) or a number of "
+                         f"seconds from {MIN_RETRY_PERIOD_S}") from None
     return seconds or None
 
 
