@@ -31,6 +31,36 @@ needs_dciodvfy = pytest.mark.skipif(
 FILE_NAME = re.compile(r"^S\d{4}_I\d{4}_[0-9.]+\.dcm$")
 
 
+def read_series(paths) -> list[pydicom.Dataset]:
+    """The written DICOM files, sorted by InstanceNumber."""
+    return sorted((pydicom.dcmread(p) for p in paths), key=lambda d: int(d.InstanceNumber))
+
+
+def dataset_affine(ds: pydicom.Dataset) -> np.ndarray:
+    """4x4 affine ``(col, row, 0, 1)`` -> LPS mm of a dataset's image plane, read back from
+    ImageOrientationPatient, PixelSpacing and ImagePositionPatient."""
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    dy, dx = (float(v) for v in ds.PixelSpacing)
+    aff = np.eye(4)
+    aff[:3, 0], aff[:3, 1] = iop[:3] * dx, iop[3:] * dy
+    aff[:3, 2] = np.cross(iop[:3], iop[3:])
+    aff[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    return aff
+
+
+def read_series_affine(paths) -> tuple[np.ndarray, list[pydicom.Dataset]]:
+    """Volume affine ``(col, row, slice, 1)`` -> LPS mm of a one-stack series: the third
+    column is the step between the first and last ImagePositionPatient (the plane's normal
+    for one slice)."""
+    dss = read_series(paths)
+    aff = dataset_affine(dss[0])
+    if len(dss) > 1:
+        first, last = (np.asarray([float(v) for v in d.ImagePositionPatient])
+                       for d in (dss[0], dss[-1]))
+        aff[:3, 2] = (last - first) / (len(dss) - 1)
+    return aff, dss
+
+
 @pytest.fixture(autouse=True)
 def _strict_pydicom(monkeypatch):
     """Any value pydicom would only warn about is an error in these tests."""
@@ -288,7 +318,7 @@ def test_spacing_between_slices_has_no_float_tail():
 def test_pixel_format_and_series_scaling(tmp_path):
     series = make_series(nslices=3)
     paths = dicom.write_series(series, tmp_path, max_value=4095)
-    dss = dicom.read_series(paths)
+    dss = read_series(paths)
     peak = max(float(im.pixels.max()) for im in series.images)
     windows = {(str(d.WindowCenter), str(d.WindowWidth)) for d in dss}
     assert len(windows) == 1
@@ -307,7 +337,7 @@ def test_pixel_format_and_series_scaling(tmp_path):
 
 def test_identity_timing_and_provenance(tmp_path):
     series = make_series(nslices=1)
-    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    ds = read_series(dicom.write_series(series, tmp_path))[0]
     assert str(ds.PatientName) == "Doe^Jane" and ds.PatientID == "PID001"
     assert (ds.PatientBirthDate, ds.StudyDate, ds.StudyTime) == ("19700506", "20240304", "101112")
     assert float(ds.RepetitionTime) == 4000 and float(ds.EchoTime) == 95
@@ -350,7 +380,7 @@ def test_scanning_sequence_derived_from_the_sequence_type(tmp_path, sequence_typ
     series = make_series(nslices=1)
     series.header.sequence.sequence_type = sequence_type
     series.header.sequence.ti_ms = None
-    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    ds = read_series(dicom.write_series(series, tmp_path))[0]
     value = ds["ScanningSequence"]
     assert (list(value.value) if value.VM > 1 else [value.value]) == kinds
 
@@ -362,7 +392,7 @@ def test_patient_position(tmp_path, given, written):
     never a guessed HFS."""
     series = make_series(nslices=1)
     series.header.identity.patient_position = given
-    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    ds = read_series(dicom.write_series(series, tmp_path))[0]
     assert "PatientPosition" in ds and ds.PatientPosition == written
 
 
@@ -379,7 +409,7 @@ def test_a_header_without_patient_position_gives_none():
 
 def test_explicit_window_and_max_value(tmp_path):
     series = make_series(nslices=2)
-    dss = dicom.read_series(dicom.write_series(series, tmp_path, max_value=65535,
+    dss = read_series(dicom.write_series(series, tmp_path, max_value=65535,
                                                window=(30000.0, 50000.0)))
     assert max(int(d.pixel_array.max()) for d in dss) == 65535
     assert {(float(d.WindowCenter), float(d.WindowWidth)) for d in dss} == {(30000.0, 50000.0)}
@@ -387,7 +417,7 @@ def test_explicit_window_and_max_value(tmp_path):
 
 def test_empty_identity_keeps_type2_attributes(tmp_path):
     series = make_series(nslices=1, identity=Identity(), sequence=SequenceInfo())
-    ds = dicom.read_series(dicom.write_series(series, tmp_path))[0]
+    ds = read_series(dicom.write_series(series, tmp_path))[0]
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
                "EchoTime", "RepetitionTime", "EchoTrainLength", "Manufacturer"):
@@ -413,7 +443,7 @@ def test_geometry_round_trip(tmp_path, name, flip):
                          fov=(224.0, 161.0), flip_slice_dir=flip, order=[2, 0, 3, 1])
     spacing = series.header.pixel_spacing_mm
     paths = dicom.write_series(series, tmp_path)
-    dss = dicom.read_series(paths)
+    dss = read_series(paths)
     by_slice = {im.slice_index: im for im in series.images}
     normal = np.cross(rot[:, 0], rot[:, 1])
     for ds in dss:
@@ -431,7 +461,7 @@ def test_geometry_round_trip(tmp_path, name, flip):
     assert np.all(np.diff(along) > 0)
     assert np.diff(along) == pytest.approx([5.5] * 3, abs=0.01)
     # volume affine (col, row, slice) -> LPS from the files equals the header's
-    aff, _ = dicom.read_series_affine(paths)
+    aff, _ = read_series_affine(paths)
     first = by_slice[0].geometry
     expected = np.eye(4)
     expected[:3, 0] = rot[:, 0] * spacing[1]
@@ -471,7 +501,7 @@ def test_geometry_independent_nibabel(tmp_path):
 def test_zero_geometry_defaults_with_warning(tmp_path, caplog):
     series = make_series(nslices=3, zero_geometry=True, spacing=4.0)
     with caplog.at_level(logging.WARNING, logger="recon_plugin.output.dicom"):
-        dss = dicom.read_series(dicom.write_series(series, tmp_path))
+        dss = read_series(dicom.write_series(series, tmp_path))
     assert any("geometry" in r.getMessage() for r in caplog.records)
     assert [float(v) for v in dss[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     z = [float(d.ImagePositionPatient[2]) for d in dss]
@@ -484,8 +514,8 @@ def test_zero_geometry_defaults_with_warning(tmp_path, caplog):
 
 def test_new_uids_every_reconstruction(tmp_path):
     series = make_series(nslices=3)
-    a = dicom.read_series(dicom.write_series(series, tmp_path / "a"))
-    b = dicom.read_series(dicom.write_series(series, tmp_path / "b"))
+    a = read_series(dicom.write_series(series, tmp_path / "a"))
+    b = read_series(dicom.write_series(series, tmp_path / "b"))
     sops_a = {d.SOPInstanceUID for d in a}
     sops_b = {d.SOPInstanceUID for d in b}
     assert len(sops_a) == 3 and not sops_a & sops_b
@@ -501,11 +531,11 @@ def test_new_uids_every_reconstruction(tmp_path):
 
 def test_anonymous_scans_never_share_a_study(tmp_path):
     anon = make_series(nslices=1, identity=Identity())
-    a = dicom.read_series(dicom.write_series(anon, tmp_path / "a"))[0]
-    b = dicom.read_series(dicom.write_series(anon, tmp_path / "b"))[0]
+    a = read_series(dicom.write_series(anon, tmp_path / "a"))[0]
+    b = read_series(dicom.write_series(anon, tmp_path / "b"))[0]
     assert a.StudyInstanceUID != b.StudyInstanceUID
     study, frame = dicom.scan_uids(anon.header)  # once per scan, shared by its series
-    c = dicom.read_series(dicom.write_series(anon, tmp_path / "c", study_uid=study,
+    c = read_series(dicom.write_series(anon, tmp_path / "c", study_uid=study,
                                              frame_uid=frame))[0]
     assert (c.StudyInstanceUID, c.FrameOfReferenceUID) == (study, frame)
 
@@ -513,10 +543,10 @@ def test_anonymous_scans_never_share_a_study(tmp_path):
 def test_header_study_uid_is_used_invalid_one_replaced(tmp_path):
     series = make_series(nslices=1)
     series.header.identity.study_instance_uid = "1.2.3.4.5"
-    assert dicom.read_series(dicom.write_series(series, tmp_path / "a"))[0].StudyInstanceUID \
+    assert read_series(dicom.write_series(series, tmp_path / "a"))[0].StudyInstanceUID \
         == "1.2.3.4.5"
     series.header.identity.study_instance_uid = "../not a uid"
-    uid = dicom.read_series(dicom.write_series(series, tmp_path / "b"))[0].StudyInstanceUID
+    uid = read_series(dicom.write_series(series, tmp_path / "b"))[0].StudyInstanceUID
     assert pydicom.uid.UID(uid).is_valid
 
 
@@ -593,7 +623,7 @@ def test_multi_echo_series_carry_their_own_echo_time(tmp_path):
     written, _ = recon_file(raw, tmp_path / "out", Reconstructor(), None, ("dicom",),
                             {"method": "cg-sense"})
     got = sorted((int(d.SeriesNumber), float(d.EchoTime), int(d.EchoNumbers))
-                 for d in dicom.read_series(written))
+                 for d in read_series(written))
     want = [v.sequence["te_ms"] for v in vols]
     assert want[0] != want[1]
     assert [(te, echo) for _, te, echo in got] == [(want[0], 1), (want[1], 2)]
@@ -618,7 +648,7 @@ def test_runs_of_different_methods_into_one_study_get_their_own_series_numbers(t
     for method in ("zero-filled", "cg-sense", "l1-wavelet"):
         written, proto = recon_file(raw, tmp_path / method, recon, "brain_t2_axial_4x",
                                     ("dicom",), {"method": method})
-        (ds,) = dicom.read_series(written)
+        (ds,) = read_series(written)
         got[method] = (str(ds.StudyInstanceUID), int(ds.SeriesNumber))
     assert len({study for study, _ in got.values()}) == 1
     assert len({number for _, number in got.values()}) == 3
@@ -738,7 +768,7 @@ def test_spacing_between_slices_of_a_stack_with_gaps(tmp_path):
     assert _slice_spacing(None, stack([0.0, 3.0, 7.0])) is None
     series = make_series(nslices=5, spacing=3.6)
     series.images = [series.images[i] for i in (1, 2, 4)]  # what --slices 1-2,4 reconstructs
-    dss = dicom.read_series(dicom.write_series(series, tmp_path))
+    dss = read_series(dicom.write_series(series, tmp_path))
     assert {float(d.SpacingBetweenSlices) for d in dss} == {3.6}
     ipp_z = [float(d.ImagePositionPatient[2]) for d in dss]
     np.testing.assert_allclose(np.diff(ipp_z), [3.6, 7.2], atol=1e-4)
@@ -754,7 +784,7 @@ def test_non_finite_pixels_stay_in_the_series_scale(tmp_path):
     series.images[1].pixels[0, 0] = np.nan
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        dss = dicom.read_series(dicom.write_series(series, tmp_path, max_value=4095))
+        dss = read_series(dicom.write_series(series, tmp_path, max_value=4095))
     peak = max(float(p.max()) for p in clean)
     for d, src in zip(dss, clean, strict=True):
         px = d.pixel_array
@@ -784,7 +814,7 @@ def test_mrd_file_numbers_images_as_the_dicom_instance_numbers(tmp_path):
                                   pixels=im.pixels + rep)
               for rep in (0, 1) for im in one.images]
     series = dataclasses.replace(one, images=[images[i] for i in (5, 2, 7, 0, 3, 6, 1, 4)])
-    dss = dicom.read_series(dicom.write_series(series, tmp_path / "dicom"))
+    dss = read_series(dicom.write_series(series, tmp_path / "dicom"))
     by_place = {(int(d.AcquisitionNumber) - 1, round(float(d.SliceLocation), 2)):
                 int(d.InstanceNumber) for d in dss}
     path = write_mrd_file([series], tmp_path / "mrd", stem="scan")

@@ -52,7 +52,7 @@ import copy
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -77,7 +77,6 @@ from .dicom_dataset import add_private_block, rwvm_item, series_dataset
 from .dicom_geometry import (
     _effective_geometries,
     _slice_spacing,
-    dataset_affine,
     image_plane,
     instance_order,
 )
@@ -290,26 +289,3 @@ def write_series(
              uids["series"], out)
     return [final for _, final in written]
 
-
-# --------------------------------------------------------------------------- reading helpers
-
-
-def read_series(paths: Iterable[Path | str]) -> list[Dataset]:
-    """Read DICOM files and return them sorted by InstanceNumber."""
-    dss = [pydicom.dcmread(p) for p in paths]
-    return sorted(dss, key=lambda d: int(d.InstanceNumber))
-
-
-def read_series_affine(paths: Iterable[Path | str]) -> tuple[np.ndarray, list[Dataset]]:
-    """Volume affine ``(col, row, slice, 1) -> LPS mm`` of a single-stack series.
-
-    Slices are ordered by InstanceNumber; the third column is the step between consecutive
-    ImagePositionPatient values (or the unit normal for a single slice).
-    """
-    dss = read_series(paths)
-    aff = dataset_affine(dss[0])
-    if len(dss) > 1:
-        first = np.asarray([float(v) for v in dss[0].ImagePositionPatient])
-        last = np.asarray([float(v) for v in dss[-1].ImagePositionPatient])
-        aff[:3, 2] = (last - first) / (len(dss) - 1)
-    return aff, dss

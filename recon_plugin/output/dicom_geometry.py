@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset
 
 from ..scan import Geometry, ReconImage, ReconSeries, ScanHeader
 
@@ -29,18 +28,6 @@ def image_plane(
     centre = np.asarray(geometry.position, float)
     ipp = centre - (ncols // 2) * dx * read - (nrows // 2) * dy * phase
     return ipp, np.concatenate([read, phase])
-
-
-def dataset_affine(ds: Dataset) -> np.ndarray:
-    """4x4 affine mapping ``(col, row, 0, 1)`` to LPS mm from a written dataset's image plane."""
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    dy, dx = (float(v) for v in ds.PixelSpacing)
-    aff = np.eye(4)
-    aff[:3, 0] = iop[:3] * dx
-    aff[:3, 1] = iop[3:] * dy
-    aff[:3, 2] = np.cross(iop[:3], iop[3:])
-    aff[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
-    return aff
 
 
 def _effective_geometries(series: ReconSeries) -> tuple[list[Geometry], bool]:
