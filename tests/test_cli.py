@@ -96,6 +96,35 @@ def test_resume_redoes_an_input_finished_with_other_settings(tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
+def test_resume_redoes_an_input_after_its_protocol_file_changed(tmp_path, capsys):
+    """``--resume`` recorded the protocol's name and folders, not its content: after an edit
+    (a SeriesNumber base here) it kept the images made with the protocol as it was. The
+    record now holds a digest of the protocol files and model cards: the input is made
+    again, with the edit; unchanged, it is skipped."""
+    import pydicom
+
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "one.h5", acceleration=4, calib_lines=16)
+    pdir = tmp_path / "protocols"
+    pdir.mkdir()
+    proto = pdir / "t.yaml"
+    proto.write_text("name: t\nextends: default\n")
+    out = tmp_path / "out"
+    run = ["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled",
+           "--protocol-dir", str(pdir), "--protocol", "t", "--resume"]
+    assert main(run) == 0
+    (first,) = out.rglob("*.dcm")
+    number = int(pydicom.dcmread(first).SeriesNumber)
+    capsys.readouterr()
+    assert main(run) == 0 and "skipped" in capsys.readouterr().out
+    proto.write_text("name: t\nextends: default\nseries: {number_base: 5000}\n")
+    assert main(run) == 0
+    assert "skipped" not in capsys.readouterr().out
+    (again,) = out.rglob("*.dcm")
+    assert 5000 < int(pydicom.dcmread(again).SeriesNumber) < 6000 <= number
+    assert main(run) == 0 and "skipped" in capsys.readouterr().out
+
+
 def test_inspect_says_how_each_file_is_read_without_reconstructing(raw_dir, tmp_path, capsys):
     """``inspect``: per file the matrices, coils, noise scan, acceleration and calibration
     rows as the reader found them and the protocol that would reconstruct it (text or JSON);
@@ -426,12 +455,15 @@ def test_recon_slices_reconstructs_only_the_slices_asked_for(tmp_path, capsys, c
     (["train", "--pools", "99"], "--pools"),
     (["train", "--chans", "100000"], "--chans"),
     (["serve", "--pacs-retry", "1e-9"], "--pacs-retry"),
+    (["recon", "IN", "--protocol", ""], "--protocol"),
+    (["inspect", "IN", "--protocol", " "], "--protocol"),
 ])
 def test_values_no_run_can_use_are_refused_by_the_parser(tmp_path, capsys, argv, option):
     """An empty ``--format`` item (``--slices "1,,2"`` was refused, ``--format ",dicom"``
-    taken), U-Net sizes that only exhaust memory (``--pools 99``: 3.7 GB before a step) and a
-    PACS retry period that has the retry thread call without pause: exit 2 naming the option,
-    before anything is written."""
+    taken), U-Net sizes that only exhaust memory (``--pools 99``: 3.7 GB before a step), a
+    PACS retry period that has the retry thread call without pause, and an empty
+    ``--protocol`` (taken for none: header matching): exit 2 naming the option, before
+    anything is written."""
     argv = [str(tmp_path) if a == "IN" else a for a in argv]
     where = {"recon": "--out", "train": "--run-dir"}.get(argv[0])
     with pytest.raises(SystemExit) as e:
@@ -603,6 +635,43 @@ def test_inspect_marks_a_protocols_missing_model(tmp_path, capsys):
     assert main(["-q", "inspect", str(raw), "--protocol", str(proto), "--json"]) == 1
     (d,) = json.loads(capsys.readouterr().out)
     assert "model.variant: model 'no-such-model' not found" in d["error"]
+
+
+def test_every_model_a_run_may_load_is_loaded_before_any_input(tmp_path, caplog, capsys):
+    """An adaptive policy's variant that does not exist, and the model of a site protocol
+    that only header matching chooses: each had passed the preflight and failed every input
+    (exit 1, naming no key). Now exit 2 before anything is written, naming the protocol and
+    the key; ``inspect`` names the variant and its key (it had blamed ``model.variant`` and
+    marked the protocol's own model)."""
+    vol = simulate_volume("test", "PD", num_slices=1, num_coils=4, matrix=(48, 40), snr=40.0)
+    raw = write_ismrmrd(vol, tmp_path / "one.h5", acceleration=2, calib_lines=16)
+    pdir = tmp_path / "protocols"
+    pdir.mkdir()
+    adaptive = pdir / "adapt.yaml"
+    adaptive.write_text("name: adapt\nextends: default\nadaptive: {variants: [{model: "
+                        "nosuch-model, max_difficulty: 0.3}, {model: unrolled-base}]}\n")
+    run = ["-q", "recon", str(raw), "--protocol-dir", str(pdir)]
+    assert main([*run, "--out", str(tmp_path / "a"), "--protocol", "adapt"]) == 2
+    assert (f"protocol {adaptive}, adaptive.variants[0].model: model 'nosuch-model' not found"
+            in caplog.text)
+    assert main(["-q", "inspect", str(raw), "--protocol-dir", str(pdir), "--protocol",
+                 "adapt"]) == 1
+    assert "unrolled-base (NOT FOUND: recon would refuse nosuch-model)" in capsys.readouterr().out
+    assert main(["-q", "inspect", str(raw), "--protocol-dir", str(pdir), "--protocol", "adapt",
+                 "--json"]) == 1
+    (d,) = json.loads(capsys.readouterr().out)
+    assert d["error"].startswith(f"protocol {adaptive}, adaptive.variants[0].model: ")
+    adaptive.unlink()
+    caplog.clear()
+    (tmp_path / "cut.safetensors").write_bytes(b"not a model")
+    (tmp_path / "cut.json").write_text("{}")
+    site = pdir / "site.yaml"
+    site.write_text("name: site\nextends: default\nmatch: {catch_all: false, priority: 50, "
+                    "protocol_name: '.'}\nmodel: {variant: ../cut.safetensors}\n")
+    assert main([*run, "--out", str(tmp_path / "b")]) == 2
+    assert f"protocol {site}, model.variant: " in caplog.text
+    assert "not a readable safetensors file" in caplog.text
+    assert not list(tmp_path.rglob("*.dcm"))
 
 
 @pytest.mark.parametrize("env", [{"RECON_PLUGIN_MAX_MEMORY_GB": "abc"},

@@ -140,5 +140,5 @@ def test_an_adaptive_policys_model_paths_are_relative_to_its_protocol(tmp_path, 
     args = ["inspect", str(raw), "--protocol-dir", str(site), "--protocol", "ad"]
     assert main(args) == 0
     heavy.unlink()
-    assert main(args) == 1
-    assert "(NOT FOUND: recon would refuse it)" in capsys.readouterr().out
+    assert main(args) == 1  # the variant that is missing, named
+    assert f"(NOT FOUND: recon would refuse {heavy})" in capsys.readouterr().out

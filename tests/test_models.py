@@ -1,3 +1,6 @@
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -164,7 +167,6 @@ def test_an_export_that_fails_leaves_the_model_that_was_there(tmp_path, monkeypa
     weights had already replaced the old ones: the old card named other weights, and every
     protocol using the model failed on its sha256 until the export was run again)."""
     import errno
-    import json
 
     from recon_plugin.models import checkpoint
 
@@ -198,7 +200,6 @@ def test_a_card_left_beside_other_weights_by_a_killed_export_is_refused_naming_b
     """A kill between ``save_model``'s renames (the card's done, the weights' not) leaves the
     new card beside the old weights: loading refuses the pair, naming both files and saying
     to run the export again, rather than loading weights the card does not describe."""
-    import json
     import os
 
     torch.manual_seed(0)
@@ -238,6 +239,56 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(tmp_path):
     with pytest.raises(ModelError, match="NaN / Inf") as err:
         load_model(tmp_path / "m")
     assert str(tmp_path / "m.safetensors") in str(err.value) and repr(name) in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("cg_iters", 0, "cg_iters must be a whole number from 1 to 100, got 0"),
+    ("cg_iters", "4", "cg_iters must be a whole number from 1 to 100, got '4'"),
+    ("cg_iters", 10**9, "cg_iters must be a whole number from 1 to 100"),
+    ("chans", -16, "chans must be a whole number from 1 to 512, got -16"),
+    ("num_pools", 20, "num_pools must be a whole number from 1 to 8, got 20"),
+    ("num_cascades", 4.5, "num_cascades must be a whole number"),
+    ("batchnorm", "yes", "batchnorm must be true or false"),
+    ("sha256", 12345, "its card's sha256 must be the weights' hex digest as text, got 12345"),
+])
+def test_a_card_whose_fields_no_network_can_have_is_refused_naming_it(tmp_path, field, value,
+                                                                      says):
+    """A card's architecture (or hash) of the wrong type or out of range: refused at load
+    naming the model and the field. They had loaded and failed every slice (cg_iters 0, "4"),
+    never finished one (cg_iters 1e9), asked for gigabytes (num_pools 20), or ended in a
+    traceback (a numeric sha256) or a torch message naming nothing (chans -16)."""
+    save_model(UnrolledNet(num_cascades=1, chans=8, dc="prox", cg_iters=2), tmp_path / "m",
+               {"name": "m"})
+    card_file = tmp_path / "m.json"
+    card = json.loads(card_file.read_text())
+    (card if field == "sha256" else card["architecture"])[field] = value
+    card_file.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=re.escape(says)) as err:
+        load_model(tmp_path / "m")
+    assert str(err.value).startswith(f"{tmp_path / 'm.safetensors'}: ")
+
+
+def test_weights_whose_layers_do_not_fit_together_are_refused_at_load(tmp_path):
+    """A convolution widened without the BatchNorm after it: each tensor fits a layer of its
+    own shape, so the model loaded (and ``inspect`` called it fine) while every slice failed
+    in torch's words. Refused at load, naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from recon_plugin.models.checkpoint import file_sha256
+
+    save_model(UnrolledNet(num_cascades=1, chans=8), tmp_path / "m", {"name": "m"})
+    weights = tmp_path / "m.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 4
+               and v.shape[0] == 8)
+    state[key] = torch.cat([state[key], state[key]])  # 16 output channels, BN still 8
+    save_file(state, str(weights), metadata={"format": "pt"})
+    card = json.loads((tmp_path / "m.json").read_text())
+    card["sha256"] = file_sha256(weights)
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="do not fit together") as err:
+        load_model(tmp_path / "m")
+    assert str(weights) in str(err.value)
 
 
 def test_shipped_model_beats_zero_filled():

@@ -96,6 +96,28 @@ def test_a_slice_without_coil_sensitivity_runs_no_method(files, monkeypatch):
     assert alone.method == NO_SIGNAL and not alone.pixels.any()
 
 
+def test_a_scan_with_no_coil_sensitivity_in_any_slice_is_warned_of(files, monkeypatch, caplog):
+    """Every slice without maps (e.g. ``espirit: {thresh: 0.95}``, which the schema allows):
+    the scan had been written as NO-SIGNAL images with exit 0 and no warning. One WARNING now
+    names the scan and the espirit settings; a scan where some slice has maps gets none."""
+    import logging
+
+    from recon_plugin.recon import pipeline
+
+    _, ism, _ = files
+    scan = read_raw(ism).only_slices([0, 1])
+    settings = ReconSettings(method="cg-sense", guard=False, calibrate=False)
+    with caplog.at_level(logging.WARNING):
+        Reconstructor().reconstruct(scan, settings)
+    assert "found coil sensitivity in none" not in caplog.text
+    monkeypatch.setattr(pipeline, "estimate_maps_and_wrap",
+                        lambda ksp, *a: (np.zeros_like(ksp), None, 0.0))
+    with caplog.at_level(logging.WARNING):
+        Reconstructor().reconstruct(scan, settings)
+    assert f"{scan.source}: ESPIRiT found coil sensitivity in none of the 2 slice(s)" \
+        in caplog.text and "thresh 0.02, crop 0.95" in caplog.text
+
+
 def test_no_acs_falls_back_and_says_so(files):
     _, ism, _ = files
     scan = read_raw(ism)
@@ -300,6 +322,9 @@ def test_nan_or_inf_pixels_are_never_written(files, monkeypatch, tmp_path):
     sl = scan.slices[1]
     with pytest.raises(FloatingPointError, match=rf"^slice {sl.slice_index}: the cg-sense "
                                                  "reconstruction gave NaN / Inf pixels"):
+        Reconstructor().reconstruct_slice(sl, scan.header, ReconSettings(method="cg-sense"))
+    # its advice names another method than the one that failed (it had said --method cg-sense)
+    with pytest.raises(FloatingPointError, match=r"model.lamda .*--method zero-filled\)"):
         Reconstructor().reconstruct_slice(sl, scan.header, ReconSettings(method="cg-sense"))
     (res,) = run_batch([ism], tmp_path / "out", overrides={"method": "cg-sense"},
                        progress=False)

@@ -5,6 +5,7 @@ state, then its DICOM delivered to the PACS and that recorded too."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -63,8 +64,9 @@ def preflight(
 ) -> list[Path]:
     """Every check that needs no reconstruction, in order: ``workers`` >= 1, ``cluster`` parses,
     the memory limit, inputs exist and are not empty, ``noise`` (``--noise``) is an ISMRMRD
-    file with noise acquisitions, ``send`` parses, the protocol loads, the
-    model loads (into ``recon`` when given), ``out_dir`` is a writable folder. Raises BatchUsageError (or
+    file with noise acquisitions, ``send`` parses, the protocol loads (with header matching:
+    every one on the search path), ``out_dir`` is a writable folder, every model they may
+    run loads (into ``recon`` when given). Raises BatchUsageError (or
     the protocol's / model's own error); returns the input files."""
     if workers < 1:
         raise BatchUsageError(f"--workers must be >= 1, got {workers}")
@@ -95,32 +97,82 @@ def preflight(
 
         parse_target(send)
     overrides = overrides or {}
-    model = overrides.get("model")
-    method = overrides.get("method")
     if protocol:
         from ..config.protocol import load_protocol
 
-        proto = load_protocol(protocol, protocol_dirs)
-        settings = proto.recon_settings().override(**overrides)
-        method, model = settings.method, settings.model
-    else:  # matched by header: every protocol on the search path must load (one that does
-        from ..config.protocol import load_all  # not failed each input, exit 1)
+        protos = [load_protocol(protocol, protocol_dirs)]
+    else:  # matched by header: every protocol on the search path must load, and so must
+        from ..config.protocol import load_all  # their models (either had failed each input)
 
-        load_all(protocol_dirs)
-    if model is not None and method in (None, "unrolled"):
-        from ..models.checkpoint import ModelError, load_inference_model, resolve_model
+        protos = load_all(protocol_dirs)
+    _check_out_dir(Path(out_dir))  # before the models: it costs nothing
+    _load_models(protos, overrides, recon)
+    return files
 
+
+def named_models(proto, overrides: dict | None = None) -> dict[str, str]:
+    """{model: who names it} for the models a run of ``proto`` (as ``overrides`` change it)
+    may load: none unless its method is the network; its model (named by ``--model`` where
+    overridden, else the protocol's ``model.variant``) and an adaptive policy's variants
+    (``adaptive.variants[i].model``), in that order."""
+    overrides = overrides or {}
+    settings = proto.recon_settings().override(**overrides)
+    if settings.method != "unrolled":
+        return {}
+    out = {settings.model: "--model" if overrides.get("model") is not None else proto.model_key}
+    for i, v in enumerate((settings.adaptive or {}).get("variants", [])):
+        out.setdefault(v["model"], f"protocol {proto.source or proto.name}, "
+                                   f"adaptive.variants[{i}].model")
+    return out
+
+
+def configuration_digest(protocol: str | None, protocol_dirs: list[Path] | None,
+                         overrides: dict) -> str:
+    """SHA-256 (16 hex digits) of what a run reads besides its inputs: the files of every
+    protocol it may use (``protocol``, else every one on the search path; each with the files
+    it extends) and the model cards they name (the card holds its weights' hash), so that
+    ``--resume`` makes an input again after a protocol or a model was changed (it had kept
+    images made with the protocol as it was)."""
+    from ..config.protocol import load_all, load_protocol
+    from ..models.checkpoint import ModelError, resolve_model, weights_path
+
+    protos = [load_protocol(protocol, protocol_dirs)] if protocol else load_all(protocol_dirs)
+    files: dict[str, None] = {}
+    for proto in protos:
+        files.update((str(p), None) for p in proto.chain or [proto.source] if p is not None)
+        for model in named_models(proto, overrides):
+            try:
+                files[str(weights_path(resolve_model(model)).with_suffix(".json"))] = None
+            except ModelError:  # refused by the preflight already
+                continue
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.encode() + b"\0")
+        try:
+            h.update(Path(f).read_bytes())
+        except OSError as e:
+            h.update(repr(e).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_models(protos: list, overrides: dict, recon: Reconstructor | None) -> None:
+    """Load every model the ``protos`` (as ``overrides`` change them) may run: the model and
+    an adaptive policy's variants, where the method is the network (into ``recon`` when
+    given). ModelError naming who names the model: ``--model`` or the protocol's key."""
+    from ..models.checkpoint import ModelError, load_inference_model, resolve_model
+
+    wanted: dict[str, str] = {}  # model -> who names it first
+    for proto in protos:
+        for model, who in named_models(proto, overrides).items():
+            wanted.setdefault(model, who)
+    for model, who in wanted.items():
         try:
             if recon is not None:
                 recon.model(model)
             else:
                 load_inference_model(resolve_model(model))
         except ModelError as e:  # say whose model it is
-            who = ("--model" if overrides.get("model") is not None else
-                   proto.model_key)
             raise ModelError(f"{who}: {e}") from e
-    _check_out_dir(Path(out_dir))
-    return files
 
 
 # ----------------------------------------------------------------------------- batch
@@ -186,7 +238,8 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     ``finish`` records each result in the state and delivers it."""
     clean_stale(out_dir)
     state = load_state(out_dir)
-    asked = job_settings(protocol, formats, overrides, protocol_dirs, noise)
+    asked = job_settings(protocol, formats, overrides, protocol_dirs, noise,
+                         configuration_digest(protocol, protocol_dirs, overrides or {}))
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
     todo = []
     for path in files:

@@ -135,17 +135,21 @@ def batch_lock(out_dir: Path) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- state
 def job_settings(protocol: str | None, formats, overrides: dict | None,
-                 protocol_dirs: list[Path] | None, noise: Path | str | None = None) -> str:
+                 protocol_dirs: list[Path] | None, noise: Path | str | None = None,
+                 configuration: str | None = None) -> str:
     """What a batch was asked to make, as recorded with each finished input: ``--resume``
     skips an input only when it was finished with the same protocol choice, formats,
-    overrides and ``--noise`` file (e.g. not after a ``--slices`` or ``--method`` trial run
-    into the same --out). Without ``--noise`` the record is the one of a batch before the
-    option existed."""
+    overrides, ``--noise`` file (e.g. not after a ``--slices`` or ``--method`` trial run
+    into the same --out) and ``configuration`` (the digest of the protocol files and model
+    cards, :func:`~recon_plugin.batch.driver.configuration_digest`). Without ``--noise`` the
+    record is the one of a batch before the option existed."""
     asked = {"protocol": protocol, "formats": sorted(formats),
              "protocol_dirs": [str(d) for d in protocol_dirs or []],
              "overrides": {k: v for k, v in (overrides or {}).items() if v is not None}}
     if noise is not None:
         asked["noise"] = str(noise)
+    if configuration is not None:
+        asked["configuration"] = configuration
     return json.dumps(asked, sort_keys=True, default=str)
 
 

@@ -167,12 +167,17 @@ class _ModelCheck:
     def __init__(self):
         self._seen: dict[str, tuple[str, str] | None] = {}
 
-    def problem(self, settings) -> tuple[str, str] | None:
-        """(``NOT FOUND`` or ``DOES NOT LOAD``, why) for the first of the settings' models
-        (the model, an adaptive policy's variants) that ``recon`` would refuse; None."""
-        names = [settings.model, *(v["model"] for v in (settings.adaptive or {}).get(
-            "variants", []))]
-        return next((p for p in map(self._check, dict.fromkeys(names)) if p is not None), None)
+    def problem(self, proto) -> tuple[str, str, str, str] | None:
+        """(``NOT FOUND`` or ``DOES NOT LOAD``, why, the model, who names it) for the first
+        of the protocol's models (:func:`~recon_plugin.batch.driver.named_models`) that
+        ``recon`` would refuse; None."""
+        from ..batch.driver import named_models
+
+        for name, who in named_models(proto).items():
+            found = self._check(name)
+            if found is not None:
+                return (*found, name, who)
+        return None
 
     def _check(self, name: str) -> tuple[str, str] | None:
         from ..models.checkpoint import ModelError, load_model, resolve_model
@@ -248,12 +253,12 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         d["protocol"] = {"name": proto.name, "method": st.method, "model": st.model,
                          "guard": st.guard, "calibrate": st.calibrate, "refine": st.refine,
                          "coil_compression": st.coil_compression}
-        if st.method == "unrolled":  # recon would stop on a model that is not there
-            problem = models.problem(st)
-            if problem is not None:
-                failed += 1
-                d["error"] = f"{proto.model_key}: {problem[1]}"
-                how += f" ({problem[0]}: recon would refuse it)"
+        problem = models.problem(proto)  # recon would stop on a model that is not there
+        if problem is not None:
+            kind, why, name, who = problem
+            failed += 1
+            d["error"] = f"{who}: {why}"
+            how += f" ({kind}: recon would refuse {'it' if name == st.model else name})"
         pacs = _pacs_summary(proto)
         if pacs is not None:
             d["protocol"]["pacs"] = pacs

@@ -101,6 +101,14 @@ def _slice_list(text: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _protocol_ref(text: str) -> str:
+    """``--protocol``: a name or a YAML path, not empty (``--protocol ""`` had been taken for
+    no protocol at all: header matching)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a protocol name or YAML file, got ''")
+    return text
+
+
 def _measured_weight(text: str) -> float | str:
     try:
         return measured_weight(text)
@@ -185,7 +193,8 @@ def _add_recon(sub: argparse._SubParsersAction) -> None:
     s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens "
                    "twix .dat), or folders of them")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
+    s.add_argument("--protocol", type=_protocol_ref,
+                   help="protocol name or YAML path (default: match the header)")
     s.add_argument("--format", type=_formats, default=("dicom",),
                    help=f"comma-separated, of {', '.join(FORMATS)} (default dicom)")
     _refine_options(s)
@@ -259,7 +268,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="output folder: raw/ (the simulated scan) and dicom/ (default %(default)s)")
     s.add_argument("--slices", type=_positive_int, default=4,
                    help="slices to simulate (default %(default)s)")
-    s.add_argument("--protocol", default=None,
+    s.add_argument("--protocol", type=_protocol_ref, default=None,
                    help="protocol name or YAML path (default: match the header)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     s.add_argument("--seed", type=_seed, default=0, help="simulation seed (default %(default)s)")
@@ -334,7 +343,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    "Siemens twix .dat) or folders of them; of those with usable slices, the "
                    "first quarter in sorted order (at least one) is held out for the promotion "
                    "gate")
-    s.add_argument("--protocol", required=True, help="base protocol (name or YAML)")
+    s.add_argument("--protocol", type=_protocol_ref, required=True,
+                   help="base protocol (name or YAML)")
     s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")
     s.add_argument("--mode", default="ssdu", choices=ADAPT_MODES,
                    help="self-supervised loss: ssdu (predict held-out acquired lines from the "
@@ -416,7 +426,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                        "reconstruct them, without reconstructing")
     s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens "
                    "twix .dat), or folders of them")
-    s.add_argument("--protocol", help="protocol name or YAML path (default: match the header)")
+    s.add_argument("--protocol", type=_protocol_ref,
+                   help="protocol name or YAML path (default: match the header)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first; repeatable")
     s.add_argument("--max-memory-gb", type=_positive_float, default=None,
@@ -442,7 +453,8 @@ def _add_echo(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("echo", help="C-ECHO a PACS: is it there, does it accept this sender")
     s.add_argument("targets", nargs="*", metavar="AET@host:port", type=_target,
                    help="PACS to verify (default: the --protocol's pacs.targets)")
-    s.add_argument("--protocol", help="protocol NAME or FILE whose calling AE title and TLS "
+    s.add_argument("--protocol", type=_protocol_ref,
+                   help="protocol NAME or FILE whose calling AE title and TLS "
                    "settings are used (and whose targets, where none is given)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first (repeatable)")
@@ -456,7 +468,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="MRD streaming server: acquisitions in, images back")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=_port, default=9002, help="TCP port (0 = any free port)")
-    s.add_argument("--protocol", help="protocol when the client names none (default: match)")
+    s.add_argument("--protocol", type=_protocol_ref,
+                   help="protocol when the client names none (default: match)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
                    help="extra protocol folder searched first (repeatable)")
     s.add_argument("--dicom-out", help="also write every finished scan as DICOM here")

@@ -138,6 +138,9 @@ def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet,
     if not path.is_file():
         raise ModelError(f"{path}: model weights not found")
     card = load_card(path)
+    if card.get("sha256") is not None and not isinstance(card["sha256"], str):
+        raise ModelError(f"{path}: its card's sha256 must be the weights' hex digest as text, "
+                         f"got {card['sha256']!r}")
     if verify_hash and card.get("sha256") and card["sha256"] != (have := file_sha256(path)):
         raise ModelError(f"{path}: weights (sha256 {have[:12]}) are not those its model card "
                          f"{path.with_suffix('.json')} names (sha256 {card['sha256'][:12]}): an "
@@ -154,8 +157,8 @@ def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet,
                          "that made them diverged; export an earlier checkpoint or train again")
     try:
         model = UnrolledNet(**card["architecture"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"{path}: card has no usable 'architecture' ({e})") from e
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path}: its card has no usable 'architecture' ({e})") from e
     _shrink_to_state(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -166,7 +169,24 @@ def load_model(path: Path | str, verify_hash: bool = True) -> tuple[UnrolledNet,
         raise ModelError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     model.eval()
+    _check_layers_chain(model, path)
     return model, card
+
+
+def _check_layers_chain(model: UnrolledNet, path: Path) -> None:
+    """ModelError naming ``path`` unless every CNN prior runs on a small image: each tensor
+    may fit its own layer while one layer's channels do not meet the next's (a conv widened
+    without its BatchNorm passed loading and failed in the first slice's reconstruction)."""
+    side = 2 ** (model.config["num_pools"] + 1)
+    x = torch.zeros(1, side, side, dtype=torch.complex64)
+    with torch.no_grad():
+        for k, prior in enumerate(model.priors):
+            try:
+                prior(x)
+            except RuntimeError as e:
+                why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+                raise ModelError(f"{path}: the layers of prior {k} do not fit together ({why}): "
+                                 "weights altered or cut from another model") from e
 
 
 def load_inference_model(path: Path | str) -> tuple[nn.Module, dict]:

@@ -129,6 +129,17 @@ def sense_cg(op: SenseOperator, rhs: torch.Tensor, x0: torch.Tensor | None, mu: 
     return op.from_columns(x, rhs / mu)
 
 
+# Sizes past which a network is a mistake, not a model (a card with num_pools 20 asked for
+# 4.8 GB before any check; cg_iters 1e9 never finished a slice)
+MAX_CASCADES, MAX_CHANS, MAX_POOLS, MAX_CG_ITERS = 64, 512, 8, 100
+
+
+def _whole(name: str, value: object, top: int) -> None:
+    """ValueError unless ``value`` is a whole number from 1 to ``top`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        raise ValueError(f"{name} must be a whole number from 1 to {top}, got {value!r}")
+
+
 class UnrolledNet(nn.Module):
     """``num_cascades`` x (data consistency + residual CNN prior); see the module docstring.
 
@@ -153,6 +164,14 @@ class UnrolledNet(nn.Module):
         super().__init__()
         if dc not in ("gradient", "prox"):
             raise ValueError(f"unknown data consistency {dc!r} (use 'gradient' or 'prox')")
+        for name, value, top in (("num_cascades", num_cascades, MAX_CASCADES),
+                                 ("chans", chans, MAX_CHANS), ("num_pools", num_pools, MAX_POOLS),
+                                 ("cg_iters", cg_iters, MAX_CG_ITERS)):
+            _whole(name, value, top)
+        for name, flag in (("batchnorm", batchnorm), ("shared_weights", shared_weights),
+                           ("noise_aware", noise_aware)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         self.config = dict(
             num_cascades=num_cascades, chans=chans, num_pools=num_pools, batchnorm=batchnorm,
             prior=prior, shared_weights=shared_weights, dc=dc, cg_iters=cg_iters,

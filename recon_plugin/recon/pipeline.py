@@ -262,10 +262,12 @@ class Reconstructor:
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, plane_header(header, sl.plane), notes)
         if not np.isfinite(pixels).all():  # never written: a viewer would show garbage
+            other = "zero-filled" if method == "cg-sense" else "cg-sense"
             raise FloatingPointError(
                 f"slice {sl.slice_index}: the {method} reconstruction gave NaN / Inf pixels "
-                f"(an overflow or a diverged solve); reconstruct it with another method "
-                f"(recon --method cg-sense) and report the file")
+                f"(an overflow or a diverged solve): check the protocol's settings (e.g. "
+                f"model.lamda {settings.lamda}), or reconstruct it with another method "
+                f"(recon --method {other}) and report the file")
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes, weight, parts, sl.plane,
                           estimate.guard if estimate is not None else None)
@@ -505,6 +507,12 @@ class Reconstructor:
             if progress is not None:
                 progress(len(images), len(scan.slices))
             made_with.append(calibration.provisional(adds))
+        if order and timings["no_signal"] == len(order):  # a scan of noise, or the settings
+            log.warning("%s: ESPIRiT found coil sensitivity in none of the %d slice(s), so no "
+                        "method ran on any (their images hold the measured samples alone): "
+                        "the scan is noise only, or the protocol's espirit settings (thresh "
+                        "%g, crop %g) leave no maps", scan.source or "scan", len(order),
+                        settings.espirit.thresh, settings.espirit.crop)
         settled = self.settle(images, order, made_with, scan.header, settings, whitener,
                               timings, calibration, shared, weights, recombine=True)
         for index, (first, image) in enumerate(zip(images, settled)):
