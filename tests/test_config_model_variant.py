@@ -34,3 +34,11 @@ def test_a_variant_that_is_neither_says_what_to_write(tmp_path, variant, says):
         _protocol(tmp_path, variant)
     assert "model.variant: " in str(err.value) and says in str(err.value)
     assert "pattern" not in str(err.value)
+
+
+def test_a_model_path_in_the_home_folder(tmp_path, monkeypatch):
+    """``~`` in a model path had resolved to ``<protocol folder>/~/...`` (TLS paths expand it)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    p = _protocol(tmp_path, "~/models/mine.safetensors")
+    assert p.model_ref() == str(tmp_path / "home" / "models" / "mine.safetensors")
+    assert p.recon_settings().model == p.model_ref()

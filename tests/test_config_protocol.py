@@ -95,6 +95,30 @@ def test_protocol_dirs_include_checkout_and_install_locations(tmp_path, monkeypa
          "dicom.max_value: Input should be less than or equal to 65535, got 70000"),
         ("dicom: {uid_root: 'abc'}\n", "dicom.uid_root: String should match pattern"),
         ("dicom: {window: [2000, 0]}\n", "dicom.window: width must be > 0"),
+        # a window that is not two finite numbers had loaded, and every DICOM write then failed
+        ("dicom: {window: [.nan, 100]}\n",
+         "dicom.window[0]: Input should be a finite number, got nan"),
+        ("dicom: {window: [100, .inf]}\n",
+         "dicom.window[1]: Input should be a finite number, got inf"),
+        ("dicom: {window: [-.inf, 1e308]}\n",
+         "dicom.window[0]: Input should be a finite number, got -inf"),
+        ("dicom: {window: ['5', true]}\n", "dicom.window[0]: Input should be a valid number, "
+         "got '5'; write it without quotes\n  dicom.window[1]: Input should be a valid number, "
+         "got True"),
+        ("pacs: {calling_aet: '   '}\n", "pacs.calling_aet: '   ' is all spaces"),
+        ("pacs: {calling_aet: 'A\\B'}\n", "pacs.calling_aet: AE title 'A\\\\B' must be 1-16 "
+         "printable ASCII characters without backslash"),
+        ("adaptive: {quality_floor_db: .inf, variants: [{model: unrolled-base}]}\n",
+         "adaptive.quality_floor_db: Input should be a finite number, got inf"),
+        # YAML 1.1 reads a number with an exponent but no point, or no exponent sign, as text
+        ("guard: {margin: 5E-2}\n", "write it as 5.0E-2: YAML reads 5E-2 as text"),
+        ("refine: {time_budget_s: 1.5e1}\n", "write it as 1.5e+1: YAML reads 1.5e1 as text"),
+        ("espirit: {thresh: '0.05'}\n",
+         "espirit.thresh: Input should be a valid number, got '0.05'; write it without quotes"),
+        ("espirit: {grid: '96'}\n",
+         "espirit.grid: Input should be a valid integer, got '96'; write it without quotes"),
+        ("pacs: {tls: {ca_file: '~nosuchuser-x/ca.pem'}}\n",
+         "pacs.tls: ca_file '~nosuchuser-x/ca.pem': no home folder for ~nosuchuser-x"),
         ("series: null\n", "series: Input should be a mapping, got None"),
         ("refine: {max_steps: 50, min_steps: 60}\n",
          "refine: min_steps (60) exceeds max_steps (50)"),
@@ -114,6 +138,22 @@ def test_schema_errors_name_file_and_key(tmp_path, body, expected):
         P.load_protocol(path)
     msg = str(err.value)
     assert str(path) in msg and expected in msg, msg
+
+
+@pytest.mark.parametrize(("lamda", "expected"), [
+    (".inf", "model.lamda: Input should be a finite number, got inf"),
+    ("1e-3", "model.lamda: Input should be a valid number, got '1e-3'; write it as 1.0e-3: "
+             "YAML reads 1e-3 as text"),
+])
+def test_model_lamda_is_a_finite_number(tmp_path, lamda, expected):
+    """``lamda: .inf`` had loaded; ``lamda: 1e-3`` (text to YAML 1.1) had been refused as not
+    a number without saying why."""
+    path = write(tmp_path, "bad", f"name: bad\nmodel: {{lamda: {lamda}}}\n")
+    with pytest.raises(P.ProtocolError) as err:
+        P.load_protocol(path)
+    assert f"{path}: invalid protocol:\n  {expected}" == str(err.value), str(err.value)
+    path = write(tmp_path, "ok", "name: ok\nmodel: {lamda: 1.0e-3}\n")
+    assert P.load_protocol(path).model.lamda == 0.001
 
 
 def test_model_method_choice_and_required_keys(tmp_path):
@@ -291,6 +331,62 @@ def test_overlay_cycle_and_missing_base(tmp_path):
     write(tmp_path, "c", "name: c\nextends: nowhere\n")
     with pytest.raises(P.ProtocolError, match=r"c\.yaml: extends: no protocol named 'nowhere'"):
         P.load_protocol("c", search_path=[tmp_path])
+
+
+def test_entries_that_are_not_files_are_skipped_with_a_warning(tmp_path, caplog):
+    """A folder ``x.yaml`` or a broken link ``foo.yaml`` had been listed as a protocol and then
+    not found by name: ``protocol 'x' not found ... (known: ..., x, ...)``."""
+    write(tmp_path, "t", "name: t\nextends: default\nmatch: {protocol_name: t2, catch_all: false}\n")
+    (tmp_path / "x.yaml").mkdir()
+    (tmp_path / "foo.yaml").symlink_to(tmp_path / "gone.yaml")
+    names = P.list_protocols([tmp_path])
+    assert "t" in names and "x" not in names and "foo" not in names
+    for entry, kind in (("x.yaml", "a folder"), ("foo.yaml", "a broken symbolic link")):
+        assert f"{tmp_path / entry} is {kind}, not a protocol file: skipped" in caplog.text
+    assert P.match_protocol(header("t2"), P.load_all([tmp_path])).name == "t"
+    with pytest.raises(P.ProtocolNotFound) as err:
+        P.load_protocol("x", [tmp_path])
+    msg = str(err.value)
+    assert f"protocol 'x' not found in {tmp_path}" in msg and ", x," not in msg, msg
+    assert msg.endswith(f"; {tmp_path / 'x.yaml'} is a folder, not a protocol file"), msg
+    write(tmp_path, "y", "name: y\nextends: foo\n")
+    with pytest.raises(P.ProtocolError, match=re.escape(
+            f"y.yaml: extends: no protocol named 'foo' in {tmp_path}, ") + ".*" + re.escape(
+            f"; {tmp_path / 'foo.yaml'} is a broken symbolic link, not a protocol file")):
+        P.load_protocol("y", [tmp_path])
+
+
+def test_yml_files_are_protocols_too(tmp_path):
+    """``t.yml`` had been ignored by name and by header matching (``--protocol t.yml`` and
+    ``extends: t.yml`` took it)."""
+    write(tmp_path, "base", "name: base\nextends: default\nguard: {margin: 0.2}\n").rename(
+        tmp_path / "base.yml")
+    write(tmp_path, "t", "name: t\nextends: base\nmatch: {protocol_name: t2, catch_all: false}\n"
+          ).rename(tmp_path / "t.yml")
+    assert {"t", "base"} <= set(P.list_protocols([tmp_path]))
+    p = P.load_protocol("t", [tmp_path])
+    assert p.source == (tmp_path / "t.yml").resolve() and p.guard.margin == 0.2
+    assert [c.name for c in p.chain] == ["default.yaml", "base.yml", "t.yml"]
+    assert P.match_protocol(header("t2"), P.load_all([tmp_path])).name == "t"
+    write(tmp_path, "t", "name: t\nextends: default\n")
+    with pytest.raises(P.ProtocolError, match=re.escape(
+            f"{tmp_path / 't.yaml'}: protocol 't' is also {tmp_path / 't.yml'}: keep one")):
+        P.load_protocol("t", [tmp_path])
+
+
+def test_an_inherited_catch_all_with_rules_says_where_it_comes_from(tmp_path):
+    """``extends: default`` (a catch-all) plus match rules had said ``catch_all cannot be
+    combined with rules`` though the file names no catch_all."""
+    write(tmp_path, "t", "name: t\nextends: default\nmatch: {protocol_name: t2}\n")
+    default = P.load_protocol("default").source
+    with pytest.raises(P.ProtocolError) as err:
+        P.load_protocol("t", [tmp_path])
+    assert str(err.value) == (
+        f"{(tmp_path / 't.yaml').resolve()}: match: catch_all: true is inherited from "
+        f"{default} (extends: default) and cannot be combined with rules (protocol_name): "
+        "add catch_all: false to this file's match"), str(err.value)
+    write(tmp_path, "t", "name: t\nextends: default\nmatch: {protocol_name: t2, catch_all: false}\n")
+    assert P.load_protocol("t", [tmp_path]).match.rule_count == 1
 
 
 def test_dicom_kwargs_and_recon_settings():

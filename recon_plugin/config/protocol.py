@@ -3,7 +3,7 @@
 The schema (every key, type, range and choice) is :mod:`recon_plugin.config.schema`; this
 module loads files (``extends`` chains, site overlays) and matches headers.
 
-A protocol file (``protocols/<name>.yaml``) looks like::
+A protocol file (``protocols/<name>.yaml``, or ``.yml``) looks like::
 
     name: brain_t2_axial_4x              # must equal the file name without .yaml
     description: Axial T2 TSE brain, 4x
@@ -58,6 +58,10 @@ deep-merges the file over its base: mappings merge key by key, anything else (li
 ``null``) replaces. A base named like the overlay itself resolves to the next file of that name
 further down the search path, so a site folder can shadow and extend a shipped protocol.
 
+The YAML is safe YAML with duplicate keys refused and merge keys (``<<: *anchor``) allowed; a
+file too large, nested too deeply or whose aliases add too many nodes is refused
+(:mod:`.yaml_input`; a protocol is a few KB).
+
 Search path (first hit wins): the caller's folders (``--protocol-dir``),
 ``$RECON_PLUGIN_PROTOCOLS`` (``os.pathsep``-separated folders), the repository checkout's
 ``protocols/``, and ``<sys.prefix>/share/recon-plugin/protocols`` (installed
@@ -76,8 +80,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..output.dicom import DicomOptions
 from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
 from ..recon.settings import EspiritParams
@@ -95,10 +97,12 @@ from .schema import (
     RefineSpec,
     SeriesSpec,
 )
+from .yaml_input import YamlInputError, read_mapping
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "RECON_PLUGIN_PROTOCOLS"
+SUFFIXES = (".yaml", ".yml")  # a protocol file's; a folder's protocol has one of them
 
 
 class ProtocolError(ValueError):
@@ -169,10 +173,17 @@ class Protocol:
 
     def _model_path(self, v: str) -> str:
         """A model a protocol names (its variant, an adaptive policy's): a name as it is, a
-        relative .safetensors path made absolute relative to the protocol file."""
-        if v.endswith(".safetensors") and not Path(v).is_absolute() and self.source is not None:
-            return str((Path(self.source).parent / v).resolve())
-        return v
+        .safetensors path with ``~`` expanded (as TLS paths are), a relative one made absolute
+        relative to the protocol file."""
+        if not v.endswith(".safetensors"):
+            return v
+        try:
+            path = Path(v).expanduser()
+        except RuntimeError:  # ~user without a home folder: the model's loader names the path
+            return v
+        if not path.is_absolute() and self.source is not None:
+            return str((Path(self.source).parent / path).resolve())
+        return str(path) if path.is_absolute() else v
 
     def adaptive_policy(self) -> dict[str, Any] | None:
         """The adaptive policy with each variant's model as :meth:`model_ref` takes a path
@@ -229,25 +240,6 @@ def validate(data: Any, source: str = "<protocol>") -> ProtocolSpec:
 # --------------------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (a silent override otherwise)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 _WARNED_MISSING: set[tuple[str, Path]] = set()  # folders given that are not there, warned of
 
 
@@ -283,24 +275,12 @@ def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
 
 
 def _read_yaml(path: Path) -> dict:
+    """The protocol file's top-level mapping (:func:`~.yaml_input.read_mapping`);
+    ProtocolError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProtocolError(f"{path}: cannot read protocol: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise ProtocolError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line "
-                            f"{line}); save it as UTF-8") from exc
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ProtocolError(f"{path}: YAML error: {where}{problem}") from exc
-    if not isinstance(data, dict):
-        raise ProtocolError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+        return read_mapping(path)
+    except YamlInputError as exc:
+        raise ProtocolError(str(exc)) from exc
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -314,11 +294,50 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return out
 
 
+_WARNED_NOT_FILES: set[Path] = set()  # protocol folder entries that are not files, warned of
+
+
+def _not_a_file(entry: Path) -> str | None:
+    """What ``entry`` (``<folder>/<name>.yaml``) is where it is there but not a file: e.g.
+    ``a folder``; None where it is a file or not there."""
+    if entry.is_file() or not (entry.is_symlink() or entry.exists()):
+        return None
+    if entry.is_dir():
+        return "a folder"
+    return "a broken symbolic link" if not entry.exists() else "not a regular file"
+
+
+def _protocol_file(entry: Path) -> bool:
+    """``entry`` is a protocol file; one that is there but is no file (a folder ``x.yaml``, a
+    broken link) is skipped with a warning (once), not listed as a protocol then not found."""
+    kind = _not_a_file(entry)
+    if kind is not None and entry not in _WARNED_NOT_FILES:
+        _WARNED_NOT_FILES.add(entry)
+        log.warning("%s is %s, not a protocol file: skipped", entry, kind)
+    return kind is None and entry.is_file()
+
+
+def _in_folder(d: Path, name: str) -> Path | None:
+    """Protocol ``name`` in folder ``d``: ``name.yaml`` or ``name.yml``; ProtocolError where
+    both are there (which one wins would be a guess)."""
+    found = [e for e in (d / f"{name}{suffix}" for suffix in SUFFIXES) if _protocol_file(e)]
+    if len(found) > 1:
+        raise ProtocolError(f"{found[0]}: protocol {name!r} is also {found[1]}: keep one")
+    return found[0] if found else None
+
+
+def _not_files_note(name: str, dirs: Sequence[Path]) -> str:
+    """``; D/name.yaml is a folder, not a protocol file`` for each such entry of ``dirs``:
+    why a name that is there is not found."""
+    return "".join(f"; {e} is {kind}, not a protocol file" for d in dirs for suffix in SUFFIXES
+                   if (kind := _not_a_file(e := d / f"{name}{suffix}")) is not None)
+
+
 def _find(name: str, dirs: Sequence[Path], exclude: Sequence[Path] = ()) -> Path | None:
     for d in dirs:
-        p = (d / f"{name}.yaml").resolve()
-        if p.is_file() and p not in exclude:
-            return p
+        found = _in_folder(d, name)
+        if found is not None and found.resolve() not in exclude:
+            return found.resolve()
     return None
 
 
@@ -334,7 +353,7 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
         return data
     if not isinstance(base_ref, str) or not base_ref:
         raise ProtocolError(f"{path}: extends: expected a protocol name or path, got {base_ref!r}")
-    if base_ref.endswith((".yaml", ".yml")) or "/" in base_ref:
+    if base_ref.endswith(SUFFIXES) or "/" in base_ref:
         base_path = (path.parent / base_ref).resolve()
         if not base_path.is_file():
             raise ProtocolError(f"{path}: extends: file {base_ref!r} not found")
@@ -346,10 +365,26 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
             raise ProtocolError(f"{path}: extends: cycle {cycle}")
         if base_path is None:
             raise ProtocolError(f"{path}: extends: no protocol named {base_ref!r} in "
-                                f"{', '.join(map(str, dirs)) or 'the search path'}")
+                                f"{', '.join(map(str, dirs)) or 'the search path'}"
+                                f"{_not_files_note(base_ref, dirs)}")
     base = _resolve_raw(base_path, dirs, chain)
     base.pop("name", None)
+    _check_inherited_catch_all(path, data, base, base_path, base_ref)
     return deep_merge(base, data)
+
+
+def _check_inherited_catch_all(path: Path, data: dict, base: dict, base_path: Path,
+                               base_ref: str) -> None:
+    """Match rules over a catch-all base (``extends: default``): the schema's ``catch_all
+    cannot be combined with rules`` would name a key this file does not have."""
+    own, inherited = data.get("match"), base.get("match")
+    if not (isinstance(own, dict) and isinstance(inherited, dict)) or "catch_all" in own:
+        return
+    rules = [k for k in schema.MATCH_RULES if own.get(k) is not None]
+    if inherited.get("catch_all") is True and rules:
+        raise ProtocolError(f"{path}: match: catch_all: true is inherited from {base_path} "
+                            f"(extends: {base_ref}) and cannot be combined with rules "
+                            f"({', '.join(rules)}): add catch_all: false to this file's match")
 
 
 def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protocol:
@@ -358,7 +393,7 @@ def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protoc
         espirit=spec.espirit, guard=spec.guard, refine=spec.refine,
         calibration=spec.calibration, coil_compression=spec.coil_compression,
         partial_fourier=spec.partial_fourier, image=spec.image, series=spec.series,
-        dicom=spec.dicom,
+        dicom=DicomOptions(**spec.dicom.model_dump(exclude_unset=True)),  # the writer's type
         pacs=spec.pacs, adaptive=spec.adaptive.as_dict() if spec.adaptive else None,
         extends=spec.extends, source=source, chain=list(reversed(chain)),
     )
@@ -369,7 +404,7 @@ def load_protocol(name_or_path: str | Path, search_path: Iterable[Path | str] | 
     """Load and validate a protocol by name (searched in :func:`protocol_dirs`) or file path."""
     dirs = protocol_dirs(search_path)
     ref = str(name_or_path)
-    if ref.endswith((".yaml", ".yml")) or os.sep in ref or "/" in ref:
+    if ref.endswith(SUFFIXES) or os.sep in ref or "/" in ref:
         path = Path(ref).expanduser().resolve()
         if not path.is_file():
             raise ProtocolError(f"{ref}: protocol file not found")
@@ -379,7 +414,8 @@ def load_protocol(name_or_path: str | Path, search_path: Iterable[Path | str] | 
             known = list_protocols(search_path)
             raise ProtocolNotFound(f"protocol {ref!r} not found in "
                                    f"{', '.join(map(str, dirs)) or 'any protocol folder'} "
-                                   f"(known: {', '.join(known) or 'none'})", ref, known)
+                                   f"(known: {', '.join(known) or 'none'})"
+                                   f"{_not_files_note(ref, dirs)}", ref, known)
         path = found
     chain: list[Path] = []
     merged = _resolve_raw(path, dirs, chain)
@@ -394,7 +430,8 @@ def list_protocols(search_path: Iterable[Path | str] | None = None) -> list[str]
     """Names of all protocols on the search path (first folder wins on duplicates), sorted."""
     names: set[str] = set()
     for d in protocol_dirs(search_path):
-        names.update(p.stem for p in d.glob("*.yaml") if not p.name.startswith("."))
+        names.update(p.stem for suffix in SUFFIXES for p in d.glob(f"*{suffix}")
+                     if not p.name.startswith(".") and _protocol_file(p))
     return sorted(names)
 
 
@@ -407,7 +444,7 @@ def load_all(search_path: Iterable[Path | str] | None = None) -> list[Protocol]:
     for n in list_protocols(search_path):
         p = load_protocol(n, search_path)
         # the folder it was found in (by name: a symlinked file ranks where the link is)
-        p.search_rank = next(i for i, d in enumerate(dirs) if (d / f"{n}.yaml").is_file())
+        p.search_rank = next(i for i, d in enumerate(dirs) if _in_folder(d, n) is not None)
         protocols.append(p)
     return sorted(protocols, key=lambda p: p.search_rank)  # stable: by name within a folder
 

@@ -6,15 +6,18 @@ Scalars are strict (``fast: 'yes'`` or ``calib_width: '24'`` are errors, not con
 ``adaptive`` is :class:`~recon_plugin.recon.policy.AdaptivePolicy` (recon reads these settings at
 inference and sits below config); the method, fallback and partial-Fourier choices come from
 :mod:`recon_plugin.recon`. :func:`validate` turns every problem into one ``key: problem`` line.
+Real numbers are finite where a number is meant (``.inf`` and ``.nan`` are YAML floats).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,7 +31,7 @@ from pydantic import (
 )
 
 from ..output.dicom import DicomOptions
-from ..output.pacs import AET_PATTERN, DEFAULT_CALLING_AET, PacsTargetError, parse_target
+from ..output.pacs import DEFAULT_CALLING_AET, PacsTargetError, check_aet, parse_target
 from ..output.pacs_tls import TlsSettings, TlsSettingsError
 from ..recon import (
     AUTO_WEIGHT,
@@ -43,9 +46,19 @@ from ..recon.settings import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID, Es
 from ..scan import ScanHeader
 
 _Float = Annotated[float, Field(strict=True)]
+_Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _Range = tuple[_Float, _Float]  # [min, max], inclusive
 _TEXT_RULES = ("protocol_name", "contrast", "sequence_type")
 _RANGE_RULES = ("acceleration", "field_strength")
+MATCH_RULES = (*_TEXT_RULES, *_RANGE_RULES)  # the rules ``catch_all`` excludes
+_SHOWN = 80  # characters of a value a message repeats (a value can be megabytes)
+MAX_PROBLEMS = 20  # problems listed (a list of 10^5 bad items has as many)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to ``_SHOWN`` characters."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."
 
 
 class _Section(BaseModel):
@@ -71,7 +84,7 @@ class MatchRules(_Section):
             try:
                 re.compile(v)
             except re.error as exc:
-                raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
+                raise ValueError(f"invalid regular expression {_shown(v)}: {exc}") from None
         return v
 
     @field_validator(*_RANGE_RULES)
@@ -83,14 +96,14 @@ class MatchRules(_Section):
 
     @model_validator(mode="after")
     def _catch_all_alone(self) -> MatchRules:
-        given = [k for k in (*_TEXT_RULES, *_RANGE_RULES) if getattr(self, k) is not None]
+        given = [k for k in MATCH_RULES if getattr(self, k) is not None]
         if self.catch_all and given:
             raise ValueError(f"catch_all cannot be combined with rules ({', '.join(given)})")
         return self
 
     @property
     def rule_count(self) -> int:
-        return sum(getattr(self, k) is not None for k in (*_TEXT_RULES, *_RANGE_RULES))
+        return sum(getattr(self, k) is not None for k in MATCH_RULES)
 
     def check(self, header: ScanHeader) -> str | None:
         """None when ``header`` satisfies every rule, else the first reason it does not."""
@@ -118,23 +131,35 @@ class MatchRules(_Section):
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
+def _home_problem(key: str, v: str) -> str | None:
+    """Why ``~user/...`` in path ``v`` cannot be expanded (no such user: Python raises
+    RuntimeError, which pydantic does not turn into a message); None where it can."""
+    try:
+        Path(v).expanduser()
+    except RuntimeError:
+        return f"{key} {_shown(v)}: no home folder for {v.split('/')[0]}"
+    return None
+
+
 def _variant_problem(v: str) -> str | None:
     """Why ``v`` is not a ``model.variant`` (a model name, or a path to a ``.safetensors``
     file), in words a user can act on; None where it is one."""
-    if _MODEL_NAME.fullmatch(v) or (v.endswith(".safetensors") and "\x00" not in v):
+    if _MODEL_NAME.fullmatch(v):
         return None
+    if v.endswith(".safetensors") and "\x00" not in v:
+        return _home_problem("path", v)
     if "/" in v or v.startswith("."):
         return (f"a path to a model must name its .safetensors file (relative to this protocol "
-                f"file), got {v!r}: write {v.removesuffix('.json') + '.safetensors'!r}")
+                f"file), got {_shown(v)}: write {_shown(v.removesuffix('.json') + '.safetensors')}")
     return (f"expected a model name (letters, digits and _ . + -, e.g. unrolled-base) or a path "
-            f"to a .safetensors file, got {v!r}")
+            f"to a .safetensors file, got {_shown(v)}")
 
 
 class ModelSpec(_Section):
     # a shipped model name, or a path to a .safetensors file (relative: to the YAML file)
     variant: StrictStr = "unrolled-base"
     method: Literal[METHODS] = "unrolled"  # type: ignore[valid-type]
-    lamda: Annotated[float, Field(strict=True, gt=0.0)] | None = None  # None: tuned default
+    lamda: Annotated[_Finite, Field(gt=0.0)] | None = None  # None: tuned default
     fallback: Literal[FALLBACKS] = "zero-filled"  # type: ignore[valid-type]
 
     @field_validator("variant")
@@ -239,8 +264,12 @@ class TlsSpec(_Section):
     def _paths(self) -> TlsSpec:
         for key in ("ca_file", "cert_file", "key_file"):
             v = getattr(self, key)
-            if v is not None and not Path(v).expanduser().is_absolute():
-                raise ValueError(f"{key} {v!r} is not an absolute path")
+            if v is None:
+                continue
+            if (problem := _home_problem(key, v)) is not None:
+                raise ValueError(problem)
+            if not Path(v).expanduser().is_absolute():
+                raise ValueError(f"{key} {_shown(v)} is not an absolute path")
         try:
             TlsSettings.make(**self.model_dump())  # a certificate without its key, or the reverse
         except TlsSettingsError as exc:
@@ -250,9 +279,21 @@ class TlsSpec(_Section):
 
 class PacsSpec(_Section):
     targets: list[StrictStr] = Field(default_factory=list)  # "AET@host:port"
-    calling_aet: Annotated[StrictStr, Field(pattern=f"^{AET_PATTERN}$")] = DEFAULT_CALLING_AET
+    calling_aet: StrictStr = DEFAULT_CALLING_AET
     queue_dir: StrictStr | None = None
     tls: TlsSpec | None = None  # DICOM over TLS (output/pacs_tls.py); None: plain DICOM
+
+    @field_validator("calling_aet")
+    @classmethod
+    def _aet(cls, v: str) -> str:
+        """The check sending makes (output/pacs.py), here: all spaces had passed the schema's
+        pattern and failed only when a series was sent."""
+        if v and not v.strip(" "):
+            raise ValueError(f"{v!r} is all spaces: an AE title needs another character")
+        try:
+            return check_aet(v, "AE title")
+        except PacsTargetError as exc:
+            raise ValueError(str(exc).replace(repr(v), _shown(v))) from None
 
     @field_validator("targets")
     @classmethod
@@ -266,6 +307,19 @@ class PacsSpec(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return list(v)
+
+
+class DicomSpec(DicomOptions):
+    """``dicom``: the writer's options, with ``window`` two finite numbers (.nan or .inf had
+    loaded, then every DICOM write failed; ``'5'`` or ``true`` had been converted)."""
+
+    window: tuple[_Finite, _Finite] | None = None  # (center, width) in stored units; None: auto
+
+
+class AdaptiveSpec(AdaptivePolicy):
+    """``adaptive``: the policy, with a finite ``quality_floor_db`` (.inf had loaded)."""
+
+    quality_floor_db: Annotated[_Finite, Field(gt=0.0)] | None = None
 
 
 class ProtocolSpec(_Section):
@@ -284,9 +338,9 @@ class ProtocolSpec(_Section):
     partial_fourier: Literal[PARTIAL_FOURIER] = "zero-fill"  # type: ignore[valid-type]
     image: ImageSpec = Field(default_factory=ImageSpec)
     series: SeriesSpec = Field(default_factory=SeriesSpec)
-    dicom: DicomOptions = Field(default_factory=DicomOptions)
+    dicom: DicomSpec = Field(default_factory=DicomSpec)
     pacs: PacsSpec = Field(default_factory=PacsSpec)
-    adaptive: AdaptivePolicy | None = None
+    adaptive: AdaptiveSpec | None = None
 
 
 def _hint(loc: tuple, key: str) -> str:
@@ -302,8 +356,31 @@ def _hint(loc: tuple, key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(model.model_fields)}"
 
 
+# a number YAML 1.1 reads as text: an exponent without a point before it or a sign after it
+_EXPONENT = re.compile(r"([-+]?)([0-9]+)(?:\.([0-9]*))?([eE])([-+]?)([0-9]+)")
+
+
+def _number_hint(text: str, integer: bool) -> str:
+    """What to write for a number given as text (in quotes, or YAML 1.1's ``1e-3``) to a key
+    that takes an ``integer`` or a real number; "" where ``text`` is no such number."""
+    try:
+        if not math.isfinite(int(text) if integer else float(text)):
+            return ""
+    except ValueError:
+        return ""
+    if not integer and (m := _EXPONENT.fullmatch(text.strip())):
+        sign, whole, frac, e, esign, exp = m.groups()
+        return f"; write it as {sign}{whole}.{frac or '0'}{e}{esign or '+'}{exp}: YAML reads " \
+               f"{text} as text"
+    unquoted = yaml.safe_load(text)  # a number in quotes, where YAML reads it as one without
+    if isinstance(unquoted, (int, float)) and not isinstance(unquoted, bool):
+        return "; write it without quotes"
+    return ""
+
+
 def validate(data: Any) -> tuple[ProtocolSpec | None, list[str]]:
-    """(the validated protocol or None, one ``key: problem`` line per problem)."""
+    """(the validated protocol or None, one ``key: problem`` line per problem, at most
+    ``MAX_PROBLEMS`` and a count of the rest)."""
     try:
         return ProtocolSpec.model_validate(data), []
     except ValidationError as err:
@@ -312,5 +389,12 @@ def validate(data: Any) -> tuple[ProtocolSpec | None, list[str]]:
         for e, line in zip(err.errors(), lines):
             if e["type"] == "extra_forbidden":
                 line += _hint(e["loc"][:-1], str(e["loc"][-1]))
+            if "input" in e and line.endswith(got := f", got {e['input']!r}"):
+                # the value cut short; a number in quotes (or YAML's 1e-3) says what to write
+                line = line[:-len(got)] + f", got {_shown(e['input'])}"
+                if e["type"] in ("float_type", "int_type") and isinstance(e["input"], str):
+                    line += _number_hint(e["input"], integer=e["type"] == "int_type")
             out.append(line)
+        if len(out) > MAX_PROBLEMS:
+            out[MAX_PROBLEMS:] = [f"... and {len(out) - MAX_PROBLEMS} more problems"]
         return None, out
