@@ -393,7 +393,7 @@ def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protoc
         espirit=spec.espirit, guard=spec.guard, refine=spec.refine,
         calibration=spec.calibration, coil_compression=spec.coil_compression,
         partial_fourier=spec.partial_fourier, image=spec.image, series=spec.series,
-        dicom=DicomOptions(**spec.dicom.model_dump(exclude_unset=True)),  # the writer's type
+        dicom=spec.dicom,
         pacs=spec.pacs, adaptive=spec.adaptive.as_dict() if spec.adaptive else None,
         extends=spec.extends, source=source, chain=list(reversed(chain)),
     )

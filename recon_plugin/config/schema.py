@@ -309,19 +309,6 @@ class PacsSpec(_Section):
         return list(v)
 
 
-class DicomSpec(DicomOptions):
-    """``dicom``: the writer's options, with ``window`` two finite numbers (.nan or .inf had
-    loaded, then every DICOM write failed; ``'5'`` or ``true`` had been converted)."""
-
-    window: tuple[_Finite, _Finite] | None = None  # (center, width) in stored units; None: auto
-
-
-class AdaptiveSpec(AdaptivePolicy):
-    """``adaptive``: the policy, with a finite ``quality_floor_db`` (.inf had loaded)."""
-
-    quality_floor_db: Annotated[_Finite, Field(gt=0.0)] | None = None
-
-
 class ProtocolSpec(_Section):
     """A protocol file after its ``extends`` chain is merged."""
 
@@ -338,9 +325,9 @@ class ProtocolSpec(_Section):
     partial_fourier: Literal[PARTIAL_FOURIER] = "zero-fill"  # type: ignore[valid-type]
     image: ImageSpec = Field(default_factory=ImageSpec)
     series: SeriesSpec = Field(default_factory=SeriesSpec)
-    dicom: DicomSpec = Field(default_factory=DicomSpec)
+    dicom: DicomOptions = Field(default_factory=DicomOptions)
     pacs: PacsSpec = Field(default_factory=PacsSpec)
-    adaptive: AdaptiveSpec | None = None
+    adaptive: AdaptivePolicy | None = None
 
 
 def _hint(loc: tuple, key: str) -> str:

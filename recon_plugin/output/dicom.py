@@ -109,6 +109,9 @@ UNPAIRED_BODY_PARTS = frozenset({
 })
 
 
+_FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class DicomOptions(BaseModel):
     """Writer knobs; a protocol's ``dicom:`` section is validated as this model (unknown keys
     and out-of-range values are errors)."""
@@ -116,7 +119,8 @@ class DicomOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_value: Annotated[StrictInt, Field(ge=255, le=65535)] = 4095  # stored value of the max
-    window: tuple[float, float] | None = None  # (center, width) in stored units; None = auto
+    # (center, width) in stored units, finite (NaN / Inf failed every write); None = auto
+    window: tuple[_FiniteNumber, _FiniteNumber] | None = None
     private_block: StrictBool = True
     body_part: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9 _]{1,16}$")] | None = None
     laterality: Literal["L", "R"] | None = None  # for paired body parts

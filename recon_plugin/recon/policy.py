@@ -176,7 +176,7 @@ class AdaptivePolicy(BaseModel):
 
     variants: Annotated[list[Variant], Field(min_length=1)]
     weights: Weights | None = None
-    quality_floor_db: Annotated[float, Field(strict=True, gt=0.0)] | None = None
+    quality_floor_db: Annotated[float, Field(strict=True, gt=0.0, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _thresholds_increase(self) -> AdaptivePolicy:
