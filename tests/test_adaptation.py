@@ -651,17 +651,17 @@ def test_the_report_is_this_runs_when_it_fails_or_is_refused(site, tmp_path, mon
 def test_the_gate_says_why_it_refused():
     """Worse, within the noise, or diverged: each refusal says which (it had said 'did not
     beat the base model' for all three)."""
-    from recon_plugin.adaptation.site import _refusal
+    from recon_plugin.adaptation.gate import refusal
     from recon_plugin.training.losses import significant_improvement
 
     base = [0.50, 0.40, 0.45]
-    worse = _refusal(significant_improvement(base, [0.55, 0.44, 0.50]), 0.45, 0.4967)
+    worse = refusal(significant_improvement(base, [0.55, 0.44, 0.50]), 0.45, 0.4967)
     assert worse.startswith("it is worse than the base model on the held-out data (error "
                             "0.45 -> 0.4967, +10.4 %)")
-    noise = _refusal(significant_improvement(base, [0.49, 0.41, 0.449]), 0.45, 0.4497)
+    noise = refusal(significant_improvement(base, [0.49, 0.41, 0.449]), 0.45, 0.4497)
     assert noise.startswith("its improvement (0.000333) is not more than 2 standard errors")
     assert "within the noise" in noise
-    nan = _refusal(significant_improvement(base, [float("nan")] * 3), 0.45, float("nan"))
+    nan = refusal(significant_improvement(base, [float("nan")] * 3), 0.45, float("nan"))
     assert "not finite" in nan and "lower --lr" in nan
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..models.checkpoint import save_model
+from ..models.checkpoint import file_sha256, save_model
 from ..output.atomic import write_text_atomic
 
 if TYPE_CHECKING:
@@ -45,27 +45,53 @@ def _highest_in(models_dir: Path, stem: str) -> int:
                 if (m := ours.fullmatch(p.name))), default=0)
 
 
-def _recorded_versions(site_dir: Path, warn: bool = True) -> dict[str, int] | None:
-    """:data:`VERSIONS_FILE` of ``site_dir``; None where there is none, or, with a warning
-    (``warn``), where it does not read as one (numbering then goes on from the models in
-    ``models/``)."""
+def _read_record(site_dir: Path) -> tuple[dict[str, int] | None, str | None]:
+    """:data:`VERSIONS_FILE` of ``site_dir`` and what in it does not read: (None, None) where
+    there is none; (None, why) where it does not read as one; (the entries that are version
+    numbers, which others are not) where some are not (``"7"``, ``0``: a hand edit)."""
     path = site_dir / VERSIONS_FILE
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        return None
+        return None, None
     except (OSError, ValueError) as e:
-        why = str(e)
-    else:
-        if isinstance(record, dict):
-            return {k: v for k, v in record.items() if type(v) is int and v > 0}
-        why = "not a JSON object of version numbers"
-    if warn:
-        log.warning("%s cannot be read (%s): the next version number is one above the highest "
-                    "model in %s (the number of a model deleted from there may be used again); "
-                    "it is kept as %s and written anew when a model is published", path, why,
-                    path.parent / "models", _set_aside(path).name)
-    return None
+        return None, str(e)
+    if not isinstance(record, dict):
+        return None, "not a JSON object of version numbers"
+    good = {k: v for k, v in record.items() if type(v) is int and v > 0}
+    bad = [f"{k!r}: {json.dumps(v)[:40]}" for k, v in record.items() if k not in good]
+    return good, (f"entries that are not a version number (a whole number >= 1): "
+                  f"{', '.join(bad)}" if bad else None)
+
+
+def _recorded_versions(site_dir: Path, warn: bool = True) -> dict[str, int] | None:
+    """:data:`VERSIONS_FILE` of ``site_dir``; None where there is none, or, with a warning
+    (``warn``), where it does not read as one (numbering then goes on from the models in
+    ``models/``); entries that are not version numbers are left out, with a warning naming
+    them (they had been dropped without a word, and their numbers with them)."""
+    path = site_dir / VERSIONS_FILE
+    record, why = _read_record(site_dir)
+    if why is not None and warn:
+        if record is None:
+            log.warning("%s cannot be read (%s): the next version number is one above the "
+                        "highest model in %s (the number of a model deleted from there may be "
+                        "used again); it is kept as %s and written anew when a model is "
+                        "published", path, why, path.parent / "models", _set_aside(path).name)
+        else:
+            log.warning("%s: %s, left out (the next version number of each is one above the "
+                        "highest model in %s); the file is kept as %s and written anew when a "
+                        "model is published", path, why, path.parent / "models",
+                        _set_aside(path).name)
+    return record
+
+
+def _write_record(site_dir: Path, record: dict[str, int]) -> None:
+    """Write :data:`VERSIONS_FILE` of ``site_dir`` (fsynced); one there that does not read
+    whole is first kept beside it (:func:`_set_aside`), not lost."""
+    path = site_dir / VERSIONS_FILE
+    if path.exists() and _read_record(site_dir)[1] is not None:
+        os.replace(path, _set_aside(path))
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n", fsync=True)
 
 
 def _set_aside(path: Path) -> Path:
@@ -87,19 +113,14 @@ def publish_model(site_dir: Path, stem: str, model: UnrolledNet, card: dict
     be using it), a higher N is always a later model, and a deleted model's N is never given
     to another. A publication killed before its weights were in place recorded nothing: the
     next run removes its card (:func:`remove_interrupted_publication`) and publishes that N."""
-    record = _recorded_versions(site_dir, warn=False)  # remove_interrupted_... warned
-    if record is None and (site_dir / VERSIONS_FILE).exists():  # unreadable: kept, not lost
-        os.replace(site_dir / VERSIONS_FILE, _set_aside(site_dir / VERSIONS_FILE))
-    record = record or {}
+    record = _recorded_versions(site_dir, warn=False) or {}  # remove_interrupted_... warned
     number = max(record.get(stem, 0), _highest_in(site_dir / "models", stem)) + 1
     version = f"{stem}-{number}"
     pending = _pending(site_dir, version)  # says, until N is recorded, that N is being written
     write_text_atomic(pending, "", fsync=True)
     saved = save_model(model, site_dir / "models" / version,
                        {"name": version, "version": f"site-{number}", **card})
-    write_text_atomic(site_dir / VERSIONS_FILE,
-                      json.dumps({**record, stem: number}, indent=2, sort_keys=True) + "\n",
-                      fsync=True)
+    _write_record(site_dir, {**record, stem: number})  # an unreadable one: kept, not lost
     pending.unlink(missing_ok=True)
     return version, saved
 
@@ -111,15 +132,35 @@ def _pending(site_dir: Path, version: str) -> Path:
 
 def published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict] | None:
     """(version, card) of a model already in ``models_dir`` under ``stem`` with these
-    parameters (``param_sha256``), else None."""
+    parameters (``param_sha256``) whose weights are those its card names, else None. Weights
+    that are not (cut short, replaced: every load refuses them) are named in a warning and do
+    not count: the model is published again as a new version (the same version had been
+    reported, and the overlay pointed back at weights recon refuses, run after run)."""
+    damaged = []
     for path in sorted(models_dir.glob(f"{glob.escape(stem)}-*.json")):
         try:
             card = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if (card.get("adaptation", {}).get("param_sha256") == param_hash
-                and (models_dir / f"{path.stem}.safetensors").is_file()):
+        weights = models_dir / f"{path.stem}.safetensors"
+        if (not isinstance(card, dict) or not isinstance(card.get("adaptation"), dict)
+                or card["adaptation"].get("param_sha256") != param_hash
+                or not weights.is_file()):
+            continue
+        try:
+            have = file_sha256(weights)
+        except OSError as e:
+            have = f"unreadable: {e}"
+        if have == card.get("sha256"):
             return path.stem, card
+        damaged.append(f"{weights} (sha256 {have[:12]}, its card names "
+                       f"{str(card.get('sha256'))[:12]})")
+    if damaged:
+        log.warning("these weights were published before, but the file is not what its card "
+                    "names (damaged or replaced: no load takes it): %s; they are published "
+                    "again as a new version, the overlay moved to it (the damaged file is left "
+                    "as it is: delete it, with its card, once nothing uses it)",
+                    "; ".join(damaged))
     return None
 
 
@@ -143,6 +184,7 @@ def remove_interrupted_publication(site_dir: Path, stem: str, overlay: str) -> N
     cards = _remove_cards_without_weights(site_dir / "models", stem,
                                           None if record is None else record.get(stem, 0),
                                           interrupted)
+    _catch_up_record(site_dir, stem, record)  # before the markers go: they say why it is behind
     for version in interrupted:
         _pending(site_dir, version).unlink(missing_ok=True)
     if removed or cards:
@@ -150,6 +192,30 @@ def remove_interrupted_publication(site_dir: Path, stem: str, overlay: str) -> N
                     ", ".join(map(str, removed + cards)),
                     f" (a card without its weights: version {', '.join(c.stem for c in cards)} "
                     "is published again if the gate passes the model)" if cards else "")
+
+
+def _catch_up_record(site_dir: Path, stem: str, record: dict[str, int] | None) -> None:
+    """Record in :data:`VERSIONS_FILE` the highest ``STEM-N`` in ``models/`` where the record
+    (``record``, as read; None: none there, or unreadable) is behind it: a publication killed
+    after its model was in place but before N was recorded. A rerun had found that model
+    ("the same model as before") and removed its marker with the record one behind, so a
+    later model could be given N once the site deleted that one. An unreadable record is left
+    to :func:`publish_model` (kept aside, then written anew)."""
+    path = site_dir / VERSIONS_FILE
+    if record is None and path.exists():
+        return
+    highest = _highest_in(site_dir / "models", stem)
+    recorded = (record or {}).get(stem, 0)
+    if highest <= recorded:
+        return
+    _write_record(site_dir, {**(record or {}), stem: highest})
+    if stem not in (record or {}):  # none, or one without it (an entry left out: warned)
+        log.info("%s: %s recorded as published up to version %d (the models in %s)", path,
+                 stem, highest, site_dir / "models")
+    else:
+        log.warning("%s recorded %s up to version %d, but models/ holds %s-%d (a publication "
+                    "stopped before it recorded its number): recorded now", path, stem,
+                    recorded, stem, highest)
 
 
 def _remove_temporaries(site_dir: Path, stem: str, overlay: str) -> list[Path]:
@@ -211,9 +277,11 @@ def check_overlay(site_dir: Path, protocol, protocol_dirs: Sequence[Path] | None
 
 def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path:
     """``SITE_DIR/protocols/<base>-site.yaml``: extends the base protocol (by name when the
-    name resolves to the same file, else by path), swaps the model. What a site added to an
-    overlay already there (other keys, other ``model`` keys) is kept; its ``name``,
-    ``extends``, ``description`` and ``model.variant`` are this adaptation's."""
+    name resolves to the same file, else by path: relative to the overlay where the base is in
+    the site folder, e.g. an earlier overlay, so the folder can be moved whole; absolute
+    otherwise), swaps the model. What a site added to an overlay already there (other keys,
+    other ``model`` keys) is kept; its ``name``, ``extends``, ``description`` and
+    ``model.variant`` are this adaptation's."""
     import yaml
 
     from ..config.protocol import ProtocolError, load_protocol
@@ -223,9 +291,16 @@ def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path
         same = load_protocol(base).source == protocol.source
     except (ProtocolError, LookupError, FileNotFoundError):
         same = False
-    extends = base if same or protocol.source is None else str(Path(protocol.source).resolve())
     d = site_dir / "protocols"
     d.mkdir(parents=True, exist_ok=True)
+    source = None if protocol.source is None else Path(protocol.source).resolve()
+    if same or source is None:
+        extends = base
+    elif source.is_relative_to(Path(site_dir).resolve()):
+        # extends: resolves a path relative to the overlay's folder (config.protocol)
+        extends = os.path.relpath(source, d.resolve())
+    else:
+        extends = str(source)
     path = d / f"{base}-site.yaml"
     spec = {
         "name": f"{base}-site",
@@ -243,7 +318,8 @@ def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path
         model = before.get("model")
         if isinstance(model, dict):
             spec["model"] = {**model, **spec["model"]}
-        if before.get("extends") not in (None, extends):
+        if before.get("extends") is not None and (_extended(d, before["extends"])
+                                                  != _extended(d, extends)):
             log.warning("%s: extends %s, now %s (the protocol adapted here)", path,
                         before["extends"], extends)
         spec.update(added)
@@ -252,3 +328,14 @@ def write_overlay(site_dir: Path, protocol, name: str, model_path: Path) -> Path
             log.info("%s: kept what was added to it: %s", path, ", ".join(kept))
     write_text_atomic(path, yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def _extended(folder: Path, ref: object) -> object:
+    """What ``extends: ref`` of a protocol in ``folder`` names: the file where ``ref`` is a
+    path (relative to ``folder``), else ``ref`` (a name) as it is; so that a path written
+    relative is not taken for another base than the same one written absolute."""
+    from ..config.protocol import SUFFIXES
+
+    if isinstance(ref, str) and (ref.endswith(SUFFIXES) or "/" in ref):
+        return (folder / ref).resolve()
+    return ref

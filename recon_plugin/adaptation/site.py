@@ -20,7 +20,9 @@ on the held-out lines of the held-out data
 (:func:`~recon_plugin.training.losses.heldout_errors`, three splits per slice) beats the base
 model's by more than two standard errors of the paired differences
 (:func:`~recon_plugin.training.losses.significant_improvement`): at low SNR the noise
-energy dominates every held-out error, and a change within it is not an improvement; otherwise
+energy dominates every held-out error, and a change within it is not an improvement. Where the
+site's overlay uses an earlier adapted model, the new one must also not be worse than that one
+on the same held-out data (unless that one trained on them), or the overlay stays; otherwise
 nothing is written outside the run folder. A promoted model is a new versioned file
 (safetensors + card: parent hash, raw file hashes, mode, losses; a version number is never
 given to two models, even once the site deleted one) plus a protocol overlay (``extends:
@@ -49,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config.schema import MODEL_NAME
 from ..io.inputs import raw_files
 from ..models.checkpoint import ModelError, file_sha256, resolve_model
 from ..output.atomic import fingerprint, write_text_atomic
@@ -67,6 +70,7 @@ from ..training.losses import heldout_errors, significant_improvement
 from ..training.selfsup import LossSpec
 from ..training.slices import SiteSlice
 from . import MODES, PARAMS, SSDU_LOSS_FRACTION
+from .gate import against_the_model_in_use, refusal
 from .publication import (
     check_overlay,
     publish_model,
@@ -154,8 +158,8 @@ def _dist_info() -> tuple[int, int]:
 
 
 def adapt(
-    raw: list[Path], base_protocol: str, site_dir: Path, mode: str = "ssdu", steps: int = 200,
-    lr: float | None = None, rho: float = SSDU_LOSS_FRACTION, seed: int = 0,
+    raw: list[Path], base_protocol: str, site_dir: Path | str, mode: str = "ssdu",
+    steps: int = 200, lr: float | None = None, rho: float = SSDU_LOSS_FRACTION, seed: int = 0,
     device: str = "cpu", teacher_weight: float = 0.2, heldout_fraction: float = 0.25,
     name: str | None = None, time_budget_s: float | None = None, params: str = "dc",
     progress: bool = True, protocol_dirs: Sequence[Path] | None = None, exiting: bool = False,
@@ -177,7 +181,11 @@ def adapt(
     straight to ignored). A run that fails or is stopped replaces ``SITE/adapt_report.json``
     (where there is one, or once it has begun training) with ``status`` failed / stopped and
     its ``error``: the report there is never an earlier run's. A second ``adapt`` into a site
-    folder while one runs there is refused (ValueError), before it touches anything."""
+    folder while one runs there is refused (ValueError), before it touches anything; so is a
+    ``site_dir`` that is empty or blank (``""`` had become the working folder)."""
+    if not str(site_dir).strip():  # Path("") is ".": a str is checked here (the CLI: its --out)
+        raise ValueError(f"--out {str(site_dir)!r} is empty: give the site folder, e.g. --out "
+                         "site/")
     known: dict = {}  # what this run has found so far, for the report of a run that fails
     site, rank = Path(site_dir), _dist_info()[0]
     with contextlib.ExitStack() as lock:  # the site folder's, from the first file read on
@@ -208,6 +216,7 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
         raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
     if params not in PARAMS:
         raise ValueError(f"unknown adaptation params {params!r}; choose from {tuple(PARAMS)}")
+    _check_name(name)
     lr = PARAMS[params] if lr is None else lr
     spec = LossSpec.from_mode(mode, {"teacher": teacher_weight}, ssdu_rho=rho)
     rank, world = _dist_info()
@@ -239,6 +248,10 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
             # anything is read), sorted
             raw, hashes = _distinct(sorted(raw_files(list(raw))), skipped)
             protocol = load_protocol(base_protocol, protocol_dirs)
+            if protocol.model.method != "unrolled":  # its overlay would never run the model
+                raise ValueError(f"protocol {protocol.name} reconstructs with "
+                                 f"{protocol.model.method} (model.method): no network to adapt; "
+                                 "adapt a protocol whose model.method is unrolled")
             check_overlay(site_dir, protocol, protocol_dirs)
             settings = protocol.recon_settings()
             try:
@@ -329,7 +342,14 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
             b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
         report = {"rank": rank, "world_size": world, "param_sha256": param_hash,
                   "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped,
-                  "run_dir": str(run_dir)}
+                  "run_dir": str(run_dir), "steps_asked": steps}
+        reached = max((h["step"] for h in history if "step" in h), default=0)
+        if time_budget_s is not None and world == 1 and reached < steps:
+            report["time_budget_reached"] = True  # the model judged is the one of that step
+            log.warning("--time-budget %g s ended the training after %d of %d steps: the model "
+                        "of step %d is judged (the same command trains on from there, and "
+                        "publishes the result as the next version)", time_budget_s, reached,
+                        steps, reached)
         if world > 1:
             (site_dir / "runs").mkdir(parents=True, exist_ok=True)
             (site_dir / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
@@ -343,9 +363,22 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
         new_err = float(new_errs.mean())
         gate = significant_improvement(base_errs, new_errs)
         same = published(models_dir, stem, param_hash) if gate["better"] else None
+        refused = None if gate["better"] else refusal(gate, base_err, new_err)
+        if refused is None and not requested:  # never from the model the overlay uses to a
+            judged = hold_files or usable  # worse one (a signal: it stops at the gate)
+
+            def judged_hashes() -> set[str | None]:
+                hashes.update({p: h for p, h in _card_hashes(judged, hashes, requested).items()
+                               if h})
+                return {hashes.get(p) for p in judged}
+
+            refused = against_the_model_in_use(
+                site_dir, protocol, protocol_dirs, base_path,
+                None if same is None else models_dir / f"{same[0]}.safetensors", hold,
+                judged_hashes, new_errs, base_err, dev, report, significant_improvement)
         # a new card names each raw file's sha256: read before the publication, where a signal
         # still stops the run with nothing published
-        card_hashes = _card_hashes(raw, hashes, requested) if gate["better"] and same is None \
+        card_hashes = _card_hashes(raw, hashes, requested) if refused is None and same is None \
             else {}
         if requested:
             raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped after "
@@ -355,13 +388,13 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
         report["status"] = "finished"
         report["adapted_heldout_error"] = new_err
         report["gate"] = gate
-        report["promoted"] = gate["better"]
+        report["promoted"] = refused is None
         if not report["promoted"]:
-            report["refused_because"] = _refusal(gate, base_err, new_err)
-            log.warning("adapted model not promoted: %s; nothing published (improvement %.5g, "
-                        "standard error %.5g, %d held-out splits; it needs more than %g "
-                        "standard errors)", report["refused_because"], gate["mean_improvement"],
-                        gate["standard_error"], gate["n"], gate["z"])
+            report["refused_because"] = refused
+            log.warning("adapted model not promoted: %s; nothing published (over the base "
+                        "model: improvement %.5g, standard error %.5g, %d held-out splits; it "
+                        "needs more than %g standard errors)", report["refused_because"],
+                        gate["mean_improvement"], gate["standard_error"], gate["n"], gate["z"])
             _write_report(site_dir, report)
         elif same is not None:  # the same command again: its run had finished, nothing new
             version, saved = same
@@ -389,6 +422,17 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
     if exiting:  # the handler above went straight to ignored; so does the rest of the exit
         ignore_stops()
     return report
+
+
+def _check_name(name: str | None) -> None:
+    """``--name`` is a plain model name (``config.schema``'s rule: letters, digits and
+    ``_ . + -``, a letter or digit first): it names files in ``SITE/models`` and a folder in
+    ``SITE/runs`` (``../../x`` had written outside the site folder, ``a/b`` into subfolders);
+    a ValueError before anything is read or written."""
+    if name is not None and not (MODEL_NAME.fullmatch(name) and len(name) <= 200):
+        raise ValueError(f"--name {name[:80]!r} must be a plain name (letters, digits and "
+                         "_ . + -, a letter or digit first, at most 200 characters; no folder): "
+                         "the model is published as SITE/models/NAME-N")
 
 
 def _left_out(skipped: list[str], most: int = 3) -> str:
@@ -452,26 +496,6 @@ def _card_hashes(paths: list[Path], hashes: dict[Path, str], requested: list[int
             break
         out[p] = hashes[p] if p in hashes else _sha256(p)
     return out
-
-
-def _refusal(gate: dict, base_err: float, new_err: float) -> str:
-    """Why the gate refused the adapted model (its verdict ``gate`` from
-    :func:`~recon_plugin.training.losses.significant_improvement`; mean held-out errors,
-    squared and relative), for the log, the report and the command's line."""
-    if not math.isfinite(new_err):
-        return (f"its held-out error is {new_err} (not finite): the training diverged; run "
-                "again with a lower --lr")
-    if not math.isfinite(gate["mean_improvement"]):
-        return (f"the held-out errors are not all finite (base model {base_err:.5g}, adapted "
-                f"{new_err:.5g}): the two cannot be compared")
-    if gate["mean_improvement"] < 0:
-        change = f", {100 * (new_err - base_err) / base_err:+.1f} %" if base_err > 0 else ""
-        return (f"it is worse than the base model on the held-out data (error {base_err:.5g} "
-                f"-> {new_err:.5g}{change})")
-    return (f"its improvement ({gate['mean_improvement']:.3g}) is not more than {gate['z']:g} "
-            f"standard errors ({gate['standard_error']:.3g}, {gate['n']} held-out splits): "
-            "within the noise of the held-out lines, not a significant improvement (more "
-            "raw files give the gate more to judge on)")
 
 
 def _finite(value: object) -> object:

@@ -444,8 +444,12 @@ def cmd_train_pool(a: argparse.Namespace) -> int:
 def cmd_adapt(a: argparse.Namespace) -> int:
     """Site adaptation; exit 1 when the adapted model was not promoted, 128 + signal when
     SIGINT / SIGTERM stopped it (one that came while it published: after saying so)."""
+    import shlex
+
     from ..adaptation.site import adapt
 
+    if not a.out.strip():  # Path("") is ".": the site had been written into the working folder
+        raise ValueError(f"--out {a.out!r} is empty: give the site folder, e.g. --out site/")
     out = Path(a.out)  # and the folders adapt writes in it, checked before training
     _writable(("--out", out), *((f"--out's {sub}/", out / sub)
                                 for sub in ("models", "protocols", "runs")))
@@ -459,6 +463,9 @@ def cmd_adapt(a: argparse.Namespace) -> int:
         print(f"left out: {reason}")
     print(f"held-out measurement error: base {rep['base_heldout_error']:.5f}, adapted "
           f"{rep['adapted_heldout_error']:.5f}")
+    if rep.get("time_budget_reached"):
+        print(f"--time-budget ended the training after {rep['steps']} of {rep['steps_asked']} "
+              "steps")
     code = EXIT_OK
     if not rep["promoted"]:
         print(f"adapted model NOT promoted: "
@@ -469,8 +476,9 @@ def cmd_adapt(a: argparse.Namespace) -> int:
         ov = Path(rep["overlay"])
         what = "the same model as before," if rep.get("already_published") else "new model"
         print(f"{what} {rep['model']} (sha256 {rep['sha256'][:12]}); overlay protocol {ov}: use "
-              f"`recon-plugin recon ... --protocol-dir {ov.parent} --protocol {ov.stem}` (or "
-              f"`--protocol {ov}`); the base protocol is unchanged")
+              f"`recon-plugin recon ... --protocol-dir {shlex.quote(str(ov.parent))} --protocol "
+              f"{ov.stem}` (or `--protocol {shlex.quote(str(ov))}`); the base protocol is "
+              "unchanged")
     if rep.get("stopped_by"):  # documented: 128 + signal for a stopped run, with what it left
         log.error("%s", stopped_after_the_verdict(rep))
         return 128 + int(rep["stopped_by"])

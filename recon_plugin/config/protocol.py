@@ -452,13 +452,27 @@ def load_all(search_path: Iterable[Path | str] | None = None) -> list[Protocol]:
 # --------------------------------------------------------------------------- matching
 
 
+def _extends(p: Protocol, base: Protocol) -> bool:
+    """``p`` is ``base`` merged with more (``base``'s file is in ``p``'s ``extends`` chain)."""
+    return p is not base and base.source is not None and base.source in p.chain
+
+
+def _most_derived(best: Protocol, tied: list[Protocol]) -> Protocol:
+    """Of protocols that match a header equally well, one that extends ``best`` wins over it,
+    and so on down the chain: adapt's overlay of an overlay (``X-site-site``) over the overlay
+    it extends (``X-site``) in the same folder, which the folder's name order had chosen."""
+    while (child := next((p for p in tied if _extends(p, best)), None)) is not None:
+        best = child
+    return best
+
+
 def match_protocol(header: ScanHeader, protocols: Sequence[Protocol] | None = None) -> Protocol:
     """The protocol for ``header``.
 
     Among protocols whose rules all hold, the highest ``priority`` wins, then the one with more
-    rules, then the first in ``protocols`` (:func:`load_all`: the first folder of the search
-    path, e.g. a site's ``--protocol-dir``, so a site's overlay wins over the protocol it
-    extends; a tie within one folder is logged). If none matches, the highest-priority
+    rules, then one that extends the others (an overlay over its base), then the first in
+    ``protocols`` (:func:`load_all`: the first folder of the search path, e.g. a site's
+    ``--protocol-dir``; a tie within one folder is logged). If none matches, the highest-priority
     ``catch_all`` protocol is used; without one, :class:`ProtocolMatchError` lists every
     candidate and why.
     """
@@ -476,8 +490,10 @@ def match_protocol(header: ScanHeader, protocols: Sequence[Protocol] | None = No
     if hits:
         hits.sort(key=lambda p: (-p.match.priority, -p.match.rule_count))  # stable: list order
         best = hits[0]
-        ties = [p for p in hits[1:] if (p.match.priority, p.match.rule_count)
+        tied = [p for p in hits if (p.match.priority, p.match.rule_count)
                 == (best.match.priority, best.match.rule_count)]
+        best = _most_derived(best, tied)
+        ties = [p for p in tied if p is not best and not _extends(best, p)]
         if any(p.search_rank == best.search_rank for p in ties):
             log.warning("protocol match tie for %r: %s and %s; chose %s (set match.priority)",
                         header.protocol_name, best.name, ", ".join(p.name for p in ties),

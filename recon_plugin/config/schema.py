@@ -128,7 +128,7 @@ class MatchRules(_Section):
         return None
 
 
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
 def _home_problem(key: str, v: str) -> str | None:
@@ -144,7 +144,7 @@ def _home_problem(key: str, v: str) -> str | None:
 def _variant_problem(v: str) -> str | None:
     """Why ``v`` is not a ``model.variant`` (a model name, or a path to a ``.safetensors``
     file), in words a user can act on; None where it is one."""
-    if _MODEL_NAME.fullmatch(v):
+    if MODEL_NAME.fullmatch(v):
         return None
     if v.endswith(".safetensors") and "\x00" not in v:
         return _home_problem("path", v)
