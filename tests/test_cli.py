@@ -1,6 +1,7 @@
 """The command line: exit codes scripts can trust, failure isolation, resume, demo."""
 
 import argparse
+import errno
 import json
 import re
 import subprocess
@@ -560,7 +561,8 @@ def test_resume_keeps_inputs_finished_before_settings_were_recorded(tmp_path, ca
 
 
 @pytest.mark.parametrize("raised, status", [
-    ("stopped", 143), ("interrupt", 130), ("permission", 1), ("missing", 2)])
+    ("stopped", 143), ("interrupt", 130), ("permission", 1), ("missing", 2),
+    ("disk full", 1)])
 def test_exit_status_of_a_stopped_run_an_interrupt_and_an_os_error(monkeypatch, caplog,
                                                                    raised, status):
     """A training run stopped by SIGTERM: 128 + 15 in one line; Ctrl-C elsewhere: 130 in one
@@ -571,12 +573,16 @@ def test_exit_status_of_a_stopped_run_an_interrupt_and_an_os_error(monkeypatch, 
     def command(a):
         raise {"stopped": RunStopped(15, "SIGTERM: stopped at step 3 of 9"),
                "interrupt": KeyboardInterrupt(), "permission": PermissionError(13, "denied"),
-               "missing": FileNotFoundError("no such file")}[raised]
+               "missing": FileNotFoundError("no such file"),
+               "disk full": OSError(errno.ENOSPC, "No space left on device")}[raised]
 
     monkeypatch.setattr(parser, "cmd_train_pool", command)
     assert main(["-q", "train-pool", "somewhere"]) == status
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "Traceback" not in caplog.text
+    # a full disk's error names no file: the line says what it means and what to do
+    assert ("a disk the command writes to" in errors[0] and "is full" in errors[0]) \
+        == (raised == "disk full")
 
 
 def test_a_recon_into_a_log_file_has_no_progress_bar_noise(tmp_path):

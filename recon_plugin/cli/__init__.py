@@ -16,6 +16,7 @@ imported inside each command, so importing this package stays light (no torch).
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 
@@ -57,9 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError,
             MemoryError) as e:
-        log.error("%s", str(e) or type(e).__name__)
+        log.error("%s%s", str(e) or type(e).__name__, _disk_full_hint(e))
         log.debug("traceback", exc_info=True)
         return _exit_status(e, a.command)
+
+
+def _disk_full_hint(e: BaseException) -> str:
+    """What a full disk means for the run, where the error does not name a file (a write's
+    ENOSPC: ``[Errno 28] No space left on device`` named nothing to free or where)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
+        return (": a disk the command writes to (its output, run or site folder, or the "
+                "temporary folder) is full; what was written whole is kept: free space and run "
+                "the same command again (recon: with --resume)")
+    return ""
 
 
 def _exit_status(e: Exception, command: str) -> int:
