@@ -635,6 +635,7 @@ def test_the_report_is_this_runs_when_it_fails_or_is_refused(site, tmp_path, mon
     rep = json.loads((out / "adapt_report.json").read_text())
     assert rep["status"] == "failed" and rep["promoted"] is False, rep
     assert rep["error"].startswith("10 non-finite losses")
+    assert "locked" not in rep and "started" not in rep  # the run's own bookkeeping
 
     def strict(name):
         raise ValueError(f"{name} is not JSON")

@@ -524,7 +524,7 @@ def _report_failure(site_dir: Path, err: BaseException, known: dict) -> None:
     if not (known.get("started") or path.is_file()):
         return
     stopped = isinstance(err, RunStopped | KeyboardInterrupt)
-    report = {k: v for k, v in known.items() if k != "started"}
+    report = {k: v for k, v in known.items() if k not in ("started", "locked")}  # internal
     report.update(status="stopped" if stopped else "failed", promoted=False,
                   error=first_line(err) if str(err) else type(err).__name__)
     try:
