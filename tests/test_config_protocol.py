@@ -506,3 +506,24 @@ def test_checking_protocols_does_not_load_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_one_protocol_file_under_two_names_matches_without_hanging(tmp_path, caplog):
+    """A symlink ``alias.yaml -> real.yaml`` loads the file twice; the two tie in header
+    matching. Each had counted as extending the other (its own file is in its chain) and
+    matching looped for ever; an overlay tied with its base still wins."""
+    import threading
+
+    (tmp_path / "real.yaml").write_text(
+        "name: real\nextends: default\nmatch: {protocol_name: flair, catch_all: false}\n")
+    (tmp_path / "alias.yaml").symlink_to(tmp_path / "real.yaml")
+    (tmp_path / "real-site.yaml").write_text("name: real-site\nextends: real\n")
+    protos = P.load_all([tmp_path])
+    chosen = []
+    t = threading.Thread(target=lambda: chosen.append(
+        P.match_protocol(header("flair"), [p for p in protos if p.name == "real"])),
+        daemon=True)
+    t.start()
+    t.join(10)
+    assert chosen and chosen[0].name == "real", "match_protocol did not return"
+    assert P.match_protocol(header("flair"), protos).name == "real-site"

@@ -153,8 +153,8 @@ def published(models_dir: Path, stem: str, param_hash: str) -> tuple[str, dict] 
             have = f"unreadable: {e}"
         if have == card.get("sha256"):
             return path.stem, card
-        damaged.append(f"{weights} (sha256 {have[:12]}, its card names "
-                       f"{str(card.get('sha256'))[:12]})")
+        damaged.append(f"{weights} ({have if have.startswith('unreadable') else 'sha256 ' + have[:12]}"
+                       f", its card names {str(card.get('sha256'))[:12]})")
     if damaged:
         log.warning("these weights were published before, but the file is not what its card "
                     "names (damaged or replaced: no load takes it): %s; they are published "

@@ -33,6 +33,7 @@ from .state import (
     job_settings,
     load_state,
     parse_address,
+    same_job,
     save_state,
 )
 
@@ -249,7 +250,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                 and entry.get("outputs") and all(Path(p).exists() for p in entry["outputs"]))
         # an entry from before the settings were recorded counts as made with these; one
         # whose delivery is pending is delivered from its files (same UIDs) whatever made it
-        if (done and entry.get("settings", asked) != asked
+        if (done and not same_job(entry.get("settings", asked), asked)
                 and not entry.get("delivery")):
             log.info("%s: finished before with other settings; reconstructing it again", path)
             done = False

@@ -153,6 +153,23 @@ def job_settings(protocol: str | None, formats, overrides: dict | None,
     return json.dumps(asked, sort_keys=True, default=str)
 
 
+def same_job(recorded: str, asked: str) -> bool:
+    """Whether an input finished with the settings ``recorded`` (a :func:`job_settings` text)
+    was made as ``asked`` now. A record from before the configuration digest existed counts as
+    made with today's protocol files (as it did then): an upgrade alone does not make every
+    finished input again."""
+    if recorded == asked:
+        return True
+    try:
+        then, now = json.loads(recorded), json.loads(asked)
+    except (TypeError, ValueError):
+        return False
+    if isinstance(then, dict) and isinstance(now, dict) and "configuration" not in then:
+        now.pop("configuration", None)
+        return then == now
+    return False
+
+
 def load_state(out_dir: Path) -> dict:
     """The resume state of ``out_dir`` ({} when absent or unreadable)."""
     f = out_dir / STATE_FILE

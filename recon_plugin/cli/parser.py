@@ -70,6 +70,10 @@ _positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1", ">= 1")
 # (the input is padded to a multiple of 2**pools), a 320 x 320 slice has 6 levels at most
 _pools = _number(int, lambda v: 1 <= v <= 6, "a whole number", "from 1 to 6")
 _chans = _number(int, lambda v: 1 <= v <= 256, "a whole number", "from 1 to 256")
+# a network's cascades and CG iterations per solve: a model card beyond these is refused
+# (models/unrolled.py MAX_CASCADES, MAX_CG_ITERS), so a run making one would be wasted
+_cascades = _number(int, lambda v: 1 <= v <= 64, "a whole number", "from 1 to 64")
+_cg_iters = _number(int, lambda v: 1 <= v <= 100, "a whole number", "from 1 to 100")
 _count = _number(int, lambda v: v >= 0, "a whole number >= 0", ">= 0")
 # numpy's and torch's seeds (a negative one failed after the setup, naming no option)
 _seed = _number(int, lambda v: 0 <= v < 2**32, "a whole number", "from 0 to 4294967295")
@@ -293,7 +297,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=_positive_int, default=4, help="default %(default)s")
     s.add_argument("--lr", type=_positive_float, default=1e-3,
                    help="peak learning rate (default %(default)s)")
-    s.add_argument("--cascades", type=_positive_int, default=6,
+    s.add_argument("--cascades", type=_cascades, default=6,
                    help="unrolled cascades (default %(default)s)")
     s.add_argument("--chans", type=_chans, default=16,
                    help="U-Net channels of the first level (default %(default)s)")
@@ -302,7 +306,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "a cascade's prior sees")
     s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
                    help="data consistency: gradient step, or CG proximal step (MoDL)")
-    s.add_argument("--cg-iters", type=_positive_int, default=6,
+    s.add_argument("--cg-iters", type=_cg_iters, default=6,
                    help="CG iterations per prox step")
     s.add_argument("--noise-aware", action="store_true",
                    help="prox weights scale with the noise variance estimated from the data, and "
@@ -381,10 +385,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", default="unrolled-base", help="parent model name or path")
     s.add_argument("--method", choices=["spade", "lean"], required=True)
     s.add_argument("--ratio", type=float, required=True, help="channel sparsity in (0, 1)")
-    s.add_argument("--cg-iters", type=int, default=None,
+    s.add_argument("--cg-iters", type=_cg_iters, default=None,
                    help="CG iterations per data-consistency solve of the variant (default: the "
                    "parent's)")
-    s.add_argument("--cascades", type=int, default=None,
+    s.add_argument("--cascades", type=_cascades, default=None,
                    help="cascades of the variant (default: the parent's); the ones whose removal "
                    "changes the parent's output least on the validation batches are dropped")
     s.add_argument("--align", type=int, default=None,

@@ -453,16 +453,21 @@ def load_all(search_path: Iterable[Path | str] | None = None) -> list[Protocol]:
 
 
 def _extends(p: Protocol, base: Protocol) -> bool:
-    """``p`` is ``base`` merged with more (``base``'s file is in ``p``'s ``extends`` chain)."""
-    return p is not base and base.source is not None and base.source in p.chain
+    """``p`` is ``base`` merged with more (``base``'s file is in ``p``'s ``extends`` chain and
+    is not ``p``'s own: one file found under two names, a symlink, is no overlay of itself)."""
+    return (p is not base and base.source is not None and p.source != base.source
+            and base.source in p.chain)
 
 
 def _most_derived(best: Protocol, tied: list[Protocol]) -> Protocol:
     """Of protocols that match a header equally well, one that extends ``best`` wins over it,
     and so on down the chain: adapt's overlay of an overlay (``X-site-site``) over the overlay
     it extends (``X-site``) in the same folder, which the folder's name order had chosen."""
-    while (child := next((p for p in tied if _extends(p, best)), None)) is not None:
+    seen = {id(best)}
+    while (child := next((p for p in tied if id(p) not in seen and _extends(p, best)),
+                         None)) is not None:
         best = child
+        seen.add(id(best))
     return best
 
 
