@@ -62,13 +62,13 @@ def preflight(
     protocol_dirs: list[Path] | None = None, max_memory_gb: float | None = None,
     recon: Reconstructor | None = None, cluster: str | None = None,
     noise: Path | str | None = None,
-) -> list[Path]:
+) -> tuple[list[Path], list]:
     """Every check that needs no reconstruction, in order: ``workers`` >= 1, ``cluster`` parses,
     the memory limit, inputs exist and are not empty, ``noise`` (``--noise``) is an ISMRMRD
     file with noise acquisitions, ``send`` parses, the protocol loads (with header matching:
     every one on the search path), ``out_dir`` is a writable folder, every model they may
     run loads (into ``recon`` when given). Raises BatchUsageError (or
-    the protocol's / model's own error); returns the input files."""
+    the protocol's / model's own error); returns the input files and the protocols loaded."""
     if workers < 1:
         raise BatchUsageError(f"--workers must be >= 1, got {workers}")
     if cluster is not None:
@@ -108,7 +108,7 @@ def preflight(
         protos = load_all(protocol_dirs)
     _check_out_dir(Path(out_dir))  # before the models: it costs nothing
     _load_models(protos, overrides, recon)
-    return files
+    return files, protos
 
 
 def named_models(proto, overrides: dict | None = None) -> dict[str, str]:
@@ -127,17 +127,14 @@ def named_models(proto, overrides: dict | None = None) -> dict[str, str]:
     return out
 
 
-def configuration_digest(protocol: str | None, protocol_dirs: list[Path] | None,
-                         overrides: dict) -> str:
+def configuration_digest(protos: list, overrides: dict) -> str:
     """SHA-256 (16 hex digits) of what a run reads besides its inputs: the files of every
-    protocol it may use (``protocol``, else every one on the search path; each with the files
-    it extends) and the model cards they name (the card holds its weights' hash), so that
+    protocol it may use (``protos``, as :func:`preflight` loaded them; each with the files it
+    extends) and the model cards they name (the card holds its weights' hash), so that
     ``--resume`` makes an input again after a protocol or a model was changed (it had kept
     images made with the protocol as it was)."""
-    from ..config.protocol import load_all, load_protocol
     from ..models.checkpoint import ModelError, resolve_model, weights_path
 
-    protos = [load_protocol(protocol, protocol_dirs)] if protocol else load_all(protocol_dirs)
     files: dict[str, None] = {}
     for proto in protos:
         files.update((str(p), None) for p in proto.chain or [proto.source] if p is not None)
@@ -203,8 +200,9 @@ def run_batch(
     torch_device(device)  # an unusable device is a usage error here, not in every worker
     recon = Reconstructor(device) if workers <= 1 and not cluster else None
     noise = Path(noise).resolve() if noise is not None else None  # workers may have another cwd
-    files = preflight(inputs, out_dir, protocol, overrides, send, workers, protocol_dirs,
-                      max_memory_gb, recon, cluster, noise)
+    files, protos = preflight(inputs, out_dir, protocol, overrides, send, workers,
+                              protocol_dirs, max_memory_gb, recon, cluster, noise)
+    configuration = configuration_digest(protos, overrides or {})
     max_bytes = gb_to_bytes(max_memory_gb) if max_memory_gb else None
     results: list[FileResult] = []
     with batch_lock(out_dir), contextlib.ExitStack() as stack, interruptible():
@@ -215,7 +213,8 @@ def run_batch(
 
                 session = stack.enter_context(connect(cluster))
             _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
-                        send, workers, protocol_dirs, max_bytes, recon, results, session, noise)
+                        send, workers, protocol_dirs, max_bytes, recon, results, session, noise,
+                        configuration)
         except (BatchInterrupted, KeyboardInterrupt) as e:
             signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
             state = out_dir / STATE_FILE
@@ -234,13 +233,13 @@ def _ordered(results: list[FileResult], files: list[Path]) -> list[FileResult]:
 
 def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress, send,
                 workers, protocol_dirs, max_bytes, recon, results, session=None,
-                noise=None) -> None:
+                noise=None, configuration=None) -> None:
     """The batch proper (lock held): skip what ``resume`` finds done, reconstruct the rest;
-    ``finish`` records each result in the state and delivers it."""
+    ``finish`` records each result in the state and delivers it. ``configuration``: the
+    :func:`configuration_digest` of the run."""
     clean_stale(out_dir)
     state = load_state(out_dir)
-    asked = job_settings(protocol, formats, overrides, protocol_dirs, noise,
-                         configuration_digest(protocol, protocol_dirs, overrides or {}))
+    asked = job_settings(protocol, formats, overrides, protocol_dirs, noise, configuration)
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
     todo = []
     for path in files:
