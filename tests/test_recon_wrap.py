@@ -60,6 +60,17 @@ def test_a_field_of_view_that_holds_the_object_is_not_flagged():
     assert _error(classical.cg_sense(ksp, maps, mask), truth) < 0.02
 
 
+def test_a_low_crop_does_not_count_noise_as_a_wrap():
+    """``crop: 0`` keeps maps everywhere (BART's ``ecalib -c 0``); the second eigenvalue of
+    noise is above 0 everywhere, which is no wrap. A wrapped field of view is still found."""
+    ksp, mask, acs, _ = _scan(192, 0)
+    maps, maps2, fraction = estimate_maps_and_wrap(ksp, acs, EspiritParams(crop=0.0))
+    assert maps2 is None and fraction < 0.01
+    assert np.abs(maps).sum(0).min() > 0  # no pixel cropped
+    ksp, mask, acs, _ = _scan(96, 0)
+    assert estimate_maps_and_wrap(ksp, acs, EspiritParams(crop=0.0))[1] is not None
+
+
 def test_a_wrap_is_counted_once_per_slice_when_a_slice_is_made_again(monkeypatch):
     """The batch summary's wrap and no-signal counts are per slice: a slice made again (its
     scan's calibration or its slab's guard decision settled otherwise) no longer counts twice
