@@ -520,6 +520,36 @@ def test_dicom_and_pacs_delivery(data, engine, tmp_path):
     assert len(items) == 1 and len(items[0]["files"]) == 2
 
 
+def test_dicom_out_is_written_whole_or_not_at_all(data, engine, tmp_path, monkeypatch,
+                                                   caplog):
+    """``--dicom-out`` was written in place: a full disk left an empty scan folder, a killed
+    server its ``.part`` files, which no restart removed. A scan's folder is now staged and
+    published in one rename; a full disk is one line; a new engine removes the staging of a
+    server that is gone (not a live one's, nor a folder a user named so)."""
+    from recon_plugin.output import dicom
+
+    dcm = tmp_path / "dcm"
+    dead = dcm / ".staging-999999999-0123abcd" / "x"  # no such pid
+    live = dcm / f".staging-{os.getpid()}-0123abcd" / "x"
+    mine = dcm / ".staging-backup"
+    for d in (dead, live, mine):
+        d.mkdir(parents=True)
+    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]], dicom_out=dcm)
+    assert not dead.parent.exists() and live.exists() and mine.exists()
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dicom, "write_series", full)
+    sent: list[ismrmrd.Image] = []
+    result = eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
+                     stream_options.StreamOptions(protocol="stream_zf"))
+    assert eng.deliver(result) == [] and len(sent) == 2
+    assert "no room (No space left on device); the client has its images" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert sorted(p.name for p in dcm.iterdir()) == sorted([live.parent.name, mine.name])
+
+
 def test_a_method_override_numbers_the_series_as_recon_does(data, engine, tmp_path):
     """A client that asks for another method than the protocol's (TEXT / config JSON) gets
     the series number ``recon --method`` gives (zero-filled on a cg-sense 7000 protocol:

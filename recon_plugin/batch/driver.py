@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import signal
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..io.inputs import raw_files
 from ..models.inference import torch_device
-from ..output.atomic import check_writable_folder, fingerprint
+from ..output.atomic import fingerprint, make_writable_folder
 from ..output.delivery import DeliveryPlan
 from ..output.pacs_queue import drop_superseded
 from ..recon.pipeline import Reconstructor
@@ -24,6 +23,7 @@ from ..runtime import ProgressLog, bars
 from .files import FileResult, output_name, process_file
 from .pool import run_pool
 from .state import (
+    LOCK_FILE,
     STATE_FILE,
     BatchInterrupted,
     BatchUsageError,
@@ -32,7 +32,9 @@ from .state import (
     interruptible,
     job_settings,
     load_state,
+    output_record,
     parse_address,
+    recorded_outputs,
     same_job,
     save_state,
 )
@@ -40,20 +42,21 @@ from .state import (
 log = logging.getLogger(__name__)
 
 
+class _NoRoom(Exception):
+    """An input's output found no room (full disk, file-size limit, quota): the batch stops."""
+
+
 # ----------------------------------------------------------------------------- preflight
 def _check_out_dir(out_dir: Path) -> None:
     try:
-        check_writable_folder(out_dir, "--out")
+        make_writable_folder(out_dir, "--out")
     except ValueError as e:
         raise BatchUsageError(str(e)) from e
-    try:  # and made, and written once (os.access does not see every reason a write fails)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise BatchUsageError(f"--out {out_dir} cannot be created or written: "
-                              f"{e.strerror or e}") from e
+    for name in (STATE_FILE, LOCK_FILE):  # the batch's own files (a folder there failed late)
+        if (out_dir / name).exists() and not (out_dir / name).is_file():
+            raise BatchUsageError(f"{out_dir / name} is not a file: the batch keeps its "
+                                  f"{'resume state' if name == STATE_FILE else 'lock'} there; "
+                                  "move it away or use another --out")
 
 
 def preflight(
@@ -215,6 +218,14 @@ def run_batch(
             _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
                         send, workers, protocol_dirs, max_bytes, recon, results, session, noise,
                         configuration)
+        except _NoRoom as e:  # every later input would fail the same way, after its recon
+            ended = {r.input for r in results}
+            left = [p for p in files if str(p) not in ended]
+            results += [FileResult(str(p), False, error="not tried: no room to write in "
+                                   f"{out_dir}") for p in left]
+            log.error("no room to write in %s (%s): the batch stops%s; what was published is "
+                      "kept and recorded: free space and run the same command with --resume",
+                      out_dir, e, f", {len(left)} input(s) not tried" if left else "")
         except (BatchInterrupted, KeyboardInterrupt) as e:
             signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
             state = out_dir / STATE_FILE
@@ -242,11 +253,12 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     asked = job_settings(protocol, formats, overrides, protocol_dirs, noise, configuration)
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
     todo = []
+    prints = {path: _fingerprint(path) for path in files}  # as read: a change later is seen
     for path in files:
         key = str(path.resolve())
         entry = state.get(key, {})
-        done = (resume and entry.get("fingerprint") == fingerprint(path)
-                and entry.get("outputs") and all(Path(p).exists() for p in entry["outputs"]))
+        outputs = recorded_outputs(entry, out_dir) if resume else None
+        done = bool(outputs and prints[path] and entry.get("fingerprint") == prints[path])
         # an entry from before the settings were recorded counts as made with these; one
         # whose delivery is pending is delivered from its files (same UIDs) whatever made it
         if (done and not same_job(entry.get("settings", asked), asked)
@@ -261,7 +273,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         if not done:
             todo.append(path)
             continue
-        r = FileResult(str(path), True, entry["outputs"], protocol=entry.get("protocol", ""),
+        r = FileResult(str(path), True, outputs, protocol=entry.get("protocol", ""),
                        skipped=True)
         if entry.get("delivery"):  # published, delivery not finished: same files, same UIDs
             log.info("%s: delivering the published series again", path)
@@ -273,13 +285,21 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
 
     def finish(path, r, written, proto):
         bar.update(1)
+        if r.no_room:
+            results.append(r)
+            raise _NoRoom(r.no_room)
         if r.ok and not r.passed_over:
             key = str(path.resolve())
             # a --slices trial is a partial series: only an explicit --send delivers it
             partial = (overrides or {}).get("slices")
             pacs = proto.pacs.model_copy(update={"targets": []}) if partial else proto.pacs
             plan = DeliveryPlan.make(pacs, send, out_dir)
-            state[key] = {"fingerprint": fingerprint(path), "outputs": r.outputs,
+            now = _fingerprint(path)
+            if now != prints[path]:  # --resume makes it again (the record is of the old file)
+                log.warning("%s %s while it was reconstructed; its images are of the file as it "
+                            "was read", path, "changed" if now else "disappeared")
+            state[key] = {"fingerprint": prints[path],
+                          "files": output_record(r.outputs, out_dir),
                           "protocol": r.protocol, "folder": output_name(path),
                           "settings": asked}
             if r.noise_missing:  # --resume makes it again once the noise file is there
@@ -324,6 +344,15 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                          workers, max_bytes, finish, results, noise=noise)
         finally:
             bar.close()
+
+
+def _fingerprint(path: Path) -> str | None:
+    """``fingerprint(path)``, None where the file cannot be seen (gone since the batch began:
+    it then fails as its own input, when it is read)."""
+    try:
+        return fingerprint(path)
+    except OSError:
+        return None
 
 
 def _noise_there(path: Path, measurement: str) -> bool:

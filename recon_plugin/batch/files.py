@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..output.atomic import no_room, staging_name
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
-from .state import STAGING_PREFIX, publish
+from .state import publish
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ class FileResult:
     passed_over: str = ""
     # the noise measurement ID the header names where it was not found (no prewhitening)
     noise_missing: str = ""
+    # why a write found no room (full disk, file-size limit, quota): the batch stops after it
+    no_room: str = ""
 
 
 # ----------------------------------------------------------------------------- inputs / names
@@ -123,7 +124,7 @@ def recon_file(
     t0 = time.perf_counter()
     name = output_name(path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    root = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    root = out_dir / staging_name()
     staged = root / name
     try:
         staged.mkdir(parents=True)
@@ -172,6 +173,12 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
         return FileResult(str(path), True, passed_over=why,
                           seconds=time.perf_counter() - t0), [], None
     except Exception as e:  # isolate: report and go on with the next file
+        why = no_room(e)
+        if why:  # the disk, not this input (HDF5's and pydicom's own texts run over lines)
+            msg = f"no room to write its output in {out_dir} ({why})"
+            log.error("%s: %s", path, msg)
+            log.debug("traceback", exc_info=True)
+            return FileResult(str(path), False, error=msg, no_room=why), [], None
         log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)
         return FileResult(str(path), False, error=failure_reason(path, e)), [], None

@@ -17,14 +17,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..output.atomic import fsync_dir, write_text_atomic
+from ..output.atomic import fsync_dir, is_staging, write_text_atomic
 from ..runtime import held_lock
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = ".recon-state.json"
 LOCK_FILE = ".recon.lock"
-STAGING_PREFIX = ".staging-"
 
 
 class BatchUsageError(ValueError):
@@ -180,6 +179,39 @@ def load_state(out_dir: Path) -> dict:
         return {}
 
 
+def output_record(outputs: list[str], out_dir: Path) -> dict[str, int]:
+    """{output: size in bytes}, as a state entry records what an input made: each output
+    relative to ``out_dir`` (the state file's folder), so that the record holds from any
+    working folder and in a copy of the folder; by its size ``--resume`` tells a damaged
+    file (e.g. truncated) from a whole one."""
+    base = out_dir.absolute()
+    out = {}
+    for o in outputs:
+        p = Path(o).absolute()
+        out[str(p.relative_to(base)) if p.is_relative_to(base) else str(p)] = p.stat().st_size
+    return out
+
+
+def recorded_outputs(entry: dict, out_dir: Path) -> list[str] | None:
+    """The outputs of a state ``entry`` as paths to use now, or None unless every one is there
+    whole (the size recorded; an entry from before sizes were recorded: the file exists)."""
+    if isinstance(entry.get("files"), dict) and entry["files"]:
+        paths = []
+        for name, size in entry["files"].items():
+            p = out_dir / name  # an absolute name stays itself
+            try:
+                if p.stat().st_size != size:
+                    return None
+            except OSError:
+                return None
+            paths.append(str(p))
+        return paths
+    outputs = entry.get("outputs")  # a state of an earlier version: as written then
+    if isinstance(outputs, list) and outputs and all(Path(p).is_file() for p in outputs):
+        return list(outputs)
+    return None
+
+
 def save_state(out_dir: Path, state: dict) -> None:
     """Replace the state file atomically and durably."""
     with critical():
@@ -191,7 +223,7 @@ def clean_stale(out_dir: Path) -> list[Path]:
     Only call while holding the batch lock. Returns what was removed."""
     removed = []
     for p in out_dir.iterdir():
-        if p.name.startswith(STAGING_PREFIX) and p.is_dir():
+        if is_staging(p):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(f".{STATE_FILE}.") and p.is_file():
             p.unlink(missing_ok=True)

@@ -16,7 +16,6 @@ imported inside each command, so importing this package stays light (no torch).
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 
@@ -64,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _disk_full_hint(e: BaseException) -> str:
-    """What a full disk means for the run, where the error does not name a file (a write's
-    ENOSPC: ``[Errno 28] No space left on device`` named nothing to free or where)."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
-        return (": a disk the command writes to (its output, run or site folder, or the "
-                "temporary folder) is full; what was written whole is kept: free space and run "
-                "the same command again (recon: with --resume)")
-    return ""
+    """What no room to write means for the run, where the error does not name a file (a
+    write's ENOSPC / EFBIG / EDQUOT: ``[Errno 28] No space left on device`` named nothing to
+    free or where)."""
+    from ..output.atomic import no_room
+
+    if not (isinstance(e, OSError) and not e.filename and no_room(e)):
+        return ""
+    return (": a disk the command writes to (its output, run or site folder, or the temporary "
+            "folder) is full, or a file-size limit or quota was reached; what was written whole "
+            "is kept: free space and run the same command again (recon: with --resume)")
 
 
 def _exit_status(e: Exception, command: str) -> int:

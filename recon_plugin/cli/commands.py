@@ -335,31 +335,39 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """Simulate one scan and reconstruct it to DICOM."""
     from ..batch import BatchInterrupted, BatchUsageError, run_batch
     from ..models.inference import torch_device
+    from ..output.atomic import make_writable_folder
+    from ..runtime import held_lock
     from ..scan import Identity
     from ..sim import simulate_volume
     from ..sim.writers import write_ismrmrd
 
     torch_device(a.device)  # an unusable device stops here, before anything is written
     out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise BatchUsageError(f"--out {out} is a file, not a folder")
-    raw_dir = out / "raw"
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    vol = simulate_volume("test", "T2", num_slices=a.slices, num_coils=12, matrix=(192, 160),
-                          snr=30.0, seed=a.seed)
-    # a patient ID that says what this is (a PACS files it under it, not with unidentified
-    # images), no study date: its study UID stays random, never merged with another run
-    demo = Identity(patient_id="RECON-PLUGIN-DEMO", patient_name="Demo^Simulated")
-    raw = write_ismrmrd(vol, raw_dir / "demo_t2_axial_4x.h5", acceleration=4, seed=a.seed,
-                        header_kwargs={"identity": demo})
-    print(f"simulated raw scan: {raw}")
     try:
-        results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
-                            overrides={"refine": a.refine, "refine_budget_s": a.refine_budget,
-                                       "refine_min_steps": a.refine_min_steps},
-                            progress=not a.quiet)
-    except BatchInterrupted as e:
-        return _interrupted(e)
+        make_writable_folder(out / "raw", "--out")
+    except ValueError as e:
+        raise BatchUsageError(str(e)) from e
+    with held_lock(out / ".demo.lock") as mine:  # its raw scan is rewritten: one demo at a time
+        if not mine:
+            raise BatchUsageError(f"another recon-plugin demo is writing to {out}; wait for it "
+                                  "or use another --out")
+        vol = simulate_volume("test", "T2", num_slices=a.slices, num_coils=12,
+                              matrix=(192, 160), snr=30.0, seed=a.seed)
+        # a patient ID that says what this is (a PACS files it under it, not with
+        # unidentified images), no study date: its study UID stays random, never merged
+        # with another run
+        demo = Identity(patient_id="RECON-PLUGIN-DEMO", patient_name="Demo^Simulated")
+        raw = write_ismrmrd(vol, out / "raw" / "demo_t2_axial_4x.h5", acceleration=4,
+                            seed=a.seed, header_kwargs={"identity": demo})
+        print(f"simulated raw scan: {raw}")
+        try:
+            results = run_batch([raw], out / "dicom", a.protocol, ("dicom",), device=a.device,
+                                overrides={"refine": a.refine,
+                                           "refine_budget_s": a.refine_budget,
+                                           "refine_min_steps": a.refine_min_steps},
+                                progress=not a.quiet)
+        except BatchInterrupted as e:
+            return _interrupted(e)
     return _report(results)
 
 

@@ -5,7 +5,11 @@ crash or error leaves the old file (or nothing), never a partial one."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +71,39 @@ def write_text_atomic(final: Path | str, text: str, fsync: bool = False) -> None
     write_atomic(final, lambda fh: fh.write(text.encode("utf-8")), fsync)
 
 
+@contextmanager
+def hdf5_atomic(final: Path | str) -> Iterator[io.BytesIO]:
+    """Yield a buffer to build an HDF5 file in (``h5py.File(buf, "w")``, closed inside the
+    block); when the block ends its bytes replace ``final`` atomically. HDF5 writing straight
+    to a disk that fills up fails inside its own close and leaves h5py's handles broken (the
+    interpreter crashed at exit, a segfault); written whole from memory, a full disk is an
+    OSError naming the file, and nothing partial remains."""
+    buf = io.BytesIO()
+    yield buf
+    write_atomic(final, lambda fh: fh.write(buf.getbuffer()))
+
+
+_NO_ROOM = {errno.ENOSPC: "No space left on device", errno.EFBIG: "File too large",
+            errno.EDQUOT: "Disk quota exceeded"}
+
+
+def no_room(exc: BaseException | None) -> str | None:
+    """Why a write found no room, where ``exc`` or an error it came from says so: a full disk,
+    a file-size limit (``ulimit -f``) or a quota (ENOSPC, EFBIG, EDQUOT; HDF5 and pydicom say
+    them in their own messages); else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            return _NO_ROOM[exc.errno]
+        text = str(exc)
+        for why in _NO_ROOM.values():
+            if why in text:
+                return why
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def fsync_dir(path: Path | str) -> None:
     """Flush a directory entry (after a rename into it); best effort where unsupported."""
     try:
@@ -88,9 +125,16 @@ def check_writable_folder(path: Path | str, option: str) -> None:
     its results are written."""
     path = Path(path).absolute()
     there = path
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir():
+    try:
+        while not there.exists() and there != there.parent:
+            if there.is_symlink():
+                raise ValueError(f"{option} {path} cannot be created: {there} is a symbolic "
+                                 f"link to {os.readlink(there)}, which does not exist")
+            there = there.parent
+        is_dir = there.is_dir()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise ValueError(f"{option} {path} cannot be used: {e.strerror or e}") from e
+    if not is_dir:
         raise ValueError(f"{option} {path} is a file, not a folder" if there == path else
                          f"{option} {path} cannot be created: {there} is a file")
     if not os.access(there, os.W_OK | os.X_OK):
@@ -98,8 +142,69 @@ def check_writable_folder(path: Path | str, option: str) -> None:
                          + ("written" if there == path else f"created: {there} is not writable"))
 
 
+def make_writable_folder(path: Path | str, option: str) -> None:
+    """:func:`check_writable_folder`, then make the folder and write a file in it once
+    (``os.access`` does not see every reason a write fails: an immutable folder, a read-only
+    mount as root); ValueError naming ``option`` where that fails."""
+    check_writable_folder(path, option)
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{option} {path} cannot be created or written: "
+                         f"{e.strerror or e}") from e
+
+
 def fingerprint(path: Path | str) -> str:
     """What identifies an unchanged input file between runs (``--resume``, an adaptation's run
     folder): ``size:mtime_ns``."""
     st = Path(path).stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+STAGING_PREFIX = ".staging-"
+_STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]{8}$")  # staging_name(): only ours are removed
+
+
+def staging_name() -> str:
+    """A process's staging folder in an output folder: ``.staging-<pid>-<8 hex digits>``."""
+    return f"{STAGING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def is_staging(path: Path, alive_too: bool = True) -> bool:
+    """Whether ``path`` is a staging folder :func:`staging_name` made; with ``alive_too``
+    False, only one whose process is gone (a killed run's, where other processes may be
+    writing to the same folder)."""
+    m = _STAGING.match(path.name)
+    if not m or not path.is_dir():
+        return False
+    if alive_too:
+        return True
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
+
+
+@contextmanager
+def staged_folder(final: Path | str) -> Iterator[Path]:
+    """Yield a new folder to fill, in a staging folder beside ``final`` (which must not exist);
+    when the block ends it becomes ``final`` in one rename. An error or a kill leaves
+    ``final`` absent, never part of it (a killed process's staging folder is removed by
+    :func:`is_staging` users)."""
+    final = Path(final)
+    root = final.parent / staging_name()
+    staged = root / final.name
+    staged.mkdir(parents=True)
+    try:
+        yield staged
+        os.rename(staged, final)
+        fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from ..scan import ReconSeries
-from .atomic import atomic_path
+from .atomic import hdf5_atomic
 from .dicom_series import provenance_attributes
 
 
@@ -44,7 +44,7 @@ def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
     """Write one series as a fastMRI reconstruction file at ``final`` (atomically)."""
     vol = fastmri_volume(series)
     h = series.header
-    with atomic_path(final, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+    with hdf5_atomic(final) as buf, h5py.File(buf, "w") as f:
         f.create_dataset("reconstruction", data=vol)
         f.attrs["acquisition"] = h.contrast_name or h.protocol_name or ""
         f.attrs["max"] = float(vol.max())

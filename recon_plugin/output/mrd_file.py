@@ -23,7 +23,7 @@ from pathlib import Path
 import ismrmrd
 
 from ..scan import ReconSeries
-from .atomic import atomic_path
+from .atomic import hdf5_atomic
 from .dicom_geometry import instance_order
 from .mrd_image import mrd_image
 
@@ -38,9 +38,8 @@ def write_mrd_file(series: list[ReconSeries], out_dir: Path, stem: str | None = 
     out_dir = Path(out_dir)
     stem = stem or input_stem(out_dir)
     final = out_dir / f"{stem}_mrd.h5"
-    with atomic_path(final, suffix=".h5") as tmp:
-        Path(tmp).unlink()  # ismrmrd.Dataset creates the file itself
-        ds = ismrmrd.Dataset(str(tmp), GROUP, create_if_needed=True)
+    with hdf5_atomic(final) as buf:
+        ds = ismrmrd.Dataset(buf, GROUP, mode="w")
         try:
             if series and series[0].header.xml:
                 xml = series[0].header.xml

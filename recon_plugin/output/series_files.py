@@ -51,11 +51,11 @@ def write_reconstruction_h5(series: ReconSeries, out_dir: Path) -> Path:
     and ISMRMRD header as attributes."""
     import h5py
 
-    from .atomic import atomic_path
+    from .atomic import hdf5_atomic
     from .dicom_series import provenance_attributes
 
     final = out_dir / f"series_{series.series_number:04d}.h5"
-    with atomic_path(final, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+    with hdf5_atomic(final) as buf, h5py.File(buf, "w") as f:
         f.create_dataset("reconstruction", data=np.stack([im.pixels for im in series.images]))
         for key, value in provenance_attributes(series).items():  # as the DICOM says
             f.attrs[key] = value

@@ -23,7 +23,8 @@ import copy
 import dataclasses
 import hashlib
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -33,6 +34,7 @@ import numpy as np
 
 from ..io.fastmri import GEOMETRY_NAME
 from ..io.ismrmrd_file import TARGET_NAME
+from ..output.atomic import hdf5_atomic
 from ..physics import crop_readout, fft1c
 from ..physics.masks import acs_bounds, line_pattern
 from ..scan import Identity
@@ -41,6 +43,14 @@ from .simulate import SimVolume
 
 _ACQ_NAMES = {"T1": "AXT1", "T2": "AXT2", "PD": "AXPD", "FLAIR": "AXFLAIR"}
 _DWELL_US = 5.0
+
+
+@contextmanager
+def _ismrmrd_file(path: str | Path) -> Iterator[ismrmrd.file.Folder]:
+    """A new ISMRMRD file at ``path``, built in memory and written whole when the block ends
+    (``output.atomic.hdf5_atomic``: a full disk leaves the old file or none, never part)."""
+    with hdf5_atomic(path) as buf, h5py.File(buf, "w") as h5:
+        yield ismrmrd.file.Folder(h5)
 
 
 def phase_pattern(
@@ -113,7 +123,7 @@ def write_fastmri(
     xml = header_xml_from_sim(vol, readout_oversampling=osf, phase_padding=phase_padding,
                               **(header_kwargs or {}))
     pid = hashlib.sha1(f"sim-{vol.contrast}-{seed}".encode()).hexdigest()[:12]
-    with h5py.File(path, "w") as f:
+    with hdf5_atomic(path) as buf, h5py.File(buf, "w") as f:
         f.create_dataset("kspace", data=kspace)
         f.create_dataset("ismrmrd_header", data=np.bytes_(xml.encode()))
         f.create_dataset("reconstruction_rss", data=target)
@@ -155,9 +165,7 @@ def _write_measurement(path: Path, dataset: str, xml: str, acqs: list[ismrmrd.Ac
     Returns ``path``."""
     xsd.CreateFromDocument(xml)  # the header must parse against the ISMRMRD schema
     acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-    if path.exists():
-        path.unlink()
-    with ismrmrd.File(str(path), "w") as f:
+    with _ismrmrd_file(path) as f:
         cont = f[dataset]
         # the XML as written (ismrmrd-python's header setter re-serialises it as ASCII, which
         # fails on a patient name with an umlaut)
@@ -385,7 +393,7 @@ def write_ismrmrd_3d(vol: SimVolume, path: str | Path, lines_for_kz: Callable[[i
                 acq.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
             acqs.append(acq)
     acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-    with ismrmrd.File(str(path), "w") as f:
+    with _ismrmrd_file(path) as f:
         f["dataset"].header = hdr
         f["dataset"].acquisitions = acqs
     return Path(path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,7 @@ from ..config.protocol import (
 from ..io.budget import default_max_bytes, size_text
 from ..io.mrd_assembler import MrdAssembler
 from ..models.inference import torch_device
+from ..output.atomic import is_staging
 from ..output.delivery import MIN_RETRY_PERIOD_S, RETRY_PERIOD_S, DeliveryPlan, QueueRetry
 from ..output.pacs_queue import waiting_files
 from ..physics import fft2c
@@ -66,6 +68,20 @@ from .scan_state import ScanState, StreamImage, StreamResult, no_imaging, slice_
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------- engine
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Remove the staging folders a killed server left in ``folder`` (``--dicom-out``): those
+    of processes that are gone (another server may be writing to the same folder)."""
+    try:
+        dead = [p for p in folder.iterdir() if is_staging(p, alive_too=False)]
+    except OSError:
+        return  # not made yet, or not readable: the first write says so
+    for p in dead:
+        shutil.rmtree(p, ignore_errors=True)
+    if dead:
+        log.info("stream: removed %d staging folder(s) a stopped server left in %s", len(dead),
+                 folder)
+
 class StreamEngine:
     """Acquisitions -> images with one shared Reconstructor (thread-safe, model loaded once).
 
@@ -89,6 +105,8 @@ class StreamEngine:
         self.default_protocol = str(protocol) if protocol else None
         self.protocol_dirs = [Path(p) for p in protocol_dirs or []]
         self.dicom_out = Path(dicom_out) if dicom_out else None
+        if self.dicom_out is not None:
+            _remove_dead_staging(self.dicom_out)
         self.limits = limits or Limits()
         # k-space buffers of the slices being filled, over every scan in progress, and the
         # messages a server's connections read ahead of them (hold_read_ahead)

@@ -16,6 +16,7 @@ import ismrmrd
 import numpy as np
 
 from ..config.protocol import Protocol
+from ..output.atomic import no_room, staged_folder
 from ..output.delivery import DeliveryPlan
 from ..output.mrd_image import mrd_image
 from ..output.series_files import write_outputs
@@ -102,13 +103,20 @@ def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{protocol.name}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="recon-plugin-stream-") as tmp:
         sub = (dicom_out or Path(tmp)) / stem
-        try:
-            paths = write_outputs(series, sub, ("dicom",), protocol.dicom_kwargs())
+        try:  # staged beside it, one rename: a kill or a full disk leaves no part of it
+            with staged_folder(sub) as staged:
+                written = write_outputs(series, staged, ("dicom",), protocol.dicom_kwargs())
+            paths = [sub / Path(w).relative_to(staged) for w in written]
         except ValueError as e:  # e.g. a patient ID DICOM cannot hold as it is
             log.error("stream: no DICOM written to %s: %s", sub, e)
             return []
-        except Exception:  # noqa: BLE001 - the scanner already has its images
-            log.exception("stream: writing DICOM to %s failed", sub)
+        except Exception as e:  # noqa: BLE001 - the scanner already has its images
+            why = no_room(e)
+            if why:
+                log.error("stream: no DICOM written to %s: no room (%s); the client has "
+                          "its images", sub, why)
+            else:
+                log.exception("stream: writing DICOM to %s failed", sub)
             return []
         log.info("stream: wrote %d DICOM files to %s", len(paths), sub)
         if plan is not None:
