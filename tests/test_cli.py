@@ -696,7 +696,8 @@ def test_every_model_a_run_may_load_is_loaded_before_any_input(tmp_path, caplog,
 
 @pytest.mark.parametrize("env", [{"RECON_PLUGIN_MAX_MEMORY_GB": "abc"},
                                  {"RECON_PLUGIN_MAX_MEMORY_GB": "inf"},
-                                 {"RECON_PLUGIN_NOISE_DIR": "{file}"}])
+                                 {"RECON_PLUGIN_NOISE_DIR": "{file}"},
+                                 {"RECON_PLUGIN_PROTOCOLS": "{file}"}])
 def test_serve_refuses_to_start_on_an_environment_every_scan_would_fail(tmp_path, env):
     """A memory limit that is no number or a noise folder that is a file, from the
     environment: exit 2 naming the variable before listening (``--noise-dir FILE`` was
@@ -720,8 +721,9 @@ def test_what_would_fail_every_input_is_a_usage_error_before_the_first(raw_dir, 
     naming the problem: $RECON_PLUGIN_MAX_MEMORY_GB that is no number of GB (``inf`` ended
     in an OverflowError); a protocol on the search path that does not load, for a batch
     matched by header; ``--model ""``; a model card that is JSON but no object (an
-    AttributeError traceback). A ``--protocol-dir`` that is not there is named in a warning
-    (it was passed over without a word)."""
+    AttributeError traceback). A ``--protocol-dir`` or ``$RECON_PLUGIN_PROTOCOLS`` folder that
+    is not there is refused (it had been passed over without a word, then with a warning,
+    the batch run with the shipped protocols instead of the site's)."""
     import shutil
 
     from recon_plugin.models.checkpoint import WEIGHTS_DIR
@@ -750,6 +752,10 @@ def test_what_would_fail_every_input_is_a_usage_error_before_the_first(raw_dir, 
     assert recon("--model", str(mine)) == 2
     assert "model card is a JSON list, not an object" in caplog.text
     assert "Traceback" not in caplog.text
-    assert recon("--protocol-dir", str(tmp_path / "nosuch"), "--method", "zero-filled") == 0
-    assert f"protocol folder {tmp_path / 'nosuch'} (--protocol-dir) does not exist: not " \
-           "searched" in caplog.text
+    # a typo had run the batch with the shipped protocols instead of the site's (exit 0)
+    assert recon("--protocol-dir", str(tmp_path / "nosuch"), "--method", "zero-filled") == 2
+    assert f"protocol folder {tmp_path / 'nosuch'} (--protocol-dir) does not exist" \
+        in caplog.text
+    monkeypatch.setenv("RECON_PLUGIN_PROTOCOLS", str(mine))
+    assert recon("--method", "zero-filled") == 2
+    assert f"protocol folder {mine} ($RECON_PLUGIN_PROTOCOLS) is not a folder" in caplog.text

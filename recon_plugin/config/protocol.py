@@ -240,23 +240,20 @@ def validate(data: Any, source: str = "<protocol>") -> ProtocolSpec:
 # --------------------------------------------------------------------------- loading
 
 
-_WARNED_MISSING: set[tuple[str, Path]] = set()  # folders given that are not there, warned of
-
-
 def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
-    """Folders searched for protocols, in priority order (existing ones only): ``extra``
-    (``--protocol-dir``), ``$RECON_PLUGIN_PROTOCOLS``, the shipped ones. A folder given in
-    ``extra`` or the variable that is not there is named in a warning (once per process; a
-    typo had silently dropped a site's protocols for the shipped ones)."""
+    """Folders searched for protocols, in priority order: ``extra`` (``--protocol-dir``),
+    ``$RECON_PLUGIN_PROTOCOLS``, the shipped ones (those that exist). A folder given in
+    ``extra`` or the variable that is not there raises ProtocolError naming it and where it
+    was given: a typo had run the batch with the shipped protocols instead of the site's
+    (its institution, UID root, PACS targets and adapted models)."""
     here = Path(__file__).resolve().parents[1]  # the package folder
     given: list[tuple[Path, str]] = [(Path(p), "--protocol-dir") for p in (extra or [])]
     env = os.environ.get(ENV_VAR, "")
     given += [(Path(p), f"${ENV_VAR}") for p in env.split(os.pathsep) if p]
     for path, source in given:
-        if not path.is_dir() and (source, path) not in _WARNED_MISSING:
-            _WARNED_MISSING.add((source, path))
-            log.warning("protocol folder %s (%s) %s: not searched", path, source,
-                        "is not a folder" if path.exists() else "does not exist")
+        if not path.is_dir():
+            raise ProtocolError(f"protocol folder {path} ({source}) "
+                                f"{'is not a folder' if path.exists() else 'does not exist'}")
     candidates: list[Path] = [p for p, _ in given]
     candidates += [
         here.parent / "protocols",
