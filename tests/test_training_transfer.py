@@ -118,3 +118,28 @@ def test_a_pool_short_of_batches_says_it_waits(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="no such pool folder"):
         PoolDir(tmp_path / "missing", wait_s=10)
     assert time.monotonic() - start < 5
+
+
+def test_a_pool_too_small_that_nothing_fills_is_refused_at_once(tmp_path, monkeypatch):
+    """``train --pool-dir`` on a pool short of batches waited 10 minutes although no
+    ``train-pool`` was drawing into it. It waits only while one is (it holds the pool's fill
+    lock), and two never draw into one folder."""
+    from recon_plugin.runtime import held_lock
+    from recon_plugin.training.transfer import FILL_LOCK, PoolDir, fill_pool
+
+    fill_pool(tmp_path, 1, seed=3, batch_size=1)
+    monkeypatch.setattr(PoolDir, "IDLE_S", 0.3)
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"holds 1 of the 8 batches needed and no "
+                       r"`recon-plugin train-pool` is drawing into it: run `recon-plugin "
+                       rf"train-pool {tmp_path} --batches 224`"):
+        PoolDir(tmp_path, min_batches=8, wait_s=600)
+    assert time.monotonic() - start < 5
+    with held_lock(tmp_path / FILL_LOCK) as mine:  # a train-pool drawing: waited for
+        assert mine
+        start = time.monotonic()
+        with pytest.raises(FileNotFoundError, match="fewer than 8 batches"):
+            PoolDir(tmp_path, min_batches=8, wait_s=1.0)
+        assert time.monotonic() - start >= 1.0
+        with pytest.raises(ValueError, match="another `recon-plugin train-pool` is drawing"):
+            fill_pool(tmp_path, 2, seed=3, batch_size=1)

@@ -519,8 +519,9 @@ def cmd_prune(a: argparse.Namespace) -> int:
     if a.pool and not Path(a.pool).exists() and Path(a.pool).suffix != ".pt":
         # a mistyped pool folder had become a template cache drawn there (minutes, other data)
         raise ValueError(f"--pool {a.pool}: no such folder; fill one with `recon-plugin "
-                         f"train-pool {a.pool}` first, or name a cache file of template "
-                         "batches FILE.pt (drawn there on first use)")
+                         f"train-pool {a.pool}` first (224 batches, about 5 GB, as "
+                         "recipes/base.sh draws), or name a cache file of template batches "
+                         "FILE.pt (drawn there on first use)")
     _writable(("--export", Path(a.export).parent), ("--run-dir", a.run_dir))
     ft = None if a.finetune == "none" else a.finetune
     align = a.align if a.align is not None else DEFAULT_ALIGN[a.method]

@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from ..physics import cartesian_mask, center_crop, fft2c, ifft2c, rss
-from ..runtime import first_line
+from ..runtime import first_line, held_lock
 from ..sim.anatomy import CONTRASTS, load_anatomy, split_slabs
 from ..sim.simulate import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
 from .data import CENTER_FRACTION, Batch, _rotate, augment, batch_state, support_mask, training_anatomy
@@ -317,6 +317,8 @@ def transfer_validation_set(n_batches: int = 4) -> list[Batch]:
 
 
 POOL_RECIPE = "pool.json"  # the seed, batch size and ESPIRiT crop a pool folder is drawn with
+FILL_LOCK = ".train-pool.lock"  # held by the train-pool drawing into a pool folder
+BATCH_MB = 22  # about the size of one pool batch of 4 slices on disk (measured: 180 MB for 8)
 
 
 def _batch_file(pool_dir: Path, i: int) -> Path:
@@ -349,18 +351,32 @@ def fill_pool(pool_dir: Path | str, n_batches: int, seed: int = 0, batch_size: i
     else:
         write_text_atomic(recorded, json.dumps(recipe))
     drawn = 0
-    for i in range(n_batches):
-        f = _batch_file(pool_dir, i)
-        if f.is_file() and _complete(f):
-            continue
-        if f.is_file():  # cut short or overwritten since: its batch is drawn again, the same
-            log.warning("%s is not a complete batch file; drawing batch %d again", f, i)
-        b = make_transfer_batch(np.random.default_rng([seed, i]), batch_size, espirit)
-        with atomic_path(f) as tmp:
-            torch.save(batch_state(b), tmp)
-        drawn += 1
-        log.info("pool %s: batch %d / %d", pool_dir, i + 1, n_batches)
+    with held_lock(pool_dir / FILL_LOCK) as mine:  # a trainer waits for a pool being filled
+        if not mine:
+            raise ValueError(f"another `recon-plugin train-pool` is drawing into {pool_dir}; "
+                             "wait for it (a trainer may read the pool meanwhile)")
+        for i in range(n_batches):
+            f = _batch_file(pool_dir, i)
+            if f.is_file() and _complete(f):
+                continue
+            if f.is_file():  # cut short or overwritten since: drawn again, the same batch
+                log.warning("%s is not a complete batch file; drawing batch %d again", f, i)
+            b = make_transfer_batch(np.random.default_rng([seed, i]), batch_size, espirit)
+            with atomic_path(f) as tmp:
+                torch.save(batch_state(b), tmp)
+            drawn += 1
+            log.info("pool %s: batch %d / %d", pool_dir, i + 1, n_batches)
     return drawn
+
+
+def being_filled(pool_dir: Path) -> bool:
+    """Whether a ``train-pool`` is drawing into ``pool_dir`` now (it holds ``FILL_LOCK``);
+    True where that cannot be told (the folder cannot be written)."""
+    try:
+        with held_lock(pool_dir / FILL_LOCK) as free:
+            return not free
+    except OSError:
+        return True
 
 
 def pool_identity(pool_dir: Path | str) -> dict | str:
@@ -390,6 +406,7 @@ class PoolDir:
     each with a random global phase and a random readout mirror."""
 
     RESCAN_S = 60.0
+    IDLE_S = 15.0  # a pool too small that no train-pool starts filling within this: refused
 
     def __init__(self, pool_dir: Path | str, min_batches: int = 1, wait_s: float = 600.0):
         self.pool_dir = Path(pool_dir)
@@ -397,17 +414,26 @@ class PoolDir:
             raise FileNotFoundError(f"{self.pool_dir}: no such pool folder; fill one with "
                                     "`recon-plugin train-pool` first")
         self._listed: tuple[float, list[Path]] | None = None
-        deadline = time.monotonic() + wait_s
+        start = time.monotonic()
+        idle_since = None  # since when no train-pool draws into the folder
         if (have := len(self._files())) < min_batches:
             log.warning("%s holds %d of the %d batches needed; waiting up to %.0f s for "
                         "`recon-plugin train-pool` to draw them", self.pool_dir, have,
                         min_batches, wait_s)
-        while len(self._files()) < min_batches:
-            if time.monotonic() > deadline:
+        while (have := len(self._files())) < min_batches:
+            now = time.monotonic()
+            idle_since = None if being_filled(self.pool_dir) else idle_since or now
+            if idle_since is not None and now - idle_since >= self.IDLE_S:
+                raise FileNotFoundError(
+                    f"{self.pool_dir} holds {have} of the {min_batches} batches needed and no "
+                    f"`recon-plugin train-pool` is drawing into it: run `recon-plugin "
+                    f"train-pool {self.pool_dir} --batches {max(min_batches, 224)}` (about "
+                    f"{BATCH_MB} MB per batch) first")
+            if now - start > wait_s:
                 raise FileNotFoundError(f"{self.pool_dir}: fewer than {min_batches} batches; "
                                         "fill it first (recipes/base.sh)")
             self._listed = None
-            time.sleep(5)
+            time.sleep(min(5.0, self.IDLE_S / 3))
         for f in self._files():  # before training, not at the step that draws it
             if not _complete(f):
                 raise _damaged(f, "cut short: not a whole torch archive")
