@@ -49,14 +49,20 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="bench real: seconds per slice of scan-specific refinement (0: skip)")
     s.add_argument("--slices", type=_at_least_one, default=None, metavar="N",
                    help="bench real: score only the N central slices of each file (default: all)")
-    s.add_argument("--docs", default="docs", help="folder of BENCHMARKS.md and the figures; each "
-                   "benchmark rewrites its own section and files there (default: docs)")
+    s.add_argument("--docs", default=None, help="folder of BENCHMARKS.md and the figures; each "
+                   "benchmark rewrites its own section and files there (default: docs, the "
+                   "project's own; with --real-dir: bench-results, so that a site's numbers "
+                   "never replace the project's)")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     return s
 
 
 def run(a: argparse.Namespace) -> int:
-    docs = Path(a.docs)
+    if a.real_dir is not None and not a.real_dir.is_dir():
+        raise FileNotFoundError(f"--real-dir {a.real_dir}: no such folder")
+    docs = Path(a.docs or ("bench-results" if a.real_dir is not None else "docs"))
+    if a.docs is None and a.real_dir is not None:
+        print(f"tables and figures go to {docs}/ (--docs to choose)")
     if a.what == "real":
         from recon_plugin.config.protocol import load_protocol
         from recon_plugin.models.checkpoint import WEIGHTS_DIR, resolve_model

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from recon_plugin.recon.policy import PolicyError, validate_policy
@@ -439,3 +441,24 @@ def test_bench_slab_pattern_and_bart_on_a_whole_slab():
     inside = obj > 0
     assert np.corrcoef(got[inside], want[inside])[0, 1] > 0.999
     assert np.corrcoef(got[::-1][inside], want[inside])[0, 1] < 0.9  # the test can tell z
+
+
+def test_bench_real_on_a_sites_own_files_writes_beside_them_not_over_the_projects_docs(
+        tmp_path, monkeypatch, capsys):
+    """``bench real --real-dir site/`` (the README: "your own fully sampled files") rewrote
+    the project's docs/BENCHMARKS.md and figures with the site's numbers; a folder that is not
+    there read "no fully sampled real file"."""
+    import benchmarks.real
+    from benchmarks.cli import build_parser, run
+
+    seen = []
+    monkeypatch.setattr(benchmarks.real, "bench_real", lambda docs, *a, **k: seen.append(docs))
+    site = tmp_path / "site"
+    site.mkdir()
+    assert run(build_parser().parse_args(["real", "--real-dir", str(site)])) == 0
+    assert seen == [Path("bench-results")] and "bench-results/" in capsys.readouterr().out
+    assert run(build_parser().parse_args(["real", "--real-dir", str(site), "--docs",
+                                          str(tmp_path / "d")])) == 0
+    assert seen[-1] == tmp_path / "d"
+    with pytest.raises(FileNotFoundError, match="--real-dir .*nope: no such folder"):
+        run(build_parser().parse_args(["real", "--real-dir", str(tmp_path / "nope")]))
