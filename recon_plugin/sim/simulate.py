@@ -313,9 +313,10 @@ def _check_axial_stack(anatomy: Anatomy, split: str, slab: tuple[int, int], cent
             raise ValueError(
                 f"{len(offsets)} axial slices of {thickness_mm:g} mm do not fit in the {split} "
                 f"slab ({height:g} mm): the slice at voxel z {z:.1f} overlaps the "
-                f"{other} slab. Use at most {int(height // thickness_mm)} slices of this "
-                "thickness (or thinner slices) so that no image contains anatomy of another "
-                "split.")
+                f"{other} slab. The {split} slab holds {int(height // thickness_mm)} slices of "
+                "this thickness (a stack may reach into the gaps beside it, never into another "
+                "split's slab): use fewer or thinner slices so that no image contains anatomy "
+                "of another split.")
 
 
 def scanner_protocol_name(contrast: str, orientation: str) -> str:
