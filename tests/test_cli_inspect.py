@@ -177,3 +177,19 @@ def test_inspect_gives_a_ky_kz_calibration_blocks_both_sides(tmp_path, capsys):
     assert s["value"]["calibration_rows"] == [24, 41]
     assert s["value"]["calibration_kz"] == [2, 7]
     assert "calibration block ky 24-40 x kz 2-6 (17 x 5)" in text
+
+
+def test_inspect_names_a_coil_that_recorded_only_zeros(vol, tmp_path, capsys):
+    """A dead channel: ``recon`` leaves it out and says so in a warning and the DICOM, while
+    ``inspect``, the first thing to run on a site's data, said nothing."""
+    path = write_fastmri(vol, tmp_path / "dead.h5", acceleration=4, center_fraction=0.125)
+    with h5py.File(path, "r+") as f:
+        k = f["kspace"][()]
+        k[:, 3] = 0  # (slices, coils, ...): coil 3 of every slice
+        f["kspace"][...] = k
+    d, text = _inspect(path, capsys)
+    assert d["silent_coils"] == [{"coil": 3, "slices": 2}]
+    assert "coils: 4 (recorded only zeros, left out by recon: coil 3 in 2 slice(s))" in text
+    d, text = _inspect(write_fastmri(vol, tmp_path / "ok.h5", acceleration=4,
+                                     center_fraction=0.125), capsys)
+    assert d["silent_coils"] == [] and "recorded only zeros" not in text

@@ -21,6 +21,7 @@ from ..physics import calibration_block, calibration_columns, is_2d_sampling
 from ..scan import RawScan, SliceData, index_ranges
 from .combine import fully_sampled
 from .partial_fourier import is_partial_fourier
+from .preprocess import silent_coils
 
 
 def sampling(sl: SliceData) -> dict:
@@ -168,6 +169,11 @@ def describe_scan(scan: RawScan, max_bytes: int | None = None) -> dict:
                     "phase_dir": _vec(g.phase_dir), "slice_dir": _vec(g.slice_dir),
                     "defaulted": bool(g.defaulted)}
     notes = Counter(n for sl in slices for n in sl.notes)
+    silent = Counter()  # coil -> slices where it recorded only zeros (recon leaves it out)
+    for sl in slices:
+        dead = silent_coils(sl.kspace)
+        if not dead.all():  # a slice with no data at all is said elsewhere
+            silent.update(int(c) for c in np.flatnonzero(dead))
     return {
         "source": scan.source,
         "protocol_name": h.protocol_name,
@@ -184,6 +190,7 @@ def describe_scan(scan: RawScan, max_bytes: int | None = None) -> dict:
         "declared_acceleration": None if h.acceleration is None else {
             "factor": h.acceleration, "source": h.acceleration_source or "header"},
         "coils": h.num_coils,
+        "silent_coils": [{"coil": c, "slices": n} for c, n in sorted(silent.items())],
         "noise_samples": None if scan.noise is None else int(scan.noise.shape[-1]),
         "noise_measurement": noise_measurement(scan),
         "slices": len(slices),
@@ -202,6 +209,10 @@ def describe_scan(scan: RawScan, max_bytes: int | None = None) -> dict:
         "notes": [{"value": n, "slices": c} for n, c in notes.most_common()],
         "warnings": list(scan.warnings),
     }
+
+
+def _silent_text(silent: list[dict]) -> str:
+    return ", ".join(f"coil {s['coil']} in {s['slices']} slice(s)" for s in silent)
 
 
 def _vec(v) -> list[float]:
@@ -233,7 +244,9 @@ def format_description(d: dict, protocol: str | None = None) -> str:
         + (f"readout {ros:g}x oversampled in the file, removed), " if ros != 1
            else "no readout oversampling), ")
         + f"recon {rm[0]} x {rm[1]} x {rm[2]} (FOV {rf[0]:g} x {rf[1]:g} x {rf[2]:g} mm)",
-        f"  coils: {d['coils']}; noise scan: {_noise_text(d)}",
+        f"  coils: {d['coils']}"
+        + (f" (recorded only zeros, left out by recon: {_silent_text(d['silent_coils'])})"
+           if d["silent_coils"] else "") + f"; noise scan: {_noise_text(d)}",
         f"  slices: {d['slices']} ("
         + (f"indices {d['slice_indices']}; " if d["slice_indices"] else "")
         + f"contrasts {d['contrasts']}, repetitions {d['repetitions']}, phases {d['phases']})",

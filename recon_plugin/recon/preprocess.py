@@ -280,6 +280,11 @@ def _check_whitener(whitener: np.ndarray, ncoil: int) -> None:
                            f"data has {ncoil}: they are not from the same coil setup")
 
 
+def silent_coils(kspace: np.ndarray) -> np.ndarray:
+    """(coils,) bool: the coils whose k-space (coils, ky, kx) is zero everywhere."""
+    return ~np.any(kspace.reshape(kspace.shape[0], -1) != 0, axis=1)
+
+
 def drop_silent_coils(kspace: np.ndarray, calib: np.ndarray | None = None,
                       whitener: np.ndarray | None = None,
                       ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, list[int]]:
@@ -295,7 +300,7 @@ def drop_silent_coils(kspace: np.ndarray, calib: np.ndarray | None = None,
     ncoil = kspace.shape[0]
     if whitener is not None:
         _check_whitener(whitener, ncoil)
-    silent = ~np.any(kspace.reshape(ncoil, -1) != 0, axis=1)
+    silent = silent_coils(kspace)
     if not silent.any() or silent.all():
         return kspace, calib, whitener, []
     keep = np.flatnonzero(~silent)
