@@ -543,6 +543,9 @@ def test_an_unusable_output_folder_is_refused_before_a_long_run(raw_dir, tmp_pat
 @pytest.mark.parametrize("args, named", [
     (["--protocol", "nosuch"], "'nosuch' not found"),
     (["--dicom-out", "{file}/dcm"], "--dicom-out"),
+    # it had been cut to --idle-timeout without a word
+    (["--first-message-timeout", "400"], "--first-message-timeout 400 is longer than "
+                                         "--idle-timeout 300"),
 ])
 def test_serve_refuses_to_start_on_what_every_scan_would_fail(tmp_path, args, named):
     """``serve`` with an unknown ``--protocol`` or a ``--dicom-out`` it cannot write: exit 2

@@ -581,8 +581,15 @@ def test_prune_refuses_a_pool_folder_that_does_not_exist(tmp_path, monkeypatch, 
     assert main([*args, "--pool", str(typo)]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"--pool {typo}: no such folder; fill one with `recon-plugin train-pool "
-                      f"{typo}` first, or name a cache file of template batches FILE.pt (drawn "
-                      "there on first use)"]
+                      f"{typo}` first (224 batches, about 5 GB, as recipes/base.sh draws), or "
+                      "name a cache file of template batches FILE.pt (drawn there on first "
+                      "use)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parent.json", "parent.safetensors"]
+    # a fine-tuning mode that does not exist: refused before the pruning, not after it
+    caplog.clear()
+    bogus = [a if a != "teacher" else "bogus" for a in args]
+    assert main([*bogus, "--pool", str(tmp_path / "cache.pt")]) == 2
+    assert "--finetune: unknown training mode 'bogus'" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parent.json", "parent.safetensors"]
     taken = []
     monkeypatch.setattr(run, "make_variant", lambda *a, **kw: taken.append(kw["pool"]) or {

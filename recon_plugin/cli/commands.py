@@ -515,7 +515,13 @@ def cmd_prune(a: argparse.Namespace) -> int:
     ignores them (its status is decided)."""
     from ..pruning.run import DEFAULT_ALIGN, make_variant
     from ..runtime import stops_at_once
+    from ..training.selfsup import parse_mode
 
+    if a.finetune != "none":  # before the pruning (it had been refused only after it)
+        try:
+            parse_mode(a.finetune)
+        except ValueError as e:
+            raise UsageError(f"--finetune: {e}") from e
     if a.pool and not Path(a.pool).exists() and Path(a.pool).suffix != ".pt":
         # a mistyped pool folder had become a template cache drawn there (minutes, other data)
         raise ValueError(f"--pool {a.pool}: no such folder; fill one with `recon-plugin "
@@ -576,6 +582,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     noise_option = ("--noise-dir" if a.noise_dir else f"${NOISE_DIR_ENV}"
                     if os.environ.get(NOISE_DIR_ENV, "").strip() else "the noise folder")
     _writable(("--dicom-out", a.dicom_out), (noise_option, a.noise_dir or default_noise_dir()))
+    first = a.first_message_timeout
+    if first is not None and first > a.idle_timeout:  # it had been cut to it without a word
+        raise UsageError(f"--first-message-timeout {first:g} is longer than --idle-timeout "
+                         f"{a.idle_timeout:g}: give at most that, or a longer --idle-timeout")
     try:
         limits = Limits(max_total_open_bytes=gb_to_bytes(a.max_memory_gb)
                         if a.max_memory_gb else None)
@@ -584,7 +594,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
               max_connections=a.max_connections, image_dtype=a.image_dtype,
               drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits,
               pacs_retry=a.pacs_retry, noise_dir=a.noise_dir,
-              first_message_timeout=a.first_message_timeout)
+              first_message_timeout=min(30.0, a.idle_timeout) if first is None else first)
     except OSError as e:  # e.g. the port is taken
         log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
         return EXIT_USAGE

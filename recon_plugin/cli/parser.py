@@ -254,13 +254,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="slices per file (default %(default)s)")
     s.add_argument("--coils", type=_positive_int, default=12,
                    help="receive coils (default %(default)s)")
-    s.add_argument("--matrix", type=_matrix, default=(192, 160), help="phase x readout")
+    s.add_argument("--matrix", type=_matrix, default=(192, 160),
+                   help="phase x readout (default 192x160)")
     s.add_argument("--acceleration", type=_acceleration, default=4.0,
                    help="undersampling factor, >= 1 (1: fully sampled; default %(default)s)")
     s.add_argument("--snr", type=_positive_float, default=30.0,
                    help="mean object signal / noise standard deviation (default %(default)s)")
     s.add_argument("--count", type=_positive_int, default=1,
-                   help="number of files (seeds seed..)")
+                   help="number of files (seeds seed..; default %(default)s)")
     s.add_argument("--seed", type=_seed, default=0, help="first file's random seed (default 0)")
     s.set_defaults(fn=cmd_simulate)
 
@@ -305,9 +306,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="U-Net pooling levels (default %(default)s); each doubles the distance "
                    "a cascade's prior sees")
     s.add_argument("--dc", choices=["gradient", "prox"], default="gradient",
-                   help="data consistency: gradient step, or CG proximal step (MoDL)")
+                   help="data consistency: gradient step, or CG proximal step (MoDL) (default "
+                   "%(default)s)")
     s.add_argument("--cg-iters", type=_cg_iters, default=6,
-                   help="CG iterations per prox step")
+                   help="CG iterations per prox step (default %(default)s)")
     s.add_argument("--noise-aware", action="store_true",
                    help="prox weights scale with the noise variance estimated from the data, and "
                         "the cascades start from a CG-SENSE solve")
@@ -316,7 +318,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--pool-dir", help="train on transfer batches replayed from this directory "
                    "(filled by `recon-plugin train-pool`)")
     s.add_argument("--espirit", type=_share, default=0.8,
-                   help="fraction of training slices with ESPIRiT maps from their own ACS")
+                   help="fraction of training slices with ESPIRiT maps from their own ACS "
+                   "(default %(default)s)")
     s.add_argument("--freeze-bn", action="store_true",
                    help="BatchNorm statistics recalibrated once, then fixed")
     s.add_argument("--init", help="initialise the CNN priors from this model (name or file)")
@@ -383,7 +386,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     """The ``prune`` subcommand."""
     s = sub.add_parser("prune", help="prune a model (SPADE or LEAN), fine-tune, export a variant")
-    s.add_argument("--model", default="unrolled-base", help="parent model name or path")
+    s.add_argument("--model", default="unrolled-base",
+                   help="parent model name or path (default %(default)s)")
     s.add_argument("--method", choices=["spade", "lean"], required=True)
     s.add_argument("--ratio", type=float, required=True, help="channel sparsity in (0, 1)")
     s.add_argument("--cg-iters", type=_cg_iters, default=None,
@@ -397,7 +401,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    "the channel block of CPU convolution kernels, so that the removed FLOPs "
                    "become time; 1: any count)")
     s.add_argument("--finetune", default="teacher",
-                   help="supervised | teacher | self | ssdu | rei | combinations with + | none")
+                   help="supervised | teacher | self | ssdu | rei | combinations with + | none "
+                   "(default %(default)s)")
     s.add_argument("--steps", type=_positive_int, default=150,
                    help="fine-tuning steps (default %(default)s)")
     s.add_argument("--lr", type=_positive_float, default=5e-4,
@@ -411,7 +416,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                         "(recipes/base.sh draws runs/base-transfer/pool), or a cache file of "
                         "template batches (a new one: FILE.pt), drawn there on first use, then "
                         "replayed (share it between variants)")
-    s.add_argument("--pool-size", type=_positive_int, default=300, help="batches in --pool")
+    s.add_argument("--pool-size", type=_positive_int, default=300,
+                   help="batches in a --pool FILE.pt cache (default %(default)s)")
     s.add_argument("--run-dir", required=True, help="checkpoints and log (resumes)")
     s.add_argument("--export", required=True, help="variant path without suffix")
     s.set_defaults(fn=cmd_prune)
@@ -472,7 +478,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     """The ``serve`` subcommand."""
     s = sub.add_parser("serve", help="MRD streaming server: acquisitions in, images back")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--port", type=_port, default=9002, help="TCP port (0 = any free port)")
+    s.add_argument("--port", type=_port, default=9002,
+                   help="TCP port (0 = any free port; default %(default)s)")
     s.add_argument("--protocol", type=_protocol_ref,
                    help="protocol when the client names none (default: match)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
@@ -491,10 +498,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
                    help="seconds a connection may send nothing, and a message may take from "
                    "its first byte (default 300)")
-    s.add_argument("--first-message-timeout", type=_positive_float, default=30.0,
+    s.add_argument("--first-message-timeout", type=_positive_float, default=None,
                    help="seconds a new connection may take to send its first message, at most "
-                   "--idle-timeout: silent connections must not hold every slot (default "
-                   "%(default)g)")
+                   "--idle-timeout: silent connections must not hold every slot (default 30, "
+                   "or --idle-timeout where that is shorter)")
     s.add_argument("--drain-timeout", type=_seconds, default=30.0,
                    help="after SIGTERM / SIGINT, seconds the scans in progress may take to end "
                    "before each stops after its slice in flight (a second signal: at once); "
@@ -502,7 +509,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-connections", type=_positive_int, default=8,
                    help="clients served at once (default %(default)s)")
     s.add_argument("--image-dtype", choices=["float", "uint16"], default="float",
-                   help="float32 magnitudes (as offline recon) or uint16 scaled per scan")
+                   help="float32 magnitudes (as offline recon) or uint16 scaled per scan "
+                   "(default %(default)s)")
     s.add_argument("--no-warmup", action="store_true",
                    help="skip the synthetic warm-up slice (first scan then pays model load/JIT)")
     s.add_argument("--pacs-retry", type=_retry_period, default=RETRY_PERIOD_S, metavar="SECONDS",
