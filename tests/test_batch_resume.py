@@ -110,13 +110,15 @@ def test_resume_from_another_folder_and_in_a_copy_of_the_output(raws, tmp_path, 
     capsys.readouterr()
     assert main(["-q", "recon", str(src), "--out", str(tmp_path / "k1"), *ZERO,
                  "--resume"]) == 0
-    assert capsys.readouterr().out.count("skipped") == 2
+    text = capsys.readouterr().out
+    assert text.count("skipped (done)") == 2
+    assert "2 of 2 inputs reconstructed (2 of them by an earlier run: skipped), 0 failed" in text
     assert {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "k1").rglob("*.dcm")} == uids
     shutil.copytree(tmp_path / "k1", tmp_path / "s1")
     assert main(["-q", "recon", str(src), "--out", str(tmp_path / "s1"), *ZERO,
                  "--resume"]) == 0
     text = capsys.readouterr().out
-    assert text.count("skipped") == 2 and str(tmp_path / "k1") not in text
+    assert text.count("skipped (done)") == 2 and str(tmp_path / "k1") not in text
     assert str(tmp_path / "s1" / output_name(src / "a.h5")) in text
 
 

@@ -749,6 +749,7 @@ def test_what_would_fail_every_input_is_a_usage_error_before_the_first(raw_dir, 
     assert recon("--protocol-dir", str(bad)) == 2
     assert "broken.yaml" in caplog.text and "magic" in caplog.text
     assert recon("--model", "") == 2 and "model '' not found" in caplog.text
+    assert not (tmp_path / "o").exists()  # a refused run leaves no empty --out behind
     mine = tmp_path / "mine.safetensors"
     shutil.copy(WEIGHTS_DIR / "unrolled-base.safetensors", mine)
     mine.with_suffix(".json").write_text("[1, 2]")

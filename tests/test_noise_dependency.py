@@ -351,3 +351,14 @@ def test_a_dask_batch_prewhitens_as_a_local_one(site, tmp_path):
         assert main([*args, "--out", str(dask), "--cluster", "local:1"]) == 0
         for a, b in zip(_pixels(local, scan_file), _pixels(dask, scan_file), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_noise_file_that_is_the_scan_itself_counts_its_noise_once(vol, tmp_path):
+    """``--noise`` naming the imaging file itself (which holds its own noise scan) had taken
+    those noise samples twice ("noise in file and in ...; using both")."""
+    path = write_ismrmrd(vol, tmp_path / "with_noise.h5", acceleration=4, calib_lines=16)
+    alone = read_ismrmrd(path)
+    assert alone.noise is not None
+    given = read_ismrmrd(path, noise_path=path)
+    np.testing.assert_array_equal(given.noise, alone.noise)
+    assert not given.warnings

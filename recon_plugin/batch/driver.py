@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..io.inputs import raw_files
 from ..models.inference import torch_device
-from ..output.atomic import fingerprint, make_writable_folder
+from ..output.atomic import check_writable_folder, fingerprint, make_writable_folder
 from ..output.delivery import DeliveryPlan
 from ..output.pacs_queue import drop_superseded
 from ..recon.pipeline import Reconstructor
@@ -109,8 +109,12 @@ def preflight(
         from ..config.protocol import load_all  # their models (either had failed each input)
 
         protos = load_all(protocol_dirs)
-    _check_out_dir(Path(out_dir))  # before the models: it costs nothing
+    try:  # before the models (it costs nothing), made after them (a refusal leaves nothing)
+        check_writable_folder(out_dir, "--out")
+    except ValueError as e:
+        raise BatchUsageError(str(e)) from e
     _load_models(protos, overrides, recon)
+    _check_out_dir(Path(out_dir))
     return files, protos
 
 

@@ -92,7 +92,10 @@ def _report(results: list[FileResult]) -> int:
                 extra += (f", not tried on {int(t['refine_skipped'])} (too few lines "
                           "to verify it)")
         print(f"{status:15s} {r.input}: {extra}")
-    print(f"{len(ok)} of {len(results)} inputs reconstructed, {len(bad)} failed"
+    before = sum(r.skipped for r in ok)
+    print(f"{len(ok)} of {len(results)} inputs reconstructed"
+          + (f" ({before} of them by an earlier run: skipped)" if before else "")
+          + f", {len(bad)} failed"
           + (f", {len(passed)} skipped (nothing to reconstruct)" if passed else ""))
     return EXIT_OK if not bad else EXIT_FAILED
 

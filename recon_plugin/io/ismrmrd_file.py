@@ -221,7 +221,11 @@ def read_ismrmrd(
             _warn(scan, f"{where}: the noise file {noise_path} given is measurement {theirs}; "
                   f"the header names the noise measurement {' / '.join(deps)}: using it as "
                   "given")
-    if noise_path is not None:
+    if noise_path is not None and Path(noise_path).resolve() == Path(path).resolve():
+        # --noise naming the scan itself: its noise scan had been counted twice
+        log.info("%s: the noise file given is this scan's own file: its noise scan is used "
+                 "once", where)
+    elif noise_path is not None:
         _add_dependent_noise(scan, noise_path, dataset, found_by)
     n_cal = add_interleaved_calibration(scan.slices)
     if n_cal:

@@ -116,8 +116,9 @@ def load_anatomy(prefer_template: bool = True) -> Anatomy:
                 gm, wm, t1, affine = (d[k] for k in ("gm", "wm", "t1", "affine"))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             given = f" (${ANATOMY_ENV})" if os.environ.get(ANATOMY_ENV) else ""
+            why = "not an .npz archive" if "pickle" in str(e) else str(e)  # not numpy's advice
             raise ValueError(f"{path}{given} is not the MNI template (an .npz of gm, wm, t1 "
-                             f"and affine): {e}") from e
+                             f"and affine): {why}") from e
         gm = gm.astype(np.float32) / 255.0
         wm = wm.astype(np.float32) / 255.0
         t1 = t1.astype(np.float32) / 255.0
