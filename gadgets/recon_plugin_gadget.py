@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     # as the CLI: pynetdicom's account of a refused association comes before our one line
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if a.verbose else logging.CRITICAL + 1)
+    log.info("waiting for Gadgetron on port %d (one stream, then exit)", a.port)
     listen(a.port, recon_plugin)
 
 
