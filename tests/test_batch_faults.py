@@ -157,7 +157,7 @@ def test_rerun_replaces_and_same_names_do_not_collide(raws, tmp_path, capsys):
     b = pydicom.dcmread(next((out / output_name(raws / "B" / "scan.h5")).rglob("*.dcm")))
     assert a.SeriesInstanceUID != b.SeriesInstanceUID
     # resume skips all, and --format h5 lands in each input's own folder
-    assert main([*args, "--resume"]) == 0 and capsys.readouterr().out.count("skipped") == 3
+    assert main([*args, "--resume"]) == 0 and capsys.readouterr().out.count("skipped (done)") == 3
     assert main([*args, "--format", "dicom,h5"]) == 0
     assert len(list(out.rglob("series_*.h5"))) == 3
     check_out(out, inputs_of(raws))

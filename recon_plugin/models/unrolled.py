@@ -89,8 +89,9 @@ def cg_solve(normal, rhs: torch.Tensor, x0: torch.Tensor | None, mu: torch.Tenso
     """Solve ``(normal + mu I) x = rhs`` per batch item by conjugate gradients from ``x0``
     (None: from zero, without the application of ``normal`` a zero start would waste).
 
-    rhs, x0: complex (batch, ky, kx); mu: scalar tensor or (batch, 1, 1), > 0; ``normal`` is
-    Hermitian PSD.
+    rhs, x0: complex (batch, ...) in whatever layout ``normal`` takes (images (batch, ky, kx),
+    the column layout (batch, columns, ky), two maps' images (batch, 2, ky, kx)); mu: scalar
+    tensor or broadcastable to rhs, > 0; ``normal`` is Hermitian PSD.
     Differentiable (unrolled), so gradients flow into ``mu``, ``rhs`` and ``x0``.
     """
     def dot(a, b):  # Re <a, b> per batch item: the real dot product of the (re, im) views

@@ -129,7 +129,10 @@ def cartesian_mask(
     kind: str = "equispaced",
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """fastMRI-style 1D phase-encode mask: the centre block and :func:`line_pattern`.
+    """fastMRI-style 1D phase-encode mask: the centre block and :func:`line_pattern`. The
+    centre block is centred on row ``num_lines // 2`` (the grid's k = 0, as ``fft2c`` has it);
+    fastMRI's ``calculate_center_mask`` starts it at ``(num_lines - num_low + 1) // 2``, one row
+    later for an odd ``num_lines`` with an even ``num_low``; otherwise the same rows.
 
     Returns ``(mask, acs)``: mask (num_lines,) float32, acs = (start, stop) rows fully sampled,
     or None where ``center_fraction`` rounds to no line.

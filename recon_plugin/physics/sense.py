@@ -15,7 +15,8 @@ from .fft import fft2c, ifft2c
 
 
 def sense_forward(image, maps, mask):
-    """A x: image (..., ky, kx), maps (..., coils, ky, kx), mask (..., ky, kx) -> k-space."""
+    """A x: image (..., ky, kx), maps (..., coils, ky, kx), mask (..., ky, kx) -> k-space
+    (..., coils, ky, kx)."""
     return mask.unsqueeze(-3) * fft2c(maps * image.unsqueeze(-3)) if isinstance(
         image, torch.Tensor
     ) else mask[..., None, :, :] * fft2c(maps * image[..., None, :, :])
@@ -54,9 +55,13 @@ def column_virtual_maps(maps_t: torch.Tensor, tol: float) -> torch.Tensor:
 class SenseOperator:
     """SENSE encoding A = M F S for a batch of slices (torch, complex64).
 
-    maps: (batch, coils, ky, kx) sensitivities; mask: (batch, ky, kx) in {0, 1}.
-    ``forward`` maps images (batch, ky, kx) to k-space (batch, coils, ky, kx); ``adjoint`` is its
-    exact adjoint (checked by ``tests/test_physics.py``).
+    maps: (batch, coils, ky, kx) sensitivities; mask: (batch, ky, kx) in {0, 1} (checked:
+    ``normal``'s Cartesian path applies the mask once, which is A^H A only for a 0 / 1 mask).
+    Images share the k-space grid's axes and are labelled like it: (batch, ky, kx), y the
+    phase-encoded axis, x the readout. ``forward`` maps images to k-space (batch, coils, ky,
+    kx); ``adjoint`` is its exact adjoint; ``normal`` is A^H A up to the virtual coils it
+    leaves out (``normal_tol``: relative error about 3e-6 at the default, exact at 0; it stays
+    Hermitian). Adjointness and ``normal`` are checked by ``tests/test_physics.py``.
     """
 
     def __init__(self, maps: torch.Tensor, mask: torch.Tensor, normal_tol: float = NORMAL_TOL):
@@ -65,6 +70,9 @@ class SenseOperator:
                 f"maps must be (B, C, ky, kx) and mask (B, ky, kx); got {tuple(maps.shape)} and "
                 f"{tuple(mask.shape)}"
             )
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must hold only 0 and 1 (a sampling mask); weights belong in "
+                             "the data or the solver")
         self.maps = maps
         self.mask = mask.to(maps.real.dtype)
         self._support: torch.Tensor | None = None
@@ -146,7 +154,8 @@ class SenseOperator:
         return coil.mul_(self.maps.conj()).sum(dim=-3).mul_(d)
 
     def normal(self, image: torch.Tensor) -> torch.Tensor:
-        """A^H A x, (batch, ky, kx) -> (batch, ky, kx)."""
+        """A^H A x, (batch, ky, kx) -> (batch, ky, kx); on a Cartesian line mask without the
+        virtual coils under ``normal_tol`` of a column's energy (see the class)."""
         if self._rows is None:
             return self.adjoint(self.forward(image))
         return self.from_columns(self.normal_columns(self.to_columns(image)),
