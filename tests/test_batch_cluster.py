@@ -294,3 +294,134 @@ def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, m
     assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster",
                  f"tcp://127.0.0.1:{port}"]) == 2
     assert any("at most 86400" in r.getMessage() for r in caplog.records)
+
+
+def test_a_scheduler_that_never_answers_is_refused_within_the_timeout(raws, tmp_path, caplog,
+                                                                      monkeypatch):
+    """A port that takes the connection and never answers (another service, a stopped
+    scheduler) held the batch for ever, whatever $RECON_PLUGIN_CLUSTER_TIMEOUT said; a refused
+    connection left an --out holding only the lock."""
+    import socket
+
+    from recon_plugin.batch import cluster
+
+    monkeypatch.setenv(cluster.TIMEOUT_VAR, "2")
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(mute.accept()) for _ in range(8)],
+                     daemon=True).start()
+    out = tmp_path / "o"
+    start = time.monotonic()
+    try:
+        assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster",
+                     f"tcp://127.0.0.1:{mute.getsockname()[1]}"]) == 2
+    finally:
+        mute.close()
+    assert time.monotonic() - start < 30
+    assert "cannot reach a dask scheduler (TimeoutError: no answer within 2 s" in caplog.text
+    assert not out.exists()
+
+
+def test_a_task_whose_batch_has_stopped_publishes_nothing(raws, tmp_path):
+    """A cluster task runs on after its client was stopped (SIGTERM, kill, a lost scheduler)
+    and had published into --out afterwards, over what the next run had made. It publishes
+    only while its batch's token is in --out."""
+    from recon_plugin.batch.files import process_file
+    from recon_plugin.batch.state import end_batch, start_batch
+    from recon_plugin.recon.pipeline import Reconstructor
+
+    out = tmp_path / "out"
+    out.mkdir()
+    src = inputs(raws)[0]
+    token = start_batch(out)
+    end_batch(out, token)  # the batch stopped
+    recon = Reconstructor("cpu")
+    r, written, _ = process_file(src, out, None, ("dicom",), {"method": "zero-filled"}, None,
+                                 recon, batch=token)
+    assert not r.ok and r.error.startswith("Abandoned: abandoned: the batch that asked for it")
+    assert written == [] and sorted(p.name for p in out.iterdir()) == []
+    token = start_batch(out)  # running: published
+    r, written, _ = process_file(src, out, None, ("dicom",), {"method": "zero-filled"}, None,
+                                 recon, batch=token)
+    assert r.ok and len(written) == NSLICES
+    other = start_batch(out)  # another batch took the folder
+    r, _, _ = process_file(src, out, None, ("dicom",), {"method": "zero-filled"}, None, recon,
+                           batch=token)
+    assert not r.ok and other != token
+
+
+def test_a_worker_that_would_use_other_protocols_or_models_fails_its_files_saying_so(
+        raws, tmp_path, monkeypatch):
+    """Settings only the batch's machine had ($RECON_PLUGIN_PROTOCOLS, $RECON_PLUGIN_MODELS, a
+    relative --protocol-dir, another install) were replaced by the workers' own without a
+    word. The batch gives the workers its folders and paths made absolute and its memory
+    limit, and a worker whose code, protocol files or model cards differ fails each file,
+    naming both."""
+    import distributed
+
+    from recon_plugin.batch import cluster
+    from recon_plugin.batch.driver import _for_workers, worker_view
+    from recon_plugin.config.protocol import load_all
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECON_PLUGIN_PROTOCOLS", str(site))
+    monkeypatch.setenv("RECON_PLUGIN_MAX_MEMORY_GB", "3")
+    shared = _for_workers("p/x.yaml", [Path("rel")], {"model": "m/v.safetensors"}, None, [])
+    assert shared["protocol"] == str(tmp_path / "p" / "x.yaml")
+    assert shared["protocol_dirs"] == [tmp_path / "rel", site]
+    assert shared["overrides"]["model"] == str(tmp_path / "m" / "v.safetensors")
+    assert shared["max_bytes"] == 3 * 1024 ** 3
+
+    here = worker_view(load_all(), {})
+    plugin = cluster.ReconPlugin("cpu", 1, None, None, None)
+    plugin.setup()
+    assert plugin.view == here  # the same machine: the same view
+    (site / "extra.yaml").write_text("name: extra\nextends: default\n")  # only here now
+    there = worker_view(load_all(), {})
+    assert there != here
+
+    class Worker:
+        address = "tcp://10.0.0.2:4000"
+        plugins = {"p": plugin}
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: Worker)
+    r, written, _ = cluster.run_file(inputs(raws)[0], tmp_path / "out", None, ("dicom",),
+                                     {"method": "zero-filled"}, None, "p", view=there)
+    assert not r.ok and written == []
+    assert ("worker tcp://10.0.0.2:4000 would reconstruct with other code, protocol files or "
+            "model cards than this machine") in r.error
+    plugin.problem = "ProtocolError: protocol folder /x ($RECON_PLUGIN_PROTOCOLS) does not exist"
+    r, _, _ = cluster.run_file(inputs(raws)[0], tmp_path / "out", None, ("dicom",),
+                               {"method": "zero-filled"}, None, "p", view=here)
+    assert not r.ok and "cannot load the batch's protocols or models: ProtocolError" in r.error
+
+
+def test_a_scheduler_lost_mid_batch_is_one_line_and_a_summary(raws, tmp_path, monkeypatch,
+                                                              capsys, caplog):
+    """The scheduler killed mid-batch: a traceback (FuturesCancelledError), no summary, no
+    word of --resume. Now the inputs not finished are named and the batch ends with exit 1."""
+    import contextlib
+
+    from recon_plugin.batch import cluster
+    from recon_plugin.batch.state import ClusterLost
+
+    @contextlib.contextmanager
+    def connect(address):
+        yield cluster.Session(None, None, address)
+
+    def run_cluster(session, todo, *a, finish=None, **kw):
+        raise ClusterLost("FuturesCancelledError: 6 Futures cancelled: scheduler-connection-lost")
+
+    monkeypatch.setattr(cluster, "connect", connect)
+    monkeypatch.setattr(cluster, "run_cluster", run_cluster)
+    assert main(["-q", "recon", str(raws), "--out", str(tmp_path / "o"), "--cluster",
+                 "tcp://127.0.0.1:9"]) == 1
+    text = capsys.readouterr().out
+    assert text.count("not finished: the cluster tcp://127.0.0.1:9 was lost") == NFILES
+    assert "0 of 6 inputs reconstructed, 6 failed" in text
+    assert "run the same command with --resume once the scheduler is back" in caplog.text
+    assert "Traceback" not in caplog.text

@@ -29,7 +29,7 @@ from distributed import WorkerPlugin
 
 from ..runtime import first_line
 from .files import FileResult, ProtocolCache, failure_reason, output_name, process_file
-from .state import BatchUsageError, clean_stale, parse_address
+from .state import BatchUsageError, ClusterLost, clean_stale, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,17 @@ class ReconPlugin(WorkerPlugin):
 
     def __init__(self, device: str, threads: int | None, max_bytes: int | None,
                  protocol: str | None, protocol_dirs: list[Path] | None,
-                 slots_by_host: dict[str, int] | None = None):
+                 slots_by_host: dict[str, int] | None = None, overrides: dict | None = None):
         self.device, self.threads, self.max_bytes = device, threads, max_bytes
         self.protocol, self.protocol_dirs = protocol, protocol_dirs
+        self.overrides = overrides or {}
         self.slots_by_host = slots_by_host or {}
         key = repr((device, threads, max_bytes, protocol, protocol_dirs, os.getpid(), time.time()))
         self.name = "recon-plugin-" + hashlib.sha256(key.encode()).hexdigest()[:12]
         self.recon = None
         self.protocols = None
+        self.view = ""  # this worker's worker_view (set up on the worker)
+        self.problem = ""  # why this worker cannot run the batch's files
 
     def setup(self, worker=None):
         from ..recon.pipeline import Reconstructor
@@ -83,6 +86,15 @@ class ReconPlugin(WorkerPlugin):
                 threads = max(1, (os.cpu_count() or 1) * worker.state.nthreads // slots)
         self.recon = Reconstructor(self.device, threads)
         self.protocols = ProtocolCache(self.protocol, self.protocol_dirs)
+        try:  # what it would reconstruct with, to be compared with the batch's
+            from ..config.protocol import load_all, load_protocol
+            from .driver import worker_view
+
+            protos = ([load_protocol(self.protocol, self.protocol_dirs)] if self.protocol
+                      else load_all(self.protocol_dirs))
+            self.view = worker_view(protos, self.overrides)
+        except Exception as e:  # noqa: BLE001 - said by each of its tasks, not a dead worker
+            self.problem = f"{type(e).__name__}: {first_line(e)}"
         log.info("worker %s: recon-plugin ready (%s, %s torch threads)",
                  getattr(worker, "address", "?"), self.device, threads or "default")
 
@@ -95,16 +107,32 @@ def _host(address: str) -> str:
 
 
 def run_file(path: Path, out_dir: Path, protocol, formats, overrides, protocol_dirs,
-             plugin: str, noise: str | None = None):
+             plugin: str, noise: str | None = None, batch: str | None = None,
+             view: str | None = None):
     """The Dask task: one input -> (FileResult, published paths, protocol), with the worker's
     loaded Reconstructor and protocols (see :class:`ReconPlugin`); ``noise``: the ``--noise``
-    file (resolved: the workers share the file system)."""
+    file (resolved: the workers share the file system); ``batch``: the batch's token (its
+    scan is published only while that batch runs); ``view``: the batch's
+    :func:`~.driver.worker_view`, which this worker's must equal (else the file fails,
+    naming why: it would be made with other protocols, models or code)."""
     from distributed import get_worker
 
-    p = get_worker().plugins[plugin]
+    worker = get_worker()
+    p = worker.plugins[plugin]
+    where = f"worker {worker.address}"
+    if p.problem:
+        return FileResult(str(path), False, error=f"{where} cannot load the batch's "
+                          f"protocols or models: {p.problem}"), [], None
+    if view is not None and p.view != view:
+        return FileResult(str(path), False, error=(
+            f"{where} would reconstruct with other code, protocol files or model cards than "
+            f"this machine (recon_plugin {p.view.split(':')[0]} and configuration "
+            f"{p.view.split(':')[-1]} there, {view.split(':')[0]} and {view.split(':')[-1]} "
+            "here): give the workers the same install, $RECON_PLUGIN_MODELS and protocol "
+            "files")), [], None
     return process_file(Path(path), Path(out_dir), protocol, formats, overrides, protocol_dirs,
                         p.recon, p.max_bytes, protocols=p.protocols,
-                        noise=Path(noise) if noise else None)
+                        noise=Path(noise) if noise else None, batch=batch)
 
 
 # ----------------------------------------------------------------------------- batch side
@@ -129,6 +157,24 @@ class Session:
         return None
 
 
+def _answers(address: str, timeout: float) -> None:
+    """Ask the scheduler at ``address`` who it is; raise (TimeoutError, OSError) where it does
+    not answer within ``timeout`` seconds. Dask's Client waits for ever on a port that accepts
+    the connection and never answers (another service, a stopped scheduler)."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def identity():
+        r = rpc(address, timeout=timeout)
+        try:
+            return await r.identity()
+        finally:
+            await r.close_rpc()
+
+    asyncio.run(asyncio.wait_for(identity(), timeout))
+
+
 @contextlib.contextmanager
 def connect(address: str, timeout: float | None = None):
     """A :class:`Session` on ``address`` (see :func:`parse_address`); a scheduler that cannot be
@@ -148,6 +194,11 @@ def connect(address: str, timeout: float | None = None):
                                        dashboard_address=":0", silence_logs=logging.ERROR)
                 client = Client(cluster, timeout=f"{timeout}s")
             else:
+                try:
+                    _answers(arg, timeout)
+                except TimeoutError:
+                    raise TimeoutError(f"no answer within {timeout:g} s (${TIMEOUT_VAR})") \
+                        from None
                 client = Client(arg, timeout=f"{timeout}s")
         except Exception as e:  # noqa: BLE001 - refused, unknown host, timed out: one line
             if cluster is not None:
@@ -172,13 +223,14 @@ def connect(address: str, timeout: float | None = None):
 
 def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, formats, overrides,
                 protocol_dirs, device: str, max_bytes: int | None, finish,
-                bar=None, retries: int = 1, noise: Path | None = None) -> None:
+                bar=None, retries: int = 1, noise: Path | None = None,
+                batch: str | None = None, view: str | None = None) -> None:
     """One task per file on the session's workers; ``finish(path, result, written, protocol)``
     (the local batch's: state, delivery) runs here, in the batch process, as each file ends.
     A worker that dies mid-file: the scheduler reruns the file on another worker (up to
     ``distributed.scheduler.allowed-failures`` deaths, then the file fails as
     ``worker process died``); a task that raised is retried ``retries`` times. ``noise``: the
-    ``--noise`` file of every input."""
+    ``--noise`` file of every input; ``batch``, ``view``: see :func:`run_file`."""
     from distributed import wait
     from distributed.client import FIRST_COMPLETED
 
@@ -194,7 +246,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
     threads = max(1, (os.cpu_count() or 1) // len(info)) if session.local and info else None
     if not info:
         log.warning("cluster %s has no workers yet; the files wait for one", session.address)
-    plugin = ReconPlugin(device, threads, max_bytes, protocol, protocol_dirs, slots)
+    plugin = ReconPlugin(device, threads, max_bytes, protocol, protocol_dirs, slots, overrides)
     client.register_plugin(plugin, name=plugin.name)
     log.info("cluster %s: %d workers, %d files", session.address, len(info), len(todo))
     given, out_dir = Path(out_dir), Path(out_dir).resolve()  # workers may have another cwd
@@ -203,7 +255,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
         key = f"recon-{output_name(p)}-{plugin.name[-12:]}"
         f = client.submit(run_file, str(Path(p).resolve()), str(out_dir), protocol, formats,
                           overrides, protocol_dirs, plugin.name,
-                          str(noise) if noise else None, key=key, pure=False,
+                          str(noise) if noise else None, batch, view, key=key, pure=False,
                           retries=retries)
         futs[f] = p
     pending = set(futs)
@@ -215,6 +267,8 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                 done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
             except TimeoutError:
                 done = set()
+            except Exception as e:  # noqa: BLE001 - the scheduler lost: futures cancelled
+                raise ClusterLost(f"{type(e).__name__}: {first_line(e)[:200]}") from None
             for f in done:
                 path = futs[f]
                 try:
@@ -238,7 +292,8 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
             if bar is not None:
                 bar.set_postfix(failed=failed, running=_running(client, pending), refresh=True)
     except BaseException:
-        client.cancel(list(pending), force=True)
+        with contextlib.suppress(Exception):  # a lost scheduler takes no more requests
+            client.cancel(list(pending), force=True)
         if session.local:  # our workers: stop them now, then their staging can go
             stopped = True
             with contextlib.suppress(Exception):

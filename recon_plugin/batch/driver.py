@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from .state import (
     STATE_FILE,
     BatchInterrupted,
     BatchUsageError,
+    ClusterLost,
     batch_lock,
     clean_stale,
+    end_batch,
     interruptible,
     job_settings,
     load_state,
@@ -37,6 +40,7 @@ from .state import (
     recorded_outputs,
     same_job,
     save_state,
+    start_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -134,12 +138,8 @@ def named_models(proto, overrides: dict | None = None) -> dict[str, str]:
     return out
 
 
-def configuration_digest(protos: list, overrides: dict) -> str:
-    """SHA-256 (16 hex digits) of what a run reads besides its inputs: the files of every
-    protocol it may use (``protos``, as :func:`preflight` loaded them; each with the files it
-    extends) and the model cards they name (the card holds its weights' hash), so that
-    ``--resume`` makes an input again after a protocol or a model was changed (it had kept
-    images made with the protocol as it was)."""
+def _configuration_files(protos: list, overrides: dict) -> list[str]:
+    """The files :func:`configuration_digest` covers, in order (see there)."""
     from ..models.checkpoint import ModelError, resolve_model, weights_path
 
     files: dict[str, None] = {}
@@ -150,14 +150,36 @@ def configuration_digest(protos: list, overrides: dict) -> str:
                 files[str(weights_path(resolve_model(model)).with_suffix(".json"))] = None
             except ModelError:  # refused by the preflight already
                 continue
+    return list(files)
+
+
+def _hash_files(files: list[str], names: bool) -> str:
     h = hashlib.sha256()
     for f in files:
-        h.update(f.encode() + b"\0")
+        h.update((f if names else Path(f).name).encode() + b"\0")
         try:
             h.update(Path(f).read_bytes())
         except OSError as e:
             h.update(repr(e).encode())
     return h.hexdigest()[:16]
+
+
+def worker_view(protos: list, overrides: dict) -> str:
+    """What a cluster worker must share with the batch process: the package version and the
+    contents of the protocol files and model cards (:func:`configuration_digest`'s, by file
+    name rather than path, so that a worker with another install path agrees)."""
+    from .. import __version__
+
+    return __version__ + ":" + _hash_files(_configuration_files(protos, overrides), False)
+
+
+def configuration_digest(protos: list, overrides: dict) -> str:
+    """SHA-256 (16 hex digits) of what a run reads besides its inputs: the files of every
+    protocol it may use (``protos``, as :func:`preflight` loaded them; each with the files it
+    extends) and the model cards they name (the card holds its weights' hash), so that
+    ``--resume`` makes an input again after a protocol or a model was changed (it had kept
+    images made with the protocol as it was)."""
+    return _hash_files(_configuration_files(protos, overrides), True)
 
 
 def _load_models(protos: list, overrides: dict, recon: Reconstructor | None) -> None:
@@ -204,6 +226,10 @@ def run_batch(
     from ..io.budget import gb_to_bytes
 
     out_dir = Path(out_dir)
+    try:
+        made = not out_dir.exists()  # by this batch (the preflight makes it)
+    except OSError:  # e.g. a name too long: the preflight says so
+        made = False
     torch_device(device)  # an unusable device is a usage error here, not in every worker
     recon = Reconstructor(device) if workers <= 1 and not cluster else None
     noise = Path(noise).resolve() if noise is not None else None  # workers may have another cwd
@@ -211,17 +237,35 @@ def run_batch(
                               protocol_dirs, max_memory_gb, recon, cluster, noise)
     configuration = configuration_digest(protos, overrides or {})
     max_bytes = gb_to_bytes(max_memory_gb) if max_memory_gb else None
+    shared = _for_workers(protocol, protocol_dirs, overrides, max_bytes, protos) \
+        if cluster else None
     results: list[FileResult] = []
     with batch_lock(out_dir), contextlib.ExitStack() as stack, interruptible():
         try:
-            session = None
+            session = token = None
             if cluster:
                 from .cluster import connect
 
-                session = stack.enter_context(connect(cluster))
+                try:
+                    session = stack.enter_context(connect(cluster))
+                except BatchUsageError:  # a refused batch leaves no --out it made
+                    _remove_if_made(out_dir, made)
+                    raise
+                # a cluster task that outlives this batch (its client stopped) publishes
+                # nothing once the token is gone (removed before the lock is released)
+                token = start_batch(out_dir)
+                stack.callback(end_batch, out_dir, token)
             _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
                         send, workers, protocol_dirs, max_bytes, recon, results, session, noise,
-                        configuration)
+                        configuration, token, shared)
+        except ClusterLost as e:
+            ended = {r.input for r in results}
+            left = [p for p in files if str(p) not in ended]
+            results += [FileResult(str(p), False, error=f"not finished: the cluster {cluster} "
+                                   "was lost") for p in left]
+            log.error("the cluster %s was lost (%s): %d input(s) not finished; what was "
+                      "published is kept and recorded: run the same command with --resume once "
+                      "the scheduler is back", cluster, e, len(left))
         except _NoRoom as e:  # every later input would fail the same way, after its recon
             ended = {r.input for r in results}
             left = [p for p in files if str(p) not in ended]
@@ -241,6 +285,14 @@ def run_batch(
     return _ordered(results, files)
 
 
+def _remove_if_made(out_dir: Path, made: bool) -> None:
+    """Remove ``out_dir`` where this batch made it and it holds nothing but the lock."""
+    with contextlib.suppress(OSError):
+        if made and {p.name for p in out_dir.iterdir()} <= {LOCK_FILE}:
+            (out_dir / LOCK_FILE).unlink()
+            out_dir.rmdir()
+
+
 def _ordered(results: list[FileResult], files: list[Path]) -> list[FileResult]:
     order = {str(p): i for i, p in enumerate(files)}
     return sorted(results, key=lambda r: order.get(r.input, 0))
@@ -248,10 +300,12 @@ def _ordered(results: list[FileResult], files: list[Path]) -> list[FileResult]:
 
 def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress, send,
                 workers, protocol_dirs, max_bytes, recon, results, session=None,
-                noise=None, configuration=None) -> None:
+                noise=None, configuration=None, token=None, shared=None) -> None:
     """The batch proper (lock held): skip what ``resume`` finds done, reconstruct the rest;
     ``finish`` records each result in the state and delivers it. ``configuration``: the
-    :func:`configuration_digest` of the run."""
+    :func:`configuration_digest` of the run; ``token``: the batch's (:func:`start_batch`),
+    which its cluster tasks publish under; ``shared``: what the cluster's workers are given
+    (:func:`_for_workers`)."""
     clean_stale(out_dir)
     state = load_state(out_dir)
     asked = job_settings(protocol, formats, overrides, protocol_dirs, noise, configuration)
@@ -321,8 +375,10 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             if session is not None:
                 from .cluster import run_cluster
 
-                run_cluster(session, todo, out_dir, protocol, formats, overrides, protocol_dirs,
-                            device, max_bytes, finish, bar if progress else None, noise=noise)
+                run_cluster(session, todo, out_dir, shared["protocol"], formats,
+                            shared["overrides"], shared["protocol_dirs"], device,
+                            shared["max_bytes"], finish, bar if progress else None,
+                            noise=noise, batch=token, view=shared["view"])
             elif workers <= 1 or len(todo) <= 1:
                 recon = recon or Reconstructor(device)
                 for path in todo:
@@ -348,6 +404,32 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                          workers, max_bytes, finish, results, noise=noise)
         finally:
             bar.close()
+
+
+def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
+                 overrides: dict | None, max_bytes: int | None, protos: list) -> dict:
+    """What this process decided that a cluster worker (another working folder, another
+    environment, maybe another machine) must not decide again by itself: protocol folders
+    (``--protocol-dir`` and ``$RECON_PLUGIN_PROTOCOLS``), a protocol or model given by path,
+    all absolute; the memory limit (``$RECON_PLUGIN_MAX_MEMORY_GB`` here); and the
+    :func:`worker_view` each worker must share (else its inputs fail, naming why)."""
+    from ..config.protocol import ENV_VAR
+    from ..io.budget import default_max_bytes
+
+    def absolute(ref: str | None) -> str | None:
+        if ref is None or not (ref.endswith((".yaml", ".yml", ".safetensors"))
+                               or os.sep in ref):
+            return ref  # a name: found on the folders given
+        return str(Path(ref).expanduser().absolute())
+
+    env = [Path(d) for d in os.environ.get(ENV_VAR, "").split(os.pathsep) if d]
+    dirs = [Path(d).absolute() for d in [*(protocol_dirs or []), *env]]
+    over = dict(overrides or {})
+    if over.get("model"):
+        over["model"] = absolute(over["model"])
+    return {"protocol": absolute(protocol), "protocol_dirs": dirs or None, "overrides": over,
+            "max_bytes": max_bytes or default_max_bytes(),
+            "view": worker_view(protos, overrides or {})}
 
 
 def _fingerprint(path: Path) -> str | None:

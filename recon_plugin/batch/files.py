@@ -15,7 +15,7 @@ from pathlib import Path
 from ..output.atomic import no_room, staging_name
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
-from .state import publish
+from .state import check_batch, publish
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def recon_file(
     timings: dict | None = None, protocol_dirs: list[Path] | None = None,
     max_bytes: int | None = None, protocols: ProtocolCache | None = None,
     progress: Callable[[int, int], object] | None = None, noise: Path | str | None = None,
+    batch: str | None = None,
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
     then published in one rename); returns (published paths, protocol). ``progress(done,
@@ -96,7 +97,9 @@ def recon_file(
     ID the header names where it was not found). ``max_bytes``: memory budget of the reader.
     ``protocols``: protocols already loaded (else loaded for this file). ``noise``: the file
     of the noise measurement of an ISMRMRD input (``--noise``; None: the one its header
-    names, looked for beside it).
+    names, looked for beside it). ``batch``: the token of the batch that asked for it (a
+    cluster task): the scan is published only while that batch runs in ``out_dir``
+    (:class:`~.state.Abandoned` else).
     """
     from ..config.protocol import select_protocol
     from ..io import read_raw
@@ -130,6 +133,7 @@ def recon_file(
         staged.mkdir(parents=True)
         written = write_outputs(series, staged, formats, protocol.dicom_kwargs())
         final = out_dir / name
+        check_batch(out_dir, batch)  # a task that outlived its batch publishes nothing
         publish(staged, final)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -154,19 +158,19 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
                  protocol_dirs: list[Path] | None, recon: Reconstructor,
                  max_bytes: int | None = None, protocols: ProtocolCache | None = None,
                  progress: Callable[[int, int], object] | None = None,
-                 noise: Path | str | None = None,
+                 noise: Path | str | None = None, batch: str | None = None,
                  ) -> tuple[FileResult, list[Path], object]:
     """One input -> (FileResult, published paths, protocol); never raises for a bad input.
     ``progress(done, total)``: as :meth:`Reconstructor.reconstruct` calls it. ``noise``: as
     :func:`recon_file` takes it. A dependent noise measurement given as an input is passed
-    over (``FileResult.passed_over``), no failure."""
+    over (``FileResult.passed_over``), no failure. ``batch``: as :func:`recon_file` takes it."""
     from ..io import NoiseMeasurementOnly
 
     t0 = time.perf_counter()
     timings: dict = {}
     try:
         written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
-                                    protocol_dirs, max_bytes, protocols, progress, noise)
+                                    protocol_dirs, max_bytes, protocols, progress, noise, batch)
     except NoiseMeasurementOnly as e:  # the noise scan of another input: nothing to make
         why = without_path(path, e)
         log.info("%s: skipped: %s", path, why)

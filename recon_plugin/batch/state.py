@@ -24,10 +24,16 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = ".recon-state.json"
 LOCK_FILE = ".recon.lock"
+BATCH_FILE = ".recon-batch"  # the running batch's token: a cluster task publishes only under it
 
 
 class BatchUsageError(ValueError):
     """The batch cannot start (bad arguments, unusable --out, no inputs); nothing was done."""
+
+
+class ClusterLost(RuntimeError):
+    """The cluster's scheduler was lost in the middle of a batch (killed, its host down): the
+    files not finished are not; ``--resume`` makes them."""
 
 
 _ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -130,6 +136,41 @@ def batch_lock(out_dir: Path) -> Iterator[None]:
             raise BatchUsageError(f"another recon-plugin batch is writing to {out_dir}; "
                                   "wait for it or use another --out")
         yield
+
+
+# ----------------------------------------------------------------------------- batch token
+class Abandoned(RuntimeError):
+    """A task's batch is no longer the one running in its --out (stopped, killed, or another
+    batch took the folder): its scan is not published."""
+
+
+def start_batch(out_dir: Path) -> str:
+    """Write a new token of the running batch into ``out_dir`` (lock held) and return it."""
+    token = os.urandom(8).hex()
+    write_text_atomic(out_dir / BATCH_FILE, token, fsync=True)
+    return token
+
+
+def end_batch(out_dir: Path, token: str) -> None:
+    """Remove the batch's token (still holding the lock): a task of it still running on a
+    cluster worker then abandons its scan instead of publishing it."""
+    with contextlib.suppress(OSError):
+        if (out_dir / BATCH_FILE).read_text() == token:
+            (out_dir / BATCH_FILE).unlink()
+
+
+def check_batch(out_dir: Path, token: str | None) -> None:
+    """Raise :class:`Abandoned` unless the batch of ``token`` is the one running in
+    ``out_dir`` (None: no check, the task cannot outlive its batch)."""
+    if token is None:
+        return
+    try:
+        current = (out_dir / BATCH_FILE).read_text()
+    except OSError:
+        current = None
+    if current != token:
+        raise Abandoned("abandoned: the batch that asked for it has stopped (or another batch "
+                        f"now writes to {out_dir}); its scan was not published")
 
 
 # ----------------------------------------------------------------------------- state
