@@ -6,7 +6,9 @@ of the sha256 of the resolved input path, so ``A/scan.h5`` and ``B/scan.h5`` nev
     OUT/
       .recon.lock                    flock of the running batch (a second batch on OUT refuses)
       .recon-state.json              what is finished (written atomically, fsynced)
-      .staging-<pid>-<rand>/<name>/  the scan being written (files *.part until complete)
+      .recon-batch                   the running cluster batch's token (its tasks publish
+                                     only under it)
+      .staging-<pid>-<8 hex>/<name>/ the scan being written (files *.part until complete)
       <stem>-<hash>/series_1001/S1001_I0001_<SOPInstanceUID>.dcm ...
       <stem>-<hash>/series_1001.h5
       .pacs-queue/                   DICOM waiting for a PACS (``recon-plugin send``; the
@@ -25,8 +27,9 @@ beside it (:mod:`recon_plugin.io.noise_dependency`).
 
 Per file: read (declared sizes checked against the memory budget first), reconstruct, write to
 staging, publish, record in the state, then deliver to the PACS and record that. ``resume``
-skips inputs whose state entry matches the input's size and mtime and the batch's settings
-(protocol, formats, overrides, ``--noise``) and whose outputs are all there (and, for a scan
+skips inputs whose state entry matches the input's size and mtime as it was read and the
+batch's settings (protocol, formats, overrides, ``--noise``, the protocol files and model
+cards) and whose outputs are all there with the sizes recorded (and, for a scan
 made without prewhitening because the noise measurement its header names was missing, while
 that file is still missing); a scan published but not yet
 delivered is delivered from its published files (same SOP / Series Instance UIDs, so a PACS
