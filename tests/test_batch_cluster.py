@@ -377,7 +377,7 @@ def test_a_worker_that_would_use_other_protocols_or_models_fails_its_files_sayin
     assert shared["max_bytes"] == 3 * 1024 ** 3
 
     here = worker_view(load_all(), {})
-    plugin = cluster.ReconPlugin("cpu", 1, None, None, None)
+    plugin = cluster.ReconPlugin("cpu", None, None, None, None)  # threads: left as they are
     plugin.setup()
     assert plugin.view == here  # the same machine: the same view
     (site / "extra.yaml").write_text("name: extra\nextends: default\n")  # only here now
