@@ -370,7 +370,7 @@ def test_a_worker_that_would_use_other_protocols_or_models_fails_its_files_sayin
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RECON_PLUGIN_PROTOCOLS", str(site))
     monkeypatch.setenv("RECON_PLUGIN_MAX_MEMORY_GB", "3")
-    shared = _for_workers("p/x.yaml", [Path("rel")], {"model": "m/v.safetensors"}, None, [])
+    shared = _for_workers("p/x.yaml", [Path("rel")], {"model": "m/v.safetensors"}, None, "")
     assert shared["protocol"] == str(tmp_path / "p" / "x.yaml")
     assert shared["protocol_dirs"] == [tmp_path / "rel", site]
     assert shared["overrides"]["model"] == str(tmp_path / "m" / "v.safetensors")

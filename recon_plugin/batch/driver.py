@@ -164,22 +164,25 @@ def _hash_files(files: list[str], names: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def worker_view(protos: list, overrides: dict) -> str:
+def worker_view(protos: list, overrides: dict, files: list[str] | None = None) -> str:
     """What a cluster worker must share with the batch process: the package version and the
     contents of the protocol files and model cards (:func:`configuration_digest`'s, by file
-    name rather than path, so that a worker with another install path agrees)."""
+    name rather than path, so that a worker with another install path agrees). ``files``:
+    those files where already listed (:func:`_configuration_files`)."""
     from .. import __version__
 
-    return __version__ + ":" + _hash_files(_configuration_files(protos, overrides), False)
+    files = _configuration_files(protos, overrides) if files is None else files
+    return __version__ + ":" + _hash_files(files, False)
 
 
-def configuration_digest(protos: list, overrides: dict) -> str:
+def configuration_digest(protos: list, overrides: dict, files: list[str] | None = None) -> str:
     """SHA-256 (16 hex digits) of what a run reads besides its inputs: the files of every
     protocol it may use (``protos``, as :func:`preflight` loaded them; each with the files it
     extends) and the model cards they name (the card holds its weights' hash), so that
     ``--resume`` makes an input again after a protocol or a model was changed (it had kept
-    images made with the protocol as it was)."""
-    return _hash_files(_configuration_files(protos, overrides), True)
+    images made with the protocol as it was). ``files``: as :func:`worker_view` takes it."""
+    files = _configuration_files(protos, overrides) if files is None else files
+    return _hash_files(files, True)
 
 
 def _load_models(protos: list, overrides: dict, recon: Reconstructor | None) -> None:
@@ -235,10 +238,11 @@ def run_batch(
     noise = Path(noise).resolve() if noise is not None else None  # workers may have another cwd
     files, protos = preflight(inputs, out_dir, protocol, overrides, send, workers,
                               protocol_dirs, max_memory_gb, recon, cluster, noise)
-    configuration = configuration_digest(protos, overrides or {})
+    read = _configuration_files(protos, overrides or {})  # listed once for both digests
+    configuration = configuration_digest(protos, overrides or {}, read)
     max_bytes = gb_to_bytes(max_memory_gb) if max_memory_gb else None
-    shared = _for_workers(protocol, protocol_dirs, overrides, max_bytes, protos) \
-        if cluster else None
+    shared = _for_workers(protocol, protocol_dirs, overrides, max_bytes,
+                          worker_view(protos, overrides or {}, read)) if cluster else None
     results: list[FileResult] = []
     with batch_lock(out_dir), contextlib.ExitStack() as stack, interruptible():
         try:
@@ -259,21 +263,16 @@ def run_batch(
                         send, workers, protocol_dirs, max_bytes, recon, results, session, noise,
                         configuration, token, shared)
         except ClusterLost as e:
-            ended = {r.input for r in results}
-            left = [p for p in files if str(p) not in ended]
-            results += [FileResult(str(p), False, error=f"not finished: the cluster {cluster} "
-                                   "was lost") for p in left]
+            left = _not_finished(results, files, f"not finished: the cluster {cluster} was "
+                                 "lost")
             log.error("the cluster %s was lost (%s): %d input(s) not finished; what was "
                       "published is kept and recorded: run the same command with --resume once "
-                      "the scheduler is back", cluster, e, len(left))
+                      "the scheduler is back", cluster, e, left)
         except _NoRoom as e:  # every later input would fail the same way, after its recon
-            ended = {r.input for r in results}
-            left = [p for p in files if str(p) not in ended]
-            results += [FileResult(str(p), False, error="not tried: no room to write in "
-                                   f"{out_dir}") for p in left]
+            left = _not_finished(results, files, f"not tried: no room to write in {out_dir}")
             log.error("no room to write in %s (%s): the batch stops%s; what was published is "
                       "kept and recorded: free space and run the same command with --resume",
-                      out_dir, e, f", {len(left)} input(s) not tried" if left else "")
+                      out_dir, e, f", {left} input(s) not tried" if left else "")
         except (BatchInterrupted, KeyboardInterrupt) as e:
             signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
             state = out_dir / STATE_FILE
@@ -283,6 +282,15 @@ def run_batch(
                         "finished")
             raise BatchInterrupted(signum, _ordered(results, files)) from None
     return _ordered(results, files)
+
+
+def _not_finished(results: list[FileResult], files: list[Path], why: str) -> int:
+    """Add a failed result saying ``why`` for each input of ``files`` without one (a batch
+    that stopped early); returns how many."""
+    ended = {r.input for r in results}
+    left = [FileResult(str(p), False, error=why) for p in files if str(p) not in ended]
+    results += left
+    return len(left)
 
 
 def _remove_if_made(out_dir: Path, made: bool) -> None:
@@ -407,13 +415,13 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
 
 
 def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
-                 overrides: dict | None, max_bytes: int | None, protos: list) -> dict:
+                 overrides: dict | None, max_bytes: int | None, view: str) -> dict:
     """What this process decided that a cluster worker (another working folder, another
     environment, maybe another machine) must not decide again by itself: protocol folders
     (``--protocol-dir`` and ``$RECON_PLUGIN_PROTOCOLS``), a protocol or model given by path,
-    all absolute; the memory limit (``$RECON_PLUGIN_MAX_MEMORY_GB`` here); and the
+    all absolute; the memory limit (``$RECON_PLUGIN_MAX_MEMORY_GB`` here); and ``view``, the
     :func:`worker_view` each worker must share (else its inputs fail, naming why)."""
-    from ..config.protocol import ENV_VAR
+    from ..config.protocol import given_dirs
     from ..io.budget import default_max_bytes
 
     def absolute(ref: str | None) -> str | None:
@@ -422,14 +430,12 @@ def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
             return ref  # a name: found on the folders given
         return str(Path(ref).expanduser().absolute())
 
-    env = [Path(d) for d in os.environ.get(ENV_VAR, "").split(os.pathsep) if d]
-    dirs = [Path(d).absolute() for d in [*(protocol_dirs or []), *env]]
+    dirs = [d.absolute() for d, _ in given_dirs(protocol_dirs)]
     over = dict(overrides or {})
     if over.get("model"):
         over["model"] = absolute(over["model"])
     return {"protocol": absolute(protocol), "protocol_dirs": dirs or None, "overrides": over,
-            "max_bytes": max_bytes or default_max_bytes(),
-            "view": worker_view(protos, overrides or {})}
+            "max_bytes": max_bytes or default_max_bytes(), "view": view}
 
 
 def _fingerprint(path: Path) -> str | None:

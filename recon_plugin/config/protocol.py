@@ -240,16 +240,22 @@ def validate(data: Any, source: str = "<protocol>") -> ProtocolSpec:
 # --------------------------------------------------------------------------- loading
 
 
+def given_dirs(extra: Iterable[Path | str] | None = None) -> list[tuple[Path, str]]:
+    """The protocol folders a user gave, in priority order, each with where it was given:
+    ``extra`` (``--protocol-dir``), then ``$RECON_PLUGIN_PROTOCOLS`` (not checked)."""
+    given: list[tuple[Path, str]] = [(Path(p), "--protocol-dir") for p in (extra or [])]
+    env = os.environ.get(ENV_VAR, "")
+    return given + [(Path(p), f"${ENV_VAR}") for p in env.split(os.pathsep) if p]
+
+
 def protocol_dirs(extra: Iterable[Path | str] | None = None) -> list[Path]:
-    """Folders searched for protocols, in priority order: ``extra`` (``--protocol-dir``),
-    ``$RECON_PLUGIN_PROTOCOLS``, the shipped ones (those that exist). A folder given in
-    ``extra`` or the variable that is not there raises ProtocolError naming it and where it
+    """Folders searched for protocols, in priority order: :func:`given_dirs`, the shipped ones
+    (those that exist). A folder given in ``extra`` (``--protocol-dir``) or
+    ``$RECON_PLUGIN_PROTOCOLS`` that is not there raises ProtocolError naming it and where it
     was given: a typo had run the batch with the shipped protocols instead of the site's
     (its institution, UID root, PACS targets and adapted models)."""
     here = Path(__file__).resolve().parents[1]  # the package folder
-    given: list[tuple[Path, str]] = [(Path(p), "--protocol-dir") for p in (extra or [])]
-    env = os.environ.get(ENV_VAR, "")
-    given += [(Path(p), f"${ENV_VAR}") for p in env.split(os.pathsep) if p]
+    given = given_dirs(extra)
     for path, source in given:
         if not path.is_dir():
             raise ProtocolError(f"protocol folder {path} ({source}) "
