@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..output.atomic import no_room, staging_name
+from ..output.atomic import no_room, staged_folder
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
 from .state import check_batch, publish
@@ -125,18 +124,14 @@ def recon_file(
         t.update(series[0].timings_s)
     t["slices"] = sum(len(s.images) for s in series)
     t0 = time.perf_counter()
-    name = output_name(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    root = out_dir / staging_name()
-    staged = root / name
-    try:
-        staged.mkdir(parents=True)
-        written = write_outputs(series, staged, formats, protocol.dicom_kwargs())
-        final = out_dir / name
+    final = out_dir / output_name(path)
+
+    def place(staged: Path, final: Path) -> None:
         check_batch(out_dir, batch)  # a task that outlived its batch publishes nothing
         publish(staged, final)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+
+    with staged_folder(final, place) as staged:
+        written = write_outputs(series, staged, formats, protocol.dicom_kwargs())
     t["output"] = time.perf_counter() - t0
     return [final / Path(w).relative_to(staged) for w in written], protocol
 

@@ -192,19 +192,25 @@ def is_staging(path: Path, alive_too: bool = True) -> bool:
     return False
 
 
+def _rename_new(staged: Path, final: Path) -> None:
+    os.rename(staged, final)
+    fsync_dir(final.parent)
+
+
 @contextmanager
-def staged_folder(final: Path | str) -> Iterator[Path]:
-    """Yield a new folder to fill, in a staging folder beside ``final`` (which must not exist);
-    when the block ends it becomes ``final`` in one rename. An error or a kill leaves
-    ``final`` absent, never part of it (a killed process's staging folder is removed by
-    :func:`is_staging` users)."""
+def staged_folder(final: Path | str, place: Callable[[Path, Path], None] | None = None,
+                  ) -> Iterator[Path]:
+    """Yield a new folder to fill, in a staging folder beside ``final``; when the block ends
+    ``place(staged, final)`` makes it ``final`` (default: one rename, ``final`` must not exist;
+    the batch's ``publish`` also replaces an earlier run's folder). An error or a kill leaves
+    ``final`` as it was, never part of the new one (a killed process's staging folder is
+    removed by :func:`is_staging` users)."""
     final = Path(final)
     root = final.parent / staging_name()
     staged = root / final.name
     staged.mkdir(parents=True)
     try:
         yield staged
-        os.rename(staged, final)
-        fsync_dir(final.parent)
+        (place or _rename_new)(staged, final)
     finally:
         shutil.rmtree(root, ignore_errors=True)
