@@ -23,7 +23,8 @@ def _at_least_one(text: str) -> int:
 
 
 def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
-    s = argparse.ArgumentParser(prog=prog, description="benchmarks: write tables/plots to docs/")
+    s = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
+                                description="benchmarks: write tables/plots to docs/")
     s.add_argument("what", choices=WHAT)
     s.add_argument("--protocol", default="brain_adaptive",
                    help="protocol whose adaptive policy is benchmarked or calibrated "

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     """Passive mode: wait for Gadgetron on ``--port`` and serve one stream."""
     from gadgetron.external import listen  # only where the gadgetron package is installed
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--port", type=int, default=18000)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)

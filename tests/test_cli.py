@@ -199,6 +199,27 @@ def test_usage_errors_exit_2(raw_dir, tmp_path, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, abbreviation", [
+    (["recon", "x.h5", "--out", "o", "--slice", "0"], "--slice"),  # --slices
+    (["recon", "x.h5", "--out", "o", "--proto", "default"], "--proto"),  # --protocol
+    (["--verb", "recon", "x.h5", "--out", "o"], "--verb"),  # --verbose
+    (["bench", "speed", "--quic"], "--quic"),  # bench's own parser: --quick
+])
+def test_abbreviated_options_are_usage_errors(argv, abbreviation, capsys):
+    """An option is taken only as spelled in full: a script's abbreviation would start meaning
+    another option the day one with the same beginning is added."""
+    with pytest.raises(SystemExit) as e:
+        main(["-q", *argv])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {abbreviation}" in capsys.readouterr().err
+
+
+def test_python_dash_m_recon_plugin_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "recon_plugin", "recon", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--slices" in r.stdout
+
+
 def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys, caplog):
     """The demo reconstructs with the shipped model, refined once for its scan (refine:
     shared): one slice trains the copy, and the other's image names that slice. Its patient

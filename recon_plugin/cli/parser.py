@@ -153,7 +153,13 @@ def _matrix(text: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
-    """Usage errors are one line on stderr (``recon-plugin recon: error: ...``), exit 2."""
+    """Usage errors are one line on stderr (``recon-plugin recon: error: ...``), exit 2. Options
+    are taken only as spelled in full: an abbreviation a script wrote (``--slice``) would start
+    meaning another option when one is added."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -523,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     """``recon-plugin`` with every subcommand; each sets ``fn``, the command that runs it."""
     p = _Parser(prog="recon-plugin")
     _global_flags(p, False)
-    flags = argparse.ArgumentParser(add_help=False)  # -q / -v also after the subcommand
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # -q / -v after it too
     _global_flags(flags, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_parser = sub.add_parser
