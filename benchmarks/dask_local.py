@@ -24,15 +24,20 @@ def free_port() -> int:
 
 def start_dask(workers: int, log_dir: Path, env: dict[str, str] | None = None,
                preload: Path | None = None, timeout_s: float = 120.0,
+               tls: tuple[Path, Path, Path] | None = None,
                ) -> tuple[str, Callable[[], None]]:
     """Start a scheduler on a free loopback port and ``workers`` single-threaded workers (``env``
     added to their environment, ``preload``: a ``--preload`` module), wait until all joined and
-    return ``(address, stop)``. Logs and worker folders go to ``log_dir``.
+    return ``(address, stop)``. Logs and worker folders go to ``log_dir``. ``tls``: (CA
+    certificate, certificate, key) PEM files that every process, and the client waiting for
+    the workers here, uses: the address is then ``tls://``.
 
     Each process runs in its own session, so ``os.killpg(os.getpgid(pid), SIGKILL)`` with a
     worker process's pid kills that worker and its nanny. ``stop()`` ends them all."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    address = f"tcp://127.0.0.1:{free_port()}"
+    address = f"{'tls' if tls else 'tcp'}://127.0.0.1:{free_port()}"
+    tls_args = ([f"--tls-{k}" for k in ("ca-file", "cert", "key")] if tls else [])
+    tls_args = [a for pair in zip(tls_args, map(str, tls or ())) for a in pair]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     procs: list[subprocess.Popen] = []
     logs = []
@@ -59,15 +64,20 @@ def start_dask(workers: int, log_dir: Path, env: dict[str, str] | None = None,
 
     try:
         start(["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-               "--dashboard-address", ":0"], "scheduler")
+               "--dashboard-address", ":0", *(["--protocol", "tls"] if tls else []),
+               *tls_args], "scheduler")
         for i in range(workers):
             start(["worker", address, "--nthreads", "1", "--nworkers", "1", "--host",
                    "127.0.0.1", "--dashboard-address", ":0", "--local-directory",
-                   str(log_dir / f"w{i}"), *(["--preload", str(preload)] if preload else [])],
-                  f"worker{i}")
+                   str(log_dir / f"w{i}"), *(["--preload", str(preload)] if preload else []),
+                   *tls_args], f"worker{i}")
         from distributed import Client
+        from distributed.security import Security
 
-        with Client(address, timeout="60s") as c:
+        security = (Security(tls_ca_file=str(tls[0]), tls_client_cert=str(tls[1]),
+                             tls_client_key=str(tls[2]), require_encryption=True)
+                    if tls else None)
+        with Client(address, timeout="60s", security=security) as c:
             c.wait_for_workers(workers, timeout=timeout_s)
     except BaseException:
         stop()

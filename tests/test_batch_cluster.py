@@ -5,6 +5,7 @@ code as a local batch, pixels identical."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,6 +295,51 @@ def test_bad_cluster_address_is_one_line_exit_2(raws, tmp_path, capfd, caplog, m
     assert main(["-q", "recon", str(raws), "--out", str(out), "--cluster",
                  f"tcp://127.0.0.1:{port}"]) == 2
     assert any("at most 86400" in r.getMessage() for r in caplog.records)
+
+
+def _tls_files(d: Path) -> tuple[Path, Path, Path]:
+    """A certificate authority and one certificate for 127.0.0.1 signed by it (openssl)."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "node.key",
+        "-out", "node.csr")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", "node.pem")
+    return d / "ca.pem", d / "node.pem", d / "node.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None,
+                    reason="openssl (Debian package openssl) makes the test's certificates")
+def test_a_tls_scheduler_runs_the_batch_with_dasks_tls_settings(raws, local_pixels, tmp_path,
+                                                                caplog):
+    """``--cluster tls://...``: the scheduler is asked who it is with the TLS settings of Dask's
+    configuration, as the Client is (the probe had none: a TypeError about ssl_context for
+    every TLS cluster); without such settings one line names the keys to set, exit 2."""
+    import dask
+
+    ca, cert, key = _tls_files(tmp_path)
+    address, stop = start_dask(1, tmp_path / "logs", tls=(ca, cert, key))
+    try:
+        out = tmp_path / "none"
+        assert main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled",
+                     "--cluster", address]) == 2
+        assert "distributed.comm.tls.ca-file, .client.cert and .client.key" in caplog.text
+        assert not out.exists()
+        out = tmp_path / "out"
+        with dask.config.set({"distributed.comm.tls.ca-file": str(ca),
+                              "distributed.comm.tls.client.cert": str(cert),
+                              "distributed.comm.tls.client.key": str(key)}):
+            assert main(["-q", "recon", str(raws), "--out", str(out), "--method",
+                         "zero-filled", "--cluster", address]) == 0
+    finally:
+        stop()
+    check_once(out, inputs(raws))
+    got = pixels(out, inputs(raws))
+    assert all(np.array_equal(a, b) for k in got for a, b in zip(got[k], local_pixels[k]))
 
 
 def test_a_scheduler_that_never_answers_is_refused_within_the_timeout(raws, tmp_path, caplog,

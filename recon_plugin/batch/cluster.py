@@ -160,13 +160,16 @@ class Session:
 def _answers(address: str, timeout: float) -> None:
     """Ask the scheduler at ``address`` who it is; raise (TimeoutError, OSError) where it does
     not answer within ``timeout`` seconds. Dask's Client waits for ever on a port that accepts
-    the connection and never answers (another service, a stopped scheduler)."""
+    the connection and never answers (another service, a stopped scheduler). A ``tls://``
+    scheduler is asked with the TLS settings of Dask's configuration, as the Client asks it."""
     import asyncio
 
     from distributed.core import rpc
+    from distributed.security import Security
 
     async def identity():
-        r = rpc(address, timeout=timeout)
+        r = rpc(address, timeout=timeout,
+                connection_args=Security().get_connection_args("client"))
         try:
             return await r.identity()
         finally:
@@ -175,12 +178,29 @@ def _answers(address: str, timeout: float) -> None:
     asyncio.run(asyncio.wait_for(identity(), timeout))
 
 
+def _check_tls(address: str) -> None:
+    """A ``tls://`` scheduler needs the client's certificates from Dask's configuration
+    (Dask's own error names an ssl_context argument); raise BatchUsageError naming the keys."""
+    if not address.startswith("tls://"):
+        return
+    from distributed.security import Security
+
+    if Security().get_connection_args("client").get("ssl_context") is None:
+        raise BatchUsageError(
+            f"--cluster {address}: a tls:// scheduler needs Dask's TLS settings for this client: "
+            "distributed.comm.tls.ca-file, .client.cert and .client.key in a Dask config file "
+            "(~/.config/dask/*.yaml) or as DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+            "..._TLS__CLIENT__CERT, ..._TLS__CLIENT__KEY")
+
+
 @contextlib.contextmanager
 def connect(address: str, timeout: float | None = None):
     """A :class:`Session` on ``address`` (see :func:`parse_address`); a scheduler that cannot be
     reached within ``timeout`` seconds raises BatchUsageError (one line)."""
     kind, arg = parse_address(address)
     timeout = connect_timeout() if timeout is None else timeout
+    if kind == "remote":
+        _check_tls(arg)
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its own connection retries and warnings: one line is ours
