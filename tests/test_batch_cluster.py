@@ -98,9 +98,11 @@ def both_workers_started(marker: Path) -> set[int]:
 
 
 @pytest.mark.parametrize("stage", ["compute", "publish"])
-def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, stage, capsys):
+def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, stage, capsys,
+                                                caplog):
     """A worker SIGKILLed mid-file (``compute``) or after publishing, before its result got back
-    (``publish``): the file is rerun on the other worker; every scan once, pixels as local."""
+    (``publish``): the file is rerun on the other worker; every scan once, pixels as local. The
+    batch's log says the worker left (it was seen only in the worker's own log)."""
     marker = tmp_path / "marker"
     address, stop = start_dask(2, tmp_path, {"CLUSTER_MARKER": str(marker),
                                              "CLUSTER_SLEEP_S": "0.7", "OMP_NUM_THREADS": "1"},
@@ -130,6 +132,9 @@ def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, st
     assert killed, "no worker was killed"
     assert code == 0, text
     assert f"{NFILES} of {NFILES} inputs reconstructed, 0 failed" in text
+    left = [r.getMessage() for r in caplog.records if " left (died or was stopped)" in
+            r.getMessage()]
+    assert len(left) == 1 and "1 remain, the files it was running are run again" in left[0]
     files = inputs(raws)
     check_once(out, files)
     victim_files = {w for pid, s, w in marks(marker) if pid == killed[0] and s == "compute"}

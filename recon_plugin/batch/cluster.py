@@ -34,6 +34,7 @@ from .state import BatchUsageError, ClusterLost, clean_stale, parse_address
 log = logging.getLogger(__name__)
 
 TIMEOUT_VAR = "RECON_PLUGIN_CLUSTER_TIMEOUT"  # seconds to reach a scheduler (default 5)
+WATCH_S = 2.0  # seconds between looks at the cluster's workers (their deaths are reported)
 MAX_CONNECT_TIMEOUT_S = 86400.0  # a day; 1e11 s was taken and a batch waited for ever
 
 
@@ -281,8 +282,11 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
     pending = set(futs)
     failed = 0
     stopped = False  # our LocalCluster closed here (interrupted)
+    workers, looked = set(info), time.monotonic()
     try:
         while pending:
+            if time.monotonic() - looked >= WATCH_S:
+                workers, looked = _watch_workers(client, workers, session.address), time.monotonic()
             try:
                 done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
             except TimeoutError:
@@ -311,6 +315,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                 finish(path, r, written, proto)
             if bar is not None:
                 bar.set_postfix(failed=failed, running=_running(client, pending), refresh=True)
+        _watch_workers(client, workers, session.address)  # one lost near the end, too
     except BaseException:
         with contextlib.suppress(Exception):  # a lost scheduler takes no more requests
             client.cancel(list(pending), force=True)
@@ -329,6 +334,24 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                             "stay loaded on the workers until they restart): %s",
                             session.address, plugin.name, e)
     clean_stale(out_dir)  # staging a dead worker left (every task of this batch is finished)
+
+
+def _watch_workers(client, known: set[str], address: str) -> set[str]:
+    """The scheduler's workers now; a worker that left since ``known`` (died, was stopped) is a
+    WARNING here, in the batch's own log, as one that joined is INFO: the scheduler reruns what
+    a lost worker was running, and its death was otherwise seen only in the worker's log."""
+    try:
+        now = set(client.scheduler_info(n_workers=-1).get("workers", {}))
+    except Exception as e:  # noqa: BLE001 - a report only; a lost scheduler ends the wait
+        log.debug("scheduler did not list its workers: %s", e)
+        return known
+    for w in sorted(known - now):
+        log.warning("cluster %s: worker %s left (died or was stopped); %d remain%s", address, w,
+                    len(now), ", the files it was running are run again on them" if now else
+                    ": the files wait for a worker (or stop with Ctrl-C and --resume later)")
+    for w in sorted(now - known):
+        log.info("cluster %s: worker %s joined (%d now)", address, w, len(now))
+    return now
 
 
 def _running(client, pending) -> int:
