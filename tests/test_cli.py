@@ -220,6 +220,24 @@ def test_python_dash_m_recon_plugin_is_the_command():
     assert r.returncode == 0 and "--slices" in r.stdout
 
 
+def test_a_batchs_own_output_inside_its_input_folder_is_not_taken_as_input(raw_dir, tmp_path,
+                                                                        capsys):
+    """``recon scans --out scans/out`` run twice, or into the input folder itself: the first
+    run's ``series_*.h5`` images (and its staging, hidden files such as macOS ``._scan.h5``)
+    were inputs of the second, each failing it ("unknown HDF5 layout"), exit 1."""
+    import shutil
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(raw_dir / "good.h5", scans / "scan.h5")
+    (scans / "._scan.h5").write_bytes(b"\0\5\26\7" + b"\0" * 60)  # an AppleDouble file
+    for out in (scans / "out", scans / "out2", scans):
+        assert main(["-q", "recon", str(scans), "--out", str(out), "--method", "zero-filled",
+                     "--format", "dicom,h5"]) == 0
+        assert "1 of 1 inputs reconstructed, 0 failed" in capsys.readouterr().out
+    assert len(list(scans.rglob("series_*.h5"))) == 3
+
+
 def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys, caplog):
     """The demo reconstructs with the shipped model, refined once for its scan (refine:
     shared): one slice trains the copy, and the other's image names that slice. Its patient

@@ -3,21 +3,41 @@ in them (``recon``, ``inspect`` and ``adapt`` take their inputs alike)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd", ".dat")  # .dat: Siemens twix
+# a folder holding one of these is a batch's --out (its state, its lock): its series are not raw
+BATCH_OUTPUT_MARKERS = (".recon-state.json", ".recon.lock")
+
+
+def _raw_files_under(folder: Path) -> list[Path]:
+    """Raw-data files in ``folder`` and its subfolders, sorted; hidden files and folders (a
+    batch's staging, macOS ``._scan.h5``) and the subfolders of a batch's output (a folder
+    holding :data:`BATCH_OUTPUT_MARKERS`: their ``series_*.h5`` are images) are passed over.
+    ``folder`` itself may be a batch's ``--out`` too: the raw files directly in it count."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        if any(m in files or m in dirs for m in BATCH_OUTPUT_MARKERS):
+            dirs.clear()
+            if root != str(folder):
+                continue
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, f) for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in RAW_SUFFIXES]
+    return sorted(q for q in found if q.is_file())
 
 
 def gather_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; folders expanded (sorted) to their raw-data files; the same file named
-    twice is taken once. Missing paths raise FileNotFoundError."""
+    """Files as given; folders expanded (sorted) to the raw-data files in them and their
+    subfolders (see :func:`_raw_files_under`: not hidden ones, not a batch's output); the same
+    file named twice is taken once. Missing paths raise FileNotFoundError."""
     out: list[Path] = []
     seen: set[Path] = set()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in RAW_SUFFIXES
-                           and q.is_file())
+            found = _raw_files_under(p)
         elif p.exists():
             found = [p]
         else:
