@@ -199,17 +199,21 @@ def test_simulate_under_a_file_size_limit_leaves_no_partial_raw_file(tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file()]
 
 
-def test_only_the_batchs_own_staging_folders_are_removed(raws, tmp_path):
+def test_only_the_staging_folders_of_killed_runs_are_removed(raws, tmp_path):
     """Every folder named ``.staging-*`` in --out was removed as a killed run's staging: one a
-    user had named ``.staging-backup`` went with its files."""
+    user had named ``.staging-backup`` went with its files, and a running process's (a ``serve
+    --dicom-out`` into the same folder, mid-scan) with its DICOM."""
     out = tmp_path / "out"
     (out / ".staging-backup").mkdir(parents=True)
     (out / ".staging-backup" / "important.txt").write_text("x")
-    (out / ".staging-4242-0123abcd" / "scan").mkdir(parents=True)  # a killed run's
-    (out / ".staging-4242-0123abcd" / "scan" / "1.dcm.part").write_bytes(b"")
+    dead = out / ".staging-999999999-0123abcd" / "scan"  # a killed run's: no such process
+    live = out / f".staging-{os.getpid()}-0123abcd" / "scan"  # this process is running
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "1.dcm.part").write_bytes(b"")
     assert main(["-q", "recon", str(raws / "a.h5"), "--out", str(out), *ZERO]) == 0
     assert (out / ".staging-backup" / "important.txt").read_text() == "x"
-    assert not (out / ".staging-4242-0123abcd").exists()
+    assert not dead.parent.exists() and (live / "1.dcm.part").exists()
 
 
 @pytest.mark.parametrize("case", ["dangling link", "name too long", "lock is a folder",

@@ -8,7 +8,8 @@ of the sha256 of the resolved input path, so ``A/scan.h5`` and ``B/scan.h5`` nev
       .recon-state.json              what is finished (written atomically, fsynced)
       .recon-batch                   the running cluster batch's token (its tasks publish
                                      only under it)
-      .staging-<pid>-<8 hex>/<name>/ the scan being written (files *.part until complete)
+      .staging-<pid>-<8 hex>/<name>/ the scan being written (DICOM as *.part until complete,
+                                     an .h5 as .<name>.<8 random> until written whole)
       <stem>-<hash>/series_1001/S1001_I0001_<SOPInstanceUID>.dcm ...
       <stem>-<hash>/series_1001.h5
       .pacs-queue/                   DICOM waiting for a PACS (``recon-plugin send``; the
@@ -17,8 +18,8 @@ of the sha256 of the resolved input path, so ``A/scan.h5`` and ``B/scan.h5`` nev
 A scan's whole folder is written under ``.staging-*`` and published with one rename (an atomic
 exchange when it replaces an earlier run's folder), so a folder scanner sees either the old
 series, or the new one, never a part or both. A re-run into the same OUT replaces the scan's
-folder; nothing is added beside it. Startup removes stale staging (a killed run's) and
-temporary state files.
+folder; nothing is added beside it. Startup removes stale staging (that of a process that is
+gone: a killed run's, not a running ``serve --dicom-out``'s) and temporary state files.
 
 An input that is a dependent noise measurement (noise acquisitions alone: the noise scan of
 another input) is passed over, no failure (``FileResult.passed_over``); an ISMRMRD input's
@@ -38,8 +39,9 @@ that already holds some overwrites them).
 Workers (``workers`` > 1) are spawned processes that die with the batch (``PR_SET_PDEATHSIG``).
 ``cluster`` (``tcp://HOST:PORT`` or ``local:N``) runs the same per-file function as Dask tasks
 (:mod:`recon_plugin.batch.cluster`); results come back here, where the state is written as locally.
-SIGTERM / SIGINT abandon the file in flight (its staging is removed), write the state and raise
-:class:`BatchInterrupted`; publishing and state writes finish first.
+SIGTERM / SIGINT abandon the file in flight (its staging is removed) and raise
+:class:`BatchInterrupted`; a publication or state write under way finishes first (the state is
+written as each input finishes, so it holds every input finished before the signal).
 
 Modules: :mod:`.driver` (preflight and the batch loop), :mod:`.files` (one input: read,
 reconstruct, stage, publish), :mod:`.pool` (``--workers`` processes), :mod:`.state` (lock,

@@ -220,7 +220,9 @@ def run_batch(
     as an input is passed over (``FileResult.passed_over``).
 
     Raises BatchUsageError (or a protocol / model error) before reconstructing anything when the
-    batch cannot run, and BatchInterrupted (with the results so far) on SIGTERM / SIGINT.
+    batch cannot run, and BatchInterrupted (with the results so far) on SIGTERM / SIGINT. Two
+    early stops return normally: no room to write (the inputs not tried fail as such) and a lost
+    cluster scheduler (the inputs not finished fail as such).
     ``workers`` > 1 reconstructs files in that many processes (each with
     ``cpu_count // workers`` torch threads and its own loaded models). ``cluster``
     (``tcp://HOST:PORT`` or ``local:N``) runs the files as Dask tasks instead; a scheduler that
@@ -314,7 +316,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     :func:`configuration_digest` of the run; ``token``: the batch's (:func:`start_batch`),
     which its cluster tasks publish under; ``shared``: what the cluster's workers are given
     (:func:`_for_workers`)."""
-    clean_stale(out_dir)
+    clean_stale(out_dir, alive_too=False)  # a killed run's; not a live server's
     state = load_state(out_dir)
     asked = job_settings(protocol, formats, overrides, protocol_dirs, noise, configuration)
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue

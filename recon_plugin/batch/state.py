@@ -259,12 +259,14 @@ def save_state(out_dir: Path, state: dict) -> None:
         write_text_atomic(out_dir / STATE_FILE, json.dumps(state, indent=1), fsync=True)
 
 
-def clean_stale(out_dir: Path) -> list[Path]:
+def clean_stale(out_dir: Path, alive_too: bool = True) -> list[Path]:
     """Remove what a killed run left in ``out_dir``: staging folders and temporary state files.
-    Only call while holding the batch lock. Returns what was removed."""
+    ``alive_too`` False (a batch's start): only the staging of processes that are gone, as a
+    ``serve --dicom-out`` into the same folder may be writing its own. Only call while holding
+    the batch lock. Returns what was removed."""
     removed = []
     for p in out_dir.iterdir():
-        if is_staging(p):
+        if is_staging(p, alive_too):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(f".{STATE_FILE}.") and p.is_file():
             p.unlink(missing_ok=True)
