@@ -585,14 +585,26 @@ def test_an_unusable_output_folder_is_refused_before_a_long_run(raw_dir, tmp_pat
     # it had been cut to --idle-timeout without a word
     (["--first-message-timeout", "400"], "--first-message-timeout 400 is longer than "
                                          "--idle-timeout 300"),
+    # header matching reads every protocol on the path: one that does not load failed each scan
+    (["--protocol-dir", "{broken}"], "broken.yaml"),
+    # a model that is not there: a warning at warm-up (none with --no-warmup), then every scan
+    (["--protocol-dir", "{nomodel}"], "model.variant: model 'no-such-model' not found"),
+    (["--protocol-dir", "{nomodel}", "--protocol", "nomodel"], "no-such-model"),
 ])
 def test_serve_refuses_to_start_on_what_every_scan_would_fail(tmp_path, args, named):
-    """``serve`` with an unknown ``--protocol`` or a ``--dicom-out`` it cannot write: exit 2
-    before listening. It had listened, then refused every scan (the protocol) or lost every
-    archive copy with a traceback in its log only (the folder)."""
+    """``serve`` with an unknown ``--protocol``, a ``--dicom-out`` it cannot write, a protocol on
+    its path that does not load or one whose model is not there: exit 2 before listening. It
+    had listened, then refused every scan (the protocols, the models) or lost every archive
+    copy with a traceback in its log only (the folder)."""
     file = tmp_path / "a_file"
     file.write_text("not a folder")
-    argv = [a.format(file=file) for a in args]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "broken.yaml").write_text("name: broken\nbogus_key: 1\n")
+    (tmp_path / "nomodel").mkdir()
+    (tmp_path / "nomodel" / "nomodel.yaml").write_text(
+        "name: nomodel\nmodel: {variant: no-such-model, method: unrolled}\n")
+    argv = [a.format(file=file, broken=tmp_path / "broken", nomodel=tmp_path / "nomodel")
+            for a in args]
     r = subprocess.run([sys.executable, "-m", "recon_plugin.cli", "serve", "--port", "0",
                         "--no-warmup", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr

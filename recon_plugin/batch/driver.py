@@ -105,19 +105,12 @@ def preflight(
 
         parse_target(send)
     overrides = overrides or {}
-    if protocol:
-        from ..config.protocol import load_protocol
-
-        protos = [load_protocol(protocol, protocol_dirs)]
-    else:  # matched by header: every protocol on the search path must load, and so must
-        from ..config.protocol import load_all  # their models (either had failed each input)
-
-        protos = load_all(protocol_dirs)
+    protos = protocols_to_run(protocol, protocol_dirs)
     try:  # before the models (it costs nothing), made after them (a refusal leaves nothing)
         check_writable_folder(out_dir, "--out")
     except ValueError as e:
         raise BatchUsageError(str(e)) from e
-    _load_models(protos, overrides, recon)
+    load_models(protos, overrides, recon)
     _check_out_dir(Path(out_dir))
     return files, protos
 
@@ -185,7 +178,19 @@ def configuration_digest(protos: list, overrides: dict, files: list[str] | None 
     return _hash_files(files, True)
 
 
-def _load_models(protos: list, overrides: dict, recon: Reconstructor | None) -> None:
+def protocols_to_run(protocol: str | None, protocol_dirs: list[Path] | None) -> list:
+    """The protocol named (``--protocol``), or with header matching every protocol on the search
+    path: each must load (one that does not had failed every input); its error otherwise."""
+    if protocol:
+        from ..config.protocol import load_protocol
+
+        return [load_protocol(protocol, protocol_dirs)]
+    from ..config.protocol import load_all
+
+    return load_all(protocol_dirs)
+
+
+def load_models(protos: list, overrides: dict, recon: Reconstructor | None = None) -> None:
     """Load every model the ``protos`` (as ``overrides`` change them) may run: the model and
     an adaptive policy's variants, where the method is the network (into ``recon`` when
     given). ModelError naming who names the model: ``--model`` or the protocol's key."""

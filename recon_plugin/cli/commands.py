@@ -572,15 +572,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     """Run the MRD streaming server until stopped."""
-    from ..config.protocol import load_protocol
+    from ..batch.driver import load_models, protocols_to_run
     from ..io.budget import gb_to_bytes
     from ..stream.noise_store import NOISE_DIR_ENV, default_noise_dir
     from ..stream.options import Limits
     from ..stream.server import serve
 
-    # what every scan would need, checked before listening (a scanner would get only errors)
-    if a.protocol:
-        load_protocol(a.protocol, a.protocol_dir)
+    # what every scan would need, checked before listening (a scanner would get only errors):
+    # the protocol, or every one header matching and a client's config name choose from, and
+    # every model they may run, as a batch checks them
+    load_models(protocols_to_run(a.protocol, a.protocol_dir), {})
     _check_memory_env(a.max_memory_gb)
     noise_option = ("--noise-dir" if a.noise_dir else f"${NOISE_DIR_ENV}"
                     if os.environ.get(NOISE_DIR_ENV, "").strip() else "the noise folder")
