@@ -393,14 +393,19 @@ def test_a_drain_names_why_a_pacs_that_stored_some_files_did_not_store_the_rest(
                         "(out of resources)); 2 files stay queued"], warnings
 
 
-def test_a_refusing_target_is_tried_by_each_input(orthanc, tmp_path):
+def test_a_refusing_target_is_tried_by_each_input(orthanc, tmp_path, caplog):
     """Only a target that does not answer is remembered as down: a refusal (a wrong AE
     title) is an answer, said again by each input's attempt."""
     down: dict[str, float] = {}
     wrong = f"WRONG_AET@127.0.0.1:{orthanc.dicom_port}"
-    paths = write_series(tmp_path / "dcm", nslices=1, seed=15)
-    pacs_queue.send_or_enqueue(paths, wrong, tmp_path / "q", CALLING, timeout=5, down=down)
+    for i in range(2):  # two inputs of one batch, sharing its memory of targets that are down
+        paths = write_series(tmp_path / f"dcm{i}", nslices=1, seed=15 + i)
+        assert pacs_queue.send_or_enqueue(paths, wrong, tmp_path / "q", CALLING, timeout=5,
+                                          down=down) == (0, 1)
     assert not down
+    tried = [r.getMessage() for r in caplog.records if "did not answer earlier" in
+             r.getMessage() or "queueing 1 files" in r.getMessage()]
+    assert len(tried) == 2 and not any("did not answer earlier" in t for t in tried), tried
 
 
 def _chmod_stops_writes(folder: Path) -> bool:

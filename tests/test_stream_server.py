@@ -1123,19 +1123,22 @@ def test_a_hard_stop_ends_a_scan_whose_lines_have_all_arrived(data, engine, tmp_
     (data["pdir"] / "stream_stop.yaml").write_text(
         f"name: stream_stop\nextends: stream_zf\npacs: {{targets: [\"NOBODY@127.0.0.1:9\"], "
         f"queue_dir: '{queue}'}}\n")
-    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
-                               dicom_out=tmp_path / "dcm")
-    sent: list = []
-    with pytest.raises(stream_options.ServerStopping, match="not finished") as stop:
-        eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
-                stream_options.StreamOptions(protocol="stream_stop"), stopping=lambda: True)
-    assert len(sent) == 1
-    result = stop.value.result
-    assert result.stopped and not result.complete and len(result.images) == 1
-    (f,) = eng.deliver(result)
-    assert "INCOMPLETE SERIES: the server was stopped during the scan" in \
-        pydicom.dcmread(f).ImageComments
-    assert not tried and [len(i["files"]) for i in pacs_queue.queued_items(queue)] == [1]
+    try:  # the module's protocol folder: its other tests match protocols from it
+        eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
+                                   dicom_out=tmp_path / "dcm")
+        sent: list = []
+        with pytest.raises(stream_options.ServerStopping, match="not finished") as stop:
+            eng.run(iter(data["acqs"]), data["header"].toXML(), sent.append,
+                    stream_options.StreamOptions(protocol="stream_stop"), stopping=lambda: True)
+        assert len(sent) == 1
+        result = stop.value.result
+        assert result.stopped and not result.complete and len(result.images) == 1
+        (f,) = eng.deliver(result)
+        assert "INCOMPLETE SERIES: the server was stopped during the scan" in \
+            pydicom.dcmread(f).ImageComments
+        assert not tried and [len(i["files"]) for i in pacs_queue.queued_items(queue)] == [1]
+    finally:
+        (data["pdir"] / "stream_stop.yaml").unlink()
 
 
 def test_a_second_stop_request_ends_the_drain(data, engine):
