@@ -18,6 +18,7 @@ Conventions
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
@@ -410,3 +411,17 @@ def series_by_contrast(images: list[ReconImage], header: ScanHeader, provenance:
         out.append(ReconSeries(ims, header, provenance, series_number=number(i),
                                series_description=description, timings_s=dict(timings_s or {})))
     return out
+
+
+def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) -> float:
+    """Ratio imaging-noise variance / noise-scan variance = noise dwell / imaging dwell.
+
+    Noise variance grows with receiver bandwidth (1 / dwell); 1.0 when either is unknown (None,
+    zero, negative, NaN or infinite: a header field a scanner left unset or a stream garbled).
+    """
+    def usable(dwell: float | None) -> bool:
+        return dwell is not None and math.isfinite(dwell) and dwell > 0
+
+    if not (usable(noise_dwell_us) and usable(acq_dwell_us)):
+        return 1.0
+    return float(noise_dwell_us) / float(acq_dwell_us)

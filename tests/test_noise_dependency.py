@@ -364,3 +364,31 @@ def test_a_noise_file_that_is_the_scan_itself_counts_its_noise_once(vol, tmp_pat
     given = read_ismrmrd(path, noise_path=path)
     np.testing.assert_array_equal(given.noise, alone.noise)
     assert not given.warnings
+
+
+def test_a_files_own_noise_joined_with_a_dependent_ones_is_scaled_to_its_dwell_time():
+    """Own noise at 5 us (variance 1) and a dependent measurement at 10 us (variance 0.5,
+    half the bandwidth) were joined as they were and then taken at the dependent's dwell
+    time: the whitened imaging noise came out at variance 0.667 instead of 1 (an auditor's
+    measurement). The file's own samples are now scaled to the dependent's level first."""
+    from types import SimpleNamespace
+
+    from helpers import crand
+
+    from recon_plugin.io.noise_dependency import use_dependent_noise
+    from recon_plugin.scan import noise_dwell_scale
+
+    rng = np.random.default_rng(3)
+    own, dependent = crand(rng, 4, 40000), crand(rng, 4, 40000) * np.float32(0.5 ** 0.5)
+    scan = SimpleNamespace(source="scan.h5", noise=own, noise_dwell_time_us=5.0)
+    warned = []
+    assert use_dependent_noise(scan, dependent, 10.0, "noise.h5", "noise.h5", 4,
+                               lambda msg, note=None: warned.append(msg))
+    assert scan.noise.shape == (4, 80000) and scan.noise_dwell_time_us == 10.0
+    first, second = (np.mean(np.abs(h) ** 2) / 2 for h in np.split(scan.noise, 2, axis=1))
+    assert first == pytest.approx(0.5, rel=0.03) and second == pytest.approx(0.5, rel=0.03)
+    # the imaging noise at 5 us, as prewhitening scales the noise scan's covariance to it
+    imaging = np.mean(np.abs(scan.noise) ** 2) / 2 * noise_dwell_scale(10.0, 5.0)
+    assert imaging == pytest.approx(1.0, rel=0.03)
+    assert warned == ["scan.h5: noise in file and in noise.h5; using both (the file's own, at "
+                      "dwell time 5 us, scaled to 10 us)"]

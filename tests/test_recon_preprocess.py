@@ -10,13 +10,12 @@ from recon_plugin.recon.preprocess import (
     coil_compression_matrix,
     drop_silent_coils,
     noise_covariance,
-    noise_dwell_scale,
     noise_prewhitening_matrix,
     whiten_and_compress,
     whitener_of_coils,
     whitening_matrix,
 )
-from recon_plugin.scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData
+from recon_plugin.scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData, noise_dwell_scale
 
 
 def _noise(cov: np.ndarray, n: int, rng) -> np.ndarray:

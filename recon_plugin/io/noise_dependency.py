@@ -33,7 +33,7 @@ import h5py
 import ismrmrd
 import numpy as np
 
-from ..scan import RawDataError, RawScan
+from ..scan import RawDataError, RawScan, noise_dwell_scale
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def use_dependent_noise(scan: RawScan, noise: np.ndarray | None, dwell_us: float
     count (None: not known yet, not checked). ``warn(message, note=None)``: a warning, with
     the note for every slice where the images lose their prewhitening by it. A measurement
     with other coils than the scan's is not used; with a noise scan of its own the scan uses
-    both (the dependent one's dwell time)."""
+    both, at the dependent one's dwell time (its own samples scaled to that noise level)."""
     where = scan.source
     if noise is None:
         if scan.noise is None:
@@ -241,7 +241,15 @@ def use_dependent_noise(scan: RawScan, noise: np.ndarray | None, dwell_us: float
     if scan.noise is not None:
         if noise.shape[0] == scan.noise.shape[0]:
             msg = f"{where}: noise in file and in {source}; using both"
-            noise = np.concatenate([scan.noise, noise], axis=1)
+            # one dwell time for the samples joined, the dependent one's: the file's own noise
+            # scaled to the level it would have had at it (variance ~ 1 / dwell)
+            to_dependent = noise_dwell_scale(dwell_us, scan.noise_dwell_time_us)
+            own = scan.noise
+            if to_dependent != 1.0:
+                own = (own * np.float32(to_dependent ** -0.5)).astype(own.dtype, copy=False)
+                msg += (f" (the file's own, at dwell time {scan.noise_dwell_time_us:g} us, "
+                        f"scaled to {dwell_us:g} us)")
+            noise = np.concatenate([own, noise], axis=1)
         else:
             msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in {source} "
                    f"({noise.shape[0]} coils); using {source}'s")

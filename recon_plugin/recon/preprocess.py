@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from ..scan import RawDataError, RawScan
+from ..scan import RawDataError, RawScan, noise_dwell_scale
 
 # the distinct whiteners (and their coil subsets) whose factorisations are kept: a scan has
 # one, a stream server serves a few scans at once
@@ -42,20 +42,6 @@ ENERGY_LIMIT = float(np.finfo(np.float32).max) / 2**10
 # weaker than the largest, which would otherwise underflow to 0 (a blank image, written as
 # such); raw data of scanners peak far above it
 PEAK_FLOOR = float(np.sqrt(np.finfo(np.float32).tiny)) * 2**20
-
-
-def noise_dwell_scale(noise_dwell_us: float | None, acq_dwell_us: float | None) -> float:
-    """Ratio imaging-noise variance / noise-scan variance = noise dwell / imaging dwell.
-
-    Noise variance grows with receiver bandwidth (1 / dwell); 1.0 when either is unknown (None,
-    zero, negative, NaN or infinite: a header field a scanner left unset or a stream garbled).
-    """
-    def usable(dwell: float | None) -> bool:
-        return dwell is not None and math.isfinite(dwell) and dwell > 0
-
-    if not (usable(noise_dwell_us) and usable(acq_dwell_us)):
-        return 1.0
-    return float(noise_dwell_us) / float(acq_dwell_us)
 
 
 _COV_CHUNK = 1 << 16  # noise samples per coil made double at a time
