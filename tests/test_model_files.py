@@ -34,18 +34,22 @@ def _edit_card(weights: Path, **arch) -> None:
     card_path.write_text(json.dumps(card))
 
 
-def test_a_model_path_without_its_weights_or_its_card_is_not_found(tmp_path):
+def test_a_model_path_without_its_weights_or_its_card_is_not_found(tmp_path, monkeypatch):
     """A path (as a protocol's ``model.variant`` or ``--model`` gives it) resolves only where
     the weights and the card are both there: ``inspect`` marks the protocol NOT FOUND from
-    this (it had passed a missing file, and recon refused it only later)."""
+    this (it had passed a missing file, and recon refused it only later). So does a name found
+    in ``$RECON_PLUGIN_MODELS`` (it resolved without its card)."""
     weights = _model(tmp_path)
     assert resolve_model(str(weights)) == weights
     assert resolve_model(str(tmp_path / "mine")) == weights  # without the suffix
     with pytest.raises(ModelError, match=r"missing\.safetensors: model weights not found"):
         resolve_model(str(tmp_path / "missing.safetensors"))
+    monkeypatch.setenv("RECON_PLUGIN_MODELS", str(tmp_path))
+    assert resolve_model("mine") == weights
     weights.with_suffix(".json").unlink()
-    with pytest.raises(ModelError, match=r"mine\.json: model card not found"):
-        resolve_model(str(weights))
+    for ref in (str(weights), "mine"):
+        with pytest.raises(ModelError, match=r"mine\.json: model card not found"):
+            resolve_model(ref)
 
 
 @pytest.mark.parametrize("arch", [{"num_cascades": 3}, {"dc": "gradient"}])

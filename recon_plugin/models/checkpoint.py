@@ -205,8 +205,8 @@ def resolve_model(name_or_path: str) -> Path:
         return _model_files(weights_path(p))
     env = os.environ.get("RECON_PLUGIN_MODELS", "")  # unset or empty: the shipped folder only
     for d in ([Path(env)] if env else []) + [WEIGHTS_DIR]:
-        if (d / f"{name_or_path}.safetensors").is_file():
-            return d / f"{name_or_path}.safetensors"
+        if (d / f"{name_or_path}.safetensors").is_file():  # its card is checked as a path's
+            return _model_files(d / f"{name_or_path}.safetensors")
     shipped = sorted(x.stem for x in WEIGHTS_DIR.glob("*.safetensors"))
     raise ModelError(f"model {name_or_path!r} not found; shipped models: {shipped} (a file of "
                      "your own: give its path, e.g. ./NAME.safetensors, or put it in "
