@@ -191,8 +191,9 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
                    large.read_bytes()[:20_000],
                    foreign.read_bytes()):  # the last had escaped as UnpicklingError
         (tmp_path / "ckpt.pt").write_bytes(damage)
+        # deleting the checkpoint alone keeps the damaged run's best.pt as the best so far
         with pytest.raises(ValueError, match="ckpt.pt: cannot resume from this checkpoint "
-                           r"\(damaged: .*delete it"):
+                           r"\(damaged: .*delete it and the best.pt beside it"):
             train_loop(model, loss_fn, tmp_path, steps=3, progress=False)
 
 

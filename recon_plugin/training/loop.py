@@ -119,8 +119,9 @@ def read_checkpoint(path: Path) -> dict:
         return load_saved(path, "a training checkpoint")
     except LOAD_ERRORS as err:
         raise ValueError(f"{path}: cannot resume from this checkpoint (damaged: "
-                         f"{first_line(err)}); delete it to train the run from its start, "
-                         "or use another run folder") from err
+                         f"{first_line(err)}); delete it and the best.pt beside it to "
+                         "train the run from its start (a best model left there is kept as "
+                         "the best so far), or use another run folder") from err
 
 
 def read_best(path: Path) -> dict:
