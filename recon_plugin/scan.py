@@ -204,6 +204,8 @@ class SliceData:
     notes:   what the reader found about this slice; its image's comments carry them.
     plane:   set where this "slice" is a ky-kz plane of a 3D slab accelerated along kz
              (kspace (coils, ky, kz), one per readout position), not an image of its own.
+    encoded_rows: (start, stop) ky rows inside the header's encoding limits where the stored
+             grid is wider (fastMRI's phase padding: zero columns outside them); None: all.
     """
 
     kspace: np.ndarray
@@ -221,6 +223,7 @@ class SliceData:
     acquisition_time_stamp: int | None = None
     notes: list[str] = field(default_factory=list)
     plane: SlabPlane | None = None
+    encoded_rows: tuple[int, int] | None = None
 
     @property
     def num_coils(self) -> int:

@@ -336,3 +336,20 @@ def test_measured_columns_outside_the_headers_limits_are_kept(tmp_path):
     assert any("outside the header's encoding limits" in w for w in scan.warnings)
     sl = scan.slices[0]
     assert sl.mask[: WINDOW.start].all() and np.all(np.abs(sl.kspace[:, : WINDOW.start]).sum(-1))
+
+
+def test_partial_fourier_is_measured_over_the_encoded_lines_not_the_padding(tmp_path):
+    """fastMRI's phase padding (zero columns outside the header's encoding limits) had counted
+    as lines: a partial-Fourier scan measuring the late 25 of its 34 encoded lines was
+    reported as 25 / 40 (an auditor's 0.75 scan: 0.633)."""
+    from recon_plugin.recon.describe import sampling
+
+    path, *_ = _make_file(tmp_path / "pf.h5")
+    with h5py.File(path, "r+") as f:
+        k = f["kspace"][()]
+        k[..., : WINDOW.start + 9] = 0  # the first 9 encoded lines not measured
+        f["kspace"][...] = k
+    sl = read_fastmri(path).slices[0]
+    assert sl.encoded_rows == (WINDOW.start, WINDOW.stop)
+    got = sampling(sl)
+    assert got["partial_fourier"] and got["partial_fourier_fraction"] == round(25 / 34, 3)

@@ -286,11 +286,12 @@ def _load_slice(ds: h5py.Dataset, i: int, single_coil: bool, where: str) -> np.n
 
 def _slice_data(k: np.ndarray, measured: np.ndarray, cols: np.ndarray, along_readout: bool,
                 nx: int, geometry: Geometry, target: np.ndarray | None, num_low: int | None,
-                i: int, where: str) -> SliceData:
+                i: int, where: str, window: np.ndarray) -> SliceData:
     """One slice from its k-space (coils, ky, kx_raw), its measured samples (ky, kx_raw) and
     acquired phase columns ``cols`` (ky,): the readout cropped to ``nx`` (which removes its
     oversampling), or, with ``along_readout``, the stored axes swapped so that ky runs along
-    the stored readout; ``target`` is stored (readout, phase) as fastMRI does."""
+    the stored readout; ``target`` is stored (readout, phase) as fastMRI does; ``window``
+    (ky,) bool: the phase columns inside the header's encoding limits."""
     if along_readout:  # lines along axis 2: it becomes ky
         k, measured = np.ascontiguousarray(np.swapaxes(k, -1, -2)), measured.T
         cols = measured.any(axis=1)
@@ -307,9 +308,12 @@ def _slice_data(k: np.ndarray, measured: np.ndarray, cols: np.ndarray, along_rea
     k = k * mask[None]
     if target is not None:
         target = np.ascontiguousarray(target if along_readout else target.T)
+    inside = np.flatnonzero(window)
+    encoded = (None if along_readout or inside.size in (0, window.size)
+               else (int(inside[0]), int(inside[-1]) + 1))
     return SliceData(kspace=k.astype(np.complex64, copy=False), mask=mask, geometry=geometry,
                      acs=calibration_block(mask) if is_2d_sampling(mask) else _acs(cols, num_low),
-                     target=target, slice_index=i)
+                     target=target, slice_index=i, encoded_rows=encoded)
 
 
 def read_fastmri(path: str | Path, max_bytes: int | None = None,
@@ -443,7 +447,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         slices.append(_slice_data(
             k, measured, cols, along_readout, nx, geoms[i],
             None if target is None else np.asarray(target[i], np.float32),
-            num_low, i, where))
+            num_low, i, where, window))
 
     acceleration = _acceleration(given_acceleration, nro if along_readout else npe, warn)
     acceleration_source = "file attribute 'acceleration'" if acceleration is not None else ""

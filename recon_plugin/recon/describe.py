@@ -45,7 +45,8 @@ def sampling(sl: SliceData) -> dict:
     else:  # zero padding outside the encoded lines and a partial Fourier gap do not count
         acc = _line_acceleration(rows)
         block = sl.acs
-    pf = bool(is_partial_fourier(rows)) and not two_d
+    encoded = rows[slice(*sl.encoded_rows)] if sl.encoded_rows else rows  # not fastMRI's padding
+    pf = bool(is_partial_fourier(encoded)) and not two_d
     return {
         "shape": [int(n) for n in mask.shape],
         "axes": ["ky", "kz" if sl.plane is not None else "kx"],
@@ -58,7 +59,7 @@ def sampling(sl: SliceData) -> dict:
         "mask_2d": bool(two_d),
         "fully_sampled": bool(fully_sampled(mask)),
         "partial_fourier": pf,
-        "partial_fourier_fraction": partial_fourier_fraction(rows) if pf else None,
+        "partial_fourier_fraction": partial_fourier_fraction(encoded) if pf else None,
         "separate_calibration": sl.calib is not None,
     }
 
@@ -85,10 +86,11 @@ def _line_acceleration(rows: np.ndarray) -> float:
 
 
 def partial_fourier_fraction(rows: np.ndarray) -> float:
-    """The partial-Fourier fraction of a line mask ``rows`` (ky,): the measured lines' extent
+    """The partial-Fourier fraction of a line mask ``rows`` (ky,) of the encoded lines (a
+    reader's phase padding cut off: :attr:`SliceData.encoded_rows`): the measured lines' extent
     (:func:`_line_span`, the undersampling pattern's own gap after its last line counted as in
-    the acceleration) over the encoded lines ``rows.size``, 3 decimals (the late 48 of 64
-    lines, every one or every 2nd: 0.75)."""
+    the acceleration) over ``rows.size``, 3 decimals (the late 48 of 64 lines, every one or
+    every 2nd: 0.75)."""
     return round(_line_span(rows) / rows.size, 3)
 
 
