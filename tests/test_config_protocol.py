@@ -527,3 +527,24 @@ def test_one_protocol_file_under_two_names_matches_without_hanging(tmp_path, cap
     t.join(10)
     assert chosen and chosen[0].name == "real", "match_protocol did not return"
     assert P.match_protocol(header("flair"), protos).name == "real-site"
+
+
+def test_extends_and_model_paths_in_the_home_folder(tmp_path, monkeypatch):
+    """``extends: ~/site/base.yaml`` was "not found" where ``--protocol ~/site/base.yaml``, a
+    ``model.variant`` and TLS paths expand ``~``; ``--model ~/models/mine.safetensors``
+    was looked for under a folder named ``~``. One rule for a path now (protocol_file,
+    model_file)."""
+    from recon_plugin.models.checkpoint import model_file
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    (home / "site").mkdir(parents=True)
+    (home / "site" / "base.yaml").write_text("name: base\ndescription: the site's base\n"
+                                             "model: {method: cg-sense}\n")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "child.yaml").write_text("name: child\nextends: ~/site/base.yaml\n")
+    assert P.load_protocol("~/site/base.yaml").name == "base"
+    child = P.load_protocol("child", [tmp_path / "p"])
+    assert child.name == "child" and child.description == "the site's base"
+    assert model_file("~/models/mine") == home / "models" / "mine.safetensors"
+    assert model_file("unrolled-base") is None and P.protocol_file("default") is None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import signal
 from pathlib import Path
 
@@ -428,20 +427,17 @@ def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
     (``--protocol-dir`` and ``$RECON_PLUGIN_PROTOCOLS``), a protocol or model given by path,
     all absolute; the memory limit (``$RECON_PLUGIN_MAX_MEMORY_GB`` here); and ``view``, the
     :func:`worker_view` each worker must share (else its inputs fail, naming why)."""
-    from ..config.protocol import given_dirs
+    from ..config.protocol import given_dirs, protocol_file
     from ..io.budget import default_max_bytes
-
-    def absolute(ref: str | None) -> str | None:
-        if ref is None or not (ref.endswith((".yaml", ".yml", ".safetensors"))
-                               or os.sep in ref):
-            return ref  # a name: found on the folders given
-        return str(Path(ref).expanduser().absolute())
+    from ..models.checkpoint import model_file
 
     dirs = [d.absolute() for d, _ in given_dirs(protocol_dirs)]
     over = dict(overrides or {})
-    if over.get("model"):
-        over["model"] = absolute(over["model"])
-    return {"protocol": absolute(protocol), "protocol_dirs": dirs or None, "overrides": over,
+    if over.get("model") and (path := model_file(over["model"])) is not None:
+        over["model"] = str(path.absolute())  # a name: found on the workers' model folders
+    if protocol and (path := protocol_file(protocol)) is not None:
+        protocol = str(path)  # a name: found on the folders given
+    return {"protocol": protocol, "protocol_dirs": dirs or None, "overrides": over,
             "max_bytes": max_bytes or default_max_bytes(), "view": view}
 
 

@@ -356,8 +356,8 @@ def _resolve_raw(path: Path, dirs: Sequence[Path], chain: list[Path]) -> dict:
         return data
     if not isinstance(base_ref, str) or not base_ref:
         raise ProtocolError(f"{path}: extends: expected a protocol name or path, got {base_ref!r}")
-    if base_ref.endswith(SUFFIXES) or "/" in base_ref:
-        base_path = (path.parent / base_ref).resolve()
+    base_path = protocol_file(base_ref, path.parent)
+    if base_path is not None:
         if not base_path.is_file():
             raise ProtocolError(f"{path}: extends: file {base_ref!r} not found")
     else:
@@ -402,13 +402,28 @@ def _build(spec: ProtocolSpec, source: Path | None, chain: list[Path]) -> Protoc
     )
 
 
+def protocol_file(ref: str, relative_to: Path | None = None) -> Path | None:
+    """``ref`` as a protocol file where it names one (a ``.yaml`` / ``.yml`` suffix, a folder
+    separator or a leading ``~``): ``~`` expanded, taken relative to ``relative_to`` (the folder
+    of the protocol whose ``extends`` it is; None: the working folder), resolved. None where
+    ``ref`` is a protocol name, looked for on the search path. The one rule of ``--protocol``,
+    ``extends`` and what a cluster's workers are given."""
+    if not (ref.endswith(SUFFIXES) or os.sep in ref or "/" in ref or ref.startswith("~")):
+        return None
+    try:
+        p = Path(ref).expanduser()
+    except RuntimeError:  # ~user without a home folder
+        raise ProtocolError(f"{ref}: no home folder for {ref.split('/')[0]}") from None
+    return (relative_to / p if relative_to is not None else p).resolve()
+
+
 def load_protocol(name_or_path: str | Path, search_path: Iterable[Path | str] | None = None
                   ) -> Protocol:
     """Load and validate a protocol by name (searched in :func:`protocol_dirs`) or file path."""
     dirs = protocol_dirs(search_path)
     ref = str(name_or_path)
-    if ref.endswith(SUFFIXES) or os.sep in ref or "/" in ref:
-        path = Path(ref).expanduser().resolve()
+    path = protocol_file(ref)
+    if path is not None:
         if not path.is_file():
             raise ProtocolError(f"{ref}: protocol file not found")
     else:

@@ -196,13 +196,28 @@ def load_inference_model(path: Path | str) -> tuple[nn.Module, dict]:
     return fold_batchnorm(model), card
 
 
+def model_file(ref: str) -> Path | None:
+    """``ref`` as a model's weights file where it names one (ending in ``.safetensors``, with a
+    folder part, or beginning with ``.`` or ``~``): ``~`` expanded, ``.safetensors`` added
+    where missing. None where ``ref`` is a model name (see :func:`resolve_model`). The one
+    rule of ``--model``, ``model.variant`` and what a cluster's workers are given."""
+    p = Path(ref)
+    if not (p.suffix == ".safetensors" or len(p.parts) > 1 or ref.startswith((".", "~"))):
+        return None
+    try:
+        p = p.expanduser()
+    except RuntimeError:  # ~user without a home folder
+        raise ModelError(f"{ref}: no home folder for {ref.split('/')[0]}") from None
+    return weights_path(p)
+
+
 def resolve_model(name_or_path: str) -> Path:
     """A shipped model name (``unrolled-base``; also searched in ``$RECON_PLUGIN_MODELS``) or a
     path to a .safetensors file (ending in ``.safetensors`` or naming a folder: ``./mine``,
     ``runs/x/mine``). A bare name never resolves to the working directory."""
-    p = Path(name_or_path)
-    if p.suffix == ".safetensors" or len(p.parts) > 1 or name_or_path.startswith("."):
-        return _model_files(weights_path(p))
+    p = model_file(name_or_path)
+    if p is not None:
+        return _model_files(p)
     env = os.environ.get("RECON_PLUGIN_MODELS", "")  # unset or empty: the shipped folder only
     for d in ([Path(env)] if env else []) + [WEIGHTS_DIR]:
         if (d / f"{name_or_path}.safetensors").is_file():  # its card is checked as a path's
