@@ -122,6 +122,24 @@ def test_resume_from_another_folder_and_in_a_copy_of_the_output(raws, tmp_path, 
     assert str(tmp_path / "s1" / output_name(src / "a.h5")) in text
 
 
+def test_resume_takes_protocol_folders_and_files_however_they_are_spelled(raws, tmp_path,
+                                                                         monkeypatch, capsys):
+    """``--protocol-dir`` and a ``--protocol`` file were recorded as typed: the same ones given
+    by absolute path, or from another working folder, made every input again."""
+    src = _inputs(raws, tmp_path)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "site.yaml").write_text("name: site\nmodel: {method: zero-filled}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "recon", "in", "--out", "k", "--protocol-dir", "p", "--protocol",
+                 "p/site.yaml"]) == 0
+    monkeypatch.chdir(src)
+    capsys.readouterr()
+    assert main(["-q", "recon", str(src), "--out", str(tmp_path / "k"), "--protocol-dir",
+                 str(tmp_path / "p"), "--protocol", str(tmp_path / "p" / "site.yaml"),
+                 "--resume"]) == 0
+    assert capsys.readouterr().out.count("skipped (done)") == 2
+
+
 def test_resume_makes_an_input_again_whose_dicom_was_damaged(raws, tmp_path, capsys):
     """``--resume`` checked only that the outputs existed: a truncated DICOM file counted as
     done. The record holds each output's size now."""

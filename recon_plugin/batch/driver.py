@@ -322,7 +322,8 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     (:func:`_for_workers`)."""
     clean_stale(out_dir, alive_too=False)  # a killed run's; not a live server's
     state = load_state(out_dir)
-    asked = job_settings(protocol, formats, overrides, protocol_dirs, noise, configuration)
+    ref, over = _resolved_refs(protocol, overrides)
+    asked = job_settings(ref, formats, over, protocol_dirs, noise, configuration)
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
     todo = []
     prints = {path: _fingerprint(path) for path in files}  # as read: a change later is seen
@@ -420,6 +421,21 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             bar.close()
 
 
+def _resolved_refs(protocol: str | None, overrides: dict | None) -> tuple[str | None, dict]:
+    """``protocol`` and the ``--model`` override, each made an absolute path where it names a
+    file (a name stays a name: found on the protocol / model folders), for a record that holds
+    from any working folder and for workers that may have another."""
+    from ..config.protocol import protocol_file
+    from ..models.checkpoint import model_file
+
+    over = dict(overrides or {})
+    if over.get("model") and (path := model_file(over["model"])) is not None:
+        over["model"] = str(path.absolute())
+    if protocol and (path := protocol_file(protocol)) is not None:
+        protocol = str(path)
+    return protocol, over
+
+
 def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
                  overrides: dict | None, max_bytes: int | None, view: str) -> dict:
     """What this process decided that a cluster worker (another working folder, another
@@ -427,16 +443,11 @@ def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
     (``--protocol-dir`` and ``$RECON_PLUGIN_PROTOCOLS``), a protocol or model given by path,
     all absolute; the memory limit (``$RECON_PLUGIN_MAX_MEMORY_GB`` here); and ``view``, the
     :func:`worker_view` each worker must share (else its inputs fail, naming why)."""
-    from ..config.protocol import given_dirs, protocol_file
+    from ..config.protocol import given_dirs
     from ..io.budget import default_max_bytes
-    from ..models.checkpoint import model_file
 
     dirs = [d.absolute() for d, _ in given_dirs(protocol_dirs)]
-    over = dict(overrides or {})
-    if over.get("model") and (path := model_file(over["model"])) is not None:
-        over["model"] = str(path.absolute())  # a name: found on the workers' model folders
-    if protocol and (path := protocol_file(protocol)) is not None:
-        protocol = str(path)  # a name: found on the folders given
+    protocol, over = _resolved_refs(protocol, overrides)
     return {"protocol": protocol, "protocol_dirs": dirs or None, "overrides": over,
             "max_bytes": max_bytes or default_max_bytes(), "view": view}
 

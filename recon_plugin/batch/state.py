@@ -182,9 +182,11 @@ def job_settings(protocol: str | None, formats, overrides: dict | None,
     overrides, ``--noise`` file (e.g. not after a ``--slices`` or ``--method`` trial run
     into the same --out) and ``configuration`` (the digest of the protocol files and model
     cards, :func:`~recon_plugin.batch.driver.configuration_digest`). Without ``--noise`` the
-    record is the one of a batch before the option existed."""
+    record is the one of a batch before the option existed. Protocol folders are recorded
+    resolved (``dirs`` and ``./dirs`` are one setting, from any working folder); the caller
+    gives a protocol or model path resolved."""
     asked = {"protocol": protocol, "formats": sorted(formats),
-             "protocol_dirs": [str(d) for d in protocol_dirs or []],
+             "protocol_dirs": _resolved(protocol_dirs or []),
              "overrides": {k: v for k, v in (overrides or {}).items() if v is not None}}
     if noise is not None:
         asked["noise"] = str(noise)
@@ -204,10 +206,24 @@ def same_job(recorded: str, asked: str) -> bool:
         then, now = json.loads(recorded), json.loads(asked)
     except (TypeError, ValueError):
         return False
-    if isinstance(then, dict) and isinstance(now, dict) and "configuration" not in then:
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return False
+    if isinstance(then.get("protocol_dirs"), list):  # recorded as given before they were resolved
+        then["protocol_dirs"] = _resolved(then["protocol_dirs"])
+    if "configuration" not in then:
         now.pop("configuration", None)
-        return then == now
-    return False
+    return then == now
+
+
+def _resolved(dirs: list) -> list[str]:
+    """Folders as absolute, resolved paths (``~`` expanded), as text."""
+    out = []
+    for d in dirs:
+        try:
+            out.append(str(Path(d).expanduser().resolve()))
+        except (RuntimeError, OSError, TypeError):  # ~user without a home, a loop: as given
+            out.append(str(d))
+    return out
 
 
 def load_state(out_dir: Path) -> dict:
