@@ -611,6 +611,30 @@ def test_serve_refuses_to_start_on_what_every_scan_would_fail(tmp_path, args, na
     assert named in r.stderr and "Traceback" not in r.stderr
 
 
+def test_serve_on_a_taken_port_is_a_usage_error_and_simulate_names_its_out(tmp_path, caplog):
+    """A port another process listens on: exit 2 naming it (only the bind is a usage error now;
+    an OSError hours into serving had been reported as "cannot serve on" with exit 2 too).
+    ``simulate --out FILE`` had been errno 17 / 20 text, exit 1."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "recon_plugin.cli", "serve", "--port",
+                            str(port), "--no-warmup", "--protocol", "default"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot serve on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    for out in (file, file / "sub"):
+        caplog.clear()
+        assert main(["-q", "simulate", "--out", str(out), "--slices", "1"]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and errors[0].startswith("--out "), errors
+
+
 def test_resume_keeps_inputs_finished_before_settings_were_recorded(tmp_path, capsys):
     """A state entry written before ``--resume`` compared settings (no ``settings`` key) is
     taken as finished with these: resuming skips it, it is not made again with new UIDs."""

@@ -28,6 +28,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from ..sim import simulate_volume
     from ..sim.writers import write_fastmri, write_ismrmrd
 
+    _writable(("--out", a.out))  # a file, a dangling link, not writable: exit 2 naming it
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -590,16 +591,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if first is not None and first > a.idle_timeout:  # it had been cut to it without a word
         raise UsageError(f"--first-message-timeout {first:g} is longer than --idle-timeout "
                          f"{a.idle_timeout:g}: give at most that, or a longer --idle-timeout")
-    try:
-        limits = Limits(max_total_open_bytes=gb_to_bytes(a.max_memory_gb)
-                        if a.max_memory_gb else None)
-        serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
-              dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
-              max_connections=a.max_connections, image_dtype=a.image_dtype,
-              drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits,
-              pacs_retry=a.pacs_retry, noise_dir=a.noise_dir,
-              first_message_timeout=min(30.0, a.idle_timeout) if first is None else first)
-    except OSError as e:  # e.g. the port is taken
-        log.error("cannot serve on %s:%d: %s", a.host, a.port, e)
-        return EXIT_USAGE
+    # where it cannot listen (the port taken): CannotListen, exit 2; an OSError while serving:
+    # exit 1, as every command's
+    limits = Limits(max_total_open_bytes=gb_to_bytes(a.max_memory_gb)
+                    if a.max_memory_gb else None)
+    serve(a.host, a.port, protocol=a.protocol, protocol_dirs=a.protocol_dir,
+          dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
+          max_connections=a.max_connections, image_dtype=a.image_dtype,
+          drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits,
+          pacs_retry=a.pacs_retry, noise_dir=a.noise_dir,
+          first_message_timeout=min(30.0, a.idle_timeout) if first is None else first)
     return EXIT_OK

@@ -463,6 +463,10 @@ def _close(conn: socket.socket, reply: _Reply | None = None, linger_s: float = 2
         conn.close()
 
 
+class CannotListen(ValueError):
+    """The server cannot listen where it was asked to (a usage error: exit 2 in the CLI)."""
+
+
 def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = None,
           protocol_dirs: Iterable[str | Path] | None = None, dicom_out: str | Path | None = None,
           device: str = "cpu", idle_timeout: float = 300.0, max_connections: int = 8,
@@ -484,13 +488,18 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
     separate noise measurements are kept for the scans that name them (None: the
     :class:`~recon_plugin.stream.noise_store.NoiseStore` default). ``first_message_timeout``:
     seconds a new connection may take to send its first message (at most ``idle_timeout``).
-    Returns the (stopped) server.
+    Returns the (stopped) server; raises :class:`CannotListen` where it cannot listen (an
+    OSError later, while serving, is raised as it is).
     """
-    server = ReconServer(host, port, idle_timeout=idle_timeout, max_connections=max_connections,
-                         limits=limits, image_dtype=image_dtype, device=device, protocol=protocol,
-                         protocol_dirs=protocol_dirs, dicom_out=dicom_out,
-                         drain_timeout=drain_timeout, pacs_retry_s=pacs_retry,
-                         noise_dir=noise_dir, first_message_timeout=first_message_timeout)
+    try:
+        server = ReconServer(host, port, idle_timeout=idle_timeout,
+                             max_connections=max_connections, limits=limits,
+                             image_dtype=image_dtype, device=device, protocol=protocol,
+                             protocol_dirs=protocol_dirs, dicom_out=dicom_out,
+                             drain_timeout=drain_timeout, pacs_retry_s=pacs_retry,
+                             noise_dir=noise_dir, first_message_timeout=first_message_timeout)
+    except OSError as e:  # the port is taken, the address is not one of this machine's
+        raise CannotListen(f"cannot serve on {host}:{port}: {e}") from e
     if warmup:
         server.engine.warmup()
     server.engine.retry_earlier_queues()
