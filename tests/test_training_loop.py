@@ -308,6 +308,19 @@ def test_a_killed_checkpoint_write_leaves_no_temporaries_on_resume(tmp_path, cap
            ".ckpt.pt.k2_9zq0a" in caplog.text
 
 
+def test_temporary_of_names_what_atomic_path_makes(tmp_path):
+    """The clean-ups of training runs and site folders find atomic_path's temporaries by
+    ``temporary_of``, beside atomic_path: a change of its naming is seen here (two regular
+    expressions elsewhere had re-encoded it)."""
+    from recon_plugin.output.atomic import atomic_path, temporary_of
+
+    for final, suffix in (("ckpt.pt", ""), ("model-3.json", ""), ("x.h5", ".part")):
+        with atomic_path(tmp_path / final, suffix=suffix) as tmp:
+            assert temporary_of(tmp.name, suffix) == final
+            tmp.write_bytes(b"x")
+    assert temporary_of("ckpt.pt") is None and temporary_of(".ckpt.pt.abc") is None
+
+
 class _Scripted:
     """A run whose validation scores are given per step: ``loss_fn`` counts the steps (from
     ``at``) and raises ``crash`` at step ``crash_at`` (a process killed there: nothing saved)."""

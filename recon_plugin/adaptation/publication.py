@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..models.checkpoint import file_sha256, save_model
-from ..output.atomic import write_text_atomic
+from ..output.atomic import temporary_of, write_text_atomic
 
 if TYPE_CHECKING:
     from ..models.unrolled import UnrolledNet
@@ -29,8 +29,6 @@ VERSIONS_FILE = "model_versions.json"
 # ``.publishing-STEM-N``: a publication of STEM-N in progress (removed once N is recorded)
 PENDING_PREFIX = ".publishing-"
 
-# atomic_path's temporaries: ``.NAME.`` and tempfile's 8 random characters
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
 
 
 def _versioned(stem: str) -> re.Pattern[str]:
@@ -229,8 +227,8 @@ def _remove_temporaries(site_dir: Path, stem: str, overlay: str) -> list[Path]:
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            m = _TEMPORARY.fullmatch(p.name)
-            if m and is_ours(m["name"]) and p.is_file():
+            final = temporary_of(p.name)
+            if final and is_ours(final) and p.is_file():
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

@@ -32,9 +32,25 @@ def make_readable(path: Path | str) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+# atomic_path's temporaries: ``.NAME.`` + tempfile's 8 random characters (+ the suffix asked)
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}")
+
+
+def temporary_of(name: str, suffix: str = "") -> str | None:
+    """The final file name whose :func:`atomic_path` temporary ``name`` is (made with
+    ``suffix``), None where ``name`` is not one: what a killed write left is found by it."""
+    if suffix:
+        if not name.endswith(suffix):
+            return None
+        name = name[: -len(suffix)]
+    m = _TEMPORARY.fullmatch(name)
+    return m["name"] if m else None
+
+
 @contextmanager
 def atomic_path(final: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success it replaces ``final``."""
+    """Yield a temporary path beside ``final`` (named as :func:`temporary_of` knows it); on
+    success it replaces ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix)

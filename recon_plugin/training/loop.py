@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import pickle
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..output.atomic import write_atomic
+from ..output.atomic import temporary_of, write_atomic
 from ..runtime import RunStopped, bars, first_line, stop_requests
 
 log = logging.getLogger(__name__)
@@ -140,8 +139,6 @@ def read_best(path: Path) -> dict:
 
 
 CHECKPOINTS = ("ckpt.pt", "best.pt")
-# atomic_path's temporaries for those names: ``.NAME.`` and tempfile's 8 random characters
-_TEMPORARY = re.compile(rf"\.(?:{'|'.join(map(re.escape, CHECKPOINTS))})\.[a-z0-9_]{{8}}")
 
 
 def write_checkpoint(path: Path, state: dict) -> None:
@@ -154,7 +151,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
     """Remove, naming them in the log, the temporaries a killed checkpoint write left in
     ``run_dir`` (``.ckpt.pt.XXXXXXXX`` / ``.best.pt.XXXXXXXX``, as atomic_path names them; no
     other file)."""
-    stale = sorted(p.name for p in run_dir.iterdir() if _TEMPORARY.fullmatch(p.name)
+    stale = sorted(p.name for p in run_dir.iterdir() if temporary_of(p.name) in CHECKPOINTS
                    and p.is_file())
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)
