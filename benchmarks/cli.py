@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from recon_plugin.adaptation import PARAMS as ADAPT_PARAMS
+
+log = logging.getLogger(__name__)
 
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
         "adapt-real", "guard", "snr", "independent", "ceiling", "cluster", "poisson", "slab",
@@ -63,7 +66,7 @@ def run(a: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--real-dir {a.real_dir}: no such folder")
     docs = Path(a.docs or ("bench-results" if a.real_dir is not None else "docs"))
     if a.docs is None and a.real_dir is not None:
-        print(f"tables and figures go to {docs}/ (--docs to choose)")
+        log.warning("tables and figures go to %s/ (--docs to choose)", docs)
     if a.what == "real":
         from recon_plugin.config.protocol import load_protocol
         from recon_plugin.models.checkpoint import WEIGHTS_DIR, resolve_model

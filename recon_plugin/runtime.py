@@ -1,5 +1,12 @@
-"""Process-level tuning for the entry points (CLI, in-process stream modules), never at import:
-the allocator (below) and torch's OpenMP wait policy (:func:`passive_thread_waits`).
+"""What a running process needs from the entry points (CLI, in-process stream modules), never
+done at import:
+
+* process tuning: the allocator (below) and torch's OpenMP wait policy
+  (:func:`passive_thread_waits`);
+* stopping on SIGTERM / SIGINT: :class:`RunStopped`, :func:`stop_requests` (after the current
+  step), :func:`stops_at_once`, :func:`ignore_stops`;
+* progress: :func:`bars` (whether to show tqdm bars) and :class:`ProgressLog` (lines instead);
+* :func:`held_lock` (an flock held for a block) and :func:`first_line` (an error in one line).
 
 glibc's malloc serves a block above its mmap threshold with a fresh ``mmap`` and gives the
 pages back on ``free``; below it, freed heap above ``M_TRIM_THRESHOLD`` is returned to the

@@ -175,7 +175,7 @@ def header_xml(hdr: dict, n_samples: int, max_lin: int, centre_lin: int, n_slice
     base = int(lookup(my, "sKSpace", "lBaseResolution", default=n_samples // 2) or n_samples // 2)
     lines = int(lookup(my, "sKSpace", "lPhaseEncodingLines", default=max_lin + 1) or max_lin + 1)
     pe_res = float(lookup(my, "sKSpace", "dPhaseResolution", default=1.0) or 1.0)
-    recon_y = max(int(round(base * pe_res * pe_fov / ro_fov)) if ro_fov else lines, 1)
+    recon_y = max(int(round(base * pe_res * pe_fov / ro_fov)), 1)  # ro_fov > 0: checked above
     enc_y = max(lines, max_lin + 1)
     os = max(n_samples // base, 1) if base else 1
     dims = int(lookup(my, "sKSpace", "ucDimension", default=2) or 2)

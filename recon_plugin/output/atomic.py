@@ -197,15 +197,18 @@ def is_staging(path: Path, alive_too: bool = True) -> bool:
     m = _STAGING.match(path.name)
     if not m or not path.is_dir():
         return False
-    if alive_too:
-        return True
+    return alive_too or not pid_alive(int(m.group(1)))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (another user's counts)."""
     try:
-        os.kill(int(m.group(1)), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except OSError:  # another user's process: alive
         return False
-    return False
+    except OSError:  # e.g. EPERM: another user's process
+        return True
+    return True
 
 
 def _rename_new(staged: Path, final: Path) -> None:

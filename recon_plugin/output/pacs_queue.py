@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..runtime import held_lock
 from . import pacs
-from .atomic import fsync_dir, write_text_atomic
+from .atomic import fsync_dir, pid_alive, write_text_atomic
 from .pacs import (
     DEFAULT_CALLING_AET,
     PacsError,
@@ -123,16 +123,6 @@ def enqueue(
     return final
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(queue_dir: Path | str) -> int:
     """Remove ``.tmp-<pid>-*`` batches whose process is gone (a copy a crash interrupted)."""
     n = 0
@@ -141,7 +131,7 @@ def clean_stale(queue_dir: Path | str) -> int:
         return 0
     for d in qdir.iterdir():
         m = re.fullmatch(r"\.tmp-(\d+)-.*", d.name)
-        if m and d.is_dir() and not _pid_alive(int(m.group(1))):
+        if m and d.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
             n += 1
     return n
