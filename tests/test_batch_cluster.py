@@ -391,8 +391,8 @@ def test_a_task_whose_batch_has_stopped_publishes_nothing(raws, tmp_path):
     recon = Reconstructor("cpu")
     r, written, _ = process_file(src, out, None, ("dicom",), {"method": "zero-filled"}, None,
                                  recon, batch=token)
-    assert not r.ok and r.error.startswith("Abandoned: abandoned: the batch that asked for it")
-    assert written == [] and sorted(p.name for p in out.iterdir()) == []
+    assert not r.ok and r.error.startswith("Abandoned: the batch that asked for it")
+    assert written == [] and sorted(p.name for p in out.iterdir()) == [".recon-batch.lock"]
     token = start_batch(out)  # running: published
     r, written, _ = process_file(src, out, None, ("dicom",), {"method": "zero-filled"}, None,
                                  recon, batch=token)
@@ -401,6 +401,38 @@ def test_a_task_whose_batch_has_stopped_publishes_nothing(raws, tmp_path):
     r, _, _ = process_file(src, out, None, ("dicom",), {"method": "zero-filled"}, None, recon,
                            batch=token)
     assert not r.ok and other != token
+
+
+def test_a_batch_ends_only_after_a_publication_under_its_token(tmp_path):
+    """A task's token check and its publication were two steps: a batch ending (or a new one
+    starting) in between still had the abandoned task's series published over its own. The
+    token now cannot change while a publication under it runs."""
+    from recon_plugin.batch.state import Abandoned, end_batch, start_batch, under_batch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    token = start_batch(out)
+    publishing, ended = threading.Event(), threading.Event()
+    release = threading.Event()
+
+    def task():
+        with under_batch(out, token):
+            publishing.set()
+            release.wait(10)
+
+    th = threading.Thread(target=task)
+    th.start()
+    assert publishing.wait(10)
+    stopper = threading.Thread(target=lambda: (end_batch(out, token), ended.set()))
+    stopper.start()
+    assert not ended.wait(0.5), "the token was removed during a publication under it"
+    release.set()
+    th.join(10)
+    assert ended.wait(10)
+    stopper.join(10)
+    with pytest.raises(Abandoned, match="^the batch that asked for it has stopped"):
+        with under_batch(out, token):
+            pass
 
 
 def test_a_worker_that_would_use_other_protocols_or_models_fails_its_files_saying_so(

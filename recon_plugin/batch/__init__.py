@@ -8,6 +8,7 @@ of the sha256 of the resolved input path, so ``A/scan.h5`` and ``B/scan.h5`` nev
       .recon-state.json              what is finished (written atomically, fsynced)
       .recon-batch                   the running cluster batch's token (its tasks publish
                                      only under it)
+      .recon-batch.lock              flock: the token does not change during a publication
       .staging-<pid>-<8 hex>/<name>/ the scan being written (DICOM as *.part until complete,
                                      an .h5 as .<name>.<8 random> until written whole)
       <stem>-<hash>/series_1001/S1001_I0001_<SOPInstanceUID>.dcm ...

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..output.atomic import no_room, staged_folder
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
-from .state import check_batch, publish
+from .state import publish, under_batch
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def recon_file(
     final = out_dir / output_name(path)
 
     def place(staged: Path, final: Path) -> None:
-        check_batch(out_dir, batch)  # a task that outlived its batch publishes nothing
-        publish(staged, final)
+        with under_batch(out_dir, batch):  # a task that outlived its batch publishes nothing
+            publish(staged, final)
 
     with staged_folder(final, place) as staged:
         written = write_outputs(series, staged, formats, protocol.dicom_kwargs())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = ".recon-state.json"
 LOCK_FILE = ".recon.lock"
 BATCH_FILE = ".recon-batch"  # the running batch's token: a cluster task publishes only under it
+BATCH_LOCK = ".recon-batch.lock"  # flock: a task's check and publication against the token's change
 
 
 class BatchUsageError(ValueError):
@@ -144,33 +146,52 @@ class Abandoned(RuntimeError):
     batch took the folder): its scan is not published."""
 
 
+@contextlib.contextmanager
+def _token_held(out_dir: Path, exclusive: bool) -> Iterator[None]:
+    """An flock on ``out_dir``'s :data:`BATCH_LOCK` while the block runs (waiting for it):
+    exclusive to change the token, shared to publish under it."""
+    with open(out_dir / BATCH_LOCK, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def start_batch(out_dir: Path) -> str:
     """Write a new token of the running batch into ``out_dir`` (lock held) and return it."""
     token = os.urandom(8).hex()
-    write_text_atomic(out_dir / BATCH_FILE, token, fsync=True)
+    with _token_held(out_dir, exclusive=True):
+        write_text_atomic(out_dir / BATCH_FILE, token, fsync=True)
     return token
 
 
 def end_batch(out_dir: Path, token: str) -> None:
-    """Remove the batch's token (still holding the lock): a task of it still running on a
-    cluster worker then abandons its scan instead of publishing it."""
-    with contextlib.suppress(OSError):
+    """Remove the batch's token (still holding the lock), once no task is publishing under it:
+    a task of it still running on a cluster worker then abandons its scan instead."""
+    with contextlib.suppress(OSError), _token_held(out_dir, exclusive=True):
         if (out_dir / BATCH_FILE).read_text() == token:
             (out_dir / BATCH_FILE).unlink()
 
 
-def check_batch(out_dir: Path, token: str | None) -> None:
-    """Raise :class:`Abandoned` unless the batch of ``token`` is the one running in
-    ``out_dir`` (None: no check, the task cannot outlive its batch)."""
+@contextlib.contextmanager
+def under_batch(out_dir: Path, token: str | None) -> Iterator[None]:
+    """Run the block (a publication) only while the batch of ``token`` is the one running in
+    ``out_dir``, and keep it so until the block ends (the token cannot change in between:
+    a check, then a publication, had left a window); raise :class:`Abandoned` where it is not.
+    ``token`` None: no check, the task cannot outlive its batch."""
     if token is None:
+        yield
         return
-    try:
-        current = (out_dir / BATCH_FILE).read_text()
-    except OSError:
-        current = None
-    if current != token:
-        raise Abandoned("abandoned: the batch that asked for it has stopped (or another batch "
-                        f"now writes to {out_dir}); its scan was not published")
+    with _token_held(out_dir, exclusive=False):
+        try:
+            current = (out_dir / BATCH_FILE).read_text()
+        except OSError:
+            current = None
+        if current != token:
+            raise Abandoned("the batch that asked for it has stopped (or another batch now "
+                            f"writes to {out_dir}); its scan was not published")
+        yield
 
 
 # ----------------------------------------------------------------------------- state
