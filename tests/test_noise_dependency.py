@@ -392,3 +392,18 @@ def test_a_files_own_noise_joined_with_a_dependent_ones_is_scaled_to_its_dwell_t
     assert imaging == pytest.approx(1.0, rel=0.03)
     assert warned == ["scan.h5: noise in file and in noise.h5; using both (the file's own, at "
                       "dwell time 5 us, scaled to 10 us)"]
+
+
+def test_a_dependent_noise_file_is_read_under_the_noise_cap(vol, tmp_path, monkeypatch, caplog):
+    """A scan's own noise scan is kept up to NOISE_MAX_BYTES; a dependent noise file had been
+    read whole, whatever its size (kept for the process's life in a cache), by a second copy
+    of the reading rules. Both now share them (io.mrd_assembler.noise_refusal)."""
+    from recon_plugin.io import ismrmrd_file, mrd_assembler
+
+    path = write_ismrmrd_noise(vol, tmp_path / "noise.h5", "N1")
+    coils, samples = vol.noise.shape
+    assert samples == 2 * 128  # two noise acquisitions of 128 samples each
+    monkeypatch.setattr(mrd_assembler, "NOISE_MAX_BYTES", coils * 128 * 8)  # one of them
+    noise, _ = ismrmrd_file._read_noise(path, "dataset")
+    assert noise.shape == (coils, 128)
+    assert caplog.text.count("noise acquisitions past") == 1

@@ -29,7 +29,7 @@ from ismrmrd.file import Container
 from ..physics import center_crop
 from ..scan import RawDataError, RawScan, SliceData
 from .budget import default_max_bytes
-from .mrd_assembler import MrdAssembler, noise_problem
+from .mrd_assembler import MrdAssembler, noise_problem, noise_refusal
 from .mrd_calibration import add_interleaved_calibration
 from .noise_dependency import (
     NOISE_ONLY,
@@ -93,10 +93,7 @@ def _read_noise_once(where: str, dataset: str, _size: int, _mtime_ns: int
     if not chunks:
         log.warning("%s: no noise acquisitions found in dependent measurement", where)
         return None, None
-    kept = [c for c in chunks if c.shape[0] == chunks[0].shape[0]]
-    if len(kept) < len(chunks):
-        log.warning("%s: noise acquisitions with differing coil counts; extra ones ignored", where)
-    noise = np.concatenate(kept, axis=1)
+    noise = np.concatenate(chunks, axis=1)
     problem = noise_problem(noise)
     if problem:  # it cannot whiten (as the assembler leaves out a file's own such noise scan)
         log.warning("%s: the dependent noise measurement is not used (%s)", where, problem)
@@ -109,15 +106,24 @@ def _noise_acquisitions(h: h5py.File, dataset: str, where: str
                         ) -> tuple[list[np.ndarray], float | None]:
     """The noise acquisitions' samples (each (coils, samples) complex64, in file order) and
     the last non-zero dwell time (microseconds; None: none) of the open file ``h``'s
-    :func:`~.noise_dependency.ismrmrd_group` (``dataset`` first). RawDataError where it has
-    no such group or its acquisitions cannot be read."""
+    :func:`~.noise_dependency.ismrmrd_group` (``dataset`` first), kept as a scan's own noise
+    scan is (:func:`~.mrd_assembler.noise_refusal`: the first coil count, a size limit).
+    RawDataError where it has no such group or its acquisitions cannot be read."""
     group = ismrmrd_group(h, dataset)
     if group is None:
         raise RawDataError(f"{where}: no ISMRMRD group with a header and data")
-    chunks, dwell = [], None
+    chunks, dwell, size, warned = [], None, 0, set()
     for acq in _iter_acquisitions(Container(h[group]), where):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            chunks.append(np.asarray(acq.data, np.complex64).copy())
+            data = np.asarray(acq.data, np.complex64)
+            refused = noise_refusal(chunks, size, data)
+            if refused is not None:
+                if refused[1] not in warned:
+                    warned.add(refused[1])
+                    log.warning("%s: %s", where, refused[0])
+                continue
+            chunks.append(data.copy())
+            size += data.nbytes
             dwell = float(acq.sample_time_us) or dwell
     return chunks, dwell
 

@@ -101,6 +101,22 @@ Key = tuple[int, int, int, int, int]  # (slice, contrast, phase, repetition, set
 # noise samples kept per scan (bytes): a coil covariance needs far fewer, and a stream had
 # grown its server's memory past --max-memory-gb with noise alone
 NOISE_MAX_BYTES = 256 * 2**20
+
+
+def noise_refusal(kept: list[np.ndarray], kept_bytes: int, data: np.ndarray
+                  ) -> tuple[str, str] | None:
+    """Why noise samples ``data`` (coils, samples) may not join those ``kept`` so far
+    (``kept_bytes`` together): another coil count than the first's, or more than
+    :data:`NOISE_MAX_BYTES` together; ``(message, kind)`` (kind: to warn once per kind), None
+    where they may. The rule of a scan's own noise scan and of a dependent measurement."""
+    if kept and kept[0].shape[0] != data.shape[0]:
+        return "noise acquisitions with differing coil counts; extra ones ignored", "noise-coils"
+    if kept_bytes + data.nbytes > NOISE_MAX_BYTES:
+        return (f"noise acquisitions past {NOISE_MAX_BYTES / 2**20:g} MB left out (the ones "
+                "before whiten)", "noise-bytes")
+    return None
+
+
 _COUNTERS = ("slice", "contrast", "phase", "repetition", "average")
 # what a stream does once a counter exceeds the header's limit (MrdAssembler._check_limits)
 _EARLY = {"average": "from now on a slice is reconstructed when the data end, once all its "
@@ -445,13 +461,9 @@ class MrdAssembler:
 
     def _add_noise(self, acq: ismrmrd.Acquisition) -> None:
         data = np.asarray(acq.data, np.complex64)
-        if self.noise and self.noise[0].shape[0] != data.shape[0]:
-            self._warn("noise acquisitions with differing coil counts; extra ones ignored",
-                       once="noise-coils")
-            return
-        if self._noise_bytes + data.nbytes > NOISE_MAX_BYTES:
-            self._warn(f"noise acquisitions past {NOISE_MAX_BYTES / 2**20:g} MB left out (the "
-                       "ones before whiten)", once="noise-bytes")
+        refused = noise_refusal(self.noise, self._noise_bytes, data)
+        if refused is not None:
+            self._warn(refused[0], once=refused[1])
             return
         if self.on_noise is not None:
             self.on_noise(data.nbytes)
