@@ -195,3 +195,17 @@ def retry_site(tmp_path, monkeypatch) -> Iterator[RetrySite]:
     made = eng_mod._SHARED.get("engine")
     if made is not None and made.pacs_retry is not None:
         made.pacs_retry.stop(timeout=5.0)
+
+
+def tracebacks(caplog) -> list[str]:
+    """The messages of the log records that carry a traceback."""
+    return [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+def archiving_engine(engine, monkeypatch, tmp_path) -> Path:
+    """Make the stream modules' shared engine one like ``engine`` that archives DICOM into
+    ``tmp_path / "dcm"`` (returned)."""
+    archiving = eng_mod.StreamEngine(engine.recon, protocol_dirs=engine.protocol_dirs,
+                                     dicom_out=tmp_path / "dcm")
+    monkeypatch.setitem(eng_mod._SHARED, "engine", archiving)
+    return tmp_path / "dcm"

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from stream_support import FakeConnection, gadget_module
+from stream_support import FakeConnection, archiving_engine, gadget_module, tracebacks
 
 from recon_plugin.stream import engine as eng_mod
 
@@ -28,9 +28,6 @@ PEER = REPO.parent / "shared" / "peers" / "python-ismrmrd-server"
 
 fire_module = gadget_module("fire_module")
 
-
-def _tracebacks(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.exc_info]
 
 
 @pytest.mark.parametrize("config, says", [
@@ -50,7 +47,7 @@ def test_refused_config_is_one_error_text_without_traceback(data, engine, monkey
         fire_module.process(conn, config, data["header"])
     assert conn.closed == 1 and not conn.images
     assert len(conn.texts) == 1 and conn.texts[0].startswith("ERROR") and says in conn.texts[0]
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 def test_refused_header_is_one_error_text_without_traceback(data, engine, monkeypatch, caplog):
@@ -62,7 +59,7 @@ def test_refused_header_is_one_error_text_without_traceback(data, engine, monkey
         fire_module.process(conn, {"parameters": {"protocol": "stream_zf"}}, header)
     assert conn.closed == 1 and not conn.images
     assert conn.texts[0].startswith("ERROR RawDataError") and "radial" in conn.texts[0]
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 def test_unusable_device_is_an_error_text_naming_the_variable(data, monkeypatch, caplog):
@@ -78,7 +75,7 @@ def test_unusable_device_is_an_error_text_naming_the_variable(data, monkeypatch,
     assert len(conn.texts) == 1 and conn.texts[0].startswith("ERROR ValueError: "
                                                              "RECON_PLUGIN_DEVICE=cuda")
     assert "no CUDA device" in conn.texts[0]
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 # ------------------------------------------------------------- python-ismrmrd-server's Connection
@@ -112,19 +109,13 @@ def _stream(Connection, acqs, close: bool):
     return Connection(ours, False), ours
 
 
-def _archiving(engine, monkeypatch, tmp_path):
-    archiving = eng_mod.StreamEngine(engine.recon, protocol_dirs=engine.protocol_dirs,
-                                     dicom_out=tmp_path / "dcm")
-    monkeypatch.setitem(eng_mod._SHARED, "engine", archiving)
-    return tmp_path / "dcm"
-
 
 def test_client_gone_after_its_close_still_archives(data, engine, monkeypatch, tmp_path, caplog,
                                                     peer_connection):
     """The client sent every acquisition and its CLOSE, then stopped reading: the images cannot
     be sent, nor the server's CLOSE; the scan is archived all the same (the failed CLOSE had
     escaped the module, with a traceback, before the scan was delivered: nothing written)."""
-    dcm = _archiving(engine, monkeypatch, tmp_path)
+    dcm = archiving_engine(engine, monkeypatch, tmp_path)
     conn, sock = _stream(peer_connection, list(data["acqs"]), close=True)
     try:
         with caplog.at_level(logging.INFO):
@@ -132,7 +123,7 @@ def test_client_gone_after_its_close_still_archives(data, engine, monkeypatch, t
     finally:
         sock.close()
     assert len(list(dcm.rglob("*.dcm"))) == 2
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 def test_connection_dropped_mid_scan_is_not_archived(data, engine, monkeypatch, tmp_path,
@@ -140,7 +131,7 @@ def test_connection_dropped_mid_scan_is_not_archived(data, engine, monkeypatch, 
     """The socket drops after half the acquisitions, without a CLOSE: the scan is abandoned with
     one warning, as ``recon-plugin serve`` abandons it, not reconstructed from what came and
     archived as a finished scan."""
-    dcm = _archiving(engine, monkeypatch, tmp_path)
+    dcm = archiving_engine(engine, monkeypatch, tmp_path)
     acqs = list(data["acqs"])
     conn, sock = _stream(peer_connection, acqs[: len(acqs) // 2 + 3], close=False)
     try:
@@ -151,7 +142,7 @@ def test_connection_dropped_mid_scan_is_not_archived(data, engine, monkeypatch, 
     assert not list(dcm.rglob("*.dcm"))
     assert any("client gone" in r.getMessage() and "CLOSE" in r.getMessage()
                for r in caplog.records if r.levelname == "WARNING")
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 # ----------------------------------------------------------------------- PACS queue retries
@@ -251,7 +242,7 @@ def test_an_unusable_retry_period_is_an_error_text_naming_the_variable(data, ret
     assert conn.closed == 1 and not conn.images
     assert len(conn.texts) == 1
     assert conn.texts[0].startswith(f"ERROR ValueError: RECON_PLUGIN_PACS_RETRY={value!r}")
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 @pytest.mark.parametrize("module, policy, told", [

@@ -20,7 +20,7 @@ import time
 import ismrmrd
 import numpy as np
 import pytest
-from stream_support import gadget_module
+from stream_support import archiving_engine, gadget_module, tracebacks
 
 from recon_plugin.stream import engine as eng_mod
 
@@ -121,9 +121,6 @@ def _header(data, replace: tuple[str, str] | None = None) -> bytes:
     return text.encode()
 
 
-def _tracebacks(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.exc_info]
-
 
 @pytest.fixture
 def shared(engine, monkeypatch):
@@ -153,7 +150,7 @@ def test_a_refused_configuration_is_an_error_gadgetron_raises(data, shared, capl
         g.run_node()
     assert g.closed and not g.images
     assert len(g.errors) == 1 and says in g.errors[0], g.errors
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 def test_a_refused_header_is_an_error_gadgetron_raises(data, shared, caplog):
@@ -163,18 +160,12 @@ def test_a_refused_header_is_an_error_gadgetron_raises(data, shared, caplog):
         g.run_node()
     assert g.closed and not g.images
     assert len(g.errors) == 1 and "RawDataError" in g.errors[0] and "radial" in g.errors[0]
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
-
-def _archiving(engine, monkeypatch, tmp_path):
-    archiving = eng_mod.StreamEngine(engine.recon, protocol_dirs=engine.protocol_dirs,
-                                     dicom_out=tmp_path / "dcm")
-    monkeypatch.setitem(eng_mod._SHARED, "engine", archiving)
-    return tmp_path / "dcm"
 
 
 def test_the_scan_is_archived_where_dicom_is_wanted(data, engine, monkeypatch, tmp_path):
-    dcm = _archiving(engine, monkeypatch, tmp_path)
+    dcm = archiving_engine(engine, monkeypatch, tmp_path)
     g = Gadgetron(GOOD, _header(data), list(data["acqs"]))
     g.run_node()
     assert len(g.images) == 2 and len(list(dcm.rglob("*.dcm"))) == 2
@@ -185,12 +176,12 @@ def test_gadgetron_that_stops_reading_still_gets_the_scan_archived(data, engine,
     """Every acquisition and the CLOSE come, but Gadgetron reads nothing back: no image can be
     sent; the scan is archived all the same (the first failed send had escaped the node:
     nothing archived, a traceback)."""
-    dcm = _archiving(engine, monkeypatch, tmp_path)
+    dcm = archiving_engine(engine, monkeypatch, tmp_path)
     g = Gadgetron(GOOD, _header(data), list(data["acqs"]), read=False)
     with caplog.at_level(logging.INFO):
         g.run_node()
     assert len(list(dcm.rglob("*.dcm"))) == 2
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 def _with_waveforms(acqs: list, n: int = 200) -> list:
@@ -210,13 +201,13 @@ def test_gadgetron_that_stops_reading_a_scan_with_waveforms_still_gets_it_archiv
     """The waveforms the node passes on meet the broken socket too: they are dropped and the
     scan goes on for its DICOM (a waveform's failed pass-through had ended the node: scan
     abandoned, logged as Gadgetron gone while Gadgetron was still sending)."""
-    dcm = _archiving(engine, monkeypatch, tmp_path)
+    dcm = archiving_engine(engine, monkeypatch, tmp_path)
     g = Gadgetron(GOOD, _header(data), _with_waveforms(list(data["acqs"])), read=False)
     with caplog.at_level(logging.INFO):
         g.run_node()
     assert len(list(dcm.rglob("*.dcm"))) == 2
     assert not any("Gadgetron gone" in r.getMessage() for r in caplog.records)
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 @pytest.mark.parametrize("share", [0.1, 0.6])
@@ -227,7 +218,7 @@ def test_a_connection_dropped_mid_scan_ends_the_node_and_is_not_archived(data, e
     once and abandons the scan with one warning, as ``serve`` and the FIRE module do (the
     package's read had looped for ever on the closed socket, one core busy; after a slice, the
     failed send of its image had escaped the node)."""
-    dcm = _archiving(engine, monkeypatch, tmp_path)
+    dcm = archiving_engine(engine, monkeypatch, tmp_path)
     acqs = list(data["acqs"])
     g = Gadgetron(GOOD, _header(data), acqs[: int(len(acqs) * share)], close=False)
     t0 = time.monotonic()
@@ -237,7 +228,7 @@ def test_a_connection_dropped_mid_scan_ends_the_node_and_is_not_archived(data, e
     assert not list(dcm.rglob("*.dcm"))
     assert any("Gadgetron gone" in r.getMessage() for r in caplog.records
                if r.levelname == "WARNING")
-    assert not _tracebacks(caplog)
+    assert not tracebacks(caplog)
 
 
 @pytest.mark.parametrize("retry", [None, "0"])
