@@ -393,7 +393,7 @@ def test_a_header_date_reaches_the_dicom_writer_whole(given, kept):
     """A date that is not xs:date had been cut to 8 characters before the DICOM writer checked
     it, so its warning named ``02.01.19`` for ``02.01.1970``; one with a time zone keeps
     its date."""
-    from recon_plugin.output.dicom_values import _da
+    from recon_plugin.output.dicom_values import da_value
     from recon_plugin.scan import Identity
     from recon_plugin.sim.header import build_header_xml
 
@@ -401,7 +401,7 @@ def test_a_header_date_reaches_the_dicom_writer_whole(given, kept):
                            identity=Identity(patient_birth_date="1970-01-02"))
     header = parse_header(xml.replace("1970-01-02", given), "t", [])
     assert header.identity.patient_birth_date == kept
-    assert _da(kept) == (kept if kept.isdigit() else "")
+    assert da_value(kept) == (kept if kept.isdigit() else "")
 
 
 def _set_fastmri_xml(path, edit) -> None:

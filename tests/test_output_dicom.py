@@ -303,8 +303,8 @@ def test_dciodvfy_clean_without_body_part(tmp_path):
 def test_spacing_between_slices_has_no_float_tail():
     """An oblique stack 8 mm apart: the spacing measured from the positions was written as
     '8.00000000000000' (a valid DS, but no scanner writes that)."""
-    from recon_plugin.output.dicom_geometry import _slice_spacing
-    from recon_plugin.output.dicom_values import _ds
+    from recon_plugin.output.dicom_geometry import spacing_between_slices
+    from recon_plugin.output.dicom_values import ds_value
 
     a = 0.12263075716594563  # rad about x
     normal = np.array([0.0, np.sin(a), np.cos(a)])
@@ -312,7 +312,7 @@ def test_spacing_between_slices_has_no_float_tail():
     centre = np.array([-69.75092324, -6.56374992, -37.37732842])
     geoms = [Geometry(centre + k * 8.0 * normal, read, np.cross(normal, read), normal)
              for k in range(3)]
-    assert _ds(_slice_spacing(None, geoms)) == "8.0"
+    assert ds_value(spacing_between_slices(None, geoms)) == "8.0"
 
 
 def test_pixel_format_and_series_scaling(tmp_path):
@@ -739,12 +739,12 @@ def test_non_ascii_text_fits_dicom_limits_in_bytes(tmp_path, kw):
 
 
 def test_text_and_names_are_cut_between_characters():
-    from recon_plugin.output.dicom_values import _pn, _text
+    from recon_plugin.output.dicom_values import pn_value, text_value
 
-    assert _text("é" * 40, 64) == "é" * 32
-    assert _text("ab" + "頭" * 30, 16) == "ab" + "頭" * 4  # 2 + 12 bytes; a 5th is 17
-    assert _text("plain ascii", 64) == "plain ascii"
-    name = _pn("山田" * 20 + "^" + "太郎" * 20 + "=" + "Yamada^Taro")
+    assert text_value("é" * 40, 64) == "é" * 32
+    assert text_value("ab" + "頭" * 30, 16) == "ab" + "頭" * 4  # 2 + 12 bytes; a 5th is 17
+    assert text_value("plain ascii", 64) == "plain ascii"
+    name = pn_value("山田" * 20 + "^" + "太郎" * 20 + "=" + "Yamada^Taro")
     groups = name.split("=")
     assert all(len(g.encode("utf-8")) <= 64 for g in groups)
     assert groups[1] == "Yamada^Taro" and "^" in groups[0]
@@ -755,7 +755,7 @@ def test_spacing_between_slices_of_a_stack_with_gaps(tmp_path):
     their median, SpacingBetweenSlices 5.4 mm, a distance no two slices have (viewers and
     converters that trust it place the slices wrong). The pitch is 3.6; a stack whose steps
     are no multiples of one pitch gets none."""
-    from recon_plugin.output.dicom_geometry import _slice_spacing
+    from recon_plugin.output.dicom_geometry import spacing_between_slices
 
     read, phase, normal = np.eye(3)
 
@@ -763,9 +763,9 @@ def test_spacing_between_slices_of_a_stack_with_gaps(tmp_path):
         return [Geometry(np.array([1.0, 2.0, 30.0]) + z * normal, read, phase, normal)
                 for z in offsets]
 
-    assert _slice_spacing(None, stack([0.0, 3.6, 10.8])) == pytest.approx(3.6)
-    assert _slice_spacing(None, stack([0.0, 3.6, 7.2, 10.8])) == pytest.approx(3.6)
-    assert _slice_spacing(None, stack([0.0, 3.0, 7.0])) is None
+    assert spacing_between_slices(None, stack([0.0, 3.6, 10.8])) == pytest.approx(3.6)
+    assert spacing_between_slices(None, stack([0.0, 3.6, 7.2, 10.8])) == pytest.approx(3.6)
+    assert spacing_between_slices(None, stack([0.0, 3.0, 7.0])) is None
     series = make_series(nslices=5, spacing=3.6)
     series.images = [series.images[i] for i in (1, 2, 4)]  # what --slices 1-2,4 reconstructs
     dss = read_series(dicom.write_series(series, tmp_path))

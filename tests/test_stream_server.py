@@ -883,12 +883,12 @@ def test_what_a_connection_reads_ahead_counts_against_the_memory_limit(data, eng
                                limits=stream_options.Limits(max_total_open_bytes=limit))
     inboxes = []
 
-    class Inbox(srv._Inbox):  # each connection's read-ahead, to look at
+    class Inbox(srv.Inbox):  # each connection's read-ahead, to look at
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             inboxes.append(self)
 
-    monkeypatch.setattr(srv, "_Inbox", Inbox)
+    monkeypatch.setattr(srv, "Inbox", Inbox)
     s = srv.ReconServer("127.0.0.1", 0, eng, idle_timeout=20.0, max_connections=2)
     t = threading.Thread(target=s.serve_forever, daemon=True)
     t.start()
@@ -921,14 +921,14 @@ def test_read_ahead_waits_while_its_session_is_busy_and_is_refused_once_it_waits
     is busy (here: has not asked for it yet) the reader waits, and reads it once the scans in
     progress free enough; once the session waits for it, it is refused, naming its size, what
     the scans hold and the limit (no reader waits for a session that waits for it)."""
-    from recon_plugin.stream.wire import Message, _Inbox
+    from recon_plugin.stream.wire import Inbox, Message
 
     mb = 1 << 20
     eng = eng_mod.StreamEngine(engine.recon,
                                limits=stream_options.Limits(max_total_open_bytes=10 * mb))
     eng._hold(9 * mb + mb // 2)  # what other scans hold
     stop = threading.Event()
-    inbox = _Inbox(64 * mb, stop, eng)
+    inbox = Inbox(64 * mb, stop, eng)
     reader = threading.Thread(target=inbox.admit, args=(mb, "acquisition 3"), daemon=True)
     reader.start()
     time.sleep(0.5)
@@ -1385,13 +1385,13 @@ def test_waiting_for_room_is_the_servers_time_not_the_clients():
     the reader waits for room with the next message's header read. That wait is the server's,
     so every message arrives (the wait had counted against the message's deadline: an
     ``IdleTimeout`` "the client sends too slowly" on the third, the data all in the socket)."""
-    from recon_plugin.stream.wire import MrdReader, _Inbox, _read_loop
+    from recon_plugin.stream.wire import Inbox, MrdReader, read_loop
 
     a, b = socket.socketpair()
     a.settimeout(1.0)
-    inbox = _Inbox(max_bytes=10_000, stop=threading.Event())
+    inbox = Inbox(max_bytes=10_000, stop=threading.Event())
     reader = MrdReader(a, stream_options.Limits(), idle_timeout=1.0, admit=inbox.admit)
-    threading.Thread(target=_read_loop, args=(reader, inbox), daemon=True).start()
+    threading.Thread(target=read_loop, args=(reader, inbox), daemon=True).start()
     try:
         with b.makefile("wb") as f:
             out = ProtocolSerializer(f)

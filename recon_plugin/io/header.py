@@ -239,7 +239,7 @@ def _first(values: Any) -> float | None:
 
 def _dicom_date(value: Any) -> str:
     """xs:date ``YYYY-MM-DD`` (a time zone suffix dropped) -> ``YYYYMMDD``; anything else as
-    given, for the DICOM writer to refuse by name (``output.dicom_values._da``): cut to 8
+    given, for the DICOM writer to refuse by name (``output.dicom_values.da_value``): cut to 8
     characters, ``02.01.1970`` had been named as ``02.01.19``."""
     if value is None:
         return ""

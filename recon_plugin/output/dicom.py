@@ -75,10 +75,10 @@ from ..scan import ReconImage, ReconSeries
 from .atomic import make_readable
 from .dicom_dataset import add_private_block, rwvm_item, series_dataset
 from .dicom_geometry import (
-    _effective_geometries,
-    _slice_spacing,
+    effective_geometries,
     image_plane,
     instance_order,
+    spacing_between_slices,
 )
 from .dicom_series import (
     DEFAULT_UID_ROOT,
@@ -87,7 +87,7 @@ from .dicom_series import (
     provenance_text,
     scan_uids,
 )
-from .dicom_values import _ds, _valid_uid
+from .dicom_values import ds_value, valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,11 @@ def write_series(
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         log.warning("header pixel spacing %s unusable; writing 1 mm", spacing)
         spacing = (1.0, 1.0)
-    geoms, defaulted = _effective_geometries(series)
+    geoms, defaulted = effective_geometries(series)
     if defaulted:
         log.warning("series %d: header has no usable geometry; writing the default axial "
                     "orientation (read=L, phase=P)", series.series_number)
-    study, frame = _valid_uid(study_uid or ""), _valid_uid(frame_uid or "")
+    study, frame = valid_uid(study_uid or ""), valid_uid(frame_uid or "")
     if study is None or frame is None:  # not given by the caller: this scan's own
         own = scan_uids(h, root)
         study, frame = study or own[0], frame or own[1]
@@ -231,7 +231,7 @@ def write_series(
     k, (wc, ww) = _scale_and_window(images, opts)
     base = series_dataset(series, uids, opts.body_part, opts.laterality, opts.institution)
     thickness = h.slice_thickness_mm or h.encoded_fov_mm[2] / max(h.encoded_matrix[2], 1)
-    between = _slice_spacing(h, geoms)
+    between = spacing_between_slices(h, geoms)
     normal = np.cross(geoms[0].read_dir, geoms[0].phase_dir)
     comments = provenance_text(series)
     if defaulted:
@@ -249,13 +249,13 @@ def write_series(
             ds.EchoNumbers = int(im.contrast) + 1
             ds.TemporalPositionIdentifier = int(im.phase) + 1
             ipp, iop = image_plane(g, (rows, cols), spacing)
-            ds.ImagePositionPatient = [_ds(v) for v in ipp]
-            ds.ImageOrientationPatient = [_ds(v) for v in np.round(iop, 8)]
-            ds.PixelSpacing = [_ds(spacing[0]), _ds(spacing[1])]
-            ds.SliceThickness = _ds(thickness) if thickness and thickness > 0 else ""
+            ds.ImagePositionPatient = [ds_value(v) for v in ipp]
+            ds.ImageOrientationPatient = [ds_value(v) for v in np.round(iop, 8)]
+            ds.PixelSpacing = [ds_value(spacing[0]), ds_value(spacing[1])]
+            ds.SliceThickness = ds_value(thickness) if thickness and thickness > 0 else ""
             if between and between > 0:
-                ds.SpacingBetweenSlices = _ds(between)
-            ds.SliceLocation = _ds(float(np.asarray(g.position, float) @ normal))
+                ds.SpacingBetweenSlices = ds_value(between)
+            ds.SliceLocation = ds_value(float(np.asarray(g.position, float) @ normal))
             ds.DerivationDescription = image_provenance_text(series, im)  # what made this one
             ds.ImageComments = image_comments(comments, im.notes)  # each note whole
             # finite pixels reach at most max_value (k is set by the series' finite peak); a
@@ -265,8 +265,8 @@ def write_series(
             ds.Rows, ds.Columns = rows, cols
             ds.SmallestImagePixelValue = int(stored.min())
             ds.LargestImagePixelValue = int(stored.max())
-            ds.WindowCenter = _ds(wc)
-            ds.WindowWidth = _ds(ww)
+            ds.WindowCenter = ds_value(wc)
+            ds.WindowWidth = ds_value(ww)
             ds.RealWorldValueMappingSequence = [rwvm_item(1.0 / k)]
             if opts.private_block:
                 add_private_block(ds, series, 1.0 / k, im.method)

@@ -30,7 +30,7 @@ def image_plane(
     return ipp, np.concatenate([read, phase])
 
 
-def _effective_geometries(series: ReconSeries) -> tuple[list[Geometry], bool]:
+def effective_geometries(series: ReconSeries) -> tuple[list[Geometry], bool]:
     """Per-image geometry; defaulted stacks with coincident positions are spread along +z."""
     geoms = [im.geometry for im in series.images]
     defaulted = any(g.defaulted for g in geoms)
@@ -62,7 +62,7 @@ def instance_order(series: ReconSeries) -> list[int]:
 
     The one order of a scan's numbered images: DICOM's InstanceNumber and an MRD file's
     ``image_index`` are both the 1-based place in it."""
-    return _order(series.images, _effective_geometries(series)[0])
+    return _order(series.images, effective_geometries(series)[0])
 
 
 def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]:
@@ -80,7 +80,7 @@ def _order(images: Sequence[ReconImage], geoms: Sequence[Geometry]) -> list[int]
 _SAME_PLANE_MM = 0.01  # positions closer than this along the normal are one plane
 
 
-def _slice_spacing(header: ScanHeader, geoms: Sequence[Geometry]) -> float | None:
+def spacing_between_slices(header: ScanHeader, geoms: Sequence[Geometry]) -> float | None:
     """Centre-to-centre distance along the normal measured from the slice positions (what a
     viewer checks against ImagePositionPatient); the header's value for a single slice.
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pydicom.uid import generate_uid
 
 from ..scan import NO_SIGNAL, ReconSeries, ScanHeader
-from .dicom_values import _cs, _short_hash, _text, _valid_uid
+from .dicom_values import cs_value, short_hash, text_value, valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _derived_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
     return kinds, variant, acq
 
 
-def _scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], list[str], str]:
+def scanning_sequence_value(header: ScanHeader) -> tuple[list[str], list[str], list[str], str]:
     """(ScanningSequence, SequenceVariant, ScanOptions, MRAcquisitionType): the scanner's own
     terms where the header has them (a twix header's), checked by :func:`scanner_terms`
     (``NONE`` beside another variant dropped; one MRAcquisitionType); each the header lacks, or
@@ -119,7 +119,7 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
     """
     root = uid_root if uid_root.endswith(".") else uid_root + "."
     ident = header.identity
-    scanner_frame = _valid_uid(ident.frame_of_reference_uid)
+    scanner_frame = valid_uid(ident.frame_of_reference_uid)
     siemens = _SIEMENS_MEASUREMENT.match(ident.measurement_id.strip())
     order = ident.accession_number.strip() or ident.study_id.strip()
     identified = bool(scanner_frame or ident.measurement_id.strip() or (
@@ -132,7 +132,7 @@ def scan_uids(header: ScanHeader, uid_root: str = DEFAULT_UID_ROOT) -> tuple[str
     else:
         seed = [ident.patient_id, ident.patient_name, ident.study_date, ident.study_time,
                 ident.study_id, ident.accession_number, ident.measurement_id or scanner_frame or ""]
-    study = _valid_uid(ident.study_instance_uid)
+    study = valid_uid(ident.study_instance_uid)
     if study is None:
         study = str(generate_uid(root, entropy_srcs=["study", *seed] if identified else None))
         how = "derived" if identified else "anonymous header, random"
@@ -205,13 +205,13 @@ def series_description(series: ReconSeries) -> str:
         if p.model_version:
             parts.append(f"v{p.model_version}")
         if p.model_hash:
-            parts.append(_short_hash(p.model_hash))
+            parts.append(short_hash(p.model_hash))
         if p.pruning_method and p.pruning_method != "none":
             parts.append(f"{p.pruning_method}{p.pruning_ratio:g}")
     suffix = " ".join(x for x in parts if x)
     room = 64 - len(suffix) - 3
-    base = _text(base, max(room, 8))
-    return _text(f"{base} [{suffix}]", 64)
+    base = text_value(base, max(room, 8))
+    return text_value(f"{base} [{suffix}]", 64)
 
 
 def _model_words(p) -> list[str]:
@@ -271,10 +271,10 @@ def provenance_text(series: ReconSeries) -> str:
         f"protocol={p.protocol or '-'}",
         f"software=recon_plugin {p.software_version or '-'}",
     ]
-    return _text("; ".join(w for w in words if w), 1024)
+    return text_value("; ".join(w for w in words if w), 1024)
 
 
-LT_MAX = 10240  # an LT value's limit (ImageComments), counted in UTF-8 bytes as _text does
+LT_MAX = 10240  # an LT value's limit (ImageComments), counted in UTF-8 bytes as text_value does
 
 
 def image_comments(head: str, notes: Iterable[str], max_len: int = LT_MAX) -> str:
@@ -282,8 +282,8 @@ def image_comments(head: str, notes: Iterable[str], max_len: int = LT_MAX) -> st
     notes, each whole, ``; ``-separated. Where they would pass ``max_len`` bytes (LT's 10240)
     the notes that fit are kept, in order, and a marker says how many were left out (with a
     warning): a note is never cut. The DICOM and the MRD image (the stream's) carry this text."""
-    head = _text(head, max_len)
-    notes = [t for t in (_text(n, max_len) for n in notes if n) if t]
+    head = text_value(head, max_len)
+    notes = [t for t in (text_value(n, max_len) for n in notes if n) if t]
 
     def joined(k: int) -> str:
         left = len(notes) - k
@@ -300,7 +300,7 @@ def image_comments(head: str, notes: Iterable[str], max_len: int = LT_MAX) -> st
                             "left out: %s", k, len(notes), max_len,
                             "; ".join(n[:80] for n in notes[k:]))
             return text
-    return _text(joined(0), max_len)  # a head alone over the limit (provenance is <= 1024)
+    return text_value(joined(0), max_len)  # a head alone over the limit (provenance is <= 1024)
 
 
 def _weight_text(series: ReconSeries) -> str:
@@ -324,10 +324,10 @@ def image_provenance_text(series: ReconSeries, image) -> str:
     return provenance_text(one)
 
 
-def _image_type(series: ReconSeries) -> list[str]:
+def image_type_value(series: ReconSeries) -> list[str]:
     dl, n, classical = method_counts(series)
     if n and dl == n:
         return ["DERIVED", "PRIMARY", "M", "DL_RECON"]
     if dl:
         return ["DERIVED", "PRIMARY", "M", "HYBRID_RECON"]
-    return ["DERIVED", "PRIMARY", "M", _cs(classical or "RECON")]
+    return ["DERIVED", "PRIMARY", "M", cs_value(classical or "RECON")]

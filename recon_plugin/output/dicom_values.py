@@ -24,16 +24,16 @@ def _fit(s: str, max_len: int) -> str:
     return raw[:max_len].decode("utf-8", errors="ignore")
 
 
-def _text(value: object, max_len: int) -> str:
+def text_value(value: object, max_len: int) -> str:
     """Header text -> a single DICOM string value (no backslash/control chars, capped at
     ``max_len`` UTF-8 bytes, see :func:`_fit`)."""
     s = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
     return _fit(s, max_len).rstrip()
 
 
-def _cs(value: object, max_len: int = 16) -> str:
+def cs_value(value: object, max_len: int = 16) -> str:
     """Code String: upper case letters, digits, space and underscore."""
-    s = re.sub(r"[^A-Z0-9 _]", "_", _text(value, 64).upper())
+    s = re.sub(r"[^A-Z0-9 _]", "_", text_value(value, 64).upper())
     return s[:max_len].strip()
 
 
@@ -44,7 +44,7 @@ def _as_given(value: object, max_len: int) -> tuple[str, bool]:
     return s, len(s) <= max_len and not _CONTROL.search(s)
 
 
-def _identifier(value: object, max_len: int, name: str) -> str:
+def identifier_value(value: object, max_len: int, name: str) -> str:
     """An identifier (PatientID) exactly as the header gives it: shortened, or with a
     backslash or control character replaced, it could name another patient, so a value that
     does not fit raises ValueError naming it instead."""
@@ -57,7 +57,7 @@ def _identifier(value: object, max_len: int, name: str) -> str:
     return s
 
 
-def _reference(value: object, max_len: int, name: str) -> str:
+def reference_value(value: object, max_len: int, name: str) -> str:
     """A reference to an order (AccessionNumber): as given, or empty with a warning where it
     does not fit (shortened, it could match another order)."""
     s, fits = _as_given(value, max_len)
@@ -69,7 +69,7 @@ def _reference(value: object, max_len: int, name: str) -> str:
     return s
 
 
-def _pn(value: object, name: str = "person name") -> str:
+def pn_value(value: object, name: str = "person name") -> str:
     """Person Name: ``^`` components in up to three ``=`` groups (alphabetic, ideographic,
     phonetic), each group at most 64 UTF-8 bytes (:func:`_fit`; components shortened, with a
     warning)."""
@@ -95,7 +95,7 @@ def _dropped(name: str | None, value: object, what: str) -> str:
     return ""
 
 
-def _da(value: object, name: str | None = None) -> str:
+def da_value(value: object, name: str | None = None) -> str:
     """ISMRMRD xs:date ``YYYY-MM-DD`` or ``YYYYMMDD`` -> DICOM DA, else empty (with a warning
     naming the attribute, where ``name`` is given and there was a value)."""
     digits = re.sub(r"[^0-9]", "", str(value or ""))
@@ -108,9 +108,9 @@ def _da(value: object, name: str | None = None) -> str:
     return digits
 
 
-def _tm(value: object, name: str | None = None) -> str:
+def tm_value(value: object, name: str | None = None) -> str:
     """ISMRMRD xs:time ``HH:MM:SS[.fraction]`` -> DICOM TM (fraction cut to 6 digits), else
-    empty (with a warning, as :func:`_da`)."""
+    empty (with a warning, as :func:`da_value`)."""
     m = re.fullmatch(r"(\d\d):?(\d\d)(?::?(\d\d)(\.\d+)?)?", str(value or "").strip())
     if not m:
         return _dropped(name, value, "a time (HH:MM:SS)")
@@ -120,7 +120,7 @@ def _tm(value: object, name: str | None = None) -> str:
     return hh + mm + ss + frac
 
 
-def _ds(x: float) -> str:
+def ds_value(x: float) -> str:
     """A float as a Decimal String of at most 16 characters."""
     return format_number_as_ds(float(x) + 0.0)  # + 0.0 turns -0.0 into 0.0
 
@@ -139,11 +139,11 @@ def nominal_field_t(tesla: float) -> float:
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
-def _valid_uid(value: str) -> str | None:
+def valid_uid(value: str) -> str | None:
     """``value`` if it is a syntactically valid UID (PS3.5 9.1), else None."""
     value = (value or "").strip().rstrip("\x00")
     return value if len(value) <= 64 and _UID_RE.fullmatch(value) else None
 
 
-def _short_hash(h: str, n: int = 8) -> str:
+def short_hash(h: str, n: int = 8) -> str:
     return re.sub(r"[^0-9a-fA-F]", "", h or "")[:n].lower()

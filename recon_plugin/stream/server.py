@@ -64,7 +64,7 @@ from .options import (
     parse_config_text,
 )
 from .scan_state import StreamResult
-from .wire import MrdReader, _Inbox, _read_loop
+from .wire import Inbox, MrdReader, read_loop
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +265,8 @@ class ReconServer:
         who = f"{peer[0]}:{peer[1]}"
         log.info("%s: connected", who)
         conn.settimeout(self.first_message_timeout)
-        inbox = _Inbox(self.read_ahead_bytes, self._stop, self.engine)
-        reader = threading.Thread(target=_read_loop,
+        inbox = Inbox(self.read_ahead_bytes, self._stop, self.engine)
+        reader = threading.Thread(target=read_loop,
                                   args=(MrdReader(conn, self.limits, self.idle_timeout,
                                                   inbox.admit), inbox),
                                   daemon=True, name=f"mrd-read-{who}")
@@ -302,7 +302,7 @@ class ReconServer:
         if result is not None:
             self.engine.deliver(result)
 
-    def _session(self, inbox: _Inbox, reply: _Reply) -> StreamResult | None:
+    def _session(self, inbox: Inbox, reply: _Reply) -> StreamResult | None:
         """Config, header, parameters, then the acquisitions through the engine."""
         options = StreamOptions(image_dtype=self.image_dtype)
         msg = inbox.get()

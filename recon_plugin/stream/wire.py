@@ -53,7 +53,7 @@ class MrdReader:
     socket's timeout from the first complete message on (before it, the shorter one the
     socket was given: a connection that never speaks frees its slot soon). ``admit(n, what)``
     is called before the ``n`` bytes of a message's payload are allocated (the connection's
-    :meth:`_Inbox.admit`: waits for room, or refuses the message by raising)."""
+    :meth:`Inbox.admit`: waits for room, or refuses the message by raising)."""
 
     def __init__(self, sock: socket.socket, limits: Limits, idle_timeout: float | None = None,
                  admit: Callable[[int, str], None] | None = None):
@@ -220,7 +220,7 @@ class MemoryBudget(Protocol):
     def free_read_ahead(self, nbytes: int) -> None: ...
 
 
-class _Inbox:
+class Inbox:
     """Messages read ahead by the reader thread: at most ``max_bytes`` while the session is
     busy (back-pressure on the client), each counted in ``budget`` (the server's memory
     limit) from before it is read (:meth:`admit`) until the session takes it."""
@@ -306,7 +306,7 @@ class _Inbox:
             self._cv.notify_all()
 
 
-def _read_loop(reader: MrdReader, inbox: _Inbox) -> None:
+def read_loop(reader: MrdReader, inbox: Inbox) -> None:
     while True:
         try:
             msg = reader.read()

@@ -66,7 +66,7 @@ def training_anatomy() -> Anatomy:
     return Anatomy(blank(a.gm), blank(a.wm), blank(a.csf), blank(a.other), a.affine, a.name)
 
 
-def _rotate(read, phase, angle):
+def rotate_slice(read, phase, angle):
     c, s = np.cos(angle), np.sin(angle)
     return c * read + s * phase, -s * read + c * phase
 
@@ -116,7 +116,7 @@ def make_batch(
         centre = anatomy_centre_lps(anatomy, z)
         read, phase = ORIENTATIONS[orient]
         if train:
-            read, phase = _rotate(read, phase, rng.uniform(-np.pi / 9, np.pi / 9))
+            read, phase = rotate_slice(read, phase, rng.uniform(-np.pi / 9, np.pi / 9))
             if rng.uniform() < 0.5:
                 read = -read  # mirror: left/right flipped readout
             centre = centre + rng.normal(0, 5, 3) * np.array([1, 1, 0])

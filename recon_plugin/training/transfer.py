@@ -36,7 +36,7 @@ from ..physics import cartesian_mask, center_crop, fft2c, ifft2c, rss
 from ..runtime import first_line, held_lock
 from ..sim.anatomy import CONTRASTS, load_anatomy, split_slabs
 from ..sim.simulate import ORIENTATIONS, anatomy_centre_lps, contrast_image, noise_covariance, sample_plane
-from .data import CENTER_FRACTION, Batch, _rotate, augment, batch_state, support_mask, training_anatomy
+from .data import CENTER_FRACTION, Batch, augment, batch_state, rotate_slice, support_mask, training_anatomy
 from .loop import LOAD_ERRORS
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def detailed_brain(shape: tuple[int, int], spacing_mm: tuple[float, float], rng:
     centre = anatomy_centre_lps(anatomy, rng.uniform(lo, hi - 1))
     centre = centre + rng.normal(0, 5, 3) * np.array([1, 1, 0])
     read, phase = ORIENTATIONS[orient]
-    read, phase = _rotate(read, phase, rng.uniform(-np.pi / 6, np.pi / 6))
+    read, phase = rotate_slice(read, phase, rng.uniform(-np.pi / 6, np.pi / 6))
     tissues = sample_plane(anatomy, centre, read, phase, shape, spacing_mm, rng,
                            rng.uniform(0, 5))
     img = np.abs(contrast_image(tissues, anatomy, str(rng.choice(list(CONTRASTS))), rng, True))
