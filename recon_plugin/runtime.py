@@ -6,6 +6,7 @@ done at import:
 * stopping on SIGTERM / SIGINT: :class:`RunStopped`, :func:`stop_requests` (after the current
   step), :func:`stops_at_once`, :func:`ignore_stops`;
 * progress: :func:`bars` (whether to show tqdm bars) and :class:`ProgressLog` (lines instead);
+* logging: :data:`LOG_FORMAT`, :func:`worker_logging` (a batch's worker processes);
 * :func:`held_lock` (an flock held for a block) and :func:`first_line` (an error in one line).
 
 glibc's malloc serves a block above its mmap threshold with a fresh ``mmap`` and gives the
@@ -40,6 +41,23 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's lines, and its workers'
+
+
+def worker_logging(level: int) -> None:
+    """A batch's worker process (``--workers``, a Dask worker) logs the package's lines as the
+    CLI does (:data:`LOG_FORMAT` on stderr, at the batch's ``level``), where nothing in it set
+    up logging for them (no handler on the ``recon_plugin`` logger nor on the root): their
+    warnings had come without level or source. A process with its own logging is left as it
+    is (a host, a test run)."""
+    package = logging.getLogger("recon_plugin")
+    if package.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package.addHandler(handler)
+    package.setLevel(level)
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3

@@ -147,8 +147,9 @@ def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, st
             np.testing.assert_array_equal(a, b)
 
 
-def test_local_cluster(raws, local_pixels, tmp_path, capsys):
-    """local:2, with a broken input among them: the summary and exit 1 as locally; resume."""
+def test_local_cluster(raws, local_pixels, tmp_path, capfd):
+    """local:2, with a broken input among them: the summary and exit 1 as locally; resume. The
+    workers' warnings are lines as the batch's own (they had come without level or source)."""
     out = tmp_path / "out"
     junk = tmp_path / "junk" / "broken.h5"
     junk.parent.mkdir()
@@ -156,8 +157,11 @@ def test_local_cluster(raws, local_pixels, tmp_path, capsys):
     args = ["recon", str(raws), str(junk), "--out", str(out), "--method", "zero-filled",
             "--cluster", "local:2"]
     assert main(["-q", *args]) == 1
-    text = capsys.readouterr().out
+    text, err = capfd.readouterr()
     assert f"{NFILES} of {NFILES + 1} inputs reconstructed, 1 failed" in text
+    said = [ln for ln in err.splitlines() if "the header has no patient ID" in ln]
+    assert said and all(ln.startswith("WARNING recon_plugin.output.dicom_dataset: the header")
+                        for ln in said), err[-2000:]
     assert f"FAILED          {junk}: RawDataError" in text
     files = inputs(raws)
     check_once(out, files)
@@ -166,7 +170,30 @@ def test_local_cluster(raws, local_pixels, tmp_path, capsys):
         for a, b in zip(got[name], ref):
             np.testing.assert_array_equal(a, b)
     assert main(["-q", *args, "--resume"]) == 1  # resume state as locally
-    assert capsys.readouterr().out.count("skipped (done)") == NFILES
+    assert capfd.readouterr().out.count("skipped (done)") == NFILES
+
+
+def test_a_signal_while_the_cluster_closes_abandons_nothing(raws, tmp_path, monkeypatch,
+                                                           caplog, capsys):
+    """SIGTERM once every input had ended, while the LocalCluster was being closed: the process
+    died there (exit 143 without a summary, Dask's tracebacks). The shutdown now finishes under
+    the batch's handler, the summary comes and the status is the batch's."""
+    from recon_plugin.batch import driver
+
+    real = driver.end_batch
+
+    def then_signal(*args):  # the first of the cluster's shutdown steps
+        os.kill(os.getpid(), signal.SIGTERM)
+        real(*args)
+
+    monkeypatch.setattr(driver, "end_batch", then_signal)
+    out = tmp_path / "out"
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled",
+                 "--cluster", "local:1"]) == 0
+    assert f"{NFILES} of {NFILES} inputs reconstructed, 0 failed" in capsys.readouterr().out
+    assert "SIGTERM came while the cluster was being closed, after every input had ended: " \
+           "nothing was abandoned" in caplog.text
+    check_once(out, inputs(raws))
 
 
 def test_local_cluster_workers_die_with_the_batch(raws, tmp_path):

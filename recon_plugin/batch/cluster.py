@@ -62,8 +62,12 @@ class ReconPlugin(WorkerPlugin):
 
     def __init__(self, device: str, threads: int | None, max_bytes: int | None,
                  protocol: str | None, protocol_dirs: list[Path] | None,
-                 slots_by_host: dict[str, int] | None = None, overrides: dict | None = None):
+                 slots_by_host: dict[str, int] | None = None, overrides: dict | None = None,
+                 log_level: int | None = None):
         self.device, self.threads, self.max_bytes = device, threads, max_bytes
+        # the batch's: a worker's lines as the CLI's (runtime.worker_logging)
+        self.log_level = (logging.getLogger("recon_plugin").getEffectiveLevel()
+                          if log_level is None else log_level)
         self.protocol, self.protocol_dirs = protocol, protocol_dirs
         self.overrides = overrides or {}
         self.slots_by_host = slots_by_host or {}
@@ -76,9 +80,10 @@ class ReconPlugin(WorkerPlugin):
 
     def setup(self, worker=None):
         from ..recon.pipeline import Reconstructor
-        from ..runtime import tune_allocator
+        from ..runtime import tune_allocator, worker_logging
 
         tune_allocator()
+        worker_logging(self.log_level)
         threads = self.threads
         if not threads and worker is not None:
             host = _host(worker.address)
@@ -211,8 +216,10 @@ def connect(address: str, timeout: float | None = None):
         cluster = None
         try:
             if kind == "local":
+                # its workers' own errors (a heartbeat the stopping scheduler missed) are not
+                # the batch's: a task's error comes back to it
                 cluster = LocalCluster(n_workers=arg, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", silence_logs=logging.ERROR)
+                                       dashboard_address=":0", silence_logs=logging.CRITICAL)
                 client = Client(cluster, timeout=f"{timeout}s")
             else:
                 try:

@@ -250,7 +250,9 @@ def run_batch(
     shared = _for_workers(protocol, protocol_dirs, overrides, max_bytes,
                           worker_view(protos, overrides or {}, read)) if cluster else None
     results: list[FileResult] = []
-    with batch_lock(out_dir), contextlib.ExitStack() as stack, interruptible():
+    # the cluster's shutdown (the stack) runs under the batch's signal handler: a signal then,
+    # with every input ended, had killed the process in it (no summary, Dask's tracebacks)
+    with batch_lock(out_dir), interruptible() as signals, contextlib.ExitStack() as stack:
         try:
             session = token = None
             if cluster:
@@ -287,6 +289,11 @@ def run_batch(
                         f"the state is in {state}" if state.is_file() else "no input had "
                         "finished")
             raise BatchInterrupted(signum, _ordered(results, files)) from None
+        finally:
+            signals.ending = True
+    if signals.late is not None:
+        log.warning("%s came while the cluster was being closed, after every input had ended: "
+                    "nothing was abandoned", signal.Signals(signals.late).name)
     return _ordered(results, files)
 
 

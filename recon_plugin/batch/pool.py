@@ -34,17 +34,19 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_init(device: str, threads: int, parent_pid: int | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, log_level: int = logging.WARNING) -> None:
     """Entry point of a spawned worker process: die with the parent, default SIGTERM (die),
-    ignore SIGINT (the parent decides), tune its allocator as the CLI does, load the models."""
+    ignore SIGINT (the parent decides), tune its allocator and log as the CLI does (at the
+    batch's ``log_level``), load the models."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ..recon.pipeline import Reconstructor
-    from ..runtime import tune_allocator
+    from ..runtime import tune_allocator, worker_logging
 
     tune_allocator()
+    worker_logging(log_level)
     _WORKER["recon"] = Reconstructor(device, threads)
     _WORKER["max_bytes"] = max_bytes
 
@@ -70,7 +72,8 @@ def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, ove
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     ex = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(device, threads, os.getpid(), max_bytes))
+                             initargs=(device, threads, os.getpid(), max_bytes,
+                                       logging.getLogger("recon_plugin").getEffectiveLevel()))
     broken: list[tuple[Path, str]] = []
     try:
         futs = {ex.submit(_task, p, out_dir, protocol, formats, overrides, protocol_dirs,

@@ -75,8 +75,13 @@ class _Signals:
         self.depth = 0
         self.pending: int | None = None
         self.previous: dict[int, object] = {}
+        self.ending = False  # the batch's work is over, its cluster is being closed
+        self.late: int | None = None  # a signal that came then
 
     def handler(self, signum: int, frame: object) -> None:
+        if self.ending:  # nothing left to abandon: the shutdown finishes, the summary follows
+            self.late = signum
+            return
         if self.depth:
             self.pending = signum
             return
@@ -109,15 +114,16 @@ _SIGNALS: _Signals | None = None  # the running batch's, while run_batch holds i
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
+def interruptible() -> Iterator[_Signals]:
     """SIGTERM / SIGINT raise :class:`BatchInterrupted` inside this block (not in the middle of
-    a publication or a state write: those finish first)."""
+    a publication or a state write: those finish first; not once ``ending`` is set on the
+    yielded state, where they are noted as ``late``)."""
     global _SIGNALS
 
     _SIGNALS = _Signals()
     _SIGNALS.install()
     try:
-        yield
+        yield _SIGNALS
     finally:
         _SIGNALS.restore()
         _SIGNALS = None

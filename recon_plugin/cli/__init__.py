@@ -19,7 +19,13 @@ from __future__ import annotations
 import logging
 import signal
 
-from ..runtime import RunStopped, passive_thread_waits, tune_allocator
+from ..runtime import (
+    LOG_FORMAT,
+    RunStopped,
+    ignore_stops,
+    passive_thread_waits,
+    tune_allocator,
+)
 from .commands import EXIT_FAILED, EXIT_USAGE, log
 from .parser import build_parser
 
@@ -40,12 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     a.bench_args = rest
     a.process_entry = argv is None  # the process's own command line: it exits after the command
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     # pynetdicom's own account of a failed association (ERROR lines, a traceback) comes before
     # the one line PacsError makes of it: shown with -v only
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if a.verbose else logging.CRITICAL + 1)
     tune_allocator()
     passive_thread_waits()  # before anything loads torch
+    try:
+        return _run(a)
+    finally:
+        if a.process_entry:  # the status is decided: a signal while the process exits (Dask's,
+            ignore_stops()  # torch's shutdown) would make it a silent 128 + signal
+
+
+def _run(a) -> int:
+    """The subcommand of ``a``; its exit status (errors: one logged line)."""
     try:
         return a.fn(a)
     except RunStopped as e:  # a training run stopped by a signal, its state saved
