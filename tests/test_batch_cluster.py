@@ -173,6 +173,29 @@ def test_local_cluster(raws, local_pixels, tmp_path, capfd):
     assert capfd.readouterr().out.count("skipped (done)") == NFILES
 
 
+def test_a_publication_that_never_ends_holds_the_batchs_end_for_a_bounded_time(tmp_path,
+                                                                              monkeypatch,
+                                                                              caplog):
+    """A task holding the publication lock for ever (its worker gone with an NFS lock) had held
+    the batch's end for ever, with signals only noted by then: it now waits TOKEN_WAIT_S and
+    removes the token all the same, with a warning."""
+    import fcntl
+
+    from recon_plugin.batch import state
+
+    monkeypatch.setattr(state, "TOKEN_WAIT_S", 0.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    token = state.start_batch(out)
+    with open(out / state.BATCH_LOCK) as held:  # another process's publication, as it were
+        fcntl.flock(held.fileno(), fcntl.LOCK_SH)
+        t0 = time.monotonic()
+        state.end_batch(out, token)
+        assert 0.5 <= time.monotonic() - t0 < 5
+    assert not (out / state.BATCH_FILE).exists()
+    assert "publishing into" in caplog.text and "removed all the same" in caplog.text
+
+
 def test_a_signal_while_the_cluster_closes_abandons_nothing(raws, tmp_path, monkeypatch,
                                                            caplog, capsys):
     """SIGTERM once every input had ended, while the LocalCluster was being closed: the process
@@ -191,7 +214,7 @@ def test_a_signal_while_the_cluster_closes_abandons_nothing(raws, tmp_path, monk
     assert main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled",
                  "--cluster", "local:1"]) == 0
     assert f"{NFILES} of {NFILES} inputs reconstructed, 0 failed" in capsys.readouterr().out
-    assert "SIGTERM came while the cluster was being closed, after every input had ended: " \
+    assert "SIGTERM came while the cluster was being closed, after the batch had stopped: " \
            "nothing was abandoned" in caplog.text
     check_once(out, inputs(raws))
 
@@ -361,6 +384,14 @@ def test_a_tls_scheduler_runs_the_batch_with_dasks_tls_settings(raws, local_pixe
                      "--cluster", address]) == 2
         assert "distributed.comm.tls.ca-file, .client.cert and .client.key" in caplog.text
         assert not out.exists()
+        caplog.clear()  # a file the settings name that is not there: named, not errno text
+        with dask.config.set({"distributed.comm.tls.ca-file": str(tmp_path / "nope.pem"),
+                              "distributed.comm.tls.client.cert": str(cert),
+                              "distributed.comm.tls.client.key": str(key)}):
+            assert main(["-q", "recon", str(raws), "--out", str(out), "--method",
+                         "zero-filled", "--cluster", address]) == 2
+        assert "TLS settings for this client (distributed.comm.tls.ca-file, .client.cert, " \
+               ".client.key) do not load" in caplog.text and not out.exists()
         out = tmp_path / "out"
         with dask.config.set({"distributed.comm.tls.ca-file": str(ca),
                               "distributed.comm.tls.client.cert": str(cert),

@@ -131,12 +131,25 @@ def test_resume_takes_protocol_folders_and_files_however_they_are_spelled(raws, 
     (tmp_path / "p" / "site.yaml").write_text("name: site\nmodel: {method: zero-filled}\n")
     monkeypatch.chdir(tmp_path)
     assert main(["-q", "recon", "in", "--out", "k", "--protocol-dir", "p", "--protocol",
-                 "p/site.yaml"]) == 0
+                 "p/site.yaml", "--model", "m/../m/mine.safetensors"]) == 0
     monkeypatch.chdir(src)
     capsys.readouterr()
-    assert main(["-q", "recon", str(src), "--out", str(tmp_path / "k"), "--protocol-dir",
-                 str(tmp_path / "p"), "--protocol", str(tmp_path / "p" / "site.yaml"),
-                 "--resume"]) == 0
+    again = ["-q", "recon", str(src), "--out", str(tmp_path / "k"), "--protocol-dir",
+             str(tmp_path / "p"), "--protocol", str(tmp_path / "p" / "site.yaml"), "--model",
+             str(tmp_path / "m" / "mine.safetensors"), "--resume"]
+    assert main(again) == 0
+    assert capsys.readouterr().out.count("skipped (done)") == 2
+    # a record of a batch before they were recorded resolved: as given, from its folder
+    state_file = tmp_path / "k" / ".recon-state.json"
+    state = json.loads(state_file.read_text())
+    for entry in state.values():
+        settings = json.loads(entry["settings"])
+        settings.update(protocol="p/site.yaml", protocol_dirs=["p"])
+        settings["overrides"]["model"] = "m/mine.safetensors"
+        entry["settings"] = json.dumps(settings, sort_keys=True)
+    state_file.write_text(json.dumps(state))
+    monkeypatch.chdir(tmp_path)
+    assert main(again) == 0
     assert capsys.readouterr().out.count("skipped (done)") == 2
 
 

@@ -236,6 +236,11 @@ def test_a_batchs_own_output_inside_its_input_folder_is_not_taken_as_input(raw_d
                      "--format", "dicom,h5"]) == 0
         assert "1 of 1 inputs reconstructed, 0 failed" in capsys.readouterr().out
     assert len(list(scans.rglob("series_*.h5"))) == 3
+    (scans / "patient_b").mkdir()  # a raw subfolder of a folder that is a batch's --out counts
+    shutil.copy(raw_dir / "good.h5", scans / "patient_b" / "scan.h5")
+    assert main(["-q", "recon", str(scans), "--out", str(tmp_path / "o4"), "--method",
+                 "zero-filled"]) == 0
+    assert "2 of 2 inputs reconstructed, 0 failed" in capsys.readouterr().out
 
 
 def test_demo_writes_dicom_with_the_shipped_model(tmp_path, capsys, caplog):

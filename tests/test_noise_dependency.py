@@ -407,3 +407,22 @@ def test_a_dependent_noise_file_is_read_under_the_noise_cap(vol, tmp_path, monke
     noise, _ = ismrmrd_file._read_noise(path, "dataset")
     assert noise.shape == (coils, 128)
     assert caplog.text.count("noise acquisitions past") == 1
+
+
+def test_a_files_own_noise_and_a_dependent_ones_together_are_kept_under_the_cap(monkeypatch):
+    """Each part was capped alone: joined they could hold twice NOISE_MAX_BYTES per scan."""
+    from types import SimpleNamespace
+
+    from helpers import crand
+
+    from recon_plugin.io import mrd_assembler
+    from recon_plugin.io.noise_dependency import use_dependent_noise
+
+    rng = np.random.default_rng(4)
+    monkeypatch.setattr(mrd_assembler, "NOISE_MAX_BYTES", 4 * 300 * 8)  # 300 samples of 4 coils
+    own, dependent = crand(rng, 4, 200), crand(rng, 4, 200)
+    scan = SimpleNamespace(source="scan.h5", noise=own, noise_dwell_time_us=None)
+    assert use_dependent_noise(scan, dependent, None, "noise.h5", "noise.h5", 4,
+                               lambda msg, note=None: None)
+    assert scan.noise.shape == (4, 300)
+    np.testing.assert_array_equal(scan.noise[:, :200], own)  # the file's own first

@@ -191,7 +191,14 @@ def _check_tls(address: str) -> None:
         return
     from distributed.security import Security
 
-    if Security().get_connection_args("client").get("ssl_context") is None:
+    try:
+        context = Security().get_connection_args("client").get("ssl_context")
+    except (OSError, ValueError) as e:  # a file named there missing or not a certificate
+        raise BatchUsageError(
+            f"--cluster {address}: Dask's TLS settings for this client (distributed.comm.tls."
+            f"ca-file, .client.cert, .client.key) do not load: {type(e).__name__}: "
+            f"{first_line(e)}") from None
+    if context is None:
         raise BatchUsageError(
             f"--cluster {address}: a tls:// scheduler needs Dask's TLS settings for this client: "
             "distributed.comm.tls.ca-file, .client.cert and .client.key in a Dask config file "

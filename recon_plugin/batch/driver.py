@@ -292,7 +292,7 @@ def run_batch(
         finally:
             signals.ending = True
     if signals.late is not None:
-        log.warning("%s came while the cluster was being closed, after every input had ended: "
+        log.warning("%s came while the cluster was being closed, after the batch had stopped: "
                     "nothing was abandoned", signal.Signals(signals.late).name)
     return _ordered(results, files)
 
@@ -327,7 +327,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     :func:`configuration_digest` of the run; ``token``: the batch's (:func:`start_batch`),
     which its cluster tasks publish under; ``shared``: what the cluster's workers are given
     (:func:`_for_workers`)."""
-    clean_stale(out_dir, alive_too=False)  # a killed run's; not a live server's
+    clean_stale(out_dir)  # a killed run's; not a live server's
     state = load_state(out_dir)
     ref, over = _resolved_refs(protocol, overrides)
     asked = job_settings(ref, formats, over, protocol_dirs, noise, configuration)
@@ -433,11 +433,11 @@ def _resolved_refs(protocol: str | None, overrides: dict | None) -> tuple[str | 
     file (a name stays a name: found on the protocol / model folders), for a record that holds
     from any working folder and for workers that may have another."""
     from ..config.protocol import protocol_file
-    from ..models.checkpoint import model_file
+    from ..models.paths import model_file
 
     over = dict(overrides or {})
     if over.get("model") and (path := model_file(over["model"])) is not None:
-        over["model"] = str(path.absolute())
+        over["model"] = str(path.resolve())
     if protocol and (path := protocol_file(protocol)) is not None:
         protocol = str(path)
     return protocol, over

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,30 +153,58 @@ class Abandoned(RuntimeError):
     batch took the folder): its scan is not published."""
 
 
+TOKEN_WAIT_S = 30.0  # longest a token's change waits for the publications under it
+
+
 @contextlib.contextmanager
-def _token_held(out_dir: Path, exclusive: bool) -> Iterator[None]:
-    """An flock on ``out_dir``'s :data:`BATCH_LOCK` while the block runs (waiting for it):
-    exclusive to change the token, shared to publish under it."""
-    with open(out_dir / BATCH_LOCK, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+def _token_held(out_dir: Path, exclusive: bool) -> Iterator[bool]:
+    """An flock on ``out_dir``'s :data:`BATCH_LOCK` while the block runs: shared to publish
+    under the token (waiting for it), exclusive to change the token, waiting up to
+    :data:`TOKEN_WAIT_S` for the publications under way (a publication is a rename; one held
+    for longer is a worker gone with its lock, e.g. on NFS); yields whether it is held. The
+    file is opened read-only (created where missing): a worker of another user may publish."""
+    fd = os.open(out_dir / BATCH_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        held = True
+        if not exclusive:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        else:
+            deadline = time.monotonic() + TOKEN_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        held = False
+                        break
+                    time.sleep(0.05)
         try:
-            yield
+            yield held
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def start_batch(out_dir: Path) -> str:
     """Write a new token of the running batch into ``out_dir`` (lock held) and return it."""
     token = os.urandom(8).hex()
-    with _token_held(out_dir, exclusive=True):
+    with _token_held(out_dir, exclusive=True):  # a task of a batch gone may still publish
         write_text_atomic(out_dir / BATCH_FILE, token, fsync=True)
     return token
 
 
 def end_batch(out_dir: Path, token: str) -> None:
-    """Remove the batch's token (still holding the lock), once no task is publishing under it:
-    a task of it still running on a cluster worker then abandons its scan instead."""
-    with contextlib.suppress(OSError), _token_held(out_dir, exclusive=True):
+    """Remove the batch's token (still holding the lock), once no task is publishing under it
+    (at most :data:`TOKEN_WAIT_S` later: then it is removed all the same, with a warning): a
+    task of it still running on a cluster worker then abandons its scan instead."""
+    with contextlib.suppress(OSError), _token_held(out_dir, exclusive=True) as held:
+        if not held:
+            log.warning("a cluster task of this batch has been publishing into %s for over "
+                        "%g s (its worker gone?): the batch's token is removed all the same",
+                        out_dir, TOKEN_WAIT_S)
         if (out_dir / BATCH_FILE).read_text() == token:
             (out_dir / BATCH_FILE).unlink()
 
@@ -235,11 +264,28 @@ def same_job(recorded: str, asked: str) -> bool:
         return False
     if not (isinstance(then, dict) and isinstance(now, dict)):
         return False
-    if isinstance(then.get("protocol_dirs"), list):  # recorded as given before they were resolved
-        then["protocol_dirs"] = _resolved(then["protocol_dirs"])
+    _resolve_record(then)  # a record from before they were resolved holds them as given
     if "configuration" not in then:
         now.pop("configuration", None)
     return then == now
+
+
+def _resolve_record(asked: dict) -> None:
+    """Resolve, in place, the protocol folders, a protocol file and a ``--model`` file of a
+    :func:`job_settings` record (relative to the working folder, as a batch before they were
+    recorded resolved took them); what is not a path is left as it is."""
+    from ..config.protocol import protocol_file
+    from ..models.paths import model_file
+
+    if isinstance(asked.get("protocol_dirs"), list):
+        asked["protocol_dirs"] = _resolved(asked["protocol_dirs"])
+    over = asked.get("overrides")
+    with contextlib.suppress(Exception):  # ~user without a home, odd values: as given
+        if isinstance(asked.get("protocol"), str) and (p := protocol_file(asked["protocol"])):
+            asked["protocol"] = str(p)
+        if isinstance(over, dict) and isinstance(over.get("model"), str) \
+                and (m := model_file(over["model"])):
+            over["model"] = str(m.resolve())
 
 
 def _resolved(dirs: list) -> list[str]:
@@ -302,14 +348,13 @@ def save_state(out_dir: Path, state: dict) -> None:
         write_text_atomic(out_dir / STATE_FILE, json.dumps(state, indent=1), fsync=True)
 
 
-def clean_stale(out_dir: Path, alive_too: bool = True) -> list[Path]:
-    """Remove what a killed run left in ``out_dir``: staging folders and temporary state files.
-    ``alive_too`` False (a batch's start): only the staging of processes that are gone, as a
-    ``serve --dicom-out`` into the same folder may be writing its own. Only call while holding
-    the batch lock. Returns what was removed."""
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove what a killed run or worker left in ``out_dir``: the staging folders of processes
+    that are gone (a ``serve --dicom-out`` into the same folder may be writing its own) and
+    temporary state files. Only call while holding the batch lock. Returns what was removed."""
     removed = []
     for p in out_dir.iterdir():
-        if is_staging(p, alive_too):
+        if is_staging(p, alive_too=False):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(f".{STATE_FILE}.") and p.is_file():
             p.unlink(missing_ok=True)

@@ -579,9 +579,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..stream.options import Limits
     from ..stream.server import serve
 
-    # what every scan would need, checked before listening (a scanner would get only errors):
-    # the protocol, or every one header matching and a client's config name choose from, and
-    # every model they may run, as a batch checks them
+    # what every scan would need, checked before listening (a scanner would get only errors),
+    # as a batch checks them: the --protocol given, or without it every protocol on the search
+    # path (header matching and a client's config name choose from them), and every model they
+    # may run (loaded here once more than the warm-up loads it: a second or two at startup)
     load_models(protocols_to_run(a.protocol, a.protocol_dir), {})
     _check_memory_env(a.max_memory_gb)
     noise_option = ("--noise-dir" if a.noise_dir else f"${NOISE_DIR_ENV}"

@@ -4,25 +4,26 @@ in them (``recon``, ``inspect`` and ``adapt`` take their inputs alike)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd", ".dat")  # .dat: Siemens twix
-# a folder holding one of these is a batch's --out (its state, its lock): its series are not raw
+# a folder holding one of these is a batch's --out (its state, its lock; batch.state's names)
 BATCH_OUTPUT_MARKERS = (".recon-state.json", ".recon.lock")
+# and a scan's folder in it: ``<stem>-<8 hex>`` (batch.output_name), whose .h5 are images
+_SCAN_FOLDER = re.compile(r".+-[0-9a-f]{8}")
 
 
 def _raw_files_under(folder: Path) -> list[Path]:
     """Raw-data files in ``folder`` and its subfolders, sorted; hidden files and folders (a
-    batch's staging, macOS ``._scan.h5``) and the subfolders of a batch's output (a folder
-    holding :data:`BATCH_OUTPUT_MARKERS`: their ``series_*.h5`` are images) are passed over.
-    ``folder`` itself may be a batch's ``--out`` too: the raw files directly in it count."""
+    batch's staging, macOS ``._scan.h5``) and, in a batch's output folder (one holding
+    :data:`BATCH_OUTPUT_MARKERS`), the scans' folders ``<stem>-<8 hex>`` (their ``series_*.h5``
+    are images) are passed over; its other files and subfolders count."""
     found = []
     for root, dirs, files in os.walk(folder):
-        if any(m in files or m in dirs for m in BATCH_OUTPUT_MARKERS):
-            dirs.clear()
-            if root != str(folder):
-                continue
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        output = any(m in files or m in dirs for m in BATCH_OUTPUT_MARKERS)
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and not (output and _SCAN_FOLDER.fullmatch(d))]
         found += [Path(root, f) for f in files
                   if not f.startswith(".") and Path(f).suffix.lower() in RAW_SUFFIXES]
     return sorted(q for q in found if q.is_file())

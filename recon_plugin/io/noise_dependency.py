@@ -250,6 +250,11 @@ def use_dependent_noise(scan: RawScan, noise: np.ndarray | None, dwell_us: float
                 msg += (f" (the file's own, at dwell time {scan.noise_dwell_time_us:g} us, "
                         f"scaled to {dwell_us:g} us)")
             noise = np.concatenate([own, noise], axis=1)
+            from . import mrd_assembler  # it reads dependencies from here: imported late
+
+            cap = mrd_assembler.NOISE_MAX_BYTES // (noise.shape[0] * noise.itemsize)  # per coil
+            if noise.shape[1] > cap:  # as one noise scan is kept: the first ones whiten
+                noise = noise[:, :cap].copy()
         else:
             msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in {source} "
                    f"({noise.shape[0]} coils); using {source}'s")

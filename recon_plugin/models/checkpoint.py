@@ -20,15 +20,12 @@ from torch import nn
 
 from ..output.atomic import atomic_path, fsync_dir, write_file
 from .inference import fold_batchnorm, is_inference_only
+from .paths import ModelError, model_file, weights_path
 from .unrolled import UnrolledNet
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-
-
-class ModelError(ValueError):
-    """A model file or card that cannot be used; the message names the file."""
 
 
 def file_sha256(path: Path) -> str:
@@ -37,13 +34,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def weights_path(path: Path | str) -> Path:
-    """``NAME.safetensors`` for ``NAME`` or ``NAME.safetensors`` (names may contain dots:
-    ``unrolled-spade-0.5``)."""
-    p = Path(path)
-    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
 
 
 def card_text(card: dict) -> str:
@@ -194,21 +184,6 @@ def load_inference_model(path: Path | str) -> tuple[nn.Module, dict]:
     every reconstruction and every timing uses."""
     model, card = load_model(path)
     return fold_batchnorm(model), card
-
-
-def model_file(ref: str) -> Path | None:
-    """``ref`` as a model's weights file where it names one (ending in ``.safetensors``, with a
-    folder part, or beginning with ``.`` or ``~``): ``~`` expanded, ``.safetensors`` added
-    where missing. None where ``ref`` is a model name (see :func:`resolve_model`). The one
-    rule of ``--model``, ``model.variant`` and what a cluster's workers are given."""
-    p = Path(ref)
-    if not (p.suffix == ".safetensors" or len(p.parts) > 1 or ref.startswith((".", "~"))):
-        return None
-    try:
-        p = p.expanduser()
-    except RuntimeError:  # ~user without a home folder
-        raise ModelError(f"{ref}: no home folder for {ref.split('/')[0]}") from None
-    return weights_path(p)
 
 
 def resolve_model(name_or_path: str) -> Path:

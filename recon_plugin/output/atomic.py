@@ -201,14 +201,19 @@ def is_staging(path: Path, alive_too: bool = True) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (another user's counts)."""
+    """Whether a process ``pid`` runs on this machine (another user's counts; a zombie, killed
+    and not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except OSError:  # e.g. EPERM: another user's process
         return True
-    return True
+    try:  # Linux: the state after the command's closing parenthesis
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2: stat.rfind(")") + 3] != "Z"
 
 
 def _rename_new(staged: Path, final: Path) -> None:

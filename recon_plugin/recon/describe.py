@@ -20,7 +20,7 @@ from ..io.budget import default_max_bytes, size_text
 from ..physics import calibration_block, calibration_columns, is_2d_sampling
 from ..scan import RawScan, SliceData, index_ranges
 from .combine import fully_sampled
-from .partial_fourier import is_partial_fourier
+from .partial_fourier import is_partial_fourier, within
 from .preprocess import silent_coils
 
 
@@ -45,7 +45,7 @@ def sampling(sl: SliceData) -> dict:
     else:  # zero padding outside the encoded lines and a partial Fourier gap do not count
         acc = _line_acceleration(rows)
         block = sl.acs
-    encoded = rows[slice(*sl.encoded_rows)] if sl.encoded_rows else rows  # not fastMRI's padding
+    encoded = within(rows, sl.encoded_rows)  # not fastMRI's padding, as the pipeline judges it
     pf = bool(is_partial_fourier(encoded)) and not two_d
     return {
         "shape": [int(n) for n in mask.shape],

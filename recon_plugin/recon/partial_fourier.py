@@ -26,6 +26,13 @@ def sampled_extent(rows: np.ndarray) -> tuple[int, int]:
     return int(idx[0]), int(idx[-1])
 
 
+def within(rows: np.ndarray, encoded_rows: tuple[int, int] | None) -> np.ndarray:
+    """``rows`` (ky,) cut to the encoded lines (:attr:`~recon_plugin.scan.SliceData.
+    encoded_rows`, None: all): a reader's phase padding is neither measured nor encoded, and
+    would count as a missing edge."""
+    return rows[slice(*encoded_rows)] if encoded_rows else rows
+
+
 def is_partial_fourier(rows: np.ndarray) -> bool:
     """True when one edge of ky misses clearly more rows than the other (beyond undersampling)."""
     ny = rows.size

@@ -72,7 +72,7 @@ from .calibrate import (
 from .coils import CoilMapError, estimate_maps_and_wrap
 from .combine import BlendParts, fully_sampled, measured_rss, to_recon_matrix
 from .guard import SliceEstimate
-from .partial_fourier import homodyne, is_partial_fourier
+from .partial_fourier import homodyne, is_partial_fourier, within
 from .prepare import prepare_kspace, unfold
 from .preprocess import whitening_matrix
 from .refine import MIN_VERIFY_LINES, SharedRefinement, too_few_lines
@@ -243,7 +243,8 @@ class Reconstructor:
         weight = parts = None
         if method in ("zero-filled", FULLY_SAMPLED):
             mag = np.abs(img).astype(np.float32)  # the RSS of the measured coil images already
-        elif settings.partial_fourier == "homodyne" and is_partial_fourier(rows):
+        elif settings.partial_fourier == "homodyne" and is_partial_fourier(
+                within(rows, sl.encoded_rows)):
             mag = homodyne(img if folded is None else classical.combine_maps(img, folded), rows)
             notes.append("homodyne partial Fourier")
         else:  # the coil images with the measured samples put back, combined as a full scan
