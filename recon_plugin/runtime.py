@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's lines, and its workers'
 
 
+def package_log_level() -> int:
+    """The level the package logs at in this process (the CLI's ``-q`` / ``-v``): what a
+    batch gives its worker processes (:func:`worker_logging`)."""
+    return logging.getLogger("recon_plugin").getEffectiveLevel()
+
+
 def worker_logging(level: int) -> None:
     """A batch's worker process (``--workers``, a Dask worker) logs the package's lines as the
     CLI does (:data:`LOG_FORMAT` on stderr, at the batch's ``level``), where nothing in it set

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
-from ..runtime import first_line
+from ..runtime import first_line, package_log_level
 from .files import FileResult, ProtocolCache, failure_reason, output_name, process_file
 from .state import BatchUsageError, ClusterLost, clean_stale, parse_address
 
@@ -66,8 +66,7 @@ class ReconPlugin(WorkerPlugin):
                  log_level: int | None = None):
         self.device, self.threads, self.max_bytes = device, threads, max_bytes
         # the batch's: a worker's lines as the CLI's (runtime.worker_logging)
-        self.log_level = (logging.getLogger("recon_plugin").getEffectiveLevel()
-                          if log_level is None else log_level)
+        self.log_level = package_log_level() if log_level is None else log_level
         self.protocol, self.protocol_dirs = protocol, protocol_dirs
         self.overrides = overrides or {}
         self.slots_by_host = slots_by_host or {}
@@ -93,12 +92,9 @@ class ReconPlugin(WorkerPlugin):
         self.recon = Reconstructor(self.device, threads)
         self.protocols = ProtocolCache(self.protocol, self.protocol_dirs)
         try:  # what it would reconstruct with, to be compared with the batch's
-            from ..config.protocol import load_all, load_protocol
             from .driver import worker_view
 
-            protos = ([load_protocol(self.protocol, self.protocol_dirs)] if self.protocol
-                      else load_all(self.protocol_dirs))
-            self.view = worker_view(protos, self.overrides)
+            self.view = worker_view(self.protocols.all(), self.overrides)
         except Exception as e:  # noqa: BLE001 - said by each of its tasks, not a dead worker
             self.problem = f"{type(e).__name__}: {first_line(e)}"
         log.info("worker %s: recon-plugin ready (%s, %s torch threads)",
@@ -163,19 +159,17 @@ class Session:
         return None
 
 
-def _answers(address: str, timeout: float) -> None:
+def _answers(address: str, timeout: float, connection_args: dict) -> None:
     """Ask the scheduler at ``address`` who it is; raise (TimeoutError, OSError) where it does
     not answer within ``timeout`` seconds. Dask's Client waits for ever on a port that accepts
-    the connection and never answers (another service, a stopped scheduler). A ``tls://``
-    scheduler is asked with the TLS settings of Dask's configuration, as the Client asks it."""
+    the connection and never answers (another service, a stopped scheduler).
+    ``connection_args``: the client's (:func:`_client_security`), as the Client asks with."""
     import asyncio
 
     from distributed.core import rpc
-    from distributed.security import Security
 
     async def identity():
-        r = rpc(address, timeout=timeout,
-                connection_args=Security().get_connection_args("client"))
+        r = rpc(address, timeout=timeout, connection_args=connection_args)
         try:
             return await r.identity()
         finally:
@@ -184,26 +178,26 @@ def _answers(address: str, timeout: float) -> None:
     asyncio.run(asyncio.wait_for(identity(), timeout))
 
 
-def _check_tls(address: str) -> None:
-    """A ``tls://`` scheduler needs the client's certificates from Dask's configuration
-    (Dask's own error names an ssl_context argument); raise BatchUsageError naming the keys."""
-    if not address.startswith("tls://"):
-        return
+def _client_security(address: str) -> dict:
+    """The connection arguments of Dask's configuration for a client of ``address``; a
+    ``tls://`` scheduler needs its certificates there (Dask's own error names an ssl_context
+    argument): BatchUsageError naming the keys where they are missing or do not load."""
     from distributed.security import Security
 
     try:
-        context = Security().get_connection_args("client").get("ssl_context")
+        args = Security().get_connection_args("client")
     except (OSError, ValueError) as e:  # a file named there missing or not a certificate
         raise BatchUsageError(
             f"--cluster {address}: Dask's TLS settings for this client (distributed.comm.tls."
             f"ca-file, .client.cert, .client.key) do not load: {type(e).__name__}: "
             f"{first_line(e)}") from None
-    if context is None:
+    if address.startswith("tls://") and args.get("ssl_context") is None:
         raise BatchUsageError(
             f"--cluster {address}: a tls:// scheduler needs Dask's TLS settings for this client: "
             "distributed.comm.tls.ca-file, .client.cert and .client.key in a Dask config file "
             "(~/.config/dask/*.yaml) or as DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
             "..._TLS__CLIENT__CERT, ..._TLS__CLIENT__KEY")
+    return args
 
 
 @contextlib.contextmanager
@@ -212,8 +206,7 @@ def connect(address: str, timeout: float | None = None):
     reached within ``timeout`` seconds raises BatchUsageError (one line)."""
     kind, arg = parse_address(address)
     timeout = connect_timeout() if timeout is None else timeout
-    if kind == "remote":
-        _check_tls(arg)
+    security = _client_security(arg) if kind == "remote" else {}
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its own connection retries and warnings: one line is ours
@@ -230,7 +223,7 @@ def connect(address: str, timeout: float | None = None):
                 client = Client(cluster, timeout=f"{timeout}s")
             else:
                 try:
-                    _answers(arg, timeout)
+                    _answers(arg, timeout, security)
                 except TimeoutError:
                     raise TimeoutError(f"no answer within {timeout:g} s (${TIMEOUT_VAR})") \
                         from None

@@ -37,6 +37,7 @@ from .state import (
     output_record,
     parse_address,
     recorded_outputs,
+    resolved_refs,
     same_job,
     save_state,
     start_batch,
@@ -104,6 +105,8 @@ def preflight(
 
         parse_target(send)
     overrides = overrides or {}
+    from ..config.protocol import protocols_to_run
+
     protos = protocols_to_run(protocol, protocol_dirs)
     try:  # before the models (it costs nothing), made after them (a refusal leaves nothing)
         check_writable_folder(out_dir, "--out")
@@ -175,18 +178,6 @@ def configuration_digest(protos: list, overrides: dict, files: list[str] | None 
     images made with the protocol as it was). ``files``: as :func:`worker_view` takes it."""
     files = _configuration_files(protos, overrides) if files is None else files
     return _hash_files(files, True)
-
-
-def protocols_to_run(protocol: str | None, protocol_dirs: list[Path] | None) -> list:
-    """The protocol named (``--protocol``), or with header matching every protocol on the search
-    path: each must load (one that does not had failed every input); its error otherwise."""
-    if protocol:
-        from ..config.protocol import load_protocol
-
-        return [load_protocol(protocol, protocol_dirs)]
-    from ..config.protocol import load_all
-
-    return load_all(protocol_dirs)
 
 
 def load_models(protos: list, overrides: dict, recon: Reconstructor | None = None) -> None:
@@ -329,7 +320,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
     (:func:`_for_workers`)."""
     clean_stale(out_dir)  # a killed run's; not a live server's
     state = load_state(out_dir)
-    ref, over = _resolved_refs(protocol, overrides)
+    ref, over = resolved_refs(protocol, overrides)
     asked = job_settings(ref, formats, over, protocol_dirs, noise, configuration)
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
     todo = []
@@ -428,21 +419,6 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
             bar.close()
 
 
-def _resolved_refs(protocol: str | None, overrides: dict | None) -> tuple[str | None, dict]:
-    """``protocol`` and the ``--model`` override, each made an absolute path where it names a
-    file (a name stays a name: found on the protocol / model folders), for a record that holds
-    from any working folder and for workers that may have another."""
-    from ..config.protocol import protocol_file
-    from ..models.paths import model_file
-
-    over = dict(overrides or {})
-    if over.get("model") and (path := model_file(over["model"])) is not None:
-        over["model"] = str(path.resolve())
-    if protocol and (path := protocol_file(protocol)) is not None:
-        protocol = str(path)
-    return protocol, over
-
-
 def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
                  overrides: dict | None, max_bytes: int | None, view: str) -> dict:
     """What this process decided that a cluster worker (another working folder, another
@@ -454,7 +430,7 @@ def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
     from ..io.budget import default_max_bytes
 
     dirs = [d.absolute() for d, _ in given_dirs(protocol_dirs)]
-    protocol, over = _resolved_refs(protocol, overrides)
+    protocol, over = resolved_refs(protocol, overrides)
     return {"protocol": protocol, "protocol_dirs": dirs or None, "overrides": over,
             "max_bytes": max_bytes or default_max_bytes(), "view": view}
 

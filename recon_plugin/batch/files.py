@@ -64,19 +64,22 @@ class ProtocolCache:
 
     def __init__(self, name: str | None = None, protocol_dirs: list[Path] | None = None):
         self.name, self.protocol_dirs = name, protocol_dirs
-        self._loaded = None
+        self._loaded: list | None = None
+
+    def all(self) -> list:
+        """The protocols (loaded on the first call: :func:`~recon_plugin.config.protocol.
+        protocols_to_run`)."""
+        if self._loaded is None:
+            from ..config.protocol import protocols_to_run
+
+            self._loaded = protocols_to_run(self.name, self.protocol_dirs)
+        return self._loaded
 
     def select(self, header):
         """The protocol of a scan with this header."""
-        from ..config.protocol import load_all, load_protocol, match_protocol
+        from ..config.protocol import match_protocol
 
-        if self.name:
-            if self._loaded is None:
-                self._loaded = load_protocol(self.name, self.protocol_dirs)
-            return self._loaded
-        if self._loaded is None:
-            self._loaded = load_all(self.protocol_dirs)
-        return match_protocol(header, self._loaded)
+        return self.all()[0] if self.name else match_protocol(header, self.all())
 
 
 def recon_file(

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runtime import package_log_level
 from .files import FileResult, process_file
 from .state import clean_stale
 
@@ -73,7 +74,7 @@ def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, ove
     threads = max(1, (os.cpu_count() or 1) // workers)
     ex = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(device, threads, os.getpid(), max_bytes,
-                                       logging.getLogger("recon_plugin").getEffectiveLevel()))
+                                       package_log_level()))
     broken: list[tuple[Path, str]] = []
     try:
         futs = {ex.submit(_task, p, out_dir, protocol, formats, overrides, protocol_dirs,

@@ -274,18 +274,32 @@ def _resolve_record(asked: dict) -> None:
     """Resolve, in place, the protocol folders, a protocol file and a ``--model`` file of a
     :func:`job_settings` record (relative to the working folder, as a batch before they were
     recorded resolved took them); what is not a path is left as it is."""
-    from ..config.protocol import protocol_file
-    from ..models.paths import model_file
-
     if isinstance(asked.get("protocol_dirs"), list):
         asked["protocol_dirs"] = _resolved(asked["protocol_dirs"])
     over = asked.get("overrides")
     with contextlib.suppress(Exception):  # ~user without a home, odd values: as given
-        if isinstance(asked.get("protocol"), str) and (p := protocol_file(asked["protocol"])):
-            asked["protocol"] = str(p)
-        if isinstance(over, dict) and isinstance(over.get("model"), str) \
-                and (m := model_file(over["model"])):
-            over["model"] = str(m.resolve())
+        protocol, resolved = resolved_refs(asked.get("protocol"),
+                                           over if isinstance(over, dict) else {})
+        if "protocol" in asked:
+            asked["protocol"] = protocol
+        if isinstance(over, dict):
+            over.update(resolved)
+
+
+def resolved_refs(protocol: str | None, overrides: dict | None) -> tuple[str | None, dict]:
+    """``protocol`` and a copy of ``overrides`` with their ``model``, each resolved to an
+    absolute path where it names a file (a name stays a name: found on the protocol / model
+    folders): for a record that holds from any working folder, and for cluster workers that
+    may have another."""
+    from ..config.protocol import protocol_file
+    from ..models.paths import model_file
+
+    over = dict(overrides or {})
+    if isinstance(over.get("model"), str) and (path := model_file(over["model"])) is not None:
+        over["model"] = str(path.resolve())
+    if isinstance(protocol, str) and (path := protocol_file(protocol)) is not None:
+        protocol = str(path)
+    return protocol, over
 
 
 def _resolved(dirs: list) -> list[str]:

@@ -573,7 +573,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     """Run the MRD streaming server until stopped."""
-    from ..batch.driver import load_models, protocols_to_run
+    from ..batch.driver import load_models
+    from ..config.protocol import protocols_to_run
     from ..io.budget import gb_to_bytes
     from ..stream.noise_store import NOISE_DIR_ENV, default_noise_dir
     from ..stream.options import Limits

@@ -453,6 +453,13 @@ def list_protocols(search_path: Iterable[Path | str] | None = None) -> list[str]
     return sorted(names)
 
 
+def protocols_to_run(name: str | None, search_path: Iterable[Path | str] | None = None
+                     ) -> list[Protocol]:
+    """The protocol ``name`` (``--protocol``), or without it, for header matching, every
+    protocol on the search path (:func:`load_all`): each must load; its error otherwise."""
+    return [load_protocol(name, search_path)] if name else load_all(search_path)
+
+
 def load_all(search_path: Iterable[Path | str] | None = None) -> list[Protocol]:
     """Every protocol on the search path, validated (the first invalid file raises), in
     search-path order: a folder's protocols (by name) before the next folder's, which is the

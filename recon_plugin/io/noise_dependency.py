@@ -243,18 +243,17 @@ def use_dependent_noise(scan: RawScan, noise: np.ndarray | None, dwell_us: float
             msg = f"{where}: noise in file and in {source}; using both"
             # one dwell time for the samples joined, the dependent one's: the file's own noise
             # scaled to the level it would have had at it (variance ~ 1 / dwell)
-            to_dependent = noise_dwell_scale(dwell_us, scan.noise_dwell_time_us)
-            own = scan.noise
-            if to_dependent != 1.0:
-                own = (own * np.float32(to_dependent ** -0.5)).astype(own.dtype, copy=False)
-                msg += (f" (the file's own, at dwell time {scan.noise_dwell_time_us:g} us, "
-                        f"scaled to {dwell_us:g} us)")
-            noise = np.concatenate([own, noise], axis=1)
             from . import mrd_assembler  # it reads dependencies from here: imported late
 
-            cap = mrd_assembler.NOISE_MAX_BYTES // (noise.shape[0] * noise.itemsize)  # per coil
-            if noise.shape[1] > cap:  # as one noise scan is kept: the first ones whiten
-                noise = noise[:, :cap].copy()
+            # together under the cap of one noise scan (samples per coil): the first ones whiten
+            cap = mrd_assembler.NOISE_MAX_BYTES // (noise.shape[0] * noise.itemsize)
+            own = scan.noise[:, :cap]
+            to_dependent = noise_dwell_scale(dwell_us, scan.noise_dwell_time_us)
+            if to_dependent != 1.0:
+                own = own * np.float32(to_dependent ** -0.5)
+                msg += (f" (the file's own, at dwell time {scan.noise_dwell_time_us:g} us, "
+                        f"scaled to {dwell_us:g} us)")
+            noise = np.concatenate([own, noise[:, :cap - own.shape[1]]], axis=1)
         else:
             msg = (f"{where}: noise in file ({scan.noise.shape[0]} coils) and in {source} "
                    f"({noise.shape[0]} coils); using {source}'s")
