@@ -575,8 +575,12 @@ def test_a_client_that_leaves_after_its_close_still_gets_its_scan_archived(data,
 
     import pydicom
 
-    eng = eng_mod.StreamEngine(engine.recon, protocol_dirs=[data["pdir"]],
-                               dicom_out=tmp_path / "dcm")
+    # Held until the client has closed and the server has read its CLOSE: an image sent
+    # earlier would reach a closed socket, whose reset drops input the server has not read
+    # yet (then the scan is never complete: a race of the test's setup, not the server's).
+    closed = threading.Event()
+    held = _HeldRecon(engine.recon, closed)
+    eng = eng_mod.StreamEngine(held, protocol_dirs=[data["pdir"]], dicom_out=tmp_path / "dcm")
     s = srv.ReconServer("127.0.0.1", 0, eng, idle_timeout=20.0)
     t = threading.Thread(target=s.serve_forever, daemon=True)
     t.start()
@@ -590,6 +594,12 @@ def test_a_client_that_leaves_after_its_close_still_gets_its_scan_archived(data,
         out.close()
         with socket.create_connection(s.address, timeout=30) as sock:
             sock.sendall(buf.getvalue())
+            reader = "mrd-read-{}:{}".format(*sock.getsockname()[:2])
+        # its reader thread started before the session, which now waits in its first slice
+        _wait_for(held.entered.is_set, "the server starts the first slice")
+        _wait_for(lambda: reader not in {x.name for x in threading.enumerate()},
+                  "the server has read the whole scan and its CLOSE")
+        closed.set()
         _wait_for(lambda: len(list((tmp_path / "dcm").rglob("*.dcm"))) == 2,
                   "the scan's 2 DICOM files")
         files = sorted((tmp_path / "dcm").rglob("*.dcm"))
@@ -648,6 +658,23 @@ def test_what_the_reader_warns_reaches_the_client(data, engine):
     assert len(told) == 1 and told[0].startswith("WARNING") and "outside the encoded" in told[0]
     assert events.index(told[0]) < events.index(1)  # before the image of the slice it concerns
     assert sorted(e for e in events if not isinstance(e, str)) == [0, 1]
+
+
+class _HeldRecon:
+    """A Reconstructor whose slices wait for ``go`` (at most 30 s) before they start;
+    ``entered`` is set when the first one is asked for."""
+
+    def __init__(self, recon, go: threading.Event):
+        self._recon, self._go = recon, go
+        self.entered = threading.Event()
+
+    def reconstruct_slice(self, *args, **kwargs):
+        self.entered.set()
+        self._go.wait(30)
+        return self._recon.reconstruct_slice(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._recon, name)
 
 
 def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
