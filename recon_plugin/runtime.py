@@ -7,7 +7,8 @@ done at import:
   step), :func:`stops_at_once`, :func:`ignore_stops`;
 * progress: :func:`bars` (whether to show tqdm bars) and :class:`ProgressLog` (lines instead);
 * logging: :data:`LOG_FORMAT`, :func:`worker_logging` (a batch's worker processes);
-* :func:`held_lock` (an flock held for a block) and :func:`first_line` (an error in one line).
+* :func:`held_lock` (an flock held for a block), :func:`first_line` (an error in one line) and
+  :func:`expand_home` (``~`` in a path a user typed).
 
 glibc's malloc serves a block above its mmap threshold with a fresh ``mmap`` and gives the
 pages back on ``free``; below it, freed heap above ``M_TRIM_THRESHOLD`` is returned to the
@@ -247,6 +248,15 @@ def first_line(err: BaseException) -> str:
     """An error's message for a one-line report: its first non-blank line (its type where it
     has none)."""
     return next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
+def expand_home(ref: str | Path) -> Path:
+    """``ref`` as a Path with a leading ``~`` / ``~user`` expanded. ValueError ``"REF: no home
+    folder for ~user"`` where there is none (Python raises a bare RuntimeError there)."""
+    try:
+        return Path(ref).expanduser()
+    except RuntimeError:
+        raise ValueError(f"{ref}: no home folder for {str(ref).split('/')[0]}") from None
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from recon_plugin.runtime import passive_thread_waits, tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +87,26 @@ def test_progress_is_logged_every_so_often_where_no_bar_is_drawn(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "big3d.h5: 15 of 256 slices, 30 s so far, about 8.0 min left"]
 
+
+
+def test_a_home_folder_that_does_not_exist_is_named_wherever_a_path_is_taken(tmp_path):
+    """``~nosuchuser-x/...`` (Python raises a bare RuntimeError) is one message naming the user,
+    as a protocol file, a model file and in a resume record (kept as given there)."""
+    import json
+
+    from recon_plugin.batch.state import job_settings
+    from recon_plugin.config.protocol import ProtocolError, protocol_file
+    from recon_plugin.models.paths import ModelError, model_file
+    from recon_plugin.runtime import expand_home
+
+    assert expand_home("~/x.yaml") == Path.home() / "x.yaml"
+    with pytest.raises(ValueError, match=r"^~nosuchuser-x/p.yaml: no home folder for "
+                                         r"~nosuchuser-x$"):
+        expand_home("~nosuchuser-x/p.yaml")
+    with pytest.raises(ProtocolError, match="no home folder for ~nosuchuser-x"):
+        protocol_file("~nosuchuser-x/p.yaml")
+    with pytest.raises(ModelError, match="no home folder for ~nosuchuser-x"):
+        model_file("~nosuchuser-x/m.safetensors")
+    asked = json.loads(job_settings(None, ["dicom"], None,
+                                    [Path("~nosuchuser-x/protocols"), tmp_path]))
+    assert asked["protocol_dirs"] == ["~nosuchuser-x/protocols", str(tmp_path.resolve())]

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..output.atomic import fsync_dir, is_staging, write_text_atomic
-from ..runtime import held_lock
+from ..runtime import expand_home, held_lock
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +307,8 @@ def _resolved(dirs: list) -> list[str]:
     out = []
     for d in dirs:
         try:
-            out.append(str(Path(d).expanduser().resolve()))
-        except (RuntimeError, OSError, TypeError):  # ~user without a home, a loop: as given
+            out.append(str(expand_home(d).resolve()))
+        except (ValueError, OSError, TypeError):  # ~user without a home, a loop: as given
             out.append(str(d))
     return out
 

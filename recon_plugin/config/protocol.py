@@ -84,6 +84,7 @@ from ..output.dicom import DicomOptions
 from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
 from ..recon.settings import EspiritParams
 from ..recon.sparse import Sparsity
+from ..runtime import expand_home
 from ..scan import ScanHeader
 from . import schema
 from .schema import (
@@ -411,9 +412,9 @@ def protocol_file(ref: str, relative_to: Path | None = None) -> Path | None:
     if not (ref.endswith(SUFFIXES) or os.sep in ref or "/" in ref or ref.startswith("~")):
         return None
     try:
-        p = Path(ref).expanduser()
-    except RuntimeError:  # ~user without a home folder
-        raise ProtocolError(f"{ref}: no home folder for {ref.split('/')[0]}") from None
+        p = expand_home(ref)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
     return (relative_to / p if relative_to is not None else p).resolve()
 
 

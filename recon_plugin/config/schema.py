@@ -43,6 +43,7 @@ from ..recon import (
 )
 from ..recon.policy import AdaptivePolicy, validation_messages
 from ..recon.settings import CG_ITERS_GRID, PRIOR_WEIGHT_GRID, SPARSITY_GRID, EspiritParams
+from ..runtime import expand_home
 from ..scan import ScanHeader
 
 _Float = Annotated[float, Field(strict=True)]
@@ -135,8 +136,8 @@ def _home_problem(key: str, v: str) -> str | None:
     """Why ``~user/...`` in path ``v`` cannot be expanded (no such user: Python raises
     RuntimeError, which pydantic does not turn into a message); None where it can."""
     try:
-        Path(v).expanduser()
-    except RuntimeError:
+        expand_home(v)
+    except ValueError:
         return f"{key} {_shown(v)}: no home folder for {v.split('/')[0]}"
     return None
 

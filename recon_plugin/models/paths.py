@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..runtime import expand_home
+
 
 class ModelError(ValueError):
     """A model file or card that cannot be used; the message names the file."""
@@ -28,7 +30,7 @@ def model_file(ref: str) -> Path | None:
     if not (p.suffix == ".safetensors" or len(p.parts) > 1 or ref.startswith((".", "~"))):
         return None
     try:
-        p = p.expanduser()
-    except RuntimeError:  # ~user without a home folder
-        raise ModelError(f"{ref}: no home folder for {ref.split('/')[0]}") from None
+        p = expand_home(p)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
     return weights_path(p)
