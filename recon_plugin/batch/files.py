@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io.inputs import scan_folder_name
 from ..output.atomic import no_room, staged_folder
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
@@ -54,7 +55,7 @@ def output_name(path: Path | str) -> str:
     """The input's output folder name: ``<stem>-<first 8 hex of sha256(resolved path)>``."""
     p = Path(path)
     digest = hashlib.sha256(str(p.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
-    return f"{_safe_stem(p)}-{digest[:8]}"
+    return scan_folder_name(_safe_stem(p), digest)
 
 
 # ----------------------------------------------------------------------------- one file

@@ -19,13 +19,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..io.inputs import LOCK_FILE, STATE_FILE
 from ..output.atomic import fsync_dir, is_staging, write_text_atomic
 from ..runtime import expand_home, held_lock
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = ".recon-state.json"
-LOCK_FILE = ".recon.lock"
 BATCH_FILE = ".recon-batch"  # the running batch's token: a cluster task publishes only under it
 BATCH_LOCK = ".recon-batch.lock"  # flock: a task's check and publication against the token's change
 

@@ -8,10 +8,19 @@ import re
 from pathlib import Path
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd", ".dat")  # .dat: Siemens twix
-# a folder holding one of these is a batch's --out (its state, its lock; batch.state's names)
-BATCH_OUTPUT_MARKERS = (".recon-state.json", ".recon.lock")
-# and a scan's folder in it: ``<stem>-<8 hex>`` (batch.output_name), whose .h5 are images
+# a batch's --out (recon_plugin.batch) holds its state and its lock, by these names (defined
+# here, where inputs are told from a batch's outputs; the batch takes them from here) ...
+STATE_FILE = ".recon-state.json"
+LOCK_FILE = ".recon.lock"
+BATCH_OUTPUT_MARKERS = (STATE_FILE, LOCK_FILE)
+# ... and one folder per scan, ``<stem>-<8 hex>`` (:func:`scan_folder_name`), whose .h5 are images
 _SCAN_FOLDER = re.compile(r".+-[0-9a-f]{8}")
+
+
+def scan_folder_name(stem: str, digest: str) -> str:
+    """A scan's folder in a batch's --out: ``<stem>-<the first 8 characters of digest>``
+    (``digest`` lowercase hex)."""
+    return f"{stem}-{digest[:8]}"
 
 
 def _raw_files_under(folder: Path) -> list[Path]:
