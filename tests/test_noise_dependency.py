@@ -397,7 +397,7 @@ def test_a_files_own_noise_joined_with_a_dependent_ones_is_scaled_to_its_dwell_t
 def test_a_dependent_noise_file_is_read_under_the_noise_cap(vol, tmp_path, monkeypatch, caplog):
     """A scan's own noise scan is kept up to NOISE_MAX_BYTES; a dependent noise file had been
     read whole, whatever its size (kept for the process's life in a cache), by a second copy
-    of the reading rules. Both now share them (io.mrd_assembler.noise_refusal)."""
+    of the reading rules. Both now share them (io.mrd_assembler.NoiseSamples)."""
     from recon_plugin.io import ismrmrd_file, mrd_assembler
 
     path = write_ismrmrd_noise(vol, tmp_path / "noise.h5", "N1")
@@ -407,6 +407,34 @@ def test_a_dependent_noise_file_is_read_under_the_noise_cap(vol, tmp_path, monke
     noise, _ = ismrmrd_file._read_noise(path, "dataset")
     assert noise.shape == (coils, 128)
     assert caplog.text.count("noise acquisitions past") == 1
+
+
+def test_noise_samples_keep_the_first_coil_count_under_the_cap_and_warn_once_per_reason(
+        monkeypatch):
+    """The one rule of a scan's own noise scan and a dependent one: other coil counts and
+    samples past the cap are left out, each reason said once; ``admit`` runs before a chunk
+    is kept, and where it raises nothing is kept; the last non-zero dwell time counts."""
+    from helpers import crand
+
+    from recon_plugin.io import mrd_assembler
+
+    monkeypatch.setattr(mrd_assembler, "NOISE_MAX_BYTES", 4 * 300 * 8)
+    rng = np.random.default_rng(2)
+    said: list[str] = []
+    kept = mrd_assembler.NoiseSamples(said.append)
+    assert kept.joined() is None and not kept
+    assert kept.add(crand(rng, 4, 128), 5.0)
+    assert not kept.add(crand(rng, 3, 128), 5.0) and not kept.add(crand(rng, 2, 8), 5.0)
+    assert kept.add(crand(rng, 4, 128), 0.0)  # no dwell time given: the earlier one stays
+    assert not kept.add(crand(rng, 4, 128), 7.0) and not kept.add(crand(rng, 4, 128), 7.0)
+
+    def full(nbytes):
+        raise MemoryError(f"{nbytes} bytes refused")
+
+    with pytest.raises(MemoryError):
+        kept.add(crand(rng, 4, 16), 7.0, admit=full)
+    assert len(kept) == 2 and kept.joined().shape == (4, 256) and kept.dwell_us == 5.0
+    assert len(said) == 2 and "differing coil counts" in said[0] and "past" in said[1]
 
 
 def test_a_files_own_noise_and_a_dependent_ones_together_are_kept_under_the_cap(monkeypatch):

@@ -29,7 +29,7 @@ from ismrmrd.file import Container
 from ..physics import center_crop
 from ..scan import RawDataError, RawScan, SliceData
 from .budget import default_max_bytes
-from .mrd_assembler import MrdAssembler, noise_problem, noise_refusal
+from .mrd_assembler import MrdAssembler, NoiseSamples, noise_problem
 from .mrd_calibration import add_interleaved_calibration
 from .noise_dependency import (
     NOISE_ONLY,
@@ -107,25 +107,16 @@ def _noise_acquisitions(h: h5py.File, dataset: str, where: str
     """The noise acquisitions' samples (each (coils, samples) complex64, in file order) and
     the last non-zero dwell time (microseconds; None: none) of the open file ``h``'s
     :func:`~.noise_dependency.ismrmrd_group` (``dataset`` first), kept as a scan's own noise
-    scan is (:func:`~.mrd_assembler.noise_refusal`: the first coil count, a size limit).
+    scan is (:class:`~.mrd_assembler.NoiseSamples`: the first coil count, a size limit).
     RawDataError where it has no such group or its acquisitions cannot be read."""
     group = ismrmrd_group(h, dataset)
     if group is None:
         raise RawDataError(f"{where}: no ISMRMRD group with a header and data")
-    chunks, dwell, size, warned = [], None, 0, set()
+    kept = NoiseSamples(lambda why: log.warning("%s: %s", where, why))
     for acq in _iter_acquisitions(Container(h[group]), where):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            data = np.asarray(acq.data, np.complex64)
-            refused = noise_refusal(chunks, size, data)
-            if refused is not None:
-                if refused[1] not in warned:
-                    warned.add(refused[1])
-                    log.warning("%s: %s", where, refused[0])
-                continue
-            chunks.append(data.copy())
-            size += data.nbytes
-            dwell = float(acq.sample_time_us) or dwell
-    return chunks, dwell
+            kept.add(np.asarray(acq.data, np.complex64), acq.sample_time_us)
+    return kept.chunks, kept.dwell_us
 
 
 def _attach_target(scan: RawScan, f: h5py.Group) -> None:

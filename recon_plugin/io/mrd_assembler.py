@@ -103,18 +103,46 @@ Key = tuple[int, int, int, int, int]  # (slice, contrast, phase, repetition, set
 NOISE_MAX_BYTES = 256 * 2**20
 
 
-def noise_refusal(kept: list[np.ndarray], kept_bytes: int, data: np.ndarray
-                  ) -> tuple[str, str] | None:
-    """Why noise samples ``data`` (coils, samples) may not join those ``kept`` so far
-    (``kept_bytes`` together): another coil count than the first's, or more than
-    :data:`NOISE_MAX_BYTES` together; ``(message, kind)`` (kind: to warn once per kind), None
-    where they may. The rule of a scan's own noise scan and of a dependent measurement."""
-    if kept and kept[0].shape[0] != data.shape[0]:
-        return "noise acquisitions with differing coil counts; extra ones ignored", "noise-coils"
-    if kept_bytes + data.nbytes > NOISE_MAX_BYTES:
-        return (f"noise acquisitions past {NOISE_MAX_BYTES / 2**20:g} MB left out (the ones "
-                "before whiten)", "noise-bytes")
-    return None
+class NoiseSamples:
+    """The noise acquisitions kept, in order, as a scan's noise scan: each (coils, samples)
+    complex64, all of the first one's coil count, at most :data:`NOISE_MAX_BYTES` together
+    (the others left out, with one warning per reason through ``warn``); ``dwell_us`` the last
+    non-zero dwell time (microseconds; None: none). The rule of a scan's own noise scan and of
+    a dependent measurement."""
+
+    def __init__(self, warn: Callable[[str], None]):
+        self.chunks: list[np.ndarray] = []
+        self.nbytes = 0
+        self.dwell_us: float | None = None
+        self._warn, self._warned = warn, set()
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def add(self, data: np.ndarray, dwell_us: float,
+            admit: Callable[[int], None] | None = None) -> bool:
+        """Keep a copy of ``data`` (coils, samples) where the rule allows it (``admit(nbytes)``
+        called first: it may raise); False where it is left out."""
+        if self.chunks and self.chunks[0].shape[0] != data.shape[0]:
+            why = "noise acquisitions with differing coil counts; extra ones ignored"
+        elif self.nbytes + data.nbytes > NOISE_MAX_BYTES:
+            why = (f"noise acquisitions past {NOISE_MAX_BYTES / 2**20:g} MB left out (the ones "
+                   "before whiten)")
+        else:
+            if admit is not None:
+                admit(data.nbytes)
+            self.chunks.append(np.array(data, np.complex64))
+            self.nbytes += data.nbytes
+            self.dwell_us = float(dwell_us) or self.dwell_us
+            return True
+        if why not in self._warned:
+            self._warned.add(why)
+            self._warn(why)
+        return False
+
+    def joined(self) -> np.ndarray | None:
+        """The samples kept (coils, total samples), or None where none were."""
+        return np.concatenate(self.chunks, axis=1) if self.chunks else None
 
 
 _COUNTERS = ("slice", "contrast", "phase", "repetition", "average")
@@ -197,9 +225,7 @@ class MrdAssembler:
                 (n + split) * coils * ny * nx * self.nz * 8, max_bytes)
         self.coils: int | None = None
         self._img_channels: list[int] | None = None
-        self.noise: list[np.ndarray] = []  # at most NOISE_MAX_BYTES together
-        self._noise_bytes = 0
-        self.noise_dwell_us: float | None = None
+        self.noise = NoiseSamples(self._warn)  # the scan's own noise scan
         self.acq_dwell_us: float | None = None
         self._buffers: dict[Key, LineBuffer] = {}
         self._calib: dict[int, tuple[LineBuffer, EncodingInfo]] = {}
@@ -422,7 +448,7 @@ class MrdAssembler:
             raise no_slice_selected(self.source, self._wanted, self._passed)
         return RawScan(
             header=header, slices=slices, noise=noise, source=self.source,
-            noise_dwell_time_us=self.noise_dwell_us, acq_dwell_time_us=self.acq_dwell_us,
+            noise_dwell_time_us=self.noise.dwell_us, acq_dwell_time_us=self.acq_dwell_us,
             warnings=list(self.warnings),
             file_slices=tuple(sorted(read | self._passed)) if self._passed else None,
             budget_bytes=self.budget_bytes,
@@ -430,12 +456,12 @@ class MrdAssembler:
 
     def usable_noise(self) -> np.ndarray | None:
         """The noise scan (coils, samples) as :meth:`build_scan` puts it in its RawScan (dwell
-        time: ``noise_dwell_us``), or None with a warning where it cannot whiten: NaN / Inf
+        time: ``noise.dwell_us``), or None with a warning where it cannot whiten: NaN / Inf
         samples (whitening would spread them over every pixel) or only zeros (no noise level
         to whiten by). The images are then made without prewhitening."""
-        if not self.noise:
+        noise = self.noise.joined()
+        if noise is None:
             return None
-        noise = np.concatenate(self.noise, axis=1)
         problem = noise_problem(noise)
         if problem is None:
             return noise
@@ -460,16 +486,7 @@ class MrdAssembler:
         self.budget_bytes = max(self.budget_bytes or 0, checked)
 
     def _add_noise(self, acq: ismrmrd.Acquisition) -> None:
-        data = np.asarray(acq.data, np.complex64)
-        refused = noise_refusal(self.noise, self._noise_bytes, data)
-        if refused is not None:
-            self._warn(refused[0], once=refused[1])
-            return
-        if self.on_noise is not None:
-            self.on_noise(data.nbytes)
-        self._noise_bytes += data.nbytes
-        self.noise.append(data.copy())
-        self.noise_dwell_us = float(acq.sample_time_us) or self.noise_dwell_us
+        self.noise.add(np.asarray(acq.data, np.complex64), acq.sample_time_us, self.on_noise)
 
     def _add_imaging(self, acq: ismrmrd.Acquisition, calib_row: bool) -> list[SliceData]:
         idx = acq.idx

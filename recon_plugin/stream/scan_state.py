@@ -273,13 +273,13 @@ def _keep_noise(asm: MrdAssembler, count: int, store: NoiseStore) -> str:
     mid = asm.header.identity.measurement_id
     noise = asm.usable_noise()
     if noise is None:  # it cannot whiten (io.mrd_assembler.noise_problem)
-        why = noise_problem(np.concatenate(asm.noise, axis=1)) if asm.noise else None
+        why = noise_problem(asm.noise.joined()) if asm.noise else None
         return f"WARNING {head}; not kept: {why or 'no usable noise samples'}"
     if not mid:
         return (f"WARNING {head} and no measurementID in the header: not kept (no scan could "
                 "name it); nothing to reconstruct")
     try:
-        path = store.keep(mid, noise, asm.noise_dwell_us)
+        path = store.keep(mid, noise, asm.noise.dwell_us)
     except OSError as e:
         log.error("stream: noise measurement %s cannot be kept in %s: %s", mid, store.folder, e)
         return (f"WARNING {head}: noise measurement {mid} cannot be kept ({e}); the scans that "
