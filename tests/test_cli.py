@@ -616,6 +616,34 @@ def test_serve_refuses_to_start_on_what_every_scan_would_fail(tmp_path, args, na
     assert named in r.stderr and "Traceback" not in r.stderr
 
 
+def test_serve_loads_each_model_once_for_its_check_and_its_scans(monkeypatch):
+    """``serve`` checks every model its protocols may run before listening; the server then
+    uses the reconstructor they were loaded into (the warm-up had loaded each a second time)."""
+    from recon_plugin.models import checkpoint
+    from recon_plugin.recon import pipeline
+    from recon_plugin.stream import server
+
+    loads: list = []
+
+    def counted(path, *args, **kwargs):
+        loads.append(path.name)
+        return real(path, *args, **kwargs)
+
+    real = checkpoint.load_inference_model
+    monkeypatch.setattr(checkpoint, "load_inference_model", counted)
+    monkeypatch.setattr(pipeline, "load_inference_model", counted)
+    given = {}
+
+    def fake_serve(*args, **kwargs):  # what the warm-up asks of the reconstructor
+        given.update(kwargs)
+        kwargs["recon"].model("unrolled-base")
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    assert main(["-q", "serve", "--port", "0", "--protocol", "default"]) == 0
+    assert loads == ["unrolled-base.safetensors"]
+    assert "unrolled-base" in given["recon"]._models
+
+
 def test_serve_on_a_taken_port_is_a_usage_error_and_simulate_names_its_out(tmp_path, caplog):
     """A port another process listens on: exit 2 naming it (only the bind is a usage error now;
     an OSError hours into serving had been reported as "cannot serve on" with exit 2 too).

@@ -576,6 +576,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..batch.driver import load_models
     from ..config.protocol import protocols_to_run
     from ..io.budget import gb_to_bytes
+    from ..recon.pipeline import Reconstructor
     from ..stream.noise_store import NOISE_DIR_ENV, default_noise_dir
     from ..stream.options import Limits
     from ..stream.server import serve
@@ -583,8 +584,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # what every scan would need, checked before listening (a scanner would get only errors),
     # as a batch checks them: the --protocol given, or without it every protocol on the search
     # path (header matching and a client's config name choose from them), and every model they
-    # may run (loaded here once more than the warm-up loads it: a second or two at startup)
-    load_models(protocols_to_run(a.protocol, a.protocol_dir), {})
+    # may run, loaded into the reconstructor the server then uses (its warm-up loads none again)
+    recon = Reconstructor(a.device)
+    load_models(protocols_to_run(a.protocol, a.protocol_dir), {}, recon)
     _check_memory_env(a.max_memory_gb)
     noise_option = ("--noise-dir" if a.noise_dir else f"${NOISE_DIR_ENV}"
                     if os.environ.get(NOISE_DIR_ENV, "").strip() else "the noise folder")
@@ -601,6 +603,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
           dicom_out=a.dicom_out, device=a.device, idle_timeout=a.idle_timeout,
           max_connections=a.max_connections, image_dtype=a.image_dtype,
           drain_timeout=a.drain_timeout, warmup=not a.no_warmup, limits=limits,
-          pacs_retry=a.pacs_retry, noise_dir=a.noise_dir,
+          pacs_retry=a.pacs_retry, noise_dir=a.noise_dir, recon=recon,
           first_message_timeout=min(30.0, a.idle_timeout) if first is None else first)
     return EXIT_OK

@@ -50,6 +50,7 @@ from ismrmrd.serialization import ProtocolSerializer
 
 from ..io.mrd_assembler import MrdAssembler
 from ..output.delivery import RETRY_PERIOD_S
+from ..recon.pipeline import Reconstructor
 from .engine import StreamEngine
 from .options import (
     IMAGE_DTYPES,
@@ -474,7 +475,8 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
           handle_signals: bool = True, warmup: bool = True,
           pacs_retry: float | None = RETRY_PERIOD_S,
           noise_dir: str | Path | None = None,
-          first_message_timeout: float = 30.0) -> ReconServer:
+          first_message_timeout: float = 30.0, recon: Reconstructor | None = None,
+          ) -> ReconServer:
     """Run the MRD server until SIGTERM / SIGINT (or :meth:`ReconServer.request_stop`).
 
     Loopback only by default. Signals are handled when called from the main thread: the first
@@ -488,8 +490,9 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
     separate noise measurements are kept for the scans that name them (None: the
     :class:`~recon_plugin.stream.noise_store.NoiseStore` default). ``first_message_timeout``:
     seconds a new connection may take to send its first message (at most ``idle_timeout``).
-    Returns the (stopped) server; raises :class:`CannotListen` where it cannot listen (an
-    OSError later, while serving, is raised as it is).
+    ``recon``: the reconstructor to use, with the models a caller has loaded already (None: a
+    new one on ``device``). Returns the (stopped) server; raises :class:`CannotListen` where
+    it cannot listen (an OSError later, while serving, is raised as it is).
     """
     try:
         server = ReconServer(host, port, idle_timeout=idle_timeout,
@@ -497,7 +500,8 @@ def serve(host: str = "127.0.0.1", port: int = 9002, *, protocol: str | None = N
                              image_dtype=image_dtype, device=device, protocol=protocol,
                              protocol_dirs=protocol_dirs, dicom_out=dicom_out,
                              drain_timeout=drain_timeout, pacs_retry_s=pacs_retry,
-                             noise_dir=noise_dir, first_message_timeout=first_message_timeout)
+                             noise_dir=noise_dir, first_message_timeout=first_message_timeout,
+                             recon=recon)
     except OSError as e:  # the port is taken, the address is not one of this machine's
         raise CannotListen(f"cannot serve on {host}:{port}: {e}") from e
     if warmup:
