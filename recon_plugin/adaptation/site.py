@@ -207,16 +207,10 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
     """:func:`adapt`; ``known`` gathers the report's fields as they are found; the site
     folder's lock is taken into ``lock`` (rank 0) once the options are checked, before the
     raw files are read (a usage error makes no folder)."""
-    from ..config.protocol import load_protocol
-    from ..models.checkpoint import load_model
     from ..models.inference import torch_device
 
     dev = torch_device(device)
-    if mode not in MODES:
-        raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
-    if params not in PARAMS:
-        raise ValueError(f"unknown adaptation params {params!r}; choose from {tuple(PARAMS)}")
-    _check_name(name)
+    _check_options(mode, params, name)
     lr = PARAMS[params] if lr is None else lr
     spec = LossSpec.from_mode(mode, {"teacher": teacher_weight}, ssdu_rho=rho)
     rank, world = _dist_info()
@@ -247,30 +241,8 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
             # as recon takes its inputs (a typo: FileNotFoundError, exit 2, before
             # anything is read), sorted
             raw, hashes = _distinct(sorted(raw_files(list(raw))), skipped)
-            protocol = load_protocol(base_protocol, protocol_dirs)
-            if protocol.model.method != "unrolled":  # its overlay would never run the model
-                raise ValueError(f"protocol {protocol.name} reconstructs with "
-                                 f"{protocol.model.method} (model.method): no network to adapt; "
-                                 "adapt a protocol whose model.method is unrolled")
-            check_overlay(site_dir, protocol, protocol_dirs)
-            settings = protocol.recon_settings()
-            try:
-                base_path = resolve_model(settings.model)
-            except ModelError as e:
-                raise ModelError(f"{protocol.model_key}: {e}") from e
-            model, card = load_model(base_path)
-            model.to(dev)
-            if params == "dc":
-                if not hasattr(model, "dc_parameters"):
-                    raise ValueError(f"{settings.model} has no data-consistency weights to "
-                                     "adapt alone")
-                trained = {id(p) for p in model.dc_parameters()}
-                for p in model.parameters():
-                    p.requires_grad_(id(p) in trained)
-            teacher = None
-            if "teacher" in spec.weights:
-                teacher, _ = load_model(base_path)
-                teacher.to(dev)
+            protocol, settings, base_path, model, card, teacher = _base(
+                base_protocol, protocol_dirs, site_dir, params, "teacher" in spec.weights, dev)
             if rank == 0:  # one adaptation at a time per site folder (versions, report)
                 site_dir.mkdir(parents=True, exist_ok=True)
                 if not lock.enter_context(held_lock(site_dir / LOCK_FILE)):
@@ -281,27 +253,7 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
             # usable slice are left out, each named with why
             slices = prepare_slices(raw, settings, skipped,
                                     on_header=_matches(protocol, protocol_dirs))
-            # files are held out among those with usable slices (an unreadable one must not
-            # take the gate's share)
-            usable = [p for p in raw if any(s.source == str(p) for s in slices)]
-            n_hold = max(1, int(round(len(usable) * heldout_fraction))) if len(usable) > 1 \
-                else 0
-            hold_files = usable[:n_hold]
-            hold = [s for s in slices if Path(s.source) in hold_files]
-            train = [s for s in slices if Path(s.source) not in hold_files]
-            if not hold:
-                # the gate must judge slices the adaptation never sees: with one slice there
-                # is none
-                if len(train) < 2:
-                    raise ValueError(
-                        f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
-                        f"{[str(p) for p in raw]}; give more raw files (slices without ACS and "
-                        "fully sampled slices are skipped" + _left_out(skipped) + ")")
-                log.info("one raw file with usable slices: the gate holds out its last slices")
-                hold = train[-max(1, len(train) // 4):]
-                train = train[: len(train) - len(hold)]
-            if not train:
-                raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
+            usable, hold_files, train, hold = _gate_split(raw, slices, heldout_fraction, skipped)
             train, hold = [s.to(dev) for s in train], [s.to(dev) for s in hold]
             base_errs = heldout_errors(model, hold)
             base_err = float(base_errs.mean())
@@ -402,19 +354,16 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
             report["already_published"] = True
             report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
         else:
-            new_card = {
-                "parent_sha256": card.get("sha256"), "parent_name": card.get("name"),
-                "pruning": card.get("pruning", {}), "finetune": f"self-supervised ({mode})",
-                "adaptation": {"mode": mode, "params": params, "steps": len(history), "lr": lr,
-                               "rho": rho,
-                               "raw_files": {str(p): card_hashes[p] for p in raw},
-                               "heldout_files": [str(p) for p in hold_files],
-                               "skipped_files": skipped,
-                               "heldout_error_base": base_err, "heldout_error_adapted": new_err,
-                               "gate": gate,
-                               "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
-                               "param_sha256": param_hash},
-            }
+            adaptation = {"mode": mode, "params": params, "steps": len(history), "lr": lr,
+                          "rho": rho, "raw_files": {str(p): card_hashes[p] for p in raw},
+                          "heldout_files": [str(p) for p in hold_files],
+                          "skipped_files": skipped, "heldout_error_base": base_err,
+                          "heldout_error_adapted": new_err, "gate": gate,
+                          "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
+                          "param_sha256": param_hash}
+            new_card = {"parent_sha256": card.get("sha256"), "parent_name": card.get("name"),
+                        "pruning": card.get("pruning", {}),
+                        "finetune": f"self-supervised ({mode})", "adaptation": adaptation}
             version, saved = publish_model(site_dir, stem, model.cpu(), new_card)
             report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
         if requested:  # it came after the verdict: what was published stays, the caller stops
@@ -422,6 +371,78 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
     if exiting:  # the handler above went straight to ignored; so does the rest of the exit
         ignore_stops()
     return report
+
+
+def _base(base_protocol: str, protocol_dirs: Sequence[Path] | None, site_dir: Path,
+          params: str, with_teacher: bool, dev: torch.device) -> tuple:
+    """(the protocol, its ReconSettings, its model's weights file, the model on ``dev`` with
+    only the ``params`` to adapt trainable, its card, a frozen copy as the teacher or None).
+    ValueError where the protocol runs no network or the model has no data-consistency
+    weights to adapt alone; ModelError naming the protocol's key where its model is missing;
+    the protocol's overlay in ``site_dir`` checked (:func:`check_overlay`)."""
+    from ..config.protocol import load_protocol
+    from ..models.checkpoint import load_model
+
+    protocol = load_protocol(base_protocol, protocol_dirs)
+    if protocol.model.method != "unrolled":  # its overlay would never run the model
+        raise ValueError(f"protocol {protocol.name} reconstructs with {protocol.model.method} "
+                         "(model.method): no network to adapt; adapt a protocol whose "
+                         "model.method is unrolled")
+    check_overlay(site_dir, protocol, protocol_dirs)
+    settings = protocol.recon_settings()
+    try:
+        base_path = resolve_model(settings.model)
+    except ModelError as e:
+        raise ModelError(f"{protocol.model_key}: {e}") from e
+    model, card = load_model(base_path)
+    model.to(dev)
+    if params == "dc":
+        if not hasattr(model, "dc_parameters"):
+            raise ValueError(f"{settings.model} has no data-consistency weights to adapt alone")
+        trained = {id(p) for p in model.dc_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+    teacher = None
+    if with_teacher:
+        teacher, _ = load_model(base_path)
+        teacher.to(dev)
+    return protocol, settings, base_path, model, card, teacher
+
+
+def _check_options(mode: str, params: str, name: str | None) -> None:
+    """ValueError naming the choices where ``mode``, ``params`` or ``name`` is not one."""
+    if mode not in MODES:
+        raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES}")
+    if params not in PARAMS:
+        raise ValueError(f"unknown adaptation params {params!r}; choose from {tuple(PARAMS)}")
+    _check_name(name)
+
+
+def _gate_split(raw: list[Path], slices: list, heldout_fraction: float, skipped: list[str]
+                ) -> tuple[list[Path], list[Path], list, list]:
+    """(the raw files with usable slices, the files the promotion gate holds out, the training
+    slices, the gate's slices). ``heldout_fraction`` of the files with usable slices (at least
+    one, where there are two; an unreadable file must not take the gate's share); from a
+    single such file its last quarter of slices. ValueError naming the files (and the
+    ``skipped`` ones) where no slice would be left for training or for the gate."""
+    usable = [p for p in raw if any(s.source == str(p) for s in slices)]
+    n_hold = max(1, int(round(len(usable) * heldout_fraction))) if len(usable) > 1 else 0
+    hold_files = usable[:n_hold]
+    hold = [s for s in slices if Path(s.source) in hold_files]
+    train = [s for s in slices if Path(s.source) not in hold_files]
+    if not hold:
+        # the gate must judge slices the adaptation never sees: with one slice there is none
+        if len(train) < 2:
+            raise ValueError(
+                f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
+                f"{[str(p) for p in raw]}; give more raw files (slices without ACS and "
+                "fully sampled slices are skipped" + _left_out(skipped) + ")")
+        log.info("one raw file with usable slices: the gate holds out its last slices")
+        hold = train[-max(1, len(train) // 4):]
+        train = train[: len(train) - len(hold)]
+    if not train:
+        raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
+    return usable, hold_files, train, hold
 
 
 def _check_name(name: str | None) -> None:
