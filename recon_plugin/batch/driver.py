@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..config.protocol import given_dirs, protocols_to_run
 from ..io.inputs import raw_files
 from ..models.inference import torch_device
 from ..output.atomic import check_writable_folder, fingerprint, make_writable_folder
@@ -105,8 +106,6 @@ def preflight(
 
         parse_target(send)
     overrides = overrides or {}
-    from ..config.protocol import protocols_to_run
-
     protos = protocols_to_run(protocol, protocol_dirs)
     try:  # before the models (it costs nothing), made after them (a refusal leaves nothing)
         check_writable_folder(out_dir, "--out")
@@ -426,7 +425,6 @@ def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
     (``--protocol-dir`` and ``$RECON_PLUGIN_PROTOCOLS``), a protocol or model given by path,
     all absolute; the memory limit (``$RECON_PLUGIN_MAX_MEMORY_GB`` here); and ``view``, the
     :func:`worker_view` each worker must share (else its inputs fail, naming why)."""
-    from ..config.protocol import given_dirs
     from ..io.budget import default_max_bytes
 
     dirs = [d.absolute() for d, _ in given_dirs(protocol_dirs)]

@@ -276,7 +276,8 @@ def _resolve_record(asked: dict) -> None:
     if isinstance(asked.get("protocol_dirs"), list):
         asked["protocol_dirs"] = _resolved(asked["protocol_dirs"])
     over = asked.get("overrides")
-    with contextlib.suppress(Exception):  # ~user without a home, odd values: as given
+    # ~user without a home (a ProtocolError / ModelError), a path that does not resolve: as given
+    with contextlib.suppress(ValueError, OSError, TypeError):
         protocol, resolved = resolved_refs(asked.get("protocol"),
                                            over if isinstance(over, dict) else {})
         if "protocol" in asked:
