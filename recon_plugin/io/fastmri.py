@@ -343,68 +343,38 @@ def read_fastmri(path: str | Path, max_bytes: int | None = None,
         f.close()
 
 
-def _read(f: h5py.File, where: str, max_bytes: int | None = None,
-          selection: Collection[int] | None = None) -> RawScan:
-    if "kspace" not in f:
-        raise RawDataError(f"{where}: dataset 'kspace' is missing")
-    if "ismrmrd_header" not in f:
-        raise RawDataError(f"{where}: dataset 'ismrmrd_header' is missing")
-    warnings: list[str] = []
-
-    def warn(msg: str) -> None:
-        msg = f"{where}: {msg}"
-        log.warning(msg)
-        warnings.append(msg)
-
+def _kspace_dataset(f: h5py.File, where: str) -> tuple[h5py.Dataset, bool]:
+    """The ``kspace`` dataset, checked 3D or 4D, complex and non-empty, and whether it is
+    single-coil (no coil axis)."""
     ds = f["kspace"]
     if not isinstance(ds, h5py.Dataset):
         raise RawDataError(f"{where}: 'kspace' is not a dataset")
-    single_coil = ds.ndim == 3
     if ds.ndim not in (3, 4):
         raise RawDataError(
             f"{where}: 'kspace' has shape {ds.shape}; expected (slices, coils, readout, phase)"
         )
     if ds.dtype.kind != "c" and not (ds.dtype.names and set(ds.dtype.names) >= {"r", "i"}):
         raise RawDataError(f"{where}: 'kspace' has dtype {ds.dtype}, expected complex")
-    shape = (ds.shape[0], 1, *ds.shape[1:]) if single_coil else ds.shape
-    nsl, ncoil, nro, npe = shape
-    if min(shape) < 1:
+    if min(ds.shape) < 1:
         raise RawDataError(f"{where}: 'kspace' is empty (shape {ds.shape})")
-    indices = list(range(nsl))
-    if selection is not None:
-        indices = sorted(set(selection) & set(indices))
-        if not indices:
-            raise no_slice_selected(where, selection, range(nsl))
-    part = f" (of {nsl})" if len(indices) < nsl else ""
-    budget = check_budget(where, f"'kspace' of {len(indices)}{part} slices x {ncoil} coils x "
-                          f"{nro} x {npe}", len(indices) * ncoil * nro * npe * 8, max_bytes)
+    return ds, ds.ndim == 3
 
-    xml = _dataset(f, "ismrmrd_header", where, "a dataset of the ISMRMRD XML header text")[()]
-    tree = parse_xml(xml, where, warnings)
-    header = parse_header(xml, where, warnings, tree)
-    enc = encoding_info(tree, 0, where)
-    if enc.trajectory not in ("cartesian", "epi"):
-        raise RawDataError(f"{where}: trajectory {enc.trajectory!r} is not supported "
-                           "(Cartesian only)")
 
-    enc, header = _reconcile_header(enc, header, (nsl, ncoil, nro, npe), warn)
-    window = _phase_window(enc, npe)
-    rx = header.recon_matrix[0]
-    nx = rx if rx <= nro else nro
+def _stored_mask(f: h5py.File, npe: int, where: str) -> np.ndarray | None:
+    """(npe,) bool: the file's ``mask`` dataset, None where it has none."""
+    if "mask" not in f:
+        return None
+    stored = _dataset(f, "mask", where, "a (phase,) mask dataset")
+    mask = np.asarray(stored).reshape(-1) != 0
+    if mask.size != npe:
+        raise RawDataError(f"{where}: 'mask' has {mask.size} entries, kspace phase axis {npe}")
+    return mask
 
-    file_mask = stored_mask = None
-    if "mask" in f:
-        stored = _dataset(f, "mask", where, "a (phase,) mask dataset")
-        stored_mask = np.asarray(stored).reshape(-1) != 0
-        if stored_mask.size != npe:
-            raise RawDataError(f"{where}: 'mask' has {stored_mask.size} entries, kspace phase "
-                               f"axis {npe}")
-        file_mask = stored_mask & window
-    num_low = _num_low(_attr(f, "num_low_frequency", where, "a number of lines"),
-                       max(npe, nro), where)
-    given_acceleration = _attr(f, "acceleration", where)
 
-    target = None
+def _target_dataset(f: h5py.File, nsl: int, warn: Callable[[str], None]) -> h5py.Dataset | None:
+    """The stored reference image (``reconstruction_rss``, else ``reconstruction_esc``) where
+    it is a (slices, readout, phase) dataset with the k-space's slice count; else None (with a
+    warning for one that does not fit)."""
     for name in ("reconstruction_rss", "reconstruction_esc"):
         if name in f:
             t = f[name]
@@ -412,12 +382,20 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
                 warn(f"'{name}' is an HDF5 group, not a dataset; target ignored")
                 continue
             if t.ndim == 3 and t.shape[0] == nsl:
-                target = t
-                break
+                return t
             warn(f"'{name}' has shape {t.shape}, kspace has {nsl} slices; target ignored")
+    return None
 
-    thickness = header.slice_thickness_mm or 1.0
-    geoms = _geometries(f, nsl, header.slice_spacing_mm or thickness, warnings, where)
+
+def _read_slices(ds: h5py.Dataset, indices: list[int], single_coil: bool, window: np.ndarray,
+                 stored_mask: np.ndarray | None, nx: int, geoms: list[Geometry],
+                 target: h5py.Dataset | None, num_low: int | None, where: str,
+                 warn: Callable[[str], None]) -> tuple[list[SliceData], bool]:
+    """The selected slices, and whether their lines run along the stored readout (a plane of
+    a 3D scan stored the other way round). ``window`` (npe,) is opened in place where the
+    first slice has measured samples outside it."""
+    nro = ds.shape[-2]
+    file_mask = stored_mask & window if stored_mask is not None else None
     slices: list[SliceData] = []
     along_readout = False
     for n, i in enumerate(indices):
@@ -448,21 +426,81 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
             k, measured, cols, along_readout, nx, geoms[i],
             None if target is None else np.asarray(target[i], np.float32),
             num_low, i, where, window))
+    return slices, along_readout
 
-    acceleration = _acceleration(given_acceleration, nro if along_readout else npe, warn)
-    acceleration_source = "file attribute 'acceleration'" if acceleration is not None else ""
-    first = slices[0]
+
+def _scan_acceleration(given, first: SliceData, window: np.ndarray, limit: int, lines: int,
+                       where: str, warn: Callable[[str], None]) -> tuple[float | None, str]:
+    """The scan's acceleration and where it came from: the file's ``acceleration`` attribute
+    (``given``, checked against ``limit``), else counted on the first slice: its samples
+    inside the phase ``window`` (ky,) for 2D sampling, else its lines of the ``lines`` that
+    could be measured."""
+    acceleration = _acceleration(given, limit, warn)
+    source = "file attribute 'acceleration'" if acceleration is not None else ""
     if is_2d_sampling(first.mask):  # samples, not lines (along_readout needs whole lines)
         inside = first.mask[window]
         log.info("%s: 2D sampling (most lines measured on part of the readout only)", where)
         if acceleration is None and inside.sum():
             acceleration = round(float(inside.size / inside.sum()), 2)
-            acceleration_source = "measured by the reader (first slice's samples)"
+            source = "measured by the reader (first slice's samples)"
     sampled = int(first.mask.any(axis=1).sum())
-    lines = nro if along_readout else int(window.sum())
     if acceleration is None and sampled and sampled < lines:
         acceleration = round(float(lines) / sampled, 2)
-        acceleration_source = "measured by the reader (first slice's lines)"
+        source = "measured by the reader (first slice's lines)"
+    return acceleration, source
+
+
+def _read(f: h5py.File, where: str, max_bytes: int | None = None,
+          selection: Collection[int] | None = None) -> RawScan:
+    if "kspace" not in f:
+        raise RawDataError(f"{where}: dataset 'kspace' is missing")
+    if "ismrmrd_header" not in f:
+        raise RawDataError(f"{where}: dataset 'ismrmrd_header' is missing")
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        msg = f"{where}: {msg}"
+        log.warning(msg)
+        warnings.append(msg)
+
+    ds, single_coil = _kspace_dataset(f, where)
+    shape = (ds.shape[0], 1, *ds.shape[1:]) if single_coil else ds.shape
+    nsl, ncoil, nro, npe = shape
+    indices = list(range(nsl))
+    if selection is not None:
+        indices = sorted(set(selection) & set(indices))
+        if not indices:
+            raise no_slice_selected(where, selection, range(nsl))
+    part = f" (of {nsl})" if len(indices) < nsl else ""
+    budget = check_budget(where, f"'kspace' of {len(indices)}{part} slices x {ncoil} coils x "
+                          f"{nro} x {npe}", len(indices) * ncoil * nro * npe * 8, max_bytes)
+
+    xml = _dataset(f, "ismrmrd_header", where, "a dataset of the ISMRMRD XML header text")[()]
+    tree = parse_xml(xml, where, warnings)
+    header = parse_header(xml, where, warnings, tree)
+    enc = encoding_info(tree, 0, where)
+    if enc.trajectory not in ("cartesian", "epi"):
+        raise RawDataError(f"{where}: trajectory {enc.trajectory!r} is not supported "
+                           "(Cartesian only)")
+
+    enc, header = _reconcile_header(enc, header, (nsl, ncoil, nro, npe), warn)
+    window = _phase_window(enc, npe)
+    rx = header.recon_matrix[0]
+    nx = rx if rx <= nro else nro
+    stored_mask = _stored_mask(f, npe, where)
+    num_low = _num_low(_attr(f, "num_low_frequency", where, "a number of lines"),
+                       max(npe, nro), where)
+    given_acceleration = _attr(f, "acceleration", where)
+    target = _target_dataset(f, nsl, warn)
+    thickness = header.slice_thickness_mm or 1.0
+    geoms = _geometries(f, nsl, header.slice_spacing_mm or thickness, warnings, where)
+    slices, along_readout = _read_slices(ds, indices, single_coil, window, stored_mask, nx,
+                                         geoms, target, num_low, where, warn)
+
+    first = slices[0]
+    acceleration, acceleration_source = _scan_acceleration(
+        given_acceleration, first, window, nro if along_readout else npe,
+        nro if along_readout else int(window.sum()), where, warn)
     px = enc.enc_fov[0] / enc.enc_matrix[0]
     py = enc.enc_fov[1] / enc.enc_matrix[1]
     if along_readout:  # x (columns) is now the stored phase axis, y (rows) the stored readout
