@@ -5,9 +5,11 @@ state, then its DICOM delivered to the PACS and that recorded too."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -257,9 +259,9 @@ def run_batch(
                 # nothing once the token is gone (removed before the lock is released)
                 token = start_batch(out_dir)
                 stack.callback(end_batch, out_dir, token)
-            _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress,
-                        send, workers, protocol_dirs, max_bytes, recon, results, session, noise,
-                        configuration, token, shared)
+            job = _Job(out_dir, protocol, formats, resume, device, overrides, progress,
+                       send, workers, protocol_dirs, max_bytes, noise, configuration)
+            _run_locked(job, files, recon, results, session, token, shared)
         except ClusterLost as e:
             left = _not_finished(results, files, f"not finished: the cluster {cluster} was "
                                  "lost")
@@ -309,25 +311,85 @@ def _ordered(results: list[FileResult], files: list[Path]) -> list[FileResult]:
     return sorted(results, key=lambda r: order.get(r.input, 0))
 
 
-def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, progress, send,
-                workers, protocol_dirs, max_bytes, recon, results, session=None,
-                noise=None, configuration=None, token=None, shared=None) -> None:
-    """The batch proper (lock held): skip what ``resume`` finds done, reconstruct the rest;
-    ``finish`` records each result in the state and delivers it. ``configuration``: the
-    :func:`configuration_digest` of the run; ``token``: the batch's (:func:`start_batch`),
-    which its cluster tasks publish under; ``shared``: what the cluster's workers are given
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One batch's settings as :func:`run_batch` resolved them. ``max_bytes``: the memory
+    limit (None: each reader's default); ``noise``: the resolved ``--noise`` file;
+    ``configuration``: the :func:`configuration_digest` of the run."""
+
+    out_dir: Path
+    protocol: str | None
+    formats: Sequence[str]
+    resume: bool
+    device: str
+    overrides: dict | None
+    progress: bool
+    send: str | None
+    workers: int
+    protocol_dirs: list[Path] | None
+    max_bytes: int | None
+    noise: Path | None
+    configuration: str
+
+
+def _run_locked(job: _Job, files: list[Path], recon: Reconstructor | None,
+                results: list[FileResult], session=None, token: str | None = None,
+                shared: dict | None = None) -> None:
+    """The batch proper (lock held): skip what ``job.resume`` finds done, reconstruct the
+    rest; each result is recorded in the state and delivered. ``session``: the Dask session
+    (None: this process or the pool); ``token``: the batch's (:func:`start_batch`), which its
+    cluster tasks publish under; ``shared``: what the cluster's workers are given
     (:func:`_for_workers`)."""
+    out_dir = job.out_dir
     clean_stale(out_dir)  # a killed run's; not a live server's
     state = load_state(out_dir)
-    ref, over = resolved_refs(protocol, overrides)
-    asked = job_settings(ref, formats, over, protocol_dirs, noise, configuration)
+    ref, over = resolved_refs(job.protocol, job.overrides)
+    asked = job_settings(ref, job.formats, over, job.protocol_dirs, job.noise,
+                         job.configuration)
     down: dict[str, float] = {}  # PACS targets that did not answer (when): later inputs queue
-    todo = []
     prints = {path: _fingerprint(path) for path in files}  # as read: a change later is seen
+    todo = _not_done(job, files, state, asked, prints, down, results)
+    bar = tqdm(total=len(todo), desc="recon", disable=bars(job.progress), dynamic_ncols=True)
+
+    def finish(path, r, written, proto):
+        bar.update(1)
+        if r.no_room:
+            results.append(r)
+            raise _NoRoom(r.no_room)
+        _record(job, path, r, proto, state, asked, prints[path], down)
+        results.append(r)
+
+    # log lines go through tqdm while the bars are shown, so that neither cuts the other
+    with logging_redirect_tqdm() if job.progress else contextlib.nullcontext():
+        try:
+            if session is not None:
+                from .cluster import run_cluster
+
+                run_cluster(session, todo, out_dir, shared["protocol"], job.formats,
+                            shared["overrides"], shared["protocol_dirs"], job.device,
+                            shared["max_bytes"], finish, bar if job.progress else None,
+                            noise=job.noise, batch=token, view=shared["view"])
+            elif job.workers <= 1 or len(todo) <= 1:
+                _run_here(job, todo, recon or Reconstructor(job.device), finish)
+            else:
+                run_pool(todo, out_dir, job.protocol, job.formats, job.overrides,
+                         job.protocol_dirs, job.device, job.workers, job.max_bytes, finish,
+                         results, noise=job.noise)
+        finally:
+            bar.close()
+
+
+def _not_done(job: _Job, files: list[Path], state: dict, asked: dict,
+              prints: dict[Path, str | None], down: dict[str, float],
+              results: list[FileResult]) -> list[Path]:
+    """The inputs to reconstruct. With ``--resume``, one whose recorded outputs are there,
+    made from the same file with the same settings, is done: its result is added to
+    ``results`` (a pending PACS delivery is delivered again from its files)."""
+    todo = []
     for path in files:
         key = str(path.resolve())
         entry = state.get(key, {})
-        outputs = recorded_outputs(entry, out_dir) if resume else None
+        outputs = recorded_outputs(entry, job.out_dir) if job.resume else None
         done = bool(outputs and prints[path] and entry.get("fingerprint") == prints[path])
         # an entry from before the settings were recorded counts as made with these; one
         # whose delivery is pending is delivered from its files (same UIDs) whatever made it
@@ -335,7 +397,7 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
                 and not entry.get("delivery")):
             log.info("%s: finished before with other settings; reconstructing it again", path)
             done = False
-        if (done and entry.get("noise_missing") and noise is None
+        if (done and entry.get("noise_missing") and job.noise is None
                 and not entry.get("delivery") and _noise_there(path, entry["noise_missing"])):
             log.info("%s: made without prewhitening before; its noise measurement %s is there "
                      "now: reconstructing it again", path, entry["noise_missing"])
@@ -348,74 +410,59 @@ def _run_locked(files, out_dir, protocol, formats, resume, device, overrides, pr
         if entry.get("delivery"):  # published, delivery not finished: same files, same UIDs
             log.info("%s: delivering the published series again", path)
             r.redelivered = True
-            _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, out_dir, state,
+            _deliver(r, DeliveryPlan.from_state(entry["delivery"]), entry, job.out_dir, state,
                      down)
         results.append(r)
-    bar = tqdm(total=len(todo), desc="recon", disable=bars(progress), dynamic_ncols=True)
+    return todo
 
-    def finish(path, r, written, proto):
-        bar.update(1)
-        if r.no_room:
-            results.append(r)
-            raise _NoRoom(r.no_room)
-        if r.ok and not r.passed_over:
-            key = str(path.resolve())
-            # a --slices trial is a partial series: only an explicit --send delivers it
-            partial = (overrides or {}).get("slices")
-            pacs = proto.pacs.model_copy(update={"targets": []}) if partial else proto.pacs
-            plan = DeliveryPlan.make(pacs, send, out_dir)
-            now = _fingerprint(path)
-            if now != prints[path]:  # --resume makes it again (the record is of the old file)
-                log.warning("%s %s while it was reconstructed; its images are of the file as it "
-                            "was read", path, "changed" if now else "disappeared")
-            state[key] = {"fingerprint": prints[path],
-                          "files": output_record(r.outputs, out_dir),
-                          "protocol": r.protocol, "folder": output_name(path),
-                          "settings": asked}
-            if r.noise_missing:  # --resume makes it again once the noise file is there
-                state[key]["noise_missing"] = r.noise_missing
-            if plan:
-                state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
-            save_state(out_dir, state)
-            if plan:
-                _deliver(r, plan, state[key], out_dir, state, down, out_dir / output_name(path))
-        results.append(r)
 
-    # log lines go through tqdm while the bars are shown, so that neither cuts the other
-    with logging_redirect_tqdm() if progress else contextlib.nullcontext():
-        try:
-            if session is not None:
-                from .cluster import run_cluster
+def _record(job: _Job, path: Path, r: FileResult, proto, state: dict, asked: dict,
+            read_as: str | None, down: dict[str, float]) -> None:
+    """Record a reconstructed input in the batch state, then deliver its DICOM where the
+    protocol or ``--send`` says (``read_as``: the input's fingerprint when the batch began)."""
+    if not r.ok or r.passed_over:
+        return
+    key = str(path.resolve())
+    # a --slices trial is a partial series: only an explicit --send delivers it
+    partial = (job.overrides or {}).get("slices")
+    pacs = proto.pacs.model_copy(update={"targets": []}) if partial else proto.pacs
+    plan = DeliveryPlan.make(pacs, job.send, job.out_dir)
+    now = _fingerprint(path)
+    if now != read_as:  # --resume makes it again (the record is of the old file)
+        log.warning("%s %s while it was reconstructed; its images are of the file as it "
+                    "was read", path, "changed" if now else "disappeared")
+    state[key] = {"fingerprint": read_as,
+                  "files": output_record(r.outputs, job.out_dir),
+                  "protocol": r.protocol, "folder": output_name(path),
+                  "settings": asked}
+    if r.noise_missing:  # --resume makes it again once the noise file is there
+        state[key]["noise_missing"] = r.noise_missing
+    if plan:
+        state[key]["delivery"] = plan.to_state()  # pending until delivered (or queued)
+    save_state(job.out_dir, state)
+    if plan:
+        _deliver(r, plan, state[key], job.out_dir, state, down, job.out_dir / output_name(path))
 
-                run_cluster(session, todo, out_dir, shared["protocol"], formats,
-                            shared["overrides"], shared["protocol_dirs"], device,
-                            shared["max_bytes"], finish, bar if progress else None,
-                            noise=noise, batch=token, view=shared["view"])
-            elif workers <= 1 or len(todo) <= 1:
-                recon = recon or Reconstructor(device)
-                for path in todo:
-                    # a second bar counts the slices of the file in flight (a refined slice can
-                    # take its whole budget, a file many minutes)
-                    with tqdm(desc=path.name, unit="slice", leave=False, position=1,
-                              disable=bars(progress), dynamic_ncols=True) as slices:
-                        # no terminal to draw the bar on: a log line every 30 s instead
-                        told = ProgressLog(path.name) if progress and slices.disable else None
 
-                        def step(done: int, total: int, slices=slices, told=told) -> None:
-                            slices.total = total
-                            slices.update(done - slices.n)
-                            if told is not None:
-                                told(done, total)
+def _run_here(job: _Job, todo: list[Path], recon: Reconstructor, finish) -> None:
+    """Reconstruct ``todo`` one after the other in this process, each file's slices counted
+    by a second bar (a refined slice can take its whole budget, a file many minutes), or,
+    with no terminal to draw it on, by a log line every 30 s."""
+    for path in todo:
+        with tqdm(desc=path.name, unit="slice", leave=False, position=1,
+                  disable=bars(job.progress), dynamic_ncols=True) as slices:
+            told = ProgressLog(path.name) if job.progress and slices.disable else None
 
-                        done = process_file(path, out_dir, protocol, formats, overrides,
-                                            protocol_dirs, recon, max_bytes, progress=step,
-                                            noise=noise)
-                    finish(path, *done)
-            else:
-                run_pool(todo, out_dir, protocol, formats, overrides, protocol_dirs, device,
-                         workers, max_bytes, finish, results, noise=noise)
-        finally:
-            bar.close()
+            def step(done: int, total: int, slices=slices, told=told) -> None:
+                slices.total = total
+                slices.update(done - slices.n)
+                if told is not None:
+                    told(done, total)
+
+            done = process_file(path, job.out_dir, job.protocol, job.formats, job.overrides,
+                                job.protocol_dirs, recon, job.max_bytes, progress=step,
+                                noise=job.noise)
+        finish(path, *done)
 
 
 def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,
