@@ -223,6 +223,50 @@ def check_resumed_args(ckpt: Path, recorded: str | None, given: dict) -> None:
                          ": resume it with those it was started with, or give another --run-dir")
 
 
+def _resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LambdaLR, lr: float,
+            run_args: dict | None) -> tuple[dict | None, int, list[dict]]:
+    """Load the run's checkpoint ``ckpt`` where there is one into ``model``, ``opt`` and
+    ``sched`` (a changed ``lr`` rescales the schedule); returns the checkpoint (None: a new
+    run), the step to go on from and the history so far."""
+    if not ckpt.is_file():
+        return None, 0, []
+    state = read_checkpoint(ckpt)
+    if run_args is not None:  # before the weights: a clearer error than their shapes'
+        check_resumed_args(ckpt, state.get("run_args"), run_args)
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+    except (RuntimeError, KeyError, ValueError) as err:  # a configuration error
+        raise ValueError(f"{ckpt}: cannot resume from this checkpoint (another model's, "
+                         f"or damaged): {first_line(err)}; use another run folder") from err
+    start = int(state["step"])
+    old = opt.param_groups[0].get("initial_lr", lr)
+    if abs(old - lr) > 1e-12:  # resumed with another learning rate: rescale the schedule
+        sched.base_lrs = [lr] * len(opt.param_groups)
+        for g in opt.param_groups:
+            g["initial_lr"] = lr
+            g["lr"] = lr * sched.lr_lambdas[0](start)
+        log.info("learning rate changed on resume: %g -> %g", old, lr)
+    log.info("resumed %s at step %d", ckpt.parent, start)
+    return state, start, json.loads(state["history"])
+
+
+def _gradient(model: torch.nn.Module, opt: torch.optim.Optimizer,
+              loss_fn: Callable[[torch.nn.Module, np.random.Generator], torch.Tensor],
+              rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+    """One step's loss and its gradient, clipped to norm 1; whether both are finite."""
+    loss = loss_fn(model, rng)
+    opt.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        finite = bool(torch.isfinite(norm))
+    return loss, finite
+
+
 def train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, np.random.Generator], torch.Tensor],
@@ -255,30 +299,7 @@ def train_loop(
     )
     ckpt = run_dir / "ckpt.pt"
     remove_stale_temporaries(run_dir)
-    history: list[dict] = []
-    start = 0
-    state = None
-    if ckpt.is_file():
-        state = read_checkpoint(ckpt)
-        if run_args is not None:  # before the weights: a clearer error than their shapes'
-            check_resumed_args(ckpt, state.get("run_args"), run_args)
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-        except (RuntimeError, KeyError, ValueError) as err:  # a configuration error
-            raise ValueError(f"{ckpt}: cannot resume from this checkpoint (another model's, "
-                             f"or damaged): {first_line(err)}; use another run folder") from err
-        start = int(state["step"])
-        history = json.loads(state["history"])
-        old = opt.param_groups[0].get("initial_lr", lr)
-        if abs(old - lr) > 1e-12:  # resumed with another learning rate: rescale the schedule
-            sched.base_lrs = [lr] * len(opt.param_groups)
-            for g in opt.param_groups:
-                g["initial_lr"] = lr
-                g["lr"] = lr * sched.lr_lambdas[0](start)
-            log.info("learning rate changed on resume: %g -> %g", old, lr)
-        log.info("resumed %s at step %d", run_dir, start)
+    state, start, history = _resume(ckpt, model, opt, sched, lr, run_args)
     args = {"run_args": json.dumps(run_args)} if run_args is not None else {}
     best, best_step = (best_so_far(run_dir / "best.pt", state, run_args) if validate is not None
                        else (-math.inf, None))
@@ -307,13 +328,7 @@ def train_loop(
                 save(step)
                 raise _stopped(requested[0], f"at step {step} of {steps}", run_dir)
             rng = np.random.default_rng(seed * 1_000_003 + step)
-            loss = loss_fn(model, rng)
-            opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                finite = bool(torch.isfinite(norm))
+            loss, finite = _gradient(model, opt, loss_fn, rng)
             if not finite:  # one bad batch must not turn every weight into NaN
                 skipped += 1
                 log.warning("step %d: non-finite loss or gradient (loss %s); step skipped (%d "
