@@ -163,6 +163,57 @@ def test_rerun_replaces_and_same_names_do_not_collide(raws, tmp_path, capsys):
     check_out(out, inputs_of(raws))
 
 
+def test_a_rerun_never_deletes_files_it_did_not_write(raws, tmp_path, capsys):
+    """A scan folder of an earlier run that holds a user's file is not replaced: the input
+    fails naming the file, which stays, and so does the earlier run's DICOM."""
+    raw = raws / "A" / "scan.h5"
+    out = tmp_path / "out"
+    args = ["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled"]
+    assert main(args) == 0
+    folder = out / output_name(raw)
+    series = next(folder.glob("series_*"))
+    notes, inner = folder / "notes.txt", series / "reading.pdf"
+    notes.write_text("reported by Dr X")
+    inner.write_bytes(b"%PDF")
+    (folder / ".DS_Store").write_bytes(b"\0")  # a file manager's: not a user's work
+    before = sorted(p.name for p in folder.rglob("*.dcm"))
+    capsys.readouterr()
+    assert main(args) == 1
+    o = capsys.readouterr().out  # the summary's FAILED line
+    assert "notes.txt" in o and f"{series.name}/reading.pdf" in o and "move them" in o, o
+    assert notes.read_text() == "reported by Dr X" and inner.read_bytes() == b"%PDF"
+    assert sorted(p.name for p in folder.rglob("*.dcm")) == before
+    notes.unlink()
+    inner.unlink()
+    assert main(args) == 0  # what a run writes (and hidden files) it replaces
+    assert sorted(p.name for p in folder.rglob("*.dcm")) != before
+    check_out(out, [raw])
+
+
+def test_a_file_put_into_the_scan_folder_during_the_rerun_is_kept(raws, tmp_path,
+                                                                    monkeypatch):
+    """The check is made again when the new folder is published: a file that came while
+    the scan was reconstructed stops the publication, and nothing is replaced."""
+    from recon_plugin.recon.pipeline import Reconstructor
+
+    raw = raws / "A" / "scan.h5"
+    out = tmp_path / "out"
+    (first,) = run_batch([raw], out, overrides={"method": "zero-filled"}, progress=False)
+    folder = out / output_name(raw)
+    original = Reconstructor.reconstruct
+
+    def reconstruct(self, *a, **kw):
+        (folder / "notes.txt").write_text("mine")
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Reconstructor, "reconstruct", reconstruct)
+    (res,) = run_batch([raw], out, overrides={"method": "zero-filled"}, progress=False)
+    assert not res.ok and "notes.txt" in res.error and "ForeignFiles" in res.error
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert all(Path(o).is_file() for o in first.outputs)  # the earlier run's DICOM
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [folder.name]
+
+
 def test_demo_twice_keeps_one_series(tmp_path):
     for _ in range(2):
         assert main(["-q", "demo", "--out", str(tmp_path), "--slices", "2", "--refine",

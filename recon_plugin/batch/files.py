@@ -15,7 +15,7 @@ from ..io.inputs import scan_folder_name
 from ..output.atomic import no_room, staged_folder
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
-from .state import publish, under_batch
+from .state import check_no_foreign, publish, under_batch
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def recon_file(
     batch: str | None = None,
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
-    then published in one rename); returns (published paths, protocol). ``progress(done,
+    then published in one rename, replacing an earlier run's folder unless it holds files no
+    run wrote: :class:`~.state.ForeignFiles`); returns (published paths, protocol). ``progress(done,
     total)``: as :meth:`Reconstructor.reconstruct` calls it.
 
     ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
@@ -108,6 +109,8 @@ def recon_file(
     from ..io import read_raw
 
     path, out_dir = Path(path), Path(out_dir)
+    final = out_dir / output_name(path)
+    check_no_foreign(final)  # before the work: publishing would check again, and refuse
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
     # a --slices trial reads only its slices where the layout allows it
@@ -128,7 +131,6 @@ def recon_file(
         t.update(series[0].timings_s)
     t["slices"] = sum(len(s.images) for s in series)
     t0 = time.perf_counter()
-    final = out_dir / output_name(path)
 
     def place(staged: Path, final: Path) -> None:
         with under_batch(out_dir, batch):  # a task that outlived its batch publishes nothing

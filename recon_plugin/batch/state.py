@@ -401,11 +401,54 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+_SERIES_FOLDER = re.compile(r"series_\d{4,}")
+_DICOM_NAME = re.compile(r"S\d{4,}_I\d{4,}_[0-9.]+\.dcm")
+
+
+class ForeignFiles(RuntimeError):
+    """A scan's output folder holds files that no run of this program wrote there."""
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What an earlier run's scan folder holds that no run writes there (a user's notes,
+    another tool's output), relative to ``folder``. A run writes ``*.h5`` files (``--format
+    h5`` / ``fastmri`` / ``mrd``) and ``series_NNNN`` folders of
+    ``S<series>_I<instance>_<UID>.dcm`` files; hidden entries (a file manager's ``.DS_Store``,
+    a killed write's temporaries) are not counted."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and _SERIES_FOLDER.fullmatch(entry.name):
+            found += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
+                      if not f.name.startswith(".")
+                      and not (f.is_file() and _DICOM_NAME.fullmatch(f.name))]
+        elif not (entry.is_file() and entry.suffix == ".h5"):
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+    return found
+
+
+def check_no_foreign(final: Path) -> None:
+    """Raise ForeignFiles where the scan folder ``final`` (an earlier run's) holds what a new
+    run would delete with it (:func:`foreign_entries`)."""
+    try:
+        found = foreign_entries(final)
+    except FileNotFoundError:
+        return
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ForeignFiles(f"{final} holds files that recon-plugin did not write ({shown}); a "
+                           "new run replaces the folder and would delete them: move them "
+                           "elsewhere, then run again")
+
+
 def publish(staged: Path, final: Path) -> None:
     """Make the staged folder ``final`` in one step; an existing ``final`` (an earlier run of the
-    same input) is replaced atomically and its old content removed."""
+    same input) is replaced atomically and its old content removed, unless it holds files no
+    run wrote there (ForeignFiles, nothing changed)."""
     with critical():
         if final.exists():
+            check_no_foreign(final)
             if not _exchange(staged, final):  # fallback: the scan is briefly absent, never doubled
                 old = staged.with_name(staged.name + ".old")
                 os.rename(final, old)
