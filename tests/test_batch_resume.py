@@ -96,6 +96,63 @@ def test_an_input_deleted_while_it_is_reconstructed_does_not_stop_the_batch(
     assert len(state) == 2 and len(list(out.rglob("*.dcm"))) == 4
 
 
+def test_an_out_folder_removed_while_the_batch_runs_stops_it_and_is_not_made_again(
+        raws, tmp_path, monkeypatch, capsys, caplog):
+    """The staging had made --out again (without its lock: another batch could have taken
+    it) and the batch went on. Now the input in flight fails, the others are not tried, and
+    --out stays removed."""
+    src = _inputs(raws, tmp_path)
+    out = tmp_path / "out"
+    run = ["-q", "recon", str(src), "--out", str(out), *ZERO]
+    _during_first_reconstruction(monkeypatch, lambda: shutil.rmtree(out))
+    assert main(run) == 1
+    text = capsys.readouterr().out
+    assert f"not published: {out} was removed while it was reconstructed" in text
+    assert "not tried" in text and "removed while the batch ran" in caplog.text
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(run) == 0 and len(list(out.rglob("*.dcm"))) == 4
+
+
+def test_a_lock_file_removed_while_the_batch_runs_stops_it_after_that_input(
+        raws, tmp_path, monkeypatch, capsys):
+    """Another batch could take the folder once the lock file is gone: the input in flight
+    is published and recorded, the rest are left to --resume."""
+    src = _inputs(raws, tmp_path)
+    out = tmp_path / "out"
+    run = ["-q", "recon", str(src), "--out", str(out), *ZERO]
+    _during_first_reconstruction(monkeypatch, lambda: (out / ".recon.lock").unlink())
+    assert main(run) == 1
+    assert "1 of 2 inputs reconstructed" in capsys.readouterr().out
+    assert len(json.loads((out / ".recon-state.json").read_text())) == 1
+    monkeypatch.undo()
+    assert main([*run, "--resume"]) == 0
+    assert capsys.readouterr().out.count("skipped (done)") == 1
+    assert len(list(out.rglob("*.dcm"))) == 4
+
+
+def test_an_out_folder_removed_under_the_worker_pool_stops_it(raws, tmp_path, monkeypatch,
+                                                             capsys):
+    """The pool's clean-up of its workers' staging had met the missing folder and raised
+    FileNotFoundError instead of the batch's stop."""
+    from recon_plugin.batch import driver
+
+    src = _inputs(raws, tmp_path)
+    shutil.copy2(raws / "other.h5", src / "c.h5")
+    out = tmp_path / "out"
+    record = driver._record
+
+    def remove_after_first(*a, **kw):
+        record(*a, **kw)
+        shutil.rmtree(out, ignore_errors=True)
+
+    monkeypatch.setattr(driver, "_record", remove_after_first)
+    assert main(["-q", "recon", str(src), "--out", str(out), *ZERO, "--workers", "2"]) == 1
+    text = capsys.readouterr().out
+    assert "1 of 3 inputs reconstructed" in text and "Traceback" not in text
+    assert not out.exists()
+
+
 def test_resume_from_another_folder_and_in_a_copy_of_the_output(raws, tmp_path, monkeypatch,
                                                                  capsys):
     """The record named the outputs as the command had (relative to its working folder):

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 class _NoRoom(Exception):
     """An input's output found no room (full disk, file-size limit, quota): the batch stops."""
+
+
+class _LockLost(Exception):
+    """``--out`` or its lock file was removed while the batch ran: the batch stops (another
+    batch could take the folder, and this one would write into it unlocked)."""
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -244,7 +249,8 @@ def run_batch(
     results: list[FileResult] = []
     # the cluster's shutdown (the stack) runs under the batch's signal handler: a signal then,
     # with every input ended, had killed the process in it (no summary, Dask's tracebacks)
-    with batch_lock(out_dir), interruptible() as signals, contextlib.ExitStack() as stack:
+    with batch_lock(out_dir) as lock_lost, interruptible() as signals, \
+            contextlib.ExitStack() as stack:
         try:
             session = token = None
             if cluster:
@@ -261,7 +267,7 @@ def run_batch(
                 stack.callback(end_batch, out_dir, token)
             job = _Job(out_dir, protocol, formats, resume, device, overrides, progress,
                        send, workers, protocol_dirs, max_bytes, noise, configuration)
-            _run_locked(job, files, recon, results, session, token, shared)
+            _run_locked(job, files, recon, results, lock_lost, session, token, shared)
         except ClusterLost as e:
             left = _not_finished(results, files, f"not finished: the cluster {cluster} was "
                                  "lost")
@@ -273,6 +279,13 @@ def run_batch(
             log.error("no room to write in %s (%s): the batch stops%s; what was published is "
                       "kept and recorded: free space and run the same command with --resume",
                       out_dir, e, f", {left} input(s) not tried" if left else "")
+        except _LockLost:
+            left = _not_finished(results, files, f"not tried: {out_dir} or its lock file was "
+                                 "removed while the batch ran")
+            log.error("%s or its lock file %s was removed while the batch ran: the batch stops%s "
+                      "(another batch could have taken the folder); run the same command again%s",
+                      out_dir, LOCK_FILE, f", {left} input(s) not tried" if left else "",
+                      " with --resume" if out_dir.is_dir() else "")
         except (BatchInterrupted, KeyboardInterrupt) as e:
             signum = e.signum if isinstance(e, BatchInterrupted) else signal.SIGINT
             state = out_dir / STATE_FILE
@@ -333,10 +346,11 @@ class _Job:
 
 
 def _run_locked(job: _Job, files: list[Path], recon: Reconstructor | None,
-                results: list[FileResult], session=None, token: str | None = None,
-                shared: dict | None = None) -> None:
+                results: list[FileResult], lock_lost: Callable[[], bool], session=None,
+                token: str | None = None, shared: dict | None = None) -> None:
     """The batch proper (lock held): skip what ``job.resume`` finds done, reconstruct the
-    rest; each result is recorded in the state and delivered. ``session``: the Dask session
+    rest; each result is recorded in the state and delivered; ``lock_lost()`` (the
+    :func:`batch_lock`'s) is asked after each input. ``session``: the Dask session
     (None: this process or the pool); ``token``: the batch's (:func:`start_batch`), which its
     cluster tasks publish under; ``shared``: what the cluster's workers are given
     (:func:`_for_workers`)."""
@@ -356,6 +370,15 @@ def _run_locked(job: _Job, files: list[Path], recon: Reconstructor | None,
         if r.no_room:
             results.append(r)
             raise _NoRoom(r.no_room)
+        if lock_lost():
+            if job.out_dir.is_dir():  # the lock file alone: what was published is recorded
+                _record(job, path, r, proto, state, asked, prints[path], down)
+            elif r.ok and not r.passed_over:
+                r.ok, r.outputs = False, []
+            if not r.ok and not job.out_dir.is_dir():
+                r.error = f"not published: {job.out_dir} was removed while it was reconstructed"
+            results.append(r)
+            raise _LockLost()
         _record(job, path, r, proto, state, asked, prints[path], down)
         results.append(r)
 

@@ -89,12 +89,14 @@ def recon_file(
     timings: dict | None = None, protocol_dirs: list[Path] | None = None,
     max_bytes: int | None = None, protocols: ProtocolCache | None = None,
     progress: Callable[[int, int], object] | None = None, noise: Path | str | None = None,
-    batch: str | None = None,
+    batch: str | None = None, make_out: bool = True,
 ) -> tuple[list[Path], object]:
     """Read, match protocol, reconstruct, write one file into ``out_dir/<output_name>`` (staged,
     then published in one rename, replacing an earlier run's folder unless it holds files no
-    run wrote: :class:`~.state.ForeignFiles`); returns (published paths, protocol). ``progress(done,
-    total)``: as :meth:`Reconstructor.reconstruct` calls it.
+    run wrote: :class:`~.state.ForeignFiles`); returns (published paths, protocol).
+    ``progress(done, total)``: as :meth:`Reconstructor.reconstruct` calls it. ``make_out``
+    False: FileNotFoundError where ``out_dir`` is missing (a batch's ``--out``, removed while
+    the batch ran, is not made again without its lock).
 
     ``timings`` (if given) receives seconds per stage: read, preprocess, sensitivities,
     network / classical, output, and ``slices`` (and ``noise_missing``: the noise measurement
@@ -136,7 +138,7 @@ def recon_file(
         with under_batch(out_dir, batch):  # a task that outlived its batch publishes nothing
             publish(staged, final)
 
-    with staged_folder(final, place) as staged:
+    with staged_folder(final, place, make_parent=make_out) as staged:
         written = write_outputs(series, staged, formats, protocol.dicom_kwargs())
     t["output"] = time.perf_counter() - t0
     return [final / Path(w).relative_to(staged) for w in written], protocol
@@ -171,7 +173,8 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
     timings: dict = {}
     try:
         written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
-                                    protocol_dirs, max_bytes, protocols, progress, noise, batch)
+                                    protocol_dirs, max_bytes, protocols, progress, noise, batch,
+                                    make_out=False)  # the batch's --out: made by its preflight
     except NoiseMeasurementOnly as e:  # the noise scan of another input: nothing to make
         why = without_path(path, e)
         log.info("%s: skipped: %s", path, why)

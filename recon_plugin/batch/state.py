@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..io.inputs import LOCK_FILE, STATE_FILE
@@ -137,13 +137,30 @@ def critical() -> contextlib.AbstractContextManager:
 
 # ----------------------------------------------------------------------------- lock
 @contextlib.contextmanager
-def batch_lock(out_dir: Path) -> Iterator[None]:
-    """flock ``out_dir/.recon.lock`` for the whole batch; a second batch on it refuses."""
-    with held_lock(out_dir / LOCK_FILE) as mine:  # held for the whole batch
+def batch_lock(out_dir: Path) -> Iterator[Callable[[], bool]]:
+    """flock ``out_dir/.recon.lock`` for the whole batch; a second batch on it refuses. Yields
+    ``lost()``: True once the lock file is no longer the one held (it, or ``out_dir`` with
+    it, was removed or replaced), so that another batch could take the folder."""
+    path = out_dir / LOCK_FILE
+    with held_lock(path) as mine:  # held for the whole batch
         if not mine:
             raise BatchUsageError(f"another recon-plugin batch is writing to {out_dir}; "
                                   "wait for it or use another --out")
-        yield
+        held = _identity(path)
+
+        def lost() -> bool:
+            return _identity(path) != held
+
+        yield lost
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None where it is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 # ----------------------------------------------------------------------------- batch token
@@ -365,9 +382,14 @@ def save_state(out_dir: Path, state: dict) -> None:
 def clean_stale(out_dir: Path) -> list[Path]:
     """Remove what a killed run or worker left in ``out_dir``: the staging folders of processes
     that are gone (a ``serve --dicom-out`` into the same folder may be writing its own) and
-    temporary state files. Only call while holding the batch lock. Returns what was removed."""
+    temporary state files. Only call while holding the batch lock. Returns what was removed
+    (nothing where ``out_dir`` is gone)."""
     removed = []
-    for p in out_dir.iterdir():
+    try:
+        entries = list(out_dir.iterdir())
+    except FileNotFoundError:  # removed while the batch ran: the batch stops, saying so
+        return removed
+    for p in entries:
         if is_staging(p, alive_too=False):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(f".{STATE_FILE}.") and p.is_file():

@@ -223,16 +223,18 @@ def _rename_new(staged: Path, final: Path) -> None:
 
 @contextmanager
 def staged_folder(final: Path | str, place: Callable[[Path, Path], None] | None = None,
-                  ) -> Iterator[Path]:
+                  make_parent: bool = True) -> Iterator[Path]:
     """Yield a new folder to fill, in a staging folder beside ``final``; when the block ends
     ``place(staged, final)`` makes it ``final`` (default: one rename, ``final`` must not exist;
     the batch's ``publish`` also replaces an earlier run's folder). An error or a kill leaves
     ``final`` as it was, never part of the new one (a killed process's staging folder is
-    removed by :func:`is_staging` users)."""
+    removed by :func:`is_staging` users). ``make_parent`` False: FileNotFoundError where
+    ``final``'s folder is not there (a batch's ``--out`` removed while it ran)."""
     final = Path(final)
     root = final.parent / staging_name()
     staged = root / final.name
-    staged.mkdir(parents=True)
+    root.mkdir(parents=make_parent)
+    staged.mkdir()
     try:
         yield staged
         (place or _rename_new)(staged, final)
