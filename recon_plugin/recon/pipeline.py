@@ -114,6 +114,56 @@ def _calibration_order(slices: list[SliceData]) -> Callable[[SliceData], tuple]:
     return key
 
 
+def _coil_maps(ksp: np.ndarray, sl: SliceData, calib, settings: ReconSettings, method: str,
+               notes: list[str], t: dict):
+    """ESPIRiT maps of a prepared slice (ksp (coils, ky, kx)): (maps (coils, ky, kx), the
+    second set where the phase field of view wraps (else None), the fraction of the image
+    it covers, the method to run). Without maps (ESPIRiT failed and the protocol falls back)
+    the method becomes ``zero-filled``; maps without support anywhere make it
+    :data:`NO_SIGNAL` (every SENSE-type method would give a zero image)."""
+    t0 = time.perf_counter()
+    maps = maps2 = None
+    wrapped = 0.0
+    try:
+        maps, maps2, wrapped = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit, calib)
+    except CoilMapError as e:
+        if settings.fallback == "error":
+            raise
+        log.warning("slice %d: %s; falling back to zero-filled RSS", sl.slice_index, e)
+        notes.append(f"FALLBACK zero-filled: {e}")
+        method = "zero-filled"
+        t["no_maps"] += 1
+    t["sensitivities"] += time.perf_counter() - t0
+    if method != "zero-filled" and maps2 is None and not np.any(maps):
+        # a plane of a 3D slab outside the object, a slice off the head
+        method = NO_SIGNAL
+        t["no_signal"] += 1
+        notes.append(NO_SIGNAL_NOTE)
+    return maps, maps2, wrapped, method
+
+
+def _written(coils: np.ndarray, measured: np.ndarray, mask: np.ndarray, physical,
+             sl: SliceData, settings: ReconSettings, weights: ScanWeight | None,
+             recombine: bool, maps, maps2, estimate: SliceEstimate | None,
+             notes: list[str]) -> tuple[np.ndarray, float, BlendParts | None]:
+    """The written magnitude (ky, kx) float32 of a slice's estimated coil images ``coils``
+    (coils, ky, kx) with its measured samples (``measured``, ``mask``) put back by the
+    protocol's ``measured_weight`` (``auto``: set from this slice's evidence, pooled with
+    ``weights``), combined over the scan's own coils where ``physical`` says how; returns
+    (magnitude, the weight used, the parts that recombine it for another weight where
+    ``recombine`` asks for them under ``auto``)."""
+    weight = settings.measured_weight
+    auto = weight == AUTO_WEIGHT
+    if auto:
+        weight = auto_slice_weight(weights if weights is not None else ScanWeight(), sl,
+                                   measured, mask, maps, maps2, estimate, notes)
+    if physical is not None:  # combined over the scan's own coils, as a full scan is
+        coils, measured = physical.coil_images(coils), physical.kspace
+    parts = BlendParts.of(coils, measured, mask) if auto and recombine else None
+    mag = parts.rss(weight) if parts is not None else measured_rss(coils, measured, mask, weight)
+    return mag, weight, parts
+
+
 class Reconstructor:
     """Holds loaded models (loaded once, shared by all callers) and reconstructs slices.
 
@@ -187,25 +237,10 @@ class Reconstructor:
                          "measured and is kept, so the image is the root-sum-of-squares of the "
                          "coil images; no reconstruction method was run")
         maps = maps2 = None
+        wrapped = 0.0
         if method not in ("zero-filled", FULLY_SAMPLED):
-            t0 = time.perf_counter()
-            try:
-                maps, maps2, wrapped = estimate_maps_and_wrap(ksp, sl.acs, settings.espirit,
-                                                              calib)
-            except CoilMapError as e:
-                if settings.fallback == "error":
-                    raise
-                log.warning("slice %d: %s; falling back to zero-filled RSS", sl.slice_index, e)
-                notes.append(f"FALLBACK zero-filled: {e}")
-                method = "zero-filled"
-                t["no_maps"] += 1
-            t["sensitivities"] += time.perf_counter() - t0
-            if method != "zero-filled" and maps2 is None and not np.any(maps):
-                # every SENSE-type method makes a zero image from maps without support, so
-                # none is run (a plane of a 3D slab outside the object, a slice off the head)
-                method = NO_SIGNAL
-                t["no_signal"] += 1
-                notes.append(NO_SIGNAL_NOTE)
+            maps, maps2, wrapped, method = _coil_maps(ksp, sl, calib, settings, method, notes,
+                                                      t)
         t0 = time.perf_counter()
         measured = ksp  # the prepared measurement, before a wrap's second map is taken out
         folded = None  # the second map's image where the phase field of view wraps
@@ -249,17 +284,8 @@ class Reconstructor:
             notes.append("homodyne partial Fourier")
         else:  # the coil images with the measured samples put back, combined as a full scan
             coils = maps * img[None] if folded is None else maps * img[None] + maps2 * folded[None]
-            weight = settings.measured_weight
-            auto = weight == AUTO_WEIGHT
-            if auto:
-                weight = auto_slice_weight(weights if weights is not None else ScanWeight(), sl,
-                                           measured, mask, maps, maps2, estimate, notes)
-            if physical is not None:  # combined over the scan's own coils, as a full scan is
-                coils, measured = physical.coil_images(coils), physical.kspace
-            if auto and recombine:
-                parts = BlendParts.of(coils, measured, mask)
-            mag = parts.rss(weight) if parts is not None else \
-                measured_rss(coils, measured, mask, weight)
+            mag, weight, parts = _written(coils, measured, mask, physical, sl, settings, weights,
+                                          recombine, maps, maps2, estimate, notes)
         t["combine"] += time.perf_counter() - t0
         pixels = to_recon_matrix(mag, plane_header(header, sl.plane), notes)
         if not np.isfinite(pixels).all():  # never written: a viewer would show garbage
