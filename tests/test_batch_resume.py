@@ -107,7 +107,7 @@ def test_an_out_folder_removed_while_the_batch_runs_stops_it_and_is_not_made_aga
     _during_first_reconstruction(monkeypatch, lambda: shutil.rmtree(out))
     assert main(run) == 1
     text = capsys.readouterr().out
-    assert f"not published: {out} was removed while it was reconstructed" in text
+    assert f"no output kept: {out} was removed while the batch ran" in text
     assert "not tried" in text and "removed while the batch ran" in caplog.text
     assert not out.exists()
     monkeypatch.undo()
