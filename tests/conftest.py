@@ -5,9 +5,9 @@ import os
 # processes test_recon_guard.py + test_models.py took 49 s with spinning threads, 21 s passive.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 # module-scoped fixtures of the streaming tests (data, offline, engine)
 pytest_plugins = ["stream_support"]

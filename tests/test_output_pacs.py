@@ -62,7 +62,7 @@ class OrthancServer:
         }
         self.config = root / "orthanc.json"
         self.config.write_text(json.dumps(config))
-        self.log = open(root / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(root / "orthanc.log", "wb")  # closed in stop()
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

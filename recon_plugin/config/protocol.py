@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from ..output.dicom import DicomOptions
-from ..recon import METHODS  # noqa: F401 - the protocol's method choices (P.METHODS)
+from ..recon import METHODS  # the protocol's method choices (P.METHODS)
 from ..recon.settings import EspiritParams
 from ..recon.sparse import Sparsity
 from ..runtime import expand_home

@@ -128,7 +128,7 @@ def read_mapping(path: Path) -> dict:
         raise YamlInputError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line "
                             f"{line}); save it as UTF-8") from exc
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

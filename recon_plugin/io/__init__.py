@@ -95,7 +95,7 @@ def read_raw(path: str | Path, max_bytes: int | None = None,
         return read_ismrmrd(path, max_bytes=max_bytes, slices=slices, **kwargs)
     except RawDataError:
         raise
-    except Exception as err:  # noqa: BLE001 - a reader bug must still name the file
+    except Exception as err:  # a reader bug must still name the file
         raise RawDataError(f"{path}: unexpected {type(err).__name__} while reading: {err}") from err
 
 

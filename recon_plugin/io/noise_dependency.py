@@ -202,7 +202,7 @@ def check_noise_file(path: str | Path, option: str = "--noise") -> Path:
             n = int(np.count_nonzero(heads["flags"].astype(np.uint64) & _NOISE_BIT))
     except RawDataError:
         raise
-    except Exception as e:  # noqa: BLE001 - HDF5 or layout trouble: one line
+    except Exception as e:  # HDF5 or layout trouble: one line
         raise RawDataError(f"{option} {p}: cannot be read as an ISMRMRD file: {e}") from e
     if not n:
         raise RawDataError(f"{option} {p}: holds no noise acquisitions (of {len(heads)}): not "

@@ -218,7 +218,7 @@ def _measurements(p: Path, where: str) -> list[dict]:
                 m["mdb"] = _readouts(fid, m, p.stat().st_size, where, k)
     except RawDataError:
         raise
-    except Exception as err:  # noqa: BLE001 - twixtools raises anything on a bad file
+    except Exception as err:  # twixtools raises anything on a bad file
         why = (f"its header lacks {err} (truncated or damaged?)" if isinstance(err, KeyError)
                else f"{type(err).__name__}: {err}")
         raise RawDataError(f"{where}: not a readable Siemens twix file: {why}") from err

@@ -191,7 +191,7 @@ class QueueRetry:
                 return
             try:
                 sent, failed = self.retry_once()
-            except Exception:  # noqa: BLE001 - a failed round must not end the retries
+            except Exception:  # a failed round must not end the retries
                 log.exception("PACS queue retry failed; trying again in %g s", self.period_s)
                 continue
             if failed:  # drain warned, once per target, why they stay

@@ -110,7 +110,7 @@ def write_and_deliver(series: list[ReconSeries], protocol: Protocol,
         except ValueError as e:  # e.g. a patient ID DICOM cannot hold as it is
             log.error("stream: no DICOM written to %s: %s", sub, e)
             return []
-        except Exception as e:  # noqa: BLE001 - the scanner already has its images
+        except Exception as e:  # the scanner already has its images
             why = no_room(e)
             if why:
                 log.error("stream: no DICOM written to %s: no room (%s); the client has "

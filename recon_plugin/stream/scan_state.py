@@ -194,7 +194,7 @@ class ScanState:
                                                          self.weights[sl.contrast])
                 dt = time.perf_counter() - t0
                 made_with = self.calibration.provisional(adds)
-        except Exception as e:  # noqa: BLE001 - one bad slice must not end the scan
+        except Exception as e:  # one bad slice must not end the scan
             if isinstance(e, RawDataError):  # the data's fault, said in full: no traceback
                 log.warning("stream: slice %d failed: %s", sl.slice_index, e)
             else:

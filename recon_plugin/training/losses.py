@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..metrics import kspace_loss, ssim_loss  # noqa: F401 - kspace_loss re-exported
+from ..metrics import kspace_loss, ssim_loss  # kspace_loss re-exported
 from ..physics import SenseOperator, noise_variance
-from ..physics.masks import ssdu_split  # noqa: F401 - re-exported for the loss composers
+from ..physics.masks import ssdu_split  # re-exported for the loss composers
 from ..recon.guard import paired_difference
 
 
