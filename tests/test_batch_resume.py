@@ -108,10 +108,33 @@ def test_an_out_folder_removed_while_the_batch_runs_stops_it_and_is_not_made_aga
     assert main(run) == 1
     text = capsys.readouterr().out
     assert f"no output kept: {out} was removed while the batch ran" in text
+    assert "0 of 2 inputs reconstructed" in text
     assert "not tried" in text and "removed while the batch ran" in caplog.text
     assert not out.exists()
     monkeypatch.undo()
     assert main(run) == 0 and len(list(out.rglob("*.dcm"))) == 4
+
+
+def test_an_input_finished_before_its_out_folder_was_removed_is_not_reported_done(
+        raws, tmp_path, monkeypatch, capsys):
+    """The summary had counted the first input reconstructed though its files went with
+    --out during the second."""
+    src = _inputs(raws, tmp_path)
+    out = tmp_path / "out"
+    original = Reconstructor.reconstruct
+    calls = []
+
+    def reconstruct(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            shutil.rmtree(out)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Reconstructor, "reconstruct", reconstruct)
+    assert main(["-q", "recon", str(src), "--out", str(out), *ZERO]) == 1
+    text = capsys.readouterr().out
+    assert "0 of 2 inputs reconstructed" in text
+    assert text.count(f"no output kept: {out} was removed while the batch ran") == 2, text
 
 
 def test_a_lock_file_removed_while_the_batch_runs_stops_it_after_that_input(
@@ -149,7 +172,7 @@ def test_an_out_folder_removed_under_the_worker_pool_stops_it(raws, tmp_path, mo
     monkeypatch.setattr(driver, "_record", remove_after_first)
     assert main(["-q", "recon", str(src), "--out", str(out), *ZERO, "--workers", "2"]) == 1
     text = capsys.readouterr().out
-    assert "1 of 3 inputs reconstructed" in text and "Traceback" not in text
+    assert "0 of 3 inputs reconstructed" in text and "Traceback" not in text
     assert not out.exists()
 
 

@@ -282,6 +282,10 @@ def run_batch(
         except _LockLost:
             left = _not_finished(results, files, f"not tried: {out_dir} or its lock file was "
                                  "removed while the batch ran")
+            for r in results:  # finished before, their files removed with --out since
+                if r.ok and r.outputs and not all(Path(o).is_file() for o in r.outputs):
+                    r.ok = False
+                    r.error = f"no output kept: {out_dir} was removed while the batch ran"
             log.error("%s or its lock file %s was removed while the batch ran: the batch stops%s "
                       "(another batch could have taken the folder); run the same command again%s",
                       out_dir, LOCK_FILE, f", {left} input(s) not tried" if left else "",
