@@ -3,6 +3,7 @@ and same-named inputs; workers that die with the parent; memory bombs; usage err
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,12 @@ def test_a_rerun_never_deletes_files_it_did_not_write(raws, tmp_path, capsys):
     assert main(args) == 0  # what a run writes (and hidden files) it replaces
     assert sorted(p.name for p in folder.rglob("*.dcm")) != before
     check_out(out, [raw])
+    shutil.rmtree(folder)
+    folder.write_text("a file where the scan's folder goes")
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "is not a folder that recon-plugin wrote" in capsys.readouterr().out
+    assert folder.read_text() == "a file where the scan's folder goes"
 
 
 def test_a_file_put_into_the_scan_folder_during_the_rerun_is_kept(raws, tmp_path,

@@ -452,7 +452,13 @@ def foreign_entries(folder: Path) -> list[str]:
 
 def check_no_foreign(final: Path) -> None:
     """Raise ForeignFiles where the scan folder ``final`` (an earlier run's) holds what a new
-    run would delete with it (:func:`foreign_entries`)."""
+    run would delete with it (:func:`foreign_entries`), or is no folder at all."""
+    if not final.is_dir():
+        if final.exists() or final.is_symlink():
+            raise ForeignFiles(f"{final} is not a folder that recon-plugin wrote (a file or a "
+                               "broken link); a new run would replace it: move it elsewhere, "
+                               "then run again")
+        return
     try:
         found = foreign_entries(final)
     except FileNotFoundError:
