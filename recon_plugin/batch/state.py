@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..io.inputs import LOCK_FILE, STATE_FILE
+from ..output import is_instance_file_name, is_series_stem
 from ..output.atomic import fsync_dir, is_staging, write_text_atomic
 from ..runtime import expand_home, held_lock
 
@@ -423,10 +424,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-_SERIES_FOLDER = re.compile(r"series_\d{4,}")
-_DICOM_NAME = re.compile(r"S\d{4,}_I\d{4,}_[0-9.]+\.dcm")
-
-
 class ForeignFiles(RuntimeError):
     """A scan's output folder holds files that no run of this program wrote there."""
 
@@ -441,10 +438,10 @@ def foreign_entries(folder: Path) -> list[str]:
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir() and not entry.is_symlink() and _SERIES_FOLDER.fullmatch(entry.name):
+        if entry.is_dir() and not entry.is_symlink() and is_series_stem(entry.name):
             found += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
                       if not f.name.startswith(".")
-                      and not (f.is_file() and _DICOM_NAME.fullmatch(f.name))]
+                      and not (f.is_file() and is_instance_file_name(f.name))]
         elif not (entry.is_file() and entry.suffix == ".h5"):
             found.append(entry.name + ("/" if entry.is_dir() else ""))
     return found

@@ -72,6 +72,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from ..scan import ReconImage, ReconSeries
+from . import instance_file_name
 from .atomic import make_readable
 from .dicom_dataset import add_private_block, rwvm_item, series_dataset
 from .dicom_geometry import (
@@ -278,7 +279,7 @@ def write_series(
             meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
             meta.ImplementationVersionName = IMPLEMENTATION_VERSION
             ds.file_meta = meta
-            name = f"S{int(series.series_number):04d}_I{instance:04d}_{sop}.dcm"
+            name = instance_file_name(series.series_number, instance, sop)
             final = out / name
             if final.resolve().parent != out.resolve():  # names are UIDs/numbers; belt and braces
                 raise DicomWriteError(f"refusing to write outside {out}: {name}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..scan import ReconSeries
-from . import FORMATS
+from . import FORMATS, series_stem
 
 
 def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...],
@@ -30,7 +30,7 @@ def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, 
         root = (dicom_options or {}).get("uid_root") or DEFAULT_UID_ROOT
         study, frame = scan_uids(series[0].header, root)
         for s in series:
-            paths += write_series(s, Path(out_dir) / f"series_{s.series_number:04d}",
+            paths += write_series(s, Path(out_dir) / series_stem(s.series_number),
                                   study_uid=study, frame_uid=frame, **(dicom_options or {}))
     if "h5" in formats:
         paths += [write_reconstruction_h5(s, Path(out_dir)) for s in series]
@@ -54,7 +54,7 @@ def write_reconstruction_h5(series: ReconSeries, out_dir: Path) -> Path:
     from .atomic import hdf5_atomic
     from .dicom_series import provenance_attributes
 
-    final = out_dir / f"series_{series.series_number:04d}.h5"
+    final = out_dir / f"{series_stem(series.series_number)}.h5"
     with hdf5_atomic(final) as buf, h5py.File(buf, "w") as f:
         f.create_dataset("reconstruction", data=np.stack([im.pixels for im in series.images]))
         for key, value in provenance_attributes(series).items():  # as the DICOM says
