@@ -197,6 +197,27 @@ def test_a_rerun_never_deletes_files_it_did_not_write(raws, tmp_path, capsys):
     assert folder.read_text() == "a file where the scan's folder goes"
 
 
+def test_a_users_hdf5_file_in_the_scan_folder_is_kept(raws, tmp_path, capsys):
+    """Every HDF5 file of ``--format h5,fastmri,mrd`` is a run's own and replaced by a rerun;
+    a user's own HDF5 file beside them is not, and stops the rerun."""
+    raw = raws / "A" / "scan.h5"
+    out = tmp_path / "out"
+    args = ["-q", "recon", str(raw), "--out", str(out), "--method", "zero-filled",
+            "--format", "dicom,h5,fastmri,mrd"]
+    assert main(args) == 0
+    folder = out / output_name(raw)
+    written = sorted(p.name for p in folder.glob("*.h5"))
+    assert len(written) == 3, written  # series_NNNN.h5, <input>.h5, <input>_mrd.h5
+    assert main(args) == 0  # a rerun replaces them all
+    mine = folder / "analysis.h5"
+    mine.write_bytes(b"\x89HDF\r\n\x1a\n")
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "analysis.h5" in capsys.readouterr().out
+    assert mine.read_bytes() == b"\x89HDF\r\n\x1a\n"
+    assert sorted(p.name for p in folder.glob("*.h5")) == sorted([*written, "analysis.h5"])
+
+
 def test_a_file_put_into_the_scan_folder_during_the_rerun_is_kept(raws, tmp_path,
                                                                     monkeypatch):
     """The check is made again when the new folder is published: a file that came while

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..io.inputs import LOCK_FILE, STATE_FILE
-from ..output import is_instance_file_name, is_series_stem
+from ..output import is_instance_file_name, is_output_h5_name, is_series_stem
 from ..output.atomic import fsync_dir, is_staging, write_text_atomic
 from ..runtime import expand_home, held_lock
 
@@ -430,10 +430,12 @@ class ForeignFiles(RuntimeError):
 
 def foreign_entries(folder: Path) -> list[str]:
     """What an earlier run's scan folder holds that no run writes there (a user's notes,
-    another tool's output), relative to ``folder``. A run writes ``*.h5`` files (``--format
-    h5`` / ``fastmri`` / ``mrd``) and ``series_NNNN`` folders of
-    ``S<series>_I<instance>_<UID>.dcm`` files; hidden entries (a file manager's ``.DS_Store``,
-    a killed write's temporaries) are not counted."""
+    another tool's output, an HDF5 file of its own), relative to ``folder``. A run writes
+    ``series_NNNN`` folders of ``S<series>_I<instance>_<UID>.dcm`` files and the HDF5 files
+    of ``--format h5`` / ``fastmri`` / ``mrd`` (:func:`~recon_plugin.output.is_output_h5_name`:
+    ``series_NNNN.h5``, ``<input>.h5``, ``<input>_series_NNNN.h5``, ``<input>_mrd.h5``);
+    hidden entries (a file manager's ``.DS_Store``, a killed write's temporaries) are not
+    counted."""
     found = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
@@ -442,7 +444,7 @@ def foreign_entries(folder: Path) -> list[str]:
             found += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
                       if not f.name.startswith(".")
                       and not (f.is_file() and is_instance_file_name(f.name))]
-        elif not (entry.is_file() and entry.suffix == ".h5"):
+        elif not (entry.is_file() and is_output_h5_name(entry.name, folder)):
             found.append(entry.name + ("/" if entry.is_dir() else ""))
     return found
 

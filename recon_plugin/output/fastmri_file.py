@@ -19,13 +19,13 @@ file's ``reconstruction_rss``.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..scan import ReconSeries
+from . import fastmri_file_name, input_stem
 from .atomic import hdf5_atomic
 from .dicom_series import provenance_attributes
 
@@ -34,10 +34,6 @@ def fastmri_volume(series: ReconSeries) -> np.ndarray:
     """(slices, readout, phase) float32: the series' images transposed to fastMRI's layout."""
     return np.ascontiguousarray(
         np.stack([np.asarray(im.pixels, np.float32).T for im in series.images]))
-
-
-def fastmri_name(stem: str, index: int, series: ReconSeries) -> str:
-    return f"{stem}.h5" if index == 0 else f"{stem}_series_{series.series_number:04d}.h5"
 
 
 def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
@@ -61,18 +57,11 @@ def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
     return Path(final)
 
 
-def input_stem(out_dir: Path | str) -> str:
-    """The input's stem from its output folder: a batch names it ``<stem>-<8 hex digits>``."""
-    name = Path(out_dir).name
-    m = re.fullmatch(r"(.+)-[0-9a-f]{8}", name)
-    return (m.group(1) if m else name) or "reconstruction"
-
-
 def write_fastmri_files(series: list[ReconSeries], out_dir: Path, stem: str | None = None
                         ) -> list[Path]:
     """Every series of one scan; ``stem`` (the input file's stem) defaults to
-    :func:`input_stem` of the output folder."""
+    :func:`~recon_plugin.output.input_stem` of the output folder."""
     out_dir = Path(out_dir)
     stem = stem or input_stem(out_dir)
-    return [write_fastmri_file(s, out_dir / fastmri_name(stem, i, s))
+    return [write_fastmri_file(s, out_dir / fastmri_file_name(stem, i, s.series_number))
             for i, s in enumerate(series)]

@@ -23,6 +23,7 @@ from pathlib import Path
 import ismrmrd
 
 from ..scan import ReconSeries
+from . import input_stem, mrd_file_name
 from .atomic import hdf5_atomic
 from .dicom_geometry import instance_order
 from .mrd_image import mrd_image
@@ -32,12 +33,10 @@ GROUP = "dataset"
 
 def write_mrd_file(series: list[ReconSeries], out_dir: Path, stem: str | None = None) -> Path:
     """All series of one scan into ``<stem>_mrd.h5`` (atomically); ``stem`` (the input file's)
-    defaults to :func:`~recon_plugin.output.fastmri_file.input_stem` of the output folder."""
-    from .fastmri_file import input_stem
-
+    defaults to :func:`~recon_plugin.output.input_stem` of the output folder."""
     out_dir = Path(out_dir)
     stem = stem or input_stem(out_dir)
-    final = out_dir / f"{stem}_mrd.h5"
+    final = out_dir / mrd_file_name(stem)
     with hdf5_atomic(final) as buf:
         ds = ismrmrd.Dataset(buf, GROUP, mode="w")
         try:
