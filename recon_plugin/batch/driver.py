@@ -377,7 +377,7 @@ def _run_locked(job: _Job, files: list[Path], recon: Reconstructor | None,
         if lock_lost():
             if job.out_dir.is_dir():  # the lock file alone: what was published is recorded
                 _record(job, path, r, proto, state, asked, prints[path], down)
-            elif (r.ok and not r.passed_over) or r.error.startswith("FileNotFoundError"):
+            elif (r.ok and not r.passed_over) or r.out_gone:
                 # published, then removed with --out; or its staging found no --out
                 r.ok, r.outputs = False, []
                 r.error = f"no output kept: {job.out_dir} was removed while the batch ran"

@@ -43,6 +43,8 @@ class FileResult:
     noise_missing: str = ""
     # why a write found no room (full disk, file-size limit, quota): the batch stops after it
     no_room: str = ""
+    # it failed on a missing file while its output folder (the batch's --out) was gone
+    out_gone: bool = False
 
 
 # ----------------------------------------------------------------------------- inputs / names
@@ -189,7 +191,9 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
             return FileResult(str(path), False, error=msg, no_room=why), [], None
         log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
         log.debug("traceback", exc_info=True)
-        return FileResult(str(path), False, error=failure_reason(path, e)), [], None
+        return FileResult(str(path), False, error=failure_reason(path, e),
+                          out_gone=isinstance(e, FileNotFoundError) and not out_dir.is_dir()
+                          ), [], None
     r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
                    seconds=time.perf_counter() - t0, timings=timings,
                    noise_missing=timings.pop("noise_missing", ""))
