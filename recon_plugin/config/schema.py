@@ -137,8 +137,8 @@ def _home_problem(key: str, v: str) -> str | None:
     RuntimeError, which pydantic does not turn into a message); None where it can."""
     try:
         expand_home(v)
-    except ValueError:
-        return f"{key} {_shown(v)}: no home folder for {v.split('/')[0]}"
+    except ValueError as e:  # its words, after the key and the path as shown
+        return f"{key} {_shown(v)}: {str(e).removeprefix(f'{v}: ')}"
     return None
 
 

@@ -50,7 +50,6 @@ def build_header_xml(
     """
     ny, nx = matrix
     osf = max(int(readout_oversampling), 1)
-    seq = sequence or {}
     ident = identity or Identity()
     lim = xsd.limitType
     e1 = e1_limits or (0, ny - 2 * phase_padding - 1, ny // 2 - phase_padding)
@@ -87,6 +86,89 @@ def build_header_xml(
         parallelImaging=pi,
         echoTrainLength=1,
     )
+    hdr = xsd.ismrmrdHeader(
+        version=2,
+        subjectInformation=_subject(ident),
+        studyInformation=_study(ident),
+        measurementInformation=_measurement(ident, protocol_name, noise_dependency),
+        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
+            systemVendor="recon_plugin simulator",
+            systemModel="sim",
+            systemFieldStrength_T=float(field_strength_t),
+            receiverChannels=int(num_coils),
+            institutionName="recon_plugin",
+        ),
+        experimentalConditions=xsd.experimentalConditionsType(
+            H1resonanceFrequency_Hz=int(round(42.577478e6 * field_strength_t))
+        ),
+        encoding=[enc],
+        sequenceParameters=_sequence(sequence or {}),
+        userParameters=_user_parameters(calib_lines, slice_spacing_mm, contrast_name),
+    )
+    # ToXML declares ascii and writes names as they are: non-ASCII characters (a patient
+    # named Mueller with an umlaut) become character references, so the XML stays ASCII and
+    # fits ismrmrd-python's ASCII string dataset
+    return xsd.ToXML(hdr).encode("ascii", "xmlcharrefreplace").decode("ascii")
+
+
+def _subject(ident: Identity) -> xsd.subjectInformationType:
+    return xsd.subjectInformationType(
+        patientName=ident.patient_name or None,
+        patientID=ident.patient_id or None,
+        patientBirthdate=_xml_date(ident.patient_birth_date),
+        patientGender=ident.patient_sex or None,
+        patientWeight_kg=ident.patient_weight_kg,
+    )
+
+
+def _study(ident: Identity) -> xsd.studyInformationType:
+    return xsd.studyInformationType(
+        studyDate=_xml_date(ident.study_date),
+        studyTime=_xml_time(ident.study_time),
+        studyID=ident.study_id or None,
+        studyDescription=ident.study_description or None,
+        studyInstanceUID=ident.study_instance_uid or None,
+    )
+
+
+def _measurement(ident: Identity, protocol_name: str, noise_dependency: str | None
+                 ) -> xsd.measurementInformationType:
+    """The series' identity, and the noise measurement it depends on (``siemens_to_ismrmrd``'s
+    ``measurementDependency`` of type "Noise")."""
+    return xsd.measurementInformationType(
+        measurementID=ident.measurement_id or None,
+        patientPosition=xsd.patientPositionType(ident.patient_position or "HFS"),
+        protocolName=protocol_name or None,
+        seriesDescription=ident.series_description or None,
+        seriesDate=_xml_date(ident.series_date),
+        seriesTime=_xml_time(ident.series_time),
+        frameOfReferenceUID=ident.frame_of_reference_uid or None,
+        measurementDependency=[xsd.measurementDependencyType(
+            dependencyType="Noise", measurementID=noise_dependency)]
+        if noise_dependency else [],
+    )
+
+
+def _sequence(seq: dict) -> xsd.sequenceParametersType:
+    """``seq``'s ``tr_ms, te_ms, ti_ms, flip_deg``: each a value, one per contrast (a
+    multi-echo TE), or missing."""
+
+    def values(key: str) -> list[float]:
+        v = seq.get(key)
+        if v is None:
+            return []
+        return [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)]
+
+    return xsd.sequenceParametersType(
+        TR=values("tr_ms"), TE=values("te_ms"), TI=values("ti_ms"),
+        flipAngle_deg=values("flip_deg"), sequence_type="TurboSpinEcho",
+    )
+
+
+def _user_parameters(calib_lines: int | None, slice_spacing_mm: float | None,
+                     contrast_name: str) -> xsd.userParametersType:
+    """What the standard header has no field for: the calibration lines, the slice spacing
+    (mm) and the contrast's name."""
     params = xsd.userParametersType()
     if calib_lines:
         params.userParameterLong.append(
@@ -101,61 +183,7 @@ def build_header_xml(
             xsd.userParameterStringType(name="contrast", value=contrast_name)
         )
 
-    def seqlist(key: str) -> list[float]:
-        v = seq.get(key)  # a value, or one per contrast (a multi-echo TE)
-        if v is None:
-            return []
-        return [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)]
-
-    hdr = xsd.ismrmrdHeader(
-        version=2,
-        subjectInformation=xsd.subjectInformationType(
-            patientName=ident.patient_name or None,
-            patientID=ident.patient_id or None,
-            patientBirthdate=_xml_date(ident.patient_birth_date),
-            patientGender=ident.patient_sex or None,
-            patientWeight_kg=ident.patient_weight_kg,
-        ),
-        studyInformation=xsd.studyInformationType(
-            studyDate=_xml_date(ident.study_date),
-            studyTime=_xml_time(ident.study_time),
-            studyID=ident.study_id or None,
-            studyDescription=ident.study_description or None,
-            studyInstanceUID=ident.study_instance_uid or None,
-        ),
-        measurementInformation=xsd.measurementInformationType(
-            measurementID=ident.measurement_id or None,
-            patientPosition=xsd.patientPositionType(ident.patient_position or "HFS"),
-            protocolName=protocol_name or None,
-            seriesDescription=ident.series_description or None,
-            seriesDate=_xml_date(ident.series_date),
-            seriesTime=_xml_time(ident.series_time),
-            frameOfReferenceUID=ident.frame_of_reference_uid or None,
-            measurementDependency=[xsd.measurementDependencyType(
-                dependencyType="Noise", measurementID=noise_dependency)]
-            if noise_dependency else [],
-        ),
-        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
-            systemVendor="recon_plugin simulator",
-            systemModel="sim",
-            systemFieldStrength_T=float(field_strength_t),
-            receiverChannels=int(num_coils),
-            institutionName="recon_plugin",
-        ),
-        experimentalConditions=xsd.experimentalConditionsType(
-            H1resonanceFrequency_Hz=int(round(42.577478e6 * field_strength_t))
-        ),
-        encoding=[enc],
-        sequenceParameters=xsd.sequenceParametersType(
-            TR=seqlist("tr_ms"), TE=seqlist("te_ms"), TI=seqlist("ti_ms"),
-            flipAngle_deg=seqlist("flip_deg"), sequence_type="TurboSpinEcho",
-        ),
-        userParameters=params,
-    )
-    # ToXML declares ascii and writes names as they are: non-ASCII characters (a patient
-    # named Mueller with an umlaut) become character references, so the XML stays ASCII and
-    # fits ismrmrd-python's ASCII string dataset
-    return xsd.ToXML(hdr).encode("ascii", "xmlcharrefreplace").decode("ascii")
+    return params
 
 
 def header_xml_from_sim(
