@@ -195,6 +195,72 @@ def _calib_encoding_xml(xml: str, nx_c: int, ny_c: int, osf: int) -> str:
     return xsd.ToXML(hdr)
 
 
+class _Acquisitions(list):
+    """Acquisitions in the order of the scan, each stamped with its place as scan counter and
+    time stamp."""
+
+    def add(self, data: np.ndarray, **fields) -> None:
+        n = len(self)
+        self.append(_acq(data, scan_counter=n, acquisition_time_stamp=n, **fields))
+
+
+def _geometry(s) -> dict:
+    """A slice's position (mm) and direction cosines, as acquisition header fields."""
+    return dict(position=tuple(s.position), read_dir=tuple(s.read_dir),
+                phase_dir=tuple(s.phase_dir), slice_dir=tuple(s.slice_dir))
+
+
+def _as_acquired(line: np.ndarray, li: int, n_lines: int, calib_flag: int | None,
+                 reverse: bool, discard: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+    """The ``li``-th of a slice's ``n_lines`` lines (coils, samples) as a scanner stores it,
+    with its flags: first / last in slice, ``calib_flag`` (a calibration line's), every odd
+    line time-reversed where ``reverse``, ``discard`` (pre, post) junk samples around it."""
+    flags = []
+    if li == 0:
+        flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
+    if li == n_lines - 1:
+        flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
+    if calib_flag is not None:
+        flags.append(calib_flag)
+    if reverse and li % 2:
+        line = line[:, ::-1]
+        flags.append(ismrmrd.ACQ_IS_REVERSE)
+    pre, post = discard
+    if pre or post:
+        junk = 1e3 * np.ones((line.shape[0], 1), np.complex64)
+        line = np.concatenate([np.repeat(junk, pre, 1), line, np.repeat(junk, post, 1)], axis=1)
+    return line, flags
+
+
+def _add_separate_calibration(acqs: _Acquisitions, kos: list[np.ndarray], slices, rows_c,
+                              extra_coils: int, rng: np.random.Generator) -> None:
+    """A separate reference scan in encoding space 1: the calibration rows ``rows_c`` of each
+    slice's oversampled k-space ``kos[slice]`` (coils, ny, nfull), the central half of the
+    readout (half resolution, same FOV), with ``extra_coils`` more channels of noise."""
+    for si, s in enumerate(slices):
+        nfull = kos[si].shape[-1]
+        q = nfull // 4
+        low = kos[si][:, :, q : q + nfull // 2]
+        for row in rows_c:
+            data = low[:, row]
+            if extra_coils:
+                data = np.concatenate([data, rng.normal(size=(extra_coils, data.shape[1])) + 0j])
+            acqs.add(data, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION], encoding_space_ref=1,
+                     center_sample=data.shape[1] // 2,
+                     idx=dict(kspace_encode_step_1=row, slice=si), **_geometry(s))
+
+
+def _add_skipped(acqs: _Acquisitions, coils: int, nfull: int, row: int, si: int, rep: int,
+                 s) -> None:
+    """Navigator, phase-correction, RT-feedback and surface-coil junk that a reader must
+    skip, after slice ``si`` of repetition ``rep``."""
+    junk = 1e4 * np.ones((coils, nfull), np.complex64)
+    for fl in (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA,
+               ismrmrd.ACQ_IS_RTFEEDBACK_DATA, ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA):
+        acqs.add(junk, flags=[fl], center_sample=nfull // 2,
+                 idx=dict(kspace_encode_step_1=row, slice=si, repetition=rep), **_geometry(s))
+
+
 def write_ismrmrd(
     vol: SimVolume | Sequence[SimVolume],
     path: str | Path,
@@ -260,35 +326,14 @@ def write_ismrmrd(
     if separate_calibration and calib:
         xml = _calib_encoding_xml(xml, nx // 2, calib, osf if os_convention == "header" else 1)
     sigma = float(np.std(base.noise)) if base.noise is not None else 0.0
-    acqs: list[ismrmrd.Acquisition] = []
-    counter = 0
-
-    def geo(s) -> dict:
-        return dict(position=tuple(s.position), read_dir=tuple(s.read_dir),
-                    phase_dir=tuple(s.phase_dir), slice_dir=tuple(s.slice_dir))
-
-    def add(data, **kw):
-        nonlocal counter
-        acqs.append(_acq(data, scan_counter=counter, acquisition_time_stamp=counter, **kw))
-        counter += 1
-
+    acqs = _Acquisitions()
     if noise_scan and base.noise is not None:
-        add(base.noise, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
+        acqs.add(base.noise, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
     # oversampled k-space per contrast and slice: (coils, ny, nfull)
     kos = [[crop_readout(s.kspace, nfull, axis=-1) for s in v.slices] for v in vols]
     if separate_calibration and calib:
-        extra = max(int(calib_extra_coils), 0)
-        rows_c = np.flatnonzero(acs)
-        for si, s in enumerate(base.slices):
-            q = nfull // 4  # central half of the readout k-space: half resolution, same FOV
-            low = kos[0][si][:, :, q : q + nfull // 2]
-            for row in rows_c:
-                data = low[:, row]
-                if extra:
-                    data = np.concatenate([data, rng.normal(size=(extra, data.shape[1])) + 0j])
-                add(data, flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION], encoding_space_ref=1,
-                    center_sample=data.shape[1] // 2,
-                    idx=dict(kspace_encode_step_1=row, slice=si), **geo(s))
+        _add_separate_calibration(acqs, kos[0], base.slices, np.flatnonzero(acs),
+                                  max(int(calib_extra_coils), 0), rng)
     for rep in range(num_repetitions):
         if interleave_repetitions and r > 1:
             pattern, _ = phase_pattern(ny, r, 0, "equispaced", rng, offset=rep)
@@ -297,39 +342,23 @@ def write_ismrmrd(
         for avg in range(num_averages):
             for si, s in enumerate(base.slices):
                 for li, row in enumerate(rows):
+                    calib_flag = None
+                    if acs[row] and not separate_calibration:
+                        calib_flag = (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
+                                      if pattern[row] else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
                     for ci in range(len(vols)):
                         line = kos[ci][si][:, row, nfull - ns :]
                         if num_averages > 1 and sigma > 0:
                             line = line + (sigma / np.sqrt(2)) * (
                                 rng.normal(size=line.shape) + 1j * rng.normal(size=line.shape))
-                        flags = []
-                        if li == 0:
-                            flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
-                        if li == len(rows) - 1:
-                            flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
-                        if acs[row] and not separate_calibration:
-                            flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
-                                         if pattern[row] else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
-                        if reverse_odd_lines and li % 2:
-                            line = line[:, ::-1]
-                            flags.append(ismrmrd.ACQ_IS_REVERSE)
-                        pre, post = discard
-                        if pre or post:
-                            junk = 1e3 * np.ones((coils, 1), np.complex64)
-                            line = np.concatenate([np.repeat(junk, pre, 1), line,
-                                                   np.repeat(junk, post, 1)], axis=1)
-                        add(line, flags=flags, center_sample=centre + pre, discard_pre=pre,
-                            discard_post=post,
-                            idx=dict(kspace_encode_step_1=row, slice=si, contrast=ci,
-                                     repetition=rep, average=avg), **geo(s))
+                        line, flags = _as_acquired(line, li, len(rows), calib_flag,
+                                                   reverse_odd_lines, discard)
+                        acqs.add(line, flags=flags, center_sample=centre + discard[0],
+                                 discard_pre=discard[0], discard_post=discard[1],
+                                 idx=dict(kspace_encode_step_1=row, slice=si, contrast=ci,
+                                          repetition=rep, average=avg), **_geometry(s))
                 if skipped_acquisitions:
-                    junk = 1e4 * np.ones((coils, nfull), np.complex64)
-                    for fl in (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA,
-                               ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
-                               ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA):
-                        add(junk, flags=[fl], center_sample=nfull // 2,
-                            idx=dict(kspace_encode_step_1=ny // 2, slice=si, repetition=rep),
-                            **geo(s))
+                    _add_skipped(acqs, coils, nfull, ny // 2, si, rep, s)
     target = np.stack([s.target for s in base.slices]).astype(np.float32)
     return _write_measurement(path, dataset, xml, acqs, {TARGET_NAME: target})
 
@@ -375,23 +404,15 @@ def write_ismrmrd_3d(vol: SimVolume, path: str | Path, lines_for_kz: Callable[[i
     for slab, echo, kz in itertools.product(range(slabs), range(contrasts),
                                             range(nz) if kz_rows is None else kz_rows):
         for ky in lines_for_kz(kz):
-            acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(k[:, kz, ky, :]
-                                                                      * (1 + echo)))
-            acq.idx.slice, acq.idx.contrast = slab, echo
-            acq.version = 1
-            acq.sample_time_us = 5.0
-            for ch in range(vol.num_coils):
-                acq.setChannelActive(ch)
-            acq.idx.kspace_encode_step_1 = ky
-            acq.idx.kspace_encode_step_2 = kz
-            acq.center_sample = nx // 2
-            acq.position[:] = centre + slab * slab_mm * s0.slice_dir
-            acq.read_dir[:] = s0.read_dir
-            acq.phase_dir[:] = s0.phase_dir
-            acq.slice_dir[:] = s0.slice_dir
-            if calib[0] <= ky < calib[1]:
-                acq.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-            acqs.append(acq)
+            acqs.append(_acq(
+                k[:, kz, ky, :] * (1 + echo), center_sample=nx // 2,
+                flags=[ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING]
+                if calib[0] <= ky < calib[1] else [],
+                idx=dict(slice=slab, contrast=echo, kspace_encode_step_1=ky,
+                         kspace_encode_step_2=kz),
+                position=tuple(centre + slab * slab_mm * s0.slice_dir),
+                read_dir=tuple(s0.read_dir), phase_dir=tuple(s0.phase_dir),
+                slice_dir=tuple(s0.slice_dir)))
     acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
     with _ismrmrd_file(path) as f:
         f["dataset"].header = hdr
@@ -414,6 +435,7 @@ def write_ismrmrd_noise(vol: SimVolume, path: str | Path, measurement_id: str,
     kw.setdefault("protocol_name", "AdjCoilSens_noise")
     xml = header_xml_from_sim(vol, readout_oversampling=1, **kw)
     chunks = [vol.noise[:, i:i + 128] for i in range(0, vol.noise.shape[1], 128)]
-    acqs = [_acq(c, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT], scan_counter=i,
-                 acquisition_time_stamp=i) for i, c in enumerate(chunks)]
+    acqs = _Acquisitions()
+    for c in chunks:
+        acqs.add(c, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
     return _write_measurement(path, dataset, xml, acqs)
