@@ -7,7 +7,9 @@ so the test can SIGKILL / SIGTERM it there):
 * ``between_dcm``: after the first DICOM file of a series was written (in staging);
 * ``state``: half-way through writing the state file (its temporary file);
 * ``publish``: right after a scan's folder was published, before the state records it;
-* ``deliver``: after the first C-STORE of a delivery.
+* ``deliver``: after the first C-STORE of a delivery;
+* ``die``: a batch worker process (not the batch's own) dies at once, as the OOM killer would
+  kill it, when it begins an input whose path holds ``crash``.
 
 The patches are at module level so spawned batch workers (which import this file as
 ``__mp_main__``) carry them too. Each replaces the name in the module that calls it.
@@ -93,6 +95,17 @@ elif STAGE == "deliver":
         return _orig_send(paths, *a, **k)
 
     patch(pacs, "send_files", send_files)
+elif STAGE == "die":
+    from recon_plugin.recon import pipeline
+
+    _orig_reconstruct = pipeline.Reconstructor.reconstruct
+
+    def reconstruct(self, scan, *a, **k):
+        if __name__ == "__mp_main__" and "crash" in str(scan.source):
+            os._exit(9)
+        return _orig_reconstruct(self, scan, *a, **k)
+
+    patch(pipeline.Reconstructor, "reconstruct", reconstruct)
 
 if __name__ == "__main__":
     from recon_plugin.cli import main

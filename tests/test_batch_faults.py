@@ -277,6 +277,26 @@ def test_workers_die_with_the_parent(raws, tmp_path):
     check_out(out, inputs_of(raws))
 
 
+@pytest.mark.slow
+def test_an_input_that_kills_its_worker_fails_alone(raws, tmp_path):
+    """With --workers, an input whose worker dies (twice: its first pool broken, then the
+    retry's) fails as ``worker process died``, counted in the summary and the exit code;
+    ``--resume`` then makes every input it did not take with it."""
+    crash = tmp_path / "in" / "crash.h5"
+    crash.parent.mkdir()
+    shutil.copy(raws / "A" / "scan.h5", crash)
+    out = tmp_path / "out"
+    proc = start(["recon", raws, crash, "--out", out, "--method", "zero-filled",
+                  "--workers", "2"], "die", tmp_path / "marker")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stdout + stderr
+    assert f"{crash}: worker process died" in stdout, stdout
+    assert not (out / output_name(crash)).exists()
+    assert main(["-q", "recon", str(raws), "--out", str(out), "--method", "zero-filled",
+                 "--resume"]) == 0
+    check_out(out, inputs_of(raws))
+
+
 def _fastmri_bomb(vol, path: Path) -> Path:
     src = write_fastmri(vol, path.with_name("src.h5"), acceleration=4)
     with h5py.File(src, "r") as f:

@@ -253,7 +253,7 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                 protocol_dirs, device: str, max_bytes: int | None, finish,
                 bar=None, retries: int = 1, noise: Path | None = None,
                 batch: str | None = None, view: str | None = None) -> None:
-    """One task per file on the session's workers; ``finish(path, result, written, protocol)``
+    """One task per file on the session's workers; ``finish(path, result, protocol)``
     (the local batch's: state, delivery) runs here, in the batch process, as each file ends.
     A worker that dies mid-file: the scheduler reruns the file on another worker (up to
     ``distributed.scheduler.allowed-failures`` deaths, then the file fails as
@@ -316,10 +316,9 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                 r, written, proto = outcome
                 r.input = str(path)  # paths as given, as in a local batch's summary and state
                 if r.ok:
-                    written = [given / Path(w).relative_to(out_dir) for w in written]
-                    r.outputs = [str(w) for w in written]
+                    r.outputs = [str(given / Path(w).relative_to(out_dir)) for w in written]
                 failed += not r.ok
-                finish(path, r, written, proto)
+                finish(path, r, proto)
             if bar is not None:
                 bar.set_postfix(failed=failed, running=_running(client, pending), refresh=True)
         _watch_workers(client, workers, session.address)  # one lost near the end, too

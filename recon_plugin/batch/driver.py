@@ -369,7 +369,7 @@ def _run_locked(job: _Job, files: list[Path], recon: Reconstructor | None,
     todo = _not_done(job, files, state, asked, prints, down, results)
     bar = tqdm(total=len(todo), desc="recon", disable=bars(job.progress), dynamic_ncols=True)
 
-    def finish(path, r, written, proto):
+    def finish(path, r, proto):
         bar.update(1)
         if r.no_room:
             results.append(r)
@@ -401,7 +401,7 @@ def _run_locked(job: _Job, files: list[Path], recon: Reconstructor | None,
             else:
                 run_pool(todo, out_dir, job.protocol, job.formats, job.overrides,
                          job.protocol_dirs, job.device, job.workers, job.max_bytes, finish,
-                         results, noise=job.noise)
+                         noise=job.noise)
         finally:
             bar.close()
 
@@ -486,10 +486,10 @@ def _run_here(job: _Job, todo: list[Path], recon: Reconstructor, finish) -> None
                 if told is not None:
                     told(done, total)
 
-            done = process_file(path, job.out_dir, job.protocol, job.formats, job.overrides,
-                                job.protocol_dirs, recon, job.max_bytes, progress=step,
-                                noise=job.noise)
-        finish(path, *done)
+            r, _, proto = process_file(path, job.out_dir, job.protocol, job.formats,
+                                       job.overrides, job.protocol_dirs, recon, job.max_bytes,
+                                       progress=step, noise=job.noise)
+        finish(path, r, proto)
 
 
 def _for_workers(protocol: str | None, protocol_dirs: list[Path] | None,

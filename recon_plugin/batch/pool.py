@@ -62,11 +62,12 @@ def _task(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
 
 def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, overrides,
              protocol_dirs: list[Path] | None, device: str, workers: int,
-             max_bytes: int | None, finish: Callable, results: list[FileResult],
-             retries: int = 1, noise: Path | None = None) -> None:
-    """Files in ``workers`` spawned processes; ``finish(path, result, written, protocol)`` runs
-    here as each ends. A worker that dies (e.g. killed by the OOM killer) breaks the pool: the
-    files not finished get one more pool, then fail. ``noise``: the ``--noise`` file."""
+             max_bytes: int | None, finish: Callable, retries: int = 1,
+             noise: Path | None = None) -> None:
+    """Files in ``workers`` spawned processes; ``finish(path, result, protocol)`` runs here as
+    each ends. A worker that dies (e.g. killed by the OOM killer) breaks the pool: the files
+    not finished get one more pool, then fail (``finish`` too). ``noise``: the ``--noise``
+    file."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
@@ -84,11 +85,11 @@ def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, ove
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in done:
                 try:
-                    outcome = f.result()
+                    r, _, proto = f.result()
                 except BrokenProcessPool as e:
                     broken.append((futs[f], str(e)))
                     continue
-                finish(futs[f], *outcome)
+                finish(futs[f], r, proto)
     except BaseException:
         _kill_pool(ex)
         clean_stale(out_dir)  # the killed workers' staging
@@ -99,10 +100,10 @@ def run_pool(todo: list[Path], out_dir: Path, protocol: str | None, formats, ove
                     len(broken))
         clean_stale(out_dir)
         run_pool([p for p, _ in broken], out_dir, protocol, formats, overrides, protocol_dirs,
-                 device, workers, max_bytes, finish, results, retries - 1, noise)
-    elif broken:
-        results += [FileResult(str(p), False, error=f"worker process died: {e}")
-                    for p, e in broken]
+                 device, workers, max_bytes, finish, retries - 1, noise)
+    else:
+        for p, e in broken:
+            finish(p, FileResult(str(p), False, error=f"worker process died: {e}"), None)
 
 
 def _kill_pool(ex) -> None:
