@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from ..physics import acs_bounds, calibration_block, centre_run, crop_readout, is_2d_sampling
-from ..physics.masks import MAX_PARTIAL_LINES
+from ..physics.masks import MAX_PARTIAL_LINES, MIN_ACS_LINES
 from ..scan import Geometry, RawDataError, RawScan, ScanHeader, SliceData, no_slice_selected
 from .budget import check_budget
 from .header import EncodingInfo, encoding_info, parse_header, parse_xml
@@ -118,7 +118,7 @@ def _acs(mask: np.ndarray, num_low: int | None) -> tuple[int, int] | None:
         if lo >= 0 and hi <= mask.size and mask[lo:hi].all():
             return lo, hi
     run = centre_run(mask, mask.size // 2)
-    return run if run is not None and run[1] - run[0] >= 4 else None
+    return run if run is not None and run[1] - run[0] >= MIN_ACS_LINES else None
 
 
 # an acquired line with more than this fraction of its samples unmeasured (exactly 0 on every

@@ -46,6 +46,7 @@ import ismrmrd
 import numpy as np
 
 from ..physics import centre_run
+from ..physics.masks import MIN_ACS_LINES
 from ..scan import (
     Geometry,
     RawDataError,
@@ -630,7 +631,7 @@ class MrdAssembler:
     def _acs(rows: np.ndarray, calib_rows: set[int]) -> tuple[int, int] | None:
         """The fully sampled calibration block [start, stop) of sampled ky ``rows`` (ny,)
         around the centre: the flagged calibration rows within it, else the whole centre
-        run where it holds at least 4 lines."""
+        run where it holds at least :data:`~recon_plugin.physics.masks.MIN_ACS_LINES` lines."""
         run = centre_run(rows, rows.size // 2)
         if run is None:
             return None
@@ -638,7 +639,7 @@ class MrdAssembler:
             lo = max(run[0], min(calib_rows))
             hi = min(run[1], max(calib_rows) + 1)
             return (lo, hi) if hi - lo >= 2 else None
-        return run if run[1] - run[0] >= 4 else None
+        return run if run[1] - run[0] >= MIN_ACS_LINES else None
 
     def _emit(self, key: Key) -> SliceData:
         buf = self._buffers.pop(key)

@@ -16,6 +16,12 @@ def acs_bounds(num_lines: int, num_low_frequency: int) -> tuple[int, int]:
     return start, start + num_low_frequency
 
 
+# the fewest lines of a fully sampled centre run taken as the calibration (ACS) block where no
+# line says it is one (fastMRI's num_low_frequency, ISMRMRD's calibration flags): fewer is
+# no calibration region
+MIN_ACS_LINES = 4
+
+
 def centre_run(rows: np.ndarray, centre: int) -> tuple[int, int] | None:
     """[start, stop) of the run of True in ``rows`` containing ``centre`` (None when ``centre``
     is not sampled): the contiguous calibration block of a sampling mask."""
@@ -80,7 +86,7 @@ def calibration_block(mask: np.ndarray) -> tuple[int, int] | None:
         return None
     lo, hi = best[1]
     rows = centre_run(m[:, lo:hi].all(axis=1), cy)
-    return rows if rows is not None and rows[1] - rows[0] >= 4 else None
+    return rows if rows is not None and rows[1] - rows[0] >= MIN_ACS_LINES else None
 
 
 def variable_density_mask(shape: tuple[int, int], acceleration: float, calib: int,

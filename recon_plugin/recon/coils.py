@@ -254,14 +254,15 @@ def estimate_maps_and_wrap(
     kspace: np.ndarray, acs: tuple[int, int] | None, params: EspiritParams | None = None,
     calib: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """:func:`estimate_maps`, and ESPIRiT's second set of maps (coils, ky, kx), zero where its
-    eigenvalue is below ``crop``, where the phase field of view is smaller than the object:
-    two pixels fold onto one and one set of maps cannot describe them (Uecker et al. 2014,
-    "soft SENSE"); else None. Also returns the share of the coarse grid where the second
-    eigenvalue exceeds ``crop`` and ``WRAP_MIN_EIGENVALUE``, which decides. The second
-    eigenpair comes from power iteration on the operator with the first deflated (fast path
-    only); it is judged only with ``wrap`` set, at least ``WRAP_MIN_COILS`` coils and the full
-    kernel width (else None, 0)."""
+    """:func:`estimate_maps` (``calib`` (coils, rows, kx): a separately acquired fully sampled
+    calibration block centred like ``kspace``, used instead of the ACS rows when given), and
+    ESPIRiT's second set of maps (coils, ky, kx), zero where its eigenvalue is below ``crop``,
+    where the phase field of view is smaller than the object: two pixels fold onto one and
+    one set of maps cannot describe them (Uecker et al. 2014, "soft SENSE"); else None.
+    Also returns the share of the coarse grid where the second eigenvalue exceeds ``crop`` and
+    ``WRAP_MIN_EIGENVALUE``, which decides. The second eigenpair comes from power iteration on
+    the operator with the first deflated (fast path only); it is judged only with ``wrap``
+    set, at least ``WRAP_MIN_COILS`` coils and the full kernel width (else None, 0)."""
     p = params or EspiritParams()
     width = p.kernel_width
     k, a, q = _calibration(kspace, acs, p, calib)
@@ -281,7 +282,6 @@ def estimate_maps_and_wrap(
 
 def estimate_maps(
     kspace: np.ndarray, acs: tuple[int, int] | None, params: EspiritParams | None = None,
-    calib: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sensitivity maps (coils, ky, kx) for one slice.
 
@@ -290,11 +290,9 @@ def estimate_maps(
     ill-posed, the eigenvalues inside the object fall below ``crop`` and the maps cut anatomy
     out (measured on the real 8-coil brain, 9 ACS lines: a 5-wide kernel with 5 positions cut
     6 % of the head, the reconstructions lost 7 dB; 4 wide: none cut. 12 coils, 192x160, 8
-    lines: a 6-wide kernel gave SENSE-image NRMSE 0.33, a 4-wide 0.02).
-    ``calib`` (coils, rows, kx), a separately acquired fully sampled calibration block centred
-    like ``kspace``, is used instead of the ACS rows when given. All-zero coils raise.
+    lines: a 6-wide kernel gave SENSE-image NRMSE 0.33, a 4-wide 0.02). All-zero coils raise.
     """
-    return _espirit(*_calibration(kspace, acs, params or EspiritParams(), calib))
+    return _espirit(*_calibration(kspace, acs, params or EspiritParams(), None))
 
 
 def _espirit(kspace: np.ndarray, acs: tuple[int, int] | None, p: EspiritParams) -> np.ndarray:
