@@ -18,6 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config.protocol import given_dirs, protocols_to_run
 from ..io.inputs import raw_files
 from ..models.inference import torch_device
+from ..names import LOCK_FILE, STATE_FILE
 from ..output.atomic import check_writable_folder, fingerprint, make_writable_folder
 from ..output.delivery import DeliveryPlan
 from ..output.pacs_queue import drop_superseded
@@ -26,8 +27,6 @@ from ..runtime import ProgressLog, bars
 from .files import FileResult, output_name, process_file
 from .pool import run_pool
 from .state import (
-    LOCK_FILE,
-    STATE_FILE,
     BatchInterrupted,
     BatchUsageError,
     ClusterLost,

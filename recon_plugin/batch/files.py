@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io.inputs import scan_folder_name
+from ..names import scan_folder_name
 from ..output.atomic import no_room, staged_folder
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor

@@ -19,8 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..io.inputs import LOCK_FILE, STATE_FILE
-from ..output import is_instance_file_name, is_output_h5_name, is_series_stem
+from ..names import (
+    LOCK_FILE,
+    STATE_FILE,
+    is_instance_file_name,
+    is_output_h5_name,
+    is_series_stem,
+)
 from ..output.atomic import fsync_dir, is_staging, write_text_atomic
 from ..runtime import expand_home, held_lock
 

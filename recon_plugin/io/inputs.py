@@ -4,35 +4,24 @@ in them (``recon``, ``inspect`` and ``adapt`` take their inputs alike)."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from ..names import BATCH_OUTPUT_MARKERS, is_scan_folder_name
+
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd", ".dat")  # .dat: Siemens twix
-# a batch's --out (recon_plugin.batch) holds its state and its lock, by these names (defined
-# here, where inputs are told from a batch's outputs; the batch takes them from here) ...
-STATE_FILE = ".recon-state.json"
-LOCK_FILE = ".recon.lock"
-BATCH_OUTPUT_MARKERS = (STATE_FILE, LOCK_FILE)
-# ... and one folder per scan, ``<stem>-<8 hex>`` (:func:`scan_folder_name`), whose .h5 are images
-_SCAN_FOLDER = re.compile(r".+-[0-9a-f]{8}")
-
-
-def scan_folder_name(stem: str, digest: str) -> str:
-    """A scan's folder in a batch's --out: ``<stem>-<the first 8 characters of digest>``
-    (``digest`` lowercase hex)."""
-    return f"{stem}-{digest[:8]}"
 
 
 def _raw_files_under(folder: Path) -> list[Path]:
     """Raw-data files in ``folder`` and its subfolders, sorted; hidden files and folders (a
     batch's staging, macOS ``._scan.h5``) and, in a batch's output folder (one holding
-    :data:`BATCH_OUTPUT_MARKERS`), the scans' folders ``<stem>-<8 hex>`` (their ``series_*.h5``
-    are images) are passed over; its other files and subfolders count."""
+    :data:`~recon_plugin.names.BATCH_OUTPUT_MARKERS`), the scans' folders ``<stem>-<8 hex>``
+    (their ``series_*.h5`` are images) are passed over; its other files and subfolders
+    count."""
     found = []
     for root, dirs, files in os.walk(folder):
         output = any(m in files or m in dirs for m in BATCH_OUTPUT_MARKERS)
         dirs[:] = [d for d in dirs if not d.startswith(".")
-                   and not (output and _SCAN_FOLDER.fullmatch(d))]
+                   and not (output and is_scan_folder_name(d))]
         found += [Path(root, f) for f in files
                   if not f.startswith(".") and Path(f).suffix.lower() in RAW_SUFFIXES]
     return sorted(q for q in found if q.is_file())

@@ -71,8 +71,8 @@ from pydantic import (
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from ..names import instance_file_name
 from ..scan import ReconImage, ReconSeries
-from . import instance_file_name
 from .atomic import make_readable
 from .dicom_dataset import add_private_block, rwvm_item, series_dataset
 from .dicom_geometry import (

@@ -24,8 +24,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..names import fastmri_file_name, input_stem
 from ..scan import ReconSeries
-from . import fastmri_file_name, input_stem
 from .atomic import hdf5_atomic
 from .dicom_series import provenance_attributes
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import ismrmrd
 
+from ..names import input_stem, mrd_file_name
 from ..scan import ReconSeries
-from . import input_stem, mrd_file_name
 from .atomic import hdf5_atomic
 from .dicom_geometry import instance_order
 from .mrd_image import mrd_image

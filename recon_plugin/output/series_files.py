@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..names import series_stem
 from ..scan import ReconSeries
-from . import FORMATS, series_stem
+from . import FORMATS
 
 
 def write_outputs(series: list[ReconSeries], out_dir: Path, formats: tuple[str, ...],
