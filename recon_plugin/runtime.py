@@ -7,8 +7,9 @@ done at import:
   step), :func:`stops_at_once`, :func:`ignore_stops`;
 * progress: :func:`bars` (whether to show tqdm bars) and :class:`ProgressLog` (lines instead);
 * logging: :data:`LOG_FORMAT`, :func:`worker_logging` (a batch's worker processes);
-* :func:`held_lock` (an flock held for a block), :func:`first_line` (an error in one line) and
-  :func:`expand_home` (``~`` in a path a user typed).
+* :func:`held_lock` (an flock held for a block), :func:`first_line` (an error in one line),
+  :func:`counted` (``1 file``, ``2 files`` in a message) and :func:`expand_home` (``~`` in a
+  path a user typed).
 
 glibc's malloc serves a block above its mmap threshold with a fresh ``mmap`` and gives the
 pages back on ``free``; below it, freed heap above ``M_TRIM_THRESHOLD`` is returned to the
@@ -248,6 +249,12 @@ def first_line(err: BaseException) -> str:
     """An error's message for a one-line report: its first non-blank line (its type where it
     has none)."""
     return next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 slice``, ``2 slices``: ``n`` and ``noun``, or its ``plural`` (default: ``noun`` +
+    s) where ``n`` is not 1."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def expand_home(ref: str | Path) -> Path:

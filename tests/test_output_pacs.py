@@ -404,7 +404,7 @@ def test_a_refusing_target_is_tried_by_each_input(orthanc, tmp_path, caplog):
                                           down=down) == (0, 1)
     assert not down
     tried = [r.getMessage() for r in caplog.records if "did not answer earlier" in
-             r.getMessage() or "queueing 1 files" in r.getMessage()]
+             r.getMessage() or "queueing 1 file in" in r.getMessage()]
     assert len(tried) == 2 and not any("did not answer earlier" in t for t in tried), tried
 
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..runtime import counted
+
 if TYPE_CHECKING:
     from ..batch import BatchInterrupted, FileResult
 
@@ -48,11 +50,6 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _count(n: int, noun: str) -> str:
-    """``1 slice``, ``2 slices``."""
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _where(outputs: list[str]) -> str:
     """`` to FOLDER``: the folder that holds every output file of an input ('' for none)."""
     return f" to {os.path.commonpath([str(Path(o).parent) for o in outputs])}" if outputs else ""
@@ -70,7 +67,7 @@ def _report(results: list[FileResult]) -> int:
         if r.passed_over:
             print(f"{status:15s} {r.input}: {r.passed_over}")
             continue
-        extra = (f"{_count(len(r.outputs), 'file')} written{_where(r.outputs)}, "
+        extra = (f"{counted(len(r.outputs), 'file')} written{_where(r.outputs)}, "
                  f"{r.seconds:.1f} s, protocol {r.protocol}") if r.ok else r.error
         if r.ok and r.noise_missing:
             extra += (f", no prewhitening (its noise measurement {r.noise_missing} was not "
@@ -78,17 +75,17 @@ def _report(results: list[FileResult]) -> int:
         unit = "ky-kz plane" if t.get("slab_planes") else "slice"  # a slab accelerated along kz
         if r.ok and t.get("guard_checked"):
             extra += (f", guard: {int(t.get('guard_rejected', 0))} of "
-                      f"{_count(int(t['guard_checked']), unit)} CG-SENSE")
+                      f"{counted(int(t['guard_checked']), unit)} CG-SENSE")
         if r.ok and t.get("no_maps"):
             extra += (f", no coil maps (zero-filled instead): "
-                      f"{_count(int(t['no_maps']), unit)}")
+                      f"{counted(int(t['no_maps']), unit)}")
         if r.ok and t.get("no_signal"):
-            extra += f", no signal (noise only, no method run): {_count(int(t['no_signal']), unit)}"
+            extra += f", no signal (noise only, no method run): {counted(int(t['no_signal']), unit)}"
         if r.ok and t.get("fov_wrap"):
-            extra += (f", field-of-view wrap: {_count(int(t['fov_wrap']), unit)} unfolded "
+            extra += (f", field-of-view wrap: {counted(int(t['fov_wrap']), unit)} unfolded "
                       "with a second set of maps")
         if r.ok and ("refine" in t or t.get("refine_skipped")):
-            extra += f", refinement kept on {_count(int(t.get('refine_kept', 0)), unit)}"
+            extra += f", refinement kept on {counted(int(t.get('refine_kept', 0)), unit)}"
             if t.get("refine_skipped"):
                 extra += (f", not tried on {int(t['refine_skipped'])} (too few lines "
                           "to verify it)")

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..physics import centre_run
 from ..physics.masks import MIN_ACS_LINES
+from ..runtime import counted
 from ..scan import (
     Geometry,
     RawDataError,
@@ -164,7 +165,7 @@ def noise_problem(noise: np.ndarray) -> str | None:
         return "it recorded only zeros"
     coils, samples = noise.shape[0], int(np.prod(noise.shape[1:], dtype=np.int64))
     if samples < coils:
-        return (f"{samples} sample{'s' if samples != 1 else ''} per coil, fewer than its "
+        return (f"{counted(samples, 'sample')} per coil, fewer than its "
                 f"{coils} coils: too few for their covariance")
     return None
 

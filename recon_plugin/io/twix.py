@@ -50,6 +50,7 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 
+from ..runtime import counted
 from ..scan import RawDataError, RawScan
 from .budget import check_budget, default_max_bytes
 from .mrd_assembler import MrdAssembler
@@ -230,15 +231,6 @@ def _measurements(p: Path, where: str) -> list[dict]:
 
 # a readout counter past this many times the protocol's count is taken for a damaged header
 _COUNTER_SLACK = 2
-_PLURAL = {"slice": "slices", "partition": "partitions", "echo": "echoes",
-           "repetition": "repetitions", "cardiac phase": "cardiac phases"}
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 slice``, ``40000 slices``."""
-    return f"{n} {noun if n == 1 else _PLURAL[noun]}"
-
-
 def _damaged_counters(hdr: dict, readouts: list) -> str | None:
     """Why a grid sized by the readouts' counters is likely wrong: each counter (slice,
     partition, echo, repetition, cardiac phase) that reaches more than :data:`_COUNTER_SLACK`
@@ -276,9 +268,10 @@ def _damaged_counters(hdr: dict, readouts: list) -> str | None:
         if top + 1 <= _COUNTER_SLACK * count:
             continue
         bad = sum(v + 1 > _COUNTER_SLACK * count for v in values)
-        said.append(f"its {noun} counter ({counter}) reaches {top} ({_count(top + 1, noun)}) in "
-                    f"{bad} of {len(values)} readouts, but the protocol declares "
-                    f"{_count(count, noun)} ({source})")
+        many = "echoes" if noun == "echo" else None
+        said.append(f"its {noun} counter ({counter}) reaches {top} "
+                    f"({counted(top + 1, noun, many)}) in {bad} of {len(values)} readouts, but "
+                    f"the protocol declares {counted(count, noun, many)} ({source})")
     if not said:
         return None
     return "; ".join(said) + ": the file's readout headers look damaged"

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from pydicom.uid import generate_uid
 
+from ..runtime import counted
 from ..scan import NO_SIGNAL, ReconSeries, ScanHeader
 from .dicom_values import cs_value, short_hash, text_value, valid_uid
 
@@ -287,7 +288,7 @@ def image_comments(head: str, notes: Iterable[str], max_len: int = LT_MAX) -> st
 
     def joined(k: int) -> str:
         left = len(notes) - k
-        marker = (f"[{left} more note{'s' if left > 1 else ''} left out: over the "
+        marker = (f"[{counted(left, 'more note', 'more notes')} left out: over the "
                   f"{max_len}-byte limit of ImageComments]") if left else ""
         body = "; ".join([*notes[:k], *([marker] if marker else [])])
         return head + (f"; notes: {body}" if body else "")

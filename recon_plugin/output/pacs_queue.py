@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..runtime import held_lock
+from ..runtime import counted, held_lock
 from . import pacs
 from .atomic import fsync_dir, pid_alive, write_text_atomic
 from .pacs import (
@@ -311,16 +311,11 @@ def drain(
                     why[target] = down[target] if refused else \
                         f"{target} did not store {first.name} ({reason})"
         for target, n in unsent.items():  # one line per target with files left: why
-            log.warning("%s; %s %s queued", why[target], _files(n),
+            log.warning("%s; %s %s queued", why[target], counted(n, "file"),
                         "stays" if n == 1 else "stay")
     if sent_total or failed_total:
         log.info("drained %s: %d sent, %d still queued", qdir, sent_total, failed_total)
     return sent_total, failed_total
-
-
-def _files(n: int) -> str:
-    """``1 file``, ``2 files``."""
-    return f"{n} file" + ("" if n == 1 else "s")
 
 
 def _give_up(qdir: Path, item: Path, why: str) -> None:
@@ -361,7 +356,7 @@ def send_or_enqueue(
         for p, why in res.failed.items():
             log.warning("%s not stored on %s (%s); queued", p.name, tgt, why)
     except PacsError as exc:
-        log.warning("%s; queueing %d files in %s", exc, len(files), queue_dir)
+        log.warning("%s; queueing %s in %s", exc, counted(len(files), "file"), queue_dir)
         if down is not None and exc.unanswered:
             down[str(tgt)] = time.monotonic()
         res, pending = SendResult(), files
