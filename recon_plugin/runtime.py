@@ -7,7 +7,8 @@ done at import:
   step), :func:`stops_at_once`, :func:`ignore_stops`;
 * progress: :func:`bars` (whether to show tqdm bars) and :class:`ProgressLog` (lines instead);
 * logging: :data:`LOG_FORMAT`, :func:`worker_logging` (a batch's worker processes);
-* :func:`held_lock` (an flock held for a block), :func:`first_line` (an error in one line),
+* :func:`best_effort` (a clean-up step whose failure is logged, not raised),
+  :func:`held_lock` (an flock held for a block), :func:`first_line` (an error in one line),
   :func:`counted` (``1 file``, ``2 files`` in a message) and :func:`expand_home` (``~`` in a
   path a user typed).
 
@@ -249,6 +250,17 @@ def first_line(err: BaseException) -> str:
     """An error's message for a one-line report: its first non-blank line (its type where it
     has none)."""
     return next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
+@contextlib.contextmanager
+def best_effort(what: str) -> Iterator[None]:
+    """Run a clean-up step (closing a client, killing a worker) whose failure must neither
+    hide the error being handled nor stop the steps after it: an Exception is logged at DEBUG
+    level with its traceback (``-v`` shows it), not raised."""
+    try:
+        yield
+    except Exception:
+        logging.getLogger("recon_plugin").debug("%s failed", what, exc_info=True)
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:

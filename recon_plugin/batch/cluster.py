@@ -27,7 +27,7 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
-from ..runtime import first_line, package_log_level
+from ..runtime import best_effort, first_line, package_log_level
 from .files import FileResult, ProtocolCache, failure_reason, output_name, process_file
 from .state import BatchUsageError, ClusterLost, clean_stale, parse_address
 
@@ -241,10 +241,10 @@ def connect(address: str, timeout: float | None = None):
     try:
         yield session
     finally:
-        with contextlib.suppress(Exception):
+        with best_effort("closing the Dask client"):
             client.close(timeout=10)
         if cluster is not None:
-            with contextlib.suppress(Exception):
+            with best_effort("closing the local Dask cluster"):
                 cluster.close(timeout=10)
         quiet.setLevel(level)
 
@@ -323,11 +323,11 @@ def run_cluster(session: Session, todo: list[Path], out_dir: Path, protocol, for
                 bar.set_postfix(failed=failed, running=_running(client, pending), refresh=True)
         _watch_workers(client, workers, session.address)  # one lost near the end, too
     except BaseException:
-        with contextlib.suppress(Exception):  # a lost scheduler takes no more requests
+        with best_effort("cancelling the batch's tasks"):  # a lost scheduler takes none
             client.cancel(list(pending), force=True)
         if session.local:  # our workers: stop them now, then their staging can go
             stopped = True
-            with contextlib.suppress(Exception):
+            with best_effort("closing the local Dask cluster"):
                 session.cluster.close(timeout=10)
             clean_stale(out_dir)
         raise

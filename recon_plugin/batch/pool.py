@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -11,7 +10,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from ..runtime import package_log_level
+from ..runtime import best_effort, package_log_level
 from .files import FileResult, process_file
 from .state import clean_stale
 
@@ -111,8 +110,8 @@ def _kill_pool(ex) -> None:
     procs = list((getattr(ex, "_processes", None) or {}).values())
     ex.shutdown(wait=False, cancel_futures=True)
     for p in procs:
-        with contextlib.suppress(Exception):
+        with best_effort(f"killing batch worker {p.pid}"):
             p.kill()
     for p in procs:
-        with contextlib.suppress(Exception):
+        with best_effort(f"waiting for batch worker {p.pid}"):
             p.join(10)
