@@ -73,7 +73,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from ..names import instance_file_name
 from ..scan import ReconImage, ReconSeries
-from .atomic import make_readable
+from .atomic import make_readable, write_file
 from .dicom_dataset import add_private_block, rwvm_item, series_dataset
 from .dicom_geometry import (
     effective_geometries,
@@ -171,14 +171,13 @@ def _scale_and_window(
 
 
 def _atomic_write(ds: Dataset, final: Path, fsync: bool) -> Path:
-    """Write ``ds`` to a temporary file beside ``final``; return the temporary path."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=final.parent)  # never *.dcm
+    """Write ``ds`` to a temporary file beside ``final`` (``.tmp-*.part``, never ``*.dcm``: a
+    folder scanner does not take it) and return its path; the caller renames the series'
+    files together (:func:`~recon_plugin.output.atomic.atomic_path` renames one at once)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=final.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
+        write_file(tmp, lambda fh: ds.save_as(fh, enforce_file_format=True), fsync)
         make_readable(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
