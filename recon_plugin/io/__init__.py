@@ -9,8 +9,7 @@ truncated, missing k-space or header, inconsistent shapes, NaNs, unknown layout)
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 import h5py
@@ -21,10 +20,8 @@ from .ismrmrd_file import read_ismrmrd
 from .noise_dependency import NoiseMeasurementOnly, check_noise_file
 from .twix import looks_like_twix, read_twix
 
-log = logging.getLogger(__name__)
-
 __all__ = ["NoiseMeasurementOnly", "RawDataError", "check_noise_file", "detect_format",
-           "iter_raw", "read_fastmri", "read_ismrmrd", "read_raw", "read_twix"]
+           "read_fastmri", "read_ismrmrd", "read_raw", "read_twix"]
 
 
 def detect_format(path: str | Path) -> tuple[str, str | None]:
@@ -98,12 +95,3 @@ def read_raw(path: str | Path, max_bytes: int | None = None,
     except Exception as err:  # a reader bug must still name the file
         raise RawDataError(f"{path}: unexpected {type(err).__name__} while reading: {err}") from err
 
-
-def iter_raw(paths: Iterable[str | Path]) -> Iterator[tuple[Path, RawScan | RawDataError]]:
-    """Read many files, yielding (path, scan) or (path, error) so a batch goes on."""
-    for p in paths:
-        try:
-            yield Path(p), read_raw(p)
-        except RawDataError as err:
-            log.error("%s", err)
-            yield Path(p), err
