@@ -10,6 +10,8 @@ from recon_plugin.adaptation import PARAMS as ADAPT_PARAMS
 
 log = logging.getLogger(__name__)
 
+PROJECT_DOCS = Path(__file__).resolve().parents[1] / "docs"  # where the tables live
+
 WHAT = ("real", "quality", "speed", "pruning", "select", "calibrate", "adaptive", "adapt",
         "adapt-real", "guard", "snr", "independent", "ceiling", "cluster", "poisson", "slab",
         "conditions")
@@ -40,7 +42,7 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
                    help="adaptation steps (bench adapt, adapt-real)")
     s.add_argument("--params", choices=tuple(ADAPT_PARAMS), default="all",
                    help="what the site runs train (bench adapt-real; see adapt --params)")
-    s.add_argument("--variants", action="append", type=Path, default=None,
+    s.add_argument("--variants", action="extend", nargs="+", type=Path, default=None,
                    help="folder(s) of variant models (bench pruning; default: shipped weights); "
                    "variant files or folders to rank on validation (bench select)")
     s.add_argument("--real-dir", type=Path, default=None,
@@ -54,9 +56,10 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
     s.add_argument("--slices", type=_at_least_one, default=None, metavar="N",
                    help="bench real: score only the N central slices of each file (default: all)")
     s.add_argument("--docs", default=None, help="folder of BENCHMARKS.md and the figures; each "
-                   "benchmark rewrites its own section and files there (default: docs, the "
-                   "project's own; with --real-dir: bench-results, so that a site's numbers "
-                   "never replace the project's)")
+                   "benchmark rewrites its own section and files there (default: the "
+                   "project's own docs/, wherever it is run from; with --real-dir: "
+                   "bench-results in the working folder, so that a site's numbers never "
+                   "replace the project's)")
     s.add_argument("--quick", action="store_true", help="fewer slices (smoke run)")
     return s
 
@@ -64,7 +67,8 @@ def build_parser(prog: str = "recon-plugin bench") -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> int:
     if a.real_dir is not None and not a.real_dir.is_dir():
         raise FileNotFoundError(f"--real-dir {a.real_dir}: no such folder")
-    docs = Path(a.docs or ("bench-results" if a.real_dir is not None else "docs"))
+    docs = Path(a.docs) if a.docs else (Path("bench-results") if a.real_dir is not None
+                                        else PROJECT_DOCS)
     if a.docs is None and a.real_dir is not None:
         log.warning("tables and figures go to %s/ (--docs to choose)", docs)
     if a.what == "real":

@@ -463,3 +463,22 @@ def test_bench_real_on_a_sites_own_files_writes_beside_them_not_over_the_project
     assert seen[-1] == tmp_path / "d"
     with pytest.raises(FileNotFoundError, match="--real-dir .*nope: no such folder"):
         run(build_parser().parse_args(["real", "--real-dir", str(tmp_path / "nope")]))
+
+
+def test_bench_select_takes_several_variants_and_writes_to_the_projects_docs(tmp_path,
+                                                                            monkeypatch):
+    """``bench select --variants A.safetensors B.safetensors`` (as the README writes it) was
+    refused ("unrecognized arguments"): one value per ``--variants``; and run from another
+    folder the tables went to a ``docs/`` there instead of the project's."""
+    import benchmarks.selection
+    from benchmarks.cli import build_parser, run
+
+    seen = []
+    monkeypatch.setattr(benchmarks.selection, "selection_table",
+                        lambda docs, variants: seen.append((docs, variants)) or [])
+    monkeypatch.chdir(tmp_path)
+    args = ["select", "--variants", "a.safetensors", "b.safetensors", "--variants", "c"]
+    assert run(build_parser().parse_args(args)) == 0
+    root = Path(__file__).resolve().parents[1]
+    assert seen == [(root / "docs", [Path("a.safetensors"), Path("b.safetensors"), Path("c")])]
+    assert not (tmp_path / "docs").exists()

@@ -200,8 +200,8 @@ def _noise_option(s: argparse.ArgumentParser) -> None:
 def _add_recon(sub: argparse._SubParsersAction) -> None:
     """The ``recon`` subcommand."""
     s = sub.add_parser("recon", help="reconstruct raw files/folders to DICOM (and .h5)")
-    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens "
-                   "twix .dat), or folders of them")
+    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5 / .hdf5 / "
+                   ".mrd, Siemens twix .dat), or folders of them")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--protocol", type=_protocol_ref,
                    help="protocol name or YAML path (default: match the header)")
@@ -353,8 +353,8 @@ def _add_train_pool(sub: argparse._SubParsersAction) -> None:
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
     """The ``adapt`` subcommand."""
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
-    s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD .h5, "
-                   "Siemens twix .dat) or folders of them; of those with usable slices, the "
+    s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD .h5 / "
+                   ".hdf5 / .mrd, Siemens twix .dat) or folders of them; of those with usable slices, the "
                    "first quarter in sorted order (at least one) is held out for the promotion "
                    "gate")
     s.add_argument("--protocol", type=_protocol_ref, required=True,
@@ -441,8 +441,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     """The ``inspect`` subcommand."""
     s = sub.add_parser("inspect", help="how raw files are read and which protocol would "
                        "reconstruct them, without reconstructing")
-    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5, Siemens "
-                   "twix .dat), or folders of them")
+    s.add_argument("inputs", nargs="+", help="raw files (fastMRI or ISMRMRD .h5 / .hdf5 / "
+                   ".mrd, Siemens twix .dat), or folders of them")
     s.add_argument("--protocol", type=_protocol_ref,
                    help="protocol name or YAML path (default: match the header)")
     s.add_argument("--protocol-dir", action="append", default=None, type=Path,
