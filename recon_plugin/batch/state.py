@@ -437,7 +437,7 @@ def foreign_entries(folder: Path) -> list[str]:
     """What an earlier run's scan folder holds that no run writes there (a user's notes,
     another tool's output, an HDF5 file of its own), relative to ``folder``. A run writes
     ``series_NNNN`` folders of ``S<series>_I<instance>_<UID>.dcm`` files and the HDF5 files
-    of ``--format h5`` / ``fastmri`` / ``mrd`` (:func:`~recon_plugin.output.is_output_h5_name`:
+    of ``--format h5`` / ``fastmri`` / ``mrd`` (:func:`~recon_plugin.names.is_output_h5_name`:
     ``series_NNNN.h5``, ``<input>.h5``, ``<input>_series_NNNN.h5``, ``<input>_mrd.h5``);
     hidden entries (a file manager's ``.DS_Store``, a killed write's temporaries) are not
     counted."""

@@ -60,7 +60,7 @@ def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
 def write_fastmri_files(series: list[ReconSeries], out_dir: Path, stem: str | None = None
                         ) -> list[Path]:
     """Every series of one scan; ``stem`` (the input file's stem) defaults to
-    :func:`~recon_plugin.output.input_stem` of the output folder."""
+    :func:`~recon_plugin.names.input_stem` of the output folder."""
     out_dir = Path(out_dir)
     stem = stem or input_stem(out_dir)
     return [write_fastmri_file(s, out_dir / fastmri_file_name(stem, i, s.series_number))

@@ -33,7 +33,7 @@ GROUP = "dataset"
 
 def write_mrd_file(series: list[ReconSeries], out_dir: Path, stem: str | None = None) -> Path:
     """All series of one scan into ``<stem>_mrd.h5`` (atomically); ``stem`` (the input file's)
-    defaults to :func:`~recon_plugin.output.input_stem` of the output folder."""
+    defaults to :func:`~recon_plugin.names.input_stem` of the output folder."""
     out_dir = Path(out_dir)
     stem = stem or input_stem(out_dir)
     final = out_dir / mrd_file_name(stem)
