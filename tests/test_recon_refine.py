@@ -43,7 +43,13 @@ def test_refinement_respects_its_budget_and_keeps_nothing_without_gain():
     net, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=30, max_steps=10, lr=0.0,
                             check_every=2, patience=2, heldout_fraction=FRACTION)
     assert net is None and res is not None and not res.kept
-    assert "not kept" in res.describe()
+    assert "not kept (no significant held-out improvement)" in res.describe()
+    # no time left for a step: said so, not "no improvement" (it had read as if it were tried)
+    net, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=1e-6, max_steps=10,
+                            heldout_fraction=FRACTION)
+    assert net is None and res is not None and res.steps == 0
+    assert "not trained" in res.describe() and "--refine-budget" in res.describe()
+    assert "no significant" not in res.describe()
     _, res = refine_slice(model, ksp, maps, mask, acs, time_budget_s=0.5, max_steps=10_000,
                           heldout_fraction=FRACTION)
     assert res is not None and res.seconds < 5.0 and res.steps < 10_000

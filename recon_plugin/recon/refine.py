@@ -85,8 +85,13 @@ class RefineResult:
     setting: DcSetting = TRAINED  # the data-consistency setting it trained at
 
     def describe(self) -> str:
-        verdict = "kept" if self.kept else ("not kept (no significant held-out improvement), "
-                                            "unrefined network")
+        if self.kept:
+            verdict = "kept"
+        elif self.steps == 0:  # the slice's calibration and guard took the budget
+            verdict = ("not trained (the slice's time budget, --refine-budget, was spent "
+                       "before its first step), unrefined network")
+        else:
+            verdict = "not kept (no significant held-out improvement), unrefined network"
         return (f"scan-specific refinement {verdict}: held-out k-space error "
                 f"{self.error_before:.4g} -> {self.error_after:.4g}, data-consistency "
                 f"setting {self.setting}, {self.steps} steps, {self.seconds:.1f} s")
