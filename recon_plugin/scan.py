@@ -333,6 +333,8 @@ def index_ranges(indices: list[int]) -> str:
 
 
 # ReconImage.method of a slice whose coil maps have no support (noise only): no method ran
+# an image note that starts so: its series holds only the slices `recon --slices` chose
+PARTIAL_SERIES = "PARTIAL SERIES"
 NO_SIGNAL = "no-signal"
 
 

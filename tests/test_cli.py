@@ -494,6 +494,15 @@ def test_recon_slices_reconstructs_only_the_slices_asked_for(tmp_path, capsys, c
     # only slices 1 and 3 were read; the series still says what it lacks
     for p in (tmp_path / "some").rglob("*.dcm"):
         assert "PARTIAL SERIES: slices 1, 3 of the scan's 0-3" in pydicom.dcmread(p).ImageComments
+    # so does the fastMRI file (fastMRI's evaluation cannot pair it with the whole target)
+    for name, slices, partial in (("fm_some", ["--slices", "1,3"], True), ("fm_all", [], False)):
+        assert main([*base, "--out", str(tmp_path / name), "--format", "fastmri", *slices]) == 0
+        (fm,) = (tmp_path / name).rglob("four.h5")
+        with h5py.File(fm) as f:
+            assert f["reconstruction"].shape[0] == (2 if partial else 4)
+            assert list(f.attrs["slice_indices"]) == ([1, 3] if partial else [0, 1, 2, 3])
+            assert ("slices 1, 3 of the scan's 0-3" in f.attrs["partial_series"] if partial
+                    else "partial_series" not in f.attrs)
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "none"), "--slices", "7"]) == 1
     assert "none of the slices 7 is in the scan, whose slices are 0-3" in capsys.readouterr().out

@@ -8,7 +8,9 @@ with several contrasts gets ``<stem>_series_NNNN.h5`` for every series after the
   matrix (x, y) -- the project's images (rows = phase, cols = readout) transposed;
 * attributes ``acquisition`` (e.g. ``AXT2``), ``max`` and ``norm`` (of this volume, as fastMRI
   computes them for its targets), ``patient_id``, ``acceleration`` and ``num_low_frequency``
-  when known, and the provenance (``protocol``, ``method``, ``model``, ``model_sha256``: what
+  when known, ``slice_indices`` (each row's slice of the scan), ``partial_series`` (the note
+  of a ``recon --slices`` trial, which fastMRI's evaluation cannot score against the whole
+  target), and the provenance (``protocol``, ``method``, ``model``, ``model_sha256``: what
   made the images, as the DICOM says it,
   :func:`~recon_plugin.output.dicom_series.provenance_attributes`) plus the ISMRMRD header.
 
@@ -25,7 +27,7 @@ import h5py
 import numpy as np
 
 from ..names import fastmri_file_name, input_stem
-from ..scan import ReconSeries
+from ..scan import PARTIAL_SERIES, ReconSeries
 from .atomic import hdf5_atomic
 from .dicom_series import provenance_attributes
 
@@ -53,6 +55,13 @@ def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
         for key, value in provenance_attributes(series).items():  # as the DICOM says
             f.attrs[key] = value
         f.attrs["layout"] = "reconstruction (slices, readout, phase), as fastMRI reconstruction_rss"
+        # each row's slice of the scan, and why rows are missing (a --slices trial: fastMRI's
+        # evaluation pairs files by name and cannot score it against the whole target)
+        f.attrs["slice_indices"] = np.array([im.slice_index for im in series.images], np.int32)
+        partial = next((n for im in series.images[:1] for n in im.notes
+                        if n.startswith(PARTIAL_SERIES)), None)
+        if partial:
+            f.attrs["partial_series"] = partial
         f.create_dataset("ismrmrd_header", data=h.xml or "")
     return Path(final)
 

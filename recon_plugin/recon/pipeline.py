@@ -45,6 +45,7 @@ from ..models.inference import torch_device
 from ..physics import slice_operator
 from ..scan import (
     NO_SIGNAL,
+    PARTIAL_SERIES,
     Provenance,
     RawDataError,
     RawScan,
@@ -506,7 +507,7 @@ class Reconstructor:
             scan = scan.only_slices(settings.slices)
             chosen = sorted({sl.slice_index for sl in scan.slices})
             if chosen != whole:
-                partial = (f"PARTIAL SERIES: slices {index_ranges(chosen)} of the scan's "
+                partial = (f"{PARTIAL_SERIES}: slices {index_ranges(chosen)} of the scan's "
                            f"{index_ranges(whole)} (recon --slices); the scan-level choices "
                            "(calibration, the slab's guard, an auto measured weight) were made "
                            "on these slices alone")
