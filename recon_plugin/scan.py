@@ -366,6 +366,9 @@ class ReconImage:
     # the guard's evidence and decision for this image (recon.guard.GuardResult; None: the
     # network was not checked); a slab's planes pool theirs (Reconstructor.settle)
     guard: object | None = field(default=None, repr=False, compare=False)
+    # made by a copy of the network refined on this scan's own lines (``refine: scan`` /
+    # ``shared``), whose weights are not the model file's
+    refined: bool = False
 
 
 @dataclass

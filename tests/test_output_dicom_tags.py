@@ -43,6 +43,23 @@ def test_tag_follows_the_images(methods, tag):
         assert "model=" not in text and "unrolled" not in desc
 
 
+def test_images_made_by_a_copy_refined_on_the_scan_say_so(tmp_path):
+    """DerivationDescription named the model file's sha256 also where a copy of the network
+    refined on the scan (``--refine scan`` / ``shared``) made the image, whose weights are not
+    that file's: now it says so, per image and for the series."""
+    s = with_methods(["unrolled", "unrolled", "cg-sense"])
+    s.images[0].refined = True
+    assert "refined_on_scan=yes (1 of 3 images)" in provenance_text(s)
+    files = write_series(s, tmp_path / "series")
+    dss = {int(pydicom.dcmread(f).InstanceNumber): pydicom.dcmread(f) for f in files}
+    texts = [dss[i + 1].DerivationDescription for i in range(3)]
+    assert "refined_on_scan=yes: a copy of the model fine-tuned" in texts[0]
+    assert "sha256=" in texts[0]  # the model it was refined from
+    assert all("refined_on_scan" not in t for t in texts[1:])
+    s.images[0].refined = False
+    assert "refined_on_scan" not in provenance_text(s)
+
+
 def test_written_files_say_what_made_each_image(tmp_path):
     s = with_methods(["unrolled", "cg-sense", "unrolled"])
     files = write_series(s, tmp_path / "series")

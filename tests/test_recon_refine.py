@@ -253,11 +253,14 @@ def test_a_shared_refinement_trains_once_per_scan_and_each_slice_confirms_it(mon
     ksp, maps, mask, acs = _slice()
     other = make_transfer_slice(np.random.default_rng(8), (64, 64), 6, 4, 80.0, False, 0.0)
     shared, t = SharedRefinement(), defaultdict(float)
-    notes = {}
+    notes, made = {}, {}
     for index, (k, m, s) in ((3, (ksp, mask, maps)), (5, other[:3])):
         notes[index] = []
-        rec.network_slice("untrained", k, s, m, acs, settings, seed=index, notes=notes[index],
-                          timings=t, shared=shared)
+        made[index] = rec.network_slice("untrained", k, s, m, acs, settings, seed=index,
+                                        notes=notes[index], timings=t, shared=shared)
+        # the image says whether the refined copy made it (the DICOM's provenance reads it)
+        assert made[index].refined == (made[index].method == "unrolled" and any(
+            n.startswith("refinement confirmed") for n in notes[index])), notes[index]
     assert calls == [3]  # one training, on the first slice
     net, res, trained_on = shared.copies["untrained"]
     assert trained_on == 3 and res is not None and res.kept and net is not None
@@ -265,10 +268,11 @@ def test_a_shared_refinement_trains_once_per_scan_and_each_slice_confirms_it(mon
     assert f"scan refinement trained on slice 3 ({res.steps} steps), used here" in notes[5]
     assert any("held-out lines" in n and ("confirmed" in n or "dropped" in n) for n in notes[5])
     unguarded = []  # without the guard nothing confirms it on a later slice: its note says so
-    rec.network_slice("untrained", ksp, maps, mask, acs, settings.override(guard=False), seed=6,
-                      notes=unguarded, timings=t, shared=shared)
+    est = rec.network_slice("untrained", ksp, maps, mask, acs, settings.override(guard=False),
+                            seed=6, notes=unguarded, timings=t, shared=shared)
     assert any(n.endswith("used here (guard off: not confirmed on this slice)")
                for n in unguarded), unguarded
+    assert est.refined
     calls.clear()
     for index in (3, 5):
         rec.network_slice("untrained", ksp, maps, mask, acs, settings, seed=index, notes=[],

@@ -227,6 +227,17 @@ def _model_words(p) -> list[str]:
     ]
 
 
+def _refined_words(series: ReconSeries) -> str:
+    """Where a copy of the network refined on the scan made images: that their weights are
+    not the model file's (its sha256 names the model they were refined from)."""
+    r = sum(im.refined for im in series.images)
+    if not r:
+        return ""
+    which = "" if r == len(series.images) else f" ({r} of {len(series.images)} images)"
+    return (f"refined_on_scan=yes{which}: a copy of the model fine-tuned self-supervised on "
+            "this scan's measured lines")
+
+
 def series_method(series: ReconSeries) -> str:
     """What made the images of a series, from the images themselves (:func:`method_counts`),
     not from the protocol's setting: ``unrolled`` when the network made every one, the
@@ -268,6 +279,7 @@ def provenance_text(series: ReconSeries) -> str:
         head, f"method={series_method(series)}",
         f"acceleration={series.header.acceleration:g}x" if series.header.acceleration else "",
         *(_model_words(p) if dl else []),
+        _refined_words(series),
         f"measured_samples_weight={_weight_text(series)}",
         f"protocol={p.protocol or '-'}",
         f"software=recon_plugin {p.software_version or '-'}",

@@ -59,11 +59,13 @@ def significant_gain(reference: np.ndarray, candidate: np.ndarray, z: float = 1.
 
 class SliceEstimate(NamedTuple):
     """What ``network_slice`` made of a slice: the complex image (ky, kx), the method that made
-    it (``unrolled`` or ``cg-sense``) and the guard's result (None: not checked)."""
+    it (``unrolled`` or ``cg-sense``), the guard's result (None: not checked) and whether a
+    copy of the network refined on the scan made it (``refined``)."""
 
     image: np.ndarray
     method: str
     guard: GuardResult | None = None
+    refined: bool = False
 
     @property
     def heldout_error(self) -> float | None:

@@ -298,7 +298,8 @@ class Reconstructor:
                 f"(recon --method {other}) and report the file")
         return ReconImage(pixels, sl.geometry, sl.slice_index, sl.contrast, sl.repetition,
                           sl.phase, method, notes, weight, parts, sl.plane,
-                          estimate.guard if estimate is not None else None)
+                          estimate.guard if estimate is not None else None,
+                          refined=estimate is not None and estimate.refined)
 
     def _unfold(self, ksp, maps, maps2, mask, wrapped: float, method: str, index: int,
                 settings: ReconSettings, notes: list[str], t: dict):
@@ -391,7 +392,7 @@ class Reconstructor:
             log.info("slice %d: %s", seed, res.describe())
         img = self._network(name, ksp, maps, mask, net, dc_setting, op)
         t["network"] += time.perf_counter() - t0
-        return SliceEstimate(img, "unrolled", res)
+        return SliceEstimate(img, "unrolled", res, refined=net is not None)
 
     def _calibrate(self, name, ksp, maps, mask, acs, settings: ReconSettings, seed: int,
                    notes: list[str], t: dict, calibration: ScanCalibration | None, op=None,

@@ -129,5 +129,6 @@ def partitions(images: list[ReconImage], header: ScanHeader) -> list[ReconImage]
             pixels = to_recon_matrix(np.ascontiguousarray(volume[:, :, p].T), header, own)
             out.append(ReconImage(
                 pixels.astype(np.float32), partition_geometry(plane.geometry, offset, plane.dz_mm),
-                plane.slab * n + p, im.contrast, im.repetition, im.phase, method, own, weight))
+                plane.slab * n + p, im.contrast, im.repetition, im.phase, method, own, weight,
+                refined=any(q.refined for q in planes)))
     return out
