@@ -300,7 +300,7 @@ def image_comments(head: str, notes: Iterable[str], max_len: int = LT_MAX) -> st
 
     def joined(k: int) -> str:
         left = len(notes) - k
-        marker = (f"[{counted(left, 'more note', 'more notes')} left out: over the "
+        marker = (f"[{counted(left, 'more note')} left out: over the "
                   f"{max_len}-byte limit of ImageComments]") if left else ""
         body = "; ".join([*notes[:k], *([marker] if marker else [])])
         return head + (f"; notes: {body}" if body else "")
