@@ -134,12 +134,12 @@ def _stream_latency(d: Path, protocol: str) -> dict:
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
-        images, texts = stream_file(srv.address, raw, protocol, slice_gap_s=1.0)
+        reply = stream_file(srv.address, raw, protocol, slice_gap_s=1.0)
     finally:
         srv.request_stop()
         t.join(60)
-    if len(images) != 4:
-        raise RuntimeError(f"stream returned {len(images)} images: {texts}")
+    if len(reply.images) != 4:
+        raise RuntimeError(f"stream returned {len(reply.images)} images: {reply.texts}")
     lat = list(srv.results[-1].latencies_s)
     return {"latencies_s": lat, "median_s": float(np.median(lat))}
 

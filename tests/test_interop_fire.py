@@ -1,7 +1,7 @@
 """The real FIRE server (issue 21, item 4): the python-ismrmrd-server snapshot of ``../shared/peers``
-runs its own ``main.py`` with ``gadgets/fire_module.py`` on its path; its own ``client.py`` streams a
-raw ISMRMRD file; the images must equal the offline recon (``recon-plugin recon --format h5``).
-The same client against ``recon-plugin serve``.
+runs its own ``main.py`` with ``gadgets/fire_module.py`` on its path; its own ``client.py`` (and
+``recon-plugin stream``) streams a raw ISMRMRD file; the images must equal the offline recon
+(``recon-plugin recon --format h5``). The same client against ``recon-plugin serve``.
 
 These are the commands of the README section "FIRE (python-ismrmrd-server)".
 """
@@ -71,10 +71,15 @@ def _client(raw: Path, port: int, out: Path, cwd: Path = PEER) -> list[np.ndarra
                         str(port), "-c", "fire_module", "-o", str(out), "-G", "dataset", str(raw)],
                        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    return _stored_images(out, r.stdout + r.stderr)
+
+
+def _stored_images(out: Path, said: str = "") -> list[np.ndarray]:
+    """The pixels of every image of the MRD file ``out`` (group ``dataset``), by slice."""
     ds = ismrmrd.Dataset(str(out), "dataset", create_if_needed=False)
     try:
         groups = [g for g in ds.list() if g.startswith("image_")]
-        assert groups, f"no images returned: {r.stdout}{r.stderr}"
+        assert groups, f"no images returned: {said}"
         images = [ds.read_image(g, i) for g in groups for i in range(ds.number_of_images(g))]
     finally:
         ds.close()
@@ -128,9 +133,14 @@ def test_peer_fire_server_with_our_module_equals_offline(raw_and_offline, tmp_pa
     try:
         _wait_port(port, server)
         images = _client(raw, port, tmp_path / "fire_images.h5")
+        # recon-plugin's own MRD client against the same FIRE server
+        ours = tmp_path / "stream_images.h5"
+        assert main(["-q", "stream", str(raw), "--port", str(port), "-c", "fire_module",
+                     "-o", str(ours)]) == 0
     finally:
         _stop(server)
     _assert_equal_to_offline(images, offline, "python-ismrmrd-server + fire_module")
+    _assert_equal_to_offline(_stored_images(ours), offline, "recon-plugin stream + FIRE server")
 
 
 def test_peer_fire_json_config_chooses_the_method(raw_and_offline, tmp_path):

@@ -224,11 +224,12 @@ def test_gadgetron_clients_two_steps_over_the_wire(site, tmp_path):
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
-        images, texts = stream_file(srv.address, site["root"] / "site" / "meas_11_noise.h5",
-                                    "default_measurement_dependencies.xml")
-        assert not images and len(texts) == 1 and texts[0].startswith("INFO ")
-        images, texts = stream_file(srv.address, site["root"] / "site" / "meas_12.h5",
-                                    "auto")  # the engine's protocol
+        noise = stream_file(srv.address, site["root"] / "site" / "meas_11_noise.h5",
+                            "default_measurement_dependencies.xml")
+        assert not noise.images and len(noise.texts) == 1 and noise.texts[0].startswith("INFO ")
+        scan = stream_file(srv.address, site["root"] / "site" / "meas_12.h5",
+                           "auto")  # the engine's protocol
+        images, texts = scan.images, scan.texts
     finally:
         srv.request_stop()
         t.join(60)

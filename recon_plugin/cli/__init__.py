@@ -1,5 +1,5 @@
 """Command line ``recon-plugin``: recon, inspect, simulate, demo, train, train-pool, adapt,
-prune, bench, send, echo, serve.
+prune, bench, send, echo, serve, stream.
 
 Exit status: 0 success; 1 at least one input failed (the others were still processed), or a
 run failed on its own (a training run stopped on non-finite losses, memory exhausted, a

@@ -603,3 +603,40 @@ def cmd_serve(a: argparse.Namespace) -> int:
           pacs_retry=a.pacs_retry, noise_dir=a.noise_dir, recon=recon,
           first_message_timeout=min(30.0, a.idle_timeout) if first is None else first)
     return EXIT_OK
+
+
+def cmd_stream(a: argparse.Namespace) -> int:
+    """Stream a raw ISMRMRD file to an MRD server as a scanner would: its notices logged, its
+    images kept in ``--out``. Exit 1 where the server sent an ERROR, or the exchange ended
+    early (what did arrive is still written)."""
+    from ..output.mrd_file import write_mrd_images
+    from ..stream.client import open_raw, stream_file
+
+    raw = open_raw(a.raw, a.group)  # not there / not raw ISMRMRD: exit 2, named
+    if a.out is not None:
+        if a.out.is_dir():
+            raise UsageError(f"--out {a.out} is a folder: give the MRD file to write")
+        _writable(("--out", a.out.parent))
+    reply = stream_file((a.host, a.port), raw, a.config, a.slice_gap, dataset=a.group,
+                        timeout=a.timeout or None, parameters=dict(a.param or ()))
+    for text in reply.texts:
+        level = (logging.ERROR if text.startswith("ERROR") else
+                 logging.WARNING if text.startswith("WARNING") else logging.INFO)
+        log.log(level, "server: %s", text)
+    failed = bool(reply.errors)
+    if reply.cut:
+        log.error("the server's reply ended without its CLOSE (%s): the scan may be incomplete",
+                  reply.cut)
+        failed = True
+    if reply.unsent and not reply.errors:
+        log.error("sending stopped before the file's end (%s)", reply.unsent)
+        failed = True
+    series = sorted({im.image_series_index for im in reply.images})
+    log.info("received %s%s from %s:%d", counted(len(reply.images), "image"),
+             f" in series {', '.join(map(str, series))}" if series else "", a.host, a.port)
+    if a.out is not None:
+        if reply.images:
+            print(write_mrd_images(a.out, raw.xml, reply.images, a.group))
+        else:
+            log.warning("no images came back: --out %s not written", a.out)
+    return EXIT_FAILED if failed else EXIT_OK

@@ -1,5 +1,5 @@
 """Command line ``recon-plugin``: recon, inspect, simulate, demo, train, train-pool, adapt,
-prune, bench, send, echo, serve (the top-level help names them from the parser itself).
+prune, bench, send, echo, serve, stream (the top-level help names them from the parser itself).
 
 This module builds the argument parser (subcommands, options, help texts, argument types that
 reject bad values in one line); :mod:`.commands` runs what it parsed. It imports no torch.
@@ -8,6 +8,7 @@ reject bad values in one line); :mod:`.commands` runs what it parsed. It imports
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from .commands import (
     cmd_send,
     cmd_serve,
     cmd_simulate,
+    cmd_stream,
     cmd_train,
     cmd_train_pool,
 )
@@ -82,6 +84,7 @@ _seconds = _number(float, lambda v: 0 <= v < float("inf"), "a number of seconds"
 _retry_period = _number(float, lambda v: v == 0 or MIN_RETRY_PERIOD_S <= v < float("inf"),
                         "a number of seconds", f"0 or from {MIN_RETRY_PERIOD_S}")
 _port = _number(int, lambda v: 0 <= v <= 65535, "a whole number", "between 0 and 65535")
+_server_port = _number(int, lambda v: 1 <= v <= 65535, "a whole number", "between 1 and 65535")
 _share = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1", "between 0 and 1")
 _acceleration = _number(float, lambda v: 1 <= v < float("inf"), "a number >= 1", ">= 1")
 # a share of the acquired lines
@@ -525,6 +528,48 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=cmd_serve)
 
 
+def _stream_parameter(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``stream --param``; VALUE is read as JSON where it is JSON (a number,
+    true / false), else kept as text (``method=cg-sense``)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _add_stream(sub: argparse._SubParsersAction) -> None:
+    """The ``stream`` subcommand (an MRD client)."""
+    s = sub.add_parser("stream", help="send a raw ISMRMRD file to an MRD server (serve, "
+                       "python-ismrmrd-server, Gadgetron) as a scanner would; keep the images")
+    s.add_argument("raw", type=Path, help="raw ISMRMRD HDF5 file (.h5 / .hdf5 / .mrd)")
+    s.add_argument("--host", default="127.0.0.1", help="server address (default %(default)s)")
+    s.add_argument("--port", type=_server_port, default=9002,
+                   help="server port (default %(default)s)")
+    s.add_argument("-c", "--config", default="auto",
+                   help="config name sent: a protocol name, or auto (the server matches the "
+                   "header; default %(default)s)")
+    s.add_argument("--param", action="append", type=_stream_parameter, default=None,
+                   metavar="KEY=VALUE",
+                   help="parameter sent as JSON before the acquisitions (repeatable; serve "
+                   "takes protocol, method, model, measured_weight, image_dtype), e.g. "
+                   "--param method=cg-sense")
+    s.add_argument("-o", "--out", type=Path, default=None,
+                   help="write the images the server returns to this MRD (ISMRMRD HDF5) file, "
+                   "one image_<series> group each (replaced whole)")
+    s.add_argument("--group", default="dataset",
+                   help="ISMRMRD group read from RAW and written to --out (default %(default)s)")
+    s.add_argument("--slice-gap", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="pause after each slice's last line, as a scanner acquiring the next "
+                   "slice (default 0)")
+    s.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="seconds to wait for the server at a time: connecting, its next "
+                   "message (0: no limit; default %(default)g)")
+    s.set_defaults(fn=cmd_stream)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``recon-plugin`` with every subcommand; each sets ``fn``, the command that runs it."""
     p = _Parser(prog="recon-plugin")
@@ -553,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_send(sub)
     _add_echo(sub)
     _add_serve(sub)
+    _add_stream(sub)
     # named from what is registered: a list written out by hand left out `echo`
     p.description = (f"Scanner-side MRI reconstruction. Subcommands: {', '.join(sub.choices)}; "
                      "`recon-plugin SUBCOMMAND --help` for each.")

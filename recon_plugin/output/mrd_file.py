@@ -36,16 +36,25 @@ def write_mrd_file(series: list[ReconSeries], out_dir: Path, stem: str | None = 
     defaults to :func:`~recon_plugin.names.input_stem` of the output folder."""
     out_dir = Path(out_dir)
     stem = stem or input_stem(out_dir)
-    final = out_dir / mrd_file_name(stem)
-    with hdf5_atomic(final) as buf:
-        ds = ismrmrd.Dataset(buf, GROUP, mode="w")
+    images = [mrd_image(s, s.images[i], number) for s in series
+              for number, i in enumerate(instance_order(s), start=1)]
+    return write_mrd_images(out_dir / mrd_file_name(stem),
+                            series[0].header.xml if series else None, images)
+
+
+def write_mrd_images(path: Path, xml: str | bytes | None, images: list[ismrmrd.Image],
+                     group: str = GROUP) -> Path:
+    """``images`` into the MRD file ``path`` (atomically: whole or not at all), in their order,
+    one ``<group>/image_<image_series_index>`` per series, with the ISMRMRD header ``xml``
+    (none where None); what a stream's reply (``recon-plugin stream -o``) is kept as."""
+    path = Path(path)
+    with hdf5_atomic(path) as buf:
+        ds = ismrmrd.Dataset(buf, group, mode="w")
         try:
-            if series and series[0].header.xml:
-                xml = series[0].header.xml
+            if xml:
                 ds.write_xml_header(xml.encode("utf-8") if isinstance(xml, str) else xml)
-            for s in series:
-                for number, i in enumerate(instance_order(s), start=1):
-                    ds.append_image(f"image_{s.series_number}", mrd_image(s, s.images[i], number))
+            for image in images:
+                ds.append_image(f"image_{image.image_series_index}", image)
         finally:
             ds.close()
-    return final
+    return path

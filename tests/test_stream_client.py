@@ -1,0 +1,124 @@
+"""``recon-plugin stream``, the MRD client: a raw file streamed to a running server, its images
+kept in an MRD file, its notices logged, and exit statuses a script can trust when the server is
+not there, refuses the scan, stays silent or cuts its reply."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from contextlib import contextmanager
+
+import h5py
+import numpy as np
+import pytest
+from helpers import mrd_images
+from stream_support import check_images
+
+from recon_plugin.cli import main
+from recon_plugin.stream.server import ReconServer
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """A running ``serve`` on a free loopback port (module-wide)."""
+    s = ReconServer("127.0.0.1", 0, engine, idle_timeout=20.0)
+    t = threading.Thread(target=s.serve_forever, daemon=True)
+    t.start()
+    yield s
+    s.request_stop()
+    t.join(30)
+
+
+@contextmanager
+def fake_server(answer):
+    """A one-connection TCP server on a free loopback port that runs ``answer(conn)``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def run():
+        conn, _ = listener.accept()
+        with conn:
+            answer(conn)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield port
+    finally:
+        listener.close()
+        t.join(10)
+
+
+def _stream(port: int, raw, *extra: str) -> int:
+    return main(["stream", str(raw), "--port", str(port), *extra])
+
+
+def test_the_images_a_server_returns_are_kept_as_recon_makes_them(server, data, offline,
+                                                                   tmp_path, capsys):
+    out = tmp_path / "reply" / "images.h5"
+    assert _stream(server.address[1], data["raw"], "-c", "stream_cg", "-o", str(out)) == 0
+    assert capsys.readouterr().out.strip() == str(out)  # the file written, for scripts
+    check_images(mrd_images(out, "image_7001"), offline["stream_cg"], 7000, data["acqs"])
+    with h5py.File(data["raw"], "r") as f, h5py.File(out, "r") as g:
+        assert g["dataset/xml"][0] == f["dataset/xml"][0]  # the raw file's header, as stored
+
+
+def test_parameters_choose_the_protocol_as_json_before_the_acquisitions(server, data, offline,
+                                                                        tmp_path):
+    out = tmp_path / "zf.h5"
+    assert _stream(server.address[1], data["raw"], "--param", "protocol=stream_zf",
+                   "-o", str(out)) == 0
+    check_images(mrd_images(out, "image_8001"), offline["stream_zf"], 8000, data["acqs"])
+
+
+def test_a_refused_scan_is_exit_1_and_an_earlier_file_is_kept(server, data, tmp_path, caplog):
+    out = tmp_path / "images.h5"
+    out.write_bytes(b"an earlier reply")
+    assert _stream(server.address[1], data["raw"], "-c", "no_such_protocol", "-o", str(out)) == 1
+    assert "server: ERROR" in caplog.text and "no_such_protocol" in caplog.text
+    assert "no images came back" in caplog.text
+    assert out.read_bytes() == b"an earlier reply"
+
+
+def test_no_server_there_is_exit_1_naming_the_address(data, caplog):
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    assert _stream(port, data["raw"], "--timeout", "5") == 1
+    assert f"no MRD server answers at 127.0.0.1:{port}" in caplog.text
+
+
+def test_a_silent_server_times_out(data, caplog):
+    gate = threading.Event()
+    with fake_server(lambda conn: gate.wait(10)) as port:
+        try:
+            assert _stream(port, data["raw"], "--timeout", "0.5") == 1
+        finally:
+            gate.set()
+    assert "sent nothing for 0.5 s" in caplog.text
+
+
+def test_a_reply_cut_before_close_is_exit_1(data, caplog):
+    def answer(conn):
+        conn.recv(4096)
+        conn.sendall(b"\x05\x00")  # a TEXT message id, then nothing: the connection ends
+
+    with fake_server(answer) as port:
+        assert _stream(port, data["raw"], "--timeout", "5") == 1
+    assert "ended without its CLOSE" in caplog.text
+
+
+@pytest.mark.parametrize("content, words", [
+    ("fastmri", "a fastMRI file"),
+    ("junk", "is not a readable HDF5 file"),
+    ("missing", "no such raw file"),
+])
+def test_what_is_no_raw_ismrmrd_file_is_exit_2_before_connecting(tmp_path, caplog, content,
+                                                                 words):
+    raw = tmp_path / "scan.h5"
+    if content == "fastmri":
+        with h5py.File(raw, "w") as f:
+            f["kspace"] = np.zeros((1, 2, 8, 8), np.complex64)
+    elif content == "junk":
+        raw.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 20)  # a truncated HDF5 signature
+    assert _stream(1, raw) == 2  # port 1: nothing is ever connected to
+    assert words in caplog.text and str(raw) in caplog.text
