@@ -546,6 +546,77 @@ def test_only_inputs_of_one_size_are_read_to_find_copies(tmp_path, monkeypatch):
     assert hashes[a] == real(a) and b not in hashes
 
 
+def test_one_measurement_in_two_containers_stays_on_one_side_of_the_gate(site, tmp_path,
+                                                                        monkeypatch, caplog):
+    """One measurement written as fastMRI and as ISMRMRD (other masks, so other bytes; one
+    measurementID in both headers) is one unit of the gate's split: both held out, neither
+    trained on (sorted by name, the split by file had held out the fastMRI one and trained on
+    its ISMRMRD twin). Repeat scans of the patient (their own measurementIDs) are still split;
+    a file without an ID is a unit of its own; the card and an INFO line name the group."""
+    import logging
+
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.models.checkpoint import load_model
+    from recon_plugin.scan import Identity
+    from recon_plugin.sim.writers import write_fastmri
+
+    d, raws = site
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    caplog.set_level(logging.INFO, logger=site_mod.__name__)
+
+    def ident(mid: str) -> dict:
+        return {"identity": Identity(patient_id="P1", study_instance_uid="1.2.3",
+                                     measurement_id=mid)}
+
+    vols = [simulate_volume("train", "FLAIR", num_slices=2, num_coils=8, matrix=(64, 56),
+                            snr=60.0, seed=70 + i) for i in range(3)]
+    twin_f = write_fastmri(vols[0], tmp_path / "a_fastmri.h5", acceleration=3,
+                           center_fraction=0.32, seed=1, header_kwargs=ident("M1"))
+    repeat = write_ismrmrd(vols[1], tmp_path / "b_repeat.h5", acceleration=3, calib_lines=20,
+                           header_kwargs=ident("M2"))
+    twin_i = write_ismrmrd(vols[0], tmp_path / "c_ismrmrd.h5", acceleration=3, calib_lines=20,
+                           header_kwargs=ident("M1"))
+    other = write_ismrmrd(vols[2], tmp_path / "d_repeat.h5", acceleration=3, calib_lines=20,
+                          header_kwargs=ident("M3"))
+    no_id = shutil.copy(raws[0], tmp_path / "e_no_id.h5")  # its header names no measurement
+    given = [twin_f, repeat, twin_i, other, Path(no_id)]
+    rep = adapt(given, str(d / "tiny_base.yaml"), tmp_path / "s", steps=1, heldout_fraction=0.5)
+    _, card = load_model(Path(rep["model"]))
+    held = card["adaptation"]["heldout_files"]
+    assert str(twin_f) in held and str(twin_i) in held, held  # the pair on one side
+    assert str(repeat) in held and str(other) not in held, held  # repeat scans still split
+    assert str(no_id) not in held and card["adaptation"]["same_measurement"] == [
+        [str(twin_f), str(twin_i)]]
+    lines = [r.getMessage() for r in caplog.records if "one measurement in several" in
+             r.getMessage()]
+    assert len(lines) == 1 and f"{twin_f} + {twin_i} (measurementID M1)" in lines[0], lines
+
+
+def test_the_gate_units_are_measurements_and_one_measurement_holds_out_its_last_slices():
+    """Files of one measurementID are one unit, in order of their first file; files without
+    one (or a blank one) and files of other IDs are units of their own. Where one measurement
+    is all there is, the gate holds out the last slices of each of its files (the same slices:
+    none judged that its other container trained on); with a slice each it is refused."""
+    from recon_plugin.adaptation import site as site_mod
+    from recon_plugin.training.slices import SiteSlice
+
+    a, b, c, d, e = (Path(f"/x/{n}.h5") for n in "abcde")
+    ids = {a: "M1", b: "", c: "M1", d: " ", e: "M2"}
+    assert site_mod._measurements([a, b, c, d, e], ids) == [[a, c], [b], [d], [e]]
+
+    def slices(path: Path, n: int) -> list[SiteSlice]:
+        return [SiteSlice(torch.zeros(1), torch.zeros(1), torch.zeros(1), None, str(path))
+                for _ in range(n)]
+
+    fa, fc = slices(a, 4), slices(c, 4)
+    usable, held_files, train, hold, same = site_mod._gate_split([a, c], fa + fc, 0.25, [], ids)
+    assert held_files == [] and same == [[str(a), str(c)]]
+    assert [id(s) for s in hold] == [id(fa[3]), id(fc[3])]
+    assert [id(s) for s in train] == [id(s) for s in fa[:3] + fc[:3]]
+    with pytest.raises(ValueError, match="no slice left for the promotion gate.*one measurement"):
+        site_mod._gate_split([a, c], slices(a, 1) + slices(c, 1), 0.25, [], ids)
+
+
 def _padded(raws: list[Path], folder: Path) -> list[Path]:
     """Copies of ``raws`` of distinct sizes (HDF5 ignores bytes past its end): no two can hold
     the same bytes."""

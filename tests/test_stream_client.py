@@ -122,3 +122,24 @@ def test_what_is_no_raw_ismrmrd_file_is_exit_2_before_connecting(tmp_path, caplo
         raw.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 20)  # a truncated HDF5 signature
     assert _stream(1, raw) == 2  # port 1: nothing is ever connected to
     assert words in caplog.text and str(raw) in caplog.text
+
+
+def test_an_acquisition_that_cannot_be_read_abandons_the_scan(server, data, tmp_path, caplog,
+                                                              monkeypatch):
+    """A raw file damaged past its header: the stream stops without its CLOSE (the server must
+    not reconstruct part of the scan as if it were whole), exit 1 naming the acquisition."""
+    import ismrmrd
+
+    read = ismrmrd.Dataset.read_acquisition
+
+    def damaged(self, i):
+        if i == 5:
+            raise OSError("Can't synchronously read data (wrong B-tree signature)")
+        return read(self, i)
+
+    monkeypatch.setattr(ismrmrd.Dataset, "read_acquisition", damaged)
+    out = tmp_path / "images.h5"
+    assert _stream(server.address[1], data["raw"], "-c", "stream_cg", "-o", str(out)) == 1
+    assert f"{data['raw']}: acquisition 5 of {len(data['acqs'])} cannot be read" in caplog.text
+    assert "the scan was not finished" in caplog.text
+    assert not out.exists()  # no image of a scan cut short

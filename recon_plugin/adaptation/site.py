@@ -14,8 +14,11 @@ These are terms of :mod:`recon_plugin.training.selfsup` (``mc-ei`` is its ``self
 composes the loss. What trains (``params``, :data:`recon_plugin.adaptation.PARAMS`): by default
 only the network's data-consistency weights (``dc``), or the whole network (``all``).
 
-Safety: files are split into adaptation and held-out files (by file; held-out lines are also
-held out within them). The adapted model is promoted only if its squared measurement-domain error
+Safety: files are split into adaptation and held-out files (by measurement: the files whose
+headers name the same ``measurementID``, one measurement in several containers such as a twix
+file and its ISMRMRD conversion, stay on one side, and the card's ``same_measurement`` lists
+them; a file without one is its own unit; held-out lines are also held out within them). The
+adapted model is promoted only if its squared measurement-domain error
 on the held-out lines of the held-out data
 (:func:`~recon_plugin.training.losses.heldout_errors`, three splits per slice) beats the base
 model's by more than two standard errors of the paired differences
@@ -249,11 +252,11 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
                     raise ValueError(f"another recon-plugin adapt is running in {site_dir}; "
                                      "wait for it to end, or adapt into another --out")
                 known["locked"] = True
-            # unreadable files (a site's archive may hold a broken one) and files without a
-            # usable slice are left out, each named with why
-            slices = prepare_slices(raw, settings, skipped,
-                                    on_header=_matches(protocol, protocol_dirs))
-            usable, hold_files, train, hold = _gate_split(raw, slices, heldout_fraction, skipped)
+            ids: dict[Path, str] = {}  # each file's measurementID, as its header is read
+            slices = prepare_slices(raw, settings, skipped,  # unreadable / unusable: left out
+                                    on_header=_matches(protocol, protocol_dirs, ids))
+            usable, hold_files, train, hold, twins = _gate_split(raw, slices, heldout_fraction,
+                                                                 skipped, ids)
             train, hold = [s.to(dev) for s in train], [s.to(dev) for s in hold]
             base_errs = heldout_errors(model, hold)
             base_err = float(base_errs.mean())
@@ -356,7 +359,7 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
         else:
             adaptation = {"mode": mode, "params": params, "steps": len(history), "lr": lr,
                           "rho": rho, "raw_files": {str(p): card_hashes[p] for p in raw},
-                          "heldout_files": [str(p) for p in hold_files],
+                          "heldout_files": [str(p) for p in hold_files], "same_measurement": twins,
                           "skipped_files": skipped, "heldout_error_base": base_err,
                           "heldout_error_adapted": new_err, "gate": gate,
                           "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
@@ -418,31 +421,75 @@ def _check_options(mode: str, params: str, name: str | None) -> None:
     _check_name(name)
 
 
-def _gate_split(raw: list[Path], slices: list, heldout_fraction: float, skipped: list[str]
-                ) -> tuple[list[Path], list[Path], list, list]:
+def _gate_split(raw: list[Path], slices: list, heldout_fraction: float, skipped: list[str],
+                ids: dict[Path, str] | None = None
+                ) -> tuple[list[Path], list[Path], list, list, list[list[str]]]:
     """(the raw files with usable slices, the files the promotion gate holds out, the training
-    slices, the gate's slices). ``heldout_fraction`` of the files with usable slices (at least
-    one, where there are two; an unreadable file must not take the gate's share); from a
-    single such file its last quarter of slices. ValueError naming the files (and the
-    ``skipped`` ones) where no slice would be left for training or for the gate."""
+    slices, the gate's slices, the groups of files kept together). ``heldout_fraction`` of the
+    units of files with usable slices (at least one, where there are two; an unreadable file
+    must not take the gate's share): a unit is one file, or the files whose headers name one
+    measurement (``ids``: each file's measurementID; :func:`_measurements`), which are never
+    split. From a single unit the last quarter of each of its files' slices. ValueError
+    naming the files (and the ``skipped`` ones) where no slice would be left for training or
+    for the gate."""
     usable = [p for p in raw if any(s.source == str(p) for s in slices)]
-    n_hold = max(1, int(round(len(usable) * heldout_fraction))) if len(usable) > 1 else 0
-    hold_files = usable[:n_hold]
+    units = _measurements(usable, ids or {})
+    n_hold = max(1, int(round(len(units) * heldout_fraction))) if len(units) > 1 else 0
+    hold_files = [p for unit in units[:n_hold] for p in unit]
     hold = [s for s in slices if Path(s.source) in hold_files]
     train = [s for s in slices if Path(s.source) not in hold_files]
     if not hold:
-        # the gate must judge slices the adaptation never sees: with one slice there is none
-        if len(train) < 2:
-            raise ValueError(
-                f"no slice left for the promotion gate: {len(train)} usable slice(s) in "
-                f"{[str(p) for p in raw]}; give more raw files (slices without ACS and "
-                "fully sampled slices are skipped" + _left_out(skipped) + ")")
-        log.info("one raw file with usable slices: the gate holds out its last slices")
-        hold = train[-max(1, len(train) // 4):]
-        train = train[: len(train) - len(hold)]
+        train, hold = _last_slices(usable, train, raw, skipped)
     if not train:
         raise ValueError("no usable slices (with ACS) in the raw files given to adapt")
-    return usable, hold_files, train, hold
+    return usable, hold_files, train, hold, [[str(p) for p in u] for u in units if len(u) > 1]
+
+
+def _measurements(paths: list[Path], ids: dict[Path, str]) -> list[list[Path]]:
+    """``paths`` as the gate split's units, in order of their first file: the files whose
+    headers name the same measurementID together (one measurement in two containers: a twix
+    file and its ISMRMRD conversion, an ISMRMRD file and its fastMRI one; held out from one
+    and trained on the other, the gate would judge the model on what it learnt), every other
+    file alone (one without an ID; a repeat scan, which has its own ID). The groups are
+    logged (INFO, one line)."""
+    units: list[list[Path]] = []
+    by_id: dict[str, list[Path]] = {}
+    for p in paths:
+        mid = (ids.get(p) or "").strip()
+        if mid in by_id:
+            by_id[mid].append(p)
+            continue
+        units.append([p])
+        if mid:
+            by_id[mid] = units[-1]
+    together = [f"{' + '.join(str(p) for p in u)} (measurementID {mid})"
+                for mid, u in by_id.items() if len(u) > 1]
+    if together:
+        log.info("one measurement in several files, kept on one side of the promotion gate's "
+                 "split (the same measurementID in their headers): %s", "; ".join(together))
+    return units
+
+
+def _last_slices(files: list[Path], slices: list, raw: list[Path], skipped: list[str]
+                 ) -> tuple[list, list]:
+    """(training slices, gate slices) of a single unit of ``files`` (one file, or one
+    measurement in several): the last quarter of each file's ``slices`` for the gate, so that
+    the containers of one measurement hold out the same slices. ValueError where a file has
+    fewer than two (the gate must judge slices the adaptation never sees)."""
+    per_file = [[s for s in slices if s.source == str(p)] for p in files]
+    if not per_file or min(len(f) for f in per_file) < 2:
+        one = (f"; {len(files)} of them are one measurement (the same measurementID), which "
+               "the gate does not split" if len(files) > 1 else "")
+        raise ValueError(
+            f"no slice left for the promotion gate: {len(slices)} usable slice(s) in "
+            f"{[str(p) for p in raw]}{one}; give more raw files (slices without ACS and "
+            "fully sampled slices are skipped" + _left_out(skipped) + ")")
+    log.info("one raw file with usable slices: the gate holds out its last slices"
+             if len(files) == 1 else f"one measurement in {len(files)} raw files with usable "
+             "slices: the gate holds out the last slices of each")
+    hold = [s for f in per_file for s in f[len(f) - max(1, len(f) // 4):]]
+    held = {id(s) for s in hold}
+    return [s for s in slices if id(s) not in held], hold
 
 
 def _check_name(name: str | None) -> None:
@@ -565,16 +612,19 @@ def _publish_overlay(site_dir: Path, protocol, models_dir: Path, version: str, c
     return report
 
 
-def _matches(protocol, protocol_dirs: Sequence[Path] | None = None
-             ) -> Callable[[Path, ScanHeader], None]:
+def _matches(protocol, protocol_dirs: Sequence[Path] | None = None,
+             ids: dict[Path, str] | None = None) -> Callable[[Path, ScanHeader], None]:
     """A check that warns where a file's header matches another protocol than ``protocol``
     (among those on the search path, ``protocol_dirs`` first): ``recon`` would not
-    reconstruct that scan with the model adapted here."""
+    reconstruct that scan with the model adapted here; it notes each file's measurementID in
+    ``ids`` (for the gate split: :func:`_measurements`)."""
     from ..config.protocol import ProtocolMatchError, load_all, match_protocol
 
     known = load_all(protocol_dirs)
 
     def check(path: Path, header: ScanHeader) -> None:
+        if ids is not None:
+            ids[path] = header.identity.measurement_id
         try:
             chosen = match_protocol(header, known)
         except ProtocolMatchError:

@@ -624,6 +624,10 @@ def cmd_stream(a: argparse.Namespace) -> int:
                  logging.WARNING if text.startswith("WARNING") else logging.INFO)
         log.log(level, "server: %s", text)
     failed = bool(reply.errors)
+    if reply.unreadable:
+        log.error("%s: the scan was not finished (sent without its CLOSE, so the server "
+                  "abandons it)", reply.unreadable)
+        failed = True
     if reply.cut:
         log.error("the server's reply ended without its CLOSE (%s): the scan may be incomplete",
                   reply.cut)

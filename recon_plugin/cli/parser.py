@@ -358,8 +358,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("adapt", help="self-supervised site adaptation on raw data (no targets)")
     s.add_argument("raw", nargs="+", help="the site's raw files (fastMRI or ISMRMRD .h5 / "
                    ".hdf5 / .mrd, Siemens twix .dat) or folders of them; of those with usable slices, the "
-                   "first quarter in sorted order (at least one) is held out for the promotion "
-                   "gate")
+                   "first quarter in sorted order (at least one; files of one measurementID count "
+                   "as one and stay together) is held out for the promotion gate")
     s.add_argument("--protocol", type=_protocol_ref, required=True,
                    help="base protocol (name or YAML)")
     s.add_argument("--out", required=True, help="site folder: models/, protocols/, runs/")

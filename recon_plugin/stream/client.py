@@ -36,6 +36,7 @@ class StreamReply:
     texts: list[str] = field(default_factory=list)  # "INFO ..." / "WARNING ..." / "ERROR ..."
     cut: str | None = None  # why the reply ended without the server's CLOSE, else None
     unsent: str | None = None  # why sending stopped before the file's end, else None
+    unreadable: str | None = None  # the raw file's acquisition that could not be read, else None
 
     @property
     def errors(self) -> list[str]:
@@ -54,13 +55,24 @@ class RawFile:
 
     def acquisitions(self) -> Iterator[ismrmrd.Acquisition]:
         """The acquisitions in stored order, read one at a time (a 3D scan need not fit in
-        memory twice)."""
+        memory twice); UnreadableAcquisition naming the file and the index where one cannot
+        be read (a file damaged past its header)."""
         ds = ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=False)
         try:
             for i in range(self.count):
-                yield ds.read_acquisition(i)
+                try:
+                    acq = ds.read_acquisition(i)
+                except Exception as e:  # h5py's and ismrmrd's errors for damaged records vary
+                    raise UnreadableAcquisition(
+                        f"{self.path}: acquisition {i} of {self.count} cannot be read "
+                        f"({type(e).__name__}: {e})") from e
+                yield acq
         finally:
             ds.close()
+
+
+class UnreadableAcquisition(ValueError):
+    """A raw file's acquisition that cannot be read while it is streamed."""
 
 
 def open_raw(path: Path, dataset: str = "dataset") -> RawFile:
@@ -131,6 +143,10 @@ def stream_file(
                     wfile.flush()
                     time.sleep(slice_gap_s)
             out.close()  # CLOSE, flushed
+        except UnreadableAcquisition as e:  # no CLOSE: the server abandons the scan, it does
+            reply.unreadable = str(e)  # not reconstruct a part of it as if it were whole
+            wfile.flush()
+            _quietly(sock.shutdown, socket.SHUT_WR)
         except (OSError, ValueError) as e:  # the server closed first (it says why in its reply)
             reply.unsent = f"{type(e).__name__}: {e}"
 
