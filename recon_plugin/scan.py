@@ -154,6 +154,9 @@ class ScanHeader:
     num_coils: int
     protocol_name: str = ""
     contrast_name: str = ""
+    # a fastMRI input's ``acquisition`` attribute (e.g. "AXT2"), which its fastMRI output
+    # carries on (fastMRI's evaluation groups by it); "" for other inputs
+    fastmri_acquisition: str = ""
     acceleration: float | None = None
     # where ``acceleration`` came from, e.g. "ISMRMRD header", "file attribute 'acceleration'"
     # (what inspect names it by; "" where there is none)
@@ -394,7 +397,11 @@ class Provenance:
 
 @dataclass
 class ReconSeries:
-    """The images of one output series (one contrast of one scan) plus header and provenance."""
+    """The images of one output series (one contrast of one scan) plus header and provenance.
+
+    source: the input it was made from (``RawScan.source``, a file's path), which the writers'
+    warnings about it name; "" where unknown.
+    """
 
     images: list[ReconImage]
     header: ScanHeader
@@ -402,14 +409,15 @@ class ReconSeries:
     series_number: int = 1
     series_description: str = ""
     timings_s: dict = field(default_factory=dict)
+    source: str = ""
 
 
 def series_by_contrast(images: list[ReconImage], header: ScanHeader, provenance: Provenance,
                        number=lambda i: i + 1, description: str = "",
-                       timings_s: dict | None = None) -> list[ReconSeries]:
+                       timings_s: dict | None = None, source: str = "") -> list[ReconSeries]:
     """A scan's images as one series per contrast (contrasts in ascending order, the i-th
     numbered ``number(i)``), images ordered by repetition, phase, slice: the grouping of batch
-    recon and the stream alike."""
+    recon and the stream alike. ``source``: the input's name (``ReconSeries.source``)."""
     groups: dict[int, list[ReconImage]] = {}
     for im in images:
         groups.setdefault(im.contrast, []).append(im)
@@ -417,7 +425,8 @@ def series_by_contrast(images: list[ReconImage], header: ScanHeader, provenance:
     for i, (_contrast, ims) in enumerate(sorted(groups.items())):
         ims = sorted(ims, key=lambda im: (im.repetition, im.phase, im.slice_index))
         out.append(ReconSeries(ims, header, provenance, series_number=number(i),
-                               series_description=description, timings_s=dict(timings_s or {})))
+                               series_description=description, timings_s=dict(timings_s or {}),
+                               source=source))
     return out
 
 

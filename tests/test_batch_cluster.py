@@ -20,6 +20,7 @@ import pytest
 from benchmarks.dask_local import free_port, start_dask
 from recon_plugin.batch import output_name
 from recon_plugin.cli import main
+from recon_plugin.scan import Identity
 from recon_plugin.sim import simulate_volume
 from recon_plugin.sim.writers import write_fastmri, write_ismrmrd
 
@@ -38,8 +39,9 @@ def raws(tmp_path_factory):
                               snr=40.0, seed=i)
         if i % 2:
             write_fastmri(vol, d / f"scan{i}.h5", acceleration=4, center_fraction=0.3)
-        else:
-            write_ismrmrd(vol, d / f"scan{i}.h5", acceleration=4, calib_lines=20, seed=i)
+        else:  # scan0 anonymous: its recon warns in a worker (test_local_cluster)
+            write_ismrmrd(vol, d / f"scan{i}.h5", acceleration=4, calib_lines=20, seed=i,
+                          header_kwargs={"identity": Identity()} if i == 0 else None)
     return d
 
 
@@ -149,7 +151,8 @@ def test_external_cluster_worker_killed_mid_run(raws, local_pixels, tmp_path, st
 
 def test_local_cluster(raws, local_pixels, tmp_path, capfd):
     """local:2, with a broken input among them: the summary and exit 1 as locally; resume. The
-    workers' warnings are lines as the batch's own (they had come without level or source)."""
+    workers' warnings are lines as the batch's own (they had come without level or source),
+    naming their input (the anonymous scan0's had not)."""
     out = tmp_path / "out"
     junk = tmp_path / "junk" / "broken.h5"
     junk.parent.mkdir()
@@ -160,8 +163,8 @@ def test_local_cluster(raws, local_pixels, tmp_path, capfd):
     text, err = capfd.readouterr()
     assert f"{NFILES} of {NFILES + 1} inputs reconstructed, 1 failed" in text
     said = [ln for ln in err.splitlines() if "the header has no patient ID" in ln]
-    assert said and all(ln.startswith("WARNING recon_plugin.output.dicom_dataset: the header")
-                        for ln in said), err[-2000:]
+    assert said and all(ln.startswith("WARNING recon_plugin.output.dicom_dataset: "
+                                      f"{raws / 'scan0.h5'}: the header") for ln in said), err[-2000:]
     assert f"FAILED          {junk}: RawDataError" in text
     files = inputs(raws)
     check_once(out, files)

@@ -353,3 +353,22 @@ def test_partial_fourier_is_measured_over_the_encoded_lines_not_the_padding(tmp_
     assert sl.encoded_rows == (WINDOW.start, WINDOW.stop)
     got = sampling(sl)
     assert got["partial_fourier"] and got["partial_fourier_fraction"] == round(25 / 34, 3)
+
+
+def test_a_fastmri_output_carries_its_fastmri_inputs_acquisition(tmp_path, vol):
+    """fastMRI's evaluation groups by the ``acquisition`` attribute: a fastMRI input's own
+    (``AXT2``) reaches its ``--format fastmri`` output (it had been the header's contrast,
+    ``T2``); an ISMRMRD input's output keeps the header's contrast."""
+    from recon_plugin.batch import recon_file
+    from recon_plugin.recon.pipeline import Reconstructor
+
+    fm = write_fastmri(vol, tmp_path / "axt2.h5", acceleration=2)
+    raw = write_ismrmrd(vol, tmp_path / "t2.h5", acceleration=2, calib_lines=8)
+    assert read_raw(fm).header.fastmri_acquisition == "AXT2"
+    assert read_raw(raw).header.fastmri_acquisition == ""
+    recon = Reconstructor()
+    for path, want in ((fm, "AXT2"), (raw, "T2")):
+        (out,), _ = recon_file(path, tmp_path / "out", recon, None, ("fastmri",),
+                               {"method": "zero-filled"})
+        with h5py.File(out, "r") as f:
+            assert f.attrs["acquisition"] == want

@@ -4,17 +4,20 @@ measurement are written by one helper (header as given, acquisitions, extras), r
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import h5py
 import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
+import pydicom
 import pytest
 
+from recon_plugin.io import read_raw
 from recon_plugin.scan import Identity
 from recon_plugin.sim import simulate_volume, writers
 from recon_plugin.sim.header import header_xml_from_sim
-from recon_plugin.sim.writers import write_ismrmrd, write_ismrmrd_noise
+from recon_plugin.sim.writers import write_fastmri, write_ismrmrd, write_ismrmrd_noise
 
 NAME = "Müller^Jörg"  # not ASCII
 
@@ -88,3 +91,38 @@ def test_a_header_the_schema_refuses_leaves_the_existing_file(vol, tmp_path, mon
     with pytest.raises(Exception):  # noqa: B017 - the schema library's own error
         write(vol, path)
     assert path.read_bytes() == b"the old file"
+
+
+def test_the_ismrmrd_file_names_the_patient_of_its_fastmri_twin(vol, tmp_path, caplog):
+    """``simulate``'s two files of one scan name one patient and one measurement: the ISMRMRD
+    header had no patient ID where the fastMRI file had one, and every recon of it warned "PatientID written
+    empty". A header without one (an identity given without it) still warns, naming the
+    input (a batch's workers log several inputs' warnings at once)."""
+    from recon_plugin.batch import recon_file
+    from recon_plugin.recon.pipeline import Reconstructor
+
+    fm = write_fastmri(vol, tmp_path / "twin_fastmri.h5", acceleration=2, seed=4)
+    raw = write_ismrmrd(vol, tmp_path / "twin_ismrmrd.h5", acceleration=2, calib_lines=8, seed=4)
+    with h5py.File(fm, "r") as f:
+        pid = f.attrs["patient_id"]
+    xml, _ = _read_back(raw, "dataset")
+    assert pid and xsd.CreateFromDocument(xml).subjectInformation.patientID == pid
+    ours, twin = read_raw(raw).header.identity, read_raw(fm).header.identity
+    assert ours.patient_id == twin.patient_id
+    # one measurement in two containers (adapt keeps such files on one side of its gate);
+    # another simulated object is another measurement
+    assert ours.measurement_id and ours.measurement_id == twin.measurement_id
+    other = simulate_volume("test", "T2", num_slices=2, num_coils=4, matrix=(32, 32), seed=9)
+    assert writers.sim_identity(other, 4).measurement_id != ours.measurement_id
+    anon = write_ismrmrd(vol, tmp_path / "anonymous.h5", acceleration=2, calib_lines=8, seed=4,
+                         header_kwargs={"identity": Identity()})
+    recon = Reconstructor()
+    with caplog.at_level(logging.WARNING):
+        (dcm, *_), _ = recon_file(raw, tmp_path / "out", recon, None, ("dicom",),
+                                  {"method": "zero-filled"})
+        assert "PatientID written empty" not in caplog.text
+        assert pydicom.dcmread(dcm).PatientID == pid
+        recon_file(anon, tmp_path / "out", recon, None, ("dicom",), {"method": "zero-filled"})
+    said = [r.getMessage() for r in caplog.records if "PatientID written empty" in
+            r.getMessage()]
+    assert said and all(m.startswith(f"{anon}: the header has no patient ID") for m in said)

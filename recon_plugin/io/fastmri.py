@@ -10,6 +10,9 @@ Layout of the public multi-coil brain / knee files (single-coil files have no co
 * attrs ``acquisition``, ``max``, ``norm``, ``patient_id``, optional ``acceleration``,
   ``num_low_frequency``.
 
+``acquisition`` (e.g. ``AXT2``) is kept as ``ScanHeader.fastmri_acquisition``, which the fastMRI
+output writes back as it is; it also names the contrast and protocol where the header has none.
+
 The reader transposes to the project's ``(coils, ky, kx)`` (and the target to ``(ky, kx)``),
 crops the readout in the image domain to the recon matrix x (which removes the oversampling),
 keeps the full phase grid (its image is cropped to the recon matrix y downstream), masks the
@@ -519,6 +522,7 @@ def _read(f: h5py.File, where: str, max_bytes: int | None = None,
         num_coils=ncoil,
         contrast_name=header.contrast_name or str(acq),
         protocol_name=header.protocol_name or str(acq),
+        fastmri_acquisition=str(acq),
         acceleration=float(acceleration) if acceleration is not None else header.acceleration,
         acceleration_source=acceleration_source if acceleration is not None
         else header.acceleration_source,

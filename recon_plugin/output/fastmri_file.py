@@ -6,13 +6,15 @@ with several contrasts gets ``<stem>_series_NNNN.h5`` for every series after the
 * ``reconstruction`` (slices, rows, cols) float32 in the orientation and crop of fastMRI's
   ``reconstruction_rss``: rows along the readout, columns along the phase encode, the recon
   matrix (x, y) -- the project's images (rows = phase, cols = readout) transposed;
-* attributes ``acquisition`` (e.g. ``AXT2``), ``max`` and ``norm`` (of this volume, as fastMRI
-  computes them for its targets), ``patient_id``, ``acceleration`` and ``num_low_frequency``
-  when known, ``slice_indices`` (each row's slice of the scan), ``partial_series`` (the note
-  of a ``recon --slices`` trial, which fastMRI's evaluation cannot score against the whole
-  target), and the provenance (``protocol``, ``method``, ``model``, ``model_sha256``: what
-  made the images, as the DICOM says it,
-  :func:`~recon_plugin.output.dicom_series.provenance_attributes`) plus the ISMRMRD header.
+* attributes ``acquisition`` (a fastMRI input's own, e.g. ``AXT2``, which fastMRI's
+  evaluation groups by; for other inputs the header's contrast, else its protocol name),
+  ``max`` and ``norm`` (of this volume, as fastMRI computes them for its targets),
+  ``patient_id``, ``acceleration`` and ``num_low_frequency`` when known, ``slice_indices``
+  (each row's slice of the scan), ``partial_series`` (the note of a ``recon --slices`` trial,
+  which fastMRI's evaluation cannot score against the whole target), and the provenance
+  (``protocol``, ``method``, ``model``, ``model_sha256``: what made the images, as the DICOM
+  says it, :func:`~recon_plugin.output.dicom_series.provenance_attributes`) plus the ISMRMRD
+  header.
 
 ``fastmri.evaluate`` (``python -m fastmri.evaluate --target-path RAW/ --predictions-path OUT/
 --challenge multicoil``) pairs files by name and scores ``reconstruction`` against the raw
@@ -44,7 +46,7 @@ def write_fastmri_file(series: ReconSeries, final: Path) -> Path:
     h = series.header
     with hdf5_atomic(final) as buf, h5py.File(buf, "w") as f:
         f.create_dataset("reconstruction", data=vol)
-        f.attrs["acquisition"] = h.contrast_name or h.protocol_name or ""
+        f.attrs["acquisition"] = h.fastmri_acquisition or h.contrast_name or h.protocol_name or ""
         f.attrs["max"] = float(vol.max())
         f.attrs["norm"] = float(np.linalg.norm(vol))
         f.attrs["patient_id"] = h.identity.patient_id or ""

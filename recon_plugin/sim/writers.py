@@ -78,6 +78,18 @@ def _geometry_array(vol: SimVolume) -> np.ndarray:
     ])
 
 
+def sim_identity(vol: SimVolume, seed: int) -> Identity:
+    """The identity of a simulated scan, the same in the fastMRI and ISMRMRD files of one
+    ``simulate`` run (one measurement in two containers): a patient ID of 12 hex digits from
+    its contrast and seed (a PACS files the twins under one patient) and a measurement ID from
+    the simulated k-space itself (``adapt`` keeps files of one measurement on one side of its
+    promotion gate; the twins' DICOM share a study and a frame of reference)."""
+    patient = hashlib.sha1(f"sim-{vol.contrast}-{seed}".encode()).hexdigest()[:12]
+    centre = vol.slices[0].kspace[:, vol.matrix[0] // 2]  # (coils, kx): every object, coil, SNR
+    measurement = hashlib.sha1(np.ascontiguousarray(centre).tobytes()).hexdigest()[:16]
+    return Identity(patient_id=patient, measurement_id=f"SIM-{measurement}")
+
+
 def write_fastmri(
     vol: SimVolume,
     path: str | Path,
@@ -100,7 +112,8 @@ def write_fastmri(
     dataset, attrs ``acceleration`` / ``num_low_frequency``; False a fully sampled train file.
     ``phase_padding`` rows on each side of ky are zeroed and declared outside the encoding
     limits, as fastMRI's zero-padded columns. ``header_kwargs`` go to
-    :func:`~recon_plugin.sim.header.build_header_xml` (identity, protocol_name, ...).
+    :func:`~recon_plugin.sim.header.build_header_xml` (identity, protocol_name, ...; without
+    an ``identity``: :func:`sim_identity`).
     """
     path = Path(path)
     ny, nx = vol.matrix
@@ -120,9 +133,9 @@ def write_fastmri(
         k = crop_readout(s.kspace, nx * osf, axis=-1) * rows[None, :, None]
         kspace[i] = np.swapaxes(k, -1, -2)
     target = np.stack([np.ascontiguousarray(s.target.T) for s in vol.slices]).astype(np.float32)
+    ident = sim_identity(vol, seed)
     xml = header_xml_from_sim(vol, readout_oversampling=osf, phase_padding=phase_padding,
-                              **(header_kwargs or {}))
-    pid = hashlib.sha1(f"sim-{vol.contrast}-{seed}".encode()).hexdigest()[:12]
+                              **{"identity": ident, **(header_kwargs or {})})
     with hdf5_atomic(path) as buf, h5py.File(buf, "w") as f:
         f.create_dataset("kspace", data=kspace)
         f.create_dataset("ismrmrd_header", data=np.bytes_(xml.encode()))
@@ -136,7 +149,7 @@ def write_fastmri(
         f.attrs["acquisition"] = _ACQ_NAMES.get(vol.contrast, vol.contrast)
         f.attrs["max"] = float(target.max())
         f.attrs["norm"] = float(np.linalg.norm(target))
-        f.attrs["patient_id"] = pid
+        f.attrs["patient_id"] = ident.patient_id
     return path
 
 
@@ -296,7 +309,9 @@ def write_ismrmrd(
     reverse_odd_lines: every other line stored time-reversed with ACQ_IS_REVERSE. discard:
     (pre, post) junk samples. skipped_acquisitions: add navigator, phase-correction,
     RT-feedback and surface-coil junk that a reader must skip. ``header_kwargs`` go to
-    :func:`~recon_plugin.sim.header.build_header_xml` (identity, protocol_name, ...).
+    :func:`~recon_plugin.sim.header.build_header_xml` (identity, protocol_name, ...); without
+    an ``identity`` the header names the patient and measurement of the fastMRI twin
+    (:func:`sim_identity`), one given is written as it is.
     """
     vols = [vol] if isinstance(vol, SimVolume) else list(vol)
     base = vols[0]
@@ -321,7 +336,9 @@ def write_ismrmrd(
         acceleration=int(round(r)), calib_lines=calib or None, num_averages=num_averages,
         num_repetitions=num_repetitions, num_contrasts=len(vols),
         calibration_mode=("separate" if separate_calibration else "embedded") if r > 1 else None,
-        e1_limits=(first_row, ny - 1, ny // 2), **{"sequence": sequence, **(header_kwargs or {})},
+        e1_limits=(first_row, ny - 1, ny // 2),
+        **{"sequence": sequence, "identity": sim_identity(base, seed),
+           **(header_kwargs or {})},
     )
     if separate_calibration and calib:
         xml = _calib_encoding_xml(xml, nx // 2, calib, osf if os_convention == "header" else 1)
