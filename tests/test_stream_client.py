@@ -107,6 +107,14 @@ def test_a_reply_cut_before_close_is_exit_1(data, caplog):
     assert "ended without its CLOSE" in caplog.text
 
 
+def test_out_naming_the_raw_file_is_refused_before_anything_is_sent(data, tmp_path, caplog):
+    raw = tmp_path / "scan.h5"
+    raw.write_bytes(data["raw"].read_bytes())
+    before = raw.read_bytes()
+    assert _stream(1, raw, "-o", str(tmp_path / "." / "scan.h5")) == 2
+    assert "is the raw file itself" in caplog.text and raw.read_bytes() == before
+
+
 @pytest.mark.parametrize("content, words", [
     ("fastmri", "a fastMRI file"),
     ("junk", "is not a readable HDF5 file"),
@@ -143,3 +151,8 @@ def test_an_acquisition_that_cannot_be_read_abandons_the_scan(server, data, tmp_
     assert f"{data['raw']}: acquisition 5 of {len(data['acqs'])} cannot be read" in caplog.text
     assert "the scan was not finished" in caplog.text
     assert not out.exists()  # no image of a scan cut short
+
+
+def test_a_config_name_longer_than_mrd_allows_is_exit_2_before_connecting(data, caplog):
+    assert _stream(1, data["raw"], "-c", "x" * 1024) == 2
+    assert "an MRD config name holds at most 1023" in caplog.text

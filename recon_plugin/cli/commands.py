@@ -616,6 +616,9 @@ def cmd_stream(a: argparse.Namespace) -> int:
     if a.out is not None:
         if a.out.is_dir():
             raise UsageError(f"--out {a.out} is a folder: give the MRD file to write")
+        if a.out.exists() and os.path.samefile(a.out, a.raw):
+            raise UsageError(f"--out {a.out} is the raw file itself: the images would replace "
+                             "the k-space; give another file")
         _writable(("--out", a.out.parent))
     reply = stream_file((a.host, a.port), raw, a.config, a.slice_gap, dataset=a.group,
                         timeout=a.timeout or None, parameters=dict(a.param or ()))

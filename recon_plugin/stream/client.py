@@ -27,6 +27,8 @@ from ismrmrd.serialization import (
     ProtocolSerializer,
 )
 
+from .wire import CONFIG_FILE_SIZE
+
 
 @dataclass
 class StreamReply:
@@ -120,6 +122,9 @@ def stream_file(
     is not there, or that stays silent for ``timeout``: OSError naming the address.
     """
     raw = raw if isinstance(raw, RawFile) else open_raw(raw, dataset)
+    if len(config.encode("utf-8")) >= CONFIG_FILE_SIZE:
+        raise ValueError(f"config name of {len(config.encode('utf-8'))} bytes: an MRD config "
+                         f"name holds at most {CONFIG_FILE_SIZE - 1}")
     host, port = address
     try:
         sock = socket.create_connection(address, timeout=timeout)
@@ -145,7 +150,7 @@ def stream_file(
             out.close()  # CLOSE, flushed
         except UnreadableAcquisition as e:  # no CLOSE: the server abandons the scan, it does
             reply.unreadable = str(e)  # not reconstruct a part of it as if it were whole
-            wfile.flush()
+            _quietly(wfile.flush)
             _quietly(sock.shutdown, socket.SHUT_WR)
         except (OSError, ValueError) as e:  # the server closed first (it says why in its reply)
             reply.unsent = f"{type(e).__name__}: {e}"

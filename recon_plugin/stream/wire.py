@@ -31,7 +31,7 @@ from .options import (
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
 # the encoding an XML declaration names (<?xml version="1.0" encoding="ISO-8859-1"?>)
 _XML_ENCODING = re.compile(rb"""\s*<\?xml\s[^>]*?\bencoding\s*=\s*["']([A-Za-z][\w.-]*)["']""")
-_CONFIG_FILE_SIZE = 1024
+CONFIG_FILE_SIZE = 1024  # an MRD CONFIG_FILE message: a fixed, NUL-padded payload
 _ACQ_HEAD = ctypes.sizeof(ismrmrd.AcquisitionHeader)
 _WAVE_HEAD = ctypes.sizeof(ismrmrd.WaveformHeader)
 
@@ -121,9 +121,9 @@ class MrdReader:
         after, self._after = self._after, None
         lim = self.limits
         if mid == MSG.CONFIG_FILE:
-            self._admit(_CONFIG_FILE_SIZE, "the config file name")
-            payload: Any = _decode(self._exact(_CONFIG_FILE_SIZE), "config file name")
-            n = _CONFIG_FILE_SIZE
+            self._admit(CONFIG_FILE_SIZE, "the config file name")
+            payload: Any = _decode(self._exact(CONFIG_FILE_SIZE), "config file name")
+            n = CONFIG_FILE_SIZE
         elif mid == MSG.HEADER:
             payload = self._header()
             n = len(payload)
