@@ -116,7 +116,7 @@ def test_out_naming_the_raw_file_is_refused_before_anything_is_sent(data, tmp_pa
 
 
 @pytest.mark.parametrize("content, words", [
-    ("fastmri", "a fastMRI file"),
+    ("fastmri", "is a fastMRI file"),
     ("junk", "is not a readable HDF5 file"),
     ("missing", "no such raw file"),
 ])

@@ -89,12 +89,14 @@ def open_raw(path: Path, dataset: str = "dataset") -> RawFile:
         raise ValueError(f"{path} is not a readable HDF5 file ({e}); `recon-plugin stream` "
                          "sends raw ISMRMRD HDF5 files") from None
     with f:
+        if dataset not in f and "kspace" in f:
+            raise ValueError(f"{path} is a fastMRI file (no ISMRMRD group '{dataset}'): a "
+                             "stream carries ISMRMRD acquisitions; reconstruct it with "
+                             "`recon-plugin recon`")
         if dataset not in f:
-            hint = (": a fastMRI file (reconstruct it with `recon-plugin recon`; a stream "
-                    "carries ISMRMRD acquisitions)" if "kspace" in f else "")
             raise ValueError(f"{path} has no ISMRMRD group '{dataset}' (top level: "
-                             f"{', '.join(sorted(f)) or 'empty'}){hint}; give --group for "
-                             "another group name")
+                             f"{', '.join(sorted(f)) or 'empty'}); give --group for another "
+                             "group name")
         group = f[dataset]
         if "xml" not in group:
             raise ValueError(f"{path}: group '{dataset}' has no ISMRMRD header ('xml')")
