@@ -49,7 +49,9 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -81,6 +83,9 @@ from .publication import (
     remove_interrupted_publication,
     write_overlay,
 )
+
+if TYPE_CHECKING:
+    from ..config.protocol import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -193,36 +198,116 @@ def adapt(
     site, rank = Path(site_dir), _dist_info()[0]
     with contextlib.ExitStack() as lock:  # the site folder's, from the first file read on
         try:
-            return _adapt(raw, base_protocol, site, mode, steps, lr, rho, seed, device,
-                          teacher_weight, heldout_fraction, name, time_budget_s, params,
-                          progress, protocol_dirs, exiting, known, lock)
+            opts = _Options(raw, base_protocol, site, mode, steps, lr, rho, seed, device,
+                            teacher_weight, heldout_fraction, name, time_budget_s, params,
+                            progress, protocol_dirs, exiting)
+            return _adapt(opts, known, lock)
         except BaseException as err:
             if rank == 0 and known.get("locked"):  # never over a running one's report
                 _report_failure(site, err, known)
             raise
 
 
-def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps: int,
-           lr: float | None, rho: float, seed: int, device: str, teacher_weight: float,
-           heldout_fraction: float, name: str | None, time_budget_s: float | None, params: str,
-           progress: bool, protocol_dirs: Sequence[Path] | None, exiting: bool, known: dict,
-           lock: contextlib.ExitStack) -> dict:
+@dataclass(frozen=True)
+class _Options:
+    """What :func:`adapt` was asked (its arguments, ``site_dir`` as a Path)."""
+
+    raw: list[Path]
+    base_protocol: str
+    site_dir: Path
+    mode: str
+    steps: int
+    lr: float | None
+    rho: float
+    seed: int
+    device: str
+    teacher_weight: float
+    heldout_fraction: float
+    name: str | None
+    time_budget_s: float | None
+    params: str
+    progress: bool
+    protocol_dirs: Sequence[Path] | None
+    exiting: bool
+
+
+@dataclass
+class _Run:
+    """One adaptation under way: its options; its learning rate (``opts.lr`` or ``params``'s
+    default) and loss; its device, rank and world size (torchrun); ``known``, the report's
+    fields as they are found (for the report of a run that fails)."""
+
+    opts: _Options
+    lr: float
+    spec: LossSpec
+    dev: torch.device
+    rank: int
+    world: int
+    known: dict
+
+    @property
+    def models_dir(self) -> Path:
+        """``SITE/models``, where adapted models are published."""
+        return self.opts.site_dir / "models"
+
+
+@dataclass
+class _Prepared:
+    """What a run has read before training: the raw files taken (each once; ``hashes``, the
+    sha256 of those read for it) and those left out (``skipped``, each with why); the base
+    protocol, its model's weights file, the model to adapt, its card and the teacher (or None);
+    the gate's split (the files with usable slices, the held-out files, the training and gate
+    slices on the run's device, the groups of files kept together); the base model's held-out
+    errors and their mean."""
+
+    raw: list[Path]
+    hashes: dict[Path, str]
+    skipped: list[str]
+    protocol: Protocol
+    base_path: Path
+    model: torch.nn.Module
+    card: dict
+    teacher: torch.nn.Module | None
+    usable: list[Path]
+    hold_files: list[Path]
+    train: list
+    hold: list
+    twins: list[list[str]]
+    base_errs: np.ndarray
+    base_err: float
+
+
+@dataclass
+class _Trained:
+    """What training left: the run folder, the published models' name stem, the loop's
+    history, the hash of the adapted parameters, and this rank's report so far."""
+
+    run_dir: Path
+    stem: str
+    history: list[dict]
+    param_hash: str
+    report: dict
+
+
+@dataclass
+class _Verdict:
+    """The promotion gate's: the adapted model's mean held-out error, the paired comparison
+    with the base model (``gate``), the version and card of the same weights already
+    published (or None), why it is refused (None: promoted), and the raw files' sha256 for a
+    new model's card (empty where none is published)."""
+
+    new_err: float
+    gate: dict
+    same: tuple[str, dict] | None
+    refused: str | None
+    card_hashes: dict[Path, str | None]
+
+
+def _adapt(opts: _Options, known: dict, lock: contextlib.ExitStack) -> dict:
     """:func:`adapt`; ``known`` gathers the report's fields as they are found; the site
     folder's lock is taken into ``lock`` (rank 0) once the options are checked, before the
     raw files are read (a usage error makes no folder)."""
-    from ..models.inference import torch_device
-
-    dev = torch_device(device)
-    _check_options(mode, params, name)
-    lr = PARAMS[params] if lr is None else lr
-    spec = LossSpec.from_mode(mode, {"teacher": teacher_weight}, ssdu_rho=rho)
-    rank, world = _dist_info()
-    known.update(rank=rank, world_size=world)
-    if world > 1 and dev.type == "cuda":  # one GPU per process of a torchrun launch
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    run = _start(opts, known)
     # from here until the result is published or refused, a signal waits for a consistent
     # end: while the files are read and the base model judged (minutes on a site's archive)
     # it stops at once, saying nothing was trained; during training train_loop's own handler
@@ -232,148 +317,245 @@ def _adapt(raw: list[Path], base_protocol: str, site_dir: Path, mode: str, steps
     # torchrun only from the gate on (rank 0): there the launcher's signals end the run
     when = ("before training starts, at the promotion gate, or once a publication under way "
             "is complete")
-    then = signal.SIG_IGN if exiting else None  # its handler straight to ignored (see below)
+    then = signal.SIG_IGN if opts.exiting else None  # its handler straight to ignored (see below)
     with contextlib.ExitStack() as stops:
-        requested = stops.enter_context(stop_requests(when, then)) if world == 1 else []
+        requested = stops.enter_context(stop_requests(when, then)) if run.world == 1 else []
         with (stops_at_once("stopped while reading the raw files or judging the base model, "
                             "before training: nothing was trained or published; run the same "
                             "command again to start")
-              if world == 1 else contextlib.nullcontext()):
-            skipped: list[str] = []
-            known["skipped_files"] = skipped
-            # as recon takes its inputs (a typo: FileNotFoundError, exit 2, before
-            # anything is read), sorted
-            raw, hashes = _distinct(sorted(raw_files(list(raw))), skipped)
-            protocol, settings, base_path, model, card, teacher = _base(
-                base_protocol, protocol_dirs, site_dir, params, "teacher" in spec.weights, dev)
-            if rank == 0:  # one adaptation at a time per site folder (versions, report)
-                site_dir.mkdir(parents=True, exist_ok=True)
-                if not lock.enter_context(held_lock(site_dir / LOCK_FILE)):
-                    raise ValueError(f"another recon-plugin adapt is running in {site_dir}; "
-                                     "wait for it to end, or adapt into another --out")
-                known["locked"] = True
-            ids: dict[Path, str] = {}  # each file's measurementID, as its header is read
-            slices = prepare_slices(raw, settings, skipped,  # unreadable / unusable: left out
-                                    on_header=_matches(protocol, protocol_dirs, ids))
-            usable, hold_files, train, hold, twins = _gate_split(raw, slices, heldout_fraction,
-                                                                 skipped, ids)
-            train, hold = [s.to(dev) for s in train], [s.to(dev) for s in hold]
-            base_errs = heldout_errors(model, hold)
-            base_err = float(base_errs.mean())
-            log.info("base model held-out measurement error %.5f on %d slices", base_err,
-                     len(hold))
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model)
-
-        def loss_fn(m, rng):
-            freeze_batchnorm(model)
-            rr = np.random.default_rng(rng.integers(1 << 31) + rank)
-            s = train[int(rr.integers(len(train)))]
-            op = SenseOperator(s.maps[None], s.mask[None])
-            return spec.loss(m, s.kspace[None], op, rr, acs=s.acs, teacher=teacher)
-
-        job = {"protocol": str(protocol.source or protocol.name), "model": card.get("sha256"),
-               "mode": mode, "params": params, "lr": lr, "rho": rho, "seed": seed,
-               "steps": steps, "teacher_weight": teacher_weight,
-               "heldout_fraction": heldout_fraction,
-               "raw": [[str(p.resolve()), fingerprint(p)] for p in usable]}
-        # a run folder per job: the same command resumes its run, another one starts afresh
-        run_dir = (site_dir / "runs"
-                   / f"{name or f'{protocol.name}-{mode}'}-{_digest(job)[:12]}")
-        models_dir = site_dir / "models"
-        stem = name or f"{card.get('name', 'model')}-site-{mode}"
-        known.update(base_heldout_error=base_err, run_dir=str(run_dir))
-        if rank == 0:  # what an earlier publication killed half-way left; this run's report
-            remove_interrupted_publication(site_dir, stem, f"{protocol.name}-site.yaml")
-            _write_report(site_dir, {**known, "status": "running", "promoted": False})
-            known["started"] = True
-        history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
-                             steps, lr, seed, ckpt_every=max(10, steps // 10),
-                             time_budget_s=None if world > 1 else time_budget_s,
-                             progress=progress and rank == 0)
-        model.eval()
-        param_hash = hashlib.sha256(
-            b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
-        report = {"rank": rank, "world_size": world, "param_sha256": param_hash,
-                  "base_heldout_error": base_err, "steps": len(history), "skipped_files": skipped,
-                  "run_dir": str(run_dir), "steps_asked": steps}
-        reached = max((h["step"] for h in history if "step" in h), default=0)
-        if time_budget_s is not None and world == 1 and reached < steps:
-            report["time_budget_reached"] = True  # the model judged is the one of that step
-            log.warning("--time-budget %g s ended the training after %d of %d steps: the model "
-                        "of step %d is judged (the same command trains on from there, and "
-                        "publishes the result as the next version)", time_budget_s, reached,
-                        steps, reached)
-        if world > 1:
-            (site_dir / "runs").mkdir(parents=True, exist_ok=True)
-            (site_dir / "runs" / f"params_rank{rank}.txt").write_text(param_hash)
-        if rank != 0:
-            if exiting:
+              if run.world == 1 else contextlib.nullcontext()):
+            prep = _prepare(run, lock)
+        trained = _train(run, prep)
+        if run.rank != 0:
+            if opts.exiting:
                 ignore_stops()
-            return report
-        if world > 1:
+            return trained.report
+        if run.world > 1:
             requested = stops.enter_context(stop_requests(when, then))
-        new_errs = heldout_errors(model, hold)
-        new_err = float(new_errs.mean())
-        gate = significant_improvement(base_errs, new_errs)
-        same = published(models_dir, stem, param_hash) if gate["better"] else None
-        refused = None if gate["better"] else refusal(gate, base_err, new_err)
-        if refused is None and not requested:  # never from the model the overlay uses to a
-            judged = hold_files or usable  # worse one (a signal: it stops at the gate)
-
-            def judged_hashes() -> set[str | None]:
-                hashes.update({p: h for p, h in _card_hashes(judged, hashes, requested).items()
-                               if h})
-                return {hashes.get(p) for p in judged}
-
-            refused = against_the_model_in_use(
-                site_dir, protocol, protocol_dirs, base_path,
-                None if same is None else models_dir / f"{same[0]}.safetensors", hold,
-                judged_hashes, new_errs, base_err, dev, report, significant_improvement)
-        # a new card names each raw file's sha256: read before the publication, where a signal
-        # still stops the run with nothing published
-        card_hashes = _card_hashes(raw, hashes, requested) if refused is None and same is None \
-            else {}
+        verdict = _judge(run, prep, trained, requested)
         if requested:
             raise RunStopped(requested[0], f"{signal.Signals(requested[0]).name}: stopped after "
                              f"training, before the promotion gate's verdict; nothing published; "
-                             f"checkpointed in {run_dir}: run the same command again to judge "
-                             "and publish it")
-        report["status"] = "finished"
-        report["adapted_heldout_error"] = new_err
-        report["gate"] = gate
-        report["promoted"] = refused is None
-        if not report["promoted"]:
-            report["refused_because"] = refused
-            log.warning("adapted model not promoted: %s; nothing published (over the base "
-                        "model: improvement %.5g, standard error %.5g, %d held-out splits; it "
-                        "needs more than %g standard errors)", report["refused_because"],
-                        gate["mean_improvement"], gate["standard_error"], gate["n"], gate["z"])
-            _write_report(site_dir, report)
-        elif same is not None:  # the same command again: its run had finished, nothing new
-            version, saved = same
-            log.info("these weights are already %s; not published again", version)
-            report["already_published"] = True
-            report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
-        else:
-            adaptation = {"mode": mode, "params": params, "steps": len(history), "lr": lr,
-                          "rho": rho, "raw_files": {str(p): card_hashes[p] for p in raw},
-                          "heldout_files": [str(p) for p in hold_files], "same_measurement": twins,
-                          "skipped_files": skipped, "heldout_error_base": base_err,
-                          "heldout_error_adapted": new_err, "gate": gate,
-                          "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
-                          "param_sha256": param_hash}
-            new_card = {"parent_sha256": card.get("sha256"), "parent_name": card.get("name"),
-                        "pruning": card.get("pruning", {}),
-                        "finetune": f"self-supervised ({mode})", "adaptation": adaptation}
-            version, saved = publish_model(site_dir, stem, model.cpu(), new_card)
-            report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+                             f"checkpointed in {trained.run_dir}: run the same command again to "
+                             "judge and publish it")
+        report = _publish(run, prep, trained, verdict)
         if requested:  # it came after the verdict: what was published stays, the caller stops
             report["stopped_by"] = requested[0]
-    if exiting:  # the handler above went straight to ignored; so does the rest of the exit
+    if opts.exiting:  # the handler above went straight to ignored; so does the rest of the exit
         ignore_stops()
     return report
+
+
+def _start(opts: _Options, known: dict) -> _Run:
+    """The run of ``opts``: its options checked (ValueError, before anything is read), its
+    learning rate and loss resolved, its rank and world size (noted in ``known``), its device
+    (one GPU per process of a torchrun launch) and, under torchrun, the process group."""
+    from ..models.inference import torch_device
+
+    dev = torch_device(opts.device)
+    _check_options(opts.mode, opts.params, opts.name)
+    lr = PARAMS[opts.params] if opts.lr is None else opts.lr
+    spec = LossSpec.from_mode(opts.mode, {"teacher": opts.teacher_weight}, ssdu_rho=opts.rho)
+    rank, world = _dist_info()
+    known.update(rank=rank, world_size=world)
+    if world > 1 and dev.type == "cuda":  # one GPU per process of a torchrun launch
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return _Run(opts, lr, spec, dev, rank, world, known)
+
+
+def _prepare(run: _Run, lock: contextlib.ExitStack) -> _Prepared:
+    """Everything before training: the raw files (each once), the base protocol and model
+    (:func:`_base`), the site folder's lock taken into ``lock`` (rank 0:
+    :func:`_lock_site`), every usable slice, the promotion gate's split, and the base model's
+    error on the held-out data (logged); returns them. Raises as those steps do."""
+    o = run.opts
+    skipped: list[str] = []
+    run.known["skipped_files"] = skipped
+    # as recon takes its inputs (a typo: FileNotFoundError, exit 2, before
+    # anything is read), sorted
+    raw, hashes = _distinct(sorted(raw_files(list(o.raw))), skipped)
+    protocol, settings, base_path, model, card, teacher = _base(
+        o.base_protocol, o.protocol_dirs, o.site_dir, o.params, "teacher" in run.spec.weights,
+        run.dev)
+    if run.rank == 0:  # one adaptation at a time per site folder (versions, report)
+        _lock_site(o.site_dir, lock)
+        run.known["locked"] = True
+    ids: dict[Path, str] = {}  # each file's measurementID, as its header is read
+    slices = prepare_slices(raw, settings, skipped,  # unreadable / unusable: left out
+                            on_header=_matches(protocol, o.protocol_dirs, ids))
+    usable, hold_files, train, hold, twins = _gate_split(raw, slices, o.heldout_fraction,
+                                                         skipped, ids)
+    train, hold = [s.to(run.dev) for s in train], [s.to(run.dev) for s in hold]
+    base_errs = heldout_errors(model, hold)
+    base_err = float(base_errs.mean())
+    log.info("base model held-out measurement error %.5f on %d slices", base_err, len(hold))
+    return _Prepared(raw, hashes, skipped, protocol, base_path, model, card, teacher, usable,
+                     hold_files, train, hold, twins, base_errs, base_err)
+
+
+def _lock_site(site_dir: Path, lock: contextlib.ExitStack) -> None:
+    """Make ``site_dir`` and hold its :data:`LOCK_FILE` in ``lock``; ValueError where another
+    adaptation holds it."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    if not lock.enter_context(held_lock(site_dir / LOCK_FILE)):
+        raise ValueError(f"another recon-plugin adapt is running in {site_dir}; "
+                         "wait for it to end, or adapt into another --out")
+
+
+def _train(run: _Run, prep: _Prepared) -> _Trained:
+    """Train ``prep.model`` on the training slices (DistributedDataParallel under torchrun)
+    in the run's folder, which checkpoints it (a folder per job: :func:`_run_folder`); rank 0
+    first removes what an interrupted publication left and writes the report ``running``.
+    Returns the run folder, the name stem, the history, the parameters' hash and the report
+    (:func:`_training_report`); the model is left in eval mode."""
+    o, rank, world = run.opts, run.rank, run.world
+    model, train, spec, teacher = prep.model, prep.train, run.spec, prep.teacher
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+
+    def loss_fn(m, rng):
+        freeze_batchnorm(model)
+        rr = np.random.default_rng(rng.integers(1 << 31) + rank)
+        s = train[int(rr.integers(len(train)))]
+        op = SenseOperator(s.maps[None], s.mask[None])
+        return spec.loss(m, s.kspace[None], op, rr, acs=s.acs, teacher=teacher)
+
+    run_dir = _run_folder(run, prep)
+    stem = o.name or f"{prep.card.get('name', 'model')}-site-{o.mode}"
+    run.known.update(base_heldout_error=prep.base_err, run_dir=str(run_dir))
+    if rank == 0:  # what an earlier publication killed half-way left; this run's report
+        remove_interrupted_publication(o.site_dir, stem, f"{prep.protocol.name}-site.yaml")
+        _write_report(o.site_dir, {**run.known, "status": "running", "promoted": False})
+        run.known["started"] = True
+    history = train_loop(net, loss_fn, run_dir if rank == 0 else run_dir / f"rank{rank}",
+                         o.steps, run.lr, o.seed, ckpt_every=max(10, o.steps // 10),
+                         time_budget_s=None if world > 1 else o.time_budget_s,
+                         progress=o.progress and rank == 0)
+    model.eval()
+    param_hash, report = _training_report(run, prep, run_dir, history)
+    return _Trained(run_dir, stem, history, param_hash, report)
+
+
+def _run_folder(run: _Run, prep: _Prepared) -> Path:
+    """``SITE/runs/NAME-DIGEST``: the digest of the job (protocol, base model, options, the
+    raw files with usable slices and their fingerprints)."""
+    o = run.opts
+    job = {"protocol": str(prep.protocol.source or prep.protocol.name),
+           "model": prep.card.get("sha256"), "mode": o.mode, "params": o.params, "lr": run.lr,
+           "rho": o.rho, "seed": o.seed, "steps": o.steps, "teacher_weight": o.teacher_weight,
+           "heldout_fraction": o.heldout_fraction,
+           "raw": [[str(p.resolve()), fingerprint(p)] for p in prep.usable]}
+    # a run folder per job: the same command resumes its run, another one starts afresh
+    return (o.site_dir / "runs"
+            / f"{o.name or f'{prep.protocol.name}-{o.mode}'}-{_digest(job)[:12]}")
+
+
+def _training_report(run: _Run, prep: _Prepared, run_dir: Path, history: list[dict]
+                     ) -> tuple[str, dict]:
+    """(the sha256 of the trained parameters, this rank's report of the training). Warns
+    where ``--time-budget`` ended the training early; under torchrun each rank writes its
+    hash to ``SITE/runs/params_rankN.txt``."""
+    o, world = run.opts, run.world
+    param_hash = hashlib.sha256(
+        b"".join(p.detach().cpu().numpy().tobytes() for p in prep.model.parameters())).hexdigest()
+    report = {"rank": run.rank, "world_size": world, "param_sha256": param_hash,
+              "base_heldout_error": prep.base_err, "steps": len(history),
+              "skipped_files": prep.skipped, "run_dir": str(run_dir), "steps_asked": o.steps}
+    reached = max((h["step"] for h in history if "step" in h), default=0)
+    if o.time_budget_s is not None and world == 1 and reached < o.steps:
+        report["time_budget_reached"] = True  # the model judged is the one of that step
+        log.warning("--time-budget %g s ended the training after %d of %d steps: the model "
+                    "of step %d is judged (the same command trains on from there, and "
+                    "publishes the result as the next version)", o.time_budget_s, reached,
+                    o.steps, reached)
+    if world > 1:
+        (o.site_dir / "runs").mkdir(parents=True, exist_ok=True)
+        (o.site_dir / "runs" / f"params_rank{run.rank}.txt").write_text(param_hash)
+    return param_hash, report
+
+
+def _judge(run: _Run, prep: _Prepared, trained: _Trained, requested: list[int]) -> _Verdict:
+    """The promotion gate: the adapted model against the base model on the held-out data
+    (:func:`significant_improvement`; :func:`refusal` where it is not better), and, where it
+    is and no signal is in ``requested``, against the model the site's overlay uses now
+    (:func:`against_the_model_in_use`, which notes that one's error in the report); whether
+    the same weights are published already; for a new model's card the raw files' sha256
+    (none read once a signal came). Returns the verdict; publishes nothing."""
+    o, models_dir, hashes = run.opts, run.models_dir, prep.hashes
+    new_errs = heldout_errors(prep.model, prep.hold)
+    new_err = float(new_errs.mean())
+    gate = significant_improvement(prep.base_errs, new_errs)
+    same = published(models_dir, trained.stem, trained.param_hash) if gate["better"] else None
+    refused = None if gate["better"] else refusal(gate, prep.base_err, new_err)
+    if refused is None and not requested:  # never from the model the overlay uses to a
+        judged = prep.hold_files or prep.usable  # worse one (a signal: it stops at the gate)
+
+        def judged_hashes() -> set[str | None]:
+            hashes.update({p: h for p, h in _card_hashes(judged, hashes, requested).items()
+                           if h})
+            return {hashes.get(p) for p in judged}
+
+        refused = against_the_model_in_use(
+            o.site_dir, prep.protocol, o.protocol_dirs, prep.base_path,
+            None if same is None else models_dir / f"{same[0]}.safetensors", prep.hold,
+            judged_hashes, new_errs, prep.base_err, run.dev, trained.report,
+            significant_improvement)
+    # a new card names each raw file's sha256: read before the publication, where a signal
+    # still stops the run with nothing published
+    card_hashes = _card_hashes(prep.raw, hashes, requested) if refused is None and same is None \
+        else {}
+    return _Verdict(new_err, gate, same, refused, card_hashes)
+
+
+def _publish(run: _Run, prep: _Prepared, trained: _Trained, verdict: _Verdict) -> dict:
+    """Act on the gate's ``verdict``: refused, the report written with why and nothing
+    published; the same weights published before, the overlay pointed at that version;
+    otherwise a new versioned model (card: :func:`_new_card`) and the overlay pointed at it.
+    Returns the report (``status`` finished), written to ``SITE/adapt_report.json``."""
+    site_dir, protocol, models_dir = run.opts.site_dir, prep.protocol, run.models_dir
+    report, gate = trained.report, verdict.gate
+    report["status"] = "finished"
+    report["adapted_heldout_error"] = verdict.new_err
+    report["gate"] = gate
+    report["promoted"] = verdict.refused is None
+    if not report["promoted"]:
+        report["refused_because"] = verdict.refused
+        log.warning("adapted model not promoted: %s; nothing published (over the base "
+                    "model: improvement %.5g, standard error %.5g, %d held-out splits; it "
+                    "needs more than %g standard errors)", report["refused_because"],
+                    gate["mean_improvement"], gate["standard_error"], gate["n"], gate["z"])
+        _write_report(site_dir, report)
+    elif verdict.same is not None:  # the same command again: its run had finished, nothing new
+        version, saved = verdict.same
+        log.info("these weights are already %s; not published again", version)
+        report["already_published"] = True
+        report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+    else:
+        card = _new_card(run, prep, trained, verdict)
+        version, saved = publish_model(site_dir, trained.stem, prep.model.cpu(), card)
+        report = _publish_overlay(site_dir, protocol, models_dir, version, saved, report)
+    return report
+
+
+def _new_card(run: _Run, prep: _Prepared, trained: _Trained, verdict: _Verdict) -> dict:
+    """The card of a newly adapted model: its parent, and the ``adaptation`` (options, raw
+    files with their sha256, held-out and left-out files, errors, gate, last losses)."""
+    o, card, history = run.opts, prep.card, trained.history
+    adaptation = {"mode": o.mode, "params": o.params, "steps": len(history), "lr": run.lr,
+                  "rho": o.rho, "raw_files": {str(p): verdict.card_hashes[p] for p in prep.raw},
+                  "heldout_files": [str(p) for p in prep.hold_files],
+                  "same_measurement": prep.twins, "skipped_files": prep.skipped,
+                  "heldout_error_base": prep.base_err, "heldout_error_adapted": verdict.new_err,
+                  "gate": verdict.gate,
+                  "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
+                  "param_sha256": trained.param_hash}
+    return {"parent_sha256": card.get("sha256"), "parent_name": card.get("name"),
+            "pruning": card.get("pruning", {}),
+            "finetune": f"self-supervised ({o.mode})", "adaptation": adaptation}
 
 
 def _base(base_protocol: str, protocol_dirs: Sequence[Path] | None, site_dir: Path,
