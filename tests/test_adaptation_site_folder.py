@@ -135,6 +135,36 @@ def test_the_overlay_never_moves_to_a_worse_model_than_the_one_it_uses(site, tmp
     assert load_protocol(overlay).recon_settings().model == str(Path(later["model"]).resolve())
 
 
+def test_the_model_in_use_is_not_judged_on_another_file_of_a_measurement_it_learnt(
+        site, tmp_path, monkeypatch, caplog):
+    """The model the overlay uses trained on a file; a later run holds out another file of
+    that measurement (other bytes, the same measurementID: a conversion to another
+    container): judged on it, that model would be favoured. Not compared: the gate's verdict
+    alone decides, as for the very file (it had been compared)."""
+    import h5py
+
+    d, raws = site
+    out = tmp_path / "s"
+    monkeypatch.setattr(site_mod, "significant_improvement", _verdict)
+    first = adapt(raws, str(d / "tiny_base.yaml"), out, steps=1)  # trains on raws[1:]
+    assert first["promoted"], first
+    card = json.loads(Path(first["model"]).with_suffix(".json").read_text())
+    ids = card["adaptation"]["measurement_ids"]
+    assert sorted(ids) == sorted(map(str, raws)) and len(set(ids.values())) == 3
+    later_raws = tmp_path / "later"
+    later_raws.mkdir()
+    twin = shutil.copy(raws[1], later_raws / "a_twin.h5")  # sorted first: held out
+    with h5py.File(twin, "a") as f:
+        f.attrs["converted_by"] = "another tool"  # other bytes, the same measurement
+    shutil.copy(raws[2], later_raws / "b.h5")
+    assert read_raw(twin).header.identity.measurement_id == ids[str(raws[1])]
+    caplog.set_level(logging.INFO, logger="recon_plugin.adaptation")
+    later = adapt([later_raws], str(d / "tiny_base.yaml"), out, mode="mc-ei", steps=1, lr=1e-6)
+    assert later["promoted"] and "in_use_model" not in later, later
+    assert "was trained on held-out files of this run (or on another file of their " \
+        "measurement)" in caplog.text
+
+
 def test_an_overlay_of_an_overlay_moves_with_the_site_folder(site, tmp_path, monkeypatch,
                                                              caplog):
     """Adapting the site's own overlay (found in ``--protocol-dir SITE/protocols``): the new

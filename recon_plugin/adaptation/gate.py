@@ -70,15 +70,18 @@ def against_the_model_in_use(site_dir: Path, protocol, protocol_dirs: Sequence[P
                              judged_hashes: Callable[[], set[str | None]], new_errs: np.ndarray,
                              base_err: float, dev: torch.device, report: dict,
                              compare: Callable[[np.ndarray, np.ndarray], dict]
-                             = significant_improvement) -> str | None:
+                             = significant_improvement,
+                             judged_ids: frozenset[str] = frozenset()) -> str | None:
     """Why the adapted model (held-out errors ``new_errs``; already published as
     ``candidate``, or None) must not replace the model the site's overlay uses now: worse than
     it on the same held-out slices ``hold`` and splits (the gate had compared with the base
     model alone, and the overlay had moved to a worse model). None where it may: no other
     model in use, one that does not load, the same weights, or one trained on any of the
-    files judged (``judged_hashes()``, their sha256, against its card's: it would be judged on
-    what it learnt from). Its error goes into ``report``. ``compare``: the gate's paired
-    comparison (the one that judged the adapted model against the base)."""
+    files judged (``judged_hashes()``, their sha256, against its card's) or on another
+    container of their measurement (``judged_ids``, their measurementIDs, against its card's
+    ``measurement_ids``): it would be judged on what it learnt from. Its error goes into
+    ``report``. ``compare``: the gate's paired comparison (the one that judged the adapted
+    model against the base)."""
     in_use = model_in_use(site_dir, protocol, protocol_dirs, base_path)
     if in_use is None:
         return None
@@ -92,10 +95,13 @@ def against_the_model_in_use(site_dir: Path, protocol, protocol_dirs: Sequence[P
     held = adaptation.get("heldout_files") if isinstance(adaptation.get("heldout_files"),
                                                          list) else []
     learnt = {h for p, h in files.items() if p not in held and isinstance(h, str)}
-    if learnt & judged_hashes():
+    ids = adaptation.get("measurement_ids")
+    learnt_ids = {m for p, m in ids.items() if p in files and p not in held and
+                  isinstance(m, str) and m.strip()} if isinstance(ids, dict) else set()
+    if learnt & judged_hashes() or learnt_ids & judged_ids:
         log.info("%s, the model the overlay uses now, was trained on held-out files of this "
-                 "run: not compared with it (it would be judged on what it learnt from)",
-                 weights.name)
+                 "run (or on another file of their measurement): not compared with it (it "
+                 "would be judged on what it learnt from)", weights.name)
         return None
     in_use_errs = heldout_errors(model.to(dev), hold)
     in_use_err = float(in_use_errs.mean())

@@ -257,8 +257,8 @@ class _Prepared:
     sha256 of those read for it) and those left out (``skipped``, each with why); the base
     protocol, its model's weights file, the model to adapt, its card and the teacher (or None);
     the gate's split (the files with usable slices, the held-out files, the training and gate
-    slices on the run's device, the groups of files kept together); the base model's held-out
-    errors and their mean."""
+    slices on the run's device, the groups of files kept together, each file's measurementID
+    where its header names one); the base model's held-out errors and their mean."""
 
     raw: list[Path]
     hashes: dict[Path, str]
@@ -273,6 +273,7 @@ class _Prepared:
     train: list
     hold: list
     twins: list[list[str]]
+    ids: dict[Path, str]
     base_errs: np.ndarray
     base_err: float
 
@@ -393,7 +394,7 @@ def _prepare(run: _Run, lock: contextlib.ExitStack) -> _Prepared:
     base_err = float(base_errs.mean())
     log.info("base model held-out measurement error %.5f on %d slices", base_err, len(hold))
     return _Prepared(raw, hashes, skipped, protocol, base_path, model, card, teacher, usable,
-                     hold_files, train, hold, twins, base_errs, base_err)
+                     hold_files, train, hold, twins, ids, base_errs, base_err)
 
 
 def _lock_site(site_dir: Path, lock: contextlib.ExitStack) -> None:
@@ -503,7 +504,7 @@ def _judge(run: _Run, prep: _Prepared, trained: _Trained, requested: list[int]) 
             o.site_dir, prep.protocol, o.protocol_dirs, prep.base_path,
             None if same is None else models_dir / f"{same[0]}.safetensors", prep.hold,
             judged_hashes, new_errs, prep.base_err, run.dev, trained.report,
-            significant_improvement)
+            significant_improvement, frozenset(filter(None, map(prep.ids.get, judged))))
     # a new card names each raw file's sha256: read before the publication, where a signal
     # still stops the run with nothing published
     card_hashes = _card_hashes(prep.raw, hashes, requested) if refused is None and same is None \
@@ -543,12 +544,15 @@ def _publish(run: _Run, prep: _Prepared, trained: _Trained, verdict: _Verdict) -
 
 def _new_card(run: _Run, prep: _Prepared, trained: _Trained, verdict: _Verdict) -> dict:
     """The card of a newly adapted model: its parent, and the ``adaptation`` (options, raw
-    files with their sha256, held-out and left-out files, errors, gate, last losses)."""
+    files with their sha256 and measurementIDs, held-out and left-out files, errors, gate,
+    last losses)."""
     o, card, history = run.opts, prep.card, trained.history
     adaptation = {"mode": o.mode, "params": o.params, "steps": len(history), "lr": run.lr,
                   "rho": o.rho, "raw_files": {str(p): verdict.card_hashes[p] for p in prep.raw},
                   "heldout_files": [str(p) for p in prep.hold_files],
-                  "same_measurement": prep.twins, "skipped_files": prep.skipped,
+                  "same_measurement": prep.twins,
+                  "measurement_ids": {str(p): prep.ids[p] for p in prep.raw if prep.ids.get(p)},
+                  "skipped_files": prep.skipped,
                   "heldout_error_base": prep.base_err, "heldout_error_adapted": verdict.new_err,
                   "gate": verdict.gate,
                   "final_losses": [h["loss"] for h in history if "loss" in h][-10:],
