@@ -6,7 +6,8 @@ done at import:
 * stopping on SIGTERM / SIGINT: :class:`RunStopped`, :func:`stop_requests` (after the current
   step), :func:`stops_at_once`, :func:`ignore_stops`;
 * progress: :func:`bars` (whether to show tqdm bars) and :class:`ProgressLog` (lines instead);
-* logging: :data:`LOG_FORMAT`, :func:`worker_logging` (a batch's worker processes);
+* logging: :data:`LOG_FORMAT`, :class:`LineFormatter` and :func:`about_input` (a line names
+  the input it concerns), :func:`worker_logging` (a batch's worker processes);
 * :func:`best_effort` (a clean-up step whose failure is logged, not raised),
   :func:`held_lock` (an flock held for a block), :func:`first_line` (an error in one line),
   :func:`counted` (``1 file``, ``2 files`` in a message) and :func:`expand_home` (``~`` in a
@@ -30,6 +31,7 @@ environment is the user's choice and is left alone.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import fcntl
@@ -46,6 +48,34 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's lines, and its workers'
+_INPUT: contextvars.ContextVar[str] = contextvars.ContextVar("recon_plugin_input", default="")
+
+
+@contextlib.contextmanager
+def about_input(name: str) -> Iterator[None]:
+    """The log lines of the block (in this thread) name the input ``name`` they concern
+    (:class:`LineFormatter`): a batch's workers reconstruct several inputs at once, and a line
+    such as ``slice 0: guard: ...`` said not whose slice it was."""
+    token = _INPUT.set(name)
+    try:
+        yield
+    finally:
+        _INPUT.reset(token)
+
+
+class LineFormatter(logging.Formatter):
+    """:data:`LOG_FORMAT`, the message led by ``NAME: `` inside :func:`about_input` where it
+    does not name the input already (the readers' messages do)."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        name = _INPUT.get()
+        if name and name not in record.message:  # a copy: other handlers see the record as is
+            record = logging.makeLogRecord({**record.__dict__,
+                                            "message": f"{name}: {record.message}"})
+        return super().formatMessage(record)
 
 
 def package_log_level() -> int:
@@ -56,7 +86,7 @@ def package_log_level() -> int:
 
 def worker_logging(level: int) -> None:
     """A batch's worker process (``--workers``, a Dask worker) logs the package's lines as the
-    CLI does (:data:`LOG_FORMAT` on stderr, at the batch's ``level``), where nothing in it set
+    CLI does (:class:`LineFormatter` on stderr, at the batch's ``level``), where nothing in it set
     up logging for them (no handler on the ``recon_plugin`` logger nor on the root): their
     warnings had come without level or source. A process with its own logging is left as it
     is (a host, a test run)."""
@@ -64,7 +94,7 @@ def worker_logging(level: int) -> None:
     if package.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(LineFormatter())
     package.addHandler(handler)
     package.setLevel(level)
 

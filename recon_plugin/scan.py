@@ -397,11 +397,7 @@ class Provenance:
 
 @dataclass
 class ReconSeries:
-    """The images of one output series (one contrast of one scan) plus header and provenance.
-
-    source: the input it was made from (``RawScan.source``, a file's path), which the writers'
-    warnings about it name; "" where unknown.
-    """
+    """The images of one output series (one contrast of one scan) plus header and provenance."""
 
     images: list[ReconImage]
     header: ScanHeader
@@ -409,15 +405,14 @@ class ReconSeries:
     series_number: int = 1
     series_description: str = ""
     timings_s: dict = field(default_factory=dict)
-    source: str = ""
 
 
 def series_by_contrast(images: list[ReconImage], header: ScanHeader, provenance: Provenance,
                        number=lambda i: i + 1, description: str = "",
-                       timings_s: dict | None = None, source: str = "") -> list[ReconSeries]:
+                       timings_s: dict | None = None) -> list[ReconSeries]:
     """A scan's images as one series per contrast (contrasts in ascending order, the i-th
     numbered ``number(i)``), images ordered by repetition, phase, slice: the grouping of batch
-    recon and the stream alike. ``source``: the input's name (``ReconSeries.source``)."""
+    recon and the stream alike."""
     groups: dict[int, list[ReconImage]] = {}
     for im in images:
         groups.setdefault(im.contrast, []).append(im)
@@ -425,8 +420,7 @@ def series_by_contrast(images: list[ReconImage], header: ScanHeader, provenance:
     for i, (_contrast, ims) in enumerate(sorted(groups.items())):
         ims = sorted(ims, key=lambda im: (im.repetition, im.phase, im.slice_index))
         out.append(ReconSeries(ims, header, provenance, series_number=number(i),
-                               series_description=description, timings_s=dict(timings_s or {}),
-                               source=source))
+                               series_description=description, timings_s=dict(timings_s or {})))
     return out
 
 

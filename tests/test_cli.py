@@ -468,6 +468,21 @@ def test_a_device_torch_does_not_know_is_a_usage_error_with_workers_too(raw_dir,
     assert not (tmp_path / "r").exists()
 
 
+def test_a_batch_with_workers_names_the_input_of_each_line(raw_dir, tmp_path):
+    """``recon --workers 2``: the workers' lines interleave, and each names its input (``slice
+    0: ...`` and ``wrote ...`` had said not whose); the command's own process, as run."""
+    good = raw_dir / "good.h5"
+    other = tmp_path / "other.h5"
+    other.write_bytes(good.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "recon_plugin", "recon", str(good), str(other),
+                        "--out", str(tmp_path / "o"), "--method", "zero-filled", "--workers",
+                        "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    wrote = [ln for ln in r.stderr.splitlines() if ln.startswith("INFO recon_plugin.output."
+                                                                 "dicom: ")]
+    assert sorted(ln.split(": ")[1] for ln in wrote) == sorted([str(good), str(other)]), wrote
+
+
 def test_recon_slices_reconstructs_only_the_slices_asked_for(tmp_path, capsys, caplog):
     """``recon --slices``: only those slices are written (each where the full run puts it); a
     list naming no slice of the scan fails that input with the scan's slices named; a malformed

@@ -2,6 +2,8 @@
 measured by ``python -m benchmarks.checks``, not asserted here: they depend on the machine's
 load), and torch's OpenMP wait policy set by the CLI before torch loads."""
 
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from recon_plugin.runtime import passive_thread_waits, tune_allocator
+from recon_plugin.runtime import LineFormatter, about_input, passive_thread_waits, tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +112,32 @@ def test_a_home_folder_that_does_not_exist_is_named_wherever_a_path_is_taken(tmp
     asked = json.loads(job_settings(None, ["dicom"], None,
                                     [Path("~nosuchuser-x/protocols"), tmp_path]))
     assert asked["protocol_dirs"] == ["~nosuchuser-x/protocols", str(tmp_path.resolve())]
+
+
+def test_a_line_names_the_input_it_concerns_once():
+    """Inside ``about_input`` each line names the input (a batch's workers reconstruct several
+    at once: ``slice 0: guard: ...`` said not whose slice), not twice where the message names
+    it already, the innermost where they nest; outside, the line is as it was."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(LineFormatter())
+    lg = logging.getLogger("recon_plugin.test_lines")
+    lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    try:
+        lg.info("before")
+        with about_input("raw/a.h5"):
+            lg.info("slice %d: guard", 0)
+            lg.warning("raw/a.h5: no ISMRMRD group")
+            with about_input("raw/b.h5"):
+                lg.info("inner")
+            lg.info("after the inner one")
+        lg.info("after")
+    finally:
+        lg.removeHandler(handler)
+    name = "recon_plugin.test_lines"
+    assert out.getvalue().splitlines() == [
+        f"INFO {name}: before", f"INFO {name}: raw/a.h5: slice 0: guard",
+        f"WARNING {name}: raw/a.h5: no ISMRMRD group", f"INFO {name}: raw/b.h5: inner",
+        f"INFO {name}: raw/a.h5: after the inner one", f"INFO {name}: after"]

@@ -96,8 +96,7 @@ def test_a_header_the_schema_refuses_leaves_the_existing_file(vol, tmp_path, mon
 def test_the_ismrmrd_file_names_the_patient_of_its_fastmri_twin(vol, tmp_path, caplog):
     """``simulate``'s two files of one scan name one patient and one measurement: the ISMRMRD
     header had no patient ID where the fastMRI file had one, and every recon of it warned "PatientID written
-    empty". A header without one (an identity given without it) still warns, naming the
-    input (a batch's workers log several inputs' warnings at once)."""
+    empty". A header without one (an identity given without it) still warns."""
     from recon_plugin.batch import recon_file
     from recon_plugin.recon.pipeline import Reconstructor
 
@@ -123,6 +122,4 @@ def test_the_ismrmrd_file_names_the_patient_of_its_fastmri_twin(vol, tmp_path, c
         assert "PatientID written empty" not in caplog.text
         assert pydicom.dcmread(dcm).PatientID == pid
         recon_file(anon, tmp_path / "out", recon, None, ("dicom",), {"method": "zero-filled"})
-    said = [r.getMessage() for r in caplog.records if "PatientID written empty" in
-            r.getMessage()]
-    assert said and all(m.startswith(f"{anon}: the header has no patient ID") for m in said)
+    assert "PatientID written empty" in caplog.text  # the anonymous file alone

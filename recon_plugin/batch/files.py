@@ -15,6 +15,7 @@ from ..names import scan_folder_name
 from ..output.atomic import no_room, staged_folder
 from ..output.series_files import write_outputs
 from ..recon.pipeline import Reconstructor
+from ..runtime import about_input
 from .state import check_no_foreign, publish, under_batch
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,19 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
     """One input -> (FileResult, published paths, protocol); never raises for a bad input.
     ``progress(done, total)``: as :meth:`Reconstructor.reconstruct` calls it. ``noise``: as
     :func:`recon_file` takes it. A dependent noise measurement given as an input is passed
-    over (``FileResult.passed_over``), no failure. ``batch``: as :func:`recon_file` takes it."""
+    over (``FileResult.passed_over``), no failure. ``batch``: as :func:`recon_file` takes it.
+    Its log lines name the input (:func:`~recon_plugin.runtime.about_input`)."""
+    with about_input(str(path)):  # a worker's lines interleave with the others'
+        return _process_file(path, out_dir, protocol, formats, overrides, protocol_dirs, recon,
+                             max_bytes, protocols, progress, noise, batch)
+
+
+def _process_file(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
+                  protocol_dirs: list[Path] | None, recon: Reconstructor,
+                  max_bytes: int | None, protocols: ProtocolCache | None,
+                  progress: Callable[[int, int], object] | None, noise: Path | str | None,
+                  batch: str | None) -> tuple[FileResult, list[Path], object]:
+    """:func:`process_file`, its lines naming the input."""
     from ..io import NoiseMeasurementOnly
 
     t0 = time.perf_counter()

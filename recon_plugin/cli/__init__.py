@@ -20,7 +20,7 @@ import logging
 import signal
 
 from ..runtime import (
-    LOG_FORMAT,
+    LineFormatter,
     RunStopped,
     ignore_stops,
     passive_thread_waits,
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     a.bench_args = rest
     a.process_entry = argv is None  # the process's own command line: it exits after the command
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    handler = logging.StreamHandler()  # stderr; each line names its input in a batch
+    handler.setFormatter(LineFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
     # pynetdicom's own account of a failed association (ERROR lines, a traceback) comes before
     # the one line PacsError makes of it: shown with -v only
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if a.verbose else logging.CRITICAL + 1)

@@ -55,10 +55,9 @@ def series_dataset(series: ReconSeries, uids: dict[str, str], body_part: str | N
     # Patient (Type 2 attributes always present, possibly empty)
     ds.PatientName = pn_value(ident.patient_name, "PatientName")
     ds.PatientID = identifier_value(ident.patient_id, 64, "PatientID")
-    if not ds.PatientID:  # naming the input: a batch's workers log several inputs' at once
-        log.warning("%sthe header has no patient ID: PatientID written empty (a PACS may file "
-                    "these images with other patients' that have none)",
-                    f"{series.source}: " if series.source else "")
+    if not ds.PatientID:
+        log.warning("the header has no patient ID: PatientID written empty (a PACS may file "
+                    "these images with other patients' that have none)")
     ds.PatientBirthDate = da_value(ident.patient_birth_date, "PatientBirthDate")
     sex = cs_value(ident.patient_sex)[:1]
     ds.PatientSex = sex if sex in ("M", "F", "O") else ""

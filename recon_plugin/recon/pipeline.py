@@ -559,8 +559,7 @@ class Reconstructor:
         for im in images if partial else []:
             im.notes.append(partial)
         return series_by_contrast(images, scan.header, self.provenance(settings),
-                                  timings_s={**timings, "slice_seconds": slice_seconds},
-                                  source=scan.source)
+                                  timings_s={**timings, "slice_seconds": slice_seconds})
 
     def settle(self, images: list[ReconImage], slices: list[SliceData],
                made_with: list[tuple[str, Calibration] | None], header: ScanHeader,
