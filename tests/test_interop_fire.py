@@ -166,15 +166,20 @@ def test_peer_fire_json_config_chooses_the_method(raw_and_offline, tmp_path):
 def test_peer_client_against_recon_plugin_serve_equals_offline(raw_and_offline, tmp_path):
     raw, offline = raw_and_offline
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "recon_plugin.cli", "serve", "--port",
-                               str(port), "--no-warmup"], cwd=REPO, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        server = subprocess.Popen([sys.executable, "-m", "recon_plugin.cli", "serve", "--port",
+                                   str(port), "--no-warmup"], cwd=REPO, env=_env(),
+                                  stdout=subprocess.DEVNULL, stderr=err)
     try:
         _wait_port(port, server)
         images = _client(raw, port, tmp_path / "serve_images.h5")
     finally:
         _stop(server)
     _assert_equal_to_offline(images, offline, "recon-plugin serve")
+    # the scan's lines name its connection (several clients' lines interleave)
+    slices = [ln for ln in log.read_text().splitlines() if ": slice 0: " in ln]
+    assert slices and all(": 127.0.0.1:" in ln for ln in slices), log.read_text()[-2000:]
 
 
 # ------------------------------------------------- a separate noise measurement, two connections

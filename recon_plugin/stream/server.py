@@ -51,6 +51,7 @@ from ismrmrd.serialization import ProtocolSerializer
 from ..io.mrd_assembler import MrdAssembler
 from ..output.delivery import RETRY_PERIOD_S
 from ..recon.pipeline import Reconstructor
+from ..runtime import about_input
 from .engine import StreamEngine
 from .options import (
     IMAGE_DTYPES,
@@ -264,6 +265,11 @@ class ReconServer:
 
     def _handle(self, conn: socket.socket, peer: Any) -> None:
         who = f"{peer[0]}:{peer[1]}"
+        with about_input(who):  # its scan's lines name the connection: several run at once
+            self._connection(conn, who)
+
+    def _connection(self, conn: socket.socket, who: str) -> None:
+        """One client from its first message to its scan's delivery (never raises)."""
         log.info("%s: connected", who)
         conn.settimeout(self.first_message_timeout)
         inbox = Inbox(self.read_ahead_bytes, self._stop, self.engine)
