@@ -4,6 +4,8 @@ not there, refuses the scan, stays silent or cuts its reply."""
 
 from __future__ import annotations
 
+import io
+import logging
 import socket
 import threading
 from contextlib import contextmanager
@@ -94,7 +96,7 @@ def test_a_silent_server_times_out(data, caplog):
             assert _stream(port, data["raw"], "--timeout", "0.5") == 1
         finally:
             gate.set()
-    assert "sent nothing for 0.5 s" in caplog.text
+    assert "nothing was sent or received for 0.5 s (--timeout): gave up" in caplog.text
 
 
 def test_a_reply_cut_before_close_is_exit_1(data, caplog):
@@ -150,9 +152,65 @@ def test_an_acquisition_that_cannot_be_read_abandons_the_scan(server, data, tmp_
     assert _stream(server.address[1], data["raw"], "-c", "stream_cg", "-o", str(out)) == 1
     assert f"{data['raw']}: acquisition 5 of {len(data['acqs'])} cannot be read" in caplog.text
     assert "the scan was not finished" in caplog.text
-    assert not out.exists()  # no image of a scan cut short
+    assert not out.exists()  # acquisition 5 comes before any slice is whole: no image came
 
 
 def test_a_config_name_longer_than_mrd_allows_is_exit_2_before_connecting(data, caplog):
     assert _stream(1, data["raw"], "-c", "x" * 1024) == 2
     assert "an MRD config name holds at most 1023" in caplog.text
+
+
+def test_pauses_between_slices_and_sending_are_no_silence(data, caplog):
+    """A server that answers only once it has read the whole scan (a reconstruction at the
+    scan's end): with ``--slice-gap`` longer than ``--timeout`` the client does not give up
+    while it pauses between slices or sends; the timeout is for silence either way."""
+    import ismrmrd
+    from ismrmrd.serialization import ConfigFile, ProtocolSerializer
+
+    from recon_plugin.stream.client import open_raw
+
+    raw = open_raw(data["raw"])
+    sent = io.BytesIO()
+    out = ProtocolSerializer(sent)
+    out.serialize(ConfigFile("auto"))
+    for acq in raw.acquisitions():
+        out.serialize(acq)
+    out.close()
+    expected = len(sent.getvalue()) + 6 + len(raw.xml)  # the header message besides
+    gaps = sum(a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) for a in raw.acquisitions())
+    assert gaps == 2
+
+    def answer(conn):
+        got = 0
+        while got < expected and (chunk := conn.recv(65536)):
+            got += len(chunk)
+        with conn.makefile("wb") as w:
+            reply = ProtocolSerializer(w)
+            reply.serialize(f"INFO read {got} of {expected} bytes")
+            reply.close()
+
+    caplog.set_level(logging.INFO, logger="recon_plugin")
+    with fake_server(answer) as port:
+        assert _stream(port, data["raw"], "--slice-gap", "0.6", "--timeout", "0.3") == 0
+    assert f"server: INFO read {expected} of {expected} bytes" in caplog.text
+
+
+def test_out_asked_for_and_no_image_back_is_exit_1_and_an_earlier_file_stays(data, tmp_path,
+                                                                              caplog):
+    """A server that closes with a notice and no image (``stream ... -o x.h5 && use x.h5``
+    must not go on with an earlier scan's images)."""
+    from ismrmrd.serialization import ProtocolSerializer
+
+    def answer(conn):
+        conn.recv(4096)
+        with conn.makefile("wb") as w:
+            reply = ProtocolSerializer(w)
+            reply.serialize("WARNING nothing to reconstruct")
+            reply.close()
+
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"an earlier scan's images")
+    with fake_server(answer) as port:
+        assert _stream(port, data["raw"], "-o", str(out), "--timeout", "5") == 1
+    assert "no images came back: --out" in caplog.text
+    assert out.read_bytes() == b"an earlier scan's images"

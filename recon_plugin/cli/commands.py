@@ -607,8 +607,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_stream(a: argparse.Namespace) -> int:
     """Stream a raw ISMRMRD file to an MRD server as a scanner would: its notices logged, its
-    images kept in ``--out``. Exit 1 where the server sent an ERROR, or the exchange ended
-    early (what did arrive is still written)."""
+    images kept in ``--out``. Exit 1 where the server sent an ERROR, the exchange ended early
+    or timed out (what did arrive is still written), or ``--out`` was asked for and no image
+    came."""
     from ..output.mrd_file import write_mrd_images
     from ..stream.client import open_raw, stream_file
 
@@ -620,30 +621,39 @@ def cmd_stream(a: argparse.Namespace) -> int:
             raise UsageError(f"--out {a.out} is the raw file itself: the images would replace "
                              "the k-space; give another file")
         _writable(("--out", a.out.parent))
-    reply = stream_file((a.host, a.port), raw, a.config, a.slice_gap, dataset=a.group,
+    reply = stream_file((a.host, a.port), raw, a.config, a.slice_gap,
                         timeout=a.timeout or None, parameters=dict(a.param or ()))
     for text in reply.texts:
         level = (logging.ERROR if text.startswith("ERROR") else
                  logging.WARNING if text.startswith("WARNING") else logging.INFO)
         log.log(level, "server: %s", text)
-    failed = bool(reply.errors)
+    problems = []
     if reply.unreadable:
-        log.error("%s: the scan was not finished (sent without its CLOSE, so the server "
-                  "abandons it)", reply.unreadable)
-        failed = True
-    if reply.cut:
-        log.error("the server's reply ended without its CLOSE (%s): the scan may be incomplete",
-                  reply.cut)
-        failed = True
-    if reply.unsent and not reply.errors:
-        log.error("sending stopped before the file's end (%s)", reply.unsent)
-        failed = True
+        problems.append(f"{reply.unreadable}: the scan was not finished (sent without its "
+                        "CLOSE, so the server abandons it)")
+    if reply.timed_out:
+        problems.append(f"nothing was sent or received for {reply.timed_out:g} s (--timeout): "
+                        "gave up on the server")
+    elif reply.cut:
+        problems.append(f"the server's reply ended without its CLOSE ({reply.cut}): the scan "
+                        "may be incomplete")
+    if reply.unsent and not (reply.errors or reply.unreadable or reply.timed_out):
+        problems.append(f"sending stopped before the file's end ({reply.unsent})")
+    for problem in problems:
+        log.error("%s", problem)
     series = sorted({im.image_series_index for im in reply.images})
     log.info("received %s%s from %s:%d", counted(len(reply.images), "image"),
              f" in series {', '.join(map(str, series))}" if series else "", a.host, a.port)
-    if a.out is not None:
-        if reply.images:
-            print(write_mrd_images(a.out, raw.xml, reply.images, a.group))
-        else:
-            log.warning("no images came back: --out %s not written", a.out)
+    failed = bool(reply.errors or problems)
+    if a.out is not None and not reply.images:
+        log.error("no images came back: --out %s not written (a file there is left as it was)",
+                  a.out)
+        failed = True
+    elif a.out is not None:
+        try:
+            print(write_mrd_images(a.out, raw.xml, reply.images, raw.dataset))
+        except (ValueError, TypeError) as e:  # images an MRD file cannot hold together
+            log.error("--out %s not written: %s (images of series %s)", a.out, e,
+                      ", ".join(map(str, series)))
+            failed = True
     return EXIT_FAILED if failed else EXIT_OK

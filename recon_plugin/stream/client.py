@@ -39,6 +39,7 @@ class StreamReply:
     cut: str | None = None  # why the reply ended without the server's CLOSE, else None
     unsent: str | None = None  # why sending stopped before the file's end, else None
     unreadable: str | None = None  # the raw file's acquisition that could not be read, else None
+    timed_out: float | None = None  # seconds without progress either way after which it gave up
 
     @property
     def errors(self) -> list[str]:
@@ -59,7 +60,11 @@ class RawFile:
         """The acquisitions in stored order, read one at a time (a 3D scan need not fit in
         memory twice); UnreadableAcquisition naming the file and the index where one cannot
         be read (a file damaged past its header)."""
-        ds = ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=False)
+        try:
+            ds = ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=False)
+        except Exception as e:  # h5py's and ismrmrd's errors vary
+            raise UnreadableAcquisition(f"{self.path}: cannot be opened again to read its "
+                                        f"acquisitions ({type(e).__name__}: {e})") from e
         try:
             for i in range(self.count):
                 try:
@@ -78,9 +83,14 @@ class UnreadableAcquisition(ValueError):
 
 
 def open_raw(path: Path, dataset: str = "dataset") -> RawFile:
-    """Check that ``path`` is a raw ISMRMRD HDF5 file (group ``dataset`` with an XML header and
-    acquisitions); ValueError naming what is missing (FileNotFoundError where it is not there)."""
+    """Check that ``path`` is a raw ISMRMRD HDF5 file: group ``dataset`` (else the file's one
+    group with an XML header and acquisitions, the rule ``recon`` reads by) with a header and
+    acquisitions; ValueError naming what is missing (FileNotFoundError where it is not there)."""
+    from ..io.noise_dependency import ismrmrd_group
+
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give one raw ISMRMRD file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such raw file")
     try:
@@ -89,23 +99,26 @@ def open_raw(path: Path, dataset: str = "dataset") -> RawFile:
         raise ValueError(f"{path} is not a readable HDF5 file ({e}); `recon-plugin stream` "
                          "sends raw ISMRMRD HDF5 files") from None
     with f:
-        if dataset not in f and "kspace" in f:
+        found = ismrmrd_group(f, dataset)
+        if found is None and "kspace" in f:
             raise ValueError(f"{path} is a fastMRI file (no ISMRMRD group '{dataset}'): a "
                              "stream carries ISMRMRD acquisitions; reconstruct it with "
                              "`recon-plugin recon`")
-        if dataset not in f:
-            raise ValueError(f"{path} has no ISMRMRD group '{dataset}' (top level: "
-                             f"{', '.join(sorted(f)) or 'empty'}); give --group for another "
-                             "group name")
-        group = f[dataset]
-        if "xml" not in group:
-            raise ValueError(f"{path}: group '{dataset}' has no ISMRMRD header ('xml')")
-        if "data" not in group or not len(group["data"]):
-            raise ValueError(f"{path}: group '{dataset}' holds no acquisitions")
-        xml = group["xml"][0]
-        count = len(group["data"])
+        if found is None:
+            raise ValueError(f"{path} has no ISMRMRD group with an XML header ('xml') and "
+                             f"acquisitions ('data'); top level: "
+                             f"{', '.join(sorted(f)) or 'empty'}")
+        group = f[found]
+        try:
+            count = len(group["data"])
+            xml = group["xml"][0]
+        except (IndexError, ValueError, TypeError, OSError) as e:
+            raise ValueError(f"{path}: the ISMRMRD header '{found}/xml' cannot be read "
+                             f"({type(e).__name__}: {e})") from None
+        if not count:
+            raise ValueError(f"{path}: group '{found}' holds no acquisitions")
     return RawFile(path, xml if isinstance(xml, bytes) else str(xml).encode("utf-8"), count,
-                   dataset)
+                   found)
 
 
 def stream_file(
@@ -120,8 +133,9 @@ def stream_file(
     ``parameters``: sent as one JSON TEXT before the acquisitions (e.g. ``{"method":
     "cg-sense"}``); ``slice_gap_s``: a pause after each ACQ_LAST_IN_SLICE acquisition, as a
     scanner that spends that long acquiring the next slice; ``timeout``: seconds to wait for
-    the server at a time (connecting, each piece of its reply; None: no limit). A server that
-    is not there, or that stays silent for ``timeout``: OSError naming the address.
+    the connection, and without progress either way (nothing sent, nothing received) before
+    giving up (``StreamReply.timed_out``; None: no limit). What arrived before any failure is
+    in the reply. A server that is not there: ConnectionError naming the address.
     """
     raw = raw if isinstance(raw, RawFile) else open_raw(raw, dataset)
     if len(config.encode("utf-8")) >= CONFIG_FILE_SIZE:
@@ -134,49 +148,97 @@ def stream_file(
         raise ConnectionError(f"no MRD server answers at {host}:{port} "
                               f"({e.strerror or e}): is `recon-plugin serve` (or another MRD "
                               "server) running there?") from None
-    reply = StreamReply()
+    sock.settimeout(None)  # the watchdog below bounds the waits: a server may read for long
+    reply, done = StreamReply(), threading.Event()  # before it answers (a 3D scan, a gap)
+    moved = _Progress()
     wfile, rfile = sock.makefile("wb"), sock.makefile("rb")
-
-    def send() -> None:
-        try:
-            out = ProtocolSerializer(wfile)
-            out.serialize(ConfigFile(config))
-            wfile.write(struct.pack("<HI", ISMRMRDMessageID.HEADER, len(raw.xml)) + raw.xml)
-            if parameters:
-                out.serialize(json.dumps(parameters))
-            for acq in raw.acquisitions():
-                out.serialize(acq)
-                if slice_gap_s and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
-                    wfile.flush()
-                    time.sleep(slice_gap_s)
-            out.close()  # CLOSE, flushed
-        except UnreadableAcquisition as e:  # no CLOSE: the server abandons the scan, it does
-            reply.unreadable = str(e)  # not reconstruct a part of it as if it were whole
-            _quietly(wfile.flush)
-            _quietly(sock.shutdown, socket.SHUT_WR)
-        except (OSError, ValueError) as e:  # the server closed first (it says why in its reply)
-            reply.unsent = f"{type(e).__name__}: {e}"
-
-    sender = threading.Thread(target=send, name="mrd-client-send", daemon=True)
+    sender = threading.Thread(target=_send, name="mrd-client-send", daemon=True,
+                              args=(sock, wfile, raw, config, parameters, slice_gap_s, reply,
+                                    moved, done))
+    watchdog = threading.Thread(target=_watch, name="mrd-client-watch", daemon=True,
+                                args=(sock, timeout, reply, moved, done))
     sender.start()
+    if timeout is not None:
+        watchdog.start()
     try:
         for obj in ProtocolDeserializer(rfile).deserialize():
+            moved.now()
             if isinstance(obj, ismrmrd.Image):
                 reply.images.append(obj)
-            else:
-                reply.texts.append(str(obj))
-    except TimeoutError:
-        raise TimeoutError(f"the MRD server at {host}:{port} sent nothing for {timeout:g} s "
-                           f"({len(reply.images)} images so far)") from None
+            elif isinstance(obj, str):
+                reply.texts.append(obj)
     except (OSError, EOFError, ValueError, struct.error) as e:  # the deserializer's end: CLOSE
         reply.cut = f"{type(e).__name__}: {e}"  # or, as here, a cut or unknown message
     finally:
+        done.set()  # the sender's pause ends, the watchdog stops
         if sender.is_alive():  # a server that stopped reading: unblock the sender's write
             _quietly(sock.shutdown, socket.SHUT_RDWR)
-        sender.join(timeout)
+        sender.join()
         for closing in (wfile.close, rfile.close, sock.close):
             _quietly(closing)
     return reply
+
+
+@dataclass
+class _Progress:
+    """When :func:`stream_file` last sent or received a message, and whether it is pausing
+    between slices (``--slice-gap``: its own wait, no silence of the server's)."""
+
+    at: float = field(default_factory=time.monotonic)
+    pausing: bool = False
+
+    def now(self) -> None:
+        self.at = time.monotonic()
+
+
+def _send(sock: socket.socket, wfile, raw: RawFile, config: str, parameters: dict | None,
+          slice_gap_s: float, reply: StreamReply, moved: _Progress,
+          done: threading.Event) -> None:
+    """The sending half of :func:`stream_file`. Whatever stops it before its CLOSE (the file,
+    the server, the reply's end) half-closes the connection without one, so that the server
+    abandons the scan rather than reconstructing a part of it as if whole, and neither side
+    waits for the other; why goes into ``reply``."""
+    closed = False
+    try:
+        out = ProtocolSerializer(wfile)
+        out.serialize(ConfigFile(config))
+        wfile.write(struct.pack("<HI", ISMRMRDMessageID.HEADER, len(raw.xml)) + raw.xml)
+        if parameters:
+            out.serialize(json.dumps(parameters))
+        for acq in raw.acquisitions():
+            out.serialize(acq)
+            moved.now()
+            if slice_gap_s and acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+                wfile.flush()
+                moved.pausing = True
+                ended = done.wait(slice_gap_s)
+                moved.pausing = False
+                moved.now()
+                if ended:
+                    raise ConnectionError("the server's reply ended before the file was sent")
+        out.close()  # CLOSE, flushed
+        closed = True
+    except UnreadableAcquisition as e:
+        reply.unreadable = str(e)
+    except Exception as e:  # noqa: BLE001 - the server gone, a socket error: said, not raised
+        reply.unsent = f"{type(e).__name__}: {e}"
+    finally:
+        moved.now()
+        if not closed:
+            _quietly(wfile.flush)
+            _quietly(sock.shutdown, socket.SHUT_WR)
+
+
+def _watch(sock: socket.socket, timeout: float, reply: StreamReply, moved: _Progress,
+           done: threading.Event) -> None:
+    """Give up on the connection (``reply.timed_out``) once nothing was sent or received for
+    ``timeout`` seconds, the pauses between slices not counted: shut the socket down, which
+    ends the reading and the sending."""
+    while not done.wait(min(1.0, timeout / 4)):
+        if not moved.pausing and time.monotonic() - moved.at > timeout:
+            reply.timed_out = timeout
+            _quietly(sock.shutdown, socket.SHUT_RDWR)
+            return
 
 
 def _quietly(fn, *args) -> None:
