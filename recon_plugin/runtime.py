@@ -65,14 +65,16 @@ def about_input(name: str) -> Iterator[None]:
 
 class LineFormatter(logging.Formatter):
     """:data:`LOG_FORMAT`, the message led by ``NAME: `` inside :func:`about_input` where it
-    does not name the input already (the readers' messages do)."""
+    does not begin with the name already (the readers' messages do). Lines logged in other
+    threads (a server's reader, a PACS retry) are left as they are."""
 
     def __init__(self) -> None:
         super().__init__(LOG_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         name = _INPUT.get()
-        if name and name not in record.message:  # a copy: other handlers see the record as is
+        if name and not record.message.startswith(name):  # a copy: other handlers see the
+            # record as it is
             record = logging.makeLogRecord({**record.__dict__,
                                             "message": f"{name}: {record.message}"})
         return super().formatMessage(record)

@@ -452,4 +452,4 @@ def test_a_batch_without_a_terminal_logs_its_progress(raws, tmp_path, monkeypatc
                     overrides={"method": "zero-filled"})
     assert res[0].ok
     told = [r.getMessage() for r in caplog.records if r.name == "recon_plugin.runtime"]
-    assert told and told[0].startswith(f"other.h5: 1 of {NSLICES} slices"), told
+    assert told and told[0].startswith(f"{raws / 'B' / 'other.h5'}: 1 of {NSLICES} slices"), told

@@ -116,8 +116,8 @@ def test_a_home_folder_that_does_not_exist_is_named_wherever_a_path_is_taken(tmp
 
 def test_a_line_names_the_input_it_concerns_once():
     """Inside ``about_input`` each line names the input (a batch's workers reconstruct several
-    at once: ``slice 0: guard: ...`` said not whose slice), not twice where the message names
-    it already, the innermost where they nest; outside, the line is as it was."""
+    at once: ``slice 0: guard: ...`` said not whose slice), not twice where the message begins
+    with it, the innermost where they nest; outside, the line is as it was."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(LineFormatter())
@@ -130,6 +130,7 @@ def test_a_line_names_the_input_it_concerns_once():
         with about_input("raw/a.h5"):
             lg.info("slice %d: guard", 0)
             lg.warning("raw/a.h5: no ISMRMRD group")
+            lg.info("wrote raw/a.h5.dcm")  # named elsewhere in the line: still led by it
             with about_input("raw/b.h5"):
                 lg.info("inner")
             lg.info("after the inner one")
@@ -139,5 +140,6 @@ def test_a_line_names_the_input_it_concerns_once():
     name = "recon_plugin.test_lines"
     assert out.getvalue().splitlines() == [
         f"INFO {name}: before", f"INFO {name}: raw/a.h5: slice 0: guard",
-        f"WARNING {name}: raw/a.h5: no ISMRMRD group", f"INFO {name}: raw/b.h5: inner",
+        f"WARNING {name}: raw/a.h5: no ISMRMRD group",
+        f"INFO {name}: raw/a.h5: wrote raw/a.h5.dcm", f"INFO {name}: raw/b.h5: inner",
         f"INFO {name}: raw/a.h5: after the inner one", f"INFO {name}: after"]

@@ -477,7 +477,8 @@ def _run_here(job: _Job, todo: list[Path], recon: Reconstructor, finish) -> None
     for path in todo:
         with tqdm(desc=path.name, unit="slice", leave=False, position=1,
                   disable=bars(job.progress), dynamic_ncols=True) as slices:
-            told = ProgressLog(path.name) if job.progress and slices.disable else None
+            # named as process_file's lines name the input (runtime.about_input)
+            told = ProgressLog(str(path)) if job.progress and slices.disable else None
 
             def step(done: int, total: int, slices=slices, told=told) -> None:
                 slices.total = total

@@ -560,7 +560,8 @@ def _add_stream(sub: argparse._SubParsersAction) -> None:
                    help="write the images the server returns to this MRD (ISMRMRD HDF5) file, "
                    "one image_<series> group each (replaced whole)")
     s.add_argument("--group", default="dataset",
-                   help="ISMRMRD group read from RAW and written to --out (default %(default)s)")
+                   help="ISMRMRD group read from RAW (default %(default)s, else the file's "
+                   "one group with a header and acquisitions), and written to --out")
     s.add_argument("--slice-gap", type=_seconds, default=0.0, metavar="SECONDS",
                    help="pause after each slice's last line, as a scanner acquiring the next "
                    "slice (default 0)")
