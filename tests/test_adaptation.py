@@ -604,17 +604,27 @@ def test_the_gate_units_are_measurements_and_one_measurement_holds_out_its_last_
     ids = {a: "M1", b: "", c: "M1", d: " ", e: "M2"}
     assert site_mod._measurements([a, b, c, d, e], ids) == [[a, c], [b], [d], [e]]
 
-    def slices(path: Path, n: int) -> list[SiteSlice]:
-        return [SiteSlice(torch.zeros(1), torch.zeros(1), torch.zeros(1), None, str(path))
-                for _ in range(n)]
+    def slices(path: Path, indices) -> list[SiteSlice]:
+        return [SiteSlice(torch.zeros(1), torch.zeros(1), torch.zeros(1), None, str(path), i)
+                for i in indices]
 
-    fa, fc = slices(a, 4), slices(c, 4)
+    fa, fc = slices(a, range(4)), slices(c, range(4))
     usable, held_files, train, hold, same = site_mod._gate_split([a, c], fa + fc, 0.25, [], ids)
     assert held_files == [] and same == [[str(a), str(c)]]
     assert [id(s) for s in hold] == [id(fa[3]), id(fc[3])]
     assert [id(s) for s in train] == [id(s) for s in fa[:3] + fc[:3]]
+    # the containers could use different slices (a's slice 3 had no coil maps): the gate
+    # holds out the same slice of the anatomy in both, not each file's last one
+    fa, fc = slices(a, [0, 1, 2]), slices(c, [0, 1, 2, 3])
+    _, _, train, hold, _ = site_mod._gate_split([a, c], fa + fc, 0.25, [], ids)
+    assert [(s.source, s.index) for s in hold] == [(str(c), 3)]
+    assert {s.index for s in train} == {0, 1, 2}
+    # one slice position with repetitions: each file's last ones
+    fa, fc = slices(a, [0] * 4), slices(c, [0] * 4)
+    _, _, train, hold, _ = site_mod._gate_split([a, c], fa + fc, 0.25, [], ids)
+    assert [id(s) for s in hold] == [id(fa[3]), id(fc[3])]
     with pytest.raises(ValueError, match="no slice left for the promotion gate.*one measurement"):
-        site_mod._gate_split([a, c], slices(a, 1) + slices(c, 1), 0.25, [], ids)
+        site_mod._gate_split([a, c], slices(a, [0]) + slices(c, [0]), 0.25, [], ids)
 
 
 def _padded(raws: list[Path], folder: Path) -> list[Path]:

@@ -137,7 +137,7 @@ def prepare_slices(paths: list[Path], settings, skipped: list[str] | None = None
                 full += 1
                 continue
             out.append(SiteSlice(torch.from_numpy(k), torch.from_numpy(mask),
-                                 torch.from_numpy(maps), sl.acs, str(p)))
+                                 torch.from_numpy(maps), sl.acs, str(p), sl.slice_index))
         if len(out) == kept and skipped is not None:  # the file adds nothing: say so in the report
             reason = _nothing_to_learn(p, full, no_maps)
             log.warning("%s left out: %s", p, reason.removeprefix(f"{p}: "))
@@ -551,7 +551,8 @@ def _new_card(run: _Run, prep: _Prepared, trained: _Trained, verdict: _Verdict) 
                   "rho": o.rho, "raw_files": {str(p): verdict.card_hashes[p] for p in prep.raw},
                   "heldout_files": [str(p) for p in prep.hold_files],
                   "same_measurement": prep.twins,
-                  "measurement_ids": {str(p): prep.ids[p] for p in prep.raw if prep.ids.get(p)},
+                  "measurement_ids": {str(p): prep.ids[p] for p in prep.usable
+                                      if prep.ids.get(p)},
                   "skipped_files": prep.skipped,
                   "heldout_error_base": prep.base_err, "heldout_error_adapted": verdict.new_err,
                   "gate": verdict.gate,
@@ -659,11 +660,22 @@ def _measurements(paths: list[Path], ids: dict[Path, str]) -> list[list[Path]]:
 def _last_slices(files: list[Path], slices: list, raw: list[Path], skipped: list[str]
                  ) -> tuple[list, list]:
     """(training slices, gate slices) of a single unit of ``files`` (one file, or one
-    measurement in several): the last quarter of each file's ``slices`` for the gate, so that
-    the containers of one measurement hold out the same slices. ValueError where a file has
-    fewer than two (the gate must judge slices the adaptation never sees)."""
-    per_file = [[s for s in slices if s.source == str(p)] for p in files]
-    if not per_file or min(len(f) for f in per_file) < 2:
+    measurement in several): the last quarter of the unit's slice indices for the gate, in
+    every file of it, so that the containers of one measurement hold out the same anatomy
+    whichever slices each could use (one slice position alone, with repetitions or contrasts:
+    the last quarter of each file's slices). ValueError where a file would keep no slice for
+    training (the gate must judge slices the adaptation never sees)."""
+    if len({s.index for s in slices}) > 1:
+        key = {id(s): s.index for s in slices}
+    else:
+        key = {id(s): k for p in files
+               for k, s in enumerate(s for s in slices if s.source == str(p))}
+    keys = sorted(set(key.values()))
+    held = set(keys[len(keys) - max(1, len(keys) // 4):])
+    hold = [s for s in slices if key[id(s)] in held]
+    train = [s for s in slices if key[id(s)] not in held]
+    kept = {s.source for s in train}
+    if len(keys) < 2 or any(str(p) not in kept for p in files):
         one = (f"; {len(files)} of them are one measurement (the same measurementID), which "
                "the gate does not split" if len(files) > 1 else "")
         raise ValueError(
@@ -672,10 +684,8 @@ def _last_slices(files: list[Path], slices: list, raw: list[Path], skipped: list
             "fully sampled slices are skipped" + _left_out(skipped) + ")")
     log.info("one raw file with usable slices: the gate holds out its last slices"
              if len(files) == 1 else f"one measurement in {len(files)} raw files with usable "
-             "slices: the gate holds out the last slices of each")
-    hold = [s for f in per_file for s in f[len(f) - max(1, len(f) // 4):]]
-    held = {id(s) for s in hold}
-    return [s for s in slices if id(s) not in held], hold
+             "slices: the gate holds out the same last slices of each")
+    return train, hold
 
 
 def _check_name(name: str | None) -> None:
@@ -810,7 +820,7 @@ def _matches(protocol, protocol_dirs: Sequence[Path] | None = None,
 
     def check(path: Path, header: ScanHeader) -> None:
         if ids is not None:
-            ids[path] = header.identity.measurement_id
+            ids[path] = header.identity.measurement_id.strip()
         try:
             chosen = match_protocol(header, known)
         except ProtocolMatchError:

@@ -9,13 +9,15 @@ import torch
 
 @dataclass
 class SiteSlice:
-    """One prepared slice: undersampled k-space (C, ky, kx), mask (ky, kx), ESPIRiT maps, ACS."""
+    """One prepared slice: undersampled k-space (C, ky, kx), mask (ky, kx), ESPIRiT maps, ACS;
+    the file it came from and its slice index there (-1: not from a file)."""
 
     kspace: torch.Tensor
     mask: torch.Tensor
     maps: torch.Tensor
     acs: tuple[int, int] | None
     source: str
+    index: int = -1
 
     def to(self, device: torch.device | str) -> SiteSlice:
         """The same slice with its tensors on ``device``."""
