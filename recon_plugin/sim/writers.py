@@ -133,9 +133,10 @@ def write_fastmri(
         k = crop_readout(s.kspace, nx * osf, axis=-1) * rows[None, :, None]
         kspace[i] = np.swapaxes(k, -1, -2)
     target = np.stack([np.ascontiguousarray(s.target.T) for s in vol.slices]).astype(np.float32)
-    ident = sim_identity(vol, seed)
+    kwargs = {"identity": sim_identity(vol, seed), **(header_kwargs or {})}
+    ident = kwargs["identity"]  # the file's patient_id attribute says what its header says
     xml = header_xml_from_sim(vol, readout_oversampling=osf, phase_padding=phase_padding,
-                              **{"identity": ident, **(header_kwargs or {})})
+                              **kwargs)
     with hdf5_atomic(path) as buf, h5py.File(buf, "w") as f:
         f.create_dataset("kspace", data=kspace)
         f.create_dataset("ismrmrd_header", data=np.bytes_(xml.encode()))
