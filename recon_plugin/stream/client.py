@@ -148,9 +148,10 @@ def stream_file(
         raise ConnectionError(f"no MRD server answers at {host}:{port} "
                               f"({e.strerror or e}): is `recon-plugin serve` (or another MRD "
                               "server) running there?") from None
-    sock.settimeout(None)  # the watchdog below bounds the waits: a server may read for long
-    reply, done = StreamReply(), threading.Event()  # before it answers (a 3D scan, a gap)
-    moved = _Progress()
+    # no socket timeout: a server may read for long before it answers (a 3D scan, the pauses
+    # between slices); the watchdog below gives up on silence either way instead
+    sock.settimeout(None)
+    reply, done, moved = StreamReply(), threading.Event(), _Progress()
     wfile, rfile = sock.makefile("wb"), sock.makefile("rb")
     sender = threading.Thread(target=_send, name="mrd-client-send", daemon=True,
                               args=(sock, wfile, raw, config, parameters, slice_gap_s, reply,
