@@ -151,6 +151,7 @@ def test_the_model_in_use_is_not_judged_on_another_file_of_a_measurement_it_lear
     card = json.loads(Path(first["model"]).with_suffix(".json").read_text())
     ids = card["adaptation"]["measurement_ids"]
     assert sorted(ids) == sorted(map(str, raws)) and len(set(ids.values())) == 3
+    assert card["adaptation"]["trained_files"] == [str(raws[1]), str(raws[2])]
     later_raws = tmp_path / "later"
     later_raws.mkdir()
     twin = shutil.copy(raws[1], later_raws / "a_twin.h5")  # sorted first: held out

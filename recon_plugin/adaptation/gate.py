@@ -88,16 +88,19 @@ def against_the_model_in_use(site_dir: Path, protocol, protocol_dirs: Sequence[P
     weights, model, card = in_use
     if candidate is not None and weights.resolve() == candidate.resolve():
         return None
-    # the files it trained on: its card's raw files but its held-out ones (a hand-edited card
-    # of another shape: none known)
+    # the files it trained on, from its card (a hand-edited card of another shape: none known)
     adaptation = card.get("adaptation") if isinstance(card.get("adaptation"), dict) else {}
     files = adaptation.get("raw_files") if isinstance(adaptation.get("raw_files"), dict) else {}
-    held = adaptation.get("heldout_files") if isinstance(adaptation.get("heldout_files"),
-                                                         list) else []
-    learnt = {h for p, h in files.items() if p not in held and isinstance(h, str)}
+    trained = adaptation.get("trained_files")
+    if isinstance(trained, list):  # the files with slices it trained on (left-out ones not)
+        taught = {p for p in trained if isinstance(p, str)}
+    else:  # a card from before: its raw files but its held-out ones
+        held = adaptation.get("heldout_files")
+        taught = set(files) - set(held if isinstance(held, list) else [])
+    learnt = {h for p, h in files.items() if p in taught and isinstance(h, str)}
     ids = adaptation.get("measurement_ids")
-    learnt_ids = {m for p, m in ids.items() if p in files and p not in held and
-                  isinstance(m, str) and m.strip()} if isinstance(ids, dict) else set()
+    learnt_ids = {m for p, m in ids.items() if p in taught and isinstance(m, str)
+                  and m.strip()} if isinstance(ids, dict) else set()
     if learnt & judged_hashes() or learnt_ids & judged_ids:
         log.info("%s, the model the overlay uses now, was trained on held-out files of this "
                  "run (or on another file of their measurement): not compared with it (it "

@@ -544,12 +544,13 @@ def _publish(run: _Run, prep: _Prepared, trained: _Trained, verdict: _Verdict) -
 
 def _new_card(run: _Run, prep: _Prepared, trained: _Trained, verdict: _Verdict) -> dict:
     """The card of a newly adapted model: its parent, and the ``adaptation`` (options, raw
-    files with their sha256 and measurementIDs, held-out and left-out files, errors, gate,
-    last losses)."""
+    files with their sha256 and measurementIDs, held-out, trained-on and left-out files,
+    errors, gate, last losses)."""
     o, card, history = run.opts, prep.card, trained.history
     adaptation = {"mode": o.mode, "params": o.params, "steps": len(history), "lr": run.lr,
                   "rho": o.rho, "raw_files": {str(p): verdict.card_hashes[p] for p in prep.raw},
                   "heldout_files": [str(p) for p in prep.hold_files],
+                  "trained_files": [str(p) for p in prep.usable if p not in prep.hold_files],
                   "same_measurement": prep.twins,
                   "measurement_ids": {str(p): prep.ids[p] for p in prep.usable
                                       if prep.ids.get(p)},
