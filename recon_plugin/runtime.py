@@ -73,8 +73,8 @@ class LineFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         name = _INPUT.get()
-        if name and not record.message.startswith(name):  # a copy: other handlers see the
-            # record as it is
+        if name and not record.message.startswith(name):
+            # a copy: the other handlers see the record as it is
             record = logging.makeLogRecord({**record.__dict__,
                                             "message": f"{name}: {record.message}"})
         return super().formatMessage(record)

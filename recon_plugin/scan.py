@@ -335,9 +335,9 @@ def index_ranges(indices: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-# ReconImage.method of a slice whose coil maps have no support (noise only): no method ran
 # an image note that starts so: its series holds only the slices `recon --slices` chose
 PARTIAL_SERIES = "PARTIAL SERIES"
+# ReconImage.method of a slice whose coil maps have no support (noise only): no method ran
 NO_SIGNAL = "no-signal"
 
 

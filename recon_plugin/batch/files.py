@@ -171,43 +171,33 @@ def process_file(path: Path, out_dir: Path, protocol: str | None, formats, overr
     :func:`recon_file` takes it. A dependent noise measurement given as an input is passed
     over (``FileResult.passed_over``), no failure. ``batch``: as :func:`recon_file` takes it.
     Its log lines name the input (:func:`~recon_plugin.runtime.about_input`)."""
-    with about_input(str(path)):  # a worker's lines interleave with the others'
-        return _process_file(path, out_dir, protocol, formats, overrides, protocol_dirs, recon,
-                             max_bytes, protocols, progress, noise, batch)
-
-
-def _process_file(path: Path, out_dir: Path, protocol: str | None, formats, overrides,
-                  protocol_dirs: list[Path] | None, recon: Reconstructor,
-                  max_bytes: int | None, protocols: ProtocolCache | None,
-                  progress: Callable[[int, int], object] | None, noise: Path | str | None,
-                  batch: str | None) -> tuple[FileResult, list[Path], object]:
-    """:func:`process_file`, its lines naming the input."""
     from ..io import NoiseMeasurementOnly
 
-    t0 = time.perf_counter()
-    timings: dict = {}
-    try:
-        written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides, timings,
-                                    protocol_dirs, max_bytes, protocols, progress, noise, batch,
-                                    make_out=False)  # the batch's --out: made by its preflight
-    except NoiseMeasurementOnly as e:  # the noise scan of another input: nothing to make
-        why = without_path(path, e)
-        log.info("%s: skipped: %s", path, why)
-        return FileResult(str(path), True, passed_over=why,
-                          seconds=time.perf_counter() - t0), [], None
-    except Exception as e:  # isolate: report and go on with the next file
-        why = no_room(e)
-        if why:  # the disk, not this input (HDF5's and pydicom's own texts run over lines)
-            msg = f"no room to write its output in {out_dir} ({why})"
-            log.error("%s: %s", path, msg)
+    with about_input(str(path)):  # a worker's lines interleave with the others'
+        t0 = time.perf_counter()
+        timings: dict = {}
+        try:
+            written, proto = recon_file(path, out_dir, recon, protocol, formats, overrides,
+                                        timings, protocol_dirs, max_bytes, protocols, progress,
+                                        noise, batch, make_out=False)  # --out: the preflight's
+        except NoiseMeasurementOnly as e:  # the noise scan of another input: nothing to make
+            why = without_path(path, e)
+            log.info("%s: skipped: %s", path, why)
+            return FileResult(str(path), True, passed_over=why,
+                              seconds=time.perf_counter() - t0), [], None
+        except Exception as e:  # isolate: report and go on with the next file
+            why = no_room(e)
+            if why:  # the disk, not this input (HDF5's and pydicom's texts run over lines)
+                msg = f"no room to write its output in {out_dir} ({why})"
+                log.error("%s: %s", path, msg)
+                log.debug("traceback", exc_info=True)
+                return FileResult(str(path), False, error=msg, no_room=why), [], None
+            log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
             log.debug("traceback", exc_info=True)
-            return FileResult(str(path), False, error=msg, no_room=why), [], None
-        log.error("%s", e if str(path) in str(e) else f"{path}: {e}")
-        log.debug("traceback", exc_info=True)
-        return FileResult(str(path), False, error=failure_reason(path, e),
-                          out_gone=isinstance(e, FileNotFoundError) and not out_dir.is_dir()
-                          ), [], None
-    r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
-                   seconds=time.perf_counter() - t0, timings=timings,
-                   noise_missing=timings.pop("noise_missing", ""))
-    return r, written, proto
+            return FileResult(str(path), False, error=failure_reason(path, e),
+                              out_gone=isinstance(e, FileNotFoundError) and not out_dir.is_dir()
+                              ), [], None
+        r = FileResult(str(path), True, [str(w) for w in written], protocol=proto.name,
+                       seconds=time.perf_counter() - t0, timings=timings,
+                       noise_missing=timings.pop("noise_missing", ""))
+        return r, written, proto

@@ -566,8 +566,9 @@ def _add_stream(sub: argparse._SubParsersAction) -> None:
                    help="pause after each slice's last line, as a scanner acquiring the next "
                    "slice (default 0)")
     s.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
-                   help="seconds to wait for the server at a time: connecting, its next "
-                   "message (0: no limit; default %(default)g)")
+                   help="seconds to wait for the connection, and with nothing sent or "
+                   "received (the --slice-gap pauses not counted) before giving up (0: no "
+                   "limit; default %(default)g)")
     s.set_defaults(fn=cmd_stream)
 
 
